@@ -1,1 +1,21 @@
-//! lora-core
+//! lora-core: the Stable Diffusion UNet written for training (differentiable end to end), LoRA
+//! adapters injected into it, and the adapter file formats shared with kohya/A1111 and
+//! diffusers/peft. See ARCHITECTURE.md at the repository root for the map.
+
+pub mod adapter_file;
+pub mod config;
+pub mod io;
+pub mod keys;
+pub mod lora;
+pub mod model;
+pub mod nn;
+pub mod text_encoder;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use lora::{
+    Adapter, LoraConfig, LoraInit, LoraLinear, LoraModule, LoraTargets, ModuleInfo, ModuleKind,
+};
+pub use unet::UNet2DConditionModel;

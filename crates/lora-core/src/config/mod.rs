@@ -1,0 +1,12 @@
+//! Model and scheduler configurations, parsed from diffusers `config.json` files. Unknown or
+//! unsupported values are errors, never silent defaults.
+
+mod clip;
+mod scheduler;
+mod unet;
+mod vae;
+
+pub use clip::{ClipActivation, ClipTextConfig};
+pub use scheduler::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+pub use unet::*;
+pub use vae::VaeConfig;

@@ -1,0 +1,223 @@
+//! File output that never leaves a half-written file behind, and whole-file safetensors reading
+//! with the header metadata (candle's own helpers drop it).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+
+/// Writes `path` atomically: `write` fills a temporary file in the same directory, which is
+/// synced to disk and then renamed over `path`. If `write` or any later step fails, the temporary
+/// file is removed and an existing `path` is left untouched, so a crash mid-save never destroys
+/// the previous adapter or checkpoint.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let temp = temp_path_beside(path)?;
+    let result = write(&temp).and_then(|()| sync_and_rename(&temp, path));
+    if result.is_err() {
+        // Best effort: the write may have failed before creating the file at all.
+        let _ = std::fs::remove_file(&temp);
+    }
+    result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// A fresh hidden name next to `path`: `.<name>.tmp-<pid>-<n>`. Same directory so the final rename
+/// stays on one filesystem (and is therefore atomic); pid and counter keep concurrent writers,
+/// in this process or another, from sharing a temporary file.
+fn temp_path_beside(path: &Path) -> Result<PathBuf> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} does not name a file", path.display()))?
+        .to_string_lossy();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    Ok(path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id())))
+}
+
+fn sync_and_rename(temp: &Path, path: &Path) -> Result<()> {
+    set_final_permissions(temp, path)?;
+    File::open(temp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot sync {}", temp.display()))?;
+    std::fs::rename(temp, path)
+        .with_context(|| format!("cannot rename {} to {}", temp.display(), path.display()))?;
+    sync_parent_dir(path);
+    Ok(())
+}
+
+/// Gives the temporary file the permissions the output should end with: those of the file it
+/// replaces, or the usual `rw-r--r--` for a new file (some writers create files owner-only, which
+/// would make shared adapters unreadable to other users).
+fn set_final_permissions(temp: &Path, path: &Path) -> Result<()> {
+    let permissions = match std::fs::metadata(path) {
+        Ok(existing) => existing.permissions(),
+        Err(_) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::Permissions::from_mode(0o644)
+            }
+            #[cfg(not(unix))]
+            {
+                return Ok(());
+            }
+        }
+    };
+    std::fs::set_permissions(temp, permissions)
+        .with_context(|| format!("cannot set permissions of {}", temp.display()))
+}
+
+/// Makes the rename itself durable. Best effort: some filesystems refuse to sync a directory, and
+/// the data is already safe under either name.
+fn sync_parent_dir(path: &Path) {
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = File::open(dir).and_then(|d| d.sync_all());
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
+/// Writes `tensors` with string `metadata` in the safetensors header, atomically.
+pub fn write_safetensors_atomic(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: BTreeMap<String, String>,
+) -> Result<()> {
+    let metadata: HashMap<String, String> = metadata.into_iter().collect();
+    write_atomic(path, |temp| {
+        let views = tensors.iter().map(|(name, t)| (name.as_str(), t));
+        safetensors::serialize_to_file(views, Some(metadata), temp)
+            .with_context(|| format!("cannot serialise safetensors to {}", temp.display()))
+    })
+}
+
+/// The whole content of a safetensors file.
+#[derive(Debug)]
+pub struct SafetensorsContents {
+    /// Tensors in their stored dtype, on the requested device.
+    pub tensors: BTreeMap<String, Tensor>,
+    /// The `__metadata__` string map (empty when the header has none).
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Reads a whole safetensors file into memory. Meant for small files such as adapters; model
+/// weights are memory-mapped instead (see `weights`). A truncated or corrupt file, or one that is
+/// not safetensors at all, is an error naming the file.
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<SafetensorsContents> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let invalid = || {
+        format!(
+            "{} is not a valid safetensors file (truncated or corrupt?)",
+            path.display()
+        )
+    };
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(invalid)?;
+    let metadata = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let file = safetensors::SafeTensors::deserialize(&bytes).with_context(invalid)?;
+    let tensors = file
+        .iter()
+        .map(|(name, view)| {
+            let tensor = candle_core::safetensors::Load::load(&view, device)
+                .with_context(|| format!("{}: cannot load tensor `{name}`", path.display()))?;
+            Ok((name.to_string(), tensor))
+        })
+        .collect::<Result<_>>()?;
+    Ok(SafetensorsContents { tensors, metadata })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::bail;
+    use candle_core::DType;
+
+    #[test]
+    fn write_atomic_replaces_the_file_and_leaves_no_temporary() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("out.bin");
+        std::fs::write(&path, b"old")?;
+        write_atomic(&path, |temp| Ok(std::fs::write(temp, b"new")?))?;
+        assert_eq!(std::fs::read(&path)?, b"new");
+        assert_eq!(
+            std::fs::read_dir(dir.path())?.count(),
+            1,
+            "temporary file left behind"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn failed_write_keeps_the_old_file_and_removes_the_temporary() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("out.bin");
+        std::fs::write(&path, b"old")?;
+        let err = write_atomic(&path, |temp| {
+            std::fs::write(temp, b"partial")?;
+            bail!("disk full")
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("disk full"), "{err:#}");
+        assert!(format!("{err:#}").contains("out.bin"), "{err:#}");
+        assert_eq!(std::fs::read(&path)?, b"old");
+        assert_eq!(
+            std::fs::read_dir(dir.path())?.count(),
+            1,
+            "temporary file left behind"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn safetensors_round_trip_keeps_metadata_and_dtype() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("t.safetensors");
+        let t = Tensor::arange(0f32, 6.0, &Device::Cpu)?
+            .reshape((2, 3))?
+            .to_dtype(DType::F16)?;
+        let metadata = BTreeMap::from([("k".to_string(), "v".to_string())]);
+        write_safetensors_atomic(&path, &[("a".to_string(), t.clone())], metadata.clone())?;
+        let back = read_safetensors(&path, &Device::Cpu)?;
+        assert_eq!(back.metadata, metadata);
+        let a = &back.tensors["a"];
+        assert_eq!(a.dtype(), DType::F16);
+        assert_eq!(
+            a.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+            t.to_dtype(DType::F32)?.to_vec2::<f32>()?
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn truncated_and_foreign_files_are_rejected_with_their_name() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let good = dir.path().join("good.safetensors");
+        let t = Tensor::zeros((4, 4), DType::F32, &Device::Cpu)?;
+        write_safetensors_atomic(&good, &[("a".to_string(), t)], BTreeMap::new())?;
+        let bytes = std::fs::read(&good)?;
+        let truncated = dir.path().join("truncated.safetensors");
+        std::fs::write(&truncated, &bytes[..bytes.len() - 5])?;
+        let foreign = dir.path().join("foreign.safetensors");
+        std::fs::write(
+            &foreign,
+            b"PK\x03\x04 this is a zip (pickle) archive, not safetensors",
+        )?;
+        for path in [truncated, foreign] {
+            let err = read_safetensors(&path, &Device::Cpu).unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(
+                msg.contains(&path.display().to_string())
+                    && msg.contains("not a valid safetensors"),
+                "{msg}"
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,406 @@
+//! Adapter math: LoRA configuration, target presets, initialisation, the per-module low-rank
+//! weights and the adapted layer that applies them on top of a frozen base.
+//!
+//! Conventions (shared by kohya, peft and diffusers): `down` is `[rank, in]`, `up` is
+//! `[out, rank]`, and the update is `ΔW = (alpha / rank) · up · down`. Adapter tensors are always
+//! f32, whatever the base dtype.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+/// Which layers of the UNet get an adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraTargets {
+    /// `attn2.{to_q,to_k,to_v,to_out.0}` of every transformer block (diffusers scripts' choice).
+    #[default]
+    Attn2,
+    /// The same four projections of both attn1 (self) and attn2 (cross).
+    Attn,
+    /// Every Linear and 1×1 conv inside the transformer models (kohya's default): proj_in,
+    /// proj_out, attn1/attn2 projections, `ff.net.0.proj` and `ff.net.2`.
+    AttnMlp,
+}
+
+impl LoraTargets {
+    pub const ALL: [LoraTargets; 3] = [Self::Attn2, Self::Attn, Self::AttnMlp];
+
+    /// Whether the module at `path` (a diffusers UNet path such as
+    /// `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q`) is a target. `path` must be
+    /// one of the UNet's adaptable modules (see `UNet2DConditionModel::lora_modules`).
+    pub fn matches(&self, path: &str) -> bool {
+        const PROJ: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+        let is_attn = |which: &str| {
+            PROJ.iter()
+                .any(|p| path.ends_with(&format!(".{which}.{p}")))
+        };
+        match self {
+            Self::Attn2 => is_attn("attn2"),
+            Self::Attn => is_attn("attn1") || is_attn("attn2"),
+            Self::AttnMlp => true,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Attn2 => "attn2",
+            Self::Attn => "attn",
+            Self::AttnMlp => "attn-mlp",
+        }
+    }
+}
+
+impl fmt::Display for LoraTargets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for LoraTargets {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .with_context(|| {
+                format!("unknown LoRA target preset `{s}`: expected attn2, attn or attn-mlp")
+            })
+    }
+}
+
+/// How a fresh adapter's `down` matrix is drawn; `up` always starts at zero so a new adapter is a
+/// no-op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraInit {
+    /// Kaiming-uniform with a = √5, i.e. U(-1/√in, 1/√in) (kohya, peft default).
+    #[default]
+    KaimingUniform,
+    /// N(0, (1/rank)²) (diffusers training scripts, peft `init_lora_weights="gaussian"`).
+    Gaussian,
+}
+
+impl FromStr for LoraInit {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "kaiming" | "kaiming-uniform" => Ok(Self::KaimingUniform),
+            "gaussian" => Ok(Self::Gaussian),
+            _ => bail!("unknown LoRA init `{s}`: expected kaiming-uniform or gaussian"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: LoraTargets,
+    pub init: LoraInit,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 4,
+            alpha: 4.0,
+            targets: LoraTargets::Attn2,
+            init: LoraInit::KaimingUniform,
+        }
+    }
+}
+
+/// The shape of layer an adapter attaches to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleKind {
+    Linear,
+    /// A 1×1 convolution (SD1's `proj_in`/`proj_out`); kohya stores its adapter 4-D.
+    Conv1x1,
+}
+
+/// One adaptable module of a model, as enumerated by the model itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleInfo {
+    /// Path in the diffusers / transformers layout, without a component prefix, e.g.
+    /// `mid_block.attentions.0.transformer_blocks.0.attn2.to_k` or
+    /// `text_model.encoder.layers.0.self_attn.q_proj`.
+    pub path: String,
+    pub kind: ModuleKind,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// Low-rank weights of one module.
+#[derive(Debug, Clone)]
+pub struct LoraModule {
+    /// `[rank, in]`, f32.
+    pub down: Tensor,
+    /// `[out, rank]`, f32.
+    pub up: Tensor,
+    pub alpha: f64,
+}
+
+impl LoraModule {
+    pub fn rank(&self) -> usize {
+        self.down.dims()[0]
+    }
+
+    /// `alpha / rank`, the factor kohya and peft apply to `up · down`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank() as f64
+    }
+
+    /// `ΔW = (alpha/rank) · up · down` as an f32 `[out, in]` matrix.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.up.matmul(&self.down)? * self.scale())?)
+    }
+
+    /// Checks the shapes against the module this adapter is meant for.
+    pub fn check_fits(&self, info: &ModuleInfo) -> Result<()> {
+        let (r, i) = self
+            .down
+            .dims2()
+            .with_context(|| format!("{}: down must be 2-D", info.path))?;
+        let (o, r2) = self
+            .up
+            .dims2()
+            .with_context(|| format!("{}: up must be 2-D", info.path))?;
+        ensure!(
+            r == r2 && i == info.in_features && o == info.out_features,
+            "{}: adapter shapes down {:?} / up {:?} do not fit the module (expected down [r, {}], up [{}, r])",
+            info.path,
+            self.down.dims(),
+            self.up.dims(),
+            info.in_features,
+            info.out_features
+        );
+        Ok(())
+    }
+}
+
+/// A whole adapter: low-rank weights per module, for the UNet and the text encoder.
+/// Module keys are paths as in [`ModuleInfo::path`].
+#[derive(Debug, Clone, Default)]
+pub struct Adapter {
+    pub unet: BTreeMap<String, LoraModule>,
+    pub text_encoder: BTreeMap<String, LoraModule>,
+}
+
+/// Trainable adapter variables, in a stable order (by module path, down before up).
+pub struct TrainableAdapter {
+    pub adapter: Adapter,
+    pub vars: Vec<(String, Var)>,
+}
+
+impl Adapter {
+    /// A fresh UNet adapter for every module of `modules` that `config.targets` selects.
+    /// Deterministic for a given seed; `up` starts at zero.
+    pub fn init_unet(
+        config: &LoraConfig,
+        modules: &[ModuleInfo],
+        device: &Device,
+        seed: u64,
+    ) -> Result<TrainableAdapter> {
+        ensure!(config.rank > 0, "LoRA rank must be at least 1");
+        let mut rng = SplitMix64(seed);
+        let mut adapter = Adapter::default();
+        let mut vars = Vec::new();
+        for info in modules.iter().filter(|m| config.targets.matches(&m.path)) {
+            let (r, fan_in) = (config.rank, info.in_features);
+            let values: Vec<f32> = match config.init {
+                LoraInit::KaimingUniform => {
+                    let bound = 1.0 / (fan_in as f64).sqrt();
+                    (0..r * fan_in)
+                        .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+                        .collect()
+                }
+                LoraInit::Gaussian => {
+                    let std = 1.0 / r as f64;
+                    (0..r * fan_in)
+                        .map(|_| (rng.next_normal() * std) as f32)
+                        .collect()
+                }
+            };
+            let down = Var::from_tensor(&Tensor::from_vec(values, (r, fan_in), device)?)?;
+            let up = Var::from_tensor(&Tensor::zeros((info.out_features, r), DType::F32, device)?)?;
+            adapter.unet.insert(
+                info.path.clone(),
+                LoraModule {
+                    down: down.as_tensor().clone(),
+                    up: up.as_tensor().clone(),
+                    alpha: config.alpha,
+                },
+            );
+            vars.push((format!("{}.lora_down", info.path), down));
+            vars.push((format!("{}.lora_up", info.path), up));
+        }
+        ensure!(
+            !adapter.unet.is_empty(),
+            "LoRA targets `{}` match no module of this model",
+            config.targets
+        );
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(TrainableAdapter { adapter, vars })
+    }
+
+    /// Weight deltas `multiplier · ΔW` keyed by the full weight name (`<path>.weight`), for
+    /// folding a component's adapter into its weights at load time.
+    pub fn weight_deltas(
+        modules: &BTreeMap<String, LoraModule>,
+        multiplier: f64,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        modules
+            .iter()
+            .map(|(path, m)| Ok((format!("{path}.weight"), (m.delta_weight()? * multiplier)?)))
+            .collect()
+    }
+}
+
+/// A small, seedable generator so adapter initialisation is reproducible across platforms
+/// and independent of candle's (unseedable on CPU) random source.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal by Box–Muller.
+    fn next_normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.next_f64();
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// An adapter attached to a layer: its weights and the factor `multiplier · alpha / rank`.
+#[derive(Debug, Clone)]
+struct AttachedLora {
+    name: String,
+    down: Tensor,
+    up: Tensor,
+    factor: f64,
+}
+
+/// A frozen Linear or 1×1 conv with any number of low-rank adapters applied unmerged:
+/// `y = W·x + b + Σᵢ multiplierᵢ · (alphaᵢ / rankᵢ) · upᵢ(downᵢ(x))`.
+/// The base may be f32/f16/bf16; adapter arithmetic runs in f32 and the sum is cast back.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    /// `[out, in]` for Linear, `[out, in, 1, 1]` for Conv1x1.
+    weight: Tensor,
+    bias: Option<Tensor>,
+    kind: ModuleKind,
+    adapters: Vec<AttachedLora>,
+}
+
+impl LoraLinear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, kind: ModuleKind) -> Result<Self> {
+        match kind {
+            ModuleKind::Linear => ensure!(
+                weight.rank() == 2,
+                "linear weight must be 2-D, got {:?}",
+                weight.dims()
+            ),
+            ModuleKind::Conv1x1 => {
+                let (_, _, kh, kw) = weight.dims4().context("1x1 conv weight must be 4-D")?;
+                ensure!(
+                    kh == 1 && kw == 1,
+                    "expected a 1x1 conv kernel, got {:?}",
+                    weight.dims()
+                );
+            }
+        }
+        Ok(Self {
+            weight,
+            bias,
+            kind,
+            adapters: Vec::new(),
+        })
+    }
+
+    pub fn info(&self, path: &str) -> ModuleInfo {
+        let dims = self.weight.dims();
+        ModuleInfo {
+            path: path.to_string(),
+            kind: self.kind,
+            in_features: dims[1],
+            out_features: dims[0],
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Attaches `module` under `name` with the given multiplier (several may be attached).
+    pub fn attach(&mut self, name: &str, module: &LoraModule, multiplier: f64) {
+        self.adapters.push(AttachedLora {
+            name: name.to_string(),
+            down: module.down.clone(),
+            up: module.up.clone(),
+            factor: multiplier * module.scale(),
+        });
+    }
+
+    /// Removes the adapter attached under `name`; returns whether one was attached.
+    pub fn detach(&mut self, name: &str) -> bool {
+        let before = self.adapters.len();
+        self.adapters.retain(|a| a.name != name);
+        before != self.adapters.len()
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let base = match self.kind {
+            ModuleKind::Linear => {
+                let y = x.broadcast_matmul(&self.weight.t()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            ModuleKind::Conv1x1 => {
+                let y = x.conv2d(&self.weight, 0, 1, 1, 1)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+                    None => y,
+                }
+            }
+        };
+        if self.adapters.is_empty() {
+            return Ok(base);
+        }
+        let x32 = x.to_dtype(DType::F32)?;
+        let mut delta: Option<Tensor> = None;
+        for a in &self.adapters {
+            let d = match self.kind {
+                ModuleKind::Linear => x32
+                    .broadcast_matmul(&a.down.t()?)?
+                    .broadcast_matmul(&a.up.t()?)?,
+                ModuleKind::Conv1x1 => {
+                    let (r, i) = a.down.dims2()?;
+                    let o = a.up.dim(0)?;
+                    x32.conv2d(&a.down.reshape((r, i, 1, 1))?, 0, 1, 1, 1)?
+                        .conv2d(&a.up.reshape((o, r, 1, 1))?, 0, 1, 1, 1)?
+                }
+            };
+            let d = (d * a.factor)?;
+            delta = Some(match delta {
+                Some(acc) => (acc + d)?,
+                None => d,
+            });
+        }
+        let delta = delta.expect("adapters is non-empty");
+        let out = (base.to_dtype(DType::F32)? + delta)?;
+        Ok(out.to_dtype(base.dtype())?)
+    }
+}

@@ -1,0 +1,746 @@
+//! `UNet2DConditionModel` of Stable Diffusion 1.x/2.x in the diffusers layout, written for
+//! training: every operation has a backward pass in candle, timesteps are a tensor (one per
+//! sample), and the Linear / 1×1-conv layers of the transformer models are [`LoraLinear`]s that
+//! adapters attach to without merging.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::config::{DownBlockType, UNetConfig, UpBlockType};
+use crate::lora::{LoraLinear, LoraModule, ModuleInfo, ModuleKind};
+use crate::nn::{softmax_last_dim, Conv2d, GroupNorm, LayerNorm, Linear};
+
+/// Calls `f` with the full path and layer of every adaptable layer below `prefix`.
+type Visitor<'a> = dyn FnMut(&str, &mut LoraLinear) -> Result<()> + 'a;
+
+fn lora_linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<LoraLinear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    LoraLinear::new(weight, bias, ModuleKind::Linear)
+}
+
+fn lora_conv1x1(vb: &VarBuilder, in_ch: usize, out_ch: usize) -> Result<LoraLinear> {
+    let weight = vb.get((out_ch, in_ch, 1, 1), "weight")?;
+    LoraLinear::new(weight, Some(vb.get(out_ch, "bias")?), ModuleKind::Conv1x1)
+}
+
+/// Sinusoidal timestep features `[B, dim]` (diffusers `Timesteps`), computed in f32.
+fn timestep_features(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - freq_shift)).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
+    let args = timesteps
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], 1)?
+    } else {
+        Tensor::cat(&[sin, cos], 1)?
+    };
+    if dim % 2 == 1 {
+        Ok(emb.pad_with_zeros(1, 0, 1)?)
+    } else {
+        Ok(emb)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    fn load(
+        vb: &VarBuilder,
+        cfg: &UNetConfig,
+        in_ch: usize,
+        out_ch: usize,
+        output_scale_factor: f64,
+    ) -> Result<Self> {
+        let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps);
+        Ok(Self {
+            norm1: GroupNorm::load(&vb.pp("norm1"), g, in_ch, eps)?,
+            conv1: Conv2d::load(&vb.pp("conv1"), in_ch, out_ch, 3, 1, 1)?,
+            time_emb_proj: Linear::load(
+                &vb.pp("time_emb_proj"),
+                cfg.time_embed_dim(),
+                out_ch,
+                true,
+            )?,
+            norm2: GroupNorm::load(&vb.pp("norm2"), g, out_ch, eps)?,
+            conv2: Conv2d::load(&vb.pp("conv2"), out_ch, out_ch, 3, 1, 1)?,
+            conv_shortcut: if in_ch != out_ch {
+                Some(Conv2d::load(
+                    &vb.pp("conv_shortcut"),
+                    in_ch,
+                    out_ch,
+                    1,
+                    1,
+                    0,
+                )?)
+            } else {
+                None
+            },
+            output_scale_factor,
+        })
+    }
+
+    /// `temb_act` is `silu(temb)`, shared by all resnets.
+    fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let t = self
+            .time_emb_proj
+            .forward(temb_act)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            Ok((out / self.output_scale_factor)?)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    to_q: LoraLinear,
+    to_k: LoraLinear,
+    to_v: LoraLinear,
+    to_out: LoraLinear,
+    heads: usize,
+    scale: f64,
+    upcast: bool,
+}
+
+impl Attention {
+    fn load(
+        vb: &VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        let head_dim = query_dim / heads;
+        Ok(Self {
+            to_q: lora_linear(&vb.pp("to_q"), query_dim, query_dim, false)?,
+            to_k: lora_linear(&vb.pp("to_k"), context_dim, query_dim, false)?,
+            to_v: lora_linear(&vb.pp("to_v"), context_dim, query_dim, false)?,
+            to_out: lora_linear(&vb.pp("to_out.0"), query_dim, query_dim, true)?,
+            heads,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            upcast,
+        })
+    }
+
+    /// `[B, N, H·d] → [B, H, N, d]`
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, inner) = x.dims3()?;
+        Ok(x.reshape((b, n, self.heads, inner / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let q = self.split_heads(&self.to_q.forward(x)?)?;
+        let k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let scores = if self.upcast {
+            q.to_dtype(DType::F32)?
+                .matmul(&k.to_dtype(DType::F32)?.t()?)?
+        } else {
+            q.matmul(&k.t()?)?
+        };
+        let probs = softmax_last_dim(&(scores * self.scale)?)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?;
+        let (b, h, n, d) = out.dims4()?;
+        let out = out.transpose(1, 2)?.reshape((b, n, h * d))?;
+        self.to_out.forward(&out)
+    }
+
+    fn visit(&mut self, prefix: &str, f: &mut Visitor) -> Result<()> {
+        f(&format!("{prefix}.to_q"), &mut self.to_q)?;
+        f(&format!("{prefix}.to_k"), &mut self.to_k)?;
+        f(&format!("{prefix}.to_v"), &mut self.to_v)?;
+        f(&format!("{prefix}.to_out.0"), &mut self.to_out)
+    }
+}
+
+/// GEGLU feed-forward: `net.2(h · gelu(gate))` with `[h, gate] = net.0.proj(x)`, exact-erf GELU.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj_in: LoraLinear,
+    proj_out: LoraLinear,
+}
+
+impl FeedForward {
+    fn load(vb: &VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj_in: lora_linear(&vb.pp("net.0.proj"), dim, inner * 2, true)?,
+            proj_out: lora_linear(&vb.pp("net.2"), inner, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(x)?;
+        let inner = h.dim(D::Minus1)? / 2;
+        let (hidden, gate) = (
+            h.narrow(D::Minus1, 0, inner)?,
+            h.narrow(D::Minus1, inner, inner)?,
+        );
+        self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)
+    }
+
+    fn visit(&mut self, prefix: &str, f: &mut Visitor) -> Result<()> {
+        f(&format!("{prefix}.net.0.proj"), &mut self.proj_in)?;
+        f(&format!("{prefix}.net.2"), &mut self.proj_out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn load(vb: &VarBuilder, cfg: &UNetConfig, dim: usize, heads: usize) -> Result<Self> {
+        const EPS: f64 = 1e-5;
+        let upcast = cfg.upcast_attention;
+        Ok(Self {
+            norm1: LayerNorm::load(&vb.pp("norm1"), dim, EPS)?,
+            attn1: Attention::load(&vb.pp("attn1"), dim, dim, heads, upcast)?,
+            norm2: LayerNorm::load(&vb.pp("norm2"), dim, EPS)?,
+            attn2: Attention::load(&vb.pp("attn2"), dim, cfg.cross_attention_dim, heads, upcast)?,
+            norm3: LayerNorm::load(&vb.pp("norm3"), dim, EPS)?,
+            ff: FeedForward::load(&vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
+        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
+    }
+
+    fn visit(&mut self, prefix: &str, f: &mut Visitor) -> Result<()> {
+        self.attn1.visit(&format!("{prefix}.attn1"), f)?;
+        self.attn2.visit(&format!("{prefix}.attn2"), f)?;
+        self.ff.visit(&format!("{prefix}.ff"), f)
+    }
+}
+
+/// diffusers `Transformer2DModel`: group norm, projection in (1×1 conv or linear), transformer
+/// blocks over the flattened pixels, projection out, residual.
+#[derive(Debug, Clone)]
+struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: LoraLinear,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: LoraLinear,
+    linear_projection: bool,
+}
+
+impl Transformer2DModel {
+    fn load(
+        vb: &VarBuilder,
+        cfg: &UNetConfig,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+    ) -> Result<Self> {
+        let (proj_in, proj_out) = if cfg.use_linear_projection {
+            (
+                lora_linear(&vb.pp("proj_in"), channels, channels, true)?,
+                lora_linear(&vb.pp("proj_out"), channels, channels, true)?,
+            )
+        } else {
+            (
+                lora_conv1x1(&vb.pp("proj_in"), channels, channels)?,
+                lora_conv1x1(&vb.pp("proj_out"), channels, channels)?,
+            )
+        };
+        let blocks = (0..layers)
+            .map(|k| {
+                BasicTransformerBlock::load(
+                    &vb.pp(format!("transformer_blocks.{k}")),
+                    cfg,
+                    channels,
+                    heads,
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            norm: GroupNorm::load(&vb.pp("norm"), cfg.norm_num_groups, channels, 1e-6)?,
+            proj_in,
+            blocks,
+            proj_out,
+            linear_projection: cfg.use_linear_projection,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let to_tokens =
+            |t: Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
+        let from_tokens = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, h, w, c))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
+        };
+        let normed = self.norm.forward(x)?;
+        let mut tokens = if self.linear_projection {
+            self.proj_in.forward(&to_tokens(normed)?)?
+        } else {
+            to_tokens(self.proj_in.forward(&normed)?)?
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let out = if self.linear_projection {
+            from_tokens(self.proj_out.forward(&tokens)?)?
+        } else {
+            self.proj_out.forward(&from_tokens(tokens)?)?
+        };
+        Ok((out + x)?)
+    }
+
+    fn visit(&mut self, prefix: &str, f: &mut Visitor) -> Result<()> {
+        f(&format!("{prefix}.proj_in"), &mut self.proj_in)?;
+        for (k, block) in self.blocks.iter_mut().enumerate() {
+            block.visit(&format!("{prefix}.transformer_blocks.{k}"), f)?;
+        }
+        f(&format!("{prefix}.proj_out"), &mut self.proj_out)
+    }
+}
+
+/// A down or up block: resnets, each optionally followed by a transformer, then an optional
+/// resampling conv.
+#[derive(Debug, Clone)]
+struct UNetBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    /// Stride-2 conv (down blocks) or nearest-neighbour ×2 followed by a conv (up blocks).
+    resample: Option<Conv2d>,
+}
+
+impl UNetBlock {
+    fn visit(&mut self, prefix: &str, f: &mut Visitor) -> Result<()> {
+        for (j, attn) in self.attentions.iter_mut().enumerate() {
+            attn.visit(&format!("{prefix}.attentions.{j}"), f)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct MidBlock {
+    resnet_in: ResnetBlock2D,
+    attention: Transformer2DModel,
+    resnet_out: ResnetBlock2D,
+}
+
+/// The SD1.x/SD2.x denoising UNet. See the module docs.
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    config: UNetConfig,
+    dtype: DType,
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    down_blocks: Vec<UNetBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UNetBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    lora_modules: Vec<ModuleInfo>,
+}
+
+impl UNet2DConditionModel {
+    /// Loads the UNet from `unet/diffusion_pytorch_model[.fp16].safetensors`-style files,
+    /// memory-mapped, with weights in `dtype`.
+    pub fn from_files(
+        config: &UNetConfig,
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let vb = crate::weights::var_builder(files, dtype, device, BTreeMap::new())?;
+        Self::load(config, &vb)
+    }
+
+    /// Builds the UNet from weights named as in diffusers (`down_blocks.0.resnets.0.conv1.weight`…).
+    pub fn load(config: &UNetConfig, vb: &VarBuilder) -> Result<Self> {
+        let cfg = config;
+        let n = cfg.block_out_channels.len();
+        let ch0 = cfg.block_out_channels[0];
+        let temb_dim = cfg.time_embed_dim();
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_ch = ch0;
+        for (i, &kind) in cfg.down_block_types.iter().enumerate() {
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let in_ch = out_ch;
+            out_ch = cfg.block_out_channels[i];
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..cfg.layers_per_block[i] {
+                let rin = if j == 0 { in_ch } else { out_ch };
+                resnets.push(ResnetBlock2D::load(
+                    &vb.pp(format!("resnets.{j}")),
+                    cfg,
+                    rin,
+                    out_ch,
+                    1.0,
+                )?);
+                if kind == DownBlockType::CrossAttnDownBlock2D {
+                    attentions.push(Transformer2DModel::load(
+                        &vb.pp(format!("attentions.{j}")),
+                        cfg,
+                        out_ch,
+                        cfg.attention_heads[i],
+                        cfg.transformer_layers_per_block[i],
+                    )?);
+                }
+            }
+            let resample = if i + 1 < n {
+                Some(Conv2d::load(
+                    &vb.pp("downsamplers.0.conv"),
+                    out_ch,
+                    out_ch,
+                    3,
+                    2,
+                    cfg.downsample_padding,
+                )?)
+            } else {
+                None
+            };
+            down_blocks.push(UNetBlock {
+                resnets,
+                attentions,
+                resample,
+            });
+        }
+
+        let last = cfg.block_out_channels[n - 1];
+        let mvb = vb.pp("mid_block");
+        let mid_block = MidBlock {
+            resnet_in: ResnetBlock2D::load(
+                &mvb.pp("resnets.0"),
+                cfg,
+                last,
+                last,
+                cfg.mid_block_scale_factor,
+            )?,
+            attention: Transformer2DModel::load(
+                &mvb.pp("attentions.0"),
+                cfg,
+                last,
+                cfg.attention_heads[n - 1],
+                cfg.transformer_layers_per_block[n - 1],
+            )?,
+            resnet_out: ResnetBlock2D::load(
+                &mvb.pp("resnets.1"),
+                cfg,
+                last,
+                last,
+                cfg.mid_block_scale_factor,
+            )?,
+        };
+
+        let rev = |v: &[usize], i: usize| v[n - 1 - i];
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_ch = rev(&cfg.block_out_channels, 0);
+        for (i, &kind) in cfg.up_block_types.iter().enumerate() {
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let prev_out = out_ch;
+            out_ch = rev(&cfg.block_out_channels, i);
+            let skip_in = rev(&cfg.block_out_channels, (i + 1).min(n - 1));
+            let layers = rev(&cfg.layers_per_block, i) + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..layers {
+                let skip = if j == layers - 1 { skip_in } else { out_ch };
+                let rin = if j == 0 { prev_out } else { out_ch };
+                resnets.push(ResnetBlock2D::load(
+                    &vb.pp(format!("resnets.{j}")),
+                    cfg,
+                    rin + skip,
+                    out_ch,
+                    1.0,
+                )?);
+                if kind == UpBlockType::CrossAttnUpBlock2D {
+                    attentions.push(Transformer2DModel::load(
+                        &vb.pp(format!("attentions.{j}")),
+                        cfg,
+                        out_ch,
+                        rev(&cfg.attention_heads, i),
+                        rev(&cfg.transformer_layers_per_block, i),
+                    )?);
+                }
+            }
+            let resample = if i + 1 < n {
+                Some(Conv2d::load(
+                    &vb.pp("upsamplers.0.conv"),
+                    out_ch,
+                    out_ch,
+                    3,
+                    1,
+                    1,
+                )?)
+            } else {
+                None
+            };
+            up_blocks.push(UNetBlock {
+                resnets,
+                attentions,
+                resample,
+            });
+        }
+
+        let mut unet = Self {
+            config: cfg.clone(),
+            dtype: vb.dtype(),
+            conv_in: Conv2d::load(&vb.pp("conv_in"), cfg.in_channels, ch0, 3, 1, 1)?,
+            time_linear_1: Linear::load(&vb.pp("time_embedding.linear_1"), ch0, temb_dim, true)?,
+            time_linear_2: Linear::load(
+                &vb.pp("time_embedding.linear_2"),
+                temb_dim,
+                temb_dim,
+                true,
+            )?,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(
+                &vb.pp("conv_norm_out"),
+                cfg.norm_num_groups,
+                ch0,
+                cfg.norm_eps,
+            )?,
+            conv_out: Conv2d::load(&vb.pp("conv_out"), ch0, cfg.out_channels, 3, 1, 1)?,
+            lora_modules: Vec::new(),
+        };
+        let mut modules = Vec::new();
+        unet.visit_lora(&mut |path, layer| {
+            modules.push(layer.info(path));
+            Ok(())
+        })?;
+        unet.lora_modules = modules;
+        Ok(unet)
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// The dtype of the frozen weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Every layer an adapter can attach to: the Linear and 1×1-conv layers of the transformer
+    /// models, in model order, with diffusers paths.
+    pub fn lora_modules(&self) -> &[ModuleInfo] {
+        &self.lora_modules
+    }
+
+    fn visit_lora(&mut self, f: &mut Visitor) -> Result<()> {
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            block.visit(&format!("down_blocks.{i}"), f)?;
+        }
+        self.mid_block
+            .attention
+            .visit("mid_block.attentions.0", f)?;
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            block.visit(&format!("up_blocks.{i}"), f)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches an adapter (module path → weights) under `name` with `multiplier`, unmerged.
+    /// Every module must exist in this UNet with fitting shapes; otherwise nothing is attached
+    /// and the error lists every offending module with the expected shapes.
+    pub fn attach_adapter(
+        &mut self,
+        name: &str,
+        modules: &BTreeMap<String, LoraModule>,
+        multiplier: f64,
+    ) -> Result<()> {
+        let known: BTreeMap<&str, &ModuleInfo> = self
+            .lora_modules
+            .iter()
+            .map(|m| (m.path.as_str(), m))
+            .collect();
+        let mut problems = Vec::new();
+        for (path, module) in modules {
+            match known.get(path.as_str()) {
+                None => problems.push(format!("`{path}`: no such adaptable module in this UNet")),
+                Some(info) => {
+                    if let Err(e) = module.check_fits(info) {
+                        problems.push(e.to_string());
+                    }
+                }
+            }
+        }
+        if !problems.is_empty() {
+            bail!(
+                "adapter `{name}` does not fit this UNet:\n  {}",
+                problems.join("\n  ")
+            );
+        }
+        ensure!(!modules.is_empty(), "adapter `{name}` has no UNet modules");
+        self.visit_lora(&mut |path, layer| {
+            if let Some(m) = modules.get(path) {
+                layer.attach(name, m, multiplier);
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes the adapter attached under `name` from every layer.
+    pub fn detach_adapter(&mut self, name: &str) -> Result<()> {
+        let mut found = false;
+        self.visit_lora(&mut |_, layer| {
+            found |= layer.detach(name);
+            Ok(())
+        })?;
+        ensure!(found, "no adapter named `{name}` is attached");
+        Ok(())
+    }
+
+    /// Predicts noise (or v) for `sample` `[B, C, H, W]` at `timesteps` (`[B]` or a scalar,
+    /// any numeric dtype) given `encoder_hidden_states` `[B, S, cross_attention_dim]`.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, c, _, _) = sample.dims4().context("UNet sample must be [B, C, H, W]")?;
+        ensure!(
+            c == cfg.in_channels,
+            "UNet sample has {c} channels, the model expects {}",
+            cfg.in_channels
+        );
+        let timesteps = match timesteps.rank() {
+            0 => timesteps.broadcast_as(b)?.contiguous()?,
+            1 => timesteps.clone(),
+            _ => bail!(
+                "timesteps must be a scalar or [B], got {:?}",
+                timesteps.dims()
+            ),
+        };
+        ensure!(
+            timesteps.dim(0)? == b,
+            "{} timesteps for a batch of {b}",
+            timesteps.dim(0)?
+        );
+        let ctx_dim = encoder_hidden_states.dim(D::Minus1)?;
+        ensure!(
+            ctx_dim == cfg.cross_attention_dim,
+            "encoder_hidden_states width {ctx_dim} differs from the UNet's cross_attention_dim {}",
+            cfg.cross_attention_dim
+        );
+        let context = encoder_hidden_states.to_dtype(self.dtype)?;
+        let mut x = sample.to_dtype(self.dtype)?;
+        if cfg.center_input_sample {
+            x = ((x * 2.0)? - 1.0)?;
+        }
+
+        let t_feat = timestep_features(
+            &timesteps,
+            cfg.block_out_channels[0],
+            cfg.flip_sin_to_cos,
+            cfg.freq_shift,
+        )?;
+        let temb = self.time_linear_2.forward(
+            &self
+                .time_linear_1
+                .forward(&t_feat.to_dtype(self.dtype)?)?
+                .silu()?,
+        )?;
+        let temb_act = temb.silu()?;
+
+        let mut x = self.conv_in.forward(&x)?;
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                x = resnet.forward(&x, &temb_act)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    x = attn.forward(&x, &context)?;
+                }
+                skips.push(x.clone());
+            }
+            if let Some(down) = &block.resample {
+                x = down.forward(&x)?;
+                skips.push(x.clone());
+            }
+        }
+
+        let mid = &self.mid_block;
+        x = mid.resnet_in.forward(&x, &temb_act)?;
+        x = mid.attention.forward(&x, &context)?;
+        x = mid.resnet_out.forward(&x, &temb_act)?;
+
+        for block in &self.up_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().context("UNet skip connections exhausted")?;
+                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, &temb_act)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    x = attn.forward(&x, &context)?;
+                }
+            }
+            if let Some(up) = &block.resample {
+                // Upsample to the next skip's size: ×2 for sizes divisible by 2ⁿ, and still
+                // correct for odd sizes, as diffusers' `upsample_size` does.
+                let (h, w) = match skips.last() {
+                    Some(s) => (s.dim(2)?, s.dim(3)?),
+                    None => (x.dim(2)? * 2, x.dim(3)? * 2),
+                };
+                x = up.forward(&x.upsample_nearest2d(h, w)?)?;
+            }
+        }
+        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        Ok(self.conv_out.forward(&x)?)
+    }
+}

@@ -1,0 +1,246 @@
+//! Tokenizer, CLIP text encoder and VAE parity with transformers/diffusers (f32) on the tiny
+//! fixtures, and the errors for broken model folders, configs and unreachable Hub ids.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use common::{expected, fixtures, get, max_abs, max_abs_diff, CONFIGS};
+use lora_toolkit::core::config::SchedulerConfig;
+use lora_toolkit::core::model::{ModelFolder, ModelSource};
+use lora_toolkit::core::text_encoder::{lora_modules, TextEncoder};
+use lora_toolkit::core::tokenizer::TokenizedPrompt;
+use lora_toolkit::core::vae::Vae;
+
+/// Parity bound for f32 against the PyTorch reference.
+const TOLERANCE: f32 = 1e-4;
+
+fn prompts(cfg: &str) -> Result<Vec<String>> {
+    let path = fixtures().join(cfg).join("expected_meta.json");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    serde_json::from_value(meta["prompts"].clone())
+        .with_context(|| format!("{}: prompts", path.display()))
+}
+
+fn input_ids(cfg: &str) -> Result<Tensor> {
+    Ok(get(&expected(cfg)?, "te_input_ids").to_dtype(DType::U32)?)
+}
+
+#[test]
+fn tokenizer_matches_transformers() -> Result<()> {
+    for cfg in CONFIGS {
+        let folder = ModelFolder::open(&fixtures().join(cfg))?;
+        // sd1-tiny ships tokenizer/ (EOS padding); sd2-tiny has none: embedded vocabulary, "!" padding.
+        assert_eq!(folder.tokenizer_dir().is_some(), cfg == "sd1-tiny");
+        let tokenizer = folder.tokenizer()?;
+        let encoded: Vec<TokenizedPrompt> =
+            prompts(cfg)?.iter().map(|p| tokenizer.encode(p)).collect();
+        assert!(encoded.iter().all(|p| !p.truncated));
+        let ours = TokenizedPrompt::batch_tensor(&encoded, &Device::Cpu)?;
+        assert_eq!(
+            ours.to_vec2::<u32>()?,
+            input_ids(cfg)?.to_vec2::<u32>()?,
+            "{cfg}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn text_encoder_matches_transformers() -> Result<()> {
+    for cfg in CONFIGS {
+        let folder = ModelFolder::open(&fixtures().join(cfg))?;
+        let config = folder.text_encoder_config()?;
+        let te = TextEncoder::load(
+            &folder.text_encoder_dir(),
+            &config,
+            DType::F32,
+            &Device::Cpu,
+            BTreeMap::new(),
+        )?;
+        let out = te.forward(&input_ids(cfg)?)?;
+        let reference = get(&expected(cfg)?, "te_out").clone();
+        let err = max_abs_diff(&out, &reference);
+        println!(
+            "{cfg}: text encoder max |ours - transformers| = {err:.3e} (output max {:.3})",
+            max_abs(&reference)
+        );
+        assert!(err <= TOLERANCE, "{cfg}: text encoder differs by {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn text_encoder_and_vae_run_in_half_precision() -> Result<()> {
+    // Same weights in f16/bf16: within half-precision tolerance of the f32 reference.
+    let folder = ModelFolder::open(&fixtures().join("sd2-tiny"))?;
+    let config = folder.text_encoder_config()?;
+    let exp = expected("sd2-tiny")?;
+    for dtype in [DType::F16, DType::BF16] {
+        let te = TextEncoder::load(
+            &folder.text_encoder_dir(),
+            &config,
+            dtype,
+            &Device::Cpu,
+            BTreeMap::new(),
+        )?;
+        let out = te.forward(&input_ids("sd2-tiny")?)?;
+        assert_eq!(out.dtype(), dtype);
+        let err = max_abs_diff(&out, get(&exp, "te_out")) / max_abs(get(&exp, "te_out"));
+        println!("{dtype:?}: text encoder error relative to output scale = {err:.3e}");
+        assert!(
+            err < 5e-2,
+            "{dtype:?}: text encoder too far from the f32 reference: {err}"
+        );
+    }
+    // candle has no bf16 conv2d on the CPU, so the VAE is checked in f16 only here.
+    let vae = Vae::load(
+        &folder.vae_dir().context("fixture has a VAE")?,
+        DType::F16,
+        &Device::Cpu,
+    )?;
+    let decoded = vae.decode(&get(&exp, "vae_latents").to_dtype(DType::F16)?)?;
+    let err = max_abs_diff(&decoded, get(&exp, "vae_decoded")) / max_abs(get(&exp, "vae_decoded"));
+    println!("F16: VAE decode error relative to output scale = {err:.3e}");
+    assert!(
+        err < 5e-2,
+        "F16: VAE decode too far from the f32 reference: {err}"
+    );
+    Ok(())
+}
+
+/// Folds the fixture's kohya text-encoder LoRA (`lora_te_*`) into the weights as deltas and
+/// compares with transformers + peft running the same adapter.
+#[test]
+fn text_encoder_with_folded_kohya_adapter_matches_peft() -> Result<()> {
+    for cfg in CONFIGS {
+        let folder = ModelFolder::open(&fixtures().join(cfg))?;
+        let config = folder.text_encoder_config()?;
+        let adapter = candle_core::safetensors::load(
+            fixtures().join(cfg).join("adapter_kohya.safetensors"),
+            &Device::Cpu,
+        )?;
+        let mut deltas = BTreeMap::new();
+        for module in lora_modules(&config) {
+            let key = format!("lora_te_{}", module.path.replace('.', "_"));
+            let (down, up) = (
+                get(&adapter, &format!("{key}.lora_down.weight")),
+                get(&adapter, &format!("{key}.lora_up.weight")),
+            );
+            let alpha = get(&adapter, &format!("{key}.alpha"))
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            let scale = alpha / down.dim(0)? as f64;
+            deltas.insert(
+                format!("{}.weight", module.path),
+                (up.matmul(down)? * scale)?,
+            );
+        }
+        assert_eq!(deltas.len(), 6 * config.num_hidden_layers);
+        let te = TextEncoder::load(
+            &folder.text_encoder_dir(),
+            &config,
+            DType::F32,
+            &Device::Cpu,
+            deltas,
+        )?;
+        let out = te.forward(&input_ids(cfg)?)?;
+        let exp = expected(cfg)?;
+        let err = max_abs_diff(&out, get(&exp, "te_out_kohya"));
+        let effect = max_abs_diff(get(&exp, "te_out_kohya"), get(&exp, "te_out"));
+        println!("{cfg}: text encoder + kohya LoRA max |ours - peft| = {err:.3e} (adapter effect {effect:.3})");
+        assert!(
+            err <= TOLERANCE && effect > 100.0 * TOLERANCE,
+            "{cfg}: err {err}, effect {effect}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn vae_matches_diffusers() -> Result<()> {
+    for cfg in CONFIGS {
+        let folder = ModelFolder::open(&fixtures().join(cfg))?;
+        let vae = Vae::load(
+            &folder.vae_dir().context("fixture has a VAE")?,
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        let exp = expected(cfg)?;
+
+        let decoded = vae.decode(get(&exp, "vae_latents"))?;
+        let err = max_abs_diff(&decoded, get(&exp, "vae_decoded"));
+        println!(
+            "{cfg}: VAE decode max |ours - diffusers| = {err:.3e} (output max {:.3})",
+            max_abs(get(&exp, "vae_decoded"))
+        );
+        assert!(err <= TOLERANCE, "{cfg}: VAE decode differs by {err}");
+
+        let mean = vae.encode_mean(get(&exp, "vae_image"))?;
+        let err = max_abs_diff(&mean, get(&exp, "vae_latent_mean"));
+        println!("{cfg}: VAE encode mean max |ours - diffusers| = {err:.3e}");
+        assert!(err <= TOLERANCE, "{cfg}: VAE latent mean differs by {err}");
+        assert_eq!(vae.scaling_factor(), 0.18215);
+    }
+    Ok(())
+}
+
+#[test]
+fn fixture_folders_open_with_their_parts() -> Result<()> {
+    let sd2 = ModelFolder::open(&fixtures().join("sd2-tiny"))?;
+    assert!(sd2.has_vae() && sd2.tokenizer_dir().is_none());
+    assert_eq!(
+        sd2.index().and_then(|i| i.pipeline_class.as_deref()),
+        Some("StableDiffusionPipeline")
+    );
+    assert!(sd2
+        .unet_weights()
+        .ends_with("unet/diffusion_pytorch_model.safetensors"));
+    assert_eq!(
+        sd2.vae_config()?.context("vae config")?.vae_scale_factor(),
+        2
+    );
+    let scheduler = sd2.scheduler_config()?;
+    assert_eq!(scheduler.alphas_cumprod().len(), 1000);
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_fail_with_clear_errors() -> Result<()> {
+    // A folder that is not a model: the first missing file is named.
+    let not_a_model = fixtures().join("sd2-tiny").join("unet");
+    let err = format!("{:#}", ModelFolder::open(&not_a_model).unwrap_err());
+    assert!(err.contains("is missing unet/config.json"), "{err}");
+
+    // A scheduler config with an unknown beta schedule: the file, key and value are named.
+    let text =
+        std::fs::read_to_string(fixtures().join("sd1-tiny/scheduler/scheduler_config.json"))?;
+    let broken = text.replace("\"scaled_linear\"", "\"karras\"");
+    assert_ne!(broken, text);
+    let err = format!("{:#}", SchedulerConfig::parse(&broken).unwrap_err());
+    assert!(err.contains("unknown beta_schedule `karras`"), "{err}");
+
+    // Neither a folder nor a Hub id.
+    let err = format!("{:#}", ModelSource::parse("./no/such/model").unwrap_err());
+    assert!(
+        err.contains("neither an existing folder nor a Hugging Face Hub id"),
+        "{err}"
+    );
+
+    // A Hub id this machine cannot fetch (no network here; a nonexistent repository elsewhere).
+    let source = ModelSource::parse("lora-toolkit-tests/no-such-model")?;
+    assert_eq!(
+        source,
+        ModelSource::Hub("lora-toolkit-tests/no-such-model".into())
+    );
+    let err = format!("{:#}", source.open().unwrap_err());
+    println!("{err}");
+    assert!(
+        err.contains("`lora-toolkit-tests/no-such-model`")
+            && err.contains("pass the path of a diffusers folder"),
+        "{err}"
+    );
+    Ok(())
+}
