@@ -9,13 +9,19 @@ pub mod keys;
 pub mod lora;
 pub mod model;
 pub mod nn;
+pub mod rng;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
 
+pub use adapter_file::{
+    save_adapter, AdapterFile, AdapterFormat, BaseModelVersion, ModelModules, SaveOptions,
+};
+pub use keys::Component;
 pub use lora::{
     Adapter, LoraConfig, LoraInit, LoraLinear, LoraModule, LoraTargets, ModuleInfo, ModuleKind,
 };
+pub use rng::Rng;
 pub use unet::UNet2DConditionModel;

@@ -12,6 +12,8 @@ use std::str::FromStr;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::rng::Rng;
+
 /// Which layers of the UNet get an adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LoraTargets {
@@ -204,7 +206,7 @@ impl Adapter {
         seed: u64,
     ) -> Result<TrainableAdapter> {
         ensure!(config.rank > 0, "LoRA rank must be at least 1");
-        let mut rng = SplitMix64(seed);
+        let mut rng = Rng::new(seed);
         let mut adapter = Adapter::default();
         let mut vars = Vec::new();
         for info in modules.iter().filter(|m| config.targets.matches(&m.path)) {
@@ -213,13 +215,13 @@ impl Adapter {
                 LoraInit::KaimingUniform => {
                     let bound = 1.0 / (fan_in as f64).sqrt();
                     (0..r * fan_in)
-                        .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+                        .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
                         .collect()
                 }
                 LoraInit::Gaussian => {
                     let std = 1.0 / r as f64;
                     (0..r * fan_in)
-                        .map(|_| (rng.next_normal() * std) as f32)
+                        .map(|_| (rng.normal() * std) as f32)
                         .collect()
                 }
             };
@@ -255,30 +257,6 @@ impl Adapter {
             .iter()
             .map(|(path, m)| Ok((format!("{path}.weight"), (m.delta_weight()? * multiplier)?)))
             .collect()
-    }
-}
-
-/// A small, seedable generator so adapter initialisation is reproducible across platforms
-/// and independent of candle's (unseedable on CPU) random source.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal by Box–Muller.
-    fn next_normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.next_f64();
-        let u2 = self.next_f64();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 }
 
