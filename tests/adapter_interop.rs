@@ -16,10 +16,9 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use common::{fixtures, max_abs_diff, CONFIGS};
 use lora_toolkit::core::adapter_file::{
-    save_adapter, AdapterFile, AdapterFormat, BaseModelVersion, ModelModules, PredictionType,
-    SaveOptions,
+    save_adapter, AdapterFile, AdapterFormat, BaseModelVersion, ModelModules, SaveOptions,
 };
-use lora_toolkit::core::config::UNetConfig;
+use lora_toolkit::core::config::{PredictionType, UNetConfig};
 use lora_toolkit::core::model::ModelFolder;
 use lora_toolkit::core::{text_encoder, Adapter, UNet2DConditionModel};
 

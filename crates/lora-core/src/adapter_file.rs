@@ -20,6 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
+use crate::config::PredictionType;
 use crate::io::{read_safetensors, write_safetensors_atomic};
 use crate::keys::{
     kohya_name, parse_diffusers_key, parse_kohya_key, Component, KohyaNames, ParsedKey, Role,
@@ -68,13 +69,6 @@ impl FromStr for AdapterFormat {
 pub enum BaseModelVersion {
     SdV1,
     SdV2,
-}
-
-/// What the base model's UNet predicts, for kohya/modelspec metadata.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PredictionType {
-    Epsilon,
-    VPrediction,
 }
 
 /// The modules of the model an adapter is resolved against or written for.
