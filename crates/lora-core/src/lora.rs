@@ -12,6 +12,7 @@ use std::str::FromStr;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::nn::{frozen_conv2d, frozen_linear};
 use crate::rng::Rng;
 
 /// Which layers of the UNet get an adapter.
@@ -339,19 +340,14 @@ impl LoraLinear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let base = match self.kind {
-            ModuleKind::Linear => {
-                let y = x.broadcast_matmul(&self.weight.t()?)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
-            }
+            ModuleKind::Linear => frozen_linear(x, &self.weight, self.bias.as_ref())?,
             ModuleKind::Conv1x1 => {
-                let y = x.conv2d(&self.weight, 0, 1, 1, 1)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-                    None => y,
-                }
+                let bias = self
+                    .bias
+                    .as_ref()
+                    .map(|b| b.reshape((1, (), 1, 1)))
+                    .transpose()?;
+                frozen_conv2d(x, &self.weight, bias.as_ref(), 0, 1)?
             }
         };
         if self.adapters.is_empty() {

@@ -2,10 +2,176 @@
 //! candle. candle-nn's fused `layer_norm`/`softmax_last_dim` record no gradient (silently), so
 //! layer norm and softmax are composed here from differentiable primitives. All frozen layers go
 //! through this module, so their backward behaviour is decided in one place.
+//!
+//! Frozen weights: candle's backward computes the gradient of *both* operands of every matmul and
+//! convolution, so a LoRA step would also compute (and keep until the step ends) a gradient for
+//! every frozen weight — about a third of the backward work and a weight-sized buffer per layer.
+//! [`frozen_linear`] and [`frozen_conv2d`] compute the output without recording it, then re-attach
+//! it to the input's graph through a custom op whose backward returns only the input gradient.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, D};
 use candle_nn::VarBuilder;
+
+/// Copies a contiguous storage region as the output of a re-attaching op.
+fn copy_cpu(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("frozen op: output must be contiguous".into()))?;
+    let copied = match storage {
+        CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
+        CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
+        CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
+        CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "frozen op: unsupported dtype {:?}",
+                other.dtype()
+            )));
+        }
+    };
+    Ok((copied, layout.shape().clone()))
+}
+
+fn copy_cuda(storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+    // The re-attached outputs are fresh, contiguous results that own their whole buffer.
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        return Err(candle_core::Error::Msg(
+            "frozen op: output must be contiguous from offset 0".into(),
+        ));
+    }
+    Ok((storage.try_clone(layout)?, layout.shape().clone()))
+}
+
+/// The input gradient of a frozen layer, given the layer input and the output gradient.
+trait InputGradient: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// `(input, output) → output` with a backward that sends the output gradient to the input only.
+struct Reattach<G>(G);
+
+impl<G: InputGradient> CustomOp2 for Reattach<G> {
+    fn name(&self) -> &'static str {
+        G::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        out: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_cpu(out, layout)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        out: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        copy_cuda(out, layout)
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.0.input_grad(input, grad_out)?), None))
+    }
+}
+
+struct LinearInputGrad {
+    weight: Tensor,
+}
+
+impl InputGradient for LinearInputGrad {
+    const NAME: &'static str = "frozen-linear";
+    fn input_grad(&self, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        grad_out.broadcast_matmul(&self.weight)
+    }
+}
+
+struct ConvInputGrad {
+    weight: Tensor,
+    padding: usize,
+    stride: usize,
+}
+
+impl InputGradient for ConvInputGrad {
+    const NAME: &'static str = "frozen-conv2d";
+    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        // conv_transpose2d is the adjoint of conv2d; the output padding recovers input rows that
+        // a strided convolution dropped.
+        let k = self.weight.dim(2)?;
+        let covered = (grad_out.dim(2)? - 1) * self.stride + k - 2 * self.padding;
+        let output_padding = input.dim(2)? - covered;
+        grad_out.conv_transpose2d(&self.weight, self.padding, output_padding, self.stride, 1)
+    }
+}
+
+/// Runs a frozen layer: plain ops when no gradient can flow (inference), otherwise an untracked
+/// forward re-attached with an input-only backward.
+fn run_frozen<G: InputGradient>(
+    x: &Tensor,
+    forward: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    grad: impl FnOnce() -> G,
+) -> candle_core::Result<Tensor> {
+    if !x.track_op() {
+        return forward(x);
+    }
+    let out = forward(&x.detach())?.contiguous()?;
+    x.apply_op2(&out, Reattach(grad()))
+}
+
+/// `x·Wᵀ (+ b)` for a frozen `W` `[out, in]`: no weight gradient is ever computed.
+pub fn frozen_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let forward = |x: &Tensor| {
+        let y = x.broadcast_matmul(&weight.t()?)?;
+        match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    };
+    run_frozen(x, forward, || LinearInputGrad {
+        weight: weight.clone(),
+    })
+}
+
+/// 2-D convolution with a frozen kernel and an optional `[1, out, 1, 1]` bias: no kernel
+/// gradient is ever computed.
+pub fn frozen_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let forward = |x: &Tensor| {
+        let y = x.conv2d(weight, padding, stride, 1, 1)?;
+        match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    };
+    run_frozen(x, forward, || ConvInputGrad {
+        weight: weight.clone(),
+        padding,
+        stride,
+    })
+}
 
 /// The dtype normalisations and softmax are computed in: half-precision inputs are upcast so the
 /// statistics do not lose precision; f32/f64 stay as they are.
@@ -37,11 +203,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        frozen_linear(x, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -170,4 +332,125 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         .context("softmax")?
         .to_dtype(dtype)
         .context("softmax dtype")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The frozen op's input gradient equals candle's plain autograd, and the frozen weight gets
+    /// no gradient at all (plain autograd computes one).
+    fn check(
+        frozen: impl Fn(&Tensor) -> Tensor,
+        plain: impl Fn(&Tensor) -> Tensor,
+        x: Tensor,
+        weight: &Tensor,
+    ) {
+        let x = Var::from_tensor(&x).unwrap();
+        let g_frozen = frozen(x.as_tensor())
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_plain = plain(x.as_tensor())
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (
+            g_frozen.get(x.as_tensor()).unwrap(),
+            g_plain.get(x.as_tensor()).unwrap(),
+        );
+        assert!(
+            max_diff(a, b) < 1e-5,
+            "input gradients differ by {}",
+            max_diff(a, b)
+        );
+        // Any gradient shaped like the weight (or its transpose) is a weight gradient.
+        let weight_grads = |g: &candle_core::backprop::GradStore| {
+            let mut t = weight.dims().to_vec();
+            t.reverse();
+            g.get_ids()
+                .filter(|id| {
+                    let d = g.get_id(**id).unwrap().dims();
+                    d == weight.dims() || (weight.rank() == 2 && d == t.as_slice())
+                })
+                .count()
+        };
+        assert!(
+            weight_grads(&g_plain) > 0,
+            "plain autograd differentiates the weight"
+        );
+        assert_eq!(
+            weight_grads(&g_frozen),
+            0,
+            "frozen op computed a weight gradient"
+        );
+    }
+
+    #[test]
+    fn frozen_linear_gives_input_gradient_only() {
+        let mut rng = Rng::new(0);
+        let dev = Device::Cpu;
+        let w = rng.normal_tensor((5, 3), &dev).unwrap();
+        let b = rng.normal_tensor(5, &dev).unwrap();
+        let x = rng.normal_tensor((2, 4, 3), &dev).unwrap();
+        check(
+            |x| frozen_linear(x, &w, Some(&b)).unwrap(),
+            |x| {
+                x.broadcast_matmul(&w.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&b)
+                    .unwrap()
+            },
+            x,
+            &w,
+        );
+    }
+
+    #[test]
+    fn frozen_conv_gives_input_gradient_only() {
+        let mut rng = Rng::new(1);
+        let dev = Device::Cpu;
+        let w = rng.normal_tensor((4, 3, 3, 3), &dev).unwrap();
+        // Odd and even sizes, stride 1 and 2 (the UNet's downsamplers), padding 0 and 1.
+        for (size, stride, padding) in [(7, 2, 1), (8, 2, 1), (6, 1, 1), (5, 1, 0)] {
+            let x = rng.normal_tensor((2, 3, size, size), &dev).unwrap();
+            check(
+                |x| frozen_conv2d(x, &w, None, padding, stride).unwrap(),
+                |x| x.conv2d(&w, padding, stride, 1, 1).unwrap(),
+                x,
+                &w,
+            );
+        }
+    }
+
+    #[test]
+    fn frozen_ops_record_nothing_without_gradients() {
+        let mut rng = Rng::new(2);
+        let w = rng.normal_tensor((5, 3), &Device::Cpu).unwrap();
+        let x = rng.normal_tensor((4, 3), &Device::Cpu).unwrap();
+        let y = frozen_linear(&x, &w, None).unwrap();
+        assert!(!y.track_op());
+        assert!(max_diff(&y, &x.matmul(&w.t().unwrap()).unwrap()) < 1e-6);
+    }
 }
