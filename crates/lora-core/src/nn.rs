@@ -44,10 +44,16 @@ fn copy_cuda(storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(Cud
     Ok((storage.try_clone(layout)?, layout.shape().clone()))
 }
 
-/// The input gradient of a frozen layer, given the layer input and the output gradient.
+/// The input gradient of an op computed outside the graph, given its input, its output and the
+/// output gradient.
 trait InputGradient: Send + Sync + 'static {
     const NAME: &'static str;
-    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor>;
+    fn input_grad(
+        &self,
+        input: &Tensor,
+        output: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<Tensor>;
 }
 
 /// `(input, output) → output` with a backward that sends the output gradient to the input only.
@@ -82,10 +88,10 @@ impl<G: InputGradient> CustomOp2 for Reattach<G> {
         &self,
         input: &Tensor,
         _: &Tensor,
-        _: &Tensor,
+        output: &Tensor,
         grad_out: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.0.input_grad(input, grad_out)?), None))
+        Ok((Some(self.0.input_grad(input, output, grad_out)?), None))
     }
 }
 
@@ -95,7 +101,7 @@ struct LinearInputGrad {
 
 impl InputGradient for LinearInputGrad {
     const NAME: &'static str = "frozen-linear";
-    fn input_grad(&self, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+    fn input_grad(&self, _: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
         grad_out.broadcast_matmul(&self.weight)
     }
 }
@@ -108,7 +114,12 @@ struct ConvInputGrad {
 
 impl InputGradient for ConvInputGrad {
     const NAME: &'static str = "frozen-conv2d";
-    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+    fn input_grad(
+        &self,
+        input: &Tensor,
+        _: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         // conv_transpose2d is the adjoint of conv2d; the output padding recovers input rows that
         // a strided convolution dropped.
         let k = self.weight.dim(2)?;
@@ -118,9 +129,51 @@ impl InputGradient for ConvInputGrad {
     }
 }
 
-/// Runs a frozen layer: plain ops when no gradient can flow (inference), otherwise an untracked
-/// forward re-attached with an input-only backward.
-fn run_frozen<G: InputGradient>(
+/// Softmax over the last dimension: `dx = y ⊙ (dy − Σ dy ⊙ y)`.
+struct SoftmaxInputGrad;
+
+impl InputGradient for SoftmaxInputGrad {
+    const NAME: &'static str = "softmax-last-dim";
+    fn input_grad(&self, _: &Tensor, y: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        let dot = (grad_out * y)?.sum_keepdim(D::Minus1)?;
+        y * grad_out.broadcast_sub(&dot)?
+    }
+}
+
+/// Layer norm with a frozen affine `w`: with `x̂ = (x − μ)·r` and `g = dy ⊙ w`,
+/// `dx = r · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`. μ and r are recomputed here rather than kept
+/// from the forward pass.
+struct LayerNormInputGrad {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl InputGradient for LayerNormInputGrad {
+    const NAME: &'static str = "layer-norm";
+    fn input_grad(&self, x: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let x_hat = centered.broadcast_mul(&rstd)?;
+        let g = grad_out
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
+        let g_mean = g.mean_keepdim(D::Minus1)?;
+        let gx_mean = (&g * &x_hat)?.mean_keepdim(D::Minus1)?;
+        let dx = g
+            .broadcast_sub(&g_mean)?
+            .sub(&x_hat.broadcast_mul(&gx_mean)?)?;
+        dx.broadcast_mul(&rstd)?.to_dtype(dtype)
+    }
+}
+
+/// Runs `forward` untracked and re-attaches its output to `x`'s graph with the backward `grad`
+/// computes (input gradient only); when no gradient can flow (inference) it is a plain call.
+fn with_input_grad<G: InputGradient>(
     x: &Tensor,
     forward: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
     grad: impl FnOnce() -> G,
@@ -145,7 +198,7 @@ pub fn frozen_linear(
             None => Ok(y),
         }
     };
-    run_frozen(x, forward, || LinearInputGrad {
+    with_input_grad(x, forward, || LinearInputGrad {
         weight: weight.clone(),
     })
 }
@@ -166,7 +219,7 @@ pub fn frozen_conv2d(
             None => Ok(y),
         }
     };
-    run_frozen(x, forward, || ConvInputGrad {
+    with_input_grad(x, forward, || ConvInputGrad {
         weight: weight.clone(),
         padding,
         stride,
@@ -311,24 +364,28 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // candle's fused kernel for the values (one pass instead of nine recorded ops); it has no
+        // backward of its own, so the input gradient is attached by `LayerNormInputGrad`.
         let dtype = x.dtype();
-        let xs = x.to_dtype(compute_dtype(dtype))?;
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let centered = xs.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        centered
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        let cd = compute_dtype(dtype);
+        let (w, b) = (self.weight.to_dtype(cd)?, self.bias.to_dtype(cd)?);
+        let forward =
+            |x: &Tensor| candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, self.eps as f32);
+        with_input_grad(&x.to_dtype(cd)?, forward, || LayerNormInputGrad {
+            weight: w.clone(),
+            eps: self.eps,
+        })?
+        .to_dtype(dtype)
     }
 }
 
-/// Softmax over the last dimension, computed in f32 for half-precision inputs, with a backward.
+/// Softmax over the last dimension, computed in f32 for half-precision inputs, with a backward
+/// (candle's fused `softmax_last_dim` kernel for the values, `SoftmaxInputGrad` for the gradient).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let xs = x.to_dtype(compute_dtype(dtype))?;
-    candle_nn::ops::softmax(&xs, D::Minus1)
+    let forward = |x: &Tensor| candle_nn::ops::softmax_last_dim(&x.contiguous()?);
+    with_input_grad(&xs, forward, || SoftmaxInputGrad)
         .context("softmax")?
         .to_dtype(dtype)
         .context("softmax dtype")
@@ -452,5 +509,64 @@ mod tests {
         let y = frozen_linear(&x, &w, None).unwrap();
         assert!(!y.track_op());
         assert!(max_diff(&y, &x.matmul(&w.t().unwrap()).unwrap()) < 1e-6);
+    }
+
+    /// Input gradient of `f` for a random upstream gradient (a weighted sum as the loss).
+    fn input_grad_of(f: impl Fn(&Tensor) -> Tensor, x: &Tensor, upstream: &Tensor) -> Tensor {
+        let x = Var::from_tensor(x).unwrap();
+        let loss = (f(x.as_tensor()) * upstream).unwrap().sum_all().unwrap();
+        loss.backward().unwrap().get(x.as_tensor()).unwrap().clone()
+    }
+
+    #[test]
+    fn fused_softmax_gradient_matches_composed_softmax() {
+        let mut rng = Rng::new(3);
+        let dev = Device::Cpu;
+        let x = (rng.normal_tensor((2, 3, 7), &dev).unwrap() * 3.0).unwrap();
+        let up = rng.normal_tensor((2, 3, 7), &dev).unwrap();
+        let ours = input_grad_of(|x| softmax_last_dim(x).unwrap(), &x, &up);
+        let composed = input_grad_of(|x| candle_nn::ops::softmax(x, D::Minus1).unwrap(), &x, &up);
+        assert!(
+            max_diff(&ours, &composed) < 1e-6,
+            "{}",
+            max_diff(&ours, &composed)
+        );
+        let values = softmax_last_dim(&x).unwrap();
+        let reference = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
+        assert!(max_diff(&values, &reference) < 1e-6);
+    }
+
+    #[test]
+    fn fused_layer_norm_gradient_matches_composed_layer_norm() {
+        let mut rng = Rng::new(4);
+        let dev = Device::Cpu;
+        let (w, b) = (
+            rng.normal_tensor(6, &dev).unwrap(),
+            rng.normal_tensor(6, &dev).unwrap(),
+        );
+        let norm = LayerNorm {
+            weight: w.clone(),
+            bias: b.clone(),
+            eps: 1e-5,
+        };
+        let composed = |x: &Tensor| {
+            let mean = x.mean_keepdim(D::Minus1).unwrap();
+            let c = x.broadcast_sub(&mean).unwrap();
+            let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            let n = c
+                .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap();
+            n.broadcast_mul(&w).unwrap().broadcast_add(&b).unwrap()
+        };
+        let x = (rng.normal_tensor((2, 5, 6), &dev).unwrap() * 2.0).unwrap();
+        let up = rng.normal_tensor((2, 5, 6), &dev).unwrap();
+        let ours = input_grad_of(|x| norm.forward(x).unwrap(), &x, &up);
+        let reference = input_grad_of(composed, &x, &up);
+        assert!(
+            max_diff(&ours, &reference) < 1e-5,
+            "{}",
+            max_diff(&ours, &reference)
+        );
+        assert!(max_diff(&norm.forward(&x).unwrap(), &composed(&x)) < 1e-5);
     }
 }
