@@ -188,6 +188,39 @@ fn vae_matches_diffusers() -> Result<()> {
 }
 
 #[test]
+fn vae_batches_equal_single_images() -> Result<()> {
+    // Each image of a batch must come out as if it were alone (a batch of the reference input
+    // and a scaled copy, so the two rows differ).
+    for cfg in CONFIGS {
+        let folder = ModelFolder::open(&fixtures().join(cfg))?;
+        let vae = Vae::load(
+            &folder.vae_dir().context("fixture has a VAE")?,
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        let exp = expected(cfg)?;
+        for (input, run) in [
+            (
+                get(&exp, "vae_latents"),
+                &(|x: &Tensor| vae.decode(x)) as &dyn Fn(&Tensor) -> Result<Tensor>,
+            ),
+            (get(&exp, "vae_image"), &|x: &Tensor| vae.encode_mean(x)),
+        ] {
+            let second = (input * 0.5)?;
+            let batch = run(&Tensor::cat(&[input, &second], 0)?)?;
+            for (i, single) in [input, &second].into_iter().enumerate() {
+                let err = max_abs_diff(&batch.get(i)?.unsqueeze(0)?, &run(single)?);
+                assert!(
+                    err <= 1e-5,
+                    "{cfg}: batch row {i} differs from the single image by {err}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn fixture_folders_open_with_their_parts() -> Result<()> {
     let sd2 = ModelFolder::open(&fixtures().join("sd2-tiny"))?;
     assert!(sd2.has_vae() && sd2.tokenizer_dir().is_none());

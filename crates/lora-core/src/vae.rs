@@ -1,6 +1,6 @@
 //! The KL autoencoder (diffusers' `AutoencoderKL`) that maps images to latents and back.
 //!
-//! Built from candle-transformers' public VAE blocks (`DownEncoderBlock2D`, `UNetMidBlock2D`,
+//! Built from candle-transformers' public VAE blocks (`DownEncoderBlock2D`, `ResnetBlock2D`,
 //! `UpDecoderBlock2D`) rather than its `AutoEncoderKL`, whose encoder output type hides the
 //! latent mean and can only sample with the device's global RNG; training needs the mean (and
 //! reproducible samples) explicitly.
@@ -13,10 +13,10 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
-    UpDecoderBlock2D, UpDecoderBlock2DConfig,
+    DownEncoderBlock2D, DownEncoderBlock2DConfig, UpDecoderBlock2D, UpDecoderBlock2DConfig,
 };
 
 use crate::config::VaeConfig;
@@ -33,6 +33,7 @@ pub struct Vae {
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     config: VaeConfig,
+    dtype: DType,
 }
 
 /// The encoder's diagonal Gaussian over latents (unscaled).
@@ -72,6 +73,7 @@ impl Vae {
             candle_nn::conv2d(channels, channels, 1, Conv2dConfig::default(), vb.pp(name))
         };
         Ok(Self {
+            dtype: vb.dtype(),
             encoder: Encoder::new(vb.pp("encoder"), &config)?,
             decoder: Decoder::new(vb.pp("decoder"), &config)?,
             quant_conv: config
@@ -140,6 +142,11 @@ impl Vae {
     pub fn config(&self) -> &VaeConfig {
         &self.config
     }
+
+    /// The dtype of the weights; inputs must be cast to it.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
 }
 
 fn conv3x3(in_channels: usize, out_channels: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
@@ -155,21 +162,98 @@ fn conv3x3(in_channels: usize, out_channels: usize, vb: VarBuilder) -> candle_co
     )
 }
 
-/// The single-head self-attention mid block both halves share.
-fn mid_block(
-    vb: VarBuilder,
+/// diffusers' VAE `UNetMidBlock2D`: resnet, single-head self-attention over all pixels, resnet.
+///
+/// Our own rather than candle-transformers': its attention block feeds non-contiguous
+/// single-head tensors to a batched matmul and decodes every image after the first of a batch
+/// wrongly (off by up to 0.47 on the tiny fixture; `vae_batches_equal_single_images`).
+struct MidBlock {
+    resnet_in: ResnetBlock2D,
+    attention: SelfAttention,
+    resnet_out: ResnetBlock2D,
+}
+
+impl MidBlock {
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> candle_core::Result<Self> {
+        let resnet = |i: usize| {
+            let config = ResnetBlock2DConfig {
+                out_channels: Some(channels),
+                temb_channels: None,
+                groups,
+                groups_out: None,
+                eps: NORM_EPS,
+                use_in_shortcut: None,
+                output_scale_factor: 1.0,
+            };
+            ResnetBlock2D::new(vb.pp(format!("resnets.{i}")), channels, config)
+        };
+        Ok(Self {
+            resnet_in: resnet(0)?,
+            attention: SelfAttention::new(vb.pp("attentions.0"), channels, groups)?,
+            resnet_out: resnet(1)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = self.resnet_in.forward(xs, None)?;
+        let xs = self.attention.forward(&xs)?;
+        self.resnet_out.forward(&xs, None)
+    }
+}
+
+/// One attention head spanning all channels, with a residual (diffusers `attention_head_dim =
+/// channels`). Accepts both diffusers weight spellings: `to_q/to_k/to_v/to_out.0` and the older
+/// `query/key/value/proj_attn`.
+struct SelfAttention {
+    norm: GroupNorm,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    out: Linear,
     channels: usize,
-    groups: usize,
-) -> candle_core::Result<UNetMidBlock2D> {
-    let config = UNetMidBlock2DConfig {
-        num_layers: 1,
-        resnet_eps: NORM_EPS,
-        resnet_groups: Some(groups),
-        // One head spanning all channels, as diffusers' `attention_head_dim = channels`.
-        attn_num_head_channels: None,
-        output_scale_factor: 1.0,
-    };
-    UNetMidBlock2D::new(vb, channels, None, config)
+}
+
+impl SelfAttention {
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> candle_core::Result<Self> {
+        let names = if vb.contains_tensor("to_q.weight") {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        } else {
+            ["query", "key", "value", "proj_attn"]
+        };
+        let linear = |name: &str| candle_nn::linear(channels, channels, vb.pp(name));
+        Ok(Self {
+            norm: candle_nn::group_norm(groups, channels, NORM_EPS, vb.pp("group_norm"))?,
+            query: linear(names[0])?,
+            key: linear(names[1])?,
+            value: linear(names[2])?,
+            out: linear(names[3])?,
+            channels,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let tokens = self
+            .norm
+            .forward(xs)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let dtype = tokens.dtype();
+        // Scores and softmax in f32, as diffusers upcasts the VAE attention.
+        let q = self.query.forward(&tokens)?.to_dtype(DType::F32)?;
+        let k = self.key.forward(&tokens)?.to_dtype(DType::F32)?;
+        let v = self.value.forward(&tokens)?.to_dtype(DType::F32)?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? / (self.channels as f64).sqrt())?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let attended = probs.matmul(&v)?.to_dtype(dtype)?;
+        let out = self
+            .out
+            .forward(&attended)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
+        out + xs
+    }
 }
 
 /// Group norm, SiLU, then the output convolution: the tail of both halves.
@@ -200,7 +284,7 @@ impl OutputHead {
 struct Encoder {
     conv_in: Conv2d,
     down_blocks: Vec<DownEncoderBlock2D>,
-    mid_block: UNetMidBlock2D,
+    mid_block: MidBlock,
     head: OutputHead,
 }
 
@@ -231,7 +315,7 @@ impl Encoder {
         Ok(Self {
             conv_in: conv3x3(c.in_channels, channels[0], vb.pp("conv_in"))?,
             down_blocks,
-            mid_block: mid_block(vb.pp("mid_block"), channels[last], c.norm_num_groups)?,
+            mid_block: MidBlock::new(vb.pp("mid_block"), channels[last], c.norm_num_groups)?,
             head: OutputHead::new(
                 &vb,
                 c.norm_num_groups,
@@ -246,14 +330,14 @@ impl Encoder {
         for block in &self.down_blocks {
             xs = block.forward(&xs)?;
         }
-        Ok(self.head.forward(&self.mid_block.forward(&xs, None)?)?)
+        Ok(self.head.forward(&self.mid_block.forward(&xs)?)?)
     }
 }
 
 /// Latents → image; the blocks mirror the encoder's, each with one extra resnet.
 struct Decoder {
     conv_in: Conv2d,
-    mid_block: UNetMidBlock2D,
+    mid_block: MidBlock,
     up_blocks: Vec<UpDecoderBlock2D>,
     head: OutputHead,
 }
@@ -282,16 +366,14 @@ impl Decoder {
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             conv_in: conv3x3(c.latent_channels, reversed[0], vb.pp("conv_in"))?,
-            mid_block: mid_block(vb.pp("mid_block"), reversed[0], c.norm_num_groups)?,
+            mid_block: MidBlock::new(vb.pp("mid_block"), reversed[0], c.norm_num_groups)?,
             up_blocks,
             head: OutputHead::new(&vb, c.norm_num_groups, reversed[last], c.out_channels)?,
         })
     }
 
     fn forward(&self, latents: &Tensor) -> Result<Tensor> {
-        let mut xs = self
-            .mid_block
-            .forward(&self.conv_in.forward(latents)?, None)?;
+        let mut xs = self.mid_block.forward(&self.conv_in.forward(latents)?)?;
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
