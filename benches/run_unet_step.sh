@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs each unet_step case with lora-toolkit (candle) and with diffusers + peft, one after the
+# other on the same machine, and prints one JSON line per run plus the time ratio.
+#   benches/run_unet_step.sh [PYTHON] [CASES...]
+# PYTHON: an interpreter with torch, diffusers and peft (default: python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${1:-python3}; shift || true
+cases=("$@"); [ ${#cases[@]} -gt 0 ] || cases=(train-tiny infer-tiny train-sd15-32 infer-sd15-64)
+cargo bench --bench unet_step --no-run >/dev/null 2>&1
+for case in "${cases[@]}"; do
+  ours=$(cargo bench -q --bench unet_step -- "$case")
+  theirs=$("$python" benches/unet_step_reference.py "$case")
+  echo "$ours"; echo "$theirs"
+  "$python" - "$ours" "$theirs" <<'PY'
+import json, sys
+o, t = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(f"{o['case']}: ours {o['mean_s']:.3f}s / reference {t['mean_s']:.3f}s = {o['mean_s']/t['mean_s']:.2f}x time; "
+      f"peak RSS {o['peak_rss_mib']:.0f} / {t['peak_rss_mib']:.0f} MiB")
+PY
+done

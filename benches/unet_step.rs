@@ -1,0 +1,197 @@
+//! UNet step benchmarks: one case per invocation, one JSON line per case on stdout.
+//!
+//!     cargo bench --bench unet_step -- <case> [--iters N]
+//!
+//! Cases (SD1.5 UNet architecture with random weights unless `tiny`; LoRA rank 4 on attn2):
+//! - `train-sd15-32`, `train-sd15-64`: forward + backward + AdamW, batch 1, latents 32×32 / 64×64
+//! - `infer-sd15-64`: classifier-free-guidance step (batch 2), latents 64×64, no gradients
+//! - `train-tiny`, `infer-tiny`: the same on the sd1-tiny fixture model (a quick check)
+//!
+//! `benches/unet_step_reference.py` measures the same cases with diffusers + peft (PyTorch);
+//! `benches/run_unet_step.sh` runs both side by side and prints the ratio.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Optimizer, VarBuilder};
+use lora_toolkit::core::config::UNetConfig;
+use lora_toolkit::core::weights::component_weights;
+use lora_toolkit::core::{Adapter, LoraConfig, LoraTargets, Rng, UNet2DConditionModel};
+
+/// Random weights for any requested tensor: U(-1/√fan_in, 1/√fan_in) for matrices and kernels,
+/// ones for norm scales, zeros for biases. Timing does not depend on the values, but they keep
+/// activations finite so no denormal or NaN slow paths are measured.
+struct RandomWeights {
+    seed: u64,
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let dims = s.dims();
+        let t = if dims.len() == 1 {
+            let is_norm_scale = name.ends_with("weight");
+            Tensor::full(if is_norm_scale { 1f32 } else { 0f32 }, s.clone(), dev)?
+        } else {
+            let fan_in: usize = dims[1..].iter().product();
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            // A per-tensor stream so results do not depend on load order.
+            let seed = name
+                .bytes()
+                .fold(self.seed, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+            Rng::new(seed)
+                .uniform_tensor(s.clone(), -bound, bound, dev)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+        };
+        t.to_dtype(dtype)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!(
+            "random weights need a shape for `{name}`"
+        )))
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+struct Case {
+    unet: UNet2DConditionModel,
+    latent: usize,
+    batch: usize,
+    train: bool,
+}
+
+fn load_case(name: &str, device: &Device) -> Result<Case> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let (unet, latent, batch, train) = match name {
+        "train-sd15-32" | "train-sd15-64" | "infer-sd15-64" => {
+            let config = UNetConfig::from_file(&root.join("benches/sd15_unet_config.json"))?;
+            let vb = VarBuilder::from_backend(
+                Box::new(RandomWeights { seed: 0 }),
+                DType::F32,
+                device.clone(),
+            );
+            let unet = UNet2DConditionModel::load(&config, &vb)?;
+            match name {
+                "train-sd15-32" => (unet, 32, 1, true),
+                "train-sd15-64" => (unet, 64, 1, true),
+                _ => (unet, 64, 2, false),
+            }
+        }
+        "train-tiny" | "infer-tiny" => {
+            let dir = root.join("tests/fixtures/sd1-tiny/unet");
+            let config = UNetConfig::from_file(&dir.join("config.json"))?;
+            let weights = component_weights(&dir, "diffusion_pytorch_model")?;
+            let unet = UNet2DConditionModel::from_files(&config, &[weights], DType::F32, device)?;
+            (
+                unet,
+                16,
+                if name == "train-tiny" { 1 } else { 2 },
+                name == "train-tiny",
+            )
+        }
+        _ => bail!("unknown case `{name}`"),
+    };
+    Ok(Case {
+        unet,
+        latent,
+        batch,
+        train,
+    })
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let case_name = args
+        .first()
+        .context("usage: unet_step <case> [--iters N]")?
+        .clone();
+    let iters: usize = match args.iter().position(|a| a == "--iters") {
+        Some(i) => args.get(i + 1).context("--iters needs a value")?.parse()?,
+        None => 3,
+    };
+    let device = Device::Cpu;
+    let mut case = load_case(&case_name, &device)?;
+    let cfg = case.unet.config().clone();
+    let mut rng = Rng::new(1);
+    let (b, s) = (case.batch, case.latent);
+    let sample = rng.normal_tensor((b, cfg.in_channels, s, s), &device)?;
+    let context = rng.normal_tensor((b, 77, cfg.cross_attention_dim), &device)?;
+    let timesteps = Tensor::from_vec(vec![500f32; b], b, &device)?;
+    let target = rng.normal_tensor((b, cfg.out_channels, s, s), &device)?;
+
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 4.0,
+        targets: LoraTargets::Attn2,
+        ..Default::default()
+    };
+    let trainable = Adapter::init_unet(&lora, case.unet.lora_modules(), &device, 0)?;
+    case.unet
+        .attach_adapter("bench", &trainable.adapter.unet, 1.0)?;
+    let vars: Vec<_> = trainable.vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = candle_nn::AdamW::new(
+        vars,
+        candle_nn::ParamsAdamW {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    )?;
+
+    let mut step = || -> Result<()> {
+        let out = case.unet.forward(&sample, &timesteps, &context)?;
+        if case.train {
+            let loss = (out - &target)?.sqr()?.mean_all()?;
+            opt.backward_step(&loss)?;
+        } else {
+            out.flatten_all()?.sum_all()?.to_scalar::<f32>()?;
+        }
+        Ok(())
+    };
+    step()?; // warm-up: first-touch allocations and lazily mapped weights
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        step()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let mut out = BTreeMap::new();
+    out.insert("case", serde_json::json!(case_name));
+    out.insert("impl", serde_json::json!("lora-toolkit (candle)"));
+    out.insert(
+        "device",
+        serde_json::json!(format!(
+            "cpu, {} threads",
+            candle_core::utils::get_num_threads()
+        )),
+    );
+    out.insert("iters", serde_json::json!(iters));
+    out.insert("mean_s", serde_json::json!(mean));
+    out.insert("min_s", serde_json::json!(min));
+    out.insert("peak_rss_mib", serde_json::json!(peak_rss_mib()));
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
