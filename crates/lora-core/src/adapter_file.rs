@@ -183,41 +183,27 @@ impl AdapterFile {
     /// all modules that match nothing or do not fit (with the expected shapes), and when nothing
     /// at all applies. The adapter's keys are the model's module paths.
     pub fn resolve(&self, model: &ModelModules) -> Result<Adapter> {
-        let kohya_names = match self.format {
-            AdapterFormat::Kohya => {
-                KohyaNames::new(model.unet, model.text_encoder.unwrap_or_default())?
-            }
-            AdapterFormat::Peft => KohyaNames::default(),
-        };
-        let mut adapter = Adapter::default();
-        let mut problems = Vec::new();
-        for raw in &self.modules {
-            if raw.component == Component::TextEncoder && model.text_encoder.is_none() {
-                continue;
-            }
-            let Some(info) = self.target_of(raw, model, &kohya_names) else {
-                problems.push(format!(
-                    "`{}`: no {} module has this name",
-                    raw.down_key, raw.component
-                ));
-                continue;
-            };
-            let lora = raw.lora();
-            if let Err(e) = lora.check_fits(info) {
-                problems.push(format!("`{}`: {e}", raw.down_key));
-                continue;
-            }
-            let target = match raw.component {
-                Component::Unet => &mut adapter.unet,
-                Component::TextEncoder => &mut adapter.text_encoder,
-            };
-            if target.insert(info.path.clone(), lora).is_some() {
-                problems.push(format!(
-                    "`{}`: module {} is given more than once",
-                    raw.down_key, info.path
-                ));
-            }
-        }
+        let (adapter, problems) = self.match_modules(model)?;
+        let problems: Vec<String> = problems.into_iter().map(|p| p.text).collect();
+        self.finish_resolution(adapter, &problems)
+    }
+
+    /// Like [`resolve`](Self::resolve), but modules that match no module of `model` are left out
+    /// and returned as messages (for callers that warn instead, e.g. `lora-merge
+    /// --allow-unmatched`). Modules that match but do not fit are still an error.
+    pub fn resolve_allowing_unmatched(
+        &self,
+        model: &ModelModules,
+    ) -> Result<(Adapter, Vec<String>)> {
+        let (adapter, problems) = self.match_modules(model)?;
+        let (unmatched, misfits): (Vec<Problem>, Vec<Problem>) =
+            problems.into_iter().partition(|p| p.unmatched);
+        let misfits: Vec<String> = misfits.into_iter().map(|p| p.text).collect();
+        let adapter = self.finish_resolution(adapter, &misfits)?;
+        Ok((adapter, unmatched.into_iter().map(|p| p.text).collect()))
+    }
+
+    fn finish_resolution(&self, adapter: Adapter, problems: &[String]) -> Result<Adapter> {
         if !problems.is_empty() {
             bail!(
                 "{}",
@@ -227,7 +213,7 @@ impl AdapterFile {
                         self.path.display(),
                         problems.len()
                     ),
-                    &problems
+                    problems
                 )
             );
         }
@@ -237,6 +223,53 @@ impl AdapterFile {
             self.path.display()
         );
         Ok(adapter)
+    }
+
+    /// The modules of the file that fit `model`, and a message for each that does not.
+    fn match_modules(&self, model: &ModelModules) -> Result<(Adapter, Vec<Problem>)> {
+        let kohya_names = match self.format {
+            AdapterFormat::Kohya => {
+                KohyaNames::new(model.unet, model.text_encoder.unwrap_or_default())?
+            }
+            AdapterFormat::Peft => KohyaNames::default(),
+        };
+        let mut adapter = Adapter::default();
+        let mut problems = Vec::new();
+        let misfit = |text: String| Problem {
+            unmatched: false,
+            text,
+        };
+        for raw in &self.modules {
+            if raw.component == Component::TextEncoder && model.text_encoder.is_none() {
+                continue;
+            }
+            let Some(info) = self.target_of(raw, model, &kohya_names) else {
+                problems.push(Problem {
+                    unmatched: true,
+                    text: format!(
+                        "`{}`: no {} module has this name",
+                        raw.down_key, raw.component
+                    ),
+                });
+                continue;
+            };
+            let lora = raw.lora();
+            if let Err(e) = lora.check_fits(info) {
+                problems.push(misfit(format!("`{}`: {e}", raw.down_key)));
+                continue;
+            }
+            let target = match raw.component {
+                Component::Unet => &mut adapter.unet,
+                Component::TextEncoder => &mut adapter.text_encoder,
+            };
+            if target.insert(info.path.clone(), lora).is_some() {
+                problems.push(misfit(format!(
+                    "`{}`: module {} is given more than once",
+                    raw.down_key, info.path
+                )));
+            }
+        }
+        Ok((adapter, problems))
     }
 
     /// The model module `raw` adapts: kohya names are matched against the flattened names of
@@ -254,6 +287,13 @@ impl AdapterFile {
             AdapterFormat::Peft => model.find(raw.component, &raw.name),
         }
     }
+}
+
+/// Why one module of a file does not resolve.
+struct Problem {
+    /// No module of the model has the name (as opposed to: it has, but the shapes differ).
+    unmatched: bool,
+    text: String,
 }
 
 /// "header:" followed by one indented line per item.

@@ -6,6 +6,7 @@ pub mod adapter_file;
 pub mod config;
 pub mod io;
 pub mod keys;
+pub mod ldm;
 pub mod lora;
 pub mod model;
 pub mod nn;

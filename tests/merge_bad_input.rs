@@ -1,0 +1,213 @@
+//! `lora-merge` on bad input: corrupt files, adapters for another model, unknown layouts, and
+//! outputs that would overwrite the input. Every failure leaves no output behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use common::fixtures;
+use lora_toolkit::merge::{inspect, merge, resize, AdapterSpec, MergeOptions};
+
+fn options(base: PathBuf, adapter: PathBuf, output: PathBuf) -> MergeOptions {
+    MergeOptions {
+        base,
+        adapters: vec![AdapterSpec {
+            path: adapter,
+            weight: 1.0,
+        }],
+        output,
+        dtype: None,
+        allow_unmatched: false,
+    }
+}
+
+fn merge_error(options: &MergeOptions) -> String {
+    let err = merge(options).expect_err("the merge must fail");
+    assert!(
+        !options.output.exists(),
+        "a failed merge left {}",
+        options.output.display()
+    );
+    format!("{err:#}")
+}
+
+fn empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).unwrap().next().is_none()
+}
+
+fn sd1() -> PathBuf {
+    fixtures().join("sd1-tiny")
+}
+
+#[test]
+fn corrupt_adapter_and_checkpoint_files_are_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bytes = std::fs::read(sd1().join("adapter_kohya.safetensors"))?;
+    let truncated = dir.path().join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2])?;
+    let msg = merge_error(&options(sd1(), truncated.clone(), dir.path().join("out")));
+    assert!(
+        msg.contains("truncated.safetensors") && msg.contains("not a valid safetensors"),
+        "{msg}"
+    );
+
+    let ldm = std::fs::read(fixtures().join("sd2-tiny/merge/model_ldm.safetensors"))?;
+    let broken = dir.path().join("broken_ldm.safetensors");
+    std::fs::write(&broken, &ldm[..ldm.len() - 100])?;
+    let adapter = fixtures().join("sd2-tiny/adapter_kohya.safetensors");
+    let out = dir.path().join("out.safetensors");
+    let msg = merge_error(&options(broken, adapter, out));
+    assert!(
+        msg.contains("broken_ldm.safetensors") && msg.contains("not a valid safetensors"),
+        "{msg}"
+    );
+    assert!(inspect(&truncated).is_err());
+    Ok(())
+}
+
+#[test]
+fn adapter_for_another_model_lists_what_does_not_fit() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("out");
+    // sd2-tiny's adapter: more layers per block (unmatched names) and other widths.
+    let msg = merge_error(&options(
+        sd1(),
+        fixtures().join("sd2-tiny/adapter_kohya.safetensors"),
+        out.clone(),
+    ));
+    assert!(
+        msg.contains("adapter modules do not fit the model"),
+        "{msg}"
+    );
+    assert!(msg.contains("no UNet module has this name"), "{msg}");
+    assert!(
+        msg.contains("do not fit the module (expected down [r, "),
+        "{msg}"
+    );
+    assert!(msg.contains("--allow-unmatched"), "{msg}");
+
+    // Shape mismatches stay errors with --allow-unmatched.
+    let mut lenient = options(
+        sd1(),
+        fixtures().join("sd2-tiny/adapter_kohya.safetensors"),
+        out,
+    );
+    lenient.allow_unmatched = true;
+    let msg = merge_error(&lenient);
+    assert!(
+        msg.contains("do not fit the module") && !msg.contains("has this name"),
+        "{msg}"
+    );
+    assert!(empty_dir(dir.path()));
+    Ok(())
+}
+
+#[test]
+fn allow_unmatched_skips_modules_with_unknown_names() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let adapter = dir.path().join("extra.safetensors");
+    let mut tensors = candle_core::safetensors::load(
+        sd1().join("adapter_kohya.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    let down = tensors["lora_unet_mid_block_attentions_0_proj_out.lora_down.weight"].clone();
+    let up = tensors["lora_unet_mid_block_attentions_0_proj_out.lora_up.weight"].clone();
+    tensors.insert(
+        "lora_unet_mid_block_attentions_7_proj_out.lora_down.weight".into(),
+        down,
+    );
+    tensors.insert(
+        "lora_unet_mid_block_attentions_7_proj_out.lora_up.weight".into(),
+        up,
+    );
+    candle_core::safetensors::save(&tensors, &adapter)?;
+
+    let out = dir.path().join("out");
+    let msg = merge_error(&options(sd1(), adapter.clone(), out.clone()));
+    assert!(
+        msg.contains("lora_unet_mid_block_attentions_7_proj_out.lora_down.weight"),
+        "{msg}"
+    );
+
+    let mut lenient = options(sd1(), adapter, out.clone());
+    lenient.allow_unmatched = true;
+    let report = merge(&lenient)?;
+    assert_eq!(report.unmatched.len(), 1);
+    assert!(report.unmatched[0].contains("attentions_7"));
+    assert_eq!(report.merged_modules[0].1, 96);
+    assert!(out
+        .join("unet/diffusion_pytorch_model.safetensors")
+        .is_file());
+    Ok(())
+}
+
+#[test]
+fn unknown_layouts_are_rejected() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let adapter = sd1().join("adapter_kohya.safetensors");
+    // A safetensors file that is no Stable Diffusion checkpoint (here: an adapter).
+    let msg = merge_error(&options(
+        adapter.clone(),
+        adapter.clone(),
+        dir.path().join("o.safetensors"),
+    ));
+    assert!(
+        msg.contains("unknown checkpoint layout") && msg.contains("not a single-file"),
+        "{msg}"
+    );
+    // A folder without the diffusers sub-folders.
+    let msg = merge_error(&options(
+        dir.path().to_path_buf(),
+        adapter.clone(),
+        dir.path().join("o"),
+    ));
+    assert!(
+        msg.contains("unknown model layout: no unet/ folder"),
+        "{msg}"
+    );
+    // A model file as the adapter.
+    let msg = merge_error(&options(
+        sd1(),
+        sd1().join("unet/diffusion_pytorch_model.safetensors"),
+        dir.path().join("o"),
+    ));
+    assert!(msg.contains("not a LoRA adapter"), "{msg}");
+    Ok(())
+}
+
+#[test]
+fn the_input_is_never_the_output() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ldm = dir.path().join("model.safetensors");
+    std::fs::copy(
+        fixtures().join("sd2-tiny/merge/model_ldm.safetensors"),
+        &ldm,
+    )?;
+    let before = std::fs::read(&ldm)?;
+    let adapter = fixtures().join("sd2-tiny/adapter_kohya.safetensors");
+    let err = merge(&options(ldm.clone(), adapter.clone(), ldm.clone())).unwrap_err();
+    assert!(
+        err.to_string().contains("is the base model itself"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&ldm)?, before);
+
+    let existing = dir.path().join("existing");
+    std::fs::create_dir(&existing)?;
+    let err = merge(&options(fixtures().join("sd2-tiny"), adapter, existing)).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn resize_rejects_bad_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = sd1().join("adapter_kohya.safetensors");
+    let out = dir.path().join("r.safetensors");
+    let err = resize(&adapter, None, None, &out).unwrap_err();
+    assert!(err.to_string().contains("needs --rank, --dynamic"), "{err}");
+    let err = resize(&adapter, Some(0), None, &out).unwrap_err();
+    assert!(err.to_string().contains("at least 1"), "{err}");
+    assert!(!out.exists());
+}
