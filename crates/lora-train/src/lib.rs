@@ -1,5 +1,39 @@
-//! lora-train library. Train a LoRA adapter on a folder of captioned images (issue #3: not implemented yet).
+//! lora-train: train a LoRA adapter for a Stable Diffusion UNet on a folder of captioned images.
 //!
-//! Built on [`lora_core`]; the `lora-train` binary is a thin front end over this crate.
+//! Modules, in the order a run uses them: [`config`] (options, from flags and TOML),
+//! [`dataset`] (finding and checking images and captions), [`cache`] (text embeddings and VAE
+//! latents computed once), [`schedule`] (noise and learning-rate schedules), [`optimizer`]
+//! (AdamW and gradient clipping), [`trainer`] (the loop), [`checkpoint`] (exact resume),
+//! [`metrics`] (JSON-lines log and summary) and [`sample`] (images during training, through
+//! lora-infer). The `lora-train` binary is a thin front end.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use lora_train::{TrainArgs, Trainer};
+//! let config = TrainArgs {
+//!     base: Some("runwayml/stable-diffusion-v1-5".into()),
+//!     data: Some("my-images".into()),
+//!     output: Some("my-lora.safetensors".into()),
+//!     ..Default::default()
+//! }
+//! .resolve()?;
+//! let mut trainer = Trainer::new(config, &mut |_| {})?;
+//! let report = trainer.step()?; // one optimizer step (what benches time)
+//! println!("loss {}", report.loss);
+//! # Ok(()) }
+//! ```
 
+pub mod cache;
+pub mod checkpoint;
+pub mod config;
+pub mod dataset;
+pub mod metrics;
+pub mod optimizer;
+pub mod sample;
+pub mod schedule;
+pub mod trainer;
+
+pub use config::{TrainArgs, TrainConfig};
 pub use lora_core;
+pub use metrics::{StepReport, TrainSummary};
+pub use trainer::{checkpoint_paths, train, Preparation, Trainer};

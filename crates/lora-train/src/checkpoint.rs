@@ -1,0 +1,124 @@
+//! Training checkpoints: everything a run needs to continue exactly where it stopped.
+//!
+//! One safetensors file (written atomically) holding, per adapter parameter, its value and both
+//! AdamW moments (`param.<name>`, `adam_m.<name>`, `adam_v.<name>`, all f32), and in the header
+//! the step, the optimizer's update count, the random generator's state, the recipe (the options
+//! that shape the trajectory) and a fingerprint of the dataset. Data order is a pure function of
+//! the seed and the sample index, so nothing else is needed for a bit-exact continuation on CPU.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use lora_core::io::{read_safetensors, write_safetensors_atomic};
+use serde_json::Value;
+
+use crate::optimizer::Moments;
+
+const FORMAT_KEY: &str = "lora_train.checkpoint";
+const FORMAT_VERSION: &str = "1";
+const STEP_KEY: &str = "lora_train.step";
+const OPTIMIZER_STEPS_KEY: &str = "lora_train.optimizer_steps";
+const RNG_KEY: &str = "lora_train.rng_state";
+const RECIPE_KEY: &str = "lora_train.recipe";
+const DATASET_KEY: &str = "lora_train.dataset";
+
+/// The state of a run after `step` optimizer steps.
+pub struct Checkpoint {
+    pub step: usize,
+    pub optimizer_steps: u64,
+    pub rng_state: u64,
+    /// Options that must match to continue (JSON object), see `Trainer`.
+    pub recipe: Value,
+    /// Dataset fingerprint (sample count and a hash of files, captions and repeats).
+    pub dataset: String,
+    /// Parameter name → (value, moments), in the optimizer's order.
+    pub params: Vec<(String, Tensor, Moments)>,
+}
+
+impl Checkpoint {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors = Vec::with_capacity(self.params.len() * 3);
+        for (name, value, moments) in &self.params {
+            tensors.push((format!("param.{name}"), value.clone()));
+            tensors.push((format!("adam_m.{name}"), moments.m.clone()));
+            tensors.push((format!("adam_v.{name}"), moments.v.clone()));
+        }
+        let metadata = BTreeMap::from([
+            (FORMAT_KEY.to_string(), FORMAT_VERSION.to_string()),
+            (STEP_KEY.to_string(), self.step.to_string()),
+            (
+                OPTIMIZER_STEPS_KEY.to_string(),
+                self.optimizer_steps.to_string(),
+            ),
+            (RNG_KEY.to_string(), self.rng_state.to_string()),
+            (RECIPE_KEY.to_string(), self.recipe.to_string()),
+            (DATASET_KEY.to_string(), self.dataset.clone()),
+        ]);
+        write_safetensors_atomic(path, &tensors, metadata)
+    }
+
+    /// Reads a checkpoint; `names` are the adapter's parameters in optimizer order, and every one
+    /// must be present (and nothing else).
+    pub fn load(path: &Path, names: &[String], device: &Device) -> Result<Self> {
+        let load = || -> Result<Self> {
+            let mut file = read_safetensors(path, device)?;
+            let meta = |key: &str| {
+                file.metadata.get(key).with_context(|| {
+                    format!("not a lora-train checkpoint: header key `{key}` missing")
+                })
+            };
+            ensure!(
+                meta(FORMAT_KEY)? == FORMAT_VERSION,
+                "checkpoint format `{}` is not the supported version {FORMAT_VERSION}",
+                meta(FORMAT_KEY)?
+            );
+            let number = |key: &str| -> Result<u64> {
+                let v = meta(key)?;
+                v.parse()
+                    .with_context(|| format!("header `{key}` = `{v}` is not an integer"))
+            };
+            let step = number(STEP_KEY)? as usize;
+            let optimizer_steps = number(OPTIMIZER_STEPS_KEY)?;
+            let rng_state = number(RNG_KEY)?;
+            let recipe = serde_json::from_str(meta(RECIPE_KEY)?)
+                .with_context(|| format!("header `{RECIPE_KEY}` is not JSON"))?;
+            let dataset = meta(DATASET_KEY)?.clone();
+            let expected = names.len() * 3;
+            let mut take = |key: String| {
+                file.tensors
+                    .remove(&key)
+                    .with_context(|| format!("tensor `{key}` missing (does the checkpoint belong to this adapter configuration?)"))
+            };
+            let params = names
+                .iter()
+                .map(|name| {
+                    Ok((
+                        name.clone(),
+                        take(format!("param.{name}"))?,
+                        Moments {
+                            m: take(format!("adam_m.{name}"))?,
+                            v: take(format!("adam_v.{name}"))?,
+                        },
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            ensure!(
+                file.tensors.is_empty(),
+                "{} tensors beyond the {expected} this adapter has, e.g. `{}`",
+                file.tensors.len(),
+                file.tensors.keys().next().expect("non-empty")
+            );
+            Ok(Self {
+                step,
+                optimizer_steps,
+                rng_state,
+                recipe,
+                dataset,
+                params,
+            })
+        };
+        load().with_context(|| format!("cannot resume from {}", path.display()))
+    }
+}

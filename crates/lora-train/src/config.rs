@@ -1,0 +1,672 @@
+//! Training options: one set of names for the command line and the TOML file.
+//!
+//! [`TrainArgs`] is what a user may give — every field optional — and is both the clap argument
+//! set and the TOML schema (`--config train.toml`, keys spelled as the flags: `batch-size = 2`).
+//! Flags override the file ([`TrainArgs::overlay`]); [`TrainArgs::resolve`] fills the usual
+//! defaults and checks every value, reporting all bad ones together.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lora_core::{AdapterFormat, LoraInit, LoraTargets};
+use serde::{Deserialize, Serialize};
+
+/// Learning-rate schedule after the linear warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum LrScheduler {
+    Constant,
+    /// Half a cosine from the peak to 0 at the last step.
+    Cosine,
+    /// Straight line from the peak to 0 at the last step.
+    Linear,
+}
+
+impl LrScheduler {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Constant => "constant",
+            Self::Cosine => "cosine",
+            Self::Linear => "linear",
+        }
+    }
+}
+
+impl FromStr for LrScheduler {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "constant" => Ok(Self::Constant),
+            "cosine" => Ok(Self::Cosine),
+            "linear" => Ok(Self::Linear),
+            _ => bail!("unknown LR scheduler `{s}`: expected constant, cosine or linear"),
+        }
+    }
+}
+
+/// dtype of the frozen base UNet. Adapters and optimizer state are f32 whatever this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Precision {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fp32 => "fp32",
+            Self::Fp16 => "fp16",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::Fp32 => candle_core::DType::F32,
+            Self::Fp16 => candle_core::DType::F16,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+impl FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fp32" | "f32" => Ok(Self::Fp32),
+            "fp16" | "f16" => Ok(Self::Fp16),
+            "bf16" => Ok(Self::Bf16),
+            _ => bail!("unknown precision `{s}`: expected fp32, fp16 or bf16"),
+        }
+    }
+}
+
+/// How an image is cut to the square training resolution after its short side is resized to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Crop {
+    /// The middle (kohya's default). Latents are then fixed per image and cached.
+    Center,
+    /// A fresh random window every time the image is drawn (diffusers' default). Latents cannot
+    /// be cached, so the VAE runs every step.
+    Random,
+}
+
+/// Where the run executes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => bail!("unknown device `{s}`: expected cpu, cuda or cuda:N"),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    pub fn open(self) -> Result<candle_core::Device> {
+        match self {
+            Self::Cpu => Ok(candle_core::Device::Cpu),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(n) => candle_core::Device::new_cuda(n)
+                .with_context(|| format!("cannot open CUDA device {n}")),
+            #[cfg(not(feature = "cuda"))]
+            Self::Cuda(_) => bail!(
+                "device `{self}` needs CUDA support: rebuild with `--features cuda` (this build is CPU-only)"
+            ),
+        }
+    }
+}
+
+/// Everything a user can set, from flags or the TOML file. `None` means "not given here".
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrainArgs {
+    /// Base model: a diffusers folder or a Hugging Face Hub id (owner/name)
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Folder of images with sidecar captions; kohya `N_token` sub-folders repeat N times
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// The adapter file to write (.safetensors)
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// LoRA rank [default: 4]
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha [default: the rank]
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Adapted layers: attn2, attn or attn-mlp [default: attn2]
+    #[arg(long)]
+    pub targets: Option<String>,
+    /// Initialisation of lora_down: kaiming-uniform or gaussian [default: kaiming-uniform]
+    #[arg(long)]
+    pub init: Option<String>,
+    /// Optimizer steps to train (each of batch-size × grad-accum samples) [default: 1000]
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<usize>,
+    /// Train for this many passes over the dataset (with repeats) instead of --steps
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Samples per micro-batch [default: 1]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches whose gradients are summed per optimizer step [default: 1]
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate [default: 1e-4]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// constant, cosine or linear [default: constant]
+    #[arg(long)]
+    pub lr_scheduler: Option<String>,
+    /// Steps of linear warm-up from 0 to --lr [default: 0]
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// AdamW decoupled weight decay [default: 0.01]
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Gradient-norm clipping threshold [default: 1.0]
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Square training resolution in pixels [default: 512]
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// Crop the centre of each image (the default)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", conflicts_with = "random_crop")]
+    pub center_crop: Option<bool>,
+    /// Crop a random window each time (disables latent caching)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub random_crop: Option<bool>,
+    /// Mirror images horizontally at random
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub flip: Option<bool>,
+    /// Aspect-ratio buckets: each image trains at the bucket (about resolution² pixels, sides
+    /// multiples of the model's granularity) nearest its shape; a batch never mixes buckets
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub buckets: Option<bool>,
+    /// Caption file extension [default: .txt]
+    #[arg(long)]
+    pub caption_ext: Option<String>,
+    /// Probability of training a sample with the empty caption [default: 0]
+    #[arg(long)]
+    pub caption_dropout: Option<f64>,
+    /// Seed of every random choice (init, data order, noise, timesteps) [default: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Min-SNR-γ loss weighting (5 is usual) [default: off]
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
+    /// Noise offset added per sample and channel [default: 0]
+    #[arg(long)]
+    pub noise_offset: Option<f64>,
+    /// dtype of the frozen base UNet: fp32, fp16 or bf16 [default: fp32]
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// cpu, cuda or cuda:N [default: cpu]
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Write a checkpoint (and an adapter) every N steps
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Continue from a checkpoint written by --save-every
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Adapter file layout: kohya or peft [default: kohya]
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Per-step metrics as JSON lines [default: <output>.metrics.jsonl]
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
+    /// Skip unreadable images and images without a caption instead of refusing to start
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub skip_bad: Option<bool>,
+    /// Write sample images (lora-infer's pipeline, DDIM, guidance 7.5) every N steps
+    #[arg(long)]
+    pub sample_every: Option<usize>,
+    /// Prompt of the sample images (repeat the flag for several; a list in TOML)
+    #[arg(long)]
+    pub sample_prompt: Option<Vec<String>>,
+    /// Denoising steps per sample image [default: 20]
+    #[arg(long)]
+    pub sample_steps: Option<usize>,
+}
+
+/// A checked, complete set of training options.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainConfig {
+    pub base: String,
+    pub data: PathBuf,
+    pub output: PathBuf,
+    pub rank: usize,
+    pub alpha: f64,
+    #[serde(serialize_with = "as_display")]
+    pub targets: LoraTargets,
+    #[serde(serialize_with = "as_debug")]
+    pub init: LoraInit,
+    pub length: TrainLength,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub lr_scheduler: LrScheduler,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub resolution: usize,
+    pub crop: Crop,
+    pub flip: bool,
+    pub buckets: bool,
+    pub caption_ext: String,
+    pub caption_dropout: f64,
+    pub seed: u64,
+    pub min_snr_gamma: Option<f64>,
+    pub noise_offset: f64,
+    pub precision: Precision,
+    pub device: DeviceSpec,
+    pub save_every: Option<usize>,
+    pub resume: Option<PathBuf>,
+    #[serde(serialize_with = "as_display")]
+    pub format: AdapterFormat,
+    pub metrics: PathBuf,
+    pub skip_bad: bool,
+    pub sample: Option<SampleConfig>,
+}
+
+/// `--sample-every`: images written during training.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SampleConfig {
+    pub every: usize,
+    pub prompts: Vec<String>,
+    pub steps: usize,
+}
+
+/// How long to train; epochs become steps once the dataset size is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum TrainLength {
+    Steps(usize),
+    Epochs(usize),
+}
+
+fn as_display<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn as_debug<T: fmt::Debug, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{v:?}"))
+}
+
+impl TrainArgs {
+    /// Reads a TOML file of the same keys as the flags; unknown keys are errors.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// `self` with every value given in `over` replacing its own (flags over file).
+    pub fn overlay(self, over: TrainArgs) -> TrainArgs {
+        macro_rules! pick {
+            ($($f:ident),*) => { TrainArgs { $($f: over.$f.or(self.$f)),* } };
+        }
+        pick!(
+            base,
+            data,
+            output,
+            rank,
+            alpha,
+            targets,
+            init,
+            steps,
+            epochs,
+            batch_size,
+            grad_accum,
+            lr,
+            lr_scheduler,
+            warmup_steps,
+            weight_decay,
+            max_grad_norm,
+            resolution,
+            center_crop,
+            random_crop,
+            flip,
+            buckets,
+            caption_ext,
+            caption_dropout,
+            seed,
+            min_snr_gamma,
+            noise_offset,
+            precision,
+            device,
+            save_every,
+            resume,
+            format,
+            metrics,
+            skip_bad,
+            sample_every,
+            sample_prompt,
+            sample_steps
+        )
+    }
+
+    /// Fills defaults and validates; every problem is listed in one error.
+    pub fn resolve(self) -> Result<TrainConfig> {
+        let mut problems: Vec<String> = Vec::new();
+        for (name, given) in [
+            ("base", self.base.is_some()),
+            ("data", self.data.is_some()),
+            ("output", self.output.is_some()),
+        ] {
+            if !given {
+                problems.push(format!("--{name} is required"));
+            }
+        }
+        let (base, data, output) = (self.base, self.data, self.output);
+
+        let or = |value: Option<String>, default: &str| value.unwrap_or_else(|| default.into());
+        let targets_s = or(self.targets, "attn2");
+        let init_s = or(self.init, "kaiming-uniform");
+        let sched_s = or(self.lr_scheduler, "constant");
+        let precision_s = or(self.precision, "fp32");
+        let device_s = or(self.device, "cpu");
+        let format_s = or(self.format, "kohya");
+
+        let mut parsed = |name: &str, what: Result<()>| {
+            if let Err(e) = what {
+                problems.push(format!("--{name}: {e}"));
+            }
+        };
+        let mut targets = LoraTargets::Attn2;
+        parsed("targets", targets_s.parse().map(|v| targets = v));
+        let mut init = LoraInit::KaimingUniform;
+        parsed("init", init_s.parse().map(|v| init = v));
+        let mut lr_scheduler = LrScheduler::Constant;
+        parsed("lr-scheduler", sched_s.parse().map(|v| lr_scheduler = v));
+        let mut precision = Precision::Fp32;
+        parsed("precision", precision_s.parse().map(|v| precision = v));
+        let mut device = DeviceSpec::Cpu;
+        parsed("device", device_s.parse().map(|v| device = v));
+        let mut format = AdapterFormat::Kohya;
+        parsed("format", format_s.parse().map(|v| format = v));
+
+        let mut check = |ok: bool, message: String| {
+            if !ok {
+                problems.push(message);
+            }
+        };
+        let rank = self.rank.unwrap_or(4);
+        check(rank >= 1, format!("--rank = {rank}: expected at least 1"));
+        let alpha = self.alpha.unwrap_or(rank as f64);
+        check(
+            alpha.is_finite() && alpha > 0.0,
+            format!("--alpha = {alpha}: expected a positive number"),
+        );
+        let length = match (self.steps, self.epochs) {
+            (Some(_), Some(_)) => {
+                check(false, "give --steps or --epochs, not both".into());
+                TrainLength::Steps(0)
+            }
+            (_, Some(e)) => TrainLength::Epochs(e),
+            (s, None) => TrainLength::Steps(s.unwrap_or(1000)),
+        };
+        let n = match length {
+            TrainLength::Steps(n) | TrainLength::Epochs(n) => n,
+        };
+        check(n >= 1, "--steps / --epochs: expected at least 1".into());
+        let batch_size = self.batch_size.unwrap_or(1);
+        check(
+            batch_size >= 1,
+            format!("--batch-size = {batch_size}: expected at least 1"),
+        );
+        let grad_accum = self.grad_accum.unwrap_or(1);
+        check(
+            grad_accum >= 1,
+            format!("--grad-accum = {grad_accum}: expected at least 1"),
+        );
+        let lr = self.lr.unwrap_or(1e-4);
+        check(
+            lr.is_finite() && lr > 0.0,
+            format!("--lr = {lr}: expected a positive number"),
+        );
+        let warmup_steps = self.warmup_steps.unwrap_or(0);
+        if let TrainLength::Steps(steps) = length {
+            check(
+                warmup_steps < steps.max(1),
+                format!("--warmup-steps = {warmup_steps}: expected fewer than --steps = {steps}"),
+            );
+        }
+        let weight_decay = self.weight_decay.unwrap_or(1e-2);
+        check(
+            weight_decay.is_finite() && weight_decay >= 0.0,
+            format!("--weight-decay = {weight_decay}: expected a number ≥ 0"),
+        );
+        let max_grad_norm = self.max_grad_norm.unwrap_or(1.0);
+        check(
+            max_grad_norm.is_finite() && max_grad_norm > 0.0,
+            format!("--max-grad-norm = {max_grad_norm}: expected a positive number"),
+        );
+        let resolution = self.resolution.unwrap_or(512);
+        check(
+            (8..=8192).contains(&resolution),
+            format!("--resolution = {resolution}: expected 8 to 8192 pixels"),
+        );
+        let random = self.random_crop.unwrap_or(false);
+        check(
+            !(random && self.center_crop == Some(true)),
+            "give --center-crop or --random-crop, not both".into(),
+        );
+        let crop = if random { Crop::Random } else { Crop::Center };
+        let caption_ext = self.caption_ext.unwrap_or_else(|| ".txt".into());
+        check(
+            caption_ext.starts_with('.') && caption_ext.len() > 1 && !caption_ext.contains('/'),
+            format!("--caption-ext = `{caption_ext}`: expected an extension such as .txt"),
+        );
+        let caption_dropout = self.caption_dropout.unwrap_or(0.0);
+        check(
+            (0.0..=1.0).contains(&caption_dropout),
+            format!("--caption-dropout = {caption_dropout}: expected a probability in [0, 1]"),
+        );
+        if let Some(g) = self.min_snr_gamma {
+            check(
+                g.is_finite() && g > 0.0,
+                format!("--min-snr-gamma = {g}: expected a positive number"),
+            );
+        }
+        let noise_offset = self.noise_offset.unwrap_or(0.0);
+        check(
+            noise_offset.is_finite() && noise_offset >= 0.0,
+            format!("--noise-offset = {noise_offset}: expected a number ≥ 0"),
+        );
+        if let Some(every) = self.save_every {
+            check(
+                every >= 1,
+                format!("--save-every = {every}: expected at least 1"),
+            );
+        }
+        // candle's CPU backend has no bf16 matmul; falling back silently would change both
+        // numerics and memory from what was asked, so refuse instead.
+        check(
+            !(precision == Precision::Bf16 && device == DeviceSpec::Cpu),
+            "--precision bf16 needs a CUDA device (candle's CPU backend has no bf16 matmul): use fp32 or fp16 on CPU"
+                .into(),
+        );
+        if let Some(output) = &output {
+            check(
+                output.extension().is_some_and(|e| e == "safetensors"),
+                format!(
+                    "--output {}: expected a .safetensors file name",
+                    output.display()
+                ),
+            );
+        }
+        let sample_steps = self.sample_steps.unwrap_or(20);
+        check(
+            sample_steps >= 1,
+            format!("--sample-steps = {sample_steps}: expected at least 1"),
+        );
+        let prompts = self.sample_prompt.unwrap_or_default();
+        let sample = match self.sample_every {
+            Some(every) => {
+                check(
+                    every >= 1 && !prompts.is_empty(),
+                    format!("--sample-every = {every}: expected at least 1, with at least one --sample-prompt"),
+                );
+                Some(SampleConfig {
+                    every,
+                    prompts,
+                    steps: sample_steps,
+                })
+            }
+            None => {
+                check(
+                    prompts.is_empty(),
+                    "--sample-prompt given without --sample-every".into(),
+                );
+                None
+            }
+        };
+        if !problems.is_empty() {
+            bail!("invalid training options:\n  {}", problems.join("\n  "));
+        }
+        let output = output.expect("checked above");
+        let metrics = self
+            .metrics
+            .unwrap_or_else(|| append_to_name(&output, ".metrics.jsonl"));
+        Ok(TrainConfig {
+            base: base.expect("checked above"),
+            data: data.expect("checked above"),
+            output,
+            rank,
+            alpha,
+            targets,
+            init,
+            length,
+            batch_size,
+            grad_accum,
+            lr,
+            lr_scheduler,
+            warmup_steps,
+            weight_decay,
+            max_grad_norm,
+            resolution,
+            crop,
+            flip: self.flip.unwrap_or(false),
+            buckets: self.buckets.unwrap_or(false),
+            caption_ext,
+            caption_dropout,
+            seed: self.seed.unwrap_or(0),
+            min_snr_gamma: self.min_snr_gamma,
+            noise_offset,
+            precision,
+            device,
+            save_every: self.save_every,
+            resume: self.resume,
+            format,
+            metrics,
+            skip_bad: self.skip_bad.unwrap_or(false),
+            sample,
+        })
+    }
+}
+
+/// `dir/name.safetensors` + `suffix` → `dir/name.safetensors<suffix>`.
+pub(crate) fn append_to_name(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> TrainArgs {
+        TrainArgs {
+            base: Some("m".into()),
+            data: Some("d".into()),
+            output: Some("o.safetensors".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_usual_ones() {
+        let c = minimal().resolve().unwrap();
+        assert_eq!((c.rank, c.alpha, c.lr), (4, 4.0, 1e-4));
+        assert_eq!(c.targets, LoraTargets::Attn2);
+        assert_eq!(c.length, TrainLength::Steps(1000));
+        assert_eq!((c.weight_decay, c.max_grad_norm), (1e-2, 1.0));
+        assert_eq!(c.format, AdapterFormat::Kohya);
+        assert_eq!(c.metrics, PathBuf::from("o.safetensors.metrics.jsonl"));
+        assert_eq!(c.crop, Crop::Center);
+    }
+
+    #[test]
+    fn flags_override_the_file_and_unknown_keys_are_errors() {
+        let file: TrainArgs = toml::from_str("rank = 8\nlr = 0.001\nbatch-size = 2\n").unwrap();
+        let flags = TrainArgs {
+            rank: Some(16),
+            ..minimal()
+        };
+        let c = file.overlay(flags).resolve().unwrap();
+        assert_eq!((c.rank, c.lr, c.batch_size), (16, 1e-3, 2));
+        let err = toml::from_str::<TrainArgs>("rnak = 8\n").unwrap_err();
+        assert!(err.to_string().contains("rnak"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_reported_together() {
+        let args = TrainArgs {
+            rank: Some(0),
+            lr: Some(-1.0),
+            caption_dropout: Some(2.0),
+            targets: Some("everything".into()),
+            device: Some("tpu".into()),
+            output: Some("o.bin".into()),
+            ..minimal()
+        };
+        let msg = format!("{:#}", args.resolve().unwrap_err());
+        for needle in [
+            "--rank = 0",
+            "--lr = -1",
+            "--caption-dropout = 2",
+            "--targets",
+            "--device",
+            "o.bin",
+        ] {
+            assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
+        }
+    }
+
+    #[test]
+    fn bf16_on_cpu_is_refused_and_devices_parse() {
+        let args = TrainArgs {
+            precision: Some("bf16".into()),
+            ..minimal()
+        };
+        assert!(format!("{:#}", args.resolve().unwrap_err()).contains("bf16"));
+        assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+    }
+}

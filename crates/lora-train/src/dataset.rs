@@ -1,0 +1,374 @@
+//! The training images: finding them, checking every one before training starts, and turning an
+//! image into the square `[-1, 1]` tensor the encoders take.
+//!
+//! Layout (kohya's, which plain folders are a special case of):
+//! ```text
+//! data/
+//!   cat.png  cat.txt          repeated once, caption from cat.txt (required)
+//!   10_sks dog/               repeated 10 times; "sks dog" is the caption of images without one
+//!     a.jpg  a.txt  b.webp
+//! ```
+//! Hidden files are ignored. A sub-folder whose name does not start with `<N>_` is ignored with a
+//! warning, as kohya does ("ignore directory without repeats").
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageReader};
+use lora_core::Rng;
+
+use crate::config::Crop;
+
+/// File extensions read as images (lower-case).
+pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+
+/// One training image and its caption.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetItem {
+    pub image: PathBuf,
+    pub caption: String,
+    /// How many times an epoch shows it (the `N` of a kohya `N_token` folder, else 1).
+    pub repeats: usize,
+    /// Pixel size of the image file, `(width, height)`.
+    pub size: (usize, usize),
+}
+
+/// A file that cannot be trained on, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadFile {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl fmt::Display for BadFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.reason)
+    }
+}
+
+/// The checked dataset.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub items: Vec<DatasetItem>,
+    /// Files left out under `--skip-bad` (empty otherwise: bad files are an error).
+    pub skipped: Vec<BadFile>,
+    /// Non-fatal remarks (ignored folders), for the user.
+    pub warnings: Vec<String>,
+}
+
+impl Dataset {
+    /// Finds and checks every file under `dir`. Each image is decoded in full, so a truncated or
+    /// mislabelled file is caught here rather than mid-training. All problems are reported in one
+    /// error unless `skip_bad`, in which case the bad files are left out and listed in `skipped`.
+    /// An empty result is always an error.
+    pub fn scan(dir: &Path, caption_ext: &str, skip_bad: bool) -> Result<Self> {
+        ensure!(
+            dir.is_dir(),
+            "dataset folder {} does not exist or is not a folder",
+            dir.display()
+        );
+        let mut warnings = Vec::new();
+        let mut groups = vec![(dir.to_path_buf(), 1usize, None::<String>)];
+        for entry in sorted_entries(dir)? {
+            if !entry.is_dir() {
+                continue;
+            }
+            let name = entry.file_name().unwrap_or_default().to_string_lossy();
+            match parse_repeat_folder(&name) {
+                Some((repeats, words)) => groups.push((entry.clone(), repeats, Some(words))),
+                None => warnings.push(format!(
+                    "ignoring folder {}: not named <repeats>_<caption words> (e.g. `10_sks dog`)",
+                    entry.display()
+                )),
+            }
+        }
+
+        let mut items = Vec::new();
+        let mut bad = Vec::new();
+        for (folder, repeats, fallback) in groups {
+            let entries = sorted_entries(&folder)?;
+            let names: BTreeSet<PathBuf> = entries.iter().cloned().collect();
+            for path in entries.into_iter().filter(|p| !p.is_dir()) {
+                let is_caption = path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().ends_with(caption_ext));
+                if is_caption {
+                    continue;
+                }
+                if !has_image_extension(&path) {
+                    bad.push(BadFile {
+                        path,
+                        reason: format!(
+                            "not an image (expected .png, .jpg, .jpeg or .webp) nor a `{caption_ext}` caption"
+                        ),
+                    });
+                    continue;
+                }
+                let size = match load_image(&path) {
+                    Ok(img) => (img.width() as usize, img.height() as usize),
+                    Err(e) => {
+                        bad.push(BadFile {
+                            path,
+                            reason: format!("{e:#}"),
+                        });
+                        continue;
+                    }
+                };
+                let caption_path = caption_path(&path, caption_ext);
+                let caption = if names.contains(&caption_path) {
+                    match read_caption(&caption_path) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            bad.push(BadFile {
+                                path: caption_path,
+                                reason: format!("{e:#}"),
+                            });
+                            continue;
+                        }
+                    }
+                } else if let Some(words) = &fallback {
+                    words.clone()
+                } else {
+                    bad.push(BadFile {
+                        reason: format!(
+                            "no caption: expected {} (or put the image in a kohya `N_caption words` folder)",
+                            caption_path.display()
+                        ),
+                        path,
+                    });
+                    continue;
+                };
+                items.push(DatasetItem {
+                    image: path,
+                    caption,
+                    repeats,
+                    size,
+                });
+            }
+        }
+        if !bad.is_empty() && !skip_bad {
+            bail!(
+                "{} bad file(s) in dataset {} (fix them, or pass --skip-bad to leave them out):\n  {}",
+                bad.len(),
+                dir.display(),
+                bad.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  ")
+            );
+        }
+        ensure!(
+            !items.is_empty(),
+            "dataset {} has no usable images{}",
+            dir.display(),
+            if bad.is_empty() {
+                " (expected .png, .jpg, .jpeg or .webp files with captions)".to_string()
+            } else {
+                format!(", all {} candidates were bad", bad.len())
+            }
+        );
+        Ok(Self {
+            items,
+            skipped: bad,
+            warnings,
+        })
+    }
+
+    /// Samples per epoch: every image times its repeats.
+    pub fn samples_per_epoch(&self) -> usize {
+        self.items.iter().map(|i| i.repeats).sum()
+    }
+
+    /// Item index of each sample of an epoch, in folder order (shuffled per epoch by the loop).
+    pub fn epoch_samples(&self) -> Vec<usize> {
+        self.items
+            .iter()
+            .enumerate()
+            .flat_map(|(i, item)| std::iter::repeat_n(i, item.repeats))
+            .collect()
+    }
+}
+
+/// `10_sks dog` → (10, "sks dog").
+fn parse_repeat_folder(name: &str) -> Option<(usize, String)> {
+    let (n, words) = name.split_once('_')?;
+    let n: usize = n.parse().ok()?;
+    (n > 0).then(|| (n, words.trim().to_string()))
+}
+
+/// Visible entries of `dir`, sorted by name so scanning is deterministic.
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        if !entry.file_name().to_string_lossy().starts_with('.') {
+            paths.push(entry.path());
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
+}
+
+/// `dir/a.png` → `dir/a<ext>`.
+fn caption_path(image: &Path, caption_ext: &str) -> PathBuf {
+    let stem = image.file_stem().unwrap_or_default().to_string_lossy();
+    image.with_file_name(format!("{stem}{caption_ext}"))
+}
+
+/// The caption file's text, lines joined by spaces and trimmed.
+fn read_caption(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).context("cannot read caption")?;
+    let text = String::from_utf8(bytes).context("caption is not UTF-8 text")?;
+    Ok(text.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// Decodes an image, trusting its content over its extension.
+pub fn load_image(path: &Path) -> Result<DynamicImage> {
+    ImageReader::open(path)
+        .context("cannot open")?
+        .with_guessed_format()
+        .context("cannot read")?
+        .decode()
+        .context("cannot decode as an image")
+}
+
+/// The aspect-ratio bucket of a `width`×`height` image: the `(w, h)`, both multiples of `step`,
+/// with `w·h ≤ resolution²` and neither side over twice the resolution, whose aspect ratio is
+/// closest to the image's (ties: the larger area). As kohya's buckets, at constant area.
+pub fn bucket_size(width: usize, height: usize, resolution: usize, step: usize) -> (usize, usize) {
+    let target = (width as f64 / height as f64).ln();
+    let area = resolution * resolution;
+    let mut best = (resolution, resolution);
+    let mut best_key = (f64::INFINITY, 0);
+    let mut w = step;
+    while w <= 2 * resolution {
+        let h = (area / w / step * step).min(2 * resolution);
+        if h >= step {
+            let key = (((w as f64 / h as f64).ln() - target).abs(), w * h);
+            if key.0 < best_key.0 - 1e-12
+                || ((key.0 - best_key.0).abs() <= 1e-12 && key.1 > best_key.1)
+            {
+                best = (w, h);
+                best_key = key;
+            }
+        }
+        w += step;
+    }
+    best
+}
+
+/// Resizes (Lanczos) so the image covers `size` = `(width, height)`, cuts that window (centre or
+/// drawn from `rng`), optionally mirrors, and returns `[channels, height, width]` f32 in
+/// [-1, 1]: RGB for 3 channels, RGBA (opaque where the image has no alpha) for 4.
+pub fn image_to_tensor(
+    image: &DynamicImage,
+    size: (usize, usize),
+    crop: Crop,
+    flip: bool,
+    channels: usize,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Tensor> {
+    ensure!(
+        channels == 3 || channels == 4,
+        "images become 3 (RGB) or 4 (RGBA) channels; the model wants {channels}"
+    );
+    let (tw, th) = size;
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let scale = (tw as f64 / w as f64).max(th as f64 / h as f64);
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as usize).max(tw),
+        ((h as f64 * scale).round() as usize).max(th),
+    );
+    let resized = if (nw, nh) == (w, h) {
+        image.clone()
+    } else {
+        image.resize_exact(nw as u32, nh as u32, FilterType::Lanczos3)
+    };
+    let (x0, y0) = match crop {
+        Crop::Center => ((nw - tw) / 2, (nh - th) / 2),
+        Crop::Random => (
+            rng.below((nw - tw + 1) as u64) as usize,
+            rng.below((nh - th + 1) as u64) as usize,
+        ),
+    };
+    let mut window = resized.crop_imm(x0 as u32, y0 as u32, tw as u32, th as u32);
+    if flip {
+        window = window.fliph();
+    }
+    let rgba = window.to_rgba8();
+    let plane = tw * th;
+    let mut values = vec![0f32; channels * plane];
+    for (i, pixel) in rgba.pixels().enumerate() {
+        for c in 0..channels {
+            values[c * plane + i] = pixel.0[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Ok(Tensor::from_vec(values, (channels, th, tw), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeat_folders_parse_like_kohya() {
+        assert_eq!(
+            parse_repeat_folder("10_sks dog"),
+            Some((10, "sks dog".into()))
+        );
+        assert_eq!(parse_repeat_folder("3_a_b"), Some((3, "a_b".into())));
+        assert_eq!(parse_repeat_folder("dogs"), None);
+        assert_eq!(parse_repeat_folder("0_x"), None);
+    }
+
+    #[test]
+    fn buckets_keep_the_area_and_follow_the_aspect_ratio() {
+        assert_eq!(bucket_size(100, 100, 512, 64), (512, 512));
+        let (w, h) = bucket_size(1600, 900, 512, 64);
+        assert!(
+            w > h && w * h <= 512 * 512 && w % 64 == 0 && h % 64 == 0,
+            "{w}x{h}"
+        );
+        let (w2, h2) = bucket_size(900, 1600, 512, 64);
+        assert!(h2 > w2 && w2 * h2 <= 512 * 512, "{w2}x{h2}");
+        assert_eq!(bucket_size(64, 32, 32, 8), (40, 24));
+    }
+
+    #[test]
+    fn image_tensor_is_cropped_scaled_and_flipped() {
+        // 4×2 image: left half black, right half white.
+        let mut img = image::RgbImage::new(4, 2);
+        for x in 2..4 {
+            for y in 0..2 {
+                img.put_pixel(x, y, image::Rgb([255, 255, 255]));
+            }
+        }
+        let img = DynamicImage::ImageRgb8(img);
+        let mut rng = Rng::new(0);
+        let t =
+            image_to_tensor(&img, (2, 2), Crop::Center, false, 3, &mut rng, &Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[3, 2, 2]);
+        let row = t.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(row, vec![-1.0, 1.0]);
+        let t =
+            image_to_tensor(&img, (2, 2), Crop::Center, true, 4, &mut rng, &Device::Cpu).unwrap();
+        let row = t.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(row, vec![1.0, -1.0]);
+        let alpha = t
+            .get(3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(alpha.iter().all(|&a| a == 1.0));
+    }
+}

@@ -1,0 +1,97 @@
+//! Per-step metrics as JSON lines, and the end-of-run summary.
+//!
+//! The metrics file is a log, appended and flushed line by line (not written atomically): after
+//! a crash or a NaN stop it shows what happened up to that point. A resumed run keeps the lines up
+//! to its checkpoint's step (dropping those of steps it is about to redo) and appends.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepReport {
+    /// 1-based: the number of optimizer steps done after this one.
+    pub step: usize,
+    /// Mean (min-SNR-weighted) MSE over the step's micro-batches.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Wall time of the step.
+    pub seconds: f64,
+}
+
+pub struct MetricsLog {
+    path: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl MetricsLog {
+    /// A fresh log (an existing file is replaced).
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = File::create(path)
+            .with_context(|| format!("cannot create metrics file {}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+        })
+    }
+
+    /// The existing log (if any) cut after `step`, continued.
+    pub fn resume(path: &Path, step: usize) -> Result<Self> {
+        let kept: Vec<String> = match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .lines()
+                .filter(|line| {
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= step)
+                })
+                .map(str::to_owned)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut log = Self::create(path)?;
+        for line in kept {
+            writeln!(log.out, "{line}")
+                .with_context(|| format!("cannot write metrics to {}", path.display()))?;
+        }
+        Ok(log)
+    }
+
+    pub fn write(&mut self, report: &StepReport) -> Result<()> {
+        let line = serde_json::to_string(report)?;
+        writeln!(self.out, "{line}")
+            .and_then(|()| self.out.flush())
+            .with_context(|| format!("cannot write metrics to {}", self.path.display()))
+    }
+}
+
+/// The end-of-run numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainSummary {
+    /// Steps this invocation ran (after a resume: not counting the steps before it).
+    pub steps_run: usize,
+    /// The step count reached.
+    pub final_step: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub mean_step_seconds: f64,
+    pub images_per_second: f64,
+    /// Peak resident memory of the process (Linux's VmHWM); GPU memory is not measured.
+    pub peak_rss_bytes: Option<u64>,
+    pub output: PathBuf,
+}
+
+/// The process's peak resident set size, where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
