@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use lora_core::config::{PredictionType, SchedulerConfig, TimestepSpacing};
-use lora_infer::scheduler::{DpmSolverPlusPlus2M, Euler, EulerAncestral, SchedulerKind};
+use lora_infer::scheduler::{DpmSolverPlusPlus2M, Euler, SchedulerKind};
 
 fn fixture() -> Result<HashMap<String, Tensor>> {
     let path = common::fixtures().join("sd1-tiny/infer/schedulers.safetensors");
@@ -72,7 +72,7 @@ fn schedulers_match_diffusers_step_for_step() -> Result<()> {
                     let ours = match kind {
                         SchedulerKind::Euler => Euler::new(&config, steps).sigmas().to_vec(),
                         SchedulerKind::EulerAncestral => {
-                            EulerAncestral::new(&config, steps).sigmas().to_vec()
+                            Euler::ancestral(&config, steps).sigmas().to_vec()
                         }
                         SchedulerKind::DpmPlusPlus2M => {
                             DpmSolverPlusPlus2M::new(&config, steps).sigmas().to_vec()

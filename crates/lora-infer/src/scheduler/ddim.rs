@@ -41,14 +41,6 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
         let t = self.timesteps[step] as usize;
         noise_to_alpha_prod(original, noise, self.alphas_cumprod[t])

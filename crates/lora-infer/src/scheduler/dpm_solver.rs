@@ -75,14 +75,6 @@ impl Scheduler for DpmSolverPlusPlus2M {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
         let (alpha, sigma) = Self::alpha_sigma(self.sigmas[step]);
         Ok(((original * alpha)? + (noise * sigma)?)?)

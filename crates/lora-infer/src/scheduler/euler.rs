@@ -91,15 +91,26 @@ impl SigmaSchedule {
     }
 }
 
-/// `EulerDiscreteScheduler` without churn.
+/// `EulerDiscreteScheduler` (without churn) or, with `ancestral`,
+/// `EulerAncestralDiscreteScheduler`: the same σ schedule, the ancestral step moving to a lower
+/// σ and adding fresh noise.
 pub struct Euler {
     schedule: SigmaSchedule,
+    ancestral: bool,
 }
 
 impl Euler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Self {
         Self {
             schedule: SigmaSchedule::new(config, steps),
+            ancestral: false,
+        }
+    }
+
+    pub fn ancestral(config: &SchedulerConfig, steps: usize) -> Self {
+        Self {
+            schedule: SigmaSchedule::new(config, steps),
+            ancestral: true,
         }
     }
 
@@ -127,58 +138,7 @@ impl Scheduler for Euler {
     }
 
     fn is_stochastic(&self) -> bool {
-        false
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step: usize,
-        sample: &Tensor,
-        _noise: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let s = &self.schedule;
-        let x0 = s.predicted_original(model_output, sample, step)?;
-        s.euler_move(sample, &x0, step, s.sigmas[step + 1])
-    }
-}
-
-/// `EulerAncestralDiscreteScheduler`.
-pub struct EulerAncestral {
-    schedule: SigmaSchedule,
-}
-
-impl EulerAncestral {
-    pub fn new(config: &SchedulerConfig, steps: usize) -> Self {
-        Self {
-            schedule: SigmaSchedule::new(config, steps),
-        }
-    }
-
-    pub fn sigmas(&self) -> &[f64] {
-        &self.schedule.sigmas
-    }
-}
-
-impl Scheduler for EulerAncestral {
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.schedule.init_noise_sigma
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor> {
-        self.schedule.scale_model_input(sample, step)
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
-        self.schedule.add_noise(original, noise, step)
-    }
-
-    fn is_stochastic(&self) -> bool {
-        true
+        self.ancestral
     }
 
     fn step(
@@ -189,11 +149,14 @@ impl Scheduler for EulerAncestral {
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         let s = &self.schedule;
+        let x0 = s.predicted_original(model_output, sample, step)?;
+        if !self.ancestral {
+            return s.euler_move(sample, &x0, step, s.sigmas[step + 1]);
+        }
         let noise = require_noise(noise, sample, "euler-a")?;
         let (from, to) = (s.sigmas[step], s.sigmas[step + 1]);
         let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
-        let x0 = s.predicted_original(model_output, sample, step)?;
         let moved = s.euler_move(sample, &x0, step, sigma_down)?;
         Ok((moved + (noise * sigma_up)?)?)
     }

@@ -29,7 +29,7 @@ use lora_core::config::{PredictionType, SchedulerConfig, TimestepSpacing};
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
 pub use dpm_solver::DpmSolverPlusPlus2M;
-pub use euler::{Euler, EulerAncestral};
+pub use euler::Euler;
 
 /// One sampling run's schedule and update rule. Build a fresh one per run: multistep samplers
 /// keep the previous model outputs.
@@ -38,11 +38,15 @@ pub trait Scheduler {
     fn timesteps(&self) -> &[f64];
 
     /// The standard deviation of the initial noise: the factor diffusers applies to the initial
-    /// latents, whether sampled or passed in.
-    fn init_noise_sigma(&self) -> f64;
+    /// latents, whether sampled or passed in (1 for the DDPM family, which works in ᾱ terms).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
     /// The UNet input at step `step` for the current `sample` (identity for the DDPM family).
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor>;
+    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
 
     /// `original` noised to the level the sampler expects before step `step` (img2img's start):
     /// diffusers' `add_noise` at `timesteps[step]` with the begin index set to `step`.
@@ -102,7 +106,7 @@ impl SchedulerKind {
         Ok(match self {
             Self::Ddim => Box::new(Ddim::new(config, steps)),
             Self::Euler => Box::new(Euler::new(config, steps)),
-            Self::EulerAncestral => Box::new(EulerAncestral::new(config, steps)),
+            Self::EulerAncestral => Box::new(Euler::ancestral(config, steps)),
             Self::DpmPlusPlus2M => Box::new(DpmSolverPlusPlus2M::new(config, steps)),
             Self::Ddpm => Box::new(Ddpm::new(config, steps)),
         })
