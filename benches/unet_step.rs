@@ -148,8 +148,15 @@ fn main() -> Result<()> {
         ..Default::default()
     };
     let trainable = Adapter::init_unet(&lora, case.unet.lora_modules(), &device, 0)?;
-    case.unet
-        .attach_adapter("bench", &trainable.adapter.unet, 1.0)?;
+    let mut modules = trainable.adapter.unet.clone();
+    if !case.train {
+        // Plain tensors at inference: attached `Var`s would make candle record the whole graph.
+        for m in modules.values_mut() {
+            m.down = m.down.detach();
+            m.up = m.up.detach();
+        }
+    }
+    case.unet.attach_adapter("bench", &modules, 1.0)?;
     let vars: Vec<_> = trainable.vars.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = candle_nn::AdamW::new(
         vars,
