@@ -16,6 +16,17 @@ Needs the fixture models of make_fixtures.py. For each of sd1-tiny and sd2-tiny:
 
 5. `singular_values_kohya.safetensors`: torch.linalg.svdvals of each kohya module's ΔW.
 
+6. (sd1-tiny only; `--lycoris` runs just this part) LyCORIS-style adapters written by this
+   script with seeded random factors, and the merged weights of the tensors they touch:
+   - `adapter_locon.safetensors` (kohya `conv_dim` LoCon: 3×3 resnet/sampler convs, 1×1
+     `conv_shortcut`, `time_emb_proj`, one attention Linear) and `expected_locon.safetensors`:
+     diffusers `load_lora_weights` + `fuse_lora(lora_scale=LOCON_SCALE)`, cross-checked against
+     the plain-torch formula ΔW = alpha/r · (up.flatten(1) @ down.flatten(1)).reshape(W).
+   - `adapter_loha.safetensors` / `expected_loha.safetensors` (weight LOHA_WEIGHT) and
+     `adapter_lokr.safetensors` / `expected_lokr.safetensors` (weight LOKR_WEIGHT): ΔW from
+     the reference implementation, `lycoris.functional.loha.diff_weight` /
+     `lycoris.functional.lokr.diff_weight` (pip package lycoris-lora), W + weight · ΔW in f32.
+
 Expected files hold only the tensors fusing changed (keys `unet.<name>` / `text_encoder.<name>`,
 diffusers names), so they stay small. Run from the repository root:
 
@@ -46,6 +57,9 @@ CONFIGS = ["sd1-tiny", "sd2-tiny"]
 # mapping is the harder one (OpenCLIP stacked q/k/v, 2-D proj_in, two layers per block), gets one.
 LDM_CONFIGS = ["sd2-tiny"]
 KOHYA_SCALE = 0.8
+LOCON_SCALE = 0.8
+LOHA_WEIGHT = 1.0
+LOKR_WEIGHT = 0.5
 TWO_WEIGHTS = [0.5, 0.7]
 
 
@@ -292,7 +306,172 @@ def verify_with_diffusers(path: Path, folder: Path, tokenizer) -> StableDiffusio
     return pipe
 
 
+# ----------------------------------------------------------------------------
+# LyCORIS-style adapters (LoCon, LoHa, LoKr) for sd1-tiny
+# ----------------------------------------------------------------------------
+
+LOCON_MODULES = [
+    # (UNet module, rank, alpha)
+    ("down_blocks.0.resnets.0.conv1", 4, 2.0),
+    ("down_blocks.1.resnets.0.conv2", 2, 1.0),
+    ("down_blocks.1.resnets.0.time_emb_proj", 4, 4.0),
+    ("down_blocks.1.resnets.0.conv_shortcut", 2, 1.0),
+    ("down_blocks.0.downsamplers.0.conv", 4, 8.0),
+    ("up_blocks.1.upsamplers.0.conv", 3, 3.0),
+    ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 4, 4.0),
+]
+
+
+def kohya_key(comp: str, module: str) -> str:
+    return ("lora_unet_" if comp == "unet" else "lora_te_") + module.replace(".", "_")
+
+
+def model_weights(folder: Path) -> dict:
+    unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    te = load_file(folder / "text_encoder" / "model.safetensors")
+    te = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in te.items()}
+    return {**{f"unet.{k}": v for k, v in unet.items()}, **{f"text_encoder.{k}": v for k, v in te.items()}}
+
+
+def rand(*shape) -> torch.Tensor:
+    return (torch.randn(*shape) * 0.1).float().contiguous()
+
+
+def locon_fixture(folder: Path, out: Path):
+    weights = model_weights(folder)
+    adapter, formula = {}, {}
+    for module, r, alpha in LOCON_MODULES:
+        w = weights[f"unet.{module}.weight"]
+        name = kohya_key("unet", module)
+        kernel = tuple(w.shape[2:])
+        down = rand(r, w.shape[1], *kernel)
+        up = rand(w.shape[0], r, *([1, 1] if kernel else []))
+        adapter[f"{name}.lora_down.weight"] = down
+        adapter[f"{name}.lora_up.weight"] = up
+        adapter[f"{name}.alpha"] = torch.tensor(alpha)
+        delta = (up.double().flatten(1) @ down.double().flatten(1)).reshape(w.shape) * (alpha / r)
+        formula[f"unet.{module}.weight"] = (w.double() + LOCON_SCALE * delta).float()
+    metadata = {"ss_network_module": "networks.lora", "ss_network_args": json.dumps({"conv_dim": "4"})}
+    save_file(adapter, str(out / "adapter_locon.safetensors"), metadata)
+
+    pipe = load_pipeline(folder)
+    before = snapshot(pipe)
+    pipe.load_lora_weights(str(out), weight_name="adapter_locon.safetensors", adapter_name="locon")
+    pipe.fuse_lora(components=["unet"], lora_scale=LOCON_SCALE)
+    changed = fused_changes(pipe, before)
+    assert set(changed) == set(formula), (sorted(changed), sorted(formula))
+    worst = max((changed[k] - formula[k]).abs().max().item() for k in formula)
+    assert worst < 1e-5, worst
+    log(f"    LoCon: diffusers fuse_lora changed {len(changed)} tensors; |fuse_lora - formula| <= {worst:.1e}")
+    save_file(changed, str(out / "expected_locon.safetensors"))
+
+
+LOHA_MODULES = [
+    # (component, module, rank, alpha)
+    ("unet", "down_blocks.0.resnets.0.conv1", 3, 1.5),
+    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 2, 2.0),
+    ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj", 2, 1.0),
+]
+
+
+def loha_fixture(folder: Path, out: Path):
+    from lycoris.functional import loha
+
+    weights = model_weights(folder)
+    adapter, expected = {}, {}
+    for comp, module, r, alpha in LOHA_MODULES:
+        w = weights[f"{comp}.{module}.weight"]
+        name = kohya_key(comp, module)
+        fan_in = w[0].numel()
+        t = {
+            "hada_w1_a": rand(w.shape[0], r),
+            "hada_w1_b": rand(r, fan_in),
+            "hada_w2_a": rand(w.shape[0], r),
+            "hada_w2_b": rand(r, fan_in),
+        }
+        adapter.update({f"{name}.{k}": v for k, v in t.items()})
+        adapter[f"{name}.alpha"] = torch.tensor(alpha)
+        delta = loha.diff_weight(
+            t["hada_w1_b"], t["hada_w1_a"], t["hada_w2_b"], t["hada_w2_a"], None, None,
+            gamma=alpha / r, backend="torch",
+        ).reshape(w.shape)
+        expected[f"{comp}.{module}.weight"] = (w.float() + LOHA_WEIGHT * delta.float()).contiguous()
+    save_file(adapter, str(out / "adapter_loha.safetensors"), {"ss_network_module": "lycoris.kohya",
+                                                               "ss_network_args": json.dumps({"algo": "loha"})})
+    save_file(expected, str(out / "expected_loha.safetensors"))
+    log(f"    LoHa: {len(expected)} tensors (lycoris.functional.loha)")
+
+
+LOKR_MODULES = [
+    # (component, module, alpha, tensors as name -> shape); W = kron(W1, W2)
+    # W1 full, W2 = w2_a @ w2_b (rank 2): scale alpha / 2.
+    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v", 1.0,
+     {"lokr_w1": (2, 4), "lokr_w2_a": (8, 2), "lokr_w2_b": (2, 4)}),
+    # W1 = w1_a @ w1_b (rank 2), W2 a full 3×3 kernel [8, 8, 3, 3]: scale alpha / 2.
+    ("unet", "down_blocks.1.resnets.0.conv2", 3.0,
+     {"lokr_w1_a": (4, 2), "lokr_w1_b": (2, 4), "lokr_w2": (8, 8, 3, 3)}),
+    # W2 = w2_a @ w2_b with a 3×3 w2_b [r, in/c, 3, 3]: scale alpha / 2.
+    ("unet", "down_blocks.0.resnets.0.conv2", 1.0,
+     {"lokr_w1": (4, 2), "lokr_w2_a": (4, 2), "lokr_w2_b": (2, 8, 3, 3)}),
+    # Both full: scale 1 whatever alpha says.
+    ("text_encoder", "text_model.encoder.layers.1.mlp.fc1", 7.0,
+     {"lokr_w1": (2, 2), "lokr_w2": None}),
+]
+
+
+def lokr_fixture(folder: Path, out: Path):
+    from lycoris.functional import lokr
+
+    weights = model_weights(folder)
+    adapter, expected = {}, {}
+    for comp, module, alpha, shapes in LOKR_MODULES:
+        w = weights[f"{comp}.{module}.weight"]
+        name = kohya_key(comp, module)
+        if shapes.get("lokr_w2", 0) is None:
+            shapes = {**shapes, "lokr_w2": (w.shape[0] // 2, w.shape[1] // 2)}
+        t = {k: rand(*v) for k, v in shapes.items()}
+        adapter.update({f"{name}.{k}": v for k, v in t.items()})
+        adapter[f"{name}.alpha"] = torch.tensor(alpha)
+        delta = lokr.diff_weight(
+            t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"),
+            t.get("lokr_w2"), t.get("lokr_w2_a"), t.get("lokr_w2_b"), None,
+            gamma=alpha, backend="torch",
+        )
+        assert delta.numel() == w.numel(), (module, delta.shape, w.shape)
+        expected[f"{comp}.{module}.weight"] = (w.float() + LOKR_WEIGHT * delta.reshape(w.shape).float()).contiguous()
+    save_file(adapter, str(out / "adapter_lokr.safetensors"), {"ss_network_module": "lycoris.kohya",
+                                                               "ss_network_args": json.dumps({"algo": "lokr"})})
+    save_file(expected, str(out / "expected_lokr.safetensors"))
+    log(f"    LoKr: {len(expected)} tensors (lycoris.functional.lokr)")
+
+
+def lycoris_fixtures():
+    torch.manual_seed(1234)
+    folder = FIXTURES / "sd1-tiny"
+    out = folder / "merge"
+    out.mkdir(exist_ok=True)
+    log("[sd1-tiny lycoris]")
+    locon_fixture(folder, out)
+    loha_fixture(folder, out)
+    lokr_fixture(folder, out)
+    import lycoris
+
+    meta = {
+        "diffusers": diffusers.__version__,
+        "torch": torch.__version__,
+        "lycoris": getattr(lycoris, "__version__", "unknown"),
+        "locon_scale": LOCON_SCALE,
+        "loha_weight": LOHA_WEIGHT,
+        "lokr_weight": LOKR_WEIGHT,
+    }
+    (out / "meta_lycoris.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def main():
+    if "--lycoris" in sys.argv[1:]:
+        lycoris_fixtures()
+        log("done")
+        return
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(FIXTURES / "sd1-tiny" / "tokenizer")
     for cfg in CONFIGS:
@@ -317,6 +496,7 @@ def main():
             "ldm_dtype": "float16",
         }
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    lycoris_fixtures()
     log("done")
 
 

@@ -109,6 +109,9 @@ pub struct RawModule {
     /// `[out, rank]`, f32.
     pub up: Tensor,
     pub alpha: f64,
+    /// `(kh, kw)` of a conv adapter whose down is a larger kernel than 1×1 (kohya `conv_dim`,
+    /// LyCORIS LoCon): `down` is then flattened to `[rank, in·kh·kw]`.
+    pub kernel: Option<(usize, usize)>,
 }
 
 impl RawModule {
@@ -244,16 +247,14 @@ impl AdapterFile {
                 continue;
             }
             let Some(info) = self.target_of(raw, model, &kohya_names) else {
-                problems.push(Problem {
-                    unmatched: true,
-                    text: format!(
-                        "`{}`: no {} module has this name",
-                        raw.down_key, raw.component
-                    ),
-                });
+                problems.push(unmatched_problem(raw, model));
                 continue;
             };
             let lora = raw.lora();
+            if let Some(e) = kernel_mismatch(raw, info) {
+                problems.push(misfit(e));
+                continue;
+            }
             if let Err(e) = lora.check_fits(info) {
                 problems.push(misfit(format!("`{}`: {e}", raw.down_key)));
                 continue;
@@ -287,6 +288,56 @@ impl AdapterFile {
             AdapterFormat::Peft => model.find(raw.component, &raw.name),
         }
     }
+}
+
+/// The problem of a module whose name matches nothing. A k×k conv adapter resolved against a
+/// model that enumerates no k×k conv (the runtime UNet, which adapts only Linear and 1×1 conv
+/// layers) is always an error saying where such adapters can be used.
+fn unmatched_problem(raw: &RawModule, model: &ModelModules) -> Problem {
+    let has_convs = model
+        .unet
+        .iter()
+        .any(|m| matches!(m.kind, ModuleKind::Conv { .. }));
+    match raw.kernel {
+        Some((kh, kw)) if !has_convs => Problem {
+            unmatched: false,
+            text: format!(
+                "`{}`: a {kh}×{kw} conv adapter (kohya conv_dim / LyCORIS LoCon); adapters are \
+                 attached here only to Linear and 1×1 conv layers: fold 3×3 conv adapters into \
+                 the model with lora-merge",
+                raw.down_key
+            ),
+        },
+        _ => Problem {
+            unmatched: true,
+            text: format!(
+                "`{}`: no {} module has this name",
+                raw.down_key, raw.component
+            ),
+        },
+    }
+}
+
+/// A message when the file's kernel and the module's disagree (a 3×3 adapter on a Linear
+/// layer, a 2-D adapter on a 3×3 conv).
+fn kernel_mismatch(raw: &RawModule, info: &ModuleInfo) -> Option<String> {
+    let expected = match info.kind {
+        ModuleKind::Conv { kh, kw } => Some((kh, kw)),
+        ModuleKind::Linear | ModuleKind::Conv1x1 => None,
+    };
+    (raw.kernel != expected).then(|| {
+        let shape = |k: Option<(usize, usize)>| match k {
+            Some((kh, kw)) => format!("a {kh}×{kw} conv"),
+            None => "a Linear/1×1 conv".to_string(),
+        };
+        format!(
+            "`{}`: the adapter is for {} but {} is {}",
+            raw.down_key,
+            shape(raw.kernel),
+            info.path,
+            shape(expected)
+        )
+    })
 }
 
 /// Why one module of a file does not resolve.
@@ -415,7 +466,10 @@ fn group_by_module(
         bail!(
             "{}",
             listing(
-                &format!("{origin}: uses adapter types not supported here (only plain LoRA is)"),
+                &format!(
+                    "{origin}: uses adapter types not supported here (only plain LoRA and \
+                     LoCon are; lora-merge can fold LyCORIS LoHa/LoKr files into a model)"
+                ),
                 &items
             )
         );
@@ -478,8 +532,13 @@ fn assemble_module(
             bail!("`{alpha_key}` is an alpha without down/up tensors")
         }
     };
-    let down = as_matrix(&down_key, &down)?;
-    let up = as_matrix(&up_key, &up)?;
+    let (down, kernel) = as_matrix(&down_key, &down)?;
+    let (up, up_kernel) = as_matrix(&up_key, &up)?;
+    ensure!(
+        up_kernel.is_none(),
+        "`{up_key}`: the up tensor of a conv LoRA must be [out, r, 1, 1], got {:?}",
+        up.dims()
+    );
     let (rank, up_rank) = (down.dims()[0], up.dims()[1]);
     ensure!(
         rank == up_rank,
@@ -502,24 +561,24 @@ fn assemble_module(
         down,
         up,
         alpha,
+        kernel,
     })
 }
 
-/// A stored down/up tensor as an f32 matrix: 2-D as is, 1×1-conv 4-D flattened. Larger kernels
-/// (kohya's conv_dim / LyCORIS LoCon) are not supported.
-fn as_matrix(key: &str, t: &Tensor) -> Result<Tensor> {
-    let matrix = match *t.dims() {
-        [_, _] => t.clone(),
-        [a, b, 1, 1] => t.reshape((a, b))?,
-        [_, _, kh, kw] => {
-            bail!("`{key}` is a {kh}×{kw} conv LoRA (kohya conv_dim / LoCon), not supported")
-        }
+/// A stored down/up tensor as an f32 matrix: 2-D as is, 1×1-conv 4-D flattened, and a larger
+/// kernel (kohya's conv_dim / LyCORIS LoCon, `[r, in, kh, kw]`) flattened to `[r, in·kh·kw]`
+/// with its `(kh, kw)`.
+fn as_matrix(key: &str, t: &Tensor) -> Result<(Tensor, Option<(usize, usize)>)> {
+    let (matrix, kernel) = match *t.dims() {
+        [_, _] => (t.clone(), None),
+        [a, b, 1, 1] => (t.reshape((a, b))?, None),
+        [a, b, kh, kw] => (t.reshape((a, b * kh * kw))?, Some((kh, kw))),
         _ => bail!(
             "`{key}` has shape {:?}; expected 2-D or a 1×1 conv [_, _, 1, 1]",
             t.dims()
         ),
     };
-    Ok(matrix.to_dtype(DType::F32)?)
+    Ok((matrix.to_dtype(DType::F32)?, kernel))
 }
 
 /// The scalar of an `.alpha` tensor (0-d or one element, any numeric dtype); 0 means "= rank",
@@ -752,15 +811,15 @@ fn match_entries<'a>(
     Ok(entries)
 }
 
-/// `m` as stored for `kind`: `[a, b]`, or `[a, b, 1, 1]` for a 1×1 conv.
-fn stored_shape(m: &Tensor, kind: ModuleKind) -> Result<Tensor> {
+/// `m` (the down matrix if `down`, else the up) as stored for `kind`: `[a, b]`, `[a, b, 1, 1]`
+/// for a 1×1 conv, and for a k×k conv the down `[r, in, kh, kw]` and the up `[out, r, 1, 1]`.
+fn stored_shape(m: &Tensor, kind: ModuleKind, down: bool) -> Result<Tensor> {
     let m = m.to_dtype(DType::F32)?;
+    let (a, b) = m.dims2()?;
     Ok(match kind {
         ModuleKind::Linear => m,
-        ModuleKind::Conv1x1 => {
-            let (a, b) = m.dims2()?;
-            m.reshape((a, b, 1, 1))?
-        }
+        ModuleKind::Conv { kh, kw } if down => m.reshape((a, b / (kh * kw), kh, kw))?,
+        ModuleKind::Conv1x1 | ModuleKind::Conv { .. } => m.reshape((a, b, 1, 1))?,
     })
 }
 
@@ -770,11 +829,11 @@ fn kohya_tensors(entries: &[OutputModule]) -> Result<Vec<(String, Tensor)>> {
         let name = kohya_name(e.component, &e.info.path);
         tensors.push((
             format!("{name}.lora_down.weight"),
-            stored_shape(&e.lora.down, e.info.kind)?,
+            stored_shape(&e.lora.down, e.info.kind, true)?,
         ));
         tensors.push((
             format!("{name}.lora_up.weight"),
-            stored_shape(&e.lora.up, e.info.kind)?,
+            stored_shape(&e.lora.up, e.info.kind, false)?,
         ));
         tensors.push((
             format!("{name}.alpha"),
@@ -794,11 +853,11 @@ fn peft_tensors(entries: &[OutputModule]) -> Result<Vec<(String, Tensor)>> {
         );
         tensors.push((
             format!("{key}.lora_A.weight"),
-            stored_shape(&e.lora.down, e.info.kind)?,
+            stored_shape(&e.lora.down, e.info.kind, true)?,
         ));
         tensors.push((
             format!("{key}.lora_B.weight"),
-            stored_shape(&e.lora.up, e.info.kind)?,
+            stored_shape(&e.lora.up, e.info.kind, false)?,
         ));
     }
     Ok(tensors)
@@ -1843,7 +1902,7 @@ mod tests {
             ),
             (
                 "lora_unet_e.lora_up.weight".to_string(),
-                matrix(8, 2)?.reshape((8, 2, 1, 1))?,
+                matrix(8, 18)?.reshape((8, 2, 3, 3))?,
             ),
             ("lora_unet_f.lora_down.weight".to_string(), matrix(2, 8)?),
             ("lora_unet_f.lora_up.weight".to_string(), matrix(8, 2)?),
@@ -1857,11 +1916,91 @@ mod tests {
             "`lora_unet_b.lora_up.weight` has no matching down tensor",
             "`lora_unet_c.alpha` is an alpha without down/up tensors",
             "disagree on the rank",
-            "3×3 conv LoRA",
+            "`lora_unet_e.lora_up.weight`: the up tensor of a conv LoRA must be [out, r, 1, 1]",
             "`lora_unet_f.alpha` must be a scalar, got shape [1, 2]",
         ] {
             assert!(msg.contains(expected), "missing `{expected}` in: {msg}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn conv_3x3_adapters_resolve_only_against_conv_modules() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("locon.safetensors");
+        let conv = "down_blocks.0.resnets.0.conv1";
+        let tensors = vec![
+            (
+                "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight".to_string(),
+                matrix(2, 72)?.reshape((2, 8, 3, 3))?,
+            ),
+            (
+                "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight".to_string(),
+                matrix(4, 2)?.reshape((4, 2, 1, 1))?,
+            ),
+            (
+                "lora_unet_down_blocks_0_resnets_0_conv1.alpha".to_string(),
+                Tensor::new(1f32, &Device::Cpu)?,
+            ),
+        ];
+        write_raw(&path, tensors, BTreeMap::new())?;
+        let file = AdapterFile::read(&path, &Device::Cpu)?;
+        assert_eq!(file.raw_modules()[0].kernel, Some((3, 3)));
+        assert_eq!(file.raw_modules()[0].down.dims(), [2, 72]);
+        // The runtime UNet enumerates no 3×3 conv: a clear error, even when unmatched modules
+        // would only be warned about.
+        let unet = unet_modules();
+        let runtime = ModelModules {
+            unet: &unet,
+            text_encoder: None,
+        };
+        for msg in [
+            format!("{:#}", file.resolve(&runtime).unwrap_err()),
+            format!(
+                "{:#}",
+                file.resolve_allowing_unmatched(&runtime).unwrap_err()
+            ),
+        ] {
+            assert!(
+                msg.contains("3×3 conv adapter") && msg.contains("lora-merge"),
+                "{msg}"
+            );
+        }
+        // A model that enumerates the conv (lora-merge) resolves it; ΔW is [out, in·3·3].
+        let mut wide = unet_modules();
+        wide.push(ModuleInfo {
+            path: conv.to_string(),
+            kind: ModuleKind::Conv { kh: 3, kw: 3 },
+            in_features: 72,
+            out_features: 4,
+        });
+        let model = ModelModules {
+            unet: &wide,
+            text_encoder: None,
+        };
+        let adapter = file.resolve(&model)?;
+        assert_eq!(adapter.unet[conv].delta_weight()?.dims(), [4, 72]);
+        // Saved again, the kernel shapes come back.
+        let out = dir.path().join("again.safetensors");
+        save_adapter(&out, &adapter, &model, &options(AdapterFormat::Kohya))?;
+        let stored = read_safetensors(&out, &Device::Cpu)?.tensors;
+        assert_eq!(
+            stored["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].dims(),
+            [2, 8, 3, 3]
+        );
+        assert_eq!(
+            stored["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].dims(),
+            [4, 2, 1, 1]
+        );
+        // A 3×3 adapter on a module the model has as Linear is a misfit naming both.
+        let mut linear = unet_modules();
+        linear.push(info(conv, ModuleKind::Linear, 72, 4));
+        let model = ModelModules {
+            unet: &linear,
+            text_encoder: None,
+        };
+        let msg = format!("{:#}", file.resolve(&model).unwrap_err());
+        assert!(msg.contains("is for a 3×3 conv"), "{msg}");
         Ok(())
     }
 

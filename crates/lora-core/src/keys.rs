@@ -364,6 +364,52 @@ pub fn module_from_weight(component: Component, name: &str, shape: &[usize]) -> 
     })
 }
 
+/// Like [`module_from_weight`], over the wider set that kohya `conv_dim` / LyCORIS LoCon
+/// adapters target, for tools that fold adapters into weights (lora-merge): besides the
+/// transformer modules, the UNet's resnet `conv1`/`conv2` (3×3), `time_emb_proj` (Linear),
+/// `conv_shortcut` (1×1), the down/upsampler `conv` (3×3), and (LyCORIS' `full` preset)
+/// `conv_in`, `conv_out` and `time_embedding.linear_1`/`linear_2`. Larger kernels come back as
+/// [`ModuleKind::Conv`] with `in_features = in · kh · kw`. The runtime UNet never enumerates
+/// these, so adapters on them are only merged, never attached.
+pub fn locon_module_from_weight(
+    component: Component,
+    name: &str,
+    shape: &[usize],
+) -> Option<ModuleInfo> {
+    if let Some(info) = module_from_weight(component, name, shape) {
+        return Some(info);
+    }
+    let path = name.strip_suffix(".weight")?;
+    const RESNET_CHILDREN: [&str; 4] = ["conv1", "conv2", "time_emb_proj", "conv_shortcut"];
+    // LyCORIS' default `full` preset also adapts these top-level layers.
+    const TOP_LEVEL: [&str; 4] = [
+        "conv_in",
+        "conv_out",
+        "time_embedding.linear_1",
+        "time_embedding.linear_2",
+    ];
+    let selected = component == Component::Unet
+        && ((path.contains(".resnets.")
+            && RESNET_CHILDREN
+                .iter()
+                .any(|c| path.ends_with(&format!(".{c}"))))
+            || path.ends_with(".downsamplers.0.conv")
+            || path.ends_with(".upsamplers.0.conv")
+            || TOP_LEVEL.contains(&path));
+    let (kind, out_features, in_features) = match *shape {
+        [out, inp] => (ModuleKind::Linear, out, inp),
+        [out, inp, 1, 1] => (ModuleKind::Conv1x1, out, inp),
+        [out, inp, kh, kw] => (ModuleKind::Conv { kh, kw }, out, inp * kh * kw),
+        _ => return None,
+    };
+    selected.then(|| ModuleInfo {
+        path: path.to_string(),
+        kind,
+        in_features,
+        out_features,
+    })
+}
+
 /// The adaptable modules (see [`module_from_weight`]) of a component's diffusers-layout weight
 /// files, sorted by path. Reads only the headers (the files are memory-mapped), so this works on
 /// full checkpoints without building a model.
@@ -404,6 +450,79 @@ mod tests {
     }
 
     const TO_Q: &str = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q";
+
+    #[test]
+    fn locon_modules_add_resnet_and_sampler_convs_only_for_the_merge_set() {
+        let conv1 = "down_blocks.0.resnets.0.conv1.weight";
+        assert_eq!(
+            module_from_weight(Component::Unet, conv1, &[32, 16, 3, 3]),
+            None
+        );
+        let info = locon_module_from_weight(Component::Unet, conv1, &[32, 16, 3, 3]).unwrap();
+        assert_eq!(
+            (info.kind, info.in_features, info.out_features),
+            (ModuleKind::Conv { kh: 3, kw: 3 }, 144, 32)
+        );
+        for (name, shape, kind) in [
+            (
+                "down_blocks.0.resnets.0.time_emb_proj.weight",
+                vec![32, 64],
+                ModuleKind::Linear,
+            ),
+            (
+                "up_blocks.1.resnets.0.conv_shortcut.weight",
+                vec![32, 64, 1, 1],
+                ModuleKind::Conv1x1,
+            ),
+            (
+                "down_blocks.0.downsamplers.0.conv.weight",
+                vec![32, 32, 3, 3],
+                ModuleKind::Conv { kh: 3, kw: 3 },
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                vec![32, 32, 3, 3],
+                ModuleKind::Conv { kh: 3, kw: 3 },
+            ),
+            (
+                "mid_block.attentions.0.proj_in.weight",
+                vec![32, 32, 1, 1],
+                ModuleKind::Conv1x1,
+            ),
+        ] {
+            assert_eq!(
+                locon_module_from_weight(Component::Unet, name, &shape).map(|m| m.kind),
+                Some(kind),
+                "{name}"
+            );
+        }
+        // LyCORIS' full preset: the top-level convs and time-embedding linears.
+        assert_eq!(
+            locon_module_from_weight(Component::Unet, "conv_in.weight", &[32, 4, 3, 3])
+                .map(|m| (m.kind, m.in_features)),
+            Some((ModuleKind::Conv { kh: 3, kw: 3 }, 36))
+        );
+        assert!(locon_module_from_weight(
+            Component::Unet,
+            "time_embedding.linear_1.weight",
+            &[64, 32]
+        )
+        .is_some());
+        for name in ["conv_norm_out.weight", "time_embedding.cond_proj.weight"] {
+            assert_eq!(
+                locon_module_from_weight(Component::Unet, name, &[32, 4, 3, 3]),
+                None
+            );
+        }
+        assert_eq!(
+            locon_module_from_weight(
+                Component::TextEncoder,
+                "text_model.embeddings.token_embedding.weight",
+                &[100, 32]
+            ),
+            None
+        );
+    }
 
     #[test]
     fn kohya_names_flatten_paths_with_prefix() {

@@ -271,6 +271,260 @@ impl LdmLayout {
     }
 }
 
+/// Where a diffusers tensor goes in a single-file checkpoint (the reverse of
+/// [`LdmLayout::diffusers_name`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LdmTarget {
+    /// Stored under `key`; `to_conv` for the VAE attention projections, Linear `[out, in]` in
+    /// diffusers and 1×1 convs `[out, in, 1, 1]` in LDM checkpoints.
+    Key { key: String, to_conv: bool },
+    /// The `index`-th third (q, k, v) of OpenCLIP's stacked `key`.
+    Stacked { key: String, index: usize },
+}
+
+impl LdmTarget {
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Key { key, .. } | Self::Stacked { key, .. } => key,
+        }
+    }
+}
+
+impl LdmLayout {
+    /// The single-file key of diffusers tensor `t`. `up_blocks_with_attention` lists the UNet up
+    /// blocks that have attentions (their upsampler is the block's third child, not its second).
+    /// Every key is checked by mapping it back with [`diffusers_name`](Self::diffusers_name),
+    /// so the two directions cannot disagree.
+    pub fn ldm_key(
+        &self,
+        t: &DiffusersTensor,
+        up_blocks_with_attention: &[usize],
+    ) -> Result<LdmTarget> {
+        let target = self
+            .ldm_target(t, up_blocks_with_attention)
+            .with_context(|| {
+                format!(
+                    "{} tensor `{}` has no single-file (LDM) name",
+                    t.part, t.name
+                )
+            })?;
+        let back = self.diffusers_name(target.key())?;
+        let same = match (&target, &back) {
+            (LdmTarget::Key { .. }, LdmTensor::Renamed(b)) => {
+                b.part == t.part && b.name == canonical_name(t)
+            }
+            (LdmTarget::Stacked { index, .. }, LdmTensor::StackedQkv(parts)) => {
+                parts[*index].name == canonical_name(t)
+            }
+            _ => false,
+        };
+        ensure!(
+            same,
+            "internal: {} `{}` maps to `{}`, which maps back to {back:?}",
+            t.part,
+            t.name,
+            target.key()
+        );
+        Ok(target)
+    }
+
+    fn ldm_target(&self, t: &DiffusersTensor, up_attn: &[usize]) -> Option<LdmTarget> {
+        let key = |key: String| LdmTarget::Key {
+            key,
+            to_conv: false,
+        };
+        match t.part {
+            ModelPart::Unet => self
+                .unet_key(&t.name, up_attn)
+                .map(|k| key(format!("{UNET_PREFIX}{k}"))),
+            ModelPart::Vae => {
+                let (k, to_conv) = vae_key(&t.name, self.vae_up_blocks)?;
+                Some(LdmTarget::Key {
+                    key: format!("{VAE_PREFIX}{k}"),
+                    to_conv,
+                })
+            }
+            ModelPart::TextEncoder => {
+                let name = canonical_name(t);
+                match self.text_encoder {
+                    TextEncoderLayout::Clip => Some(key(format!("{CLIP_PREFIX}{name}"))),
+                    TextEncoderLayout::OpenClip => open_clip_key(&name),
+                }
+            }
+        }
+    }
+
+    fn unet_key(&self, name: &str, up_attn: &[usize]) -> Option<String> {
+        const TOP: [(&str, &str); 5] = [
+            ("time_embedding.linear_1.", "time_embed.0."),
+            ("time_embedding.linear_2.", "time_embed.2."),
+            ("conv_in.", "input_blocks.0.0."),
+            ("conv_norm_out.", "out.0."),
+            ("conv_out.", "out.2."),
+        ];
+        if let Some(k) = replace_prefix(name, &TOP) {
+            return Some(k);
+        }
+        let per = self.layers_per_block + 1;
+        if let Some((b, tail)) = numbered_once(name, "down_blocks.") {
+            if let Some(conv) = tail.strip_prefix("downsamplers.0.conv.") {
+                return Some(format!("input_blocks.{}.0.op.{conv}", (b + 1) * per));
+            }
+            if let Some((l, rest)) = numbered_once(tail, "resnets.") {
+                return Some(format!(
+                    "input_blocks.{}.0.{}",
+                    1 + b * per + l,
+                    resnet_key(rest)?
+                ));
+            }
+            let (l, rest) = numbered_once(tail, "attentions.")?;
+            return Some(format!("input_blocks.{}.1.{rest}", 1 + b * per + l));
+        }
+        if let Some((b, tail)) = numbered_once(name, "up_blocks.") {
+            if let Some(conv) = tail.strip_prefix("upsamplers.0.conv.") {
+                let child = if up_attn.contains(&b) { 2 } else { 1 };
+                return Some(format!(
+                    "output_blocks.{}.{child}.conv.{conv}",
+                    b * per + self.layers_per_block
+                ));
+            }
+            if let Some((l, rest)) = numbered_once(tail, "resnets.") {
+                return Some(format!(
+                    "output_blocks.{}.0.{}",
+                    b * per + l,
+                    resnet_key(rest)?
+                ));
+            }
+            let (l, rest) = numbered_once(tail, "attentions.")?;
+            return Some(format!("output_blocks.{}.1.{rest}", b * per + l));
+        }
+        if let Some(rest) = name.strip_prefix("mid_block.attentions.0.") {
+            return Some(format!("middle_block.1.{rest}"));
+        }
+        let (i, rest) = numbered_once(name, "mid_block.resnets.")?;
+        Some(format!("middle_block.{}.{}", 2 * i, resnet_key(rest)?))
+    }
+}
+
+/// Text-encoder names with the `text_model.` level, others as they are.
+fn canonical_name(t: &DiffusersTensor) -> String {
+    match t.part {
+        ModelPart::TextEncoder => with_text_model_level(&t.name),
+        _ => t.name.clone(),
+    }
+}
+
+/// A diffusers resnet child in LDM terms (`conv1` → `in_layers.2`, …).
+fn resnet_key(tail: &str) -> Option<String> {
+    const RESNET: [(&str, &str); 6] = [
+        ("norm1.", "in_layers.0."),
+        ("conv1.", "in_layers.2."),
+        ("norm2.", "out_layers.0."),
+        ("conv2.", "out_layers.3."),
+        ("time_emb_proj.", "emb_layers.1."),
+        ("conv_shortcut.", "skip_connection."),
+    ];
+    replace_prefix(tail, &RESNET)
+}
+
+/// A diffusers VAE name in LDM terms, and whether it is an attention projection weight (stored
+/// as a 1×1 conv there). The decoder's `up.N` counts from the lowest resolution: `up_blocks` is
+/// the decoder's block count.
+fn vae_key(name: &str, up_blocks: usize) -> Option<(String, bool)> {
+    const SAME: [&str; 6] = [
+        "quant_conv.",
+        "post_quant_conv.",
+        "encoder.conv_in.",
+        "encoder.conv_out.",
+        "decoder.conv_in.",
+        "decoder.conv_out.",
+    ];
+    if SAME.iter().any(|p| name.starts_with(p)) {
+        return Some((name.to_string(), false));
+    }
+    let (coder, inner) = name.split_once('.')?;
+    if coder != "encoder" && coder != "decoder" {
+        return None;
+    }
+    if let Some(tail) = inner.strip_prefix("conv_norm_out.") {
+        return Some((format!("{coder}.norm_out.{tail}"), false));
+    }
+    if let Some(tail) = inner.strip_prefix("mid_block.") {
+        if let Some((i, rest)) = numbered_once(tail, "resnets.") {
+            return Some((format!("{coder}.mid.block_{}.{rest}", i + 1), false));
+        }
+        const ATTN: [(&str, &str); 5] = [
+            ("attentions.0.group_norm.", "attn_1.norm."),
+            ("attentions.0.to_q.", "attn_1.q."),
+            ("attentions.0.to_k.", "attn_1.k."),
+            ("attentions.0.to_v.", "attn_1.v."),
+            ("attentions.0.to_out.0.", "attn_1.proj_out."),
+        ];
+        let k = replace_prefix(tail, &ATTN)?;
+        let to_conv = k.ends_with(".weight") && !k.starts_with("attn_1.norm.");
+        return Some((format!("{coder}.mid.{k}"), to_conv));
+    }
+    let (blocks, stage) = match coder {
+        "encoder" => ("down_blocks.", "down"),
+        _ => ("up_blocks.", "up"),
+    };
+    let (i, tail) = numbered_once(inner, blocks)?;
+    let i = match coder {
+        "decoder" => up_blocks.checked_sub(i + 1)?,
+        _ => i,
+    };
+    if let Some((j, rest)) = numbered_once(tail, "resnets.") {
+        let rest = replace_prefix(rest, &[("conv_shortcut.", "nin_shortcut.")])
+            .unwrap_or_else(|| rest.to_string());
+        return Some((format!("{coder}.{stage}.{i}.block.{j}.{rest}"), false));
+    }
+    let sampler = replace_prefix(
+        tail,
+        &[
+            ("downsamplers.0.", "downsample."),
+            ("upsamplers.0.", "upsample."),
+        ],
+    )?;
+    Some((format!("{coder}.{stage}.{i}.{sampler}"), false))
+}
+
+/// A transformers CLIPTextModel name (with `text_model.`) in OpenCLIP terms.
+fn open_clip_key(name: &str) -> Option<LdmTarget> {
+    let key = |k: String| LdmTarget::Key {
+        key: format!("{OPEN_CLIP_PREFIX}{k}"),
+        to_conv: false,
+    };
+    const TOP: [(&str, &str); 3] = [
+        ("text_model.embeddings.token_embedding.", "token_embedding."),
+        ("text_model.final_layer_norm.", "ln_final."),
+        (
+            "text_model.embeddings.position_embedding.weight",
+            "positional_embedding",
+        ),
+    ];
+    if let Some(k) = replace_prefix(name, &TOP) {
+        return Some(key(k));
+    }
+    let (n, tail) = numbered_once(name, "text_model.encoder.layers.")?;
+    let layer = format!("transformer.resblocks.{n}.");
+    for (index, x) in ["q", "k", "v"].iter().enumerate() {
+        if let Some(kind) = tail.strip_prefix(&format!("self_attn.{x}_proj.")) {
+            return Some(LdmTarget::Stacked {
+                key: format!("{OPEN_CLIP_PREFIX}{layer}attn.in_proj_{kind}"),
+                index,
+            });
+        }
+    }
+    const LAYER: [(&str, &str); 5] = [
+        ("self_attn.out_proj.", "attn.out_proj."),
+        ("layer_norm1.", "ln_1."),
+        ("layer_norm2.", "ln_2."),
+        ("mlp.fc1.", "mlp.c_fc."),
+        ("mlp.fc2.", "mlp.c_proj."),
+    ];
+    replace_prefix(tail, &LAYER).map(|k| key(format!("{layer}{k}")))
+}
+
 /// The distinct `N` of keys `<head>N.<rest>` whose rest satisfies `filter`, sorted.
 fn indices<'a>(
     keys: impl Iterator<Item = &'a str>,

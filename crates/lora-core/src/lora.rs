@@ -121,6 +121,15 @@ pub enum ModuleKind {
     Linear,
     /// A 1×1 convolution (SD1's `proj_in`/`proj_out`); kohya stores its adapter 4-D.
     Conv1x1,
+    /// A `kh×kw` convolution with a larger kernel (resnet `conv1`/`conv2`, down/upsampler
+    /// `conv`), adapted by kohya `conv_dim` / LyCORIS LoCon: down `[r, in, kh, kw]`, up
+    /// `[out, r, 1, 1]`. [`ModuleInfo::in_features`] is then `in · kh · kw` (the flattened
+    /// kernel), so `ΔW = up · down` is `[out, in·kh·kw]`, reshaped to the kernel. Only merged
+    /// into weights (lora-merge); the runtime UNet does not attach such adapters.
+    Conv {
+        kh: usize,
+        kw: usize,
+    },
 }
 
 /// One adaptable module of a model, as enumerated by the model itself.
@@ -298,6 +307,10 @@ impl LoraLinear {
                     weight.dims()
                 );
             }
+            ModuleKind::Conv { kh, kw } => bail!(
+                "{kh}×{kw} conv adapters cannot be attached at run time (only Linear and 1×1 conv \
+                 layers are); fold them into the model with lora-merge"
+            ),
         }
         Ok(Self {
             weight,
@@ -349,6 +362,7 @@ impl LoraLinear {
                     .transpose()?;
                 frozen_conv2d(x, &self.weight, bias.as_ref(), 0, 1)?
             }
+            ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
         };
         if self.adapters.is_empty() {
             return Ok(base);
@@ -366,6 +380,7 @@ impl LoraLinear {
                     x32.conv2d(&a.down.reshape((r, i, 1, 1))?, 0, 1, 1, 1)?
                         .conv2d(&a.up.reshape((o, r, 1, 1))?, 0, 1, 1, 1)?
                 }
+                ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
             };
             let d = (d * a.factor)?;
             delta = Some(match delta {

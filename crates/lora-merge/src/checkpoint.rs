@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use lora_core::keys::{module_from_weight, Component};
+use lora_core::keys::{locon_module_from_weight, module_from_weight, Component};
 use lora_core::ldm::{DiffusersTensor, LdmLayout, LdmTensor, ModelPart};
 use lora_core::weights::component_weights;
 use lora_core::ModuleInfo;
@@ -150,8 +150,23 @@ impl Checkpoint {
         })
     }
 
-    /// The adaptable modules (UNet, text encoder) with their diffusers paths, sorted.
+    /// The adaptable modules (UNet, text encoder) with their diffusers paths, sorted: kohya's
+    /// attn-mlp set (what `extract` targets and the runtime UNet adapts).
     pub fn modules(&self) -> (Vec<ModuleInfo>, Vec<ModuleInfo>) {
+        self.modules_with(module_from_weight)
+    }
+
+    /// The modules an adapter may be merged into: [`modules`](Self::modules) plus the resnet,
+    /// downsampler and upsampler layers that kohya `conv_dim` / LyCORIS LoCon adapters target
+    /// (3×3 convs included).
+    pub fn merge_modules(&self) -> (Vec<ModuleInfo>, Vec<ModuleInfo>) {
+        self.modules_with(locon_module_from_weight)
+    }
+
+    fn modules_with(
+        &self,
+        select: fn(Component, &str, &[usize]) -> Option<ModuleInfo>,
+    ) -> (Vec<ModuleInfo>, Vec<ModuleInfo>) {
         let mut unet = Vec::new();
         let mut te = Vec::new();
         for (part, name, shape) in self.diffusers_tensors() {
@@ -160,7 +175,7 @@ impl Checkpoint {
                 ModelPart::TextEncoder => (Component::TextEncoder, &mut te),
                 ModelPart::Vae => continue,
             };
-            if let Some(info) = module_from_weight(component, &name, &shape) {
+            if let Some(info) = select(component, &name, &shape) {
                 list.push(info);
             }
         }

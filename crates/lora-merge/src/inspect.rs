@@ -9,6 +9,8 @@ use anyhow::Result;
 use candle_core::Device;
 use lora_core::keys::Component;
 use lora_core::AdapterFile;
+
+use crate::lycoris::{is_lycoris_file, LycorisFile};
 use serde_json::{json, Value};
 
 /// A summary of one adapter file.
@@ -30,7 +32,7 @@ pub struct Inspection {
 }
 
 /// Layer names as they end module paths; kohya names end in the same with `.` → `_`.
-const TARGETS: [&str; 14] = [
+const TARGETS: [&str; 24] = [
     "to_q",
     "to_k",
     "to_v",
@@ -45,32 +47,80 @@ const TARGETS: [&str; 14] = [
     "out_proj",
     "fc1",
     "fc2",
+    // LoCon / LyCORIS targets outside the transformer blocks.
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "conv_in",
+    "conv_out",
+    "time_embedding.linear_1",
+    "time_embedding.linear_2",
 ];
 
+/// Describes a LoRA/LoCon file (kohya or PEFT) or a LyCORIS LoHa/LoKr file (format
+/// `lycoris-loha`, `lycoris-lokr`; a LoKr module with two full halves has rank 0, and a
+/// missing alpha prints as `none`).
 pub fn inspect(path: &Path) -> Result<Inspection> {
-    let file = AdapterFile::read(path, &Device::Cpu)?;
+    // (component, module name, rank, alpha as printed)
+    let (format, metadata, modules): (String, _, Vec<(Component, String, usize, String)>) =
+        if is_lycoris_file(path)? {
+            let file = LycorisFile::read(path)?;
+            let algorithms: BTreeSet<&str> = file.modules.values().map(|m| m.algorithm()).collect();
+            let format = format!(
+                "lycoris-{}",
+                algorithms.into_iter().collect::<Vec<_>>().join("+")
+            );
+            let modules = file
+                .modules
+                .iter()
+                .map(|((c, name), m)| {
+                    let alpha = m.alpha.map_or("none".to_string(), |a| format!("{a:?}"));
+                    (*c, name.clone(), m.rank, alpha)
+                })
+                .collect();
+            (format, file.metadata, modules)
+        } else {
+            let file = AdapterFile::read(path, &Device::Cpu)?;
+            let modules = file
+                .raw_modules()
+                .iter()
+                .map(|m| {
+                    (
+                        m.component,
+                        m.name.clone(),
+                        m.rank(),
+                        format!("{:?}", m.alpha),
+                    )
+                })
+                .collect();
+            (
+                file.format().name().to_string(),
+                file.metadata().clone(),
+                modules,
+            )
+        };
     let mut inspection = Inspection {
         path: path.display().to_string(),
-        format: file.format().name().to_string(),
-        base_model: base_model(file.metadata()),
+        format,
+        base_model: base_model(&metadata),
         unet_modules: 0,
         text_encoder_modules: 0,
         ranks: BTreeMap::new(),
         alphas: BTreeMap::new(),
         targets: BTreeSet::new(),
-        metadata: file.metadata().clone(),
+        metadata,
     };
-    for m in file.raw_modules() {
-        match m.component {
+    for (component, name, rank, alpha) in modules {
+        match component {
             Component::Unet => inspection.unet_modules += 1,
             Component::TextEncoder => inspection.text_encoder_modules += 1,
         }
-        *inspection.ranks.entry(m.rank()).or_default() += 1;
-        *inspection
-            .alphas
-            .entry(format!("{:?}", m.alpha))
-            .or_default() += 1;
-        let flat = m.name.replace('.', "_");
+        *inspection.ranks.entry(rank).or_default() += 1;
+        *inspection.alphas.entry(alpha).or_default() += 1;
+        let flat = name.replace('.', "_");
         let target = TARGETS
             .iter()
             .find(|t| flat.ends_with(&format!("_{}", t.replace('.', "_"))))

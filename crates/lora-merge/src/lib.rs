@@ -8,6 +8,7 @@ pub mod algebra;
 pub mod checkpoint;
 pub mod inspect;
 pub mod lowrank;
+pub mod lycoris;
 pub mod merge;
 pub mod stream;
 
@@ -15,4 +16,7 @@ pub use algebra::DynamicRank;
 pub use inspect::{inspect, Inspection};
 pub use lora_core;
 pub use lowrank::{extract, resize, svd_merge, LowRankReport, ModuleSummary};
-pub use merge::{merge, AdapterSpec, MergeOptions, MergeReport, OutputDtype};
+pub use merge::{
+    merge, merge_converting, AdapterSpec, Conversion, MergeOptions, MergeReport, OutputDtype,
+    OutputLayout,
+};

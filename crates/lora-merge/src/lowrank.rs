@@ -24,8 +24,9 @@ use crate::merge::AdapterSpec;
 pub struct OutputModule {
     /// Full kohya name (`lora_unet_…`).
     pub name: String,
-    /// Stored 4-D (`[_, _, 1, 1]`) as for 1×1 convs.
-    pub conv1x1: bool,
+    /// `Some((kh, kw))`: stored 4-D as a conv adapter, down `[r, in, kh, kw]` (the down matrix
+    /// is `[r, in·kh·kw]`) and up `[out, r, 1, 1]`; `(1, 1)` for 1×1 convs.
+    pub kernel: Option<(usize, usize)>,
     pub up: DMatrix<f64>,
     pub down: DMatrix<f64>,
     pub alpha: f64,
@@ -80,7 +81,7 @@ pub fn svd_merge(
             let scaled_up = module.up * (module.alpha / module.down.nrows() as f64 * spec.weight);
             terms.entry(module.name.clone()).or_default().push(Term {
                 path: spec.path.clone(),
-                conv1x1: module.conv1x1,
+                kernel: module.kernel,
                 up: scaled_up,
                 down: module.down,
             });
@@ -89,10 +90,10 @@ pub fn svd_merge(
     let results: Vec<(OutputModule, ModuleSummary)> = terms
         .into_par_iter()
         .map(|(name, terms)| {
-            let (up, down, conv1x1) = stack_terms(&name, &terms)?;
+            let (up, down, kernel) = stack_terms(&name, &terms)?;
             let svd = Svd::of_product(&up, &down)?;
             let k = select_rank(&svd.singular, rank, dynamic);
-            Ok(refactored(name, conv1x1, &svd, k, up.ncols()))
+            Ok(refactored(name, kernel, &svd, k, up.ncols()))
         })
         .collect::<Result<_>>()?;
     finish(output, results, Vec::new(), "svd")
@@ -119,7 +120,7 @@ pub fn resize(
             let scale = m.alpha / old_rank as f64;
             let svd = Svd::of_product(&(&m.up * scale), &m.down)?;
             let k = select_rank(&svd.singular, rank.unwrap_or(old_rank), dynamic);
-            let (mut out, summary) = refactored(m.name, m.conv1x1, &svd, k, old_rank);
+            let (mut out, summary) = refactored(m.name, m.kernel, &svd, k, old_rank);
             // Keep alpha/rank: the stored up carries σ / scale.
             out.up /= scale;
             out.alpha = scale * k as f64;
@@ -173,9 +174,9 @@ pub fn extract(
             let svd = Svd::of(to_matrix(&diff)?)?;
             let k = rank.min(svd.singular.len());
             let name = kohya_name(*component, &info.path);
-            let conv1x1 = info.kind == ModuleKind::Conv1x1;
+            let kernel = (info.kind == ModuleKind::Conv1x1).then_some((1, 1));
             let full_rank = info.in_features.min(info.out_features);
-            Ok(Some(refactored(name, conv1x1, &svd, k, full_rank)))
+            Ok(Some(refactored(name, kernel, &svd, k, full_rank)))
         })
         .collect::<Result<_>>()?;
     let skipped = modules
@@ -197,17 +198,22 @@ pub fn extract(
 /// One adapter's contribution to an `svd` module: up already scaled by weight·alpha/rank.
 struct Term {
     path: PathBuf,
-    conv1x1: bool,
+    kernel: Option<(usize, usize)>,
     up: DMatrix<f64>,
     down: DMatrix<f64>,
 }
 
+/// A conv adapter's kernel `(kh, kw)`; `None` for Linear layers.
+type Kernel = Option<(usize, usize)>;
+
 /// `[up₁ | up₂ …]` and `[down₁; down₂ …]`, whose product is the exact sum of the terms.
-fn stack_terms(name: &str, terms: &[Term]) -> Result<(DMatrix<f64>, DMatrix<f64>, bool)> {
+fn stack_terms(name: &str, terms: &[Term]) -> Result<(DMatrix<f64>, DMatrix<f64>, Kernel)> {
     let first = &terms[0];
     for t in &terms[1..] {
         ensure!(
-            t.up.nrows() == first.up.nrows() && t.down.ncols() == first.down.ncols(),
+            t.up.nrows() == first.up.nrows()
+                && t.down.ncols() == first.down.ncols()
+                && t.kernel.unwrap_or((1, 1)) == first.kernel.unwrap_or((1, 1)),
             "`{name}`: {} has ΔW [{}, {}] but {} has [{}, {}]; the adapters are for different models",
             first.path.display(),
             first.up.nrows(),
@@ -227,13 +233,13 @@ fn stack_terms(name: &str, terms: &[Term]) -> Result<(DMatrix<f64>, DMatrix<f64>
         down.rows_mut(at, r).copy_from(&t.down);
         at += r;
     }
-    Ok((up, down, first.conv1x1))
+    Ok((up, down, first.kernel))
 }
 
 /// The module at rank `k` with alpha = k (scale 1), and its summary.
 fn refactored(
     name: String,
-    conv1x1: bool,
+    kernel: Option<(usize, usize)>,
     svd: &Svd,
     k: usize,
     old_rank: usize,
@@ -248,7 +254,7 @@ fn refactored(
     };
     let module = OutputModule {
         name,
-        conv1x1,
+        kernel,
         up,
         down,
         alpha: k as f64,
@@ -273,7 +279,7 @@ fn finish(
 /// A module of an input adapter, named by its kohya name whatever the file's layout.
 struct InputModule {
     name: String,
-    conv1x1: bool,
+    kernel: Option<(usize, usize)>,
     up: DMatrix<f64>,
     down: DMatrix<f64>,
     alpha: f64,
@@ -291,7 +297,9 @@ fn read_modules(path: &Path) -> Result<Vec<InputModule>> {
             };
             Ok(InputModule {
                 name,
-                conv1x1: four_d.contains(&raw.down_key),
+                kernel: raw
+                    .kernel
+                    .or_else(|| four_d.contains(&raw.down_key).then_some((1, 1))),
                 up: to_matrix(&raw.up)?,
                 down: to_matrix(&raw.down)?,
                 alpha: raw.alpha,
@@ -317,21 +325,24 @@ fn four_d_keys(path: &Path) -> Result<std::collections::HashSet<String>> {
 pub fn write_kohya(path: &Path, modules: &[OutputModule], operation: &str) -> Result<()> {
     let mut tensors = Vec::with_capacity(modules.len() * 3);
     for m in modules {
-        let stored = |t: Tensor| -> Result<Tensor> {
-            Ok(if m.conv1x1 {
-                let (a, b) = t.dims2()?;
-                t.reshape((a, b, 1, 1))?
-            } else {
-                t
+        // Conv adapters: down `[r, in, kh, kw]`, up `[out, r, 1, 1]`.
+        let stored = |t: Tensor, (kh, kw): (usize, usize)| -> Result<Tensor> {
+            Ok(match m.kernel {
+                Some(_) => {
+                    let (a, b) = t.dims2()?;
+                    t.reshape((a, b / (kh * kw), kh, kw))?
+                }
+                None => t,
             })
         };
+        let kernel = m.kernel.unwrap_or((1, 1));
         tensors.push((
             format!("{}.lora_down.weight", m.name),
-            stored(to_tensor(&m.down)?)?,
+            stored(to_tensor(&m.down)?, kernel)?,
         ));
         tensors.push((
             format!("{}.lora_up.weight", m.name),
-            stored(to_tensor(&m.up)?)?,
+            stored(to_tensor(&m.up)?, (1, 1))?,
         ));
         tensors.push((
             format!("{}.alpha", m.name),

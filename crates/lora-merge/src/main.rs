@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use lora_merge::{AdapterSpec, DynamicRank, LowRankReport, MergeOptions, OutputDtype};
+use lora_merge::{
+    AdapterSpec, Conversion, DynamicRank, LowRankReport, MergeOptions, OutputDtype, OutputLayout,
+};
 
 /// Fold LoRA adapters into checkpoints; SVD merge, resize, extract and inspect adapters.
 ///
@@ -37,12 +39,20 @@ struct MergeArgs {
     /// Base model: a diffusers folder or a single-file LDM checkpoint (.safetensors).
     #[arg(long)]
     base: PathBuf,
-    /// Adapter file, optionally with a weight: FILE[:WEIGHT]. Repeatable.
-    #[arg(long = "lora", required = true)]
+    /// Adapter file (kohya/PEFT LoRA or LoCon, LyCORIS LoHa/LoKr), optionally with a weight:
+    /// FILE[:WEIGHT]. Repeatable; may be left out with --to (a plain layout conversion).
+    #[arg(long = "lora", required_unless_present = "to")]
     loras: Vec<AdapterSpec>,
-    /// Output: a new folder (diffusers base) or file (single-file base).
+    /// Output: a new folder (diffusers) or file (single-file), as the base unless --to says.
     #[arg(long)]
     output: PathBuf,
+    /// Output layout: diffusers or single-file (default: the base's).
+    #[arg(long)]
+    to: Option<OutputLayout>,
+    /// Diffusers folder whose config, tokenizer and scheduler files go into the output; needed
+    /// for --to diffusers from a single file.
+    #[arg(long)]
+    config_from: Option<PathBuf>,
     /// Floating-point dtype of the output (fp16, bf16, fp32); default: as stored.
     #[arg(long)]
     dtype: Option<OutputDtype>,
@@ -144,13 +154,24 @@ fn main() -> Result<()> {
 }
 
 fn run_merge(args: MergeArgs) -> Result<()> {
-    let report = lora_merge::merge(&MergeOptions {
-        base: args.base,
-        adapters: args.loras,
-        output: args.output.clone(),
-        dtype: args.dtype,
-        allow_unmatched: args.allow_unmatched,
-    })?;
+    anyhow::ensure!(
+        args.config_from.is_none() || args.to.is_some(),
+        "--config-from is used only with --to"
+    );
+    let conversion = args.to.map(|to| Conversion {
+        to,
+        config_from: args.config_from,
+    });
+    let report = lora_merge::merge_converting(
+        &MergeOptions {
+            base: args.base,
+            adapters: args.loras,
+            output: args.output.clone(),
+            dtype: args.dtype,
+            allow_unmatched: args.allow_unmatched,
+        },
+        conversion.as_ref(),
+    )?;
     for unmatched in &report.unmatched {
         eprintln!("warning: skipped {unmatched}");
     }

@@ -8,13 +8,14 @@ use std::str::FromStr;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lora_core::keys::Component;
-use lora_core::ldm::{LdmTensor, ModelPart};
-use lora_core::{AdapterFile, LoraModule, ModelModules};
+use lora_core::ldm::{LdmLayout, LdmTarget, LdmTensor, ModelPart, TextEncoderLayout};
+use lora_core::{AdapterFile, ModelModules};
 use safetensors::Dtype;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{canonical, Checkpoint, Layout};
+use crate::lycoris::{is_lycoris_file, LycorisFile, MergeModule};
 use crate::stream::{write_streaming, PlannedTensor};
 
 /// `FILE[:WEIGHT]` as given to `--lora`; the weight defaults to 1.
@@ -73,6 +74,36 @@ impl OutputDtype {
     }
 }
 
+/// The layout of a merge's output when it differs from the base's (`--to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputLayout {
+    /// A diffusers folder (`unet/`, `text_encoder/`, `vae/` plus config files).
+    Diffusers,
+    /// One `.safetensors` file with original LDM keys.
+    SingleFile,
+}
+
+impl FromStr for OutputLayout {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "diffusers" => Ok(Self::Diffusers),
+            "single-file" => Ok(Self::SingleFile),
+            _ => bail!("unknown layout `{s}`: expected diffusers or single-file"),
+        }
+    }
+}
+
+/// `--to` and `--config-from`: write the merge in another layout.
+#[derive(Debug, Clone)]
+pub struct Conversion {
+    pub to: OutputLayout,
+    /// A diffusers folder whose config, tokenizer and scheduler files are copied into the output
+    /// (`model_index.json`, `*/config.json`, …). Required to turn a single file into a diffusers
+    /// folder: a single file holds no configs and they are not derived from its shapes.
+    pub config_from: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone)]
 pub struct MergeOptions {
     pub base: PathBuf,
@@ -95,15 +126,54 @@ pub struct MergeReport {
 }
 
 /// One adapter module to add to a weight, with its merge weight.
-type Contributions = HashMap<(Component, String), Vec<(LoraModule, f64)>>;
+type Contributions = HashMap<(Component, String), Vec<(MergeModule, f64)>>;
 
 /// Merges `options.adapters` into `options.base`, writing `options.output` in the base's layout.
 /// Nothing is written unless every adapter resolves; the output appears only when complete.
 pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
-    ensure!(!options.adapters.is_empty(), "no adapter given (--lora)");
+    merge_converting(options, None)
+}
+
+/// [`merge`], writing the output in `conversion.to`'s layout. With a conversion the adapter list
+/// may be empty (a plain layout conversion).
+pub fn merge_converting(
+    options: &MergeOptions,
+    conversion: Option<&Conversion>,
+) -> Result<MergeReport> {
+    ensure!(
+        !options.adapters.is_empty() || conversion.is_some(),
+        "no adapter given (--lora)"
+    );
     check_output_is_new(&options.base, &options.output)?;
     let base = Checkpoint::open(&options.base)?;
-    let (unet, te) = base.modules();
+    let to = match (conversion.map(|c| c.to), base.layout) {
+        (Some(to), _) => to,
+        (None, Layout::Diffusers) => OutputLayout::Diffusers,
+        (None, Layout::SingleFile(_)) => OutputLayout::SingleFile,
+    };
+    let config_from = conversion.and_then(|c| c.config_from.clone());
+    if to == OutputLayout::Diffusers {
+        ensure!(
+            !options.output.exists(),
+            "output folder {} already exists; remove it or choose another path",
+            options.output.display()
+        );
+    }
+    if let (OutputLayout::Diffusers, Layout::SingleFile(_)) = (to, base.layout) {
+        let dir = config_from.as_deref().with_context(|| {
+            format!(
+                "--to diffusers from the single file {} needs --config-from <diffusers folder> \
+                 for model_index.json and the config files (a single file holds none)",
+                options.base.display()
+            )
+        })?;
+        ensure!(
+            dir.join("unet/config.json").is_file(),
+            "--config-from {}: not a diffusers folder (no unet/config.json)",
+            dir.display()
+        );
+    }
+    let (unet, te) = base.merge_modules();
     let model = ModelModules {
         unet: &unet,
         text_encoder: Some(&te),
@@ -112,6 +182,37 @@ pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
     let mut contributions = Contributions::new();
     let mut records = Vec::new();
     for spec in &options.adapters {
+        if is_lycoris_file(&spec.path)? {
+            let file = LycorisFile::read(&spec.path)?;
+            let (modules, unmatched) =
+                file.resolve(&model, options.allow_unmatched)
+                    .with_context(|| {
+                        format!(
+                        "{}: adapter does not fit base model {} (pass --allow-unmatched to skip \
+                         modules that match nothing)",
+                        spec.path.display(),
+                        options.base.display()
+                    )
+                    })?;
+            report.unmatched.extend(unmatched);
+            let algorithms: std::collections::BTreeSet<&str> =
+                modules.iter().map(|(_, _, m)| m.algorithm()).collect();
+            report
+                .merged_modules
+                .push((spec.path.clone(), modules.len()));
+            for (component, path, module) in modules {
+                contributions
+                    .entry((component, component.canonical_path(&path)))
+                    .or_default()
+                    .push((MergeModule::Lycoris(module), spec.weight));
+            }
+            let format = format!(
+                "lycoris-{}",
+                algorithms.into_iter().collect::<Vec<_>>().join("+")
+            );
+            records.push(adapter_record(spec, &format)?);
+            continue;
+        }
         let file = AdapterFile::read(&spec.path, &Device::Cpu)?;
         let adapter = if options.allow_unmatched {
             let (adapter, unmatched) = file.resolve_allowing_unmatched(&model)?;
@@ -136,7 +237,7 @@ pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
                 contributions
                     .entry(key)
                     .or_default()
-                    .push((module, spec.weight));
+                    .push((MergeModule::Lora(module), spec.weight));
                 count += 1;
             }
         }
@@ -152,9 +253,20 @@ pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
         contributions: &contributions,
         dtype: options.dtype,
     };
-    report.tensors_changed = match base.layout {
-        Layout::SingleFile(_) => merger.write_single_file(&options.output, provenance)?,
-        Layout::Diffusers => merger.write_folder(&options.output, provenance)?,
+    report.tensors_changed = match (base.layout, to) {
+        (Layout::SingleFile(_), OutputLayout::SingleFile) => {
+            merger.write_single_file(&options.output, provenance)?
+        }
+        (Layout::Diffusers, OutputLayout::Diffusers) => {
+            merger.write_folder(&options.output, provenance)?
+        }
+        (Layout::Diffusers, OutputLayout::SingleFile) => {
+            merger.write_ldm_from_folder(&options.output, provenance)?
+        }
+        (Layout::SingleFile(_), OutputLayout::Diffusers) => {
+            let config_from = config_from.expect("checked above");
+            merger.write_folder_from_ldm(&options.output, &config_from, provenance)?
+        }
     };
     Ok(report)
 }
@@ -214,26 +326,226 @@ impl Merger<'_> {
     /// Writes the folder into a temporary sibling and renames it into place, so a failure
     /// leaves no partial output.
     fn write_folder(&self, output: &Path, provenance: BTreeMap<String, String>) -> Result<usize> {
-        let name = output
-            .file_name()
-            .with_context(|| format!("{} does not name a folder", output.display()))?;
-        let temp = output.with_file_name(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let result = self.fill_folder(&temp, provenance).and_then(|changed| {
-            std::fs::rename(&temp, output).with_context(|| {
-                format!("cannot rename {} to {}", temp.display(), output.display())
-            })?;
-            Ok(changed)
-        });
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&temp);
-        }
-        result
+        atomic_folder(output, |dir| self.fill_folder(dir, provenance))
     }
 
+    /// A diffusers folder as one single file with LDM keys: every tensor renamed (SD2's
+    /// q/k/v stacked into OpenCLIP's `in_proj_*`, the VAE's attention projections as 1×1
+    /// convs), merged and cast as for a same-layout merge.
+    fn write_ldm_from_folder(
+        &self,
+        output: &Path,
+        provenance: BTreeMap<String, String>,
+    ) -> Result<usize> {
+        let layout = self.folder_ldm_layout()?;
+        let up_attn: Vec<usize> =
+            self.folder_indices(ModelPart::Unet, "up_blocks.", ".attentions.");
+        // LDM key → (stored-order sources: (entry, third), to_conv)
+        let mut targets: BTreeMap<String, (Vec<(usize, usize)>, bool)> = BTreeMap::new();
+        for (i, e) in self.base.entries.iter().enumerate() {
+            let LdmTensor::Renamed(t) = &e.meaning else {
+                continue;
+            };
+            match layout.ldm_key(t, &up_attn)? {
+                LdmTarget::Key { key, to_conv } => {
+                    targets.insert(key, (vec![(i, 0)], to_conv));
+                }
+                LdmTarget::Stacked { key, index } => {
+                    targets.entry(key).or_default().0.push((i, index));
+                }
+            }
+        }
+        let mut plan = Vec::with_capacity(targets.len());
+        let mut sources = Vec::with_capacity(targets.len());
+        for (key, (mut parts, to_conv)) in targets {
+            parts.sort_by_key(|&(_, third)| third);
+            let first = &self.base.entries[parts[0].0];
+            let mut shape = first.shape.clone();
+            if parts.len() > 1 || parts[0].1 > 0 {
+                let thirds: Vec<usize> = parts.iter().map(|p| p.1).collect();
+                ensure!(
+                    thirds == [0, 1, 2]
+                        && parts.iter().all(|p| {
+                            let e = &self.base.entries[p.0];
+                            e.shape == first.shape && e.dtype == first.dtype
+                        }),
+                    "`{key}`: q, k and v must all be present with equal shapes and dtypes"
+                );
+                shape[0] *= 3;
+            }
+            if to_conv && shape.len() == 2 {
+                shape.extend([1, 1]);
+            }
+            plan.push(PlannedTensor {
+                name: key,
+                dtype: self.output_dtype(first.dtype),
+                shape,
+            });
+            sources.push(parts.into_iter().map(|p| p.0).collect::<Vec<usize>>());
+        }
+        let mut metadata = self.base.files[0].metadata()?;
+        metadata.extend(provenance);
+        write_streaming(output, &plan, &metadata, |k| {
+            let mut bytes = Vec::new();
+            for &i in &sources[k] {
+                bytes.extend(self.produce(i, plan[k].dtype)?);
+            }
+            Ok(bytes)
+        })?;
+        Ok((0..self.base.entries.len())
+            .filter(|&i| !self.deltas_for(i).is_empty())
+            .count())
+    }
+
+    /// The single-file layout of a diffusers folder: blocks counted from the weights, OpenCLIP
+    /// (SD2) when the text encoder uses exact GELU (`hidden_act: gelu`), else CLIP (SD1).
+    fn folder_ldm_layout(&self) -> Result<LdmLayout> {
+        let resnets = self.folder_indices(ModelPart::Unet, "down_blocks.0.resnets.", "");
+        ensure!(
+            !resnets.is_empty(),
+            "{}: no UNet down_blocks.0.resnets",
+            self.base.root.display()
+        );
+        let config = self.base.root.join("text_encoder/config.json");
+        let text: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&config)
+                .with_context(|| format!("cannot read {}", config.display()))?,
+        )
+        .with_context(|| format!("{} is not JSON", config.display()))?;
+        let text_encoder = match text.get("hidden_act").and_then(|v| v.as_str()) {
+            Some("gelu") => TextEncoderLayout::OpenClip,
+            _ => TextEncoderLayout::Clip,
+        };
+        Ok(LdmLayout {
+            layers_per_block: resnets.len(),
+            vae_up_blocks: self
+                .folder_indices(ModelPart::Vae, "decoder.up_blocks.", "")
+                .len(),
+            text_encoder,
+        })
+    }
+
+    /// The distinct `N` of `part`'s tensors named `<head>N<infix>…`, sorted.
+    fn folder_indices(&self, part: ModelPart, head: &str, infix: &str) -> Vec<usize> {
+        let set: std::collections::BTreeSet<usize> = self
+            .base
+            .entries
+            .iter()
+            .filter_map(|e| match &e.meaning {
+                LdmTensor::Renamed(t) if t.part == part => {
+                    let (n, rest) = t.name.strip_prefix(head)?.split_once('.')?;
+                    format!(".{rest}")
+                        .starts_with(infix)
+                        .then(|| n.parse().ok())
+                        .flatten()
+                }
+                _ => None,
+            })
+            .collect();
+        set.into_iter().collect()
+    }
+
+    /// A single file as a diffusers folder: the config files of `config_from`, and one weights
+    /// file per model part with the diffusers names (OpenCLIP's stacked q/k/v split, the VAE's
+    /// 1×1-conv attention projections as Linear weights). Keys of no model part are dropped.
+    fn write_folder_from_ldm(
+        &self,
+        output: &Path,
+        config_from: &Path,
+        provenance: BTreeMap<String, String>,
+    ) -> Result<usize> {
+        atomic_folder(output, |dir| {
+            copy_folder_files(config_from, dir, &[])?;
+            let mut metadata = self.base.files[0].metadata()?;
+            metadata.extend(provenance);
+            for part in ModelPart::ALL {
+                // (diffusers name, entry, third of a stacked tensor, shape)
+                let mut tensors: Vec<(String, usize, Option<usize>, Vec<usize>)> = Vec::new();
+                for (i, e) in self.base.entries.iter().enumerate() {
+                    match &e.meaning {
+                        LdmTensor::Renamed(t) if t.part == part => {
+                            let mut shape = e.shape.clone();
+                            if part == ModelPart::Vae && is_vae_attention_weight(&t.name) {
+                                shape.truncate(2);
+                            }
+                            tensors.push((t.name.clone(), i, None, shape));
+                        }
+                        LdmTensor::StackedQkv(parts) => {
+                            for (k, t) in parts.iter().enumerate().filter(|(_, t)| t.part == part) {
+                                let mut shape = e.shape.clone();
+                                shape[0] /= 3;
+                                tensors.push((t.name.clone(), i, Some(k), shape));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if tensors.is_empty() {
+                    continue;
+                }
+                tensors.sort_by(|a, b| a.0.cmp(&b.0));
+                let plan: Vec<PlannedTensor> = tensors
+                    .iter()
+                    .map(|(name, i, _, shape)| PlannedTensor {
+                        name: name.clone(),
+                        dtype: self.output_dtype(self.base.entries[*i].dtype),
+                        shape: shape.clone(),
+                    })
+                    .collect();
+                let file = match part {
+                    ModelPart::TextEncoder => "model.safetensors",
+                    _ => "diffusion_pytorch_model.safetensors",
+                };
+                let sub = dir.join(part.folder());
+                std::fs::create_dir_all(&sub)
+                    .with_context(|| format!("cannot create {}", sub.display()))?;
+                write_streaming(&sub.join(file), &plan, &metadata, |k| {
+                    let (_, i, third, _) = &tensors[k];
+                    let bytes = self.produce(*i, plan[k].dtype)?;
+                    Ok(match third {
+                        None => bytes,
+                        Some(t) => {
+                            let n = bytes.len() / 3;
+                            bytes[t * n..(t + 1) * n].to_vec()
+                        }
+                    })
+                })?;
+            }
+            Ok((0..self.base.entries.len())
+                .filter(|&i| !self.deltas_for(i).is_empty())
+                .count())
+        })
+    }
+}
+
+/// The VAE mid-block attention projections: Linear `[out, in]` in diffusers.
+fn is_vae_attention_weight(name: &str) -> bool {
+    name.contains(".mid_block.attentions.0.to_") && name.ends_with(".weight")
+}
+
+/// Fills a temporary sibling of `output` with `fill` and renames it into place, so a failure
+/// leaves no partial output.
+fn atomic_folder(output: &Path, fill: impl FnOnce(&Path) -> Result<usize>) -> Result<usize> {
+    let name = output
+        .file_name()
+        .with_context(|| format!("{} does not name a folder", output.display()))?;
+    let temp = output.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = fill(&temp).and_then(|changed| {
+        std::fs::rename(&temp, output)
+            .with_context(|| format!("cannot rename {} to {}", temp.display(), output.display()))?;
+        Ok(changed)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    result
+}
+
+impl Merger<'_> {
     fn fill_folder(&self, dir: &Path, provenance: BTreeMap<String, String>) -> Result<usize> {
         let weight_files: Vec<PathBuf> = self.base.files.iter().map(|f| f.path.clone()).collect();
         copy_folder_files(&self.base.root, dir, &weight_files)?;
@@ -286,7 +598,7 @@ impl Merger<'_> {
 
     /// For entry `i`: the contributions to each of its diffusers weights (three for stacked
     /// q/k/v), or an empty list when nothing changes it.
-    fn deltas_for(&self, i: usize) -> Vec<Option<&Vec<(LoraModule, f64)>>> {
+    fn deltas_for(&self, i: usize) -> Vec<Option<&Vec<(MergeModule, f64)>>> {
         let lookup = |part: ModelPart, name: &str| {
             let component = match part {
                 ModelPart::Unet => Component::Unet,
@@ -296,7 +608,7 @@ impl Merger<'_> {
             let path = canonical(part, name.strip_suffix(".weight")?);
             self.contributions.get(&(component, path))
         };
-        let found: Vec<Option<&Vec<(LoraModule, f64)>>> = match &self.base.entries[i].meaning {
+        let found: Vec<Option<&Vec<(MergeModule, f64)>>> = match &self.base.entries[i].meaning {
             LdmTensor::Renamed(t) => vec![lookup(t.part, &t.name)],
             LdmTensor::StackedQkv(parts) => parts.iter().map(|t| lookup(t.part, &t.name)).collect(),
             LdmTensor::Other => vec![],
@@ -327,7 +639,11 @@ impl Merger<'_> {
 
     /// Σ weight·ΔW for entry `i`, shaped like the stored tensor (1×1 convs, stacked q/k/v with
     /// zero blocks for parts without an adapter).
-    fn summed_delta(&self, i: usize, deltas: &[Option<&Vec<(LoraModule, f64)>>]) -> Result<Tensor> {
+    fn summed_delta(
+        &self,
+        i: usize,
+        deltas: &[Option<&Vec<(MergeModule, f64)>>],
+    ) -> Result<Tensor> {
         let e = &self.base.entries[i];
         let rows = e.shape[0] / deltas.len();
         let cols: usize = e.shape[1..].iter().product();

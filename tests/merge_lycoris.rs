@@ -1,0 +1,256 @@
+//! `lora-merge` with LyCORIS-style adapters on sd1-tiny, against the reference fixtures of
+//! tests/reference/make_merge_fixtures.py (`--lycoris`):
+//! - LoCon (kohya `conv_dim`: 3×3 resnet and sampler convs, `conv_shortcut`, `time_emb_proj`):
+//!   diffusers `load_lora_weights` + `fuse_lora`.
+//! - LoHa and LoKr: `lycoris.functional.{loha,lokr}.diff_weight`, the reference implementation.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use common::{fixtures, max_abs_diff};
+use lora_toolkit::core::ldm::ModelPart;
+use lora_toolkit::merge::checkpoint::Checkpoint;
+use lora_toolkit::merge::{merge, AdapterSpec, MergeOptions};
+
+/// f32 merges must match the reference this closely.
+const TOLERANCE: f32 = 1e-5;
+const CFG: &str = "sd1-tiny";
+
+fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(path, &Device::Cpu)?)
+}
+
+fn merge_dir() -> PathBuf {
+    fixtures().join(CFG).join("merge")
+}
+
+fn merged(adapter: &str, weight: f64, out: &Path) -> Result<usize> {
+    let report = merge(&MergeOptions {
+        base: fixtures().join(CFG),
+        adapters: vec![AdapterSpec {
+            path: merge_dir().join(adapter),
+            weight,
+        }],
+        output: out.to_path_buf(),
+        dtype: None,
+        allow_unmatched: false,
+    })?;
+    Ok(report.tensors_changed)
+}
+
+/// Largest difference between the merged checkpoint and the expected tensors
+/// (`unet.<name>` / `text_encoder.<name>`).
+fn compare(out: &Path, expected: &Path) -> Result<f32> {
+    let merged = Checkpoint::open(out)?;
+    let mut worst = 0f32;
+    for (key, want) in load(expected)? {
+        let (part, name) = match key.split_once('.') {
+            Some(("unet", name)) => (ModelPart::Unet, name),
+            Some(("text_encoder", name)) => (ModelPart::TextEncoder, name),
+            _ => panic!("unexpected fixture key `{key}`"),
+        };
+        let ours = merged.load_f32(part, name)?.reshape(want.dims())?;
+        worst = worst.max(max_abs_diff(&ours, &want));
+    }
+    Ok(worst)
+}
+
+#[test]
+fn locon_3x3_conv_adapter_matches_diffusers_fuse_lora() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("merged");
+    let changed = merged("adapter_locon.safetensors", 0.8, &out)?;
+    let expected = merge_dir().join("expected_locon.safetensors");
+    assert_eq!(changed, load(&expected)?.len());
+    let err = compare(&out, &expected)?;
+    println!("LoCon at 0.8: max |ours - fuse_lora| = {err:.2e}");
+    assert!(err <= TOLERANCE, "{err}");
+    Ok(())
+}
+
+#[test]
+fn locon_adapters_go_through_resize_and_svd_keeping_their_kernels() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let input = merge_dir().join("adapter_locon.safetensors");
+    // At each module's own rank (≤ 4) both re-factorings are exact.
+    let resized = dir.path().join("resized.safetensors");
+    lora_toolkit::merge::resize(&input, Some(4), None, &resized)?;
+    let svd = dir.path().join("svd.safetensors");
+    let spec = AdapterSpec {
+        path: input.clone(),
+        weight: 1.0,
+    };
+    lora_toolkit::merge::svd_merge(&[spec], 4, None, &svd)?;
+    let original = load(&input)?;
+    for file in [&resized, &svd] {
+        let stored = load(file)?;
+        let down = "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight";
+        let up = "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight";
+        assert_eq!(stored[down].dims()[1..], original[down].dims()[1..]);
+        assert_eq!(stored[up].dims()[1..], [stored[down].dims()[0], 1, 1]);
+        let out = dir.path().join(format!(
+            "merged-{}",
+            file.file_stem().unwrap().to_string_lossy()
+        ));
+        merge(&MergeOptions {
+            base: fixtures().join(CFG),
+            adapters: vec![AdapterSpec {
+                path: file.to_path_buf(),
+                weight: 0.8,
+            }],
+            output: out.clone(),
+            dtype: None,
+            allow_unmatched: false,
+        })?;
+        let err = compare(&out, &merge_dir().join("expected_locon.safetensors"))?;
+        println!("{}: max |ours - fuse_lora| = {err:.2e}", file.display());
+        assert!(err <= TOLERANCE, "{err}");
+    }
+    let inspection = lora_toolkit::merge::inspect(&input)?;
+    assert_eq!(inspection.unet_modules, 7);
+    Ok(())
+}
+
+#[test]
+fn loha_and_lokr_match_the_lycoris_reference() -> Result<()> {
+    for (adapter, expected, weight) in [
+        ("adapter_loha.safetensors", "expected_loha.safetensors", 1.0),
+        ("adapter_lokr.safetensors", "expected_lokr.safetensors", 0.5),
+    ] {
+        let dir = tempfile::tempdir()?;
+        let out = dir.path().join("merged");
+        let changed = merged(adapter, weight, &out)?;
+        let expected = merge_dir().join(expected);
+        assert_eq!(changed, load(&expected)?.len(), "{adapter}");
+        let err = compare(&out, &expected)?;
+        println!("{adapter} at {weight}: max |ours - lycoris| = {err:.2e}");
+        assert!(err <= TOLERANCE, "{adapter}: {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn loha_and_lokr_files_stay_rejected_outside_the_merge_path() -> Result<()> {
+    for (file, what) in [
+        ("adapter_loha.safetensors", "LoHa"),
+        ("adapter_lokr.safetensors", "LoKr"),
+    ] {
+        let err = lora_toolkit::core::AdapterFile::read(&merge_dir().join(file), &Device::Cpu)
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(what) && msg.contains("lora-merge"), "{msg}");
+    }
+    Ok(())
+}
+
+#[test]
+fn tucker_factors_and_foreign_keys_are_rejected_by_name() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let original = load(&merge_dir().join("adapter_loha.safetensors"))?;
+    let name = "lora_unet_down_blocks_0_resnets_0_conv1";
+    for (extra, expected) in [
+        (format!("{name}.hada_t1"), "Tucker decomposition"),
+        (format!("{name}.dora_scale"), "DoRA"),
+        (format!("{name}.hada_x"), "no LoHa/LoKr tensor"),
+    ] {
+        let mut tensors = original.clone();
+        tensors.insert(
+            extra.clone(),
+            Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu)?,
+        );
+        let path = dir.path().join("bad.safetensors");
+        candle_core::safetensors::save(&tensors, &path)?;
+        let out = dir.path().join("out");
+        let err = merge(&MergeOptions {
+            base: fixtures().join(CFG),
+            adapters: vec![AdapterSpec {
+                path: path.clone(),
+                weight: 1.0,
+            }],
+            output: out.clone(),
+            dtype: None,
+            allow_unmatched: false,
+        })
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(expected) && msg.contains(&extra), "{msg}");
+        assert!(!out.exists());
+    }
+    // A module for another model: listed with both shapes.
+    let mut tensors = original.clone();
+    let w1a = format!("{name}.hada_w1_a");
+    let w2a = format!("{name}.hada_w2_a");
+    tensors.insert(w1a.clone(), tensors[&w1a].repeat((2, 1))?);
+    tensors.insert(w2a.clone(), tensors[&w2a].repeat((2, 1))?);
+    let path = dir.path().join("wide.safetensors");
+    candle_core::safetensors::save(&tensors, &path)?;
+    let err = merged_err(&path, dir.path())?;
+    assert!(
+        err.contains("the loha ΔW is [32, 144]") && err.contains("is [16, 144]"),
+        "{err}"
+    );
+    Ok(())
+}
+
+fn merged_err(path: &Path, dir: &Path) -> Result<String> {
+    let err = merge(&MergeOptions {
+        base: fixtures().join(CFG),
+        adapters: vec![AdapterSpec {
+            path: path.to_path_buf(),
+            weight: 1.0,
+        }],
+        output: dir.join("never"),
+        dtype: None,
+        allow_unmatched: false,
+    })
+    .unwrap_err();
+    Ok(format!("{err:#}"))
+}
+
+#[test]
+fn inspect_reports_locon_loha_and_lokr_files() -> Result<()> {
+    let locon = lora_toolkit::merge::inspect(&merge_dir().join("adapter_locon.safetensors"))?;
+    assert_eq!(locon.format, "kohya");
+    for target in ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "to_q"] {
+        assert!(locon.targets.contains(target), "{:?}", locon.targets);
+    }
+    let loha = lora_toolkit::merge::inspect(&merge_dir().join("adapter_loha.safetensors"))?;
+    assert_eq!(loha.format, "lycoris-loha");
+    assert_eq!((loha.unet_modules, loha.text_encoder_modules), (2, 1));
+    assert_eq!(loha.ranks, [(2, 2), (3, 1)].into());
+    let lokr = lora_toolkit::merge::inspect(&merge_dir().join("adapter_lokr.safetensors"))?;
+    assert_eq!(lokr.format, "lycoris-lokr");
+    assert_eq!(lokr.ranks, [(0, 1), (2, 3)].into());
+    Ok(())
+}
+
+#[test]
+fn the_runtime_module_set_rejects_3x3_locon_modules_pointing_to_lora_merge() -> Result<()> {
+    use lora_toolkit::core::keys::{modules_from_weights, Component};
+    // The Linear/1×1 set the UNet attach path (lora-infer, `--fuse`, training) resolves
+    // against, as `UNet2DConditionModel::lora_modules` enumerates it.
+    let unet = modules_from_weights(
+        Component::Unet,
+        &[fixtures()
+            .join(CFG)
+            .join("unet/diffusion_pytorch_model.safetensors")],
+    )?;
+    let model = lora_toolkit::core::ModelModules {
+        unet: &unet,
+        text_encoder: None,
+    };
+    let file = lora_toolkit::core::AdapterFile::read(
+        &merge_dir().join("adapter_locon.safetensors"),
+        &Device::Cpu,
+    )?;
+    let msg = format!("{:#}", file.resolve(&model).unwrap_err());
+    assert!(
+        msg.contains("3×3 conv adapter") && msg.contains("lora-merge"),
+        "{msg}"
+    );
+    Ok(())
+}
