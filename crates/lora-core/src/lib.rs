@@ -11,6 +11,7 @@ pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod rng;
+pub mod single_file;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;

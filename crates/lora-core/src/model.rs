@@ -1,5 +1,8 @@
 //! Where a model's files are: a local diffusers folder, or a Hugging Face Hub id resolved to one
-//! (the Hub cache's snapshot folder has the same layout).
+//! (the Hub cache's snapshot folder has the same layout), or a single-file (LDM) checkpoint whose
+//! weights are read through [`crate::single_file`] with the config files of a folder like the
+//! one below (`--base-config`; a single file holds no configs). Load components through
+//! [`ModelFolder::load_unet`] & co., which work for both.
 //!
 //! ```text
 //! model_index.json                 optional; component classes
@@ -12,13 +15,22 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo};
 
-use crate::config::{ClipTextConfig, SchedulerConfig, VaeConfig};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::ldm::{ModelPart, TextEncoderLayout};
+use crate::single_file::SingleFile;
+use crate::text_encoder::TextEncoder;
 use crate::tokenizer::ClipTokenizer;
+use crate::unet::UNet2DConditionModel;
+use crate::vae::Vae;
 use crate::weights;
 
 const MODEL_INDEX: &str = "model_index.json";
@@ -43,6 +55,12 @@ pub enum ModelSource {
     Local(PathBuf),
     /// A Hugging Face Hub repository id, `owner/name`.
     Hub(String),
+    /// A single-file (LDM layout) SD1.x/SD2.x `.safetensors` checkpoint, with the folder its
+    /// configs come from (a diffusers folder, or one holding only the config files).
+    SingleFile {
+        file: PathBuf,
+        configs_from: Option<PathBuf>,
+    },
 }
 
 impl ModelSource {
@@ -50,12 +68,13 @@ impl ModelSource {
     /// error (most likely a mistyped path).
     pub fn parse(spec: &str) -> Result<Self> {
         let path = Path::new(spec);
+        if path.is_file() {
+            return Ok(Self::SingleFile {
+                file: path.to_path_buf(),
+                configs_from: None,
+            });
+        }
         if path.exists() {
-            ensure!(
-                path.is_dir(),
-                "model `{spec}` is a file; expected a diffusers folder (with model_index.json, unet/, text_encoder/…) \
-                 — single-file checkpoints are not supported"
-            );
             return Ok(Self::Local(path.to_path_buf()));
         }
         if is_hub_id(spec) {
@@ -64,11 +83,32 @@ impl ModelSource {
         bail!("model `{spec}` is neither an existing folder nor a Hugging Face Hub id of the form owner/name")
     }
 
-    /// The model's folder: local as is, or the Hub's cached snapshot, downloading missing files.
+    /// Sets where a single-file checkpoint's configs come from (`--base-config`); an error for
+    /// folders and Hub ids, which have their own.
+    pub fn with_configs_from(self, dir: Option<PathBuf>) -> Result<Self> {
+        match (self, dir) {
+            (source, None) => Ok(source),
+            (Self::SingleFile { file, .. }, Some(dir)) => Ok(Self::SingleFile {
+                file,
+                configs_from: Some(dir),
+            }),
+            (_, Some(dir)) => bail!(
+                "--base-config {} is only for a single-file checkpoint as --base; a diffusers \
+                 folder or Hub id has its own configs",
+                dir.display()
+            ),
+        }
+    }
+
+    /// The model's folder: local as is, or the Hub's cached snapshot, downloading missing files;
+    /// a single file with the configs of its `configs_from` folder.
     pub fn open(&self) -> Result<ModelFolder> {
         match self {
             Self::Local(path) => ModelFolder::open(path),
             Self::Hub(id) => open_from_hub(id, Cache::from_env(), std::env::var(ENDPOINT_ENV).ok()),
+            Self::SingleFile { file, configs_from } => {
+                ModelFolder::open_single_file(file, configs_from.as_deref())
+            }
         }
     }
 }
@@ -220,10 +260,15 @@ impl ModelIndex {
     }
 }
 
-/// A verified diffusers model folder.
+/// A verified diffusers model folder, or a single-file checkpoint with a folder of configs.
 #[derive(Debug, Clone)]
 pub struct ModelFolder {
+    /// The folder, or the single file: what messages name as the model.
     root: PathBuf,
+    /// Where `unet/config.json` & co. are: `root` for a folder.
+    config_root: PathBuf,
+    /// Set when the weights come from a single-file checkpoint instead of the folder.
+    single_file: Option<Arc<SingleFile>>,
     index: Option<ModelIndex>,
     unet_weights: PathBuf,
     text_encoder_weights: PathBuf,
@@ -285,6 +330,8 @@ impl ModelFolder {
         );
         Ok(Self {
             root: root.to_path_buf(),
+            config_root: root.to_path_buf(),
+            single_file: None,
             index,
             unet_weights,
             text_encoder_weights,
@@ -293,8 +340,127 @@ impl ModelFolder {
         })
     }
 
+    /// A single-file checkpoint's weights with the configs of `configs_from`, which must hold
+    /// `unet/config.json`, `text_encoder/config.json`, `scheduler/scheduler_config.json` and,
+    /// when the file has a VAE, `vae/config.json` (`tokenizer/` optional). Its weights, if any,
+    /// are not read.
+    pub fn open_single_file(file: &Path, configs_from: Option<&Path>) -> Result<Self> {
+        let single = SingleFile::open(file)?;
+        let kind = match single.text_encoder_layout() {
+            TextEncoderLayout::Clip => "SD1.x (CLIP text encoder)",
+            TextEncoderLayout::OpenClip => "SD2.x (OpenCLIP text encoder)",
+        };
+        let Some(configs) = configs_from else {
+            bail!(
+                "{} is a single-file {kind} checkpoint, which holds no configs: pass \
+                 --base-config DIR, a diffusers folder of the same architecture (only its \
+                 unet/, text_encoder/, scheduler/, vae/ config files and tokenizer/ are read)",
+                file.display()
+            );
+        };
+        let require = |relative: &str| -> Result<PathBuf> {
+            let path = configs.join(relative);
+            ensure!(
+                path.is_file(),
+                "config folder {} (for {}) is missing {relative}",
+                configs.display(),
+                file.display()
+            );
+            Ok(path)
+        };
+        require("unet/config.json")?;
+        require("text_encoder/config.json")?;
+        require("scheduler/scheduler_config.json")?;
+        let has_vae = single.has(ModelPart::Vae);
+        if has_vae {
+            require("vae/config.json")?;
+        }
+        let index_path = configs.join(MODEL_INDEX);
+        let index = index_path
+            .is_file()
+            .then(|| ModelIndex::from_file(&index_path))
+            .transpose()?;
+        Ok(Self {
+            root: file.to_path_buf(),
+            config_root: configs.to_path_buf(),
+            single_file: Some(Arc::new(single)),
+            index,
+            unet_weights: file.to_path_buf(),
+            text_encoder_weights: file.to_path_buf(),
+            vae_weights: has_vae.then(|| file.to_path_buf()),
+            has_tokenizer: configs.join("tokenizer").is_dir(),
+        })
+    }
+
+    /// The folder, or the single-file checkpoint.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether the weights come from a single-file checkpoint.
+    pub fn is_single_file(&self) -> bool {
+        self.single_file.is_some()
+    }
+
+    /// The UNet's weights under diffusers names, with f32 `deltas` folded in at load.
+    pub fn unet_var_builder(
+        &self,
+        dtype: DType,
+        device: &Device,
+        deltas: BTreeMap<String, Tensor>,
+    ) -> Result<VarBuilder<'static>> {
+        match &self.single_file {
+            Some(file) => file.var_builder(ModelPart::Unet, dtype, device, deltas),
+            None => weights::var_builder(
+                std::slice::from_ref(&self.unet_weights),
+                dtype,
+                device,
+                deltas,
+            ),
+        }
+    }
+
+    /// The frozen UNet in `dtype`.
+    pub fn load_unet(
+        &self,
+        config: &UNetConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<UNet2DConditionModel> {
+        let vb = self.unet_var_builder(dtype, device, BTreeMap::new())?;
+        UNet2DConditionModel::load(config, &vb)
+            .with_context(|| format!("loading the UNet of {}", self.root.display()))
+    }
+
+    /// The text encoder with `deltas` (keyed `text_model.…`) folded in.
+    pub fn load_text_encoder(
+        &self,
+        config: &ClipTextConfig,
+        dtype: DType,
+        device: &Device,
+        deltas: BTreeMap<String, Tensor>,
+    ) -> Result<TextEncoder> {
+        let Some(file) = &self.single_file else {
+            return TextEncoder::load(&self.text_encoder_dir(), config, dtype, device, deltas);
+        };
+        let vb = file.var_builder(ModelPart::TextEncoder, dtype, device, deltas)?;
+        TextEncoder::from_var_builder(vb, config)
+            .with_context(|| format!("loading the text encoder of {}", self.root.display()))
+    }
+
+    /// The VAE in `dtype`, `None` for pixel-space models.
+    pub fn load_vae(&self, dtype: DType, device: &Device) -> Result<Option<Vae>> {
+        let Some(dir) = self.vae_dir() else {
+            return Ok(None);
+        };
+        let Some(file) = &self.single_file else {
+            return Vae::load(&dir, dtype, device).map(Some);
+        };
+        let config = VaeConfig::from_file(&dir.join("config.json"))?;
+        let vb = file.var_builder(ModelPart::Vae, dtype, device, BTreeMap::new())?;
+        Vae::from_var_builder(vb, config)
+            .map(Some)
+            .with_context(|| format!("loading the VAE of {}", self.root.display()))
     }
 
     pub fn index(&self) -> Option<&ModelIndex> {
@@ -302,7 +468,7 @@ impl ModelFolder {
     }
 
     pub fn unet_dir(&self) -> PathBuf {
-        self.root.join("unet")
+        self.config_root.join("unet")
     }
 
     pub fn unet_config(&self) -> PathBuf {
@@ -314,7 +480,7 @@ impl ModelFolder {
     }
 
     pub fn text_encoder_dir(&self) -> PathBuf {
-        self.root.join("text_encoder")
+        self.config_root.join("text_encoder")
     }
 
     pub fn text_encoder_weights(&self) -> &Path {
@@ -331,7 +497,7 @@ impl ModelFolder {
     }
 
     pub fn vae_dir(&self) -> Option<PathBuf> {
-        self.has_vae().then(|| self.root.join("vae"))
+        self.has_vae().then(|| self.config_root.join("vae"))
     }
 
     pub fn vae_weights(&self) -> Option<&Path> {
@@ -345,7 +511,8 @@ impl ModelFolder {
     }
 
     pub fn tokenizer_dir(&self) -> Option<PathBuf> {
-        self.has_tokenizer.then(|| self.root.join("tokenizer"))
+        self.has_tokenizer
+            .then(|| self.config_root.join("tokenizer"))
     }
 
     /// The model's tokenizer (its own vocabulary if it has one, else the embedded CLIP one).
@@ -357,7 +524,7 @@ impl ModelFolder {
     }
 
     pub fn scheduler_config_path(&self) -> PathBuf {
-        self.root.join("scheduler/scheduler_config.json")
+        self.config_root.join("scheduler/scheduler_config.json")
     }
 
     pub fn scheduler_config(&self) -> Result<SchedulerConfig> {
@@ -508,14 +675,22 @@ mod tests {
         }
         let file = dir.path().join("model.safetensors");
         std::fs::write(&file, "").unwrap();
+        let source = ModelSource::parse(file.to_str().unwrap()).unwrap();
+        assert_eq!(
+            source,
+            ModelSource::SingleFile {
+                file: file.clone(),
+                configs_from: None
+            }
+        );
         let err = format!(
             "{:#}",
-            ModelSource::parse(file.to_str().unwrap()).unwrap_err()
+            ModelSource::parse(local)
+                .unwrap()
+                .with_configs_from(Some(dir.path().into()))
+                .unwrap_err()
         );
-        assert!(
-            err.contains("single-file checkpoints are not supported"),
-            "{err}"
-        );
+        assert!(err.contains("only for a single-file checkpoint"), "{err}");
     }
 
     #[test]

@@ -84,6 +84,12 @@ impl TextEncoder {
             .with_context(|| format!("loading the text encoder from {}", path.display()))
     }
 
+    /// Builds the encoder from a `VarBuilder` whose names carry the `text_model.` level (how
+    /// a single-file checkpoint's text encoder is presented), with any deltas already in it.
+    pub fn from_var_builder(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
+        Self::new(vb.pp(PREFIX.trim_end_matches('.')), config)
+    }
+
     fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
         let (hidden, eps) = (config.hidden_size, config.layer_norm_eps);
         let embeddings = vb.pp("embeddings");

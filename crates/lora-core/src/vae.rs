@@ -67,6 +67,11 @@ impl Vae {
         Self::new(vb, config).with_context(|| format!("loading the VAE from {}", path.display()))
     }
 
+    /// Builds the VAE from weights named as in diffusers (a single-file checkpoint's, mapped).
+    pub fn from_var_builder(vb: VarBuilder, config: VaeConfig) -> Result<Self> {
+        Self::new(vb, config)
+    }
+
     fn new(vb: VarBuilder, config: VaeConfig) -> Result<Self> {
         let latent = config.latent_channels;
         let conv1x1 = |channels, name| {

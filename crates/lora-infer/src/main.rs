@@ -17,9 +17,16 @@ use lora_infer::{
 #[derive(Parser)]
 #[command(name = "lora-infer", version)]
 struct Cli {
-    /// Base model: a diffusers folder or a Hugging Face Hub id.
+    /// Base model: a diffusers folder, a Hugging Face Hub id, or a single-file SD1.x/SD2.x
+    /// checkpoint (.safetensors with LDM keys; needs --base-config)
     #[arg(long)]
     base: String,
+    /// For a single-file --base: a diffusers folder of the same architecture whose config files
+    /// (unet/, text_encoder/, scheduler/, vae/ config.json; tokenizer/ if any) describe it; its
+    /// weights are not read. The prediction type (SD2 768-v: v_prediction) comes from its
+    /// scheduler config
+    #[arg(long, value_name = "DIR")]
+    base_config: Option<std::path::PathBuf>,
     /// Adapter file with an optional scale, FILE[:SCALE] (repeatable; UNet and, when the file has
     /// them, text-encoder modules).
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
@@ -85,7 +92,9 @@ struct Cli {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let device = parse_device(&cli.device)?;
-    let model = ModelSource::parse(&cli.base)?.open()?;
+    let model = ModelSource::parse(&cli.base)?
+        .with_configs_from(cli.base_config.clone())?
+        .open()?;
     let init_latents = cli
         .latents
         .as_deref()

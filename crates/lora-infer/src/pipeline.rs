@@ -139,9 +139,7 @@ impl Pipeline {
         let te_config = model.text_encoder_config()?;
         let tokenizer = model.tokenizer()?;
         let unet_config = UNetConfig::from_file(&model.unet_config())?;
-        let unet_files = [model.unet_weights().to_path_buf()];
-        let unet = UNet2DConditionModel::from_files(&unet_config, &unet_files, dtype, device)
-            .with_context(|| format!("loading the UNet of {}", model.root().display()))?;
+        let unet = model.load_unet(&unet_config, dtype, device)?;
 
         let te_modules = text_encoder::lora_modules(&te_config);
         let modules = ModelModules {
@@ -167,7 +165,7 @@ impl Pipeline {
             let deltas = summed_deltas(resolved.iter().map(|(s, a)| (&a.unet, s.scale)))?;
             // Reload with ΔW folded in; the unfused copy only served to resolve the adapters.
             drop(unet);
-            let vb = lora_core::weights::var_builder(&unet_files, dtype, device, deltas)?;
+            let vb = model.unet_var_builder(dtype, device, deltas)?;
             UNet2DConditionModel::load(&unet_config, &vb)
                 .with_context(|| format!("loading the fused UNet of {}", model.root().display()))?
         } else {
@@ -182,23 +180,16 @@ impl Pipeline {
         };
 
         let te_deltas = summed_deltas(resolved.iter().map(|(s, a)| (&a.text_encoder, s.scale)))?;
-        let text_encoder = TextEncoder::load(
-            &model.text_encoder_dir(),
-            &te_config,
-            dtype,
-            device,
-            te_deltas,
-        )?;
-        let vae = match model.vae_dir() {
-            Some(dir) => {
-                let config = model.vae_config()?.context("vae/ without config")?;
+        let text_encoder = model.load_text_encoder(&te_config, dtype, device, te_deltas)?;
+        let vae = match model.vae_config()? {
+            Some(config) => {
                 // diffusers runs VAEs marked force_upcast (SD's) in f32 when the model is f16.
                 let vae_dtype = if config.force_upcast && dtype == DType::F16 {
                     DType::F32
                 } else {
                     dtype
                 };
-                Some(Vae::load(&dir, vae_dtype, device)?)
+                model.load_vae(vae_dtype, device)?
             }
             None => None,
         };

@@ -15,7 +15,6 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::DynamicImage;
 use lora_core::model::ModelFolder;
-use lora_core::text_encoder::TextEncoder;
 use lora_core::tokenizer::TokenizedPrompt;
 use lora_core::vae::Vae;
 use lora_core::Rng;
@@ -83,11 +82,10 @@ impl EncodedDataset {
         device: &Device,
         on_item: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        let space = match model.vae_dir() {
-            Some(dir) => {
-                // The VAE runs once per image, so f32 costs little and avoids fp16 overflow in
-                // its encoder (diffusers' `force_upcast`).
-                let vae = Vae::load(&dir, DType::F32, device)?;
+        // The VAE runs once per image, so f32 costs little and avoids fp16 overflow in its
+        // encoder (diffusers' `force_upcast`).
+        let space = match model.load_vae(DType::F32, device)? {
+            Some(vae) => {
                 let scaling_factor = vae.scaling_factor();
                 Space::Latent {
                     vae: Some(Box::new(vae)),
@@ -240,13 +238,7 @@ fn encode_captions(
     let tokenizer = model.tokenizer()?;
     let text_config = model.text_encoder_config()?;
     // f32: it runs once per caption, and the embeddings feed an f32 loss path anyway.
-    let encoder = TextEncoder::load(
-        &model.text_encoder_dir(),
-        &text_config,
-        DType::F32,
-        device,
-        BTreeMap::new(),
-    )?;
+    let encoder = model.load_text_encoder(&text_config, DType::F32, device, BTreeMap::new())?;
     let embed = |caption: &str| -> Result<Tensor> {
         let ids = TokenizedPrompt::batch_tensor(&[tokenizer.encode(caption)], device)?;
         Ok(encoder.forward(&ids)?.squeeze(0)?.to_dtype(DType::F32)?)

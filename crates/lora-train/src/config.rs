@@ -143,9 +143,16 @@ impl DeviceSpec {
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrainArgs {
-    /// Base model: a diffusers folder or a Hugging Face Hub id (owner/name)
+    /// Base model: a diffusers folder, a Hugging Face Hub id (owner/name), or a single-file
+    /// SD1.x/SD2.x checkpoint (.safetensors with LDM keys; needs --base-config)
     #[arg(long)]
     pub base: Option<String>,
+    /// For a single-file --base: a diffusers folder of the same architecture whose config files
+    /// (unet/, text_encoder/, scheduler/, vae/ config.json; tokenizer/ if any) describe it; its
+    /// weights are not read. The prediction type (SD2 768-v: v_prediction) comes from its
+    /// scheduler config
+    #[arg(long, value_name = "DIR")]
+    pub base_config: Option<PathBuf>,
     /// Folder of images with sidecar captions; kohya `N_token` sub-folders repeat N times
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -258,6 +265,7 @@ pub struct TrainArgs {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainConfig {
     pub base: String,
+    pub base_config: Option<PathBuf>,
     pub data: PathBuf,
     pub output: PathBuf,
     pub rank: usize,
@@ -332,6 +340,7 @@ impl TrainArgs {
         }
         pick!(
             base,
+            base_config,
             data,
             output,
             rank,
@@ -555,6 +564,7 @@ impl TrainArgs {
             .unwrap_or_else(|| append_to_name(&output, ".metrics.jsonl"));
         Ok(TrainConfig {
             base: base.expect("checked above"),
+            base_config: self.base_config,
             data: data.expect("checked above"),
             output,
             rank,

@@ -11,8 +11,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use lora_core::model::ModelFolder;
-use lora_core::text_encoder::TextEncoder;
-use lora_core::vae::Vae;
 use lora_core::UNet2DConditionModel;
 use lora_infer::output::{to_images8, write_png};
 use lora_infer::{GenerateOptions, Pipeline, PipelineParts};
@@ -38,17 +36,9 @@ impl Sampler {
         device: &Device,
     ) -> Result<Self> {
         let text_config = model.text_encoder_config()?;
-        let text_encoder = TextEncoder::load(
-            &model.text_encoder_dir(),
-            &text_config,
-            DType::F32,
-            device,
-            BTreeMap::new(),
-        )?;
-        let vae = model
-            .vae_dir()
-            .map(|dir| Vae::load(&dir, DType::F32, device))
-            .transpose()?;
+        let text_encoder =
+            model.load_text_encoder(&text_config, DType::F32, device, BTreeMap::new())?;
+        let vae = model.load_vae(DType::F32, device)?;
         let pipeline = Pipeline::from_parts(PipelineParts {
             unet,
             text_encoder,

@@ -82,16 +82,14 @@ impl Trainer {
         let device = config.device.open()?;
         let dataset = Dataset::scan(&config.data, &config.caption_ext, config.skip_bad)?;
         on_prepare(Preparation::Dataset(&dataset));
-        let model = ModelSource::parse(&config.base)?.open()?;
+        let model = ModelSource::parse(&config.base)?
+            .with_configs_from(config.base_config.clone())?
+            .open()?;
         let unet_config = UNetConfig::from_file(&model.unet_config())?;
         check_resolution(&config, &model, &unet_config)?;
-        let mut unet = UNet2DConditionModel::from_files(
-            &unet_config,
-            &[model.unet_weights().to_path_buf()],
-            config.precision.dtype(),
-            &device,
-        )
-        .with_context(|| format!("cannot load the UNet of {}", model.root().display()))?;
+        let mut unet = model
+            .load_unet(&unet_config, config.precision.dtype(), &device)
+            .with_context(|| format!("cannot load the UNet of {}", model.root().display()))?;
         let schedule = NoiseSchedule::new(&model.scheduler_config()?);
         let base_model = match model.text_encoder_config()?.hidden_act {
             // SD 2.x pairs its UNet with OpenCLIP ViT-H, whose MLP uses exact GELU.
