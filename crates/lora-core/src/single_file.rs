@@ -173,21 +173,8 @@ struct PartBackend {
 impl PartBackend {
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let raw = self.file.raw(self.part, name, dev)?;
-        match self.deltas.get(name) {
-            None => raw.to_dtype(dtype),
-            Some(delta) => {
-                let delta = delta.to_device(dev)?;
-                if delta.elem_count() != raw.elem_count() {
-                    return Err(self.error(format!(
-                        "adapter delta for `{name}` has shape {:?}, the weight is {:?}",
-                        delta.dims(),
-                        raw.dims()
-                    )));
-                }
-                let delta = delta.reshape(raw.shape())?;
-                (raw.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)
-            }
-        }
+        let origin = format!("{} ({})", self.file.path.display(), self.part);
+        weights::with_delta(raw, self.deltas.get(name), name, dtype, &origin)
     }
 
     fn error(&self, e: String) -> candle_core::Error {

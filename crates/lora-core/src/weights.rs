@@ -47,23 +47,32 @@ impl PatchedSafetensors {
                 self.origin
             ))
         })?;
-        match self.deltas.get(name) {
-            None => raw.to_dtype(dtype),
-            Some(delta) => {
-                let delta = delta.to_device(dev)?;
-                if delta.elem_count() != raw.elem_count() {
-                    return Err(candle_core::Error::Msg(format!(
-                        "{}: adapter delta for `{name}` has shape {:?}, the weight is {:?}",
-                        self.origin,
-                        delta.dims(),
-                        raw.dims()
-                    )));
-                }
-                let delta = delta.reshape(raw.shape())?;
-                (raw.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)
-            }
-        }
+        with_delta(raw, self.deltas.get(name), name, dtype, &self.origin)
     }
+}
+
+/// A loaded weight in `dtype`, with an f32 adapter delta added when given. The delta may have
+/// any shape with the weight's element count (a 1×1 conv's ΔW arrives as a matrix). Shared by
+/// every weight source, so folded adapters mean the same thing wherever a model comes from.
+pub(crate) fn with_delta(
+    raw: Tensor,
+    delta: Option<&Tensor>,
+    name: &str,
+    dtype: DType,
+    origin: &str,
+) -> candle_core::Result<Tensor> {
+    let Some(delta) = delta else {
+        return raw.to_dtype(dtype);
+    };
+    if delta.elem_count() != raw.elem_count() {
+        return Err(candle_core::Error::Msg(format!(
+            "{origin}: adapter delta for `{name}` has shape {:?}, the weight is {:?}",
+            delta.dims(),
+            raw.dims()
+        )));
+    }
+    let delta = delta.to_device(raw.device())?.reshape(raw.shape())?;
+    (raw.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)
 }
 
 impl SimpleBackend for PatchedSafetensors {
