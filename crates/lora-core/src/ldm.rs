@@ -168,14 +168,7 @@ impl LdmLayout {
     }
 
     fn unet_name(&self, rest: &str) -> Option<String> {
-        const TOP: [(&str, &str); 5] = [
-            ("time_embed.0.", "time_embedding.linear_1."),
-            ("time_embed.2.", "time_embedding.linear_2."),
-            ("input_blocks.0.0.", "conv_in."),
-            ("out.0.", "conv_norm_out."),
-            ("out.2.", "conv_out."),
-        ];
-        if let Some(name) = replace_prefix(rest, &TOP) {
+        if let Some(name) = replace_prefix(rest, &UNET_TOP) {
             return Some(name);
         }
         let per = self.layers_per_block + 1;
@@ -355,14 +348,7 @@ impl LdmLayout {
     }
 
     fn unet_key(&self, name: &str, up_attn: &[usize]) -> Option<String> {
-        const TOP: [(&str, &str); 5] = [
-            ("time_embedding.linear_1.", "time_embed.0."),
-            ("time_embedding.linear_2.", "time_embed.2."),
-            ("conv_in.", "input_blocks.0.0."),
-            ("conv_norm_out.", "out.0."),
-            ("conv_out.", "out.2."),
-        ];
-        if let Some(k) = replace_prefix(name, &TOP) {
+        if let Some(k) = replace_prefix_reversed(name, &UNET_TOP) {
             return Some(k);
         }
         let per = self.layers_per_block + 1;
@@ -416,15 +402,7 @@ fn canonical_name(t: &DiffusersTensor) -> String {
 
 /// A diffusers resnet child in LDM terms (`conv1` → `in_layers.2`, …).
 fn resnet_key(tail: &str) -> Option<String> {
-    const RESNET: [(&str, &str); 6] = [
-        ("norm1.", "in_layers.0."),
-        ("conv1.", "in_layers.2."),
-        ("norm2.", "out_layers.0."),
-        ("conv2.", "out_layers.3."),
-        ("time_emb_proj.", "emb_layers.1."),
-        ("conv_shortcut.", "skip_connection."),
-    ];
-    replace_prefix(tail, &RESNET)
+    replace_prefix_reversed(tail, &UNET_RESNET)
 }
 
 /// A diffusers VAE name in LDM terms, and whether it is an attention projection weight (stored
@@ -453,14 +431,7 @@ fn vae_key(name: &str, up_blocks: usize) -> Option<(String, bool)> {
         if let Some((i, rest)) = numbered_once(tail, "resnets.") {
             return Some((format!("{coder}.mid.block_{}.{rest}", i + 1), false));
         }
-        const ATTN: [(&str, &str); 5] = [
-            ("attentions.0.group_norm.", "attn_1.norm."),
-            ("attentions.0.to_q.", "attn_1.q."),
-            ("attentions.0.to_k.", "attn_1.k."),
-            ("attentions.0.to_v.", "attn_1.v."),
-            ("attentions.0.to_out.0.", "attn_1.proj_out."),
-        ];
-        let k = replace_prefix(tail, &ATTN)?;
+        let k = replace_prefix_reversed(tail, &VAE_MID_ATTENTION)?;
         let to_conv = k.ends_with(".weight") && !k.starts_with("attn_1.norm.");
         return Some((format!("{coder}.mid.{k}"), to_conv));
     }
@@ -494,15 +465,7 @@ fn open_clip_key(name: &str) -> Option<LdmTarget> {
         key: format!("{OPEN_CLIP_PREFIX}{k}"),
         to_conv: false,
     };
-    const TOP: [(&str, &str); 3] = [
-        ("text_model.embeddings.token_embedding.", "token_embedding."),
-        ("text_model.final_layer_norm.", "ln_final."),
-        (
-            "text_model.embeddings.position_embedding.weight",
-            "positional_embedding",
-        ),
-    ];
-    if let Some(k) = replace_prefix(name, &TOP) {
+    if let Some(k) = replace_prefix_reversed(name, &OPEN_CLIP_TOP) {
         return Some(key(k));
     }
     let (n, tail) = numbered_once(name, "text_model.encoder.layers.")?;
@@ -515,14 +478,7 @@ fn open_clip_key(name: &str) -> Option<LdmTarget> {
             });
         }
     }
-    const LAYER: [(&str, &str); 5] = [
-        ("self_attn.out_proj.", "attn.out_proj."),
-        ("layer_norm1.", "ln_1."),
-        ("layer_norm2.", "ln_2."),
-        ("mlp.fc1.", "mlp.c_fc."),
-        ("mlp.fc2.", "mlp.c_proj."),
-    ];
-    replace_prefix(tail, &LAYER).map(|k| key(format!("{layer}{k}")))
+    replace_prefix_reversed(tail, &OPEN_CLIP_LAYER).map(|k| key(format!("{layer}{k}")))
 }
 
 /// The distinct `N` of keys `<head>N.<rest>` whose rest satisfies `filter`, sorted.
@@ -552,37 +508,78 @@ fn numbered<'a>(key: &'a str, head: &str) -> Option<(usize, usize, &'a str)> {
     Some((n, m.parse().ok()?, rest))
 }
 
+// Prefix tables, each written once as (LDM, diffusers) and read in both directions.
+
+/// UNet top-level layers.
+const UNET_TOP: [(&str, &str); 5] = [
+    ("time_embed.0.", "time_embedding.linear_1."),
+    ("time_embed.2.", "time_embedding.linear_2."),
+    ("input_blocks.0.0.", "conv_in."),
+    ("out.0.", "conv_norm_out."),
+    ("out.2.", "conv_out."),
+];
+
+/// A UNet resnet's children.
+const UNET_RESNET: [(&str, &str); 6] = [
+    ("in_layers.0.", "norm1."),
+    ("in_layers.2.", "conv1."),
+    ("out_layers.0.", "norm2."),
+    ("out_layers.3.", "conv2."),
+    ("emb_layers.1.", "time_emb_proj."),
+    ("skip_connection.", "conv_shortcut."),
+];
+
+/// The VAE mid block's attention (inside `mid.` / `mid_block.`).
+const VAE_MID_ATTENTION: [(&str, &str); 5] = [
+    ("attn_1.norm.", "attentions.0.group_norm."),
+    ("attn_1.q.", "attentions.0.to_q."),
+    ("attn_1.k.", "attentions.0.to_k."),
+    ("attn_1.v.", "attentions.0.to_v."),
+    ("attn_1.proj_out.", "attentions.0.to_out.0."),
+];
+
+/// OpenCLIP's top-level tensors (after the OpenCLIP prefix).
+const OPEN_CLIP_TOP: [(&str, &str); 3] = [
+    ("token_embedding.", "text_model.embeddings.token_embedding."),
+    ("ln_final.", "text_model.final_layer_norm."),
+    (
+        "positional_embedding",
+        "text_model.embeddings.position_embedding.weight",
+    ),
+];
+
+/// An OpenCLIP residual block's children other than the stacked q/k/v.
+const OPEN_CLIP_LAYER: [(&str, &str); 5] = [
+    ("attn.out_proj.", "self_attn.out_proj."),
+    ("ln_1.", "layer_norm1."),
+    ("ln_2.", "layer_norm2."),
+    ("mlp.c_fc.", "mlp.fc1."),
+    ("mlp.c_proj.", "mlp.fc2."),
+];
+
+/// LDM → diffusers through a (LDM, diffusers) table.
 fn replace_prefix(key: &str, table: &[(&str, &str)]) -> Option<String> {
     table
         .iter()
         .find_map(|(from, to)| key.strip_prefix(from).map(|rest| format!("{to}{rest}")))
 }
 
+/// diffusers → LDM through the same table.
+fn replace_prefix_reversed(key: &str, table: &[(&str, &str)]) -> Option<String> {
+    table
+        .iter()
+        .find_map(|(to, from)| key.strip_prefix(from).map(|rest| format!("{to}{rest}")))
+}
+
 /// A UNet resnet's inner names: `in_layers.0` (GroupNorm), `in_layers.2` (conv), …
 fn unet_resnet(tail: &str) -> Option<String> {
-    const RESNET: [(&str, &str); 6] = [
-        ("in_layers.0.", "norm1."),
-        ("in_layers.2.", "conv1."),
-        ("out_layers.0.", "norm2."),
-        ("out_layers.3.", "conv2."),
-        ("emb_layers.1.", "time_emb_proj."),
-        ("skip_connection.", "conv_shortcut."),
-    ];
-    replace_prefix(tail, &RESNET)
+    replace_prefix(tail, &UNET_RESNET)
 }
 
 /// The VAE's middle block: `block_1`/`block_2` resnets and the `attn_1` attention.
 fn vae_mid(tail: &str) -> Option<String> {
-    const MID: [(&str, &str); 7] = [
-        ("block_1.", "resnets.0."),
-        ("block_2.", "resnets.1."),
-        ("attn_1.norm.", "attentions.0.group_norm."),
-        ("attn_1.q.", "attentions.0.to_q."),
-        ("attn_1.k.", "attentions.0.to_k."),
-        ("attn_1.v.", "attentions.0.to_v."),
-        ("attn_1.proj_out.", "attentions.0.to_out.0."),
-    ];
-    replace_prefix(tail, &MID)
+    const RESNETS: [(&str, &str); 2] = [("block_1.", "resnets.0."), ("block_2.", "resnets.1.")];
+    replace_prefix(tail, &RESNETS).or_else(|| replace_prefix(tail, &VAE_MID_ATTENTION))
 }
 
 /// SD1 text-encoder names as transformers spells them with the `text_model.` level (older
@@ -598,15 +595,7 @@ fn with_text_model_level(rest: &str) -> String {
 /// SD2's OpenCLIP names (after [`OPEN_CLIP_PREFIX`]) in transformers' CLIPTextModel terms.
 fn open_clip_name(rest: &str) -> LdmTensor {
     let te = |name: String| LdmTensor::Renamed(DiffusersTensor::new(ModelPart::TextEncoder, name));
-    const TOP: [(&str, &str); 3] = [
-        ("token_embedding.", "text_model.embeddings.token_embedding."),
-        ("ln_final.", "text_model.final_layer_norm."),
-        (
-            "positional_embedding",
-            "text_model.embeddings.position_embedding.weight",
-        ),
-    ];
-    if let Some(name) = replace_prefix(rest, &TOP) {
+    if let Some(name) = replace_prefix(rest, &OPEN_CLIP_TOP) {
         return te(name);
     }
     let Some((n, tail)) = numbered_once(rest, "transformer.resblocks.") else {
@@ -622,14 +611,7 @@ fn open_clip_name(rest: &str) -> LdmTensor {
             )
         }));
     }
-    const LAYER: [(&str, &str); 5] = [
-        ("attn.out_proj.", "self_attn.out_proj."),
-        ("ln_1.", "layer_norm1."),
-        ("ln_2.", "layer_norm2."),
-        ("mlp.c_fc.", "mlp.fc1."),
-        ("mlp.c_proj.", "mlp.fc2."),
-    ];
-    match replace_prefix(tail, &LAYER) {
+    match replace_prefix(tail, &OPEN_CLIP_LAYER) {
         Some(name) => te(format!("{layer}{name}")),
         None => LdmTensor::Other,
     }
