@@ -199,3 +199,13 @@ fn adapter_gradients_match_pytorch_autograd() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn module_list_without_weights_matches_the_loaded_unet() -> Result<()> {
+    for cfg in CONFIGS {
+        let unet = load_unet(cfg)?;
+        let from_config = UNet2DConditionModel::lora_modules_of(unet.config())?;
+        assert_eq!(from_config, unet.lora_modules(), "{cfg}");
+    }
+    Ok(())
+}

@@ -14,6 +14,31 @@ use crate::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::lora::{LoraLinear, LoraModule, ModuleInfo, ModuleKind};
 use crate::nn::{softmax_last_dim, Conv2d, GroupNorm, LayerNorm, Linear};
 
+/// A `VarBuilder` backend handing out a broadcast zero of any requested shape (no storage
+/// beyond one element), for building a UNet only to enumerate its layers.
+struct ShapesOnly;
+
+impl candle_nn::var_builder::SimpleBackend for ShapesOnly {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        _: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!("no shape for `{name}`")))
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
 /// Calls `f` with the full path and layer of every adaptable layer below `prefix`.
 type Visitor<'a> = dyn FnMut(&str, &mut LoraLinear) -> Result<()> + 'a;
 
@@ -570,6 +595,14 @@ impl UNet2DConditionModel {
 
     pub fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    /// The adaptable modules of a UNet with `config`, without its weights: the model is built
+    /// over zero-stride placeholders, so no weight is read or allocated. Lets a caller resolve
+    /// adapters before loading the UNet once with them folded in.
+    pub fn lora_modules_of(config: &UNetConfig) -> Result<Vec<ModuleInfo>> {
+        let vb = VarBuilder::from_backend(Box::new(ShapesOnly), DType::F32, Device::Cpu);
+        Ok(Self::load(config, &vb)?.lora_modules)
     }
 
     /// The dtype of the frozen weights.

@@ -139,11 +139,11 @@ impl Pipeline {
         let te_config = model.text_encoder_config()?;
         let tokenizer = model.tokenizer()?;
         let unet_config = UNetConfig::from_file(&model.unet_config())?;
-        let unet = model.load_unet(&unet_config, dtype, device)?;
+        let unet_modules = UNet2DConditionModel::lora_modules_of(&unet_config)?;
 
         let te_modules = text_encoder::lora_modules(&te_config);
         let modules = ModelModules {
-            unet: unet.lora_modules(),
+            unet: &unet_modules,
             text_encoder: Some(&te_modules),
         };
         let resolved: Vec<(&LoraSpec, Adapter)> = adapters
@@ -163,13 +163,11 @@ impl Pipeline {
 
         let unet = if fuse {
             let deltas = summed_deltas(resolved.iter().map(|(s, a)| (&a.unet, s.scale)))?;
-            // Reload with ΔW folded in; the unfused copy only served to resolve the adapters.
-            drop(unet);
             let vb = model.unet_var_builder(dtype, device, deltas)?;
             UNet2DConditionModel::load(&unet_config, &vb)
                 .with_context(|| format!("loading the fused UNet of {}", model.root().display()))?
         } else {
-            let mut unet = unet;
+            let mut unet = model.load_unet(&unet_config, dtype, device)?;
             for (i, (spec, adapter)) in resolved.iter().enumerate() {
                 if !adapter.unet.is_empty() {
                     let name = format!("{i}:{}", spec.path.display());
