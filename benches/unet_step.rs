@@ -15,55 +15,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Optimizer, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::Optimizer;
 use lora_toolkit::core::config::UNetConfig;
-use lora_toolkit::core::weights::component_weights;
+use lora_toolkit::core::weights::{component_weights, RandomInit};
 use lora_toolkit::core::{Adapter, LoraConfig, LoraTargets, Rng, UNet2DConditionModel};
-
-/// Random weights for any requested tensor: U(-1/√fan_in, 1/√fan_in) for matrices and kernels,
-/// ones for norm scales, zeros for biases. Timing does not depend on the values, but they keep
-/// activations finite so no denormal or NaN slow paths are measured.
-struct RandomWeights {
-    seed: u64,
-}
-
-impl SimpleBackend for RandomWeights {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let dims = s.dims();
-        let t = if dims.len() == 1 {
-            let is_norm_scale = name.ends_with("weight");
-            Tensor::full(if is_norm_scale { 1f32 } else { 0f32 }, s.clone(), dev)?
-        } else {
-            let fan_in: usize = dims[1..].iter().product();
-            let bound = 1.0 / (fan_in as f64).sqrt();
-            // A per-tensor stream so results do not depend on load order.
-            let seed = name
-                .bytes()
-                .fold(self.seed, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-            Rng::new(seed)
-                .uniform_tensor(s.clone(), -bound, bound, dev)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
-        };
-        t.to_dtype(dtype)
-    }
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        Err(candle_core::Error::Msg(format!(
-            "random weights need a shape for `{name}`"
-        )))
-    }
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
 
 struct Case {
     unet: UNet2DConditionModel,
@@ -77,11 +33,9 @@ fn load_case(name: &str, device: &Device) -> Result<Case> {
     let (unet, latent, batch, train) = match name {
         "train-sd15-32" | "train-sd15-64" | "infer-sd15-64" => {
             let config = UNetConfig::from_file(&root.join("benches/sd15_unet_config.json"))?;
-            let vb = VarBuilder::from_backend(
-                Box::new(RandomWeights { seed: 0 }),
-                DType::F32,
-                device.clone(),
-            );
+            // Frozen random weights: timing does not depend on the values, but they keep
+            // activations finite so no denormal or NaN slow paths are measured.
+            let vb = RandomInit::frozen(0).var_builder(device);
             let unet = UNet2DConditionModel::load(&config, &vb)?;
             match name {
                 "train-sd15-32" => (unet, 32, 1, true),

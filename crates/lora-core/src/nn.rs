@@ -11,7 +11,9 @@
 
 use anyhow::{Context, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor, D,
+};
 use candle_nn::VarBuilder;
 
 /// Copies a contiguous storage region as the output of a re-attaching op.
@@ -136,6 +138,107 @@ impl InputGradient for ConvInputGrad {
     }
 }
 
+/// `count` elements of `dim` (2 or 3 of a 4-D tensor) from `start`, `stride` apart.
+fn strided(x: &Tensor, dim: usize, start: usize, count: usize, stride: usize) -> candle_core::Result<Tensor> {
+    let x = x.narrow(dim, start, (count - 1) * stride + 1)?;
+    if stride == 1 {
+        return Ok(x);
+    }
+    // Pad to count·stride, split the axis into (count, stride) and keep the first of each pair.
+    let x = x.pad_with_zeros(dim, 0, stride - 1)?;
+    let mut dims = x.dims().to_vec();
+    dims[dim] = count;
+    dims.insert(dim + 1, stride);
+    x.reshape(dims)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
+}
+
+/// The kernel gradient `[O, C, k, k]` of a convolution: for each kernel tap, the output gradient
+/// against the input window it saw, as one explicit im2col and one batched matmul. candle's own
+/// backward computes it as a convolution whose kernel is the whole output map, which on CPU is
+/// orders of magnitude slower (minutes per step even for a tiny UNet).
+fn conv_kernel_grad(
+    x: &Tensor,
+    grad_out: &Tensor,
+    kernel: (usize, usize),
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, c, _, _) = x.dims4()?;
+    let (_, o, ho, wo) = grad_out.dims4()?;
+    let (kh, kw) = kernel;
+    let x = x
+        .pad_with_zeros(2, padding, padding)?
+        .pad_with_zeros(3, padding, padding)?;
+    let mut taps = Vec::with_capacity(kh * kw);
+    for i in 0..kh {
+        let rows = strided(&x, 2, i, ho, stride)?;
+        for j in 0..kw {
+            taps.push(strided(&rows, 3, j, wo, stride)?);
+        }
+    }
+    // [B, C, k·k, ho, wo] → [B, C·k·k, ho·wo], matching the kernel's [O, C, kh, kw] order.
+    let cols = Tensor::stack(&taps, 2)?.reshape((b, c * kh * kw, ho * wo))?;
+    let g = grad_out.contiguous()?.reshape((b, o, ho * wo))?;
+    g.matmul(&cols.t()?)?.sum(0)?.reshape((o, c, kh, kw))
+}
+
+/// `(x, kernel, output) → output`: a convolution computed outside the graph, re-attached with
+/// the gradients of both its input and its (trained) kernel.
+struct TrainedConv {
+    padding: usize,
+    stride: usize,
+}
+
+impl CustomOp3 for TrainedConv {
+    fn name(&self) -> &'static str {
+        "trained-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        out: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        copy_cpu(out, layout)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        out: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        copy_cuda(out, layout)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _: &Tensor,
+        output: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let input_grad = ConvInputGrad {
+            weight: weight.detach(),
+            padding: self.padding,
+            stride: self.stride,
+        }
+        .input_grad(x, output, grad_out)?;
+        let (_, _, kh, kw) = weight.dims4()?;
+        let kernel_grad =
+            conv_kernel_grad(&x.detach(), grad_out, (kh, kw), self.padding, self.stride)?;
+        Ok((Some(input_grad), Some(kernel_grad), None))
+    }
+}
+
 /// Softmax over the last dimension: `dx = y ⊙ (dy − Σ dy ⊙ y)`.
 struct SoftmaxInputGrad;
 
@@ -178,14 +281,22 @@ impl InputGradient for LayerNormInputGrad {
     }
 }
 
+/// Whether any of a layer's parameters is itself being trained (a `Var`, as in a full
+/// fine-tune): such a layer needs candle's ordinary ops, which compute the parameter gradients.
+fn any_trained<'a>(params: impl IntoIterator<Item = Option<&'a Tensor>>) -> bool {
+    params.into_iter().flatten().any(Tensor::track_op)
+}
+
 /// Runs `forward` untracked and re-attaches its output to `x`'s graph with the backward `grad`
-/// computes (input gradient only); when no gradient can flow (inference) it is a plain call.
+/// computes (input gradient only); when no gradient can flow to `x` (inference) it is a plain
+/// call, and so it is when `forward` reads trained parameters (their gradients are needed).
 fn with_input_grad<G: InputGradient>(
     x: &Tensor,
+    trained_params: bool,
     forward: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
     grad: impl FnOnce() -> G,
 ) -> candle_core::Result<Tensor> {
-    if !x.track_op() {
+    if !x.track_op() || trained_params {
         return forward(x);
     }
     let out = forward(&x.detach())?.contiguous()?;
@@ -205,7 +316,8 @@ pub fn frozen_linear(
             None => Ok(y),
         }
     };
-    with_input_grad(x, forward, || LinearInputGrad {
+    let trained = any_trained([Some(weight), bias]);
+    with_input_grad(x, trained, forward, || LinearInputGrad {
         weight: weight.clone(),
     })
 }
@@ -226,7 +338,17 @@ pub fn frozen_conv2d(
             None => Ok(y),
         }
     };
-    with_input_grad(x, forward, || ConvInputGrad {
+    if weight.track_op() {
+        // A trained kernel (full fine-tune): both gradients, by `TrainedConv`.
+        let out = x.detach().conv2d(&weight.detach(), padding, stride, 1, 1)?;
+        let y = x.apply_op3(weight, &out, TrainedConv { padding, stride })?;
+        return match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
+    let trained = any_trained([bias]);
+    with_input_grad(x, trained, forward, || ConvInputGrad {
         weight: weight.clone(),
         padding,
         stride,
@@ -298,8 +420,13 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-            .broadcast_add(&self.bias)
+        frozen_conv2d(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            self.padding,
+            self.stride,
+        )
     }
 }
 
@@ -376,9 +503,18 @@ impl Module for LayerNorm {
         let dtype = x.dtype();
         let cd = compute_dtype(dtype);
         let (w, b) = (self.weight.to_dtype(cd)?, self.bias.to_dtype(cd)?);
+        let x = x.to_dtype(cd)?;
+        if any_trained([Some(&w), Some(&b)]) {
+            // Trained affine parameters need their gradients: composed from recorded ops.
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let centered = x.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+            return normed.broadcast_mul(&w)?.broadcast_add(&b)?.to_dtype(dtype);
+        }
         let forward =
             |x: &Tensor| candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, self.eps as f32);
-        with_input_grad(&x.to_dtype(cd)?, forward, || LayerNormInputGrad {
+        with_input_grad(&x, false, forward, || LayerNormInputGrad {
             weight: w.clone(),
             eps: self.eps,
         })?
@@ -392,7 +528,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let xs = x.to_dtype(compute_dtype(dtype))?;
     let forward = |x: &Tensor| candle_nn::ops::softmax_last_dim(&x.contiguous()?);
-    with_input_grad(&xs, forward, || SoftmaxInputGrad)
+    with_input_grad(&xs, false, forward, || SoftmaxInputGrad)
         .context("softmax")?
         .to_dtype(dtype)
         .context("softmax dtype")
@@ -526,6 +662,75 @@ mod tests {
         let y = frozen_linear(&x, &w, None).unwrap();
         assert!(!y.track_op());
         assert!(max_diff(&y, &x.matmul(&w.t().unwrap()).unwrap()) < 1e-6);
+    }
+
+    /// A trained parameter (a `Var`: a full fine-tune) gets the same gradient through the layers
+    /// here as through candle's plain ops, which the frozen path would have cut.
+    #[test]
+    fn trained_parameters_get_their_gradients() {
+        let mut rng = Rng::new(3);
+        let dev = Device::Cpu;
+        let var = |shape: &[usize], rng: &mut Rng| {
+            Var::from_tensor(&rng.normal_tensor(shape, &dev).unwrap()).unwrap()
+        };
+        let x = rng.normal_tensor((2, 3, 6, 6), &dev).unwrap();
+        let (w, b) = (var(&[4, 3, 3, 3], &mut rng), var(&[1, 4, 1, 1], &mut rng));
+        let (lw, lb) = (var(&[5, 6], &mut rng), var(&[5], &mut rng));
+        let (nw, nb) = (var(&[5], &mut rng), var(&[5], &mut rng));
+        let ours = || {
+            let h = frozen_conv2d(&x, &w, Some(&b), 1, 1).unwrap();
+            let h = frozen_linear(&h, &lw, Some(&lb)).unwrap();
+            let norm = LayerNorm {
+                weight: nw.as_tensor().clone(),
+                bias: nb.as_tensor().clone(),
+                eps: 1e-5,
+            };
+            norm.forward(&h).unwrap()
+        };
+        let plain = || {
+            let h = x.conv2d(&w, 1, 1, 1, 1).unwrap().broadcast_add(&b).unwrap();
+            let h = h.broadcast_matmul(&lw.t().unwrap()).unwrap();
+            let h = h.broadcast_add(&lb).unwrap();
+            let mean = h.mean_keepdim(D::Minus1).unwrap();
+            let c = h.broadcast_sub(&mean).unwrap();
+            let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            let n = c.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap();
+            n.broadcast_mul(&nw).unwrap().broadcast_add(&nb).unwrap()
+        };
+        let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let (g_ours, g_plain) = (loss(ours()), loss(plain()));
+        for (name, p) in [("conv w", &w), ("conv b", &b), ("linear w", &lw)]
+            .into_iter()
+            .chain([("linear b", &lb), ("norm w", &nw), ("norm b", &nb)])
+        {
+            let a = g_ours.get(p.as_tensor()).expect(name);
+            let e = g_plain.get(p.as_tensor()).unwrap();
+            assert!(max_diff(a, e) < 1e-4, "{name}: gradients differ by {}", max_diff(a, e));
+        }
+    }
+
+    /// The trained-kernel convolution's gradients equal candle's plain autograd for the
+    /// UNet's strides and paddings, odd and even sizes, 1×1 and 3×3 kernels.
+    #[test]
+    fn trained_conv_gradients_match_autograd() {
+        let mut rng = Rng::new(4);
+        let dev = Device::Cpu;
+        for (k, size, stride, padding) in [(3, 7, 2, 1), (3, 8, 2, 1), (3, 6, 1, 1), (1, 5, 1, 0)] {
+            let w = Var::from_tensor(&rng.normal_tensor((4, 3, k, k), &dev).unwrap()).unwrap();
+            let x = Var::from_tensor(&rng.normal_tensor((2, 3, size, size), &dev).unwrap())
+                .unwrap();
+            let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let ours = loss(frozen_conv2d(&x, &w, None, padding, stride).unwrap());
+            let plain = loss(x.conv2d(&w, padding, stride, 1, 1).unwrap());
+            for (name, p) in [("input", x.as_tensor()), ("kernel", w.as_tensor())] {
+                let (a, e) = (ours.get(p).unwrap(), plain.get(p).unwrap());
+                assert!(
+                    max_diff(a, e) < 1e-4,
+                    "k {k} size {size} stride {stride}: {name} gradients differ by {}",
+                    max_diff(a, e)
+                );
+            }
+        }
     }
 
     /// Input gradient of `f` for a random upstream gradient (a weighted sum as the loss).

@@ -4,12 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+
+use crate::rng::Rng;
 
 /// Memory-maps safetensors files, validating their headers up front so a truncated or corrupt
 /// file is reported with its path rather than failing on first access.
@@ -155,4 +158,152 @@ pub fn component_weights(dir: &Path, stem: &str) -> Result<PathBuf> {
                 candidates[1]
             )
         })
+}
+
+/// A `VarBuilder` backend that makes up every requested tensor from a seed and its name (so the
+/// values do not depend on the order layers are built in): PyTorch's default `U(±1/√fan_in)` for
+/// weights and kernels, N(0, 0.02) for embedding tables, ones for normalisation scales, zeros for
+/// biases. Trainable ones are `Var`s, kept for an optimizer ([`RandomInit::vars`]); frozen ones
+/// are plain tensors (benchmarks on random weights).
+#[derive(Clone)]
+pub struct RandomInit {
+    seed: u64,
+    trainable: bool,
+    /// Shared by clones, so the caller keeps access after handing one to a `VarBuilder`.
+    vars: Arc<Mutex<BTreeMap<String, Var>>>,
+}
+
+impl RandomInit {
+    pub fn trainable(seed: u64) -> Self {
+        Self {
+            seed,
+            trainable: true,
+            vars: Arc::default(),
+        }
+    }
+
+    pub fn frozen(seed: u64) -> Self {
+        Self {
+            trainable: false,
+            ..Self::trainable(seed)
+        }
+    }
+
+    /// A builder (f32 on `device`) drawing from this backend.
+    pub fn var_builder(&self, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), DType::F32, device.clone())
+    }
+
+    /// The trainable variables created so far, sorted by name.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.vars
+            .lock()
+            .expect("no panics while holding the lock")
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect()
+    }
+
+    fn init(&self, shape: &Shape, name: &str, device: &Device) -> Result<Tensor> {
+        // FNV-1a of the name, mixed with the seed.
+        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let mut rng = Rng::new(self.seed ^ hash);
+        let dims = shape.dims();
+        if dims.len() == 1 {
+            let mut parts = name.rsplit('.');
+            let (leaf, parent) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let value = if leaf == "weight" && parent.contains("norm") {
+                1.0
+            } else {
+                0.0
+            };
+            return Ok(Tensor::full(value as f32, shape, device)?);
+        }
+        if name.ends_with("embedding.weight") {
+            return Ok((rng.normal_tensor(shape, device)? * 0.02)?);
+        }
+        let fan_in: usize = dims[1..].iter().product();
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        rng.uniform_tensor(shape, -bound, bound, device)
+    }
+}
+
+impl SimpleBackend for RandomInit {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let make = || {
+            self.init(&shape, name, device)
+                .and_then(|t| Ok(t.to_dtype(dtype)?))
+                .map_err(|e| candle_core::Error::Msg(format!("initialising `{name}`: {e:#}")))
+        };
+        if !self.trainable {
+            return make();
+        }
+        let mut vars = self.vars.lock().expect("no panics while holding the lock");
+        if let Some(var) = vars.get(name) {
+            if var.shape() != &shape {
+                candle_core::bail!("`{name}` requested as {shape:?} and as {:?}", var.shape());
+            }
+            return Ok(var.as_tensor().clone());
+        }
+        let var = Var::from_tensor(&make()?)?;
+        vars.insert(name.to_owned(), var.clone());
+        Ok(var.as_tensor().clone())
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod random_init_tests {
+    use super::*;
+
+    #[test]
+    fn random_init_depends_on_name_and_seed_only() {
+        let dev = Device::Cpu;
+        let draw = |init: &RandomInit, names: &[&str]| -> Vec<Vec<f32>> {
+            let vb = init.var_builder(&dev);
+            names
+                .iter()
+                .map(|n| {
+                    let t = vb.get((3, 4), n).unwrap();
+                    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                })
+                .collect()
+        };
+        let a = draw(&RandomInit::trainable(5), &["x.weight", "y.weight"]);
+        let b = draw(&RandomInit::frozen(5), &["y.weight", "x.weight"]);
+        assert_eq!(a[0], b[1]);
+        assert_eq!(a[1], b[0]);
+        assert_ne!(a[0], a[1]);
+        assert!(a[0].iter().all(|v| v.abs() <= 0.5)); // U(±1/√4)
+
+        let trainable = RandomInit::trainable(5);
+        let vb = trainable.var_builder(&dev);
+        let scale = vb.get(4, "block.norm1.weight").unwrap();
+        let bias = vb.get(4, "block.norm1.bias").unwrap();
+        assert_eq!(scale.to_vec1::<f32>().unwrap(), vec![1.0; 4]);
+        assert_eq!(bias.to_vec1::<f32>().unwrap(), vec![0.0; 4]);
+        assert!(scale.is_variable());
+        assert_eq!(trainable.vars().len(), 2);
+        assert!(!RandomInit::frozen(5)
+            .var_builder(&dev)
+            .get(4, "n.weight")
+            .unwrap()
+            .is_variable());
+    }
 }
