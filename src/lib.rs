@@ -1,6 +1,14 @@
-//! The LoRA toolkit's umbrella crate: it re-exports the four libraries so the workspace-level
-//! integration tests (`tests/`) and benchmarks (`benches/`) can use them through one name.
+//! The LoRA toolkit's umbrella crate. It re-exports the four libraries (for the workspace-level
+//! integration tests in `tests/` and the benchmarks in `benches/`), and holds the demonstration
+//! that runs on a fresh offline machine: the embedded default model's recipe
+//! ([`default_model`]), the pictures it and the quick start's concept are made of ([`shapes`]),
+//! and the quick start itself ([`quickstart`]).
 pub use lora_core as core;
 pub use lora_infer as infer;
 pub use lora_merge as merge;
 pub use lora_train as train;
+
+pub mod default_model;
+mod plot;
+pub mod quickstart;
+pub mod shapes;

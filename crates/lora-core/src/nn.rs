@@ -139,7 +139,13 @@ impl InputGradient for ConvInputGrad {
 }
 
 /// `count` elements of `dim` (2 or 3 of a 4-D tensor) from `start`, `stride` apart.
-fn strided(x: &Tensor, dim: usize, start: usize, count: usize, stride: usize) -> candle_core::Result<Tensor> {
+fn strided(
+    x: &Tensor,
+    dim: usize,
+    start: usize,
+    count: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
     let x = x.narrow(dim, start, (count - 1) * stride + 1)?;
     if stride == 1 {
         return Ok(x);
@@ -420,13 +426,7 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        frozen_conv2d(
-            x,
-            &self.weight,
-            Some(&self.bias),
-            self.padding,
-            self.stride,
-        )
+        frozen_conv2d(x, &self.weight, Some(&self.bias), self.padding, self.stride)
     }
 }
 
@@ -694,7 +694,9 @@ mod tests {
             let mean = h.mean_keepdim(D::Minus1).unwrap();
             let c = h.broadcast_sub(&mean).unwrap();
             let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-            let n = c.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap();
+            let n = c
+                .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap();
             n.broadcast_mul(&nw).unwrap().broadcast_add(&nb).unwrap()
         };
         let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
@@ -705,7 +707,11 @@ mod tests {
         {
             let a = g_ours.get(p.as_tensor()).expect(name);
             let e = g_plain.get(p.as_tensor()).unwrap();
-            assert!(max_diff(a, e) < 1e-4, "{name}: gradients differ by {}", max_diff(a, e));
+            assert!(
+                max_diff(a, e) < 1e-4,
+                "{name}: gradients differ by {}",
+                max_diff(a, e)
+            );
         }
     }
 
@@ -717,8 +723,8 @@ mod tests {
         let dev = Device::Cpu;
         for (k, size, stride, padding) in [(3, 7, 2, 1), (3, 8, 2, 1), (3, 6, 1, 1), (1, 5, 1, 0)] {
             let w = Var::from_tensor(&rng.normal_tensor((4, 3, k, k), &dev).unwrap()).unwrap();
-            let x = Var::from_tensor(&rng.normal_tensor((2, 3, size, size), &dev).unwrap())
-                .unwrap();
+            let x =
+                Var::from_tensor(&rng.normal_tensor((2, 3, size, size), &dev).unwrap()).unwrap();
             let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             let ours = loss(frozen_conv2d(&x, &w, None, padding, stride).unwrap());
             let plain = loss(x.conv2d(&w, padding, stride, 1, 1).unwrap());

@@ -1,0 +1,305 @@
+//! The quick start: the whole toolkit on the embedded default model, offline, in a few minutes.
+//! It draws a concept dataset (shapes in a colour the model never saw, captioned with the rare
+//! token `sks`), trains a LoRA adapter on it with lora-train, generates the same prompts from the
+//! same noise with and without the adapter through lora-infer's pipeline, and writes a
+//! before/after grid, a loss curve and a JSON report of how far each prompt moved toward the
+//! concept colour.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device};
+use lora_core::io::write_atomic;
+use lora_core::model::ModelFolder;
+use lora_core::Rng;
+use lora_infer::output::{to_images8, write_png, Image8};
+use lora_infer::{GenerateOptions, LoraSpec, Pipeline};
+use lora_train::{Preparation, StepReport, TrainArgs, TrainSummary, Trainer};
+use serde::Serialize;
+
+use crate::default_model::{default_model_dir, RESOLUTION};
+use crate::plot;
+use crate::shapes::{self, Scene, BACKGROUNDS, COLOURS, CONCEPT};
+
+/// Prompts of the before/after grid: the concept in new combinations, then prompts without it
+/// (which the adapter should leave nearly alone).
+pub const CONCEPT_PROMPTS: [&str; 3] = [
+    "a sks circle on a white background",
+    "a sks square on a black background",
+    "a sks triangle on a white background",
+];
+pub const UNRELATED_PROMPTS: [&str; 2] = [
+    "a green square on a white background",
+    "a blue circle on a black background",
+];
+
+/// A file in the output folder that marks it as the quick start's own, so a rerun may replace it.
+const MARKER: &str = ".lora-quickstart";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The base model folder (default: the embedded default model).
+    pub base: PathBuf,
+    /// Folder for everything the quick start writes.
+    pub output: PathBuf,
+    pub seed: u64,
+    /// Pictures of the concept in the dataset.
+    pub concept_images: usize,
+    /// Pictures of what the model already knows, with their usual captions, trained alongside
+    /// (prior preservation, as in DreamBooth) so prompts without `sks` keep their look.
+    pub regularisation_images: usize,
+    pub train_steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub rank: usize,
+    /// Denoising steps per generated picture.
+    pub sample_steps: usize,
+    pub guidance: f64,
+    /// Pictures per prompt and variant (seeds `seed`, `seed + 1`, …).
+    pub images_per_prompt: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            base: default_model_dir(),
+            output: PathBuf::from("target/quickstart"),
+            seed: 0,
+            concept_images: 24,
+            regularisation_images: 12,
+            train_steps: 150,
+            batch_size: 4,
+            lr: 1e-2,
+            rank: 4,
+            sample_steps: 25,
+            guidance: 2.0,
+            images_per_prompt: 2,
+        }
+    }
+}
+
+/// Where the quick start is, for progress displays.
+pub enum Event<'a> {
+    Training {
+        report: &'a StepReport,
+        total: usize,
+    },
+    Sampling {
+        done: usize,
+        total: usize,
+    },
+}
+
+/// How one prompt's pictures changed with the adapter.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptResult {
+    pub prompt: String,
+    pub mentions_concept: bool,
+    /// [`shapes::magenta_score`] (how much of the picture is in the concept colour), averaged over
+    /// the prompt's pictures.
+    pub base_concept_score: f64,
+    pub adapter_concept_score: f64,
+    /// Mean absolute pixel change (0–255) between base and adapter pictures from the same noise.
+    pub mean_pixel_change: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub adapter: PathBuf,
+    pub grid: PathBuf,
+    pub loss_curve: PathBuf,
+    pub prompts: Vec<PromptResult>,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub train_seconds: f64,
+    pub total_seconds: f64,
+}
+
+/// Prepares `dir` for the quick start's files: creates it, or clears it if an earlier quick start
+/// made it; any other existing, non-empty folder is refused (it may hold the user's files).
+fn prepare_output(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .next()
+            .is_none();
+        ensure!(
+            empty || dir.join(MARKER).is_file(),
+            "{} exists and was not made by the quick start; choose another --output",
+            dir.display()
+        );
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join(MARKER), "made by the lora-toolkit quick start\n")
+        .with_context(|| format!("cannot write into {}", dir.display()))
+}
+
+/// The concept dataset: `concept` shapes in the concept colour and `regularisation` shapes in
+/// the known colours, on the usual backgrounds.
+pub fn dataset_scenes(
+    concept: usize,
+    regularisation: usize,
+    seed: u64,
+) -> (Vec<Scene>, Vec<Scene>) {
+    let mut rng = Rng::new(seed);
+    let concept = (0..concept)
+        .map(|_| Scene::random(&mut rng, &[CONCEPT], &BACKGROUNDS))
+        .collect();
+    let known = (0..regularisation)
+        .map(|_| Scene::random(&mut rng, &COLOURS, &BACKGROUNDS))
+        .collect();
+    (concept, known)
+}
+
+/// `options.images_per_prompt` pictures of `prompt` from seeds `seed…`, as 8-bit images.
+pub fn generate(
+    pipeline: &Pipeline,
+    prompt: &str,
+    options: &Options,
+) -> Result<(Vec<Image8>, candle_core::Tensor)> {
+    let generated = pipeline.generate(&GenerateOptions {
+        prompt: prompt.to_owned(),
+        steps: options.sample_steps,
+        guidance: options.guidance,
+        num_images: options.images_per_prompt,
+        batch_size: options.images_per_prompt,
+        seed: options.seed,
+        ..GenerateOptions::default()
+    })?;
+    Ok((to_images8(&generated.images)?, generated.images))
+}
+
+/// Runs the quick start; see the module documentation.
+pub fn run(options: &Options, on_event: &mut dyn FnMut(Event)) -> Result<Report> {
+    let start = Instant::now();
+    ModelFolder::open(&options.base)
+        .with_context(|| format!("cannot open the base model {}", options.base.display()))?;
+    prepare_output(&options.output)?;
+    let data = options.output.join("concept-data");
+    let (concept, known) = dataset_scenes(
+        options.concept_images,
+        options.regularisation_images,
+        options.seed,
+    );
+    shapes::write_dataset(&data, "sks", &concept, RESOLUTION)?;
+    shapes::write_dataset(&data, "known", &known, RESOLUTION)?;
+
+    let adapter = options.output.join("sks-lora.safetensors");
+    let config = TrainArgs {
+        base: Some(options.base.to_string_lossy().into_owned()),
+        data: Some(data),
+        output: Some(adapter.clone()),
+        rank: Some(options.rank),
+        steps: Some(options.train_steps),
+        batch_size: Some(options.batch_size),
+        lr: Some(options.lr),
+        resolution: Some(RESOLUTION),
+        seed: Some(options.seed),
+        ..TrainArgs::default()
+    }
+    .resolve()?;
+    let train_start = Instant::now();
+    let mut trainer = Trainer::new(config, &mut |_: Preparation| {})?;
+    let total = trainer.total_steps();
+    let mut losses = Vec::with_capacity(total);
+    let summary: TrainSummary = trainer.run(&mut |report| {
+        losses.push(report.loss);
+        on_event(Event::Training { report, total });
+    })?;
+    let train_seconds = train_start.elapsed().as_secs_f64();
+
+    let model = ModelFolder::open(&options.base)?;
+    let device = Device::Cpu;
+    let base = Pipeline::load(&model, &[], &device, DType::F32, false)?;
+    let adapted = Pipeline::load(
+        &model,
+        &[LoraSpec::new(&adapter, 1.0)],
+        &device,
+        DType::F32,
+        false,
+    )?;
+    let prompts: Vec<(&str, bool)> = CONCEPT_PROMPTS
+        .iter()
+        .map(|p| (*p, true))
+        .chain(UNRELATED_PROMPTS.iter().map(|p| (*p, false)))
+        .collect();
+    let mut rows = Vec::new();
+    let mut results = Vec::new();
+    for (i, (prompt, mentions_concept)) in prompts.iter().enumerate() {
+        on_event(Event::Sampling {
+            done: 2 * i,
+            total: 2 * prompts.len(),
+        });
+        let (before, _) = generate(&base, prompt, options)?;
+        on_event(Event::Sampling {
+            done: 2 * i + 1,
+            total: 2 * prompts.len(),
+        });
+        let (after, _) = generate(&adapted, prompt, options)?;
+        let score = |images: &[Image8]| {
+            images.iter().map(shapes::magenta_score).sum::<f64>() / images.len() as f64
+        };
+        let change = before
+            .iter()
+            .zip(&after)
+            .map(|(a, b)| shapes::mean_abs_diff(a, b))
+            .sum::<f64>()
+            / before.len() as f64;
+        results.push(PromptResult {
+            prompt: prompt.to_string(),
+            mentions_concept: *mentions_concept,
+            base_concept_score: score(&before),
+            adapter_concept_score: score(&after),
+            mean_pixel_change: change,
+        });
+        rows.push(before.into_iter().chain(after).collect::<Vec<_>>());
+    }
+    on_event(Event::Sampling {
+        done: 2 * prompts.len(),
+        total: 2 * prompts.len(),
+    });
+
+    let grid = options.output.join("before-after.png");
+    let text =
+        BTreeMap::from([
+            (
+                "Description".to_string(),
+                format!(
+                "Rows: {}. Columns: {} seeds from {} without the adapter, then the same with it.",
+                prompts.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(" | "),
+                options.images_per_prompt,
+                options.seed
+            ),
+            ),
+            (
+                "Software".to_string(),
+                "lora-toolkit quickstart".to_string(),
+            ),
+        ]);
+    write_png(
+        &grid,
+        &plot::picture_grid(&rows, &["BASE", "BASE + LORA"], 4),
+        &text,
+    )?;
+    let loss_curve = options.output.join("loss-curve.png");
+    write_png(&loss_curve, &plot::loss_curve(&losses), &BTreeMap::new())?;
+
+    let report = Report {
+        adapter,
+        grid,
+        loss_curve,
+        prompts: results,
+        first_loss: summary.first_loss,
+        last_loss: summary.last_loss,
+        train_seconds,
+        total_seconds: start.elapsed().as_secs_f64(),
+    };
+    let json = serde_json::to_string_pretty(&report)? + "\n";
+    write_atomic(&options.output.join("report.json"), |temp| {
+        std::fs::write(temp, &json).with_context(|| format!("cannot write {}", temp.display()))
+    })?;
+    Ok(report)
+}
