@@ -1,11 +1,15 @@
 //! UNet step benchmarks: one case per invocation, one JSON line per case on stdout.
 //!
-//!     cargo bench --bench unet_step -- <case> [--iters N]
+//!     cargo bench --bench unet_step -- <case> [--iters N] [--device cpu|cuda] [--dtype f32|f16|bf16]
+//!                                             [--batch N]
 //!
 //! Cases (SD1.5 UNet architecture with random weights unless `tiny`; LoRA rank 4 on attn2):
 //! - `train-sd15-32`, `train-sd15-64`: forward + backward + AdamW, batch 1, latents 32×32 / 64×64
 //! - `infer-sd15-64`: classifier-free-guidance step (batch 2), latents 64×64, no gradients
 //! - `train-tiny`, `infer-tiny`: the same on the sd1-tiny fixture model (a quick check)
+//!
+//! `--device`, `--dtype` (of the frozen base; LoRA stays f32) and `--batch` override a case's
+//! defaults (CPU, f32), for the GPU runs of `benches/gpu.sh`.
 //!
 //! `benches/unet_step_reference.py` measures the same cases with diffusers + peft (PyTorch);
 //! `benches/run_unet_step.sh` runs both side by side and prints the ratio.
@@ -28,14 +32,14 @@ struct Case {
     train: bool,
 }
 
-fn load_case(name: &str, device: &Device) -> Result<Case> {
+fn load_case(name: &str, device: &Device, dtype: DType) -> Result<Case> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let (unet, latent, batch, train) = match name {
         "train-sd15-32" | "train-sd15-64" | "infer-sd15-64" => {
             let config = UNetConfig::from_file(&root.join("benches/sd15_unet_config.json"))?;
             // Frozen random weights: timing does not depend on the values, but they keep
             // activations finite so no denormal or NaN slow paths are measured.
-            let vb = RandomInit::frozen(0).var_builder(device);
+            let vb = RandomInit::frozen(0).var_builder(device).set_dtype(dtype);
             let unet = UNet2DConditionModel::load(&config, &vb)?;
             match name {
                 "train-sd15-32" => (unet, 32, 1, true),
@@ -47,7 +51,7 @@ fn load_case(name: &str, device: &Device) -> Result<Case> {
             let dir = root.join("tests/fixtures/sd1-tiny/unet");
             let config = UNetConfig::from_file(&dir.join("config.json"))?;
             let weights = component_weights(&dir, "diffusion_pytorch_model")?;
-            let unet = UNet2DConditionModel::from_files(&config, &[weights], DType::F32, device)?;
+            let unet = UNet2DConditionModel::from_files(&config, &[weights], dtype, device)?;
             (
                 unet,
                 16,
@@ -72,6 +76,22 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Peak GPU memory is not tracked by candle; the device's used memory right after the run (its
+/// caching allocator keeps what the run needed) is read from nvidia-smi.
+fn peak_gpu_mib() -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits"])
+        .output()
+        .ok()?;
+    String::from_utf8(out.stdout)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -81,17 +101,43 @@ fn main() -> Result<()> {
         .first()
         .context("usage: unet_step <case> [--iters N]")?
         .clone();
-    let iters: usize = match args.iter().position(|a| a == "--iters") {
-        Some(i) => args.get(i + 1).context("--iters needs a value")?.parse()?,
-        None => 3,
+    let flag = |name: &str| -> Result<Option<&String>> {
+        match args.iter().position(|a| a == name) {
+            Some(i) => Ok(Some(
+                args.get(i + 1)
+                    .with_context(|| format!("{name} needs a value"))?,
+            )),
+            None => Ok(None),
+        }
     };
-    let device = Device::Cpu;
-    let mut case = load_case(&case_name, &device)?;
+    let iters: usize = flag("--iters")?.map_or(Ok(3), |v| v.parse())?;
+    let (device, device_name) = match flag("--device")?.map(String::as_str) {
+        None | Some("cpu") => (
+            Device::Cpu,
+            format!("cpu, {} threads", candle_core::utils::get_num_threads()),
+        ),
+        Some("cuda") => (Device::new_cuda(0)?, "cuda:0".to_string()),
+        Some(other) => bail!("--device {other}: expected cpu or cuda"),
+    };
+    let dtype = match flag("--dtype")?.map(String::as_str) {
+        None | Some("f32") => DType::F32,
+        Some("f16") => DType::F16,
+        Some("bf16") => DType::BF16,
+        Some(other) => bail!("--dtype {other}: expected f32, f16 or bf16"),
+    };
+    let mut case = load_case(&case_name, &device, dtype)?;
+    if let Some(batch) = flag("--batch")? {
+        case.batch = batch.parse()?;
+    }
     let cfg = case.unet.config().clone();
     let mut rng = Rng::new(1);
     let (b, s) = (case.batch, case.latent);
-    let sample = rng.normal_tensor((b, cfg.in_channels, s, s), &device)?;
-    let context = rng.normal_tensor((b, 77, cfg.cross_attention_dim), &device)?;
+    let sample = rng
+        .normal_tensor((b, cfg.in_channels, s, s), &device)?
+        .to_dtype(dtype)?;
+    let context = rng
+        .normal_tensor((b, 77, cfg.cross_attention_dim), &device)?
+        .to_dtype(dtype)?;
     let timesteps = Tensor::from_vec(vec![500f32; b], b, &device)?;
     let target = rng.normal_tensor((b, cfg.out_channels, s, s), &device)?;
 
@@ -123,10 +169,11 @@ fn main() -> Result<()> {
     let mut step = || -> Result<()> {
         let out = case.unet.forward(&sample, &timesteps, &context)?;
         if case.train {
-            let loss = (out - &target)?.sqr()?.mean_all()?;
+            let loss = (out.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?;
             opt.backward_step(&loss)?;
         } else {
-            out.flatten_all()?.sum_all()?.to_scalar::<f32>()?;
+            // Reading a value back also waits for an asynchronous device to finish.
+            out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         }
         Ok(())
     };
@@ -142,13 +189,15 @@ fn main() -> Result<()> {
     let mut out = BTreeMap::new();
     out.insert("case", serde_json::json!(case_name));
     out.insert("impl", serde_json::json!("lora-toolkit (candle)"));
+    out.insert("device", serde_json::json!(device_name));
     out.insert(
-        "device",
-        serde_json::json!(format!(
-            "cpu, {} threads",
-            candle_core::utils::get_num_threads()
-        )),
+        "dtype",
+        serde_json::json!(format!("{dtype:?}").to_lowercase()),
     );
+    out.insert("batch", serde_json::json!(b));
+    if let Device::Cuda(_) = &device {
+        out.insert("peak_gpu_mib", serde_json::json!(peak_gpu_mib()));
+    }
     out.insert("iters", serde_json::json!(iters));
     out.insert("mean_s", serde_json::json!(mean));
     out.insert("min_s", serde_json::json!(min));

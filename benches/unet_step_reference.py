@@ -1,6 +1,7 @@
 """The unet_step benchmark cases measured with diffusers + peft (PyTorch), printing the same JSON.
 
-    python benches/unet_step_reference.py <case> [--iters N]
+    python benches/unet_step_reference.py <case> [--iters N] [--device cpu|cuda] [--dtype f32|f16|bf16]
+                                                [--batch N]
 
 Same shapes, LoRA (rank 4, attn2 to_q/to_k/to_v/to_out.0, AdamW lr 1e-4), warm-up and timing as
 benches/unet_step.rs; default attention processor (SDPA).
@@ -42,25 +43,37 @@ def load_case(name):
 def main():
     args = sys.argv[1:]
     case = args[0]
-    iters = int(args[args.index("--iters") + 1]) if "--iters" in args else 3
+    flag = lambda name, default: args[args.index(name) + 1] if name in args else default
+    iters = int(flag("--iters", 3))
+    device = torch.device(flag("--device", "cpu"))
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[flag("--dtype", "f32")]
     torch.manual_seed(0)
     unet, s, b, train = load_case(case)
+    b = int(flag("--batch", b))
     unet.requires_grad_(False)
+    unet.to(device, dtype)
     targets = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    # LoRA weights in f32 over the half-precision base, as ours (peft's autocast_adapter_dtype).
     params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4)
     c = unet.config
-    sample = torch.randn(b, c.in_channels, s, s)
-    context = torch.randn(b, 77, c.cross_attention_dim)
-    timesteps = torch.full((b,), 500.0)
-    target = torch.randn(b, c.out_channels, s, s)
+    sample = torch.randn(b, c.in_channels, s, s, device=device, dtype=dtype)
+    context = torch.randn(b, 77, c.cross_attention_dim, device=device, dtype=dtype)
+    timesteps = torch.full((b,), 500.0, device=device)
+    target = torch.randn(b, c.out_channels, s, s, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
 
     def step():
         if train:
             unet.train()
-            out = unet(sample, timesteps, context).sample
-            loss = torch.nn.functional.mse_loss(out, target)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = unet(sample, timesteps, context).sample
+            loss = torch.nn.functional.mse_loss(out.float(), target)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -72,13 +85,18 @@ def main():
     step()
     times = []
     for _ in range(iters):
+        sync()
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     print(json.dumps({
         "case": case,
         "impl": f"diffusers {__import__('diffusers').__version__} + peft (torch {torch.__version__})",
-        "device": f"cpu, {torch.get_num_threads()} threads",
+        "device": f"cpu, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device),
+        "dtype": {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype],
+        "batch": b,
+        **({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if device.type == "cuda" else {}),
         "iters": iters,
         "mean_s": sum(times) / len(times),
         "min_s": min(times),

@@ -12,7 +12,7 @@ use std::str::FromStr;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::nn::{frozen_conv2d, frozen_linear};
+use crate::nn::{frozen_conv2d, frozen_linear, AdjointKernel};
 use crate::rng::Rng;
 
 /// Which layers of the UNet get an adapter.
@@ -289,6 +289,8 @@ pub struct LoraLinear {
     bias: Option<Tensor>,
     kind: ModuleKind,
     adapters: Vec<AttachedLora>,
+    /// For Conv1x1: the kernel's adjoint, kept between backward passes.
+    adjoint: AdjointKernel,
 }
 
 impl LoraLinear {
@@ -317,6 +319,7 @@ impl LoraLinear {
             bias,
             kind,
             adapters: Vec::new(),
+            adjoint: AdjointKernel::default(),
         })
     }
 
@@ -360,7 +363,7 @@ impl LoraLinear {
                     .as_ref()
                     .map(|b| b.reshape((1, (), 1, 1)))
                     .transpose()?;
-                frozen_conv2d(x, &self.weight, bias.as_ref(), 0, 1)?
+                frozen_conv2d(x, &self.weight, bias.as_ref(), 0, 1, Some(&self.adjoint))?
             }
             ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
         };
