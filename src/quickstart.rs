@@ -175,7 +175,7 @@ pub fn generate(
 /// Runs the quick start; see the module documentation.
 pub fn run(options: &Options, on_event: &mut dyn FnMut(Event)) -> Result<Report> {
     let start = Instant::now();
-    ModelFolder::open(&options.base)
+    let model = ModelFolder::open(&options.base)
         .with_context(|| format!("cannot open the base model {}", options.base.display()))?;
     prepare_output(&options.output)?;
     let data = options.output.join("concept-data");
@@ -211,7 +211,6 @@ pub fn run(options: &Options, on_event: &mut dyn FnMut(Event)) -> Result<Report>
     })?;
     let train_seconds = train_start.elapsed().as_secs_f64();
 
-    let model = ModelFolder::open(&options.base)?;
     let device = Device::Cpu;
     let base = Pipeline::load(&model, &[], &device, DType::F32, false)?;
     let adapted = Pipeline::load(

@@ -475,6 +475,13 @@ impl Module for Conv2d {
     }
 }
 
+/// `(x − mean) / √(var + eps)` over the last dimension, from recorded ops (so it has a backward).
+fn standardize_last_dim(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
 /// Group normalisation over `[B, C, H, W]` with per-channel affine parameters.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -511,11 +518,7 @@ impl Module for GroupNorm {
             self.groups,
             (c / self.groups) * h * w,
         ))?;
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let centered = xs.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
+        standardize_last_dim(&xs, self.eps)?
             .reshape((b, c, h, w))?
             .to_dtype(dtype)?
             .broadcast_mul(&self.weight)?
@@ -551,11 +554,10 @@ impl Module for LayerNorm {
         let x = x.to_dtype(cd)?;
         if any_trained([Some(&w), Some(&b)]) {
             // Trained affine parameters need their gradients: composed from recorded ops.
-            let mean = x.mean_keepdim(D::Minus1)?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-            let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-            return normed.broadcast_mul(&w)?.broadcast_add(&b)?.to_dtype(dtype);
+            return standardize_last_dim(&x, self.eps)?
+                .broadcast_mul(&w)?
+                .broadcast_add(&b)?
+                .to_dtype(dtype);
         }
         let forward =
             |x: &Tensor| candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, self.eps as f32);
