@@ -166,9 +166,13 @@ fn main() -> Result<()> {
         },
     )?;
 
+    // Training steps also time their forward pass alone: the rest is backward + AdamW.
+    let mut forward_times = Vec::with_capacity(iters + 1);
     let mut step = || -> Result<()> {
+        let t0 = Instant::now();
         let out = case.unet.forward(&sample, &timesteps, &context)?;
         if case.train {
+            forward_times.push(t0.elapsed().as_secs_f64());
             let loss = (out.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?;
             opt.backward_step(&loss)?;
         } else {
@@ -184,6 +188,7 @@ fn main() -> Result<()> {
         step()?;
         times.push(t0.elapsed().as_secs_f64());
     }
+    drop(step);
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let mut out = BTreeMap::new();
@@ -201,6 +206,12 @@ fn main() -> Result<()> {
     out.insert("iters", serde_json::json!(iters));
     out.insert("mean_s", serde_json::json!(mean));
     out.insert("min_s", serde_json::json!(min));
+    if case.train {
+        // The warm-up step's forward pass is left out, as in the timed steps.
+        let timed = &forward_times[1..];
+        let forward = timed.iter().sum::<f64>() / timed.len() as f64;
+        out.insert("forward_mean_s", serde_json::json!(forward));
+    }
     out.insert("peak_rss_mib", serde_json::json!(peak_rss_mib()));
     println!("{}", serde_json::to_string(&out)?);
     Ok(())

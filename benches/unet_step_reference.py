@@ -68,11 +68,17 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
+    forward_times = []
+
     def step():
         if train:
             unet.train()
+            sync()
+            t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 out = unet(sample, timesteps, context).sample
+            sync()
+            forward_times.append(time.perf_counter() - t0)
             loss = torch.nn.functional.mse_loss(out.float(), target)
             loss.backward()
             opt.step()
@@ -83,6 +89,7 @@ def main():
                 unet(sample, timesteps, context).sample.sum().item()
 
     step()
+    forward_times.clear()
     times = []
     for _ in range(iters):
         sync()
@@ -100,6 +107,7 @@ def main():
         "iters": iters,
         "mean_s": sum(times) / len(times),
         "min_s": min(times),
+        **({"forward_mean_s": sum(forward_times) / len(forward_times)} if train else {}),
         "peak_rss_mib": peak_rss_mib(),
     }, sort_keys=True))
 

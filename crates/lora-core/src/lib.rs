@@ -4,6 +4,9 @@
 
 pub mod adapter_file;
 pub mod config;
+mod cpu_attention;
+mod cpu_conv;
+mod cpu_gemm;
 pub mod io;
 pub mod keys;
 pub mod ldm;

@@ -18,6 +18,8 @@ use candle_core::{
 };
 use candle_nn::VarBuilder;
 
+use crate::{cpu_attention, cpu_conv};
+
 /// Copies a contiguous storage region as the output of a re-attaching op.
 fn copy_cpu(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
     let (start, end) = layout
@@ -119,10 +121,11 @@ struct ConvInputGrad {
 }
 
 /// The stride-1 adjoint of a frozen kernel `[O, I, k, k]`: flipped in space with its channel
-/// axes swapped, `[I, O, k, k]`. Built on the first backward pass and kept by the layer: making
-/// it (candle's `flip` is an index-select copy of the whole kernel) took about a quarter of an
-/// SD1.5 LoRA step on CPU when redone every step. Costs one more copy of the conv kernels, only
-/// once something is trained through them (inference never builds it).
+/// axes swapped, `[I, O, k, k]`, for devices without our CPU convolution (CUDA). Built on the
+/// first backward pass and kept by the layer: making it (candle's `flip` is an index-select copy
+/// of the whole kernel) took about a quarter of an SD1.5 LoRA step when redone every step. Costs
+/// one more copy of the conv kernels, only once something is trained through them. On the CPU
+/// (f32) the input gradient is `Wᵀ·dy` with col2im (`cpu_conv`), which needs no such copy.
 #[derive(Debug, Clone, Default)]
 pub struct AdjointKernel(Arc<OnceLock<Tensor>>);
 
@@ -143,11 +146,14 @@ impl InputGradient for ConvInputGrad {
         _: &Tensor,
         grad_out: &Tensor,
     ) -> candle_core::Result<Tensor> {
+        if cpu_conv::applies(grad_out, &self.weight) {
+            return cpu_conv::input_grad(input, &self.weight, grad_out, self.padding, self.stride);
+        }
         let k = self.weight.dim(2)?;
         if self.stride == 1 {
             // For stride 1 the adjoint is itself a convolution, with the kernel flipped in space
-            // and its channel axes swapped, and padding k-1-p. candle's im2col conv2d runs it
-            // 2.5-5x faster than its direct conv_transpose2d on CPU (measured at SD1.5 shapes).
+            // and its channel axes swapped, and padding k-1-p. candle's conv2d runs it faster
+            // than its conv_transpose2d (2.5-5x on CPU at SD1.5 shapes; cuDNN has conv2d only).
             let flipped = match &self.adjoint {
                 Some(AdjointKernel(cell)) => match cell.get() {
                     Some(kernel) => kernel.clone(),
@@ -271,9 +277,13 @@ impl CustomOp3 for TrainedConv {
             adjoint: None, // the kernel changes every step
         }
         .input_grad(x, output, grad_out)?;
-        let (_, _, kh, kw) = weight.dims4()?;
-        let kernel_grad =
-            conv_kernel_grad(&x.detach(), grad_out, (kh, kw), self.padding, self.stride)?;
+        let (x, weight) = (x.detach(), weight.detach());
+        let kernel_grad = if cpu_conv::applies(&x, &weight) {
+            cpu_conv::kernel_grad(&x, &weight, grad_out, self.padding, self.stride)?
+        } else {
+            let (_, _, kh, kw) = weight.dims4()?;
+            conv_kernel_grad(&x, grad_out, (kh, kw), self.padding, self.stride)?
+        };
         Ok((Some(input_grad), Some(kernel_grad), None))
     }
 }
@@ -373,6 +383,10 @@ pub fn frozen_conv2d(
     adjoint: Option<&AdjointKernel>,
 ) -> candle_core::Result<Tensor> {
     let forward = |x: &Tensor| {
+        let untracked = !x.track_op() && !any_trained([bias]);
+        if untracked && cpu_conv::applies(x, weight) {
+            return cpu_conv::forward(x, weight, bias, padding, stride);
+        }
         let y = x.conv2d(weight, padding, stride, 1, 1)?;
         match bias {
             Some(b) => y.broadcast_add(b),
@@ -381,7 +395,12 @@ pub fn frozen_conv2d(
     };
     if weight.track_op() {
         // A trained kernel (full fine-tune): both gradients, by `TrainedConv`.
-        let out = x.detach().conv2d(&weight.detach(), padding, stride, 1, 1)?;
+        let (xd, wd) = (x.detach(), weight.detach());
+        let out = if cpu_conv::applies(&xd, &wd) {
+            cpu_conv::forward(&xd, &wd, None, padding, stride)?
+        } else {
+            xd.conv2d(&wd, padding, stride, 1, 1)?
+        };
         let y = x.apply_op3(weight, &out, TrainedConv { padding, stride })?;
         return match bias {
             Some(b) => y.broadcast_add(b),
@@ -579,6 +598,34 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         .context("softmax")?
         .to_dtype(dtype)
         .context("softmax dtype")
+}
+
+/// `softmax(q·kᵀ/√d)·v` over `heads` heads of `[B, N, H·d]` queries and `[B, M, H·d]` keys and
+/// values, returning `[B, N, H·d]`; scores in f32 when `upcast` (SD2's attention upcast).
+/// On the CPU in f32 one fused op (`cpu_attention`), elsewhere composed from recorded ops.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
+    if cpu_attention::applies(q, k, v) {
+        return cpu_attention::attention(q, k, v, heads).context("attention");
+    }
+    let (b, n, width) = q.dims3()?;
+    let d = width / heads;
+    // `[B, N, H·d] → [B, H, N, d]`
+    let split = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let rows = x.dim(1)?;
+        x.reshape((b, rows, heads, d))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let scores = if upcast {
+        q.to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+    } else {
+        q.matmul(&k.t()?)?
+    };
+    let probs = softmax_last_dim(&(scores / (d as f64).sqrt())?)?.to_dtype(v.dtype())?;
+    let out = probs.matmul(&v)?;
+    Ok(out.transpose(1, 2)?.reshape((b, n, width))?)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::lora::{LoraLinear, LoraModule, ModuleInfo, ModuleKind};
-use crate::nn::{softmax_last_dim, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::nn::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
 
 /// A `VarBuilder` backend handing out a broadcast zero of any requested shape (no storage
 /// beyond one element), for building a UNet only to enumerate its layers.
@@ -163,7 +163,6 @@ struct Attention {
     to_v: LoraLinear,
     to_out: LoraLinear,
     heads: usize,
-    scale: f64,
     upcast: bool,
 }
 
@@ -175,41 +174,22 @@ impl Attention {
         heads: usize,
         upcast: bool,
     ) -> Result<Self> {
-        let head_dim = query_dim / heads;
         Ok(Self {
             to_q: lora_linear(&vb.pp("to_q"), query_dim, query_dim, false)?,
             to_k: lora_linear(&vb.pp("to_k"), context_dim, query_dim, false)?,
             to_v: lora_linear(&vb.pp("to_v"), context_dim, query_dim, false)?,
             to_out: lora_linear(&vb.pp("to_out.0"), query_dim, query_dim, true)?,
             heads,
-            scale: 1.0 / (head_dim as f64).sqrt(),
             upcast,
         })
     }
 
-    /// `[B, N, H·d] → [B, H, N, d]`
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, inner) = x.dims3()?;
-        Ok(x.reshape((b, n, self.heads, inner / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
-
     fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(x);
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let scores = if self.upcast {
-            q.to_dtype(DType::F32)?
-                .matmul(&k.to_dtype(DType::F32)?.t()?)?
-        } else {
-            q.matmul(&k.t()?)?
-        };
-        let probs = softmax_last_dim(&(scores * self.scale)?)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?;
-        let (b, h, n, d) = out.dims4()?;
-        let out = out.transpose(1, 2)?.reshape((b, n, h * d))?;
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        let out = attention(&q, &k, &v, self.heads, self.upcast)?;
         self.to_out.forward(&out)
     }
 

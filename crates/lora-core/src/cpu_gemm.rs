@@ -1,0 +1,122 @@
+//! Bounds-checked f32 matrix products on strided slices, for the CPU kernels (`cpu_conv`,
+//! `cpu_attention`). The `gemm` crate (what candle's CPU matmul calls) reads any row/column
+//! strides, so transposes, head splits and output bands are views, never copies.
+
+use std::cell::RefCell;
+
+use gemm::Parallelism;
+
+/// A matrix view into `data`: element `(r, c)` at `r·row_stride + c·col_stride`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Rows `row_stride` apart, columns adjacent.
+    pub fn rows(data: &'a [f32], row_stride: usize) -> Self {
+        Self {
+            data,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a matrix whose rows are `row_stride` apart.
+    pub fn transposed(data: &'a [f32], row_stride: usize) -> Self {
+        Self {
+            data,
+            row_stride: 1,
+            col_stride: row_stride,
+        }
+    }
+
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
+/// Whether one product may use candle's CPU thread count or must stay on the calling thread
+/// (when the caller already runs products in parallel).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Threads {
+    All,
+    One,
+}
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, `dst` rows `dst_row_stride` apart; accumulates into
+/// `dst` when `accumulate`, overwrites it otherwise.
+pub(crate) fn matmul(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    accumulate: bool,
+    (m, n, k): (usize, usize, usize),
+    lhs: Mat,
+    rhs: Mat,
+    threads: Threads,
+) {
+    assert!(
+        Mat::rows(dst, dst_row_stride).covers(m, n) && lhs.covers(m, k) && rhs.covers(k, n),
+        "matrix product out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            (0..m).for_each(|r| dst[r * dst_row_stride..][..n].fill(0.0));
+        }
+        return;
+    }
+    let count = candle_core::utils::get_num_threads();
+    let parallelism = match threads {
+        Threads::All if count > 1 => Parallelism::Rayon(count),
+        _ => Parallelism::None,
+    };
+    // SAFETY: the bounds of all three matrices were checked above, `dst` is borrowed mutably
+    // and so cannot alias `lhs` or `rhs`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_row_stride as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+thread_local! {
+    /// A per-thread work buffer kept between calls: a fresh one each call would cost the
+    /// kernel's page zeroing every time.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's work buffer of `len` values (contents unspecified).
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
