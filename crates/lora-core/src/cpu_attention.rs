@@ -155,7 +155,8 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
 fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> Vec<f32> {
     let (n, m, d) = (g.queries, g.keys, g.head_dim);
     let scale = 1.0 / (d as f32).sqrt();
-    let (dq, dkv): (Vec<Vec<f32>>, Vec<(Vec<f32>, Vec<f32>)>) = (0..g.batch * g.heads)
+    type HeadGrads = (Vec<f32>, (Vec<f32>, Vec<f32>));
+    let (dq, dkv): (Vec<_>, Vec<_>) = (0..g.batch * g.heads)
         .into_par_iter()
         .map(|t| {
             let (b, h) = (t / g.heads, t % g.heads);
@@ -190,7 +191,7 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
                 let qh = g.head(q, n, b, h);
                 let dst = Mat::transposed(ds, m);
                 matmul(&mut dk, d, false, (m, d, n), dst, qh, Threads::One);
-                (dq, (dk, dv))
+                (dq, (dk, dv)) as HeadGrads
             })
         })
         .unzip();
