@@ -188,7 +188,6 @@ fn main() -> Result<()> {
         step()?;
         times.push(t0.elapsed().as_secs_f64());
     }
-    drop(step);
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let mut out = BTreeMap::new();
