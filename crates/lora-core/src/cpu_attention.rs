@@ -86,7 +86,7 @@ impl Geometry {
 /// a degree-6 Taylor polynomial (relative error < 2e-7): plain f32 arithmetic that the compiler
 /// vectorises, where `f32::exp` is a scalar libm call per score.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75; // ln 2 split so that n·LN2_HI is exact
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer

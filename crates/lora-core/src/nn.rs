@@ -18,7 +18,7 @@ use candle_core::{
 };
 use candle_nn::VarBuilder;
 
-use crate::{cpu_attention, cpu_conv};
+use crate::{cpu_attention, cpu_conv, cpu_norm};
 
 /// Copies a contiguous storage region as the output of a re-attaching op.
 fn copy_cpu(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -288,6 +288,16 @@ impl CustomOp3 for TrainedConv {
     }
 }
 
+/// Group norm (and SiLU) with frozen parameters, on the CPU (`cpu_norm`).
+struct GroupNormInputGrad(cpu_norm::GroupNormParams);
+
+impl InputGradient for GroupNormInputGrad {
+    const NAME: &'static str = "group-norm";
+    fn input_grad(&self, x: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        cpu_norm::input_grad(x, grad_out, &self.0)
+    }
+}
+
 /// Softmax over the last dimension: `dx = y ⊙ (dy − Σ dy ⊙ y)`.
 struct SoftmaxInputGrad;
 
@@ -528,8 +538,34 @@ impl GroupNorm {
     }
 }
 
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl GroupNorm {
+    /// `silu(norm(x))`, the pre-activation of every resnet convolution: one op on the CPU.
+    pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.normalize(x, true)
+    }
+
+    fn normalize(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        if cpu_norm::applies(x) && !any_trained([Some(&self.weight), Some(&self.bias)]) {
+            let values = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+            let params = cpu_norm::GroupNormParams {
+                groups: self.groups,
+                eps: self.eps,
+                weight: values(&self.weight)?,
+                bias: values(&self.bias)?,
+                silu,
+            };
+            let forward = |x: &Tensor| cpu_norm::forward(x, &params);
+            return with_input_grad(x, false, forward, || GroupNormInputGrad(params.clone()));
+        }
+        let y = self.composed(x)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    fn composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let (b, c, h, w) = x.dims4()?;
         let xs = x.to_dtype(compute_dtype(dtype))?.reshape((
@@ -542,6 +578,12 @@ impl Module for GroupNorm {
             .to_dtype(dtype)?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.normalize(x, false)
     }
 }
 
