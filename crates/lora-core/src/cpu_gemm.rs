@@ -3,6 +3,7 @@
 //! strides, so transposes, head splits and output bands are views, never copies.
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 use gemm::Parallelism;
 
@@ -48,6 +49,13 @@ pub(crate) enum Threads {
     One,
 }
 
+/// candle's CPU thread count, read once: `get_num_threads` parses /proc/cpuinfo on every call
+/// unless `RAYON_NUM_THREADS` is set.
+fn thread_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(candle_core::utils::get_num_threads)
+}
+
 /// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, `dst` rows `dst_row_stride` apart; accumulates into
 /// `dst` when `accumulate`, overwrites it otherwise.
 pub(crate) fn matmul(
@@ -72,7 +80,7 @@ pub(crate) fn matmul(
         }
         return;
     }
-    let count = candle_core::utils::get_num_threads();
+    let count = thread_count();
     let parallelism = match threads {
         Threads::All if count > 1 => Parallelism::Rayon(count),
         _ => Parallelism::None,

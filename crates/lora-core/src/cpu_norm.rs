@@ -1,15 +1,17 @@
-//! Group normalisation (optionally followed by SiLU, as in every resnet block) on the CPU for
-//! f32: the forward pass and the input gradient, each one parallel pass per group.
+//! Group normalisation (optionally followed by SiLU, as in every resnet block) and layer
+//! normalisation on the CPU for f32: the forward pass and the input gradient, each one parallel
+//! pass per group or row.
 //!
 //! Why: composed from candle ops, a group norm records a dozen graph nodes (reshapes, mean,
 //! subtract, square, mean, sqrt, divide, scale, shift) and SiLU one more, and candle's backward
-//! allocates a zeroed gradient and adds into it for each of them. Here the statistics are
-//! recomputed in the backward pass instead of being kept.
+//! allocates a zeroed gradient and adds into it for each of them; candle's fused layer norm has
+//! no backward at all. Here the statistics are recomputed in the backward pass instead of being
+//! kept.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_attention::exp_nonpositive;
+use crate::cpu_math::{avx2_dispatch, sigmoid, sum_map, sum_zip};
 
 /// The frozen parameters of one group norm.
 #[derive(Debug, Clone)]
@@ -22,29 +24,73 @@ pub(crate) struct GroupNormParams {
     pub silu: bool,
 }
 
-/// `1 / (1 + e⁻ᶻ)` without overflow for any `z`.
-#[inline(always)]
-fn sigmoid(z: f32) -> f32 {
-    let e = exp_nonpositive(-z.abs());
-    let s = 1.0 / (1.0 + e);
-    if z >= 0.0 {
-        s
-    } else {
-        e * s
+avx2_dispatch! {
+    /// Mean and reciprocal standard deviation of one group (partial sums in f64 so that large
+    /// groups, as in the VAE, keep their precision).
+    fn statistics(x: &[f32], eps: f64) -> (f32, f32) {
+        const BLOCK: usize = 4096;
+        let n = x.len() as f64;
+        let sum: f64 = x.chunks(BLOCK).map(|c| sum_map(c, |v| v) as f64).sum();
+        let mean = (sum / n) as f32;
+        let squares: f64 = x
+            .chunks(BLOCK)
+            .map(|c| sum_map(c, |v| (v - mean) * (v - mean)) as f64)
+            .sum();
+        (mean, (1.0 / (squares / n + eps).sqrt()) as f32)
     }
 }
 
-/// Mean and reciprocal standard deviation of one group.
-fn statistics(x: &[f32], eps: f64) -> (f32, f32) {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+avx2_dispatch! {
+    /// `y = x·a + c`, then SiLU when `silu`.
+    fn affine_row(y: &mut [f32], x: &[f32], affine: (f32, f32), silu: bool) {
+        let (a, c) = affine;
+        for (y, &x) in y.iter_mut().zip(x) {
+            let z = x * a + c;
+            *y = if silu { z * sigmoid(z) } else { z };
+        }
+    }
+}
+
+avx2_dispatch! {
+    /// `g = dL/dx̂` for one channel's row (through SiLU when `silu`, then the scale `w`);
+    /// returns `(Σg, Σg·x̂)`.
+    fn grad_row(
+        g: &mut [f32],
+        x: &[f32],
+        dy: &[f32],
+        stats: (f32, f32),
+        affine: (f32, f32),
+        silu: bool,
+    ) -> (f32, f32) {
+        let ((mean, rstd), (w, b)) = (stats, affine);
+        for ((g, &x), &dy) in g.iter_mut().zip(x).zip(dy) {
+            let x_hat = (x - mean) * rstd;
+            let dz = if silu {
+                let z = x_hat * w + b;
+                let s = sigmoid(z);
+                dy * s * (1.0 + z * (1.0 - s))
+            } else {
+                dy
+            };
+            *g = dz * w;
+        }
+        (sum_map(g, |v| v), sum_zip(g, x, |g, x| g * (x - mean) * rstd))
+    }
+}
+
+avx2_dispatch! {
+    /// `dx = r · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`, in place of `g`.
+    fn finish_grad(g: &mut [f32], x: &[f32], stats: (f32, f32), means: (f32, f32)) {
+        let ((mean, rstd), (mean_g, mean_gx)) = (stats, means);
+        for (g, &x) in g.iter_mut().zip(x) {
+            let x_hat = (x - mean) * rstd;
+            *g = rstd * (*g - mean_g - x_hat * mean_gx);
+        }
+    }
 }
 
 impl GroupNormParams {
-    fn check(&self, layout: &Layout) -> Result<(usize, usize)> {
-        let dims = layout.dims();
+    fn check(&self, dims: &[usize]) -> Result<(usize, usize)> {
         let fits = dims.len() >= 2
             && dims[1] == self.weight.len()
             && dims[1] == self.bias.len()
@@ -68,7 +114,7 @@ impl GroupNormParams {
         (first..first + cpg).map(|c| (self.weight[c], self.bias[c]))
     }
 
-    fn forward(&self, x: &[f32], cpg: usize, plane: usize) -> Vec<f32> {
+    fn forward_groups(&self, x: &[f32], cpg: usize, plane: usize) -> Vec<f32> {
         let mut y = vec![0.0f32; x.len()];
         y.par_chunks_mut(cpg * plane)
             .zip(x.par_chunks(cpg * plane))
@@ -81,11 +127,7 @@ impl GroupNormParams {
                     .zip(x.chunks_exact(plane))
                     .zip(channels)
                 {
-                    let (a, c) = (w * rstd, b - mean * w * rstd);
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        let z = x * a + c;
-                        *y = if self.silu { z * sigmoid(z) } else { z };
-                    }
+                    affine_row(y, x, (w * rstd, b - mean * w * rstd), self.silu);
                 }
             });
         y
@@ -93,78 +135,154 @@ impl GroupNormParams {
 
     /// With `x̂ = (x − μ)·r` and `g = dL/dx̂` (through SiLU when fused, then the scale `w`):
     /// `dx = r · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))` over the group.
-    fn input_grad(&self, x: &[f32], dy: &[f32], cpg: usize, plane: usize) -> Vec<f32> {
+    fn input_grad_groups(&self, x: &[f32], dy: &[f32], cpg: usize, plane: usize) -> Vec<f32> {
         let mut dx = vec![0.0f32; x.len()];
-        let n = (cpg * plane) as f32;
+        let n = (cpg * plane) as f64;
         dx.par_chunks_mut(cpg * plane)
             .zip(x.par_chunks(cpg * plane).zip(dy.par_chunks(cpg * plane)))
             .enumerate()
             .for_each(|(group, (dx, (x, dy)))| {
-                let (mean, rstd) = statistics(x, self.eps);
+                let stats = statistics(x, self.eps);
                 let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
-                for (((dx, x), dy), (w, b)) in dx
+                for (((dx, x), dy), affine) in dx
                     .chunks_exact_mut(plane)
                     .zip(x.chunks_exact(plane))
                     .zip(dy.chunks_exact(plane))
                     .zip(self.channels(group, cpg))
                 {
-                    let (mut row_g, mut row_gx) = (0.0f32, 0.0f32);
-                    for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                        let x_hat = (x - mean) * rstd;
-                        let dz = if self.silu {
-                            let z = x_hat * w + b;
-                            let s = sigmoid(z);
-                            dy * s * (1.0 + z * (1.0 - s))
-                        } else {
-                            dy
-                        };
-                        let g = dz * w;
-                        *dx = g;
-                        row_g += g;
-                        row_gx += g * x_hat;
-                    }
-                    sum_g += row_g as f64;
-                    sum_gx += row_gx as f64;
+                    let (g, gx) = grad_row(dx, x, dy, stats, affine, self.silu);
+                    sum_g += g as f64;
+                    sum_gx += gx as f64;
                 }
-                let (mean_g, mean_gx) = ((sum_g / n as f64) as f32, (sum_gx / n as f64) as f32);
-                for (dx, &x) in dx.iter_mut().zip(x) {
-                    let x_hat = (x - mean) * rstd;
-                    *dx = rstd * (*dx - mean_g - x_hat * mean_gx);
-                }
+                let means = ((sum_g / n) as f32, (sum_gx / n) as f32);
+                finish_grad(dx, x, stats, means);
             });
         dx
     }
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+fn f32_slice<'a, N: Normalization>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let error = |what: &str| candle_core::Error::Msg(format!("{}: input must be {what}", N::NAME));
     let CpuStorage::F32(values) = storage else {
-        return Err(candle_core::Error::Msg("group norm: input must be f32".into()));
+        return Err(error("f32"));
     };
     let (start, end) = layout
         .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("group norm: input must be contiguous".into()))?;
+        .ok_or_else(|| error("contiguous"))?;
     Ok(&values[start..end])
 }
 
-struct Forward<'a>(&'a GroupNormParams);
+/// A normalisation with frozen parameters: its values and its input gradient on raw slices.
+pub(crate) trait Normalization: Sync {
+    const NAME: &'static str;
+    /// `x` of shape `dims` (contiguous) → the normalised values.
+    fn forward(&self, x: &[f32], dims: &[usize]) -> Result<Vec<f32>>;
+    /// `x` and the output gradient `dy`, both of shape `dims` → the input gradient.
+    fn input_grad(&self, x: &[f32], dy: &[f32], dims: &[usize]) -> Result<Vec<f32>>;
+}
 
-impl CustomOp1 for Forward<'_> {
+impl Normalization for GroupNormParams {
+    const NAME: &'static str = "group norm";
+
+    fn forward(&self, x: &[f32], dims: &[usize]) -> Result<Vec<f32>> {
+        let (cpg, plane) = self.check(dims)?;
+        Ok(self.forward_groups(x, cpg, plane))
+    }
+
+    fn input_grad(&self, x: &[f32], dy: &[f32], dims: &[usize]) -> Result<Vec<f32>> {
+        let (cpg, plane) = self.check(dims)?;
+        Ok(self.input_grad_groups(x, dy, cpg, plane))
+    }
+}
+
+/// The frozen parameters of a layer norm over the last dimension.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNormParams {
+    pub eps: f64,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+avx2_dispatch! {
+    fn layer_norm_row(y: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f64) {
+        let (mean, rstd) = statistics(x, eps);
+        for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(weight).zip(bias) {
+            *y = (x - mean) * rstd * w + b;
+        }
+    }
+}
+
+avx2_dispatch! {
+    fn layer_norm_grad_row(dx: &mut [f32], x: &[f32], dy: &[f32], weight: &[f32], eps: f64) {
+        let stats = statistics(x, eps);
+        let (mean, rstd) = stats;
+        for ((g, &dy), &w) in dx.iter_mut().zip(dy).zip(weight) {
+            *g = dy * w;
+        }
+        let n = x.len() as f32;
+        let mean_g = sum_map(dx, |v| v) / n;
+        let mean_gx = sum_zip(dx, x, |g, x| g * (x - mean) * rstd) / n;
+        finish_grad(dx, x, stats, (mean_g, mean_gx));
+    }
+}
+
+/// Rows handed to one thread at a time: a row is only a few hundred values.
+const MIN_ROWS_PER_TASK: usize = 16;
+
+impl LayerNormParams {
+    fn check(&self, dims: &[usize]) -> Result<usize> {
+        match dims.last() {
+            Some(&d) if d == self.weight.len() && d == self.bias.len() && d > 0 => Ok(d),
+            _ => Err(candle_core::Error::Msg(format!(
+                "layer norm: input {dims:?} does not end in {} features",
+                self.weight.len()
+            ))),
+        }
+    }
+}
+
+impl Normalization for LayerNormParams {
+    const NAME: &'static str = "layer norm";
+
+    fn forward(&self, x: &[f32], dims: &[usize]) -> Result<Vec<f32>> {
+        let d = self.check(dims)?;
+        let mut y = vec![0.0f32; x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each(|(y, x)| layer_norm_row(y, x, &self.weight, &self.bias, self.eps));
+        Ok(y)
+    }
+
+    fn input_grad(&self, x: &[f32], dy: &[f32], dims: &[usize]) -> Result<Vec<f32>> {
+        let d = self.check(dims)?;
+        let mut dx = vec![0.0f32; x.len()];
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each(|(dx, (x, dy))| layer_norm_grad_row(dx, x, dy, &self.weight, self.eps));
+        Ok(dx)
+    }
+}
+
+struct Forward<'a, N>(&'a N);
+
+impl<N: Normalization> CustomOp1 for Forward<'_, N> {
     fn name(&self) -> &'static str {
-        "cpu-group-norm"
+        "cpu-normalization"
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (cpg, plane) = self.0.check(layout)?;
-        let y = self.0.forward(f32_slice(x, layout)?, cpg, plane);
+        let y = self.0.forward(f32_slice::<N>(x, layout)?, layout.dims())?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 }
 
-struct InputGrad<'a>(&'a GroupNormParams);
+struct InputGrad<'a, N>(&'a N);
 
-impl CustomOp2 for InputGrad<'_> {
+impl<N: Normalization> CustomOp2 for InputGrad<'_, N> {
     fn name(&self) -> &'static str {
-        "cpu-group-norm-grad"
+        "cpu-normalization-grad"
     }
 
     fn cpu_fwd(
@@ -174,32 +292,36 @@ impl CustomOp2 for InputGrad<'_> {
         dy: &CpuStorage,
         dy_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (cpg, plane) = self.0.check(x_l)?;
         if x_l.shape() != dy_l.shape() {
             return Err(candle_core::Error::Msg(format!(
-                "group norm: gradient {:?} does not match input {:?}",
+                "{}: gradient {:?} does not match input {:?}",
+                N::NAME,
                 dy_l.dims(),
                 x_l.dims()
             )));
         }
-        let (x, dy) = (f32_slice(x, x_l)?, f32_slice(dy, dy_l)?);
-        let dx = self.0.input_grad(x, dy, cpg, plane);
+        let (x, dy) = (f32_slice::<N>(x, x_l)?, f32_slice::<N>(dy, dy_l)?);
+        let dx = self.0.input_grad(x, dy, x_l.dims())?;
         Ok((CpuStorage::F32(dx), x_l.shape().clone()))
     }
 }
 
-/// Whether the CPU group norm applies to `x`.
+/// Whether the CPU normalisations apply to `x`.
 pub(crate) fn applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
-/// The normalised (and, with `params.silu`, activated) `x`, recording no gradient.
-pub(crate) fn forward(x: &Tensor, params: &GroupNormParams) -> Result<Tensor> {
+/// The normalised `x`, recording no gradient.
+pub(crate) fn forward<N: Normalization>(x: &Tensor, params: &N) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Forward(params))
 }
 
 /// The input gradient of [`forward`] given the output gradient, recording no gradient.
-pub(crate) fn input_grad(x: &Tensor, grad_out: &Tensor, params: &GroupNormParams) -> Result<Tensor> {
+pub(crate) fn input_grad<N: Normalization>(
+    x: &Tensor,
+    grad_out: &Tensor,
+    params: &N,
+) -> Result<Tensor> {
     x.contiguous()?
         .apply_op2_no_bwd(&grad_out.contiguous()?, &InputGrad(params))
 }
@@ -245,7 +367,12 @@ mod tests {
                 .unwrap();
             let reference = if silu { normed.silu().unwrap() } else { normed };
             let ours = forward(&x, &params).unwrap();
-            let diff = (&ours - &reference).unwrap().abs().unwrap().max_all().unwrap();
+            let diff = (&ours - &reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "forward {shape:?}");
 
             let upstream = rng.normal_tensor(shape, &dev).unwrap();

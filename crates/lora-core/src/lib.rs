@@ -7,6 +7,7 @@ pub mod config;
 mod cpu_attention;
 mod cpu_conv;
 mod cpu_gemm;
+mod cpu_math;
 mod cpu_norm;
 pub mod io;
 pub mod keys;

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::lora::{LoraLinear, LoraModule, ModuleInfo, ModuleKind};
-use crate::nn::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::nn::{attention, upsample_nearest, Conv2d, GroupNorm, LayerNorm, Linear};
 
 /// A `VarBuilder` backend handing out a broadcast zero of any requested shape (no storage
 /// beyond one element), for building a UNet only to enumerate its layers.
@@ -750,7 +750,7 @@ impl UNet2DConditionModel {
                     Some(s) => (s.dim(2)?, s.dim(3)?),
                     None => (x.dim(2)? * 2, x.dim(3)? * 2),
                 };
-                x = up.forward(&x.upsample_nearest2d(h, w)?)?;
+                x = up.forward(&upsample_nearest(&x, h, w)?)?;
             }
         }
         let x = self.conv_norm_out.forward_silu(&x)?;
