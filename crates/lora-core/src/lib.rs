@@ -4,6 +4,7 @@
 
 pub mod adapter_file;
 pub mod config;
+mod cpu_activation;
 mod cpu_attention;
 mod cpu_conv;
 mod cpu_gemm;

@@ -18,7 +18,7 @@ use candle_core::{
 };
 use candle_nn::VarBuilder;
 
-use crate::{cpu_attention, cpu_conv, cpu_norm};
+use crate::{cpu_activation, cpu_attention, cpu_conv, cpu_norm};
 
 /// Copies a contiguous storage region as the output of a re-attaching op.
 fn copy_cpu(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -679,6 +679,29 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool)
     let probs = softmax_last_dim(&(scores / (d as f64).sqrt())?)?.to_dtype(v.dtype())?;
     let out = probs.matmul(&v)?;
     Ok(out.transpose(1, 2)?.reshape((b, n, width))?)
+}
+
+/// GEGLU, `hidden ⊙ gelu(gate)` for `h = [hidden | gate]` split on the last dimension, with the
+/// exact (erf) GELU: one op with its own input gradient on the CPU (`cpu_activation`).
+pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
+    if cpu_activation::applies(h) {
+        return with_input_grad(h, false, cpu_activation::forward, || GegluInputGrad);
+    }
+    let inner = h.dim(D::Minus1)? / 2;
+    let (hidden, gate) = (
+        h.narrow(D::Minus1, 0, inner)?,
+        h.narrow(D::Minus1, inner, inner)?,
+    );
+    hidden * gate.gelu_erf()?
+}
+
+struct GegluInputGrad;
+
+impl InputGradient for GegluInputGrad {
+    const NAME: &'static str = "geglu";
+    fn input_grad(&self, h: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        cpu_activation::input_grad(h, grad_out)
+    }
 }
 
 /// Nearest-neighbour resize of `[B, C, H, W]` to `[B, C, h, w]`. The usual exact ×2 is a

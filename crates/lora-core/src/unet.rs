@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::lora::{LoraLinear, LoraModule, ModuleInfo, ModuleKind};
-use crate::nn::{attention, upsample_nearest, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::nn::{attention, geglu, upsample_nearest, Conv2d, GroupNorm, LayerNorm, Linear};
 
 /// A `VarBuilder` backend handing out a broadcast zero of any requested shape (no storage
 /// beyond one element), for building a UNet only to enumerate its layers.
@@ -218,13 +218,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(x)?;
-        let inner = h.dim(D::Minus1)? / 2;
-        let (hidden, gate) = (
-            h.narrow(D::Minus1, 0, inner)?,
-            h.narrow(D::Minus1, inner, inner)?,
-        );
-        self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)
+        self.proj_out.forward(&geglu(&self.proj_in.forward(x)?)?)
     }
 
     fn visit(&mut self, prefix: &str, f: &mut Visitor) -> Result<()> {
