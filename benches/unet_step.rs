@@ -93,6 +93,7 @@ fn peak_gpu_mib() -> Option<f64> {
 }
 
 fn main() -> Result<()> {
+    lora_toolkit::core::threads::configure_cpu_threads();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

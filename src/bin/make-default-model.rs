@@ -28,6 +28,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    lora_toolkit::core::threads::configure_cpu_threads();
     let args = Args::parse();
     let recipe = Recipe {
         seed: args.seed,

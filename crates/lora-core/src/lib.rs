@@ -19,6 +19,7 @@ pub mod nn;
 pub mod rng;
 pub mod single_file;
 pub mod text_encoder;
+pub mod threads;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
