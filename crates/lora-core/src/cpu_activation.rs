@@ -8,6 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu_gemm::f32_slice;
 use crate::cpu_math::{avx2_dispatch, exp_nonpositive};
 
 /// `erf(x)` by Abramowitz & Stegun 7.1.26 (absolute error 1.5e-7, < 5e-7 in f32 arithmetic),
@@ -73,17 +74,6 @@ avx2_dispatch! {
 /// Rows handed to one thread at a time.
 const MIN_ROWS_PER_TASK: usize = 8;
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let error = |what: &str| candle_core::Error::Msg(format!("geglu: input must be {what}"));
-    let CpuStorage::F32(values) = storage else {
-        return Err(error("f32"));
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| error("contiguous"))?;
-    Ok(&values[start..end])
-}
-
 /// The width of the projection's last dimension, which must be even.
 fn width(dims: &[usize]) -> Result<usize> {
     match dims.last() {
@@ -103,7 +93,7 @@ impl CustomOp1 for Forward {
 
     fn cpu_fwd(&self, h: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let w = width(layout.dims())?;
-        let h = f32_slice(h, layout)?;
+        let h = f32_slice(h, layout, "geglu: input")?;
         let mut out = vec![0.0f32; h.len() / 2];
         out.par_chunks_mut(w / 2)
             .zip(h.par_chunks(w))
@@ -137,7 +127,10 @@ impl CustomOp2 for InputGrad {
                 h_l.dims()
             )));
         }
-        let (h, dy) = (f32_slice(h, h_l)?, f32_slice(dy, dy_l)?);
+        let (h, dy) = (
+            f32_slice(h, h_l, "geglu: input")?,
+            f32_slice(dy, dy_l, "geglu: gradient")?,
+        );
         let mut dh = vec![0.0f32; h.len()];
         dh.par_chunks_mut(w)
             .zip(h.par_chunks(w).zip(dy.par_chunks(w / 2)))

@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_gemm::{matmul, with_scratch, Mat, Threads};
+use crate::cpu_gemm::{f32_slice, matmul, with_scratch, Mat, Threads};
 use crate::cpu_math::{self, avx2_dispatch, exp_nonpositive};
 
 /// `[B, N, H·d]` queries against `[B, M, H·d]` keys and values.
@@ -220,18 +220,6 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
     packed
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(values) = storage else {
-        return Err(candle_core::Error::Msg(format!(
-            "attention: {what} must be f32"
-        )));
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("attention: {what} must be contiguous")))?;
-    Ok(&values[start..end])
-}
-
 /// `(q, k, v) → softmax(q·kᵀ/√d)·v`, with its backward.
 struct Attention {
     heads: usize,
@@ -241,6 +229,24 @@ struct Attention {
 struct AttentionGrad {
     heads: usize,
     grad_out: Vec<f32>,
+}
+
+type Operand<'a> = (&'a CpuStorage, &'a Layout);
+
+/// The geometry and values of an op's `(q, k, v)` operands.
+fn operands<'a>(
+    heads: usize,
+    (q, q_l): Operand<'a>,
+    (k, k_l): Operand<'a>,
+    (v, v_l): Operand<'a>,
+) -> Result<(Geometry, [&'a [f32]; 3])> {
+    let g = Geometry::new(q_l.dims(), k_l.dims(), v_l.dims(), heads)?;
+    let values = [
+        f32_slice(q, q_l, "attention: queries")?,
+        f32_slice(k, k_l, "attention: keys")?,
+        f32_slice(v, v_l, "attention: values")?,
+    ];
+    Ok((g, values))
 }
 
 impl CustomOp3 for Attention {
@@ -257,13 +263,8 @@ impl CustomOp3 for Attention {
         v: &CpuStorage,
         v_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(q_l.dims(), k_l.dims(), v_l.dims(), self.heads)?;
-        let out = forward(
-            &g,
-            f32_slice(q, q_l, "queries")?,
-            f32_slice(k, k_l, "keys")?,
-            f32_slice(v, v_l, "values")?,
-        );
+        let (g, [q, k, v]) = operands(self.heads, (q, q_l), (k, k_l), (v, v_l))?;
+        let out = forward(&g, q, k, v);
         Ok((CpuStorage::F32(out), q_l.shape().clone()))
     }
 
@@ -304,19 +305,13 @@ impl CustomOp3 for AttentionGrad {
         v: &CpuStorage,
         v_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(q_l.dims(), k_l.dims(), v_l.dims(), self.heads)?;
-        if self.grad_out.len() != q_l.shape().elem_count() {
+        let (g, [q, k, v]) = operands(self.heads, (q, q_l), (k, k_l), (v, v_l))?;
+        if self.grad_out.len() != q.len() {
             return Err(candle_core::Error::Msg(
                 "attention: output gradient does not match the queries".into(),
             ));
         }
-        let packed = backward(
-            &g,
-            f32_slice(q, q_l, "queries")?,
-            f32_slice(k, k_l, "keys")?,
-            f32_slice(v, v_l, "values")?,
-            &self.grad_out,
-        );
+        let packed = backward(&g, q, k, v, &self.grad_out);
         let len = packed.len();
         Ok((CpuStorage::F32(packed), Shape::from(len)))
     }

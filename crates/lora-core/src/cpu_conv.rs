@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_gemm::{matmul, with_scratch, Mat, Threads};
+use crate::cpu_gemm::{f32_slice, matmul, with_scratch, Mat, Threads};
 
 /// Most f32 values an im2col band may hold (16 MiB); a band is at least one output row.
 const MAX_BAND_VALUES: usize = 1 << 22;
@@ -318,18 +318,6 @@ pub(crate) fn applies(x: &Tensor, kernel: &Tensor) -> bool {
         && kernel.rank() == 4
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(values) = storage else {
-        return Err(candle_core::Error::Msg(format!(
-            "conv2d: {what} must be f32"
-        )));
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("conv2d: {what} must be contiguous")))?;
-    Ok(&values[start..end])
-}
-
 /// Which of the three results an op computes from its two operands.
 #[derive(Debug, Clone, Copy)]
 enum Pass {
@@ -363,8 +351,8 @@ impl CustomOp2 for ConvPass {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.geometry;
         let (a, b) = (
-            f32_slice(a, a_layout, "first operand")?,
-            f32_slice(b, b_layout, "second operand")?,
+            f32_slice(a, a_layout, "conv2d: first operand")?,
+            f32_slice(b, b_layout, "conv2d: second operand")?,
         );
         let (values, shape): (_, Shape) = match self.pass {
             Pass::Forward => (
@@ -384,13 +372,21 @@ impl CustomOp2 for ConvPass {
     }
 }
 
-fn geometry(
-    input: &Tensor,
-    kernel_dims: (usize, usize, usize, usize),
-    padding: usize,
-    stride: usize,
-) -> Result<ConvGeometry> {
-    ConvGeometry::new(input.dims4()?, kernel_dims, padding, stride)
+/// Runs one pass of the convolution of `x` by `kernel` on the operands `(a, b)` its pass takes.
+fn run(
+    pass: Pass,
+    (x, kernel): (&Tensor, &Tensor),
+    (a, b): (&Tensor, &Tensor),
+    (padding, stride): (usize, usize),
+    bias: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    let geometry = ConvGeometry::new(x.dims4()?, kernel.dims4()?, padding, stride)?;
+    let op = ConvPass {
+        geometry,
+        pass,
+        bias,
+    };
+    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &op)
 }
 
 /// `conv(x, kernel) + bias` on the CPU (see [`applies`]), recording no gradient.
@@ -401,16 +397,11 @@ pub(crate) fn forward(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let geometry = geometry(x, kernel.dims4()?, padding, stride)?;
     let bias = bias
         .map(|b| b.flatten_all()?.to_vec1::<f32>())
         .transpose()?;
-    let op = ConvPass {
-        geometry,
-        pass: Pass::Forward,
-        bias,
-    };
-    x.contiguous()?.apply_op2_no_bwd(&kernel.contiguous()?, &op)
+    let conv = (x, kernel);
+    run(Pass::Forward, conv, conv, (padding, stride), bias)
 }
 
 /// The input gradient of `conv(x, kernel)` given the output gradient, recording no gradient.
@@ -421,14 +412,14 @@ pub(crate) fn input_grad(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let op = ConvPass {
-        geometry: geometry(x, kernel.dims4()?, padding, stride)?,
-        pass: Pass::InputGrad,
-        bias: None,
-    };
-    grad_out
-        .contiguous()?
-        .apply_op2_no_bwd(&kernel.contiguous()?, &op)
+    let operands = (grad_out, kernel);
+    run(
+        Pass::InputGrad,
+        (x, kernel),
+        operands,
+        (padding, stride),
+        None,
+    )
 }
 
 /// The kernel gradient of `conv(x, kernel)` given the output gradient, recording no gradient.
@@ -439,13 +430,14 @@ pub(crate) fn kernel_grad(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let op = ConvPass {
-        geometry: geometry(x, kernel.dims4()?, padding, stride)?,
-        pass: Pass::KernelGrad,
-        bias: None,
-    };
-    x.contiguous()?
-        .apply_op2_no_bwd(&grad_out.contiguous()?, &op)
+    let operands = (x, grad_out);
+    run(
+        Pass::KernelGrad,
+        (x, kernel),
+        operands,
+        (padding, stride),
+        None,
+    )
 }
 
 #[cfg(test)]

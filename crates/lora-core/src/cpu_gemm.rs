@@ -1,8 +1,10 @@
-//! Bounds-checked f32 matrix products on strided slices, for the CPU kernels (`cpu_conv`,
-//! `cpu_attention`). The `gemm` crate (what candle's CPU matmul calls) reads any row/column
+//! What the CPU kernels share: bounds-checked f32 matrix products on strided slices, per-thread
+//! scratch and reading an op's operand as a slice. The `gemm` crate (what candle's CPU matmul calls) reads any row/column
 //! strides, so transposes, head splits and output bands are views, never copies.
 
 use std::cell::RefCell;
+
+use candle_core::{CpuStorage, Layout, Result};
 use std::sync::OnceLock;
 
 use gemm::Parallelism;
@@ -127,4 +129,20 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
         }
         f(&mut buf[..len])
     })
+}
+
+/// The contiguous f32 values of an operand; `what` names it in errors ("conv2d: kernel").
+pub(crate) fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let error = |needed: &str| candle_core::Error::Msg(format!("{what} must be {needed}"));
+    let CpuStorage::F32(values) = storage else {
+        return Err(error("f32"));
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| error("contiguous"))?;
+    Ok(&values[start..end])
 }

@@ -11,6 +11,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu_gemm::f32_slice;
 use crate::cpu_math::{avx2_dispatch, sigmoid, sum_map, sum_zip};
 
 /// The frozen parameters of one group norm.
@@ -161,17 +162,6 @@ impl GroupNormParams {
     }
 }
 
-fn f32_slice<'a, N: Normalization>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let error = |what: &str| candle_core::Error::Msg(format!("{}: input must be {what}", N::NAME));
-    let CpuStorage::F32(values) = storage else {
-        return Err(error("f32"));
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| error("contiguous"))?;
-    Ok(&values[start..end])
-}
-
 /// A normalisation with frozen parameters: its values and its input gradient on raw slices.
 pub(crate) trait Normalization: Sync {
     const NAME: &'static str;
@@ -273,7 +263,10 @@ impl<N: Normalization> CustomOp1 for Forward<'_, N> {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.0.forward(f32_slice::<N>(x, layout)?, layout.dims())?;
+        let what = format!("{}: input", N::NAME);
+        let y = self
+            .0
+            .forward(f32_slice(x, layout, &what)?, layout.dims())?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 }
@@ -300,7 +293,8 @@ impl<N: Normalization> CustomOp2 for InputGrad<'_, N> {
                 x_l.dims()
             )));
         }
-        let (x, dy) = (f32_slice::<N>(x, x_l)?, f32_slice::<N>(dy, dy_l)?);
+        let what = format!("{}: input", N::NAME);
+        let (x, dy) = (f32_slice(x, x_l, &what)?, f32_slice(dy, dy_l, &what)?);
         let dx = self.0.input_grad(x, dy, x_l.dims())?;
         Ok((CpuStorage::F32(dx), x_l.shape().clone()))
     }
