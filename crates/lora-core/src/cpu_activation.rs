@@ -91,6 +91,13 @@ impl CustomOp1 for Forward {
         "cpu-geglu"
     }
 
+    fn bwd(&self, h: &Tensor, _: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
+        let dh = h
+            .contiguous()?
+            .apply_op2_no_bwd(&grad_out.contiguous()?, &InputGrad)?;
+        Ok(Some(dh))
+    }
+
     fn cpu_fwd(&self, h: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let w = width(layout.dims())?;
         let h = f32_slice(h, layout, "geglu: input")?;
@@ -145,16 +152,10 @@ pub(crate) fn applies(h: &Tensor) -> bool {
     h.device().is_cpu() && h.dtype() == candle_core::DType::F32
 }
 
-/// `hidden ⊙ gelu(gate)` for `h = [hidden | gate]` on the last dimension, recording no
-/// gradient.
-pub(crate) fn forward(h: &Tensor) -> Result<Tensor> {
-    h.contiguous()?.apply_op1_no_bwd(&Forward)
-}
-
-/// The input gradient of [`forward`] given the output gradient, recording no gradient.
-pub(crate) fn input_grad(h: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
-    h.contiguous()?
-        .apply_op2_no_bwd(&grad_out.contiguous()?, &InputGrad)
+/// `hidden ⊙ gelu(gate)` for `h = [hidden | gate]` on the last dimension, as one op with its
+/// input gradient as backward.
+pub(crate) fn geglu_op(h: &Tensor) -> Result<Tensor> {
+    h.contiguous()?.apply_op1(Forward)
 }
 
 #[cfg(test)]
@@ -192,7 +193,7 @@ mod tests {
         let reference = (h.narrow(D::Minus1, 0, 11).unwrap()
             * h.narrow(D::Minus1, 11, 11).unwrap().gelu_erf().unwrap())
         .unwrap();
-        let ours = forward(&h).unwrap();
+        let ours = geglu_op(&h).unwrap();
         let diff = |a: &Tensor, b: &Tensor| -> f32 {
             (a - b)
                 .unwrap()
@@ -205,20 +206,16 @@ mod tests {
         };
         assert!(diff(&ours, &reference) < 1e-5);
         let upstream = rng.normal_tensor((2, 5, 11), &dev).unwrap();
-        let grads = (reference * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let got = input_grad(&h, &upstream).unwrap();
-        assert!(diff(&got, grads.get(&h).unwrap()) < 1e-5);
+        let loss = |y: &Tensor| (y * &upstream).unwrap().sum_all().unwrap();
+        let expected = loss(&reference).backward().unwrap();
+        let got = loss(&ours).backward().unwrap();
+        assert!(diff(got.get(&h).unwrap(), expected.get(&h).unwrap()) < 1e-5);
     }
 
     #[test]
     fn odd_width_is_an_error() {
         let h = Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let err = forward(&h).unwrap_err();
+        let err = geglu_op(&h).unwrap_err();
         assert!(err.to_string().contains("even"), "{err}");
     }
 }

@@ -370,6 +370,31 @@ impl CustomOp2 for ConvPass {
         };
         Ok((CpuStorage::F32(values), shape))
     }
+
+    /// The forward pass's gradients: for the input always, for the kernel when it is trained.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        _: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !matches!(self.pass, Pass::Forward) {
+            return Err(candle_core::Error::Msg(
+                "conv2d: gradient passes have no backward".into(),
+            ));
+        }
+        let conv = (self.geometry.padding, self.geometry.stride);
+        let operands = (grad_out, kernel);
+        let dx = run(Pass::InputGrad, (x, kernel), operands, conv, None)?;
+        let dk = if kernel.track_op() {
+            let operands = (x, grad_out);
+            Some(run(Pass::KernelGrad, (x, kernel), operands, conv, None)?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dk))
+    }
 }
 
 /// Runs one pass of the convolution of `x` by `kernel` on the operands `(a, b)` its pass takes.
@@ -386,11 +411,18 @@ fn run(
         pass,
         bias,
     };
-    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &op)
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    match pass {
+        // Recorded (when an operand is tracked), with the backward above.
+        Pass::Forward => a.apply_op2(&b, op),
+        Pass::InputGrad | Pass::KernelGrad => a.apply_op2_no_bwd(&b, &op),
+    }
 }
 
-/// `conv(x, kernel) + bias` on the CPU (see [`applies`]), recording no gradient.
-pub(crate) fn forward(
+/// `conv(x, kernel) + bias` on the CPU (see [`applies`]) as one op whose backward gives the
+/// input gradient, and the kernel gradient when the kernel is trained. `bias` is frozen (a
+/// trained bias is added by the caller).
+pub(crate) fn conv2d_op(
     x: &Tensor,
     kernel: &Tensor,
     bias: Option<&Tensor>,
@@ -402,42 +434,6 @@ pub(crate) fn forward(
         .transpose()?;
     let conv = (x, kernel);
     run(Pass::Forward, conv, conv, (padding, stride), bias)
-}
-
-/// The input gradient of `conv(x, kernel)` given the output gradient, recording no gradient.
-pub(crate) fn input_grad(
-    x: &Tensor,
-    kernel: &Tensor,
-    grad_out: &Tensor,
-    padding: usize,
-    stride: usize,
-) -> Result<Tensor> {
-    let operands = (grad_out, kernel);
-    run(
-        Pass::InputGrad,
-        (x, kernel),
-        operands,
-        (padding, stride),
-        None,
-    )
-}
-
-/// The kernel gradient of `conv(x, kernel)` given the output gradient, recording no gradient.
-pub(crate) fn kernel_grad(
-    x: &Tensor,
-    kernel: &Tensor,
-    grad_out: &Tensor,
-    padding: usize,
-    stride: usize,
-) -> Result<Tensor> {
-    let operands = (x, grad_out);
-    run(
-        Pass::KernelGrad,
-        (x, kernel),
-        operands,
-        (padding, stride),
-        None,
-    )
 }
 
 #[cfg(test)]
@@ -463,7 +459,7 @@ mod tests {
         diff.to_scalar::<f32>().unwrap() / scale.max(1e-6)
     }
 
-    /// All three passes against candle's own convolution and its autograd, over the shapes the
+    /// The op and both its gradients against candle's own convolution and its autograd, over the shapes the
     /// UNet and VAE use (3×3 same, 3×3 stride 2, 1×1) plus odd sizes and a narrow band.
     #[test]
     fn passes_match_candle_convolution() {
@@ -488,28 +484,19 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&b.reshape((1, kernel.0, 1, 1)).unwrap())
                 .unwrap();
-            let ours = forward(&x, &w, Some(&b), padding, stride).unwrap();
+            let ours = conv2d_op(&x, &w, Some(&b), padding, stride).unwrap();
             assert_eq!(ours.dims(), reference.dims());
             let what = format!("{input:?} * {kernel:?} pad {padding} stride {stride}");
             assert!(max_rel_diff(&ours, &reference) < 1e-5, "forward {what}");
 
             let upstream = rng.normal_tensor(reference.dims(), &dev).unwrap();
-            let grads = (reference * &upstream)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let dx = input_grad(&x, &w, &upstream, padding, stride).unwrap();
-            let dw = kernel_grad(&x, &w, &upstream, padding, stride).unwrap();
-            assert!(
-                max_rel_diff(&dx, grads.get(&x).unwrap()) < 1e-5,
-                "dx {what}"
-            );
-            assert!(
-                max_rel_diff(&dw, grads.get(&w).unwrap()) < 1e-5,
-                "dw {what}"
-            );
+            let loss = |y: &Tensor| (y * &upstream).unwrap().sum_all().unwrap();
+            let expected = loss(&reference).backward().unwrap();
+            let got = loss(&ours).backward().unwrap();
+            for (name, p) in [("dx", &x), ("dw", &w)] {
+                let diff = max_rel_diff(got.get(p).unwrap(), expected.get(p).unwrap());
+                assert!(diff < 1e-5, "{name} {what}: {diff}");
+            }
         }
     }
 
@@ -523,7 +510,7 @@ mod tests {
         let x = rng.normal_tensor((1, 16, 600, 520), &dev).unwrap();
         let w = rng.normal_tensor((2, 16, 3, 3), &dev).unwrap();
         let reference = x.conv2d(&w, 1, 1, 1, 1).unwrap();
-        assert!(max_rel_diff(&forward(&x, &w, None, 1, 1).unwrap(), &reference) < 1e-5);
+        assert!(max_rel_diff(&conv2d_op(&x, &w, None, 1, 1).unwrap(), &reference) < 1e-5);
     }
 
     #[test]

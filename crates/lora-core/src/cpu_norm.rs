@@ -255,9 +255,10 @@ impl Normalization for LayerNormParams {
     }
 }
 
-struct Forward<'a, N>(&'a N);
+/// A normalisation as one op whose backward is its input gradient.
+struct Forward<N>(N);
 
-impl<N: Normalization> CustomOp1 for Forward<'_, N> {
+impl<N: Normalization + Clone + Send + 'static> CustomOp1 for Forward<N> {
     fn name(&self) -> &'static str {
         "cpu-normalization"
     }
@@ -268,6 +269,14 @@ impl<N: Normalization> CustomOp1 for Forward<'_, N> {
             .0
             .forward(f32_slice(x, layout, &what)?, layout.dims())?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
+        let op = InputGrad(&self.0);
+        Ok(Some(
+            x.contiguous()?
+                .apply_op2_no_bwd(&grad_out.contiguous()?, &op)?,
+        ))
     }
 }
 
@@ -305,19 +314,12 @@ pub(crate) fn applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
-/// The normalised `x`, recording no gradient.
-pub(crate) fn forward<N: Normalization>(x: &Tensor, params: &N) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&Forward(params))
-}
-
-/// The input gradient of [`forward`] given the output gradient, recording no gradient.
-pub(crate) fn input_grad<N: Normalization>(
+/// The normalised `x` as one op with its input gradient as backward (the parameters are frozen).
+pub(crate) fn forward<N: Normalization + Clone + Send + 'static>(
     x: &Tensor,
-    grad_out: &Tensor,
     params: &N,
 ) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op2_no_bwd(&grad_out.contiguous()?, &InputGrad(params))
+    x.contiguous()?.apply_op1(Forward(params.clone()))
 }
 
 #[cfg(test)]
@@ -370,15 +372,12 @@ mod tests {
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "forward {shape:?}");
 
             let upstream = rng.normal_tensor(shape, &dev).unwrap();
-            let expected = (reference * &upstream)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let loss = |y: &Tensor| (y * &upstream).unwrap().sum_all().unwrap();
+            let expected = loss(&reference).backward().unwrap();
             let expected = expected.get(&x).unwrap();
-            let got = input_grad(&x, &upstream, &params).unwrap();
-            let diff = (&got - expected).unwrap().abs().unwrap().max_all().unwrap();
+            let got = loss(&ours).backward().unwrap();
+            let got = got.get(&x).unwrap();
+            let diff = (got - expected).unwrap().abs().unwrap().max_all().unwrap();
             let scale = expected.abs().unwrap().max_all().unwrap();
             let rel = diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
             assert!(rel < 1e-5, "input gradient {shape:?}: {rel}");

@@ -146,9 +146,6 @@ impl InputGradient for ConvInputGrad {
         _: &Tensor,
         grad_out: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        if cpu_conv::applies(grad_out, &self.weight) {
-            return cpu_conv::input_grad(input, &self.weight, grad_out, self.padding, self.stride);
-        }
         let k = self.weight.dim(2)?;
         if self.stride == 1 {
             // For stride 1 the adjoint is itself a convolution, with the kernel flipped in space
@@ -277,24 +274,10 @@ impl CustomOp3 for TrainedConv {
             adjoint: None, // the kernel changes every step
         }
         .input_grad(x, output, grad_out)?;
-        let (x, weight) = (x.detach(), weight.detach());
-        let kernel_grad = if cpu_conv::applies(&x, &weight) {
-            cpu_conv::kernel_grad(&x, &weight, grad_out, self.padding, self.stride)?
-        } else {
-            let (_, _, kh, kw) = weight.dims4()?;
-            conv_kernel_grad(&x, grad_out, (kh, kw), self.padding, self.stride)?
-        };
+        let (_, _, kh, kw) = weight.dims4()?;
+        let kernel_grad =
+            conv_kernel_grad(&x.detach(), grad_out, (kh, kw), self.padding, self.stride)?;
         Ok((Some(input_grad), Some(kernel_grad), None))
-    }
-}
-
-/// A normalisation with frozen parameters, on the CPU (`cpu_norm`).
-struct NormInputGrad<N>(N);
-
-impl<N: cpu_norm::Normalization + Send + 'static> InputGradient for NormInputGrad<N> {
-    const NAME: &'static str = "normalization";
-    fn input_grad(&self, x: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
-        cpu_norm::input_grad(x, grad_out, &self.0)
     }
 }
 
@@ -392,11 +375,17 @@ pub fn frozen_conv2d(
     stride: usize,
     adjoint: Option<&AdjointKernel>,
 ) -> candle_core::Result<Tensor> {
+    if cpu_conv::applies(x, weight) {
+        // One op computing in place of candle's graph, with the input gradient (and the kernel
+        // gradient for a trained kernel) as its backward.
+        return match bias {
+            Some(b) if b.track_op() => {
+                cpu_conv::conv2d_op(x, weight, None, padding, stride)?.broadcast_add(b)
+            }
+            _ => cpu_conv::conv2d_op(x, weight, bias, padding, stride),
+        };
+    }
     let forward = |x: &Tensor| {
-        let untracked = !x.track_op() && !any_trained([bias]);
-        if untracked && cpu_conv::applies(x, weight) {
-            return cpu_conv::forward(x, weight, bias, padding, stride);
-        }
         let y = x.conv2d(weight, padding, stride, 1, 1)?;
         match bias {
             Some(b) => y.broadcast_add(b),
@@ -405,12 +394,7 @@ pub fn frozen_conv2d(
     };
     if weight.track_op() {
         // A trained kernel (full fine-tune): both gradients, by `TrainedConv`.
-        let (xd, wd) = (x.detach(), weight.detach());
-        let out = if cpu_conv::applies(&xd, &wd) {
-            cpu_conv::forward(&xd, &wd, None, padding, stride)?
-        } else {
-            xd.conv2d(&wd, padding, stride, 1, 1)?
-        };
+        let out = x.detach().conv2d(&weight.detach(), padding, stride, 1, 1)?;
         let y = x.apply_op3(weight, &out, TrainedConv { padding, stride })?;
         return match bias {
             Some(b) => y.broadcast_add(b),
@@ -554,8 +538,7 @@ impl GroupNorm {
                 bias: values(&self.bias)?,
                 silu,
             };
-            let forward = |x: &Tensor| cpu_norm::forward(x, &params);
-            return with_input_grad(x, false, forward, || NormInputGrad(params.clone()));
+            return cpu_norm::forward(x, &params);
         }
         let y = self.composed(x)?;
         if silu {
@@ -627,9 +610,7 @@ impl Module for LayerNorm {
                 weight: w.to_vec1()?,
                 bias: b.to_vec1()?,
             };
-            let forward = |x: &Tensor| cpu_norm::forward(x, &params);
-            return with_input_grad(&x, false, forward, || NormInputGrad(params.clone()))?
-                .to_dtype(dtype);
+            return cpu_norm::forward(&x, &params)?.to_dtype(dtype);
         }
         let forward =
             |x: &Tensor| candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, self.eps as f32);
@@ -685,7 +666,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool)
 /// exact (erf) GELU: one op with its own input gradient on the CPU (`cpu_activation`).
 pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
     if cpu_activation::applies(h) {
-        return with_input_grad(h, false, cpu_activation::forward, || GegluInputGrad);
+        return cpu_activation::geglu_op(h);
     }
     let inner = h.dim(D::Minus1)? / 2;
     let (hidden, gate) = (
@@ -693,15 +674,6 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
         h.narrow(D::Minus1, inner, inner)?,
     );
     hidden * gate.gelu_erf()?
-}
-
-struct GegluInputGrad;
-
-impl InputGradient for GegluInputGrad {
-    const NAME: &'static str = "geglu";
-    fn input_grad(&self, h: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
-        cpu_activation::input_grad(h, grad_out)
-    }
 }
 
 /// Nearest-neighbour resize of `[B, C, H, W]` to `[B, C, h, w]`. The usual exact ×2 is a
