@@ -6,8 +6,11 @@
 //! Frozen weights: candle's backward computes the gradient of *both* operands of every matmul and
 //! convolution, so a LoRA step would also compute (and keep until the step ends) a gradient for
 //! every frozen weight — about a third of the backward work and a weight-sized buffer per layer.
-//! [`frozen_linear`] and [`frozen_conv2d`] compute the output without recording it, then re-attach
-//! it to the input's graph through a custom op whose backward returns only the input gradient.
+//! On the CPU in f32, convolutions, norms, attention and GEGLU are `cpu_*` kernel ops carrying
+//! their own backward (the input gradient; a kernel gradient only for a trained kernel).
+//! Elsewhere, and for [`frozen_linear`] everywhere, the output is computed without recording it
+//! and re-attached to the input's graph by a custom op whose backward returns only the input
+//! gradient.
 
 use std::sync::{Arc, OnceLock};
 
