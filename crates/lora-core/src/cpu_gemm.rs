@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::sync::OnceLock;
 
 use gemm::Parallelism;
@@ -145,4 +145,88 @@ pub(crate) fn f32_slice<'a>(
         .contiguous_offsets()
         .ok_or_else(|| error("contiguous"))?;
     Ok(&values[start..end])
+}
+
+/// `x·Wᵀ + b` for a frozen `W` `[out, in]` (and frozen `b`) as one op whose backward is the
+/// input gradient `dy·W` only: the output is computed in the graph, not re-attached as a copy.
+struct Linear {
+    bias: Option<Vec<f32>>,
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "cpu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (&features, &[outputs, inputs]) = (x_l.dims().last().unwrap_or(&0), w_l.dims()) else {
+            return Err(candle_core::Error::Msg(
+                "linear: weight must be [out, in]".into(),
+            ));
+        };
+        if features != inputs || self.bias.as_ref().is_some_and(|b| b.len() != outputs) {
+            return Err(candle_core::Error::Msg(format!(
+                "linear: input {:?} does not fit weight {:?}",
+                x_l.dims(),
+                w_l.dims()
+            )));
+        }
+        let x = f32_slice(x, x_l, "linear: input")?;
+        let w = f32_slice(w, w_l, "linear: weight")?;
+        let rows = x.len() / inputs.max(1);
+        let mut y = vec![0.0f32; rows * outputs];
+        if let Some(bias) = &self.bias {
+            y.chunks_exact_mut(outputs)
+                .for_each(|row| row.copy_from_slice(bias));
+        }
+        let dims = (rows, outputs, inputs);
+        let wt = Mat::transposed(w, inputs);
+        let accumulate = self.bias.is_some();
+        matmul(
+            &mut y,
+            outputs,
+            accumulate,
+            dims,
+            Mat::rows(x, inputs),
+            wt,
+            Threads::All,
+        );
+        let mut shape = x_l.dims().to_vec();
+        *shape.last_mut().expect("checked non-empty") = outputs;
+        Ok((CpuStorage::F32(y), shape.into()))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad_out.broadcast_matmul(w)?), None))
+    }
+}
+
+/// Whether [`linear_op`] applies.
+pub(crate) fn linear_applies(x: &Tensor, weight: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && x.rank() >= 1
+        && weight.rank() == 2
+}
+
+/// `x·Wᵀ + b` with frozen `W` and `b` on the CPU, with the input gradient as its backward.
+pub(crate) fn linear_op(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let bias = bias
+        .map(|b| b.flatten_all()?.to_vec1::<f32>())
+        .transpose()?;
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, Linear { bias })
 }

@@ -6,11 +6,10 @@
 //! Frozen weights: candle's backward computes the gradient of *both* operands of every matmul and
 //! convolution, so a LoRA step would also compute (and keep until the step ends) a gradient for
 //! every frozen weight — about a third of the backward work and a weight-sized buffer per layer.
-//! On the CPU in f32, convolutions, norms, attention and GEGLU are `cpu_*` kernel ops carrying
-//! their own backward (the input gradient; a kernel gradient only for a trained kernel).
-//! Elsewhere, and for [`frozen_linear`] everywhere, the output is computed without recording it
-//! and re-attached to the input's graph by a custom op whose backward returns only the input
-//! gradient.
+//! On the CPU in f32, linear layers, convolutions, norms, attention and GEGLU are `cpu_*` kernel
+//! ops carrying their own backward (the input gradient; a kernel gradient only for a trained
+//! kernel). Elsewhere the output is computed without recording it and re-attached to the input's
+//! graph by a custom op whose backward returns only the input gradient.
 
 use std::sync::{Arc, OnceLock};
 
@@ -21,7 +20,7 @@ use candle_core::{
 };
 use candle_nn::VarBuilder;
 
-use crate::{cpu_activation, cpu_attention, cpu_conv, cpu_norm};
+use crate::{cpu_activation, cpu_attention, cpu_conv, cpu_gemm, cpu_norm};
 
 /// Copies a contiguous storage region as the output of a re-attaching op.
 fn copy_cpu(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -354,6 +353,10 @@ pub fn frozen_linear(
     weight: &Tensor,
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    let trained = any_trained([Some(weight), bias]);
+    if !trained && cpu_gemm::linear_applies(x, weight) {
+        return cpu_gemm::linear_op(x, weight, bias);
+    }
     let forward = |x: &Tensor| {
         let y = x.broadcast_matmul(&weight.t()?)?;
         match bias {
@@ -361,7 +364,6 @@ pub fn frozen_linear(
             None => Ok(y),
         }
     };
-    let trained = any_trained([Some(weight), bias]);
     with_input_grad(x, trained, forward, || LinearInputGrad {
         weight: weight.clone(),
     })
