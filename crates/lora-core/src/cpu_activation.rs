@@ -147,11 +147,6 @@ impl CustomOp2 for InputGrad {
     }
 }
 
-/// Whether the CPU GEGLU applies to `h`.
-pub(crate) fn applies(h: &Tensor) -> bool {
-    h.device().is_cpu() && h.dtype() == candle_core::DType::F32
-}
-
 /// `hidden ⊙ gelu(gate)` for `h = [hidden | gate]` on the last dimension, as one op with its
 /// input gradient as backward.
 pub(crate) fn geglu_op(h: &Tensor) -> Result<Tensor> {
@@ -162,6 +157,7 @@ pub(crate) fn geglu_op(h: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::rng::Rng;
+    use crate::test_support::max_diff;
     use candle_core::{Device, Var, D};
 
     #[test]
@@ -194,22 +190,12 @@ mod tests {
             * h.narrow(D::Minus1, 11, 11).unwrap().gelu_erf().unwrap())
         .unwrap();
         let ours = geglu_op(&h).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        assert!(diff(&ours, &reference) < 1e-5);
+        assert!(max_diff(&ours, &reference) < 1e-5);
         let upstream = rng.normal_tensor((2, 5, 11), &dev).unwrap();
         let loss = |y: &Tensor| (y * &upstream).unwrap().sum_all().unwrap();
         let expected = loss(&reference).backward().unwrap();
         let got = loss(&ours).backward().unwrap();
-        assert!(diff(got.get(&h).unwrap(), expected.get(&h).unwrap()) < 1e-5);
+        assert!(max_diff(got.get(&h).unwrap(), expected.get(&h).unwrap()) < 1e-5);
     }
 
     #[test]

@@ -317,14 +317,6 @@ impl CustomOp3 for AttentionGrad {
     }
 }
 
-/// Whether the fused CPU attention applies to these projections.
-pub(crate) fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    q.device().is_cpu()
-        && [q, k, v]
-            .iter()
-            .all(|t| t.dtype() == candle_core::DType::F32)
-}
-
 /// `softmax(q·kᵀ/√d)·v` over `heads` heads of `[B, N, H·d]` queries and `[B, M, H·d]` keys and
 /// values, with a backward to all three.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
@@ -336,18 +328,8 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Res
 mod tests {
     use super::*;
     use crate::rng::Rng;
+    use crate::test_support::max_rel_diff;
     use candle_core::{Device, Var};
-
-    fn max_rel_diff(ours: &Tensor, reference: &Tensor) -> f32 {
-        let scale = reference.abs().unwrap().max_all().unwrap();
-        let diff = (ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-6)
-    }
 
     /// Output and all three gradients against attention composed from candle's own ops and
     /// differentiated by candle's autograd.

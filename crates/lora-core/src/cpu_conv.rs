@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_gemm::{f32_slice, matmul, with_scratch, Mat, Threads};
+use crate::cpu_gemm::{cpu_f32, f32_slice, matmul, with_scratch, Mat, Threads};
 
 /// Most f32 values an im2col band may hold (16 MiB); a band is at least one output row.
 const MAX_BAND_VALUES: usize = 1 << 22;
@@ -311,11 +311,7 @@ pub(crate) fn conv2d_kernel_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec
 
 /// Whether the CPU f32 path applies to a convolution of `x` by `kernel`.
 pub(crate) fn applies(x: &Tensor, kernel: &Tensor) -> bool {
-    x.device().is_cpu()
-        && x.dtype() == candle_core::DType::F32
-        && kernel.dtype() == candle_core::DType::F32
-        && x.rank() == 4
-        && kernel.rank() == 4
+    cpu_f32(&[x, kernel]) && x.rank() == 4 && kernel.rank() == 4
 }
 
 /// Which of the three results an op computes from its two operands.
@@ -440,24 +436,8 @@ pub(crate) fn conv2d_op(
 mod tests {
     use super::*;
     use crate::rng::Rng;
+    use crate::test_support::max_rel_diff;
     use candle_core::{Device, Var};
-
-    fn max_rel_diff(ours: &Tensor, reference: &Tensor) -> f32 {
-        let scale = reference
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale.max(1e-6)
-    }
 
     /// The op and both its gradients against candle's own convolution and its autograd, over the shapes the
     /// UNet and VAE use (3×3 same, 3×3 stride 2, 1×1) plus odd sizes and a narrow band.

@@ -1,13 +1,20 @@
-//! What the CPU kernels share: bounds-checked f32 matrix products on strided slices, per-thread
-//! scratch and reading an op's operand as a slice. The `gemm` crate (what candle's CPU matmul calls) reads any row/column
-//! strides, so transposes, head splits and output bands are views, never copies.
+//! What the CPU kernels share: when they apply, bounds-checked f32 matrix products on strided
+//! slices, per-thread scratch, reading an op's operand as a slice, and the frozen linear layer.
+//! The `gemm` crate (what candle's CPU matmul calls) reads any row/column strides, so
+//! transposes, head splits and output bands are views, never copies.
 
 use std::cell::RefCell;
-
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::sync::OnceLock;
 
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
+
+/// Whether the CPU kernels apply: every tensor is on the CPU, in f32.
+pub(crate) fn cpu_f32(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
 
 /// A matrix view into `data`: element `(r, c)` at `r·row_stride + c·col_stride`.
 #[derive(Clone, Copy)]
@@ -215,11 +222,7 @@ impl CustomOp2 for Linear {
 
 /// Whether [`linear_op`] applies.
 pub(crate) fn linear_applies(x: &Tensor, weight: &Tensor) -> bool {
-    x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
-        && x.rank() >= 1
-        && weight.rank() == 2
+    cpu_f32(&[x, weight]) && x.rank() >= 1 && weight.rank() == 2
 }
 
 /// `x·Wᵀ + b` with frozen `W` and `b` on the CPU, with the input gradient as its backward.

@@ -309,11 +309,6 @@ impl<N: Normalization> CustomOp2 for InputGrad<'_, N> {
     }
 }
 
-/// Whether the CPU normalisations apply to `x`.
-pub(crate) fn applies(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
-}
-
 /// The normalised `x` as one op with its input gradient as backward (the parameters are frozen).
 pub(crate) fn forward<N: Normalization + Clone + Send + 'static>(
     x: &Tensor,

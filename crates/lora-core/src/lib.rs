@@ -18,6 +18,8 @@ pub mod model;
 pub mod nn;
 pub mod rng;
 pub mod single_file;
+#[cfg(test)]
+mod test_support;
 pub mod text_encoder;
 pub mod threads;
 pub mod tokenizer;

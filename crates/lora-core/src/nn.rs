@@ -534,7 +534,7 @@ impl GroupNorm {
     }
 
     fn normalize(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        if cpu_norm::applies(x) && !any_trained([Some(&self.weight), Some(&self.bias)]) {
+        if cpu_gemm::cpu_f32(&[x]) && !any_trained([Some(&self.weight), Some(&self.bias)]) {
             let values = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
             let params = cpu_norm::GroupNormParams {
                 groups: self.groups,
@@ -609,7 +609,7 @@ impl Module for LayerNorm {
                 .broadcast_add(&b)?
                 .to_dtype(dtype);
         }
-        if cpu_norm::applies(&x) {
+        if cpu_gemm::cpu_f32(&[&x]) {
             let params = cpu_norm::LayerNormParams {
                 eps: self.eps,
                 weight: w.to_vec1()?,
@@ -643,7 +643,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// values, returning `[B, N, H·d]`; scores in f32 when `upcast` (SD2's attention upcast).
 /// On the CPU in f32 one fused op (`cpu_attention`), elsewhere composed from recorded ops.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
-    if cpu_attention::applies(q, k, v) {
+    if cpu_gemm::cpu_f32(&[q, k, v]) {
         return cpu_attention::attention(q, k, v, heads).context("attention");
     }
     let (b, n, width) = q.dims3()?;
@@ -670,7 +670,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool)
 /// GEGLU, `hidden ⊙ gelu(gate)` for `h = [hidden | gate]` split on the last dimension, with the
 /// exact (erf) GELU: one op with its own input gradient on the CPU (`cpu_activation`).
 pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
-    if cpu_activation::applies(h) {
+    if cpu_gemm::cpu_f32(&[h]) {
         return cpu_activation::geglu_op(h);
     }
     let inner = h.dim(D::Minus1)? / 2;
@@ -699,20 +699,8 @@ pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> candle_core::Result<T
 mod tests {
     use super::*;
     use crate::rng::Rng;
+    use crate::test_support::max_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// The frozen op's input gradient equals candle's plain autograd, and the frozen weight gets
     /// no gradient at all (plain autograd computes one).

@@ -259,6 +259,7 @@ impl SelfAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_diff;
 
     fn tiny_config(act: &str) -> ClipTextConfig {
         ClipTextConfig::parse(&format!(
@@ -360,28 +361,18 @@ mod tests {
                 outputs.push(out);
             }
         }
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         assert_eq!(
-            diff(&outputs[0], &outputs[2]),
+            max_diff(&outputs[0], &outputs[2]),
             0.0,
             "layouts must load the same weights"
         );
         assert_eq!(
-            diff(&outputs[1], &outputs[3]),
+            max_diff(&outputs[1], &outputs[3]),
             0.0,
             "deltas must apply in both layouts"
         );
         assert!(
-            diff(&outputs[0], &outputs[1]) > 1e-4,
+            max_diff(&outputs[0], &outputs[1]) > 1e-4,
             "the delta must change the output"
         );
 
