@@ -11,12 +11,12 @@
 //! kernel). Elsewhere the output is computed without recording it and re-attached to the input's
 //! graph by a custom op whose backward returns only the input gradient.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Module, Shape, Storage, Tensor, D,
 };
 use candle_nn::VarBuilder;
 
@@ -64,42 +64,59 @@ trait InputGradient: Send + Sync + 'static {
     ) -> candle_core::Result<Tensor>;
 }
 
-/// `(input, output) → output` with a backward that sends the output gradient to the input only.
-struct Reattach<G>(G);
+/// `input → output` for an `output` computed from `input` outside the graph, with a backward that
+/// sends the output gradient to the input only. An op must return storage it owns, so it hands
+/// out a copy of `output` and drops the original: each output is then kept once, by the graph.
+struct Reattach<G> {
+    output: Mutex<Option<Tensor>>,
+    grad: G,
+}
 
-impl<G: InputGradient> CustomOp2 for Reattach<G> {
+impl<G> Reattach<G> {
+    /// The computed output, taken (only the op's single forward call reads it).
+    fn take_output(&self) -> candle_core::Result<Tensor> {
+        self.output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("frozen op: poisoned output".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("frozen op: output already taken".into()))
+    }
+}
+
+impl<G: InputGradient> CustomOp1 for Reattach<G> {
     fn name(&self) -> &'static str {
         G::NAME
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        out: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        copy_cpu(out, layout)
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let output = self.take_output()?;
+        let (storage, layout) = output.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => copy_cpu(s, layout),
+            _ => Err(candle_core::Error::Msg(
+                "frozen op: output on another device than its input".into(),
+            )),
+        }
     }
 
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        out: &CudaStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        copy_cuda(out, layout)
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let output = self.take_output()?;
+        let (storage, layout) = output.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => copy_cuda(s, layout),
+            _ => Err(candle_core::Error::Msg(
+                "frozen op: output on another device than its input".into(),
+            )),
+        }
     }
 
     fn bwd(
         &self,
         input: &Tensor,
-        _: &Tensor,
         output: &Tensor,
         grad_out: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.0.input_grad(input, output, grad_out)?), None))
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.grad.input_grad(input, output, grad_out)?))
     }
 }
 
@@ -343,8 +360,11 @@ fn with_input_grad<G: InputGradient>(
     if !x.track_op() || trained_params {
         return forward(x);
     }
-    let out = forward(&x.detach())?.contiguous()?;
-    x.apply_op2(&out, Reattach(grad()))
+    let output = forward(&x.detach())?.contiguous()?;
+    x.apply_op1(Reattach {
+        output: Mutex::new(Some(output)),
+        grad: grad(),
+    })
 }
 
 /// `x·Wᵀ (+ b)` for a frozen `W` `[out, in]`: no weight gradient is ever computed.
@@ -731,6 +751,8 @@ mod tests {
         );
         // Relative: summation order differs (the stride-1 conv adjoint is a forward conv).
         let scale: f32 = b
+            .to_dtype(DType::F32)
+            .unwrap()
             .abs()
             .unwrap()
             .flatten_all()
@@ -792,43 +814,63 @@ mod tests {
         }
     }
 
+    /// f32 takes the CPU kernels; f64 the path every other device and dtype takes (the output
+    /// computed by candle, re-attached with its input gradient).
+    const PATHS: [DType; 2] = [DType::F32, DType::F64];
+
     #[test]
     fn frozen_linear_gives_input_gradient_only() {
-        let mut rng = Rng::new(0);
-        let dev = Device::Cpu;
-        let w = rng.normal_tensor((5, 3), &dev).unwrap();
-        let b = rng.normal_tensor(5, &dev).unwrap();
-        let x = rng.normal_tensor((2, 4, 3), &dev).unwrap();
-        check(
-            |x| frozen_linear(x, &w, Some(&b)).unwrap(),
-            |x| {
-                x.broadcast_matmul(&w.t().unwrap())
+        for dtype in PATHS {
+            let mut rng = Rng::new(0);
+            let dev = Device::Cpu;
+            let normal = |shape: &[usize], rng: &mut Rng| {
+                rng.normal_tensor(shape, &dev)
                     .unwrap()
-                    .broadcast_add(&b)
+                    .to_dtype(dtype)
                     .unwrap()
-            },
-            x,
-            &w,
-        );
+            };
+            let w = normal(&[5, 3], &mut rng);
+            let b = normal(&[5], &mut rng);
+            let x = normal(&[2, 4, 3], &mut rng);
+            check(
+                |x| frozen_linear(x, &w, Some(&b)).unwrap(),
+                |x| {
+                    x.broadcast_matmul(&w.t().unwrap())
+                        .unwrap()
+                        .broadcast_add(&b)
+                        .unwrap()
+                },
+                x,
+                &w,
+            );
+        }
     }
 
     #[test]
     fn frozen_conv_gives_input_gradient_only() {
-        let mut rng = Rng::new(1);
-        let dev = Device::Cpu;
-        let w = rng.normal_tensor((4, 3, 3, 3), &dev).unwrap();
-        // Odd and even sizes, stride 1 and 2 (the UNet's downsamplers), padding 0 and 1.
-        for (size, stride, padding) in [(7, 2, 1), (8, 2, 1), (6, 1, 1), (5, 1, 0)] {
-            // Without a kept adjoint kernel, then twice with one (built, then reused).
-            let kept = AdjointKernel::default();
-            for adjoint in [None, Some(&kept), Some(&kept)] {
-                let x = rng.normal_tensor((2, 3, size, size), &dev).unwrap();
-                check(
-                    |x| frozen_conv2d(x, &w, None, padding, stride, adjoint).unwrap(),
-                    |x| x.conv2d(&w, padding, stride, 1, 1).unwrap(),
-                    x,
-                    &w,
-                );
+        for dtype in PATHS {
+            let mut rng = Rng::new(1);
+            let dev = Device::Cpu;
+            let normal = |shape: &[usize], rng: &mut Rng| {
+                rng.normal_tensor(shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let w = normal(&[4, 3, 3, 3], &mut rng);
+            // Odd and even sizes, stride 1 and 2 (the UNet's downsamplers), padding 0 and 1.
+            for (size, stride, padding) in [(7, 2, 1), (8, 2, 1), (6, 1, 1), (5, 1, 0)] {
+                // Without a kept adjoint kernel, then twice with one (built, then reused).
+                let kept = AdjointKernel::default();
+                for adjoint in [None, Some(&kept), Some(&kept)] {
+                    let x = normal(&[2, 3, size, size], &mut rng);
+                    check(
+                        |x| frozen_conv2d(x, &w, None, padding, stride, adjoint).unwrap(),
+                        |x| x.conv2d(&w, padding, stride, 1, 1).unwrap(),
+                        x,
+                        &w,
+                    );
+                }
             }
         }
     }

@@ -1,14 +1,16 @@
 //! Comparisons shared by the unit tests.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
-/// The largest absolute difference between two tensors of one shape.
+/// The largest absolute difference between two tensors of one shape (and dtype), in f32.
 pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
         .abs()
         .unwrap()
         .max_all()
+        .unwrap()
+        .to_dtype(DType::F32)
         .unwrap()
         .to_scalar()
         .unwrap()
