@@ -1,20 +1,73 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark (issue #7): builds the UNet step benchmark with CUDA and runs every CUDA
-# case with lora-toolkit and with diffusers + peft (PyTorch) right after, printing one table.
+# One-shot GPU benchmark (issue #7): checks the CUDA build against PyTorch's gradients, then runs
+# every CUDA case with lora-toolkit and with diffusers + peft (PyTorch) right after, printing one
+# table.
 #   benches/gpu.sh [PYTHON]
-# Needs nvcc (for `--features cuda`), the crates available to cargo (a populated CARGO_HOME or a
-# `cargo vendor` directory configured in .cargo/config.toml: the GPU machine has no network),
-# and PYTHON with torch; diffusers and peft are installed from $WHEELS (a folder of wheels) when
-# they are missing. Budget: about 8 minutes on an H100/H200 once the build is done.
+# PYTHON (default python3) must have torch; diffusers and peft, when missing, are installed into a
+# temporary folder from the wheels in $WHEELS. The GPU machine has no network and, often, no Rust:
+#   UNET_STEP_BINS  our builds to compare, as space-separated LABEL=PATH pairs of the unet_step
+#                   benchmark built with `--features cuda` (or `cudnn`) elsewhere; without it,
+#                   built here with cargo (needs nvcc and the crates available offline), with
+#                   cuDNN when CUDNN=1
+#   PARITY_BIN      the lora_parity test binary built with `--features cuda`; without it, run
+#                   with cargo
+# benches/build_cuda_binaries.sh builds both on a machine without GPU or CUDA toolkit, and
+# benches/gpu_prebuilt.sh runs this script with them on the GPU machine. The binaries find the
+# fixtures and configs at the checkout path they were built in.
+# Budget: about 5 minutes on an H100/H200 once the build is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-python3}
 if ! "$python" -c "import diffusers, peft" 2>/dev/null; then
-  "$python" -m pip install --no-index --find-links "${WHEELS:?set WHEELS to a folder of diffusers/peft wheels}" diffusers peft
+  site=$(mktemp -d)
+  "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" \
+    "${WHEELS:?set WHEELS to a folder of diffusers/peft wheels}"/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 features=cuda
 [ "${CUDNN:-0}" = 1 ] && features=cudnn
-cargo bench --features "$features" --bench unet_step --no-run
+if [ -z "${UNET_STEP_BINS:-}" ]; then
+  built=$(cargo bench --features "$features" --bench unet_step --no-run --message-format=json |
+    "$python" -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "unet_step":
+        print(m["executable"])')
+  UNET_STEP_BINS="$features=$built"
+fi
+
+# Correctness first: adapter gradients on the GPU (f32 and a bf16 base) against PyTorch autograd.
+if [ -n "${PARITY_BIN:-}" ]; then
+  "$PARITY_BIN" --nocapture on_cuda || echo "CUDA GRADIENT PARITY FAILED"
+else
+  cargo test --release --features "$features" --test lora_parity -- --nocapture on_cuda ||
+    echo "CUDA GRADIENT PARITY FAILED"
+fi
+
+# Runs one benchmark command and adds the peak device memory seen while it ran: nvidia-smi's used
+# memory sampled every 20 ms, the same measure for both implementations (CUDA context and any
+# allocator cache included). A case that fails or hangs is reported and the others still run.
+measure() {
+  local log json status=0
+  log=$(mktemp)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 >"$log" &
+  local smi=$!
+  json=$(timeout 150 "$@") || status=$?
+  kill "$smi"
+  wait "$smi" 2>/dev/null || true
+  if [ "$status" != 0 ] || [ -z "$json" ]; then
+    echo "{\"failed\": \"exit status $status: $*\"}"
+    return
+  fi
+  "$python" - "$json" "$log" <<'PY'
+import json, sys
+row = json.loads(sys.argv[1])
+used = [int(l) for l in open(sys.argv[2]) if l.strip().isdigit()]
+row["sampled_peak_gpu_mib"] = max(used) if used else None
+print(json.dumps(row))
+PY
+}
+
 # case, dtype, batch: training at 64x64 latents (batch 1 and 4) in bf16, inference (CFG batch 2)
 # at 64x64 latents (512x512 pixels) in f16 and bf16.
 runs=(
@@ -27,17 +80,24 @@ results=()
 for run in "${runs[@]}"; do
   read -r case dtype batch <<<"$run"
   args=("$case" --device cuda --dtype "$dtype" --batch "$batch" --iters 10)
-  ours=$(cargo bench -q --features "$features" --bench unet_step -- "${args[@]}")
-  theirs=$("$python" benches/unet_step_reference.py "${args[@]}")
-  echo "$ours"; echo "$theirs"
-  results+=("$ours" "$theirs")
+  theirs=$(measure "$python" benches/unet_step_reference.py "${args[@]}")
+  echo "$theirs"
+  for build in $UNET_STEP_BINS; do
+    ours=$(measure "${build#*=}" "${args[@]}")
+    echo "$ours"
+    results+=("${build%%=*}" "$ours" "$theirs")
+  done
 done
 "$python" - "${results[@]}" <<'PY'
 import json, sys
-rows = [json.loads(a) for a in sys.argv[1:]]
-print(f"{'case':<15} {'dtype':<5} {'batch':>5} {'ours it/s':>10} {'torch it/s':>10} {'speed':>7} {'ours MiB':>9} {'torch MiB':>9}")
-print("(memory: ours = nvidia-smi used after the run, CUDA context included; torch = max_memory_allocated)")
-for o, t in zip(rows[::2], rows[1::2]):
-    print(f"{o['case']:<15} {o['dtype']:<5} {o['batch']:>5} {1/o['mean_s']:>10.2f} {1/t['mean_s']:>10.2f} "
-          f"{t['mean_s']/o['mean_s']:>6.2f}x {o.get('peak_gpu_mib') or 0:>9.0f} {t.get('peak_gpu_mib') or 0:>9.0f}")
+args = sys.argv[1:]
+print(f"{'case':<15} {'dtype':<5} {'batch':>5} {'build':<6} {'ours it/s':>10} {'torch it/s':>10} {'speed':>7} {'ours MiB':>9} {'torch MiB':>9}")
+print("(MiB: peak nvidia-smi used memory sampled every 20 ms while each process ran, CUDA context included)")
+for build, o, t in zip(args[::3], args[1::3], args[2::3]):
+    o, t = json.loads(o), json.loads(t)
+    if "failed" in o or "failed" in t:
+        print(f"{build} failed:", o.get("failed", ""), t.get("failed", ""))
+        continue
+    print(f"{o['case']:<15} {o['dtype']:<5} {o['batch']:>5} {build:<6} {1/o['mean_s']:>10.2f} {1/t['mean_s']:>10.2f} "
+          f"{t['mean_s']/o['mean_s']:>6.2f}x {o['sampled_peak_gpu_mib'] or 0:>9.0f} {t['sampled_peak_gpu_mib'] or 0:>9.0f}")
 PY

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-python3}; shift || true
-cases=("$@"); [ ${#cases[@]} -gt 0 ] || cases=(train-tiny infer-tiny train-sd15-32 infer-sd15-64)
+cases=("$@"); [ ${#cases[@]} -gt 0 ] || cases=(train-tiny infer-tiny train-sd15-32 infer-sd15-32 infer-sd15-64)
 cargo bench --bench unet_step --no-run >/dev/null 2>&1
 for case in "${cases[@]}"; do
   ours=$(cargo bench -q --bench unet_step -- "$case")

@@ -5,7 +5,8 @@
 //!
 //! Cases (SD1.5 UNet architecture with random weights unless `tiny`; LoRA rank 4 on attn2):
 //! - `train-sd15-32`, `train-sd15-64`: forward + backward + AdamW, batch 1, latents 32×32 / 64×64
-//! - `infer-sd15-64`: classifier-free-guidance step (batch 2), latents 64×64, no gradients
+//! - `infer-sd15-32`, `infer-sd15-64`: classifier-free-guidance step (batch 2), latents 32×32 /
+//!   64×64, no gradients
 //! - `train-tiny`, `infer-tiny`: the same on the sd1-tiny fixture model (a quick check)
 //!
 //! `--device`, `--dtype` (of the frozen base; LoRA stays f32) and `--batch` override a case's
@@ -35,7 +36,7 @@ struct Case {
 fn load_case(name: &str, device: &Device, dtype: DType) -> Result<Case> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let (unet, latent, batch, train) = match name {
-        "train-sd15-32" | "train-sd15-64" | "infer-sd15-64" => {
+        "train-sd15-32" | "train-sd15-64" | "infer-sd15-32" | "infer-sd15-64" => {
             let config = UNetConfig::from_file(&root.join("benches/sd15_unet_config.json"))?;
             // Frozen random weights: timing does not depend on the values, but they keep
             // activations finite so no denormal or NaN slow paths are measured.
@@ -44,6 +45,7 @@ fn load_case(name: &str, device: &Device, dtype: DType) -> Result<Case> {
             match name {
                 "train-sd15-32" => (unet, 32, 1, true),
                 "train-sd15-64" => (unet, 64, 1, true),
+                "infer-sd15-32" => (unet, 32, 2, false),
                 _ => (unet, 64, 2, false),
             }
         }
@@ -173,9 +175,12 @@ fn main() -> Result<()> {
         let t0 = Instant::now();
         let out = case.unet.forward(&sample, &timesteps, &context)?;
         if case.train {
+            // A GPU queues its work: wait for it, so each time is the work's, not its launch's.
+            device.synchronize()?;
             forward_times.push(t0.elapsed().as_secs_f64());
             let loss = (out.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?;
             opt.backward_step(&loss)?;
+            device.synchronize()?;
         } else {
             // Reading a value back also waits for an asynchronous device to finish.
             out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;

@@ -27,11 +27,16 @@ def peak_rss_mib():
 
 
 def load_case(name):
-    if name in ("train-sd15-32", "train-sd15-64", "infer-sd15-64"):
+    if name in ("train-sd15-32", "train-sd15-64", "infer-sd15-32", "infer-sd15-64"):
         config = json.loads((ROOT / "benches/sd15_unet_config.json").read_text())
         config = {k: v for k, v in config.items() if not k.startswith("_")}
         unet = UNet2DConditionModel(**config)
-        latent, batch, train = {"train-sd15-32": (32, 1, True), "train-sd15-64": (64, 1, True), "infer-sd15-64": (64, 2, False)}[name]
+        latent, batch, train = {
+            "train-sd15-32": (32, 1, True),
+            "train-sd15-64": (64, 1, True),
+            "infer-sd15-32": (32, 2, False),
+            "infer-sd15-64": (64, 2, False),
+        }[name]
     elif name in ("train-tiny", "infer-tiny"):
         unet = UNet2DConditionModel.from_pretrained(str(ROOT / "tests/fixtures/sd1-tiny/unet"))
         latent, batch, train = 16, (1 if name == "train-tiny" else 2), name == "train-tiny"

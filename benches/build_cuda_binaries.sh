@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Builds the CUDA benchmark and the CUDA gradient-parity test on a machine with neither GPU nor
+# CUDA toolkit, for a GPU machine with neither Rust nor network (issue #7). CUDA 13's compiler,
+# headers and libraries come from NVIDIA's PyPI wheels; the driver library, libcuda, is linked
+# against a stub generated from cuda.h, and the GPU machine's own driver is used at run time.
+#   benches/build_cuda_binaries.sh OUT_DIR
+# Writes to OUT_DIR (xz-compressed, about 6 MB each):
+#   unet_step_cuda.xz   the unet_step benchmark, `--features cuda`
+#   unet_step_cudnn.xz  the same with cuDNN convolutions, `--features cudnn`
+#   lora_parity.xz      the lora_parity test binary, `--features cuda`
+#   checkout            the path these were built in (they read configs and fixtures there)
+# then `benches/gpu_prebuilt.sh OUT_DIR` runs them on the GPU machine.
+# Needs pip, gcc and xz. Downloads about 1.3 GB of wheels once, into $CUDA_KIT (default
+# ~/.cache/lora-toolkit/cuda13). Builds into $CUDA_TARGET_DIR (default target/cuda): the first
+# build takes about 25 minutes on 2 cores, most of it candle's CUDA kernels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: benches/build_cuda_binaries.sh OUT_DIR}
+kit=${CUDA_KIT:-$HOME/.cache/lora-toolkit/cuda13}
+cu=$kit/nvidia/cu13
+# The compute capability the kernels are built for: 90 is the H100/H200.
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+
+if [ ! -x "$cu/bin/nvcc" ]; then
+  mkdir -p "$kit/wheels"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux1_x86_64 \
+    -d "$kit/wheels" \
+    nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
+    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
+    nvidia-cublas==13.10.0.20 nvidia-curand==10.4.5.25 nvidia-cudnn-cu13==9.28.1.4
+  for wheel in "$kit"/wheels/*.whl; do unzip -q -o "$wheel" -d "$kit"; done
+  # The linker looks for the unversioned names.
+  for lib in "$cu"/lib/*.so.* "$kit"/nvidia/cudnn/lib/*.so.*; do
+    ln -sf "$(basename "$lib")" "${lib%%.so.*}.so"
+  done
+  # libcuda is the driver's and no wheel ships it: a stub with every entry point of cuda.h
+  # satisfies the linker; the binaries load the real one (libcuda.so.1) on the GPU machine.
+  mkdir -p "$cu/lib/stubs"
+  echo '#include <cuda.h>' | gcc -E -I"$cu/include" - |
+    grep -oE '\bcu[A-Za-z0-9_]+ *\(' | sed 's/ *(//' | sort -u |
+    sed 's/.*/void &(void) {}/' >"$kit/libcuda_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cu/lib/stubs/libcuda.so" "$kit/libcuda_stub.c"
+fi
+
+export PATH=$cu/bin:$PATH CUDA_HOME=$cu CUDA_PATH=$cu CUDA_ROOT=$cu
+export LIBRARY_PATH=$cu/lib:$cu/lib/stubs:$kit/nvidia/cudnn/lib CPATH=$kit/nvidia/cudnn/include
+export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$PWD/target/cuda}
+# No debug info: the binaries travel to the GPU machine.
+export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_BENCH_DEBUG=0
+
+# The path of the one executable a cargo build with `--message-format=json` produced for `$1`.
+executable() {
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$1"
+}
+mkdir -p "$out"
+pack() {
+  strip -o "$out/$1" "$2"
+  xz -T0 -6 -f "$out/$1"
+}
+pack unet_step_cuda "$(cargo bench --features cuda --bench unet_step --no-run \
+  --message-format=json | executable unet_step)"
+pack lora_parity "$(cargo test --release --features cuda --test lora_parity --no-run \
+  --message-format=json | executable lora_parity)"
+pack unet_step_cudnn "$(cargo bench --features cudnn --bench unet_step --no-run \
+  --message-format=json | executable unet_step)"
+pwd >"$out/checkout"
+ls -l "$out"

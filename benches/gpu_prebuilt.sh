@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs benches/gpu.sh on a GPU machine with the binaries benches/build_cuda_binaries.sh made
+# elsewhere (no Rust or network needed there, only the NVIDIA driver, CUDA 13's libraries and
+# PyTorch), from the checkout's root:
+#   benches/gpu_prebuilt.sh BIN_DIR [PYTHON]
+# WHEELS (diffusers and its missing dependencies as wheels) as for benches/gpu.sh. The table and
+# every JSON line also go to $OUT/gpu.log when OUT is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bins=$(cd "${1:?usage: benches/gpu_prebuilt.sh BIN_DIR [PYTHON]}" && pwd)
+python=${2:-python3}
+# The binaries read configs and fixtures at the path they were built in.
+built_in=$(cat "$bins/checkout")
+if [ "$(cd "$built_in" 2>/dev/null && pwd -P)" != "$(pwd -P)" ]; then
+  mkdir -p "$(dirname "$built_in")"
+  ln -sfn "$PWD" "$built_in"
+fi
+run=$(mktemp -d)
+for packed in "$bins"/*.xz; do
+  xz -dc "$packed" >"$run/$(basename "$packed" .xz)"
+  chmod +x "$run/$(basename "$packed" .xz)"
+done
+# CUDA 13's libraries: the system toolkit's or those of PyTorch's wheels.
+libs=$(find /usr/local /opt /usr/lib -xdev \( -name 'libcublasLt.so.13' -o -name 'libcublas.so.13' \
+  -o -name 'libcudart.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' \
+  -o -name 'libcudnn.so.9' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
+export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
+for binary in "$run"/*; do
+  if ldd "$binary" | grep 'not found'; then echo "$binary: libraries missing"; fi
+done
+builds=""
+for binary in "$run"/unet_step_*; do builds="$builds ${binary##*/unet_step_}=$binary"; done
+export UNET_STEP_BINS=$builds PARITY_BIN=$run/lora_parity
+bash benches/gpu.sh "$python" 2>&1 | tee "${OUT:-$run}/gpu.log"
