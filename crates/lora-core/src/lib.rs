@@ -3,6 +3,7 @@
 //! diffusers/peft. See ARCHITECTURE.md at the repository root for the map.
 
 pub mod adapter_file;
+mod blocked_attention;
 pub mod config;
 mod cpu_activation;
 mod cpu_attention;

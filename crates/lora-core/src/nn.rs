@@ -1,7 +1,8 @@
 //! Frozen building blocks of the UNet, written with operations that carry a backward pass in
 //! candle. candle-nn's fused `layer_norm`/`softmax_last_dim` record no gradient (silently), so
-//! layer norm and softmax are composed here from differentiable primitives. All frozen layers go
-//! through this module, so their backward behaviour is decided in one place.
+//! they are used only where a backward of our own is attached (`LayerNormInputGrad`,
+//! `blocked_attention`). All frozen layers go through this module, so their backward behaviour is
+//! decided in one place.
 //!
 //! Frozen weights: candle's backward computes the gradient of *both* operands of every matmul and
 //! convolution, so a LoRA step would also compute (and keep until the step ends) a gradient for
@@ -9,47 +10,80 @@
 //! On the CPU in f32, linear layers, convolutions, norms, attention and GEGLU are `cpu_*` kernel
 //! ops carrying their own backward (the input gradient; a kernel gradient only for a trained
 //! kernel). Elsewhere the output is computed without recording it and re-attached to the input's
-//! graph by a custom op whose backward returns only the input gradient.
+//! graph by a custom op whose backward returns only the input gradient (attention: the gradients
+//! of q, k and v, recomputed block by block).
 
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Module, Shape, Storage, Tensor, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Module, Shape, Storage, Tensor, D,
 };
 use candle_nn::VarBuilder;
 
-use crate::{cpu_activation, cpu_attention, cpu_conv, cpu_gemm, cpu_norm};
+use crate::{blocked_attention, cpu_activation, cpu_attention, cpu_conv, cpu_gemm, cpu_norm};
 
-/// Copies a contiguous storage region as the output of a re-attaching op.
-fn copy_cpu(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("frozen op: output must be contiguous".into()))?;
-    let copied = match storage {
-        CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
-        CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
-        CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
-        CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
-        other => {
-            return Err(candle_core::Error::Msg(format!(
-                "frozen op: unsupported dtype {:?}",
-                other.dtype()
-            )));
+/// The output of an op computed from candle's tensor ops outside the graph, handed to the op
+/// that re-attaches it. An op must return storage it owns, so its forward takes the tensor (the
+/// op's single forward call reads it), copies it and drops it: the graph keeps one copy.
+pub(crate) struct ComputedOutput(Mutex<Option<Tensor>>);
+
+impl ComputedOutput {
+    pub(crate) fn new(output: Tensor) -> Self {
+        Self(Mutex::new(Some(output)))
+    }
+
+    fn take(&self) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("computed output: poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("computed output: already taken".into()))
+    }
+
+    pub(crate) fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        let output = self.take()?;
+        let (storage, layout) = output.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else {
+            return Err(another_device());
+        };
+        let (start, end) = layout.contiguous_offsets().ok_or_else(not_contiguous)?;
+        let copied = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
+            CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
+            CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
+            CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "computed output: unsupported dtype {:?}",
+                    other.dtype()
+                )));
+            }
+        };
+        Ok((copied, layout.shape().clone()))
+    }
+
+    pub(crate) fn cuda(&self) -> candle_core::Result<(CudaStorage, Shape)> {
+        let output = self.take()?;
+        let (storage, layout) = output.storage_and_layout();
+        let Storage::Cuda(storage) = &*storage else {
+            return Err(another_device());
+        };
+        // A fresh, contiguous result owns its whole buffer, which `try_clone` copies.
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            return Err(not_contiguous());
         }
-    };
-    Ok((copied, layout.shape().clone()))
+        Ok((storage.try_clone(layout)?, layout.shape().clone()))
+    }
 }
 
-fn copy_cuda(storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-    // The re-attached outputs are fresh, contiguous results that own their whole buffer.
-    if !layout.is_contiguous() || layout.start_offset() != 0 {
-        return Err(candle_core::Error::Msg(
-            "frozen op: output must be contiguous from offset 0".into(),
-        ));
-    }
-    Ok((storage.try_clone(layout)?, layout.shape().clone()))
+fn another_device() -> candle_core::Error {
+    candle_core::Error::Msg("computed output: on another device than the op's inputs".into())
+}
+
+fn not_contiguous() -> candle_core::Error {
+    candle_core::Error::Msg("computed output: must be contiguous from offset 0".into())
 }
 
 /// The input gradient of an op computed outside the graph, given its input, its output and the
@@ -65,22 +99,10 @@ trait InputGradient: Send + Sync + 'static {
 }
 
 /// `input → output` for an `output` computed from `input` outside the graph, with a backward that
-/// sends the output gradient to the input only. An op must return storage it owns, so it hands
-/// out a copy of `output` and drops the original: each output is then kept once, by the graph.
+/// sends the output gradient to the input only.
 struct Reattach<G> {
-    output: Mutex<Option<Tensor>>,
+    output: ComputedOutput,
     grad: G,
-}
-
-impl<G> Reattach<G> {
-    /// The computed output, taken (only the op's single forward call reads it).
-    fn take_output(&self) -> candle_core::Result<Tensor> {
-        self.output
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("frozen op: poisoned output".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("frozen op: output already taken".into()))
-    }
 }
 
 impl<G: InputGradient> CustomOp1 for Reattach<G> {
@@ -89,25 +111,11 @@ impl<G: InputGradient> CustomOp1 for Reattach<G> {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let output = self.take_output()?;
-        let (storage, layout) = output.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => copy_cpu(s, layout),
-            _ => Err(candle_core::Error::Msg(
-                "frozen op: output on another device than its input".into(),
-            )),
-        }
+        self.output.cpu()
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let output = self.take_output()?;
-        let (storage, layout) = output.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => copy_cuda(s, layout),
-            _ => Err(candle_core::Error::Msg(
-                "frozen op: output on another device than its input".into(),
-            )),
-        }
+        self.output.cuda()
     }
 
     fn bwd(
@@ -242,14 +250,15 @@ fn conv_kernel_grad(
     g.matmul(&cols.t()?)?.sum(0)?.reshape((o, c, kh, kw))
 }
 
-/// `(x, kernel, output) → output`: a convolution computed outside the graph, re-attached with
-/// the gradients of both its input and its (trained) kernel.
+/// `(x, kernel) → output`: a convolution computed outside the graph, re-attached with the
+/// gradients of both its input and its (trained) kernel.
 struct TrainedConv {
     padding: usize,
     stride: usize,
+    output: ComputedOutput,
 }
 
-impl CustomOp3 for TrainedConv {
+impl CustomOp2 for TrainedConv {
     fn name(&self) -> &'static str {
         "trained-conv2d"
     }
@@ -260,10 +269,8 @@ impl CustomOp3 for TrainedConv {
         _: &Layout,
         _: &CpuStorage,
         _: &Layout,
-        out: &CpuStorage,
-        layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        copy_cpu(out, layout)
+        self.output.cpu()
     }
 
     fn cuda_fwd(
@@ -272,20 +279,17 @@ impl CustomOp3 for TrainedConv {
         _: &Layout,
         _: &CudaStorage,
         _: &Layout,
-        out: &CudaStorage,
-        layout: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        copy_cuda(out, layout)
+        self.output.cuda()
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _: &Tensor,
         output: &Tensor,
         grad_out: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let input_grad = ConvInputGrad {
             weight: weight.detach(),
             padding: self.padding,
@@ -296,18 +300,7 @@ impl CustomOp3 for TrainedConv {
         let (_, _, kh, kw) = weight.dims4()?;
         let kernel_grad =
             conv_kernel_grad(&x.detach(), grad_out, (kh, kw), self.padding, self.stride)?;
-        Ok((Some(input_grad), Some(kernel_grad), None))
-    }
-}
-
-/// Softmax over the last dimension: `dx = y ⊙ (dy − Σ dy ⊙ y)`.
-struct SoftmaxInputGrad;
-
-impl InputGradient for SoftmaxInputGrad {
-    const NAME: &'static str = "softmax-last-dim";
-    fn input_grad(&self, _: &Tensor, y: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
-        let dot = (grad_out * y)?.sum_keepdim(D::Minus1)?;
-        y * grad_out.broadcast_sub(&dot)?
+        Ok((Some(input_grad), Some(kernel_grad)))
     }
 }
 
@@ -362,7 +355,7 @@ fn with_input_grad<G: InputGradient>(
     }
     let output = forward(&x.detach())?.contiguous()?;
     x.apply_op1(Reattach {
-        output: Mutex::new(Some(output)),
+        output: ComputedOutput::new(output),
         grad: grad(),
     })
 }
@@ -419,8 +412,15 @@ pub fn frozen_conv2d(
     };
     if weight.track_op() {
         // A trained kernel (full fine-tune): both gradients, by `TrainedConv`.
-        let out = x.detach().conv2d(&weight.detach(), padding, stride, 1, 1)?;
-        let y = x.apply_op3(weight, &out, TrainedConv { padding, stride })?;
+        let output = x.detach().conv2d(&weight.detach(), padding, stride, 1, 1)?;
+        let y = x.apply_op2(
+            weight,
+            TrainedConv {
+                padding,
+                stride,
+                output: ComputedOutput::new(output.contiguous()?),
+            },
+        )?;
         return match bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -647,44 +647,15 @@ impl Module for LayerNorm {
     }
 }
 
-/// Softmax over the last dimension, computed in f32 for half-precision inputs, with a backward
-/// (candle's fused `softmax_last_dim` kernel for the values, `SoftmaxInputGrad` for the gradient).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xs = x.to_dtype(compute_dtype(dtype))?;
-    let forward = |x: &Tensor| candle_nn::ops::softmax_last_dim(&x.contiguous()?);
-    with_input_grad(&xs, false, forward, || SoftmaxInputGrad)
-        .context("softmax")?
-        .to_dtype(dtype)
-        .context("softmax dtype")
-}
-
 /// `softmax(q·kᵀ/√d)·v` over `heads` heads of `[B, N, H·d]` queries and `[B, M, H·d]` keys and
 /// values, returning `[B, N, H·d]`; scores in f32 when `upcast` (SD2's attention upcast).
-/// On the CPU in f32 one fused op (`cpu_attention`), elsewhere composed from recorded ops.
+/// One graph node either way: on the CPU in f32 our fused kernel (`cpu_attention`), elsewhere
+/// candle's ops in blocks of query rows with a recomputing backward (`blocked_attention`).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
     if cpu_gemm::cpu_f32(&[q, k, v]) {
         return cpu_attention::attention(q, k, v, heads).context("attention");
     }
-    let (b, n, width) = q.dims3()?;
-    let d = width / heads;
-    // `[B, N, H·d] → [B, H, N, d]`
-    let split = |x: &Tensor| -> candle_core::Result<Tensor> {
-        let rows = x.dim(1)?;
-        x.reshape((b, rows, heads, d))?
-            .transpose(1, 2)?
-            .contiguous()
-    };
-    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-    let scores = if upcast {
-        q.to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-    } else {
-        q.matmul(&k.t()?)?
-    };
-    let probs = softmax_last_dim(&(scores / (d as f64).sqrt())?)?.to_dtype(v.dtype())?;
-    let out = probs.matmul(&v)?;
-    Ok(out.transpose(1, 2)?.reshape((b, n, width))?)
+    blocked_attention::attention(q, k, v, heads, upcast).context("attention")
 }
 
 /// GEGLU, `hidden ⊙ gelu(gate)` for `h = [hidden | gate]` split on the last dimension, with the
@@ -942,10 +913,20 @@ mod tests {
     fn trained_conv_gradients_match_autograd() {
         let mut rng = Rng::new(4);
         let dev = Device::Cpu;
-        for (k, size, stride, padding) in [(3, 7, 2, 1), (3, 8, 2, 1), (3, 6, 1, 1), (1, 5, 1, 0)] {
-            let w = Var::from_tensor(&rng.normal_tensor((4, 3, k, k), &dev).unwrap()).unwrap();
-            let x =
-                Var::from_tensor(&rng.normal_tensor((2, 3, size, size), &dev).unwrap()).unwrap();
+        let cases = [(3, 7, 2, 1), (3, 8, 2, 1), (3, 6, 1, 1), (1, 5, 1, 0)];
+        for (dtype, (k, size, stride, padding)) in
+            PATHS.into_iter().flat_map(|d| cases.map(|c| (d, c)))
+        {
+            let var = |shape: &[usize], rng: &mut Rng| {
+                let t = rng
+                    .normal_tensor(shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                Var::from_tensor(&t).unwrap()
+            };
+            let w = var(&[4, 3, k, k], &mut rng);
+            let x = var(&[2, 3, size, size], &mut rng);
             let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             let ours = loss(frozen_conv2d(&x, &w, None, padding, stride, None).unwrap());
             let plain = loss(x.conv2d(&w, padding, stride, 1, 1).unwrap());
@@ -965,24 +946,6 @@ mod tests {
         let x = Var::from_tensor(x).unwrap();
         let loss = (f(x.as_tensor()) * upstream).unwrap().sum_all().unwrap();
         loss.backward().unwrap().get(x.as_tensor()).unwrap().clone()
-    }
-
-    #[test]
-    fn fused_softmax_gradient_matches_composed_softmax() {
-        let mut rng = Rng::new(3);
-        let dev = Device::Cpu;
-        let x = (rng.normal_tensor((2, 3, 7), &dev).unwrap() * 3.0).unwrap();
-        let up = rng.normal_tensor((2, 3, 7), &dev).unwrap();
-        let ours = input_grad_of(|x| softmax_last_dim(x).unwrap(), &x, &up);
-        let composed = input_grad_of(|x| candle_nn::ops::softmax(x, D::Minus1).unwrap(), &x, &up);
-        assert!(
-            max_diff(&ours, &composed) < 1e-6,
-            "{}",
-            max_diff(&ours, &composed)
-        );
-        let values = softmax_last_dim(&x).unwrap();
-        let reference = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
-        assert!(max_diff(&values, &reference) < 1e-6);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub(crate) fn max_rel_diff(ours: &Tensor, reference: &Tensor) -> f32 {
         .unwrap()
         .max_all()
         .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
         .to_scalar()
         .unwrap();
     max_diff(ours, reference) / scale.max(1e-6)

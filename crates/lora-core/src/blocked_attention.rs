@@ -1,0 +1,331 @@
+//! Scaled dot-product attention from candle's tensor ops, for every device and dtype that has no
+//! dedicated kernel (CUDA; half precision), as one graph node.
+//!
+//! Why: composed and recorded, attention keeps every intermediate of every layer until the
+//! backward pass: the `[B, H, N, M]` scores, their scaled and upcast copies, the probabilities
+//! and their downcast copy. At SD1.5's 64² latents that is about 7 GiB per self-attention layer
+//! at batch 4 in bf16, 35 GiB for the five such layers. Here the forward runs untracked, one
+//! block of query rows at a time, and the backward recomputes each block's probabilities (as
+//! flash attention does), so a layer keeps only q, k, v and its output.
+
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+
+use crate::nn::ComputedOutput;
+
+/// Bytes of f32 scores one block of query rows may take (all heads and samples together).
+const BLOCK_SCORE_BYTES: usize = 1 << 28;
+
+/// `[B, R, H·d] → [B, H, R, d]`, contiguous.
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, rows, width) = x.dims3()?;
+    x.reshape((b, rows, heads, width / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// `[B, H, R, d] → [B, R, H·d]`.
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, heads, rows, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, rows, heads * d))
+}
+
+/// One attention's operands with heads split, and how its scores are computed.
+struct Heads {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// The dtype of the score products `q·kᵀ` (and so of their gradients): f32 when upcast
+    /// (SD2's attention upcast), else the operands'.
+    score_dtype: DType,
+    /// The dtype of the softmax and of the sums in the backward pass: at least f32.
+    softmax_dtype: DType,
+    scale: f64,
+    block_rows: usize,
+}
+
+impl Heads {
+    fn new(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Self> {
+        let (b, n, width) = q.dims3()?;
+        let keys = k.dim(1)?;
+        if width % heads != 0 || k.dims() != v.dims() || k.dims3()?.0 != b || k.dim(2)? != width {
+            return Err(candle_core::Error::Msg(format!(
+                "attention: queries {:?}, keys {:?} and values {:?} do not fit {heads} heads \
+                 (expected [B, N, H·d] and two [B, M, H·d])",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            )));
+        }
+        let score_dtype = if upcast { DType::F32 } else { q.dtype() };
+        let softmax_dtype = match q.dtype() {
+            DType::F16 | DType::BF16 => DType::F32,
+            other => other,
+        };
+        let row_bytes = b * heads * keys * 4;
+        Ok(Self {
+            q: split_heads(q, heads)?.to_dtype(score_dtype)?,
+            k: split_heads(k, heads)?.to_dtype(score_dtype)?,
+            v: split_heads(v, heads)?,
+            score_dtype,
+            softmax_dtype,
+            scale: 1.0 / ((width / heads) as f64).sqrt(),
+            block_rows: (BLOCK_SCORE_BYTES / row_bytes.max(1)).clamp(1, n.max(1)),
+        })
+    }
+
+    /// `(first row, rows)` of each block of query rows.
+    fn blocks(&self) -> Result<Vec<(usize, usize)>> {
+        let n = self.q.dim(2)?;
+        Ok((0..n)
+            .step_by(self.block_rows)
+            .map(|start| (start, self.block_rows.min(n - start)))
+            .collect())
+    }
+
+    /// Softmax probabilities of query rows `start..start + rows` over all keys.
+    fn probabilities(&self, start: usize, rows: usize) -> Result<Tensor> {
+        let scores = self.q.narrow(2, start, rows)?.matmul(&self.k.t()?)?;
+        candle_nn::ops::softmax_last_dim(&(scores.to_dtype(self.softmax_dtype)? * self.scale)?)
+    }
+
+    /// `softmax(q·kᵀ/√d)·v`, `[B, H, N, d]`.
+    fn forward(&self) -> Result<Tensor> {
+        let out = self
+            .blocks()?
+            .into_iter()
+            .map(|(start, rows)| {
+                self.probabilities(start, rows)?
+                    .to_dtype(self.v.dtype())?
+                    .matmul(&self.v)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&out, 2)
+    }
+
+    /// The gradients of q, k and v (`[B, H, ·, d]`, in the operands' dtype) for the output
+    /// gradient `grad` (`[B, H, N, d]`) and the output `out`, recomputing each block's
+    /// probabilities P: with dP = dO·vᵀ and δ = rowsum(dO ⊙ O) = rowsum(P ⊙ dP),
+    /// dS = P ⊙ (dP − δ), dq = dS·k/√d, dk = Σ dSᵀ·q/√d, dv = Σ Pᵀ·dO.
+    fn backward(&self, out: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dtype, sd) = (self.v.dtype(), self.softmax_dtype);
+        let delta = (grad.to_dtype(sd)? * out.to_dtype(sd)?)?.sum_keepdim(D::Minus1)?;
+        let (mut dq, mut dk, mut dv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
+        let accumulate = |sum: Option<Tensor>, term: Tensor| -> Result<Option<Tensor>> {
+            let term = term.to_dtype(sd)?;
+            Ok(Some(match sum {
+                Some(sum) => (sum + term)?,
+                None => term,
+            }))
+        };
+        for (start, rows) in self.blocks()? {
+            let p = self.probabilities(start, rows)?;
+            let g = grad.narrow(2, start, rows)?;
+            dv = accumulate(dv, p.to_dtype(dtype)?.t()?.matmul(&g)?)?;
+            let dp = g.matmul(&self.v.t()?)?.to_dtype(sd)?;
+            let ds = ((p * dp.broadcast_sub(&delta.narrow(2, start, rows)?)?)? * self.scale)?
+                .to_dtype(self.score_dtype)?;
+            dq.push(ds.matmul(&self.k)?.to_dtype(dtype)?);
+            dk = accumulate(dk, ds.t()?.matmul(&self.q.narrow(2, start, rows)?)?)?;
+        }
+        let missing = || candle_core::Error::Msg("attention: no query rows".into());
+        Ok((
+            Tensor::cat(&dq, 2)?,
+            dk.ok_or_else(missing)?.to_dtype(dtype)?,
+            dv.ok_or_else(missing)?.to_dtype(dtype)?,
+        ))
+    }
+}
+
+/// `(q, k, v) → attention` with its output computed outside the graph by [`Heads::forward`].
+struct BlockedAttention {
+    heads: usize,
+    upcast: bool,
+    output: ComputedOutput,
+}
+
+impl CustomOp3 for BlockedAttention {
+    fn name(&self) -> &'static str {
+        "blocked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.output.cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.output.cuda()
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let heads = Heads::new(q, k, v, self.heads, self.upcast)?;
+        let (dq, dk, dv) = heads.backward(
+            &split_heads(out, self.heads)?,
+            &split_heads(grad, self.heads)?,
+        )?;
+        Ok((
+            Some(merge_heads(&dq)?),
+            Some(merge_heads(&dk)?),
+            Some(merge_heads(&dv)?),
+        ))
+    }
+}
+
+/// `softmax(q·kᵀ/√d)·v` over `heads` heads of `[B, N, H·d]` queries and `[B, M, H·d]` keys and
+/// values, returning `[B, N, H·d]`; scores in f32 when `upcast`.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    upcast: bool,
+) -> Result<Tensor> {
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let out = merge_heads(&Heads::new(&qd, &kd, &vd, heads, upcast)?.forward()?)?.contiguous()?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    q.apply_op3(
+        k,
+        v,
+        BlockedAttention {
+            heads,
+            upcast,
+            output: ComputedOutput::new(out),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use crate::test_support::max_rel_diff;
+    use candle_core::{Device, Var};
+
+    /// Attention composed from candle's differentiable ops, in f64.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Tensor {
+        let (q, k, v) = (
+            split_heads(q, heads).unwrap(),
+            split_heads(k, heads).unwrap(),
+            split_heads(v, heads).unwrap(),
+        );
+        let d = q.dim(3).unwrap();
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        merge_heads(&probs.matmul(&v).unwrap()).unwrap()
+    }
+
+    /// Output and the three gradients against composed attention differentiated by candle's
+    /// autograd: in f64 exactly, in one block and in several; with f16 operands (scores in f16,
+    /// or upcast to f32) within half precision's rounding.
+    #[test]
+    fn matches_composed_attention_and_its_gradients() {
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(6);
+        // (batch, queries, keys, heads, head_dim, rows per block)
+        let cases = [
+            (2, 7, 5, 3, 4, None),
+            (1, 16, 77, 2, 8, None),
+            (2, 9, 6, 1, 6, Some(4)),
+            (1, 33, 20, 2, 4, Some(8)),
+        ];
+        for (b, n, m, heads, d, block) in cases {
+            for (dtype, upcast, tolerance) in [
+                (DType::F64, false, 1e-12),
+                (DType::F16, false, 2e-2),
+                (DType::F16, true, 2e-2),
+            ] {
+                let label = format!("{b}×{n}×{m}, {heads} heads, {dtype:?}, upcast {upcast}");
+                let normal = |rng: &mut Rng, rows| {
+                    rng.normal_tensor((b, rows, heads * d), &dev)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                };
+                let (q, k, v) = (
+                    normal(&mut rng, n),
+                    normal(&mut rng, m),
+                    normal(&mut rng, m),
+                );
+                let upstream = normal(&mut rng, n);
+                let vars = [&q, &k, &v].map(|x| Var::from_tensor(x).unwrap());
+                let loss = |y: &Tensor| {
+                    (y.to_dtype(DType::F64).unwrap() * &upstream)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                };
+                let reference = composed(&vars[0], &vars[1], &vars[2], heads);
+                let expected = loss(&reference).backward().unwrap();
+
+                let ours_vars =
+                    [&q, &k, &v].map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
+                let (qo, ko, vo) = (&ours_vars[0], &ours_vars[1], &ours_vars[2]);
+                let ours = match block {
+                    None => attention(qo, ko, vo, heads, upcast).unwrap(),
+                    Some(rows) => {
+                        let mut h = Heads::new(qo, ko, vo, heads, upcast).unwrap();
+                        h.block_rows = rows;
+                        assert!(h.blocks().unwrap().len() > 1);
+                        let out = merge_heads(&h.forward().unwrap())
+                            .unwrap()
+                            .contiguous()
+                            .unwrap();
+                        qo.apply_op3(
+                            ko,
+                            vo,
+                            BlockedAttention {
+                                heads,
+                                upcast,
+                                output: ComputedOutput::new(out),
+                            },
+                        )
+                        .unwrap()
+                    }
+                };
+                let err = max_rel_diff(&ours.to_dtype(DType::F64).unwrap(), &reference);
+                assert!(err < tolerance, "{label}: output {err}");
+                let got = loss(&ours).backward().unwrap();
+                for (name, ours, theirs) in [
+                    ("q", qo, &vars[0]),
+                    ("k", ko, &vars[1]),
+                    ("v", vo, &vars[2]),
+                ] {
+                    let g = got.get(ours).unwrap().to_dtype(DType::F64).unwrap();
+                    let err = max_rel_diff(&g, expected.get(theirs).unwrap());
+                    assert!(err < tolerance, "{label}: d{name} {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_heads_are_errors() {
+        let q = Tensor::zeros((1, 4, 6), DType::F64, &Device::Cpu).unwrap();
+        let err = attention(&q, &q, &q, 4, false).unwrap_err();
+        assert!(err.to_string().contains("do not fit 4 heads"), "{err}");
+    }
+}
