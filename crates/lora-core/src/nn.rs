@@ -304,9 +304,32 @@ impl CustomOp2 for TrainedConv {
     }
 }
 
-/// Layer norm with a frozen affine `w`: with `x̂ = (x − μ)·r` and `g = dy ⊙ w`,
-/// `dx = r · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`. μ and r are recomputed here rather than kept
-/// from the forward pass.
+/// `(x̂, r)`: `x` standardised over its last dimension, `x̂ = (x − μ)·r` with `r = 1/√(var + eps)`,
+/// from ordinary ops (recorded where `x` is tracked).
+fn standardized(x: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor)> {
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    Ok((centered.broadcast_mul(&rstd)?, rstd))
+}
+
+/// The input gradient of standardisation over the last dimension, given `g = ∂L/∂x̂`:
+/// `dx = r · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`.
+fn standardized_input_grad(
+    x_hat: &Tensor,
+    rstd: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let g_mean = g.mean_keepdim(D::Minus1)?;
+    let gx_mean = (g * x_hat)?.mean_keepdim(D::Minus1)?;
+    g.broadcast_sub(&g_mean)?
+        .sub(&x_hat.broadcast_mul(&gx_mean)?)?
+        .broadcast_mul(rstd)
+}
+
+/// Layer norm with a frozen affine `w`: with `g = dy ⊙ w`, the standardisation's input gradient.
+/// μ and r are recomputed here rather than kept from the forward pass.
 struct LayerNormInputGrad {
     weight: Tensor,
     eps: f64,
@@ -315,23 +338,44 @@ struct LayerNormInputGrad {
 impl InputGradient for LayerNormInputGrad {
     const NAME: &'static str = "layer-norm";
     fn input_grad(&self, x: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let x_hat = centered.broadcast_mul(&rstd)?;
+        let (dtype, cd) = (x.dtype(), compute_dtype(x.dtype()));
+        let (x_hat, rstd) = standardized(&x.to_dtype(cd)?, self.eps)?;
         let g = grad_out
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
-        let g_mean = g.mean_keepdim(D::Minus1)?;
-        let gx_mean = (&g * &x_hat)?.mean_keepdim(D::Minus1)?;
-        let dx = g
-            .broadcast_sub(&g_mean)?
-            .sub(&x_hat.broadcast_mul(&gx_mean)?)?;
-        dx.broadcast_mul(&rstd)?.to_dtype(dtype)
+            .to_dtype(cd)?
+            .broadcast_mul(&self.weight.to_dtype(cd)?)?;
+        standardized_input_grad(&x_hat, &rstd, &g)?.to_dtype(dtype)
+    }
+}
+
+/// Group norm with a frozen per-channel affine, optionally followed by SiLU: with
+/// `z = x̂ ⊙ w + b`, `dz = dy ⊙ σ(z)(1 + z(1 − σ(z)))` after a SiLU (else `dy`), and `g = dz ⊙ w`,
+/// the standardisation's input gradient per group. Statistics are recomputed, not kept.
+struct GroupNormInputGrad {
+    norm: GroupNorm,
+    silu: bool,
+}
+
+impl InputGradient for GroupNormInputGrad {
+    const NAME: &'static str = "group-norm";
+    fn input_grad(&self, x: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        let (dtype, cd) = (x.dtype(), compute_dtype(x.dtype()));
+        let shape = x.dims4()?;
+        let (x_hat, rstd) = standardized(&self.norm.grouped(&x.to_dtype(cd)?)?, self.norm.eps)?;
+        let weight = self.norm.weight.to_dtype(cd)?;
+        let mut dz = grad_out.to_dtype(cd)?;
+        if self.silu {
+            let z = x_hat
+                .reshape(shape)?
+                .broadcast_mul(&weight)?
+                .broadcast_add(&self.norm.bias.to_dtype(cd)?)?;
+            let sigmoid = (z.neg()?.exp()? + 1.0)?.recip()?;
+            let slope = (&sigmoid * ((&z * (1.0 - &sigmoid)?)? + 1.0)?)?;
+            dz = (dz * slope)?;
+        }
+        let g = self.norm.grouped(&dz.broadcast_mul(&weight)?)?;
+        standardized_input_grad(&x_hat, &rstd, &g)?
+            .reshape(shape)?
+            .to_dtype(dtype)
     }
 }
 
@@ -513,13 +557,6 @@ impl Module for Conv2d {
     }
 }
 
-/// `(x − mean) / √(var + eps)` over the last dimension, from recorded ops (so it has a backward).
-fn standardize_last_dim(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    centered.broadcast_div(&(var + eps)?.sqrt()?)
-}
-
 /// Group normalisation over `[B, C, H, W]` with per-channel affine parameters.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -565,27 +602,41 @@ impl GroupNorm {
             };
             return cpu_norm::forward(x, &params);
         }
-        let y = self.composed(x)?;
+        let trained = any_trained([Some(&self.weight), Some(&self.bias)]);
+        // Trained parameters (a full fine-tune) need their gradients: recorded ops. Otherwise one
+        // node with the input gradient, which keeps none of the intermediates.
+        with_input_grad(
+            x,
+            trained,
+            |x| self.composed(x, silu),
+            || GroupNormInputGrad {
+                norm: self.clone(),
+                silu,
+            },
+        )
+    }
+
+    /// `[B, C, H, W] → [B, G, C/G·H·W]`.
+    fn grouped(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        x.reshape((b, self.groups, (c / self.groups) * h * w))
+    }
+
+    /// The normalisation from candle's ops (recorded where `x` or a parameter is tracked).
+    fn composed(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let (x_hat, _) =
+            standardized(&self.grouped(&x.to_dtype(compute_dtype(dtype))?)?, self.eps)?;
+        let y = x_hat
+            .reshape(x.dims4()?)?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?;
         if silu {
             y.silu()
         } else {
             Ok(y)
         }
-    }
-
-    fn composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let (b, c, h, w) = x.dims4()?;
-        let xs = x.to_dtype(compute_dtype(dtype))?.reshape((
-            b,
-            self.groups,
-            (c / self.groups) * h * w,
-        ))?;
-        standardize_last_dim(&xs, self.eps)?
-            .reshape((b, c, h, w))?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
     }
 }
 
@@ -624,7 +675,8 @@ impl Module for LayerNorm {
         let x = x.to_dtype(cd)?;
         if any_trained([Some(&w), Some(&b)]) {
             // Trained affine parameters need their gradients: composed from recorded ops.
-            return standardize_last_dim(&x, self.eps)?
+            return standardized(&x, self.eps)?
+                .0
                 .broadcast_mul(&w)?
                 .broadcast_add(&b)?
                 .to_dtype(dtype);
@@ -658,18 +710,46 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool)
     blocked_attention::attention(q, k, v, heads, upcast).context("attention")
 }
 
+/// `(hidden, gate)`: the two halves of a GEGLU input `[…, 2·n]`.
+fn geglu_halves(h: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let inner = h.dim(D::Minus1)? / 2;
+    Ok((
+        h.narrow(D::Minus1, 0, inner)?,
+        h.narrow(D::Minus1, inner, inner)?,
+    ))
+}
+
+/// GEGLU's input gradient: `[dy ⊙ gelu(gate) | dy ⊙ hidden ⊙ gelu'(gate)]` with
+/// `gelu'(x) = Φ(x) + x·φ(x)`, in at least f32.
+struct GegluInputGrad;
+
+impl InputGradient for GegluInputGrad {
+    const NAME: &'static str = "geglu";
+    fn input_grad(&self, h: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        let (dtype, cd) = (h.dtype(), compute_dtype(h.dtype()));
+        let (hidden, gate) = geglu_halves(&h.to_dtype(cd)?)?;
+        let dy = grad_out.to_dtype(cd)?;
+        let cdf = ((&gate * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+        let pdf = ((gate.sqr()? * -0.5)?.exp()?
+            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+        let slope = (cdf? + (&gate * pdf)?)?;
+        let d_hidden = (&dy * gate.gelu_erf()?)?;
+        let d_gate = ((dy * hidden)? * slope)?;
+        Tensor::cat(&[d_hidden, d_gate], D::Minus1)?.to_dtype(dtype)
+    }
+}
+
 /// GEGLU, `hidden ⊙ gelu(gate)` for `h = [hidden | gate]` split on the last dimension, with the
-/// exact (erf) GELU: one op with its own input gradient on the CPU (`cpu_activation`).
+/// exact (erf) GELU: one node with its input gradient (on the CPU in f32 `cpu_activation`'s op).
 pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
     if cpu_gemm::cpu_f32(&[h]) {
         return cpu_activation::geglu_op(h);
     }
-    let inner = h.dim(D::Minus1)? / 2;
-    let (hidden, gate) = (
-        h.narrow(D::Minus1, 0, inner)?,
-        h.narrow(D::Minus1, inner, inner)?,
-    );
-    hidden * gate.gelu_erf()?
+    let forward = |h: &Tensor| {
+        let (hidden, gate) = geglu_halves(h)?;
+        hidden * gate.gelu_erf()?
+    };
+    with_input_grad(h, false, forward, || GegluInputGrad)
 }
 
 /// Nearest-neighbour resize of `[B, C, H, W]` to `[B, C, h, w]`. The usual exact ×2 is a
@@ -946,6 +1026,69 @@ mod tests {
         let x = Var::from_tensor(x).unwrap();
         let loss = (f(x.as_tensor()) * upstream).unwrap().sum_all().unwrap();
         loss.backward().unwrap().get(x.as_tensor()).unwrap().clone()
+    }
+
+    /// Off the CPU kernel (here: f64), group norm is one node whose input gradient matches
+    /// candle's autograd through the composed ops, with and without the SiLU.
+    #[test]
+    fn group_norm_node_gradient_matches_composed_group_norm() {
+        let mut rng = Rng::new(5);
+        let dev = Device::Cpu;
+        let normal = |shape: &[usize], rng: &mut Rng| {
+            rng.normal_tensor(shape, &dev)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        let norm = GroupNorm {
+            weight: normal(&[1, 6, 1, 1], &mut rng),
+            bias: normal(&[1, 6, 1, 1], &mut rng),
+            groups: 3,
+            eps: 1e-5,
+        };
+        let x = (normal(&[2, 6, 3, 5], &mut rng) * 2.0).unwrap();
+        let up = normal(&[2, 6, 3, 5], &mut rng);
+        for silu in [false, true] {
+            let ours = |x: &Tensor| norm.normalize(x, silu).unwrap();
+            let composed = |x: &Tensor| norm.composed(x, silu).unwrap();
+            assert!(max_diff(&ours(&x), &composed(&x)) < 1e-12);
+            let (a, b) = (
+                input_grad_of(ours, &x, &up),
+                input_grad_of(composed, &x, &up),
+            );
+            assert!(
+                max_diff(&a, &b) < 1e-10,
+                "silu {silu}: {}",
+                max_diff(&a, &b)
+            );
+        }
+    }
+
+    /// Off the CPU kernel (here: f64), GEGLU is one node whose input gradient matches candle's
+    /// autograd through the composed ops.
+    #[test]
+    fn geglu_node_gradient_matches_composed_geglu() {
+        let mut rng = Rng::new(6);
+        let dev = Device::Cpu;
+        let normal = |shape: &[usize], rng: &mut Rng| {
+            (rng.normal_tensor(shape, &dev).unwrap() * 2.0)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        let (h, up) = (normal(&[2, 5, 8], &mut rng), normal(&[2, 5, 4], &mut rng));
+        let composed = |h: &Tensor| {
+            let (hidden, gate) = geglu_halves(h).unwrap();
+            (hidden * gate.gelu_erf().unwrap()).unwrap()
+        };
+        let ours = |h: &Tensor| geglu(h).unwrap();
+        assert!(max_diff(&ours(&h), &composed(&h)) < 1e-12);
+        let (a, b) = (
+            input_grad_of(ours, &h, &up),
+            input_grad_of(composed, &h, &up),
+        );
+        // candle's gelu_erf backward rounds 1/√(2π) to 0.398942 (a relative 7e-7).
+        assert!(max_diff(&a, &b) < 1e-5, "{}", max_diff(&a, &b));
     }
 
     #[test]
