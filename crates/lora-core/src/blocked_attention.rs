@@ -44,7 +44,15 @@ struct Heads {
 }
 
 impl Heads {
-    fn new(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Self> {
+    /// Blocks of query rows take at most `score_bytes` of f32 scores (at least one row).
+    fn new(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        upcast: bool,
+        score_bytes: usize,
+    ) -> Result<Self> {
         let (b, n, width) = q.dims3()?;
         let keys = k.dim(1)?;
         if width % heads != 0 || k.dims() != v.dims() || k.dims3()?.0 != b || k.dim(2)? != width {
@@ -69,7 +77,7 @@ impl Heads {
             score_dtype,
             softmax_dtype,
             scale: 1.0 / ((width / heads) as f64).sqrt(),
-            block_rows: (BLOCK_SCORE_BYTES / row_bytes.max(1)).clamp(1, n.max(1)),
+            block_rows: (score_bytes / row_bytes.max(1)).clamp(1, n.max(1)),
         })
     }
 
@@ -140,6 +148,7 @@ impl Heads {
 struct BlockedAttention {
     heads: usize,
     upcast: bool,
+    score_bytes: usize,
     output: ComputedOutput,
 }
 
@@ -180,7 +189,7 @@ impl CustomOp3 for BlockedAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let heads = Heads::new(q, k, v, self.heads, self.upcast)?;
+        let heads = Heads::new(q, k, v, self.heads, self.upcast, self.score_bytes)?;
         let (dq, dk, dv) = heads.backward(
             &split_heads(out, self.heads)?,
             &split_heads(grad, self.heads)?,
@@ -202,8 +211,21 @@ pub(crate) fn attention(
     heads: usize,
     upcast: bool,
 ) -> Result<Tensor> {
+    attention_in_blocks(q, k, v, heads, upcast, BLOCK_SCORE_BYTES)
+}
+
+/// [`attention`] in blocks of query rows of at most `score_bytes` of scores, forward and backward.
+fn attention_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    upcast: bool,
+    score_bytes: usize,
+) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let out = merge_heads(&Heads::new(&qd, &kd, &vd, heads, upcast)?.forward()?)?.contiguous()?;
+    let blocked = Heads::new(&qd, &kd, &vd, heads, upcast, score_bytes)?;
+    let out = merge_heads(&blocked.forward()?)?.contiguous()?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
@@ -213,6 +235,7 @@ pub(crate) fn attention(
         BlockedAttention {
             heads,
             upcast,
+            score_bytes,
             output: ComputedOutput::new(out),
         },
     )
@@ -284,28 +307,15 @@ mod tests {
                 let ours_vars =
                     [&q, &k, &v].map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
                 let (qo, ko, vo) = (&ours_vars[0], &ours_vars[1], &ours_vars[2]);
-                let ours = match block {
-                    None => attention(qo, ko, vo, heads, upcast).unwrap(),
-                    Some(rows) => {
-                        let mut h = Heads::new(qo, ko, vo, heads, upcast).unwrap();
-                        h.block_rows = rows;
-                        assert!(h.blocks().unwrap().len() > 1);
-                        let out = merge_heads(&h.forward().unwrap())
-                            .unwrap()
-                            .contiguous()
-                            .unwrap();
-                        qo.apply_op3(
-                            ko,
-                            vo,
-                            BlockedAttention {
-                                heads,
-                                upcast,
-                                output: ComputedOutput::new(out),
-                            },
-                        )
-                        .unwrap()
-                    }
-                };
+                // Blocks of `rows` query rows, in the forward pass and in the backward pass.
+                let score_bytes = block.map_or(BLOCK_SCORE_BYTES, |rows| rows * b * heads * m * 4);
+                let blocks = Heads::new(qo, ko, vo, heads, upcast, score_bytes)
+                    .unwrap()
+                    .blocks()
+                    .unwrap()
+                    .len();
+                assert_eq!(blocks > 1, block.is_some(), "{label}: {blocks} blocks");
+                let ours = attention_in_blocks(qo, ko, vo, heads, upcast, score_bytes).unwrap();
                 let err = max_rel_diff(&ours.to_dtype(DType::F64).unwrap(), &reference);
                 assert!(err < tolerance, "{label}: output {err}");
                 let got = loss(&ours).backward().unwrap();
