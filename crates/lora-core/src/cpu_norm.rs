@@ -321,6 +321,7 @@ pub(crate) fn forward<N: Normalization + Clone + Send + 'static>(
 mod tests {
     use super::*;
     use crate::rng::Rng;
+    use crate::test_support::{max_diff, max_rel_diff};
     use candle_core::{Device, Var, D};
 
     /// Forward and input gradient against group norm (+ SiLU) composed from candle ops and
@@ -358,13 +359,7 @@ mod tests {
                 .unwrap();
             let reference = if silu { normed.silu().unwrap() } else { normed };
             let ours = forward(&x, &params).unwrap();
-            let diff = (&ours - &reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "forward {shape:?}");
+            assert!(max_diff(&ours, &reference) < 1e-5, "forward {shape:?}");
 
             let upstream = rng.normal_tensor(shape, &dev).unwrap();
             let loss = |y: &Tensor| (y * &upstream).unwrap().sum_all().unwrap();
@@ -372,9 +367,7 @@ mod tests {
             let expected = expected.get(&x).unwrap();
             let got = loss(&ours).backward().unwrap();
             let got = got.get(&x).unwrap();
-            let diff = (got - expected).unwrap().abs().unwrap().max_all().unwrap();
-            let scale = expected.abs().unwrap().max_all().unwrap();
-            let rel = diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+            let rel = max_rel_diff(got, expected);
             assert!(rel < 1e-5, "input gradient {shape:?}: {rel}");
         }
     }

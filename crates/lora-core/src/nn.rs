@@ -770,7 +770,7 @@ pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> candle_core::Result<T
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use crate::test_support::max_diff;
+    use crate::test_support::{max_abs, max_diff};
     use candle_core::{Device, Var};
 
     /// The frozen op's input gradient equals candle's plain autograd, and the frozen weight gets
@@ -801,17 +801,7 @@ mod tests {
             g_plain.get(x.as_tensor()).unwrap(),
         );
         // Relative: summation order differs (the stride-1 conv adjoint is a forward conv).
-        let scale: f32 = b
-            .to_dtype(DType::F32)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let scale = max_abs(b);
         assert!(
             max_diff(a, b) <= 1e-6 * scale.max(1.0),
             "input gradients differ by {} (scale {scale})",

@@ -2,11 +2,9 @@
 
 use candle_core::{DType, Tensor};
 
-/// The largest absolute difference between two tensors of one shape (and dtype), in f32.
-pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
+/// The largest magnitude in a tensor, in f32.
+pub(crate) fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .max_all()
         .unwrap()
@@ -16,16 +14,12 @@ pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// The largest absolute difference between two tensors of one shape (and dtype), in f32.
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
 /// [`max_diff`] relative to the reference's largest magnitude.
 pub(crate) fn max_rel_diff(ours: &Tensor, reference: &Tensor) -> f32 {
-    let scale: f32 = reference
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    max_diff(ours, reference) / scale.max(1e-6)
+    max_diff(ours, reference) / max_abs(reference).max(1e-6)
 }
