@@ -50,24 +50,16 @@ export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$PWD/target/cuda}
 # No debug info: the binaries travel to the GPU machine.
 export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_BENCH_DEBUG=0
 
-# The path of the one executable a cargo build with `--message-format=json` produced for `$1`.
-executable() {
-  python3 -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
-        print(m["executable"])' "$1"
-}
 mkdir -p "$out"
 pack() {
   strip -o "$out/$1" "$2"
   xz -T0 -6 -f "$out/$1"
 }
 pack unet_step_cuda "$(cargo bench --features cuda --bench unet_step --no-run \
-  --message-format=json | executable unet_step)"
+  --message-format=json | python3 benches/cargo_executable.py unet_step)"
 pack lora_parity "$(cargo test --release --features cuda --test lora_parity --no-run \
-  --message-format=json | executable lora_parity)"
+  --message-format=json | python3 benches/cargo_executable.py lora_parity)"
 pack unet_step_cudnn "$(cargo bench --features cudnn --bench unet_step --no-run \
-  --message-format=json | executable unet_step)"
+  --message-format=json | python3 benches/cargo_executable.py unet_step)"
 pwd >"$out/checkout"
 ls -l "$out"

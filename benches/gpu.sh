@@ -28,11 +28,7 @@ features=cuda
 [ "${CUDNN:-0}" = 1 ] && features=cudnn
 if [ -z "${UNET_STEP_BINS:-}" ]; then
   built=$(cargo bench --features "$features" --bench unet_step --no-run --message-format=json |
-    "$python" -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "unet_step":
-        print(m["executable"])')
+    "$python" benches/cargo_executable.py unet_step)
   UNET_STEP_BINS="$features=$built"
 fi
 
