@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Sha
 
 use crate::nn::ComputedOutput;
 
-/// Bytes of f32 scores one block of query rows may take (all heads and samples together).
+/// Bytes of scores one block of query rows may take (all heads and samples together).
 const BLOCK_SCORE_BYTES: usize = 1 << 28;
 
 /// `[B, R, H·d] → [B, H, R, d]`, contiguous.
@@ -29,22 +29,55 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, rows, heads * d))
 }
 
-/// One attention's operands with heads split, and how its scores are computed.
+/// The dtype scores, probabilities and every product with them are computed in: the operands'
+/// own, or f32 for half-precision operands when `upcast` (SD2's attention upcast). Staying in
+/// half precision otherwise is what makes this path fast on a GPU: candle's elementwise kernels
+/// run far below memory bandwidth, and each cast or scaling of a `[B, H, rows, M]` block is one
+/// more such pass (measured on an H200, issue #7: casts, scaling and softmax of f32 scores took
+/// half of an SD1.5 inference step). The softmax still accumulates in f32 (see [`softmax`]), and
+/// the sums across blocks and the row sums δ are kept in f32.
+fn score_dtype(dtype: DType, upcast: bool) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 if upcast => DType::F32,
+        other => other,
+    }
+}
+
+/// Row-wise softmax over the last dimension. candle's CUDA kernel accumulates half-precision
+/// input in f32; its CPU kernel accumulates in the input's dtype, so there half precision is
+/// upcast first (the CPU runs this path only in tests and for half-precision models).
+fn softmax(scores: &Tensor) -> Result<Tensor> {
+    match scores.dtype() {
+        DType::F16 | DType::BF16 if scores.device().is_cpu() => {
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                .to_dtype(scores.dtype())
+        }
+        _ => candle_nn::ops::softmax_last_dim(scores),
+    }
+}
+
+/// The dtype of the sums across blocks and of the row sums δ: at least f32.
+fn sum_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// One attention's operands with heads split, in the score dtype.
 struct Heads {
+    /// Queries scaled by 1/√d, so no pass over the scores scales them.
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// The dtype of the score products `q·kᵀ` (and so of their gradients): f32 when upcast
-    /// (SD2's attention upcast), else the operands'.
-    score_dtype: DType,
-    /// The dtype of the softmax and of the sums in the backward pass: at least f32.
-    softmax_dtype: DType,
+    /// The operands' dtype, which the results are returned in.
+    dtype: DType,
     scale: f64,
     block_rows: usize,
 }
 
 impl Heads {
-    /// Blocks of query rows take at most `score_bytes` of f32 scores (at least one row).
+    /// Blocks of query rows take at most `score_bytes` of scores (at least one row).
     fn new(
         q: &Tensor,
         k: &Tensor,
@@ -64,19 +97,15 @@ impl Heads {
                 v.dims()
             )));
         }
-        let score_dtype = if upcast { DType::F32 } else { q.dtype() };
-        let softmax_dtype = match q.dtype() {
-            DType::F16 | DType::BF16 => DType::F32,
-            other => other,
-        };
-        let row_bytes = b * heads * keys * 4;
+        let sd = score_dtype(q.dtype(), upcast);
+        let scale = 1.0 / ((width / heads) as f64).sqrt();
+        let row_bytes = b * heads * keys * sd.size_in_bytes();
         Ok(Self {
-            q: split_heads(q, heads)?.to_dtype(score_dtype)?,
-            k: split_heads(k, heads)?.to_dtype(score_dtype)?,
-            v: split_heads(v, heads)?,
-            score_dtype,
-            softmax_dtype,
-            scale: 1.0 / ((width / heads) as f64).sqrt(),
+            q: (split_heads(q, heads)?.to_dtype(sd)? * scale)?,
+            k: split_heads(k, heads)?.to_dtype(sd)?,
+            v: split_heads(v, heads)?.to_dtype(sd)?,
+            dtype: q.dtype(),
+            scale,
             block_rows: (score_bytes / row_bytes.max(1)).clamp(1, n.max(1)),
         })
     }
@@ -92,8 +121,7 @@ impl Heads {
 
     /// Softmax probabilities of query rows `start..start + rows` over all keys.
     fn probabilities(&self, start: usize, rows: usize) -> Result<Tensor> {
-        let scores = self.q.narrow(2, start, rows)?.matmul(&self.k.t()?)?;
-        candle_nn::ops::softmax_last_dim(&(scores.to_dtype(self.softmax_dtype)? * self.scale)?)
+        softmax(&self.q.narrow(2, start, rows)?.matmul(&self.k.t()?)?)
     }
 
     /// `softmax(q·kᵀ/√d)·v`, `[B, H, N, d]`.
@@ -101,25 +129,29 @@ impl Heads {
         let out = self
             .blocks()?
             .into_iter()
-            .map(|(start, rows)| {
-                self.probabilities(start, rows)?
-                    .to_dtype(self.v.dtype())?
-                    .matmul(&self.v)
-            })
+            .map(|(start, rows)| self.probabilities(start, rows)?.matmul(&self.v))
             .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&out, 2)
+        Tensor::cat(&out, 2)?.to_dtype(self.dtype)
     }
 
     /// The gradients of q, k and v (`[B, H, ·, d]`, in the operands' dtype) for the output
     /// gradient `grad` (`[B, H, N, d]`) and the output `out`, recomputing each block's
     /// probabilities P: with dP = dO·vᵀ and δ = rowsum(dO ⊙ O) = rowsum(P ⊙ dP),
     /// dS = P ⊙ (dP − δ), dq = dS·k/√d, dk = Σ dSᵀ·q/√d, dv = Σ Pᵀ·dO.
+    /// dP − δ comes out of one product, [dO | −δ]·[v | 1]ᵀ, so no pass over the block subtracts.
     fn backward(&self, out: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (dtype, sd) = (self.v.dtype(), self.softmax_dtype);
-        let delta = (grad.to_dtype(sd)? * out.to_dtype(sd)?)?.sum_keepdim(D::Minus1)?;
+        let (sd, acc) = (self.v.dtype(), sum_dtype(self.v.dtype()));
+        let delta = (grad.to_dtype(acc)? * out.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
+        let grad = grad.to_dtype(sd)?;
+        let grad_delta = Tensor::cat(&[&grad, &delta.neg()?.to_dtype(sd)?], D::Minus1)?;
+        let v_ones = Tensor::cat(
+            &[&self.v, &self.v.narrow(D::Minus1, 0, 1)?.ones_like()?],
+            D::Minus1,
+        )?;
+        let k_scaled = (&self.k * self.scale)?;
         let (mut dq, mut dk, mut dv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
         let accumulate = |sum: Option<Tensor>, term: Tensor| -> Result<Option<Tensor>> {
-            let term = term.to_dtype(sd)?;
+            let term = term.to_dtype(acc)?;
             Ok(Some(match sum {
                 Some(sum) => (sum + term)?,
                 None => term,
@@ -127,19 +159,17 @@ impl Heads {
         };
         for (start, rows) in self.blocks()? {
             let p = self.probabilities(start, rows)?;
-            let g = grad.narrow(2, start, rows)?;
-            dv = accumulate(dv, p.to_dtype(dtype)?.t()?.matmul(&g)?)?;
-            let dp = g.matmul(&self.v.t()?)?.to_dtype(sd)?;
-            let ds = ((p * dp.broadcast_sub(&delta.narrow(2, start, rows)?)?)? * self.scale)?
-                .to_dtype(self.score_dtype)?;
-            dq.push(ds.matmul(&self.k)?.to_dtype(dtype)?);
+            dv = accumulate(dv, p.t()?.matmul(&grad.narrow(2, start, rows)?)?)?;
+            let dp_minus_delta = grad_delta.narrow(2, start, rows)?.matmul(&v_ones.t()?)?;
+            let ds = (p * dp_minus_delta)?;
+            dq.push(ds.matmul(&k_scaled)?);
             dk = accumulate(dk, ds.t()?.matmul(&self.q.narrow(2, start, rows)?)?)?;
         }
         let missing = || candle_core::Error::Msg("attention: no query rows".into());
         Ok((
-            Tensor::cat(&dq, 2)?,
-            dk.ok_or_else(missing)?.to_dtype(dtype)?,
-            dv.ok_or_else(missing)?.to_dtype(dtype)?,
+            Tensor::cat(&dq, 2)?.to_dtype(self.dtype)?,
+            dk.ok_or_else(missing)?.to_dtype(self.dtype)?,
+            dv.ok_or_else(missing)?.to_dtype(self.dtype)?,
         ))
     }
 }
@@ -308,7 +338,9 @@ mod tests {
                     [&q, &k, &v].map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
                 let (qo, ko, vo) = (&ours_vars[0], &ours_vars[1], &ours_vars[2]);
                 // Blocks of `rows` query rows, in the forward pass and in the backward pass.
-                let score_bytes = block.map_or(BLOCK_SCORE_BYTES, |rows| rows * b * heads * m * 4);
+                let score_size = score_dtype(dtype, upcast).size_in_bytes();
+                let score_bytes =
+                    block.map_or(BLOCK_SCORE_BYTES, |rows| rows * b * heads * m * score_size);
                 let blocks = Heads::new(qo, ko, vo, heads, upcast, score_bytes)
                     .unwrap()
                     .blocks()
