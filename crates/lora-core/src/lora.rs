@@ -370,29 +370,30 @@ impl LoraLinear {
         if self.adapters.is_empty() {
             return Ok(base);
         }
+        // The factor scales the rank-r projection, not the full-width delta, and the delta is
+        // added in the base's dtype: each pass over a `[B, N, out]` tensor costs as much as the
+        // adapter's products on a GPU.
         let x32 = x.to_dtype(DType::F32)?;
         let mut delta: Option<Tensor> = None;
         for a in &self.adapters {
-            let d = match self.kind {
-                ModuleKind::Linear => x32
-                    .broadcast_matmul(&a.down.t()?)?
-                    .broadcast_matmul(&a.up.t()?)?,
-                ModuleKind::Conv1x1 => {
-                    let (r, i) = a.down.dims2()?;
-                    let o = a.up.dim(0)?;
-                    x32.conv2d(&a.down.reshape((r, i, 1, 1))?, 0, 1, 1, 1)?
-                        .conv2d(&a.up.reshape((o, r, 1, 1))?, 0, 1, 1, 1)?
-                }
-                ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
-            };
-            let d = (d * a.factor)?;
+            let d =
+                match self.kind {
+                    ModuleKind::Linear => (x32.broadcast_matmul(&a.down.t()?)? * a.factor)?
+                        .broadcast_matmul(&a.up.t()?)?,
+                    ModuleKind::Conv1x1 => {
+                        let (r, i) = a.down.dims2()?;
+                        let o = a.up.dim(0)?;
+                        (x32.conv2d(&a.down.reshape((r, i, 1, 1))?, 0, 1, 1, 1)? * a.factor)?
+                            .conv2d(&a.up.reshape((o, r, 1, 1))?, 0, 1, 1, 1)?
+                    }
+                    ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
+                };
             delta = Some(match delta {
                 Some(acc) => (acc + d)?,
                 None => d,
             });
         }
         let delta = delta.expect("adapters is non-empty");
-        let out = (base.to_dtype(DType::F32)? + delta)?;
-        Ok(out.to_dtype(base.dtype())?)
+        Ok((&base + delta.to_dtype(base.dtype())?)?)
     }
 }
