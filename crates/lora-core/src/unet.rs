@@ -12,7 +12,9 @@ use candle_nn::VarBuilder;
 
 use crate::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::lora::{LoraLinear, LoraModule, ModuleInfo, ModuleKind};
-use crate::nn::{attention, geglu, upsample_nearest, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::nn::{
+    attention, broadcast_add, geglu, upsample_nearest, Conv2d, GroupNorm, LayerNorm, Linear,
+};
 
 /// A `VarBuilder` backend handing out a broadcast zero of any requested shape (no storage
 /// beyond one element), for building a UNet only to enumerate its layers.
@@ -141,7 +143,7 @@ impl ResnetBlock2D {
             .forward(temb_act)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
+        let h = broadcast_add(&h, &t)?;
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
