@@ -8,6 +8,7 @@
 #   unet_step_cuda.xz   the unet_step benchmark, `--features cuda`
 #   unet_step_cudnn.xz  the same with cuDNN convolutions, `--features cudnn`
 #   lora_parity.xz      the lora_parity test binary, `--features cuda`
+#   kernel_trace.so     benches/kernel_trace.c, with the libcupti.so.13 it needs
 #   checkout            the path these were built in (they read configs and fixtures there)
 # then `benches/gpu_prebuilt.sh OUT_DIR` runs them on the GPU machine.
 # Needs pip, gcc and xz. Downloads about 1.3 GB of wheels once, into $CUDA_KIT (default
@@ -44,6 +45,15 @@ if [ ! -x "$cu/bin/nvcc" ]; then
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cu/lib/stubs/libcuda.so" "$kit/libcuda_stub.c"
 fi
 
+# CUPTI, for the kernel tracer (benches/kernel_trace.c).
+if [ ! -e "$cu/lib/libcupti.so.13" ]; then
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_25_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+    -d "$kit/wheels" nvidia-cuda-cupti==13.0.85
+  unzip -q -o "$kit"/wheels/nvidia_cuda_cupti-13.0.85-*.whl -d "$kit"
+fi
+
 export PATH=$cu/bin:$PATH CUDA_HOME=$cu CUDA_PATH=$cu CUDA_ROOT=$cu
 export LIBRARY_PATH=$cu/lib:$cu/lib/stubs:$kit/nvidia/cudnn/lib CPATH=$kit/nvidia/cudnn/include
 export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$PWD/target/cuda}
@@ -61,5 +71,9 @@ pack lora_parity "$(cargo test --release --features cuda --test lora_parity --no
   --message-format=json | python3 benches/cargo_executable.py lora_parity)"
 pack unet_step_cudnn "$(cargo bench --features cudnn --bench unet_step --no-run \
   --message-format=json | python3 benches/cargo_executable.py unet_step)"
+# The tracer and the libcupti it was built against travel together (gpu.sh, TRACE=1).
+gcc -O2 -Wall -shared -fPIC -o "$out/kernel_trace.so" benches/kernel_trace.c \
+  -I"$cu/include" -L"$cu/lib" -l:libcupti.so.13
+cp "$cu/lib/libcupti.so.13" "$out/"
 pwd >"$out/checkout"
 ls -l "$out"

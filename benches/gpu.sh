@@ -11,6 +11,10 @@
 #                   cuDNN when CUDNN=1
 #   PARITY_BIN      the lora_parity test binary built with `--features cuda`; without it, run
 #                   with cargo
+#   TRACE=1         then runs every case again (2 steps after a warm-up), ours and PyTorch's,
+#                   with the kernel tracer KERNEL_TRACE (benches/kernel_trace.c built as a
+#                   shared library beside its libcupti.so.13) preloaded, and prints each
+#                   process's device time by kernel (also kept in TRACE_OUT); doubles the time
 # benches/build_cuda_binaries.sh builds both on a machine without GPU or CUDA toolkit, and
 # benches/gpu_prebuilt.sh runs this script with them on the GPU machine. The binaries find the
 # fixtures and configs at the checkout path they were built in.
@@ -42,13 +46,14 @@ fi
 
 # Runs one benchmark command and adds the peak device memory seen while it ran: nvidia-smi's used
 # memory sampled every 20 ms, the same measure for both implementations (CUDA context and any
-# allocator cache included). A case that fails or hangs is reported and the others still run.
+# allocator cache included). A case that fails or outlasts CASE_TIMEOUT seconds (default 150) is
+# reported and the others still run.
 measure() {
   local log json status=0
   log=$(mktemp)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 >"$log" &
   local smi=$!
-  json=$(timeout 150 "$@") || status=$?
+  json=$(timeout "${CASE_TIMEOUT:-150}" "$@") || status=$?
   kill "$smi"
   wait "$smi" 2>/dev/null || true
   if [ "$status" != 0 ] || [ -z "$json" ]; then
@@ -97,3 +102,24 @@ for build, o, t in zip(args[::3], args[1::3], args[2::3]):
     print(f"{o['case']:<15} {o['dtype']:<5} {o['batch']:>5} {build:<6} {1/o['mean_s']:>10.2f} {1/t['mean_s']:>10.2f} "
           f"{t['mean_s']/o['mean_s']:>6.2f}x {o['sampled_peak_gpu_mib'] or 0:>9.0f} {t['sampled_peak_gpu_mib'] or 0:>9.0f}")
 PY
+
+if [ "${TRACE:-0}" = 1 ]; then
+  trace_out=${TRACE_OUT:-$(mktemp)}
+  tracer_libs=$(dirname "${KERNEL_TRACE:?set KERNEL_TRACE}"):${LD_LIBRARY_PATH:-}
+  traced() {
+    local label=$1
+    shift
+    KTRACE_LABEL=$label KTRACE_OUT=$trace_out LD_LIBRARY_PATH=$tracer_libs \
+      LD_PRELOAD=$KERNEL_TRACE timeout "${CASE_TIMEOUT:-150}" "$@" >/dev/null ||
+      echo "trace failed: $label"
+  }
+  for run in "${runs[@]}"; do
+    read -r case dtype batch <<<"$run"
+    args=("$case" --device cuda --dtype "$dtype" --batch "$batch" --iters 2)
+    traced "reference, $run (warm-up + 2 steps)" "$python" benches/unet_step_reference.py "${args[@]}"
+    for build in $UNET_STEP_BINS; do
+      traced "${build%%=*}, $run (warm-up + 2 steps)" "${build#*=}" "${args[@]}"
+    done
+  done
+  if [ -s "$trace_out" ]; then cat "$trace_out"; else echo "no kernel trace written"; fi
+fi

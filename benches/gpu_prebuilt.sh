@@ -3,8 +3,9 @@
 # elsewhere (no Rust or network needed there, only the NVIDIA driver, CUDA 13's libraries and
 # PyTorch), from the checkout's root:
 #   benches/gpu_prebuilt.sh BIN_DIR [PYTHON]
-# WHEELS (diffusers and its missing dependencies as wheels) as for benches/gpu.sh. The table and
-# every JSON line also go to $OUT/gpu.log when OUT is set.
+# WHEELS (diffusers and its missing dependencies as wheels) and TRACE as for benches/gpu.sh. The
+# table and every JSON line also go to $OUT/gpu.log when OUT is set, kernel traces to
+# $OUT/kernel_trace.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bins=$(cd "${1:?usage: benches/gpu_prebuilt.sh BIN_DIR [PYTHON]}" && pwd)
@@ -17,8 +18,14 @@ if [ "$(cd "$built_in" 2>/dev/null && pwd -P)" != "$(pwd -P)" ]; then
 fi
 run=$(mktemp -d)
 for packed in "$bins"/*.xz; do
-  xz -dc "$packed" >"$run/$(basename "$packed" .xz)"
-  chmod +x "$run/$(basename "$packed" .xz)"
+  unpacked=$run/$(basename "$packed" .xz)
+  # Python's lzma where the image has no xz.
+  if command -v xz >/dev/null; then
+    xz -dc "$packed" >"$unpacked"
+  else
+    "$python" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$packed" "$unpacked"
+  fi
+  chmod +x "$unpacked"
 done
 # CUDA 13's libraries: the system toolkit's or those of PyTorch's wheels.
 libs=$(find /usr/local /opt /usr/lib -xdev \( -name 'libcublasLt.so.13' -o -name 'libcublas.so.13' \
@@ -32,4 +39,7 @@ done
 builds=""
 for binary in "$run"/unet_step_*; do builds="$builds ${binary##*/unet_step_}=$binary"; done
 export UNET_STEP_BINS=$builds PARITY_BIN=$run/lora_parity
+if [ -e "$bins/kernel_trace.so" ]; then
+  export KERNEL_TRACE=$bins/kernel_trace.so TRACE_OUT=${OUT:-$run}/kernel_trace.txt
+fi
 bash benches/gpu.sh "$python" 2>&1 | tee "${OUT:-$run}/gpu.log"
