@@ -1182,6 +1182,24 @@ mod tests {
     }
 
     /// Input gradient of `f` for a random upstream gradient (a weighted sum as the loss).
+    /// A standard normal f64 tensor on the CPU.
+    fn normal_f64(shape: &[usize], rng: &mut Rng) -> Tensor {
+        rng.normal_tensor(shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    }
+
+    /// Group norm over `channels` in `groups`, with random f64 affine parameters.
+    fn random_group_norm(channels: usize, groups: usize, rng: &mut Rng) -> GroupNorm {
+        GroupNorm {
+            weight: normal_f64(&[1, channels, 1, 1], rng),
+            bias: normal_f64(&[1, channels, 1, 1], rng),
+            groups,
+            eps: 1e-5,
+        }
+    }
+
     fn input_grad_of(f: impl Fn(&Tensor) -> Tensor, x: &Tensor, upstream: &Tensor) -> Tensor {
         let x = Var::from_tensor(x).unwrap();
         let loss = (f(x.as_tensor()) * upstream).unwrap().sum_all().unwrap();
@@ -1193,21 +1211,9 @@ mod tests {
     #[test]
     fn group_norm_node_gradient_matches_composed_group_norm() {
         let mut rng = Rng::new(5);
-        let dev = Device::Cpu;
-        let normal = |shape: &[usize], rng: &mut Rng| {
-            rng.normal_tensor(shape, &dev)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-        };
-        let norm = GroupNorm {
-            weight: normal(&[1, 6, 1, 1], &mut rng),
-            bias: normal(&[1, 6, 1, 1], &mut rng),
-            groups: 3,
-            eps: 1e-5,
-        };
-        let x = (normal(&[2, 6, 3, 5], &mut rng) * 2.0).unwrap();
-        let up = normal(&[2, 6, 3, 5], &mut rng);
+        let norm = random_group_norm(6, 3, &mut rng);
+        let x = (normal_f64(&[2, 6, 3, 5], &mut rng) * 2.0).unwrap();
+        let up = normal_f64(&[2, 6, 3, 5], &mut rng);
         for silu in [false, true] {
             let ours = |x: &Tensor| norm.normalize(x, silu).unwrap();
             let composed = |x: &Tensor| norm.composed(x, silu).unwrap();
@@ -1263,26 +1269,14 @@ mod tests {
         }
     }
 
-    /// Group norm from candle's layer-norm kernel (every device and dtype but CPU f32 and f64)
-    /// matches the composed normalisation in f64, in f32 and with f16 values.
+    /// Group norm from candle's layer-norm kernel (every device and dtype but CPU f32 and f64),
+    /// in f32 and with f16 values, matches the composed normalisation in f64.
     #[test]
     fn fused_group_norm_matches_composed_group_norm() {
         let mut rng = Rng::new(8);
-        let dev = Device::Cpu;
-        let normal = |shape: &[usize], rng: &mut Rng| {
-            rng.normal_tensor(shape, &dev)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-        };
-        let norm = GroupNorm {
-            weight: normal(&[1, 8, 1, 1], &mut rng),
-            bias: normal(&[1, 8, 1, 1], &mut rng),
-            groups: 4,
-            eps: 1e-5,
-        };
+        let norm = random_group_norm(8, 4, &mut rng);
         // Not centred: the kernel's one-pass variance must hold with a mean.
-        let x = ((normal(&[2, 8, 5, 3], &mut rng) * 3.0).unwrap() + 1.5).unwrap();
+        let x = ((normal_f64(&[2, 8, 5, 3], &mut rng) * 3.0).unwrap() + 1.5).unwrap();
         for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::F16, 2e-2)] {
             let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
             let norm_in = GroupNorm {
