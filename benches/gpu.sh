@@ -14,7 +14,8 @@
 #   TRACE=1         then runs every case again (2 steps after a warm-up), ours and PyTorch's,
 #                   with the kernel tracer KERNEL_TRACE (benches/kernel_trace.c built as a
 #                   shared library beside its libcupti.so.13) preloaded, and prints each
-#                   process's device time by kernel (also kept in TRACE_OUT); doubles the time
+#                   process's device time by kernel (also kept in TRACE_OUT); doubles the time;
+#                   KTRACE_BY_GRID=1 also splits each kernel by grid size (tensor size)
 # benches/build_cuda_binaries.sh builds both on a machine without GPU or CUDA toolkit, and
 # benches/gpu_prebuilt.sh runs this script with them on the GPU machine. The binaries find the
 # fixtures and configs at the checkout path they were built in.

@@ -4,6 +4,9 @@
 // works the same for our binaries and for PyTorch, so both are broken down by one measure; the
 // GPU machine has neither nsys nor, on every runtime, ncu.
 //
+// With KTRACE_BY_GRID=1 each kernel is also keyed by its grid size, which for elementwise
+// kernels tells the tensors apart (candle launches one thread per element, 1024 per block).
+//
 // Built by benches/build_cuda_binaries.sh against CUPTI 13.0 (the record layouts are CUPTI's
 // CUpti_ActivityKernel10 and friends of that version) and run with that libcupti by
 // benches/gpu.sh when TRACE=1.
@@ -22,6 +25,7 @@ struct total {
 static struct total totals[MAX_NAMES];
 static int names;
 static unsigned long long first_start, last_end;
+static int by_grid;
 
 // Adds one record's duration to its name's total; past MAX_NAMES names, to the last one.
 static void add(const char *name, unsigned long long start, unsigned long long end) {
@@ -56,7 +60,15 @@ static void CUPTIAPI buffer_completed(CUcontext context, uint32_t stream, uint8_
       case CUPTI_ACTIVITY_KIND_KERNEL:
       case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL: {
         CUpti_ActivityKernel10 *kernel = (CUpti_ActivityKernel10 *)record;
-        add(kernel->name ? kernel->name : "?", kernel->start, kernel->end);
+        const char *name = kernel->name ? kernel->name : "?";
+        if (by_grid) {
+          char keyed[NAME_LEN];
+          snprintf(keyed, sizeof keyed, "%.100s grid %dx%dx%d", name, kernel->gridX,
+                   kernel->gridY, kernel->gridZ);
+          add(keyed, kernel->start, kernel->end);
+        } else {
+          add(name, kernel->start, kernel->end);
+        }
         break;
       }
       case CUPTI_ACTIVITY_KIND_MEMCPY: {
@@ -107,6 +119,8 @@ __attribute__((constructor)) static void start(void) {
     fprintf(stderr, "kernel_trace: CUPTI refused the activity callbacks; no trace\n");
     return;
   }
+  const char *grid = getenv("KTRACE_BY_GRID");
+  by_grid = grid && grid[0] == '1';
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY);
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET);
