@@ -214,6 +214,11 @@ pub fn broadcast_add(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     broadcast_op(y, b, Tensor::broadcast_add)
 }
 
+/// `y − b` for `b` broadcast against `y`. See [`broadcast_op`].
+pub fn broadcast_sub(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    broadcast_op(y, b, Tensor::broadcast_sub)
+}
+
 /// `y ⊙ b` for `b` broadcast against `y`. See [`broadcast_op`].
 pub fn broadcast_mul(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     broadcast_op(y, b, Tensor::broadcast_mul)
@@ -441,11 +446,11 @@ impl CustomOp2 for TrainedConv {
 /// `(x̂, r)`: `x` standardised over its last dimension, `x̂ = (x − μ)·r` with `r = 1/√(var + eps)`,
 /// from ordinary ops (recorded where `x` is tracked).
 fn standardized(x: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor)> {
-    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let centered = broadcast_sub(x, &x.mean_keepdim(D::Minus1)?)?;
     let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?
         .sqrt()?
         .recip()?;
-    Ok((centered.broadcast_mul(&rstd)?, rstd))
+    Ok((broadcast_mul(&centered, &rstd)?, rstd))
 }
 
 /// The input gradient of standardisation over the last dimension, given `g = ∂L/∂x̂`:
@@ -457,9 +462,8 @@ fn standardized_input_grad(
 ) -> candle_core::Result<Tensor> {
     let g_mean = g.mean_keepdim(D::Minus1)?;
     let gx_mean = (g * x_hat)?.mean_keepdim(D::Minus1)?;
-    g.broadcast_sub(&g_mean)?
-        .sub(&x_hat.broadcast_mul(&gx_mean)?)?
-        .broadcast_mul(rstd)
+    let centered = broadcast_sub(g, &g_mean)?.sub(&broadcast_mul(x_hat, &gx_mean)?)?;
+    broadcast_mul(&centered, rstd)
 }
 
 /// Layer norm with a frozen affine `w`: with `g = dy ⊙ w`, the standardisation's input gradient.
@@ -474,9 +478,7 @@ impl InputGradient for LayerNormInputGrad {
     fn input_grad(&self, x: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
         let (dtype, cd) = (x.dtype(), compute_dtype(x.dtype()));
         let (x_hat, rstd) = standardized(&x.to_dtype(cd)?, self.eps)?;
-        let g = grad_out
-            .to_dtype(cd)?
-            .broadcast_mul(&self.weight.to_dtype(cd)?)?;
+        let g = broadcast_mul(&grad_out.to_dtype(cd)?, &self.weight.to_dtype(cd)?)?;
         standardized_input_grad(&x_hat, &rstd, &g)?.to_dtype(dtype)
     }
 }
@@ -498,15 +500,15 @@ impl InputGradient for GroupNormInputGrad {
         let weight = self.norm.weight.to_dtype(cd)?;
         let mut dz = grad_out.to_dtype(cd)?;
         if self.silu {
-            let z = x_hat
-                .reshape(shape)?
-                .broadcast_mul(&weight)?
-                .broadcast_add(&self.norm.bias.to_dtype(cd)?)?;
+            let z = broadcast_add(
+                &broadcast_mul(&x_hat.reshape(shape)?, &weight)?,
+                &self.norm.bias.to_dtype(cd)?,
+            )?;
             let sigmoid = (z.neg()?.exp()? + 1.0)?.recip()?;
             let slope = (&sigmoid * ((&z * (1.0 - &sigmoid)?)? + 1.0)?)?;
             dz = (dz * slope)?;
         }
-        let g = self.norm.grouped(&dz.broadcast_mul(&weight)?)?;
+        let g = self.norm.grouped(&broadcast_mul(&dz, &weight)?)?;
         standardized_input_grad(&x_hat, &rstd, &g)?
             .reshape(shape)?
             .to_dtype(dtype)
