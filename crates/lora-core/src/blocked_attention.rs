@@ -10,7 +10,7 @@
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use crate::nn::ComputedOutput;
+use crate::nn::{compute_dtype, ComputedOutput};
 
 /// Bytes of scores one block of query rows may take (all heads and samples together).
 const BLOCK_SCORE_BYTES: usize = 1 << 28;
@@ -37,9 +37,9 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// half of an SD1.5 inference step). The softmax still accumulates in f32 (see [`softmax`]), and
 /// the sums across blocks and the row sums δ are kept in f32.
 fn score_dtype(dtype: DType, upcast: bool) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 if upcast => DType::F32,
-        other => other,
+    match upcast {
+        true => compute_dtype(dtype),
+        false => dtype,
     }
 }
 
@@ -53,14 +53,6 @@ fn softmax(scores: &Tensor) -> Result<Tensor> {
                 .to_dtype(scores.dtype())
         }
         _ => candle_nn::ops::softmax_last_dim(scores),
-    }
-}
-
-/// The dtype of the sums across blocks and of the row sums δ: at least f32.
-fn sum_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
     }
 }
 
@@ -140,7 +132,7 @@ impl Heads {
     /// dS = P ⊙ (dP − δ), dq = dS·k/√d, dk = Σ dSᵀ·q/√d, dv = Σ Pᵀ·dO.
     /// dP − δ comes out of one product, [dO | −δ]·[v | 1]ᵀ, so no pass over the block subtracts.
     fn backward(&self, out: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (sd, acc) = (self.v.dtype(), sum_dtype(self.v.dtype()));
+        let (sd, acc) = (self.v.dtype(), compute_dtype(self.v.dtype()));
         let delta = (grad.to_dtype(acc)? * out.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
         let grad = grad.to_dtype(sd)?;
         let grad_delta = Tensor::cat(&[&grad, &delta.neg()?.to_dtype(sd)?], D::Minus1)?;

@@ -209,6 +209,14 @@ impl InputGradient for ConvInputGrad {
     }
 }
 
+/// `y + b` for an optional bias `b` broadcast against `y`.
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => broadcast_add(&y, b),
+        None => Ok(y),
+    }
+}
+
 /// `y + b` for `b` broadcast against `y`. See [`broadcast_op`].
 pub fn broadcast_add(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     broadcast_op(y, b, Tensor::broadcast_add)
@@ -550,13 +558,7 @@ pub fn frozen_linear(
     if !trained && cpu_gemm::linear_applies(x, weight) {
         return cpu_gemm::linear_op(x, weight, bias);
     }
-    let forward = |x: &Tensor| {
-        let y = x.broadcast_matmul(&weight.t()?)?;
-        match bias {
-            Some(b) => broadcast_add(&y, b),
-            None => Ok(y),
-        }
-    };
+    let forward = |x: &Tensor| add_bias(x.broadcast_matmul(&weight.t()?)?, bias);
     with_input_grad(x, trained, forward, || LinearInputGrad {
         weight: weight.clone(),
     })
@@ -588,10 +590,7 @@ pub fn frozen_conv2d(
             1 => conv2d_stride1(x, weight, padding)?,
             _ => x.conv2d(weight, padding, stride, 1, 1)?,
         };
-        match bias {
-            Some(b) => broadcast_add(&y, b),
-            None => Ok(y),
-        }
+        add_bias(y, bias)
     };
     if weight.track_op() {
         // A trained kernel (full fine-tune): both gradients, by `TrainedConv`.
@@ -604,10 +603,7 @@ pub fn frozen_conv2d(
                 output: ComputedOutput::new(output.contiguous()?),
             },
         )?;
-        return match bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        };
+        return add_bias(y, bias);
     }
     let trained = any_trained([bias]);
     with_input_grad(x, trained, forward, || ConvInputGrad {
@@ -618,9 +614,10 @@ pub fn frozen_conv2d(
     })
 }
 
-/// The dtype normalisations and softmax are computed in: half-precision inputs are upcast so the
-/// statistics do not lose precision; f32/f64 stay as they are.
-fn compute_dtype(dtype: DType) -> DType {
+/// The dtype normalisations, upcast attention and attention's sums are computed in:
+/// half-precision inputs are upcast so the statistics do not lose precision; f32/f64 stay as
+/// they are.
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
     match dtype {
         DType::F16 | DType::BF16 => DType::F32,
         other => other,
@@ -776,14 +773,8 @@ impl GroupNorm {
             Tensor::ones(len, x.dtype(), x.device())?,
             Tensor::zeros(len, x.dtype(), x.device())?,
         );
-        let y = candle_nn::ops::layer_norm(&grouped, &ones, &zeros, self.eps as f32)?
-            .reshape(x.dims4()?)?;
-        let y = broadcast_add(&broadcast_mul(&y, &self.weight)?, &self.bias)?;
-        if silu {
-            y.silu()
-        } else {
-            Ok(y)
-        }
+        let x_hat = candle_nn::ops::layer_norm(&grouped, &ones, &zeros, self.eps as f32)?;
+        self.affine(&x_hat.reshape(x.dims4()?)?, silu)
     }
 
     /// The normalisation from candle's ops (recorded where `x` or a parameter is tracked).
@@ -791,11 +782,12 @@ impl GroupNorm {
         let dtype = x.dtype();
         let (x_hat, _) =
             standardized(&self.grouped(&x.to_dtype(compute_dtype(dtype))?)?, self.eps)?;
-        let y = x_hat
-            .reshape(x.dims4()?)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?;
+        self.affine(&x_hat.reshape(x.dims4()?)?.to_dtype(dtype)?, silu)
+    }
+
+    /// `x̂ ⊙ w + b` for the standardised `x̂` `[B, C, H, W]`, then the SiLU if asked for.
+    fn affine(&self, x_hat: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        let y = broadcast_add(&broadcast_mul(x_hat, &self.weight)?, &self.bias)?;
         if silu {
             y.silu()
         } else {
@@ -1027,16 +1019,9 @@ mod tests {
     fn frozen_linear_gives_input_gradient_only() {
         for dtype in PATHS {
             let mut rng = Rng::new(0);
-            let dev = Device::Cpu;
-            let normal = |shape: &[usize], rng: &mut Rng| {
-                rng.normal_tensor(shape, &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()
-            };
-            let w = normal(&[5, 3], &mut rng);
-            let b = normal(&[5], &mut rng);
-            let x = normal(&[2, 4, 3], &mut rng);
+            let w = normal(&[5, 3], dtype, &mut rng);
+            let b = normal(&[5], dtype, &mut rng);
+            let x = normal(&[2, 4, 3], dtype, &mut rng);
             check(
                 |x| frozen_linear(x, &w, Some(&b)).unwrap(),
                 |x| {
@@ -1055,15 +1040,8 @@ mod tests {
     fn frozen_conv_gives_input_gradient_only() {
         for dtype in PATHS {
             let mut rng = Rng::new(1);
-            let dev = Device::Cpu;
-            let normal = |shape: &[usize], rng: &mut Rng| {
-                rng.normal_tensor(shape, &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()
-            };
-            let w3 = normal(&[4, 3, 3, 3], &mut rng);
-            let w1 = normal(&[4, 3, 1, 1], &mut rng);
+            let w3 = normal(&[4, 3, 3, 3], dtype, &mut rng);
+            let w1 = normal(&[4, 3, 1, 1], dtype, &mut rng);
             // Odd and even sizes, stride 1 and 2 (the UNet's downsamplers), padding 0 and 1;
             // 1×1 kernels (shortcuts and projections), which are products off the CPU kernel.
             for (w, size, stride, padding) in [
@@ -1076,7 +1054,7 @@ mod tests {
                 // Without a kept adjoint kernel, then twice with one (built, then reused).
                 let kept = AdjointKernel::default();
                 for adjoint in [None, Some(&kept), Some(&kept)] {
-                    let x = normal(&[2, 3, size, size], &mut rng);
+                    let x = normal(&[2, 3, size, size], dtype, &mut rng);
                     check(
                         |x| frozen_conv2d(x, w, None, padding, stride, adjoint).unwrap(),
                         |x| x.conv2d(w, padding, stride, 1, 1).unwrap(),
@@ -1154,18 +1132,12 @@ mod tests {
     #[test]
     fn trained_conv_gradients_match_autograd() {
         let mut rng = Rng::new(4);
-        let dev = Device::Cpu;
         let cases = [(3, 7, 2, 1), (3, 8, 2, 1), (3, 6, 1, 1), (1, 5, 1, 0)];
         for (dtype, (k, size, stride, padding)) in
             PATHS.into_iter().flat_map(|d| cases.map(|c| (d, c)))
         {
             let var = |shape: &[usize], rng: &mut Rng| {
-                let t = rng
-                    .normal_tensor(shape, &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                Var::from_tensor(&t).unwrap()
+                Var::from_tensor(&normal(shape, dtype, rng)).unwrap()
             };
             let w = var(&[4, 3, k, k], &mut rng);
             let x = var(&[2, 3, size, size], &mut rng);
@@ -1183,13 +1155,16 @@ mod tests {
         }
     }
 
-    /// Input gradient of `f` for a random upstream gradient (a weighted sum as the loss).
-    /// A standard normal f64 tensor on the CPU.
-    fn normal_f64(shape: &[usize], rng: &mut Rng) -> Tensor {
+    /// A standard normal tensor of `dtype` on the CPU.
+    fn normal(shape: &[usize], dtype: DType, rng: &mut Rng) -> Tensor {
         rng.normal_tensor(shape, &Device::Cpu)
             .unwrap()
-            .to_dtype(DType::F64)
+            .to_dtype(dtype)
             .unwrap()
+    }
+
+    fn normal_f64(shape: &[usize], rng: &mut Rng) -> Tensor {
+        normal(shape, DType::F64, rng)
     }
 
     /// Group norm over `channels` in `groups`, with random f64 affine parameters.
@@ -1202,6 +1177,7 @@ mod tests {
         }
     }
 
+    /// Input gradient of `f` for a random upstream gradient (a weighted sum as the loss).
     fn input_grad_of(f: impl Fn(&Tensor) -> Tensor, x: &Tensor, upstream: &Tensor) -> Tensor {
         let x = Var::from_tensor(x).unwrap();
         let loss = (f(x.as_tensor()) * upstream).unwrap().sum_all().unwrap();
@@ -1300,13 +1276,7 @@ mod tests {
     #[test]
     fn geglu_node_gradient_matches_composed_geglu() {
         let mut rng = Rng::new(6);
-        let dev = Device::Cpu;
-        let normal = |shape: &[usize], rng: &mut Rng| {
-            (rng.normal_tensor(shape, &dev).unwrap() * 2.0)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-        };
+        let normal = |shape: &[usize], rng: &mut Rng| (normal_f64(shape, rng) * 2.0).unwrap();
         let (h, up) = (normal(&[2, 5, 8], &mut rng), normal(&[2, 5, 4], &mut rng));
         let composed = |h: &Tensor| {
             let (hidden, gate) = geglu_halves(h).unwrap();
