@@ -6,8 +6,10 @@
 #   benches/build_cuda_binaries.sh OUT_DIR
 # Writes to OUT_DIR (xz-compressed, about 6 MB each):
 #   unet_step_cuda.xz   the unet_step benchmark, `--features cuda`
-#   unet_step_cudnn.xz  the same with cuDNN convolutions, `--features cudnn`
+#   unet_step_cudnn.xz  the same with cuDNN convolutions, `--features cudnn`, only when CUDNN=1
+#                       (measured 5x slower on an H200: candle runs bf16 convolutions in f32)
 #   lora_parity.xz      the lora_parity test binary, `--features cuda`
+#   lora_core_tests.xz  lora-core's unit tests, `--features cuda` (our CUDA kernels' tests)
 #   kernel_trace.so     benches/kernel_trace.c, with the libcupti.so.13 it needs
 #   checkout            the path these were built in (they read configs and fixtures there)
 # then `benches/gpu_prebuilt.sh OUT_DIR` runs them on the GPU machine.
@@ -69,8 +71,12 @@ pack unet_step_cuda "$(cargo bench --features cuda --bench unet_step --no-run \
   --message-format=json | python3 benches/cargo_executable.py unet_step)"
 pack lora_parity "$(cargo test --release --features cuda --test lora_parity --no-run \
   --message-format=json | python3 benches/cargo_executable.py lora_parity)"
-pack unet_step_cudnn "$(cargo bench --features cudnn --bench unet_step --no-run \
-  --message-format=json | python3 benches/cargo_executable.py unet_step)"
+pack lora_core_tests "$(cargo test --release --features cuda -p lora-core --lib --no-run \
+  --message-format=json | python3 benches/cargo_executable.py lora_core)"
+if [ "${CUDNN:-0}" = 1 ]; then
+  pack unet_step_cudnn "$(cargo bench --features cudnn --bench unet_step --no-run \
+    --message-format=json | python3 benches/cargo_executable.py unet_step)"
+fi
 # The tracer and the libcupti it was built against travel together (gpu.sh, TRACE=1).
 gcc -O2 -Wall -shared -fPIC -o "$out/kernel_trace.so" benches/kernel_trace.c \
   -I"$cu/include" -L"$cu/lib" -l:libcupti.so.13

@@ -11,10 +11,15 @@
 #                   cuDNN when CUDNN=1
 #   PARITY_BIN      the lora_parity test binary built with `--features cuda`; without it, run
 #                   with cargo
+#   KERNEL_TESTS_BIN  lora-core's unit-test binary built with `--features cuda` (our CUDA
+#                   kernels against candle's ops); without it, run with cargo
+#   COMPARE_CANDLE_KERNELS=1  also runs each build with LORA_CUDA_KERNELS=0 (candle's generic
+#                   kernels in place of ours), labelled BUILD-candle
 #   TRACE=1         then runs every case again (2 steps after a warm-up), ours and PyTorch's,
 #                   with the kernel tracer KERNEL_TRACE (benches/kernel_trace.c built as a
 #                   shared library beside its libcupti.so.13) preloaded, and prints each
 #                   process's device time by kernel (also kept in TRACE_OUT); doubles the time;
+#                   TRACE=ours traces only our builds
 #                   KTRACE_BY_GRID=1 also splits each kernel by grid size (tensor size)
 # benches/build_cuda_binaries.sh builds both on a machine without GPU or CUDA toolkit, and
 # benches/gpu_prebuilt.sh runs this script with them on the GPU machine. The binaries find the
@@ -37,7 +42,14 @@ if [ -z "${UNET_STEP_BINS:-}" ]; then
   UNET_STEP_BINS="$features=$built"
 fi
 
-# Correctness first: adapter gradients on the GPU (f32 and a bf16 base) against PyTorch autograd.
+# Correctness first: our CUDA kernels against candle's ops, then adapter gradients on the GPU
+# (f32 and a bf16 base) against PyTorch autograd.
+if [ -n "${KERNEL_TESTS_BIN:-}" ]; then
+  "$KERNEL_TESTS_BIN" cuda_kernels || echo "CUDA KERNEL TESTS FAILED"
+else
+  cargo test --release --features "$features" -p lora-core --lib cuda_kernels ||
+    echo "CUDA KERNEL TESTS FAILED"
+fi
 if [ -n "${PARITY_BIN:-}" ]; then
   "$PARITY_BIN" --nocapture on_cuda || echo "CUDA GRADIENT PARITY FAILED"
 else
@@ -88,23 +100,28 @@ for run in "${runs[@]}"; do
     ours=$(measure "${build#*=}" "${args[@]}")
     echo "$ours"
     results+=("${build%%=*}" "$ours" "$theirs")
+    if [ "${COMPARE_CANDLE_KERNELS:-0}" = 1 ]; then
+      ours=$(measure env LORA_CUDA_KERNELS=0 "${build#*=}" "${args[@]}")
+      echo "$ours"
+      results+=("${build%%=*}-candle" "$ours" "$theirs")
+    fi
   done
 done
 "$python" - "${results[@]}" <<'PY'
 import json, sys
 args = sys.argv[1:]
-print(f"{'case':<15} {'dtype':<5} {'batch':>5} {'build':<6} {'ours it/s':>10} {'torch it/s':>10} {'speed':>7} {'ours MiB':>9} {'torch MiB':>9}")
+print(f"{'case':<15} {'dtype':<5} {'batch':>5} {'build':<12} {'ours it/s':>10} {'torch it/s':>10} {'speed':>7} {'ours MiB':>9} {'torch MiB':>9}")
 print("(MiB: peak nvidia-smi used memory sampled every 20 ms while each process ran, CUDA context included)")
 for build, o, t in zip(args[::3], args[1::3], args[2::3]):
     o, t = json.loads(o), json.loads(t)
     if "failed" in o or "failed" in t:
         print(f"{build} failed:", o.get("failed", ""), t.get("failed", ""))
         continue
-    print(f"{o['case']:<15} {o['dtype']:<5} {o['batch']:>5} {build:<6} {1/o['mean_s']:>10.2f} {1/t['mean_s']:>10.2f} "
+    print(f"{o['case']:<15} {o['dtype']:<5} {o['batch']:>5} {build:<12} {1/o['mean_s']:>10.2f} {1/t['mean_s']:>10.2f} "
           f"{t['mean_s']/o['mean_s']:>6.2f}x {o['sampled_peak_gpu_mib'] or 0:>9.0f} {t['sampled_peak_gpu_mib'] or 0:>9.0f}")
 PY
 
-if [ "${TRACE:-0}" = 1 ]; then
+if [ "${TRACE:-0}" != 0 ]; then
   trace_out=${TRACE_OUT:-$(mktemp)}
   tracer_libs=$(dirname "${KERNEL_TRACE:?set KERNEL_TRACE}"):${LD_LIBRARY_PATH:-}
   traced() {
@@ -117,7 +134,9 @@ if [ "${TRACE:-0}" = 1 ]; then
   for run in "${runs[@]}"; do
     read -r case dtype batch <<<"$run"
     args=("$case" --device cuda --dtype "$dtype" --batch "$batch" --iters 2)
-    traced "reference, $run (warm-up + 2 steps)" "$python" benches/unet_step_reference.py "${args[@]}"
+    if [ "$TRACE" != ours ]; then
+      traced "reference, $run (warm-up + 2 steps)" "$python" benches/unet_step_reference.py "${args[@]}"
+    fi
     for build in $UNET_STEP_BINS; do
       traced "${build%%=*}, $run (warm-up + 2 steps)" "${build#*=}" "${args[@]}"
     done

@@ -38,7 +38,7 @@ for binary in "$run"/*; do
 done
 builds=""
 for binary in "$run"/unet_step_*; do builds="$builds ${binary##*/unet_step_}=$binary"; done
-export UNET_STEP_BINS=$builds PARITY_BIN=$run/lora_parity
+export UNET_STEP_BINS=$builds PARITY_BIN=$run/lora_parity KERNEL_TESTS_BIN=$run/lora_core_tests
 if [ -e "$bins/kernel_trace.so" ]; then
   export KERNEL_TRACE=$bins/kernel_trace.so TRACE_OUT=${OUT:-$run}/kernel_trace.txt
 fi

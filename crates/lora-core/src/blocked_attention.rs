@@ -10,7 +10,7 @@
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use crate::nn::{compute_dtype, ComputedOutput};
+use crate::nn::{compute_dtype, contiguous, ComputedOutput};
 
 /// Bytes of scores one block of query rows may take (all heads and samples together).
 const BLOCK_SCORE_BYTES: usize = 1 << 28;
@@ -18,15 +18,16 @@ const BLOCK_SCORE_BYTES: usize = 1 << 28;
 /// `[B, R, H·d] → [B, H, R, d]`, contiguous.
 fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, rows, width) = x.dims3()?;
-    x.reshape((b, rows, heads, width / heads))?
-        .transpose(1, 2)?
-        .contiguous()
+    contiguous(
+        &x.reshape((b, rows, heads, width / heads))?
+            .transpose(1, 2)?,
+    )
 }
 
-/// `[B, H, R, d] → [B, R, H·d]`.
+/// `[B, H, R, d] → [B, R, H·d]`, contiguous.
 fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, heads, rows, d) = x.dims4()?;
-    x.transpose(1, 2)?.reshape((b, rows, heads * d))
+    contiguous(&x.transpose(1, 2)?)?.reshape((b, rows, heads * d))
 }
 
 /// The dtype scores, probabilities and every product with them are computed in: the operands'
@@ -47,6 +48,10 @@ fn score_dtype(dtype: DType, upcast: bool) -> DType {
 /// input in f32; its CPU kernel accumulates in the input's dtype, so there half precision is
 /// upcast first (the CPU runs this path only in tests and for half-precision models).
 fn softmax(scores: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda_kernels::applies(&[scores]) {
+        return crate::cuda_kernels::softmax_last_dim(scores);
+    }
     match scores.dtype() {
         DType::F16 | DType::BF16 if scores.device().is_cpu() => {
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
@@ -247,7 +252,7 @@ fn attention_in_blocks(
 ) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let blocked = Heads::new(&qd, &kd, &vd, heads, upcast, score_bytes)?;
-    let out = merge_heads(&blocked.forward()?)?.contiguous()?;
+    let out = merge_heads(&blocked.forward()?)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }

@@ -11,6 +11,8 @@ mod cpu_conv;
 mod cpu_gemm;
 mod cpu_math;
 mod cpu_norm;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
 pub mod io;
 pub mod keys;
 pub mod ldm;

@@ -22,6 +22,8 @@ use candle_core::{
 };
 use candle_nn::VarBuilder;
 
+#[cfg(feature = "cuda")]
+use crate::cuda_kernels;
 use crate::{blocked_attention, cpu_activation, cpu_attention, cpu_conv, cpu_gemm, cpu_norm};
 
 /// The output of an op computed from candle's tensor ops outside the graph, handed to the op
@@ -135,7 +137,7 @@ struct LinearInputGrad {
 impl InputGradient for LinearInputGrad {
     const NAME: &'static str = "frozen-linear";
     fn input_grad(&self, _: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
-        grad_out.broadcast_matmul(&self.weight)
+        shared_matmul(grad_out, &self.weight)
     }
 }
 
@@ -209,12 +211,41 @@ impl InputGradient for ConvInputGrad {
     }
 }
 
-/// `y + b` for an optional bias `b` broadcast against `y`.
+/// `y + b` for an optional bias `b` broadcast against `y`: on CUDA, outside the graph, one pass of
+/// our per-channel kernel.
 fn add_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    match bias {
-        Some(b) => broadcast_add(&y, b),
-        None => Ok(y),
+    let Some(b) = bias else { return Ok(y) };
+    #[cfg(feature = "cuda")]
+    if !y.track_op() && !b.track_op() && cuda_kernels::applies(&[&y, b]) {
+        if let Some(axis) = cuda_kernels::bias_axis(y.dims(), b.dims()) {
+            let params = b.reshape((1, ()))?;
+            return cuda_kernels::channel_affine(&y, &params, axis, None, Some(0), false);
+        }
     }
+    broadcast_add(&y, b)
+}
+
+/// `a·b` where one operand is a matrix shared by every element of the other's batch. candle's
+/// `broadcast_matmul` copies a shared left matrix once per batch element, and a shared right one
+/// too unless the left operand is contiguous: on an H200 those copies of the conv kernels took a
+/// seventh of an SD1.5 training step (issue #7). Here a shared left matrix is a stride-0 view,
+/// which the strided-batched product reads in place, and a left batch is made contiguous so that
+/// candle folds it into the rows of one product with the shared right matrix.
+pub(crate) fn shared_matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    match (a.rank(), b.rank()) {
+        (2, 3) => a.broadcast_as((b.dim(0)?, a.dim(0)?, a.dim(1)?))?.matmul(b),
+        (r, 2) if r > 2 => contiguous(a)?.broadcast_matmul(b),
+        _ => a.broadcast_matmul(b),
+    }
+}
+
+/// `x.contiguous()`, copied by our kernels on CUDA (candle's strided copy divides per element per
+/// axis: on an H200 its copies took more time than all of a step's matrix products, issue #7).
+pub(crate) fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    return cuda_kernels::contiguous(x);
+    #[cfg(not(feature = "cuda"))]
+    x.contiguous()
 }
 
 /// `y + b` for `b` broadcast against `y`. See [`broadcast_op`].
@@ -323,12 +354,10 @@ fn shifted_conv(x: &Tensor, weight: &Tensor, padding: usize) -> candle_core::Res
         .collect::<candle_core::Result<Vec<_>>>()?;
     // [B·C, k²·len] → [B, C·k², len]: the kernel's [O, C, kh, kw] order.
     let cols = Tensor::cat(&taps, 1)?.reshape((b, c * kh * kw, len))?;
-    weight
-        .reshape((o, c * kh * kw))?
-        .broadcast_matmul(&cols)?
+    shared_matmul(&weight.reshape((o, c * kh * kw))?, &cols)?
         .reshape((b * o * ho, wp))?
-        .narrow(1, 0, wo)?
-        .contiguous()?
+        .narrow(1, 0, wo)
+        .and_then(|y| contiguous(&y))?
         .reshape((b, o, ho, wo))
 }
 
@@ -343,8 +372,7 @@ fn pointwise(weight: &Tensor, padding: usize, stride: usize) -> candle_core::Res
 /// result back into NCHW order, two full passes that cost more than the product on a GPU.
 fn pointwise_conv(x: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    m.broadcast_matmul(&x.reshape((b, c, h * w))?)?
-        .reshape((b, m.dim(0)?, h, w))
+    shared_matmul(m, &contiguous(x)?.reshape((b, c, h * w))?)?.reshape((b, m.dim(0)?, h, w))
 }
 
 /// `count` elements of `dim` (2 or 3 of a 4-D tensor) from `start`, `stride` apart.
@@ -484,6 +512,10 @@ struct LayerNormInputGrad {
 impl InputGradient for LayerNormInputGrad {
     const NAME: &'static str = "layer-norm";
     fn input_grad(&self, x: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if cuda_kernels::applies(&[x, grad_out]) {
+            return cuda_kernels::layer_norm_backward(x, grad_out, &self.weight, self.eps);
+        }
         let (dtype, cd) = (x.dtype(), compute_dtype(x.dtype()));
         let (x_hat, rstd) = standardized(&x.to_dtype(cd)?, self.eps)?;
         let g = broadcast_mul(&grad_out.to_dtype(cd)?, &self.weight.to_dtype(cd)?)?;
@@ -502,6 +534,19 @@ struct GroupNormInputGrad {
 impl InputGradient for GroupNormInputGrad {
     const NAME: &'static str = "group-norm";
     fn input_grad(&self, x: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if cuda_kernels::applies(&[x, grad_out]) {
+            let norm = &self.norm;
+            let (groups, eps) = (norm.groups, norm.eps);
+            return cuda_kernels::group_norm_backward(
+                x,
+                grad_out,
+                &norm.packed,
+                groups,
+                eps,
+                self.silu,
+            );
+        }
         let (dtype, cd) = (x.dtype(), compute_dtype(x.dtype()));
         let shape = x.dims4()?;
         let (x_hat, rstd) = standardized(&self.norm.grouped(&x.to_dtype(cd)?)?, self.norm.eps)?;
@@ -558,7 +603,7 @@ pub fn frozen_linear(
     if !trained && cpu_gemm::linear_applies(x, weight) {
         return cpu_gemm::linear_op(x, weight, bias);
     }
-    let forward = |x: &Tensor| add_bias(x.broadcast_matmul(&weight.t()?)?, bias);
+    let forward = |x: &Tensor| add_bias(shared_matmul(x, &weight.t()?)?, bias);
     with_input_grad(x, trained, forward, || LinearInputGrad {
         weight: weight.clone(),
     })
@@ -698,6 +743,9 @@ impl Module for Conv2d {
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
+    /// `[weight; bias]` `[2, C]`, the form our CUDA kernels read the frozen affine in.
+    #[cfg(feature = "cuda")]
+    packed: Tensor,
     groups: usize,
     eps: f64,
 }
@@ -709,11 +757,22 @@ impl GroupNorm {
             "{}: {channels} channels cannot be split into {groups} groups",
             vb.prefix()
         );
-        let weight = vb.get(channels, "weight")?.reshape((1, channels, 1, 1))?;
-        let bias = vb.get(channels, "bias")?.reshape((1, channels, 1, 1))?;
+        Ok(Self::new(
+            &vb.get(channels, "weight")?,
+            &vb.get(channels, "bias")?,
+            groups,
+            eps,
+        )?)
+    }
+
+    /// From the per-channel `weight` and `bias` `[C]`.
+    fn new(weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> candle_core::Result<Self> {
+        let channels = weight.dim(0)?;
         Ok(Self {
-            weight,
-            bias,
+            #[cfg(feature = "cuda")]
+            packed: Tensor::stack(&[weight, bias], 0)?,
+            weight: weight.reshape((1, channels, 1, 1))?,
+            bias: bias.reshape((1, channels, 1, 1))?,
             groups,
             eps,
         })
@@ -773,8 +832,23 @@ impl GroupNorm {
             Tensor::ones(len, x.dtype(), x.device())?,
             Tensor::zeros(len, x.dtype(), x.device())?,
         );
-        let x_hat = candle_nn::ops::layer_norm(&grouped, &ones, &zeros, self.eps as f32)?;
-        self.affine(&x_hat.reshape(x.dims4()?)?, silu)
+        let x_hat = candle_nn::ops::layer_norm(&grouped, &ones, &zeros, self.eps as f32)?
+            .reshape(x.dims4()?)?;
+        #[cfg(feature = "cuda")]
+        if cuda_kernels::applies(&[&x_hat]) {
+            let axis = cuda_kernels::ChannelAxis::Rows {
+                channels: x.dim(1)?,
+            };
+            return cuda_kernels::channel_affine(
+                &x_hat,
+                &self.packed,
+                axis,
+                Some(0),
+                Some(1),
+                silu,
+            );
+        }
+        self.affine(&x_hat, silu)
     }
 
     /// The normalisation from candle's ops (recorded where `x` or a parameter is tracked).
@@ -847,7 +921,7 @@ impl Module for LayerNorm {
         }
         let (w, b) = (self.weight.to_dtype(dtype)?, self.bias.to_dtype(dtype)?);
         let forward =
-            |x: &Tensor| candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, self.eps as f32);
+            |x: &Tensor| candle_nn::ops::layer_norm(&contiguous(x)?, &w, &b, self.eps as f32);
         with_input_grad(x, false, forward, || LayerNormInputGrad {
             weight: self.weight.clone(),
             eps: self.eps,
@@ -882,6 +956,10 @@ struct GegluInputGrad;
 impl InputGradient for GegluInputGrad {
     const NAME: &'static str = "geglu";
     fn input_grad(&self, h: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if cuda_kernels::applies(&[h, grad_out]) {
+            return cuda_kernels::geglu_backward(h, grad_out);
+        }
         let (dtype, cd) = (h.dtype(), compute_dtype(h.dtype()));
         let (hidden, gate) = geglu_halves(&h.to_dtype(cd)?)?;
         let dy = grad_out.to_dtype(cd)?;
@@ -902,6 +980,10 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
         return cpu_activation::geglu_op(h);
     }
     let forward = |h: &Tensor| {
+        #[cfg(feature = "cuda")]
+        if cuda_kernels::applies(&[h]) {
+            return cuda_kernels::geglu_forward(h);
+        }
         let (hidden, gate) = geglu_halves(h)?;
         hidden * gate.gelu_erf()?
     };
@@ -1169,12 +1251,8 @@ mod tests {
 
     /// Group norm over `channels` in `groups`, with random f64 affine parameters.
     fn random_group_norm(channels: usize, groups: usize, rng: &mut Rng) -> GroupNorm {
-        GroupNorm {
-            weight: normal_f64(&[1, channels, 1, 1], rng),
-            bias: normal_f64(&[1, channels, 1, 1], rng),
-            groups,
-            eps: 1e-5,
-        }
+        let weight = normal_f64(&[channels], rng);
+        GroupNorm::new(&weight, &normal_f64(&[channels], rng), groups, 1e-5).unwrap()
     }
 
     /// Input gradient of `f` for a random upstream gradient (a weighted sum as the loss).

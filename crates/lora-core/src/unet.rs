@@ -13,7 +13,8 @@ use candle_nn::VarBuilder;
 use crate::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::lora::{LoraLinear, LoraModule, ModuleInfo, ModuleKind};
 use crate::nn::{
-    attention, broadcast_add, geglu, upsample_nearest, Conv2d, GroupNorm, LayerNorm, Linear,
+    attention, broadcast_add, contiguous, geglu, upsample_nearest, Conv2d, GroupNorm, LayerNorm,
+    Linear,
 };
 
 /// A `VarBuilder` backend handing out a broadcast zero of any requested shape (no storage
@@ -320,12 +321,13 @@ impl Transformer2DModel {
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let to_tokens =
-            |t: Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
+        let to_tokens = |t: Tensor| -> Result<Tensor> {
+            Ok(contiguous(&t.permute((0, 2, 3, 1))?)?.reshape((b, h * w, c))?)
+        };
         let from_tokens = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, h, w, c))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?)
+            Ok(contiguous(
+                &t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?,
+            )?)
         };
         let normed = self.norm.forward(x)?;
         let mut tokens = if self.linear_projection {

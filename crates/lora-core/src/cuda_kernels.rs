@@ -1,0 +1,820 @@
+//! Our CUDA kernels (`kernels/lora_kernels.cu`, compiled to PTX by `build.rs`), each one op in
+//! place of several of candle's generic kernels: a kernel trace of an SD1.5 step on an H200
+//! (issue #7) showed candle's strided copies, its softmax, its broadcast binary ops and the f32
+//! elementwise passes of the normalisations' backward taking most of the GPU time, each running
+//! far below memory bandwidth. Callers (`nn`, `blocked_attention`) use these where [`applies`]
+//! and candle's ops otherwise; every kernel is checked against those ops in this module's tests,
+//! which run on a GPU (`cargo test --features cuda`).
+//!
+//! `LORA_CUDA_KERNELS=0` in the environment turns them off (candle's ops everywhere), for
+//! measuring what they change.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{kernel_name, Map1, Map2, Map3, WrapErr};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
+    Shape, Tensor, WithDType,
+};
+
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
+
+/// The name our PTX module is loaded under in candle's per-device module cache.
+const MODULE: &str = "lora-toolkit-kernels";
+
+/// Whether our kernels serve these tensors: all on a CUDA device, in f32, f16 or bf16, and not
+/// turned off by `LORA_CUDA_KERNELS=0`.
+pub(crate) fn applies(tensors: &[&Tensor]) -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    let enabled = *ENABLED.get_or_init(|| std::env::var("LORA_CUDA_KERNELS").as_deref() != Ok("0"));
+    enabled
+        && tensors.iter().all(|t| {
+            t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        })
+}
+
+fn u32_of(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{what} {n} exceeds u32")))
+}
+
+/// Up to 65 535 blocks along one grid axis; the kernels loop over what a grid does not cover.
+fn grid(n: usize, per_block: usize) -> u32 {
+    n.div_ceil(per_block).clamp(1, 65_535) as u32
+}
+
+fn not_on_cpu<T>() -> Result<T> {
+    Err(candle_core::Error::Msg(
+        "lora-toolkit CUDA kernel called on the CPU".into(),
+    ))
+}
+
+/// A scalar kernel argument, after the pointers.
+#[derive(Clone, Copy)]
+enum Arg {
+    U32(u32),
+    I32(i32),
+    F32(f32),
+}
+
+/// One launch of a float kernel `NAME_{f32,f16,bf16}(inputs…, output, scalars…)` on contiguous
+/// inputs of one dtype, writing a fresh output of `shape` in that dtype.
+struct FloatKernel {
+    name: &'static str,
+    shape: Shape,
+    grid: (u32, u32, u32),
+    block: u32,
+    scalars: Vec<Arg>,
+}
+
+impl FloatKernel {
+    fn launch<T: DeviceRepr + WithDType>(
+        &self,
+        dev: &CudaDevice,
+        inputs: &[CudaView<'_, T>],
+    ) -> Result<CudaSlice<T>> {
+        let func =
+            dev.get_or_load_custom_func(&kernel_name::<T>(self.name), MODULE, ptx::LORA_KERNELS)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(self.shape.elem_count())? };
+        let mut builder = func.builder();
+        for input in inputs {
+            builder.arg(input);
+        }
+        builder.arg(&out);
+        for scalar in &self.scalars {
+            match scalar {
+                Arg::U32(v) => builder.arg(v),
+                Arg::I32(v) => builder.arg(v),
+                Arg::F32(v) => builder.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: self.grid,
+            block_dim: (self.block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the kernel's parameters are the pointers and scalars pushed above, in order.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(out)
+    }
+
+    fn storage(
+        &self,
+        dev: &CudaDevice,
+        slice: candle_core::cuda_backend::S,
+    ) -> (CudaStorage, Shape) {
+        (
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            self.shape.clone(),
+        )
+    }
+}
+
+fn contiguous_view<'a, T>(slice: &'a CudaSlice<T>, layout: &Layout) -> Result<CudaView<'a, T>> {
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("lora-toolkit CUDA kernel: input must be contiguous".into())
+    })?;
+    Ok(slice.slice(start..end))
+}
+
+impl Map1 for FloatKernel {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        src: &CudaSlice<T>,
+        dev: &CudaDevice,
+        layout: &Layout,
+    ) -> Result<CudaSlice<T>> {
+        self.launch(dev, &[contiguous_view(src, layout)?])
+    }
+}
+
+impl Map2 for FloatKernel {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        a: &CudaSlice<T>,
+        la: &Layout,
+        b: &CudaSlice<T>,
+        lb: &Layout,
+        dev: &CudaDevice,
+    ) -> Result<CudaSlice<T>> {
+        self.launch(dev, &[contiguous_view(a, la)?, contiguous_view(b, lb)?])
+    }
+}
+
+impl Map3 for FloatKernel {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        a: &CudaSlice<T>,
+        la: &Layout,
+        b: &CudaSlice<T>,
+        lb: &Layout,
+        c: &CudaSlice<T>,
+        lc: &Layout,
+        dev: &CudaDevice,
+    ) -> Result<CudaSlice<T>> {
+        let views = [
+            contiguous_view(a, la)?,
+            contiguous_view(b, lb)?,
+            contiguous_view(c, lc)?,
+        ];
+        self.launch(dev, &views)
+    }
+}
+
+impl CustomOp1 for FloatKernel {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = s.device();
+        Ok(self.storage(dev, Map1::map(self, &s.slice, dev, l)?))
+    }
+}
+
+impl CustomOp2 for FloatKernel {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        la: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = a.device();
+        Ok(self.storage(dev, Map2::map(self, &a.slice, la, &b.slice, lb, dev)?))
+    }
+}
+
+impl CustomOp3 for FloatKernel {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        la: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        c: &CudaStorage,
+        lc: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = a.device();
+        let slice = Map3::map(self, &a.slice, la, &b.slice, lb, &c.slice, lc, dev)?;
+        Ok(self.storage(dev, slice))
+    }
+}
+
+/// Softmax over the last axis (values in f32), one warp per row.
+pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let x = contiguous(x)?;
+    let cols = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / cols.max(1);
+    // The packed kernel loads 16 bytes per lane: rows of whole packs, from an aligned start.
+    let pack = 16 / x.dtype().size_in_bytes();
+    let packed = cols % pack == 0 && x.layout().start_offset() % pack == 0;
+    let kernel = FloatKernel {
+        name: if packed { "softmax_packed" } else { "softmax" },
+        shape: x.shape().clone(),
+        grid: (grid(rows, 4), 1, 1),
+        block: 128,
+        scalars: vec![
+            Arg::U32(u32_of(rows, "rows")?),
+            Arg::U32(u32_of(cols, "columns")?),
+        ],
+    };
+    x.apply_op1_no_bwd(&kernel)
+}
+
+/// Where a per-channel affine finds its channel in `[rows, cols]`.
+pub(crate) enum ChannelAxis {
+    /// An NCHW map viewed as `[B·C, H·W]`: the channel is the row modulo `channels`.
+    Rows { channels: usize },
+    /// `[…, C]`: the channel is the column.
+    Columns,
+}
+
+/// Where a bias `b` added to `y` finds its channel: `[1, C, 1, 1]` on an NCHW map, or `[C]` on
+/// `[…, C]`; `None` for any other broadcast.
+pub(crate) fn bias_axis(y: &[usize], b: &[usize]) -> Option<ChannelAxis> {
+    match (y, b) {
+        ([_, c, _, _], [1, bc, 1, 1]) if c == bc => Some(ChannelAxis::Rows { channels: *c }),
+        ([.., c], [bc]) if c == bc => Some(ChannelAxis::Columns),
+        _ => None,
+    }
+}
+
+/// `act(x·scale + shift)` per channel, for `x` viewed as `[rows, cols]`: `params` `[k, C]` holds
+/// the scale in row `scale_at` and the shift in row `shift_at` (either may be absent), `act` is
+/// SiLU when `silu`.
+pub(crate) fn channel_affine(
+    x: &Tensor,
+    params: &Tensor,
+    axis: ChannelAxis,
+    scale_at: Option<usize>,
+    shift_at: Option<usize>,
+    silu: bool,
+) -> Result<Tensor> {
+    let x = contiguous(x)?;
+    let params = contiguous(&params.to_dtype(x.dtype())?)?;
+    let n = x.elem_count();
+    let (rows, cols, channels, per_row) = match axis {
+        ChannelAxis::Rows { channels } => {
+            let rows = x.dim(0)? * x.dim(1)?;
+            (rows, n / rows.max(1), channels, 1)
+        }
+        ChannelAxis::Columns => {
+            let cols = x.dim(candle_core::D::Minus1)?;
+            (n / cols.max(1), cols, cols, 0)
+        }
+    };
+    let row_of = |at: Option<usize>| at.map_or(-1, |r| r as i32);
+    let block = 256;
+    let kernel = FloatKernel {
+        name: "channel_affine",
+        shape: x.shape().clone(),
+        grid: (grid(cols, block).min(64), grid(rows, 1), 1),
+        block: block as u32,
+        scalars: vec![
+            Arg::U32(u32_of(rows, "rows")?),
+            Arg::U32(u32_of(cols, "columns")?),
+            Arg::U32(u32_of(channels, "channels")?),
+            Arg::I32(per_row),
+            Arg::I32(row_of(scale_at)),
+            Arg::I32(row_of(shift_at)),
+            Arg::I32(silu as i32),
+        ],
+    };
+    x.apply_op2_no_bwd(&params, &kernel)
+}
+
+/// Group norm's input gradient for `x` `[B, C, H, W]`, output gradient `dy`, the frozen affine
+/// `wb` = `[weight; bias]` `[2, C]`, through the SiLU that followed when `silu`.
+pub(crate) fn group_norm_backward(
+    x: &Tensor,
+    dy: &Tensor,
+    wb: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let (x, dy) = (contiguous(x)?, contiguous(&dy.to_dtype(x.dtype())?)?);
+    let wb = contiguous(&wb.to_dtype(x.dtype())?)?;
+    let (b, c, h, w) = x.dims4()?;
+    let kernel = FloatKernel {
+        name: "group_norm_backward",
+        shape: x.shape().clone(),
+        grid: (u32_of(b * groups, "groups")?, 1, 1),
+        block: 512,
+        scalars: vec![
+            Arg::U32(u32_of(c, "channels")?),
+            Arg::U32(u32_of(h * w, "pixels")?),
+            Arg::U32(u32_of(groups, "groups")?),
+            Arg::F32(eps as f32),
+            Arg::I32(silu as i32),
+        ],
+    };
+    x.apply_op3_no_bwd(&dy, &wb, &kernel)
+}
+
+/// Layer norm's input gradient over the last axis of `x`, with the frozen weight `w` `[C]`.
+pub(crate) fn layer_norm_backward(x: &Tensor, dy: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let (x, dy) = (contiguous(x)?, contiguous(&dy.to_dtype(x.dtype())?)?);
+    let w = contiguous(&w.to_dtype(x.dtype())?)?;
+    let c = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / c.max(1);
+    let kernel = FloatKernel {
+        name: "layer_norm_backward",
+        shape: x.shape().clone(),
+        grid: (grid(rows, 4), 1, 1),
+        block: 128,
+        scalars: vec![
+            Arg::U32(u32_of(rows, "rows")?),
+            Arg::U32(u32_of(c, "channels")?),
+            Arg::F32(eps as f32),
+        ],
+    };
+    x.apply_op3_no_bwd(&dy, &w, &kernel)
+}
+
+/// `[rows, n]` for a GEGLU input `[…, 2n]`, and the output shape `[…, n]`.
+fn geglu_shape(h: &Tensor) -> Result<(usize, usize, Shape)> {
+    let width = h.dim(candle_core::D::Minus1)?;
+    let n = width / 2;
+    let mut dims = h.dims().to_vec();
+    *dims.last_mut().expect("a GEGLU input has a last axis") = n;
+    Ok((h.elem_count() / width.max(1), n, Shape::from_dims(&dims)))
+}
+
+fn geglu_kernel(name: &'static str, rows: usize, n: usize, shape: Shape) -> Result<FloatKernel> {
+    Ok(FloatKernel {
+        name,
+        shape,
+        grid: (grid(n, 256).min(64), grid(rows, 1), 1),
+        block: 256,
+        scalars: vec![
+            Arg::U32(u32_of(rows, "rows")?),
+            Arg::U32(u32_of(n, "width")?),
+        ],
+    })
+}
+
+/// GEGLU `hidden·gelu(gate)` of `h = [hidden | gate]` (exact GELU).
+pub(crate) fn geglu_forward(h: &Tensor) -> Result<Tensor> {
+    let h = contiguous(h)?;
+    let (rows, n, shape) = geglu_shape(&h)?;
+    h.apply_op1_no_bwd(&geglu_kernel("geglu_forward", rows, n, shape)?)
+}
+
+/// GEGLU's input gradient for the output gradient `dy`.
+pub(crate) fn geglu_backward(h: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let (h, dy) = (contiguous(h)?, contiguous(&dy.to_dtype(h.dtype())?)?);
+    let (rows, n, _) = geglu_shape(&h)?;
+    h.apply_op2_no_bwd(
+        &dy,
+        &geglu_kernel("geglu_backward", rows, n, h.shape().clone())?,
+    )
+}
+
+/// How a strided layout is copied into a contiguous one, all in units of `unit` bytes.
+#[derive(Debug, PartialEq)]
+enum CopyPlan {
+    /// Runs of `run` contiguous units under up to six strided axes (`outer`: extent, stride).
+    Runs {
+        unit: usize,
+        outer: Vec<(u32, u32)>,
+        run: u32,
+        total: u32,
+    },
+    /// `[batch, P, Q]` whose source has unit stride along P: dst[b][p][q] = src[b·bs + p + q·qs].
+    Transpose {
+        unit: usize,
+        batch: u32,
+        p: u32,
+        q: u32,
+        batch_stride: u32,
+        q_stride: u32,
+    },
+}
+
+/// The plan for copying `dims`/`strides` (elements of `elem` bytes, from `start`), or `None` where
+/// candle's copy has to do it (an already contiguous layout is not asked for).
+fn copy_plan(dims: &[usize], strides: &[usize], start: usize, elem: usize) -> Option<CopyPlan> {
+    // Axes of extent 1 dropped; neighbours merged where the outer one steps over the inner one.
+    let mut axes: Vec<(usize, usize)> = Vec::new();
+    for (&d, &s) in dims.iter().zip(strides) {
+        if d == 1 {
+            continue;
+        }
+        match axes.last_mut() {
+            Some(last) if last.1 == s * d => *last = (last.0 * d, s),
+            _ => axes.push((d, s)),
+        }
+    }
+    let total: usize = axes.iter().map(|a| a.0).product();
+    let span = start + axes.iter().map(|&(d, s)| (d - 1) * s).sum::<usize>() + 1;
+    let (&(run, last_stride), outer) = axes.split_last()?;
+    if last_stride == 1 {
+        if outer.len() > 6 {
+            return None;
+        }
+        let unit = [16, 8, 4, 2].into_iter().find(|&u| {
+            u % elem == 0
+                && (run * elem).is_multiple_of(u)
+                && (start * elem).is_multiple_of(u)
+                && outer.iter().all(|&(_, s)| (s * elem).is_multiple_of(u))
+        })?;
+        let per = unit / elem;
+        // The kernel indexes in u32 with grid-stride steps: keep every index below 2³¹.
+        if i32::try_from(span.max(total) / per).is_err() {
+            return None;
+        }
+        return Some(CopyPlan::Runs {
+            unit,
+            outer: outer
+                .iter()
+                .map(|&(d, s)| (d as u32, (s / per) as u32))
+                .collect(),
+            run: (run / per) as u32,
+            total: (total / per) as u32,
+        });
+    }
+    let (batch, batch_stride, (p, p_stride)) = match *outer {
+        [p] => (1, 0, p),
+        [(b, bs), p] => (b, bs, p),
+        _ => return None,
+    };
+    if p_stride != 1 || !matches!(elem, 2 | 4) || i32::try_from(span.max(total)).is_err() {
+        return None;
+    }
+    Some(CopyPlan::Transpose {
+        unit: elem,
+        batch: batch as u32,
+        p: p as u32,
+        q: run as u32,
+        batch_stride: batch_stride as u32,
+        q_stride: last_stride as u32,
+    })
+}
+
+/// The kernel's view of a run copy's outer axes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Runs {
+    dims: [u32; 6],
+    strides: [u32; 6],
+}
+
+// SAFETY: a plain `#[repr(C)]` struct of integers, passed by value as the kernel's `Runs`.
+unsafe impl DeviceRepr for Runs {}
+
+/// `x` copied to a contiguous tensor by [`CopyPlan`]; its gradient is the output gradient.
+struct StridedCopy {
+    plan: CopyPlan,
+}
+
+impl Map1 for StridedCopy {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        src: &CudaSlice<T>,
+        dev: &CudaDevice,
+        layout: &Layout,
+    ) -> Result<CudaSlice<T>> {
+        let src = src.slice(layout.start_offset()..);
+        let n = layout.shape().elem_count();
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let (name, cfg) = match &self.plan {
+            CopyPlan::Runs { unit, total, .. } => (
+                format!("copy_runs_u{}", unit * 8),
+                LaunchConfig {
+                    grid_dim: (grid(*total as usize, 256).min(8192), 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            ),
+            CopyPlan::Transpose {
+                unit, batch, p, q, ..
+            } => (
+                format!("transpose_tiles_u{}", unit * 8),
+                LaunchConfig {
+                    grid_dim: (p.div_ceil(32), q.div_ceil(32), (*batch).clamp(1, 65_535)),
+                    block_dim: (32, 8, 1),
+                    shared_mem_bytes: 0,
+                },
+            ),
+        };
+        let func = dev.get_or_load_custom_func(&name, MODULE, ptx::LORA_KERNELS)?;
+        let mut builder = func.builder();
+        builder.arg(&src);
+        builder.arg(&out);
+        match &self.plan {
+            CopyPlan::Runs {
+                outer, run, total, ..
+            } => {
+                let mut runs = Runs {
+                    dims: [1; 6],
+                    strides: [0; 6],
+                };
+                for (k, &(d, s)) in outer.iter().enumerate() {
+                    runs.dims[k] = d;
+                    runs.strides[k] = s;
+                }
+                let rank = outer.len() as i32;
+                builder.arg(&runs).arg(&rank).arg(run).arg(total);
+                // SAFETY: `copy_runs(src, dst, Runs, outer_rank, run, total)`.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
+            CopyPlan::Transpose {
+                batch,
+                p,
+                q,
+                batch_stride,
+                q_stride,
+                ..
+            } => {
+                builder
+                    .arg(batch)
+                    .arg(p)
+                    .arg(q)
+                    .arg(batch_stride)
+                    .arg(q_stride);
+                // SAFETY: `transpose_tiles(src, dst, batch, P, Q, batch_stride, q_stride)`.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for StridedCopy {
+    fn name(&self) -> &'static str {
+        "strided-copy"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let slice = Map1::map(self, &s.slice, dev, l)?;
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            l.shape().clone(),
+        ))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.clone()))
+    }
+}
+
+/// `x` as a contiguous tensor (itself when it already is), recorded in the graph like candle's
+/// `contiguous`: by [`StridedCopy`] where a plan exists, else by candle.
+pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
+    if x.is_contiguous() || !applies(&[x]) {
+        return x.contiguous();
+    }
+    let layout = x.layout();
+    match copy_plan(
+        layout.dims(),
+        layout.stride(),
+        layout.start_offset(),
+        x.dtype().size_in_bytes(),
+    ) {
+        Some(plan) => x.apply_op1(StridedCopy { plan }),
+        None => x.contiguous(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_plans_merge_axes_and_pick_the_widest_unit() {
+        // Split heads: [B=2, N=5, H=8, d=40] viewed as [B, H, N, d], bf16.
+        let plan = copy_plan(&[2, 8, 5, 40], &[1600, 40, 320, 1], 0, 2).unwrap();
+        assert_eq!(
+            plan,
+            CopyPlan::Runs {
+                unit: 16,
+                outer: vec![(2, 200), (8, 5), (5, 40)],
+                run: 5,
+                total: 400,
+            }
+        );
+        // A narrowed row [6, 64] of [6, 66] f16: 132-byte rows, 4-byte units.
+        let plan = copy_plan(&[6, 64], &[66, 1], 0, 2).unwrap();
+        assert_eq!(
+            plan,
+            CopyPlan::Runs {
+                unit: 4,
+                outer: vec![(6, 33)],
+                run: 32,
+                total: 192,
+            }
+        );
+        // NCHW [2, 3, 4, 5] permuted to [B, H, W, C]: H and W merge, C is the strided axis.
+        let plan = copy_plan(&[2, 4, 5, 3], &[60, 5, 1, 20], 0, 4).unwrap();
+        assert_eq!(
+            plan,
+            CopyPlan::Transpose {
+                unit: 4,
+                batch: 2,
+                p: 20,
+                q: 3,
+                batch_stride: 60,
+                q_stride: 20,
+            }
+        );
+        // A broadcast (stride 0) last axis over a unit-stride one is a transpose that re-reads.
+        assert!(matches!(
+            copy_plan(&[4, 3], &[1, 0], 0, 4),
+            Some(CopyPlan::Transpose { q_stride: 0, .. })
+        ));
+        // No axis of unit stride: candle's copy.
+        assert_eq!(copy_plan(&[4, 3], &[6, 2], 0, 4), None);
+    }
+
+    /// Every kernel against candle's ops on the GPU, in each dtype, on shapes that exercise the
+    /// packed and unpacked paths, several rows per block and grid-stride loops.
+    #[test]
+    fn kernels_match_candle_on_the_gpu() -> Result<()> {
+        let dev = match candle_core::Device::new_cuda(0) {
+            Ok(dev) => dev,
+            Err(_) => {
+                eprintln!("no CUDA device: skipped");
+                return Ok(());
+            }
+        };
+        let mut rng = crate::rng::Rng::new(11);
+        let mut normal = |dims: &[usize]| -> Result<Tensor> {
+            rng.normal_tensor(dims, &candle_core::Device::Cpu)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                .to_device(&dev)
+        };
+        let max_err = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            let scale = b
+                .abs()?
+                .max_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?
+                .max(1e-6);
+            let diff = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+                .abs()?
+                .max_all()?;
+            Ok(diff.to_scalar::<f32>()? / scale)
+        };
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 4e-3), (DType::BF16, 3e-2)] {
+            // softmax: packed (cols % 8 == 0) and not.
+            for cols in [4096, 77, 8] {
+                let x = (normal(&[3, 5, cols])? * 3.0)?.to_dtype(dtype)?;
+                let ours = softmax_last_dim(&x)?;
+                let theirs = candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?;
+                let err = max_err(&ours, &theirs)?;
+                assert!(err < tol, "softmax {dtype:?} cols {cols}: {err}");
+            }
+            // copies: split heads, narrowed rows, NCHW ↔ tokens.
+            let x = normal(&[2, 7, 8, 40])?.to_dtype(dtype)?;
+            let views = [
+                x.transpose(1, 2)?,
+                x.narrow(3, 0, 38)?,
+                x.reshape((2, 7, 320))?.transpose(1, 2)?,
+                x.reshape((2, 56, 40))?
+                    .transpose(1, 2)?
+                    .reshape((2, 40, 7, 8))?,
+                x.permute((0, 2, 3, 1))?,
+            ];
+            for (k, view) in views.iter().enumerate() {
+                let ours = contiguous(view)?;
+                assert!(ours.is_contiguous());
+                let err = max_err(&ours, &view.contiguous()?)?;
+                assert_eq!(err, 0.0, "copy {k} {dtype:?}");
+            }
+            // channel affine, per row (NCHW) with SiLU and per column (a bias).
+            let x = normal(&[2, 6, 5, 7])?.to_dtype(dtype)?;
+            let params = normal(&[2, 6])?.to_dtype(dtype)?;
+            let (w, b) = (
+                params.get(0)?.reshape((1, 6, 1, 1))?,
+                params.get(1)?.reshape((1, 6, 1, 1))?,
+            );
+            let ours = channel_affine(
+                &x,
+                &params,
+                ChannelAxis::Rows { channels: 6 },
+                Some(0),
+                Some(1),
+                true,
+            )?;
+            let theirs = x.broadcast_mul(&w)?.broadcast_add(&b)?.silu()?;
+            let err = max_err(&ours, &theirs)?;
+            assert!(err < tol, "affine rows {dtype:?}: {err}");
+            let y = normal(&[3, 4, 6])?.to_dtype(dtype)?;
+            let ours = channel_affine(
+                &y,
+                &params.narrow(0, 1, 1)?,
+                ChannelAxis::Columns,
+                None,
+                Some(0),
+                false,
+            )?;
+            let theirs = y.broadcast_add(&params.get(1)?)?;
+            let err = max_err(&ours, &theirs)?;
+            assert!(err < tol, "affine columns {dtype:?}: {err}");
+            // GEGLU forward and backward against candle's gelu_erf and autograd.
+            let h = normal(&[2, 9, 16])?.to_dtype(dtype)?;
+            let dy = normal(&[2, 9, 8])?.to_dtype(dtype)?;
+            let h64 = candle_core::Var::from_tensor(&h.to_dtype(DType::F32)?)?;
+            let theirs = (h64.narrow(2, 0, 8)? * h64.narrow(2, 8, 8)?.gelu_erf()?)?;
+            let grads = (&theirs * dy.to_dtype(DType::F32)?)?
+                .sum_all()?
+                .backward()?;
+            let err = max_err(&geglu_forward(&h)?, &theirs)?;
+            assert!(err < tol, "geglu {dtype:?}: {err}");
+            let err = max_err(
+                &geglu_backward(&h, &dy)?,
+                grads.get(&h64).expect("gradient"),
+            )?;
+            assert!(err < tol, "geglu backward {dtype:?}: {err}");
+            // Normalisations' input gradients against autograd of the composed norms in f32.
+            let standardize = |x: &Tensor| -> Result<Tensor> {
+                let centered = x.broadcast_sub(&x.mean_keepdim(candle_core::D::Minus1)?)?;
+                let var = centered.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+                centered.broadcast_div(&(var + 1e-5)?.sqrt()?)
+            };
+            let x = (normal(&[2, 8, 3, 5])? + 0.5)?.to_dtype(dtype)?;
+            let dy = normal(&[2, 8, 3, 5])?.to_dtype(dtype)?;
+            let wb = normal(&[2, 8])?.to_dtype(dtype)?;
+            for silu in [false, true] {
+                let x32 = candle_core::Var::from_tensor(&x.to_dtype(DType::F32)?)?;
+                let wb32 = wb.to_dtype(DType::F32)?;
+                let x_hat = standardize(&x32.reshape((2, 4, 30))?)?.reshape((2, 8, 3, 5))?;
+                let z = x_hat
+                    .broadcast_mul(&wb32.get(0)?.reshape((1, 8, 1, 1))?)?
+                    .broadcast_add(&wb32.get(1)?.reshape((1, 8, 1, 1))?)?;
+                let y = if silu { z.silu()? } else { z };
+                let grads = (y * dy.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+                let ours = group_norm_backward(&x, &dy, &wb, 4, 1e-5, silu)?;
+                let err = max_err(&ours, grads.get(&x32).expect("gradient"))?;
+                assert!(
+                    err < tol,
+                    "group norm backward {dtype:?} silu {silu}: {err}"
+                );
+            }
+            let x = (normal(&[3, 7, 40])? + 0.5)?.to_dtype(dtype)?;
+            let dy = normal(&[3, 7, 40])?.to_dtype(dtype)?;
+            let w = normal(&[40])?.to_dtype(dtype)?;
+            let x32 = candle_core::Var::from_tensor(&x.to_dtype(DType::F32)?)?;
+            let y = standardize(&x32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+            let grads = (y * dy.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+            let ours = layer_norm_backward(&x, &dy, &w, 1e-5)?;
+            let err = max_err(&ours, grads.get(&x32).expect("gradient"))?;
+            assert!(err < tol, "layer norm backward {dtype:?}: {err}");
+        }
+        Ok(())
+    }
+}
