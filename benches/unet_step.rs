@@ -94,6 +94,59 @@ fn peak_gpu_mib() -> Option<f64> {
         .ok()
 }
 
+/// Device memory in use right now (MiB) on a CUDA device: after a synchronisation the stream-ordered
+/// allocator has returned what was freed, so this is the live tensors plus the CUDA context.
+fn gpu_used_mib(device: &Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        let (free, total) = dev.cuda_stream().context().mem_get_info().ok()?;
+        return Some((total - free) as f64 / 1048576.0);
+    }
+    let _ = device;
+    None
+}
+
+/// The default CUDA memory pool's peak bytes in use and reserved (MiB) since the last call, which
+/// resets both: what the tensors needed at most, and what the stream-ordered allocator held for
+/// them (the difference is fragmentation). `None` off CUDA.
+fn pool_peaks_mib(device: &Device) -> Option<(f64, f64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let ctx = dev.cuda_stream().context().clone();
+        ctx.bind_to_thread().ok()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: plain driver queries on the context's device and its default pool.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                .result()
+                .ok()?;
+            let peak = |attr| -> Option<f64> {
+                let mut bytes: u64 = 0;
+                let value = &mut bytes as *mut u64 as *mut std::ffi::c_void;
+                sys::cuMemPoolGetAttribute(pool, attr, value)
+                    .result()
+                    .ok()?;
+                let mut zero: u64 = 0;
+                let reset = &mut zero as *mut u64 as *mut std::ffi::c_void;
+                sys::cuMemPoolSetAttribute(pool, attr, reset)
+                    .result()
+                    .ok()?;
+                Some(bytes as f64 / 1048576.0)
+            };
+            use sys::CUmemPool_attribute_enum::{
+                CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            };
+            return Some((
+                peak(CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+                peak(CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+            ));
+        }
+    }
+    let _ = device;
+    None
+}
+
 fn main() -> Result<()> {
     lora_toolkit::core::threads::configure_cpu_threads();
     let args: Vec<String> = std::env::args()
@@ -171,6 +224,9 @@ fn main() -> Result<()> {
 
     // Training steps also time their forward pass alone: the rest is backward + AdamW.
     let mut forward_times = Vec::with_capacity(iters + 1);
+    // The most device memory in use at the end of a training step's forward pass: the
+    // activations its backward pass keeps (a CUDA GPU only).
+    let mut used_after_forward: Option<f64> = None;
     let mut step = || -> Result<()> {
         let t0 = Instant::now();
         let out = case.unet.forward(&sample, &timesteps, &context)?;
@@ -178,6 +234,9 @@ fn main() -> Result<()> {
             // A GPU queues its work: wait for it, so each time is the work's, not its launch's.
             device.synchronize()?;
             forward_times.push(t0.elapsed().as_secs_f64());
+            if let Some(used) = gpu_used_mib(&device) {
+                used_after_forward = Some(used_after_forward.map_or(used, |u: f64| u.max(used)));
+            }
             let loss = (out.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?;
             opt.backward_step(&loss)?;
             device.synchronize()?;
@@ -187,7 +246,9 @@ fn main() -> Result<()> {
         }
         Ok(())
     };
+    let used_before = gpu_used_mib(&device);
     step()?; // warm-up: first-touch allocations and lazily mapped weights
+    pool_peaks_mib(&device); // the timed steps' peaks only
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t0 = Instant::now();
@@ -216,6 +277,18 @@ fn main() -> Result<()> {
         let timed = &forward_times[1..];
         let forward = timed.iter().sum::<f64>() / timed.len() as f64;
         out.insert("forward_mean_s", serde_json::json!(forward));
+    }
+    if let Some((used, reserved)) = pool_peaks_mib(&device) {
+        out.insert("pool_peak_used_mib", serde_json::json!(used));
+        out.insert("pool_peak_reserved_mib", serde_json::json!(reserved));
+    }
+    if let (Some(before), Some(after_forward)) = (used_before, used_after_forward) {
+        // Weights, CUDA context; then what a forward pass leaves for the backward pass.
+        out.insert("gpu_used_before_mib", serde_json::json!(before));
+        out.insert(
+            "gpu_used_after_forward_mib",
+            serde_json::json!(after_forward),
+        );
     }
     out.insert("peak_rss_mib", serde_json::json!(peak_rss_mib()));
     println!("{}", serde_json::to_string(&out)?);

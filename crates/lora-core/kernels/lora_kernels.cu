@@ -300,6 +300,19 @@ __device__ void geglu_backward(const T *h, const T *dy, T *dh, unsigned rows, un
 }
 
 // ---------------------------------------------------------------------------------------------
+// The stride-1 adjoint of a convolution kernel w `[O, I, kh, kw]`: `[I, O, kh, kw]` with both
+// spatial axes flipped, a[i][o][t] = w[o][i][kh·kw − 1 − t] over the taps t. One gather pass, so
+// a layer's backward can build it each time instead of keeping a copy of every kernel.
+template <typename T>
+__device__ void conv_adjoint(const T *w, T *a, unsigned O, unsigned I, unsigned taps) {
+  const unsigned n = O * I * taps;
+  for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x) {
+    const unsigned t = j % taps, io = j / taps, o = io % O, i = io / O;
+    a[j] = w[((size_t)o * I + i) * taps + (taps - 1 - t)];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Entry points.
 
 #define FLOAT_KERNELS(T, S)                                                                     \
@@ -329,6 +342,10 @@ __device__ void geglu_backward(const T *h, const T *dy, T *dh, unsigned rows, un
   extern "C" __global__ void geglu_backward_##S(const T *h, const T *dy, T *dh, unsigned rows,  \
                                                 unsigned n) {                                   \
     geglu_backward<T>(h, dy, dh, rows, n);                                                      \
+  }                                                                                             \
+  extern "C" __global__ void conv_adjoint_##S(const T *w, T *a, unsigned O, unsigned I,         \
+                                              unsigned taps) {                                  \
+    conv_adjoint<T>(w, a, O, I, taps);                                                          \
   }
 
 FLOAT_KERNELS(float, f32)

@@ -415,6 +415,25 @@ pub(crate) fn geglu_backward(h: &Tensor, dy: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// The stride-1 adjoint `[I, O, k, k]` of a convolution kernel `[O, I, k, k]`: channel axes
+/// swapped, both spatial axes flipped.
+pub(crate) fn conv_adjoint(weight: &Tensor) -> Result<Tensor> {
+    let weight = contiguous(weight)?;
+    let (o, i, kh, kw) = weight.dims4()?;
+    let kernel = FloatKernel {
+        name: "conv_adjoint",
+        shape: Shape::from((i, o, kh, kw)),
+        grid: (grid(weight.elem_count(), 256), 1, 1),
+        block: 256,
+        scalars: vec![
+            Arg::U32(u32_of(o, "output channels")?),
+            Arg::U32(u32_of(i, "input channels")?),
+            Arg::U32(u32_of(kh * kw, "taps")?),
+        ],
+    };
+    weight.apply_op1_no_bwd(&kernel)
+}
+
 /// How a strided layout is copied into a contiguous one, all in units of `unit` bytes.
 #[derive(Debug, PartialEq)]
 enum CopyPlan {
@@ -814,6 +833,14 @@ mod tests {
             let ours = layer_norm_backward(&x, &dy, &w, 1e-5)?;
             let err = max_err(&ours, grads.get(&x32).expect("gradient"))?;
             assert!(err < tol, "layer norm backward {dtype:?}: {err}");
+            // The adjoint kernel, exact.
+            let w = normal(&[5, 3, 3, 2])?.to_dtype(dtype)?;
+            let theirs = w.flip(&[2, 3])?.transpose(0, 1)?;
+            assert_eq!(
+                max_err(&conv_adjoint(&w)?, &theirs)?,
+                0.0,
+                "adjoint {dtype:?}"
+            );
         }
         Ok(())
     }

@@ -10,9 +10,11 @@ use std::fmt;
 use std::str::FromStr;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, Var, D,
+};
 
-use crate::nn::{frozen_conv2d, frozen_linear, shared_matmul, AdjointKernel};
+use crate::nn::{frozen_conv2d, frozen_linear, shared_matmul, AdjointKernel, ComputedOutput};
 use crate::rng::Rng;
 
 /// Which layers of the UNet get an adapter.
@@ -279,9 +281,86 @@ struct AttachedLora {
     factor: f64,
 }
 
+/// `(x, down, up) → x·Wᵀ + b + factor·(x·downᵀ)·upᵀ` for a frozen `W`, computed off the graph.
+/// With `g` the output gradient and `t = x·downᵀ` (recomputed), `gu = g·up`:
+/// `dx = g·W + factor·gu·down`, `d_down = factor·guᵀ·x`, `d_up = factor·gᵀ·t`, with the products
+/// in the forward pass's dtype (`LoraLinear::adapter_delta`).
+struct LoraLinearNode {
+    weight: Tensor,
+    factor: f64,
+    output: ComputedOutput,
+}
+
+impl CustomOp3 for LoraLinearNode {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.output.cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.output.cuda()
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        down: &Tensor,
+        up: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dtype = match x.device().is_cpu() {
+            true => DType::F32,
+            false => x.dtype(),
+        };
+        let width = x.dim(D::Minus1)?;
+        let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let t = crate::nn::contiguous(&t.to_dtype(dtype)?)?;
+            let cols = t.dim(D::Minus1)?;
+            t.reshape((t.elem_count() / cols.max(1), cols))
+        };
+        let (x2, g2) = (rows(&x.detach())?, rows(grad)?);
+        let (down_c, up_c) = (down.detach().to_dtype(dtype)?, up.detach().to_dtype(dtype)?);
+        let t = x2.matmul(&down_c.t()?)?;
+        let gu = g2.matmul(&up_c)?;
+        let d_up = (g2.t()?.matmul(&t)? * self.factor)?;
+        let d_down = (gu.t()?.matmul(&x2)? * self.factor)?;
+        let dx_base = shared_matmul(&grad.to_dtype(self.weight.dtype())?, &self.weight)?;
+        let dx_lora = (gu.matmul(&down_c)? * self.factor)?;
+        let dx = (dx_base.reshape(((), width))? + dx_lora.to_dtype(dx_base.dtype())?)?
+            .reshape(x.shape())?
+            .to_dtype(x.dtype())?;
+        Ok((
+            Some(dx),
+            Some(d_down.to_dtype(down.dtype())?),
+            Some(d_up.to_dtype(up.dtype())?),
+        ))
+    }
+}
+
 /// A frozen Linear or 1×1 conv with any number of low-rank adapters applied unmerged:
 /// `y = W·x + b + Σᵢ multiplierᵢ · (alphaᵢ / rankᵢ) · upᵢ(downᵢ(x))`.
-/// The base may be f32/f16/bf16; adapter arithmetic runs in f32 and the sum is cast back.
+/// The base may be f32/f16/bf16; the adapters' f32 weights are cast to the activations' dtype
+/// for their products on a GPU, which stay in f32 on the CPU (see `adapter_delta`).
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
     /// `[out, in]` for Linear, `[out, in, 1, 1]` for Conv1x1.
@@ -355,6 +434,47 @@ impl LoraLinear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let [a] = self.adapters.as_slice() {
+            let tracked = [x, &a.down, &a.up].into_iter().any(Tensor::track_op);
+            let frozen_base = [Some(&self.weight), self.bias.as_ref()]
+                .into_iter()
+                .flatten()
+                .all(|t| !t.track_op());
+            if tracked && frozen_base && self.kind == ModuleKind::Linear {
+                return self.forward_one_node(x, a);
+            }
+        }
+        self.forward_values(x)
+    }
+
+    /// Training one adapter on a Linear: its value from [`Self::forward_values`] off the graph,
+    /// re-attached as one node over `(x, down, up)` ([`LoraLinearNode`]). Composed, the graph
+    /// would keep the base output, the delta and the sum of every adapted layer (three full-width
+    /// tensors); this node keeps its output only, and its backward recomputes the rank-r `x·downᵀ`.
+    fn forward_one_node(&self, x: &Tensor, a: &AttachedLora) -> Result<Tensor> {
+        let detached = Self {
+            adapters: vec![AttachedLora {
+                name: a.name.clone(),
+                down: a.down.detach(),
+                up: a.up.detach(),
+                factor: a.factor,
+            }],
+            ..self.clone()
+        };
+        let output = crate::nn::contiguous(&detached.forward_values(&x.detach())?)?;
+        Ok(x.apply_op3(
+            &a.down,
+            &a.up,
+            LoraLinearNode {
+                weight: self.weight.clone(),
+                factor: a.factor,
+                output: ComputedOutput::new(output),
+            },
+        )?)
+    }
+
+    /// The layer's output, composed from candle's ops (recorded where its inputs are tracked).
+    fn forward_values(&self, x: &Tensor) -> Result<Tensor> {
         let base = match self.kind {
             ModuleKind::Linear => frozen_linear(x, &self.weight, self.bias.as_ref())?,
             ModuleKind::Conv1x1 => {
@@ -370,6 +490,11 @@ impl LoraLinear {
         if self.adapters.is_empty() {
             return Ok(base);
         }
+        Ok((&base + self.adapter_delta(x)?.to_dtype(base.dtype())?)?)
+    }
+
+    /// `Σᵢ factorᵢ · upᵢ(downᵢ(x))` over the attached adapters.
+    fn adapter_delta(&self, x: &Tensor) -> Result<Tensor> {
         // On a GPU the adapter's products run in the activations' dtype, its f32 weights cast
         // to it (as PyTorch's autocast runs peft's): each pass over a `[B, N, out]` tensor (an
         // f32 copy of the input) costs as much as the adapter's products there, and cuBLAS
@@ -407,7 +532,6 @@ impl LoraLinear {
                 None => d,
             });
         }
-        let delta = delta.expect("adapters is non-empty");
-        Ok((&base + delta.to_dtype(base.dtype())?)?)
+        Ok(delta.expect("adapters is non-empty"))
     }
 }

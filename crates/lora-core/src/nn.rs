@@ -150,11 +150,12 @@ struct ConvInputGrad {
 }
 
 /// The stride-1 adjoint of a frozen kernel `[O, I, k, k]`: flipped in space with its channel
-/// axes swapped, `[I, O, k, k]`, for devices without our CPU convolution (CUDA). Built on the
-/// first backward pass and kept by the layer: making it (candle's `flip` is an index-select copy
-/// of the whole kernel) took about a quarter of an SD1.5 LoRA step when redone every step. Costs
-/// one more copy of the conv kernels, only once something is trained through them. On the CPU
-/// (f32) the input gradient is `Wᵀ·dy` with col2im (`cpu_conv`), which needs no such copy.
+/// axes swapped, `[I, O, k, k]`, for the half-precision CPU path and CUDA without our kernels.
+/// Built on the first backward pass and kept by the layer: making it with candle (`flip` is an
+/// index-select copy of the whole kernel) took about a quarter of an SD1.5 LoRA step when redone
+/// every step. Costs one more copy of the conv kernels, only once something is trained through
+/// them. On CUDA our gather kernel builds it each time instead (`cuda_kernels::conv_adjoint`);
+/// on the CPU in f32 the input gradient is `Wᵀ·dy` with col2im (`cpu_conv`), with no copy.
 #[derive(Debug, Clone, Default)]
 pub struct AdjointKernel(Arc<OnceLock<Tensor>>);
 
@@ -165,6 +166,30 @@ fn adjoint_kernel(weight: &Tensor) -> candle_core::Result<Tensor> {
         _ => weight.flip(&[2, 3])?.transpose(0, 1)?,
     };
     swapped.contiguous()
+}
+
+impl ConvInputGrad {
+    /// The stride-1 adjoint kernel: on CUDA one pass of our gather kernel each time (a kept
+    /// copy would hold every conv kernel twice in device memory, 0.8 GB for SD1.5 in bf16);
+    /// elsewhere built once and kept by the layer where it has a place for it.
+    fn adjoint_kernel(&self) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if cuda_kernels::applies(&[&self.weight]) {
+            return cuda_kernels::conv_adjoint(&self.weight);
+        }
+        match &self.adjoint {
+            Some(AdjointKernel(cell)) => match cell.get() {
+                Some(kernel) => Ok(kernel.clone()),
+                None => {
+                    let kernel = adjoint_kernel(&self.weight)?;
+                    // A concurrent first pass may have set it: either is the same kernel.
+                    let _ = cell.set(kernel.clone());
+                    Ok(kernel)
+                }
+            },
+            None => adjoint_kernel(&self.weight),
+        }
+    }
 }
 
 impl InputGradient for ConvInputGrad {
@@ -183,18 +208,7 @@ impl InputGradient for ConvInputGrad {
         // (zeros between). candle's conv2d runs it faster than its conv_transpose2d: 2.5-5x on
         // CPU at SD1.5 shapes; on an H200 conv_transpose2d's direct kernel took 7 ms per
         // downsampler at batch 4, more than all of a layer's products (issue #7).
-        let flipped = match &self.adjoint {
-            Some(AdjointKernel(cell)) => match cell.get() {
-                Some(kernel) => kernel.clone(),
-                None => {
-                    let kernel = adjoint_kernel(&self.weight)?;
-                    // A concurrent first pass may have set it: either is the same kernel.
-                    let _ = cell.set(kernel.clone());
-                    kernel
-                }
-            },
-            None => adjoint_kernel(&self.weight)?,
-        };
+        let flipped = self.adjoint_kernel()?;
         let (_, _, kh, kw) = self.weight.dims4()?;
         if self.stride == 1 && kh == kw {
             return conv2d_stride1(grad_out, &flipped, kh - 1 - self.padding);
