@@ -101,6 +101,78 @@ __device__ void softmax_rows(const T *x, T *y, unsigned rows, unsigned cols) {
   }
 }
 
+// Attention backward, per block of score rows: P = softmax(S) and dS = P ⊙ (dP − δ) from the
+// scores S and dP − δ (both `[rows, cols]`), written as out[0] = P, out[1] = dS `[2, rows, cols]`:
+// one pass after the row statistics where a softmax then a product take two.
+template <typename T, int P>
+__device__ void softmax_times(const T *s, const T *d, T *out, unsigned rows, unsigned cols) {
+  const unsigned warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+  const unsigned packs = cols / P;
+  const size_t plane = (size_t)rows * cols;
+  for (size_t row = (size_t)blockIdx.x * warps + (threadIdx.x >> 5); row < rows;
+       row += (size_t)gridDim.x * warps) {
+    const Pack<T, P> *sr = reinterpret_cast<const Pack<T, P> *>(s + row * cols);
+    const Pack<T, P> *dr = reinterpret_cast<const Pack<T, P> *>(d + row * cols);
+    Pack<T, P> *pr = reinterpret_cast<Pack<T, P> *>(out + row * cols);
+    Pack<T, P> *gr = reinterpret_cast<Pack<T, P> *>(out + plane + row * cols);
+    float m = -INFINITY, sum = 0.f;
+    for (unsigned k = lane; k < packs; k += 32) {
+      const Pack<T, P> p = sr[k];
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float v = to_float(p.v[e]);
+        if (v > m) {
+          sum = sum * __expf(m - v) + 1.f;
+          m = v;
+        } else {
+          sum += __expf(v - m);
+        }
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+      const float s2 = __shfl_xor_sync(0xffffffffu, sum, o);
+      const float mx = fmaxf(m, m2);
+      sum = (sum == 0.f ? 0.f : sum * __expf(m - mx)) + (s2 == 0.f ? 0.f : s2 * __expf(m2 - mx));
+      m = mx;
+    }
+    const float inv = 1.f / sum;
+    for (unsigned k = lane; k < packs; k += 32) {
+      const Pack<T, P> sp = sr[k], dp = dr[k];
+      Pack<T, P> pp, gp;
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float prob = __expf(to_float(sp.v[e]) - m) * inv;
+        pp.v[e] = from_float<T>(prob);
+        gp.v[e] = from_float<T>(prob * to_float(dp.v[e]));
+      }
+      pr[k] = pp;
+      gr[k] = gp;
+    }
+  }
+}
+
+// [g | −rowsum(g ⊙ o)] `[rows, d + 1]` for g, o `[rows, d]`, one warp per row (the sum in f32):
+// the left operand of attention's backward product [dO | −δ]·[v | 1]ᵀ = dP − δ in one pass.
+template <typename T>
+__device__ void append_neg_row_dot(const T *g, const T *o, T *out, unsigned rows, unsigned d) {
+  const unsigned warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+  for (size_t row = (size_t)blockIdx.x * warps + (threadIdx.x >> 5); row < rows;
+       row += (size_t)gridDim.x * warps) {
+    const T *gr = g + row * d, *orow = o + row * d;
+    T *out_row = out + row * (d + 1);
+    float acc = 0.f;
+    for (unsigned c = lane; c < d; c += 32) {
+      const T gv = gr[c];
+      acc += to_float(gv) * to_float(orow[c]);
+      out_row[c] = gv;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) out_row[d] = from_float<T>(-acc);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Strided → contiguous copies, in units of W (2, 4, 8 or 16 bytes: the caller picks the widest
 // unit dividing every stride, the run length and the start offset).
@@ -321,6 +393,18 @@ __device__ void conv_adjoint(const T *w, T *a, unsigned O, unsigned I, unsigned 
   }                                                                                             \
   extern "C" __global__ void softmax_packed_##S(const T *x, T *y, unsigned rows, unsigned cols) { \
     softmax_rows<T, 16 / sizeof(T)>(x, y, rows, cols);                                          \
+  }                                                                                             \
+  extern "C" __global__ void softmax_times_##S(const T *s, const T *d, T *out, unsigned rows,    \
+                                               unsigned cols) {                                 \
+    softmax_times<T, 1>(s, d, out, rows, cols);                                                 \
+  }                                                                                             \
+  extern "C" __global__ void softmax_times_packed_##S(const T *s, const T *d, T *out,           \
+                                                      unsigned rows, unsigned cols) {           \
+    softmax_times<T, 16 / sizeof(T)>(s, d, out, rows, cols);                                    \
+  }                                                                                             \
+  extern "C" __global__ void append_neg_row_dot_##S(const T *g, const T *o, T *out,             \
+                                                    unsigned rows, unsigned d) {                \
+    append_neg_row_dot<T>(g, o, out, rows, d);                                                  \
   }                                                                                             \
   extern "C" __global__ void channel_affine_##S(const T *x, const T *params, T *y, unsigned rows, \
                                                 unsigned cols, unsigned channels, int per_row,   \

@@ -65,6 +65,28 @@ fn softmax(scores: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `(P, P ⊙ d)` for the scores `s`: `P = softmax(s)`; on CUDA one kernel.
+fn softmax_times(s: &Tensor, d: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda_kernels::applies(&[s, d]) {
+        return crate::cuda_kernels::softmax_times(s, d);
+    }
+    let p = softmax(s)?;
+    let pd = (&p * d)?;
+    Ok((p, pd))
+}
+
+/// `[dO | −δ]` with `δ = rowsum(dO ⊙ O)` summed in f32, in `grad`'s dtype; on CUDA one kernel.
+fn grad_and_neg_delta(grad: &Tensor, out: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda_kernels::applies(&[grad, out]) {
+        return crate::cuda_kernels::append_neg_row_dot(grad, out);
+    }
+    let acc = compute_dtype(grad.dtype());
+    let delta = (grad.to_dtype(acc)? * out.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
+    Tensor::cat(&[grad, &delta.neg()?.to_dtype(grad.dtype())?], D::Minus1)
+}
+
 /// One attention's operands with heads split, in the score dtype.
 struct Heads {
     /// Queries scaled by 1/√d, so no pass over the scores scales them.
@@ -120,9 +142,14 @@ impl Heads {
             .collect())
     }
 
+    /// Scaled scores of query rows `start..start + rows` against all keys.
+    fn scores(&self, start: usize, rows: usize) -> Result<Tensor> {
+        self.q.narrow(2, start, rows)?.matmul(&self.k.t()?)
+    }
+
     /// Softmax probabilities of query rows `start..start + rows` over all keys.
     fn probabilities(&self, start: usize, rows: usize) -> Result<Tensor> {
-        softmax(&self.q.narrow(2, start, rows)?.matmul(&self.k.t()?)?)
+        softmax(&self.scores(start, rows)?)
     }
 
     /// `softmax(q·kᵀ/√d)·v`, `[B, H, N, d]`.
@@ -142,9 +169,8 @@ impl Heads {
     /// dP − δ comes out of one product, [dO | −δ]·[v | 1]ᵀ, so no pass over the block subtracts.
     fn backward(&self, out: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (sd, acc) = (self.v.dtype(), compute_dtype(self.v.dtype()));
-        let delta = (grad.to_dtype(acc)? * out.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
         let grad = grad.to_dtype(sd)?;
-        let grad_delta = Tensor::cat(&[&grad, &delta.neg()?.to_dtype(sd)?], D::Minus1)?;
+        let grad_delta = grad_and_neg_delta(&grad, out)?;
         let v_ones = Tensor::cat(
             &[&self.v, &self.v.narrow(D::Minus1, 0, 1)?.ones_like()?],
             D::Minus1,
@@ -159,10 +185,9 @@ impl Heads {
             }))
         };
         for (start, rows) in self.blocks()? {
-            let p = self.probabilities(start, rows)?;
-            dv = accumulate(dv, p.t()?.matmul(&grad.narrow(2, start, rows)?)?)?;
             let dp_minus_delta = grad_delta.narrow(2, start, rows)?.matmul(&v_ones.t()?)?;
-            let ds = (p * dp_minus_delta)?;
+            let (p, ds) = softmax_times(&self.scores(start, rows)?, &dp_minus_delta)?;
+            dv = accumulate(dv, p.t()?.matmul(&grad.narrow(2, start, rows)?)?)?;
             dq.push(ds.matmul(&k_scaled)?);
             dk = accumulate(dk, ds.t()?.matmul(&self.q.narrow(2, start, rows)?)?)?;
         }

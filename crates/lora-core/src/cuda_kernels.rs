@@ -265,6 +265,58 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.apply_op1_no_bwd(&kernel)
 }
 
+/// `(P, dS)` for attention's backward: `P = softmax(S)` over the last axis and `dS = P ⊙ D`, from
+/// the scores `S` and `D = dP − δ` of one shape, in one kernel after the row statistics.
+pub(crate) fn softmax_times(s: &Tensor, d: &Tensor) -> Result<(Tensor, Tensor)> {
+    let s = contiguous(s)?;
+    let d = contiguous(&d.to_dtype(s.dtype())?)?;
+    let cols = s.dim(candle_core::D::Minus1)?;
+    let rows = s.elem_count() / cols.max(1);
+    let pack = 16 / s.dtype().size_in_bytes();
+    let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(pack);
+    let packed = cols % pack == 0 && aligned(&s) && aligned(&d);
+    let mut dims = vec![2];
+    dims.extend_from_slice(s.dims());
+    let kernel = FloatKernel {
+        name: if packed {
+            "softmax_times_packed"
+        } else {
+            "softmax_times"
+        },
+        shape: Shape::from_dims(&dims),
+        grid: (grid(rows, 4), 1, 1),
+        block: 128,
+        scalars: vec![
+            Arg::U32(u32_of(rows, "rows")?),
+            Arg::U32(u32_of(cols, "columns")?),
+        ],
+    };
+    let out = s.apply_op2_no_bwd(&d, &kernel)?;
+    Ok((out.get(0)?, out.get(1)?))
+}
+
+/// `[g | −rowsum(g ⊙ o)]` over the last axis (`[…, d]` → `[…, d + 1]`, the sum in f32): the left
+/// operand of attention's backward product `[dO | −δ]·[v | 1]ᵀ`.
+pub(crate) fn append_neg_row_dot(g: &Tensor, o: &Tensor) -> Result<Tensor> {
+    let g = contiguous(g)?;
+    let o = contiguous(&o.to_dtype(g.dtype())?)?;
+    let d = g.dim(candle_core::D::Minus1)?;
+    let rows = g.elem_count() / d.max(1);
+    let mut dims = g.dims().to_vec();
+    *dims.last_mut().expect("checked above: a last axis") = d + 1;
+    let kernel = FloatKernel {
+        name: "append_neg_row_dot",
+        shape: Shape::from_dims(&dims),
+        grid: (grid(rows, 4), 1, 1),
+        block: 128,
+        scalars: vec![
+            Arg::U32(u32_of(rows, "rows")?),
+            Arg::U32(u32_of(d, "width")?),
+        ],
+    };
+    g.apply_op2_no_bwd(&o, &kernel)
+}
+
 /// Where a per-channel affine finds its channel in `[rows, cols]`.
 pub(crate) enum ChannelAxis {
     /// An NCHW map viewed as `[B·C, H·W]`: the channel is the row modulo `channels`.
@@ -737,6 +789,23 @@ mod tests {
                 let err = max_err(&ours, &theirs)?;
                 assert!(err < tol, "softmax {dtype:?} cols {cols}: {err}");
             }
+            // attention backward: softmax times, [g | −rowsum(g ⊙ o)].
+            for cols in [4096, 77] {
+                let scores = (normal(&[2, 3, cols])? * 3.0)?.to_dtype(dtype)?;
+                let d = normal(&[2, 3, cols])?.to_dtype(dtype)?;
+                let (p, ds) = softmax_times(&scores, &d)?;
+                let p32 = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
+                let ds32 = (&p32 * d.to_dtype(DType::F32)?)?;
+                let err = max_err(&p, &p32)?.max(max_err(&ds, &ds32)?);
+                assert!(err < tol, "softmax times {dtype:?} cols {cols}: {err}");
+            }
+            let g = normal(&[2, 5, 40])?.to_dtype(dtype)?;
+            let o = normal(&[2, 5, 40])?.to_dtype(dtype)?;
+            let (g32, o32) = (g.to_dtype(DType::F32)?, o.to_dtype(DType::F32)?);
+            let delta = (&g32 * &o32)?.sum_keepdim(2)?.neg()?;
+            let theirs = Tensor::cat(&[&g32, &delta], 2)?;
+            let err = max_err(&append_neg_row_dot(&g, &o)?, &theirs)?;
+            assert!(err < tol, "append −row dot {dtype:?}: {err}");
             // copies: split heads, narrowed rows, NCHW ↔ tokens.
             let x = normal(&[2, 7, 8, 40])?.to_dtype(dtype)?;
             let views = [
