@@ -59,6 +59,39 @@ template <typename T, int P> struct alignas(sizeof(T) * P) Pack {
   T v[P];
 };
 
+// A row's maximum `m` and 1 / Σ exp(x − m), for the warp reading it (`packs` packs, this thread
+// being `lane`): a running maximum and the sum relative to it per lane, then combined across the
+// warp; every lane gets both.
+template <typename T, int P>
+__device__ void row_statistics(const Pack<T, P> *row, unsigned packs, unsigned lane, float &m,
+                               float &inv) {
+  float s = 0.f;
+  m = -INFINITY;
+  for (unsigned k = lane; k < packs; k += 32) {
+    const Pack<T, P> p = row[k];
+#pragma unroll
+    for (int e = 0; e < P; ++e) {
+      const float v = to_float(p.v[e]);
+      if (v > m) {
+        s = s * __expf(m - v) + 1.f;
+        m = v;
+      } else {
+        s += __expf(v - m);
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    const float mx = fmaxf(m, m2);
+    // A lane that saw no value has s == 0 and m == −inf: it adds nothing (and no NaN).
+    s = (s == 0.f ? 0.f : s * __expf(m - mx)) + (s2 == 0.f ? 0.f : s2 * __expf(m2 - mx));
+    m = mx;
+  }
+  inv = 1.f / s;
+}
+
 template <typename T, int P>
 __device__ void softmax_rows(const T *x, T *y, unsigned rows, unsigned cols) {
   const unsigned warps = blockDim.x >> 5, lane = threadIdx.x & 31;
@@ -67,30 +100,8 @@ __device__ void softmax_rows(const T *x, T *y, unsigned rows, unsigned cols) {
        row += (size_t)gridDim.x * warps) {
     const Pack<T, P> *xr = reinterpret_cast<const Pack<T, P> *>(x + row * cols);
     Pack<T, P> *yr = reinterpret_cast<Pack<T, P> *>(y + row * cols);
-    float m = -INFINITY, s = 0.f;
-    for (unsigned k = lane; k < packs; k += 32) {
-      const Pack<T, P> p = xr[k];
-#pragma unroll
-      for (int e = 0; e < P; ++e) {
-        const float v = to_float(p.v[e]);
-        if (v > m) {
-          s = s * __expf(m - v) + 1.f;
-          m = v;
-        } else {
-          s += __expf(v - m);
-        }
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-      const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-      const float mx = fmaxf(m, m2);
-      // A lane that saw no value has s == 0 and m == −inf: it adds nothing (and no NaN).
-      s = (s == 0.f ? 0.f : s * __expf(m - mx)) + (s2 == 0.f ? 0.f : s2 * __expf(m2 - mx));
-      m = mx;
-    }
-    const float inv = 1.f / s;
+    float m, inv;
+    row_statistics<T, P>(xr, packs, lane, m, inv);
     for (unsigned k = lane; k < packs; k += 32) {
       const Pack<T, P> p = xr[k];
       Pack<T, P> q;
@@ -115,29 +126,8 @@ __device__ void softmax_times(const T *s, const T *d, T *out, unsigned rows, uns
     const Pack<T, P> *dr = reinterpret_cast<const Pack<T, P> *>(d + row * cols);
     Pack<T, P> *pr = reinterpret_cast<Pack<T, P> *>(out + row * cols);
     Pack<T, P> *gr = reinterpret_cast<Pack<T, P> *>(out + plane + row * cols);
-    float m = -INFINITY, sum = 0.f;
-    for (unsigned k = lane; k < packs; k += 32) {
-      const Pack<T, P> p = sr[k];
-#pragma unroll
-      for (int e = 0; e < P; ++e) {
-        const float v = to_float(p.v[e]);
-        if (v > m) {
-          sum = sum * __expf(m - v) + 1.f;
-          m = v;
-        } else {
-          sum += __expf(v - m);
-        }
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-      const float s2 = __shfl_xor_sync(0xffffffffu, sum, o);
-      const float mx = fmaxf(m, m2);
-      sum = (sum == 0.f ? 0.f : sum * __expf(m - mx)) + (s2 == 0.f ? 0.f : s2 * __expf(m2 - mx));
-      m = mx;
-    }
-    const float inv = 1.f / sum;
+    float m, inv;
+    row_statistics<T, P>(sr, packs, lane, m, inv);
     for (unsigned k = lane; k < packs; k += 32) {
       const Pack<T, P> sp = sr[k], dp = dr[k];
       Pack<T, P> pp, gp;
