@@ -510,6 +510,9 @@ enum CopyPlan {
 /// The plan for copying `dims`/`strides` (elements of `elem` bytes, from `start`), or `None` where
 /// candle's copy has to do it (an already contiguous layout is not asked for).
 fn copy_plan(dims: &[usize], strides: &[usize], start: usize, elem: usize) -> Option<CopyPlan> {
+    if dims.contains(&0) {
+        return None;
+    }
     // Axes of extent 1 dropped; neighbours merged where the outer one steps over the inner one.
     let mut axes: Vec<(usize, usize)> = Vec::new();
     for (&d, &s) in dims.iter().zip(strides) {
@@ -686,7 +689,7 @@ impl CustomOp1 for StridedCopy {
 /// `x` as a contiguous tensor (itself when it already is), recorded in the graph like candle's
 /// `contiguous`: by [`StridedCopy`] where a plan exists, else by candle.
 pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
-    if x.is_contiguous() || !applies(&[x]) {
+    if x.is_contiguous() || x.elem_count() == 0 || !applies(&[x]) {
         return x.contiguous();
     }
     let layout = x.layout();
@@ -747,8 +750,9 @@ mod tests {
             copy_plan(&[4, 3], &[1, 0], 0, 4),
             Some(CopyPlan::Transpose { q_stride: 0, .. })
         ));
-        // No axis of unit stride: candle's copy.
+        // No axis of unit stride, or nothing to copy: candle's copy.
         assert_eq!(copy_plan(&[4, 3], &[6, 2], 0, 4), None);
+        assert_eq!(copy_plan(&[0, 3], &[1, 0], 0, 4), None);
     }
 
     /// Every kernel against candle's ops on the GPU, in each dtype, on shapes that exercise the
