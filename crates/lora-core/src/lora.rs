@@ -281,10 +281,23 @@ struct AttachedLora {
     factor: f64,
 }
 
+/// The dtype an adapter's products run in for the input `x`. On a GPU the activations' own, the
+/// adapter's f32 weights cast to it (as PyTorch's autocast runs peft's): each pass over a
+/// `[B, N, out]` tensor (an f32 copy of the input) costs as much as the adapter's products there,
+/// and cuBLAS accumulates half-precision products in f32. On the CPU f32: there half precision is
+/// a compatibility path, and with f16 products the f16-base gradient test's worst error doubled
+/// (6e-2 → 1.4e-1 of its 0.15 bound).
+fn adapter_dtype(x: &Tensor) -> DType {
+    match x.device().is_cpu() {
+        true => DType::F32,
+        false => x.dtype(),
+    }
+}
+
 /// `(x, down, up) → x·Wᵀ + b + factor·(x·downᵀ)·upᵀ` for a frozen `W`, computed off the graph.
 /// With `g` the output gradient and `t = x·downᵀ` (recomputed), `gu = g·up`:
 /// `dx = g·W + factor·gu·down`, `d_down = factor·guᵀ·x`, `d_up = factor·gᵀ·t`, with the products
-/// in the forward pass's dtype (`LoraLinear::adapter_delta`).
+/// in [`adapter_dtype`].
 struct LoraLinearNode {
     weight: Tensor,
     factor: f64,
@@ -328,11 +341,7 @@ impl CustomOp3 for LoraLinearNode {
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dtype = match x.device().is_cpu() {
-            true => DType::F32,
-            false => x.dtype(),
-        };
-        let width = x.dim(D::Minus1)?;
+        let dtype = adapter_dtype(x);
         let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
             let t = crate::nn::contiguous(&t.to_dtype(dtype)?)?;
             let cols = t.dim(D::Minus1)?;
@@ -345,10 +354,8 @@ impl CustomOp3 for LoraLinearNode {
         let d_up = (g2.t()?.matmul(&t)? * self.factor)?;
         let d_down = (gu.t()?.matmul(&x2)? * self.factor)?;
         let dx_base = shared_matmul(&grad.to_dtype(self.weight.dtype())?, &self.weight)?;
-        let dx_lora = (gu.matmul(&down_c)? * self.factor)?;
-        let dx = (dx_base.reshape(((), width))? + dx_lora.to_dtype(dx_base.dtype())?)?
-            .reshape(x.shape())?
-            .to_dtype(x.dtype())?;
+        let dx_lora = (gu.matmul(&down_c)? * self.factor)?.reshape(x.shape())?;
+        let dx = (&dx_base + dx_lora.to_dtype(dx_base.dtype())?)?.to_dtype(x.dtype())?;
         Ok((
             Some(dx),
             Some(d_down.to_dtype(down.dtype())?),
@@ -360,7 +367,7 @@ impl CustomOp3 for LoraLinearNode {
 /// A frozen Linear or 1×1 conv with any number of low-rank adapters applied unmerged:
 /// `y = W·x + b + Σᵢ multiplierᵢ · (alphaᵢ / rankᵢ) · upᵢ(downᵢ(x))`.
 /// The base may be f32/f16/bf16; the adapters' f32 weights are cast to the activations' dtype
-/// for their products on a GPU, which stay in f32 on the CPU (see `adapter_delta`).
+/// for their products on a GPU, which stay in f32 on the CPU (see [`adapter_dtype`]).
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
     /// `[out, in]` for Linear, `[out, in, 1, 1]` for Conv1x1.
@@ -444,7 +451,7 @@ impl LoraLinear {
                 return self.forward_one_node(x, a);
             }
         }
-        self.forward_values(x)
+        self.forward_values(x, &self.adapters)
     }
 
     /// Training one adapter on a Linear: its value from [`Self::forward_values`] off the graph,
@@ -452,16 +459,13 @@ impl LoraLinear {
     /// would keep the base output, the delta and the sum of every adapted layer (three full-width
     /// tensors); this node keeps its output only, and its backward recomputes the rank-r `x·downᵀ`.
     fn forward_one_node(&self, x: &Tensor, a: &AttachedLora) -> Result<Tensor> {
-        let detached = Self {
-            adapters: vec![AttachedLora {
-                name: a.name.clone(),
-                down: a.down.detach(),
-                up: a.up.detach(),
-                factor: a.factor,
-            }],
-            ..self.clone()
+        let detached = AttachedLora {
+            name: a.name.clone(),
+            down: a.down.detach(),
+            up: a.up.detach(),
+            factor: a.factor,
         };
-        let output = crate::nn::contiguous(&detached.forward_values(&x.detach())?)?;
+        let output = self.forward_values(&x.detach(), std::slice::from_ref(&detached))?;
         Ok(x.apply_op3(
             &a.down,
             &a.up,
@@ -473,8 +477,9 @@ impl LoraLinear {
         )?)
     }
 
-    /// The layer's output, composed from candle's ops (recorded where its inputs are tracked).
-    fn forward_values(&self, x: &Tensor) -> Result<Tensor> {
+    /// The layer's output with `adapters`, composed from candle's ops (recorded where its inputs
+    /// are tracked).
+    fn forward_values(&self, x: &Tensor, adapters: &[AttachedLora]) -> Result<Tensor> {
         let base = match self.kind {
             ModuleKind::Linear => frozen_linear(x, &self.weight, self.bias.as_ref())?,
             ModuleKind::Conv1x1 => {
@@ -487,28 +492,19 @@ impl LoraLinear {
             }
             ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
         };
-        if self.adapters.is_empty() {
+        if adapters.is_empty() {
             return Ok(base);
         }
-        Ok((&base + self.adapter_delta(x)?.to_dtype(base.dtype())?)?)
+        Ok((&base + self.adapter_delta(x, adapters)?.to_dtype(base.dtype())?)?)
     }
 
-    /// `Σᵢ factorᵢ · upᵢ(downᵢ(x))` over the attached adapters.
-    fn adapter_delta(&self, x: &Tensor) -> Result<Tensor> {
-        // On a GPU the adapter's products run in the activations' dtype, its f32 weights cast
-        // to it (as PyTorch's autocast runs peft's): each pass over a `[B, N, out]` tensor (an
-        // f32 copy of the input) costs as much as the adapter's products there, and cuBLAS
-        // accumulates half-precision products in f32. On the CPU they stay in f32: there half
-        // precision is a compatibility path, and with f16 products the f16-base gradient test's
-        // worst error doubled (6e-2 → 1.4e-1 of its 0.15 bound). Either way the factor scales
-        // the rank-r projection and the delta is added in the base's dtype.
-        let x = match x.device().is_cpu() {
-            true => x.to_dtype(DType::F32)?,
-            false => x.clone(),
-        };
-        let dtype = x.dtype();
+    /// `Σᵢ factorᵢ · upᵢ(downᵢ(x))` over `adapters`.
+    fn adapter_delta(&self, x: &Tensor, adapters: &[AttachedLora]) -> Result<Tensor> {
+        // The factor scales the rank-r projection, and the delta is added in the base's dtype.
+        let dtype = adapter_dtype(x);
+        let x = x.to_dtype(dtype)?;
         let mut delta: Option<Tensor> = None;
-        for a in &self.adapters {
+        for a in adapters {
             let (down, up) = (a.down.to_dtype(dtype)?, a.up.to_dtype(dtype)?);
             let d = match self.kind {
                 ModuleKind::Linear => {
