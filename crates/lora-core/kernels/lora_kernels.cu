@@ -248,6 +248,20 @@ __device__ void channel_affine(const T *x, const T *params, T *y, unsigned rows,
 // frozen affine `wb` = [weight; bias] `[2, C]`, optionally through the SiLU that followed it:
 // x̂ = (x − μ)·r, z = x̂·w + b, dz = dy·σ(z)(1 + z(1 − σ(z))) after a SiLU (else dy), g = dz·w,
 // dx = r·(g − mean(g) − x̂·mean(g·x̂)). Statistics in f32, recomputed rather than stored.
+// For one element of a group: its standardised value x̂ and g = dz·w, dz taken through the SiLU
+// that followed the affine when `silu`.
+template <typename T>
+__device__ __forceinline__ float2 standardized_and_g(T x, T dy, T w, T b, float mean, float rstd,
+                                                     int silu) {
+  const float xh = (to_float(x) - mean) * rstd, wc = to_float(w);
+  float dz = to_float(dy);
+  if (silu) {
+    const float z = xh * wc + to_float(b), s = sigmoid(z);
+    dz *= s * (1.f + z * (1.f - s));
+  }
+  return make_float2(xh, dz * wc);
+}
+
 template <typename T>
 __device__ void group_norm_backward(const T *x, const T *dy, const T *wb, T *dx, unsigned C,
                                     unsigned L, unsigned groups, float eps, int silu) {
@@ -271,27 +285,16 @@ __device__ void group_norm_backward(const T *x, const T *dy, const T *wb, T *dx,
   float sum_g = 0.f, sum_gx = 0.f;
   for (unsigned i = threadIdx.x; i < n; i += blockDim.x) {
     const unsigned c = g * per_group + i / L;
-    const float xh = (to_float(xs[i]) - mean) * rstd, wc = to_float(w[c]);
-    float dz = to_float(dys[i]);
-    if (silu) {
-      const float z = xh * wc + to_float(bias[c]), s = sigmoid(z);
-      dz *= s * (1.f + z * (1.f - s));
-    }
-    const float gi = dz * wc;
-    sum_g += gi;
-    sum_gx += gi * xh;
+    const float2 xg = standardized_and_g(xs[i], dys[i], w[c], bias[c], mean, rstd, silu);
+    sum_g += xg.y;
+    sum_gx += xg.y * xg.x;
   }
   const float mean_g = block_sum(sum_g, scratch) / n;
   const float mean_gx = block_sum(sum_gx, scratch) / n;
   for (unsigned i = threadIdx.x; i < n; i += blockDim.x) {
     const unsigned c = g * per_group + i / L;
-    const float xh = (to_float(xs[i]) - mean) * rstd, wc = to_float(w[c]);
-    float dz = to_float(dys[i]);
-    if (silu) {
-      const float z = xh * wc + to_float(bias[c]), s = sigmoid(z);
-      dz *= s * (1.f + z * (1.f - s));
-    }
-    dxs[i] = from_float<T>(rstd * (dz * wc - mean_g - xh * mean_gx));
+    const float2 xg = standardized_and_g(xs[i], dys[i], w[c], bias[c], mean, rstd, silu);
+    dxs[i] = from_float<T>(rstd * (xg.y - mean_g - xg.x * mean_gx));
   }
 }
 

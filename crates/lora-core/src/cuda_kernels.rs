@@ -48,6 +48,36 @@ fn grid(n: usize, per_block: usize) -> u32 {
     n.div_ceil(per_block).clamp(1, 65_535) as u32
 }
 
+/// `(rows, cols)` of `t` viewed as a matrix over its last axis.
+fn rows_and_cols(t: &Tensor) -> Result<(usize, usize)> {
+    let cols = t.dim(candle_core::D::Minus1)?;
+    Ok((t.elem_count() / cols.max(1), cols))
+}
+
+/// Whether rows of `cols` elements of these tensors can be read in 16-byte packs (whole packs
+/// per row, each tensor starting on a pack), as the `_packed` kernels do.
+fn packed(cols: usize, tensors: &[&Tensor]) -> bool {
+    let pack = 16 / tensors[0].dtype().size_in_bytes();
+    cols.is_multiple_of(pack)
+        && tensors
+            .iter()
+            .all(|t| t.layout().start_offset().is_multiple_of(pack))
+}
+
+fn cuda_storage(
+    dev: &CudaDevice,
+    slice: candle_core::cuda_backend::S,
+    shape: Shape,
+) -> (CudaStorage, Shape) {
+    (
+        CudaStorage {
+            slice,
+            device: dev.clone(),
+        },
+        shape,
+    )
+}
+
 fn not_on_cpu<T>() -> Result<T> {
     Err(candle_core::Error::Msg(
         "lora-toolkit CUDA kernel called on the CPU".into(),
@@ -73,6 +103,21 @@ struct FloatKernel {
 }
 
 impl FloatKernel {
+    /// A kernel with one warp per row of `rows` (four rows per block of 128 threads) and the
+    /// scalars `rows, cols`.
+    fn warp_per_row(name: &'static str, shape: Shape, rows: usize, cols: usize) -> Result<Self> {
+        Ok(Self {
+            name,
+            shape,
+            grid: (grid(rows, 4), 1, 1),
+            block: 128,
+            scalars: vec![
+                Arg::U32(u32_of(rows, "rows")?),
+                Arg::U32(u32_of(cols, "columns")?),
+            ],
+        })
+    }
+
     fn launch<T: DeviceRepr + WithDType>(
         &self,
         dev: &CudaDevice,
@@ -109,13 +154,7 @@ impl FloatKernel {
         dev: &CudaDevice,
         slice: candle_core::cuda_backend::S,
     ) -> (CudaStorage, Shape) {
-        (
-            CudaStorage {
-                slice,
-                device: dev.clone(),
-            },
-            self.shape.clone(),
-        )
+        cuda_storage(dev, slice, self.shape.clone())
     }
 }
 
@@ -247,22 +286,17 @@ impl CustomOp3 for FloatKernel {
 /// Softmax over the last axis (values in f32), one warp per row.
 pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let x = contiguous(x)?;
-    let cols = x.dim(candle_core::D::Minus1)?;
-    let rows = x.elem_count() / cols.max(1);
-    // The packed kernel loads 16 bytes per lane: rows of whole packs, from an aligned start.
-    let pack = 16 / x.dtype().size_in_bytes();
-    let packed = cols % pack == 0 && x.layout().start_offset() % pack == 0;
-    let kernel = FloatKernel {
-        name: if packed { "softmax_packed" } else { "softmax" },
-        shape: x.shape().clone(),
-        grid: (grid(rows, 4), 1, 1),
-        block: 128,
-        scalars: vec![
-            Arg::U32(u32_of(rows, "rows")?),
-            Arg::U32(u32_of(cols, "columns")?),
-        ],
+    let (rows, cols) = rows_and_cols(&x)?;
+    let name = match packed(cols, &[&x]) {
+        true => "softmax_packed",
+        false => "softmax",
     };
-    x.apply_op1_no_bwd(&kernel)
+    x.apply_op1_no_bwd(&FloatKernel::warp_per_row(
+        name,
+        x.shape().clone(),
+        rows,
+        cols,
+    )?)
 }
 
 /// `(P, dS)` for attention's backward: `P = softmax(S)` over the last axis and `dS = P ⊙ D`, from
@@ -270,27 +304,14 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub(crate) fn softmax_times(s: &Tensor, d: &Tensor) -> Result<(Tensor, Tensor)> {
     let s = contiguous(s)?;
     let d = contiguous(&d.to_dtype(s.dtype())?)?;
-    let cols = s.dim(candle_core::D::Minus1)?;
-    let rows = s.elem_count() / cols.max(1);
-    let pack = 16 / s.dtype().size_in_bytes();
-    let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(pack);
-    let packed = cols % pack == 0 && aligned(&s) && aligned(&d);
+    let (rows, cols) = rows_and_cols(&s)?;
+    let name = match packed(cols, &[&s, &d]) {
+        true => "softmax_times_packed",
+        false => "softmax_times",
+    };
     let mut dims = vec![2];
     dims.extend_from_slice(s.dims());
-    let kernel = FloatKernel {
-        name: if packed {
-            "softmax_times_packed"
-        } else {
-            "softmax_times"
-        },
-        shape: Shape::from_dims(&dims),
-        grid: (grid(rows, 4), 1, 1),
-        block: 128,
-        scalars: vec![
-            Arg::U32(u32_of(rows, "rows")?),
-            Arg::U32(u32_of(cols, "columns")?),
-        ],
-    };
+    let kernel = FloatKernel::warp_per_row(name, Shape::from_dims(&dims), rows, cols)?;
     let out = s.apply_op2_no_bwd(&d, &kernel)?;
     Ok((out.get(0)?, out.get(1)?))
 }
@@ -300,20 +321,10 @@ pub(crate) fn softmax_times(s: &Tensor, d: &Tensor) -> Result<(Tensor, Tensor)> 
 pub(crate) fn append_neg_row_dot(g: &Tensor, o: &Tensor) -> Result<Tensor> {
     let g = contiguous(g)?;
     let o = contiguous(&o.to_dtype(g.dtype())?)?;
-    let d = g.dim(candle_core::D::Minus1)?;
-    let rows = g.elem_count() / d.max(1);
+    let (rows, d) = rows_and_cols(&g)?;
     let mut dims = g.dims().to_vec();
     *dims.last_mut().expect("checked above: a last axis") = d + 1;
-    let kernel = FloatKernel {
-        name: "append_neg_row_dot",
-        shape: Shape::from_dims(&dims),
-        grid: (grid(rows, 4), 1, 1),
-        block: 128,
-        scalars: vec![
-            Arg::U32(u32_of(rows, "rows")?),
-            Arg::U32(u32_of(d, "width")?),
-        ],
-    };
+    let kernel = FloatKernel::warp_per_row("append_neg_row_dot", Shape::from_dims(&dims), rows, d)?;
     g.apply_op2_no_bwd(&o, &kernel)
 }
 
@@ -355,8 +366,8 @@ pub(crate) fn channel_affine(
             (rows, n / rows.max(1), channels, 1)
         }
         ChannelAxis::Columns => {
-            let cols = x.dim(candle_core::D::Minus1)?;
-            (n / cols.max(1), cols, cols, 0)
+            let (rows, cols) = rows_and_cols(&x)?;
+            (rows, cols, cols, 0)
         }
     };
     let row_of = |at: Option<usize>| at.map_or(-1, |r| r as i32);
@@ -412,29 +423,19 @@ pub(crate) fn group_norm_backward(
 pub(crate) fn layer_norm_backward(x: &Tensor, dy: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let (x, dy) = (contiguous(x)?, contiguous(&dy.to_dtype(x.dtype())?)?);
     let w = contiguous(&w.to_dtype(x.dtype())?)?;
-    let c = x.dim(candle_core::D::Minus1)?;
-    let rows = x.elem_count() / c.max(1);
-    let kernel = FloatKernel {
-        name: "layer_norm_backward",
-        shape: x.shape().clone(),
-        grid: (grid(rows, 4), 1, 1),
-        block: 128,
-        scalars: vec![
-            Arg::U32(u32_of(rows, "rows")?),
-            Arg::U32(u32_of(c, "channels")?),
-            Arg::F32(eps as f32),
-        ],
-    };
+    let (rows, c) = rows_and_cols(&x)?;
+    let mut kernel = FloatKernel::warp_per_row("layer_norm_backward", x.shape().clone(), rows, c)?;
+    kernel.scalars.push(Arg::F32(eps as f32));
     x.apply_op3_no_bwd(&dy, &w, &kernel)
 }
 
 /// `[rows, n]` for a GEGLU input `[…, 2n]`, and the output shape `[…, n]`.
 fn geglu_shape(h: &Tensor) -> Result<(usize, usize, Shape)> {
-    let width = h.dim(candle_core::D::Minus1)?;
+    let (rows, width) = rows_and_cols(h)?;
     let n = width / 2;
     let mut dims = h.dims().to_vec();
     *dims.last_mut().expect("a GEGLU input has a last axis") = n;
-    Ok((h.elem_count() / width.max(1), n, Shape::from_dims(&dims)))
+    Ok((rows, n, Shape::from_dims(&dims)))
 }
 
 fn geglu_kernel(name: &'static str, rows: usize, n: usize, shape: Shape) -> Result<FloatKernel> {
@@ -671,12 +672,9 @@ impl CustomOp1 for StridedCopy {
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = s.device();
-        let slice = Map1::map(self, &s.slice, dev, l)?;
-        Ok((
-            CudaStorage {
-                slice,
-                device: dev.clone(),
-            },
+        Ok(cuda_storage(
+            dev,
+            Map1::map(self, &s.slice, dev, l)?,
             l.shape().clone(),
         ))
     }
@@ -689,7 +687,7 @@ impl CustomOp1 for StridedCopy {
 /// `x` as a contiguous tensor (itself when it already is), recorded in the graph like candle's
 /// `contiguous`: by [`StridedCopy`] where a plan exists, else by candle.
 pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
-    if x.is_contiguous() || x.elem_count() == 0 || !applies(&[x]) {
+    if x.is_contiguous() || !applies(&[x]) {
         return x.contiguous();
     }
     let layout = x.layout();
