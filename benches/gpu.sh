@@ -82,18 +82,20 @@ print(json.dumps(row))
 PY
 }
 
-# case, dtype, batch: training at 64x64 latents (batch 1 and 4) in bf16, inference (CFG batch 2)
-# at 64x64 latents (512x512 pixels) in f16 and bf16.
+# case, dtype, batch[, flags for both programs]: training at 64x64 latents (batch 1 and 4) in bf16,
+# batch 4 also with gradient checkpointing on both sides, inference (CFG batch 2) at 64x64 latents
+# (512x512 pixels) in f16 and bf16.
 runs=(
   "train-sd15-64 bf16 1"
   "train-sd15-64 bf16 4"
+  "train-sd15-64 bf16 4 --gradient-checkpointing"
   "infer-sd15-64 f16 2"
   "infer-sd15-64 bf16 2"
 )
 results=()
 for run in "${runs[@]}"; do
-  read -r case dtype batch <<<"$run"
-  args=("$case" --device cuda --dtype "$dtype" --batch "$batch" --iters 10)
+  read -r case dtype batch flags <<<"$run"
+  args=("$case" --device cuda --dtype "$dtype" --batch "$batch" --iters 10 $flags)
   theirs=$(measure "$python" benches/unet_step_reference.py "${args[@]}")
   echo "$theirs"
   for build in $UNET_STEP_BINS; do
@@ -110,14 +112,15 @@ done
 "$python" - "${results[@]}" <<'PY'
 import json, sys
 args = sys.argv[1:]
-print(f"{'case':<15} {'dtype':<5} {'batch':>5} {'build':<12} {'ours it/s':>10} {'torch it/s':>10} {'speed':>7} {'ours MiB':>9} {'torch MiB':>9}")
+print(f"{'case':<18} {'dtype':<5} {'batch':>5} {'build':<12} {'ours it/s':>10} {'torch it/s':>10} {'speed':>7} {'ours MiB':>9} {'torch MiB':>9}")
 print("(MiB: peak nvidia-smi used memory sampled every 20 ms while each process ran, CUDA context included)")
 for build, o, t in zip(args[::3], args[1::3], args[2::3]):
     o, t = json.loads(o), json.loads(t)
     if "failed" in o or "failed" in t:
         print(f"{build} failed:", o.get("failed", ""), t.get("failed", ""))
         continue
-    print(f"{o['case']:<15} {o['dtype']:<5} {o['batch']:>5} {build:<12} {1/o['mean_s']:>10.2f} {1/t['mean_s']:>10.2f} "
+    case = o["case"] + (" gc" if o.get("gradient_checkpointing") else "")
+    print(f"{case:<18} {o['dtype']:<5} {o['batch']:>5} {build:<12} {1/o['mean_s']:>10.2f} {1/t['mean_s']:>10.2f} "
           f"{t['mean_s']/o['mean_s']:>6.2f}x {o['sampled_peak_gpu_mib'] or 0:>9.0f} {t['sampled_peak_gpu_mib'] or 0:>9.0f}")
 PY
 
@@ -132,8 +135,8 @@ if [ "${TRACE:-0}" != 0 ]; then
       echo "trace failed: $label"
   }
   for run in "${runs[@]}"; do
-    read -r case dtype batch <<<"$run"
-    args=("$case" --device cuda --dtype "$dtype" --batch "$batch" --iters 2)
+    read -r case dtype batch flags <<<"$run"
+    args=("$case" --device cuda --dtype "$dtype" --batch "$batch" --iters 2 $flags)
     if [ "$TRACE" != ours ]; then
       traced "reference, $run (warm-up + 2 steps)" "$python" benches/unet_step_reference.py "${args[@]}"
     fi

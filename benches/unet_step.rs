@@ -1,7 +1,7 @@
 //! UNet step benchmarks: one case per invocation, one JSON line per case on stdout.
 //!
 //!     cargo bench --bench unet_step -- <case> [--iters N] [--device cpu|cuda] [--dtype f32|f16|bf16]
-//!                                             [--batch N]
+//!                                             [--batch N] [--gradient-checkpointing]
 //!
 //! Cases (SD1.5 UNet architecture with random weights unless `tiny`; LoRA rank 4 on attn2):
 //! - `train-sd15-32`, `train-sd15-64`: forward + backward + AdamW, batch 1, latents 32×32 / 64×64
@@ -10,7 +10,8 @@
 //! - `train-tiny`, `infer-tiny`: the same on the sd1-tiny fixture model (a quick check)
 //!
 //! `--device`, `--dtype` (of the frozen base; LoRA stays f32) and `--batch` override a case's
-//! defaults (CPU, f32), for the GPU runs of `benches/gpu.sh`.
+//! defaults (CPU, f32), for the GPU runs of `benches/gpu.sh`. `--gradient-checkpointing` trains
+//! with `forward_checkpointed` (the reference: `enable_gradient_checkpointing()`).
 //!
 //! `benches/unet_step_reference.py` measures the same cases with diffusers + peft (PyTorch);
 //! `benches/run_unet_step.sh` runs both side by side and prints the ratio.
@@ -151,6 +152,7 @@ fn main() -> Result<()> {
         }
     };
     let iters: usize = flag("--iters")?.map_or(Ok(3), |v| v.parse())?;
+    let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
     let (device, device_name) = match flag("--device")?.map(String::as_str) {
         None | Some("cpu") => (
             Device::Cpu,
@@ -199,7 +201,7 @@ fn main() -> Result<()> {
     case.unet.attach_adapter("bench", &modules, 1.0)?;
     let vars: Vec<_> = trainable.vars.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = candle_nn::AdamW::new(
-        vars,
+        vars.clone(),
         candle_nn::ParamsAdamW {
             lr: 1e-4,
             ..Default::default()
@@ -213,19 +215,43 @@ fn main() -> Result<()> {
     let mut used_after_forward: Option<f64> = None;
     let mut step = || -> Result<()> {
         let t0 = Instant::now();
-        let out = case.unet.forward(&sample, &timesteps, &context)?;
         if case.train {
+            let loss = |out: &Tensor| (out.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all();
+            let checkpointed = if checkpointing {
+                let (prediction, pass) = case
+                    .unet
+                    .forward_checkpointed(&sample, &timesteps, &context)?;
+                Some((prediction, pass))
+            } else {
+                None
+            };
+            let out = match &checkpointed {
+                Some((prediction, _)) => prediction.as_tensor().clone(),
+                None => case.unet.forward(&sample, &timesteps, &context)?,
+            };
             // A GPU queues its work: wait for it, so each time is the work's, not its launch's.
             device.synchronize()?;
             forward_times.push(t0.elapsed().as_secs_f64());
             if let Some(used) = gpu_used_mib(&device) {
                 used_after_forward = Some(used_after_forward.map_or(used, |u: f64| u.max(used)));
             }
-            let loss = (out.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?;
-            opt.backward_step(&loss)?;
+            let loss = loss(&out)?;
+            drop(out);
+            match checkpointed {
+                Some((prediction, pass)) => {
+                    let grad = loss
+                        .backward()?
+                        .remove(prediction.as_tensor())
+                        .context("the loss has no gradient for the prediction")?;
+                    drop(prediction);
+                    opt.step(&pass.backward(&grad, &vars)?)?;
+                }
+                None => opt.backward_step(&loss)?,
+            }
             device.synchronize()?;
         } else {
             // Reading a value back also waits for an asynchronous device to finish.
+            let out = case.unet.forward(&sample, &timesteps, &context)?;
             out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         }
         Ok(())
@@ -250,6 +276,9 @@ fn main() -> Result<()> {
         serde_json::json!(format!("{dtype:?}").to_lowercase()),
     );
     out.insert("batch", serde_json::json!(b));
+    if checkpointing {
+        out.insert("gradient_checkpointing", serde_json::json!(true));
+    }
     if let Some(used) = gpu_used_mib(&device) {
         // Kept under its old name: the device's memory in use after the run, which (the pool
         // having released what was freed at the last synchronisation) is the weights, the CUDA

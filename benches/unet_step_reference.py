@@ -59,6 +59,9 @@ def main():
     unet.to(device, dtype)
     targets = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    checkpointing = "--gradient-checkpointing" in args
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     # LoRA weights in f32 over the half-precision base, as ours (peft's autocast_adapter_dtype).
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
@@ -108,6 +111,7 @@ def main():
         "device": f"cpu, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device),
         "dtype": {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype],
         "batch": b,
+        **({"gradient_checkpointing": True} if checkpointing else {}),
         **({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if device.type == "cuda" else {}),
         "iters": iters,
         "mean_s": sum(times) / len(times),

@@ -132,14 +132,33 @@ fn kohya_file_matches_diffusers_loader() -> Result<()> {
 
 #[test]
 fn adapter_gradients_match_pytorch_autograd() -> Result<()> {
-    check_adapter_gradients(&Device::Cpu, DType::F32, Tolerance::F32)
+    check_adapter_gradients(&Device::Cpu, DType::F32, Tolerance::F32, Backward::Plain)
+}
+
+/// Gradient checkpointing (`forward_checkpointed`, `--gradient-checkpointing`) recomputes each
+/// layer in the backward pass: the same gradients, on both the CPU kernels' path (f32) and the
+/// path other devices take (f16).
+#[test]
+fn checkpointed_adapter_gradients_match_pytorch_autograd() -> Result<()> {
+    check_adapter_gradients(
+        &Device::Cpu,
+        DType::F32,
+        Tolerance::F32,
+        Backward::Checkpointed,
+    )?;
+    check_adapter_gradients(
+        &Device::Cpu,
+        DType::F16,
+        Tolerance::F16,
+        Backward::Checkpointed,
+    )
 }
 
 /// A half-precision base takes the path every device but the CPU in f32 takes (candle's ops, the frozen
 /// layers' outputs re-attached with their input gradients): the same check on the CPU.
 #[test]
 fn adapter_gradients_with_an_f16_base_match_pytorch_autograd() -> Result<()> {
-    check_adapter_gradients(&Device::Cpu, DType::F16, Tolerance::F16)
+    check_adapter_gradients(&Device::Cpu, DType::F16, Tolerance::F16, Backward::Plain)
 }
 
 /// The CUDA path (cuBLAS, candle's kernels, the composed ops that stand in for the CPU kernels)
@@ -150,8 +169,22 @@ fn adapter_gradients_with_an_f16_base_match_pytorch_autograd() -> Result<()> {
 #[test]
 fn adapter_gradients_match_pytorch_autograd_on_cuda() -> Result<()> {
     let device = Device::new_cuda(0)?;
-    check_adapter_gradients(&device, DType::F32, Tolerance::F32)?;
-    check_adapter_gradients(&device, DType::BF16, Tolerance::BF16)
+    check_adapter_gradients(&device, DType::F32, Tolerance::F32, Backward::Plain)?;
+    check_adapter_gradients(&device, DType::BF16, Tolerance::BF16, Backward::Plain)?;
+    check_adapter_gradients(
+        &device,
+        DType::BF16,
+        Tolerance::BF16,
+        Backward::Checkpointed,
+    )
+}
+
+/// How the gradients are taken: candle's backward over the whole forward pass, or gradient
+/// checkpointing's layer-by-layer recomputation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Backward {
+    Plain,
+    Checkpointed,
 }
 
 /// Bounds on the relative error (‖ours − reference‖ / ‖reference‖) of the UNet output and of the
@@ -187,7 +220,12 @@ impl Tolerance {
 
 /// Loads each tiny model on `device` with a `dtype` base, attaches the fixture adapter as f32
 /// trainable variables, and compares output, loss and every adapter gradient with PyTorch's.
-fn check_adapter_gradients(device: &Device, dtype: DType, tol: Tolerance) -> Result<()> {
+fn check_adapter_gradients(
+    device: &Device,
+    dtype: DType,
+    tol: Tolerance,
+    backward: Backward,
+) -> Result<()> {
     let mut failures = Vec::new();
     for cfg in CONFIGS {
         let exp = expected(cfg)?;
@@ -219,23 +257,25 @@ fn check_adapter_gradients(device: &Device, dtype: DType, tol: Tolerance) -> Res
 
         let input = |key: &str| get(&exp, key).to_device(device)?.to_dtype(dtype);
         let timestep = get(&exp, "timestep").to_device(device)?;
-        let out = unet
-            .forward(
-                &input("sample")?,
-                &timestep,
-                &input("encoder_hidden_states")?,
-            )?
-            .to_dtype(DType::F32)?;
-        let label = format!("{cfg} on {device:?} with a {dtype:?} base");
+        let (sample, context) = (input("sample")?, input("encoder_hidden_states")?);
+        let (out, checkpointed) = match backward {
+            Backward::Plain => (unet.forward(&sample, &timestep, &context)?, None),
+            Backward::Checkpointed => {
+                let (prediction, pass) = unet.forward_checkpointed(&sample, &timestep, &context)?;
+                (prediction.as_tensor().clone(), Some((prediction, pass)))
+            }
+        };
+        let out_f32 = out.to_dtype(DType::F32)?;
+        let label = format!("{cfg} on {device:?} with a {dtype:?} base ({backward:?} backward)");
         let forward_err = rel_err(
-            &out.to_device(&Device::Cpu)?,
+            &out_f32.to_device(&Device::Cpu)?,
             get(&exp, "unet_out_lora_grad"),
         );
         if forward_err > tol.forward {
             failures.push(format!("{label}: forward relative error {forward_err:.2e}"));
         }
         let target = get(&exp, "grad_target").to_device(device)?;
-        let loss = (out - target)?.sqr()?.mean_all()?;
+        let loss = (out_f32 - target)?.sqr()?.mean_all()?;
         let ref_loss = get(&exp, "grad_loss")
             .flatten_all()?
             .get(0)?
@@ -246,7 +286,20 @@ fn check_adapter_gradients(device: &Device, dtype: DType, tol: Tolerance) -> Res
             failures.push(format!("{label}: loss {our_loss} vs {ref_loss}"));
         }
 
-        let grads = loss.backward()?;
+        let grads = match checkpointed {
+            None => loss.backward()?,
+            Some((prediction, pass)) => {
+                let params: Vec<Var> = vars
+                    .values()
+                    .flat_map(|(down, up)| [down.clone(), up.clone()])
+                    .collect();
+                let grad = loss
+                    .backward()?
+                    .remove(prediction.as_tensor())
+                    .expect("the loss depends on the prediction");
+                pass.backward(&grad, &params)?
+            }
+        };
         let mut errors = Vec::new();
         let mut worst = (0f32, String::new());
         for (path, (down, up)) in &vars {

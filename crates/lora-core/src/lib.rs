@@ -19,6 +19,7 @@ pub mod ldm;
 pub mod lora;
 pub mod model;
 pub mod nn;
+pub mod recompute;
 pub mod rng;
 pub mod single_file;
 #[cfg(test)]
@@ -37,5 +38,6 @@ pub use keys::Component;
 pub use lora::{
     Adapter, LoraConfig, LoraInit, LoraLinear, LoraModule, LoraTargets, ModuleInfo, ModuleKind,
 };
+pub use recompute::CheckpointedForward;
 pub use rng::Rng;
 pub use unet::UNet2DConditionModel;

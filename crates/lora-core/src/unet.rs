@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
 use crate::config::{DownBlockType, UNetConfig, UpBlockType};
@@ -16,6 +16,7 @@ use crate::nn::{
     attention, broadcast_add, contiguous, geglu, upsample_nearest, Conv2d, GroupNorm, LayerNorm,
     Linear,
 };
+use crate::recompute::{CheckpointedForward, Direct, LayerRunner};
 
 /// A `VarBuilder` backend handing out a broadcast zero of any requested shape (no storage
 /// beyond one element), for building a UNet only to enumerate its layers.
@@ -666,6 +667,38 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
+        let (x, t_feat, context) = self.prepare_inputs(sample, timesteps, encoder_hidden_states)?;
+        self.forward_layers(&mut Direct, x, t_feat, context)
+    }
+
+    /// [`Self::forward`] with gradient checkpointing: keeps only the values between layers
+    /// (each resnet, transformer and resampling conv, the time embedding, `conv_in` and the
+    /// output head), not their activations. Returns the prediction as a variable to compute the
+    /// loss from, and the pass whose [`CheckpointedForward::backward`] turns the loss's gradient
+    /// with respect to that variable into the parameters' gradients, recomputing one layer at
+    /// a time. The gradients are those of the plain pass; the cost is one more forward pass.
+    pub fn forward_checkpointed(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<(Var, CheckpointedForward<'_>)> {
+        let (x, t_feat, context) = self.prepare_inputs(sample, timesteps, encoder_hidden_states)?;
+        let mut pass = CheckpointedForward::new();
+        let (x, t_feat, context) = (pass.input(&x), pass.input(&t_feat), pass.input(&context));
+        let output = self.forward_layers(&mut pass, x, t_feat, context)?;
+        let prediction = pass.finish(output)?;
+        Ok((prediction, pass))
+    }
+
+    /// Checks the inputs and returns the sample and context in the model's dtype and the
+    /// sinusoidal timestep features (f32).
+    fn prepare_inputs(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let cfg = &self.config;
         let (b, c, _, _) = sample.dims4().context("UNet sample must be [B, C, H, W]")?;
         ensure!(
@@ -697,61 +730,211 @@ impl UNet2DConditionModel {
         if cfg.center_input_sample {
             x = ((x * 2.0)? - 1.0)?;
         }
-
         let t_feat = timestep_features(
             &timesteps,
             cfg.block_out_channels[0],
             cfg.flip_sin_to_cos,
             cfg.freq_shift,
         )?;
-        let temb = self.time_linear_2.forward(
-            &self
-                .time_linear_1
-                .forward(&t_feat.to_dtype(self.dtype)?)?
-                .silu()?,
-        )?;
-        let temb_act = temb.silu()?;
+        Ok((x, t_feat, context))
+    }
 
-        let mut x = self.conv_in.forward(&x)?;
+    /// The forward pass, written once as a sequence of layers over `runner`.
+    fn forward_layers<'a, R: LayerRunner<'a>>(
+        &'a self,
+        runner: &mut R,
+        x: R::Value,
+        t_feat: R::Value,
+        context: R::Value,
+    ) -> Result<R::Value> {
+        let dtype = self.dtype;
+        let temb_act = runner.layer(&[&t_feat], move |xs| {
+            let h = self
+                .time_linear_1
+                .forward(&xs[0].to_dtype(dtype)?)?
+                .silu()?;
+            Ok(self.time_linear_2.forward(&h)?.silu()?)
+        })?;
+        let resnet = |runner: &mut R, r: &'a ResnetBlock2D, x: &R::Value, temb: &R::Value| {
+            runner.layer(&[x, temb], move |xs| r.forward(&xs[0], &xs[1]))
+        };
+        let transformer =
+            |runner: &mut R, t: &'a Transformer2DModel, x: &R::Value, ctx: &R::Value| {
+                runner.layer(&[x, ctx], move |xs| t.forward(&xs[0], &xs[1]))
+            };
+
+        let mut x = runner.layer(&[&x], move |xs| Ok(self.conv_in.forward(&xs[0])?))?;
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                x = resnet.forward(&x, &temb_act)?;
-                if let Some(attn) = block.attentions.get(j) {
-                    x = attn.forward(&x, &context)?;
+            for (j, r) in block.resnets.iter().enumerate() {
+                x = resnet(runner, r, &x, &temb_act)?;
+                if let Some(t) = block.attentions.get(j) {
+                    x = transformer(runner, t, &x, &context)?;
                 }
                 skips.push(x.clone());
             }
             if let Some(down) = &block.resample {
-                x = down.forward(&x)?;
+                x = runner.layer(&[&x], move |xs| Ok(down.forward(&xs[0])?))?;
                 skips.push(x.clone());
             }
         }
 
         let mid = &self.mid_block;
-        x = mid.resnet_in.forward(&x, &temb_act)?;
-        x = mid.attention.forward(&x, &context)?;
-        x = mid.resnet_out.forward(&x, &temb_act)?;
+        x = resnet(runner, &mid.resnet_in, &x, &temb_act)?;
+        x = transformer(runner, &mid.attention, &x, &context)?;
+        x = resnet(runner, &mid.resnet_out, &x, &temb_act)?;
 
         for block in &self.up_blocks {
-            for (j, resnet) in block.resnets.iter().enumerate() {
+            for (j, r) in block.resnets.iter().enumerate() {
                 let skip = skips.pop().context("UNet skip connections exhausted")?;
-                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, &temb_act)?;
-                if let Some(attn) = block.attentions.get(j) {
-                    x = attn.forward(&x, &context)?;
+                x = runner.layer(&[&x, &skip, &temb_act], move |xs| {
+                    r.forward(&Tensor::cat(&[&xs[0], &xs[1]], 1)?, &xs[2])
+                })?;
+                if let Some(t) = block.attentions.get(j) {
+                    x = transformer(runner, t, &x, &context)?;
                 }
             }
             if let Some(up) = &block.resample {
                 // Upsample to the next skip's size: ×2 for sizes divisible by 2ⁿ, and still
                 // correct for odd sizes, as diffusers' `upsample_size` does.
                 let (h, w) = match skips.last() {
-                    Some(s) => (s.dim(2)?, s.dim(3)?),
-                    None => (x.dim(2)? * 2, x.dim(3)? * 2),
+                    Some(s) => {
+                        let s = runner.tensor(s)?;
+                        (s.dim(2)?, s.dim(3)?)
+                    }
+                    None => {
+                        let x = runner.tensor(&x)?;
+                        (x.dim(2)? * 2, x.dim(3)? * 2)
+                    }
                 };
-                x = up.forward(&upsample_nearest(&x, h, w)?)?;
+                x = runner.layer(&[&x], move |xs| {
+                    Ok(up.forward(&upsample_nearest(&xs[0], h, w)?)?)
+                })?;
             }
         }
-        let x = self.conv_norm_out.forward_silu(&x)?;
-        Ok(self.conv_out.forward(&x)?)
+        runner.layer(&[&x], move |xs| {
+            let x = self.conv_norm_out.forward_silu(&xs[0])?;
+            Ok(self.conv_out.forward(&x)?)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use candle_core::backprop::GradStore;
+
+    use super::*;
+    use crate::lora::{Adapter, LoraConfig, LoraTargets};
+    use crate::test_support::max_rel_diff;
+    use crate::weights::RandomInit;
+    use crate::Rng;
+
+    fn tiny_config() -> Result<UNetConfig> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sd1-tiny/unet");
+        UNetConfig::from_file(&dir.join("config.json"))
+    }
+
+    /// Inputs for the tiny model: a batch of two, one timestep each.
+    fn inputs(cfg: &UNetConfig, dtype: DType) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut rng = Rng::new(7);
+        let dev = Device::Cpu;
+        let sample = rng.normal_tensor((2, cfg.in_channels, 16, 16), &dev)?;
+        let context = rng.normal_tensor((2, 5, cfg.cross_attention_dim), &dev)?;
+        let timesteps = Tensor::new(&[10f32, 700.], &dev)?;
+        Ok((sample.to_dtype(dtype)?, timesteps, context.to_dtype(dtype)?))
+    }
+
+    /// Gradients of a weighted squared output under both backward passes.
+    fn both_gradients(unet: &UNet2DConditionModel, params: &[Var]) -> Result<[GradStore; 2]> {
+        let (sample, timesteps, context) = inputs(unet.config(), unet.dtype())?;
+        let target = Rng::new(9).normal_tensor(sample.shape(), &Device::Cpu)?;
+        let loss = |out: &Tensor| -> Result<Tensor> {
+            Ok((out.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?)
+        };
+        let plain = loss(&unet.forward(&sample, &timesteps, &context)?)?.backward()?;
+        let (prediction, pass) = unet.forward_checkpointed(&sample, &timesteps, &context)?;
+        let grad = loss(prediction.as_tensor())?
+            .backward()?
+            .remove(prediction.as_tensor())
+            .context("the loss has no gradient for the prediction")?;
+        Ok([plain, pass.backward(&grad, params)?])
+    }
+
+    fn assert_same_gradients(
+        [plain, checkpointed]: &[GradStore; 2],
+        params: &[(String, Var)],
+        tol: f32,
+    ) {
+        let mut compared = 0;
+        for (name, var) in params {
+            let Some(expected) = plain.get(var.as_tensor()) else {
+                assert!(checkpointed.get(var.as_tensor()).is_none(), "{name}");
+                continue;
+            };
+            let got = checkpointed
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient with checkpointing"));
+            let err = max_rel_diff(got, expected);
+            assert!(err <= tol, "{name}: gradients differ by {err:.2e}");
+            compared += 1;
+        }
+        assert!(compared > 0, "no parameter got a gradient");
+    }
+
+    /// LoRA on every adaptable layer, on an f32 base (the CPU kernels) and an f16 base (the path
+    /// CUDA takes): checkpointing changes where activations live, not the gradients. In f16 the
+    /// gradients between layers are sums of f16 terms taken in another order, a few ulps
+    /// (≤ 6e-3 here) apart; `lora_parity` holds both passes to PyTorch's.
+    #[test]
+    fn checkpointed_lora_gradients_equal_the_plain_backward_pass() -> Result<()> {
+        let cfg = tiny_config()?;
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 1e-2)] {
+            let vb = RandomInit::frozen(3)
+                .var_builder(&Device::Cpu)
+                .set_dtype(dtype);
+            let mut unet = UNet2DConditionModel::load(&cfg, &vb)?;
+            let lora = LoraConfig {
+                rank: 2,
+                alpha: 2.0,
+                targets: LoraTargets::AttnMlp,
+                ..Default::default()
+            };
+            let trainable = Adapter::init_unet(&lora, unet.lora_modules(), &Device::Cpu, 0)?;
+            // `up` starts at zero, which would leave every `down` gradient zero.
+            let mut rng = Rng::new(5);
+            for (name, var) in &trainable.vars {
+                if name.ends_with("up") {
+                    var.set(&(rng.normal_tensor(var.shape(), &Device::Cpu)? * 0.1)?)?;
+                }
+            }
+            unet.attach_adapter("test", &trainable.adapter.unet, 1.0)?;
+            let vars: Vec<Var> = trainable.vars.iter().map(|(_, v)| v.clone()).collect();
+            let grads = both_gradients(&unet, &vars)?;
+            assert_same_gradients(&grads, &trainable.vars, tol);
+        }
+        Ok(())
+    }
+
+    /// A full fine-tune: every weight a variable, so gradients also flow between layers through
+    /// the time embedding that every resnet reads, and into `conv_in` and the output head.
+    #[test]
+    fn checkpointed_full_fine_tune_gradients_equal_the_plain_backward_pass() -> Result<()> {
+        let init = RandomInit::trainable(4);
+        let unet = UNet2DConditionModel::load(&tiny_config()?, &init.var_builder(&Device::Cpu))?;
+        let params = init.vars();
+        let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
+        let grads = both_gradients(&unet, &vars)?;
+        for name in [
+            "time_embedding.linear_1.weight",
+            "conv_in.weight",
+            "conv_out.bias",
+        ] {
+            let var = &params.iter().find(|(n, _)| n == name).unwrap().1;
+            assert!(grads[1].get(var.as_tensor()).is_some(), "{name}");
+        }
+        assert_same_gradients(&grads, &params, 1e-5);
+        Ok(())
     }
 }

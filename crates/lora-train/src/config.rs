@@ -232,6 +232,10 @@ pub struct TrainArgs {
     /// dtype of the frozen base UNet: fp32, fp16 or bf16 [default: fp32]
     #[arg(long)]
     pub precision: Option<String>,
+    /// Keep only the values between UNet layers and recompute each layer in the backward pass:
+    /// far less memory for about one more forward pass per step; the same gradients
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub gradient_checkpointing: Option<bool>,
     /// cpu, cuda or cuda:N [default: cpu]
     #[arg(long)]
     pub device: Option<String>,
@@ -292,6 +296,7 @@ pub struct TrainConfig {
     pub min_snr_gamma: Option<f64>,
     pub noise_offset: f64,
     pub precision: Precision,
+    pub gradient_checkpointing: bool,
     pub device: DeviceSpec,
     pub save_every: Option<usize>,
     pub resume: Option<PathBuf>,
@@ -367,6 +372,7 @@ impl TrainArgs {
             min_snr_gamma,
             noise_offset,
             precision,
+            gradient_checkpointing,
             device,
             save_every,
             resume,
@@ -589,6 +595,7 @@ impl TrainArgs {
             min_snr_gamma: self.min_snr_gamma,
             noise_offset,
             precision,
+            gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
             device,
             save_every: self.save_every,
             resume: self.resume,

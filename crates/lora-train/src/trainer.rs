@@ -32,7 +32,7 @@ use crate::schedule::{learning_rate, NoiseSchedule};
 /// Name under which the trained adapter is attached to the UNet.
 const ADAPTER_NAME: &str = "train";
 /// Options that do not change the trajectory, so a resumed run may set them differently.
-const FREE_ON_RESUME: [&str; 9] = [
+const FREE_ON_RESUME: [&str; 10] = [
     "output",
     "metrics",
     "save_every",
@@ -42,6 +42,7 @@ const FREE_ON_RESUME: [&str; 9] = [
     "skip_bad",
     "length",
     "sample",
+    "gradient_checkpointing",
 ];
 
 /// Events before the first step, for the front end to display.
@@ -305,24 +306,38 @@ impl Trainer {
         }
         let latents = Tensor::stack(&latents, 0)?;
         let context = Tensor::stack(&contexts, 0)?;
-        let loss = denoising_loss(
-            &self.unet,
+        let batch = DenoisingBatch::draw(
             &self.schedule,
             self.config.min_snr_gamma,
             self.config.noise_offset,
             &latents,
-            &context,
             &mut self.rng,
         )?;
-        let value = f64::from(loss.to_scalar::<f32>()?);
-        if !value.is_finite() {
-            bail!(
-                "the loss became {value} at step {}: {}",
-                self.step + 1,
-                self.stop_advice()
-            );
-        }
-        let grads = (loss / accum as f64)?.backward()?;
+        let (value, grads) = if self.config.gradient_checkpointing {
+            let (prediction, pass) =
+                self.unet
+                    .forward_checkpointed(&batch.noisy, &batch.timesteps, &context)?;
+            let loss = batch.loss(prediction.as_tensor())?;
+            let value = self.finite_loss(&loss)?;
+            let grad = (loss / accum as f64)?
+                .backward()?
+                .remove(prediction.as_tensor())
+                .context("the loss does not depend on the UNet's prediction")?;
+            let params: Vec<Var> = self
+                .optimizer
+                .params()
+                .iter()
+                .map(|(_, v)| v.clone())
+                .collect();
+            (value, pass.backward(&grad, &params)?)
+        } else {
+            let prediction = self
+                .unet
+                .forward(&batch.noisy, &batch.timesteps, &context)?;
+            let loss = batch.loss(&prediction)?;
+            let value = self.finite_loss(&loss)?;
+            (value, (loss / accum as f64)?.backward()?)
+        };
         let grads = self
             .optimizer
             .params()
@@ -333,6 +348,19 @@ impl Trainer {
             })
             .collect::<Result<_>>()?;
         Ok((value, grads))
+    }
+
+    /// The loss's value, or the error that stops a run whose loss diverged.
+    fn finite_loss(&self, loss: &Tensor) -> Result<f64> {
+        let value = f64::from(loss.to_scalar::<f32>()?);
+        if !value.is_finite() {
+            bail!(
+                "the loss became {value} at step {}: {}",
+                self.step + 1,
+                self.stop_advice()
+            );
+        }
+        Ok(value)
     }
 
     /// Mean loss over every dataset item (as is, with its caption) under `draws` fixed
@@ -475,6 +503,10 @@ impl Trainer {
         put("ss_seed", c.seed.to_string());
         put("ss_mixed_precision", c.precision.name().to_string());
         put(
+            "ss_gradient_checkpointing",
+            python_bool(c.gradient_checkpointing),
+        );
+        put(
             "ss_caption_dropout_rate",
             format!("{:?}", c.caption_dropout),
         );
@@ -581,29 +613,66 @@ pub fn denoising_loss(
     context: &Tensor,
     rng: &mut Rng,
 ) -> Result<Tensor> {
-    let device = latents.device();
-    let (b, c, _, _) = latents.dims4()?;
-    let num_t = schedule.num_timesteps() as u64;
-    let timesteps: Vec<usize> = (0..b).map(|_| rng.below(num_t) as usize).collect();
-    let mut noise = rng.normal_tensor(latents.shape(), device)?;
-    if noise_offset > 0.0 {
-        let offset = rng.normal_tensor((b, c, 1, 1), device)?;
-        noise = noise.broadcast_add(&(offset * noise_offset)?)?;
-    }
-    let coef = schedule.coefficients(&timesteps, min_snr_gamma, device)?;
-    let noisy = (latents.broadcast_mul(&coef.signal)? + noise.broadcast_mul(&coef.noise)?)?;
-    let target = match schedule.prediction {
-        PredictionType::Epsilon => noise,
-        PredictionType::VPrediction => {
-            (noise.broadcast_mul(&coef.signal)? - latents.broadcast_mul(&coef.noise)?)?
+    let batch = DenoisingBatch::draw(schedule, min_snr_gamma, noise_offset, latents, rng)?;
+    batch.loss(&unet.forward(&batch.noisy, &batch.timesteps, context)?)
+}
+
+/// One batch of the training objective: the noised latents at their drawn timesteps (the UNet's
+/// inputs), and what the UNet should predict.
+pub struct DenoisingBatch {
+    pub noisy: Tensor,
+    /// `[B]`, f32.
+    pub timesteps: Tensor,
+    target: Tensor,
+    /// Per sample: min-SNR weight or 1.
+    loss_weight: Tensor,
+}
+
+impl DenoisingBatch {
+    /// Draws a timestep per sample, then the noise (plus the noise offset), from `rng`.
+    pub fn draw(
+        schedule: &NoiseSchedule,
+        min_snr_gamma: Option<f64>,
+        noise_offset: f64,
+        latents: &Tensor,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        let device = latents.device();
+        let (b, c, _, _) = latents.dims4()?;
+        let num_t = schedule.num_timesteps() as u64;
+        let timesteps: Vec<usize> = (0..b).map(|_| rng.below(num_t) as usize).collect();
+        let mut noise = rng.normal_tensor(latents.shape(), device)?;
+        if noise_offset > 0.0 {
+            let offset = rng.normal_tensor((b, c, 1, 1), device)?;
+            noise = noise.broadcast_add(&(offset * noise_offset)?)?;
         }
-        PredictionType::Sample => latents.clone(),
-    };
-    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-    let t = Tensor::from_vec(t, b, device)?;
-    let prediction = unet.forward(&noisy, &t, context)?.to_dtype(DType::F32)?;
-    let per_sample = (prediction - target)?.sqr()?.flatten_from(1)?.mean(1)?;
-    Ok((per_sample * coef.loss_weight)?.mean_all()?)
+        let coef = schedule.coefficients(&timesteps, min_snr_gamma, device)?;
+        let noisy = (latents.broadcast_mul(&coef.signal)? + noise.broadcast_mul(&coef.noise)?)?;
+        let target = match schedule.prediction {
+            PredictionType::Epsilon => noise,
+            PredictionType::VPrediction => {
+                (noise.broadcast_mul(&coef.signal)? - latents.broadcast_mul(&coef.noise)?)?
+            }
+            PredictionType::Sample => latents.clone(),
+        };
+        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        Ok(Self {
+            noisy,
+            timesteps: Tensor::from_vec(t, b, device)?,
+            target,
+            loss_weight: coef.loss_weight,
+        })
+    }
+
+    /// The (min-SNR weighted) MSE of the UNet's `prediction` against the target, averaged in f32.
+    pub fn loss(&self, prediction: &Tensor) -> Result<Tensor> {
+        let prediction = prediction.to_dtype(DType::F32)?;
+        let per_sample = (prediction - &self.target)?
+            .sqr()?
+            .flatten_from(1)?
+            .mean(1)?;
+        Ok((per_sample * &self.loss_weight)?.mean_all()?)
+    }
 }
 
 /// `(checkpoint, adapter)` written at `step` next to `output`:
