@@ -16,8 +16,10 @@
 //! `benches/unet_step_reference.py` measures the same cases with diffusers + peft (PyTorch);
 //! `benches/run_unet_step.sh` runs both side by side and prints the ratio.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -70,6 +72,49 @@ fn load_case(name: &str, device: &Device, dtype: DType) -> Result<Case> {
         batch,
         train,
     })
+}
+
+/// The process's heap, counted: bytes live now and the most live since the last reset. On the
+/// CPU the tensors are heap allocations, so these separate a step's activations and its backward
+/// pass's working set from the weights exactly, where peak RSS also counts what the allocator
+/// kept after a free. A half-precision base on the CPU takes the path CUDA takes (`nn`), so its
+/// figures model a GPU's (the sixth session's H200 figures agree, see RESULTS.md).
+struct CountingAllocator;
+
+static HEAP_LIVE: AtomicUsize = AtomicUsize::new(0);
+static HEAP_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is passed to the system allocator unchanged; the counters only observe.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            let live = HEAP_LIVE.fetch_add(layout.size(), Relaxed) + layout.size();
+            HEAP_PEAK.fetch_max(live, Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        HEAP_LIVE.fetch_sub(layout.size(), Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+fn heap_live() -> usize {
+    HEAP_LIVE.load(Relaxed)
+}
+
+/// The most heap live since the last call (bytes), restarting the count from what is live now.
+fn take_heap_peak() -> usize {
+    HEAP_PEAK.swap(heap_live(), Relaxed)
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / 1048576.0
 }
 
 fn peak_rss_mib() -> Option<f64> {
@@ -213,6 +258,8 @@ fn main() -> Result<()> {
     // The most device memory in use at the end of a training step's forward pass: the
     // activations its backward pass keeps (a CUDA GPU only).
     let mut used_after_forward: Option<f64> = None;
+    // The most heap live at the end of a timed training step's forward pass.
+    let heap_after_forward = std::cell::Cell::new(0);
     let mut step = || -> Result<()> {
         let t0 = Instant::now();
         if case.train {
@@ -235,6 +282,7 @@ fn main() -> Result<()> {
             if let Some(used) = gpu_used_mib(&device) {
                 used_after_forward = Some(used_after_forward.map_or(used, |u: f64| u.max(used)));
             }
+            heap_after_forward.set(heap_after_forward.get().max(heap_live()));
             let loss = loss(&out)?;
             drop(out);
             match checkpointed {
@@ -259,6 +307,9 @@ fn main() -> Result<()> {
     let used_before = gpu_used_mib(&device);
     step()?; // warm-up: first-touch allocations and lazily mapped weights
     pool_peaks_mib(&device); // the timed steps' peaks only
+    let heap_before = heap_live(); // weights, kept adjoint kernels, optimizer state
+    take_heap_peak();
+    heap_after_forward.set(0);
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t0 = Instant::now();
@@ -307,6 +358,19 @@ fn main() -> Result<()> {
         );
     }
     out.insert("peak_rss_mib", serde_json::json!(peak_rss_mib()));
+    if device.is_cpu() {
+        // What the timed steps hold beyond what was live before them (see `CountingAllocator`).
+        out.insert(
+            "heap_step_peak_mib",
+            serde_json::json!(mib(take_heap_peak().saturating_sub(heap_before))),
+        );
+        if case.train {
+            out.insert(
+                "heap_after_forward_mib",
+                serde_json::json!(mib(heap_after_forward.get().saturating_sub(heap_before))),
+            );
+        }
+    }
     println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }
