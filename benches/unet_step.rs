@@ -263,18 +263,13 @@ fn main() -> Result<()> {
     let mut step = || -> Result<()> {
         let t0 = Instant::now();
         if case.train {
-            let loss = |out: &Tensor| (out.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all();
-            let checkpointed = if checkpointing {
+            let (out, checkpointed) = if checkpointing {
                 let (prediction, pass) = case
                     .unet
                     .forward_checkpointed(&sample, &timesteps, &context)?;
-                Some((prediction, pass))
+                (prediction, Some(pass))
             } else {
-                None
-            };
-            let out = match &checkpointed {
-                Some((prediction, _)) => prediction.as_tensor().clone(),
-                None => case.unet.forward(&sample, &timesteps, &context)?,
+                (case.unet.forward(&sample, &timesteps, &context)?, None)
             };
             // A GPU queues its work: wait for it, so each time is the work's, not its launch's.
             device.synchronize()?;
@@ -283,17 +278,10 @@ fn main() -> Result<()> {
                 used_after_forward = Some(used_after_forward.map_or(used, |u: f64| u.max(used)));
             }
             heap_after_forward.set(heap_after_forward.get().max(heap_live()));
-            let loss = loss(&out)?;
+            let loss = (out.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?;
             drop(out);
             match checkpointed {
-                Some((prediction, pass)) => {
-                    let grad = loss
-                        .backward()?
-                        .remove(prediction.as_tensor())
-                        .context("the loss has no gradient for the prediction")?;
-                    drop(prediction);
-                    opt.step(&pass.backward(&grad, &vars)?)?;
-                }
+                Some(pass) => opt.step(&pass.backward(&loss, &vars)?)?,
                 None => opt.backward_step(&loss)?,
             }
             device.synchronize()?;

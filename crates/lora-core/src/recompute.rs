@@ -72,7 +72,8 @@ pub struct CheckpointedForward<'a> {
     /// The layers whose output needs a gradient, in forward order; the others are never
     /// recomputed.
     layers: Vec<RecordedLayer<'a>>,
-    output: Option<usize>,
+    /// The output value and the variable standing for it, which the loss is computed from.
+    output: Option<(usize, Var)>,
 }
 
 impl<'a> CheckpointedForward<'a> {
@@ -90,11 +91,13 @@ impl<'a> CheckpointedForward<'a> {
         self.push(tensor.detach(), false)
     }
 
-    /// Marks `value` as the forward pass's output and returns it as a variable: compute the
-    /// loss from it, and pass the loss's gradient with respect to it to [`Self::backward`].
-    pub(crate) fn finish(&mut self, value: usize) -> Result<Var> {
-        self.output = Some(value);
-        Ok(Var::from_tensor(self.value(value)?)?)
+    /// Marks `value` as the forward pass's output and returns it as a variable's tensor: compute
+    /// the loss from it and pass the loss to [`Self::backward`].
+    pub(crate) fn finish(&mut self, value: usize) -> Result<Tensor> {
+        let prediction = Var::from_tensor(self.value(value)?)?;
+        let tensor = prediction.as_tensor().clone();
+        self.output = Some((value, prediction));
+        Ok(tensor)
     }
 
     fn push(&mut self, tensor: Tensor, needs_grad: bool) -> usize {
@@ -110,16 +113,22 @@ impl<'a> CheckpointedForward<'a> {
             .with_context(|| format!("checkpointed value {value} is no longer kept"))
     }
 
-    /// The gradients of `params` for a loss whose gradient with respect to the output (the
-    /// variable [`crate::UNet2DConditionModel::forward_checkpointed`] returned) is
-    /// `output_grad`: each recorded layer, last first, is run again on its kept inputs with its
-    /// graph, and candle's backward pass from Σ output·(output's gradient) gives the gradients
-    /// of its inputs and of the parameters it uses. Parameters no layer uses get no entry, as in
-    /// candle's own `backward`.
-    pub fn backward(mut self, output_grad: &Tensor, params: &[Var]) -> Result<GradStore> {
-        let output = self
+    /// The gradients of `params` for `loss`, a scalar computed from the prediction
+    /// [`crate::UNet2DConditionModel::forward_checkpointed`] returned: candle's backward pass
+    /// over the loss gives the prediction's gradient; then each recorded layer, last first, is
+    /// run again on its kept inputs with its graph, and candle's backward pass from
+    /// Σ output·(output's gradient) gives the gradients of its inputs and of the parameters it
+    /// uses. Parameters no layer uses get no entry, as in candle's own `backward`.
+    pub fn backward(mut self, loss: &Tensor, params: &[Var]) -> Result<GradStore> {
+        let (output, prediction) = self
             .output
+            .take()
             .context("the checkpointed forward pass has no output")?;
+        let output_grad = loss
+            .backward()?
+            .remove(prediction.as_tensor())
+            .context("the loss does not depend on the checkpointed pass's prediction")?;
+        drop(prediction);
         let mut grads: Vec<Option<Tensor>> = vec![None; self.values.len()];
         grads[output] = Some(output_grad.detach());
         let mut param_grads = GradStore::default();

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::{DownBlockType, UNetConfig, UpBlockType};
@@ -673,16 +673,16 @@ impl UNet2DConditionModel {
 
     /// [`Self::forward`] with gradient checkpointing: keeps only the values between layers
     /// (each resnet, transformer and resampling conv, the time embedding, `conv_in` and the
-    /// output head), not their activations. Returns the prediction as a variable to compute the
-    /// loss from, and the pass whose [`CheckpointedForward::backward`] turns the loss's gradient
-    /// with respect to that variable into the parameters' gradients, recomputing one layer at
-    /// a time. The gradients are those of the plain pass; the cost is one more forward pass.
+    /// output head), not their activations. Returns the prediction (a variable's tensor) to
+    /// compute the loss from, and the pass whose [`CheckpointedForward::backward`] turns that
+    /// loss into the parameters' gradients, recomputing one layer at a time. The gradients are
+    /// those of the plain pass; the cost is one more forward pass.
     pub fn forward_checkpointed(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
-    ) -> Result<(Var, CheckpointedForward<'_>)> {
+    ) -> Result<(Tensor, CheckpointedForward<'_>)> {
         let (x, t_feat, context) = self.prepare_inputs(sample, timesteps, encoder_hidden_states)?;
         let mut pass = CheckpointedForward::new();
         let (x, t_feat, context) = (pass.input(&x), pass.input(&t_feat), pass.input(&context));
@@ -824,6 +824,7 @@ mod tests {
     use std::path::Path;
 
     use candle_core::backprop::GradStore;
+    use candle_core::Var;
 
     use super::*;
     use crate::lora::{Adapter, LoraConfig, LoraTargets};
@@ -855,11 +856,7 @@ mod tests {
         };
         let plain = loss(&unet.forward(&sample, &timesteps, &context)?)?.backward()?;
         let (prediction, pass) = unet.forward_checkpointed(&sample, &timesteps, &context)?;
-        let grad = loss(prediction.as_tensor())?
-            .backward()?
-            .remove(prediction.as_tensor())
-            .context("the loss has no gradient for the prediction")?;
-        Ok([plain, pass.backward(&grad, params)?])
+        Ok([plain, pass.backward(&loss(&prediction)?, params)?])
     }
 
     fn assert_same_gradients(

@@ -317,19 +317,15 @@ impl Trainer {
             let (prediction, pass) =
                 self.unet
                     .forward_checkpointed(&batch.noisy, &batch.timesteps, &context)?;
-            let loss = batch.loss(prediction.as_tensor())?;
+            let loss = batch.loss(&prediction)?;
             let value = self.finite_loss(&loss)?;
-            let grad = (loss / accum as f64)?
-                .backward()?
-                .remove(prediction.as_tensor())
-                .context("the loss does not depend on the UNet's prediction")?;
             let params: Vec<Var> = self
                 .optimizer
                 .params()
                 .iter()
                 .map(|(_, v)| v.clone())
                 .collect();
-            (value, pass.backward(&grad, &params)?)
+            (value, pass.backward(&(loss / accum as f64)?, &params)?)
         } else {
             let prediction = self
                 .unet
