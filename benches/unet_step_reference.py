@@ -1,10 +1,14 @@
 """The unet_step benchmark cases measured with diffusers + peft (PyTorch), printing the same JSON.
 
     python benches/unet_step_reference.py <case> [--iters N] [--device cpu|cuda] [--dtype f32|f16|bf16]
-                                                [--batch N]
+                                                [--batch N] [--gradient-checkpointing] [--saved-tensors]
 
 Same shapes, LoRA (rank 4, attn2 to_q/to_k/to_v/to_out.0, AdamW lr 1e-4), warm-up and timing as
 benches/unet_step.rs; default attention processor (SDPA).
+
+`--saved-tensors` (training cases) adds `saved_tensors_mib`: after the timed steps, one more forward
+pass counts the distinct storages autograd saves for the backward pass (parameters excluded), the
+activations a training step holds; compare `heap_after_forward_mib` of ours on the CPU.
 """
 
 import json
@@ -24,6 +28,23 @@ def peak_rss_mib():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024.0
     return None
+
+
+def saved_tensors_mib(forward, parameters):
+    """MiB of the distinct storages autograd saves while `forward()` runs, `parameters` excluded."""
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    for p in parameters:
+        seen.pop(p.untyped_storage().data_ptr(), None)
+    del out
+    return sum(seen.values()) / 2**20
 
 
 def load_case(name):
@@ -105,6 +126,12 @@ def main():
         step()
         sync()
         times.append(time.perf_counter() - t0)
+    saved = None
+    if train and "--saved-tensors" in args:
+        def forward():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return unet(sample, timesteps, context).sample
+        saved = saved_tensors_mib(forward, unet.parameters())
     print(json.dumps({
         "case": case,
         "impl": f"diffusers {__import__('diffusers').__version__} + peft (torch {torch.__version__})",
@@ -118,6 +145,7 @@ def main():
         "min_s": min(times),
         **({"forward_mean_s": sum(forward_times) / len(forward_times)} if train else {}),
         "peak_rss_mib": peak_rss_mib(),
+        **({"saved_tensors_mib": saved} if saved is not None else {}),
     }, sort_keys=True))
 
 

@@ -92,10 +92,7 @@ impl CustomOp1 for Forward {
     }
 
     fn bwd(&self, h: &Tensor, _: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
-        let dh = h
-            .contiguous()?
-            .apply_op2_no_bwd(&grad_out.contiguous()?, &InputGrad)?;
-        Ok(Some(dh))
+        Ok(Some(geglu_input_grad(h, grad_out)?))
     }
 
     fn cpu_fwd(&self, h: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -145,6 +142,12 @@ impl CustomOp2 for InputGrad {
             .for_each(|(dh, (h, dy))| geglu_grad_row(dh, h, dy));
         Ok((CpuStorage::F32(dh), h_l.shape().clone()))
     }
+}
+
+/// GEGLU's input gradient for the projection `h` and the output gradient `dy`.
+pub(crate) fn geglu_input_grad(h: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    h.contiguous()?
+        .apply_op2_no_bwd(&dy.contiguous()?, &InputGrad)
 }
 
 /// `hidden ⊙ gelu(gate)` for `h = [hidden | gate]` on the last dimension, as one op with its

@@ -272,11 +272,7 @@ impl<N: Normalization + Clone + Send + 'static> CustomOp1 for Forward<N> {
     }
 
     fn bwd(&self, x: &Tensor, _: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
-        let op = InputGrad(&self.0);
-        Ok(Some(
-            x.contiguous()?
-                .apply_op2_no_bwd(&grad_out.contiguous()?, &op)?,
-        ))
+        Ok(Some(input_grad(x, grad_out, &self.0)?))
     }
 }
 
@@ -307,6 +303,12 @@ impl<N: Normalization> CustomOp2 for InputGrad<'_, N> {
         let dx = self.0.input_grad(x, dy, x_l.dims())?;
         Ok((CpuStorage::F32(dx), x_l.shape().clone()))
     }
+}
+
+/// The normalisation's input gradient for the input `x` and the output gradient `dy`.
+pub(crate) fn input_grad<N: Normalization>(x: &Tensor, dy: &Tensor, params: &N) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&dy.contiguous()?, &InputGrad(params))
 }
 
 /// The normalised `x` as one op with its input gradient as backward (the parameters are frozen).

@@ -440,6 +440,19 @@ impl LoraLinear {
         before != self.adapters.len()
     }
 
+    /// With no adapter attached, the layer as a linear map: its weight `[out, in]` (a 1×1
+    /// kernel flattened) and bias, for nodes that fuse it with what follows.
+    pub fn unadapted(&self) -> Result<Option<(Tensor, Option<&Tensor>)>> {
+        if !self.adapters.is_empty() {
+            return Ok(None);
+        }
+        let weight = match self.kind {
+            ModuleKind::Linear => self.weight.clone(),
+            _ => self.weight.flatten_from(1)?,
+        };
+        Ok(Some((weight, self.bias.as_ref())))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let [a] = self.adapters.as_slice() {
             let tracked = [x, &a.down, &a.up].into_iter().any(Tensor::track_op);

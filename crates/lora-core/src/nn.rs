@@ -88,16 +88,11 @@ fn not_contiguous() -> candle_core::Error {
     candle_core::Error::Msg("computed output: must be contiguous from offset 0".into())
 }
 
-/// The input gradient of an op computed outside the graph, given its input, its output and the
-/// output gradient.
+/// The input gradient of an op computed outside the graph, given its input and the output
+/// gradient (none needs its output).
 trait InputGradient: Send + Sync + 'static {
     const NAME: &'static str;
-    fn input_grad(
-        &self,
-        input: &Tensor,
-        output: &Tensor,
-        grad_out: &Tensor,
-    ) -> candle_core::Result<Tensor>;
+    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor>;
 }
 
 /// `input → output` for an `output` computed from `input` outside the graph, with a backward that
@@ -123,10 +118,10 @@ impl<G: InputGradient> CustomOp1 for Reattach<G> {
     fn bwd(
         &self,
         input: &Tensor,
-        output: &Tensor,
+        _: &Tensor,
         grad_out: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.grad.input_grad(input, output, grad_out)?))
+        Ok(Some(self.grad.input_grad(input, grad_out)?))
     }
 }
 
@@ -136,7 +131,7 @@ struct LinearInputGrad {
 
 impl InputGradient for LinearInputGrad {
     const NAME: &'static str = "frozen-linear";
-    fn input_grad(&self, _: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+    fn input_grad(&self, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
         shared_matmul(grad_out, &self.weight)
     }
 }
@@ -194,12 +189,7 @@ impl ConvInputGrad {
 
 impl InputGradient for ConvInputGrad {
     const NAME: &'static str = "frozen-conv2d";
-    fn input_grad(
-        &self,
-        input: &Tensor,
-        _: &Tensor,
-        grad_out: &Tensor,
-    ) -> candle_core::Result<Tensor> {
+    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
         if pointwise(&self.weight, self.padding, self.stride)? {
             return pointwise_conv(grad_out, &self.weight.flatten_from(1)?.t()?);
         }
@@ -476,7 +466,7 @@ impl CustomOp2 for TrainedConv {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        output: &Tensor,
+        _: &Tensor,
         grad_out: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let input_grad = ConvInputGrad {
@@ -485,7 +475,7 @@ impl CustomOp2 for TrainedConv {
             stride: self.stride,
             adjoint: None, // the kernel changes every step
         }
-        .input_grad(x, output, grad_out)?;
+        .input_grad(x, grad_out)?;
         let (_, _, kh, kw) = weight.dims4()?;
         let kernel_grad =
             conv_kernel_grad(&x.detach(), grad_out, (kh, kw), self.padding, self.stride)?;
@@ -525,7 +515,7 @@ struct LayerNormInputGrad {
 
 impl InputGradient for LayerNormInputGrad {
     const NAME: &'static str = "layer-norm";
-    fn input_grad(&self, x: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+    fn input_grad(&self, x: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
         if cuda_kernels::applies(&[x, grad_out]) {
             return cuda_kernels::layer_norm_backward(x, grad_out, &self.weight, self.eps);
@@ -547,7 +537,7 @@ struct GroupNormInputGrad {
 
 impl InputGradient for GroupNormInputGrad {
     const NAME: &'static str = "group-norm";
-    fn input_grad(&self, x: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+    fn input_grad(&self, x: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
         if cuda_kernels::applies(&[x, grad_out]) {
             let norm = &self.norm;
@@ -582,6 +572,36 @@ impl InputGradient for GroupNormInputGrad {
     }
 }
 
+/// The input gradient of [`GroupNorm::forward_to_tokens`]: the norm's, for the tokens'
+/// gradient times `W` as an image.
+struct GroupNormToTokensInputGrad {
+    norm: GroupNorm,
+    weight: Tensor,
+}
+
+impl InputGradient for GroupNormToTokensInputGrad {
+    const NAME: &'static str = "group-norm-to-tokens";
+    fn input_grad(&self, x: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let dy = tokens_to_image(&shared_matmul(grad_out, &self.weight)?, h, w)?;
+        self.norm.input_grad(x, &dy, false)
+    }
+}
+
+/// The input gradient of [`LayerNorm::forward_linear`]: the norm's, for `dy·W`.
+struct LayerNormLinearInputGrad {
+    norm: LayerNorm,
+    weight: Tensor,
+}
+
+impl InputGradient for LayerNormLinearInputGrad {
+    const NAME: &'static str = "layer-norm-linear";
+    fn input_grad(&self, x: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        self.norm
+            .input_grad(x, &shared_matmul(grad_out, &self.weight)?)
+    }
+}
+
 /// Whether any of a layer's parameters is itself being trained (a `Var`, as in a full
 /// fine-tune): such a layer needs candle's ordinary ops, which compute the parameter gradients.
 fn any_trained<'a>(params: impl IntoIterator<Item = Option<&'a Tensor>>) -> bool {
@@ -604,6 +624,166 @@ fn with_input_grad<G: InputGradient>(
     x.apply_op1(Reattach {
         output: ComputedOutput::new(output),
         grad: grad(),
+    })
+}
+
+/// `(x, residual) → residual + f(x)` for an `f` computed outside the graph, with a backward that
+/// sends `grad` of the output gradient to `x` and the output gradient itself to `residual`.
+///
+/// Why: candle's graph keeps every node's output until the backward pass ends, and a residual
+/// sum `r + f(x)` composed from ops keeps `f(x)` (and whatever `f` made on the way) as well as the
+/// sum. As one node it keeps the sum only. In a transformer block at 64² latents this is most of
+/// what our activations held beyond PyTorch's saved tensors (issue #7).
+struct ResidualNode<G> {
+    output: ComputedOutput,
+    grad: G,
+}
+
+impl<G: InputGradient> CustomOp2 for ResidualNode<G> {
+    fn name(&self) -> &'static str {
+        G::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.output.cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.output.cuda()
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = self.grad.input_grad(x, grad_out)?;
+        Ok((Some(dx), Some(grad_out.clone())))
+    }
+}
+
+/// `residual + forward(x)` as one [`ResidualNode`] where a gradient can flow to either input,
+/// else plainly. `forward` must read no trained parameter (the node sends none a gradient).
+fn with_residual<G: InputGradient>(
+    x: &Tensor,
+    residual: &Tensor,
+    forward: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    grad: impl FnOnce() -> G,
+) -> candle_core::Result<Tensor> {
+    if !x.track_op() && !residual.track_op() {
+        return forward(x)? + residual;
+    }
+    let output = (forward(&x.detach())? + residual.detach())?.contiguous()?;
+    x.apply_op2(
+        residual,
+        ResidualNode {
+            output: ComputedOutput::new(output),
+            grad: grad(),
+        },
+    )
+}
+
+/// `residual + x·Wᵀ (+ b)` for a frozen `W` `[out, in]` and `b`, as one node (the output
+/// projection of an attention layer with no adapter on it, and its residual connection).
+pub fn frozen_linear_residual(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if any_trained([Some(weight), bias]) {
+        return frozen_linear(x, weight, bias)? + residual;
+    }
+    let forward = |x: &Tensor| frozen_linear(x, weight, bias);
+    with_residual(x, residual, forward, || LinearInputGrad {
+        weight: weight.clone(),
+    })
+}
+
+/// The input gradient of `geglu(h)·Wᵀ + b`: GEGLU's for `dy·W`.
+struct GegluLinearInputGrad {
+    weight: Tensor,
+}
+
+impl InputGradient for GegluLinearInputGrad {
+    const NAME: &'static str = "geglu-linear-residual";
+    fn input_grad(&self, h: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        geglu_input_grad(h, &shared_matmul(grad_out, &self.weight)?)
+    }
+}
+
+/// `residual + geglu(h)·Wᵀ (+ b)` for a frozen `W` `[out, in]` and `b`, as one node: the second
+/// half of a GEGLU feed-forward without an adapter on its output layer, with its residual. The
+/// graph keeps `h` (which GEGLU's gradient reads) and the sum; PyTorch keeps `h` and `gelu(gate)`.
+pub fn geglu_linear_residual(
+    h: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if any_trained([Some(weight), bias]) {
+        return frozen_linear(&geglu(h)?, weight, bias)? + residual;
+    }
+    let forward = |h: &Tensor| frozen_linear(&geglu(h)?, weight, bias);
+    with_residual(h, residual, forward, || GegluLinearInputGrad {
+        weight: weight.clone(),
+    })
+}
+
+/// `[B, N, C]` tokens of an `h × w` image as `[B, C, h, w]`.
+pub fn tokens_to_image(t: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
+    let (b, _, c) = t.dims3()?;
+    contiguous(&t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?)
+}
+
+/// `[B, C, h, w]` as `[B, h·w, C]` tokens.
+pub fn image_to_tokens(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    contiguous(&x.permute((0, 2, 3, 1))?)?.reshape((b, h * w, c))
+}
+
+/// The input gradient of `tokens_to_image(t·Wᵀ + b)`: the image gradient as tokens, times `W`.
+struct TokensToImageInputGrad {
+    weight: Tensor,
+}
+
+impl InputGradient for TokensToImageInputGrad {
+    const NAME: &'static str = "project-to-image-residual";
+    fn input_grad(&self, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        shared_matmul(&image_to_tokens(grad_out)?, &self.weight)
+    }
+}
+
+/// `residual + tokens_to_image(t·Wᵀ + b)` for `[B, h·w, C]` tokens `t`, a frozen `W` `[out, in]`
+/// (a linear layer's, or a 1×1 convolution's flattened: the same map) and `b`, and a `[B, out,
+/// h, w]` residual, as one node: a transformer's output projection and its residual.
+pub fn project_to_image_residual(
+    tokens: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = residual.dims4()?;
+    let forward = |t: &Tensor| tokens_to_image(&frozen_linear(t, weight, bias)?, h, w);
+    if any_trained([Some(weight), bias]) {
+        return forward(tokens)? + residual;
+    }
+    with_residual(tokens, residual, forward, || TokensToImageInputGrad {
+        weight: weight.clone(),
     })
 }
 
@@ -799,17 +979,52 @@ impl GroupNorm {
         self.normalize(x, true)
     }
 
+    /// The parameters `cpu_norm`'s kernels read.
+    fn cpu_params(&self, silu: bool) -> candle_core::Result<cpu_norm::GroupNormParams> {
+        let values = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+        Ok(cpu_norm::GroupNormParams {
+            groups: self.groups,
+            eps: self.eps,
+            weight: values(&self.weight)?,
+            bias: values(&self.bias)?,
+            silu,
+        })
+    }
+
+    /// The input gradient for the input `x` and the output gradient `dy` (frozen affine), by
+    /// whichever kernel `normalize` ran on.
+    fn input_grad(&self, x: &Tensor, dy: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        if cpu_gemm::cpu_f32(&[x, dy]) {
+            return cpu_norm::input_grad(x, dy, &self.cpu_params(silu)?);
+        }
+        GroupNormInputGrad {
+            norm: self.clone(),
+            silu,
+        }
+        .input_grad(x, dy)
+    }
+
+    /// `image_to_tokens(norm(x))·Wᵀ + b` for a frozen `W` `[out, in]` and `b` (a transformer's
+    /// input projection, a linear layer's or a flattened 1×1 kernel) as one node over `x`: the
+    /// graph keeps neither the normalised image nor its projection before the reshuffle.
+    pub fn forward_to_tokens(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let forward =
+            |x: &Tensor| frozen_linear(&image_to_tokens(&self.normalize(x, false)?)?, weight, bias);
+        let trained = any_trained([Some(&self.weight), Some(&self.bias), Some(weight), bias]);
+        with_input_grad(x, trained, forward, || GroupNormToTokensInputGrad {
+            norm: self.clone(),
+            weight: weight.clone(),
+        })
+    }
+
     fn normalize(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
         if cpu_gemm::cpu_f32(&[x]) && !any_trained([Some(&self.weight), Some(&self.bias)]) {
-            let values = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
-            let params = cpu_norm::GroupNormParams {
-                groups: self.groups,
-                eps: self.eps,
-                weight: values(&self.weight)?,
-                bias: values(&self.bias)?,
-                silu,
-            };
-            return cpu_norm::forward(x, &params);
+            return cpu_norm::forward(x, &self.cpu_params(silu)?);
         }
         let trained = any_trained([Some(&self.weight), Some(&self.bias)]);
         // Trained parameters (a full fine-tune) need their gradients: recorded ops. Otherwise one
@@ -908,6 +1123,51 @@ impl LayerNorm {
     }
 }
 
+impl LayerNorm {
+    fn trained(&self) -> bool {
+        any_trained([Some(&self.weight), Some(&self.bias)])
+    }
+
+    /// The parameters `cpu_norm`'s kernels read.
+    fn cpu_params(&self) -> candle_core::Result<cpu_norm::LayerNormParams> {
+        let cd = compute_dtype(self.weight.dtype());
+        Ok(cpu_norm::LayerNormParams {
+            eps: self.eps,
+            weight: self.weight.to_dtype(cd)?.to_vec1()?,
+            bias: self.bias.to_dtype(cd)?.to_vec1()?,
+        })
+    }
+
+    /// The input gradient for the input `x` and the output gradient `dy` (frozen affine), by
+    /// whichever kernel `forward` ran on.
+    fn input_grad(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+        if cpu_gemm::cpu_f32(&[x, dy]) {
+            return cpu_norm::input_grad(x, dy, &self.cpu_params()?);
+        }
+        LayerNormInputGrad {
+            weight: self.weight.clone(),
+            eps: self.eps,
+        }
+        .input_grad(x, dy)
+    }
+
+    /// `norm(x)·Wᵀ + b` for a frozen `W` `[out, in]` and `b` as one node over `x`: the graph
+    /// does not keep the normalised `x`, which a frozen layer's input gradient does not read.
+    pub fn forward_linear(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let forward = |x: &Tensor| frozen_linear(&self.forward(x)?, weight, bias);
+        let trained = self.trained() || any_trained([Some(weight), bias]);
+        with_input_grad(x, trained, forward, || LayerNormLinearInputGrad {
+            norm: self.clone(),
+            weight: weight.clone(),
+        })
+    }
+}
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // One pass for the values instead of nine recorded ops: `cpu_norm` on the CPU in f32
@@ -915,9 +1175,9 @@ impl Module for LayerNorm {
         // (it accumulates in f32, so no f32 copy of the activations is made), which has no
         // backward of its own, so the input gradient is attached by `LayerNormInputGrad`.
         let dtype = x.dtype();
-        let cd = compute_dtype(dtype);
-        if any_trained([Some(&self.weight), Some(&self.bias)]) {
+        if self.trained() {
             // Trained affine parameters need their gradients: composed from recorded ops.
+            let cd = compute_dtype(dtype);
             let (w, b) = (self.weight.to_dtype(cd)?, self.bias.to_dtype(cd)?);
             return standardized(&x.to_dtype(cd)?, self.eps)?
                 .0
@@ -926,16 +1186,14 @@ impl Module for LayerNorm {
                 .to_dtype(dtype);
         }
         if cpu_gemm::cpu_f32(&[x]) {
-            let params = cpu_norm::LayerNormParams {
-                eps: self.eps,
-                weight: self.weight.to_dtype(cd)?.to_vec1()?,
-                bias: self.bias.to_dtype(cd)?.to_vec1()?,
-            };
-            return cpu_norm::forward(x, &params);
+            return cpu_norm::forward(x, &self.cpu_params()?);
         }
         let (w, b) = (self.weight.to_dtype(dtype)?, self.bias.to_dtype(dtype)?);
-        let forward =
-            |x: &Tensor| candle_nn::ops::layer_norm(&contiguous(x)?, &w, &b, self.eps as f32);
+        // candle's kernel has no f64 form: f64 (tests) is standardised by ordinary ops.
+        let forward = |x: &Tensor| match dtype {
+            DType::F64 => broadcast_add(&broadcast_mul(&standardized(x, self.eps)?.0, &w)?, &b),
+            _ => candle_nn::ops::layer_norm(&contiguous(x)?, &w, &b, self.eps as f32),
+        };
         with_input_grad(x, false, forward, || LayerNormInputGrad {
             weight: self.weight.clone(),
             eps: self.eps,
@@ -969,22 +1227,31 @@ struct GegluInputGrad;
 
 impl InputGradient for GegluInputGrad {
     const NAME: &'static str = "geglu";
-    fn input_grad(&self, h: &Tensor, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if cuda_kernels::applies(&[h, grad_out]) {
-            return cuda_kernels::geglu_backward(h, grad_out);
-        }
-        let (dtype, cd) = (h.dtype(), compute_dtype(h.dtype()));
-        let (hidden, gate) = geglu_halves(&h.to_dtype(cd)?)?;
-        let dy = grad_out.to_dtype(cd)?;
-        let cdf = ((&gate * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
-        let pdf = ((gate.sqr()? * -0.5)?.exp()?
-            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
-        let slope = (cdf? + (&gate * pdf)?)?;
-        let d_hidden = (&dy * gate.gelu_erf()?)?;
-        let d_gate = ((dy * hidden)? * slope)?;
-        Tensor::cat(&[d_hidden, d_gate], D::Minus1)?.to_dtype(dtype)
+    fn input_grad(&self, h: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        geglu_input_grad(h, grad_out)
     }
+}
+
+/// GEGLU's input gradient for the projection `h` and the output gradient `dy`, by whichever
+/// kernel `geglu` ran on.
+fn geglu_input_grad(h: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+    if cpu_gemm::cpu_f32(&[h, grad_out]) {
+        return cpu_activation::geglu_input_grad(h, grad_out);
+    }
+    #[cfg(feature = "cuda")]
+    if cuda_kernels::applies(&[h, grad_out]) {
+        return cuda_kernels::geglu_backward(h, grad_out);
+    }
+    let (dtype, cd) = (h.dtype(), compute_dtype(h.dtype()));
+    let (hidden, gate) = geglu_halves(&h.to_dtype(cd)?)?;
+    let dy = grad_out.to_dtype(cd)?;
+    let cdf = ((&gate * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+    let pdf = ((gate.sqr()? * -0.5)?.exp()?
+        * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+    let slope = (cdf? + (&gate * pdf)?)?;
+    let d_hidden = (&dy * gate.gelu_erf()?)?;
+    let d_gate = ((dy * hidden)? * slope)?;
+    Tensor::cat(&[d_hidden, d_gate], D::Minus1)?.to_dtype(dtype)
 }
 
 /// GEGLU, `hidden ⊙ gelu(gate)` for `h = [hidden | gate]` split on the last dimension, with the
@@ -1417,5 +1684,131 @@ mod tests {
             max_diff(&ours, &reference)
         );
         assert!(max_diff(&norm.forward(&x).unwrap(), &composed(&x)) < 1e-5);
+    }
+
+    /// Values and the gradients of both inputs of `f(x, r)` for a weighted sum as the loss.
+    fn value_and_grads(
+        f: impl Fn(&Tensor, &Tensor) -> Tensor,
+        x: &Tensor,
+        r: &Tensor,
+        up: &Tensor,
+    ) -> [Tensor; 3] {
+        let (x, r) = (Var::from_tensor(x).unwrap(), Var::from_tensor(r).unwrap());
+        let y = f(x.as_tensor(), r.as_tensor());
+        let grads = (&y * up).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = |v: &Var| match grads.get(v.as_tensor()) {
+            Some(g) => g.clone(),
+            None => v.zeros_like().unwrap(),
+        };
+        [y.clone(), grad(&x), grad(&r)]
+    }
+
+    /// Each fused node (a frozen layer with the norm before it, or with what comes before it and
+    /// the residual sum after it) gives the values and the input and residual gradients of the
+    /// same computation composed from candle's ops and differentiated by candle's autograd: on
+    /// the CPU kernels (f32) and on the path other devices take (f64 here; candle's `gelu_erf`
+    /// backward rounds 1/√(2π) to a relative 7e-7, which bounds the f64 tolerance).
+    #[test]
+    fn fused_nodes_match_composed_ops_and_their_gradients() {
+        for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-6)] {
+            let mut rng = Rng::new(8);
+            let mut normal = |shape: &[usize]| normal(shape, dtype, &mut rng);
+            let (b, h, w, c, inner) = (2, 3, 4, 6, 8);
+            let n = h * w;
+            let (w_out, b_out) = (normal(&[c, c]), normal(&[c]));
+            let (w_ff, b_ff) = (normal(&[c, inner]), normal(&[c]));
+            let (w_in, b_in) = (normal(&[2 * inner, c]), normal(&[2 * inner]));
+            let group_norm = GroupNorm::new(&normal(&[c]), &normal(&[c]), 3, 1e-5).unwrap();
+            let layer_norm = LayerNorm {
+                weight: normal(&[c]),
+                bias: normal(&[c]),
+                eps: 1e-5,
+            };
+            let linear = |x: &Tensor, w: &Tensor, b: &Tensor| {
+                x.broadcast_matmul(&w.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(b)
+                    .unwrap()
+            };
+            let tokens_of =
+                |x: &Tensor| x.permute((0, 2, 3, 1)).unwrap().reshape((b, n, c)).unwrap();
+            let image_of = |t: &Tensor| {
+                t.reshape((b, h, w, c))
+                    .unwrap()
+                    .permute((0, 3, 1, 2))
+                    .unwrap()
+            };
+            type Fused<'a> = Box<dyn Fn(&Tensor, &Tensor) -> Tensor + 'a>;
+            let cases: [(&str, Tensor, Tensor, Fused, Fused); 5] = [
+                (
+                    "linear + residual",
+                    normal(&[b, n, c]),
+                    normal(&[b, n, c]),
+                    Box::new(|x, r| frozen_linear_residual(x, &w_out, Some(&b_out), r).unwrap()),
+                    Box::new(|x, r| (linear(x, &w_out, &b_out) + r).unwrap()),
+                ),
+                (
+                    "geglu + linear + residual",
+                    (normal(&[b, n, 2 * inner]) * 2.0).unwrap(),
+                    normal(&[b, n, c]),
+                    Box::new(|x, r| geglu_linear_residual(x, &w_ff, Some(&b_ff), r).unwrap()),
+                    Box::new(|x, r| {
+                        let (hidden, gate) = geglu_halves(x).unwrap();
+                        let a = (hidden * gate.gelu_erf().unwrap()).unwrap();
+                        (linear(&a, &w_ff, &b_ff) + r).unwrap()
+                    }),
+                ),
+                (
+                    "tokens to image + residual",
+                    normal(&[b, n, c]),
+                    normal(&[b, c, h, w]),
+                    Box::new(|x, r| project_to_image_residual(x, &w_out, Some(&b_out), r).unwrap()),
+                    Box::new(|x, r| (image_of(&linear(x, &w_out, &b_out)) + r).unwrap()),
+                ),
+                (
+                    "group norm to tokens",
+                    (normal(&[b, c, h, w]) * 2.0).unwrap(),
+                    normal(&[1]),
+                    Box::new(|x, _| {
+                        group_norm
+                            .forward_to_tokens(x, &w_out, Some(&b_out))
+                            .unwrap()
+                    }),
+                    Box::new(|x, _| {
+                        let normed = group_norm.composed(x, false).unwrap();
+                        linear(&tokens_of(&normed), &w_out, &b_out)
+                    }),
+                ),
+                (
+                    "layer norm + linear",
+                    (normal(&[b, n, c]) * 2.0).unwrap(),
+                    normal(&[1]),
+                    Box::new(|x, _| layer_norm.forward_linear(x, &w_in, Some(&b_in)).unwrap()),
+                    Box::new(|x, _| {
+                        let (x_hat, _) = standardized(x, 1e-5).unwrap();
+                        let normed = x_hat
+                            .broadcast_mul(&layer_norm.weight)
+                            .unwrap()
+                            .broadcast_add(&layer_norm.bias)
+                            .unwrap();
+                        linear(&normed, &w_in, &b_in)
+                    }),
+                ),
+            ];
+            for (name, x, r, fused, composed) in &cases {
+                let out_shape = composed(x, r).dims().to_vec();
+                let up = normal(&out_shape);
+                let ours = value_and_grads(fused, x, r, &up);
+                let reference = value_and_grads(composed, x, r, &up);
+                for (what, a, e) in [
+                    ("value", &ours[0], &reference[0]),
+                    ("input gradient", &ours[1], &reference[1]),
+                    ("residual gradient", &ours[2], &reference[2]),
+                ] {
+                    let err = max_rel_diff(a, e);
+                    assert!(err < tol, "{name} ({dtype:?}): {what} differs by {err:.2e}");
+                }
+            }
+        }
     }
 }

@@ -13,8 +13,9 @@ use candle_nn::VarBuilder;
 use crate::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::lora::{LoraLinear, LoraModule, ModuleInfo, ModuleKind};
 use crate::nn::{
-    attention, broadcast_add, contiguous, geglu, upsample_nearest, Conv2d, GroupNorm, LayerNorm,
-    Linear,
+    attention, broadcast_add, frozen_linear_residual, geglu, geglu_linear_residual,
+    image_to_tokens, project_to_image_residual, tokens_to_image, upsample_nearest, Conv2d,
+    GroupNorm, LayerNorm, Linear,
 };
 use crate::recompute::{CheckpointedForward, Direct, LayerRunner};
 
@@ -188,13 +189,22 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// `residual + attention(x, context)`: self-attention without a context.
+    fn forward_residual(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
         let context = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
         let out = attention(&q, &k, &v, self.heads, self.upcast)?;
-        self.to_out.forward(&out)
+        Ok(match self.to_out.unadapted()? {
+            Some((w, b)) => frozen_linear_residual(&out, &w, b, residual)?,
+            None => (self.to_out.forward(&out)? + residual)?,
+        })
     }
 
     fn visit(&mut self, prefix: &str, f: &mut Visitor) -> Result<()> {
@@ -221,8 +231,16 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj_out.forward(&geglu(&self.proj_in.forward(x)?)?)
+    /// `x + ff(norm(x))`.
+    fn forward_residual(&self, norm: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+        let h = match self.proj_in.unadapted()? {
+            Some((w, b)) => norm.forward_linear(x, &w, b)?,
+            None => self.proj_in.forward(&norm.forward(x)?)?,
+        };
+        Ok(match self.proj_out.unadapted()? {
+            Some((w, b)) => geglu_linear_residual(&h, &w, b, x)?,
+            None => (self.proj_out.forward(&geglu(&h)?)? + x)?,
+        })
     }
 
     fn visit(&mut self, prefix: &str, f: &mut Visitor) -> Result<()> {
@@ -256,12 +274,15 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
+        // Each residual sum is one node with the layer before it where that layer is frozen:
+        // the graph then keeps the sum only (see `nn::with_residual`).
+        let x = self
+            .attn1
+            .forward_residual(&self.norm1.forward(x)?, None, x)?;
+        let x = self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + &x)?;
-        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
+            .forward_residual(&self.norm2.forward(&x)?, Some(context), &x)?;
+        self.ff.forward_residual(&self.norm3, &x)
     }
 
     fn visit(&mut self, prefix: &str, f: &mut Visitor) -> Result<()> {
@@ -321,28 +342,25 @@ impl Transformer2DModel {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let to_tokens = |t: Tensor| -> Result<Tensor> {
-            Ok(contiguous(&t.permute((0, 2, 3, 1))?)?.reshape((b, h * w, c))?)
-        };
-        let from_tokens = |t: Tensor| -> Result<Tensor> {
-            Ok(contiguous(
-                &t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?,
-            )?)
-        };
-        let normed = self.norm.forward(x)?;
-        let mut tokens = if self.linear_projection {
-            self.proj_in.forward(&to_tokens(normed)?)?
-        } else {
-            to_tokens(self.proj_in.forward(&normed)?)?
+        let (_, _, h, w) = x.dims4()?;
+        let mut tokens = match self.proj_in.unadapted()? {
+            // A 1×1 conv on the image is the same linear map on its tokens.
+            Some((weight, bias)) => self.norm.forward_to_tokens(x, &weight, bias)?,
+            None if self.linear_projection => self
+                .proj_in
+                .forward(&image_to_tokens(&self.norm.forward(x)?)?)?,
+            None => image_to_tokens(&self.proj_in.forward(&self.norm.forward(x)?)?)?,
         };
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;
         }
+        if let Some((weight, bias)) = self.proj_out.unadapted()? {
+            return Ok(project_to_image_residual(&tokens, &weight, bias, x)?);
+        }
         let out = if self.linear_projection {
-            from_tokens(self.proj_out.forward(&tokens)?)?
+            tokens_to_image(&self.proj_out.forward(&tokens)?, h, w)?
         } else {
-            self.proj_out.forward(&from_tokens(tokens)?)?
+            self.proj_out.forward(&tokens_to_image(&tokens, h, w)?)?
         };
         Ok((out + x)?)
     }
