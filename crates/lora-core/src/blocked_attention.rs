@@ -8,9 +8,9 @@
 //! block of query rows at a time, and the backward recomputes each block's probabilities (as
 //! flash attention does), so a layer keeps only q, k, v and its output.
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CustomOp3, DType, Result, Tensor, D};
 
-use crate::nn::{compute_dtype, contiguous, ComputedOutput};
+use crate::nn::{compute_dtype, contiguous, forward_from_computed_output, ComputedOutput};
 
 /// Bytes of scores one block of query rows may take (all heads and samples together). A block's
 /// scores, probabilities and, in the backward pass, dP − δ and dS exist at once, so this bounds
@@ -213,29 +213,7 @@ impl CustomOp3 for BlockedAttention {
         "blocked-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.output.cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.output.cuda()
-    }
+    forward_from_computed_output!(a, b, c);
 
     fn bwd(
         &self,

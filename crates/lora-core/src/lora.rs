@@ -10,11 +10,12 @@ use std::fmt;
 use std::str::FromStr;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, Var, D,
-};
+use candle_core::{CustomOp3, DType, Device, Tensor, Var, D};
 
-use crate::nn::{frozen_conv2d, frozen_linear, shared_matmul, AdjointKernel, ComputedOutput};
+use crate::nn::{
+    forward_from_computed_output, frozen_conv2d, frozen_linear, shared_matmul, AdjointKernel,
+    ComputedOutput,
+};
 use crate::rng::Rng;
 
 /// Which layers of the UNet get an adapter.
@@ -309,29 +310,7 @@ impl CustomOp3 for LoraLinearNode {
         "lora-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.output.cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.output.cuda()
-    }
+    forward_from_computed_output!(a, b, c);
 
     fn bwd(
         &self,

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{Context, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Module, Shape, Storage, Tensor, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Module, Shape, Storage, Tensor, D,
 };
 use candle_nn::VarBuilder;
 
@@ -80,6 +80,30 @@ impl ComputedOutput {
     }
 }
 
+/// `cpu_fwd` and `cuda_fwd` of a custom op over 1, 2 or 3 inputs whose output was computed
+/// outside the graph into `self.output` (a [`ComputedOutput`]): they hand it over and read no
+/// input.
+macro_rules! forward_from_computed_output {
+    ($($input:ident),+) => {
+        fn cpu_fwd(
+            &self,
+            $($input: &candle_core::CpuStorage, _: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let _ = ($($input),+);
+            self.output.cpu()
+        }
+
+        fn cuda_fwd(
+            &self,
+            $($input: &candle_core::CudaStorage, _: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            let _ = ($($input),+);
+            self.output.cuda()
+        }
+    };
+}
+pub(crate) use forward_from_computed_output;
+
 fn another_device() -> candle_core::Error {
     candle_core::Error::Msg("computed output: on another device than the op's inputs".into())
 }
@@ -107,13 +131,7 @@ impl<G: InputGradient> CustomOp1 for Reattach<G> {
         G::NAME
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.output.cpu()
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.output.cuda()
-    }
+    forward_from_computed_output!(x);
 
     fn bwd(
         &self,
@@ -442,25 +460,7 @@ impl CustomOp2 for TrainedConv {
         "trained-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.output.cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.output.cuda()
-    }
+    forward_from_computed_output!(a, b);
 
     fn bwd(
         &self,
@@ -644,25 +644,7 @@ impl<G: InputGradient> CustomOp2 for ResidualNode<G> {
         G::NAME
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.output.cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.output.cuda()
-    }
+    forward_from_computed_output!(a, b);
 
     fn bwd(
         &self,
