@@ -112,8 +112,16 @@ done
 "$python" - "${results[@]}" <<'PY'
 import json, sys
 args = sys.argv[1:]
-print(f"{'case':<18} {'dtype':<5} {'batch':>5} {'build':<12} {'ours it/s':>10} {'torch it/s':>10} {'speed':>7} {'ours MiB':>9} {'torch MiB':>9}")
-print("(MiB: peak nvidia-smi used memory sampled every 20 ms while each process ran, CUDA context included)")
+print(f"{'case':<18} {'dtype':<5} {'batch':>5} {'build':<12} {'ours it/s':>10} {'torch it/s':>10} {'speed':>7} {'ours MiB':>9} {'torch MiB':>9} {'ours act':>9} {'torch act':>9}")
+print("(MiB: peak nvidia-smi used memory sampled every 20 ms while each process ran, CUDA context included;")
+print(" act: memory a training forward pass leaves for the backward pass, ours by the device's used memory")
+print(" after a synchronisation, torch's by torch.cuda.memory_allocated)")
+
+def activations(row, before, after):
+    if before in row and after in row:
+        return f"{row[after] - row[before]:>9.0f}"
+    return f"{'-':>9}"
+
 for build, o, t in zip(args[::3], args[1::3], args[2::3]):
     o, t = json.loads(o), json.loads(t)
     if "failed" in o or "failed" in t:
@@ -121,7 +129,9 @@ for build, o, t in zip(args[::3], args[1::3], args[2::3]):
         continue
     case = o["case"] + (" gc" if o.get("gradient_checkpointing") else "")
     print(f"{case:<18} {o['dtype']:<5} {o['batch']:>5} {build:<12} {1/o['mean_s']:>10.2f} {1/t['mean_s']:>10.2f} "
-          f"{t['mean_s']/o['mean_s']:>6.2f}x {o['sampled_peak_gpu_mib'] or 0:>9.0f} {t['sampled_peak_gpu_mib'] or 0:>9.0f}")
+          f"{t['mean_s']/o['mean_s']:>6.2f}x {o['sampled_peak_gpu_mib'] or 0:>9.0f} {t['sampled_peak_gpu_mib'] or 0:>9.0f} "
+          f"{activations(o, 'gpu_used_before_mib', 'gpu_used_after_forward_mib')} "
+          f"{activations(t, 'gpu_allocated_before_mib', 'gpu_allocated_after_forward_mib')}")
 PY
 
 if [ "${TRACE:-0}" != 0 ]; then

@@ -98,6 +98,9 @@ def main():
         torch.cuda.reset_peak_memory_stats()
 
     forward_times = []
+    # CUDA: the most memory allocated at the end of a timed training forward pass, and before the
+    # timed steps (weights, optimizer state): their difference is what the backward pass is left.
+    allocated = {"after_forward": 0.0, "before": 0.0}
 
     def step():
         if train:
@@ -108,6 +111,9 @@ def main():
                 out = unet(sample, timesteps, context).sample
             sync()
             forward_times.append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                mib = torch.cuda.memory_allocated() / 2**20
+                allocated["after_forward"] = max(allocated["after_forward"], mib)
             loss = torch.nn.functional.mse_loss(out.float(), target)
             loss.backward()
             opt.step()
@@ -119,6 +125,9 @@ def main():
 
     step()
     forward_times.clear()
+    if device.type == "cuda":
+        allocated["before"] = torch.cuda.memory_allocated() / 2**20
+        allocated["after_forward"] = 0.0
     times = []
     for _ in range(iters):
         sync()
@@ -140,6 +149,9 @@ def main():
         "batch": b,
         **({"gradient_checkpointing": True} if checkpointing else {}),
         **({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if device.type == "cuda" else {}),
+        **({"gpu_allocated_before_mib": allocated["before"],
+            "gpu_allocated_after_forward_mib": allocated["after_forward"]}
+           if device.type == "cuda" and train else {}),
         "iters": iters,
         "mean_s": sum(times) / len(times),
         "min_s": min(times),
