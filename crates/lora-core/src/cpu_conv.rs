@@ -367,7 +367,8 @@ impl CustomOp2 for ConvPass {
         Ok((CpuStorage::F32(values), shape))
     }
 
-    /// The forward pass's gradients: for the input always, for the kernel when it is trained.
+    /// The forward pass's gradients: for the input and the kernel, each where a gradient flows
+    /// to it (candle would keep one for an untracked operand until the backward pass ends).
     fn bwd(
         &self,
         x: &Tensor,
@@ -382,14 +383,17 @@ impl CustomOp2 for ConvPass {
         }
         let conv = (self.geometry.padding, self.geometry.stride);
         let operands = (grad_out, kernel);
-        let dx = run(Pass::InputGrad, (x, kernel), operands, conv, None)?;
+        let dx = match x.track_op() {
+            true => Some(run(Pass::InputGrad, (x, kernel), operands, conv, None)?),
+            false => None,
+        };
         let dk = if kernel.track_op() {
             let operands = (x, grad_out);
             Some(run(Pass::KernelGrad, (x, kernel), operands, conv, None)?)
         } else {
             None
         };
-        Ok((Some(dx), dk))
+        Ok((dx, dk))
     }
 }
 

@@ -332,11 +332,18 @@ impl CustomOp3 for LoraLinearNode {
         let gu = g2.matmul(&up_c)?;
         let d_up = (g2.t()?.matmul(&t)? * self.factor)?;
         let d_down = (gu.t()?.matmul(&x2)? * self.factor)?;
-        let dx_base = shared_matmul(&grad.to_dtype(self.weight.dtype())?, &self.weight)?;
-        let dx_lora = (gu.matmul(&down_c)? * self.factor)?.reshape(x.shape())?;
-        let dx = (&dx_base + dx_lora.to_dtype(dx_base.dtype())?)?.to_dtype(x.dtype())?;
+        // The input gradient only where one flows: not for the text embeddings into to_k/to_v,
+        // nor for the first adapted layer's input (candle would keep it to the end, unused).
+        let dx = match x.track_op() {
+            true => {
+                let dx_base = shared_matmul(&grad.to_dtype(self.weight.dtype())?, &self.weight)?;
+                let dx_lora = (gu.matmul(&down_c)? * self.factor)?.reshape(x.shape())?;
+                Some((&dx_base + dx_lora.to_dtype(dx_base.dtype())?)?.to_dtype(x.dtype())?)
+            }
+            false => None,
+        };
         Ok((
-            Some(dx),
+            dx,
             Some(d_down.to_dtype(down.dtype())?),
             Some(d_up.to_dtype(up.dtype())?),
         ))

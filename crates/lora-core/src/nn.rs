@@ -474,12 +474,16 @@ impl CustomOp2 for TrainedConv {
             padding: self.padding,
             stride: self.stride,
             adjoint: None, // the kernel changes every step
-        }
-        .input_grad(x, grad_out)?;
+        };
+        // The input gradient only where one flows (not for the UNet's input at `conv_in`).
+        let input_grad = match x.track_op() {
+            true => Some(input_grad.input_grad(x, grad_out)?),
+            false => None,
+        };
         let (_, _, kh, kw) = weight.dims4()?;
         let kernel_grad =
             conv_kernel_grad(&x.detach(), grad_out, (kh, kw), self.padding, self.stride)?;
-        Ok((Some(input_grad), Some(kernel_grad)))
+        Ok((input_grad, Some(kernel_grad)))
     }
 }
 
@@ -649,12 +653,17 @@ impl<G: InputGradient> CustomOp2 for ResidualNode<G> {
     fn bwd(
         &self,
         x: &Tensor,
-        _: &Tensor,
+        residual: &Tensor,
         _: &Tensor,
         grad_out: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = self.grad.input_grad(x, grad_out)?;
-        Ok((Some(dx), Some(grad_out.clone())))
+        // Only where a gradient flows: candle would keep one for an untracked input (the first
+        // layers before any adapter) until the backward pass ends, and compute it for nothing.
+        let dx = match x.track_op() {
+            true => Some(self.grad.input_grad(x, grad_out)?),
+            false => None,
+        };
+        Ok((dx, residual.track_op().then(|| grad_out.clone())))
     }
 }
 

@@ -932,6 +932,32 @@ mod tests {
         Ok(())
     }
 
+    /// Gradients go where something is trained: none is computed (and kept by candle until the
+    /// backward pass ends) for the latents or the text embeddings, on the CPU kernels (f32) and
+    /// on the path other devices take (f16).
+    #[test]
+    fn untracked_inputs_get_no_gradient() -> Result<()> {
+        let cfg = tiny_config()?;
+        for dtype in [DType::F32, DType::F16] {
+            let vb = RandomInit::frozen(3)
+                .var_builder(&Device::Cpu)
+                .set_dtype(dtype);
+            let mut unet = UNet2DConditionModel::load(&cfg, &vb)?;
+            let lora = LoraConfig::default();
+            let trainable = Adapter::init_unet(&lora, unet.lora_modules(), &Device::Cpu, 0)?;
+            unet.attach_adapter("test", &trainable.adapter.unet, 1.0)?;
+            let (sample, timesteps, context) = inputs(&cfg, dtype)?;
+            let out = unet.forward(&sample, &timesteps, &context)?;
+            let grads = out.to_dtype(DType::F32)?.sqr()?.sum_all()?.backward()?;
+            assert!(grads.get(&sample).is_none(), "{dtype:?}: latents");
+            assert!(grads.get(&context).is_none(), "{dtype:?}: text embeddings");
+            for (name, var) in &trainable.vars {
+                assert!(grads.get(var.as_tensor()).is_some(), "{dtype:?}: {name}");
+            }
+        }
+        Ok(())
+    }
+
     /// A full fine-tune: every weight a variable, so gradients also flow between layers through
     /// the time embedding that every resnet reads, and into `conv_in` and the output head.
     #[test]
