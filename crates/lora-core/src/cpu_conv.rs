@@ -382,9 +382,8 @@ impl CustomOp2 for ConvPass {
             ));
         }
         let conv = (self.geometry.padding, self.geometry.stride);
-        let operands = (grad_out, kernel);
         let dx = match x.track_op() {
-            true => Some(run(Pass::InputGrad, (x, kernel), operands, conv, None)?),
+            true => Some(input_grad(x, kernel, grad_out, conv.0, conv.1)?),
             false => None,
         };
         let dk = if kernel.track_op() {
@@ -417,6 +416,24 @@ fn run(
         Pass::Forward => a.apply_op2(&b, op),
         Pass::InputGrad | Pass::KernelGrad => a.apply_op2_no_bwd(&b, &op),
     }
+}
+
+/// The input gradient of a convolution of an input shaped as `x` by `kernel`, for the output
+/// gradient `dy`.
+pub(crate) fn input_grad(
+    x: &Tensor,
+    kernel: &Tensor,
+    dy: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    run(
+        Pass::InputGrad,
+        (x, kernel),
+        (dy, kernel),
+        (padding, stride),
+        None,
+    )
 }
 
 /// `conv(x, kernel) + bias` on the CPU (see [`applies`]) as one op whose backward gives the

@@ -638,12 +638,14 @@ fn with_input_grad<G: InputGradient>(
 /// sum `r + f(x)` composed from ops keeps `f(x)` (and whatever `f` made on the way) as well as the
 /// sum. As one node it keeps the sum only. In a transformer block at 64² latents this is most of
 /// what our activations held beyond PyTorch's saved tensors (issue #7).
-struct ResidualNode<G> {
+struct ResidualNode<G, R> {
     output: ComputedOutput,
     grad: G,
+    /// The residual's path: the identity, or a frozen shortcut layer (a resnet's 1×1 conv).
+    residual_grad: R,
 }
 
-impl<G: InputGradient> CustomOp2 for ResidualNode<G> {
+impl<G: InputGradient, R: InputGradient> CustomOp2 for ResidualNode<G, R> {
     fn name(&self) -> &'static str {
         G::NAME
     }
@@ -663,7 +665,21 @@ impl<G: InputGradient> CustomOp2 for ResidualNode<G> {
             true => Some(self.grad.input_grad(x, grad_out)?),
             false => None,
         };
-        Ok((dx, residual.track_op().then(|| grad_out.clone())))
+        let dr = match residual.track_op() {
+            true => Some(self.residual_grad.input_grad(residual, grad_out)?),
+            false => None,
+        };
+        Ok((dx, dr))
+    }
+}
+
+/// The identity's input gradient: the residual path of a plain residual sum.
+struct Identity;
+
+impl InputGradient for Identity {
+    const NAME: &'static str = "identity";
+    fn input_grad(&self, _: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(grad_out.clone())
     }
 }
 
@@ -675,15 +691,28 @@ fn with_residual<G: InputGradient>(
     forward: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
     grad: impl FnOnce() -> G,
 ) -> candle_core::Result<Tensor> {
+    with_residual_through((x, residual), |x, r| forward(x)? + r, || (grad(), Identity))
+}
+
+/// `forward(x, residual)`, a sum of a function of `x` and one of `residual`, as one
+/// [`ResidualNode`] with the gradients `grads` gives for each, where a gradient can flow to
+/// either input; else plainly. `forward` must read no trained parameter.
+fn with_residual_through<G: InputGradient, R: InputGradient>(
+    (x, residual): (&Tensor, &Tensor),
+    forward: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    grads: impl FnOnce() -> (G, R),
+) -> candle_core::Result<Tensor> {
     if !x.track_op() && !residual.track_op() {
-        return forward(x)? + residual;
+        return forward(x, residual);
     }
-    let output = (forward(&x.detach())? + residual.detach())?.contiguous()?;
+    let output = forward(&x.detach(), &residual.detach())?.contiguous()?;
+    let (grad, residual_grad) = grads();
     x.apply_op2(
         residual,
         ResidualNode {
             output: ComputedOutput::new(output),
-            grad: grad(),
+            grad,
+            residual_grad,
         },
     )
 }
@@ -910,6 +939,49 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    fn trained(&self) -> bool {
+        any_trained([Some(&self.weight), Some(&self.bias)])
+    }
+
+    /// The input gradient for an input shaped as `x` and the output gradient `dy` (frozen
+    /// kernel), by whichever kernel `frozen_conv2d` runs on.
+    fn input_grad(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+        if cpu_conv::applies(x, &self.weight) {
+            return cpu_conv::input_grad(x, &self.weight, dy, self.padding, self.stride);
+        }
+        ConvInputGrad {
+            weight: self.weight.clone(),
+            padding: self.padding,
+            stride: self.stride,
+            adjoint: Some(self.adjoint.clone()),
+        }
+        .input_grad(x, dy)
+    }
+}
+
+impl InputGradient for Conv2d {
+    const NAME: &'static str = "conv-shortcut";
+    fn input_grad(&self, x: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        Conv2d::input_grad(self, x, grad_out)
+    }
+}
+
+/// The input gradient of `conv(silu(norm(x)))`: the norm's with its SiLU, for the convolution's
+/// input gradient (the convolution's input has `x`'s shape).
+struct NormSiluConvInputGrad {
+    norm: GroupNorm,
+    conv: Conv2d,
+}
+
+impl InputGradient for NormSiluConvInputGrad {
+    const NAME: &'static str = "group-norm-silu-conv";
+    fn input_grad(&self, x: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        let dz = self.conv.input_grad(x, grad_out)?;
+        self.norm.input_grad(x, &dz, true)
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         frozen_conv2d(
@@ -1011,6 +1083,59 @@ impl GroupNorm {
             norm: self.clone(),
             weight: weight.clone(),
         })
+    }
+
+    fn trained(&self) -> bool {
+        any_trained([Some(&self.weight), Some(&self.bias)])
+    }
+
+    /// `conv(silu(norm(x))) + shift` for a `[B, C, 1, 1]` `shift` (a resnet's first half, the
+    /// time embedding's projection as the shift) as one node over `x`: the graph keeps neither
+    /// the activation nor the convolution's output. Frozen parameters and an untracked shift;
+    /// otherwise composed.
+    pub fn silu_conv(
+        &self,
+        x: &Tensor,
+        conv: &Conv2d,
+        shift: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let forward = |x: &Tensor| broadcast_add(&conv.forward(&self.forward_silu(x)?)?, shift);
+        let trained = self.trained() || conv.trained() || shift.track_op();
+        with_input_grad(x, trained, forward, || NormSiluConvInputGrad {
+            norm: self.clone(),
+            conv: conv.clone(),
+        })
+    }
+
+    /// `shortcut(r) + conv(silu(norm(h)))`, `shortcut` a frozen 1×1 conv or the identity (a
+    /// resnet's second half and its residual sum) as one node over `(h, r)`: the graph keeps
+    /// neither the activation, the convolution's output nor the shortcut's. Frozen parameters;
+    /// otherwise composed.
+    pub fn silu_conv_residual(
+        &self,
+        h: &Tensor,
+        conv: &Conv2d,
+        r: &Tensor,
+        shortcut: Option<&Conv2d>,
+    ) -> candle_core::Result<Tensor> {
+        let forward = |h: &Tensor, r: &Tensor| {
+            let residual = match shortcut {
+                Some(s) => s.forward(r)?,
+                None => r.clone(),
+            };
+            residual + conv.forward(&self.forward_silu(h)?)?
+        };
+        let grad = || NormSiluConvInputGrad {
+            norm: self.clone(),
+            conv: conv.clone(),
+        };
+        if self.trained() || conv.trained() || shortcut.is_some_and(Conv2d::trained) {
+            return forward(h, r);
+        }
+        match shortcut {
+            Some(s) => with_residual_through((h, r), forward, || (grad(), s.clone())),
+            None => with_residual_through((h, r), forward, || (grad(), Identity)),
+        }
     }
 
     fn normalize(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
@@ -1729,8 +1854,55 @@ mod tests {
                     .permute((0, 3, 1, 2))
                     .unwrap()
             };
+            let conv = |c_in: usize,
+                        c_out: usize,
+                        k: usize,
+                        normal: &mut dyn FnMut(&[usize]) -> Tensor| {
+                Conv2d {
+                    weight: (normal(&[c_out, c_in, k, k]) * 0.3).unwrap(),
+                    bias: normal(&[1, c_out, 1, 1]),
+                    stride: 1,
+                    padding: k / 2,
+                    adjoint: AdjointKernel::default(),
+                }
+            };
+            let (conv3, shortcut) = (conv(c, c, 3, &mut normal), conv(4, c, 1, &mut normal));
+            let shift = normal(&[b, c, 1, 1]);
+            let composed_conv = |x: &Tensor, conv: &Conv2d| {
+                x.conv2d(&conv.weight, conv.padding, 1, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&conv.bias)
+                    .unwrap()
+            };
+            let composed_silu_conv =
+                |x: &Tensor| composed_conv(&group_norm.composed(x, true).unwrap(), &conv3);
             type Fused<'a> = Box<dyn Fn(&Tensor, &Tensor) -> Tensor + 'a>;
-            let cases: [(&str, Tensor, Tensor, Fused, Fused); 5] = [
+            let cases: [(&str, Tensor, Tensor, Fused, Fused); 8] = [
+                (
+                    "group norm + silu + conv + shift",
+                    (normal(&[b, c, h, w]) * 2.0).unwrap(),
+                    normal(&[1]),
+                    Box::new(|x, _| group_norm.silu_conv(x, &conv3, &shift).unwrap()),
+                    Box::new(|x, _| composed_silu_conv(x).broadcast_add(&shift).unwrap()),
+                ),
+                (
+                    "group norm + silu + conv + residual",
+                    (normal(&[b, c, h, w]) * 2.0).unwrap(),
+                    normal(&[b, c, h, w]),
+                    Box::new(|x, r| group_norm.silu_conv_residual(x, &conv3, r, None).unwrap()),
+                    Box::new(|x, r| (composed_silu_conv(x) + r).unwrap()),
+                ),
+                (
+                    "group norm + silu + conv + shortcut",
+                    (normal(&[b, c, h, w]) * 2.0).unwrap(),
+                    normal(&[b, 4, h, w]),
+                    Box::new(|x, r| {
+                        group_norm
+                            .silu_conv_residual(x, &conv3, r, Some(&shortcut))
+                            .unwrap()
+                    }),
+                    Box::new(|x, r| (composed_silu_conv(x) + composed_conv(r, &shortcut)).unwrap()),
+                ),
                 (
                     "linear + residual",
                     normal(&[b, n, c]),

@@ -13,9 +13,9 @@ use candle_nn::VarBuilder;
 use crate::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::lora::{LoraLinear, LoraModule, ModuleInfo, ModuleKind};
 use crate::nn::{
-    attention, broadcast_add, frozen_linear_residual, geglu, geglu_linear_residual,
-    image_to_tokens, project_to_image_residual, tokens_to_image, upsample_nearest, Conv2d,
-    GroupNorm, LayerNorm, Linear,
+    attention, frozen_linear_residual, geglu, geglu_linear_residual, image_to_tokens,
+    project_to_image_residual, tokens_to_image, upsample_nearest, Conv2d, GroupNorm, LayerNorm,
+    Linear,
 };
 use crate::recompute::{CheckpointedForward, Direct, LayerRunner};
 
@@ -140,19 +140,16 @@ impl ResnetBlock2D {
 
     /// `temb_act` is `silu(temb)`, shared by all resnets.
     fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self
             .time_emb_proj
             .forward(temb_act)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        let h = broadcast_add(&h, &t)?;
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
-        let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
-            None => x.clone(),
-        };
-        let out = (shortcut + h)?;
+        // Each half is one node (see `GroupNorm::silu_conv`): the graph keeps `h` and the sum.
+        let h = self.norm1.silu_conv(x, &self.conv1, &t)?;
+        let out = self
+            .norm2
+            .silu_conv_residual(&h, &self.conv2, x, self.conv_shortcut.as_ref())?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
