@@ -631,13 +631,14 @@ fn with_input_grad<G: InputGradient>(
     })
 }
 
-/// `(x, residual) → residual + f(x)` for an `f` computed outside the graph, with a backward that
-/// sends `grad` of the output gradient to `x` and the output gradient itself to `residual`.
+/// `(x, residual) → s(residual) + f(x)` for an `f` (and a shortcut `s`, often the identity)
+/// computed outside the graph, with a backward that sends `grad` of the output gradient to `x`
+/// and `residual_grad` of it to `residual`.
 ///
 /// Why: candle's graph keeps every node's output until the backward pass ends, and a residual
-/// sum `r + f(x)` composed from ops keeps `f(x)` (and whatever `f` made on the way) as well as the
-/// sum. As one node it keeps the sum only. In a transformer block at 64² latents this is most of
-/// what our activations held beyond PyTorch's saved tensors (issue #7).
+/// sum `s(r) + f(x)` composed from ops keeps `f(x)`, `s(r)` and whatever `f` made on the way as
+/// well as the sum. As one node it keeps the sum only. In the transformer blocks and resnets at
+/// 64² latents this was most of what our activations held beyond PyTorch's saved tensors (#7).
 struct ResidualNode<G, R> {
     output: ComputedOutput,
     grad: G,
