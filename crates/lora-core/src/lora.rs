@@ -282,6 +282,18 @@ struct AttachedLora {
     factor: f64,
 }
 
+impl AttachedLora {
+    /// The same adapter outside the graph.
+    fn detached(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            down: self.down.detach(),
+            up: self.up.detach(),
+            factor: self.factor,
+        }
+    }
+}
+
 /// The dtype an adapter's products run in for the input `x`. On a GPU the activations' own, the
 /// adapter's f32 weights cast to it (as PyTorch's autocast runs peft's): each pass over a
 /// `[B, N, out]` tensor (an f32 copy of the input) costs as much as the adapter's products there,
@@ -300,9 +312,53 @@ fn adapter_dtype(x: &Tensor) -> DType {
 /// `dx = g·W + factor·gu·down`, `d_down = factor·guᵀ·x`, `d_up = factor·gᵀ·t`, with the products
 /// in [`adapter_dtype`].
 struct LoraLinearNode {
+    grads: LoraGrads,
+    output: ComputedOutput,
+}
+
+/// The gradients of a frozen Linear `W` with one adapter scaled by `factor`.
+struct LoraGrads {
     weight: Tensor,
     factor: f64,
-    output: ComputedOutput,
+}
+
+impl LoraGrads {
+    /// `(dx, d_down, d_up)` for the output gradient `grad`; `dx` only where a gradient flows to
+    /// `x`: not for the text embeddings into to_k/to_v, nor for the first adapted layer's input
+    /// (candle would keep it to the end of the backward pass, unused).
+    fn grads(
+        &self,
+        x: &Tensor,
+        down: &Tensor,
+        up: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
+        let dtype = adapter_dtype(x);
+        let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let t = crate::nn::contiguous(&t.to_dtype(dtype)?)?;
+            let cols = t.dim(D::Minus1)?;
+            t.reshape((t.elem_count() / cols.max(1), cols))
+        };
+        let (x2, g2) = (rows(&x.detach())?, rows(grad)?);
+        let (down_c, up_c) = (down.detach().to_dtype(dtype)?, up.detach().to_dtype(dtype)?);
+        let t = x2.matmul(&down_c.t()?)?;
+        let gu = g2.matmul(&up_c)?;
+        let d_up = (g2.t()?.matmul(&t)? * self.factor)?;
+        let d_down = (gu.t()?.matmul(&x2)? * self.factor)?;
+        let dx = match x.track_op() {
+            true => {
+                let dx_base = shared_matmul(&grad.to_dtype(self.weight.dtype())?, &self.weight)?;
+                let dx_lora = (gu.matmul(&down_c)? * self.factor)?.reshape(x.shape())?;
+                Some((&dx_base + dx_lora.to_dtype(dx_base.dtype())?)?.to_dtype(x.dtype())?)
+            }
+            false => None,
+        };
+        Ok((
+            dx,
+            d_down.to_dtype(down.dtype())?,
+            d_up.to_dtype(up.dtype())?,
+        ))
+    }
 }
 
 impl CustomOp3 for LoraLinearNode {
@@ -320,32 +376,48 @@ impl CustomOp3 for LoraLinearNode {
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dtype = adapter_dtype(x);
-        let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
-            let t = crate::nn::contiguous(&t.to_dtype(dtype)?)?;
-            let cols = t.dim(D::Minus1)?;
-            t.reshape((t.elem_count() / cols.max(1), cols))
-        };
-        let (x2, g2) = (rows(&x.detach())?, rows(grad)?);
-        let (down_c, up_c) = (down.detach().to_dtype(dtype)?, up.detach().to_dtype(dtype)?);
-        let t = x2.matmul(&down_c.t()?)?;
-        let gu = g2.matmul(&up_c)?;
-        let d_up = (g2.t()?.matmul(&t)? * self.factor)?;
-        let d_down = (gu.t()?.matmul(&x2)? * self.factor)?;
-        // The input gradient only where one flows: not for the text embeddings into to_k/to_v,
-        // nor for the first adapted layer's input (candle would keep it to the end, unused).
-        let dx = match x.track_op() {
-            true => {
-                let dx_base = shared_matmul(&grad.to_dtype(self.weight.dtype())?, &self.weight)?;
-                let dx_lora = (gu.matmul(&down_c)? * self.factor)?.reshape(x.shape())?;
-                Some((&dx_base + dx_lora.to_dtype(dx_base.dtype())?)?.to_dtype(x.dtype())?)
-            }
-            false => None,
-        };
+        let (dx, d_down, d_up) = self.grads.grads(x, down, up, grad)?;
+        Ok((dx, Some(d_down), Some(d_up)))
+    }
+}
+
+/// `(x, [down | up], residual) → residual + x·Wᵀ + b + factor·(x·downᵀ)·upᵀ`: [`LoraLinearNode`]
+/// with the residual sum after the layer (an attention's adapted output projection), so the
+/// graph keeps the sum only, not the layer's output too. candle's ops take at most three inputs:
+/// the adapter's two matrices travel flattened and concatenated (a small recorded `cat`, whose
+/// backward splits their gradient).
+struct LoraLinearResidualNode {
+    grads: LoraGrads,
+    down_shape: (usize, usize),
+    up_shape: (usize, usize),
+    output: ComputedOutput,
+}
+
+impl CustomOp3 for LoraLinearResidualNode {
+    fn name(&self) -> &'static str {
+        "lora-linear-residual"
+    }
+
+    forward_from_computed_output!(a, b, c);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        packed: &Tensor,
+        residual: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (r, i) = self.down_shape;
+        let (o, _) = self.up_shape;
+        let down = packed.narrow(0, 0, r * i)?.reshape(self.down_shape)?;
+        let up = packed.narrow(0, r * i, o * r)?.reshape(self.up_shape)?;
+        let (dx, d_down, d_up) = self.grads.grads(x, &down, &up, grad)?;
+        let d_packed = Tensor::cat(&[d_down.flatten_all()?, d_up.flatten_all()?], 0)?;
         Ok((
             dx,
-            Some(d_down.to_dtype(down.dtype())?),
-            Some(d_up.to_dtype(up.dtype())?),
+            Some(d_packed),
+            residual.track_op().then(|| grad.clone()),
         ))
     }
 }
@@ -440,17 +512,47 @@ impl LoraLinear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let [a] = self.adapters.as_slice() {
-            let tracked = [x, &a.down, &a.up].into_iter().any(Tensor::track_op);
-            let frozen_base = [Some(&self.weight), self.bias.as_ref()]
-                .into_iter()
-                .flatten()
-                .all(|t| !t.track_op());
-            if tracked && frozen_base && self.kind == ModuleKind::Linear {
-                return self.forward_one_node(x, a);
-            }
+        match self.one_node_adapter(x) {
+            Some(a) => self.forward_one_node(x, a),
+            None => self.forward_values(x, &self.adapters),
         }
-        self.forward_values(x, &self.adapters)
+    }
+
+    /// `residual + self.forward(x)`, as one node where [`Self::forward`] is one
+    /// ([`LoraLinearResidualNode`]).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let Some(a) = self.one_node_adapter(x) else {
+            return Ok((self.forward_values(x, &self.adapters)? + residual)?);
+        };
+        let output = (self.forward_values(&x.detach(), &[a.detached()])? + residual.detach())?;
+        let packed = Tensor::cat(&[a.down.flatten_all()?, a.up.flatten_all()?], 0)?;
+        Ok(x.apply_op3(
+            &packed,
+            residual,
+            LoraLinearResidualNode {
+                grads: LoraGrads {
+                    weight: self.weight.clone(),
+                    factor: a.factor,
+                },
+                down_shape: a.down.dims2()?,
+                up_shape: a.up.dims2()?,
+                output: ComputedOutput::new(output.contiguous()?),
+            },
+        )?)
+    }
+
+    /// The adapter a training forward pass runs as one node: the only one attached, on a
+    /// Linear with a frozen base, when a gradient flows.
+    fn one_node_adapter(&self, x: &Tensor) -> Option<&AttachedLora> {
+        let [a] = self.adapters.as_slice() else {
+            return None;
+        };
+        let tracked = [x, &a.down, &a.up].into_iter().any(Tensor::track_op);
+        let frozen_base = [Some(&self.weight), self.bias.as_ref()]
+            .into_iter()
+            .flatten()
+            .all(|t| !t.track_op());
+        (tracked && frozen_base && self.kind == ModuleKind::Linear).then_some(a)
     }
 
     /// Training one adapter on a Linear: its value from [`Self::forward_values`] off the graph,
@@ -458,19 +560,15 @@ impl LoraLinear {
     /// would keep the base output, the delta and the sum of every adapted layer (three full-width
     /// tensors); this node keeps its output only, and its backward recomputes the rank-r `x·downᵀ`.
     fn forward_one_node(&self, x: &Tensor, a: &AttachedLora) -> Result<Tensor> {
-        let detached = AttachedLora {
-            name: a.name.clone(),
-            down: a.down.detach(),
-            up: a.up.detach(),
-            factor: a.factor,
-        };
-        let output = self.forward_values(&x.detach(), std::slice::from_ref(&detached))?;
+        let output = self.forward_values(&x.detach(), &[a.detached()])?;
         Ok(x.apply_op3(
             &a.down,
             &a.up,
             LoraLinearNode {
-                weight: self.weight.clone(),
-                factor: a.factor,
+                grads: LoraGrads {
+                    weight: self.weight.clone(),
+                    factor: a.factor,
+                },
                 output: ComputedOutput::new(output),
             },
         )?)

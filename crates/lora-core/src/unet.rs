@@ -200,7 +200,7 @@ impl Attention {
         let out = attention(&q, &k, &v, self.heads, self.upcast)?;
         Ok(match self.to_out.unadapted()? {
             Some((w, b)) => frozen_linear_residual(&out, &w, b, residual)?,
-            None => (self.to_out.forward(&out)? + residual)?,
+            None => self.to_out.forward_residual(&out, residual)?,
         })
     }
 
