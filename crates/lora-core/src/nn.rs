@@ -684,26 +684,31 @@ impl InputGradient for Identity {
     }
 }
 
-/// `residual + forward(x)` as one [`ResidualNode`] where a gradient can flow to either input,
-/// else plainly. `forward` must read no trained parameter (the node sends none a gradient).
+/// `residual + forward(x)` as one [`ResidualNode`] (see [`with_residual_through`]).
 fn with_residual<G: InputGradient>(
     x: &Tensor,
     residual: &Tensor,
+    trained_params: bool,
     forward: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
     grad: impl FnOnce() -> G,
 ) -> candle_core::Result<Tensor> {
-    with_residual_through((x, residual), |x, r| forward(x)? + r, || (grad(), Identity))
+    let forward = |x: &Tensor, r: &Tensor| forward(x)? + r;
+    with_residual_through((x, residual), trained_params, forward, || {
+        (grad(), Identity)
+    })
 }
 
 /// `forward(x, residual)`, a sum of a function of `x` and one of `residual`, as one
 /// [`ResidualNode`] with the gradients `grads` gives for each, where a gradient can flow to
-/// either input; else plainly. `forward` must read no trained parameter.
+/// either input; plainly where none can (inference), and where `forward` reads trained
+/// parameters (their gradients are needed), as [`with_input_grad`] does.
 fn with_residual_through<G: InputGradient, R: InputGradient>(
     (x, residual): (&Tensor, &Tensor),
+    trained_params: bool,
     forward: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
     grads: impl FnOnce() -> (G, R),
 ) -> candle_core::Result<Tensor> {
-    if !x.track_op() && !residual.track_op() {
+    if (!x.track_op() && !residual.track_op()) || trained_params {
         return forward(x, residual);
     }
     let output = forward(&x.detach(), &residual.detach())?.contiguous()?;
@@ -726,11 +731,9 @@ pub fn frozen_linear_residual(
     bias: Option<&Tensor>,
     residual: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    if any_trained([Some(weight), bias]) {
-        return frozen_linear(x, weight, bias)? + residual;
-    }
     let forward = |x: &Tensor| frozen_linear(x, weight, bias);
-    with_residual(x, residual, forward, || LinearInputGrad {
+    let trained = any_trained([Some(weight), bias]);
+    with_residual(x, residual, trained, forward, || LinearInputGrad {
         weight: weight.clone(),
     })
 }
@@ -756,11 +759,9 @@ pub fn geglu_linear_residual(
     bias: Option<&Tensor>,
     residual: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    if any_trained([Some(weight), bias]) {
-        return frozen_linear(&geglu(h)?, weight, bias)? + residual;
-    }
     let forward = |h: &Tensor| frozen_linear(&geglu(h)?, weight, bias);
-    with_residual(h, residual, forward, || GegluLinearInputGrad {
+    let trained = any_trained([Some(weight), bias]);
+    with_residual(h, residual, trained, forward, || GegluLinearInputGrad {
         weight: weight.clone(),
     })
 }
@@ -800,11 +801,11 @@ pub fn project_to_image_residual(
 ) -> candle_core::Result<Tensor> {
     let (_, _, h, w) = residual.dims4()?;
     let forward = |t: &Tensor| tokens_to_image(&frozen_linear(t, weight, bias)?, h, w);
-    if any_trained([Some(weight), bias]) {
-        return forward(tokens)? + residual;
-    }
-    with_residual(tokens, residual, forward, || TokensToImageInputGrad {
-        weight: weight.clone(),
+    let trained = any_trained([Some(weight), bias]);
+    with_residual(tokens, residual, trained, forward, || {
+        TokensToImageInputGrad {
+            weight: weight.clone(),
+        }
     })
 }
 
@@ -938,18 +939,19 @@ impl Conv2d {
             adjoint: AdjointKernel::default(),
         })
     }
-}
 
-impl Conv2d {
     fn trained(&self) -> bool {
         any_trained([Some(&self.weight), Some(&self.bias)])
     }
+}
 
-    /// The input gradient for an input shaped as `x` and the output gradient `dy` (frozen
-    /// kernel), by whichever kernel `frozen_conv2d` runs on.
-    fn input_grad(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+/// The layer's input gradient for an input shaped as `x` (frozen kernel), by whichever kernel
+/// `frozen_conv2d` runs on; also the residual path of a resnet with a shortcut conv.
+impl InputGradient for Conv2d {
+    const NAME: &'static str = "conv2d";
+    fn input_grad(&self, x: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
         if cpu_conv::applies(x, &self.weight) {
-            return cpu_conv::input_grad(x, &self.weight, dy, self.padding, self.stride);
+            return cpu_conv::input_grad(x, &self.weight, grad_out, self.padding, self.stride);
         }
         ConvInputGrad {
             weight: self.weight.clone(),
@@ -957,14 +959,7 @@ impl Conv2d {
             stride: self.stride,
             adjoint: Some(self.adjoint.clone()),
         }
-        .input_grad(x, dy)
-    }
-}
-
-impl InputGradient for Conv2d {
-    const NAME: &'static str = "conv-shortcut";
-    fn input_grad(&self, x: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
-        Conv2d::input_grad(self, x, grad_out)
+        .input_grad(x, grad_out)
     }
 }
 
@@ -1079,7 +1074,7 @@ impl GroupNorm {
     ) -> candle_core::Result<Tensor> {
         let forward =
             |x: &Tensor| frozen_linear(&image_to_tokens(&self.normalize(x, false)?)?, weight, bias);
-        let trained = any_trained([Some(&self.weight), Some(&self.bias), Some(weight), bias]);
+        let trained = self.trained() || any_trained([Some(weight), bias]);
         with_input_grad(x, trained, forward, || GroupNormToTokensInputGrad {
             norm: self.clone(),
             weight: weight.clone(),
@@ -1130,20 +1125,18 @@ impl GroupNorm {
             norm: self.clone(),
             conv: conv.clone(),
         };
-        if self.trained() || conv.trained() || shortcut.is_some_and(Conv2d::trained) {
-            return forward(h, r);
-        }
+        let trained = self.trained() || conv.trained() || shortcut.is_some_and(Conv2d::trained);
         match shortcut {
-            Some(s) => with_residual_through((h, r), forward, || (grad(), s.clone())),
-            None => with_residual_through((h, r), forward, || (grad(), Identity)),
+            Some(s) => with_residual_through((h, r), trained, forward, || (grad(), s.clone())),
+            None => with_residual_through((h, r), trained, forward, || (grad(), Identity)),
         }
     }
 
     fn normalize(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        if cpu_gemm::cpu_f32(&[x]) && !any_trained([Some(&self.weight), Some(&self.bias)]) {
+        let trained = self.trained();
+        if cpu_gemm::cpu_f32(&[x]) && !trained {
             return cpu_norm::forward(x, &self.cpu_params(silu)?);
         }
-        let trained = any_trained([Some(&self.weight), Some(&self.bias)]);
         // Trained parameters (a full fine-tune) need their gradients: recorded ops. Otherwise one
         // node with the input gradient, which keeps none of the intermediates, and its values
         // from candle's layer-norm kernel (statistics in f32: not for f64).
@@ -1238,20 +1231,17 @@ impl LayerNorm {
             eps,
         })
     }
-}
 
-impl LayerNorm {
     fn trained(&self) -> bool {
         any_trained([Some(&self.weight), Some(&self.bias)])
     }
 
-    /// The parameters `cpu_norm`'s kernels read.
+    /// The parameters `cpu_norm`'s kernels read (f32).
     fn cpu_params(&self) -> candle_core::Result<cpu_norm::LayerNormParams> {
-        let cd = compute_dtype(self.weight.dtype());
         Ok(cpu_norm::LayerNormParams {
             eps: self.eps,
-            weight: self.weight.to_dtype(cd)?.to_vec1()?,
-            bias: self.bias.to_dtype(cd)?.to_vec1()?,
+            weight: self.weight.to_dtype(DType::F32)?.to_vec1()?,
+            bias: self.bias.to_dtype(DType::F32)?.to_vec1()?,
         })
     }
 

@@ -152,29 +152,31 @@ impl<'a> CheckpointedForward<'a> {
             }
             let out = (layer.run)(&inputs)?;
             let mut layer_grads = (out * &grad)?.sum_all()?.backward()?;
-            // candle leaves a variable's gradient attached to the graph that computed it (an
-            // input gradient through a trained weight records that weight): detached, so the
-            // next layer's backward does not differentiate through it again.
             for (v, var) in input_vars {
-                if let Some(g) = layer_grads.remove(var.as_tensor()).map(|g| g.detach()) {
-                    grads[v] = Some(match grads[v].take() {
-                        Some(sum) => (sum + g)?,
-                        None => g,
-                    });
+                if let Some(g) = layer_grads.remove(var.as_tensor()) {
+                    grads[v] = Some(accumulate(grads[v].take(), &g)?);
                 }
             }
             for param in params {
-                if let Some(g) = layer_grads.remove(param.as_tensor()).map(|g| g.detach()) {
-                    let sum = match param_grads.remove(param.as_tensor()) {
-                        Some(sum) => (sum + g)?,
-                        None => g,
-                    };
+                if let Some(g) = layer_grads.remove(param.as_tensor()) {
+                    let sum = accumulate(param_grads.remove(param.as_tensor()), &g)?;
                     param_grads.insert(param.as_tensor(), sum);
                 }
             }
         }
         Ok(param_grads)
     }
+}
+
+/// `sum + g` (or `g` alone), with `g` detached: candle leaves a variable's gradient attached to
+/// the graph that computed it (an input gradient through a trained weight records that weight),
+/// so the next layer's backward would differentiate through it again.
+fn accumulate(sum: Option<Tensor>, g: &Tensor) -> Result<Tensor> {
+    let g = g.detach();
+    Ok(match sum {
+        Some(sum) => (sum + g)?,
+        None => g,
+    })
 }
 
 impl<'a> LayerRunner<'a> for CheckpointedForward<'a> {

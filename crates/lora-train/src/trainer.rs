@@ -313,26 +313,31 @@ impl Trainer {
             &latents,
             &mut self.rng,
         )?;
-        let (value, grads) = if self.config.gradient_checkpointing {
+        let (prediction, checkpointed) = if self.config.gradient_checkpointing {
             let (prediction, pass) =
                 self.unet
                     .forward_checkpointed(&batch.noisy, &batch.timesteps, &context)?;
-            let loss = batch.loss(&prediction)?;
-            let value = self.finite_loss(&loss)?;
-            let params: Vec<Var> = self
-                .optimizer
-                .params()
-                .iter()
-                .map(|(_, v)| v.clone())
-                .collect();
-            (value, pass.backward(&(loss / accum as f64)?, &params)?)
+            (prediction, Some(pass))
         } else {
             let prediction = self
                 .unet
                 .forward(&batch.noisy, &batch.timesteps, &context)?;
-            let loss = batch.loss(&prediction)?;
-            let value = self.finite_loss(&loss)?;
-            (value, (loss / accum as f64)?.backward()?)
+            (prediction, None)
+        };
+        let loss = batch.loss(&prediction)?;
+        let value = self.finite_loss(&loss)?;
+        let loss = (loss / accum as f64)?;
+        let grads = match checkpointed {
+            Some(pass) => {
+                let params: Vec<Var> = self
+                    .optimizer
+                    .params()
+                    .iter()
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                pass.backward(&loss, &params)?
+            }
+            None => loss.backward()?,
         };
         let grads = self
             .optimizer
