@@ -178,7 +178,7 @@ fn pool_peaks_mib(device: &Device) -> Option<(f64, f64)> {
 }
 
 fn main() -> Result<()> {
-    lora_toolkit::core::threads::configure_cpu_threads();
+    lora_toolkit::core::cpu_runtime::configure();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

@@ -36,7 +36,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    lora_toolkit::core::threads::configure_cpu_threads();
+    lora_toolkit::core::cpu_runtime::configure();
     let args = Args::parse();
     let defaults = Options::default();
     let options = Options {

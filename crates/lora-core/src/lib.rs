@@ -11,6 +11,7 @@ mod cpu_conv;
 mod cpu_gemm;
 mod cpu_math;
 mod cpu_norm;
+pub mod cpu_runtime;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 pub mod io;
@@ -25,7 +26,6 @@ pub mod single_file;
 #[cfg(test)]
 mod test_support;
 pub mod text_encoder;
-pub mod threads;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -90,7 +90,7 @@ struct Cli {
 }
 
 fn main() -> Result<()> {
-    lora_core::threads::configure_cpu_threads();
+    lora_core::cpu_runtime::configure();
     let cli = Cli::parse();
     let device = parse_device(&cli.device)?;
     let model = ModelSource::parse(&cli.base)?

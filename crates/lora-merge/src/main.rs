@@ -114,7 +114,7 @@ struct InspectArgs {
 }
 
 fn main() -> Result<()> {
-    lora_core::threads::configure_cpu_threads();
+    lora_core::cpu_runtime::configure();
     let cli = Cli::parse();
     match (cli.command, cli.merge) {
         (Some(Command::Merge(args)), _) | (None, Some(args)) => run_merge(args),

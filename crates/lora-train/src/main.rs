@@ -21,7 +21,7 @@ struct Cli {
 }
 
 fn main() -> Result<()> {
-    lora_core::threads::configure_cpu_threads();
+    lora_core::cpu_runtime::configure();
     let cli = Cli::parse();
     let args = match &cli.config {
         Some(path) => TrainArgs::from_toml_file(path)?.overlay(cli.args),

@@ -1,0 +1,55 @@
+//! CPU runtime set-up (candle's thread pool, the C allocator), called first thing by every binary.
+
+/// How long candle's pool workers spin before parking, unless the user sets it.
+const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+const SPIN_LIMIT: &str = "100";
+
+/// Tunes the process for our mix of CPU work. Call at the start of `main`, before any tensor
+/// operation and before other threads exist (it sets an environment variable and allocator
+/// options).
+///
+/// - candle runs elementwise ops on its own pool, whose workers spin 25 000 times after every op
+///   before parking; our matrix products run on rayon's threads right after, so on few cores a
+///   spinning candle worker takes a core from them. A short spin made the SD1.5 LoRA step 10 %
+///   faster on the 2-core VM (benches/RESULTS.md). A value the user set is kept.
+/// - glibc's allocator: see [`keep_freed_memory`].
+pub fn configure() {
+    if std::env::var_os(SPIN_LIMIT_VAR).is_none() {
+        std::env::set_var(SPIN_LIMIT_VAR, SPIN_LIMIT);
+    }
+    keep_freed_memory();
+}
+
+/// Makes glibc's `malloc` serve every block from its heap and keep freed memory for reuse.
+///
+/// Why: by default glibc maps each block above 32 MiB (less before its threshold has adapted)
+/// fresh from the kernel and unmaps it on `free`, and returns the heap's free top to the kernel.
+/// A training step at SD1.5's 64² latents allocates and frees such tensors (im2col buffers,
+/// feed-forward activations, their gradients) hundreds of times, so each came back as new
+/// pages the kernel zeroed on first touch: 0.8 million page faults over three steps on the
+/// 2-core VM, which this removes with no change in peak RSS (benches/RESULTS.md, ninth
+/// session). The cost is that memory a step freed stays with the process until it exits,
+/// which a training or generation process reuses on its next step anyway. Settings the user
+/// gave through `GLIBC_TUNABLES` or `MALLOC_*` variables are kept.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    let user_set = std::env::vars_os().any(|(name, _)| {
+        let name = name.to_string_lossy();
+        name == "GLIBC_TUNABLES" || name.starts_with("MALLOC_")
+    });
+    if user_set {
+        return;
+    }
+    // The largest value mallopt takes (an `int`); glibc reports 0 for a value it rejects, and
+    // then its defaults stay, which is only slower.
+    const NEVER: libc::c_int = libc::c_int::MAX;
+    // SAFETY: mallopt only sets allocator parameters; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, NEVER);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, NEVER);
+    }
+}
+
+/// Other C libraries: their allocator's defaults.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
