@@ -4,6 +4,9 @@
 const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 const SPIN_LIMIT: &str = "100";
 
+/// The thread count rayon reads, and candle with it.
+const THREADS_VAR: &str = "RAYON_NUM_THREADS";
+
 /// Tunes the process for our mix of CPU work. Call at the start of `main`, before any tensor
 /// operation and before other threads exist (it sets an environment variable and allocator
 /// options).
@@ -12,10 +15,20 @@ const SPIN_LIMIT: &str = "100";
 ///   before parking; our matrix products run on rayon's threads right after, so on few cores a
 ///   spinning candle worker takes a core from them. A short spin made the SD1.5 LoRA step 10 %
 ///   faster on the 2-core VM (benches/RESULTS.md). A value the user set is kept.
+/// - `RAYON_NUM_THREADS` is set to the thread count candle picks (the physical cores), unless
+///   the user set it. candle computes that count again for every CPU matrix product, and on
+///   x86 Linux that parses `/proc/cpuinfo` each time: 15 % of the tiny config's training step
+///   (perf, ninth session). With the variable set candle reads it instead; rayon's pool, which
+///   runs our kernels, then also has one thread per physical core (the same on machines
+///   without SMT), where candle's products already ran.
 /// - glibc's allocator: see [`keep_freed_memory`].
 pub fn configure() {
     if std::env::var_os(SPIN_LIMIT_VAR).is_none() {
         std::env::set_var(SPIN_LIMIT_VAR, SPIN_LIMIT);
+    }
+    if std::env::var_os(THREADS_VAR).is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var(THREADS_VAR, threads.to_string());
     }
     keep_freed_memory();
 }
