@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu_gemm::{cpu_f32, f32_slice, matmul, with_scratch, Mat, Threads};
+use crate::nn::grad_if_tracked;
 
 /// Most f32 values an im2col band may hold (16 MiB); a band is at least one output row.
 const MAX_BAND_VALUES: usize = 1 << 22;
@@ -382,16 +383,10 @@ impl CustomOp2 for ConvPass {
             ));
         }
         let conv = (self.geometry.padding, self.geometry.stride);
-        let dx = match x.track_op() {
-            true => Some(input_grad(x, kernel, grad_out, conv.0, conv.1)?),
-            false => None,
-        };
-        let dk = if kernel.track_op() {
-            let operands = (x, grad_out);
-            Some(run(Pass::KernelGrad, (x, kernel), operands, conv, None)?)
-        } else {
-            None
-        };
+        let dx = grad_if_tracked(x, || input_grad(x, kernel, grad_out, conv.0, conv.1))?;
+        let dk = grad_if_tracked(kernel, || {
+            run(Pass::KernelGrad, (x, kernel), (x, grad_out), conv, None)
+        })?;
         Ok((dx, dk))
     }
 }

@@ -13,8 +13,8 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CustomOp3, DType, Device, Tensor, Var, D};
 
 use crate::nn::{
-    forward_from_computed_output, frozen_conv2d, frozen_linear, shared_matmul, AdjointKernel,
-    ComputedOutput,
+    forward_from_computed_output, frozen_conv2d, frozen_linear, grad_if_tracked, shared_matmul,
+    AdjointKernel, ComputedOutput,
 };
 use crate::rng::Rng;
 
@@ -345,14 +345,11 @@ impl LoraGrads {
         let gu = g2.matmul(&up_c)?;
         let d_up = (g2.t()?.matmul(&t)? * self.factor)?;
         let d_down = (gu.t()?.matmul(&x2)? * self.factor)?;
-        let dx = match x.track_op() {
-            true => {
-                let dx_base = shared_matmul(&grad.to_dtype(self.weight.dtype())?, &self.weight)?;
-                let dx_lora = (gu.matmul(&down_c)? * self.factor)?.reshape(x.shape())?;
-                Some((&dx_base + dx_lora.to_dtype(dx_base.dtype())?)?.to_dtype(x.dtype())?)
-            }
-            false => None,
-        };
+        let dx = grad_if_tracked(x, || {
+            let dx_base = shared_matmul(&grad.to_dtype(self.weight.dtype())?, &self.weight)?;
+            let dx_lora = (gu.matmul(&down_c)? * self.factor)?.reshape(x.shape())?;
+            (&dx_base + dx_lora.to_dtype(dx_base.dtype())?)?.to_dtype(x.dtype())
+        })?;
         Ok((
             dx,
             d_down.to_dtype(down.dtype())?,
@@ -417,7 +414,7 @@ impl CustomOp3 for LoraLinearResidualNode {
         Ok((
             dx,
             Some(d_packed),
-            residual.track_op().then(|| grad.clone()),
+            grad_if_tracked(residual, || Ok(grad.clone()))?,
         ))
     }
 }

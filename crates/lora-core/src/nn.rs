@@ -475,11 +475,8 @@ impl CustomOp2 for TrainedConv {
             stride: self.stride,
             adjoint: None, // the kernel changes every step
         };
-        // The input gradient only where one flows (not for the UNet's input at `conv_in`).
-        let input_grad = match x.track_op() {
-            true => Some(input_grad.input_grad(x, grad_out)?),
-            false => None,
-        };
+        // Not for the UNet's input at `conv_in`.
+        let input_grad = grad_if_tracked(x, || input_grad.input_grad(x, grad_out))?;
         let (_, _, kh, kw) = weight.dims4()?;
         let kernel_grad =
             conv_kernel_grad(&x.detach(), grad_out, (kh, kw), self.padding, self.stride)?;
@@ -606,6 +603,16 @@ impl InputGradient for LayerNormLinearInputGrad {
     }
 }
 
+/// `grad()` for an op's input where a gradient flows to it, `None` where none does: candle would
+/// keep a gradient returned for an untracked input (the UNet's latents, the text embeddings,
+/// layers before the first adapter) until its backward pass ends, and compute it for nothing.
+pub(crate) fn grad_if_tracked(
+    input: &Tensor,
+    grad: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    input.track_op().then(grad).transpose()
+}
+
 /// Whether any of a layer's parameters is itself being trained (a `Var`, as in a full
 /// fine-tune): such a layer needs candle's ordinary ops, which compute the parameter gradients.
 fn any_trained<'a>(params: impl IntoIterator<Item = Option<&'a Tensor>>) -> bool {
@@ -660,16 +667,10 @@ impl<G: InputGradient, R: InputGradient> CustomOp2 for ResidualNode<G, R> {
         _: &Tensor,
         grad_out: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // Only where a gradient flows: candle would keep one for an untracked input (the first
-        // layers before any adapter) until the backward pass ends, and compute it for nothing.
-        let dx = match x.track_op() {
-            true => Some(self.grad.input_grad(x, grad_out)?),
-            false => None,
-        };
-        let dr = match residual.track_op() {
-            true => Some(self.residual_grad.input_grad(residual, grad_out)?),
-            false => None,
-        };
+        let dx = grad_if_tracked(x, || self.grad.input_grad(x, grad_out))?;
+        let dr = grad_if_tracked(residual, || {
+            self.residual_grad.input_grad(residual, grad_out)
+        })?;
         Ok((dx, dr))
     }
 }
