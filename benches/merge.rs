@@ -3,7 +3,7 @@
 //! lora-core's UNet from the SD1.5 config, plus a CLIP ViT-L/14 text encoder). Prints one JSON
 //! line: wall time and peak RSS of the merge, measured in a child process that does nothing else.
 //!
-//!     cargo bench -p lora-merge --bench merge [-- --keep DIR]
+//!     cargo bench --bench merge [-- --keep DIR]
 //!
 //! With `--keep DIR` the inputs (DIR/base, DIR/adapter.safetensors) stay for
 //! `benches/merge_reference.py DIR`, which does the same merge with plain PyTorch + safetensors.
@@ -17,11 +17,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use lora_merge::lora_core::adapter_file::{
+use lora_merge::lora_core::formats::adapter_file::{
     save_adapter, AdapterFormat, BaseModelVersion, SaveOptions,
 };
-use lora_merge::lora_core::config::{PredictionType, UNetConfig};
-use lora_merge::lora_core::keys::{modules_from_weights, Component};
+use lora_merge::lora_core::models::config::{PredictionType, UNetConfig};
+use lora_merge::lora_core::formats::keys::{modules_from_weights, Component};
 use lora_merge::lora_core::{Adapter, LoraModule, ModelModules, Rng, UNet2DConditionModel};
 use lora_merge::stream::{write_streaming, PlannedTensor};
 use lora_merge::{merge, AdapterSpec, MergeOptions};

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The merge of benches/merge.rs done with plain PyTorch + safetensors, for comparison.
 
-    cargo bench -p lora-merge --bench merge -- --keep DIR      # writes DIR/base and DIR/adapter.safetensors
+    cargo bench --bench merge -- --keep DIR      # writes DIR/base and DIR/adapter.safetensors
     python benches/merge_reference.py DIR
 
 Reads the fp16 base folder memory-mapped (safe_open), adds alpha/rank · up @ down (computed in

@@ -25,8 +25,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
-use lora_toolkit::core::config::UNetConfig;
-use lora_toolkit::core::weights::{component_weights, RandomInit};
+use lora_toolkit::core::models::config::UNetConfig;
+use lora_toolkit::core::io::weights::{component_weights, RandomInit};
 use lora_toolkit::core::{Adapter, LoraConfig, LoraTargets, Rng, UNet2DConditionModel};
 
 struct Case {
@@ -178,7 +178,8 @@ fn pool_peaks_mib(device: &Device) -> Option<(f64, f64)> {
 }
 
 fn main() -> Result<()> {
-    lora_toolkit::core::cpu_runtime::configure();
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { lora_toolkit::core::process_setup::configure() };
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

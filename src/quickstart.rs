@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device};
 use lora_core::io::write_atomic;
-use lora_core::model::ModelFolder;
+use lora_core::models::source::ModelFolder;
 use lora_core::Rng;
 use lora_infer::output::{to_images8, write_png, Image8};
 use lora_infer::{GenerateOptions, LoraSpec, Pipeline};

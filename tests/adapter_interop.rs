@@ -15,12 +15,12 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::{DType, Device};
 use common::{fixtures, max_abs_diff, CONFIGS};
-use lora_toolkit::core::adapter_file::{
+use lora_toolkit::core::formats::adapter_file::{
     save_adapter, AdapterFile, AdapterFormat, BaseModelVersion, ModelModules, SaveOptions,
 };
-use lora_toolkit::core::config::{PredictionType, UNetConfig};
-use lora_toolkit::core::model::ModelFolder;
-use lora_toolkit::core::{text_encoder, Adapter, UNet2DConditionModel};
+use lora_toolkit::core::models::config::{PredictionType, UNetConfig};
+use lora_toolkit::core::models::source::ModelFolder;
+use lora_toolkit::core::{models::text_encoder, Adapter, UNet2DConditionModel};
 
 fn string_set(v: &serde_json::Value) -> BTreeSet<String> {
     v.as_array()

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use lora_core::model::ModelFolder;
+use lora_core::models::source::ModelFolder;
 use lora_infer::{GenerateOptions, InitImage, LoraSpec, Pipeline, SchedulerKind};
 
 const TOLERANCE: f32 = 1e-3;

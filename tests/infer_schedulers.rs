@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use lora_core::config::{PredictionType, SchedulerConfig, TimestepSpacing};
+use lora_core::models::config::{PredictionType, SchedulerConfig, TimestepSpacing};
 use lora_infer::scheduler::{DpmSolverPlusPlus2M, Euler, SchedulerKind};
 
 fn fixture() -> Result<HashMap<String, Tensor>> {

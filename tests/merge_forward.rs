@@ -7,8 +7,8 @@ mod common;
 use anyhow::Result;
 use candle_core::{DType, Device};
 use common::{expected, fixtures, get, max_abs, max_abs_diff, CONFIGS};
-use lora_toolkit::core::config::UNetConfig;
-use lora_toolkit::core::keys::{modules_from_weights, Component};
+use lora_toolkit::core::models::config::UNetConfig;
+use lora_toolkit::core::formats::keys::{modules_from_weights, Component};
 use lora_toolkit::core::{AdapterFile, ModelModules, UNet2DConditionModel};
 use lora_toolkit::merge::{merge, AdapterSpec, MergeOptions};
 

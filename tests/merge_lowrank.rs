@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, max_abs_diff, CONFIGS};
-use lora_toolkit::core::keys::{kohya_name, Component};
+use lora_toolkit::core::formats::keys::{kohya_name, Component};
 use lora_toolkit::merge::{
     extract, merge, resize, svd_merge, AdapterSpec, DynamicRank, MergeOptions,
 };

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use common::{fixtures, max_abs_diff};
-use lora_toolkit::core::ldm::ModelPart;
+use lora_toolkit::core::formats::ldm::ModelPart;
 use lora_toolkit::merge::checkpoint::Checkpoint;
 use lora_toolkit::merge::{merge, AdapterSpec, MergeOptions};
 
@@ -230,7 +230,7 @@ fn inspect_reports_locon_loha_and_lokr_files() -> Result<()> {
 
 #[test]
 fn the_runtime_module_set_rejects_3x3_locon_modules_pointing_to_lora_merge() -> Result<()> {
-    use lora_toolkit::core::keys::{modules_from_weights, Component};
+    use lora_toolkit::core::formats::keys::{modules_from_weights, Component};
     // The Linear/1×1 set the UNet attach path (lora-infer, `--fuse`, training) resolves
     // against, as `UNet2DConditionModel::lora_modules` enumerates it.
     let unet = modules_from_weights(

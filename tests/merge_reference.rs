@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, max_abs_diff, CONFIGS};
-use lora_toolkit::core::ldm::ModelPart;
+use lora_toolkit::core::formats::ldm::ModelPart;
 use lora_toolkit::merge::checkpoint::Checkpoint;
 use lora_toolkit::merge::{merge, AdapterSpec, MergeOptions, OutputDtype};
 

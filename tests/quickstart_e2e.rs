@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device};
-use lora_toolkit::core::model::ModelFolder;
+use lora_toolkit::core::models::source::ModelFolder;
 use lora_toolkit::default_model::default_model_dir;
 use lora_toolkit::infer::{LoraSpec, Pipeline};
 use lora_toolkit::merge::{merge, AdapterSpec, MergeOptions, OutputDtype};

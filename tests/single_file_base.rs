@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use common::{expected, fixtures, get, max_abs, max_abs_diff};
-use lora_core::config::UNetConfig;
-use lora_core::model::{ModelFolder, ModelSource};
+use lora_core::models::config::UNetConfig;
+use lora_core::models::source::{ModelFolder, ModelSource};
 use lora_infer::{GenerateOptions, LoraSpec, Pipeline, SchedulerKind};
 use lora_train::TrainArgs;
 

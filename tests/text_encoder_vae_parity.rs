@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use common::{expected, fixtures, get, max_abs, max_abs_diff, CONFIGS};
-use lora_toolkit::core::config::SchedulerConfig;
-use lora_toolkit::core::model::{ModelFolder, ModelSource};
-use lora_toolkit::core::text_encoder::{lora_modules, TextEncoder};
-use lora_toolkit::core::tokenizer::TokenizedPrompt;
-use lora_toolkit::core::vae::Vae;
+use lora_toolkit::core::models::config::SchedulerConfig;
+use lora_toolkit::core::models::source::{ModelFolder, ModelSource};
+use lora_toolkit::core::models::text_encoder::{lora_modules, TextEncoder};
+use lora_toolkit::core::models::tokenizer::TokenizedPrompt;
+use lora_toolkit::core::models::vae::Vae;
 
 /// Parity bound for f32 against the PyTorch reference.
 const TOLERANCE: f32 = 1e-4;

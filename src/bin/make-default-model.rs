@@ -28,7 +28,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    lora_toolkit::core::cpu_runtime::configure();
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { lora_toolkit::core::process_setup::configure() };
     let args = Args::parse();
     let recipe = Recipe {
         seed: args.seed,

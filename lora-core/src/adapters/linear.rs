@@ -1,0 +1,419 @@
+//! The adapted layer: a frozen Linear (or 1×1 conv) with unmerged adapters on top, and the graph
+//! nodes that train one adapter without keeping the base output or the low-rank delta. Where no
+//! adapter is attached, the layer runs as the engine's fused frozen nodes with its neighbours.
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{CustomOp3, DType, Module, Tensor, D};
+
+use super::module::{LoraModule, ModuleInfo, ModuleKind};
+use crate::engine::autograd::{forward_from_computed_output, grad_if_tracked, ComputedOutput};
+use crate::engine::tensor_ops::{contiguous, image_to_tokens, shared_matmul, tokens_to_image};
+use crate::engine::{
+    frozen_conv2d, frozen_linear, fused, geglu, AdjointKernel, GroupNormLayer, LayerNormLayer,
+};
+
+/// An adapter attached to a layer: its weights and the factor `multiplier · alpha / rank`.
+#[derive(Debug, Clone)]
+struct AttachedLora {
+    name: String,
+    down: Tensor,
+    up: Tensor,
+    factor: f64,
+}
+
+impl AttachedLora {
+    /// The same adapter outside the graph.
+    fn detached(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            down: self.down.detach(),
+            up: self.up.detach(),
+            factor: self.factor,
+        }
+    }
+}
+
+/// The dtype an adapter's products run in for the input `x`. On a GPU the activations' own, the
+/// adapter's f32 weights cast to it (as PyTorch's autocast runs peft's): each pass over a
+/// `[B, N, out]` tensor (an f32 copy of the input) costs as much as the adapter's products there,
+/// and cuBLAS accumulates half-precision products in f32. On the CPU f32: there half precision is
+/// a compatibility path, and with f16 products the f16-base gradient test's worst error doubled
+/// (6e-2 → 1.4e-1 of its 0.15 bound).
+fn adapter_dtype(x: &Tensor) -> DType {
+    match x.device().is_cpu() {
+        true => DType::F32,
+        false => x.dtype(),
+    }
+}
+
+/// `(x, down, up) → x·Wᵀ + b + factor·(x·downᵀ)·upᵀ` for a frozen `W`, computed off the graph.
+/// With `g` the output gradient and `t = x·downᵀ` (recomputed), `gu = g·up`:
+/// `dx = g·W + factor·gu·down`, `d_down = factor·guᵀ·x`, `d_up = factor·gᵀ·t`, with the products
+/// in [`adapter_dtype`].
+struct LoraLinearNode {
+    grads: LoraGrads,
+    output: ComputedOutput,
+}
+
+/// The gradients of a frozen Linear `W` with one adapter scaled by `factor`.
+struct LoraGrads {
+    weight: Tensor,
+    factor: f64,
+}
+
+impl LoraGrads {
+    /// `(dx, d_down, d_up)` for the output gradient `grad`; `dx` only where a gradient flows to
+    /// `x`: not for the text embeddings into to_k/to_v, nor for the first adapted layer's input
+    /// (candle would keep it to the end of the backward pass, unused).
+    fn grads(
+        &self,
+        x: &Tensor,
+        down: &Tensor,
+        up: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
+        let dtype = adapter_dtype(x);
+        let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let t = contiguous(&t.to_dtype(dtype)?)?;
+            let cols = t.dim(D::Minus1)?;
+            t.reshape((t.elem_count() / cols.max(1), cols))
+        };
+        let (x2, g2) = (rows(&x.detach())?, rows(grad)?);
+        let (down_c, up_c) = (down.detach().to_dtype(dtype)?, up.detach().to_dtype(dtype)?);
+        let t = x2.matmul(&down_c.t()?)?;
+        let gu = g2.matmul(&up_c)?;
+        let d_up = (g2.t()?.matmul(&t)? * self.factor)?;
+        let d_down = (gu.t()?.matmul(&x2)? * self.factor)?;
+        let dx = grad_if_tracked(x, || {
+            let dx_base = shared_matmul(&grad.to_dtype(self.weight.dtype())?, &self.weight)?;
+            let dx_lora = (gu.matmul(&down_c)? * self.factor)?.reshape(x.shape())?;
+            (&dx_base + dx_lora.to_dtype(dx_base.dtype())?)?.to_dtype(x.dtype())
+        })?;
+        Ok((
+            dx,
+            d_down.to_dtype(down.dtype())?,
+            d_up.to_dtype(up.dtype())?,
+        ))
+    }
+}
+
+impl CustomOp3 for LoraLinearNode {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    forward_from_computed_output!(a, b, c);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        down: &Tensor,
+        up: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, d_down, d_up) = self.grads.grads(x, down, up, grad)?;
+        Ok((dx, Some(d_down), Some(d_up)))
+    }
+}
+
+/// `(x, [down | up], residual) → residual + x·Wᵀ + b + factor·(x·downᵀ)·upᵀ`: [`LoraLinearNode`]
+/// with the residual sum after the layer (an attention's adapted output projection), so the
+/// graph keeps the sum only, not the layer's output too. candle's ops take at most three inputs:
+/// the adapter's two matrices travel flattened and concatenated (a small recorded `cat`, whose
+/// backward splits their gradient).
+struct LoraLinearResidualNode {
+    grads: LoraGrads,
+    down_shape: (usize, usize),
+    up_shape: (usize, usize),
+    output: ComputedOutput,
+}
+
+impl CustomOp3 for LoraLinearResidualNode {
+    fn name(&self) -> &'static str {
+        "lora-linear-residual"
+    }
+
+    forward_from_computed_output!(a, b, c);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        packed: &Tensor,
+        residual: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (r, i) = self.down_shape;
+        let (o, _) = self.up_shape;
+        let down = packed.narrow(0, 0, r * i)?.reshape(self.down_shape)?;
+        let up = packed.narrow(0, r * i, o * r)?.reshape(self.up_shape)?;
+        let (dx, d_down, d_up) = self.grads.grads(x, &down, &up, grad)?;
+        let d_packed = Tensor::cat(&[d_down.flatten_all()?, d_up.flatten_all()?], 0)?;
+        Ok((
+            dx,
+            Some(d_packed),
+            grad_if_tracked(residual, || Ok(grad.clone()))?,
+        ))
+    }
+}
+
+/// A frozen Linear or 1×1 conv with any number of low-rank adapters applied unmerged:
+/// `y = W·x + b + Σᵢ multiplierᵢ · (alphaᵢ / rankᵢ) · upᵢ(downᵢ(x))`.
+/// The base may be f32/f16/bf16; the adapters' f32 weights are cast to the activations' dtype
+/// for their products on a GPU, which stay in f32 on the CPU (see [`adapter_dtype`]).
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    /// `[out, in]` for Linear, `[out, in, 1, 1]` for Conv1x1.
+    weight: Tensor,
+    bias: Option<Tensor>,
+    kind: ModuleKind,
+    adapters: Vec<AttachedLora>,
+    /// For Conv1x1: the kernel's adjoint, kept between backward passes.
+    adjoint: AdjointKernel,
+}
+
+impl LoraLinear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, kind: ModuleKind) -> Result<Self> {
+        match kind {
+            ModuleKind::Linear => ensure!(
+                weight.rank() == 2,
+                "linear weight must be 2-D, got {:?}",
+                weight.dims()
+            ),
+            ModuleKind::Conv1x1 => {
+                let (_, _, kh, kw) = weight.dims4().context("1x1 conv weight must be 4-D")?;
+                ensure!(
+                    kh == 1 && kw == 1,
+                    "expected a 1x1 conv kernel, got {:?}",
+                    weight.dims()
+                );
+            }
+            ModuleKind::Conv { kh, kw } => bail!(
+                "{kh}×{kw} conv adapters cannot be attached at run time (only Linear and 1×1 conv \
+                 layers are); fold them into the model with lora-merge"
+            ),
+        }
+        Ok(Self {
+            weight,
+            bias,
+            kind,
+            adapters: Vec::new(),
+            adjoint: AdjointKernel::default(),
+        })
+    }
+
+    pub fn info(&self, path: &str) -> ModuleInfo {
+        let dims = self.weight.dims();
+        ModuleInfo {
+            path: path.to_string(),
+            kind: self.kind,
+            in_features: dims[1],
+            out_features: dims[0],
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Attaches `module` under `name` with the given multiplier (several may be attached).
+    pub fn attach(&mut self, name: &str, module: &LoraModule, multiplier: f64) {
+        self.adapters.push(AttachedLora {
+            name: name.to_string(),
+            down: module.down.clone(),
+            up: module.up.clone(),
+            factor: multiplier * module.scale(),
+        });
+    }
+
+    /// Removes the adapter attached under `name`; returns whether one was attached.
+    pub fn detach(&mut self, name: &str) -> bool {
+        let before = self.adapters.len();
+        self.adapters.retain(|a| a.name != name);
+        before != self.adapters.len()
+    }
+
+    /// With no adapter attached, the layer as a linear map: its weight `[out, in]` (a 1×1
+    /// kernel flattened) and bias, for the engine's nodes that fuse it with its neighbours.
+    fn unadapted(&self) -> Result<Option<(Tensor, Option<&Tensor>)>> {
+        if !self.adapters.is_empty() {
+            return Ok(None);
+        }
+        let weight = match self.kind {
+            ModuleKind::Linear => self.weight.clone(),
+            _ => self.weight.flatten_from(1)?,
+        };
+        Ok(Some((weight, self.bias.as_ref())))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.one_node_adapter(x) {
+            Some(a) => self.forward_one_node(x, a),
+            None => self.forward_values(x, &self.adapters),
+        }
+    }
+
+    /// `residual + self.forward(x)`: one node with the residual sum, frozen
+    /// ([`fused::frozen_linear_residual`]) or training one adapter ([`LoraLinearResidualNode`]).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if let Some((w, b)) = self.unadapted()? {
+            return Ok(fused::frozen_linear_residual(x, &w, b, residual)?);
+        }
+        let Some(a) = self.one_node_adapter(x) else {
+            return Ok((self.forward_values(x, &self.adapters)? + residual)?);
+        };
+        let output = (self.forward_values(&x.detach(), &[a.detached()])? + residual.detach())?;
+        let packed = Tensor::cat(&[a.down.flatten_all()?, a.up.flatten_all()?], 0)?;
+        Ok(x.apply_op3(
+            &packed,
+            residual,
+            LoraLinearResidualNode {
+                grads: LoraGrads {
+                    weight: self.weight.clone(),
+                    factor: a.factor,
+                },
+                down_shape: a.down.dims2()?,
+                up_shape: a.up.dims2()?,
+                output: ComputedOutput::new(output.contiguous()?),
+            },
+        )?)
+    }
+
+    /// `self.forward(norm(x))`; one node with the norm where the layer is frozen.
+    pub fn forward_layer_normed(&self, norm: &LayerNormLayer, x: &Tensor) -> Result<Tensor> {
+        match self.unadapted()? {
+            Some((w, b)) => Ok(fused::layer_norm_linear(norm, x, &w, b)?),
+            None => self.forward(&norm.forward(x)?),
+        }
+    }
+
+    /// `residual + self.forward(geglu(h))`, the output half of a GEGLU feed-forward; one node
+    /// where the layer is frozen.
+    pub fn forward_geglu_residual(&self, h: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self.unadapted()? {
+            Some((w, b)) => Ok(fused::geglu_linear_residual(h, &w, b, residual)?),
+            None => Ok((self.forward(&geglu(h)?)? + residual)?),
+        }
+    }
+
+    /// The tokens `[B, H·W, out]` of this projection of the group-normed image `x`
+    /// `[B, C, H, W]` (a transformer's input projection: a Linear on tokens or a 1×1 conv on the
+    /// image, the same map); one node with the norm where the layer is frozen.
+    pub fn forward_group_normed_to_tokens(
+        &self,
+        norm: &GroupNormLayer,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        if let Some((w, b)) = self.unadapted()? {
+            return Ok(fused::group_norm_to_tokens(norm, x, &w, b)?);
+        }
+        let normed = norm.forward(x)?;
+        match self.kind {
+            ModuleKind::Linear => self.forward(&image_to_tokens(&normed)?),
+            _ => Ok(image_to_tokens(&self.forward(&normed)?)?),
+        }
+    }
+
+    /// `residual + image(self.forward(tokens))` for tokens `[B, H·W, C]` and a `[B, out, H, W]`
+    /// residual (a transformer's output projection and its residual); one node where the layer
+    /// is frozen.
+    pub fn forward_to_image_residual(&self, tokens: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if let Some((w, b)) = self.unadapted()? {
+            return Ok(fused::project_to_image_residual(tokens, &w, b, residual)?);
+        }
+        let (_, _, h, w) = residual.dims4()?;
+        let image = match self.kind {
+            ModuleKind::Linear => tokens_to_image(&self.forward(tokens)?, h, w)?,
+            _ => self.forward(&tokens_to_image(tokens, h, w)?)?,
+        };
+        Ok((image + residual)?)
+    }
+
+    /// The adapter a training forward pass runs as one node: the only one attached, on a
+    /// Linear with a frozen base, when a gradient flows.
+    fn one_node_adapter(&self, x: &Tensor) -> Option<&AttachedLora> {
+        let [a] = self.adapters.as_slice() else {
+            return None;
+        };
+        let tracked = [x, &a.down, &a.up].into_iter().any(Tensor::track_op);
+        let frozen_base = [Some(&self.weight), self.bias.as_ref()]
+            .into_iter()
+            .flatten()
+            .all(|t| !t.track_op());
+        (tracked && frozen_base && self.kind == ModuleKind::Linear).then_some(a)
+    }
+
+    /// Training one adapter on a Linear: its value from [`Self::forward_values`] off the graph,
+    /// re-attached as one node over `(x, down, up)` ([`LoraLinearNode`]). Composed, the graph
+    /// would keep the base output, the delta and the sum of every adapted layer (three full-width
+    /// tensors); this node keeps its output only, and its backward recomputes the rank-r `x·downᵀ`.
+    fn forward_one_node(&self, x: &Tensor, a: &AttachedLora) -> Result<Tensor> {
+        let output = self.forward_values(&x.detach(), &[a.detached()])?;
+        Ok(x.apply_op3(
+            &a.down,
+            &a.up,
+            LoraLinearNode {
+                grads: LoraGrads {
+                    weight: self.weight.clone(),
+                    factor: a.factor,
+                },
+                output: ComputedOutput::new(output),
+            },
+        )?)
+    }
+
+    /// The layer's output with `adapters`, composed from candle's ops (recorded where its inputs
+    /// are tracked).
+    fn forward_values(&self, x: &Tensor, adapters: &[AttachedLora]) -> Result<Tensor> {
+        let base = match self.kind {
+            ModuleKind::Linear => frozen_linear(x, &self.weight, self.bias.as_ref())?,
+            ModuleKind::Conv1x1 => {
+                let bias = self
+                    .bias
+                    .as_ref()
+                    .map(|b| b.reshape((1, (), 1, 1)))
+                    .transpose()?;
+                frozen_conv2d(x, &self.weight, bias.as_ref(), 0, 1, Some(&self.adjoint))?
+            }
+            ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
+        };
+        if adapters.is_empty() {
+            return Ok(base);
+        }
+        Ok((&base + self.adapter_delta(x, adapters)?.to_dtype(base.dtype())?)?)
+    }
+
+    /// `Σᵢ factorᵢ · upᵢ(downᵢ(x))` over `adapters`.
+    fn adapter_delta(&self, x: &Tensor, adapters: &[AttachedLora]) -> Result<Tensor> {
+        // The factor scales the rank-r projection, and the delta is added in the base's dtype.
+        let dtype = adapter_dtype(x);
+        let x = x.to_dtype(dtype)?;
+        let mut delta: Option<Tensor> = None;
+        for a in adapters {
+            let (down, up) = (a.down.to_dtype(dtype)?, a.up.to_dtype(dtype)?);
+            let d = match self.kind {
+                ModuleKind::Linear => {
+                    shared_matmul(&(shared_matmul(&x, &down.t()?)? * a.factor)?, &up.t()?)?
+                }
+                ModuleKind::Conv1x1 => {
+                    let (r, i) = down.dims2()?;
+                    let o = up.dim(0)?;
+                    (x.conv2d(&down.reshape((r, i, 1, 1))?, 0, 1, 1, 1)? * a.factor)?.conv2d(
+                        &up.reshape((o, r, 1, 1))?,
+                        0,
+                        1,
+                        1,
+                        1,
+                    )?
+                }
+                ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
+            };
+            delta = Some(match delta {
+                Some(acc) => (acc + d)?,
+                None => d,
+            });
+        }
+        Ok(delta.expect("adapters is non-empty"))
+    }
+}

@@ -1,0 +1,10 @@
+//! LoRA adapters: their configuration and presets, the low-rank math, and the adapted layer the
+//! models put wherever an adapter can attach. The one place that knows what `ΔW` is.
+
+pub mod config;
+pub mod linear;
+pub mod module;
+
+pub use config::{LoraConfig, LoraInit, LoraTargets};
+pub use linear::LoraLinear;
+pub use module::{Adapter, LoraModule, ModuleInfo, ModuleKind, TrainableAdapter};

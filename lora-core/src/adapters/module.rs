@@ -1,0 +1,169 @@
+//! Adapter math: the modules an adapter can attach to, the low-rank weights of one module and
+//! their update `ΔW`, and a whole adapter (its initialisation for training included).
+//!
+//! Conventions (shared by kohya, peft and diffusers): `down` is `[rank, in]`, `up` is
+//! `[out, rank]`, and the update is `ΔW = (alpha / rank) · up · down`. Adapter tensors are always
+//! f32, whatever the base dtype.
+
+use std::collections::BTreeMap;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::config::{LoraConfig, LoraInit};
+use crate::rng::Rng;
+
+/// The shape of layer an adapter attaches to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleKind {
+    Linear,
+    /// A 1×1 convolution (SD1's `proj_in`/`proj_out`); kohya stores its adapter 4-D.
+    Conv1x1,
+    /// A `kh×kw` convolution with a larger kernel (resnet `conv1`/`conv2`, down/upsampler
+    /// `conv`), adapted by kohya `conv_dim` / LyCORIS LoCon: down `[r, in, kh, kw]`, up
+    /// `[out, r, 1, 1]`. [`ModuleInfo::in_features`] is then `in · kh · kw` (the flattened
+    /// kernel), so `ΔW = up · down` is `[out, in·kh·kw]`, reshaped to the kernel. Only merged
+    /// into weights (lora-merge); the runtime UNet does not attach such adapters.
+    Conv {
+        kh: usize,
+        kw: usize,
+    },
+}
+
+/// One adaptable module of a model, as enumerated by the model itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleInfo {
+    /// Path in the diffusers / transformers layout, without a component prefix, e.g.
+    /// `mid_block.attentions.0.transformer_blocks.0.attn2.to_k` or
+    /// `text_model.encoder.layers.0.self_attn.q_proj`.
+    pub path: String,
+    pub kind: ModuleKind,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// Low-rank weights of one module.
+#[derive(Debug, Clone)]
+pub struct LoraModule {
+    /// `[rank, in]`, f32.
+    pub down: Tensor,
+    /// `[out, rank]`, f32.
+    pub up: Tensor,
+    pub alpha: f64,
+}
+
+impl LoraModule {
+    pub fn rank(&self) -> usize {
+        self.down.dims()[0]
+    }
+
+    /// `alpha / rank`, the factor kohya and peft apply to `up · down`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank() as f64
+    }
+
+    /// `ΔW = (alpha/rank) · up · down` as an f32 `[out, in]` matrix.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.up.matmul(&self.down)? * self.scale())?)
+    }
+
+    /// Checks the shapes against the module this adapter is meant for.
+    pub fn check_fits(&self, info: &ModuleInfo) -> Result<()> {
+        let (r, i) = self
+            .down
+            .dims2()
+            .with_context(|| format!("{}: down must be 2-D", info.path))?;
+        let (o, r2) = self
+            .up
+            .dims2()
+            .with_context(|| format!("{}: up must be 2-D", info.path))?;
+        ensure!(
+            r == r2 && i == info.in_features && o == info.out_features,
+            "{}: adapter shapes down {:?} / up {:?} do not fit the module (expected down [r, {}], up [{}, r])",
+            info.path,
+            self.down.dims(),
+            self.up.dims(),
+            info.in_features,
+            info.out_features
+        );
+        Ok(())
+    }
+}
+
+/// A whole adapter: low-rank weights per module, for the UNet and the text encoder.
+/// Module keys are paths as in [`ModuleInfo::path`].
+#[derive(Debug, Clone, Default)]
+pub struct Adapter {
+    pub unet: BTreeMap<String, LoraModule>,
+    pub text_encoder: BTreeMap<String, LoraModule>,
+}
+
+/// Trainable adapter variables, in a stable order (by module path, down before up).
+pub struct TrainableAdapter {
+    pub adapter: Adapter,
+    pub vars: Vec<(String, Var)>,
+}
+
+impl Adapter {
+    /// A fresh UNet adapter for every module of `modules` that `config.targets` selects.
+    /// Deterministic for a given seed; `up` starts at zero.
+    pub fn init_unet(
+        config: &LoraConfig,
+        modules: &[ModuleInfo],
+        device: &Device,
+        seed: u64,
+    ) -> Result<TrainableAdapter> {
+        ensure!(config.rank > 0, "LoRA rank must be at least 1");
+        let mut rng = Rng::new(seed);
+        let mut adapter = Adapter::default();
+        let mut vars = Vec::new();
+        for info in modules.iter().filter(|m| config.targets.matches(&m.path)) {
+            let (r, fan_in) = (config.rank, info.in_features);
+            let values: Vec<f32> = match config.init {
+                LoraInit::KaimingUniform => {
+                    let bound = 1.0 / (fan_in as f64).sqrt();
+                    (0..r * fan_in)
+                        .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                        .collect()
+                }
+                LoraInit::Gaussian => {
+                    let std = 1.0 / r as f64;
+                    (0..r * fan_in)
+                        .map(|_| (rng.normal() * std) as f32)
+                        .collect()
+                }
+            };
+            let down = Var::from_tensor(&Tensor::from_vec(values, (r, fan_in), device)?)?;
+            let up = Var::from_tensor(&Tensor::zeros((info.out_features, r), DType::F32, device)?)?;
+            adapter.unet.insert(
+                info.path.clone(),
+                LoraModule {
+                    down: down.as_tensor().clone(),
+                    up: up.as_tensor().clone(),
+                    alpha: config.alpha,
+                },
+            );
+            vars.push((format!("{}.lora_down", info.path), down));
+            vars.push((format!("{}.lora_up", info.path), up));
+        }
+        ensure!(
+            !adapter.unet.is_empty(),
+            "LoRA targets `{}` match no module of this model",
+            config.targets
+        );
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(TrainableAdapter { adapter, vars })
+    }
+
+    /// Weight deltas `multiplier · ΔW` keyed by the full weight name (`<path>.weight`), for
+    /// folding a component's adapter into its weights at load time.
+    pub fn weight_deltas(
+        modules: &BTreeMap<String, LoraModule>,
+        multiplier: f64,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        modules
+            .iter()
+            .map(|(path, m)| Ok((format!("{path}.weight"), (m.delta_weight()? * multiplier)?)))
+            .collect()
+    }
+}

@@ -1,0 +1,378 @@
+//! Scaled dot-product attention from candle's tensor ops, for every device and dtype that has no
+//! dedicated kernel (CUDA; half precision), as one graph node.
+//!
+//! Why: composed and recorded, attention keeps every intermediate of every layer until the
+//! backward pass: the `[B, H, N, M]` scores, their scaled and upcast copies, the probabilities
+//! and their downcast copy. At SD1.5's 64² latents that is about 7 GiB per self-attention layer
+//! at batch 4 in bf16, 35 GiB for the five such layers. Here the forward runs untracked, one
+//! block of query rows at a time, and the backward recomputes each block's probabilities (as
+//! flash attention does), so a layer keeps only q, k, v and its output.
+
+use candle_core::{CustomOp3, DType, Result, Tensor, D};
+
+use crate::engine::autograd::{forward_from_computed_output, ComputedOutput};
+use crate::engine::tensor_ops::{compute_dtype, contiguous};
+
+/// Bytes of scores one block of query rows may take (all heads and samples together). A block's
+/// scores, probabilities and, in the backward pass, dP − δ and dS exist at once, so this bounds
+/// those temporaries (under 0.5 GB); smaller blocks cost more launches and more f32 passes
+/// accumulating dk and dv (at 64 MiB, 16 blocks per layer at SD1.5's 64² latents, batch 4, those
+/// took 8 % of an H200 step).
+const BLOCK_SCORE_BYTES: usize = 1 << 27;
+
+/// `[B, R, H·d] → [B, H, R, d]`, contiguous.
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, rows, width) = x.dims3()?;
+    contiguous(
+        &x.reshape((b, rows, heads, width / heads))?
+            .transpose(1, 2)?,
+    )
+}
+
+/// `[B, H, R, d] → [B, R, H·d]`, contiguous.
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, heads, rows, d) = x.dims4()?;
+    contiguous(&x.transpose(1, 2)?)?.reshape((b, rows, heads * d))
+}
+
+/// The dtype scores, probabilities and every product with them are computed in: the operands'
+/// own, or f32 for half-precision operands when `upcast` (SD2's attention upcast). Staying in
+/// half precision otherwise is what makes this path fast on a GPU: candle's elementwise kernels
+/// run far below memory bandwidth, and each cast or scaling of a `[B, H, rows, M]` block is one
+/// more such pass (measured on an H200, issue #7: casts, scaling and softmax of f32 scores took
+/// half of an SD1.5 inference step). The softmax still accumulates in f32 (see [`softmax`]), and
+/// the sums across blocks and the row sums δ are kept in f32.
+fn score_dtype(dtype: DType, upcast: bool) -> DType {
+    match upcast {
+        true => compute_dtype(dtype),
+        false => dtype,
+    }
+}
+
+/// Row-wise softmax over the last dimension. candle's CUDA kernel accumulates half-precision
+/// input in f32; its CPU kernel accumulates in the input's dtype, so there half precision is
+/// upcast first (the CPU runs this path only in tests and for half-precision models).
+fn softmax(scores: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::engine::kernels::cuda::applies(&[scores]) {
+        return crate::engine::kernels::cuda::softmax_last_dim(scores);
+    }
+    match scores.dtype() {
+        DType::F16 | DType::BF16 if scores.device().is_cpu() => {
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                .to_dtype(scores.dtype())
+        }
+        _ => candle_nn::ops::softmax_last_dim(scores),
+    }
+}
+
+/// `(P, P ⊙ d)` for the scores `s`: `P = softmax(s)`; on CUDA one kernel.
+fn softmax_times(s: &Tensor, d: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if crate::engine::kernels::cuda::applies(&[s, d]) {
+        return crate::engine::kernels::cuda::softmax_times(s, d);
+    }
+    let p = softmax(s)?;
+    let pd = (&p * d)?;
+    Ok((p, pd))
+}
+
+/// `[dO | −δ]` with `δ = rowsum(dO ⊙ O)` summed in f32, in `grad`'s dtype; on CUDA one kernel.
+fn grad_and_neg_delta(grad: &Tensor, out: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::engine::kernels::cuda::applies(&[grad, out]) {
+        return crate::engine::kernels::cuda::append_neg_row_dot(grad, out);
+    }
+    let acc = compute_dtype(grad.dtype());
+    let delta = (grad.to_dtype(acc)? * out.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
+    Tensor::cat(&[grad, &delta.neg()?.to_dtype(grad.dtype())?], D::Minus1)
+}
+
+/// One attention's operands with heads split, in the score dtype.
+struct Heads {
+    /// Queries scaled by 1/√d, so no pass over the scores scales them.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// The operands' dtype, which the results are returned in.
+    dtype: DType,
+    scale: f64,
+    block_rows: usize,
+}
+
+impl Heads {
+    /// Blocks of query rows take at most `score_bytes` of scores (at least one row).
+    fn new(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        upcast: bool,
+        score_bytes: usize,
+    ) -> Result<Self> {
+        let (b, n, width) = q.dims3()?;
+        let keys = k.dim(1)?;
+        if width % heads != 0 || k.dims() != v.dims() || k.dims3()?.0 != b || k.dim(2)? != width {
+            return Err(candle_core::Error::Msg(format!(
+                "attention: queries {:?}, keys {:?} and values {:?} do not fit {heads} heads \
+                 (expected [B, N, H·d] and two [B, M, H·d])",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            )));
+        }
+        let sd = score_dtype(q.dtype(), upcast);
+        let scale = 1.0 / ((width / heads) as f64).sqrt();
+        let row_bytes = b * heads * keys * sd.size_in_bytes();
+        Ok(Self {
+            q: (split_heads(q, heads)?.to_dtype(sd)? * scale)?,
+            k: split_heads(k, heads)?.to_dtype(sd)?,
+            v: split_heads(v, heads)?.to_dtype(sd)?,
+            dtype: q.dtype(),
+            scale,
+            block_rows: (score_bytes / row_bytes.max(1)).clamp(1, n.max(1)),
+        })
+    }
+
+    /// `(first row, rows)` of each block of query rows.
+    fn blocks(&self) -> Result<Vec<(usize, usize)>> {
+        let n = self.q.dim(2)?;
+        Ok((0..n)
+            .step_by(self.block_rows)
+            .map(|start| (start, self.block_rows.min(n - start)))
+            .collect())
+    }
+
+    /// Scaled scores of query rows `start..start + rows` against all keys.
+    fn scores(&self, start: usize, rows: usize) -> Result<Tensor> {
+        self.q.narrow(2, start, rows)?.matmul(&self.k.t()?)
+    }
+
+    /// Softmax probabilities of query rows `start..start + rows` over all keys.
+    fn probabilities(&self, start: usize, rows: usize) -> Result<Tensor> {
+        softmax(&self.scores(start, rows)?)
+    }
+
+    /// `softmax(q·kᵀ/√d)·v`, `[B, H, N, d]`.
+    fn forward(&self) -> Result<Tensor> {
+        let out = self
+            .blocks()?
+            .into_iter()
+            .map(|(start, rows)| self.probabilities(start, rows)?.matmul(&self.v))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&out, 2)?.to_dtype(self.dtype)
+    }
+
+    /// The gradients of q, k and v (`[B, H, ·, d]`, in the operands' dtype) for the output
+    /// gradient `grad` (`[B, H, N, d]`) and the output `out`, recomputing each block's
+    /// probabilities P: with dP = dO·vᵀ and δ = rowsum(dO ⊙ O) = rowsum(P ⊙ dP),
+    /// dS = P ⊙ (dP − δ), dq = dS·k/√d, dk = Σ dSᵀ·q/√d, dv = Σ Pᵀ·dO.
+    /// dP − δ comes out of one product, [dO | −δ]·[v | 1]ᵀ, so no pass over the block subtracts.
+    fn backward(&self, out: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (sd, acc) = (self.v.dtype(), compute_dtype(self.v.dtype()));
+        let grad = grad.to_dtype(sd)?;
+        let grad_delta = grad_and_neg_delta(&grad, out)?;
+        let v_ones = Tensor::cat(
+            &[&self.v, &self.v.narrow(D::Minus1, 0, 1)?.ones_like()?],
+            D::Minus1,
+        )?;
+        let k_scaled = (&self.k * self.scale)?;
+        let (mut dq, mut dk, mut dv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
+        let accumulate = |sum: Option<Tensor>, term: Tensor| -> Result<Option<Tensor>> {
+            let term = term.to_dtype(acc)?;
+            Ok(Some(match sum {
+                Some(sum) => (sum + term)?,
+                None => term,
+            }))
+        };
+        for (start, rows) in self.blocks()? {
+            let dp_minus_delta = grad_delta.narrow(2, start, rows)?.matmul(&v_ones.t()?)?;
+            let (p, ds) = softmax_times(&self.scores(start, rows)?, &dp_minus_delta)?;
+            dv = accumulate(dv, p.t()?.matmul(&grad.narrow(2, start, rows)?)?)?;
+            dq.push(ds.matmul(&k_scaled)?);
+            dk = accumulate(dk, ds.t()?.matmul(&self.q.narrow(2, start, rows)?)?)?;
+        }
+        let missing = || candle_core::Error::Msg("attention: no query rows".into());
+        Ok((
+            Tensor::cat(&dq, 2)?.to_dtype(self.dtype)?,
+            dk.ok_or_else(missing)?.to_dtype(self.dtype)?,
+            dv.ok_or_else(missing)?.to_dtype(self.dtype)?,
+        ))
+    }
+}
+
+/// `(q, k, v) → attention` with its output computed outside the graph by [`Heads::forward`].
+struct BlockedAttention {
+    heads: usize,
+    upcast: bool,
+    score_bytes: usize,
+    output: ComputedOutput,
+}
+
+impl CustomOp3 for BlockedAttention {
+    fn name(&self) -> &'static str {
+        "blocked-attention"
+    }
+
+    forward_from_computed_output!(a, b, c);
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let heads = Heads::new(q, k, v, self.heads, self.upcast, self.score_bytes)?;
+        let (dq, dk, dv) = heads.backward(
+            &split_heads(out, self.heads)?,
+            &split_heads(grad, self.heads)?,
+        )?;
+        Ok((
+            Some(merge_heads(&dq)?),
+            Some(merge_heads(&dk)?),
+            Some(merge_heads(&dv)?),
+        ))
+    }
+}
+
+/// `softmax(q·kᵀ/√d)·v` over `heads` heads of `[B, N, H·d]` queries and `[B, M, H·d]` keys and
+/// values, returning `[B, N, H·d]`; scores in f32 when `upcast`.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    upcast: bool,
+) -> Result<Tensor> {
+    attention_in_blocks(q, k, v, heads, upcast, BLOCK_SCORE_BYTES)
+}
+
+/// [`attention`] in blocks of query rows of at most `score_bytes` of scores, forward and backward.
+fn attention_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    upcast: bool,
+    score_bytes: usize,
+) -> Result<Tensor> {
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let blocked = Heads::new(&qd, &kd, &vd, heads, upcast, score_bytes)?;
+    let out = merge_heads(&blocked.forward()?)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    q.apply_op3(
+        k,
+        v,
+        BlockedAttention {
+            heads,
+            upcast,
+            score_bytes,
+            output: ComputedOutput::new(out),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use crate::test_support::max_rel_diff;
+    use candle_core::{Device, Var};
+
+    /// Attention composed from candle's differentiable ops, in f64.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Tensor {
+        let (q, k, v) = (
+            split_heads(q, heads).unwrap(),
+            split_heads(k, heads).unwrap(),
+            split_heads(v, heads).unwrap(),
+        );
+        let d = q.dim(3).unwrap();
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        merge_heads(&probs.matmul(&v).unwrap()).unwrap()
+    }
+
+    /// Output and the three gradients against composed attention differentiated by candle's
+    /// autograd: in f64 exactly, in one block and in several; with f16 operands (scores in f16,
+    /// or upcast to f32) within half precision's rounding.
+    #[test]
+    fn matches_composed_attention_and_its_gradients() {
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(6);
+        // (batch, queries, keys, heads, head_dim, rows per block)
+        let cases = [
+            (2, 7, 5, 3, 4, None),
+            (1, 16, 77, 2, 8, None),
+            (2, 9, 6, 1, 6, Some(4)),
+            (1, 33, 20, 2, 4, Some(8)),
+        ];
+        for (b, n, m, heads, d, block) in cases {
+            for (dtype, upcast, tolerance) in [
+                (DType::F64, false, 1e-12),
+                (DType::F16, false, 2e-2),
+                (DType::F16, true, 2e-2),
+            ] {
+                let label = format!("{b}×{n}×{m}, {heads} heads, {dtype:?}, upcast {upcast}");
+                let normal = |rng: &mut Rng, rows| {
+                    rng.normal_tensor((b, rows, heads * d), &dev)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                };
+                let (q, k, v) = (
+                    normal(&mut rng, n),
+                    normal(&mut rng, m),
+                    normal(&mut rng, m),
+                );
+                let upstream = normal(&mut rng, n);
+                let vars = [&q, &k, &v].map(|x| Var::from_tensor(x).unwrap());
+                let loss = |y: &Tensor| {
+                    (y.to_dtype(DType::F64).unwrap() * &upstream)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                };
+                let reference = composed(&vars[0], &vars[1], &vars[2], heads);
+                let expected = loss(&reference).backward().unwrap();
+
+                let ours_vars =
+                    [&q, &k, &v].map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
+                let (qo, ko, vo) = (&ours_vars[0], &ours_vars[1], &ours_vars[2]);
+                // Blocks of `rows` query rows, in the forward pass and in the backward pass.
+                let score_size = score_dtype(dtype, upcast).size_in_bytes();
+                let score_bytes =
+                    block.map_or(BLOCK_SCORE_BYTES, |rows| rows * b * heads * m * score_size);
+                let blocks = Heads::new(qo, ko, vo, heads, upcast, score_bytes)
+                    .unwrap()
+                    .blocks()
+                    .unwrap()
+                    .len();
+                assert_eq!(blocks > 1, block.is_some(), "{label}: {blocks} blocks");
+                let ours = attention_in_blocks(qo, ko, vo, heads, upcast, score_bytes).unwrap();
+                let err = max_rel_diff(&ours.to_dtype(DType::F64).unwrap(), &reference);
+                assert!(err < tolerance, "{label}: output {err}");
+                let got = loss(&ours).backward().unwrap();
+                for (name, ours, theirs) in [
+                    ("q", qo, &vars[0]),
+                    ("k", ko, &vars[1]),
+                    ("v", vo, &vars[2]),
+                ] {
+                    let g = got.get(ours).unwrap().to_dtype(DType::F64).unwrap();
+                    let err = max_rel_diff(&g, expected.get(theirs).unwrap());
+                    assert!(err < tolerance, "{label}: d{name} {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_heads_are_errors() {
+        let q = Tensor::zeros((1, 4, 6), DType::F64, &Device::Cpu).unwrap();
+        let err = attention(&q, &q, &q, 4, false).unwrap_err();
+        assert!(err.to_string().contains("do not fit 4 heads"), "{err}");
+    }
+}

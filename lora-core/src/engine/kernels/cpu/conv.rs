@@ -1,0 +1,517 @@
+//! 2-D convolution on the CPU for f32 tensors: the forward pass, the input gradient and the
+//! kernel gradient, each as an im2col of whole rows plus one matrix product per sample.
+//!
+//! Why our own: candle's CPU conv2d re-flattens the kernel into a new layout on every call (a
+//! strided copy of up to 59 MB per SD1.5 layer), transposes the input to NHWC, and gathers
+//! its im2col one scalar at a time; that and its scalar output scatter took more time than the
+//! matrix products in an SD1.5 LoRA step. Here the kernel `[O, C, kh, kw]` is used in place as
+//! the `[O, C·kh·kw]` matrix, im2col rows are built from contiguous row copies in NCHW order, and
+//! the product (the `gemm` crate, which candle's matmul also uses) writes straight into the NCHW
+//! output. The input gradient is `Wᵀ·dy` scattered back by col2im, so no flipped kernel is
+//! stored. Bands of output rows bound the im2col scratch buffer (large VAE maps).
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{cpu_f32, f32_slice, matmul, with_scratch, Mat, Threads};
+use crate::engine::autograd::grad_if_tracked;
+
+/// Most f32 values an im2col band may hold (16 MiB); a band is at least one output row.
+const MAX_BAND_VALUES: usize = 1 << 22;
+
+/// The shape of one convolution: input `[B, C, H, W]`, kernel `[O, C, kh, kw]`, symmetric zero
+/// padding, equal strides, no dilation or groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConvGeometry {
+    pub batch: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub padding: usize,
+    pub stride: usize,
+}
+
+impl ConvGeometry {
+    pub fn new(
+        input: (usize, usize, usize, usize),
+        kernel: (usize, usize, usize, usize),
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let (batch, c_in, h, w) = input;
+        let (c_out, k_c, kh, kw) = kernel;
+        if k_c != c_in || stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+            return Err(candle_core::Error::Msg(format!(
+                "conv2d: input {input:?} does not fit kernel {kernel:?} with padding {padding} \
+                 and stride {stride}"
+            )));
+        }
+        Ok(Self {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            padding,
+            stride,
+        })
+    }
+
+    pub fn out_h(&self) -> usize {
+        (self.h + 2 * self.padding - self.kh) / self.stride + 1
+    }
+
+    pub fn out_w(&self) -> usize {
+        (self.w + 2 * self.padding - self.kw) / self.stride + 1
+    }
+
+    /// Rows of the im2col matrix: one per (input channel, kernel tap).
+    fn taps(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+
+    /// A 1×1 stride-1 unpadded convolution is a plain matrix product on the input itself.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.padding == 0 && self.stride == 1
+    }
+
+    fn in_plane(&self) -> usize {
+        self.h * self.w
+    }
+
+    fn out_plane(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+
+    /// Output rows per im2col band.
+    fn band_rows(&self) -> usize {
+        (MAX_BAND_VALUES / (self.taps() * self.out_w()).max(1)).clamp(1, self.out_h())
+    }
+
+    /// The output columns `[lo, hi)` of kernel column `kx` that read inside the input row, for
+    /// stride 1 (`ix = ox + kx − padding`).
+    fn stride1_span(&self, kx: usize) -> (usize, usize) {
+        let wo = self.out_w();
+        let lo = self.padding.saturating_sub(kx).min(wo);
+        let hi = (self.w + self.padding).saturating_sub(kx).clamp(lo, wo);
+        (lo, hi)
+    }
+
+    /// The input row that output row `oy` reads through kernel row `ky`, if inside the input.
+    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.stride + ky)
+            .checked_sub(self.padding)
+            .filter(|&iy| iy < self.h)
+    }
+
+    /// The input column that output column `ox` reads through kernel column `kx`.
+    fn input_col(&self, ox: usize, kx: usize) -> Option<usize> {
+        (ox * self.stride + kx)
+            .checked_sub(self.padding)
+            .filter(|&ix| ix < self.w)
+    }
+}
+
+/// im2col of output rows `[oy0, oy0 + rows)` of one sample `x` `[C, H, W]` into `col`
+/// `[C·kh·kw, rows·Wo]`, zeros where the kernel reads the padding.
+fn im2col(g: &ConvGeometry, x: &[f32], oy0: usize, rows: usize, col: &mut [f32]) {
+    let wo = g.out_w();
+    let band = rows * wo;
+    col.par_chunks_mut(g.kh * g.kw * band)
+        .zip(x.par_chunks(g.in_plane()))
+        .for_each(|(taps, plane)| {
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let tap = &mut taps[(ky * g.kw + kx) * band..][..band];
+                    let (lo, hi) = g.stride1_span(kx);
+                    for (r, out) in tap.chunks_exact_mut(wo).enumerate() {
+                        let Some(iy) = g.input_row(oy0 + r, ky) else {
+                            out.fill(0.0);
+                            continue;
+                        };
+                        let row = &plane[iy * g.w..][..g.w];
+                        if g.stride == 1 {
+                            out[..lo].fill(0.0);
+                            out[hi..].fill(0.0);
+                            if lo < hi {
+                                let ix = lo + kx - g.padding;
+                                out[lo..hi].copy_from_slice(&row[ix..ix + hi - lo]);
+                            }
+                        } else {
+                            for (ox, o) in out.iter_mut().enumerate() {
+                                *o = g.input_col(ox, kx).map_or(0.0, |ix| row[ix]);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// The adjoint of [`im2col`]: adds each `col` value back onto the input position it was read
+/// from, in `dx` `[C, H, W]`.
+fn col2im_add(g: &ConvGeometry, col: &[f32], oy0: usize, rows: usize, dx: &mut [f32]) {
+    let wo = g.out_w();
+    let band = rows * wo;
+    dx.par_chunks_mut(g.in_plane())
+        .zip(col.par_chunks(g.kh * g.kw * band))
+        .for_each(|(plane, taps)| {
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let tap = &taps[(ky * g.kw + kx) * band..][..band];
+                    let (lo, hi) = g.stride1_span(kx);
+                    for (r, grad) in tap.chunks_exact(wo).enumerate() {
+                        let Some(iy) = g.input_row(oy0 + r, ky) else {
+                            continue;
+                        };
+                        let row = &mut plane[iy * g.w..][..g.w];
+                        if g.stride == 1 {
+                            if lo < hi {
+                                let ix = lo + kx - g.padding;
+                                for (d, v) in row[ix..ix + hi - lo].iter_mut().zip(&grad[lo..hi]) {
+                                    *d += v;
+                                }
+                            }
+                        } else {
+                            for (ox, v) in grad.iter().enumerate() {
+                                if let Some(ix) = g.input_col(ox, kx) {
+                                    row[ix] += v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// The output bands of one sample: `(first output row, rows)`.
+fn bands(g: &ConvGeometry) -> impl Iterator<Item = (usize, usize)> {
+    let (ho, step) = (g.out_h(), g.band_rows());
+    (0..ho).step_by(step).map(move |oy| (oy, step.min(ho - oy)))
+}
+
+/// `y = conv(x, kernel) + bias`: `x` `[B, C, H, W]`, `kernel` `[O, C, kh, kw]`, `bias` `[O]`,
+/// all contiguous; returns `[B, O, Ho, Wo]`.
+pub(crate) fn conv2d(
+    g: &ConvGeometry,
+    x: &[f32],
+    kernel: &[f32],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
+    let mut y = vec![0.0f32; g.batch * g.c_out * plane];
+    let weights = Mat::rows(kernel, taps);
+    for (xs, ys) in x
+        .chunks_exact(g.c_in * g.in_plane())
+        .zip(y.chunks_exact_mut(g.c_out * plane))
+    {
+        if let Some(bias) = bias {
+            for (channel, b) in ys.chunks_exact_mut(plane).zip(bias) {
+                channel.fill(*b);
+            }
+        }
+        if g.pointwise() {
+            let dims = (g.c_out, plane, taps);
+            matmul(
+                ys,
+                plane,
+                bias.is_some(),
+                dims,
+                weights,
+                Mat::rows(xs, plane),
+                Threads::All,
+            );
+            continue;
+        }
+        for (oy, rows) in bands(g) {
+            with_scratch(taps * rows * wo, |col| {
+                im2col(g, xs, oy, rows, col);
+                let dims = (g.c_out, rows * wo, taps);
+                let rhs = Mat::rows(col, rows * wo);
+                matmul(
+                    &mut ys[oy * wo..],
+                    plane,
+                    bias.is_some(),
+                    dims,
+                    weights,
+                    rhs,
+                    Threads::All,
+                );
+            });
+        }
+    }
+    y
+}
+
+/// The gradient of [`conv2d`] with respect to `x`, given the output gradient `dy`
+/// `[B, O, Ho, Wo]`: `Wᵀ·dy` per band, scattered back by col2im.
+pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) -> Vec<f32> {
+    let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
+    let mut dx = vec![0.0f32; g.batch * g.c_in * g.in_plane()];
+    let weights_t = Mat::transposed(kernel, taps);
+    for (dys, dxs) in dy
+        .chunks_exact(g.c_out * plane)
+        .zip(dx.chunks_exact_mut(g.c_in * g.in_plane()))
+    {
+        if g.pointwise() {
+            let dims = (g.c_in, plane, g.c_out);
+            matmul(
+                dxs,
+                plane,
+                false,
+                dims,
+                weights_t,
+                Mat::rows(dys, plane),
+                Threads::All,
+            );
+            continue;
+        }
+        for (oy, rows) in bands(g) {
+            with_scratch(taps * rows * wo, |col| {
+                let dims = (taps, rows * wo, g.c_out);
+                let rhs = Mat::rows(&dys[oy * wo..], plane);
+                matmul(col, rows * wo, false, dims, weights_t, rhs, Threads::All);
+                col2im_add(g, col, oy, rows, dxs);
+            });
+        }
+    }
+    dx
+}
+
+/// The gradient of [`conv2d`] with respect to its kernel: `Σ_b dy·im2col(x)ᵀ`, `[O, C·kh·kw]`.
+pub(crate) fn conv2d_kernel_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
+    let mut dw = vec![0.0f32; g.c_out * taps];
+    for (xs, dys) in x
+        .chunks_exact(g.c_in * g.in_plane())
+        .zip(dy.chunks_exact(g.c_out * plane))
+    {
+        for (oy, rows) in bands(g) {
+            let dims = (g.c_out, taps, rows * wo);
+            let lhs = Mat::rows(&dys[oy * wo..], plane);
+            if g.pointwise() {
+                let rhs = Mat::transposed(&xs[oy * wo..], plane);
+                matmul(&mut dw, taps, true, dims, lhs, rhs, Threads::All);
+                continue;
+            }
+            with_scratch(taps * rows * wo, |col| {
+                im2col(g, xs, oy, rows, col);
+                let rhs = Mat::transposed(col, rows * wo);
+                matmul(&mut dw, taps, true, dims, lhs, rhs, Threads::All);
+            });
+        }
+    }
+    dw
+}
+
+/// Whether the CPU f32 path applies to a convolution of `x` by `kernel`.
+pub(crate) fn applies(x: &Tensor, kernel: &Tensor) -> bool {
+    cpu_f32(&[x, kernel]) && x.rank() == 4 && kernel.rank() == 4
+}
+
+/// Which of the three results an op computes from its two operands.
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    /// `(x, kernel) → y`
+    Forward,
+    /// `(dy, kernel) → dx`
+    InputGrad,
+    /// `(x, dy) → dkernel`
+    KernelGrad,
+}
+
+/// One of the three convolution passes as a candle op without a backward of its own (the
+/// callers in `nn` attach the gradients).
+struct ConvPass {
+    geometry: ConvGeometry,
+    pass: Pass,
+    bias: Option<Vec<f32>>,
+}
+
+impl CustomOp2 for ConvPass {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geometry;
+        let (a, b) = (
+            f32_slice(a, a_layout, "conv2d: first operand")?,
+            f32_slice(b, b_layout, "conv2d: second operand")?,
+        );
+        let (values, shape): (_, Shape) = match self.pass {
+            Pass::Forward => (
+                conv2d(g, a, b, self.bias.as_deref()),
+                (g.batch, g.c_out, g.out_h(), g.out_w()).into(),
+            ),
+            Pass::InputGrad => (
+                conv2d_input_grad(g, a, b),
+                (g.batch, g.c_in, g.h, g.w).into(),
+            ),
+            Pass::KernelGrad => (
+                conv2d_kernel_grad(g, a, b),
+                (g.c_out, g.c_in, g.kh, g.kw).into(),
+            ),
+        };
+        Ok((CpuStorage::F32(values), shape))
+    }
+
+    /// The forward pass's gradients: for the input and the kernel, each where a gradient flows
+    /// to it (candle would keep one for an untracked operand until the backward pass ends).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        _: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !matches!(self.pass, Pass::Forward) {
+            return Err(candle_core::Error::Msg(
+                "conv2d: gradient passes have no backward".into(),
+            ));
+        }
+        let conv = (self.geometry.padding, self.geometry.stride);
+        let dx = grad_if_tracked(x, || input_grad(x, kernel, grad_out, conv.0, conv.1))?;
+        let dk = grad_if_tracked(kernel, || {
+            run(Pass::KernelGrad, (x, kernel), (x, grad_out), conv, None)
+        })?;
+        Ok((dx, dk))
+    }
+}
+
+/// Runs one pass of the convolution of `x` by `kernel` on the operands `(a, b)` its pass takes.
+fn run(
+    pass: Pass,
+    (x, kernel): (&Tensor, &Tensor),
+    (a, b): (&Tensor, &Tensor),
+    (padding, stride): (usize, usize),
+    bias: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    let geometry = ConvGeometry::new(x.dims4()?, kernel.dims4()?, padding, stride)?;
+    let op = ConvPass {
+        geometry,
+        pass,
+        bias,
+    };
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    match pass {
+        // Recorded (when an operand is tracked), with the backward above.
+        Pass::Forward => a.apply_op2(&b, op),
+        Pass::InputGrad | Pass::KernelGrad => a.apply_op2_no_bwd(&b, &op),
+    }
+}
+
+/// The input gradient of a convolution of an input shaped as `x` by `kernel`, for the output
+/// gradient `dy`.
+pub(crate) fn input_grad(
+    x: &Tensor,
+    kernel: &Tensor,
+    dy: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    run(
+        Pass::InputGrad,
+        (x, kernel),
+        (dy, kernel),
+        (padding, stride),
+        None,
+    )
+}
+
+/// `conv(x, kernel) + bias` on the CPU (see [`applies`]) as one op whose backward gives the
+/// input gradient, and the kernel gradient when the kernel is trained. `bias` is frozen (a
+/// trained bias is added by the caller).
+pub(crate) fn conv2d_op(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let bias = bias
+        .map(|b| b.flatten_all()?.to_vec1::<f32>())
+        .transpose()?;
+    let conv = (x, kernel);
+    run(Pass::Forward, conv, conv, (padding, stride), bias)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use crate::test_support::max_rel_diff;
+    use candle_core::{Device, Var};
+
+    /// The op and both its gradients against candle's own convolution and its autograd, over the shapes the
+    /// UNet and VAE use (3×3 same, 3×3 stride 2, 1×1) plus odd sizes and a narrow band.
+    #[test]
+    fn passes_match_candle_convolution() {
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(3);
+        // (input, kernel, padding, stride)
+        let cases = [
+            ((2, 5, 9, 7), (6, 5, 3, 3), 1, 1),
+            ((1, 4, 8, 8), (3, 4, 3, 3), 1, 2),
+            ((2, 3, 7, 9), (5, 3, 3, 3), 1, 2),
+            ((2, 6, 5, 4), (7, 6, 1, 1), 0, 1),
+            ((1, 3, 6, 6), (2, 3, 3, 3), 0, 1),
+            ((1, 2, 4, 5), (3, 2, 3, 3), 2, 1),
+            ((1, 2, 3, 3), (2, 2, 5, 5), 2, 1),
+        ];
+        for (input, kernel, padding, stride) in cases {
+            let x = Var::from_tensor(&rng.normal_tensor(input, &dev).unwrap()).unwrap();
+            let w = Var::from_tensor(&rng.normal_tensor(kernel, &dev).unwrap()).unwrap();
+            let b = rng.normal_tensor(kernel.0, &dev).unwrap();
+            let reference = x
+                .conv2d(&w, padding, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, kernel.0, 1, 1)).unwrap())
+                .unwrap();
+            let ours = conv2d_op(&x, &w, Some(&b), padding, stride).unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            let what = format!("{input:?} * {kernel:?} pad {padding} stride {stride}");
+            assert!(max_rel_diff(&ours, &reference) < 1e-5, "forward {what}");
+
+            let upstream = rng.normal_tensor(reference.dims(), &dev).unwrap();
+            let loss = |y: &Tensor| (y * &upstream).unwrap().sum_all().unwrap();
+            let expected = loss(&reference).backward().unwrap();
+            let got = loss(&ours).backward().unwrap();
+            for (name, p) in [("dx", &x), ("dw", &w)] {
+                let diff = max_rel_diff(got.get(p).unwrap(), expected.get(p).unwrap());
+                assert!(diff < 1e-5, "{name} {what}: {diff}");
+            }
+        }
+    }
+
+    /// Maps too large for one im2col buffer are done in bands of output rows.
+    #[test]
+    fn banded_im2col_matches_single_band() {
+        let g = ConvGeometry::new((1, 16, 600, 520), (2, 16, 3, 3), 1, 1).unwrap();
+        assert!(g.band_rows() < g.out_h() && !g.out_h().is_multiple_of(g.band_rows()));
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(4);
+        let x = rng.normal_tensor((1, 16, 600, 520), &dev).unwrap();
+        let w = rng.normal_tensor((2, 16, 3, 3), &dev).unwrap();
+        let reference = x.conv2d(&w, 1, 1, 1, 1).unwrap();
+        assert!(max_rel_diff(&conv2d_op(&x, &w, None, 1, 1).unwrap(), &reference) < 1e-5);
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let err = ConvGeometry::new((1, 3, 8, 8), (4, 5, 3, 3), 1, 1).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+    }
+}

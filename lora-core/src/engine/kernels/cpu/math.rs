@@ -1,0 +1,148 @@
+//! Elementwise math for the CPU kernels, written so the compiler vectorises it: an exponential
+//! in plain f32 arithmetic, reductions over eight independent lanes (a single running sum is a
+//! dependency chain the compiler may not reorder), and [`avx2_dispatch!`], which compiles a
+//! kernel a second time for AVX2 + FMA and picks that copy at run time. The default build
+//! targets baseline x86-64 (SSE2) so one binary runs anywhere; PyTorch dispatches the same way.
+
+/// `eˣ` for `x ≤ 0` (softmax after its max is subtracted), as `2ⁿ·p(r)` with `|r| ≤ ln2/2` and
+/// a degree-6 Taylor polynomial (relative error < 2e-7).
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75; // ln 2 split so that n·LN2_HI is exact
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
+    let x = x.max(-87.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // 2ⁿ from the integer n held in t's low mantissa bits: integer ops that vectorise, where
+    // `n as i32` (saturating, NaN-checked) compiles to a scalar conversion per value.
+    let biased = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    p * f32::from_bits(biased << 23)
+}
+
+/// `1 / (1 + e⁻ᶻ)` without overflow for any `z`.
+#[inline(always)]
+pub(crate) fn sigmoid(z: f32) -> f32 {
+    let e = exp_nonpositive(-z.abs());
+    let s = 1.0 / (1.0 + e);
+    if z >= 0.0 {
+        s
+    } else {
+        e * s
+    }
+}
+
+const LANES: usize = 8;
+
+/// `Σ f(aᵢ, bᵢ)` over eight lanes.
+#[inline(always)]
+pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += f(x[i], y[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ f(xᵢ)` over eight lanes.
+#[inline(always)]
+pub(crate) fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    sum_zip(x, x, |v, _| f(v))
+}
+
+/// The largest value (−∞ for none).
+#[inline(always)]
+pub(crate) fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// Whether this CPU has AVX2 and FMA (the detection result is cached by std).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Defines `fn name(args) -> ret { body }` twice, once compiled for AVX2 + FMA, and calls that
+/// copy when the CPU has them. The body must not rely on closures being vectorised separately
+/// (they are inlined into whichever copy calls them).
+macro_rules! avx2_dispatch {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    generic($($arg),*)
+                }
+                if $crate::engine::kernels::cpu::math::has_avx2_fma() {
+                    // SAFETY: the CPU was just checked for the features `avx2` is built with.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_dispatch;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_matches_libm() {
+        let worst = (0..=100_000)
+            .map(|i| -87.0 * i as f32 / 100_000.0)
+            .map(|x| ((exp_nonpositive(x) - x.exp()) / x.exp()).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert!(exp_nonpositive(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn sigmoid_matches_its_definition() {
+        for z in [-100.0f32, -20.0, -1.5, 0.0, 0.3, 7.0, 100.0] {
+            let expected = 1.0 / (1.0 + (-z as f64).exp());
+            assert!((sigmoid(z) as f64 - expected).abs() < 1e-7, "{z}");
+        }
+    }
+
+    #[test]
+    fn lane_reductions_match_sequential_ones() {
+        let x: Vec<f32> = (0..29).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let y: Vec<f32> = (0..29).map(|i| i as f32 * 0.5).collect();
+        assert_eq!(sum_map(&x, |v| v * v), x.iter().map(|v| v * v).sum::<f32>());
+        let dot: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+        assert!((sum_zip(&x, &y, |a, b| a * b) - dot).abs() < 1e-4);
+        assert_eq!(max(&x), 5.0);
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+    }
+}

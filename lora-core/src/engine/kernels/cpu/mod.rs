@@ -1,0 +1,9 @@
+//! CPU f32 kernels: convolution, attention, group/layer norm and GEGLU as candle custom ops with
+//! their backward passes, over the strided `gemm` calls and vector helpers they share.
+
+pub(crate) mod activation;
+pub(crate) mod attention;
+pub(crate) mod conv;
+pub(crate) mod gemm;
+pub(crate) mod math;
+pub(crate) mod norm;

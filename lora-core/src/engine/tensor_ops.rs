@@ -1,0 +1,138 @@
+//! Tensor helpers every layer shares: broadcasts on merged axes, products with a matrix shared
+//! across a batch, copies, layout changes between images and tokens, and the compute dtype.
+
+use candle_core::{DType, Tensor};
+
+#[cfg(feature = "cuda")]
+use super::kernels::cuda;
+
+/// `y + b` for an optional bias `b` broadcast against `y`: on CUDA, outside the graph, one pass of
+/// our per-channel kernel.
+pub(crate) fn add_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let Some(b) = bias else { return Ok(y) };
+    #[cfg(feature = "cuda")]
+    if !y.track_op() && !b.track_op() && cuda::applies(&[&y, b]) {
+        if let Some(axis) = cuda::bias_axis(y.dims(), b.dims()) {
+            let params = b.reshape((1, ()))?;
+            return cuda::channel_affine(&y, &params, axis, None, Some(0), false);
+        }
+    }
+    broadcast_add(&y, b)
+}
+
+/// `a·b` where one operand is a matrix shared by every element of the other's batch. candle's
+/// `broadcast_matmul` copies a shared left matrix once per batch element, and a shared right one
+/// too unless the left operand is contiguous: on an H200 those copies of the conv kernels took a
+/// seventh of an SD1.5 training step (issue #7). Here a shared left matrix is a stride-0 view,
+/// which the strided-batched product reads in place, and a left batch is made contiguous so that
+/// candle folds it into the rows of one product with the shared right matrix.
+pub(crate) fn shared_matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    match (a.rank(), b.rank()) {
+        (2, 3) => a.broadcast_as((b.dim(0)?, a.dim(0)?, a.dim(1)?))?.matmul(b),
+        (r, 2) if r > 2 => contiguous(a)?.broadcast_matmul(b),
+        _ => a.broadcast_matmul(b),
+    }
+}
+
+/// `x.contiguous()`, copied by our kernels on CUDA (candle's strided copy divides per element per
+/// axis: on an H200 its copies took more time than all of a step's matrix products, issue #7).
+pub(crate) fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    return cuda::contiguous(x);
+    #[cfg(not(feature = "cuda"))]
+    x.contiguous()
+}
+
+/// `y + b` for `b` broadcast against `y`. See [`broadcast_op`].
+pub fn broadcast_add(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    broadcast_op(y, b, Tensor::broadcast_add)
+}
+
+/// `y − b` for `b` broadcast against `y`. See [`broadcast_op`].
+pub fn broadcast_sub(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    broadcast_op(y, b, Tensor::broadcast_sub)
+}
+
+/// `y ⊙ b` for `b` broadcast against `y`. See [`broadcast_op`].
+pub fn broadcast_mul(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    broadcast_op(y, b, Tensor::broadcast_mul)
+}
+
+/// `op(y, b)` for `b` broadcast against `y`, computed on views of both in which neighbouring
+/// axes are merged wherever `b` is broadcast along both or along neither: a per-channel
+/// `[B, C, H, W] + [1, C, 1, 1]` runs as `[B, C, H·W] + [1, C, 1]`, a bias `[B, N, O] + [O]` as
+/// `[B·N, O] + [1, O]`. candle's CUDA kernels compute each element's broadcast index with a
+/// division per axis, which on an H200 made bias additions cost more than the products they
+/// follow (issue #7); fewer axes, fewer divisions. Same values and gradients as `op(y, b)`.
+fn broadcast_op(
+    y: &Tensor,
+    b: &Tensor,
+    op: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (y_dims, b_dims) = (y.dims(), b.dims());
+    if b_dims.len() > y_dims.len() {
+        return op(y, b);
+    }
+    let b_full = std::iter::repeat_n(1, y_dims.len() - b_dims.len()).chain(b_dims.iter().copied());
+    // (merged extent in y, whether b is broadcast along it)
+    let mut merged: Vec<(usize, bool)> = Vec::new();
+    for (&n, m) in y_dims.iter().zip(b_full) {
+        if n == 1 {
+            continue;
+        }
+        let broadcast = match m {
+            1 => true,
+            m if m == n => false,
+            _ => return op(y, b),
+        };
+        match merged.last_mut() {
+            Some((extent, kind)) if *kind == broadcast => *extent *= n,
+            _ => merged.push((n, broadcast)),
+        }
+    }
+    if merged.len() == y_dims.len() {
+        return op(y, b);
+    }
+    let y_view: Vec<usize> = merged.iter().map(|&(n, _)| n).collect();
+    let b_view: Vec<usize> = merged
+        .iter()
+        .map(|&(n, broadcast)| if broadcast { 1 } else { n })
+        .collect();
+    op(&y.reshape(y_view)?, &b.reshape(b_view)?)?.reshape(y_dims)
+}
+
+/// `[B, N, C]` tokens of an `h × w` image as `[B, C, h, w]`.
+pub fn tokens_to_image(t: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
+    let (b, _, c) = t.dims3()?;
+    contiguous(&t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?)
+}
+
+/// `[B, C, h, w]` as `[B, h·w, C]` tokens.
+pub fn image_to_tokens(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    contiguous(&x.permute((0, 2, 3, 1))?)?.reshape((b, h * w, c))
+}
+
+/// The dtype normalisations, upcast attention and attention's sums are computed in:
+/// half-precision inputs are upcast so the statistics do not lose precision; f32/f64 stay as
+/// they are.
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// Nearest-neighbour resize of `[B, C, H, W]` to `[B, C, h, w]`. The usual exact ×2 is a
+/// broadcast of each pixel over a 2×2 block, whose backward is a sum over the block: candle's
+/// own `upsample_nearest2d` backward is a grouped convolution (one group per channel) that took
+/// 2 % of an SD1.5 LoRA step on CPU.
+pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
+    let (b, c, xh, xw) = x.dims4()?;
+    if (h, w) != (2 * xh, 2 * xw) {
+        return x.upsample_nearest2d(h, w);
+    }
+    x.reshape((b, c, xh, 1, xw, 1))?
+        .broadcast_as((b, c, xh, 2, xw, 2))?
+        .reshape((b, c, h, w))
+}

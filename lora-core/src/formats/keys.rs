@@ -1,0 +1,785 @@
+//! Key mapping between adapter-file layouts and the model's module paths, in one place.
+//!
+//! Module paths follow [`ModuleInfo::path`]: diffusers names for the UNet
+//! (`down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q`) and transformers names for the
+//! text encoder, canonically with the `text_model.` level
+//! (`text_model.encoder.layers.0.self_attn.q_proj`).
+//!
+//! Two adapter layouts are understood:
+//! - kohya/A1111: `lora_unet_` / `lora_te_` + the path with `.` replaced by `_`. Flattening loses
+//!   information (real names contain `_`), so flattened names are only ever *matched* against the
+//!   flattened names of enumerated modules ([`KohyaNames`]), never split apart.
+//! - diffusers/PEFT: `unet.` / `text_encoder.` + the path, in several historical spellings that
+//!   [`parse_diffusers_key`] maps back to the path.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use anyhow::{ensure, Result};
+
+use crate::adapters::{ModuleInfo, ModuleKind};
+
+/// The model part an adapter module belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    Unet,
+    TextEncoder,
+}
+
+impl Component {
+    pub const ALL: [Component; 2] = [Self::Unet, Self::TextEncoder];
+
+    /// Prefix of kohya key names, separator included (`lora_unet_`).
+    pub fn kohya_prefix(self) -> &'static str {
+        match self {
+            Self::Unet => "lora_unet_",
+            Self::TextEncoder => "lora_te_",
+        }
+    }
+
+    /// Prefix of diffusers/PEFT keys and of `lora_adapter_metadata` entries, separator included
+    /// (`unet.`).
+    pub fn diffusers_prefix(self) -> &'static str {
+        match self {
+            Self::Unet => "unet.",
+            Self::TextEncoder => "text_encoder.",
+        }
+    }
+
+    /// The path as adapters name it: text-encoder paths gain the `text_model.` level if the
+    /// model (transformers ≥ 5) or the file left it out; UNet paths are unchanged.
+    pub fn canonical_path(self, path: &str) -> String {
+        match self {
+            Self::TextEncoder if !path.starts_with(TEXT_MODEL) => format!("{TEXT_MODEL}{path}"),
+            _ => path.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Unet => "UNet",
+            Self::TextEncoder => "text encoder",
+        })
+    }
+}
+
+const TEXT_MODEL: &str = "text_model.";
+
+/// Which tensor of a LoRA module a key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `[rank, in]` (kohya `lora_down`, PEFT `lora_A`).
+    Down,
+    /// `[out, rank]` (kohya `lora_up`, PEFT `lora_B`).
+    Up,
+    /// The scalar alpha.
+    Alpha,
+}
+
+/// What a tensor key of an adapter file is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParsedKey {
+    /// Part of a plain LoRA module. `module` is, for kohya keys, the flattened name without
+    /// prefix (`down_blocks_0_…_attn2_to_q`) and, for diffusers keys, the canonical path.
+    Lora {
+        component: Component,
+        module: String,
+        role: Role,
+    },
+    /// A key of a format or algorithm this toolkit does not implement; `what` names it.
+    Unsupported { what: &'static str },
+    /// Anything else.
+    Unknown,
+}
+
+/// The kohya name of a module path, without component prefix: every `.` becomes `_`.
+pub fn kohya_flatten(path: &str) -> String {
+    path.replace('.', "_")
+}
+
+/// The full kohya module name (`lora_unet_…`, `lora_te_text_model_…`) of a module path.
+pub fn kohya_name(component: Component, path: &str) -> String {
+    format!(
+        "{}{}",
+        component.kohya_prefix(),
+        kohya_flatten(&component.canonical_path(path))
+    )
+}
+
+/// Prefixes that mark a file as kohya-layout; diffusers' loader uses the same test.
+pub const KOHYA_PREFIXES: [&str; 4] = ["lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"];
+
+/// Parses a key of a kohya-layout file (`<lora_name>.<suffix>`).
+pub fn parse_kohya_key(key: &str) -> ParsedKey {
+    if key.starts_with("lora_te1_") || key.starts_with("lora_te2_") {
+        return ParsedKey::Unsupported {
+            what: "SDXL (two text encoders, lora_te1_/lora_te2_)",
+        };
+    }
+    let Some(component) = Component::ALL
+        .into_iter()
+        .find(|c| key.starts_with(c.kohya_prefix()))
+    else {
+        return ParsedKey::Unknown;
+    };
+    // Flattened names contain no `.`, so the first one starts the suffix.
+    let Some((name, suffix)) = key[component.kohya_prefix().len()..].split_once('.') else {
+        return ParsedKey::Unknown;
+    };
+    let role = match suffix {
+        "lora_down.weight" => Role::Down,
+        "lora_up.weight" => Role::Up,
+        "alpha" => Role::Alpha,
+        _ => return unsupported_kohya_suffix(suffix),
+    };
+    ParsedKey::Lora {
+        component,
+        module: name.to_string(),
+        role,
+    }
+}
+
+/// Classifies a kohya suffix that is not plain LoRA: the algorithm it belongs to, so the user
+/// learns *why* the file cannot be used rather than seeing its modules silently vanish.
+fn unsupported_kohya_suffix(suffix: &str) -> ParsedKey {
+    const GLORA: [&str; 5] = [
+        "a1.weight",
+        "a2.weight",
+        "b1.weight",
+        "b2.weight",
+        "bm.weight",
+    ];
+    if let Some(what) = algorithm_marker(suffix) {
+        return ParsedKey::Unsupported { what };
+    }
+    match suffix {
+        s if GLORA.contains(&s) => ParsedKey::Unsupported {
+            what: "LyCORIS GLoRA",
+        },
+        "weight" => ParsedKey::Unsupported {
+            what: "LyCORIS (IA)³",
+        },
+        _ => ParsedKey::Unknown,
+    }
+}
+
+/// The non-LoRA algorithm whose tensor names start like `segment`, if any.
+fn algorithm_marker(segment: &str) -> Option<&'static str> {
+    const ALGORITHMS: [(&str, &str); 12] = [
+        ("dora_scale", "DoRA (dora_scale)"),
+        ("lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
+        ("hada_", "LyCORIS LoHa (hada_*)"),
+        ("lokr_", "LyCORIS LoKr (lokr_*)"),
+        (
+            "lora_mid",
+            "LyCORIS LoCon with Tucker decomposition (lora_mid)",
+        ),
+        ("oft_", "LyCORIS OFT/BOFT (oft_*)"),
+        ("rescale", "LyCORIS OFT/BOFT (rescale)"),
+        ("diff", "LyCORIS full weight difference (diff)"),
+        ("on_input", "LyCORIS (IA)³"),
+        ("w_norm", "LyCORIS norm training (w_norm/b_norm)"),
+        ("b_norm", "LyCORIS norm training (w_norm/b_norm)"),
+        ("lora_embedding_", "PEFT embedding LoRA (lora_embedding_*)"),
+    ];
+    ALGORITHMS
+        .iter()
+        .find(|(marker, _)| segment.starts_with(marker))
+        .map(|(_, what)| *what)
+}
+
+/// Diffusers/PEFT spellings of a module's down/up tensors, as (key suffix, role). What precedes
+/// the suffix is the module path itself.
+const DIFFUSERS_SUFFIXES: [(&str, Role); 6] = [
+    (".lora_A.weight", Role::Down),
+    (".lora_B.weight", Role::Up),
+    (".lora.down.weight", Role::Down),
+    (".lora.up.weight", Role::Up),
+    (".lora_linear_layer.down.weight", Role::Down),
+    (".lora_linear_layer.up.weight", Role::Up),
+];
+
+/// Parses a key of a diffusers/PEFT-layout file (`unet.<…>` / `text_encoder.<…>`), mapping every
+/// known spelling to the canonical module path:
+/// - `unet.<path>.lora_A.weight` / `.lora_B.weight` (PEFT)
+/// - `unet.<path>.lora.down.weight` / `.lora.up.weight` (diffusers training scripts)
+/// - `text_encoder.<path>.lora_linear_layer.down.weight` / `.up.weight`
+/// - `unet.<block>.attn2.processor.to_q_lora.down.weight` → `<block>.attn2.to_q`
+///   (`to_out_lora` → `to_out.0`), and for the text encoder `<…>.self_attn.to_q_lora.down.weight`
+///   → `<…>.self_attn.q_proj` (`k_proj`, `v_proj`, `out_proj`)
+/// - `<path>.alpha`: a kohya-style alpha in a diffusers file.
+pub fn parse_diffusers_key(key: &str) -> ParsedKey {
+    let Some(component) = Component::ALL
+        .into_iter()
+        .find(|c| key.starts_with(c.diffusers_prefix()))
+    else {
+        return ParsedKey::Unknown;
+    };
+    let rest = &key[component.diffusers_prefix().len()..];
+    match diffusers_module(component, rest) {
+        Some((path, role)) if !path.is_empty() => ParsedKey::Lora {
+            component,
+            module: component.canonical_path(&path),
+            role,
+        },
+        Some(_) => ParsedKey::Unknown,
+        None => unsupported_diffusers_tail(rest),
+    }
+}
+
+/// The module path and role behind `rest` (a key without component prefix), if it is one of the
+/// diffusers spellings.
+fn diffusers_module(component: Component, rest: &str) -> Option<(String, Role)> {
+    if let Some((suffix, role)) = DIFFUSERS_SUFFIXES.iter().find(|(s, _)| rest.ends_with(s)) {
+        return Some((rest[..rest.len() - suffix.len()].to_string(), *role));
+    }
+    // Bare `.down.weight` / `.up.weight` only occur in the old attention-processor spelling.
+    for (suffix, role) in [(".down.weight", Role::Down), (".up.weight", Role::Up)] {
+        if let Some(spelled) = rest.strip_suffix(suffix) {
+            return old_processor_path(component, spelled).map(|path| (path, role));
+        }
+    }
+    let spelled = rest.strip_suffix(".alpha")?;
+    let path = old_processor_path(component, spelled).unwrap_or_else(|| spelled.to_string());
+    Some((path, Role::Alpha))
+}
+
+/// Names the unsupported algorithm of a diffusers key by its last two segments (`…to_q.dora_scale`,
+/// `…to_q.lora_magnitude_vector.weight`); anything else is unknown.
+fn unsupported_diffusers_tail(rest: &str) -> ParsedKey {
+    if rest.ends_with(".lora_B.bias") {
+        return ParsedKey::Unsupported {
+            what: "PEFT lora_bias (lora_B.bias)",
+        };
+    }
+    let what = rest.rsplit('.').take(2).find_map(algorithm_marker);
+    what.map_or(ParsedKey::Unknown, |what| ParsedKey::Unsupported { what })
+}
+
+/// Maps the `LoRAAttnProcessor` spelling `<parent>[.processor].to_<x>_lora` to the projection's
+/// path: `to_q`…`to_out.0` in the UNet, `q_proj`…`out_proj` in the text encoder.
+fn old_processor_path(component: Component, spelled: &str) -> Option<String> {
+    let (parent, last) = spelled.rsplit_once('.')?;
+    let projection = last.strip_suffix("_lora")?;
+    let parent = parent.strip_suffix(".processor").unwrap_or(parent);
+    let child = match (component, projection) {
+        (Component::Unet, "to_q" | "to_k" | "to_v") => projection,
+        (Component::Unet, "to_out") => "to_out.0",
+        (Component::TextEncoder, "to_q") => "q_proj",
+        (Component::TextEncoder, "to_k") => "k_proj",
+        (Component::TextEncoder, "to_v") => "v_proj",
+        (Component::TextEncoder, "to_out") => "out_proj",
+        _ => return None,
+    };
+    Some(format!("{parent}.{child}"))
+}
+
+/// Index from kohya module names to model modules, built by flattening every enumerated module
+/// path. Text-encoder modules are indexed with and without the `text_model.` level, since
+/// files of either generation exist.
+#[derive(Debug, Clone, Default)]
+pub struct KohyaNames {
+    /// Full kohya name (`lora_unet_…`) → (component, the module's path as the model spells it).
+    index: HashMap<String, (Component, String)>,
+}
+
+impl KohyaNames {
+    /// Fails if two modules flatten to the same name: matching would then be ambiguous.
+    pub fn new(unet: &[ModuleInfo], text_encoder: &[ModuleInfo]) -> Result<Self> {
+        let mut names = Self::default();
+        for info in unet {
+            names.insert(
+                kohya_name(Component::Unet, &info.path),
+                Component::Unet,
+                &info.path,
+            )?;
+        }
+        for info in text_encoder {
+            let canonical = Component::TextEncoder.canonical_path(&info.path);
+            let without_level = &canonical[TEXT_MODEL.len()..];
+            for spelled in [canonical.as_str(), without_level] {
+                let name = format!(
+                    "{}{}",
+                    Component::TextEncoder.kohya_prefix(),
+                    kohya_flatten(spelled)
+                );
+                names.insert(name, Component::TextEncoder, &info.path)?;
+            }
+        }
+        Ok(names)
+    }
+
+    fn insert(&mut self, name: String, component: Component, path: &str) -> Result<()> {
+        if let Some((_, other)) = self.index.get(&name) {
+            ensure!(
+                other == path,
+                "modules `{other}` and `{path}` both flatten to the kohya name `{name}`"
+            );
+        }
+        self.index.insert(name, (component, path.to_string()));
+        Ok(())
+    }
+
+    /// The module behind a full kohya name (`lora_unet_…_to_q`), as (component, model path).
+    pub fn lookup(&self, name: &str) -> Option<(Component, &str)> {
+        self.index.get(name).map(|(c, p)| (*c, p.as_str()))
+    }
+}
+
+/// The adaptable module a weight tensor belongs to, judged from its name and shape alone: the
+/// modules kohya targets by default (its "attn-mlp" preset).
+/// - UNet: every Linear (2-D weight) and 1×1 conv (`[out, in, 1, 1]`) inside the transformer
+///   models (`….attentions.N.…`): `proj_in`, `proj_out`, attention projections, feed-forward.
+/// - Text encoder: `self_attn.{q,k,v,out}_proj` and `mlp.fc1`/`fc2` of every encoder layer.
+pub fn module_from_weight(component: Component, name: &str, shape: &[usize]) -> Option<ModuleInfo> {
+    let path = name.strip_suffix(".weight")?;
+    let selected = match component {
+        Component::Unet => path.contains(".attentions."),
+        Component::TextEncoder => {
+            const CHILDREN: [&str; 6] = [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.out_proj",
+                "mlp.fc1",
+                "mlp.fc2",
+            ];
+            path.contains("encoder.layers.")
+                && CHILDREN.iter().any(|c| path.ends_with(&format!(".{c}")))
+        }
+    };
+    let (kind, out_features, in_features) = match *shape {
+        [out, inp] => (ModuleKind::Linear, out, inp),
+        [out, inp, 1, 1] => (ModuleKind::Conv1x1, out, inp),
+        _ => return None,
+    };
+    selected.then(|| ModuleInfo {
+        path: path.to_string(),
+        kind,
+        in_features,
+        out_features,
+    })
+}
+
+/// Like [`module_from_weight`], over the wider set that kohya `conv_dim` / LyCORIS LoCon
+/// adapters target, for tools that fold adapters into weights (lora-merge): besides the
+/// transformer modules, the UNet's resnet `conv1`/`conv2` (3×3), `time_emb_proj` (Linear),
+/// `conv_shortcut` (1×1), the down/upsampler `conv` (3×3), and (LyCORIS' `full` preset)
+/// `conv_in`, `conv_out` and `time_embedding.linear_1`/`linear_2`. Larger kernels come back as
+/// [`ModuleKind::Conv`] with `in_features = in · kh · kw`. The runtime UNet never enumerates
+/// these, so adapters on them are only merged, never attached.
+pub fn locon_module_from_weight(
+    component: Component,
+    name: &str,
+    shape: &[usize],
+) -> Option<ModuleInfo> {
+    if let Some(info) = module_from_weight(component, name, shape) {
+        return Some(info);
+    }
+    let path = name.strip_suffix(".weight")?;
+    const RESNET_CHILDREN: [&str; 4] = ["conv1", "conv2", "time_emb_proj", "conv_shortcut"];
+    // LyCORIS' default `full` preset also adapts these top-level layers.
+    const TOP_LEVEL: [&str; 4] = [
+        "conv_in",
+        "conv_out",
+        "time_embedding.linear_1",
+        "time_embedding.linear_2",
+    ];
+    let selected = component == Component::Unet
+        && ((path.contains(".resnets.")
+            && RESNET_CHILDREN
+                .iter()
+                .any(|c| path.ends_with(&format!(".{c}"))))
+            || path.ends_with(".downsamplers.0.conv")
+            || path.ends_with(".upsamplers.0.conv")
+            || TOP_LEVEL.contains(&path));
+    let (kind, out_features, in_features) = match *shape {
+        [out, inp] => (ModuleKind::Linear, out, inp),
+        [out, inp, 1, 1] => (ModuleKind::Conv1x1, out, inp),
+        [out, inp, kh, kw] => (ModuleKind::Conv { kh, kw }, out, inp * kh * kw),
+        _ => return None,
+    };
+    selected.then(|| ModuleInfo {
+        path: path.to_string(),
+        kind,
+        in_features,
+        out_features,
+    })
+}
+
+/// The adaptable modules (see [`module_from_weight`]) of a component's diffusers-layout weight
+/// files, sorted by path. Reads only the headers (the files are memory-mapped), so this works on
+/// full checkpoints without building a model.
+pub fn modules_from_weights(component: Component, paths: &[PathBuf]) -> Result<Vec<ModuleInfo>> {
+    let files = crate::io::weights::mmap_safetensors(paths)?;
+    let mut modules: Vec<ModuleInfo> = files
+        .tensors()
+        .iter()
+        .filter_map(|(name, view)| module_from_weight(component, name, view.shape()))
+        .collect();
+    ensure!(
+        !modules.is_empty(),
+        "no adaptable {component} modules in {paths:?}"
+    );
+    modules.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(modules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn linear(path: &str) -> ModuleInfo {
+        ModuleInfo {
+            path: path.to_string(),
+            kind: ModuleKind::Linear,
+            in_features: 8,
+            out_features: 8,
+        }
+    }
+
+    fn lora(component: Component, module: &str, role: Role) -> ParsedKey {
+        ParsedKey::Lora {
+            component,
+            module: module.to_string(),
+            role,
+        }
+    }
+
+    const TO_Q: &str = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q";
+
+    #[test]
+    fn locon_modules_add_resnet_and_sampler_convs_only_for_the_merge_set() {
+        let conv1 = "down_blocks.0.resnets.0.conv1.weight";
+        assert_eq!(
+            module_from_weight(Component::Unet, conv1, &[32, 16, 3, 3]),
+            None
+        );
+        let info = locon_module_from_weight(Component::Unet, conv1, &[32, 16, 3, 3]).unwrap();
+        assert_eq!(
+            (info.kind, info.in_features, info.out_features),
+            (ModuleKind::Conv { kh: 3, kw: 3 }, 144, 32)
+        );
+        for (name, shape, kind) in [
+            (
+                "down_blocks.0.resnets.0.time_emb_proj.weight",
+                vec![32, 64],
+                ModuleKind::Linear,
+            ),
+            (
+                "up_blocks.1.resnets.0.conv_shortcut.weight",
+                vec![32, 64, 1, 1],
+                ModuleKind::Conv1x1,
+            ),
+            (
+                "down_blocks.0.downsamplers.0.conv.weight",
+                vec![32, 32, 3, 3],
+                ModuleKind::Conv { kh: 3, kw: 3 },
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                vec![32, 32, 3, 3],
+                ModuleKind::Conv { kh: 3, kw: 3 },
+            ),
+            (
+                "mid_block.attentions.0.proj_in.weight",
+                vec![32, 32, 1, 1],
+                ModuleKind::Conv1x1,
+            ),
+        ] {
+            assert_eq!(
+                locon_module_from_weight(Component::Unet, name, &shape).map(|m| m.kind),
+                Some(kind),
+                "{name}"
+            );
+        }
+        // LyCORIS' full preset: the top-level convs and time-embedding linears.
+        assert_eq!(
+            locon_module_from_weight(Component::Unet, "conv_in.weight", &[32, 4, 3, 3])
+                .map(|m| (m.kind, m.in_features)),
+            Some((ModuleKind::Conv { kh: 3, kw: 3 }, 36))
+        );
+        assert!(locon_module_from_weight(
+            Component::Unet,
+            "time_embedding.linear_1.weight",
+            &[64, 32]
+        )
+        .is_some());
+        for name in ["conv_norm_out.weight", "time_embedding.cond_proj.weight"] {
+            assert_eq!(
+                locon_module_from_weight(Component::Unet, name, &[32, 4, 3, 3]),
+                None
+            );
+        }
+        assert_eq!(
+            locon_module_from_weight(
+                Component::TextEncoder,
+                "text_model.embeddings.token_embedding.weight",
+                &[100, 32]
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn kohya_names_flatten_paths_with_prefix() {
+        assert_eq!(
+            kohya_name(Component::Unet, TO_Q),
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"
+        );
+        assert_eq!(
+            kohya_name(Component::TextEncoder, "encoder.layers.0.self_attn.q_proj"),
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+        );
+    }
+
+    #[test]
+    fn kohya_lookup_matches_enumerated_modules_only() -> Result<()> {
+        let unet = [linear(TO_Q), linear("mid_block.attentions.0.proj_in")];
+        let te = [linear("text_model.encoder.layers.0.mlp.fc1")];
+        let names = KohyaNames::new(&unet, &te)?;
+        assert_eq!(
+            names.lookup("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"),
+            Some((Component::Unet, TO_Q))
+        );
+        assert_eq!(
+            names.lookup("lora_unet_mid_block_attentions_0_proj_in"),
+            Some((Component::Unet, unet[1].path.as_str()))
+        );
+        // Old files without the `text_model` level resolve to the same module.
+        for name in [
+            "lora_te_text_model_encoder_layers_0_mlp_fc1",
+            "lora_te_encoder_layers_0_mlp_fc1",
+        ] {
+            assert_eq!(
+                names.lookup(name),
+                Some((
+                    Component::TextEncoder,
+                    "text_model.encoder.layers.0.mlp.fc1"
+                ))
+            );
+        }
+        assert_eq!(
+            names.lookup("lora_unet_mid_block_attentions_0_proj_out"),
+            None
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn kohya_index_rejects_names_that_collide_after_flattening() {
+        let err = KohyaNames::new(&[linear("a.b_c"), linear("a_b.c")], &[]).unwrap_err();
+        assert!(err.to_string().contains("lora_unet_a_b_c"), "{err}");
+    }
+
+    #[test]
+    fn transformers_5_text_encoder_paths_are_indexed_canonically() -> Result<()> {
+        let names = KohyaNames::new(&[], &[linear("encoder.layers.3.self_attn.v_proj")])?;
+        assert_eq!(
+            names.lookup("lora_te_text_model_encoder_layers_3_self_attn_v_proj"),
+            Some((Component::TextEncoder, "encoder.layers.3.self_attn.v_proj"))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn kohya_keys_parse_by_suffix() {
+        let name = "down_blocks_0_attentions_0_proj_in";
+        assert_eq!(
+            parse_kohya_key(&format!("lora_unet_{name}.lora_down.weight")),
+            lora(Component::Unet, name, Role::Down)
+        );
+        assert_eq!(
+            parse_kohya_key(&format!("lora_unet_{name}.lora_up.weight")),
+            lora(Component::Unet, name, Role::Up)
+        );
+        assert_eq!(
+            parse_kohya_key("lora_te_text_model_x.alpha"),
+            lora(Component::TextEncoder, "text_model_x", Role::Alpha)
+        );
+        assert_eq!(parse_kohya_key("lora_unet_x.something"), ParsedKey::Unknown);
+        assert_eq!(
+            parse_kohya_key("model.diffusion_model.x.weight"),
+            ParsedKey::Unknown
+        );
+    }
+
+    #[test]
+    fn non_lora_algorithms_are_named() {
+        let cases = [
+            ("lora_unet_x.hada_w1_a", "LoHa"),
+            ("lora_unet_x.lokr_w1", "LoKr"),
+            ("lora_unet_x.lora_mid.weight", "lora_mid"),
+            ("lora_unet_x.oft_blocks", "OFT"),
+            ("lora_unet_x.dora_scale", "DoRA"),
+            ("lora_unet_x.diff_b", "diff"),
+            ("lora_unet_x.a1.weight", "GLoRA"),
+            ("lora_te1_text_model_x.lora_down.weight", "SDXL"),
+        ];
+        for (key, algorithm) in cases {
+            match parse_kohya_key(key) {
+                ParsedKey::Unsupported { what } => {
+                    assert!(what.contains(algorithm), "{key}: {what}")
+                }
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        let cases = [
+            (
+                "unet.x.attn2.to_q.lora_magnitude_vector",
+                "DoRA (lora_magnitude_vector)",
+            ),
+            (
+                "unet.x.attn2.to_q.lora_magnitude_vector.weight",
+                "DoRA (lora_magnitude_vector)",
+            ),
+            ("unet.x.attn2.to_q.dora_scale", "DoRA (dora_scale)"),
+            ("text_encoder.x.q_proj.hada_w1_a", "LyCORIS LoHa (hada_*)"),
+            (
+                "unet.x.attn2.to_q.lora_B.bias",
+                "PEFT lora_bias (lora_B.bias)",
+            ),
+        ];
+        for (key, what) in cases {
+            assert_eq!(
+                parse_diffusers_key(key),
+                ParsedKey::Unsupported { what },
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_diffusers_spelling_maps_to_the_module_path() {
+        let block = "down_blocks.0.attentions.0.transformer_blocks.0.attn2";
+        let unet = |module: &str, role| lora(Component::Unet, module, role);
+        let cases = [
+            (format!("unet.{TO_Q}.lora_A.weight"), unet(TO_Q, Role::Down)),
+            (format!("unet.{TO_Q}.lora_B.weight"), unet(TO_Q, Role::Up)),
+            (
+                format!("unet.{TO_Q}.lora.down.weight"),
+                unet(TO_Q, Role::Down),
+            ),
+            (format!("unet.{TO_Q}.lora.up.weight"), unet(TO_Q, Role::Up)),
+            (format!("unet.{TO_Q}.alpha"), unet(TO_Q, Role::Alpha)),
+            (
+                format!("unet.{block}.processor.to_q_lora.down.weight"),
+                unet(TO_Q, Role::Down),
+            ),
+            (
+                format!("unet.{block}.processor.to_out_lora.up.weight"),
+                unet(&format!("{block}.to_out.0"), Role::Up),
+            ),
+            (
+                format!("unet.{block}.to_k_lora.down.weight"),
+                unet(&format!("{block}.to_k"), Role::Down),
+            ),
+        ];
+        for (key, expected) in cases {
+            assert_eq!(parse_diffusers_key(&key), expected, "{key}");
+        }
+    }
+
+    #[test]
+    fn text_encoder_spellings_map_to_canonical_paths() {
+        let attn = "text_model.encoder.layers.0.self_attn";
+        let te = |module: String, role| lora(Component::TextEncoder, &module, role);
+        let cases = [
+            (
+                format!("text_encoder.{attn}.q_proj.lora_A.weight"),
+                te(format!("{attn}.q_proj"), Role::Down),
+            ),
+            (
+                format!("text_encoder.{attn}.q_proj.lora_linear_layer.up.weight"),
+                te(format!("{attn}.q_proj"), Role::Up),
+            ),
+            (
+                format!("text_encoder.{attn}.to_v_lora.down.weight"),
+                te(format!("{attn}.v_proj"), Role::Down),
+            ),
+            (
+                format!("text_encoder.{attn}.to_out_lora.up.weight"),
+                te(format!("{attn}.out_proj"), Role::Up),
+            ),
+            // transformers ≥ 5 drops the `text_model` level.
+            (
+                "text_encoder.encoder.layers.0.mlp.fc2.lora_B.weight".into(),
+                te("text_model.encoder.layers.0.mlp.fc2".into(), Role::Up),
+            ),
+        ];
+        for (key, expected) in cases {
+            assert_eq!(parse_diffusers_key(&key), expected, "{key}");
+        }
+    }
+
+    #[test]
+    fn unrecognised_diffusers_keys_are_unknown() {
+        for key in [
+            "unet.conv_in.weight",
+            "vae.encoder.lora_A.weight",
+            "unet.x.to_q.down.weight",
+            "unet.lora_A.weight",
+        ] {
+            assert_eq!(parse_diffusers_key(key), ParsedKey::Unknown, "{key}");
+        }
+    }
+
+    #[test]
+    fn weights_select_transformer_linears_and_1x1_convs() {
+        let proj_in = "down_blocks.0.attentions.0.proj_in.weight";
+        let conv = module_from_weight(Component::Unet, proj_in, &[320, 320, 1, 1]).unwrap();
+        assert_eq!(
+            (conv.kind, conv.in_features, conv.out_features),
+            (ModuleKind::Conv1x1, 320, 320)
+        );
+        let ff = module_from_weight(
+            Component::Unet,
+            "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj.weight",
+            &[2560, 320],
+        )
+        .unwrap();
+        assert_eq!(
+            (ff.path.as_str(), ff.kind, ff.in_features, ff.out_features),
+            (
+                "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
+                ModuleKind::Linear,
+                320,
+                2560
+            )
+        );
+        assert!(module_from_weight(
+            Component::Unet,
+            "down_blocks.0.attentions.0.norm.weight",
+            &[320]
+        )
+        .is_none());
+        assert!(module_from_weight(
+            Component::Unet,
+            "down_blocks.0.resnets.0.time_emb_proj.weight",
+            &[320, 1280]
+        )
+        .is_none());
+        assert!(module_from_weight(
+            Component::Unet,
+            "down_blocks.0.attentions.0.proj_in.bias",
+            &[320]
+        )
+        .is_none());
+        let te = module_from_weight(
+            Component::TextEncoder,
+            "text_model.encoder.layers.0.mlp.fc1.weight",
+            &[3072, 768],
+        )
+        .unwrap();
+        assert_eq!(te.kind, ModuleKind::Linear);
+        assert!(module_from_weight(
+            Component::TextEncoder,
+            "text_model.embeddings.token_embedding.weight",
+            &[49408, 768]
+        )
+        .is_none());
+    }
+}

@@ -1,0 +1,25 @@
+//! lora-core: the Stable Diffusion models written for training (differentiable end to end), LoRA
+//! adapters injected into them, and the file formats shared with kohya/A1111 and diffusers/peft.
+//! See ARCHITECTURE.md at the repository root for the map and the layering rules:
+//! `engine` ← `adapters` ← `models`, with `formats` and `io` beside them.
+
+pub mod adapters;
+pub mod engine;
+pub mod formats;
+pub mod io;
+pub mod models;
+pub mod process_setup;
+pub mod rng;
+#[cfg(test)]
+mod test_support;
+
+pub use adapters::{
+    Adapter, LoraConfig, LoraInit, LoraLinear, LoraModule, LoraTargets, ModuleInfo, ModuleKind,
+};
+pub use engine::CheckpointedForward;
+pub use formats::adapter_file::{
+    save_adapter, AdapterFile, AdapterFormat, BaseModelVersion, ModelModules, SaveOptions,
+};
+pub use formats::keys::Component;
+pub use models::unet::UNet2DConditionModel;
+pub use rng::Rng;

@@ -1,0 +1,747 @@
+//! Where a model's files are: a local diffusers folder, or a Hugging Face Hub id resolved to one
+//! (the Hub cache's snapshot folder has the same layout), or a single-file (LDM) checkpoint whose
+//! weights are read through [`crate::formats::single_file`] with the config files of a folder like the
+//! one below (`--base-config`; a single file holds no configs). Load components through
+//! [`ModelFolder::load_unet`] & co., which work for both.
+//!
+//! ```text
+//! model_index.json                 optional; component classes
+//! unet/config.json + weights       required
+//! text_encoder/config.json + model.safetensors      required
+//! scheduler/scheduler_config.json  required
+//! vae/config.json + weights        optional: without it the UNet denoises pixels
+//! tokenizer/                       optional: without it the embedded CLIP vocabulary is used
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Cache, Repo};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::formats::ldm::{ModelPart, TextEncoderLayout};
+use crate::formats::single_file::SingleFile;
+use crate::io::weights;
+use crate::models::config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::models::text_encoder::TextEncoder;
+use crate::models::tokenizer::ClipTokenizer;
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::vae::Vae;
+
+const MODEL_INDEX: &str = "model_index.json";
+/// Weights file stem of the diffusers components (unet/, vae/).
+const DIFFUSERS_WEIGHTS_STEM: &str = "diffusion_pytorch_model";
+const TEXT_ENCODER_WEIGHTS_STEM: &str = "model";
+const TOKENIZER_FILES: [&str; 4] = [
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+];
+/// Set (to anything but empty or `0`) to forbid network access, as with the Python libraries.
+const OFFLINE_ENV: &str = "HF_HUB_OFFLINE";
+/// Overrides the Hub's address (mirrors), as with the Python libraries.
+const ENDPOINT_ENV: &str = "HF_ENDPOINT";
+
+/// What the user named as the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// An existing local diffusers folder.
+    Local(PathBuf),
+    /// A Hugging Face Hub repository id, `owner/name`.
+    Hub(String),
+    /// A single-file (LDM layout) SD1.x/SD2.x `.safetensors` checkpoint, with the folder its
+    /// configs come from (a diffusers folder, or one holding only the config files).
+    SingleFile {
+        file: PathBuf,
+        configs_from: Option<PathBuf>,
+    },
+}
+
+impl ModelSource {
+    /// An existing path is a local folder; otherwise `owner/name` is a Hub id; anything else is an
+    /// error (most likely a mistyped path).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.is_file() {
+            return Ok(Self::SingleFile {
+                file: path.to_path_buf(),
+                configs_from: None,
+            });
+        }
+        if path.exists() {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        if is_hub_id(spec) {
+            return Ok(Self::Hub(spec.to_owned()));
+        }
+        bail!("model `{spec}` is neither an existing folder nor a Hugging Face Hub id of the form owner/name")
+    }
+
+    /// Sets where a single-file checkpoint's configs come from (`--base-config`); an error for
+    /// folders and Hub ids, which have their own.
+    pub fn with_configs_from(self, dir: Option<PathBuf>) -> Result<Self> {
+        match (self, dir) {
+            (source, None) => Ok(source),
+            (Self::SingleFile { file, .. }, Some(dir)) => Ok(Self::SingleFile {
+                file,
+                configs_from: Some(dir),
+            }),
+            (_, Some(dir)) => bail!(
+                "--base-config {} is only for a single-file checkpoint as --base; a diffusers \
+                 folder or Hub id has its own configs",
+                dir.display()
+            ),
+        }
+    }
+
+    /// The model's folder: local as is, or the Hub's cached snapshot, downloading missing files;
+    /// a single file with the configs of its `configs_from` folder.
+    pub fn open(&self) -> Result<ModelFolder> {
+        match self {
+            Self::Local(path) => ModelFolder::open(path),
+            Self::Hub(id) => open_from_hub(id, Cache::from_env(), std::env::var(ENDPOINT_ENV).ok()),
+            Self::SingleFile { file, configs_from } => {
+                ModelFolder::open_single_file(file, configs_from.as_deref())
+            }
+        }
+    }
+}
+
+/// `owner/name`, each part a Hub name: ASCII letters, digits, `-`, `_`, `.`, not starting with a
+/// symbol, no `..`.
+fn is_hub_id(spec: &str) -> bool {
+    let part_ok = |p: &str| {
+        p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !p.contains("..")
+            && p.len() <= 96
+    };
+    matches!(spec.split_once('/'), Some((owner, name)) if part_ok(owner) && part_ok(name))
+}
+
+/// The Hub cache's snapshot if it already holds a complete model; otherwise downloads what
+/// `ModelFolder` needs into it.
+fn open_from_hub(id: &str, cache: Cache, endpoint: Option<String>) -> Result<ModelFolder> {
+    if let Some(index) = cache.model(id.to_owned()).get(MODEL_INDEX) {
+        let snapshot = index
+            .parent()
+            .expect("a cached file is inside its snapshot folder");
+        if let Ok(folder) = ModelFolder::open(snapshot) {
+            return Ok(folder);
+        }
+    }
+    let how_to_use_local =
+        "to use a local copy, pass the path of a diffusers folder (with model_index.json, unet/, \
+                            text_encoder/, scheduler/) instead of the Hub id";
+    let offline = std::env::var(OFFLINE_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+    ensure!(!offline, "model `{id}` is not (completely) in the Hugging Face cache and {OFFLINE_ENV} is set (offline mode); \
+         {how_to_use_local}");
+
+    let unreachable = |what: &str, e: &dyn std::fmt::Display| {
+        format!(
+            "cannot fetch {what} of `{id}` from the Hugging Face Hub: offline, unreachable, or no such (public) \
+             repository? ({e}); {how_to_use_local}"
+        )
+    };
+    let mut api = ApiBuilder::from_cache(cache);
+    if let Some(endpoint) = endpoint {
+        api = api.with_endpoint(endpoint);
+    }
+    let repo = api
+        .build()
+        .map_err(|e| anyhow::anyhow!(unreachable("the file list", &e)))?
+        .repo(Repo::model(id.to_owned()));
+    let info = repo
+        .info()
+        .map_err(|e| anyhow::anyhow!(unreachable("the file list", &e)))?;
+    let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let mut snapshot = None;
+    for file in files_to_download(&listed) {
+        let local = repo
+            .get(&file)
+            .map_err(|e| anyhow::anyhow!(unreachable(&format!("`{file}`"), &e)))?;
+        if file == MODEL_INDEX {
+            snapshot = local.parent().map(Path::to_path_buf);
+        }
+    }
+    let snapshot = snapshot.with_context(|| {
+        format!("Hub repository `{id}` has no {MODEL_INDEX}: not a diffusers model")
+    })?;
+    ModelFolder::open(&snapshot).with_context(|| {
+        format!(
+            "Hub repository `{id}` (downloaded to {})",
+            snapshot.display()
+        )
+    })
+}
+
+/// The files of a listed repository that a `ModelFolder` reads: configs, tokenizer files and one
+/// weights file per component, preferring full precision (as `weights::component_weights` does).
+fn files_to_download(listed: &[&str]) -> Vec<String> {
+    let has = |f: &str| listed.contains(&f);
+    let mut files = vec![
+        MODEL_INDEX.to_owned(),
+        "scheduler/scheduler_config.json".to_owned(),
+    ];
+    for (dir, stem) in [
+        ("unet", DIFFUSERS_WEIGHTS_STEM),
+        ("vae", DIFFUSERS_WEIGHTS_STEM),
+        ("text_encoder", TEXT_ENCODER_WEIGHTS_STEM),
+    ] {
+        files.push(format!("{dir}/config.json"));
+        let full = format!("{dir}/{stem}.safetensors");
+        let half = format!("{dir}/{stem}.fp16.safetensors");
+        files.push(if has(&full) || !has(&half) {
+            full
+        } else {
+            half
+        });
+    }
+    files.extend(TOKENIZER_FILES.iter().map(|f| format!("tokenizer/{f}")));
+    // Only what exists: an optional part (vae/, tokenizer/) may be absent, and a missing required
+    // file is reported by `ModelFolder::open` with its name.
+    files.retain(|f| has(f));
+    files
+}
+
+/// A pipeline component's `[library, class]` entry in `model_index.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentClass {
+    pub library: String,
+    pub class: String,
+}
+
+/// `model_index.json`: the pipeline class and the components present (null entries dropped).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ModelIndex {
+    pub pipeline_class: Option<String>,
+    pub components: BTreeMap<String, ComponentClass>,
+}
+
+impl ModelIndex {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid {}", path.display()))
+    }
+
+    pub fn parse(json: &str) -> Result<Self> {
+        let value: serde_json::Value =
+            serde_json::from_str(json).context("malformed model_index.json")?;
+        let object = value
+            .as_object()
+            .context("model_index.json: expected a JSON object")?;
+        let mut index = ModelIndex::default();
+        for (key, entry) in object {
+            if key == "_class_name" {
+                index.pipeline_class = entry.as_str().map(str::to_owned);
+                continue;
+            }
+            // Components are `[library, class]` pairs; other keys (flags, versions) are not.
+            let Some([library, class]) = entry.as_array().map(Vec::as_slice) else {
+                continue;
+            };
+            match (library.as_str(), class.as_str()) {
+                (Some(library), Some(class)) => {
+                    index.components.insert(key.clone(), ComponentClass { library: library.into(), class: class.into() });
+                }
+                _ if library.is_null() && class.is_null() => {}
+                _ => bail!("model_index.json: component `{key}` = {entry}: expected [library, class] or [null, null]"),
+            }
+        }
+        Ok(index)
+    }
+}
+
+/// A verified diffusers model folder, or a single-file checkpoint with a folder of configs.
+#[derive(Debug, Clone)]
+pub struct ModelFolder {
+    /// The folder, or the single file: what messages name as the model.
+    root: PathBuf,
+    /// Where `unet/config.json` & co. are: `root` for a folder.
+    config_root: PathBuf,
+    /// Set when the weights come from a single-file checkpoint instead of the folder.
+    single_file: Option<Arc<SingleFile>>,
+    index: Option<ModelIndex>,
+    unet_weights: PathBuf,
+    text_encoder_weights: PathBuf,
+    vae_weights: Option<PathBuf>,
+    has_tokenizer: bool,
+}
+
+impl ModelFolder {
+    /// Checks that every required file is there (naming the first missing one) and that the parts
+    /// `model_index.json` lists exist.
+    pub fn open(root: &Path) -> Result<Self> {
+        ensure!(
+            root.is_dir(),
+            "model folder {} does not exist",
+            root.display()
+        );
+        let require = |relative: &str| -> Result<()> {
+            let path = root.join(relative);
+            ensure!(
+                path.is_file(),
+                "model folder {} is missing {relative}",
+                root.display()
+            );
+            Ok(())
+        };
+        let index_path = root.join(MODEL_INDEX);
+        let index = index_path
+            .is_file()
+            .then(|| ModelIndex::from_file(&index_path))
+            .transpose()?;
+        let listed = |component: &str| {
+            index
+                .as_ref()
+                .is_some_and(|i| i.components.contains_key(component))
+        };
+
+        require("unet/config.json")?;
+        let unet_weights = weights::component_weights(&root.join("unet"), DIFFUSERS_WEIGHTS_STEM)?;
+        require("text_encoder/config.json")?;
+        let text_encoder_weights =
+            weights::component_weights(&root.join("text_encoder"), TEXT_ENCODER_WEIGHTS_STEM)?;
+        require("scheduler/scheduler_config.json")?;
+
+        let vae_dir = root.join("vae");
+        let vae_weights = if vae_dir.is_dir() || listed("vae") {
+            require("vae/config.json")?;
+            Some(weights::component_weights(
+                &vae_dir,
+                DIFFUSERS_WEIGHTS_STEM,
+            )?)
+        } else {
+            None
+        };
+        let has_tokenizer = root.join("tokenizer").is_dir();
+        ensure!(
+            has_tokenizer || !listed("tokenizer"),
+            "model folder {} is missing tokenizer/, which {MODEL_INDEX} lists",
+            root.display()
+        );
+        Ok(Self {
+            root: root.to_path_buf(),
+            config_root: root.to_path_buf(),
+            single_file: None,
+            index,
+            unet_weights,
+            text_encoder_weights,
+            vae_weights,
+            has_tokenizer,
+        })
+    }
+
+    /// A single-file checkpoint's weights with the configs of `configs_from`, which must hold
+    /// `unet/config.json`, `text_encoder/config.json`, `scheduler/scheduler_config.json` and,
+    /// when the file has a VAE, `vae/config.json` (`tokenizer/` optional). Its weights, if any,
+    /// are not read.
+    pub fn open_single_file(file: &Path, configs_from: Option<&Path>) -> Result<Self> {
+        let single = SingleFile::open(file)?;
+        let kind = match single.text_encoder_layout() {
+            TextEncoderLayout::Clip => "SD1.x (CLIP text encoder)",
+            TextEncoderLayout::OpenClip => "SD2.x (OpenCLIP text encoder)",
+        };
+        let Some(configs) = configs_from else {
+            bail!(
+                "{} is a single-file {kind} checkpoint, which holds no configs: pass \
+                 --base-config DIR, a diffusers folder of the same architecture (only its \
+                 unet/, text_encoder/, scheduler/, vae/ config files and tokenizer/ are read)",
+                file.display()
+            );
+        };
+        let require = |relative: &str| -> Result<PathBuf> {
+            let path = configs.join(relative);
+            ensure!(
+                path.is_file(),
+                "config folder {} (for {}) is missing {relative}",
+                configs.display(),
+                file.display()
+            );
+            Ok(path)
+        };
+        require("unet/config.json")?;
+        require("text_encoder/config.json")?;
+        require("scheduler/scheduler_config.json")?;
+        let has_vae = single.has(ModelPart::Vae);
+        if has_vae {
+            require("vae/config.json")?;
+        }
+        let index_path = configs.join(MODEL_INDEX);
+        let index = index_path
+            .is_file()
+            .then(|| ModelIndex::from_file(&index_path))
+            .transpose()?;
+        Ok(Self {
+            root: file.to_path_buf(),
+            config_root: configs.to_path_buf(),
+            single_file: Some(Arc::new(single)),
+            index,
+            unet_weights: file.to_path_buf(),
+            text_encoder_weights: file.to_path_buf(),
+            vae_weights: has_vae.then(|| file.to_path_buf()),
+            has_tokenizer: configs.join("tokenizer").is_dir(),
+        })
+    }
+
+    /// The folder, or the single-file checkpoint.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Whether the weights come from a single-file checkpoint.
+    pub fn is_single_file(&self) -> bool {
+        self.single_file.is_some()
+    }
+
+    /// The UNet's weights under diffusers names, with f32 `deltas` folded in at load.
+    pub fn unet_var_builder(
+        &self,
+        dtype: DType,
+        device: &Device,
+        deltas: BTreeMap<String, Tensor>,
+    ) -> Result<VarBuilder<'static>> {
+        match &self.single_file {
+            Some(file) => file.var_builder(ModelPart::Unet, dtype, device, deltas),
+            None => weights::var_builder(
+                std::slice::from_ref(&self.unet_weights),
+                dtype,
+                device,
+                deltas,
+            ),
+        }
+    }
+
+    /// The frozen UNet in `dtype`.
+    pub fn load_unet(
+        &self,
+        config: &UNetConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<UNet2DConditionModel> {
+        let vb = self.unet_var_builder(dtype, device, BTreeMap::new())?;
+        UNet2DConditionModel::load(config, &vb)
+            .with_context(|| format!("loading the UNet of {}", self.root.display()))
+    }
+
+    /// The text encoder with `deltas` (keyed `text_model.…`) folded in.
+    pub fn load_text_encoder(
+        &self,
+        config: &ClipTextConfig,
+        dtype: DType,
+        device: &Device,
+        deltas: BTreeMap<String, Tensor>,
+    ) -> Result<TextEncoder> {
+        let Some(file) = &self.single_file else {
+            return TextEncoder::load(&self.text_encoder_dir(), config, dtype, device, deltas);
+        };
+        let vb = file.var_builder(ModelPart::TextEncoder, dtype, device, deltas)?;
+        TextEncoder::from_var_builder(vb, config)
+            .with_context(|| format!("loading the text encoder of {}", self.root.display()))
+    }
+
+    /// The VAE in `dtype`, `None` for pixel-space models.
+    pub fn load_vae(&self, dtype: DType, device: &Device) -> Result<Option<Vae>> {
+        let Some(dir) = self.vae_dir() else {
+            return Ok(None);
+        };
+        let Some(file) = &self.single_file else {
+            return Vae::load(&dir, dtype, device).map(Some);
+        };
+        let config = VaeConfig::from_file(&dir.join("config.json"))?;
+        let vb = file.var_builder(ModelPart::Vae, dtype, device, BTreeMap::new())?;
+        Vae::from_var_builder(vb, config)
+            .map(Some)
+            .with_context(|| format!("loading the VAE of {}", self.root.display()))
+    }
+
+    pub fn index(&self) -> Option<&ModelIndex> {
+        self.index.as_ref()
+    }
+
+    pub fn unet_dir(&self) -> PathBuf {
+        self.config_root.join("unet")
+    }
+
+    pub fn unet_config(&self) -> PathBuf {
+        self.unet_dir().join("config.json")
+    }
+
+    pub fn unet_weights(&self) -> &Path {
+        &self.unet_weights
+    }
+
+    pub fn text_encoder_dir(&self) -> PathBuf {
+        self.config_root.join("text_encoder")
+    }
+
+    pub fn text_encoder_weights(&self) -> &Path {
+        &self.text_encoder_weights
+    }
+
+    pub fn text_encoder_config(&self) -> Result<ClipTextConfig> {
+        ClipTextConfig::from_file(&self.text_encoder_dir().join("config.json"))
+    }
+
+    /// False for pixel-space models, whose UNet denoises images directly.
+    pub fn has_vae(&self) -> bool {
+        self.vae_weights.is_some()
+    }
+
+    pub fn vae_dir(&self) -> Option<PathBuf> {
+        self.has_vae().then(|| self.config_root.join("vae"))
+    }
+
+    pub fn vae_weights(&self) -> Option<&Path> {
+        self.vae_weights.as_deref()
+    }
+
+    pub fn vae_config(&self) -> Result<Option<VaeConfig>> {
+        self.vae_dir()
+            .map(|dir| VaeConfig::from_file(&dir.join("config.json")))
+            .transpose()
+    }
+
+    pub fn tokenizer_dir(&self) -> Option<PathBuf> {
+        self.has_tokenizer
+            .then(|| self.config_root.join("tokenizer"))
+    }
+
+    /// The model's tokenizer (its own vocabulary if it has one, else the embedded CLIP one).
+    pub fn tokenizer(&self) -> Result<ClipTokenizer> {
+        let text_config = self.text_encoder_config()?;
+        let dir = self.tokenizer_dir();
+        ClipTokenizer::load(dir.as_deref(), &text_config)
+            .with_context(|| format!("loading the tokenizer of {}", self.root.display()))
+    }
+
+    pub fn scheduler_config_path(&self) -> PathBuf {
+        self.config_root.join("scheduler/scheduler_config.json")
+    }
+
+    pub fn scheduler_config(&self) -> Result<SchedulerConfig> {
+        SchedulerConfig::from_file(&self.scheduler_config_path())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(root: &Path, relative: &str, contents: &str) {
+        let path = root.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+    }
+
+    fn minimal_folder(root: &Path) {
+        for f in [
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "text_encoder/config.json",
+        ] {
+            touch(root, f, "{}");
+        }
+        touch(root, "text_encoder/model.fp16.safetensors", "");
+        touch(root, "scheduler/scheduler_config.json", "{}");
+    }
+
+    #[test]
+    fn opens_a_folder_without_vae_or_tokenizer() {
+        let dir = tempfile::tempdir().unwrap();
+        minimal_folder(dir.path());
+        let folder = ModelFolder::open(dir.path()).unwrap();
+        assert!(
+            !folder.has_vae() && folder.vae_dir().is_none() && folder.tokenizer_dir().is_none()
+        );
+        assert!(folder
+            .text_encoder_weights()
+            .ends_with("text_encoder/model.fp16.safetensors"));
+        assert!(folder
+            .unet_weights()
+            .ends_with("unet/diffusion_pytorch_model.safetensors"));
+        assert!(folder.vae_config().unwrap().is_none());
+    }
+
+    #[test]
+    fn names_the_missing_file() {
+        let cases = [
+            ("unet/config.json", "is missing unet/config.json"),
+            (
+                "unet/diffusion_pytorch_model.safetensors",
+                "expected diffusion_pytorch_model.safetensors",
+            ),
+            (
+                "text_encoder/model.fp16.safetensors",
+                "expected model.safetensors or model.fp16.safetensors",
+            ),
+            (
+                "scheduler/scheduler_config.json",
+                "is missing scheduler/scheduler_config.json",
+            ),
+        ];
+        for (removed, expected) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            minimal_folder(dir.path());
+            std::fs::remove_file(dir.path().join(removed)).unwrap();
+            let err = format!("{:#}", ModelFolder::open(dir.path()).unwrap_err());
+            assert!(err.contains(expected), "without {removed}: {err}");
+        }
+
+        // A vae/ folder, or one model_index.json lists, must be complete.
+        let dir = tempfile::tempdir().unwrap();
+        minimal_folder(dir.path());
+        touch(dir.path(), "vae/config.json", "{}");
+        let err = format!("{:#}", ModelFolder::open(dir.path()).unwrap_err());
+        assert!(
+            err.contains("no weights in") && err.contains("vae"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(dir.path().join("vae")).unwrap();
+        touch(
+            dir.path(),
+            MODEL_INDEX,
+            r#"{"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"]}"#,
+        );
+        let err = format!("{:#}", ModelFolder::open(dir.path()).unwrap_err());
+        assert!(err.contains("is missing vae/config.json"), "{err}");
+        touch(
+            dir.path(),
+            MODEL_INDEX,
+            r#"{"tokenizer": ["transformers", "CLIPTokenizer"]}"#,
+        );
+        let err = format!("{:#}", ModelFolder::open(dir.path()).unwrap_err());
+        assert!(err.contains("missing tokenizer/"), "{err}");
+    }
+
+    #[test]
+    fn parses_model_index() {
+        let index = ModelIndex::parse(
+            r#"{"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
+                "requires_safety_checker": false, "safety_checker": [null, null],
+                "unet": ["diffusers", "UNet2DConditionModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            index.pipeline_class.as_deref(),
+            Some("StableDiffusionPipeline")
+        );
+        assert_eq!(
+            index.components.keys().collect::<Vec<_>>(),
+            ["tokenizer", "unet"]
+        );
+        assert_eq!(index.components["unet"].class, "UNet2DConditionModel");
+        let err = format!(
+            "{:#}",
+            ModelIndex::parse(r#"{"unet": ["diffusers", 3]}"#).unwrap_err()
+        );
+        assert!(err.contains("component `unet`"), "{err}");
+    }
+
+    #[test]
+    fn parses_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().to_str().unwrap();
+        assert_eq!(
+            ModelSource::parse(local).unwrap(),
+            ModelSource::Local(dir.path().to_path_buf())
+        );
+        assert_eq!(
+            ModelSource::parse("stabilityai/stable-diffusion-2-1").unwrap(),
+            ModelSource::Hub("stabilityai/stable-diffusion-2-1".into())
+        );
+        for bad in [
+            "./no/such/folder",
+            "no-slash",
+            "a/b/c",
+            "../x",
+            "owner/",
+            "-x/y",
+            "a/..b",
+        ] {
+            let err = format!("{:#}", ModelSource::parse(bad).unwrap_err());
+            assert!(
+                err.contains("neither an existing folder nor a Hugging Face Hub id"),
+                "{bad}: {err}"
+            );
+        }
+        let file = dir.path().join("model.safetensors");
+        std::fs::write(&file, "").unwrap();
+        let source = ModelSource::parse(file.to_str().unwrap()).unwrap();
+        assert_eq!(
+            source,
+            ModelSource::SingleFile {
+                file: file.clone(),
+                configs_from: None
+            }
+        );
+        let err = format!(
+            "{:#}",
+            ModelSource::parse(local)
+                .unwrap()
+                .with_configs_from(Some(dir.path().into()))
+                .unwrap_err()
+        );
+        assert!(err.contains("only for a single-file checkpoint"), "{err}");
+    }
+
+    #[test]
+    fn hub_download_fails_clearly_when_unreachable() {
+        // A closed local port stands in for "no network", whatever the test machine has.
+        let cache = tempfile::tempdir().unwrap();
+        let cache = Cache::new(cache.path().to_path_buf());
+        let err = format!(
+            "{:#}",
+            open_from_hub(
+                "someone/some-model",
+                cache,
+                Some("http://127.0.0.1:9".into())
+            )
+            .unwrap_err()
+        );
+        assert!(
+            err.contains("`someone/some-model`") && err.contains("offline"),
+            "{err}"
+        );
+        assert!(err.contains("pass the path of a diffusers folder"), "{err}");
+    }
+
+    #[test]
+    fn picks_files_to_download() {
+        let listed = [
+            "model_index.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "unet/diffusion_pytorch_model.bin",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "text_encoder/model.fp16.safetensors",
+            "scheduler/scheduler_config.json",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "README.md",
+        ];
+        let files = files_to_download(&listed);
+        assert_eq!(
+            files,
+            [
+                "model_index.json",
+                "scheduler/scheduler_config.json",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.fp16.safetensors",
+                "text_encoder/config.json",
+                "text_encoder/model.safetensors",
+                "tokenizer/vocab.json",
+                "tokenizer/merges.txt",
+            ]
+        );
+    }
+}

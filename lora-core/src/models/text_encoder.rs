@@ -1,0 +1,465 @@
+//! The CLIP text encoder (transformers' `CLIPTextModel`): prompt ids → the per-token hidden
+//! states the UNet cross-attends to (`last_hidden_state`, after the final layer norm).
+//!
+//! Our own module rather than candle-transformers': `models::clip::text_model` always uses
+//! quick-GELU for text (SD 2.x needs exact GELU) and fixes the layer-norm epsilon, and
+//! `stable_diffusion::clip::Config` has private fields, so only its SD presets can be built (no
+//! custom or test configs), and its `Gelu` is the tanh approximation.
+//!
+//! Inference only: adapters are folded into the weights at load (`deltas`), and the attention
+//! softmax and layer norms use candle's fused kernels, which record no gradient.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+
+use crate::adapters::{ModuleInfo, ModuleKind};
+use crate::io::weights;
+use crate::models::config::{ClipActivation, ClipTextConfig};
+
+/// The component prefix of real checkpoints; transformers ≥ 5 saves `CLIPTextModel` without it.
+const PREFIX: &str = "text_model.";
+/// A tensor every layout has, used to tell the two apart.
+const PROBE: &str = "embeddings.token_embedding.weight";
+
+pub struct TextEncoder {
+    token_embedding: Embedding,
+    /// `[max_position_embeddings, hidden]`; positions are implicit (0..seq_len).
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    config: ClipTextConfig,
+}
+
+impl TextEncoder {
+    /// Loads `dir/model.safetensors` (or the `.fp16` variant) in either key layout, adding
+    /// `deltas` (f32, keyed by canonical `text_model.…weight` names) to the matching weights.
+    pub fn load(
+        dir: &Path,
+        config: &ClipTextConfig,
+        dtype: DType,
+        device: &Device,
+        deltas: BTreeMap<String, Tensor>,
+    ) -> Result<Self> {
+        let path = weights::component_weights(dir, "model")?;
+        let prefixed = {
+            let files = weights::mmap_safetensors(std::slice::from_ref(&path))?;
+            if files.get(&format!("{PREFIX}{PROBE}")).is_ok() {
+                true
+            } else {
+                ensure!(
+                    files.get(PROBE).is_ok(),
+                    "{} is not a CLIP text encoder: it has neither `{PREFIX}{PROBE}` nor `{PROBE}`",
+                    path.display()
+                );
+                false
+            }
+        };
+        let deltas = deltas
+            .into_iter()
+            .map(|(key, delta)| {
+                let bare = key.strip_prefix(PREFIX).with_context(|| {
+                    format!("text encoder adapter key `{key}`: expected a `{PREFIX}…` weight name")
+                })?;
+                Ok((
+                    if prefixed {
+                        key.clone()
+                    } else {
+                        bare.to_owned()
+                    },
+                    delta,
+                ))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let vb = weights::var_builder(std::slice::from_ref(&path), dtype, device, deltas)?;
+        let vb = if prefixed {
+            vb.pp(PREFIX.trim_end_matches('.'))
+        } else {
+            vb
+        };
+        Self::new(vb, config)
+            .with_context(|| format!("loading the text encoder from {}", path.display()))
+    }
+
+    /// Builds the encoder from a `VarBuilder` whose names carry the `text_model.` level (how
+    /// a single-file checkpoint's text encoder is presented), with any deltas already in it.
+    pub fn from_var_builder(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
+        Self::new(vb.pp(PREFIX.trim_end_matches('.')), config)
+    }
+
+    fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
+        let (hidden, eps) = (config.hidden_size, config.layer_norm_eps);
+        let embeddings = vb.pp("embeddings");
+        let token_embedding =
+            candle_nn::embedding(config.vocab_size, hidden, embeddings.pp("token_embedding"))?;
+        let position_embedding = embeddings.get(
+            (config.max_position_embeddings, hidden),
+            "position_embedding.weight",
+        )?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), config))
+            .collect::<Result<_>>()?;
+        let final_layer_norm = candle_nn::layer_norm(hidden, eps, vb.pp("final_layer_norm"))?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            config: config.clone(),
+        })
+    }
+
+    /// `ids`: `[batch, seq]` u32 token ids, seq ≤ max_position_embeddings (77 for SD). Returns the
+    /// `[batch, seq, hidden]` last hidden state. No padding mask, as SD pipelines call it: padding
+    /// positions still attend causally to everything before them.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, seq) = ids
+            .dims2()
+            .context("text encoder input ids: expected [batch, seq]")?;
+        ensure!(
+            seq <= self.config.max_position_embeddings,
+            "text encoder input has {seq} tokens; the model has {} positions",
+            self.config.max_position_embeddings
+        );
+        let positions = self.position_embedding.narrow(0, 0, seq)?;
+        let mut xs = self
+            .token_embedding
+            .forward(ids)?
+            .broadcast_add(&positions)?;
+        let mask = causal_mask(seq, ids.device())?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        Ok(self.final_layer_norm.forward(&xs)?)
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+}
+
+/// The modules kohya's `lora_te_` keys and peft's text-encoder adapters name: the four attention
+/// projections and the two MLP layers of every encoder layer.
+pub fn lora_modules(config: &ClipTextConfig) -> Vec<ModuleInfo> {
+    let (hidden, inner) = (config.hidden_size, config.intermediate_size);
+    let module = |path: String, in_features, out_features| ModuleInfo {
+        path,
+        kind: ModuleKind::Linear,
+        in_features,
+        out_features,
+    };
+    (0..config.num_hidden_layers)
+        .flat_map(|i| {
+            let layer = format!("{PREFIX}encoder.layers.{i}");
+            let attn = ["q_proj", "k_proj", "v_proj", "out_proj"]
+                .map(|p| module(format!("{layer}.self_attn.{p}"), hidden, hidden));
+            let mlp = [
+                module(format!("{layer}.mlp.fc1"), hidden, inner),
+                module(format!("{layer}.mlp.fc2"), inner, hidden),
+            ];
+            attn.into_iter().chain(mlp)
+        })
+        .collect()
+}
+
+/// `[seq, seq]` additive mask: 0 where a token may attend (itself and earlier), −∞ after.
+fn causal_mask(seq: usize, device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(values, (seq, seq), device)?)
+}
+
+/// Pre-norm transformer layer: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: SelfAttention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    activation: ClipActivation,
+}
+
+impl EncoderLayer {
+    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+        let (hidden, inner) = (c.hidden_size, c.intermediate_size);
+        Ok(Self {
+            layer_norm1: candle_nn::layer_norm(hidden, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            self_attn: SelfAttention::new(vb.pp("self_attn"), c)?,
+            layer_norm2: candle_nn::layer_norm(hidden, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: candle_nn::linear(hidden, inner, vb.pp("mlp.fc1"))?,
+            fc2: candle_nn::linear(inner, hidden, vb.pp("mlp.fc2"))?,
+            activation: c.hidden_act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let xs = (xs
+            + self
+                .self_attn
+                .forward(&self.layer_norm1.forward(xs)?, mask)?)?;
+        let hidden = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
+        let hidden = match self.activation {
+            ClipActivation::QuickGelu => (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?,
+            ClipActivation::Gelu => hidden.gelu_erf()?,
+        };
+        Ok((xs + self.fc2.forward(&hidden)?)?)
+    }
+}
+
+struct SelfAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl SelfAttention {
+    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            q_proj: candle_nn::linear(h, h, vb.pp("q_proj"))?,
+            k_proj: candle_nn::linear(h, h, vb.pp("k_proj"))?,
+            v_proj: candle_nn::linear(h, h, vb.pp("v_proj"))?,
+            out_proj: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            heads: c.num_attention_heads,
+            head_dim: c.head_dim(),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, seq, hidden) = xs.dims3()?;
+        // [batch, seq, hidden] → [batch, heads, seq, head_dim], in f32 so half-precision weights do
+        // not lose the softmax.
+        let split_heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((batch, seq, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .to_dtype(DType::F32)?)
+        };
+        let q = split_heads(self.q_proj.forward(xs)?)?;
+        let k = split_heads(self.k_proj.forward(xs)?)?;
+        let v = split_heads(self.v_proj.forward(xs)?)?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .to_dtype(xs.dtype())?
+            .transpose(1, 2)?
+            .reshape((batch, seq, hidden))?;
+        Ok(self.out_proj.forward(&out)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::max_diff;
+
+    fn tiny_config(act: &str) -> ClipTextConfig {
+        ClipTextConfig::parse(&format!(
+            r#"{{"vocab_size": 50, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "max_position_embeddings": 10, "hidden_act": "{act}",
+                "layer_norm_eps": 1e-5}}"#
+        ))
+        .unwrap()
+    }
+
+    /// Random weights for `config` under `prefix`, in transformers' names.
+    fn random_weights(config: &ClipTextConfig, prefix: &str) -> BTreeMap<String, Tensor> {
+        let dev = Device::Cpu;
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            (
+                "embeddings.token_embedding.weight".into(),
+                vec![config.vocab_size, h],
+            ),
+            (
+                "embeddings.position_embedding.weight".into(),
+                vec![config.max_position_embeddings, h],
+            ),
+            ("final_layer_norm.weight".into(), vec![h]),
+            ("final_layer_norm.bias".into(), vec![h]),
+        ];
+        for m in lora_modules(config) {
+            let path = m.path.strip_prefix(PREFIX).unwrap().to_owned();
+            shapes.push((
+                format!("{path}.weight"),
+                vec![m.out_features, m.in_features],
+            ));
+            shapes.push((format!("{path}.bias"), vec![m.out_features]));
+        }
+        for l in 0..config.num_hidden_layers {
+            for n in ["layer_norm1", "layer_norm2"] {
+                shapes.push((format!("encoder.layers.{l}.{n}.weight"), vec![h]));
+                shapes.push((format!("encoder.layers.{l}.{n}.bias"), vec![h]));
+            }
+        }
+        assert!(shapes.iter().any(|(_, s)| s == &[i, h]));
+        shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                (
+                    format!("{prefix}{name}"),
+                    Tensor::randn(0f32, 0.5, shape, &dev).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn save(dir: &Path, tensors: &BTreeMap<String, Tensor>) {
+        let tensors: std::collections::HashMap<_, _> = tensors.clone().into_iter().collect();
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    }
+
+    #[test]
+    fn lists_six_modules_per_layer() {
+        let modules = lora_modules(&tiny_config("gelu"));
+        assert_eq!(modules.len(), 12);
+        assert_eq!(
+            modules[0].path,
+            "text_model.encoder.layers.0.self_attn.q_proj"
+        );
+        let fc1 = &modules[4];
+        assert_eq!(
+            (fc1.path.as_str(), fc1.in_features, fc1.out_features),
+            ("text_model.encoder.layers.0.mlp.fc1", 8, 12)
+        );
+        assert_eq!(modules[11].path, "text_model.encoder.layers.1.mlp.fc2");
+    }
+
+    #[test]
+    fn both_key_layouts_load_and_deltas_use_canonical_names() {
+        let config = tiny_config("quick_gelu");
+        let weights = random_weights(&config, PREFIX);
+        let (with_prefix, without_prefix) =
+            (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        save(with_prefix.path(), &weights);
+        let bare = weights
+            .iter()
+            .map(|(k, v)| (k.strip_prefix(PREFIX).unwrap().to_owned(), v.clone()))
+            .collect();
+        save(without_prefix.path(), &bare);
+
+        let ids = Tensor::new(&[[1u32, 7, 3, 9, 9], [2, 2, 5, 0, 0]], &Device::Cpu).unwrap();
+        let key = "text_model.encoder.layers.1.self_attn.v_proj.weight".to_owned();
+        let delta = Tensor::randn(0f32, 0.1, (8, 8), &Device::Cpu).unwrap();
+        let mut outputs = Vec::new();
+        for dir in [with_prefix.path(), without_prefix.path()] {
+            for deltas in [
+                BTreeMap::new(),
+                BTreeMap::from([(key.clone(), delta.clone())]),
+            ] {
+                let te = TextEncoder::load(dir, &config, DType::F32, &Device::Cpu, deltas).unwrap();
+                let out = te.forward(&ids).unwrap();
+                assert_eq!(out.dims(), &[2, 5, 8]);
+                outputs.push(out);
+            }
+        }
+        assert_eq!(
+            max_diff(&outputs[0], &outputs[2]),
+            0.0,
+            "layouts must load the same weights"
+        );
+        assert_eq!(
+            max_diff(&outputs[1], &outputs[3]),
+            0.0,
+            "deltas must apply in both layouts"
+        );
+        assert!(
+            max_diff(&outputs[0], &outputs[1]) > 1e-4,
+            "the delta must change the output"
+        );
+
+        let err = TextEncoder::load(
+            without_prefix.path(),
+            &config,
+            DType::F32,
+            &Device::Cpu,
+            BTreeMap::from([("encoder.layers.0.mlp.fc1.weight".to_owned(), delta)]),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            format!("{err:#}").contains("expected a `text_model.…` weight name"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn causal_attention_ignores_later_tokens() {
+        let config = tiny_config("gelu");
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &random_weights(&config, PREFIX));
+        let te = TextEncoder::load(
+            dir.path(),
+            &config,
+            DType::F32,
+            &Device::Cpu,
+            BTreeMap::new(),
+        )
+        .unwrap();
+        let a = te
+            .forward(&Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap())
+            .unwrap();
+        let b = te
+            .forward(&Tensor::new(&[[1u32, 2, 30, 40]], &Device::Cpu).unwrap())
+            .unwrap();
+        let first_two = |t: &Tensor| {
+            t.narrow(1, 0, 2)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(first_two(&a), first_two(&b));
+        assert_ne!(
+            a.narrow(1, 2, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            b.narrow(1, 2, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+
+        let too_long = Tensor::zeros((1, 11), DType::U32, &Device::Cpu).unwrap();
+        assert!(format!("{:#}", te.forward(&too_long).unwrap_err()).contains("has 11 tokens"));
+    }
+
+    #[test]
+    fn rejects_a_file_that_is_not_a_clip_text_model() {
+        let dir = tempfile::tempdir().unwrap();
+        save(
+            dir.path(),
+            &BTreeMap::from([(
+                "foo.weight".to_owned(),
+                Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+            )]),
+        );
+        let err = TextEncoder::load(
+            dir.path(),
+            &tiny_config("gelu"),
+            DType::F32,
+            &Device::Cpu,
+            BTreeMap::new(),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            format!("{err:#}").contains("is not a CLIP text encoder"),
+            "{err:#}"
+        );
+    }
+}

@@ -1,0 +1,497 @@
+//! `UNet2DConditionModel` of Stable Diffusion 1.x/2.x in the diffusers layout, written for
+//! training: every operation has a backward pass in candle, timesteps are a tensor (one per
+//! sample), and the Linear / 1×1-conv layers of the transformer models are [`LoraLinear`]s that
+//! adapters attach to without merging.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+mod blocks;
+mod embeddings;
+mod resnet;
+#[cfg(test)]
+mod tests;
+mod transformer;
+
+use blocks::{MidBlock, UNetBlock};
+use embeddings::timestep_features;
+use resnet::ResnetBlock2D;
+use transformer::{Transformer2DModel, Visitor};
+
+use crate::adapters::{LoraModule, ModuleInfo};
+use crate::engine::{
+    upsample_nearest, CheckpointedForward, Conv2dLayer, Direct, GroupNormLayer, LayerRunner,
+    LinearLayer,
+};
+use crate::models::config::{DownBlockType, UNetConfig, UpBlockType};
+
+/// A `VarBuilder` backend handing out a broadcast zero of any requested shape (no storage
+/// beyond one element), for building a UNet only to enumerate its layers.
+struct ShapesOnly;
+
+impl candle_nn::var_builder::SimpleBackend for ShapesOnly {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        _: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!("no shape for `{name}`")))
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// The SD1.x/SD2.x denoising UNet. See the module docs.
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    config: UNetConfig,
+    dtype: DType,
+    conv_in: Conv2dLayer,
+    time_linear_1: LinearLayer,
+    time_linear_2: LinearLayer,
+    down_blocks: Vec<UNetBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UNetBlock>,
+    conv_norm_out: GroupNormLayer,
+    conv_out: Conv2dLayer,
+    lora_modules: Vec<ModuleInfo>,
+}
+
+impl UNet2DConditionModel {
+    /// Loads the UNet from `unet/diffusion_pytorch_model[.fp16].safetensors`-style files,
+    /// memory-mapped, with weights in `dtype`.
+    pub fn from_files(
+        config: &UNetConfig,
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let vb = crate::io::weights::var_builder(files, dtype, device, BTreeMap::new())?;
+        Self::load(config, &vb)
+    }
+
+    /// Builds the UNet from weights named as in diffusers (`down_blocks.0.resnets.0.conv1.weight`…).
+    pub fn load(config: &UNetConfig, vb: &VarBuilder) -> Result<Self> {
+        let cfg = config;
+        let n = cfg.block_out_channels.len();
+        let ch0 = cfg.block_out_channels[0];
+        let temb_dim = cfg.time_embed_dim();
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_ch = ch0;
+        for (i, &kind) in cfg.down_block_types.iter().enumerate() {
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let in_ch = out_ch;
+            out_ch = cfg.block_out_channels[i];
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..cfg.layers_per_block[i] {
+                let rin = if j == 0 { in_ch } else { out_ch };
+                resnets.push(ResnetBlock2D::load(
+                    &vb.pp(format!("resnets.{j}")),
+                    cfg,
+                    rin,
+                    out_ch,
+                    1.0,
+                )?);
+                if kind == DownBlockType::CrossAttnDownBlock2D {
+                    attentions.push(Transformer2DModel::load(
+                        &vb.pp(format!("attentions.{j}")),
+                        cfg,
+                        out_ch,
+                        cfg.attention_heads[i],
+                        cfg.transformer_layers_per_block[i],
+                    )?);
+                }
+            }
+            let resample = if i + 1 < n {
+                Some(Conv2dLayer::load(
+                    &vb.pp("downsamplers.0.conv"),
+                    out_ch,
+                    out_ch,
+                    3,
+                    2,
+                    cfg.downsample_padding,
+                )?)
+            } else {
+                None
+            };
+            down_blocks.push(UNetBlock {
+                resnets,
+                attentions,
+                resample,
+            });
+        }
+
+        let last = cfg.block_out_channels[n - 1];
+        let mvb = vb.pp("mid_block");
+        let mid_block = MidBlock {
+            resnet_in: ResnetBlock2D::load(
+                &mvb.pp("resnets.0"),
+                cfg,
+                last,
+                last,
+                cfg.mid_block_scale_factor,
+            )?,
+            attention: Transformer2DModel::load(
+                &mvb.pp("attentions.0"),
+                cfg,
+                last,
+                cfg.attention_heads[n - 1],
+                cfg.transformer_layers_per_block[n - 1],
+            )?,
+            resnet_out: ResnetBlock2D::load(
+                &mvb.pp("resnets.1"),
+                cfg,
+                last,
+                last,
+                cfg.mid_block_scale_factor,
+            )?,
+        };
+
+        let rev = |v: &[usize], i: usize| v[n - 1 - i];
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_ch = rev(&cfg.block_out_channels, 0);
+        for (i, &kind) in cfg.up_block_types.iter().enumerate() {
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let prev_out = out_ch;
+            out_ch = rev(&cfg.block_out_channels, i);
+            let skip_in = rev(&cfg.block_out_channels, (i + 1).min(n - 1));
+            let layers = rev(&cfg.layers_per_block, i) + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..layers {
+                let skip = if j == layers - 1 { skip_in } else { out_ch };
+                let rin = if j == 0 { prev_out } else { out_ch };
+                resnets.push(ResnetBlock2D::load(
+                    &vb.pp(format!("resnets.{j}")),
+                    cfg,
+                    rin + skip,
+                    out_ch,
+                    1.0,
+                )?);
+                if kind == UpBlockType::CrossAttnUpBlock2D {
+                    attentions.push(Transformer2DModel::load(
+                        &vb.pp(format!("attentions.{j}")),
+                        cfg,
+                        out_ch,
+                        rev(&cfg.attention_heads, i),
+                        rev(&cfg.transformer_layers_per_block, i),
+                    )?);
+                }
+            }
+            let resample = if i + 1 < n {
+                Some(Conv2dLayer::load(
+                    &vb.pp("upsamplers.0.conv"),
+                    out_ch,
+                    out_ch,
+                    3,
+                    1,
+                    1,
+                )?)
+            } else {
+                None
+            };
+            up_blocks.push(UNetBlock {
+                resnets,
+                attentions,
+                resample,
+            });
+        }
+
+        let mut unet = Self {
+            config: cfg.clone(),
+            dtype: vb.dtype(),
+            conv_in: Conv2dLayer::load(&vb.pp("conv_in"), cfg.in_channels, ch0, 3, 1, 1)?,
+            time_linear_1: LinearLayer::load(
+                &vb.pp("time_embedding.linear_1"),
+                ch0,
+                temb_dim,
+                true,
+            )?,
+            time_linear_2: LinearLayer::load(
+                &vb.pp("time_embedding.linear_2"),
+                temb_dim,
+                temb_dim,
+                true,
+            )?,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNormLayer::load(
+                &vb.pp("conv_norm_out"),
+                cfg.norm_num_groups,
+                ch0,
+                cfg.norm_eps,
+            )?,
+            conv_out: Conv2dLayer::load(&vb.pp("conv_out"), ch0, cfg.out_channels, 3, 1, 1)?,
+            lora_modules: Vec::new(),
+        };
+        let mut modules = Vec::new();
+        unet.visit_lora(&mut |path, layer| {
+            modules.push(layer.info(path));
+            Ok(())
+        })?;
+        unet.lora_modules = modules;
+        Ok(unet)
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// The adaptable modules of a UNet with `config`, without its weights: the model is built
+    /// over zero-stride placeholders, so no weight is read or allocated. Lets a caller resolve
+    /// adapters before loading the UNet once with them folded in.
+    pub fn lora_modules_of(config: &UNetConfig) -> Result<Vec<ModuleInfo>> {
+        let vb = VarBuilder::from_backend(Box::new(ShapesOnly), DType::F32, Device::Cpu);
+        Ok(Self::load(config, &vb)?.lora_modules)
+    }
+
+    /// The dtype of the frozen weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Every layer an adapter can attach to: the Linear and 1×1-conv layers of the transformer
+    /// models, in model order, with diffusers paths.
+    pub fn lora_modules(&self) -> &[ModuleInfo] {
+        &self.lora_modules
+    }
+
+    fn visit_lora(&mut self, f: &mut Visitor) -> Result<()> {
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            block.visit(&format!("down_blocks.{i}"), f)?;
+        }
+        self.mid_block
+            .attention
+            .visit("mid_block.attentions.0", f)?;
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            block.visit(&format!("up_blocks.{i}"), f)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches an adapter (module path → weights) under `name` with `multiplier`, unmerged.
+    /// Every module must exist in this UNet with fitting shapes; otherwise nothing is attached
+    /// and the error lists every offending module with the expected shapes.
+    pub fn attach_adapter(
+        &mut self,
+        name: &str,
+        modules: &BTreeMap<String, LoraModule>,
+        multiplier: f64,
+    ) -> Result<()> {
+        let known: BTreeMap<&str, &ModuleInfo> = self
+            .lora_modules
+            .iter()
+            .map(|m| (m.path.as_str(), m))
+            .collect();
+        let mut problems = Vec::new();
+        for (path, module) in modules {
+            match known.get(path.as_str()) {
+                None => problems.push(format!("`{path}`: no such adaptable module in this UNet")),
+                Some(info) => {
+                    if let Err(e) = module.check_fits(info) {
+                        problems.push(e.to_string());
+                    }
+                }
+            }
+        }
+        if !problems.is_empty() {
+            bail!(
+                "adapter `{name}` does not fit this UNet:\n  {}",
+                problems.join("\n  ")
+            );
+        }
+        ensure!(!modules.is_empty(), "adapter `{name}` has no UNet modules");
+        self.visit_lora(&mut |path, layer| {
+            if let Some(m) = modules.get(path) {
+                layer.attach(name, m, multiplier);
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes the adapter attached under `name` from every layer.
+    pub fn detach_adapter(&mut self, name: &str) -> Result<()> {
+        let mut found = false;
+        self.visit_lora(&mut |_, layer| {
+            found |= layer.detach(name);
+            Ok(())
+        })?;
+        ensure!(found, "no adapter named `{name}` is attached");
+        Ok(())
+    }
+
+    /// Predicts noise (or v) for `sample` `[B, C, H, W]` at `timesteps` (`[B]` or a scalar,
+    /// any numeric dtype) given `encoder_hidden_states` `[B, S, cross_attention_dim]`.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        let (x, t_feat, context) = self.prepare_inputs(sample, timesteps, encoder_hidden_states)?;
+        self.forward_layers(&mut Direct, x, t_feat, context)
+    }
+
+    /// [`Self::forward`] with gradient checkpointing: keeps only the values between layers
+    /// (each resnet, transformer and resampling conv, the time embedding, `conv_in` and the
+    /// output head), not their activations. Returns the prediction (a variable's tensor) to
+    /// compute the loss from, and the pass whose [`CheckpointedForward::backward`] turns that
+    /// loss into the parameters' gradients, recomputing one layer at a time. The gradients are
+    /// those of the plain pass; the cost is one more forward pass.
+    pub fn forward_checkpointed(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<(Tensor, CheckpointedForward<'_>)> {
+        let (x, t_feat, context) = self.prepare_inputs(sample, timesteps, encoder_hidden_states)?;
+        let mut pass = CheckpointedForward::new();
+        let (x, t_feat, context) = (pass.input(&x), pass.input(&t_feat), pass.input(&context));
+        let output = self.forward_layers(&mut pass, x, t_feat, context)?;
+        let prediction = pass.finish(output)?;
+        Ok((prediction, pass))
+    }
+
+    /// Checks the inputs and returns the sample and context in the model's dtype and the
+    /// sinusoidal timestep features (f32).
+    fn prepare_inputs(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let cfg = &self.config;
+        let (b, c, _, _) = sample.dims4().context("UNet sample must be [B, C, H, W]")?;
+        ensure!(
+            c == cfg.in_channels,
+            "UNet sample has {c} channels, the model expects {}",
+            cfg.in_channels
+        );
+        let timesteps = match timesteps.rank() {
+            0 => timesteps.broadcast_as(b)?.contiguous()?,
+            1 => timesteps.clone(),
+            _ => bail!(
+                "timesteps must be a scalar or [B], got {:?}",
+                timesteps.dims()
+            ),
+        };
+        ensure!(
+            timesteps.dim(0)? == b,
+            "{} timesteps for a batch of {b}",
+            timesteps.dim(0)?
+        );
+        let ctx_dim = encoder_hidden_states.dim(D::Minus1)?;
+        ensure!(
+            ctx_dim == cfg.cross_attention_dim,
+            "encoder_hidden_states width {ctx_dim} differs from the UNet's cross_attention_dim {}",
+            cfg.cross_attention_dim
+        );
+        let context = encoder_hidden_states.to_dtype(self.dtype)?;
+        let mut x = sample.to_dtype(self.dtype)?;
+        if cfg.center_input_sample {
+            x = ((x * 2.0)? - 1.0)?;
+        }
+        let t_feat = timestep_features(
+            &timesteps,
+            cfg.block_out_channels[0],
+            cfg.flip_sin_to_cos,
+            cfg.freq_shift,
+        )?;
+        Ok((x, t_feat, context))
+    }
+
+    /// The forward pass, written once as a sequence of layers over `runner`.
+    fn forward_layers<'a, R: LayerRunner<'a>>(
+        &'a self,
+        runner: &mut R,
+        x: R::Value,
+        t_feat: R::Value,
+        context: R::Value,
+    ) -> Result<R::Value> {
+        let dtype = self.dtype;
+        let temb_act = runner.layer(&[&t_feat], move |xs| {
+            let h = self
+                .time_linear_1
+                .forward(&xs[0].to_dtype(dtype)?)?
+                .silu()?;
+            Ok(self.time_linear_2.forward(&h)?.silu()?)
+        })?;
+        let resnet = |runner: &mut R, r: &'a ResnetBlock2D, x: &R::Value, temb: &R::Value| {
+            runner.layer(&[x, temb], move |xs| r.forward(&xs[0], &xs[1]))
+        };
+        let transformer =
+            |runner: &mut R, t: &'a Transformer2DModel, x: &R::Value, ctx: &R::Value| {
+                runner.layer(&[x, ctx], move |xs| t.forward(&xs[0], &xs[1]))
+            };
+
+        let mut x = runner.layer(&[&x], move |xs| Ok(self.conv_in.forward(&xs[0])?))?;
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            for (j, r) in block.resnets.iter().enumerate() {
+                x = resnet(runner, r, &x, &temb_act)?;
+                if let Some(t) = block.attentions.get(j) {
+                    x = transformer(runner, t, &x, &context)?;
+                }
+                skips.push(x.clone());
+            }
+            if let Some(down) = &block.resample {
+                x = runner.layer(&[&x], move |xs| Ok(down.forward(&xs[0])?))?;
+                skips.push(x.clone());
+            }
+        }
+
+        let mid = &self.mid_block;
+        x = resnet(runner, &mid.resnet_in, &x, &temb_act)?;
+        x = transformer(runner, &mid.attention, &x, &context)?;
+        x = resnet(runner, &mid.resnet_out, &x, &temb_act)?;
+
+        for block in &self.up_blocks {
+            for (j, r) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().context("UNet skip connections exhausted")?;
+                x = runner.layer(&[&x, &skip, &temb_act], move |xs| {
+                    r.forward(&Tensor::cat(&[&xs[0], &xs[1]], 1)?, &xs[2])
+                })?;
+                if let Some(t) = block.attentions.get(j) {
+                    x = transformer(runner, t, &x, &context)?;
+                }
+            }
+            if let Some(up) = &block.resample {
+                // Upsample to the next skip's size: ×2 for sizes divisible by 2ⁿ, and still
+                // correct for odd sizes, as diffusers' `upsample_size` does.
+                let (h, w) = match skips.last() {
+                    Some(s) => {
+                        let s = runner.tensor(s)?;
+                        (s.dim(2)?, s.dim(3)?)
+                    }
+                    None => {
+                        let x = runner.tensor(&x)?;
+                        (x.dim(2)? * 2, x.dim(3)? * 2)
+                    }
+                };
+                x = runner.layer(&[&x], move |xs| {
+                    Ok(up.forward(&upsample_nearest(&xs[0], h, w)?)?)
+                })?;
+            }
+        }
+        runner.layer(&[&x], move |xs| {
+            let x = self.conv_norm_out.forward_silu(&xs[0])?;
+            Ok(self.conv_out.forward(&x)?)
+        })
+    }
+}

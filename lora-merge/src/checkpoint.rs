@@ -1,0 +1,333 @@
+//! A base model opened for merging: a diffusers folder (`unet/`, `text_encoder/`, `vae/`) or a
+//! single-file LDM checkpoint, memory-mapped, with every tensor's meaning in diffusers terms.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use lora_core::formats::keys::{locon_module_from_weight, module_from_weight, Component};
+use lora_core::formats::ldm::{DiffusersTensor, LdmLayout, LdmTensor, ModelPart};
+use lora_core::io::weights::component_weights;
+use lora_core::ModuleInfo;
+use safetensors::{Dtype, SafeTensors};
+
+/// How the checkpoint is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// A diffusers folder, one weights file per model part.
+    Diffusers,
+    /// One `.safetensors` file with original LDM keys.
+    SingleFile(LdmLayout),
+}
+
+/// One memory-mapped weights file.
+pub struct WeightFile {
+    pub path: PathBuf,
+    /// The model part the whole file holds (diffusers folders); `None` for a single file.
+    pub part: Option<ModelPart>,
+    mmap: memmap2::Mmap,
+}
+
+impl WeightFile {
+    fn open(path: &Path, part: Option<ModelPart>) -> Result<Self> {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open weights file {}", path.display()))?;
+        // SAFETY: read-only mapping of a file this tool never writes (outputs go to new files).
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        let weights = Self {
+            path: path.to_path_buf(),
+            part,
+            mmap,
+        };
+        weights.tensors()?;
+        Ok(weights)
+    }
+
+    /// The parsed file (header only; data stays mapped).
+    pub fn tensors(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.mmap).with_context(|| {
+            format!(
+                "{} is not a valid safetensors file (truncated or corrupt?)",
+                self.path.display()
+            )
+        })
+    }
+
+    /// Drops the pages of `data` (a slice of this file's mapping) from the process's resident
+    /// set once a tensor has been copied out. A merge reads every tensor once; without this,
+    /// every page read stays mapped and peak RSS grows to the checkpoint's size.
+    fn release(&self, data: &[u8]) {
+        #[cfg(unix)]
+        {
+            let offset = data.as_ptr() as usize - self.mmap.as_ptr() as usize;
+            // SAFETY: the mapping is read-only and never written: dropped pages are read from the
+            // file again if touched later, so nothing is lost. Failure only means pages stay.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    offset,
+                    data.len(),
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = data;
+    }
+
+    /// The `__metadata__` of the header.
+    pub fn metadata(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        let (_, header) = SafeTensors::read_metadata(&self.mmap)?;
+        Ok(header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect())
+    }
+}
+
+/// One stored tensor and what it is in diffusers terms.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Index into [`Checkpoint::files`].
+    pub file: usize,
+    pub key: String,
+    pub meaning: LdmTensor,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+/// Where a diffusers weight lives: the entry, and for OpenCLIP's stacked q/k/v which third.
+#[derive(Debug, Clone, Copy)]
+struct Location {
+    entry: usize,
+    stacked_index: Option<usize>,
+}
+
+pub struct Checkpoint {
+    pub root: PathBuf,
+    pub layout: Layout,
+    pub files: Vec<WeightFile>,
+    pub entries: Vec<Entry>,
+    by_name: HashMap<(ModelPart, String), Location>,
+}
+
+impl Checkpoint {
+    /// Opens a diffusers folder or a single-file checkpoint; anything else is an error saying
+    /// which layouts are understood.
+    pub fn open(path: &Path) -> Result<Self> {
+        let (layout, files) = if path.is_dir() {
+            (Layout::Diffusers, diffusers_files(path)?)
+        } else if path.is_file() {
+            let file = WeightFile::open(path, None)?;
+            let names: Vec<String> = file
+                .tensors()?
+                .names()
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            let layout = LdmLayout::detect(names.iter().map(String::as_str)).with_context(|| {
+                format!(
+                    "{}: unknown checkpoint layout (expected a diffusers folder or a single-file \
+                     checkpoint with model.diffusion_model./first_stage_model./cond_stage_model. keys)",
+                    path.display()
+                )
+            })?;
+            (Layout::SingleFile(layout), vec![file])
+        } else {
+            bail!("base model {} does not exist", path.display());
+        };
+        let entries = list_entries(layout, &files)?;
+        let by_name = index_entries(&entries);
+        Ok(Self {
+            root: path.to_path_buf(),
+            layout,
+            files,
+            entries,
+            by_name,
+        })
+    }
+
+    /// The adaptable modules (UNet, text encoder) with their diffusers paths, sorted: kohya's
+    /// attn-mlp set (what `extract` targets and the runtime UNet adapts).
+    pub fn modules(&self) -> (Vec<ModuleInfo>, Vec<ModuleInfo>) {
+        self.modules_with(module_from_weight)
+    }
+
+    /// The modules an adapter may be merged into: [`modules`](Self::modules) plus the resnet,
+    /// downsampler and upsampler layers that kohya `conv_dim` / LyCORIS LoCon adapters target
+    /// (3×3 convs included).
+    pub fn merge_modules(&self) -> (Vec<ModuleInfo>, Vec<ModuleInfo>) {
+        self.modules_with(locon_module_from_weight)
+    }
+
+    fn modules_with(
+        &self,
+        select: fn(Component, &str, &[usize]) -> Option<ModuleInfo>,
+    ) -> (Vec<ModuleInfo>, Vec<ModuleInfo>) {
+        let mut unet = Vec::new();
+        let mut te = Vec::new();
+        for (part, name, shape) in self.diffusers_tensors() {
+            let (component, list) = match part {
+                ModelPart::Unet => (Component::Unet, &mut unet),
+                ModelPart::TextEncoder => (Component::TextEncoder, &mut te),
+                ModelPart::Vae => continue,
+            };
+            if let Some(info) = select(component, &name, &shape) {
+                list.push(info);
+            }
+        }
+        unet.sort_by(|a, b| a.path.cmp(&b.path));
+        te.sort_by(|a, b| a.path.cmp(&b.path));
+        (unet, te)
+    }
+
+    /// Every diffusers tensor with its diffusers shape (stacked q/k/v split into thirds).
+    fn diffusers_tensors(&self) -> Vec<(ModelPart, String, Vec<usize>)> {
+        let mut out = Vec::new();
+        for e in &self.entries {
+            match &e.meaning {
+                LdmTensor::Renamed(t) => out.push((t.part, t.name.clone(), e.shape.clone())),
+                LdmTensor::StackedQkv(parts) => {
+                    let mut shape = e.shape.clone();
+                    shape[0] /= 3;
+                    for t in parts {
+                        out.push((t.part, t.name.clone(), shape.clone()));
+                    }
+                }
+                LdmTensor::Other => {}
+            }
+        }
+        out
+    }
+
+    /// The stored tensor of entry `i`, as stored (dtype and shape).
+    pub fn load_entry(&self, i: usize) -> Result<Tensor> {
+        let e = &self.entries[i];
+        let file = &self.files[e.file];
+        let view = file.tensors()?.tensor(&e.key)?;
+        let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+            .with_context(|| format!("{}: cannot load `{}`", file.path.display(), e.key))?;
+        file.release(view.data());
+        Ok(tensor)
+    }
+
+    /// The raw bytes of entry `i`.
+    pub fn entry_bytes(&self, i: usize) -> Result<Vec<u8>> {
+        let e = &self.entries[i];
+        let file = &self.files[e.file];
+        let view = file.tensors()?.tensor(&e.key)?;
+        let bytes = view.data().to_vec();
+        file.release(view.data());
+        Ok(bytes)
+    }
+
+    /// The diffusers weight `name` of `part` in f32, in its stored shape (a third of the rows for
+    /// stacked q/k/v). Text-encoder names are compared with the `text_model.` level.
+    pub fn load_f32(&self, part: ModelPart, name: &str) -> Result<Tensor> {
+        let location = self
+            .by_name
+            .get(&(part, canonical(part, name)))
+            .with_context(|| format!("{}: no {part} tensor `{name}`", self.root.display()))?;
+        let t = self.load_entry(location.entry)?.to_dtype(DType::F32)?;
+        Ok(match location.stacked_index {
+            None => t,
+            Some(k) => {
+                let rows = t.dim(0)? / 3;
+                t.narrow(0, k * rows, rows)?
+            }
+        })
+    }
+}
+
+/// Text-encoder names with the `text_model.` level (files of either generation exist).
+pub fn canonical(part: ModelPart, name: &str) -> String {
+    match part {
+        ModelPart::TextEncoder => Component::TextEncoder.canonical_path(name),
+        _ => name.to_string(),
+    }
+}
+
+fn diffusers_files(dir: &Path) -> Result<Vec<WeightFile>> {
+    let mut files = Vec::new();
+    for part in ModelPart::ALL {
+        let sub = dir.join(part.folder());
+        let stem = match part {
+            ModelPart::TextEncoder => "model",
+            _ => "diffusion_pytorch_model",
+        };
+        if part == ModelPart::Vae && !sub.is_dir() {
+            continue;
+        }
+        ensure!(
+            sub.is_dir(),
+            "{}: unknown model layout: no {}/ folder (expected a diffusers folder with unet/ and \
+             text_encoder/, or a single-file .safetensors checkpoint)",
+            dir.display(),
+            part.folder()
+        );
+        files.push(WeightFile::open(
+            &component_weights(&sub, stem)?,
+            Some(part),
+        )?);
+    }
+    Ok(files)
+}
+
+fn list_entries(layout: Layout, files: &[WeightFile]) -> Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    for (index, file) in files.iter().enumerate() {
+        let tensors = file.tensors()?;
+        let mut names: Vec<&str> = tensors.names();
+        names.sort();
+        for name in names {
+            let view = tensors.tensor(name)?;
+            let meaning = match (layout, file.part) {
+                (Layout::SingleFile(ldm), _) => ldm
+                    .diffusers_name(name)
+                    .with_context(|| file.path.display().to_string())?,
+                (Layout::Diffusers, Some(part)) => LdmTensor::Renamed(DiffusersTensor {
+                    part,
+                    name: name.to_string(),
+                }),
+                (Layout::Diffusers, None) => unreachable!("folder files always have a part"),
+            };
+            entries.push(Entry {
+                file: index,
+                key: name.to_string(),
+                meaning,
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+            });
+        }
+    }
+    Ok(entries)
+}
+
+fn index_entries(entries: &[Entry]) -> HashMap<(ModelPart, String), Location> {
+    let mut index = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        match &e.meaning {
+            LdmTensor::Renamed(t) => {
+                let location = Location {
+                    entry: i,
+                    stacked_index: None,
+                };
+                index.insert((t.part, canonical(t.part, &t.name)), location);
+            }
+            LdmTensor::StackedQkv(parts) => {
+                for (k, t) in parts.iter().enumerate() {
+                    let location = Location {
+                        entry: i,
+                        stacked_index: Some(k),
+                    };
+                    index.insert((t.part, canonical(t.part, &t.name)), location);
+                }
+            }
+            LdmTensor::Other => {}
+        }
+    }
+    index
+}

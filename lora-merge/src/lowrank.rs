@@ -1,0 +1,386 @@
+//! Adapter-to-adapter operations: `svd` (exact weighted sum re-factored), `resize` (new rank,
+//! effective scale kept) and `extract` (an adapter from the difference of two checkpoints).
+//! Outputs are kohya-layout files (`lora_unet_…`/`lora_te_…`, per-module alpha), which every
+//! loader reads and which can hold a different rank and alpha per module.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use lora_core::io::write_safetensors_atomic;
+use lora_core::formats::keys::{kohya_name, Component};
+use lora_core::formats::ldm::ModelPart;
+use lora_core::{AdapterFile, AdapterFormat, ModuleKind};
+use nalgebra::DMatrix;
+use rayon::prelude::*;
+
+use crate::algebra::{select_rank, to_matrix, to_tensor, DynamicRank, Svd};
+use crate::checkpoint::Checkpoint;
+use crate::merge::AdapterSpec;
+
+/// One module of an output adapter.
+#[derive(Debug, Clone)]
+pub struct OutputModule {
+    /// Full kohya name (`lora_unet_…`).
+    pub name: String,
+    /// `Some((kh, kw))`: stored 4-D as a conv adapter, down `[r, in, kh, kw]` (the down matrix
+    /// is `[r, in·kh·kw]`) and up `[out, r, 1, 1]`; `(1, 1)` for 1×1 convs.
+    pub kernel: Option<(usize, usize)>,
+    pub up: DMatrix<f64>,
+    pub down: DMatrix<f64>,
+    pub alpha: f64,
+}
+
+/// Per-module numbers of a rank change, for the summary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleSummary {
+    pub name: String,
+    pub old_rank: usize,
+    pub new_rank: usize,
+    /// `‖ΔW − ΔW_new‖_F`.
+    pub error: f64,
+    /// `‖ΔW‖²_F`, the module's Frobenius energy before truncation.
+    pub energy: f64,
+}
+
+/// The result of `svd`, `resize` or `extract`.
+#[derive(Debug, Clone, Default)]
+pub struct LowRankReport {
+    pub modules: Vec<ModuleSummary>,
+    /// Modules `extract` skipped because their difference was at most `--min-diff`.
+    pub skipped: Vec<String>,
+}
+
+impl LowRankReport {
+    /// Share of the total Frobenius energy (all modules) kept: `1 − Σ error² / Σ ‖ΔW‖²`.
+    pub fn energy_kept(&self) -> f64 {
+        let total: f64 = self.modules.iter().map(|m| m.energy).sum();
+        let dropped: f64 = self.modules.iter().map(|m| m.error * m.error).sum();
+        if total == 0.0 {
+            1.0
+        } else {
+            1.0 - dropped / total
+        }
+    }
+}
+
+/// `svd`: per module, `Σᵢ weightᵢ · (alphaᵢ/rankᵢ) · upᵢ·downᵢ` over the adapters that have it,
+/// truncated to `rank` (or fewer with `dynamic`); alpha = new rank (scale 1).
+pub fn svd_merge(
+    adapters: &[AdapterSpec],
+    rank: usize,
+    dynamic: Option<DynamicRank>,
+    output: &Path,
+) -> Result<LowRankReport> {
+    ensure!(rank > 0, "--rank must be at least 1");
+    ensure!(!adapters.is_empty(), "no adapter given (--lora)");
+    let mut terms: BTreeMap<String, Vec<Term>> = BTreeMap::new();
+    for spec in adapters {
+        for module in read_modules(&spec.path)? {
+            let scaled_up = module.up * (module.alpha / module.down.nrows() as f64 * spec.weight);
+            terms.entry(module.name.clone()).or_default().push(Term {
+                path: spec.path.clone(),
+                kernel: module.kernel,
+                up: scaled_up,
+                down: module.down,
+            });
+        }
+    }
+    let results: Vec<(OutputModule, ModuleSummary)> = terms
+        .into_par_iter()
+        .map(|(name, terms)| {
+            let (up, down, kernel) = stack_terms(&name, &terms)?;
+            let svd = Svd::of_product(&up, &down)?;
+            let k = select_rank(&svd.singular, rank, dynamic);
+            Ok(refactored(name, kernel, &svd, k, up.ncols()))
+        })
+        .collect::<Result<_>>()?;
+    finish(output, results, Vec::new(), "svd")
+}
+
+/// `resize`: each module re-factored at `rank` (or fewer with `dynamic`, capped at `rank` or at
+/// the module's rank), with `alpha = (old alpha / old rank) · new rank` so the scale is kept.
+pub fn resize(
+    input: &Path,
+    rank: Option<usize>,
+    dynamic: Option<DynamicRank>,
+    output: &Path,
+) -> Result<LowRankReport> {
+    ensure!(
+        rank.is_some() || dynamic.is_some(),
+        "resize needs --rank, --dynamic, or both"
+    );
+    ensure!(rank != Some(0), "--rank must be at least 1");
+    let modules = read_modules(input)?;
+    let results: Vec<(OutputModule, ModuleSummary)> = modules
+        .into_par_iter()
+        .map(|m| {
+            let old_rank = m.down.nrows();
+            let scale = m.alpha / old_rank as f64;
+            let svd = Svd::of_product(&(&m.up * scale), &m.down)?;
+            let k = select_rank(&svd.singular, rank.unwrap_or(old_rank), dynamic);
+            let (mut out, summary) = refactored(m.name, m.kernel, &svd, k, old_rank);
+            // Keep alpha/rank: the stored up carries σ / scale.
+            out.up /= scale;
+            out.alpha = scale * k as f64;
+            Ok((out, summary))
+        })
+        .collect::<Result<_>>()?;
+    finish(output, results, Vec::new(), "resize")
+}
+
+/// `extract`: per adaptable module of `base` (kohya's attn-mlp set, UNet and text encoder),
+/// the SVD of `W_tuned − W_base` at `rank`; modules whose largest change is at most
+/// `min_diff` are skipped. Alpha = rank (scale 1).
+pub fn extract(
+    base: &Path,
+    tuned: &Path,
+    rank: usize,
+    min_diff: f64,
+    output: &Path,
+) -> Result<LowRankReport> {
+    ensure!(rank > 0, "--rank must be at least 1");
+    let base = Checkpoint::open(base)?;
+    let tuned = Checkpoint::open(tuned)?;
+    let (unet, te) = base.modules();
+    let (tuned_unet, tuned_te) = tuned.modules();
+    ensure!(
+        unet == tuned_unet && te == tuned_te,
+        "{} and {} are different models (their adaptable modules or shapes differ)",
+        base.root.display(),
+        tuned.root.display()
+    );
+    let modules: Vec<(Component, ModelPart, lora_core::ModuleInfo)> = unet
+        .into_iter()
+        .map(|m| (Component::Unet, ModelPart::Unet, m))
+        .chain(
+            te.into_iter()
+                .map(|m| (Component::TextEncoder, ModelPart::TextEncoder, m)),
+        )
+        .collect();
+    let results: Vec<Option<(OutputModule, ModuleSummary)>> = modules
+        .par_iter()
+        .map(|(component, part, info)| {
+            let weight = format!("{}.weight", info.path);
+            let shape = (info.out_features, info.in_features);
+            let w_base = base.load_f32(*part, &weight)?.reshape(shape)?;
+            let w_tuned = tuned.load_f32(*part, &weight)?.reshape(shape)?;
+            let diff = (w_tuned - w_base)?;
+            let largest = diff.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            if f64::from(largest) <= min_diff {
+                return Ok(None);
+            }
+            let svd = Svd::of(to_matrix(&diff)?)?;
+            let k = rank.min(svd.singular.len());
+            let name = kohya_name(*component, &info.path);
+            let kernel = (info.kind == ModuleKind::Conv1x1).then_some((1, 1));
+            let full_rank = info.in_features.min(info.out_features);
+            Ok(Some(refactored(name, kernel, &svd, k, full_rank)))
+        })
+        .collect::<Result<_>>()?;
+    let skipped = modules
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_none())
+        .map(|((c, _, info), _)| kohya_name(*c, &info.path))
+        .collect();
+    let results: Vec<_> = results.into_iter().flatten().collect();
+    ensure!(
+        !results.is_empty(),
+        "no module differs by more than --min-diff {min_diff} between {} and {}",
+        base.root.display(),
+        tuned.root.display()
+    );
+    finish(output, results, skipped, "extract")
+}
+
+/// One adapter's contribution to an `svd` module: up already scaled by weight·alpha/rank.
+struct Term {
+    path: PathBuf,
+    kernel: Option<(usize, usize)>,
+    up: DMatrix<f64>,
+    down: DMatrix<f64>,
+}
+
+/// A conv adapter's kernel `(kh, kw)`; `None` for Linear layers.
+type Kernel = Option<(usize, usize)>;
+
+/// `[up₁ | up₂ …]` and `[down₁; down₂ …]`, whose product is the exact sum of the terms.
+fn stack_terms(name: &str, terms: &[Term]) -> Result<(DMatrix<f64>, DMatrix<f64>, Kernel)> {
+    let first = &terms[0];
+    for t in &terms[1..] {
+        ensure!(
+            t.up.nrows() == first.up.nrows()
+                && t.down.ncols() == first.down.ncols()
+                && t.kernel.unwrap_or((1, 1)) == first.kernel.unwrap_or((1, 1)),
+            "`{name}`: {} has ΔW [{}, {}] but {} has [{}, {}]; the adapters are for different models",
+            first.path.display(),
+            first.up.nrows(),
+            first.down.ncols(),
+            t.path.display(),
+            t.up.nrows(),
+            t.down.ncols()
+        );
+    }
+    let rank: usize = terms.iter().map(|t| t.up.ncols()).sum();
+    let mut up = DMatrix::zeros(first.up.nrows(), rank);
+    let mut down = DMatrix::zeros(rank, first.down.ncols());
+    let mut at = 0;
+    for t in terms {
+        let r = t.up.ncols();
+        up.columns_mut(at, r).copy_from(&t.up);
+        down.rows_mut(at, r).copy_from(&t.down);
+        at += r;
+    }
+    Ok((up, down, first.kernel))
+}
+
+/// The module at rank `k` with alpha = k (scale 1), and its summary.
+fn refactored(
+    name: String,
+    kernel: Option<(usize, usize)>,
+    svd: &Svd,
+    k: usize,
+    old_rank: usize,
+) -> (OutputModule, ModuleSummary) {
+    let (up, down) = svd.factors(k);
+    let summary = ModuleSummary {
+        name: name.clone(),
+        old_rank,
+        new_rank: k,
+        error: svd.truncation_error(k),
+        energy: svd.energy(),
+    };
+    let module = OutputModule {
+        name,
+        kernel,
+        up,
+        down,
+        alpha: k as f64,
+    };
+    (module, summary)
+}
+
+fn finish(
+    output: &Path,
+    results: Vec<(OutputModule, ModuleSummary)>,
+    skipped: Vec<String>,
+    operation: &str,
+) -> Result<LowRankReport> {
+    let (modules, summaries): (Vec<OutputModule>, Vec<ModuleSummary>) = results.into_iter().unzip();
+    write_kohya(output, &modules, operation)?;
+    Ok(LowRankReport {
+        modules: summaries,
+        skipped,
+    })
+}
+
+/// A module of an input adapter, named by its kohya name whatever the file's layout.
+struct InputModule {
+    name: String,
+    kernel: Option<(usize, usize)>,
+    up: DMatrix<f64>,
+    down: DMatrix<f64>,
+    alpha: f64,
+}
+
+fn read_modules(path: &Path) -> Result<Vec<InputModule>> {
+    let file = AdapterFile::read(path, &Device::Cpu)?;
+    let four_d = four_d_keys(path)?;
+    file.raw_modules()
+        .iter()
+        .map(|raw| {
+            let name = match file.format() {
+                AdapterFormat::Kohya => format!("{}{}", raw.component.kohya_prefix(), raw.name),
+                AdapterFormat::Peft => kohya_name(raw.component, &raw.name),
+            };
+            Ok(InputModule {
+                name,
+                kernel: raw
+                    .kernel
+                    .or_else(|| four_d.contains(&raw.down_key).then_some((1, 1))),
+                up: to_matrix(&raw.up)?,
+                down: to_matrix(&raw.down)?,
+                alpha: raw.alpha,
+            })
+        })
+        .collect()
+}
+
+/// Keys of 4-D tensors in a safetensors file (1×1-conv adapters keep that shape on output).
+fn four_d_keys(path: &Path) -> Result<std::collections::HashSet<String>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    Ok(header
+        .tensors()
+        .into_iter()
+        .filter(|(_, info)| info.shape.len() == 4)
+        .map(|(name, _)| name)
+        .collect())
+}
+
+/// Writes `modules` as a kohya-layout adapter with sd-scripts' summary keys.
+pub fn write_kohya(path: &Path, modules: &[OutputModule], operation: &str) -> Result<()> {
+    let mut tensors = Vec::with_capacity(modules.len() * 3);
+    for m in modules {
+        // Conv adapters: down `[r, in, kh, kw]`, up `[out, r, 1, 1]`.
+        let stored = |t: Tensor, (kh, kw): (usize, usize)| -> Result<Tensor> {
+            Ok(match m.kernel {
+                Some(_) => {
+                    let (a, b) = t.dims2()?;
+                    t.reshape((a, b / (kh * kw), kh, kw))?
+                }
+                None => t,
+            })
+        };
+        let kernel = m.kernel.unwrap_or((1, 1));
+        tensors.push((
+            format!("{}.lora_down.weight", m.name),
+            stored(to_tensor(&m.down)?, kernel)?,
+        ));
+        tensors.push((
+            format!("{}.lora_up.weight", m.name),
+            stored(to_tensor(&m.up)?, (1, 1))?,
+        ));
+        tensors.push((
+            format!("{}.alpha", m.name),
+            Tensor::new(m.alpha as f32, &Device::Cpu)?,
+        ));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let shared = |values: Vec<String>| {
+        let first = values.first().cloned().unwrap_or_default();
+        if values.iter().all(|v| *v == first) {
+            first
+        } else {
+            "Dynamic".to_string()
+        }
+    };
+    let counts: HashMap<bool, usize> = modules.iter().fold(HashMap::new(), |mut acc, m| {
+        *acc.entry(m.name.starts_with("lora_te_")).or_default() += 1;
+        acc
+    });
+    let metadata = BTreeMap::from([
+        ("ss_network_module".to_string(), "networks.lora".to_string()),
+        (
+            "ss_network_dim".to_string(),
+            shared(modules.iter().map(|m| m.down.nrows().to_string()).collect()),
+        ),
+        (
+            "ss_network_alpha".to_string(),
+            shared(modules.iter().map(|m| format!("{:?}", m.alpha)).collect()),
+        ),
+        ("lora_merge.operation".to_string(), operation.to_string()),
+        (
+            "lora_merge.modules".to_string(),
+            format!(
+                "{} UNet, {} text encoder",
+                counts.get(&false).unwrap_or(&0),
+                counts.get(&true).unwrap_or(&0)
+            ),
+        ),
+    ]);
+    write_safetensors_atomic(path, &tensors, metadata)
+}

@@ -1,0 +1,731 @@
+//! Folding adapters into a checkpoint: `W ← W + Σᵢ weightᵢ · (alphaᵢ/rankᵢ) · upᵢ·downᵢ`, streamed
+//! tensor by tensor from the memory-mapped base into a new checkpoint of the same layout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use lora_core::formats::keys::Component;
+use lora_core::formats::ldm::{LdmLayout, LdmTarget, LdmTensor, ModelPart, TextEncoderLayout};
+use lora_core::{AdapterFile, ModelModules};
+use safetensors::Dtype;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::{canonical, Checkpoint, Layout};
+use crate::lycoris::{is_lycoris_file, LycorisFile, MergeModule};
+use crate::stream::{write_streaming, PlannedTensor};
+
+/// `FILE[:WEIGHT]` as given to `--lora`; the weight defaults to 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSpec {
+    pub path: PathBuf,
+    pub weight: f64,
+}
+
+impl FromStr for AdapterSpec {
+    type Err = anyhow::Error;
+    /// The text after the last `:` is a weight only if it parses as a number, so paths that
+    /// contain `:` still work without one.
+    fn from_str(s: &str) -> Result<Self> {
+        let (path, weight) = match s.rsplit_once(':') {
+            Some((path, w)) if !path.is_empty() && w.parse::<f64>().is_ok() => {
+                (path, w.parse::<f64>()?)
+            }
+            _ => (s, 1.0),
+        };
+        ensure!(weight.is_finite(), "adapter weight in `{s}` is not finite");
+        Ok(Self {
+            path: PathBuf::from(path),
+            weight,
+        })
+    }
+}
+
+/// Floating-point dtype of the output (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputDtype {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl FromStr for OutputDtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fp16" | "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            "fp32" | "f32" => Ok(Self::F32),
+            _ => bail!("unknown dtype `{s}`: expected fp16, bf16 or fp32"),
+        }
+    }
+}
+
+impl OutputDtype {
+    fn stored(self) -> Dtype {
+        match self {
+            Self::F16 => Dtype::F16,
+            Self::Bf16 => Dtype::BF16,
+            Self::F32 => Dtype::F32,
+        }
+    }
+}
+
+/// The layout of a merge's output when it differs from the base's (`--to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputLayout {
+    /// A diffusers folder (`unet/`, `text_encoder/`, `vae/` plus config files).
+    Diffusers,
+    /// One `.safetensors` file with original LDM keys.
+    SingleFile,
+}
+
+impl FromStr for OutputLayout {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "diffusers" => Ok(Self::Diffusers),
+            "single-file" => Ok(Self::SingleFile),
+            _ => bail!("unknown layout `{s}`: expected diffusers or single-file"),
+        }
+    }
+}
+
+/// `--to` and `--config-from`: write the merge in another layout.
+#[derive(Debug, Clone)]
+pub struct Conversion {
+    pub to: OutputLayout,
+    /// A diffusers folder whose config, tokenizer and scheduler files are copied into the output
+    /// (`model_index.json`, `*/config.json`, …). Required to turn a single file into a diffusers
+    /// folder: a single file holds no configs and they are not derived from its shapes.
+    pub config_from: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    pub base: PathBuf,
+    pub adapters: Vec<AdapterSpec>,
+    pub output: PathBuf,
+    /// Output dtype of floating-point tensors; `None` keeps each tensor's dtype.
+    pub dtype: Option<OutputDtype>,
+    /// Warn about adapter modules that match nothing in the base instead of failing.
+    pub allow_unmatched: bool,
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Default)]
+pub struct MergeReport {
+    /// Per adapter file: how many modules were folded in.
+    pub merged_modules: Vec<(PathBuf, usize)>,
+    /// Adapter modules that matched nothing (only with `allow_unmatched`).
+    pub unmatched: Vec<String>,
+    pub tensors_changed: usize,
+}
+
+/// One adapter module to add to a weight, with its merge weight.
+type Contributions = HashMap<(Component, String), Vec<(MergeModule, f64)>>;
+
+/// Merges `options.adapters` into `options.base`, writing `options.output` in the base's layout.
+/// Nothing is written unless every adapter resolves; the output appears only when complete.
+pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
+    merge_converting(options, None)
+}
+
+/// [`merge`], writing the output in `conversion.to`'s layout. With a conversion the adapter list
+/// may be empty (a plain layout conversion).
+pub fn merge_converting(
+    options: &MergeOptions,
+    conversion: Option<&Conversion>,
+) -> Result<MergeReport> {
+    ensure!(
+        !options.adapters.is_empty() || conversion.is_some(),
+        "no adapter given (--lora)"
+    );
+    check_output_is_new(&options.base, &options.output)?;
+    let base = Checkpoint::open(&options.base)?;
+    let to = match (conversion.map(|c| c.to), base.layout) {
+        (Some(to), _) => to,
+        (None, Layout::Diffusers) => OutputLayout::Diffusers,
+        (None, Layout::SingleFile(_)) => OutputLayout::SingleFile,
+    };
+    let config_from = conversion.and_then(|c| c.config_from.clone());
+    if to == OutputLayout::Diffusers {
+        ensure!(
+            !options.output.exists(),
+            "output folder {} already exists; remove it or choose another path",
+            options.output.display()
+        );
+    }
+    if let (OutputLayout::Diffusers, Layout::SingleFile(_)) = (to, base.layout) {
+        let dir = config_from.as_deref().with_context(|| {
+            format!(
+                "--to diffusers from the single file {} needs --config-from <diffusers folder> \
+                 for model_index.json and the config files (a single file holds none)",
+                options.base.display()
+            )
+        })?;
+        ensure!(
+            dir.join("unet/config.json").is_file(),
+            "--config-from {}: not a diffusers folder (no unet/config.json)",
+            dir.display()
+        );
+    }
+    let (unet, te) = base.merge_modules();
+    let model = ModelModules {
+        unet: &unet,
+        text_encoder: Some(&te),
+    };
+    let mut report = MergeReport::default();
+    let mut contributions = Contributions::new();
+    let mut records = Vec::new();
+    for spec in &options.adapters {
+        if is_lycoris_file(&spec.path)? {
+            let file = LycorisFile::read(&spec.path)?;
+            let (modules, unmatched) =
+                file.resolve(&model, options.allow_unmatched)
+                    .with_context(|| {
+                        format!(
+                        "{}: adapter does not fit base model {} (pass --allow-unmatched to skip \
+                         modules that match nothing)",
+                        spec.path.display(),
+                        options.base.display()
+                    )
+                    })?;
+            report.unmatched.extend(unmatched);
+            let algorithms: std::collections::BTreeSet<&str> =
+                modules.iter().map(|(_, _, m)| m.algorithm()).collect();
+            report
+                .merged_modules
+                .push((spec.path.clone(), modules.len()));
+            for (component, path, module) in modules {
+                contributions
+                    .entry((component, component.canonical_path(&path)))
+                    .or_default()
+                    .push((MergeModule::Lycoris(module), spec.weight));
+            }
+            let format = format!(
+                "lycoris-{}",
+                algorithms.into_iter().collect::<Vec<_>>().join("+")
+            );
+            records.push(adapter_record(spec, &format)?);
+            continue;
+        }
+        let file = AdapterFile::read(&spec.path, &Device::Cpu)?;
+        let adapter = if options.allow_unmatched {
+            let (adapter, unmatched) = file.resolve_allowing_unmatched(&model)?;
+            report.unmatched.extend(unmatched);
+            adapter
+        } else {
+            file.resolve(&model).with_context(|| {
+                format!(
+                    "adapter does not fit base model {} (pass --allow-unmatched to skip modules that match nothing)",
+                    options.base.display()
+                )
+            })?
+        };
+        let parts = [
+            (Component::Unet, adapter.unet),
+            (Component::TextEncoder, adapter.text_encoder),
+        ];
+        let mut count = 0;
+        for (component, modules) in parts {
+            for (path, module) in modules {
+                let key = (component, component.canonical_path(&path));
+                contributions
+                    .entry(key)
+                    .or_default()
+                    .push((MergeModule::Lora(module), spec.weight));
+                count += 1;
+            }
+        }
+        report.merged_modules.push((spec.path.clone(), count));
+        records.push(adapter_record(spec, file.format().name())?);
+    }
+    let provenance = BTreeMap::from([(
+        "lora_merge.adapters".to_string(),
+        serde_json::to_string(&records)?,
+    )]);
+    let merger = Merger {
+        base: &base,
+        contributions: &contributions,
+        dtype: options.dtype,
+    };
+    report.tensors_changed = match (base.layout, to) {
+        (Layout::SingleFile(_), OutputLayout::SingleFile) => {
+            merger.write_single_file(&options.output, provenance)?
+        }
+        (Layout::Diffusers, OutputLayout::Diffusers) => {
+            merger.write_folder(&options.output, provenance)?
+        }
+        (Layout::Diffusers, OutputLayout::SingleFile) => {
+            merger.write_ldm_from_folder(&options.output, provenance)?
+        }
+        (Layout::SingleFile(_), OutputLayout::Diffusers) => {
+            let config_from = config_from.expect("checked above");
+            merger.write_folder_from_ldm(&options.output, &config_from, provenance)?
+        }
+    };
+    Ok(report)
+}
+
+/// The adapter's entry in the output metadata: file name, merge weight, format, sha256.
+fn adapter_record(spec: &AdapterSpec, format: &str) -> Result<serde_json::Value> {
+    let bytes = std::fs::read(&spec.path)
+        .with_context(|| format!("cannot read {}", spec.path.display()))?;
+    let digest = Sha256::digest(&bytes);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let name = spec
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(json!({"file": name, "weight": spec.weight, "format": format, "sha256": hex}))
+}
+
+/// The input is never modified: the output must be another path, and a folder output must not
+/// exist yet (a folder cannot be replaced atomically).
+fn check_output_is_new(base: &Path, output: &Path) -> Result<()> {
+    if let (Ok(a), Ok(b)) = (base.canonicalize(), output.canonicalize()) {
+        ensure!(
+            a != b,
+            "output {} is the base model itself; write to a new path",
+            output.display()
+        );
+    }
+    if base.is_dir() {
+        ensure!(
+            !output.exists(),
+            "output folder {} already exists; remove it or choose another path",
+            output.display()
+        );
+    }
+    Ok(())
+}
+
+struct Merger<'a> {
+    base: &'a Checkpoint,
+    contributions: &'a Contributions,
+    dtype: Option<OutputDtype>,
+}
+
+impl Merger<'_> {
+    fn write_single_file(
+        &self,
+        output: &Path,
+        provenance: BTreeMap<String, String>,
+    ) -> Result<usize> {
+        let mut metadata = self.base.files[0].metadata()?;
+        metadata.extend(provenance);
+        let entries: Vec<usize> = (0..self.base.entries.len()).collect();
+        self.write_file(output, &entries, &metadata)
+    }
+
+    /// Writes the folder into a temporary sibling and renames it into place, so a failure
+    /// leaves no partial output.
+    fn write_folder(&self, output: &Path, provenance: BTreeMap<String, String>) -> Result<usize> {
+        atomic_folder(output, |dir| self.fill_folder(dir, provenance))
+    }
+
+    /// A diffusers folder as one single file with LDM keys: every tensor renamed (SD2's
+    /// q/k/v stacked into OpenCLIP's `in_proj_*`, the VAE's attention projections as 1×1
+    /// convs), merged and cast as for a same-layout merge.
+    fn write_ldm_from_folder(
+        &self,
+        output: &Path,
+        provenance: BTreeMap<String, String>,
+    ) -> Result<usize> {
+        let layout = self.folder_ldm_layout()?;
+        let up_attn: Vec<usize> =
+            self.folder_indices(ModelPart::Unet, "up_blocks.", ".attentions.");
+        // LDM key → (stored-order sources: (entry, third), to_conv)
+        let mut targets: BTreeMap<String, (Vec<(usize, usize)>, bool)> = BTreeMap::new();
+        for (i, e) in self.base.entries.iter().enumerate() {
+            let LdmTensor::Renamed(t) = &e.meaning else {
+                continue;
+            };
+            match layout.ldm_key(t, &up_attn)? {
+                LdmTarget::Key { key, to_conv } => {
+                    targets.insert(key, (vec![(i, 0)], to_conv));
+                }
+                LdmTarget::Stacked { key, index } => {
+                    targets.entry(key).or_default().0.push((i, index));
+                }
+            }
+        }
+        let mut plan = Vec::with_capacity(targets.len());
+        let mut sources = Vec::with_capacity(targets.len());
+        for (key, (mut parts, to_conv)) in targets {
+            parts.sort_by_key(|&(_, third)| third);
+            let first = &self.base.entries[parts[0].0];
+            let mut shape = first.shape.clone();
+            if parts.len() > 1 || parts[0].1 > 0 {
+                let thirds: Vec<usize> = parts.iter().map(|p| p.1).collect();
+                ensure!(
+                    thirds == [0, 1, 2]
+                        && parts.iter().all(|p| {
+                            let e = &self.base.entries[p.0];
+                            e.shape == first.shape && e.dtype == first.dtype
+                        }),
+                    "`{key}`: q, k and v must all be present with equal shapes and dtypes"
+                );
+                shape[0] *= 3;
+            }
+            if to_conv && shape.len() == 2 {
+                shape.extend([1, 1]);
+            }
+            plan.push(PlannedTensor {
+                name: key,
+                dtype: self.output_dtype(first.dtype),
+                shape,
+            });
+            sources.push(parts.into_iter().map(|p| p.0).collect::<Vec<usize>>());
+        }
+        let mut metadata = self.base.files[0].metadata()?;
+        metadata.extend(provenance);
+        write_streaming(output, &plan, &metadata, |k| {
+            let mut bytes = Vec::new();
+            for &i in &sources[k] {
+                bytes.extend(self.produce(i, plan[k].dtype)?);
+            }
+            Ok(bytes)
+        })?;
+        Ok((0..self.base.entries.len())
+            .filter(|&i| !self.deltas_for(i).is_empty())
+            .count())
+    }
+
+    /// The single-file layout of a diffusers folder: blocks counted from the weights, OpenCLIP
+    /// (SD2) when the text encoder uses exact GELU (`hidden_act: gelu`), else CLIP (SD1).
+    fn folder_ldm_layout(&self) -> Result<LdmLayout> {
+        let resnets = self.folder_indices(ModelPart::Unet, "down_blocks.0.resnets.", "");
+        ensure!(
+            !resnets.is_empty(),
+            "{}: no UNet down_blocks.0.resnets",
+            self.base.root.display()
+        );
+        let config = self.base.root.join("text_encoder/config.json");
+        let text: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&config)
+                .with_context(|| format!("cannot read {}", config.display()))?,
+        )
+        .with_context(|| format!("{} is not JSON", config.display()))?;
+        let text_encoder = match text.get("hidden_act").and_then(|v| v.as_str()) {
+            Some("gelu") => TextEncoderLayout::OpenClip,
+            _ => TextEncoderLayout::Clip,
+        };
+        Ok(LdmLayout {
+            layers_per_block: resnets.len(),
+            vae_up_blocks: self
+                .folder_indices(ModelPart::Vae, "decoder.up_blocks.", "")
+                .len(),
+            text_encoder,
+        })
+    }
+
+    /// The distinct `N` of `part`'s tensors named `<head>N<infix>…`, sorted.
+    fn folder_indices(&self, part: ModelPart, head: &str, infix: &str) -> Vec<usize> {
+        let set: std::collections::BTreeSet<usize> = self
+            .base
+            .entries
+            .iter()
+            .filter_map(|e| match &e.meaning {
+                LdmTensor::Renamed(t) if t.part == part => {
+                    let (n, rest) = t.name.strip_prefix(head)?.split_once('.')?;
+                    format!(".{rest}")
+                        .starts_with(infix)
+                        .then(|| n.parse().ok())
+                        .flatten()
+                }
+                _ => None,
+            })
+            .collect();
+        set.into_iter().collect()
+    }
+
+    /// A single file as a diffusers folder: the config files of `config_from`, and one weights
+    /// file per model part with the diffusers names (OpenCLIP's stacked q/k/v split, the VAE's
+    /// 1×1-conv attention projections as Linear weights). Keys of no model part are dropped.
+    fn write_folder_from_ldm(
+        &self,
+        output: &Path,
+        config_from: &Path,
+        provenance: BTreeMap<String, String>,
+    ) -> Result<usize> {
+        atomic_folder(output, |dir| {
+            copy_folder_files(config_from, dir, &[])?;
+            let mut metadata = self.base.files[0].metadata()?;
+            metadata.extend(provenance);
+            for part in ModelPart::ALL {
+                // (diffusers name, entry, third of a stacked tensor, shape)
+                let mut tensors: Vec<(String, usize, Option<usize>, Vec<usize>)> = Vec::new();
+                for (i, e) in self.base.entries.iter().enumerate() {
+                    match &e.meaning {
+                        LdmTensor::Renamed(t) if t.part == part => {
+                            let mut shape = e.shape.clone();
+                            if part == ModelPart::Vae && is_vae_attention_weight(&t.name) {
+                                shape.truncate(2);
+                            }
+                            tensors.push((t.name.clone(), i, None, shape));
+                        }
+                        LdmTensor::StackedQkv(parts) => {
+                            for (k, t) in parts.iter().enumerate().filter(|(_, t)| t.part == part) {
+                                let mut shape = e.shape.clone();
+                                shape[0] /= 3;
+                                tensors.push((t.name.clone(), i, Some(k), shape));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if tensors.is_empty() {
+                    continue;
+                }
+                tensors.sort_by(|a, b| a.0.cmp(&b.0));
+                let plan: Vec<PlannedTensor> = tensors
+                    .iter()
+                    .map(|(name, i, _, shape)| PlannedTensor {
+                        name: name.clone(),
+                        dtype: self.output_dtype(self.base.entries[*i].dtype),
+                        shape: shape.clone(),
+                    })
+                    .collect();
+                let file = match part {
+                    ModelPart::TextEncoder => "model.safetensors",
+                    _ => "diffusion_pytorch_model.safetensors",
+                };
+                let sub = dir.join(part.folder());
+                std::fs::create_dir_all(&sub)
+                    .with_context(|| format!("cannot create {}", sub.display()))?;
+                write_streaming(&sub.join(file), &plan, &metadata, |k| {
+                    let (_, i, third, _) = &tensors[k];
+                    let bytes = self.produce(*i, plan[k].dtype)?;
+                    Ok(match third {
+                        None => bytes,
+                        Some(t) => {
+                            let n = bytes.len() / 3;
+                            bytes[t * n..(t + 1) * n].to_vec()
+                        }
+                    })
+                })?;
+            }
+            Ok((0..self.base.entries.len())
+                .filter(|&i| !self.deltas_for(i).is_empty())
+                .count())
+        })
+    }
+}
+
+/// The VAE mid-block attention projections: Linear `[out, in]` in diffusers.
+fn is_vae_attention_weight(name: &str) -> bool {
+    name.contains(".mid_block.attentions.0.to_") && name.ends_with(".weight")
+}
+
+/// Fills a temporary sibling of `output` with `fill` and renames it into place, so a failure
+/// leaves no partial output.
+fn atomic_folder(output: &Path, fill: impl FnOnce(&Path) -> Result<usize>) -> Result<usize> {
+    let name = output
+        .file_name()
+        .with_context(|| format!("{} does not name a folder", output.display()))?;
+    let temp = output.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = fill(&temp).and_then(|changed| {
+        std::fs::rename(&temp, output)
+            .with_context(|| format!("cannot rename {} to {}", temp.display(), output.display()))?;
+        Ok(changed)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    result
+}
+
+impl Merger<'_> {
+    fn fill_folder(&self, dir: &Path, provenance: BTreeMap<String, String>) -> Result<usize> {
+        let weight_files: Vec<PathBuf> = self.base.files.iter().map(|f| f.path.clone()).collect();
+        copy_folder_files(&self.base.root, dir, &weight_files)?;
+        let mut changed = 0;
+        for (index, file) in self.base.files.iter().enumerate() {
+            let relative = file.path.strip_prefix(&self.base.root)?;
+            let entries: Vec<usize> = (0..self.base.entries.len())
+                .filter(|&i| self.base.entries[i].file == index)
+                .collect();
+            let mut metadata = file.metadata()?;
+            metadata.extend(provenance.clone());
+            changed += self.write_file(&dir.join(relative), &entries, &metadata)?;
+        }
+        Ok(changed)
+    }
+
+    /// Streams `entries` of the base into `path`; returns how many tensors changed.
+    fn write_file(
+        &self,
+        path: &Path,
+        entries: &[usize],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<usize> {
+        let plan: Vec<PlannedTensor> = entries
+            .iter()
+            .map(|&i| {
+                let e = &self.base.entries[i];
+                PlannedTensor {
+                    name: e.key.clone(),
+                    dtype: self.output_dtype(e.dtype),
+                    shape: e.shape.clone(),
+                }
+            })
+            .collect();
+        write_streaming(path, &plan, metadata, |k| {
+            self.produce(entries[k], plan[k].dtype)
+        })?;
+        Ok(entries
+            .iter()
+            .filter(|&&i| !self.deltas_for(i).is_empty())
+            .count())
+    }
+
+    fn output_dtype(&self, stored: Dtype) -> Dtype {
+        match (self.dtype, stored) {
+            (Some(d), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) => d.stored(),
+            _ => stored,
+        }
+    }
+
+    /// For entry `i`: the contributions to each of its diffusers weights (three for stacked
+    /// q/k/v), or an empty list when nothing changes it.
+    fn deltas_for(&self, i: usize) -> Vec<Option<&Vec<(MergeModule, f64)>>> {
+        let lookup = |part: ModelPart, name: &str| {
+            let component = match part {
+                ModelPart::Unet => Component::Unet,
+                ModelPart::TextEncoder => Component::TextEncoder,
+                ModelPart::Vae => return None,
+            };
+            let path = canonical(part, name.strip_suffix(".weight")?);
+            self.contributions.get(&(component, path))
+        };
+        let found: Vec<Option<&Vec<(MergeModule, f64)>>> = match &self.base.entries[i].meaning {
+            LdmTensor::Renamed(t) => vec![lookup(t.part, &t.name)],
+            LdmTensor::StackedQkv(parts) => parts.iter().map(|t| lookup(t.part, &t.name)).collect(),
+            LdmTensor::Other => vec![],
+        };
+        if found.iter().all(Option::is_none) {
+            Vec::new()
+        } else {
+            found
+        }
+    }
+
+    /// The output bytes of entry `i` in `dtype`: the stored bytes when nothing changes, else
+    /// the weight in f32 plus the weighted deltas, cast.
+    fn produce(&self, i: usize, dtype: Dtype) -> Result<Vec<u8>> {
+        let e = &self.base.entries[i];
+        let deltas = self.deltas_for(i);
+        if deltas.is_empty() && dtype == e.dtype {
+            return self.base.entry_bytes(i);
+        }
+        let mut w = self.base.load_entry(i)?.to_dtype(DType::F32)?;
+        if !deltas.is_empty() {
+            let delta = self.summed_delta(i, &deltas)?;
+            w = (w + delta)?;
+        }
+        let w = w.to_dtype(candle_dtype(dtype)?)?;
+        Ok(safetensors::View::data(&w).into_owned())
+    }
+
+    /// Σ weight·ΔW for entry `i`, shaped like the stored tensor (1×1 convs, stacked q/k/v with
+    /// zero blocks for parts without an adapter).
+    fn summed_delta(
+        &self,
+        i: usize,
+        deltas: &[Option<&Vec<(MergeModule, f64)>>],
+    ) -> Result<Tensor> {
+        let e = &self.base.entries[i];
+        let rows = e.shape[0] / deltas.len();
+        let cols: usize = e.shape[1..].iter().product();
+        let mut blocks = Vec::with_capacity(deltas.len());
+        for contributions in deltas {
+            let mut sum = Tensor::zeros((rows, cols), DType::F32, &Device::Cpu)?;
+            for (module, weight) in contributions.map(Vec::as_slice).unwrap_or_default() {
+                let delta = (module.delta_weight()? * *weight)?;
+                ensure!(
+                    delta.dims() == [rows, cols],
+                    "`{}`: the adapter's ΔW is {:?}, the stored weight is {:?}",
+                    e.key,
+                    delta.dims(),
+                    e.shape
+                );
+                sum = (sum + delta)?;
+            }
+            blocks.push(sum);
+        }
+        Ok(Tensor::cat(&blocks, 0)?.reshape(e.shape.as_slice())?)
+    }
+}
+
+fn candle_dtype(dtype: Dtype) -> Result<DType> {
+    Ok(match dtype {
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F32 => DType::F32,
+        Dtype::F64 => DType::F64,
+        other => bail!("cannot convert a {other:?} tensor"),
+    })
+}
+
+/// Copies a diffusers folder's non-weight files (model_index.json, configs, tokenizer,
+/// scheduler) into `to`. Weight files are skipped: the merge writes the ones it read, and stale
+/// variants (`*.fp16.safetensors`, `*.bin`) would hold unmerged weights.
+fn copy_folder_files(from: &Path, to: &Path, weight_files: &[PathBuf]) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    let index = from.join("model_index.json");
+    if index.is_file() {
+        std::fs::copy(&index, to.join("model_index.json"))?;
+    }
+    for sub in ["unet", "text_encoder", "vae", "tokenizer", "scheduler"] {
+        let dir = from.join(sub);
+        if !dir.is_dir() {
+            continue;
+        }
+        std::fs::create_dir_all(to.join(sub))?;
+        for item in std::fs::read_dir(&dir)? {
+            let path = item?.path();
+            let is_weights = ["safetensors", "bin", "ckpt"]
+                .iter()
+                .any(|ext| path.extension().is_some_and(|e| e == *ext));
+            if path.is_file() && !is_weights && !weight_files.contains(&path) {
+                let target = to
+                    .join(sub)
+                    .join(path.file_name().expect("a file has a name"));
+                std::fs::copy(&path, &target).with_context(|| {
+                    format!("cannot copy {} to {}", path.display(), target.display())
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_specs_parse_weights_and_paths_with_colons() {
+        let spec: AdapterSpec = "a.safetensors:0.5".parse().unwrap();
+        assert_eq!(
+            (spec.path, spec.weight),
+            (PathBuf::from("a.safetensors"), 0.5)
+        );
+        let spec: AdapterSpec = "dir:x/a.safetensors".parse().unwrap();
+        assert_eq!(
+            (spec.path, spec.weight),
+            (PathBuf::from("dir:x/a.safetensors"), 1.0)
+        );
+        assert!("a:inf".parse::<AdapterSpec>().is_err());
+    }
+}

@@ -1,0 +1,265 @@
+//! What the frozen encoders make of the dataset, computed once before the first step: each
+//! caption's text embedding and (with centre crops) each image's latent distribution. Epochs
+//! after the first — in fact every step — then skip the text encoder and the VAE.
+//!
+//! The VAE's output is kept as its distribution (mean and standard deviation), not as one
+//! sample, so every step still draws a fresh latent from it (as diffusers' scripts do) while the
+//! encoder runs once. Random crops change the pixels every time, so with `--random-crop` the
+//! decoded images are kept instead and the VAE runs per sample.
+//!
+//! The cache lives in memory; both encoders are tiny next to the UNet's training cost.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::DynamicImage;
+use lora_core::models::source::ModelFolder;
+use lora_core::models::tokenizer::TokenizedPrompt;
+use lora_core::models::vae::Vae;
+use lora_core::Rng;
+
+use crate::config::Crop;
+use crate::dataset::{image_to_tensor, load_image, Dataset};
+
+/// How an image becomes the UNet's input space.
+enum Space {
+    /// Latent diffusion: VAE latents × `scaling_factor`. The VAE is kept only while it is still
+    /// needed: for encoding, and for the whole run with random crops.
+    Latent {
+        vae: Option<Box<Vae>>,
+        scaling_factor: f64,
+    },
+    /// Pixel diffusion (model folder without `vae/`): the image itself in [-1, 1].
+    Pixel,
+}
+
+/// One image's cached encoding for one orientation.
+enum Encoded {
+    /// VAE posterior: `[C, h, w]` mean and standard deviation, unscaled.
+    Distribution { mean: Tensor, std: Tensor },
+    /// Pixel-space input, `[C, H, W]`.
+    Pixels(Tensor),
+}
+
+pub struct EncodedDataset {
+    space: Space,
+    /// Per item, the encoding of the image as is `[0]` and mirrored `[1]` (only with `--flip`).
+    /// Empty with random crops.
+    encoded: Vec<[Option<Encoded>; 2]>,
+    /// Decoded images, kept only for random crops.
+    images: Vec<DynamicImage>,
+    /// Per unique caption, the `[seq, hidden]` f32 text embedding.
+    embeddings: Vec<Tensor>,
+    /// Index into `embeddings` for each item.
+    caption_of_item: Vec<usize>,
+    /// The empty caption's embedding, when caption dropout can pick it.
+    empty_embedding: Option<Tensor>,
+    crop: Crop,
+    /// Per item, the `(width, height)` it is trained at (its bucket, or the square resolution).
+    sizes: Vec<(usize, usize)>,
+    channels: usize,
+    device: Device,
+}
+
+pub struct EncodeOptions {
+    /// Per item, the `(width, height)` it is trained at.
+    pub sizes: Vec<(usize, usize)>,
+    pub crop: Crop,
+    pub flip: bool,
+    pub caption_dropout: bool,
+    /// Channels the UNet takes (for pixel-space models; latent models take the VAE's).
+    pub unet_in_channels: usize,
+}
+
+impl EncodedDataset {
+    /// Runs the text encoder over every distinct caption and (for centre crops) the VAE over
+    /// every image. `on_item` is called after each image, for progress display.
+    pub fn build(
+        model: &ModelFolder,
+        dataset: &Dataset,
+        options: &EncodeOptions,
+        device: &Device,
+        on_item: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        // The VAE runs once per image, so f32 costs little and avoids fp16 overflow in its
+        // encoder (diffusers' `force_upcast`).
+        let space = match model.load_vae(DType::F32, device)? {
+            Some(vae) => {
+                let scaling_factor = vae.scaling_factor();
+                Space::Latent {
+                    vae: Some(Box::new(vae)),
+                    scaling_factor,
+                }
+            }
+            None => Space::Pixel,
+        };
+        let channels = match &space {
+            Space::Latent { vae, .. } => vae.as_ref().expect("just loaded").config().in_channels,
+            Space::Pixel => options.unet_in_channels,
+        };
+        let (embeddings, caption_of_item, empty_embedding) =
+            encode_captions(model, dataset, options.caption_dropout, device)?;
+
+        let mut encoded = Vec::new();
+        let mut images = Vec::new();
+        let total = dataset.items.len();
+        // Centre crops draw no randomness; the generator is only a required argument.
+        let mut unused = Rng::new(0);
+        for (i, item) in dataset.items.iter().enumerate() {
+            let image = load_image(&item.image)
+                .with_context(|| format!("cannot load {}", item.image.display()))?;
+            match options.crop {
+                Crop::Random => images.push(image),
+                Crop::Center => {
+                    let mut both = [None, None];
+                    for (slot, flip) in both.iter_mut().zip([false, true]) {
+                        if flip && !options.flip {
+                            continue;
+                        }
+                        let pixels = image_to_tensor(
+                            &image,
+                            options.sizes[i],
+                            Crop::Center,
+                            flip,
+                            channels,
+                            &mut unused,
+                            device,
+                        )?;
+                        *slot =
+                            Some(encode_pixels(&space, pixels).with_context(|| {
+                                format!("cannot encode {}", item.image.display())
+                            })?);
+                    }
+                    encoded.push(both);
+                }
+            }
+            on_item(i + 1, total);
+        }
+        let mut space = space;
+        if let (Crop::Center, Space::Latent { vae, .. }) = (options.crop, &mut space) {
+            *vae = None; // every latent is cached: free the VAE
+        }
+        Ok(Self {
+            space,
+            encoded,
+            images,
+            embeddings,
+            caption_of_item,
+            empty_embedding,
+            crop: options.crop,
+            sizes: options.sizes.clone(),
+            channels,
+            device: device.clone(),
+        })
+    }
+
+    /// The UNet input for `item` (`[C, h, w]` f32), drawing the VAE sample (and, for random
+    /// crops, the window) from `rng`.
+    pub fn latents(&self, item: usize, flip: bool, rng: &mut Rng) -> Result<Tensor> {
+        let encoded;
+        let e = match self.crop {
+            Crop::Center => self.encoded[item][usize::from(flip)]
+                .as_ref()
+                .context("flipped latents requested without --flip")?,
+            Crop::Random => {
+                let pixels = image_to_tensor(
+                    &self.images[item],
+                    self.sizes[item],
+                    Crop::Random,
+                    flip,
+                    self.channels,
+                    rng,
+                    &self.device,
+                )?;
+                encoded = encode_pixels(&self.space, pixels)?;
+                &encoded
+            }
+        };
+        match (e, &self.space) {
+            (Encoded::Pixels(p), _) => Ok(p.clone()),
+            (Encoded::Distribution { mean, std }, Space::Latent { scaling_factor, .. }) => {
+                let noise = rng.normal_tensor(mean.shape(), &self.device)?;
+                Ok(((mean + (std * noise)?)? * *scaling_factor)?)
+            }
+            (Encoded::Distribution { .. }, Space::Pixel) => {
+                unreachable!("pixel-space models store pixels")
+            }
+        }
+    }
+
+    /// The text embedding of `item`'s caption, or of the empty caption when `dropped`.
+    pub fn embedding(&self, item: usize, dropped: bool) -> Result<&Tensor> {
+        if dropped {
+            return self
+                .empty_embedding
+                .as_ref()
+                .context("caption dropout without an empty-caption embedding");
+        }
+        Ok(&self.embeddings[self.caption_of_item[item]])
+    }
+
+    /// Whether the model works on VAE latents (false: pixels).
+    pub fn is_latent(&self) -> bool {
+        matches!(self.space, Space::Latent { .. })
+    }
+
+    /// The `(width, height)` in pixels `item` is trained at.
+    pub fn size(&self, item: usize) -> (usize, usize) {
+        self.sizes[item]
+    }
+}
+
+fn encode_pixels(space: &Space, pixels: Tensor) -> Result<Encoded> {
+    Ok(match space {
+        Space::Pixel => Encoded::Pixels(pixels),
+        Space::Latent { vae, .. } => {
+            let vae = vae
+                .as_ref()
+                .context("the VAE was released after caching every latent")?;
+            let d = vae.encode(&pixels.unsqueeze(0)?)?;
+            Encoded::Distribution {
+                mean: d.mean.squeeze(0)?.to_dtype(DType::F32)?,
+                std: (d.logvar * 0.5)?.exp()?.squeeze(0)?.to_dtype(DType::F32)?,
+            }
+        }
+    })
+}
+
+type CaptionEmbeddings = (Vec<Tensor>, Vec<usize>, Option<Tensor>);
+
+/// Embeds each distinct caption once (and the empty caption when dropout is on).
+fn encode_captions(
+    model: &ModelFolder,
+    dataset: &Dataset,
+    with_empty: bool,
+    device: &Device,
+) -> Result<CaptionEmbeddings> {
+    let tokenizer = model.tokenizer()?;
+    let text_config = model.text_encoder_config()?;
+    // f32: it runs once per caption, and the embeddings feed an f32 loss path anyway.
+    let encoder = model.load_text_encoder(&text_config, DType::F32, device, BTreeMap::new())?;
+    let embed = |caption: &str| -> Result<Tensor> {
+        let ids = TokenizedPrompt::batch_tensor(&[tokenizer.encode(caption)], device)?;
+        Ok(encoder.forward(&ids)?.squeeze(0)?.to_dtype(DType::F32)?)
+    };
+    let mut index: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut embeddings = Vec::new();
+    let mut caption_of_item = Vec::with_capacity(dataset.items.len());
+    for item in &dataset.items {
+        let i = match index.get(item.caption.as_str()) {
+            Some(&i) => i,
+            None => {
+                embeddings.push(
+                    embed(&item.caption)
+                        .with_context(|| format!("cannot embed caption `{}`", item.caption))?,
+                );
+                index.insert(&item.caption, embeddings.len() - 1);
+                embeddings.len() - 1
+            }
+        };
+        caption_of_item.push(i);
+    }
+    let empty = with_empty.then(|| embed("")).transpose()?;
+    Ok((embeddings, caption_of_item, empty))
+}

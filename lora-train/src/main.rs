@@ -1,0 +1,106 @@
+//! `lora-train`: a thin command-line front end over the `lora_train` library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use lora_train::{Preparation, TrainArgs, Trainer};
+
+/// Train a LoRA adapter for a Stable Diffusion UNet on a folder of captioned images
+#[derive(Parser)]
+#[command(name = "lora-train", version)]
+struct Cli {
+    /// TOML file with any of the options below (keys spelled as the flags, e.g. `batch-size = 2`);
+    /// flags override it
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    args: TrainArgs,
+}
+
+fn main() -> Result<()> {
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { lora_core::process_setup::configure() };
+    let cli = Cli::parse();
+    let args = match &cli.config {
+        Some(path) => TrainArgs::from_toml_file(path)?.overlay(cli.args),
+        None => cli.args,
+    };
+    let config = args.resolve()?;
+
+    let encoding = ProgressBar::hidden();
+    let mut trainer = Trainer::new(config, &mut |event| match event {
+        Preparation::Dataset(d) => {
+            for w in &d.warnings {
+                eprintln!("warning: {w}");
+            }
+            for bad in &d.skipped {
+                eprintln!("skipped: {bad}");
+            }
+            eprintln!(
+                "dataset: {} images, {} samples per epoch{}",
+                d.items.len(),
+                d.samples_per_epoch(),
+                if d.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} bad files skipped", d.skipped.len())
+                }
+            );
+        }
+        Preparation::Encoding { done, total } => {
+            if done == 1 {
+                encoding.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                encoding.set_length(total as u64);
+                encoding.set_style(
+                    ProgressStyle::with_template("encoding {pos}/{len} images {bar:30}")
+                        .expect("valid template"),
+                );
+            }
+            encoding.set_position(done as u64);
+            if done == total {
+                encoding.finish_and_clear();
+            }
+        }
+        Preparation::Resumed { step, path } => {
+            eprintln!("resuming at step {step} from {}", path.display());
+        }
+    })?;
+
+    let bar = ProgressBar::new(trainer.total_steps() as u64);
+    bar.set_position(trainer.current_step() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  loss {msg}  {per_sec}  ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(500));
+    let result = trainer.run(&mut |report| {
+        bar.set_message(format!("{:.4}", report.loss));
+        bar.set_position(report.step as u64);
+    });
+    bar.finish_and_clear();
+    let summary = result?;
+    eprintln!(
+        "trained {} steps (to step {}): mean step {:.3} s, {:.2} images/s, loss {} → {}{}",
+        summary.steps_run,
+        summary.final_step,
+        summary.mean_step_seconds,
+        summary.images_per_second,
+        summary
+            .first_loss
+            .map_or("-".to_string(), |l| format!("{l:.4}")),
+        summary
+            .last_loss
+            .map_or("-".to_string(), |l| format!("{l:.4}")),
+        summary.peak_rss_bytes.map_or(String::new(), |b| format!(
+            ", peak memory (RSS) {:.0} MiB",
+            b as f64 / (1 << 20) as f64
+        )),
+    );
+    eprintln!("adapter written to {}", summary.output.display());
+    Ok(())
+}

@@ -1,0 +1,822 @@
+//! The training loop: the model, the trainable adapter, the data stream and one optimizer step.
+//!
+//! Randomness: the adapter's initial values come from `seed`; the order of samples in epoch `e`
+//! from a generator seeded by (`seed`, `e`), so it is a pure function of the sample index; every
+//! other draw (flip, caption dropout, random crop, VAE sample, timestep, noise, noise offset)
+//! comes, in that fixed order, from one generator whose state is checkpointed. Together with the
+//! parameters and AdamW moments that is the whole state of a run, which makes resuming exact.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use lora_core::models::config::{ClipActivation, PredictionType, UNetConfig};
+use lora_core::adapters::TrainableAdapter;
+use lora_core::models::source::{ModelFolder, ModelSource};
+use lora_core::{
+    save_adapter, Adapter, BaseModelVersion, LoraConfig, ModelModules, Rng, SaveOptions,
+    UNet2DConditionModel,
+};
+use serde_json::Value;
+
+use crate::cache::{EncodeOptions, EncodedDataset};
+use crate::checkpoint::Checkpoint;
+use crate::config::{Crop, LrScheduler, TrainConfig, TrainLength};
+use crate::dataset::{bucket_size, Dataset};
+use crate::metrics::{peak_rss_bytes, MetricsLog, StepReport, TrainSummary};
+use crate::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::sample::Sampler;
+use crate::schedule::{learning_rate, NoiseSchedule};
+
+/// Name under which the trained adapter is attached to the UNet.
+const ADAPTER_NAME: &str = "train";
+/// Options that do not change the trajectory, so a resumed run may set them differently.
+const FREE_ON_RESUME: [&str; 10] = [
+    "output",
+    "metrics",
+    "save_every",
+    "resume",
+    "format",
+    "device",
+    "skip_bad",
+    "length",
+    "sample",
+    "gradient_checkpointing",
+];
+
+/// Events before the first step, for the front end to display.
+pub enum Preparation<'a> {
+    Dataset(&'a Dataset),
+    Encoding { done: usize, total: usize },
+    Resumed { step: usize, path: &'a Path },
+}
+
+pub struct Trainer {
+    config: TrainConfig,
+    unet: UNet2DConditionModel,
+    adapter: Adapter,
+    optimizer: AdamW,
+    schedule: NoiseSchedule,
+    dataset: Dataset,
+    data: EncodedDataset,
+    base_model: BaseModelVersion,
+    rng: Rng,
+    /// Optimizer steps done.
+    step: usize,
+    total_steps: usize,
+    /// The epoch whose sample order `epoch_order` holds.
+    epoch_order: (usize, Vec<usize>),
+    /// With buckets: the epoch whose batches `bucket_plan` holds.
+    bucket_plan: (usize, Vec<Vec<usize>>),
+    bucket_batches_per_epoch: usize,
+    /// The last checkpoint written or resumed from, named when a run stops on NaN.
+    last_checkpoint: Option<PathBuf>,
+    sampler: Option<Sampler>,
+}
+
+impl Trainer {
+    /// Checks the dataset and the output location, loads the model, builds the adapter (or
+    /// restores it from `config.resume`) and encodes the dataset. Nothing is written here.
+    pub fn new(config: TrainConfig, on_prepare: &mut dyn FnMut(Preparation)) -> Result<Self> {
+        check_output_location(&config)?;
+        let device = config.device.open()?;
+        let dataset = Dataset::scan(&config.data, &config.caption_ext, config.skip_bad)?;
+        on_prepare(Preparation::Dataset(&dataset));
+        let model = ModelSource::parse(&config.base)?
+            .with_configs_from(config.base_config.clone())?
+            .open()?;
+        let unet_config = UNetConfig::from_file(&model.unet_config())?;
+        check_resolution(&config, &model, &unet_config)?;
+        let mut unet = model
+            .load_unet(&unet_config, config.precision.dtype(), &device)
+            .with_context(|| format!("cannot load the UNet of {}", model.root().display()))?;
+        let schedule = NoiseSchedule::new(&model.scheduler_config()?);
+        let base_model = match model.text_encoder_config()?.hidden_act {
+            // SD 2.x pairs its UNet with OpenCLIP ViT-H, whose MLP uses exact GELU.
+            ClipActivation::Gelu => BaseModelVersion::SdV2,
+            ClipActivation::QuickGelu => BaseModelVersion::SdV1,
+        };
+
+        let lora_config = LoraConfig {
+            rank: config.rank,
+            alpha: config.alpha,
+            targets: config.targets,
+            init: config.init,
+        };
+        let TrainableAdapter { adapter, vars } =
+            Adapter::init_unet(&lora_config, unet.lora_modules(), &device, config.seed)?;
+        unet.attach_adapter(ADAPTER_NAME, &adapter.unet, 1.0)?;
+        let mut optimizer = AdamW::new(
+            vars,
+            AdamWConfig {
+                weight_decay: config.weight_decay,
+                ..AdamWConfig::default()
+            },
+        )?;
+        let granularity = model.vae_config()?.map_or(1, |vae| vae.vae_scale_factor())
+            * (1 << (unet_config.block_out_channels.len() - 1));
+        let sizes: Vec<(usize, usize)> = dataset
+            .items
+            .iter()
+            .map(|item| match config.buckets {
+                true => bucket_size(item.size.0, item.size.1, config.resolution, granularity),
+                false => (config.resolution, config.resolution),
+            })
+            .collect();
+        // The same every epoch (bucket sizes and counts do not depend on the order).
+        let bucket_batches_per_epoch =
+            bucket_batches(&dataset, &sizes, config.batch_size, 0, config.seed).len();
+        let total_steps = match config.length {
+            TrainLength::Steps(n) => n,
+            TrainLength::Epochs(e) if config.buckets => {
+                (e * bucket_batches_per_epoch).div_ceil(config.grad_accum)
+            }
+            TrainLength::Epochs(e) => {
+                let per_step = config.batch_size * config.grad_accum;
+                (e * dataset.samples_per_epoch()).div_ceil(per_step)
+            }
+        };
+        ensure!(
+            config.warmup_steps < total_steps,
+            "--warmup-steps = {} must be fewer than the {total_steps} training steps",
+            config.warmup_steps
+        );
+        let mut rng = Rng::new(derive_seed(config.seed, 1));
+        let mut step = 0;
+        let mut last_checkpoint = None;
+        let dataset_fingerprint = fingerprint(&dataset);
+        if let Some(path) = &config.resume {
+            let names: Vec<String> = optimizer.params().iter().map(|(n, _)| n.clone()).collect();
+            let ckpt = Checkpoint::load(path, &names, &device)?;
+            check_recipe(&recipe(&config, total_steps)?, &ckpt.recipe)
+                .with_context(|| format!("cannot resume from {}", path.display()))?;
+            ensure!(
+                ckpt.dataset == dataset_fingerprint,
+                "cannot resume from {}: the dataset changed since it was written (checkpoint: {}, now: {})",
+                path.display(),
+                ckpt.dataset,
+                dataset_fingerprint
+            );
+            let mut moments = Vec::with_capacity(ckpt.params.len());
+            for ((name, var), (_, value, m)) in optimizer.params().iter().zip(ckpt.params) {
+                ensure!(
+                    value.dims() == var.dims(),
+                    "checkpoint parameter `{name}` has shape {:?}, the adapter {:?}",
+                    value.dims(),
+                    var.dims()
+                );
+                var.set(&value)?;
+                moments.push(m);
+            }
+            optimizer.restore(ckpt.optimizer_steps, moments)?;
+            rng = Rng::new(ckpt.rng_state);
+            step = ckpt.step;
+            last_checkpoint = Some(path.clone());
+            on_prepare(Preparation::Resumed { step, path });
+        }
+
+        let data = EncodedDataset::build(
+            &model,
+            &dataset,
+            &EncodeOptions {
+                sizes: sizes.clone(),
+                crop: config.crop,
+                flip: config.flip,
+                caption_dropout: config.caption_dropout > 0.0,
+                unet_in_channels: unet_config.in_channels,
+            },
+            &device,
+            &mut |done, total| on_prepare(Preparation::Encoding { done, total }),
+        )?;
+        ensure!(
+            step <= total_steps,
+            "the checkpoint is at step {step}, beyond the {total_steps} steps asked for"
+        );
+        let sampler = match &config.sample {
+            Some(sample) => Some(Sampler::new(
+                &model,
+                unet.clone(),
+                sample.clone(),
+                config.resolution,
+                config.seed,
+                &device,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            config,
+            unet,
+            adapter,
+            optimizer,
+            schedule,
+            dataset,
+            data,
+            base_model,
+            rng,
+            step,
+            total_steps,
+            epoch_order: (usize::MAX, Vec::new()),
+            bucket_plan: (usize::MAX, Vec::new()),
+            bucket_batches_per_epoch,
+            last_checkpoint,
+            sampler,
+        })
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
+    /// Optimizer steps done so far.
+    pub fn current_step(&self) -> usize {
+        self.step
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.total_steps
+    }
+
+    /// The trainable parameters (for inspection and benchmarks), in checkpoint order.
+    pub fn params(&self) -> &[(String, Var)] {
+        self.optimizer.params()
+    }
+
+    /// One optimizer step: `grad_accum` micro-batches of `batch_size` samples, gradient
+    /// clipping, one AdamW update. A non-finite loss or gradient stops before any update.
+    pub fn step(&mut self) -> Result<StepReport> {
+        let start = Instant::now();
+        let lr = learning_rate(
+            self.config.lr_scheduler,
+            self.config.lr,
+            self.config.warmup_steps,
+            self.step,
+            self.total_steps,
+        );
+        let accum = self.config.grad_accum;
+        let mut summed: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0.0;
+        for micro in 0..accum {
+            let (loss, grads) = self.micro_batch(self.step * accum + micro, accum)?;
+            loss_sum += loss;
+            summed = Some(match summed {
+                None => grads,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&grads)
+                    .map(|(a, g)| Ok((a + g)?))
+                    .collect::<Result<_>>()?,
+            });
+        }
+        let grads = summed.expect("grad_accum is at least 1");
+        let (grad_norm, grads) = clip_grad_norm(grads, self.config.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            bail!(
+                "the gradient norm became {grad_norm} at step {}: {}",
+                self.step + 1,
+                self.stop_advice()
+            );
+        }
+        self.optimizer.step(&grads, lr)?;
+        self.step += 1;
+        Ok(StepReport {
+            step: self.step,
+            loss: loss_sum / accum as f64,
+            lr,
+            grad_norm,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Loss and gradients (already divided by `accum`) of micro-batch `index`.
+    fn micro_batch(&mut self, index: usize, accum: usize) -> Result<(f64, Vec<Tensor>)> {
+        let items = self.micro_batch_items(index);
+        let mut latents = Vec::with_capacity(items.len());
+        let mut contexts = Vec::with_capacity(items.len());
+        for item in items {
+            let flip = self.config.flip && self.rng.uniform() < 0.5;
+            let dropped = self.config.caption_dropout > 0.0
+                && self.rng.uniform() < self.config.caption_dropout;
+            latents.push(self.data.latents(item, flip, &mut self.rng)?);
+            contexts.push(self.data.embedding(item, dropped)?.clone());
+        }
+        let latents = Tensor::stack(&latents, 0)?;
+        let context = Tensor::stack(&contexts, 0)?;
+        let batch = DenoisingBatch::draw(
+            &self.schedule,
+            self.config.min_snr_gamma,
+            self.config.noise_offset,
+            &latents,
+            &mut self.rng,
+        )?;
+        let (prediction, checkpointed) = if self.config.gradient_checkpointing {
+            let (prediction, pass) =
+                self.unet
+                    .forward_checkpointed(&batch.noisy, &batch.timesteps, &context)?;
+            (prediction, Some(pass))
+        } else {
+            let prediction = self
+                .unet
+                .forward(&batch.noisy, &batch.timesteps, &context)?;
+            (prediction, None)
+        };
+        let loss = batch.loss(&prediction)?;
+        let value = self.finite_loss(&loss)?;
+        let loss = (loss / accum as f64)?;
+        let grads = match checkpointed {
+            Some(pass) => {
+                let params: Vec<Var> = self
+                    .optimizer
+                    .params()
+                    .iter()
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                pass.backward(&loss, &params)?
+            }
+            None => loss.backward()?,
+        };
+        let grads = self
+            .optimizer
+            .params()
+            .iter()
+            .map(|(_, var)| match grads.get(var.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => Ok(var.zeros_like()?),
+            })
+            .collect::<Result<_>>()?;
+        Ok((value, grads))
+    }
+
+    /// The loss's value, or the error that stops a run whose loss diverged.
+    fn finite_loss(&self, loss: &Tensor) -> Result<f64> {
+        let value = f64::from(loss.to_scalar::<f32>()?);
+        if !value.is_finite() {
+            bail!(
+                "the loss became {value} at step {}: {}",
+                self.step + 1,
+                self.stop_advice()
+            );
+        }
+        Ok(value)
+    }
+
+    /// Mean loss over every dataset item (as is, with its caption) under `draws` fixed
+    /// timestep/noise draws per item from `seed`: a low-variance measure for comparing the adapter
+    /// before and after training. Draws nothing from the run's own generator.
+    pub fn evaluate(&self, seed: u64, draws: usize) -> Result<f64> {
+        let mut rng = Rng::new(seed);
+        let mut total = 0.0;
+        for item in 0..self.dataset.items.len() {
+            for _ in 0..draws {
+                let latents = self.data.latents(item, false, &mut rng)?.unsqueeze(0)?;
+                let context = self.data.embedding(item, false)?.unsqueeze(0)?;
+                let loss = denoising_loss(
+                    &self.unet,
+                    &self.schedule,
+                    self.config.min_snr_gamma,
+                    0.0,
+                    &latents,
+                    &context,
+                    &mut rng,
+                )?;
+                total += f64::from(loss.to_scalar::<f32>()?);
+            }
+        }
+        Ok(total / (self.dataset.items.len() * draws) as f64)
+    }
+
+    /// The dataset items of micro-batch `index`. Without buckets, samples form one stream over
+    /// the epochs (a batch may straddle two); with buckets, each epoch is cut into batches of
+    /// one bucket each, so the last batch of a bucket may be smaller.
+    pub fn micro_batch_items(&mut self, index: usize) -> Vec<usize> {
+        let b = self.config.batch_size;
+        if !self.config.buckets {
+            return (0..b).map(|j| self.sample_item(index * b + j)).collect();
+        }
+        let per_epoch = self.bucket_batches_per_epoch;
+        let epoch = index / per_epoch;
+        if self.bucket_plan.0 != epoch {
+            let sizes: Vec<(usize, usize)> = (0..self.dataset.items.len())
+                .map(|i| self.data.size(i))
+                .collect();
+            let plan = bucket_batches(&self.dataset, &sizes, b, epoch, self.config.seed);
+            self.bucket_plan = (epoch, plan);
+        }
+        self.bucket_plan.1[index % per_epoch].clone()
+    }
+
+    /// The `(width, height)` in pixels dataset item `item` trains at.
+    pub fn item_size(&self, item: usize) -> (usize, usize) {
+        self.data.size(item)
+    }
+
+    /// The dataset item of global sample `index`: epoch `index / n` in that epoch's order.
+    fn sample_item(&mut self, index: usize) -> usize {
+        let n = self.dataset.samples_per_epoch();
+        let epoch = index / n;
+        if self.epoch_order.0 != epoch {
+            let mut order = self.dataset.epoch_samples();
+            Rng::new(derive_seed(self.config.seed, 2 + epoch as u64)).shuffle(&mut order);
+            self.epoch_order = (epoch, order);
+        }
+        self.epoch_order.1[index % n]
+    }
+
+    fn stop_advice(&self) -> String {
+        let kept = match &self.last_checkpoint {
+            Some(p) => format!("the last good checkpoint is {}", p.display()),
+            None => "no checkpoint was written (use --save-every)".to_string(),
+        };
+        format!(
+            "training stopped, no adapter written; {kept}. Try a lower --lr (now {}) or fp32 precision",
+            self.config.lr
+        )
+    }
+
+    /// Writes a checkpoint of the current state (atomically).
+    pub fn save_checkpoint(&mut self, path: &Path) -> Result<()> {
+        let params = self
+            .optimizer
+            .params()
+            .iter()
+            .zip(self.optimizer.moments())
+            .map(|((name, var), m)| {
+                (
+                    name.clone(),
+                    var.as_tensor().clone(),
+                    crate::optimizer::Moments {
+                        m: m.m.clone(),
+                        v: m.v.clone(),
+                    },
+                )
+            })
+            .collect();
+        Checkpoint {
+            step: self.step,
+            optimizer_steps: self.optimizer.steps(),
+            rng_state: self.rng.state(),
+            recipe: recipe(&self.config, self.total_steps)?,
+            dataset: fingerprint(&self.dataset),
+            params,
+        }
+        .save(path)?;
+        self.last_checkpoint = Some(path.to_path_buf());
+        Ok(())
+    }
+
+    /// Writes the adapter as trained so far, in the configured format, with training metadata.
+    pub fn save_adapter(&self, path: &Path) -> Result<()> {
+        let c = &self.config;
+        let samples = self.dataset.samples_per_epoch();
+        let epochs = (self.step * c.batch_size * c.grad_accum).div_ceil(samples);
+        let mut extra = std::collections::BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            extra.insert(k.to_string(), v);
+        };
+        put("ss_steps", self.step.to_string());
+        put("ss_epoch", epochs.to_string());
+        put("ss_learning_rate", format!("{:?}", c.lr));
+        put("ss_unet_lr", format!("{:?}", c.lr));
+        put("ss_resolution", format!("({0}, {0})", c.resolution));
+        put("ss_num_train_images", samples.to_string());
+        put("ss_batch_size_per_device", c.batch_size.to_string());
+        put("ss_gradient_accumulation_steps", c.grad_accum.to_string());
+        put("ss_lr_scheduler", c.lr_scheduler.name().to_string());
+        put("ss_lr_warmup_steps", c.warmup_steps.to_string());
+        put(
+            "ss_optimizer",
+            format!(
+                "AdamW(betas=(0.9, 0.999), eps=1e-08, weight_decay={:?})",
+                c.weight_decay
+            ),
+        );
+        put("ss_max_grad_norm", format!("{:?}", c.max_grad_norm));
+        put(
+            "ss_min_snr_gamma",
+            c.min_snr_gamma
+                .map_or("None".to_string(), |g| format!("{g:?}")),
+        );
+        put("ss_noise_offset", format!("{:?}", c.noise_offset));
+        put("ss_seed", c.seed.to_string());
+        put("ss_mixed_precision", c.precision.name().to_string());
+        put(
+            "ss_gradient_checkpointing",
+            python_bool(c.gradient_checkpointing),
+        );
+        put(
+            "ss_caption_dropout_rate",
+            format!("{:?}", c.caption_dropout),
+        );
+        put("ss_flip_aug", python_bool(c.flip));
+        put("ss_random_crop", python_bool(c.crop == Crop::Random));
+        put("ss_enable_bucket", python_bool(c.buckets));
+        put("ss_network_train_unet_only", "True".to_string());
+        put("ss_sd_model_name", c.base.clone());
+        put(
+            "ss_output_name",
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        put("ss_lora_targets", c.targets.to_string());
+        save_adapter(
+            path,
+            &self.adapter,
+            &ModelModules {
+                unet: self.unet.lora_modules(),
+                text_encoder: None,
+            },
+            &SaveOptions {
+                format: c.format,
+                base_model: self.base_model,
+                prediction: self.schedule.prediction,
+                title: None,
+                extra_metadata: extra,
+            },
+        )
+    }
+
+    /// Trains to the last step: metrics per step, checkpoints (with an adapter beside each) every
+    /// `save_every` steps, the adapter at the end. `on_step` sees every step's report.
+    pub fn run(&mut self, on_step: &mut dyn FnMut(&StepReport)) -> Result<TrainSummary> {
+        let mut log = match self.config.resume {
+            Some(_) => MetricsLog::resume(&self.config.metrics, self.step)?,
+            None => MetricsLog::create(&self.config.metrics)?,
+        };
+        let first_step = self.step;
+        let mut first_loss = None;
+        let mut last_loss = None;
+        let mut seconds = 0.0;
+        while self.step < self.total_steps {
+            let report = self.step()?;
+            seconds += report.seconds;
+            first_loss.get_or_insert(report.loss);
+            last_loss = Some(report.loss);
+            log.write(&report)?;
+            on_step(&report);
+            if let Some(every) = self.config.save_every {
+                if self.step.is_multiple_of(every) {
+                    let (ckpt, adapter) = checkpoint_paths(&self.config.output, self.step);
+                    self.save_adapter(&adapter)?;
+                    self.save_checkpoint(&ckpt)?;
+                }
+            }
+            if let Some(sampler) = self.sampler.as_ref().filter(|s| s.due(self.step)) {
+                sampler.write(&self.config.output, self.step)?;
+            }
+        }
+        self.save_adapter(&self.config.output)?;
+        let steps_run = self.step - first_step;
+        let samples = (steps_run * self.config.batch_size * self.config.grad_accum) as f64;
+        Ok(TrainSummary {
+            steps_run,
+            final_step: self.step,
+            first_loss,
+            last_loss,
+            mean_step_seconds: if steps_run > 0 {
+                seconds / steps_run as f64
+            } else {
+                0.0
+            },
+            images_per_second: if seconds > 0.0 {
+                samples / seconds
+            } else {
+                0.0
+            },
+            peak_rss_bytes: peak_rss_bytes(),
+            output: self.config.output.clone(),
+        })
+    }
+}
+
+/// Prepares and runs a whole training job.
+pub fn train(
+    config: TrainConfig,
+    on_prepare: &mut dyn FnMut(Preparation),
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<TrainSummary> {
+    Trainer::new(config, on_prepare)?.run(on_step)
+}
+
+/// The training objective for one batch: draw a timestep per sample and noise (plus the noise
+/// offset) from `rng`, noise the latents, predict with the UNet and return the (min-SNR
+/// weighted) MSE against the ε, v or x₀ target, averaged in f32.
+pub fn denoising_loss(
+    unet: &UNet2DConditionModel,
+    schedule: &NoiseSchedule,
+    min_snr_gamma: Option<f64>,
+    noise_offset: f64,
+    latents: &Tensor,
+    context: &Tensor,
+    rng: &mut Rng,
+) -> Result<Tensor> {
+    let batch = DenoisingBatch::draw(schedule, min_snr_gamma, noise_offset, latents, rng)?;
+    batch.loss(&unet.forward(&batch.noisy, &batch.timesteps, context)?)
+}
+
+/// One batch of the training objective: the noised latents at their drawn timesteps (the UNet's
+/// inputs), and what the UNet should predict.
+pub struct DenoisingBatch {
+    pub noisy: Tensor,
+    /// `[B]`, f32.
+    pub timesteps: Tensor,
+    target: Tensor,
+    /// Per sample: min-SNR weight or 1.
+    loss_weight: Tensor,
+}
+
+impl DenoisingBatch {
+    /// Draws a timestep per sample, then the noise (plus the noise offset), from `rng`.
+    pub fn draw(
+        schedule: &NoiseSchedule,
+        min_snr_gamma: Option<f64>,
+        noise_offset: f64,
+        latents: &Tensor,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        let device = latents.device();
+        let (b, c, _, _) = latents.dims4()?;
+        let num_t = schedule.num_timesteps() as u64;
+        let timesteps: Vec<usize> = (0..b).map(|_| rng.below(num_t) as usize).collect();
+        let mut noise = rng.normal_tensor(latents.shape(), device)?;
+        if noise_offset > 0.0 {
+            let offset = rng.normal_tensor((b, c, 1, 1), device)?;
+            noise = noise.broadcast_add(&(offset * noise_offset)?)?;
+        }
+        let coef = schedule.coefficients(&timesteps, min_snr_gamma, device)?;
+        let noisy = (latents.broadcast_mul(&coef.signal)? + noise.broadcast_mul(&coef.noise)?)?;
+        let target = match schedule.prediction {
+            PredictionType::Epsilon => noise,
+            PredictionType::VPrediction => {
+                (noise.broadcast_mul(&coef.signal)? - latents.broadcast_mul(&coef.noise)?)?
+            }
+            PredictionType::Sample => latents.clone(),
+        };
+        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        Ok(Self {
+            noisy,
+            timesteps: Tensor::from_vec(t, b, device)?,
+            target,
+            loss_weight: coef.loss_weight,
+        })
+    }
+
+    /// The (min-SNR weighted) MSE of the UNet's `prediction` against the target, averaged in f32.
+    pub fn loss(&self, prediction: &Tensor) -> Result<Tensor> {
+        let prediction = prediction.to_dtype(DType::F32)?;
+        let per_sample = (prediction - &self.target)?
+            .sqr()?
+            .flatten_from(1)?
+            .mean(1)?;
+        Ok((per_sample * &self.loss_weight)?.mean_all()?)
+    }
+}
+
+/// `(checkpoint, adapter)` written at `step` next to `output`:
+/// `<stem>-step000010.ckpt.safetensors` and `<stem>-step000010.safetensors`.
+pub fn checkpoint_paths(output: &Path, step: usize) -> (PathBuf, PathBuf) {
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    (
+        output.with_file_name(format!("{stem}-step{step:06}.ckpt.safetensors")),
+        output.with_file_name(format!("{stem}-step{step:06}.safetensors")),
+    )
+}
+
+fn python_bool(b: bool) -> String {
+    if b { "True" } else { "False" }.to_string()
+}
+
+/// The batches of `epoch` with buckets: the epoch's samples shuffled (as without buckets),
+/// grouped by bucket in that order, cut into batches of at most `batch_size`, and the batches
+/// shuffled. The number of batches is the same every epoch.
+fn bucket_batches(
+    dataset: &Dataset,
+    sizes: &[(usize, usize)],
+    batch_size: usize,
+    epoch: usize,
+    seed: u64,
+) -> Vec<Vec<usize>> {
+    let mut order = dataset.epoch_samples();
+    Rng::new(derive_seed(seed, 2 + epoch as u64)).shuffle(&mut order);
+    let mut by_bucket: std::collections::BTreeMap<(usize, usize), Vec<usize>> =
+        std::collections::BTreeMap::new();
+    for item in order {
+        by_bucket.entry(sizes[item]).or_default().push(item);
+    }
+    let mut batches: Vec<Vec<usize>> = by_bucket
+        .values()
+        .flat_map(|items| items.chunks(batch_size).map(<[usize]>::to_vec))
+        .collect();
+    Rng::new(derive_seed(seed, (1 << 40) + epoch as u64)).shuffle(&mut batches);
+    batches
+}
+
+/// Independent seeds for the separate random streams of a run.
+fn derive_seed(seed: u64, stream: u64) -> u64 {
+    let mut r = Rng::new(seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    r.next_u64()
+}
+
+/// The options that shape the trajectory, as JSON; a resume must match them. The run's length
+/// may change (train longer), except under a decaying LR schedule, whose curve depends on it.
+fn recipe(config: &TrainConfig, total_steps: usize) -> Result<Value> {
+    let mut value = serde_json::to_value(config)?;
+    if let Value::Object(map) = &mut value {
+        for key in FREE_ON_RESUME {
+            map.remove(key);
+        }
+        if config.lr_scheduler != LrScheduler::Constant {
+            map.insert("total_steps".into(), total_steps.into());
+        }
+    }
+    Ok(value)
+}
+
+fn check_recipe(now: &Value, saved: &Value) -> Result<()> {
+    let (Value::Object(now), Value::Object(saved)) = (now, saved) else {
+        bail!("the checkpoint's recipe is not a JSON object");
+    };
+    let differences: Vec<String> = now
+        .iter()
+        .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
+        .map(|(k, v)| {
+            format!(
+                "{}: checkpoint {}, now {v}",
+                k.replace('_', "-"),
+                saved.get(k.as_str()).unwrap_or(&Value::Null)
+            )
+        })
+        .collect();
+    ensure!(
+        differences.is_empty(),
+        "options differ from the checkpoint's (a resumed run must use the same recipe):\n  {}",
+        differences.join("\n  ")
+    );
+    Ok(())
+}
+
+/// Sample count and FNV-1a hash of every item's file name, caption and repeats.
+fn fingerprint(dataset: &Dataset) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes.iter().chain([0xffu8].iter()) {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for item in &dataset.items {
+        feed(
+            item.image
+                .file_name()
+                .unwrap_or_default()
+                .as_encoded_bytes(),
+        );
+        feed(item.caption.as_bytes());
+        feed(&item.repeats.to_le_bytes());
+    }
+    format!("{} samples, fnv1a {hash:016x}", dataset.samples_per_epoch())
+}
+
+/// The folders of the adapter and the metrics file are created up front (as kohya does with its
+/// output folder), so a path that cannot be written is found now, not after training.
+fn check_output_location(config: &TrainConfig) -> Result<()> {
+    for (what, file) in [("output", &config.output), ("metrics", &config.metrics)] {
+        let parent = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create the {what} folder {}", parent.display()))?;
+    }
+    Ok(())
+}
+
+/// The resolution must fit the VAE's downsampling (latent models) and give the UNet at least one
+/// latent pixel at its deepest level.
+fn check_resolution(config: &TrainConfig, model: &ModelFolder, unet: &UNetConfig) -> Result<()> {
+    let factor = match model.vae_config()? {
+        Some(vae) => vae.vae_scale_factor(),
+        None => 1,
+    };
+    let res = config.resolution;
+    ensure!(
+        res.is_multiple_of(factor),
+        "--resolution = {res} is not a multiple of the VAE's downsampling factor {factor}"
+    );
+    let depth = 1 << (unet.block_out_channels.len() - 1);
+    ensure!(
+        (res / factor) >= depth,
+        "--resolution = {res} gives {}×{0} latents, too small for this UNet's {} levels (at least {} needed)",
+        res / factor,
+        unet.block_out_channels.len(),
+        depth * factor
+    );
+    Ok(())
+}
