@@ -17,14 +17,14 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use lora_merge::lora_core::formats::adapter_file::{
-    save_adapter, AdapterFormat, BaseModelVersion, SaveOptions,
-};
-use lora_merge::lora_core::models::config::{PredictionType, UNetConfig};
+use lora_merge::lora_core::formats::adapter_file::{save_adapter, AdapterFormat, SaveOptions};
 use lora_merge::lora_core::formats::keys::{modules_from_weights, Component};
+use lora_merge::lora_core::formats::kohya::BaseModelVersion;
+use lora_merge::lora_core::models::config::{PredictionType, UNetConfig};
+use lora_merge::lora_core::options::AdapterSpec;
 use lora_merge::lora_core::{Adapter, LoraModule, ModelModules, Rng, UNet2DConditionModel};
 use lora_merge::stream::{write_streaming, PlannedTensor};
-use lora_merge::{merge, AdapterSpec, MergeOptions};
+use lora_merge::{merge, MergeOptions};
 use safetensors::Dtype;
 
 const SD15_UNET_CONFIG: &str = r#"{
@@ -238,7 +238,7 @@ fn child(base: &str, adapter: &str, output: &str) -> Result<()> {
         base: base.into(),
         adapters: vec![AdapterSpec {
             path: adapter.into(),
-            weight: 1.0,
+            scale: 1.0,
         }],
         output: output.into(),
         dtype: None,

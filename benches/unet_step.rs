@@ -25,8 +25,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
-use lora_toolkit::core::models::config::UNetConfig;
 use lora_toolkit::core::io::weights::{component_weights, RandomInit};
+use lora_toolkit::core::models::config::UNetConfig;
 use lora_toolkit::core::{Adapter, LoraConfig, LoraTargets, Rng, UNet2DConditionModel};
 
 struct Case {

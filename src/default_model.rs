@@ -28,11 +28,11 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use lora_core::models::config::{ClipTextConfig, SchedulerConfig, UNetConfig};
+use lora_core::io::weights::RandomInit;
 use lora_core::io::{write_atomic, write_safetensors_atomic};
+use lora_core::models::config::{ClipTextConfig, SchedulerConfig, UNetConfig};
 use lora_core::models::text_encoder::TextEncoder;
 use lora_core::models::tokenizer::{ClipTokenizer, TokenizedPrompt};
-use lora_core::io::weights::RandomInit;
 use lora_core::{Rng, UNet2DConditionModel};
 use lora_train::config::LrScheduler;
 use lora_train::optimizer::{clip_grad_norm, AdamW, AdamWConfig};

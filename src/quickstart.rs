@@ -13,9 +13,10 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device};
 use lora_core::io::write_atomic;
 use lora_core::models::source::ModelFolder;
+use lora_core::options::AdapterSpec;
 use lora_core::Rng;
 use lora_infer::output::{to_images8, write_png, Image8};
-use lora_infer::{GenerateOptions, LoraSpec, Pipeline};
+use lora_infer::{GenerateOptions, Pipeline};
 use lora_train::{Preparation, StepReport, TrainArgs, TrainSummary, Trainer};
 use serde::Serialize;
 
@@ -215,7 +216,7 @@ pub fn run(options: &Options, on_event: &mut dyn FnMut(Event)) -> Result<Report>
     let base = Pipeline::load(&model, &[], &device, DType::F32, false)?;
     let adapted = Pipeline::load(
         &model,
-        &[LoraSpec::new(&adapter, 1.0)],
+        &[AdapterSpec::new(&adapter, 1.0)],
         &device,
         DType::F32,
         false,

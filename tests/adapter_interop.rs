@@ -16,8 +16,9 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use common::{fixtures, max_abs_diff, CONFIGS};
 use lora_toolkit::core::formats::adapter_file::{
-    save_adapter, AdapterFile, AdapterFormat, BaseModelVersion, ModelModules, SaveOptions,
+    save_adapter, AdapterFile, AdapterFormat, ModelModules, SaveOptions,
 };
+use lora_toolkit::core::formats::kohya::BaseModelVersion;
 use lora_toolkit::core::models::config::{PredictionType, UNetConfig};
 use lora_toolkit::core::models::source::ModelFolder;
 use lora_toolkit::core::{models::text_encoder, Adapter, UNet2DConditionModel};

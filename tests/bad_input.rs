@@ -9,8 +9,8 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use common::fixtures;
 use lora_toolkit::core::formats::adapter_file::{AdapterFile, ModelModules};
-use lora_toolkit::core::models::config::UNetConfig;
 use lora_toolkit::core::io::weights::component_weights;
+use lora_toolkit::core::models::config::UNetConfig;
 use lora_toolkit::core::UNet2DConditionModel;
 
 fn fixture_unet_config(cfg: &str) -> String {

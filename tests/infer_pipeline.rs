@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use lora_core::models::source::ModelFolder;
-use lora_infer::{GenerateOptions, InitImage, LoraSpec, Pipeline, SchedulerKind};
+use lora_core::options::AdapterSpec;
+use lora_infer::{GenerateOptions, InitImage, Pipeline, SchedulerKind};
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -32,13 +33,13 @@ fn fixture(cfg: &str) -> Result<Fixture> {
 }
 
 impl Fixture {
-    fn adapters(&self, case: &str) -> Vec<LoraSpec> {
+    fn adapters(&self, case: &str) -> Vec<AdapterSpec> {
         self.meta["cases"][case]
             .as_array()
             .unwrap()
             .iter()
             .map(|a| {
-                LoraSpec::new(
+                AdapterSpec::new(
                     self.folder.root().join(a[0].as_str().unwrap()),
                     a[1].as_f64().unwrap(),
                 )
@@ -268,7 +269,7 @@ fn adapter_for_another_base_is_refused_with_its_modules() -> Result<()> {
     let sd1_adapter = common::fixtures().join("sd1-tiny/adapter_kohya.safetensors");
     let err = Pipeline::load(
         &sd2.folder,
-        &[LoraSpec::new(&sd1_adapter, 1.0)],
+        &[AdapterSpec::new(&sd1_adapter, 1.0)],
         &Device::Cpu,
         DType::F32,
         false,

@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use common::{expected, fixtures, get, max_abs, max_abs_diff, rel_err, CONFIGS};
 use lora_toolkit::core::formats::adapter_file::{AdapterFile, ModelModules};
-use lora_toolkit::core::models::config::UNetConfig;
 use lora_toolkit::core::io::weights::component_weights;
+use lora_toolkit::core::models::config::UNetConfig;
 use lora_toolkit::core::{Adapter, LoraModule, LoraTargets, UNet2DConditionModel};
 
 fn load_unet(cfg: &str) -> Result<UNet2DConditionModel> {

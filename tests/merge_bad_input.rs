@@ -7,14 +7,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use common::fixtures;
-use lora_toolkit::merge::{inspect, merge, resize, AdapterSpec, MergeOptions};
+use lora_toolkit::core::options::AdapterSpec;
+use lora_toolkit::merge::{inspect, merge, resize, MergeOptions};
 
 fn options(base: PathBuf, adapter: PathBuf, output: PathBuf) -> MergeOptions {
     MergeOptions {
         base,
         adapters: vec![AdapterSpec {
             path: adapter,
-            weight: 1.0,
+            scale: 1.0,
         }],
         output,
         dtype: None,

@@ -11,10 +11,9 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use common::{fixtures, max_abs_diff, CONFIGS};
 use lora_toolkit::core::formats::ldm::ModelPart;
+use lora_toolkit::core::options::{AdapterSpec, Precision};
 use lora_toolkit::merge::checkpoint::Checkpoint;
-use lora_toolkit::merge::{
-    merge_converting, AdapterSpec, Conversion, MergeOptions, OutputDtype, OutputLayout,
-};
+use lora_toolkit::merge::{merge_converting, Conversion, MergeOptions, OutputLayout};
 
 const TOLERANCE: f32 = 1e-5;
 
@@ -71,7 +70,7 @@ fn folder_to_single_file_equals_the_reference_single_file() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("model.safetensors");
     let mut opts = options(fixtures().join("sd2-tiny"), vec![], out.clone());
-    opts.dtype = Some(OutputDtype::F16);
+    opts.dtype = Some(Precision::F16);
     merge_converting(&opts, Some(&to(OutputLayout::SingleFile, None)))?;
     let ours = raw(&out)?;
     let reference = raw(&fixtures().join("sd2-tiny/merge/model_ldm.safetensors"))?;
@@ -142,7 +141,7 @@ fn merging_while_converting_matches_fuse_lora() -> Result<()> {
     let out = dir.path().join("merged.safetensors");
     let adapter = AdapterSpec {
         path: fixtures().join("sd1-tiny/adapter_kohya.safetensors"),
-        weight: 0.8,
+        scale: 0.8,
     };
     let report = merge_converting(
         &options(fixtures().join("sd1-tiny"), vec![adapter], out.clone()),
@@ -159,14 +158,14 @@ fn merging_while_converting_matches_fuse_lora() -> Result<()> {
     let back = dir.path().join("folder");
     let adapter = AdapterSpec {
         path: fixtures().join("sd2-tiny/adapter_kohya.safetensors"),
-        weight: 0.8,
+        scale: 0.8,
     };
     let mut opts = options(
         fixtures().join("sd2-tiny/merge/model_ldm.safetensors"),
         vec![adapter],
         back.clone(),
     );
-    opts.dtype = Some(OutputDtype::F32);
+    opts.dtype = Some(Precision::F32);
     merge_converting(
         &opts,
         Some(&to(

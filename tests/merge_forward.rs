@@ -7,10 +7,11 @@ mod common;
 use anyhow::Result;
 use candle_core::{DType, Device};
 use common::{expected, fixtures, get, max_abs, max_abs_diff, CONFIGS};
-use lora_toolkit::core::models::config::UNetConfig;
 use lora_toolkit::core::formats::keys::{modules_from_weights, Component};
+use lora_toolkit::core::models::config::UNetConfig;
+use lora_toolkit::core::options::AdapterSpec;
 use lora_toolkit::core::{AdapterFile, ModelModules, UNet2DConditionModel};
-use lora_toolkit::merge::{merge, AdapterSpec, MergeOptions};
+use lora_toolkit::merge::{merge, MergeOptions};
 
 const WEIGHT: f64 = 0.8;
 
@@ -25,7 +26,7 @@ fn merged_unet_equals_unmerged_adapter() -> Result<()> {
             base: base.clone(),
             adapters: vec![AdapterSpec {
                 path: adapter_path.clone(),
-                weight: WEIGHT,
+                scale: WEIGHT,
             }],
             output: merged.clone(),
             dtype: None,

@@ -11,9 +11,8 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, max_abs_diff, CONFIGS};
 use lora_toolkit::core::formats::keys::{kohya_name, Component};
-use lora_toolkit::merge::{
-    extract, merge, resize, svd_merge, AdapterSpec, DynamicRank, MergeOptions,
-};
+use lora_toolkit::core::options::AdapterSpec;
+use lora_toolkit::merge::{extract, merge, resize, svd_merge, DynamicRank, MergeOptions};
 
 /// ΔW = alpha/rank · up·down of every module of a kohya file, keyed by module name.
 fn kohya_deltas(path: &Path) -> Result<HashMap<String, Tensor>> {
@@ -53,7 +52,7 @@ fn reference_singular_values(cfg: &str) -> Result<HashMap<String, Vec<f64>>> {
 fn kohya(cfg: &str, weight: f64) -> AdapterSpec {
     AdapterSpec {
         path: fixtures().join(cfg).join("adapter_kohya.safetensors"),
-        weight,
+        scale: weight,
     }
 }
 
@@ -100,7 +99,7 @@ fn svd_of_two_weighted_adapters_equals_their_fused_sum() -> Result<()> {
         let out = dir.path().join("svd.safetensors");
         let spec = |file: &str, weight| AdapterSpec {
             path: fixtures().join(cfg).join(file),
-            weight,
+            scale: weight,
         };
         svd_merge(
             &[
@@ -233,7 +232,7 @@ fn extract_skips_modules_that_did_not_change() -> Result<()> {
     let merged = dir.path().join("merged");
     let attn2 = AdapterSpec {
         path: base.join("adapter_attn2_peft.safetensors"),
-        weight: 1.0,
+        scale: 1.0,
     };
     merge(&MergeOptions {
         base: base.clone(),

@@ -13,8 +13,9 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use common::{fixtures, max_abs_diff};
 use lora_toolkit::core::formats::ldm::ModelPart;
+use lora_toolkit::core::options::AdapterSpec;
 use lora_toolkit::merge::checkpoint::Checkpoint;
-use lora_toolkit::merge::{merge, AdapterSpec, MergeOptions};
+use lora_toolkit::merge::{merge, MergeOptions};
 
 /// f32 merges must match the reference this closely.
 const TOLERANCE: f32 = 1e-5;
@@ -33,7 +34,7 @@ fn merged(adapter: &str, weight: f64, out: &Path) -> Result<usize> {
         base: fixtures().join(CFG),
         adapters: vec![AdapterSpec {
             path: merge_dir().join(adapter),
-            weight,
+            scale: weight,
         }],
         output: out.to_path_buf(),
         dtype: None,
@@ -82,7 +83,7 @@ fn locon_adapters_go_through_resize_and_svd_keeping_their_kernels() -> Result<()
     let svd = dir.path().join("svd.safetensors");
     let spec = AdapterSpec {
         path: input.clone(),
-        weight: 1.0,
+        scale: 1.0,
     };
     lora_toolkit::merge::svd_merge(&[spec], 4, None, &svd)?;
     let original = load(&input)?;
@@ -100,7 +101,7 @@ fn locon_adapters_go_through_resize_and_svd_keeping_their_kernels() -> Result<()
             base: fixtures().join(CFG),
             adapters: vec![AdapterSpec {
                 path: file.to_path_buf(),
-                weight: 0.8,
+                scale: 0.8,
             }],
             output: out.clone(),
             dtype: None,
@@ -169,7 +170,7 @@ fn tucker_factors_and_foreign_keys_are_rejected_by_name() -> Result<()> {
             base: fixtures().join(CFG),
             adapters: vec![AdapterSpec {
                 path: path.clone(),
-                weight: 1.0,
+                scale: 1.0,
             }],
             output: out.clone(),
             dtype: None,
@@ -201,7 +202,7 @@ fn merged_err(path: &Path, dir: &Path) -> Result<String> {
         base: fixtures().join(CFG),
         adapters: vec![AdapterSpec {
             path: path.to_path_buf(),
-            weight: 1.0,
+            scale: 1.0,
         }],
         output: dir.join("never"),
         dtype: None,

@@ -11,8 +11,9 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, max_abs_diff, CONFIGS};
 use lora_toolkit::core::formats::ldm::ModelPart;
+use lora_toolkit::core::options::{AdapterSpec, Precision};
 use lora_toolkit::merge::checkpoint::Checkpoint;
-use lora_toolkit::merge::{merge, AdapterSpec, MergeOptions, OutputDtype};
+use lora_toolkit::merge::{merge, MergeOptions};
 
 /// f32 merges must match diffusers' fused weights this closely.
 const TOLERANCE: f32 = 1e-5;
@@ -24,7 +25,7 @@ fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
 fn spec(cfg: &str, file: &str, weight: f64) -> AdapterSpec {
     AdapterSpec {
         path: fixtures().join(cfg).join(file),
-        weight,
+        scale: weight,
     }
 }
 
@@ -159,7 +160,7 @@ fn single_file_merge_matches_fuse_lora_and_keeps_the_layout() -> Result<()> {
         vec![spec("sd2-tiny", "adapter_kohya.safetensors", 0.8)],
         out.clone(),
     );
-    opts.dtype = Some(OutputDtype::F32);
+    opts.dtype = Some(Precision::F32);
     merge(&opts)?;
     let expected = fixtures().join("sd2-tiny/merge/expected_ldm_kohya.safetensors");
     let merged = Checkpoint::open(&out)?;
@@ -190,7 +191,7 @@ fn fp16_output_rounds_the_merged_weights() -> Result<()> {
         vec![spec("sd1-tiny", "adapter_kohya.safetensors", 0.8)],
         out.clone(),
     );
-    opts.dtype = Some(OutputDtype::F16);
+    opts.dtype = Some(Precision::F16);
     merge(&opts)?;
     let unet = load(&out.join("unet/diffusion_pytorch_model.safetensors"))?;
     assert!(unet.values().all(|t| t.dtype() == DType::F16));

@@ -6,9 +6,11 @@ mod common;
 
 use candle_core::{DType, Device};
 use lora_toolkit::core::models::source::ModelFolder;
+use lora_toolkit::core::options::AdapterSpec;
+use lora_toolkit::core::options::Precision;
 use lora_toolkit::default_model::default_model_dir;
-use lora_toolkit::infer::{LoraSpec, Pipeline};
-use lora_toolkit::merge::{merge, AdapterSpec, MergeOptions, OutputDtype};
+use lora_toolkit::infer::Pipeline;
+use lora_toolkit::merge::{merge, MergeOptions};
 use lora_toolkit::quickstart::{self, Options, CONCEPT_PROMPTS, UNRELATED_PROMPTS};
 
 #[test]
@@ -68,10 +70,10 @@ fn adapter_learns_the_concept_and_merging_it_changes_nothing() {
         base: default_model_dir(),
         adapters: vec![AdapterSpec {
             path: report.adapter.clone(),
-            weight: 1.0,
+            scale: 1.0,
         }],
         output: merged_dir.clone(),
-        dtype: Some(OutputDtype::F32),
+        dtype: Some(Precision::F32),
         allow_unmatched: false,
     })
     .unwrap();
@@ -86,7 +88,7 @@ fn adapter_learns_the_concept_and_merging_it_changes_nothing() {
     .unwrap();
     let unmerged = Pipeline::load(
         &ModelFolder::open(&default_model_dir()).unwrap(),
-        &[LoraSpec::new(&report.adapter, 1.0)],
+        &[AdapterSpec::new(&report.adapter, 1.0)],
         &device,
         DType::F32,
         false,

@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Tensor};
 use common::{expected, fixtures, get, max_abs, max_abs_diff};
 use lora_core::models::config::UNetConfig;
 use lora_core::models::source::{ModelFolder, ModelSource};
-use lora_infer::{GenerateOptions, LoraSpec, Pipeline, SchedulerKind};
+use lora_core::options::AdapterSpec;
+use lora_infer::{GenerateOptions, Pipeline, SchedulerKind};
 use lora_train::TrainArgs;
 
 /// Relative error of fp16-rounded weights against the f32 reference.
@@ -88,7 +89,7 @@ fn components_from_the_single_file_equal_the_folders() -> Result<()> {
     Ok(())
 }
 
-fn options() -> Result<(GenerateOptions, Vec<LoraSpec>)> {
+fn options() -> Result<(GenerateOptions, Vec<AdapterSpec>)> {
     let infer = folder_dir().join("infer");
     let tensors = candle_core::safetensors::load(infer.join("pipeline.safetensors"), &Device::Cpu)?;
     let meta: serde_json::Value =
@@ -104,7 +105,7 @@ fn options() -> Result<(GenerateOptions, Vec<LoraSpec>)> {
         ..GenerateOptions::default()
     };
     // The kohya adapter has text-encoder modules: it exercises the f32 deltas of both parts.
-    let kohya = LoraSpec::new(folder_dir().join("adapter_kohya.safetensors"), 1.0);
+    let kohya = AdapterSpec::new(folder_dir().join("adapter_kohya.safetensors"), 1.0);
     Ok((options, vec![kohya]))
 }
 

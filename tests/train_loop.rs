@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use lora_core::io::read_safetensors;
-use lora_core::AdapterFile;
+use lora_core::{AdapterFile, AdapterFormat, LoraTargets};
+use lora_train::config::LrScheduler;
 use lora_train::{checkpoint_paths, TrainArgs, Trainer};
 
 fn train_data() -> PathBuf {
@@ -149,7 +150,7 @@ fn gradient_checkpointing_trains_the_same_adapter() -> Result<()> {
         let config = TrainArgs {
             batch_size: Some(2),
             grad_accum: Some(2),
-            targets: Some("attn-mlp".into()),
+            targets: Some(LoraTargets::AttnMlp),
             gradient_checkpointing: Some(checkpointing),
             ..args("sd1-tiny", &train_data(), dir.path())
         }
@@ -186,7 +187,7 @@ fn resume_continues_bit_exactly() -> Result<()> {
         caption_dropout: Some(0.3),
         noise_offset: Some(0.1),
         min_snr_gamma: Some(5.0),
-        lr_scheduler: Some("cosine".into()),
+        lr_scheduler: Some(LrScheduler::Cosine),
         warmup_steps: Some(1),
         seed: Some(7),
         resume,
@@ -399,7 +400,7 @@ fn pixel_space_model_trains_and_peft_output_loads() -> Result<()> {
         resolution: Some(16),
         random_crop: Some(true),
         flip: Some(true),
-        format: Some("peft".into()),
+        format: Some(AdapterFormat::Peft),
         // 2 epochs of 9 samples in steps of 3 × 3 samples: 2 steps.
         steps: None,
         epochs: Some(2),

@@ -5,8 +5,8 @@ mod common;
 use anyhow::Result;
 use candle_core::{DType, Device};
 use common::{expected, fixtures, get, max_abs, max_abs_diff, CONFIGS};
-use lora_toolkit::core::models::config::UNetConfig;
 use lora_toolkit::core::io::weights::component_weights;
+use lora_toolkit::core::models::config::UNetConfig;
 use lora_toolkit::core::UNet2DConditionModel;
 
 pub fn load_unet(cfg: &str, dtype: DType) -> Result<UNet2DConditionModel> {

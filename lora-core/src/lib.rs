@@ -8,6 +8,7 @@ pub mod engine;
 pub mod formats;
 pub mod io;
 pub mod models;
+pub mod options;
 pub mod process_setup;
 pub mod rng;
 #[cfg(test)]
@@ -18,8 +19,9 @@ pub use adapters::{
 };
 pub use engine::CheckpointedForward;
 pub use formats::adapter_file::{
-    save_adapter, AdapterFile, AdapterFormat, BaseModelVersion, ModelModules, SaveOptions,
+    save_adapter, AdapterFile, AdapterFormat, ModelModules, SaveOptions,
 };
 pub use formats::keys::Component;
+pub use formats::kohya::BaseModelVersion;
 pub use models::unet::UNet2DConditionModel;
 pub use rng::Rng;

@@ -4,18 +4,13 @@
 //! - [`pipeline`]: [`Pipeline::load`] (model folder + adapters), [`Pipeline::generate`].
 //! - [`scheduler`]: DDIM, Euler, Euler ancestral, DPM-Solver++(2M), DDPM.
 //! - [`output`]: PNGs with generation metadata, contact sheets, latents files.
-//! - [`adapters`]: `FILE[:SCALE]` adapter specifications; [`runtime`]: devices and precisions.
 //!
 //! Built on [`lora_core`]; the `lora-infer` binary is a thin front end over this crate.
 
-pub mod adapters;
 pub mod output;
 pub mod pipeline;
-pub mod runtime;
 pub mod scheduler;
 
-pub use adapters::LoraSpec;
 pub use lora_core;
 pub use pipeline::{GenerateOptions, Generated, InitImage, Pipeline, PipelineParts, Progress};
-pub use runtime::{parse_device, Precision};
 pub use scheduler::{Scheduler, SchedulerKind};

@@ -2,98 +2,23 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
+use cli::Cli;
 use lora_infer::lora_core::models::source::ModelSource;
+use lora_infer::lora_core::options::AdapterSpec;
 use lora_infer::output::{self, Image8};
 use lora_infer::pipeline::check_image_size;
-use lora_infer::{
-    parse_device, GenerateOptions, InitImage, LoraSpec, Pipeline, Precision, SchedulerKind,
-};
+use lora_infer::{GenerateOptions, InitImage, Pipeline};
 
-/// Generate images with a Stable Diffusion 1.x/2.x model and LoRA adapters.
-#[derive(Parser)]
-#[command(name = "lora-infer", version)]
-struct Cli {
-    /// Base model: a diffusers folder, a Hugging Face Hub id, or a single-file SD1.x/SD2.x
-    /// checkpoint (.safetensors with LDM keys; needs --base-config)
-    #[arg(long)]
-    base: String,
-    /// For a single-file --base: a diffusers folder of the same architecture whose config files
-    /// (unet/, text_encoder/, scheduler/, vae/ config.json; tokenizer/ if any) describe it; its
-    /// weights are not read. The prediction type (SD2 768-v: v_prediction) comes from its
-    /// scheduler config
-    #[arg(long, value_name = "DIR")]
-    base_config: Option<std::path::PathBuf>,
-    /// Adapter file with an optional scale, FILE[:SCALE] (repeatable; UNet and, when the file has
-    /// them, text-encoder modules).
-    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
-    loras: Vec<LoraSpec>,
-    #[arg(long)]
-    prompt: String,
-    #[arg(long, default_value = "")]
-    negative_prompt: String,
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
-    /// Classifier-free guidance scale (≤ 1 turns guidance off).
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
-    /// ddim, euler, euler-a, dpm++2m or ddpm, over the model's noise schedule.
-    #[arg(long, default_value = "ddim")]
-    scheduler: SchedulerKind,
-    /// Image width in pixels (default: the model's sample size × the VAE factor).
-    #[arg(long)]
-    width: Option<usize>,
-    #[arg(long)]
-    height: Option<usize>,
-    /// Seed of the first image; image i uses seed + i (default: random).
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Number of images (default 1, or the number in --latents).
-    #[arg(long)]
-    num_images: Option<usize>,
-    #[arg(long, default_value_t = 1)]
-    batch_size: usize,
-    /// cpu, cuda, cuda:N, metal or metal:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    precision: Precision,
-    /// Fold the adapters into the UNet weights at load (faster sampling) instead of applying them
-    /// unmerged.
-    #[arg(long)]
-    fuse: bool,
-    /// A .png path (several images: NAME-0.png, NAME-1.png…) or a directory.
-    #[arg(long)]
-    output: PathBuf,
-    /// Also write a contact sheet of all images (NAME-grid.png, or grid.png in a directory).
-    #[arg(long)]
-    grid: bool,
-    /// Initial noise from a safetensors file (key `latents`, [N, C, h, w]); scaled by the
-    /// scheduler's initial noise sigma as diffusers scales a passed `latents=`.
-    #[arg(long, value_name = "FILE.safetensors")]
-    latents: Option<PathBuf>,
-    /// img2img: start from this image (PNG, JPEG or WebP; its size is the output size) instead
-    /// of from pure noise.
-    #[arg(long, value_name = "IMAGE")]
-    init_image: Option<PathBuf>,
-    /// img2img: the part of the schedule to run, in (0, 1] (1 ignores the image's content).
-    #[arg(long, default_value_t = 0.8)]
-    strength: f64,
-    /// Write the final latents (key `latents`, before VAE scaling) and the decoded images in
-    /// [-1, 1] before clamping (key `image`).
-    #[arg(long, value_name = "FILE.safetensors")]
-    save_latents: Option<PathBuf>,
-}
+mod cli;
 
 fn main() -> Result<()> {
     // SAFETY: first thing in `main`, before any other thread exists.
     unsafe { lora_core::process_setup::configure() };
     let cli = Cli::parse();
-    let device = parse_device(&cli.device)?;
+    let device = cli.device.open()?;
     let model = ModelSource::parse(&cli.base)?
         .with_configs_from(cli.base_config.clone())?
         .open()?;
@@ -186,7 +111,7 @@ fn main() -> Result<()> {
     } else {
         cli.loras
             .iter()
-            .map(LoraSpec::to_string)
+            .map(AdapterSpec::to_string)
             .collect::<Vec<_>>()
             .join(", ")
     };

@@ -17,8 +17,8 @@ use lora_core::models::tokenizer::{ClipTokenizer, TokenizedPrompt};
 use lora_core::models::vae::Vae;
 use lora_core::{Adapter, AdapterFile, ModelModules, Rng, UNet2DConditionModel};
 
-use crate::adapters::LoraSpec;
 use crate::scheduler::{Scheduler, SchedulerKind};
+use lora_core::options::{AdapterSpec, DeviceSpec, Precision};
 
 /// The loaded models, ready to generate.
 pub struct Pipeline {
@@ -127,15 +127,12 @@ impl Pipeline {
     /// at load, for adapters that have text-encoder modules.
     pub fn load(
         model: &ModelFolder,
-        adapters: &[LoraSpec],
+        adapters: &[AdapterSpec],
         device: &Device,
         dtype: DType,
         fuse: bool,
     ) -> Result<Self> {
-        ensure!(
-            !(device.is_cpu() && dtype == DType::BF16),
-            "bf16 is not supported on the CPU (candle has no CPU bf16 matmul): use f32 or f16, or a GPU"
-        );
+        Precision::try_from(dtype)?.check_device(DeviceSpec::of(device))?;
         let te_config = model.text_encoder_config()?;
         let tokenizer = model.tokenizer()?;
         let unet_config = UNetConfig::from_file(&model.unet_config())?;
@@ -146,7 +143,7 @@ impl Pipeline {
             unet: &unet_modules,
             text_encoder: Some(&te_modules),
         };
-        let resolved: Vec<(&LoraSpec, Adapter)> = adapters
+        let resolved: Vec<(&AdapterSpec, Adapter)> = adapters
             .iter()
             .map(|spec| {
                 let file = AdapterFile::read(&spec.path, device)?;

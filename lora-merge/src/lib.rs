@@ -16,7 +16,4 @@ pub use algebra::DynamicRank;
 pub use inspect::{inspect, Inspection};
 pub use lora_core;
 pub use lowrank::{extract, resize, svd_merge, LowRankReport, ModuleSummary};
-pub use merge::{
-    merge, merge_converting, AdapterSpec, Conversion, MergeOptions, MergeReport, OutputDtype,
-    OutputLayout,
-};
+pub use merge::{merge, merge_converting, Conversion, MergeOptions, MergeReport, OutputLayout};

@@ -3,21 +3,22 @@
 //! Outputs are kohya-layout files (`lora_unet_…`/`lora_te_…`, per-module alpha), which every
 //! loader reads and which can hold a different rank and alpha per module.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{Device, Tensor};
-use lora_core::io::write_safetensors_atomic;
+use candle_core::Device;
 use lora_core::formats::keys::{kohya_name, Component};
+use lora_core::formats::kohya::{kohya_tensors, network_metadata, KohyaModule};
 use lora_core::formats::ldm::ModelPart;
+use lora_core::io::write_safetensors_atomic;
+use lora_core::options::AdapterSpec;
 use lora_core::{AdapterFile, AdapterFormat, ModuleKind};
 use nalgebra::DMatrix;
 use rayon::prelude::*;
 
 use crate::algebra::{select_rank, to_matrix, to_tensor, DynamicRank, Svd};
 use crate::checkpoint::Checkpoint;
-use crate::merge::AdapterSpec;
 
 /// One module of an output adapter.
 #[derive(Debug, Clone)]
@@ -78,7 +79,7 @@ pub fn svd_merge(
     let mut terms: BTreeMap<String, Vec<Term>> = BTreeMap::new();
     for spec in adapters {
         for module in read_modules(&spec.path)? {
-            let scaled_up = module.up * (module.alpha / module.down.nrows() as f64 * spec.weight);
+            let scaled_up = module.up * (module.alpha / module.down.nrows() as f64 * spec.scale);
             terms.entry(module.name.clone()).or_default().push(Term {
                 path: spec.path.clone(),
                 kernel: module.kernel,
@@ -269,7 +270,7 @@ fn finish(
     operation: &str,
 ) -> Result<LowRankReport> {
     let (modules, summaries): (Vec<OutputModule>, Vec<ModuleSummary>) = results.into_iter().unzip();
-    write_kohya(output, &modules, operation)?;
+    write_output(output, &modules, operation)?;
     Ok(LowRankReport {
         modules: summaries,
         skipped,
@@ -321,66 +322,39 @@ fn four_d_keys(path: &Path) -> Result<std::collections::HashSet<String>> {
         .collect())
 }
 
-/// Writes `modules` as a kohya-layout adapter with sd-scripts' summary keys.
-pub fn write_kohya(path: &Path, modules: &[OutputModule], operation: &str) -> Result<()> {
-    let mut tensors = Vec::with_capacity(modules.len() * 3);
-    for m in modules {
-        // Conv adapters: down `[r, in, kh, kw]`, up `[out, r, 1, 1]`.
-        let stored = |t: Tensor, (kh, kw): (usize, usize)| -> Result<Tensor> {
-            Ok(match m.kernel {
-                Some(_) => {
-                    let (a, b) = t.dims2()?;
-                    t.reshape((a, b / (kh * kw), kh, kw))?
-                }
-                None => t,
+/// Writes `modules` as a kohya-layout adapter (lora-core's kohya writer) with sd-scripts'
+/// network keys and what this operation did.
+fn write_output(path: &Path, modules: &[OutputModule], operation: &str) -> Result<()> {
+    let modules: Vec<KohyaModule> = modules
+        .iter()
+        .map(|m| {
+            Ok(KohyaModule {
+                name: m.name.clone(),
+                kind: match m.kernel {
+                    None => ModuleKind::Linear,
+                    Some((1, 1)) => ModuleKind::Conv1x1,
+                    Some((kh, kw)) => ModuleKind::Conv { kh, kw },
+                },
+                down: to_tensor(&m.down)?,
+                up: to_tensor(&m.up)?,
+                alpha: m.alpha,
             })
-        };
-        let kernel = m.kernel.unwrap_or((1, 1));
-        tensors.push((
-            format!("{}.lora_down.weight", m.name),
-            stored(to_tensor(&m.down)?, kernel)?,
-        ));
-        tensors.push((
-            format!("{}.lora_up.weight", m.name),
-            stored(to_tensor(&m.up)?, (1, 1))?,
-        ));
-        tensors.push((
-            format!("{}.alpha", m.name),
-            Tensor::new(m.alpha as f32, &Device::Cpu)?,
-        ));
-    }
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let shared = |values: Vec<String>| {
-        let first = values.first().cloned().unwrap_or_default();
-        if values.iter().all(|v| *v == first) {
-            first
-        } else {
-            "Dynamic".to_string()
-        }
-    };
-    let counts: HashMap<bool, usize> = modules.iter().fold(HashMap::new(), |mut acc, m| {
-        *acc.entry(m.name.starts_with("lora_te_")).or_default() += 1;
-        acc
-    });
-    let metadata = BTreeMap::from([
-        ("ss_network_module".to_string(), "networks.lora".to_string()),
-        (
-            "ss_network_dim".to_string(),
-            shared(modules.iter().map(|m| m.down.nrows().to_string()).collect()),
-        ),
-        (
-            "ss_network_alpha".to_string(),
-            shared(modules.iter().map(|m| format!("{:?}", m.alpha)).collect()),
-        ),
+        })
+        .collect::<Result<_>>()?;
+    let text_encoder = modules
+        .iter()
+        .filter(|m| m.name.starts_with("lora_te_"))
+        .count();
+    let mut metadata = network_metadata(&modules);
+    metadata.extend([
         ("lora_merge.operation".to_string(), operation.to_string()),
         (
             "lora_merge.modules".to_string(),
             format!(
-                "{} UNet, {} text encoder",
-                counts.get(&false).unwrap_or(&0),
-                counts.get(&true).unwrap_or(&0)
+                "{} UNet, {text_encoder} text encoder",
+                modules.len() - text_encoder
             ),
         ),
     ]);
-    write_safetensors_atomic(path, &tensors, metadata)
+    write_safetensors_atomic(path, &kohya_tensors(&modules)?, metadata)
 }

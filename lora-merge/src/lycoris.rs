@@ -16,8 +16,8 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use lora_core::io::read_safetensors;
 use lora_core::formats::keys::{Component, KohyaNames};
+use lora_core::io::read_safetensors;
 use lora_core::{LoraModule, ModelModules, ModuleInfo};
 
 /// Whether a safetensors file holds LoHa or LoKr tensors (judged from the header alone).

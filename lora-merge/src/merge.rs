@@ -9,6 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lora_core::formats::keys::Component;
 use lora_core::formats::ldm::{LdmLayout, LdmTarget, LdmTensor, ModelPart, TextEncoderLayout};
+use lora_core::options::{AdapterSpec, Precision};
 use lora_core::{AdapterFile, ModelModules};
 use safetensors::Dtype;
 use serde_json::json;
@@ -18,59 +19,12 @@ use crate::checkpoint::{canonical, Checkpoint, Layout};
 use crate::lycoris::{is_lycoris_file, LycorisFile, MergeModule};
 use crate::stream::{write_streaming, PlannedTensor};
 
-/// `FILE[:WEIGHT]` as given to `--lora`; the weight defaults to 1.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdapterSpec {
-    pub path: PathBuf,
-    pub weight: f64,
-}
-
-impl FromStr for AdapterSpec {
-    type Err = anyhow::Error;
-    /// The text after the last `:` is a weight only if it parses as a number, so paths that
-    /// contain `:` still work without one.
-    fn from_str(s: &str) -> Result<Self> {
-        let (path, weight) = match s.rsplit_once(':') {
-            Some((path, w)) if !path.is_empty() && w.parse::<f64>().is_ok() => {
-                (path, w.parse::<f64>()?)
-            }
-            _ => (s, 1.0),
-        };
-        ensure!(weight.is_finite(), "adapter weight in `{s}` is not finite");
-        Ok(Self {
-            path: PathBuf::from(path),
-            weight,
-        })
-    }
-}
-
-/// Floating-point dtype of the output (`--dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputDtype {
-    F16,
-    Bf16,
-    F32,
-}
-
-impl FromStr for OutputDtype {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fp16" | "f16" => Ok(Self::F16),
-            "bf16" => Ok(Self::Bf16),
-            "fp32" | "f32" => Ok(Self::F32),
-            _ => bail!("unknown dtype `{s}`: expected fp16, bf16 or fp32"),
-        }
-    }
-}
-
-impl OutputDtype {
-    fn stored(self) -> Dtype {
-        match self {
-            Self::F16 => Dtype::F16,
-            Self::Bf16 => Dtype::BF16,
-            Self::F32 => Dtype::F32,
-        }
+/// The safetensors dtype a `--dtype` precision is written as.
+fn stored_dtype(precision: Precision) -> Dtype {
+    match precision {
+        Precision::F16 => Dtype::F16,
+        Precision::Bf16 => Dtype::BF16,
+        Precision::F32 => Dtype::F32,
     }
 }
 
@@ -110,7 +64,7 @@ pub struct MergeOptions {
     pub adapters: Vec<AdapterSpec>,
     pub output: PathBuf,
     /// Output dtype of floating-point tensors; `None` keeps each tensor's dtype.
-    pub dtype: Option<OutputDtype>,
+    pub dtype: Option<Precision>,
     /// Warn about adapter modules that match nothing in the base instead of failing.
     pub allow_unmatched: bool,
 }
@@ -204,7 +158,7 @@ pub fn merge_converting(
                 contributions
                     .entry((component, component.canonical_path(&path)))
                     .or_default()
-                    .push((MergeModule::Lycoris(module), spec.weight));
+                    .push((MergeModule::Lycoris(module), spec.scale));
             }
             let format = format!(
                 "lycoris-{}",
@@ -237,7 +191,7 @@ pub fn merge_converting(
                 contributions
                     .entry(key)
                     .or_default()
-                    .push((MergeModule::Lora(module), spec.weight));
+                    .push((MergeModule::Lora(module), spec.scale));
                 count += 1;
             }
         }
@@ -282,7 +236,7 @@ fn adapter_record(spec: &AdapterSpec, format: &str) -> Result<serde_json::Value>
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Ok(json!({"file": name, "weight": spec.weight, "format": format, "sha256": hex}))
+    Ok(json!({"file": name, "weight": spec.scale, "format": format, "sha256": hex}))
 }
 
 /// The input is never modified: the output must be another path, and a folder output must not
@@ -308,7 +262,7 @@ fn check_output_is_new(base: &Path, output: &Path) -> Result<()> {
 struct Merger<'a> {
     base: &'a Checkpoint,
     contributions: &'a Contributions,
-    dtype: Option<OutputDtype>,
+    dtype: Option<Precision>,
 }
 
 impl Merger<'_> {
@@ -591,7 +545,7 @@ impl Merger<'_> {
 
     fn output_dtype(&self, stored: Dtype) -> Dtype {
         match (self.dtype, stored) {
-            (Some(d), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) => d.stored(),
+            (Some(d), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) => stored_dtype(d),
             _ => stored,
         }
     }
@@ -708,24 +662,4 @@ fn copy_folder_files(from: &Path, to: &Path, weight_files: &[PathBuf]) -> Result
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adapter_specs_parse_weights_and_paths_with_colons() {
-        let spec: AdapterSpec = "a.safetensors:0.5".parse().unwrap();
-        assert_eq!(
-            (spec.path, spec.weight),
-            (PathBuf::from("a.safetensors"), 0.5)
-        );
-        let spec: AdapterSpec = "dir:x/a.safetensors".parse().unwrap();
-        assert_eq!(
-            (spec.path, spec.weight),
-            (PathBuf::from("dir:x/a.safetensors"), 1.0)
-        );
-        assert!("a:inf".parse::<AdapterSpec>().is_err());
-    }
 }

@@ -11,6 +11,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use lora_core::options::{DeviceSpec, Precision};
 use lora_core::{AdapterFormat, LoraInit, LoraTargets};
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +35,12 @@ impl LrScheduler {
     }
 }
 
+impl<'de> Deserialize<'de> for LrScheduler {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        lora_core::options::deserialize_text(d)
+    }
+}
+
 impl FromStr for LrScheduler {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -46,44 +53,6 @@ impl FromStr for LrScheduler {
     }
 }
 
-/// dtype of the frozen base UNet. Adapters and optimizer state are f32 whatever this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Precision {
-    Fp32,
-    Fp16,
-    Bf16,
-}
-
-impl Precision {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Fp32 => "fp32",
-            Self::Fp16 => "fp16",
-            Self::Bf16 => "bf16",
-        }
-    }
-
-    pub fn dtype(self) -> candle_core::DType {
-        match self {
-            Self::Fp32 => candle_core::DType::F32,
-            Self::Fp16 => candle_core::DType::F16,
-            Self::Bf16 => candle_core::DType::BF16,
-        }
-    }
-}
-
-impl FromStr for Precision {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fp32" | "f32" => Ok(Self::Fp32),
-            "fp16" | "f16" => Ok(Self::Fp16),
-            "bf16" => Ok(Self::Bf16),
-            _ => bail!("unknown precision `{s}`: expected fp32, fp16 or bf16"),
-        }
-    }
-}
-
 /// How an image is cut to the square training resolution after its short side is resized to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Crop {
@@ -92,51 +61,6 @@ pub enum Crop {
     /// A fresh random window every time the image is drawn (diffusers' default). Latents cannot
     /// be cached, so the VAE runs every step.
     Random,
-}
-
-/// Where the run executes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum DeviceSpec {
-    Cpu,
-    Cuda(usize),
-}
-
-impl FromStr for DeviceSpec {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            _ => match s.strip_prefix("cuda:").map(str::parse) {
-                Some(Ok(n)) => Ok(Self::Cuda(n)),
-                _ => bail!("unknown device `{s}`: expected cpu, cuda or cuda:N"),
-            },
-        }
-    }
-}
-
-impl fmt::Display for DeviceSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Cpu => f.write_str("cpu"),
-            Self::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
-
-impl DeviceSpec {
-    pub fn open(self) -> Result<candle_core::Device> {
-        match self {
-            Self::Cpu => Ok(candle_core::Device::Cpu),
-            #[cfg(feature = "cuda")]
-            Self::Cuda(n) => candle_core::Device::new_cuda(n)
-                .with_context(|| format!("cannot open CUDA device {n}")),
-            #[cfg(not(feature = "cuda"))]
-            Self::Cuda(_) => bail!(
-                "device `{self}` needs CUDA support: rebuild with `--features cuda` (this build is CPU-only)"
-            ),
-        }
-    }
 }
 
 /// Everything a user can set, from flags or the TOML file. `None` means "not given here".
@@ -167,10 +91,10 @@ pub struct TrainArgs {
     pub alpha: Option<f64>,
     /// Adapted layers: attn2, attn or attn-mlp [default: attn2]
     #[arg(long)]
-    pub targets: Option<String>,
+    pub targets: Option<LoraTargets>,
     /// Initialisation of lora_down: kaiming-uniform or gaussian [default: kaiming-uniform]
     #[arg(long)]
-    pub init: Option<String>,
+    pub init: Option<LoraInit>,
     /// Optimizer steps to train (each of batch-size × grad-accum samples) [default: 1000]
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<usize>,
@@ -188,7 +112,7 @@ pub struct TrainArgs {
     pub lr: Option<f64>,
     /// constant, cosine or linear [default: constant]
     #[arg(long)]
-    pub lr_scheduler: Option<String>,
+    pub lr_scheduler: Option<LrScheduler>,
     /// Steps of linear warm-up from 0 to --lr [default: 0]
     #[arg(long)]
     pub warmup_steps: Option<usize>,
@@ -229,16 +153,16 @@ pub struct TrainArgs {
     /// Noise offset added per sample and channel [default: 0]
     #[arg(long)]
     pub noise_offset: Option<f64>,
-    /// dtype of the frozen base UNet: fp32, fp16 or bf16 [default: fp32]
+    /// dtype of the frozen base UNet: f32, f16 or bf16 (kohya: --mixed_precision) [default: f32]
     #[arg(long)]
-    pub precision: Option<String>,
+    pub precision: Option<Precision>,
     /// Keep only the values between UNet layers and recompute each layer in the backward pass:
     /// far less memory for about one more forward pass per step; the same gradients
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
     /// cpu, cuda or cuda:N [default: cpu]
     #[arg(long)]
-    pub device: Option<String>,
+    pub device: Option<DeviceSpec>,
     /// Write a checkpoint (and an adapter) every N steps
     #[arg(long)]
     pub save_every: Option<usize>,
@@ -247,7 +171,7 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     /// Adapter file layout: kohya or peft [default: kohya]
     #[arg(long)]
-    pub format: Option<String>,
+    pub format: Option<AdapterFormat>,
     /// Per-step metrics as JSON lines [default: <output>.metrics.jsonl]
     #[arg(long)]
     pub metrics: Option<PathBuf>,
@@ -295,8 +219,12 @@ pub struct TrainConfig {
     pub seed: u64,
     pub min_snr_gamma: Option<f64>,
     pub noise_offset: f64,
+    /// Spelled `Fp32`, `Fp16` or `Bf16` in the recipe a checkpoint keeps, as checkpoints
+    /// already written spell it, so that they still resume.
+    #[serde(serialize_with = "recipe_precision")]
     pub precision: Precision,
     pub gradient_checkpointing: bool,
+    #[serde(serialize_with = "as_display")]
     pub device: DeviceSpec,
     pub save_every: Option<usize>,
     pub resume: Option<PathBuf>,
@@ -324,6 +252,14 @@ pub enum TrainLength {
 
 fn as_display<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
+}
+
+fn recipe_precision<S: serde::Serializer>(p: &Precision, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match p {
+        Precision::F32 => "Fp32",
+        Precision::F16 => "Fp16",
+        Precision::Bf16 => "Bf16",
+    })
 }
 
 fn as_debug<T: fmt::Debug, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -399,31 +335,12 @@ impl TrainArgs {
         }
         let (base, data, output) = (self.base, self.data, self.output);
 
-        let or = |value: Option<String>, default: &str| value.unwrap_or_else(|| default.into());
-        let targets_s = or(self.targets, "attn2");
-        let init_s = or(self.init, "kaiming-uniform");
-        let sched_s = or(self.lr_scheduler, "constant");
-        let precision_s = or(self.precision, "fp32");
-        let device_s = or(self.device, "cpu");
-        let format_s = or(self.format, "kohya");
-
-        let mut parsed = |name: &str, what: Result<()>| {
-            if let Err(e) = what {
-                problems.push(format!("--{name}: {e}"));
-            }
-        };
-        let mut targets = LoraTargets::Attn2;
-        parsed("targets", targets_s.parse().map(|v| targets = v));
-        let mut init = LoraInit::KaimingUniform;
-        parsed("init", init_s.parse().map(|v| init = v));
-        let mut lr_scheduler = LrScheduler::Constant;
-        parsed("lr-scheduler", sched_s.parse().map(|v| lr_scheduler = v));
-        let mut precision = Precision::Fp32;
-        parsed("precision", precision_s.parse().map(|v| precision = v));
-        let mut device = DeviceSpec::Cpu;
-        parsed("device", device_s.parse().map(|v| device = v));
-        let mut format = AdapterFormat::Kohya;
-        parsed("format", format_s.parse().map(|v| format = v));
+        let targets = self.targets.unwrap_or_default();
+        let init = self.init.unwrap_or_default();
+        let lr_scheduler = self.lr_scheduler.unwrap_or(LrScheduler::Constant);
+        let precision = self.precision.unwrap_or_default();
+        let device = self.device.unwrap_or_default();
+        let format = self.format.unwrap_or(AdapterFormat::Kohya);
 
         let mut check = |ok: bool, message: String| {
             if !ok {
@@ -519,13 +436,9 @@ impl TrainArgs {
                 format!("--save-every = {every}: expected at least 1"),
             );
         }
-        // candle's CPU backend has no bf16 matmul; falling back silently would change both
-        // numerics and memory from what was asked, so refuse instead.
-        check(
-            !(precision == Precision::Bf16 && device == DeviceSpec::Cpu),
-            "--precision bf16 needs a CUDA device (candle's CPU backend has no bf16 matmul): use fp32 or fp16 on CPU"
-                .into(),
-        );
+        if let Err(e) = precision.check_device(device) {
+            check(false, e.to_string());
+        }
         if let Some(output) = &output {
             check(
                 output.extension().is_some_and(|e| e == "safetensors"),
@@ -658,20 +571,11 @@ mod tests {
             rank: Some(0),
             lr: Some(-1.0),
             caption_dropout: Some(2.0),
-            targets: Some("everything".into()),
-            device: Some("tpu".into()),
             output: Some("o.bin".into()),
             ..minimal()
         };
         let msg = format!("{:#}", args.resolve().unwrap_err());
-        for needle in [
-            "--rank = 0",
-            "--lr = -1",
-            "--caption-dropout = 2",
-            "--targets",
-            "--device",
-            "o.bin",
-        ] {
+        for needle in ["--rank = 0", "--lr = -1", "--caption-dropout = 2", "o.bin"] {
             assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
         }
     }
@@ -679,11 +583,32 @@ mod tests {
     #[test]
     fn bf16_on_cpu_is_refused_and_devices_parse() {
         let args = TrainArgs {
-            precision: Some("bf16".into()),
+            precision: Some(Precision::Bf16),
             ..minimal()
         };
         assert!(format!("{:#}", args.resolve().unwrap_err()).contains("bf16"));
-        assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
-        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+    }
+
+    #[test]
+    fn bad_values_in_the_file_name_the_value() {
+        for (text, needle) in [
+            (
+                "targets = \"everything\"\n",
+                "unknown LoRA target preset `everything`",
+            ),
+            ("device = \"tpu\"\n", "unknown device `tpu`"),
+            ("precision = \"f8\"\n", "unknown precision `f8`"),
+            ("lr-scheduler = \"step\"\n", "lr-scheduler"),
+            ("format = \"ckpt\"\n", "ckpt"),
+        ] {
+            let err = toml::from_str::<TrainArgs>(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        let file: TrainArgs =
+            toml::from_str("targets = \"attn-mlp\"\nprecision = \"fp16\"\ndevice = \"cuda:1\"\n")
+                .unwrap();
+        assert_eq!(file.targets, Some(LoraTargets::AttnMlp));
+        assert_eq!(file.precision, Some(Precision::F16));
+        assert_eq!(file.device, Some(DeviceSpec::Cuda(1)));
     }
 }

@@ -1,24 +1,14 @@
 //! `lora-train`: a thin command-line front end over the `lora_train` library.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
+use cli::Cli;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_train::{Preparation, TrainArgs, Trainer};
 
-/// Train a LoRA adapter for a Stable Diffusion UNet on a folder of captioned images
-#[derive(Parser)]
-#[command(name = "lora-train", version)]
-struct Cli {
-    /// TOML file with any of the options below (keys spelled as the flags, e.g. `batch-size = 2`);
-    /// flags override it
-    #[arg(long)]
-    config: Option<PathBuf>,
-    #[command(flatten)]
-    args: TrainArgs,
-}
+mod cli;
 
 fn main() -> Result<()> {
     // SAFETY: first thing in `main`, before any other thread exists.

@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use lora_core::models::config::{ClipActivation, PredictionType, UNetConfig};
 use lora_core::adapters::TrainableAdapter;
+use lora_core::formats::kohya::{python_bool, python_float};
+use lora_core::models::config::{PredictionType, UNetConfig};
 use lora_core::models::source::{ModelFolder, ModelSource};
 use lora_core::{
     save_adapter, Adapter, BaseModelVersion, LoraConfig, ModelModules, Rng, SaveOptions,
@@ -92,11 +93,7 @@ impl Trainer {
             .load_unet(&unet_config, config.precision.dtype(), &device)
             .with_context(|| format!("cannot load the UNet of {}", model.root().display()))?;
         let schedule = NoiseSchedule::new(&model.scheduler_config()?);
-        let base_model = match model.text_encoder_config()?.hidden_act {
-            // SD 2.x pairs its UNet with OpenCLIP ViT-H, whose MLP uses exact GELU.
-            ClipActivation::Gelu => BaseModelVersion::SdV2,
-            ClipActivation::QuickGelu => BaseModelVersion::SdV1,
-        };
+        let base_model = BaseModelVersion::of_text_encoder(&model.text_encoder_config()?);
 
         let lora_config = LoraConfig {
             rank: config.rank,
@@ -479,8 +476,8 @@ impl Trainer {
         };
         put("ss_steps", self.step.to_string());
         put("ss_epoch", epochs.to_string());
-        put("ss_learning_rate", format!("{:?}", c.lr));
-        put("ss_unet_lr", format!("{:?}", c.lr));
+        put("ss_learning_rate", python_float(c.lr));
+        put("ss_unet_lr", python_float(c.lr));
         put("ss_resolution", format!("({0}, {0})", c.resolution));
         put("ss_num_train_images", samples.to_string());
         put("ss_batch_size_per_device", c.batch_size.to_string());
@@ -490,27 +487,23 @@ impl Trainer {
         put(
             "ss_optimizer",
             format!(
-                "AdamW(betas=(0.9, 0.999), eps=1e-08, weight_decay={:?})",
-                c.weight_decay
+                "AdamW(betas=(0.9, 0.999), eps=1e-08, weight_decay={})",
+                python_float(c.weight_decay)
             ),
         );
-        put("ss_max_grad_norm", format!("{:?}", c.max_grad_norm));
+        put("ss_max_grad_norm", python_float(c.max_grad_norm));
         put(
             "ss_min_snr_gamma",
-            c.min_snr_gamma
-                .map_or("None".to_string(), |g| format!("{g:?}")),
+            c.min_snr_gamma.map_or("None".to_string(), python_float),
         );
-        put("ss_noise_offset", format!("{:?}", c.noise_offset));
+        put("ss_noise_offset", python_float(c.noise_offset));
         put("ss_seed", c.seed.to_string());
-        put("ss_mixed_precision", c.precision.name().to_string());
+        put("ss_mixed_precision", c.precision.kohya_name().to_string());
         put(
             "ss_gradient_checkpointing",
             python_bool(c.gradient_checkpointing),
         );
-        put(
-            "ss_caption_dropout_rate",
-            format!("{:?}", c.caption_dropout),
-        );
+        put("ss_caption_dropout_rate", python_float(c.caption_dropout));
         put("ss_flip_aug", python_bool(c.flip));
         put("ss_random_crop", python_bool(c.crop == Crop::Random));
         put("ss_enable_bucket", python_bool(c.buckets));
@@ -687,10 +680,6 @@ pub fn checkpoint_paths(output: &Path, step: usize) -> (PathBuf, PathBuf) {
         output.with_file_name(format!("{stem}-step{step:06}.ckpt.safetensors")),
         output.with_file_name(format!("{stem}-step{step:06}.safetensors")),
     )
-}
-
-fn python_bool(b: bool) -> String {
-    if b { "True" } else { "False" }.to_string()
 }
 
 /// The batches of `epoch` with buckets: the epoch's samples shuffled (as without buckets),

@@ -53,6 +53,12 @@ impl fmt::Display for LoraTargets {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for LoraTargets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::options::deserialize_text(d)
+    }
+}
+
 impl FromStr for LoraTargets {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -74,6 +80,12 @@ pub enum LoraInit {
     KaimingUniform,
     /// N(0, (1/rank)²) (diffusers training scripts, peft `init_lora_weights="gaussian"`).
     Gaussian,
+}
+
+impl<'de> serde::Deserialize<'de> for LoraInit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::options::deserialize_text(d)
+    }
 }
 
 impl FromStr for LoraInit {

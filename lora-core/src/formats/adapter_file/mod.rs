@@ -1,0 +1,463 @@
+//! Adapter files: reading kohya/A1111 and diffusers/PEFT LoRA `.safetensors`, resolving them
+//! against a model's modules, and writing either layout with the metadata each ecosystem reads.
+//!
+//! Reading is strict: keys of other algorithms (DoRA, LyCORIS) or of no known layout are errors
+//! naming them, never silently dropped, and resolution reports every module that does not fit.
+//!
+//! Alpha semantics (`ΔW = alpha/rank · up · down`):
+//! - kohya: the per-module `.alpha` scalar; missing or 0 means alpha = rank.
+//! - diffusers/PEFT: alpha = rank (scale 1) unless per-module `.alpha` tensors or diffusers'
+//!   `lora_adapter_metadata` header entry (`unet.lora_alpha`, `unet.alpha_pattern`, …) say
+//!   otherwise.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+
+use super::keys::{kohya_name, Component, KohyaNames};
+use super::kohya::{self, BaseModelVersion, KohyaModule};
+use super::peft::{self, peft_configs};
+use super::OutputModule;
+use crate::adapters::{Adapter, LoraModule, ModuleInfo, ModuleKind};
+use crate::io::{read_safetensors, write_safetensors_atomic};
+use crate::models::config::PredictionType;
+
+mod layout;
+#[cfg(test)]
+mod tests;
+
+use layout::{assemble_modules, detect_format, group_by_module};
+
+/// Key layout of an adapter file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterFormat {
+    /// kohya-ss/sd-scripts and A1111: `lora_unet_…`, `lora_down`/`lora_up`/`alpha`.
+    Kohya,
+    /// diffusers/PEFT: `unet.…`, `text_encoder.…`. Written as PEFT `lora_A`/`lora_B` (what
+    /// `load_lora_weights` expects); read in every diffusers spelling.
+    Peft,
+}
+
+impl AdapterFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kohya => "kohya",
+            Self::Peft => "peft",
+        }
+    }
+}
+
+impl fmt::Display for AdapterFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for AdapterFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::options::deserialize_text(d)
+    }
+}
+
+impl FromStr for AdapterFormat {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "kohya" => Ok(Self::Kohya),
+            "peft" => Ok(Self::Peft),
+            _ => bail!("unknown adapter format `{s}`: expected kohya or peft"),
+        }
+    }
+}
+
+/// The modules of the model an adapter is resolved against or written for.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelModules<'a> {
+    pub unet: &'a [ModuleInfo],
+    /// `None` when the caller does not apply text-encoder adapters (UNet-only training, UNet-only
+    /// tools): text-encoder modules of a file are then skipped when resolving (check
+    /// [`AdapterFile::has_text_encoder`] to warn) and an error when writing. `Some` makes every
+    /// text-encoder module of a file resolve or fail.
+    pub text_encoder: Option<&'a [ModuleInfo]>,
+}
+
+impl<'a> ModelModules<'a> {
+    /// The module at `path` (text-encoder paths compared with the `text_model.` level).
+    pub fn find(&self, component: Component, path: &str) -> Option<&'a ModuleInfo> {
+        let canonical = component.canonical_path(path);
+        let list = match component {
+            Component::Unet => self.unet,
+            Component::TextEncoder => self.text_encoder.unwrap_or_default(),
+        };
+        list.iter()
+            .find(|m| component.canonical_path(&m.path) == canonical)
+    }
+}
+
+/// One LoRA module as stored in a file, before matching it to a model.
+#[derive(Debug, Clone)]
+pub struct RawModule {
+    pub component: Component,
+    /// The file's own module name: for kohya the flattened name without prefix
+    /// (`down_blocks_0_…_attn2_to_q`), for diffusers/PEFT the canonical module path.
+    pub name: String,
+    /// Full key of the down tensor as written in the file, for messages.
+    pub down_key: String,
+    /// `[rank, in]`, f32 (1×1-conv tensors are stored 4-D in files and flattened here).
+    pub down: Tensor,
+    /// `[out, rank]`, f32.
+    pub up: Tensor,
+    pub alpha: f64,
+    /// `(kh, kw)` of a conv adapter whose down is a larger kernel than 1×1 (kohya `conv_dim`,
+    /// LyCORIS LoCon): `down` is then flattened to `[rank, in·kh·kw]`.
+    pub kernel: Option<(usize, usize)>,
+}
+
+impl RawModule {
+    pub fn rank(&self) -> usize {
+        self.down.dims()[0]
+    }
+
+    pub fn lora(&self) -> LoraModule {
+        LoraModule {
+            down: self.down.clone(),
+            up: self.up.clone(),
+            alpha: self.alpha,
+        }
+    }
+}
+
+/// A LoRA adapter file read into memory.
+#[derive(Debug, Clone)]
+pub struct AdapterFile {
+    path: PathBuf,
+    format: AdapterFormat,
+    metadata: BTreeMap<String, String>,
+    /// Sorted by (component, name).
+    modules: Vec<RawModule>,
+}
+
+impl AdapterFile {
+    /// Reads a `.safetensors` adapter in either layout, its tensors converted to f32 on `device`.
+    pub fn read(path: &Path, device: &Device) -> Result<Self> {
+        let contents = read_safetensors(path, device)?;
+        let origin = path.display().to_string();
+        let format = detect_format(&origin, contents.tensors.keys())?;
+        let parts = group_by_module(&origin, format, &contents.tensors)?;
+        let peft_configs = match format {
+            AdapterFormat::Kohya => BTreeMap::new(),
+            AdapterFormat::Peft => peft_configs(&origin, &contents.metadata)?,
+        };
+        let modules = assemble_modules(&origin, format, parts, &peft_configs)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            format,
+            metadata: contents.metadata,
+            modules,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn format(&self) -> AdapterFormat {
+        self.format
+    }
+
+    /// The `__metadata__` of the header (kohya `ss_*`, `modelspec.*`, diffusers `format`, …).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Every module as the file names it, sorted by (component, name); usable without a model.
+    pub fn raw_modules(&self) -> &[RawModule] {
+        &self.modules
+    }
+
+    pub fn has_text_encoder(&self) -> bool {
+        self.modules
+            .iter()
+            .any(|m| m.component == Component::TextEncoder)
+    }
+
+    /// Maps every module of the file onto `model`'s modules and checks its shapes. Fails listing
+    /// all modules that match nothing or do not fit (with the expected shapes), and when nothing
+    /// at all applies. The adapter's keys are the model's module paths.
+    pub fn resolve(&self, model: &ModelModules) -> Result<Adapter> {
+        let (adapter, problems) = self.match_modules(model)?;
+        let problems: Vec<String> = problems.into_iter().map(|p| p.text).collect();
+        self.finish_resolution(adapter, &problems)
+    }
+
+    /// Like [`resolve`](Self::resolve), but modules that match no module of `model` are left out
+    /// and returned as messages (for callers that warn instead, e.g. `lora-merge
+    /// --allow-unmatched`). Modules that match but do not fit are still an error.
+    pub fn resolve_allowing_unmatched(
+        &self,
+        model: &ModelModules,
+    ) -> Result<(Adapter, Vec<String>)> {
+        let (adapter, problems) = self.match_modules(model)?;
+        let (unmatched, misfits): (Vec<Problem>, Vec<Problem>) =
+            problems.into_iter().partition(|p| p.unmatched);
+        let misfits: Vec<String> = misfits.into_iter().map(|p| p.text).collect();
+        let adapter = self.finish_resolution(adapter, &misfits)?;
+        Ok((adapter, unmatched.into_iter().map(|p| p.text).collect()))
+    }
+
+    fn finish_resolution(&self, adapter: Adapter, problems: &[String]) -> Result<Adapter> {
+        if !problems.is_empty() {
+            bail!(
+                "{}",
+                listing(
+                    &format!(
+                        "{}: {} adapter modules do not fit the model",
+                        self.path.display(),
+                        problems.len()
+                    ),
+                    problems
+                )
+            );
+        }
+        ensure!(
+            !adapter.unet.is_empty() || !adapter.text_encoder.is_empty(),
+            "{}: no module applies (the file holds only text-encoder modules and no text encoder was given)",
+            self.path.display()
+        );
+        Ok(adapter)
+    }
+
+    /// The modules of the file that fit `model`, and a message for each that does not.
+    fn match_modules(&self, model: &ModelModules) -> Result<(Adapter, Vec<Problem>)> {
+        let kohya_names = match self.format {
+            AdapterFormat::Kohya => {
+                KohyaNames::new(model.unet, model.text_encoder.unwrap_or_default())?
+            }
+            AdapterFormat::Peft => KohyaNames::default(),
+        };
+        let mut adapter = Adapter::default();
+        let mut problems = Vec::new();
+        let misfit = |text: String| Problem {
+            unmatched: false,
+            text,
+        };
+        for raw in &self.modules {
+            if raw.component == Component::TextEncoder && model.text_encoder.is_none() {
+                continue;
+            }
+            let Some(info) = self.target_of(raw, model, &kohya_names) else {
+                problems.push(unmatched_problem(raw, model));
+                continue;
+            };
+            let lora = raw.lora();
+            if let Some(e) = kernel_mismatch(raw, info) {
+                problems.push(misfit(e));
+                continue;
+            }
+            if let Err(e) = lora.check_fits(info) {
+                problems.push(misfit(format!("`{}`: {e}", raw.down_key)));
+                continue;
+            }
+            let target = match raw.component {
+                Component::Unet => &mut adapter.unet,
+                Component::TextEncoder => &mut adapter.text_encoder,
+            };
+            if target.insert(info.path.clone(), lora).is_some() {
+                problems.push(misfit(format!(
+                    "`{}`: module {} is given more than once",
+                    raw.down_key, info.path
+                )));
+            }
+        }
+        Ok((adapter, problems))
+    }
+
+    /// The model module `raw` adapts: kohya names are matched against the flattened names of
+    /// the model's modules, diffusers paths directly.
+    fn target_of<'m>(
+        &self,
+        raw: &RawModule,
+        model: &ModelModules<'m>,
+        kohya_names: &KohyaNames,
+    ) -> Option<&'m ModuleInfo> {
+        match self.format {
+            AdapterFormat::Kohya => kohya_names
+                .lookup(&format!("{}{}", raw.component.kohya_prefix(), raw.name))
+                .and_then(|(component, path)| model.find(component, path)),
+            AdapterFormat::Peft => model.find(raw.component, &raw.name),
+        }
+    }
+}
+
+/// The problem of a module whose name matches nothing. A k×k conv adapter resolved against a
+/// model that enumerates no k×k conv (the runtime UNet, which adapts only Linear and 1×1 conv
+/// layers) is always an error saying where such adapters can be used.
+fn unmatched_problem(raw: &RawModule, model: &ModelModules) -> Problem {
+    let has_convs = model
+        .unet
+        .iter()
+        .any(|m| matches!(m.kind, ModuleKind::Conv { .. }));
+    match raw.kernel {
+        Some((kh, kw)) if !has_convs => Problem {
+            unmatched: false,
+            text: format!(
+                "`{}`: a {kh}×{kw} conv adapter (kohya conv_dim / LyCORIS LoCon); adapters are \
+                 attached here only to Linear and 1×1 conv layers: fold 3×3 conv adapters into \
+                 the model with lora-merge",
+                raw.down_key
+            ),
+        },
+        _ => Problem {
+            unmatched: true,
+            text: format!(
+                "`{}`: no {} module has this name",
+                raw.down_key, raw.component
+            ),
+        },
+    }
+}
+
+/// A message when the file's kernel and the module's disagree (a 3×3 adapter on a Linear
+/// layer, a 2-D adapter on a 3×3 conv).
+fn kernel_mismatch(raw: &RawModule, info: &ModuleInfo) -> Option<String> {
+    let expected = match info.kind {
+        ModuleKind::Conv { kh, kw } => Some((kh, kw)),
+        ModuleKind::Linear | ModuleKind::Conv1x1 => None,
+    };
+    (raw.kernel != expected).then(|| {
+        let shape = |k: Option<(usize, usize)>| match k {
+            Some((kh, kw)) => format!("a {kh}×{kw} conv"),
+            None => "a Linear/1×1 conv".to_string(),
+        };
+        format!(
+            "`{}`: the adapter is for {} but {} is {}",
+            raw.down_key,
+            shape(raw.kernel),
+            info.path,
+            shape(expected)
+        )
+    })
+}
+
+/// Why one module of a file does not resolve.
+struct Problem {
+    /// No module of the model has the name (as opposed to: it has, but the shapes differ).
+    unmatched: bool,
+    text: String,
+}
+
+/// "header:" followed by one indented line per item.
+fn listing(header: &str, items: &[String]) -> String {
+    let mut text = format!("{header}:");
+    for item in items {
+        text.push_str("\n  - ");
+        text.push_str(item);
+    }
+    text
+}
+
+/// A few examples out of `keys`, for messages about files that may hold thousands.
+fn examples<'a>(keys: impl IntoIterator<Item = &'a String>) -> String {
+    const SHOWN: usize = 5;
+    let keys: Vec<&String> = keys.into_iter().collect();
+    let shown: Vec<String> = keys.iter().take(SHOWN).map(|k| format!("`{k}`")).collect();
+    match keys.len().saturating_sub(SHOWN) {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
+    }
+}
+
+/// How [`save_adapter`] writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SaveOptions {
+    pub format: AdapterFormat,
+    pub base_model: BaseModelVersion,
+    pub prediction: PredictionType,
+    /// `modelspec.title` (kohya); the output file's stem when `None`.
+    pub title: Option<String>,
+    /// Header entries written last, over the generated ones (training adds `ss_steps`, …).
+    pub extra_metadata: BTreeMap<String, String>,
+}
+
+/// Writes `adapter` to `path` (atomically) in `options.format`. `model` supplies each module's
+/// kind (1×1 convs are stored 4-D, as kohya and PEFT do) and its shapes are checked; every module
+/// of the adapter must be one of `model`'s.
+pub fn save_adapter(
+    path: &Path,
+    adapter: &Adapter,
+    model: &ModelModules,
+    options: &SaveOptions,
+) -> Result<()> {
+    let entries =
+        match_entries(adapter, model).with_context(|| format!("cannot save {}", path.display()))?;
+    let (tensors, mut metadata) = match options.format {
+        AdapterFormat::Kohya => {
+            let modules: Vec<KohyaModule> = entries
+                .iter()
+                .map(|e| KohyaModule {
+                    name: kohya_name(e.component, &e.info.path),
+                    kind: e.info.kind,
+                    down: e.lora.down.clone(),
+                    up: e.lora.up.clone(),
+                    alpha: e.lora.alpha,
+                })
+                .collect();
+            let title = options.title.clone().unwrap_or_else(|| {
+                path.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+            let mut metadata = kohya::network_metadata(&modules);
+            metadata.extend(kohya::model_metadata(
+                options.base_model,
+                options.prediction,
+                &title,
+            ));
+            (kohya::kohya_tensors(&modules)?, metadata)
+        }
+        AdapterFormat::Peft => (peft::peft_tensors(&entries)?, peft::peft_metadata(&entries)),
+    };
+    metadata.extend(options.extra_metadata.clone());
+    write_safetensors_atomic(path, &tensors, metadata)
+}
+
+fn match_entries<'a>(
+    adapter: &'a Adapter,
+    model: &'a ModelModules,
+) -> Result<Vec<OutputModule<'a>>> {
+    let all = [
+        (Component::Unet, &adapter.unet),
+        (Component::TextEncoder, &adapter.text_encoder),
+    ];
+    let mut entries = Vec::new();
+    let mut problems = Vec::new();
+    for (component, modules) in all {
+        for (path, lora) in modules {
+            let Some(info) = model.find(component, path) else {
+                problems.push(format!(
+                    "{component} module `{path}` is not a module of the model"
+                ));
+                continue;
+            };
+            match lora.check_fits(info) {
+                Ok(()) => entries.push(OutputModule {
+                    component,
+                    info,
+                    lora,
+                }),
+                Err(e) => problems.push(format!("{e}")),
+            }
+        }
+    }
+    ensure!(
+        problems.is_empty(),
+        "{}",
+        listing("the adapter does not fit the model", &problems)
+    );
+    ensure!(!entries.is_empty(), "the adapter is empty");
+    Ok(entries)
+}

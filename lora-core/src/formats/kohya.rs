@@ -1,0 +1,234 @@
+//! The kohya/A1111 layout's writer: tensors named `lora_unet_…` with `.lora_down`, `.lora_up`
+//! and `.alpha`, and the `ss_*` and SAI modelspec metadata sd-scripts writes. The one writer of
+//! kohya files: trained adapters, and lora-merge's SVD merge, resize and extract.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+use crate::adapters::ModuleKind;
+use crate::models::config::{ClipActivation, ClipTextConfig, PredictionType};
+
+/// Stable Diffusion generation the adapter was trained on, for kohya/modelspec metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseModelVersion {
+    SdV1,
+    SdV2,
+}
+
+impl BaseModelVersion {
+    /// The generation a text encoder belongs to: SD 2.x's OpenCLIP ViT-H uses exact GELU, SD
+    /// 1.x's CLIP ViT-L quick GELU.
+    pub fn of_text_encoder(config: &ClipTextConfig) -> Self {
+        match config.hidden_act {
+            ClipActivation::Gelu => Self::SdV2,
+            ClipActivation::QuickGelu => Self::SdV1,
+        }
+    }
+}
+
+/// `m` (the down matrix if `down`, else the up) as stored for `kind`: `[a, b]`, `[a, b, 1, 1]`
+/// for a 1×1 conv, and for a k×k conv the down `[r, in, kh, kw]` and the up `[out, r, 1, 1]`.
+pub(crate) fn stored_shape(m: &Tensor, kind: ModuleKind, down: bool) -> Result<Tensor> {
+    let m = m.to_dtype(DType::F32)?;
+    let (a, b) = m.dims2()?;
+    Ok(match kind {
+        ModuleKind::Linear => m,
+        ModuleKind::Conv { kh, kw } if down => m.reshape((a, b / (kh * kw), kh, kw))?,
+        ModuleKind::Conv1x1 | ModuleKind::Conv { .. } => m.reshape((a, b, 1, 1))?,
+    })
+}
+
+/// One module of a kohya-layout file about to be written.
+#[derive(Debug, Clone)]
+pub struct KohyaModule {
+    /// The full kohya name (`lora_unet_…`, `lora_te_…`).
+    pub name: String,
+    /// How `down` and `up` are stored (see [`stored_shape`]).
+    pub kind: ModuleKind,
+    /// `[rank, in]`; for a k×k conv `[rank, in·kh·kw]`.
+    pub down: Tensor,
+    /// `[out, rank]`.
+    pub up: Tensor,
+    pub alpha: f64,
+}
+
+/// The tensors of a kohya file: `<name>.lora_down.weight`, `<name>.lora_up.weight` (f32, shaped
+/// by [`stored_shape`]) and the 0-d f32 `<name>.alpha`.
+pub fn kohya_tensors(modules: &[KohyaModule]) -> Result<Vec<(String, Tensor)>> {
+    let mut tensors = Vec::with_capacity(modules.len() * 3);
+    for m in modules {
+        let name = &m.name;
+        tensors.push((
+            format!("{name}.lora_down.weight"),
+            stored_shape(&m.down, m.kind, true)?,
+        ));
+        tensors.push((
+            format!("{name}.lora_up.weight"),
+            stored_shape(&m.up, m.kind, false)?,
+        ));
+        tensors.push((
+            format!("{name}.alpha"),
+            Tensor::new(m.alpha as f32, &Device::Cpu)?,
+        ));
+    }
+    Ok(tensors)
+}
+
+/// sd-scripts' network keys: `ss_network_module`, `ss_network_dim`, `ss_network_alpha` (each
+/// "Dynamic" where modules differ, as after a dynamic resize) and `ss_network_args`.
+pub fn network_metadata(modules: &[KohyaModule]) -> BTreeMap<String, String> {
+    let shared = |values: Vec<String>| {
+        let first = values.first().cloned().unwrap_or_default();
+        match values.iter().all(|v| *v == first) {
+            true => first,
+            false => "Dynamic".to_string(),
+        }
+    };
+    let rank = |m: &KohyaModule| m.down.dim(0).map_or(0, |r| r);
+    BTreeMap::from([
+        ("ss_network_module".to_string(), "networks.lora".to_string()),
+        (
+            "ss_network_dim".to_string(),
+            shared(modules.iter().map(|m| rank(m).to_string()).collect()),
+        ),
+        (
+            "ss_network_alpha".to_string(),
+            shared(modules.iter().map(|m| python_float(m.alpha)).collect()),
+        ),
+        ("ss_network_args".to_string(), "{}".to_string()),
+    ])
+}
+
+/// The base-model keys: kohya's `ss_base_model_version` and `ss_v2`, and the SAI modelspec
+/// keys (architecture, resolution, prediction type, title, date).
+pub fn model_metadata(
+    base: BaseModelVersion,
+    prediction: PredictionType,
+    title: &str,
+) -> BTreeMap<String, String> {
+    let v2 = base == BaseModelVersion::SdV2;
+    let v_pred = prediction == PredictionType::VPrediction;
+    let base_version = match (v2, v_pred) {
+        (false, false) => "sd_v1",
+        (true, false) => "sd_v2",
+        (false, true) => "sd_v1_v",
+        (true, true) => "sd_v2_v",
+    };
+    let (architecture, resolution) = match (v2, v_pred) {
+        (false, _) => ("stable-diffusion-v1/lora", "512x512"),
+        (true, false) => ("stable-diffusion-v2-512/lora", "512x512"),
+        (true, true) => ("stable-diffusion-v2-768-v/lora", "768x768"),
+    };
+    let fields = [
+        ("ss_base_model_version", base_version.to_string()),
+        ("ss_v2", python_bool(v2)),
+        ("modelspec.sai_model_spec", "1.0.1".to_string()),
+        ("modelspec.architecture", architecture.to_string()),
+        ("modelspec.implementation", "diffusers".to_string()),
+        ("modelspec.title", title.to_string()),
+        ("modelspec.resolution", resolution.to_string()),
+        ("modelspec.date", iso8601_utc(SystemTime::now())),
+        (
+            "modelspec.prediction_type",
+            if v_pred { "v" } else { "epsilon" }.to_string(),
+        ),
+    ];
+    fields
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+/// How Python's `str(float)` prints `x` (`4.0`, `0.5`, `5e-05`, `1e+16`): kohya tools read and
+/// compare these values as Python wrote them. Rust's shortest round-trip digits are Python's;
+/// only the exponent is spelled differently (`5e-5`, `1e16`).
+pub fn python_float(x: f64) -> String {
+    let rust = format!("{x:?}");
+    match rust.split_once('e') {
+        None => rust,
+        Some((mantissa, exponent)) => {
+            let (sign, digits) = match exponent.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', exponent),
+            };
+            format!("{mantissa}e{sign}{digits:0>2}")
+        }
+    }
+}
+
+/// `True` / `False`, as Python prints a bool.
+pub fn python_bool(b: bool) -> String {
+    match b {
+        true => "True",
+        false => "False",
+    }
+    .to_string()
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` in UTC.
+pub(crate) fn iso8601_utc(time: SystemTime) -> String {
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01 (H. Hinnant's
+/// `civil_from_days`), to avoid a date-time dependency for one header field.
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floats_print_as_python_prints_them() {
+        for (x, python) in [
+            (4.0, "4.0"),
+            (0.5, "0.5"),
+            (1e-4, "0.0001"),
+            (5e-5, "5e-05"),
+            (1.5e-7, "1.5e-07"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (2.5e123, "2.5e+123"),
+            (-3e-10, "-3e-10"),
+        ] {
+            assert_eq!(python_float(x), python, "{x}");
+        }
+        assert_eq!(
+            (python_bool(true), python_bool(false)),
+            ("True".into(), "False".into())
+        );
+    }
+
+    #[test]
+    fn dates_are_gregorian_utc() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_017), (2000, 3, 1));
+        let leap_day = UNIX_EPOCH + std::time::Duration::from_secs(19_782 * 86_400 + 3_723);
+        assert_eq!(iso8601_utc(leap_day), "2024-02-29T01:02:03");
+    }
+}

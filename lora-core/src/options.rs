@@ -1,0 +1,339 @@
+//! The option values every binary shares, parsed one way with one error for one mistake:
+//! `--precision`, `--device` and `--lora FILE[:SCALE]`. Each parses from the text a user types
+//! (`FromStr`, which clap uses) and reads from and writes to config files as that same text.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The floating-point type models are loaded in, or a merged checkpoint is written in. Adapters,
+/// optimizer state and latents stay f32 whatever this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+
+    /// As the flags spell it: `f32`, `f16` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    /// As kohya's metadata spells it (`ss_mixed_precision`): `fp32`, `fp16` or `bf16`.
+    pub fn kohya_name(self) -> &'static str {
+        match self {
+            Self::F32 => "fp32",
+            Self::F16 => "fp16",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    /// Refuses a precision the device cannot compute in: candle's CPU backend has no bf16
+    /// matrix product, and falling back silently would change both numerics and memory from
+    /// what was asked.
+    pub fn check_device(self, device: DeviceSpec) -> Result<()> {
+        ensure!(
+            !(self == Self::Bf16 && device == DeviceSpec::Cpu),
+            "--precision bf16 needs a CUDA device: candle's CPU backend has no bf16 matrix \
+             product (use f32 or f16 on the CPU)"
+        );
+        Ok(())
+    }
+}
+
+impl TryFrom<DType> for Precision {
+    type Error = anyhow::Error;
+    fn try_from(dtype: DType) -> Result<Self> {
+        match dtype {
+            DType::F32 => Ok(Self::F32),
+            DType::F16 => Ok(Self::F16),
+            DType::BF16 => Ok(Self::Bf16),
+            other => bail!("{other:?} is no model precision: expected f32, f16 or bf16"),
+        }
+    }
+}
+
+impl FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(Self::F32),
+            "f16" | "fp16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            _ => bail!("unknown precision `{s}`: expected f32, f16 or bf16 (or fp32, fp16)"),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a command runs: `cpu`, `cuda` (device 0) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// The spec of an opened device.
+    pub fn of(device: &Device) -> Self {
+        match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => Self::Cuda(gpu_id),
+            _ => Self::Cpu,
+        }
+    }
+
+    pub fn open(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(n) => {
+                Device::new_cuda(n).with_context(|| format!("cannot open CUDA device {n}"))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Self::Cuda(_) => bail!(
+                "device `{self}` needs CUDA support: rebuild with `--features cuda` (this build \
+                 is CPU-only)"
+            ),
+        }
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.split_once(':') {
+            None if s == "cpu" => Ok(Self::Cpu),
+            None if s == "cuda" => Ok(Self::Cuda(0)),
+            Some(("cuda", n)) => n
+                .parse()
+                .map(Self::Cuda)
+                .with_context(|| format!("device `{s}`: `{n}` is not a device number")),
+            _ => bail!("unknown device `{s}`: expected cpu, cuda or cuda:N"),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// `--lora FILE[:SCALE]`: one adapter file and its multiplier (1 unless given).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSpec {
+    pub path: PathBuf,
+    pub scale: f64,
+}
+
+impl AdapterSpec {
+    pub fn new(path: impl Into<PathBuf>, scale: f64) -> Self {
+        Self {
+            path: path.into(),
+            scale,
+        }
+    }
+}
+
+impl FromStr for AdapterSpec {
+    type Err = anyhow::Error;
+
+    /// `FILE` or `FILE:SCALE`, the scale after the last `:`. The whole text is the path when it
+    /// names an existing file, when what follows the last `:` is a path (it holds `/` or `\`,
+    /// as in `dir:x/a.safetensors`) or when what precedes it is a drive letter (`C:a.safetensors`);
+    /// otherwise a text after the last `:` that is not a number is an error, never silently part
+    /// of the path.
+    fn from_str(spec: &str) -> Result<Self> {
+        const USAGE: &str = "expected FILE or FILE:SCALE, e.g. style.safetensors:0.8";
+        ensure!(!spec.is_empty(), "empty --lora value: {USAGE}");
+        let Some((path, scale)) = spec.rsplit_once(':') else {
+            return Ok(Self::new(spec, 1.0));
+        };
+        let drive_letter = path.len() == 1 && path.chars().all(|c| c.is_ascii_alphabetic());
+        if Path::new(spec).is_file() || scale.contains(['/', '\\']) || drive_letter {
+            return Ok(Self::new(spec, 1.0));
+        }
+        ensure!(!path.is_empty(), "--lora `{spec}` names no file: {USAGE}");
+        let Ok(scale) = scale.trim().parse::<f64>() else {
+            bail!(
+                "--lora `{spec}`: scale `{scale}` is not a number (a file name that contains \
+                 `:` needs an explicit scale, e.g. `{spec}:1`): {USAGE}"
+            );
+        };
+        ensure!(
+            scale.is_finite(),
+            "--lora `{spec}`: scale must be a finite number"
+        );
+        Ok(Self::new(path, scale))
+    }
+}
+
+impl fmt::Display for AdapterSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.path.display(), self.scale)
+    }
+}
+
+/// Reads a value from config-file text through its `FromStr`, with the same error a flag gets:
+/// the body of `Deserialize::deserialize` for every option value.
+pub fn deserialize_text<'de, D: Deserializer<'de>, T>(d: D) -> Result<T, D::Error>
+where
+    T: FromStr<Err = anyhow::Error>,
+{
+    let text = String::deserialize(d)?;
+    text.parse()
+        .map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
+}
+
+/// Serde for values that are their own text (`FromStr` + `Display`), as config files hold them.
+macro_rules! serde_as_text {
+    ($($ty:ty),*) => {$(
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                deserialize_text(d)
+            }
+        }
+    )*};
+}
+serde_as_text!(Precision, DeviceSpec, AdapterSpec);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precisions_parse_in_both_spellings() {
+        for (text, expected) in [
+            ("f32", Precision::F32),
+            ("fp32", Precision::F32),
+            ("f16", Precision::F16),
+            ("fp16", Precision::F16),
+            ("bf16", Precision::Bf16),
+        ] {
+            assert_eq!(text.parse::<Precision>().unwrap(), expected);
+        }
+        let err = "f8".parse::<Precision>().unwrap_err().to_string();
+        assert!(err.contains("unknown precision `f8`"), "{err}");
+        assert!(Precision::Bf16.check_device(DeviceSpec::Cpu).is_err());
+        assert!(Precision::Bf16.check_device(DeviceSpec::Cuda(0)).is_ok());
+        assert!(Precision::F16.check_device(DeviceSpec::Cpu).is_ok());
+        assert_eq!(Precision::try_from(DType::BF16).unwrap(), Precision::Bf16);
+        assert!(Precision::try_from(DType::U8).is_err());
+    }
+
+    #[test]
+    fn devices_parse_and_print() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
+        assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
+        for (bad, expected) in [
+            ("gpu", "unknown device `gpu`"),
+            ("tpu", "unknown device"),
+            ("cpu:1", "unknown device"),
+            ("cuda:x", "`x` is not a device number"),
+        ] {
+            let err = format!("{:#}", bad.parse::<DeviceSpec>().unwrap_err());
+            assert!(err.contains(expected), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn adapter_specs_parse_file_and_scale() {
+        for (text, path, scale) in [
+            ("a.safetensors", "a.safetensors", 1.0),
+            ("dir/a.safetensors:0.75", "dir/a.safetensors", 0.75),
+            ("a.safetensors: 0.5", "a.safetensors", 0.5),
+            ("C:/x/a.safetensors:-1", "C:/x/a.safetensors", -1.0),
+            ("dir:x/a.safetensors", "dir:x/a.safetensors", 1.0),
+            ("C:a.safetensors", "C:a.safetensors", 1.0),
+            (r"C:\x\a.safetensors", r"C:\x\a.safetensors", 1.0),
+        ] {
+            assert_eq!(
+                text.parse::<AdapterSpec>().unwrap(),
+                AdapterSpec::new(path, scale),
+                "{text}"
+            );
+        }
+        assert_eq!(AdapterSpec::new("a", 0.8).to_string(), "a:0.8");
+    }
+
+    #[test]
+    fn adapter_specs_reject_bad_syntax_naming_the_value() {
+        for (spec, expected) in [
+            ("", "empty --lora"),
+            (":0.5", "names no file"),
+            ("a.safetensors:strong", "scale `strong` is not a number"),
+            ("a.safetensors:", "scale `` is not a number"),
+            ("a.safetensors:inf", "finite"),
+            ("a.safetensors:NaN", "finite"),
+        ] {
+            let err = spec.parse::<AdapterSpec>().unwrap_err().to_string();
+            assert!(err.contains(expected), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_existing_file_whose_name_ends_in_colon_text_is_taken_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("style:v2");
+        std::fs::write(&path, b"").unwrap();
+        let text = path.to_str().unwrap();
+        assert_eq!(
+            text.parse::<AdapterSpec>().unwrap(),
+            AdapterSpec::new(&path, 1.0)
+        );
+    }
+
+    #[test]
+    fn values_read_from_config_text() {
+        #[derive(Debug, Deserialize)]
+        struct File {
+            precision: Precision,
+            device: DeviceSpec,
+        }
+        let file: File =
+            serde_json::from_str(r#"{"precision": "fp16", "device": "cuda:1"}"#).unwrap();
+        assert_eq!(
+            (file.precision, file.device),
+            (Precision::F16, DeviceSpec::Cuda(1))
+        );
+        let bad = serde_json::from_str::<File>(r#"{"precision": "f8", "device": "cpu"}"#);
+        assert!(bad.unwrap_err().to_string().contains("unknown precision"));
+    }
+}

@@ -1,0 +1,83 @@
+//! The command line of `lora-infer`: every flag and its value type.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use lora_infer::lora_core::options::{AdapterSpec, DeviceSpec, Precision};
+use lora_infer::SchedulerKind;
+
+/// Generate images with a Stable Diffusion 1.x/2.x model and LoRA adapters.
+#[derive(Parser)]
+#[command(name = "lora-infer", version)]
+pub struct Cli {
+    /// Base model: a diffusers folder, a Hugging Face Hub id, or a single-file SD1.x/SD2.x
+    /// checkpoint (.safetensors with LDM keys; needs --base-config)
+    #[arg(long)]
+    pub base: String,
+    /// For a single-file --base: a diffusers folder of the same architecture whose config files
+    /// (unet/, text_encoder/, scheduler/, vae/ config.json; tokenizer/ if any) describe it; its
+    /// weights are not read. The prediction type (SD2 768-v: v_prediction) comes from its
+    /// scheduler config
+    #[arg(long, value_name = "DIR")]
+    pub base_config: Option<PathBuf>,
+    /// Adapter file with an optional scale, FILE[:SCALE] (repeatable; UNet and, when the file has
+    /// them, text-encoder modules).
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<AdapterSpec>,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (≤ 1 turns guidance off).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// ddim, euler, euler-a, dpm++2m or ddpm, over the model's noise schedule.
+    #[arg(long, default_value = "ddim")]
+    pub scheduler: SchedulerKind,
+    /// Image width in pixels (default: the model's sample size × the VAE factor).
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Seed of the first image; image i uses seed + i (default: random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Number of images (default 1, or the number in --latents).
+    #[arg(long)]
+    pub num_images: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+    /// Fold the adapters into the UNet weights at load (faster sampling) instead of applying them
+    /// unmerged.
+    #[arg(long)]
+    pub fuse: bool,
+    /// A .png path (several images: NAME-0.png, NAME-1.png…) or a directory.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Also write a contact sheet of all images (NAME-grid.png, or grid.png in a directory).
+    #[arg(long)]
+    pub grid: bool,
+    /// Initial noise from a safetensors file (key `latents`, [N, C, h, w]); scaled by the
+    /// scheduler's initial noise sigma as diffusers scales a passed `latents=`.
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub latents: Option<PathBuf>,
+    /// img2img: start from this image (PNG, JPEG or WebP; its size is the output size) instead
+    /// of from pure noise.
+    #[arg(long, value_name = "IMAGE")]
+    pub init_image: Option<PathBuf>,
+    /// img2img: the part of the schedule to run, in (0, 1] (1 ignores the image's content).
+    #[arg(long, default_value_t = 0.8)]
+    pub strength: f64,
+    /// Write the final latents (key `latents`, before VAE scaling) and the decoded images in
+    /// [-1, 1] before clamping (key `image`).
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub save_latents: Option<PathBuf>,
+}
