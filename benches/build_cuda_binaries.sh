@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the CUDA benchmark and the CUDA gradient-parity test on a machine with neither GPU nor
-# CUDA toolkit, for a GPU machine with neither Rust nor network (issue #7). CUDA 13's compiler,
+# CUDA toolkit, for a GPU machine with neither Rust nor network. CUDA 13's compiler,
 # headers and libraries come from NVIDIA's PyPI wheels; the driver library, libcuda, is linked
 # against a stub generated from cuda.h, and the GPU machine's own driver is used at run time.
 #   benches/build_cuda_binaries.sh OUT_DIR
 # Writes to OUT_DIR (xz-compressed, about 6 MB each):
 #   unet_step_cuda.xz   the unet_step benchmark, `--features cuda`
 #   unet_step_cudnn.xz  the same with cuDNN convolutions, `--features cudnn`, only when CUDNN=1
-#                       (measured 5x slower on an H200: candle runs bf16 convolutions in f32)
+#                       (slower: candle asks cuDNN for f32 compute on bf16 convolutions)
 #   lora_parity.xz      the lora_parity test binary, `--features cuda`
 #   lora_core_tests.xz  lora-core's unit tests, `--features cuda` (our CUDA kernels' tests)
 #   kernel_trace.so     benches/kernel_trace.c, with the libcupti.so.13 it needs

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark (issue #7): checks the CUDA build against PyTorch's gradients, then runs
+# One-shot GPU benchmark: checks the CUDA build against PyTorch's gradients, then runs
 # every CUDA case with lora-toolkit and with diffusers + peft (PyTorch) right after, printing one
 # table.
 #   benches/gpu.sh [PYTHON]
@@ -45,9 +45,9 @@ fi
 # Correctness first: our CUDA kernels against candle's ops, then adapter gradients on the GPU
 # (f32 and a bf16 base) against PyTorch autograd.
 if [ -n "${KERNEL_TESTS_BIN:-}" ]; then
-  "$KERNEL_TESTS_BIN" cuda_kernels || echo "CUDA KERNEL TESTS FAILED"
+  "$KERNEL_TESTS_BIN" kernels::cuda || echo "CUDA KERNEL TESTS FAILED"
 else
-  cargo test --release --features "$features" -p lora-core --lib cuda_kernels ||
+  cargo test --release --features "$features" -p lora-core --lib kernels::cuda ||
     echo "CUDA KERNEL TESTS FAILED"
 fi
 if [ -n "${PARITY_BIN:-}" ]; then

@@ -1,4 +1,4 @@
-// Kernel-time breakdown of any CUDA process, for issue #7: preloaded (LD_PRELOAD), it asks CUPTI
+// Kernel-time breakdown of any CUDA process: preloaded (LD_PRELOAD), it asks CUPTI
 // for an activity record of every kernel, memcpy and memset, sums their device time by name and
 // prints the largest at exit, to $KTRACE_OUT (appended) or stderr, headed by $KTRACE_LABEL. It
 // works the same for our binaries and for PyTorch, so both are broken down by one measure; the

@@ -27,6 +27,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
 use lora_toolkit::core::io::weights::{component_weights, RandomInit};
 use lora_toolkit::core::models::config::UNetConfig;
+use lora_toolkit::core::options::{DeviceSpec, Precision};
 use lora_toolkit::core::{Adapter, LoraConfig, LoraTargets, Rng, UNet2DConditionModel};
 
 struct Case {
@@ -77,8 +78,8 @@ fn load_case(name: &str, device: &Device, dtype: DType) -> Result<Case> {
 /// The process's heap, counted: bytes live now and the most live since the last reset. On the
 /// CPU the tensors are heap allocations, so these separate a step's activations and its backward
 /// pass's working set from the weights exactly, where peak RSS also counts what the allocator
-/// kept after a free. A half-precision base on the CPU takes the path CUDA takes (`nn`), so its
-/// figures model a GPU's (the sixth session's H200 figures agree, see RESULTS.md).
+/// kept after a free. A half-precision base on the CPU takes the path CUDA takes (the engine's
+/// non-kernel path), so its figures model a GPU's (benches/RESULTS.md compares them).
 struct CountingAllocator;
 
 static HEAP_LIVE: AtomicUsize = AtomicUsize::new(0);
@@ -199,20 +200,14 @@ fn main() -> Result<()> {
     };
     let iters: usize = flag("--iters")?.map_or(Ok(3), |v| v.parse())?;
     let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
-    let (device, device_name) = match flag("--device")?.map(String::as_str) {
-        None | Some("cpu") => (
-            Device::Cpu,
-            format!("cpu, {} threads", candle_core::utils::get_num_threads()),
-        ),
-        Some("cuda") => (Device::new_cuda(0)?, "cuda:0".to_string()),
-        Some(other) => bail!("--device {other}: expected cpu or cuda"),
+    let device_spec: DeviceSpec = flag("--device")?.map_or(Ok(DeviceSpec::Cpu), |v| v.parse())?;
+    let device = device_spec.open()?;
+    let device_name = match device_spec {
+        DeviceSpec::Cpu => format!("cpu, {} threads", candle_core::utils::get_num_threads()),
+        cuda => cuda.to_string(),
     };
-    let dtype = match flag("--dtype")?.map(String::as_str) {
-        None | Some("f32") => DType::F32,
-        Some("f16") => DType::F16,
-        Some("bf16") => DType::BF16,
-        Some(other) => bail!("--dtype {other}: expected f32, f16 or bf16"),
-    };
+    let precision: Precision = flag("--dtype")?.map_or(Ok(Precision::F32), |v| v.parse())?;
+    let dtype = precision.dtype();
     let mut case = load_case(&case_name, &device, dtype)?;
     if let Some(batch) = flag("--batch")? {
         case.batch = batch.parse()?;
@@ -320,9 +315,9 @@ fn main() -> Result<()> {
         out.insert("gradient_checkpointing", serde_json::json!(true));
     }
     if let Some(used) = gpu_used_mib(&device) {
-        // Kept under its old name: the device's memory in use after the run, which (the pool
-        // having released what was freed at the last synchronisation) is the weights, the CUDA
-        // context and what is still alive; the pool's peaks are `pool_peak_*`.
+        // Not a peak (the key is what earlier results call it): the device's memory in use after
+        // the run, which (the pool having released what was freed at the last synchronisation)
+        // is the weights, the CUDA context and what is still alive; the peaks are `pool_peak_*`.
         out.insert("peak_gpu_mib", serde_json::json!(used));
     }
     out.insert("iters", serde_json::json!(iters));

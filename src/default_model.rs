@@ -17,8 +17,8 @@
 //!   Predicting the clean picture (`prediction_type: sample`) rather than the noise puts the loss
 //!   where the caption matters (at high noise the picture can only come from the caption), so the
 //!   model learns to follow captions in minutes of CPU instead of hours; ε-prediction with the
-//!   same budget denoised well (loss 0.03) but ignored the caption (loss with the empty caption
-//!   0.0337 vs 0.0335) and sampled noisy blobs. The predicted picture is clamped to [-1, 1] while
+//!   same budget learns to denoise but not to follow the caption (benches/RESULTS.md). The
+//!   predicted picture is clamped to [-1, 1] while
 //!   sampling (`clip_sample`), as pixel-space DDPM does.
 //! - Weights are stored in f16 (half the bytes); every tool loads them into f32.
 

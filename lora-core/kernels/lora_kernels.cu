@@ -1,6 +1,6 @@
-// lora-toolkit's own CUDA kernels (issue #7), compiled to PTX by build.rs with the `cuda` feature
-// and launched from src/cuda_kernels.rs. Each replaces a sequence of candle's generic kernels that a
-// kernel trace on an H200 showed running far below memory bandwidth: strided copies that divide
+// lora-toolkit's own CUDA kernels, compiled to PTX by build.rs with the `cuda` feature and launched
+// from src/engine/kernels/cuda.rs. Each replaces a sequence of candle's generic kernels that run
+// far below memory bandwidth: strided copies that divide
 // per element, a softmax with one warp per row and four passes over memory, broadcast binary ops,
 // and the normalisations' backward passes composed from a dozen f32 elementwise kernels.
 //

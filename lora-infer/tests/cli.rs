@@ -219,7 +219,7 @@ fn bad_input_fails_with_clear_errors() {
         (vec!["--precision", "f8"], "unknown precision `f8`"),
         (
             vec!["--precision", "bf16"],
-            "bf16 is not supported on the CPU",
+            "--precision bf16 needs a CUDA device",
         ),
         (
             vec!["--latents", wrong_latents.to_str().unwrap()],

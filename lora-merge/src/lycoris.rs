@@ -16,7 +16,9 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use lora_core::formats::keys::{Component, KohyaNames};
+use lora_core::formats::keys::{
+    Component, KohyaNames, LOHA_SUFFIXES, LOKR_SUFFIXES, LYCORIS_TUCKER_SUFFIXES,
+};
 use lora_core::io::read_safetensors;
 use lora_core::{LoraModule, ModelModules, ModuleInfo};
 
@@ -129,20 +131,6 @@ pub struct LycorisFile {
     pub metadata: BTreeMap<String, String>,
 }
 
-const SUFFIXES: [&str; 11] = [
-    "hada_w1_a",
-    "hada_w1_b",
-    "hada_w2_a",
-    "hada_w2_b",
-    "lokr_w1",
-    "lokr_w1_a",
-    "lokr_w1_b",
-    "lokr_w2",
-    "lokr_w2_a",
-    "lokr_w2_b",
-    "alpha",
-];
-
 impl LycorisFile {
     /// Reads a kohya-prefixed LoHa/LoKr file; every key must belong to a complete LoHa or LoKr
     /// module, else the error lists the offending keys.
@@ -161,7 +149,8 @@ impl LycorisFile {
                 unknown.push(key.clone());
                 continue;
             };
-            if ["hada_t1", "hada_t2", "lokr_t2"].contains(&suffix) {
+            let suffix = suffix.strip_suffix(".weight").unwrap_or(suffix);
+            if LYCORIS_TUCKER_SUFFIXES.contains(&suffix) {
                 unsupported.push(format!("`{key}` (Tucker decomposition)"));
                 continue;
             }
@@ -169,8 +158,8 @@ impl LycorisFile {
                 unsupported.push(format!("`{key}` (DoRA)"));
                 continue;
             }
-            let suffix = suffix.strip_suffix(".weight").unwrap_or(suffix);
-            if !SUFFIXES.contains(&suffix) {
+            let known = LOHA_SUFFIXES.iter().chain(&LOKR_SUFFIXES);
+            if suffix != "alpha" && !known.into_iter().any(|s| *s == suffix) {
                 unknown.push(key.clone());
                 continue;
             }
@@ -301,16 +290,8 @@ fn assemble(full: &str, mut parts: BTreeMap<String, Tensor>) -> Result<LycorisMo
     };
     let mut take = |s: &str| parts.remove(s);
     let key = |s: &str| format!("{full}.{s}");
-    let hada = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"].map(&mut take);
-    let lokr = [
-        "lokr_w1",
-        "lokr_w1_a",
-        "lokr_w1_b",
-        "lokr_w2",
-        "lokr_w2_a",
-        "lokr_w2_b",
-    ]
-    .map(&mut take);
+    let hada = LOHA_SUFFIXES.map(&mut take);
+    let lokr = LOKR_SUFFIXES.map(&mut take);
     let has_hada = hada.iter().any(Option::is_some);
     let has_lokr = lokr.iter().any(Option::is_some);
     ensure!(

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference fixtures for lora-merge (issue #4), written to tests/fixtures/<cfg>/merge/.
+"""Reference fixtures for lora-merge, written to tests/fixtures/<cfg>/merge/.
 
 Needs the fixture models of make_fixtures.py. For each of sd1-tiny and sd2-tiny:
 

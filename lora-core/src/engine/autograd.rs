@@ -170,8 +170,8 @@ pub(crate) fn with_input_grad<G: InputGradient>(
 ///
 /// Why: candle's graph keeps every node's output until the backward pass ends, and a residual
 /// sum `s(r) + f(x)` composed from ops keeps `f(x)`, `s(r)` and whatever `f` made on the way as
-/// well as the sum. As one node it keeps the sum only. In the transformer blocks and resnets at
-/// 64² latents this was most of what our activations held beyond PyTorch's saved tensors (#7).
+/// well as the sum. As one node it keeps the sum only, which in the transformer blocks and resnets
+/// is most of the difference between what candle's graph would keep and what PyTorch saves.
 pub(crate) struct ResidualNode<G, R> {
     output: ComputedOutput,
     grad: G,

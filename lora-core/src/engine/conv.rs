@@ -29,10 +29,10 @@ pub(crate) struct ConvInputGrad {
 /// The stride-1 adjoint of a frozen kernel `[O, I, k, k]`: flipped in space with its channel
 /// axes swapped, `[I, O, k, k]`, for the half-precision CPU path and CUDA without our kernels.
 /// Built on the first backward pass and kept by the layer: making it with candle (`flip` is an
-/// index-select copy of the whole kernel) took about a quarter of an SD1.5 LoRA step when redone
-/// every step. Costs one more copy of the conv kernels, only once something is trained through
+/// index-select copy of the whole kernel) is too slow to redo every step. Costs one more copy of the conv kernels, only once something is trained through
 /// them. On CUDA our gather kernel builds it each time instead (`cuda::conv_adjoint`);
-/// on the CPU in f32 the input gradient is `Wᵀ·dy` with col2im (`cpu_conv`), with no copy.
+/// on the CPU in f32 the input gradient is `Wᵀ·dy` with col2im (`kernels::cpu::conv`), with no
+/// copy.
 #[derive(Debug, Clone, Default)]
 pub struct AdjointKernel(Arc<OnceLock<Tensor>>);
 
@@ -77,9 +77,8 @@ impl InputGradient for ConvInputGrad {
         }
         // The adjoint is itself a stride-1 convolution, with the kernel flipped in space and its
         // channel axes swapped and padding k-1-p, of the output gradient spread `stride` apart
-        // (zeros between). candle's conv2d runs it faster than its conv_transpose2d: 2.5-5x on
-        // CPU at SD1.5 shapes; on an H200 conv_transpose2d's direct kernel took 7 ms per
-        // downsampler at batch 4, more than all of a layer's products (issue #7).
+        // (zeros between). candle's conv2d runs it on its im2col + product path, where its
+        // conv_transpose2d is a slow direct loop on the CPU and a slow direct kernel on CUDA.
         let flipped = self.adjoint_kernel()?;
         let (_, _, kh, kw) = self.weight.dims4()?;
         if self.stride == 1 && kh == kw {
@@ -126,8 +125,8 @@ fn conv2d_stride1(x: &Tensor, weight: &Tensor, padding: usize) -> candle_core::R
 /// (i, j) reads the input at a fixed offset i·Wp + j, so each tap is one contiguous run per
 /// channel, copied with candle's 2-D copy. The product covers each output row at the padded
 /// width Wp (the k−1 extra columns are dropped after). candle's conv2d gathers the same
-/// columns with its im2col kernel, which computes six divisions per element: on an H200 that
-/// kernel took longer than all of the UNet's matrix products (issue #7).
+/// columns with its im2col kernel, which computes six divisions per element and on a GPU costs
+/// more than the products themselves.
 pub(crate) fn shifted_conv(
     x: &Tensor,
     weight: &Tensor,

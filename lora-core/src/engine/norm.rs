@@ -145,7 +145,7 @@ impl GroupNormLayer {
         self.normalize(x, true)
     }
 
-    /// The parameters `cpu_norm`'s kernels read.
+    /// The parameters `kernels::cpu::norm`'s kernels read.
     fn cpu_params(&self, silu: bool) -> candle_core::Result<cpu::norm::GroupNormParams> {
         let values = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
         Ok(cpu::norm::GroupNormParams {
@@ -276,7 +276,7 @@ impl LayerNormLayer {
         any_trained([Some(&self.weight), Some(&self.bias)])
     }
 
-    /// The parameters `cpu_norm`'s kernels read (f32).
+    /// The parameters `kernels::cpu::norm`'s kernels read (f32).
     fn cpu_params(&self) -> candle_core::Result<cpu::norm::LayerNormParams> {
         Ok(cpu::norm::LayerNormParams {
             eps: self.eps,
@@ -301,7 +301,7 @@ impl LayerNormLayer {
 
 impl Module for LayerNormLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // One pass for the values instead of nine recorded ops: `cpu_norm` on the CPU in f32
+        // One pass for the values instead of nine recorded ops: `kernels::cpu::norm` on the CPU in f32
         // (values and input gradient), elsewhere candle's fused kernel on the input's own dtype
         // (it accumulates in f32, so no f32 copy of the activations is made), which has no
         // backward of its own, so the input gradient is attached by `LayerNormInputGrad`.

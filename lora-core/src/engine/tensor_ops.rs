@@ -22,8 +22,7 @@ pub(crate) fn add_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<
 
 /// `a·b` where one operand is a matrix shared by every element of the other's batch. candle's
 /// `broadcast_matmul` copies a shared left matrix once per batch element, and a shared right one
-/// too unless the left operand is contiguous: on an H200 those copies of the conv kernels took a
-/// seventh of an SD1.5 training step (issue #7). Here a shared left matrix is a stride-0 view,
+/// too unless the left operand is contiguous: for a conv kernel, a full copy per sample. Here a shared left matrix is a stride-0 view,
 /// which the strided-batched product reads in place, and a left batch is made contiguous so that
 /// candle folds it into the rows of one product with the shared right matrix.
 pub(crate) fn shared_matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
@@ -35,7 +34,7 @@ pub(crate) fn shared_matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tenso
 }
 
 /// `x.contiguous()`, copied by our kernels on CUDA (candle's strided copy divides per element per
-/// axis: on an H200 its copies took more time than all of a step's matrix products, issue #7).
+/// axis, which makes its copies cost more than a step's matrix products on a GPU).
 pub(crate) fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     return cuda::contiguous(x);
@@ -62,8 +61,8 @@ pub fn broadcast_mul(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 /// axes are merged wherever `b` is broadcast along both or along neither: a per-channel
 /// `[B, C, H, W] + [1, C, 1, 1]` runs as `[B, C, H·W] + [1, C, 1]`, a bias `[B, N, O] + [O]` as
 /// `[B·N, O] + [1, O]`. candle's CUDA kernels compute each element's broadcast index with a
-/// division per axis, which on an H200 made bias additions cost more than the products they
-/// follow (issue #7); fewer axes, fewer divisions. Same values and gradients as `op(y, b)`.
+/// division per axis, which makes a bias addition cost more than the product it follows; fewer
+/// axes, fewer divisions. Same values and gradients as `op(y, b)`.
 fn broadcast_op(
     y: &Tensor,
     b: &Tensor,
@@ -125,8 +124,8 @@ pub(crate) fn compute_dtype(dtype: DType) -> DType {
 
 /// Nearest-neighbour resize of `[B, C, H, W]` to `[B, C, h, w]`. The usual exact ×2 is a
 /// broadcast of each pixel over a 2×2 block, whose backward is a sum over the block: candle's
-/// own `upsample_nearest2d` backward is a grouped convolution (one group per channel) that took
-/// 2 % of an SD1.5 LoRA step on CPU.
+/// own `upsample_nearest2d` backward is a grouped convolution (one group per channel), far slower
+/// than that sum.
 pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
     let (b, c, xh, xw) = x.dims4()?;
     if (h, w) != (2 * xh, 2 * xw) {

@@ -166,6 +166,21 @@ fn unsupported_kohya_suffix(suffix: &str) -> ParsedKey {
     }
 }
 
+/// The tensors of a LyCORIS LoHa module (after its kohya name): `ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b)`.
+pub const LOHA_SUFFIXES: [&str; 4] = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"];
+/// The tensors of a LyCORIS LoKr module: each Kronecker factor whole (`w1`, `w2`) or as a
+/// low-rank pair (`w1_a`·`w1_b`, `w2_a`·`w2_b`).
+pub const LOKR_SUFFIXES: [&str; 6] = [
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+];
+/// The Tucker-decomposition tensors of LoHa/LoKr (their conv form), which nothing here reads.
+pub const LYCORIS_TUCKER_SUFFIXES: [&str; 3] = ["hada_t1", "hada_t2", "lokr_t2"];
+
 /// The non-LoRA algorithm whose tensor names start like `segment`, if any.
 fn algorithm_marker(segment: &str) -> Option<&'static str> {
     const ALGORITHMS: [(&str, &str); 12] = [

@@ -171,7 +171,7 @@ fn conv3x3(in_channels: usize, out_channels: usize, vb: VarBuilder) -> candle_co
 ///
 /// Our own rather than candle-transformers': its attention block feeds non-contiguous
 /// single-head tensors to a batched matmul and decodes every image after the first of a batch
-/// wrongly (off by up to 0.47 on the tiny fixture; `vae_batches_equal_single_images`).
+/// wrongly (`vae_batches_equal_single_images` checks ours).
 struct MidBlock {
     resnet_in: ResnetBlock2D,
     attention: SelfAttention,

@@ -5,7 +5,8 @@ use candle_core::Tensor;
 use lora_core::models::config::{PredictionType, SchedulerConfig};
 
 use super::{
-    clip_original, discrete_timesteps, noise_to_alpha_prod, predicted_original, Scheduler,
+    alpha_sigma_of, clip_original, discrete_timesteps, noise_to_alpha_prod, predicted_original,
+    timestep_alpha, Scheduler,
 };
 
 pub struct Ddim {
@@ -42,8 +43,8 @@ impl Scheduler for Ddim {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
-        let t = self.timesteps[step] as usize;
-        noise_to_alpha_prod(original, noise, self.alphas_cumprod[t])
+        let (_, alpha_prod) = timestep_alpha(&self.timesteps, &self.alphas_cumprod, step)?;
+        noise_to_alpha_prod(original, noise, alpha_prod)
     }
 
     fn is_stochastic(&self) -> bool {
@@ -57,14 +58,13 @@ impl Scheduler for Ddim {
         sample: &Tensor,
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let t = self.timesteps[step] as usize;
-        let alpha_prod = self.alphas_cumprod[t];
+        let (t, alpha_prod) = timestep_alpha(&self.timesteps, &self.alphas_cumprod, step)?;
         let alpha_prev = match t.checked_sub(self.step_ratio) {
             Some(prev) => self.alphas_cumprod[prev],
             None => self.final_alpha_cumprod,
         };
         let prediction = self.config.prediction_type;
-        let x0 = predicted_original(prediction, model_output, sample, alpha_prod)?;
+        let x0 = predicted_original(prediction, model_output, sample, alpha_sigma_of(alpha_prod))?;
         // ε̂ is derived before clipping x̂₀, as diffusers does (use_clipped_model_output = False).
         let eps = match prediction {
             PredictionType::Epsilon => model_output.clone(),

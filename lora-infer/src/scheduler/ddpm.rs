@@ -9,8 +9,8 @@ use candle_core::Tensor;
 use lora_core::models::config::SchedulerConfig;
 
 use super::{
-    clip_original, discrete_timesteps, noise_to_alpha_prod, predicted_original, require_noise,
-    Scheduler,
+    alpha_sigma_of, clip_original, discrete_timesteps, noise_to_alpha_prod, predicted_original,
+    require_noise, timestep_alpha, Scheduler,
 };
 
 /// diffusers clamps the variance to this before the square root.
@@ -38,8 +38,8 @@ impl Scheduler for Ddpm {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
-        let t = self.timesteps[step] as usize;
-        noise_to_alpha_prod(original, noise, self.alphas_cumprod[t])
+        let (_, alpha_prod) = timestep_alpha(&self.timesteps, &self.alphas_cumprod, step)?;
+        noise_to_alpha_prod(original, noise, alpha_prod)
     }
 
     fn is_stochastic(&self) -> bool {
@@ -53,8 +53,7 @@ impl Scheduler for Ddpm {
         sample: &Tensor,
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let t = self.timesteps[step] as usize;
-        let alpha_prod = self.alphas_cumprod[t];
+        let (t, alpha_prod) = timestep_alpha(&self.timesteps, &self.alphas_cumprod, step)?;
         // The previous timestep is the next one in the list; after the last, ᾱ = 1.
         let alpha_prev = match self.timesteps.get(step + 1) {
             Some(&prev) => self.alphas_cumprod[prev as usize],
@@ -68,7 +67,7 @@ impl Scheduler for Ddpm {
             self.config.prediction_type,
             model_output,
             sample,
-            alpha_prod,
+            alpha_sigma_of(alpha_prod),
         )?;
         let x0 = clip_original(&self.config, x0)?;
         let x0_coeff = alpha_prev.sqrt() * current_beta / beta_prod;

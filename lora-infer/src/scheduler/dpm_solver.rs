@@ -10,7 +10,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use lora_core::models::config::{PredictionType, SchedulerConfig, TimestepSpacing};
 
-use super::{linspace, sigma_at, trailing, Scheduler};
+use super::{linspace, predicted_original, sigmas_of, trailing, Scheduler};
 
 pub struct DpmSolverPlusPlus2M {
     prediction: PredictionType,
@@ -44,12 +44,7 @@ impl DpmSolverPlusPlus2M {
             }
             TimestepSpacing::Trailing => trailing(train, steps),
         };
-        let alphas_cumprod = config.alphas_cumprod();
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| sigma_at(&alphas_cumprod, t))
-            .collect();
-        sigmas.push(0.0);
+        let sigmas = sigmas_of(config, &timesteps);
         Self {
             prediction: config.prediction_type,
             timesteps,
@@ -92,11 +87,7 @@ impl Scheduler for DpmSolverPlusPlus2M {
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (alpha_s, sigma_s) = Self::alpha_sigma(self.sigmas[step]);
-        let x0 = match self.prediction {
-            PredictionType::Epsilon => ((sample - (model_output * sigma_s)?)? / alpha_s)?,
-            PredictionType::VPrediction => ((sample * alpha_s)? - (model_output * sigma_s)?)?,
-            PredictionType::Sample => model_output.clone(),
-        };
+        let x0 = predicted_original(self.prediction, model_output, sample, (alpha_s, sigma_s))?;
         let previous = self.previous_x0.replace(x0.clone());
         let sigma_next = self.sigmas[step + 1];
         if sigma_next == 0.0 {

@@ -6,7 +6,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use lora_core::models::config::{PredictionType, SchedulerConfig, TimestepSpacing};
 
-use super::{discrete_timesteps, linspace, require_noise, sigma_at, trailing, Scheduler};
+use super::{discrete_timesteps, linspace, require_noise, sigmas_of, trailing, Scheduler};
 
 /// The schedule both Euler variants share: timesteps, their σ, and a final σ = 0.
 struct SigmaSchedule {
@@ -30,12 +30,7 @@ impl SigmaSchedule {
                 .collect(),
             TimestepSpacing::Trailing => trailing(train, steps),
         };
-        let alphas_cumprod = config.alphas_cumprod();
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| sigma_at(&alphas_cumprod, t))
-            .collect();
-        sigmas.push(0.0);
+        let sigmas = sigmas_of(config, &timesteps);
         let max_sigma = sigmas.iter().copied().fold(0.0, f64::max);
         let init_noise_sigma = match config.timestep_spacing {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,

@@ -187,19 +187,47 @@ fn sigma_at(alphas_cumprod: &[f64], t: f64) -> f64 {
     sigma(low) * (1.0 - frac) + sigma(low + 1) * frac
 }
 
-/// The predicted clean sample x₀ from a DDPM-parameterised model output at ᾱ_t.
+/// The predicted clean sample x₀ from a model output for `sample` = α·x₀ + σ·ε: the DDPM family
+/// passes (√ᾱ, √(1 − ᾱ)), DPM-Solver the (α_t, σ_t) of its noise level.
 fn predicted_original(
     prediction: PredictionType,
     model_output: &Tensor,
     sample: &Tensor,
-    alpha_prod: f64,
+    (alpha, sigma): (f64, f64),
 ) -> Result<Tensor> {
-    let (a, b) = (alpha_prod.sqrt(), (1.0 - alpha_prod).sqrt());
     Ok(match prediction {
-        PredictionType::Epsilon => ((sample - (model_output * b)?)? / a)?,
-        PredictionType::VPrediction => ((sample * a)? - (model_output * b)?)?,
+        PredictionType::Epsilon => ((sample - (model_output * sigma)?)? / alpha)?,
+        PredictionType::VPrediction => ((sample * alpha)? - (model_output * sigma)?)?,
         PredictionType::Sample => model_output.clone(),
     })
+}
+
+/// (√ᾱ, √(1 − ᾱ)): the signal and noise factors of the DDPM family at ᾱ.
+fn alpha_sigma_of(alpha_prod: f64) -> (f64, f64) {
+    (alpha_prod.sqrt(), (1.0 - alpha_prod).sqrt())
+}
+
+/// The training timestep and its ᾱ at step `step` of a DDPM-family schedule; a step past the
+/// schedule is an error, not a panic.
+fn timestep_alpha(timesteps: &[f64], alphas_cumprod: &[f64], step: usize) -> Result<(usize, f64)> {
+    let t = *timesteps.get(step).ok_or_else(|| {
+        anyhow::anyhow!(
+            "step {step} is past the schedule's {} steps",
+            timesteps.len()
+        )
+    })? as usize;
+    Ok((t, alphas_cumprod[t]))
+}
+
+/// σ at each timestep, then the final σ = 0 (the Euler and DPM-Solver schedules).
+fn sigmas_of(config: &SchedulerConfig, timesteps: &[f64]) -> Vec<f64> {
+    let alphas_cumprod = config.alphas_cumprod();
+    let mut sigmas: Vec<f64> = timesteps
+        .iter()
+        .map(|&t| sigma_at(&alphas_cumprod, t))
+        .collect();
+    sigmas.push(0.0);
+    sigmas
 }
 
 /// √ᾱ·x₀ + √(1 − ᾱ)·ε, the forward process of the DDPM family.

@@ -16,8 +16,7 @@ use crate::engine::tensor_ops::{compute_dtype, contiguous};
 /// Bytes of scores one block of query rows may take (all heads and samples together). A block's
 /// scores, probabilities and, in the backward pass, dP − δ and dS exist at once, so this bounds
 /// those temporaries (under 0.5 GB); smaller blocks cost more launches and more f32 passes
-/// accumulating dk and dv (at 64 MiB, 16 blocks per layer at SD1.5's 64² latents, batch 4, those
-/// took 8 % of an H200 step).
+/// accumulating dk and dv (benches/RESULTS.md has the measurements behind the size).
 const BLOCK_SCORE_BYTES: usize = 1 << 27;
 
 /// `[B, R, H·d] → [B, H, R, d]`, contiguous.
@@ -39,8 +38,7 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// own, or f32 for half-precision operands when `upcast` (SD2's attention upcast). Staying in
 /// half precision otherwise is what makes this path fast on a GPU: candle's elementwise kernels
 /// run far below memory bandwidth, and each cast or scaling of a `[B, H, rows, M]` block is one
-/// more such pass (measured on an H200, issue #7: casts, scaling and softmax of f32 scores took
-/// half of an SD1.5 inference step). The softmax still accumulates in f32 (see [`softmax`]), and
+/// more such pass over the largest tensors of the step. The softmax still accumulates in f32 (see [`softmax`]), and
 /// the sums across blocks and the row sums δ are kept in f32.
 fn score_dtype(dtype: DType, upcast: bool) -> DType {
     match upcast {

@@ -1,8 +1,8 @@
 //! Our CUDA kernels (`kernels/lora_kernels.cu`, compiled to PTX by `build.rs`), each one op in
-//! place of several of candle's generic kernels: a kernel trace of an SD1.5 step on an H200
-//! (issue #7) showed candle's strided copies, its softmax, its broadcast binary ops and the f32
-//! elementwise passes of the normalisations' backward taking most of the GPU time, each running
-//! far below memory bandwidth. Callers (`nn`, `blocked_attention`) use these where [`applies`]
+//! place of several of candle's generic kernels that run far below memory bandwidth: strided
+//! copies, softmax, broadcast binary ops and the f32 elementwise passes of the normalisations'
+//! backward (benches/RESULTS.md has the kernel traces). The engine's layers and blocked attention
+//! use these where [`applies`]
 //! and candle's ops otherwise; every kernel is checked against those ops in this module's tests,
 //! which run on a GPU (`cargo test --features cuda`).
 //!

@@ -124,9 +124,8 @@ avx2_dispatch! {
 }
 
 /// Score values kept per thread (4 MiB): a block of query rows against all keys, instead of the
-/// whole `N × M` matrix (64 MiB per head at 64² latents). Measured on the 2-core VM at 4096
-/// queries and keys: 556 ms per layer in blocks of 256 rows, 631 ms unblocked, 828 ms in blocks
-/// of 16 rows (the products get too thin).
+/// whole `N × M` matrix (64 MiB per head at 64² latents), which leaves the cache; much smaller
+/// blocks make the products too thin (benches/RESULTS.md has the sweep).
 const SCORE_BLOCK_VALUES: usize = 1 << 20;
 
 /// The query blocks of one head: `(first row, rows)`.

@@ -327,7 +327,7 @@ enum Pass {
 }
 
 /// One of the three convolution passes as a candle op without a backward of its own (the
-/// callers in `nn` attach the gradients).
+/// callers in the engine attach the gradients).
 struct ConvPass {
     geometry: ConvGeometry,
     pass: Pass,
