@@ -1,6 +1,8 @@
 //! Small raster pictures for the quick start: the before/after grid and the loss curve, drawn
 //! straight into RGB pixels (with a 3×5 pixel font for the few labels) so no plotting or font
-//! stack is needed.
+//! stack is needed. `plotters`' bitmap backend would draw the curves, but any text through it
+//! needs a system font (its `ttf` feature) or a TrueType file shipped with us (`ab_glyph`); the
+//! quick start must run on a fresh offline machine, and a few labels do not justify either.
 
 use lora_infer::output::Image8;
 

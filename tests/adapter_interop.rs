@@ -20,7 +20,7 @@ use lora_toolkit::core::formats::adapter_file::{
 };
 use lora_toolkit::core::formats::kohya::BaseModelVersion;
 use lora_toolkit::core::models::config::{PredictionType, UNetConfig};
-use lora_toolkit::core::models::source::ModelFolder;
+use lora_toolkit::core::source::ModelFolder;
 use lora_toolkit::core::{models::text_encoder, Adapter, UNet2DConditionModel};
 
 fn string_set(v: &serde_json::Value) -> BTreeSet<String> {

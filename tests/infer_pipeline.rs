@@ -10,8 +10,8 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use lora_core::models::source::ModelFolder;
 use lora_core::options::AdapterSpec;
+use lora_core::source::ModelFolder;
 use lora_infer::{GenerateOptions, InitImage, Pipeline, SchedulerKind};
 
 const TOLERANCE: f32 = 1e-3;

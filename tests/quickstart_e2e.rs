@@ -5,9 +5,9 @@
 mod common;
 
 use candle_core::{DType, Device};
-use lora_toolkit::core::models::source::ModelFolder;
 use lora_toolkit::core::options::AdapterSpec;
 use lora_toolkit::core::options::Precision;
+use lora_toolkit::core::source::ModelFolder;
 use lora_toolkit::default_model::default_model_dir;
 use lora_toolkit::infer::Pipeline;
 use lora_toolkit::merge::{merge, MergeOptions};

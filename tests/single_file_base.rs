@@ -13,8 +13,8 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use common::{expected, fixtures, get, max_abs, max_abs_diff};
 use lora_core::models::config::UNetConfig;
-use lora_core::models::source::{ModelFolder, ModelSource};
 use lora_core::options::AdapterSpec;
+use lora_core::source::{ModelFolder, ModelSource};
 use lora_infer::{GenerateOptions, Pipeline, SchedulerKind};
 use lora_train::TrainArgs;
 

@@ -9,10 +9,10 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use common::{expected, fixtures, get, max_abs, max_abs_diff, CONFIGS};
 use lora_toolkit::core::models::config::SchedulerConfig;
-use lora_toolkit::core::models::source::{ModelFolder, ModelSource};
 use lora_toolkit::core::models::text_encoder::{lora_modules, TextEncoder};
 use lora_toolkit::core::models::tokenizer::TokenizedPrompt;
 use lora_toolkit::core::models::vae::Vae;
+use lora_toolkit::core::source::{ModelFolder, ModelSource};
 
 /// Parity bound for f32 against the PyTorch reference.
 const TOLERANCE: f32 = 1e-4;

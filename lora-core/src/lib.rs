@@ -11,6 +11,7 @@ pub mod models;
 pub mod options;
 pub mod process_setup;
 pub mod rng;
+pub mod source;
 #[cfg(test)]
 mod test_support;
 

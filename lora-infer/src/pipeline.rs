@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lora_core::models::config::{SchedulerConfig, UNetConfig};
-use lora_core::models::source::ModelFolder;
 use lora_core::models::text_encoder::{self, TextEncoder};
 use lora_core::models::tokenizer::{ClipTokenizer, TokenizedPrompt};
 use lora_core::models::vae::Vae;
+use lora_core::source::ModelFolder;
 use lora_core::{Adapter, AdapterFile, ModelModules, Rng, UNet2DConditionModel};
 
 use crate::scheduler::{Scheduler, SchedulerKind};

@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::DynamicImage;
-use lora_core::models::source::ModelFolder;
 use lora_core::models::tokenizer::TokenizedPrompt;
 use lora_core::models::vae::Vae;
+use lora_core::source::ModelFolder;
 use lora_core::Rng;
 
 use crate::config::Crop;

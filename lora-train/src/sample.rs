@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
-use lora_core::models::source::ModelFolder;
+use lora_core::source::ModelFolder;
 use lora_core::UNet2DConditionModel;
 use lora_infer::output::{to_images8, write_png};
 use lora_infer::{GenerateOptions, Pipeline, PipelineParts};

@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor, Var};
 use lora_core::adapters::TrainableAdapter;
 use lora_core::formats::kohya::{python_bool, python_float};
 use lora_core::models::config::{PredictionType, UNetConfig};
-use lora_core::models::source::{ModelFolder, ModelSource};
+use lora_core::source::{ModelFolder, ModelSource};
 use lora_core::{
     save_adapter, Adapter, BaseModelVersion, LoraConfig, ModelModules, Rng, SaveOptions,
     UNet2DConditionModel,

@@ -15,7 +15,7 @@ use super::linear::{frozen_linear, LinearInputGrad};
 use super::norm::{GroupNormLayer, LayerNormLayer};
 use super::tensor_ops::{broadcast_add, image_to_tokens, shared_matmul, tokens_to_image};
 
-/// The input gradient of [`GroupNormLayer::forward_to_tokens`]: the norm's, for the tokens'
+/// The input gradient of [`group_norm_to_tokens`]: the norm's, for the tokens'
 /// gradient times `W` as an image.
 struct GroupNormToTokensInputGrad {
     norm: GroupNormLayer,
@@ -31,7 +31,7 @@ impl InputGradient for GroupNormToTokensInputGrad {
     }
 }
 
-/// The input gradient of [`LayerNormLayer::forward_linear`]: the norm's, for `dy·W`.
+/// The input gradient of [`layer_norm_linear`]: the norm's, for `dy·W`.
 struct LayerNormLinearInputGrad {
     norm: LayerNormLayer,
     weight: Tensor,

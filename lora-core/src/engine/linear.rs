@@ -8,6 +8,7 @@ use super::autograd::{any_trained, with_input_grad, InputGradient};
 use super::kernels::cpu;
 use super::tensor_ops::{add_bias, shared_matmul};
 
+/// The frozen linear layer's input gradient, `dy·W`.
 pub(crate) struct LinearInputGrad {
     pub(crate) weight: Tensor,
 }

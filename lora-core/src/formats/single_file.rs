@@ -3,7 +3,7 @@
 //! checkpoint's tensors, renamed through [`crate::formats::ldm`], q/k/v cut out of OpenCLIP's stacked
 //! `in_proj_*`, and 1×1-conv/Linear shapes reconciled (same data, `[o, i, 1, 1]` vs `[o, i]`).
 //!
-//! The file holds no configs; [`crate::models::source::ModelFolder::open_single_file`] takes them from a
+//! The file holds no configs; [`crate::source::ModelFolder::open_single_file`] takes them from a
 //! diffusers-layout folder of config files.
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,9 +1,8 @@
 //! The Stable Diffusion models, written by us and differentiable end to end where we train
-//! through them: the UNet, the CLIP text encoder, the VAE, the tokenizer, their config files,
-//! and where a model's files come from (folder, Hub id, single file).
+//! through them: the UNet, the CLIP text encoder, the VAE, the tokenizer and their config files.
+//! Where a model's files come from (folder, Hub id, single file) is `crate::source`.
 
 pub mod config;
-pub mod source;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;
