@@ -269,6 +269,11 @@ impl Tolerance {
     };
 }
 
+/// Whether an error is within its bound; false for NaN, which `err > tol` would let pass.
+fn within(err: f32, tol: f32) -> bool {
+    err <= tol
+}
+
 /// Loads each tiny model on `device` with a `dtype` base, attaches the fixture adapter as f32
 /// trainable variables, and compares output, loss and every adapter gradient with PyTorch's.
 fn check_adapter_gradients(
@@ -281,6 +286,10 @@ fn check_adapter_gradients(
     let mut failures = Vec::new();
     for cfg in CONFIGS {
         let mut exp = expected(cfg)?;
+        let count_grads = |m: &std::collections::HashMap<String, candle_core::Tensor>| {
+            m.keys().filter(|k| k.starts_with("grad.")).count()
+        };
+        let mut reference_grads = count_grads(&exp);
         let dir = fixtures().join(cfg).join("unet");
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
         let weights = component_weights(&dir, "diffusion_pytorch_model")?;
@@ -291,10 +300,10 @@ fn check_adapter_gradients(
                 .unet
                 .retain(|path, _| LoraTargets::Attn2.matches(path));
             let path = fixtures().join(cfg).join("grad_attn2.safetensors");
-            exp.extend(
-                candle_core::safetensors::load(&path, &Device::Cpu)
-                    .with_context(|| format!("loading {}", path.display()))?,
-            );
+            let attn2 = candle_core::safetensors::load(&path, &Device::Cpu)
+                .with_context(|| format!("loading {}", path.display()))?;
+            reference_grads = count_grads(&attn2);
+            exp.extend(attn2);
         }
 
         // Make every down/up a trainable f32 variable on `device`.
@@ -336,7 +345,7 @@ fn check_adapter_gradients(
             &out_f32.to_device(&Device::Cpu)?,
             get(&exp, "unet_out_lora_grad"),
         );
-        if forward_err > tol.forward {
+        if !within(forward_err, tol.forward) {
             failures.push(format!("{label}: forward relative error {forward_err:.2e}"));
         }
         let target = get(&exp, "grad_target").to_device(device)?;
@@ -347,7 +356,7 @@ fn check_adapter_gradients(
             .to_scalar::<f32>()?;
         let our_loss = loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?;
         let loss_err = (our_loss - ref_loss).abs() / ref_loss.abs().max(1.0);
-        if loss_err > tol.forward {
+        if !within(loss_err, tol.forward) {
             failures.push(format!("{label}: loss {our_loss} vs {ref_loss}"));
         }
 
@@ -381,9 +390,16 @@ fn check_adapter_gradients(
                 errors.push(err);
             }
         }
+        // Every reference gradient is compared: none is skipped by a module the adapter lacks.
+        assert_eq!(
+            errors.len(),
+            reference_grads,
+            "{label}: compared {} adapter gradients, the fixture holds {reference_grads}",
+            errors.len()
+        );
         errors.sort_by(f32::total_cmp);
         let median = errors[errors.len() / 2];
-        if median > tol.gradient_median || worst.0 > tol.gradient_worst {
+        if !(within(median, tol.gradient_median) && within(worst.0, tol.gradient_worst)) {
             failures.push(format!(
                 "{label}: gradient relative errors: median {median:.2e}, worst {:.2e} ({})",
                 worst.0, worst.1

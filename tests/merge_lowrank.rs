@@ -66,6 +66,10 @@ fn svd_of_one_adapter_at_its_rank_reproduces_it() -> Result<()> {
         let original = kohya_deltas(&kohya(cfg, 1.0).path)?;
         let result = kohya_deltas(&out)?;
         assert_eq!(result.len(), original.len());
+        assert!(
+            !original.is_empty(),
+            "{cfg}: the adapter has no modules to compare"
+        );
         let mut worst = 0f32;
         for (name, delta) in &original {
             worst = worst.max(max_abs_diff(&result[name], delta));
@@ -73,14 +77,22 @@ fn svd_of_one_adapter_at_its_rank_reproduces_it() -> Result<()> {
         // Singular values: the kept up columns have norm σ (down rows are orthonormal).
         let tensors = candle_core::safetensors::load(&out, &Device::Cpu)?;
         let reference = reference_singular_values(cfg)?;
+        assert_eq!(
+            reference.len(),
+            original.len(),
+            "{cfg}: singular values per module"
+        );
         let mut worst_sigma = 0f64;
         for (name, sigma) in &reference {
             let up = tensors[&format!("{name}.lora_up.weight")]
                 .to_dtype(DType::F64)?
                 .flatten_from(1)?;
             let norms = up.sqr()?.sum(0)?.sqrt()?.to_vec1::<f64>()?;
+            assert!(!norms.is_empty() && norms.len() <= sigma.len(), "{name}");
             for (ours, theirs) in norms.iter().zip(sigma) {
-                worst_sigma = worst_sigma.max((ours - theirs).abs() / sigma[0]);
+                let error = (ours - theirs).abs() / sigma[0];
+                assert!(error.is_finite(), "{name}: σ error {error}");
+                worst_sigma = worst_sigma.max(error);
             }
         }
         println!("{cfg}: svd at own rank: max |ΔW' - ΔW| = {worst:.2e}, max rel σ error vs torch = {worst_sigma:.2e}");
@@ -122,6 +134,7 @@ fn svd_of_two_weighted_adapters_equals_their_fused_sum() -> Result<()> {
                 .join("unet/diffusion_pytorch_model.safetensors"),
             &Device::Cpu,
         )?;
+        assert!(!fused.is_empty(), "{cfg}: the reference fused nothing");
         let mut worst = 0f32;
         for (key, w) in &fused {
             let name = key
@@ -149,11 +162,17 @@ fn resize_error_equals_the_dropped_singular_values() -> Result<()> {
         let original = kohya_deltas(&kohya(cfg, 1.0).path)?;
         let resized = kohya_deltas(&out)?;
         let reference = reference_singular_values(cfg)?;
+        assert!(
+            !reference.is_empty(),
+            "{cfg}: no singular values to compare"
+        );
         let mut worst = 0f64;
         for (name, sigma) in &reference {
             let dropped = (sigma[2] * sigma[2] + sigma[3] * sigma[3]).sqrt();
             let error = frobenius(&(&original[name] - &resized[name])?)?;
-            worst = worst.max((error - dropped).abs() / sigma[0]);
+            let off = (error - dropped).abs() / sigma[0];
+            assert!(off.is_finite(), "{name}: {off}");
+            worst = worst.max(off);
         }
         println!("{cfg}: resize 4→2: max |‖ΔW−ΔW'‖ − √(σ₃²+σ₄²)| / σ₁ = {worst:.2e}");
         assert!(worst <= 1e-5, "{cfg}: {worst}");
@@ -214,6 +233,10 @@ fn extract_from_a_merge_reproduces_the_adapter() -> Result<()> {
     let original = kohya_deltas(&kohya(cfg, 1.0).path)?;
     let extracted = kohya_deltas(&out)?;
     assert_eq!(extracted.len(), original.len());
+    assert!(
+        !original.is_empty(),
+        "{cfg}: the adapter has no modules to compare"
+    );
     let mut worst = 0f32;
     for (name, delta) in &original {
         worst = worst.max(max_abs_diff(&extracted[name], delta));

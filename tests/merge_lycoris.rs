@@ -47,8 +47,14 @@ fn merged(adapter: &str, weight: f64, out: &Path) -> Result<usize> {
 /// (`unet.<name>` / `text_encoder.<name>`).
 fn compare(out: &Path, expected: &Path) -> Result<f32> {
     let merged = Checkpoint::open(out)?;
+    let expected_tensors = load(expected)?;
+    assert!(
+        !expected_tensors.is_empty(),
+        "{} holds no tensors",
+        expected.display()
+    );
     let mut worst = 0f32;
-    for (key, want) in load(expected)? {
+    for (key, want) in expected_tensors {
         let (part, name) = match key.split_once('.') {
             Some(("unet", name)) => (ModelPart::Unet, name),
             Some(("text_encoder", name)) => (ModelPart::TextEncoder, name),

@@ -29,58 +29,56 @@ pub fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
         .unwrap_or_else(|| panic!("fixture key `{key}` missing"))
 }
 
-/// Largest absolute elementwise difference, in f32.
+/// The values of `t` as f64, failing the test (at the caller's line) if any is NaN or infinite:
+/// a comparison must never pass because a value it compares is not a number. `what` names the
+/// tensor in the message.
+#[track_caller]
+pub fn finite_values(t: &Tensor, what: &str) -> Vec<f64> {
+    let values = t
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all()?.to_vec1::<f64>())
+        .unwrap_or_else(|e| panic!("{what}: cannot read the tensor: {e}"));
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        panic!(
+            "{what} {:?} holds a non-finite value ({}) at flat index {i}",
+            t.dims(),
+            values[i]
+        );
+    }
+    values
+}
+
+#[track_caller]
+fn same_shape(a: &Tensor, b: &Tensor) {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+}
+
+/// Largest absolute elementwise difference. Fails on a NaN or infinity in either tensor.
+#[track_caller]
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    same_shape(a, b);
+    let (a, b) = (finite_values(a, "ours"), finite_values(b, "reference"));
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max) as f32
 }
 
-/// Largest absolute value, in f32.
+/// Largest absolute value. Fails on a NaN or infinity.
+#[track_caller]
 pub fn max_abs(a: &Tensor) -> f32 {
-    a.to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    finite_values(a, "tensor")
+        .iter()
+        .map(|v| v.abs())
+        .fold(0.0, f64::max) as f32
 }
 
-/// ‖a − b‖ / ‖b‖ (Frobenius).
+/// ‖a − b‖ / ‖b‖ (Frobenius). Fails on a NaN or infinity in either tensor.
+#[track_caller]
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let num = (a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .sqrt();
-    let den = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .sqrt();
-    num / den.max(f32::MIN_POSITIVE)
+    same_shape(a, b);
+    let (a, b) = (finite_values(a, "ours"), finite_values(b, "reference"));
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num.sqrt() / den.sqrt().max(f64::from(f32::MIN_POSITIVE))) as f32
 }
