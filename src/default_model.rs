@@ -35,9 +35,9 @@ use lora_core::models::text_encoder::TextEncoder;
 use lora_core::models::tokenizer::{ClipTokenizer, TokenizedPrompt};
 use lora_core::{Rng, UNet2DConditionModel};
 use lora_train::config::LrScheduler;
+use lora_train::objective::denoising_loss;
 use lora_train::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
 use lora_train::schedule::{learning_rate, NoiseSchedule};
-use lora_train::trainer::denoising_loss;
 use serde::Serialize;
 
 use crate::shapes::{self, Scene, BACKGROUNDS, COLOURS};

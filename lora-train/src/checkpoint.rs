@@ -9,11 +9,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use lora_core::io::{read_safetensors, write_safetensors_atomic};
 use serde_json::Value;
 
+use crate::config::{LrScheduler, TrainConfig};
 use crate::optimizer::Moments;
 
 const FORMAT_KEY: &str = "lora_train.checkpoint";
@@ -121,4 +122,56 @@ impl Checkpoint {
         };
         load().with_context(|| format!("cannot resume from {}", path.display()))
     }
+}
+
+/// Options that do not change the trajectory, so a resumed run may set them differently.
+const FREE_ON_RESUME: [&str; 10] = [
+    "output",
+    "metrics",
+    "save_every",
+    "resume",
+    "format",
+    "device",
+    "skip_bad",
+    "length",
+    "sample",
+    "gradient_checkpointing",
+];
+
+/// The options that shape the trajectory, as JSON; a resume must match them. The run's length
+/// may change (train longer), except under a decaying LR schedule, whose curve depends on it.
+pub(crate) fn recipe(config: &TrainConfig, total_steps: usize) -> Result<Value> {
+    let mut value = serde_json::to_value(config)?;
+    if let Value::Object(map) = &mut value {
+        for key in FREE_ON_RESUME {
+            map.remove(key);
+        }
+        if config.lr_scheduler != LrScheduler::Constant {
+            map.insert("total_steps".into(), total_steps.into());
+        }
+    }
+    Ok(value)
+}
+
+pub(crate) fn check_recipe(now: &Value, saved: &Value) -> Result<()> {
+    let (Value::Object(now), Value::Object(saved)) = (now, saved) else {
+        bail!("the checkpoint's recipe is not a JSON object");
+    };
+    let differences: Vec<String> = now
+        .iter()
+        .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
+        .map(|(k, v)| {
+            format!(
+                "{}: checkpoint {}, now {v}",
+                k.replace('_', "-"),
+                saved.get(k.as_str()).unwrap_or(&Value::Null)
+            )
+        })
+        .collect();
+    ensure!(
+        differences.is_empty(),
+        "options differ from the checkpoint's (a resumed run must use the same recipe):\n  {}",
+        differences.join("\n  ")
+    );
+    Ok(())
 }

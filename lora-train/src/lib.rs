@@ -3,7 +3,8 @@
 //! Modules, in the order a run uses them: [`config`] (options, from flags and TOML),
 //! [`dataset`] (finding and checking images and captions), [`cache`] (text embeddings and VAE
 //! latents computed once), [`schedule`] (noise and learning-rate schedules), [`optimizer`]
-//! (AdamW and gradient clipping), [`trainer`] (the loop), [`checkpoint`] (exact resume),
+//! (AdamW and gradient clipping), [`objective`] (the denoising loss), [`trainer`] (the loop),
+//! [`checkpoint`] (training state and the recipe a resume must match, for exact resume),
 //! [`metrics`] (JSON-lines log and summary) and [`sample`] (images during training, through
 //! lora-infer). The `lora-train` binary is a thin front end.
 //!
@@ -28,6 +29,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod metrics;
+pub mod objective;
 pub mod optimizer;
 pub mod sample;
 pub mod schedule;

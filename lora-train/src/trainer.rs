@@ -10,42 +10,28 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use lora_core::adapters::TrainableAdapter;
 use lora_core::formats::kohya::{python_bool, python_float};
-use lora_core::models::config::{PredictionType, UNetConfig};
+use lora_core::models::config::UNetConfig;
 use lora_core::source::{ModelFolder, ModelSource};
 use lora_core::{
     save_adapter, Adapter, BaseModelVersion, LoraConfig, ModelModules, Rng, SaveOptions,
     UNet2DConditionModel,
 };
-use serde_json::Value;
 
 use crate::cache::{EncodeOptions, EncodedDataset};
-use crate::checkpoint::Checkpoint;
-use crate::config::{Crop, LrScheduler, TrainConfig, TrainLength};
+use crate::checkpoint::{check_recipe, recipe, Checkpoint};
+use crate::config::{Crop, TrainConfig, TrainLength};
 use crate::dataset::{bucket_size, Dataset};
 use crate::metrics::{peak_rss_bytes, MetricsLog, StepReport, TrainSummary};
+use crate::objective::{denoising_loss, DenoisingBatch};
 use crate::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::sample::Sampler;
 use crate::schedule::{learning_rate, NoiseSchedule};
 
 /// Name under which the trained adapter is attached to the UNet.
 const ADAPTER_NAME: &str = "train";
-/// Options that do not change the trajectory, so a resumed run may set them differently.
-const FREE_ON_RESUME: [&str; 10] = [
-    "output",
-    "metrics",
-    "save_every",
-    "resume",
-    "format",
-    "device",
-    "skip_bad",
-    "length",
-    "sample",
-    "gradient_checkpointing",
-];
-
 /// Events before the first step, for the front end to display.
 pub enum Preparation<'a> {
     Dataset(&'a Dataset),
@@ -595,80 +581,6 @@ pub fn train(
     Trainer::new(config, on_prepare)?.run(on_step)
 }
 
-/// The training objective for one batch: draw a timestep per sample and noise (plus the noise
-/// offset) from `rng`, noise the latents, predict with the UNet and return the (min-SNR
-/// weighted) MSE against the ε, v or x₀ target, averaged in f32.
-pub fn denoising_loss(
-    unet: &UNet2DConditionModel,
-    schedule: &NoiseSchedule,
-    min_snr_gamma: Option<f64>,
-    noise_offset: f64,
-    latents: &Tensor,
-    context: &Tensor,
-    rng: &mut Rng,
-) -> Result<Tensor> {
-    let batch = DenoisingBatch::draw(schedule, min_snr_gamma, noise_offset, latents, rng)?;
-    batch.loss(&unet.forward(&batch.noisy, &batch.timesteps, context)?)
-}
-
-/// One batch of the training objective: the noised latents at their drawn timesteps (the UNet's
-/// inputs), and what the UNet should predict.
-pub struct DenoisingBatch {
-    pub noisy: Tensor,
-    /// `[B]`, f32.
-    pub timesteps: Tensor,
-    target: Tensor,
-    /// Per sample: min-SNR weight or 1.
-    loss_weight: Tensor,
-}
-
-impl DenoisingBatch {
-    /// Draws a timestep per sample, then the noise (plus the noise offset), from `rng`.
-    pub fn draw(
-        schedule: &NoiseSchedule,
-        min_snr_gamma: Option<f64>,
-        noise_offset: f64,
-        latents: &Tensor,
-        rng: &mut Rng,
-    ) -> Result<Self> {
-        let device = latents.device();
-        let (b, c, _, _) = latents.dims4()?;
-        let num_t = schedule.num_timesteps() as u64;
-        let timesteps: Vec<usize> = (0..b).map(|_| rng.below(num_t) as usize).collect();
-        let mut noise = rng.normal_tensor(latents.shape(), device)?;
-        if noise_offset > 0.0 {
-            let offset = rng.normal_tensor((b, c, 1, 1), device)?;
-            noise = noise.broadcast_add(&(offset * noise_offset)?)?;
-        }
-        let coef = schedule.coefficients(&timesteps, min_snr_gamma, device)?;
-        let noisy = (latents.broadcast_mul(&coef.signal)? + noise.broadcast_mul(&coef.noise)?)?;
-        let target = match schedule.prediction {
-            PredictionType::Epsilon => noise,
-            PredictionType::VPrediction => {
-                (noise.broadcast_mul(&coef.signal)? - latents.broadcast_mul(&coef.noise)?)?
-            }
-            PredictionType::Sample => latents.clone(),
-        };
-        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-        Ok(Self {
-            noisy,
-            timesteps: Tensor::from_vec(t, b, device)?,
-            target,
-            loss_weight: coef.loss_weight,
-        })
-    }
-
-    /// The (min-SNR weighted) MSE of the UNet's `prediction` against the target, averaged in f32.
-    pub fn loss(&self, prediction: &Tensor) -> Result<Tensor> {
-        let prediction = prediction.to_dtype(DType::F32)?;
-        let per_sample = (prediction - &self.target)?
-            .sqr()?
-            .flatten_from(1)?
-            .mean(1)?;
-        Ok((per_sample * &self.loss_weight)?.mean_all()?)
-    }
-}
-
 /// `(checkpoint, adapter)` written at `step` next to `output`:
 /// `<stem>-step000010.ckpt.safetensors` and `<stem>-step000010.safetensors`.
 pub fn checkpoint_paths(output: &Path, step: usize) -> (PathBuf, PathBuf) {
@@ -711,44 +623,6 @@ fn bucket_batches(
 fn derive_seed(seed: u64, stream: u64) -> u64 {
     let mut r = Rng::new(seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03));
     r.next_u64()
-}
-
-/// The options that shape the trajectory, as JSON; a resume must match them. The run's length
-/// may change (train longer), except under a decaying LR schedule, whose curve depends on it.
-fn recipe(config: &TrainConfig, total_steps: usize) -> Result<Value> {
-    let mut value = serde_json::to_value(config)?;
-    if let Value::Object(map) = &mut value {
-        for key in FREE_ON_RESUME {
-            map.remove(key);
-        }
-        if config.lr_scheduler != LrScheduler::Constant {
-            map.insert("total_steps".into(), total_steps.into());
-        }
-    }
-    Ok(value)
-}
-
-fn check_recipe(now: &Value, saved: &Value) -> Result<()> {
-    let (Value::Object(now), Value::Object(saved)) = (now, saved) else {
-        bail!("the checkpoint's recipe is not a JSON object");
-    };
-    let differences: Vec<String> = now
-        .iter()
-        .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
-        .map(|(k, v)| {
-            format!(
-                "{}: checkpoint {}, now {v}",
-                k.replace('_', "-"),
-                saved.get(k.as_str()).unwrap_or(&Value::Null)
-            )
-        })
-        .collect();
-    ensure!(
-        differences.is_empty(),
-        "options differ from the checkpoint's (a resumed run must use the same recipe):\n  {}",
-        differences.join("\n  ")
-    );
-    Ok(())
 }
 
 /// Sample count and FNV-1a hash of every item's file name, caption and repeats.
