@@ -229,7 +229,7 @@ impl Checkpoint {
     pub fn load_f32(&self, part: ModelPart, name: &str) -> Result<Tensor> {
         let location = self
             .by_name
-            .get(&(part, canonical(part, name)))
+            .get(&(part, part.canonical_name(name)))
             .with_context(|| format!("{}: no {part} tensor `{name}`", self.root.display()))?;
         let t = self.load_entry(location.entry)?.to_dtype(DType::F32)?;
         Ok(match location.stacked_index {
@@ -239,14 +239,6 @@ impl Checkpoint {
                 t.narrow(0, k * rows, rows)?
             }
         })
-    }
-}
-
-/// Text-encoder names with the `text_model.` level (files of either generation exist).
-pub fn canonical(part: ModelPart, name: &str) -> String {
-    match part {
-        ModelPart::TextEncoder => Component::TextEncoder.canonical_path(name),
-        _ => name.to_string(),
     }
 }
 
@@ -315,7 +307,7 @@ fn index_entries(entries: &[Entry]) -> HashMap<(ModelPart, String), Location> {
                     entry: i,
                     stacked_index: None,
                 };
-                index.insert((t.part, canonical(t.part, &t.name)), location);
+                index.insert((t.part, t.part.canonical_name(&t.name)), location);
             }
             LdmTensor::StackedQkv(parts) => {
                 for (k, t) in parts.iter().enumerate() {
@@ -323,7 +315,7 @@ fn index_entries(entries: &[Entry]) -> HashMap<(ModelPart, String), Location> {
                         entry: i,
                         stacked_index: Some(k),
                     };
-                    index.insert((t.part, canonical(t.part, &t.name)), location);
+                    index.insert((t.part, t.part.canonical_name(&t.name)), location);
                 }
             }
             LdmTensor::Other => {}

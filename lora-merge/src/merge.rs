@@ -15,7 +15,7 @@ use safetensors::Dtype;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{canonical, Checkpoint, Layout};
+use crate::checkpoint::{Checkpoint, Layout};
 use crate::lycoris::{is_lycoris_file, LycorisFile, MergeModule};
 use crate::stream::{write_streaming, PlannedTensor};
 
@@ -559,7 +559,7 @@ impl Merger<'_> {
                 ModelPart::TextEncoder => Component::TextEncoder,
                 ModelPart::Vae => return None,
             };
-            let path = canonical(part, name.strip_suffix(".weight")?);
+            let path = part.canonical_name(name.strip_suffix(".weight")?);
             self.contributions.get(&(component, path))
         };
         let found: Vec<Option<&Vec<(MergeModule, f64)>>> = match &self.base.entries[i].meaning {

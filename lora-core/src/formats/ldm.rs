@@ -10,11 +10,21 @@
 //! the three models (EMA copies, `text_projection`, `logit_scale`, schedule buffers) map to
 //! [`LdmTensor::Other`] and are meant to be carried over untouched. The UNet's block numbering
 //! depends on its layers per block, which [`LdmLayout::detect`] reads off the keys.
+//! [`LdmLayout::ldm_key`] goes the other way.
+//!
+//! Both directions read the same rules: each model's correspondences are listed once, as pairs
+//! of name prefixes (`input_blocks.4.1.` ↔ `down_blocks.1.attentions.0.`), by one function per
+//! model (`LdmLayout::rules`). A name maps through the pair with the longest prefix it starts
+//! with on its side, the rest carried over unchanged; so a fact such as the UNet's row
+//! arithmetic or the decoder's reversed block order is written in one place, and reading and
+//! writing agree on every name a model has.
 
 use std::collections::BTreeSet;
 use std::fmt;
 
 use anyhow::{bail, ensure, Context, Result};
+
+use crate::formats::keys::Component;
 
 /// Key prefix of the UNet in a single-file checkpoint.
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
@@ -42,6 +52,15 @@ impl ModelPart {
             Self::Unet => "unet",
             Self::Vae => "vae",
             Self::TextEncoder => "text_encoder",
+        }
+    }
+
+    /// `name` as this model's tensors are compared: text-encoder names with the `text_model.`
+    /// level, which files of either transformers generation may lack; others as they are.
+    pub fn canonical_name(self, name: &str) -> String {
+        match self {
+            Self::TextEncoder => Component::TextEncoder.canonical_path(name),
+            _ => name.to_string(),
         }
     }
 }
@@ -148,119 +167,40 @@ impl LdmLayout {
     /// The diffusers tensor(s) behind single-file key `key`; an error names keys under a model's
     /// prefix that follow no known pattern.
     pub fn diffusers_name(&self, key: &str) -> Result<LdmTensor> {
-        let mapped = if let Some(rest) = key.strip_prefix(UNET_PREFIX) {
-            self.unet_name(rest)
-                .map(|n| LdmTensor::Renamed(DiffusersTensor::new(ModelPart::Unet, n)))
-        } else if let Some(rest) = key.strip_prefix(VAE_PREFIX) {
-            self.vae_name(rest)
-                .map(|n| LdmTensor::Renamed(DiffusersTensor::new(ModelPart::Vae, n)))
-        } else if let Some(rest) = key.strip_prefix(CLIP_PREFIX) {
-            Some(LdmTensor::Renamed(DiffusersTensor::new(
-                ModelPart::TextEncoder,
-                with_text_model_level(rest),
-            )))
-        } else if let Some(rest) = key.strip_prefix(OPEN_CLIP_PREFIX) {
-            Some(open_clip_name(rest))
-        } else {
-            Some(LdmTensor::Other)
+        let Some(section) = Section::ALL
+            .into_iter()
+            .find(|s| key.starts_with(s.prefix()))
+        else {
+            return Ok(LdmTensor::Other);
         };
-        mapped.with_context(|| format!("single-file key `{key}` follows no known LDM pattern"))
-    }
-
-    fn unet_name(&self, rest: &str) -> Option<String> {
-        if let Some(name) = replace_prefix(rest, &UNET_TOP) {
-            return Some(name);
-        }
-        let per = self.layers_per_block + 1;
-        if let Some((k, child, tail)) = numbered(rest, "input_blocks.") {
-            let (block, layer) = ((k - 1) / per, (k - 1) % per);
-            return match (child, tail.strip_prefix("op.")) {
-                (0, Some(op)) if k % per == 0 => Some(format!(
-                    "down_blocks.{}.downsamplers.0.conv.{op}",
-                    k / per - 1
-                )),
-                (0, None) => Some(format!(
-                    "down_blocks.{block}.resnets.{layer}.{}",
-                    unet_resnet(tail)?
-                )),
-                (1, None) => Some(format!("down_blocks.{block}.attentions.{layer}.{tail}")),
-                _ => None,
-            };
-        }
-        if let Some((k, tail)) = numbered_once(rest, "middle_block.") {
-            return match k {
-                0 | 2 => Some(format!(
-                    "mid_block.resnets.{}.{}",
-                    k / 2,
-                    unet_resnet(tail)?
-                )),
-                1 => Some(format!("mid_block.attentions.0.{tail}")),
-                _ => None,
-            };
-        }
-        if let Some((k, child, tail)) = numbered(rest, "output_blocks.") {
-            let (block, layer) = (k / per, k % per);
-            return match (child, tail.strip_prefix("conv.")) {
-                (1 | 2, Some(conv)) if layer == self.layers_per_block => {
-                    Some(format!("up_blocks.{block}.upsamplers.0.conv.{conv}"))
-                }
-                (0, _) => Some(format!(
-                    "up_blocks.{block}.resnets.{layer}.{}",
-                    unet_resnet(tail)?
-                )),
-                (1, None) => Some(format!("up_blocks.{block}.attentions.{layer}.{tail}")),
-                _ => None,
-            };
-        }
-        None
-    }
-
-    fn vae_name(&self, rest: &str) -> Option<String> {
-        const SAME: [&str; 6] = [
-            "quant_conv.",
-            "post_quant_conv.",
-            "encoder.conv_in.",
-            "encoder.conv_out.",
-            "decoder.conv_in.",
-            "decoder.conv_out.",
-        ];
-        if SAME.iter().any(|p| rest.starts_with(p)) {
-            return Some(rest.to_string());
-        }
-        let (coder, inner) = rest.split_once('.')?;
-        if coder != "encoder" && coder != "decoder" {
-            return None;
-        }
-        if let Some(tail) = inner.strip_prefix("norm_out.") {
-            return Some(format!("{coder}.conv_norm_out.{tail}"));
-        }
-        if let Some(tail) = inner.strip_prefix("mid.") {
-            return vae_mid(tail).map(|t| format!("{coder}.mid_block.{t}"));
-        }
-        let (blocks, stage) = match coder {
-            "encoder" => ("down_blocks", "down."),
-            _ => ("up_blocks", "up."),
+        let rest = &key[section.prefix().len()..];
+        let rules = self.rules(section, index_bound(rest), &[]);
+        let Some((rule, tail)) = longest_match(&rules, rest, Side::Ldm) else {
+            // OpenCLIP's text_projection, logit_scale, attn_mask: parts CLIPTextModel has no
+            // use for. The other models have no such extras.
+            if section == Section::OpenClip {
+                return Ok(LdmTensor::Other);
+            }
+            bail!("single-file key `{key}` follows no known LDM pattern");
         };
-        let (i, tail) = numbered_once(inner, stage)?;
-        // The decoder's `up.N` counts from the lowest resolution; diffusers' up_blocks from the
-        // highest.
-        let block = match coder {
-            "encoder" => i,
-            _ => self.vae_up_blocks.checked_sub(i + 1)?,
-        };
-        if let Some((j, resnet)) = numbered_once(tail, "block.") {
-            let resnet = replace_prefix(resnet, &[("nin_shortcut.", "conv_shortcut.")])
-                .unwrap_or_else(|| resnet.to_string());
-            return Some(format!("{coder}.{blocks}.{block}.resnets.{j}.{resnet}"));
-        }
-        let sampler = replace_prefix(
-            tail,
-            &[
-                ("downsample.", "downsamplers.0."),
-                ("upsample.", "upsamplers.0."),
-            ],
-        )?;
-        Some(format!("{coder}.{blocks}.{block}.{sampler}"))
+        let renamed =
+            |r: &Rule| DiffusersTensor::new(section.part(), format!("{}{tail}", r.diffusers));
+        Ok(match rule.kind {
+            Kind::Plain | Kind::ConvWeight => LdmTensor::Renamed(renamed(rule)),
+            Kind::Stacked(_) => {
+                // The q, k and v rules share this LDM prefix and are listed in that order.
+                let thirds: Vec<DiffusersTensor> = rules
+                    .iter()
+                    .filter(|r| r.ldm == rule.ldm)
+                    .map(renamed)
+                    .collect();
+                LdmTensor::StackedQkv(
+                    thirds
+                        .try_into()
+                        .expect("OpenCLIP's rules list q, k and v under each in_proj_ prefix"),
+                )
+            }
+        })
     }
 }
 
@@ -286,229 +226,314 @@ impl LdmTarget {
 impl LdmLayout {
     /// The single-file key of diffusers tensor `t`. `up_blocks_with_attention` lists the UNet up
     /// blocks that have attentions (their upsampler is the block's third child, not its second).
-    /// Every key is checked by mapping it back with [`diffusers_name`](Self::diffusers_name),
-    /// so the two directions cannot disagree.
+    /// Text-encoder names may lack the `text_model.` level ([`ModelPart::canonical_name`]).
     pub fn ldm_key(
         &self,
         t: &DiffusersTensor,
         up_blocks_with_attention: &[usize],
     ) -> Result<LdmTarget> {
-        let target = self
-            .ldm_target(t, up_blocks_with_attention)
-            .with_context(|| {
-                format!(
-                    "{} tensor `{}` has no single-file (LDM) name",
-                    t.part, t.name
-                )
-            })?;
-        let back = self.diffusers_name(target.key())?;
-        let same = match (&target, &back) {
-            (LdmTarget::Key { .. }, LdmTensor::Renamed(b)) => {
-                b.part == t.part && b.name == canonical_name(t)
-            }
-            (LdmTarget::Stacked { index, .. }, LdmTensor::StackedQkv(parts)) => {
-                parts[*index].name == canonical_name(t)
-            }
-            _ => false,
+        let section = match (t.part, self.text_encoder) {
+            (ModelPart::Unet, _) => Section::Unet,
+            (ModelPart::Vae, _) => Section::Vae,
+            (ModelPart::TextEncoder, TextEncoderLayout::Clip) => Section::Clip,
+            (ModelPart::TextEncoder, TextEncoderLayout::OpenClip) => Section::OpenClip,
         };
+        let name = t.part.canonical_name(&t.name);
+        let rules = self.rules(section, index_bound(&name), up_blocks_with_attention);
+        let unmapped = || {
+            format!(
+                "{} tensor `{}` has no single-file (LDM) name",
+                t.part, t.name
+            )
+        };
+        let (rule, tail) = longest_match(&rules, &name, Side::Diffusers).with_context(unmapped)?;
+        let rest = format!("{}{tail}", rule.ldm);
+        let key = format!("{}{rest}", section.prefix());
+        // Reading the key must go through a pair with the same LDM prefix, or it would come back
+        // as another tensor. Only names no model has get here: `resnets.0.nin_shortcut.weight`
+        // becomes `block.0.nin_shortcut.weight`, which reads back as `conv_shortcut`.
+        let read_back = longest_match(&rules, &rest, Side::Ldm).map(|(r, _)| r.ldm.len());
         ensure!(
-            same,
-            "internal: {} `{}` maps to `{}`, which maps back to {back:?}",
-            t.part,
-            t.name,
-            target.key()
+            read_back == Some(rule.ldm.len()),
+            "{}: `{key}` would read back as another tensor",
+            unmapped()
         );
-        Ok(target)
+        Ok(match rule.kind {
+            Kind::Plain => LdmTarget::Key {
+                key,
+                to_conv: false,
+            },
+            Kind::ConvWeight => LdmTarget::Key {
+                to_conv: key.ends_with(".weight"),
+                key,
+            },
+            Kind::Stacked(index) => LdmTarget::Stacked { key, index },
+        })
+    }
+}
+
+// The rules: pairs of name prefixes, listed once per model and read in both directions.
+
+/// The models of a single file, each under its key prefix. The text encoder has two: which one
+/// a file uses is read off its keys ([`TextEncoderLayout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Section {
+    Unet,
+    Vae,
+    Clip,
+    OpenClip,
+}
+
+impl Section {
+    const ALL: [Section; 4] = [Self::Unet, Self::Vae, Self::Clip, Self::OpenClip];
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Unet => UNET_PREFIX,
+            Self::Vae => VAE_PREFIX,
+            Self::Clip => CLIP_PREFIX,
+            Self::OpenClip => OPEN_CLIP_PREFIX,
+        }
     }
 
-    fn ldm_target(&self, t: &DiffusersTensor, up_attn: &[usize]) -> Option<LdmTarget> {
-        let key = |key: String| LdmTarget::Key {
-            key,
-            to_conv: false,
-        };
-        match t.part {
-            ModelPart::Unet => self
-                .unet_key(&t.name, up_attn)
-                .map(|k| key(format!("{UNET_PREFIX}{k}"))),
-            ModelPart::Vae => {
-                let (k, to_conv) = vae_key(&t.name, self.vae_up_blocks)?;
-                Some(LdmTarget::Key {
-                    key: format!("{VAE_PREFIX}{k}"),
-                    to_conv,
-                })
+    fn part(self) -> ModelPart {
+        match self {
+            Self::Unet => ModelPart::Unet,
+            Self::Vae => ModelPart::Vae,
+            Self::Clip | Self::OpenClip => ModelPart::TextEncoder,
+        }
+    }
+}
+
+/// One correspondence: a name (after its model's prefix) starting with `ldm` in a single file is
+/// the one starting with `diffusers` in the diffusers model, the rest the same.
+#[derive(Debug)]
+struct Rule {
+    ldm: String,
+    diffusers: String,
+    kind: Kind,
+}
+
+/// How the tensors behind a [`Rule`] differ beyond their names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Same values, same shape.
+    Plain,
+    /// A VAE attention projection: Linear in diffusers, its weight a 1×1 conv in LDM files.
+    ConvWeight,
+    /// The `index`-th third (q, k, v) of OpenCLIP's stacked `in_proj_*`: three rules share
+    /// the LDM prefix.
+    Stacked(usize),
+}
+
+/// Which side of the rules a name is on.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Ldm,
+    Diffusers,
+}
+
+impl Rule {
+    fn prefix(&self, side: Side) -> &str {
+        match side {
+            Side::Ldm => &self.ldm,
+            Side::Diffusers => &self.diffusers,
+        }
+    }
+}
+
+/// The rule whose `side` prefix is the longest that `name` starts with (the first listed of
+/// equally long ones), and the rest of `name`. Longest first lets a specific pair refine a
+/// general one: `block.0.nin_shortcut.` ↔ `resnets.0.conv_shortcut.` within `block.0.` ↔
+/// `resnets.0.`.
+fn longest_match<'r, 'n>(
+    rules: &'r [Rule],
+    name: &'n str,
+    side: Side,
+) -> Option<(&'r Rule, &'n str)> {
+    let mut best: Option<(&Rule, &str)> = None;
+    for rule in rules {
+        if let Some(rest) = name.strip_prefix(rule.prefix(side)) {
+            if best.is_none_or(|(_, best_rest)| rest.len() < best_rest.len()) {
+                best = Some((rule, rest));
             }
-            ModelPart::TextEncoder => {
-                let name = canonical_name(t);
-                match self.text_encoder {
-                    TextEncoderLayout::Clip => Some(key(format!("{CLIP_PREFIX}{name}"))),
-                    TextEncoderLayout::OpenClip => open_clip_key(&name),
-                }
+        }
+    }
+    best
+}
+
+/// Indices above this are not mapped; real models stay far below (SD's UNet has 12 output
+/// rows, OpenCLIP-bigG 32 layers), and it bounds the rules listed for a malformed name.
+const MAX_INDEX: usize = 1000;
+
+/// The highest block or layer index the rules for `name` need. Every index in a rule's prefix
+/// is at most a number of the name it matches (an LDM row number is at least its block's
+/// index), so the largest number in the name will do.
+fn index_bound(name: &str) -> usize {
+    name.split('.')
+        .filter_map(|s| s.parse::<usize>().ok())
+        .max()
+        .unwrap_or(0)
+        .min(MAX_INDEX)
+}
+
+/// Collects the rules of one model.
+#[derive(Default)]
+struct Rules(Vec<Rule>);
+
+impl Rules {
+    fn add(&mut self, ldm: impl Into<String>, diffusers: impl Into<String>, kind: Kind) {
+        self.0.push(Rule {
+            ldm: ldm.into(),
+            diffusers: diffusers.into(),
+            kind,
+        });
+    }
+
+    fn pair(&mut self, ldm: impl Into<String>, diffusers: impl Into<String>) {
+        self.add(ldm, diffusers, Kind::Plain);
+    }
+
+    /// Each (LDM, diffusers) pair of `table`, under `ldm` and `diffusers` respectively.
+    fn table(&mut self, ldm: &str, diffusers: &str, table: &[(&str, &str)]) {
+        for (l, d) in table {
+            self.pair(format!("{ldm}{l}"), format!("{diffusers}{d}"));
+        }
+    }
+}
+
+impl LdmLayout {
+    /// The rules of `section` with block and layer indices up to `bound` (see [`index_bound`]).
+    /// `up_attn` lists the UNet up blocks with attentions; only writing needs it.
+    fn rules(&self, section: Section, bound: usize, up_attn: &[usize]) -> Vec<Rule> {
+        let mut rules = Rules::default();
+        match section {
+            Section::Unet => self.unet_rules(&mut rules, bound, up_attn),
+            Section::Vae => self.vae_rules(&mut rules, bound),
+            Section::Clip => {
+                // SD1 keeps transformers' names; older files leave out the `text_model.` level.
+                // Writing takes the first pair.
+                rules.pair("text_model.", "text_model.");
+                rules.pair("", "text_model.");
+            }
+            Section::OpenClip => open_clip_rules(&mut rules, bound),
+        }
+        rules.0
+    }
+
+    /// `input_blocks` holds conv_in in row 0, then `layers_per_block + 1` rows per down block;
+    /// `output_blocks` the same number of rows per up block, from row 0. In a row, child `.0` is
+    /// the resnet and `.1` the attention (if the block has them). A down block's last row holds
+    /// its downsampler instead (`.0.op`), an up block's last row its upsampler after the others
+    /// (`.1.conv`, or `.2.conv` after an attention).
+    fn unet_rules(&self, rules: &mut Rules, bound: usize, up_attn: &[usize]) {
+        rules.table("", "", &UNET_TOP);
+        let (last, per) = (self.layers_per_block, self.layers_per_block + 1);
+        let input_row = |b: usize, l: usize| 1 + b * per + l;
+        let output_row = |b: usize, l: usize| b * per + l;
+        for b in 0..=bound {
+            for l in 0..per {
+                let (down, up) = (input_row(b, l), output_row(b, l));
+                rules.table(
+                    &format!("input_blocks.{down}.0."),
+                    &format!("down_blocks.{b}.resnets.{l}."),
+                    &UNET_RESNET,
+                );
+                rules.pair(
+                    format!("input_blocks.{down}.1."),
+                    format!("down_blocks.{b}.attentions.{l}."),
+                );
+                rules.table(
+                    &format!("output_blocks.{up}.0."),
+                    &format!("up_blocks.{b}.resnets.{l}."),
+                    &UNET_RESNET,
+                );
+                rules.pair(
+                    format!("output_blocks.{up}.1."),
+                    format!("up_blocks.{b}.attentions.{l}."),
+                );
+            }
+            rules.pair(
+                format!("input_blocks.{}.0.op.", input_row(b, last)),
+                format!("down_blocks.{b}.downsamplers.0.conv."),
+            );
+            // Reading takes either child; writing the first listed, the one that block has.
+            let children = if up_attn.contains(&b) { [2, 1] } else { [1, 2] };
+            for child in children {
+                rules.pair(
+                    format!("output_blocks.{}.{child}.conv.", output_row(b, last)),
+                    format!("up_blocks.{b}.upsamplers.0.conv."),
+                );
             }
         }
+        rules.table("middle_block.0.", "mid_block.resnets.0.", &UNET_RESNET);
+        rules.pair("middle_block.1.", "mid_block.attentions.0.");
+        rules.table("middle_block.2.", "mid_block.resnets.1.", &UNET_RESNET);
     }
 
-    fn unet_key(&self, name: &str, up_attn: &[usize]) -> Option<String> {
-        if let Some(k) = replace_prefix_reversed(name, &UNET_TOP) {
-            return Some(k);
-        }
-        let per = self.layers_per_block + 1;
-        if let Some((b, tail)) = numbered_once(name, "down_blocks.") {
-            if let Some(conv) = tail.strip_prefix("downsamplers.0.conv.") {
-                return Some(format!("input_blocks.{}.0.op.{conv}", (b + 1) * per));
+    /// The encoder's `down.N` is diffusers' `down_blocks.N`; the decoder's `up.N` counts from
+    /// the lowest resolution, diffusers' `up_blocks` from the highest.
+    fn vae_rules(&self, rules: &mut Rules, bound: usize) {
+        rules.table("", "", &VAE_TOP);
+        for coder in ["encoder.", "decoder."] {
+            rules.table(coder, coder, &VAE_CODER);
+            rules.table(
+                &format!("{coder}mid."),
+                &format!("{coder}mid_block."),
+                &VAE_MID,
+            );
+            for (ldm, diffusers) in VAE_MID_PROJECTIONS {
+                rules.add(
+                    format!("{coder}mid.{ldm}"),
+                    format!("{coder}mid_block.{diffusers}"),
+                    Kind::ConvWeight,
+                );
             }
-            if let Some((l, rest)) = numbered_once(tail, "resnets.") {
-                return Some(format!(
-                    "input_blocks.{}.0.{}",
-                    1 + b * per + l,
-                    resnet_key(rest)?
-                ));
+        }
+        let n = self.vae_up_blocks;
+        let encoder = (0..=bound).map(|i| {
+            (
+                format!("encoder.down.{i}."),
+                format!("encoder.down_blocks.{i}."),
+            )
+        });
+        let decoder = (0..n).map(|i| {
+            (
+                format!("decoder.up.{i}."),
+                format!("decoder.up_blocks.{}.", n - 1 - i),
+            )
+        });
+        for (ldm, diffusers) in encoder.chain(decoder) {
+            for j in 0..=bound {
+                rules.table(
+                    &format!("{ldm}block.{j}."),
+                    &format!("{diffusers}resnets.{j}."),
+                    &VAE_RESNET,
+                );
             }
-            let (l, rest) = numbered_once(tail, "attentions.")?;
-            return Some(format!("input_blocks.{}.1.{rest}", 1 + b * per + l));
-        }
-        if let Some((b, tail)) = numbered_once(name, "up_blocks.") {
-            if let Some(conv) = tail.strip_prefix("upsamplers.0.conv.") {
-                let child = if up_attn.contains(&b) { 2 } else { 1 };
-                return Some(format!(
-                    "output_blocks.{}.{child}.conv.{conv}",
-                    b * per + self.layers_per_block
-                ));
-            }
-            if let Some((l, rest)) = numbered_once(tail, "resnets.") {
-                return Some(format!(
-                    "output_blocks.{}.0.{}",
-                    b * per + l,
-                    resnet_key(rest)?
-                ));
-            }
-            let (l, rest) = numbered_once(tail, "attentions.")?;
-            return Some(format!("output_blocks.{}.1.{rest}", b * per + l));
-        }
-        if let Some(rest) = name.strip_prefix("mid_block.attentions.0.") {
-            return Some(format!("middle_block.1.{rest}"));
-        }
-        let (i, rest) = numbered_once(name, "mid_block.resnets.")?;
-        Some(format!("middle_block.{}.{}", 2 * i, resnet_key(rest)?))
-    }
-}
-
-/// Text-encoder names with the `text_model.` level, others as they are.
-fn canonical_name(t: &DiffusersTensor) -> String {
-    match t.part {
-        ModelPart::TextEncoder => with_text_model_level(&t.name),
-        _ => t.name.clone(),
-    }
-}
-
-/// A diffusers resnet child in LDM terms (`conv1` → `in_layers.2`, …).
-fn resnet_key(tail: &str) -> Option<String> {
-    replace_prefix_reversed(tail, &UNET_RESNET)
-}
-
-/// A diffusers VAE name in LDM terms, and whether it is an attention projection weight (stored
-/// as a 1×1 conv there). The decoder's `up.N` counts from the lowest resolution: `up_blocks` is
-/// the decoder's block count.
-fn vae_key(name: &str, up_blocks: usize) -> Option<(String, bool)> {
-    const SAME: [&str; 6] = [
-        "quant_conv.",
-        "post_quant_conv.",
-        "encoder.conv_in.",
-        "encoder.conv_out.",
-        "decoder.conv_in.",
-        "decoder.conv_out.",
-    ];
-    if SAME.iter().any(|p| name.starts_with(p)) {
-        return Some((name.to_string(), false));
-    }
-    let (coder, inner) = name.split_once('.')?;
-    if coder != "encoder" && coder != "decoder" {
-        return None;
-    }
-    if let Some(tail) = inner.strip_prefix("conv_norm_out.") {
-        return Some((format!("{coder}.norm_out.{tail}"), false));
-    }
-    if let Some(tail) = inner.strip_prefix("mid_block.") {
-        if let Some((i, rest)) = numbered_once(tail, "resnets.") {
-            return Some((format!("{coder}.mid.block_{}.{rest}", i + 1), false));
-        }
-        let k = replace_prefix_reversed(tail, &VAE_MID_ATTENTION)?;
-        let to_conv = k.ends_with(".weight") && !k.starts_with("attn_1.norm.");
-        return Some((format!("{coder}.mid.{k}"), to_conv));
-    }
-    let (blocks, stage) = match coder {
-        "encoder" => ("down_blocks.", "down"),
-        _ => ("up_blocks.", "up"),
-    };
-    let (i, tail) = numbered_once(inner, blocks)?;
-    let i = match coder {
-        "decoder" => up_blocks.checked_sub(i + 1)?,
-        _ => i,
-    };
-    if let Some((j, rest)) = numbered_once(tail, "resnets.") {
-        let rest = replace_prefix(rest, &[("conv_shortcut.", "nin_shortcut.")])
-            .unwrap_or_else(|| rest.to_string());
-        return Some((format!("{coder}.{stage}.{i}.block.{j}.{rest}"), false));
-    }
-    let sampler = replace_prefix(
-        tail,
-        &[
-            ("downsamplers.0.", "downsample."),
-            ("upsamplers.0.", "upsample."),
-        ],
-    )?;
-    Some((format!("{coder}.{stage}.{i}.{sampler}"), false))
-}
-
-/// A transformers CLIPTextModel name (with `text_model.`) in OpenCLIP terms.
-fn open_clip_key(name: &str) -> Option<LdmTarget> {
-    let key = |k: String| LdmTarget::Key {
-        key: format!("{OPEN_CLIP_PREFIX}{k}"),
-        to_conv: false,
-    };
-    if let Some(k) = replace_prefix_reversed(name, &OPEN_CLIP_TOP) {
-        return Some(key(k));
-    }
-    let (n, tail) = numbered_once(name, "text_model.encoder.layers.")?;
-    let layer = format!("transformer.resblocks.{n}.");
-    for (index, x) in ["q", "k", "v"].iter().enumerate() {
-        if let Some(kind) = tail.strip_prefix(&format!("self_attn.{x}_proj.")) {
-            return Some(LdmTarget::Stacked {
-                key: format!("{OPEN_CLIP_PREFIX}{layer}attn.in_proj_{kind}"),
-                index,
-            });
+            rules.table(&ldm, &diffusers, &VAE_SAMPLERS);
         }
     }
-    replace_prefix_reversed(tail, &OPEN_CLIP_LAYER).map(|k| key(format!("{layer}{k}")))
 }
 
-/// The distinct `N` of keys `<head>N.<rest>` whose rest satisfies `filter`, sorted.
-fn indices<'a>(
-    keys: impl Iterator<Item = &'a str>,
-    head: &str,
-    filter: impl Fn(&str) -> bool,
-) -> Vec<usize> {
-    let set: BTreeSet<usize> = keys
-        .filter_map(|k| numbered_once(k, head))
-        .filter(|(_, rest)| filter(rest))
-        .map(|(n, _)| n)
-        .collect();
-    set.into_iter().collect()
+/// SD2's OpenCLIP in transformers' CLIPTextModel names (with the `text_model.` level).
+fn open_clip_rules(rules: &mut Rules, bound: usize) {
+    rules.table("", "", &OPEN_CLIP_TOP);
+    for n in 0..=bound {
+        let ldm = format!("transformer.resblocks.{n}.");
+        let diffusers = format!("text_model.encoder.layers.{n}.");
+        rules.table(&ldm, &diffusers, &OPEN_CLIP_LAYER);
+        for (index, x) in ["q", "k", "v"].into_iter().enumerate() {
+            rules.add(
+                format!("{ldm}attn.in_proj_"),
+                format!("{diffusers}self_attn.{x}_proj."),
+                Kind::Stacked(index),
+            );
+        }
+    }
 }
 
-/// `<head>N.<rest>` → (N, rest).
-fn numbered_once<'a>(key: &'a str, head: &str) -> Option<(usize, &'a str)> {
-    let (n, rest) = key.strip_prefix(head)?.split_once('.')?;
-    Some((n.parse().ok()?, rest))
-}
-
-/// `<head>N.M.<rest>` → (N, M, rest).
-fn numbered<'a>(key: &'a str, head: &str) -> Option<(usize, usize, &'a str)> {
-    let (n, rest) = numbered_once(key, head)?;
-    let (m, rest) = rest.split_once('.')?;
-    Some((n, m.parse().ok()?, rest))
-}
-
-// Prefix tables, each written once as (LDM, diffusers) and read in both directions.
+// Prefix tables, each (LDM, diffusers).
 
 /// UNet top-level layers.
 const UNET_TOP: [(&str, &str); 5] = [
@@ -519,7 +544,7 @@ const UNET_TOP: [(&str, &str); 5] = [
     ("out.2.", "conv_out."),
 ];
 
-/// A UNet resnet's children.
+/// A UNet resnet's children: `in_layers.0` (GroupNorm), `in_layers.2` (conv), …
 const UNET_RESNET: [(&str, &str); 6] = [
     ("in_layers.0.", "norm1."),
     ("in_layers.2.", "conv1."),
@@ -529,13 +554,41 @@ const UNET_RESNET: [(&str, &str); 6] = [
     ("skip_connection.", "conv_shortcut."),
 ];
 
-/// The VAE mid block's attention (inside `mid.` / `mid_block.`).
-const VAE_MID_ATTENTION: [(&str, &str); 5] = [
+/// VAE layers outside the encoder and decoder.
+const VAE_TOP: [(&str, &str); 2] = [
+    ("quant_conv.", "quant_conv."),
+    ("post_quant_conv.", "post_quant_conv."),
+];
+
+/// The encoder's and the decoder's own layers.
+const VAE_CODER: [(&str, &str); 3] = [
+    ("conv_in.", "conv_in."),
+    ("conv_out.", "conv_out."),
+    ("norm_out.", "conv_norm_out."),
+];
+
+/// The VAE mid block's resnets and attention norm (inside `mid.` / `mid_block.`).
+const VAE_MID: [(&str, &str); 3] = [
+    ("block_1.", "resnets.0."),
+    ("block_2.", "resnets.1."),
     ("attn_1.norm.", "attentions.0.group_norm."),
+];
+
+/// The VAE mid block's attention projections (inside `mid.` / `mid_block.`).
+const VAE_MID_PROJECTIONS: [(&str, &str); 4] = [
     ("attn_1.q.", "attentions.0.to_q."),
     ("attn_1.k.", "attentions.0.to_k."),
     ("attn_1.v.", "attentions.0.to_v."),
     ("attn_1.proj_out.", "attentions.0.to_out.0."),
+];
+
+/// A VAE resnet: its children keep their names but for the shortcut.
+const VAE_RESNET: [(&str, &str); 2] = [("", ""), ("nin_shortcut.", "conv_shortcut.")];
+
+/// A VAE block's resampler (encoder blocks have the first, decoder blocks the second).
+const VAE_SAMPLERS: [(&str, &str); 2] = [
+    ("downsample.", "downsamplers.0."),
+    ("upsample.", "upsamplers.0."),
 ];
 
 /// OpenCLIP's top-level tensors (after the OpenCLIP prefix).
@@ -557,64 +610,21 @@ const OPEN_CLIP_LAYER: [(&str, &str); 5] = [
     ("mlp.c_proj.", "mlp.fc2."),
 ];
 
-/// LDM → diffusers through a (LDM, diffusers) table.
-fn replace_prefix(key: &str, table: &[(&str, &str)]) -> Option<String> {
-    table
-        .iter()
-        .find_map(|(from, to)| key.strip_prefix(from).map(|rest| format!("{to}{rest}")))
-}
-
-/// diffusers → LDM through the same table.
-fn replace_prefix_reversed(key: &str, table: &[(&str, &str)]) -> Option<String> {
-    table
-        .iter()
-        .find_map(|(to, from)| key.strip_prefix(from).map(|rest| format!("{to}{rest}")))
-}
-
-/// A UNet resnet's inner names: `in_layers.0` (GroupNorm), `in_layers.2` (conv), …
-fn unet_resnet(tail: &str) -> Option<String> {
-    replace_prefix(tail, &UNET_RESNET)
-}
-
-/// The VAE's middle block: `block_1`/`block_2` resnets and the `attn_1` attention.
-fn vae_mid(tail: &str) -> Option<String> {
-    const RESNETS: [(&str, &str); 2] = [("block_1.", "resnets.0."), ("block_2.", "resnets.1.")];
-    replace_prefix(tail, &RESNETS).or_else(|| replace_prefix(tail, &VAE_MID_ATTENTION))
-}
-
-/// SD1 text-encoder names as transformers spells them with the `text_model.` level (older
-/// single files leave it out).
-fn with_text_model_level(rest: &str) -> String {
-    if rest.starts_with("text_model.") {
-        rest.to_string()
-    } else {
-        format!("text_model.{rest}")
-    }
-}
-
-/// SD2's OpenCLIP names (after [`OPEN_CLIP_PREFIX`]) in transformers' CLIPTextModel terms.
-fn open_clip_name(rest: &str) -> LdmTensor {
-    let te = |name: String| LdmTensor::Renamed(DiffusersTensor::new(ModelPart::TextEncoder, name));
-    if let Some(name) = replace_prefix(rest, &OPEN_CLIP_TOP) {
-        return te(name);
-    }
-    let Some((n, tail)) = numbered_once(rest, "transformer.resblocks.") else {
-        // text_projection, logit_scale, attn_mask: OpenCLIP parts CLIPTextModel has no use for.
-        return LdmTensor::Other;
-    };
-    let layer = format!("text_model.encoder.layers.{n}.");
-    if let Some(kind) = tail.strip_prefix("attn.in_proj_") {
-        return LdmTensor::StackedQkv(["q", "k", "v"].map(|x| {
-            DiffusersTensor::new(
-                ModelPart::TextEncoder,
-                format!("{layer}self_attn.{x}_proj.{kind}"),
-            )
-        }));
-    }
-    match replace_prefix(tail, &OPEN_CLIP_LAYER) {
-        Some(name) => te(format!("{layer}{name}")),
-        None => LdmTensor::Other,
-    }
+/// The distinct `N` of keys `<head>N.<rest>` whose rest satisfies `filter`, sorted.
+fn indices<'a>(
+    keys: impl Iterator<Item = &'a str>,
+    head: &str,
+    filter: impl Fn(&str) -> bool,
+) -> Vec<usize> {
+    let set: BTreeSet<usize> = keys
+        .filter_map(|k| {
+            let (n, rest) = k.strip_prefix(head)?.split_once('.')?;
+            Some((n.parse().ok()?, rest))
+        })
+        .filter(|(_, rest)| filter(rest))
+        .map(|(n, _)| n)
+        .collect();
+    set.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -751,6 +761,92 @@ mod tests {
             .diffusers_name("model.diffusion_model.input_blocks.1.7.x")
             .unwrap_err();
         assert!(err.to_string().contains("input_blocks.1.7.x"), "{err}");
+    }
+
+    /// Writing reads the same rules, so every key comes back from the name it maps to.
+    #[test]
+    fn ldm_keys_invert_diffusers_names() {
+        let up_attn = [1, 2, 3];
+        for key in [
+            "model.diffusion_model.input_blocks.4.1.proj_in.weight",
+            "model.diffusion_model.input_blocks.6.0.op.bias",
+            "model.diffusion_model.input_blocks.0.0.weight",
+            "model.diffusion_model.output_blocks.2.1.conv.weight",
+            "model.diffusion_model.output_blocks.8.2.conv.weight",
+            "model.diffusion_model.output_blocks.9.0.skip_connection.bias",
+            "model.diffusion_model.middle_block.2.out_layers.3.weight",
+            "first_stage_model.decoder.up.0.block.2.nin_shortcut.bias",
+            "first_stage_model.encoder.down.1.downsample.conv.weight",
+            "first_stage_model.encoder.mid.attn_1.norm.weight",
+            "first_stage_model.decoder.mid.attn_1.q.bias",
+            "first_stage_model.post_quant_conv.weight",
+            "cond_stage_model.model.ln_final.weight",
+            "cond_stage_model.model.transformer.resblocks.7.mlp.c_fc.bias",
+        ] {
+            let LdmTensor::Renamed(t) = layout().diffusers_name(key).unwrap() else {
+                panic!("{key} is renamed")
+            };
+            let target = LdmTarget::Key {
+                key: key.into(),
+                to_conv: false,
+            };
+            assert_eq!(layout().ldm_key(&t, &up_attn).unwrap(), target, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn ldm_keys_stack_qkv_and_reshape_vae_projections() {
+        let target = |part, name: &str| {
+            layout()
+                .ldm_key(&DiffusersTensor::new(part, name), &[])
+                .map_err(|e| e.to_string())
+        };
+        let te = ModelPart::TextEncoder;
+        for name in [
+            "text_model.encoder.layers.5.self_attn.k_proj.bias",
+            "encoder.layers.5.self_attn.k_proj.bias",
+        ] {
+            assert_eq!(
+                target(te, name).unwrap(),
+                LdmTarget::Stacked {
+                    key: "cond_stage_model.model.transformer.resblocks.5.attn.in_proj_bias".into(),
+                    index: 1
+                }
+            );
+        }
+        assert_eq!(
+            target(
+                ModelPart::Vae,
+                "decoder.mid_block.attentions.0.to_out.0.weight"
+            )
+            .unwrap(),
+            LdmTarget::Key {
+                key: "first_stage_model.decoder.mid.attn_1.proj_out.weight".into(),
+                to_conv: true
+            }
+        );
+        let clip = LdmLayout {
+            text_encoder: TextEncoderLayout::Clip,
+            ..layout()
+        };
+        assert_eq!(
+            clip.ldm_key(
+                &DiffusersTensor::new(te, "encoder.layers.0.mlp.fc1.weight"),
+                &[]
+            )
+            .unwrap()
+            .key(),
+            "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+        );
+        let err = target(ModelPart::Unet, "add_embedding.linear_1.weight").unwrap_err();
+        assert!(err.contains("has no single-file"), "{err}");
+        // `block.0.nin_shortcut.` reads back as `conv_shortcut`, not as this name.
+        let err = target(
+            ModelPart::Vae,
+            "encoder.down_blocks.0.resnets.0.nin_shortcut.weight",
+        )
+        .unwrap_err();
+        assert!(err.contains("read back as another tensor"), "{err}");
     }
 
     #[test]
