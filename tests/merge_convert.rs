@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use common::{fixtures, max_abs_diff, CONFIGS};
 use lora_toolkit::core::formats::ldm::ModelPart;
 use lora_toolkit::core::options::{AdapterSpec, Precision};
-use lora_toolkit::merge::checkpoint::Checkpoint;
+use lora_toolkit::merge::base_model::BaseModel;
 use lora_toolkit::merge::{merge_converting, Conversion, MergeOptions, OutputLayout};
 
 const TOLERANCE: f32 = 1e-5;
@@ -128,7 +128,7 @@ fn folder_to_single_file_to_folder_is_bit_exact() -> Result<()> {
             assert!(back.join(file).is_file(), "{cfg}: {file}");
         }
         // The folder written back opens as a model again.
-        Checkpoint::open(&back)?;
+        BaseModel::open(&back)?;
         println!("{cfg}: folder → single file → folder, {n} tensors bit-exact");
     }
     Ok(())
@@ -149,7 +149,7 @@ fn merging_while_converting_matches_fuse_lora() -> Result<()> {
     )?;
     let expected = load(&fixtures().join("sd1-tiny/merge/expected_kohya.safetensors"))?;
     assert_eq!(report.tensors_changed, expected.len());
-    let merged = Checkpoint::open(&out)?;
+    let merged = BaseModel::open(&out)?;
     let err = worst(&merged, &expected)?;
     println!("sd1-tiny folder → single file with kohya at 0.8: max |ours - fuse_lora| = {err:.2e}");
     assert!(err <= TOLERANCE, "{err}");
@@ -174,13 +174,13 @@ fn merging_while_converting_matches_fuse_lora() -> Result<()> {
         )),
     )?;
     let expected = load(&fixtures().join("sd2-tiny/merge/expected_ldm_kohya.safetensors"))?;
-    let err = worst(&Checkpoint::open(&back)?, &expected)?;
+    let err = worst(&BaseModel::open(&back)?, &expected)?;
     println!("sd2-tiny single file → folder with kohya at 0.8: max |ours - fuse_lora| = {err:.2e}");
     assert!(err <= TOLERANCE, "{err}");
     Ok(())
 }
 
-fn worst(merged: &Checkpoint, expected: &HashMap<String, Tensor>) -> Result<f32> {
+fn worst(merged: &BaseModel, expected: &HashMap<String, Tensor>) -> Result<f32> {
     assert!(!expected.is_empty(), "no expected tensors to compare");
     let mut worst = 0f32;
     for (key, want) in expected {

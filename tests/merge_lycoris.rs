@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use common::{fixtures, max_abs_diff};
 use lora_toolkit::core::formats::ldm::ModelPart;
 use lora_toolkit::core::options::AdapterSpec;
-use lora_toolkit::merge::checkpoint::Checkpoint;
+use lora_toolkit::merge::base_model::BaseModel;
 use lora_toolkit::merge::{merge, MergeOptions};
 
 /// f32 merges must match the reference this closely.
@@ -46,7 +46,7 @@ fn merged(adapter: &str, weight: f64, out: &Path) -> Result<usize> {
 /// Largest difference between the merged checkpoint and the expected tensors
 /// (`unet.<name>` / `text_encoder.<name>`).
 fn compare(out: &Path, expected: &Path) -> Result<f32> {
-    let merged = Checkpoint::open(out)?;
+    let merged = BaseModel::open(out)?;
     let expected_tensors = load(expected)?;
     assert!(
         !expected_tensors.is_empty(),

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{fixtures, max_abs_diff, CONFIGS};
 use lora_toolkit::core::formats::ldm::ModelPart;
 use lora_toolkit::core::options::{AdapterSpec, Precision};
-use lora_toolkit::merge::checkpoint::Checkpoint;
+use lora_toolkit::merge::base_model::BaseModel;
 use lora_toolkit::merge::{merge, MergeOptions};
 
 /// f32 merges must match diffusers' fused weights this closely.
@@ -49,7 +49,7 @@ fn split_expected(key: &str) -> (ModelPart, &str) {
 }
 
 /// Largest difference between the merged checkpoint and diffusers' fused weights.
-fn compare_with_reference(merged: &Checkpoint, expected: &Path) -> Result<f32> {
+fn compare_with_reference(merged: &BaseModel, expected: &Path) -> Result<f32> {
     let expected_tensors = load(expected)?;
     assert!(
         !expected_tensors.is_empty(),
@@ -79,7 +79,7 @@ fn one_adapter_into_a_diffusers_folder_matches_fuse_lora() -> Result<()> {
             .join(cfg)
             .join("merge/expected_kohya.safetensors");
         assert_eq!(report.tensors_changed, load(&expected)?.len(), "{cfg}");
-        let err = compare_with_reference(&Checkpoint::open(&out)?, &expected)?;
+        let err = compare_with_reference(&BaseModel::open(&out)?, &expected)?;
         println!("{cfg}: kohya adapter at 0.8, max |ours - fuse_lora| = {err:.2e}");
         assert!(err <= TOLERANCE, "{cfg}: {err}");
 
@@ -120,7 +120,7 @@ fn two_weighted_adapters_match_set_adapters_then_fuse() -> Result<()> {
             out.clone(),
         ))?;
         let expected = fixtures().join(cfg).join("merge/expected_two.safetensors");
-        let err = compare_with_reference(&Checkpoint::open(&out)?, &expected)?;
+        let err = compare_with_reference(&BaseModel::open(&out)?, &expected)?;
         println!("{cfg}: two adapters at [0.5, 0.7], max |ours - fuse_lora| = {err:.2e}");
         assert!(err <= TOLERANCE, "{cfg}: {err}");
     }
@@ -135,7 +135,7 @@ fn ldm_fixture() -> PathBuf {
 
 #[test]
 fn single_file_keys_map_to_the_diffusers_weights() -> Result<()> {
-    let ldm = Checkpoint::open(&ldm_fixture())?;
+    let ldm = BaseModel::open(&ldm_fixture())?;
     let folder = fixtures().join("sd2-tiny");
     let mut compared = 0;
     for (part, file) in [
@@ -169,7 +169,7 @@ fn single_file_merge_matches_fuse_lora_and_keeps_the_layout() -> Result<()> {
     opts.dtype = Some(Precision::F32);
     merge(&opts)?;
     let expected = fixtures().join("sd2-tiny/merge/expected_ldm_kohya.safetensors");
-    let merged = Checkpoint::open(&out)?;
+    let merged = BaseModel::open(&out)?;
     let err = compare_with_reference(&merged, &expected)?;
     println!("sd2-tiny single file: max |ours - fuse_lora| = {err:.2e}");
     assert!(err <= TOLERANCE, "{err}");
@@ -202,7 +202,7 @@ fn fp16_output_rounds_the_merged_weights() -> Result<()> {
     let unet = load(&out.join("unet/diffusion_pytorch_model.safetensors"))?;
     assert!(unet.values().all(|t| t.dtype() == DType::F16));
     let expected = fixtures().join("sd1-tiny/merge/expected_kohya.safetensors");
-    let err = compare_with_reference(&Checkpoint::open(&out)?, &expected)?;
+    let err = compare_with_reference(&BaseModel::open(&out)?, &expected)?;
     // fp16 keeps 11 significant bits; the fixture weights are below 1 in magnitude.
     assert!(err <= 1e-3, "{err}");
     Ok(())

@@ -5,7 +5,7 @@
 //! Built on [`lora_core`]; the `lora-merge` binary is a thin front end over this crate.
 
 pub mod algebra;
-pub mod checkpoint;
+pub mod base_model;
 pub mod inspect;
 pub mod lowrank;
 pub mod lycoris;

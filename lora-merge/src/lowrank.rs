@@ -18,7 +18,7 @@ use nalgebra::DMatrix;
 use rayon::prelude::*;
 
 use crate::algebra::{select_rank, to_matrix, to_tensor, DynamicRank, Svd};
-use crate::checkpoint::Checkpoint;
+use crate::base_model::BaseModel;
 
 /// One module of an output adapter.
 #[derive(Debug, Clone)]
@@ -142,8 +142,8 @@ pub fn extract(
     output: &Path,
 ) -> Result<LowRankReport> {
     ensure!(rank > 0, "--rank must be at least 1");
-    let base = Checkpoint::open(base)?;
-    let tuned = Checkpoint::open(tuned)?;
+    let base = BaseModel::open(base)?;
+    let tuned = BaseModel::open(tuned)?;
     let (unet, te) = base.modules();
     let (tuned_unet, tuned_te) = tuned.modules();
     ensure!(

@@ -15,7 +15,7 @@ use safetensors::Dtype;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{Checkpoint, Layout};
+use crate::base_model::{BaseModel, Layout};
 use crate::lycoris::{is_lycoris_file, LycorisFile, MergeModule};
 use crate::stream::{write_streaming, PlannedTensor};
 
@@ -99,7 +99,7 @@ pub fn merge_converting(
         "no adapter given (--lora)"
     );
     check_output_is_new(&options.base, &options.output)?;
-    let base = Checkpoint::open(&options.base)?;
+    let base = BaseModel::open(&options.base)?;
     let to = match (conversion.map(|c| c.to), base.layout) {
         (Some(to), _) => to,
         (None, Layout::Diffusers) => OutputLayout::Diffusers,
@@ -260,7 +260,7 @@ fn check_output_is_new(base: &Path, output: &Path) -> Result<()> {
 }
 
 struct Merger<'a> {
-    base: &'a Checkpoint,
+    base: &'a BaseModel,
     contributions: &'a Contributions,
     dtype: Option<Precision>,
 }

@@ -91,7 +91,7 @@ impl WeightFile {
 /// One stored tensor and what it is in diffusers terms.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    /// Index into [`Checkpoint::files`].
+    /// Index into [`BaseModel::files`].
     pub file: usize,
     pub key: String,
     pub meaning: LdmTensor,
@@ -106,7 +106,7 @@ struct Location {
     stacked_index: Option<usize>,
 }
 
-pub struct Checkpoint {
+pub struct BaseModel {
     pub root: PathBuf,
     pub layout: Layout,
     pub files: Vec<WeightFile>,
@@ -114,7 +114,7 @@ pub struct Checkpoint {
     by_name: HashMap<(ModelPart, String), Location>,
 }
 
-impl Checkpoint {
+impl BaseModel {
     /// Opens a diffusers folder or a single-file checkpoint; anything else is an error saying
     /// which layouts are understood.
     pub fn open(path: &Path) -> Result<Self> {
