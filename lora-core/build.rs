@@ -1,6 +1,6 @@
 //! With the `cuda` feature, compiles our CUDA kernels (`kernels/*.cu`) to PTX, as candle's own
 //! kernels are (nvcc at build time, `CUDA_COMPUTE_CAP` or the local GPU picks the architecture);
-//! `src/engine/kernels/cuda.rs` includes the result. Without it, nothing.
+//! `src/engine/kernels/cuda/mod.rs` includes the result. Without it, nothing.
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

@@ -163,7 +163,7 @@ fn checkpointed_adapter_gradients_match_pytorch_autograd() -> Result<()> {
 }
 
 /// The default preset, attn2 only: the other transformer layers are frozen, so the gradients
-/// between adapters pass through the fused frozen nodes (`nn.rs`: a norm with its projection, an
+/// between adapters pass through the fused frozen nodes (`engine::fused`: a norm with its projection, an
 /// output layer with its residual sum), which the every-layer fixture never reaches. Against
 /// PyTorch on the attn2 part of the same adapter (`tests/reference/make_attn2_grad_fixtures.py`),
 /// on the CPU kernels (f32) and the path other devices take (f16), plain and checkpointed.

@@ -1,5 +1,5 @@
 // lora-toolkit's own CUDA kernels, compiled to PTX by build.rs with the `cuda` feature and launched
-// from src/engine/kernels/cuda.rs. Each replaces a sequence of candle's generic kernels that run
+// from src/engine/kernels/cuda/mod.rs. Each replaces a sequence of candle's generic kernels that run
 // far below memory bandwidth: strided copies that divide
 // per element, a softmax with one warp per row and four passes over memory, broadcast binary ops,
 // and the normalisations' backward passes composed from a dozen f32 elementwise kernels.

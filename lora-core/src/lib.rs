@@ -1,7 +1,7 @@
 //! lora-core: the Stable Diffusion models written for training (differentiable end to end), LoRA
 //! adapters injected into them, and the file formats shared with kohya/A1111 and diffusers/peft.
 //! See ARCHITECTURE.md at the repository root for the map and the layering rules:
-//! `engine` ← `adapters` ← `models`, with `formats` and `io` beside them.
+//! `engine` ← `adapters` ← `models` ← `formats` ← `source`, with `io`, `options` and `rng` below.
 
 pub mod adapters;
 pub mod engine;

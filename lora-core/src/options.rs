@@ -166,33 +166,37 @@ impl AdapterSpec {
 impl FromStr for AdapterSpec {
     type Err = anyhow::Error;
 
-    /// `FILE` or `FILE:SCALE`, the scale after the last `:`. The whole text is the path when it
-    /// names an existing file, when what follows the last `:` is a path (it holds `/` or `\`,
-    /// as in `dir:x/a.safetensors`) or when what precedes it is a drive letter (`C:a.safetensors`);
-    /// otherwise a text after the last `:` that is not a number is an error, never silently part
-    /// of the path.
+    /// `FILE` or `FILE:SCALE`, the scale after the last `:`. A text that names an existing file
+    /// is that file; otherwise a number after the last `:` is the scale. A text after the last
+    /// `:` that is no number keeps the whole text as the path only where it is clearly part of
+    /// one (it holds `/` or `\`, as in `dir:x/a.safetensors`, or what precedes it is a drive
+    /// letter, `C:a.safetensors`); anything else is an error, never silently part of the path.
     fn from_str(spec: &str) -> Result<Self> {
         const USAGE: &str = "expected FILE or FILE:SCALE, e.g. style.safetensors:0.8";
         ensure!(!spec.is_empty(), "empty --lora value: {USAGE}");
         let Some((path, scale)) = spec.rsplit_once(':') else {
             return Ok(Self::new(spec, 1.0));
         };
+        if Path::new(spec).is_file() {
+            return Ok(Self::new(spec, 1.0));
+        }
+        if let Ok(scale) = scale.trim().parse::<f64>() {
+            ensure!(!path.is_empty(), "--lora `{spec}` names no file: {USAGE}");
+            ensure!(
+                scale.is_finite(),
+                "--lora `{spec}`: scale must be a finite number"
+            );
+            return Ok(Self::new(path, scale));
+        }
         let drive_letter = path.len() == 1 && path.chars().all(|c| c.is_ascii_alphabetic());
-        if Path::new(spec).is_file() || scale.contains(['/', '\\']) || drive_letter {
+        if scale.contains(['/', '\\']) || drive_letter {
             return Ok(Self::new(spec, 1.0));
         }
         ensure!(!path.is_empty(), "--lora `{spec}` names no file: {USAGE}");
-        let Ok(scale) = scale.trim().parse::<f64>() else {
-            bail!(
-                "--lora `{spec}`: scale `{scale}` is not a number (a file name that contains \
-                 `:` needs an explicit scale, e.g. `{spec}:1`): {USAGE}"
-            );
-        };
-        ensure!(
-            scale.is_finite(),
-            "--lora `{spec}`: scale must be a finite number"
-        );
-        Ok(Self::new(path, scale))
+        bail!(
+            "--lora `{spec}`: scale `{scale}` is not a number (a file name that contains `:` \
+             needs an explicit scale, e.g. `{spec}:1`): {USAGE}"
+        )
     }
 }
 
@@ -291,6 +295,18 @@ mod tests {
             );
         }
         assert_eq!(AdapterSpec::new("a", 0.8).to_string(), "a:0.8");
+        // A one-letter file with a scale is a file and a scale, not a drive letter.
+        assert_eq!(
+            "a:0.5".parse::<AdapterSpec>().unwrap(),
+            AdapterSpec::new("a", 0.5)
+        );
+        for spec in [
+            AdapterSpec::new("a", 0.5),
+            AdapterSpec::new("dir/style.safetensors", -1.25),
+            AdapterSpec::new("C:/x/a.safetensors", 1.0),
+        ] {
+            assert_eq!(spec.to_string().parse::<AdapterSpec>().unwrap(), spec);
+        }
     }
 
     #[test]

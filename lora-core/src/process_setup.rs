@@ -41,15 +41,15 @@ pub unsafe fn configure() {
 
 /// Makes glibc's `malloc` serve every block from its heap and keep freed memory for reuse.
 ///
-/// Why: by default glibc maps each block above 32 MiB (less before its threshold has adapted)
-/// fresh from the kernel and unmaps it on `free`, and returns the heap's free top to the kernel.
-/// A training step at SD1.5's 64² latents allocates and frees such tensors (im2col buffers,
-/// feed-forward activations, their gradients) hundreds of times, so each came back as new
-/// pages the kernel zeroed on first touch (benches/RESULTS.md has the page-fault counts). The
-/// cost is that memory a step freed stays with the process until it exits, which a training or
-/// generation process reuses on its next step anyway; `lora-merge`, which frees tensors on
-/// several threads, keeps a larger peak for a faster merge. Settings the user gave through `GLIBC_TUNABLES` or `MALLOC_*` variables
-/// are kept.
+/// Why: by default glibc maps each block above 32 MiB (less before its threshold has adapted) fresh
+/// from the kernel and unmaps it on `free`, and returns the heap's free top to the kernel. A
+/// training step at SD1.5's 64² latents allocates and frees such tensors (im2col buffers,
+/// feed-forward activations, their gradients) hundreds of times, so each comes back as new pages the
+/// kernel zeroes on first touch (benches/RESULTS.md has the page-fault counts). The cost is that
+/// memory a step freed stays with the process until it exits, which a training or generation
+/// process reuses on its next step anyway; `lora-merge`, which frees tensors on several threads,
+/// keeps a larger peak for a faster merge. Settings the user gave through `GLIBC_TUNABLES` or
+/// `MALLOC_*` variables are kept.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
     let user_set = std::env::vars_os().any(|(name, _)| {

@@ -1,7 +1,7 @@
 //! Where a model's files are: a local diffusers folder, or a Hugging Face Hub id resolved to one
 //! (the Hub cache's snapshot folder has the same layout), or a single-file (LDM) checkpoint whose
-//! weights are read through [`crate::formats::single_file`] with the config files of a folder like the
-//! one below (`--base-config`; a single file holds no configs). Load components through
+//! weights are read through [`crate::formats::single_file`] with the config files of a folder like
+//! the one below (`--base-config`; a single file holds no configs). Load components through
 //! [`ModelFolder::load_unet`] & co., which work for both.
 //!
 //! ```text

@@ -132,7 +132,9 @@ impl Pipeline {
         dtype: DType,
         fuse: bool,
     ) -> Result<Self> {
-        Precision::try_from(dtype)?.check_device(DeviceSpec::of(device))?;
+        if dtype == DType::BF16 {
+            Precision::Bf16.check_device(DeviceSpec::of(device))?;
+        }
         let te_config = model.text_encoder_config()?;
         let tokenizer = model.tokenizer()?;
         let unet_config = UNetConfig::from_file(&model.unet_config())?;

@@ -26,17 +26,24 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Largest absolute difference; fails on a NaN or infinity anywhere (candle's `max` drops a NaN
+/// past the first element, so a comparison through it could pass on values that are no numbers).
+#[track_caller]
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let values = |t: &Tensor, what: &str| {
+        let v = t
+            .to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f64>())
+            .unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{what}: non-finite values");
+        v
+    };
+    let (a, b) = (values(a, "ours"), values(b, "reference"));
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max) as f32
 }
 
 #[test]

@@ -15,7 +15,8 @@ use lora_core::options::{DeviceSpec, Precision};
 use lora_core::{AdapterFormat, LoraInit, LoraTargets};
 use serde::{Deserialize, Serialize};
 
-/// Learning-rate schedule after the linear warm-up.
+/// Learning-rate schedule after the linear warm-up. Read from its flag spelling (`cosine`);
+/// written into a checkpoint's recipe as `Cosine`, the spelling existing checkpoints hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum LrScheduler {
     Constant,
@@ -224,7 +225,6 @@ pub struct TrainConfig {
     #[serde(serialize_with = "recipe_precision")]
     pub precision: Precision,
     pub gradient_checkpointing: bool,
-    #[serde(serialize_with = "as_display")]
     pub device: DeviceSpec,
     pub save_every: Option<usize>,
     pub resume: Option<PathBuf>,
@@ -610,5 +610,31 @@ mod tests {
         assert_eq!(file.targets, Some(LoraTargets::AttnMlp));
         assert_eq!(file.precision, Some(Precision::F16));
         assert_eq!(file.device, Some(DeviceSpec::Cuda(1)));
+    }
+
+    /// A checkpoint's recipe holds these spellings; a resume compares them as text, so they must
+    /// not change (checkpoints written by earlier versions must still resume).
+    #[test]
+    fn recipe_spellings_are_stable() {
+        let config = TrainArgs {
+            precision: Some(Precision::F16),
+            lr_scheduler: Some(LrScheduler::Cosine),
+            targets: Some(LoraTargets::AttnMlp),
+            init: Some(LoraInit::Gaussian),
+            ..minimal()
+        }
+        .resolve()
+        .unwrap();
+        let recipe = serde_json::to_value(&config).unwrap();
+        for (key, spelling) in [
+            ("precision", "Fp16"),
+            ("lr_scheduler", "Cosine"),
+            ("targets", "attn-mlp"),
+            ("init", "Gaussian"),
+            ("format", "kohya"),
+            ("device", "cpu"),
+        ] {
+            assert_eq!(recipe[key], spelling, "{key}");
+        }
     }
 }

@@ -4,7 +4,7 @@
 `make_fixtures.py`'s gradient fixture adapts every transformer layer (`attn-mlp`), so the
 frozen layers between adapters never appear in it. This script takes that adapter's attn2
 modules only (the preset lora-train uses by default: every other transformer layer frozen, as
-our fused frozen nodes in `nn.rs` see it), runs the same inputs and loss through diffusers +
+our fused frozen nodes in `engine/fused.rs` see it), runs the same inputs and loss through diffusers +
 peft, and writes the output, the loss and every adapter gradient to
 `tests/fixtures/<cfg>/grad_attn2.safetensors` (keys as in `expected.safetensors`).
 

@@ -51,7 +51,8 @@ pub(crate) fn geglu_input_grad(h: &Tensor, grad_out: &Tensor) -> candle_core::Re
 }
 
 /// GEGLU, `hidden ⊙ gelu(gate)` for `h = [hidden | gate]` split on the last dimension, with the
-/// exact (erf) GELU: one node with its input gradient (on the CPU in f32 `kernels::cpu::activation`'s op).
+/// exact (erf) GELU: one node with its input gradient (on the CPU in f32
+/// `kernels::cpu::activation`'s op).
 pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
     if cpu::gemm::cpu_f32(&[h]) {
         return cpu::activation::geglu_op(h);

@@ -26,13 +26,13 @@ pub(crate) struct ConvInputGrad {
     adjoint: Option<AdjointKernel>,
 }
 
-/// The stride-1 adjoint of a frozen kernel `[O, I, k, k]`: flipped in space with its channel
-/// axes swapped, `[I, O, k, k]`, for the half-precision CPU path and CUDA without our kernels.
-/// Built on the first backward pass and kept by the layer: making it with candle (`flip` is an
-/// index-select copy of the whole kernel) is too slow to redo every step. Costs one more copy of the conv kernels, only once something is trained through
-/// them. On CUDA our gather kernel builds it each time instead (`cuda::conv_adjoint`);
-/// on the CPU in f32 the input gradient is `Wᵀ·dy` with col2im (`kernels::cpu::conv`), with no
-/// copy.
+/// The stride-1 adjoint of a frozen kernel `[O, I, k, k]`: flipped in space with its channel axes
+/// swapped, `[I, O, k, k]`, for the half-precision CPU path and CUDA without our kernels. Built on
+/// the first backward pass and kept by the layer: making it with candle (`flip` is an index-select
+/// copy of the whole kernel) is too slow to redo every step. Costs one more copy of the conv
+/// kernels, only once something is trained through them. On CUDA our gather kernel builds it each
+/// time instead (`cuda::conv_adjoint`); on the CPU in f32 the input gradient is `Wᵀ·dy` with col2im
+/// (`kernels::cpu::conv`), with no copy.
 #[derive(Debug, Clone, Default)]
 pub struct AdjointKernel(Arc<OnceLock<Tensor>>);
 

@@ -113,8 +113,8 @@ impl<'a> CheckpointedForward<'a> {
             .with_context(|| format!("checkpointed value {value} is no longer kept"))
     }
 
-    /// The gradients of `params` for `loss`, a scalar computed from the prediction
-    /// [`crate::UNet2DConditionModel::forward_checkpointed`] returned: candle's backward pass
+    /// The gradients of `params` for `loss`, a scalar computed from the prediction the model's
+    /// checkpointed forward pass returned (the output [`Self::finish`] made): candle's backward pass
     /// over the loss gives the prediction's gradient; then each recorded layer, last first, is
     /// run again on its kept inputs with its graph, and candle's backward pass from
     /// Σ output·(output's gradient) gives the gradients of its inputs and of the parameters it

@@ -22,9 +22,10 @@ pub(crate) fn add_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<
 
 /// `a·b` where one operand is a matrix shared by every element of the other's batch. candle's
 /// `broadcast_matmul` copies a shared left matrix once per batch element, and a shared right one
-/// too unless the left operand is contiguous: for a conv kernel, a full copy per sample. Here a shared left matrix is a stride-0 view,
-/// which the strided-batched product reads in place, and a left batch is made contiguous so that
-/// candle folds it into the rows of one product with the shared right matrix.
+/// too unless the left operand is contiguous: for a conv kernel, a full copy per sample. Here a
+/// shared left matrix is a stride-0 view, which the strided-batched product reads in place, and a
+/// left batch is made contiguous so that candle folds it into the rows of one product with the
+/// shared right matrix.
 pub(crate) fn shared_matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     match (a.rank(), b.rank()) {
         (2, 3) => a.broadcast_as((b.dim(0)?, a.dim(0)?, a.dim(1)?))?.matmul(b),

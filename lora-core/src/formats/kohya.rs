@@ -77,8 +77,10 @@ pub fn kohya_tensors(modules: &[KohyaModule]) -> Result<Vec<(String, Tensor)>> {
     Ok(tensors)
 }
 
-/// sd-scripts' network keys: `ss_network_module`, `ss_network_dim`, `ss_network_alpha` (each
-/// "Dynamic" where modules differ, as after a dynamic resize) and `ss_network_args`.
+/// sd-scripts' network keys: `ss_network_module`, `ss_network_dim` and `ss_network_alpha` of the
+/// Linear and 1×1 modules (each "Dynamic" where modules differ, as after a dynamic resize), and
+/// `ss_network_args`, which gives the k×k conv modules' `conv_dim` and `conv_alpha` (LoCon) as
+/// sd-scripts does when a network has them.
 pub fn network_metadata(modules: &[KohyaModule]) -> BTreeMap<String, String> {
     let shared = |values: Vec<String>| {
         let first = values.first().cloned().unwrap_or_default();
@@ -87,18 +89,32 @@ pub fn network_metadata(modules: &[KohyaModule]) -> BTreeMap<String, String> {
             false => "Dynamic".to_string(),
         }
     };
-    let rank = |m: &KohyaModule| m.down.dim(0).map_or(0, |r| r);
+    let rank = |m: &KohyaModule| m.down.dims().first().copied().unwrap_or(0).to_string();
+    let alpha = |m: &KohyaModule| python_float(m.alpha);
+    let (conv, linear): (Vec<&KohyaModule>, Vec<&KohyaModule>) = modules
+        .iter()
+        .partition(|m| matches!(m.kind, ModuleKind::Conv { .. }));
+    // A conv-only file describes its convs as the network, as sd-scripts' own extraction does.
+    let main = if linear.is_empty() { &conv } else { &linear };
+    let args = match conv.is_empty() || linear.is_empty() {
+        true => "{}".to_string(),
+        false => serde_json::json!({
+            "conv_dim": shared(conv.iter().map(|m| rank(m)).collect()),
+            "conv_alpha": shared(conv.iter().map(|m| alpha(m)).collect()),
+        })
+        .to_string(),
+    };
     BTreeMap::from([
         ("ss_network_module".to_string(), "networks.lora".to_string()),
         (
             "ss_network_dim".to_string(),
-            shared(modules.iter().map(|m| rank(m).to_string()).collect()),
+            shared(main.iter().map(|m| rank(m)).collect()),
         ),
         (
             "ss_network_alpha".to_string(),
-            shared(modules.iter().map(|m| python_float(m.alpha)).collect()),
+            shared(main.iter().map(|m| alpha(m)).collect()),
         ),
-        ("ss_network_args".to_string(), "{}".to_string()),
+        ("ss_network_args".to_string(), args),
     ])
 }
 
@@ -169,7 +185,7 @@ pub fn python_bool(b: bool) -> String {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` in UTC.
-pub(crate) fn iso8601_utc(time: SystemTime) -> String {
+fn iso8601_utc(time: SystemTime) -> String {
     let secs = time
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -186,7 +202,7 @@ pub(crate) fn iso8601_utc(time: SystemTime) -> String {
 
 /// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01 (H. Hinnant's
 /// `civil_from_days`), to avoid a date-time dependency for one header field.
-pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -222,6 +238,31 @@ mod tests {
             (python_bool(true), python_bool(false)),
             ("True".into(), "False".into())
         );
+    }
+
+    #[test]
+    fn conv_modules_go_to_network_args() {
+        let module = |name: &str, kind, rank: usize, alpha| KohyaModule {
+            name: name.to_string(),
+            kind,
+            down: Tensor::zeros((rank, 9), DType::F32, &Device::Cpu).unwrap(),
+            up: Tensor::zeros((4, rank), DType::F32, &Device::Cpu).unwrap(),
+            alpha,
+        };
+        let conv = ModuleKind::Conv { kh: 3, kw: 3 };
+        let meta = network_metadata(&[
+            module("lora_unet_a", ModuleKind::Linear, 4, 2.0),
+            module("lora_unet_b", conv, 8, 1.0),
+        ]);
+        assert_eq!(meta["ss_network_dim"], "4");
+        assert_eq!(meta["ss_network_alpha"], "2.0");
+        let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+        assert_eq!(
+            args,
+            serde_json::json!({"conv_dim": "8", "conv_alpha": "1.0"})
+        );
+        let linear_only = network_metadata(&[module("lora_unet_a", ModuleKind::Linear, 4, 2.0)]);
+        assert_eq!(linear_only["ss_network_args"], "{}");
     }
 
     #[test]

@@ -19,8 +19,10 @@
 //! arithmetic or the decoder's reversed block order is written in one place, and reading and
 //! writing agree on every name a model has.
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::rc::Rc;
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -100,7 +102,7 @@ pub enum LdmTensor {
 }
 
 /// Which text encoder a single file holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TextEncoderLayout {
     /// SD1: transformers' CLIPTextModel under [`CLIP_PREFIX`].
     Clip,
@@ -109,7 +111,7 @@ pub enum TextEncoderLayout {
 }
 
 /// The layout facts of one single-file checkpoint needed to map its keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LdmLayout {
     /// Resnets per UNet down block (up blocks have one more).
     pub layers_per_block: usize,
@@ -157,6 +159,11 @@ impl LdmLayout {
         )
         .last()
         .map_or(0, |n| n + 1);
+        ensure!(
+            n_out <= MAX_INDEX && vae_up_blocks <= MAX_INDEX,
+            "single-file checkpoint: {n_out} UNet output blocks, {vae_up_blocks} VAE decoder \
+             blocks; no Stable Diffusion model has more than {MAX_INDEX}"
+        );
         Ok(Self {
             layers_per_block: n_out / down_blocks - 1,
             vae_up_blocks,
@@ -175,7 +182,7 @@ impl LdmLayout {
         };
         let rest = &key[section.prefix().len()..];
         let rules = self.rules(section, index_bound(rest), &[]);
-        let Some((rule, tail)) = longest_match(&rules, rest, Side::Ldm) else {
+        let Some((rule, tail)) = rules.longest_match(rest, Side::Ldm) else {
             // OpenCLIP's text_projection, logit_scale, attn_mask: parts CLIPTextModel has no
             // use for. The other models have no such extras.
             if section == Section::OpenClip {
@@ -190,6 +197,7 @@ impl LdmLayout {
             Kind::Stacked(_) => {
                 // The q, k and v rules share this LDM prefix and are listed in that order.
                 let thirds: Vec<DiffusersTensor> = rules
+                    .rules
                     .iter()
                     .filter(|r| r.ldm == rule.ldm)
                     .map(renamed)
@@ -246,13 +254,17 @@ impl LdmLayout {
                 t.part, t.name
             )
         };
-        let (rule, tail) = longest_match(&rules, &name, Side::Diffusers).with_context(unmapped)?;
+        let (rule, tail) = rules
+            .longest_match(&name, Side::Diffusers)
+            .with_context(unmapped)?;
         let rest = format!("{}{tail}", rule.ldm);
         let key = format!("{}{rest}", section.prefix());
         // Reading the key must go through a pair with the same LDM prefix, or it would come back
         // as another tensor. Only names no model has get here: `resnets.0.nin_shortcut.weight`
         // becomes `block.0.nin_shortcut.weight`, which reads back as `conv_shortcut`.
-        let read_back = longest_match(&rules, &rest, Side::Ldm).map(|(r, _)| r.ldm.len());
+        let read_back = rules
+            .longest_match(&rest, Side::Ldm)
+            .map(|(r, _)| r.ldm.len());
         ensure!(
             read_back == Some(rule.ldm.len()),
             "{}: `{key}` would read back as another tensor",
@@ -276,7 +288,7 @@ impl LdmLayout {
 
 /// The models of a single file, each under its key prefix. The text encoder has two: which one
 /// a file uses is read off its keys ([`TextEncoderLayout`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Section {
     Unet,
     Vae,
@@ -329,8 +341,8 @@ enum Kind {
 /// Which side of the rules a name is on.
 #[derive(Debug, Clone, Copy)]
 enum Side {
-    Ldm,
-    Diffusers,
+    Ldm = 0,
+    Diffusers = 1,
 }
 
 impl Rule {
@@ -342,29 +354,48 @@ impl Rule {
     }
 }
 
-/// The rule whose `side` prefix is the longest that `name` starts with (the first listed of
-/// equally long ones), and the rest of `name`. Longest first lets a specific pair refine a
-/// general one: `block.0.nin_shortcut.` ↔ `resnets.0.conv_shortcut.` within `block.0.` ↔
-/// `resnets.0.`.
-fn longest_match<'r, 'n>(
-    rules: &'r [Rule],
-    name: &'n str,
-    side: Side,
-) -> Option<(&'r Rule, &'n str)> {
-    let mut best: Option<(&Rule, &str)> = None;
-    for rule in rules {
-        if let Some(rest) = name.strip_prefix(rule.prefix(side)) {
-            if best.is_none_or(|(_, best_rest)| rest.len() < best_rest.len()) {
-                best = Some((rule, rest));
+/// The rules of one model for one layout and index bound, with each side's prefixes indexed
+/// so a name finds its rule in a few hash lookups, however many rules there are.
+struct RuleSet {
+    rules: Vec<Rule>,
+    /// Per side: prefix → the first rule listed with it.
+    by_prefix: [HashMap<String, usize>; 2],
+}
+
+impl RuleSet {
+    fn new(rules: Vec<Rule>) -> Self {
+        let mut by_prefix = [HashMap::new(), HashMap::new()];
+        for (index, rule) in rules.iter().enumerate() {
+            for side in [Side::Ldm, Side::Diffusers] {
+                by_prefix[side as usize]
+                    .entry(rule.prefix(side).to_string())
+                    .or_insert(index);
             }
         }
+        Self { rules, by_prefix }
     }
-    best
+
+    /// The rule whose `side` prefix is the longest that `name` starts with (the first listed of
+    /// equally long ones), and the rest of `name`. Longest first lets a specific pair refine a
+    /// general one: `block.0.nin_shortcut.` ↔ `resnets.0.conv_shortcut.` within `block.0.` ↔
+    /// `resnets.0.`.
+    fn longest_match<'n>(&self, name: &'n str, side: Side) -> Option<(&Rule, &'n str)> {
+        let index = &self.by_prefix[side as usize];
+        (0..=name.len())
+            .rev()
+            .filter(|&end| name.is_char_boundary(end))
+            .find_map(|end| {
+                index
+                    .get(&name[..end])
+                    .map(|&i| (&self.rules[i], &name[end..]))
+            })
+    }
 }
 
 /// Indices above this are not mapped; real models stay far below (SD's UNet has 12 output
-/// rows, OpenCLIP-bigG 32 layers), and it bounds the rules listed for a malformed name.
-const MAX_INDEX: usize = 1000;
+/// rows, OpenCLIP-bigG 32 layers). It bounds the rules a hostile name can make us list (the
+/// VAE's grow with its square).
+const MAX_INDEX: usize = 64;
 
 /// The highest block or layer index the rules for `name` need. Every index in a rule's prefix
 /// is at most a number of the name it matches (an LDM row number is at least its block's
@@ -404,8 +435,27 @@ impl Rules {
 
 impl LdmLayout {
     /// The rules of `section` with block and layer indices up to `bound` (see [`index_bound`]).
-    /// `up_attn` lists the UNet up blocks with attentions; only writing needs it.
-    fn rules(&self, section: Section, bound: usize, up_attn: &[usize]) -> Vec<Rule> {
+    /// `up_attn` lists the UNet up blocks with attentions; only writing needs it. Built once per
+    /// thread for each such combination: a file's keys share a few.
+    fn rules(&self, section: Section, bound: usize, up_attn: &[usize]) -> Rc<RuleSet> {
+        type CacheKey = (LdmLayout, Section, usize, Vec<usize>);
+        thread_local! {
+            static CACHE: RefCell<HashMap<CacheKey, Rc<RuleSet>>> = RefCell::new(HashMap::new());
+        }
+        let key = (*self, section, bound, up_attn.to_vec());
+        CACHE.with_borrow_mut(|cache| {
+            // Bounded: MAX_INDEX + 1 bounds per section and layout.
+            if cache.len() > 4 * (MAX_INDEX + 1) {
+                cache.clear();
+            }
+            cache
+                .entry(key)
+                .or_insert_with(|| Rc::new(RuleSet::new(self.list_rules(section, bound, up_attn))))
+                .clone()
+        })
+    }
+
+    fn list_rules(&self, section: Section, bound: usize, up_attn: &[usize]) -> Vec<Rule> {
         let mut rules = Rules::default();
         match section {
             Section::Unet => self.unet_rules(&mut rules, bound, up_attn),
@@ -869,5 +919,30 @@ mod tests {
         );
         let err = LdmLayout::detect(["unet.conv_in.weight"].iter().copied()).unwrap_err();
         assert!(err.to_string().contains("not a single-file"), "{err}");
+    }
+
+    /// Indices no model has are refused without listing rules for them: a hostile file's keys
+    /// (the VAE's rules grow with the square of the index) cannot stall the reader.
+    #[test]
+    fn huge_indices_are_refused_quickly() {
+        for i in 0..2000 {
+            let key = format!(
+                "{VAE_PREFIX}encoder.down.{}.block.99999.conv1.weight",
+                1000 + i
+            );
+            let err = layout().diffusers_name(&key).unwrap_err().to_string();
+            assert!(err.contains("follows no known LDM pattern"), "{err}");
+        }
+        let keys = [
+            format!("{UNET_PREFIX}input_blocks.1.0.in_layers.0.weight"),
+            format!("{UNET_PREFIX}output_blocks.99999.0.in_layers.0.weight"),
+            format!("{OPEN_CLIP_PREFIX}token_embedding.weight"),
+        ];
+        let err = LdmLayout::detect(keys.iter().map(String::as_str)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("no Stable Diffusion model has more than"),
+            "{err}"
+        );
     }
 }

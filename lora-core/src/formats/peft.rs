@@ -22,7 +22,7 @@ pub(crate) struct PeftConfig {
 }
 
 /// PEFT's `LoraConfig` default, which applies when the metadata leaves `lora_alpha` out.
-pub(crate) const PEFT_DEFAULT_ALPHA: f64 = 8.0;
+const PEFT_DEFAULT_ALPHA: f64 = 8.0;
 
 /// Parses `lora_adapter_metadata` (a JSON object with `unet.`/`text_encoder.`-prefixed
 /// `LoraConfig` fields) into one config per component that has entries.
@@ -115,7 +115,7 @@ impl PeftConfig {
 /// The value of the first pattern (in key order) that matches `path` the way PEFT matches
 /// literal module names: `^name` exactly, `name` exactly or as a `.`-separated suffix. Text-encoder
 /// paths are also tried without their `text_model.` level.
-pub(crate) fn first_match<T: Copy>(patterns: &[(String, T)], path: &str) -> Option<T> {
+fn first_match<T: Copy>(patterns: &[(String, T)], path: &str) -> Option<T> {
     let candidates = [path, path.strip_prefix("text_model.").unwrap_or(path)];
     let matches = |pattern: &str, candidate: &str| match pattern.strip_prefix('^') {
         Some(anchored) => candidate == anchored,
@@ -129,7 +129,7 @@ pub(crate) fn first_match<T: Copy>(patterns: &[(String, T)], path: &str) -> Opti
 
 /// Accepts patterns that are module names (all diffusers writes), rejecting regular expressions
 /// rather than matching them wrongly.
-pub(crate) fn literal_pattern(field: &str, pattern: &str) -> Result<String> {
+fn literal_pattern(field: &str, pattern: &str) -> Result<String> {
     const REGEX_SYNTAX: &[char] = &['*', '+', '?', '[', ']', '(', ')', '{', '}', '|', '\\', '$'];
     ensure!(
         !pattern.contains(REGEX_SYNTAX),
@@ -138,14 +138,14 @@ pub(crate) fn literal_pattern(field: &str, pattern: &str) -> Result<String> {
     Ok(pattern.to_string())
 }
 
-pub(crate) fn json_usize(field: &str, v: &Value) -> Result<usize> {
+fn json_usize(field: &str, v: &Value) -> Result<usize> {
     let n = v
         .as_u64()
         .with_context(|| format!("{field} must be a non-negative integer, got {v}"))?;
     Ok(usize::try_from(n)?)
 }
 
-pub(crate) fn json_f64(field: &str, v: &Value) -> Result<f64> {
+fn json_f64(field: &str, v: &Value) -> Result<f64> {
     v.as_f64()
         .with_context(|| format!("{field} must be a number, got {v}"))
 }

@@ -1,7 +1,8 @@
 //! Reading a single-file (LDM layout) Stable Diffusion checkpoint as if it were a diffusers
 //! folder's weights: a `VarBuilder` per model part that asks for diffusers names and gets the
-//! checkpoint's tensors, renamed through [`crate::formats::ldm`], q/k/v cut out of OpenCLIP's stacked
-//! `in_proj_*`, and 1×1-conv/Linear shapes reconciled (same data, `[o, i, 1, 1]` vs `[o, i]`).
+//! checkpoint's tensors, renamed through [`crate::formats::ldm`], q/k/v cut out of OpenCLIP's
+//! stacked `in_proj_*`, and 1×1-conv/Linear shapes reconciled (same data, `[o, i, 1, 1]` vs `[o,
+//! i]`).
 //!
 //! The file holds no configs; [`crate::source::ModelFolder::open_single_file`] takes them from a
 //! diffusers-layout folder of config files.

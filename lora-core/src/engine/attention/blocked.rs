@@ -34,12 +34,12 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
     contiguous(&x.transpose(1, 2)?)?.reshape((b, rows, heads * d))
 }
 
-/// The dtype scores, probabilities and every product with them are computed in: the operands'
-/// own, or f32 for half-precision operands when `upcast` (SD2's attention upcast). Staying in
-/// half precision otherwise is what makes this path fast on a GPU: candle's elementwise kernels
-/// run far below memory bandwidth, and each cast or scaling of a `[B, H, rows, M]` block is one
-/// more such pass over the largest tensors of the step. The softmax still accumulates in f32 (see [`softmax`]), and
-/// the sums across blocks and the row sums δ are kept in f32.
+/// The dtype scores, probabilities and every product with them are computed in: the operands' own,
+/// or f32 for half-precision operands when `upcast` (SD2's attention upcast). Staying in half
+/// precision otherwise is what makes this path fast on a GPU: candle's elementwise kernels run far
+/// below memory bandwidth, and each cast or scaling of a `[B, H, rows, M]` block is one more such
+/// pass over the largest tensors of the step. The softmax still accumulates in f32 (see
+/// [`softmax`]), and the sums across blocks and the row sums δ are kept in f32.
 fn score_dtype(dtype: DType, upcast: bool) -> DType {
     match upcast {
         true => compute_dtype(dtype),

@@ -9,8 +9,8 @@ use candle_core::Tensor;
 use super::kernels::cpu;
 
 /// `softmax(q·kᵀ/√d)·v` over `heads` heads of `[B, N, H·d]` queries and `[B, M, H·d]` keys and
-/// values, returning `[B, N, H·d]`; scores in f32 when `upcast` (SD2's attention upcast).
-/// One graph node either way: on the CPU in f32 our fused kernel (`kernels::cpu::attention`), elsewhere
+/// values, returning `[B, N, H·d]`; scores in f32 when `upcast` (SD2's attention upcast). One graph
+/// node either way: on the CPU in f32 our fused kernel (`kernels::cpu::attention`), elsewhere
 /// candle's ops in blocks of query rows with a recomputing backward (`blocked`).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
     if cpu::gemm::cpu_f32(&[q, k, v]) {
