@@ -44,8 +44,8 @@ pub unsafe fn configure() {
 /// Why: by default glibc maps each block above 32 MiB (less before its threshold has adapted) fresh
 /// from the kernel and unmaps it on `free`, and returns the heap's free top to the kernel. A
 /// training step at SD1.5's 64² latents allocates and frees such tensors (im2col buffers,
-/// feed-forward activations, their gradients) hundreds of times, so each comes back as new pages the
-/// kernel zeroes on first touch (benches/RESULTS.md has the page-fault counts). The cost is that
+/// feed-forward activations, their gradients) hundreds of times, so each comes back as new pages
+/// the kernel zeroes on first touch (benches/RESULTS.md has the page-fault counts). The cost is that
 /// memory a step freed stays with the process until it exits, which a training or generation
 /// process reuses on its next step anyway; `lora-merge`, which frees tensors on several threads,
 /// keeps a larger peak for a faster merge. Settings the user gave through `GLIBC_TUNABLES` or
