@@ -189,7 +189,7 @@ fn the_input_is_never_the_output() -> Result<()> {
     let adapter = fixtures().join("sd2-tiny/adapter_kohya.safetensors");
     let err = merge(&options(ldm.clone(), adapter.clone(), ldm.clone())).unwrap_err();
     assert!(
-        err.to_string().contains("is the base model itself"),
+        err.to_string().contains("is --base") && err.to_string().contains("never overwritten"),
         "{err}"
     );
     assert_eq!(std::fs::read(&ldm)?, before);

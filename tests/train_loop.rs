@@ -556,3 +556,28 @@ fn buckets_group_batches_by_aspect_ratio() -> Result<()> {
     assert_eq!(meta["ss_enable_bucket"], "True");
     Ok(())
 }
+
+/// An output that is one of the run's inputs (here the checkpoint it resumes from) is refused
+/// before any work, and the input is left as it was.
+#[test]
+fn an_input_is_never_overwritten() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let checkpoint = dir.path().join("run.safetensors");
+    std::fs::write(&checkpoint, b"not really a checkpoint")?;
+    let config = TrainArgs {
+        output: Some(checkpoint.clone()),
+        resume: Some(checkpoint.clone()),
+        ..args("sd1-tiny", &train_data(), dir.path())
+    }
+    .resolve()?;
+    let err = match Trainer::new(config, &mut quiet()) {
+        Ok(_) => panic!("training over its own checkpoint was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("is --resume") && err.contains("never overwritten"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&checkpoint)?, b"not really a checkpoint");
+    Ok(())
+}

@@ -206,6 +206,39 @@ impl fmt::Display for AdapterSpec {
     }
 }
 
+/// The rule every binary applies to its outputs: an output is never one of the command's inputs
+/// (a base model, an adapter, a dataset, a resumed checkpoint), whatever the spelling of either
+/// path, since writing it would destroy the input. `inputs` pairs each input with its flag.
+/// Checked before any work, with the same error in every binary.
+pub fn check_output(flag: &str, output: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    let target = resolved(output);
+    for (input_flag, input) in inputs {
+        ensure!(
+            target != resolved(input),
+            "{flag} {} is {input_flag} {}: an input is never overwritten; choose another output",
+            output.display(),
+            input.display()
+        );
+    }
+    Ok(())
+}
+
+/// `path` with its folder resolved (symbolic links, `..`), so two spellings of one file compare
+/// equal; a path whose folder does not exist yet is taken as given.
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(full) = path.canonicalize() {
+        return full;
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (parent.canonicalize(), path.file_name()) {
+        (Ok(folder), Some(name)) => folder.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
 /// Reads a value from config-file text through its `FromStr`, with the same error a flag gets:
 /// the body of `Deserialize::deserialize` for every option value.
 pub fn deserialize_text<'de, D: Deserializer<'de>, T>(d: D) -> Result<T, D::Error>
@@ -351,5 +384,24 @@ mod tests {
         );
         let bad = serde_json::from_str::<File>(r#"{"precision": "f8", "device": "cpu"}"#);
         assert!(bad.unwrap_err().to_string().contains("unknown precision"));
+    }
+
+    #[test]
+    fn an_output_that_is_an_input_is_refused_whatever_its_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.safetensors");
+        std::fs::write(&base, b"x").unwrap();
+        let other = dir.path().join("sub/../base.safetensors");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let err = check_output("--output", &other, &[("--base", &base)]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--output") && msg.contains("is --base"),
+            "{msg}"
+        );
+        let fresh = dir.path().join("out.safetensors");
+        assert!(check_output("--output", &fresh, &[("--base", &base)]).is_ok());
+        let missing_folder = dir.path().join("new/out.safetensors");
+        assert!(check_output("--output", &missing_folder, &[("--base", &base)]).is_ok());
     }
 }

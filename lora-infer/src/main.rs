@@ -2,11 +2,12 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use cli::Cli;
-use lora_infer::lora_core::options::AdapterSpec;
+use lora_infer::lora_core::options::{check_output, AdapterSpec};
 use lora_infer::lora_core::source::ModelSource;
 use lora_infer::output::{self, Image8};
 use lora_infer::pipeline::check_image_size;
@@ -79,6 +80,22 @@ fn main() -> Result<()> {
         }
     }
     let (paths, grid_path) = output::image_paths(&cli.output, num_images)?;
+    let base = Path::new(&cli.base);
+    let inputs: Vec<(&str, &Path)> = [("--base", base)]
+        .into_iter()
+        .chain(cli.loras.iter().map(|a| ("--lora", a.path.as_path())))
+        .chain(cli.latents.as_deref().map(|p| ("--latents", p)))
+        .chain(cli.init_image.as_deref().map(|p| ("--init-image", p)))
+        .collect();
+    let grid = cli.grid.then_some(grid_path.as_path());
+    for path in paths
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(grid)
+        .chain(cli.save_latents.as_deref())
+    {
+        check_output("--output", path, &inputs)?;
+    }
     if let Some(dir) = grid_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the output folder {}", dir.display()))?;

@@ -328,3 +328,38 @@ fn img2img_from_an_image_file() {
         );
     }
 }
+
+/// An output that is one of the inputs (here the init image, spelled another way) is refused
+/// before anything is written, and the input is left as it was.
+#[test]
+fn an_input_is_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("start.png");
+    let image = Image8 {
+        width: 32,
+        height: 32,
+        channels: 3,
+        pixels: vec![128; 32 * 32 * 3],
+    };
+    write_png(&init, &image, &Default::default()).unwrap();
+    let before = std::fs::read(&init).unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let same = dir.path().join("sub/../start.png");
+    let out = lora_infer(&[
+        "--base",
+        sd1().to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--init-image",
+        init.to_str().unwrap(),
+        "--output",
+        same.to_str().unwrap(),
+    ]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("is --init-image"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(std::fs::read(&init).unwrap(), before);
+}

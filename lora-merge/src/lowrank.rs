@@ -12,7 +12,7 @@ use lora_core::formats::keys::{kohya_name, Component};
 use lora_core::formats::kohya::{kohya_tensors, network_metadata, KohyaModule};
 use lora_core::formats::ldm::ModelPart;
 use lora_core::io::write_safetensors_atomic;
-use lora_core::options::AdapterSpec;
+use lora_core::options::{check_output, AdapterSpec};
 use lora_core::{AdapterFile, AdapterFormat, ModuleKind};
 use nalgebra::DMatrix;
 use rayon::prelude::*;
@@ -76,6 +76,11 @@ pub fn svd_merge(
 ) -> Result<LowRankReport> {
     ensure!(rank > 0, "--rank must be at least 1");
     ensure!(!adapters.is_empty(), "no adapter given (--lora)");
+    let inputs: Vec<(&str, &Path)> = adapters
+        .iter()
+        .map(|a| ("--lora", a.path.as_path()))
+        .collect();
+    check_output("--output", output, &inputs)?;
     let mut terms: BTreeMap<String, Vec<Term>> = BTreeMap::new();
     for spec in adapters {
         for module in read_modules(&spec.path)? {
@@ -113,6 +118,7 @@ pub fn resize(
         "resize needs --rank, --dynamic, or both"
     );
     ensure!(rank != Some(0), "--rank must be at least 1");
+    check_output("--output", output, &[("--lora", input)])?;
     let modules = read_modules(input)?;
     let results: Vec<(OutputModule, ModuleSummary)> = modules
         .into_par_iter()
@@ -142,6 +148,7 @@ pub fn extract(
     output: &Path,
 ) -> Result<LowRankReport> {
     ensure!(rank > 0, "--rank must be at least 1");
+    check_output("--output", output, &[("--base", base), ("--tuned", tuned)])?;
     let base = BaseModel::open(base)?;
     let tuned = BaseModel::open(tuned)?;
     let (unet, te) = base.modules();

@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lora_core::formats::keys::Component;
 use lora_core::formats::ldm::{LdmLayout, LdmTarget, LdmTensor, ModelPart, TextEncoderLayout};
-use lora_core::options::{AdapterSpec, Precision};
+use lora_core::options::{check_output, AdapterSpec, Precision};
 use lora_core::{AdapterFile, ModelModules};
 use safetensors::Dtype;
 use serde_json::json;
@@ -98,7 +98,7 @@ pub fn merge_converting(
         !options.adapters.is_empty() || conversion.is_some(),
         "no adapter given (--lora)"
     );
-    check_output_is_new(&options.base, &options.output)?;
+    check_output_is_new(options)?;
     let base = BaseModel::open(&options.base)?;
     let to = match (conversion.map(|c| c.to), base.layout) {
         (Some(to), _) => to,
@@ -241,14 +241,17 @@ fn adapter_record(spec: &AdapterSpec, format: &str) -> Result<serde_json::Value>
 
 /// The input is never modified: the output must be another path, and a folder output must not
 /// exist yet (a folder cannot be replaced atomically).
-fn check_output_is_new(base: &Path, output: &Path) -> Result<()> {
-    if let (Ok(a), Ok(b)) = (base.canonicalize(), output.canonicalize()) {
-        ensure!(
-            a != b,
-            "output {} is the base model itself; write to a new path",
-            output.display()
-        );
-    }
+fn check_output_is_new(options: &MergeOptions) -> Result<()> {
+    let (base, output) = (&options.base, &options.output);
+    let inputs: Vec<(&str, &Path)> = std::iter::once(("--base", base.as_path()))
+        .chain(
+            options
+                .adapters
+                .iter()
+                .map(|a| ("--lora", a.path.as_path())),
+        )
+        .collect();
+    check_output("--output", output, &inputs)?;
     if base.is_dir() {
         ensure!(
             !output.exists(),

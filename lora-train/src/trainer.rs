@@ -14,6 +14,7 @@ use candle_core::{Tensor, Var};
 use lora_core::adapters::TrainableAdapter;
 use lora_core::formats::kohya::{python_bool, python_float};
 use lora_core::models::config::UNetConfig;
+use lora_core::options::check_output;
 use lora_core::source::{ModelFolder, ModelSource};
 use lora_core::{
     save_adapter, Adapter, BaseModelVersion, LoraConfig, ModelModules, Rng, SaveOptions,
@@ -650,6 +651,14 @@ fn fingerprint(dataset: &Dataset) -> String {
 /// The folders of the adapter and the metrics file are created up front (as kohya does with its
 /// output folder), so a path that cannot be written is found now, not after training.
 fn check_output_location(config: &TrainConfig) -> Result<()> {
+    let mut inputs: Vec<(&str, &Path)> = vec![
+        ("--base", Path::new(&config.base)),
+        ("--data", config.data.as_path()),
+    ];
+    inputs.extend(config.base_config.as_deref().map(|p| ("--base-config", p)));
+    inputs.extend(config.resume.as_deref().map(|p| ("--resume", p)));
+    check_output("--output", &config.output, &inputs)?;
+    check_output("--metrics", &config.metrics, &inputs)?;
     for (what, file) in [("output", &config.output), ("metrics", &config.metrics)] {
         let parent = file
             .parent()
