@@ -212,3 +212,43 @@ fn resize_rejects_bad_requests() {
     assert!(err.to_string().contains("at least 1"), "{err}");
     assert!(!out.exists());
 }
+
+/// Merging into a half-precision output refuses a value beyond the dtype's range (here an adapter
+/// at an absurd scale) instead of writing an infinity, and names the tensor; an adapter that
+/// holds a NaN is refused when it is read, naming its key. No output is left either time.
+#[test]
+fn non_finite_values_are_never_written() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let adapter = sd1().join("adapter_kohya.safetensors");
+    let mut overflow = options(sd1(), adapter.clone(), dir.path().join("out"));
+    overflow.adapters[0].scale = 1e9;
+    overflow.dtype = Some(lora_toolkit::core::options::Precision::F16);
+    let msg = merge_error(&overflow);
+    assert!(
+        msg.contains("merging overflows F16") && msg.contains("--dtype f32"),
+        "{msg}"
+    );
+
+    let mut tensors = candle_core::safetensors::load(&adapter, &candle_core::Device::Cpu)?;
+    let key = tensors
+        .keys()
+        .find(|k| k.ends_with(".lora_up.weight"))
+        .cloned()
+        .expect("the fixture has up tensors");
+    let up = &tensors[&key];
+    let mut values = up
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    values[0] = f32::NAN;
+    let poisoned = candle_core::Tensor::from_vec(values, up.shape(), up.device())?;
+    tensors.insert(key.clone(), poisoned);
+    let nan_adapter = dir.path().join("nan.safetensors");
+    candle_core::safetensors::save(&tensors, &nan_adapter)?;
+    let msg = merge_error(&options(sd1(), nan_adapter, dir.path().join("out2")));
+    assert!(
+        msg.contains(&key) && msg.contains("non-finite value (NaN)"),
+        "{msg}"
+    );
+    Ok(())
+}

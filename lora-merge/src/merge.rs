@@ -579,19 +579,45 @@ impl Merger<'_> {
 
     /// The output bytes of entry `i` in `dtype`: the stored bytes when nothing changes, else
     /// the weight in f32 plus the weighted deltas, cast.
+    /// A non-finite value is never written: one in the base is refused naming the tensor, and a
+    /// merged value that overflows a half-precision output (finite in f32) is reported with the
+    /// dtype that would hold it.
     fn produce(&self, i: usize, dtype: Dtype) -> Result<Vec<u8>> {
         let e = &self.base.entries[i];
         let deltas = self.deltas_for(i);
         if deltas.is_empty() && dtype == e.dtype {
-            return self.base.entry_bytes(i);
+            let bytes = self.base.entry_bytes(i)?;
+            if let Some(at) = first_non_finite(&bytes, dtype) {
+                bail!(
+                    "base tensor `{}` holds a non-finite value (NaN or infinity) at flat index \
+                     {at}: the base model is damaged",
+                    e.key
+                );
+            }
+            return Ok(bytes);
         }
         let mut w = self.base.load_entry(i)?.to_dtype(DType::F32)?;
         if !deltas.is_empty() {
             let delta = self.summed_delta(i, &deltas)?;
             w = (w + delta)?;
         }
-        let w = w.to_dtype(candle_dtype(dtype)?)?;
-        Ok(safetensors::View::data(&w).into_owned())
+        let cast = w.to_dtype(candle_dtype(dtype)?)?;
+        let bytes = safetensors::View::data(&cast).into_owned();
+        if let Some(at) = first_non_finite(&bytes, dtype) {
+            let value = w.flatten_all()?.get(at)?.to_scalar::<f32>()?;
+            ensure!(
+                !value.is_finite(),
+                "merging overflows {dtype:?}: `{}` reaches {value} at flat index {at}, beyond the \
+                 output dtype's range; merge to --dtype f32 (or bf16), or lower the adapter scale",
+                e.key
+            );
+            bail!(
+                "`{}`: the merged weight is not finite (NaN or infinity) at flat index {at}; the \
+                 base or an adapter holds non-finite values",
+                e.key
+            );
+        }
+        Ok(bytes)
     }
 
     /// Σ weight·ΔW for entry `i`, shaped like the stored tensor (1×1 convs, stacked q/k/v with
@@ -621,6 +647,25 @@ impl Merger<'_> {
             blocks.push(sum);
         }
         Ok(Tensor::cat(&blocks, 0)?.reshape(e.shape.as_slice())?)
+    }
+}
+
+/// The index of the first NaN or infinity in little-endian `bytes` of a float `dtype` (all
+/// exponent bits set), without converting them; `None` for other dtypes.
+fn first_non_finite(bytes: &[u8], dtype: Dtype) -> Option<usize> {
+    fn find<const N: usize>(bytes: &[u8], exponent: u64) -> Option<usize> {
+        bytes.chunks_exact(N).position(|unit| {
+            let mut word = [0u8; 8];
+            word[..N].copy_from_slice(unit);
+            u64::from_le_bytes(word) & exponent == exponent
+        })
+    }
+    match dtype {
+        Dtype::F16 => find::<2>(bytes, 0x7c00),
+        Dtype::BF16 => find::<2>(bytes, 0x7f80),
+        Dtype::F32 => find::<4>(bytes, 0x7f80_0000),
+        Dtype::F64 => find::<8>(bytes, 0x7ff0_0000_0000_0000),
+        _ => None,
     }
 }
 
@@ -665,4 +710,42 @@ fn copy_folder_files(from: &Path, to: &Path, weight_files: &[PathBuf]) -> Result
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_values_are_found_in_every_float_dtype() {
+        let bytes = |values: &[f32], dtype: DType| {
+            let t = Tensor::new(values, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            safetensors::View::data(&t).into_owned()
+        };
+        for (dtype, stored) in [
+            (DType::F16, Dtype::F16),
+            (DType::BF16, Dtype::BF16),
+            (DType::F32, Dtype::F32),
+            (DType::F64, Dtype::F64),
+        ] {
+            let finite = bytes(&[0.0, -1.5, 6e4, f32::MIN_POSITIVE], dtype);
+            assert_eq!(first_non_finite(&finite, stored), None, "{dtype:?}");
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let values = bytes(&[1.0, 2.0, bad], dtype);
+                assert_eq!(
+                    first_non_finite(&values, stored),
+                    Some(2),
+                    "{dtype:?} {bad}"
+                );
+            }
+        }
+        // Past f16's range (65504) is an infinity once cast: what an overflowing merge makes.
+        assert_eq!(
+            first_non_finite(&bytes(&[7e4], DType::F16), Dtype::F16),
+            Some(0)
+        );
+    }
 }
