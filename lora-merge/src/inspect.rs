@@ -142,13 +142,25 @@ fn base_model(metadata: &BTreeMap<String, String>) -> Option<String> {
         })
 }
 
-/// `text` cut to at most `max` characters, marked with `…` (long JSON metadata would flood the
-/// terminal; `--json` has it all).
+/// A string from a stranger's file as it is printed: control characters escaped (a header may
+/// carry terminal escape sequences), cut to at most `max` characters and marked with `…` (long
+/// JSON metadata would flood the terminal; `--json` has it all).
 fn shortened(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_string(),
+    let cut = match text.char_indices().nth(max) {
+        Some((cut, _)) => &text[..cut],
+        None => text,
+    };
+    let mut shown: String = cut
+        .chars()
+        .flat_map(|c| match c.is_control() {
+            true => c.escape_default().collect::<Vec<_>>(),
+            false => vec![c],
+        })
+        .collect();
+    if cut.len() < text.len() {
+        shown.push('…');
     }
+    shown
 }
 
 impl Inspection {
@@ -183,7 +195,7 @@ impl Inspection {
         let _ = writeln!(
             text,
             "base model: {}",
-            self.base_model.as_deref().unwrap_or("not recorded")
+            shortened(self.base_model.as_deref().unwrap_or("not recorded"), 80)
         );
         let _ = writeln!(
             text,
@@ -199,9 +211,23 @@ impl Inspection {
         if !self.metadata.is_empty() {
             let _ = writeln!(text, "metadata:");
             for (k, v) in &self.metadata {
-                let _ = writeln!(text, "  {k}: {}", shortened(v, 120));
+                let _ = writeln!(text, "  {}: {}", shortened(k, 80), shortened(v, 120));
             }
         }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strangers_strings_are_escaped_and_capped() {
+        assert_eq!(shortened("plain", 10), "plain");
+        assert_eq!(shortened("abcdefgh", 3), "abc…");
+        // An escape sequence that would recolour or clear the terminal is shown, not sent.
+        assert_eq!(shortened("a\u{1b}[2Jb\n", 20), "a\\u{1b}[2Jb\\n");
+        assert_eq!(shortened("ééé", 2), "éé…");
     }
 }
