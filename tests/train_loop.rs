@@ -581,3 +581,48 @@ fn an_input_is_never_overwritten() -> Result<()> {
     assert_eq!(std::fs::read(&checkpoint)?, b"not really a checkpoint");
     Ok(())
 }
+
+/// `--resume latest` continues from the newest checkpoint beside --output that reads whole
+/// (a damaged newer file is passed over), removes the temporaries a killed run left, and starts
+/// afresh where there is no checkpoint yet.
+#[test]
+fn resume_latest_takes_the_newest_whole_checkpoint() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run = |steps: usize, resume: Option<&str>| -> Result<(Option<usize>, usize)> {
+        let config = TrainArgs {
+            steps: Some(steps),
+            save_every: Some(2),
+            resume: resume.map(PathBuf::from),
+            ..args("sd1-tiny", &train_data(), dir.path())
+        }
+        .resolve()?;
+        let mut resumed_at = None;
+        let mut trainer = Trainer::new(config, &mut |event| {
+            if let lora_train::Preparation::Resumed { step, .. } = event {
+                resumed_at = Some(step);
+            }
+        })?;
+        let summary = trainer.run(&mut |_| {})?;
+        Ok((resumed_at, summary.final_step))
+    };
+    // No checkpoint yet: a fresh start.
+    assert_eq!(run(4, Some("latest"))?, (None, 4));
+    let out = dir.path().join("adapter.safetensors");
+    assert!(checkpoint_paths(&out, 4).0.exists());
+
+    // As a killed run leaves things: a newer checkpoint name holding a cut file (a copy that
+    // did not go through the atomic write) and a temporary file of a process that is gone.
+    std::fs::write(checkpoint_paths(&out, 6).0, b"cut short")?;
+    let stale = dir
+        .path()
+        .join(".adapter-step000008.ckpt.safetensors.tmp-4000000000-0");
+    std::fs::write(&stale, b"partial")?;
+    assert_eq!(
+        lora_train::latest_checkpoint(&out)?,
+        Some(checkpoint_paths(&out, 4).0)
+    );
+
+    assert_eq!(run(8, Some("latest"))?, (Some(4), 8));
+    assert!(!stale.exists(), "the stale temporary file was left");
+    Ok(())
+}

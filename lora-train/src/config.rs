@@ -167,8 +167,10 @@ pub struct TrainArgs {
     /// Write a checkpoint (and an adapter) every N steps
     #[arg(long)]
     pub save_every: Option<usize>,
-    /// Continue from a checkpoint written by --save-every
-    #[arg(long)]
+    /// Continue from a checkpoint written by --save-every; `latest`: the newest one beside
+    /// --output, or a fresh start when there is none (the same command for every restart of a
+    /// preempted run)
+    #[arg(long, value_name = "CHECKPOINT|latest")]
     pub resume: Option<PathBuf>,
     /// Adapter file layout: kohya or peft [default: kohya]
     #[arg(long)]

@@ -66,7 +66,13 @@ pub struct Trainer {
 impl Trainer {
     /// Checks the dataset and the output location, loads the model, builds the adapter (or
     /// restores it from `config.resume`) and encodes the dataset. Nothing is written here.
-    pub fn new(config: TrainConfig, on_prepare: &mut dyn FnMut(Preparation)) -> Result<Self> {
+    pub fn new(mut config: TrainConfig, on_prepare: &mut dyn FnMut(Preparation)) -> Result<Self> {
+        if config.resume.as_deref() == Some(Path::new(RESUME_LATEST)) {
+            // Nothing to resume is a fresh start: the same command serves every restart of a
+            // preempted run, the first one included.
+            config.resume = latest_checkpoint(&config.output)?;
+        }
+        remove_stale_temporaries(&config.output);
         check_output_location(&config)?;
         let device = config.device.open()?;
         let dataset = Dataset::scan(&config.data, &config.caption_ext, config.skip_bad)?;
@@ -580,6 +586,80 @@ pub fn train(
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<TrainSummary> {
     Trainer::new(config, on_prepare)?.run(on_step)
+}
+
+/// `--resume latest`: the newest checkpoint beside `--output`, or a fresh start if there is none.
+pub const RESUME_LATEST: &str = "latest";
+
+/// The checkpoint of the highest step that [`checkpoint_paths`] wrote beside `output` and that
+/// reads whole, if any. Checkpoints are written atomically (a temporary file renamed), so a run
+/// killed while saving leaves the previous ones whole and no partial file under their names.
+pub fn latest_checkpoint(output: &Path) -> Result<Option<PathBuf>> {
+    let folder = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Ok(None);
+    }
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let prefix = format!("{stem}-step");
+    let entries = std::fs::read_dir(folder)
+        .with_context(|| format!("cannot list {} for --resume latest", folder.display()))?;
+    let mut found: Vec<(usize, PathBuf)> = entries
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let name = path.file_name()?.to_str()?;
+            let step = name
+                .strip_prefix(&prefix)?
+                .strip_suffix(".ckpt.safetensors")?;
+            Some((step.parse().ok()?, path))
+        })
+        .collect();
+    found.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
+    Ok(found
+        .into_iter()
+        .map(|(_, path)| path)
+        .find(|path| lora_core::io::read_safetensors(path, &candle_core::Device::Cpu).is_ok()))
+}
+
+/// Removes the temporary files a killed run left beside `output` (`.<name>.tmp-<pid>-<n>`, see
+/// `lora_core::io::write_atomic`) whose process is gone. Best effort, Linux only (it needs
+/// `/proc` to tell a live writer from a dead one).
+fn remove_stale_temporaries(output: &Path) {
+    #[cfg(target_os = "linux")]
+    {
+        let folder = match output.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let stem = output
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Ok(entries) = std::fs::read_dir(folder) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((target, rest)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-"))
+            else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next() else {
+                continue;
+            };
+            let dead = !Path::new("/proc").join(pid).exists();
+            if target.starts_with(&stem) && dead {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = output;
 }
 
 /// `(checkpoint, adapter)` written at `step` next to `output`:
