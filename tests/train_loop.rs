@@ -626,3 +626,35 @@ fn resume_latest_takes_the_newest_whole_checkpoint() -> Result<()> {
     assert!(!stale.exists(), "the stale temporary file was left");
     Ok(())
 }
+
+/// `--keep-checkpoints 1` leaves only the newest checkpoint and its adapter beside the output.
+#[test]
+fn keep_checkpoints_deletes_older_ones() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = TrainArgs {
+        steps: Some(6),
+        save_every: Some(2),
+        keep_checkpoints: Some(1),
+        ..args("sd1-tiny", &train_data(), dir.path())
+    }
+    .resolve()?;
+    lora_train::train(config, &mut quiet(), &mut |_| {})?;
+    let out = dir.path().join("adapter.safetensors");
+    for step in [2, 4] {
+        let (checkpoint, adapter) = checkpoint_paths(&out, step);
+        assert!(
+            !checkpoint.exists() && !adapter.exists(),
+            "step {step} kept"
+        );
+    }
+    let (checkpoint, adapter) = checkpoint_paths(&out, 6);
+    assert!(checkpoint.exists() && adapter.exists() && out.exists());
+
+    let without_saves = TrainArgs {
+        keep_checkpoints: Some(2),
+        ..args("sd1-tiny", &train_data(), dir.path())
+    };
+    let err = format!("{:#}", without_saves.resolve().unwrap_err());
+    assert!(err.contains("--keep-checkpoints"), "{err}");
+    Ok(())
+}

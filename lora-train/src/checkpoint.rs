@@ -125,10 +125,11 @@ impl Checkpoint {
 }
 
 /// Options that do not change the trajectory, so a resumed run may set them differently.
-const FREE_ON_RESUME: [&str; 10] = [
+const FREE_ON_RESUME: [&str; 11] = [
     "output",
     "metrics",
     "save_every",
+    "keep_checkpoints",
     "resume",
     "format",
     "device",

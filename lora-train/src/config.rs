@@ -167,6 +167,10 @@ pub struct TrainArgs {
     /// Write a checkpoint (and an adapter) every N steps
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Keep only the newest N checkpoints of --save-every (with their adapters), deleting older
+    /// ones as new ones are written (kohya: --save_last_n_steps) [default: keep all]
+    #[arg(long, value_name = "N")]
+    pub keep_checkpoints: Option<usize>,
     /// Continue from a checkpoint written by --save-every; `latest`: the newest one beside
     /// --output, or a fresh start when there is none (the same command for every restart of a
     /// preempted run)
@@ -229,6 +233,7 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
     pub device: DeviceSpec,
     pub save_every: Option<usize>,
+    pub keep_checkpoints: Option<usize>,
     pub resume: Option<PathBuf>,
     #[serde(serialize_with = "as_display")]
     pub format: AdapterFormat,
@@ -313,6 +318,7 @@ impl TrainArgs {
             gradient_checkpointing,
             device,
             save_every,
+            keep_checkpoints,
             resume,
             format,
             metrics,
@@ -438,6 +444,12 @@ impl TrainArgs {
                 format!("--save-every = {every}: expected at least 1"),
             );
         }
+        if let Some(keep) = self.keep_checkpoints {
+            check(
+                keep >= 1 && self.save_every.is_some(),
+                format!("--keep-checkpoints = {keep}: expected at least 1, with --save-every"),
+            );
+        }
         if let Err(e) = precision.check_device(device) {
             check(false, e.to_string());
         }
@@ -513,6 +525,7 @@ impl TrainArgs {
             gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
             device,
             save_every: self.save_every,
+            keep_checkpoints: self.keep_checkpoints,
             resume: self.resume,
             format,
             metrics,

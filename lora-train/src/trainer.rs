@@ -549,6 +549,9 @@ impl Trainer {
                     let (ckpt, adapter) = checkpoint_paths(&self.config.output, self.step);
                     self.save_adapter(&adapter)?;
                     self.save_checkpoint(&ckpt)?;
+                    if let Some(keep) = self.config.keep_checkpoints {
+                        remove_older_checkpoints(&self.config.output, keep)?;
+                    }
                 }
             }
             if let Some(sampler) = self.sampler.as_ref().filter(|s| s.due(self.step)) {
@@ -595,12 +598,20 @@ pub const RESUME_LATEST: &str = "latest";
 /// reads whole, if any. Checkpoints are written atomically (a temporary file renamed), so a run
 /// killed while saving leaves the previous ones whole and no partial file under their names.
 pub fn latest_checkpoint(output: &Path) -> Result<Option<PathBuf>> {
+    Ok(saved_checkpoints(output)?
+        .into_iter()
+        .map(|(_, path)| path)
+        .find(|path| lora_core::io::read_safetensors(path, &candle_core::Device::Cpu).is_ok()))
+}
+
+/// The checkpoints [`checkpoint_paths`] wrote beside `output`, newest (highest step) first.
+fn saved_checkpoints(output: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let folder = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     if !folder.is_dir() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let stem = output
         .file_stem()
@@ -608,7 +619,7 @@ pub fn latest_checkpoint(output: &Path) -> Result<Option<PathBuf>> {
         .unwrap_or_default();
     let prefix = format!("{stem}-step");
     let entries = std::fs::read_dir(folder)
-        .with_context(|| format!("cannot list {} for --resume latest", folder.display()))?;
+        .with_context(|| format!("cannot list the checkpoints in {}", folder.display()))?;
     let mut found: Vec<(usize, PathBuf)> = entries
         .filter_map(|entry| {
             let path = entry.ok()?.path();
@@ -620,10 +631,26 @@ pub fn latest_checkpoint(output: &Path) -> Result<Option<PathBuf>> {
         })
         .collect();
     found.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
-    Ok(found
-        .into_iter()
-        .map(|(_, path)| path)
-        .find(|path| lora_core::io::read_safetensors(path, &candle_core::Device::Cpu).is_ok()))
+    Ok(found)
+}
+
+/// `--keep-checkpoints`: deletes every checkpoint beside `output` but the newest `keep`, each
+/// with the adapter written beside it.
+fn remove_older_checkpoints(output: &Path, keep: usize) -> Result<()> {
+    for (step, checkpoint) in saved_checkpoints(output)?.into_iter().skip(keep) {
+        let (_, adapter) = checkpoint_paths(output, step);
+        for path in [checkpoint, adapter] {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| {
+                        format!("--keep-checkpoints: cannot delete {}", path.display())
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Removes the temporary files a killed run left beside `output` (`.<name>.tmp-<pid>-<n>`, see
