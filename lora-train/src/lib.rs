@@ -38,4 +38,4 @@ pub mod trainer;
 pub use config::{TrainArgs, TrainConfig};
 pub use lora_core;
 pub use metrics::{StepReport, TrainSummary};
-pub use trainer::{checkpoint_paths, latest_checkpoint, train, Preparation, Trainer};
+pub use trainer::{checkpoint_paths, latest_checkpoint, train, Preparation, Stopped, Trainer};

@@ -1,12 +1,14 @@
 //! `lora-train`: a thin command-line front end over the `lora_train` library.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use cli::Cli;
 use indicatif::{ProgressBar, ProgressStyle};
-use lora_train::{Preparation, TrainArgs, Trainer};
+use lora_train::{Preparation, Stopped, TrainArgs, Trainer};
 
 mod cli;
 
@@ -59,6 +61,13 @@ fn main() -> Result<()> {
         }
     })?;
 
+    // SIGINT / SIGTERM: finish the step in progress, write a checkpoint, say how to resume.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("cannot install the SIGINT/SIGTERM handler")?;
+    trainer.stop_on(stop);
+
     let bar = ProgressBar::new(trainer.total_steps() as u64);
     bar.set_position(trainer.current_step() as u64);
     bar.set_style(
@@ -73,7 +82,14 @@ fn main() -> Result<()> {
         bar.set_position(report.step as u64);
     });
     bar.finish_and_clear();
-    let summary = result?;
+    let summary = match result {
+        Err(e) if e.is::<Stopped>() => {
+            eprintln!("{e}");
+            // The shell's convention for a run ended by a signal (128 + SIGINT).
+            std::process::exit(130);
+        }
+        other => other?,
+    };
     eprintln!(
         "trained {} steps (to step {}): mean step {:.3} s, {:.2} images/s, loss {} → {}{}",
         summary.steps_run,

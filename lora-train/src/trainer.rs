@@ -7,6 +7,8 @@
 //! parameters and AdamW moments that is the whole state of a run, which makes resuming exact.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -61,7 +63,31 @@ pub struct Trainer {
     /// The last checkpoint written or resumed from, named when a run stops on NaN.
     last_checkpoint: Option<PathBuf>,
     sampler: Option<Sampler>,
+    /// Set from outside (a signal handler) to end [`Trainer::run`] after the current step.
+    stop: Option<Arc<AtomicBool>>,
 }
+
+/// How [`Trainer::run`] ended early: stopped on request, with the checkpoint it wrote.
+#[derive(Debug)]
+pub struct Stopped {
+    pub step: usize,
+    pub checkpoint: PathBuf,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stopped at step {}; checkpoint written to {} (continue with --resume {}, or \
+             --resume latest)",
+            self.step,
+            self.checkpoint.display(),
+            self.checkpoint.display()
+        )
+    }
+}
+
+impl std::error::Error for Stopped {}
 
 impl Trainer {
     /// Checks the dataset and the output location, loads the model, builds the adapter (or
@@ -211,6 +237,7 @@ impl Trainer {
             bucket_batches_per_epoch,
             last_checkpoint,
             sampler,
+            stop: None,
         })
     }
 
@@ -528,6 +555,12 @@ impl Trainer {
 
     /// Trains to the last step: metrics per step, checkpoints (with an adapter beside each) every
     /// `save_every` steps, the adapter at the end. `on_step` sees every step's report.
+    /// Ends [`Self::run`] after the step in progress once `flag` is set (by a SIGINT or SIGTERM
+    /// handler): it writes a checkpoint and the adapter so far, and returns a [`Stopped`] error.
+    pub fn stop_on(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = Some(flag);
+    }
+
     pub fn run(&mut self, on_step: &mut dyn FnMut(&StepReport)) -> Result<TrainSummary> {
         let mut log = match self.config.resume {
             Some(_) => MetricsLog::resume(&self.config.metrics, self.step)?,
@@ -556,6 +589,17 @@ impl Trainer {
             }
             if let Some(sampler) = self.sampler.as_ref().filter(|s| s.due(self.step)) {
                 sampler.write(&self.config.output, self.step)?;
+            }
+            let stop_requested = self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+            if stop_requested && self.step < self.total_steps {
+                let (checkpoint, adapter) = checkpoint_paths(&self.config.output, self.step);
+                self.save_adapter(&adapter)?;
+                self.save_checkpoint(&checkpoint)?;
+                return Err(Stopped {
+                    step: self.step,
+                    checkpoint,
+                }
+                .into());
             }
         }
         self.save_adapter(&self.config.output)?;

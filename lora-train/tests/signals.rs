@@ -1,0 +1,86 @@
+//! The `lora-train` binary under SIGTERM: it finishes the step in progress, writes a checkpoint
+//! and the adapter so far, says how to resume and exits with 130; `--resume latest` then
+//! continues from that checkpoint to the end.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn lora_train(out: &Path, steps: usize, extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lora-train"));
+    command
+        .arg("--base")
+        .arg(fixtures().join("sd1-tiny"))
+        .arg("--data")
+        .arg(fixtures().join("train-data"))
+        .arg("--output")
+        .arg(out)
+        .args(["--resolution", "32", "--lr", "1e-2", "--skip-bad"])
+        .args(["--steps", &steps.to_string()])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_saves_a_checkpoint_and_resume_latest_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("adapter.safetensors");
+    let metrics = dir.path().join("adapter.safetensors.metrics.jsonl");
+    let mut child = lora_train(&out, 100_000, &[]).spawn().unwrap();
+    // Wait for the first step to be logged, then ask the run to stop.
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no step was logged"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "lora-train ended early"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("stopped at step") && stderr.contains("--resume latest"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let steps_done = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    let checkpoint = dir
+        .path()
+        .join(format!("adapter-step{steps_done:06}.ckpt.safetensors"));
+    assert!(
+        checkpoint.exists(),
+        "no checkpoint at step {steps_done}: {stderr}"
+    );
+
+    // The same command with --resume latest runs the remaining steps of a short run.
+    let total = steps_done + 2;
+    let resumed = lora_train(&out, total, &["--resume", "latest"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("resuming at step {steps_done}")),
+        "{stderr}"
+    );
+    assert!(out.exists());
+    let lines = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert_eq!(lines, total);
+}
