@@ -648,19 +648,26 @@ pub fn latest_checkpoint(output: &Path) -> Result<Option<PathBuf>> {
         .find(|path| lora_core::io::read_safetensors(path, &candle_core::Device::Cpu).is_ok()))
 }
 
-/// The checkpoints [`checkpoint_paths`] wrote beside `output`, newest (highest step) first.
-fn saved_checkpoints(output: &Path) -> Result<Vec<(usize, PathBuf)>> {
+/// The folder `output` is in (`.` for a bare file name) and its file stem, which names the
+/// checkpoints and temporary files written beside it.
+fn folder_and_stem(output: &Path) -> (&Path, String) {
     let folder = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    if !folder.is_dir() {
-        return Ok(Vec::new());
-    }
     let stem = output
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    (folder, stem)
+}
+
+/// The checkpoints [`checkpoint_paths`] wrote beside `output`, newest (highest step) first.
+fn saved_checkpoints(output: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let (folder, stem) = folder_and_stem(output);
+    if !folder.is_dir() {
+        return Ok(Vec::new());
+    }
     let prefix = format!("{stem}-step");
     let entries = std::fs::read_dir(folder)
         .with_context(|| format!("cannot list the checkpoints in {}", folder.display()))?;
@@ -703,14 +710,7 @@ fn remove_older_checkpoints(output: &Path, keep: usize) -> Result<()> {
 fn remove_stale_temporaries(output: &Path) {
     #[cfg(target_os = "linux")]
     {
-        let folder = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let stem = output
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let (folder, stem) = folder_and_stem(output);
         let Ok(entries) = std::fs::read_dir(folder) else {
             return;
         };
@@ -736,10 +736,7 @@ fn remove_stale_temporaries(output: &Path) {
 /// `(checkpoint, adapter)` written at `step` next to `output`:
 /// `<stem>-step000010.ckpt.safetensors` and `<stem>-step000010.safetensors`.
 pub fn checkpoint_paths(output: &Path, step: usize) -> (PathBuf, PathBuf) {
-    let stem = output
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let (_, stem) = folder_and_stem(output);
     (
         output.with_file_name(format!("{stem}-step{step:06}.ckpt.safetensors")),
         output.with_file_name(format!("{stem}-step{step:06}.safetensors")),
