@@ -366,17 +366,7 @@ pub fn module_from_weight(component: Component, name: &str, shape: &[usize]) -> 
                 && CHILDREN.iter().any(|c| path.ends_with(&format!(".{c}")))
         }
     };
-    let (kind, out_features, in_features) = match *shape {
-        [out, inp] => (ModuleKind::Linear, out, inp),
-        [out, inp, 1, 1] => (ModuleKind::Conv1x1, out, inp),
-        _ => return None,
-    };
-    selected.then(|| ModuleInfo {
-        path: path.to_string(),
-        kind,
-        in_features,
-        out_features,
-    })
+    selected.then(|| module_info(path, shape, false)).flatten()
 }
 
 /// Like [`module_from_weight`], over the wider set that kohya `conv_dim` / LyCORIS LoCon
@@ -411,13 +401,20 @@ pub fn locon_module_from_weight(
             || path.ends_with(".downsamplers.0.conv")
             || path.ends_with(".upsamplers.0.conv")
             || TOP_LEVEL.contains(&path));
+    selected.then(|| module_info(path, shape, true)).flatten()
+}
+
+/// The module a weight of `shape` at `path` describes: a Linear `[out, in]`, a 1×1 conv
+/// `[out, in, 1, 1]`, or (where `kernels` allows them) a k×k conv, adapted on its flattened
+/// kernel `[out, in·kh·kw]`.
+fn module_info(path: &str, shape: &[usize], kernels: bool) -> Option<ModuleInfo> {
     let (kind, out_features, in_features) = match *shape {
         [out, inp] => (ModuleKind::Linear, out, inp),
         [out, inp, 1, 1] => (ModuleKind::Conv1x1, out, inp),
-        [out, inp, kh, kw] => (ModuleKind::Conv { kh, kw }, out, inp * kh * kw),
+        [out, inp, kh, kw] if kernels => (ModuleKind::Conv { kh, kw }, out, inp * kh * kw),
         _ => return None,
     };
-    selected.then(|| ModuleInfo {
+    Some(ModuleInfo {
         path: path.to_string(),
         kind,
         in_features,
