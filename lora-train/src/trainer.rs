@@ -553,14 +553,14 @@ impl Trainer {
         )
     }
 
-    /// Trains to the last step: metrics per step, checkpoints (with an adapter beside each) every
-    /// `save_every` steps, the adapter at the end. `on_step` sees every step's report.
     /// Ends [`Self::run`] after the step in progress once `flag` is set (by a SIGINT or SIGTERM
     /// handler): it writes a checkpoint and the adapter so far, and returns a [`Stopped`] error.
     pub fn stop_on(&mut self, flag: Arc<AtomicBool>) {
         self.stop = Some(flag);
     }
 
+    /// Trains to the last step: metrics per step, checkpoints (with an adapter beside each) every
+    /// `save_every` steps, the adapter at the end. `on_step` sees every step's report.
     pub fn run(&mut self, on_step: &mut dyn FnMut(&StepReport)) -> Result<TrainSummary> {
         let mut log = match self.config.resume {
             Some(_) => MetricsLog::resume(&self.config.metrics, self.step)?,
