@@ -579,6 +579,7 @@ impl Merger<'_> {
 
     /// The output bytes of entry `i` in `dtype`: the stored bytes when nothing changes, else
     /// the weight in f32 plus the weighted deltas, cast.
+    ///
     /// A non-finite value is never written: one in the base is refused naming the tensor, and a
     /// merged value that overflows a half-precision output (finite in f32) is reported with the
     /// dtype that would hold it.
