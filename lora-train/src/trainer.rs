@@ -648,23 +648,26 @@ pub fn latest_checkpoint(output: &Path) -> Result<Option<PathBuf>> {
         .find(|path| lora_core::io::read_safetensors(path, &candle_core::Device::Cpu).is_ok()))
 }
 
-/// The folder `output` is in (`.` for a bare file name) and its file stem, which names the
-/// checkpoints and temporary files written beside it.
-fn folder_and_stem(output: &Path) -> (&Path, String) {
-    let folder = match output.parent() {
+/// The folder `output` is in (`.` for a bare file name), where its checkpoints, metrics and
+/// temporary files go.
+fn output_folder(output: &Path) -> &Path {
+    match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
-    let stem = output
+    }
+}
+
+/// `output`'s file stem, which names the checkpoints and temporary files written beside it.
+fn output_stem(output: &Path) -> String {
+    output
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    (folder, stem)
+        .unwrap_or_default()
 }
 
 /// The checkpoints [`checkpoint_paths`] wrote beside `output`, newest (highest step) first.
 fn saved_checkpoints(output: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    let (folder, stem) = folder_and_stem(output);
+    let (folder, stem) = (output_folder(output), output_stem(output));
     if !folder.is_dir() {
         return Ok(Vec::new());
     }
@@ -710,7 +713,7 @@ fn remove_older_checkpoints(output: &Path, keep: usize) -> Result<()> {
 fn remove_stale_temporaries(output: &Path) {
     #[cfg(target_os = "linux")]
     {
-        let (folder, stem) = folder_and_stem(output);
+        let (folder, stem) = (output_folder(output), output_stem(output));
         let Ok(entries) = std::fs::read_dir(folder) else {
             return;
         };
@@ -736,7 +739,7 @@ fn remove_stale_temporaries(output: &Path) {
 /// `(checkpoint, adapter)` written at `step` next to `output`:
 /// `<stem>-step000010.ckpt.safetensors` and `<stem>-step000010.safetensors`.
 pub fn checkpoint_paths(output: &Path, step: usize) -> (PathBuf, PathBuf) {
-    let (_, stem) = folder_and_stem(output);
+    let stem = output_stem(output);
     (
         output.with_file_name(format!("{stem}-step{step:06}.ckpt.safetensors")),
         output.with_file_name(format!("{stem}-step{step:06}.safetensors")),
@@ -808,10 +811,7 @@ fn check_output_location(config: &TrainConfig) -> Result<()> {
     check_output("--output", &config.output, &inputs)?;
     check_output("--metrics", &config.metrics, &inputs)?;
     for (what, file) in [("output", &config.output), ("metrics", &config.metrics)] {
-        let parent = file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let parent = output_folder(file);
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create the {what} folder {}", parent.display()))?;
     }
