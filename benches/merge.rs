@@ -243,6 +243,7 @@ fn child(base: &str, adapter: &str, output: &str) -> Result<()> {
         output: output.into(),
         dtype: None,
         allow_unmatched: false,
+        allow_nonfinite: false,
     })?;
     let seconds = start.elapsed().as_secs_f64();
     println!(

@@ -20,6 +20,7 @@ fn options(base: PathBuf, adapter: PathBuf, output: PathBuf) -> MergeOptions {
         output,
         dtype: None,
         allow_unmatched: false,
+        allow_nonfinite: false,
     }
 }
 
@@ -245,10 +246,43 @@ fn non_finite_values_are_never_written() -> Result<()> {
     tensors.insert(key.clone(), poisoned);
     let nan_adapter = dir.path().join("nan.safetensors");
     candle_core::safetensors::save(&tensors, &nan_adapter)?;
-    let msg = merge_error(&options(sd1(), nan_adapter, dir.path().join("out2")));
+    let msg = merge_error(&options(
+        sd1(),
+        nan_adapter.clone(),
+        dir.path().join("out2"),
+    ));
     assert!(
-        msg.contains(&key) && msg.contains("non-finite value (NaN)"),
+        msg.contains(&key)
+            && msg.contains("non-finite value (NaN)")
+            && msg.contains("--allow-nonfinite"),
         "{msg}"
     );
+
+    // --allow-nonfinite: the merge goes through, says which tensor it let in, and writes the NaN
+    // where that adapter lands.
+    let mut allowed = options(sd1(), nan_adapter, dir.path().join("out3"));
+    allowed.allow_nonfinite = true;
+    let report = merge(&allowed)?;
+    assert!(
+        report.non_finite.len() == 1 && report.non_finite[0].contains(&key),
+        "{:?}",
+        report.non_finite
+    );
+    let mut non_finite = 0;
+    for part in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
+        let merged =
+            candle_core::safetensors::load(allowed.output.join(part), &candle_core::Device::Cpu)?;
+        for tensor in merged.values() {
+            let values = tensor
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?;
+            non_finite += values.iter().filter(|v| !v.is_finite()).count();
+        }
+    }
+    assert!(non_finite > 0, "the allowed NaN never reached the output");
     Ok(())
 }

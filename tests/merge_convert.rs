@@ -30,6 +30,7 @@ fn options(base: PathBuf, adapters: Vec<AdapterSpec>, output: PathBuf) -> MergeO
         output,
         dtype: None,
         allow_unmatched: false,
+        allow_nonfinite: false,
     }
 }
 

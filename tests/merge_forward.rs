@@ -31,6 +31,7 @@ fn merged_unet_equals_unmerged_adapter() -> Result<()> {
             output: merged.clone(),
             dtype: None,
             allow_unmatched: false,
+            allow_nonfinite: false,
         })?;
 
         let config = UNetConfig::from_file(&base.join("unet/config.json"))?;

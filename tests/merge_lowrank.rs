@@ -226,6 +226,7 @@ fn extract_from_a_merge_reproduces_the_adapter() -> Result<()> {
         output: merged.clone(),
         dtype: None,
         allow_unmatched: false,
+        allow_nonfinite: false,
     })?;
     let out = dir.path().join("extracted.safetensors");
     let report = extract(&base, &merged, 4, 0.0, &out)?;
@@ -263,6 +264,7 @@ fn extract_skips_modules_that_did_not_change() -> Result<()> {
         output: merged.clone(),
         dtype: None,
         allow_unmatched: false,
+        allow_nonfinite: false,
     })?;
     let out = dir.path().join("extracted.safetensors");
     let report = extract(&base, &merged, 8, 1e-7, &out)?;

@@ -39,6 +39,7 @@ fn merged(adapter: &str, weight: f64, out: &Path) -> Result<usize> {
         output: out.to_path_buf(),
         dtype: None,
         allow_unmatched: false,
+        allow_nonfinite: false,
     })?;
     Ok(report.tensors_changed)
 }
@@ -112,6 +113,7 @@ fn locon_adapters_go_through_resize_and_svd_keeping_their_kernels() -> Result<()
             output: out.clone(),
             dtype: None,
             allow_unmatched: false,
+            allow_nonfinite: false,
         })?;
         let err = compare(&out, &merge_dir().join("expected_locon.safetensors"))?;
         println!("{}: max |ours - fuse_lora| = {err:.2e}", file.display());
@@ -181,6 +183,7 @@ fn tucker_factors_and_foreign_keys_are_rejected_by_name() -> Result<()> {
             output: out.clone(),
             dtype: None,
             allow_unmatched: false,
+            allow_nonfinite: false,
         })
         .unwrap_err();
         let msg = format!("{err:#}");
@@ -213,6 +216,7 @@ fn merged_err(path: &Path, dir: &Path) -> Result<String> {
         output: dir.join("never"),
         dtype: None,
         allow_unmatched: false,
+        allow_nonfinite: false,
     })
     .unwrap_err();
     Ok(format!("{err:#}"))

@@ -36,6 +36,7 @@ fn options(base: PathBuf, adapters: Vec<AdapterSpec>, output: PathBuf) -> MergeO
         output,
         dtype: None,
         allow_unmatched: false,
+        allow_nonfinite: false,
     }
 }
 

@@ -75,6 +75,7 @@ fn adapter_learns_the_concept_and_merging_it_changes_nothing() {
         output: merged_dir.clone(),
         dtype: Some(Precision::F32),
         allow_unmatched: false,
+        allow_nonfinite: false,
     })
     .unwrap();
     let device = Device::Cpu;

@@ -658,3 +658,62 @@ fn keep_checkpoints_deletes_older_ones() -> Result<()> {
     assert!(err.contains("--keep-checkpoints"), "{err}");
     Ok(())
 }
+
+/// A fresh run never silently replaces an earlier one: an existing adapter, or checkpoints of an
+/// earlier run beside --output, are refused before any work, naming what to pass. `--overwrite`
+/// starts over, deleting the earlier run's checkpoints (so a later `--resume latest` cannot pick
+/// one up); `--resume` continues over the run's own files.
+#[test]
+fn an_earlier_run_is_replaced_only_with_overwrite() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let recipe = |steps: usize| TrainArgs {
+        steps: Some(steps),
+        save_every: Some(2),
+        ..args("sd1-tiny", &train_data(), dir.path())
+    };
+    lora_train::train(recipe(4).resolve()?, &mut quiet(), &mut |_| {})?;
+    let out = dir.path().join("adapter.safetensors");
+    let adapter_before = std::fs::read(&out)?;
+
+    let refused = Trainer::new(recipe(2).resolve()?, &mut quiet())
+        .err()
+        .expect("an existing adapter must be refused");
+    let msg = format!("{refused:#}");
+    assert!(
+        msg.contains("already exists") && msg.contains("--overwrite"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(&out)?, adapter_before, "the refusal wrote");
+
+    // Only the checkpoints are left (as after a run killed before its end).
+    std::fs::remove_file(&out)?;
+    std::fs::remove_file(dir.path().join("adapter.safetensors.metrics.jsonl"))?;
+    let refused = Trainer::new(recipe(2).resolve()?, &mut quiet())
+        .err()
+        .expect("an earlier run's checkpoints must be refused");
+    let msg = format!("{refused:#}");
+    assert!(
+        msg.contains("step-4 checkpoint") && msg.contains("--resume latest"),
+        "{msg}"
+    );
+
+    let over = TrainArgs {
+        overwrite: Some(true),
+        ..recipe(2)
+    };
+    lora_train::train(over.resolve()?, &mut quiet(), &mut |_| {})?;
+    assert!(
+        !checkpoint_paths(&out, 4).0.exists(),
+        "the old step-4 checkpoint is left"
+    );
+    assert!(checkpoint_paths(&out, 2).0.exists());
+
+    // Continuing the run over its own files needs no --overwrite.
+    let resumed = TrainArgs {
+        resume: Some(PathBuf::from("latest")),
+        ..recipe(4)
+    };
+    let summary = lora_train::train(resumed.resolve()?, &mut quiet(), &mut |_| {})?;
+    assert_eq!((summary.steps_run, summary.final_step), (2, 4));
+    Ok(())
+}

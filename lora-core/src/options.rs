@@ -1,6 +1,8 @@
 //! The option values every binary shares, parsed one way with one error for one mistake:
 //! `--precision`, `--device` and `--lora FILE[:SCALE]`. Each parses from the text a user types
 //! (`FromStr`, which clap uses) and reads from and writes to config files as that same text.
+//! Also the rules every binary applies to the files it reads (`--allow-pickle`,
+//! `--allow-nonfinite`) and writes (`--overwrite`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -161,6 +163,15 @@ impl AdapterSpec {
             scale,
         }
     }
+
+    /// This adapter as a file the readers take: a PyTorch pickle is refused, or with
+    /// `allow_pickle` replaced by its safetensors copy (see [`crate::io::pickle`]).
+    pub fn readable(&self, allow_pickle: bool) -> Result<Self> {
+        Ok(Self::new(
+            crate::io::pickle::safetensors_path(&self.path, allow_pickle)?,
+            self.scale,
+        ))
+    }
 }
 
 impl FromStr for AdapterSpec {
@@ -221,6 +232,33 @@ pub fn check_output(flag: &str, output: &Path, inputs: &[(&str, &Path)]) -> Resu
         );
     }
     Ok(())
+}
+
+/// What every binary does with each output before any work, beside [`check_output`]:
+/// - an existing output is replaced only with `--overwrite` (`overwrite`);
+/// - the output's folder is created when missing (as kohya and diffusers do with theirs), and
+///   probed with a file created and removed there, so a folder that cannot be written (read
+///   only, no permission, no room for a directory entry) is found now, not after the work.
+pub fn prepare_output(flag: &str, output: &Path, overwrite: bool) -> Result<()> {
+    ensure!(
+        overwrite || !output.exists(),
+        "{flag} {} already exists; pass --overwrite to replace it (the old file stays until the \
+         new one is whole) or choose another output",
+        output.display()
+    );
+    let folder = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(folder).with_context(|| {
+        format!(
+            "{flag} {}: cannot create its folder {}",
+            output.display(),
+            folder.display()
+        )
+    })?;
+    crate::io::probe_writable(folder)
+        .with_context(|| format!("{flag} {}: its folder cannot be written", output.display()))
 }
 
 /// `path` with its folder resolved (symbolic links, `..`), so two spellings of one file compare
@@ -403,5 +441,45 @@ mod tests {
         assert!(check_output("--output", &fresh, &[("--base", &base)]).is_ok());
         let missing_folder = dir.path().join("new/out.safetensors");
         assert!(check_output("--output", &missing_folder, &[("--base", &base)]).is_ok());
+    }
+
+    #[test]
+    fn an_existing_output_is_replaced_only_with_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.safetensors");
+        std::fs::write(&out, b"old").unwrap();
+        let err = prepare_output("--output", &out, false).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("already exists") && msg.contains("--overwrite"),
+            "{msg}"
+        );
+        assert!(prepare_output("--output", &out, true).is_ok());
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            b"old",
+            "the check writes nothing"
+        );
+        let missing_folder = dir.path().join("new/out.safetensors");
+        assert!(prepare_output("--output", &missing_folder, false).is_ok());
+        assert!(
+            dir.path().join("new").is_dir(),
+            "the missing folder is created"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("new")).unwrap().count(),
+            0,
+            "the write probe is removed"
+        );
+    }
+
+    #[test]
+    fn an_output_under_a_file_is_refused_naming_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = prepare_output("--output", &file.join("out.safetensors"), false);
+        let msg = format!("{:#}", err.unwrap_err());
+        assert!(msg.contains("cannot create its folder"), "{msg}");
     }
 }

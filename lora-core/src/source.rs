@@ -26,7 +26,7 @@ use candle_nn::VarBuilder;
 
 use crate::formats::ldm::{ModelPart, TextEncoderLayout};
 use crate::formats::single_file::SingleFile;
-use crate::io::weights;
+use crate::io::{pickle, weights};
 use crate::models::config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use crate::models::text_encoder::TextEncoder;
 use crate::models::tokenizer::ClipTokenizer;
@@ -97,6 +97,24 @@ impl ModelSource {
                  folder or Hub id has its own configs",
                 dir.display()
             ),
+        }
+    }
+
+    /// A single-file PyTorch pickle (`.ckpt`) replaced by its safetensors copy when
+    /// `allow_pickle` (see [`crate::io::pickle::safetensors_copy`]), with the copy's path for the
+    /// user to be told; refused naming the file otherwise. Anything else is returned unchanged.
+    pub fn reading_pickle(self, allow_pickle: bool) -> Result<(Self, Option<PathBuf>)> {
+        match self {
+            Self::SingleFile { file, configs_from } => {
+                let readable = pickle::safetensors_path(&file, allow_pickle)?;
+                let copy = (readable != file).then(|| readable.clone());
+                let source = Self::SingleFile {
+                    file: readable,
+                    configs_from,
+                };
+                Ok((source, copy))
+            }
+            other => Ok((other, None)),
         }
     }
 

@@ -65,6 +65,16 @@ pub struct Cli {
     /// Also write a contact sheet of all images (NAME-grid.png, or grid.png in a directory).
     #[arg(long)]
     pub grid: bool,
+    /// Replace existing output files (without it they are refused).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Read PyTorch pickle files (a .ckpt --base, .pt/.bin adapters) with a reader that never
+    /// executes anything from the file [default: pickles are refused].
+    #[arg(long)]
+    pub allow_pickle: bool,
+    /// Load adapters that hold NaN or infinity (refused by default: they spoil every image).
+    #[arg(long)]
+    pub allow_nonfinite: bool,
     /// Initial noise from a safetensors file (key `latents`, [N, C, h, w]); scaled by the
     /// scheduler's initial noise sigma as diffusers scales a passed `latents=`.
     #[arg(long, value_name = "FILE.safetensors")]

@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use clap::Parser;
 use cli::Cli;
-use lora_infer::lora_core::options::{check_output, AdapterSpec};
+use lora_infer::lora_core::options::{check_output, prepare_output, AdapterSpec};
 use lora_infer::lora_core::source::ModelSource;
 use lora_infer::output::{self, Image8};
 use lora_infer::pipeline::check_image_size;
@@ -20,9 +20,28 @@ fn main() -> Result<()> {
     unsafe { lora_core::process_setup::configure() };
     let cli = Cli::parse();
     let device = cli.device.open()?;
-    let model = ModelSource::parse(&cli.base)?
+    let (source, pickle_copy) = ModelSource::parse(&cli.base)?
         .with_configs_from(cli.base_config.clone())?
-        .open()?;
+        .reading_pickle(cli.allow_pickle)?;
+    if let Some(copy) = pickle_copy {
+        eprintln!(
+            "reading the pickle --base through its safetensors copy {}",
+            copy.display()
+        );
+    }
+    let model = source.open()?;
+    let mut loras = Vec::with_capacity(cli.loras.len());
+    for spec in &cli.loras {
+        let readable = spec.readable(cli.allow_pickle)?;
+        if readable.path != spec.path {
+            eprintln!(
+                "reading the pickle {} through its safetensors copy {}",
+                spec.path.display(),
+                readable.path.display()
+            );
+        }
+        loras.push(readable);
+    }
     let init_latents = cli
         .latents
         .as_deref()
@@ -95,10 +114,7 @@ fn main() -> Result<()> {
         .chain(cli.save_latents.as_deref())
     {
         check_output("--output", path, &inputs)?;
-    }
-    if let Some(dir) = grid_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
+        prepare_output("--output", path, cli.overwrite)?;
     }
 
     eprintln!(
@@ -106,7 +122,17 @@ fn main() -> Result<()> {
         model.root().display(),
         cli.precision.name()
     );
-    let pipeline = Pipeline::load(&model, &cli.loras, &device, cli.precision.dtype(), cli.fuse)?;
+    let pipeline = Pipeline::load_with(
+        &model,
+        &loras,
+        &device,
+        cli.precision.dtype(),
+        cli.fuse,
+        cli.allow_nonfinite,
+    )?;
+    for warning in pipeline.adapter_warnings() {
+        eprintln!("warning: {warning}");
+    }
     let (width, height) = pipeline.image_size(&options)?;
     for warning in pipeline.prompt_warnings(&options) {
         eprintln!("warning: {warning}");

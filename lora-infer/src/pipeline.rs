@@ -28,6 +28,7 @@ pub struct Pipeline {
     vae: Option<Vae>,
     scheduler_config: SchedulerConfig,
     device: Device,
+    adapter_warnings: Vec<String>,
 }
 
 /// The parts of a [`Pipeline`], for callers that already hold them (e.g. a training loop sampling
@@ -124,13 +125,27 @@ pub struct Progress {
 impl Pipeline {
     /// Loads `model` in `dtype` on `device` with `adapters` applied: to the UNet unmerged at
     /// their scales (or folded into its weights when `fuse`), and to the text encoder folded in
-    /// at load, for adapters that have text-encoder modules.
+    /// at load, for adapters that have text-encoder modules. Adapters holding NaN or infinity
+    /// are refused.
     pub fn load(
         model: &ModelFolder,
         adapters: &[AdapterSpec],
         device: &Device,
         dtype: DType,
         fuse: bool,
+    ) -> Result<Self> {
+        Self::load_with(model, adapters, device, dtype, fuse, false)
+    }
+
+    /// [`load`](Self::load), letting adapters with NaN or infinity through when
+    /// `allow_nonfinite`, each listed by [`adapter_warnings`](Self::adapter_warnings).
+    pub fn load_with(
+        model: &ModelFolder,
+        adapters: &[AdapterSpec],
+        device: &Device,
+        dtype: DType,
+        fuse: bool,
+        allow_nonfinite: bool,
     ) -> Result<Self> {
         if dtype == DType::BF16 {
             Precision::Bf16.check_device(DeviceSpec::of(device))?;
@@ -145,10 +160,12 @@ impl Pipeline {
             unet: &unet_modules,
             text_encoder: Some(&te_modules),
         };
+        let mut adapter_warnings = Vec::new();
         let resolved: Vec<(&AdapterSpec, Adapter)> = adapters
             .iter()
             .map(|spec| {
-                let file = AdapterFile::read(&spec.path, device)?;
+                let file = AdapterFile::read_with(&spec.path, device, allow_nonfinite)?;
+                adapter_warnings.extend_from_slice(file.warnings());
                 let adapter = file.resolve(&modules).with_context(|| {
                     format!(
                         "adapter {} does not fit the model {} (trained for another base model?)",
@@ -190,14 +207,21 @@ impl Pipeline {
             }
             None => None,
         };
-        Self::from_parts(PipelineParts {
+        let mut pipeline = Self::from_parts(PipelineParts {
             unet,
             text_encoder,
             tokenizer,
             vae,
             scheduler_config: model.scheduler_config()?,
             device: device.clone(),
-        })
+        })?;
+        pipeline.adapter_warnings = adapter_warnings;
+        Ok(pipeline)
+    }
+
+    /// What `--allow-nonfinite` let through when the adapters were read.
+    pub fn adapter_warnings(&self) -> &[String] {
+        &self.adapter_warnings
     }
 
     pub fn from_parts(parts: PipelineParts) -> Result<Self> {
@@ -224,6 +248,7 @@ impl Pipeline {
             vae: parts.vae,
             scheduler_config: parts.scheduler_config,
             device: parts.device,
+            adapter_warnings: Vec::new(),
         })
     }
 

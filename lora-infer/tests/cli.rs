@@ -319,7 +319,8 @@ fn img2img_from_an_image_file() {
         (vec!["--strength", "0.1"], "leaves no step to run"),
         (vec!["--width", "64"], "differs from the init image's 32"),
     ] {
-        let out = run(&extra);
+        // out.png exists from the run above: these cases are about their own mistakes.
+        let out = run(&[extra.as_slice(), &["--overwrite"]].concat());
         assert!(!out.status.success(), "{extra:?} succeeded");
         assert!(
             stderr(&out).contains(expected),
@@ -362,4 +363,90 @@ fn an_input_is_never_overwritten() {
     assert!(err.contains("is --init-image"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(std::fs::read(&init).unwrap(), before);
+}
+
+/// An existing image is refused without `--overwrite` (and kept), replaced with it.
+#[test]
+fn an_existing_output_needs_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("x.png");
+    std::fs::write(&png, b"an earlier image").unwrap();
+    let run = |extra: &[&str]| {
+        let base = sd1();
+        let mut args = vec![
+            "--base",
+            base.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--output",
+            png.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        lora_infer(&args)
+    };
+    let refused = run(&[]);
+    let err = stderr(&refused);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("already exists") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&png).unwrap(), b"an earlier image");
+    let replaced = run(&["--overwrite"]);
+    assert!(replaced.status.success(), "{}", stderr(&replaced));
+    assert!(read_png(&png).is_ok());
+}
+
+/// An adapter holding a NaN is refused naming its key, or loaded with `--allow-nonfinite` and a
+/// warning that names it.
+#[test]
+fn a_nan_adapter_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = sd1().join("adapter_kohya.safetensors");
+    let mut tensors = candle_core::safetensors::load(&source, &Device::Cpu).unwrap();
+    let key = tensors
+        .keys()
+        .filter(|k| k.starts_with("lora_unet_") && k.ends_with(".lora_up.weight"))
+        .min()
+        .cloned()
+        .expect("the fixture has UNet up tensors");
+    let up = &tensors[&key];
+    let mut values = up.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    values[0] = f32::NAN;
+    let poisoned = Tensor::from_vec(values, up.shape(), &Device::Cpu).unwrap();
+    tensors.insert(key.clone(), poisoned);
+    let adapter = dir.path().join("nan.safetensors");
+    candle_core::safetensors::save(&tensors, &adapter).unwrap();
+    let png = dir.path().join("x.png");
+    let run = |extra: &[&str]| {
+        let base = sd1();
+        let mut args = vec![
+            "--base",
+            base.to_str().unwrap(),
+            "--lora",
+            adapter.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--output",
+            png.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        lora_infer(&args)
+    };
+    let refused = run(&[]);
+    let err = stderr(&refused);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains(&key) && err.contains("non-finite") && err.contains("--allow-nonfinite"),
+        "{err}"
+    );
+    assert!(!png.exists());
+    let allowed = run(&["--allow-nonfinite"]);
+    let err = stderr(&allowed);
+    assert!(allowed.status.success(), "{err}");
+    assert!(err.contains("warning:") && err.contains(&key), "{err}");
 }

@@ -47,12 +47,8 @@ impl WeightFile {
 
     /// The parsed file (header only; data stays mapped).
     pub fn tensors(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.mmap).with_context(|| {
-            format!(
-                "{} is not a valid safetensors file (truncated or corrupt?)",
-                self.path.display()
-            )
-        })
+        SafeTensors::deserialize(&self.mmap)
+            .with_context(|| lora_core::io::not_safetensors(&self.path, &self.mmap))
     }
 
     /// Drops the pages of `data` (a slice of this file's mapping) from the process's resident

@@ -61,6 +61,17 @@ pub struct MergeArgs {
     /// Warn about adapter modules that match nothing in the base instead of failing.
     #[arg(long)]
     pub allow_unmatched: bool,
+    /// Accept NaN or infinity in the adapters and the base, and write what they give (refused by
+    /// default: such a checkpoint draws nothing).
+    #[arg(long)]
+    pub allow_nonfinite: bool,
+    /// Replace an existing output file (without it, it is refused).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Read PyTorch pickle inputs (.ckpt, .pt, .bin) through a safetensors copy in the cache,
+    /// made by a reader that never executes anything from the file [default: refused].
+    #[arg(long)]
+    pub allow_pickle: bool,
 }
 
 #[derive(Args)]
@@ -76,6 +87,13 @@ pub struct SvdArgs {
     pub dynamic: Option<DynamicRank>,
     #[arg(long)]
     pub output: PathBuf,
+    /// Replace an existing output file (without it, it is refused).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Read PyTorch pickle inputs (.ckpt, .pt, .bin) through a safetensors copy in the cache,
+    /// made by a reader that never executes anything from the file [default: refused].
+    #[arg(long)]
+    pub allow_pickle: bool,
 }
 
 #[derive(Args)]
@@ -90,6 +108,13 @@ pub struct ResizeArgs {
     pub dynamic: Option<DynamicRank>,
     #[arg(long)]
     pub output: PathBuf,
+    /// Replace an existing output file (without it, it is refused).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Read PyTorch pickle inputs (.ckpt, .pt, .bin) through a safetensors copy in the cache,
+    /// made by a reader that never executes anything from the file [default: refused].
+    #[arg(long)]
+    pub allow_pickle: bool,
 }
 
 #[derive(Args)]
@@ -105,6 +130,13 @@ pub struct ExtractArgs {
     pub min_diff: f64,
     #[arg(long)]
     pub output: PathBuf,
+    /// Replace an existing output file (without it, it is refused).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Read PyTorch pickle inputs (.ckpt, .pt, .bin) through a safetensors copy in the cache,
+    /// made by a reader that never executes anything from the file [default: refused].
+    #[arg(long)]
+    pub allow_pickle: bool,
 }
 
 #[derive(Args)]
@@ -113,4 +145,8 @@ pub struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Read a PyTorch pickle file (.pt, .bin) through a safetensors copy in the cache, made by
+    /// a reader that never executes anything from the file [default: refused].
+    #[arg(long)]
+    pub allow_pickle: bool,
 }

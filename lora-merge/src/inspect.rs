@@ -67,7 +67,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     // (component, module name, rank, alpha as printed)
     let (format, metadata, modules): (String, _, Vec<(Component, String, usize, String)>) =
         if is_lycoris_file(path)? {
-            let file = LycorisFile::read(path)?;
+            let file = LycorisFile::read(path, false)?;
             let algorithms: BTreeSet<&str> = file.modules.values().map(|m| m.algorithm()).collect();
             let format = format!(
                 "lycoris-{}",

@@ -16,10 +16,10 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use lora_core::formats::adapter_file::read_adapter_tensors;
 use lora_core::formats::keys::{
     Component, KohyaNames, LOHA_SUFFIXES, LOKR_SUFFIXES, LYCORIS_TUCKER_SUFFIXES,
 };
-use lora_core::io::read_safetensors;
 use lora_core::{LoraModule, ModelModules, ModuleInfo};
 
 /// Whether a safetensors file holds LoHa or LoKr tensors (judged from the header alone).
@@ -129,13 +129,16 @@ impl MergeModule {
 pub struct LycorisFile {
     pub modules: BTreeMap<(Component, String), LycorisModule>,
     pub metadata: BTreeMap<String, String>,
+    /// Non-finite values let through by `--allow-nonfinite`, one line per tensor.
+    pub warnings: Vec<String>,
 }
 
 impl LycorisFile {
     /// Reads a kohya-prefixed LoHa/LoKr file; every key must belong to a complete LoHa or LoKr
-    /// module, else the error lists the offending keys.
-    pub fn read(path: &Path) -> Result<Self> {
-        let contents = read_safetensors(path, &Device::Cpu)?;
+    /// module, else the error lists the offending keys. Non-finite values are refused unless
+    /// `allow_nonfinite`, then listed in `warnings`.
+    pub fn read(path: &Path, allow_nonfinite: bool) -> Result<Self> {
+        let (contents, warnings) = read_adapter_tensors(path, &Device::Cpu, allow_nonfinite)?;
         let origin = path.display().to_string();
         let mut groups: BTreeMap<(Component, String), BTreeMap<String, Tensor>> = BTreeMap::new();
         let mut unsupported = Vec::new();
@@ -201,6 +204,7 @@ impl LycorisFile {
         Ok(Self {
             modules,
             metadata: contents.metadata,
+            warnings,
         })
     }
 

@@ -67,6 +67,9 @@ pub struct MergeOptions {
     pub dtype: Option<Precision>,
     /// Warn about adapter modules that match nothing in the base instead of failing.
     pub allow_unmatched: bool,
+    /// Accept NaN or infinity in the adapters and the base (and write what they give) instead of
+    /// failing.
+    pub allow_nonfinite: bool,
 }
 
 /// What a merge did.
@@ -76,6 +79,8 @@ pub struct MergeReport {
     pub merged_modules: Vec<(PathBuf, usize)>,
     /// Adapter modules that matched nothing (only with `allow_unmatched`).
     pub unmatched: Vec<String>,
+    /// Non-finite values let through (only with `allow_nonfinite`).
+    pub non_finite: Vec<String>,
     pub tensors_changed: usize,
 }
 
@@ -137,7 +142,8 @@ pub fn merge_converting(
     let mut records = Vec::new();
     for spec in &options.adapters {
         if is_lycoris_file(&spec.path)? {
-            let file = LycorisFile::read(&spec.path)?;
+            let file = LycorisFile::read(&spec.path, options.allow_nonfinite)?;
+            report.non_finite.extend(file.warnings.iter().cloned());
             let (modules, unmatched) =
                 file.resolve(&model, options.allow_unmatched)
                     .with_context(|| {
@@ -167,7 +173,8 @@ pub fn merge_converting(
             records.push(adapter_record(spec, &format)?);
             continue;
         }
-        let file = AdapterFile::read(&spec.path, &Device::Cpu)?;
+        let file = AdapterFile::read_with(&spec.path, &Device::Cpu, options.allow_nonfinite)?;
+        report.non_finite.extend_from_slice(file.warnings());
         let adapter = if options.allow_unmatched {
             let (adapter, unmatched) = file.resolve_allowing_unmatched(&model)?;
             report.unmatched.extend(unmatched);
@@ -206,6 +213,7 @@ pub fn merge_converting(
         base: &base,
         contributions: &contributions,
         dtype: options.dtype,
+        allow_nonfinite: options.allow_nonfinite,
     };
     report.tensors_changed = match (base.layout, to) {
         (Layout::SingleFile(_), OutputLayout::SingleFile) => {
@@ -266,6 +274,7 @@ struct Merger<'a> {
     base: &'a BaseModel,
     contributions: &'a Contributions,
     dtype: Option<Precision>,
+    allow_nonfinite: bool,
 }
 
 impl Merger<'_> {
@@ -580,18 +589,18 @@ impl Merger<'_> {
     /// The output bytes of entry `i` in `dtype`: the stored bytes when nothing changes, else
     /// the weight in f32 plus the weighted deltas, cast.
     ///
-    /// A non-finite value is never written: one in the base is refused naming the tensor, and a
-    /// merged value that overflows a half-precision output (finite in f32) is reported with the
-    /// dtype that would hold it.
+    /// A non-finite value is never written unless `allow_nonfinite`: one in the base is refused
+    /// naming the tensor. A merged value that overflows a half-precision output (finite in f32)
+    /// is always reported with the dtype that would hold it.
     fn produce(&self, i: usize, dtype: Dtype) -> Result<Vec<u8>> {
         let e = &self.base.entries[i];
         let deltas = self.deltas_for(i);
         if deltas.is_empty() && dtype == e.dtype {
             let bytes = self.base.entry_bytes(i)?;
-            if let Some(at) = first_non_finite(&bytes, dtype) {
+            if let Some(at) = first_non_finite(&bytes, dtype).filter(|_| !self.allow_nonfinite) {
                 bail!(
                     "base tensor `{}` holds a non-finite value (NaN or infinity) at flat index \
-                     {at}: the base model is damaged",
+                     {at}: the base model is damaged (--allow-nonfinite writes it anyway)",
                     e.key
                 );
             }
@@ -612,9 +621,12 @@ impl Merger<'_> {
                  output dtype's range; merge to --dtype f32 (or bf16), or lower the adapter scale",
                 e.key
             );
+            if self.allow_nonfinite {
+                return Ok(bytes);
+            }
             bail!(
                 "`{}`: the merged weight is not finite (NaN or infinity) at flat index {at}; the \
-                 base or an adapter holds non-finite values",
+                 base or an adapter holds non-finite values (--allow-nonfinite writes it anyway)",
                 e.key
             );
         }

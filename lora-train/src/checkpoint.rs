@@ -125,7 +125,7 @@ impl Checkpoint {
 }
 
 /// Options that do not change the trajectory, so a resumed run may set them differently.
-const FREE_ON_RESUME: [&str; 11] = [
+const FREE_ON_RESUME: [&str; 13] = [
     "output",
     "metrics",
     "save_every",
@@ -134,6 +134,8 @@ const FREE_ON_RESUME: [&str; 11] = [
     "format",
     "device",
     "skip_bad",
+    "overwrite",
+    "allow_pickle",
     "length",
     "sample",
     "gradient_checkpointing",

@@ -185,6 +185,14 @@ pub struct TrainArgs {
     /// Skip unreadable images and images without a caption instead of refusing to start
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub skip_bad: Option<bool>,
+    /// Start over where an earlier run left its adapter, metrics or checkpoints beside --output,
+    /// replacing them (without it they are refused: pass --resume latest to continue that run)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub overwrite: Option<bool>,
+    /// Read a PyTorch pickle --base (.ckpt) through a safetensors copy in the cache, made by a
+    /// reader that never executes anything from the file [default: pickles are refused]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_pickle: Option<bool>,
     /// Write sample images (lora-infer's pipeline, DDIM, guidance 7.5) every N steps
     #[arg(long)]
     pub sample_every: Option<usize>,
@@ -239,6 +247,8 @@ pub struct TrainConfig {
     pub format: AdapterFormat,
     pub metrics: PathBuf,
     pub skip_bad: bool,
+    pub overwrite: bool,
+    pub allow_pickle: bool,
     pub sample: Option<SampleConfig>,
 }
 
@@ -323,6 +333,8 @@ impl TrainArgs {
             format,
             metrics,
             skip_bad,
+            overwrite,
+            allow_pickle,
             sample_every,
             sample_prompt,
             sample_steps
@@ -530,6 +542,8 @@ impl TrainArgs {
             format,
             metrics,
             skip_bad: self.skip_bad.unwrap_or(false),
+            overwrite: self.overwrite.unwrap_or(false),
+            allow_pickle: self.allow_pickle.unwrap_or(false),
             sample,
         })
     }

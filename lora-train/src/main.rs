@@ -59,6 +59,12 @@ fn main() -> Result<()> {
         Preparation::Resumed { step, path } => {
             eprintln!("resuming at step {step} from {}", path.display());
         }
+        Preparation::PickleCopy(copy) => {
+            eprintln!(
+                "reading the pickle --base through its safetensors copy {}",
+                copy.display()
+            );
+        }
     })?;
 
     // SIGINT / SIGTERM: finish the step in progress, write a checkpoint, say how to resume.

@@ -16,7 +16,7 @@ use candle_core::{Tensor, Var};
 use lora_core::adapters::TrainableAdapter;
 use lora_core::formats::kohya::{python_bool, python_float};
 use lora_core::models::config::UNetConfig;
-use lora_core::options::check_output;
+use lora_core::options::{check_output, prepare_output};
 use lora_core::source::{ModelFolder, ModelSource};
 use lora_core::{
     save_adapter, Adapter, BaseModelVersion, LoraConfig, ModelModules, Rng, SaveOptions,
@@ -38,8 +38,16 @@ const ADAPTER_NAME: &str = "train";
 /// Events before the first step, for the front end to display.
 pub enum Preparation<'a> {
     Dataset(&'a Dataset),
-    Encoding { done: usize, total: usize },
-    Resumed { step: usize, path: &'a Path },
+    Encoding {
+        done: usize,
+        total: usize,
+    },
+    Resumed {
+        step: usize,
+        path: &'a Path,
+    },
+    /// A pickle `--base` is read through this safetensors copy (`--allow-pickle`).
+    PickleCopy(&'a Path),
 }
 
 pub struct Trainer {
@@ -93,19 +101,24 @@ impl Trainer {
     /// Checks the dataset and the output location, loads the model, builds the adapter (or
     /// restores it from `config.resume`) and encodes the dataset. Nothing is written here.
     pub fn new(mut config: TrainConfig, on_prepare: &mut dyn FnMut(Preparation)) -> Result<Self> {
+        let continuing = config.resume.is_some();
         if config.resume.as_deref() == Some(Path::new(RESUME_LATEST)) {
             // Nothing to resume is a fresh start: the same command serves every restart of a
             // preempted run, the first one included.
             config.resume = latest_checkpoint(&config.output)?;
         }
         remove_stale_temporaries(&config.output);
-        check_output_location(&config)?;
+        check_output_location(&config, continuing)?;
         let device = config.device.open()?;
         let dataset = Dataset::scan(&config.data, &config.caption_ext, config.skip_bad)?;
         on_prepare(Preparation::Dataset(&dataset));
-        let model = ModelSource::parse(&config.base)?
+        let (source, pickle_copy) = ModelSource::parse(&config.base)?
             .with_configs_from(config.base_config.clone())?
-            .open()?;
+            .reading_pickle(config.allow_pickle)?;
+        if let Some(copy) = &pickle_copy {
+            on_prepare(Preparation::PickleCopy(copy));
+        }
+        let model = source.open()?;
         let unet_config = UNetConfig::from_file(&model.unet_config())?;
         check_resolution(&config, &model, &unet_config)?;
         let mut unet = model
@@ -123,6 +136,7 @@ impl Trainer {
         let TrainableAdapter { adapter, vars } =
             Adapter::init_unet(&lora_config, unet.lora_modules(), &device, config.seed)?;
         unet.attach_adapter(ADAPTER_NAME, &adapter.unet, 1.0)?;
+        check_free_space(&config, vars.iter().map(|(_, v)| v.elem_count()).sum())?;
         let mut optimizer = AdamW::new(
             vars,
             AdamWConfig {
@@ -799,23 +813,76 @@ fn fingerprint(dataset: &Dataset) -> String {
     format!("{} samples, fnv1a {hash:016x}", dataset.samples_per_epoch())
 }
 
-/// The folders of the adapter and the metrics file are created up front (as kohya does with its
-/// output folder), so a path that cannot be written is found now, not after training.
-fn check_output_location(config: &TrainConfig) -> Result<()> {
+/// The outputs are checked before any work: never an input, in a folder that exists (created
+/// here, as kohya does with its output folder) and can be written. A run that continues
+/// (`--resume`) rewrites its own outputs; a fresh run replaces an earlier one's adapter, metrics
+/// and checkpoints only with `--overwrite`, which deletes that run's checkpoints so that a later
+/// `--resume latest` cannot pick one of them up.
+fn check_output_location(config: &TrainConfig, continuing: bool) -> Result<()> {
     let mut inputs: Vec<(&str, &Path)> = vec![
         ("--base", Path::new(&config.base)),
         ("--data", config.data.as_path()),
     ];
     inputs.extend(config.base_config.as_deref().map(|p| ("--base-config", p)));
     inputs.extend(config.resume.as_deref().map(|p| ("--resume", p)));
-    check_output("--output", &config.output, &inputs)?;
-    check_output("--metrics", &config.metrics, &inputs)?;
-    for (what, file) in [("output", &config.output), ("metrics", &config.metrics)] {
-        let parent = output_folder(file);
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create the {what} folder {}", parent.display()))?;
+    let replace = config.overwrite || continuing;
+    for (flag, output) in [("--output", &config.output), ("--metrics", &config.metrics)] {
+        check_output(flag, output, &inputs)?;
+        prepare_output(flag, output, replace)?;
+    }
+    if continuing {
+        return Ok(());
+    }
+    if let Some((step, path)) = saved_checkpoints(&config.output)?.first() {
+        ensure!(
+            config.overwrite,
+            "{} is the step-{step} checkpoint of an earlier run beside --output: pass --resume \
+             latest to continue that run, or --overwrite to start over (deleting its checkpoints)",
+            path.display()
+        );
+        remove_older_checkpoints(&config.output, 0)?;
     }
     Ok(())
+}
+
+/// Refuses to start when the output folder has clearly too little room for what the run will
+/// write at once: the final adapter, and with `--save-every` one checkpoint (parameters and both
+/// AdamW moments) with its adapter, twice over while a new one is written before the old is
+/// pruned. A filesystem that fills up anyway fails at save time with the previous files intact.
+fn check_free_space(config: &TrainConfig, adapter_params: usize) -> Result<()> {
+    let folder = output_folder(&config.output);
+    let Some(free) = lora_core::io::free_space(folder) else {
+        return Ok(());
+    };
+    let adapter = adapter_params as u64 * 4;
+    let checkpoints = match config.save_every {
+        Some(_) => 2 * (adapter * 3 + adapter),
+        None => 0,
+    };
+    // Headers, metrics and sample images, generously.
+    let needed = adapter + checkpoints + (1 << 20);
+    ensure!(
+        needed <= free,
+        "the output folder {} has {} free, and this run needs about {} for its adapter{}: free \
+         some space or choose another --output",
+        folder.display(),
+        human_bytes(free),
+        human_bytes(needed),
+        if checkpoints > 0 {
+            " and checkpoints"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.1} KiB", b as f64 / 1024.0),
+    }
 }
 
 /// The resolution must fit the VAE's downsampling (latent models) and give the UNet at least one

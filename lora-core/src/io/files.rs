@@ -80,6 +80,39 @@ fn sync_parent_dir(path: &Path) {
     let _ = path;
 }
 
+/// Creates and removes a file in `folder`: the one sure test that outputs can be written there
+/// (permissions, a read-only filesystem, a full one that has no room for a new entry).
+pub fn probe_writable(folder: &Path) -> Result<()> {
+    let probe = temp_path_beside(&folder.join("write-probe"))?;
+    File::create(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| format!("cannot create a file in {}", folder.display()))
+}
+
+/// Bytes a non-root user may still write on the filesystem holding `folder`, where the platform
+/// says (`None` elsewhere or when it cannot tell).
+pub fn free_space(folder: &Path) -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(folder.as_os_str().as_bytes()).ok()?;
+        let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `path` is NUL-terminated and `stats` is written by the call before it is read.
+        let stats = unsafe {
+            if libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) != 0 {
+                return None;
+            }
+            stats.assume_init()
+        };
+        Some(stats.f_bavail.saturating_mul(stats.f_frsize))
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = folder;
+        None
+    }
+}
+
 /// Writes `tensors` with string `metadata` in the safetensors header, atomically.
 pub fn write_safetensors_atomic(
     path: &Path,
@@ -108,12 +141,7 @@ pub struct SafetensorsContents {
 /// not safetensors at all, is an error naming the file.
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<SafetensorsContents> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let invalid = || {
-        format!(
-            "{} is not a valid safetensors file (truncated or corrupt?)",
-            path.display()
-        )
-    };
+    let invalid = || not_safetensors(path, &bytes);
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(invalid)?;
     let metadata = header
         .metadata()
@@ -131,6 +159,19 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<SafetensorsConte
         })
         .collect::<Result<_>>()?;
     Ok(SafetensorsContents { tensors, metadata })
+}
+
+/// Why `bytes`, the start of `path`, did not parse as safetensors: a PyTorch pickle is named as
+/// one, with what to do about it; anything else is truncated or corrupt.
+pub fn not_safetensors(path: &Path, bytes: &[u8]) -> String {
+    if super::pickle::looks_like_pickle(bytes) {
+        super::pickle::refusal(path)
+    } else {
+        format!(
+            "{} is not a valid safetensors file (truncated or corrupt?)",
+            path.display()
+        )
+    }
 }
 
 #[cfg(test)]
@@ -209,12 +250,14 @@ mod tests {
             &foreign,
             b"PK\x03\x04 this is a zip (pickle) archive, not safetensors",
         )?;
-        for path in [truncated, foreign] {
+        for (path, expected) in [
+            (truncated, "not a valid safetensors"),
+            (foreign, "is a PyTorch pickle file"),
+        ] {
             let err = read_safetensors(&path, &Device::Cpu).unwrap_err();
             let msg = format!("{err:#}");
             assert!(
-                msg.contains(&path.display().to_string())
-                    && msg.contains("not a valid safetensors"),
+                msg.contains(&path.display().to_string()) && msg.contains(expected),
                 "{msg}"
             );
         }

@@ -1,8 +1,12 @@
 //! Reading and writing weights: memory-mapped safetensors behind candle's `VarBuilder`
-//! (`weights`), whole-file safetensors reading with its metadata, and atomic file output
-//! (`files`).
+//! (`weights`), whole-file safetensors reading with its metadata, atomic file output and output
+//! folder checks (`files`), and PyTorch pickles, refused unless asked for (`pickle`).
 
 pub mod files;
+pub mod pickle;
 pub mod weights;
 
-pub use files::{read_safetensors, write_atomic, write_safetensors_atomic, SafetensorsContents};
+pub use files::{
+    free_space, not_safetensors, probe_writable, read_safetensors, write_atomic,
+    write_safetensors_atomic, SafetensorsContents,
+};

@@ -23,12 +23,8 @@ pub fn mmap_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
         // SAFETY: read-only mapping; the toolkit never writes to model files it reads.
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("cannot map {}", p.display()))?;
-        safetensors::SafeTensors::deserialize(&mmap).with_context(|| {
-            format!(
-                "{} is not a valid safetensors file (truncated or corrupt?)",
-                p.display()
-            )
-        })?;
+        safetensors::SafeTensors::deserialize(&mmap)
+            .with_context(|| super::not_safetensors(p, &mmap))?;
     }
     // SAFETY: as above; the files were validated just now.
     unsafe { MmapedSafetensors::multi(paths) }.with_context(|| format!("cannot map {paths:?}"))

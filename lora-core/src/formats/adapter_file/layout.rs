@@ -222,16 +222,7 @@ pub(super) fn as_matrix(key: &str, t: &Tensor) -> Result<(Tensor, Option<(usize,
             t.dims()
         ),
     };
-    let matrix = matrix.to_dtype(DType::F32)?;
-    let values = matrix.flatten_all()?.to_vec1::<f32>()?;
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        bail!(
-            "`{key}` holds a non-finite value ({}) at flat index {i}: the adapter is broken \
-             (a diverged or damaged training run) and would turn every image it touches into NaN",
-            values[i]
-        );
-    }
-    Ok((matrix, kernel))
+    Ok((matrix.to_dtype(DType::F32)?, kernel))
 }
 
 /// The scalar of an `.alpha` tensor (0-d or one element, any numeric dtype); 0 means "= rank",

@@ -16,14 +16,14 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::keys::{kohya_name, Component, KohyaNames};
 use super::kohya::{self, BaseModelVersion, KohyaModule};
 use super::peft::{self, peft_configs};
 use super::OutputModule;
 use crate::adapters::{Adapter, LoraModule, ModuleInfo, ModuleKind};
-use crate::io::{read_safetensors, write_safetensors_atomic};
+use crate::io::{read_safetensors, write_safetensors_atomic, SafetensorsContents};
 use crate::models::config::PredictionType;
 
 mod layout;
@@ -31,6 +31,42 @@ mod layout;
 mod tests;
 
 use layout::{assemble_modules, detect_format, group_by_module};
+
+/// An adapter file's tensors. A NaN or infinity in any of them is refused naming the file and key
+/// (a diverged or damaged training run: it would turn every image it touches into NaN); with
+/// `allow_nonfinite` (`--allow-nonfinite`) each such tensor is returned as a warning instead.
+pub fn read_adapter_tensors(
+    path: &Path,
+    device: &Device,
+    allow_nonfinite: bool,
+) -> Result<(SafetensorsContents, Vec<String>)> {
+    let contents = read_safetensors(path, device)?;
+    let mut warnings = Vec::new();
+    for (key, tensor) in &contents.tensors {
+        if !tensor.dtype().is_float() {
+            continue;
+        }
+        let values = tensor
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let Some(at) = values.iter().position(|v| !v.is_finite()) else {
+            continue;
+        };
+        let problem = format!(
+            "{}: `{key}` holds a non-finite value ({}) at flat index {at}",
+            path.display(),
+            values[at]
+        );
+        ensure!(
+            allow_nonfinite,
+            "{problem}: the adapter is broken (a diverged or damaged training run) and would turn \
+             every image it touches into NaN; pass --allow-nonfinite to load it anyway"
+        );
+        warnings.push(format!("{problem} (let through by --allow-nonfinite)"));
+    }
+    Ok((contents, warnings))
+}
 
 /// Key layout of an adapter file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,12 +175,20 @@ pub struct AdapterFile {
     metadata: BTreeMap<String, String>,
     /// Sorted by (component, name).
     modules: Vec<RawModule>,
+    /// What the reading policy let through and the user should hear about.
+    warnings: Vec<String>,
 }
 
 impl AdapterFile {
-    /// Reads a `.safetensors` adapter in either layout, its tensors converted to f32 on `device`.
+    /// [`read_with`](Self::read_with) refusing NaN and infinity.
     pub fn read(path: &Path, device: &Device) -> Result<Self> {
-        let contents = read_safetensors(path, device)?;
+        Self::read_with(path, device, false)
+    }
+
+    /// Reads a `.safetensors` adapter in either layout, its tensors converted to f32 on `device`;
+    /// non-finite values as [`read_adapter_tensors`] says.
+    pub fn read_with(path: &Path, device: &Device, allow_nonfinite: bool) -> Result<Self> {
+        let (contents, warnings) = read_adapter_tensors(path, device, allow_nonfinite)?;
         let origin = path.display().to_string();
         let format = detect_format(&origin, contents.tensors.keys())?;
         let parts = group_by_module(&origin, format, &contents.tensors)?;
@@ -158,7 +202,13 @@ impl AdapterFile {
             format,
             metadata: contents.metadata,
             modules,
+            warnings,
         })
+    }
+
+    /// Non-finite values let through by `--allow-nonfinite`, one line per tensor.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     pub fn path(&self) -> &Path {

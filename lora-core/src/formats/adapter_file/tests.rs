@@ -726,10 +726,13 @@ fn corrupt_and_foreign_files_are_rejected_naming_the_file() -> Result<()> {
     std::fs::write(&truncated, &bytes[..bytes.len() / 2])?;
     let pickle = dir.path().join("pickle.safetensors");
     std::fs::write(&pickle, b"\x80\x02}q\x00(X\x05\x00\x00\x00torch")?;
-    for path in [truncated, pickle] {
+    for (path, expected) in [
+        (truncated, "not a valid safetensors"),
+        (pickle, "PyTorch pickle file"),
+    ] {
         let msg = read_err(&path);
         assert!(
-            msg.contains(&path.display().to_string()) && msg.contains("not a valid safetensors"),
+            msg.contains(&path.display().to_string()) && msg.contains(expected),
             "{msg}"
         );
     }
