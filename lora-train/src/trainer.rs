@@ -99,6 +99,8 @@ impl Trainer {
             config.resume = latest_checkpoint(&config.output)?;
         }
         remove_stale_temporaries(&config.output);
+        // A resumed run rewrites the metrics log atomically too, wherever --metrics puts it.
+        remove_stale_temporaries(&config.metrics);
         check_output_location(&config)?;
         let device = config.device.open()?;
         let dataset = Dataset::scan(&config.data, &config.caption_ext, config.skip_bad)?;
@@ -707,9 +709,9 @@ fn remove_older_checkpoints(output: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Removes the temporary files a killed run left beside `output` (`.<name>.tmp-<pid>-<n>`, see
-/// `lora_core::io::write_atomic`) whose process is gone. Best effort, Linux only (it needs
-/// `/proc` to tell a live writer from a dead one).
+/// Removes the temporary files a killed run left beside `output` (`.<name>.tmp-<pid>-<n>` for a
+/// name starting with `output`'s stem, see `lora_core::io::write_atomic`) whose process is gone.
+/// Best effort, Linux only (it needs `/proc` to tell a live writer from a dead one).
 fn remove_stale_temporaries(output: &Path) {
     #[cfg(target_os = "linux")]
     {
