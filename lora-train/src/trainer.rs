@@ -691,11 +691,12 @@ fn saved_checkpoints(output: &Path) -> Result<Vec<(usize, PathBuf)>> {
 }
 
 /// `--keep-checkpoints`: deletes every checkpoint beside `output` but the newest `keep`, each
-/// with the adapter written beside it.
+/// with the adapter written beside it. The adapter goes first: a run killed in between leaves a
+/// checkpoint, which the next pruning finds and deletes, not an adapter nothing refers to.
 fn remove_older_checkpoints(output: &Path, keep: usize) -> Result<()> {
     for (step, checkpoint) in saved_checkpoints(output)?.into_iter().skip(keep) {
         let (_, adapter) = checkpoint_paths(output, step);
-        for path in [checkpoint, adapter] {
+        for path in [adapter, checkpoint] {
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(e).with_context(|| {
