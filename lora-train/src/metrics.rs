@@ -2,9 +2,11 @@
 //!
 //! The metrics file is a log, appended and flushed line by line (not written atomically): after
 //! a crash or a NaN stop it shows what happened up to that point. A resumed run keeps the lines up
-//! to its checkpoint's step (dropping those of steps it is about to redo) and appends.
+//! to its checkpoint's step (dropping those of steps it is about to redo) and appends; the cut log
+//! replaces the old one atomically, so a run killed at any moment loses no step before its
+//! checkpoint.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -41,9 +43,11 @@ impl MetricsLog {
         })
     }
 
-    /// The existing log (if any) cut after `step`, continued.
+    /// The existing log (if any) cut after `step`, continued. Truncating the file in place and
+    /// writing the kept lines back would lose them all to a kill in between (or before the
+    /// buffer's first flush, a step later); the cut log is written atomically instead.
     pub fn resume(path: &Path, step: usize) -> Result<Self> {
-        let kept: Vec<String> = match std::fs::read_to_string(path) {
+        let kept: String = match std::fs::read_to_string(path) {
             Ok(text) => text
                 .lines()
                 .filter(|line| {
@@ -52,16 +56,19 @@ impl MetricsLog {
                         .and_then(|v| v["step"].as_u64())
                         .is_some_and(|s| s as usize <= step)
                 })
-                .map(str::to_owned)
+                .map(|line| format!("{line}\n"))
                 .collect(),
-            Err(_) => Vec::new(),
+            Err(_) => String::new(),
         };
-        let mut log = Self::create(path)?;
-        for line in kept {
-            writeln!(log.out, "{line}")
-                .with_context(|| format!("cannot write metrics to {}", path.display()))?;
-        }
-        Ok(log)
+        lora_core::io::write_atomic(path, |temp| Ok(std::fs::write(temp, kept)?))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open metrics file {}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+        })
     }
 
     pub fn write(&mut self, report: &StepReport) -> Result<()> {
@@ -94,4 +101,54 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(step: usize) -> StepReport {
+        StepReport {
+            step,
+            loss: 0.5,
+            lr: 1e-4,
+            grad_norm: 1.0,
+            seconds: 0.1,
+        }
+    }
+
+    /// A run killed after resuming but before logging a step (its first step takes a while)
+    /// must find the log cut back, not emptied: the cut log is on disk before `resume` returns.
+    #[test]
+    fn resume_puts_the_kept_lines_on_disk_at_once() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::create(&path)?;
+        for step in 1..=3 {
+            log.write(&report(step))?;
+        }
+        drop(log);
+        std::fs::write(&path, std::fs::read_to_string(&path)? + "{\"step\":4,\"lo")?;
+
+        let mut log = MetricsLog::resume(&path, 2)?;
+        let on_disk = std::fs::read_to_string(&path)?;
+        assert_eq!(on_disk.lines().count(), 2, "{on_disk}");
+        assert!(on_disk.ends_with('\n'), "{on_disk}");
+        log.write(&report(3))?;
+        let steps: Vec<u64> = std::fs::read_to_string(&path)?
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, [1, 2, 3]);
+        assert_eq!(
+            std::fs::read_dir(dir.path())?.count(),
+            1,
+            "temporary file left"
+        );
+        Ok(())
+    }
 }

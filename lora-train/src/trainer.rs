@@ -108,6 +108,8 @@ impl Trainer {
             config.resume = latest_checkpoint(&config.output)?;
         }
         remove_stale_temporaries(&config.output);
+        // A resumed run rewrites the metrics log atomically too, wherever --metrics puts it.
+        remove_stale_temporaries(&config.metrics);
         check_output_location(&config, continuing)?;
         let device = config.device.open()?;
         let dataset = Dataset::scan(&config.data, &config.caption_ext, config.skip_bad)?;
@@ -703,11 +705,12 @@ fn saved_checkpoints(output: &Path) -> Result<Vec<(usize, PathBuf)>> {
 }
 
 /// `--keep-checkpoints`: deletes every checkpoint beside `output` but the newest `keep`, each
-/// with the adapter written beside it.
+/// with the adapter written beside it. The adapter goes first: a run killed in between leaves a
+/// checkpoint, which the next pruning finds and deletes, not an adapter nothing refers to.
 fn remove_older_checkpoints(output: &Path, keep: usize) -> Result<()> {
     for (step, checkpoint) in saved_checkpoints(output)?.into_iter().skip(keep) {
         let (_, adapter) = checkpoint_paths(output, step);
-        for path in [checkpoint, adapter] {
+        for path in [adapter, checkpoint] {
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(e).with_context(|| {
@@ -721,9 +724,9 @@ fn remove_older_checkpoints(output: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Removes the temporary files a killed run left beside `output` (`.<name>.tmp-<pid>-<n>`, see
-/// `lora_core::io::write_atomic`) whose process is gone. Best effort, Linux only (it needs
-/// `/proc` to tell a live writer from a dead one).
+/// Removes the temporary files a killed run left beside `output` (`.<name>.tmp-<pid>-<n>` for a
+/// name starting with `output`'s stem, see `lora_core::io::write_atomic`) whose process is gone.
+/// Best effort, Linux only (it needs `/proc` to tell a live writer from a dead one).
 fn remove_stale_temporaries(output: &Path) {
     #[cfg(target_os = "linux")]
     {

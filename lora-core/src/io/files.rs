@@ -113,18 +113,21 @@ pub fn free_space(folder: &Path) -> Option<u64> {
     }
 }
 
-/// Writes `tensors` with string `metadata` in the safetensors header, atomically.
+/// Writes `tensors` with string `metadata` in the safetensors header, atomically. The file is
+/// serialised in memory (the files written here are adapters, checkpoints and small outputs), not
+/// with `safetensors::serialize_to_file`: that one writes a temporary file of its own first
+/// (`.tmpXXXXXX`, named by the `tempfile` crate), which a killed process leaves behind under a
+/// name that tells neither what wrote it nor whether that process is gone.
 pub fn write_safetensors_atomic(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: BTreeMap<String, String>,
 ) -> Result<()> {
     let metadata: HashMap<String, String> = metadata.into_iter().collect();
-    write_atomic(path, |temp| {
-        let views = tensors.iter().map(|(name, t)| (name.as_str(), t));
-        safetensors::serialize_to_file(views, Some(metadata), temp)
-            .with_context(|| format!("cannot serialise safetensors to {}", temp.display()))
-    })
+    let views = tensors.iter().map(|(name, t)| (name.as_str(), t));
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .with_context(|| format!("cannot serialise safetensors for {}", path.display()))?;
+    write_atomic(path, |temp| Ok(std::fs::write(temp, bytes)?))
 }
 
 /// The whole content of a safetensors file.

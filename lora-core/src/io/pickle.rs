@@ -143,7 +143,14 @@ pub fn safetensors_copy(path: &Path) -> Result<PathBuf> {
     )]);
     std::fs::create_dir_all(copy.parent().expect("the copy is inside the cache folder"))
         .with_context(|| format!("cannot create {}", copy.display()))?;
-    super::write_safetensors_atomic(&copy, &tensors, metadata)?;
+    // Streamed to disk by safetensors (a checkpoint is gigabytes), through our atomic write so
+    // a half-made copy never carries the final name.
+    let metadata: std::collections::HashMap<String, String> = metadata.into_iter().collect();
+    super::write_atomic(&copy, |temp| {
+        let views = tensors.iter().map(|(name, t)| (name.as_str(), t));
+        safetensors::serialize_to_file(views, Some(metadata), temp)
+            .with_context(|| format!("cannot write {}", temp.display()))
+    })?;
     Ok(copy)
 }
 
