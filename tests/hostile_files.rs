@@ -1,7 +1,10 @@
 //! Every reader of `.safetensors` files refuses a damaged or hostile file with an error that
 //! names the file: empty, cut inside its 8-byte length or its header, a header length of 2^62,
 //! a header that is not JSON, a tensor whose offsets run past the end of the data, overlapping
-//! tensors, a dtype and shape that do not match the byte length. None may panic.
+//! tensors, a dtype and shape that do not match the byte length, a name given twice. None may
+//! panic. Adapter tensors stored as f64 or integers are converted, not misread.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 
@@ -71,6 +74,13 @@ fn hostile_files(dir: &Path) -> Vec<(&'static str, PathBuf)> {
                 &[0; 8],
             ),
         ),
+        (
+            "a name given twice",
+            file_bytes(
+                &format!("{{{one},{}}}", tensor("F32", "[2]", 8, 16)),
+                &[0; 16],
+            ),
+        ),
     ];
     cases
         .into_iter()
@@ -104,7 +114,7 @@ fn refuses(reader: &str, what: &str, path: &Path, read: impl FnOnce() -> Result<
 fn every_reader_refuses_hostile_files_naming_them() {
     let dir = tempfile::tempdir().unwrap();
     let files = hostile_files(dir.path());
-    assert_eq!(files.len(), 9);
+    assert_eq!(files.len(), 10);
     for (what, path) in &files {
         refuses("read_safetensors", what, path, || {
             read_safetensors(path, &Device::Cpu).map(drop)
@@ -137,4 +147,38 @@ fn every_reader_refuses_hostile_files_naming_them() {
         [2]
     );
     assert!(mmap_safetensors(&[good]).is_ok());
+}
+
+/// An adapter whose tensors are stored as f64 (or any other numeric dtype) reads as the same
+/// f32 modules as the f32 file it was made from.
+#[test]
+fn adapter_tensors_of_other_dtypes_are_converted() -> Result<()> {
+    let source = common::fixtures().join("sd1-tiny/adapter_kohya.safetensors");
+    let tensors = candle_core::safetensors::load(&source, &Device::Cpu)?;
+    let dir = tempfile::tempdir()?;
+    let wide = dir.path().join("f64.safetensors");
+    let converted: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_dtype(candle_core::DType::F64)?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&converted, &wide)?;
+    let (a, b) = (
+        AdapterFile::read(&source, &Device::Cpu)?,
+        AdapterFile::read(&wide, &Device::Cpu)?,
+    );
+    assert_eq!(a.raw_modules().len(), b.raw_modules().len());
+    assert!(!a.raw_modules().is_empty());
+    for (x, y) in a.raw_modules().iter().zip(b.raw_modules()) {
+        assert_eq!(x.name, y.name);
+        for (p, q) in [(&x.down, &y.down), (&x.up, &y.up)] {
+            assert_eq!(q.dtype(), candle_core::DType::F32);
+            assert_eq!(
+                p.flatten_all()?.to_vec1::<f32>()?,
+                q.flatten_all()?.to_vec1::<f32>()?,
+                "{}",
+                x.name
+            );
+        }
+    }
+    Ok(())
 }
