@@ -203,3 +203,46 @@ fn bad_single_files_fail_clearly() -> Result<()> {
     assert!(err.contains("is missing unet/config.json"), "{err}");
     Ok(())
 }
+
+/// The same checkpoint as an A1111-style `.ckpt` (tests/reference/make_pickle_fixtures.py:
+/// torch.save's archive layout, the weights under `state_dict` beside other entries) is refused
+/// as `--base` unless pickles are allowed, and its tensors read bit for bit as the safetensors
+/// file's, in their stored f16.
+#[test]
+fn a_pickle_checkpoint_is_refused_or_read_like_its_safetensors() -> Result<()> {
+    let ckpt = fixtures().join("pickle/model_ldm.ckpt");
+    let err = format!(
+        "{:#}",
+        ModelSource::parse(ckpt.to_str().unwrap())?
+            .reading_pickle(false)
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("model_ldm.ckpt") && err.contains("--allow-pickle"),
+        "{err}"
+    );
+
+    let from_pickle = lora_core::io::pickle::read_tensors(&ckpt)?;
+    let from_safetensors = lora_core::io::read_safetensors(&ldm_file(), &Device::Cpu)?.tensors;
+    assert_eq!(
+        from_pickle.keys().collect::<Vec<_>>(),
+        from_safetensors.keys().collect::<Vec<_>>()
+    );
+    assert!(!from_pickle.is_empty());
+    for (name, tensor) in &from_pickle {
+        let reference = &from_safetensors[name];
+        assert_eq!(tensor.dtype(), DType::F16, "{name}");
+        assert_eq!(tensor.dims(), reference.dims(), "{name}");
+        // f16 → f32 is exact, so equal f32 bits mean equal stored bits.
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        assert_eq!(bits(tensor)?, bits(reference)?, "{name}");
+    }
+    Ok(())
+}

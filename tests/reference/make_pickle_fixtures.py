@@ -11,6 +11,8 @@ Writes, under tests/fixtures/pickle/:
   would run the command; the toolkit must read the tensor and never run anything.
 - only_payload.pt: an archive whose pickle is nothing but such a payload.
 - bare_payload.pkl: the payload as a bare pickle stream (the format before PyTorch 1.6).
+- model_ldm.ckpt: sd2-tiny/merge/model_ldm.safetensors (f16) as an A1111-style training
+  checkpoint: `{"state_dict": {...}, "global_step": 7, "epoch": 1}`.
 
 torch itself is not needed (nor was it installed when these were made): the archive is written
 with Python's own `pickle` and `zipfile`, with stand-in classes that pickle under torch's names.
@@ -112,12 +114,13 @@ def write_archive(path, state, storages):
 
     buffer = io.BytesIO()
     ArchivePickler(buffer, protocol=2).dump(state)
+    entries = [("archive/data.pkl", buffer.getvalue()), ("archive/byteorder", b"little")]
+    entries += [(f"archive/data/{key}", data) for key, data in storages.items()]
+    entries.append(("archive/version", b"3\n"))
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr("archive/data.pkl", buffer.getvalue())
-        archive.writestr("archive/byteorder", "little")
-        for key, data in storages.items():
-            archive.writestr(f"archive/data/{key}", data)
-        archive.writestr("archive/version", "3\n")
+        for name, data in entries:
+            # A fixed date, so that rerunning the script rewrites the same bytes.
+            archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
 
 
 def tensor_entry(torch, key, dtype, shape, data):
@@ -143,6 +146,14 @@ def main():
     write_archive(os.path.join(OUT, "reduce_payload.pt"), mixed, {"0": data})
 
     write_archive(os.path.join(OUT, "only_payload.pt"), Payload(f"touch {MARKER}"), {})
+
+    model = read_safetensors(os.path.join(ROOT, "sd2-tiny", "merge", "model_ldm.safetensors"))
+    state, storages = collections.OrderedDict(), {}
+    for i, (name, (dtype, shape, data)) in enumerate(sorted(model.items())):
+        state[name] = tensor_entry(torch, str(i), dtype, shape, data)
+        storages[str(i)] = data
+    checkpoint = {"state_dict": state, "global_step": 7, "epoch": 1}
+    write_archive(os.path.join(OUT, "model_ldm.ckpt"), checkpoint, storages)
 
     with open(os.path.join(OUT, "bare_payload.pkl"), "wb") as f:
         pickle.dump({"payload": Payload(f"touch {MARKER}")}, f, protocol=2)
