@@ -365,27 +365,30 @@ fn an_input_is_never_overwritten() {
     assert_eq!(std::fs::read(&init).unwrap(), before);
 }
 
+/// One denoising step of prompt `x` on the sd1 fixture into `png`, with `extra` flags.
+fn one_step_into(png: &Path, extra: &[&str]) -> Output {
+    let base = sd1();
+    let mut args = vec![
+        "--base",
+        base.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--output",
+        png.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    lora_infer(&args)
+}
+
 /// An existing image is refused without `--overwrite` (and kept), replaced with it.
 #[test]
 fn an_existing_output_needs_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("x.png");
     std::fs::write(&png, b"an earlier image").unwrap();
-    let run = |extra: &[&str]| {
-        let base = sd1();
-        let mut args = vec![
-            "--base",
-            base.to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--steps",
-            "1",
-            "--output",
-            png.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        lora_infer(&args)
-    };
+    let run = |extra: &[&str]| one_step_into(&png, extra);
     let refused = run(&[]);
     let err = stderr(&refused);
     assert!(!refused.status.success(), "{err}");
@@ -421,21 +424,10 @@ fn a_nan_adapter_is_refused_unless_allowed() {
     candle_core::safetensors::save(&tensors, &adapter).unwrap();
     let png = dir.path().join("x.png");
     let run = |extra: &[&str]| {
-        let base = sd1();
-        let mut args = vec![
-            "--base",
-            base.to_str().unwrap(),
-            "--lora",
-            adapter.to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--steps",
-            "1",
-            "--output",
-            png.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        lora_infer(&args)
+        one_step_into(
+            &png,
+            &[&["--lora", adapter.to_str().unwrap()], extra].concat(),
+        )
     };
     let refused = run(&[]);
     let err = stderr(&refused);

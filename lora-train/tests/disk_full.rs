@@ -6,28 +6,18 @@
 
 #![cfg(target_os = "linux")]
 
+mod common;
+
+use common::lora_train_on_fixtures;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
 fn lora_train(out: &Path, steps: usize, extra: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lora-train"));
+    let mut command = lora_train_on_fixtures(out);
     command
-        .arg("--base")
-        .arg(fixtures().join("sd1-tiny"))
-        .arg("--data")
-        .arg(fixtures().join("train-data"))
-        .arg("--output")
-        .arg(out)
-        .args(["--resolution", "32", "--lr", "1e-2", "--skip-bad"])
-        .args(["--steps", &steps.to_string()])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .args(["--lr", "1e-2", "--steps", &steps.to_string()])
+        .args(extra);
     command
 }
 

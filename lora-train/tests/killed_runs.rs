@@ -4,10 +4,13 @@
 //! (writes are atomic), and the temporary files a killed run leaves are gone after the next start.
 #![cfg(unix)]
 
+mod common;
+
+use common::lora_train_on_fixtures;
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,10 +27,6 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 /// The signal `Child::kill` sends on unix (its number is the same on every unix).
 const SIGKILL: i32 = 9;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
 /// The one command of every start, the first included: a recipe that draws on every random
 /// stream (init seed, flips, caption dropout, noise offset, random crops, batches of 2 with
 /// gradient accumulation) and a schedule that depends on the step, a checkpoint every step, and
@@ -36,15 +35,9 @@ fn fixtures() -> PathBuf {
 /// the watcher to catch a writer that is not atomic (checked by making `write_atomic` write in
 /// place: the uninterrupted run already fails).
 fn lora_train(out: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lora-train"));
+    let mut command = lora_train_on_fixtures(out);
     command
-        .arg("--base")
-        .arg(fixtures().join("sd1-tiny"))
-        .arg("--data")
-        .arg(fixtures().join("train-data"))
-        .arg("--output")
-        .arg(out)
-        .args(["--resolution", "32", "--rank", "64", "--skip-bad"])
+        .args(["--rank", "64"])
         .args(["--steps", &STEPS.to_string(), "--lr", "1e-2"])
         .args(["--seed", "11", "--flip", "--random-crop"])
         .args(["--caption-dropout", "0.3", "--noise-offset", "0.1"])
@@ -52,9 +45,7 @@ fn lora_train(out: &Path) -> Command {
         .args(["--min-snr-gamma", "5"])
         .args(["--lr-scheduler", "cosine", "--warmup-steps", "1"])
         .args(["--save-every", "1", "--keep-checkpoints", "2"])
-        .args(["--resume", "latest"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .args(["--resume", "latest"]);
     command
 }
 
