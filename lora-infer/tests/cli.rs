@@ -184,20 +184,7 @@ fn bad_input_fails_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("x.png");
     let base = sd1();
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "--base",
-            base.to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--steps",
-            "1",
-            "--output",
-            png.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        lora_infer(&args)
-    };
+    let run = |extra: &[&str]| one_step_into(&png, extra);
     let sd2_adapter = fixtures().join("sd2-tiny/adapter_kohya.safetensors");
     let wrong_latents = dir.path().join("wrong.safetensors");
     candle_core::safetensors::save(

@@ -8,10 +8,9 @@
 
 mod common;
 
-use common::lora_train_on_fixtures;
+use common::{lora_train_on_fixtures, wait_while_running};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 fn lora_train(out: &Path, steps: usize, extra: &[&str]) -> Command {
     let mut command = lora_train_on_fixtures(out);
@@ -150,18 +149,7 @@ fn a_disk_that_fills_up_keeps_every_checkpoint_whole_and_the_run_resumes() {
         .spawn()
         .unwrap();
     let first = disk.path().join("adapter-step000001.ckpt.safetensors");
-    let start = Instant::now();
-    while !first.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "no checkpoint was written"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "lora-train ended early"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_while_running(&mut child, "a checkpoint", || first.exists());
     let filler = disk.fill();
     let output = child.wait_with_output().unwrap();
     let err = stderr(&output);

@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::lora_train_on_fixtures;
+use common::{lora_train_on_fixtures, wait_while_running};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 fn lora_train(out: &Path, steps: usize, extra: &[&str]) -> Command {
     let mut command = lora_train_on_fixtures(out);
@@ -25,18 +24,9 @@ fn sigterm_saves_a_checkpoint_and_resume_latest_finishes() {
     let metrics = dir.path().join("adapter.safetensors.metrics.jsonl");
     let mut child = lora_train(&out, 100_000, &[]).spawn().unwrap();
     // Wait for the first step to be logged, then ask the run to stop.
-    let start = Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 1) {
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "no step was logged"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "lora-train ended early"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_while_running(&mut child, "a logged step", || {
+        std::fs::read_to_string(&metrics).is_ok_and(|m| m.lines().count() >= 1)
+    });
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

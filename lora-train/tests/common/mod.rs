@@ -1,7 +1,9 @@
 //! What the `lora-train` binary tests share: the command on the tiny fixtures.
+#![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -23,4 +25,20 @@ pub fn lora_train_on_fixtures(out: &Path) -> Command {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     command
+}
+
+/// Polls until `done` while `child` runs; fails if `child` ends first or after five minutes.
+pub fn wait_while_running(child: &mut Child, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "waited five minutes for {what}"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "lora-train ended before {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
