@@ -8,17 +8,9 @@
 
 mod common;
 
-use common::{lora_train_on_fixtures, wait_while_running};
+use common::{lora_train, wait_while_running};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-
-fn lora_train(out: &Path, steps: usize, extra: &[&str]) -> Command {
-    let mut command = lora_train_on_fixtures(out);
-    command
-        .args(["--lr", "1e-2", "--steps", &steps.to_string()])
-        .args(extra);
-    command
-}
 
 /// A tmpfs of `size` mounted on a fresh folder, unmounted when dropped.
 struct SmallDisk {

@@ -4,17 +4,8 @@
 
 mod common;
 
-use common::{lora_train_on_fixtures, wait_while_running};
-use std::path::Path;
+use common::{lora_train, wait_while_running};
 use std::process::Command;
-
-fn lora_train(out: &Path, steps: usize, extra: &[&str]) -> Command {
-    let mut command = lora_train_on_fixtures(out);
-    command
-        .args(["--lr", "1e-2", "--steps", &steps.to_string()])
-        .args(extra);
-    command
-}
 
 #[cfg(unix)]
 #[test]

@@ -27,6 +27,15 @@ pub fn lora_train_on_fixtures(out: &Path) -> Command {
     command
 }
 
+/// [`lora_train_on_fixtures`] for `steps` steps at lr 1e-2, with `extra` flags.
+pub fn lora_train(out: &Path, steps: usize, extra: &[&str]) -> Command {
+    let mut command = lora_train_on_fixtures(out);
+    command
+        .args(["--lr", "1e-2", "--steps", &steps.to_string()])
+        .args(extra);
+    command
+}
+
 /// Polls until `done` while `child` runs; fails if `child` ends first or after five minutes.
 pub fn wait_while_running(child: &mut Child, what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
