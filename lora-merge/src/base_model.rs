@@ -41,7 +41,7 @@ impl WeightFile {
             part,
             mmap,
         };
-        weights.tensors()?;
+        lora_core::io::files::check_shapes(path, &weights.tensors()?)?;
         Ok(weights)
     }
 

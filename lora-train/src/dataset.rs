@@ -26,6 +26,11 @@ use crate::config::Crop;
 /// File extensions read as images (lower-case).
 pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
+/// The most repeats a kohya `N_token` folder may ask for. Real datasets use one or two digits; the
+/// bound keeps a mistyped folder name from making an epoch of billions of samples (the training
+/// loop lists every sample of an epoch).
+pub const MAX_REPEATS: usize = 10_000;
+
 /// One training image and its caption.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DatasetItem {
@@ -72,6 +77,7 @@ impl Dataset {
             dir.display()
         );
         let mut warnings = Vec::new();
+        let mut bad = Vec::new();
         let mut groups = vec![(dir.to_path_buf(), 1usize, None::<String>)];
         for entry in sorted_entries(dir)? {
             if !entry.is_dir() {
@@ -79,6 +85,12 @@ impl Dataset {
             }
             let name = entry.file_name().unwrap_or_default().to_string_lossy();
             match parse_repeat_folder(&name) {
+                Some((repeats, _)) if repeats > MAX_REPEATS => bad.push(BadFile {
+                    path: entry.clone(),
+                    reason: format!(
+                        "a folder of {repeats} repeats: expected at most {MAX_REPEATS}"
+                    ),
+                }),
                 Some((repeats, words)) => groups.push((entry.clone(), repeats, Some(words))),
                 None => warnings.push(format!(
                     "ignoring folder {}: not named <repeats>_<caption words> (e.g. `10_sks dog`)",
@@ -88,7 +100,6 @@ impl Dataset {
         }
 
         let mut items = Vec::new();
-        let mut bad = Vec::new();
         for (folder, repeats, fallback) in groups {
             let entries = sorted_entries(&folder)?;
             let names: BTreeSet<PathBuf> = entries.iter().cloned().collect();
@@ -327,6 +338,22 @@ mod tests {
         assert_eq!(parse_repeat_folder("3_a_b"), Some((3, "a_b".into())));
         assert_eq!(parse_repeat_folder("dogs"), None);
         assert_eq!(parse_repeat_folder("0_x"), None);
+    }
+
+    #[test]
+    fn a_folder_of_absurd_repeats_is_a_bad_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("99999999999_sks dog");
+        std::fs::create_dir(&folder).unwrap();
+        image::RgbImage::new(2, 2)
+            .save(folder.join("a.png"))
+            .unwrap();
+        let err = Dataset::scan(dir.path(), ".txt", false).unwrap_err();
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("99999999999_sks dog") && message.contains("at most 10000"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -153,6 +153,7 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<SafetensorsConte
         .into_iter()
         .collect();
     let file = safetensors::SafeTensors::deserialize(&bytes).with_context(invalid)?;
+    check_shapes(path, &file)?;
     let tensors = file
         .iter()
         .map(|(name, view)| {
@@ -175,6 +176,27 @@ pub fn not_safetensors(path: &Path, bytes: &[u8]) -> String {
             path.display()
         )
     }
+}
+
+/// Refuses shapes that fit the file only because they are empty: `[0, 2^40, 2^40]` holds no
+/// bytes, so the safetensors check passes, but its strides (products of the trailing dimensions)
+/// overflow, and candle would panic building the tensor. Products of the non-zero dimensions that
+/// fit in `usize` keep every stride in range.
+pub fn check_shapes(path: &Path, file: &safetensors::SafeTensors) -> Result<()> {
+    for (name, view) in file.iter() {
+        let shape = view.shape();
+        let fits = shape
+            .iter()
+            .filter(|&&d| d != 0)
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .is_some();
+        anyhow::ensure!(
+            fits,
+            "{}: tensor `{name}` has the impossible shape {shape:?} (its size overflows)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use crate::io::files::check_shapes;
 use crate::rng::Rng;
 
 /// Memory-maps safetensors files, validating their headers up front so a truncated or corrupt
@@ -23,8 +24,9 @@ pub fn mmap_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
         // SAFETY: read-only mapping; the toolkit never writes to model files it reads.
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("cannot map {}", p.display()))?;
-        safetensors::SafeTensors::deserialize(&mmap)
+        let file = safetensors::SafeTensors::deserialize(&mmap)
             .with_context(|| super::not_safetensors(p, &mmap))?;
+        check_shapes(p, &file)?;
     }
     // SAFETY: as above; the files were validated just now.
     unsafe { MmapedSafetensors::multi(paths) }.with_context(|| format!("cannot map {paths:?}"))

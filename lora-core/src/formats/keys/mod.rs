@@ -406,12 +406,17 @@ pub fn locon_module_from_weight(
 
 /// The module a weight of `shape` at `path` describes: a Linear `[out, in]`, a 1×1 conv
 /// `[out, in, 1, 1]`, or (where `kernels` allows them) a k×k conv, adapted on its flattened
-/// kernel `[out, in·kh·kw]`.
+/// kernel `[out, in·kh·kw]`. A header may declare any shape for an empty tensor, so a kernel whose
+/// `in·kh·kw` overflows is no module.
 fn module_info(path: &str, shape: &[usize], kernels: bool) -> Option<ModuleInfo> {
     let (kind, out_features, in_features) = match *shape {
         [out, inp] => (ModuleKind::Linear, out, inp),
         [out, inp, 1, 1] => (ModuleKind::Conv1x1, out, inp),
-        [out, inp, kh, kw] if kernels => (ModuleKind::Conv { kh, kw }, out, inp * kh * kw),
+        [out, inp, kh, kw] if kernels => (
+            ModuleKind::Conv { kh, kw },
+            out,
+            inp.checked_mul(kh)?.checked_mul(kw)?,
+        ),
         _ => return None,
     };
     Some(ModuleInfo {

@@ -146,7 +146,8 @@ impl LdmLayout {
         });
         let output_blocks = indices(unet_keys, "output_blocks.", |_| true);
         let down_blocks = downsamplers.len() + 1;
-        let n_out = output_blocks.last().map_or(0, |n| n + 1);
+        // Saturating: a hostile index of usize::MAX is refused by the MAX_INDEX check below.
+        let n_out = output_blocks.last().map_or(0, |n| n.saturating_add(1));
         ensure!(
             n_out > 0 && n_out % down_blocks == 0 && n_out / down_blocks >= 2,
             "UNet of the single-file checkpoint: {n_out} output blocks do not divide into \
@@ -158,7 +159,7 @@ impl LdmLayout {
             |_| true,
         )
         .last()
-        .map_or(0, |n| n + 1);
+        .map_or(0, |n| n.saturating_add(1));
         ensure!(
             n_out <= MAX_INDEX && vae_up_blocks <= MAX_INDEX,
             "single-file checkpoint: {n_out} UNet output blocks, {vae_up_blocks} VAE decoder \

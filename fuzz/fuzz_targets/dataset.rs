@@ -1,0 +1,6 @@
+#![no_main]
+
+#[path = "../entry_points/dataset.rs"]
+mod entry;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| entry::run(data));
