@@ -152,18 +152,24 @@ pub fn group_norm_to_tokens(
     })
 }
 
-/// `conv(silu(norm(x))) + shift` for a `[B, C, 1, 1]` `shift` (a resnet's first half, the
-/// time embedding's projection as the shift) as one node over `x`: the graph keeps neither
-/// the activation nor the convolution's output. Frozen parameters and an untracked shift;
-/// otherwise composed.
+/// `conv(silu(norm(x))) (+ shift)` for an optional `[B, C, 1, 1]` `shift` (a resnet's first
+/// half, the time embedding's projection as the shift; the VAE's resnets have none) as one node
+/// over `x`: the graph keeps neither the activation nor the convolution's output. Frozen
+/// parameters and an untracked shift; otherwise composed.
 pub fn norm_silu_conv(
     norm: &GroupNormLayer,
     conv: &Conv2dLayer,
     x: &Tensor,
-    shift: &Tensor,
+    shift: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    let forward = |x: &Tensor| broadcast_add(&conv.forward(&norm.forward_silu(x)?)?, shift);
-    let trained = norm.trained() || conv.trained() || shift.track_op();
+    let forward = |x: &Tensor| {
+        let y = conv.forward(&norm.forward_silu(x)?)?;
+        match shift {
+            Some(shift) => broadcast_add(&y, shift),
+            None => Ok(y),
+        }
+    };
+    let trained = norm.trained() || conv.trained() || shift.is_some_and(Tensor::track_op);
     with_input_grad(x, trained, forward, || NormSiluConvInputGrad {
         norm: norm.clone(),
         conv: conv.clone(),

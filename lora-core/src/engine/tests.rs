@@ -482,7 +482,7 @@ fn fused_nodes_match_composed_ops_and_their_gradients() {
                 "group norm + silu + conv + shift",
                 (normal(&[b, c, h, w]) * 2.0).unwrap(),
                 normal(&[1]),
-                Box::new(|x, _| norm_silu_conv(&group_norm, &conv3, x, &shift).unwrap()),
+                Box::new(|x, _| norm_silu_conv(&group_norm, &conv3, x, Some(&shift)).unwrap()),
                 Box::new(|x, _| composed_silu_conv(x).broadcast_add(&shift).unwrap()),
             ),
             (

@@ -64,7 +64,7 @@ impl ResnetBlock2D {
             .unsqueeze(2)?
             .unsqueeze(3)?;
         // Each half is one node (see `engine::fused`): the graph keeps `h` and the sum.
-        let h = norm_silu_conv(&self.norm1, &self.conv1, x, &t)?;
+        let h = norm_silu_conv(&self.norm1, &self.conv1, x, Some(&t))?;
         let out =
             norm_silu_conv_residual(&self.norm2, &self.conv2, &h, x, self.conv_shortcut.as_ref())?;
         if self.output_scale_factor == 1.0 {

@@ -1,0 +1,90 @@
+//! VAE decode benchmarks: one case per invocation, one JSON line per case on stdout.
+//!
+//!     cargo bench --bench vae_decode -- <case> [--iters N]
+//!
+//! Cases (the SD 1.5 VAE architecture, `block_out_channels` [128, 256, 512, 512], with frozen
+//! random weights; CPU, f32, batch 1):
+//! - `decode-32`: latents 1×4×32×32 to a 256² image
+//! - `decode-64`: latents 1×4×64×64 to a 512² image
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use lora_toolkit::core::io::weights::RandomInit;
+use lora_toolkit::core::models::config::VaeConfig;
+use lora_toolkit::core::models::vae::Vae;
+use lora_toolkit::core::Rng;
+
+/// The SD 1.5 VAE's `config.json` (diffusers), less what the loader does not read.
+const SD15_VAE_CONFIG: &str = r#"{
+  "_class_name": "AutoencoderKL",
+  "act_fn": "silu",
+  "block_out_channels": [128, 256, 512, 512],
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "in_channels": 3,
+  "latent_channels": 4,
+  "layers_per_block": 2,
+  "norm_num_groups": 32,
+  "out_channels": 3,
+  "sample_size": 512,
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
+}"#;
+
+fn main() -> Result<()> {
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { lora_toolkit::core::process_setup::configure() };
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let case = args
+        .first()
+        .context("usage: vae_decode <decode-32|decode-64> [--iters N]")?
+        .clone();
+    let latent = match case.as_str() {
+        "decode-32" => 32,
+        "decode-64" => 64,
+        _ => bail!("unknown case `{case}`"),
+    };
+    let iters: usize = match args.iter().position(|a| a == "--iters") {
+        Some(i) => args.get(i + 1).context("--iters needs a value")?.parse()?,
+        None => 3,
+    };
+    let device = Device::Cpu;
+    let config = VaeConfig::parse(SD15_VAE_CONFIG)?;
+    // Frozen random weights: timing does not depend on the values, but they keep activations
+    // finite so no denormal or NaN slow paths are measured.
+    let vb = RandomInit::frozen(0).var_builder(&device);
+    let vae = Vae::from_var_builder(vb, config)?;
+    let latents = Rng::new(1).normal_tensor((1, 4, latent, latent), &device)?;
+    let decode = || -> Result<()> {
+        let image = vae.decode(&latents)?;
+        image.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    };
+    decode()?; // warm-up: first-touch allocations
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        decode()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let mut out = BTreeMap::new();
+    out.insert("case", serde_json::json!(case));
+    out.insert(
+        "device",
+        serde_json::json!(format!(
+            "cpu, {} threads",
+            candle_core::utils::get_num_threads()
+        )),
+    );
+    out.insert("iters", serde_json::json!(iters));
+    out.insert("mean_s", serde_json::json!(mean));
+    out.insert("min_s", serde_json::json!(min));
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
