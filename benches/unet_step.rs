@@ -16,13 +16,16 @@
 //! `benches/unet_step_reference.py` measures the same cases with diffusers + peft (PyTorch);
 //! `benches/run_unet_step.sh` runs both side by side and prints the ratio.
 
+mod common;
+
+use common::{time_runs, BenchArgs};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
 use lora_toolkit::core::io::weights::{component_weights, RandomInit};
@@ -181,35 +184,24 @@ fn pool_peaks_mib(device: &Device) -> Option<(f64, f64)> {
 fn main() -> Result<()> {
     // SAFETY: first thing in `main`, before any other thread exists.
     unsafe { lora_toolkit::core::process_setup::configure() };
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let case_name = args
-        .first()
-        .context("usage: unet_step <case> [--iters N]")?
-        .clone();
-    let flag = |name: &str| -> Result<Option<&String>> {
-        match args.iter().position(|a| a == name) {
-            Some(i) => Ok(Some(
-                args.get(i + 1)
-                    .with_context(|| format!("{name} needs a value"))?,
-            )),
-            None => Ok(None),
-        }
-    };
-    let iters: usize = flag("--iters")?.map_or(Ok(3), |v| v.parse())?;
-    let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
-    let device_spec: DeviceSpec = flag("--device")?.map_or(Ok(DeviceSpec::Cpu), |v| v.parse())?;
+    let args = BenchArgs::from_env("usage: unet_step <case> [--iters N]")?;
+    let case_name = args.case.clone();
+    let iters = args.iters()?;
+    let checkpointing = args.switch("--gradient-checkpointing");
+    let device_spec: DeviceSpec = args
+        .flag("--device")?
+        .map_or(Ok(DeviceSpec::Cpu), str::parse)?;
     let device = device_spec.open()?;
     let device_name = match device_spec {
         DeviceSpec::Cpu => format!("cpu, {} threads", candle_core::utils::get_num_threads()),
         cuda => cuda.to_string(),
     };
-    let precision: Precision = flag("--dtype")?.map_or(Ok(Precision::F32), |v| v.parse())?;
+    let precision: Precision = args
+        .flag("--dtype")?
+        .map_or(Ok(Precision::F32), str::parse)?;
     let dtype = precision.dtype();
     let mut case = load_case(&case_name, &device, dtype)?;
-    if let Some(batch) = flag("--batch")? {
+    if let Some(batch) = args.flag("--batch")? {
         case.batch = batch.parse()?;
     }
     let cfg = case.unet.config().clone();
@@ -294,14 +286,7 @@ fn main() -> Result<()> {
     let heap_before = heap_live(); // weights, kept adjoint kernels, optimizer state
     take_heap_peak();
     heap_after_forward.set(0);
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t0 = Instant::now();
-        step()?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let (mean, min) = time_runs(iters, &mut step)?;
     let mut out = BTreeMap::new();
     out.insert("case", serde_json::json!(case_name));
     out.insert("impl", serde_json::json!("lora-toolkit (candle)"));

@@ -7,10 +7,12 @@
 //! - `decode-32`: latents 1×4×32×32 to a 256² image
 //! - `decode-64`: latents 1×4×64×64 to a 512² image
 
-use std::collections::BTreeMap;
-use std::time::Instant;
+mod common;
 
-use anyhow::{bail, Context, Result};
+use common::{time_runs, BenchArgs};
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use lora_toolkit::core::io::weights::RandomInit;
 use lora_toolkit::core::models::config::VaeConfig;
@@ -35,23 +37,14 @@ const SD15_VAE_CONFIG: &str = r#"{
 fn main() -> Result<()> {
     // SAFETY: first thing in `main`, before any other thread exists.
     unsafe { lora_toolkit::core::process_setup::configure() };
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let case = args
-        .first()
-        .context("usage: vae_decode <decode-32|decode-64> [--iters N]")?
-        .clone();
+    let args = BenchArgs::from_env("usage: vae_decode <decode-32|decode-64> [--iters N]")?;
+    let case = args.case.clone();
     let latent = match case.as_str() {
         "decode-32" => 32,
         "decode-64" => 64,
         _ => bail!("unknown case `{case}`"),
     };
-    let iters: usize = match args.iter().position(|a| a == "--iters") {
-        Some(i) => args.get(i + 1).context("--iters needs a value")?.parse()?,
-        None => 3,
-    };
+    let iters = args.iters()?;
     let device = Device::Cpu;
     let config = VaeConfig::parse(SD15_VAE_CONFIG)?;
     // Frozen random weights: timing does not depend on the values, but they keep activations
@@ -65,14 +58,7 @@ fn main() -> Result<()> {
         Ok(())
     };
     decode()?; // warm-up: first-touch allocations
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t0 = Instant::now();
-        decode()?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let (mean, min) = time_runs(iters, decode)?;
     let mut out = BTreeMap::new();
     out.insert("case", serde_json::json!(case));
     out.insert(

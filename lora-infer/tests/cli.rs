@@ -333,18 +333,7 @@ fn an_input_is_never_overwritten() {
     let before = std::fs::read(&init).unwrap();
     std::fs::create_dir(dir.path().join("sub")).unwrap();
     let same = dir.path().join("sub/../start.png");
-    let out = lora_infer(&[
-        "--base",
-        sd1().to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--steps",
-        "1",
-        "--init-image",
-        init.to_str().unwrap(),
-        "--output",
-        same.to_str().unwrap(),
-    ]);
+    let out = one_step_into(&same, &["--init-image", init.to_str().unwrap()]);
     let err = stderr(&out);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("is --init-image"), "{err}");

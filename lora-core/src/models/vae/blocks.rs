@@ -77,6 +77,13 @@ fn resnets(
         .collect()
 }
 
+/// `x` through `resnets` in order.
+fn forward_resnets(resnets: &[ResnetBlock], x: &Tensor) -> Result<Tensor> {
+    resnets
+        .iter()
+        .try_fold(x.clone(), |x, resnet| resnet.forward(&x))
+}
+
 /// diffusers' `DownEncoderBlock2D`: resnets, then (all but the last block) a stride-2 3×3 conv
 /// over the input padded by one row and column at the bottom and right only.
 pub(super) struct DownBlock {
@@ -102,10 +109,7 @@ impl DownBlock {
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = x.clone();
-        for resnet in &self.resnets {
-            x = resnet.forward(&x)?;
-        }
+        let x = forward_resnets(&self.resnets, x)?;
         match &self.downsample {
             Some(conv) => Ok(conv.forward(&x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?),
             None => Ok(x),
@@ -138,10 +142,7 @@ impl UpBlock {
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = x.clone();
-        for resnet in &self.resnets {
-            x = resnet.forward(&x)?;
-        }
+        let x = forward_resnets(&self.resnets, x)?;
         match &self.upsample {
             Some(conv) => {
                 let (_, _, h, w) = x.dims4()?;
