@@ -246,10 +246,7 @@ pub fn prepare_output(flag: &str, output: &Path, overwrite: bool) -> Result<()> 
          new one is whole) or choose another output",
         output.display()
     );
-    let folder = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let folder = crate::io::folder_of(output);
     std::fs::create_dir_all(folder).with_context(|| {
         format!(
             "{flag} {}: cannot create its folder {}",
@@ -267,11 +264,7 @@ fn resolved(path: &Path) -> PathBuf {
     if let Ok(full) = path.canonicalize() {
         return full;
     }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    match (parent.canonicalize(), path.file_name()) {
+    match (crate::io::folder_of(path).canonicalize(), path.file_name()) {
         (Ok(folder), Some(name)) => folder.join(name),
         _ => path.to_path_buf(),
     }

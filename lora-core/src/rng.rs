@@ -5,6 +5,13 @@
 use anyhow::Result;
 use candle_core::{Device, Shape, Tensor};
 
+/// FNV-1a of `bytes`: a stable 64-bit digest, to derive seeds from names and to tell files apart.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// SplitMix64: one `u64` of state, full period, good enough statistics for noise and shuffling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rng {

@@ -15,6 +15,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, Var};
 use lora_core::adapters::TrainableAdapter;
 use lora_core::formats::kohya::{python_bool, python_float};
+use lora_core::io::folder_of;
 use lora_core::models::config::UNetConfig;
 use lora_core::options::{check_output, prepare_output};
 use lora_core::source::{ModelFolder, ModelSource};
@@ -664,15 +665,6 @@ pub fn latest_checkpoint(output: &Path) -> Result<Option<PathBuf>> {
         .find(|path| lora_core::io::read_safetensors(path, &candle_core::Device::Cpu).is_ok()))
 }
 
-/// The folder `output` is in (`.` for a bare file name), where its checkpoints, metrics and
-/// temporary files go.
-fn output_folder(output: &Path) -> &Path {
-    match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
 /// `output`'s file stem, which names the checkpoints and temporary files written beside it.
 fn output_stem(output: &Path) -> String {
     output
@@ -683,7 +675,7 @@ fn output_stem(output: &Path) -> String {
 
 /// The checkpoints [`checkpoint_paths`] wrote beside `output`, newest (highest step) first.
 fn saved_checkpoints(output: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    let (folder, stem) = (output_folder(output), output_stem(output));
+    let (folder, stem) = (folder_of(output), output_stem(output));
     if !folder.is_dir() {
         return Ok(Vec::new());
     }
@@ -730,7 +722,7 @@ fn remove_older_checkpoints(output: &Path, keep: usize) -> Result<()> {
 fn remove_stale_temporaries(output: &Path) {
     #[cfg(target_os = "linux")]
     {
-        let (folder, stem) = (output_folder(output), output_stem(output));
+        let (folder, stem) = (folder_of(output), output_stem(output));
         let Ok(entries) = std::fs::read_dir(folder) else {
             return;
         };
@@ -853,7 +845,7 @@ fn check_output_location(config: &TrainConfig, continuing: bool) -> Result<()> {
 /// AdamW moments) with its adapter, twice over while a new one is written before the old is
 /// pruned. A filesystem that fills up anyway fails at save time with the previous files intact.
 fn check_free_space(config: &TrainConfig, adapter_params: usize) -> Result<()> {
-    let folder = output_folder(&config.output);
+    let folder = folder_of(&config.output);
     let Some(free) = lora_core::io::free_space(folder) else {
         return Ok(());
     };

@@ -80,6 +80,14 @@ fn sync_parent_dir(path: &Path) {
     let _ = path;
 }
 
+/// The folder a file path is in: its parent, or `.` for a bare file name (whose parent is empty).
+pub fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 /// Creates and removes a file in `folder`: the one sure test that outputs can be written there
 /// (permissions, a read-only filesystem, a full one that has no room for a new entry).
 pub fn probe_writable(folder: &Path) -> Result<()> {

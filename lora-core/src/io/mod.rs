@@ -7,6 +7,6 @@ pub mod pickle;
 pub mod weights;
 
 pub use files::{
-    free_space, not_safetensors, probe_writable, read_safetensors, write_atomic,
+    folder_of, free_space, not_safetensors, probe_writable, read_safetensors, write_atomic,
     write_safetensors_atomic, SafetensorsContents,
 };

@@ -130,7 +130,10 @@ pub fn safetensors_copy(path: &Path) -> Result<PathBuf> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let copy = cache_folder()?.join(format!("{stem}-{:016x}.safetensors", fnv1a(&identity)));
+    let copy = cache_folder()?.join(format!(
+        "{stem}-{:016x}.safetensors",
+        crate::rng::fnv1a(identity.as_bytes())
+    ));
     if copy.is_file() {
         return Ok(copy);
     }
@@ -165,13 +168,6 @@ fn cache_folder() -> Result<PathBuf> {
         .join(".cache"),
     };
     Ok(base.join("lora-toolkit").join("from-pickle"))
-}
-
-/// A stable 64-bit digest of `text` (FNV-1a), enough to tell cached copies apart.
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 #[cfg(test)]

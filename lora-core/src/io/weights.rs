@@ -203,11 +203,7 @@ impl RandomInit {
     }
 
     fn init(&self, shape: &Shape, name: &str, device: &Device) -> Result<Tensor> {
-        // FNV-1a of the name, mixed with the seed.
-        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        let mut rng = Rng::new(self.seed ^ hash);
+        let mut rng = Rng::new(self.seed ^ crate::rng::fnv1a(name.as_bytes()));
         let dims = shape.dims();
         if dims.len() == 1 {
             let mut parts = name.rsplit('.');
