@@ -16,6 +16,7 @@ use candle_core::{Tensor, Var};
 use lora_core::adapters::TrainableAdapter;
 use lora_core::formats::kohya::{python_bool, python_float};
 use lora_core::io::folder_of;
+use lora_core::io::weights::mmap_safetensors;
 use lora_core::models::config::UNetConfig;
 use lora_core::options::{check_output, prepare_output};
 use lora_core::source::{ModelFolder, ModelSource};
@@ -658,11 +659,13 @@ pub const RESUME_LATEST: &str = "latest";
 /// The checkpoint of the highest step that [`checkpoint_paths`] wrote beside `output` and that
 /// reads whole, if any. Checkpoints are written atomically (a temporary file renamed), so a run
 /// killed while saving leaves the previous ones whole and no partial file under their names.
+/// Whole means a valid header whose tensors fill the file exactly; the tensors themselves are
+/// read once, by the resume.
 pub fn latest_checkpoint(output: &Path) -> Result<Option<PathBuf>> {
     Ok(saved_checkpoints(output)?
         .into_iter()
         .map(|(_, path)| path)
-        .find(|path| lora_core::io::read_safetensors(path, &candle_core::Device::Cpu).is_ok()))
+        .find(|path| mmap_safetensors(std::slice::from_ref(path)).is_ok()))
 }
 
 /// `output`'s file stem, which names the checkpoints and temporary files written beside it.
