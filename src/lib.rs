@@ -4,6 +4,7 @@
 //! ([`default_model`]), the pictures it and the quick start's concept are made of ([`shapes`]),
 //! and the quick start itself ([`quickstart`]).
 pub use lora_core as core;
+pub use lora_eval as eval;
 pub use lora_infer as infer;
 pub use lora_merge as merge;
 pub use lora_train as train;

@@ -1,0 +1,4 @@
+//! Evaluation of generated images and adapters: FID, IS and KID from the FID Inception-v3
+//! network's features, CLIP score from a CLIP model, and the `compare` workflow that generates
+//! with several adapters and scores them side by side.
+pub use lora_core;
