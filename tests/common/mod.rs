@@ -82,3 +82,19 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let den: f64 = b.iter().map(|y| y * y).sum();
     (num.sqrt() / den.sqrt().max(f64::from(f32::MIN_POSITIVE))) as f32
 }
+
+/// Asserts |ours − reference| ≤ rel·|reference| for scalars; a NaN or infinity on either side
+/// fails (it would pass a `!(diff > tol)` comparison).
+#[track_caller]
+pub fn assert_scalar_close(ours: f64, reference: f64, rel: f64, what: &str) {
+    assert!(
+        ours.is_finite() && reference.is_finite(),
+        "{what}: ours {ours}, reference {reference}: not finite"
+    );
+    let diff = (ours - reference).abs();
+    assert!(
+        diff <= rel * reference.abs(),
+        "{what}: ours {ours}, reference {reference}: relative difference {} > {rel}",
+        diff / reference.abs()
+    );
+}
