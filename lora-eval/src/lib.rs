@@ -2,3 +2,4 @@
 //! network's features, CLIP score from a CLIP model, and the `compare` workflow that generates
 //! with several adapters and scores them side by side.
 pub use lora_core;
+pub mod clip_score;
