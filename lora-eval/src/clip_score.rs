@@ -229,7 +229,8 @@ impl ClipScoreModel {
     /// A CLIP model folder as the OpenAI repositories on the Hub have it: `config.json`,
     /// `model.safetensors`, `preprocessor_config.json` (optional), and the tokenizer files
     /// (`vocab.json` + `merges.txt`, or none for the OpenAI vocabulary;
-    /// `special_tokens_map.json`, `tokenizer_config.json`).
+    /// `special_tokens_map.json`, `tokenizer_config.json`). A Hub id goes through
+    /// `lora_core::source::clip_model_folder` first.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let model = ClipModel::load(dir, dtype, device)?;
         let text_config = &model.config().text;
