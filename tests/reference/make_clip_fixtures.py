@@ -308,8 +308,7 @@ def main():
     model.text_model.eos_token_id = eos_id
     assert not torch.allclose(raw_text[0], raw_text_legacy[0]) and torch.equal(raw_text[1], raw_text_legacy[1])
 
-    pixels_given = pixel_values.clone()
-    img = image_features(model, pixels_given)
+    img = image_features(model, pixel_values)
 
     # The cosine that CLIPScore computes, here from the recorded features, must be its own.
     cos = torch.nn.functional.cosine_similarity(img.double(), text[: len(IMAGES)].double())
