@@ -1,5 +1,6 @@
-//! The integration tests' comparison helpers fail on NaN and infinity wherever they sit: a
-//! comparison that passes on values that are not numbers proves nothing.
+//! The integration tests' comparison helpers fail on NaN and infinity wherever they sit, and on
+//! empty tensors: a comparison that passes on values that are not numbers, or on no values,
+//! proves nothing.
 
 mod common;
 
@@ -47,4 +48,26 @@ fn rel_err_fails_on_nan() {
 fn finite_values_fail_on_nan_in_half_precision() {
     let t = with(f32::NAN).to_dtype(candle_core::DType::F16).unwrap();
     common::finite_values(&t, "f16 tensor");
+}
+
+fn empty() -> Tensor {
+    Tensor::zeros((0, 3), candle_core::DType::F32, &Device::Cpu).unwrap()
+}
+
+#[test]
+#[should_panic(expected = "ours [0, 3] is empty: nothing to compare")]
+fn max_abs_diff_fails_on_empty_tensors() {
+    common::max_abs_diff(&empty(), &empty());
+}
+
+#[test]
+#[should_panic(expected = "is empty: nothing to compare")]
+fn rel_err_fails_on_empty_tensors() {
+    common::rel_err(&empty(), &empty());
+}
+
+#[test]
+#[should_panic(expected = "tensor [0, 3] is empty")]
+fn max_abs_fails_on_an_empty_tensor() {
+    common::max_abs(&empty());
 }

@@ -2,7 +2,8 @@
 //! (the Hub cache's snapshot folder has the same layout), or a single-file (LDM) checkpoint whose
 //! weights are read through [`crate::formats::single_file`] with the config files of a folder like
 //! the one below (`--base-config`; a single file holds no configs). Load components through
-//! [`ModelFolder::load_unet`] & co., which work for both.
+//! [`ModelFolder::load_unet`] & co., which work for both. [`clip_model_folder`] resolves a CLIP
+//! model (CLIP score's) the same way: a local folder, or a Hub id's cached snapshot.
 //!
 //! ```text
 //! model_index.json                 optional; component classes
@@ -38,6 +39,18 @@ const MODEL_INDEX: &str = "model_index.json";
 const DIFFUSERS_WEIGHTS_STEM: &str = "diffusion_pytorch_model";
 const TEXT_ENCODER_WEIGHTS_STEM: &str = "model";
 const TOKENIZER_FILES: [&str; 4] = [
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+];
+/// What a CLIP model folder holds, as the OpenAI CLIP repositories on the Hub have it; the first
+/// two are required, the rest optional (`lora_eval::clip_score` falls back to defaults and the
+/// embedded vocabulary).
+const CLIP_FILES: [&str; 7] = [
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
     "vocab.json",
     "merges.txt",
     "special_tokens_map.json",
@@ -157,36 +170,14 @@ fn open_from_hub(id: &str, cache: Cache, endpoint: Option<String>) -> Result<Mod
     }
     let how_to_use_local =
         "to use a local copy, pass the path of a diffusers folder (with model_index.json, unet/, \
-                            text_encoder/, scheduler/) instead of the Hub id";
-    let offline = std::env::var(OFFLINE_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
-    ensure!(!offline, "model `{id}` is not (completely) in the Hugging Face cache and {OFFLINE_ENV} is set (offline mode); \
-         {how_to_use_local}");
-
-    let unreachable = |what: &str, e: &dyn std::fmt::Display| {
-        format!(
-            "cannot fetch {what} of `{id}` from the Hugging Face Hub: offline, unreachable, or no such (public) \
-             repository? ({e}); {how_to_use_local}"
-        )
-    };
-    let mut api = ApiBuilder::from_cache(cache);
-    if let Some(endpoint) = endpoint {
-        api = api.with_endpoint(endpoint);
-    }
-    let repo = api
-        .build()
-        .map_err(|e| anyhow::anyhow!(unreachable("the file list", &e)))?
-        .repo(Repo::model(id.to_owned()));
-    let info = repo
-        .info()
-        .map_err(|e| anyhow::anyhow!(unreachable("the file list", &e)))?;
-    let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+                 text_encoder/, scheduler/) instead of the Hub id";
+    let repo = HubRepo::open(id, cache, endpoint, how_to_use_local)?;
+    let listed: Vec<&str> = repo.files.iter().map(String::as_str).collect();
     let mut snapshot = None;
     for file in files_to_download(&listed) {
-        let local = repo
-            .get(&file)
-            .map_err(|e| anyhow::anyhow!(unreachable(&format!("`{file}`"), &e)))?;
+        let path = repo.get(&file)?;
         if file == MODEL_INDEX {
-            snapshot = local.parent().map(Path::to_path_buf);
+            snapshot = path.parent().map(Path::to_path_buf);
         }
     }
     let snapshot = snapshot.with_context(|| {
@@ -198,6 +189,112 @@ fn open_from_hub(id: &str, cache: Cache, endpoint: Option<String>) -> Result<Mod
             snapshot.display()
         )
     })
+}
+
+/// A CLIP model's folder, for [`crate::models::clip::ClipModel::load`] and CLIP score: an
+/// existing local folder as it is, or a Hub id (`openai/clip-vit-large-patch14`) resolved to its
+/// cached snapshot, downloading the files it lacks.
+pub fn clip_model_folder(spec: &str) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    ensure!(
+        is_hub_id(spec),
+        "CLIP model `{spec}` is neither an existing folder nor a Hugging Face Hub id of the form owner/name"
+    );
+    clip_folder_from_hub(spec, Cache::from_env(), std::env::var(ENDPOINT_ENV).ok())
+}
+
+fn clip_folder_from_hub(id: &str, cache: Cache, endpoint: Option<String>) -> Result<PathBuf> {
+    // Which optional files a repository has is unknown offline; these change the features (the
+    // other two name the pad token and context length, which the config gives too).
+    let deciding = &CLIP_FILES[..5];
+    let cached = cache.model(id.to_owned());
+    let in_cache: Vec<PathBuf> = deciding.iter().filter_map(|f| cached.get(f)).collect();
+    if in_cache.len() == deciding.len() {
+        let snapshot = in_cache[0]
+            .parent()
+            .expect("a cached file is inside its snapshot folder");
+        return Ok(snapshot.to_path_buf());
+    }
+    let how_to_use_local =
+        "to use a local copy, pass the path of a folder with the repository's config.json, \
+         model.safetensors, preprocessor_config.json and tokenizer files instead of the Hub id";
+    let repo = HubRepo::open(id, cache, endpoint, how_to_use_local)?;
+    for required in CLIP_FILES[..2].iter() {
+        ensure!(
+            repo.files.iter().any(|f| f == required),
+            "Hub repository `{id}` has no {required}: not a CLIP model in safetensors"
+        );
+    }
+    let mut snapshot = None;
+    for file in CLIP_FILES
+        .iter()
+        .filter(|f| repo.files.iter().any(|l| l == *f))
+    {
+        let path = repo.get(file)?;
+        snapshot = path.parent().map(Path::to_path_buf);
+    }
+    Ok(snapshot.expect("config.json was downloaded"))
+}
+
+/// A Hub repository reached through the API, with its file list; errors say how to do without.
+struct HubRepo {
+    id: String,
+    api: hf_hub::api::sync::ApiRepo,
+    files: Vec<String>,
+    local_alternative: &'static str,
+}
+
+impl HubRepo {
+    fn open(
+        id: &str,
+        cache: Cache,
+        endpoint: Option<String>,
+        local_alternative: &'static str,
+    ) -> Result<Self> {
+        let offline = std::env::var(OFFLINE_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+        ensure!(!offline, "model `{id}` is not (completely) in the Hugging Face cache and {OFFLINE_ENV} is set (offline mode); \
+             {local_alternative}");
+        let mut builder = ApiBuilder::from_cache(cache);
+        if let Some(endpoint) = endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let unreachable = |e: &dyn std::fmt::Display| {
+            unreachable_error(id, "the file list", e, local_alternative)
+        };
+        let api = builder
+            .build()
+            .map_err(|e| unreachable(&e))?
+            .repo(Repo::model(id.to_owned()));
+        let info = api.info().map_err(|e| unreachable(&e))?;
+        Ok(Self {
+            id: id.to_owned(),
+            api,
+            files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
+            local_alternative,
+        })
+    }
+
+    /// Downloads `file` into the cache (unless there already) and returns its path there.
+    fn get(&self, file: &str) -> Result<PathBuf> {
+        self.api.get(file).map_err(|e| {
+            unreachable_error(&self.id, &format!("`{file}`"), &e, self.local_alternative)
+        })
+    }
+}
+
+fn unreachable_error(
+    id: &str,
+    what: &str,
+    e: &dyn std::fmt::Display,
+    local_alternative: &str,
+) -> anyhow::Error {
+    anyhow::anyhow!(
+        "cannot fetch {what} of `{id}` from the Hugging Face Hub: offline, unreachable, or no such (public) \
+         repository? ({e}); {local_alternative}"
+    )
 }
 
 /// The files of a listed repository that a `ModelFolder` reads: configs, tokenizer files and one
@@ -730,6 +827,53 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("pass the path of a diffusers folder"), "{err}");
+    }
+
+    #[test]
+    fn clip_model_folders_are_local_or_from_the_hub() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().to_str().unwrap();
+        assert_eq!(clip_model_folder(local).unwrap(), dir.path());
+        let err = format!("{:#}", clip_model_folder("no/such/folder").unwrap_err());
+        assert!(
+            err.contains("neither an existing folder nor a Hugging Face Hub id"),
+            "{err}"
+        );
+
+        let cache = tempfile::tempdir().unwrap();
+        let cache = Cache::new(cache.path().to_path_buf());
+        let err = format!(
+            "{:#}",
+            clip_folder_from_hub(
+                "openai/clip-vit-base-patch32",
+                cache,
+                Some("http://127.0.0.1:9".into())
+            )
+            .unwrap_err()
+        );
+        assert!(
+            err.contains("`openai/clip-vit-base-patch32`") && err.contains("offline"),
+            "{err}"
+        );
+        assert!(
+            err.contains("config.json, model.safetensors, preprocessor_config.json"),
+            "{err}"
+        );
+
+        // A cached snapshot with the files that decide the features is used as it is, offline.
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().to_path_buf());
+        cache
+            .model("someone/clip".to_owned())
+            .create_ref("abc123")
+            .unwrap();
+        let snapshot = dir.path().join("models--someone--clip/snapshots/abc123");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        for file in &CLIP_FILES[..5] {
+            std::fs::write(snapshot.join(file), "").unwrap();
+        }
+        let found = clip_folder_from_hub("someone/clip", cache, Some("http://127.0.0.1:9".into()));
+        assert_eq!(found.unwrap(), snapshot);
     }
 
     #[test]

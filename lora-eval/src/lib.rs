@@ -3,6 +3,7 @@
 //! with several adapters and scores them side by side.
 pub use lora_core;
 
+pub mod clip_score;
 pub mod features;
 pub mod frechet;
 pub mod images;

@@ -29,15 +29,20 @@ pub fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
         .unwrap_or_else(|| panic!("fixture key `{key}` missing"))
 }
 
-/// The values of `t` as f64, failing the test (at the caller's line) if any is NaN or infinite:
-/// a comparison must never pass because a value it compares is not a number. `what` names the
-/// tensor in the message.
+/// The values of `t` as f64, failing the test (at the caller's line) if there are none or any is
+/// NaN or infinite: a comparison must never pass because it compared nothing or a value that is
+/// not a number. `what` names the tensor in the message.
 #[track_caller]
 pub fn finite_values(t: &Tensor, what: &str) -> Vec<f64> {
     let values = t
         .to_dtype(DType::F64)
         .and_then(|t| t.flatten_all()?.to_vec1::<f64>())
         .unwrap_or_else(|e| panic!("{what}: cannot read the tensor: {e}"));
+    assert!(
+        !values.is_empty(),
+        "{what} {:?} is empty: nothing to compare",
+        t.dims()
+    );
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         panic!(
             "{what} {:?} holds a non-finite value ({}) at flat index {i}",
@@ -53,7 +58,7 @@ fn same_shape(a: &Tensor, b: &Tensor) {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
 }
 
-/// Largest absolute elementwise difference. Fails on a NaN or infinity in either tensor.
+/// Largest absolute elementwise difference. Fails on an empty tensor or a NaN or infinity in either.
 #[track_caller]
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     same_shape(a, b);
@@ -64,7 +69,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .fold(0.0, f64::max) as f32
 }
 
-/// Largest absolute value. Fails on a NaN or infinity.
+/// Largest absolute value. Fails on an empty tensor, a NaN or an infinity.
 #[track_caller]
 pub fn max_abs(a: &Tensor) -> f32 {
     finite_values(a, "tensor")
@@ -73,7 +78,7 @@ pub fn max_abs(a: &Tensor) -> f32 {
         .fold(0.0, f64::max) as f32
 }
 
-/// ‖a − b‖ / ‖b‖ (Frobenius). Fails on a NaN or infinity in either tensor.
+/// ‖a − b‖ / ‖b‖ (Frobenius). Fails on an empty tensor or a NaN or infinity in either.
 #[track_caller]
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     same_shape(a, b);

@@ -15,7 +15,6 @@ Usage: python tests/reference/make_fixtures.py [--out tests/fixtures]
 
 import argparse
 import copy
-import glob
 import json
 import logging
 import os
@@ -47,6 +46,8 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel  # n
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from clip_bpe import read_merges, write_vocabulary  # noqa: E402
 
 SEED = 20240601
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -99,64 +100,9 @@ def log(*a):
 # ----------------------------------------------------------------------------
 
 
-def bytes_to_unicode():
-    """Exactly as in openai/CLIP clip/simple_tokenizer.py."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(2**8):
-        if b not in bs:
-            bs.append(b)
-            cs.append(2**8 + n)
-            n += 1
-    cs = [chr(n) for n in cs]
-    return dict(zip(bs, cs))
-
-
-def find_bpe_file():
-    env = os.environ.get("CLIP_BPE_FILE")
-    if env:
-        return Path(env)
-    home = Path(os.environ.get("CARGO_HOME", Path.home() / ".cargo"))
-    hits = sorted(glob.glob(str(home / "registry/src/*/instant-clip-tokenizer-*/bpe_simple_vocab_16e6.txt")))
-    if not hits:
-        sys.exit(
-            "bpe_simple_vocab_16e6.txt not found. Run `cargo fetch` in the workspace (instant-clip-tokenizer "
-            "ships it) or set CLIP_BPE_FILE=/path/to/bpe_simple_vocab_16e6.txt[.gz]"
-        )
-    return Path(hits[-1])
-
-
 def build_tokenizer(tmp_dir: Path) -> CLIPTokenizer:
-    bpe_path = find_bpe_file()
-    if bpe_path.suffix == ".gz":
-        import gzip
-
-        text = gzip.open(bpe_path).read().decode("utf-8")
-    else:
-        text = bpe_path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    header = lines[0]
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(m.split()) for m in merges]
-    assert len(merges) == 48894 and all(len(m) == 2 for m in merges)
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab]
-    for m in merges:
-        vocab.append("".join(m))
-    vocab.extend(["<|startoftext|>", "<|endoftext|>"])
-    assert len(vocab) == 49408
-    encoder = {v: i for i, v in enumerate(vocab)}
-    assert len(encoder) == 49408
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    vocab_file = tmp_dir / "vocab.json"
-    merges_file = tmp_dir / "merges.txt"
-    vocab_file.write_text(json.dumps(encoder, ensure_ascii=False), encoding="utf-8")
-    # HF writes the "#version: 0.2" header line then one merge per line.
-    # The file shipped in the crate (like OpenAI's gz) has the odd first line
-    # '"bpe_simple_vocab_16e6.txt#version: 0.2'; SimpleTokenizer skips line 0.
-    assert "#version" in header, header
-    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    size = write_vocabulary(tmp_dir, read_merges())
+    assert size == 49408
     # transformers>=5 ignores CLIPTokenizer(vocab_file=..., merges_file=...) kwargs (its __init__ takes
     # `vocab`/`merges` objects); loading the folder goes through the regular vocab.json+merges.txt path.
     tok = CLIPTokenizer.from_pretrained(

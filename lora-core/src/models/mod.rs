@@ -1,7 +1,9 @@
 //! The Stable Diffusion models, written by us and differentiable end to end where we train
-//! through them: the UNet, the CLIP text encoder, the VAE, the tokenizer and their config files.
-//! Where a model's files come from (folder, Hub id, single file) is `crate::source`.
+//! through them: the UNet, the CLIP text encoder, the VAE, the tokenizer and their config files;
+//! and a whole CLIP model (both towers, for CLIP score). Where a model's files come from (folder,
+//! Hub id, single file) is `crate::source`.
 
+pub mod clip;
 pub mod config;
 pub mod text_encoder;
 pub mod tokenizer;

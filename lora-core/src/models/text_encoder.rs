@@ -1,10 +1,11 @@
 //! The CLIP text encoder (transformers' `CLIPTextModel`): prompt ids → the per-token hidden
 //! states the UNet cross-attends to (`last_hidden_state`, after the final layer norm).
 //!
-//! Our own module rather than candle-transformers': `models::clip::text_model` always uses
+//! Our own module rather than candle-transformers': its `models::clip::text_model` always uses
 //! quick-GELU for text (SD 2.x needs exact GELU) and fixes the layer-norm epsilon, and
 //! `stable_diffusion::clip::Config` has private fields, so only its SD presets can be built (no
-//! custom or test configs), and its `Gelu` is the tanh approximation.
+//! custom or test configs), and its `Gelu` is the tanh approximation. The encoder layers are
+//! [`crate::models::clip`]'s, shared with the vision tower; `ClipModel` uses this as its text tower.
 //!
 //! Inference only: adapters are folded into the weights at load (`deltas`), and the attention
 //! softmax and layer norms use candle's fused kernels, which record no gradient.
@@ -14,11 +15,12 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 use crate::adapters::{ModuleInfo, ModuleKind};
 use crate::io::weights;
-use crate::models::config::{ClipActivation, ClipTextConfig};
+use crate::models::clip::encoder::ClipEncoder;
+use crate::models::config::ClipTextConfig;
 
 /// The component prefix of real checkpoints; transformers ≥ 5 saves `CLIPTextModel` without it.
 const PREFIX: &str = "text_model.";
@@ -29,7 +31,7 @@ pub struct TextEncoder {
     token_embedding: Embedding,
     /// `[max_position_embeddings, hidden]`; positions are implicit (0..seq_len).
     position_embedding: Tensor,
-    layers: Vec<EncoderLayer>,
+    encoder: ClipEncoder,
     final_layer_norm: LayerNorm,
     config: ClipTextConfig,
 }
@@ -99,14 +101,12 @@ impl TextEncoder {
             (config.max_position_embeddings, hidden),
             "position_embedding.weight",
         )?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), config))
-            .collect::<Result<_>>()?;
+        let encoder = ClipEncoder::new(vb.pp("encoder"), config.into())?;
         let final_layer_norm = candle_nn::layer_norm(hidden, eps, vb.pp("final_layer_norm"))?;
         Ok(Self {
             token_embedding,
             position_embedding,
-            layers,
+            encoder,
             final_layer_norm,
             config: config.clone(),
         })
@@ -125,14 +125,12 @@ impl TextEncoder {
             self.config.max_position_embeddings
         );
         let positions = self.position_embedding.narrow(0, 0, seq)?;
-        let mut xs = self
+        let xs = self
             .token_embedding
             .forward(ids)?
             .broadcast_add(&positions)?;
         let mask = causal_mask(seq, ids.device())?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
-        }
+        let xs = self.encoder.forward(&xs, Some(&mask))?;
         Ok(self.final_layer_norm.forward(&xs)?)
     }
 
@@ -171,89 +169,6 @@ fn causal_mask(seq: usize, device: &Device) -> Result<Tensor> {
         .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Ok(Tensor::from_vec(values, (seq, seq), device)?)
-}
-
-/// Pre-norm transformer layer: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
-struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    self_attn: SelfAttention,
-    layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    activation: ClipActivation,
-}
-
-impl EncoderLayer {
-    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
-        let (hidden, inner) = (c.hidden_size, c.intermediate_size);
-        Ok(Self {
-            layer_norm1: candle_nn::layer_norm(hidden, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-            self_attn: SelfAttention::new(vb.pp("self_attn"), c)?,
-            layer_norm2: candle_nn::layer_norm(hidden, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(hidden, inner, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(inner, hidden, vb.pp("mlp.fc2"))?,
-            activation: c.hidden_act,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let xs = (xs
-            + self
-                .self_attn
-                .forward(&self.layer_norm1.forward(xs)?, mask)?)?;
-        let hidden = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
-        let hidden = match self.activation {
-            ClipActivation::QuickGelu => (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?,
-            ClipActivation::Gelu => hidden.gelu_erf()?,
-        };
-        Ok((xs + self.fc2.forward(&hidden)?)?)
-    }
-}
-
-struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    heads: usize,
-    head_dim: usize,
-}
-
-impl SelfAttention {
-    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
-        let h = c.hidden_size;
-        Ok(Self {
-            q_proj: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, vb.pp("out_proj"))?,
-            heads: c.num_attention_heads,
-            head_dim: c.head_dim(),
-        })
-    }
-
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (batch, seq, hidden) = xs.dims3()?;
-        // [batch, seq, hidden] → [batch, heads, seq, head_dim], in f32 so half-precision weights do
-        // not lose the softmax.
-        let split_heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((batch, seq, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .to_dtype(DType::F32)?)
-        };
-        let q = split_heads(self.q_proj.forward(xs)?)?;
-        let k = split_heads(self.k_proj.forward(xs)?)?;
-        let v = split_heads(self.v_proj.forward(xs)?)?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .to_dtype(xs.dtype())?
-            .transpose(1, 2)?
-            .reshape((batch, seq, hidden))?;
-        Ok(self.out_proj.forward(&out)?)
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ mod scheduler;
 mod unet;
 mod vae;
 
-pub use clip::{ClipActivation, ClipTextConfig};
+pub use clip::{ClipActivation, ClipModelConfig, ClipTextConfig, ClipVisionConfig};
 pub use scheduler::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 pub use unet::*;
 pub use vae::VaeConfig;
