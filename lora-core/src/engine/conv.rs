@@ -286,16 +286,44 @@ pub fn frozen_conv2d(
     stride: usize,
     adjoint: Option<&AdjointKernel>,
 ) -> candle_core::Result<Tensor> {
+    conv2d_node(x, weight, bias, padding, stride, adjoint, false)
+}
+
+/// [`frozen_conv2d`], followed by a ReLU when `relu`. On the CPU in f32 both are one op: the
+/// kernel clamps each sample's output as it finishes it, and its backward masks the output
+/// gradient; a separate ReLU would be one more pass over the output and one more tensor.
+fn conv2d_node(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: (usize, usize),
+    stride: usize,
+    adjoint: Option<&AdjointKernel>,
+    relu: bool,
+) -> candle_core::Result<Tensor> {
+    let activated = |y: Tensor| if relu { y.relu() } else { Ok(y) };
     if cpu::conv::applies(x, weight) {
         // One op computing in place of candle's graph, with the input gradient (and the kernel
         // gradient for a trained kernel) as its backward.
         return match bias {
-            Some(b) if b.track_op() => {
-                cpu::conv::conv2d_op(x, weight, None, padding, stride)?.broadcast_add(b)
-            }
-            _ => cpu::conv::conv2d_op(x, weight, bias, padding, stride),
+            Some(b) if b.track_op() => activated(
+                cpu::conv::conv2d_op(x, weight, None, padding, stride, false)?.broadcast_add(b)?,
+            ),
+            _ => cpu::conv::conv2d_op(x, weight, bias, padding, stride, relu),
         };
     }
+    activated(conv2d_off_cpu(x, weight, bias, padding, stride, adjoint)?)
+}
+
+/// The convolution where the CPU kernel does not apply (CUDA, half precision, f64).
+fn conv2d_off_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: (usize, usize),
+    stride: usize,
+    adjoint: Option<&AdjointKernel>,
+) -> candle_core::Result<Tensor> {
     let forward = |x: &Tensor| {
         let y = match stride {
             1 => conv2d_stride1(x, weight, padding)?,
@@ -398,15 +426,27 @@ impl InputGradient for Conv2dLayer {
     }
 }
 
-impl Module for Conv2dLayer {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        frozen_conv2d(
+impl Conv2dLayer {
+    /// `relu(conv(x) + bias)` as one node where the CPU kernel runs (see [`conv2d_node`]).
+    pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.node(x, true)
+    }
+
+    fn node(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
+        conv2d_node(
             x,
             &self.weight,
             Some(&self.bias),
             self.padding,
             self.stride,
             Some(&self.adjoint),
+            relu,
         )
+    }
+}
+
+impl Module for Conv2dLayer {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.node(x, false)
     }
 }

@@ -168,6 +168,36 @@ fn frozen_conv_gives_input_gradient_only() {
     }
 }
 
+/// A conv layer's fused ReLU gives the values and input gradient of `relu(conv(x) + b)` composed
+/// from candle's ops, on both paths, for square, rectangular, strided and 1×1 kernels.
+#[test]
+fn conv_relu_matches_composed_ops() {
+    for dtype in PATHS {
+        let mut rng = Rng::new(9);
+        for (kernel, padding, stride) in [
+            ((3, 3), (1, 1), 1),
+            ((1, 7), (0, 3), 1),
+            ((3, 3), (0, 0), 2),
+            ((1, 1), (0, 0), 1),
+        ] {
+            let w = normal(&[4, 3, kernel.0, kernel.1], dtype, &mut rng);
+            let b = normal(&[4], dtype, &mut rng);
+            let layer = Conv2dLayer::new(w.clone(), b.clone(), stride, padding).unwrap();
+            let plain = |x: &Tensor| {
+                padded_conv(x, &w, padding, stride)
+                    .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
+                    .unwrap()
+                    .relu()
+                    .unwrap()
+            };
+            let x = normal(&[2, 3, 7, 9], dtype, &mut rng);
+            let ours = layer.forward_relu(&x).unwrap();
+            assert!(max_diff(&ours, &plain(&x)) < 1e-5, "{kernel:?} {dtype:?}");
+            check(|x| layer.forward_relu(x).unwrap(), plain, x, &w);
+        }
+    }
+}
+
 #[test]
 fn frozen_ops_record_nothing_without_gradients() {
     let mut rng = Rng::new(2);

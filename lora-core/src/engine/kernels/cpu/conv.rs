@@ -198,12 +198,14 @@ fn bands(g: &ConvGeometry) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// `y = conv(x, kernel) + bias`: `x` `[B, C, H, W]`, `kernel` `[O, C, kh, kw]`, `bias` `[O]`,
-/// all contiguous; returns `[B, O, Ho, Wo]`.
+/// all contiguous; returns `[B, O, Ho, Wo]`, through a ReLU when `relu` (applied per sample while
+/// its output is still in cache).
 pub(crate) fn conv2d(
     g: &ConvGeometry,
     x: &[f32],
     kernel: &[f32],
     bias: Option<&[f32]>,
+    relu: bool,
 ) -> Vec<f32> {
     let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
     let mut y = vec![0.0f32; g.batch * g.c_out * plane];
@@ -228,23 +230,29 @@ pub(crate) fn conv2d(
                 Mat::rows(xs, plane),
                 Threads::All,
             );
-            continue;
+        } else {
+            for (oy, rows) in bands(g) {
+                with_scratch(taps * rows * wo, |col| {
+                    im2col(g, xs, oy, rows, col);
+                    let dims = (g.c_out, rows * wo, taps);
+                    let rhs = Mat::rows(col, rows * wo);
+                    matmul(
+                        &mut ys[oy * wo..],
+                        plane,
+                        bias.is_some(),
+                        dims,
+                        weights,
+                        rhs,
+                        Threads::All,
+                    );
+                });
+            }
         }
-        for (oy, rows) in bands(g) {
-            with_scratch(taps * rows * wo, |col| {
-                im2col(g, xs, oy, rows, col);
-                let dims = (g.c_out, rows * wo, taps);
-                let rhs = Mat::rows(col, rows * wo);
-                matmul(
-                    &mut ys[oy * wo..],
-                    plane,
-                    bias.is_some(),
-                    dims,
-                    weights,
-                    rhs,
-                    Threads::All,
-                );
-            });
+        if relu {
+            // `v < 0` is false for NaN, which passes through as in PyTorch's ReLU.
+            for v in ys.iter_mut() {
+                *v = if *v < 0.0 { 0.0 } else { *v };
+            }
         }
     }
     y
@@ -319,8 +327,8 @@ pub(crate) fn applies(x: &Tensor, kernel: &Tensor) -> bool {
 /// Which of the three results an op computes from its two operands.
 #[derive(Debug, Clone, Copy)]
 enum Pass {
-    /// `(x, kernel) → y`
-    Forward,
+    /// `(x, kernel) → y`, through a ReLU when `relu`
+    Forward { relu: bool },
     /// `(dy, kernel) → dx`
     InputGrad,
     /// `(x, dy) → dkernel`
@@ -353,8 +361,8 @@ impl CustomOp2 for ConvPass {
             f32_slice(b, b_layout, "conv2d: second operand")?,
         );
         let (values, shape): (_, Shape) = match self.pass {
-            Pass::Forward => (
-                conv2d(g, a, b, self.bias.as_deref()),
+            Pass::Forward { relu } => (
+                conv2d(g, a, b, self.bias.as_deref(), relu),
                 (g.batch, g.c_out, g.out_h(), g.out_w()).into(),
             ),
             Pass::InputGrad => (
@@ -371,18 +379,27 @@ impl CustomOp2 for ConvPass {
 
     /// The forward pass's gradients: for the input and the kernel, each where a gradient flows
     /// to it (candle would keep one for an untracked operand until the backward pass ends).
+    /// After a ReLU, only where the output is positive.
     fn bwd(
         &self,
         x: &Tensor,
         kernel: &Tensor,
-        _: &Tensor,
+        y: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !matches!(self.pass, Pass::Forward) {
+        let Pass::Forward { relu } = self.pass else {
             return Err(candle_core::Error::Msg(
                 "conv2d: gradient passes have no backward".into(),
             ));
-        }
+        };
+        let masked;
+        let grad_out = match relu {
+            true => {
+                masked = (grad_out * y.gt(0.0)?.to_dtype(grad_out.dtype())?)?;
+                &masked
+            }
+            false => grad_out,
+        };
         let conv = (self.geometry.padding, self.geometry.stride);
         let dx = grad_if_tracked(x, || input_grad(x, kernel, grad_out, conv.0, conv.1))?;
         let dk = grad_if_tracked(kernel, || {
@@ -409,7 +426,7 @@ fn run(
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     match pass {
         // Recorded (when an operand is tracked), with the backward above.
-        Pass::Forward => a.apply_op2(&b, op),
+        Pass::Forward { .. } => a.apply_op2(&b, op),
         Pass::InputGrad | Pass::KernelGrad => a.apply_op2_no_bwd(&b, &op),
     }
 }
@@ -432,21 +449,22 @@ pub(crate) fn input_grad(
     )
 }
 
-/// `conv(x, kernel) + bias` on the CPU (see [`applies`]) as one op whose backward gives the
-/// input gradient, and the kernel gradient when the kernel is trained. `bias` is frozen (a
-/// trained bias is added by the caller); `padding` is `(rows, columns)`.
+/// `conv(x, kernel) + bias` on the CPU (see [`applies`]), then a ReLU when `relu`, as one op
+/// whose backward gives the input gradient, and the kernel gradient when the kernel is trained.
+/// `bias` is frozen (a trained bias is added by the caller); `padding` is `(rows, columns)`.
 pub(crate) fn conv2d_op(
     x: &Tensor,
     kernel: &Tensor,
     bias: Option<&Tensor>,
     padding: (usize, usize),
     stride: usize,
+    relu: bool,
 ) -> Result<Tensor> {
     let bias = bias
         .map(|b| b.flatten_all()?.to_vec1::<f32>())
         .transpose()?;
     let conv = (x, kernel);
-    run(Pass::Forward, conv, conv, (padding, stride), bias)
+    run(Pass::Forward { relu }, conv, conv, (padding, stride), bias)
 }
 
 #[cfg(test)]
@@ -492,7 +510,7 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&b.reshape((1, kernel.0, 1, 1)).unwrap())
                 .unwrap();
-            let ours = conv2d_op(&x, &w, Some(&b), padding, stride).unwrap();
+            let ours = conv2d_op(&x, &w, Some(&b), padding, stride, false).unwrap();
             assert_eq!(ours.dims(), reference.dims());
             let what = format!("{input:?} * {kernel:?} pad {padding:?} stride {stride}");
             assert!(max_rel_diff(&ours, &reference) < 1e-5, "forward {what}");
@@ -518,7 +536,7 @@ mod tests {
         let x = rng.normal_tensor((1, 16, 600, 520), &dev).unwrap();
         let w = rng.normal_tensor((2, 16, 3, 3), &dev).unwrap();
         let reference = x.conv2d(&w, 1, 1, 1, 1).unwrap();
-        let ours = conv2d_op(&x, &w, None, (1, 1), 1).unwrap();
+        let ours = conv2d_op(&x, &w, None, (1, 1), 1, false).unwrap();
         assert!(max_rel_diff(&ours, &reference) < 1e-5);
     }
 
