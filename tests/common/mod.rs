@@ -1,6 +1,8 @@
 //! Shared helpers for the workspace integration tests: fixture paths and tensor comparisons.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod inception_weights;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -102,4 +104,16 @@ pub fn assert_scalar_close(ours: f64, reference: f64, rel: f64, what: &str) {
         "{what}: ours {ours}, reference {reference}: relative difference {} > {rel}",
         diff / reference.abs()
     );
+}
+
+/// [`max_abs_diff`] relative to the reference's largest magnitude: `max |a − b| / max |b|`.
+/// Fails on a NaN or infinity in either tensor, and on empty tensors (nothing was compared).
+#[track_caller]
+pub fn max_rel_diff(ours: &Tensor, reference: &Tensor) -> f32 {
+    assert!(
+        reference.elem_count() > 0,
+        "comparing empty tensors {:?}",
+        reference.dims()
+    );
+    max_abs_diff(ours, reference) / max_abs(reference).max(f32::MIN_POSITIVE)
 }

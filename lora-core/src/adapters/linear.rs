@@ -374,7 +374,14 @@ impl LoraLinear {
                     .as_ref()
                     .map(|b| b.reshape((1, (), 1, 1)))
                     .transpose()?;
-                frozen_conv2d(x, &self.weight, bias.as_ref(), 0, 1, Some(&self.adjoint))?
+                frozen_conv2d(
+                    x,
+                    &self.weight,
+                    bias.as_ref(),
+                    (0, 0),
+                    1,
+                    Some(&self.adjoint),
+                )?
             }
             ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
         };

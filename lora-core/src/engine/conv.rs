@@ -1,7 +1,8 @@
 //! The frozen 2-D convolution and the ways it runs: our CPU kernel in f32; elsewhere 1×1 convs
-//! as one batched product, stride-1 k×k convs as one product over shifted views, and input
+//! as one batched product, stride-1 kh×kw convs as one product over shifted views, and input
 //! gradients as the stride-1 adjoint convolution. A trained kernel (full fine-tune) also gets its
-//! gradient, by im2col and one product.
+//! gradient, by im2col and one product. Paddings are `(rows, columns)`, each applied on both
+//! sides of its axis (rectangular kernels such as 1×7 pad only one axis).
 
 use std::sync::{Arc, OnceLock};
 
@@ -20,7 +21,7 @@ use super::tensor_ops::{add_bias, contiguous, shared_matmul};
 
 pub(crate) struct ConvInputGrad {
     weight: Tensor,
-    padding: usize,
+    padding: (usize, usize),
     stride: usize,
     /// Where a frozen layer keeps its adjoint kernel between steps (see [`AdjointKernel`]).
     adjoint: Option<AdjointKernel>,
@@ -81,18 +82,19 @@ impl InputGradient for ConvInputGrad {
         // conv_transpose2d is a slow direct loop on the CPU and a slow direct kernel on CUDA.
         let flipped = self.adjoint_kernel()?;
         let (_, _, kh, kw) = self.weight.dims4()?;
-        if self.stride == 1 && kh == kw {
-            return conv2d_stride1(grad_out, &flipped, kh - 1 - self.padding);
+        let (ph, pw) = self.padding;
+        if self.stride == 1 {
+            return conv2d_stride1(grad_out, &flipped, (kh - 1 - ph, kw - 1 - pw));
         }
         let mut spread = grad_out.clone();
-        for (axis, k) in [(2, kh), (3, kw)] {
+        for (axis, k, p) in [(2, kh, ph), (3, kw, pw)] {
             spread = dilated(&spread, axis, self.stride)?;
             // Input rows a strided convolution never reached get zero gradient: padding after.
-            let covered = spread.dim(axis)? + k - 1 - 2 * self.padding;
-            let before = k - 1 - self.padding;
+            let covered = spread.dim(axis)? + k - 1 - 2 * p;
+            let before = k - 1 - p;
             spread = spread.pad_with_zeros(axis, before, before + input.dim(axis)? - covered)?;
         }
-        conv2d_stride1(&spread, &flipped, 0)
+        conv2d_stride1(&spread, &flipped, (0, 0))
     }
 }
 
@@ -111,35 +113,39 @@ fn dilated(x: &Tensor, axis: usize, stride: usize) -> candle_core::Result<Tensor
         .narrow(axis, 0, (n - 1) * stride + 1)
 }
 
-/// A stride-1 convolution off the CPU kernel: 1×1 as a product ([`pointwise_conv`]), k×k as a
+/// A stride-1 convolution off the CPU kernel: 1×1 as a product ([`pointwise_conv`]), kh×kw as a
 /// product over shifted views ([`shifted_conv`]); neither calls candle's conv2d.
-fn conv2d_stride1(x: &Tensor, weight: &Tensor, padding: usize) -> candle_core::Result<Tensor> {
+fn conv2d_stride1(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: (usize, usize),
+) -> candle_core::Result<Tensor> {
     match pointwise(weight, padding, 1)? {
         true => pointwise_conv(x, &weight.flatten_from(1)?),
         false => shifted_conv(x, weight, padding),
     }
 }
 
-/// A stride-1 k×k convolution as one batched product `W·cols`, where the columns are k² shifted
-/// views of the padded input with its rows laid end to end: in that flat layout, kernel tap
-/// (i, j) reads the input at a fixed offset i·Wp + j, so each tap is one contiguous run per
+/// A stride-1 kh×kw convolution as one batched product `W·cols`, where the columns are kh·kw
+/// shifted views of the padded input with its rows laid end to end: in that flat layout, kernel
+/// tap (i, j) reads the input at a fixed offset i·Wp + j, so each tap is one contiguous run per
 /// channel, copied with candle's 2-D copy. The product covers each output row at the padded
-/// width Wp (the k−1 extra columns are dropped after). candle's conv2d gathers the same
+/// width Wp (the kw−1 extra columns are dropped after). candle's conv2d gathers the same
 /// columns with its im2col kernel, which computes six divisions per element and on a GPU costs
 /// more than the products themselves.
 pub(crate) fn shifted_conv(
     x: &Tensor,
     weight: &Tensor,
-    padding: usize,
+    (ph, pw): (usize, usize),
 ) -> candle_core::Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (o, _, kh, kw) = weight.dims4()?;
-    let (hp, wp) = (h + 2 * padding, w + 2 * padding);
+    let (hp, wp) = (h + 2 * ph, w + 2 * pw);
     let (ho, wo) = (hp + 1 - kh, wp + 1 - kw);
     // One extra row of zeros at the bottom: the last taps read up to kw−1 elements past Hp·Wp.
     let flat = x
-        .pad_with_zeros(2, padding, padding + 1)?
-        .pad_with_zeros(3, padding, padding)?
+        .pad_with_zeros(2, ph, ph + 1)?
+        .pad_with_zeros(3, pw, pw)?
         .reshape((b * c, (hp + 1) * wp))?;
     let len = ho * wp;
     let taps = (0..kh)
@@ -156,9 +162,24 @@ pub(crate) fn shifted_conv(
 }
 
 /// Whether a convolution is a per-pixel product: a 1×1 kernel, stride 1, no padding.
-fn pointwise(weight: &Tensor, padding: usize, stride: usize) -> candle_core::Result<bool> {
+fn pointwise(weight: &Tensor, padding: (usize, usize), stride: usize) -> candle_core::Result<bool> {
     let (_, _, kh, kw) = weight.dims4()?;
-    Ok((kh, kw, padding, stride) == (1, 1, 0, 1))
+    Ok((kh, kw, padding, stride) == (1, 1, (0, 0), 1))
+}
+
+/// candle's convolution, which pads both axes alike: a rectangular padding is applied first.
+fn candle_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    (ph, pw): (usize, usize),
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    if ph == pw {
+        return x.conv2d(weight, ph, stride, 1, 1);
+    }
+    x.pad_with_zeros(2, ph, ph)?
+        .pad_with_zeros(3, pw, pw)?
+        .conv2d(weight, 0, stride, 1, 1)
 }
 
 /// A 1×1 convolution of `x` `[B, C, H, W]` by the matrix `m` `[O, C]`, as one batched product
@@ -189,7 +210,7 @@ fn strided(
     x.reshape(dims)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
 }
 
-/// The kernel gradient `[O, C, k, k]` of a convolution: for each kernel tap, the output gradient
+/// The kernel gradient `[O, C, kh, kw]` of a convolution: for each kernel tap, the output gradient
 /// against the input window it saw, as one explicit im2col and one batched matmul. candle's own
 /// backward computes it as a convolution whose kernel is the whole output map, which on CPU is
 /// orders of magnitude slower (minutes per step even for a tiny UNet).
@@ -197,15 +218,13 @@ pub(crate) fn conv_kernel_grad(
     x: &Tensor,
     grad_out: &Tensor,
     kernel: (usize, usize),
-    padding: usize,
+    (ph, pw): (usize, usize),
     stride: usize,
 ) -> candle_core::Result<Tensor> {
     let (b, c, _, _) = x.dims4()?;
     let (_, o, ho, wo) = grad_out.dims4()?;
     let (kh, kw) = kernel;
-    let x = x
-        .pad_with_zeros(2, padding, padding)?
-        .pad_with_zeros(3, padding, padding)?;
+    let x = x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
     let mut taps = Vec::with_capacity(kh * kw);
     for i in 0..kh {
         let rows = strided(&x, 2, i, ho, stride)?;
@@ -222,7 +241,7 @@ pub(crate) fn conv_kernel_grad(
 /// `(x, kernel) → output`: a convolution computed outside the graph, re-attached with the
 /// gradients of both its input and its (trained) kernel.
 struct TrainedConv {
-    padding: usize,
+    padding: (usize, usize),
     stride: usize,
     output: ComputedOutput,
 }
@@ -257,36 +276,64 @@ impl CustomOp2 for TrainedConv {
 }
 
 /// 2-D convolution with a frozen kernel and an optional `[1, out, 1, 1]` bias: no kernel
-/// gradient is ever computed. `adjoint`: where the layer keeps its adjoint kernel between
-/// steps (`None` rebuilds it every backward pass).
+/// gradient is ever computed. `padding`: `(rows, columns)`. `adjoint`: where the layer keeps its
+/// adjoint kernel between steps (`None` rebuilds it every backward pass).
 pub fn frozen_conv2d(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
-    padding: usize,
+    padding: (usize, usize),
     stride: usize,
     adjoint: Option<&AdjointKernel>,
 ) -> candle_core::Result<Tensor> {
+    conv2d_node(x, weight, bias, padding, stride, adjoint, false)
+}
+
+/// [`frozen_conv2d`], followed by a ReLU when `relu`. On the CPU in f32 both are one op: the
+/// kernel clamps each sample's output as it finishes it, and its backward masks the output
+/// gradient; a separate ReLU would be one more pass over the output and one more tensor.
+fn conv2d_node(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: (usize, usize),
+    stride: usize,
+    adjoint: Option<&AdjointKernel>,
+    relu: bool,
+) -> candle_core::Result<Tensor> {
+    let activated = |y: Tensor| if relu { y.relu() } else { Ok(y) };
     if cpu::conv::applies(x, weight) {
         // One op computing in place of candle's graph, with the input gradient (and the kernel
         // gradient for a trained kernel) as its backward.
         return match bias {
-            Some(b) if b.track_op() => {
-                cpu::conv::conv2d_op(x, weight, None, padding, stride)?.broadcast_add(b)
-            }
-            _ => cpu::conv::conv2d_op(x, weight, bias, padding, stride),
+            Some(b) if b.track_op() => activated(
+                cpu::conv::conv2d_op(x, weight, None, padding, stride, false)?.broadcast_add(b)?,
+            ),
+            _ => cpu::conv::conv2d_op(x, weight, bias, padding, stride, relu),
         };
     }
+    activated(conv2d_off_cpu(x, weight, bias, padding, stride, adjoint)?)
+}
+
+/// The convolution where the CPU kernel does not apply (CUDA, half precision, f64).
+fn conv2d_off_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: (usize, usize),
+    stride: usize,
+    adjoint: Option<&AdjointKernel>,
+) -> candle_core::Result<Tensor> {
     let forward = |x: &Tensor| {
         let y = match stride {
             1 => conv2d_stride1(x, weight, padding)?,
-            _ => x.conv2d(weight, padding, stride, 1, 1)?,
+            _ => candle_conv2d(x, weight, padding, stride)?,
         };
         add_bias(y, bias)
     };
     if weight.track_op() {
         // A trained kernel (full fine-tune): both gradients, by `TrainedConv`.
-        let output = x.detach().conv2d(&weight.detach(), padding, stride, 1, 1)?;
+        let output = candle_conv2d(&x.detach(), &weight.detach(), padding, stride)?;
         let y = x.apply_op2(
             weight,
             TrainedConv {
@@ -312,11 +359,13 @@ pub struct Conv2dLayer {
     pub(super) weight: Tensor,
     pub(super) bias: Tensor,
     pub(super) stride: usize,
-    pub(super) padding: usize,
+    pub(super) padding: (usize, usize),
     pub(super) adjoint: AdjointKernel,
 }
 
 impl Conv2dLayer {
+    /// A square `kernel`×`kernel` convolution read from `weight` and `bias`, padded alike on
+    /// both axes.
     pub fn load(
         vb: &VarBuilder,
         in_ch: usize,
@@ -326,10 +375,28 @@ impl Conv2dLayer {
         padding: usize,
     ) -> Result<Self> {
         let weight = vb.get((out_ch, in_ch, kernel, kernel), "weight")?;
-        let bias = vb.get(out_ch, "bias")?.reshape((1, out_ch, 1, 1))?;
+        let bias = vb.get(out_ch, "bias")?;
+        Self::new(weight, bias, stride, (padding, padding))
+    }
+
+    /// A convolution from its kernel `[O, C, kh, kw]` and bias `[O]`, for weights a model
+    /// computes itself (e.g. a batch norm folded into the conv before it).
+    pub fn new(
+        weight: Tensor,
+        bias: Tensor,
+        stride: usize,
+        padding: (usize, usize),
+    ) -> Result<Self> {
+        let (out_ch, ..) = weight.dims4()?;
+        anyhow::ensure!(
+            bias.dims() == [out_ch],
+            "conv bias has shape {:?}, the kernel {:?} needs [{out_ch}]",
+            bias.dims(),
+            weight.dims()
+        );
         Ok(Self {
             weight,
-            bias,
+            bias: bias.reshape((1, out_ch, 1, 1))?,
             stride,
             padding,
             adjoint: AdjointKernel::default(),
@@ -359,15 +426,27 @@ impl InputGradient for Conv2dLayer {
     }
 }
 
-impl Module for Conv2dLayer {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        frozen_conv2d(
+impl Conv2dLayer {
+    /// `relu(conv(x) + bias)` as one node where the CPU kernel runs (see [`conv2d_node`]).
+    pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.node(x, true)
+    }
+
+    fn node(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
+        conv2d_node(
             x,
             &self.weight,
             Some(&self.bias),
             self.padding,
             self.stride,
             Some(&self.adjoint),
+            relu,
         )
+    }
+}
+
+impl Module for Conv2dLayer {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.node(x, false)
     }
 }

@@ -1,10 +1,12 @@
 //! The Stable Diffusion models, written by us and differentiable end to end where we train
 //! through them: the UNet, the CLIP text encoder, the VAE, the tokenizer and their config files;
-//! and a whole CLIP model (both towers, for CLIP score). Where a model's files come from (folder,
-//! Hub id, single file) is `crate::source`.
+//! a whole CLIP model (both towers, for CLIP score); and the evaluation metrics' feature network
+//! (FID's Inception-v3), inference only. Where a model's files come from (folder, Hub id, single
+//! file) is `crate::source`.
 
 pub mod clip;
 pub mod config;
+pub mod inception;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;

@@ -19,8 +19,8 @@ use crate::engine::autograd::grad_if_tracked;
 /// Most f32 values an im2col band may hold (16 MiB); a band is at least one output row.
 const MAX_BAND_VALUES: usize = 1 << 22;
 
-/// The shape of one convolution: input `[B, C, H, W]`, kernel `[O, C, kh, kw]`, symmetric zero
-/// padding, equal strides, no dilation or groups.
+/// The shape of one convolution: input `[B, C, H, W]`, kernel `[O, C, kh, kw]`, zero padding
+/// `(ph, pw)` on both sides of the rows and columns, equal strides, no dilation or groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ConvGeometry {
     pub batch: usize,
@@ -30,7 +30,7 @@ pub(crate) struct ConvGeometry {
     pub c_out: usize,
     pub kh: usize,
     pub kw: usize,
-    pub padding: usize,
+    pub padding: (usize, usize),
     pub stride: usize,
 }
 
@@ -38,14 +38,15 @@ impl ConvGeometry {
     pub fn new(
         input: (usize, usize, usize, usize),
         kernel: (usize, usize, usize, usize),
-        padding: usize,
+        padding: (usize, usize),
         stride: usize,
     ) -> Result<Self> {
         let (batch, c_in, h, w) = input;
         let (c_out, k_c, kh, kw) = kernel;
-        if k_c != c_in || stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+        let (ph, pw) = padding;
+        if k_c != c_in || stride == 0 || h + 2 * ph < kh || w + 2 * pw < kw {
             return Err(candle_core::Error::Msg(format!(
-                "conv2d: input {input:?} does not fit kernel {kernel:?} with padding {padding} \
+                "conv2d: input {input:?} does not fit kernel {kernel:?} with padding {padding:?} \
                  and stride {stride}"
             )));
         }
@@ -63,11 +64,11 @@ impl ConvGeometry {
     }
 
     pub fn out_h(&self) -> usize {
-        (self.h + 2 * self.padding - self.kh) / self.stride + 1
+        (self.h + 2 * self.padding.0 - self.kh) / self.stride + 1
     }
 
     pub fn out_w(&self) -> usize {
-        (self.w + 2 * self.padding - self.kw) / self.stride + 1
+        (self.w + 2 * self.padding.1 - self.kw) / self.stride + 1
     }
 
     /// Rows of the im2col matrix: one per (input channel, kernel tap).
@@ -77,7 +78,7 @@ impl ConvGeometry {
 
     /// A 1×1 stride-1 unpadded convolution is a plain matrix product on the input itself.
     fn pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.padding == 0 && self.stride == 1
+        self.kh == 1 && self.kw == 1 && self.padding == (0, 0) && self.stride == 1
     }
 
     fn in_plane(&self) -> usize {
@@ -94,25 +95,25 @@ impl ConvGeometry {
     }
 
     /// The output columns `[lo, hi)` of kernel column `kx` that read inside the input row, for
-    /// stride 1 (`ix = ox + kx − padding`).
+    /// stride 1 (`ix = ox + kx − pw`).
     fn stride1_span(&self, kx: usize) -> (usize, usize) {
-        let wo = self.out_w();
-        let lo = self.padding.saturating_sub(kx).min(wo);
-        let hi = (self.w + self.padding).saturating_sub(kx).clamp(lo, wo);
+        let (wo, pw) = (self.out_w(), self.padding.1);
+        let lo = pw.saturating_sub(kx).min(wo);
+        let hi = (self.w + pw).saturating_sub(kx).clamp(lo, wo);
         (lo, hi)
     }
 
     /// The input row that output row `oy` reads through kernel row `ky`, if inside the input.
     fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
         (oy * self.stride + ky)
-            .checked_sub(self.padding)
+            .checked_sub(self.padding.0)
             .filter(|&iy| iy < self.h)
     }
 
     /// The input column that output column `ox` reads through kernel column `kx`.
     fn input_col(&self, ox: usize, kx: usize) -> Option<usize> {
         (ox * self.stride + kx)
-            .checked_sub(self.padding)
+            .checked_sub(self.padding.1)
             .filter(|&ix| ix < self.w)
     }
 }
@@ -139,7 +140,7 @@ fn im2col(g: &ConvGeometry, x: &[f32], oy0: usize, rows: usize, col: &mut [f32])
                             out[..lo].fill(0.0);
                             out[hi..].fill(0.0);
                             if lo < hi {
-                                let ix = lo + kx - g.padding;
+                                let ix = lo + kx - g.padding.1;
                                 out[lo..hi].copy_from_slice(&row[ix..ix + hi - lo]);
                             }
                         } else {
@@ -172,7 +173,7 @@ fn col2im_add(g: &ConvGeometry, col: &[f32], oy0: usize, rows: usize, dx: &mut [
                         let row = &mut plane[iy * g.w..][..g.w];
                         if g.stride == 1 {
                             if lo < hi {
-                                let ix = lo + kx - g.padding;
+                                let ix = lo + kx - g.padding.1;
                                 for (d, v) in row[ix..ix + hi - lo].iter_mut().zip(&grad[lo..hi]) {
                                     *d += v;
                                 }
@@ -197,12 +198,14 @@ fn bands(g: &ConvGeometry) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// `y = conv(x, kernel) + bias`: `x` `[B, C, H, W]`, `kernel` `[O, C, kh, kw]`, `bias` `[O]`,
-/// all contiguous; returns `[B, O, Ho, Wo]`.
+/// all contiguous; returns `[B, O, Ho, Wo]`, through a ReLU when `relu` (applied per sample while
+/// its output is still in cache).
 pub(crate) fn conv2d(
     g: &ConvGeometry,
     x: &[f32],
     kernel: &[f32],
     bias: Option<&[f32]>,
+    relu: bool,
 ) -> Vec<f32> {
     let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
     let mut y = vec![0.0f32; g.batch * g.c_out * plane];
@@ -227,23 +230,29 @@ pub(crate) fn conv2d(
                 Mat::rows(xs, plane),
                 Threads::All,
             );
-            continue;
+        } else {
+            for (oy, rows) in bands(g) {
+                with_scratch(taps * rows * wo, |col| {
+                    im2col(g, xs, oy, rows, col);
+                    let dims = (g.c_out, rows * wo, taps);
+                    let rhs = Mat::rows(col, rows * wo);
+                    matmul(
+                        &mut ys[oy * wo..],
+                        plane,
+                        bias.is_some(),
+                        dims,
+                        weights,
+                        rhs,
+                        Threads::All,
+                    );
+                });
+            }
         }
-        for (oy, rows) in bands(g) {
-            with_scratch(taps * rows * wo, |col| {
-                im2col(g, xs, oy, rows, col);
-                let dims = (g.c_out, rows * wo, taps);
-                let rhs = Mat::rows(col, rows * wo);
-                matmul(
-                    &mut ys[oy * wo..],
-                    plane,
-                    bias.is_some(),
-                    dims,
-                    weights,
-                    rhs,
-                    Threads::All,
-                );
-            });
+        if relu {
+            // `v < 0` is false for NaN, which passes through as in PyTorch's ReLU.
+            for v in ys.iter_mut() {
+                *v = if *v < 0.0 { 0.0 } else { *v };
+            }
         }
     }
     y
@@ -318,8 +327,8 @@ pub(crate) fn applies(x: &Tensor, kernel: &Tensor) -> bool {
 /// Which of the three results an op computes from its two operands.
 #[derive(Debug, Clone, Copy)]
 enum Pass {
-    /// `(x, kernel) → y`
-    Forward,
+    /// `(x, kernel) → y`, through a ReLU when `relu`
+    Forward { relu: bool },
     /// `(dy, kernel) → dx`
     InputGrad,
     /// `(x, dy) → dkernel`
@@ -352,8 +361,8 @@ impl CustomOp2 for ConvPass {
             f32_slice(b, b_layout, "conv2d: second operand")?,
         );
         let (values, shape): (_, Shape) = match self.pass {
-            Pass::Forward => (
-                conv2d(g, a, b, self.bias.as_deref()),
+            Pass::Forward { relu } => (
+                conv2d(g, a, b, self.bias.as_deref(), relu),
                 (g.batch, g.c_out, g.out_h(), g.out_w()).into(),
             ),
             Pass::InputGrad => (
@@ -370,18 +379,27 @@ impl CustomOp2 for ConvPass {
 
     /// The forward pass's gradients: for the input and the kernel, each where a gradient flows
     /// to it (candle would keep one for an untracked operand until the backward pass ends).
+    /// After a ReLU, only where the output is positive.
     fn bwd(
         &self,
         x: &Tensor,
         kernel: &Tensor,
-        _: &Tensor,
+        y: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !matches!(self.pass, Pass::Forward) {
+        let Pass::Forward { relu } = self.pass else {
             return Err(candle_core::Error::Msg(
                 "conv2d: gradient passes have no backward".into(),
             ));
-        }
+        };
+        let masked;
+        let grad_out = match relu {
+            true => {
+                masked = (grad_out * y.gt(0.0)?.to_dtype(grad_out.dtype())?)?;
+                &masked
+            }
+            false => grad_out,
+        };
         let conv = (self.geometry.padding, self.geometry.stride);
         let dx = grad_if_tracked(x, || input_grad(x, kernel, grad_out, conv.0, conv.1))?;
         let dk = grad_if_tracked(kernel, || {
@@ -396,7 +414,7 @@ fn run(
     pass: Pass,
     (x, kernel): (&Tensor, &Tensor),
     (a, b): (&Tensor, &Tensor),
-    (padding, stride): (usize, usize),
+    (padding, stride): ((usize, usize), usize),
     bias: Option<Vec<f32>>,
 ) -> Result<Tensor> {
     let geometry = ConvGeometry::new(x.dims4()?, kernel.dims4()?, padding, stride)?;
@@ -408,18 +426,18 @@ fn run(
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     match pass {
         // Recorded (when an operand is tracked), with the backward above.
-        Pass::Forward => a.apply_op2(&b, op),
+        Pass::Forward { .. } => a.apply_op2(&b, op),
         Pass::InputGrad | Pass::KernelGrad => a.apply_op2_no_bwd(&b, &op),
     }
 }
 
 /// The input gradient of a convolution of an input shaped as `x` by `kernel`, for the output
-/// gradient `dy`.
+/// gradient `dy`; `padding` is `(rows, columns)`.
 pub(crate) fn input_grad(
     x: &Tensor,
     kernel: &Tensor,
     dy: &Tensor,
-    padding: usize,
+    padding: (usize, usize),
     stride: usize,
 ) -> Result<Tensor> {
     run(
@@ -431,21 +449,22 @@ pub(crate) fn input_grad(
     )
 }
 
-/// `conv(x, kernel) + bias` on the CPU (see [`applies`]) as one op whose backward gives the
-/// input gradient, and the kernel gradient when the kernel is trained. `bias` is frozen (a
-/// trained bias is added by the caller).
+/// `conv(x, kernel) + bias` on the CPU (see [`applies`]), then a ReLU when `relu`, as one op
+/// whose backward gives the input gradient, and the kernel gradient when the kernel is trained.
+/// `bias` is frozen (a trained bias is added by the caller); `padding` is `(rows, columns)`.
 pub(crate) fn conv2d_op(
     x: &Tensor,
     kernel: &Tensor,
     bias: Option<&Tensor>,
-    padding: usize,
+    padding: (usize, usize),
     stride: usize,
+    relu: bool,
 ) -> Result<Tensor> {
     let bias = bias
         .map(|b| b.flatten_all()?.to_vec1::<f32>())
         .transpose()?;
     let conv = (x, kernel);
-    run(Pass::Forward, conv, conv, (padding, stride), bias)
+    run(Pass::Forward { relu }, conv, conv, (padding, stride), bias)
 }
 
 #[cfg(test)]
@@ -456,33 +475,44 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// The op and both its gradients against candle's own convolution and its autograd, over the shapes the
-    /// UNet and VAE use (3×3 same, 3×3 stride 2, 1×1) plus odd sizes and a narrow band.
+    /// UNet and VAE use (3×3 same, 3×3 stride 2, 1×1), Inception's rectangular kernels and
+    /// paddings (1×7 with (0, 3), 7×1 with (3, 0), 1×3, 3×1), plus odd sizes and a narrow band.
+    /// candle pads both axes alike, so the reference pads explicitly and convolves unpadded.
     #[test]
     fn passes_match_candle_convolution() {
         let dev = Device::Cpu;
         let mut rng = Rng::new(3);
         // (input, kernel, padding, stride)
         let cases = [
-            ((2, 5, 9, 7), (6, 5, 3, 3), 1, 1),
-            ((1, 4, 8, 8), (3, 4, 3, 3), 1, 2),
-            ((2, 3, 7, 9), (5, 3, 3, 3), 1, 2),
-            ((2, 6, 5, 4), (7, 6, 1, 1), 0, 1),
-            ((1, 3, 6, 6), (2, 3, 3, 3), 0, 1),
-            ((1, 2, 4, 5), (3, 2, 3, 3), 2, 1),
-            ((1, 2, 3, 3), (2, 2, 5, 5), 2, 1),
+            ((2, 5, 9, 7), (6, 5, 3, 3), (1, 1), 1),
+            ((1, 4, 8, 8), (3, 4, 3, 3), (1, 1), 2),
+            ((2, 3, 7, 9), (5, 3, 3, 3), (1, 1), 2),
+            ((2, 6, 5, 4), (7, 6, 1, 1), (0, 0), 1),
+            ((1, 3, 6, 6), (2, 3, 3, 3), (0, 0), 1),
+            ((1, 2, 4, 5), (3, 2, 3, 3), (2, 2), 1),
+            ((1, 2, 3, 3), (2, 2, 5, 5), (2, 2), 1),
+            ((2, 3, 6, 9), (4, 3, 1, 7), (0, 3), 1),
+            ((2, 3, 9, 6), (4, 3, 7, 1), (3, 0), 1),
+            ((1, 4, 5, 5), (3, 4, 1, 3), (0, 1), 1),
+            ((1, 4, 5, 5), (3, 4, 3, 1), (1, 0), 1),
+            ((1, 3, 9, 7), (2, 3, 3, 5), (1, 2), 2),
         ];
         for (input, kernel, padding, stride) in cases {
             let x = Var::from_tensor(&rng.normal_tensor(input, &dev).unwrap()).unwrap();
             let w = Var::from_tensor(&rng.normal_tensor(kernel, &dev).unwrap()).unwrap();
             let b = rng.normal_tensor(kernel.0, &dev).unwrap();
             let reference = x
-                .conv2d(&w, padding, stride, 1, 1)
+                .pad_with_zeros(2, padding.0, padding.0)
+                .unwrap()
+                .pad_with_zeros(3, padding.1, padding.1)
+                .unwrap()
+                .conv2d(&w, 0, stride, 1, 1)
                 .unwrap()
                 .broadcast_add(&b.reshape((1, kernel.0, 1, 1)).unwrap())
                 .unwrap();
-            let ours = conv2d_op(&x, &w, Some(&b), padding, stride).unwrap();
+            let ours = conv2d_op(&x, &w, Some(&b), padding, stride, false).unwrap();
             assert_eq!(ours.dims(), reference.dims());
-            let what = format!("{input:?} * {kernel:?} pad {padding} stride {stride}");
+            let what = format!("{input:?} * {kernel:?} pad {padding:?} stride {stride}");
             assert!(max_rel_diff(&ours, &reference) < 1e-5, "forward {what}");
 
             let upstream = rng.normal_tensor(reference.dims(), &dev).unwrap();
@@ -499,19 +529,20 @@ mod tests {
     /// Maps too large for one im2col buffer are done in bands of output rows.
     #[test]
     fn banded_im2col_matches_single_band() {
-        let g = ConvGeometry::new((1, 16, 600, 520), (2, 16, 3, 3), 1, 1).unwrap();
+        let g = ConvGeometry::new((1, 16, 600, 520), (2, 16, 3, 3), (1, 1), 1).unwrap();
         assert!(g.band_rows() < g.out_h() && !g.out_h().is_multiple_of(g.band_rows()));
         let dev = Device::Cpu;
         let mut rng = Rng::new(4);
         let x = rng.normal_tensor((1, 16, 600, 520), &dev).unwrap();
         let w = rng.normal_tensor((2, 16, 3, 3), &dev).unwrap();
         let reference = x.conv2d(&w, 1, 1, 1, 1).unwrap();
-        assert!(max_rel_diff(&conv2d_op(&x, &w, None, 1, 1).unwrap(), &reference) < 1e-5);
+        let ours = conv2d_op(&x, &w, None, (1, 1), 1, false).unwrap();
+        assert!(max_rel_diff(&ours, &reference) < 1e-5);
     }
 
     #[test]
     fn mismatched_shapes_are_errors() {
-        let err = ConvGeometry::new((1, 3, 8, 8), (4, 5, 3, 3), 1, 1).unwrap_err();
+        let err = ConvGeometry::new((1, 3, 8, 8), (4, 5, 3, 3), (1, 1), 1).unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
     }
 }
