@@ -10,6 +10,5 @@ pub use lora_merge as merge;
 pub use lora_train as train;
 
 pub mod default_model;
-mod plot;
 pub mod quickstart;
 pub mod shapes;

@@ -21,8 +21,8 @@ use lora_train::{Preparation, StepReport, TrainArgs, TrainSummary, Trainer};
 use serde::Serialize;
 
 use crate::default_model::{default_model_dir, RESOLUTION};
-use crate::plot;
 use crate::shapes::{self, Scene, BACKGROUNDS, COLOURS, CONCEPT};
+use lora_infer::plot;
 
 /// Prompts of the before/after grid: the concept in new combinations, then prompts without it
 /// (which the adapter should leave nearly alone).

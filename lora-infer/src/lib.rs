@@ -9,6 +9,7 @@
 
 pub mod output;
 pub mod pipeline;
+pub mod plot;
 pub mod scheduler;
 
 pub use lora_core;

@@ -1,0 +1,460 @@
+//! Small raster pictures: labelled grids of generated images, the training loss curve and a
+//! metric over training steps (the quick start, lora-eval's comparisons), drawn straight into
+//! RGB pixels (with a 3×5 pixel font for the few labels) so no plotting or font
+//! stack is needed. `plotters`' bitmap backend would draw the curves, but any text through it
+//! needs a system font (its `ttf` feature) or a TrueType file shipped with us (`ab_glyph`); the
+//! quick start must run on a fresh offline machine, and a few labels do not justify either.
+
+use crate::output::Image8;
+
+type Rgb = [u8; 3];
+
+const WHITE: Rgb = [255, 255, 255];
+const INK: Rgb = [40, 40, 40];
+const GRID_LINE: Rgb = [225, 225, 225];
+const RAW_LOSS: Rgb = [170, 190, 230];
+const SMOOTH_LOSS: Rgb = [20, 70, 200];
+
+/// 3×5 glyphs, one row per 3-bit number (MSB = left column): digits, capitals (lower case is
+/// drawn as capitals) and the punctuation of file names and numbers.
+fn glyph(c: char) -> Option<[u8; 5]> {
+    Some(match c {
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [7, 1, 7, 4, 7],
+        '3' => [7, 1, 3, 1, 7],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 7, 1, 7],
+        '6' => [7, 4, 7, 5, 7],
+        '7' => [7, 1, 2, 2, 2],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 7],
+        '.' => [0, 0, 0, 0, 2],
+        '+' => [0, 2, 7, 2, 0],
+        ' ' => [0, 0, 0, 0, 0],
+        '-' => [0, 0, 7, 0, 0],
+        '_' => [0, 0, 0, 0, 7],
+        ':' => [0, 2, 0, 2, 0],
+        '/' => [1, 1, 2, 4, 4],
+        '(' => [1, 2, 2, 2, 1],
+        ')' => [4, 2, 2, 2, 4],
+        ',' => [0, 0, 0, 2, 4],
+        '=' => [0, 7, 0, 7, 0],
+        '%' => [5, 1, 2, 4, 5],
+        '\'' => [2, 2, 0, 0, 0],
+        '!' => [2, 2, 2, 0, 2],
+        '?' => [6, 1, 2, 0, 2],
+        'A' => [2, 5, 7, 5, 5],
+        'B' => [6, 5, 6, 5, 6],
+        'C' => [3, 4, 4, 4, 3],
+        'D' => [6, 5, 5, 5, 6],
+        'E' => [7, 4, 6, 4, 7],
+        'F' => [7, 4, 6, 4, 4],
+        'G' => [3, 4, 5, 5, 3],
+        'H' => [5, 5, 7, 5, 5],
+        'I' => [7, 2, 2, 2, 7],
+        'J' => [1, 1, 1, 5, 2],
+        'K' => [5, 5, 6, 5, 5],
+        'L' => [4, 4, 4, 4, 7],
+        'M' => [5, 7, 7, 5, 5],
+        'N' => [5, 7, 7, 7, 5],
+        'O' => [7, 5, 5, 5, 7],
+        'P' => [6, 5, 6, 4, 4],
+        'Q' => [2, 5, 5, 6, 3],
+        'R' => [6, 5, 6, 5, 5],
+        'S' => [7, 4, 7, 1, 7],
+        'T' => [7, 2, 2, 2, 2],
+        'U' => [5, 5, 5, 5, 7],
+        'V' => [5, 5, 5, 5, 2],
+        'W' => [5, 5, 7, 7, 5],
+        'X' => [5, 5, 2, 5, 5],
+        'Y' => [5, 5, 2, 2, 2],
+        'Z' => [7, 1, 2, 4, 7],
+        _ => return None,
+    })
+}
+
+/// An RGB drawing surface.
+struct Canvas {
+    width: usize,
+    height: usize,
+    pixels: Vec<u8>,
+}
+
+impl Canvas {
+    fn new(width: usize, height: usize, background: Rgb) -> Self {
+        Self {
+            width,
+            height,
+            pixels: background.repeat(width * height),
+        }
+    }
+
+    fn set(&mut self, x: i64, y: i64, colour: Rgb) {
+        if x >= 0 && y >= 0 && (x as usize) < self.width && (y as usize) < self.height {
+            let i = (y as usize * self.width + x as usize) * 3;
+            self.pixels[i..i + 3].copy_from_slice(&colour);
+        }
+    }
+
+    fn fill(&mut self, x: i64, y: i64, w: i64, h: i64, colour: Rgb) {
+        for yy in y..y + h {
+            for xx in x..x + w {
+                self.set(xx, yy, colour);
+            }
+        }
+    }
+
+    /// A line of width `thickness` from `a` to `b` (dense point sampling).
+    fn line(&mut self, a: (f64, f64), b: (f64, f64), thickness: i64, colour: Rgb) {
+        let n = ((b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil() as usize).max(1);
+        for i in 0..=n {
+            let t = i as f64 / n as f64;
+            let (x, y) = (a.0 + t * (b.0 - a.0), a.1 + t * (b.1 - a.1));
+            let half = thickness / 2;
+            self.fill(
+                x.round() as i64 - half,
+                y.round() as i64 - half,
+                thickness,
+                thickness,
+                colour,
+            );
+        }
+    }
+
+    /// Text in the 3×5 font at `scale` pixels per font pixel; unknown characters are skipped.
+    fn text(&mut self, x: i64, y: i64, text: &str, scale: i64, colour: Rgb) {
+        let mut cx = x;
+        for c in text.chars() {
+            if let Some(rows) = glyph(c.to_ascii_uppercase()) {
+                for (ry, bits) in rows.iter().enumerate() {
+                    for rx in 0..3 {
+                        if bits & (4 >> rx) != 0 {
+                            self.fill(cx + rx * scale, y + ry as i64 * scale, scale, scale, colour);
+                        }
+                    }
+                }
+            }
+            cx += 4 * scale;
+        }
+    }
+
+    fn text_width(text: &str, scale: i64) -> i64 {
+        text.chars().count() as i64 * 4 * scale - scale
+    }
+
+    /// `image` scaled up `zoom`× (nearest neighbour) with its top-left corner at `(x, y)`.
+    fn blit(&mut self, x: i64, y: i64, image: &Image8, zoom: usize) {
+        for py in 0..image.height * zoom {
+            for px in 0..image.width * zoom {
+                let i = ((py / zoom) * image.width + px / zoom) * image.channels;
+                let rgb = match image.channels {
+                    1 => [image.pixels[i]; 3],
+                    _ => [image.pixels[i], image.pixels[i + 1], image.pixels[i + 2]],
+                };
+                self.set(x + px as i64, y + py as i64, rgb);
+            }
+        }
+    }
+
+    fn into_image(self) -> Image8 {
+        Image8 {
+            width: self.width,
+            height: self.height,
+            channels: 3,
+            pixels: self.pixels,
+        }
+    }
+}
+
+/// A grid of equally sized pictures: `rows[r][c]`, each shown `zoom`× enlarged, under one header
+/// per group of columns (e.g. "BASE" over the first half, "BASE + LORA" over the second).
+pub fn picture_grid(rows: &[Vec<Image8>], headers: &[&str], zoom: usize) -> Image8 {
+    let cols = rows.first().map_or(0, Vec::len);
+    let (cell_w, cell_h) = rows
+        .first()
+        .and_then(|r| r.first())
+        .map_or((0, 0), |i| (i.width * zoom, i.height * zoom));
+    let gap = 4;
+    let header_h = 28;
+    // A wider gap between header groups.
+    let group = cols / headers.len().max(1);
+    let group_gap = 16;
+    let x_of = |c: usize| (gap + c * (cell_w + gap) + (c / group.max(1)) * group_gap) as i64;
+    let width = x_of(cols) as usize + gap;
+    let height = header_h + rows.len() * (cell_h + gap) + gap;
+    let mut canvas = Canvas::new(width, height, WHITE);
+    for (g, header) in headers.iter().enumerate() {
+        let left = x_of(g * group);
+        let right = x_of((g + 1) * group) - gap as i64 - group_gap as i64;
+        let x = left + (right - left - Canvas::text_width(header, 3)) / 2;
+        canvas.text(x, 6, header, 3, INK);
+    }
+    for (r, row) in rows.iter().enumerate() {
+        for (c, image) in row.iter().enumerate() {
+            let y = (header_h + r * (cell_h + gap)) as i64;
+            canvas.blit(x_of(c), y, image, zoom);
+        }
+    }
+    canvas.into_image()
+}
+
+/// A plot area with a y-axis from 0 to `max` (five labelled grid lines) and an x-axis from
+/// `x_range.0` to `x_range.1` labelled at both ends and named `x_name`.
+struct Axes {
+    left: i64,
+    top: i64,
+    width: i64,
+    height: i64,
+    max: f64,
+    x_range: (f64, f64),
+}
+
+impl Axes {
+    const SIZE: (usize, usize) = (640, 360);
+
+    fn draw(canvas: &mut Canvas, max: f64, x_range: (f64, f64), x_name: &str, title: &str) -> Self {
+        let (left, right, top, bottom) = (72i64, 16i64, 24i64, 40i64);
+        let axes = Self {
+            left,
+            top,
+            width: Self::SIZE.0 as i64 - left - right,
+            height: Self::SIZE.1 as i64 - top - bottom,
+            max: max.max(1e-12),
+            x_range,
+        };
+        for k in 0..=4 {
+            let v = axes.max * k as f64 / 4.0;
+            let y = axes.point(x_range.0, v).1.round() as i64;
+            canvas.fill(left, y, axes.width, 1, GRID_LINE);
+            let label = format!("{v:.2}");
+            canvas.text(
+                left - 8 - Canvas::text_width(&label, 2),
+                y - 5,
+                &label,
+                2,
+                INK,
+            );
+        }
+        canvas.fill(left, top, 1, axes.height + 1, INK);
+        canvas.fill(left, top + axes.height, axes.width, 1, INK);
+        let (first, last) = (format_tick(x_range.0), format_tick(x_range.1));
+        let below = top + axes.height + 8;
+        canvas.text(left, below, &first, 2, INK);
+        canvas.text(
+            left + axes.width - Canvas::text_width(&last, 2),
+            below,
+            &last,
+            2,
+            INK,
+        );
+        let centre = |text: &str| left + (axes.width - Canvas::text_width(text, 2)) / 2;
+        canvas.text(centre(x_name), below + 12, x_name, 2, INK);
+        canvas.text(centre(title), 6, title, 2, INK);
+        axes
+    }
+
+    /// Pixel coordinates of the value `v` at `x`.
+    fn point(&self, x: f64, v: f64) -> (f64, f64) {
+        let span = (self.x_range.1 - self.x_range.0).max(1e-12);
+        let px = self.left as f64 + self.width as f64 * (x - self.x_range.0) / span;
+        let py =
+            (self.top + self.height) as f64 - self.height as f64 * (v / self.max).clamp(0.0, 1.0);
+        (px, py)
+    }
+}
+
+fn format_tick(x: f64) -> String {
+    if x.fract() == 0.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn finite_max(values: impl Iterator<Item = f64>) -> f64 {
+    values.filter(|v| v.is_finite()).fold(0.0f64, f64::max)
+}
+
+/// The training loss per step: raw values as light points, an exponential moving average as a
+/// line, with the y-axis from 0 to the largest loss and a few labelled grid lines.
+pub fn loss_curve(losses: &[f64]) -> Image8 {
+    let mut canvas = Canvas::new(Axes::SIZE.0, Axes::SIZE.1, WHITE);
+    let last = losses.len().max(2) - 1;
+    let axes = Axes::draw(
+        &mut canvas,
+        finite_max(losses.iter().copied()),
+        (0.0, last as f64),
+        "STEP",
+        "",
+    );
+    for (i, &v) in losses.iter().enumerate() {
+        let (x, y) = axes.point(i as f64, v);
+        canvas.fill(x.round() as i64 - 1, y.round() as i64 - 1, 3, 3, RAW_LOSS);
+    }
+    let mut smoothed: Option<f64> = None;
+    let mut previous = None;
+    for (i, &v) in losses.iter().enumerate() {
+        let s = smoothed.map_or(v, |s| 0.9 * s + 0.1 * v);
+        smoothed = Some(s);
+        let point = axes.point(i as f64, s);
+        if let Some(p) = previous {
+            canvas.line(p, point, 2, SMOOTH_LOSS);
+        }
+        previous = Some(point);
+    }
+    canvas.into_image()
+}
+
+/// One metric at several training steps: points joined by a line, titled `title`.
+pub fn metric_curve(title: &str, points: &[(f64, f64)]) -> Image8 {
+    let mut canvas = Canvas::new(Axes::SIZE.0, Axes::SIZE.1, WHITE);
+    let (lo, hi) = points
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+            (lo.min(p.0), hi.max(p.0))
+        });
+    let x_range = if lo < hi {
+        (lo, hi)
+    } else {
+        (lo - 1.0, lo + 1.0)
+    };
+    let max = finite_max(points.iter().map(|p| p.1)) * 1.1;
+    let axes = Axes::draw(&mut canvas, max, x_range, "STEP", title);
+    let mut previous = None;
+    for &(x, v) in points.iter().filter(|p| p.1.is_finite()) {
+        let point = axes.point(x, v);
+        canvas.fill(
+            point.0.round() as i64 - 3,
+            point.1.round() as i64 - 3,
+            7,
+            7,
+            SMOOTH_LOSS,
+        );
+        if let Some(p) = previous {
+            canvas.line(p, point, 2, SMOOTH_LOSS);
+        }
+        previous = Some(point);
+    }
+    canvas.into_image()
+}
+
+/// A grid of equally sized pictures, `rows[r][c]` shown `zoom`× enlarged, with a label over each
+/// column and a label beside each row (long labels are cut to fit).
+pub fn labelled_grid(
+    rows: &[Vec<Image8>],
+    row_labels: &[String],
+    column_labels: &[String],
+    zoom: usize,
+) -> Image8 {
+    let cols = rows.first().map_or(0, Vec::len);
+    let (cell_w, cell_h) = rows
+        .first()
+        .and_then(|r| r.first())
+        .map_or((0, 0), |i| (i.width * zoom, i.height * zoom));
+    let (gap, scale) = (6usize, 2i64);
+    let label_w = 200usize;
+    let header_h = 24usize;
+    let x_of = |c: usize| (label_w + gap + c * (cell_w + gap)) as i64;
+    let y_of = |r: usize| (header_h + r * (cell_h + gap)) as i64;
+    let width = x_of(cols) as usize + gap;
+    let height = y_of(rows.len()) as usize + gap;
+    let mut canvas = Canvas::new(width, height, WHITE);
+    let fit = |text: &str, pixels: usize| -> String {
+        let chars = (pixels as i64 + scale) / (4 * scale);
+        text.chars().take(chars.max(0) as usize).collect()
+    };
+    for (c, label) in column_labels.iter().enumerate().take(cols) {
+        let label = fit(label, cell_w);
+        let x = x_of(c) + (cell_w as i64 - Canvas::text_width(&label, scale)) / 2;
+        canvas.text(x, 6, &label, scale, INK);
+    }
+    for (r, row) in rows.iter().enumerate() {
+        if let Some(label) = row_labels.get(r) {
+            // Up to three lines of the row label beside the row.
+            let per_line = (label_w as i64 - gap as i64 + scale) / (4 * scale);
+            let chars: Vec<char> = label.chars().collect();
+            for (line, chunk) in chars.chunks(per_line.max(1) as usize).take(3).enumerate() {
+                let text: String = chunk.iter().collect();
+                canvas.text(
+                    gap as i64,
+                    y_of(r) + 4 + line as i64 * 14,
+                    &text,
+                    scale,
+                    INK,
+                );
+            }
+        }
+        for (c, image) in row.iter().enumerate() {
+            canvas.blit(x_of(c), y_of(r), image, zoom);
+        }
+    }
+    canvas.into_image()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_curve_draws_the_smoothed_line_inside_the_plot() {
+        let losses: Vec<f64> = (0..100).map(|i| 1.0 / (1.0 + i as f64 * 0.1)).collect();
+        let image = loss_curve(&losses);
+        assert_eq!((image.width, image.height), (640, 360));
+        let blue = image
+            .pixels
+            .chunks_exact(3)
+            .filter(|p| *p == SMOOTH_LOSS)
+            .count();
+        assert!(blue > 500, "{blue} line pixels");
+    }
+
+    #[test]
+    fn metric_curve_draws_its_points() {
+        let image = metric_curve("FID", &[(100.0, 40.0), (200.0, 30.0), (300.0, 35.0)]);
+        let marks = image
+            .pixels
+            .chunks_exact(3)
+            .filter(|p| *p == SMOOTH_LOSS)
+            .count();
+        assert!(marks > 3 * 49, "{marks} point pixels");
+    }
+
+    #[test]
+    fn labelled_grid_places_every_picture() {
+        let green = Image8 {
+            width: 3,
+            height: 2,
+            channels: 3,
+            pixels: [0, 255, 0].repeat(6),
+        };
+        let rows = vec![vec![green.clone(); 3]; 2];
+        let labels = ["A CAT".to_owned(), "A DOG".to_owned()];
+        let columns = ["BASE".to_owned(), "X".to_owned(), "Y".to_owned()];
+        let image = labelled_grid(&rows, &labels, &columns, 5);
+        let greens = image
+            .pixels
+            .chunks_exact(3)
+            .filter(|p| *p == [0, 255, 0])
+            .count();
+        assert_eq!(greens, 6 * 15 * 10);
+    }
+
+    #[test]
+    fn grid_places_every_picture() {
+        let red = Image8 {
+            width: 2,
+            height: 2,
+            channels: 3,
+            pixels: [255, 0, 0].repeat(4),
+        };
+        let rows = vec![vec![red.clone(), red.clone()], vec![red.clone(), red]];
+        let image = picture_grid(&rows, &["BASE", "LORA"], 10);
+        let reds = image
+            .pixels
+            .chunks_exact(3)
+            .filter(|p| *p == [255, 0, 0])
+            .count();
+        assert_eq!(reds, 4 * 20 * 20);
+    }
+}
