@@ -16,14 +16,17 @@
 //! drops the end token, so its features for such prompts come from another position; for prompts
 //! that fit, the two agree.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use lora_core::models::clip::{ClipModel, TextPooling};
 use lora_core::models::tokenizer::{ClipTokenizer, TokenizedPrompt};
+use lora_core::source::clip_model_folder;
 use serde_json::Value;
+
+use crate::images::read_rgb;
 
 /// Images (and prompts) run through the model at once.
 const BATCH: usize = 32;
@@ -340,6 +343,34 @@ pub fn clip_score<S: AsRef<str>>(
     prompts: &[S],
 ) -> Result<f64> {
     let scores = clip_scores(model, images, prompts)?;
+    Ok((scores.iter().sum::<f64>() / scores.len() as f64).max(0.0))
+}
+
+/// The CLIP score of image files against their prompts, read `BATCH` images at a time so a
+/// large set never sits in memory whole. `spec`: a transformers CLIP folder or Hub id.
+pub fn clip_score_of_files<S: AsRef<str>>(
+    spec: &str,
+    files: &[PathBuf],
+    prompts: &[S],
+    device: &Device,
+) -> Result<f64> {
+    ensure!(
+        files.len() == prompts.len(),
+        "{} images but {} prompts: CLIP score pairs them one to one",
+        files.len(),
+        prompts.len()
+    );
+    ensure!(!files.is_empty(), "no images to score with CLIP");
+    let folder = clip_model_folder(spec)?;
+    let model = ClipScoreModel::load(&folder, DType::F32, device)?;
+    let mut scores = Vec::with_capacity(files.len());
+    for (chunk, texts) in files.chunks(BATCH).zip(prompts.chunks(BATCH)) {
+        let images = chunk
+            .iter()
+            .map(|f| read_rgb(f))
+            .collect::<Result<Vec<_>>>()?;
+        scores.extend(clip_scores(&model, &images, texts)?);
+    }
     Ok((scores.iter().sum::<f64>() / scores.len() as f64).max(0.0))
 }
 

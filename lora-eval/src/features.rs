@@ -12,11 +12,19 @@ pub struct FeatureRows {
 impl FeatureRows {
     pub fn new(dim: usize, data: Vec<f32>) -> Result<Self> {
         ensure!(
-            dim > 0 && data.len() % dim == 0,
+            dim > 0 && data.len().is_multiple_of(dim),
             "feature rows: {} values do not split into rows of {dim}",
             data.len()
         );
         Ok(Self { dim, data })
+    }
+
+    /// No rows yet, of dimension `dim`.
+    pub fn empty(dim: usize) -> Self {
+        Self {
+            dim,
+            data: Vec::new(),
+        }
     }
 
     pub fn rows(&self) -> usize {

@@ -35,9 +35,8 @@ impl GaussianStats {
             }
         }
         mean /= n as f64;
-        let centred = DMatrix::<f64>::from_fn(n, d, |i, j| {
-            f64::from(features.data[i * d + j]) - mean[j]
-        });
+        let centred =
+            DMatrix::<f64>::from_fn(n, d, |i, j| f64::from(features.data[i * d + j]) - mean[j]);
         let covariance = centred.tr_mul(&centred) / (n - 1) as f64;
         Ok(Self {
             mean,

@@ -15,11 +15,7 @@ pub const IMAGE_EXTENSIONS: [&str; 9] = [
 /// The image files directly inside `dir`, sorted by name (pytorch-fid's order). An error if the
 /// folder is missing or holds none.
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
-    ensure!(
-        dir.is_dir(),
-        "{} is not a folder of images",
-        dir.display()
-    );
+    ensure!(dir.is_dir(), "{} is not a folder of images", dir.display());
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let path = entry

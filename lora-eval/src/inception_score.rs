@@ -55,7 +55,10 @@ pub fn inception_score(
 }
 
 fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let max = row.iter().map(|&x| f64::from(x)).fold(f64::NEG_INFINITY, f64::max);
+    let max = row
+        .iter()
+        .map(|&x| f64::from(x))
+        .fold(f64::NEG_INFINITY, f64::max);
     let log_sum = row
         .iter()
         .map(|&x| (f64::from(x) - max).exp())

@@ -42,7 +42,10 @@ pub fn kernel_inception_distance(
     // With sets this small every kernel value is computed once, and each subset only adds up
     // its entries: with the default subset size every subset is the whole set.
     let whole = (a.rows() <= WHOLE_SET_LIMIT && b.rows() <= WHOLE_SET_LIMIT).then(|| {
-        let (all_a, all_b) = (gather(a, &identity(a.rows())), gather(b, &identity(b.rows())));
+        let (all_a, all_b) = (
+            gather(a, &identity(a.rows())),
+            gather(b, &identity(b.rows())),
+        );
         KernelMatrices::new(&all_a, &all_b)
     });
     let mut rng = LegacyRandomState::new(seed);

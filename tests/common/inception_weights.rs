@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use lora_toolkit::core::rng::{fnv1a, Rng};
+use lora_core::rng::{fnv1a, Rng};
 
 /// `CONV_GAIN` of the Python generator.
 const CONV_GAIN: f64 = 1.0;

@@ -14,6 +14,13 @@ Writes, under tests/fixtures/eval/:
     given by a formula that tests/eval_metrics.rs evaluates too (`formula_features` below), so
     nothing large is stored. One FID case has fewer rows than dimensions (singular covariances),
     as real evaluations on few images do.
+  - "end_to_end": what `lora-eval metrics` must print for real/ against fake/ with the
+    deterministic stand-in Inception weights (inception_weights.py): pytorch-fid's
+    `get_activations` (its own resize and normalisation, batch 1 as the sizes differ), on all
+    images ("all") and on the PNGs only ("png_only": no JPEG decoder in between), and
+    `calculate_frechet_distance` for FID; torch-fidelity's `isc_features_to_metric` on the
+    unbiased logits (pool · fc.weightᵀ) with 2 splits, unshuffled; `kid_features_to_metric` with
+    100 subsets of the smaller set's size, seed 2020, on f64 features.
 Run from the repository root: python tests/reference/make_eval_fixtures.py
 """
 
@@ -167,6 +174,47 @@ def math_cases():
     return cases
 
 
+def end_to_end(real, fake):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from make_inception_fixtures import build_model
+    from pytorch_fid.fid_score import get_activations
+
+    torch.set_num_threads(2)
+    model, inception3 = build_model()
+    model.resize_input, model.normalize_input = True, True
+    fc = inception3.fc.weight.detach().double()
+
+    def features(folder, png_only):
+        files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png") or not png_only)
+        return torch.from_numpy(get_activations(files, model, 1, 2048, "cpu", num_workers=0)).double()
+
+    return {
+        "all": scores(features(real, False), features(fake, False), fc),
+        "png_only": scores(features(real, True), features(fake, True), fc),
+    }
+
+
+def scores(a, b, fc):
+    mu1, s1 = np.mean(a.float().numpy(), axis=0), np.cov(a.float().numpy(), rowvar=False)
+    mu2, s2 = np.mean(b.float().numpy(), axis=0), np.cov(b.float().numpy(), rowvar=False)
+    isc = isc_features_to_metric(b @ fc.T, splits=2, shuffle=False)
+    size = min(len(a), len(b))
+    kid = kid_features_to_metric(a, b, kid_subsets=100, kid_subset_size=size, rng_seed=2020, verbose=False)
+    return {
+        "fid": float(calculate_frechet_distance(mu1, s1, mu2, s2)),
+        "is_mean": isc["inception_score_mean"],
+        "is_std": isc["inception_score_std"],
+        "is_splits": 2,
+        "kid_mean": kid["kernel_inception_distance_mean"],
+        "kid_std": kid["kernel_inception_distance_std"],
+        "kid_subset_size": size,
+        "real_images": len(a),
+        "fake_images": len(b),
+    }
+
+
 def main():
     real, fake = os.path.join(OUT, "real"), os.path.join(OUT, "fake")
     write_images(real, REAL, 100)
@@ -183,6 +231,7 @@ def main():
         },
         "preprocess": {"real": preprocess_summary(real, REAL, rows), "fake": preprocess_summary(fake, FAKE, rows)},
         "math": math_cases(),
+        "end_to_end": end_to_end(real, fake),
     }
     save_file(rows, os.path.join(OUT, "preprocess_rows.safetensors"))
     with open(os.path.join(OUT, "expected.json"), "w") as f:
