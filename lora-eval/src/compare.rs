@@ -225,9 +225,12 @@ pub fn compare(
 
     let grid = job.output.join("grid.png");
     let column_names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
+    // Small samples are enlarged so each cell (and its column label) is at least 128 pixels wide.
+    let width = first_images[0].first().map_or(1, |i| i.width.max(1));
+    let zoom = GRID_CELL.div_ceil(width).max(1);
     write_png(
         &grid,
-        &labelled_grid(&first_images, job.prompts, &column_names, 1),
+        &labelled_grid(&first_images, job.prompts, &column_names, zoom),
         &BTreeMap::new(),
     )?;
     let plots = metric_plots(&reports, job.output)?;
@@ -243,6 +246,9 @@ pub fn compare(
         plots,
     })
 }
+
+/// The smallest width of a grid cell, in pixels.
+const GRID_CELL: usize = 128;
 
 /// Generated image `prompt`×`seed`'s file name; sorted names keep prompt-major order, which the
 /// CLIP score's prompt list follows.

@@ -322,3 +322,92 @@ fn bad_input_is_named() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--prompts"), "{}", stderr(&out));
 }
+
+#[test]
+fn compare_generates_scores_and_draws() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd1 = fixtures().join("sd1-tiny");
+    // Two "checkpoints" of one run (the fixture's adapter under step-numbered names).
+    let mut loras = Vec::new();
+    for step in ["000010", "000020"] {
+        let path = dir.path().join(format!("sks-step{step}.safetensors"));
+        std::fs::copy(sd1.join("adapter_kohya.safetensors"), &path).unwrap();
+        loras.push(path.display().to_string());
+    }
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "a photo of sks dog\na red circle\n").unwrap();
+    let output = dir.path().join("eval");
+    let clip = fixtures().join("clip-tiny");
+    let weights = weights().to_str().unwrap().to_owned();
+    let args = vec![
+        "compare".to_owned(),
+        "--base".to_owned(),
+        sd1.display().to_string(),
+        "--lora".to_owned(),
+        format!("{}:0.8", loras[0]),
+        "--lora".to_owned(),
+        loras[1].clone(),
+        "--prompts".to_owned(),
+        prompts.display().to_string(),
+        "--seeds".to_owned(),
+        "2".to_owned(),
+        "--steps".to_owned(),
+        "2".to_owned(),
+        "--reference".to_owned(),
+        eval_fixture("real"),
+        "--inception".to_owned(),
+        weights,
+        "--clip".to_owned(),
+        clip.display().to_string(),
+        "--is-splits".to_owned(),
+        "2".to_owned(),
+        "--output".to_owned(),
+        output.display().to_string(),
+    ];
+    let out = lora_eval(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "compare failed: {}", stderr(&out));
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(output.join("report.json")).unwrap())
+            .unwrap();
+    let columns = report["columns"].as_array().unwrap();
+    let names: Vec<&str> = columns
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["base", "sks-step000010", "sks-step000020"]);
+    assert_eq!(columns[1]["step"], 10);
+    assert_eq!(columns[1]["scale"], 0.8);
+    for column in columns {
+        assert_eq!(column["fake_images"], 4, "2 prompts × 2 seeds");
+        assert_eq!(column["real_images"], 12);
+        for key in ["fid", "is_mean", "kid_mean", "clip_score"] {
+            let v = column[key].as_f64();
+            assert!(v.is_some_and(f64::is_finite), "{key}: {}", column[key]);
+        }
+        let images = Path::new(column["images"].as_str().unwrap());
+        assert_eq!(std::fs::read_dir(images).unwrap().count(), 4);
+    }
+    // The same noise for every column: the base column differs from the adapters' (the adapter
+    // changes the picture), the two identical adapters at different scales differ too.
+    let read = |column: &str| {
+        std::fs::read(
+            output
+                .join("images")
+                .join(column)
+                .join("p000-s0000000000.png"),
+        )
+        .unwrap()
+    };
+    assert_ne!(read("base"), read("sks-step000010"));
+    assert!(output.join("grid.png").is_file());
+    for plot in ["fid", "kid", "is", "clip_score"] {
+        assert!(
+            output.join(format!("{plot}_over_steps.png")).is_file(),
+            "{plot} plot"
+        );
+    }
+    // A second run into the same folder needs --overwrite.
+    let again = lora_eval(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("--overwrite"), "{}", stderr(&again));
+}
