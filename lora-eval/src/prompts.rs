@@ -80,3 +80,58 @@ fn prompts_from_metadata(images: &[PathBuf], path: &Path) -> Result<Vec<String>>
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn images(n: usize) -> Vec<PathBuf> {
+        (0..n)
+            .map(|i| PathBuf::from(format!("/x/img{i}.png")))
+            .collect()
+    }
+
+    #[test]
+    fn lines_pair_with_images_or_serve_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.txt");
+        std::fs::write(&file, "a cat\n\na dog\n").unwrap();
+        assert_eq!(
+            prompts_for_images(&images(2), &file).unwrap(),
+            ["a cat", "a dog"]
+        );
+        let err = prompts_for_images(&images(3), &file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("2 prompts for 3 images") && err.contains("p.txt"),
+            "{err}"
+        );
+        std::fs::write(&file, "one for all\n").unwrap();
+        assert_eq!(prompts_for_images(&images(3), &file).unwrap().len(), 3);
+        std::fs::write(&file, "\n\n").unwrap();
+        let err = prompts_for_images(&images(1), &file)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds no prompts"), "{err}");
+    }
+
+    #[test]
+    fn metadata_rows_are_matched_by_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("metadata.jsonl");
+        std::fs::write(
+            &file,
+            "{\"file_name\": \"img1.png\", \"text\": \"b\"}\n{\"file_name\": \"img0.png\", \"caption\": \"a\"}\n",
+        )
+        .unwrap();
+        assert_eq!(prompts_for_images(&images(2), &file).unwrap(), ["a", "b"]);
+        let err = prompts_for_images(&images(3), &file)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no row for image img2.png"), "{err}");
+        std::fs::write(&file, "{\"file_name\": 3}\n").unwrap();
+        let err = format!("{:#}", prompts_for_images(&images(1), &file).unwrap_err());
+        assert!(err.contains("line 1") && err.contains("file_name"), "{err}");
+    }
+}

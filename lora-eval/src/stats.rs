@@ -181,3 +181,66 @@ impl FeatureSet {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set() -> FeatureSet {
+        let pool = FeatureRows::new(2, vec![0.0, 1.0, 2.0, 0.5, 1.0, 3.0]).unwrap();
+        let logits = FeatureRows::new(3, vec![0.1; 9]).unwrap();
+        FeatureSet::from_rows("test".into(), pool, logits, BTreeMap::new()).unwrap()
+    }
+
+    #[test]
+    fn saved_statistics_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.safetensors");
+        let original = set();
+        original.save(&path).unwrap();
+        let read = FeatureSet::load(&path).unwrap();
+        assert_eq!(read.count(), 3);
+        assert_eq!(read.stats.mean, original.stats.mean);
+        assert_eq!(read.stats.covariance, original.stats.covariance);
+        assert_eq!(read.pool, original.pool);
+        assert_eq!(read.logits, original.logits);
+        assert_eq!(read.metadata["format"], STATS_FORMAT);
+    }
+
+    #[test]
+    fn bad_statistics_name_the_file_and_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        let write = |tensors: Vec<(&str, Tensor)>| {
+            let tensors: Vec<(String, Tensor)> = tensors
+                .into_iter()
+                .map(|(k, t)| (k.to_owned(), t))
+                .collect();
+            write_safetensors_atomic(&path, &tensors, BTreeMap::new()).unwrap();
+            format!("{:#}", FeatureSet::load(&path).unwrap_err())
+        };
+        let cpu = &Device::Cpu;
+        let mu = Tensor::new(&[0.0f64, 1.0], cpu).unwrap();
+        let err = write(vec![("mu", mu.clone())]);
+        assert!(
+            err.contains("bad.safetensors") && err.contains("`sigma`"),
+            "{err}"
+        );
+        let err = write(vec![
+            ("mu", mu.clone()),
+            ("sigma", Tensor::zeros((3, 3), DType::F64, cpu).unwrap()),
+        ]);
+        assert!(err.contains("[3, 3]") && err.contains("[2, 2]"), "{err}");
+        let nan = Tensor::new(&[f64::NAN, 1.0], cpu).unwrap();
+        let err = write(vec![
+            ("mu", nan),
+            ("sigma", Tensor::zeros((2, 2), DType::F64, cpu).unwrap()),
+        ]);
+        assert!(err.contains("NaN"), "{err}");
+        let err = write(vec![
+            ("mu", mu),
+            ("sigma", Tensor::zeros((2, 2), DType::F64, cpu).unwrap()),
+        ]);
+        assert!(err.contains("count"), "{err}");
+    }
+}
