@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use lora_eval::lora_core::options::{AdapterSpec, DeviceSpec, Precision};
 use lora_eval::metrics::SamplingSettings;
-use lora_infer::SchedulerKind;
 
 /// Score generated images and adapters: FID, IS, KID (FID Inception-v3) and CLIP score.
 #[derive(Parser)]
@@ -52,11 +51,14 @@ pub struct SamplingArgs {
     /// the splits follow the sorted file order.
     #[arg(long, value_name = "SEED")]
     pub is_shuffle: Option<u32>,
+    /// KID: how many random subsets are drawn from each set.
     #[arg(long, default_value_t = 100)]
     pub kid_subsets: usize,
-    /// Capped at the smaller set's size.
+    /// KID: images per subset, capped at the smaller set's size.
     #[arg(long, default_value_t = 1000)]
     pub kid_subset_size: usize,
+    /// KID: the seed of the subsets (numpy's RandomState, so torch-fidelity with the same seed
+    /// draws the same subsets).
     #[arg(long, default_value_t = 2020)]
     pub kid_seed: u32,
 }
@@ -73,6 +75,16 @@ impl SamplingArgs {
     }
 }
 
+/// The CLIP score's model.
+#[derive(Args)]
+pub struct ClipArgs {
+    /// CLIP model for the CLIP score: a transformers folder or a Hub id (alone:
+    /// openai/clip-vit-large-patch14).
+    #[arg(long, value_name = "MODEL", num_args = 0..=1,
+          default_missing_value = lora_eval::DEFAULT_CLIP_MODEL)]
+    pub clip: Option<String>,
+}
+
 #[derive(Args)]
 pub struct MetricsArgs {
     /// Reference images: a folder, or statistics saved with --save-stats.
@@ -85,10 +97,8 @@ pub struct MetricsArgs {
     pub inception: InceptionArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// CLIP model for the CLIP score: a transformers folder or a Hub id.
-    #[arg(long, value_name = "MODEL", num_args = 0..=1,
-          default_missing_value = lora_eval::DEFAULT_CLIP_MODEL)]
-    pub clip: Option<String>,
+    #[command(flatten)]
+    pub clip: ClipArgs,
     /// The prompt of each generated image, for the CLIP score: one line per image in file-name
     /// order, one line for all, or a metadata.jsonl (`file_name` and `text`).
     #[arg(long, value_name = "FILE")]
@@ -130,26 +140,16 @@ pub struct CompareArgs {
     pub inception: InceptionArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// CLIP model for the CLIP score: a transformers folder or a Hub id.
-    #[arg(long, value_name = "MODEL", num_args = 0..=1,
-          default_missing_value = lora_eval::DEFAULT_CLIP_MODEL)]
-    pub clip: Option<String>,
+    #[command(flatten)]
+    pub clip: ClipArgs,
     /// Folder for the images, report.json, grid.png and the metric plots.
     #[arg(long, value_name = "DIR")]
     pub output: PathBuf,
     /// Replace an existing output folder's report and images.
     #[arg(long)]
     pub overwrite: bool,
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
-    #[arg(long, default_value = "ddim")]
-    pub scheduler: SchedulerKind,
-    #[arg(long)]
-    pub width: Option<usize>,
-    #[arg(long)]
-    pub height: Option<usize>,
+    #[command(flatten)]
+    pub generation: lora_infer::SamplingArgs,
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
     /// Read PyTorch pickles (.ckpt/.pt/.bin) for --base and --lora (never runs their code).

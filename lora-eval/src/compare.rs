@@ -4,7 +4,7 @@
 //! metric over the training steps.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
@@ -16,9 +16,10 @@ use lora_infer::plot::{labelled_grid, metric_curve};
 use lora_infer::{GenerateOptions, Pipeline};
 use serde::Serialize;
 
+use crate::extract::Skipped;
 use crate::extract::{feature_set, ExtractOptions, Phase};
 use crate::metrics::SamplingSettings;
-use crate::report::{MetricsReport, Skipped};
+use crate::report::MetricsReport;
 use crate::stats::FeatureSet;
 
 /// One column of the comparison: the base alone, or the base with one adapter.
@@ -271,13 +272,7 @@ fn scored_set(
             phase,
         })
     })?;
-    skipped.extend(
-        bad.into_iter()
-            .map(|(file, error): (PathBuf, String)| Skipped {
-                file: file.display().to_string(),
-                error,
-            }),
-    );
+    skipped.extend(bad);
     Ok(set)
 }
 

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use lora_core::models::inception::FidInception;
 use rayon::prelude::*;
+use serde::Serialize;
 
 use crate::features::FeatureRows;
 use crate::images::{list_images, read_rgb};
@@ -112,7 +113,7 @@ pub fn feature_set(
     device: &Device,
     options: ExtractOptions,
     progress: &mut dyn FnMut(Phase),
-) -> Result<(FeatureSet, Vec<(PathBuf, String)>)> {
+) -> Result<(FeatureSet, Vec<Skipped>)> {
     if path.is_file() {
         return Ok((FeatureSet::load(path)?, Vec::new()));
     }
@@ -132,7 +133,22 @@ pub fn feature_set(
         outputs.logits,
         metadata,
     )?;
-    Ok((set, outputs.skipped))
+    let skipped = outputs
+        .skipped
+        .into_iter()
+        .map(|(file, error)| Skipped {
+            file: file.display().to_string(),
+            error,
+        })
+        .collect();
+    Ok((set, skipped))
+}
+
+/// An image left out with `--skip-bad`, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub file: String,
+    pub error: String,
 }
 
 /// How images are resized, as reports and statistics files name it.

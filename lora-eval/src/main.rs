@@ -1,6 +1,6 @@
 //! `lora-eval`: a thin command-line front end over the `lora_eval` library.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 use clap::Parser;
@@ -8,8 +8,9 @@ use cli::{Cli, Command, InceptionArgs, MetricsArgs};
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_core::models::inception::FidInception;
 use lora_core::options::{check_output, prepare_output};
+use lora_eval::extract::Skipped;
 use lora_eval::extract::{feature_set, ExtractOptions, Phase};
-use lora_eval::report::{MetricsReport, Skipped};
+use lora_eval::report::MetricsReport;
 use lora_eval::stats::FeatureSet;
 
 mod cli;
@@ -64,7 +65,7 @@ fn metrics(args: MetricsArgs) -> Result<()> {
         model.weights_sha256(),
         skipped,
     )?;
-    if let Some(clip) = &args.clip {
+    if let Some(clip) = &args.clip.clip {
         let Some(prompts) = &args.prompts else {
             anyhow::bail!("--clip needs --prompts FILE: the prompt of each generated image");
         };
@@ -112,12 +113,6 @@ pub fn processed_set(
         Phase::Done(done) => bar.set_position(done as u64),
     })?;
     bar.finish_and_clear();
-    skipped.extend(
-        bad.into_iter()
-            .map(|(file, error): (PathBuf, String)| Skipped {
-                file: file.display().to_string(),
-                error,
-            }),
-    );
+    skipped.extend(bad);
     Ok(set)
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::extract::RESIZE_NAME;
+use crate::extract::{Skipped, RESIZE_NAME};
 use crate::metrics::{scores, SamplingSettings, Scores};
 use crate::stats::FeatureSet;
 
@@ -33,12 +33,6 @@ pub struct ReportSettings {
     #[serde(flatten)]
     pub sampling: SamplingSettings,
     pub clip_model: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Skipped {
-    pub file: String,
-    pub error: String,
 }
 
 impl MetricsReport {

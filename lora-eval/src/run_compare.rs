@@ -47,11 +47,11 @@ pub fn run(args: CompareArgs) -> Result<()> {
         adapters: &adapters,
         prompts: &prompts,
         generate: GenerateOptions {
-            steps: args.steps,
-            guidance: args.guidance,
-            scheduler: args.scheduler,
-            width: args.width,
-            height: args.height,
+            steps: args.generation.steps,
+            guidance: args.generation.guidance,
+            scheduler: args.generation.scheduler,
+            width: args.generation.width,
+            height: args.generation.height,
             seed: args.seed,
             ..GenerateOptions::default()
         },
@@ -64,7 +64,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             skip_bad: args.inception.skip_bad,
         },
         sampling: args.sampling.settings(),
-        clip: args.clip.as_deref(),
+        clip: args.clip.clip.as_deref(),
         output: &args.output,
     };
     let generating = prompts.len() * (adapters.len() + 1);

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use lora_infer::lora_core::options::{AdapterSpec, DeviceSpec, Precision};
-use lora_infer::SchedulerKind;
+use lora_infer::SamplingArgs;
 
 /// Generate images with a Stable Diffusion 1.x/2.x model and LoRA adapters.
 #[derive(Parser)]
@@ -28,19 +28,8 @@ pub struct Cli {
     pub prompt: String,
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
-    /// Classifier-free guidance scale (≤ 1 turns guidance off).
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
-    /// ddim, euler, euler-a, dpm++2m or ddpm, over the model's noise schedule.
-    #[arg(long, default_value = "ddim")]
-    pub scheduler: SchedulerKind,
-    /// Image width in pixels (default: the model's sample size × the VAE factor).
-    #[arg(long)]
-    pub width: Option<usize>,
-    #[arg(long)]
-    pub height: Option<usize>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Seed of the first image; image i uses seed + i (default: random).
     #[arg(long)]
     pub seed: Option<u64>,

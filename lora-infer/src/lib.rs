@@ -10,8 +10,10 @@
 pub mod output;
 pub mod pipeline;
 pub mod plot;
+pub mod sampling_args;
 pub mod scheduler;
 
 pub use lora_core;
 pub use pipeline::{GenerateOptions, Generated, InitImage, Pipeline, PipelineParts, Progress};
+pub use sampling_args::SamplingArgs;
 pub use scheduler::{Scheduler, SchedulerKind};

@@ -68,7 +68,10 @@ fn main() -> Result<()> {
     if let Some(image) = &init_image {
         let (_, _, h, w) = image.dims4()?;
         // No resizing: a different size would silently change the composition.
-        for (what, wanted, actual) in [("width", cli.width, w), ("height", cli.height, h)] {
+        for (what, wanted, actual) in [
+            ("width", cli.sampling.width, w),
+            ("height", cli.sampling.height, h),
+        ] {
             ensure!(
                 wanted.is_none_or(|v| v == actual),
                 "--{what} {} differs from the init image's {actual}; resize the image instead",
@@ -79,11 +82,11 @@ fn main() -> Result<()> {
     let options = GenerateOptions {
         prompt: cli.prompt.clone(),
         negative_prompt: cli.negative_prompt.clone(),
-        steps: cli.steps,
-        guidance: cli.guidance,
-        scheduler: cli.scheduler,
-        width: cli.width,
-        height: cli.height,
+        steps: cli.sampling.steps,
+        guidance: cli.sampling.guidance,
+        scheduler: cli.sampling.scheduler,
+        width: cli.sampling.width,
+        height: cli.sampling.height,
         num_images,
         batch_size: cli.batch_size.min(num_images),
         seed,
@@ -93,7 +96,10 @@ fn main() -> Result<()> {
     };
     // Size errors before the (slow) model load.
     let factor = model.vae_config()?.map_or(1, |c| c.vae_scale_factor());
-    for (what, size) in [("width", cli.width), ("height", cli.height)] {
+    for (what, size) in [
+        ("width", cli.sampling.width),
+        ("height", cli.sampling.height),
+    ] {
         if let Some(size) = size {
             check_image_size(what, size, factor)?;
         }
@@ -161,9 +167,9 @@ fn main() -> Result<()> {
     let common = BTreeMap::from([
         ("prompt".to_owned(), cli.prompt.clone()),
         ("negative_prompt".to_owned(), cli.negative_prompt.clone()),
-        ("steps".to_owned(), cli.steps.to_string()),
-        ("guidance".to_owned(), cli.guidance.to_string()),
-        ("scheduler".to_owned(), cli.scheduler.to_string()),
+        ("steps".to_owned(), cli.sampling.steps.to_string()),
+        ("guidance".to_owned(), cli.sampling.guidance.to_string()),
+        ("scheduler".to_owned(), cli.sampling.scheduler.to_string()),
         ("size".to_owned(), format!("{width}x{height}")),
         ("model".to_owned(), cli.base.clone()),
         ("adapters".to_owned(), adapters.clone()),
@@ -188,7 +194,7 @@ fn main() -> Result<()> {
             "parameters".to_owned(),
             format!(
                 "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {seed}, Size: {width}x{height}, Adapters: {adapters}",
-                cli.prompt, cli.negative_prompt, cli.steps, cli.scheduler, cli.guidance
+                cli.prompt, cli.negative_prompt, cli.sampling.steps, cli.sampling.scheduler, cli.sampling.guidance
             ),
         );
         output::write_png(path, image, &text)?;
