@@ -202,6 +202,18 @@ pub struct TrainArgs {
     /// Denoising steps per sample image [default: 20]
     #[arg(long)]
     pub sample_steps: Option<usize>,
+    /// With --sample-every: FID of each step's sample images against the training images, logged
+    /// as `{"step": N, "fid": …}` in the metrics file. FILE: pytorch-fid's Inception-v3 weights
+    /// as .safetensors (scripts/convert_fid_inception.py). Needs at least 2 --sample-prompt; FID
+    /// from a handful of samples shows a trend over the run, not a number to compare with papers
+    #[arg(long, value_name = "FILE")]
+    pub eval_inception: Option<PathBuf>,
+    /// With --sample-every: CLIP score of each step's sample images against their prompts,
+    /// logged as `{"step": N, "clip_score": …}` in the metrics file (one row with FID when both
+    /// are asked for). MODEL: a transformers CLIP folder or Hub id, such as
+    /// openai/clip-vit-large-patch14
+    #[arg(long, value_name = "MODEL")]
+    pub eval_clip: Option<String>,
 }
 
 /// A checked, complete set of training options.
@@ -252,12 +264,16 @@ pub struct TrainConfig {
     pub sample: Option<SampleConfig>,
 }
 
-/// `--sample-every`: images written during training.
+/// `--sample-every`: images written during training, and the scores computed from them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SampleConfig {
     pub every: usize,
     pub prompts: Vec<String>,
     pub steps: usize,
+    /// `--eval-inception`: FID against the training images.
+    pub inception: Option<PathBuf>,
+    /// `--eval-clip`: CLIP score against the prompts (a folder or Hub id, resolved on load).
+    pub clip: Option<String>,
 }
 
 /// How long to train; epochs become steps once the dataset size is known.
@@ -337,7 +353,9 @@ impl TrainArgs {
             allow_pickle,
             sample_every,
             sample_prompt,
-            sample_steps
+            sample_steps,
+            eval_inception,
+            eval_clip
         )
     }
 
@@ -486,10 +504,23 @@ impl TrainArgs {
                     every >= 1 && !prompts.is_empty(),
                     format!("--sample-every = {every}: expected at least 1, with at least one --sample-prompt"),
                 );
+                if let Some(inception) = &self.eval_inception {
+                    check(
+                        prompts.len() >= 2,
+                        format!(
+                            "--eval-inception {}: FID needs at least 2 sample images to estimate \
+                             a covariance; give at least 2 --sample-prompt (got {})",
+                            inception.display(),
+                            prompts.len()
+                        ),
+                    );
+                }
                 Some(SampleConfig {
                     every,
                     prompts,
                     steps: sample_steps,
+                    inception: self.eval_inception,
+                    clip: self.eval_clip,
                 })
             }
             None => {
@@ -497,6 +528,15 @@ impl TrainArgs {
                     prompts.is_empty(),
                     "--sample-prompt given without --sample-every".into(),
                 );
+                for (flag, given) in [
+                    ("--eval-inception", self.eval_inception.is_some()),
+                    ("--eval-clip", self.eval_clip.is_some()),
+                ] {
+                    check(
+                        !given,
+                        format!("{flag} given without --sample-every: it scores the sample images"),
+                    );
+                }
                 None
             }
         };
@@ -639,6 +679,46 @@ mod tests {
         assert_eq!(file.targets, Some(LoraTargets::AttnMlp));
         assert_eq!(file.precision, Some(Precision::F16));
         assert_eq!(file.device, Some(DeviceSpec::Cuda(1)));
+    }
+
+    #[test]
+    fn eval_options_need_sample_every_and_fid_two_prompts() {
+        let without_sampling = TrainArgs {
+            eval_inception: Some("inception.safetensors".into()),
+            eval_clip: Some("clip-folder".into()),
+            ..minimal()
+        };
+        let msg = format!("{:#}", without_sampling.resolve().unwrap_err());
+        for needle in [
+            "--eval-inception given without --sample-every",
+            "--eval-clip given without --sample-every",
+        ] {
+            assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
+        }
+
+        let sampling = |prompts: &[&str]| TrainArgs {
+            sample_every: Some(5),
+            sample_prompt: Some(prompts.iter().map(|p| p.to_string()).collect()),
+            eval_inception: Some("inception.safetensors".into()),
+            eval_clip: Some("clip-folder".into()),
+            ..minimal()
+        };
+        let msg = format!("{:#}", sampling(&["a cat"]).resolve().unwrap_err());
+        assert!(
+            msg.contains("--eval-inception inception.safetensors")
+                && msg.contains("at least 2 --sample-prompt"),
+            "{msg}"
+        );
+        let sample = sampling(&["a cat", "a dog"]).resolve().unwrap().sample;
+        let sample = sample.expect("--sample-every was given");
+        assert_eq!(
+            sample.inception,
+            Some(PathBuf::from("inception.safetensors"))
+        );
+        assert_eq!(sample.clip.as_deref(), Some("clip-folder"));
+        let file: TrainArgs =
+            toml::from_str("eval-inception = \"i.safetensors\"\neval-clip = \"c\"\n").unwrap();
+        assert_eq!(file.eval_clip.as_deref(), Some("c"));
     }
 
     /// A checkpoint's recipe holds these spellings; a resume compares them as text, so they must

@@ -72,7 +72,13 @@ impl MetricsLog {
     }
 
     pub fn write(&mut self, report: &StepReport) -> Result<()> {
-        let line = serde_json::to_string(report)?;
+        self.write_row(report)
+    }
+
+    /// One JSON line of any other kind (the sample scores). It needs a `step` key: a resume keeps
+    /// or drops rows by it.
+    pub fn write_row<T: Serialize>(&mut self, row: &T) -> Result<()> {
+        let line = serde_json::to_string(row)?;
         writeln!(self.out, "{line}")
             .and_then(|()| self.out.flush())
             .with_context(|| format!("cannot write metrics to {}", self.path.display()))

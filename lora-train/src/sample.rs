@@ -4,16 +4,29 @@
 //!
 //! Sampling draws only from its own seeds, never from the run's generator, so it does not change
 //! the training trajectory and resuming stays exact with or without samples.
+//!
+//! `--eval-inception` and `--eval-clip` score each step's samples as lora-eval does: FID against
+//! the training images (whose Inception features are computed once, when the sampler is built)
+//! and CLIP score against the prompts, both from the images in memory.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
-use lora_core::source::ModelFolder;
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use lora_core::models::inception::FidInception;
+use lora_core::source::{clip_model_folder, ModelFolder};
 use lora_core::UNet2DConditionModel;
-use lora_infer::output::{to_images8, write_png};
+use lora_eval::clip_score::{clip_score, ClipScoreModel};
+use lora_eval::extract::{inception_outputs, ExtractOptions, INCEPTION_SIZE};
+use lora_eval::features::FeatureRows;
+use lora_eval::frechet::{frechet_distance, GaussianStats};
+use lora_eval::resize::bilinear_to_unit_range;
+use lora_eval::stats::FeatureSet;
+use lora_infer::output::{to_images8, write_png, Image8};
 use lora_infer::{GenerateOptions, Pipeline, PipelineParts};
+use serde::Serialize;
 
 use crate::config::SampleConfig;
 
@@ -22,17 +35,33 @@ pub struct Sampler {
     config: SampleConfig,
     resolution: usize,
     seed: u64,
+    /// `--eval-inception`: the network and the training images' features.
+    fid: Option<(FidInception, FeatureSet)>,
+    clip: Option<ClipScoreModel>,
+    device: Device,
+}
+
+/// The metrics-log row of a sample step's scores (only those asked for).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SampleScores {
+    pub step: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fid: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_score: Option<f64>,
 }
 
 impl Sampler {
     /// A pipeline around `unet` (a clone of the training UNet, adapter attached) with the
-    /// model's text encoder and VAE loaded in f32.
+    /// model's text encoder and VAE loaded in f32; with `--eval-inception`, the Inception
+    /// features of `training_images`; with `--eval-clip`, the CLIP model.
     pub fn new(
         model: &ModelFolder,
         unet: UNet2DConditionModel,
         config: SampleConfig,
         resolution: usize,
         seed: u64,
+        training_images: &[PathBuf],
         device: &Device,
     ) -> Result<Self> {
         let text_config = model.text_encoder_config()?;
@@ -48,11 +77,46 @@ impl Sampler {
             device: device.clone(),
         })
         .context("cannot build the sampling pipeline")?;
+        let fid = match &config.inception {
+            Some(path) => {
+                let inception = FidInception::load(path, device)
+                    .with_context(|| format!("--eval-inception {}", path.display()))?;
+                let options = ExtractOptions {
+                    batch_size: 16,
+                    // The dataset scan has already refused or skipped unreadable images.
+                    skip_bad: false,
+                };
+                let outputs =
+                    inception_outputs(&inception, training_images, device, options, &mut |_| {})
+                        .context("the training images' Inception features (--eval-inception)")?;
+                let reference = FeatureSet::from_rows(
+                    "the training images".into(),
+                    outputs.pool,
+                    outputs.logits,
+                    BTreeMap::new(),
+                )?;
+                Some((inception, reference))
+            }
+            None => None,
+        };
+        let clip = match &config.clip {
+            Some(spec) => {
+                let folder = clip_model_folder(spec)?;
+                Some(
+                    ClipScoreModel::load(&folder, DType::F32, device)
+                        .with_context(|| format!("--eval-clip {spec}"))?,
+                )
+            }
+            None => None,
+        };
         Ok(Self {
             pipeline,
             config,
             resolution,
             seed,
+            fid,
+            clip,
+            device: device.clone(),
         })
     }
 
@@ -60,13 +124,14 @@ impl Sampler {
         step.is_multiple_of(self.config.every)
     }
 
-    /// Writes one PNG per prompt, `<stem>-step000010-sample0.png` next to `output`.
-    pub fn write(&self, output: &Path, step: usize) -> Result<Vec<PathBuf>> {
+    /// Writes one PNG per prompt, `<stem>-step000010-sample0.png` next to `output`, and scores
+    /// them when asked to (`None` otherwise).
+    pub fn write(&self, output: &Path, step: usize) -> Result<Option<SampleScores>> {
         let stem = output
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut written = Vec::new();
+        let mut samples = Vec::with_capacity(self.config.prompts.len());
         for (i, prompt) in self.config.prompts.iter().enumerate() {
             let options = GenerateOptions {
                 prompt: prompt.clone(),
@@ -93,8 +158,62 @@ impl Sampler {
                 ("seed".to_string(), options.seed.to_string()),
             ]);
             write_png(&path, &image, &text)?;
-            written.push(path);
+            samples.push(to_rgb(&image));
         }
-        Ok(written)
+        if self.fid.is_none() && self.clip.is_none() {
+            return Ok(None);
+        }
+        let fid = match &self.fid {
+            Some((inception, reference)) => Some(
+                self.fid_of(inception, reference, &samples)
+                    .with_context(|| format!("FID of the samples at step {step}"))?,
+            ),
+            None => None,
+        };
+        let clip_score = match &self.clip {
+            Some(model) => Some(
+                clip_score(model, &samples, &self.config.prompts)
+                    .with_context(|| format!("CLIP score of the samples at step {step}"))?,
+            ),
+            None => None,
+        };
+        Ok(Some(SampleScores {
+            step,
+            fid,
+            clip_score,
+        }))
     }
+
+    /// FID of `samples` against `reference`, the Inception features taken from the images in
+    /// memory (the PNGs written hold the same pixels).
+    fn fid_of(
+        &self,
+        inception: &FidInception,
+        reference: &FeatureSet,
+        samples: &[RgbImage],
+    ) -> Result<f64> {
+        let pixels: Vec<f32> = samples
+            .iter()
+            .flat_map(|image| bilinear_to_unit_range(image, INCEPTION_SIZE))
+            .collect();
+        let x = Tensor::from_vec(
+            pixels,
+            (samples.len(), 3, INCEPTION_SIZE, INCEPTION_SIZE),
+            &self.device,
+        )?;
+        let pool = inception.forward(&x)?.pool;
+        let (_, dim) = pool.dims2()?;
+        let rows = FeatureRows::new(dim, pool.flatten_all()?.to_vec1::<f32>()?)?;
+        frechet_distance(&reference.stats, &GaussianStats::from_features(&rows)?)
+    }
+}
+
+/// A generated image as the scores read it (`to_images8` makes only gray or RGB).
+fn to_rgb(image: &Image8) -> RgbImage {
+    let pixels = match image.channels {
+        1 => image.pixels.iter().flat_map(|&v| [v; 3]).collect(),
+        _ => image.pixels.clone(),
+    };
+    RgbImage::from_raw(image.width as u32, image.height as u32, pixels)
+        .expect("an Image8 holds width × height × channels bytes")
 }

@@ -234,6 +234,11 @@ impl Trainer {
                 sample.clone(),
                 config.resolution,
                 config.seed,
+                &dataset
+                    .items
+                    .iter()
+                    .map(|item| item.image.clone())
+                    .collect::<Vec<_>>(),
                 &device,
             )?),
             None => None,
@@ -606,7 +611,9 @@ impl Trainer {
                 }
             }
             if let Some(sampler) = self.sampler.as_ref().filter(|s| s.due(self.step)) {
-                sampler.write(&self.config.output, self.step)?;
+                if let Some(scores) = sampler.write(&self.config.output, self.step)? {
+                    log.write_row(&scores)?;
+                }
             }
             let stop_requested = self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
             if stop_requested && self.step < self.total_steps {
