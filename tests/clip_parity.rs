@@ -14,6 +14,7 @@ use image::RgbImage;
 use lora_toolkit::core::models::clip::{ClipModel, TextPooling};
 use lora_toolkit::core::models::tokenizer::TokenizedPrompt;
 use lora_toolkit::eval::clip_score::{clip_score, clip_scores, ClipScoreModel};
+use lora_toolkit::eval::images::read_rgb;
 
 const FIXTURE: &str = "clip-tiny";
 /// Features in f32 against PyTorch's f32, relative (Frobenius) error.
@@ -47,16 +48,11 @@ fn meta() -> Result<Meta> {
     })
 }
 
-/// The fixture images, decoded by the `image` crate as a user's files would be.
+/// The fixture images, decoded as lora-eval reads a user's files (JPEGs by libjpeg-turbo, as PIL).
 fn images(meta: &Meta) -> Result<Vec<RgbImage>> {
     meta.images
         .iter()
-        .map(|name| {
-            let path = folder().join("images").join(name);
-            Ok(image::open(&path)
-                .with_context(|| format!("decoding {}", path.display()))?
-                .to_rgb8())
-        })
+        .map(|name| read_rgb(&folder().join("images").join(name)))
         .collect()
 }
 
@@ -194,14 +190,9 @@ fn tokenizer_and_preprocessing_match_clip_processor() -> Result<()> {
             diff / level,
             ours.elem_count()
         );
-        if name.ends_with(".png") {
-            // The same uint8 arithmetic and f32 normalisation on the same pixels: equal.
-            assert_eq!(diff, 0.0, "{name}");
-        } else {
-            // JPEG decoders differ (the `image` crate's zune-jpeg, PIL's libjpeg-turbo) by a
-            // level or two in places; the preprocessing itself is exact, as the PNGs show.
-            assert!(diff <= 3.0 * level, "{name}: {diff}");
-        }
+        // The same pixels (PNG, and JPEG through libjpeg-turbo as in PIL), the same uint8
+        // arithmetic and f32 normalisation: equal.
+        assert_eq!(diff, 0.0, "{name}");
     }
     Ok(())
 }
@@ -213,7 +204,7 @@ fn clip_score_matches_torchmetrics() -> Result<()> {
     let scorer = ClipScoreModel::load(&folder(), DType::F32, &Device::Cpu)?;
     let images = images(&meta)?;
 
-    // From the files: the JPEGs decode a level or two apart (see above), hence the score's bound.
+    // From the files, through the whole chain.
     let features = scorer.image_features(&images)?;
     assert_close(
         &features,
