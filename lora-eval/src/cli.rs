@@ -43,7 +43,7 @@ pub struct InceptionArgs {
 
 /// How IS and KID sample (torch-fidelity's defaults).
 #[derive(Args)]
-pub struct SamplingArgs {
+pub struct ScoreSamplingArgs {
     /// Inception Score splits.
     #[arg(long, default_value_t = 10)]
     pub is_splits: usize,
@@ -63,7 +63,7 @@ pub struct SamplingArgs {
     pub kid_seed: u32,
 }
 
-impl SamplingArgs {
+impl ScoreSamplingArgs {
     pub fn settings(&self) -> SamplingSettings {
         SamplingSettings {
             is_splits: self.is_splits,
@@ -96,7 +96,7 @@ pub struct MetricsArgs {
     #[command(flatten)]
     pub inception: InceptionArgs,
     #[command(flatten)]
-    pub sampling: SamplingArgs,
+    pub sampling: ScoreSamplingArgs,
     #[command(flatten)]
     pub clip: ClipArgs,
     /// The prompt of each generated image, for the CLIP score: one line per image in file-name
@@ -139,7 +139,7 @@ pub struct CompareArgs {
     #[command(flatten)]
     pub inception: InceptionArgs,
     #[command(flatten)]
-    pub sampling: SamplingArgs,
+    pub sampling: ScoreSamplingArgs,
     #[command(flatten)]
     pub clip: ClipArgs,
     /// Folder for the images, report.json, grid.png and the metric plots.
@@ -155,4 +155,18 @@ pub struct CompareArgs {
     /// Read PyTorch pickles (.ckpt/.pt/.bin) for --base and --lora (never runs their code).
     #[arg(long)]
     pub allow_pickle: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// clap checks a definition (unique argument and group names, …) only when it parses that
+    /// subcommand; this checks them all.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
 }

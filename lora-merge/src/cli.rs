@@ -150,3 +150,17 @@ pub struct InspectArgs {
     #[arg(long)]
     pub allow_pickle: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// clap checks a definition (unique argument and group names, …) only when it parses that
+    /// subcommand; this checks them all.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

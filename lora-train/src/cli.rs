@@ -18,3 +18,17 @@ pub struct Cli {
     #[command(flatten)]
     pub args: TrainArgs,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// clap checks a definition (unique argument and group names, …) only when it parses that
+    /// subcommand; this checks them all.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}
