@@ -78,7 +78,9 @@ pub struct TrainArgs {
     /// scheduler config
     #[arg(long, value_name = "DIR")]
     pub base_config: Option<PathBuf>,
-    /// Folder of images with sidecar captions; kohya `N_token` sub-folders repeat N times
+    /// Folder of training images: kohya's layout (sidecar caption files, `N_token` sub-folders
+    /// repeated N times), or a Hugging Face `imagefolder` (a metadata.jsonl or metadata.csv at
+    /// its top level with a `file_name` and a caption column: see --caption-column)
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// The adapter file to write (.safetensors)
@@ -142,6 +144,10 @@ pub struct TrainArgs {
     /// Caption file extension [default: .txt]
     #[arg(long)]
     pub caption_ext: Option<String>,
+    /// The caption column of an `imagefolder` dataset's metadata (diffusers' --caption_column)
+    /// [default: text]
+    #[arg(long, value_name = "NAME")]
+    pub caption_column: Option<String>,
     /// Probability of training a sample with the empty caption [default: 0]
     #[arg(long)]
     pub caption_dropout: Option<f64>,
@@ -242,6 +248,10 @@ pub struct TrainConfig {
     pub flip: bool,
     pub buckets: bool,
     pub caption_ext: String,
+    /// Left out of the recipe at its default, so that checkpoints written before the option
+    /// existed (whose recipe has no such key) still resume; any other value must match.
+    #[serde(skip_serializing_if = "is_default_caption_column")]
+    pub caption_column: String,
     pub caption_dropout: f64,
     pub seed: u64,
     pub min_snr_gamma: Option<f64>,
@@ -281,6 +291,13 @@ pub struct SampleConfig {
 pub enum TrainLength {
     Steps(usize),
     Epochs(usize),
+}
+
+/// `--caption-column`'s default, diffusers' training scripts' (`text`).
+pub const DEFAULT_CAPTION_COLUMN: &str = "text";
+
+fn is_default_caption_column(column: &str) -> bool {
+    column == DEFAULT_CAPTION_COLUMN
 }
 
 fn as_display<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -336,6 +353,7 @@ impl TrainArgs {
             flip,
             buckets,
             caption_ext,
+            caption_column,
             caption_dropout,
             seed,
             min_snr_gamma,
@@ -451,6 +469,13 @@ impl TrainArgs {
         check(
             caption_ext.starts_with('.') && caption_ext.len() > 1 && !caption_ext.contains('/'),
             format!("--caption-ext = `{caption_ext}`: expected an extension such as .txt"),
+        );
+        let caption_column = self
+            .caption_column
+            .unwrap_or_else(|| DEFAULT_CAPTION_COLUMN.into());
+        check(
+            !caption_column.is_empty(),
+            "--caption-column is empty: expected a column name such as text".into(),
         );
         let caption_dropout = self.caption_dropout.unwrap_or(0.0);
         check(
@@ -569,6 +594,7 @@ impl TrainArgs {
             flip: self.flip.unwrap_or(false),
             buckets: self.buckets.unwrap_or(false),
             caption_ext,
+            caption_column,
             caption_dropout,
             seed: self.seed.unwrap_or(0),
             min_snr_gamma: self.min_snr_gamma,
@@ -745,5 +771,16 @@ mod tests {
         ] {
             assert_eq!(recipe[key], spelling, "{key}");
         }
+        assert!(recipe.get("caption_column").is_none(), "{recipe}");
+        let other = TrainArgs {
+            caption_column: Some("caption".into()),
+            ..minimal()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&other).unwrap()["caption_column"],
+            "caption"
+        );
     }
 }

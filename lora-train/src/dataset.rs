@@ -10,6 +10,11 @@
 //! ```
 //! Hidden files are ignored. A sub-folder whose name does not start with `<N>_` is ignored with a
 //! warning, as kohya does ("ignore directory without repeats").
+//!
+//! A folder with a `metadata.jsonl` or `metadata.csv` at its top level is a Hugging Face
+//! `imagefolder` instead ([`imagefolder`]).
+
+mod imagefolder;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -69,13 +74,23 @@ impl Dataset {
     /// Finds and checks every file under `dir`. Each image is decoded in full, so a truncated or
     /// mislabelled file is caught here rather than mid-training. All problems are reported in one
     /// error unless `skip_bad`, in which case the bad files are left out and listed in `skipped`.
-    /// An empty result is always an error.
-    pub fn scan(dir: &Path, caption_ext: &str, skip_bad: bool) -> Result<Self> {
+    /// An empty result is always an error. `caption_column` applies to `imagefolder` datasets,
+    /// `caption_ext` to kohya ones.
+    pub fn scan(
+        dir: &Path,
+        caption_ext: &str,
+        caption_column: &str,
+        skip_bad: bool,
+    ) -> Result<Self> {
         ensure!(
             dir.is_dir(),
             "dataset folder {} does not exist or is not a folder",
             dir.display()
         );
+        if let Some(metadata) = imagefolder::metadata_file(dir)? {
+            let (items, bad, warnings) = imagefolder::scan(dir, &metadata, caption_column)?;
+            return Self::checked(dir, items, bad, warnings, skip_bad);
+        }
         let mut warnings = Vec::new();
         let mut bad = Vec::new();
         let mut groups = vec![(dir.to_path_buf(), 1usize, None::<String>)];
@@ -161,6 +176,18 @@ impl Dataset {
                 });
             }
         }
+        Self::checked(dir, items, bad, warnings, skip_bad)
+    }
+
+    /// The scan's result, or the error listing every bad file (unless `skip_bad`), or the error
+    /// of a dataset with nothing left to train on.
+    fn checked(
+        dir: &Path,
+        items: Vec<DatasetItem>,
+        bad: Vec<BadFile>,
+        warnings: Vec<String>,
+        skip_bad: bool,
+    ) -> Result<Self> {
         if !bad.is_empty() && !skip_bad {
             bail!(
                 "{} bad file(s) in dataset {} (fix them, or pass --skip-bad to leave them out):\n  {}",
@@ -237,7 +264,13 @@ fn caption_path(image: &Path, caption_ext: &str) -> PathBuf {
 fn read_caption(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).context("cannot read caption")?;
     let text = String::from_utf8(bytes).context("caption is not UTF-8 text")?;
-    Ok(text.split_whitespace().collect::<Vec<_>>().join(" "))
+    Ok(normalize_caption(&text))
+}
+
+/// Runs of whitespace (line breaks included) become one space, ends trimmed: the same caption
+/// text whichever layout it came from.
+fn normalize_caption(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Decodes an image, trusting its content over its extension.
@@ -348,7 +381,7 @@ mod tests {
         image::RgbImage::new(2, 2)
             .save(folder.join("a.png"))
             .unwrap();
-        let err = Dataset::scan(dir.path(), ".txt", false).unwrap_err();
+        let err = Dataset::scan(dir.path(), ".txt", "text", false).unwrap_err();
         let message = format!("{err:#}");
         assert!(
             message.contains("99999999999_sks dog") && message.contains("at most 10000"),

@@ -114,7 +114,12 @@ impl Trainer {
         remove_stale_temporaries(&config.metrics);
         check_output_location(&config, continuing)?;
         let device = config.device.open()?;
-        let dataset = Dataset::scan(&config.data, &config.caption_ext, config.skip_bad)?;
+        let dataset = Dataset::scan(
+            &config.data,
+            &config.caption_ext,
+            &config.caption_column,
+            config.skip_bad,
+        )?;
         on_prepare(Preparation::Dataset(&dataset));
         let (source, pickle_copy) = ModelSource::parse(&config.base)?
             .with_configs_from(config.base_config.clone())?
