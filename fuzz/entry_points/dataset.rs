@@ -51,7 +51,7 @@ pub fn run(data: &[u8]) {
     }
 
     for skip_bad in [false, true] {
-        match Dataset::scan(root.path(), CAPTION_EXT, skip_bad) {
+        match Dataset::scan(root.path(), CAPTION_EXT, "text", skip_bad) {
             // The training loop's view of the epoch.
             Ok(dataset) => drop((dataset.samples_per_epoch(), dataset.epoch_samples())),
             Err(e) => expect_named(root.path(), &e),
