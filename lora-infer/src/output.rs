@@ -24,12 +24,19 @@ pub struct Image8 {
 }
 
 /// `[N, C, H, W]` images in [-1, 1] to 8-bit images, as diffusers' postprocessing does:
-/// `round(clamp(x/2 + 0.5, 0, 1) · 255)`.
+/// `round(clamp(x/2 + 0.5, 0, 1) · 255)`. Pixel-space models with 4 channels generate RGBA:
+/// the picture is the colour, so the fourth channel is dropped.
 pub fn to_images8(images: &Tensor) -> Result<Vec<Image8>> {
-    let (n, channels, height, width) = images.dims4().context("images: expected [N, C, H, W]")?;
+    let (_, channels, _, _) = images.dims4().context("images: expected [N, C, H, W]")?;
+    let images = match channels {
+        4 => &images.narrow(1, 0, 3)?,
+        _ => images,
+    };
+    let (n, channels, height, width) = images.dims4()?;
     ensure!(
         channels == 1 || channels == 3,
-        "images have {channels} channels; PNG output needs 1 (gray) or 3 (RGB)"
+        "images have {channels} channels; PNG output needs 1 (gray), 3 (RGB) or 4 (RGBA, \
+         written as RGB)"
     );
     let scaled = ((images.to_dtype(DType::F32)? * 0.5)? + 0.5)?
         .clamp(0f32, 1f32)?
@@ -272,5 +279,22 @@ mod tests {
             .unwrap();
         let images = to_images8(&t).unwrap();
         assert_eq!(images[0].pixels, [0, 0, 128, 191, 255, 255]);
+    }
+
+    #[test]
+    fn four_channels_are_written_as_their_colour() {
+        // One pixel: r = -1, g = 0, b = 1, alpha 0.5.
+        let t = Tensor::new(&[-1.0f32, 0.0, 1.0, 0.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 4, 1, 1))
+            .unwrap();
+        let images = to_images8(&t).unwrap();
+        assert_eq!(
+            (images[0].channels, images[0].pixels.clone()),
+            (3, vec![0, 128, 255])
+        );
+        let two = Tensor::zeros((1, 2, 1, 1), DType::F32, &Device::Cpu).unwrap();
+        let err = to_images8(&two).unwrap_err().to_string();
+        assert!(err.contains("2 channels"), "{err}");
     }
 }

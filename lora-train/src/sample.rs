@@ -145,12 +145,7 @@ impl Sampler {
                 .pipeline
                 .generate(&options)
                 .with_context(|| format!("cannot sample `{prompt}` at step {step}"))?;
-            // Pixel-space models with 4 channels generate RGBA; the PNG shows the colour.
-            let images = match generated.images.dim(1)? {
-                4 => generated.images.narrow(1, 0, 3)?,
-                _ => generated.images,
-            };
-            let image = to_images8(&images)?.remove(0);
+            let image = to_images8(&generated.images)?.remove(0);
             let path = output.with_file_name(format!("{stem}-step{step:06}-sample{i}.png"));
             let text = BTreeMap::from([
                 ("prompt".to_string(), prompt.clone()),
