@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use lora_core::models::inception::FidInception;
+use image::RgbImage;
+use lora_core::models::inception::{FidInception, CLASSES, FEATURES, INPUT_SIZE};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -14,9 +15,6 @@ use crate::features::FeatureRows;
 use crate::images::{list_images, read_rgb};
 use crate::resize::bilinear_to_unit_range;
 use crate::stats::FeatureSet;
-
-/// The FID network's input size.
-pub const INCEPTION_SIZE: usize = 299;
 
 /// What the network made of a set of images, in file order.
 #[derive(Debug, Clone)]
@@ -49,8 +47,8 @@ pub fn inception_outputs(
     let batch_size = options.batch_size.max(1);
     let mut outputs = InceptionOutputs {
         files: Vec::with_capacity(files.len()),
-        pool: FeatureRows::empty(2048),
-        logits: FeatureRows::empty(1008),
+        pool: FeatureRows::empty(FEATURES),
+        logits: FeatureRows::empty(CLASSES),
         skipped: Vec::new(),
     };
     let mut done = 0;
@@ -59,7 +57,7 @@ pub fn inception_outputs(
             .par_iter()
             .map(|path| (path, network_input(path)))
             .collect();
-        let mut batch = Vec::with_capacity(chunk.len() * 3 * INCEPTION_SIZE * INCEPTION_SIZE);
+        let mut batch = Vec::with_capacity(chunk.len() * 3 * INPUT_SIZE * INPUT_SIZE);
         let mut in_batch = 0;
         for (path, input) in decoded {
             match input {
@@ -77,12 +75,9 @@ pub fn inception_outputs(
             }
         }
         if in_batch > 0 {
-            let x = Tensor::from_vec(batch, (in_batch, 3, INCEPTION_SIZE, INCEPTION_SIZE), device)?;
-            let features = model.forward(&x)?;
-            outputs.pool.extend(&rows_of(&features.pool)?)?;
-            outputs
-                .logits
-                .extend(&rows_of(&features.logits_unbiased)?)?;
+            let (pool, logits) = batch_rows(model, batch, in_batch, device)?;
+            outputs.pool.extend(&pool)?;
+            outputs.logits.extend(&logits)?;
         }
         done += chunk.len();
         progress(done);
@@ -92,7 +87,27 @@ pub fn inception_outputs(
 
 /// pytorch-fid's network input for one file: `[3, 299, 299]` in [−1, 1].
 fn network_input(path: &Path) -> Result<Vec<f32>> {
-    Ok(bilinear_to_unit_range(&read_rgb(path)?, INCEPTION_SIZE))
+    Ok(rgb_network_input(&read_rgb(path)?))
+}
+
+/// pytorch-fid's network input for a decoded image: `[3, 299, 299]` in [−1, 1].
+pub fn rgb_network_input(image: &RgbImage) -> Vec<f32> {
+    bilinear_to_unit_range(image, INPUT_SIZE)
+}
+
+/// Pool features and unbiased logits of `count` network inputs laid end to end in `inputs`.
+pub fn batch_rows(
+    model: &FidInception,
+    inputs: Vec<f32>,
+    count: usize,
+    device: &Device,
+) -> Result<(FeatureRows, FeatureRows)> {
+    let x = Tensor::from_vec(inputs, (count, 3, INPUT_SIZE, INPUT_SIZE), device)?;
+    let features = model.forward(&x)?;
+    Ok((
+        rows_of(&features.pool)?,
+        rows_of(&features.logits_unbiased)?,
+    ))
 }
 
 fn rows_of(t: &Tensor) -> Result<FeatureRows> {

@@ -13,16 +13,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use image::RgbImage;
 use lora_core::models::inception::FidInception;
 use lora_core::source::{clip_model_folder, ModelFolder};
 use lora_core::UNet2DConditionModel;
 use lora_eval::clip_score::{clip_score, ClipScoreModel};
-use lora_eval::extract::{inception_outputs, ExtractOptions, INCEPTION_SIZE};
-use lora_eval::features::FeatureRows;
+use lora_eval::extract::{batch_rows, inception_outputs, rgb_network_input, ExtractOptions};
 use lora_eval::frechet::{frechet_distance, GaussianStats};
-use lora_eval::resize::bilinear_to_unit_range;
 use lora_eval::stats::FeatureSet;
 use lora_infer::output::{to_images8, write_png, Image8};
 use lora_infer::{GenerateOptions, Pipeline, PipelineParts};
@@ -187,19 +185,9 @@ impl Sampler {
         reference: &FeatureSet,
         samples: &[RgbImage],
     ) -> Result<f64> {
-        let pixels: Vec<f32> = samples
-            .iter()
-            .flat_map(|image| bilinear_to_unit_range(image, INCEPTION_SIZE))
-            .collect();
-        let x = Tensor::from_vec(
-            pixels,
-            (samples.len(), 3, INCEPTION_SIZE, INCEPTION_SIZE),
-            &self.device,
-        )?;
-        let pool = inception.forward(&x)?.pool;
-        let (_, dim) = pool.dims2()?;
-        let rows = FeatureRows::new(dim, pool.flatten_all()?.to_vec1::<f32>()?)?;
-        frechet_distance(&reference.stats, &GaussianStats::from_features(&rows)?)
+        let inputs = samples.iter().flat_map(rgb_network_input).collect();
+        let (pool, _) = batch_rows(inception, inputs, samples.len(), &self.device)?;
+        frechet_distance(&reference.stats, &GaussianStats::from_features(&pool)?)
     }
 }
 
