@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use lora_train::dataset::{Dataset, IMAGE_EXTENSIONS};
+use lora_train::dataset::{Dataset, ScanOptions, IMAGE_EXTENSIONS};
 
 const CAPTION_EXT: &str = ".txt";
 /// The image's and its caption's file stem; the folder may not take their names.
@@ -51,7 +51,12 @@ pub fn run(data: &[u8]) {
     }
 
     for skip_bad in [false, true] {
-        match Dataset::scan(root.path(), CAPTION_EXT, "text", skip_bad) {
+        let options = ScanOptions {
+            caption_ext: CAPTION_EXT.into(),
+            skip_bad,
+            ..ScanOptions::default()
+        };
+        match Dataset::scan(root.path(), &options) {
             // The training loop's view of the epoch.
             Ok(dataset) => drop((dataset.samples_per_epoch(), dataset.epoch_samples())),
             Err(e) => expect_named(root.path(), &e),

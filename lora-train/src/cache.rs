@@ -20,7 +20,7 @@ use lora_core::source::ModelFolder;
 use lora_core::Rng;
 
 use crate::config::Crop;
-use crate::dataset::{image_to_tensor, load_image, Dataset};
+use crate::dataset::{image_to_tensor, Dataset};
 
 /// How an image becomes the UNet's input space.
 enum Space {
@@ -106,9 +106,8 @@ impl EncodedDataset {
         let total = dataset.items.len();
         // Centre crops draw no randomness; the generator is only a required argument.
         let mut unused = Rng::new(0);
-        for (i, item) in dataset.items.iter().enumerate() {
-            let image = load_image(&item.image)
-                .with_context(|| format!("cannot load {}", item.image.display()))?;
+        for (i, (item, image)) in dataset.items.iter().zip(dataset.images()).enumerate() {
+            let image = image?;
             match options.crop {
                 Crop::Random => images.push(image),
                 Crop::Center => {
@@ -126,10 +125,10 @@ impl EncodedDataset {
                             &mut unused,
                             device,
                         )?;
-                        *slot =
-                            Some(encode_pixels(&space, pixels).with_context(|| {
-                                format!("cannot encode {}", item.image.display())
-                            })?);
+                        *slot = Some(
+                            encode_pixels(&space, pixels)
+                                .with_context(|| format!("cannot encode {}", item.image))?,
+                        );
                     }
                     encoded.push(both);
                 }

@@ -9,6 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use crate::dataset::{ScanOptions, LABEL_PLACEHOLDER};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lora_core::options::{DeviceSpec, Precision};
@@ -66,7 +67,9 @@ pub enum Crop {
 
 /// Everything a user can set, from flags or the TOML file. `None` means "not given here".
 #[derive(Debug, Clone, Default, Args, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+// Unknown keys are refused by `from_toml_file` (serde's deny_unknown_fields cannot be combined
+// with the flattened dataset options).
+#[serde(rename_all = "kebab-case")]
 pub struct TrainArgs {
     /// Base model: a diffusers folder, a Hugging Face Hub id (owner/name), or a single-file
     /// SD1.x/SD2.x checkpoint (.safetensors with LDM keys; needs --base-config)
@@ -78,9 +81,10 @@ pub struct TrainArgs {
     /// scheduler config
     #[arg(long, value_name = "DIR")]
     pub base_config: Option<PathBuf>,
-    /// Folder of training images: kohya's layout (sidecar caption files, `N_token` sub-folders
-    /// repeated N times), or a Hugging Face `imagefolder` (a metadata.jsonl or metadata.csv at
-    /// its top level with a `file_name` and a caption column: see --caption-column)
+    /// The training images: a folder in kohya's layout (sidecar caption files, `N_token`
+    /// sub-folders repeated N times), a Hugging Face `imagefolder` (a metadata.jsonl or
+    /// metadata.csv at its top level with a `file_name` and a caption column), or a Hugging Face
+    /// dataset in parquet (a .parquet file, or a folder in the Hub layout: see --split)
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// The adapter file to write (.safetensors)
@@ -141,13 +145,9 @@ pub struct TrainArgs {
     /// multiples of the model's granularity) nearest its shape; a batch never mixes buckets
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub buckets: Option<bool>,
-    /// Caption file extension [default: .txt]
-    #[arg(long)]
-    pub caption_ext: Option<String>,
-    /// The caption column of an `imagefolder` dataset's metadata (diffusers' --caption_column)
-    /// [default: text]
-    #[arg(long, value_name = "NAME")]
-    pub caption_column: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub dataset: DatasetArgs,
     /// Probability of training a sample with the empty caption [default: 0]
     #[arg(long)]
     pub caption_dropout: Option<f64>,
@@ -222,6 +222,98 @@ pub struct TrainArgs {
     pub eval_clip: Option<String>,
 }
 
+/// How a dataset is read, shared by training and the `lora-train data` commands. `None` means
+/// "not given here".
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DatasetArgs {
+    /// Caption file extension of a kohya folder [default: .txt]
+    #[arg(long)]
+    pub caption_ext: Option<String>,
+    /// The caption column of an imagefolder's metadata or a parquet dataset (diffusers'
+    /// --caption_column): text, or a ClassLabel whose class names become captions (see
+    /// --caption-template) [default: text]
+    #[arg(long, value_name = "NAME")]
+    pub caption_column: Option<String>,
+    /// The image column of a parquet dataset, a `datasets` Image (diffusers' --image_column)
+    /// [default: image]
+    #[arg(long, value_name = "NAME")]
+    pub image_column: Option<String>,
+    /// The split of a parquet dataset folder: the files its README's `configs:` give the split,
+    /// else those its file or folder names say (`data/train-00000-of-00001.parquet`)
+    /// [default: train]
+    #[arg(long, value_name = "NAME")]
+    pub split: Option<String>,
+    /// Makes each caption from the caption column's text or class name, written in place of
+    /// `{label}`: "a photo of {label}" [default: the column as it is]
+    #[arg(long, value_name = "TEMPLATE")]
+    pub caption_template: Option<String>,
+    /// Keeps the rows of these classes only (a ClassLabel caption column; comma-separated or
+    /// repeated)
+    #[arg(long, value_name = "CLASS", value_delimiter = ',')]
+    pub label_filter: Option<Vec<String>>,
+}
+
+impl DatasetArgs {
+    /// `self` with every value given in `over` replacing its own.
+    pub fn overlay(self, over: DatasetArgs) -> DatasetArgs {
+        DatasetArgs {
+            caption_ext: over.caption_ext.or(self.caption_ext),
+            caption_column: over.caption_column.or(self.caption_column),
+            image_column: over.image_column.or(self.image_column),
+            split: over.split.or(self.split),
+            caption_template: over.caption_template.or(self.caption_template),
+            label_filter: over.label_filter.or(self.label_filter),
+        }
+    }
+
+    /// The options with defaults filled in; each invalid value adds a line to `problems`.
+    pub fn resolve(self, skip_bad: bool, problems: &mut Vec<String>) -> ScanOptions {
+        let defaults = ScanOptions::default();
+        let caption_ext = self.caption_ext.unwrap_or(defaults.caption_ext);
+        if !(caption_ext.starts_with('.') && caption_ext.len() > 1 && !caption_ext.contains('/')) {
+            problems.push(format!(
+                "--caption-ext = `{caption_ext}`: expected an extension such as .txt"
+            ));
+        }
+        let mut named = |flag: &str, value: Option<String>, default: String| {
+            let value = value.unwrap_or(default);
+            if value.trim().is_empty() {
+                problems.push(format!("--{flag} is empty: expected a name"));
+            }
+            value
+        };
+        let caption_column = named(
+            "caption-column",
+            self.caption_column,
+            defaults.caption_column,
+        );
+        let image_column = named("image-column", self.image_column, defaults.image_column);
+        let split = named("split", self.split, defaults.split);
+        if let Some(template) = &self.caption_template {
+            if !template.contains(LABEL_PLACEHOLDER) {
+                problems.push(format!(
+                    "--caption-template = `{template}`: expected {LABEL_PLACEHOLDER} where the \
+                     label goes, e.g. \"a photo of {LABEL_PLACEHOLDER}\""
+                ));
+            }
+        }
+        let label_filter = self.label_filter.unwrap_or_default();
+        if label_filter.iter().any(|l| l.trim().is_empty()) {
+            problems.push("--label-filter has an empty class name".into());
+        }
+        ScanOptions {
+            caption_ext,
+            caption_column,
+            image_column,
+            split,
+            caption_template: self.caption_template,
+            label_filter,
+            skip_bad,
+        }
+    }
+}
+
 /// A checked, complete set of training options.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainConfig {
@@ -247,11 +339,10 @@ pub struct TrainConfig {
     pub crop: Crop,
     pub flip: bool,
     pub buckets: bool,
-    pub caption_ext: String,
-    /// Left out of the recipe at its default, so that checkpoints written before the option
-    /// existed (whose recipe has no such key) still resume; any other value must match.
-    #[serde(skip_serializing_if = "is_default_caption_column")]
-    pub caption_column: String,
+    /// How the dataset is read (`skip_bad` included); flattened so that the recipe keeps the
+    /// keys it had before the options were grouped.
+    #[serde(flatten)]
+    pub dataset: ScanOptions,
     pub caption_dropout: f64,
     pub seed: u64,
     pub min_snr_gamma: Option<f64>,
@@ -268,7 +359,6 @@ pub struct TrainConfig {
     #[serde(serialize_with = "as_display")]
     pub format: AdapterFormat,
     pub metrics: PathBuf,
-    pub skip_bad: bool,
     pub overwrite: bool,
     pub allow_pickle: bool,
     pub sample: Option<SampleConfig>,
@@ -293,13 +383,6 @@ pub enum TrainLength {
     Epochs(usize),
 }
 
-/// `--caption-column`'s default, diffusers' training scripts' (`text`).
-pub const DEFAULT_CAPTION_COLUMN: &str = "text";
-
-fn is_default_caption_column(column: &str) -> bool {
-    column == DEFAULT_CAPTION_COLUMN
-}
-
 fn as_display<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
@@ -321,13 +404,45 @@ impl TrainArgs {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+        Self::from_toml(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// The options a TOML text sets.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let table: toml::Table = toml::from_str(text)?;
+        // The flags are the schema: a key that is no flag's name is a typo, not a setting to
+        // ignore.
+        let command = <Self as clap::Args>::augment_args(clap::Command::new("lora-train"));
+        let keys: Vec<&str> = command
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .collect();
+        let unknown: Vec<&String> = table
+            .keys()
+            .filter(|k| !keys.contains(&k.as_str()))
+            .collect();
+        if !unknown.is_empty() {
+            bail!(
+                "unknown key(s) {}; the keys are the flags' names without `--`",
+                unknown
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(toml::Value::Table(table).try_into()?)
     }
 
     /// `self` with every value given in `over` replacing its own (flags over file).
     pub fn overlay(self, over: TrainArgs) -> TrainArgs {
         macro_rules! pick {
-            ($($f:ident),*) => { TrainArgs { $($f: over.$f.or(self.$f)),* } };
+            ($($f:ident),*) => {
+                TrainArgs {
+                    $($f: over.$f.or(self.$f)),*,
+                    dataset: self.dataset.overlay(over.dataset),
+                }
+            };
         }
         pick!(
             base,
@@ -352,8 +467,6 @@ impl TrainArgs {
             random_crop,
             flip,
             buckets,
-            caption_ext,
-            caption_column,
             caption_dropout,
             seed,
             min_snr_gamma,
@@ -397,6 +510,9 @@ impl TrainArgs {
         let precision = self.precision.unwrap_or_default();
         let device = self.device.unwrap_or_default();
         let format = self.format.unwrap_or(AdapterFormat::Kohya);
+        let dataset = self
+            .dataset
+            .resolve(self.skip_bad.unwrap_or(false), &mut problems);
 
         let mut check = |ok: bool, message: String| {
             if !ok {
@@ -465,18 +581,6 @@ impl TrainArgs {
             "give --center-crop or --random-crop, not both".into(),
         );
         let crop = if random { Crop::Random } else { Crop::Center };
-        let caption_ext = self.caption_ext.unwrap_or_else(|| ".txt".into());
-        check(
-            caption_ext.starts_with('.') && caption_ext.len() > 1 && !caption_ext.contains('/'),
-            format!("--caption-ext = `{caption_ext}`: expected an extension such as .txt"),
-        );
-        let caption_column = self
-            .caption_column
-            .unwrap_or_else(|| DEFAULT_CAPTION_COLUMN.into());
-        check(
-            !caption_column.is_empty(),
-            "--caption-column is empty: expected a column name such as text".into(),
-        );
         let caption_dropout = self.caption_dropout.unwrap_or(0.0);
         check(
             (0.0..=1.0).contains(&caption_dropout),
@@ -593,8 +697,7 @@ impl TrainArgs {
             crop,
             flip: self.flip.unwrap_or(false),
             buckets: self.buckets.unwrap_or(false),
-            caption_ext,
-            caption_column,
+            dataset,
             caption_dropout,
             seed: self.seed.unwrap_or(0),
             min_snr_gamma: self.min_snr_gamma,
@@ -607,7 +710,6 @@ impl TrainArgs {
             resume: self.resume,
             format,
             metrics,
-            skip_bad: self.skip_bad.unwrap_or(false),
             overwrite: self.overwrite.unwrap_or(false),
             allow_pickle: self.allow_pickle.unwrap_or(false),
             sample,
@@ -649,15 +751,18 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_and_unknown_keys_are_errors() {
-        let file: TrainArgs = toml::from_str("rank = 8\nlr = 0.001\nbatch-size = 2\n").unwrap();
+        let file =
+            TrainArgs::from_toml("rank = 8\nlr = 0.001\nbatch-size = 2\ncaption-column = \"c\"\n")
+                .unwrap();
         let flags = TrainArgs {
             rank: Some(16),
             ..minimal()
         };
         let c = file.overlay(flags).resolve().unwrap();
         assert_eq!((c.rank, c.lr, c.batch_size), (16, 1e-3, 2));
-        let err = toml::from_str::<TrainArgs>("rnak = 8\n").unwrap_err();
-        assert!(err.to_string().contains("rnak"), "{err}");
+        assert_eq!(c.dataset.caption_column, "c");
+        let err = TrainArgs::from_toml("rnak = 8\n").unwrap_err();
+        assert!(err.to_string().contains("`rnak`"), "{err}");
     }
 
     #[test]
@@ -696,12 +801,13 @@ mod tests {
             ("lr-scheduler = \"step\"\n", "lr-scheduler"),
             ("format = \"ckpt\"\n", "ckpt"),
         ] {
-            let err = toml::from_str::<TrainArgs>(text).unwrap_err().to_string();
+            let err = format!("{:#}", TrainArgs::from_toml(text).unwrap_err());
             assert!(err.contains(needle), "{text}: {err}");
         }
-        let file: TrainArgs =
-            toml::from_str("targets = \"attn-mlp\"\nprecision = \"fp16\"\ndevice = \"cuda:1\"\n")
-                .unwrap();
+        let file = TrainArgs::from_toml(
+            "targets = \"attn-mlp\"\nprecision = \"fp16\"\ndevice = \"cuda:1\"\n",
+        )
+        .unwrap();
         assert_eq!(file.targets, Some(LoraTargets::AttnMlp));
         assert_eq!(file.precision, Some(Precision::F16));
         assert_eq!(file.device, Some(DeviceSpec::Cuda(1)));
@@ -743,7 +849,8 @@ mod tests {
         );
         assert_eq!(sample.clip.as_deref(), Some("clip-folder"));
         let file: TrainArgs =
-            toml::from_str("eval-inception = \"i.safetensors\"\neval-clip = \"c\"\n").unwrap();
+            TrainArgs::from_toml("eval-inception = \"i.safetensors\"\neval-clip = \"c\"\n")
+                .unwrap();
         assert_eq!(file.eval_clip.as_deref(), Some("c"));
     }
 
@@ -771,9 +878,21 @@ mod tests {
         ] {
             assert_eq!(recipe[key], spelling, "{key}");
         }
-        assert!(recipe.get("caption_column").is_none(), "{recipe}");
+        for key in [
+            "caption_column",
+            "image_column",
+            "split",
+            "caption_template",
+            "label_filter",
+        ] {
+            assert!(recipe.get(key).is_none(), "{key}: {recipe}");
+        }
+        assert_eq!(recipe["caption_ext"], ".txt");
         let other = TrainArgs {
-            caption_column: Some("caption".into()),
+            dataset: DatasetArgs {
+                caption_column: Some("caption".into()),
+                ..DatasetArgs::default()
+            },
             ..minimal()
         }
         .resolve()

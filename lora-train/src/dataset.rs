@@ -12,9 +12,13 @@
 //! warning, as kohya does ("ignore directory without repeats").
 //!
 //! A folder with a `metadata.jsonl` or `metadata.csv` at its top level is a Hugging Face
-//! `imagefolder` instead ([`imagefolder`]).
+//! `imagefolder` instead ([`imagefolder`]). A `.parquet` file, or a folder of parquet files in the
+//! Hub layout ([`hub_layout`] picks the split's files), is a Hugging Face dataset in parquet
+//! ([`parquet`]).
 
+mod hub_layout;
 mod imagefolder;
+mod parquet;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -25,6 +29,7 @@ use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
 use image::{DynamicImage, ImageReader};
 use lora_core::Rng;
+use serde::Serialize;
 
 use crate::config::Crop;
 
@@ -36,10 +41,126 @@ pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 /// loop lists every sample of an epoch).
 pub const MAX_REPEATS: usize = 10_000;
 
+/// Where a dataset item's pixels are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageLocation {
+    /// An image file.
+    File(PathBuf),
+    /// The encoded image in row `row` (counted from 0 over the whole file) of a parquet file's
+    /// image `column`; `name` is the file name it was made from, or `row N`.
+    ParquetRow {
+        file: PathBuf,
+        row: usize,
+        column: String,
+        name: String,
+    },
+}
+
+impl ImageLocation {
+    /// The file that holds the image.
+    pub fn file(&self) -> &Path {
+        match self {
+            Self::File(path) | Self::ParquetRow { file: path, .. } => path,
+        }
+    }
+
+    /// The image's own name (its file name), as the dataset's fingerprint and reports use it.
+    pub fn name(&self) -> String {
+        match self {
+            Self::File(path) => path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+            Self::ParquetRow { name, .. } => name.clone(),
+        }
+    }
+
+    /// Decodes the image. Reading a whole dataset goes through [`Dataset::images`], which streams.
+    pub fn load(&self) -> Result<DynamicImage> {
+        match self {
+            Self::File(path) => load_image(path),
+            Self::ParquetRow {
+                file, row, column, ..
+            } => parquet::RowImages::open(file, column, *row)?.image(*row),
+        }
+    }
+}
+
+impl fmt::Display for ImageLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::ParquetRow { file, row, .. } => write!(f, "{} row {row}", file.display()),
+        }
+    }
+}
+
+/// `--caption-column`'s default, diffusers' training scripts' (`text`).
+pub const DEFAULT_CAPTION_COLUMN: &str = "text";
+/// `--image-column`'s default, diffusers' training scripts' (`image`).
+pub const DEFAULT_IMAGE_COLUMN: &str = "image";
+/// `--split`'s default.
+pub const DEFAULT_SPLIT: &str = "train";
+
+/// How to read a dataset: what each layout needs besides the source itself. As part of a
+/// training recipe, the options added after the first release are left out at their defaults, so
+/// that checkpoints written before them (whose recipe has no such keys) still resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ScanOptions {
+    /// The sidecar caption extension of kohya folders (`.txt`).
+    pub caption_ext: String,
+    /// The caption column of an `imagefolder`'s metadata or a parquet dataset (diffusers'
+    /// `--caption_column`).
+    #[serde(skip_serializing_if = "is_default_caption_column")]
+    pub caption_column: String,
+    /// The image column of a parquet dataset (diffusers' `--image_column`).
+    #[serde(skip_serializing_if = "is_default_image_column")]
+    pub image_column: String,
+    /// The split of a parquet dataset folder.
+    #[serde(skip_serializing_if = "is_default_split")]
+    pub split: String,
+    /// Makes the caption from the caption column's text or class name, put in place of
+    /// [`LABEL_PLACEHOLDER`] (`a photo of {label}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption_template: Option<String>,
+    /// Class names of a ClassLabel caption column to keep (all when empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub label_filter: Vec<String>,
+    /// Leave out bad files (listed in [`Dataset::skipped`]) instead of refusing the dataset.
+    pub skip_bad: bool,
+}
+
+fn is_default_caption_column(column: &str) -> bool {
+    column == DEFAULT_CAPTION_COLUMN
+}
+
+fn is_default_image_column(column: &str) -> bool {
+    column == DEFAULT_IMAGE_COLUMN
+}
+
+fn is_default_split(split: &str) -> bool {
+    split == DEFAULT_SPLIT
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        Self {
+            caption_ext: ".txt".into(),
+            caption_column: DEFAULT_CAPTION_COLUMN.into(),
+            image_column: DEFAULT_IMAGE_COLUMN.into(),
+            split: DEFAULT_SPLIT.into(),
+            caption_template: None,
+            label_filter: Vec::new(),
+            skip_bad: false,
+        }
+    }
+}
+
 /// One training image and its caption.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DatasetItem {
-    pub image: PathBuf,
+    pub image: ImageLocation,
     pub caption: String,
     /// How many times an epoch shows it (the `N` of a kohya `N_token` folder, else 1).
     pub repeats: usize,
@@ -74,23 +195,35 @@ impl Dataset {
     /// Finds and checks every file under `dir`. Each image is decoded in full, so a truncated or
     /// mislabelled file is caught here rather than mid-training. All problems are reported in one
     /// error unless `skip_bad`, in which case the bad files are left out and listed in `skipped`.
-    /// An empty result is always an error. `caption_column` applies to `imagefolder` datasets,
-    /// `caption_ext` to kohya ones.
-    pub fn scan(
-        dir: &Path,
-        caption_ext: &str,
-        caption_column: &str,
-        skip_bad: bool,
-    ) -> Result<Self> {
+    /// An empty result is always an error.
+    pub fn scan(dir: &Path, options: &ScanOptions) -> Result<Self> {
+        if dir.is_file() && hub_layout::is_parquet_file(dir) {
+            let (items, bad, warnings) = parquet::scan(&[dir.to_path_buf()], options)?;
+            return Self::checked(dir, items, bad, warnings, options.skip_bad);
+        }
         ensure!(
             dir.is_dir(),
-            "dataset folder {} does not exist or is not a folder",
+            "dataset {} does not exist or is neither a folder nor a .parquet file",
             dir.display()
         );
         if let Some(metadata) = imagefolder::metadata_file(dir)? {
-            let (items, bad, warnings) = imagefolder::scan(dir, &metadata, caption_column)?;
-            return Self::checked(dir, items, bad, warnings, skip_bad);
+            refuse_parquet_options(dir, options, "an imagefolder")?;
+            let (items, bad, warnings) = imagefolder::scan(dir, &metadata, options)?;
+            return Self::checked(dir, items, bad, warnings, options.skip_bad);
         }
+        if let Some(files) = hub_layout::split_files(dir, &options.split)? {
+            let (items, bad, warnings) = parquet::scan(&files, options)?;
+            return Self::checked(dir, items, bad, warnings, options.skip_bad);
+        }
+        refuse_parquet_options(dir, options, "a folder of images with caption files")?;
+        ensure!(
+            options.caption_column == DEFAULT_CAPTION_COLUMN && options.caption_template.is_none(),
+            "dataset {} is a folder of images with caption files: --caption-column and \
+             --caption-template apply to imagefolder (metadata.jsonl / metadata.csv) and parquet \
+             datasets",
+            dir.display()
+        );
+        let (caption_ext, skip_bad) = (options.caption_ext.as_str(), options.skip_bad);
         let mut warnings = Vec::new();
         let mut bad = Vec::new();
         let mut groups = vec![(dir.to_path_buf(), 1usize, None::<String>)];
@@ -169,7 +302,7 @@ impl Dataset {
                     continue;
                 };
                 items.push(DatasetItem {
-                    image: path,
+                    image: ImageLocation::File(path),
                     caption,
                     repeats,
                     size,
@@ -218,6 +351,28 @@ impl Dataset {
         self.items.iter().map(|i| i.repeats).sum()
     }
 
+    /// Every item's image, decoded, in item order; a parquet file's rows are read in one pass,
+    /// a few at a time.
+    pub fn images(&self) -> impl Iterator<Item = Result<DynamicImage>> + '_ {
+        let mut rows: Option<parquet::RowImages> = None;
+        self.items.iter().map(move |item| {
+            let image = match &item.image {
+                ImageLocation::File(path) => load_image(path),
+                ImageLocation::ParquetRow {
+                    file, row, column, ..
+                } => {
+                    let reader = match rows.take() {
+                        Some(reader) if reader.reaches(file, column, *row) => reader,
+                        _ => parquet::RowImages::open(file, column, *row)?,
+                    };
+                    let reader = rows.insert(reader);
+                    reader.image(*row)
+                }
+            };
+            image.with_context(|| format!("cannot load {}", item.image))
+        })
+    }
+
     /// Item index of each sample of an epoch, in folder order (shuffled per epoch by the loop).
     pub fn epoch_samples(&self) -> Vec<usize> {
         self.items
@@ -226,6 +381,29 @@ impl Dataset {
             .flat_map(|(i, item)| std::iter::repeat_n(i, item.repeats))
             .collect()
     }
+}
+
+/// The parquet-only options must keep their defaults for other layouts: a flag that would be
+/// silently ignored is refused instead.
+fn refuse_parquet_options(dir: &Path, options: &ScanOptions, layout: &str) -> Result<()> {
+    let given: Vec<&str> = [
+        (
+            options.image_column != DEFAULT_IMAGE_COLUMN,
+            "--image-column",
+        ),
+        (options.split != DEFAULT_SPLIT, "--split"),
+        (!options.label_filter.is_empty(), "--label-filter"),
+    ]
+    .into_iter()
+    .filter_map(|(given, flag)| given.then_some(flag))
+    .collect();
+    ensure!(
+        given.is_empty(),
+        "dataset {} is {layout}: {} apply to parquet datasets only",
+        dir.display(),
+        given.join(", ")
+    );
+    Ok(())
 }
 
 /// `10_sks dog` → (10, "sks dog").
@@ -273,10 +451,26 @@ fn normalize_caption(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Decodes an image, trusting its content over its extension.
+/// Reads and decodes an image file, trusting its content over its extension.
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
-    ImageReader::open(path)
-        .context("cannot open")?
+    let bytes = std::fs::read(path).context("cannot open")?;
+    decode_image(&bytes)
+}
+
+/// The placeholder of `--caption-template`.
+pub const LABEL_PLACEHOLDER: &str = "{label}";
+
+/// `text` (a caption column's text or class name) through `--caption-template`, if given.
+fn with_template(text: String, options: &ScanOptions) -> String {
+    match &options.caption_template {
+        Some(template) => normalize_caption(&template.replace(LABEL_PLACEHOLDER, &text)),
+        None => text,
+    }
+}
+
+/// Decodes an encoded image (PNG, JPEG, WebP, … as its bytes say, whatever it is called).
+pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
+    ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .context("cannot read")?
         .decode()
@@ -381,7 +575,7 @@ mod tests {
         image::RgbImage::new(2, 2)
             .save(folder.join("a.png"))
             .unwrap();
-        let err = Dataset::scan(dir.path(), ".txt", "text", false).unwrap_err();
+        let err = Dataset::scan(dir.path(), &ScanOptions::default()).unwrap_err();
         let message = format!("{err:#}");
         assert!(
             message.contains("99999999999_sks dog") && message.contains("at most 10000"),

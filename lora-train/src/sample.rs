@@ -10,16 +10,17 @@
 //! and CLIP score against the prompts, both from the images in memory.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use image::RgbImage;
-use lora_core::models::inception::FidInception;
+use lora_core::models::inception::{FidInception, CLASSES, FEATURES};
 use lora_core::source::{clip_model_folder, ModelFolder};
 use lora_core::UNet2DConditionModel;
 use lora_eval::clip_score::{clip_score, ClipScoreModel};
-use lora_eval::extract::{batch_rows, inception_outputs, rgb_network_input, ExtractOptions};
+use lora_eval::extract::{batch_rows, rgb_network_input};
+use lora_eval::features::FeatureRows;
 use lora_eval::frechet::{frechet_distance, GaussianStats};
 use lora_eval::stats::FeatureSet;
 use lora_infer::output::{to_images8, write_png, Image8};
@@ -27,6 +28,7 @@ use lora_infer::{GenerateOptions, Pipeline, PipelineParts};
 use serde::Serialize;
 
 use crate::config::SampleConfig;
+use crate::dataset::Dataset;
 
 pub struct Sampler {
     pipeline: Pipeline,
@@ -59,7 +61,7 @@ impl Sampler {
         config: SampleConfig,
         resolution: usize,
         seed: u64,
-        training_images: &[PathBuf],
+        dataset: &Dataset,
         device: &Device,
     ) -> Result<Self> {
         let text_config = model.text_encoder_config()?;
@@ -79,20 +81,8 @@ impl Sampler {
             Some(path) => {
                 let inception = FidInception::load(path, device)
                     .with_context(|| format!("--eval-inception {}", path.display()))?;
-                let options = ExtractOptions {
-                    batch_size: 16,
-                    // The dataset scan has already refused or skipped unreadable images.
-                    skip_bad: false,
-                };
-                let outputs =
-                    inception_outputs(&inception, training_images, device, options, &mut |_| {})
-                        .context("the training images' Inception features (--eval-inception)")?;
-                let reference = FeatureSet::from_rows(
-                    "the training images".into(),
-                    outputs.pool,
-                    outputs.logits,
-                    BTreeMap::new(),
-                )?;
+                let reference = training_features(&inception, dataset, device)
+                    .context("the training images' Inception features (--eval-inception)")?;
                 Some((inception, reference))
             }
             None => None,
@@ -190,6 +180,33 @@ impl Sampler {
         frechet_distance(&reference.stats, &GaussianStats::from_features(&pool)?)
     }
 }
+
+/// The Inception features of every dataset image, decoded as training decodes them (the scan has
+/// already refused or skipped unreadable ones), in batches of [`INCEPTION_BATCH`].
+fn training_features(
+    inception: &FidInception,
+    dataset: &Dataset,
+    device: &Device,
+) -> Result<FeatureSet> {
+    let mut pool = FeatureRows::empty(FEATURES);
+    let mut logits = FeatureRows::empty(CLASSES);
+    let mut images = dataset.images().peekable();
+    while images.peek().is_some() {
+        let batch = images
+            .by_ref()
+            .take(INCEPTION_BATCH)
+            .map(|image| Ok(rgb_network_input(&image?.to_rgb8())))
+            .collect::<Result<Vec<_>>>()?;
+        let count = batch.len();
+        let (batch_pool, batch_logits) = batch_rows(inception, batch.concat(), count, device)?;
+        pool.extend(&batch_pool)?;
+        logits.extend(&batch_logits)?;
+    }
+    FeatureSet::from_rows("the training images".into(), pool, logits, BTreeMap::new())
+}
+
+/// Images per Inception batch: bounds the memory of the network's activations.
+const INCEPTION_BATCH: usize = 16;
 
 /// A generated image as the scores read it (`to_images8` makes only gray or RGB).
 fn to_rgb(image: &Image8) -> RgbImage {

@@ -114,12 +114,7 @@ impl Trainer {
         remove_stale_temporaries(&config.metrics);
         check_output_location(&config, continuing)?;
         let device = config.device.open()?;
-        let dataset = Dataset::scan(
-            &config.data,
-            &config.caption_ext,
-            &config.caption_column,
-            config.skip_bad,
-        )?;
+        let dataset = Dataset::scan(&config.data, &config.dataset)?;
         on_prepare(Preparation::Dataset(&dataset));
         let (source, pickle_copy) = ModelSource::parse(&config.base)?
             .with_configs_from(config.base_config.clone())?
@@ -239,11 +234,7 @@ impl Trainer {
                 sample.clone(),
                 config.resolution,
                 config.seed,
-                &dataset
-                    .items
-                    .iter()
-                    .map(|item| item.image.clone())
-                    .collect::<Vec<_>>(),
+                &dataset,
                 &device,
             )?),
             None => None,
@@ -811,12 +802,7 @@ fn fingerprint(dataset: &Dataset) -> String {
         }
     };
     for item in &dataset.items {
-        feed(
-            item.image
-                .file_name()
-                .unwrap_or_default()
-                .as_encoded_bytes(),
-        );
+        feed(item.image.name().as_bytes());
         feed(item.caption.as_bytes());
         feed(&item.repeats.to_le_bytes());
     }

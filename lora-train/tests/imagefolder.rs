@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::fixtures;
-use lora_train::dataset::{Dataset, DatasetItem};
+use lora_train::dataset::{Dataset, DatasetItem, ImageLocation, ScanOptions};
 use safetensors::SafeTensors;
 
 /// The fixture images with one repeat each: (fixture file, caption), in kohya's scan order of the
@@ -41,7 +41,24 @@ fn kohya_folder(dir: &Path) -> PathBuf {
 }
 
 fn scan(dir: &Path) -> anyhow::Result<Dataset> {
-    Dataset::scan(dir, ".txt", "text", false)
+    Dataset::scan(dir, &ScanOptions::default())
+}
+
+/// `options` with a different caption column or `--skip-bad`.
+fn options(caption_column: &str, skip_bad: bool) -> ScanOptions {
+    ScanOptions {
+        caption_column: caption_column.into(),
+        skip_bad,
+        ..ScanOptions::default()
+    }
+}
+
+/// `item`'s image file relative to `root`.
+fn strip(item: &DatasetItem, root: &Path) -> DatasetItem {
+    DatasetItem {
+        image: ImageLocation::File(item.image.file().strip_prefix(root).unwrap().to_path_buf()),
+        ..item.clone()
+    }
 }
 
 fn error(dir: &Path) -> String {
@@ -50,13 +67,7 @@ fn error(dir: &Path) -> String {
 
 /// The items with paths relative to their folder, to compare two folders.
 fn relative(items: &[DatasetItem], root: &Path) -> Vec<DatasetItem> {
-    items
-        .iter()
-        .map(|item| DatasetItem {
-            image: item.image.strip_prefix(root).unwrap().to_path_buf(),
-            ..item.clone()
-        })
-        .collect()
+    items.iter().map(|item| strip(item, root)).collect()
 }
 
 #[test]
@@ -122,10 +133,7 @@ fn metadata_csv_with_quoted_captions_and_sub_folders_gives_the_same_items() {
     let strip_images = |items: &[DatasetItem]| {
         relative(items, &root)
             .into_iter()
-            .map(|item| DatasetItem {
-                image: item.image.strip_prefix("images").unwrap().to_path_buf(),
-                ..item
-            })
+            .map(|item| strip(&item, Path::new("images")))
             .collect::<Vec<_>>()
     };
     assert_eq!(
@@ -204,7 +212,7 @@ fn metadata_errors_name_the_file_and_line() {
         root.join("metadata.csv").display()
     );
     assert!(message.contains(&expected), "{message}");
-    assert!(Dataset::scan(&root, ".txt", "caption", false).is_ok());
+    assert!(Dataset::scan(&root, &options("caption", false)).is_ok());
     std::fs::write(root.join("metadata.csv"), "file_name,text\na.png,a\n,b\n").unwrap();
     let message = error(&root);
     let expected = format!(
@@ -234,7 +242,7 @@ fn empty_or_null_captions_are_bad_files_as_in_kohya_folders() {
             && message.contains("metadata.jsonl line 2"),
         "{message}"
     );
-    let skipped = Dataset::scan(&root, ".txt", "text", true).unwrap();
+    let skipped = Dataset::scan(&root, &options("text", true)).unwrap();
     assert_eq!(skipped.items.len(), 1);
     assert_eq!(skipped.skipped.len(), 1);
     assert_eq!(skipped.skipped[0].path, root.join("b.png"));

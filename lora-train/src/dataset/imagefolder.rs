@@ -16,7 +16,10 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use super::{has_image_extension, load_image, normalize_caption, BadFile, DatasetItem};
+use super::{
+    has_image_extension, load_image, normalize_caption, with_template, BadFile, DatasetItem,
+    ImageLocation, ScanOptions,
+};
 
 const JSONL: &str = "metadata.jsonl";
 const CSV: &str = "metadata.csv";
@@ -53,8 +56,9 @@ pub(super) fn metadata_file(dir: &Path) -> Result<Option<PathBuf>> {
 pub(super) fn scan(
     dir: &Path,
     metadata: &Path,
-    column: &str,
+    options: &ScanOptions,
 ) -> Result<(Vec<DatasetItem>, Vec<BadFile>, Vec<String>)> {
+    let column = options.caption_column.as_str();
     let mut problems = Vec::new();
     let rows = if metadata.ends_with(CSV) {
         csv_rows(metadata, column, &mut problems)?
@@ -119,6 +123,7 @@ pub(super) fn scan(
         let Some(caption) = caption
             .map(|c| normalize_caption(&c))
             .filter(|c| !c.is_empty())
+            .map(|c| with_template(c, options))
         else {
             bad.push(BadFile {
                 path: image,
@@ -137,7 +142,7 @@ pub(super) fn scan(
             }
         };
         items.push(DatasetItem {
-            image,
+            image: ImageLocation::File(image),
             caption,
             repeats: 1,
             size,
