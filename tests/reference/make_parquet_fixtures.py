@@ -13,6 +13,7 @@ the tiny training images (run once; the output is committed).
   names) from a folder of class sub-folders, as `imagefolder` infers it, in the same Hub layout.
 - `paths.parquet`: the Image feature without bytes, its `path` relative to the parquet file's
   folder (`imagefolder/…`), as a dataset that keeps its images beside the table stores it.
+- `broken.parquet`: the embedded dataset with row 1's bytes replaced by bytes that are no image.
 - `expected.json`: what `datasets` reads back from each file: per split, the rows' captions (or
   label names) and the SHA-256 of each image's RGB pixels as PIL decodes them.
 
@@ -145,6 +146,13 @@ def main():
         "parquet", data_files=str(OUT / "paths.parquet"), split="train"
     )
     assert paths_back.features == ds.features, paths_back.features
+
+    # A row whose bytes do not decode (the rest intact), to name the row in the error.
+    good = pq.read_table(OUT / "embedded.parquet")
+    images = good.column("image").to_pylist()
+    images[1] = {"bytes": b"not an image", "path": images[1]["path"]}
+    broken = good.set_column(0, "image", pa.array(images, type=good.schema.field("image").type))
+    pq.write_table(broken.replace_schema_metadata(good.schema.metadata), OUT / "broken.parquet")
 
     embedded_back = datasets.load_dataset(
         "parquet", data_files=str(OUT / "embedded.parquet"), split="train"

@@ -51,3 +51,48 @@ pub fn wait_while_running(child: &mut Child, what: &str, mut done: impl FnMut() 
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `lora-train` for 2 steps (batch 2, lr 1e-2) on the tiny fixture model from `data`, writing
+/// `out`.
+pub fn train_two_steps(data: &Path, out: &Path) {
+    let output = Command::new(env!("CARGO_BIN_EXE_lora-train"))
+        .arg("--base")
+        .arg(fixtures().join("sd1-tiny"))
+        .arg("--data")
+        .arg(data)
+        .arg("--output")
+        .arg(out)
+        .args(["--resolution", "32", "--lr", "1e-2", "--steps", "2"])
+        .args(["--batch-size", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The two adapter files hold the same tensors, bit for bit, and the same header entries. The
+/// header's JSON may list its keys in another order and `modelspec.date` is the time of writing.
+pub fn assert_same_adapter(a: &Path, b: &Path) {
+    let [a, b] = [a, b].map(|p| std::fs::read(p).unwrap());
+    let [meta_a, meta_b] = [&a, &b].map(|bytes| {
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+        let mut entries = header.metadata().clone().unwrap();
+        entries.remove("modelspec.date").unwrap();
+        entries
+    });
+    assert_eq!(meta_a, meta_b);
+    let [a, b] = [&a, &b].map(|bytes| safetensors::SafeTensors::deserialize(bytes).unwrap());
+    let mut names = a.names();
+    names.sort();
+    assert!(!names.is_empty());
+    for name in names {
+        let (x, y) = (a.tensor(name).unwrap(), b.tensor(name).unwrap());
+        assert_eq!((x.dtype(), x.shape()), (y.dtype(), y.shape()), "{name}");
+        assert!(x.data() == y.data(), "{name} differs");
+    }
+}
