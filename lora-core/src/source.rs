@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use hf_hub::api::sync::ApiBuilder;
-use hf_hub::{Cache, Repo};
+use hf_hub::{Cache, Repo, RepoType};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -146,7 +146,7 @@ impl ModelSource {
 
 /// `owner/name`, each part a Hub name: ASCII letters, digits, `-`, `_`, `.`, not starting with a
 /// symbol, no `..`.
-fn is_hub_id(spec: &str) -> bool {
+pub fn is_hub_id(spec: &str) -> bool {
     let part_ok = |p: &str| {
         p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
             && p.chars()
@@ -171,7 +171,7 @@ fn open_from_hub(id: &str, cache: Cache, endpoint: Option<String>) -> Result<Mod
     let how_to_use_local =
         "to use a local copy, pass the path of a diffusers folder (with model_index.json, unet/, \
                  text_encoder/, scheduler/) instead of the Hub id";
-    let repo = HubRepo::open(id, cache, endpoint, how_to_use_local)?;
+    let repo = HubRepo::open(id, RepoType::Model, cache, endpoint, how_to_use_local)?;
     let listed: Vec<&str> = repo.files.iter().map(String::as_str).collect();
     let mut snapshot = None;
     for file in files_to_download(&listed) {
@@ -221,7 +221,7 @@ fn clip_folder_from_hub(id: &str, cache: Cache, endpoint: Option<String>) -> Res
     let how_to_use_local =
         "to use a local copy, pass the path of a folder with the repository's config.json, \
          model.safetensors, preprocessor_config.json and tokenizer files instead of the Hub id";
-    let repo = HubRepo::open(id, cache, endpoint, how_to_use_local)?;
+    let repo = HubRepo::open(id, RepoType::Model, cache, endpoint, how_to_use_local)?;
     for required in CLIP_FILES[..2].iter() {
         ensure!(
             repo.files.iter().any(|f| f == required),
@@ -239,6 +239,51 @@ fn clip_folder_from_hub(id: &str, cache: Cache, endpoint: Option<String>) -> Res
     Ok(snapshot.expect("config.json was downloaded"))
 }
 
+/// A dataset repository of the Hugging Face Hub (`--data owner/name` of lora-train): its file
+/// list, its files downloaded into the Hub cache on demand, and the cached snapshot to use
+/// offline.
+pub struct HubDataset {
+    repo: HubRepo,
+}
+
+impl HubDataset {
+    /// The snapshot folder of the dataset's cached `main` revision, if the cache has its
+    /// `README.md` (every Hub dataset has one): the files downloaded so far, in the repository's
+    /// layout.
+    pub fn cached_snapshot(id: &str) -> Option<PathBuf> {
+        let readme = Cache::from_env().dataset(id.to_owned()).get(DATASET_CARD)?;
+        readme.parent().map(Path::to_path_buf)
+    }
+
+    /// Lists the repository's files; offline or unreachable, an error that says how to point at
+    /// a local copy.
+    pub fn open(id: &str) -> Result<Self> {
+        let how_to_use_local = "to use a local copy, download it (`huggingface-cli download \
+             --repo-type dataset OWNER/NAME --local-dir DIR`) and pass --data DIR";
+        let repo = HubRepo::open(
+            id,
+            RepoType::Dataset,
+            Cache::from_env(),
+            std::env::var(ENDPOINT_ENV).ok(),
+            how_to_use_local,
+        )?;
+        Ok(Self { repo })
+    }
+
+    /// The repository's files, as paths relative to its root.
+    pub fn files(&self) -> &[String] {
+        &self.repo.files
+    }
+
+    /// Downloads `file` into the cache (unless there already) and returns its path there.
+    pub fn get(&self, file: &str) -> Result<PathBuf> {
+        self.repo.get(file)
+    }
+}
+
+/// A dataset repository's card, which `HubDataset::cached_snapshot` looks for.
+const DATASET_CARD: &str = "README.md";
+
 /// A Hub repository reached through the API, with its file list; errors say how to do without.
 struct HubRepo {
     id: String,
@@ -250,12 +295,17 @@ struct HubRepo {
 impl HubRepo {
     fn open(
         id: &str,
+        repo_type: RepoType,
         cache: Cache,
         endpoint: Option<String>,
         local_alternative: &'static str,
     ) -> Result<Self> {
+        let kind = match repo_type {
+            RepoType::Dataset => "dataset",
+            RepoType::Model | RepoType::Space => "model",
+        };
         let offline = std::env::var(OFFLINE_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
-        ensure!(!offline, "model `{id}` is not (completely) in the Hugging Face cache and {OFFLINE_ENV} is set (offline mode); \
+        ensure!(!offline, "{kind} `{id}` is not (completely) in the Hugging Face cache and {OFFLINE_ENV} is set (offline mode); \
              {local_alternative}");
         let mut builder = ApiBuilder::from_cache(cache);
         if let Some(endpoint) = endpoint {
@@ -267,7 +317,7 @@ impl HubRepo {
         let api = builder
             .build()
             .map_err(|e| unreachable(&e))?
-            .repo(Repo::model(id.to_owned()));
+            .repo(Repo::new(id.to_owned(), repo_type));
         let info = api.info().map_err(|e| unreachable(&e))?;
         Ok(Self {
             id: id.to_owned(),

@@ -28,6 +28,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
 use image::{DynamicImage, ImageReader};
+use lora_core::source::is_hub_id;
 use lora_core::Rng;
 use serde::Serialize;
 
@@ -192,18 +193,28 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Finds and checks every file under `dir`. Each image is decoded in full, so a truncated or
+    /// Finds and checks every image of `source` (a folder, a .parquet file, or a Hub dataset id
+    /// `owner/name` that is no existing path). Each image is decoded in full, so a truncated or
     /// mislabelled file is caught here rather than mid-training. All problems are reported in one
     /// error unless `skip_bad`, in which case the bad files are left out and listed in `skipped`.
     /// An empty result is always an error.
-    pub fn scan(dir: &Path, options: &ScanOptions) -> Result<Self> {
+    pub fn scan(source: &Path, options: &ScanOptions) -> Result<Self> {
+        // A Hub dataset id is read from its snapshot in the Hugging Face cache.
+        let snapshot = match source.to_str() {
+            Some(id) if !source.exists() && is_hub_id(id) => {
+                Some(hub_layout::hub_dataset(id, &options.split)?)
+            }
+            _ => None,
+        };
+        let dir = snapshot.as_deref().unwrap_or(source);
         if dir.is_file() && hub_layout::is_parquet_file(dir) {
             let (items, bad, warnings) = parquet::scan(&[dir.to_path_buf()], options)?;
             return Self::checked(dir, items, bad, warnings, options.skip_bad);
         }
         ensure!(
             dir.is_dir(),
-            "dataset {} does not exist or is neither a folder nor a .parquet file",
+            "dataset {} does not exist or is neither a folder, a .parquet file nor a Hugging Face \
+             Hub dataset id (owner/name)",
             dir.display()
         );
         if let Some(metadata) = imagefolder::metadata_file(dir)? {

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_same_adapter, fixtures, train_two_steps};
+use common::{assert_same_adapter, fixtures, train_two_steps, two_steps};
 use lora_train::dataset::{Dataset, ImageLocation, ScanOptions};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -288,4 +288,65 @@ fn training_from_parquet_equals_training_from_its_imagefolder() {
     train_two_steps(&hf().join("embedded.parquet"), &adapters[0]);
     train_two_steps(&hf().join("imagefolder"), &adapters[1]);
     assert_same_adapter(&adapters[0], &adapters[1]);
+}
+
+/// A Hugging Face cache (`HF_HOME`) holding the `main` snapshot of dataset `owner/name` with the
+/// files of `folder`, laid out as hf-hub and huggingface_hub write it.
+fn hub_cache(home: &Path, id: &str, folder: &Path) {
+    let repo = home
+        .join("hub")
+        .join(format!("datasets--{}", id.replace('/', "--")));
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let snapshot = repo.join("snapshots").join(commit);
+    for relative in [
+        "README.md",
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+    ] {
+        std::fs::create_dir_all(snapshot.join(relative).parent().unwrap()).unwrap();
+        std::fs::copy(folder.join(relative), snapshot.join(relative)).unwrap();
+    }
+}
+
+#[test]
+fn a_hub_dataset_id_reads_the_cached_snapshot_offline_or_says_how_to_do_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("hf-home");
+    hub_cache(&home, "someone/shapes", &hf().join("hub"));
+    let adapters = ["hub", "folder"].map(|name| {
+        std::fs::create_dir(dir.path().join(name)).unwrap();
+        dir.path().join(name).join("adapter.safetensors")
+    });
+    let output = two_steps(Path::new("someone/shapes"), &adapters[0])
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    train_two_steps(&hf().join("hub"), &adapters[1]);
+    assert_same_adapter(&adapters[0], &adapters[1]);
+
+    // Not cached, offline: the error names the dataset and how to use a local copy.
+    let output = two_steps(
+        Path::new("someone/other"),
+        &dir.path().join("x.safetensors"),
+    )
+    .env("HF_HOME", &home)
+    .env("HF_HUB_OFFLINE", "1")
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("dataset `someone/other`")
+            && stderr.contains("offline")
+            && stderr.contains("--data DIR"),
+        "{stderr}"
+    );
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use globset::{GlobBuilder, GlobSetBuilder};
+use lora_core::source::HubDataset;
 use yaml_rust2::{Yaml, YamlLoader};
 
 const README: &str = "README.md";
@@ -36,55 +37,115 @@ pub(super) fn is_parquet_file(path: &Path) -> bool {
 /// (it is then another kind of dataset folder).
 pub(super) fn split_files(dir: &Path, split: &str) -> Result<Option<Vec<PathBuf>>> {
     let files = files_under(dir, Path::new(""))?;
+    let readme_path = dir.join(README);
+    let readme = match readme_path.is_file() {
+        true => Some(
+            std::fs::read_to_string(&readme_path)
+                .with_context(|| format!("cannot read {}", readme_path.display()))?,
+        ),
+        false => None,
+    };
+    let chosen = choose_split(
+        &format!("dataset {}", dir.display()),
+        &files,
+        readme.as_deref(),
+        split,
+    )?;
+    Ok(chosen.map(|files| files.iter().map(|f| dir.join(f)).collect()))
+}
+
+/// The files of `split` among a dataset's `files` (relative paths) given its README's text, or
+/// `None` when there is no parquet file. `dataset` names the dataset in errors.
+fn choose_split(
+    dataset: &str,
+    files: &[PathBuf],
+    readme: Option<&str>,
+    split: &str,
+) -> Result<Option<Vec<PathBuf>>> {
     if !files.iter().any(|f| is_parquet_file(f)) {
         return Ok(None);
     }
-    let chosen = match readme_data_files(dir)? {
+    let data_files = match readme {
+        Some(text) => readme_data_files(text).with_context(|| format!("{dataset}: {README}"))?,
+        None => None,
+    };
+    let chosen = match data_files {
         Some(splits) => {
             let Some(patterns) = splits.get(split) else {
                 bail!(
-                    "dataset {} has no split `{split}` (--split) in the `configs:` of its {README}; \
+                    "{dataset} has no split `{split}` (--split) in the `configs:` of its {README}; \
                      its splits: {}",
-                    dir.display(),
                     splits.keys().cloned().collect::<Vec<_>>().join(", ")
                 );
             };
-            matching(dir, &files, patterns)?
+            matching(dataset, files, patterns)?
         }
-        None => by_name(dir, &files, split)?,
+        None => by_name(dataset, files, split)?,
     };
-    Ok(Some(chosen.iter().map(|f| dir.join(f)).collect()))
+    Ok(Some(chosen))
 }
 
-/// The files matching any of `patterns` (globs relative to `dir`, as in `data_files`), which
+/// The snapshot folder of the Hub dataset `id` in the Hugging Face cache, holding the parquet
+/// files of `split`: the cached snapshot as it is when it has them (offline use), else the
+/// README and those files downloaded into it.
+pub(super) fn hub_dataset(id: &str, split: &str) -> Result<PathBuf> {
+    if let Some(snapshot) = HubDataset::cached_snapshot(id) {
+        if matches!(split_files(&snapshot, split), Ok(Some(_))) {
+            return Ok(snapshot);
+        }
+    }
+    let hub = HubDataset::open(id)?;
+    let readme = match hub.files().iter().any(|f| f == README) {
+        true => {
+            let path = hub.get(README)?;
+            Some(
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+            )
+        }
+        false => None,
+    };
+    let files: Vec<PathBuf> = hub.files().iter().map(PathBuf::from).collect();
+    let name = format!("Hub dataset `{id}`");
+    let chosen = choose_split(&name, &files, readme.as_deref(), split)?.with_context(|| {
+        format!(
+            "{name} has no parquet files; only its parquet layout is read (the Hub converts most \
+             datasets: download revision refs/convert/parquet and pass --data with that folder)"
+        )
+    })?;
+    let mut snapshot = None;
+    for file in &chosen {
+        let path = hub.get(&file.to_string_lossy())?;
+        snapshot = path
+            .ancestors()
+            .nth(file.components().count())
+            .map(Path::to_path_buf);
+    }
+    snapshot.with_context(|| format!("{name}: split `{split}` has no files"))
+}
+
+/// The files matching any of `patterns` (globs relative to the dataset's root, as in `data_files`), which
 /// must all be parquet.
-fn matching(dir: &Path, files: &[PathBuf], patterns: &[String]) -> Result<Vec<PathBuf>> {
+fn matching(dataset: &str, files: &[PathBuf], patterns: &[String]) -> Result<Vec<PathBuf>> {
     let mut set = GlobSetBuilder::new();
     for pattern in patterns {
         let glob = GlobBuilder::new(pattern.trim_start_matches("./"))
             .literal_separator(true)
             .build()
-            .with_context(|| {
-                format!(
-                    "{}: data_files pattern `{pattern}`",
-                    dir.join(README).display()
-                )
-            })?;
+            .with_context(|| format!("{dataset}: {README}: data_files pattern `{pattern}`"))?;
         set.add(glob);
     }
     let set = set.build()?;
     let chosen: Vec<PathBuf> = files.iter().filter(|f| set.is_match(f)).cloned().collect();
     ensure!(
         !chosen.is_empty(),
-        "the data_files `{}` of {} match no file",
-        patterns.join("`, `"),
-        dir.join(README).display()
+        "{dataset}: the data_files `{}` of its {README} match no file",
+        patterns.join("`, `")
     );
     if let Some(other) = chosen.iter().find(|f| !is_parquet_file(f)) {
         bail!(
-            "dataset {}: {} is not a parquet file; only the parquet layout of a Hub dataset is read \
+            "{dataset}: {} is not a parquet file; only the parquet layout of a Hub dataset is read \
              (a folder of images with a metadata.jsonl is read as an imagefolder)",
-            dir.display(),
             other.display()
         );
     }
@@ -92,15 +153,14 @@ fn matching(dir: &Path, files: &[PathBuf], patterns: &[String]) -> Result<Vec<Pa
 }
 
 /// The parquet files of `split` by their names, when the README says nothing.
-fn by_name(dir: &Path, files: &[PathBuf], split: &str) -> Result<Vec<PathBuf>> {
+fn by_name(dataset: &str, files: &[PathBuf], split: &str) -> Result<Vec<PathBuf>> {
     let parquet: Vec<&PathBuf> = files.iter().filter(|f| is_parquet_file(f)).collect();
     let named: Vec<(&PathBuf, Option<&str>)> = parquet.iter().map(|f| (*f, split_of(f))).collect();
     if named.iter().all(|(_, s)| s.is_none()) {
         ensure!(
             split == "train",
-            "dataset {}: its parquet files name no split, so they are all `train`; --split {split} \
-             chooses none",
-            dir.display()
+            "{dataset}: its parquet files name no split, so they are all `train`; --split {split} \
+             chooses none"
         );
         return Ok(parquet.into_iter().cloned().collect());
     }
@@ -113,8 +173,7 @@ fn by_name(dir: &Path, files: &[PathBuf], split: &str) -> Result<Vec<PathBuf>> {
         let mut found: Vec<&str> = named.iter().filter_map(|(_, s)| *s).collect();
         found.dedup();
         bail!(
-            "dataset {} has no parquet files of split `{split}` (--split); its splits: {}",
-            dir.display(),
+            "{dataset} has no parquet files of split `{split}` (--split); its splits: {}",
             found.join(", ")
         );
     }
@@ -146,20 +205,14 @@ fn split_of(relative: &Path) -> Option<&'static str> {
     word_split(&file[..stem_end])
 }
 
-/// The `data_files` of the README's chosen config, split name → patterns, or `None` without a
-/// README or without `configs:` in its front matter.
-fn readme_data_files(dir: &Path) -> Result<Option<BTreeMap<String, Vec<String>>>> {
-    let path = dir.join(README);
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let Some(front_matter) = front_matter(&text) else {
+/// The `data_files` of the README's chosen config, split name → patterns, or `None` without
+/// `configs:` in its front matter.
+fn readme_data_files(text: &str) -> Result<Option<BTreeMap<String, Vec<String>>>> {
+    let Some(front_matter) = front_matter(text) else {
         return Ok(None);
     };
-    let documents = YamlLoader::load_from_str(front_matter)
-        .with_context(|| format!("{}: the front matter is not YAML", path.display()))?;
+    let documents =
+        YamlLoader::load_from_str(front_matter).context("the front matter is not YAML")?;
     let Some(configs) = documents.first().map(|d| &d["configs"]) else {
         return Ok(None);
     };
@@ -175,7 +228,7 @@ fn readme_data_files(dir: &Path) -> Result<Option<BTreeMap<String, Vec<String>>>
                 .find(|c| c["config_name"].as_str() == Some("default"))
         })
         .or(configs.first())
-        .with_context(|| format!("{}: `configs:` is empty", path.display()))?;
+        .context("`configs:` is empty")?;
     let base = config["data_dir"].as_str().map(|d| d.trim_end_matches('/'));
     let under = |pattern: String| match base {
         Some(base) => format!("{base}/{pattern}"),
@@ -183,9 +236,8 @@ fn readme_data_files(dir: &Path) -> Result<Option<BTreeMap<String, Vec<String>>>
     };
     let bad = || {
         format!(
-            "{}: `data_files` of config `{}` is neither a pattern, a list of patterns, nor a list \
-             of `split:`/`path:` entries",
-            path.display(),
+            "`data_files` of config `{}` is neither a pattern, a list of patterns, nor a list of \
+             `split:`/`path:` entries",
             config["config_name"].as_str().unwrap_or("?")
         )
     };
@@ -300,18 +352,14 @@ mod tests {
 
     #[test]
     fn readme_configs_map_splits_to_patterns() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join(README),
+        let text = String::from(
             "---\nlicense: mit\nconfigs:\n- config_name: other\n  data_files: x/*\n\
              - config_name: default\n  data_dir: d\n  data_files:\n  - split: train\n    \
              path: [a-*, b-*]\n  - split: test\n    path: t-*\n---\n# Title\n",
-        )
-        .unwrap();
-        let splits = readme_data_files(dir.path()).unwrap().unwrap();
+        );
+        let splits = readme_data_files(&text).unwrap().unwrap();
         assert_eq!(splits["train"], ["d/a-*", "d/b-*"]);
         assert_eq!(splits["test"], ["d/t-*"]);
-        std::fs::write(dir.path().join(README), "# no front matter\n").unwrap();
-        assert!(readme_data_files(dir.path()).unwrap().is_none());
+        assert!(readme_data_files("# no front matter\n").unwrap().is_none());
     }
 }

@@ -55,7 +55,18 @@ pub fn wait_while_running(child: &mut Child, what: &str, mut done: impl FnMut() 
 /// `lora-train` for 2 steps (batch 2, lr 1e-2) on the tiny fixture model from `data`, writing
 /// `out`.
 pub fn train_two_steps(data: &Path, out: &Path) {
-    let output = Command::new(env!("CARGO_BIN_EXE_lora-train"))
+    let output = two_steps(data, out).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The command [`train_two_steps`] runs, for callers that set its environment.
+pub fn two_steps(data: &Path, out: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lora-train"));
+    command
         .arg("--base")
         .arg(fixtures().join("sd1-tiny"))
         .arg("--data")
@@ -65,14 +76,8 @@ pub fn train_two_steps(data: &Path, out: &Path) {
         .args(["--resolution", "32", "--lr", "1e-2", "--steps", "2"])
         .args(["--batch-size", "2"])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .stderr(Stdio::piped());
+    command
 }
 
 /// The two adapter files hold the same tensors, bit for bit, and the same header entries. The
