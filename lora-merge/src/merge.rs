@@ -9,6 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lora_core::formats::keys::Component;
 use lora_core::formats::ldm::{LdmLayout, LdmTarget, LdmTensor, ModelPart, TextEncoderLayout};
+use lora_core::io::write_folder_atomic;
 use lora_core::options::{check_output, AdapterSpec, Precision};
 use lora_core::{AdapterFile, ModelModules};
 use safetensors::Dtype;
@@ -292,7 +293,7 @@ impl Merger<'_> {
     /// Writes the folder into a temporary sibling and renames it into place, so a failure
     /// leaves no partial output.
     fn write_folder(&self, output: &Path, provenance: BTreeMap<String, String>) -> Result<usize> {
-        atomic_folder(output, |dir| self.fill_folder(dir, provenance))
+        write_folder_atomic(output, |dir| self.fill_folder(dir, provenance))
     }
 
     /// A diffusers folder as one single file with LDM keys: every tensor renamed (SD2's
@@ -420,7 +421,7 @@ impl Merger<'_> {
         config_from: &Path,
         provenance: BTreeMap<String, String>,
     ) -> Result<usize> {
-        atomic_folder(output, |dir| {
+        write_folder_atomic(output, |dir| {
             copy_folder_files(config_from, dir, &[])?;
             let mut metadata = self.base.files[0].metadata()?;
             metadata.extend(provenance);
@@ -487,28 +488,6 @@ impl Merger<'_> {
 /// The VAE mid-block attention projections: Linear `[out, in]` in diffusers.
 fn is_vae_attention_weight(name: &str) -> bool {
     name.contains(".mid_block.attentions.0.to_") && name.ends_with(".weight")
-}
-
-/// Fills a temporary sibling of `output` with `fill` and renames it into place, so a failure
-/// leaves no partial output.
-fn atomic_folder(output: &Path, fill: impl FnOnce(&Path) -> Result<usize>) -> Result<usize> {
-    let name = output
-        .file_name()
-        .with_context(|| format!("{} does not name a folder", output.display()))?;
-    let temp = output.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = fill(&temp).and_then(|changed| {
-        std::fs::rename(&temp, output)
-            .with_context(|| format!("cannot rename {} to {}", temp.display(), output.display()))?;
-        Ok(changed)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&temp);
-    }
-    result
 }
 
 impl Merger<'_> {

@@ -513,22 +513,14 @@ pub fn bucket_size(width: usize, height: usize, resolution: usize, step: usize) 
     best
 }
 
-/// Resizes (Lanczos) so the image covers `size` = `(width, height)`, cuts that window (centre or
-/// drawn from `rng`), optionally mirrors, and returns `[channels, height, width]` f32 in
-/// [-1, 1]: RGB for 3 channels, RGBA (opaque where the image has no alpha) for 4.
-pub fn image_to_tensor(
+/// Resizes (Lanczos) so the image covers `size` = `(width, height)` and cuts that window, in the
+/// centre or where `rng` draws it: the pixels a sample of that size trains on.
+pub fn cover_and_crop(
     image: &DynamicImage,
     size: (usize, usize),
     crop: Crop,
-    flip: bool,
-    channels: usize,
     rng: &mut Rng,
-    device: &Device,
-) -> Result<Tensor> {
-    ensure!(
-        channels == 3 || channels == 4,
-        "images become 3 (RGB) or 4 (RGBA) channels; the model wants {channels}"
-    );
+) -> DynamicImage {
     let (tw, th) = size;
     let (w, h) = (image.width() as usize, image.height() as usize);
     let scale = (tw as f64 / w as f64).max(th as f64 / h as f64);
@@ -548,7 +540,26 @@ pub fn image_to_tensor(
             rng.below((nh - th + 1) as u64) as usize,
         ),
     };
-    let mut window = resized.crop_imm(x0 as u32, y0 as u32, tw as u32, th as u32);
+    resized.crop_imm(x0 as u32, y0 as u32, tw as u32, th as u32)
+}
+
+/// [`cover_and_crop`], optionally mirrored, as `[channels, height, width]` f32 in [-1, 1]: RGB
+/// for 3 channels, RGBA (opaque where the image has no alpha) for 4.
+pub fn image_to_tensor(
+    image: &DynamicImage,
+    size: (usize, usize),
+    crop: Crop,
+    flip: bool,
+    channels: usize,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Tensor> {
+    ensure!(
+        channels == 3 || channels == 4,
+        "images become 3 (RGB) or 4 (RGBA) channels; the model wants {channels}"
+    );
+    let (tw, th) = size;
+    let mut window = cover_and_crop(image, size, crop, rng);
     if flip {
         window = window.fliph();
     }

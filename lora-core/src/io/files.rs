@@ -23,6 +23,24 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     result.with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Writes the folder `output` atomically: `fill` fills a temporary sibling folder, which is then
+/// renamed to `output`, so the folder appears whole or not at all; on failure the temporary
+/// folder is removed. `output` must not exist (a rename onto an existing folder fails or, for an
+/// empty one, replaces it: callers decide about existing outputs first).
+pub fn write_folder_atomic<T>(output: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let temp = temp_path_beside(output)?;
+    let result = fill(&temp).and_then(|value| {
+        std::fs::rename(&temp, output)
+            .with_context(|| format!("cannot rename {} to {}", temp.display(), output.display()))?;
+        sync_parent_dir(output);
+        Ok(value)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    result
+}
+
 /// A fresh hidden name next to `path`: `.<name>.tmp-<pid>-<n>`. Same directory so the final rename
 /// stays on one filesystem (and is therefore atomic); pid and counter keep concurrent writers,
 /// in this process or another, from sharing a temporary file.

@@ -8,5 +8,5 @@ pub mod weights;
 
 pub use files::{
     folder_of, free_space, not_safetensors, probe_writable, read_safetensors, write_atomic,
-    write_safetensors_atomic, SafetensorsContents,
+    write_folder_atomic, write_safetensors_atomic, SafetensorsContents,
 };
