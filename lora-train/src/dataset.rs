@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
 use lora_core::Rng;
 use serde::Serialize;
 
@@ -468,13 +468,36 @@ fn with_template(text: String, options: &ScanOptions) -> String {
     }
 }
 
-/// Decodes an encoded image (PNG, JPEG, WebP, … as its bytes say, whatever it is called).
+/// Decodes an encoded image (PNG, JPEG, WebP, … as its bytes say, whatever it is called), upright:
+/// an EXIF orientation (a phone photo taken sideways is stored sideways with orientation 6) is
+/// applied, so the size and pixels are those every viewer shows and Pillow's
+/// `ImageOps.exif_transpose` gives, not the stored ones. Training on the stored pixels would teach
+/// the model sideways subjects and put the image in the wrong aspect-ratio bucket.
+///
+/// Every mode decodes (grayscale, alpha, palette, 16-bit, CMYK JPEG); [`image_to_tensor`] turns
+/// each into RGB(A) as Pillow's `convert("RGB")` does, with one deliberate difference: 16-bit
+/// samples are scaled to 8 bits (round(v / 257)), where Pillow clips a 16-bit grayscale image's
+/// values to 255 (white) and keeps a 16-bit RGB image's high byte.
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
-    ImageReader::new(std::io::Cursor::new(bytes))
+    let mut decoder = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .context("cannot read")?
-        .decode()
-        .context("cannot decode as an image")
+        .into_decoder()
+        .context("cannot decode as an image")?;
+    // The pixel buffer counts against the default allocation limit (512 MiB), as
+    // `ImageReader::decode` counts it: a hostile header claiming a huge image is refused before
+    // anything is allocated.
+    let mut limits = Limits::default();
+    limits
+        .reserve(decoder.total_bytes())
+        .and_then(|()| decoder.set_limits(limits))
+        .context("cannot decode as an image")?;
+    let orientation = decoder
+        .orientation()
+        .context("cannot read the image's EXIF orientation")?;
+    let mut image = DynamicImage::from_decoder(decoder).context("cannot decode as an image")?;
+    image.apply_orientation(orientation);
+    Ok(image)
 }
 
 /// The aspect-ratio bucket of a `width`×`height` image: the `(w, h)`, both multiples of `step`,
