@@ -197,23 +197,23 @@ impl Dataset {
     /// error unless `skip_bad`, in which case the bad files are left out and listed in `skipped`.
     /// An empty result is always an error.
     pub fn scan(dir: &Path, options: &ScanOptions) -> Result<Self> {
-        if dir.is_file() && hub_layout::is_parquet_file(dir) {
-            let (items, bad, warnings) = parquet::scan(&[dir.to_path_buf()], options)?;
-            return Self::checked(dir, items, bad, warnings, options.skip_bad);
-        }
-        ensure!(
-            dir.is_dir(),
-            "dataset {} does not exist or is neither a folder nor a .parquet file",
-            dir.display()
-        );
-        if let Some(metadata) = imagefolder::metadata_file(dir)? {
-            refuse_parquet_options(dir, options, "an imagefolder")?;
-            let (items, bad, warnings) = imagefolder::scan(dir, &metadata, options)?;
-            return Self::checked(dir, items, bad, warnings, options.skip_bad);
-        }
-        if let Some(files) = hub_layout::split_files(dir, &options.split)? {
-            let (items, bad, warnings) = parquet::scan(&files, options)?;
-            return Self::checked(dir, items, bad, warnings, options.skip_bad);
+        match layout(dir)? {
+            Layout::Parquet => {
+                let files = if dir.is_file() {
+                    vec![dir.to_path_buf()]
+                } else {
+                    // `layout` found parquet files, so there is a list (maybe an empty split).
+                    hub_layout::split_files(dir, &options.split)?.unwrap_or_default()
+                };
+                let (items, bad, warnings) = parquet::scan(&files, options)?;
+                return Self::checked(dir, items, bad, warnings, options.skip_bad);
+            }
+            Layout::ImageFolder(metadata) => {
+                refuse_parquet_options(dir, options, "an imagefolder")?;
+                let (items, bad, warnings) = imagefolder::scan(dir, &metadata, options)?;
+                return Self::checked(dir, items, bad, warnings, options.skip_bad);
+            }
+            Layout::Kohya => {}
         }
         refuse_parquet_options(dir, options, "a folder of images with caption files")?;
         ensure!(
@@ -383,6 +383,37 @@ impl Dataset {
     }
 }
 
+/// The kinds of dataset [`Dataset::scan`] reads, told apart as it tells them apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// A folder of images with sidecar caption files and kohya `N_words` sub-folders.
+    Kohya,
+    /// A Hugging Face `imagefolder`, described by this metadata file (`metadata.jsonl` or
+    /// `metadata.csv`).
+    ImageFolder(PathBuf),
+    /// A `.parquet` file, or a folder of parquet files (the Hub layout).
+    Parquet,
+}
+
+/// What kind of dataset `source` is; an error if it is neither a folder nor a `.parquet` file.
+pub(crate) fn layout(source: &Path) -> Result<Layout> {
+    if source.is_file() && hub_layout::is_parquet_file(source) {
+        return Ok(Layout::Parquet);
+    }
+    ensure!(
+        source.is_dir(),
+        "dataset {} does not exist or is neither a folder nor a .parquet file",
+        source.display()
+    );
+    if let Some(metadata) = imagefolder::metadata_file(source)? {
+        return Ok(Layout::ImageFolder(metadata));
+    }
+    if hub_layout::holds_parquet(source)? {
+        return Ok(Layout::Parquet);
+    }
+    Ok(Layout::Kohya)
+}
+
 /// The parquet-only options must keep their defaults for other layouts: a flag that would be
 /// silently ignored is refused instead.
 fn refuse_parquet_options(dir: &Path, options: &ScanOptions, layout: &str) -> Result<()> {
@@ -407,14 +438,14 @@ fn refuse_parquet_options(dir: &Path, options: &ScanOptions, layout: &str) -> Re
 }
 
 /// `10_sks dog` → (10, "sks dog").
-fn parse_repeat_folder(name: &str) -> Option<(usize, String)> {
+pub(crate) fn parse_repeat_folder(name: &str) -> Option<(usize, String)> {
     let (n, words) = name.split_once('_')?;
     let n: usize = n.parse().ok()?;
     (n > 0).then(|| (n, words.trim().to_string()))
 }
 
 /// Visible entries of `dir`, sorted by name so scanning is deterministic.
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
@@ -426,20 +457,20 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-fn has_image_extension(path: &Path) -> bool {
+pub(crate) fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .map(|e| e.to_string_lossy().to_lowercase())
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
 }
 
 /// `dir/a.png` → `dir/a<ext>`.
-fn caption_path(image: &Path, caption_ext: &str) -> PathBuf {
+pub(crate) fn caption_path(image: &Path, caption_ext: &str) -> PathBuf {
     let stem = image.file_stem().unwrap_or_default().to_string_lossy();
     image.with_file_name(format!("{stem}{caption_ext}"))
 }
 
 /// The caption file's text, lines joined by spaces and trimmed.
-fn read_caption(path: &Path) -> Result<String> {
+pub(crate) fn read_caption(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).context("cannot read caption")?;
     let text = String::from_utf8(bytes).context("caption is not UTF-8 text")?;
     Ok(normalize_caption(&text))
@@ -447,7 +478,7 @@ fn read_caption(path: &Path) -> Result<String> {
 
 /// Runs of whitespace (line breaks included) become one space, ends trimmed: the same caption
 /// text whichever layout it came from.
-fn normalize_caption(text: &str) -> String {
+pub(crate) fn normalize_caption(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

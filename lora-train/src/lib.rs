@@ -6,7 +6,8 @@
 //! (AdamW and gradient clipping), [`objective`] (the denoising loss), [`trainer`] (the loop),
 //! [`checkpoint`] (training state and the recipe a resume must match, for exact resume),
 //! [`metrics`] (JSON-lines log and summary) and [`sample`] (images during training, through
-//! lora-infer). The `lora-train` binary is a thin front end.
+//! lora-infer). [`caption_edit`] edits a dataset's captions without a model (`lora-train data
+//! caption`). The `lora-train` binary is a thin front end.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -25,6 +26,7 @@
 //! ```
 
 pub mod cache;
+pub mod caption_edit;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;
