@@ -1,22 +1,97 @@
-//! The command line of `lora-train`: `--config FILE` and the training options. The options are
-//! the library's [`TrainArgs`], the one schema of both the flags and the TOML file (keys spelled
-//! as the flags), so the two never disagree.
+//! The command line of `lora-train`: `--config FILE` and the training options, or a `data`
+//! subcommand. The training options are the library's [`TrainArgs`], the one schema of both the
+//! flags and the TOML file (keys spelled as the flags), so the two never disagree.
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use lora_train::config::DatasetArgs;
 use lora_train::TrainArgs;
 
 /// Train a LoRA adapter for a Stable Diffusion UNet on a folder of captioned images
 #[derive(Parser)]
-#[command(name = "lora-train", version)]
+#[command(name = "lora-train", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML file with any of the options below (keys spelled as the flags, e.g. `batch-size = 2`);
     /// flags override it
     #[arg(long)]
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub args: TrainArgs,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Work on a dataset without training
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    Caption(CaptionArgs),
+}
+
+/// Edit the captions of a kohya folder or an imagefolder without a model (a diff unless --write)
+///
+/// Each caption is read as training reads it (whitespace runs made one space), then edited in
+/// this order: --from-folder-names, --replace (each in turn), --remove-tag, --prefix. Without
+/// --write nothing changes: the changed captions are shown as a diff, with a count. With --write
+/// each changed caption file, or the imagefolder's metadata file (other columns and row order
+/// kept), is replaced atomically; images and other files are never touched. A caption the edits
+/// would leave empty is an error, and then nothing is written. Only --caption-ext and
+/// --caption-column of the dataset options apply.
+///
+/// Exit status: 0 done, 2 bad usage, 1 any other failure (the message names the file).
+#[derive(Args)]
+#[command(group(
+    ArgGroup::new("edits")
+        .required(true)
+        .multiple(true)
+        .args(["prefix", "from_folder_names", "replace", "remove_tag"])
+))]
+pub struct CaptionArgs {
+    /// The dataset: a kohya folder (caption files beside the images, `N_words` sub-folders) or an
+    /// imagefolder (metadata.jsonl or metadata.csv). Parquet datasets are refused
+    #[arg(value_name = "SOURCE")]
+    pub source: PathBuf,
+    /// Put P before every caption that does not already start with it (running twice adds it
+    /// once), e.g. --prefix "sks, "
+    #[arg(long, value_name = "P")]
+    pub prefix: Option<String>,
+    /// Give each image of a kohya `N_words` folder that has no caption (or an empty one) the
+    /// folder's words, written as its caption file
+    #[arg(long)]
+    pub from_folder_names: bool,
+    /// With --from-folder-names: give every image of such a folder its folder's words, replacing
+    /// its caption
+    #[arg(long, requires = "from_folder_names")]
+    pub overwrite: bool,
+    /// Replace every OLD by NEW (split at the first `=`; NEW may be empty); repeat for several,
+    /// applied in order
+    #[arg(long, value_name = "OLD=NEW", value_parser = parse_replacement)]
+    pub replace: Vec<(String, String)>,
+    /// Remove the comma-separated tag T (compared trimmed, case-sensitive) and tidy the commas
+    /// around it; repeat for several
+    #[arg(long, value_name = "T")]
+    pub remove_tag: Vec<String>,
+    /// Write the changes (each file atomically) instead of showing them
+    #[arg(long)]
+    pub write: bool,
+    #[command(flatten)]
+    pub dataset: DatasetArgs,
+}
+
+/// `OLD=NEW` → (OLD, NEW), split at the first `=`.
+fn parse_replacement(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((old, new)) if !old.is_empty() => Ok((old.to_string(), new.to_string())),
+        _ => Err(format!(
+            "`{value}`: expected OLD=NEW with a non-empty OLD (e.g. \"dog=sks dog\")"
+        )),
+    }
 }
 
 #[cfg(test)]

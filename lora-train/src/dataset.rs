@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
 use lora_core::source::is_hub_id;
 use lora_core::Rng;
 use serde::Serialize;
@@ -207,24 +207,23 @@ impl Dataset {
             _ => None,
         };
         let dir = snapshot.as_deref().unwrap_or(source);
-        if dir.is_file() && hub_layout::is_parquet_file(dir) {
-            let (items, bad, warnings) = parquet::scan(&[dir.to_path_buf()], options)?;
-            return Self::checked(dir, items, bad, warnings, options.skip_bad);
-        }
-        ensure!(
-            dir.is_dir(),
-            "dataset {} does not exist or is neither a folder, a .parquet file nor a Hugging Face \
-             Hub dataset id (owner/name)",
-            dir.display()
-        );
-        if let Some(metadata) = imagefolder::metadata_file(dir)? {
-            refuse_parquet_options(dir, options, "an imagefolder")?;
-            let (items, bad, warnings) = imagefolder::scan(dir, &metadata, options)?;
-            return Self::checked(dir, items, bad, warnings, options.skip_bad);
-        }
-        if let Some(files) = hub_layout::split_files(dir, &options.split)? {
-            let (items, bad, warnings) = parquet::scan(&files, options)?;
-            return Self::checked(dir, items, bad, warnings, options.skip_bad);
+        match layout(dir)? {
+            Layout::Parquet => {
+                let files = if dir.is_file() {
+                    vec![dir.to_path_buf()]
+                } else {
+                    // `layout` found parquet files, so there is a list (maybe an empty split).
+                    hub_layout::split_files(dir, &options.split)?.unwrap_or_default()
+                };
+                let (items, bad, warnings) = parquet::scan(&files, options)?;
+                return Self::checked(dir, items, bad, warnings, options.skip_bad);
+            }
+            Layout::ImageFolder(metadata) => {
+                refuse_parquet_options(dir, options, "an imagefolder")?;
+                let (items, bad, warnings) = imagefolder::scan(dir, &metadata, options)?;
+                return Self::checked(dir, items, bad, warnings, options.skip_bad);
+            }
+            Layout::Kohya => {}
         }
         refuse_parquet_options(dir, options, "a folder of images with caption files")?;
         ensure!(
@@ -394,6 +393,38 @@ impl Dataset {
     }
 }
 
+/// The kinds of dataset [`Dataset::scan`] reads, told apart as it tells them apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// A folder of images with sidecar caption files and kohya `N_words` sub-folders.
+    Kohya,
+    /// A Hugging Face `imagefolder`, described by this metadata file (`metadata.jsonl` or
+    /// `metadata.csv`).
+    ImageFolder(PathBuf),
+    /// A `.parquet` file, or a folder of parquet files (the Hub layout).
+    Parquet,
+}
+
+/// What kind of dataset `source` is; an error if it is neither a folder nor a `.parquet` file.
+pub(crate) fn layout(source: &Path) -> Result<Layout> {
+    if source.is_file() && hub_layout::is_parquet_file(source) {
+        return Ok(Layout::Parquet);
+    }
+    ensure!(
+        source.is_dir(),
+        "dataset {} does not exist or is neither a folder, a .parquet file nor a Hugging Face \
+         Hub dataset id (owner/name)",
+        source.display()
+    );
+    if let Some(metadata) = imagefolder::metadata_file(source)? {
+        return Ok(Layout::ImageFolder(metadata));
+    }
+    if hub_layout::holds_parquet(source)? {
+        return Ok(Layout::Parquet);
+    }
+    Ok(Layout::Kohya)
+}
+
 /// The parquet-only options must keep their defaults for other layouts: a flag that would be
 /// silently ignored is refused instead.
 fn refuse_parquet_options(dir: &Path, options: &ScanOptions, layout: &str) -> Result<()> {
@@ -418,14 +449,14 @@ fn refuse_parquet_options(dir: &Path, options: &ScanOptions, layout: &str) -> Re
 }
 
 /// `10_sks dog` → (10, "sks dog").
-fn parse_repeat_folder(name: &str) -> Option<(usize, String)> {
+pub(crate) fn parse_repeat_folder(name: &str) -> Option<(usize, String)> {
     let (n, words) = name.split_once('_')?;
     let n: usize = n.parse().ok()?;
     (n > 0).then(|| (n, words.trim().to_string()))
 }
 
 /// Visible entries of `dir`, sorted by name so scanning is deterministic.
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
@@ -437,20 +468,20 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-fn has_image_extension(path: &Path) -> bool {
+pub(crate) fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .map(|e| e.to_string_lossy().to_lowercase())
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
 }
 
 /// `dir/a.png` → `dir/a<ext>`.
-fn caption_path(image: &Path, caption_ext: &str) -> PathBuf {
+pub(crate) fn caption_path(image: &Path, caption_ext: &str) -> PathBuf {
     let stem = image.file_stem().unwrap_or_default().to_string_lossy();
     image.with_file_name(format!("{stem}{caption_ext}"))
 }
 
 /// The caption file's text, lines joined by spaces and trimmed.
-fn read_caption(path: &Path) -> Result<String> {
+pub(crate) fn read_caption(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).context("cannot read caption")?;
     let text = String::from_utf8(bytes).context("caption is not UTF-8 text")?;
     Ok(normalize_caption(&text))
@@ -458,7 +489,7 @@ fn read_caption(path: &Path) -> Result<String> {
 
 /// Runs of whitespace (line breaks included) become one space, ends trimmed: the same caption
 /// text whichever layout it came from.
-fn normalize_caption(text: &str) -> String {
+pub(crate) fn normalize_caption(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
@@ -479,13 +510,36 @@ fn with_template(text: String, options: &ScanOptions) -> String {
     }
 }
 
-/// Decodes an encoded image (PNG, JPEG, WebP, … as its bytes say, whatever it is called).
+/// Decodes an encoded image (PNG, JPEG, WebP, … as its bytes say, whatever it is called), upright:
+/// an EXIF orientation (a phone photo taken sideways is stored sideways with orientation 6) is
+/// applied, so the size and pixels are those every viewer shows and Pillow's
+/// `ImageOps.exif_transpose` gives, not the stored ones. Training on the stored pixels would teach
+/// the model sideways subjects and put the image in the wrong aspect-ratio bucket.
+///
+/// Every mode decodes (grayscale, alpha, palette, 16-bit, CMYK JPEG); [`image_to_tensor`] turns
+/// each into RGB(A) as Pillow's `convert("RGB")` does, with one deliberate difference: 16-bit
+/// samples are scaled to 8 bits (round(v / 257)), where Pillow clips a 16-bit grayscale image's
+/// values to 255 (white) and keeps a 16-bit RGB image's high byte.
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
-    ImageReader::new(std::io::Cursor::new(bytes))
+    let mut decoder = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .context("cannot read")?
-        .decode()
-        .context("cannot decode as an image")
+        .into_decoder()
+        .context("cannot decode as an image")?;
+    // The pixel buffer counts against the default allocation limit (512 MiB), as
+    // `ImageReader::decode` counts it: a hostile header claiming a huge image is refused before
+    // anything is allocated.
+    let mut limits = Limits::default();
+    limits
+        .reserve(decoder.total_bytes())
+        .and_then(|()| decoder.set_limits(limits))
+        .context("cannot decode as an image")?;
+    let orientation = decoder
+        .orientation()
+        .context("cannot read the image's EXIF orientation")?;
+    let mut image = DynamicImage::from_decoder(decoder).context("cannot decode as an image")?;
+    image.apply_orientation(orientation);
+    Ok(image)
 }
 
 /// The aspect-ratio bucket of a `width`×`height` image: the `(w, h)`, both multiples of `step`,

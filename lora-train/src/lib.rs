@@ -7,7 +7,8 @@
 //! [`checkpoint`] (training state and the recipe a resume must match, for exact resume),
 //! [`metrics`] (JSON-lines log and summary) and [`sample`] (images during training, through
 //! lora-infer). [`data_prepare`] writes a clean, resized copy of a dataset (`lora-train data
-//! prepare`). The `lora-train` binary is a thin front end.
+//! prepare`) and [`caption_edit`] edits a dataset's captions without a model (`lora-train data
+//! caption`). The `lora-train` binary is a thin front end.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -26,6 +27,7 @@
 //! ```
 
 pub mod cache;
+pub mod caption_edit;
 pub mod checkpoint;
 pub mod config;
 pub mod data_prepare;

@@ -33,6 +33,13 @@ pub(super) fn is_parquet_file(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case(PARQUET_EXTENSION))
 }
 
+/// Whether `dir` holds a parquet file anywhere (it is then a parquet dataset, whatever its split).
+pub(super) fn holds_parquet(dir: &Path) -> Result<bool> {
+    Ok(files_under(dir, Path::new(""))?
+        .iter()
+        .any(|f| is_parquet_file(f)))
+}
+
 /// The parquet files of `split` in `dir`, in order, or `None` when `dir` holds no parquet file
 /// (it is then another kind of dataset folder).
 pub(super) fn split_files(dir: &Path, split: &str) -> Result<Option<Vec<PathBuf>>> {
