@@ -32,6 +32,45 @@ pub enum Command {
 #[derive(Subcommand)]
 pub enum DataCommand {
     Caption(CaptionArgs),
+    Prepare(PrepareArgs),
+}
+
+/// Write a clean copy of a dataset: images at their training size, metadata.jsonl, report.json
+///
+/// Reads SOURCE as training does (any --data layout), then writes each kept image as a PNG
+/// resized and centre-cropped to the training size (the square --resolution, or with --buckets
+/// its aspect-ratio bucket of about --resolution² pixels, sides multiples of 64), its caption
+/// into a metadata.jsonl (an imagefolder --data reads back) and report.json (what was kept and
+/// what was dropped, and why). The source is only read. The output folder is written under a
+/// temporary name and renamed: it appears whole or not at all.
+///
+/// Exit status: 0 done, 2 bad usage, 1 any other failure (the message names the file).
+#[derive(Args)]
+pub struct PrepareArgs {
+    /// The dataset, as --data of training takes it
+    #[arg(value_name = "SOURCE")]
+    pub source: PathBuf,
+    /// The folder to write (must not exist, or be a prepared dataset with --overwrite)
+    #[arg(long, value_name = "DIR")]
+    pub output: PathBuf,
+    /// Training resolution: the square side, or the bucket area's side
+    #[arg(long, default_value_t = 512)]
+    pub resolution: usize,
+    /// Each image at its aspect-ratio bucket instead of a centre-cropped square (kohya's
+    /// enable_bucket)
+    #[arg(long)]
+    pub buckets: bool,
+    /// Drop images whose pixels equal an earlier image's (listed in report.json)
+    #[arg(long)]
+    pub dedupe: bool,
+    /// Drop unreadable or uncaptioned images (listed in report.json) instead of stopping
+    #[arg(long)]
+    pub drop_bad: bool,
+    /// Replace an existing prepared dataset at --output
+    #[arg(long)]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub dataset: DatasetArgs,
 }
 
 /// Edit the captions of a kohya folder or an imagefolder without a model (a diff unless --write)

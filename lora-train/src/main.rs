@@ -6,19 +6,19 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{CaptionArgs, Cli, Command, DataCommand};
+use cli::{Cli, Command};
 use indicatif::{ProgressBar, ProgressStyle};
-use lora_train::caption_edit::{self, Edits};
 use lora_train::{Preparation, Stopped, TrainArgs, Trainer};
 
 mod cli;
+mod data_commands;
 
 fn main() -> Result<()> {
     // SAFETY: first thing in `main`, before any other thread exists.
     unsafe { lora_core::process_setup::configure() };
     let cli = Cli::parse();
-    if let Some(Command::Data(DataCommand::Caption(args))) = cli.command {
-        return caption(args);
+    if let Some(Command::Data(command)) = cli.command {
+        return data_commands::run(command);
     }
     let args = match &cli.config {
         Some(path) => TrainArgs::from_toml_file(path)?.overlay(cli.args),
@@ -118,37 +118,5 @@ fn main() -> Result<()> {
         )),
     );
     eprintln!("adapter written to {}", summary.output.display());
-    Ok(())
-}
-
-/// `lora-train data caption`: the diff of the edits (stdout), and the files written with --write.
-fn caption(args: CaptionArgs) -> Result<()> {
-    let options = caption_edit::caption_options(args.dataset)?;
-    let edits = Edits {
-        prefix: args.prefix,
-        from_folder_names: args.from_folder_names,
-        overwrite: args.overwrite,
-        replace: args.replace,
-        remove_tags: args.remove_tag,
-    };
-    let plan = caption_edit::plan(&args.source, &options, &edits)?;
-    print!("{}", plan.diff());
-    let counts = format!(
-        "{} unchanged, {} without a caption left alone",
-        plan.unchanged, plan.uncaptioned
-    );
-    if args.write {
-        plan.write()?;
-        let files = plan.files().count();
-        eprintln!(
-            "{} caption(s) changed in {files} file(s); {counts}",
-            plan.changes.len()
-        );
-    } else {
-        eprintln!(
-            "{} caption(s) would change; {counts} (a dry run: pass --write to change the files)",
-            plan.changes.len()
-        );
-    }
     Ok(())
 }

@@ -230,3 +230,43 @@ fn a_parquet_dataset_prepares_like_its_imagefolder() {
     };
     assert_eq!(images(&outputs[0]), images(&outputs[1]));
 }
+
+#[test]
+fn the_command_writes_the_copy_and_says_what_it_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = source(dir.path());
+    let output = dir.path().join("prepared");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lora-train"))
+            .args(["data", "prepare"])
+            .arg(&source)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = output.to_str().unwrap();
+    let done = run(&[
+        "--output",
+        out,
+        "--resolution",
+        "64",
+        "--drop-bad",
+        "--dedupe",
+    ]);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("2 image(s) written") && stderr.contains("c_copy.png"),
+        "{stderr}"
+    );
+    assert_eq!(
+        Dataset::scan(&output, &ScanOptions::default())
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
+    // A usage error (no --output) exits with 2, a refused output with 1.
+    assert_eq!(run(&["--resolution", "64"]).status.code(), Some(2));
+    assert_eq!(run(&["--output", out]).status.code(), Some(1));
+}

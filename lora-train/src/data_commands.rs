@@ -1,0 +1,76 @@
+//! `lora-train data …`: each subcommand's report, printed; the work is the library's.
+
+use anyhow::{ensure, Result};
+use lora_train::caption_edit::{self, Edits};
+use lora_train::data_prepare::{prepare, PrepareOptions};
+
+use crate::cli::{CaptionArgs, DataCommand, PrepareArgs};
+
+pub fn run(command: DataCommand) -> Result<()> {
+    match command {
+        DataCommand::Caption(args) => caption(args),
+        DataCommand::Prepare(args) => prepare_copy(args),
+    }
+}
+
+/// `lora-train data caption`: the diff of the edits (stdout), and the files written with --write.
+fn caption(args: CaptionArgs) -> Result<()> {
+    let options = caption_edit::caption_options(args.dataset)?;
+    let edits = Edits {
+        prefix: args.prefix,
+        from_folder_names: args.from_folder_names,
+        overwrite: args.overwrite,
+        replace: args.replace,
+        remove_tags: args.remove_tag,
+    };
+    let plan = caption_edit::plan(&args.source, &options, &edits)?;
+    print!("{}", plan.diff());
+    let counts = format!(
+        "{} unchanged, {} without a caption left alone",
+        plan.unchanged, plan.uncaptioned
+    );
+    if args.write {
+        plan.write()?;
+        let files = plan.files().count();
+        eprintln!(
+            "{} caption(s) changed in {files} file(s); {counts}",
+            plan.changes.len()
+        );
+    } else {
+        eprintln!(
+            "{} caption(s) would change; {counts} (a dry run: pass --write to change the files)",
+            plan.changes.len()
+        );
+    }
+    Ok(())
+}
+
+/// `lora-train data prepare`: the copy written, and what was dropped.
+fn prepare_copy(args: PrepareArgs) -> Result<()> {
+    let mut problems = Vec::new();
+    let scan = args.dataset.resolve(args.drop_bad, &mut problems);
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    let options = PrepareOptions {
+        resolution: args.resolution,
+        buckets: args.buckets,
+        dedupe: args.dedupe,
+        overwrite: args.overwrite,
+    };
+    let report = prepare(&args.source, &scan, &args.output, &options)?;
+    for dropped in &report.dropped {
+        eprintln!("dropped {}: {}", dropped.file, dropped.reason);
+    }
+    for item in &report.repeats_not_kept {
+        eprintln!(
+            "warning: {} was repeated {} times per epoch; the prepared copy shows it once",
+            item.file, item.repeats
+        );
+    }
+    eprintln!(
+        "{} image(s) written to {} ({} dropped; report.json lists them)",
+        report.kept,
+        report.output.display(),
+        report.dropped.len()
+    );
+    Ok(())
+}
