@@ -3,7 +3,8 @@
 //! metadata.jsonl or metadata.csv with its other columns kept), a second run changes nothing, a
 //! caption left empty or a parquet dataset is refused, and usage errors exit with 2.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -32,20 +33,6 @@ fn succeeded(output: &Output) {
         stdout(output),
         stderr(output)
     );
-}
-
-/// Every file under `dir` (hidden ones too: a left-over temporary file must show) and its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut files = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(snapshot(&path));
-        } else {
-            files.insert(path.clone(), std::fs::read(&path).unwrap());
-        }
-    }
-    files
 }
 
 fn image(path: &Path) {
@@ -83,10 +70,14 @@ const KOHYA_EDITS: [&str; 5] = [
 fn a_dry_run_changes_nothing_and_prints_the_diff() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = kohya_folder(tmp.path());
-    let before = snapshot(&dir);
+    let before = common::folder_bytes(&dir);
     let output = lora_train_caption(&dir, &KOHYA_EDITS);
     succeeded(&output);
-    assert_eq!(snapshot(&dir), before, "a dry run changed files");
+    assert_eq!(
+        common::folder_bytes(&dir),
+        before,
+        "a dry run changed files"
+    );
     let (a, c, d) = (
         dir.join("a.txt"),
         dir.join("10_sks dog/c.txt"),
@@ -112,7 +103,7 @@ fn a_dry_run_changes_nothing_and_prints_the_diff() {
 fn write_changes_exactly_the_expected_captions_and_a_second_run_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = kohya_folder(tmp.path());
-    let mut want = snapshot(&dir);
+    let mut want = common::folder_bytes(&dir);
     succeeded(&lora_train_caption(
         &dir,
         &[&KOHYA_EDITS[..], &["--write"]].concat(),
@@ -123,7 +114,7 @@ fn write_changes_exactly_the_expected_captions_and_a_second_run_nothing() {
     want.insert(folder.join("d.txt"), b"sks, a photo\n".to_vec());
     // b.png (top level, no caption, no folder words) keeps having none; images, notes.md and
     // every other byte stay; no temporary file is left.
-    assert_eq!(snapshot(&dir), want);
+    assert_eq!(common::folder_bytes(&dir), want);
 
     let again = lora_train_caption(&dir, &[&KOHYA_EDITS[..], &["--write"]].concat());
     succeeded(&again);
@@ -133,7 +124,11 @@ fn write_changes_exactly_the_expected_captions_and_a_second_run_nothing() {
         "{}",
         stderr(&again)
     );
-    assert_eq!(snapshot(&dir), want, "the prefix was added twice");
+    assert_eq!(
+        common::folder_bytes(&dir),
+        want,
+        "the prefix was added twice"
+    );
 }
 
 #[test]
@@ -172,11 +167,11 @@ fn jsonl_metadata_changes_only_the_caption_values() {
         ),
     )
     .unwrap();
-    let mut want = snapshot(&dir);
+    let mut want = common::folder_bytes(&dir);
     let args = ["--remove-tag", "blurry", "--replace", "cat=sks cat"];
     let dry = lora_train_caption(&dir, &args);
     succeeded(&dry);
-    assert_eq!(snapshot(&dir), want, "a dry run changed files");
+    assert_eq!(common::folder_bytes(&dir), want, "a dry run changed files");
     let m = metadata.display();
     assert_eq!(
         stdout(&dry),
@@ -203,7 +198,7 @@ fn jsonl_metadata_changes_only_the_caption_values() {
         .as_bytes()
         .to_vec(),
     );
-    assert_eq!(snapshot(&dir), want);
+    assert_eq!(common::folder_bytes(&dir), want);
 }
 
 #[test]
@@ -221,7 +216,7 @@ fn csv_metadata_keeps_the_header_rows_and_other_fields() {
          a.png,\"a dog, blurry\",web\n",
     )
     .unwrap();
-    let mut want = snapshot(&dir);
+    let mut want = common::folder_bytes(&dir);
     succeeded(&lora_train_caption(
         &dir,
         &[
@@ -241,7 +236,7 @@ fn csv_metadata_keeps_the_header_rows_and_other_fields() {
           a.png,\"sks, a dog\",web\n"
             .to_vec(),
     );
-    assert_eq!(snapshot(&dir), want);
+    assert_eq!(common::folder_bytes(&dir), want);
 }
 
 #[test]
@@ -252,7 +247,7 @@ fn a_caption_left_empty_is_refused_and_nothing_is_written() {
     std::fs::write(dir.join("a.txt"), "blurry").unwrap();
     image(&dir.join("b.png"));
     std::fs::write(dir.join("b.txt"), "blurry, a dog").unwrap();
-    let before = snapshot(&dir);
+    let before = common::folder_bytes(&dir);
     let output = lora_train_caption(&dir, &["--remove-tag", "blurry", "--write"]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let err = stderr(&output);
@@ -262,7 +257,11 @@ fn a_caption_left_empty_is_refused_and_nothing_is_written() {
             && err.contains("nothing written"),
         "{err}"
     );
-    assert_eq!(snapshot(&dir), before, "b.txt must not be written either");
+    assert_eq!(
+        common::folder_bytes(&dir),
+        before,
+        "b.txt must not be written either"
+    );
 }
 
 #[test]
@@ -286,7 +285,7 @@ fn a_parquet_dataset_is_refused() {
 fn usage_errors_exit_with_2() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = kohya_folder(tmp.path());
-    let before = snapshot(&dir);
+    let before = common::folder_bytes(&dir);
     for args in [
         &[][..],
         &["--write"],
@@ -310,14 +309,14 @@ fn usage_errors_exit_with_2() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
-    assert_eq!(snapshot(&dir), before);
+    assert_eq!(common::folder_bytes(&dir), before);
 }
 
 #[test]
 fn dataset_options_that_only_apply_to_training_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = kohya_folder(tmp.path());
-    let before = snapshot(&dir);
+    let before = common::folder_bytes(&dir);
     let output = lora_train_caption(&dir, &["--prefix", "x", "--split", "test", "--write"]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let err = stderr(&output);
@@ -329,5 +328,5 @@ fn dataset_options_that_only_apply_to_training_are_refused() {
     let output = lora_train_caption(&dir, &["--prefix", "x", "--caption-column", "tags"]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(stderr(&output).contains("--caption-column applies to imagefolders"));
-    assert_eq!(snapshot(&dir), before);
+    assert_eq!(common::folder_bytes(&dir), before);
 }

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use common::fixtures;
@@ -20,24 +19,6 @@ fn options(resolution: usize) -> PrepareOptions {
         dedupe: false,
         overwrite: false,
     }
-}
-
-/// Every file under `dir` (relative path → bytes), to show that nothing changed.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut files = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(folder) = stack.pop() {
-        for entry in std::fs::read_dir(&folder).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let bytes = std::fs::read(&path).unwrap();
-                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), bytes);
-            }
-        }
-    }
-    files
 }
 
 /// A kohya folder: a wide and a tall image with captions, a copy of the wide one, and an image
@@ -76,7 +57,7 @@ fn skip_bad() -> ScanOptions {
 fn the_copy_reads_back_with_the_same_captions_at_the_training_size() {
     let dir = tempfile::tempdir().unwrap();
     let source = source(dir.path());
-    let before = snapshot(&source);
+    let before = common::folder_bytes(&source);
     let output = dir.path().join("prepared");
     let report = prepare(
         &source,
@@ -88,7 +69,7 @@ fn the_copy_reads_back_with_the_same_captions_at_the_training_size() {
         },
     )
     .unwrap();
-    assert_eq!(snapshot(&source), before, "the source changed");
+    assert_eq!(common::folder_bytes(&source), before, "the source changed");
     assert_eq!(report.kept, 2);
     let reasons: Vec<(String, String)> = report
         .dropped
@@ -168,13 +149,13 @@ fn a_failure_leaves_no_output_and_outputs_are_replaced_only_when_asked() {
     assert!(!output.exists());
 
     prepare(&source, &skip_bad(), &output, &options(64)).unwrap();
-    let first = snapshot(&output);
+    let first = common::folder_bytes(&output);
     let message = format!(
         "{:#}",
         prepare(&source, &skip_bad(), &output, &options(64)).unwrap_err()
     );
     assert!(message.contains("--overwrite"), "{message}");
-    assert_eq!(snapshot(&output), first);
+    assert_eq!(common::folder_bytes(&output), first);
     let replace = PrepareOptions {
         overwrite: true,
         dedupe: true,
@@ -223,8 +204,10 @@ fn a_parquet_dataset_prepares_like_its_imagefolder() {
     )
     .unwrap();
     let images = |root: &Path| {
-        let mut files = snapshot(root);
-        files.retain(|path, _| path.starts_with("images"));
+        let files: Vec<(PathBuf, Vec<u8>)> = common::folder_bytes(&root.join("images"))
+            .into_iter()
+            .map(|(path, bytes)| (path.strip_prefix(root).unwrap().to_path_buf(), bytes))
+            .collect();
         assert_eq!(files.len(), 5);
         files
     };

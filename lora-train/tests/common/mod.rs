@@ -101,3 +101,22 @@ pub fn assert_same_adapter(a: &Path, b: &Path) {
         assert!(x.data() == y.data(), "{name} differs");
     }
 }
+
+/// Every file under `dir` (hidden ones too: a left-over temporary file must show) and its bytes,
+/// to show what changed and what did not.
+pub fn folder_bytes(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(folder) = stack.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                files.insert(path, bytes);
+            }
+        }
+    }
+    files
+}
