@@ -6,7 +6,8 @@
 //! (AdamW and gradient clipping), [`objective`] (the denoising loss), [`trainer`] (the loop),
 //! [`checkpoint`] (training state and the recipe a resume must match, for exact resume),
 //! [`metrics`] (JSON-lines log and summary) and [`sample`] (images during training, through
-//! lora-infer). The `lora-train` binary is a thin front end.
+//! lora-infer). [`data_check`] reports a dataset's problems and what training will see of it
+//! (`lora-train data check`). The `lora-train` binary is a thin front end.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -27,6 +28,7 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+pub mod data_check;
 pub mod dataset;
 pub mod metrics;
 pub mod objective;

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::Cli;
+use cli::{Cli, Command, DataCommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use lora_train::data_check::{self, CheckArgs};
 use lora_train::{Preparation, Stopped, TrainArgs, Trainer};
 
 mod cli;
@@ -16,6 +17,11 @@ fn main() -> Result<()> {
     // SAFETY: first thing in `main`, before any other thread exists.
     unsafe { lora_core::process_setup::configure() };
     let cli = Cli::parse();
+    if let Some(Command::Data(command)) = cli.command {
+        std::process::exit(match command {
+            DataCommand::Check(args) => check(args),
+        });
+    }
     let args = match &cli.config {
         Some(path) => TrainArgs::from_toml_file(path)?.overlay(cli.args),
         None => cli.args,
@@ -115,4 +121,37 @@ fn main() -> Result<()> {
     );
     eprintln!("adapter written to {}", summary.output.display());
     Ok(())
+}
+
+/// `lora-train data check`: the report on stdout; the exit code 0 when nothing is wrong, 1 when
+/// problems were found, 2 when the options are wrong or the dataset cannot be read at all (clap's
+/// code for usage errors).
+fn check(args: CheckArgs) -> i32 {
+    let (source, json) = (args.source.clone(), args.json);
+    let report = match args
+        .resolve()
+        .and_then(|options| data_check::check(&source, &options))
+    {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return 2;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: cannot write the report as JSON: {e}");
+                return 2;
+            }
+        }
+    } else {
+        print!("{report}");
+    }
+    if report.is_clean() {
+        0
+    } else {
+        1
+    }
 }
