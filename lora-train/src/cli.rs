@@ -1,11 +1,13 @@
-//! The command line of `lora-train`: `--config FILE` and the training options, or a `data`
-//! subcommand. The training options are the library's [`TrainArgs`], the one schema of both the
-//! flags and the TOML file (keys spelled as the flags), so the two never disagree.
+//! The command line of `lora-train`: training (`--config FILE` and the training options) or a
+//! `data` subcommand (`lora-train data check|caption|prepare …`). The training options are the
+//! library's [`TrainArgs`], the one schema of both the flags and the TOML file (keys spelled as
+//! the flags), so the two never disagree.
 
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use lora_train::config::DatasetArgs;
+use lora_train::data_check::CheckArgs;
 use lora_train::TrainArgs;
 
 /// Train a LoRA adapter for a Stable Diffusion UNet on a folder of captioned images
@@ -22,15 +24,19 @@ pub struct Cli {
     pub args: TrainArgs,
 }
 
+/// What `lora-train` does besides training.
 #[derive(Subcommand)]
 pub enum Command {
-    /// Work on a dataset without training
+    /// Work on a training dataset
     #[command(subcommand)]
     Data(DataCommand),
 }
 
 #[derive(Subcommand)]
 pub enum DataCommand {
+    /// The dataset as training would read it: its problems (exit code 1 when there are any) and
+    /// a summary of images, sizes, buckets, captions and tags
+    Check(CheckArgs),
     Caption(CaptionArgs),
     Prepare(PrepareArgs),
 }
@@ -135,14 +141,37 @@ fn parse_replacement(value: &str) -> Result<(String, String), String> {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
 
-    use super::Cli;
+    use super::{Cli, Command, DataCommand};
 
     /// clap checks a definition (unique argument and group names, …) only when it parses that
     /// subcommand; this checks them all.
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn training_flags_and_the_data_subcommand_both_parse() {
+        let train =
+            Cli::try_parse_from(["lora-train", "--data", "x", "--resolution", "64"]).unwrap();
+        assert!(train.command.is_none());
+        assert_eq!(train.args.resolution, Some(64));
+        let check = Cli::try_parse_from([
+            "lora-train",
+            "data",
+            "check",
+            "x",
+            "--resolution",
+            "256",
+            "--json",
+        ])
+        .unwrap();
+        let Some(Command::Data(DataCommand::Check(args))) = check.command else {
+            panic!("expected data check");
+        };
+        assert_eq!((args.resolution, args.json), (256, true));
+        assert!(Cli::try_parse_from(["lora-train", "--data", "x", "data", "check", "y"]).is_err());
     }
 }

@@ -2,14 +2,25 @@
 
 use anyhow::{ensure, Result};
 use lora_train::caption_edit::{self, Edits};
+use lora_train::data_check::{self, CheckArgs};
 use lora_train::data_prepare::{prepare, PrepareOptions};
 
 use crate::cli::{CaptionArgs, DataCommand, PrepareArgs};
 
-pub fn run(command: DataCommand) -> Result<()> {
-    match command {
+/// Runs `command`; the process's exit code. `data check` has its own (0 clean, 1 problems
+/// found, 2 unreadable); the others are 0 or, with the error printed, 1.
+pub fn run(command: DataCommand) -> i32 {
+    let done = match command {
+        DataCommand::Check(args) => return check(args),
         DataCommand::Caption(args) => caption(args),
         DataCommand::Prepare(args) => prepare_copy(args),
+    };
+    match done {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            1
+        }
     }
 }
 
@@ -73,4 +84,37 @@ fn prepare_copy(args: PrepareArgs) -> Result<()> {
         report.dropped.len()
     );
     Ok(())
+}
+
+/// `lora-train data check`: the report on stdout; the exit code 0 when nothing is wrong, 1 when
+/// problems were found, 2 when the options are wrong or the dataset cannot be read at all (clap's
+/// code for usage errors).
+fn check(args: CheckArgs) -> i32 {
+    let (source, json) = (args.source.clone(), args.json);
+    let report = match args
+        .resolve()
+        .and_then(|options| data_check::check(&source, &options))
+    {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return 2;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: cannot write the report as JSON: {e}");
+                return 2;
+            }
+        }
+    } else {
+        print!("{report}");
+    }
+    if report.is_clean() {
+        0
+    } else {
+        1
+    }
 }

@@ -169,10 +169,25 @@ pub struct DatasetItem {
     pub size: (usize, usize),
 }
 
+/// What is wrong with a [`BadFile`], for tools that sort bad files (`lora-train data check`)
+/// rather than print them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadKind {
+    /// Training cannot read it: an image that does not decode, a file that is no image, a
+    /// caption file that is not UTF-8 text, a label outside its classes, a repeat folder whose
+    /// count is refused.
+    Unreadable,
+    /// An image without a caption: no caption file, a null caption.
+    MissingCaption,
+    /// A caption given but empty (or only whitespace).
+    EmptyCaption,
+}
+
 /// A file that cannot be trained on, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadFile {
     pub path: PathBuf,
+    pub kind: BadKind,
     pub reason: String,
 }
 
@@ -181,6 +196,9 @@ impl fmt::Display for BadFile {
         write!(f, "{}: {}", self.path.display(), self.reason)
     }
 }
+
+/// What a scan finds: the usable items, the bad files and the warnings.
+type Found = (Vec<DatasetItem>, Vec<BadFile>, Vec<String>);
 
 /// The checked dataset.
 #[derive(Debug, Clone)]
@@ -199,6 +217,25 @@ impl Dataset {
     /// error unless `skip_bad`, in which case the bad files are left out and listed in `skipped`.
     /// An empty result is always an error.
     pub fn scan(source: &Path, options: &ScanOptions) -> Result<Self> {
+        let (items, bad, warnings) = Self::find(source, options)?;
+        Self::checked(source, items, bad, warnings, options.skip_bad)
+    }
+
+    /// The same scan, for reports on the dataset (`lora-train data check`): every usable item
+    /// and every bad file in `skipped`, whatever `skip_bad` says, and no error when nothing is
+    /// usable. Errors are those of a dataset that cannot be read at all (no such folder, wrong
+    /// metadata).
+    pub fn scan_all(source: &Path, options: &ScanOptions) -> Result<Self> {
+        let (items, skipped, warnings) = Self::find(source, options)?;
+        Ok(Self {
+            items,
+            skipped,
+            warnings,
+        })
+    }
+
+    /// Every item and bad file of the dataset `source`, whichever layout it is.
+    fn find(source: &Path, options: &ScanOptions) -> Result<Found> {
         // A Hub dataset id is read from its snapshot in the Hugging Face cache.
         let snapshot = match source.to_str() {
             Some(id) if !source.exists() && is_hub_id(id) => {
@@ -215,13 +252,11 @@ impl Dataset {
                     // `layout` found parquet files, so there is a list (maybe an empty split).
                     hub_layout::split_files(dir, &options.split)?.unwrap_or_default()
                 };
-                let (items, bad, warnings) = parquet::scan(&files, options)?;
-                return Self::checked(dir, items, bad, warnings, options.skip_bad);
+                return parquet::scan(&files, options);
             }
             Layout::ImageFolder(metadata) => {
                 refuse_parquet_options(dir, options, "an imagefolder")?;
-                let (items, bad, warnings) = imagefolder::scan(dir, &metadata, options)?;
-                return Self::checked(dir, items, bad, warnings, options.skip_bad);
+                return imagefolder::scan(dir, &metadata, options);
             }
             Layout::Kohya => {}
         }
@@ -233,7 +268,7 @@ impl Dataset {
              datasets",
             dir.display()
         );
-        let (caption_ext, skip_bad) = (options.caption_ext.as_str(), options.skip_bad);
+        let caption_ext = options.caption_ext.as_str();
         let mut warnings = Vec::new();
         let mut bad = Vec::new();
         let mut groups = vec![(dir.to_path_buf(), 1usize, None::<String>)];
@@ -245,6 +280,7 @@ impl Dataset {
             match parse_repeat_folder(&name) {
                 Some((repeats, _)) if repeats > MAX_REPEATS => bad.push(BadFile {
                     path: entry.clone(),
+                    kind: BadKind::Unreadable,
                     reason: format!(
                         "a folder of {repeats} repeats: expected at most {MAX_REPEATS}"
                     ),
@@ -271,6 +307,7 @@ impl Dataset {
                 if !has_image_extension(&path) {
                     bad.push(BadFile {
                         path,
+                        kind: BadKind::Unreadable,
                         reason: format!(
                             "not an image (expected .png, .jpg, .jpeg or .webp) nor a `{caption_ext}` caption"
                         ),
@@ -282,6 +319,7 @@ impl Dataset {
                     Err(e) => {
                         bad.push(BadFile {
                             path,
+                            kind: BadKind::Unreadable,
                             reason: format!("{e:#}"),
                         });
                         continue;
@@ -294,6 +332,7 @@ impl Dataset {
                         Err(e) => {
                             bad.push(BadFile {
                                 path: caption_path,
+                                kind: BadKind::Unreadable,
                                 reason: format!("{e:#}"),
                             });
                             continue;
@@ -303,6 +342,7 @@ impl Dataset {
                     words.clone()
                 } else {
                     bad.push(BadFile {
+                        kind: BadKind::MissingCaption,
                         reason: format!(
                             "no caption: expected {} (or put the image in a kohya `N_caption words` folder)",
                             caption_path.display()
@@ -319,7 +359,7 @@ impl Dataset {
                 });
             }
         }
-        Self::checked(dir, items, bad, warnings, skip_bad)
+        Ok((items, bad, warnings))
     }
 
     /// The scan's result, or the error listing every bad file (unless `skip_bad`), or the error

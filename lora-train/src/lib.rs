@@ -6,9 +6,10 @@
 //! (AdamW and gradient clipping), [`objective`] (the denoising loss), [`trainer`] (the loop),
 //! [`checkpoint`] (training state and the recipe a resume must match, for exact resume),
 //! [`metrics`] (JSON-lines log and summary) and [`sample`] (images during training, through
-//! lora-infer). [`data_prepare`] writes a clean, resized copy of a dataset (`lora-train data
-//! prepare`) and [`caption_edit`] edits a dataset's captions without a model (`lora-train data
-//! caption`). The `lora-train` binary is a thin front end.
+//! lora-infer). Before training, [`data_check`] reports a dataset's problems and what training
+//! will see of it (`lora-train data check`), [`caption_edit`] edits its captions without a model
+//! (`lora-train data caption`) and [`data_prepare`] writes a clean, resized copy of it
+//! (`lora-train data prepare`). The `lora-train` binary is a thin front end.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -30,6 +31,7 @@ pub mod cache;
 pub mod caption_edit;
 pub mod checkpoint;
 pub mod config;
+pub mod data_check;
 pub mod data_prepare;
 pub mod dataset;
 pub mod metrics;

@@ -18,7 +18,7 @@ fn main() -> Result<()> {
     unsafe { lora_core::process_setup::configure() };
     let cli = Cli::parse();
     if let Some(Command::Data(command)) = cli.command {
-        return data_commands::run(command);
+        std::process::exit(data_commands::run(command));
     }
     let args = match &cli.config {
         Some(path) => TrainArgs::from_toml_file(path)?.overlay(cli.args),

@@ -17,8 +17,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::{
-    has_image_extension, load_image, normalize_caption, with_template, BadFile, DatasetItem,
-    ImageLocation, ScanOptions,
+    has_image_extension, load_image, normalize_caption, with_template, BadFile, BadKind,
+    DatasetItem, ImageLocation, ScanOptions,
 };
 
 const JSONL: &str = "metadata.jsonl";
@@ -115,18 +115,24 @@ pub(super) fn scan(
         if !has_image_extension(&image) {
             bad.push(BadFile {
                 path: image,
+                kind: BadKind::Unreadable,
                 reason: format!("not an image (expected .png, .jpg, .jpeg or .webp), row at {at}"),
             });
             continue;
         }
         // The same text a caption file with these words would give.
+        let caption = caption.map(|c| normalize_caption(&c));
         let Some(caption) = caption
-            .map(|c| normalize_caption(&c))
+            .clone()
             .filter(|c| !c.is_empty())
             .map(|c| with_template(c, options))
         else {
             bad.push(BadFile {
                 path: image,
+                kind: match caption {
+                    None => BadKind::MissingCaption,
+                    Some(_) => BadKind::EmptyCaption,
+                },
                 reason: format!("no caption: `{column}` is empty or null at {at}"),
             });
             continue;
@@ -136,6 +142,7 @@ pub(super) fn scan(
             Err(e) => {
                 bad.push(BadFile {
                     path: image,
+                    kind: BadKind::Unreadable,
                     reason: format!("{e:#}"),
                 });
                 continue;

@@ -21,7 +21,7 @@ use parquet::schema::types::Type;
 use serde_json::Value;
 
 use super::{
-    decode_image, load_image, normalize_caption, with_template, BadFile, DatasetItem,
+    decode_image, load_image, normalize_caption, with_template, BadFile, BadKind, DatasetItem,
     ImageLocation, ScanOptions,
 };
 
@@ -64,9 +64,10 @@ pub(super) fn scan(
             .with_batch_size(ROWS_PER_READ);
         for (index, row) in rows.enumerate() {
             let row = row.with_context(|| format!("cannot read {} row {index}", file.display()))?;
-            let mut bad_row = |reason: String| {
+            let mut bad_row = |kind: BadKind, reason: String| {
                 bad.push(BadFile {
                     path: file.clone(),
+                    kind,
                     reason: format!("row {index}: {reason}"),
                 })
             };
@@ -78,15 +79,15 @@ pub(super) fn scan(
             }
             let caption = match caption_of(&row, &captions, options) {
                 Ok(caption) => caption,
-                Err(reason) => {
-                    bad_row(reason);
+                Err((kind, reason)) => {
+                    bad_row(kind, reason);
                     continue;
                 }
             };
             let (location, image) = match image_of(&row, file, index, &options.image_column) {
                 Ok(found) => found,
                 Err(e) => {
-                    bad_row(format!("{e:#}"));
+                    bad_row(BadKind::Unreadable, format!("{e:#}"));
                     continue;
                 }
             };
@@ -272,31 +273,43 @@ fn label_of(row: &Row, column: &str) -> Option<usize> {
     }
 }
 
-/// The row's caption, or why it has none.
+/// The row's caption, or what is wrong with it and why.
 fn caption_of(
     row: &Row,
     captions: &Captions,
     options: &ScanOptions,
-) -> std::result::Result<String, String> {
+) -> std::result::Result<String, (BadKind, String)> {
     let column = &options.caption_column;
-    let text = match captions {
+    // An empty text is an empty caption; no text at all (null) a missing one.
+    let (text, empty_kind) = match captions {
         Captions::Text => match field(row, column) {
-            Some(Field::Str(text)) => normalize_caption(text),
-            _ => String::new(),
+            Some(Field::Str(text)) => (normalize_caption(text), BadKind::EmptyCaption),
+            _ => (String::new(), BadKind::MissingCaption),
         },
         Captions::Classes(names) => match label_of(row, column) {
-            Some(label) if label < names.len() => names[label].clone(),
+            Some(label) if label < names.len() => (names[label].clone(), BadKind::EmptyCaption),
             Some(label) => {
-                return Err(format!(
-                    "label {label} of `{column}` is not one of its {} classes",
-                    names.len()
+                return Err((
+                    BadKind::Unreadable,
+                    format!(
+                        "label {label} of `{column}` is not one of its {} classes",
+                        names.len()
+                    ),
                 ))
             }
-            None => return Err(format!("no label: `{column}` is null")),
+            None => {
+                return Err((
+                    BadKind::MissingCaption,
+                    format!("no label: `{column}` is null"),
+                ))
+            }
         },
     };
     if text.is_empty() {
-        return Err(format!("no caption: `{column}` is empty or null"));
+        return Err((
+            empty_kind,
+            format!("no caption: `{column}` is empty or null"),
+        ));
     }
     Ok(with_template(text, options))
 }
