@@ -9,13 +9,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use image::DynamicImage;
 use lora_core::io::write_folder_atomic;
 use lora_core::Rng;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::config::Crop;
+use crate::data_check::perceptual_hash::PixelHasher;
 use crate::dataset::{bucket_size, cover_and_crop, Dataset, ScanOptions};
 
 /// Bucket sides are multiples of this (kohya's `bucket_reso_steps` default), so every bucket
@@ -191,14 +190,15 @@ fn write_copy(
     std::fs::create_dir_all(&images)
         .with_context(|| format!("cannot create {}", images.display()))?;
     let mut metadata = Vec::new();
-    let mut seen: HashMap<[u8; 32], String> = HashMap::new();
+    let hasher = PixelHasher::default();
+    let mut seen: HashMap<u128, String> = HashMap::new();
     // Centre crops draw nothing; the generator is only a required argument.
     let mut unused = Rng::new(0);
     for (item, image) in dataset.items.iter().zip(dataset.images()) {
         let image = image?;
         let location = item.image.to_string();
         if options.dedupe {
-            let digest = pixel_digest(&image);
+            let digest = hasher.key(&image);
             if let Some(first) = seen.get(&digest) {
                 report.dropped.push(Dropped {
                     file: location,
@@ -244,14 +244,4 @@ fn write_copy(
     file.write_all(&metadata)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// SHA-256 of the image's size and RGBA pixels: equal for the same picture in any file format.
-pub fn pixel_digest(image: &DynamicImage) -> [u8; 32] {
-    let rgba = image.to_rgba8();
-    let mut hasher = Sha256::new();
-    hasher.update(rgba.width().to_le_bytes());
-    hasher.update(rgba.height().to_le_bytes());
-    hasher.update(rgba.as_raw());
-    hasher.finalize().into()
 }
