@@ -1,8 +1,10 @@
 //! Reading and writing weights: memory-mapped safetensors behind candle's `VarBuilder`
 //! (`weights`), whole-file safetensors reading with its metadata, atomic file output and output
-//! folder checks (`files`), and PyTorch pickles, refused unless asked for (`pickle`).
+//! folder checks (`files`), PyTorch pickles, refused unless asked for (`pickle`), and panics of
+//! other crates' readers on damaged files turned into errors (`panic_guard`).
 
 pub mod files;
+pub mod panic_guard;
 pub mod pickle;
 pub mod weights;
 
@@ -10,3 +12,4 @@ pub use files::{
     folder_of, free_space, not_safetensors, probe_writable, read_safetensors, write_atomic,
     write_folder_atomic, write_safetensors_atomic, SafetensorsContents,
 };
+pub use panic_guard::contain_panics;

@@ -20,6 +20,8 @@ use parquet::record::{Field, Row};
 use parquet::schema::types::Type;
 use serde_json::Value;
 
+use lora_core::io::contain_panics;
+
 use super::{
     decode_image, load_image, normalize_caption, with_template, BadFile, BadKind, DatasetItem,
     ImageLocation, ScanOptions,
@@ -47,57 +49,10 @@ pub(super) fn scan(
     let mut bad = Vec::new();
     let mut filtered_out = 0usize;
     for file in files {
-        let reader = open(file)?;
-        let (projection, captions) = columns(&reader, file, options)?;
-        let keep: Option<Vec<usize>> = match (&captions, options.label_filter.is_empty()) {
-            (_, true) => None,
-            (Captions::Classes(names), false) => Some(label_indices(names, options, file)?),
-            (Captions::Text, false) => bail!(
-                "{}: --label-filter keeps classes of a ClassLabel column, and `{}` is text",
-                file.display(),
-                options.caption_column
-            ),
-        };
-        let rows = RowIter::from_file_into(Box::new(reader))
-            .project(Some(projection))
-            .with_context(|| format!("cannot read {}", file.display()))?
-            .with_batch_size(ROWS_PER_READ);
-        for (index, row) in rows.enumerate() {
-            let row = row.with_context(|| format!("cannot read {} row {index}", file.display()))?;
-            let mut bad_row = |kind: BadKind, reason: String| {
-                bad.push(BadFile {
-                    path: file.clone(),
-                    kind,
-                    reason: format!("row {index}: {reason}"),
-                })
-            };
-            if let Some(keep) = &keep {
-                if !label_of(&row, &options.caption_column).is_some_and(|l| keep.contains(&l)) {
-                    filtered_out += 1;
-                    continue;
-                }
-            }
-            let caption = match caption_of(&row, &captions, options) {
-                Ok(caption) => caption,
-                Err((kind, reason)) => {
-                    bad_row(kind, reason);
-                    continue;
-                }
-            };
-            let (location, image) = match image_of(&row, file, index, &options.image_column) {
-                Ok(found) => found,
-                Err(e) => {
-                    bad_row(BadKind::Unreadable, format!("{e:#}"));
-                    continue;
-                }
-            };
-            items.push(DatasetItem {
-                image: location,
-                caption,
-                repeats: 1,
-                size: (image.width() as usize, image.height() as usize),
-            });
-        }
+        // The parquet crate panics on some damaged files; that is an error naming the file.
+        contain_panics(file.display(), || {
+            scan_file(file, options, &mut items, &mut bad, &mut filtered_out)
+        })?;
     }
     let mut warnings = Vec::new();
     if filtered_out > 0 {
@@ -106,6 +61,69 @@ pub(super) fn scan(
         ));
     }
     Ok((items, bad, warnings))
+}
+
+/// Adds the rows of one parquet file to `items` (or `bad`), counting those `--label-filter`
+/// leaves out.
+fn scan_file(
+    file: &Path,
+    options: &ScanOptions,
+    items: &mut Vec<DatasetItem>,
+    bad: &mut Vec<BadFile>,
+    filtered_out: &mut usize,
+) -> Result<()> {
+    let reader = open(file)?;
+    let (projection, captions) = columns(&reader, file, options)?;
+    let keep: Option<Vec<usize>> = match (&captions, options.label_filter.is_empty()) {
+        (_, true) => None,
+        (Captions::Classes(names), false) => Some(label_indices(names, options, file)?),
+        (Captions::Text, false) => bail!(
+            "{}: --label-filter keeps classes of a ClassLabel column, and `{}` is text",
+            file.display(),
+            options.caption_column
+        ),
+    };
+    let rows = RowIter::from_file_into(Box::new(reader))
+        .project(Some(projection))
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .with_batch_size(ROWS_PER_READ);
+    for (index, row) in rows.enumerate() {
+        let row = row.with_context(|| format!("cannot read {} row {index}", file.display()))?;
+        let mut bad_row = |kind: BadKind, reason: String| {
+            bad.push(BadFile {
+                path: file.to_path_buf(),
+                kind,
+                reason: format!("row {index}: {reason}"),
+            })
+        };
+        if let Some(keep) = &keep {
+            if !label_of(&row, &options.caption_column).is_some_and(|l| keep.contains(&l)) {
+                *filtered_out += 1;
+                continue;
+            }
+        }
+        let caption = match caption_of(&row, &captions, options) {
+            Ok(caption) => caption,
+            Err((kind, reason)) => {
+                bad_row(kind, reason);
+                continue;
+            }
+        };
+        let (location, image) = match image_of(&row, file, index, &options.image_column) {
+            Ok(found) => found,
+            Err(e) => {
+                bad_row(BadKind::Unreadable, format!("{e:#}"));
+                continue;
+            }
+        };
+        items.push(DatasetItem {
+            image: location,
+            caption,
+            repeats: 1,
+            size: (image.width() as usize, image.height() as usize),
+        });
+    }
+    Ok(())
 }
 
 fn open(file: &Path) -> Result<SerializedFileReader<File>> {
@@ -369,6 +387,10 @@ pub(super) struct RowImages {
 impl RowImages {
     /// A reader of `file`'s `column` that starts at the row group holding `row`.
     pub(super) fn open(file: &Path, column: &str, row: usize) -> Result<Self> {
+        contain_panics(file.display(), || Self::open_unguarded(file, column, row))
+    }
+
+    fn open_unguarded(file: &Path, column: &str, row: usize) -> Result<Self> {
         let footer = open(file)?;
         let mut first = 0usize;
         let mut group = 0usize;
@@ -416,6 +438,11 @@ impl RowImages {
 
     /// The image of `row`, skipping the rows before it.
     pub(super) fn image(&mut self, row: usize) -> Result<DynamicImage> {
+        let file = self.file.clone();
+        contain_panics(file.display(), || self.image_unguarded(row))
+    }
+
+    fn image_unguarded(&mut self, row: usize) -> Result<DynamicImage> {
         ensure!(
             self.next <= row,
             "{} row {row} is behind the reader",
