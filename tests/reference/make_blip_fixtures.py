@@ -98,6 +98,31 @@ def decode_cases(tokenizer, vocab_size):
     return cases
 
 
+def pick_images(out: Path):
+    """The test images as pixel values, for choosing the stop token's bias before saving."""
+    names = draw_images(out / "images")
+    processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    images = [Image.open(out / "images" / n) for n in names]
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def raise_stop_token(model, pixel_values, sep):
+    """Raise the LM head's bias for [SEP] until greedy decoding stops the two captions at different
+    lengths, one after a few words, so that the stop and the padding after it are checked."""
+    bias = model.text_decoder.cls.predictions.bias
+    base = float(bias[sep].detach())
+    for step in range(200):
+        with torch.no_grad():
+            bias[sep] = base + 0.05 * step
+            ids = model.generate(pixel_values=pixel_values, max_new_tokens=MAX_NEW_TOKENS)
+        ended = [sep in row[1:].tolist() for row in ids]
+        first = [row[1:].tolist().index(sep) if e else None for row, e in zip(ids, ended)]
+        stops = [MAX_NEW_TOKENS if f is None else f for f in first]
+        if stops[0] != stops[1] and any(2 <= f < MAX_NEW_TOKENS for f in stops):
+            return
+    raise SystemExit("no [SEP] bias makes the captions stop at different lengths")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "tests/fixtures/blip-tiny")
@@ -158,6 +183,7 @@ def main():
                 p.normal_(0.0, 0.3)
             else:
                 p.normal_(0.0 if "bias" in name else 1.0, 0.2)
+    raise_stop_token(model, pick_images(out), config.text_config.sep_token_id)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     # The Hub repositories also have the image processor's own file; write it as they do.
