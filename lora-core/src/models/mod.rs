@@ -1,9 +1,10 @@
 //! The Stable Diffusion models, written by us and differentiable end to end where we train
 //! through them: the UNet, the CLIP text encoder, the VAE, the tokenizer and their config files;
-//! a whole CLIP model (both towers, for CLIP score); and the evaluation metrics' feature network
-//! (FID's Inception-v3), inference only. Where a model's files come from (folder, Hub id, single
+//! a whole CLIP model (both towers, for CLIP score); the evaluation metrics' feature network
+//! (FID's Inception-v3); and BLIP, an image captioner; these last three inference only. Where a model's files come from (folder, Hub id, single
 //! file) is `crate::source`.
 
+pub mod blip;
 pub mod clip;
 pub mod config;
 pub mod inception;

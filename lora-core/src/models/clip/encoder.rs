@@ -77,9 +77,7 @@ struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: SelfAttention,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    activation: ClipActivation,
+    mlp: Mlp,
 }
 
 impl EncoderLayer {
@@ -88,9 +86,7 @@ impl EncoderLayer {
             layer_norm1: candle_nn::layer_norm(d.hidden, d.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: SelfAttention::new(vb.pp("self_attn"), d)?,
             layer_norm2: candle_nn::layer_norm(d.hidden, d.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(d.hidden, d.intermediate, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(d.intermediate, d.hidden, vb.pp("mlp.fc2"))?,
-            activation: d.activation,
+            mlp: Mlp::new(vb.pp("mlp"), d.hidden, d.intermediate, d.activation)?,
         })
     }
 
@@ -99,13 +95,45 @@ impl EncoderLayer {
             + self
                 .self_attn
                 .forward(&self.layer_norm1.forward(xs)?, mask)?)?;
-        let hidden = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
-        let hidden = match self.activation {
-            ClipActivation::QuickGelu => (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?,
-            ClipActivation::Gelu => hidden.gelu_erf()?,
-        };
-        Ok((xs + self.fc2.forward(&hidden)?)?)
+        Ok((&xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?)?)
     }
+}
+
+/// The layers' feed-forward block, `fc2(act(fc1(x)))` (transformers' `CLIPMLP`; BLIP's vision
+/// tower has the same).
+pub(crate) struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+    activation: ClipActivation,
+}
+
+impl Mlp {
+    /// `vb` is the `mlp` level of a layer.
+    pub fn new(
+        vb: VarBuilder,
+        hidden: usize,
+        intermediate: usize,
+        activation: ClipActivation,
+    ) -> Result<Self> {
+        Ok(Self {
+            fc1: candle_nn::linear(hidden, intermediate, vb.pp("fc1"))?,
+            fc2: candle_nn::linear(intermediate, hidden, vb.pp("fc2"))?,
+            activation,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let hidden = activate(&self.fc1.forward(xs)?, self.activation)?;
+        Ok(self.fc2.forward(&hidden)?)
+    }
+}
+
+/// transformers' `ACT2FN[hidden_act]` for the activations CLIP and BLIP configs name.
+pub(crate) fn activate(xs: &Tensor, activation: ClipActivation) -> Result<Tensor> {
+    Ok(match activation {
+        ClipActivation::QuickGelu => (xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?)?,
+        ClipActivation::Gelu => xs.gelu_erf()?,
+    })
 }
 
 struct SelfAttention {

@@ -297,13 +297,13 @@ fn tower(root: &mut Map<String, Value>, key: &str, defaults: &str) -> Result<Val
 }
 
 /// An architecture size: present and positive; there is no sensible default to fall back on.
-fn required(value: Option<usize>, key: &str) -> Result<usize> {
+pub(super) fn required(value: Option<usize>, key: &str) -> Result<usize> {
     let v = value.with_context(|| format!("missing {key}"))?;
     ensure!(v > 0, "{key} = 0: expected a positive size");
     Ok(v)
 }
 
-fn heads_divide(hidden_size: usize, num_attention_heads: usize) -> Result<()> {
+pub(super) fn heads_divide(hidden_size: usize, num_attention_heads: usize) -> Result<()> {
     ensure!(
         hidden_size.is_multiple_of(num_attention_heads),
         "hidden_size = {hidden_size} is not divisible by num_attention_heads = {num_attention_heads}"
@@ -311,7 +311,7 @@ fn heads_divide(hidden_size: usize, num_attention_heads: usize) -> Result<()> {
     Ok(())
 }
 
-fn activation(hidden_act: Option<&str>) -> Result<ClipActivation> {
+pub(super) fn activation(hidden_act: Option<&str>) -> Result<ClipActivation> {
     Ok(match hidden_act.context("missing hidden_act")? {
         "quick_gelu" => ClipActivation::QuickGelu,
         "gelu" => ClipActivation::Gelu,
@@ -319,7 +319,7 @@ fn activation(hidden_act: Option<&str>) -> Result<ClipActivation> {
     })
 }
 
-fn layer_norm_eps(value: Option<f64>) -> Result<f64> {
+pub(super) fn layer_norm_eps(value: Option<f64>) -> Result<f64> {
     let eps = value.context("missing layer_norm_eps")?;
     ensure!(
         eps > 0.0,

@@ -1,0 +1,128 @@
+//! BLIP's vision tower (transformers' `BlipVisionModel`): a ViT with a class token, no layer norm
+//! before the encoder, pre-norm layers whose attention projects queries, keys and values with one
+//! fused `qkv` linear, and `post_layernorm` over every position. The captioning decoder
+//! cross-attends to that whole sequence (`last_hidden_state`), not to the pooled class token.
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{Module, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+use crate::models::blip::attention::multi_head_attention;
+use crate::models::clip::encoder::Mlp;
+use crate::models::config::BlipVisionConfig;
+
+pub struct BlipVisionModel {
+    /// The patch embedding, a convolution whose stride is its kernel, kept as the matrix
+    /// `[hidden, 3·patch·patch]` it is on flattened patches.
+    patch_weight: Tensor,
+    /// `[hidden]`: unlike CLIP's, BLIP's patch convolution has a bias.
+    patch_bias: Tensor,
+    /// `[1, 1, hidden]`
+    class_embedding: Tensor,
+    /// `[1, positions, hidden]` (a parameter, not an embedding table's `.weight`).
+    position_embedding: Tensor,
+    layers: Vec<VisionLayer>,
+    post_layernorm: LayerNorm,
+    config: BlipVisionConfig,
+}
+
+impl BlipVisionModel {
+    /// `vb` is the `vision_model` level of a BlipForConditionalGeneration's weights.
+    pub fn new(vb: VarBuilder, config: &BlipVisionConfig) -> Result<Self> {
+        let (hidden, patch) = (config.hidden_size, config.patch_size);
+        let embeddings = vb.pp("embeddings");
+        let patch_weight = embeddings
+            .get((hidden, 3, patch, patch), "patch_embedding.weight")?
+            .reshape((hidden, 3 * patch * patch))?;
+        let patch_bias = embeddings.get(hidden, "patch_embedding.bias")?;
+        let class_embedding = embeddings.get((1, 1, hidden), "class_embedding")?;
+        let position_embedding =
+            embeddings.get((1, config.num_positions(), hidden), "position_embedding")?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| VisionLayer::new(vb.pp(format!("encoder.layers.{i}")), config))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            patch_weight,
+            patch_bias,
+            class_embedding,
+            position_embedding,
+            layers,
+            post_layernorm: candle_nn::layer_norm(
+                hidden,
+                config.layer_norm_eps,
+                vb.pp("post_layernorm"),
+            )?,
+            config: config.clone(),
+        })
+    }
+
+    /// `[batch, 3, image_size, image_size]` normalised pixels → `[batch, positions, hidden]`
+    /// (transformers' `last_hidden_state`, after `post_layernorm`).
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (batch, channels, height, width) = pixel_values
+            .dims4()
+            .context("pixel values: expected [batch, 3, height, width]")?;
+        let size = self.config.image_size;
+        ensure!(
+            (channels, height, width) == (3, size, size),
+            "pixel values are {channels}×{height}×{width}; the model takes 3×{size}×{size}"
+        );
+        let (grid, patch) = (self.config.grid_size(), self.config.patch_size);
+        let patches = pixel_values
+            .to_dtype(self.patch_weight.dtype())?
+            .reshape(vec![batch, 3, grid, patch, grid, patch])?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((batch, grid * grid, 3 * patch * patch))?;
+        let patches = patches
+            .broadcast_matmul(&self.patch_weight.t()?)?
+            .broadcast_add(&self.patch_bias)?;
+        let hidden = self.config.hidden_size;
+        let class = self.class_embedding.broadcast_as((batch, 1, hidden))?;
+        let mut xs =
+            Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs)?;
+        }
+        Ok(self.post_layernorm.forward(&xs)?)
+    }
+
+    pub fn config(&self) -> &BlipVisionConfig {
+        &self.config
+    }
+}
+
+/// `encoder.layers.{i}`: `x + projection(attn(ln1(x)))`, then `x + mlp(ln2(x))`.
+struct VisionLayer {
+    layer_norm1: LayerNorm,
+    qkv: Linear,
+    projection: Linear,
+    layer_norm2: LayerNorm,
+    mlp: Mlp,
+    heads: usize,
+}
+
+impl VisionLayer {
+    fn new(vb: VarBuilder, c: &BlipVisionConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            layer_norm1: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            qkv: candle_nn::linear(h, 3 * h, vb.pp("self_attn.qkv"))?,
+            projection: candle_nn::linear(h, h, vb.pp("self_attn.projection"))?,
+            layer_norm2: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            mlp: Mlp::new(vb.pp("mlp"), h, c.intermediate_size, c.hidden_act)?,
+            heads: c.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let hidden = xs.dim(2)?;
+        // `qkv`'s output is [q | k | v], each heads·head_dim wide.
+        let qkv = self.qkv.forward(&self.layer_norm1.forward(xs)?)?;
+        let q = qkv.narrow(2, 0, hidden)?;
+        let k = qkv.narrow(2, hidden, hidden)?;
+        let v = qkv.narrow(2, 2 * hidden, hidden)?;
+        let attended = multi_head_attention(&q, &k, &v, self.heads, None)?;
+        let xs = (xs + self.projection.forward(&attended)?)?;
+        Ok((&xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?)?)
+    }
+}
