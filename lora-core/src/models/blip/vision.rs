@@ -3,24 +3,17 @@
 //! fused `qkv` linear, and `post_layernorm` over every position. The captioning decoder
 //! cross-attends to that whole sequence (`last_hidden_state`), not to the pooled class token.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::Result;
 use candle_core::{Module, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use crate::models::blip::attention::multi_head_attention;
 use crate::models::clip::encoder::Mlp;
 use crate::models::config::BlipVisionConfig;
+use crate::models::vit_embeddings::VitEmbeddings;
 
 pub struct BlipVisionModel {
-    /// The patch embedding, a convolution whose stride is its kernel, kept as the matrix
-    /// `[hidden, 3·patch·patch]` it is on flattened patches.
-    patch_weight: Tensor,
-    /// `[hidden]`: unlike CLIP's, BLIP's patch convolution has a bias.
-    patch_bias: Tensor,
-    /// `[1, 1, hidden]`
-    class_embedding: Tensor,
-    /// `[1, positions, hidden]` (a parameter, not an embedding table's `.weight`).
-    position_embedding: Tensor,
+    embeddings: VitEmbeddings,
     layers: Vec<VisionLayer>,
     post_layernorm: LayerNorm,
     config: BlipVisionConfig,
@@ -31,21 +24,20 @@ impl BlipVisionModel {
     pub fn new(vb: VarBuilder, config: &BlipVisionConfig) -> Result<Self> {
         let (hidden, patch) = (config.hidden_size, config.patch_size);
         let embeddings = vb.pp("embeddings");
-        let patch_weight = embeddings
-            .get((hidden, 3, patch, patch), "patch_embedding.weight")?
-            .reshape((hidden, 3 * patch * patch))?;
-        let patch_bias = embeddings.get(hidden, "patch_embedding.bias")?;
-        let class_embedding = embeddings.get((1, 1, hidden), "class_embedding")?;
-        let position_embedding =
-            embeddings.get((1, config.num_positions(), hidden), "position_embedding")?;
+        // Unlike CLIP's, BLIP's patch convolution has a bias, and its position embedding is a
+        // parameter `[1, positions, hidden]`, not an embedding table's `.weight`.
+        let embeddings = VitEmbeddings::new(
+            embeddings.get((hidden, 3, patch, patch), "patch_embedding.weight")?,
+            Some(embeddings.get(hidden, "patch_embedding.bias")?),
+            embeddings.get((1, 1, hidden), "class_embedding")?,
+            embeddings.get((1, config.num_positions(), hidden), "position_embedding")?,
+            config.image_size,
+        )?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| VisionLayer::new(vb.pp(format!("encoder.layers.{i}")), config))
             .collect::<Result<_>>()?;
         Ok(Self {
-            patch_weight,
-            patch_bias,
-            class_embedding,
-            position_embedding,
+            embeddings,
             layers,
             post_layernorm: candle_nn::layer_norm(
                 hidden,
@@ -59,27 +51,7 @@ impl BlipVisionModel {
     /// `[batch, 3, image_size, image_size]` normalised pixels → `[batch, positions, hidden]`
     /// (transformers' `last_hidden_state`, after `post_layernorm`).
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let (batch, channels, height, width) = pixel_values
-            .dims4()
-            .context("pixel values: expected [batch, 3, height, width]")?;
-        let size = self.config.image_size;
-        ensure!(
-            (channels, height, width) == (3, size, size),
-            "pixel values are {channels}×{height}×{width}; the model takes 3×{size}×{size}"
-        );
-        let (grid, patch) = (self.config.grid_size(), self.config.patch_size);
-        let patches = pixel_values
-            .to_dtype(self.patch_weight.dtype())?
-            .reshape(vec![batch, 3, grid, patch, grid, patch])?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((batch, grid * grid, 3 * patch * patch))?;
-        let patches = patches
-            .broadcast_matmul(&self.patch_weight.t()?)?
-            .broadcast_add(&self.patch_bias)?;
-        let hidden = self.config.hidden_size;
-        let class = self.class_embedding.broadcast_as((batch, 1, hidden))?;
-        let mut xs =
-            Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
+        let mut xs = self.embeddings.forward(pixel_values)?;
         for layer in &self.layers {
             xs = layer.forward(&xs)?;
         }
