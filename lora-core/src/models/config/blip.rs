@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::clip::{activation, heads_divide, layer_norm_eps, required};
+use super::clip::{activation, check_model_kind, heads_divide, layer_norm_eps, required};
 use super::ClipActivation;
 
 /// `vision_config` (transformers' `BlipVisionConfig`).
@@ -128,22 +128,8 @@ impl BlipConfig {
     pub fn parse(json: &str) -> Result<Self> {
         let mut root: Map<String, Value> =
             serde_json::from_str(json).context("malformed BLIP config.json")?;
-        if let Some(architectures) = root.get("architectures").filter(|a| !a.is_null()) {
-            let names: Vec<&str> = architectures
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            ensure!(
-                names == ["BlipForConditionalGeneration"],
-                "architectures = {architectures}: expected [\"BlipForConditionalGeneration\"] (a BLIP captioning model)"
-            );
-        }
-        if let Some(model_type) = root.get("model_type").filter(|t| !t.is_null()) {
-            ensure!(
-                model_type == "blip",
-                "model_type = {model_type}: expected \"blip\""
-            );
-        }
+        check_model_kind(&root, "BlipForConditionalGeneration", "blip")
+            .context("not a BLIP captioning model")?;
         let vision: RawVision =
             serde_json::from_value(with_defaults(&mut root, "vision_config", VISION_DEFAULTS)?)
                 .context("malformed vision_config")?;

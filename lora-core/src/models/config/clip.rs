@@ -237,22 +237,7 @@ impl ClipModelConfig {
     pub fn parse(json: &str) -> Result<Self> {
         let mut root: Map<String, Value> =
             serde_json::from_str(json).context("malformed CLIP model config.json")?;
-        if let Some(architectures) = root.get("architectures").filter(|a| !a.is_null()) {
-            let names: Vec<&str> = architectures
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            ensure!(
-                names == ["CLIPModel"],
-                "architectures = {architectures}: expected [\"CLIPModel\"]"
-            );
-        }
-        if let Some(model_type) = root.get("model_type").filter(|t| !t.is_null()) {
-            ensure!(
-                model_type == "clip",
-                "model_type = {model_type}: expected \"clip\""
-            );
-        }
+        check_model_kind(&root, "CLIPModel", "clip")?;
         let text = tower(&mut root, "text_config", TEXT_CONFIG_DEFAULTS)?;
         let text: RawClipTextConfig =
             serde_json::from_value(text).context("malformed text_config")?;
@@ -273,6 +258,32 @@ impl ClipModelConfig {
             projection_dim: required(Some(projection_dim), "projection_dim")?,
         })
     }
+}
+
+/// Where a config names its class (`architectures`) and `model_type`, they must be `architecture`
+/// and `model_type`: a config of another model is refused by name rather than misread.
+pub(super) fn check_model_kind(
+    root: &Map<String, Value>,
+    architecture: &str,
+    model_type: &str,
+) -> Result<()> {
+    if let Some(architectures) = root.get("architectures").filter(|a| !a.is_null()) {
+        let names: Vec<&str> = architectures
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        ensure!(
+            names == [architecture],
+            "architectures = {architectures}: expected [\"{architecture}\"]"
+        );
+    }
+    if let Some(given) = root.get("model_type").filter(|t| !t.is_null()) {
+        ensure!(
+            given == model_type,
+            "model_type = {given}: expected \"{model_type}\""
+        );
+    }
+    Ok(())
 }
 
 /// The tower config `key` of a CLIPModel config, with its legacy `<key>_dict` applied as
