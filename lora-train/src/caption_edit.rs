@@ -31,13 +31,13 @@ use std::fmt::Write as _;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
 
 use crate::config::DatasetArgs;
 use crate::dataset::{
-    caption_path, has_image_extension, layout, normalize_caption, parse_repeat_folder,
-    read_caption, sorted_entries, Layout, ScanOptions, DEFAULT_CAPTION_COLUMN,
+    caption_path, caption_value, has_image_extension, json_object, layout, normalize_caption,
+    parse_repeat_folder, read_caption, sorted_entries, Layout, ScanOptions, DEFAULT_CAPTION_COLUMN,
 };
 
 /// The edits to make, applied in the order of the module documentation.
@@ -395,25 +395,15 @@ fn jsonl_metadata(
             kept(&mut out);
             continue;
         }
-        let object = match serde_json::from_str::<Value>(json) {
-            Ok(Value::Object(object)) => object,
-            Ok(_) => bail!("{at}: expected a JSON object"),
-            Err(e) => bail!("{at}: not JSON: {e}"),
-        };
+        let object = json_object(json).map_err(|problem| anyhow!("{at}: {problem}"))?;
         let file_name = object
             .get("file_name")
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_string();
-        let old = match object.get(column) {
-            Some(Value::String(caption)) => Some(normalize_caption(caption)),
-            Some(Value::Null) => None,
-            Some(other) => bail!("{at}: `{column}` {other} is not text"),
-            None => bail!(
-                "{at}: no caption column `{column}` (--caption-column); its columns: {}",
-                object.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
-        };
+        let old = caption_value(&object, column)
+            .map_err(|problem| anyhow!("{at}: {problem}"))?
+            .map(|caption| normalize_caption(&caption));
         match edited(old.as_deref(), None, edits, plan) {
             Ok(Some(new)) => {
                 let span = value_span(json, column)

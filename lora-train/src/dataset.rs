@@ -20,6 +20,8 @@ mod hub_layout;
 mod imagefolder;
 mod parquet;
 
+pub(crate) use imagefolder::{caption_value, json_object};
+
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};

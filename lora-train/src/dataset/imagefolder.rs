@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::{
     has_image_extension, load_image, normalize_caption, with_template, BadFile, BadKind,
@@ -188,18 +188,13 @@ fn jsonl_rows(path: &Path, column: &str, problems: &mut Vec<String>) -> Result<V
             continue;
         }
         let at = format!("{} line {line}", path.display());
-        let object = match serde_json::from_str::<Value>(json) {
-            Ok(Value::Object(object)) => object,
-            Ok(_) => {
-                problems.push(format!("{at}: expected a JSON object"));
-                continue;
-            }
-            Err(e) => {
-                problems.push(format!("{at}: not JSON: {e}"));
+        let object = match json_object(json) {
+            Ok(object) => object,
+            Err(problem) => {
+                problems.push(format!("{at}: {problem}"));
                 continue;
             }
         };
-        let columns = || object.keys().cloned().collect::<Vec<_>>().join(", ");
         let file_name = match object.get("file_name") {
             Some(Value::String(name)) if !name.is_empty() => name.clone(),
             Some(Value::String(_)) | None | Some(Value::Null) => {
@@ -211,18 +206,10 @@ fn jsonl_rows(path: &Path, column: &str, problems: &mut Vec<String>) -> Result<V
                 continue;
             }
         };
-        let caption = match object.get(column) {
-            Some(Value::String(caption)) => Some(caption.clone()),
-            Some(Value::Null) => None,
-            Some(other) => {
-                problems.push(format!("{at}: `{column}` {other} is not text"));
-                continue;
-            }
-            None => {
-                problems.push(format!(
-                    "{at}: no caption column `{column}` (--caption-column); its columns: {}",
-                    columns()
-                ));
+        let caption = match caption_value(&object, column) {
+            Ok(caption) => caption,
+            Err(problem) => {
+                problems.push(format!("{at}: {problem}"));
                 continue;
             }
         };
@@ -233,6 +220,32 @@ fn jsonl_rows(path: &Path, column: &str, problems: &mut Vec<String>) -> Result<V
         });
     }
     Ok(rows)
+}
+
+/// One metadata.jsonl line as its JSON object, or what is wrong with it.
+pub(crate) fn json_object(line: &str) -> std::result::Result<Map<String, Value>, String> {
+    match serde_json::from_str::<Value>(line) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(_) => Err("expected a JSON object".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
+/// The caption column's value of a metadata row (`None`: null, a bad file), or what is wrong
+/// with it (not text, or no such column: the row's columns are listed).
+pub(crate) fn caption_value(
+    object: &Map<String, Value>,
+    column: &str,
+) -> std::result::Result<Option<String>, String> {
+    match object.get(column) {
+        Some(Value::String(caption)) => Ok(Some(caption.clone())),
+        Some(Value::Null) => Ok(None),
+        Some(other) => Err(format!("`{column}` {other} is not text")),
+        None => Err(format!(
+            "no caption column `{column}` (--caption-column); its columns: {}",
+            object.keys().cloned().collect::<Vec<_>>().join(", ")
+        )),
+    }
 }
 
 /// The rows of a metadata.csv (RFC 4180, header row first). A missing `file_name` or caption
