@@ -5,6 +5,11 @@
 use anyhow::{ensure, Context, Result};
 use candle_core::Tensor;
 
+/// The positions a ViT sees: the class token and one per patch of the `image_size`² image.
+pub fn positions(image_size: usize, patch_size: usize) -> usize {
+    (image_size / patch_size).pow(2) + 1
+}
+
 pub struct VitEmbeddings {
     /// `[hidden, 3·patch·patch]`
     patch_weight: Tensor,
@@ -36,7 +41,7 @@ impl VitEmbeddings {
             channels == 3 && patch > 0 && image_size.is_multiple_of(patch),
             "patch embedding {hidden}×{channels}×{patch}×{patch} does not cut a 3×{image_size}² image"
         );
-        let positions = (image_size / patch).pow(2) + 1;
+        let positions = positions(image_size, patch);
         Ok(Self {
             patch_weight: patch_conv_weight.reshape((hidden, 3 * patch * patch))?,
             patch_bias,

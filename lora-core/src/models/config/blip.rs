@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use super::clip::{activation, check_model_kind, heads_divide, layer_norm_eps, required};
 use super::ClipActivation;
+use crate::models::vit_embeddings;
 
 /// `vision_config` (transformers' `BlipVisionConfig`).
 #[derive(Debug, Clone, PartialEq)]
@@ -26,18 +27,9 @@ pub struct BlipVisionConfig {
 }
 
 impl BlipVisionConfig {
-    /// Patches along each side of the image.
-    pub fn grid_size(&self) -> usize {
-        self.image_size / self.patch_size
-    }
-
     /// The class token and the patches.
     pub fn num_positions(&self) -> usize {
-        self.grid_size() * self.grid_size() + 1
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        vit_embeddings::positions(self.image_size, self.patch_size)
     }
 }
 
@@ -60,12 +52,6 @@ pub struct BlipTextConfig {
     /// The token generation stops at (`[SEP]`): transformers' BLIP generates up to
     /// `sep_token_id`, not `eos_token_id`.
     pub sep_token_id: u32,
-}
-
-impl BlipTextConfig {
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -8,6 +8,8 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::models::vit_embeddings;
+
 /// The MLP activation, transformers' `hidden_act`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClipActivation {
@@ -190,7 +192,7 @@ impl ClipVisionConfig {
 
     /// The class token and the patches.
     pub fn num_positions(&self) -> usize {
-        self.grid_size() * self.grid_size() + 1
+        vit_embeddings::positions(self.image_size, self.patch_size)
     }
 
     pub fn head_dim(&self) -> usize {
