@@ -10,6 +10,7 @@ pub mod io;
 pub mod models;
 pub mod options;
 pub mod process_setup;
+pub mod resample;
 pub mod rng;
 pub mod source;
 #[cfg(test)]

@@ -44,18 +44,50 @@ const TOKENIZER_FILES: [&str; 4] = [
     "special_tokens_map.json",
     "tokenizer_config.json",
 ];
-/// What a CLIP model folder holds, as the OpenAI CLIP repositories on the Hub have it; the first
-/// two are required, the rest optional (`lora_eval::clip_score` falls back to defaults and the
-/// embedded vocabulary).
-const CLIP_FILES: [&str; 7] = [
-    "config.json",
-    "model.safetensors",
-    "preprocessor_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "tokenizer_config.json",
-];
+/// The files of a transformers model repository that a model here reads: the `required` first,
+/// then optional ones the loader has defaults for. A cached snapshot counts as complete (usable
+/// offline) when it has the first `deciding` files.
+struct TransformersFiles {
+    /// What the model is, for errors.
+    kind: &'static str,
+    files: &'static [&'static str],
+    required: usize,
+    deciding: usize,
+}
+
+/// A CLIP model (CLIP score), as the OpenAI CLIP repositories on the Hub have it; without the
+/// optional files `lora_eval::clip_score` falls back to defaults and the embedded vocabulary.
+/// The tokenizer files change the features (the other two name the pad token and context
+/// length, which the config gives too).
+const CLIP_FILES: TransformersFiles = TransformersFiles {
+    kind: "a CLIP model",
+    files: &[
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+    ],
+    required: 2,
+    deciding: 5,
+};
+
+/// A BLIP captioning model, as Salesforce/blip-image-captioning-large has it; without a
+/// preprocessor config, `BlipImageProcessor`'s defaults apply.
+const BLIP_FILES: TransformersFiles = TransformersFiles {
+    kind: "a BLIP captioning model",
+    files: &[
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+    ],
+    required: 3,
+    deciding: 4,
+};
+
 /// Set (to anything but empty or `0`) to forbid network access, as with the Python libraries.
 const OFFLINE_ENV: &str = "HF_HUB_OFFLINE";
 /// Overrides the Hub's address (mirrors), as with the Python libraries.
@@ -195,21 +227,41 @@ fn open_from_hub(id: &str, cache: Cache, endpoint: Option<String>) -> Result<Mod
 /// existing local folder as it is, or a Hub id (`openai/clip-vit-large-patch14`) resolved to its
 /// cached snapshot, downloading the files it lacks.
 pub fn clip_model_folder(spec: &str) -> Result<PathBuf> {
+    transformers_model_folder(spec, &CLIP_FILES)
+}
+
+/// A BLIP captioning model's folder, for [`crate::models::blip::ImageCaptioner::load`]: a local
+/// folder, or a Hub id (`Salesforce/blip-image-captioning-large`) as for [`clip_model_folder`].
+pub fn blip_model_folder(spec: &str) -> Result<PathBuf> {
+    transformers_model_folder(spec, &BLIP_FILES)
+}
+
+fn transformers_model_folder(spec: &str, model: &TransformersFiles) -> Result<PathBuf> {
     let path = Path::new(spec);
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
     ensure!(
         is_hub_id(spec),
-        "CLIP model `{spec}` is neither an existing folder nor a Hugging Face Hub id of the form owner/name"
+        "{} `{spec}` is neither an existing folder nor a Hugging Face Hub id of the form owner/name",
+        model.kind
     );
-    clip_folder_from_hub(spec, Cache::from_env(), std::env::var(ENDPOINT_ENV).ok())
+    folder_from_hub(
+        spec,
+        model,
+        Cache::from_env(),
+        std::env::var(ENDPOINT_ENV).ok(),
+    )
 }
 
-fn clip_folder_from_hub(id: &str, cache: Cache, endpoint: Option<String>) -> Result<PathBuf> {
-    // Which optional files a repository has is unknown offline; these change the features (the
-    // other two name the pad token and context length, which the config gives too).
-    let deciding = &CLIP_FILES[..5];
+fn folder_from_hub(
+    id: &str,
+    model: &TransformersFiles,
+    cache: Cache,
+    endpoint: Option<String>,
+) -> Result<PathBuf> {
+    // Which optional files a repository has is unknown offline.
+    let deciding = &model.files[..model.deciding];
     let cached = cache.model(id.to_owned());
     let in_cache: Vec<PathBuf> = deciding.iter().filter_map(|f| cached.get(f)).collect();
     if in_cache.len() == deciding.len() {
@@ -218,18 +270,22 @@ fn clip_folder_from_hub(id: &str, cache: Cache, endpoint: Option<String>) -> Res
             .expect("a cached file is inside its snapshot folder");
         return Ok(snapshot.to_path_buf());
     }
-    let how_to_use_local =
-        "to use a local copy, pass the path of a folder with the repository's config.json, \
-         model.safetensors, preprocessor_config.json and tokenizer files instead of the Hub id";
-    let repo = HubRepo::open(id, RepoType::Model, cache, endpoint, how_to_use_local)?;
-    for required in CLIP_FILES[..2].iter() {
+    let how_to_use_local = format!(
+        "to use a local copy, pass the path of a folder with the repository's {} instead of the \
+         Hub id",
+        deciding.join(", ")
+    );
+    let repo = HubRepo::open(id, RepoType::Model, cache, endpoint, &how_to_use_local)?;
+    for required in &model.files[..model.required] {
         ensure!(
             repo.files.iter().any(|f| f == required),
-            "Hub repository `{id}` has no {required}: not a CLIP model in safetensors"
+            "Hub repository `{id}` has no {required}: not {} in safetensors",
+            model.kind
         );
     }
     let mut snapshot = None;
-    for file in CLIP_FILES
+    for file in model
+        .files
         .iter()
         .filter(|f| repo.files.iter().any(|l| l == *f))
     {
@@ -289,7 +345,7 @@ struct HubRepo {
     id: String,
     api: hf_hub::api::sync::ApiRepo,
     files: Vec<String>,
-    local_alternative: &'static str,
+    local_alternative: String,
 }
 
 impl HubRepo {
@@ -298,7 +354,7 @@ impl HubRepo {
         repo_type: RepoType,
         cache: Cache,
         endpoint: Option<String>,
-        local_alternative: &'static str,
+        local_alternative: &str,
     ) -> Result<Self> {
         let kind = match repo_type {
             RepoType::Dataset => "dataset",
@@ -323,14 +379,14 @@ impl HubRepo {
             id: id.to_owned(),
             api,
             files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
-            local_alternative,
+            local_alternative: local_alternative.to_owned(),
         })
     }
 
     /// Downloads `file` into the cache (unless there already) and returns its path there.
     fn get(&self, file: &str) -> Result<PathBuf> {
         self.api.get(file).map_err(|e| {
-            unreachable_error(&self.id, &format!("`{file}`"), &e, self.local_alternative)
+            unreachable_error(&self.id, &format!("`{file}`"), &e, &self.local_alternative)
         })
     }
 }
@@ -894,8 +950,9 @@ mod tests {
         let cache = Cache::new(cache.path().to_path_buf());
         let err = format!(
             "{:#}",
-            clip_folder_from_hub(
+            folder_from_hub(
                 "openai/clip-vit-base-patch32",
+                &CLIP_FILES,
                 cache,
                 Some("http://127.0.0.1:9".into())
             )
@@ -919,10 +976,15 @@ mod tests {
             .unwrap();
         let snapshot = dir.path().join("models--someone--clip/snapshots/abc123");
         std::fs::create_dir_all(&snapshot).unwrap();
-        for file in &CLIP_FILES[..5] {
+        for file in &CLIP_FILES.files[..5] {
             std::fs::write(snapshot.join(file), "").unwrap();
         }
-        let found = clip_folder_from_hub("someone/clip", cache, Some("http://127.0.0.1:9".into()));
+        let found = folder_from_hub(
+            "someone/clip",
+            &CLIP_FILES,
+            cache,
+            Some("http://127.0.0.1:9".into()),
+        );
         assert_eq!(found.unwrap(), snapshot);
     }
 

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use lora_core::models::blip::{BlipCaptioner, WordPieceDecoder};
+use lora_core::models::blip::{BlipCaptioner, ImageCaptioner, WordPieceDecoder};
 use lora_core::models::config::BlipConfig;
+use lora_core::models::image_processor::ImageProcessor;
 
 /// f32 against PyTorch's f32, relative (Frobenius) error.
 const TOLERANCE: f32 = 1e-4;
@@ -143,5 +144,59 @@ fn decoding_matches_transformers() -> Result<()> {
     let config = BlipConfig::from_file(&folder().join("config.json"))?;
     assert_eq!(tokenizer.token_id("[DEC]"), Some(config.text.bos_token_id));
     assert_eq!(tokenizer.token_id("[SEP]"), Some(config.text.sep_token_id));
+    Ok(())
+}
+
+fn images(meta: &serde_json::Value) -> Result<Vec<image::RgbImage>> {
+    let names = meta["images"].as_array().context("expected.json images")?;
+    anyhow::ensure!(!names.is_empty(), "no images in expected.json");
+    names
+        .iter()
+        .map(|name| {
+            let path = folder()
+                .join("images")
+                .join(name.as_str().context("image name")?);
+            Ok(image::open(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .to_rgb8())
+        })
+        .collect()
+}
+
+/// transformers 5's BlipImageProcessor (torchvision backend on uint8 tensors): the same pixel
+/// values, to f32 rounding of the fused normalisation.
+#[test]
+fn image_processing_matches_transformers() -> Result<()> {
+    let processor = ImageProcessor::load(
+        &folder(),
+        lora_core::models::image_processor::ProcessorKind::Blip,
+    )?;
+    let ours = processor.pixel_values(&images(&meta()?)?, &Device::Cpu)?;
+    let reference = get(&expected()?, "pixel_values").clone();
+    assert_eq!(ours.dims(), reference.dims());
+    let worst = (&ours - &reference)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    println!("pixel values: largest difference {worst:.3e}");
+    // One uint8 level is 1/(255·0.27) ≈ 0.0146 here; a float rounding is ~1e-6.
+    assert!(worst <= 1e-5, "pixel values differ by up to {worst}");
+    Ok(())
+}
+
+/// Image files to caption text, end to end: transformers' `batch_decode(generate(...),
+/// skip_special_tokens=True)`.
+#[test]
+fn captions_of_image_files_match_transformers() -> Result<()> {
+    let meta = meta()?;
+    let captioner = ImageCaptioner::load(&folder(), DType::F32, &Device::Cpu)?;
+    let max_new_tokens = meta["max_new_tokens"].as_u64().context("max_new_tokens")? as usize;
+    let ours = captioner.caption(&images(&meta)?, max_new_tokens)?;
+    let expected: Vec<String> = serde_json::from_value(meta["generated_text"].clone())?;
+    // The fixture's first caption ends at once (empty), its second has words.
+    assert_eq!(ours.len(), 2);
+    assert!(ours.iter().any(|c| !c.is_empty()), "{ours:?}");
+    assert_eq!(ours, expected);
     Ok(())
 }

@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
-use image::imageops::FilterType;
 use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
+use lora_core::resample::{self, Arithmetic, Filter};
 use lora_core::source::is_hub_id;
 use lora_core::Rng;
 use serde::Serialize;
@@ -609,8 +609,10 @@ pub fn bucket_size(width: usize, height: usize, resolution: usize, step: usize) 
     best
 }
 
-/// Resizes (Lanczos) so the image covers `size` = `(width, height)` and cuts that window, in the
-/// centre or where `rng` draws it: the pixels a sample of that size trains on.
+/// Resizes so the image covers `size` = `(width, height)` and cuts that window, in the centre or
+/// where `rng` draws it: the pixels a sample of that size trains on. The resize is Pillow's
+/// `LANCZOS`, pixel for pixel (`lora_core::resample`), on 8-bit RGB (RGBA where the image has
+/// alpha).
 pub fn cover_and_crop(
     image: &DynamicImage,
     size: (usize, usize),
@@ -626,8 +628,22 @@ pub fn cover_and_crop(
     );
     let resized = if (nw, nh) == (w, h) {
         image.clone()
+    } else if image.color().has_alpha() {
+        DynamicImage::ImageRgba8(resample::resize_rgba(
+            &image.to_rgba8(),
+            nw as u32,
+            nh as u32,
+            Filter::Lanczos3,
+            Arithmetic::Pillow,
+        ))
     } else {
-        image.resize_exact(nw as u32, nh as u32, FilterType::Lanczos3)
+        DynamicImage::ImageRgb8(resample::resize_rgb(
+            &image.to_rgb8(),
+            nw as u32,
+            nh as u32,
+            Filter::Lanczos3,
+            Arithmetic::Pillow,
+        ))
     };
     let (x0, y0) = match crop {
         Crop::Center => ((nw - tw) / 2, (nh - th) / 2),

@@ -4,7 +4,9 @@
 //! ([`BlipConfig`]) and `model.safetensors` with `vision_model.…` ([`BlipVisionModel`]) and
 //! `text_decoder.…` ([`BlipTextDecoder`]). A caption is decoded greedily from the `[DEC]` token
 //! (and the words of an optional prompt) up to the `[SEP]` token, as transformers' `generate`
-//! does with `num_beams=1, do_sample=False`.
+//! does with `num_beams=1, do_sample=False`. [`ImageCaptioner`] adds what turns image files into
+//! caption text: the image processor (`preprocessor_config.json`) and the vocabulary
+//! (`tokenizer.json`).
 
 mod attention;
 mod text_decoder;
@@ -17,9 +19,11 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
+use image::RgbImage;
 
 use crate::io::weights;
 use crate::models::config::BlipConfig;
+use crate::models::image_processor::{ImageProcessor, ProcessorKind, PREPROCESSOR_CONFIG};
 
 pub use text_decoder::{BlipTextDecoder, ImageKeysValues};
 pub use tokenizer::WordPieceDecoder;
@@ -118,5 +122,68 @@ impl BlipCaptioner {
 
     pub fn config(&self) -> &BlipConfig {
         &self.config
+    }
+}
+
+/// transformers' default generation length for BLIP (`max_length = 20`, which counts the `[DEC]`
+/// token): 19 new tokens.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 19;
+
+/// A BLIP captioning model with its image processor and vocabulary: images in, captions out, as
+/// transformers' `BlipProcessor` + `generate` + `decode(skip_special_tokens=True)` make them.
+pub struct ImageCaptioner {
+    model: BlipCaptioner,
+    processor: ImageProcessor,
+    vocabulary: WordPieceDecoder,
+    dtype: DType,
+    device: Device,
+}
+
+impl ImageCaptioner {
+    /// A model folder as Salesforce/blip-image-captioning-large has it: `config.json`, the
+    /// weights, `tokenizer.json` and `preprocessor_config.json` (optional: BlipImageProcessor's
+    /// defaults). A Hub id goes through `crate::source::blip_model_folder` first.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let model = BlipCaptioner::load(dir, dtype, device)?;
+        let vocabulary = WordPieceDecoder::from_file(&dir.join("tokenizer.json"))?;
+        let processor = ImageProcessor::load(dir, ProcessorKind::Blip)?;
+        let side = model.config().vision.image_size as u32;
+        ensure!(
+            processor.output_size() == (side, side),
+            "{}: size {:?} does not match the model's image_size {side}",
+            dir.join(PREPROCESSOR_CONFIG).display(),
+            processor.output_size()
+        );
+        let sep = model.config().text.sep_token_id;
+        ensure!(
+            vocabulary.is_special(sep),
+            "{}: config.json's sep_token_id = {sep} is not a special token of tokenizer.json",
+            dir.display()
+        );
+        Ok(Self {
+            model,
+            processor,
+            vocabulary,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// A greedy caption for each image, at most `max_new_tokens` tokens long.
+    pub fn caption(&self, images: &[RgbImage], max_new_tokens: usize) -> Result<Vec<String>> {
+        let pixel_values = self
+            .processor
+            .pixel_values(images, &self.device)?
+            .to_dtype(self.dtype)?;
+        self.model
+            .generate(&pixel_values, &[], max_new_tokens)?
+            .iter()
+            // Without the start token, which a tokenizer need not mark special.
+            .map(|ids| self.vocabulary.decode(&ids[1..]))
+            .collect()
+    }
+
+    pub fn processor(&self) -> &ImageProcessor {
+        &self.processor
     }
 }

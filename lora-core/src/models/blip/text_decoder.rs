@@ -12,8 +12,11 @@ use crate::models::clip::encoder::activate;
 use crate::models::config::{BlipTextConfig, ClipActivation};
 
 pub struct BlipTextDecoder {
-    /// `[vocab, hidden]`: the input embeddings, and the LM head's output weights (tied).
+    /// `[vocab, hidden]`: the input embeddings.
     word_embeddings: Tensor,
+    /// `[vocab, hidden]`: the LM head's output weights, the same tensor as `word_embeddings`
+    /// unless the config unties them.
+    lm_head: Tensor,
     position_embeddings: Embedding,
     embeddings_layer_norm: LayerNorm,
     layers: Vec<DecoderLayer>,
@@ -51,8 +54,14 @@ impl BlipTextDecoder {
         } else {
             head.get(config.vocab_size, "decoder.bias")?
         };
+        let lm_head = if config.tie_word_embeddings {
+            word_embeddings.clone()
+        } else {
+            head.get((config.vocab_size, h), "decoder.weight")?
+        };
         Ok(Self {
             word_embeddings,
+            lm_head,
             position_embeddings,
             embeddings_layer_norm: candle_nn::layer_norm(h, eps, embeddings.pp("LayerNorm"))?,
             layers,
@@ -100,7 +109,7 @@ impl BlipTextDecoder {
         let xs = activate(&self.head_dense.forward(&xs)?, self.config.hidden_act)?;
         let xs = self.head_layer_norm.forward(&xs)?;
         let logits = xs
-            .broadcast_matmul(&self.word_embeddings.t()?)?
+            .broadcast_matmul(&self.lm_head.t()?)?
             .broadcast_add(&self.head_bias)?;
         Ok(logits.to_dtype(DType::F32)?)
     }

@@ -96,6 +96,11 @@ impl WordPieceDecoder {
         })
     }
 
+    /// Whether `id` is a special token, which decoding leaves out.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.contains(&id)
+    }
+
     /// The id of a token (`[SEP]`, a word), if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.tokens

@@ -52,6 +52,10 @@ pub struct BlipTextConfig {
     /// The token generation stops at (`[SEP]`): transformers' BLIP generates up to
     /// `sep_token_id`, not `eos_token_id`.
     pub sep_token_id: u32,
+    /// The LM head's weight is the word embedding matrix (transformers' default, and what its
+    /// files assume when they leave `cls.predictions.decoder.weight` out); read from the
+    /// top-level `tie_word_embeddings`, which is what ties BlipForConditionalGeneration's weights.
+    pub tie_word_embeddings: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -122,9 +126,17 @@ impl BlipConfig {
         let text: RawText =
             serde_json::from_value(with_defaults(&mut root, "text_config", TEXT_DEFAULTS)?)
                 .context("malformed text_config")?;
+        let tie_word_embeddings = match root.get("tie_word_embeddings") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(tie)) => *tie,
+            Some(other) => bail!("tie_word_embeddings = {other}: expected true or false"),
+        };
         Ok(Self {
             vision: vision_from_raw(vision).context("vision_config")?,
-            text: text_from_raw(text).context("text_config")?,
+            text: BlipTextConfig {
+                tie_word_embeddings,
+                ..text_from_raw(text).context("text_config")?
+            },
         })
     }
 }
@@ -206,6 +218,7 @@ fn text_from_raw(raw: RawText) -> Result<BlipTextConfig> {
         pad_token_id: raw.pad_token_id,
         bos_token_id: raw.bos_token_id,
         sep_token_id: raw.sep_token_id,
+        tie_word_embeddings: true,
     })
 }
 
