@@ -1,6 +1,6 @@
-//! Caption editing without a model (`lora-train data caption`): a prefix such as a trigger word,
-//! captions from kohya folder names, text replacement and tag removal, over a kohya folder's
-//! caption files or an `imagefolder`'s metadata.
+//! Caption editing (`lora-train data caption`): a prefix such as a trigger word, captions from
+//! kohya folder names or from a captioning model, text replacement and tag removal, over a kohya
+//! folder's caption files or an `imagefolder`'s metadata.
 //!
 //! Captions are read as [`crate::dataset`] reads them for training (whitespace runs made one
 //! space, ends trimmed), and a caption changes only when that text changes. The edits, in this
@@ -8,7 +8,9 @@
 //!
 //! 1. `from_folder_names`: an image of a kohya `N_words` folder without a caption (no caption
 //!    file, or an empty one) gets the folder's words, as training would give it; with `overwrite`,
-//!    every image of such a folder does. Kohya folders only.
+//!    every image of such a folder does. Kohya folders only. Or `generated`: an image without a
+//!    caption gets its caption from this map (a model's, `crate::auto_caption`); with
+//!    `overwrite`, every image in the map does.
 //! 2. `replace`: each `(old, new)` in turn replaces every occurrence of `old` by `new`.
 //! 3. `remove_tags`: the caption is read as comma-separated tags; tags equal to one of these
 //!    (both trimmed, case-sensitive) are removed and the rest joined by `", "`, which also drops
@@ -26,7 +28,7 @@
 //! and every other file are never touched. A caption the edits would leave empty is an error, and
 //! any error means nothing is written.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -47,7 +49,10 @@ pub struct Edits {
     pub prefix: Option<String>,
     /// Give images of kohya `N_words` folders without a caption the folder's words.
     pub from_folder_names: bool,
-    /// With `from_folder_names`: every image of such a folder, captioned or not.
+    /// Captions made for images (by path, as [`Plan::images`] names them), given to the images
+    /// without one. `Some` when a model captions, even if it captioned nothing.
+    pub generated: Option<BTreeMap<PathBuf, String>>,
+    /// With `from_folder_names` or `generated`: replace existing captions too.
     pub overwrite: bool,
     /// `(old, new)`: replace every `old` by `new`, in this order.
     pub replace: Vec<(String, String)>,
@@ -102,8 +107,12 @@ impl Edits {
             );
         }
         ensure!(
-            !self.overwrite || self.from_folder_names,
-            "--overwrite applies to --from-folder-names only"
+            !self.overwrite || self.from_folder_names || self.generated.is_some(),
+            "--overwrite applies to --from-folder-names and --model only"
+        );
+        ensure!(
+            !(self.from_folder_names && self.generated.is_some()),
+            "--from-folder-names and --model both give captions: choose one"
         );
         Ok(())
     }
@@ -143,6 +152,9 @@ pub struct Plan {
     pub unchanged: usize,
     /// Images (or metadata rows) without a caption that no edit gives one; left alone.
     pub uncaptioned: usize,
+    /// Every image whose caption the dataset keeps, in the dataset's order, and whether it had a
+    /// caption before the edits.
+    pub images: Vec<(PathBuf, bool)>,
     /// The whole new contents of each file to write.
     writes: Vec<(PathBuf, Vec<u8>)>,
 }
@@ -225,6 +237,7 @@ pub fn plan(source: &Path, options: &ScanOptions, edits: &Edits) -> Result<Plan>
         changes: Vec::new(),
         unchanged: 0,
         uncaptioned: 0,
+        images: Vec::new(),
         writes: Vec::new(),
     };
     let mut problems = Vec::new();
@@ -278,20 +291,31 @@ pub fn plan(source: &Path, options: &ScanOptions, edits: &Edits) -> Result<Plan>
     Ok(plan)
 }
 
-/// The edited caption of one image or row, or a problem; `None` where nothing changes (then the
-/// caption counts as unchanged or uncaptioned).
+/// The edited caption of `image` (one image or metadata row; `None` for a row without a
+/// `file_name`), or a problem; `None` where nothing
+/// changes (then the caption counts as unchanged or uncaptioned).
 fn edited(
+    image: Option<&Path>,
     old: Option<&str>,
     folder_words: Option<&str>,
     edits: &Edits,
     plan: &mut Plan,
 ) -> std::result::Result<Option<String>, String> {
     let old = old.filter(|c| !c.is_empty());
-    let start = match (folder_words.filter(|w| !w.is_empty()), old) {
-        (Some(words), None) if edits.from_folder_names => words,
-        (Some(words), Some(_)) if edits.from_folder_names && edits.overwrite => words,
+    if let Some(image) = image {
+        plan.images.push((image.to_path_buf(), old.is_some()));
+    }
+    let given = match &edits.generated {
+        Some(generated) => image.and_then(|i| generated.get(i)).map(String::as_str),
+        None => folder_words
+            .filter(|w| !w.is_empty())
+            .filter(|_| edits.from_folder_names),
+    };
+    let start = match (given, old) {
+        (Some(given), None) => given,
+        (Some(given), Some(_)) if edits.overwrite => given,
         (_, Some(old)) => old,
-        (_, None) => {
+        (None, None) => {
             plan.uncaptioned += 1;
             return Ok(None);
         }
@@ -348,7 +372,7 @@ fn kohya(
             } else {
                 None
             };
-            match edited(old.as_deref(), words.as_deref(), edits, plan) {
+            match edited(Some(&image), old.as_deref(), words.as_deref(), edits, plan) {
                 Ok(Some(new)) => {
                     plan.writes
                         .push((file.clone(), format!("{new}\n").into_bytes()));
@@ -377,6 +401,8 @@ fn jsonl_metadata(
 ) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // `file_name` is relative to the metadata file's folder.
+    let folder = path.parent().unwrap_or(Path::new(""));
     let mut out = String::with_capacity(text.len() + 64);
     let mut changed = false;
     for (line, raw) in (1u64..).zip(text.split_inclusive('\n')) {
@@ -396,22 +422,46 @@ fn jsonl_metadata(
             continue;
         }
         let object = json_object(json).map_err(|problem| anyhow!("{at}: {problem}"))?;
+        let image = object
+            .get("file_name")
+            .and_then(Value::as_str)
+            .map(|name| folder.join(name));
         let file_name = object
             .get("file_name")
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_string();
-        let old = caption_value(&object, column)
-            .map_err(|problem| anyhow!("{at}: {problem}"))?
-            .map(|caption| normalize_caption(&caption));
-        match edited(old.as_deref(), None, edits, plan) {
+        // A model may caption rows that have no caption key yet; otherwise a missing key is
+        // likely a wrong --caption-column, as training reports it.
+        let old = if edits.generated.is_some() && !object.contains_key(column) {
+            None
+        } else {
+            caption_value(&object, column)
+                .map_err(|problem| anyhow!("{at}: {problem}"))?
+                .map(|caption| normalize_caption(&caption))
+        };
+        match edited(image.as_deref(), old.as_deref(), None, edits, plan) {
             Ok(Some(new)) => {
-                let span = value_span(json, column)
-                    .with_context(|| format!("{at}: cannot find the `{column}` value"))?;
+                let value = serde_json::to_string(&new)?;
                 out.push_str(head);
-                out.push_str(&json[..span.start]);
-                out.push_str(&serde_json::to_string(&new)?);
-                out.push_str(&json[span.end..]);
+                match value_span(json, column) {
+                    Some(span) => {
+                        out.push_str(&json[..span.start]);
+                        out.push_str(&value);
+                        out.push_str(&json[span.end..]);
+                    }
+                    // A row without the caption key gets it last.
+                    None => {
+                        let close = json
+                            .rfind('}')
+                            .with_context(|| format!("{at}: not a JSON object"))?;
+                        let key = serde_json::to_string(column)?;
+                        let comma = if object.is_empty() { "" } else { ", " };
+                        out.push_str(json[..close].trim_end());
+                        out.push_str(&format!("{comma}{key}: {value}"));
+                        out.push_str(&json[close..]);
+                    }
+                }
                 out.push_str(ending);
                 changed = true;
                 plan.changes.push(Change {
@@ -532,6 +582,7 @@ fn csv_metadata(
 ) -> Result<()> {
     let cannot_read = || format!("cannot read {}", path.display());
     let bytes = std::fs::read(path).with_context(cannot_read)?;
+    let folder = path.parent().unwrap_or(Path::new(""));
     let mut reader = csv::Reader::from_reader(bytes.as_slice());
     let headers = reader.headers().with_context(cannot_read)?.clone();
     let position = |name: &str| headers.iter().position(|h| h == name);
@@ -562,7 +613,10 @@ fn csv_metadata(
         let file_name = file_index.and_then(|i| record.get(i)).unwrap_or("?");
         let at = format!("{} line {line} ({file_name})", path.display());
         let old = record.get(caption_index).map(normalize_caption);
-        match edited(old.as_deref(), None, edits, plan) {
+        let image = file_index
+            .and_then(|i| record.get(i))
+            .map(|name| folder.join(name));
+        match edited(image.as_deref(), old.as_deref(), None, edits, plan) {
             Ok(Some(new)) => {
                 let fields = record.iter().enumerate().map(|(i, field)| {
                     if i == caption_index {

@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use lora_core::models::blip::DEFAULT_MAX_NEW_TOKENS;
+use lora_core::options::{DeviceSpec, Precision};
 use lora_train::config::DatasetArgs;
 use lora_train::data_check::CheckArgs;
 use lora_train::TrainArgs;
@@ -79,15 +81,22 @@ pub struct PrepareArgs {
     pub dataset: DatasetArgs,
 }
 
-/// Edit the captions of a kohya folder or an imagefolder without a model (a diff unless --write)
+/// Edit the captions of a kohya folder or an imagefolder, or caption images with BLIP (a diff
+/// unless --write)
 ///
 /// Each caption is read as training reads it (whitespace runs made one space), then edited in
-/// this order: --from-folder-names, --replace (each in turn), --remove-tag, --prefix. Without
-/// --write nothing changes: the changed captions are shown as a diff, with a count. With --write
-/// each changed caption file, or the imagefolder's metadata file (other columns and row order
-/// kept), is replaced atomically; images and other files are never touched. A caption the edits
-/// would leave empty is an error, and then nothing is written. Only --caption-ext and
-/// --caption-column of the dataset options apply.
+/// this order: --from-folder-names or --model (captions for the images without one; with
+/// --overwrite for every image), --replace (each in turn), --remove-tag, --prefix (the trigger
+/// word: `--model … --prefix "sks, "` gives "sks, a photo of …"). Without --write nothing
+/// changes: the changed captions are shown as a diff, with a count. With --write each changed
+/// caption file, or the imagefolder's metadata file (other columns and row order kept), is
+/// replaced atomically; images and other files are never touched. A caption the edits would
+/// leave empty is an error, and then nothing is written. Only --caption-ext and --caption-column
+/// of the dataset options apply.
+///
+/// --model runs a BLIP captioning model (transformers' BlipForConditionalGeneration, e.g.
+/// Salesforce/blip-image-captioning-large: a local folder or a Hub id) with greedy decoding, as
+/// transformers' generate does by default (kohya: finetune/make_captions.py with --num_beams 1).
 ///
 /// Exit status: 0 done, 2 bad usage, 1 any other failure (the message names the file).
 #[derive(Args)]
@@ -95,8 +104,9 @@ pub struct PrepareArgs {
     ArgGroup::new("edits")
         .required(true)
         .multiple(true)
-        .args(["prefix", "from_folder_names", "replace", "remove_tag"])
+        .args(["prefix", "from_folder_names", "model", "replace", "remove_tag"])
 ))]
+#[command(group(ArgGroup::new("caption_source").args(["from_folder_names", "model"])))]
 pub struct CaptionArgs {
     /// The dataset: a kohya folder (caption files beside the images, `N_words` sub-folders) or an
     /// imagefolder (metadata.jsonl or metadata.csv). Parquet datasets are refused
@@ -110,10 +120,27 @@ pub struct CaptionArgs {
     /// folder's words, written as its caption file
     #[arg(long)]
     pub from_folder_names: bool,
-    /// With --from-folder-names: give every image of such a folder its folder's words, replacing
-    /// its caption
-    #[arg(long, requires = "from_folder_names")]
+    /// Caption the images without a caption with this BLIP model: a folder (config.json,
+    /// model.safetensors, tokenizer.json, preprocessor_config.json) or a Hub id such as
+    /// Salesforce/blip-image-captioning-large
+    #[arg(long, value_name = "BLIP")]
+    pub model: Option<String>,
+    /// With --from-folder-names or --model: replace existing captions too
+    #[arg(long, requires = "caption_source")]
     pub overwrite: bool,
+    /// With --model: the longest caption, in tokens (transformers' default max_length 20 counts
+    /// the start token: 19)
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_NEW_TOKENS, requires = "model")]
+    pub max_new_tokens: usize,
+    /// With --model: images captioned at once (kohya: --batch_size)
+    #[arg(long, value_name = "N", default_value_t = 4, requires = "model")]
+    pub batch_size: usize,
+    /// With --model: the model's dtype, f32, f16 or bf16
+    #[arg(long, default_value_t = Precision::F32, requires = "model")]
+    pub precision: Precision,
+    /// With --model: cpu, cuda or cuda:N
+    #[arg(long, default_value_t = DeviceSpec::Cpu, requires = "model")]
+    pub device: DeviceSpec,
     /// Replace every OLD by NEW (split at the first `=`; NEW may be empty); repeat for several,
     /// applied in order
     #[arg(long, value_name = "OLD=NEW", value_parser = parse_replacement)]

@@ -1,6 +1,14 @@
 //! `lora-train data …`: each subcommand's report, printed; the work is the library's.
 
-use anyhow::{ensure, Result};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use lora_core::models::blip::ImageCaptioner;
+use lora_core::options::{DeviceSpec, Precision};
+use lora_core::source::blip_model_folder;
+use lora_train::auto_caption;
 use lora_train::caption_edit::{self, Edits};
 use lora_train::data_check::{self, CheckArgs};
 use lora_train::data_prepare::{prepare, PrepareOptions};
@@ -25,11 +33,39 @@ pub fn run(command: DataCommand) -> i32 {
 }
 
 /// `lora-train data caption`: the diff of the edits (stdout), and the files written with --write.
+/// With --model, the images to caption are those the dataset has without a caption (all with
+/// --overwrite), found by a first plan without edits.
 fn caption(args: CaptionArgs) -> Result<()> {
     let options = caption_edit::caption_options(args.dataset)?;
+    let generated = match &args.model {
+        Some(spec) => {
+            // A plan that captions nothing yet lists the images, as the model's plan will.
+            let listing = Edits {
+                generated: Some(BTreeMap::new()),
+                ..Edits::default()
+            };
+            let listed = caption_edit::plan(&args.source, &options, &listing)?;
+            let wanted: Vec<PathBuf> = listed
+                .images
+                .into_iter()
+                .filter(|(_, captioned)| args.overwrite || !captioned)
+                .map(|(image, _)| image)
+                .collect();
+            Some(model_captions(
+                spec,
+                &wanted,
+                args.batch_size,
+                args.max_new_tokens,
+                args.precision,
+                args.device,
+            )?)
+        }
+        None => None,
+    };
     let edits = Edits {
         prefix: args.prefix,
         from_folder_names: args.from_folder_names,
+        generated,
         overwrite: args.overwrite,
         replace: args.replace,
         remove_tags: args.remove_tag,
@@ -54,6 +90,46 @@ fn caption(args: CaptionArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// BLIP's captions of `images`, with a progress bar; images it gives no words are named.
+fn model_captions(
+    spec: &str,
+    images: &[PathBuf],
+    batch_size: usize,
+    max_new_tokens: usize,
+    precision: Precision,
+    device: DeviceSpec,
+) -> Result<BTreeMap<PathBuf, String>> {
+    if images.is_empty() {
+        eprintln!(
+            "every image has a caption: nothing for the model to do (--overwrite to redo all)"
+        );
+        return Ok(BTreeMap::new());
+    }
+    precision.check_device(device)?;
+    let folder = blip_model_folder(spec)?;
+    let captioner = ImageCaptioner::load(&folder, precision.dtype(), &device.open()?)
+        .with_context(|| format!("loading the captioning model {spec}"))?;
+    let bar = ProgressBar::new(images.len() as u64).with_style(
+        ProgressStyle::with_template("captioning {bar:30} {pos}/{len} images, {eta} left")
+            .expect("a valid template"),
+    );
+    let made = auto_caption::caption_images(
+        &captioner,
+        images,
+        batch_size,
+        max_new_tokens,
+        &mut |done| bar.set_position(done as u64),
+    )?;
+    bar.finish_and_clear();
+    for image in &made.empty {
+        eprintln!(
+            "warning: the model gave {} no words; it stays without a caption",
+            image.display()
+        );
+    }
+    Ok(made.captions)
 }
 
 /// `lora-train data prepare`: the copy written, and what was dropped.

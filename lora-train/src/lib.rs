@@ -7,8 +7,9 @@
 //! [`checkpoint`] (training state and the recipe a resume must match, for exact resume),
 //! [`metrics`] (JSON-lines log and summary) and [`sample`] (images during training, through
 //! lora-infer). Before training, [`data_check`] reports a dataset's problems and what training
-//! will see of it (`lora-train data check`), [`caption_edit`] edits its captions without a model
-//! (`lora-train data caption`) and [`data_prepare`] writes a clean, resized copy of it
+//! will see of it (`lora-train data check`), [`caption_edit`] edits its captions and
+//! [`auto_caption`] makes them with a captioning model (`lora-train data caption`), and
+//! [`data_prepare`] writes a clean, resized copy of it
 //! (`lora-train data prepare`). The `lora-train` binary is a thin front end.
 //!
 //! ```no_run
@@ -27,6 +28,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auto_caption;
 pub mod cache;
 pub mod caption_edit;
 pub mod checkpoint;

@@ -292,6 +292,8 @@ fn usage_errors_exit_with_2() {
         &["--replace", "no-equals-sign"],
         &["--replace", "=x"],
         &["--overwrite", "--prefix", "x"],
+        &["--model", "m", "--from-folder-names"],
+        &["--batch-size", "2", "--prefix", "x"],
     ] {
         let output = lora_train_caption(&dir, args);
         assert_eq!(
@@ -328,5 +330,160 @@ fn dataset_options_that_only_apply_to_training_are_refused() {
     let output = lora_train_caption(&dir, &["--prefix", "x", "--caption-column", "tags"]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(stderr(&output).contains("--caption-column applies to imagefolders"));
+    assert_eq!(common::folder_bytes(&dir), before);
+}
+
+/// The tiny random BLIP of `tests/fixtures/blip-tiny` and its two images, with what transformers
+/// captioned them (`expected.json`, `tests/reference/make_blip_fixtures.py`).
+fn blip() -> (PathBuf, serde_json::Value) {
+    let folder = common::fixtures().join("blip-tiny");
+    let meta = serde_json::from_str(&read(&folder.join("expected.json"))).unwrap();
+    (folder, meta)
+}
+
+/// transformers' caption of the fixture image `name`, and the generation length it used.
+fn transformers_caption(meta: &serde_json::Value, name: &str) -> (String, String) {
+    let index = meta["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|n| n == name)
+        .unwrap();
+    (
+        meta["generated_text"][index].as_str().unwrap().to_owned(),
+        meta["max_new_tokens"].to_string(),
+    )
+}
+
+#[test]
+fn blip_captions_the_images_without_one_as_transformers_does() {
+    let (model, meta) = blip();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("photos");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (copy, name) in [
+        ("noise.png", "noise.png"),
+        ("shapes.png", "shapes.png"),
+        ("captioned.png", "noise.png"),
+    ] {
+        std::fs::copy(model.join("images").join(name), dir.join(copy)).unwrap();
+    }
+    std::fs::write(dir.join("captioned.txt"), "my own words\n").unwrap();
+    let (noise_caption, max_new_tokens) = transformers_caption(&meta, "noise.png");
+    // The fixture model ends the shapes image's caption at once.
+    assert_eq!(transformers_caption(&meta, "shapes.png").0, "");
+    assert!(!noise_caption.is_empty());
+    let model_args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--max-new-tokens",
+        &max_new_tokens,
+        "--batch-size",
+        "2",
+        "--prefix",
+        "sks, ",
+    ];
+
+    let before = common::folder_bytes(&dir);
+    let output = lora_train_caption(&dir, &model_args);
+    succeeded(&output);
+    assert_eq!(
+        common::folder_bytes(&dir),
+        before,
+        "a dry run changed files"
+    );
+    assert!(
+        stdout(&output).contains(&format!("+sks, {noise_caption}")),
+        "{}",
+        stdout(&output)
+    );
+
+    let output = lora_train_caption(&dir, &[&model_args[..], &["--write"]].concat());
+    succeeded(&output);
+    assert_eq!(
+        read(&dir.join("noise.txt")),
+        format!("sks, {noise_caption}\n")
+    );
+    // An existing caption keeps its words (and gets the prefix); no words, no caption file.
+    assert_eq!(read(&dir.join("captioned.txt")), "sks, my own words\n");
+    assert!(!dir.join("shapes.txt").exists());
+    assert!(
+        stderr(&output).contains("shapes.png no words"),
+        "{}",
+        stderr(&output)
+    );
+
+    // --overwrite captions every image, the captioned one too.
+    let output = lora_train_caption(
+        &dir,
+        &[&model_args[..], &["--overwrite", "--write"]].concat(),
+    );
+    succeeded(&output);
+    assert_eq!(
+        read(&dir.join("captioned.txt")),
+        format!("sks, {noise_caption}\n")
+    );
+}
+
+#[test]
+fn blip_captions_go_into_an_imagefolders_metadata() {
+    let (model, meta) = blip();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("imagefolder");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::copy(model.join("images/noise.png"), dir.join("sub/noise.png")).unwrap();
+    image(&dir.join("kept.png"));
+    std::fs::write(
+        dir.join("metadata.jsonl"),
+        "{\"file_name\": \"kept.png\", \"text\": \"a grey square\"}\n\
+         {\"file_name\": \"sub/noise.png\", \"source\": \"camera\"}\n",
+    )
+    .unwrap();
+    let (noise_caption, max_new_tokens) = transformers_caption(&meta, "noise.png");
+    let output = lora_train_caption(
+        &dir,
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--max-new-tokens",
+            &max_new_tokens,
+            "--write",
+        ],
+    );
+    succeeded(&output);
+    let expected_line = format!(
+        "{{\"file_name\": \"sub/noise.png\", \"source\": \"camera\", \"text\": {}}}\n",
+        serde_json::to_string(&noise_caption).unwrap()
+    );
+    assert_eq!(
+        read(&dir.join("metadata.jsonl")),
+        format!("{{\"file_name\": \"kept.png\", \"text\": \"a grey square\"}}\n{expected_line}")
+    );
+}
+
+#[test]
+fn a_missing_model_or_an_unreadable_image_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = kohya_folder(tmp.path());
+    let before = common::folder_bytes(&dir);
+    let missing = tmp.path().join("no-such-model");
+    let output = lora_train_caption(&dir, &["--model", missing.to_str().unwrap(), "--write"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("no-such-model"),
+        "{}",
+        stderr(&output)
+    );
+
+    let (model, _) = blip();
+    std::fs::write(dir.join("broken.png"), b"not a png").unwrap();
+    let output = lora_train_caption(&dir, &["--model", model.to_str().unwrap(), "--write"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("broken.png") && stderr(&output).contains("nothing written"),
+        "{}",
+        stderr(&output)
+    );
+    std::fs::remove_file(dir.join("broken.png")).unwrap();
     assert_eq!(common::folder_bytes(&dir), before);
 }
