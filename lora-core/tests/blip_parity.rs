@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use lora_core::models::blip::{BlipCaptioner, ImageCaptioner, WordPieceDecoder};
+use lora_core::models::blip::{
+    BlipCaptioner, ImageCaptioner, WordPieceDecoder, DEFAULT_MAX_NEW_TOKENS,
+};
 use lora_core::models::config::BlipConfig;
 use lora_core::models::image_processor::ImageProcessor;
 
@@ -197,6 +199,59 @@ fn captions_of_image_files_match_transformers() -> Result<()> {
     // The fixture's first caption ends at once (empty), its second has words.
     assert_eq!(ours.len(), 2);
     assert!(ours.iter().any(|c| !c.is_empty()), "{ours:?}");
+    assert_eq!(ours, expected);
+    Ok(())
+}
+
+/// Full size, outside CI: the random-weight BLIP in the configuration of
+/// Salesforce/blip-image-captioning-large that `tests/reference/check_blip_full_size.py` writes
+/// (about 1.9 GB), at `BLIP_FULL_SIZE_DIR`. Run with `--release -- --ignored`.
+#[test]
+#[ignore = "needs BLIP_FULL_SIZE_DIR from tests/reference/check_blip_full_size.py"]
+fn full_size_captions_match_transformers() -> Result<()> {
+    let dir = PathBuf::from(
+        std::env::var("BLIP_FULL_SIZE_DIR")
+            .context("set BLIP_FULL_SIZE_DIR (see the doc comment)")?,
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
+    let exp = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?;
+    let start = std::time::Instant::now();
+    let captioner = ImageCaptioner::load(&dir, DType::F32, &Device::Cpu)?;
+    println!("load: {:.2} s", start.elapsed().as_secs_f64());
+    let names = meta["images"].as_array().context("images")?;
+    let images = names
+        .iter()
+        .map(|n| -> Result<image::RgbImage> {
+            Ok(image::open(dir.join("images").join(n.as_str().context("name")?))?.to_rgb8())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let pixels = captioner.processor().pixel_values(&images, &Device::Cpu)?;
+    let worst = (&pixels - get(&exp, "pixel_values"))?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    println!("pixel values: largest difference {worst:.3e}");
+    assert!(worst <= 1e-5);
+    let model = BlipCaptioner::load(&dir, DType::F32, &Device::Cpu)?;
+    let start = std::time::Instant::now();
+    let features = model.image_features(&pixels)?;
+    println!(
+        "vision, {} images: {:.2} s",
+        images.len(),
+        start.elapsed().as_secs_f64()
+    );
+    assert_close(&features, get(&exp, "vision_last_hidden_state"), "vision");
+    let start = std::time::Instant::now();
+    let ours = captioner.caption(&images, DEFAULT_MAX_NEW_TOKENS)?;
+    println!(
+        "caption, {} images: {:.2} s",
+        images.len(),
+        start.elapsed().as_secs_f64()
+    );
+    let expected: Vec<String> = serde_json::from_value(meta["generated_text"].clone())?;
+    println!("ours: {ours:?}\ntransformers: {expected:?}");
     assert_eq!(ours, expected);
     Ok(())
 }

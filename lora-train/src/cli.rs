@@ -128,8 +128,7 @@ pub struct CaptionArgs {
     /// With --from-folder-names or --model: replace existing captions too
     #[arg(long, requires = "caption_source")]
     pub overwrite: bool,
-    /// With --model: the longest caption, in tokens (transformers' default max_length 20 counts
-    /// the start token: 19)
+    /// With --model: the longest caption, in tokens (transformers 5's default for BLIP: 20)
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_NEW_TOKENS, requires = "model")]
     pub max_new_tokens: usize,
     /// With --model: images captioned at once (kohya: --batch_size)

@@ -125,9 +125,9 @@ impl BlipCaptioner {
     }
 }
 
-/// transformers' default generation length for BLIP (`max_length = 20`, which counts the `[DEC]`
-/// token): 19 new tokens.
-pub const DEFAULT_MAX_NEW_TOKENS: usize = 19;
+/// transformers 5's default generation length for BLIP without a `max_new_tokens`: 20 tokens after
+/// the `[DEC]` token (checked at full size by `tests/reference/check_blip_full_size.py`).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 20;
 
 /// A BLIP captioning model with its image processor and vocabulary: images in, captions out, as
 /// transformers' `BlipProcessor` + `generate` + `decode(skip_special_tokens=True)` make them.

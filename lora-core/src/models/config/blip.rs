@@ -38,7 +38,8 @@ impl BlipVisionConfig {
 pub struct BlipTextConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
-    /// The width of the image features the cross-attention keys and values are made from.
+    /// The width of the image features the cross-attention keys and values are made from: the
+    /// vision tower's `hidden_size`.
     pub encoder_hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -131,12 +132,16 @@ impl BlipConfig {
             Some(Value::Bool(tie)) => *tie,
             Some(other) => bail!("tie_word_embeddings = {other}: expected true or false"),
         };
+        let vision = vision_from_raw(vision).context("vision_config")?;
         Ok(Self {
-            vision: vision_from_raw(vision).context("vision_config")?,
             text: BlipTextConfig {
                 tie_word_embeddings,
+                // transformers' BlipConfig sets it so, whatever text_config says (the Hub's
+                // blip-image-captioning-large leaves the default 768 beside a 1024-wide ViT).
+                encoder_hidden_size: vision.hidden_size,
                 ..text_from_raw(text).context("text_config")?
             },
+            vision,
         })
     }
 }
@@ -243,6 +248,22 @@ mod tests {
         assert_eq!(config.vision.image_size, 384);
         assert_eq!(config.vision.num_positions(), 577);
         assert_eq!(config.vision.hidden_act, ClipActivation::Gelu);
+        // As transformers' BlipConfig: the cross-attention reads the ViT's width; tied LM head.
+        assert_eq!(config.text.encoder_hidden_size, 1024);
+        assert!(config.text.tie_word_embeddings);
+        let untied = BlipConfig::parse(
+            r#"{"tie_word_embeddings": false, "text_config": {}, "vision_config": {}}"#,
+        )
+        .unwrap();
+        assert!(!untied.text.tie_word_embeddings);
+        let err = BlipConfig::parse(
+            r#"{"tie_word_embeddings": "no", "text_config": {}, "vision_config": {}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("tie_word_embeddings"),
+            "{err:#}"
+        );
     }
 
     #[test]
