@@ -36,7 +36,7 @@ use lora_core::models::tokenizer::{ClipTokenizer, TokenizedPrompt};
 use lora_core::{Rng, UNet2DConditionModel};
 use lora_train::config::LrScheduler;
 use lora_train::objective::denoising_loss;
-use lora_train::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use lora_train::optimizer::{clip_grad_norm, Optimizer, OptimizerSettings};
 use lora_train::schedule::{learning_rate, NoiseSchedule};
 use serde::Serialize;
 
@@ -267,7 +267,7 @@ pub fn build(
     let unet = UNet2DConditionModel::load(&unet_config, &unet_init.var_builder(&device))?;
     let params = unet_init.vars();
     let unet_parameters = params.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut optimizer = AdamW::new(params, AdamWConfig::default())?;
+    let mut optimizer = Optimizer::new(params, &OptimizerSettings::default())?;
     let schedule = NoiseSchedule::new(&SchedulerConfig::parse(SCHEDULER_CONFIG)?);
 
     let mut rng = Rng::new(recipe.seed.wrapping_add(2));

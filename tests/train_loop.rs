@@ -173,6 +173,96 @@ fn gradient_checkpointing_trains_the_same_adapter() -> Result<()> {
     Ok(())
 }
 
+/// Lion's and Prodigy's state (momentum; Prodigy's moments, running sum, start point and its
+/// step-size estimate, a header scalar) resumes bit for bit too, and the adapter names the
+/// optimizer as kohya does; another optimizer cannot resume it.
+#[test]
+fn lion_and_prodigy_resume_bit_exactly() -> Result<()> {
+    use lora_train::optimizer::OptimizerKind;
+    for (kind, settings) in [
+        (OptimizerKind::Lion, vec!["betas=0.9,0.98".to_string()]),
+        (
+            OptimizerKind::Prodigy,
+            vec![
+                "d_coef=2".to_string(),
+                "use_bias_correction=true".to_string(),
+            ],
+        ),
+    ] {
+        let recipe = |out: &Path, resume: Option<PathBuf>| TrainArgs {
+            steps: Some(4),
+            save_every: Some(2),
+            optimizer: Some(kind),
+            optimizer_args: Some(settings.clone()),
+            lr: Some(if kind == OptimizerKind::Lion {
+                1e-3
+            } else {
+                1.0
+            }),
+            seed: Some(3),
+            resume,
+            ..args("sd1-tiny", &train_data(), out)
+        };
+        let straight = tempfile::tempdir()?;
+        lora_train::train(
+            recipe(straight.path(), None).resolve()?,
+            &mut quiet(),
+            &mut |_| {},
+        )?;
+        let out = straight.path().join("adapter.safetensors");
+        let (ckpt2, _) = checkpoint_paths(&out, 2);
+        let (ckpt4, _) = checkpoint_paths(&out, 4);
+        let resumed = tempfile::tempdir()?;
+        lora_train::train(
+            recipe(resumed.path(), Some(ckpt2.clone())).resolve()?,
+            &mut quiet(),
+            &mut |_| {},
+        )?;
+        let out_r = resumed.path().join("adapter.safetensors");
+        let ckpt = tensors(&ckpt4);
+        assert!(
+            ckpt.keys()
+                .any(|k| k.starts_with(if kind == OptimizerKind::Lion {
+                    "lion_m."
+                } else {
+                    "prodigy_p0."
+                })),
+            "{kind}: {:?}",
+            ckpt.keys().take(4).collect::<Vec<_>>()
+        );
+        assert_same_tensors(&ckpt, &tensors(&checkpoint_paths(&out_r, 4).0));
+        assert_same_tensors(&tensors(&out), &tensors(&out_r));
+        let header = read_safetensors(&ckpt4, &Device::Cpu)?.metadata;
+        assert_eq!(
+            header,
+            read_safetensors(&checkpoint_paths(&out_r, 4).0, &Device::Cpu)?.metadata
+        );
+        if kind == OptimizerKind::Prodigy {
+            let d: f64 = header["lora_train.optimizer.d"].parse()?;
+            assert!(d > 1e-6, "Prodigy's step size did not grow: {d}");
+        }
+        let described = AdapterFile::read(&out, &Device::Cpu)?.metadata()["ss_optimizer"].clone();
+        let class = if kind == OptimizerKind::Lion {
+            "Lion("
+        } else {
+            "Prodigy("
+        };
+        assert!(described.starts_with(class), "{described}");
+
+        let elsewhere = tempfile::tempdir()?;
+        let other = TrainArgs {
+            optimizer: Some(OptimizerKind::AdamW),
+            optimizer_args: None,
+            ..recipe(elsewhere.path(), Some(ckpt2))
+        };
+        let err = Trainer::new(other.resolve()?, &mut quiet())
+            .err()
+            .expect("another optimizer must not resume");
+        assert!(format!("{err:#}").contains("optimizer"), "{err:#}");
+    }
+    Ok(())
+}
+
 /// N steps, then a resumed N steps, equal 2N steps straight: the final checkpoints (parameters,
 /// both AdamW moments, step and generator state) and adapters are bit-identical. The recipe uses
 /// every random path: flips, caption dropout, noise offset, min-SNR, batches, accumulation and a

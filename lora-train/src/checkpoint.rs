@@ -1,9 +1,11 @@
 //! Training checkpoints: everything a run needs to continue exactly where it stopped.
 //!
-//! One safetensors file (written atomically) holding, per adapter parameter, its value and both
-//! AdamW moments (`param.<name>`, `adam_m.<name>`, `adam_v.<name>`, all f32), and in the header
-//! the step, the optimizer's update count, the random generator's state, the recipe (the options
-//! that shape the trajectory) and a fingerprint of the dataset. Data order is a pure function of
+//! One safetensors file (written atomically) holding, per adapter parameter, its value and the
+//! optimizer's state tensors (`param.<name>`, `<slot>.<name>`, all f32: AdamW's `adam_m` and
+//! `adam_v`, Lion's `lion_m`, Prodigy's `prodigy_*`), and in the header the step, the optimizer's
+//! update count and scalar state (`lora_train.optimizer.<name>`, Prodigy's step-size estimate),
+//! the random generator's state, the recipe (the options that shape the trajectory, the optimizer
+//! among them) and a fingerprint of the dataset. Data order is a pure function of
 //! the seed and the sample index, so nothing else is needed for a bit-exact continuation on CPU.
 
 use std::collections::BTreeMap;
@@ -15,7 +17,7 @@ use lora_core::io::{read_safetensors, write_safetensors_atomic};
 use serde_json::Value;
 
 use crate::config::{LrScheduler, TrainConfig};
-use crate::optimizer::Moments;
+use crate::optimizer::OptimizerState;
 
 const FORMAT_KEY: &str = "lora_train.checkpoint";
 const FORMAT_VERSION: &str = "1";
@@ -24,45 +26,69 @@ const OPTIMIZER_STEPS_KEY: &str = "lora_train.optimizer_steps";
 const RNG_KEY: &str = "lora_train.rng_state";
 const RECIPE_KEY: &str = "lora_train.recipe";
 const DATASET_KEY: &str = "lora_train.dataset";
+/// Prefix of the optimizer's scalar state keys.
+const OPTIMIZER_SCALAR_PREFIX: &str = "lora_train.optimizer.";
 
 /// The state of a run after `step` optimizer steps.
 pub struct Checkpoint {
     pub step: usize,
-    pub optimizer_steps: u64,
     pub rng_state: u64,
     /// Options that must match to continue (JSON object), see `Trainer`.
     pub recipe: Value,
     /// Dataset fingerprint (sample count and a hash of files, captions and repeats).
     pub dataset: String,
-    /// Parameter name → (value, moments), in the optimizer's order.
-    pub params: Vec<(String, Tensor, Moments)>,
+    /// Parameter name → value, in the optimizer's order.
+    pub params: Vec<(String, Tensor)>,
+    /// The optimizer's state; its `slots` follow `params`.
+    pub optimizer: OptimizerState,
 }
 
 impl Checkpoint {
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let mut tensors = Vec::with_capacity(self.params.len() * 3);
-        for (name, value, moments) in &self.params {
+    /// Writes the checkpoint; `slot_names` name the optimizer's state tensors of each parameter.
+    pub fn save(&self, path: &Path, slot_names: &[&str]) -> Result<()> {
+        let mut tensors = Vec::with_capacity(self.params.len() * (1 + slot_names.len()));
+        for ((name, value), slots) in self.params.iter().zip(&self.optimizer.slots) {
+            ensure!(
+                slots.len() == slot_names.len(),
+                "`{name}` has {} optimizer tensors for {} slot names",
+                slots.len(),
+                slot_names.len()
+            );
             tensors.push((format!("param.{name}"), value.clone()));
-            tensors.push((format!("adam_m.{name}"), moments.m.clone()));
-            tensors.push((format!("adam_v.{name}"), moments.v.clone()));
+            for (slot, tensor) in slot_names.iter().zip(slots) {
+                tensors.push((format!("{slot}.{name}"), tensor.clone()));
+            }
         }
-        let metadata = BTreeMap::from([
+        let mut metadata = BTreeMap::from([
             (FORMAT_KEY.to_string(), FORMAT_VERSION.to_string()),
             (STEP_KEY.to_string(), self.step.to_string()),
             (
                 OPTIMIZER_STEPS_KEY.to_string(),
-                self.optimizer_steps.to_string(),
+                self.optimizer.steps.to_string(),
             ),
             (RNG_KEY.to_string(), self.rng_state.to_string()),
             (RECIPE_KEY.to_string(), self.recipe.to_string()),
             (DATASET_KEY.to_string(), self.dataset.clone()),
         ]);
+        // `{:?}` writes the shortest digits that read back to the same f64: resume stays exact.
+        for (key, value) in &self.optimizer.scalars {
+            metadata.insert(
+                format!("{OPTIMIZER_SCALAR_PREFIX}{key}"),
+                format!("{value:?}"),
+            );
+        }
         write_safetensors_atomic(path, &tensors, metadata)
     }
 
-    /// Reads a checkpoint; `names` are the adapter's parameters in optimizer order, and every one
-    /// must be present (and nothing else).
-    pub fn load(path: &Path, names: &[String], device: &Device) -> Result<Self> {
+    /// Reads a checkpoint; `names` are the adapter's parameters in optimizer order and
+    /// `slot_names` the optimizer's state tensors of each, and every one must be present (and
+    /// nothing else).
+    pub fn load(
+        path: &Path,
+        names: &[String],
+        slot_names: &[&str],
+        device: &Device,
+    ) -> Result<Self> {
         let load = || -> Result<Self> {
             let mut file = read_safetensors(path, device)?;
             let meta = |key: &str| {
@@ -86,38 +112,54 @@ impl Checkpoint {
             let recipe = serde_json::from_str(meta(RECIPE_KEY)?)
                 .with_context(|| format!("header `{RECIPE_KEY}` is not JSON"))?;
             let dataset = meta(DATASET_KEY)?.clone();
-            let expected = names.len() * 3;
+            let scalars = file
+                .metadata
+                .iter()
+                .filter_map(|(key, value)| {
+                    key.strip_prefix(OPTIMIZER_SCALAR_PREFIX)
+                        .map(|name| (key, name, value))
+                })
+                .map(|(key, name, value)| {
+                    let number: f64 = value
+                        .parse()
+                        .with_context(|| format!("header `{key}` = `{value}` is not a number"))?;
+                    Ok((name.to_string(), number))
+                })
+                .collect::<Result<BTreeMap<_, _>>>()?;
+            let expected = names.len() * (1 + slot_names.len());
             let mut take = |key: String| {
                 file.tensors
                     .remove(&key)
-                    .with_context(|| format!("tensor `{key}` missing (does the checkpoint belong to this adapter configuration?)"))
+                    .with_context(|| format!("tensor `{key}` missing (does the checkpoint belong to this adapter and optimizer?)"))
             };
-            let params = names
-                .iter()
-                .map(|name| {
-                    Ok((
-                        name.clone(),
-                        take(format!("param.{name}"))?,
-                        Moments {
-                            m: take(format!("adam_m.{name}"))?,
-                            v: take(format!("adam_v.{name}"))?,
-                        },
-                    ))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let mut params = Vec::with_capacity(names.len());
+            let mut slots = Vec::with_capacity(names.len());
+            for name in names {
+                params.push((name.clone(), take(format!("param.{name}"))?));
+                slots.push(
+                    slot_names
+                        .iter()
+                        .map(|slot| take(format!("{slot}.{name}")))
+                        .collect::<Result<Vec<_>>>()?,
+                );
+            }
             ensure!(
                 file.tensors.is_empty(),
-                "{} tensors beyond the {expected} this adapter has, e.g. `{}`",
+                "{} tensors beyond the {expected} this adapter and optimizer have, e.g. `{}`",
                 file.tensors.len(),
                 file.tensors.keys().next().expect("non-empty")
             );
             Ok(Self {
                 step,
-                optimizer_steps,
                 rng_state,
                 recipe,
                 dataset,
                 params,
+                optimizer: OptimizerState {
+                    steps: optimizer_steps,
+                    scalars,
+                    slots,
+                },
             })
         };
         load().with_context(|| format!("cannot resume from {}", path.display()))

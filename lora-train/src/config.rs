@@ -5,11 +5,13 @@
 //! Flags override the file ([`TrainArgs::overlay`]); [`TrainArgs::resolve`] fills the usual
 //! defaults and checks every value, reporting all bad ones together.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::dataset::{ScanOptions, LABEL_PLACEHOLDER};
+use crate::optimizer::{OptimizerKind, OptimizerSettings};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lora_core::options::{DeviceSpec, Precision};
@@ -123,7 +125,17 @@ pub struct TrainArgs {
     /// Steps of linear warm-up from 0 to --lr [default: 0]
     #[arg(long)]
     pub warmup_steps: Option<usize>,
-    /// AdamW decoupled weight decay [default: 0.01]
+    /// adamw (PyTorch's AdamW), lion (lion-pytorch) or prodigy (prodigyopt; its step size is
+    /// estimated, so --lr defaults to 1.0 with it) (kohya: --optimizer_type) [default: adamw]
+    #[arg(long)]
+    pub optimizer: Option<OptimizerKind>,
+    /// KEY=VALUE settings of the optimizer, named as its reference implementation names them
+    /// (kohya: --optimizer_args), e.g. betas=0.9,0.99 eps=1e-8; prodigy: d_coef=2
+    /// use_bias_correction=true safeguard_warmup=true decouple=true beta3=… d0=… growth_rate=…
+    #[arg(long, value_name = "KEY=VALUE", num_args = 1..)]
+    pub optimizer_args: Option<Vec<String>>,
+    /// Weight decay, decoupled as AdamW's [default: 0.01 for adamw, 0 for lion and prodigy, as
+    /// their reference implementations]
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// Gradient-norm clipping threshold [default: 1.0]
@@ -333,6 +345,14 @@ pub struct TrainConfig {
     pub lr: f64,
     pub lr_scheduler: LrScheduler,
     pub warmup_steps: usize,
+    /// Left out of the recipe at the default (AdamW), as checkpoints before it have no key.
+    #[serde(
+        skip_serializing_if = "is_default_optimizer",
+        serialize_with = "as_display"
+    )]
+    pub optimizer: OptimizerKind,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub optimizer_args: BTreeMap<String, String>,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub resolution: usize,
@@ -381,6 +401,21 @@ pub struct SampleConfig {
 pub enum TrainLength {
     Steps(usize),
     Epochs(usize),
+}
+
+impl TrainConfig {
+    /// The optimizer and its settings.
+    pub fn optimizer_settings(&self) -> OptimizerSettings {
+        OptimizerSettings {
+            kind: self.optimizer,
+            weight_decay: self.weight_decay,
+            args: self.optimizer_args.clone(),
+        }
+    }
+}
+
+fn is_default_optimizer(kind: &OptimizerKind) -> bool {
+    *kind == OptimizerKind::default()
 }
 
 fn as_display<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -460,6 +495,8 @@ impl TrainArgs {
             lr,
             lr_scheduler,
             warmup_steps,
+            optimizer,
+            optimizer_args,
             weight_decay,
             max_grad_norm,
             resolution,
@@ -548,7 +585,8 @@ impl TrainArgs {
             grad_accum >= 1,
             format!("--grad-accum = {grad_accum}: expected at least 1"),
         );
-        let lr = self.lr.unwrap_or(1e-4);
+        let optimizer = self.optimizer.unwrap_or_default();
+        let lr = self.lr.unwrap_or(optimizer.default_lr());
         check(
             lr.is_finite() && lr > 0.0,
             format!("--lr = {lr}: expected a positive number"),
@@ -560,11 +598,33 @@ impl TrainArgs {
                 format!("--warmup-steps = {warmup_steps}: expected fewer than --steps = {steps}"),
             );
         }
-        let weight_decay = self.weight_decay.unwrap_or(1e-2);
+        let weight_decay = self
+            .weight_decay
+            .unwrap_or(optimizer.default_weight_decay());
         check(
             weight_decay.is_finite() && weight_decay >= 0.0,
             format!("--weight-decay = {weight_decay}: expected a number ≥ 0"),
         );
+        let mut optimizer_args = BTreeMap::new();
+        for arg in self.optimizer_args.iter().flatten() {
+            match arg.split_once('=') {
+                Some((key, value)) if !key.trim().is_empty() => {
+                    optimizer_args.insert(key.trim().to_string(), value.trim().to_string());
+                }
+                _ => check(
+                    false,
+                    format!("--optimizer-args `{arg}`: expected KEY=VALUE (e.g. d_coef=2)"),
+                ),
+            }
+        }
+        let optimizer_settings = OptimizerSettings {
+            kind: optimizer,
+            weight_decay,
+            args: optimizer_args.clone(),
+        };
+        if let Err(e) = optimizer_settings.check() {
+            check(false, format!("{e:#}"));
+        }
         let max_grad_norm = self.max_grad_norm.unwrap_or(1.0);
         check(
             max_grad_norm.is_finite() && max_grad_norm > 0.0,
@@ -691,6 +751,8 @@ impl TrainArgs {
             lr,
             lr_scheduler,
             warmup_steps,
+            optimizer,
+            optimizer_args,
             weight_decay,
             max_grad_norm,
             resolution,

@@ -4,7 +4,7 @@
 //! from a generator seeded by (`seed`, `e`), so it is a pure function of the sample index; every
 //! other draw (flip, caption dropout, random crop, VAE sample, timestep, noise, noise offset)
 //! comes, in that fixed order, from one generator whose state is checkpointed. Together with the
-//! parameters and AdamW moments that is the whole state of a run, which makes resuming exact.
+//! parameters and optimizer state that is the whole state of a run, which makes resuming exact.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +31,7 @@ use crate::config::{Crop, TrainConfig, TrainLength};
 use crate::dataset::{bucket_size, Dataset};
 use crate::metrics::{peak_rss_bytes, MetricsLog, StepReport, TrainSummary};
 use crate::objective::{denoising_loss, DenoisingBatch};
-use crate::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::optimizer::{clip_grad_norm, Optimizer};
 use crate::sample::Sampler;
 use crate::schedule::{learning_rate, NoiseSchedule};
 
@@ -56,7 +56,7 @@ pub struct Trainer {
     config: TrainConfig,
     unet: UNet2DConditionModel,
     adapter: Adapter,
-    optimizer: AdamW,
+    optimizer: Optimizer,
     schedule: NoiseSchedule,
     dataset: Dataset,
     data: EncodedDataset,
@@ -141,13 +141,7 @@ impl Trainer {
             Adapter::init_unet(&lora_config, unet.lora_modules(), &device, config.seed)?;
         unet.attach_adapter(ADAPTER_NAME, &adapter.unet, 1.0)?;
         check_free_space(&config, vars.iter().map(|(_, v)| v.elem_count()).sum())?;
-        let mut optimizer = AdamW::new(
-            vars,
-            AdamWConfig {
-                weight_decay: config.weight_decay,
-                ..AdamWConfig::default()
-            },
-        )?;
+        let mut optimizer = Optimizer::new(vars, &config.optimizer_settings())?;
         let granularity = model.vae_config()?.map_or(1, |vae| vae.vae_scale_factor())
             * (1 << (unet_config.block_out_channels.len() - 1));
         let sizes: Vec<(usize, usize)> = dataset
@@ -182,7 +176,7 @@ impl Trainer {
         let dataset_fingerprint = fingerprint(&dataset);
         if let Some(path) = &config.resume {
             let names: Vec<String> = optimizer.params().iter().map(|(n, _)| n.clone()).collect();
-            let ckpt = Checkpoint::load(path, &names, &device)?;
+            let ckpt = Checkpoint::load(path, &names, optimizer.slot_names(), &device)?;
             check_recipe(&recipe(&config, total_steps)?, &ckpt.recipe)
                 .with_context(|| format!("cannot resume from {}", path.display()))?;
             ensure!(
@@ -192,18 +186,16 @@ impl Trainer {
                 ckpt.dataset,
                 dataset_fingerprint
             );
-            let mut moments = Vec::with_capacity(ckpt.params.len());
-            for ((name, var), (_, value, m)) in optimizer.params().iter().zip(ckpt.params) {
+            for ((name, var), (_, value)) in optimizer.params().iter().zip(&ckpt.params) {
                 ensure!(
                     value.dims() == var.dims(),
                     "checkpoint parameter `{name}` has shape {:?}, the adapter {:?}",
                     value.dims(),
                     var.dims()
                 );
-                var.set(&value)?;
-                moments.push(m);
+                var.set(value)?;
             }
-            optimizer.restore(ckpt.optimizer_steps, moments)?;
+            optimizer.restore(ckpt.optimizer)?;
             rng = Rng::new(ckpt.rng_state);
             step = ckpt.step;
             last_checkpoint = Some(path.clone());
@@ -479,27 +471,17 @@ impl Trainer {
             .optimizer
             .params()
             .iter()
-            .zip(self.optimizer.moments())
-            .map(|((name, var), m)| {
-                (
-                    name.clone(),
-                    var.as_tensor().clone(),
-                    crate::optimizer::Moments {
-                        m: m.m.clone(),
-                        v: m.v.clone(),
-                    },
-                )
-            })
+            .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
             .collect();
         Checkpoint {
             step: self.step,
-            optimizer_steps: self.optimizer.steps(),
             rng_state: self.rng.state(),
             recipe: recipe(&self.config, self.total_steps)?,
             dataset: fingerprint(&self.dataset),
             params,
+            optimizer: self.optimizer.state(),
         }
-        .save(path)?;
+        .save(path, self.optimizer.slot_names())?;
         self.last_checkpoint = Some(path.to_path_buf());
         Ok(())
     }
@@ -523,13 +505,7 @@ impl Trainer {
         put("ss_gradient_accumulation_steps", c.grad_accum.to_string());
         put("ss_lr_scheduler", c.lr_scheduler.name().to_string());
         put("ss_lr_warmup_steps", c.warmup_steps.to_string());
-        put(
-            "ss_optimizer",
-            format!(
-                "AdamW(betas=(0.9, 0.999), eps=1e-08, weight_decay={})",
-                python_float(c.weight_decay)
-            ),
-        );
+        put("ss_optimizer", self.optimizer.describe());
         put("ss_max_grad_norm", python_float(c.max_grad_norm));
         put(
             "ss_min_snr_gamma",
