@@ -807,3 +807,58 @@ fn an_earlier_run_is_replaced_only_with_overwrite() -> Result<()> {
     assert_eq!((summary.steps_run, summary.final_step), (2, 4));
     Ok(())
 }
+
+/// `--ema-decay`: the average is written beside the adapter (`NAME-ema.safetensors`, with
+/// `ss_ema_decay`), differs from the trained weights, and a resumed run continues it bit for bit.
+#[test]
+fn the_ema_adapter_is_written_and_resumes_exactly() -> Result<()> {
+    let recipe = |out: &Path, resume: Option<PathBuf>| TrainArgs {
+        steps: Some(4),
+        save_every: Some(2),
+        ema_decay: Some(0.9),
+        seed: Some(5),
+        resume,
+        ..args("sd1-tiny", &train_data(), out)
+    };
+    let straight = tempfile::tempdir()?;
+    lora_train::train(
+        recipe(straight.path(), None).resolve()?,
+        &mut quiet(),
+        &mut |_| {},
+    )?;
+    let out = straight.path().join("adapter.safetensors");
+    let ema = straight.path().join("adapter-ema.safetensors");
+    let file = AdapterFile::read(&ema, &Device::Cpu)?;
+    assert_eq!(file.metadata()["ss_ema_decay"], "0.9");
+    let (trained, averaged) = (tensors(&out), tensors(&ema));
+    assert_eq!(trained.len(), averaged.len());
+    let moved = trained
+        .iter()
+        .filter(|(k, _)| k.contains("lora_up"))
+        .map(|(k, t)| common::max_abs_diff(t, &averaged[k]))
+        .fold(0f32, f32::max);
+    assert!(moved > 0.0, "the average equals the trained weights");
+
+    let resumed = tempfile::tempdir()?;
+    let (ckpt2, _) = checkpoint_paths(&out, 2);
+    assert!(tensors(&ckpt2).keys().any(|k| k.starts_with("ema.")));
+    lora_train::train(
+        recipe(resumed.path(), Some(ckpt2)).resolve()?,
+        &mut quiet(),
+        &mut |_| {},
+    )?;
+    assert_same_tensors(
+        &averaged,
+        &tensors(&resumed.path().join("adapter-ema.safetensors")),
+    );
+    // A second fresh run does not replace the average without --overwrite.
+    let Err(err) = lora_train::train(
+        recipe(straight.path(), None).resolve()?,
+        &mut quiet(),
+        &mut |_| {},
+    ) else {
+        panic!("a second run replaced the outputs without --overwrite");
+    };
+    assert!(format!("{err:#}").contains("--overwrite"), "{err:#}");
+    Ok(())
+}

@@ -26,6 +26,8 @@ const OPTIMIZER_STEPS_KEY: &str = "lora_train.optimizer_steps";
 const RNG_KEY: &str = "lora_train.rng_state";
 const RECIPE_KEY: &str = "lora_train.recipe";
 const DATASET_KEY: &str = "lora_train.dataset";
+/// The tensor name prefix of the moving average (`--ema-decay`).
+const EMA_SLOT: &str = "ema";
 /// Prefix of the optimizer's scalar state keys.
 const OPTIMIZER_SCALAR_PREFIX: &str = "lora_train.optimizer.";
 
@@ -41,6 +43,8 @@ pub struct Checkpoint {
     pub params: Vec<(String, Tensor)>,
     /// The optimizer's state; its `slots` follow `params`.
     pub optimizer: OptimizerState,
+    /// `--ema-decay`: the moving average of each parameter (`ema.<name>`), following `params`.
+    pub ema: Option<Vec<Tensor>>,
 }
 
 impl Checkpoint {
@@ -58,6 +62,9 @@ impl Checkpoint {
             for (slot, tensor) in slot_names.iter().zip(slots) {
                 tensors.push((format!("{slot}.{name}"), tensor.clone()));
             }
+        }
+        for ((name, _), average) in self.params.iter().zip(self.ema.iter().flatten()) {
+            tensors.push((format!("{EMA_SLOT}.{name}"), average.clone()));
         }
         let mut metadata = BTreeMap::from([
             (FORMAT_KEY.to_string(), FORMAT_VERSION.to_string()),
@@ -80,13 +87,14 @@ impl Checkpoint {
         write_safetensors_atomic(path, &tensors, metadata)
     }
 
-    /// Reads a checkpoint; `names` are the adapter's parameters in optimizer order and
-    /// `slot_names` the optimizer's state tensors of each, and every one must be present (and
-    /// nothing else).
+    /// Reads a checkpoint; `names` are the adapter's parameters in optimizer order,
+    /// `slot_names` the optimizer's state tensors of each and `with_ema` whether each has a
+    /// moving average, and every one must be present (and nothing else).
     pub fn load(
         path: &Path,
         names: &[String],
         slot_names: &[&str],
+        with_ema: bool,
         device: &Device,
     ) -> Result<Self> {
         let load = || -> Result<Self> {
@@ -126,7 +134,7 @@ impl Checkpoint {
                     Ok((name.to_string(), number))
                 })
                 .collect::<Result<BTreeMap<_, _>>>()?;
-            let expected = names.len() * (1 + slot_names.len());
+            let expected = names.len() * (1 + slot_names.len() + usize::from(with_ema));
             let mut take = |key: String| {
                 file.tensors
                     .remove(&key)
@@ -134,6 +142,7 @@ impl Checkpoint {
             };
             let mut params = Vec::with_capacity(names.len());
             let mut slots = Vec::with_capacity(names.len());
+            let mut ema = Vec::new();
             for name in names {
                 params.push((name.clone(), take(format!("param.{name}"))?));
                 slots.push(
@@ -142,6 +151,9 @@ impl Checkpoint {
                         .map(|slot| take(format!("{slot}.{name}")))
                         .collect::<Result<Vec<_>>>()?,
                 );
+                if with_ema {
+                    ema.push(take(format!("{EMA_SLOT}.{name}"))?);
+                }
             }
             ensure!(
                 file.tensors.is_empty(),
@@ -160,6 +172,7 @@ impl Checkpoint {
                     scalars,
                     slots,
                 },
+                ema: with_ema.then_some(ema),
             })
         };
         load().with_context(|| format!("cannot resume from {}", path.display()))

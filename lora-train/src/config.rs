@@ -134,6 +134,11 @@ pub struct TrainArgs {
     /// use_bias_correction=true safeguard_warmup=true decouple=true beta3=… d0=… growth_rate=…
     #[arg(long, value_name = "KEY=VALUE", num_args = 1..)]
     pub optimizer_args: Option<Vec<String>>,
+    /// Keep a moving average of the adapter weights with this decay (e.g. 0.999), as diffusers'
+    /// EMAModel does (warm-up min(decay, (1+s)/(10+s))), written beside the adapter as
+    /// NAME-ema.safetensors
+    #[arg(long, value_name = "DECAY")]
+    pub ema_decay: Option<f64>,
     /// Weight decay, decoupled as AdamW's [default: 0.01 for adamw, 0 for lion and prodigy, as
     /// their reference implementations]
     #[arg(long)]
@@ -353,6 +358,8 @@ pub struct TrainConfig {
     pub optimizer: OptimizerKind,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub optimizer_args: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema_decay: Option<f64>,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub resolution: usize,
@@ -497,6 +504,7 @@ impl TrainArgs {
             warmup_steps,
             optimizer,
             optimizer_args,
+            ema_decay,
             weight_decay,
             max_grad_norm,
             resolution,
@@ -616,6 +624,12 @@ impl TrainArgs {
                     format!("--optimizer-args `{arg}`: expected KEY=VALUE (e.g. d_coef=2)"),
                 ),
             }
+        }
+        if let Some(decay) = self.ema_decay {
+            check(
+                decay > 0.0 && decay < 1.0,
+                format!("--ema-decay = {decay}: expected a number between 0 and 1 (e.g. 0.999)"),
+            );
         }
         let optimizer_settings = OptimizerSettings {
             kind: optimizer,
@@ -753,6 +767,7 @@ impl TrainArgs {
             warmup_steps,
             optimizer,
             optimizer_args,
+            ema_decay: self.ema_decay,
             weight_decay,
             max_grad_norm,
             resolution,

@@ -118,5 +118,11 @@ fn main() -> Result<()> {
         )),
     );
     eprintln!("adapter written to {}", summary.output.display());
+    if let Some(ema) = &summary.ema_output {
+        eprintln!(
+            "its moving average (--ema-decay) written to {}",
+            ema.display()
+        );
+    }
     Ok(())
 }

@@ -99,6 +99,8 @@ pub struct TrainSummary {
     /// Peak resident memory of the process (Linux's VmHWM); GPU memory is not measured.
     pub peak_rss_bytes: Option<u64>,
     pub output: PathBuf,
+    /// `--ema-decay`: the moving average's adapter.
+    pub ema_output: Option<PathBuf>,
 }
 
 /// The process's peak resident set size, where the OS reports it.

@@ -29,6 +29,7 @@ use crate::cache::{EncodeOptions, EncodedDataset};
 use crate::checkpoint::{check_recipe, recipe, Checkpoint};
 use crate::config::{Crop, TrainConfig, TrainLength};
 use crate::dataset::{bucket_size, Dataset};
+use crate::ema::{ema_output_path, Ema};
 use crate::metrics::{peak_rss_bytes, MetricsLog, StepReport, TrainSummary};
 use crate::objective::{denoising_loss, DenoisingBatch};
 use crate::optimizer::{clip_grad_norm, Optimizer};
@@ -57,6 +58,8 @@ pub struct Trainer {
     unet: UNet2DConditionModel,
     adapter: Adapter,
     optimizer: Optimizer,
+    /// `--ema-decay`: the moving average of the adapter's parameters.
+    ema: Option<Ema>,
     schedule: NoiseSchedule,
     dataset: Dataset,
     data: EncodedDataset,
@@ -140,8 +143,16 @@ impl Trainer {
         let TrainableAdapter { adapter, vars } =
             Adapter::init_unet(&lora_config, unet.lora_modules(), &device, config.seed)?;
         unet.attach_adapter(ADAPTER_NAME, &adapter.unet, 1.0)?;
-        check_free_space(&config, vars.iter().map(|(_, v)| v.elem_count()).sum())?;
         let mut optimizer = Optimizer::new(vars, &config.optimizer_settings())?;
+        let mut ema = config
+            .ema_decay
+            .map(|decay| Ema::new(decay, optimizer.params()))
+            .transpose()?;
+        check_free_space(
+            &config,
+            optimizer.params().iter().map(|(_, v)| v.elem_count()).sum(),
+            optimizer.slot_names().len() + usize::from(ema.is_some()),
+        )?;
         let granularity = model.vae_config()?.map_or(1, |vae| vae.vae_scale_factor())
             * (1 << (unet_config.block_out_channels.len() - 1));
         let sizes: Vec<(usize, usize)> = dataset
@@ -176,7 +187,8 @@ impl Trainer {
         let dataset_fingerprint = fingerprint(&dataset);
         if let Some(path) = &config.resume {
             let names: Vec<String> = optimizer.params().iter().map(|(n, _)| n.clone()).collect();
-            let ckpt = Checkpoint::load(path, &names, optimizer.slot_names(), &device)?;
+            let ckpt =
+                Checkpoint::load(path, &names, optimizer.slot_names(), ema.is_some(), &device)?;
             check_recipe(&recipe(&config, total_steps)?, &ckpt.recipe)
                 .with_context(|| format!("cannot resume from {}", path.display()))?;
             ensure!(
@@ -196,6 +208,9 @@ impl Trainer {
                 var.set(value)?;
             }
             optimizer.restore(ckpt.optimizer)?;
+            if let (Some(ema), Some(average)) = (ema.as_mut(), ckpt.ema) {
+                ema.restore(average)?;
+            }
             rng = Rng::new(ckpt.rng_state);
             step = ckpt.step;
             last_checkpoint = Some(path.clone());
@@ -236,6 +251,7 @@ impl Trainer {
             unet,
             adapter,
             optimizer,
+            ema,
             schedule,
             dataset,
             data,
@@ -310,6 +326,9 @@ impl Trainer {
             );
         }
         self.optimizer.step(&grads, lr)?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(self.optimizer.params(), self.optimizer.steps())?;
+        }
         self.step += 1;
         Ok(StepReport {
             step: self.step,
@@ -480,6 +499,7 @@ impl Trainer {
             dataset: fingerprint(&self.dataset),
             params,
             optimizer: self.optimizer.state(),
+            ema: self.ema.as_ref().map(|ema| ema.tensors().to_vec()),
         }
         .save(path, self.optimizer.slot_names())?;
         self.last_checkpoint = Some(path.to_path_buf());
@@ -488,6 +508,12 @@ impl Trainer {
 
     /// Writes the adapter as trained so far, in the configured format, with training metadata.
     pub fn save_adapter(&self, path: &Path) -> Result<()> {
+        self.write_adapter(path, &self.adapter, None)
+    }
+
+    /// `adapter` (the trained one, or its moving average with that average's decay) with the
+    /// run's training metadata.
+    fn write_adapter(&self, path: &Path, adapter: &Adapter, ema_decay: Option<f64>) -> Result<()> {
         let c = &self.config;
         let samples = self.dataset.samples_per_epoch();
         let epochs = (self.step * c.batch_size * c.grad_accum).div_ceil(samples);
@@ -531,9 +557,12 @@ impl Trainer {
                 .unwrap_or_default(),
         );
         put("ss_lora_targets", c.targets.to_string());
+        if let Some(decay) = ema_decay {
+            put("ss_ema_decay", python_float(decay));
+        }
         save_adapter(
             path,
-            &self.adapter,
+            adapter,
             &ModelModules {
                 unet: self.unet.lora_modules(),
                 text_encoder: None,
@@ -546,6 +575,31 @@ impl Trainer {
                 extra_metadata: extra,
             },
         )
+    }
+
+    /// Writes the moving average of the adapter (`--ema-decay`) as an adapter file, with the
+    /// same metadata as [`Self::save_adapter`] plus `ss_ema_decay`.
+    pub fn save_ema_adapter(&self, path: &Path) -> Result<()> {
+        let ema = self
+            .ema
+            .as_ref()
+            .context("this run keeps no moving average (--ema-decay)")?;
+        let mut averaged = self.adapter.clone();
+        for ((name, _), tensor) in self.optimizer.params().iter().zip(ema.tensors()) {
+            let (module, which) = name
+                .rsplit_once('.')
+                .with_context(|| format!("adapter parameter `{name}` has no module path"))?;
+            let module = averaged
+                .unet
+                .get_mut(module)
+                .with_context(|| format!("adapter parameter `{name}` has no module"))?;
+            match which {
+                "lora_down" => module.down = tensor.clone(),
+                "lora_up" => module.up = tensor.clone(),
+                other => bail!("adapter parameter `{name}`: unknown kind `{other}`"),
+            }
+        }
+        self.write_adapter(path, &averaged, self.config.ema_decay)
     }
 
     /// Ends [`Self::run`] after the step in progress once `flag` is set (by a SIGINT or SIGTERM
@@ -600,6 +654,9 @@ impl Trainer {
             }
         }
         self.save_adapter(&self.config.output)?;
+        if self.ema.is_some() {
+            self.save_ema_adapter(&ema_output_path(&self.config.output))?;
+        }
         let steps_run = self.step - first_step;
         let samples = (steps_run * self.config.batch_size * self.config.grad_accum) as f64;
         Ok(TrainSummary {
@@ -619,6 +676,10 @@ impl Trainer {
             },
             peak_rss_bytes: peak_rss_bytes(),
             output: self.config.output.clone(),
+            ema_output: self
+                .ema
+                .is_some()
+                .then(|| ema_output_path(&self.config.output)),
         })
     }
 }
@@ -798,7 +859,15 @@ fn check_output_location(config: &TrainConfig, continuing: bool) -> Result<()> {
     inputs.extend(config.base_config.as_deref().map(|p| ("--base-config", p)));
     inputs.extend(config.resume.as_deref().map(|p| ("--resume", p)));
     let replace = config.overwrite || continuing;
-    for (flag, output) in [("--output", &config.output), ("--metrics", &config.metrics)] {
+    let ema_output = config.ema_decay.map(|_| ema_output_path(&config.output));
+    let outputs = [("--output", &config.output), ("--metrics", &config.metrics)]
+        .into_iter()
+        .chain(
+            ema_output
+                .as_ref()
+                .map(|path| ("--ema-decay's output", path)),
+        );
+    for (flag, output) in outputs {
         check_output(flag, output, &inputs)?;
         prepare_output(flag, output, replace)?;
     }
@@ -818,21 +887,31 @@ fn check_output_location(config: &TrainConfig, continuing: bool) -> Result<()> {
 }
 
 /// Refuses to start when the output folder has clearly too little room for what the run will
-/// write at once: the final adapter, and with `--save-every` one checkpoint (parameters and both
-/// AdamW moments) with its adapter, twice over while a new one is written before the old is
-/// pruned. A filesystem that fills up anyway fails at save time with the previous files intact.
-fn check_free_space(config: &TrainConfig, adapter_params: usize) -> Result<()> {
+/// write at once: the final adapter (and its moving average), and with `--save-every` one
+/// checkpoint (parameters and `state_per_param` state tensors each: the optimizer's and the
+/// average) with its adapter, twice over while a new one is written before the old is pruned. A
+/// filesystem that fills up anyway fails at save time with the previous files intact.
+fn check_free_space(
+    config: &TrainConfig,
+    adapter_params: usize,
+    state_per_param: usize,
+) -> Result<()> {
     let folder = folder_of(&config.output);
     let Some(free) = lora_core::io::free_space(folder) else {
         return Ok(());
     };
     let adapter = adapter_params as u64 * 4;
+    let finals = if config.ema_decay.is_some() {
+        2 * adapter
+    } else {
+        adapter
+    };
     let checkpoints = match config.save_every {
-        Some(_) => 2 * (adapter * 3 + adapter),
+        Some(_) => 2 * (adapter * (1 + state_per_param as u64) + adapter),
         None => 0,
     };
     // Headers, metrics and sample images, generously.
-    let needed = adapter + checkpoints + (1 << 20);
+    let needed = finals + checkpoints + (1 << 20);
     ensure!(
         needed <= free,
         "the output folder {} has {} free, and this run needs about {} for its adapter{}: free \
