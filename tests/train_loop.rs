@@ -862,3 +862,121 @@ fn the_ema_adapter_is_written_and_resumes_exactly() -> Result<()> {
     assert!(format!("{err:#}").contains("--overwrite"), "{err:#}");
     Ok(())
 }
+
+/// The `val_loss` rows of a metrics file, as (step, loss).
+fn val_losses(metrics: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|row| row.get("val_loss").is_some())
+        .map(|row| {
+            (
+                row["step"].as_u64().unwrap(),
+                row["val_loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Validation: scored before the first step and every N; at fixed noise, so the same images score
+/// the same under another --seed while the adapter is still zero; validating changes no step of
+/// the run; and validating on the training images, the loss falls as the adapter learns them.
+#[test]
+fn validation_loss_is_logged_fixed_and_falls_on_the_training_images() -> Result<()> {
+    let run = |seed: u64, steps: usize, validation: bool| -> Result<(PathBuf, tempfile::TempDir)> {
+        let dir = tempfile::tempdir()?;
+        let config = TrainArgs {
+            steps: Some(steps),
+            lr: Some(2e-2),
+            targets: Some(LoraTargets::Attn2),
+            seed: Some(seed),
+            validation_data: validation.then(train_data),
+            validate_every: validation.then_some(5),
+            ..args("sd1-tiny", &train_data(), dir.path())
+        };
+        lora_train::train(config.resolve()?, &mut quiet(), &mut |_| {})?;
+        Ok((dir.path().join("adapter.safetensors"), dir))
+    };
+    let (out, dir) = run(0, 20, true)?;
+    let losses = val_losses(&dir.path().join("adapter.safetensors.metrics.jsonl"));
+    let steps: Vec<u64> = losses.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, [0, 5, 10, 15, 20]);
+    assert!(
+        losses.iter().all(|(_, l)| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+    let (first, last) = (losses[0].1, losses[4].1);
+    eprintln!("validation loss on the training images: {first} → {last}");
+    assert!(last < first, "the validation loss did not fall: {losses:?}");
+
+    // Validating draws nothing from the training generator: the same adapter without it.
+    let (plain, _plain_dir) = run(0, 20, false)?;
+    assert_same_tensors(&tensors(&out), &tensors(&plain));
+
+    // Fixed noise: another seed, the same step-0 score (the adapter's `up` starts at zero).
+    let (_, other) = run(9, 5, true)?;
+    let other_losses = val_losses(&other.path().join("adapter.safetensors.metrics.jsonl"));
+    assert_eq!(other_losses[0], losses[0]);
+    Ok(())
+}
+
+#[test]
+fn a_validation_split_holds_images_out_and_bad_validation_options_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = TrainArgs {
+        steps: Some(2),
+        validation_split: Some(0.4),
+        validate_every: Some(1),
+        ..args("sd1-tiny", &train_data(), dir.path())
+    };
+    let summary = lora_train::train(config.resolve()?, &mut quiet(), &mut |_| {})?;
+    let metrics = dir.path().join("adapter.safetensors.metrics.jsonl");
+    assert_eq!(
+        val_losses(&metrics)
+            .iter()
+            .map(|(s, _)| *s)
+            .collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert!(summary.first_val_loss.is_some() && summary.last_val_loss.is_some());
+    let file = AdapterFile::read(&summary.output, &Device::Cpu)?;
+    // Five images, 40 % held out: fewer samples train than the whole dataset has.
+    let whole = lora_train::dataset::Dataset::scan(&train_data(), &Default::default())?;
+    assert_eq!(whole.items.len(), 5);
+    let trained: usize = file.metadata()["ss_num_train_images"].parse()?;
+    assert!(
+        trained > 0 && trained < whole.samples_per_epoch(),
+        "{trained} of {}",
+        whole.samples_per_epoch()
+    );
+
+    for (bad, expected) in [
+        (
+            TrainArgs {
+                validation_split: Some(1.5),
+                ..args("sd1-tiny", &train_data(), dir.path())
+            },
+            "--validation-split = 1.5",
+        ),
+        (
+            TrainArgs {
+                validate_every: Some(3),
+                ..args("sd1-tiny", &train_data(), dir.path())
+            },
+            "--validate-every needs validation images",
+        ),
+        (
+            TrainArgs {
+                validation_split: Some(0.5),
+                validation_data: Some(train_data()),
+                ..args("sd1-tiny", &train_data(), dir.path())
+            },
+            "choose one",
+        ),
+    ] {
+        let err = format!("{:#}", bad.resolve().unwrap_err());
+        assert!(err.contains(expected), "{err}");
+    }
+    Ok(())
+}

@@ -180,7 +180,7 @@ impl Checkpoint {
 }
 
 /// Options that do not change the trajectory, so a resumed run may set them differently.
-const FREE_ON_RESUME: [&str; 13] = [
+const FREE_ON_RESUME: [&str; 15] = [
     "output",
     "metrics",
     "save_every",
@@ -194,6 +194,8 @@ const FREE_ON_RESUME: [&str; 13] = [
     "length",
     "sample",
     "gradient_checkpointing",
+    "validation_data",
+    "validate_every",
 ];
 
 /// The options that shape the trajectory, as JSON; a resume must match them. The run's length

@@ -134,6 +134,18 @@ pub struct TrainArgs {
     /// use_bias_correction=true safeguard_warmup=true decouple=true beta3=… d0=… growth_rate=…
     #[arg(long, value_name = "KEY=VALUE", num_args = 1..)]
     pub optimizer_args: Option<Vec<String>>,
+    /// Held-out images (any --data layout, read with the same dataset options) whose denoising
+    /// loss at fixed timesteps and noise is logged as `val_loss` in the metrics file
+    #[arg(long, value_name = "DATA", conflicts_with = "validation_split")]
+    pub validation_data: Option<PathBuf>,
+    /// Hold out this fraction of --data's images for validation instead, chosen by --seed
+    /// (kohya: --validation_split)
+    #[arg(long, value_name = "F")]
+    pub validation_split: Option<f64>,
+    /// Score the validation images before the first step and every N steps (kohya:
+    /// --validate_every_n_steps) [default: a tenth of the run]
+    #[arg(long, value_name = "N")]
+    pub validate_every: Option<usize>,
     /// Keep a moving average of the adapter weights with this decay (e.g. 0.999), as diffusers'
     /// EMAModel does (warm-up min(decay, (1+s)/(10+s))), written beside the adapter as
     /// NAME-ema.safetensors
@@ -360,6 +372,13 @@ pub struct TrainConfig {
     pub optimizer_args: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ema_decay: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation_data: Option<PathBuf>,
+    /// Part of the recipe: it decides which images train.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation_split: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validate_every: Option<usize>,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub resolution: usize,
@@ -504,6 +523,9 @@ impl TrainArgs {
             warmup_steps,
             optimizer,
             optimizer_args,
+            validation_data,
+            validation_split,
+            validate_every,
             ema_decay,
             weight_decay,
             max_grad_norm,
@@ -625,6 +647,25 @@ impl TrainArgs {
                 ),
             }
         }
+        if let Some(fraction) = self.validation_split {
+            check(
+                fraction > 0.0 && fraction < 1.0,
+                format!("--validation-split = {fraction}: expected a fraction between 0 and 1"),
+            );
+        }
+        if let Some(every) = self.validate_every {
+            check(every >= 1, "--validate-every 0: expected at least 1".into());
+            check(
+                self.validation_data.is_some() || self.validation_split.is_some(),
+                "--validate-every needs validation images: --validation-data or --validation-split"
+                    .into(),
+            );
+        }
+        check(
+            self.validation_data.is_none() || self.validation_split.is_none(),
+            "--validation-data and --validation-split both give validation images: choose one"
+                .into(),
+        );
         if let Some(decay) = self.ema_decay {
             check(
                 decay > 0.0 && decay < 1.0,
@@ -768,6 +809,9 @@ impl TrainArgs {
             optimizer,
             optimizer_args,
             ema_decay: self.ema_decay,
+            validation_data: self.validation_data,
+            validation_split: self.validation_split,
+            validate_every: self.validate_every,
             weight_decay,
             max_grad_norm,
             resolution,

@@ -117,6 +117,9 @@ fn main() -> Result<()> {
             b as f64 / (1 << 20) as f64
         )),
     );
+    if let (Some(first), Some(last)) = (summary.first_val_loss, summary.last_val_loss) {
+        eprintln!("validation loss {first:.4} → {last:.4} (metrics file: val_loss rows)");
+    }
     eprintln!("adapter written to {}", summary.output.display());
     if let Some(ema) = &summary.ema_output {
         eprintln!(

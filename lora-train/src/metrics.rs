@@ -101,6 +101,10 @@ pub struct TrainSummary {
     pub output: PathBuf,
     /// `--ema-decay`: the moving average's adapter.
     pub ema_output: Option<PathBuf>,
+    /// The validation loss first and last computed in this invocation (`--validation-data`,
+    /// `--validation-split`).
+    pub first_val_loss: Option<f64>,
+    pub last_val_loss: Option<f64>,
 }
 
 /// The process's peak resident set size, where the OS reports it.

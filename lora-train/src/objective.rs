@@ -53,7 +53,21 @@ impl DenoisingBatch {
             let offset = rng.normal_tensor((b, c, 1, 1), device)?;
             noise = noise.broadcast_add(&(offset * noise_offset)?)?;
         }
-        let coef = schedule.coefficients(&timesteps, min_snr_gamma, device)?;
+        Self::with_noise(schedule, min_snr_gamma, latents, &timesteps, noise)
+    }
+
+    /// The batch of `latents` noised with `noise` at the given `timesteps` (one per sample):
+    /// what validation uses, with its timesteps and noise fixed.
+    pub fn with_noise(
+        schedule: &NoiseSchedule,
+        min_snr_gamma: Option<f64>,
+        latents: &Tensor,
+        timesteps: &[usize],
+        noise: Tensor,
+    ) -> Result<Self> {
+        let device = latents.device();
+        let b = timesteps.len();
+        let coef = schedule.coefficients(timesteps, min_snr_gamma, device)?;
         let noisy = (latents.broadcast_mul(&coef.signal)? + noise.broadcast_mul(&coef.noise)?)?;
         let target = match schedule.prediction {
             PredictionType::Epsilon => noise,

@@ -35,6 +35,7 @@ use crate::objective::{denoising_loss, DenoisingBatch};
 use crate::optimizer::{clip_grad_norm, Optimizer};
 use crate::sample::Sampler;
 use crate::schedule::{learning_rate, NoiseSchedule};
+use crate::validation::{self, Validation, ValidationRow};
 
 /// Name under which the trained adapter is attached to the UNet.
 const ADAPTER_NAME: &str = "train";
@@ -76,6 +77,8 @@ pub struct Trainer {
     /// The last checkpoint written or resumed from, named when a run stops on NaN.
     last_checkpoint: Option<PathBuf>,
     sampler: Option<Sampler>,
+    /// `--validation-data` / `--validation-split`: the held-out images' loss, logged.
+    validation: Option<Validation>,
     /// Set from outside (a signal handler) to end [`Trainer::run`] after the current step.
     stop: Option<Arc<AtomicBool>>,
 }
@@ -118,6 +121,18 @@ impl Trainer {
         check_output_location(&config, continuing)?;
         let device = config.device.open()?;
         let dataset = Dataset::scan(&config.data, &config.dataset)?;
+        let (dataset, held_out) = match (config.validation_split, &config.validation_data) {
+            (Some(fraction), _) => {
+                let (training, held_out) = validation::split(dataset, fraction, config.seed)?;
+                (training, Some(held_out))
+            }
+            (None, Some(path)) => {
+                let held_out = Dataset::scan(path, &config.dataset)
+                    .with_context(|| format!("--validation-data {}", path.display()))?;
+                (dataset, Some(held_out))
+            }
+            (None, None) => (dataset, None),
+        };
         on_prepare(Preparation::Dataset(&dataset));
         let (source, pickle_copy) = ModelSource::parse(&config.base)?
             .with_configs_from(config.base_config.clone())?
@@ -230,6 +245,36 @@ impl Trainer {
             &device,
             &mut |done, total| on_prepare(Preparation::Encoding { done, total }),
         )?;
+        let validation = match held_out {
+            Some(held_out) => {
+                let sizes = held_out
+                    .items
+                    .iter()
+                    .map(|item| match config.buckets {
+                        true => {
+                            bucket_size(item.size.0, item.size.1, config.resolution, granularity)
+                        }
+                        false => (config.resolution, config.resolution),
+                    })
+                    .collect();
+                let encoded = EncodedDataset::build(
+                    &model,
+                    &held_out,
+                    &EncodeOptions {
+                        sizes,
+                        crop: Crop::Center,
+                        flip: false,
+                        caption_dropout: false,
+                        unet_in_channels: unet_config.in_channels,
+                    },
+                    &device,
+                    &mut |done, total| on_prepare(Preparation::Encoding { done, total }),
+                )?;
+                let every = config.validate_every.unwrap_or((total_steps / 10).max(1));
+                Some(Validation::new(encoded, held_out.items.len(), every)?)
+            }
+            None => None,
+        };
         ensure!(
             step <= total_steps,
             "the checkpoint is at step {step}, beyond the {total_steps} steps asked for"
@@ -264,6 +309,7 @@ impl Trainer {
             bucket_batches_per_epoch,
             last_checkpoint,
             sampler,
+            validation,
             stop: None,
         })
     }
@@ -577,6 +623,20 @@ impl Trainer {
         )
     }
 
+    /// The validation loss now, as a metrics row; `None` without validation images.
+    pub fn validate(&self) -> Result<Option<ValidationRow>> {
+        let Some(validation) = &self.validation else {
+            return Ok(None);
+        };
+        let val_loss = validation
+            .loss(&self.unet, &self.schedule)
+            .with_context(|| format!("validation at step {}", self.step))?;
+        Ok(Some(ValidationRow {
+            step: self.step,
+            val_loss,
+        }))
+    }
+
     /// Writes the moving average of the adapter (`--ema-decay`) as an adapter file, with the
     /// same metadata as [`Self::save_adapter`] plus `ss_ema_decay`.
     pub fn save_ema_adapter(&self, path: &Path) -> Result<()> {
@@ -619,6 +679,14 @@ impl Trainer {
         let mut first_loss = None;
         let mut last_loss = None;
         let mut seconds = 0.0;
+        let mut val_losses = Vec::new();
+        // The baseline before the first step (a resumed run's log already has it).
+        if self.step == 0 {
+            if let Some(row) = self.validate()? {
+                log.write_row(&row)?;
+                val_losses.push(row.val_loss);
+            }
+        }
         while self.step < self.total_steps {
             let report = self.step()?;
             seconds += report.seconds;
@@ -626,6 +694,12 @@ impl Trainer {
             last_loss = Some(report.loss);
             log.write(&report)?;
             on_step(&report);
+            if self.validation.as_ref().is_some_and(|v| v.due(self.step)) {
+                if let Some(row) = self.validate()? {
+                    log.write_row(&row)?;
+                    val_losses.push(row.val_loss);
+                }
+            }
             if let Some(every) = self.config.save_every {
                 if self.step.is_multiple_of(every) {
                     let (ckpt, adapter) = checkpoint_paths(&self.config.output, self.step);
@@ -680,6 +754,8 @@ impl Trainer {
                 .ema
                 .is_some()
                 .then(|| ema_output_path(&self.config.output)),
+            first_val_loss: val_losses.first().copied(),
+            last_val_loss: val_losses.last().copied(),
         })
     }
 }
@@ -824,7 +900,7 @@ fn bucket_batches(
 }
 
 /// Independent seeds for the separate random streams of a run.
-fn derive_seed(seed: u64, stream: u64) -> u64 {
+pub(crate) fn derive_seed(seed: u64, stream: u64) -> u64 {
     let mut r = Rng::new(seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03));
     r.next_u64()
 }
