@@ -114,8 +114,33 @@ pub struct Report {
     pub prompts: Vec<PromptResult>,
     pub first_loss: Option<f64>,
     pub last_loss: Option<f64>,
+    /// The loss on the training images at fixed timesteps and noise (lora-train's validation
+    /// loss, `--validation-data` = the training data), before the first step and at intervals.
+    pub fixed_noise_loss: Vec<FixedNoiseLoss>,
     pub train_seconds: f64,
     pub total_seconds: f64,
+}
+
+/// One point of [`Report::fixed_noise_loss`].
+#[derive(Debug, Clone, Serialize)]
+pub struct FixedNoiseLoss {
+    pub step: usize,
+    pub loss: f64,
+}
+
+/// The `(step, val_loss)` rows of a training metrics file.
+fn fixed_noise_losses(metrics: &Path) -> Result<Vec<(f64, f64)>> {
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("cannot read {}", metrics.display()))?;
+    let mut points = Vec::new();
+    for line in text.lines() {
+        let row: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: not JSON: {line}", metrics.display()))?;
+        if let (Some(step), Some(loss)) = (row["step"].as_f64(), row["val_loss"].as_f64()) {
+            points.push((step, loss));
+        }
+    }
+    Ok(points)
 }
 
 /// Prepares `dir` for the quick start's files: creates it, or clears it if an earlier quick start
@@ -191,7 +216,7 @@ pub fn run(options: &Options, on_event: &mut dyn FnMut(Event)) -> Result<Report>
     let adapter = options.output.join("sks-lora.safetensors");
     let config = TrainArgs {
         base: Some(options.base.to_string_lossy().into_owned()),
-        data: Some(data),
+        data: Some(data.clone()),
         output: Some(adapter.clone()),
         rank: Some(options.rank),
         steps: Some(options.train_steps),
@@ -199,9 +224,14 @@ pub fn run(options: &Options, on_event: &mut dyn FnMut(Event)) -> Result<Report>
         lr: Some(options.lr),
         resolution: Some(RESOLUTION),
         seed: Some(options.seed),
+        // The loss on the training images at fixed noise: a curve that shows the learning, which
+        // the per-step loss (a new timestep and noise each step) hides in its scatter.
+        validation_data: Some(data.clone()),
+        validate_every: Some((options.train_steps / 5).max(1)),
         ..TrainArgs::default()
     }
     .resolve()?;
+    let metrics = config.metrics.clone();
     let train_start = Instant::now();
     let mut trainer = Trainer::new(config, &mut |_: Preparation| {})?;
     let total = trainer.total_steps();
@@ -285,7 +315,12 @@ pub fn run(options: &Options, on_event: &mut dyn FnMut(Event)) -> Result<Report>
         &text,
     )?;
     let loss_curve = options.output.join("loss-curve.png");
-    write_png(&loss_curve, &plot::loss_curve(&losses), &BTreeMap::new())?;
+    let fixed_noise = fixed_noise_losses(&metrics)?;
+    write_png(
+        &loss_curve,
+        &plot::loss_curve(&losses, &fixed_noise),
+        &BTreeMap::new(),
+    )?;
 
     let report = Report {
         adapter,
@@ -294,6 +329,13 @@ pub fn run(options: &Options, on_event: &mut dyn FnMut(Event)) -> Result<Report>
         prompts: results,
         first_loss: summary.first_loss,
         last_loss: summary.last_loss,
+        fixed_noise_loss: fixed_noise
+            .iter()
+            .map(|&(step, loss)| FixedNoiseLoss {
+                step: step as usize,
+                loss,
+            })
+            .collect(),
         train_seconds,
         total_seconds: start.elapsed().as_secs_f64(),
     };

@@ -27,6 +27,19 @@ fn adapter_learns_the_concept_and_merging_it_changes_nothing() {
     for name in [&report.adapter, &report.grid, &report.loss_curve] {
         assert!(name.is_file(), "{} was not written", name.display());
     }
+    // The loss on the training images at fixed noise, before training and five times during
+    // it, falls: the curve the quick start draws over the scattered per-step losses.
+    let fixed: Vec<(usize, f64)> = report
+        .fixed_noise_loss
+        .iter()
+        .map(|p| (p.step, p.loss))
+        .collect();
+    assert_eq!(fixed.len(), 6, "{fixed:?}");
+    assert_eq!(fixed[0].0, 0);
+    assert!(
+        fixed.iter().all(|p| p.1.is_finite()) && fixed[5].1 < fixed[0].1,
+        "the fixed-noise loss did not fall: {fixed:?}"
+    );
     let mean = |concept: bool, f: &dyn Fn(&quickstart::PromptResult) -> f64| {
         let picked: Vec<f64> = report
             .prompts

@@ -14,6 +14,7 @@ const INK: Rgb = [40, 40, 40];
 const GRID_LINE: Rgb = [225, 225, 225];
 const RAW_LOSS: Rgb = [170, 190, 230];
 const SMOOTH_LOSS: Rgb = [20, 70, 200];
+const FIXED_NOISE_LOSS: Rgb = [230, 120, 20];
 
 /// 3×5 glyphs, one row per 3-bit number (MSB = left column): digits, capitals (lower case is
 /// drawn as capitals) and the punctuation of file names and numbers.
@@ -277,17 +278,21 @@ fn finite_max(values: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// The training loss per step: raw values as light points, an exponential moving average as a
-/// line, with the y-axis from 0 to the largest loss and a few labelled grid lines.
-pub fn loss_curve(losses: &[f64]) -> Image8 {
+/// line, with the y-axis from 0 to the largest loss and a few labelled grid lines; and the
+/// fixed-noise (validation) loss at its steps, `(step, loss)` with step 0 before the first
+/// update, as marked points joined by a line, with a legend.
+pub fn loss_curve(losses: &[f64], fixed_noise: &[(f64, f64)]) -> Image8 {
     let mut canvas = Canvas::new(Axes::SIZE.0, Axes::SIZE.1, WHITE);
     let last = losses.len().max(2) - 1;
-    let axes = Axes::draw(
-        &mut canvas,
-        finite_max(losses.iter().copied()),
-        (0.0, last as f64),
-        "STEP",
-        "",
+    let max = finite_max(
+        losses
+            .iter()
+            .copied()
+            .chain(fixed_noise.iter().map(|p| p.1)),
     );
+    // Step s of the log is drawn at x = s - 1 (the first update's loss at 0); a fixed-noise
+    // loss after step s is drawn there too, its step-0 baseline at the left edge.
+    let axes = Axes::draw(&mut canvas, max, (0.0, last as f64), "STEP", "");
     for (i, &v) in losses.iter().enumerate() {
         let (x, y) = axes.point(i as f64, v);
         canvas.fill(x.round() as i64 - 1, y.round() as i64 - 1, 3, 3, RAW_LOSS);
@@ -302,6 +307,33 @@ pub fn loss_curve(losses: &[f64]) -> Image8 {
             canvas.line(p, point, 2, SMOOTH_LOSS);
         }
         previous = Some(point);
+    }
+    if !fixed_noise.is_empty() {
+        let mut previous = None;
+        for &(step, v) in fixed_noise.iter().filter(|p| p.1.is_finite()) {
+            let point = axes.point((step - 1.0).max(0.0), v);
+            canvas.fill(
+                point.0.round() as i64 - 3,
+                point.1.round() as i64 - 3,
+                7,
+                7,
+                FIXED_NOISE_LOSS,
+            );
+            if let Some(p) = previous {
+                canvas.line(p, point, 2, FIXED_NOISE_LOSS);
+            }
+            previous = Some(point);
+        }
+        let right = Axes::SIZE.0 as i64 - 20;
+        let legend = ["TRAINING LOSS (SMOOTHED)", "FIXED-NOISE LOSS"];
+        for (row, (label, colour)) in legend
+            .iter()
+            .zip([SMOOTH_LOSS, FIXED_NOISE_LOSS])
+            .enumerate()
+        {
+            let x = right - Canvas::text_width(label, 2);
+            canvas.text(x, 12 + 14 * row as i64, label, 2, colour);
+        }
     }
     canvas.into_image()
 }
@@ -399,14 +431,22 @@ mod tests {
     #[test]
     fn loss_curve_draws_the_smoothed_line_inside_the_plot() {
         let losses: Vec<f64> = (0..100).map(|i| 1.0 / (1.0 + i as f64 * 0.1)).collect();
-        let image = loss_curve(&losses);
+        let image = loss_curve(&losses, &[]);
         assert_eq!((image.width, image.height), (640, 360));
-        let blue = image
-            .pixels
-            .chunks_exact(3)
-            .filter(|p| *p == SMOOTH_LOSS)
-            .count();
-        assert!(blue > 500, "{blue} line pixels");
+        let count = |image: &Image8, colour: Rgb| {
+            image
+                .pixels
+                .chunks_exact(3)
+                .filter(|p| *p == colour)
+                .count()
+        };
+        assert!(count(&image, SMOOTH_LOSS) > 500, "line pixels");
+        assert_eq!(count(&image, FIXED_NOISE_LOSS), 0);
+        let with_fixed = loss_curve(&losses, &[(0.0, 1.2), (50.0, 0.4), (100.0, 0.2)]);
+        assert!(
+            count(&with_fixed, FIXED_NOISE_LOSS) > 3 * 49,
+            "fixed-noise points"
+        );
     }
 
     #[test]

@@ -50,24 +50,27 @@ impl Validation {
             .iter()
             .map(|t| (t * total / 1000).min(total - 1))
             .collect();
+        let k = timesteps.len();
         let mut sum = 0.0;
+        // One batch per image: the image at each timestep, each with its own noise.
         for item in 0..self.items {
             let mut rng = Rng::new(derive_seed(0, NOISE_STREAM + item as u64));
             let latents = self.data.latents(item, false, &mut rng)?.unsqueeze(0)?;
+            let (_, c, h, w) = latents.dims4()?;
+            let latents = latents.repeat((k, 1, 1, 1))?;
             let context = self.data.embedding(item, false)?.unsqueeze(0)?;
-            for &t in &timesteps {
-                let noise = rng.normal_tensor(latents.shape(), latents.device())?;
-                let batch = DenoisingBatch::with_noise(schedule, None, &latents, &[t], noise)?;
-                let prediction = unet.forward(&batch.noisy, &batch.timesteps, &context)?;
-                let loss = f64::from(batch.loss(&prediction)?.to_scalar::<f32>()?);
-                ensure!(
-                    loss.is_finite(),
-                    "the validation loss of image {item} at timestep {t} is {loss}"
-                );
-                sum += loss;
-            }
+            let context = context.repeat((k, 1, 1))?;
+            let noise = rng.normal_tensor((k, c, h, w), latents.device())?;
+            let batch = DenoisingBatch::with_noise(schedule, None, &latents, &timesteps, noise)?;
+            let prediction = unet.forward(&batch.noisy, &batch.timesteps, &context)?;
+            let loss = f64::from(batch.loss(&prediction)?.to_scalar::<f32>()?);
+            ensure!(
+                loss.is_finite(),
+                "the validation loss of image {item} is {loss}"
+            );
+            sum += loss;
         }
-        Ok(sum / (self.items * timesteps.len()) as f64)
+        Ok(sum / self.items as f64)
     }
 }
 
