@@ -54,7 +54,7 @@ impl Precision {
     /// what was asked.
     pub fn check_device(self, device: DeviceSpec) -> Result<()> {
         ensure!(
-            !(self == Self::Bf16 && device == DeviceSpec::Cpu),
+            !(self == Self::Bf16 && device.resolve() == DeviceSpec::Cpu),
             "--precision bf16 needs a CUDA device: candle's CPU backend has no bf16 matrix \
              product (use f32 or f16 on the CPU)"
         );
@@ -92,15 +92,49 @@ impl fmt::Display for Precision {
     }
 }
 
-/// Where a command runs: `cpu`, `cuda` (device 0) or `cuda:N`.
+/// Where a command runs: `auto` (the default: the first CUDA device when the build has CUDA and
+/// one opens, else the CPU), `cpu`, `cuda` (device 0) or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
     #[default]
+    Auto,
     Cpu,
     Cuda(usize),
 }
 
 impl DeviceSpec {
+    /// The device `auto` stands for here, and why: CUDA device 0 when this build has CUDA and
+    /// the device opens, else the CPU.
+    pub fn auto_choice() -> (Self, &'static str) {
+        #[cfg(feature = "cuda")]
+        {
+            match Device::new_cuda(0) {
+                Ok(_) => (Self::Cuda(0), "a CUDA device is present"),
+                Err(_) => (Self::Cpu, "no CUDA device could be opened"),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            (Self::Cpu, "this build has no CUDA support")
+        }
+    }
+
+    /// For a binary to print: what `auto` chose and why; `None` for an explicit device.
+    pub fn auto_note(self) -> Option<String> {
+        (self == Self::Auto).then(|| {
+            let (device, why) = Self::auto_choice();
+            format!("device: {device} (--device auto: {why})")
+        })
+    }
+
+    /// A concrete device: `auto` resolved, the others as they are.
+    pub fn resolve(self) -> Self {
+        match self {
+            Self::Auto => Self::auto_choice().0,
+            other => other,
+        }
+    }
+
     /// The spec of an opened device.
     pub fn of(device: &Device) -> Self {
         match device.location() {
@@ -110,7 +144,8 @@ impl DeviceSpec {
     }
 
     pub fn open(self) -> Result<Device> {
-        match self {
+        match self.resolve() {
+            Self::Auto => unreachable!("resolved above"),
             Self::Cpu => Ok(Device::Cpu),
             #[cfg(feature = "cuda")]
             Self::Cuda(n) => {
@@ -129,13 +164,14 @@ impl FromStr for DeviceSpec {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         match s.split_once(':') {
+            None if s == "auto" => Ok(Self::Auto),
             None if s == "cpu" => Ok(Self::Cpu),
             None if s == "cuda" => Ok(Self::Cuda(0)),
             Some(("cuda", n)) => n
                 .parse()
                 .map(Self::Cuda)
                 .with_context(|| format!("device `{s}`: `{n}` is not a device number")),
-            _ => bail!("unknown device `{s}`: expected cpu, cuda or cuda:N"),
+            _ => bail!("unknown device `{s}`: expected auto, cpu, cuda or cuda:N"),
         }
     }
 }
@@ -143,6 +179,7 @@ impl FromStr for DeviceSpec {
 impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Auto => f.write_str("auto"),
             Self::Cpu => f.write_str("cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
         }
@@ -326,6 +363,14 @@ mod tests {
     #[test]
     fn devices_parse_and_print() {
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
+        assert_eq!(DeviceSpec::default(), DeviceSpec::Auto);
+        assert_ne!(DeviceSpec::Auto.resolve(), DeviceSpec::Auto);
+        #[cfg(not(feature = "cuda"))]
+        {
+            assert_eq!(DeviceSpec::Auto.resolve(), DeviceSpec::Cpu);
+            assert!(Precision::Bf16.check_device(DeviceSpec::Auto).is_err());
+        }
         assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
         assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");

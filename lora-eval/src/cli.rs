@@ -33,8 +33,8 @@ pub struct InceptionArgs {
     /// Images per network batch.
     #[arg(long, default_value_t = 50)]
     pub batch_size: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto (CUDA when built with it and a GPU is present, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
     /// Leave out images that cannot be read (each is listed) instead of stopping at the first.
     #[arg(long)]

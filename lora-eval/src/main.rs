@@ -34,6 +34,9 @@ fn metrics(args: MetricsArgs) -> Result<()> {
         )?;
         prepare_output("--save-stats", stats, args.overwrite)?;
     }
+    if let Some(note) = args.inception.device.auto_note() {
+        eprintln!("{note}");
+    }
     let device = args.inception.device.open()?;
     let model = FidInception::load(&args.inception.inception, &device)?;
     let mut skipped = Vec::new();

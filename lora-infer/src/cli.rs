@@ -38,8 +38,8 @@ pub struct Cli {
     pub num_images: Option<usize>,
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto (CUDA when built with it and a GPU is present, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
     /// f32, f16 or bf16.
     #[arg(long, default_value = "f32")]

@@ -19,6 +19,9 @@ fn main() -> Result<()> {
     // SAFETY: first thing in `main`, before any other thread exists.
     unsafe { lora_core::process_setup::configure() };
     let cli = Cli::parse();
+    if let Some(note) = cli.device.auto_note() {
+        eprintln!("{note}");
+    }
     let device = cli.device.open()?;
     let (source, pickle_copy) = ModelSource::parse(&cli.base)?
         .with_configs_from(cli.base_config.clone())?

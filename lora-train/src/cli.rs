@@ -137,8 +137,8 @@ pub struct CaptionArgs {
     /// With --model: the model's dtype, f32, f16 or bf16
     #[arg(long, default_value_t = Precision::F32, requires = "model")]
     pub precision: Precision,
-    /// With --model: cpu, cuda or cuda:N
-    #[arg(long, default_value_t = DeviceSpec::Cpu, requires = "model")]
+    /// With --model: auto (CUDA when built with it and a GPU is present), cpu, cuda or cuda:N
+    #[arg(long, default_value_t = DeviceSpec::Auto, requires = "model")]
     pub device: DeviceSpec,
     /// Replace every OLD by NEW (split at the first `=`; NEW may be empty); repeat for several,
     /// applied in order

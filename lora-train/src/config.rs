@@ -196,7 +196,8 @@ pub struct TrainArgs {
     /// far less memory for about one more forward pass per step; the same gradients
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
-    /// cpu, cuda or cuda:N [default: cpu]
+    /// auto (CUDA when built with it and a GPU is present, else the CPU; the choice is printed),
+    /// cpu, cuda or cuda:N [default: auto]
     #[arg(long)]
     pub device: Option<DeviceSpec>,
     /// Write a checkpoint (and an adapter) every N steps
@@ -575,7 +576,8 @@ impl TrainArgs {
         let init = self.init.unwrap_or_default();
         let lr_scheduler = self.lr_scheduler.unwrap_or(LrScheduler::Constant);
         let precision = self.precision.unwrap_or_default();
-        let device = self.device.unwrap_or_default();
+        // A concrete device: `auto` is resolved once, here (the binary says what it chose).
+        let device = self.device.unwrap_or_default().resolve();
         let format = self.format.unwrap_or(AdapterFormat::Kohya);
         let dataset = self
             .dataset

@@ -24,7 +24,11 @@ fn main() -> Result<()> {
         Some(path) => TrainArgs::from_toml_file(path)?.overlay(cli.args),
         None => cli.args,
     };
+    let device_note = args.device.unwrap_or_default().auto_note();
     let config = args.resolve()?;
+    if let Some(note) = device_note {
+        eprintln!("{note}");
+    }
 
     let encoding = ProgressBar::hidden();
     let mut trainer = Trainer::new(config, &mut |event| match event {
