@@ -498,7 +498,10 @@ fn pixel_space_model_trains_and_peft_output_loads() -> Result<()> {
         batch_size: Some(3),
         grad_accum: Some(3),
         sample_every: Some(2),
-        sample_prompt: Some(vec!["a blue square".into(), "a green triangle".into()]),
+        sample_prompt: Some(vec![
+            "a blue square --d 7 --s 3 --n red".into(),
+            "a green triangle".into(),
+        ]),
         sample_steps: Some(2),
         ..args("sd1-tiny", &train_data(), out.path())
     }
@@ -508,12 +511,48 @@ fn pixel_space_model_trains_and_peft_output_loads() -> Result<()> {
     let file = AdapterFile::read(&summary.output, &Device::Cpu)?;
     assert_eq!(file.format(), lora_core::AdapterFormat::Peft);
     assert!(!file.raw_modules().is_empty());
-    for i in 0..2 {
+    // kohya's per-prompt options: the first prompt's seed, steps and negative prompt; the second
+    // takes --seed + 1 and --sample-steps.
+    for (i, (prompt, seed, steps)) in [("a blue square", "7", "3"), ("a green triangle", "1", "2")]
+        .into_iter()
+        .enumerate()
+    {
         let png = out.path().join(format!("adapter-step000002-sample{i}.png"));
         let (img, text) = lora_infer::output::read_png(&png)?;
         assert_eq!((img.width, img.height), (16, 16), "{}", png.display());
         assert_eq!(text["step"], "2");
+        assert_eq!(
+            (
+                text["prompt"].as_str(),
+                text["seed"].as_str(),
+                text["steps"].as_str()
+            ),
+            (prompt, seed, steps)
+        );
     }
+    let (_, first) =
+        lora_infer::output::read_png(&out.path().join("adapter-step000002-sample0.png"))?;
+    assert_eq!(first["negative_prompt"], "red");
+    // The step's grid: both pictures, enlarged to 256 pixels, with their labels.
+    let (grid, _) =
+        lora_infer::output::read_png(&out.path().join("adapter-step000002-samples.png"))?;
+    assert!(
+        grid.width > 256 && grid.height > 2 * 256,
+        "{}×{}",
+        grid.width,
+        grid.height
+    );
+
+    let bad = TrainArgs {
+        sample_every: Some(2),
+        sample_prompt: Some(vec!["a cat --w 512".into(), "a dog --q 1".into()]),
+        ..args("sd1-tiny", &train_data(), out.path())
+    };
+    let err = format!("{:#}", bad.resolve().unwrap_err());
+    assert!(
+        err.contains("training resolution") && err.contains("unknown option --q"),
+        "{err}"
+    );
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use crate::dataset::{ScanOptions, LABEL_PLACEHOLDER};
 use crate::optimizer::{OptimizerKind, OptimizerSettings};
+use crate::sample::SamplePrompt;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lora_core::options::{DeviceSpec, Precision};
@@ -232,7 +233,9 @@ pub struct TrainArgs {
     /// Write sample images (lora-infer's pipeline, DDIM, guidance 7.5) every N steps
     #[arg(long)]
     pub sample_every: Option<usize>,
-    /// Prompt of the sample images (repeat the flag for several; a list in TOML)
+    /// Prompt of the sample images (repeat the flag for several; a list in TOML), with kohya's
+    /// per-prompt options if wanted: --n NEGATIVE, --d SEED, --l GUIDANCE, --s STEPS
+    /// (e.g. "a sks dog --d 42 --l 6"); each step's samples are also drawn as one grid
     #[arg(long)]
     pub sample_prompt: Option<Vec<String>>,
     /// Denoising steps per sample image [default: 20]
@@ -412,10 +415,10 @@ pub struct TrainConfig {
 }
 
 /// `--sample-every`: images written during training, and the scores computed from them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SampleConfig {
     pub every: usize,
-    pub prompts: Vec<String>,
+    pub prompts: Vec<SamplePrompt>,
     pub steps: usize,
     /// `--eval-inception`: FID against the training images.
     pub inception: Option<PathBuf>,
@@ -743,7 +746,18 @@ impl TrainArgs {
             sample_steps >= 1,
             format!("--sample-steps = {sample_steps}: expected at least 1"),
         );
-        let prompts = self.sample_prompt.unwrap_or_default();
+        let prompts: Vec<SamplePrompt> = self
+            .sample_prompt
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|line| match line.parse() {
+                Ok(prompt) => Some(prompt),
+                Err(e) => {
+                    check(false, format!("--sample-prompt: {e:#}"));
+                    None
+                }
+            })
+            .collect();
         let sample = match self.sample_every {
             Some(every) => {
                 check(

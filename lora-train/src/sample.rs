@@ -24,11 +24,70 @@ use lora_eval::features::FeatureRows;
 use lora_eval::frechet::{frechet_distance, GaussianStats};
 use lora_eval::stats::FeatureSet;
 use lora_infer::output::{to_images8, write_png, Image8};
+use lora_infer::plot::labelled_grid;
 use lora_infer::{GenerateOptions, Pipeline, PipelineParts};
 use serde::Serialize;
 
 use crate::config::SampleConfig;
 use crate::dataset::Dataset;
+
+/// One `--sample-prompt`: its text, then kohya's per-prompt options as its sample prompt files
+/// spell them: `--n NEGATIVE`, `--d SEED`, `--l GUIDANCE`, `--s STEPS` (e.g. `a sks dog --d 42
+/// --l 6`). Without `--d`, prompt `i` takes seed `--seed + i`; either way the seed is the same at
+/// every sample step, so the pictures of one prompt compare across steps.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SamplePrompt {
+    pub text: String,
+    pub negative: String,
+    pub seed: Option<u64>,
+    pub guidance: Option<f64>,
+    pub steps: Option<usize>,
+}
+
+impl std::str::FromStr for SamplePrompt {
+    type Err = anyhow::Error;
+
+    fn from_str(line: &str) -> Result<Self> {
+        let mut parts = line.split(" --");
+        let text = parts.next().unwrap_or_default().trim().to_string();
+        anyhow::ensure!(!text.is_empty(), "sample prompt `{line}` has no text");
+        let mut prompt = Self {
+            text,
+            negative: String::new(),
+            seed: None,
+            guidance: None,
+            steps: None,
+        };
+        for part in parts {
+            let (key, value) = part.split_at(part.chars().next().map_or(0, char::len_utf8));
+            let value = value.trim();
+            let bad = |what: &str| {
+                anyhow::anyhow!("sample prompt `{line}`: --{key} {value}: expected {what}")
+            };
+            match key {
+                "n" => prompt.negative = value.to_string(),
+                "d" => prompt.seed = Some(value.parse().map_err(|_| bad("a seed (an integer ≥ 0)"))?),
+                "l" => {
+                    let guidance: f64 = value.parse().map_err(|_| bad("a guidance scale"))?;
+                    anyhow::ensure!(guidance.is_finite() && guidance >= 0.0, bad("a guidance scale ≥ 0"));
+                    prompt.guidance = Some(guidance);
+                }
+                "s" => {
+                    let steps: usize = value.parse().map_err(|_| bad("a step count"))?;
+                    anyhow::ensure!(steps >= 1, bad("at least 1 step"));
+                    prompt.steps = Some(steps);
+                }
+                "w" | "h" => anyhow::bail!(
+                    "sample prompt `{line}`: --{key}: samples are drawn at the training resolution"
+                ),
+                _ => anyhow::bail!(
+                    "sample prompt `{line}`: unknown option --{key} (kohya's --n, --d, --l and --s are read)"
+                ),
+            }
+        }
+        Ok(prompt)
+    }
+}
 
 pub struct Sampler {
     pipeline: Pipeline,
@@ -112,37 +171,58 @@ impl Sampler {
         step.is_multiple_of(self.config.every)
     }
 
-    /// Writes one PNG per prompt, `<stem>-step000010-sample0.png` next to `output`, and scores
-    /// them when asked to (`None` otherwise).
+    /// Writes one PNG per prompt, `<stem>-step000010-sample0.png` next to `output`, and all of
+    /// them as one labelled grid, `<stem>-step000010-samples.png`; scores them when asked to
+    /// (`None` otherwise).
     pub fn write(&self, output: &Path, step: usize) -> Result<Option<SampleScores>> {
         let stem = output
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let mut samples = Vec::with_capacity(self.config.prompts.len());
+        let mut pictures = Vec::with_capacity(self.config.prompts.len());
         for (i, prompt) in self.config.prompts.iter().enumerate() {
+            let defaults = GenerateOptions::default();
             let options = GenerateOptions {
-                prompt: prompt.clone(),
-                steps: self.config.steps,
+                prompt: prompt.text.clone(),
+                negative_prompt: prompt.negative.clone(),
+                steps: prompt.steps.unwrap_or(self.config.steps),
+                guidance: prompt.guidance.unwrap_or(defaults.guidance),
                 width: Some(self.resolution),
                 height: Some(self.resolution),
-                seed: self.seed + i as u64,
-                ..GenerateOptions::default()
+                seed: prompt.seed.unwrap_or(self.seed + i as u64),
+                ..defaults
             };
             let generated = self
                 .pipeline
                 .generate(&options)
-                .with_context(|| format!("cannot sample `{prompt}` at step {step}"))?;
+                .with_context(|| format!("cannot sample `{}` at step {step}", prompt.text))?;
             let image = to_images8(&generated.images)?.remove(0);
             let path = output.with_file_name(format!("{stem}-step{step:06}-sample{i}.png"));
-            let text = BTreeMap::from([
-                ("prompt".to_string(), prompt.clone()),
+            let mut text = BTreeMap::from([
+                ("prompt".to_string(), prompt.text.clone()),
                 ("step".to_string(), step.to_string()),
                 ("seed".to_string(), options.seed.to_string()),
+                ("steps".to_string(), options.steps.to_string()),
+                ("guidance".to_string(), options.guidance.to_string()),
             ]);
+            if !prompt.negative.is_empty() {
+                text.insert("negative_prompt".to_string(), prompt.negative.clone());
+            }
             write_png(&path, &image, &text)?;
             samples.push(to_rgb(&image));
+            pictures.push(vec![image]);
         }
+        let labels: Vec<String> = self.config.prompts.iter().map(|p| p.text.clone()).collect();
+        // Small training resolutions are enlarged to about 256 pixels so the grid is legible.
+        let zoom = (256 / self.resolution).max(1);
+        let grid = labelled_grid(&pictures, &labels, &[format!("STEP {step}")], zoom);
+        let grid_path = output.with_file_name(format!("{stem}-step{step:06}-samples.png"));
+        write_png(
+            &grid_path,
+            &grid,
+            &BTreeMap::from([("step".to_string(), step.to_string())]),
+        )?;
         if self.fid.is_none() && self.clip.is_none() {
             return Ok(None);
         }
@@ -155,7 +235,7 @@ impl Sampler {
         };
         let clip_score = match &self.clip {
             Some(model) => Some(
-                clip_score(model, &samples, &self.config.prompts)
+                clip_score(model, &samples, &labels)
                     .with_context(|| format!("CLIP score of the samples at step {step}"))?,
             ),
             None => None,
