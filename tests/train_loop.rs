@@ -1019,3 +1019,92 @@ fn a_validation_split_holds_images_out_and_bad_validation_options_are_refused() 
     }
     Ok(())
 }
+
+/// A mask for every image of `data` (by file name), all of `value`, into a new folder of `dir`.
+fn uniform_masks(data: &Path, dir: &Path, value: u8) -> PathBuf {
+    let masks = dir.join(format!("masks-{value}"));
+    std::fs::create_dir_all(&masks).unwrap();
+    let mut stack = vec![data.to_path_buf()];
+    while let Some(folder) = stack.pop() {
+        for entry in std::fs::read_dir(folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "png") {
+                let (w, h) = image::image_dimensions(&path).unwrap();
+                image::GrayImage::from_pixel(w, h, image::Luma([value]))
+                    .save(masks.join(path.file_name().unwrap()))
+                    .unwrap();
+            }
+        }
+    }
+    masks
+}
+
+/// `--masks`: an all-white mask trains exactly as no mask; an all-black one leaves nothing to
+/// learn (the `up` matrices stay zero); a mask of another size or a missing one is refused by
+/// name before any work.
+#[test]
+fn masked_loss_weights_the_error_by_the_mask() -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let run = |masks: Option<PathBuf>, out: &Path| -> Result<PathBuf> {
+        let config = TrainArgs {
+            steps: Some(3),
+            flip: Some(true),
+            masks,
+            ..args("sd1-tiny", &train_data(), out)
+        };
+        Ok(lora_train::train(config.resolve()?, &mut quiet(), &mut |_| {})?.output)
+    };
+    let (a, b, c) = (
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    );
+    let plain = tensors(&run(None, a.path())?);
+    let white = tensors(&run(
+        Some(uniform_masks(&train_data(), work.path(), 255)),
+        b.path(),
+    )?);
+    assert_same_tensors(&plain, &white);
+    let black = tensors(&run(
+        Some(uniform_masks(&train_data(), work.path(), 0)),
+        c.path(),
+    )?);
+    let ups: Vec<_> = black
+        .iter()
+        .filter(|(k, _)| k.contains("lora_up"))
+        .collect();
+    assert!(!ups.is_empty());
+    for (key, t) in ups {
+        let largest = t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert_eq!(largest, 0.0, "{key} learned from a fully masked loss");
+    }
+
+    // A mask of another size, and an image without one.
+    let wrong = uniform_masks(&train_data(), work.path(), 128);
+    image::GrayImage::new(5, 7).save(wrong.join("red_circle.png"))?;
+    std::fs::remove_file(wrong.join("blue_square.png"))?;
+    let d = tempfile::tempdir()?;
+    let err = format!("{:#}", run(Some(wrong), d.path()).unwrap_err());
+    assert!(err.contains("blue_square"), "{err}");
+    let wrong = uniform_masks(&train_data(), work.path(), 64);
+    image::GrayImage::new(5, 7).save(wrong.join("red_circle.png"))?;
+    let err = format!("{:#}", run(Some(wrong), d.path()).unwrap_err());
+    assert!(err.contains("red_circle.png is 5×7 pixels"), "{err}");
+    let err = format!(
+        "{:#}",
+        TrainArgs {
+            masks: Some(work.path().to_path_buf()),
+            random_crop: Some(true),
+            ..args("sd1-tiny", &train_data(), d.path())
+        }
+        .resolve()
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("--masks works with centre crops only"),
+        "{err}"
+    );
+    Ok(())
+}

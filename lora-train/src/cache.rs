@@ -11,7 +11,9 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::DynamicImage;
 use lora_core::models::tokenizer::TokenizedPrompt;
@@ -21,6 +23,7 @@ use lora_core::Rng;
 
 use crate::config::Crop;
 use crate::dataset::{image_to_tensor, Dataset};
+use crate::masks::{mask_weights, read_mask};
 
 /// How an image becomes the UNet's input space.
 enum Space {
@@ -55,6 +58,9 @@ pub struct EncodedDataset {
     caption_of_item: Vec<usize>,
     /// The empty caption's embedding, when caption dropout can pick it.
     empty_embedding: Option<Tensor>,
+    /// `--masks`: per item, the loss weights `[1, h, w]` at the UNet's input size, as is `[0]`
+    /// and mirrored `[1]` (only with `--flip`). Empty without masks.
+    masks: Vec<[Option<Tensor>; 2]>,
     crop: Crop,
     /// Per item, the `(width, height)` it is trained at (its bucket, or the square resolution).
     sizes: Vec<(usize, usize)>,
@@ -70,6 +76,8 @@ pub struct EncodeOptions {
     pub caption_dropout: bool,
     /// Channels the UNet takes (for pixel-space models; latent models take the VAE's).
     pub unet_in_channels: usize,
+    /// `--masks`: each item's mask file (centre crops only).
+    pub masks: Option<Vec<PathBuf>>,
 }
 
 impl EncodedDataset {
@@ -100,6 +108,45 @@ impl EncodedDataset {
         };
         let (embeddings, caption_of_item, empty_embedding) =
             encode_captions(model, dataset, options.caption_dropout, device)?;
+        let pixels_per_input = match &space {
+            Space::Latent { vae, .. } => vae
+                .as_ref()
+                .expect("just loaded")
+                .config()
+                .vae_scale_factor(),
+            Space::Pixel => 1,
+        };
+        let masks = match &options.masks {
+            Some(files) => {
+                ensure!(
+                    options.crop == Crop::Center,
+                    "--masks works with centre crops only (not --random-crop)"
+                );
+                dataset
+                    .items
+                    .iter()
+                    .zip(files)
+                    .enumerate()
+                    .map(|(i, (item, file))| {
+                        let mask = read_mask(file, item.size)?;
+                        let mut both = [None, None];
+                        for (slot, flip) in both.iter_mut().zip([false, true]) {
+                            if !flip || options.flip {
+                                *slot = Some(mask_weights(
+                                    &mask,
+                                    options.sizes[i],
+                                    flip,
+                                    pixels_per_input,
+                                    device,
+                                )?);
+                            }
+                        }
+                        Ok(both)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => Vec::new(),
+        };
 
         let mut encoded = Vec::new();
         let mut images = Vec::new();
@@ -146,6 +193,7 @@ impl EncodedDataset {
             embeddings,
             caption_of_item,
             empty_embedding,
+            masks,
             crop: options.crop,
             sizes: options.sizes.clone(),
             channels,
@@ -196,6 +244,18 @@ impl EncodedDataset {
                 .context("caption dropout without an empty-caption embedding");
         }
         Ok(&self.embeddings[self.caption_of_item[item]])
+    }
+
+    /// `--masks`: the loss weights of `item` (`[1, h, w]`), mirrored with the image; `None`
+    /// without masks.
+    pub fn mask(&self, item: usize, flip: bool) -> Result<Option<&Tensor>> {
+        match self.masks.get(item) {
+            None => Ok(None),
+            Some(both) => both[usize::from(flip)]
+                .as_ref()
+                .map(Some)
+                .context("a mirrored mask requested without --flip"),
+        }
     }
 
     /// Whether the model works on VAE latents (false: pixels).

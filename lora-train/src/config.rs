@@ -147,6 +147,10 @@ pub struct TrainArgs {
     /// --validate_every_n_steps) [default: a tenth of the run]
     #[arg(long, value_name = "N")]
     pub validate_every: Option<usize>,
+    /// Masked loss (kohya: --masked_loss): a folder with a grayscale mask per training image,
+    /// named as the image (any image extension) and of its size; white counts, black is ignored
+    #[arg(long, value_name = "DIR")]
+    pub masks: Option<PathBuf>,
     /// Keep a moving average of the adapter weights with this decay (e.g. 0.999), as diffusers'
     /// EMAModel does (warm-up min(decay, (1+s)/(10+s))), written beside the adapter as
     /// NAME-ema.safetensors
@@ -383,6 +387,8 @@ pub struct TrainConfig {
     pub validation_split: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub validate_every: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masks: Option<PathBuf>,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub resolution: usize,
@@ -530,6 +536,7 @@ impl TrainArgs {
             validation_data,
             validation_split,
             validate_every,
+            masks,
             ema_decay,
             weight_decay,
             max_grad_norm,
@@ -669,6 +676,12 @@ impl TrainArgs {
         check(
             self.validation_data.is_none() || self.validation_split.is_none(),
             "--validation-data and --validation-split both give validation images: choose one"
+                .into(),
+        );
+        check(
+            self.masks.is_none() || !self.random_crop.unwrap_or(false),
+            "--masks works with centre crops only: the random crop window is not shared with \
+             the mask (drop --random-crop)"
                 .into(),
         );
         if let Some(decay) = self.ema_decay {
@@ -828,6 +841,7 @@ impl TrainArgs {
             validation_data: self.validation_data,
             validation_split: self.validation_split,
             validate_every: self.validate_every,
+            masks: self.masks,
             weight_decay,
             max_grad_norm,
             resolution,

@@ -3,7 +3,7 @@
 //! Modules, in the order a run uses them: [`config`] (options, from flags and TOML),
 //! [`dataset`] (finding and checking images and captions), [`cache`] (text embeddings and VAE
 //! latents computed once), [`schedule`] (noise and learning-rate schedules), [`optimizer`]
-//! (AdamW, Lion, Prodigy and gradient clipping), [`ema`] (the weights' moving average), [`validation`] (the held-out loss), [`objective`] (the denoising loss), [`trainer`] (the loop),
+//! (AdamW, Lion, Prodigy and gradient clipping), [`ema`] (the weights' moving average), [`validation`] (the held-out loss), [`masks`] (masked loss), [`objective`] (the denoising loss), [`trainer`] (the loop),
 //! [`checkpoint`] (training state and the recipe a resume must match, for exact resume),
 //! [`metrics`] (JSON-lines log and summary) and [`sample`] (images during training, through
 //! lora-infer). Before training, [`data_check`] reports a dataset's problems and what training
@@ -37,6 +37,7 @@ pub mod data_check;
 pub mod data_prepare;
 pub mod dataset;
 pub mod ema;
+pub mod masks;
 pub mod metrics;
 pub mod objective;
 pub mod optimizer;

@@ -33,6 +33,8 @@ pub struct DenoisingBatch {
     target: Tensor,
     /// Per sample: min-SNR weight or 1.
     loss_weight: Tensor,
+    /// `--masks`: per sample and position, `[B, 1, h, w]` weights of the squared error.
+    position_weight: Option<Tensor>,
 }
 
 impl DenoisingBatch {
@@ -82,16 +84,26 @@ impl DenoisingBatch {
             timesteps: Tensor::from_vec(t, b, device)?,
             target,
             loss_weight: coef.loss_weight,
+            position_weight: None,
         })
     }
 
-    /// The (min-SNR weighted) MSE of the UNet's `prediction` against the target, averaged in f32.
+    /// Weights the squared error per position (`[B, 1, h, w]`, broadcast over channels), as
+    /// kohya's masked loss does: the mean then runs over every position, weighted or not.
+    pub fn with_position_weights(mut self, weights: Tensor) -> Self {
+        self.position_weight = Some(weights);
+        self
+    }
+
+    /// The (min-SNR weighted, masked) MSE of the UNet's `prediction` against the target,
+    /// averaged in f32.
     pub fn loss(&self, prediction: &Tensor) -> Result<Tensor> {
         let prediction = prediction.to_dtype(DType::F32)?;
-        let per_sample = (prediction - &self.target)?
-            .sqr()?
-            .flatten_from(1)?
-            .mean(1)?;
+        let mut squared = (prediction - &self.target)?.sqr()?;
+        if let Some(weights) = &self.position_weight {
+            squared = squared.broadcast_mul(weights)?;
+        }
+        let per_sample = squared.flatten_from(1)?.mean(1)?;
         Ok((per_sample * &self.loss_weight)?.mean_all()?)
     }
 }

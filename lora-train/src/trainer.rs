@@ -30,6 +30,7 @@ use crate::checkpoint::{check_recipe, recipe, Checkpoint};
 use crate::config::{Crop, TrainConfig, TrainLength};
 use crate::dataset::{bucket_size, Dataset};
 use crate::ema::{ema_output_path, Ema};
+use crate::masks::find_masks;
 use crate::metrics::{peak_rss_bytes, MetricsLog, StepReport, TrainSummary};
 use crate::objective::{denoising_loss, DenoisingBatch};
 use crate::optimizer::{clip_grad_norm, Optimizer};
@@ -241,6 +242,11 @@ impl Trainer {
                 flip: config.flip,
                 caption_dropout: config.caption_dropout > 0.0,
                 unet_in_channels: unet_config.in_channels,
+                masks: config
+                    .masks
+                    .as_deref()
+                    .map(|dir| find_masks(dir, &dataset))
+                    .transpose()?,
             },
             &device,
             &mut |done, total| on_prepare(Preparation::Encoding { done, total }),
@@ -266,6 +272,7 @@ impl Trainer {
                         flip: false,
                         caption_dropout: false,
                         unet_in_channels: unet_config.in_channels,
+                        masks: None,
                     },
                     &device,
                     &mut |done, total| on_prepare(Preparation::Encoding { done, total }),
@@ -390,22 +397,27 @@ impl Trainer {
         let items = self.micro_batch_items(index);
         let mut latents = Vec::with_capacity(items.len());
         let mut contexts = Vec::with_capacity(items.len());
+        let mut masks = Vec::new();
         for item in items {
             let flip = self.config.flip && self.rng.uniform() < 0.5;
             let dropped = self.config.caption_dropout > 0.0
                 && self.rng.uniform() < self.config.caption_dropout;
             latents.push(self.data.latents(item, flip, &mut self.rng)?);
             contexts.push(self.data.embedding(item, dropped)?.clone());
+            masks.extend(self.data.mask(item, flip)?.cloned());
         }
         let latents = Tensor::stack(&latents, 0)?;
         let context = Tensor::stack(&contexts, 0)?;
-        let batch = DenoisingBatch::draw(
+        let mut batch = DenoisingBatch::draw(
             &self.schedule,
             self.config.min_snr_gamma,
             self.config.noise_offset,
             &latents,
             &mut self.rng,
         )?;
+        if !masks.is_empty() {
+            batch = batch.with_position_weights(Tensor::stack(&masks, 0)?);
+        }
         let (prediction, checkpointed) = if self.config.gradient_checkpointing {
             let (prediction, pass) =
                 self.unet
