@@ -173,6 +173,27 @@ fn gradient_checkpointing_trains_the_same_adapter() -> Result<()> {
     Ok(())
 }
 
+/// A 4-step run with a checkpoint every 2 steps from `recipe(folder, None)`, then a run of the same
+/// recipe resumed from its step-2 checkpoint in another folder: (straight, resumed) folders.
+fn straight_then_resumed(
+    recipe: &dyn Fn(&Path, Option<PathBuf>) -> TrainArgs,
+) -> Result<(tempfile::TempDir, tempfile::TempDir)> {
+    let straight = tempfile::tempdir()?;
+    lora_train::train(
+        recipe(straight.path(), None).resolve()?,
+        &mut quiet(),
+        &mut |_| {},
+    )?;
+    let (ckpt2, _) = checkpoint_paths(&straight.path().join("adapter.safetensors"), 2);
+    let resumed = tempfile::tempdir()?;
+    lora_train::train(
+        recipe(resumed.path(), Some(ckpt2)).resolve()?,
+        &mut quiet(),
+        &mut |_| {},
+    )?;
+    Ok((straight, resumed))
+}
+
 /// Lion's and Prodigy's state (momentum; Prodigy's moments, running sum, start point and its
 /// step-size estimate, a header scalar) resumes bit for bit too, and the adapter names the
 /// optimizer as kohya does; another optimizer cannot resume it.
@@ -203,21 +224,10 @@ fn lion_and_prodigy_resume_bit_exactly() -> Result<()> {
             resume,
             ..args("sd1-tiny", &train_data(), out)
         };
-        let straight = tempfile::tempdir()?;
-        lora_train::train(
-            recipe(straight.path(), None).resolve()?,
-            &mut quiet(),
-            &mut |_| {},
-        )?;
+        let (straight, resumed) = straight_then_resumed(&recipe)?;
         let out = straight.path().join("adapter.safetensors");
         let (ckpt2, _) = checkpoint_paths(&out, 2);
         let (ckpt4, _) = checkpoint_paths(&out, 4);
-        let resumed = tempfile::tempdir()?;
-        lora_train::train(
-            recipe(resumed.path(), Some(ckpt2.clone())).resolve()?,
-            &mut quiet(),
-            &mut |_| {},
-        )?;
         let out_r = resumed.path().join("adapter.safetensors");
         let ckpt = tensors(&ckpt4);
         assert!(
@@ -859,12 +869,7 @@ fn the_ema_adapter_is_written_and_resumes_exactly() -> Result<()> {
         resume,
         ..args("sd1-tiny", &train_data(), out)
     };
-    let straight = tempfile::tempdir()?;
-    lora_train::train(
-        recipe(straight.path(), None).resolve()?,
-        &mut quiet(),
-        &mut |_| {},
-    )?;
+    let (straight, resumed) = straight_then_resumed(&recipe)?;
     let out = straight.path().join("adapter.safetensors");
     let ema = straight.path().join("adapter-ema.safetensors");
     let file = AdapterFile::read(&ema, &Device::Cpu)?;
@@ -878,14 +883,8 @@ fn the_ema_adapter_is_written_and_resumes_exactly() -> Result<()> {
         .fold(0f32, f32::max);
     assert!(moved > 0.0, "the average equals the trained weights");
 
-    let resumed = tempfile::tempdir()?;
     let (ckpt2, _) = checkpoint_paths(&out, 2);
     assert!(tensors(&ckpt2).keys().any(|k| k.starts_with("ema.")));
-    lora_train::train(
-        recipe(resumed.path(), Some(ckpt2)).resolve()?,
-        &mut quiet(),
-        &mut |_| {},
-    )?;
     assert_same_tensors(
         &averaged,
         &tensors(&resumed.path().join("adapter-ema.safetensors")),

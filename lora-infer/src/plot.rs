@@ -309,21 +309,11 @@ pub fn loss_curve(losses: &[f64], fixed_noise: &[(f64, f64)]) -> Image8 {
         previous = Some(point);
     }
     if !fixed_noise.is_empty() {
-        let mut previous = None;
-        for &(step, v) in fixed_noise.iter().filter(|p| p.1.is_finite()) {
-            let point = axes.point((step - 1.0).max(0.0), v);
-            canvas.fill(
-                point.0.round() as i64 - 3,
-                point.1.round() as i64 - 3,
-                7,
-                7,
-                FIXED_NOISE_LOSS,
-            );
-            if let Some(p) = previous {
-                canvas.line(p, point, 2, FIXED_NOISE_LOSS);
-            }
-            previous = Some(point);
-        }
+        let at_steps: Vec<(f64, f64)> = fixed_noise
+            .iter()
+            .map(|&(step, v)| ((step - 1.0).max(0.0), v))
+            .collect();
+        marked_series(&mut canvas, &axes, &at_steps, FIXED_NOISE_LOSS);
         let right = Axes::SIZE.0 as i64 - 20;
         let legend = ["TRAINING LOSS (SMOOTHED)", "FIXED-NOISE LOSS"];
         for (row, (label, colour)) in legend
@@ -353,6 +343,12 @@ pub fn metric_curve(title: &str, points: &[(f64, f64)]) -> Image8 {
     };
     let max = finite_max(points.iter().map(|p| p.1)) * 1.1;
     let axes = Axes::draw(&mut canvas, max, x_range, "STEP", title);
+    marked_series(&mut canvas, &axes, points, SMOOTH_LOSS);
+    canvas.into_image()
+}
+
+/// The finite `(x, value)` points as 7-pixel squares joined by a line.
+fn marked_series(canvas: &mut Canvas, axes: &Axes, points: &[(f64, f64)], colour: Rgb) {
     let mut previous = None;
     for &(x, v) in points.iter().filter(|p| p.1.is_finite()) {
         let point = axes.point(x, v);
@@ -361,14 +357,13 @@ pub fn metric_curve(title: &str, points: &[(f64, f64)]) -> Image8 {
             point.1.round() as i64 - 3,
             7,
             7,
-            SMOOTH_LOSS,
+            colour,
         );
         if let Some(p) = previous {
-            canvas.line(p, point, 2, SMOOTH_LOSS);
+            canvas.line(p, point, 2, colour);
         }
         previous = Some(point);
     }
-    canvas.into_image()
 }
 
 /// A grid of equally sized pictures, `rows[r][c]` shown `zoom`× enlarged, with a label over each

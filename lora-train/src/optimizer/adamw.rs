@@ -1,8 +1,6 @@
 //! AdamW as `torch.optim.AdamW` updates (Loshchilov & Hutter): decoupled decay, then the
 //! bias-corrected Adam step.
 
-use std::collections::BTreeMap;
-
 use anyhow::Result;
 use candle_core::{Tensor, Var};
 use lora_core::formats::kohya::python_float;
@@ -38,14 +36,6 @@ impl Algorithm for AdamW {
 
     fn init_slots(&self, p: &Tensor) -> Result<Vec<Tensor>> {
         Ok(vec![p.zeros_like()?, p.zeros_like()?])
-    }
-
-    fn scalars(&self) -> Vec<(&'static str, f64)> {
-        Vec::new()
-    }
-
-    fn restore_scalars(&mut self, _: &BTreeMap<String, f64>) -> Result<()> {
-        Ok(())
     }
 
     fn step(

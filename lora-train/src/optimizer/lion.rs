@@ -2,8 +2,6 @@
 //! updates: decay, a step of `lr` in the sign of the interpolated momentum, then the momentum
 //! update with the second beta.
 
-use std::collections::BTreeMap;
-
 use anyhow::Result;
 use candle_core::{Tensor, Var};
 use lora_core::formats::kohya::python_float;
@@ -35,14 +33,6 @@ impl Algorithm for Lion {
 
     fn init_slots(&self, p: &Tensor) -> Result<Vec<Tensor>> {
         Ok(vec![p.zeros_like()?])
-    }
-
-    fn scalars(&self) -> Vec<(&'static str, f64)> {
-        Vec::new()
-    }
-
-    fn restore_scalars(&mut self, _: &BTreeMap<String, f64>) -> Result<()> {
-        Ok(())
     }
 
     fn step(

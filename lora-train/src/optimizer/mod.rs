@@ -237,10 +237,14 @@ pub(crate) trait Algorithm: Send {
     fn slots(&self) -> &'static [&'static str];
     /// The fresh state tensors of parameter `p`, one per slot.
     fn init_slots(&self, p: &Tensor) -> Result<Vec<Tensor>>;
-    /// The scalar state, by name.
-    fn scalars(&self) -> Vec<(&'static str, f64)>;
+    /// The scalar state, by name (none by default).
+    fn scalars(&self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
     /// Restores the scalar state `scalars()` gave.
-    fn restore_scalars(&mut self, scalars: &BTreeMap<String, f64>) -> Result<()>;
+    fn restore_scalars(&mut self, _scalars: &BTreeMap<String, f64>) -> Result<()> {
+        Ok(())
+    }
     /// One update of every parameter with the peak-scaled learning rate `lr`; `step` counts the
     /// updates including this one.
     fn step(
