@@ -263,12 +263,25 @@ fn lion_and_prodigy_resume_bit_exactly() -> Result<()> {
         let other = TrainArgs {
             optimizer: Some(OptimizerKind::AdamW),
             optimizer_args: None,
-            ..recipe(elsewhere.path(), Some(ckpt2))
+            ..recipe(elsewhere.path(), Some(ckpt2.clone()))
         };
         let err = Trainer::new(other.resolve()?, &mut quiet())
             .err()
             .expect("another optimizer must not resume");
         assert!(format!("{err:#}").contains("optimizer"), "{err:#}");
+        // The same optimizer without the checkpoint's --optimizer-args is another recipe too.
+        let dropped = TrainArgs {
+            optimizer_args: None,
+            ..recipe(elsewhere.path(), Some(ckpt2))
+        };
+        let err = Trainer::new(dropped.resolve()?, &mut quiet())
+            .err()
+            .expect("dropped optimizer arguments must not resume");
+        assert!(
+            format!("{err:#}").contains("optimizer-args: checkpoint {")
+                && format!("{err:#}").contains("now not set"),
+            "{err:#}"
+        );
     }
     Ok(())
 }
@@ -509,7 +522,7 @@ fn pixel_space_model_trains_and_peft_output_loads() -> Result<()> {
         grad_accum: Some(3),
         sample_every: Some(2),
         sample_prompt: Some(vec![
-            "a blue square --d 7 --s 3 --n red".into(),
+            "a blue square --D 7 --s 3 --n red".into(),
             "a green triangle".into(),
         ]),
         sample_steps: Some(2),
@@ -555,12 +568,18 @@ fn pixel_space_model_trains_and_peft_output_loads() -> Result<()> {
 
     let bad = TrainArgs {
         sample_every: Some(2),
-        sample_prompt: Some(vec!["a cat --w 512".into(), "a dog --q 1".into()]),
+        sample_prompt: Some(vec![
+            "a cat --w 512".into(),
+            "a dog --q 1".into(),
+            "a fox --ss euler".into(),
+        ]),
         ..args("sd1-tiny", &train_data(), out.path())
     };
     let err = format!("{:#}", bad.resolve().unwrap_err());
     assert!(
-        err.contains("training resolution") && err.contains("unknown option --q"),
+        err.contains("training resolution")
+            && err.contains("option --q is not supported")
+            && err.contains("option --ss is not supported"),
         "{err}"
     );
     Ok(())
@@ -885,6 +904,19 @@ fn the_ema_adapter_is_written_and_resumes_exactly() -> Result<()> {
 
     let (ckpt2, _) = checkpoint_paths(&out, 2);
     assert!(tensors(&ckpt2).keys().any(|k| k.starts_with("ema.")));
+    // Without --ema-decay the recipe differs, and the error says so.
+    let elsewhere = tempfile::tempdir()?;
+    let without = TrainArgs {
+        ema_decay: None,
+        ..recipe(elsewhere.path(), Some(ckpt2.clone()))
+    };
+    let err = Trainer::new(without.resolve()?, &mut quiet())
+        .err()
+        .expect("a dropped --ema-decay must not resume");
+    assert!(
+        format!("{err:#}").contains("ema-decay: checkpoint 0.9, now not set"),
+        "{err:#}"
+    );
     assert_same_tensors(
         &averaged,
         &tensors(&resumed.path().join("adapter-ema.safetensors")),

@@ -97,6 +97,8 @@ impl AxisFilter {
     fn new(input: usize, output: usize, filter: Filter, arithmetic: Arithmetic) -> Self {
         let scale = input as f64 / output as f64;
         let widen = scale.max(1.0);
+        // Both libraries multiply by the reciprocal (a division can differ in the last bit).
+        let inverse_widen = 1.0 / widen;
         let support = filter.support() * widen;
         let max_taps = support.ceil() as usize * 2 + 1;
         let mut largest = 0.0f64;
@@ -109,7 +111,12 @@ impl AxisFilter {
                 let count = (end - first).clamp(0, max_taps as i64) as usize;
                 let first = first as usize;
                 let mut weights: Vec<f64> = (0..count)
-                    .map(|j| filter.weight(((first + j) as f64 - centre + 0.5) / widen, arithmetic))
+                    .map(|j| {
+                        filter.weight(
+                            ((first + j) as f64 - centre + 0.5) * inverse_widen,
+                            arithmetic,
+                        )
+                    })
                     .collect();
                 let total: f64 = weights.iter().sum();
                 if total != 0.0 {

@@ -1,6 +1,7 @@
 //! Captions from a model (`lora-train data caption --model`): BLIP (`lora_core::models::blip`)
 //! run over image files, a batch at a time, decoded as training decodes them (EXIF orientation
-//! applied) and made RGB as transformers' `do_convert_rgb` does (alpha dropped). What becomes of
+//! applied) and made RGB as transformers' `do_convert_rgb` does (transparency composited onto
+//! white). What becomes of
 //! the captions (which images get one, the prefix, the write) is [`crate::caption_edit`]'s.
 
 use std::collections::BTreeMap;
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use image::RgbImage;
 use lora_core::models::blip::ImageCaptioner;
+use lora_core::models::image_processor::convert_to_rgb;
 
 use crate::dataset::decode_image;
 
@@ -23,9 +25,8 @@ pub struct ModelCaptions {
 
 fn read_rgb(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(decode_image(&bytes)
-        .with_context(|| format!("image {}", path.display()))?
-        .to_rgb8())
+    let image = decode_image(&bytes).with_context(|| format!("image {}", path.display()))?;
+    Ok(convert_to_rgb(&image))
 }
 
 /// Captions `images` with `captioner`, `batch_size` images at a time, each at most

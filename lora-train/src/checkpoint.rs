@@ -87,6 +87,19 @@ impl Checkpoint {
         write_safetensors_atomic(path, &tensors, metadata)
     }
 
+    /// The recipe a checkpoint was written with, read before its tensors are matched to an
+    /// adapter and optimizer.
+    pub fn read_recipe(path: &Path) -> Result<Value> {
+        let read = || -> Result<Value> {
+            let file = read_safetensors(path, &Device::Cpu)?;
+            let text = file.metadata.get(RECIPE_KEY).with_context(|| {
+                format!("not a lora-train checkpoint: header key `{RECIPE_KEY}` missing")
+            })?;
+            serde_json::from_str(text).with_context(|| format!("header `{RECIPE_KEY}` is not JSON"))
+        };
+        read().with_context(|| format!("cannot resume from {}", path.display()))
+    }
+
     /// Reads a checkpoint; `names` are the adapter's parameters in optimizer order,
     /// `slot_names` the optimizer's state tensors of each and `with_ema` whether each has a
     /// moving average, and every one must be present (and nothing else).
@@ -217,14 +230,19 @@ pub(crate) fn check_recipe(now: &Value, saved: &Value) -> Result<()> {
     let (Value::Object(now), Value::Object(saved)) = (now, saved) else {
         bail!("the checkpoint's recipe is not a JSON object");
     };
-    let differences: Vec<String> = now
-        .iter()
-        .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
-        .map(|(k, v)| {
+    // Both ways: an option left out of the recipe is at its default, so one the checkpoint has
+    // and this run lacks (say --masks, or an --optimizer-args value) differs as well.
+    let keys: std::collections::BTreeSet<&String> = now.keys().chain(saved.keys()).collect();
+    let shown = |v: Option<&Value>| v.map_or("not set".to_string(), Value::to_string);
+    let differences: Vec<String> = keys
+        .into_iter()
+        .filter(|k| now.get(k.as_str()) != saved.get(k.as_str()))
+        .map(|k| {
             format!(
-                "{}: checkpoint {}, now {v}",
+                "{}: checkpoint {}, now {}",
                 k.replace('_', "-"),
-                saved.get(k.as_str()).unwrap_or(&Value::Null)
+                shown(saved.get(k.as_str())),
+                shown(now.get(k.as_str()))
             )
         })
         .collect();

@@ -59,17 +59,25 @@ impl std::str::FromStr for SamplePrompt {
             steps: None,
         };
         for part in parts {
-            let (key, value) = part.split_at(part.chars().next().map_or(0, char::len_utf8));
+            // kohya reads `--d 42` case-insensitively, the option's name up to the first space.
+            let (key, value) = part.split_once(' ').unwrap_or((part, ""));
+            let key = key.to_ascii_lowercase();
+            let key = key.as_str();
             let value = value.trim();
             let bad = |what: &str| {
                 anyhow::anyhow!("sample prompt `{line}`: --{key} {value}: expected {what}")
             };
             match key {
                 "n" => prompt.negative = value.to_string(),
-                "d" => prompt.seed = Some(value.parse().map_err(|_| bad("a seed (an integer ≥ 0)"))?),
+                "d" => {
+                    prompt.seed = Some(value.parse().map_err(|_| bad("a seed (an integer ≥ 0)"))?)
+                }
                 "l" => {
                     let guidance: f64 = value.parse().map_err(|_| bad("a guidance scale"))?;
-                    anyhow::ensure!(guidance.is_finite() && guidance >= 0.0, bad("a guidance scale ≥ 0"));
+                    anyhow::ensure!(
+                        guidance.is_finite() && guidance >= 0.0,
+                        bad("a guidance scale ≥ 0")
+                    );
                     prompt.guidance = Some(guidance);
                 }
                 "s" => {
@@ -81,7 +89,8 @@ impl std::str::FromStr for SamplePrompt {
                     "sample prompt `{line}`: --{key}: samples are drawn at the training resolution"
                 ),
                 _ => anyhow::bail!(
-                    "sample prompt `{line}`: unknown option --{key} (kohya's --n, --d, --l and --s are read)"
+                    "sample prompt `{line}`: option --{key} is not supported (kohya's --n, --d, \
+                     --l and --s are read)"
                 ),
             }
         }

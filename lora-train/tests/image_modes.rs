@@ -30,6 +30,8 @@ struct Entry {
     size: (usize, usize),
     rgb_sha256: Option<String>,
     rgb_hex: Option<String>,
+    /// transformers' `convert_to_rgb` (transparency onto white), for images with alpha.
+    on_white_rgb_sha256: Option<String>,
 }
 
 fn folder() -> PathBuf {
@@ -120,6 +122,28 @@ fn every_mode_decodes_upright_as_pillow_converts_it() {
         "largest JPEG difference from Pillow: {} levels ({})",
         worst_jpeg.0, worst_jpeg.1
     );
+}
+
+/// Images with transparency, as captioning sees them: composited onto white exactly as
+/// transformers' `convert_to_rgb` (Pillow's `alpha_composite`) does.
+#[test]
+fn transparency_is_composited_onto_white_as_transformers_does() {
+    let expected = expected();
+    let mut checked = 0;
+    for (name, entry) in &expected.files {
+        let Some(sha) = &entry.on_white_rgb_sha256 else {
+            continue;
+        };
+        let image = decode_image(&std::fs::read(folder().join(name)).unwrap()).unwrap();
+        let rgb = lora_core::models::image_processor::convert_to_rgb(&image);
+        assert_eq!(
+            &hex_string(&Sha256::digest(rgb.as_raw())),
+            sha,
+            "{name}: composited pixels differ from Pillow's"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 2, "{checked} images with transparency checked");
 }
 
 #[test]

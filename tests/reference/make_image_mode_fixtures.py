@@ -9,6 +9,8 @@ expected.json has, per file, what `ImageOps.exif_transpose(Image.open(f)).conver
 `size` [width, height] of the upright image, and
 - for lossless files (PNG): `rgb_sha256`, the SHA-256 of the RGB bytes (row-major), compared
   exactly;
+- for images with transparency also `on_white_rgb_sha256`: transformers' `convert_to_rgb`
+  (transparency composited onto white by Pillow's `alpha_composite`), what captioning sees;
 - for JPEGs: `rgb_hex`, the RGB bytes themselves (hex), compared with a tolerance (`jpeg_tolerance`,
   the largest absolute difference per channel allowed): JPEG decoders differ by a level or two
   (IDCT rounding, chroma upsampling), and no decoder is more right than another there.
@@ -89,6 +91,19 @@ def pil_rgb(data: bytes) -> Image.Image:
     return ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
 
 
+def has_alpha(data: bytes) -> bool:
+    image = Image.open(io.BytesIO(data))
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+def on_white(data: bytes) -> Image.Image:
+    """transformers' `convert_to_rgb` (image processors' do_convert_rgb, what BLIP captioning
+    sees): transparency composited onto white with Pillow's alpha_composite."""
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGBA")
+    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, image).convert("RGB")
+
+
 def sha(rgb: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(rgb, np.uint8).tobytes()).hexdigest()
 
@@ -160,6 +175,8 @@ def main() -> None:
             entry["rgb_sha256"] = sha(pixels)
         else:
             entry["rgb_hex"] = pixels.tobytes().hex()
+        if has_alpha(data):
+            entry["on_white_rgb_sha256"] = sha(np.asarray(on_white(data)))
         expected["files"][name] = entry
 
     # Sanity checks: the rotated files are upright (what Pillow gives matches the plain image,

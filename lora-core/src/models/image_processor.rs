@@ -13,7 +13,7 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
-use image::RgbImage;
+use image::{DynamicImage, RgbImage};
 use serde_json::Value;
 
 use crate::resample::{resize_rgb, Arithmetic, Filter};
@@ -262,6 +262,34 @@ impl ImageProcessor {
         }
         Ok(Tensor::from_vec(values, (images.len(), 3, h, w), device)?)
     }
+}
+
+/// transformers' `convert_to_rgb` (the processors' `do_convert_rgb`): an image with transparency
+/// composited onto white as Pillow's `alpha_composite` computes it (7 fractional bits, rounded
+/// divisions by 255), any other image made RGB.
+pub fn convert_to_rgb(image: &DynamicImage) -> RgbImage {
+    if !image.color().has_alpha() {
+        return image.to_rgb8();
+    }
+    const BITS: u32 = 7;
+    let div255 = |a: u32| ((a >> 8) + a) >> 8;
+    let rgba = image.to_rgba8();
+    RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let [r, g, b, a] = rgba.get_pixel(x, y).0;
+        if a == 0 {
+            return image::Rgb([255, 255, 255]);
+        }
+        let a = u32::from(a);
+        // Over an opaque white background: outa255 = 255², so coef1 = a · 2^BITS exactly.
+        let outa255 = a * 255 + 255 * (255 - a);
+        let coef1 = a * 255 * 255 * (1 << BITS) / outa255;
+        let coef2 = 255 * (1 << BITS) - coef1;
+        let blend = |c: u8| {
+            let t = u32::from(c) * coef1 + 255 * coef2;
+            (div255(t + (0x80 << BITS)) >> BITS) as u8
+        };
+        image::Rgb([blend(r), blend(g), blend(b)])
+    })
 }
 
 /// The centre `width`×`height` window, top-left offsets rounded down; where the image is smaller,
