@@ -132,7 +132,15 @@ fn every_reader_refuses_hostile_files_naming_them() {
             BaseModel::open(path).map(drop)
         });
         refuses("Checkpoint::load", what, path, || {
-            Checkpoint::load(path, &[], &["adam_m", "adam_v"], false, &Device::Cpu).map(drop)
+            Checkpoint::load(
+                path,
+                &[],
+                &["adam_m", "adam_v"],
+                false,
+                &|_| Ok(()),
+                &Device::Cpu,
+            )
+            .map(drop)
         });
         refuses("read_latents", what, path, || {
             read_latents(path, &Device::Cpu).map(drop)

@@ -104,19 +104,23 @@ pub enum DeviceSpec {
 
 impl DeviceSpec {
     /// The device `auto` stands for here, and why: CUDA device 0 when this build has CUDA and
-    /// the device opens, else the CPU.
+    /// the device opens, else the CPU. Probed once per process (opening a CUDA device to look
+    /// costs a context), however often a binary resolves `auto`.
     pub fn auto_choice() -> (Self, &'static str) {
-        #[cfg(feature = "cuda")]
-        {
-            match Device::new_cuda(0) {
-                Ok(_) => (Self::Cuda(0), "a CUDA device is present"),
-                Err(_) => (Self::Cpu, "no CUDA device could be opened"),
+        static CHOICE: std::sync::OnceLock<(DeviceSpec, &'static str)> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| {
+            #[cfg(feature = "cuda")]
+            {
+                match Device::new_cuda(0) {
+                    Ok(_) => (Self::Cuda(0), "a CUDA device is present"),
+                    Err(_) => (Self::Cpu, "no CUDA device could be opened"),
+                }
             }
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            (Self::Cpu, "this build has no CUDA support")
-        }
+            #[cfg(not(feature = "cuda"))]
+            {
+                (Self::Cpu, "this build has no CUDA support")
+            }
+        })
     }
 
     /// For a binary to print: what `auto` chose and why; `None` for an explicit device.

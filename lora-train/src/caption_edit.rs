@@ -422,15 +422,9 @@ fn jsonl_metadata(
             continue;
         }
         let object = json_object(json).map_err(|problem| anyhow!("{at}: {problem}"))?;
-        let image = object
-            .get("file_name")
-            .and_then(Value::as_str)
-            .map(|name| folder.join(name));
-        let file_name = object
-            .get("file_name")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string();
+        let name = object.get("file_name").and_then(Value::as_str);
+        let image = name.map(|name| folder.join(name));
+        let file_name = name.unwrap_or("?").to_string();
         // A model may caption rows that have no caption key yet; otherwise a missing key is
         // likely a wrong --caption-column, as training reports it.
         let old = if edits.generated.is_some() && !object.contains_key(column) {

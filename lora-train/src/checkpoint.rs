@@ -87,27 +87,17 @@ impl Checkpoint {
         write_safetensors_atomic(path, &tensors, metadata)
     }
 
-    /// The recipe a checkpoint was written with, read before its tensors are matched to an
-    /// adapter and optimizer.
-    pub fn read_recipe(path: &Path) -> Result<Value> {
-        let read = || -> Result<Value> {
-            let file = read_safetensors(path, &Device::Cpu)?;
-            let text = file.metadata.get(RECIPE_KEY).with_context(|| {
-                format!("not a lora-train checkpoint: header key `{RECIPE_KEY}` missing")
-            })?;
-            serde_json::from_str(text).with_context(|| format!("header `{RECIPE_KEY}` is not JSON"))
-        };
-        read().with_context(|| format!("cannot resume from {}", path.display()))
-    }
-
     /// Reads a checkpoint; `names` are the adapter's parameters in optimizer order,
     /// `slot_names` the optimizer's state tensors of each and `with_ema` whether each has a
-    /// moving average, and every one must be present (and nothing else).
+    /// moving average, and every one must be present (and nothing else). `accept_recipe` judges
+    /// the saved recipe first, so that another optimizer or a dropped `--ema-decay` is named as
+    /// such rather than as tensors the checkpoint has or lacks.
     pub fn load(
         path: &Path,
         names: &[String],
         slot_names: &[&str],
         with_ema: bool,
+        accept_recipe: &dyn Fn(&Value) -> Result<()>,
         device: &Device,
     ) -> Result<Self> {
         let load = || -> Result<Self> {
@@ -132,6 +122,7 @@ impl Checkpoint {
             let rng_state = number(RNG_KEY)?;
             let recipe = serde_json::from_str(meta(RECIPE_KEY)?)
                 .with_context(|| format!("header `{RECIPE_KEY}` is not JSON"))?;
+            accept_recipe(&recipe)?;
             let dataset = meta(DATASET_KEY)?.clone();
             let scalars = file
                 .metadata

@@ -659,11 +659,8 @@ impl TrainArgs {
                 ),
             }
         }
-        if let Some(fraction) = self.validation_split {
-            check(
-                fraction > 0.0 && fraction < 1.0,
-                format!("--validation-split = {fraction}: expected a fraction between 0 and 1"),
-            );
+        if let Some(Err(e)) = self.validation_split.map(crate::validation::check_fraction) {
+            check(false, format!("{e}"));
         }
         if let Some(every) = self.validate_every {
             check(every >= 1, "--validate-every 0: expected at least 1".into());
@@ -684,11 +681,8 @@ impl TrainArgs {
              the mask (drop --random-crop)"
                 .into(),
         );
-        if let Some(decay) = self.ema_decay {
-            check(
-                decay > 0.0 && decay < 1.0,
-                format!("--ema-decay = {decay}: expected a number between 0 and 1 (e.g. 0.999)"),
-            );
+        if let Some(Err(e)) = self.ema_decay.map(crate::ema::check_decay) {
+            check(false, format!("{e}"));
         }
         let optimizer_settings = OptimizerSettings {
             kind: optimizer,

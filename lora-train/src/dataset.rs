@@ -22,6 +22,7 @@ mod parquet;
 
 pub(crate) use imagefolder::{caption_value, json_object};
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -629,16 +630,23 @@ pub fn cover_and_crop(
     let resized = if (nw, nh) == (w, h) {
         image.clone()
     } else if image.color().has_alpha() {
+        // An 8-bit image is resized where it is; only other modes are converted first.
+        let rgba = image
+            .as_rgba8()
+            .map_or_else(|| Cow::Owned(image.to_rgba8()), Cow::Borrowed);
         DynamicImage::ImageRgba8(resample::resize_rgba(
-            &image.to_rgba8(),
+            &rgba,
             nw as u32,
             nh as u32,
             Filter::Lanczos3,
             Arithmetic::Pillow,
         ))
     } else {
+        let rgb = image
+            .as_rgb8()
+            .map_or_else(|| Cow::Owned(image.to_rgb8()), Cow::Borrowed);
         DynamicImage::ImageRgb8(resample::resize_rgb(
-            &image.to_rgb8(),
+            &rgb,
             nw as u32,
             nh as u32,
             Filter::Lanczos3,

@@ -19,10 +19,7 @@ pub struct Ema {
 impl Ema {
     /// An average starting at the current `params`.
     pub fn new(decay: f64, params: &[(String, Var)]) -> Result<Self> {
-        ensure!(
-            decay > 0.0 && decay < 1.0,
-            "--ema-decay = {decay}: expected a number between 0 and 1"
-        );
+        check_decay(decay)?;
         let shadow = params
             .iter()
             .map(|(_, p)| Ok(p.as_tensor().copy()?))
@@ -67,6 +64,15 @@ impl Ema {
         self.shadow = tensors;
         Ok(())
     }
+}
+
+/// `--ema-decay`'s range: strictly between 0 and 1.
+pub fn check_decay(decay: f64) -> Result<()> {
+    ensure!(
+        decay > 0.0 && decay < 1.0,
+        "--ema-decay = {decay}: expected a number between 0 and 1 (e.g. 0.999)"
+    );
+    Ok(())
 }
 
 /// Where the average of the adapter at `output` is written: `name.safetensors` →

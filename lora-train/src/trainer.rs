@@ -202,16 +202,16 @@ impl Trainer {
         let mut last_checkpoint = None;
         let dataset_fingerprint = fingerprint(&dataset);
         if let Some(path) = &config.resume {
-            // The recipe first: another optimizer or a dropped --ema-decay is named as such,
-            // not as tensors the checkpoint has or lacks.
-            check_recipe(
-                &recipe(&config, total_steps)?,
-                &Checkpoint::read_recipe(path)?,
-            )
-            .with_context(|| format!("cannot resume from {}", path.display()))?;
             let names: Vec<String> = optimizer.params().iter().map(|(n, _)| n.clone()).collect();
-            let ckpt =
-                Checkpoint::load(path, &names, optimizer.slot_names(), ema.is_some(), &device)?;
+            let expected = recipe(&config, total_steps)?;
+            let ckpt = Checkpoint::load(
+                path,
+                &names,
+                optimizer.slot_names(),
+                ema.is_some(),
+                &|saved| check_recipe(&expected, saved),
+                &device,
+            )?;
             ensure!(
                 ckpt.dataset == dataset_fingerprint,
                 "cannot resume from {}: the dataset changed since it was written (checkpoint: {}, now: {})",

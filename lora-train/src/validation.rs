@@ -78,10 +78,7 @@ impl Validation {
 /// train on), chosen by a shuffle seeded with `seed`; the rest keep their order. Returns
 /// `(training, validation)`.
 pub fn split(dataset: Dataset, fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
-    ensure!(
-        fraction > 0.0 && fraction < 1.0,
-        "--validation-split = {fraction}: expected a fraction between 0 and 1"
-    );
+    check_fraction(fraction)?;
     let n = dataset.items.len();
     let held = ((fraction * n as f64).round() as usize).max(1);
     ensure!(
@@ -110,6 +107,15 @@ pub fn split(dataset: Dataset, fraction: f64, seed: u64) -> Result<(Dataset, Dat
         }
     }
     Ok((training, validation))
+}
+
+/// `--validation-split`'s range: strictly between 0 and 1.
+pub fn check_fraction(fraction: f64) -> Result<()> {
+    ensure!(
+        fraction > 0.0 && fraction < 1.0,
+        "--validation-split = {fraction}: expected a fraction between 0 and 1"
+    );
+    Ok(())
 }
 
 /// One row of the metrics log.
