@@ -2,8 +2,11 @@
 //! nodes that train one adapter without keeping the base output or the low-rank delta. Where no
 //! adapter is attached, the layer runs as the engine's fused frozen nodes with its neighbours.
 
+use std::collections::BTreeMap;
+
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CustomOp3, DType, Module, Tensor, D};
+use candle_nn::VarBuilder;
 
 use super::module::{LoraModule, ModuleInfo, ModuleKind};
 use crate::engine::autograd::{forward_from_computed_output, grad_if_tracked, ComputedOutput};
@@ -173,7 +176,61 @@ pub struct LoraLinear {
     adjoint: AdjointKernel,
 }
 
+/// Calls its function with the full path and layer of every adaptable layer of a model.
+pub type LayerVisitor<'a> = dyn FnMut(&str, &mut LoraLinear) -> Result<()> + 'a;
+
+/// Attaches `modules` (module path → weights) under `name` with `multiplier` to the layers
+/// `visit` walks, unmerged. Every module must be one of `known` (the model's adaptable modules;
+/// `model` names the model in errors) with fitting shapes; otherwise nothing is attached and the
+/// error lists every offending module with the expected shapes.
+pub fn attach_checked(
+    model: &str,
+    known: &[ModuleInfo],
+    name: &str,
+    modules: &BTreeMap<String, LoraModule>,
+    multiplier: f64,
+    visit: impl FnOnce(&mut LayerVisitor) -> Result<()>,
+) -> Result<()> {
+    let known: BTreeMap<&str, &ModuleInfo> = known.iter().map(|m| (m.path.as_str(), m)).collect();
+    let mut problems = Vec::new();
+    for (path, module) in modules {
+        match known.get(path.as_str()) {
+            None => problems.push(format!(
+                "`{path}`: no such adaptable module in this {model}"
+            )),
+            Some(info) => {
+                if let Err(e) = module.check_fits(info) {
+                    problems.push(e.to_string());
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "adapter `{name}` does not fit this {model}:\n  {}",
+            problems.join("\n  ")
+        );
+    }
+    ensure!(
+        !modules.is_empty(),
+        "adapter `{name}` has no {model} modules"
+    );
+    visit(&mut |path, layer| {
+        if let Some(m) = modules.get(path) {
+            layer.attach(name, m, multiplier);
+        }
+        Ok(())
+    })
+}
+
 impl LoraLinear {
+    /// A Linear layer `[out_dim, in_dim]` from `vb`'s `weight` (and `bias`).
+    pub fn load_linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
+        Self::new(weight, bias, ModuleKind::Linear)
+    }
+
     pub fn new(weight: Tensor, bias: Option<Tensor>, kind: ModuleKind) -> Result<Self> {
         match kind {
             ModuleKind::Linear => ensure!(

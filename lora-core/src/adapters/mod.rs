@@ -6,5 +6,5 @@ pub mod linear;
 pub mod module;
 
 pub use config::{LoraConfig, LoraInit, LoraTargets};
-pub use linear::LoraLinear;
+pub use linear::{attach_checked, LayerVisitor, LoraLinear};
 pub use module::{Adapter, LoraModule, ModuleInfo, ModuleKind, TrainableAdapter};

@@ -113,46 +113,32 @@ impl Adapter {
         device: &Device,
         seed: u64,
     ) -> Result<TrainableAdapter> {
-        ensure!(config.rank > 0, "LoRA rank must be at least 1");
-        let mut rng = Rng::new(seed);
-        let mut adapter = Adapter::default();
-        let mut vars = Vec::new();
-        for info in modules.iter().filter(|m| config.targets.matches(&m.path)) {
-            let (r, fan_in) = (config.rank, info.in_features);
-            let values: Vec<f32> = match config.init {
-                LoraInit::KaimingUniform => {
-                    let bound = 1.0 / (fan_in as f64).sqrt();
-                    (0..r * fan_in)
-                        .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
-                        .collect()
-                }
-                LoraInit::Gaussian => {
-                    let std = 1.0 / r as f64;
-                    (0..r * fan_in)
-                        .map(|_| (rng.normal() * std) as f32)
-                        .collect()
-                }
-            };
-            let down = Var::from_tensor(&Tensor::from_vec(values, (r, fan_in), device)?)?;
-            let up = Var::from_tensor(&Tensor::zeros((info.out_features, r), DType::F32, device)?)?;
-            adapter.unet.insert(
-                info.path.clone(),
-                LoraModule {
-                    down: down.as_tensor().clone(),
-                    up: up.as_tensor().clone(),
-                    alpha: config.alpha,
-                },
-            );
-            vars.push((format!("{}.lora_down", info.path), down));
-            vars.push((format!("{}.lora_up", info.path), up));
-        }
+        let targeted: Vec<&ModuleInfo> = modules
+            .iter()
+            .filter(|m| config.targets.matches(&m.path))
+            .collect();
+        let (unet, vars) = fresh_modules(config, &targeted, device, seed)?;
         ensure!(
-            !adapter.unet.is_empty(),
+            !unet.is_empty(),
             "LoRA targets `{}` match no module of this model",
             config.targets
         );
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(TrainableAdapter { adapter, vars })
+        Ok(TrainableAdapter {
+            adapter: Adapter {
+                unet,
+                text_encoder: BTreeMap::new(),
+            },
+            vars,
+        })
+    }
+
+    /// The module at `path` of either component (UNet and text-encoder paths never coincide:
+    /// the latter start with `text_model.`).
+    pub fn module_mut(&mut self, path: &str) -> Option<&mut LoraModule> {
+        match self.unet.get_mut(path) {
+            Some(m) => Some(m),
+            None => self.text_encoder.get_mut(path),
+        }
     }
 
     /// Weight deltas `multiplier · ΔW` keyed by the full weight name (`<path>.weight`), for
@@ -166,4 +152,80 @@ impl Adapter {
             .map(|(path, m)| Ok((format!("{path}.weight"), (m.delta_weight()? * multiplier)?)))
             .collect()
     }
+}
+
+impl TrainableAdapter {
+    /// Adds a fresh adapter on every module of the text encoder's `modules` (kohya's `lora_te_`
+    /// set: all of them, whatever `config.targets` says of the UNet), with the rank, alpha and
+    /// init of `config`, drawn from `seed`; `up` starts at zero.
+    pub fn add_text_encoder(
+        &mut self,
+        config: &LoraConfig,
+        modules: &[ModuleInfo],
+        device: &Device,
+        seed: u64,
+    ) -> Result<()> {
+        ensure!(
+            self.adapter.text_encoder.is_empty(),
+            "the adapter already has text-encoder modules"
+        );
+        let all: Vec<&ModuleInfo> = modules.iter().collect();
+        let (text_encoder, vars) = fresh_modules(config, &all, device, seed)?;
+        ensure!(
+            !text_encoder.is_empty(),
+            "the text encoder has no adaptable module"
+        );
+        self.adapter.text_encoder = text_encoder;
+        self.vars.extend(vars);
+        self.vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(())
+    }
+}
+
+/// Low-rank weights by module path, and their variables.
+type FreshModules = (BTreeMap<String, LoraModule>, Vec<(String, Var)>);
+
+/// Fresh low-rank weights for each of `modules` and their variables (named
+/// `<path>.lora_down` / `<path>.lora_up`, sorted by name), drawn in order from `seed`.
+fn fresh_modules(
+    config: &LoraConfig,
+    modules: &[&ModuleInfo],
+    device: &Device,
+    seed: u64,
+) -> Result<FreshModules> {
+    ensure!(config.rank > 0, "LoRA rank must be at least 1");
+    let mut rng = Rng::new(seed);
+    let mut weights = BTreeMap::new();
+    let mut vars = Vec::new();
+    for info in modules {
+        let (r, fan_in) = (config.rank, info.in_features);
+        let values: Vec<f32> = match config.init {
+            LoraInit::KaimingUniform => {
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                (0..r * fan_in)
+                    .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                    .collect()
+            }
+            LoraInit::Gaussian => {
+                let std = 1.0 / r as f64;
+                (0..r * fan_in)
+                    .map(|_| (rng.normal() * std) as f32)
+                    .collect()
+            }
+        };
+        let down = Var::from_tensor(&Tensor::from_vec(values, (r, fan_in), device)?)?;
+        let up = Var::from_tensor(&Tensor::zeros((info.out_features, r), DType::F32, device)?)?;
+        weights.insert(
+            info.path.clone(),
+            LoraModule {
+                down: down.as_tensor().clone(),
+                up: up.as_tensor().clone(),
+                alpha: config.alpha,
+            },
+        );
+        vars.push((format!("{}.lora_down", info.path), down));
+        vars.push((format!("{}.lora_up", info.path), up));
+    }
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((weights, vars))
 }

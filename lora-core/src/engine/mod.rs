@@ -23,7 +23,7 @@ pub mod tensor_ops;
 mod tests;
 
 pub use activation::geglu;
-pub use attention::attention;
+pub use attention::{attention, causal_attention};
 pub use conv::{frozen_conv2d, AdjointKernel, Conv2dLayer};
 pub use linear::{frozen_linear, LinearLayer};
 pub use norm::{GroupNormLayer, LayerNormLayer};

@@ -74,6 +74,9 @@ pub struct CheckpointedForward<'a> {
     layers: Vec<RecordedLayer<'a>>,
     /// The output value and the variable standing for it, which the loss is computed from.
     output: Option<(usize, Var)>,
+    /// Inputs computed from trained variables outside the pass (the text encoder's output when
+    /// it trains), with their graphs: the backward pass continues into them.
+    tracked_inputs: Vec<(usize, Tensor)>,
 }
 
 impl<'a> CheckpointedForward<'a> {
@@ -83,12 +86,19 @@ impl<'a> CheckpointedForward<'a> {
             needs_grad: Vec::new(),
             layers: Vec::new(),
             output: None,
+            tracked_inputs: Vec::new(),
         }
     }
 
-    /// A value no gradient is taken for (the model's inputs).
+    /// One of the model's inputs. Its graph, if it has one (it was computed from trained
+    /// variables), is kept for the backward pass; otherwise no gradient is taken for it.
     pub(crate) fn input(&mut self, tensor: &Tensor) -> usize {
-        self.push(tensor.detach(), false)
+        let tracked = tensor.track_op();
+        let value = self.push(tensor.detach(), tracked);
+        if tracked {
+            self.tracked_inputs.push((value, tensor.clone()));
+        }
+        value
     }
 
     /// Marks `value` as the forward pass's output and returns it as a variable's tensor: compute
@@ -118,7 +128,8 @@ impl<'a> CheckpointedForward<'a> {
     /// over the loss gives the prediction's gradient; then each recorded layer, last first, is
     /// run again on its kept inputs with its graph, and candle's backward pass from
     /// Σ output·(output's gradient) gives the gradients of its inputs and of the parameters it
-    /// uses. Parameters no layer uses get no entry, as in candle's own `backward`.
+    /// uses; last, the same sum over each tracked input and its gradient continues into the graph
+    /// that made the input. Parameters nothing uses get no entry, as in candle's own `backward`.
     pub fn backward(mut self, loss: &Tensor, params: &[Var]) -> Result<GradStore> {
         let (output, prediction) = self
             .output
@@ -159,6 +170,18 @@ impl<'a> CheckpointedForward<'a> {
             }
             for param in params {
                 if let Some(g) = layer_grads.remove(param.as_tensor()) {
+                    let sum = accumulate(param_grads.remove(param.as_tensor()), &g)?;
+                    param_grads.insert(param.as_tensor(), sum);
+                }
+            }
+        }
+        for (value, input) in std::mem::take(&mut self.tracked_inputs) {
+            let Some(grad) = grads[value].take() else {
+                continue;
+            };
+            let mut input_grads = (input * grad)?.sum_all()?.backward()?;
+            for param in params {
+                if let Some(g) = input_grads.remove(param.as_tensor()) {
                     let sum = accumulate(param_grads.remove(param.as_tensor()), &g)?;
                     param_grads.insert(param.as_tensor(), sum);
                 }

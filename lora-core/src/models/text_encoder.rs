@@ -7,19 +7,21 @@
 //! custom or test configs), and its `Gelu` is the tanh approximation. The encoder layers are
 //! [`crate::models::clip`]'s, shared with the vision tower; `ClipModel` uses this as its text tower.
 //!
-//! Inference only: adapters are folded into the weights at load (`deltas`), and the attention
-//! softmax and layer norms use candle's fused kernels, which record no gradient.
+//! Adapters either fold into the weights at load (`deltas`, for generation) or attach unmerged
+//! to the projections ([`TextEncoder::attach_adapter`], for training them): the layers are the
+//! engine's, so the whole encoder is differentiable.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
-use crate::adapters::{ModuleInfo, ModuleKind};
+use crate::adapters::{attach_checked, LoraModule, ModuleInfo, ModuleKind};
+use crate::engine::LayerNormLayer;
 use crate::io::weights;
-use crate::models::clip::encoder::ClipEncoder;
+use crate::models::clip::encoder::{AttentionMask, ClipEncoder};
 use crate::models::config::ClipTextConfig;
 
 /// The component prefix of real checkpoints; transformers ≥ 5 saves `CLIPTextModel` without it.
@@ -27,13 +29,16 @@ const PREFIX: &str = "text_model.";
 /// A tensor every layout has, used to tell the two apart.
 const PROBE: &str = "embeddings.token_embedding.weight";
 
+#[derive(Debug, Clone)]
 pub struct TextEncoder {
     token_embedding: Embedding,
     /// `[max_position_embeddings, hidden]`; positions are implicit (0..seq_len).
     position_embedding: Tensor,
     encoder: ClipEncoder,
-    final_layer_norm: LayerNorm,
+    final_layer_norm: LayerNormLayer,
     config: ClipTextConfig,
+    /// What [`lora_modules`] lists for this config.
+    lora_modules: Vec<ModuleInfo>,
 }
 
 impl TextEncoder {
@@ -102,13 +107,14 @@ impl TextEncoder {
             "position_embedding.weight",
         )?;
         let encoder = ClipEncoder::new(vb.pp("encoder"), config.into())?;
-        let final_layer_norm = candle_nn::layer_norm(hidden, eps, vb.pp("final_layer_norm"))?;
+        let final_layer_norm = LayerNormLayer::load(&vb.pp("final_layer_norm"), hidden, eps)?;
         Ok(Self {
             token_embedding,
             position_embedding,
             encoder,
             final_layer_norm,
             config: config.clone(),
+            lora_modules: lora_modules(config),
         })
     }
 
@@ -129,13 +135,32 @@ impl TextEncoder {
             .token_embedding
             .forward(ids)?
             .broadcast_add(&positions)?;
-        let mask = causal_mask(seq, ids.device())?;
-        let xs = self.encoder.forward(&xs, Some(&mask))?;
+        let xs = self.encoder.forward(&xs, AttentionMask::Causal)?;
         Ok(self.final_layer_norm.forward(&xs)?)
     }
 
     pub fn config(&self) -> &ClipTextConfig {
         &self.config
+    }
+
+    /// The modules an adapter can attach to (paths with the `text_model.` level).
+    pub fn lora_modules(&self) -> &[ModuleInfo] {
+        &self.lora_modules
+    }
+
+    /// Attaches an adapter (module path → weights, paths as [`Self::lora_modules`] gives them)
+    /// under `name` with `multiplier`, unmerged; nothing is attached unless every module fits.
+    pub fn attach_adapter(
+        &mut self,
+        name: &str,
+        modules: &BTreeMap<String, LoraModule>,
+        multiplier: f64,
+    ) -> Result<()> {
+        let known = self.lora_modules.clone();
+        let prefix = format!("{PREFIX}encoder");
+        attach_checked("text encoder", &known, name, modules, multiplier, |f| {
+            self.encoder.visit(&prefix, f)
+        })
     }
 }
 
@@ -161,14 +186,6 @@ pub fn lora_modules(config: &ClipTextConfig) -> Vec<ModuleInfo> {
             attn.into_iter().chain(mlp)
         })
         .collect()
-}
-
-/// `[seq, seq]` additive mask: 0 where a token may attend (itself and earlier), −∞ after.
-fn causal_mask(seq: usize, device: &Device) -> Result<Tensor> {
-    let values: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(values, (seq, seq), device)?)
 }
 
 #[cfg(test)]

@@ -96,6 +96,8 @@ struct Heads {
     dtype: DType,
     scale: f64,
     block_rows: usize,
+    /// Query row `i` attends to keys `0..=i` only (a text encoder's causal mask).
+    causal: bool,
 }
 
 impl Heads {
@@ -106,6 +108,7 @@ impl Heads {
         v: &Tensor,
         heads: usize,
         upcast: bool,
+        causal: bool,
         score_bytes: usize,
     ) -> Result<Self> {
         let (b, n, width) = q.dims3()?;
@@ -129,6 +132,7 @@ impl Heads {
             dtype: q.dtype(),
             scale,
             block_rows: (score_bytes / row_bytes.max(1)).clamp(1, n.max(1)),
+            causal,
         })
     }
 
@@ -141,9 +145,20 @@ impl Heads {
             .collect())
     }
 
-    /// Scaled scores of query rows `start..start + rows` against all keys.
+    /// Scaled scores of query rows `start..start + rows` against all keys; −∞ for the keys after
+    /// each row when causal (every row keeps its own key, so no row is all −∞).
     fn scores(&self, start: usize, rows: usize) -> Result<Tensor> {
-        self.q.narrow(2, start, rows)?.matmul(&self.k.t()?)
+        let scores = self.q.narrow(2, start, rows)?.matmul(&self.k.t()?)?;
+        if !self.causal {
+            return Ok(scores);
+        }
+        let keys = self.k.dim(2)?;
+        let mask: Vec<f32> = (start..start + rows)
+            .flat_map(|i| (0..keys).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask =
+            Tensor::from_vec(mask, (rows, keys), scores.device())?.to_dtype(scores.dtype())?;
+        scores.broadcast_add(&mask)
     }
 
     /// Softmax probabilities of query rows `start..start + rows` over all keys.
@@ -203,6 +218,7 @@ impl Heads {
 struct BlockedAttention {
     heads: usize,
     upcast: bool,
+    causal: bool,
     score_bytes: usize,
     output: ComputedOutput,
 }
@@ -222,7 +238,15 @@ impl CustomOp3 for BlockedAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let heads = Heads::new(q, k, v, self.heads, self.upcast, self.score_bytes)?;
+        let heads = Heads::new(
+            q,
+            k,
+            v,
+            self.heads,
+            self.upcast,
+            self.causal,
+            self.score_bytes,
+        )?;
         let (dq, dk, dv) = heads.backward(
             &split_heads(out, self.heads)?,
             &split_heads(grad, self.heads)?,
@@ -236,15 +260,17 @@ impl CustomOp3 for BlockedAttention {
 }
 
 /// `softmax(q·kᵀ/√d)·v` over `heads` heads of `[B, N, H·d]` queries and `[B, M, H·d]` keys and
-/// values, returning `[B, N, H·d]`; scores in f32 when `upcast`.
+/// values, returning `[B, N, H·d]`; scores in f32 when `upcast`; query row `i` attending to
+/// keys `0..=i` only when `causal`.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     upcast: bool,
+    causal: bool,
 ) -> Result<Tensor> {
-    attention_in_blocks(q, k, v, heads, upcast, BLOCK_SCORE_BYTES)
+    attention_in_blocks(q, k, v, heads, upcast, causal, BLOCK_SCORE_BYTES)
 }
 
 /// [`attention`] in blocks of query rows of at most `score_bytes` of scores, forward and backward.
@@ -254,10 +280,11 @@ fn attention_in_blocks(
     v: &Tensor,
     heads: usize,
     upcast: bool,
+    causal: bool,
     score_bytes: usize,
 ) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let blocked = Heads::new(&qd, &kd, &vd, heads, upcast, score_bytes)?;
+    let blocked = Heads::new(&qd, &kd, &vd, heads, upcast, causal, score_bytes)?;
     let out = merge_heads(&blocked.forward()?)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
@@ -268,6 +295,7 @@ fn attention_in_blocks(
         BlockedAttention {
             heads,
             upcast,
+            causal,
             score_bytes,
             output: ComputedOutput::new(out),
         },
@@ -281,22 +309,32 @@ mod tests {
     use crate::test_support::max_rel_diff;
     use candle_core::{Device, Var};
 
-    /// Attention composed from candle's differentiable ops, in f64.
-    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Tensor {
+    /// Attention composed from candle's differentiable ops, in f64; with a causal mask added to
+    /// the scores when `causal`.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Tensor {
         let (q, k, v) = (
             split_heads(q, heads).unwrap(),
             split_heads(k, heads).unwrap(),
             split_heads(v, heads).unwrap(),
         );
         let d = q.dim(3).unwrap();
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let mut scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        if causal {
+            let (n, m) = (q.dim(2).unwrap(), k.dim(2).unwrap());
+            let mask: Vec<f64> = (0..n)
+                .flat_map(|i| (0..m).map(move |j| if j > i { f64::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (n, m), q.device()).unwrap();
+            scores = scores.broadcast_add(&mask).unwrap();
+        }
         let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
         merge_heads(&probs.matmul(&v).unwrap()).unwrap()
     }
 
     /// Output and the three gradients against composed attention differentiated by candle's
-    /// autograd: in f64 exactly, in one block and in several; with f16 operands (scores in f16,
-    /// or upcast to f32) within half precision's rounding.
+    /// autograd: in f64 exactly, in one block and in several, with and without the causal mask
+    /// (self-attention shapes); with f16 operands (scores in f16, or upcast to f32) within half
+    /// precision's rounding.
     #[test]
     fn matches_composed_attention_and_its_gradients() {
         let dev = Device::Cpu;
@@ -307,14 +345,23 @@ mod tests {
             (1, 16, 77, 2, 8, None),
             (2, 9, 6, 1, 6, Some(4)),
             (1, 33, 20, 2, 4, Some(8)),
+            (2, 12, 12, 2, 4, None),
+            (1, 13, 13, 3, 4, Some(5)),
         ];
         for (b, n, m, heads, d, block) in cases {
-            for (dtype, upcast, tolerance) in [
-                (DType::F64, false, 1e-12),
-                (DType::F16, false, 2e-2),
-                (DType::F16, true, 2e-2),
+            for (dtype, upcast, causal, tolerance) in [
+                (DType::F64, false, false, 1e-12),
+                (DType::F16, false, false, 2e-2),
+                (DType::F16, true, false, 2e-2),
+                (DType::F64, false, true, 1e-12),
+                (DType::F16, true, true, 2e-2),
             ] {
-                let label = format!("{b}×{n}×{m}, {heads} heads, {dtype:?}, upcast {upcast}");
+                if causal && n != m {
+                    continue;
+                }
+                let label = format!(
+                    "{b}×{n}×{m}, {heads} heads, {dtype:?}, upcast {upcast}, causal {causal}"
+                );
                 let normal = |rng: &mut Rng, rows| {
                     rng.normal_tensor((b, rows, heads * d), &dev)
                         .unwrap()
@@ -334,7 +381,7 @@ mod tests {
                         .sum_all()
                         .unwrap()
                 };
-                let reference = composed(&vars[0], &vars[1], &vars[2], heads);
+                let reference = composed(&vars[0], &vars[1], &vars[2], heads, causal);
                 let expected = loss(&reference).backward().unwrap();
 
                 let ours_vars =
@@ -344,13 +391,14 @@ mod tests {
                 let score_size = score_dtype(dtype, upcast).size_in_bytes();
                 let score_bytes =
                     block.map_or(BLOCK_SCORE_BYTES, |rows| rows * b * heads * m * score_size);
-                let blocks = Heads::new(qo, ko, vo, heads, upcast, score_bytes)
+                let blocks = Heads::new(qo, ko, vo, heads, upcast, causal, score_bytes)
                     .unwrap()
                     .blocks()
                     .unwrap()
                     .len();
                 assert_eq!(blocks > 1, block.is_some(), "{label}: {blocks} blocks");
-                let ours = attention_in_blocks(qo, ko, vo, heads, upcast, score_bytes).unwrap();
+                let ours =
+                    attention_in_blocks(qo, ko, vo, heads, upcast, causal, score_bytes).unwrap();
                 let err = max_rel_diff(&ours.to_dtype(DType::F64).unwrap(), &reference);
                 assert!(err < tolerance, "{label}: output {err}");
                 let got = loss(&ours).backward().unwrap();
@@ -370,7 +418,7 @@ mod tests {
     #[test]
     fn mismatched_heads_are_errors() {
         let q = Tensor::zeros((1, 4, 6), DType::F64, &Device::Cpu).unwrap();
-        let err = attention(&q, &q, &q, 4, false).unwrap_err();
+        let err = attention(&q, &q, &q, 4, false, false).unwrap_err();
         assert!(err.to_string().contains("do not fit 4 heads"), "{err}");
     }
 }

@@ -16,5 +16,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool)
     if cpu::gemm::cpu_f32(&[q, k, v]) {
         return cpu::attention::attention(q, k, v, heads).context("attention");
     }
-    blocked::attention(q, k, v, heads, upcast).context("attention")
+    blocked::attention(q, k, v, heads, upcast, false).context("attention")
+}
+
+/// [`attention`] where query row `i` attends to keys `0..=i` only (a text encoder's causal
+/// self-attention), in f32 scores. One graph node, candle's ops in blocks of query rows on every
+/// device: text sequences are short (77 tokens), so there is no fused CPU kernel for it.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    blocked::attention(q, k, v, heads, true, true).context("causal attention")
 }

@@ -95,6 +95,7 @@ impl VisionLayer {
         let v = qkv.narrow(2, 2 * hidden, hidden)?;
         let attended = multi_head_attention(&q, &k, &v, self.heads, None)?;
         let xs = (xs + self.projection.forward(&attended)?)?;
-        Ok((&xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?)?)
+        self.mlp
+            .forward_residual(&self.layer_norm2.forward(&xs)?, &xs)
     }
 }

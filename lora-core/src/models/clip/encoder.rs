@@ -1,11 +1,17 @@
 //! The transformer encoder both CLIP towers run (transformers' `CLIPEncoder`): pre-norm layers of
 //! multi-head self-attention and an MLP, the same weights layout in text and vision. The text
-//! tower passes a causal mask; the vision tower attends over all patches.
+//! tower attends causally; the vision tower attends over all patches.
+//!
+//! Built on the engine's layers (layer norm, attention, [`LoraLinear`] projections), so it is
+//! differentiable end to end and its projections take adapters: the text tower trains them
+//! (`--train-text-encoder`).
 
 use anyhow::Result;
-use candle_core::{DType, Module, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
 
+use crate::adapters::{LayerVisitor, LoraLinear};
+use crate::engine::{attention, causal_attention, LayerNormLayer};
 use crate::models::config::{ClipActivation, ClipTextConfig, ClipVisionConfig};
 
 /// The sizes an encoder is built from; the text and vision configs name them alike.
@@ -14,7 +20,6 @@ pub(crate) struct EncoderDims {
     pub hidden: usize,
     pub intermediate: usize,
     pub heads: usize,
-    pub head_dim: usize,
     pub layers: usize,
     pub layer_norm_eps: f64,
     pub activation: ClipActivation,
@@ -26,7 +31,6 @@ impl From<&ClipTextConfig> for EncoderDims {
             hidden: c.hidden_size,
             intermediate: c.intermediate_size,
             heads: c.num_attention_heads,
-            head_dim: c.head_dim(),
             layers: c.num_hidden_layers,
             layer_norm_eps: c.layer_norm_eps,
             activation: c.hidden_act,
@@ -40,7 +44,6 @@ impl From<&ClipVisionConfig> for EncoderDims {
             hidden: c.hidden_size,
             intermediate: c.intermediate_size,
             heads: c.num_attention_heads,
-            head_dim: c.head_dim(),
             layers: c.num_hidden_layers,
             layer_norm_eps: c.layer_norm_eps,
             activation: c.hidden_act,
@@ -48,7 +51,17 @@ impl From<&ClipVisionConfig> for EncoderDims {
     }
 }
 
+/// Which tokens a query attends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AttentionMask {
+    /// Every token (the vision tower).
+    None,
+    /// The token itself and those before it (the text tower).
+    Causal,
+}
+
 /// `encoder.layers.{i}` of a tower.
+#[derive(Debug, Clone)]
 pub(crate) struct ClipEncoder {
     layers: Vec<EncoderLayer>,
 }
@@ -62,48 +75,63 @@ impl ClipEncoder {
         Ok(Self { layers })
     }
 
-    /// `[batch, seq, hidden]` → the same shape. `mask`: an additive `[seq, seq]` attention mask.
-    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// `[batch, seq, hidden]` → the same shape.
+    pub fn forward(&self, xs: &Tensor, mask: AttentionMask) -> Result<Tensor> {
         let mut xs = xs.clone();
         for layer in &self.layers {
             xs = layer.forward(&xs, mask)?;
         }
         Ok(xs)
     }
+
+    /// Calls `f` with the path (below `prefix`, the encoder level) and layer of every projection
+    /// an adapter can attach to.
+    pub fn visit(&mut self, prefix: &str, f: &mut LayerVisitor) -> Result<()> {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let layer_prefix = format!("{prefix}.layers.{i}");
+            layer
+                .self_attn
+                .visit(&format!("{layer_prefix}.self_attn"), f)?;
+            layer.mlp.visit(&format!("{layer_prefix}.mlp"), f)?;
+        }
+        Ok(())
+    }
 }
 
 /// Pre-norm transformer layer: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+#[derive(Debug, Clone)]
 struct EncoderLayer {
-    layer_norm1: LayerNorm,
+    layer_norm1: LayerNormLayer,
     self_attn: SelfAttention,
-    layer_norm2: LayerNorm,
+    layer_norm2: LayerNormLayer,
     mlp: Mlp,
 }
 
 impl EncoderLayer {
     fn new(vb: VarBuilder, d: EncoderDims) -> Result<Self> {
         Ok(Self {
-            layer_norm1: candle_nn::layer_norm(d.hidden, d.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: LayerNormLayer::load(&vb.pp("layer_norm1"), d.hidden, d.layer_norm_eps)?,
             self_attn: SelfAttention::new(vb.pp("self_attn"), d)?,
-            layer_norm2: candle_nn::layer_norm(d.hidden, d.layer_norm_eps, vb.pp("layer_norm2"))?,
+            layer_norm2: LayerNormLayer::load(&vb.pp("layer_norm2"), d.hidden, d.layer_norm_eps)?,
             mlp: Mlp::new(vb.pp("mlp"), d.hidden, d.intermediate, d.activation)?,
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let xs = (xs
-            + self
-                .self_attn
-                .forward(&self.layer_norm1.forward(xs)?, mask)?)?;
-        Ok((&xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?)?)
+    fn forward(&self, xs: &Tensor, mask: AttentionMask) -> Result<Tensor> {
+        let xs = self
+            .self_attn
+            .forward_residual(&self.layer_norm1.forward(xs)?, mask, xs)?;
+        self.mlp
+            .forward_residual(&self.layer_norm2.forward(&xs)?, &xs)
     }
 }
 
 /// The layers' feed-forward block, `fc2(act(fc1(x)))` (transformers' `CLIPMLP`; BLIP's vision
 /// tower has the same).
+#[derive(Debug, Clone)]
 pub(crate) struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: LoraLinear,
+    fc2: LoraLinear,
     activation: ClipActivation,
 }
 
@@ -116,19 +144,26 @@ impl Mlp {
         activation: ClipActivation,
     ) -> Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(hidden, intermediate, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(intermediate, hidden, vb.pp("fc2"))?,
+            fc1: LoraLinear::load_linear(&vb.pp("fc1"), hidden, intermediate, true)?,
+            fc2: LoraLinear::load_linear(&vb.pp("fc2"), intermediate, hidden, true)?,
             activation,
         })
     }
 
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `residual + mlp(xs)`.
+    pub fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let hidden = activate(&self.fc1.forward(xs)?, self.activation)?;
-        Ok(self.fc2.forward(&hidden)?)
+        self.fc2.forward_residual(&hidden, residual)
+    }
+
+    fn visit(&mut self, prefix: &str, f: &mut LayerVisitor) -> Result<()> {
+        f(&format!("{prefix}.fc1"), &mut self.fc1)?;
+        f(&format!("{prefix}.fc2"), &mut self.fc2)
     }
 }
 
-/// transformers' `ACT2FN[hidden_act]` for the activations CLIP and BLIP configs name.
+/// transformers' `ACT2FN[hidden_act]` for the activations CLIP and BLIP configs name, from
+/// candle's differentiable ops.
 pub(crate) fn activate(xs: &Tensor, activation: ClipActivation) -> Result<Tensor> {
     Ok(match activation {
         ClipActivation::QuickGelu => (xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?)?,
@@ -136,51 +171,50 @@ pub(crate) fn activate(xs: &Tensor, activation: ClipActivation) -> Result<Tensor
     })
 }
 
+#[derive(Debug, Clone)]
 struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    out_proj: LoraLinear,
     heads: usize,
-    head_dim: usize,
 }
 
 impl SelfAttention {
     fn new(vb: VarBuilder, d: EncoderDims) -> Result<Self> {
         let h = d.hidden;
+        let proj = |name: &str| LoraLinear::load_linear(&vb.pp(name), h, h, true);
         Ok(Self {
-            q_proj: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q_proj: proj("q_proj")?,
+            k_proj: proj("k_proj")?,
+            v_proj: proj("v_proj")?,
+            out_proj: proj("out_proj")?,
             heads: d.heads,
-            head_dim: d.head_dim,
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (batch, seq, hidden) = xs.dims3()?;
-        // [batch, seq, hidden] → [batch, heads, seq, head_dim], in f32 so half-precision weights do
-        // not lose the softmax.
-        let split_heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((batch, seq, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .to_dtype(DType::F32)?)
+    /// `residual + attention(xs)`, the scores in f32 so half-precision weights do not lose the
+    /// softmax.
+    fn forward_residual(
+        &self,
+        xs: &Tensor,
+        mask: AttentionMask,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let q = self.q_proj.forward(xs)?;
+        let k = self.k_proj.forward(xs)?;
+        let v = self.v_proj.forward(xs)?;
+        let attended = match mask {
+            AttentionMask::None => attention(&q, &k, &v, self.heads, true)?,
+            AttentionMask::Causal => causal_attention(&q, &k, &v, self.heads)?,
         };
-        let q = split_heads(self.q_proj.forward(xs)?)?;
-        let k = split_heads(self.k_proj.forward(xs)?)?;
-        let v = split_heads(self.v_proj.forward(xs)?)?;
-        let mut scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .to_dtype(xs.dtype())?
-            .transpose(1, 2)?
-            .reshape((batch, seq, hidden))?;
-        Ok(self.out_proj.forward(&out)?)
+        self.out_proj.forward_residual(&attended, residual)
+    }
+
+    fn visit(&mut self, prefix: &str, f: &mut LayerVisitor) -> Result<()> {
+        f(&format!("{prefix}.q_proj"), &mut self.q_proj)?;
+        f(&format!("{prefix}.k_proj"), &mut self.k_proj)?;
+        f(&format!("{prefix}.v_proj"), &mut self.v_proj)?;
+        f(&format!("{prefix}.out_proj"), &mut self.out_proj)
     }
 }

@@ -5,7 +5,7 @@ use anyhow::Result;
 use candle_core::{Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
-use crate::models::clip::encoder::ClipEncoder;
+use crate::models::clip::encoder::{AttentionMask, ClipEncoder};
 use crate::models::config::ClipVisionConfig;
 use crate::models::vit_embeddings::VitEmbeddings;
 
@@ -46,7 +46,7 @@ impl ClipVisionTransformer {
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let xs = self.embeddings.forward(pixel_values)?;
         let xs = self.pre_layrnorm.forward(&xs)?;
-        let xs = self.encoder.forward(&xs, None)?;
+        let xs = self.encoder.forward(&xs, AttentionMask::None)?;
         let class_out = xs.narrow(1, 0, 1)?.squeeze(1)?;
         Ok(self.post_layernorm.forward(&class_out)?)
     }

@@ -22,7 +22,7 @@ use embeddings::timestep_features;
 use resnet::ResnetBlock2D;
 use transformer::{Transformer2DModel, Visitor};
 
-use crate::adapters::{LoraModule, ModuleInfo};
+use crate::adapters::{attach_checked, LoraModule, ModuleInfo};
 use crate::engine::{
     upsample_nearest, CheckpointedForward, Conv2dLayer, Direct, GroupNormLayer, LayerRunner,
     LinearLayer,
@@ -294,34 +294,9 @@ impl UNet2DConditionModel {
         modules: &BTreeMap<String, LoraModule>,
         multiplier: f64,
     ) -> Result<()> {
-        let known: BTreeMap<&str, &ModuleInfo> = self
-            .lora_modules
-            .iter()
-            .map(|m| (m.path.as_str(), m))
-            .collect();
-        let mut problems = Vec::new();
-        for (path, module) in modules {
-            match known.get(path.as_str()) {
-                None => problems.push(format!("`{path}`: no such adaptable module in this UNet")),
-                Some(info) => {
-                    if let Err(e) = module.check_fits(info) {
-                        problems.push(e.to_string());
-                    }
-                }
-            }
-        }
-        if !problems.is_empty() {
-            bail!(
-                "adapter `{name}` does not fit this UNet:\n  {}",
-                problems.join("\n  ")
-            );
-        }
-        ensure!(!modules.is_empty(), "adapter `{name}` has no UNet modules");
-        self.visit_lora(&mut |path, layer| {
-            if let Some(m) = modules.get(path) {
-                layer.attach(name, m, multiplier);
-            }
-            Ok(())
+        let known = self.lora_modules.clone();
+        attach_checked("UNet", &known, name, modules, multiplier, |f| {
+            self.visit_lora(f)
         })
     }
 

@@ -93,6 +93,33 @@ fn checkpointed_lora_gradients_equal_the_plain_backward_pass() -> Result<()> {
     Ok(())
 }
 
+/// A text embedding computed from trained variables (a text encoder with an adapter): the
+/// checkpointed pass continues the backward pass into it, giving the same gradients as the plain
+/// pass to the variables before the UNet and to the UNet's adapter.
+#[test]
+fn checkpointed_pass_continues_into_a_tracked_context() -> Result<()> {
+    let cfg = tiny_config()?;
+    let vb = RandomInit::frozen(3).var_builder(&Device::Cpu);
+    let mut unet = UNet2DConditionModel::load(&cfg, &vb)?;
+    let trainable =
+        Adapter::init_unet(&LoraConfig::default(), unet.lora_modules(), &Device::Cpu, 0)?;
+    unet.attach_adapter("test", &trainable.adapter.unet, 1.0)?;
+    let (sample, timesteps, context) = inputs(&cfg, DType::F32)?;
+    let scale = Var::from_tensor(&Rng::new(4).normal_tensor(context.dims()[2], &Device::Cpu)?)?;
+    let context = context.broadcast_mul(scale.as_tensor())?;
+    let target = Rng::new(9).normal_tensor(sample.shape(), &Device::Cpu)?;
+    let loss = |out: &Tensor| -> Result<Tensor> { Ok((out - &target)?.sqr()?.mean_all()?) };
+    let plain = loss(&unet.forward(&sample, &timesteps, &context)?)?.backward()?;
+    let (prediction, pass) = unet.forward_checkpointed(&sample, &timesteps, &context)?;
+    let mut params: Vec<(String, Var)> = trainable.vars.clone();
+    params.push(("context scale".into(), scale.clone()));
+    let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
+    let checkpointed = pass.backward(&loss(&prediction)?, &vars)?;
+    assert!(plain.get(scale.as_tensor()).is_some());
+    assert_same_gradients(&[plain, checkpointed], &params, 1e-5);
+    Ok(())
+}
+
 /// Gradients go where something is trained: none is computed (and kept by candle until the
 /// backward pass ends) for the latents or the text embeddings, on the CPU kernels (f32) and
 /// on the path other devices take (f16).

@@ -6,21 +6,15 @@ use anyhow::Result;
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::adapters::{LoraLinear, ModuleKind};
+use crate::adapters::{LayerVisitor, LoraLinear, ModuleKind};
 use crate::engine::{attention, GroupNormLayer, LayerNormLayer};
 use crate::models::config::UNetConfig;
 
 /// Calls `f` with the full path and layer of every adaptable layer below `prefix`.
-pub(super) type Visitor<'a> = dyn FnMut(&str, &mut LoraLinear) -> Result<()> + 'a;
+pub(super) type Visitor<'a> = LayerVisitor<'a>;
 
 fn lora_linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<LoraLinear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
-    let bias = if bias {
-        Some(vb.get(out_dim, "bias")?)
-    } else {
-        None
-    };
-    LoraLinear::new(weight, bias, ModuleKind::Linear)
+    LoraLinear::load_linear(vb, in_dim, out_dim, bias)
 }
 
 fn lora_conv1x1(vb: &VarBuilder, in_ch: usize, out_ch: usize) -> Result<LoraLinear> {
