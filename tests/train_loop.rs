@@ -1139,3 +1139,185 @@ fn masked_loss_weights_the_error_by_the_mask() -> Result<()> {
     );
     Ok(())
 }
+
+/// The adapter's text-encoder part of a written kohya file: `lora_te_…` tensors by name.
+fn text_encoder_tensors(path: &Path) -> BTreeMap<String, Tensor> {
+    tensors(path)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("lora_te_"))
+        .collect()
+}
+
+fn max_abs_of(t: &Tensor) -> f32 {
+    common::max_abs(t)
+}
+
+/// `--train-text-encoder`: the written file has a kohya `lora_te_` pair for every projection
+/// and MLP layer of the text encoder (2 layers × 6 here), which resolves against the encoder's
+/// modules; the encoder's `up` matrices moved from zero, and the metadata says so as kohya does.
+/// With `--text-encoder-lr 0` the text encoder's adapter stays exactly as initialised (up = 0),
+/// so the UNet's adapter equals a UNet-only run's (the encoder run each step with a zero update
+/// instead of its cached output: float rounding only). Gradient checkpointing continues the
+/// backward pass into the encoder: the same adapter, encoder part included. A resumed run is
+/// bit-exact.
+#[test]
+fn the_text_encoder_trains_with_its_own_learning_rate() -> Result<()> {
+    // Caption dropout: the empty caption goes through the trained encoder too.
+    let run = |extra: TrainArgs, out: &Path| -> Result<PathBuf> {
+        let config = args("sd1-tiny", &train_data(), out)
+            .overlay(TrainArgs {
+                caption_dropout: Some(0.3),
+                ..extra
+            })
+            .resolve()?;
+        Ok(lora_train::train(config, &mut quiet(), &mut |_| {})?.output)
+    };
+    let with_te = |te_lr: Option<f64>, checkpointing: bool| TrainArgs {
+        train_text_encoder: Some(true),
+        text_encoder_lr: te_lr,
+        gradient_checkpointing: Some(checkpointing),
+        ..Default::default()
+    };
+
+    let dir = tempfile::tempdir()?;
+    let trained = run(with_te(Some(5e-3), false), dir.path())?;
+    let file = AdapterFile::read(&trained, &Device::Cpu)?;
+    let meta = file.metadata();
+    assert_eq!(meta["ss_network_train_unet_only"], "False");
+    assert_eq!(meta["ss_text_encoder_lr"], "0.005");
+    assert_eq!(meta["ss_unet_lr"], "0.01");
+    let te = text_encoder_tensors(&trained);
+    // down, up and alpha per module.
+    assert_eq!(te.len(), 3 * 12, "{:?}", te.keys().collect::<Vec<_>>());
+    for layer in 0..2 {
+        for module in [
+            "self_attn_q_proj",
+            "self_attn_out_proj",
+            "mlp_fc1",
+            "mlp_fc2",
+        ] {
+            let key = format!("lora_te_text_model_encoder_layers_{layer}_{module}.lora_up.weight");
+            let up = te.get(&key).unwrap_or_else(|| panic!("{key} missing"));
+            assert!(max_abs_of(up) > 1e-4, "{key} did not train");
+        }
+    }
+    let folder = lora_core::source::ModelFolder::open(&common::fixtures().join("sd1-tiny"))?;
+    let te_modules = lora_core::models::text_encoder::lora_modules(&folder.text_encoder_config()?);
+    let unet_config = lora_core::models::config::UNetConfig::from_file(&folder.unet_config())?;
+    let unet_modules = lora_core::UNet2DConditionModel::lora_modules_of(&unet_config)?;
+    let adapter = file.resolve(&lora_core::ModelModules {
+        unet: &unet_modules,
+        text_encoder: Some(&te_modules),
+    })?;
+    assert_eq!(adapter.text_encoder.len(), 12);
+
+    // A frozen text encoder through the trained path: the UNet-only run's adapter.
+    let frozen_te = tempfile::tempdir()?;
+    let frozen = run(with_te(Some(0.0), false), frozen_te.path())?;
+    let unet_only_dir = tempfile::tempdir()?;
+    let unet_only = run(TrainArgs::default(), unet_only_dir.path())?;
+    for (key, up) in text_encoder_tensors(&frozen) {
+        if key.ends_with("lora_up.weight") {
+            assert_eq!(max_abs_of(&up), 0.0, "{key} moved with --text-encoder-lr 0");
+        }
+    }
+    let unet_part = |path: &Path| -> BTreeMap<String, Tensor> {
+        tensors(path)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("lora_unet_"))
+            .collect()
+    };
+    let (a, b) = (unet_part(&frozen), unet_part(&unet_only));
+    assert!(!a.is_empty() && a.len() == b.len());
+    let worst = a
+        .iter()
+        .map(|(k, t)| common::max_abs_diff(t, &b[k]))
+        .fold(0f32, f32::max);
+    eprintln!("--text-encoder-lr 0 vs UNet only: UNet adapters differ by {worst:e}");
+    assert!(worst <= 1e-4, "UNet adapters differ by {worst}");
+
+    // Gradient checkpointing: the same adapter, the text encoder's part included.
+    let checkpointed_dir = tempfile::tempdir()?;
+    let checkpointed = run(with_te(Some(5e-3), true), checkpointed_dir.path())?;
+    let (a, b) = (tensors(&trained), tensors(&checkpointed));
+    assert_eq!(a.len(), b.len());
+    let worst = a
+        .iter()
+        .map(|(k, t)| common::max_abs_diff(t, &b[k]))
+        .fold(0f32, f32::max);
+    eprintln!("with and without checkpointing: adapters differ by {worst:e}");
+    assert!(
+        worst <= 1e-4,
+        "checkpointing changed the adapter by {worst}"
+    );
+
+    // Resume: bit-exact, text encoder state included.
+    let recipe = |out: &Path, resume: Option<PathBuf>| TrainArgs {
+        train_text_encoder: Some(true),
+        text_encoder_lr: Some(5e-3),
+        save_every: Some(2),
+        caption_dropout: Some(0.3),
+        resume,
+        ..args("sd1-tiny", &train_data(), out)
+    };
+    let (straight, resumed) = straight_then_resumed(&recipe)?;
+    let out = straight.path().join("adapter.safetensors");
+    let out_r = resumed.path().join("adapter.safetensors");
+    assert_same_tensors(
+        &tensors(&checkpoint_paths(&out, 4).0),
+        &tensors(&checkpoint_paths(&out_r, 4).0),
+    );
+    assert_same_tensors(&tensors(&out), &tensors(&out_r));
+    // A UNet-only run cannot resume it.
+    let elsewhere = tempfile::tempdir()?;
+    let unet_only = TrainArgs {
+        train_text_encoder: None,
+        text_encoder_lr: None,
+        ..recipe(elsewhere.path(), Some(checkpoint_paths(&out, 2).0))
+    };
+    let err = Trainer::new(unet_only.resolve()?, &mut quiet())
+        .err()
+        .expect("a UNet-only run must not resume a text-encoder run");
+    assert!(format!("{err:#}").contains("train-text-encoder"), "{err:#}");
+    Ok(())
+}
+
+#[test]
+fn text_encoder_options_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, expected) in [
+        (
+            TrainArgs {
+                text_encoder_lr: Some(1e-4),
+                ..Default::default()
+            },
+            "--text-encoder-lr given without --train-text-encoder",
+        ),
+        (
+            TrainArgs {
+                train_text_encoder: Some(true),
+                text_encoder_lr: Some(-1.0),
+                ..Default::default()
+            },
+            "--text-encoder-lr = -1: expected a number ≥ 0",
+        ),
+        (
+            TrainArgs {
+                train_text_encoder: Some(true),
+                text_encoder_lr: Some(0.5),
+                optimizer: Some(lora_train::optimizer::OptimizerKind::Prodigy),
+                ..Default::default()
+            },
+            "prodigy estimates one step size",
+        ),
+    ] {
+        let err = format!(
+            "{:#}",
+            args("sd1-tiny", &train_data(), dir.path())
+                .overlay(extra)
+                .resolve()
+                .unwrap_err()
+        );
+        assert!(err.contains(expected), "{err}");
+    }
+}

@@ -1,6 +1,8 @@
 //! What the frozen encoders make of the dataset, computed once before the first step: each
 //! caption's text embedding and (with centre crops) each image's latent distribution. Epochs
-//! after the first — in fact every step — then skip the text encoder and the VAE.
+//! after the first — in fact every step — then skip the text encoder and the VAE. A text encoder
+//! that trains (`--train-text-encoder`) cannot be cached: its captions are kept as token ids and
+//! encoded every step ([`conditioning`]).
 //!
 //! The VAE's output is kept as its distribution (mean and standard deviation), not as one
 //! sample, so every step still draws a fresh latent from it (as diffusers' scripts do) while the
@@ -16,6 +18,7 @@ use std::path::PathBuf;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::DynamicImage;
+use lora_core::models::text_encoder::TextEncoder;
 use lora_core::models::tokenizer::TokenizedPrompt;
 use lora_core::models::vae::Vae;
 use lora_core::source::ModelFolder;
@@ -52,12 +55,13 @@ pub struct EncodedDataset {
     encoded: Vec<[Option<Encoded>; 2]>,
     /// Decoded images, kept only for random crops.
     images: Vec<DynamicImage>,
-    /// Per unique caption, the `[seq, hidden]` f32 text embedding.
-    embeddings: Vec<Tensor>,
-    /// Index into `embeddings` for each item.
+    /// Per unique caption, what [`conditioning`] takes: the `[seq, hidden]` f32 text embedding,
+    /// or the `[seq]` token ids when the text encoder trains.
+    captions: Vec<Tensor>,
+    /// Index into `captions` for each item.
     caption_of_item: Vec<usize>,
-    /// The empty caption's embedding, when caption dropout can pick it.
-    empty_embedding: Option<Tensor>,
+    /// The empty caption's, when caption dropout can pick it.
+    empty_caption: Option<Tensor>,
     /// `--masks`: per item, the loss weights `[1, h, w]` at the UNet's input size, as is `[0]`
     /// and mirrored `[1]` (only with `--flip`). Empty without masks.
     masks: Vec<[Option<Tensor>; 2]>,
@@ -74,6 +78,8 @@ pub struct EncodeOptions {
     pub crop: Crop,
     pub flip: bool,
     pub caption_dropout: bool,
+    /// Keep token ids instead of embeddings: the text encoder trains.
+    pub caption_tokens: bool,
     /// Channels the UNet takes (for pixel-space models; latent models take the VAE's).
     pub unet_in_channels: usize,
     /// `--masks`: each item's mask file (centre crops only).
@@ -106,8 +112,13 @@ impl EncodedDataset {
             Space::Latent { vae, .. } => vae.as_ref().expect("just loaded").config().in_channels,
             Space::Pixel => options.unet_in_channels,
         };
-        let (embeddings, caption_of_item, empty_embedding) =
-            encode_captions(model, dataset, options.caption_dropout, device)?;
+        let (captions, caption_of_item, empty_caption) = encode_captions(
+            model,
+            dataset,
+            options.caption_dropout,
+            options.caption_tokens,
+            device,
+        )?;
         let pixels_per_input = match &space {
             Space::Latent { vae, .. } => vae
                 .as_ref()
@@ -190,9 +201,9 @@ impl EncodedDataset {
             space,
             encoded,
             images,
-            embeddings,
+            captions,
             caption_of_item,
-            empty_embedding,
+            empty_caption,
             masks,
             crop: options.crop,
             sizes: options.sizes.clone(),
@@ -235,15 +246,16 @@ impl EncodedDataset {
         }
     }
 
-    /// The text embedding of `item`'s caption, or of the empty caption when `dropped`.
-    pub fn embedding(&self, item: usize, dropped: bool) -> Result<&Tensor> {
+    /// `item`'s caption (the empty caption when `dropped`) as [`conditioning`] takes it: its text
+    /// embedding, or its token ids when the text encoder trains.
+    pub fn caption(&self, item: usize, dropped: bool) -> Result<&Tensor> {
         if dropped {
             return self
-                .empty_embedding
+                .empty_caption
                 .as_ref()
-                .context("caption dropout without an empty-caption embedding");
+                .context("caption dropout without the empty caption encoded");
         }
-        Ok(&self.embeddings[self.caption_of_item[item]])
+        Ok(&self.captions[self.caption_of_item[item]])
     }
 
     /// `--masks`: the loss weights of `item` (`[1, h, w]`), mirrored with the image; `None`
@@ -285,22 +297,46 @@ fn encode_pixels(space: &Space, pixels: Tensor) -> Result<Encoded> {
     })
 }
 
-type CaptionEmbeddings = (Vec<Tensor>, Vec<usize>, Option<Tensor>);
+/// The UNet's conditioning `[B, seq, hidden]` for a batch of captions as
+/// [`EncodedDataset::caption`] gives them: the cached embeddings stacked, or the token ids
+/// stacked and run through `text_encoder` (the one that trains, which must then be given).
+pub fn conditioning(captions: &[Tensor], text_encoder: Option<&TextEncoder>) -> Result<Tensor> {
+    let stacked = Tensor::stack(captions, 0)?;
+    match (stacked.rank(), text_encoder) {
+        (3, _) => Ok(stacked),
+        (2, Some(encoder)) => encoder.forward(&stacked),
+        (rank, _) => anyhow::bail!(
+            "captions of rank {rank}: expected embeddings, or token ids with the text encoder"
+        ),
+    }
+}
 
-/// Embeds each distinct caption once (and the empty caption when dropout is on).
+type EncodedCaptions = (Vec<Tensor>, Vec<usize>, Option<Tensor>);
+
+/// Encodes each distinct caption once (and the empty caption when dropout is on): embeds it, or
+/// only tokenizes it when `tokens_only`.
 fn encode_captions(
     model: &ModelFolder,
     dataset: &Dataset,
     with_empty: bool,
+    tokens_only: bool,
     device: &Device,
-) -> Result<CaptionEmbeddings> {
+) -> Result<EncodedCaptions> {
     let tokenizer = model.tokenizer()?;
     let text_config = model.text_encoder_config()?;
     // f32: it runs once per caption, and the embeddings feed an f32 loss path anyway.
-    let encoder = model.load_text_encoder(&text_config, DType::F32, device, BTreeMap::new())?;
+    let encoder = match tokens_only {
+        true => None,
+        false => {
+            Some(model.load_text_encoder(&text_config, DType::F32, device, BTreeMap::new())?)
+        }
+    };
     let embed = |caption: &str| -> Result<Tensor> {
         let ids = TokenizedPrompt::batch_tensor(&[tokenizer.encode(caption)], device)?;
-        Ok(encoder.forward(&ids)?.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(match &encoder {
+            Some(encoder) => encoder.forward(&ids)?.squeeze(0)?.to_dtype(DType::F32)?,
+            None => ids.squeeze(0)?,
+        })
     };
     let mut index: BTreeMap<&str, usize> = BTreeMap::new();
     let mut embeddings = Vec::new();

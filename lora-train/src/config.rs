@@ -105,6 +105,15 @@ pub struct TrainArgs {
     /// Initialisation of lora_down: kaiming-uniform or gaussian [default: kaiming-uniform]
     #[arg(long)]
     pub init: Option<LoraInit>,
+    /// Also train a LoRA on the text encoder: every attention projection and MLP layer (kohya
+    /// trains it unless --network_train_unet_only); its captions are then encoded every step
+    /// instead of once
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub train_text_encoder: Option<bool>,
+    /// Peak learning rate of the text encoder's adapter (kohya: --text_encoder_lr)
+    /// [default: --lr]
+    #[arg(long, value_name = "LR")]
+    pub text_encoder_lr: Option<f64>,
     /// Optimizer steps to train (each of batch-size × grad-accum samples) [default: 1000]
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<usize>,
@@ -364,6 +373,12 @@ pub struct TrainConfig {
     pub targets: LoraTargets,
     #[serde(serialize_with = "as_debug")]
     pub init: LoraInit,
+    /// Left out of the recipe when off, as checkpoints before it have no key.
+    #[serde(skip_serializing_if = "is_false")]
+    pub train_text_encoder: bool,
+    /// `None`: `lr`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_encoder_lr: Option<f64>,
     pub length: TrainLength,
     pub batch_size: usize,
     pub grad_accum: usize,
@@ -440,6 +455,11 @@ pub enum TrainLength {
 }
 
 impl TrainConfig {
+    /// The text encoder adapter's peak learning rate (`--text-encoder-lr`, else `--lr`).
+    pub fn text_encoder_lr(&self) -> f64 {
+        self.text_encoder_lr.unwrap_or(self.lr)
+    }
+
     /// The optimizer and its settings.
     pub fn optimizer_settings(&self) -> OptimizerSettings {
         OptimizerSettings {
@@ -448,6 +468,10 @@ impl TrainConfig {
             args: self.optimizer_args.clone(),
         }
     }
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
 }
 
 fn is_default_optimizer(kind: &OptimizerKind) -> bool {
@@ -524,6 +548,8 @@ impl TrainArgs {
             alpha,
             targets,
             init,
+            train_text_encoder,
+            text_encoder_lr,
             steps,
             epochs,
             batch_size,
@@ -629,6 +655,24 @@ impl TrainArgs {
         );
         let optimizer = self.optimizer.unwrap_or_default();
         let lr = self.lr.unwrap_or(optimizer.default_lr());
+        let train_text_encoder = self.train_text_encoder.unwrap_or(false);
+        if let Some(te_lr) = self.text_encoder_lr {
+            check(
+                train_text_encoder,
+                "--text-encoder-lr given without --train-text-encoder".into(),
+            );
+            check(
+                te_lr.is_finite() && te_lr >= 0.0,
+                format!("--text-encoder-lr = {te_lr}: expected a number ≥ 0"),
+            );
+            check(
+                optimizer != OptimizerKind::Prodigy || te_lr == lr,
+                format!(
+                    "--text-encoder-lr = {te_lr} with --optimizer prodigy: prodigy estimates one \
+                     step size for every parameter, so it takes one learning rate (--lr = {lr})"
+                ),
+            );
+        }
         check(
             lr.is_finite() && lr > 0.0,
             format!("--lr = {lr}: expected a positive number"),
@@ -823,6 +867,8 @@ impl TrainArgs {
             alpha,
             targets,
             init,
+            train_text_encoder,
+            text_encoder_lr: self.text_encoder_lr,
             length,
             batch_size,
             grad_accum,

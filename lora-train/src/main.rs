@@ -74,6 +74,16 @@ fn main() -> Result<()> {
             );
         }
     })?;
+    let adapter = trainer.adapter();
+    let values: usize = trainer.params().iter().map(|(_, v)| v.elem_count()).sum();
+    eprintln!(
+        "adapter: {} UNet modules{}, {values} trained values",
+        adapter.unet.len(),
+        match adapter.text_encoder.len() {
+            0 => String::new(),
+            n => format!(" and {n} text-encoder modules (captions encoded every step)"),
+        }
+    );
 
     // SIGINT / SIGTERM: finish the step in progress, write a checkpoint, say how to resume.
     let stop = Arc::new(AtomicBool::new(false));

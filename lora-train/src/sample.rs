@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use image::RgbImage;
 use lora_core::models::inception::{FidInception, CLASSES, FEATURES};
+use lora_core::models::text_encoder::TextEncoder;
 use lora_core::source::{clip_model_folder, ModelFolder};
 use lora_core::UNet2DConditionModel;
 use lora_eval::clip_score::{clip_score, ClipScoreModel};
@@ -120,21 +121,30 @@ pub struct SampleScores {
 }
 
 impl Sampler {
-    /// A pipeline around `unet` (a clone of the training UNet, adapter attached) with the
-    /// model's text encoder and VAE loaded in f32; with `--eval-inception`, the Inception
-    /// features of `training_images`; with `--eval-clip`, the CLIP model.
+    /// A pipeline around `unet` (a clone of the training UNet, adapter attached) and
+    /// `text_encoder` (a clone of the one that trains, if it does; else the model's, loaded in
+    /// f32) with the VAE loaded in f32; with `--eval-inception`, the Inception features of
+    /// `training_images`; with `--eval-clip`, the CLIP model.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: &ModelFolder,
         unet: UNet2DConditionModel,
+        text_encoder: Option<TextEncoder>,
         config: SampleConfig,
         resolution: usize,
         seed: u64,
         dataset: &Dataset,
         device: &Device,
     ) -> Result<Self> {
-        let text_config = model.text_encoder_config()?;
-        let text_encoder =
-            model.load_text_encoder(&text_config, DType::F32, device, BTreeMap::new())?;
+        let text_encoder = match text_encoder {
+            Some(trained) => trained,
+            None => model.load_text_encoder(
+                &model.text_encoder_config()?,
+                DType::F32,
+                device,
+                BTreeMap::new(),
+            )?,
+        };
         let vae = model.load_vae(DType::F32, device)?;
         let pipeline = Pipeline::from_parts(PipelineParts {
             unet,

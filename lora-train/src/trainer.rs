@@ -6,6 +6,7 @@
 //! comes, in that fixed order, from one generator whose state is checkpointed. Together with the
 //! parameters and optimizer state that is the whole state of a run, which makes resuming exact.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use lora_core::formats::kohya::{python_bool, python_float};
 use lora_core::io::folder_of;
 use lora_core::io::weights::mmap_safetensors;
 use lora_core::models::config::UNetConfig;
+use lora_core::models::text_encoder::TextEncoder;
 use lora_core::options::{check_output, prepare_output};
 use lora_core::source::{ModelFolder, ModelSource};
 use lora_core::{
@@ -25,7 +27,7 @@ use lora_core::{
     UNet2DConditionModel,
 };
 
-use crate::cache::{EncodeOptions, EncodedDataset};
+use crate::cache::{conditioning, EncodeOptions, EncodedDataset};
 use crate::checkpoint::{check_recipe, recipe, Checkpoint};
 use crate::config::{Crop, TrainConfig, TrainLength};
 use crate::dataset::{bucket_size, Dataset};
@@ -38,8 +40,11 @@ use crate::sample::Sampler;
 use crate::schedule::{learning_rate, NoiseSchedule};
 use crate::validation::{self, Validation, ValidationRow};
 
-/// Name under which the trained adapter is attached to the UNet.
+/// Name under which the trained adapter is attached to the UNet (and the text encoder).
 const ADAPTER_NAME: &str = "train";
+/// Generator stream of the text encoder adapter's initial values (the UNet's come from `seed`
+/// itself, the run's draws from stream 1, epoch orders from 2 + epoch).
+const TEXT_ENCODER_INIT_STREAM: u64 = 1 << 42;
 /// Events before the first step, for the front end to display.
 pub enum Preparation<'a> {
     Dataset(&'a Dataset),
@@ -58,6 +63,8 @@ pub enum Preparation<'a> {
 pub struct Trainer {
     config: TrainConfig,
     unet: UNet2DConditionModel,
+    /// `--train-text-encoder`: the text encoder with its adapter attached.
+    text_encoder: Option<TextEncoder>,
     adapter: Adapter,
     optimizer: Optimizer,
     /// `--ema-decay`: the moving average of the adapter's parameters.
@@ -156,10 +163,43 @@ impl Trainer {
             targets: config.targets,
             init: config.init,
         };
-        let TrainableAdapter { adapter, vars } =
+        let mut trainable =
             Adapter::init_unet(&lora_config, unet.lora_modules(), &device, config.seed)?;
-        unet.attach_adapter(ADAPTER_NAME, &adapter.unet, 1.0)?;
+        unet.attach_adapter(ADAPTER_NAME, &trainable.adapter.unet, 1.0)?;
+        let text_encoder = match config.train_text_encoder {
+            true => {
+                let text_config = model.text_encoder_config()?;
+                let mut encoder = model
+                    .load_text_encoder(
+                        &text_config,
+                        config.precision.dtype(),
+                        &device,
+                        BTreeMap::new(),
+                    )
+                    .with_context(|| {
+                        format!("cannot load the text encoder of {}", model.root().display())
+                    })?;
+                trainable.add_text_encoder(
+                    &lora_config,
+                    encoder.lora_modules(),
+                    &device,
+                    derive_seed(config.seed, TEXT_ENCODER_INIT_STREAM),
+                )?;
+                encoder.attach_adapter(ADAPTER_NAME, &trainable.adapter.text_encoder, 1.0)?;
+                Some(encoder)
+            }
+            false => None,
+        };
+        let TrainableAdapter { adapter, vars } = trainable;
+        let lr_scales: Vec<f64> = vars
+            .iter()
+            .map(|(name, _)| match is_text_encoder_param(&adapter, name) {
+                true => config.text_encoder_lr() / config.lr,
+                false => 1.0,
+            })
+            .collect();
         let mut optimizer = Optimizer::new(vars, &config.optimizer_settings())?;
+        optimizer.set_lr_scales(lr_scales)?;
         let mut ema = config
             .ema_decay
             .map(|decay| Ema::new(decay, optimizer.params()))
@@ -246,6 +286,7 @@ impl Trainer {
                 crop: config.crop,
                 flip: config.flip,
                 caption_dropout: config.caption_dropout > 0.0,
+                caption_tokens: config.train_text_encoder,
                 unet_in_channels: unet_config.in_channels,
                 masks: config
                     .masks
@@ -276,6 +317,7 @@ impl Trainer {
                         crop: Crop::Center,
                         flip: false,
                         caption_dropout: false,
+                        caption_tokens: config.train_text_encoder,
                         unet_in_channels: unet_config.in_channels,
                         masks: None,
                     },
@@ -295,6 +337,7 @@ impl Trainer {
             Some(sample) => Some(Sampler::new(
                 &model,
                 unet.clone(),
+                text_encoder.clone(),
                 sample.clone(),
                 config.resolution,
                 config.seed,
@@ -306,6 +349,7 @@ impl Trainer {
         Ok(Self {
             config,
             unet,
+            text_encoder,
             adapter,
             optimizer,
             ema,
@@ -341,6 +385,11 @@ impl Trainer {
 
     pub fn total_steps(&self) -> usize {
         self.total_steps
+    }
+
+    /// The adapter being trained (its tensors are the trained variables').
+    pub fn adapter(&self) -> &Adapter {
+        &self.adapter
     }
 
     /// The trainable parameters (for inspection and benchmarks), in checkpoint order.
@@ -408,11 +457,11 @@ impl Trainer {
             let dropped = self.config.caption_dropout > 0.0
                 && self.rng.uniform() < self.config.caption_dropout;
             latents.push(self.data.latents(item, flip, &mut self.rng)?);
-            contexts.push(self.data.embedding(item, dropped)?.clone());
+            contexts.push(self.data.caption(item, dropped)?.clone());
             masks.extend(self.data.mask(item, flip)?.cloned());
         }
         let latents = Tensor::stack(&latents, 0)?;
-        let context = Tensor::stack(&contexts, 0)?;
+        let context = conditioning(&contexts, self.text_encoder.as_ref())?;
         let mut batch = DenoisingBatch::draw(
             &self.schedule,
             self.config.min_snr_gamma,
@@ -483,7 +532,10 @@ impl Trainer {
         for item in 0..self.dataset.items.len() {
             for _ in 0..draws {
                 let latents = self.data.latents(item, false, &mut rng)?.unsqueeze(0)?;
-                let context = self.data.embedding(item, false)?.unsqueeze(0)?;
+                let context = conditioning(
+                    &[self.data.caption(item, false)?.clone()],
+                    self.text_encoder.as_ref(),
+                )?;
                 let loss = denoising_loss(
                     &self.unet,
                     &self.schedule,
@@ -588,6 +640,9 @@ impl Trainer {
         put("ss_epoch", epochs.to_string());
         put("ss_learning_rate", python_float(c.lr));
         put("ss_unet_lr", python_float(c.lr));
+        if c.train_text_encoder {
+            put("ss_text_encoder_lr", python_float(c.text_encoder_lr()));
+        }
         put("ss_resolution", format!("({0}, {0})", c.resolution));
         put("ss_num_train_images", samples.to_string());
         put("ss_batch_size_per_device", c.batch_size.to_string());
@@ -611,7 +666,10 @@ impl Trainer {
         put("ss_flip_aug", python_bool(c.flip));
         put("ss_random_crop", python_bool(c.crop == Crop::Random));
         put("ss_enable_bucket", python_bool(c.buckets));
-        put("ss_network_train_unet_only", "True".to_string());
+        put(
+            "ss_network_train_unet_only",
+            python_bool(!c.train_text_encoder),
+        );
         put("ss_sd_model_name", c.base.clone());
         put(
             "ss_output_name",
@@ -628,7 +686,7 @@ impl Trainer {
             adapter,
             &ModelModules {
                 unet: self.unet.lora_modules(),
-                text_encoder: None,
+                text_encoder: self.text_encoder.as_ref().map(TextEncoder::lora_modules),
             },
             &SaveOptions {
                 format: c.format,
@@ -646,7 +704,7 @@ impl Trainer {
             return Ok(None);
         };
         let val_loss = validation
-            .loss(&self.unet, &self.schedule)
+            .loss(&self.unet, self.text_encoder.as_ref(), &self.schedule)
             .with_context(|| format!("validation at step {}", self.step))?;
         Ok(Some(ValidationRow {
             step: self.step,
@@ -667,8 +725,7 @@ impl Trainer {
                 .rsplit_once('.')
                 .with_context(|| format!("adapter parameter `{name}` has no module path"))?;
             let module = averaged
-                .unet
-                .get_mut(module)
+                .module_mut(module)
                 .with_context(|| format!("adapter parameter `{name}` has no module"))?;
             match which {
                 "lora_down" => module.down = tensor.clone(),
@@ -914,6 +971,13 @@ fn bucket_batches(
         .collect();
     Rng::new(derive_seed(seed, (1 << 40) + epoch as u64)).shuffle(&mut batches);
     batches
+}
+
+/// Whether the adapter parameter `name` (`<module path>.lora_down|lora_up`) is the text
+/// encoder's.
+fn is_text_encoder_param(adapter: &Adapter, name: &str) -> bool {
+    name.rsplit_once('.')
+        .is_some_and(|(module, _)| adapter.text_encoder.contains_key(module))
 }
 
 /// Independent seeds for the separate random streams of a run.

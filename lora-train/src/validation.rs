@@ -10,9 +10,10 @@
 //! the run. `--validation-split F` holds out a fraction of the dataset, chosen by `--seed`.
 
 use anyhow::{ensure, Result};
+use lora_core::models::text_encoder::TextEncoder;
 use lora_core::{Rng, UNet2DConditionModel};
 
-use crate::cache::EncodedDataset;
+use crate::cache::{conditioning, EncodedDataset};
 use crate::dataset::Dataset;
 use crate::objective::DenoisingBatch;
 use crate::schedule::NoiseSchedule;
@@ -43,8 +44,14 @@ impl Validation {
         step.is_multiple_of(self.every)
     }
 
-    /// The mean validation loss of `unet` as it is now.
-    pub fn loss(&self, unet: &UNet2DConditionModel, schedule: &NoiseSchedule) -> Result<f64> {
+    /// The mean validation loss of `unet` (and of the `text_encoder` that trains, if any) as it
+    /// is now.
+    pub fn loss(
+        &self,
+        unet: &UNet2DConditionModel,
+        text_encoder: Option<&TextEncoder>,
+        schedule: &NoiseSchedule,
+    ) -> Result<f64> {
         let total = schedule.num_timesteps();
         let timesteps: Vec<usize> = VALIDATION_TIMESTEPS
             .iter()
@@ -58,7 +65,7 @@ impl Validation {
             let latents = self.data.latents(item, false, &mut rng)?.unsqueeze(0)?;
             let (_, c, h, w) = latents.dims4()?;
             let latents = latents.repeat((k, 1, 1, 1))?;
-            let context = self.data.embedding(item, false)?.unsqueeze(0)?;
+            let context = conditioning(&[self.data.caption(item, false)?.clone()], text_encoder)?;
             let context = context.repeat((k, 1, 1))?;
             let noise = rng.normal_tensor((k, c, h, w), latents.device())?;
             let batch = DenoisingBatch::with_noise(schedule, None, &latents, &timesteps, noise)?;

@@ -43,7 +43,7 @@ impl Algorithm for AdamW {
         params: &[(String, Var)],
         grads: &[Tensor],
         state: &mut [Vec<Tensor>],
-        lr: f64,
+        lrs: &[f64],
         step: u64,
     ) -> Result<()> {
         let Self {
@@ -55,7 +55,7 @@ impl Algorithm for AdamW {
         let t = step as i32;
         let correction1 = 1.0 - beta1.powi(t);
         let correction2 = 1.0 - beta2.powi(t);
-        for (((_, p), slots), g) in params.iter().zip(state).zip(grads) {
+        for ((((_, p), slots), g), &lr) in params.iter().zip(state).zip(grads).zip(lrs) {
             let m = ((&slots[0] * beta1)? + (g * (1.0 - beta1))?)?;
             let v = ((&slots[1] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let m_hat = (&m / correction1)?;

@@ -40,7 +40,7 @@ impl Algorithm for Lion {
         params: &[(String, Var)],
         grads: &[Tensor],
         state: &mut [Vec<Tensor>],
-        lr: f64,
+        lrs: &[f64],
         _step: u64,
     ) -> Result<()> {
         let Self {
@@ -48,7 +48,7 @@ impl Algorithm for Lion {
             beta2,
             weight_decay,
         } = *self;
-        for (((_, p), slots), g) in params.iter().zip(state).zip(grads) {
+        for ((((_, p), slots), g), &lr) in params.iter().zip(state).zip(grads).zip(lrs) {
             let decayed = (p.as_tensor() * (1.0 - lr * weight_decay))?;
             let direction = ((&slots[0] * beta1)? + (g * (1.0 - beta1))?)?.sign()?;
             p.set(&(decayed - (direction * lr)?)?)?;

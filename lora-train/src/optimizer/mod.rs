@@ -245,14 +245,14 @@ pub(crate) trait Algorithm: Send {
     fn restore_scalars(&mut self, _scalars: &BTreeMap<String, f64>) -> Result<()> {
         Ok(())
     }
-    /// One update of every parameter with the peak-scaled learning rate `lr`; `step` counts the
-    /// updates including this one.
+    /// One update of every parameter, parameter `i` with the (scheduled) learning rate `lrs[i]`;
+    /// `step` counts the updates including this one.
     fn step(
         &mut self,
         params: &[(String, Var)],
         grads: &[Tensor],
         state: &mut [Vec<Tensor>],
-        lr: f64,
+        lrs: &[f64],
         step: u64,
     ) -> Result<()>;
     /// The optimizer as kohya's `ss_optimizer` metadata names one (class and arguments).
@@ -276,6 +276,9 @@ pub struct Optimizer {
     steps: u64,
     params: Vec<(String, Var)>,
     state: Vec<Vec<Tensor>>,
+    /// Per parameter, its learning rate as a multiple of the scheduled one (PyTorch's parameter
+    /// groups: `--text-encoder-lr`); all 1 by default.
+    lr_scales: Vec<f64>,
 }
 
 impl Optimizer {
@@ -297,9 +300,32 @@ impl Optimizer {
             kind: settings.kind,
             algorithm,
             steps: 0,
+            lr_scales: vec![1.0; params.len()],
             params,
             state,
         })
+    }
+
+    /// Sets each parameter's learning rate to `lr_scales[i]` times the scheduled one. Prodigy
+    /// estimates one step size for all parameters and, as prodigyopt, refuses different rates.
+    pub fn set_lr_scales(&mut self, lr_scales: Vec<f64>) -> Result<()> {
+        ensure!(
+            lr_scales.len() == self.params.len(),
+            "{} learning-rate scales for {} parameters",
+            lr_scales.len(),
+            self.params.len()
+        );
+        ensure!(
+            lr_scales.iter().all(|s| s.is_finite() && *s >= 0.0),
+            "learning-rate scales must be finite and ≥ 0"
+        );
+        ensure!(
+            self.kind != OptimizerKind::Prodigy || lr_scales.iter().all(|s| *s == lr_scales[0]),
+            "prodigy estimates one step size for every parameter: it takes one learning rate \
+             (prodigyopt refuses parameter groups with different ones)"
+        );
+        self.lr_scales = lr_scales;
+        Ok(())
     }
 
     pub fn kind(&self) -> OptimizerKind {
@@ -386,8 +412,9 @@ impl Optimizer {
             self.params.len()
         );
         self.steps += 1;
+        let lrs: Vec<f64> = self.lr_scales.iter().map(|s| s * lr).collect();
         self.algorithm
-            .step(&self.params, grads, &mut self.state, lr, self.steps)
+            .step(&self.params, grads, &mut self.state, &lrs, self.steps)
             .with_context(|| format!("{} update {}", self.kind, self.steps))
     }
 }
@@ -447,6 +474,75 @@ mod tests {
             assert!((a - b).abs() < 1e-6, "{got:?} vs {want:?}");
         }
         assert_eq!(opt.steps(), 1);
+    }
+
+    /// A learning-rate scale is a parameter group of its own rate: two parameters updated
+    /// together with scales (1, 0.25) end where each alone ends under lr and lr/4, for AdamW and
+    /// Lion; Prodigy refuses unequal scales.
+    #[test]
+    fn lr_scales_act_as_parameter_groups() {
+        let dev = Device::Cpu;
+        let grads = |t: f32| {
+            [
+                Tensor::new(&[0.5f32 * t, -3.0], &dev).unwrap(),
+                Tensor::new(&[[1.0f32, -t], [0.25, 2.0]], &dev).unwrap(),
+            ]
+        };
+        let start = [
+            Tensor::new(&[1.0f32, -2.0], &dev).unwrap(),
+            Tensor::new(&[[0.5f32, 0.1], [-0.3, 0.7]], &dev).unwrap(),
+        ];
+        for kind in [OptimizerKind::AdamW, OptimizerKind::Lion] {
+            let settings = OptimizerSettings {
+                kind,
+                weight_decay: 0.1,
+                args: BTreeMap::new(),
+            };
+            let vars: Vec<Var> = start.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let named = vec![
+                ("a".to_string(), vars[0].clone()),
+                ("b".into(), vars[1].clone()),
+            ];
+            let mut together = Optimizer::new(named, &settings).unwrap();
+            together.set_lr_scales(vec![1.0, 0.25]).unwrap();
+            let alone: Vec<Var> = start.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let mut separate: Vec<Optimizer> = alone
+                .iter()
+                .map(|v| Optimizer::new(vec![("p".into(), v.clone())], &settings).unwrap())
+                .collect();
+            for t in 1..=3 {
+                let g = grads(t as f32);
+                together.step(&g, 0.01).unwrap();
+                separate[0].step(&g[..1], 0.01).unwrap();
+                separate[1].step(&g[1..], 0.0025).unwrap();
+            }
+            let max_abs = |t: Tensor| {
+                t.abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            for ((a, b), s) in vars.iter().zip(&alone).zip(&start) {
+                let diff = max_abs((a.as_tensor() - b.as_tensor()).unwrap());
+                assert!(diff.is_finite() && diff < 1e-7, "{kind}: {diff}");
+                let moved = max_abs((a.as_tensor() - s).unwrap());
+                assert!(moved > 1e-3, "{kind}: the parameter did not move ({moved})");
+            }
+        }
+        let p = Var::new(&[1.0f32], &dev).unwrap();
+        let settings = OptimizerSettings {
+            kind: OptimizerKind::Prodigy,
+            weight_decay: 0.0,
+            args: BTreeMap::new(),
+        };
+        let mut prodigy =
+            Optimizer::new(vec![("a".into(), p.clone()), ("b".into(), p)], &settings).unwrap();
+        let err = prodigy.set_lr_scales(vec![1.0, 0.5]).unwrap_err();
+        assert!(err.to_string().contains("one learning rate"), "{err}");
     }
 
     #[test]

@@ -107,9 +107,11 @@ impl Algorithm for Prodigy {
         params: &[(String, Var)],
         grads: &[Tensor],
         state: &mut [Vec<Tensor>],
-        lr: f64,
+        lrs: &[f64],
         _step: u64,
     ) -> Result<()> {
+        // One rate for all (`Optimizer::set_lr_scales` refuses others).
+        let lr = lrs.first().copied().unwrap_or(0.0);
         let (beta1, beta2) = (self.beta1, self.beta2);
         let beta3 = self.beta3.unwrap_or(beta2.sqrt());
         let bias_correction = if self.use_bias_correction {
