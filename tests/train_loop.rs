@@ -1321,3 +1321,130 @@ fn text_encoder_options_are_checked() {
         assert!(err.contains(expected), "{err}");
     }
 }
+
+/// A kohya `reg` folder of class images: `1_shape/` with the training images and no captions,
+/// so each is captioned "shape" by its folder name.
+fn class_folder(dir: &Path) -> PathBuf {
+    let class = dir.join("reg");
+    let folder = class.join("1_shape");
+    std::fs::create_dir_all(&folder).unwrap();
+    for name in ["blue_square.png", "red_circle.png", "yellow_circle.png"] {
+        std::fs::copy(train_data().join(name), folder.join(name)).unwrap();
+    }
+    class
+}
+
+/// `--class-data` (prior preservation) from a kohya `reg` folder: the class samples are in the
+/// loss with `--prior-loss-weight` (a weight of 0 makes their images irrelevant: two different
+/// class folders give the same adapter, bit for bit; weight 1 another adapter), the metadata
+/// counts them as kohya does, and a resumed run is bit-exact. Options that cannot work together
+/// are refused.
+#[test]
+fn class_images_add_the_prior_preservation_loss() -> Result<()> {
+    let classes = tempfile::tempdir()?;
+    let reg = class_folder(classes.path());
+    // The same layout with other pictures (mirrored copies of the training images).
+    let other = classes.path().join("other");
+    std::fs::create_dir_all(other.join("1_shape"))?;
+    for name in ["blue_square.png", "red_circle.png", "yellow_circle.png"] {
+        image::open(train_data().join(name))?
+            .fliph()
+            .rotate90()
+            .save(other.join("1_shape").join(name))?;
+    }
+    let outputs = tempfile::tempdir()?;
+    let run = |class: &Path, weight: Option<f64>, name: &str| -> Result<PathBuf> {
+        let out = outputs.path().join(name);
+        std::fs::create_dir(&out)?;
+        let config = TrainArgs {
+            class_data: Some(class.to_path_buf()),
+            prior_loss_weight: weight,
+            batch_size: Some(2),
+            flip: Some(true),
+            ..args("sd1-tiny", &train_data(), &out)
+        }
+        .resolve()?;
+        Ok(lora_train::train(config, &mut quiet(), &mut |_| {})?.output)
+    };
+    let zero_reg = tensors(&run(&reg, Some(0.0), "zero-reg")?);
+    let zero_other = tensors(&run(&other, Some(0.0), "zero-other")?);
+    assert_same_tensors(&zero_reg, &zero_other);
+    let weighted = run(&reg, None, "weighted")?;
+    let meta = AdapterFile::read(&weighted, &Device::Cpu)?
+        .metadata()
+        .clone();
+    assert_eq!(meta["ss_num_reg_images"], "3");
+    assert_eq!(meta["ss_prior_loss_weight"], "1.0");
+    let weighted = tensors(&weighted);
+    let moved = weighted
+        .iter()
+        .map(|(k, t)| common::max_abs_diff(t, &zero_reg[k]))
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-4, "the class loss changed nothing ({moved})");
+
+    let recipe = |out: &Path, resume: Option<PathBuf>| TrainArgs {
+        class_data: Some(reg.clone()),
+        prior_loss_weight: Some(0.5),
+        save_every: Some(2),
+        flip: Some(true),
+        resume,
+        ..args("sd1-tiny", &train_data(), out)
+    };
+    let (straight, resumed) = straight_then_resumed(&recipe)?;
+    let (a, b) = (
+        straight.path().join("adapter.safetensors"),
+        resumed.path().join("adapter.safetensors"),
+    );
+    assert_same_tensors(&tensors(&a), &tensors(&b));
+
+    let dir = tempfile::tempdir()?;
+    for (extra, expected) in [
+        (
+            TrainArgs {
+                prior_loss_weight: Some(1.0),
+                ..Default::default()
+            },
+            "--prior-loss-weight given without --class-data",
+        ),
+        (
+            TrainArgs {
+                class_data: Some(reg.clone()),
+                buckets: Some(true),
+                ..Default::default()
+            },
+            "--class-data with --buckets",
+        ),
+        (
+            TrainArgs {
+                class_data: Some(reg.clone()),
+                prior_loss_weight: Some(f64::NAN),
+                ..Default::default()
+            },
+            "--prior-loss-weight = NaN",
+        ),
+    ] {
+        let err = format!(
+            "{:#}",
+            args("sd1-tiny", &train_data(), dir.path())
+                .overlay(extra)
+                .resolve()
+                .unwrap_err()
+        );
+        assert!(err.contains(expected), "{err}");
+    }
+    let missing = TrainArgs {
+        class_data: Some(dir.path().join("nowhere")),
+        ..args("sd1-tiny", &train_data(), dir.path())
+    };
+    let err = format!(
+        "{:#}",
+        Trainer::new(missing.resolve()?, &mut quiet())
+            .err()
+            .unwrap()
+    );
+    assert!(
+        err.contains("--class-data") && err.contains("nowhere"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -144,6 +144,15 @@ pub struct TrainArgs {
     /// use_bias_correction=true safeguard_warmup=true decouple=true beta3=… d0=… growth_rate=…
     #[arg(long, value_name = "KEY=VALUE", num_args = 1..)]
     pub optimizer_args: Option<Vec<String>>,
+    /// Prior preservation (DreamBooth): class images (any --data layout, e.g. a kohya `reg`
+    /// folder such as `1_dog/`) of which each batch pairs one with each training sample (kohya:
+    /// --reg_data_dir; diffusers: --class_data_dir); the loss adds theirs, weighted
+    #[arg(long, value_name = "DATA")]
+    pub class_data: Option<PathBuf>,
+    /// The weight of the class images' loss (kohya and diffusers: --prior_loss_weight)
+    /// [default: 1.0]
+    #[arg(long, value_name = "W")]
+    pub prior_loss_weight: Option<f64>,
     /// Held-out images (any --data layout, read with the same dataset options) whose denoising
     /// loss at fixed timesteps and noise is logged as `val_loss` in the metrics file
     #[arg(long, value_name = "DATA", conflicts_with = "validation_split")]
@@ -396,6 +405,11 @@ pub struct TrainConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ema_decay: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_data: Option<PathBuf>,
+    /// With `class_data` only (default 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prior_loss_weight: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub validation_data: Option<PathBuf>,
     /// Part of the recipe: it decides which images train.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -559,6 +573,8 @@ impl TrainArgs {
             warmup_steps,
             optimizer,
             optimizer_args,
+            class_data,
+            prior_loss_weight,
             validation_data,
             validation_split,
             validate_every,
@@ -703,6 +719,31 @@ impl TrainArgs {
                 ),
             }
         }
+        let prior_loss_weight = match (&self.class_data, self.prior_loss_weight) {
+            (None, Some(_)) => {
+                check(
+                    false,
+                    "--prior-loss-weight given without --class-data".into(),
+                );
+                None
+            }
+            (None, None) => None,
+            (Some(_), weight) => {
+                let weight = weight.unwrap_or(1.0);
+                check(
+                    weight.is_finite() && weight >= 0.0,
+                    format!("--prior-loss-weight = {weight}: expected a number ≥ 0"),
+                );
+                check(
+                    !self.buckets.unwrap_or(false),
+                    "--class-data with --buckets: class images train at the square --resolution \
+                     beside each training sample, so the batch cannot follow a bucket (drop \
+                     --buckets)"
+                        .into(),
+                );
+                Some(weight)
+            }
+        };
         if let Some(Err(e)) = self.validation_split.map(crate::validation::check_fraction) {
             check(false, format!("{e}"));
         }
@@ -878,6 +919,8 @@ impl TrainArgs {
             optimizer,
             optimizer_args,
             ema_decay: self.ema_decay,
+            class_data: self.class_data,
+            prior_loss_weight,
             validation_data: self.validation_data,
             validation_split: self.validation_split,
             validate_every: self.validate_every,

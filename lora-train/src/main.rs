@@ -50,6 +50,16 @@ fn main() -> Result<()> {
                 }
             );
         }
+        Preparation::ClassImages(d) => {
+            for w in &d.warnings {
+                eprintln!("warning (class images): {w}");
+            }
+            eprintln!(
+                "class images (prior preservation): {} images, {} samples per pass",
+                d.items.len(),
+                d.samples_per_epoch()
+            );
+        }
         Preparation::Encoding { done, total } => {
             if done == 1 {
                 encoding.set_draw_target(indicatif::ProgressDrawTarget::stderr());

@@ -95,6 +95,12 @@ impl DenoisingBatch {
         self
     }
 
+    /// Multiplies each sample's loss by `weights` (`[B]`, f32): prior preservation's weights.
+    pub fn with_sample_weights(mut self, weights: &Tensor) -> Result<Self> {
+        self.loss_weight = (&self.loss_weight * weights)?;
+        Ok(self)
+    }
+
     /// The (min-SNR weighted, masked) MSE of the UNet's `prediction` against the target,
     /// averaged in f32.
     pub fn loss(&self, prediction: &Tensor) -> Result<Tensor> {
@@ -105,5 +111,44 @@ impl DenoisingBatch {
         }
         let per_sample = squared.flatten_from(1)?.mean(1)?;
         Ok((per_sample * &self.loss_weight)?.mean_all()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use lora_core::models::config::SchedulerConfig;
+
+    /// Prior preservation's weights [2, 2, 2w, 2w] over a batch of two training and two class
+    /// samples give diffusers' loss: the training samples' mean MSE plus w times the class
+    /// samples', each computed here on its own half.
+    #[test]
+    fn sample_weights_give_the_prior_preservation_loss() -> Result<()> {
+        let dev = Device::Cpu;
+        let schedule = NoiseSchedule::new(&SchedulerConfig::parse(
+            r#"{"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}"#,
+        )?);
+        let mut rng = Rng::new(3);
+        let latents = rng.normal_tensor((4, 2, 3, 3), &dev)?;
+        let prediction = rng.normal_tensor((4, 2, 3, 3), &dev)?;
+        let w = 0.7f32;
+        let weights = Tensor::new(&[2.0f32, 2.0, 2.0 * w, 2.0 * w], &dev)?;
+        let batch = DenoisingBatch::draw(&schedule, None, 0.0, &latents, &mut Rng::new(5))?;
+        let weighted = batch.with_sample_weights(&weights)?.loss(&prediction)?;
+        let half = |start: usize| -> Result<f32> {
+            let batch = DenoisingBatch::draw(&schedule, None, 0.0, &latents, &mut Rng::new(5))?;
+            let squared = (prediction.narrow(0, start, 2)? - batch.target.narrow(0, start, 2)?)?;
+            Ok(squared.sqr()?.mean_all()?.to_scalar::<f32>()?)
+        };
+        let expected = half(0)? + w * half(2)?;
+        let got = weighted.to_scalar::<f32>()?;
+        assert!(expected.is_finite() && expected > 0.0);
+        assert!(
+            (got - expected).abs() <= 1e-6 * expected,
+            "{got} vs {expected}"
+        );
+        Ok(())
     }
 }

@@ -45,9 +45,38 @@ const ADAPTER_NAME: &str = "train";
 /// Generator stream of the text encoder adapter's initial values (the UNet's come from `seed`
 /// itself, the run's draws from stream 1, epoch orders from 2 + epoch).
 const TEXT_ENCODER_INIT_STREAM: u64 = 1 << 42;
+/// Generator streams of the class images' order, one per pass over them (`--class-data`).
+const CLASS_ORDER_STREAM: u64 = 1 << 43;
+
+/// `--class-data`: the class images each batch pairs with its training samples (prior
+/// preservation), in their own order: pass `p` over them shuffled by (`seed`, p).
+struct ClassImages {
+    dataset: Dataset,
+    data: EncodedDataset,
+    /// The pass whose order `order.1` holds.
+    order: (usize, Vec<usize>),
+    /// `--prior-loss-weight`.
+    weight: f64,
+}
+
+impl ClassImages {
+    /// The class item of class sample `index` (counted over the whole run).
+    fn item(&mut self, index: usize, seed: u64) -> usize {
+        let n = self.dataset.samples_per_epoch();
+        let pass = index / n;
+        if self.order.0 != pass {
+            let mut order = self.dataset.epoch_samples();
+            Rng::new(derive_seed(seed, CLASS_ORDER_STREAM + pass as u64)).shuffle(&mut order);
+            self.order = (pass, order);
+        }
+        self.order.1[index % n]
+    }
+}
 /// Events before the first step, for the front end to display.
 pub enum Preparation<'a> {
     Dataset(&'a Dataset),
+    /// `--class-data`'s images, read.
+    ClassImages(&'a Dataset),
     Encoding {
         done: usize,
         total: usize,
@@ -87,6 +116,11 @@ pub struct Trainer {
     sampler: Option<Sampler>,
     /// `--validation-data` / `--validation-split`: the held-out images' loss, logged.
     validation: Option<Validation>,
+    /// `--class-data`.
+    class_images: Option<ClassImages>,
+    /// What a checkpoint records of the datasets (training and class images), to refuse a
+    /// resume on changed data.
+    dataset_fingerprint: String,
     /// Set from outside (a signal handler) to end [`Trainer::run`] after the current step.
     stop: Option<Arc<AtomicBool>>,
 }
@@ -142,6 +176,17 @@ impl Trainer {
             (None, None) => (dataset, None),
         };
         on_prepare(Preparation::Dataset(&dataset));
+        let class_dataset = config
+            .class_data
+            .as_ref()
+            .map(|path| {
+                Dataset::scan(path, &config.dataset)
+                    .with_context(|| format!("--class-data {}", path.display()))
+            })
+            .transpose()?;
+        if let Some(class_dataset) = &class_dataset {
+            on_prepare(Preparation::ClassImages(class_dataset));
+        }
         let (source, pickle_copy) = ModelSource::parse(&config.base)?
             .with_configs_from(config.base_config.clone())?
             .reading_pickle(config.allow_pickle)?;
@@ -240,7 +285,14 @@ impl Trainer {
         let mut rng = Rng::new(derive_seed(config.seed, 1));
         let mut step = 0;
         let mut last_checkpoint = None;
-        let dataset_fingerprint = fingerprint(&dataset);
+        let dataset_fingerprint = match &class_dataset {
+            Some(class) => format!(
+                "{}; class images {}",
+                fingerprint(&dataset),
+                fingerprint(class)
+            ),
+            None => fingerprint(&dataset),
+        };
         if let Some(path) = &config.resume {
             let names: Vec<String> = optimizer.params().iter().map(|(n, _)| n.clone()).collect();
             let expected = recipe(&config, total_steps)?;
@@ -297,6 +349,36 @@ impl Trainer {
             &device,
             &mut |done, total| on_prepare(Preparation::Encoding { done, total }),
         )?;
+        let class_images = match class_dataset {
+            Some(class_dataset) => {
+                let data = EncodedDataset::build(
+                    &model,
+                    &class_dataset,
+                    &EncodeOptions {
+                        sizes: vec![
+                            (config.resolution, config.resolution);
+                            class_dataset.items.len()
+                        ],
+                        crop: config.crop,
+                        flip: config.flip,
+                        caption_dropout: config.caption_dropout > 0.0,
+                        caption_tokens: config.train_text_encoder,
+                        unet_in_channels: unet_config.in_channels,
+                        masks: None,
+                    },
+                    &device,
+                    &mut |done, total| on_prepare(Preparation::Encoding { done, total }),
+                )
+                .context("encoding the --class-data images")?;
+                Some(ClassImages {
+                    dataset: class_dataset,
+                    data,
+                    order: (usize::MAX, Vec::new()),
+                    weight: config.prior_loss_weight.unwrap_or(1.0),
+                })
+            }
+            None => None,
+        };
         let validation = match held_out {
             Some(held_out) => {
                 let sizes = held_out
@@ -366,6 +448,8 @@ impl Trainer {
             last_checkpoint,
             sampler,
             validation,
+            class_images,
+            dataset_fingerprint,
             stop: None,
         })
     }
@@ -460,6 +544,21 @@ impl Trainer {
             contexts.push(self.data.caption(item, dropped)?.clone());
             masks.extend(self.data.mask(item, flip)?.cloned());
         }
+        let instances = latents.len();
+        if let Some(class) = self.class_images.as_mut() {
+            // One class sample beside each training sample, drawn after them.
+            for j in 0..instances {
+                let item = class.item(index * self.config.batch_size + j, self.config.seed);
+                let flip = self.config.flip && self.rng.uniform() < 0.5;
+                let dropped = self.config.caption_dropout > 0.0
+                    && self.rng.uniform() < self.config.caption_dropout;
+                latents.push(class.data.latents(item, flip, &mut self.rng)?);
+                contexts.push(class.data.caption(item, dropped)?.clone());
+                if let Some(first) = masks.first() {
+                    masks.push(first.ones_like()?); // class images are unmasked
+                }
+            }
+        }
         let latents = Tensor::stack(&latents, 0)?;
         let context = conditioning(&contexts, self.text_encoder.as_ref())?;
         let mut batch = DenoisingBatch::draw(
@@ -471,6 +570,21 @@ impl Trainer {
         )?;
         if !masks.is_empty() {
             batch = batch.with_position_weights(Tensor::stack(&masks, 0)?);
+        }
+        if let Some(class) = &self.class_images {
+            // The mean over 2B samples, weighted 2 and 2w: the training samples' mean loss plus
+            // w times the class samples' (diffusers' prior-preservation loss).
+            let weights: Vec<f32> = (0..2 * instances)
+                .map(|i| {
+                    if i < instances {
+                        2.0
+                    } else {
+                        2.0 * class.weight as f32
+                    }
+                })
+                .collect();
+            let weights = Tensor::from_vec(weights, 2 * instances, latents.device())?;
+            batch = batch.with_sample_weights(&weights)?;
         }
         let (prediction, checkpointed) = if self.config.gradient_checkpointing {
             let (prediction, pass) =
@@ -611,7 +725,7 @@ impl Trainer {
             step: self.step,
             rng_state: self.rng.state(),
             recipe: recipe(&self.config, self.total_steps)?,
-            dataset: fingerprint(&self.dataset),
+            dataset: self.dataset_fingerprint.clone(),
             params,
             optimizer: self.optimizer.state(),
             ema: self.ema.as_ref().map(|ema| ema.tensors().to_vec()),
@@ -680,6 +794,13 @@ impl Trainer {
         put("ss_lora_targets", c.targets.to_string());
         if let Some(decay) = ema_decay {
             put("ss_ema_decay", python_float(decay));
+        }
+        if let Some(class) = &self.class_images {
+            put(
+                "ss_num_reg_images",
+                class.dataset.samples_per_epoch().to_string(),
+            );
+            put("ss_prior_loss_weight", python_float(class.weight));
         }
         save_adapter(
             path,
