@@ -1448,3 +1448,145 @@ fn class_images_add_the_prior_preservation_loss() -> Result<()> {
     );
     Ok(())
 }
+
+/// `--block-lr` and `--block-rank` (kohya's block names; sd1-tiny: in0–in5, mid, out0–out5).
+/// After one AdamW step from the same start every module has moved by its own learning rate
+/// only, so a block at factor ½ of --lr 1e-2 equals the run at --lr 5e-3 there and the run at
+/// 1e-2 elsewhere; a block at 0 has no adapter; a block's rank shapes its modules. Names outside
+/// the UNet and bad values are refused.
+#[test]
+fn block_learning_rates_and_ranks_apply_per_block() -> Result<()> {
+    let outputs = tempfile::tempdir()?;
+    let run = |name: &str, extra: TrainArgs| -> Result<BTreeMap<String, Tensor>> {
+        let out = outputs.path().join(name);
+        std::fs::create_dir(&out)?;
+        let config = args("sd1-tiny", &train_data(), &out)
+            .overlay(TrainArgs {
+                steps: Some(1),
+                ..extra
+            })
+            .resolve()?;
+        Ok(tensors(
+            &lora_train::train(config, &mut quiet(), &mut |_| {})?.output,
+        ))
+    };
+    let halved_mid = run(
+        "halved-mid",
+        TrainArgs {
+            block_lr: Some(vec!["mid=0.5".into()]),
+            ..Default::default()
+        },
+    )?;
+    let full = run("full", TrainArgs::default())?;
+    let half = run(
+        "half",
+        TrainArgs {
+            lr: Some(5e-3),
+            ..Default::default()
+        },
+    )?;
+    assert_eq!(halved_mid.len(), full.len());
+    let (mut mid, mut other) = (0, 0);
+    for (key, t) in &halved_mid {
+        let reference = match key.starts_with("lora_unet_mid_block_") {
+            true => {
+                mid += 1;
+                &half[key]
+            }
+            false => {
+                other += 1;
+                &full[key]
+            }
+        };
+        let diff = common::max_abs_diff(t, reference);
+        assert!(diff <= 1e-7, "{key}: {diff}");
+    }
+    assert!(mid > 0 && other > 0, "mid {mid}, other {other}");
+    assert!(
+        common::max_abs_diff(
+            &full
+                ["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_q.lora_up.weight"],
+            &half
+                ["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_q.lora_up.weight"]
+        ) > 1e-4
+    );
+
+    let shaped = run(
+        "shaped",
+        TrainArgs {
+            block_lr: Some(vec!["in1=0".into()]),
+            block_rank: Some(vec!["out5=2".into()]),
+            ..Default::default()
+        },
+    )?;
+    assert!(
+        !shaped
+            .keys()
+            .any(|k| k.starts_with("lora_unet_down_blocks_0_")),
+        "in1 (down_blocks.0) must have no adapter"
+    );
+    for (key, t) in shaped
+        .iter()
+        .filter(|(k, _)| k.ends_with("lora_down.weight"))
+    {
+        let rank = if key.starts_with("lora_unet_up_blocks_2_attentions_1_") {
+            2
+        } else {
+            4
+        };
+        assert_eq!(t.dims()[0], rank, "{key}");
+    }
+
+    let dir = tempfile::tempdir()?;
+    let unknown = TrainArgs {
+        block_lr: Some(vec!["in11=0.5".into()]),
+        ..args("sd1-tiny", &train_data(), dir.path())
+    };
+    let err = format!(
+        "{:#}",
+        Trainer::new(unknown.resolve()?, &mut quiet())
+            .err()
+            .unwrap()
+    );
+    assert!(
+        err.contains("`in11` not a block of this UNet") && err.contains("in0–in5"),
+        "{err}"
+    );
+    for (extra, expected) in [
+        (
+            TrainArgs {
+                block_lr: Some(vec!["mid=-1".into()]),
+                ..Default::default()
+            },
+            "expected a factor ≥ 0",
+        ),
+        (
+            TrainArgs {
+                block_rank: Some(vec!["mid=0".into()]),
+                ..Default::default()
+            },
+            "expected a rank ≥ 1",
+        ),
+        (
+            TrainArgs {
+                block_lr: Some(vec!["mid=0.5".into()]),
+                optimizer: Some(lora_train::optimizer::OptimizerKind::Prodigy),
+                ..Default::default()
+            },
+            "--block-lr with --optimizer prodigy",
+        ),
+    ] {
+        let err = format!(
+            "{:#}",
+            args("sd1-tiny", &train_data(), dir.path())
+                .overlay(extra)
+                .resolve()
+                .unwrap_err()
+        );
+        assert!(err.contains(expected), "{err}");
+    }
+    let toml = TrainArgs::from_toml("block-lr = \"in1=0.5, mid=2\"\nblock-rank = [\"mid=8\"]\n")?;
+    assert_eq!(toml.block_lr, Some(vec!["in1=0.5, mid=2".to_string()]));
+    assert_eq!(toml.block_rank, Some(vec!["mid=8".to_string()]));
+    Ok(())
+}

@@ -15,6 +15,7 @@ use crate::optimizer::{OptimizerKind, OptimizerSettings};
 use crate::sample::SamplePrompt;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use lora_core::adapters::blocks::parse_block_values;
 use lora_core::options::{DeviceSpec, Precision};
 use lora_core::{AdapterFormat, LoraInit, LoraTargets};
 use serde::{Deserialize, Serialize};
@@ -105,6 +106,18 @@ pub struct TrainArgs {
     /// Initialisation of lora_down: kaiming-uniform or gaussian [default: kaiming-uniform]
     #[arg(long)]
     pub init: Option<LoraInit>,
+    /// Per-block learning rates as multiples of --lr, BLOCK=FACTOR with kohya's block names
+    /// (in0…in11, mid, out0…out11 for SD1.x/SD2.x: rows of the original UNet), e.g.
+    /// in4=0.5,mid=2,out11=1 (kohya: down_lr_weight / mid_lr_weight / up_lr_weight); a block at 0
+    /// gets no adapter [default: 1 everywhere]
+    #[arg(long, value_name = "BLOCK=FACTOR", num_args = 1..)]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub block_lr: Option<Vec<String>>,
+    /// Per-block ranks, BLOCK=RANK with the same block names, e.g. mid=16,out11=8 (kohya:
+    /// block_dims; alpha stays --alpha) [default: --rank everywhere]
+    #[arg(long, value_name = "BLOCK=RANK", num_args = 1..)]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub block_rank: Option<Vec<String>>,
     /// Also train a LoRA on the text encoder: every attention projection and MLP layer (kohya
     /// trains it unless --network_train_unet_only); its captions are then encoded every step
     /// instead of once
@@ -382,6 +395,12 @@ pub struct TrainConfig {
     pub targets: LoraTargets,
     #[serde(serialize_with = "as_debug")]
     pub init: LoraInit,
+    /// `--block-lr`: per block name, its learning rate as a multiple of `lr`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub block_lr: BTreeMap<String, f64>,
+    /// `--block-rank`: per block name, its rank.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub block_rank: BTreeMap<String, usize>,
     /// Left out of the recipe when off, as checkpoints before it have no key.
     #[serde(skip_serializing_if = "is_false")]
     pub train_text_encoder: bool,
@@ -484,6 +503,20 @@ impl TrainConfig {
     }
 }
 
+/// A TOML value given as one string (`"in4=0.5,mid=2"`) or as a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Some(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    }))
+}
+
 fn is_false(value: &bool) -> bool {
     !value
 }
@@ -562,6 +595,8 @@ impl TrainArgs {
             alpha,
             targets,
             init,
+            block_lr,
+            block_rank,
             train_text_encoder,
             text_encoder_lr,
             steps,
@@ -671,6 +706,32 @@ impl TrainArgs {
         );
         let optimizer = self.optimizer.unwrap_or_default();
         let lr = self.lr.unwrap_or(optimizer.default_lr());
+        let block_lr = parse_block_values(
+            "--block-lr",
+            self.block_lr.as_deref().unwrap_or_default(),
+            |v| v.parse::<f64>().ok().filter(|f| f.is_finite() && *f >= 0.0),
+            "a factor ≥ 0",
+        )
+        .unwrap_or_else(|e| {
+            check(false, format!("{e:#}"));
+            BTreeMap::new()
+        });
+        check(
+            optimizer != OptimizerKind::Prodigy || block_lr.values().all(|&f| f == 0.0 || f == 1.0),
+            "--block-lr with --optimizer prodigy: prodigy estimates one step size for every \
+             parameter, so a block's factor can only be 1 (or 0: no adapter there)"
+                .into(),
+        );
+        let block_rank = parse_block_values(
+            "--block-rank",
+            self.block_rank.as_deref().unwrap_or_default(),
+            |v| v.parse::<usize>().ok().filter(|r| *r >= 1),
+            "a rank ≥ 1",
+        )
+        .unwrap_or_else(|e| {
+            check(false, format!("{e:#}"));
+            BTreeMap::new()
+        });
         let train_text_encoder = self.train_text_encoder.unwrap_or(false);
         if let Some(te_lr) = self.text_encoder_lr {
             check(
@@ -908,6 +969,8 @@ impl TrainArgs {
             alpha,
             targets,
             init,
+            block_lr,
+            block_rank,
             train_text_encoder,
             text_encoder_lr: self.text_encoder_lr,
             length,

@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, Var};
 use lora_core::adapters::TrainableAdapter;
+use lora_core::adapters::{ModuleInfo, UNetBlocks};
 use lora_core::formats::kohya::{python_bool, python_float};
 use lora_core::io::folder_of;
 use lora_core::io::weights::mmap_safetensors;
@@ -208,8 +209,28 @@ impl Trainer {
             targets: config.targets,
             init: config.init,
         };
+        // Per-block settings: a block at learning-rate factor 0 gets no adapter.
+        let blocks = UNetBlocks::new(&unet_config.layers_per_block);
+        blocks.check_names("--block-lr", &config.block_lr)?;
+        blocks.check_names("--block-rank", &config.block_rank)?;
+        let block_setting = |path: &str| blocks.block_of(path);
+        let adapted: Vec<ModuleInfo> = unet
+            .lora_modules()
+            .iter()
+            .filter(|m| {
+                block_setting(&m.path)
+                    .and_then(|b| config.block_lr.get(&b))
+                    .is_none_or(|&factor| factor > 0.0)
+            })
+            .cloned()
+            .collect();
+        let rank_of = |m: &ModuleInfo| {
+            block_setting(&m.path)
+                .and_then(|b| config.block_rank.get(&b).copied())
+                .unwrap_or(config.rank)
+        };
         let mut trainable =
-            Adapter::init_unet(&lora_config, unet.lora_modules(), &device, config.seed)?;
+            Adapter::init_unet_with_ranks(&lora_config, &adapted, &rank_of, &device, config.seed)?;
         unet.attach_adapter(ADAPTER_NAME, &trainable.adapter.unet, 1.0)?;
         let text_encoder = match config.train_text_encoder {
             true => {
@@ -240,7 +261,9 @@ impl Trainer {
             .iter()
             .map(|(name, _)| match is_text_encoder_param(&adapter, name) {
                 true => config.text_encoder_lr() / config.lr,
-                false => 1.0,
+                false => block_setting(name)
+                    .and_then(|b| config.block_lr.get(&b).copied())
+                    .unwrap_or(1.0),
             })
             .collect();
         let mut optimizer = Optimizer::new(vars, &config.optimizer_settings())?;
@@ -792,6 +815,22 @@ impl Trainer {
                 .unwrap_or_default(),
         );
         put("ss_lora_targets", c.targets.to_string());
+        if !c.block_lr.is_empty() || !c.block_rank.is_empty() {
+            let listed = |values: Vec<String>| values.join(",");
+            put(
+                "ss_block_lr",
+                listed(c.block_lr.iter().map(|(b, f)| format!("{b}={f}")).collect()),
+            );
+            put(
+                "ss_block_rank",
+                listed(
+                    c.block_rank
+                        .iter()
+                        .map(|(b, r)| format!("{b}={r}"))
+                        .collect(),
+                ),
+            );
+        }
         if let Some(decay) = ema_decay {
             put("ss_ema_decay", python_float(decay));
         }

@@ -1,10 +1,12 @@
 //! LoRA adapters: their configuration and presets, the low-rank math, and the adapted layer the
 //! models put wherever an adapter can attach. The one place that knows what `ΔW` is.
 
+pub mod blocks;
 pub mod config;
 pub mod linear;
 pub mod module;
 
+pub use blocks::UNetBlocks;
 pub use config::{LoraConfig, LoraInit, LoraTargets};
 pub use linear::{attach_checked, LayerVisitor, LoraLinear};
 pub use module::{Adapter, LoraModule, ModuleInfo, ModuleKind, TrainableAdapter};

@@ -113,11 +113,23 @@ impl Adapter {
         device: &Device,
         seed: u64,
     ) -> Result<TrainableAdapter> {
+        Self::init_unet_with_ranks(config, modules, &|_| config.rank, device, seed)
+    }
+
+    /// [`Self::init_unet`] with each module's rank from `rank_of` (per-block ranks, kohya's
+    /// `block_dims`); alpha stays `config.alpha`.
+    pub fn init_unet_with_ranks(
+        config: &LoraConfig,
+        modules: &[ModuleInfo],
+        rank_of: &dyn Fn(&ModuleInfo) -> usize,
+        device: &Device,
+        seed: u64,
+    ) -> Result<TrainableAdapter> {
         let targeted: Vec<&ModuleInfo> = modules
             .iter()
             .filter(|m| config.targets.matches(&m.path))
             .collect();
-        let (unet, vars) = fresh_modules(config, &targeted, device, seed)?;
+        let (unet, vars) = fresh_modules(config, &targeted, rank_of, device, seed)?;
         ensure!(
             !unet.is_empty(),
             "LoRA targets `{}` match no module of this model",
@@ -170,7 +182,7 @@ impl TrainableAdapter {
             "the adapter already has text-encoder modules"
         );
         let all: Vec<&ModuleInfo> = modules.iter().collect();
-        let (text_encoder, vars) = fresh_modules(config, &all, device, seed)?;
+        let (text_encoder, vars) = fresh_modules(config, &all, &|_| config.rank, device, seed)?;
         ensure!(
             !text_encoder.is_empty(),
             "the text encoder has no adaptable module"
@@ -185,20 +197,22 @@ impl TrainableAdapter {
 /// Low-rank weights by module path, and their variables.
 type FreshModules = (BTreeMap<String, LoraModule>, Vec<(String, Var)>);
 
-/// Fresh low-rank weights for each of `modules` and their variables (named
-/// `<path>.lora_down` / `<path>.lora_up`, sorted by name), drawn in order from `seed`.
+/// Fresh low-rank weights for each of `modules` (of rank `rank_of(module)`) and their
+/// variables (named `<path>.lora_down` / `<path>.lora_up`, sorted by name), drawn in order from
+/// `seed`.
 fn fresh_modules(
     config: &LoraConfig,
     modules: &[&ModuleInfo],
+    rank_of: &dyn Fn(&ModuleInfo) -> usize,
     device: &Device,
     seed: u64,
 ) -> Result<FreshModules> {
-    ensure!(config.rank > 0, "LoRA rank must be at least 1");
     let mut rng = Rng::new(seed);
     let mut weights = BTreeMap::new();
     let mut vars = Vec::new();
     for info in modules {
-        let (r, fan_in) = (config.rank, info.in_features);
+        let (r, fan_in) = (rank_of(info), info.in_features);
+        ensure!(r > 0, "{}: LoRA rank must be at least 1", info.path);
         let values: Vec<f32> = match config.init {
             LoraInit::KaimingUniform => {
                 let bound = 1.0 / (fan_in as f64).sqrt();
