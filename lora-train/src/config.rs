@@ -157,13 +157,16 @@ pub struct TrainArgs {
     /// use_bias_correction=true safeguard_warmup=true decouple=true beta3=… d0=… growth_rate=…
     #[arg(long, value_name = "KEY=VALUE", num_args = 1..)]
     pub optimizer_args: Option<Vec<String>>,
-    /// Prior preservation (DreamBooth): class images (any --data layout, e.g. a kohya `reg`
-    /// folder such as `1_dog/`) of which each batch pairs one with each training sample (kohya:
-    /// --reg_data_dir; diffusers: --class_data_dir); the loss adds theirs, weighted
+    /// Prior preservation (DreamBooth): class images (any --data layout, e.g. a kohya
+    /// reg_data_dir holding folders such as `1_dog/`), one paired with each training sample, so a
+    /// step runs 2 × --batch-size samples and --epochs counts passes over --data (kohya:
+    /// --reg_data_dir, whose batches mix both and whose epochs take twice the steps; diffusers:
+    /// --class_data_dir, as here); the loss adds theirs, weighted
     #[arg(long, value_name = "DATA")]
     pub class_data: Option<PathBuf>,
-    /// The weight of the class images' loss (kohya and diffusers: --prior_loss_weight)
-    /// [default: 1.0]
+    /// The weight of the class images' loss (kohya and diffusers: --prior_loss_weight): the loss
+    /// is the training samples' mean plus W times the class samples', as diffusers computes it
+    /// (kohya's mean over the mixed batch is half that) [default: 1.0]
     #[arg(long, value_name = "W")]
     pub prior_loss_weight: Option<f64>,
     /// Held-out images (any --data layout, read with the same dataset options) whose denoising
@@ -746,7 +749,8 @@ impl TrainArgs {
                 optimizer != OptimizerKind::Prodigy || te_lr == lr,
                 format!(
                     "--text-encoder-lr = {te_lr} with --optimizer prodigy: prodigy estimates one \
-                     step size for every parameter, so it takes one learning rate (--lr = {lr})"
+                     step size for every parameter, so it takes one learning rate (--lr = {lr}); \
+                     to keep the text encoder as it is, leave out --train-text-encoder"
                 ),
             );
         }
@@ -972,7 +976,8 @@ impl TrainArgs {
             block_lr,
             block_rank,
             train_text_encoder,
-            text_encoder_lr: self.text_encoder_lr,
+            // Equal to --lr is the default: one recipe, whichever way it was said.
+            text_encoder_lr: self.text_encoder_lr.filter(|&te_lr| te_lr != lr),
             length,
             batch_size,
             grad_accum,

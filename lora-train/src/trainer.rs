@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, Var};
 use lora_core::adapters::TrainableAdapter;
-use lora_core::adapters::{ModuleInfo, UNetBlocks};
+use lora_core::adapters::{LoraModule, ModuleInfo, UNetBlocks};
 use lora_core::formats::kohya::{python_bool, python_float};
 use lora_core::io::folder_of;
 use lora_core::io::weights::mmap_safetensors;
@@ -441,8 +441,19 @@ impl Trainer {
         let sampler = match &config.sample {
             Some(sample) => Some(Sampler::new(
                 &model,
-                unet.clone(),
-                text_encoder.clone(),
+                untracked_copy(&unet, &adapter.unet, |m, name, modules| {
+                    m.detach_adapter(name)?;
+                    m.attach_adapter(name, modules, 1.0)
+                })?,
+                text_encoder
+                    .as_ref()
+                    .map(|encoder| {
+                        untracked_copy(encoder, &adapter.text_encoder, |m, name, modules| {
+                            m.detach_adapter(name)?;
+                            m.attach_adapter(name, modules, 1.0)
+                        })
+                    })
+                    .transpose()?,
                 sample.clone(),
                 config.resolution,
                 config.seed,
@@ -1131,6 +1142,30 @@ fn bucket_batches(
         .collect();
     Rng::new(derive_seed(seed, (1 << 40) + epoch as u64)).shuffle(&mut batches);
     batches
+}
+
+/// A copy of `model` whose trained adapter (`modules`) is attached with its tensors detached:
+/// the same storage, so the optimizer's updates show, but no graph is recorded when it generates
+/// (a sampling loop would otherwise keep every denoising step's graph to its end).
+fn untracked_copy<M: Clone>(
+    model: &M,
+    modules: &BTreeMap<String, LoraModule>,
+    reattach: impl Fn(&mut M, &str, &BTreeMap<String, LoraModule>) -> Result<()>,
+) -> Result<M> {
+    let detached = modules
+        .iter()
+        .map(|(path, m)| {
+            let module = LoraModule {
+                down: m.down.detach(),
+                up: m.up.detach(),
+                alpha: m.alpha,
+            };
+            (path.clone(), module)
+        })
+        .collect();
+    let mut copy = model.clone();
+    reattach(&mut copy, ADAPTER_NAME, &detached)?;
+    Ok(copy)
 }
 
 /// Whether the adapter parameter `name` (`<module path>.lora_down|lora_up`) is the text

@@ -162,6 +162,18 @@ impl TextEncoder {
             self.encoder.visit(&prefix, f)
         })
     }
+
+    /// Removes the adapter attached under `name` from every layer.
+    pub fn detach_adapter(&mut self, name: &str) -> Result<()> {
+        let mut found = false;
+        self.encoder
+            .visit(&format!("{PREFIX}encoder"), &mut |_, layer| {
+                found |= layer.detach(name);
+                Ok(())
+            })?;
+        ensure!(found, "no adapter named `{name}` is attached");
+        Ok(())
+    }
 }
 
 /// The modules kohya's `lora_te_` keys and peft's text-encoder adapters name: the four attention

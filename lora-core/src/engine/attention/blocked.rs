@@ -86,6 +86,15 @@ fn grad_and_neg_delta(grad: &Tensor, out: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[grad, &delta.neg()?.to_dtype(grad.dtype())?], D::Minus1)
 }
 
+/// The most negative finite value of `dtype`, as an f32 (for the causal mask).
+fn most_negative(dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => -65504.0,         // f16::MIN
+        DType::BF16 => -3.389_531_4e38, // bf16::MIN
+        _ => f32::MIN,
+    }
+}
+
 /// One attention's operands with heads split, in the score dtype.
 struct Heads {
     /// Queries scaled by 1/√d, so no pass over the scores scales them.
@@ -96,8 +105,9 @@ struct Heads {
     dtype: DType,
     scale: f64,
     block_rows: usize,
-    /// Query row `i` attends to keys `0..=i` only (a text encoder's causal mask).
-    causal: bool,
+    /// Causal attention (query row `i` attends to keys `0..=i` only, a text encoder's): the
+    /// `[N, M]` scores mask, built once, in the score dtype.
+    causal_mask: Option<Tensor>,
 }
 
 impl Heads {
@@ -123,6 +133,19 @@ impl Heads {
             )));
         }
         let sd = score_dtype(q.dtype(), upcast);
+        // The most negative finite value rather than −∞, as transformers masks: every masked probability
+        // is still exactly 0 (each row keeps its own key, whose score is finite), and the CUDA
+        // softmax kernels' running maximum starts at −∞, from which −∞ − (−∞) would be NaN.
+        let causal_mask = match causal {
+            true => {
+                let masked = most_negative(sd);
+                let mask: Vec<f32> = (0..n)
+                    .flat_map(|i| (0..keys).map(move |j| if j > i { masked } else { 0.0 }))
+                    .collect();
+                Some(Tensor::from_vec(mask, (n, keys), q.device())?.to_dtype(sd)?)
+            }
+            false => None,
+        };
         let scale = 1.0 / ((width / heads) as f64).sqrt();
         let row_bytes = b * heads * keys * sd.size_in_bytes();
         Ok(Self {
@@ -132,7 +155,7 @@ impl Heads {
             dtype: q.dtype(),
             scale,
             block_rows: (score_bytes / row_bytes.max(1)).clamp(1, n.max(1)),
-            causal,
+            causal_mask,
         })
     }
 
@@ -145,20 +168,13 @@ impl Heads {
             .collect())
     }
 
-    /// Scaled scores of query rows `start..start + rows` against all keys; −∞ for the keys after
-    /// each row when causal (every row keeps its own key, so no row is all −∞).
+    /// Scaled scores of query rows `start..start + rows` against all keys, masked when causal.
     fn scores(&self, start: usize, rows: usize) -> Result<Tensor> {
         let scores = self.q.narrow(2, start, rows)?.matmul(&self.k.t()?)?;
-        if !self.causal {
-            return Ok(scores);
+        match &self.causal_mask {
+            Some(mask) => scores.broadcast_add(&mask.narrow(0, start, rows)?),
+            None => Ok(scores),
         }
-        let keys = self.k.dim(2)?;
-        let mask: Vec<f32> = (start..start + rows)
-            .flat_map(|i| (0..keys).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask =
-            Tensor::from_vec(mask, (rows, keys), scores.device())?.to_dtype(scores.dtype())?;
-        scores.broadcast_add(&mask)
     }
 
     /// Softmax probabilities of query rows `start..start + rows` over all keys.
@@ -412,6 +428,55 @@ mod tests {
                     assert!(err < tolerance, "{label}: d{name} {err}");
                 }
             }
+        }
+    }
+
+    /// The causal mask is finite in every score dtype (CUDA's softmax kernels start their
+    /// running maximum at −∞, where an −∞ score would make NaN), and masked keys still get
+    /// probability 0.
+    #[test]
+    fn causal_mask_is_finite_and_masks_completely() {
+        let dev = Device::Cpu;
+        for (dtype, upcast) in [
+            (DType::F32, false),
+            (DType::F16, false),
+            (DType::BF16, false),
+            (DType::F16, true),
+        ] {
+            let x = Rng::new(2)
+                .normal_tensor((1, 5, 4), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let heads = Heads::new(&x, &x, &x, 2, upcast, true, BLOCK_SCORE_BYTES).unwrap();
+            let mask = heads.causal_mask.as_ref().unwrap();
+            let values: Vec<f32> = mask
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                values.iter().all(|v| v.is_finite()),
+                "{dtype:?}: {values:?}"
+            );
+            let p = heads
+                .probabilities(0, 5)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let row0: Vec<f32> = p
+                .get(0)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(row0[1..], [0.0; 4], "{dtype:?}");
+            assert!((row0[0] - 1.0).abs() < 1e-3, "{dtype:?}: {row0:?}");
         }
     }
 
