@@ -63,11 +63,14 @@ fn assert_same_tensors(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor
     );
     for (k, x) in a {
         let y = &b[k];
-        assert_eq!(x.dims(), y.dims(), "{k}");
-        let (x, y) = (
-            x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
+        assert_eq!((x.dims(), x.dtype()), (y.dims(), y.dtype()), "{k}");
+        // Exact in f32 for every dtype a checkpoint holds (f32, and the u8 of 8-bit states).
+        let values = |t: &Tensor| {
+            t.to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .unwrap()
+        };
+        let (x, y) = (values(x), values(y));
         assert!(
             x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
             "tensor {k} differs"
@@ -194,14 +197,20 @@ fn straight_then_resumed(
     Ok((straight, resumed))
 }
 
-/// Lion's and Prodigy's state (momentum; Prodigy's moments, running sum, start point and its
-/// step-size estimate, a header scalar) resumes bit for bit too, and the adapter names the
-/// optimizer as kohya does; another optimizer cannot resume it.
+/// Lion's, AdamW8bit's and Prodigy's state (momentum; 8-bit codes and block scales beside f32
+/// moments; Prodigy's moments, running sum, start point and its step-size estimate, a header
+/// scalar) resumes bit for bit too, and the adapter names the optimizer as kohya does; another
+/// optimizer cannot resume it.
 #[test]
-fn lion_and_prodigy_resume_bit_exactly() -> Result<()> {
+fn lion_adamw8bit_and_prodigy_resume_bit_exactly() -> Result<()> {
     use lora_train::optimizer::OptimizerKind;
     for (kind, settings) in [
         (OptimizerKind::Lion, vec!["betas=0.9,0.98".to_string()]),
+        // Some of the tiny adapter's matrices are 128 elements, some 64: both kinds of state.
+        (
+            OptimizerKind::AdamW8bit,
+            vec!["min_8bit_size=100".to_string()],
+        ),
         (
             OptimizerKind::Prodigy,
             vec![
@@ -215,10 +224,10 @@ fn lion_and_prodigy_resume_bit_exactly() -> Result<()> {
             save_every: Some(2),
             optimizer: Some(kind),
             optimizer_args: Some(settings.clone()),
-            lr: Some(if kind == OptimizerKind::Lion {
-                1e-3
-            } else {
-                1.0
+            lr: Some(match kind {
+                OptimizerKind::Lion => 1e-3,
+                OptimizerKind::AdamW8bit => 1e-2,
+                _ => 1.0,
             }),
             seed: Some(3),
             resume,
@@ -230,13 +239,13 @@ fn lion_and_prodigy_resume_bit_exactly() -> Result<()> {
         let (ckpt4, _) = checkpoint_paths(&out, 4);
         let out_r = resumed.path().join("adapter.safetensors");
         let ckpt = tensors(&ckpt4);
+        let slot = match kind {
+            OptimizerKind::Lion => "lion_m.",
+            OptimizerKind::AdamW8bit => "adam8_m.",
+            _ => "prodigy_p0.",
+        };
         assert!(
-            ckpt.keys()
-                .any(|k| k.starts_with(if kind == OptimizerKind::Lion {
-                    "lion_m."
-                } else {
-                    "prodigy_p0."
-                })),
+            ckpt.keys().any(|k| k.starts_with(slot)),
             "{kind}: {:?}",
             ckpt.keys().take(4).collect::<Vec<_>>()
         );
@@ -252,14 +261,23 @@ fn lion_and_prodigy_resume_bit_exactly() -> Result<()> {
             assert!(d > 1e-6, "Prodigy's step size did not grow: {d}");
         }
         let described = AdapterFile::read(&out, &Device::Cpu)?.metadata()["ss_optimizer"].clone();
-        let class = if kind == OptimizerKind::Lion {
-            "Lion("
-        } else {
-            "Prodigy("
+        let class = match kind {
+            OptimizerKind::Lion => "Lion(",
+            OptimizerKind::AdamW8bit => "AdamW8bit(",
+            _ => "Prodigy(",
         };
         assert!(described.starts_with(class), "{described}");
 
         let elsewhere = tempfile::tempdir()?;
+        if kind == OptimizerKind::AdamW8bit {
+            // Both kinds of state were written: codes (u8) and f32 moments.
+            let dtypes: std::collections::BTreeSet<_> = ckpt
+                .iter()
+                .filter(|(k, _)| k.starts_with("adam8_m."))
+                .map(|(_, t)| format!("{:?}", t.dtype()))
+                .collect();
+            assert_eq!(dtypes.len(), 2, "{dtypes:?}");
+        }
         let other = TrainArgs {
             optimizer: Some(OptimizerKind::AdamW),
             optimizer_args: None,

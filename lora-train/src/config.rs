@@ -148,8 +148,10 @@ pub struct TrainArgs {
     /// Steps of linear warm-up from 0 to --lr [default: 0]
     #[arg(long)]
     pub warmup_steps: Option<usize>,
-    /// adamw (PyTorch's AdamW), lion (lion-pytorch) or prodigy (prodigyopt; its step size is
-    /// estimated, so --lr defaults to 1.0 with it) (kohya: --optimizer_type) [default: adamw]
+    /// adamw (PyTorch's AdamW), adamw8bit (bitsandbytes' AdamW8bit: block-wise 8-bit moments, a
+    /// quarter of the state from rank 16 on), lion (lion-pytorch) or prodigy (prodigyopt; its
+    /// step size is estimated, so --lr defaults to 1.0 with it) (kohya: --optimizer_type)
+    /// [default: adamw]
     #[arg(long)]
     pub optimizer: Option<OptimizerKind>,
     /// KEY=VALUE settings of the optimizer, named as its reference implementation names them

@@ -87,12 +87,13 @@ fn main() -> Result<()> {
     let adapter = trainer.adapter();
     let values: usize = trainer.params().iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!(
-        "adapter: {} UNet modules{}, {values} trained values",
+        "adapter: {} UNet modules{}, {values} trained values; optimizer state {:.1} MiB",
         adapter.unet.len(),
         match adapter.text_encoder.len() {
             0 => String::new(),
             n => format!(" and {n} text-encoder modules (captions encoded every step)"),
-        }
+        },
+        trainer.optimizer_state_bytes() as f64 / (1 << 20) as f64
     );
 
     // SIGINT / SIGTERM: finish the step in progress, write a checkpoint, say how to resume.

@@ -505,6 +505,11 @@ impl Trainer {
         self.total_steps
     }
 
+    /// Bytes of optimizer state (moments; 8-bit codes and scales with `adamw8bit`).
+    pub fn optimizer_state_bytes(&self) -> usize {
+        self.optimizer.state_bytes()
+    }
+
     /// The adapter being trained (its tensors are the trained variables').
     pub fn adapter(&self) -> &Adapter {
         &self.adapter

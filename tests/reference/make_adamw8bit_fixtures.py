@@ -1,64 +1,65 @@
 #!/usr/bin/env python3
-"""AdamW8bit fixtures: the parameter trajectories that bitsandbytes' `bnb.optim.AdamW8bit` (block-wise
-8-bit states, as kohya-ss/sd-scripts runs it on CUDA) produces from a fixed gradient sequence, for
-lora-train's `--optimizer adamw8bit` to reproduce.
+"""AdamW8bit fixtures: the parameter trajectories that bitsandbytes' `bnb.optim.AdamW8bit`
+(block-wise 8-bit states, as kohya-ss/sd-scripts runs it on CUDA) produces from a fixed gradient
+sequence, for lora-train's `--optimizer adamw8bit` to reproduce.
 
 Writes tests/fixtures/optimizers-8bit/:
   trajectories.safetensors
     qmap.signed, qmap.unsigned   f32[256]: the first-moment ("dynamic", signed) and second-moment
                                  ("udynamic") maps, create_dynamic_map(signed=True/False)
-    grad.p<i>.step<t>            bf16: the gradient fed at step t (1..40); the reference used its exact
-                                 f32 value (bf16 keeps the file small)
-    <case>.p<i>.step<t>          f32: the parameters after step t (t = 0 is the start). Every step for
-                                 every parameter, except p0 of cases that list `p0_steps` in cases.json
-    <case>.p0.{state1,state2}.step<t>   u8: the 8-bit codes of m and v after step t (STATE_STEPS)
-    <case>.p0.{absmax1,absmax2}.step<t> f32[blocks]: their per-block scales
-    quant.x_signed / quant.code_signed      probes of the signed quantiser (raw, before the sign fix)
-    quant.x_unsigned / quant.code_unsigned  probes of the unsigned quantiser
-  cases.json   per case: optimizer, lr, weight_decay, --optimizer-args, per-step lr multipliers, shapes,
-               which parameters are 8-bit; the constants; versions; how far bitsandbytes' own CPU
-               backend lands from the reference
+    grad.p<i>.step<t>            bf16: the gradient fed at step t (1..40); the reference used its
+                                 exact f32 value (bf16 keeps the file small)
+    <case>.p<i>.step<t>          f32: the parameters after step t (t = 0 is the start); every step
+                                 for every parameter, except p0 of a case that lists `p0_steps`
+    <case>.p0.{state1,state2}.step<t>    u8: the codes of m and v after step t (STATE_STEPS)
+    <case>.p0.{absmax1,absmax2}.step<t>  f32[17]: their per-block scales
+    quant.x_signed / quant.code_signed       probes of the signed quantiser (before the sign fix)
+    quant.x_unsigned / quant.code_unsigned   probes of the unsigned quantiser
+  cases.json   per case: optimizer, lr, weight_decay, --optimizer-args; per-step lr multipliers,
+               shapes, which parameters are 8-bit, the constants, versions, and how far
+               bitsandbytes' own CPU backend lands from the reference
 
-Three parameters: p0 (8, 521) = 4168 elements >= min_8bit_size 4096, so its states are 8-bit: 16 full
-blocks of 256 and a partial 17th of 72; p1 (8, 4) zeros (LoRA's `up`) and p2 (5,) stay 32-bit. p0's
-gradients are zero for the first two steps (as `down`'s while `up` is still zero), block 5 is always
-zero (its scales stay 0), its per-element magnitudes spread over 1.5 decades and its overall scale
-over one (the 32-bit parameters' over three, as in make_optimizer_fixtures.py), so that v / absmax
-reaches the map's fine codes. No other exact zeros in p0, and no wider ranges: an entry whose v is
-quantised to code 0 while its m is not (v / absmax2 < 1.625e-7, i.e. |g| below ~4e-4 of the block's
-largest, while m / absmax1 >= 2.75e-7) divides m by little more than eps at the next small or zero
-gradient and jumps (by 1e1..1e2 with lr 1e-2 in a trial with three decades of spread and exact zeros):
-real kernel behaviour, but chaotic, no use for a parity test. The script asserts that no update of p0
-exceeds 5 lr.
+Three parameters: p0 (8, 521) = 4168 elements >= min_8bit_size 4096, so its states are 8-bit: 16
+full blocks of 256 and a partial 17th of 72; p1 (8, 4) zeros (LoRA's `up`) and p2 (5,) keep f32
+states. p0's gradients are zero for the first two steps (as `down`'s while `up` is still zero),
+its block 5 always (its scales stay 0), its per-element magnitudes spread over 1.5 decades and
+its overall scale over one (the 32-bit parameters' over three, as in make_optimizer_fixtures.py),
+so that v / absmax reaches the map's fine codes. No other exact zeros in p0, and no wider ranges:
+an entry whose v is quantised to code 0 while its m is not (v / absmax2 < 1.625e-7, i.e. |g| below
+~4e-4 of the block's largest, while |m| / absmax1 >= 2.75e-7) divides m by little more than eps at
+its next tiny or zero gradient and jumps (by 1e1..1e2 with lr 1e-2 in a trial with three decades
+of spread and exact zeros): real kernel behaviour, but chaotic, no use for a parity test. The
+script asserts that no step moves an entry of p0 by more than 5 lr.
 
-The reference is the CUDA kernel every CUDA user (kohya) runs, re-implemented here element by element
-in f32 because this machine has no GPU. Sources (bitsandbytes-foundation/bitsandbytes, 0.45.0 through
-0.50.2 / main of 2026-08; the kernel is unchanged over that range, block size 256 since 0.44.0):
-  bitsandbytes/optim/adamw.py        AdamW8bit: Optimizer2State("adam", ..., optim_bits=8,
-                                     min_8bit_size=4096); percentile_clipping=100 (off) and
-                                     block_wise=True up to 0.49, both removed in 0.50; max_unorm 0
-  bitsandbytes/optim/optimizer.py    Optimizer2State.init_state: numel < min_8bit_size -> f32 states;
-                                     else u8 zeros, qmap1 = dynamic (signed), qmap2 = udynamic,
-                                     absmax1/2 = zeros(ceil(n / 256)); update_step: step += 1 first
-  bitsandbytes/functional.py         create_dynamic_map (copied below as `dynamic_map`)
-  csrc/ops.cu                        BLOCKSIZE_2STATE 256, NUM_2STATE 1: one 256-thread CUDA block
-                                     per 256 elements
-  csrc/kernels.cu                    kOptimizerStatic8bit2StateBlockwise (8-bit), quantize_2D (the
-                                     quantiser), kOptimizer32bit2State case ADAM (32-bit)
-Hyper-parameters reach the kernels as C floats (ct.c_float), so lr, betas, eps and weight decay are
-rounded to f32 first. Differences from the GPU that no CPU reproduces and that are left out:
-__powf/__fdividef are approximate (~2 ulp) on the GPU, and nvcc contracts a*b+c into FMA; here every
-operation is one correctly rounded f32 op in the order the source writes it, powers are taken in f64
-and rounded to f32, so a Rust port doing the same ops in the same order can match bit for bit.
+The reference is the CUDA kernel that CUDA users (kohya) run, re-implemented element by element in
+f32 because this machine has no GPU. Sources (bitsandbytes-foundation/bitsandbytes; the kernel is
+the same from 0.45.0 to 0.50.2 and main of 2026-08, block size 256 since 0.44.0):
+  bitsandbytes/optim/adamw.py      AdamW8bit: Optimizer2State("adam", ..., optim_bits=8,
+                                   min_8bit_size=4096); percentile_clipping=100 (off) and
+                                   block_wise=True up to 0.49, both removed in 0.50; max_unorm 0
+  bitsandbytes/optim/optimizer.py  Optimizer2State.init_state: numel < min_8bit_size -> f32 states;
+                                   else u8 zeros, qmap1 = dynamic (signed), qmap2 = udynamic,
+                                   absmax1/2 = zeros(ceil(n / 256)); update_step: step += 1 first
+  bitsandbytes/functional.py       create_dynamic_map (copied below as `dynamic_map`)
+  csrc/ops.cu                      BLOCKSIZE_2STATE 256, NUM_2STATE 1: one 256-thread CUDA block
+                                   per 256 elements
+  csrc/kernels.cu                  kOptimizerStatic8bit2StateBlockwise (8-bit), quantize_2D (the
+                                   quantiser), kOptimizer32bit2State case ADAM (32-bit)
+Hyper-parameters reach the kernels as C floats (ct.c_float): lr, betas, eps and weight decay are
+rounded to f32 first. Left out, as no CPU reproduces them: __powf and __fdividef are approximate
+(~2 ulp) on the GPU, and nvcc contracts a*b+c into FMA. Here every operation is one correctly
+rounded f32 op in the order the source writes it, and powers are taken in f64 and rounded to f32,
+so a port doing the same ops in the same order can match bit for bit.
 
-bitsandbytes >= 0.49 also steps AdamW8bit on CPU tensors (backends/cpu/ops.py,
-_optimizer_update_8bit_blockwise_cpu) but with a different algorithm: decay before the step, states
-re-quantised through a 65536-bin look-up table (csrc/cpu_ops.cpp, quantize_cpu_impl) rather than the
-exact nearest code, no sign fix, padding not in the block maxima. The script re-implements that too
-(`cpu_backend_*`) and asserts that it matches bitsandbytes on CPU exactly, and checks the maps,
-dequantisation and the quantiser against bitsandbytes' own functions. It records in cases.json how
-far bitsandbytes-on-CPU lands from the CUDA reference. Nothing expected is typed in. Usage:
-    pip install bitsandbytes==0.50.2   # the cross-checks need it (CPU wheel part works without a GPU)
+bitsandbytes >= 0.50.0 also steps AdamW8bit on CPU tensors (backends/cpu/ops.py,
+_optimizer_update_8bit_blockwise_cpu, PR #1901) but with a different algorithm: decay before the
+step, states re-quantised through a 65536-bin look-up table (csrc/cpu_ops.cpp, quantize_cpu_impl)
+rather than to the nearest code, no sign fix, padding not in the block maxima. The script
+re-implements that too (`cpu_backend_*`) and asserts that it matches bitsandbytes on CPU exactly,
+checks the maps, dequantisation and quantiser against bitsandbytes' own functions, and records in
+cases.json how far bitsandbytes-on-CPU lands from the CUDA reference. Nothing expected is typed
+in. Usage (bitsandbytes is needed for the cross-checks; its CPU part runs without a GPU):
+    pip install bitsandbytes==0.50.2
     python tests/reference/make_adamw8bit_fixtures.py [--out tests/fixtures/optimizers-8bit]
 """
 
@@ -69,6 +70,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -97,6 +99,14 @@ CASES = {
 def f32(x):
     """A 0-dim f32 tensor: arithmetic with it stays in f32, one rounding per op."""
     return torch.tensor(x, dtype=F32)
+
+
+def sqrt32(x):
+    """The correctly rounded f32 square root (sqrtf, Rust's f32::sqrt). torch.sqrt is not one on
+    every CPU (its AVX-512 kernel is 0.5001-ulp Sleef); numpy's is the hardware instruction."""
+    out = torch.from_numpy(np.asarray(np.sqrt(x.numpy()), dtype=np.float32))
+    assert torch.equal(out, torch.sqrt(x.double()).float()), "f32 sqrt is not correctly rounded"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +145,9 @@ def quantize_2d(x, code, signed):
     value 1.0). Then, with val = code[pivot]:
       x > val:  midpoint = (upper + val) * 0.5f;  x > midpoint ? upper_pivot : pivot
       else:     midpoint = (lower + val) * 0.5f;  x < midpoint ? lower_pivot : pivot
-    so the nearest code, an exact tie going to `pivot`; NaN (0 / 0) gives 0."""
+    so the nearest code: the number of f32 midpoints (code[k] + code[k+1]) * 0.5f below x, except
+    that x equal to a midpoint takes the even index of the two (the search always ends on an even
+    pivot); NaN (0 / 0) gives 0."""
     pivot = torch.full(x.shape, 127, dtype=torch.long)
     upper_pivot = torch.full(x.shape, 255, dtype=torch.long)
     lower_pivot = torch.zeros(x.shape, dtype=torch.long)
@@ -170,14 +182,15 @@ def corrections(beta1, beta2, step):
     """correction1 = 1 - beta1^t, correction2 = sqrtf(1 - beta2^t), f32; the powers in f64 from the
     f32 betas, rounded to f32."""
     c1 = f32(1.0) - f32(float(beta1) ** step)
-    c2 = torch.sqrt(f32(1.0) - f32(float(beta2) ** step))
+    c2 = sqrt32(f32(1.0) - f32(float(beta2) ** step))
     return c1, c2
 
 
 def cuda_step_8bit(p, g, st, beta1, beta2, eps, lr, wd, step, code1, code2):
     """kOptimizerStatic8bit2StateBlockwise<float, ADAM, 256, 1>, one CUDA block per 256 elements.
     The partial last block is padded with g = 0, state1 code 128, state2 code 0 (cub BlockLoad
-    defaults) and the padding takes part in the block maxima."""
+    defaults) and the padding takes part in the block maxima (as 0.9 * 5.5e-7 * the old maximum,
+    which never decides one here: a port may take the maxima over the real entries only)."""
     n = p.numel()
     blocks = -(-n // BLOCK)
     pad = blocks * BLOCK - n
@@ -199,7 +212,7 @@ def cuda_step_8bit(p, g, st, beta1, beta2, eps, lr, wd, step, code1, code2):
     absmax2 = s2.abs().amax(dim=1)
     # p += step_size * (m / (sqrt(v) + correction2*eps)); then p *= 1 - lr*wd (after the step)
     pp = torch.cat([p.reshape(-1), torch.zeros(pad, dtype=F32)]).view(blocks, BLOCK)
-    new = pp + step_size * (s1 / (torch.sqrt(s2) + eps_c2))
+    new = pp + step_size * (s1 / (sqrt32(s2) + eps_c2))
     if float(wd) > 0:
         new = new * (f32(1.0) - lr * wd)
     new = torch.where(finite, new, pp)
@@ -221,7 +234,7 @@ def cuda_step_32bit(p, g, st, beta1, beta2, eps, lr, wd, step):
     step_size = (-lr * c2) / c1
     st["m"] = st["m"] * beta1 + (f32(1.0) - beta1) * g
     st["v"] = st["v"] * beta2 + (f32(1.0) - beta2) * (g * g)
-    new = p + step_size * (st["m"] / (torch.sqrt(st["v"]) + eps * c2))
+    new = p + step_size * (st["m"] / (sqrt32(st["v"]) + eps * c2))
     if float(wd) > 0:
         new = new * (f32(1.0) - lr * wd)
     return new
@@ -262,7 +275,8 @@ def cpu_backend_quantize(a, code, lut):
     lut[uint16((clamp(v * (1/absmax), -1, 1) + 1) * 0.5 * 65535 + 0.5)]."""
     n = a.numel()
     blocks = -(-n // BLOCK)
-    flat = torch.cat([a.reshape(-1), torch.zeros(blocks * BLOCK - n, dtype=F32)]).view(blocks, BLOCK)
+    flat = torch.cat([a.reshape(-1), torch.zeros(blocks * BLOCK - n, dtype=F32)])
+    flat = flat.view(blocks, BLOCK)
     absmax = flat.abs().amax(dim=1)
     inv = torch.where(absmax == 0, f32(0.0), f32(1.0) / absmax)  # a zero block is skipped
     v = torch.clamp(flat * inv.view(-1, 1), -1.0, 1.0)
@@ -359,19 +373,21 @@ def check_maps_and_quantiser(code1, code2):
         mids = (code[:-1] + code[1:]) * 0.5  # f32, as the kernel forms them
         mag = 10.0 ** (-7.0 * torch.rand(3000, generator=gen))
         sgn = torch.where(torch.rand(3000, generator=gen) < 0.5, -1.0, 1.0) if signed else 1.0
-        x = torch.cat([code, mids, torch.nextafter(mids, f32(2.0)), torch.nextafter(mids, f32(-2.0)),
-                       torch.rand(2000, generator=gen) * (1 - lo) + lo, mag * sgn,
-                       torch.tensor([0.0, -0.0, 1.0, lo, 1e-30])]).to(F32)
+        up, down = torch.nextafter(mids, f32(2.0)), torch.nextafter(mids, f32(-2.0))
+        x = torch.cat([code, mids, up, down, torch.rand(2000, generator=gen) * (1 - lo) + lo,
+                       mag * sgn, torch.tensor([0.0, -0.0, 1.0, lo, 1e-30])]).to(F32)
         x = x[(x >= lo) | (x == 0)]
         q = quantize_2d(x, code, signed)
-        # The exact nearest code (f64 distances); a tie, or a point within an ulp of a midpoint,
-        # may go either way.
+        # The rule: count the f32 midpoints below x; on a midpoint, the even index of the two.
+        k = torch.searchsorted(mids, x, side="left")
+        on_mid = (k < 255) & (mids[k.clamp(max=254)] == x)
+        rule = torch.where(on_mid, k + k % 2, k)
+        assert torch.equal(q.long(), rule), "quantize_2d breaks the midpoint rule"
+        # ... which is the nearest code (f64 distances) wherever x is not within an ulp of a tie.
         d = (x.double().view(-1, 1) - code.double().view(1, -1)).abs()
-        best = d.argmin(dim=1)
         two = d.topk(2, dim=1, largest=False).values
-        tie = (two[:, 1] - two[:, 0]) <= 2 * torch.finfo(F32).eps * x.double().abs().clamp_min(1e-38)
-        assert bool(((q.long() == best) | tie).all()), "quantize_2d is not the nearest code"
-        # The kernel's tie rule: at an exact f32 midpoint the binary search's own pivot wins.
+        tie = (two[:, 1] - two[:, 0]) <= 2 * 2.0 ** -23 * x.double().abs().clamp_min(1e-38)
+        assert bool(((q.long() == d.argmin(dim=1)) | tie).all()), "not the nearest code"
         probes[signed] = (x.contiguous(), q.contiguous())
         # bnb's dequantize_blockwise on CPU is code[q] * absmax, bit for bit.
         a = torch.randn(5000, generator=gen) * 10.0 ** (-3 * torch.rand(5000, generator=gen))
@@ -390,6 +406,70 @@ def check_maps_and_quantiser(code1, code2):
         print(f"  {'signed' if signed else 'unsigned'} map: bnb CPU quantize_blockwise (LUT) "
               f"differs from the nearest code at {int((exact != qb).sum())} of {a.numel()}")
     return probes
+
+
+def check_port(tensors):
+    """A second, plain port of the rules (numpy f32, the quantiser as a midpoint count with the
+    even-index tie rule), as lora-train would write it: it must reproduce every recorded tensor
+    bit for bit, from the stored start, gradients and maps alone."""
+    f = np.float32
+    T = {k: v.float().numpy().reshape(-1) if v.dtype == torch.bfloat16 else v.numpy().reshape(-1)
+         for k, v in tensors.items()}
+    codes = (T["qmap.signed"], T["qmap.unsigned"])
+    mids = [(c[:-1] + c[1:]) * f(0.5) for c in codes]
+
+    def quant(x, mid):
+        k = np.searchsorted(mid, x, side="left")
+        k = np.where((k < 255) & (mid[np.minimum(k, 254)] == x), k + k % 2, k)
+        return np.where(np.isnan(x), 0, k)  # 0 / 0 (a block of zeros)
+
+    for name, case in CASES.items():
+        hp = hyper(case)
+        b1, b2, eps, wd = f(hp["betas"][0]), f(hp["betas"][1]), f(hp["eps"]), f(hp["wd"])
+        ps = [T[f"{name}.p{i}.step0"].copy() for i in range(len(SHAPES))]
+        n = ps[0].size
+        blocks = -(-n // BLOCK)
+        pad = blocks * BLOCK - n
+        blk = np.arange(blocks * BLOCK) // BLOCK
+        q1, q2 = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        a1, a2 = np.zeros(blocks, f), np.zeros(blocks, f)
+        mv = [(np.zeros_like(p), np.zeros_like(p)) for p in ps[1:]]
+        for t in range(1, STEPS + 1):
+            lr = f(case["lr"] * LR_SHAPE[t - 1])
+            c1 = f(1) - f(float(b1) ** t)
+            c2 = np.sqrt(f(1) - f(float(b2) ** t))
+            step_size = (-lr * c2) / c1
+            gs = [T[f"grad.p{i}.step{t}"] for i in range(len(SHAPES))]
+            g = np.concatenate([gs[0], np.zeros(pad, f)])
+            v = codes[1][np.concatenate([q2, np.zeros(pad, np.int64)])] * a2[blk]
+            v = v * b2 + ((f(1) - b2) * g) * g
+            m = codes[0][np.concatenate([q1, np.full(pad, 128)])] * a1[blk]
+            m = m * b1 + (f(1) - b1) * g
+            a1 = np.abs(m).reshape(blocks, BLOCK).max(1)
+            a2 = np.abs(v).reshape(blocks, BLOCK).max(1)
+            p = np.concatenate([ps[0], np.zeros(pad, f)])
+            p = p + step_size * (m / (np.sqrt(v) + c2 * eps))
+            if wd > 0:
+                p = p * (f(1) - lr * wd)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                n1, n2 = quant(m / a1[blk], mids[0]), quant(v / a2[blk], mids[1])
+            wrong = np.signbit(codes[0][n1]) != np.signbit(m)
+            n1 = np.where(wrong, (n1 + np.where(m > 0, 1, -1)) % 256, n1)
+            q1, q2, ps[0] = n1[:n], n2[:n], p[:n]
+            for j, (mj, vj) in enumerate(mv):
+                gj = gs[j + 1]
+                mj, vj = mj * b1 + (f(1) - b1) * gj, vj * b2 + (f(1) - b2) * (gj * gj)
+                ps[j + 1] = ps[j + 1] + step_size * (mj / (np.sqrt(vj) + eps * c2))
+                if wd > 0:
+                    ps[j + 1] = ps[j + 1] * (f(1) - lr * wd)
+                mv[j] = (mj, vj)
+            for key, ours in [(f"{name}.p{i}.step{t}", p) for i, p in enumerate(ps)] + [
+                    (f"{name}.p0.{k}.step{t}", x)
+                    for k, x in (("state1", q1), ("state2", q2), ("absmax1", a1), ("absmax2", a2))]:
+                if key in T:
+                    assert np.array_equal(T[key], ours), f"the numpy port differs at {key}"
+    for cname, mid in (("signed", mids[0]), ("unsigned", mids[1])):
+        assert np.array_equal(quant(T[f"quant.x_{cname}"], mid), T[f"quant.code_{cname}"])
 
 
 def main():
@@ -461,6 +541,8 @@ def main():
         deviations[name] = [float(f"{w:.3e}") for w in worst]
         print(f"  {name}: bnb-on-CPU vs the CUDA reference, worst relative distance of the "
               f"displacement p_t - p_0 per parameter: {deviations[name]}")
+    check_port(tensors)
+    print("  a plain numpy port of the rules reproduces every recorded tensor bit for bit")
     save_file(tensors, out / "trajectories.safetensors")
     meta = {
         "seed": SEED,

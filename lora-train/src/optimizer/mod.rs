@@ -9,8 +9,10 @@
 //! exactly these, so a resumed run continues bit for bit.
 
 mod adamw;
+mod adamw8bit;
 mod lion;
 mod prodigy;
+mod quantile_maps;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,6 +22,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor, Var};
 
 use adamw::AdamW;
+use adamw8bit::AdamW8bit;
 use lion::Lion;
 use prodigy::Prodigy;
 
@@ -28,6 +31,8 @@ use prodigy::Prodigy;
 pub enum OptimizerKind {
     #[default]
     AdamW,
+    /// bitsandbytes' `AdamW8bit`: block-wise 8-bit moments.
+    AdamW8bit,
     Lion,
     Prodigy,
 }
@@ -36,16 +41,17 @@ impl OptimizerKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::AdamW => "adamw",
+            Self::AdamW8bit => "adamw8bit",
             Self::Lion => "lion",
             Self::Prodigy => "prodigy",
         }
     }
 
-    /// The reference implementation's default weight decay: PyTorch AdamW's 0.01, lion-pytorch's
-    /// and prodigyopt's 0.
+    /// The reference implementation's default weight decay: PyTorch AdamW's and bitsandbytes'
+    /// 0.01, lion-pytorch's and prodigyopt's 0.
     pub fn default_weight_decay(self) -> f64 {
         match self {
-            Self::AdamW => 1e-2,
+            Self::AdamW | Self::AdamW8bit => 1e-2,
             Self::Lion | Self::Prodigy => 0.0,
         }
     }
@@ -54,7 +60,7 @@ impl OptimizerKind {
     /// Prodigy estimates, and its authors advise leaving it at 1).
     pub fn default_lr(self) -> f64 {
         match self {
-            Self::AdamW | Self::Lion => 1e-4,
+            Self::AdamW | Self::AdamW8bit | Self::Lion => 1e-4,
             Self::Prodigy => 1.0,
         }
     }
@@ -65,9 +71,11 @@ impl FromStr for OptimizerKind {
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "adamw" => Ok(Self::AdamW),
+            // kohya's --optimizer_type spelling too.
+            "adamw8bit" | "adamw_8bit" => Ok(Self::AdamW8bit),
             "lion" => Ok(Self::Lion),
             "prodigy" => Ok(Self::Prodigy),
-            _ => bail!("unknown optimizer `{s}`: expected adamw, lion or prodigy"),
+            _ => bail!("unknown optimizer `{s}`: expected adamw, adamw8bit, lion or prodigy"),
         }
     }
 }
@@ -115,6 +123,7 @@ impl OptimizerSettings {
         let mut args = Args::new(self.kind, &self.args);
         let algorithm: Box<dyn Algorithm> = match self.kind {
             OptimizerKind::AdamW => Box::new(AdamW::new(self.weight_decay, &mut args)?),
+            OptimizerKind::AdamW8bit => Box::new(AdamW8bit::new(self.weight_decay, &mut args)?),
             OptimizerKind::Lion => Box::new(Lion::new(self.weight_decay, &mut args)?),
             OptimizerKind::Prodigy => Box::new(Prodigy::new(self.weight_decay, &mut args)?),
         };
@@ -340,6 +349,15 @@ impl Optimizer {
         self.steps
     }
 
+    /// Bytes of optimizer state held (every slot tensor of every parameter).
+    pub fn state_bytes(&self) -> usize {
+        self.state
+            .iter()
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// The names of each parameter's state tensors.
     pub fn slot_names(&self) -> &'static [&'static str] {
         self.algorithm.slots()
@@ -381,11 +399,17 @@ impl Optimizer {
                 self.kind,
                 names.len()
             );
-            for (slot, tensor) in names.iter().zip(slots) {
+            let fresh = self.algorithm.init_slots(p.as_tensor())?;
+            for ((slot, tensor), expected) in names.iter().zip(slots).zip(&fresh) {
                 ensure!(
-                    tensor.dims() == p.dims(),
-                    "optimizer state `{slot}` of `{name}` has shape {:?}, the parameter {:?}",
+                    tensor.dims() == expected.dims() && tensor.dtype() == expected.dtype(),
+                    "optimizer state `{slot}` of `{name}` is {:?} {:?}; {} keeps {:?} {:?} for a \
+                     parameter of shape {:?}",
+                    tensor.dtype(),
                     tensor.dims(),
+                    self.kind,
+                    expected.dtype(),
+                    expected.dims(),
                     p.dims()
                 );
             }
