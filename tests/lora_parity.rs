@@ -177,6 +177,20 @@ fn attn2_adapter_gradients_match_pytorch_autograd() -> Result<()> {
     Ok(())
 }
 
+/// LoCon (`--conv-rank`): LoRA on every resnet and resampler 3×3 convolution, attached unmerged
+/// to the runtime UNet (a down convolution with the layer's stride and padding, then a 1×1 up),
+/// against peft's Conv2d LoRA under PyTorch autograd: the output and every adapter gradient, on
+/// the CPU kernels (f32) and the path other devices take (f16), plain and checkpointed.
+#[test]
+fn conv_adapter_gradients_match_pytorch_autograd() -> Result<()> {
+    for (dtype, tol) in [(DType::F32, Tolerance::F32), (DType::F16, Tolerance::F16)] {
+        for backward in [Backward::Plain, Backward::Checkpointed] {
+            check_adapter_gradients(&Device::Cpu, dtype, tol, backward, GradReference::Conv)?;
+        }
+    }
+    Ok(())
+}
+
 /// A half-precision base takes the path every device but the CPU in f32 takes (candle's ops, the frozen
 /// layers' outputs re-attached with their input gradients): the same check on the CPU.
 #[test]
@@ -235,6 +249,9 @@ enum GradReference {
     EveryLayer,
     /// That adapter's attn2 modules only, against `grad_attn2.safetensors`.
     Attn2,
+    /// LoRA on every 3×3 convolution of the resnets and resamplers (LoCon,
+    /// `make_conv_grad_fixtures.py`), against `grad_conv.safetensors`.
+    Conv,
 }
 
 /// Bounds on the relative error (‖ours − reference‖ / ‖reference‖) of the UNet output and of the
@@ -294,7 +311,39 @@ fn check_adapter_gradients(
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
         let weights = component_weights(&dir, "diffusion_pytorch_model")?;
         let mut unet = UNet2DConditionModel::from_files(&config, &[weights], dtype, device)?;
-        let mut adapter = read_adapter(cfg, "adapter_grad_peft.safetensors", &unet)?;
+        let mut adapter = match reference {
+            GradReference::Conv => Adapter::default(),
+            _ => read_adapter(cfg, "adapter_grad_peft.safetensors", &unet)?,
+        };
+        if let GradReference::Conv = reference {
+            let path = fixtures().join(cfg).join("grad_conv.safetensors");
+            let conv = candle_core::safetensors::load(&path, &Device::Cpu)
+                .with_context(|| format!("loading {}", path.display()))?;
+            // peft's Conv2d LoRA: A `[r, in, 3, 3]`, B `[out, r, 1, 1]`, alpha 8.
+            for (key, a) in conv
+                .iter()
+                .filter(|(k, _)| k.starts_with("unet.") && k.ends_with(".lora_A.weight"))
+            {
+                let path = key
+                    .strip_prefix("unet.")
+                    .and_then(|k| k.strip_suffix(".lora_A.weight"))
+                    .context("conv fixture key")?;
+                let b = get(&conv, &format!("unet.{path}.lora_B.weight"));
+                let module = LoraModule {
+                    down: a.flatten_from(1)?,
+                    up: b.flatten_from(1)?,
+                    alpha: 8.0,
+                };
+                adapter.unet.insert(path.to_string(), module);
+            }
+            reference_grads = count_grads(&conv);
+            exp.insert(
+                "unet_out_lora_grad".into(),
+                get(&conv, "conv_lora_out").clone(),
+            );
+            exp.insert("grad_loss".into(), get(&conv, "conv_lora_loss").clone());
+            exp.extend(conv.into_iter().filter(|(k, _)| k.starts_with("grad.")));
+        }
         if let GradReference::Attn2 = reference {
             adapter
                 .unet
@@ -421,8 +470,13 @@ fn check_adapter_gradients(
 fn module_list_without_weights_matches_the_loaded_unet() -> Result<()> {
     for cfg in CONFIGS {
         let unet = load_unet(cfg)?;
-        let from_config = UNet2DConditionModel::lora_modules_of(unet.config())?;
-        assert_eq!(from_config, unet.lora_modules(), "{cfg}");
+        let from_config = UNet2DConditionModel::adapter_modules_of(unet.config())?;
+        assert_eq!(from_config, unet.adapter_modules(), "{cfg}");
+        assert!(
+            unet.resnet_modules().len() > 4
+                && from_config.len() == unet.lora_modules().len() + unet.resnet_modules().len(),
+            "{cfg}"
+        );
     }
     Ok(())
 }

@@ -265,3 +265,64 @@ fn the_runtime_module_set_rejects_3x3_locon_modules_pointing_to_lora_merge() -> 
     );
     Ok(())
 }
+
+/// A kohya LoCon file attached unmerged to the runtime UNet (3×3 resnet and sampler convs,
+/// `conv_shortcut`, `time_emb_proj`, an attention Linear: what lora-infer does without `--fuse`)
+/// runs as the UNet whose weights diffusers' `load_lora_weights` + `fuse_lora(0.8)` changed.
+#[test]
+fn a_locon_file_attached_unmerged_equals_diffusers_fused_weights() -> Result<()> {
+    use lora_toolkit::core::models::config::UNetConfig;
+    use lora_toolkit::core::source::ModelFolder;
+    use lora_toolkit::core::{AdapterFile, ModelModules, Rng, UNet2DConditionModel};
+    let folder = ModelFolder::open(&fixtures().join(CFG))?;
+    let config = UNetConfig::from_file(&folder.unet_config())?;
+    let scale = 0.8;
+    let modules = UNet2DConditionModel::adapter_modules_of(&config)?;
+    let adapter = AdapterFile::read(&merge_dir().join("adapter_locon.safetensors"), &Device::Cpu)?
+        .resolve(&ModelModules {
+            unet: &modules,
+            text_encoder: None,
+        })?;
+    assert!(adapter.unet.len() >= 6, "{:?}", adapter.unet.keys());
+    let mut attached = folder.load_unet(&config, candle_core::DType::F32, &Device::Cpu)?;
+    attached.attach_adapter("locon", &adapter.unet, scale)?;
+
+    // diffusers' fused tensors, as deltas over the base weights.
+    let base = load(
+        &fixtures()
+            .join(CFG)
+            .join("unet/diffusion_pytorch_model.safetensors"),
+    )?;
+    let fused = load(&merge_dir().join("expected_locon.safetensors"))?;
+    assert_eq!(fused.len(), adapter.unet.len());
+    let deltas = fused
+        .iter()
+        .map(|(key, merged)| {
+            let name = key.strip_prefix("unet.").expect("unet. key");
+            Ok((name.to_string(), (merged - &base[name])?))
+        })
+        .collect::<Result<_>>()?;
+    let vb = folder.unet_var_builder(candle_core::DType::F32, &Device::Cpu, deltas)?;
+    let reference = UNet2DConditionModel::load(&config, &vb)?;
+
+    let mut rng = Rng::new(11);
+    let sample = rng.normal_tensor((2, 4, 16, 16), &Device::Cpu)?;
+    let context = rng.normal_tensor((2, 7, config.cross_attention_dim), &Device::Cpu)?;
+    let t = Tensor::new(&[100f32, 800.], &Device::Cpu)?;
+    let ours = attached.forward(&sample, &t, &context)?;
+    let theirs = reference.forward(&sample, &t, &context)?;
+    let base_out = folder
+        .load_unet(&config, candle_core::DType::F32, &Device::Cpu)?
+        .forward(&sample, &t, &context)?;
+    let err = max_abs_diff(&ours, &theirs) / common::max_abs(&theirs);
+    let effect = max_abs_diff(&base_out, &theirs) / common::max_abs(&theirs);
+    println!(
+        "LoCon attached vs diffusers fused: {err:.2e} (the adapter moves the output {effect:.2e})"
+    );
+    assert!(effect > 1e-3, "the adapter changes nothing: {effect}");
+    assert!(
+        err <= TOLERANCE,
+        "attached LoCon differs from the fused weights by {err}"
+    );
+    Ok(())
+}

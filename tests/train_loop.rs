@@ -1222,7 +1222,7 @@ fn the_text_encoder_trains_with_its_own_learning_rate() -> Result<()> {
     let folder = lora_core::source::ModelFolder::open(&common::fixtures().join("sd1-tiny"))?;
     let te_modules = lora_core::models::text_encoder::lora_modules(&folder.text_encoder_config()?);
     let unet_config = lora_core::models::config::UNetConfig::from_file(&folder.unet_config())?;
-    let unet_modules = lora_core::UNet2DConditionModel::lora_modules_of(&unet_config)?;
+    let unet_modules = lora_core::UNet2DConditionModel::adapter_modules_of(&unet_config)?;
     let adapter = file.resolve(&lora_core::ModelModules {
         unet: &unet_modules,
         text_encoder: Some(&te_modules),
@@ -1606,5 +1606,116 @@ fn block_learning_rates_and_ranks_apply_per_block() -> Result<()> {
     let toml = TrainArgs::from_toml("block-lr = \"in1=0.5, mid=2\"\nblock-rank = [\"mid=8\"]\n")?;
     assert_eq!(toml.block_lr, Some(vec!["in1=0.5, mid=2".to_string()]));
     assert_eq!(toml.block_rank, Some(vec!["mid=8".to_string()]));
+    Ok(())
+}
+
+/// `--conv-rank` (LoCon): every resnet and sampler 3×3 convolution gets an adapter of that rank
+/// (26 in sd1-tiny) and the resnets' time_emb_proj and 1×1 shortcuts one at --rank, as kohya's
+/// conv_dim does, beside the attention ones, written as kohya writes LoCon (4-D `lora_down`,
+/// `conv_dim`/`conv_alpha` in `ss_network_args`), trained (every `up` moved from zero), and the
+/// file runs the same attached unmerged as folded into the weights (lora-infer's two ways); a
+/// resumed run is bit-exact. `--conv-alpha` without `--conv-rank` is refused.
+#[test]
+fn conv_adapters_train_and_load_both_ways() -> Result<()> {
+    use lora_core::models::config::UNetConfig;
+    use lora_core::source::ModelFolder;
+    use lora_core::{ModelModules, UNet2DConditionModel};
+    let dir = tempfile::tempdir()?;
+    let config = TrainArgs {
+        conv_rank: Some(2),
+        conv_alpha: Some(1.0),
+        ..args("sd1-tiny", &train_data(), dir.path())
+    }
+    .resolve()?;
+    let output = lora_train::train(config, &mut quiet(), &mut |_| {})?.output;
+    let file = AdapterFile::read(&output, &Device::Cpu)?;
+    let args_meta: serde_json::Value = serde_json::from_str(&file.metadata()["ss_network_args"])?;
+    assert_eq!(
+        (
+            args_meta["conv_dim"].as_str(),
+            args_meta["conv_alpha"].as_str()
+        ),
+        (Some("2"), Some("1.0"))
+    );
+    let written = tensors(&output);
+    // kohya's conv_dim set: 3×3 convolutions at the conv rank, the resnets' time_emb_proj
+    // (Linear) and conv_shortcut (1×1) at --rank.
+    let ups = |suffixes: &[&str]| -> Vec<&String> {
+        written
+            .keys()
+            .filter(|k| {
+                suffixes
+                    .iter()
+                    .any(|s| k.ends_with(&format!("{s}.lora_up.weight")))
+            })
+            .collect()
+    };
+    let convs = ups(&["_conv1", "_conv2", "samplers_0_conv"]);
+    let (time_emb, shortcuts) = (ups(&["_time_emb_proj"]), ups(&["_conv_shortcut"]));
+    // diffusers' sd1-tiny UNet has 26 such 3×3 convolutions, 11 time_emb_proj and 7 shortcuts.
+    assert_eq!(
+        (convs.len(), time_emb.len(), shortcuts.len()),
+        (26, 11, 7),
+        "{convs:?}"
+    );
+    for key in convs.iter().chain(&time_emb).chain(&shortcuts) {
+        assert!(max_abs_of(&written[*key]) > 1e-4, "{key} did not train");
+        let down = written[&key.replace("lora_up", "lora_down")]
+            .dims()
+            .to_vec();
+        let expected_rank = if convs.contains(key) { 2 } else { 4 };
+        assert_eq!(down[0], expected_rank, "{key}");
+        if convs.contains(key) {
+            assert_eq!(down[2..], [3, 3], "{key}");
+        }
+    }
+
+    let folder = ModelFolder::open(&common::fixtures().join("sd1-tiny"))?;
+    let unet_config = UNetConfig::from_file(&folder.unet_config())?;
+    let modules = UNet2DConditionModel::adapter_modules_of(&unet_config)?;
+    let adapter = file.resolve(&ModelModules {
+        unet: &modules,
+        text_encoder: None,
+    })?;
+    let mut attached = folder.load_unet(&unet_config, candle_core::DType::F32, &Device::Cpu)?;
+    attached.attach_adapter("trained", &adapter.unet, 0.8)?;
+    let deltas = lora_core::Adapter::weight_deltas(&adapter.unet, 0.8)?;
+    let vb = folder.unet_var_builder(candle_core::DType::F32, &Device::Cpu, deltas)?;
+    let folded = UNet2DConditionModel::load(&unet_config, &vb)?;
+    let mut rng = lora_core::Rng::new(4);
+    let sample = rng.normal_tensor((1, 4, 16, 16), &Device::Cpu)?;
+    let context = rng.normal_tensor((1, 77, unet_config.cross_attention_dim), &Device::Cpu)?;
+    let t = Tensor::new(&[500f32], &Device::Cpu)?;
+    let (a, b) = (
+        attached.forward(&sample, &t, &context)?,
+        folded.forward(&sample, &t, &context)?,
+    );
+    let diff = common::max_abs_diff(&a, &b) / common::max_abs(&b);
+    assert!(diff <= 1e-5, "attached and folded differ by {diff}");
+
+    let recipe = |out: &Path, resume: Option<PathBuf>| TrainArgs {
+        conv_rank: Some(2),
+        save_every: Some(2),
+        resume,
+        ..args("sd1-tiny", &train_data(), out)
+    };
+    let (straight, resumed) = straight_then_resumed(&recipe)?;
+    assert_same_tensors(
+        &tensors(&straight.path().join("adapter.safetensors")),
+        &tensors(&resumed.path().join("adapter.safetensors")),
+    );
+    let err = format!(
+        "{:#}",
+        TrainArgs {
+            conv_alpha: Some(1.0),
+            ..args("sd1-tiny", &train_data(), dir.path())
+        }
+        .resolve()
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("--conv-alpha given without --conv-rank"),
+        "{err}"
+    );
     Ok(())
 }

@@ -153,7 +153,7 @@ impl Pipeline {
         let te_config = model.text_encoder_config()?;
         let tokenizer = model.tokenizer()?;
         let unet_config = UNetConfig::from_file(&model.unet_config())?;
-        let unet_modules = UNet2DConditionModel::lora_modules_of(&unet_config)?;
+        let unet_modules = UNet2DConditionModel::adapter_modules_of(&unet_config)?;
 
         let te_modules = text_encoder::lora_modules(&te_config);
         let modules = ModelModules {

@@ -106,6 +106,14 @@ pub struct TrainArgs {
     /// Initialisation of lora_down: kaiming-uniform or gaussian [default: kaiming-uniform]
     #[arg(long)]
     pub init: Option<LoraInit>,
+    /// Also adapt the resnets and down/up samplers, as kohya's --network_args conv_dim=N does
+    /// (LoCon): every 3×3 convolution at this rank, the resnets' time_emb_proj and 1×1
+    /// conv_shortcut at --rank [default: off]
+    #[arg(long, value_name = "RANK")]
+    pub conv_rank: Option<usize>,
+    /// Alpha of the conv adapters (kohya: conv_alpha) [default: --conv-rank]
+    #[arg(long, value_name = "ALPHA")]
+    pub conv_alpha: Option<f64>,
     /// Per-block learning rates as multiples of --lr, BLOCK=FACTOR with kohya's block names
     /// (in0…in11, mid, out0…out11 for SD1.x/SD2.x: rows of the original UNet), e.g.
     /// in4=0.5,mid=2,out11=1 (kohya: down_lr_weight / mid_lr_weight / up_lr_weight); a block at 0
@@ -400,6 +408,12 @@ pub struct TrainConfig {
     pub targets: LoraTargets,
     #[serde(serialize_with = "as_debug")]
     pub init: LoraInit,
+    /// `--conv-rank`: LoCon adapters on the 3×3 convolutions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conv_rank: Option<usize>,
+    /// With `conv_rank` only (default: the conv rank).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conv_alpha: Option<f64>,
     /// `--block-lr`: per block name, its learning rate as a multiple of `lr`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub block_lr: BTreeMap<String, f64>,
@@ -600,6 +614,8 @@ impl TrainArgs {
             alpha,
             targets,
             init,
+            conv_rank,
+            conv_alpha,
             block_lr,
             block_rank,
             train_text_encoder,
@@ -711,6 +727,27 @@ impl TrainArgs {
         );
         let optimizer = self.optimizer.unwrap_or_default();
         let lr = self.lr.unwrap_or(optimizer.default_lr());
+        if let Some(rank) = self.conv_rank {
+            check(
+                rank >= 1,
+                format!("--conv-rank = {rank}: expected at least 1"),
+            );
+        }
+        let conv_alpha = match (self.conv_rank, self.conv_alpha) {
+            (None, Some(_)) => {
+                check(false, "--conv-alpha given without --conv-rank".into());
+                None
+            }
+            (Some(rank), alpha) => {
+                let alpha = alpha.unwrap_or(rank as f64);
+                check(
+                    alpha.is_finite() && alpha > 0.0,
+                    format!("--conv-alpha = {alpha}: expected a positive number"),
+                );
+                Some(alpha)
+            }
+            (None, None) => None,
+        };
         let block_lr = parse_block_values(
             "--block-lr",
             self.block_lr.as_deref().unwrap_or_default(),
@@ -975,6 +1012,8 @@ impl TrainArgs {
             alpha,
             targets,
             init,
+            conv_rank: self.conv_rank,
+            conv_alpha,
             block_lr,
             block_rank,
             train_text_encoder,

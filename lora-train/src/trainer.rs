@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, Var};
 use lora_core::adapters::TrainableAdapter;
-use lora_core::adapters::{LoraModule, ModuleInfo, UNetBlocks};
+use lora_core::adapters::{LoraModule, ModuleInfo, ModuleKind, UNetBlocks};
 use lora_core::formats::kohya::{python_bool, python_float};
 use lora_core::io::folder_of;
 use lora_core::io::weights::mmap_safetensors;
@@ -46,6 +46,8 @@ const ADAPTER_NAME: &str = "train";
 /// Generator stream of the text encoder adapter's initial values (the UNet's come from `seed`
 /// itself, the run's draws from stream 1, epoch orders from 2 + epoch).
 const TEXT_ENCODER_INIT_STREAM: u64 = 1 << 42;
+/// Generator stream of the conv adapters' initial values (`--conv-rank`).
+const CONV_INIT_STREAM: u64 = 1 << 44;
 /// Generator streams of the class images' order, one per pass over them (`--class-data`).
 const CLASS_ORDER_STREAM: u64 = 1 << 43;
 
@@ -214,14 +216,15 @@ impl Trainer {
         blocks.check_names("--block-lr", &config.block_lr)?;
         blocks.check_names("--block-rank", &config.block_rank)?;
         let block_setting = |path: &str| blocks.block_of(path);
+        let in_trained_block = |m: &&ModuleInfo| {
+            block_setting(&m.path)
+                .and_then(|b| config.block_lr.get(&b))
+                .is_none_or(|&factor| factor > 0.0)
+        };
         let adapted: Vec<ModuleInfo> = unet
             .lora_modules()
             .iter()
-            .filter(|m| {
-                block_setting(&m.path)
-                    .and_then(|b| config.block_lr.get(&b))
-                    .is_none_or(|&factor| factor > 0.0)
-            })
+            .filter(in_trained_block)
             .cloned()
             .collect();
         let rank_of = |m: &ModuleInfo| {
@@ -231,6 +234,32 @@ impl Trainer {
         };
         let mut trainable =
             Adapter::init_unet_with_ranks(&lora_config, &adapted, &rank_of, &device, config.seed)?;
+        if let (Some(rank), Some(alpha)) = (config.conv_rank, config.conv_alpha) {
+            // kohya's conv_dim set: the 3×3 convolutions at the conv rank, the resnets' Linear
+            // and 1×1 layers (time_emb_proj, conv_shortcut) at the Linear rank.
+            let (convs, others): (Vec<ModuleInfo>, Vec<ModuleInfo>) = unet
+                .resnet_modules()
+                .iter()
+                .filter(in_trained_block)
+                .cloned()
+                .partition(|m| matches!(m.kind, ModuleKind::Conv { .. }));
+            let conv_config = LoraConfig {
+                rank,
+                alpha,
+                ..lora_config.clone()
+            };
+            for (settings, modules, stream) in [
+                (&conv_config, convs, CONV_INIT_STREAM),
+                (&lora_config, others, CONV_INIT_STREAM + 1),
+            ] {
+                trainable.add_unet_modules(
+                    settings,
+                    &modules,
+                    &device,
+                    derive_seed(config.seed, stream),
+                )?;
+            }
+        }
         unet.attach_adapter(ADAPTER_NAME, &trainable.adapter.unet, 1.0)?;
         let text_encoder = match config.train_text_encoder {
             true => {
@@ -861,7 +890,7 @@ impl Trainer {
             path,
             adapter,
             &ModelModules {
-                unet: self.unet.lora_modules(),
+                unet: &self.unet.adapter_modules(),
                 text_encoder: self.text_encoder.as_ref().map(TextEncoder::lora_modules),
             },
             &SaveOptions {

@@ -201,8 +201,9 @@ fn adamw8bit_state_is_a_quarter_of_adamw_s_at_useful_ranks() -> Result<()> {
     let config = UNetConfig::from_file(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/sd15_unet_config.json"),
     )?;
-    let modules: Vec<_> = UNet2DConditionModel::lora_modules_of(&config)?
+    let modules: Vec<_> = UNet2DConditionModel::adapter_modules_of(&config)?
         .into_iter()
+        .filter(|m| m.kind != lora_core::adapters::ModuleKind::Conv { kh: 3, kw: 3 })
         .filter(|m| LoraTargets::AttnMlp.matches(&m.path))
         .collect();
     ensure!(modules.len() > 100, "{} modules", modules.len());

@@ -17,14 +17,23 @@ use crate::engine::{
 
 /// An adapter attached to a layer: its weights and the factor `multiplier · alpha / rank`.
 #[derive(Debug, Clone)]
-struct AttachedLora {
-    name: String,
-    down: Tensor,
-    up: Tensor,
-    factor: f64,
+pub(super) struct AttachedLora {
+    pub(super) name: String,
+    pub(super) down: Tensor,
+    pub(super) up: Tensor,
+    pub(super) factor: f64,
 }
 
 impl AttachedLora {
+    pub(super) fn new(name: &str, module: &LoraModule, multiplier: f64) -> Self {
+        Self {
+            name: name.to_string(),
+            down: module.down.clone(),
+            up: module.up.clone(),
+            factor: multiplier * module.scale(),
+        }
+    }
+
     /// The same adapter outside the graph.
     fn detached(&self) -> Self {
         Self {
@@ -42,7 +51,7 @@ impl AttachedLora {
 /// and cuBLAS accumulates half-precision products in f32. On the CPU f32: there half precision is
 /// a compatibility path, and f16 products would use up most of the f16-base gradient test's
 /// error bound.
-fn adapter_dtype(x: &Tensor) -> DType {
+pub(super) fn adapter_dtype(x: &Tensor) -> DType {
     match x.device().is_cpu() {
         true => DType::F32,
         false => x.dtype(),
@@ -179,17 +188,14 @@ pub struct LoraLinear {
 /// Calls its function with the full path and layer of every adaptable layer of a model.
 pub type LayerVisitor<'a> = dyn FnMut(&str, &mut LoraLinear) -> Result<()> + 'a;
 
-/// Attaches `modules` (module path → weights) under `name` with `multiplier` to the layers
-/// `visit` walks, unmerged. Every module must be one of `known` (the model's adaptable modules;
-/// `model` names the model in errors) with fitting shapes; otherwise nothing is attached and the
-/// error lists every offending module with the expected shapes.
-pub fn attach_checked(
+/// Checks that every one of `modules` (module path → weights) is one of `known` (the model's
+/// adaptable modules; `model` names the model in errors) with fitting shapes; the error lists
+/// every offending module with the expected shapes.
+pub fn check_adapter_fits(
     model: &str,
     known: &[ModuleInfo],
     name: &str,
     modules: &BTreeMap<String, LoraModule>,
-    multiplier: f64,
-    visit: impl FnOnce(&mut LayerVisitor) -> Result<()>,
 ) -> Result<()> {
     let known: BTreeMap<&str, &ModuleInfo> = known.iter().map(|m| (m.path.as_str(), m)).collect();
     let mut problems = Vec::new();
@@ -215,6 +221,20 @@ pub fn attach_checked(
         !modules.is_empty(),
         "adapter `{name}` has no {model} modules"
     );
+    Ok(())
+}
+
+/// Attaches `modules` under `name` with `multiplier` to the layers `visit` walks, unmerged,
+/// after [`check_adapter_fits`]: nothing is attached unless every module fits.
+pub fn attach_checked(
+    model: &str,
+    known: &[ModuleInfo],
+    name: &str,
+    modules: &BTreeMap<String, LoraModule>,
+    multiplier: f64,
+    visit: impl FnOnce(&mut LayerVisitor) -> Result<()>,
+) -> Result<()> {
+    check_adapter_fits(model, known, name, modules)?;
     visit(&mut |path, layer| {
         if let Some(m) = modules.get(path) {
             layer.attach(name, m, multiplier);
@@ -276,12 +296,8 @@ impl LoraLinear {
 
     /// Attaches `module` under `name` with the given multiplier (several may be attached).
     pub fn attach(&mut self, name: &str, module: &LoraModule, multiplier: f64) {
-        self.adapters.push(AttachedLora {
-            name: name.to_string(),
-            down: module.down.clone(),
-            up: module.up.clone(),
-            factor: multiplier * module.scale(),
-        });
+        self.adapters
+            .push(AttachedLora::new(name, module, multiplier));
     }
 
     /// Removes the adapter attached under `name`; returns whether one was attached.

@@ -3,10 +3,12 @@
 
 pub mod blocks;
 pub mod config;
+pub mod conv;
 pub mod linear;
 pub mod module;
 
 pub use blocks::UNetBlocks;
 pub use config::{LoraConfig, LoraInit, LoraTargets};
-pub use linear::{attach_checked, LayerVisitor, LoraLinear};
+pub use conv::{AdaptableLayer, AdaptableVisitor, LoraConv};
+pub use linear::{attach_checked, check_adapter_fits, LayerVisitor, LoraLinear};
 pub use module::{Adapter, LoraModule, ModuleInfo, ModuleKind, TrainableAdapter};

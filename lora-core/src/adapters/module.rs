@@ -188,9 +188,35 @@ impl TrainableAdapter {
             "the text encoder has no adaptable module"
         );
         self.adapter.text_encoder = text_encoder;
+        self.add_vars(vars);
+        Ok(())
+    }
+
+    /// Adds a fresh adapter on every one of the UNet's `modules` (e.g. its 3×3 convolutions for
+    /// LoCon, `config` then holding the conv rank and alpha), drawn from `seed`; none may have
+    /// one already.
+    pub fn add_unet_modules(
+        &mut self,
+        config: &LoraConfig,
+        modules: &[ModuleInfo],
+        device: &Device,
+        seed: u64,
+    ) -> Result<()> {
+        let all: Vec<&ModuleInfo> = modules.iter().collect();
+        let (unet, vars) = fresh_modules(config, &all, &|_| config.rank, device, seed)?;
+        for (path, module) in unet {
+            ensure!(
+                self.adapter.unet.insert(path.clone(), module).is_none(),
+                "UNet module `{path}` has an adapter already"
+            );
+        }
+        self.add_vars(vars);
+        Ok(())
+    }
+
+    fn add_vars(&mut self, vars: Vec<(String, Var)>) {
         self.vars.extend(vars);
         self.vars.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(())
     }
 }
 

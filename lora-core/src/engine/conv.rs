@@ -406,6 +406,20 @@ impl Conv2dLayer {
     pub(super) fn trained(&self) -> bool {
         any_trained([Some(&self.weight), Some(&self.bias)])
     }
+
+    /// The kernel `[O, C, kh, kw]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// `(rows, columns)` of zero padding.
+    pub fn padding(&self) -> (usize, usize) {
+        self.padding
+    }
 }
 
 /// The layer's input gradient for an input shaped as `x` (frozen kernel), by whichever kernel

@@ -4,7 +4,7 @@ use anyhow::Result;
 
 use super::resnet::ResnetBlock2D;
 use super::transformer::{Transformer2DModel, Visitor};
-use crate::engine::Conv2dLayer;
+use crate::adapters::{AdaptableLayer, AdaptableVisitor, LoraConv};
 
 /// A down or up block: resnets, each optionally followed by a transformer, then an optional
 /// resampling conv.
@@ -12,8 +12,9 @@ use crate::engine::Conv2dLayer;
 pub(super) struct UNetBlock {
     pub(super) resnets: Vec<ResnetBlock2D>,
     pub(super) attentions: Vec<Transformer2DModel>,
-    /// Stride-2 conv (down blocks) or nearest-neighbour ×2 followed by a conv (up blocks).
-    pub(super) resample: Option<Conv2dLayer>,
+    /// Stride-2 conv (down blocks, `downsamplers.0.conv`) or nearest-neighbour ×2 followed by a
+    /// conv (up blocks, `upsamplers.0.conv`).
+    pub(super) resample: Option<LoraConv>,
 }
 
 impl UNetBlock {
@@ -22,6 +23,26 @@ impl UNetBlock {
             attn.visit(&format!("{prefix}.attentions.{j}"), f)?;
         }
         Ok(())
+    }
+
+    /// Calls `f` with the path and layer of every adaptable layer of the resnets, then the
+    /// resampler's convolution (`resampler` is `downsamplers` or `upsamplers`).
+    pub(super) fn visit_resnets(
+        &mut self,
+        prefix: &str,
+        resampler: &str,
+        f: &mut AdaptableVisitor,
+    ) -> Result<()> {
+        for (j, resnet) in self.resnets.iter_mut().enumerate() {
+            resnet.visit(&format!("{prefix}.resnets.{j}"), f)?;
+        }
+        match &mut self.resample {
+            Some(conv) => f(
+                &format!("{prefix}.{resampler}.0.conv"),
+                AdaptableLayer::Conv(conv),
+            ),
+            None => Ok(()),
+        }
     }
 }
 

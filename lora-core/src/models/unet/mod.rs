@@ -22,7 +22,7 @@ use embeddings::timestep_features;
 use resnet::ResnetBlock2D;
 use transformer::{Transformer2DModel, Visitor};
 
-use crate::adapters::{attach_checked, LoraModule, ModuleInfo};
+use crate::adapters::{check_adapter_fits, AdaptableVisitor, LoraConv, LoraModule, ModuleInfo};
 use crate::engine::{
     upsample_nearest, CheckpointedForward, Conv2dLayer, Direct, GroupNormLayer, LayerRunner,
     LinearLayer,
@@ -68,6 +68,8 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNormLayer,
     conv_out: Conv2dLayer,
     lora_modules: Vec<ModuleInfo>,
+    /// The layers of the resnets and resamplers an adapter can attach to (LoCon).
+    resnet_modules: Vec<ModuleInfo>,
 }
 
 impl UNet2DConditionModel {
@@ -118,7 +120,7 @@ impl UNet2DConditionModel {
                 }
             }
             let resample = if i + 1 < n {
-                Some(Conv2dLayer::load(
+                Some(LoraConv::load(
                     &vb.pp("downsamplers.0.conv"),
                     out_ch,
                     out_ch,
@@ -194,7 +196,7 @@ impl UNet2DConditionModel {
                 }
             }
             let resample = if i + 1 < n {
-                Some(Conv2dLayer::load(
+                Some(LoraConv::load(
                     &vb.pp("upsamplers.0.conv"),
                     out_ch,
                     out_ch,
@@ -239,6 +241,7 @@ impl UNet2DConditionModel {
             )?,
             conv_out: Conv2dLayer::load(&vb.pp("conv_out"), ch0, cfg.out_channels, 3, 1, 1)?,
             lora_modules: Vec::new(),
+            resnet_modules: Vec::new(),
         };
         let mut modules = Vec::new();
         unet.visit_lora(&mut |path, layer| {
@@ -246,6 +249,12 @@ impl UNet2DConditionModel {
             Ok(())
         })?;
         unet.lora_modules = modules;
+        let mut resnet_modules = Vec::new();
+        unet.visit_resnets(&mut |path, layer| {
+            resnet_modules.push(layer.info(path));
+            Ok(())
+        })?;
+        unet.resnet_modules = resnet_modules;
         Ok(unet)
     }
 
@@ -253,12 +262,13 @@ impl UNet2DConditionModel {
         &self.config
     }
 
-    /// The adaptable modules of a UNet with `config`, without its weights: the model is built
-    /// over zero-stride placeholders, so no weight is read or allocated. Lets a caller resolve
-    /// adapters before loading the UNet once with them folded in.
-    pub fn lora_modules_of(config: &UNetConfig) -> Result<Vec<ModuleInfo>> {
+    /// The adaptable modules of a UNet with `config` ([`Self::adapter_modules`]: Linear, 1×1
+    /// and 3×3 conv), without its weights: the model is built over zero-stride placeholders, so
+    /// no weight is read or allocated. Lets a caller resolve adapters before loading the UNet once
+    /// with them folded in.
+    pub fn adapter_modules_of(config: &UNetConfig) -> Result<Vec<ModuleInfo>> {
         let vb = VarBuilder::from_backend(Box::new(ShapesOnly), DType::F32, Device::Cpu);
-        Ok(Self::load(config, &vb)?.lora_modules)
+        Ok(Self::load(config, &vb)?.adapter_modules())
     }
 
     /// The dtype of the frozen weights.
@@ -266,10 +276,35 @@ impl UNet2DConditionModel {
         self.dtype
     }
 
-    /// Every layer an adapter can attach to: the Linear and 1×1-conv layers of the transformer
-    /// models, in model order, with diffusers paths.
+    /// The Linear and 1×1-conv layers of the transformer models an adapter can attach to, in
+    /// model order, with diffusers paths (what the target presets choose from).
     pub fn lora_modules(&self) -> &[ModuleInfo] {
         &self.lora_modules
+    }
+
+    /// The layers of the resnets and down/up samplers an adapter can attach to (kohya's
+    /// `conv_dim` / LoCon set), in model order: every resnet's 3×3 `conv1` and `conv2`, its
+    /// `time_emb_proj` and 1×1 `conv_shortcut`, and the samplers' 3×3 `conv`.
+    pub fn resnet_modules(&self) -> &[ModuleInfo] {
+        &self.resnet_modules
+    }
+
+    /// Every module an adapter can attach to: [`Self::lora_modules`] then
+    /// [`Self::resnet_modules`] (what adapter files resolve against).
+    pub fn adapter_modules(&self) -> Vec<ModuleInfo> {
+        [self.lora_modules.as_slice(), &self.resnet_modules].concat()
+    }
+
+    fn visit_resnets(&mut self, f: &mut AdaptableVisitor) -> Result<()> {
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            block.visit_resnets(&format!("down_blocks.{i}"), "downsamplers", f)?;
+        }
+        self.mid_block.resnet_in.visit("mid_block.resnets.0", f)?;
+        self.mid_block.resnet_out.visit("mid_block.resnets.1", f)?;
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            block.visit_resnets(&format!("up_blocks.{i}"), "upsamplers", f)?;
+        }
+        Ok(())
     }
 
     fn visit_lora(&mut self, f: &mut Visitor) -> Result<()> {
@@ -285,18 +320,28 @@ impl UNet2DConditionModel {
         Ok(())
     }
 
-    /// Attaches an adapter (module path → weights) under `name` with `multiplier`, unmerged.
-    /// Every module must exist in this UNet with fitting shapes; otherwise nothing is attached
-    /// and the error lists every offending module with the expected shapes.
+    /// Attaches an adapter (module path → weights: Linear, 1×1 and 3×3 conv modules) under
+    /// `name` with `multiplier`, unmerged. Every module must exist in this UNet with fitting
+    /// shapes; otherwise nothing is attached and the error lists every offending module with the
+    /// expected shapes.
     pub fn attach_adapter(
         &mut self,
         name: &str,
         modules: &BTreeMap<String, LoraModule>,
         multiplier: f64,
     ) -> Result<()> {
-        let known = self.lora_modules.clone();
-        attach_checked("UNet", &known, name, modules, multiplier, |f| {
-            self.visit_lora(f)
+        check_adapter_fits("UNet", &self.adapter_modules(), name, modules)?;
+        self.visit_lora(&mut |path, layer| {
+            if let Some(m) = modules.get(path) {
+                layer.attach(name, m, multiplier);
+            }
+            Ok(())
+        })?;
+        self.visit_resnets(&mut |path, mut layer| {
+            if let Some(m) = modules.get(path) {
+                layer.attach(name, m, multiplier);
+            }
+            Ok(())
         })
     }
 
@@ -304,6 +349,10 @@ impl UNet2DConditionModel {
     pub fn detach_adapter(&mut self, name: &str) -> Result<()> {
         let mut found = false;
         self.visit_lora(&mut |_, layer| {
+            found |= layer.detach(name);
+            Ok(())
+        })?;
+        self.visit_resnets(&mut |_, mut layer| {
             found |= layer.detach(name);
             Ok(())
         })?;
@@ -426,7 +475,7 @@ impl UNet2DConditionModel {
                 skips.push(x.clone());
             }
             if let Some(down) = &block.resample {
-                x = runner.layer(&[&x], move |xs| Ok(down.forward(&xs[0])?))?;
+                x = runner.layer(&[&x], move |xs| down.forward(&xs[0]))?;
                 skips.push(x.clone());
             }
         }
@@ -460,7 +509,7 @@ impl UNet2DConditionModel {
                     }
                 };
                 x = runner.layer(&[&x], move |xs| {
-                    Ok(up.forward(&upsample_nearest(&xs[0], h, w)?)?)
+                    up.forward(&upsample_nearest(&xs[0], h, w)?)
                 })?;
             }
         }

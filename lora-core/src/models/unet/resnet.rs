@@ -2,21 +2,21 @@
 //! first, and a shortcut (a 1×1 conv where the channel count changes) summed after the second.
 
 use anyhow::Result;
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use crate::engine::fused::{norm_silu_conv, norm_silu_conv_residual};
-use crate::engine::{Conv2dLayer, GroupNormLayer, LinearLayer};
+use crate::adapters::{AdaptableLayer, AdaptableVisitor, LoraConv, LoraLinear};
+use crate::engine::GroupNormLayer;
 use crate::models::config::UNetConfig;
 
 #[derive(Debug, Clone)]
 pub(super) struct ResnetBlock2D {
     norm1: GroupNormLayer,
-    conv1: Conv2dLayer,
-    time_emb_proj: LinearLayer,
+    conv1: LoraConv,
+    time_emb_proj: LoraLinear,
     norm2: GroupNormLayer,
-    conv2: Conv2dLayer,
-    conv_shortcut: Option<Conv2dLayer>,
+    conv2: LoraConv,
+    conv_shortcut: Option<LoraConv>,
     output_scale_factor: f64,
 }
 
@@ -31,17 +31,17 @@ impl ResnetBlock2D {
         let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps);
         Ok(Self {
             norm1: GroupNormLayer::load(&vb.pp("norm1"), g, in_ch, eps)?,
-            conv1: Conv2dLayer::load(&vb.pp("conv1"), in_ch, out_ch, 3, 1, 1)?,
-            time_emb_proj: LinearLayer::load(
+            conv1: LoraConv::load(&vb.pp("conv1"), in_ch, out_ch, 3, 1, 1)?,
+            time_emb_proj: LoraLinear::load_linear(
                 &vb.pp("time_emb_proj"),
                 cfg.time_embed_dim(),
                 out_ch,
                 true,
             )?,
             norm2: GroupNormLayer::load(&vb.pp("norm2"), g, out_ch, eps)?,
-            conv2: Conv2dLayer::load(&vb.pp("conv2"), out_ch, out_ch, 3, 1, 1)?,
+            conv2: LoraConv::load(&vb.pp("conv2"), out_ch, out_ch, 3, 1, 1)?,
             conv_shortcut: if in_ch != out_ch {
-                Some(Conv2dLayer::load(
+                Some(LoraConv::load(
                     &vb.pp("conv_shortcut"),
                     in_ch,
                     out_ch,
@@ -63,14 +63,46 @@ impl ResnetBlock2D {
             .forward(temb_act)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        // Each half is one node (see `engine::fused`): the graph keeps `h` and the sum.
-        let h = norm_silu_conv(&self.norm1, &self.conv1, x, Some(&t))?;
-        let out =
-            norm_silu_conv_residual(&self.norm2, &self.conv2, &h, x, self.conv_shortcut.as_ref())?;
+        // Without adapters each half is one node (see `engine::fused`): the graph keeps `h` and
+        // the sum.
+        let h = self.conv1.forward_norm_silu(&self.norm1, x, Some(&t))?;
+        let out = self.conv2.forward_norm_silu_residual(
+            &self.norm2,
+            &h,
+            x,
+            self.conv_shortcut.as_ref(),
+        )?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
             Ok((out / self.output_scale_factor)?)
+        }
+    }
+}
+
+impl ResnetBlock2D {
+    /// Calls `f` with the path and layer of every layer an adapter can attach to: both 3×3
+    /// convolutions, the time embedding's projection and the 1×1 shortcut (kohya's `conv_dim`
+    /// set for a resnet).
+    pub(super) fn visit(&mut self, prefix: &str, f: &mut AdaptableVisitor) -> Result<()> {
+        f(
+            &format!("{prefix}.conv1"),
+            AdaptableLayer::Conv(&mut self.conv1),
+        )?;
+        f(
+            &format!("{prefix}.time_emb_proj"),
+            AdaptableLayer::Linear(&mut self.time_emb_proj),
+        )?;
+        f(
+            &format!("{prefix}.conv2"),
+            AdaptableLayer::Conv(&mut self.conv2),
+        )?;
+        match &mut self.conv_shortcut {
+            Some(shortcut) => f(
+                &format!("{prefix}.conv_shortcut"),
+                AdaptableLayer::Conv(shortcut),
+            ),
+            None => Ok(()),
         }
     }
 }
