@@ -183,7 +183,10 @@ fn attn2_adapter_gradients_match_pytorch_autograd() -> Result<()> {
 /// the CPU kernels (f32) and the path other devices take (f16), plain and checkpointed.
 #[test]
 fn conv_adapter_gradients_match_pytorch_autograd() -> Result<()> {
-    for (dtype, tol) in [(DType::F32, Tolerance::F32), (DType::F16, Tolerance::F16)] {
+    for (dtype, tol) in [
+        (DType::F32, Tolerance::F32),
+        (DType::F16, Tolerance::F16_LOCON),
+    ] {
         for backward in [Backward::Plain, Backward::Checkpointed] {
             check_adapter_gradients(&Device::Cpu, dtype, tol, backward, GradReference::Conv)?;
         }
@@ -224,8 +227,9 @@ fn adapter_gradients_match_pytorch_autograd_on_cuda() -> Result<()> {
         (DType::BF16, Backward::Plain, GradReference::Attn2),
     ];
     for (dtype, backward, reference) in runs {
-        let tol = match dtype {
-            DType::F32 => Tolerance::F32,
+        let tol = match (dtype, reference) {
+            (DType::F32, _) => Tolerance::F32,
+            (_, GradReference::Conv) => Tolerance::BF16_LOCON,
             _ => Tolerance::BF16,
         };
         check_adapter_gradients(&device, dtype, tol, backward, reference)?;
@@ -277,6 +281,22 @@ impl Tolerance {
         forward: 5e-3,
         gradient_median: 1e-2,
         gradient_worst: 0.15,
+    };
+    /// LoCon's gradients run through more half-precision sums (over every position, for the
+    /// time embedding's projection): PyTorch's own f16 error there
+    /// (`half_precision_error.py`, LoCon) is forward 2.3e-3–2.5e-3, gradient median
+    /// 1.2e-2–1.9e-2, worst 4.1e-2–5.7e-2; bf16 forward 2.0e-2, median 2.4e-2–3.3e-2, worst
+    /// 6.5e-2–8.1e-2. Again about twice that.
+    const F16_LOCON: Self = Self {
+        forward: 5e-3,
+        gradient_median: 4e-2,
+        gradient_worst: 0.15,
+    };
+    #[cfg(feature = "cuda")]
+    const BF16_LOCON: Self = Self {
+        forward: 4e-2,
+        gradient_median: 7e-2,
+        gradient_worst: 0.2,
     };
     #[cfg(feature = "cuda")]
     const BF16: Self = Self {

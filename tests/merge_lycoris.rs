@@ -240,10 +240,10 @@ fn inspect_reports_locon_loha_and_lokr_files() -> Result<()> {
 }
 
 #[test]
-fn the_runtime_module_set_rejects_3x3_locon_modules_pointing_to_lora_merge() -> Result<()> {
+fn a_module_set_without_convs_rejects_3x3_locon_modules_pointing_to_lora_merge() -> Result<()> {
     use lora_toolkit::core::formats::keys::{modules_from_weights, Component};
-    // The Linear/1×1 set the UNet attach path (lora-infer, `--fuse`, training) resolves
-    // against, as `UNet2DConditionModel::lora_modules` enumerates it.
+    // The Linear/1×1 set of the transformer models (what a tool that adapts only those resolves
+    // against).
     let unet = modules_from_weights(
         Component::Unet,
         &[fixtures()
@@ -323,6 +323,49 @@ fn a_locon_file_attached_unmerged_equals_diffusers_fused_weights() -> Result<()>
     assert!(
         err <= TOLERANCE,
         "attached LoCon differs from the fused weights by {err}"
+    );
+    Ok(())
+}
+
+/// LyCORIS' `full` preset also adapts `conv_in` (and `conv_out`, the time embedding), which the
+/// runtime UNet does not: resolving such a file for lora-infer says to fold it with lora-merge.
+#[test]
+fn conv_in_adapters_point_to_lora_merge_at_run_time() -> Result<()> {
+    use lora_toolkit::core::models::config::UNetConfig;
+    use lora_toolkit::core::source::ModelFolder;
+    use lora_toolkit::core::{AdapterFile, ModelModules, UNet2DConditionModel};
+    let folder = ModelFolder::open(&fixtures().join(CFG))?;
+    let config = UNetConfig::from_file(&folder.unet_config())?;
+    let out_ch = config.block_out_channels[0];
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("full.safetensors");
+    let zeros = |shape: &[usize]| Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu);
+    let tensors = HashMap::from([
+        (
+            "lora_unet_conv_in.lora_down.weight".to_string(),
+            zeros(&[2, config.in_channels, 3, 3])?,
+        ),
+        (
+            "lora_unet_conv_in.lora_up.weight".to_string(),
+            zeros(&[out_ch, 2, 1, 1])?,
+        ),
+        (
+            "lora_unet_conv_in.alpha".to_string(),
+            Tensor::new(2f32, &Device::Cpu)?,
+        ),
+    ]);
+    candle_core::safetensors::save(&tensors, &path)?;
+    let modules = UNet2DConditionModel::adapter_modules_of(&config)?;
+    let err = AdapterFile::read(&path, &Device::Cpu)?
+        .resolve(&ModelModules {
+            unet: &modules,
+            text_encoder: None,
+        })
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("conv_in") && msg.contains("lora-merge"),
+        "{msg}"
     );
     Ok(())
 }

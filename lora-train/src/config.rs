@@ -111,7 +111,9 @@ pub struct TrainArgs {
     /// conv_shortcut at --rank [default: off]
     #[arg(long, value_name = "RANK")]
     pub conv_rank: Option<usize>,
-    /// Alpha of the conv adapters (kohya: conv_alpha) [default: --conv-rank]
+    /// Alpha of the conv adapters (kohya: conv_alpha, whose default is 1: give --conv-alpha 1 to
+    /// port a kohya recipe that leaves it out) [default: --conv-rank, as --alpha defaults to
+    /// --rank]
     #[arg(long, value_name = "ALPHA")]
     pub conv_alpha: Option<f64>,
     /// Per-block learning rates as multiples of --lr, BLOCK=FACTOR with kohya's block names
@@ -739,7 +741,7 @@ impl TrainArgs {
                 None
             }
             (Some(rank), alpha) => {
-                let alpha = alpha.unwrap_or(rank as f64);
+                let alpha = alpha.unwrap_or(rank.max(1) as f64);
                 check(
                     alpha.is_finite() && alpha > 0.0,
                     format!("--conv-alpha = {alpha}: expected a positive number"),

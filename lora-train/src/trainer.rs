@@ -248,17 +248,21 @@ impl Trainer {
                 alpha,
                 ..lora_config.clone()
             };
-            for (settings, modules, stream) in [
-                (&conv_config, convs, CONV_INIT_STREAM),
-                (&lora_config, others, CONV_INIT_STREAM + 1),
-            ] {
-                trainable.add_unet_modules(
-                    settings,
-                    &modules,
-                    &device,
-                    derive_seed(config.seed, stream),
-                )?;
-            }
+            trainable.add_unet_modules(
+                &conv_config,
+                &convs,
+                &|_| rank,
+                &device,
+                derive_seed(config.seed, CONV_INIT_STREAM),
+            )?;
+            // --block-rank applies to the Linear and 1×1 layers, as kohya's block_dims.
+            trainable.add_unet_modules(
+                &lora_config,
+                &others,
+                &rank_of,
+                &device,
+                derive_seed(config.seed, CONV_INIT_STREAM + 1),
+            )?;
         }
         unet.attach_adapter(ADAPTER_NAME, &trainable.adapter.unet, 1.0)?;
         let text_encoder = match config.train_text_encoder {
@@ -301,11 +305,10 @@ impl Trainer {
             .ema_decay
             .map(|decay| Ema::new(decay, optimizer.params()))
             .transpose()?;
-        check_free_space(
-            &config,
-            optimizer.params().iter().map(|(_, v)| v.elem_count()).sum(),
-            optimizer.slot_names().len() + usize::from(ema.is_some()),
-        )?;
+        let param_count: usize = optimizer.params().iter().map(|(_, v)| v.elem_count()).sum();
+        // A checkpoint keeps the parameters, the optimizer's state and the moving average.
+        let state_bytes = optimizer.state_bytes() + usize::from(ema.is_some()) * param_count * 4;
+        check_free_space(&config, param_count, state_bytes as u64)?;
         let granularity = model.vae_config()?.map_or(1, |vae| vae.vae_scale_factor())
             * (1 << (unet_config.block_out_channels.len() - 1));
         let sizes: Vec<(usize, usize)> = dataset
@@ -1277,11 +1280,7 @@ fn check_output_location(config: &TrainConfig, continuing: bool) -> Result<()> {
 /// checkpoint (parameters and `state_per_param` state tensors each: the optimizer's and the
 /// average) with its adapter, twice over while a new one is written before the old is pruned. A
 /// filesystem that fills up anyway fails at save time with the previous files intact.
-fn check_free_space(
-    config: &TrainConfig,
-    adapter_params: usize,
-    state_per_param: usize,
-) -> Result<()> {
+fn check_free_space(config: &TrainConfig, adapter_params: usize, state_bytes: u64) -> Result<()> {
     let folder = folder_of(&config.output);
     let Some(free) = lora_core::io::free_space(folder) else {
         return Ok(());
@@ -1293,7 +1292,7 @@ fn check_free_space(
         adapter
     };
     let checkpoints = match config.save_every {
-        Some(_) => 2 * (adapter * (1 + state_per_param as u64) + adapter),
+        Some(_) => 2 * (adapter + state_bytes + adapter),
         None => 0,
     };
     // Headers, metrics and sample images, generously.

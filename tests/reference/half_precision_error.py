@@ -48,3 +48,38 @@ for cfg in ["sd1-tiny", "sd2-tiny"]:
             errs.append(((p.grad - ref).norm() / ref.norm()).item())
         errs.sort()
         print(f"{cfg} {dt}: forward rel {fe:.2e}; gradient rel median {errs[len(errs)//2]:.2e} worst {errs[-1]:.2e}")
+
+# The LoCon fixture (make_conv_grad_fixtures.py: LoRA on the resnets' and samplers' layers), the
+# same way: the bounds of lora_parity's `GradReference::Conv` checks.
+for cfg in ["sd1-tiny", "sd2-tiny"]:
+    exp = load_file(root + cfg + "/expected.safetensors")
+    conv = load_file(root + cfg + "/grad_conv.safetensors")
+    targets = sorted({k[len("unet."):].rsplit(".lora_", 1)[0] for k in conv if k.startswith("unet.")})
+    for dt in [torch.float16, torch.bfloat16]:
+        u = UNet2DConditionModel.from_pretrained(root + cfg + "/unet")
+        u.requires_grad_(False)
+        u.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False), adapter_name="conv")
+        for n, p in u.named_parameters():
+            if ".conv." in n and (".lora_A." in n or ".lora_B." in n):
+                which = "lora_A" if ".lora_A." in n else "lora_B"
+                path = n.split(f".{which}.conv.")[0]
+                p.data = conv[f"unet.{path}.{which}.weight"].reshape(p.shape).clone()
+        u.to(dt)
+        params = {}
+        for n, p in u.named_parameters():
+            if ".lora_A.conv." in n or ".lora_B.conv." in n:
+                p.data = p.data.float(); p.requires_grad_(True); params[n] = p
+        with torch.autocast("cpu", dtype=dt):
+            out = u(exp["sample"].to(dt), exp["timestep"], exp["encoder_hidden_states"].to(dt)).sample
+        out = out.float()
+        fe = ((out - conv["conv_lora_out"]).norm() / conv["conv_lora_out"].norm()).item()
+        loss = ((out - exp["grad_target"]) ** 2).mean()
+        loss.backward()
+        errs = []
+        for n, p in params.items():
+            which = "lora_A" if ".lora_A." in n else "lora_B"
+            path = n.split(f".{which}.conv.")[0]
+            ref = conv[f"grad.{path}.{which}.weight"].reshape(p.shape)
+            errs.append(((p.grad - ref).norm() / ref.norm()).item())
+        errs.sort()
+        print(f"{cfg} {dt} (LoCon): forward rel {fe:.2e}; gradient rel median {errs[len(errs)//2]:.2e} worst {errs[-1]:.2e}")

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""PyTorch reference for LoRA on the UNet's 3×3 convolutions (kohya `conv_dim` / LoCon,
+"""PyTorch reference for LoRA on the UNet's resnets and samplers (kohya `conv_dim` / LoCon,
 `--conv-rank`): output and gradients.
 
 For each tiny pipeline's UNet, peft injects a rank-4 LoRA (alpha 8; A, B drawn from N(0, 0.2²))
-into every resnet `conv1` / `conv2` and every `downsamplers.0.conv` / `upsamplers.0.conv`:
-peft's Conv2d LoRA, A a `[r, in, 3, 3]` convolution with the layer's stride and padding and B a
-1×1 `[out, r]` one, as kohya's LoCon. The UNet runs the inputs of `expected.safetensors`; the
+into kohya's conv_dim set: every resnet `conv1` / `conv2` (3×3), `time_emb_proj` (Linear) and
+`conv_shortcut` (1×1), and every `downsamplers.0.conv` / `upsamplers.0.conv` (3×3): peft's
+Conv2d LoRA, A a `[r, in, k, k]` convolution with the layer's stride and padding and B a 1×1
+`[out, r]` one, as kohya's LoCon. The UNet runs the inputs of `expected.safetensors`; the
 loss is the MSE against its `grad_target`. Writes `tests/fixtures/<cfg>/grad_conv.safetensors`:
 
 - `unet.<path>.lora_A.weight` / `.lora_B.weight`: the adapter, as peft saves it;
@@ -27,11 +28,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def conv_targets(unet):
-    """Every 3×3 conv of the resnets and resamplers, by module path."""
+    """kohya's conv_dim set of the resnets and resamplers, by module path."""
     return sorted(
         name for name, module in unet.named_modules()
-        if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (3, 3)
-        and (name.endswith((".conv1", ".conv2")) or name.endswith("samplers.0.conv"))
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))
+        and (name.endswith((".conv1", ".conv2", ".time_emb_proj", ".conv_shortcut"))
+             or name.endswith("samplers.0.conv"))
     )
 
 
@@ -75,7 +77,7 @@ def main():
             "diffusers": __import__("diffusers").__version__,
             "peft": __import__("peft").__version__,
         })
-        print(f"{cfg}: {len(targets)} conv modules, loss {loss.item():.6f}")
+        print(f"{cfg}: {len(targets)} resnet and sampler modules, loss {loss.item():.6f}")
 
 
 if __name__ == "__main__":

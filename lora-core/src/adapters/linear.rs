@@ -267,8 +267,7 @@ impl LoraLinear {
                 );
             }
             ModuleKind::Conv { kh, kw } => bail!(
-                "{kh}×{kw} conv adapters cannot be attached at run time (only Linear and 1×1 conv \
-                 layers are); fold them into the model with lora-merge"
+                "a {kh}×{kw} convolution is not a LoraLinear: it takes its adapters as a LoraConv"
             ),
         }
         Ok(Self {

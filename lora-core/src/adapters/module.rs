@@ -193,17 +193,18 @@ impl TrainableAdapter {
     }
 
     /// Adds a fresh adapter on every one of the UNet's `modules` (e.g. its 3×3 convolutions for
-    /// LoCon, `config` then holding the conv rank and alpha), drawn from `seed`; none may have
-    /// one already.
+    /// LoCon, `config` then holding the conv alpha and init), each of rank `rank_of(module)`,
+    /// drawn from `seed`; none may have one already.
     pub fn add_unet_modules(
         &mut self,
         config: &LoraConfig,
         modules: &[ModuleInfo],
+        rank_of: &dyn Fn(&ModuleInfo) -> usize,
         device: &Device,
         seed: u64,
     ) -> Result<()> {
         let all: Vec<&ModuleInfo> = modules.iter().collect();
-        let (unet, vars) = fresh_modules(config, &all, &|_| config.rank, device, seed)?;
+        let (unet, vars) = fresh_modules(config, &all, rank_of, device, seed)?;
         for (path, module) in unet {
             ensure!(
                 self.adapter.unet.insert(path.clone(), module).is_none(),

@@ -9,12 +9,14 @@
 //! `torch.optim.AdamW` come with it: the weight decay is applied after the step, and ε is scaled
 //! by the bias correction √(1 − β₂ᵗ).
 //!
-//! The update runs on the host, element by element: the quantiser is a search per element, and
-//! LoRA parameters are small (a few MB a step to move on a GPU).
+//! The update runs on the host, blocks in parallel: the quantiser is a search per element, and
+//! LoRA parameters are small (at rank 16, about 7 M values for an SD1.5 attention adapter, some
+//! 28 MB a step each way on a GPU).
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor, Var};
 use lora_core::formats::kohya::python_float;
+use rayon::prelude::*;
 
 use super::quantile_maps::{SIGNED, UNSIGNED};
 use super::{Algorithm, Args};
@@ -217,8 +219,8 @@ fn step_32bit(
 }
 
 impl AdamW8bit {
-    /// One step of an 8-bit parameter, block by block: dequantise both moments, update them in
-    /// f32, take the new block scales, step the parameter, re-quantise.
+    /// One step of an 8-bit parameter: its blocks are independent, so they run in parallel
+    /// ([`Self::step_block`]; the result does not depend on the split).
     fn step_8bit(
         &self,
         c: &StepConstants,
@@ -231,64 +233,79 @@ impl AdamW8bit {
         let mut v_codes: Vec<u8> = slots[1].to_vec1()?;
         let mut m_scales: Vec<f32> = slots[2].to_vec1()?;
         let mut v_scales: Vec<f32> = slots[3].to_vec1()?;
-        let eps_scaled = c.correction2 * c.eps;
-        let n = values.len();
-        let mut m = vec![0f32; BLOCK];
-        let mut v = vec![0f32; BLOCK];
-        for (block, start) in (0..n).step_by(BLOCK).enumerate() {
-            let len = BLOCK.min(n - start);
-            let (mut m_max, mut v_max) = (0f32, 0f32);
-            for i in 0..len {
-                let (e, g) = (start + i, grad[start + i]);
-                let v_old = self.unsigned.code[usize::from(v_codes[e])] * v_scales[block];
-                let m_old = self.signed.code[usize::from(m_codes[e])] * m_scales[block];
-                // A NaN or infinite gradient zeroes the element's moments and skips its step.
-                let finite = g.is_finite();
-                v[i] = match finite {
-                    true => v_old * c.beta2 + ((1.0 - c.beta2) * g) * g,
-                    false => 0.0,
-                };
-                m[i] = match finite {
-                    true => m_old * c.beta1 + (1.0 - c.beta1) * g,
-                    false => 0.0,
-                };
-                m_max = m_max.max(m[i].abs());
-                v_max = v_max.max(v[i].abs());
-                if finite {
-                    values[e] = c.update(values[e], m[i], v[i], eps_scaled);
-                }
-            }
-            if len < BLOCK {
-                // The kernel pads a partial block with code 128 (m) and 0 (v) and a zero
-                // gradient; the padding's m takes part in the block's largest magnitude.
-                let m_pad =
-                    self.signed.code[128] * m_scales[block] * c.beta1 + (1.0 - c.beta1) * 0.0;
-                m_max = m_max.max(m_pad.abs());
-            }
-            m_scales[block] = m_max;
-            v_scales[block] = v_max;
-            for i in 0..len {
-                let e = start + i;
-                let mut code = self.signed.quantize(m[i] / m_max);
-                // The sign fix: a code of the other sign moves one step toward the right one
-                // (u8 arithmetic: a block of zeros gets 255, harmlessly, its scale being 0).
-                if self.signed.code[usize::from(code)].is_sign_negative() != m[i].is_sign_negative()
-                {
-                    code = match m[i] > 0.0 {
-                        true => code.wrapping_add(1),
-                        false => code.wrapping_sub(1),
-                    };
-                }
-                m_codes[e] = code;
-                v_codes[e] = self.unsigned.quantize(v[i] / v_max);
-            }
-        }
-        let blocks = m_scales.len();
+        values
+            .par_chunks_mut(BLOCK)
+            .zip(grad.par_chunks(BLOCK))
+            .zip(m_codes.par_chunks_mut(BLOCK))
+            .zip(v_codes.par_chunks_mut(BLOCK))
+            .zip(m_scales.par_iter_mut())
+            .zip(v_scales.par_iter_mut())
+            .for_each(|(((((p, g), m_code), v_code), m_scale), v_scale)| {
+                self.step_block(c, p, g, (m_code, m_scale), (v_code, v_scale));
+            });
+        let (n, blocks) = (values.len(), m_scales.len());
         slots[0] = Tensor::from_vec(m_codes, n, &dev)?;
         slots[1] = Tensor::from_vec(v_codes, n, &dev)?;
         slots[2] = Tensor::from_vec(m_scales, blocks, &dev)?;
         slots[3] = Tensor::from_vec(v_scales, blocks, &dev)?;
         Ok(values)
+    }
+
+    /// One block (at most 256 elements): dequantise both moments, update them in f32, take the
+    /// new block scales, step the parameter, re-quantise.
+    fn step_block(
+        &self,
+        c: &StepConstants,
+        values: &mut [f32],
+        grad: &[f32],
+        (m_codes, m_scale): (&mut [u8], &mut f32),
+        (v_codes, v_scale): (&mut [u8], &mut f32),
+    ) {
+        let eps_scaled = c.correction2 * c.eps;
+        let mut m = [0f32; BLOCK];
+        let mut v = [0f32; BLOCK];
+        let (mut m_max, mut v_max) = (0f32, 0f32);
+        for i in 0..values.len() {
+            let g = grad[i];
+            let v_old = self.unsigned.code[usize::from(v_codes[i])] * *v_scale;
+            let m_old = self.signed.code[usize::from(m_codes[i])] * *m_scale;
+            // A NaN or infinite gradient zeroes the element's moments and skips its step.
+            let finite = g.is_finite();
+            v[i] = match finite {
+                true => v_old * c.beta2 + ((1.0 - c.beta2) * g) * g,
+                false => 0.0,
+            };
+            m[i] = match finite {
+                true => m_old * c.beta1 + (1.0 - c.beta1) * g,
+                false => 0.0,
+            };
+            m_max = m_max.max(m[i].abs());
+            v_max = v_max.max(v[i].abs());
+            if finite {
+                values[i] = c.update(values[i], m[i], v[i], eps_scaled);
+            }
+        }
+        if values.len() < BLOCK {
+            // The kernel pads a partial block with code 128 (m) and 0 (v) and a zero gradient;
+            // the padding's m takes part in the block's largest magnitude.
+            let m_pad = self.signed.code[128] * *m_scale * c.beta1 + (1.0 - c.beta1) * 0.0;
+            m_max = m_max.max(m_pad.abs());
+        }
+        *m_scale = m_max;
+        *v_scale = v_max;
+        for i in 0..values.len() {
+            let mut code = self.signed.quantize(m[i] / m_max);
+            // The sign fix: a code of the other sign moves one step toward the right one (u8
+            // arithmetic: a block of zeros gets 255, harmlessly, its scale being 0).
+            if self.signed.code[usize::from(code)].is_sign_negative() != m[i].is_sign_negative() {
+                code = match m[i] > 0.0 {
+                    true => code.wrapping_add(1),
+                    false => code.wrapping_sub(1),
+                };
+            }
+            m_codes[i] = code;
+            v_codes[i] = self.unsigned.quantize(v[i] / v_max);
+        }
     }
 }
 

@@ -1,12 +1,13 @@
 //! The optimizers of `--optimizer` over the adapter's `Var`s, plus global gradient-norm clipping:
-//! AdamW (PyTorch's `torch.optim.AdamW`), Lion (lion-pytorch) and Prodigy (prodigyopt), each the
-//! reference implementation's update in the same order, checked against it over a fixed gradient
-//! sequence (`tests/optimizer_parity.rs`).
+//! AdamW (PyTorch's `torch.optim.AdamW`), AdamW8bit (bitsandbytes' block-wise 8-bit AdamW), Lion
+//! (lion-pytorch) and Prodigy (prodigyopt), each the reference implementation's update in the
+//! same order, checked against it over a fixed gradient sequence (`tests/optimizer_parity.rs`).
 //!
 //! Our own rather than candle-nn's: checkpoints need every piece of state out and back in. An
 //! [`Optimizer`] is the parameters, one [`Algorithm`] and its state: per parameter a few named
-//! tensors ("slots", f32, the parameter's shape) and a few named scalars (f64). A checkpoint keeps
-//! exactly these, so a resumed run continues bit for bit.
+//! tensors ("slots": f32 of the parameter's shape, or AdamW8bit's u8 codes and f32 block scales;
+//! what `Algorithm::init_slots` makes) and a few named scalars (f64). A checkpoint keeps exactly
+//! these, so a resumed run continues bit for bit.
 
 mod adamw;
 mod adamw8bit;

@@ -343,14 +343,20 @@ impl AdapterFile {
     }
 }
 
-/// The problem of a module whose name matches nothing. A k×k conv adapter resolved against a
-/// model that enumerates no k×k conv (the runtime UNet, which adapts only Linear and 1×1 conv
-/// layers) is always an error saying where such adapters can be used.
+/// The problem of a module whose name matches nothing. Adapters that lora-merge can fold but the
+/// model does not attach are errors saying so: a k×k conv adapter against a module set without
+/// k×k convs, and (LyCORIS' `full` preset) adapters on the UNet's `conv_in`, `conv_out` and
+/// time-embedding layers, which the runtime UNet does not adapt.
 fn unmatched_problem(raw: &RawModule, model: &ModelModules) -> Problem {
     let has_convs = model
         .unet
         .iter()
         .any(|m| matches!(m.kind, ModuleKind::Conv { .. }));
+    let flat = raw.down_key.replace('.', "_");
+    let top_level = raw.component == Component::Unet
+        && ["_conv_in_", "_conv_out_", "_time_embedding_linear_"]
+            .iter()
+            .any(|part| flat.contains(part));
     match raw.kernel {
         Some((kh, kw)) if !has_convs => Problem {
             unmatched: false,
@@ -358,6 +364,15 @@ fn unmatched_problem(raw: &RawModule, model: &ModelModules) -> Problem {
                 "`{}`: a {kh}×{kw} conv adapter (kohya conv_dim / LyCORIS LoCon); adapters are \
                  attached here only to Linear and 1×1 conv layers: fold 3×3 conv adapters into \
                  the model with lora-merge",
+                raw.down_key
+            ),
+        },
+        _ if top_level => Problem {
+            unmatched: false,
+            text: format!(
+                "`{}`: an adapter on the UNet's conv_in, conv_out or time embedding (LyCORIS' \
+                 `full` preset); those layers take no adapter at run time: fold it into the model \
+                 with lora-merge",
                 raw.down_key
             ),
         },

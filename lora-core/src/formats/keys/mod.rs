@@ -374,8 +374,9 @@ pub fn module_from_weight(component: Component, name: &str, shape: &[usize]) -> 
 /// transformer modules, the UNet's resnet `conv1`/`conv2` (3×3), `time_emb_proj` (Linear),
 /// `conv_shortcut` (1×1), the down/upsampler `conv` (3×3), and (LyCORIS' `full` preset)
 /// `conv_in`, `conv_out` and `time_embedding.linear_1`/`linear_2`. Larger kernels come back as
-/// [`ModuleKind::Conv`] with `in_features = in · kh · kw`. The runtime UNet never enumerates
-/// these, so adapters on them are only merged, never attached.
+/// [`ModuleKind::Conv`] with `in_features = in · kh · kw`. The runtime UNet attaches adapters to
+/// the resnet and sampler ones (`UNet2DConditionModel::resnet_modules`); the top-level ones are
+/// only merged.
 pub fn locon_module_from_weight(
     component: Component,
     name: &str,
