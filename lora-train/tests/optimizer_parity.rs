@@ -32,42 +32,81 @@ fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
     })
 }
 
-#[test]
-fn optimizers_follow_their_reference_trajectories() -> Result<()> {
-    let dir = common::fixtures().join("optimizers");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json"))?)?;
-    let tensors =
-        candle_core::safetensors::load(dir.join("trajectories.safetensors"), &Device::Cpu)?;
-    let steps = meta["steps"].as_u64().context("steps")? as usize;
-    let count = meta["parameters"].as_u64().context("parameters")? as usize;
-    let multipliers: Vec<f64> = serde_json::from_value(meta["lr_multipliers"].clone())?;
-    let cases = meta["cases"].as_object().context("cases")?;
-    ensure!(cases.len() >= 7 && steps >= 10, "too few cases or steps");
-    let mut checked = 0;
-    for (name, case) in cases {
+type NamedParams = Vec<(String, Var)>;
+
+/// A trajectory fixture: every case's parameters after every step, from the same start and
+/// gradients, with the per-step learning-rate multipliers.
+struct Trajectories {
+    meta: serde_json::Value,
+    tensors: HashMap<String, Tensor>,
+    steps: usize,
+    count: usize,
+    multipliers: Vec<f64>,
+}
+
+impl Trajectories {
+    fn load(folder: &str) -> Result<Self> {
+        let dir = common::fixtures().join(folder);
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json"))?)?;
+        let tensors =
+            candle_core::safetensors::load(dir.join("trajectories.safetensors"), &Device::Cpu)?;
+        Ok(Self {
+            steps: meta["steps"].as_u64().context("steps")? as usize,
+            count: meta["parameters"].as_u64().context("parameters")? as usize,
+            multipliers: serde_json::from_value(meta["lr_multipliers"].clone())?,
+            meta,
+            tensors,
+        })
+    }
+
+    fn cases(&self) -> Result<&serde_json::Map<String, serde_json::Value>> {
+        self.meta["cases"].as_object().context("cases")
+    }
+
+    /// Case `name`'s starting parameters, a fresh optimizer over them and its peak lr.
+    fn start(&self, name: &str, case: &serde_json::Value) -> Result<(NamedParams, Optimizer, f64)> {
         let args: BTreeMap<String, String> = serde_json::from_value(case["args"].clone())?;
         let settings = OptimizerSettings {
             kind: case["optimizer"].as_str().context("optimizer")?.parse()?,
             weight_decay: case["weight_decay"].as_f64().context("weight_decay")?,
             args,
         };
-        let lr = case["lr"].as_f64().context("lr")?;
-        let params = (0..count)
+        let params = (0..self.count)
             .map(|i| {
-                let start = get(&tensors, &format!("{name}.p{i}.step0"))?;
+                let start = get(&self.tensors, &format!("{name}.p{i}.step0"))?;
                 Ok((format!("p{i}"), Var::from_tensor(start)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut optimizer = Optimizer::new(params.clone(), &settings)?;
+        let optimizer = Optimizer::new(params.clone(), &settings)?;
+        Ok((params, optimizer, case["lr"].as_f64().context("lr")?))
+    }
+
+    /// The gradients of step `t` (1-based), in f32.
+    fn grads(&self, t: usize) -> Result<Vec<Tensor>> {
+        (0..self.count)
+            .map(|i| {
+                Ok(get(&self.tensors, &format!("grad.p{i}.step{t}"))?
+                    .to_dtype(candle_core::DType::F32)?)
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn optimizers_follow_their_reference_trajectories() -> Result<()> {
+    let fixture = Trajectories::load("optimizers")?;
+    let (tensors, steps, count) = (&fixture.tensors, fixture.steps, fixture.count);
+    let cases = fixture.cases()?;
+    ensure!(cases.len() >= 7 && steps >= 10, "too few cases or steps");
+    let mut checked = 0;
+    for (name, case) in cases {
+        let (params, mut optimizer, lr) = fixture.start(name, case)?;
         let mut worst = 0f64;
         for t in 1..=steps {
-            let grads = (0..count)
-                .map(|i| Ok(get(&tensors, &format!("grad.p{i}.step{t}"))?.clone()))
-                .collect::<Result<Vec<_>>>()?;
-            optimizer.step(&grads, lr * multipliers[t - 1])?;
+            optimizer.step(&fixture.grads(t)?, lr * fixture.multipliers[t - 1])?;
             for (i, (_, var)) in params.iter().enumerate() {
-                let reference = get(&tensors, &format!("{name}.p{i}.step{t}"))?;
+                let reference = get(tensors, &format!("{name}.p{i}.step{t}"))?;
                 let err = rel_err(var.as_tensor(), reference)?;
                 // `!(err <= …)` also fails on NaN.
                 ensure!(
@@ -80,7 +119,7 @@ fn optimizers_follow_their_reference_trajectories() -> Result<()> {
         }
         println!("{name}: largest relative error over {steps} steps {worst:.2e}");
         // The parameters moved: a case that changes nothing would pass vacuously.
-        let start = get(&tensors, &format!("{name}.p0.step0"))?;
+        let start = get(tensors, &format!("{name}.p0.step0"))?;
         ensure!(
             rel_err(params[0].1.as_tensor(), start)? > 1e-3,
             "{name}: the first parameter did not move"
@@ -111,41 +150,16 @@ fn bits(t: &Tensor) -> Result<Vec<u32>> {
 /// with a partial last block and an all-zero block, two 32-bit ones (under `min_8bit_size`).
 #[test]
 fn adamw8bit_follows_the_bitsandbytes_kernel_bit_for_bit() -> Result<()> {
-    let dir = common::fixtures().join("optimizers-8bit");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json"))?)?;
-    let tensors =
-        candle_core::safetensors::load(dir.join("trajectories.safetensors"), &Device::Cpu)?;
-    let steps = meta["steps"].as_u64().context("steps")? as usize;
-    let count = meta["parameters"].as_u64().context("parameters")? as usize;
-    let multipliers: Vec<f64> = serde_json::from_value(meta["lr_multipliers"].clone())?;
-    let eight_bit: Vec<bool> = serde_json::from_value(meta["eight_bit"].clone())?;
+    let fixture = Trajectories::load("optimizers-8bit")?;
+    let (tensors, steps) = (&fixture.tensors, fixture.steps);
+    let eight_bit: Vec<bool> = serde_json::from_value(fixture.meta["eight_bit"].clone())?;
     ensure!(eight_bit.iter().any(|&b| b) && eight_bit.iter().any(|&b| !b));
-    let cases = meta["cases"].as_object().context("cases")?;
+    let cases = fixture.cases()?;
     let (mut params_checked, mut states_checked) = (0, 0);
     for (name, case) in cases {
-        let args: BTreeMap<String, String> = serde_json::from_value(case["args"].clone())?;
-        let settings = OptimizerSettings {
-            kind: case["optimizer"].as_str().context("optimizer")?.parse()?,
-            weight_decay: case["weight_decay"].as_f64().context("weight_decay")?,
-            args,
-        };
-        let lr = case["lr"].as_f64().context("lr")?;
-        let params = (0..count)
-            .map(|i| {
-                let start = get(&tensors, &format!("{name}.p{i}.step0"))?;
-                Ok((format!("p{i}"), Var::from_tensor(start)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut optimizer = Optimizer::new(params.clone(), &settings)?;
+        let (params, mut optimizer, lr) = fixture.start(name, case)?;
         for t in 1..=steps {
-            let grads = (0..count)
-                .map(|i| {
-                    Ok(get(&tensors, &format!("grad.p{i}.step{t}"))?
-                        .to_dtype(candle_core::DType::F32)?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            optimizer.step(&grads, lr * multipliers[t - 1])?;
+            optimizer.step(&fixture.grads(t)?, lr * fixture.multipliers[t - 1])?;
             for (i, (_, var)) in params.iter().enumerate() {
                 let Some(reference) = tensors.get(&format!("{name}.p{i}.step{t}")) else {
                     continue; // not recorded at this step
@@ -175,7 +189,7 @@ fn adamw8bit_follows_the_bitsandbytes_kernel_bit_for_bit() -> Result<()> {
                 states_checked += 1;
             }
         }
-        let start = get(&tensors, &format!("{name}.p0.step0"))?;
+        let start = get(tensors, &format!("{name}.p0.step0"))?;
         ensure!(
             rel_err(params[0].1.as_tensor(), start)? > 1e-3,
             "{name}: the 8-bit parameter did not move"

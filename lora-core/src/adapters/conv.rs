@@ -10,7 +10,7 @@ use anyhow::{ensure, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::linear::{adapter_dtype, AttachedLora, LoraLinear};
+use super::linear::{adapter_dtype, remove_named, AttachedLora, LoraLinear};
 use super::module::{LoraModule, ModuleInfo, ModuleKind};
 use crate::engine::fused::{norm_silu_conv, norm_silu_conv_residual};
 use crate::engine::{Conv2dLayer, GroupNormLayer};
@@ -100,9 +100,7 @@ impl LoraConv {
 
     /// Removes the adapter attached under `name`; returns whether one was attached.
     pub fn detach(&mut self, name: &str) -> bool {
-        let before = self.adapters.len();
-        self.adapters.retain(|a| a.name != name);
-        before != self.adapters.len()
+        remove_named(&mut self.adapters, name)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -24,6 +24,13 @@ pub(super) struct AttachedLora {
     pub(super) factor: f64,
 }
 
+/// Removes the adapters attached under `name`; returns whether there was one.
+pub(super) fn remove_named(adapters: &mut Vec<AttachedLora>, name: &str) -> bool {
+    let before = adapters.len();
+    adapters.retain(|a| a.name != name);
+    before != adapters.len()
+}
+
 impl AttachedLora {
     pub(super) fn new(name: &str, module: &LoraModule, multiplier: f64) -> Self {
         Self {
@@ -301,9 +308,7 @@ impl LoraLinear {
 
     /// Removes the adapter attached under `name`; returns whether one was attached.
     pub fn detach(&mut self, name: &str) -> bool {
-        let before = self.adapters.len();
-        self.adapters.retain(|a| a.name != name);
-        before != self.adapters.len()
+        remove_named(&mut self.adapters, name)
     }
 
     /// With no adapter attached, the layer as a linear map: its weight `[out, in]` (a 1×1
