@@ -34,6 +34,22 @@ fn quiet() -> impl FnMut(lora_train::Preparation) {
     |_| {}
 }
 
+/// Each of `cases`, given over the quick recipe, is refused at option checking with an error
+/// containing its text.
+fn assert_refused<const N: usize>(cases: [(TrainArgs, &str); N]) {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, expected) in cases {
+        let err = format!(
+            "{:#}",
+            args("sd1-tiny", &train_data(), dir.path())
+                .overlay(extra)
+                .resolve()
+                .unwrap_err()
+        );
+        assert!(err.contains(expected), "{err}");
+    }
+}
+
 /// Every file of the model folder, read whole (the fixtures are small).
 fn folder_bytes(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -1302,8 +1318,7 @@ fn the_text_encoder_trains_with_its_own_learning_rate() -> Result<()> {
 
 #[test]
 fn text_encoder_options_are_checked() {
-    let dir = tempfile::tempdir().unwrap();
-    for (extra, expected) in [
+    assert_refused([
         (
             TrainArgs {
                 text_encoder_lr: Some(1e-4),
@@ -1328,16 +1343,7 @@ fn text_encoder_options_are_checked() {
             },
             "prodigy estimates one step size",
         ),
-    ] {
-        let err = format!(
-            "{:#}",
-            args("sd1-tiny", &train_data(), dir.path())
-                .overlay(extra)
-                .resolve()
-                .unwrap_err()
-        );
-        assert!(err.contains(expected), "{err}");
-    }
+    ]);
 }
 
 /// A kohya `reg` folder of class images: `1_shape/` with the training images and no captions,
@@ -1416,7 +1422,7 @@ fn class_images_add_the_prior_preservation_loss() -> Result<()> {
     assert_same_tensors(&tensors(&a), &tensors(&b));
 
     let dir = tempfile::tempdir()?;
-    for (extra, expected) in [
+    assert_refused([
         (
             TrainArgs {
                 prior_loss_weight: Some(1.0),
@@ -1440,16 +1446,7 @@ fn class_images_add_the_prior_preservation_loss() -> Result<()> {
             },
             "--prior-loss-weight = NaN",
         ),
-    ] {
-        let err = format!(
-            "{:#}",
-            args("sd1-tiny", &train_data(), dir.path())
-                .overlay(extra)
-                .resolve()
-                .unwrap_err()
-        );
-        assert!(err.contains(expected), "{err}");
-    }
+    ]);
     let missing = TrainArgs {
         class_data: Some(dir.path().join("nowhere")),
         ..args("sd1-tiny", &train_data(), dir.path())
@@ -1570,7 +1567,7 @@ fn block_learning_rates_and_ranks_apply_per_block() -> Result<()> {
         err.contains("`in11` not a block of this UNet") && err.contains("in0–in5"),
         "{err}"
     );
-    for (extra, expected) in [
+    assert_refused([
         (
             TrainArgs {
                 block_lr: Some(vec!["mid=-1".into()]),
@@ -1593,16 +1590,7 @@ fn block_learning_rates_and_ranks_apply_per_block() -> Result<()> {
             },
             "--block-lr with --optimizer prodigy",
         ),
-    ] {
-        let err = format!(
-            "{:#}",
-            args("sd1-tiny", &train_data(), dir.path())
-                .overlay(extra)
-                .resolve()
-                .unwrap_err()
-        );
-        assert!(err.contains(expected), "{err}");
-    }
+    ]);
     let toml = TrainArgs::from_toml("block-lr = \"in1=0.5, mid=2\"\nblock-rank = [\"mid=8\"]\n")?;
     assert_eq!(toml.block_lr, Some(vec!["in1=0.5, mid=2".to_string()]));
     assert_eq!(toml.block_rank, Some(vec!["mid=8".to_string()]));

@@ -108,9 +108,13 @@ impl EncodedDataset {
             }
             None => Space::Pixel,
         };
-        let channels = match &space {
-            Space::Latent { vae, .. } => vae.as_ref().expect("just loaded").config().in_channels,
-            Space::Pixel => options.unet_in_channels,
+        // The input's channels, and the pixels per input position.
+        let (channels, pixels_per_input) = match &space {
+            Space::Latent { vae, .. } => {
+                let config = vae.as_ref().expect("just loaded").config();
+                (config.in_channels, config.vae_scale_factor())
+            }
+            Space::Pixel => (options.unet_in_channels, 1),
         };
         let (captions, caption_of_item, empty_caption) = encode_captions(
             model,
@@ -119,14 +123,6 @@ impl EncodedDataset {
             options.caption_tokens,
             device,
         )?;
-        let pixels_per_input = match &space {
-            Space::Latent { vae, .. } => vae
-                .as_ref()
-                .expect("just loaded")
-                .config()
-                .vae_scale_factor(),
-            Space::Pixel => 1,
-        };
         let masks = match &options.masks {
             Some(files) => {
                 ensure!(

@@ -311,14 +311,18 @@ impl Trainer {
         check_free_space(&config, param_count, state_bytes as u64)?;
         let granularity = model.vae_config()?.map_or(1, |vae| vae.vae_scale_factor())
             * (1 << (unet_config.block_out_channels.len() - 1));
-        let sizes: Vec<(usize, usize)> = dataset
-            .items
-            .iter()
-            .map(|item| match config.buckets {
-                true => bucket_size(item.size.0, item.size.1, config.resolution, granularity),
-                false => (config.resolution, config.resolution),
-            })
-            .collect();
+        // Each item's training size: its bucket, or the square resolution.
+        let sizes_of = |dataset: &Dataset| -> Vec<(usize, usize)> {
+            dataset
+                .items
+                .iter()
+                .map(|item| match config.buckets {
+                    true => bucket_size(item.size.0, item.size.1, config.resolution, granularity),
+                    false => (config.resolution, config.resolution),
+                })
+                .collect()
+        };
+        let sizes = sizes_of(&dataset);
         // The same every epoch (bucket sizes and counts do not depend on the order).
         let bucket_batches_per_epoch =
             bucket_batches(&dataset, &sizes, config.batch_size, 0, config.seed).len();
@@ -410,10 +414,8 @@ impl Trainer {
                     &model,
                     &class_dataset,
                     &EncodeOptions {
-                        sizes: vec![
-                            (config.resolution, config.resolution);
-                            class_dataset.items.len()
-                        ],
+                        // Square: --buckets is refused with class images.
+                        sizes: sizes_of(&class_dataset),
                         crop: config.crop,
                         flip: config.flip,
                         caption_dropout: config.caption_dropout > 0.0,
@@ -436,16 +438,7 @@ impl Trainer {
         };
         let validation = match held_out {
             Some(held_out) => {
-                let sizes = held_out
-                    .items
-                    .iter()
-                    .map(|item| match config.buckets {
-                        true => {
-                            bucket_size(item.size.0, item.size.1, config.resolution, granularity)
-                        }
-                        false => (config.resolution, config.resolution),
-                    })
-                    .collect();
+                let sizes = sizes_of(&held_out);
                 let encoded = EncodedDataset::build(
                     &model,
                     &held_out,
@@ -608,9 +601,7 @@ impl Trainer {
         let mut contexts = Vec::with_capacity(items.len());
         let mut masks = Vec::new();
         for item in items {
-            let flip = self.config.flip && self.rng.uniform() < 0.5;
-            let dropped = self.config.caption_dropout > 0.0
-                && self.rng.uniform() < self.config.caption_dropout;
+            let (flip, dropped) = draw_augmentation(&self.config, &mut self.rng);
             latents.push(self.data.latents(item, flip, &mut self.rng)?);
             contexts.push(self.data.caption(item, dropped)?.clone());
             masks.extend(self.data.mask(item, flip)?.cloned());
@@ -620,9 +611,7 @@ impl Trainer {
             // One class sample beside each training sample, drawn after them.
             for j in 0..instances {
                 let item = class.item(index * self.config.batch_size + j, self.config.seed);
-                let flip = self.config.flip && self.rng.uniform() < 0.5;
-                let dropped = self.config.caption_dropout > 0.0
-                    && self.rng.uniform() < self.config.caption_dropout;
+                let (flip, dropped) = draw_augmentation(&self.config, &mut self.rng);
                 latents.push(class.data.latents(item, flip, &mut self.rng)?);
                 contexts.push(class.data.caption(item, dropped)?.clone());
                 if let Some(first) = masks.first() {
@@ -1181,6 +1170,14 @@ fn bucket_batches(
     batches
 }
 
+/// A sample's random choices, drawn in this order: whether it is mirrored (`--flip`) and whether
+/// its caption is dropped (`--caption-dropout`).
+fn draw_augmentation(config: &TrainConfig, rng: &mut Rng) -> (bool, bool) {
+    let flip = config.flip && rng.uniform() < 0.5;
+    let dropped = config.caption_dropout > 0.0 && rng.uniform() < config.caption_dropout;
+    (flip, dropped)
+}
+
 /// A copy of `model` whose trained adapter (`modules`) is attached with its tensors detached:
 /// the same storage, so the optimizer's updates show, but no graph is recorded when it generates
 /// (a sampling loop would otherwise keep every denoising step's graph to its end).
@@ -1277,8 +1274,8 @@ fn check_output_location(config: &TrainConfig, continuing: bool) -> Result<()> {
 
 /// Refuses to start when the output folder has clearly too little room for what the run will
 /// write at once: the final adapter (and its moving average), and with `--save-every` one
-/// checkpoint (parameters and `state_per_param` state tensors each: the optimizer's and the
-/// average) with its adapter, twice over while a new one is written before the old is pruned. A
+/// checkpoint (the parameters and `state_bytes` of optimizer state and moving average) with its
+/// adapter, twice over while a new one is written before the old is pruned. A
 /// filesystem that fills up anyway fails at save time with the previous files intact.
 fn check_free_space(config: &TrainConfig, adapter_params: usize, state_bytes: u64) -> Result<()> {
     let folder = folder_of(&config.output);

@@ -119,8 +119,8 @@ impl LoraConv {
         x: &Tensor,
         shift: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if self.adapters.is_empty() {
-            return Ok(norm_silu_conv(norm, &self.conv, x, shift)?);
+        if let Some(conv) = self.unadapted() {
+            return Ok(norm_silu_conv(norm, conv, x, shift)?);
         }
         let y = self.forward(&norm.forward_silu(x)?)?;
         Ok(match shift {

@@ -125,11 +125,8 @@ impl Adapter {
         device: &Device,
         seed: u64,
     ) -> Result<TrainableAdapter> {
-        let targeted: Vec<&ModuleInfo> = modules
-            .iter()
-            .filter(|m| config.targets.matches(&m.path))
-            .collect();
-        let (unet, vars) = fresh_modules(config, &targeted, rank_of, device, seed)?;
+        let targeted = modules.iter().filter(|m| config.targets.matches(&m.path));
+        let (unet, vars) = fresh_modules(config, targeted, rank_of, device, seed)?;
         ensure!(
             !unet.is_empty(),
             "LoRA targets `{}` match no module of this model",
@@ -181,8 +178,7 @@ impl TrainableAdapter {
             self.adapter.text_encoder.is_empty(),
             "the adapter already has text-encoder modules"
         );
-        let all: Vec<&ModuleInfo> = modules.iter().collect();
-        let (text_encoder, vars) = fresh_modules(config, &all, &|_| config.rank, device, seed)?;
+        let (text_encoder, vars) = fresh_modules(config, modules, &|_| config.rank, device, seed)?;
         ensure!(
             !text_encoder.is_empty(),
             "the text encoder has no adaptable module"
@@ -203,8 +199,7 @@ impl TrainableAdapter {
         device: &Device,
         seed: u64,
     ) -> Result<()> {
-        let all: Vec<&ModuleInfo> = modules.iter().collect();
-        let (unet, vars) = fresh_modules(config, &all, rank_of, device, seed)?;
+        let (unet, vars) = fresh_modules(config, modules, rank_of, device, seed)?;
         for (path, module) in unet {
             ensure!(
                 self.adapter.unet.insert(path.clone(), module).is_none(),
@@ -227,9 +222,9 @@ type FreshModules = (BTreeMap<String, LoraModule>, Vec<(String, Var)>);
 /// Fresh low-rank weights for each of `modules` (of rank `rank_of(module)`) and their
 /// variables (named `<path>.lora_down` / `<path>.lora_up`, sorted by name), drawn in order from
 /// `seed`.
-fn fresh_modules(
+fn fresh_modules<'a>(
     config: &LoraConfig,
-    modules: &[&ModuleInfo],
+    modules: impl IntoIterator<Item = &'a ModuleInfo>,
     rank_of: &dyn Fn(&ModuleInfo) -> usize,
     device: &Device,
     seed: u64,

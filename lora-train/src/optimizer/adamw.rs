@@ -8,10 +8,10 @@ use lora_core::formats::kohya::python_float;
 use super::{Algorithm, Args};
 
 pub struct AdamW {
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
+    pub(super) beta1: f64,
+    pub(super) beta2: f64,
+    pub(super) eps: f64,
+    pub(super) weight_decay: f64,
 }
 
 impl AdamW {

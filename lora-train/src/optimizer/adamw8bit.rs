@@ -18,6 +18,7 @@ use candle_core::{DType, Tensor, Var};
 use lora_core::formats::kohya::python_float;
 use rayon::prelude::*;
 
+use super::adamw::AdamW;
 use super::quantile_maps::{SIGNED, UNSIGNED};
 use super::{Algorithm, Args};
 
@@ -57,10 +58,8 @@ impl QuantileMap {
 }
 
 pub struct AdamW8bit {
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
+    /// The hyper-parameters, which bitsandbytes takes as `torch.optim.AdamW` does.
+    adam: AdamW,
     min_8bit_size: usize,
     signed: QuantileMap,
     unsigned: QuantileMap,
@@ -69,18 +68,14 @@ pub struct AdamW8bit {
 impl AdamW8bit {
     /// `--optimizer-args`: `betas` (0.9, 0.999), `eps` (1e-8), `min_8bit_size` (4096).
     pub(crate) fn new(weight_decay: f64, args: &mut Args) -> Result<Self> {
-        let (beta1, beta2) = args.betas((0.9, 0.999))?;
-        let eps = args.number("eps", 1e-8, (f64::MIN_POSITIVE, 1.0))?;
+        let adam = AdamW::new(weight_decay, args)?;
         let min_8bit_size = args.number("min_8bit_size", MIN_8BIT_SIZE as f64, (1.0, 1e15))?;
         ensure!(
             min_8bit_size.fract() == 0.0,
             "--optimizer-args min_8bit_size={min_8bit_size}: expected a whole number"
         );
         Ok(Self {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
+            adam,
             min_8bit_size: min_8bit_size as usize,
             signed: QuantileMap::new(&SIGNED),
             unsigned: QuantileMap::new(&UNSIGNED),
@@ -107,7 +102,8 @@ struct StepConstants {
 
 impl StepConstants {
     fn new(optimizer: &AdamW8bit, lr: f64, step: u64) -> Self {
-        let (beta1, beta2) = (optimizer.beta1 as f32, optimizer.beta2 as f32);
+        let adam = &optimizer.adam;
+        let (beta1, beta2) = (adam.beta1 as f32, adam.beta2 as f32);
         // The powers in f64 from the f32 betas (as C's pow on the hyper-parameters' values),
         // rounded to f32.
         let power = |beta: f32| f64::from(beta).powf(step as f64) as f32;
@@ -117,8 +113,8 @@ impl StepConstants {
         Self {
             beta1,
             beta2,
-            eps: optimizer.eps as f32,
-            weight_decay: optimizer.weight_decay as f32,
+            eps: adam.eps as f32,
+            weight_decay: adam.weight_decay as f32,
             lr,
             correction2,
             step_size: (-lr * correction2) / correction1,
@@ -188,10 +184,10 @@ impl Algorithm for AdamW8bit {
     fn describe(&self) -> String {
         format!(
             "AdamW8bit(betas=({}, {}), eps={}, weight_decay={}, min_8bit_size={})",
-            python_float(self.beta1),
-            python_float(self.beta2),
-            python_float(self.eps),
-            python_float(self.weight_decay),
+            python_float(self.adam.beta1),
+            python_float(self.adam.beta2),
+            python_float(self.adam.eps),
+            python_float(self.adam.weight_decay),
             self.min_8bit_size
         )
     }

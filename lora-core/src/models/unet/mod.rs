@@ -22,7 +22,9 @@ use embeddings::timestep_features;
 use resnet::ResnetBlock2D;
 use transformer::{Transformer2DModel, Visitor};
 
-use crate::adapters::{check_adapter_fits, AdaptableVisitor, LoraConv, LoraModule, ModuleInfo};
+use crate::adapters::{
+    check_adapter_fits, AdaptableLayer, AdaptableVisitor, LoraConv, LoraModule, ModuleInfo,
+};
 use crate::engine::{
     upsample_nearest, CheckpointedForward, Conv2dLayer, Direct, GroupNormLayer, LayerRunner,
     LinearLayer,
@@ -307,6 +309,13 @@ impl UNet2DConditionModel {
         Ok(())
     }
 
+    /// Every layer an adapter can attach to: the transformer models' ([`Self::visit_lora`]),
+    /// then the resnets' and samplers' ([`Self::visit_resnets`]).
+    fn visit_adaptable(&mut self, f: &mut AdaptableVisitor) -> Result<()> {
+        self.visit_lora(&mut |path, layer| f(path, AdaptableLayer::Linear(layer)))?;
+        self.visit_resnets(f)
+    }
+
     fn visit_lora(&mut self, f: &mut Visitor) -> Result<()> {
         for (i, block) in self.down_blocks.iter_mut().enumerate() {
             block.visit(&format!("down_blocks.{i}"), f)?;
@@ -331,13 +340,7 @@ impl UNet2DConditionModel {
         multiplier: f64,
     ) -> Result<()> {
         check_adapter_fits("UNet", &self.adapter_modules(), name, modules)?;
-        self.visit_lora(&mut |path, layer| {
-            if let Some(m) = modules.get(path) {
-                layer.attach(name, m, multiplier);
-            }
-            Ok(())
-        })?;
-        self.visit_resnets(&mut |path, mut layer| {
+        self.visit_adaptable(&mut |path, mut layer| {
             if let Some(m) = modules.get(path) {
                 layer.attach(name, m, multiplier);
             }
@@ -348,11 +351,7 @@ impl UNet2DConditionModel {
     /// Removes the adapter attached under `name` from every layer.
     pub fn detach_adapter(&mut self, name: &str) -> Result<()> {
         let mut found = false;
-        self.visit_lora(&mut |_, layer| {
-            found |= layer.detach(name);
-            Ok(())
-        })?;
-        self.visit_resnets(&mut |_, mut layer| {
+        self.visit_adaptable(&mut |_, mut layer| {
             found |= layer.detach(name);
             Ok(())
         })?;
