@@ -180,6 +180,7 @@ fn write_inputs(dir: &Path) -> Result<(PathBuf, PathBuf)> {
             down: matrix(RANK, info.in_features)?,
             up: matrix(info.out_features, RANK)?,
             alpha: RANK as f64,
+            magnitude: None,
         };
         adapter.unet.insert(info.path.clone(), lora);
     }

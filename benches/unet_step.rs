@@ -11,7 +11,8 @@
 //!
 //! `--device`, `--dtype` (of the frozen base; LoRA stays f32) and `--batch` override a case's
 //! defaults (CPU, f32), for the GPU runs of `benches/gpu.sh`. `--gradient-checkpointing` trains
-//! with `forward_checkpointed` (the reference: `enable_gradient_checkpointing()`).
+//! with `forward_checkpointed` (the reference: `enable_gradient_checkpointing()`). `--dora` makes
+//! the adapter DoRA (the reference: peft's `use_dora=True`).
 //!
 //! `benches/unet_step_reference.py` measures the same cases with diffusers + peft (PyTorch);
 //! `benches/run_unet_step.sh` runs both side by side and prints the ratio.
@@ -188,6 +189,7 @@ fn main() -> Result<()> {
     let case_name = args.case.clone();
     let iters = args.iters()?;
     let checkpointing = args.switch("--gradient-checkpointing");
+    let dora = args.switch("--dora");
     let device_spec: DeviceSpec = args
         .flag("--device")?
         .map_or(Ok(DeviceSpec::Cpu), str::parse)?;
@@ -222,13 +224,17 @@ fn main() -> Result<()> {
         targets: LoraTargets::Attn2,
         ..Default::default()
     };
-    let trainable = Adapter::init_unet(&lora, case.unet.lora_modules(), &device, 0)?;
+    let mut trainable = Adapter::init_unet(&lora, case.unet.lora_modules(), &device, 0)?;
+    if dora {
+        trainable.add_dora(&case.unet.adaptable_weights()?)?;
+    }
     let mut modules = trainable.adapter.unet.clone();
     if !case.train {
         // Plain tensors at inference: attached `Var`s would make candle record the whole graph.
         for m in modules.values_mut() {
             m.down = m.down.detach();
             m.up = m.up.detach();
+            m.magnitude = m.magnitude.as_ref().map(Tensor::detach);
         }
     }
     case.unet.attach_adapter("bench", &modules, 1.0)?;
@@ -298,6 +304,9 @@ fn main() -> Result<()> {
     out.insert("batch", serde_json::json!(b));
     if checkpointing {
         out.insert("gradient_checkpointing", serde_json::json!(true));
+    }
+    if dora {
+        out.insert("dora", serde_json::json!(true));
     }
     if let Some(used) = gpu_used_mib(&device) {
         // Not a peak (the key is what earlier results call it): the device's memory in use after

@@ -1,7 +1,7 @@
 """The unet_step benchmark cases measured with diffusers + peft (PyTorch), printing the same JSON.
 
     python benches/unet_step_reference.py <case> [--iters N] [--device cpu|cuda] [--dtype f32|f16|bf16]
-                                                [--batch N] [--gradient-checkpointing] [--saved-tensors]
+                                                [--batch N] [--gradient-checkpointing] [--dora] [--saved-tensors]
 
 Same shapes, LoRA (rank 4, attn2 to_q/to_k/to_v/to_out.0, AdamW lr 1e-4), warm-up and timing as
 benches/unet_step.rs; default attention processor (SDPA).
@@ -79,7 +79,8 @@ def main():
     unet.requires_grad_(False)
     unet.to(device, dtype)
     targets = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    dora = "--dora" in args
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, use_dora=dora))
     checkpointing = "--gradient-checkpointing" in args
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -148,6 +149,7 @@ def main():
         "dtype": {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype],
         "batch": b,
         **({"gradient_checkpointing": True} if checkpointing else {}),
+        **({"dora": True} if dora else {}),
         **({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if device.type == "cuda" else {}),
         **({"gpu_allocated_before_mib": allocated["before"],
             "gpu_allocated_after_forward_mib": allocated["after_forward"]}

@@ -39,6 +39,11 @@ fn assert_same_adapter(a: &Adapter, b: &Adapter) {
             assert_eq!(max_abs_diff(&m.down, &n.down), 0.0, "{path} down");
             assert_eq!(max_abs_diff(&m.up, &n.up), 0.0, "{path} up");
             assert_eq!(m.alpha, n.alpha, "{path} alpha");
+            match (&m.magnitude, &n.magnitude) {
+                (Some(a), Some(b)) => assert_eq!(max_abs_diff(a, b), 0.0, "{path} magnitude"),
+                (None, None) => {}
+                _ => panic!("{path}: DoRA in one adapter only"),
+            }
         }
     }
 }
@@ -112,6 +117,72 @@ fn adapter_files_checked_by_diffusers() -> Result<()> {
             assert!(accepted["te_max_abs_err"].as_f64().unwrap() <= 1e-5);
 
             assert_same_adapter(&written.resolve(&modules)?, &source);
+        }
+    }
+    Ok(())
+}
+
+/// DoRA files in both layouts: the kohya/LyCORIS file LyCORIS' loader merged and the PEFT file
+/// diffusers' loader injected (`make_dora_grad_fixtures.py`, both checked there against peft's
+/// output) read into the same adapter, and our writers give back exactly those files' tensors
+/// (same keys, shapes and values) with the metadata each loader reads.
+#[test]
+fn dora_files_read_and_write_as_lycoris_and_diffusers_do() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    for cfg in CONFIGS {
+        let dir = fixtures().join(cfg);
+        let folder = ModelFolder::open(&dir)?;
+        let config = UNetConfig::from_file(&folder.unet_config())?;
+        let unet_modules = UNet2DConditionModel::adapter_modules_of(&config)?;
+        let modules = ModelModules {
+            unet: &unet_modules,
+            text_encoder: None,
+        };
+        let read = |name: &str| AdapterFile::read(&dir.join(name), &Device::Cpu);
+        let kohya = read("adapter_dora_kohya.safetensors")?.resolve(&modules)?;
+        let peft = read("adapter_dora_peft.safetensors")?.resolve(&modules)?;
+        assert!(kohya.unet.values().all(|m| m.magnitude.is_some()), "{cfg}");
+        assert_same_adapter(&kohya, &peft);
+
+        for (format, reference) in [
+            (AdapterFormat::Kohya, "adapter_dora_kohya.safetensors"),
+            (AdapterFormat::Peft, "adapter_dora_peft.safetensors"),
+        ] {
+            let path = out.path().join(format!("{cfg}_{format}.safetensors"));
+            let options = SaveOptions {
+                format,
+                base_model: BaseModelVersion::SdV1,
+                prediction: PredictionType::Epsilon,
+                title: None,
+                extra_metadata: Default::default(),
+            };
+            save_adapter(&path, &kohya, &modules, &options)?;
+            let ours = candle_core::safetensors::load(&path, &Device::Cpu)?;
+            let theirs = candle_core::safetensors::load(dir.join(reference), &Device::Cpu)?;
+            let names = |m: &std::collections::HashMap<String, candle_core::Tensor>| {
+                m.keys().cloned().collect::<BTreeSet<_>>()
+            };
+            assert_eq!(names(&ours), names(&theirs), "{cfg} {format}: keys");
+            for (key, t) in &theirs {
+                let o = &ours[key];
+                assert_eq!(o.dims(), t.dims(), "{cfg} {format}: `{key}` shape");
+                let diff = max_abs_diff(&o.to_dtype(DType::F32)?, &t.to_dtype(DType::F32)?);
+                assert_eq!(diff, 0.0, "{cfg} {format}: `{key}` values");
+            }
+            let written = AdapterFile::read(&path, &Device::Cpu)?;
+            let meta = written.metadata();
+            match format {
+                AdapterFormat::Kohya => {
+                    assert_eq!(meta["ss_network_module"], "lycoris.kohya");
+                    let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"])?;
+                    assert_eq!(args["dora_wd"], "True", "{cfg}");
+                }
+                AdapterFormat::Peft => {
+                    let config: serde_json::Value =
+                        serde_json::from_str(&meta["lora_adapter_metadata"])?;
+                    assert_eq!(config["unet.use_dora"], true, "{cfg}");
+                }
+            }
         }
     }
     Ok(())

@@ -316,3 +316,36 @@ fn models_without_vae_denoise_pixels() -> Result<()> {
     assert_eq!(common::max_abs_diff(&g.images, &g.latents), 0.0);
     Ok(())
 }
+
+/// A DoRA adapter (the fixture LyCORIS and peft agree on, `make_dora_grad_fixtures.py`) beside a
+/// plain one: with `--fuse` the plain adapter folds into the weights and the DoRA one still
+/// attaches unmerged (its change depends on the weight), so fused and unfused runs agree, and
+/// the DoRA adapter changes the picture.
+#[test]
+fn dora_adapters_generate_fused_and_unfused_alike() -> Result<()> {
+    for cfg in common::CONFIGS {
+        let fx = fixture(cfg)?;
+        let mut adapters = fx.adapters("kohya");
+        let dora = fx.folder.root().join("adapter_dora_kohya.safetensors");
+        adapters.push(AdapterSpec::new(dora, 0.7));
+        let run = |adapters: &[AdapterSpec], fuse: bool| {
+            Pipeline::load(&fx.folder, adapters, &Device::Cpu, DType::F32, fuse)?
+                .generate(&fx.options())
+        };
+        let unfused = run(&adapters, false)?;
+        let fused = run(&adapters, true)?;
+        let err = common::max_abs_diff(&fused.latents, &unfused.latents);
+        println!("{cfg} kohya + DoRA: max |fused − unfused| = {err:.2e}");
+        assert!(
+            err <= TOLERANCE,
+            "{cfg}: fused differs from unfused by {err}"
+        );
+        let without = run(&adapters[..adapters.len() - 1], false)?;
+        let effect = common::max_abs_diff(&without.latents, &unfused.latents);
+        assert!(
+            effect > 1e-2,
+            "{cfg}: the DoRA adapter changed the latents by {effect}"
+        );
+    }
+    Ok(())
+}

@@ -282,77 +282,86 @@ fn bad_inputs_fail_with_clear_errors() -> Result<()> {
 /// projection, attached unmerged to our encoder. The output with the adapter and the gradient of
 /// every adapter parameter equal transformers + peft under PyTorch autograd
 /// (`make_text_encoder_grad_fixtures.py`), in f32 through the causal attention, the layer norms
-/// and both activations (quick-GELU in sd1-tiny, GELU in sd2-tiny).
+/// and both activations (quick-GELU in sd1-tiny, GELU in sd2-tiny); with `--dora` too (peft's
+/// `use_dora`, the magnitudes' gradients included).
 #[test]
 fn text_encoder_lora_gradients_match_pytorch_autograd() -> Result<()> {
+    for cfg in CONFIGS {
+        check_text_encoder_gradients(cfg, "grad_text_encoder.safetensors", false)?;
+        check_text_encoder_gradients(cfg, "grad_text_encoder_dora.safetensors", true)?;
+    }
+    Ok(())
+}
+
+fn check_text_encoder_gradients(cfg: &str, file: &str, dora: bool) -> Result<()> {
     use candle_core::Var;
     use lora_toolkit::core::LoraModule;
-    for cfg in CONFIGS {
-        let folder = ModelFolder::open(&fixtures().join(cfg))?;
-        let config = folder.text_encoder_config()?;
-        let path = fixtures().join(cfg).join("grad_text_encoder.safetensors");
-        let fx = candle_core::safetensors::load(&path, &Device::Cpu)
-            .with_context(|| format!("loading {}", path.display()))?;
-        let mut te = TextEncoder::load(
-            &folder.text_encoder_dir(),
-            &config,
-            DType::F32,
-            &Device::Cpu,
-            BTreeMap::new(),
-        )?;
-        let ids = get(&fx, "input_ids").to_dtype(DType::U32)?;
-        let base = te.forward(&ids)?;
-        let err = max_abs_diff(&base, get(&fx, "base_hidden_state"));
-        assert!(err <= TOLERANCE, "{cfg}: base output differs by {err}");
+    let folder = ModelFolder::open(&fixtures().join(cfg))?;
+    let config = folder.text_encoder_config()?;
+    let path = fixtures().join(cfg).join(file);
+    let fx = candle_core::safetensors::load(&path, &Device::Cpu)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let mut te = TextEncoder::load(
+        &folder.text_encoder_dir(),
+        &config,
+        DType::F32,
+        &Device::Cpu,
+        BTreeMap::new(),
+    )?;
+    let ids = get(&fx, "input_ids").to_dtype(DType::U32)?;
+    let base = te.forward(&ids)?;
+    let err = max_abs_diff(&base, get(&fx, "base_hidden_state"));
+    assert!(err <= TOLERANCE, "{cfg}: base output differs by {err}");
 
-        let mut modules = BTreeMap::new();
-        let mut vars = Vec::new();
-        for info in te.lora_modules() {
-            // transformers 5 names the modules without the `text_model.` level.
-            let bare = info
-                .path
-                .strip_prefix("text_model.")
-                .expect("text_model. path");
-            let down = Var::from_tensor(get(&fx, &format!("{bare}.lora_A.weight")))?;
-            let up = Var::from_tensor(get(&fx, &format!("{bare}.lora_B.weight")))?;
-            modules.insert(
-                info.path.clone(),
-                LoraModule {
-                    down: down.as_tensor().clone(),
-                    up: up.as_tensor().clone(),
-                    alpha: 8.0,
-                },
-            );
-            vars.push((format!("{bare}.lora_A.weight"), down));
-            vars.push((format!("{bare}.lora_B.weight"), up));
-        }
-        assert_eq!(vars.len(), 2 * 6 * config.num_hidden_layers);
-        te.attach_adapter("train", &modules, 1.0)?;
-        let out = te.forward(&ids)?;
-        let reference = get(&fx, "lora_hidden_state");
-        let err = max_abs_diff(&out, reference) / max_abs(reference);
+    let mut modules = BTreeMap::new();
+    let mut vars = Vec::new();
+    for info in te.lora_modules() {
+        // transformers 5 names the modules without the `text_model.` level.
+        let bare = info
+            .path
+            .strip_prefix("text_model.")
+            .expect("text_model. path");
+        let mut var = |which: &str| -> Result<candle_core::Tensor> {
+            let name = format!("{bare}.{which}");
+            let v = Var::from_tensor(get(&fx, &name))?;
+            vars.push((name, v.clone()));
+            Ok(v.as_tensor().clone())
+        };
+        let module = LoraModule {
+            down: var("lora_A.weight")?,
+            up: var("lora_B.weight")?,
+            alpha: 8.0,
+            magnitude: dora.then(|| var("lora_magnitude_vector")).transpose()?,
+        };
+        modules.insert(info.path.clone(), module);
+    }
+    let per_module = if dora { 3 } else { 2 };
+    assert_eq!(vars.len(), per_module * 6 * config.num_hidden_layers);
+    te.attach_adapter("train", &modules, 1.0)?;
+    let out = te.forward(&ids)?;
+    let reference = get(&fx, "lora_hidden_state");
+    let err = max_abs_diff(&out, reference) / max_abs(reference);
+    assert!(
+        err <= TOLERANCE,
+        "{cfg} {file}: output with the adapter differs by {err}"
+    );
+    let grads = (&out * get(&fx, "upstream"))?.sum_all()?.backward()?;
+    let mut worst: f32 = 0.0;
+    for (name, var) in &vars {
+        let ours = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{cfg}: no gradient for {name}"));
+        let theirs = get(&fx, &format!("grad.{name}"));
+        let err = max_abs_diff(ours, theirs) / max_abs(theirs);
+        worst = worst.max(err);
         assert!(
-            err <= TOLERANCE,
-            "{cfg}: output with the adapter differs by {err}"
-        );
-        let grads = (&out * get(&fx, "upstream"))?.sum_all()?.backward()?;
-        let mut worst: f32 = 0.0;
-        for (name, var) in &vars {
-            let ours = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{cfg}: no gradient for {name}"));
-            let theirs = get(&fx, &format!("grad.{name}"));
-            let err = max_abs_diff(ours, theirs) / max_abs(theirs);
-            worst = worst.max(err);
-            assert!(
-                err <= 1e-4,
-                "{cfg}: gradient of {name} differs by {err:.2e}"
-            );
-        }
-        println!(
-            "{cfg}: {} adapter gradients, worst relative difference {worst:.2e}",
-            vars.len()
+            err <= 1e-4,
+            "{cfg} {file}: gradient of {name} differs by {err:.2e}"
         );
     }
+    println!(
+        "{cfg} {file}: {} adapter gradients, worst relative difference {worst:.2e}",
+        vars.len()
+    );
     Ok(())
 }

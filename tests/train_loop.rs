@@ -1724,6 +1724,7 @@ fn every_feature_together_trains_and_resumes_exactly() -> Result<()> {
         train_text_encoder: Some(true),
         text_encoder_lr: Some(5e-3),
         conv_rank: Some(2),
+        dora: Some(true),
         class_data: Some(reg.clone()),
         prior_loss_weight: Some(0.5),
         block_lr: Some(vec!["mid=0.5".into(), "in1=0".into()]),
@@ -1758,8 +1759,63 @@ fn every_feature_together_trains_and_resumes_exactly() -> Result<()> {
     assert!(adapter
         .keys()
         .any(|k| k.ends_with("_conv1.lora_down.weight")));
+    let count = |suffix: &str| adapter.keys().filter(|k| k.ends_with(suffix)).count();
+    assert_eq!(count(".dora_scale"), count(".lora_down.weight"));
     assert_same_tensors(&adapter, &tensors(&out_r));
     let ema = |dir: &Path| tensors(&dir.join("adapter-ema.safetensors"));
     assert_same_tensors(&ema(straight.path()), &ema(resumed.path()));
+    Ok(())
+}
+
+/// `--dora`: every module (UNet and text encoder) learns a magnitude per output channel, which
+/// starts at its base weight's norms and moves with training; the PEFT file says `use_dora`.
+#[test]
+fn dora_trains_a_magnitude_per_output_channel() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let recipe = TrainArgs {
+        steps: Some(3),
+        lr: Some(5e-2),
+        dora: Some(true),
+        train_text_encoder: Some(true),
+        format: Some(AdapterFormat::Peft),
+        ..args("sd1-tiny", &train_data(), out.path())
+    };
+    lora_train::train(recipe.resolve()?, &mut quiet(), &mut |_| {})?;
+    let path = out.path().join("adapter.safetensors");
+    let folder = lora_core::source::ModelFolder::open(&common::fixtures().join("sd1-tiny"))?;
+    let config = lora_core::models::config::UNetConfig::from_file(&folder.unet_config())?;
+    let weights = [folder.unet_weights().to_path_buf()];
+    let mut unet = lora_core::UNet2DConditionModel::from_files(
+        &config,
+        &weights,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )?;
+    let te_config = folder.text_encoder_config()?;
+    let te_modules = lora_core::models::text_encoder::lora_modules(&te_config);
+    let file = AdapterFile::read(&path, &Device::Cpu)?;
+    let adapter = file.resolve(&lora_core::ModelModules {
+        unet: unet.lora_modules(),
+        text_encoder: Some(&te_modules),
+    })?;
+    assert!(!adapter.text_encoder.is_empty());
+    let all = adapter.unet.values().chain(adapter.text_encoder.values());
+    assert!(all.clone().all(|m| m.magnitude.is_some()));
+    // The UNet's magnitudes moved away from the base weights' norms, where they started.
+    let base = unet.adaptable_weights()?;
+    let mut moved = 0f32;
+    for (path, m) in &adapter.unet {
+        let norm = base[path].flatten_from(1)?.sqr()?.sum(1)?.sqrt()?;
+        let magnitude = m.magnitude.as_ref().unwrap();
+        let diff = (magnitude - &norm)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let start = norm.max_all()?.to_scalar::<f32>()?;
+        assert!(diff.is_finite() && diff < start, "{path}: moved by {diff}");
+        moved = moved.max(diff);
+    }
+    assert!(moved > 1e-4, "no magnitude moved (largest change {moved})");
+    let config: serde_json::Value =
+        serde_json::from_str(&file.metadata()["lora_adapter_metadata"])?;
+    assert_eq!(config["unet.use_dora"], true);
+    assert_eq!(config["text_encoder.use_dora"], true);
     Ok(())
 }

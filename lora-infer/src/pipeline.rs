@@ -15,7 +15,7 @@ use lora_core::models::text_encoder::{self, TextEncoder};
 use lora_core::models::tokenizer::{ClipTokenizer, TokenizedPrompt};
 use lora_core::models::vae::Vae;
 use lora_core::source::ModelFolder;
-use lora_core::{Adapter, AdapterFile, ModelModules, Rng, UNet2DConditionModel};
+use lora_core::{Adapter, AdapterFile, LoraModule, ModelModules, Rng, UNet2DConditionModel};
 
 use crate::scheduler::{Scheduler, SchedulerKind};
 use lora_core::options::{AdapterSpec, DeviceSpec, Precision};
@@ -177,24 +177,40 @@ impl Pipeline {
             })
             .collect::<Result<_>>()?;
 
-        let unet = if fuse {
-            let deltas = summed_deltas(resolved.iter().map(|(s, a)| (&a.unet, s.scale)))?;
-            let vb = model.unet_var_builder(dtype, device, deltas)?;
+        // DoRA modules always attach unmerged: their change depends on the weight they apply
+        // to, the base's (as peft combines adapters), which a fused layer no longer has. Plain
+        // modules on the same layers stay unmerged with them.
+        let name = |i: usize, spec: &AdapterSpec| format!("{i}:{}", spec.path.display());
+        let unet_parts = resolved.iter().map(|(s, a)| (&a.unet, s.scale));
+        let (unet_folded, unet_unmerged) = match fuse {
+            true => split_for_folding(unet_parts),
+            false => (
+                Vec::new(),
+                resolved.iter().map(|(_, a)| a.unet.clone()).collect(),
+            ),
+        };
+        let mut unet = if fuse {
+            let vb = model.unet_var_builder(dtype, device, summed_deltas(unet_folded)?)?;
             UNet2DConditionModel::load(&unet_config, &vb)
                 .with_context(|| format!("loading the fused UNet of {}", model.root().display()))?
         } else {
-            let mut unet = model.load_unet(&unet_config, dtype, device)?;
-            for (i, (spec, adapter)) in resolved.iter().enumerate() {
-                if !adapter.unet.is_empty() {
-                    let name = format!("{i}:{}", spec.path.display());
-                    unet.attach_adapter(&name, &adapter.unet, spec.scale)?;
-                }
-            }
-            unet
+            model.load_unet(&unet_config, dtype, device)?
         };
+        for (i, ((spec, _), modules)) in resolved.iter().zip(&unet_unmerged).enumerate() {
+            if !modules.is_empty() {
+                unet.attach_adapter(&name(i, spec), modules, spec.scale)?;
+            }
+        }
 
-        let te_deltas = summed_deltas(resolved.iter().map(|(s, a)| (&a.text_encoder, s.scale)))?;
-        let text_encoder = model.load_text_encoder(&te_config, dtype, device, te_deltas)?;
+        let te_parts = resolved.iter().map(|(s, a)| (&a.text_encoder, s.scale));
+        let (te_folded, te_unmerged) = split_for_folding(te_parts);
+        let mut text_encoder =
+            model.load_text_encoder(&te_config, dtype, device, summed_deltas(te_folded)?)?;
+        for (i, ((spec, _), modules)) in resolved.iter().zip(&te_unmerged).enumerate() {
+            if !modules.is_empty() {
+                text_encoder.attach_adapter(&name(i, spec), modules, spec.scale)?;
+            }
+        }
         let vae = match model.vae_config()? {
             Some(config) => {
                 // diffusers runs VAEs marked force_upcast (SD's) in f32 when the model is f16.
@@ -609,13 +625,36 @@ impl Pipeline {
     }
 }
 
-/// Σᵢ scaleᵢ·ΔWᵢ per weight name over the adapters' modules of one component.
-fn summed_deltas<'a>(
-    components: impl Iterator<Item = (&'a BTreeMap<String, lora_core::LoraModule>, f64)>,
-) -> Result<BTreeMap<String, Tensor>> {
+type Modules = BTreeMap<String, LoraModule>;
+
+/// Each adapter's modules of one component split into those folded into the weights (with the
+/// adapter's scale) and those attached unmerged: every module of a layer that any adapter adapts
+/// with DoRA is attached unmerged, the rest folds.
+fn split_for_folding<'a>(
+    components: impl Iterator<Item = (&'a Modules, f64)> + Clone,
+) -> (Vec<(Modules, f64)>, Vec<Modules>) {
+    let dora_layers: std::collections::BTreeSet<&String> = components
+        .clone()
+        .flat_map(|(modules, _)| modules.iter())
+        .filter(|(_, m)| m.magnitude.is_some())
+        .map(|(path, _)| path)
+        .collect();
+    components
+        .map(|(modules, scale)| {
+            let (unmerged, folded): (Modules, Modules) = modules
+                .iter()
+                .map(|(p, m)| (p.clone(), m.clone()))
+                .partition(|(p, _)| dora_layers.contains(p));
+            ((folded, scale), unmerged)
+        })
+        .unzip()
+}
+
+/// Σᵢ scaleᵢ·ΔWᵢ per weight name over the adapters' plain LoRA modules of one component.
+fn summed_deltas(components: Vec<(Modules, f64)>) -> Result<BTreeMap<String, Tensor>> {
     let mut sum: BTreeMap<String, Tensor> = BTreeMap::new();
     for (modules, scale) in components {
-        for (name, delta) in Adapter::weight_deltas(modules, scale)? {
+        for (name, delta) in Adapter::weight_deltas(&modules, scale)? {
             let total = match sum.remove(&name) {
                 Some(acc) => (acc + delta)?,
                 None => delta,

@@ -303,6 +303,15 @@ fn read_modules(path: &Path) -> Result<Vec<InputModule>> {
                 AdapterFormat::Kohya => format!("{}{}", raw.component.kohya_prefix(), raw.name),
                 AdapterFormat::Peft => kohya_name(raw.component, &raw.name),
             };
+            // A DoRA module's magnitude belongs to its base weight and its own ΔW: no rank
+            // change or sum of ΔWs keeps it meaningful.
+            ensure!(
+                raw.magnitude.is_none(),
+                "{}: `{}` is a DoRA module; resizing and SVD-merging DoRA adapters is not \
+                 supported (fold it into the model with `lora-merge` instead)",
+                path.display(),
+                raw.down_key
+            );
             Ok(InputModule {
                 name,
                 kernel: raw
@@ -345,6 +354,7 @@ fn write_output(path: &Path, modules: &[OutputModule], operation: &str) -> Resul
                 down: to_tensor(&m.down)?,
                 up: to_tensor(&m.up)?,
                 alpha: m.alpha,
+                magnitude: None,
             })
         })
         .collect::<Result<_>>()?;

@@ -9,7 +9,8 @@
 //!   runs over the first two axes). `r` = columns of `lokr_w1_a`, else of `lokr_w2_a`; both halves
 //!   full: scale 1.
 //!
-//! Tucker factors (`hada_t1`/`hada_t2`, `lokr_t2`) and DoRA (`dora_scale`) are rejected by name.
+//! Tucker factors (`hada_t1`/`hada_t2`, `lokr_t2`) and DoRA on LoHa/LoKr (`dora_scale`) are
+//! rejected by name.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -115,11 +116,13 @@ pub enum MergeModule {
 }
 
 impl MergeModule {
-    /// ΔW as an f32 `[out, in·kh·kw]` matrix.
-    pub fn delta_weight(&self) -> Result<Tensor> {
+    /// What folding the module with `multiplier` adds to `base` (the stored weight's block in
+    /// f32): `multiplier · ΔW`, for DoRA relative to `base` (see `LoraModule::weight_change`);
+    /// an f32 `[out, in·kh·kw]` matrix.
+    pub fn weight_change(&self, base: &Tensor, multiplier: f64) -> Result<Tensor> {
         match self {
-            Self::Lora(m) => m.delta_weight(),
-            Self::Lycoris(m) => m.delta_weight(),
+            Self::Lora(m) => m.weight_change(base, multiplier),
+            Self::Lycoris(m) => Ok((m.delta_weight()? * multiplier)?),
         }
     }
 }

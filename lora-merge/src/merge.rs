@@ -587,7 +587,7 @@ impl Merger<'_> {
         }
         let mut w = self.base.load_entry(i)?.to_dtype(DType::F32)?;
         if !deltas.is_empty() {
-            let delta = self.summed_delta(i, &deltas)?;
+            let delta = self.summed_delta(i, &w, &deltas)?;
             w = (w + delta)?;
         }
         let cast = w.to_dtype(candle_dtype(dtype)?)?;
@@ -612,21 +612,25 @@ impl Merger<'_> {
         Ok(bytes)
     }
 
-    /// Σ weight·ΔW for entry `i`, shaped like the stored tensor (1×1 convs, stacked q/k/v with
-    /// zero blocks for parts without an adapter).
+    /// Σ of each module's change at its weight for entry `i` (`base`, the stored weight in
+    /// f32), shaped like the stored tensor (1×1 convs, stacked q/k/v with zero blocks for parts
+    /// without an adapter). Each change is relative to the base, as peft combines adapters.
     fn summed_delta(
         &self,
         i: usize,
+        base: &Tensor,
         deltas: &[Option<&Vec<(MergeModule, f64)>>],
     ) -> Result<Tensor> {
         let e = &self.base.entries[i];
         let rows = e.shape[0] / deltas.len();
         let cols: usize = e.shape[1..].iter().product();
+        let base = base.reshape((e.shape[0], cols))?;
         let mut blocks = Vec::with_capacity(deltas.len());
-        for contributions in deltas {
+        for (block, contributions) in deltas.iter().enumerate() {
             let mut sum = Tensor::zeros((rows, cols), DType::F32, &Device::Cpu)?;
+            let block_base = base.narrow(0, block * rows, rows)?;
             for (module, weight) in contributions.map(Vec::as_slice).unwrap_or_default() {
-                let delta = (module.delta_weight()? * *weight)?;
+                let delta = module.weight_change(&block_base, *weight)?;
                 ensure!(
                     delta.dims() == [rows, cols],
                     "`{}`: the adapter's ΔW is {:?}, the stored weight is {:?}",

@@ -116,6 +116,13 @@ pub struct TrainArgs {
     /// --rank]
     #[arg(long, value_name = "ALPHA")]
     pub conv_alpha: Option<f64>,
+    /// DoRA (weight-decomposed LoRA; peft use_dora, LyCORIS/kohya --network_args dora_wd=True):
+    /// every adapted layer also learns a magnitude per output channel, its weight becoming
+    /// m · (W + ΔW) / ‖W + ΔW‖; saved as kohya/LyCORIS dora_scale or PEFT
+    /// lora_magnitude_vector. The norm gets no gradient, as in peft (LyCORIS differentiates
+    /// through it)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub dora: Option<bool>,
     /// Per-block learning rates as multiples of --lr, BLOCK=FACTOR with kohya's block names
     /// (in0…in11, mid, out0…out11 for SD1.x/SD2.x: rows of the original UNet), e.g.
     /// in4=0.5,mid=2,out11=1 (kohya: down_lr_weight / mid_lr_weight / up_lr_weight); a block at 0
@@ -416,6 +423,9 @@ pub struct TrainConfig {
     /// With `conv_rank` only (default: the conv rank).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conv_alpha: Option<f64>,
+    /// `--dora`; left out of the recipe when off, as checkpoints before it have no key.
+    #[serde(skip_serializing_if = "is_false")]
+    pub dora: bool,
     /// `--block-lr`: per block name, its learning rate as a multiple of `lr`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub block_lr: BTreeMap<String, f64>,
@@ -618,6 +628,7 @@ impl TrainArgs {
             init,
             conv_rank,
             conv_alpha,
+            dora,
             block_lr,
             block_rank,
             train_text_encoder,
@@ -1016,6 +1027,7 @@ impl TrainArgs {
             init,
             conv_rank: self.conv_rank,
             conv_alpha,
+            dora: self.dora.unwrap_or(false),
             block_lr,
             block_rank,
             train_text_encoder,

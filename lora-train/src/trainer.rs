@@ -264,6 +264,9 @@ impl Trainer {
                 derive_seed(config.seed, CONV_INIT_STREAM + 1),
             )?;
         }
+        if config.dora {
+            trainable.add_dora(&unet.adaptable_weights()?)?;
+        }
         unet.attach_adapter(ADAPTER_NAME, &trainable.adapter.unet, 1.0)?;
         let text_encoder = match config.train_text_encoder {
             true => {
@@ -284,6 +287,9 @@ impl Trainer {
                     &device,
                     derive_seed(config.seed, TEXT_ENCODER_INIT_STREAM),
                 )?;
+                if config.dora {
+                    trainable.add_dora(&encoder.adaptable_weights()?)?;
+                }
                 encoder.attach_adapter(ADAPTER_NAME, &trainable.adapter.text_encoder, 1.0)?;
                 Some(encoder)
             }
@@ -927,6 +933,7 @@ impl Trainer {
             match which {
                 "lora_down" => module.down = tensor.clone(),
                 "lora_up" => module.up = tensor.clone(),
+                "magnitude" => module.magnitude = Some(tensor.clone()),
                 other => bail!("adapter parameter `{name}`: unknown kind `{other}`"),
             }
         }
@@ -1193,6 +1200,7 @@ fn untracked_copy<M: Clone>(
                 down: m.down.detach(),
                 up: m.up.detach(),
                 alpha: m.alpha,
+                magnitude: m.magnitude.as_ref().map(Tensor::detach),
             };
             (path.clone(), module)
         })
@@ -1202,8 +1210,8 @@ fn untracked_copy<M: Clone>(
     Ok(copy)
 }
 
-/// Whether the adapter parameter `name` (`<module path>.lora_down|lora_up`) is the text
-/// encoder's.
+/// Whether the adapter parameter `name` (`<module path>.lora_down|lora_up|magnitude`) is the
+/// text encoder's.
 fn is_text_encoder_param(adapter: &Adapter, name: &str) -> bool {
     name.rsplit_once('.')
         .is_some_and(|(module, _)| adapter.text_encoder.contains_key(module))

@@ -37,6 +37,14 @@ impl AdaptableLayer<'_> {
         }
     }
 
+    /// The frozen layer's weight (`[out, in]`, or the conv kernel).
+    pub fn weight(&self) -> &Tensor {
+        match self {
+            Self::Linear(layer) => layer.weight(),
+            Self::Conv(layer) => layer.conv.weight(),
+        }
+    }
+
     /// Removes the adapter attached under `name`; returns whether one was attached.
     pub fn detach(&mut self, name: &str) -> bool {
         match self {
@@ -160,14 +168,16 @@ impl LoraConv {
         );
         let dtype = adapter_dtype(x);
         let x = x.to_dtype(dtype)?;
-        let mut sum = base;
+        let plain = || Ok(base.broadcast_sub(self.conv.bias())?);
+        let mut sum = base.clone();
         for a in &self.adapters {
             let rank = a.down.dim(0)?;
             let down = a.down.to_dtype(dtype)?.reshape((rank, in_ch, kh, kw))?;
             let up = a.up.to_dtype(dtype)?.reshape((out_ch, rank, 1, 1))?;
-            let hidden = (x.conv2d(&down, pad_h, self.conv.stride(), 1, 1)? * a.factor)?;
-            let delta = hidden.conv2d(&up, 0, 1, 1, 1)?.to_dtype(sum.dtype())?;
-            sum = (sum + delta)?;
+            let hidden = (x.conv2d(&down, pad_h, self.conv.stride(), 1, 1)? * a.factor())?;
+            let low_rank = hidden.conv2d(&up, 0, 1, 1, 1)?;
+            let change = a.contribution(self.conv.weight(), low_rank, plain, &[1, out_ch, 1, 1])?;
+            sum = (sum + change.to_dtype(base.dtype())?)?;
         }
         Ok(sum)
     }

@@ -8,20 +8,24 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CustomOp3, DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::module::{LoraModule, ModuleInfo, ModuleKind};
+use super::module::{dora_channel_factor, LoraModule, ModuleInfo, ModuleKind};
 use crate::engine::autograd::{forward_from_computed_output, grad_if_tracked, ComputedOutput};
 use crate::engine::tensor_ops::{contiguous, image_to_tokens, shared_matmul, tokens_to_image};
 use crate::engine::{
     frozen_conv2d, frozen_linear, fused, geglu, AdjointKernel, GroupNormLayer, LayerNormLayer,
 };
 
-/// An adapter attached to a layer: its weights and the factor `multiplier · alpha / rank`.
+/// An adapter attached to a layer: its weights, `alpha / rank` and its multiplier.
 #[derive(Debug, Clone)]
 pub(super) struct AttachedLora {
     pub(super) name: String,
     pub(super) down: Tensor,
     pub(super) up: Tensor,
-    pub(super) factor: f64,
+    /// `alpha / rank`.
+    pub(super) scale: f64,
+    pub(super) multiplier: f64,
+    /// DoRA's magnitude `[out]` (see [`super::module`]).
+    pub(super) magnitude: Option<Tensor>,
 }
 
 /// Removes the adapters attached under `name`; returns whether there was one.
@@ -37,18 +41,64 @@ impl AttachedLora {
             name: name.to_string(),
             down: module.down.clone(),
             up: module.up.clone(),
-            factor: multiplier * module.scale(),
+            scale: module.scale(),
+            multiplier,
+            magnitude: module.magnitude.clone(),
         }
     }
 
-    /// The same adapter outside the graph.
-    fn detached(&self) -> Self {
+    /// The factor of the low-rank product in the output, `multiplier · alpha / rank`; for DoRA
+    /// `alpha / rank` (the multiplier applies to the whole DoRA change, see
+    /// [`Self::contribution`]).
+    pub(super) fn factor(&self) -> f64 {
+        match self.magnitude {
+            Some(_) => self.scale,
+            None => self.multiplier * self.scale,
+        }
+    }
+
+    /// Its low-rank part (no DoRA magnitude) outside the graph.
+    fn detached_low_rank(&self) -> Self {
         Self {
             name: self.name.clone(),
             down: self.down.detach(),
             up: self.up.detach(),
-            factor: self.factor,
+            scale: self.scale,
+            multiplier: self.multiplier,
+            magnitude: None,
         }
+    }
+
+    /// DoRA's factor `m / ‖W + ΔW‖` per output channel for the layer's `weight` (`[out, …]`),
+    /// f32 `[out]`, the norm a constant of the graph; `None` for plain LoRA.
+    fn dora_factor(&self, weight: &Tensor) -> Result<Option<Tensor>> {
+        let Some(magnitude) = &self.magnitude else {
+            return Ok(None);
+        };
+        let delta = (self.up.detach().matmul(&self.down.detach())? * self.scale)?;
+        let adapted = (weight.flatten_from(1)?.to_dtype(DType::F32)? + delta)?;
+        Ok(Some(dora_channel_factor(magnitude, &adapted)?))
+    }
+
+    /// The adapter's change of the layer's output, from `low_rank` (`factor() · up(down(x))`)
+    /// and, for DoRA only, `plain` (the frozen layer's output without its bias): plain LoRA
+    /// `low_rank`; DoRA `λ · ((c − 1) · plain + c · low_rank)` with `c` its
+    /// [`Self::dora_factor`] shaped `channel_shape` (`[out]` for tokens, `[1, out, 1, 1]` for
+    /// images), which is `λ · (W' − W)` applied to the input.
+    pub(super) fn contribution(
+        &self,
+        weight: &Tensor,
+        low_rank: Tensor,
+        plain: impl FnOnce() -> Result<Tensor>,
+        channel_shape: &[usize],
+    ) -> Result<Tensor> {
+        let Some(c) = self.dora_factor(weight)? else {
+            return Ok(low_rank);
+        };
+        let c = c.reshape(channel_shape)?.to_dtype(low_rank.dtype())?;
+        let plain = plain()?.to_dtype(low_rank.dtype())?;
+        let change = (plain.broadcast_mul(&(&c - 1.0)?)? + low_rank.broadcast_mul(&c)?)?;
+        Ok((change * self.multiplier)?)
     }
 }
 
@@ -337,10 +387,11 @@ impl LoraLinear {
         if let Some((w, b)) = self.unadapted()? {
             return Ok(fused::frozen_linear_residual(x, &w, b, residual)?);
         }
-        let Some(a) = self.one_node_adapter(x) else {
-            return Ok((self.forward_values(x, &self.adapters)? + residual)?);
+        let Some(a) = self.one_node_adapter(x).filter(|a| a.magnitude.is_none()) else {
+            return Ok((self.forward(x)? + residual)?);
         };
-        let output = (self.forward_values(&x.detach(), &[a.detached()])? + residual.detach())?;
+        let output =
+            (self.forward_values(&x.detach(), &[a.detached_low_rank()])? + residual.detach())?;
         let packed = Tensor::cat(&[a.down.flatten_all()?, a.up.flatten_all()?], 0)?;
         Ok(x.apply_op3(
             &packed,
@@ -348,7 +399,7 @@ impl LoraLinear {
             LoraLinearResidualNode {
                 grads: LoraGrads {
                     weight: self.weight.clone(),
-                    factor: a.factor,
+                    factor: a.factor(),
                 },
                 down_shape: a.down.dims2()?,
                 up_shape: a.up.dims2()?,
@@ -408,12 +459,19 @@ impl LoraLinear {
     }
 
     /// The adapter a training forward pass runs as one node: the only one attached, on a
-    /// Linear with a frozen base, when a gradient flows.
+    /// Linear with a frozen base, when a gradient flows (for DoRA at multiplier 1, as trained).
     fn one_node_adapter(&self, x: &Tensor) -> Option<&AttachedLora> {
         let [a] = self.adapters.as_slice() else {
             return None;
         };
-        let tracked = [x, &a.down, &a.up].into_iter().any(Tensor::track_op);
+        if a.magnitude.is_some() && a.multiplier != 1.0 {
+            return None;
+        }
+        let magnitude = a.magnitude.iter();
+        let tracked = [x, &a.down, &a.up]
+            .into_iter()
+            .chain(magnitude)
+            .any(Tensor::track_op);
         let frozen_base = [Some(&self.weight), self.bias.as_ref()]
             .into_iter()
             .flatten()
@@ -425,19 +483,33 @@ impl LoraLinear {
     /// re-attached as one node over `(x, down, up)` ([`LoraLinearNode`]). Composed, the graph
     /// would keep the base output, the delta and the sum of every adapted layer (three full-width
     /// tensors); this node keeps its output only, and its backward recomputes the rank-r `x·downᵀ`.
+    /// DoRA (at multiplier 1) scales the node's output without its bias by `c` per channel:
+    /// `b + c · (x·Wᵀ + s·x·downᵀ·upᵀ)`.
     fn forward_one_node(&self, x: &Tensor, a: &AttachedLora) -> Result<Tensor> {
-        let output = self.forward_values(&x.detach(), &[a.detached()])?;
-        Ok(x.apply_op3(
+        let output = self.forward_values(&x.detach(), &[a.detached_low_rank()])?;
+        let node = x.apply_op3(
             &a.down,
             &a.up,
             LoraLinearNode {
                 grads: LoraGrads {
                     weight: self.weight.clone(),
-                    factor: a.factor,
+                    factor: a.factor(),
                 },
                 output: ComputedOutput::new(output),
             },
-        )?)
+        )?;
+        let Some(c) = a.dora_factor(&self.weight)? else {
+            return Ok(node);
+        };
+        let c = c.to_dtype(node.dtype())?;
+        let scaled = node.broadcast_mul(&c)?;
+        match &self.bias {
+            Some(b) => {
+                let rest = b.to_dtype(node.dtype())?.broadcast_mul(&(1.0 - &c)?)?;
+                Ok(scaled.broadcast_add(&rest)?)
+            }
+            None => Ok(scaled),
+        }
     }
 
     /// The layer's output with `adapters`, composed from candle's ops (recorded where its inputs
@@ -465,25 +537,45 @@ impl LoraLinear {
         if adapters.is_empty() {
             return Ok(base);
         }
-        Ok((&base + self.adapter_delta(x, adapters)?.to_dtype(base.dtype())?)?)
+        Ok((&base
+            + self
+                .adapter_delta(x, &base, adapters)?
+                .to_dtype(base.dtype())?)?)
     }
 
-    /// `Σᵢ factorᵢ · upᵢ(downᵢ(x))` over `adapters`.
-    fn adapter_delta(&self, x: &Tensor, adapters: &[AttachedLora]) -> Result<Tensor> {
+    /// `Σᵢ` of each adapter's change of the output (`factorᵢ · upᵢ(downᵢ(x))`, and DoRA's, see
+    /// [`AttachedLora::contribution`]) over `adapters`; `base` is the frozen layer's output.
+    fn adapter_delta(
+        &self,
+        x: &Tensor,
+        base: &Tensor,
+        adapters: &[AttachedLora],
+    ) -> Result<Tensor> {
         // The factor scales the rank-r projection, and the delta is added in the base's dtype.
         let dtype = adapter_dtype(x);
         let x = x.to_dtype(dtype)?;
+        let out = self.weight.dim(0)?;
+        let channel_shape = match self.kind {
+            ModuleKind::Linear => vec![out],
+            _ => vec![1, out, 1, 1],
+        };
+        let plain = || -> Result<Tensor> {
+            Ok(match &self.bias {
+                Some(b) => base.broadcast_sub(&b.reshape(channel_shape.as_slice())?)?,
+                None => base.clone(),
+            })
+        };
         let mut delta: Option<Tensor> = None;
         for a in adapters {
             let (down, up) = (a.down.to_dtype(dtype)?, a.up.to_dtype(dtype)?);
-            let d = match self.kind {
+            let low_rank = match self.kind {
                 ModuleKind::Linear => {
-                    shared_matmul(&(shared_matmul(&x, &down.t()?)? * a.factor)?, &up.t()?)?
+                    shared_matmul(&(shared_matmul(&x, &down.t()?)? * a.factor())?, &up.t()?)?
                 }
                 ModuleKind::Conv1x1 => {
                     let (r, i) = down.dims2()?;
                     let o = up.dim(0)?;
-                    (x.conv2d(&down.reshape((r, i, 1, 1))?, 0, 1, 1, 1)? * a.factor)?.conv2d(
+                    (x.conv2d(&down.reshape((r, i, 1, 1))?, 0, 1, 1, 1)? * a.factor())?.conv2d(
                         &up.reshape((o, r, 1, 1))?,
                         0,
                         1,
@@ -493,6 +585,7 @@ impl LoraLinear {
                 }
                 ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
             };
+            let d = a.contribution(&self.weight, low_rank, plain, &channel_shape)?;
             delta = Some(match delta {
                 Some(acc) => (acc + d)?,
                 None => d,

@@ -4,6 +4,13 @@
 //! Conventions (shared by kohya, peft and diffusers): `down` is `[rank, in]`, `up` is
 //! `[out, rank]`, and the update is `ΔW = (alpha / rank) · up · down`. Adapter tensors are always
 //! f32, whatever the base dtype.
+//!
+//! DoRA (weight-decomposed LoRA, peft `use_dora`, LyCORIS `dora_wd`) adds a learned magnitude
+//! `m` per output channel: the adapted weight is `W' = m / ‖W + ΔW‖ · (W + ΔW)`, the norm per
+//! output channel (a row of the `[out, in·kh·kw]` matrix). As peft does (and the DoRA paper's
+//! §4.3 suggests), training treats the norm as a constant: no gradient flows through it. A
+//! multiplier `λ` blends the base and the adapted weight, `W + λ·(W' − W)` (ComfyUI's strength);
+//! at `λ = 1` it is `W'`, the weight peft and LyCORIS compute.
 
 use std::collections::BTreeMap;
 
@@ -50,6 +57,8 @@ pub struct LoraModule {
     /// `[out, rank]`, f32.
     pub up: Tensor,
     pub alpha: f64,
+    /// DoRA's magnitude `[out]`, f32; `None` for plain LoRA.
+    pub magnitude: Option<Tensor>,
 }
 
 impl LoraModule {
@@ -65,6 +74,21 @@ impl LoraModule {
     /// `ΔW = (alpha/rank) · up · down` as an f32 `[out, in]` matrix.
     pub fn delta_weight(&self) -> Result<Tensor> {
         Ok((self.up.matmul(&self.down)? * self.scale())?)
+    }
+
+    /// The change `multiplier` applies to the module's `weight` (any dtype, `[out, …]`): for
+    /// plain LoRA `multiplier · ΔW`, for DoRA `multiplier · (m / ‖W + ΔW‖ · (W + ΔW) − W)`; f32,
+    /// `[out, in·kh·kw]`.
+    pub fn weight_change(&self, weight: &Tensor, multiplier: f64) -> Result<Tensor> {
+        let delta = self.delta_weight()?;
+        let Some(magnitude) = &self.magnitude else {
+            return Ok((delta * multiplier)?);
+        };
+        let weight = weight.flatten_from(1)?.to_dtype(DType::F32)?;
+        let adapted = (&weight + delta)?;
+        let factor = dora_channel_factor(magnitude, &adapted)?;
+        let dora = adapted.broadcast_mul(&factor.unsqueeze(1)?)?;
+        Ok(((dora - weight)? * multiplier)?)
     }
 
     /// Checks the shapes against the module this adapter is meant for.
@@ -86,8 +110,24 @@ impl LoraModule {
             info.in_features,
             info.out_features
         );
+        if let Some(m) = &self.magnitude {
+            ensure!(
+                m.dims() == [info.out_features],
+                "{}: DoRA magnitude has shape {:?}, expected [{}] (one per output channel)",
+                info.path,
+                m.dims(),
+                info.out_features
+            );
+        }
         Ok(())
     }
+}
+
+/// DoRA's per-output-channel factor `m / ‖adapted‖` for an `[out, k]` f32 weight `adapted`
+/// (`W + ΔW`), the norm taken off the graph: gradients reach `m` only.
+pub fn dora_channel_factor(magnitude: &Tensor, adapted: &Tensor) -> Result<Tensor> {
+    let norm = adapted.detach().sqr()?.sum(1)?.sqrt()?;
+    Ok(magnitude.broadcast_div(&norm.to_dtype(magnitude.dtype())?)?)
 }
 
 /// A whole adapter: low-rank weights per module, for the UNet and the text encoder.
@@ -151,14 +191,21 @@ impl Adapter {
     }
 
     /// Weight deltas `multiplier · ΔW` keyed by the full weight name (`<path>.weight`), for
-    /// folding a component's adapter into its weights at load time.
+    /// folding a component's adapter into its weights at load time. DoRA modules, whose change
+    /// depends on the weight, are refused (see [`LoraModule::weight_change`]).
     pub fn weight_deltas(
         modules: &BTreeMap<String, LoraModule>,
         multiplier: f64,
     ) -> Result<BTreeMap<String, Tensor>> {
         modules
             .iter()
-            .map(|(path, m)| Ok((format!("{path}.weight"), (m.delta_weight()? * multiplier)?)))
+            .map(|(path, m)| {
+                ensure!(
+                    m.magnitude.is_none(),
+                    "`{path}` is a DoRA module: it does not fold into a weight as a fixed delta"
+                );
+                Ok((format!("{path}.weight"), (m.delta_weight()? * multiplier)?))
+            })
             .collect()
     }
 }
@@ -205,6 +252,34 @@ impl TrainableAdapter {
                 self.adapter.unet.insert(path.clone(), module).is_none(),
                 "UNet module `{path}` has an adapter already"
             );
+        }
+        self.add_vars(vars);
+        Ok(())
+    }
+
+    /// Makes every module that is not DoRA yet DoRA: a trainable magnitude
+    /// (`<path>.magnitude`) per output channel, starting at `‖W‖` of the module's frozen weight
+    /// (`weights[path]`, `[out, …]`), so a fresh adapter is still a no-op (peft's
+    /// initialisation).
+    pub fn add_dora(&mut self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
+        let mut vars = Vec::new();
+        let modules = self.adapter.unet.iter_mut();
+        for (path, module) in modules.chain(self.adapter.text_encoder.iter_mut()) {
+            if module.magnitude.is_some() {
+                continue;
+            }
+            let weight = weights
+                .get(path)
+                .with_context(|| format!("no base weight for the DoRA module `{path}`"))?;
+            let rows = weight.flatten_from(1)?.to_dtype(DType::F32)?;
+            let norm = rows
+                .sqr()?
+                .sum(1)?
+                .sqrt()?
+                .to_device(module.down.device())?;
+            let magnitude = Var::from_tensor(&norm)?;
+            module.magnitude = Some(magnitude.as_tensor().clone());
+            vars.push((format!("{path}.magnitude"), magnitude));
         }
         self.add_vars(vars);
         Ok(())
@@ -257,6 +332,7 @@ fn fresh_modules<'a>(
                 down: down.as_tensor().clone(),
                 up: up.as_tensor().clone(),
                 alpha: config.alpha,
+                magnitude: None,
             },
         );
         vars.push((format!("{}.lora_down", info.path), down));

@@ -412,6 +412,11 @@ impl Conv2dLayer {
         &self.weight
     }
 
+    /// The bias, shaped `[1, O, 1, 1]`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
     pub fn stride(&self) -> usize {
         self.stride
     }

@@ -53,6 +53,8 @@ pub struct KohyaModule {
     /// `[out, rank]`.
     pub up: Tensor,
     pub alpha: f64,
+    /// DoRA's magnitude `[out]`, written as LyCORIS' `dora_scale`.
+    pub magnitude: Option<Tensor>,
 }
 
 /// The tensors of a kohya file: `<name>.lora_down.weight`, `<name>.lora_up.weight` (f32, shaped
@@ -73,6 +75,17 @@ pub fn kohya_tensors(modules: &[KohyaModule]) -> Result<Vec<(String, Tensor)>> {
             format!("{name}.alpha"),
             Tensor::new(m.alpha as f32, &Device::Cpu)?,
         ));
+        if let Some(magnitude) = &m.magnitude {
+            // LyCORIS' `wd_on_output` layout: `[out, 1]`, `[out, 1, 1, 1]` for convs.
+            let out = magnitude.elem_count();
+            let stored = match m.kind {
+                ModuleKind::Linear => magnitude.reshape((out, 1))?,
+                ModuleKind::Conv1x1 | ModuleKind::Conv { .. } => {
+                    magnitude.reshape((out, 1, 1, 1))?
+                }
+            };
+            tensors.push((format!("{name}.dora_scale"), stored));
+        }
     }
     Ok(tensors)
 }
@@ -96,16 +109,30 @@ pub fn network_metadata(modules: &[KohyaModule]) -> BTreeMap<String, String> {
         .partition(|m| matches!(m.kind, ModuleKind::Conv { .. }));
     // A conv-only file describes its convs as the network, as sd-scripts' own extraction does.
     let main = if linear.is_empty() { &conv } else { &linear };
-    let args = match conv.is_empty() || linear.is_empty() {
-        true => "{}".to_string(),
-        false => serde_json::json!({
-            "conv_dim": shared(conv.iter().map(|m| rank(m)).collect()),
-            "conv_alpha": shared(conv.iter().map(|m| alpha(m)).collect()),
-        })
-        .to_string(),
+    let mut args = serde_json::Map::new();
+    if !conv.is_empty() && !linear.is_empty() {
+        args.insert(
+            "conv_dim".into(),
+            shared(conv.iter().map(|m| rank(m)).collect()).into(),
+        );
+        args.insert(
+            "conv_alpha".into(),
+            shared(conv.iter().map(|m| alpha(m)).collect()).into(),
+        );
+    }
+    // DoRA is LyCORIS' (sd-scripts' own `networks.lora` has none): its kohya module, with
+    // its network arguments.
+    let dora = modules.iter().any(|m| m.magnitude.is_some());
+    let network_module = match dora {
+        true => {
+            args.insert("algo".into(), "lora".into());
+            args.insert("dora_wd".into(), "True".into());
+            "lycoris.kohya"
+        }
+        false => "networks.lora",
     };
     BTreeMap::from([
-        ("ss_network_module".to_string(), "networks.lora".to_string()),
+        ("ss_network_module".to_string(), network_module.to_string()),
         (
             "ss_network_dim".to_string(),
             shared(main.iter().map(|m| rank(m)).collect()),
@@ -114,7 +141,10 @@ pub fn network_metadata(modules: &[KohyaModule]) -> BTreeMap<String, String> {
             "ss_network_alpha".to_string(),
             shared(main.iter().map(|m| alpha(m)).collect()),
         ),
-        ("ss_network_args".to_string(), args),
+        (
+            "ss_network_args".to_string(),
+            serde_json::Value::Object(args).to_string(),
+        ),
     ])
 }
 
@@ -248,6 +278,7 @@ mod tests {
             down: Tensor::zeros((rank, 9), DType::F32, &Device::Cpu).unwrap(),
             up: Tensor::zeros((4, rank), DType::F32, &Device::Cpu).unwrap(),
             alpha,
+            magnitude: None,
         };
         let conv = ModuleKind::Conv { kh: 3, kw: 3 };
         let meta = network_metadata(&[
@@ -263,6 +294,14 @@ mod tests {
         );
         let linear_only = network_metadata(&[module("lora_unet_a", ModuleKind::Linear, 4, 2.0)]);
         assert_eq!(linear_only["ss_network_args"], "{}");
+        assert_eq!(linear_only["ss_network_module"], "networks.lora");
+        // DoRA files name LyCORIS' module and its arguments, as LyCORIS' own files do.
+        let mut dora = module("lora_unet_a", ModuleKind::Linear, 4, 2.0);
+        dora.magnitude = Some(Tensor::ones(4, DType::F32, &Device::Cpu).unwrap());
+        let meta = network_metadata(&[dora]);
+        assert_eq!(meta["ss_network_module"], "lycoris.kohya");
+        let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+        assert_eq!(args, serde_json::json!({"algo": "lora", "dora_wd": "True"}));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use super::keys::Component;
 use super::kohya::stored_shape;
 use super::OutputModule;
+use crate::adapters::ModuleKind;
 
 /// PEFT `LoraConfig` fields of one component, from diffusers' `lora_adapter_metadata`.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,10 +55,6 @@ pub(crate) fn peft_configs(
 impl PeftConfig {
     fn from_fields(fields: &BTreeMap<&str, &Value>) -> Result<Self> {
         let flag = |name: &str| fields.get(name).and_then(|v| v.as_bool()).unwrap_or(false);
-        ensure!(
-            !flag("use_dora"),
-            "use_dora is set: DoRA adapters are not supported here"
-        );
         let r = fields.get("r").map(|v| json_usize("r", v)).transpose()?;
         let lora_alpha = fields
             .get("lora_alpha")
@@ -166,6 +163,17 @@ pub(crate) fn peft_tensors(entries: &[OutputModule]) -> Result<Vec<(String, Tens
             format!("{key}.lora_B.weight"),
             stored_shape(&e.lora.up, e.info.kind, false)?,
         ));
+        if let Some(magnitude) = &e.lora.magnitude {
+            // PEFT's parameter shapes: `[out]`, `[1, out, 1, 1]` for convs.
+            let out = magnitude.elem_count();
+            let stored = match e.info.kind {
+                ModuleKind::Linear => magnitude.clone(),
+                ModuleKind::Conv1x1 | ModuleKind::Conv { .. } => {
+                    magnitude.reshape((1, out, 1, 1))?
+                }
+            };
+            tensors.push((format!("{key}.lora_magnitude_vector"), stored));
+        }
     }
     Ok(tensors)
 }
@@ -220,6 +228,9 @@ pub(crate) fn peft_metadata(entries: &[OutputModule]) -> BTreeMap<String, String
             format!("{prefix}alpha_pattern"),
             Value::Object(alpha_pattern),
         );
+        if modules.iter().any(|e| e.lora.magnitude.is_some()) {
+            config.insert(format!("{prefix}use_dora"), json!(true));
+        }
     }
     // Sorted keys and two-space indent, as diffusers writes it.
     let text =

@@ -164,6 +164,18 @@ impl TextEncoder {
     }
 
     /// Removes the adapter attached under `name` from every layer.
+    /// The frozen weight of every adaptable layer, by module path as [`Self::lora_modules`]
+    /// gives them.
+    pub fn adaptable_weights(&mut self) -> Result<BTreeMap<String, Tensor>> {
+        let mut weights = BTreeMap::new();
+        self.encoder
+            .visit(&format!("{PREFIX}encoder"), &mut |path, layer| {
+                weights.insert(path.to_string(), layer.weight().clone());
+                Ok(())
+            })?;
+        Ok(weights)
+    }
+
     pub fn detach_adapter(&mut self, name: &str) -> Result<()> {
         let mut found = false;
         self.encoder

@@ -58,6 +58,7 @@ pub(super) struct ModuleParts {
     down: Option<(String, Tensor)>,
     up: Option<(String, Tensor)>,
     alpha: Option<(String, Tensor)>,
+    magnitude: Option<(String, Tensor)>,
 }
 
 impl ModuleParts {
@@ -66,6 +67,7 @@ impl ModuleParts {
             Role::Down => &mut self.down,
             Role::Up => &mut self.up,
             Role::Alpha => &mut self.alpha,
+            Role::Magnitude => &mut self.magnitude,
         }
     }
 }
@@ -111,8 +113,8 @@ pub(super) fn group_by_module(
             "{}",
             listing(
                 &format!(
-                    "{origin}: uses adapter types not supported here (only plain LoRA and \
-                     LoCon are; lora-merge can fold LyCORIS LoHa/LoKr files into a model)"
+                    "{origin}: uses adapter types not supported here (only LoRA, LoCon and \
+                     DoRA are; lora-merge can fold LyCORIS LoHa/LoKr files into a model)"
                 ),
                 &items
             )
@@ -171,10 +173,13 @@ pub(super) fn assemble_module(
         (Some((dk, d)), Some((uk, u))) => (dk, d, uk, u),
         (Some((dk, _)), None) => bail!("`{dk}` has no matching up tensor"),
         (None, Some((uk, _))) => bail!("`{uk}` has no matching down tensor"),
-        (None, None) => {
-            let alpha_key = parts.alpha.map(|(k, _)| k).unwrap_or_default();
-            bail!("`{alpha_key}` is an alpha without down/up tensors")
-        }
+        (None, None) => match (parts.alpha, parts.magnitude) {
+            (Some((key, _)), _) => bail!("`{key}` is an alpha without down/up tensors"),
+            (None, Some((key, _))) => {
+                bail!("`{key}` is a DoRA magnitude without down/up tensors")
+            }
+            (None, None) => unreachable!("a module has at least one part"),
+        },
     };
     let (down, kernel) = as_matrix(&down_key, &down)?;
     let (up, up_kernel) = as_matrix(&up_key, &up)?;
@@ -198,6 +203,10 @@ pub(super) fn assemble_module(
         (None, AdapterFormat::Peft, Some(config)) => config.alpha_for(name, rank, &down_key)?,
         (None, _, _) => rank as f64,
     };
+    let magnitude = parts
+        .magnitude
+        .map(|(key, t)| as_magnitude(format, &key, &t))
+        .transpose()?;
     Ok(RawModule {
         component,
         name: name.to_string(),
@@ -206,7 +215,27 @@ pub(super) fn assemble_module(
         up,
         alpha,
         kernel,
+        magnitude,
     })
+}
+
+/// A stored DoRA magnitude as an f32 `[out]` vector: kohya/LyCORIS `dora_scale` is `[out, 1]`
+/// (`[out, 1, 1, 1]` for convs), PEFT's `lora_magnitude_vector` `[out]` (`[1, out, 1, 1]` for
+/// convs). LyCORIS' `wd_on_output=False` files (`[1, in]`, a norm per input channel) are refused.
+fn as_magnitude(format: AdapterFormat, key: &str, t: &Tensor) -> Result<Tensor> {
+    let dims = t.dims();
+    let fits = match format {
+        AdapterFormat::Kohya => !dims.is_empty() && dims[1..].iter().all(|&d| d == 1),
+        AdapterFormat::Peft => dims.iter().filter(|&&d| d != 1).count() <= 1,
+    };
+    ensure!(
+        fits,
+        "`{key}` has shape {dims:?}; a DoRA magnitude is one value per output channel \
+         ([out, 1] or [out, 1, 1, 1] as LyCORIS writes it with wd_on_output, [out] or \
+         [1, out, 1, 1] as PEFT does); magnitudes per input channel (LyCORIS \
+         wd_on_output=False) are not supported"
+    );
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?)
 }
 
 /// A stored down/up tensor as an f32 matrix: 2-D as is, 1×1-conv 4-D flattened, and a larger

@@ -1,8 +1,9 @@
 //! Adapter files: reading kohya/A1111 and diffusers/PEFT LoRA `.safetensors`, resolving them
 //! against a model's modules, and writing either layout with the metadata each ecosystem reads.
 //!
-//! Reading is strict: keys of other algorithms (DoRA, LyCORIS) or of no known layout are errors
-//! naming them, never silently dropped, and resolution reports every module that does not fit.
+//! Reading is strict: keys of other algorithms (LyCORIS LoHa, LoKr, …) or of no known layout are
+//! errors naming them, never silently dropped, and resolution reports every module that does not
+//! fit. DoRA magnitudes are read in both layouts.
 //!
 //! Alpha semantics (`ΔW = alpha/rank · up · down`):
 //! - kohya: the per-module `.alpha` scalar; missing or 0 means alpha = rank.
@@ -151,6 +152,8 @@ pub struct RawModule {
     /// `(kh, kw)` of a conv adapter whose down is a larger kernel than 1×1 (kohya `conv_dim`,
     /// LyCORIS LoCon): `down` is then flattened to `[rank, in·kh·kw]`.
     pub kernel: Option<(usize, usize)>,
+    /// DoRA's magnitude `[out]`, f32.
+    pub magnitude: Option<Tensor>,
 }
 
 impl RawModule {
@@ -163,6 +166,7 @@ impl RawModule {
             down: self.down.clone(),
             up: self.up.clone(),
             alpha: self.alpha,
+            magnitude: self.magnitude.clone(),
         }
     }
 }
@@ -469,6 +473,7 @@ pub fn save_adapter(
                     down: e.lora.down.clone(),
                     up: e.lora.up.clone(),
                     alpha: e.lora.alpha,
+                    magnitude: e.lora.magnitude.clone(),
                 })
                 .collect();
             let title = options.title.clone().unwrap_or_else(|| {

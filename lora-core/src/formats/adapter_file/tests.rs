@@ -77,7 +77,12 @@ impl Model {
 fn lora_for(info: &ModuleInfo, rank: usize, alpha: f64) -> Result<LoraModule> {
     let down = Tensor::randn(0f32, 1.0, (rank, info.in_features), &Device::Cpu)?;
     let up = Tensor::randn(0f32, 1.0, (info.out_features, rank), &Device::Cpu)?;
-    Ok(LoraModule { down, up, alpha })
+    Ok(LoraModule {
+        down,
+        up,
+        alpha,
+        magnitude: None,
+    })
 }
 
 /// An adapter on every module of `model`, with rank/alpha varying per module when `mixed`.
@@ -458,7 +463,6 @@ fn inconsistent_or_unsupported_metadata_is_rejected() -> Result<()> {
             json!({ "unet.r": 2, "unet.rank_pattern": { "to_k": 8 } }),
             "has rank 2 but lora_adapter_metadata says 8",
         ),
-        (json!({ "unet.use_dora": true }), "DoRA"),
         (
             json!({ "unet.alpha_pattern": { ".*to_k": 1 } }),
             "regular expression",
@@ -779,7 +783,7 @@ fn files_of_no_adapter_layout_list_offending_keys() -> Result<()> {
 }
 
 #[test]
-fn lycoris_and_dora_files_are_rejected_by_name() -> Result<()> {
+fn lycoris_files_are_rejected_by_name() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q";
     let cases = [
@@ -802,21 +806,6 @@ fn lycoris_and_dora_files_are_rejected_by_name() -> Result<()> {
                 format!("{name}.lora_mid.weight"),
             ],
             "lora_mid",
-        ),
-        (
-            vec![
-                format!("{name}.lora_down.weight"),
-                format!("{name}.lora_up.weight"),
-                format!("{name}.dora_scale"),
-            ],
-            "DoRA",
-        ),
-        (
-            vec![
-                format!("unet.{BLOCK}.attn2.to_q.lora_A.weight"),
-                format!("unet.{BLOCK}.attn2.to_q.lora_magnitude_vector"),
-            ],
-            "DoRA",
         ),
     ];
     for (keys, algorithm) in cases {
@@ -1063,4 +1052,26 @@ fn format_names_parse() {
         .unwrap_err()
         .to_string()
         .contains("expected kohya or peft"));
+}
+
+/// LyCORIS' `wd_on_output=False` DoRA keeps one magnitude per input channel (`[1, in]`): refused
+/// naming the key, not read as if it were per output channel.
+#[test]
+fn dora_magnitudes_per_input_channel_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("dora.safetensors");
+    let name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q";
+    let tensors = vec![
+        (format!("{name}.lora_down.weight"), matrix(2, 3)?),
+        (format!("{name}.lora_up.weight"), matrix(5, 2)?),
+        (format!("{name}.dora_scale"), matrix(1, 3)?),
+    ];
+    write_raw(&path, tensors, BTreeMap::new())?;
+    let msg = read_err(&path);
+    assert!(
+        msg.contains(&format!("`{name}.dora_scale` has shape [1, 3]"))
+            && msg.contains("wd_on_output=False"),
+        "{msg}"
+    );
+    Ok(())
 }

@@ -77,6 +77,9 @@ pub enum Role {
     Up,
     /// The scalar alpha.
     Alpha,
+    /// DoRA's magnitude per output channel (kohya/LyCORIS `dora_scale`, PEFT
+    /// `lora_magnitude_vector`).
+    Magnitude,
 }
 
 /// What a tensor key of an adapter file is.
@@ -133,6 +136,7 @@ pub fn parse_kohya_key(key: &str) -> ParsedKey {
         "lora_down.weight" => Role::Down,
         "lora_up.weight" => Role::Up,
         "alpha" => Role::Alpha,
+        "dora_scale" => Role::Magnitude,
         _ => return unsupported_kohya_suffix(suffix),
     };
     ParsedKey::Lora {
@@ -183,9 +187,8 @@ pub const LYCORIS_TUCKER_SUFFIXES: [&str; 3] = ["hada_t1", "hada_t2", "lokr_t2"]
 
 /// The non-LoRA algorithm whose tensor names start like `segment`, if any.
 fn algorithm_marker(segment: &str) -> Option<&'static str> {
-    const ALGORITHMS: [(&str, &str); 12] = [
-        ("dora_scale", "DoRA (dora_scale)"),
-        ("lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
+    const ALGORITHMS: [(&str, &str); 11] = [
+        ("dora_scale", "DoRA in a diffusers file (dora_scale)"),
         ("hada_", "LyCORIS LoHa (hada_*)"),
         ("lokr_", "LyCORIS LoKr (lokr_*)"),
         (
@@ -208,9 +211,11 @@ fn algorithm_marker(segment: &str) -> Option<&'static str> {
 
 /// Diffusers/PEFT spellings of a module's down/up tensors, as (key suffix, role). What precedes
 /// the suffix is the module path itself.
-const DIFFUSERS_SUFFIXES: [(&str, Role); 6] = [
+const DIFFUSERS_SUFFIXES: [(&str, Role); 8] = [
     (".lora_A.weight", Role::Down),
     (".lora_B.weight", Role::Up),
+    (".lora_magnitude_vector", Role::Magnitude),
+    (".lora_magnitude_vector.weight", Role::Magnitude),
     (".lora.down.weight", Role::Down),
     (".lora.up.weight", Role::Up),
     (".lora_linear_layer.down.weight", Role::Down),
@@ -219,7 +224,8 @@ const DIFFUSERS_SUFFIXES: [(&str, Role); 6] = [
 
 /// Parses a key of a diffusers/PEFT-layout file (`unet.<…>` / `text_encoder.<…>`), mapping every
 /// known spelling to the canonical module path:
-/// - `unet.<path>.lora_A.weight` / `.lora_B.weight` (PEFT)
+/// - `unet.<path>.lora_A.weight` / `.lora_B.weight` (PEFT), `.lora_magnitude_vector[.weight]`
+///   (PEFT DoRA)
 /// - `unet.<path>.lora.down.weight` / `.lora.up.weight` (diffusers training scripts)
 /// - `text_encoder.<path>.lora_linear_layer.down.weight` / `.up.weight`
 /// - `unet.<block>.attn2.processor.to_q_lora.down.weight` → `<block>.attn2.to_q`
@@ -263,7 +269,7 @@ fn diffusers_module(component: Component, rest: &str) -> Option<(String, Role)> 
 }
 
 /// Names the unsupported algorithm of a diffusers key by its last two segments (`…to_q.dora_scale`,
-/// `…to_q.lora_magnitude_vector.weight`); anything else is unknown.
+/// `…to_q.hada_w1_a`); anything else is unknown.
 fn unsupported_diffusers_tail(rest: &str) -> ParsedKey {
     if rest.ends_with(".lora_B.bias") {
         return ParsedKey::Unsupported {

@@ -176,13 +176,31 @@ fn kohya_keys_parse_by_suffix() {
 }
 
 #[test]
+fn dora_magnitudes_are_read_in_both_layouts() {
+    let unet = |module: &str| ParsedKey::Lora {
+        component: Component::Unet,
+        module: module.to_string(),
+        role: Role::Magnitude,
+    };
+    assert_eq!(
+        parse_kohya_key("lora_unet_x_attn2_to_q.dora_scale"),
+        unet("x_attn2_to_q")
+    );
+    for key in [
+        "unet.x.attn2.to_q.lora_magnitude_vector",
+        "unet.x.attn2.to_q.lora_magnitude_vector.weight",
+    ] {
+        assert_eq!(parse_diffusers_key(key), unet("x.attn2.to_q"), "{key}");
+    }
+}
+
+#[test]
 fn non_lora_algorithms_are_named() {
     let cases = [
         ("lora_unet_x.hada_w1_a", "LoHa"),
         ("lora_unet_x.lokr_w1", "LoKr"),
         ("lora_unet_x.lora_mid.weight", "lora_mid"),
         ("lora_unet_x.oft_blocks", "OFT"),
-        ("lora_unet_x.dora_scale", "DoRA"),
         ("lora_unet_x.diff_b", "diff"),
         ("lora_unet_x.a1.weight", "GLoRA"),
         ("lora_te1_text_model_x.lora_down.weight", "SDXL"),
@@ -197,14 +215,9 @@ fn non_lora_algorithms_are_named() {
     }
     let cases = [
         (
-            "unet.x.attn2.to_q.lora_magnitude_vector",
-            "DoRA (lora_magnitude_vector)",
+            "unet.x.attn2.to_q.dora_scale",
+            "DoRA in a diffusers file (dora_scale)",
         ),
-        (
-            "unet.x.attn2.to_q.lora_magnitude_vector.weight",
-            "DoRA (lora_magnitude_vector)",
-        ),
-        ("unet.x.attn2.to_q.dora_scale", "DoRA (dora_scale)"),
         ("text_encoder.x.q_proj.hada_w1_a", "LyCORIS LoHa (hada_*)"),
         (
             "unet.x.attn2.to_q.lora_B.bias",

@@ -349,6 +349,17 @@ impl UNet2DConditionModel {
     }
 
     /// Removes the adapter attached under `name` from every layer.
+    /// The frozen weight of every adaptable layer, by module path (DoRA's magnitudes start
+    /// from their norms).
+    pub fn adaptable_weights(&mut self) -> Result<BTreeMap<String, Tensor>> {
+        let mut weights = BTreeMap::new();
+        self.visit_adaptable(&mut |path, layer| {
+            weights.insert(path.to_string(), layer.weight().clone());
+            Ok(())
+        })?;
+        Ok(weights)
+    }
+
     pub fn detach_adapter(&mut self, name: &str) -> Result<()> {
         let mut found = false;
         self.visit_adaptable(&mut |_, mut layer| {

@@ -166,3 +166,46 @@ fn checkpointed_full_fine_tune_gradients_equal_the_plain_backward_pass() -> Resu
     assert_same_gradients(&grads, &params, 1e-5);
     Ok(())
 }
+
+/// A fresh DoRA adapter (magnitudes at the base weights' norms, `up` at zero) leaves the UNet's
+/// output as it is, on the transformer layers and the resnets' convolutions alike, and its
+/// magnitudes get a gradient.
+#[test]
+fn fresh_dora_adapter_is_a_no_op() -> Result<()> {
+    let cfg = tiny_config()?;
+    let vb = RandomInit::frozen(3).var_builder(&Device::Cpu);
+    let mut unet = UNet2DConditionModel::load(&cfg, &vb)?;
+    let (sample, timesteps, context) = inputs(&cfg, DType::F32)?;
+    let base = unet.forward(&sample, &timesteps, &context)?;
+    let lora = LoraConfig {
+        targets: LoraTargets::AttnMlp,
+        ..Default::default()
+    };
+    let modules = unet.adapter_modules();
+    let mut trainable = Adapter::init_unet(&lora, &modules, &Device::Cpu, 0)?;
+    trainable.add_dora(&unet.adaptable_weights()?)?;
+    assert!(trainable
+        .adapter
+        .unet
+        .values()
+        .all(|m| m.magnitude.is_some()));
+    unet.attach_adapter("dora", &trainable.adapter.unet, 1.0)?;
+    let out = unet.forward(&sample, &timesteps, &context)?;
+    let diff = (&out - &base)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(
+        diff <= 1e-5,
+        "a fresh DoRA adapter changed the output by {diff}"
+    );
+    let grads = out.sqr()?.mean_all()?.backward()?;
+    let magnitudes: Vec<&(String, Var)> = trainable
+        .vars
+        .iter()
+        .filter(|(name, _)| name.ends_with(".magnitude"))
+        .collect();
+    assert_eq!(magnitudes.len(), modules.len());
+    for (name, var) in magnitudes {
+        let grad = grads.get(var.as_tensor());
+        assert!(grad.is_some(), "{name} got no gradient");
+    }
+    Ok(())
+}
