@@ -257,6 +257,9 @@ fn child(base: &str, adapter: &str, output: &str) -> Result<()> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == CHILD_FLAG) {
+        // The process settings `lora-merge`'s own `main` makes (allocator, threads).
+        // SAFETY: first thing in this process, before any other thread exists.
+        unsafe { lora_merge::lora_core::process_setup::configure() };
         return child(&args[i + 1], &args[i + 2], &args[i + 3]);
     }
     let keep = args

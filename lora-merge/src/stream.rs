@@ -1,6 +1,7 @@
 //! A streaming safetensors writer: the header is computed from the planned names, dtypes and
 //! shapes, then each tensor's bytes are produced and written in order, so only a few tensors are
-//! ever in memory. Tensors are produced in parallel batches (rayon) and written sequentially.
+//! ever in memory. Tensors are produced in parallel batches (rayon) and written in order by a
+//! writer thread, overlapping the two.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -73,25 +74,42 @@ pub fn write_streaming(
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
-        // Batches of one tensor per thread keep at most that many tensors in memory.
+        // Batches of one tensor per thread are produced while a writer thread writes the batch
+        // before (in order), so neither waits for the other; at most three batches are in memory.
         let batch = rayon::current_num_threads().max(1);
         let indices: Vec<usize> = (0..plan.len()).collect();
-        for chunk in indices.chunks(batch) {
-            let produced: Vec<Result<Vec<u8>>> = chunk.par_iter().map(|&i| produce(i)).collect();
-            for (&i, bytes) in chunk.iter().zip(produced) {
-                let bytes = bytes?;
-                ensure!(
-                    bytes.len() == plan[i].byte_len(),
-                    "internal: tensor `{}` produced {} bytes, planned {}",
-                    plan[i].name,
-                    bytes.len(),
-                    plan[i].byte_len()
-                );
-                out.write_all(&bytes)?;
+        std::thread::scope(|scope| {
+            let (send, receive) = std::sync::mpsc::sync_channel::<(usize, Result<Vec<u8>>)>(batch);
+            let writer = scope.spawn(move || -> Result<()> {
+                for (i, bytes) in receive {
+                    let bytes = bytes?;
+                    ensure!(
+                        bytes.len() == plan[i].byte_len(),
+                        "internal: tensor `{}` produced {} bytes, planned {}",
+                        plan[i].name,
+                        bytes.len(),
+                        plan[i].byte_len()
+                    );
+                    out.write_all(&bytes)?;
+                }
+                out.flush()?;
+                Ok(())
+            });
+            'produce: for chunk in indices.chunks(batch) {
+                let produced: Vec<Result<Vec<u8>>> =
+                    chunk.par_iter().map(|&i| produce(i)).collect();
+                for item in chunk.iter().copied().zip(produced) {
+                    // A closed channel means the writer stopped on an error, which it returns.
+                    if send.send(item).is_err() {
+                        break 'produce;
+                    }
+                }
             }
-        }
-        out.flush()?;
-        Ok(())
+            drop(send);
+            writer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     })
 }
 
