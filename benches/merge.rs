@@ -182,7 +182,7 @@ fn write_inputs(dir: &Path) -> Result<(PathBuf, PathBuf)> {
             alpha: RANK as f64,
             magnitude: None,
         };
-        adapter.unet.insert(info.path.clone(), lora);
+        adapter.unet.insert(info.path.clone(), lora.into());
     }
     let adapter_path = dir.join("adapter.safetensors");
     let options = SaveOptions {
@@ -191,6 +191,7 @@ fn write_inputs(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         prediction: PredictionType::Epsilon,
         title: None,
         extra_metadata: BTreeMap::new(),
+        lokr_factor: None,
     };
     save_adapter(
         &adapter_path,

@@ -232,9 +232,7 @@ fn main() -> Result<()> {
     if !case.train {
         // Plain tensors at inference: attached `Var`s would make candle record the whole graph.
         for m in modules.values_mut() {
-            m.down = m.down.detach();
-            m.up = m.up.detach();
-            m.magnitude = m.magnitude.as_ref().map(Tensor::detach);
+            *m = m.detached();
         }
     }
     case.unet.attach_adapter("bench", &modules, 1.0)?;

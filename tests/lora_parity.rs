@@ -11,7 +11,7 @@ use common::{expected, fixtures, get, max_abs, max_abs_diff, rel_err, CONFIGS};
 use lora_toolkit::core::formats::adapter_file::{AdapterFile, ModelModules};
 use lora_toolkit::core::io::weights::component_weights;
 use lora_toolkit::core::models::config::UNetConfig;
-use lora_toolkit::core::{Adapter, LoraModule, LoraTargets, UNet2DConditionModel};
+use lora_toolkit::core::{Adapter, AdapterModule, LoraModule, LoraTargets, UNet2DConditionModel};
 
 fn load_unet(cfg: &str) -> Result<UNet2DConditionModel> {
     let dir = fixtures().join(cfg).join("unet");
@@ -211,6 +211,122 @@ fn dora_adapter_gradients_match_pytorch_autograd() -> Result<()> {
     Ok(())
 }
 
+/// LyCORIS' LoHa and LoKr (`--algo loha|lokr`) on every transformer layer and resnet/resampler
+/// convolution, read from the files LyCORIS' kohya module saved, against lycoris-lora under
+/// PyTorch autograd: the output and every factor's gradient (LoKr with low-rank and with whole
+/// second halves), f32 plain and checkpointed.
+#[test]
+fn lycoris_adapter_gradients_match_lycoris_autograd() -> Result<()> {
+    for algo in ["loha", "lokr", "lokr_full"] {
+        for backward in [Backward::Plain, Backward::Checkpointed] {
+            check_adapter_gradients(
+                &Device::Cpu,
+                DType::F32,
+                Tolerance::F32,
+                backward,
+                GradReference::Lycoris(algo),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Our kohya writer gives back the files LyCORIS' kohya module saved: the same keys, shapes
+/// (2-D factors, a whole `lokr_w2` of a convolution 4-D) and values, alpha included, under
+/// LyCORIS' network module name.
+#[test]
+fn lycoris_adapters_write_back_as_lycoris_saved_them() -> Result<()> {
+    use lora_toolkit::core::formats::adapter_file::{save_adapter, AdapterFormat, SaveOptions};
+    use lora_toolkit::core::formats::kohya::BaseModelVersion;
+    use lora_toolkit::core::models::config::PredictionType;
+    let out = tempfile::tempdir()?;
+    for cfg in CONFIGS {
+        let unet = load_unet(cfg)?;
+        for algo in ["loha", "lokr", "lokr_full"] {
+            let adapter = lycoris_fixture_adapter(cfg, algo, &unet)?;
+            let path = out.path().join(format!("{cfg}-{algo}.safetensors"));
+            let modules = ModelModules {
+                unet: &unet.adapter_modules(),
+                text_encoder: None,
+            };
+            let options = SaveOptions {
+                format: AdapterFormat::Kohya,
+                base_model: BaseModelVersion::SdV1,
+                prediction: PredictionType::Epsilon,
+                title: None,
+                extra_metadata: Default::default(),
+                lokr_factor: None,
+            };
+            save_adapter(&path, &adapter, &modules, &options)?;
+            let ours = candle_core::safetensors::load(&path, &Device::Cpu)?;
+            let reference = fixtures()
+                .join(cfg)
+                .join(format!("adapter_{algo}_kohya.safetensors"));
+            let theirs = candle_core::safetensors::load(&reference, &Device::Cpu)?;
+            let keys = |m: &std::collections::HashMap<String, Tensor>| {
+                m.keys().cloned().collect::<BTreeSet<_>>()
+            };
+            assert_eq!(keys(&ours), keys(&theirs), "{cfg} {algo}: keys");
+            for (key, t) in &theirs {
+                let o = &ours[key];
+                assert_eq!(o.dims(), t.dims(), "{cfg} {algo}: `{key}` shape");
+                assert_eq!(max_abs_diff(o, t), 0.0, "{cfg} {algo}: `{key}` values");
+            }
+            let metadata = lora_toolkit::core::io::read_safetensors(&path, &Device::Cpu)?.metadata;
+            assert_eq!(metadata["ss_network_module"], "lycoris.kohya");
+        }
+    }
+    Ok(())
+}
+
+/// The UNet adapter of LyCORIS' `adapter_<algo>_kohya.safetensors` (kohya names, LyCORIS'
+/// factor names and shapes, alpha per module), keyed by the UNet's module paths.
+fn lycoris_fixture_adapter(cfg: &str, algo: &str, unet: &UNet2DConditionModel) -> Result<Adapter> {
+    use lora_toolkit::core::adapters::lycoris::{KronFactor, LycorisFactors, LycorisModule};
+    let path = fixtures()
+        .join(cfg)
+        .join(format!("adapter_{algo}_kohya.safetensors"));
+    let file = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let mut adapter = Adapter::default();
+    for info in unet.adapter_modules() {
+        let name = format!("lora_unet_{}", info.path.replace('.', "_"));
+        let factor = |which: &str| -> Option<Tensor> {
+            let t = file.get(&format!("{name}.{which}"))?;
+            let rows = t.dims()[0];
+            t.reshape((rows, t.elem_count() / rows)).ok()
+        };
+        let Some(alpha) = file.get(&format!("{name}.alpha")) else {
+            continue;
+        };
+        let alpha = alpha.to_scalar::<f32>()? as f64;
+        let kron = |whole: &str, a: &str, b: &str| -> Result<KronFactor> {
+            Ok(match (factor(whole), factor(a), factor(b)) {
+                (Some(w), None, None) => KronFactor::Full(w),
+                (None, Some(a), Some(b)) => KronFactor::LowRank { a, b },
+                _ => anyhow::bail!("{name}: incomplete LoKr half {whole}"),
+            })
+        };
+        let factors = match factor("hada_w1_a") {
+            Some(w1a) => LycorisFactors::LoHa {
+                w1a,
+                w1b: factor("hada_w1_b").context("hada_w1_b")?,
+                w2a: factor("hada_w2_a").context("hada_w2_a")?,
+                w2b: factor("hada_w2_b").context("hada_w2_b")?,
+            },
+            None => LycorisFactors::LoKr {
+                w1: kron("lokr_w1", "lokr_w1_a", "lokr_w1_b")?,
+                w2: kron("lokr_w2", "lokr_w2_a", "lokr_w2_b")?,
+            },
+        };
+        let module = LycorisModule { factors, alpha };
+        adapter
+            .unet
+            .insert(info.path.clone(), AdapterModule::Lycoris(module));
+    }
+    anyhow::ensure!(!adapter.unet.is_empty(), "{}: no module", path.display());
+    Ok(adapter)
+}
+
 /// A half-precision base takes the path every device but the CPU in f32 takes (candle's ops, the frozen
 /// layers' outputs re-attached with their input gradients): the same check on the CPU.
 #[test]
@@ -280,6 +396,10 @@ enum GradReference {
     /// (`make_dora_grad_fixtures.py`: `adapter_dora_peft.safetensors` read as diffusers wrote
     /// it), against `grad_dora.safetensors`: down, up and magnitude gradients.
     Dora,
+    /// LyCORIS' LoHa or LoKr modules (`loha`, `lokr`, `lokr_full`) on the same layers
+    /// (`make_lycoris_grad_fixtures.py`: `adapter_<algo>_kohya.safetensors` as LyCORIS saved
+    /// it), against `grad_<algo>.safetensors`: every factor's gradient.
+    Lycoris(&'static str),
 }
 
 /// Bounds on the relative error (‖ours − reference‖ / ‖reference‖) of the UNet output and of the
@@ -375,6 +495,7 @@ fn check_adapter_gradients(
         let mut unet = UNet2DConditionModel::from_files(&config, &[weights], dtype, device)?;
         let mut adapter = match reference {
             GradReference::Conv => Adapter::default(),
+            GradReference::Lycoris(algo) => lycoris_fixture_adapter(cfg, algo, &unet)?,
             GradReference::Dora => {
                 let path = fixtures().join(cfg).join("adapter_dora_peft.safetensors");
                 let modules = ModelModules {
@@ -385,6 +506,21 @@ fn check_adapter_gradients(
             }
             _ => read_adapter(cfg, "adapter_grad_peft.safetensors", &unet)?,
         };
+        if let GradReference::Lycoris(algo) = reference {
+            let path = fixtures()
+                .join(cfg)
+                .join(format!("grad_{algo}.safetensors"));
+            let fixture = candle_core::safetensors::load(&path, &Device::Cpu)
+                .with_context(|| format!("loading {}", path.display()))?;
+            reference_grads = count_grads(&fixture);
+            exp.insert(
+                "unet_out_lora_grad".into(),
+                get(&fixture, &format!("{algo}_out")).clone(),
+            );
+            let loss = get(&fixture, &format!("{algo}_loss")).clone();
+            exp.insert("grad_loss".into(), loss);
+            exp.extend(fixture.into_iter().filter(|(k, _)| k.starts_with("grad.")));
+        }
         if let GradReference::Dora = reference {
             let path = fixtures().join(cfg).join("grad_dora.safetensors");
             let dora = candle_core::safetensors::load(&path, &Device::Cpu)
@@ -414,7 +550,7 @@ fn check_adapter_gradients(
                     alpha: 8.0,
                     magnitude: None,
                 };
-                adapter.unet.insert(path.to_string(), module);
+                adapter.unet.insert(path.to_string(), module.into());
             }
             reference_grads = count_grads(&conv);
             exp.insert(
@@ -445,15 +581,26 @@ fn check_adapter_gradients(
                 vars.push((format!("grad.{path}.{which}"), v.clone()));
                 Ok(v.as_tensor().clone())
             };
-            let module = LoraModule {
-                down: var(&m.down, "lora_A.weight")?,
-                up: var(&m.up, "lora_B.weight")?,
-                alpha: m.alpha,
-                magnitude: m
-                    .magnitude
-                    .as_ref()
-                    .map(|t| var(t, "lora_magnitude_vector"))
-                    .transpose()?,
+            let module = match m {
+                AdapterModule::Lora(m) => AdapterModule::Lora(LoraModule {
+                    down: var(&m.down, "lora_A.weight")?,
+                    up: var(&m.up, "lora_B.weight")?,
+                    alpha: m.alpha,
+                    magnitude: m
+                        .magnitude
+                        .as_ref()
+                        .map(|t| var(t, "lora_magnitude_vector"))
+                        .transpose()?,
+                }),
+                AdapterModule::Lycoris(m) => {
+                    let mut trained = m.clone();
+                    for (name, t) in m.named_tensors() {
+                        // LyCORIS' conv factors are stored like the fixture's parameters.
+                        let tensor = var(t, name)?;
+                        *trained.tensor_mut(name).context("factor")? = tensor;
+                    }
+                    AdapterModule::Lycoris(trained)
+                }
             };
             trainable.insert(path.clone(), module);
         }

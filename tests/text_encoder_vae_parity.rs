@@ -333,7 +333,7 @@ fn check_text_encoder_gradients(cfg: &str, file: &str, dora: bool) -> Result<()>
             alpha: 8.0,
             magnitude: dora.then(|| var("lora_magnitude_vector")).transpose()?,
         };
-        modules.insert(info.path.clone(), module);
+        modules.insert(info.path.clone(), module.into());
     }
     let per_module = if dora { 3 } else { 2 };
     assert_eq!(vars.len(), per_module * 6 * config.num_hidden_layers);

@@ -1800,13 +1800,15 @@ fn dora_trains_a_magnitude_per_output_channel() -> Result<()> {
     })?;
     assert!(!adapter.text_encoder.is_empty());
     let all = adapter.unet.values().chain(adapter.text_encoder.values());
-    assert!(all.clone().all(|m| m.magnitude.is_some()));
+    assert!(all
+        .clone()
+        .all(|m| m.as_lora().is_some_and(|m| m.magnitude.is_some())));
     // The UNet's magnitudes moved away from the base weights' norms, where they started.
     let base = unet.adaptable_weights()?;
     let mut moved = 0f32;
     for (path, m) in &adapter.unet {
         let norm = base[path].flatten_from(1)?.sqr()?.sum(1)?.sqrt()?;
-        let magnitude = m.magnitude.as_ref().unwrap();
+        let magnitude = m.as_lora().unwrap().magnitude.as_ref().unwrap();
         let diff = (magnitude - &norm)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let start = norm.max_all()?.to_scalar::<f32>()?;
         assert!(diff.is_finite() && diff < start, "{path}: moved by {diff}");
@@ -1817,5 +1819,113 @@ fn dora_trains_a_magnitude_per_output_channel() -> Result<()> {
         serde_json::from_str(&file.metadata()["lora_adapter_metadata"])?;
     assert_eq!(config["unet.use_dora"], true);
     assert_eq!(config["text_encoder.use_dora"], true);
+    Ok(())
+}
+
+/// `--algo loha|lokr` (LyCORIS' kohya module, `--network_args algo=…`): the modules have the
+/// layout LyCORIS makes for the same settings (every key and shape of the file LyCORIS saved for
+/// this UNet, `make_lycoris_grad_fixtures.py`: LoHa rank 4; LoKr rank 2, factor 2, with low-rank
+/// second halves), they train (LoHa's `hada_w2_a` and LoKr's `lokr_w2_b` start at zero and
+/// move), resume bit for bit, and lora-merge's LyCORIS reader takes the file.
+#[test]
+fn lycoris_algorithms_train_in_lycoris_layout() -> Result<()> {
+    use lora_core::adapters::AdapterAlgorithm;
+    let cases = [
+        (
+            AdapterAlgorithm::LoHa,
+            4,
+            None,
+            "adapter_loha_kohya",
+            "hada_w2_a",
+        ),
+        (
+            AdapterAlgorithm::LoKr,
+            2,
+            Some(2),
+            "adapter_lokr_kohya",
+            "lokr_w2_b",
+        ),
+    ];
+    for (algo, rank, factor, reference, starts_at_zero) in cases {
+        let recipe = |out: &Path, resume: Option<PathBuf>| TrainArgs {
+            algo: Some(algo),
+            rank: Some(rank),
+            alpha: Some(8.0),
+            factor,
+            targets: Some(LoraTargets::AttnMlp),
+            conv_rank: Some(rank),
+            conv_alpha: Some(8.0),
+            save_every: Some(2),
+            resume,
+            ..args("sd1-tiny", &train_data(), out)
+        };
+        let (straight, resumed) = straight_then_resumed(&recipe)?;
+        let path = straight.path().join("adapter.safetensors");
+        let ours = tensors(&path);
+        assert_same_tensors(&ours, &tensors(&resumed.path().join("adapter.safetensors")));
+        let theirs = tensors(
+            &common::fixtures()
+                .join("sd1-tiny")
+                .join(format!("{reference}.safetensors")),
+        );
+        let layout = |m: &BTreeMap<String, Tensor>| -> Vec<(String, Vec<usize>)> {
+            m.iter()
+                .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+                .collect()
+        };
+        assert_eq!(layout(&ours), layout(&theirs), "{algo}: keys and shapes");
+        let moved = ours
+            .iter()
+            .filter(|(k, _)| k.ends_with(starts_at_zero))
+            .map(|(_, t)| {
+                t.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .fold(0f32, f32::max);
+        assert!(
+            moved > 0.0 && moved.is_finite(),
+            "{algo}: {starts_at_zero} stayed at {moved}"
+        );
+        let file = lora_merge::lycoris::LycorisFile::read(&path, false)?;
+        assert_eq!(file.modules.len(), 128, "{algo}");
+        assert_eq!(file.metadata["ss_network_module"], "lycoris.kohya");
+    }
+    assert_refused([
+        (
+            TrainArgs {
+                factor: Some(4),
+                ..Default::default()
+            },
+            "--factor is LoKr's",
+        ),
+        (
+            TrainArgs {
+                algo: Some(AdapterAlgorithm::LoHa),
+                dora: Some(true),
+                ..Default::default()
+            },
+            "--dora applies to --algo lora, not loha",
+        ),
+        (
+            TrainArgs {
+                algo: Some(AdapterAlgorithm::LoKr),
+                format: Some(AdapterFormat::Peft),
+                ..Default::default()
+            },
+            "--algo lokr is written in the kohya layout",
+        ),
+        (
+            TrainArgs {
+                algo: Some(AdapterAlgorithm::LoKr),
+                factor: Some(0),
+                ..Default::default()
+            },
+            "--factor = 0",
+        ),
+    ]);
     Ok(())
 }

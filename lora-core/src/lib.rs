@@ -17,7 +17,8 @@ pub mod source;
 mod test_support;
 
 pub use adapters::{
-    Adapter, LoraConfig, LoraInit, LoraLinear, LoraModule, LoraTargets, ModuleInfo, ModuleKind,
+    Adapter, AdapterModule, AdapterModules, LoraConfig, LoraInit, LoraLinear, LoraModule,
+    LoraTargets, ModuleInfo, ModuleKind,
 };
 pub use engine::CheckpointedForward;
 pub use formats::adapter_file::{

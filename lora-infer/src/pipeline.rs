@@ -15,7 +15,7 @@ use lora_core::models::text_encoder::{self, TextEncoder};
 use lora_core::models::tokenizer::{ClipTokenizer, TokenizedPrompt};
 use lora_core::models::vae::Vae;
 use lora_core::source::ModelFolder;
-use lora_core::{Adapter, AdapterFile, LoraModule, ModelModules, Rng, UNet2DConditionModel};
+use lora_core::{Adapter, AdapterFile, AdapterModules, ModelModules, Rng, UNet2DConditionModel};
 
 use crate::scheduler::{Scheduler, SchedulerKind};
 use lora_core::options::{AdapterSpec, DeviceSpec, Precision};
@@ -625,7 +625,7 @@ impl Pipeline {
     }
 }
 
-type Modules = BTreeMap<String, LoraModule>;
+type Modules = AdapterModules;
 
 /// Each adapter's modules of one component split into those folded into the weights (with the
 /// adapter's scale) and those attached unmerged: every module of a layer that any adapter adapts
@@ -636,7 +636,7 @@ fn split_for_folding<'a>(
     let dora_layers: std::collections::BTreeSet<&String> = components
         .clone()
         .flat_map(|(modules, _)| modules.iter())
-        .filter(|(_, m)| m.magnitude.is_some())
+        .filter(|(_, m)| m.as_lora().is_some_and(|m| m.magnitude.is_some()))
         .map(|(path, _)| path)
         .collect();
     components

@@ -62,7 +62,7 @@ const TARGETS: [&str; 24] = [
 
 /// Describes a LoRA/LoCon file (kohya or PEFT) or a LyCORIS LoHa/LoKr file (format
 /// `lycoris-loha`, `lycoris-lokr`; a LoKr module with two full halves has rank 0, and a
-/// missing alpha prints as `none`).
+/// missing alpha is the rank, as LyCORIS reads it).
 pub fn inspect(path: &Path) -> Result<Inspection> {
     // (component, module name, rank, alpha as printed)
     let (format, metadata, modules): (String, _, Vec<(Component, String, usize, String)>) =
@@ -76,10 +76,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             let modules = file
                 .modules
                 .iter()
-                .map(|((c, name), m)| {
-                    let alpha = m.alpha.map_or("none".to_string(), |a| format!("{a:?}"));
-                    (*c, name.clone(), m.rank, alpha)
-                })
+                .map(|((c, name), m)| (*c, name.clone(), m.rank(), format!("{:?}", m.alpha)))
                 .collect();
             (format, file.metadata, modules)
         } else {

@@ -1,5 +1,7 @@
 //! LyCORIS LoHa and LoKr adapter files (kohya-prefixed keys, as `lycoris.kohya` writes them),
-//! for merging only: the runtime UNet and the adapter reader of lora-core keep rejecting them.
+//! read for merging and inspecting (lora-train writes them; lora-core's adapter reader, and so
+//! lora-infer, does not read them yet). The `ΔW` formulas are lora-core's
+//! (`adapters::lycoris`); here the factors of each half are multiplied out as they are read.
 //!
 //! Per module (`<lora_name>.<suffix>`), with `scale = alpha / r` (alpha missing or 0: = r):
 //! - LoHa: `ΔW = scale · (hada_w1_a · hada_w1_b) ⊙ (hada_w2_a · hada_w2_b)`, `r` = rows of
@@ -17,11 +19,12 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use lora_core::adapters::lycoris::{KronFactor, LycorisFactors, LycorisModule};
 use lora_core::formats::adapter_file::read_adapter_tensors;
 use lora_core::formats::keys::{
     Component, KohyaNames, LOHA_SUFFIXES, LOKR_SUFFIXES, LYCORIS_TUCKER_SUFFIXES,
 };
-use lora_core::{LoraModule, ModelModules, ModuleInfo};
+use lora_core::{ModelModules, ModuleInfo};
 
 /// Whether a safetensors file holds LoHa or LoKr tensors (judged from the header alone).
 pub fn is_lycoris_file(path: &Path) -> Result<bool> {
@@ -42,89 +45,6 @@ pub fn is_lycoris_file(path: &Path) -> Result<bool> {
     }
     let text = String::from_utf8_lossy(&header);
     Ok(text.contains(".hada_w") || text.contains(".lokr_w"))
-}
-
-/// One LoHa/LoKr module's factors, all f32.
-#[derive(Debug, Clone)]
-pub enum LycorisFactors {
-    LoHa {
-        w1a: Tensor,
-        w1b: Tensor,
-        w2a: Tensor,
-        w2b: Tensor,
-    },
-    LoKr {
-        /// `[a, c]`.
-        w1: Tensor,
-        /// `[b, d, k]` with `k = kh·kw` (1 for Linear layers).
-        w2: Tensor,
-    },
-}
-
-/// A LoHa or LoKr module with its scale.
-#[derive(Debug, Clone)]
-pub struct LycorisModule {
-    pub factors: LycorisFactors,
-    pub scale: f64,
-    /// The rank reported by `inspect` (LoKr with two full halves: 0).
-    pub rank: usize,
-    pub alpha: Option<f64>,
-}
-
-impl LycorisModule {
-    pub fn algorithm(&self) -> &'static str {
-        match self.factors {
-            LycorisFactors::LoHa { .. } => "loha",
-            LycorisFactors::LoKr { .. } => "lokr",
-        }
-    }
-
-    /// `[out, in·kh·kw]` of ΔW, without computing it.
-    pub fn delta_dims(&self) -> Result<(usize, usize)> {
-        Ok(match &self.factors {
-            LycorisFactors::LoHa { w1a, w1b, .. } => (w1a.dim(0)?, w1b.dim(1)?),
-            LycorisFactors::LoKr { w1, w2 } => {
-                let (a, c) = w1.dims2()?;
-                let (b, d, k) = w2.dims3()?;
-                (a * b, c * d * k)
-            }
-        })
-    }
-
-    /// ΔW as an f32 `[out, in·kh·kw]` matrix.
-    pub fn delta_weight(&self) -> Result<Tensor> {
-        let delta = match &self.factors {
-            LycorisFactors::LoHa { w1a, w1b, w2a, w2b } => (w1a.matmul(w1b)? * w2a.matmul(w2b)?)?,
-            LycorisFactors::LoKr { w1, w2 } => {
-                let (a, c) = w1.dims2()?;
-                let (b, d, k) = w2.dims3()?;
-                // kron over the first two axes: [i·b + p, (j·d + q)·k + s] = w1[i, j] · w2[p, q, s].
-                w1.reshape((a, 1, c, 1, 1))?
-                    .broadcast_mul(&w2.reshape((1, b, 1, d, k))?)?
-                    .reshape((a * b, c * d * k))?
-            }
-        };
-        Ok((delta * self.scale)?)
-    }
-}
-
-/// Any module of an adapter file that a merge folds in.
-#[derive(Debug, Clone)]
-pub enum MergeModule {
-    Lora(LoraModule),
-    Lycoris(LycorisModule),
-}
-
-impl MergeModule {
-    /// What folding the module with `multiplier` adds to `base` (the stored weight's block in
-    /// f32): `multiplier · ΔW`, for DoRA relative to `base` (see `LoraModule::weight_change`);
-    /// an f32 `[out, in·kh·kw]` matrix.
-    pub fn weight_change(&self, base: &Tensor, multiplier: f64) -> Result<Tensor> {
-        match self {
-            Self::Lora(m) => m.weight_change(base, multiplier),
-            Self::Lycoris(m) => Ok((m.delta_weight()? * multiplier)?),
-        }
-    }
 }
 
 /// A LoHa/LoKr file: modules by (component, kohya name without prefix).
@@ -233,7 +153,7 @@ impl LycorisFile {
                 unmatched.push(format!("`{full}`: no {component} module has this name"));
                 continue;
             };
-            let dims = module.delta_dims()?;
+            let dims = module.delta_weight()?.dims2()?;
             if dims != (info.out_features, info.in_features) {
                 misfits.push(misfit(&full, module, dims, info));
                 continue;
@@ -309,7 +229,7 @@ fn assemble(full: &str, mut parts: BTreeMap<String, Tensor>) -> Result<LycorisMo
         !(has_hada && has_lokr),
         "`{full}`: mixes LoHa (hada_*) and LoKr (lokr_*) tensors"
     );
-    if has_hada {
+    let factors = if has_hada {
         let [Some(w1a), Some(w1b), Some(w2a), Some(w2b)] = hada else {
             bail!("`{full}`: LoHa needs hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b");
         };
@@ -334,90 +254,38 @@ fn assemble(full: &str, mut parts: BTreeMap<String, Tensor>) -> Result<LycorisMo
             w2a.dims(),
             w2b.dims()
         );
-        let alpha_or_rank = alpha.unwrap_or(r as f64);
-        return Ok(LycorisModule {
-            factors: LycorisFactors::LoHa { w1a, w1b, w2a, w2b },
-            scale: alpha_or_rank / r as f64,
-            rank: r,
-            alpha,
-        });
-    }
-    let [w1, w1a, w1b, w2, w2a, w2b] = lokr;
-    let (w1, r1) = match (w1, w1a, w1b) {
-        (Some(w1), None, None) => (matrix(&key("lokr_w1"), &w1)?, None),
-        (None, Some(a), Some(b)) => {
-            let (a, b) = (
-                matrix(&key("lokr_w1_a"), &a)?,
-                matrix(&key("lokr_w1_b"), &b)?,
-            );
-            ensure!(
-                a.dim(1)? == b.dim(0)?,
-                "`{full}`: lokr_w1_a {:?} and lokr_w1_b {:?} disagree on the rank",
-                a.dims(),
-                b.dims()
-            );
-            (a.matmul(&b)?, Some(a.dim(1)?))
-        }
-        _ => bail!("`{full}`: LoKr needs lokr_w1, or lokr_w1_a and lokr_w1_b"),
-    };
-    ensure!(w1.rank() == 2, "`{full}`: lokr_w1 must be 2-D");
-    // W2 as [b, d, k]: a conv half keeps its kernel (k = kh·kw).
-    let (w2, r2) = match (w2, w2a, w2b) {
-        (Some(w2), None, None) => {
-            let (b, d) = (w2.dim(0)?, w2.dim(1)?);
-            (w2.reshape((b, d, w2.elem_count() / (b * d)))?, None)
-        }
-        (None, Some(a), Some(b)) => {
-            let a = matrix(&key("lokr_w2_a"), &a)?;
-            let (r, d) = (b.dim(0)?, b.dim(1)?);
-            let k = b.elem_count() / (r * d);
-            ensure!(
-                a.dim(1)? == r,
-                "`{full}`: lokr_w2_a {:?} and lokr_w2_b {:?} disagree on the rank",
-                a.dims(),
-                b.dims()
-            );
-            let w2 = a.matmul(&b.reshape((r, d * k))?)?;
-            (w2.reshape((a.dim(0)?, d, k))?, Some(r))
-        }
-        _ => bail!("`{full}`: LoKr needs lokr_w2, or lokr_w2_a and lokr_w2_b"),
-    };
-    let (scale, rank) = match r1.or(r2) {
-        Some(r) => (alpha.unwrap_or(r as f64) / r as f64, r),
-        None => (1.0, 0),
-    };
-    Ok(LycorisModule {
-        factors: LycorisFactors::LoKr { w1, w2 },
-        scale,
-        rank,
-        alpha,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kron_matches_the_definition_for_a_conv_half() -> Result<()> {
-        let w1 = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu)?;
-        // b = 1, d = 2, k = 2
-        let w2 = Tensor::new(&[[[1f32, 10.], [100., 1000.]]], &Device::Cpu)?;
-        let m = LycorisModule {
-            factors: LycorisFactors::LoKr { w1, w2 },
-            scale: 1.0,
-            rank: 0,
-            alpha: None,
+        LycorisFactors::LoHa { w1a, w1b, w2a, w2b }
+    } else {
+        let [w1, w1a, w1b, w2, w2a, w2b] = lokr;
+        // Each half as a matrix: a conv half `[b, d, kh, kw]` (or its `b` factor
+        // `[r, d, kh, kw]`) flattened after the first axis, the kernel innermost.
+        let half = |whole: Option<Tensor>, a: Option<Tensor>, b: Option<Tensor>, n: u8| {
+            let name = |part: &str| key(&format!("lokr_w{n}{part}"));
+            Ok(match (whole, a, b) {
+                (Some(w), None, None) => KronFactor::Full(matrix(&name(""), &w)?),
+                (None, Some(a), Some(b)) => {
+                    let (a, b) = (matrix(&name("_a"), &a)?, matrix(&name("_b"), &b)?);
+                    ensure!(
+                        a.dim(1)? == b.dim(0)?,
+                        "`{full}`: lokr_w{n}_a {:?} and lokr_w{n}_b {:?} disagree on the rank",
+                        a.dims(),
+                        b.dims()
+                    );
+                    KronFactor::LowRank { a, b }
+                }
+                _ => bail!("`{full}`: LoKr needs lokr_w{n}, or lokr_w{n}_a and lokr_w{n}_b"),
+            })
         };
-        let d = m.delta_weight()?.to_vec2::<f32>()?;
-        // rows: i·b + p; columns: (j·d + q)·k + s.
-        assert_eq!(
-            d,
-            [
-                [1., 10., 100., 1000., 2., 20., 200., 2000.],
-                [3., 30., 300., 3000., 4., 40., 400., 4000.]
-            ]
-        );
-        Ok(())
-    }
+        LycorisFactors::LoKr {
+            w1: half(w1, w1a, w1b, 1)?,
+            w2: half(w2, w2a, w2b, 2)?,
+        }
+    };
+    let mut module = LycorisModule {
+        factors,
+        alpha: 0.0,
+    };
+    // A missing alpha (or 0) is the rank, as LyCORIS reads it: scale 1.
+    module.alpha = alpha.unwrap_or(module.rank() as f64);
+    Ok(module)
 }

@@ -11,13 +11,13 @@ use lora_core::formats::keys::Component;
 use lora_core::formats::ldm::{LdmLayout, LdmTarget, LdmTensor, ModelPart, TextEncoderLayout};
 use lora_core::io::write_folder_atomic;
 use lora_core::options::{check_output, AdapterSpec, Precision};
-use lora_core::{AdapterFile, ModelModules};
+use lora_core::{AdapterFile, AdapterModule, ModelModules};
 use safetensors::Dtype;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::base_model::{BaseModel, Layout};
-use crate::lycoris::{is_lycoris_file, LycorisFile, MergeModule};
+use crate::lycoris::{is_lycoris_file, LycorisFile};
 use crate::stream::{write_streaming, PlannedTensor};
 
 /// The safetensors dtype a `--dtype` precision is written as.
@@ -86,7 +86,7 @@ pub struct MergeReport {
 }
 
 /// One adapter module to add to a weight, with its merge weight.
-type Contributions = HashMap<(Component, String), Vec<(MergeModule, f64)>>;
+type Contributions = HashMap<(Component, String), Vec<(AdapterModule, f64)>>;
 
 /// Merges `options.adapters` into `options.base`, writing `options.output` in the base's layout.
 /// Nothing is written unless every adapter resolves; the output appears only when complete.
@@ -165,7 +165,7 @@ pub fn merge_converting(
                 contributions
                     .entry((component, component.canonical_path(&path)))
                     .or_default()
-                    .push((MergeModule::Lycoris(module), spec.scale));
+                    .push((AdapterModule::Lycoris(module), spec.scale));
             }
             let format = format!(
                 "lycoris-{}",
@@ -199,7 +199,7 @@ pub fn merge_converting(
                 contributions
                     .entry(key)
                     .or_default()
-                    .push((MergeModule::Lora(module), spec.scale));
+                    .push((module, spec.scale));
                 count += 1;
             }
         }
@@ -543,7 +543,7 @@ impl Merger<'_> {
 
     /// For entry `i`: the contributions to each of its diffusers weights (three for stacked
     /// q/k/v), or an empty list when nothing changes it.
-    fn deltas_for(&self, i: usize) -> Vec<Option<&Vec<(MergeModule, f64)>>> {
+    fn deltas_for(&self, i: usize) -> Vec<Option<&Vec<(AdapterModule, f64)>>> {
         let lookup = |part: ModelPart, name: &str| {
             let component = match part {
                 ModelPart::Unet => Component::Unet,
@@ -553,7 +553,7 @@ impl Merger<'_> {
             let path = part.canonical_name(name.strip_suffix(".weight")?);
             self.contributions.get(&(component, path))
         };
-        let found: Vec<Option<&Vec<(MergeModule, f64)>>> = match &self.base.entries[i].meaning {
+        let found: Vec<Option<&Vec<(AdapterModule, f64)>>> = match &self.base.entries[i].meaning {
             LdmTensor::Renamed(t) => vec![lookup(t.part, &t.name)],
             LdmTensor::StackedQkv(parts) => parts.iter().map(|t| lookup(t.part, &t.name)).collect(),
             LdmTensor::Other => vec![],
@@ -619,7 +619,7 @@ impl Merger<'_> {
         &self,
         i: usize,
         base: &Tensor,
-        deltas: &[Option<&Vec<(MergeModule, f64)>>],
+        deltas: &[Option<&Vec<(AdapterModule, f64)>>],
     ) -> Result<Tensor> {
         let e = &self.base.entries[i];
         let rows = e.shape[0] / deltas.len();

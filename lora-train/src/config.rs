@@ -16,6 +16,7 @@ use crate::sample::SamplePrompt;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lora_core::adapters::blocks::parse_block_values;
+use lora_core::adapters::AdapterAlgorithm;
 use lora_core::options::{DeviceSpec, Precision};
 use lora_core::{AdapterFormat, LoraInit, LoraTargets};
 use serde::{Deserialize, Serialize};
@@ -123,6 +124,16 @@ pub struct TrainArgs {
     /// through it)
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub dora: Option<bool>,
+    /// Adapter algorithm: lora, or LyCORIS' loha (Hadamard product of two low-rank pairs) or
+    /// lokr (Kronecker product), at --rank / --alpha (and --conv-rank for the convolutions), as
+    /// LyCORIS' kohya module (--network_module lycoris.kohya --network_args algo=…) trains them;
+    /// written in the kohya layout LyCORIS, ComfyUI and A1111 load [default: lora]
+    #[arg(long)]
+    pub algo: Option<AdapterAlgorithm>,
+    /// LoKr's factor (LyCORIS factor): each side of a weight splits into two factors, one at most
+    /// this [default: -1, as square as possible]
+    #[arg(long, allow_negative_numbers = true)]
+    pub factor: Option<i64>,
     /// Per-block learning rates as multiples of --lr, BLOCK=FACTOR with kohya's block names
     /// (in0…in11, mid, out0…out11 for SD1.x/SD2.x: rows of the original UNet), e.g.
     /// in4=0.5,mid=2,out11=1 (kohya: down_lr_weight / mid_lr_weight / up_lr_weight); a block at 0
@@ -426,6 +437,12 @@ pub struct TrainConfig {
     /// `--dora`; left out of the recipe when off, as checkpoints before it have no key.
     #[serde(skip_serializing_if = "is_false")]
     pub dora: bool,
+    /// `--algo`; left out of the recipe for LoRA.
+    #[serde(skip_serializing_if = "is_lora", serialize_with = "as_display")]
+    pub algo: AdapterAlgorithm,
+    /// `--factor` (LoKr only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub factor: Option<i64>,
     /// `--block-lr`: per block name, its learning rate as a multiple of `lr`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub block_lr: BTreeMap<String, f64>,
@@ -548,6 +565,10 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Stri
     }))
 }
 
+fn is_lora(algo: &AdapterAlgorithm) -> bool {
+    *algo == AdapterAlgorithm::Lora
+}
+
 fn is_false(value: &bool) -> bool {
     !value
 }
@@ -629,6 +650,8 @@ impl TrainArgs {
             conv_rank,
             conv_alpha,
             dora,
+            algo,
+            factor,
             block_lr,
             block_rank,
             train_text_encoder,
@@ -746,6 +769,28 @@ impl TrainArgs {
                 format!("--conv-rank = {rank}: expected at least 1"),
             );
         }
+        let algo = self.algo.unwrap_or_default();
+        if let Some(factor) = self.factor {
+            check(
+                algo == AdapterAlgorithm::LoKr,
+                "--factor is LoKr's: give it with --algo lokr".into(),
+            );
+            check(
+                factor == -1 || factor >= 1,
+                format!("--factor = {factor}: expected -1 or a positive number"),
+            );
+        }
+        check(
+            !(self.dora.unwrap_or(false) && algo != AdapterAlgorithm::Lora),
+            format!("--dora applies to --algo lora, not {algo}"),
+        );
+        check(
+            algo == AdapterAlgorithm::Lora || format == AdapterFormat::Kohya,
+            format!(
+                "--algo {algo} is written in the kohya layout (LyCORIS, ComfyUI and A1111 load \
+                 it); PEFT files hold LoRA only: leave out --format peft"
+            ),
+        );
         let conv_alpha = match (self.conv_rank, self.conv_alpha) {
             (None, Some(_)) => {
                 check(false, "--conv-alpha given without --conv-rank".into());
@@ -1028,6 +1073,8 @@ impl TrainArgs {
             conv_rank: self.conv_rank,
             conv_alpha,
             dora: self.dora.unwrap_or(false),
+            algo,
+            factor: self.factor,
             block_lr,
             block_rank,
             train_text_encoder,

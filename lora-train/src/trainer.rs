@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, Var};
 use lora_core::adapters::TrainableAdapter;
-use lora_core::adapters::{LoraModule, ModuleInfo, ModuleKind, UNetBlocks};
+use lora_core::adapters::{AdapterAlgorithm, AdapterModules, ModuleInfo, ModuleKind, UNetBlocks};
 use lora_core::formats::kohya::{python_bool, python_float};
 use lora_core::io::folder_of;
 use lora_core::io::weights::mmap_safetensors;
@@ -210,6 +210,7 @@ impl Trainer {
             alpha: config.alpha,
             targets: config.targets,
             init: config.init,
+            lycoris: config.algo.lycoris(config.factor),
         };
         // Per-block settings: a block at learning-rate factor 0 gets no adapter.
         let blocks = UNetBlocks::new(&unet_config.layers_per_block);
@@ -897,6 +898,7 @@ impl Trainer {
                 prediction: self.schedule.prediction,
                 title: None,
                 extra_metadata: extra,
+                lokr_factor: (c.algo == AdapterAlgorithm::LoKr).then(|| c.factor.unwrap_or(-1)),
             },
         )
     }
@@ -930,12 +932,10 @@ impl Trainer {
             let module = averaged
                 .module_mut(module)
                 .with_context(|| format!("adapter parameter `{name}` has no module"))?;
-            match which {
-                "lora_down" => module.down = tensor.clone(),
-                "lora_up" => module.up = tensor.clone(),
-                "magnitude" => module.magnitude = Some(tensor.clone()),
-                other => bail!("adapter parameter `{name}`: unknown kind `{other}`"),
-            }
+            let slot = module
+                .tensor_mut(which)
+                .with_context(|| format!("adapter parameter `{name}`: unknown kind `{which}`"))?;
+            *slot = tensor.clone();
         }
         self.write_adapter(path, &averaged, self.config.ema_decay)
     }
@@ -1190,20 +1190,12 @@ fn draw_augmentation(config: &TrainConfig, rng: &mut Rng) -> (bool, bool) {
 /// (a sampling loop would otherwise keep every denoising step's graph to its end).
 fn untracked_copy<M: Clone>(
     model: &M,
-    modules: &BTreeMap<String, LoraModule>,
-    reattach: impl Fn(&mut M, &str, &BTreeMap<String, LoraModule>) -> Result<()>,
+    modules: &AdapterModules,
+    reattach: impl Fn(&mut M, &str, &AdapterModules) -> Result<()>,
 ) -> Result<M> {
     let detached = modules
         .iter()
-        .map(|(path, m)| {
-            let module = LoraModule {
-                down: m.down.detach(),
-                up: m.up.detach(),
-                alpha: m.alpha,
-                magnitude: m.magnitude.as_ref().map(Tensor::detach),
-            };
-            (path.clone(), module)
-        })
+        .map(|(path, m)| (path.clone(), m.detached()))
         .collect();
     let mut copy = model.clone();
     reattach(&mut copy, ADAPTER_NAME, &detached)?;

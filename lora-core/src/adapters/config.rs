@@ -6,6 +6,8 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 
+use super::lycoris::LycorisAlgorithm;
+
 /// Which layers of the UNet get an adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LoraTargets {
@@ -71,6 +73,63 @@ impl FromStr for LoraTargets {
     }
 }
 
+/// Which kind of adapter module to train (`--algo`, LyCORIS' `algo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdapterAlgorithm {
+    #[default]
+    Lora,
+    /// LyCORIS LoHa: the Hadamard product of two low-rank pairs.
+    LoHa,
+    /// LyCORIS LoKr: a Kronecker product (`--factor`).
+    LoKr,
+}
+
+impl AdapterAlgorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lora => "lora",
+            Self::LoHa => "loha",
+            Self::LoKr => "lokr",
+        }
+    }
+
+    /// The LyCORIS algorithm a fresh module uses (`None` for LoRA), LoKr split by `factor`
+    /// (LyCORIS' default −1: as square as possible).
+    pub fn lycoris(self, factor: Option<i64>) -> Option<LycorisAlgorithm> {
+        match self {
+            Self::Lora => None,
+            Self::LoHa => Some(LycorisAlgorithm::LoHa),
+            Self::LoKr => Some(LycorisAlgorithm::LoKr {
+                factor: factor.unwrap_or(-1),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for AdapterAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for AdapterAlgorithm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::options::deserialize_text(d)
+    }
+}
+
+impl FromStr for AdapterAlgorithm {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        [Self::Lora, Self::LoHa, Self::LoKr]
+            .into_iter()
+            .find(|a| a.name() == s)
+            .with_context(|| {
+                format!("unknown adapter algorithm `{s}`: expected lora, loha or lokr")
+            })
+    }
+}
+
 /// How a fresh adapter's `down` matrix is drawn; `up` always starts at zero so a new adapter is a
 /// no-op.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -104,7 +163,10 @@ pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f64,
     pub targets: LoraTargets,
+    /// How LoRA's `down` starts (LyCORIS modules start as LyCORIS draws them).
     pub init: LoraInit,
+    /// `None`: LoRA; else LyCORIS' LoHa or LoKr (`--algo`).
+    pub lycoris: Option<LycorisAlgorithm>,
 }
 
 impl Default for LoraConfig {
@@ -114,6 +176,7 @@ impl Default for LoraConfig {
             alpha: 4.0,
             targets: LoraTargets::Attn2,
             init: LoraInit::KaimingUniform,
+            lycoris: None,
         }
     }
 }

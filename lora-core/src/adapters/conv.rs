@@ -10,8 +10,8 @@ use anyhow::{ensure, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::linear::{adapter_dtype, remove_named, AttachedLora, LoraLinear};
-use super::module::{LoraModule, ModuleInfo, ModuleKind};
+use super::linear::{adapter_dtype, Attached, LoraLinear};
+use super::module::{AdapterModule, ModuleInfo, ModuleKind};
 use crate::engine::fused::{norm_silu_conv, norm_silu_conv_residual};
 use crate::engine::{Conv2dLayer, GroupNormLayer};
 
@@ -30,7 +30,7 @@ impl AdaptableLayer<'_> {
         }
     }
 
-    pub fn attach(&mut self, name: &str, module: &LoraModule, multiplier: f64) {
+    pub fn attach(&mut self, name: &str, module: &AdapterModule, multiplier: f64) {
         match self {
             Self::Linear(layer) => layer.attach(name, module, multiplier),
             Self::Conv(layer) => layer.attach(name, module, multiplier),
@@ -60,7 +60,7 @@ pub type AdaptableVisitor<'a> = dyn FnMut(&str, AdaptableLayer) -> Result<()> + 
 #[derive(Debug, Clone)]
 pub struct LoraConv {
     conv: Conv2dLayer,
-    adapters: Vec<AttachedLora>,
+    adapters: Attached,
 }
 
 impl LoraConv {
@@ -75,7 +75,7 @@ impl LoraConv {
     ) -> Result<Self> {
         Ok(Self {
             conv: Conv2dLayer::load(vb, in_ch, out_ch, kernel, stride, padding)?,
-            adapters: Vec::new(),
+            adapters: Attached::default(),
         })
     }
 
@@ -101,14 +101,13 @@ impl LoraConv {
     }
 
     /// Attaches `module` (down `[r, in·kh·kw]`, up `[out, r]`) under `name` with `multiplier`.
-    pub fn attach(&mut self, name: &str, module: &LoraModule, multiplier: f64) {
-        self.adapters
-            .push(AttachedLora::new(name, module, multiplier));
+    pub fn attach(&mut self, name: &str, module: &AdapterModule, multiplier: f64) {
+        self.adapters.push(name, module, multiplier);
     }
 
     /// Removes the adapter attached under `name`; returns whether one was attached.
     pub fn detach(&mut self, name: &str) -> bool {
-        remove_named(&mut self.adapters, name)
+        self.adapters.remove(name)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -158,7 +157,8 @@ impl LoraConv {
         Ok((residual + self.forward(&norm.forward_silu(h)?)?)?)
     }
 
-    /// `base + Σᵢ factorᵢ · upᵢ ∗ (downᵢ ∗ x)`, the adapters' products in [`adapter_dtype`].
+    /// `base + Σᵢ factorᵢ · upᵢ ∗ (downᵢ ∗ x)` (DoRA's change where it applies), plus each
+    /// LyCORIS module's `multiplier · ΔW ∗ x`, the adapters' products in [`adapter_dtype`].
     fn add_delta(&self, base: Tensor, x: &Tensor) -> Result<Tensor> {
         let (out_ch, in_ch, kh, kw) = self.conv.weight().dims4()?;
         let (pad_h, pad_w) = self.conv.padding();
@@ -170,13 +170,18 @@ impl LoraConv {
         let x = x.to_dtype(dtype)?;
         let plain = || Ok(base.broadcast_sub(self.conv.bias())?);
         let mut sum = base.clone();
-        for a in &self.adapters {
+        for a in &self.adapters.lora {
             let rank = a.down.dim(0)?;
             let down = a.down.to_dtype(dtype)?.reshape((rank, in_ch, kh, kw))?;
             let up = a.up.to_dtype(dtype)?.reshape((out_ch, rank, 1, 1))?;
             let hidden = (x.conv2d(&down, pad_h, self.conv.stride(), 1, 1)? * a.factor())?;
             let low_rank = hidden.conv2d(&up, 0, 1, 1, 1)?;
             let change = a.contribution(self.conv.weight(), low_rank, plain, &[1, out_ch, 1, 1])?;
+            sum = (sum + change.to_dtype(base.dtype())?)?;
+        }
+        for a in &self.adapters.lycoris {
+            let kernel = a.scaled_delta(dtype)?.reshape((out_ch, in_ch, kh, kw))?;
+            let change = x.conv2d(&kernel, pad_h, self.conv.stride(), 1, 1)?;
             sum = (sum + change.to_dtype(base.dtype())?)?;
         }
         Ok(sum)

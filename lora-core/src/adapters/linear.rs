@@ -8,7 +8,10 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CustomOp3, DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::module::{dora_channel_factor, LoraModule, ModuleInfo, ModuleKind};
+use super::lycoris::LycorisModule;
+use super::module::{
+    dora_channel_factor, AdapterModule, AdapterModules, LoraModule, ModuleInfo, ModuleKind,
+};
 use crate::engine::autograd::{forward_from_computed_output, grad_if_tracked, ComputedOutput};
 use crate::engine::tensor_ops::{contiguous, image_to_tokens, shared_matmul, tokens_to_image};
 use crate::engine::{
@@ -28,11 +31,53 @@ pub(super) struct AttachedLora {
     pub(super) magnitude: Option<Tensor>,
 }
 
-/// Removes the adapters attached under `name`; returns whether there was one.
-pub(super) fn remove_named(adapters: &mut Vec<AttachedLora>, name: &str) -> bool {
-    let before = adapters.len();
-    adapters.retain(|a| a.name != name);
-    before != adapters.len()
+/// A LyCORIS LoHa/LoKr module attached to a layer, with its multiplier: the layer adds
+/// `multiplier · ΔW` applied to its input, `ΔW` computed from the factors each pass (so its
+/// gradient reaches them through candle's backward pass).
+#[derive(Debug, Clone)]
+pub(super) struct AttachedLycoris {
+    pub(super) name: String,
+    pub(super) module: LycorisModule,
+    pub(super) multiplier: f64,
+}
+
+impl AttachedLycoris {
+    /// `multiplier · ΔW` `[out, in·kh·kw]` in `dtype`.
+    pub(super) fn scaled_delta(&self, dtype: DType) -> Result<Tensor> {
+        Ok((self.module.delta_weight()? * self.multiplier)?.to_dtype(dtype)?)
+    }
+}
+
+/// The adapters attached to one layer: LoRA (DoRA included) and LyCORIS modules.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Attached {
+    pub(super) lora: Vec<AttachedLora>,
+    pub(super) lycoris: Vec<AttachedLycoris>,
+}
+
+impl Attached {
+    pub(super) fn is_empty(&self) -> bool {
+        self.lora.is_empty() && self.lycoris.is_empty()
+    }
+
+    pub(super) fn push(&mut self, name: &str, module: &AdapterModule, multiplier: f64) {
+        match module {
+            AdapterModule::Lora(m) => self.lora.push(AttachedLora::new(name, m, multiplier)),
+            AdapterModule::Lycoris(m) => self.lycoris.push(AttachedLycoris {
+                name: name.to_string(),
+                module: m.clone(),
+                multiplier,
+            }),
+        }
+    }
+
+    /// Removes the adapters attached under `name`; returns whether there was one.
+    pub(super) fn remove(&mut self, name: &str) -> bool {
+        let before = self.lora.len() + self.lycoris.len();
+        self.lora.retain(|a| a.name != name);
+        self.lycoris.retain(|a| a.name != name);
+        before != self.lora.len() + self.lycoris.len()
+    }
 }
 
 impl AttachedLora {
@@ -237,7 +282,7 @@ pub struct LoraLinear {
     weight: Tensor,
     bias: Option<Tensor>,
     kind: ModuleKind,
-    adapters: Vec<AttachedLora>,
+    adapters: Attached,
     /// For Conv1x1: the kernel's adjoint, kept between backward passes.
     adjoint: AdjointKernel,
 }
@@ -252,7 +297,7 @@ pub fn check_adapter_fits(
     model: &str,
     known: &[ModuleInfo],
     name: &str,
-    modules: &BTreeMap<String, LoraModule>,
+    modules: &AdapterModules,
 ) -> Result<()> {
     let known: BTreeMap<&str, &ModuleInfo> = known.iter().map(|m| (m.path.as_str(), m)).collect();
     let mut problems = Vec::new();
@@ -287,7 +332,7 @@ pub fn attach_checked(
     model: &str,
     known: &[ModuleInfo],
     name: &str,
-    modules: &BTreeMap<String, LoraModule>,
+    modules: &AdapterModules,
     multiplier: f64,
     visit: impl FnOnce(&mut LayerVisitor) -> Result<()>,
 ) -> Result<()> {
@@ -331,7 +376,7 @@ impl LoraLinear {
             weight,
             bias,
             kind,
-            adapters: Vec::new(),
+            adapters: Attached::default(),
             adjoint: AdjointKernel::default(),
         })
     }
@@ -351,14 +396,13 @@ impl LoraLinear {
     }
 
     /// Attaches `module` under `name` with the given multiplier (several may be attached).
-    pub fn attach(&mut self, name: &str, module: &LoraModule, multiplier: f64) {
-        self.adapters
-            .push(AttachedLora::new(name, module, multiplier));
+    pub fn attach(&mut self, name: &str, module: &AdapterModule, multiplier: f64) {
+        self.adapters.push(name, module, multiplier);
     }
 
     /// Removes the adapter attached under `name`; returns whether one was attached.
     pub fn detach(&mut self, name: &str) -> bool {
-        remove_named(&mut self.adapters, name)
+        self.adapters.remove(name)
     }
 
     /// With no adapter attached, the layer as a linear map: its weight `[out, in]` (a 1×1
@@ -377,7 +421,7 @@ impl LoraLinear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self.one_node_adapter(x) {
             Some(a) => self.forward_one_node(x, a),
-            None => self.forward_values(x, &self.adapters),
+            None => self.forward_values(x, &self.adapters.lora),
         }
     }
 
@@ -461,9 +505,12 @@ impl LoraLinear {
     /// The adapter a training forward pass runs as one node: the only one attached, on a
     /// Linear with a frozen base, when a gradient flows (for DoRA at multiplier 1, as trained).
     fn one_node_adapter(&self, x: &Tensor) -> Option<&AttachedLora> {
-        let [a] = self.adapters.as_slice() else {
+        let [a] = self.adapters.lora.as_slice() else {
             return None;
         };
+        if !self.adapters.lycoris.is_empty() {
+            return None;
+        }
         if a.magnitude.is_some() && a.multiplier != 1.0 {
             return None;
         }
@@ -534,13 +581,29 @@ impl LoraLinear {
             }
             ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
         };
-        if adapters.is_empty() {
-            return Ok(base);
+        let mut out = match adapters.is_empty() {
+            true => base.clone(),
+            false => {
+                (&base
+                    + self
+                        .adapter_delta(x, &base, adapters)?
+                        .to_dtype(base.dtype())?)?
+            }
+        };
+        let dtype = adapter_dtype(x);
+        for a in &self.adapters.lycoris {
+            let delta = a.scaled_delta(dtype)?;
+            let x = x.to_dtype(dtype)?;
+            let change = match self.kind {
+                ModuleKind::Linear => shared_matmul(&x, &delta.t()?)?,
+                _ => {
+                    let (o, i) = delta.dims2()?;
+                    x.conv2d(&delta.reshape((o, i, 1, 1))?, 0, 1, 1, 1)?
+                }
+            };
+            out = (out + change.to_dtype(base.dtype())?)?;
         }
-        Ok((&base
-            + self
-                .adapter_delta(x, &base, adapters)?
-                .to_dtype(base.dtype())?)?)
+        Ok(out)
     }
 
     /// `Σᵢ` of each adapter's change of the output (`factorᵢ · upᵢ(downᵢ(x))`, and DoRA's, see

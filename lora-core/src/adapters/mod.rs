@@ -5,10 +5,13 @@ pub mod blocks;
 pub mod config;
 pub mod conv;
 pub mod linear;
+pub mod lycoris;
 pub mod module;
 
 pub use blocks::UNetBlocks;
-pub use config::{LoraConfig, LoraInit, LoraTargets};
+pub use config::{AdapterAlgorithm, LoraConfig, LoraInit, LoraTargets};
 pub use conv::{AdaptableLayer, AdaptableVisitor, LoraConv};
 pub use linear::{attach_checked, check_adapter_fits, LayerVisitor, LoraLinear};
-pub use module::{Adapter, LoraModule, ModuleInfo, ModuleKind, TrainableAdapter};
+pub use module::{
+    Adapter, AdapterModule, AdapterModules, LoraModule, ModuleInfo, ModuleKind, TrainableAdapter,
+};

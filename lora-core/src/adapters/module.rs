@@ -14,10 +14,11 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::{LoraConfig, LoraInit};
+use super::lycoris::{fresh_lycoris, LycorisModule};
 use crate::rng::Rng;
 
 /// The shape of layer an adapter attaches to.
@@ -130,12 +131,110 @@ pub fn dora_channel_factor(magnitude: &Tensor, adapted: &Tensor) -> Result<Tenso
     Ok(magnitude.broadcast_div(&norm.to_dtype(magnitude.dtype())?)?)
 }
 
-/// A whole adapter: low-rank weights per module, for the UNet and the text encoder.
-/// Module keys are paths as in [`ModuleInfo::path`].
+/// One module of an adapter: LoRA (DoRA included) or a LyCORIS LoHa/LoKr module.
+#[derive(Debug, Clone)]
+pub enum AdapterModule {
+    Lora(LoraModule),
+    Lycoris(LycorisModule),
+}
+
+impl From<LoraModule> for AdapterModule {
+    fn from(m: LoraModule) -> Self {
+        Self::Lora(m)
+    }
+}
+
+impl AdapterModule {
+    /// The LoRA module, for what only LoRA has (PEFT files, SVD algebra).
+    pub fn as_lora(&self) -> Option<&LoraModule> {
+        match self {
+            Self::Lora(m) => Some(m),
+            Self::Lycoris(_) => None,
+        }
+    }
+
+    /// `lora`, or the LyCORIS algorithm's name.
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            Self::Lora(_) => "lora",
+            Self::Lycoris(m) => m.algorithm(),
+        }
+    }
+
+    pub fn alpha(&self) -> f64 {
+        match self {
+            Self::Lora(m) => m.alpha,
+            Self::Lycoris(m) => m.alpha,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        match self {
+            Self::Lora(m) => m.rank(),
+            Self::Lycoris(m) => m.rank(),
+        }
+    }
+
+    /// `ΔW` as an f32 `[out, in·kh·kw]` matrix.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        match self {
+            Self::Lora(m) => m.delta_weight(),
+            Self::Lycoris(m) => m.delta_weight(),
+        }
+    }
+
+    /// What the module with `multiplier` changes in `weight` (see [`LoraModule::weight_change`]).
+    pub fn weight_change(&self, weight: &Tensor, multiplier: f64) -> Result<Tensor> {
+        match self {
+            Self::Lora(m) => m.weight_change(weight, multiplier),
+            Self::Lycoris(m) => Ok((m.delta_weight()? * multiplier)?),
+        }
+    }
+
+    pub fn check_fits(&self, info: &ModuleInfo) -> Result<()> {
+        match self {
+            Self::Lora(m) => m.check_fits(info),
+            Self::Lycoris(m) => m.check_fits(info),
+        }
+    }
+
+    /// The same module with every tensor detached from the graph.
+    pub fn detached(&self) -> Self {
+        match self {
+            Self::Lora(m) => Self::Lora(LoraModule {
+                down: m.down.detach(),
+                up: m.up.detach(),
+                alpha: m.alpha,
+                magnitude: m.magnitude.as_ref().map(Tensor::detach),
+            }),
+            Self::Lycoris(m) => Self::Lycoris(m.detached()),
+        }
+    }
+
+    /// The tensor a trainable variable named `<path>.<which>` holds (`lora_down`, `lora_up`,
+    /// `magnitude`, or a LyCORIS factor's name), to be replaced.
+    pub fn tensor_mut(&mut self, which: &str) -> Option<&mut Tensor> {
+        match self {
+            Self::Lora(m) => match which {
+                "lora_down" => Some(&mut m.down),
+                "lora_up" => Some(&mut m.up),
+                "magnitude" => m.magnitude.as_mut(),
+                _ => None,
+            },
+            Self::Lycoris(m) => m.tensor_mut(which),
+        }
+    }
+}
+
+/// Modules by path, of one component.
+pub type AdapterModules = BTreeMap<String, AdapterModule>;
+
+/// A whole adapter: its modules for the UNet and the text encoder. Module keys are paths as in
+/// [`ModuleInfo::path`].
 #[derive(Debug, Clone, Default)]
 pub struct Adapter {
-    pub unet: BTreeMap<String, LoraModule>,
-    pub text_encoder: BTreeMap<String, LoraModule>,
+    pub unet: AdapterModules,
+    pub text_encoder: AdapterModules,
 }
 
 /// Trainable adapter variables, in a stable order (by module path, down before up).
@@ -183,7 +282,7 @@ impl Adapter {
 
     /// The module at `path` of either component (UNet and text-encoder paths never coincide:
     /// the latter start with `text_model.`).
-    pub fn module_mut(&mut self, path: &str) -> Option<&mut LoraModule> {
+    pub fn module_mut(&mut self, path: &str) -> Option<&mut AdapterModule> {
         match self.unet.get_mut(path) {
             Some(m) => Some(m),
             None => self.text_encoder.get_mut(path),
@@ -194,14 +293,14 @@ impl Adapter {
     /// folding a component's adapter into its weights at load time. DoRA modules, whose change
     /// depends on the weight, are refused (see [`LoraModule::weight_change`]).
     pub fn weight_deltas(
-        modules: &BTreeMap<String, LoraModule>,
+        modules: &AdapterModules,
         multiplier: f64,
     ) -> Result<BTreeMap<String, Tensor>> {
         modules
             .iter()
             .map(|(path, m)| {
                 ensure!(
-                    m.magnitude.is_none(),
+                    m.as_lora().is_none_or(|m| m.magnitude.is_none()),
                     "`{path}` is a DoRA module: it does not fold into a weight as a fixed delta"
                 );
                 Ok((format!("{path}.weight"), (m.delta_weight()? * multiplier)?))
@@ -265,6 +364,12 @@ impl TrainableAdapter {
         let mut vars = Vec::new();
         let modules = self.adapter.unet.iter_mut();
         for (path, module) in modules.chain(self.adapter.text_encoder.iter_mut()) {
+            let AdapterModule::Lora(module) = module else {
+                bail!(
+                    "`{path}`: DoRA applies to LoRA modules only (not {})",
+                    module.algorithm()
+                );
+            };
             if module.magnitude.is_some() {
                 continue;
             }
@@ -291,12 +396,12 @@ impl TrainableAdapter {
     }
 }
 
-/// Low-rank weights by module path, and their variables.
-type FreshModules = (BTreeMap<String, LoraModule>, Vec<(String, Var)>);
+/// Modules by path, and their variables.
+type FreshModules = (AdapterModules, Vec<(String, Var)>);
 
-/// Fresh low-rank weights for each of `modules` (of rank `rank_of(module)`) and their
-/// variables (named `<path>.lora_down` / `<path>.lora_up`, sorted by name), drawn in order from
-/// `seed`.
+/// A fresh module for each of `modules` (of rank `rank_of(module)`; LoRA, or the LyCORIS
+/// algorithm of `config`) and their variables (named `<path>.lora_down` / `<path>.lora_up`, or
+/// `<path>.<LyCORIS factor name>`, sorted by name), drawn in order from `seed`.
 fn fresh_modules<'a>(
     config: &LoraConfig,
     modules: impl IntoIterator<Item = &'a ModuleInfo>,
@@ -310,6 +415,17 @@ fn fresh_modules<'a>(
     for info in modules {
         let (r, fan_in) = (rank_of(info), info.in_features);
         ensure!(r > 0, "{}: LoRA rank must be at least 1", info.path);
+        if let Some(algorithm) = config.lycoris {
+            let (module, factors) =
+                fresh_lycoris(algorithm, info, r, config.alpha, &mut rng, device)?;
+            weights.insert(info.path.clone(), AdapterModule::Lycoris(module));
+            vars.extend(
+                factors
+                    .into_iter()
+                    .map(|(name, var)| (format!("{}.{name}", info.path), var)),
+            );
+            continue;
+        }
         let values: Vec<f32> = match config.init {
             LoraInit::KaimingUniform => {
                 let bound = 1.0 / (fan_in as f64).sqrt();
@@ -326,15 +442,13 @@ fn fresh_modules<'a>(
         };
         let down = Var::from_tensor(&Tensor::from_vec(values, (r, fan_in), device)?)?;
         let up = Var::from_tensor(&Tensor::zeros((info.out_features, r), DType::F32, device)?)?;
-        weights.insert(
-            info.path.clone(),
-            LoraModule {
-                down: down.as_tensor().clone(),
-                up: up.as_tensor().clone(),
-                alpha: config.alpha,
-                magnitude: None,
-            },
-        );
+        let module = LoraModule {
+            down: down.as_tensor().clone(),
+            up: up.as_tensor().clone(),
+            alpha: config.alpha,
+            magnitude: None,
+        };
+        weights.insert(info.path.clone(), module.into());
         vars.push((format!("{}.lora_down", info.path), down));
         vars.push((format!("{}.lora_up", info.path), up));
     }

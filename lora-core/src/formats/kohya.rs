@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
+use crate::adapters::lycoris::LycorisModule;
 use crate::adapters::ModuleKind;
 use crate::models::config::{ClipActivation, ClipTextConfig, PredictionType};
 
@@ -140,6 +141,85 @@ pub fn network_metadata(modules: &[KohyaModule]) -> BTreeMap<String, String> {
         (
             "ss_network_alpha".to_string(),
             shared(main.iter().map(|m| alpha(m)).collect()),
+        ),
+        (
+            "ss_network_args".to_string(),
+            serde_json::Value::Object(args).to_string(),
+        ),
+    ])
+}
+
+/// The tensors of LyCORIS LoHa/LoKr modules (`(kohya name, layer kind, module)`) as LyCORIS'
+/// kohya module writes them: `<name>.hada_w1_a` … or `<name>.lokr_w1` …, 2-D (conv factors
+/// flattened to `[_, in·kh·kw]`) except a whole `lokr_w2` of a conv layer, `[b, d, kh, kw]`; and
+/// `<name>.alpha`.
+pub fn lycoris_tensors(
+    modules: &[(String, ModuleKind, &LycorisModule)],
+) -> Result<Vec<(String, Tensor)>> {
+    let mut tensors = Vec::new();
+    for (name, kind, m) in modules {
+        for (which, t) in m.named_tensors() {
+            let t = t.to_dtype(DType::F32)?;
+            let stored = match (which, kind) {
+                ("lokr_w2", ModuleKind::Conv { kh, kw }) => {
+                    let (b, cols) = t.dims2()?;
+                    t.reshape((b, cols / (kh * kw), *kh, *kw))?
+                }
+                ("lokr_w2", ModuleKind::Conv1x1) => {
+                    let (b, d) = t.dims2()?;
+                    t.reshape((b, d, 1, 1))?
+                }
+                _ => t,
+            };
+            tensors.push((format!("{name}.{which}"), stored));
+        }
+        tensors.push((
+            format!("{name}.alpha"),
+            Tensor::new(m.alpha as f32, &Device::Cpu)?,
+        ));
+    }
+    Ok(tensors)
+}
+
+/// The network keys of a LyCORIS LoHa/LoKr adapter as LyCORIS' kohya module writes them:
+/// `ss_network_module = lycoris.kohya`, the shared rank and alpha, and `ss_network_args` with
+/// the algorithm (and LoKr's `factor`).
+pub fn lycoris_network_metadata(
+    modules: &[(String, ModuleKind, &LycorisModule)],
+    factor: Option<i64>,
+) -> BTreeMap<String, String> {
+    let shared = |values: Vec<String>| {
+        let first = values.first().cloned().unwrap_or_default();
+        match values.iter().all(|v| *v == first) {
+            true => first,
+            false => "Dynamic".to_string(),
+        }
+    };
+    let mut args = serde_json::Map::new();
+    let algorithm = modules.first().map_or("loha", |(_, _, m)| m.algorithm());
+    args.insert("algo".into(), algorithm.into());
+    if let Some(factor) = factor {
+        args.insert("factor".into(), factor.to_string().into());
+    }
+    BTreeMap::from([
+        ("ss_network_module".to_string(), "lycoris.kohya".to_string()),
+        (
+            "ss_network_dim".to_string(),
+            shared(
+                modules
+                    .iter()
+                    .map(|(_, _, m)| m.rank().to_string())
+                    .collect(),
+            ),
+        ),
+        (
+            "ss_network_alpha".to_string(),
+            shared(
+                modules
+                    .iter()
+                    .map(|(_, _, m)| python_float(m.alpha))
+                    .collect(),
+            ),
         ),
         (
             "ss_network_args".to_string(),

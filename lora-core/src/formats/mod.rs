@@ -10,7 +10,7 @@ pub mod ldm;
 pub mod peft;
 pub mod single_file;
 
-use crate::adapters::{LoraModule, ModuleInfo};
+use crate::adapters::{AdapterModule, ModuleInfo};
 use keys::Component;
 
 /// One adapter module about to be written, with the model module it belongs to: what each
@@ -18,5 +18,5 @@ use keys::Component;
 pub(crate) struct OutputModule<'a> {
     pub(crate) component: Component,
     pub(crate) info: &'a ModuleInfo,
-    pub(crate) lora: &'a LoraModule,
+    pub(crate) module: &'a AdapterModule,
 }

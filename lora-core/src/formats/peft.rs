@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use serde_json::{json, Value};
 
@@ -150,6 +150,13 @@ fn json_f64(field: &str, v: &Value) -> Result<f64> {
 pub(crate) fn peft_tensors(entries: &[OutputModule]) -> Result<Vec<(String, Tensor)>> {
     let mut tensors = Vec::with_capacity(entries.len() * 2);
     for e in entries {
+        let Some(lora) = e.module.as_lora() else {
+            bail!(
+                "`{}`: a LyCORIS {} module has no PEFT layout",
+                e.info.path,
+                e.module.algorithm()
+            );
+        };
         let key = format!(
             "{}{}",
             e.component.diffusers_prefix(),
@@ -157,13 +164,13 @@ pub(crate) fn peft_tensors(entries: &[OutputModule]) -> Result<Vec<(String, Tens
         );
         tensors.push((
             format!("{key}.lora_A.weight"),
-            stored_shape(&e.lora.down, e.info.kind, true)?,
+            stored_shape(&lora.down, e.info.kind, true)?,
         ));
         tensors.push((
             format!("{key}.lora_B.weight"),
-            stored_shape(&e.lora.up, e.info.kind, false)?,
+            stored_shape(&lora.up, e.info.kind, false)?,
         ));
-        if let Some(magnitude) = &e.lora.magnitude {
+        if let Some(magnitude) = &lora.magnitude {
             // PEFT's parameter shapes: `[out]`, `[1, out, 1, 1]` for convs.
             let out = magnitude.elem_count();
             let stored = match e.info.kind {
@@ -192,8 +199,8 @@ pub(crate) fn peft_metadata(entries: &[OutputModule]) -> BTreeMap<String, String
         if modules.is_empty() {
             continue;
         }
-        let rank = most_common(modules.iter().map(|e| e.lora.rank()));
-        let alpha = most_common(modules.iter().map(|e| e.lora.alpha));
+        let rank = most_common(modules.iter().map(|e| e.module.rank()));
+        let alpha = most_common(modules.iter().map(|e| e.module.alpha()));
         // Module names for peft's suffix matching. Text-encoder names drop the `text_model.`
         // level: `encoder.layers.0.self_attn.q_proj` matches both CLIPTextModel layouts
         // (with the level, as in real checkpoints, and without it, as transformers >= 5 builds
@@ -209,13 +216,13 @@ pub(crate) fn peft_metadata(entries: &[OutputModule]) -> BTreeMap<String, String
         };
         let rank_pattern: serde_json::Map<String, Value> = modules
             .iter()
-            .filter(|e| e.lora.rank() != rank)
-            .map(|e| (path(e), json!(e.lora.rank())))
+            .filter(|e| e.module.rank() != rank)
+            .map(|e| (path(e), json!(e.module.rank())))
             .collect();
         let alpha_pattern: serde_json::Map<String, Value> = modules
             .iter()
-            .filter(|e| e.lora.alpha != alpha)
-            .map(|e| (path(e), json_number(e.lora.alpha)))
+            .filter(|e| e.module.alpha() != alpha)
+            .map(|e| (path(e), json_number(e.module.alpha())))
             .collect();
         let mut targets: Vec<String> = modules.iter().map(|e| path(e)).collect();
         targets.sort();
@@ -228,7 +235,8 @@ pub(crate) fn peft_metadata(entries: &[OutputModule]) -> BTreeMap<String, String
             format!("{prefix}alpha_pattern"),
             Value::Object(alpha_pattern),
         );
-        if modules.iter().any(|e| e.lora.magnitude.is_some()) {
+        let dora = |e: &&OutputModule| e.module.as_lora().is_some_and(|m| m.magnitude.is_some());
+        if modules.iter().any(dora) {
             config.insert(format!("{prefix}use_dora"), json!(true));
         }
     }

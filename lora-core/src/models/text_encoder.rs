@@ -18,7 +18,7 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
-use crate::adapters::{attach_checked, LoraModule, ModuleInfo, ModuleKind};
+use crate::adapters::{attach_checked, AdapterModules, ModuleInfo, ModuleKind};
 use crate::engine::LayerNormLayer;
 use crate::io::weights;
 use crate::models::clip::encoder::{AttentionMask, ClipEncoder};
@@ -153,7 +153,7 @@ impl TextEncoder {
     pub fn attach_adapter(
         &mut self,
         name: &str,
-        modules: &BTreeMap<String, LoraModule>,
+        modules: &AdapterModules,
         multiplier: f64,
     ) -> Result<()> {
         let known = self.lora_modules.clone();

@@ -23,7 +23,7 @@ use super::keys::{kohya_name, Component, KohyaNames};
 use super::kohya::{self, BaseModelVersion, KohyaModule};
 use super::peft::{self, peft_configs};
 use super::OutputModule;
-use crate::adapters::{Adapter, LoraModule, ModuleInfo, ModuleKind};
+use crate::adapters::{Adapter, AdapterModule, LoraModule, ModuleInfo, ModuleKind};
 use crate::io::{read_safetensors, write_safetensors_atomic, SafetensorsContents};
 use crate::models::config::PredictionType;
 
@@ -320,7 +320,7 @@ impl AdapterFile {
                 Component::Unet => &mut adapter.unet,
                 Component::TextEncoder => &mut adapter.text_encoder,
             };
-            if target.insert(info.path.clone(), lora).is_some() {
+            if target.insert(info.path.clone(), lora.into()).is_some() {
                 problems.push(misfit(format!(
                     "`{}`: module {} is given more than once",
                     raw.down_key, info.path
@@ -450,6 +450,8 @@ pub struct SaveOptions {
     pub title: Option<String>,
     /// Header entries written last, over the generated ones (training adds `ss_steps`, …).
     pub extra_metadata: BTreeMap<String, String>,
+    /// LoKr's `--factor`, for the kohya network arguments of a LoKr adapter.
+    pub lokr_factor: Option<i64>,
 }
 
 /// Writes `adapter` to `path` (atomically) in `options.format`. `model` supplies each module's
@@ -465,31 +467,57 @@ pub fn save_adapter(
         match_entries(adapter, model).with_context(|| format!("cannot save {}", path.display()))?;
     let (tensors, mut metadata) = match options.format {
         AdapterFormat::Kohya => {
-            let modules: Vec<KohyaModule> = entries
-                .iter()
-                .map(|e| KohyaModule {
-                    name: kohya_name(e.component, &e.info.path),
-                    kind: e.info.kind,
-                    down: e.lora.down.clone(),
-                    up: e.lora.up.clone(),
-                    alpha: e.lora.alpha,
-                    magnitude: e.lora.magnitude.clone(),
-                })
-                .collect();
+            let mut lora = Vec::new();
+            let mut lycoris = Vec::new();
+            for e in &entries {
+                let name = kohya_name(e.component, &e.info.path);
+                match e.module {
+                    AdapterModule::Lora(m) => lora.push(KohyaModule {
+                        name,
+                        kind: e.info.kind,
+                        down: m.down.clone(),
+                        up: m.up.clone(),
+                        alpha: m.alpha,
+                        magnitude: m.magnitude.clone(),
+                    }),
+                    AdapterModule::Lycoris(m) => lycoris.push((name, e.info.kind, m)),
+                }
+            }
+            ensure!(
+                lora.is_empty() || lycoris.is_empty(),
+                "an adapter mixing LoRA and LyCORIS LoHa/LoKr modules has no kohya layout"
+            );
             let title = options.title.clone().unwrap_or_else(|| {
                 path.file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default()
             });
-            let mut metadata = kohya::network_metadata(&modules);
+            let (tensors, mut metadata) = match lycoris.is_empty() {
+                true => (kohya::kohya_tensors(&lora)?, kohya::network_metadata(&lora)),
+                false => (
+                    kohya::lycoris_tensors(&lycoris)?,
+                    kohya::lycoris_network_metadata(&lycoris, options.lokr_factor),
+                ),
+            };
             metadata.extend(kohya::model_metadata(
                 options.base_model,
                 options.prediction,
                 &title,
             ));
-            (kohya::kohya_tensors(&modules)?, metadata)
+            (tensors, metadata)
         }
-        AdapterFormat::Peft => (peft::peft_tensors(&entries)?, peft::peft_metadata(&entries)),
+        AdapterFormat::Peft => {
+            let lycoris = entries.iter().find(|e| e.module.as_lora().is_none());
+            if let Some(e) = lycoris {
+                bail!(
+                    "`{}` is a LyCORIS {} module: those are written in the kohya layout \
+                     (--format kohya), which LyCORIS, ComfyUI and A1111 load",
+                    e.info.path,
+                    e.module.algorithm()
+                );
+            }
+            (peft::peft_tensors(&entries)?, peft::peft_metadata(&entries))
+        }
     };
     metadata.extend(options.extra_metadata.clone());
     write_safetensors_atomic(path, &tensors, metadata)
@@ -517,7 +545,7 @@ fn match_entries<'a>(
                 Ok(()) => entries.push(OutputModule {
                     component,
                     info,
-                    lora,
+                    module: lora,
                 }),
                 Err(e) => problems.push(format!("{e}")),
             }

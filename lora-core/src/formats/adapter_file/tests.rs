@@ -85,6 +85,11 @@ fn lora_for(info: &ModuleInfo, rank: usize, alpha: f64) -> Result<LoraModule> {
     })
 }
 
+/// The LoRA module behind `m` (every module these tests build or read is one).
+fn lora(m: &AdapterModule) -> &LoraModule {
+    m.as_lora().expect("a LoRA module")
+}
+
 /// An adapter on every module of `model`, with rank/alpha varying per module when `mixed`.
 fn adapter_for(model: &Model, mixed: bool) -> Result<Adapter> {
     let mut adapter = Adapter::default();
@@ -92,13 +97,13 @@ fn adapter_for(model: &Model, mixed: bool) -> Result<Adapter> {
         let (rank, alpha) = if mixed && i == 2 { (2, 0.5) } else { (4, 8.0) };
         adapter
             .unet
-            .insert(m.path.clone(), lora_for(m, rank, alpha)?);
+            .insert(m.path.clone(), lora_for(m, rank, alpha)?.into());
     }
     for (i, m) in model.te.iter().enumerate() {
         let (rank, alpha) = if mixed && i == 0 { (3, 1.0) } else { (4, 4.0) };
         adapter
             .text_encoder
-            .insert(m.path.clone(), lora_for(m, rank, alpha)?);
+            .insert(m.path.clone(), lora_for(m, rank, alpha)?.into());
     }
     Ok(adapter)
 }
@@ -110,6 +115,7 @@ fn options(format: AdapterFormat) -> SaveOptions {
         prediction: PredictionType::Epsilon,
         title: None,
         extra_metadata: BTreeMap::from([("ss_steps".to_string(), "100".to_string())]),
+        lokr_factor: None,
     }
 }
 
@@ -123,9 +129,13 @@ fn assert_same(a: &Adapter, b: &Adapter) -> Result<()> {
         assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
         for (path, m) in x {
             let n = &y[path];
-            assert_eq!(values(&m.down)?, values(&n.down)?, "{path} down");
-            assert_eq!(values(&m.up)?, values(&n.up)?, "{path} up");
-            assert_eq!(m.alpha, n.alpha, "{path} alpha");
+            assert_eq!(
+                values(&lora(m).down)?,
+                values(&lora(n).down)?,
+                "{path} down"
+            );
+            assert_eq!(values(&lora(m).up)?, values(&lora(n).up)?, "{path} up");
+            assert_eq!(m.alpha(), n.alpha(), "{path} alpha");
         }
     }
     Ok(())
@@ -365,11 +375,14 @@ fn kohya_alpha_defaults_to_rank_and_any_float_dtype_loads() -> Result<()> {
     let model = Model::new();
     let adapter = AdapterFile::read(&path, &Device::Cpu)?.resolve(&model.unet_only())?;
     let to_q = &adapter.unet[&format!("{BLOCK}.attn2.to_q")];
-    assert_eq!((to_q.alpha, to_q.down.dtype()), (2.0, DType::F32));
-    assert_eq!(values(&to_q.down)?, values(&matrix(2, 8)?)?);
-    assert_eq!(adapter.unet[&format!("{BLOCK}.attn2.to_k")].alpha, 3.0);
+    assert_eq!((to_q.alpha(), lora(to_q).down.dtype()), (2.0, DType::F32));
+    assert_eq!(values(&lora(to_q).down)?, values(&matrix(2, 8)?)?);
+    assert_eq!(adapter.unet[&format!("{BLOCK}.attn2.to_k")].alpha(), 3.0);
     let proj_in = &adapter.unet["down_blocks.0.attentions.0.proj_in"];
-    assert_eq!((proj_in.alpha, proj_in.up.dims()), (1.5, &[8, 2][..]));
+    assert_eq!(
+        (proj_in.alpha(), lora(proj_in).up.dims()),
+        (1.5, &[8, 2][..])
+    );
     Ok(())
 }
 
@@ -388,8 +401,8 @@ fn peft_alpha_is_rank_unless_alpha_keys_say_otherwise() -> Result<()> {
     ];
     write_raw(&path, tensors, BTreeMap::new())?;
     let adapter = AdapterFile::read(&path, &Device::Cpu)?.resolve(&Model::new().unet_only())?;
-    assert_eq!(adapter.unet[&format!("{BLOCK}.attn2.to_q")].alpha, 2.0);
-    assert_eq!(adapter.unet[&format!("{BLOCK}.attn2.to_k")].alpha, 1.0);
+    assert_eq!(adapter.unet[&format!("{BLOCK}.attn2.to_q")].alpha(), 2.0);
+    assert_eq!(adapter.unet[&format!("{BLOCK}.attn2.to_k")].alpha(), 1.0);
     Ok(())
 }
 
@@ -427,7 +440,7 @@ fn lora_adapter_metadata_alpha_and_patterns_are_honoured() -> Result<()> {
     });
     let path = peft_file_with_config(dir.path(), config)?;
     let adapter = AdapterFile::read(&path, &Device::Cpu)?.resolve(&Model::new().unet_only())?;
-    let alpha = |m: &str| adapter.unet[&format!("{BLOCK}.attn2.{m}")].alpha;
+    let alpha = |m: &str| adapter.unet[&format!("{BLOCK}.attn2.{m}")].alpha();
     assert_eq!(
         (alpha("to_q"), alpha("to_k"), alpha("to_out.0")),
         (16.0, 4.0, 0.5)
@@ -680,7 +693,7 @@ fn saving_checks_the_adapter_against_the_model() -> Result<()> {
     let mut adapter = adapter_for(&model, false)?;
     adapter.unet.insert(
         "mid_block.attentions.0.proj_out".into(),
-        lora_for(&model.unet[1], 2, 2.0)?,
+        lora_for(&model.unet[1], 2, 2.0)?.into(),
     );
     let err = save_adapter(
         &path,
@@ -970,7 +983,7 @@ fn raw_modules_need_no_model() -> Result<()> {
     );
     assert_eq!(
         values(&to_k.down)?,
-        values(&adapter.unet[&format!("{BLOCK}.attn2.to_k")].down)?
+        values(&lora(&adapter.unet[&format!("{BLOCK}.attn2.to_k")]).down)?
     );
     assert_eq!(to_k.up.i((.., 0))?.dims(), [8]);
     Ok(())
@@ -1004,8 +1017,8 @@ fn reference_fixtures_resolve_against_the_fixture_model() -> Result<()> {
     assert!(adapter
         .unet
         .values()
-        .all(|m| m.alpha == 2.0 && m.rank() == 4));
-    assert!(adapter.text_encoder.values().all(|m| m.alpha == 4.0));
+        .all(|m| m.alpha() == 2.0 && m.rank() == 4));
+    assert!(adapter.text_encoder.values().all(|m| m.alpha() == 4.0));
 
     let out_dir = tempfile::tempdir()?;
     let rewritten = out_dir.path().join("kohya.safetensors");
@@ -1033,7 +1046,7 @@ fn reference_fixtures_resolve_against_the_fixture_model() -> Result<()> {
     assert!(adapter
         .unet
         .values()
-        .all(|m| m.alpha == 8.0 && m.rank() == 4));
+        .all(|m| m.alpha() == 8.0 && m.rank() == 4));
     Ok(())
 }
 

@@ -23,7 +23,7 @@ use resnet::ResnetBlock2D;
 use transformer::{Transformer2DModel, Visitor};
 
 use crate::adapters::{
-    check_adapter_fits, AdaptableLayer, AdaptableVisitor, LoraConv, LoraModule, ModuleInfo,
+    check_adapter_fits, AdaptableLayer, AdaptableVisitor, AdapterModules, LoraConv, ModuleInfo,
 };
 use crate::engine::{
     upsample_nearest, CheckpointedForward, Conv2dLayer, Direct, GroupNormLayer, LayerRunner,
@@ -336,7 +336,7 @@ impl UNet2DConditionModel {
     pub fn attach_adapter(
         &mut self,
         name: &str,
-        modules: &BTreeMap<String, LoraModule>,
+        modules: &AdapterModules,
         multiplier: f64,
     ) -> Result<()> {
         check_adapter_fits("UNet", &self.adapter_modules(), name, modules)?;

@@ -188,7 +188,7 @@ fn fresh_dora_adapter_is_a_no_op() -> Result<()> {
         .adapter
         .unet
         .values()
-        .all(|m| m.magnitude.is_some()));
+        .all(|m| m.as_lora().is_some_and(|m| m.magnitude.is_some())));
     unet.attach_adapter("dora", &trainable.adapter.unet, 1.0)?;
     let out = unet.forward(&sample, &timesteps, &context)?;
     let diff = (&out - &base)?.abs()?.max_all()?.to_scalar::<f32>()?;
