@@ -17,7 +17,7 @@ for case in "${cases[@]}"; do
   "$python" - "$ours" "$theirs" <<'PY'
 import json, sys
 o, t = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-gc = (" (gradient checkpointing)" if o.get("gradient_checkpointing") else "") + (" (DoRA)" if o.get("dora") else "")
+gc = (" (gradient checkpointing)" if o.get("gradient_checkpointing") else "") + (" (DoRA)" if o.get("dora") else "") + (f" ({o['algo']})" if o.get("algo") else "")
 print(f"{o['case']}{gc}: ours {o['mean_s']:.3f}s / reference {t['mean_s']:.3f}s = {o['mean_s']/t['mean_s']:.2f}x time; "
       f"peak RSS {o['peak_rss_mib']:.0f} / {t['peak_rss_mib']:.0f} MiB")
 PY

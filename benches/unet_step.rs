@@ -12,7 +12,8 @@
 //! `--device`, `--dtype` (of the frozen base; LoRA stays f32) and `--batch` override a case's
 //! defaults (CPU, f32), for the GPU runs of `benches/gpu.sh`. `--gradient-checkpointing` trains
 //! with `forward_checkpointed` (the reference: `enable_gradient_checkpointing()`). `--dora` makes
-//! the adapter DoRA (the reference: peft's `use_dora=True`).
+//! the adapter DoRA (the reference: peft's `use_dora=True`); `--algo loha|lokr` makes it LyCORIS'
+//! LoHa / LoKr at the same rank and alpha (the reference: lycoris-lora's own modules).
 //!
 //! `benches/unet_step_reference.py` measures the same cases with diffusers + peft (PyTorch);
 //! `benches/run_unet_step.sh` runs both side by side and prints the ratio.
@@ -29,6 +30,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
+use lora_toolkit::core::adapters::AdapterAlgorithm;
 use lora_toolkit::core::io::weights::{component_weights, RandomInit};
 use lora_toolkit::core::models::config::UNetConfig;
 use lora_toolkit::core::options::{DeviceSpec, Precision};
@@ -190,6 +192,9 @@ fn main() -> Result<()> {
     let iters = args.iters()?;
     let checkpointing = args.switch("--gradient-checkpointing");
     let dora = args.switch("--dora");
+    let algo: AdapterAlgorithm = args
+        .flag("--algo")?
+        .map_or(Ok(AdapterAlgorithm::Lora), str::parse)?;
     let device_spec: DeviceSpec = args
         .flag("--device")?
         .map_or(Ok(DeviceSpec::Cpu), str::parse)?;
@@ -222,6 +227,7 @@ fn main() -> Result<()> {
         rank: 4,
         alpha: 4.0,
         targets: LoraTargets::Attn2,
+        lycoris: algo.lycoris(None),
         ..Default::default()
     };
     let mut trainable = Adapter::init_unet(&lora, case.unet.lora_modules(), &device, 0)?;
@@ -305,6 +311,9 @@ fn main() -> Result<()> {
     }
     if dora {
         out.insert("dora", serde_json::json!(true));
+    }
+    if algo != AdapterAlgorithm::Lora {
+        out.insert("algo", serde_json::json!(algo.name()));
     }
     if let Some(used) = gpu_used_mib(&device) {
         // Not a peak (the key is what earlier results call it): the device's memory in use after

@@ -1,7 +1,8 @@
 """The unet_step benchmark cases measured with diffusers + peft (PyTorch), printing the same JSON.
 
     python benches/unet_step_reference.py <case> [--iters N] [--device cpu|cuda] [--dtype f32|f16|bf16]
-                                                [--batch N] [--gradient-checkpointing] [--dora] [--saved-tensors]
+                                                [--batch N] [--gradient-checkpointing] [--dora] [--algo loha|lokr]
+                                                [--saved-tensors]
 
 Same shapes, LoRA (rank 4, attn2 to_q/to_k/to_v/to_out.0, AdamW lr 1e-4), warm-up and timing as
 benches/unet_step.rs; default attention processor (SDPA).
@@ -80,7 +81,20 @@ def main():
     unet.to(device, dtype)
     targets = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
     dora = "--dora" in args
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, use_dora=dora))
+    algo = flag("--algo", "lora")
+    if algo == "lora":
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, use_dora=dora))
+    else:
+        # LyCORIS' own modules (lycoris-lora), as its kohya network applies them.
+        from lycoris.modules.loha import LohaModule
+        from lycoris.modules.lokr import LokrModule
+        make = {"loha": LohaModule, "lokr": LokrModule}[algo]
+        unet.lycoris_modules = torch.nn.ModuleList()
+        for name, module in list(unet.named_modules()):
+            if name.endswith(tuple(f".{t}" for t in targets)):
+                lyco = make("lora_unet_" + name.replace(".", "_"), module, 1.0, lora_dim=4, alpha=4)
+                lyco.apply_to()
+                unet.lycoris_modules.append(lyco)
     checkpointing = "--gradient-checkpointing" in args
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -144,12 +158,15 @@ def main():
         saved = saved_tensors_mib(forward, unet.parameters())
     print(json.dumps({
         "case": case,
-        "impl": f"diffusers {__import__('diffusers').__version__} + peft (torch {torch.__version__})",
+        "impl": f"diffusers {__import__('diffusers').__version__} + "
+                + ("peft" if algo == "lora" else f"lycoris-lora {__import__('importlib.metadata').metadata.version('lycoris-lora')}")
+                + f" (torch {torch.__version__})",
         "device": f"cpu, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device),
         "dtype": {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype],
         "batch": b,
         **({"gradient_checkpointing": True} if checkpointing else {}),
         **({"dora": True} if dora else {}),
+        **({"algo": algo} if algo != "lora" else {}),
         **({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if device.type == "cuda" else {}),
         **({"gpu_allocated_before_mib": allocated["before"],
             "gpu_allocated_after_forward_mib": allocated["after_forward"]}
