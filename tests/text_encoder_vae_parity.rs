@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use common::{expected, fixtures, get, max_abs, max_abs_diff, CONFIGS};
 use lora_toolkit::core::models::config::SchedulerConfig;
-use lora_toolkit::core::models::text_encoder::{lora_modules, TextEncoder};
+use lora_toolkit::core::models::text_encoder::lora_modules;
 use lora_toolkit::core::models::tokenizer::TokenizedPrompt;
 use lora_toolkit::core::models::vae::Vae;
 use lora_toolkit::core::source::{ModelFolder, ModelSource};
@@ -53,13 +53,7 @@ fn text_encoder_matches_transformers() -> Result<()> {
     for cfg in CONFIGS {
         let folder = ModelFolder::open(&fixtures().join(cfg))?;
         let config = folder.text_encoder_config()?;
-        let te = TextEncoder::load(
-            &folder.text_encoder_dir(),
-            &config,
-            DType::F32,
-            &Device::Cpu,
-            BTreeMap::new(),
-        )?;
+        let te = folder.load_text_encoder(&config, DType::F32, &Device::Cpu, BTreeMap::new())?;
         let out = te.forward(&input_ids(cfg)?)?;
         let reference = get(&expected(cfg)?, "te_out").clone();
         let err = max_abs_diff(&out, &reference);
@@ -79,13 +73,7 @@ fn text_encoder_and_vae_run_in_half_precision() -> Result<()> {
     let config = folder.text_encoder_config()?;
     let exp = expected("sd2-tiny")?;
     for dtype in [DType::F16, DType::BF16] {
-        let te = TextEncoder::load(
-            &folder.text_encoder_dir(),
-            &config,
-            dtype,
-            &Device::Cpu,
-            BTreeMap::new(),
-        )?;
+        let te = folder.load_text_encoder(&config, dtype, &Device::Cpu, BTreeMap::new())?;
         let out = te.forward(&input_ids("sd2-tiny")?)?;
         assert_eq!(out.dtype(), dtype);
         let err = max_abs_diff(&out, get(&exp, "te_out")) / max_abs(get(&exp, "te_out"));
@@ -139,13 +127,7 @@ fn text_encoder_with_folded_kohya_adapter_matches_peft() -> Result<()> {
             );
         }
         assert_eq!(deltas.len(), 6 * config.num_hidden_layers);
-        let te = TextEncoder::load(
-            &folder.text_encoder_dir(),
-            &config,
-            DType::F32,
-            &Device::Cpu,
-            deltas,
-        )?;
+        let te = folder.load_text_encoder(&config, DType::F32, &Device::Cpu, deltas)?;
         let out = te.forward(&input_ids(cfg)?)?;
         let exp = expected(cfg)?;
         let err = max_abs_diff(&out, get(&exp, "te_out_kohya"));
@@ -301,13 +283,7 @@ fn check_text_encoder_gradients(cfg: &str, file: &str, dora: bool) -> Result<()>
     let path = fixtures().join(cfg).join(file);
     let fx = candle_core::safetensors::load(&path, &Device::Cpu)
         .with_context(|| format!("loading {}", path.display()))?;
-    let mut te = TextEncoder::load(
-        &folder.text_encoder_dir(),
-        &config,
-        DType::F32,
-        &Device::Cpu,
-        BTreeMap::new(),
-    )?;
+    let mut te = folder.load_text_encoder(&config, DType::F32, &Device::Cpu, BTreeMap::new())?;
     let ids = get(&fx, "input_ids").to_dtype(DType::U32)?;
     let base = te.forward(&ids)?;
     let err = max_abs_diff(&base, get(&fx, "base_hidden_state"));
