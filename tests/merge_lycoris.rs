@@ -142,16 +142,51 @@ fn loha_and_lokr_match_the_lycoris_reference() -> Result<()> {
     Ok(())
 }
 
+/// The adapter reader takes LoHa/LoKr files too, so lora-infer and lora-train attach them
+/// unmerged: the UNet with the file attached at a weight equals the UNet lora-merge folded it
+/// into (which `loha_and_lokr_match_the_lycoris_reference` checks against LyCORIS' merge).
 #[test]
-fn loha_and_lokr_files_stay_rejected_outside_the_merge_path() -> Result<()> {
-    for (file, what) in [
-        ("adapter_loha.safetensors", "LoHa"),
-        ("adapter_lokr.safetensors", "LoKr"),
+fn loha_and_lokr_attached_unmerged_equal_the_merge() -> Result<()> {
+    use lora_toolkit::core::models::config::UNetConfig;
+    use lora_toolkit::core::{AdapterFile, ModelModules, UNet2DConditionModel};
+    let base = fixtures().join(CFG);
+    let config = UNetConfig::from_file(&base.join("unet/config.json"))?;
+    let weights = |root: &Path| vec![root.join("unet/diffusion_pytorch_model.safetensors")];
+    let load_unet = |root: &Path| {
+        UNet2DConditionModel::from_files(
+            &config,
+            &weights(root),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+    };
+    let exp = common::expected(CFG)?;
+    let run = |unet: &UNet2DConditionModel| {
+        unet.forward(
+            common::get(&exp, "sample"),
+            common::get(&exp, "timestep"),
+            common::get(&exp, "encoder_hidden_states"),
+        )
+    };
+    for (adapter, weight) in [
+        ("adapter_loha.safetensors", 1.0),
+        ("adapter_lokr.safetensors", 0.5),
     ] {
-        let err = lora_toolkit::core::AdapterFile::read(&merge_dir().join(file), &Device::Cpu)
-            .unwrap_err();
-        let msg = format!("{err:#}");
-        assert!(msg.contains(what) && msg.contains("lora-merge"), "{msg}");
+        let dir = tempfile::tempdir()?;
+        let out = dir.path().join("merged");
+        merged(adapter, weight, &out)?;
+        let mut attached = load_unet(&base)?;
+        let file = AdapterFile::read(&merge_dir().join(adapter), &Device::Cpu)?;
+        let resolved = file.resolve(&ModelModules {
+            unet: &attached.adapter_modules(),
+            text_encoder: None,
+        })?;
+        attached.attach_adapter(adapter, &resolved.unet, weight)?;
+        let (ours, reference) = (run(&attached)?, run(&load_unet(&out)?)?);
+        let err = max_abs_diff(&ours, &reference);
+        let scale = common::max_abs(&reference);
+        println!("{adapter} at {weight}: attached vs merged UNet, max diff {err:.2e}");
+        assert!(err <= 1e-4 * scale.max(1.0), "{adapter}: {err}");
     }
     Ok(())
 }

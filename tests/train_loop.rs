@@ -1826,7 +1826,7 @@ fn dora_trains_a_magnitude_per_output_channel() -> Result<()> {
 /// layout LyCORIS makes for the same settings (every key and shape of the file LyCORIS saved for
 /// this UNet, `make_lycoris_grad_fixtures.py`: LoHa rank 4; LoKr rank 2, factor 2, with low-rank
 /// second halves), they train (LoHa's `hada_w2_a` and LoKr's `lokr_w2_b` start at zero and
-/// move), resume bit for bit, and lora-merge's LyCORIS reader takes the file.
+/// move), resume bit for bit, and the adapter reader takes the file back.
 #[test]
 fn lycoris_algorithms_train_in_lycoris_layout() -> Result<()> {
     use lora_core::adapters::AdapterAlgorithm;
@@ -1890,9 +1890,10 @@ fn lycoris_algorithms_train_in_lycoris_layout() -> Result<()> {
             moved > 0.0 && moved.is_finite(),
             "{algo}: {starts_at_zero} stayed at {moved}"
         );
-        let file = lora_merge::lycoris::LycorisFile::read(&path, false)?;
-        assert_eq!(file.modules.len(), 128, "{algo}");
-        assert_eq!(file.metadata["ss_network_module"], "lycoris.kohya");
+        let file = AdapterFile::read(&path, &Device::Cpu)?;
+        assert_eq!(file.lycoris_modules().len(), 128, "{algo}");
+        assert_eq!(file.describe_format(), format!("lycoris-{algo}"));
+        assert_eq!(file.metadata()["ss_network_module"], "lycoris.kohya");
     }
     assert_refused([
         (

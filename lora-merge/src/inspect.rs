@@ -10,7 +10,6 @@ use candle_core::Device;
 use lora_core::formats::keys::Component;
 use lora_core::AdapterFile;
 
-use crate::lycoris::{is_lycoris_file, LycorisFile};
 use serde_json::{json, Value};
 
 /// A summary of one adapter file.
@@ -64,41 +63,22 @@ const TARGETS: [&str; 24] = [
 /// `lycoris-loha`, `lycoris-lokr`; a LoKr module with two full halves has rank 0, and a
 /// missing alpha is the rank, as LyCORIS reads it).
 pub fn inspect(path: &Path) -> Result<Inspection> {
+    let file = AdapterFile::read(path, &Device::Cpu)?;
     // (component, module name, rank, alpha as printed)
-    let (format, metadata, modules): (String, _, Vec<(Component, String, usize, String)>) =
-        if is_lycoris_file(path)? {
-            let file = LycorisFile::read(path, false)?;
-            let algorithms: BTreeSet<&str> = file.modules.values().map(|m| m.algorithm()).collect();
-            let format = format!(
-                "lycoris-{}",
-                algorithms.into_iter().collect::<Vec<_>>().join("+")
-            );
-            let modules = file
-                .modules
-                .iter()
-                .map(|((c, name), m)| (*c, name.clone(), m.rank(), format!("{:?}", m.alpha)))
-                .collect();
-            (format, file.metadata, modules)
-        } else {
-            let file = AdapterFile::read(path, &Device::Cpu)?;
-            let modules = file
-                .raw_modules()
-                .iter()
-                .map(|m| {
-                    (
-                        m.component,
-                        m.name.clone(),
-                        m.rank(),
-                        format!("{:?}", m.alpha),
-                    )
-                })
-                .collect();
-            (
-                file.format().name().to_string(),
-                file.metadata().clone(),
-                modules,
-            )
-        };
+    let lora = file.raw_modules().iter().map(|m| {
+        (
+            m.component,
+            m.name.clone(),
+            m.rank(),
+            format!("{:?}", m.alpha),
+        )
+    });
+    let lycoris = file
+        .lycoris_modules()
+        .iter()
+        .map(|((c, name), m)| (*c, name.clone(), m.rank(), format!("{:?}", m.alpha)));
+    let modules: Vec<(Component, String, usize, String)> = lora.chain(lycoris).collect();
+    let (format, metadata) = (file.describe_format(), file.metadata().clone());
     let mut inspection = Inspection {
         path: path.display().to_string(),
         format,

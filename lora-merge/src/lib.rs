@@ -8,7 +8,6 @@ pub mod algebra;
 pub mod base_model;
 pub mod inspect;
 pub mod lowrank;
-pub mod lycoris;
 pub mod merge;
 pub mod stream;
 

@@ -17,7 +17,6 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::base_model::{BaseModel, Layout};
-use crate::lycoris::{is_lycoris_file, LycorisFile};
 use crate::stream::{write_streaming, PlannedTensor};
 
 /// The safetensors dtype a `--dtype` precision is written as.
@@ -142,38 +141,6 @@ pub fn merge_converting(
     let mut contributions = Contributions::new();
     let mut records = Vec::new();
     for spec in &options.adapters {
-        if is_lycoris_file(&spec.path)? {
-            let file = LycorisFile::read(&spec.path, options.allow_nonfinite)?;
-            report.non_finite.extend(file.warnings.iter().cloned());
-            let (modules, unmatched) =
-                file.resolve(&model, options.allow_unmatched)
-                    .with_context(|| {
-                        format!(
-                        "{}: adapter does not fit base model {} (pass --allow-unmatched to skip \
-                         modules that match nothing)",
-                        spec.path.display(),
-                        options.base.display()
-                    )
-                    })?;
-            report.unmatched.extend(unmatched);
-            let algorithms: std::collections::BTreeSet<&str> =
-                modules.iter().map(|(_, _, m)| m.algorithm()).collect();
-            report
-                .merged_modules
-                .push((spec.path.clone(), modules.len()));
-            for (component, path, module) in modules {
-                contributions
-                    .entry((component, component.canonical_path(&path)))
-                    .or_default()
-                    .push((AdapterModule::Lycoris(module), spec.scale));
-            }
-            let format = format!(
-                "lycoris-{}",
-                algorithms.into_iter().collect::<Vec<_>>().join("+")
-            );
-            records.push(adapter_record(spec, &format)?);
-            continue;
-        }
         let file = AdapterFile::read_with(&spec.path, &Device::Cpu, options.allow_nonfinite)?;
         report.non_finite.extend_from_slice(file.warnings());
         let adapter = if options.allow_unmatched {
@@ -204,7 +171,7 @@ pub fn merge_converting(
             }
         }
         report.merged_modules.push((spec.path.clone(), count));
-        records.push(adapter_record(spec, file.format().name())?);
+        records.push(adapter_record(spec, &file.describe_format())?);
     }
     let provenance = BTreeMap::from([(
         "lora_merge.adapters".to_string(),

@@ -1,9 +1,9 @@
 //! Adapter files: reading kohya/A1111 and diffusers/PEFT LoRA `.safetensors`, resolving them
 //! against a model's modules, and writing either layout with the metadata each ecosystem reads.
 //!
-//! Reading is strict: keys of other algorithms (LyCORIS LoHa, LoKr, …) or of no known layout are
+//! Reading is strict: keys of other algorithms (LyCORIS OFT, GLoRA, …) or of no known layout are
 //! errors naming them, never silently dropped, and resolution reports every module that does not
-//! fit. DoRA magnitudes are read in both layouts.
+//! fit. DoRA magnitudes are read in both layouts; LyCORIS LoHa/LoKr files (kohya layout) too.
 //!
 //! Alpha semantics (`ΔW = alpha/rank · up · down`):
 //! - kohya: the per-module `.alpha` scalar; missing or 0 means alpha = rank.
@@ -23,11 +23,13 @@ use super::keys::{kohya_name, Component, KohyaNames};
 use super::kohya::{self, BaseModelVersion, KohyaModule};
 use super::peft::{self, peft_configs};
 use super::OutputModule;
+use crate::adapters::lycoris::LycorisModule;
 use crate::adapters::{Adapter, AdapterModule, LoraModule, ModuleInfo, ModuleKind};
 use crate::io::{read_safetensors, write_safetensors_atomic, SafetensorsContents};
 use crate::models::config::PredictionType;
 
 mod layout;
+mod lycoris;
 #[cfg(test)]
 mod tests;
 
@@ -179,6 +181,9 @@ pub struct AdapterFile {
     metadata: BTreeMap<String, String>,
     /// Sorted by (component, name).
     modules: Vec<RawModule>,
+    /// A LyCORIS LoHa/LoKr file's modules by (component, kohya name without prefix); such a
+    /// file has no LoRA modules.
+    lycoris: BTreeMap<(Component, String), LycorisModule>,
     /// What the reading policy let through and the user should hear about.
     warnings: Vec<String>,
 }
@@ -194,6 +199,16 @@ impl AdapterFile {
     pub fn read_with(path: &Path, device: &Device, allow_nonfinite: bool) -> Result<Self> {
         let (contents, warnings) = read_adapter_tensors(path, device, allow_nonfinite)?;
         let origin = path.display().to_string();
+        if lycoris::is_lycoris(contents.tensors.keys()) {
+            return Ok(Self {
+                path: path.to_path_buf(),
+                format: AdapterFormat::Kohya,
+                lycoris: lycoris::read_modules(&origin, &contents.tensors)?,
+                metadata: contents.metadata,
+                modules: Vec::new(),
+                warnings,
+            });
+        }
         let format = detect_format(&origin, contents.tensors.keys())?;
         let parts = group_by_module(&origin, format, &contents.tensors)?;
         let peft_configs = match format {
@@ -206,6 +221,7 @@ impl AdapterFile {
             format,
             metadata: contents.metadata,
             modules,
+            lycoris: BTreeMap::new(),
             warnings,
         })
     }
@@ -228,15 +244,37 @@ impl AdapterFile {
         &self.metadata
     }
 
-    /// Every module as the file names it, sorted by (component, name); usable without a model.
+    /// Every LoRA module as the file names it, sorted by (component, name); usable without a
+    /// model. Empty for a LyCORIS file (see [`Self::lycoris_modules`]).
     pub fn raw_modules(&self) -> &[RawModule] {
         &self.modules
     }
 
+    /// A LyCORIS LoHa/LoKr file's modules by (component, kohya name without prefix).
+    pub fn lycoris_modules(&self) -> &BTreeMap<(Component, String), LycorisModule> {
+        &self.lycoris
+    }
+
+    /// The layout's name, or `lycoris-<algorithms>` for a LoHa/LoKr file (`lycoris-loha`).
+    pub fn describe_format(&self) -> String {
+        if self.lycoris.is_empty() {
+            return self.format.name().to_string();
+        }
+        let algorithms: std::collections::BTreeSet<&str> = self
+            .lycoris
+            .values()
+            .map(LycorisModule::algorithm)
+            .collect();
+        format!(
+            "lycoris-{}",
+            algorithms.into_iter().collect::<Vec<_>>().join("+")
+        )
+    }
+
     pub fn has_text_encoder(&self) -> bool {
-        self.modules
-            .iter()
-            .any(|m| m.component == Component::TextEncoder)
+        let lora = self.modules.iter().map(|m| m.component);
+        lora.chain(self.lycoris.keys().map(|(c, _)| *c))
+            .any(|c| c == Component::TextEncoder)
     }
 
     /// Maps every module of the file onto `model`'s modules and checks its shapes. Fails listing
@@ -324,6 +362,35 @@ impl AdapterFile {
                 problems.push(misfit(format!(
                     "`{}`: module {} is given more than once",
                     raw.down_key, info.path
+                )));
+            }
+        }
+        for ((component, name), module) in &self.lycoris {
+            if *component == Component::TextEncoder && model.text_encoder.is_none() {
+                continue;
+            }
+            let full = format!("{}{name}", component.kohya_prefix());
+            let found = kohya_names.lookup(&full);
+            let Some(info) = found.and_then(|(c, path)| model.find(c, path)) else {
+                problems.push(Problem {
+                    unmatched: true,
+                    text: format!("`{full}`: no {component} module has this name"),
+                });
+                continue;
+            };
+            if let Some(e) = lycoris::misfit(&full, module, info)? {
+                problems.push(misfit(e));
+                continue;
+            }
+            let target = match component {
+                Component::Unet => &mut adapter.unet,
+                Component::TextEncoder => &mut adapter.text_encoder,
+            };
+            let module = AdapterModule::Lycoris(module.clone());
+            if target.insert(info.path.clone(), module).is_some() {
+                problems.push(misfit(format!(
+                    "`{full}`: module {} is given more than once",
+                    info.path
                 )));
             }
         }

@@ -799,28 +799,14 @@ fn files_of_no_adapter_layout_list_offending_keys() -> Result<()> {
 fn lycoris_files_are_rejected_by_name() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q";
-    let cases = [
-        (
-            vec![
-                format!("{name}.hada_w1_a"),
-                format!("{name}.hada_w1_b"),
-                format!("{name}.alpha"),
-            ],
-            "LoHa",
-        ),
-        (
-            vec![format!("{name}.lokr_w1"), format!("{name}.lokr_w2")],
-            "LoKr",
-        ),
-        (
-            vec![
-                format!("{name}.lora_down.weight"),
-                format!("{name}.lora_up.weight"),
-                format!("{name}.lora_mid.weight"),
-            ],
-            "lora_mid",
-        ),
-    ];
+    let cases = [(
+        vec![
+            format!("{name}.lora_down.weight"),
+            format!("{name}.lora_up.weight"),
+            format!("{name}.lora_mid.weight"),
+        ],
+        "lora_mid",
+    )];
     for (keys, algorithm) in cases {
         let path = dir.path().join("lycoris.safetensors");
         let tensors = keys
