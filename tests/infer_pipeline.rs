@@ -349,3 +349,36 @@ fn dora_adapters_generate_fused_and_unfused_alike() -> Result<()> {
     }
     Ok(())
 }
+
+/// LyCORIS LoHa and LoKr files (the merge fixtures LyCORIS' merge was checked on) generate the
+/// same picture unmerged and `--fuse`d, UNet and text encoder modules alike, and change it.
+#[test]
+fn lycoris_adapters_generate_fused_and_unfused_alike() -> Result<()> {
+    let fx = fixture("sd1-tiny")?;
+    let merge = fx.folder.root().join("merge");
+    for (file, scale) in [
+        ("adapter_loha.safetensors", 0.8),
+        ("adapter_lokr.safetensors", 0.5),
+    ] {
+        let adapters = [AdapterSpec::new(merge.join(file), scale)];
+        let run = |adapters: &[AdapterSpec], fuse: bool| {
+            Pipeline::load(&fx.folder, adapters, &Device::Cpu, DType::F32, fuse)?
+                .generate(&fx.options())
+        };
+        let unfused = run(&adapters, false)?;
+        let fused = run(&adapters, true)?;
+        let err = common::max_abs_diff(&fused.latents, &unfused.latents);
+        println!("{file}: max |fused − unfused| = {err:.2e}");
+        assert!(
+            err <= TOLERANCE,
+            "{file}: fused differs from unfused by {err}"
+        );
+        let base = run(&[], false)?;
+        let effect = common::max_abs_diff(&base.latents, &unfused.latents);
+        assert!(
+            effect > 1e-3,
+            "{file}: the adapter changed the latents by {effect}"
+        );
+    }
+    Ok(())
+}
