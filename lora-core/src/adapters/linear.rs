@@ -140,9 +140,14 @@ impl AttachedLora {
         let Some(c) = self.dora_factor(weight)? else {
             return Ok(low_rank);
         };
-        let c = c.reshape(channel_shape)?.to_dtype(low_rank.dtype())?;
+        // `c − 1` formed in f32 before any cast: near 1, half precision would round small
+        // changes of the magnitude to nothing. `(c − 1)·plain + c·low_rank` as
+        // `(c − 1)·(plain + low_rank) + low_rank`.
+        let c_minus_1 = (c - 1.0)?
+            .reshape(channel_shape)?
+            .to_dtype(low_rank.dtype())?;
         let plain = plain()?.to_dtype(low_rank.dtype())?;
-        let change = (plain.broadcast_mul(&(&c - 1.0)?)? + low_rank.broadcast_mul(&c)?)?;
+        let change = ((plain + &low_rank)?.broadcast_mul(&c_minus_1)? + low_rank)?;
         Ok((change * self.multiplier)?)
     }
 }
@@ -548,15 +553,14 @@ impl LoraLinear {
         let Some(c) = a.dora_factor(&self.weight)? else {
             return Ok(node);
         };
-        let c = c.to_dtype(node.dtype())?;
-        let scaled = node.broadcast_mul(&c)?;
-        match &self.bias {
-            Some(b) => {
-                let rest = b.to_dtype(node.dtype())?.broadcast_mul(&(1.0 - &c)?)?;
-                Ok(scaled.broadcast_add(&rest)?)
-            }
-            None => Ok(scaled),
-        }
+        // `b + c·(node − b)` as `node + (c − 1)·(node − b)`, `c − 1` formed in f32 (see
+        // `AttachedLora::contribution`).
+        let c_minus_1 = (c - 1.0)?.to_dtype(node.dtype())?;
+        let plain = match &self.bias {
+            Some(b) => node.broadcast_sub(&b.to_dtype(node.dtype())?)?,
+            None => node.clone(),
+        };
+        Ok((&node + plain.broadcast_mul(&c_minus_1)?)?)
     }
 
     /// The layer's output with `adapters`, composed from candle's ops (recorded where its inputs

@@ -124,10 +124,11 @@ impl LoraModule {
     }
 }
 
-/// DoRA's per-output-channel factor `m / ‖adapted‖` for an `[out, k]` f32 weight `adapted`
-/// (`W + ΔW`), the norm taken off the graph: gradients reach `m` only.
+/// DoRA's per-output-channel factor `m / (‖adapted‖ + ε)` for an `[out, k]` f32 weight
+/// `adapted` (`W + ΔW`), the norm taken off the graph: gradients reach `m` only. ε is f32's
+/// machine epsilon, as LyCORIS adds it, so an all-zero row gives 0, not NaN.
 pub fn dora_channel_factor(magnitude: &Tensor, adapted: &Tensor) -> Result<Tensor> {
-    let norm = adapted.detach().sqr()?.sum(1)?.sqrt()?;
+    let norm = (adapted.detach().sqr()?.sum(1)?.sqrt()? + f32::EPSILON as f64)?;
     Ok(magnitude.broadcast_div(&norm.to_dtype(magnitude.dtype())?)?)
 }
 

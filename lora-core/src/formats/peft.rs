@@ -20,6 +20,8 @@ pub(crate) struct PeftConfig {
     rank_pattern: Vec<(String, usize)>,
     alpha_pattern: Vec<(String, f64)>,
     use_rslora: bool,
+    /// `use_dora`: every module must then carry its magnitude.
+    pub(crate) use_dora: bool,
 }
 
 /// PEFT's `LoraConfig` default, which applies when the metadata leaves `lora_alpha` out.
@@ -86,6 +88,7 @@ impl PeftConfig {
             rank_pattern,
             alpha_pattern,
             use_rslora: flag("use_rslora"),
+            use_dora: flag("use_dora"),
         })
     }
 

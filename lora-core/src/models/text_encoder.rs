@@ -163,7 +163,6 @@ impl TextEncoder {
         })
     }
 
-    /// Removes the adapter attached under `name` from every layer.
     /// The frozen weight of every adaptable layer, by module path as [`Self::lora_modules`]
     /// gives them.
     pub fn adaptable_weights(&mut self) -> Result<BTreeMap<String, Tensor>> {
@@ -176,6 +175,7 @@ impl TextEncoder {
         Ok(weights)
     }
 
+    /// Removes the adapter attached under `name` from every layer.
     pub fn detach_adapter(&mut self, name: &str) -> Result<()> {
         let mut found = false;
         self.encoder

@@ -207,6 +207,11 @@ pub(super) fn assemble_module(
         .magnitude
         .map(|(key, t)| as_magnitude(format, &key, &t))
         .transpose()?;
+    ensure!(
+        magnitude.is_some() || !peft_config.is_some_and(|c| c.use_dora),
+        "`{down_key}`: lora_adapter_metadata says use_dora, but the module has no \
+         lora_magnitude_vector"
+    );
     Ok(RawModule {
         component,
         name: name.to_string(),

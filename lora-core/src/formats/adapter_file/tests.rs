@@ -480,6 +480,10 @@ fn inconsistent_or_unsupported_metadata_is_rejected() -> Result<()> {
             json!({ "unet.alpha_pattern": { ".*to_k": 1 } }),
             "regular expression",
         ),
+        (
+            json!({ "unet.use_dora": true }),
+            "says use_dora, but the module has no lora_magnitude_vector",
+        ),
     ];
     for (config, expected) in cases {
         let path = peft_file_with_config(dir.path(), config.clone())?;

@@ -348,7 +348,6 @@ impl UNet2DConditionModel {
         })
     }
 
-    /// Removes the adapter attached under `name` from every layer.
     /// The frozen weight of every adaptable layer, by module path (DoRA's magnitudes start
     /// from their norms).
     pub fn adaptable_weights(&mut self) -> Result<BTreeMap<String, Tensor>> {
@@ -360,6 +359,7 @@ impl UNet2DConditionModel {
         Ok(weights)
     }
 
+    /// Removes the adapter attached under `name` from every layer.
     pub fn detach_adapter(&mut self, name: &str) -> Result<()> {
         let mut found = false;
         self.visit_adaptable(&mut |_, mut layer| {
