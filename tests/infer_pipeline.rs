@@ -325,27 +325,11 @@ fn models_without_vae_denoise_pixels() -> Result<()> {
 fn dora_adapters_generate_fused_and_unfused_alike() -> Result<()> {
     for cfg in common::CONFIGS {
         let fx = fixture(cfg)?;
-        let mut adapters = fx.adapters("kohya");
+        let plain = fx.adapters("kohya");
         let dora = fx.folder.root().join("adapter_dora_kohya.safetensors");
+        let mut adapters = plain.clone();
         adapters.push(AdapterSpec::new(dora, 0.7));
-        let run = |adapters: &[AdapterSpec], fuse: bool| {
-            Pipeline::load(&fx.folder, adapters, &Device::Cpu, DType::F32, fuse)?
-                .generate(&fx.options())
-        };
-        let unfused = run(&adapters, false)?;
-        let fused = run(&adapters, true)?;
-        let err = common::max_abs_diff(&fused.latents, &unfused.latents);
-        println!("{cfg} kohya + DoRA: max |fused − unfused| = {err:.2e}");
-        assert!(
-            err <= TOLERANCE,
-            "{cfg}: fused differs from unfused by {err}"
-        );
-        let without = run(&adapters[..adapters.len() - 1], false)?;
-        let effect = common::max_abs_diff(&without.latents, &unfused.latents);
-        assert!(
-            effect > 1e-2,
-            "{cfg}: the DoRA adapter changed the latents by {effect}"
-        );
+        check_fused_and_effect(&fx, &adapters, &plain, 1e-2, &format!("{cfg} kohya + DoRA"))?;
     }
     Ok(())
 }
@@ -361,24 +345,36 @@ fn lycoris_adapters_generate_fused_and_unfused_alike() -> Result<()> {
         ("adapter_lokr.safetensors", 0.5),
     ] {
         let adapters = [AdapterSpec::new(merge.join(file), scale)];
-        let run = |adapters: &[AdapterSpec], fuse: bool| {
-            Pipeline::load(&fx.folder, adapters, &Device::Cpu, DType::F32, fuse)?
-                .generate(&fx.options())
-        };
-        let unfused = run(&adapters, false)?;
-        let fused = run(&adapters, true)?;
-        let err = common::max_abs_diff(&fused.latents, &unfused.latents);
-        println!("{file}: max |fused − unfused| = {err:.2e}");
-        assert!(
-            err <= TOLERANCE,
-            "{file}: fused differs from unfused by {err}"
-        );
-        let base = run(&[], false)?;
-        let effect = common::max_abs_diff(&base.latents, &unfused.latents);
-        assert!(
-            effect > 1e-3,
-            "{file}: the adapter changed the latents by {effect}"
-        );
+        check_fused_and_effect(&fx, &adapters, &[], 1e-3, file)?;
     }
+    Ok(())
+}
+
+/// `adapters` generate the same latents unmerged and fused, and differ from what `without`
+/// generates by more than `effect`.
+fn check_fused_and_effect(
+    fx: &Fixture,
+    adapters: &[AdapterSpec],
+    without: &[AdapterSpec],
+    effect: f32,
+    label: &str,
+) -> Result<()> {
+    let run = |adapters: &[AdapterSpec], fuse: bool| {
+        Pipeline::load(&fx.folder, adapters, &Device::Cpu, DType::F32, fuse)?
+            .generate(&fx.options())
+    };
+    let unfused = run(adapters, false)?;
+    let fused = run(adapters, true)?;
+    let err = common::max_abs_diff(&fused.latents, &unfused.latents);
+    println!("{label}: max |fused − unfused| = {err:.2e}");
+    assert!(
+        err <= TOLERANCE,
+        "{label}: fused differs from unfused by {err}"
+    );
+    let change = common::max_abs_diff(&run(without, false)?.latents, &unfused.latents);
+    assert!(
+        change > effect,
+        "{label}: the adapter changed the latents by {change}"
+    );
     Ok(())
 }
