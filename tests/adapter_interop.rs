@@ -167,6 +167,7 @@ fn dora_files_read_and_write_as_lycoris_and_diffusers_do() -> Result<()> {
             let names = |m: &std::collections::HashMap<String, candle_core::Tensor>| {
                 m.keys().cloned().collect::<BTreeSet<_>>()
             };
+            assert!(!theirs.is_empty(), "{cfg} {reference}: no tensor");
             assert_eq!(names(&ours), names(&theirs), "{cfg} {format}: keys");
             for (key, t) in &theirs {
                 let o = &ours[key];

@@ -266,6 +266,7 @@ fn lycoris_adapters_write_back_as_lycoris_saved_them() -> Result<()> {
             let keys = |m: &std::collections::HashMap<String, Tensor>| {
                 m.keys().cloned().collect::<BTreeSet<_>>()
             };
+            assert!(!theirs.is_empty(), "{}: no tensor", reference.display());
             assert_eq!(keys(&ours), keys(&theirs), "{cfg} {algo}: keys");
             for (key, t) in &theirs {
                 let o = &ours[key];

@@ -197,16 +197,24 @@ fn gradient_checkpointing_trains_the_same_adapter() -> Result<()> {
 fn straight_then_resumed(
     recipe: &dyn Fn(&Path, Option<PathBuf>) -> TrainArgs,
 ) -> Result<(tempfile::TempDir, tempfile::TempDir)> {
+    straight_then_resumed_from(recipe, 2)
+}
+
+/// [`straight_then_resumed`] resumed from the checkpoint of `step` (the recipe saves there).
+fn straight_then_resumed_from(
+    recipe: &dyn Fn(&Path, Option<PathBuf>) -> TrainArgs,
+    step: usize,
+) -> Result<(tempfile::TempDir, tempfile::TempDir)> {
     let straight = tempfile::tempdir()?;
     lora_train::train(
         recipe(straight.path(), None).resolve()?,
         &mut quiet(),
         &mut |_| {},
     )?;
-    let (ckpt2, _) = checkpoint_paths(&straight.path().join("adapter.safetensors"), 2);
+    let (checkpoint, _) = checkpoint_paths(&straight.path().join("adapter.safetensors"), step);
     let resumed = tempfile::tempdir()?;
     lora_train::train(
-        recipe(resumed.path(), Some(ckpt2)).resolve()?,
+        recipe(resumed.path(), Some(checkpoint)).resolve()?,
         &mut quiet(),
         &mut |_| {},
     )?;
@@ -1740,19 +1748,8 @@ fn every_feature_together_trains_and_resumes_exactly() -> Result<()> {
         resume,
         ..args("sd1-tiny", &train_data(), out)
     };
-    let straight = tempfile::tempdir()?;
-    lora_train::train(
-        recipe(straight.path(), None).resolve()?,
-        &mut quiet(),
-        &mut |_| {},
-    )?;
+    let (straight, resumed) = straight_then_resumed_from(&recipe, 3)?;
     let out = straight.path().join("adapter.safetensors");
-    let resumed = tempfile::tempdir()?;
-    lora_train::train(
-        recipe(resumed.path(), Some(checkpoint_paths(&out, 3).0)).resolve()?,
-        &mut quiet(),
-        &mut |_| {},
-    )?;
     let out_r = resumed.path().join("adapter.safetensors");
     let adapter = tensors(&out);
     assert!(adapter.keys().any(|k| k.starts_with("lora_te_")));
@@ -1874,22 +1871,13 @@ fn lycoris_algorithms_train_in_lycoris_layout() -> Result<()> {
                 .collect()
         };
         assert_eq!(layout(&ours), layout(&theirs), "{algo}: keys and shapes");
+        // `max_abs` fails on a NaN or infinity; no such tensor leaves `moved` at 0.
         let moved = ours
             .iter()
             .filter(|(k, _)| k.ends_with(starts_at_zero))
-            .map(|(_, t)| {
-                t.abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            })
+            .map(|(_, t)| common::max_abs(t))
             .fold(0f32, f32::max);
-        assert!(
-            moved > 0.0 && moved.is_finite(),
-            "{algo}: {starts_at_zero} stayed at {moved}"
-        );
+        assert!(moved > 0.0, "{algo}: {starts_at_zero} stayed at {moved}");
         let file = AdapterFile::read(&path, &Device::Cpu)?;
         assert_eq!(file.lycoris_modules().len(), 128, "{algo}");
         assert_eq!(file.describe_format(), format!("lycoris-{algo}"));

@@ -182,9 +182,27 @@ impl LycorisModule {
         copy
     }
 
+    /// `[out, in·kh·kw]` of `ΔW`, from the factors' shapes (without computing it).
+    pub fn delta_dims(&self) -> Result<(usize, usize)> {
+        let dims = |t: &Tensor| t.dims2();
+        Ok(match &self.factors {
+            LycorisFactors::LoHa { w1a, w1b, .. } => (dims(w1a)?.0, dims(w1b)?.1),
+            LycorisFactors::LoKr { w1, w2 } => {
+                let half = |f: &KronFactor| -> Result<(usize, usize)> {
+                    Ok(match f {
+                        KronFactor::Full(w) => dims(w)?,
+                        KronFactor::LowRank { a, b } => (dims(a)?.0, dims(b)?.1),
+                    })
+                };
+                let ((a, c), (b, d)) = (half(w1)?, half(w2)?);
+                (a * b, c * d)
+            }
+        })
+    }
+
     /// Checks that `ΔW` is `[out, in·kh·kw]` of `info`.
     pub fn check_fits(&self, info: &ModuleInfo) -> Result<()> {
-        let (out, cols) = self.delta_weight()?.dims2()?;
+        let (out, cols) = self.delta_dims()?;
         ensure!(
             (out, cols) == (info.out_features, info.in_features),
             "{}: the {} ΔW is [{out}, {cols}] but the module is [{}, {}] (out, in·kernel)",

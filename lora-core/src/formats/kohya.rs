@@ -91,18 +91,21 @@ pub fn kohya_tensors(modules: &[KohyaModule]) -> Result<Vec<(String, Tensor)>> {
     Ok(tensors)
 }
 
+/// The one value all modules share, or "Dynamic" where they differ (sd-scripts' spelling, as after
+/// a dynamic resize).
+fn shared(values: Vec<String>) -> String {
+    let first = values.first().cloned().unwrap_or_default();
+    match values.iter().all(|v| *v == first) {
+        true => first,
+        false => "Dynamic".to_string(),
+    }
+}
+
 /// sd-scripts' network keys: `ss_network_module`, `ss_network_dim` and `ss_network_alpha` of the
 /// Linear and 1×1 modules (each "Dynamic" where modules differ, as after a dynamic resize), and
 /// `ss_network_args`, which gives the k×k conv modules' `conv_dim` and `conv_alpha` (LoCon) as
 /// sd-scripts does when a network has them.
 pub fn network_metadata(modules: &[KohyaModule]) -> BTreeMap<String, String> {
-    let shared = |values: Vec<String>| {
-        let first = values.first().cloned().unwrap_or_default();
-        match values.iter().all(|v| *v == first) {
-            true => first,
-            false => "Dynamic".to_string(),
-        }
-    };
     let rank = |m: &KohyaModule| m.down.dims().first().copied().unwrap_or(0).to_string();
     let alpha = |m: &KohyaModule| python_float(m.alpha);
     let (conv, linear): (Vec<&KohyaModule>, Vec<&KohyaModule>) = modules
@@ -188,13 +191,6 @@ pub fn lycoris_network_metadata(
     modules: &[(String, ModuleKind, &LycorisModule)],
     factor: Option<i64>,
 ) -> BTreeMap<String, String> {
-    let shared = |values: Vec<String>| {
-        let first = values.first().cloned().unwrap_or_default();
-        match values.iter().all(|v| *v == first) {
-            true => first,
-            false => "Dynamic".to_string(),
-        }
-    };
     let mut args = serde_json::Map::new();
     let algorithm = modules.first().map_or("loha", |(_, _, m)| m.algorithm());
     args.insert("algo".into(), algorithm.into());

@@ -16,8 +16,9 @@ use std::collections::BTreeMap;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor};
 
+use super::layout::alpha_value;
+
 use crate::adapters::lycoris::{KronFactor, LycorisFactors, LycorisModule};
-use crate::adapters::ModuleInfo;
 use crate::formats::keys::{Component, LOHA_SUFFIXES, LOKR_SUFFIXES, LYCORIS_TUCKER_SUFFIXES};
 
 /// Whether a file's keys are LyCORIS LoHa/LoKr ones.
@@ -95,26 +96,6 @@ pub(super) fn read_modules(
     Ok(modules)
 }
 
-/// Why a module does not fit `info`, or `None`.
-pub(super) fn misfit(
-    full: &str,
-    module: &LycorisModule,
-    info: &ModuleInfo,
-) -> Result<Option<String>> {
-    let dims = module.delta_weight()?.dims2()?;
-    Ok((dims != (info.out_features, info.in_features)).then(|| {
-        format!(
-            "`{full}`: the {} ΔW is [{}, {}] but {} is [{}, {}] (out, in·kernel)",
-            module.algorithm(),
-            dims.0,
-            dims.1,
-            info.path,
-            info.out_features,
-            info.in_features
-        )
-    }))
-}
-
 /// A stored factor as a matrix: 2-D as is, 4-D flattened after the first axis.
 fn matrix(key: &str, t: &Tensor) -> Result<Tensor> {
     match t.rank() {
@@ -125,19 +106,7 @@ fn matrix(key: &str, t: &Tensor) -> Result<Tensor> {
 }
 
 fn assemble(full: &str, mut parts: BTreeMap<String, Tensor>) -> Result<LycorisModule> {
-    let alpha = match parts.remove("alpha") {
-        Some(t) => {
-            ensure!(
-                t.elem_count() == 1,
-                "`{full}.alpha` must be a scalar, got {:?}",
-                t.dims()
-            );
-            let a = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
-            ensure!(a.is_finite(), "`{full}.alpha` is not finite");
-            (a != 0.0).then_some(a)
-        }
-        None => None,
-    };
+    let alpha = parts.remove("alpha");
     let mut take = |s: &str| parts.remove(s);
     let key = |s: &str| format!("{full}.{s}");
     let hada = LOHA_SUFFIXES.map(&mut take);
@@ -209,6 +178,10 @@ fn assemble(full: &str, mut parts: BTreeMap<String, Tensor>) -> Result<LycorisMo
         alpha: 0.0,
     };
     // A missing alpha (or 0) is the rank, as LyCORIS reads it: scale 1.
-    module.alpha = alpha.unwrap_or(module.rank() as f64);
+    let rank = module.rank();
+    module.alpha = match alpha {
+        Some(t) => alpha_value(&key("alpha"), &t, rank)?,
+        None => rank as f64,
+    };
     Ok(module)
 }

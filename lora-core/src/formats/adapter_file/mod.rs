@@ -378,8 +378,8 @@ impl AdapterFile {
                 });
                 continue;
             };
-            if let Some(e) = lycoris::misfit(&full, module, info)? {
-                problems.push(misfit(e));
+            if let Err(e) = module.check_fits(info) {
+                problems.push(misfit(format!("`{full}`: {e}")));
                 continue;
             }
             let target = match component {
