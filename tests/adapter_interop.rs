@@ -19,7 +19,7 @@ use lora_toolkit::core::formats::adapter_file::{
     save_adapter, AdapterFile, AdapterFormat, ModelModules, SaveOptions,
 };
 use lora_toolkit::core::formats::kohya::BaseModelVersion;
-use lora_toolkit::core::models::config::{PredictionType, UNetConfig};
+use lora_toolkit::core::models::config::PredictionType;
 use lora_toolkit::core::source::ModelFolder;
 use lora_toolkit::core::{models::text_encoder, Adapter, UNet2DConditionModel};
 
@@ -54,7 +54,7 @@ fn adapter_files_checked_by_diffusers() -> Result<()> {
     for cfg in CONFIGS {
         let dir = fixtures().join(cfg);
         let folder = ModelFolder::open(&dir)?;
-        let config = UNetConfig::from_file(&folder.unet_config())?;
+        let config = folder.unet_config()?;
         let unet = UNet2DConditionModel::from_files(
             &config,
             &[folder.unet_weights().to_path_buf()],
@@ -133,7 +133,7 @@ fn dora_files_read_and_write_as_lycoris_and_diffusers_do() -> Result<()> {
     for cfg in CONFIGS {
         let dir = fixtures().join(cfg);
         let folder = ModelFolder::open(&dir)?;
-        let config = UNetConfig::from_file(&folder.unet_config())?;
+        let config = folder.unet_config()?;
         let unet_modules = UNet2DConditionModel::adapter_modules_of(&config)?;
         let modules = ModelModules {
             unet: &unet_modules,

@@ -126,7 +126,7 @@ fn every_reader_refuses_hostile_files_naming_them() {
             mmap_safetensors(std::slice::from_ref(path)).map(drop)
         });
         refuses("SingleFile::open", what, path, || {
-            SingleFile::open(path).map(drop)
+            SingleFile::open(path, true).map(drop)
         });
         refuses("BaseModel::open", what, path, || {
             BaseModel::open(path).map(drop)

@@ -38,6 +38,7 @@ fn to(layout: OutputLayout, config_from: Option<PathBuf>) -> Conversion {
     Conversion {
         to: layout,
         config_from,
+        no_ema: false,
     }
 }
 

@@ -306,11 +306,10 @@ fn a_module_set_without_convs_rejects_3x3_locon_modules_pointing_to_lora_merge()
 /// runs as the UNet whose weights diffusers' `load_lora_weights` + `fuse_lora(0.8)` changed.
 #[test]
 fn a_locon_file_attached_unmerged_equals_diffusers_fused_weights() -> Result<()> {
-    use lora_toolkit::core::models::config::UNetConfig;
     use lora_toolkit::core::source::ModelFolder;
     use lora_toolkit::core::{AdapterFile, ModelModules, Rng, UNet2DConditionModel};
     let folder = ModelFolder::open(&fixtures().join(CFG))?;
-    let config = UNetConfig::from_file(&folder.unet_config())?;
+    let config = folder.unet_config()?;
     let scale = 0.8;
     let modules = UNet2DConditionModel::adapter_modules_of(&config)?;
     let adapter = AdapterFile::read(&merge_dir().join("adapter_locon.safetensors"), &Device::Cpu)?
@@ -366,11 +365,10 @@ fn a_locon_file_attached_unmerged_equals_diffusers_fused_weights() -> Result<()>
 /// runtime UNet does not: resolving such a file for lora-infer says to fold it with lora-merge.
 #[test]
 fn conv_in_adapters_point_to_lora_merge_at_run_time() -> Result<()> {
-    use lora_toolkit::core::models::config::UNetConfig;
     use lora_toolkit::core::source::ModelFolder;
     use lora_toolkit::core::{AdapterFile, ModelModules, UNet2DConditionModel};
     let folder = ModelFolder::open(&fixtures().join(CFG))?;
-    let config = UNetConfig::from_file(&folder.unet_config())?;
+    let config = folder.unet_config()?;
     let out_ch = config.block_out_channels[0];
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("full.safetensors");

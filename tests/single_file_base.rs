@@ -12,9 +12,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use common::{expected, fixtures, get, max_abs, max_abs_diff};
-use lora_core::models::config::UNetConfig;
 use lora_core::options::AdapterSpec;
-use lora_core::source::{ModelFolder, ModelSource};
+use lora_core::source::{BaseChoices, ModelFolder, ModelSource};
 use lora_infer::{GenerateOptions, Pipeline, SchedulerKind};
 use lora_train::TrainArgs;
 
@@ -32,7 +31,7 @@ fn ldm_file() -> PathBuf {
 fn single_file() -> Result<ModelFolder> {
     ModelSource::parse(ldm_file().to_str().unwrap())?
         .with_configs_from(Some(folder_dir()))?
-        .open()
+        .open(&BaseChoices::default())
 }
 
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
@@ -43,7 +42,7 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
 fn outputs(model: &ModelFolder, dtype: DType) -> Result<[Tensor; 3]> {
     let exp = expected("sd2-tiny")?;
     let dev = Device::Cpu;
-    let config = UNetConfig::from_file(&model.unet_config())?;
+    let config = model.unet_config()?;
     let unet = model.load_unet(&config, dtype, &dev)?;
     let unet_out = unet.forward(
         &get(&exp, "sample").to_dtype(dtype)?,
@@ -173,7 +172,7 @@ fn bad_single_files_fail_clearly() -> Result<()> {
         "{:#}",
         ModelSource::parse(adapter.to_str().unwrap())?
             .with_configs_from(Some(folder_dir()))?
-            .open()
+            .open(&BaseChoices::default())
             .unwrap_err()
     );
     assert!(
@@ -182,15 +181,16 @@ fn bad_single_files_fail_clearly() -> Result<()> {
         "{err}"
     );
 
-    // A checkpoint without configs says which flag gives them and what it detected.
+    // A checkpoint of a UNet no built-in config fits says what differs and which flag gives
+    // configs.
     let err = format!(
         "{:#}",
         ModelSource::parse(ldm_file().to_str().unwrap())?
-            .open()
+            .open(&BaseChoices::default())
             .unwrap_err()
     );
     assert!(
-        err.contains("--base-config") && err.contains("SD2.x"),
+        err.contains("--base-config") && err.contains("SD 1.x/2.x have 320"),
         "{err}"
     );
 
@@ -198,7 +198,8 @@ fn bad_single_files_fail_clearly() -> Result<()> {
     let empty = tempfile::tempdir()?;
     let err = format!(
         "{:#}",
-        ModelFolder::open_single_file(&ldm_file(), Some(empty.path())).unwrap_err()
+        ModelFolder::open_single_file(&ldm_file(), Some(empty.path()), &BaseChoices::default())
+            .unwrap_err()
     );
     assert!(err.contains("is missing unet/config.json"), "{err}");
     Ok(())
@@ -243,6 +244,113 @@ fn a_pickle_checkpoint_is_refused_or_read_like_its_safetensors() -> Result<()> {
                 .collect())
         };
         assert_eq!(bits(tensor)?, bits(reference)?, "{name}");
+    }
+    Ok(())
+}
+
+/// A single file that holds an EMA copy of its UNet beside the plain weights, as
+/// `v1-5-pruned.safetensors` does (`model_ema.` + the key without `model.` and its dots): the EMA
+/// copy is the model unless `--no-ema`; lora-merge merges an adapter into both copies of a
+/// single-file output and converts the chosen copy to a diffusers folder.
+#[test]
+fn an_ema_copy_is_the_model_unless_no_ema() -> Result<()> {
+    use lora_core::formats::checkpoint_kind::ema_key;
+    use lora_merge::{merge_converting, Conversion, MergeOptions, OutputLayout};
+    let dev = Device::Cpu;
+    let dir = tempfile::tempdir()?;
+    let original = candle_core::safetensors::load(ldm_file(), &dev)?;
+    let mut with_ema = std::collections::HashMap::new();
+    for (key, t) in &original {
+        if let Some(ema) = ema_key(key) {
+            // The EMA copy holds the real weights; the plain ones are something else.
+            with_ema.insert(ema, t.clone());
+            with_ema.insert(key.clone(), (t * 0.5)?);
+        } else {
+            with_ema.insert(key.clone(), t.clone());
+        }
+    }
+    let path = dir.path().join("with_ema.safetensors");
+    candle_core::safetensors::save(&with_ema, &path)?;
+
+    let open = |no_ema| {
+        ModelSource::parse(path.to_str().unwrap())?
+            .with_configs_from(Some(folder_dir()))?
+            .open(&BaseChoices {
+                prediction: None,
+                no_ema,
+            })
+    };
+    let exp = expected("sd2-tiny")?;
+    let unet_out = |model: &ModelFolder| -> Result<Tensor> {
+        let unet = model.load_unet(&model.unet_config()?, DType::F32, &dev)?;
+        Ok(unet.forward(
+            get(&exp, "sample"),
+            get(&exp, "timestep"),
+            get(&exp, "encoder_hidden_states"),
+        )?)
+    };
+    let reference = unet_out(&single_file()?)?;
+    let ema_model = open(false)?;
+    assert!(
+        ema_model.describe().contains("EMA weights"),
+        "{}",
+        ema_model.describe()
+    );
+    assert_eq!(max_abs_diff(&unet_out(&ema_model)?, &reference), 0.0);
+    let plain_model = open(true)?;
+    assert!(!plain_model.describe().contains("EMA"));
+    assert!(max_abs_diff(&unet_out(&plain_model)?, &reference) > 1e-3);
+
+    // Merged into a single file: every UNet weight the adapter changes changes in both copies.
+    let kohya = AdapterSpec::new(folder_dir().join("adapter_kohya.safetensors"), 1.0);
+    let merged_path = dir.path().join("merged.safetensors");
+    let options = |output: PathBuf| MergeOptions {
+        base: path.clone(),
+        adapters: vec![kohya.clone()],
+        output,
+        dtype: None,
+        allow_unmatched: false,
+        allow_nonfinite: false,
+    };
+    merge_converting(&options(merged_path.clone()), None)?;
+    let merged = candle_core::safetensors::load(&merged_path, &dev)?;
+    let changed = |key: &str| -> Result<bool> {
+        Ok(max_abs_diff(
+            &merged[key].to_dtype(DType::F32)?,
+            &with_ema[key].to_dtype(DType::F32)?,
+        ) > 0.0)
+    };
+    let mut both = 0;
+    for key in original
+        .keys()
+        .filter(|k| k.starts_with("model.diffusion_model."))
+    {
+        let ema = ema_key(key).unwrap();
+        assert_eq!(changed(key)?, changed(&ema)?, "{key} vs {ema}");
+        both += usize::from(changed(key)?);
+    }
+    assert!(both > 0, "the adapter changed no UNet weight");
+
+    // Converted to a diffusers folder: the chosen copy is the folder's UNet.
+    for (no_ema, scale) in [(false, 1.0), (true, 0.5)] {
+        let output = dir.path().join(format!("folder-{no_ema}"));
+        let conversion = Conversion {
+            to: OutputLayout::Diffusers,
+            config_from: Some(folder_dir()),
+            no_ema,
+        };
+        let mut opts = options(output.clone());
+        opts.adapters.clear();
+        merge_converting(&opts, Some(&conversion))?;
+        let unet = candle_core::safetensors::load(
+            output.join("unet/diffusion_pytorch_model.safetensors"),
+            &dev,
+        )?;
+        let expected = (original["model.diffusion_model.input_blocks.0.0.weight"]
+            .to_dtype(DType::F32)?
+            * scale)?;
+        let err = max_abs_diff(&unet["conv_in.weight"].to_dtype(DType::F32)?, &expected);
+        assert!(err <= 1e-3, "--no-ema {no_ema}: conv_in differs by {err}");
     }
     Ok(())
 }

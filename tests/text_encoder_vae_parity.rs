@@ -250,7 +250,7 @@ fn bad_inputs_fail_with_clear_errors() -> Result<()> {
         source,
         ModelSource::Hub("lora-toolkit-tests/no-such-model".into())
     );
-    let err = format!("{:#}", source.open().unwrap_err());
+    let err = format!("{:#}", source.open(&Default::default()).unwrap_err());
     println!("{err}");
     assert!(
         err.contains("`lora-toolkit-tests/no-such-model`")

@@ -1245,7 +1245,7 @@ fn the_text_encoder_trains_with_its_own_learning_rate() -> Result<()> {
     }
     let folder = lora_core::source::ModelFolder::open(&common::fixtures().join("sd1-tiny"))?;
     let te_modules = lora_core::models::text_encoder::lora_modules(&folder.text_encoder_config()?);
-    let unet_config = lora_core::models::config::UNetConfig::from_file(&folder.unet_config())?;
+    let unet_config = folder.unet_config()?;
     let unet_modules = lora_core::UNet2DConditionModel::adapter_modules_of(&unet_config)?;
     let adapter = file.resolve(&lora_core::ModelModules {
         unet: &unet_modules,
@@ -1613,7 +1613,6 @@ fn block_learning_rates_and_ranks_apply_per_block() -> Result<()> {
 /// resumed run is bit-exact. `--conv-alpha` without `--conv-rank` is refused.
 #[test]
 fn conv_adapters_train_and_load_both_ways() -> Result<()> {
-    use lora_core::models::config::UNetConfig;
     use lora_core::source::ModelFolder;
     use lora_core::{ModelModules, UNet2DConditionModel};
     let dir = tempfile::tempdir()?;
@@ -1667,7 +1666,7 @@ fn conv_adapters_train_and_load_both_ways() -> Result<()> {
     }
 
     let folder = ModelFolder::open(&common::fixtures().join("sd1-tiny"))?;
-    let unet_config = UNetConfig::from_file(&folder.unet_config())?;
+    let unet_config = folder.unet_config()?;
     let modules = UNet2DConditionModel::adapter_modules_of(&unet_config)?;
     let adapter = file.resolve(&ModelModules {
         unet: &modules,
@@ -1780,7 +1779,7 @@ fn dora_trains_a_magnitude_per_output_channel() -> Result<()> {
     lora_train::train(recipe.resolve()?, &mut quiet(), &mut |_| {})?;
     let path = out.path().join("adapter.safetensors");
     let folder = lora_core::source::ModelFolder::open(&common::fixtures().join("sd1-tiny"))?;
-    let config = lora_core::models::config::UNetConfig::from_file(&folder.unet_config())?;
+    let config = folder.unet_config()?;
     let weights = [folder.unet_weights().to_path_buf()];
     let mut unet = lora_core::UNet2DConditionModel::from_files(
         &config,

@@ -22,7 +22,7 @@ pub fn run(data: &[u8]) {
         &path,
         mmap_safetensors(std::slice::from_ref(&path)).map(drop),
     );
-    expect_named(&path, SingleFile::open(&path).map(drop));
+    expect_named(&path, SingleFile::open(&path, true).map(drop));
     match AdapterFile::read(&path, &device) {
         Ok(adapter) => {
             // What callers read off a loaded adapter must hold up too.

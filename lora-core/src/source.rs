@@ -1,9 +1,11 @@
 //! Where a model's files are: a local diffusers folder, or a Hugging Face Hub id resolved to one
 //! (the Hub cache's snapshot folder has the same layout), or a single-file (LDM) checkpoint whose
-//! weights are read through [`crate::formats::single_file`] with the config files of a folder like
-//! the one below (`--base-config`; a single file holds no configs). Load components through
-//! [`ModelFolder::load_unet`] & co., which work for both. [`clip_model_folder`] resolves a CLIP
-//! model (CLIP score's) the same way: a local folder, or a Hub id's cached snapshot.
+//! weights are read through [`crate::formats::single_file`], identified as SD 1.x or 2.x from its
+//! tensors and served with the built-in configs of that model
+//! ([`crate::models::config::BuiltinConfigs`]), or with the config files of a folder like the one
+//! below (`--base-config`). Load components through [`ModelFolder::load_unet`] & co., which work
+//! for all of them. [`clip_model_folder`] resolves a CLIP model (CLIP score's) the same way: a
+//! local folder, or a Hub id's cached snapshot.
 //!
 //! ```text
 //! model_index.json                 optional; component classes
@@ -25,10 +27,12 @@ use hf_hub::{Cache, Repo, RepoType};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::formats::ldm::{ModelPart, TextEncoderLayout};
+use crate::formats::ldm::ModelPart;
 use crate::formats::single_file::SingleFile;
 use crate::io::{pickle, weights};
-use crate::models::config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::models::config::{
+    BuiltinConfigs, ClipTextConfig, PredictionType, SchedulerConfig, UNetConfig, VaeConfig,
+};
 use crate::models::text_encoder::TextEncoder;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet2DConditionModel;
@@ -164,15 +168,19 @@ impl ModelSource {
     }
 
     /// The model's folder: local as is, or the Hub's cached snapshot, downloading missing files;
-    /// a single file with the configs of its `configs_from` folder.
-    pub fn open(&self) -> Result<ModelFolder> {
-        match self {
-            Self::Local(path) => ModelFolder::open(path),
-            Self::Hub(id) => open_from_hub(id, Cache::from_env(), std::env::var(ENDPOINT_ENV).ok()),
-            Self::SingleFile { file, configs_from } => {
-                ModelFolder::open_single_file(file, configs_from.as_deref())
+    /// a single file with the built-in configs of its architecture, or those of its
+    /// `configs_from` folder. `choices` are the command line's (`--prediction-type`, `--no-ema`).
+    pub fn open(&self, choices: &BaseChoices) -> Result<ModelFolder> {
+        let folder = match self {
+            Self::Local(path) => ModelFolder::open(path)?,
+            Self::Hub(id) => {
+                open_from_hub(id, Cache::from_env(), std::env::var(ENDPOINT_ENV).ok())?
             }
-        }
+            Self::SingleFile { file, configs_from } => {
+                return ModelFolder::open_single_file(file, configs_from.as_deref(), choices)
+            }
+        };
+        Ok(folder.with_prediction(choices.prediction))
     }
 }
 
@@ -481,13 +489,44 @@ impl ModelIndex {
     }
 }
 
-/// A verified diffusers model folder, or a single-file checkpoint with a folder of configs.
+/// `--base-config`'s help, the same in every binary.
+pub const BASE_CONFIG_HELP: &str = "For a single-file --base: a diffusers folder whose config \
+    files (unet/, text_encoder/, scheduler/, vae/ config.json; tokenizer/ if any) describe it, \
+    replacing the built-in configs of the SD 1.x/2.x model the file is recognised as; its \
+    weights are not read";
+/// `--prediction-type`'s help.
+pub const PREDICTION_TYPE_HELP: &str = "What the base UNet predicts, epsilon or v_prediction \
+    (or sample), replacing what the model says: a folder's scheduler config, or for a single \
+    file its v_pred marker, modelspec metadata or A1111 .yaml beside it, else epsilon for SD 1.x \
+    and v_prediction (768×768) for SD 2.x. The choice is printed";
+/// `--no-ema`'s help.
+pub const NO_EMA_HELP: &str = "For a single file that holds both EMA (`model_ema.…`) and plain \
+    UNet weights: use the plain ones [default: the EMA weights]";
+
+/// What the command line chose about the base model, for every binary alike.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BaseChoices {
+    /// `--prediction-type`: what the UNet predicts, overriding what the model's files say.
+    pub prediction: Option<PredictionType>,
+    /// `--no-ema`: a single file's plain UNet weights rather than its EMA copy.
+    pub no_ema: bool,
+}
+
+/// Where a model's configs come from.
+#[derive(Debug, Clone)]
+enum Configs {
+    /// A diffusers folder: the model's own, or a single file's `--base-config`.
+    Folder(PathBuf),
+    /// The built-in configs of the architecture a single file was identified as.
+    Builtin(BuiltinConfigs),
+}
+
+/// A verified diffusers model folder, or a single-file checkpoint with its configs.
 #[derive(Debug, Clone)]
 pub struct ModelFolder {
     /// The folder, or the single file: what messages name as the model.
     root: PathBuf,
-    /// Where `unet/config.json` & co. are: `root` for a folder.
-    config_root: PathBuf,
+    configs: Configs,
     /// Set when the weights come from a single-file checkpoint instead of the folder.
     single_file: Option<Arc<SingleFile>>,
     index: Option<ModelIndex>,
@@ -495,6 +534,10 @@ pub struct ModelFolder {
     text_encoder_weights: PathBuf,
     vae_weights: Option<PathBuf>,
     has_tokenizer: bool,
+    /// `--prediction-type`, replacing the scheduler config's.
+    prediction_override: Option<PredictionType>,
+    /// What was found and chosen, for the user (see [`ModelFolder::describe`]).
+    summary: String,
 }
 
 impl ModelFolder {
@@ -551,66 +594,105 @@ impl ModelFolder {
         );
         Ok(Self {
             root: root.to_path_buf(),
-            config_root: root.to_path_buf(),
+            configs: Configs::Folder(root.to_path_buf()),
             single_file: None,
             index,
             unet_weights,
             text_encoder_weights,
             vae_weights,
             has_tokenizer,
+            prediction_override: None,
+            summary: "diffusers folder".to_owned(),
         })
     }
 
-    /// A single-file checkpoint's weights with the configs of `configs_from`, which must hold
-    /// `unet/config.json`, `text_encoder/config.json`, `scheduler/scheduler_config.json` and,
-    /// when the file has a VAE, `vae/config.json` (`tokenizer/` optional). Its weights, if any,
-    /// are not read.
-    pub fn open_single_file(file: &Path, configs_from: Option<&Path>) -> Result<Self> {
-        let single = SingleFile::open(file)?;
-        let kind = match single.text_encoder_layout() {
-            TextEncoderLayout::Clip => "SD1.x (CLIP text encoder)",
-            TextEncoderLayout::OpenClip => "SD2.x (OpenCLIP text encoder)",
-        };
-        let Some(configs) = configs_from else {
-            bail!(
-                "{} is a single-file {kind} checkpoint, which holds no configs: pass \
-                 --base-config DIR, a diffusers folder of the same architecture (only its \
-                 unet/, text_encoder/, scheduler/, vae/ config files and tokenizer/ are read)",
-                file.display()
-            );
-        };
-        let require = |relative: &str| -> Result<PathBuf> {
-            let path = configs.join(relative);
-            ensure!(
-                path.is_file(),
-                "config folder {} (for {}) is missing {relative}",
-                configs.display(),
-                file.display()
-            );
-            Ok(path)
-        };
-        require("unet/config.json")?;
-        require("text_encoder/config.json")?;
-        require("scheduler/scheduler_config.json")?;
+    /// A single-file checkpoint: its architecture and prediction type identified from its
+    /// tensors, metadata and an A1111 `.yaml` beside it, served with the built-in configs; or,
+    /// with `configs_from`, with that folder's `unet/`, `text_encoder/`, `scheduler/` and (when
+    /// the file has a VAE) `vae/` config files (`tokenizer/` optional), whatever the file is.
+    pub fn open_single_file(
+        file: &Path,
+        configs_from: Option<&Path>,
+        choices: &BaseChoices,
+    ) -> Result<Self> {
+        let single = SingleFile::open(file, !choices.no_ema)?;
         let has_vae = single.has(ModelPart::Vae);
-        if has_vae {
-            require("vae/config.json")?;
-        }
-        let index_path = configs.join(MODEL_INDEX);
-        let index = index_path
-            .is_file()
-            .then(|| ModelIndex::from_file(&index_path))
-            .transpose()?;
-        Ok(Self {
+        let weights_note = if single.uses_ema() {
+            ", EMA weights (--no-ema for the others)"
+        } else {
+            ""
+        };
+        let (configs, index, has_tokenizer, summary) = match configs_from {
+            Some(dir) => {
+                require_config_files(dir, file, has_vae)?;
+                let index_path = dir.join(MODEL_INDEX);
+                let index = index_path
+                    .is_file()
+                    .then(|| ModelIndex::from_file(&index_path))
+                    .transpose()?;
+                let summary = format!(
+                    "single-file checkpoint with the configs of {}{weights_note}",
+                    dir.display()
+                );
+                let has_tokenizer = dir.join("tokenizer").is_dir();
+                (
+                    Configs::Folder(dir.to_path_buf()),
+                    index,
+                    has_tokenizer,
+                    summary,
+                )
+            }
+            None => {
+                let yaml = beside_yaml(file)?;
+                let yaml_ref = yaml.as_ref().map(|(p, t)| (p.as_path(), t.as_str()));
+                let (architecture, found, reason) = single.identify(yaml_ref)?;
+                let (prediction, why) = match choices.prediction {
+                    Some(p) => (p, "--prediction-type".to_owned()),
+                    None => (found, reason),
+                };
+                let builtin = BuiltinConfigs {
+                    architecture,
+                    prediction,
+                };
+                let summary = format!(
+                    "single-file {architecture} checkpoint, built-in configs for {} ({prediction} \
+                     from {why}){weights_note}",
+                    builtin.describe(),
+                );
+                (Configs::Builtin(builtin), None, false, summary)
+            }
+        };
+        let folder = Self {
             root: file.to_path_buf(),
-            config_root: configs.to_path_buf(),
+            configs,
             single_file: Some(Arc::new(single)),
             index,
             unet_weights: file.to_path_buf(),
             text_encoder_weights: file.to_path_buf(),
             vae_weights: has_vae.then(|| file.to_path_buf()),
-            has_tokenizer: configs.join("tokenizer").is_dir(),
+            has_tokenizer,
+            prediction_override: None,
+            summary,
+        };
+        Ok(match configs_from {
+            Some(_) => folder.with_prediction(choices.prediction),
+            None => folder,
         })
+    }
+
+    /// The model with its scheduler's prediction type replaced by `prediction` when given.
+    fn with_prediction(mut self, prediction: Option<PredictionType>) -> Self {
+        if let Some(p) = prediction {
+            self.summary.push_str(&format!(", {p} (--prediction-type)"));
+            self.prediction_override = Some(p);
+        }
+        self
+    }
+
+    /// What the model is and what was chosen for it (architecture, resolution, prediction type
+    /// and why, EMA), for the binaries to print.
+    pub fn describe(&self) -> String {
+        format!("{}: {}", self.root.display(), self.summary)
     }
 
     /// The folder, or the single-file checkpoint.
@@ -662,7 +744,8 @@ impl ModelFolder {
         deltas: BTreeMap<String, Tensor>,
     ) -> Result<TextEncoder> {
         let Some(file) = &self.single_file else {
-            return TextEncoder::load(&self.text_encoder_dir(), config, dtype, device, deltas);
+            let dir = self.root.join("text_encoder");
+            return TextEncoder::load(&dir, config, dtype, device, deltas);
         };
         let vb = file.var_builder(ModelPart::TextEncoder, dtype, device, deltas)?;
         TextEncoder::from_var_builder(vb, config)
@@ -671,14 +754,18 @@ impl ModelFolder {
 
     /// The VAE in `dtype`, `None` for pixel-space models.
     pub fn load_vae(&self, dtype: DType, device: &Device) -> Result<Option<Vae>> {
-        let Some(dir) = self.vae_dir() else {
+        let Some(config) = self.vae_config()? else {
             return Ok(None);
         };
-        let Some(file) = &self.single_file else {
-            return Vae::load(&dir, dtype, device).map(Some);
+        let vb = match &self.single_file {
+            Some(file) => file.var_builder(ModelPart::Vae, dtype, device, BTreeMap::new())?,
+            None => weights::var_builder(
+                std::slice::from_ref(self.vae_weights.as_ref().expect("a VAE config")),
+                dtype,
+                device,
+                BTreeMap::new(),
+            )?,
         };
-        let config = VaeConfig::from_file(&dir.join("config.json"))?;
-        let vb = file.var_builder(ModelPart::Vae, dtype, device, BTreeMap::new())?;
         Vae::from_var_builder(vb, config)
             .map(Some)
             .with_context(|| format!("loading the VAE of {}", self.root.display()))
@@ -688,20 +775,23 @@ impl ModelFolder {
         self.index.as_ref()
     }
 
-    pub fn unet_dir(&self) -> PathBuf {
-        self.config_root.join("unet")
+    /// The config file `relative` of a config folder, `None` for built-in configs.
+    fn config_file(&self, relative: &str) -> Option<PathBuf> {
+        match &self.configs {
+            Configs::Folder(dir) => Some(dir.join(relative)),
+            Configs::Builtin(_) => None,
+        }
     }
 
-    pub fn unet_config(&self) -> PathBuf {
-        self.unet_dir().join("config.json")
+    pub fn unet_config(&self) -> Result<UNetConfig> {
+        match &self.configs {
+            Configs::Folder(dir) => UNetConfig::from_file(&dir.join("unet/config.json")),
+            Configs::Builtin(builtin) => builtin.unet(),
+        }
     }
 
     pub fn unet_weights(&self) -> &Path {
         &self.unet_weights
-    }
-
-    pub fn text_encoder_dir(&self) -> PathBuf {
-        self.config_root.join("text_encoder")
     }
 
     pub fn text_encoder_weights(&self) -> &Path {
@@ -709,7 +799,12 @@ impl ModelFolder {
     }
 
     pub fn text_encoder_config(&self) -> Result<ClipTextConfig> {
-        ClipTextConfig::from_file(&self.text_encoder_dir().join("config.json"))
+        match &self.configs {
+            Configs::Folder(dir) => {
+                ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))
+            }
+            Configs::Builtin(builtin) => builtin.text_encoder(),
+        }
     }
 
     /// False for pixel-space models, whose UNet denoises images directly.
@@ -717,8 +812,10 @@ impl ModelFolder {
         self.vae_weights.is_some()
     }
 
+    /// The VAE's folder of config (and, for a diffusers folder, weights) files; `None` without a
+    /// VAE or with built-in configs.
     pub fn vae_dir(&self) -> Option<PathBuf> {
-        self.has_vae().then(|| self.config_root.join("vae"))
+        self.has_vae().then(|| self.config_file("vae")).flatten()
     }
 
     pub fn vae_weights(&self) -> Option<&Path> {
@@ -726,31 +823,78 @@ impl ModelFolder {
     }
 
     pub fn vae_config(&self) -> Result<Option<VaeConfig>> {
-        self.vae_dir()
-            .map(|dir| VaeConfig::from_file(&dir.join("config.json")))
-            .transpose()
+        if !self.has_vae() {
+            return Ok(None);
+        }
+        match &self.configs {
+            Configs::Folder(dir) => VaeConfig::from_file(&dir.join("vae/config.json")).map(Some),
+            Configs::Builtin(builtin) => builtin.vae().map(Some),
+        }
     }
 
     pub fn tokenizer_dir(&self) -> Option<PathBuf> {
         self.has_tokenizer
-            .then(|| self.config_root.join("tokenizer"))
+            .then(|| self.config_file("tokenizer"))
+            .flatten()
     }
 
     /// The model's tokenizer (its own vocabulary if it has one, else the embedded CLIP one).
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
         let text_config = self.text_encoder_config()?;
-        let dir = self.tokenizer_dir();
-        ClipTokenizer::load(dir.as_deref(), &text_config)
-            .with_context(|| format!("loading the tokenizer of {}", self.root.display()))
+        let tokenizer = match &self.configs {
+            Configs::Builtin(builtin) => ClipTokenizer::embedded(&text_config, builtin.pad_token()),
+            Configs::Folder(_) => {
+                ClipTokenizer::load(self.tokenizer_dir().as_deref(), &text_config)
+            }
+        };
+        tokenizer.with_context(|| format!("loading the tokenizer of {}", self.root.display()))
     }
 
-    pub fn scheduler_config_path(&self) -> PathBuf {
-        self.config_root.join("scheduler/scheduler_config.json")
-    }
-
+    /// The scheduler config, with `--prediction-type` applied.
     pub fn scheduler_config(&self) -> Result<SchedulerConfig> {
-        SchedulerConfig::from_file(&self.scheduler_config_path())
+        let mut config = match &self.configs {
+            Configs::Folder(dir) => {
+                SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?
+            }
+            Configs::Builtin(builtin) => builtin.scheduler()?,
+        };
+        if let Some(p) = self.prediction_override {
+            config.prediction_type = p;
+        }
+        Ok(config)
     }
+}
+
+/// Checks that config folder `dir` (for single file `file`) has the config files a model needs.
+fn require_config_files(dir: &Path, file: &Path, has_vae: bool) -> Result<()> {
+    let mut required = vec![
+        "unet/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+    ];
+    if has_vae {
+        required.push("vae/config.json");
+    }
+    for relative in required {
+        ensure!(
+            dir.join(relative).is_file(),
+            "config folder {} (for {}) is missing {relative}",
+            dir.display(),
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+/// The A1111 config beside a single file (`NAME.yaml` for `NAME.safetensors`), with its text.
+fn beside_yaml(file: &Path) -> Result<Option<(PathBuf, String)>> {
+    let yaml = file.with_extension("yaml");
+    if !yaml.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&yaml)
+        .with_context(|| format!("cannot read {}", yaml.display()))?;
+    Ok(Some((yaml, text)))
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use lora_eval::lora_core::models::config::PredictionType;
 use lora_eval::lora_core::options::{AdapterSpec, DeviceSpec, Precision};
+use lora_eval::lora_core::source::{BASE_CONFIG_HELP, NO_EMA_HELP, PREDICTION_TYPE_HELP};
 use lora_eval::metrics::SamplingSettings;
 
 /// Score generated images and adapters: FID, IS, KID (FID Inception-v3) and CLIP score.
@@ -119,9 +121,12 @@ pub struct CompareArgs {
     /// Base model: a diffusers folder, a Hub id or a single-file checkpoint.
     #[arg(long)]
     pub base: String,
-    /// For a single-file --base: a diffusers folder of the same architecture for its configs.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help = BASE_CONFIG_HELP)]
     pub base_config: Option<PathBuf>,
+    #[arg(long, value_name = "TYPE", help = PREDICTION_TYPE_HELP)]
+    pub prediction_type: Option<PredictionType>,
+    #[arg(long, help = NO_EMA_HELP)]
+    pub no_ema: bool,
     /// An adapter to compare, FILE[:SCALE] (repeatable; each is one column).
     #[arg(long = "lora", value_name = "FILE[:SCALE]", required = true)]
     pub loras: Vec<AdapterSpec>,

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_core::options::{check_output, prepare_output};
-use lora_core::source::ModelSource;
+use lora_core::source::{BaseChoices, ModelSource};
 use lora_eval::compare::{compare, CompareEvent, CompareJob};
 use lora_eval::extract::{ExtractOptions, Phase};
 use lora_eval::prompts::read_prompt_lines;
@@ -36,7 +36,12 @@ pub fn run(args: CompareArgs) -> Result<()> {
             copy.display()
         );
     }
-    let model = source.open()?;
+    let choices = BaseChoices {
+        prediction: args.prediction_type,
+        no_ema: args.no_ema,
+    };
+    let model = source.open(&choices)?;
+    eprintln!("base: {}", model.describe());
     let adapters = args
         .loras
         .iter()

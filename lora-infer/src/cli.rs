@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use lora_infer::lora_core::models::config::PredictionType;
 use lora_infer::lora_core::options::{AdapterSpec, DeviceSpec, Precision};
+use lora_infer::lora_core::source::{BASE_CONFIG_HELP, NO_EMA_HELP, PREDICTION_TYPE_HELP};
 use lora_infer::SamplingArgs;
 
 /// Generate images with a Stable Diffusion 1.x/2.x model and LoRA adapters.
@@ -11,15 +13,15 @@ use lora_infer::SamplingArgs;
 #[command(name = "lora-infer", version)]
 pub struct Cli {
     /// Base model: a diffusers folder, a Hugging Face Hub id, or a single-file SD1.x/SD2.x
-    /// checkpoint (.safetensors with LDM keys; needs --base-config)
+    /// checkpoint (.safetensors with LDM keys), recognised from its tensors
     #[arg(long)]
     pub base: String,
-    /// For a single-file --base: a diffusers folder of the same architecture whose config files
-    /// (unet/, text_encoder/, scheduler/, vae/ config.json; tokenizer/ if any) describe it; its
-    /// weights are not read. The prediction type (SD2 768-v: v_prediction) comes from its
-    /// scheduler config
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help = BASE_CONFIG_HELP)]
     pub base_config: Option<PathBuf>,
+    #[arg(long, value_name = "TYPE", help = PREDICTION_TYPE_HELP)]
+    pub prediction_type: Option<PredictionType>,
+    #[arg(long, help = NO_EMA_HELP)]
+    pub no_ema: bool,
     /// Adapter file with an optional scale, FILE[:SCALE] (repeatable; UNet and, when the file has
     /// them, text-encoder modules).
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]

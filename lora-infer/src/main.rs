@@ -8,7 +8,7 @@ use anyhow::{ensure, Result};
 use clap::Parser;
 use cli::Cli;
 use lora_infer::lora_core::options::{check_output, prepare_output, AdapterSpec};
-use lora_infer::lora_core::source::ModelSource;
+use lora_infer::lora_core::source::{BaseChoices, ModelSource};
 use lora_infer::output::{self, Image8};
 use lora_infer::pipeline::check_image_size;
 use lora_infer::{GenerateOptions, InitImage, Pipeline};
@@ -32,7 +32,12 @@ fn main() -> Result<()> {
             copy.display()
         );
     }
-    let model = source.open()?;
+    let choices = BaseChoices {
+        prediction: cli.prediction_type,
+        no_ema: cli.no_ema,
+    };
+    let model = source.open(&choices)?;
+    eprintln!("base: {}", model.describe());
     let mut loras = Vec::with_capacity(cli.loras.len());
     for spec in &cli.loras {
         let readable = spec.readable(cli.allow_pickle)?;

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use lora_core::models::config::{SchedulerConfig, UNetConfig};
+use lora_core::models::config::SchedulerConfig;
 use lora_core::models::text_encoder::{self, TextEncoder};
 use lora_core::models::tokenizer::{ClipTokenizer, TokenizedPrompt};
 use lora_core::models::vae::Vae;
@@ -152,7 +152,7 @@ impl Pipeline {
         }
         let te_config = model.text_encoder_config()?;
         let tokenizer = model.tokenizer()?;
-        let unet_config = UNetConfig::from_file(&model.unet_config())?;
+        let unet_config = model.unet_config()?;
         let unet_modules = UNet2DConditionModel::adapter_modules_of(&unet_config)?;
 
         let te_modules = text_encoder::lora_modules(&te_config);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use lora_core::formats::checkpoint_kind::{ema_key, has_ema, refuse_other_models};
 use lora_core::formats::keys::{locon_module_from_weight, module_from_weight, Component};
 use lora_core::formats::ldm::{DiffusersTensor, LdmLayout, LdmTensor, ModelPart};
 use lora_core::io::weights::component_weights;
@@ -93,6 +94,15 @@ pub struct Entry {
     pub meaning: LdmTensor,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
+    /// For a UNet weight stored twice (a single file with an EMA copy): which copy this is.
+    pub copy: Option<UNetCopy>,
+}
+
+/// The two copies of a UNet weight in a single file that holds an EMA copy beside the plain one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UNetCopy {
+    Plain,
+    Ema,
 }
 
 /// Where a diffusers weight lives: the entry, and for OpenCLIP's stacked q/k/v which third.
@@ -106,14 +116,27 @@ pub struct BaseModel {
     pub root: PathBuf,
     pub layout: Layout,
     pub files: Vec<WeightFile>,
+    /// Every stored tensor. Both copies of a UNet weight stored twice mean the same diffusers
+    /// weight (a merge changes both); [`BaseModel::read_as_model`] tells the one the model is
+    /// read as.
     pub entries: Vec<Entry>,
+    /// The copy the model is read as, when the file holds two.
+    pub chosen_copy: Option<UNetCopy>,
     by_name: HashMap<(ModelPart, String), Location>,
 }
 
 impl BaseModel {
-    /// Opens a diffusers folder or a single-file checkpoint; anything else is an error saying
-    /// which layouts are understood.
+    /// [`open_with`](Self::open_with) reading a single file's EMA copy of the UNet, when it has
+    /// one, as the model (as every binary does by default).
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, true)
+    }
+
+    /// Opens a diffusers folder or a single-file checkpoint; anything else is an error saying
+    /// which layouts are understood. A single file of a model other than SD 1.x/2.x is refused
+    /// naming it. With `use_ema` a single file's EMA copy of the UNet (when it has one) is the
+    /// model; otherwise its plain weights.
+    pub fn open_with(path: &Path, use_ema: bool) -> Result<Self> {
         let (layout, files) = if path.is_dir() {
             (Layout::Diffusers, diffusers_files(path)?)
         } else if path.is_file() {
@@ -124,6 +147,8 @@ impl BaseModel {
                 .into_iter()
                 .map(str::to_string)
                 .collect();
+            refuse_other_models(names.iter().map(String::as_str))
+                .with_context(|| path.display().to_string())?;
             let layout = LdmLayout::detect(names.iter().map(String::as_str)).with_context(|| {
                 format!(
                     "{}: unknown checkpoint layout (expected a diffusers folder or a single-file \
@@ -135,15 +160,28 @@ impl BaseModel {
         } else {
             bail!("base model {} does not exist", path.display());
         };
-        let entries = list_entries(layout, &files)?;
-        let by_name = index_entries(&entries);
-        Ok(Self {
+        let mut entries = list_entries(layout, &files)?;
+        let chosen_copy = pair_ema_copies(&mut entries).then_some(if use_ema {
+            UNetCopy::Ema
+        } else {
+            UNetCopy::Plain
+        });
+        let mut base = Self {
             root: path.to_path_buf(),
             layout,
             files,
             entries,
-            by_name,
-        })
+            chosen_copy,
+            by_name: HashMap::new(),
+        };
+        base.by_name = index_entries(&base);
+        Ok(base)
+    }
+
+    /// Whether entry `e` is part of the model as it is read: every tensor but the copy of a
+    /// twice-stored UNet weight that was not chosen.
+    pub fn read_as_model(&self, e: &Entry) -> bool {
+        e.copy.is_none() || e.copy == self.chosen_copy
     }
 
     /// The adaptable modules (UNet, text encoder) with their diffusers paths, sorted: kohya's
@@ -183,7 +221,7 @@ impl BaseModel {
     /// Every diffusers tensor with its diffusers shape (stacked q/k/v split into thirds).
     fn diffusers_tensors(&self) -> Vec<(ModelPart, String, Vec<usize>)> {
         let mut out = Vec::new();
-        for e in &self.entries {
+        for e in self.entries.iter().filter(|e| self.read_as_model(e)) {
             match &e.meaning {
                 LdmTensor::Renamed(t) => out.push((t.part, t.name.clone(), e.shape.clone())),
                 LdmTensor::StackedQkv(parts) => {
@@ -288,15 +326,43 @@ fn list_entries(layout: Layout, files: &[WeightFile]) -> Result<Vec<Entry>> {
                 meaning,
                 dtype: view.dtype(),
                 shape: view.shape().to_vec(),
+                copy: None,
             });
         }
     }
     Ok(entries)
 }
 
-fn index_entries(entries: &[Entry]) -> HashMap<(ModelPart, String), Location> {
+/// Gives the EMA copy of each UNet weight (`model_ema.…`, when the file holds a whole one) the
+/// meaning of its plain twin and marks both; whether there was such a copy.
+fn pair_ema_copies(entries: &mut [Entry]) -> bool {
+    if !has_ema(entries.iter().map(|e| e.key.as_str())) {
+        return false;
+    }
+    let by_key: HashMap<String, usize> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.key.clone(), i))
+        .collect();
+    for i in 0..entries.len() {
+        let is_unet =
+            matches!(&entries[i].meaning, LdmTensor::Renamed(t) if t.part == ModelPart::Unet);
+        let twin = ema_key(&entries[i].key).and_then(|k| by_key.get(&k).copied());
+        if let (true, Some(j)) = (is_unet, twin) {
+            entries[j].meaning = entries[i].meaning.clone();
+            entries[i].copy = Some(UNetCopy::Plain);
+            entries[j].copy = Some(UNetCopy::Ema);
+        }
+    }
+    true
+}
+
+fn index_entries(base: &BaseModel) -> HashMap<(ModelPart, String), Location> {
     let mut index = HashMap::new();
-    for (i, e) in entries.iter().enumerate() {
+    for (i, e) in base.entries.iter().enumerate() {
+        if !base.read_as_model(e) {
+            continue;
+        }
         match &e.meaning {
             LdmTensor::Renamed(t) => {
                 let location = Location {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use lora_core::options::{AdapterSpec, Precision};
+use lora_core::source::NO_EMA_HELP;
 use lora_merge::{DynamicRank, OutputLayout};
 
 /// Fold LoRA adapters into checkpoints; SVD merge, resize, extract and inspect adapters.
@@ -55,6 +56,8 @@ pub struct MergeArgs {
     /// for --to diffusers from a single file.
     #[arg(long)]
     pub config_from: Option<PathBuf>,
+    #[arg(long, help = NO_EMA_HELP)]
+    pub no_ema: bool,
     /// Floating-point dtype of the output (f16, bf16, f32); default: as stored.
     #[arg(long)]
     pub dtype: Option<Precision>,

@@ -60,9 +60,15 @@ fn run_merge(args: MergeArgs) -> Result<()> {
         args.config_from.is_none() || args.to.is_some(),
         "--config-from is used only with --to"
     );
+    anyhow::ensure!(
+        !args.no_ema || args.to.is_some(),
+        "--no-ema is used only with --to (merging into a single file changes both of its UNet \
+         copies)"
+    );
     let conversion = args.to.map(|to| Conversion {
         to,
         config_from: args.config_from,
+        no_ema: args.no_ema,
     });
     let base = if args.base.is_file() {
         readable("--base", &args.base, args.allow_pickle)?

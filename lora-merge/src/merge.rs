@@ -56,6 +56,9 @@ pub struct Conversion {
     /// (`model_index.json`, `*/config.json`, …). Required to turn a single file into a diffusers
     /// folder: a single file holds no configs and they are not derived from its shapes.
     pub config_from: Option<PathBuf>,
+    /// `--no-ema`: a single file's plain UNet weights become the output's UNet rather than its
+    /// EMA copy (a single-file output keeps both copies, each merged).
+    pub no_ema: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -104,7 +107,7 @@ pub fn merge_converting(
         "no adapter given (--lora)"
     );
     check_output_is_new(options)?;
-    let base = BaseModel::open(&options.base)?;
+    let base = BaseModel::open_with(&options.base, !conversion.is_some_and(|c| c.no_ema))?;
     let to = match (conversion.map(|c| c.to), base.layout) {
         (Some(to), _) => to,
         (None, Layout::Diffusers) => OutputLayout::Diffusers,
@@ -396,6 +399,9 @@ impl Merger<'_> {
                 // (diffusers name, entry, third of a stacked tensor, shape)
                 let mut tensors: Vec<(String, usize, Option<usize>, Vec<usize>)> = Vec::new();
                 for (i, e) in self.base.entries.iter().enumerate() {
+                    if !self.base.read_as_model(e) {
+                        continue;
+                    }
                     match &e.meaning {
                         LdmTensor::Renamed(t) if t.part == part => {
                             let mut shape = e.shape.clone();

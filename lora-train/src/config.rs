@@ -17,7 +17,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lora_core::adapters::blocks::parse_block_values;
 use lora_core::adapters::AdapterAlgorithm;
+use lora_core::models::config::PredictionType;
 use lora_core::options::{DeviceSpec, Precision};
+use lora_core::source::{BASE_CONFIG_HELP, NO_EMA_HELP, PREDICTION_TYPE_HELP};
 use lora_core::{AdapterFormat, LoraInit, LoraTargets};
 use serde::{Deserialize, Serialize};
 
@@ -77,15 +79,15 @@ pub enum Crop {
 #[serde(rename_all = "kebab-case")]
 pub struct TrainArgs {
     /// Base model: a diffusers folder, a Hugging Face Hub id (owner/name), or a single-file
-    /// SD1.x/SD2.x checkpoint (.safetensors with LDM keys; needs --base-config)
+    /// SD1.x/SD2.x checkpoint (.safetensors with LDM keys), recognised from its tensors
     #[arg(long)]
     pub base: Option<String>,
-    /// For a single-file --base: a diffusers folder of the same architecture whose config files
-    /// (unet/, text_encoder/, scheduler/, vae/ config.json; tokenizer/ if any) describe it; its
-    /// weights are not read. The prediction type (SD2 768-v: v_prediction) comes from its
-    /// scheduler config
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help = BASE_CONFIG_HELP)]
     pub base_config: Option<PathBuf>,
+    #[arg(long, value_name = "TYPE", help = PREDICTION_TYPE_HELP)]
+    pub prediction_type: Option<PredictionType>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", help = NO_EMA_HELP)]
+    pub no_ema: Option<bool>,
     /// The training images: a folder in kohya's layout (sidecar caption files, `N_token`
     /// sub-folders repeated N times), a Hugging Face `imagefolder` (a metadata.jsonl or
     /// metadata.csv at its top level with a `file_name` and a caption column), or a Hugging Face
@@ -420,6 +422,13 @@ impl DatasetArgs {
 pub struct TrainConfig {
     pub base: String,
     pub base_config: Option<PathBuf>,
+    /// `--prediction-type`; left out of the recipe when not given, as older checkpoints have no
+    /// key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction_type: Option<PredictionType>,
+    /// `--no-ema`; left out of the recipe when off.
+    #[serde(skip_serializing_if = "is_false")]
+    pub no_ema: bool,
     pub data: PathBuf,
     pub output: PathBuf,
     pub rank: usize,
@@ -641,6 +650,8 @@ impl TrainArgs {
         pick!(
             base,
             base_config,
+            prediction_type,
+            no_ema,
             data,
             output,
             rank,
@@ -1064,6 +1075,8 @@ impl TrainArgs {
         Ok(TrainConfig {
             base: base.expect("checked above"),
             base_config: self.base_config,
+            prediction_type: self.prediction_type,
+            no_ema: self.no_ema.unwrap_or(false),
             data: data.expect("checked above"),
             output,
             rank,

@@ -77,6 +77,7 @@ fn main() -> Result<()> {
         Preparation::Resumed { step, path } => {
             eprintln!("resuming at step {step} from {}", path.display());
         }
+        Preparation::Base(model) => eprintln!("base: {}", model.describe()),
         Preparation::PickleCopy(copy) => {
             eprintln!(
                 "reading the pickle --base through its safetensors copy {}",

@@ -22,7 +22,7 @@ use lora_core::io::weights::mmap_safetensors;
 use lora_core::models::config::UNetConfig;
 use lora_core::models::text_encoder::TextEncoder;
 use lora_core::options::{check_output, prepare_output};
-use lora_core::source::{ModelFolder, ModelSource};
+use lora_core::source::{BaseChoices, ModelFolder, ModelSource};
 use lora_core::{
     save_adapter, Adapter, BaseModelVersion, LoraConfig, ModelModules, Rng, SaveOptions,
     UNet2DConditionModel,
@@ -90,6 +90,8 @@ pub enum Preparation<'a> {
     },
     /// A pickle `--base` is read through this safetensors copy (`--allow-pickle`).
     PickleCopy(&'a Path),
+    /// The base model, opened (what it was recognised as: [`ModelFolder::describe`]).
+    Base(&'a ModelFolder),
 }
 
 pub struct Trainer {
@@ -196,8 +198,13 @@ impl Trainer {
         if let Some(copy) = &pickle_copy {
             on_prepare(Preparation::PickleCopy(copy));
         }
-        let model = source.open()?;
-        let unet_config = UNetConfig::from_file(&model.unet_config())?;
+        let choices = BaseChoices {
+            prediction: config.prediction_type,
+            no_ema: config.no_ema,
+        };
+        let model = source.open(&choices)?;
+        on_prepare(Preparation::Base(&model));
+        let unet_config = model.unet_config()?;
         check_resolution(&config, &model, &unet_config)?;
         let mut unet = model
             .load_unet(&unet_config, config.precision.dtype(), &device)

@@ -4,6 +4,7 @@
 //! `single_file`).
 
 pub mod adapter_file;
+pub mod checkpoint_kind;
 pub mod keys;
 pub mod kohya;
 pub mod ldm;

@@ -4,8 +4,8 @@
 //! stacked `in_proj_*`, and 1×1-conv/Linear shapes reconciled (same data, `[o, i, 1, 1]` vs `[o,
 //! i]`).
 //!
-//! The file holds no configs; [`crate::source::ModelFolder::open_single_file`] takes them from a
-//! diffusers-layout folder of config files.
+//! The file holds no configs: [`crate::source::ModelFolder::open_single_file`] takes the built-in
+//! ones of the architecture [`SingleFile::identify`] finds, or a folder of config files.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -17,8 +17,10 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use crate::formats::checkpoint_kind::{self, PredictionHints};
 use crate::formats::ldm::{LdmLayout, LdmTensor, ModelPart, TextEncoderLayout};
 use crate::io::weights;
+use crate::models::config::{Architecture, PredictionType};
 
 /// Where a diffusers tensor lives in the single file.
 #[derive(Debug, Clone)]
@@ -37,6 +39,7 @@ pub struct SingleFile {
     files: MmapedSafetensors,
     layout: LdmLayout,
     index: HashMap<(ModelPart, String), Source>,
+    uses_ema: bool,
 }
 
 impl std::fmt::Debug for SingleFile {
@@ -50,11 +53,15 @@ impl std::fmt::Debug for SingleFile {
 }
 
 impl SingleFile {
-    /// Maps `path` and indexes every tensor of its UNet, VAE and text encoder. A file without an
-    /// LDM UNet and text encoder (an adapter, a diffusers component file…) is an error naming it.
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Maps `path` and indexes every tensor of its UNet, VAE and text encoder, the UNet's from
+    /// the file's EMA copy when it has one and `use_ema`. A file without an LDM UNet and text
+    /// encoder (an adapter, a diffusers component file…) or of a model we do not build (SDXL,
+    /// SD 3…) is an error naming it.
+    pub fn open(path: &Path, use_ema: bool) -> Result<Self> {
         let files = weights::mmap_safetensors(&[path.to_path_buf()])?;
         let keys: Vec<String> = files.tensors().into_iter().map(|(k, _)| k).collect();
+        checkpoint_kind::refuse_other_models(keys.iter().map(String::as_str))
+            .with_context(|| format!("{}", path.display()))?;
         let layout = LdmLayout::detect(keys.iter().map(String::as_str)).with_context(|| {
             format!(
                 "{} is not a single-file Stable Diffusion checkpoint (expected LDM keys \
@@ -62,6 +69,7 @@ impl SingleFile {
                 path.display()
             )
         })?;
+        let uses_ema = use_ema && checkpoint_kind::has_ema(keys.iter());
         let mut index = HashMap::new();
         for key in &keys {
             let mapped = layout
@@ -69,7 +77,19 @@ impl SingleFile {
                 .with_context(|| format!("{}", path.display()))?;
             match mapped {
                 LdmTensor::Renamed(t) => {
-                    index.insert((t.part, t.name), Source::Key(key.clone()));
+                    let stored = match checkpoint_kind::ema_key(key) {
+                        Some(ema) if uses_ema => {
+                            ensure!(
+                                files.get(&ema).is_ok(),
+                                "{} holds EMA weights (`model_ema.…`) but none for `{key}` \
+                                 (expected `{ema}`); pass --no-ema to use the plain weights",
+                                path.display()
+                            );
+                            ema
+                        }
+                        _ => key.clone(),
+                    };
+                    index.insert((t.part, t.name), Source::Key(stored));
                 }
                 LdmTensor::StackedQkv(parts) => {
                     for (i, t) in parts.into_iter().enumerate() {
@@ -88,7 +108,54 @@ impl SingleFile {
             files,
             layout,
             index,
+            uses_ema,
         })
+    }
+
+    /// Whether the UNet's tensors come from the file's EMA copy.
+    pub fn uses_ema(&self) -> bool {
+        self.uses_ema
+    }
+
+    /// Every stored tensor's shape, by key.
+    pub fn tensor_shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.files
+            .tensors()
+            .into_iter()
+            .map(|(key, view)| (key, view.shape().to_vec()))
+            .collect()
+    }
+
+    /// The architecture the file's tensors say it is, and what it says about its prediction
+    /// type; `yaml` is an A1111 config found beside it.
+    pub fn identify(
+        &self,
+        yaml: Option<(&Path, &str)>,
+    ) -> Result<(Architecture, PredictionType, String)> {
+        let shapes = self.tensor_shapes();
+        let architecture = checkpoint_kind::identify_architecture(&shapes)
+            .with_context(|| format!("{}", self.path.display()))?;
+        let metadata = weights::header_metadata(&self.path)?;
+        let hints = PredictionHints {
+            v_pred_key: shapes.contains_key("v_pred"),
+            metadata: Some(&metadata),
+            yaml,
+            global_step: self.global_step(),
+        };
+        let (prediction, reason) = checkpoint_kind::identify_prediction(architecture, &hints)
+            .with_context(|| format!("{}", self.path.display()))?;
+        Ok((architecture, prediction, reason))
+    }
+
+    /// The file's `global_step` scalar, if it has a readable one.
+    fn global_step(&self) -> Option<i64> {
+        let step = self.files.load("global_step", &Device::Cpu).ok()?;
+        let value = step.flatten_all().ok()?.to_dtype(DType::F64).ok()?;
+        let values = value.to_vec1::<f64>().ok()?;
+        match values.as_slice() {
+            [v] if v.fract() == 0.0 => Some(*v as i64),
+            _ => None,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -281,9 +348,9 @@ mod tests {
     fn detects_the_text_encoder_and_serves_diffusers_names() {
         let dir = tempfile::tempdir().unwrap();
         let dev = Device::Cpu;
-        let sd1 = Arc::new(SingleFile::open(&synthetic(dir.path(), false)).unwrap());
+        let sd1 = Arc::new(SingleFile::open(&synthetic(dir.path(), false), true).unwrap());
         assert_eq!(sd1.text_encoder_layout(), TextEncoderLayout::Clip);
-        let sd2 = Arc::new(SingleFile::open(&synthetic(dir.path(), true)).unwrap());
+        let sd2 = Arc::new(SingleFile::open(&synthetic(dir.path(), true), true).unwrap());
         assert_eq!(sd2.text_encoder_layout(), TextEncoderLayout::OpenClip);
         assert!(sd2.has(ModelPart::Vae) && sd2.has(ModelPart::Unet));
 
@@ -331,7 +398,7 @@ mod tests {
             Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
         )];
         candle_core::safetensors::save(&tensors.into_iter().collect(), &path).unwrap();
-        let err = format!("{:#}", SingleFile::open(&path).unwrap_err());
+        let err = format!("{:#}", SingleFile::open(&path, true).unwrap_err());
         assert!(
             err.contains("adapter.safetensors is not a single-file"),
             "{err}"

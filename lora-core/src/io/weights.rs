@@ -32,6 +32,23 @@ pub fn mmap_safetensors(paths: &[PathBuf]) -> Result<MmapedSafetensors> {
     unsafe { MmapedSafetensors::multi(paths) }.with_context(|| format!("cannot map {paths:?}"))
 }
 
+/// The `__metadata__` of a safetensors file's header (empty when it has none).
+pub fn header_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: read-only mapping of a file the toolkit never writes.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("cannot map {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&mmap)
+        .with_context(|| super::not_safetensors(path, &mmap))?;
+    Ok(header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect())
+}
+
 /// A `VarBuilder` backend over memory-mapped safetensors that adds an f32 delta to the named
 /// tensors as they are loaded.
 struct PatchedSafetensors {

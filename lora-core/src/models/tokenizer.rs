@@ -73,6 +73,20 @@ impl ClipTokenizer {
             .map(TokenizerFiles::read)
             .transpose()?
             .unwrap_or_default();
+        Self::from_files(files, text_config)
+    }
+
+    /// The embedded OpenAI vocabulary, padding with `pad_token` (a built-in model's tokenizer:
+    /// SD 1.x and SD 2.x differ only in that).
+    pub fn embedded(text_config: &ClipTextConfig, pad_token: &str) -> Result<Self> {
+        let files = TokenizerFiles {
+            pad_token: Some(pad_token.to_owned()),
+            ..TokenizerFiles::default()
+        };
+        Self::from_files(files, text_config)
+    }
+
+    fn from_files(files: TokenizerFiles, text_config: &ClipTextConfig) -> Result<Self> {
         let (bpe, vocab) = match (&files.vocab_json, &files.merges_txt) {
             (Some(vocab_json), Some(merges_txt)) => {
                 let vocab = FolderVocabulary::parse(vocab_json, merges_txt)?;

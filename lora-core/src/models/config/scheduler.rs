@@ -6,10 +6,12 @@
 //! betas, thresholding, learned variance, Karras sigmas) are rejected rather than ignored.
 //! Keys missing from older files take diffusers' defaults, which is what diffusers itself does.
 
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 use anyhow::{bail, ensure, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// How `beta_start..beta_end` is spread over the training timesteps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,53 @@ pub enum PredictionType {
     Epsilon,
     VPrediction,
     Sample,
+}
+
+impl PredictionType {
+    /// The name diffusers' configs give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Epsilon => "epsilon",
+            Self::VPrediction => "v_prediction",
+            Self::Sample => "sample",
+        }
+    }
+}
+
+impl fmt::Display for PredictionType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The names of scheduler configs, which `--prediction-type` takes too.
+impl FromStr for PredictionType {
+    type Err = anyhow::Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "epsilon" => Ok(Self::Epsilon),
+            "v_prediction" => Ok(Self::VPrediction),
+            "sample" => Ok(Self::Sample),
+            other => {
+                bail!("unknown prediction_type `{other}`: expected epsilon, v_prediction or sample")
+            }
+        }
+    }
+}
+
+impl Serialize for PredictionType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PredictionType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
+    }
 }
 
 /// How inference timesteps are picked from the training range (Table 2 of "Common Diffusion
@@ -145,12 +194,8 @@ impl SchedulerConfig {
             );
         }
         let prediction_type = match raw.prediction_type.as_deref() {
-            None | Some("epsilon") => PredictionType::Epsilon,
-            Some("v_prediction") => PredictionType::VPrediction,
-            Some("sample") => PredictionType::Sample,
-            Some(other) => {
-                bail!("unknown prediction_type `{other}`: expected epsilon, v_prediction or sample")
-            }
+            None => PredictionType::Epsilon,
+            Some(name) => name.parse()?,
         };
         let timestep_spacing = match raw.timestep_spacing.as_deref() {
             None => default_timestep_spacing(raw.class_name.as_deref()),

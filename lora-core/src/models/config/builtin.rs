@@ -1,0 +1,202 @@
+//! The configuration files of the Stable Diffusion models people have as single files, embedded so
+//! that a single-file checkpoint needs no folder of configs: SD 1.x (CLIP ViT-L, 512²), SD 2.x-base
+//! (OpenCLIP ViT-H, 512², ε) and SD 2.x (768², v-prediction). The values are those of the diffusers
+//! folders `stable-diffusion-v1-5/stable-diffusion-v1-5`, `stabilityai/stable-diffusion-2-1-base`
+//! and `stabilityai/stable-diffusion-2-1` (`builtin/*.json`); the two SD 2 folders differ only in
+//! the sample size, attention upcasting and the prediction type, which [`BuiltinConfigs`] sets.
+
+use std::fmt;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use super::{ClipTextConfig, PredictionType, SchedulerConfig, UNetConfig, VaeConfig};
+
+/// Which Stable Diffusion architecture a model is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Architecture {
+    /// SD 1.x: CLIP ViT-L/14 text encoder (768-wide context), convolutional projections.
+    Sd1,
+    /// SD 2.x: OpenCLIP ViT-H/14 text encoder (1024-wide context, penultimate layer), linear
+    /// projections.
+    Sd2,
+}
+
+impl fmt::Display for Architecture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Sd1 => "SD 1.x",
+            Self::Sd2 => "SD 2.x",
+        })
+    }
+}
+
+/// The configs of one built-in model: an architecture and what its UNet predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuiltinConfigs {
+    pub architecture: Architecture,
+    pub prediction: PredictionType,
+}
+
+impl BuiltinConfigs {
+    /// The image side the model was trained at: SD 2.x with v-prediction is the 768² model,
+    /// everything else 512².
+    pub fn resolution(&self) -> usize {
+        if self.is_sd2_768() {
+            768
+        } else {
+            512
+        }
+    }
+
+    fn is_sd2_768(&self) -> bool {
+        self.architecture == Architecture::Sd2 && self.prediction == PredictionType::VPrediction
+    }
+
+    /// `unet/config.json`.
+    pub fn unet_json(&self) -> String {
+        let text = match self.architecture {
+            Architecture::Sd1 => include_str!("builtin/sd1_unet.json"),
+            Architecture::Sd2 => include_str!("builtin/sd2_unet.json"),
+        };
+        if self.architecture == Architecture::Sd1 || self.is_sd2_768() {
+            return text.to_owned();
+        }
+        // stable-diffusion-2-1-base: 64×64 latents, attention not upcast.
+        patched(
+            text,
+            &[
+                ("sample_size", Value::from(64)),
+                ("upcast_attention", Value::Bool(false)),
+            ],
+        )
+    }
+
+    /// `text_encoder/config.json`.
+    pub fn text_encoder_json(&self) -> String {
+        match self.architecture {
+            Architecture::Sd1 => include_str!("builtin/sd1_text_encoder.json"),
+            Architecture::Sd2 => include_str!("builtin/sd2_text_encoder.json"),
+        }
+        .to_owned()
+    }
+
+    /// `vae/config.json` (the same VAE for every model; only its nominal sample size differs).
+    pub fn vae_json(&self) -> String {
+        patched(
+            include_str!("builtin/vae.json"),
+            &[("sample_size", Value::from(self.resolution()))],
+        )
+    }
+
+    /// `scheduler/scheduler_config.json`, with the prediction type set.
+    pub fn scheduler_json(&self) -> String {
+        let text = match self.architecture {
+            Architecture::Sd1 => include_str!("builtin/sd1_scheduler.json"),
+            Architecture::Sd2 => include_str!("builtin/sd2_scheduler.json"),
+        };
+        patched(
+            text,
+            &[("prediction_type", Value::from(self.prediction.name()))],
+        )
+    }
+
+    /// The token prompts are padded with: SD 1.x pads with `<|endoftext|>`, SD 2.x with `!`
+    /// (OpenCLIP's tokenizer pads with id 0).
+    pub fn pad_token(&self) -> &'static str {
+        match self.architecture {
+            Architecture::Sd1 => "<|endoftext|>",
+            Architecture::Sd2 => "!",
+        }
+    }
+
+    pub fn unet(&self) -> Result<UNetConfig> {
+        UNetConfig::from_json(&self.unet_json()).context("built-in UNet config")
+    }
+
+    pub fn text_encoder(&self) -> Result<ClipTextConfig> {
+        ClipTextConfig::parse(&self.text_encoder_json()).context("built-in text encoder config")
+    }
+
+    pub fn vae(&self) -> Result<VaeConfig> {
+        VaeConfig::parse(&self.vae_json()).context("built-in VAE config")
+    }
+
+    pub fn scheduler(&self) -> Result<SchedulerConfig> {
+        SchedulerConfig::parse(&self.scheduler_json()).context("built-in scheduler config")
+    }
+
+    /// What this is, for messages: `SD 2.x, 768×768, v_prediction`.
+    pub fn describe(&self) -> String {
+        let side = self.resolution();
+        format!("{}, {side}×{side}, {}", self.architecture, self.prediction)
+    }
+}
+
+/// `json` (an object) with `changes` set, pretty-printed.
+fn patched(json: &str, changes: &[(&str, Value)]) -> String {
+    let mut object: serde_json::Map<String, Value> =
+        serde_json::from_str(json).expect("the built-in configs are JSON objects");
+    for (key, value) in changes {
+        object.insert((*key).to_owned(), value.clone());
+    }
+    serde_json::to_string_pretty(&object).expect("a JSON object serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<BuiltinConfigs> {
+        let mut all = Vec::new();
+        for architecture in [Architecture::Sd1, Architecture::Sd2] {
+            for prediction in [PredictionType::Epsilon, PredictionType::VPrediction] {
+                all.push(BuiltinConfigs {
+                    architecture,
+                    prediction,
+                });
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_builtin_config_parses_and_agrees() {
+        for configs in all() {
+            let unet = configs.unet().unwrap();
+            let text = configs.text_encoder().unwrap();
+            let vae = configs.vae().unwrap();
+            let scheduler = configs.scheduler().unwrap();
+            assert_eq!(unet.cross_attention_dim, text.hidden_size, "{configs:?}");
+            assert_eq!(scheduler.prediction_type, configs.prediction);
+            let side = unet.sample_size.unwrap() * vae.vae_scale_factor();
+            assert_eq!(side, configs.resolution(), "{configs:?}");
+        }
+    }
+
+    #[test]
+    fn sd2_sizes_follow_the_prediction_type() {
+        let sd2 = |prediction| BuiltinConfigs {
+            architecture: Architecture::Sd2,
+            prediction,
+        };
+        assert_eq!(sd2(PredictionType::VPrediction).resolution(), 768);
+        assert_eq!(sd2(PredictionType::Epsilon).resolution(), 512);
+        assert!(
+            sd2(PredictionType::VPrediction)
+                .unet()
+                .unwrap()
+                .upcast_attention
+        );
+        assert!(
+            !sd2(PredictionType::Epsilon)
+                .unet()
+                .unwrap()
+                .upcast_attention
+        );
+        assert_eq!(
+            sd2(PredictionType::VPrediction).describe(),
+            "SD 2.x, 768×768, v_prediction"
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! Recognising single-file checkpoints from their tensors, on the headers (names and shapes, no
+//! data) of real-size SD 1.5 and SD 2.1 files: `tests/fixtures/checkpoint_headers/*.json`, written
+//! by `tests/reference/check_full_size.py` from files that diffusers' own `from_single_file`
+//! loaded tensor for tensor and whose model type diffusers' `infer_diffusers_model_type` gave as
+//! `v1` and `v2`. Variants of them stand for the files we refuse (inpainting, SDXL, SD 3) and the
+//! extras real files carry (an EMA copy, kohya's 1×1-conv projections in SD 2).
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use lora_core::formats::checkpoint_kind::{
+    ema_key, has_ema, identify_architecture, identify_prediction, PredictionHints,
+};
+use lora_core::models::config::{Architecture, BuiltinConfigs, PredictionType};
+
+mod common;
+
+type Shapes = BTreeMap<String, Vec<usize>>;
+
+fn header(name: &str) -> Result<Shapes> {
+    let path = common::fixtures().join(format!("checkpoint_headers/{name}.json"));
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
+
+fn shape<'a>(shapes: &'a Shapes, key: &str) -> &'a [usize] {
+    shapes
+        .get(key)
+        .unwrap_or_else(|| panic!("the header has no `{key}`"))
+}
+
+/// The built-in configs of the recognised model agree with the file's shapes: context width,
+/// text encoder width and depth, first UNet block, VAE latent channels.
+fn check_builtin_fits(shapes: &Shapes, configs: BuiltinConfigs) -> Result<()> {
+    let unet = configs.unet()?;
+    let text = configs.text_encoder()?;
+    let vae = configs.vae()?;
+    let conv_in = shape(shapes, "model.diffusion_model.input_blocks.0.0.weight");
+    assert_eq!(conv_in[..2], [unet.block_out_channels[0], unet.in_channels]);
+    let to_k = shape(
+        shapes,
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+    );
+    assert_eq!(to_k[1], unet.cross_attention_dim);
+    let (embedding, layer_prefix) = match configs.architecture {
+        Architecture::Sd1 => (
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+            "cond_stage_model.transformer.text_model.encoder.layers.",
+        ),
+        Architecture::Sd2 => (
+            "cond_stage_model.model.token_embedding.weight",
+            "cond_stage_model.model.transformer.resblocks.",
+        ),
+    };
+    assert_eq!(
+        shape(shapes, embedding),
+        [text.vocab_size, text.hidden_size]
+    );
+    let layers = shapes
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix(layer_prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |n| n + 1);
+    // SD 2 uses OpenCLIP's penultimate layer: diffusers' text encoder has 23 layers, a real file
+    // 24 (the last unused), ours converted from a diffusers folder 23.
+    let extra = usize::from(configs.architecture == Architecture::Sd2);
+    assert!(
+        (text.num_hidden_layers..=text.num_hidden_layers + extra).contains(&layers),
+        "{layers} text encoder layers"
+    );
+    let quant = shape(shapes, "first_stage_model.quant_conv.weight");
+    assert_eq!(quant[0], 2 * vae.latent_channels);
+    Ok(())
+}
+
+#[test]
+fn real_size_headers_are_recognised_with_their_defaults() -> Result<()> {
+    for (name, architecture, prediction, side) in [
+        ("sd15", Architecture::Sd1, PredictionType::Epsilon, 512),
+        ("sd21", Architecture::Sd2, PredictionType::VPrediction, 768),
+    ] {
+        let shapes = header(name)?;
+        assert!(shapes.len() > 1000, "{name}: {} tensors", shapes.len());
+        assert_eq!(identify_architecture(&shapes)?, architecture, "{name}");
+        let (found, reason) = identify_prediction(architecture, &PredictionHints::default())?;
+        println!("{name}: {architecture}, {found} ({reason})");
+        assert_eq!(found, prediction, "{name}");
+        let configs = BuiltinConfigs {
+            architecture,
+            prediction,
+        };
+        assert_eq!(configs.resolution(), side);
+        check_builtin_fits(&shapes, configs)?;
+        assert!(!has_ema(shapes.keys()));
+    }
+    Ok(())
+}
+
+#[test]
+fn kohya_style_sd2_with_conv_projections_is_still_sd2() -> Result<()> {
+    let mut shapes = header("sd21")?;
+    for (key, shape) in shapes.iter_mut() {
+        if key.ends_with("proj_in.weight") || key.ends_with("proj_out.weight") {
+            shape.extend([1, 1]);
+        }
+    }
+    assert_eq!(identify_architecture(&shapes)?, Architecture::Sd2);
+    Ok(())
+}
+
+#[test]
+fn files_of_other_models_are_refused_by_name() -> Result<()> {
+    let sd15 = header("sd15")?;
+    let conv_in = "model.diffusion_model.input_blocks.0.0.weight";
+    for (channels, what) in [(9, "inpainting"), (8, "InstructPix2Pix")] {
+        let mut shapes = sd15.clone();
+        shapes.insert(conv_in.into(), vec![320, channels, 3, 3]);
+        let err = identify_architecture(&shapes).unwrap_err().to_string();
+        assert!(
+            err.contains(what) && err.contains(&format!("{channels} input channels")),
+            "{err}"
+        );
+    }
+    for (key, what) in [
+        (
+            "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
+            "SDXL base",
+        ),
+        (
+            "model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",
+            "Stable Diffusion 3",
+        ),
+        (
+            "model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale",
+            "Flux",
+        ),
+    ] {
+        let mut shapes = sd15.clone();
+        shapes.insert(key.into(), vec![1]);
+        let err = identify_architecture(&shapes).unwrap_err().to_string();
+        assert!(err.contains(what), "{err}");
+    }
+    // An SD 1 UNet with SD 2's text encoder (or none) is no model we know.
+    let mut shapes = sd15.clone();
+    shapes.retain(|k, _| !k.starts_with("cond_stage_model."));
+    let err = identify_architecture(&shapes).unwrap_err().to_string();
+    assert!(err.contains("no CLIP text encoder"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn an_ema_copy_is_found_under_flattened_names() -> Result<()> {
+    let mut shapes = header("sd15")?;
+    let unet: Vec<(String, Vec<usize>)> = shapes
+        .iter()
+        .filter(|(k, _)| k.starts_with("model.diffusion_model."))
+        .map(|(k, s)| (k.clone(), s.clone()))
+        .collect();
+    for (key, shape) in unet {
+        let ema = ema_key(&key).expect("a UNet key");
+        assert!(!ema["model_ema.".len()..].contains('.'), "{ema}");
+        shapes.insert(ema, shape);
+    }
+    assert!(has_ema(shapes.keys()));
+    assert_eq!(identify_architecture(&shapes)?, Architecture::Sd1);
+    Ok(())
+}
