@@ -68,7 +68,9 @@ fn check_outputs(model: &ModelFolder, name: &str) -> Result<()> {
         get(&exp, "text_hidden"),
     )?;
     let unet_err = rel(&unet_out, get(&exp, "unet_out"));
-    let decoded = vae.decode(get(&exp, "vae_latents"))?;
+    // The script decodes its latents as a pipeline does: divided by the scaling factor first.
+    let scaling = model.vae_config()?.context("a VAE")?.scaling_factor;
+    let decoded = vae.decode(&(get(&exp, "vae_latents") / scaling)?)?;
     let vae_err = rel(&decoded, get(&exp, "vae_decoded"));
     println!("{name}: text encoder {text_err:.2e}, UNet {unet_err:.2e}, VAE decode {vae_err:.2e}");
     for (what, err) in [

@@ -1917,3 +1917,20 @@ fn lycoris_algorithms_train_in_lycoris_layout() -> Result<()> {
     ]);
     Ok(())
 }
+
+/// Without --resolution, training runs at the model's own size, as diffusers' pipelines default
+/// to it: the UNet's sample size times the VAE's factor (16 × 2 here; 768 for SD 2.x-v).
+#[test]
+fn the_default_resolution_is_the_models() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = TrainArgs {
+        resolution: None,
+        steps: Some(1),
+        ..args("sd1-tiny", &train_data(), dir.path())
+    }
+    .resolve()?;
+    assert!(config.resolution_from_model);
+    let trainer = Trainer::new(config, &mut quiet())?;
+    assert_eq!(trainer.config().resolution, 32);
+    Ok(())
+}

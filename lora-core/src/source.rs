@@ -200,18 +200,29 @@ pub fn is_hub_id(spec: &str) -> bool {
 /// The Hub cache's snapshot if it already holds a complete model; otherwise downloads what
 /// `ModelFolder` needs into it.
 fn open_from_hub(id: &str, cache: Cache, endpoint: Option<String>) -> Result<ModelFolder> {
+    // What a partly cached snapshot lacks, for the error when the rest cannot be fetched.
+    let mut incomplete = None;
     if let Some(index) = cache.model(id.to_owned()).get(MODEL_INDEX) {
         let snapshot = index
             .parent()
             .expect("a cached file is inside its snapshot folder");
-        if let Ok(folder) = ModelFolder::open(snapshot) {
-            return Ok(folder);
+        match ModelFolder::open(snapshot) {
+            Ok(folder) => return Ok(folder),
+            Err(e) => incomplete = Some(format!("{e:#}")),
         }
     }
     let how_to_use_local =
         "to use a local copy, pass the path of a diffusers folder (with model_index.json, unet/, \
                  text_encoder/, scheduler/) instead of the Hub id";
-    let repo = HubRepo::open(id, RepoType::Model, cache, endpoint, how_to_use_local)?;
+    let repo =
+        HubRepo::open(id, RepoType::Model, cache, endpoint, how_to_use_local).map_err(|e| {
+            match &incomplete {
+                Some(missing) => e.context(format!(
+                    "the Hugging Face cache holds only part of `{id}` ({missing})"
+                )),
+                None => e,
+            }
+        })?;
     let listed: Vec<&str> = repo.files.iter().map(String::as_str).collect();
     let mut snapshot = None;
     for file in files_to_download(&listed) {
@@ -807,6 +818,14 @@ impl ModelFolder {
         }
     }
 
+    /// The image side the model is made for, as diffusers' pipelines default to it: the UNet's
+    /// `sample_size` times the VAE's factor (768 for SD 2.x-v, 512 for SD 1.x and SD 2.x-base);
+    /// `None` when the UNet config has no sample size.
+    pub fn native_resolution(&self) -> Result<Option<usize>> {
+        let factor = self.vae_config()?.map_or(1, |vae| vae.vae_scale_factor());
+        Ok(self.unet_config()?.sample_size.map(|s| s * factor))
+    }
+
     /// False for pixel-space models, whose UNet denoises images directly.
     pub fn has_vae(&self) -> bool {
         self.vae_weights.is_some()
@@ -1077,6 +1096,32 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("pass the path of a diffusers folder"), "{err}");
+    }
+
+    #[test]
+    fn a_partly_cached_model_names_what_it_lacks() {
+        // hf-hub's cache layout: refs/main names the snapshot folder holding the files.
+        let cache_dir = tempfile::tempdir().unwrap();
+        let repo = cache_dir.path().join("models--someone--some-model");
+        touch(&repo, "refs/main", "abc123");
+        let snapshot = repo.join("snapshots/abc123");
+        touch(&snapshot, MODEL_INDEX, "{}");
+        touch(&snapshot, "unet/config.json", "{}");
+        let err = format!(
+            "{:#}",
+            open_from_hub(
+                "someone/some-model",
+                Cache::new(cache_dir.path().to_path_buf()),
+                Some("http://127.0.0.1:9".into())
+            )
+            .unwrap_err()
+        );
+        assert!(
+            err.contains("holds only part of `someone/some-model`")
+                && err.contains("snapshots/abc123/unet: expected diffusion_pytorch_model")
+                && err.contains("pass the path of a diffusers folder"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -229,7 +229,8 @@ pub struct TrainArgs {
     /// Gradient-norm clipping threshold [default: 1.0]
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
-    /// Square training resolution in pixels [default: 512]
+    /// Square training resolution in pixels [default: the model's, its UNet's sample size times
+    /// the VAE's factor as in diffusers: 768 for SD 2.x-v, 512 for SD 1.x and SD 2.x-base]
     #[arg(long)]
     pub resolution: Option<usize>,
     /// Crop the centre of each image (the default)
@@ -497,6 +498,10 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub resolution: usize,
+    /// `--resolution` was not given: [`Self::resolution`] becomes the model's once it is open
+    /// (512 until then).
+    #[serde(skip)]
+    pub resolution_from_model: bool,
     pub crop: Crop,
     pub flip: bool,
     pub buckets: bool,
@@ -1111,6 +1116,7 @@ impl TrainArgs {
             weight_decay,
             max_grad_norm,
             resolution,
+            resolution_from_model: self.resolution.is_none(),
             crop,
             flip: self.flip.unwrap_or(false),
             buckets: self.buckets.unwrap_or(false),

@@ -205,6 +205,11 @@ impl Trainer {
         let model = source.open(&choices)?;
         on_prepare(Preparation::Base(&model));
         let unet_config = model.unet_config()?;
+        if config.resolution_from_model {
+            if let Some(side) = model.native_resolution()? {
+                config.resolution = side;
+            }
+        }
         check_resolution(&config, &model, &unet_config)?;
         let mut unet = model
             .load_unet(&unet_config, config.precision.dtype(), &device)
