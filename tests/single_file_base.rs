@@ -13,7 +13,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use common::{expected, fixtures, get, max_abs, max_abs_diff};
 use lora_core::options::AdapterSpec;
-use lora_core::source::{BaseChoices, ModelFolder, ModelSource};
+use lora_core::source::{BaseChoices, ModelFolder, ModelSource, SingleFileSource};
 use lora_infer::{GenerateOptions, Pipeline, SchedulerKind};
 use lora_train::TrainArgs;
 
@@ -198,8 +198,15 @@ fn bad_single_files_fail_clearly() -> Result<()> {
     let empty = tempfile::tempdir()?;
     let err = format!(
         "{:#}",
-        ModelFolder::open_single_file(&ldm_file(), Some(empty.path()), &BaseChoices::default())
-            .unwrap_err()
+        ModelFolder::open_single_file(
+            &SingleFileSource {
+                file: &ldm_file(),
+                configs_from: Some(empty.path()),
+                yaml: None,
+            },
+            &BaseChoices::default()
+        )
+        .unwrap_err()
     );
     assert!(err.contains("is missing unet/config.json"), "{err}");
     Ok(())

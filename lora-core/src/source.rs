@@ -109,6 +109,9 @@ pub enum ModelSource {
     SingleFile {
         file: PathBuf,
         configs_from: Option<PathBuf>,
+        /// An A1111 config beside the file the user named (`NAME.yaml`), which says its
+        /// prediction type; kept when a pickle is read through its copy elsewhere.
+        yaml: Option<PathBuf>,
     },
 }
 
@@ -118,9 +121,11 @@ impl ModelSource {
     pub fn parse(spec: &str) -> Result<Self> {
         let path = Path::new(spec);
         if path.is_file() {
+            let yaml = path.with_extension("yaml");
             return Ok(Self::SingleFile {
                 file: path.to_path_buf(),
                 configs_from: None,
+                yaml: yaml.is_file().then_some(yaml),
             });
         }
         if path.exists() {
@@ -137,9 +142,10 @@ impl ModelSource {
     pub fn with_configs_from(self, dir: Option<PathBuf>) -> Result<Self> {
         match (self, dir) {
             (source, None) => Ok(source),
-            (Self::SingleFile { file, .. }, Some(dir)) => Ok(Self::SingleFile {
+            (Self::SingleFile { file, yaml, .. }, Some(dir)) => Ok(Self::SingleFile {
                 file,
                 configs_from: Some(dir),
+                yaml,
             }),
             (_, Some(dir)) => bail!(
                 "--base-config {} is only for a single-file checkpoint as --base; a diffusers \
@@ -154,12 +160,17 @@ impl ModelSource {
     /// user to be told; refused naming the file otherwise. Anything else is returned unchanged.
     pub fn reading_pickle(self, allow_pickle: bool) -> Result<(Self, Option<PathBuf>)> {
         match self {
-            Self::SingleFile { file, configs_from } => {
+            Self::SingleFile {
+                file,
+                configs_from,
+                yaml,
+            } => {
                 let readable = pickle::safetensors_path(&file, allow_pickle)?;
                 let copy = (readable != file).then(|| readable.clone());
                 let source = Self::SingleFile {
                     file: readable,
                     configs_from,
+                    yaml,
                 };
                 Ok((source, copy))
             }
@@ -176,8 +187,17 @@ impl ModelSource {
             Self::Hub(id) => {
                 open_from_hub(id, Cache::from_env(), std::env::var(ENDPOINT_ENV).ok())?
             }
-            Self::SingleFile { file, configs_from } => {
-                return ModelFolder::open_single_file(file, configs_from.as_deref(), choices)
+            Self::SingleFile {
+                file,
+                configs_from,
+                yaml,
+            } => {
+                let source = SingleFileSource {
+                    file,
+                    configs_from: configs_from.as_deref(),
+                    yaml: yaml.as_deref(),
+                };
+                return ModelFolder::open_single_file(&source, choices);
             }
         };
         Ok(folder.with_prediction(choices.prediction))
@@ -523,6 +543,15 @@ pub struct BaseChoices {
     pub no_ema: bool,
 }
 
+/// A single-file checkpoint to open: the file read, where its configs come from (`None`: the
+/// built-in ones of what it is recognised as) and the A1111 `.yaml` found beside it.
+#[derive(Debug, Clone, Copy)]
+pub struct SingleFileSource<'a> {
+    pub file: &'a Path,
+    pub configs_from: Option<&'a Path>,
+    pub yaml: Option<&'a Path>,
+}
+
 /// Where a model's configs come from.
 #[derive(Debug, Clone)]
 enum Configs {
@@ -621,11 +650,12 @@ impl ModelFolder {
     /// tensors, metadata and an A1111 `.yaml` beside it, served with the built-in configs; or,
     /// with `configs_from`, with that folder's `unet/`, `text_encoder/`, `scheduler/` and (when
     /// the file has a VAE) `vae/` config files (`tokenizer/` optional), whatever the file is.
-    pub fn open_single_file(
-        file: &Path,
-        configs_from: Option<&Path>,
-        choices: &BaseChoices,
-    ) -> Result<Self> {
+    pub fn open_single_file(source: &SingleFileSource, choices: &BaseChoices) -> Result<Self> {
+        let SingleFileSource {
+            file,
+            configs_from,
+            yaml,
+        } = *source;
         let single = SingleFile::open(file, !choices.no_ema)?;
         let has_vae = single.has(ModelPart::Vae);
         let weights_note = if single.uses_ema() {
@@ -654,12 +684,16 @@ impl ModelFolder {
                 )
             }
             None => {
-                let yaml = beside_yaml(file)?;
-                let yaml_ref = yaml.as_ref().map(|(p, t)| (p.as_path(), t.as_str()));
-                let (architecture, found, reason) = single.identify(yaml_ref)?;
+                let architecture = single.architecture()?;
+                // Given --prediction-type, what the file says is not read: a hint we cannot
+                // read must not stop the override.
                 let (prediction, why) = match choices.prediction {
                     Some(p) => (p, "--prediction-type".to_owned()),
-                    None => (found, reason),
+                    None => {
+                        let yaml = yaml.map(read_yaml).transpose()?;
+                        let yaml_ref = yaml.as_ref().map(|(p, t)| (p.as_path(), t.as_str()));
+                        single.prediction_type(architecture, yaml_ref)?
+                    }
                 };
                 let builtin = BuiltinConfigs {
                     architecture,
@@ -905,15 +939,16 @@ fn require_config_files(dir: &Path, file: &Path, has_vae: bool) -> Result<()> {
     Ok(())
 }
 
-/// The A1111 config beside a single file (`NAME.yaml` for `NAME.safetensors`), with its text.
-fn beside_yaml(file: &Path) -> Result<Option<(PathBuf, String)>> {
-    let yaml = file.with_extension("yaml");
-    if !yaml.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&yaml)
-        .with_context(|| format!("cannot read {}", yaml.display()))?;
-    Ok(Some((yaml, text)))
+/// An A1111 config, with its text.
+fn read_yaml(path: &Path) -> Result<(PathBuf, String)> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read {} (the A1111 config beside the checkpoint); pass --prediction-type \
+             to do without it",
+            path.display()
+        )
+    })?;
+    Ok((path.to_path_buf(), text))
 }
 
 #[cfg(test)]
@@ -1064,7 +1099,8 @@ mod tests {
             source,
             ModelSource::SingleFile {
                 file: file.clone(),
-                configs_from: None
+                configs_from: None,
+                yaml: None,
             }
         );
         let err = format!(

@@ -161,7 +161,7 @@ impl BaseModel {
             bail!("base model {} does not exist", path.display());
         };
         let mut entries = list_entries(layout, &files)?;
-        let chosen_copy = pair_ema_copies(&mut entries).then_some(if use_ema {
+        let chosen_copy = pair_ema_copies(path, &mut entries)?.then_some(if use_ema {
             UNetCopy::Ema
         } else {
             UNetCopy::Plain
@@ -334,10 +334,11 @@ fn list_entries(layout: Layout, files: &[WeightFile]) -> Result<Vec<Entry>> {
 }
 
 /// Gives the EMA copy of each UNet weight (`model_ema.…`, when the file holds a whole one) the
-/// meaning of its plain twin and marks both; whether there was such a copy.
-fn pair_ema_copies(entries: &mut [Entry]) -> bool {
+/// meaning of its plain twin and marks both; whether there was such a copy. Every UNet weight
+/// must have a twin of its shape and dtype, as the loader requires (`SingleFile::open`).
+fn pair_ema_copies(path: &Path, entries: &mut [Entry]) -> Result<bool> {
     if !has_ema(entries.iter().map(|e| e.key.as_str())) {
-        return false;
+        return Ok(false);
     }
     let by_key: HashMap<String, usize> = entries
         .iter()
@@ -347,14 +348,32 @@ fn pair_ema_copies(entries: &mut [Entry]) -> bool {
     for i in 0..entries.len() {
         let is_unet =
             matches!(&entries[i].meaning, LdmTensor::Renamed(t) if t.part == ModelPart::Unet);
-        let twin = ema_key(&entries[i].key).and_then(|k| by_key.get(&k).copied());
-        if let (true, Some(j)) = (is_unet, twin) {
-            entries[j].meaning = entries[i].meaning.clone();
-            entries[i].copy = Some(UNetCopy::Plain);
-            entries[j].copy = Some(UNetCopy::Ema);
-        }
+        let Some(twin_key) = ema_key(&entries[i].key).filter(|_| is_unet) else {
+            continue;
+        };
+        let (plain, key) = (&entries[i], &entries[i].key);
+        let j = *by_key.get(&twin_key).with_context(|| {
+            format!(
+                "{} holds EMA weights (`model_ema.…`) but none for `{key}` (expected \
+                 `{twin_key}`)",
+                path.display()
+            )
+        })?;
+        let twin = &entries[j];
+        ensure!(
+            twin.shape == plain.shape && twin.dtype == plain.dtype,
+            "{}: EMA weight `{twin_key}` is {:?} {:?} but `{key}` is {:?} {:?}",
+            path.display(),
+            twin.dtype,
+            twin.shape,
+            plain.dtype,
+            plain.shape
+        );
+        entries[j].meaning = entries[i].meaning.clone();
+        entries[i].copy = Some(UNetCopy::Plain);
+        entries[j].copy = Some(UNetCopy::Ema);
     }
-    true
+    Ok(true)
 }
 
 fn index_entries(base: &BaseModel) -> HashMap<(ModelPart, String), Location> {

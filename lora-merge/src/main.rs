@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Parser;
 use cli::{Cli, Command, MergeArgs};
 use lora_core::options::{prepare_output, AdapterSpec};
-use lora_merge::{Conversion, LowRankReport, MergeOptions};
+use lora_merge::{Conversion, LowRankReport, MergeOptions, OutputLayout};
 
 mod cli;
 
@@ -61,9 +61,9 @@ fn run_merge(args: MergeArgs) -> Result<()> {
         "--config-from is used only with --to"
     );
     anyhow::ensure!(
-        !args.no_ema || args.to.is_some(),
-        "--no-ema is used only with --to (merging into a single file changes both of its UNet \
-         copies)"
+        !args.no_ema || args.to == Some(OutputLayout::Diffusers),
+        "--no-ema is used only with --to diffusers (a single-file output keeps both UNet copies, \
+         each merged)"
     );
     let conversion = args.to.map(|to| Conversion {
         to,

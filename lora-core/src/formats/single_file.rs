@@ -126,25 +126,28 @@ impl SingleFile {
             .collect()
     }
 
-    /// The architecture the file's tensors say it is, and what it says about its prediction
-    /// type; `yaml` is an A1111 config found beside it.
-    pub fn identify(
+    /// The architecture the file's tensors say it is (an error naming what else it is).
+    pub fn architecture(&self) -> Result<Architecture> {
+        checkpoint_kind::identify_architecture(&self.tensor_shapes())
+            .with_context(|| format!("{}", self.path.display()))
+    }
+
+    /// What the file says its UNet predicts, and where it says it; `yaml` is an A1111 config
+    /// found beside it.
+    pub fn prediction_type(
         &self,
+        architecture: Architecture,
         yaml: Option<(&Path, &str)>,
-    ) -> Result<(Architecture, PredictionType, String)> {
-        let shapes = self.tensor_shapes();
-        let architecture = checkpoint_kind::identify_architecture(&shapes)
-            .with_context(|| format!("{}", self.path.display()))?;
+    ) -> Result<(PredictionType, String)> {
         let metadata = weights::header_metadata(&self.path)?;
         let hints = PredictionHints {
-            v_pred_key: shapes.contains_key("v_pred"),
+            v_pred_key: self.files.get("v_pred").is_ok(),
             metadata: Some(&metadata),
             yaml,
             global_step: self.global_step(),
         };
-        let (prediction, reason) = checkpoint_kind::identify_prediction(architecture, &hints)
-            .with_context(|| format!("{}", self.path.display()))?;
-        Ok((architecture, prediction, reason))
+        checkpoint_kind::identify_prediction(architecture, &hints)
+            .with_context(|| format!("{}", self.path.display()))
     }
 
     /// The file's `global_step` scalar, if it has a readable one.
@@ -215,10 +218,18 @@ impl SingleFile {
             .index
             .get(&(part, name.to_owned()))
             .ok_or_else(|| msg("not in the single-file checkpoint".into()))?;
+        let key = match source {
+            Source::Key(key) | Source::Stacked { key, .. } => key,
+        };
+        let loaded = self.files.load(key, dev);
+        // A stacked q/k/v tensor is read three times; its pages are re-read from the file.
+        if let Ok(view) = self.files.get(key) {
+            weights::release_mapped(view.data());
+        }
         match source {
-            Source::Key(key) => self.files.load(key, dev),
-            Source::Stacked { key, index } => {
-                let stacked = self.files.load(key, dev)?;
+            Source::Key(_) => loaded,
+            Source::Stacked { index, .. } => {
+                let stacked = loaded?;
                 let rows = stacked.dim(0)?;
                 if rows % 3 != 0 {
                     return Err(msg(format!(

@@ -49,6 +49,28 @@ pub fn header_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
         .collect())
 }
 
+/// Drops the pages of `data`, a tensor's bytes in a read-only file mapping, from the process's
+/// resident set once the tensor has been copied out (candle's loads copy). Loading a model reads
+/// every tensor once; without this every page read stays resident beside its converted copy and
+/// peak memory is the file plus the model. Pages are re-read from the file if touched again, so
+/// nothing is lost; a failure only means they stay.
+pub(crate) fn release_mapped(data: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let start = data.as_ptr() as usize / page * page;
+        let end = data.as_ptr() as usize + data.len();
+        if end > start {
+            // SAFETY: [start, end) lies within pages of a read-only file mapping that outlives
+            // this call; MADV_DONTNEED on such pages only makes later reads fault them in again.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = data;
+}
+
 /// A `VarBuilder` backend over memory-mapped safetensors that adds an f32 delta to the named
 /// tensors as they are loaded.
 struct PatchedSafetensors {
@@ -65,6 +87,9 @@ impl PatchedSafetensors {
                 self.origin
             ))
         })?;
+        if let Ok(view) = self.files.get(name) {
+            release_mapped(view.data());
+        }
         with_delta(raw, self.deltas.get(name), name, dtype, &self.origin)
     }
 }
