@@ -178,14 +178,26 @@ fn recognisable_sd1_file(dir: &std::path::Path) -> Result<std::path::PathBuf> {
     use candle_core::{DType, Device, Tensor};
     let dev = Device::Cpu;
     let tensors: std::collections::HashMap<String, Tensor> = [
-        ("model.diffusion_model.input_blocks.0.0.weight", vec![320, 4, 3, 3]),
+        (
+            "model.diffusion_model.input_blocks.0.0.weight",
+            vec![320, 4, 3, 3],
+        ),
         (
             "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
             vec![320, 768],
         ),
-        ("model.diffusion_model.output_blocks.0.0.in_layers.2.weight", vec![4]),
-        ("model.diffusion_model.output_blocks.1.0.in_layers.2.weight", vec![4]),
-        ("cond_stage_model.transformer.text_model.final_layer_norm.weight", vec![768]),
+        (
+            "model.diffusion_model.output_blocks.0.0.in_layers.2.weight",
+            vec![4],
+        ),
+        (
+            "model.diffusion_model.output_blocks.1.0.in_layers.2.weight",
+            vec![4],
+        ),
+        (
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+            vec![768],
+        ),
     ]
     .into_iter()
     .map(|(k, s)| Ok((k.to_owned(), Tensor::zeros(s, DType::F16, &dev)?)))
@@ -209,19 +221,37 @@ fn the_yaml_beside_a_file_and_the_override() -> Result<()> {
         })
     };
     let plain = open(None)?;
-    assert!(plain.describe().contains("SD 1.x, 512×512, epsilon"), "{}", plain.describe());
+    assert!(
+        plain.describe().contains("SD 1.x, 512×512, epsilon"),
+        "{}",
+        plain.describe()
+    );
 
     let yaml = dir.path().join("model.yaml");
     std::fs::write(&yaml, "model:\n  params:\n    parameterization: \"v\"\n")?;
     let model = open(None)?;
-    assert_eq!(model.scheduler_config()?.prediction_type, PredictionType::VPrediction);
-    assert!(model.describe().contains("model.yaml"), "{}", model.describe());
+    assert_eq!(
+        model.scheduler_config()?.prediction_type,
+        PredictionType::VPrediction
+    );
+    assert!(
+        model.describe().contains("model.yaml"),
+        "{}",
+        model.describe()
+    );
 
     std::fs::write(&yaml, "model:\n  params:\n    parameterization: x0\n")?;
     let err = format!("{:#}", open(None).unwrap_err());
     assert!(err.contains("model.yaml") && err.contains("x0"), "{err}");
     let model = open(Some(PredictionType::Epsilon))?;
-    assert_eq!(model.scheduler_config()?.prediction_type, PredictionType::Epsilon);
-    assert!(model.describe().contains("--prediction-type"), "{}", model.describe());
+    assert_eq!(
+        model.scheduler_config()?.prediction_type,
+        PredictionType::Epsilon
+    );
+    assert!(
+        model.describe().contains("--prediction-type"),
+        "{}",
+        model.describe()
+    );
     Ok(())
 }

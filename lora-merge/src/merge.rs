@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use lora_core::formats::checkpoint_kind::identify_architecture;
 use lora_core::formats::keys::Component;
 use lora_core::formats::ldm::{LdmLayout, LdmTarget, LdmTensor, ModelPart, TextEncoderLayout};
 use lora_core::io::write_folder_atomic;
@@ -123,9 +124,19 @@ pub fn merge_converting(
     }
     if let (OutputLayout::Diffusers, Layout::SingleFile(_)) = (to, base.layout) {
         let dir = config_from.as_deref().with_context(|| {
+            let shapes = base
+                .entries
+                .iter()
+                .map(|e| (e.key.clone(), e.shape.clone()))
+                .collect();
+            let what = match identify_architecture(&shapes) {
+                Ok(architecture) => format!("an {architecture} checkpoint"),
+                Err(e) => format!("a checkpoint of no built-in architecture ({e})"),
+            };
             format!(
-                "--to diffusers from the single file {} needs --config-from <diffusers folder> \
-                 for model_index.json and the config files (a single file holds none)",
+                "--to diffusers from the single file {} ({what}) needs --config-from <a \
+                 diffusers folder of that model> for model_index.json, the config files and the \
+                 tokenizer files (a single file holds none)",
                 options.base.display()
             )
         })?;
