@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use lora_core::formats::checkpoint_kind::{ema_key, has_ema, refuse_other_models};
 use lora_core::formats::keys::{locon_module_from_weight, module_from_weight, Component};
 use lora_core::formats::ldm::{DiffusersTensor, LdmLayout, LdmTensor, ModelPart};
-use lora_core::io::weights::component_weights;
+use lora_core::io::weights::{component_weights, header_metadata, release_mapped};
 use lora_core::ModuleInfo;
 use safetensors::{Dtype, SafeTensors};
 
@@ -53,35 +53,20 @@ impl WeightFile {
     }
 
     /// Drops the pages of `data` (a slice of this file's mapping) from the process's resident
-    /// set once a tensor has been copied out. A merge reads every tensor once; without this,
-    /// every page read stays mapped and peak RSS grows to the checkpoint's size.
+    /// set once a tensor has been copied out: a merge reads every tensor once, and without this
+    /// peak RSS grows to the checkpoint's size.
     fn release(&self, data: &[u8]) {
-        #[cfg(unix)]
-        {
-            let offset = data.as_ptr() as usize - self.mmap.as_ptr() as usize;
-            // SAFETY: the mapping is read-only and never written: dropped pages are read from the
-            // file again if touched later, so nothing is lost. Failure only means pages stay.
-            let _ = unsafe {
-                self.mmap.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    offset,
-                    data.len(),
-                )
-            };
-        }
-        #[cfg(not(unix))]
-        let _ = data;
+        assert!(
+            data.is_empty() || self.mmap.as_ptr_range().contains(&data.as_ptr()),
+            "released bytes outside this file's mapping"
+        );
+        // SAFETY: `data` lies in this file's read-only mapping (checked above), never written.
+        unsafe { release_mapped(data) };
     }
 
     /// The `__metadata__` of the header.
     pub fn metadata(&self) -> Result<std::collections::BTreeMap<String, String>> {
-        let (_, header) = SafeTensors::read_metadata(&self.mmap)?;
-        Ok(header
-            .metadata()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect())
+        header_metadata(&self.path)
     }
 }
 

@@ -224,7 +224,8 @@ impl SingleFile {
         let loaded = self.files.load(key, dev);
         // A stacked q/k/v tensor is read three times; its pages are re-read from the file.
         if let Ok(view) = self.files.get(key) {
-            weights::release_mapped(view.data());
+            // SAFETY: the view's bytes lie in the read-only mapping of the checkpoint.
+            unsafe { weights::release_mapped(view.data()) };
         }
         match source {
             Source::Key(_) => loaded,

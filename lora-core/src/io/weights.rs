@@ -54,7 +54,11 @@ pub fn header_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
 /// every tensor once; without this every page read stays resident beside its converted copy and
 /// peak memory is the file plus the model. Pages are re-read from the file if touched again, so
 /// nothing is lost; a failure only means they stay.
-pub(crate) fn release_mapped(data: &[u8]) {
+///
+/// # Safety
+/// `data` must lie in a read-only file mapping (the pages around it included): on other memory
+/// (the heap, a written private mapping) dropping pages zeroes them.
+pub unsafe fn release_mapped(data: &[u8]) {
     #[cfg(unix)]
     {
         // SAFETY: sysconf has no preconditions.
@@ -88,7 +92,8 @@ impl PatchedSafetensors {
             ))
         })?;
         if let Ok(view) = self.files.get(name) {
-            release_mapped(view.data());
+            // SAFETY: the view's bytes lie in the read-only mapping of a weights file.
+            unsafe { release_mapped(view.data()) };
         }
         with_delta(raw, self.deltas.get(name), name, dtype, &self.origin)
     }
