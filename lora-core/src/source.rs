@@ -204,6 +204,32 @@ impl ModelSource {
     }
 }
 
+/// A binary's `--base` and the options that go with it.
+#[derive(Debug, Clone)]
+pub struct BaseSpec<'a> {
+    /// `--base`: a folder, a Hub id or a single file.
+    pub base: &'a str,
+    /// `--base-config`.
+    pub base_config: Option<PathBuf>,
+    /// `--allow-pickle`: a `.ckpt` is read through its safetensors copy.
+    pub allow_pickle: bool,
+    pub choices: BaseChoices,
+}
+
+impl BaseSpec<'_> {
+    /// Parses and opens the base as every binary does; `on_pickle_copy` is told the path of the
+    /// safetensors copy a pickle is read through.
+    pub fn open(&self, on_pickle_copy: impl FnOnce(&Path)) -> Result<ModelFolder> {
+        let (source, pickle_copy) = ModelSource::parse(self.base)?
+            .with_configs_from(self.base_config.clone())?
+            .reading_pickle(self.allow_pickle)?;
+        if let Some(copy) = &pickle_copy {
+            on_pickle_copy(copy);
+        }
+        source.open(&self.choices)
+    }
+}
+
 /// `owner/name`, each part a Hub name: ASCII letters, digits, `-`, `_`, `.`, not starting with a
 /// symbol, no `..`.
 pub fn is_hub_id(spec: &str) -> bool {
@@ -486,6 +512,12 @@ pub struct ModelIndex {
 }
 
 impl ModelIndex {
+    /// `dir/model_index.json` if the folder has one.
+    fn in_folder(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(MODEL_INDEX);
+        path.is_file().then(|| Self::from_file(&path)).transpose()
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -598,11 +630,7 @@ impl ModelFolder {
             );
             Ok(())
         };
-        let index_path = root.join(MODEL_INDEX);
-        let index = index_path
-            .is_file()
-            .then(|| ModelIndex::from_file(&index_path))
-            .transpose()?;
+        let index = ModelIndex::in_folder(root)?;
         let listed = |component: &str| {
             index
                 .as_ref()
@@ -666,11 +694,7 @@ impl ModelFolder {
         let (configs, index, has_tokenizer, summary) = match configs_from {
             Some(dir) => {
                 require_config_files(dir, file, has_vae)?;
-                let index_path = dir.join(MODEL_INDEX);
-                let index = index_path
-                    .is_file()
-                    .then(|| ModelIndex::from_file(&index_path))
-                    .transpose()?;
+                let index = ModelIndex::in_folder(dir)?;
                 let summary = format!(
                     "single-file checkpoint with the configs of {}{weights_note}",
                     dir.display()

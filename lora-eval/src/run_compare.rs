@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_core::options::{check_output, prepare_output};
-use lora_core::source::{BaseChoices, ModelSource};
+use lora_core::source::{BaseChoices, BaseSpec};
 use lora_eval::compare::{compare, CompareEvent, CompareJob};
 use lora_eval::extract::{ExtractOptions, Phase};
 use lora_eval::prompts::read_prompt_lines;
@@ -27,20 +27,21 @@ pub fn run(args: CompareArgs) -> Result<()> {
     prepare_output("--output", &report_path, args.overwrite)?;
     let prompts = read_prompt_lines(&args.prompts)?;
     let device = args.inception.device.open()?;
-    let (source, pickle_copy) = ModelSource::parse(&args.base)?
-        .with_configs_from(args.base_config.clone())?
-        .reading_pickle(args.allow_pickle)?;
-    if let Some(copy) = pickle_copy {
+    let model = BaseSpec {
+        base: &args.base,
+        base_config: args.base_config.clone(),
+        allow_pickle: args.allow_pickle,
+        choices: BaseChoices {
+            prediction: args.prediction_type,
+            no_ema: args.no_ema,
+        },
+    }
+    .open(|copy| {
         eprintln!(
             "reading the pickle --base through its safetensors copy {}",
             copy.display()
-        );
-    }
-    let choices = BaseChoices {
-        prediction: args.prediction_type,
-        no_ema: args.no_ema,
-    };
-    let model = source.open(&choices)?;
+        )
+    })?;
     eprintln!("base: {}", model.describe());
     let adapters = args
         .loras

@@ -8,7 +8,7 @@ use anyhow::{ensure, Result};
 use clap::Parser;
 use cli::Cli;
 use lora_infer::lora_core::options::{check_output, prepare_output, AdapterSpec};
-use lora_infer::lora_core::source::{BaseChoices, ModelSource};
+use lora_infer::lora_core::source::{BaseChoices, BaseSpec};
 use lora_infer::output::{self, Image8};
 use lora_infer::pipeline::check_image_size;
 use lora_infer::{GenerateOptions, InitImage, Pipeline};
@@ -23,20 +23,21 @@ fn main() -> Result<()> {
         eprintln!("{note}");
     }
     let device = cli.device.open()?;
-    let (source, pickle_copy) = ModelSource::parse(&cli.base)?
-        .with_configs_from(cli.base_config.clone())?
-        .reading_pickle(cli.allow_pickle)?;
-    if let Some(copy) = pickle_copy {
+    let model = BaseSpec {
+        base: &cli.base,
+        base_config: cli.base_config.clone(),
+        allow_pickle: cli.allow_pickle,
+        choices: BaseChoices {
+            prediction: cli.prediction_type,
+            no_ema: cli.no_ema,
+        },
+    }
+    .open(|copy| {
         eprintln!(
             "reading the pickle --base through its safetensors copy {}",
             copy.display()
-        );
-    }
-    let choices = BaseChoices {
-        prediction: cli.prediction_type,
-        no_ema: cli.no_ema,
-    };
-    let model = source.open(&choices)?;
+        )
+    })?;
     eprintln!("base: {}", model.describe());
     let mut loras = Vec::with_capacity(cli.loras.len());
     for spec in &cli.loras {

@@ -22,7 +22,7 @@ use lora_core::io::weights::mmap_safetensors;
 use lora_core::models::config::UNetConfig;
 use lora_core::models::text_encoder::TextEncoder;
 use lora_core::options::{check_output, prepare_output};
-use lora_core::source::{BaseChoices, ModelFolder, ModelSource};
+use lora_core::source::{BaseChoices, BaseSpec, ModelFolder};
 use lora_core::{
     save_adapter, Adapter, BaseModelVersion, LoraConfig, ModelModules, Rng, SaveOptions,
     UNet2DConditionModel,
@@ -192,17 +192,16 @@ impl Trainer {
         if let Some(class_dataset) = &class_dataset {
             on_prepare(Preparation::ClassImages(class_dataset));
         }
-        let (source, pickle_copy) = ModelSource::parse(&config.base)?
-            .with_configs_from(config.base_config.clone())?
-            .reading_pickle(config.allow_pickle)?;
-        if let Some(copy) = &pickle_copy {
-            on_prepare(Preparation::PickleCopy(copy));
+        let model = BaseSpec {
+            base: &config.base,
+            base_config: config.base_config.clone(),
+            allow_pickle: config.allow_pickle,
+            choices: BaseChoices {
+                prediction: config.prediction_type,
+                no_ema: config.no_ema,
+            },
         }
-        let choices = BaseChoices {
-            prediction: config.prediction_type,
-            no_ema: config.no_ema,
-        };
-        let model = source.open(&choices)?;
+        .open(|copy| on_prepare(Preparation::PickleCopy(copy)))?;
         on_prepare(Preparation::Base(&model));
         let unet_config = model.unet_config()?;
         if config.resolution_from_model {
