@@ -2,6 +2,7 @@
 //!
 //!     cargo bench --bench unet_step -- <case> [--iters N] [--device cpu|cuda] [--dtype f32|f16|bf16]
 //!                                             [--batch N] [--gradient-checkpointing]
+//!                                             [--targets attn2|attn|attn-mlp]
 //!
 //! Cases (SD1.5 UNet architecture with random weights unless `tiny`; LoRA rank 4 on attn2):
 //! - `train-sd15-32`, `train-sd15-64`: forward + backward + AdamW, batch 1, latents 32×32 / 64×64
@@ -10,7 +11,9 @@
 //! - `train-tiny`, `infer-tiny`: the same on the sd1-tiny fixture model (a quick check)
 //!
 //! `--device`, `--dtype` (of the frozen base; LoRA stays f32) and `--batch` override a case's
-//! defaults (CPU, f32), for the GPU runs of `benches/gpu.sh`. `--gradient-checkpointing` trains
+//! defaults (CPU, f32), for the GPU runs of `benches/gpu.sh`. `--targets` picks the adapted
+//! layers as lora-train's preset of that name does (default attn2; `attn` is every attention
+//! projection, the issue-19 "all-attention" case). `--gradient-checkpointing` trains
 //! with `forward_checkpointed` (the reference: `enable_gradient_checkpointing()`). `--dora` makes
 //! the adapter DoRA (the reference: peft's `use_dora=True`); `--algo loha|lokr` makes it LyCORIS'
 //! LoHa / LoKr at the same rank and alpha (the reference: lycoris-lora's own modules).
@@ -195,6 +198,9 @@ fn main() -> Result<()> {
     let algo: AdapterAlgorithm = args
         .flag("--algo")?
         .map_or(Ok(AdapterAlgorithm::Lora), str::parse)?;
+    let targets: LoraTargets = args
+        .flag("--targets")?
+        .map_or(Ok(LoraTargets::Attn2), str::parse)?;
     let device_spec: DeviceSpec = args
         .flag("--device")?
         .map_or(Ok(DeviceSpec::Cpu), str::parse)?;
@@ -226,7 +232,7 @@ fn main() -> Result<()> {
     let lora = LoraConfig {
         rank: 4,
         alpha: 4.0,
-        targets: LoraTargets::Attn2,
+        targets,
         lycoris: algo.lycoris(None),
         ..Default::default()
     };
@@ -308,6 +314,9 @@ fn main() -> Result<()> {
     out.insert("batch", serde_json::json!(b));
     if checkpointing {
         out.insert("gradient_checkpointing", serde_json::json!(true));
+    }
+    if targets != LoraTargets::Attn2 {
+        out.insert("targets", serde_json::json!(targets.name()));
     }
     if dora {
         out.insert("dora", serde_json::json!(true));

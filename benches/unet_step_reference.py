@@ -2,6 +2,7 @@
 
     python benches/unet_step_reference.py <case> [--iters N] [--device cpu|cuda] [--dtype f32|f16|bf16]
                                                 [--batch N] [--gradient-checkpointing] [--dora] [--algo loha|lokr]
+                                                [--targets attn2|attn|attn-mlp]
                                                 [--saved-tensors]
 
 Same shapes, LoRA (rank 4, attn2 to_q/to_k/to_v/to_out.0, AdamW lr 1e-4), warm-up and timing as
@@ -79,7 +80,15 @@ def main():
     b = int(flag("--batch", b))
     unet.requires_grad_(False)
     unet.to(device, dtype)
-    targets = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+    # lora-train's target presets (lora_core::adapters::LoraTargets).
+    projections = ["to_q", "to_k", "to_v", "to_out.0"]
+    preset = flag("--targets", "attn2")
+    targets = {
+        "attn2": [f"attn2.{p}" for p in projections],
+        "attn": [f"{a}.{p}" for a in ("attn1", "attn2") for p in projections],
+        "attn-mlp": [f"{a}.{p}" for a in ("attn1", "attn2") for p in projections]
+        + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+    }[preset]
     dora = "--dora" in args
     algo = flag("--algo", "lora")
     if algo == "lora":
@@ -165,6 +174,7 @@ def main():
         "dtype": {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype],
         "batch": b,
         **({"gradient_checkpointing": True} if checkpointing else {}),
+        **({"targets": preset} if preset != "attn2" else {}),
         **({"dora": True} if dora else {}),
         **({"algo": algo} if algo != "lora" else {}),
         **({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if device.type == "cuda" else {}),

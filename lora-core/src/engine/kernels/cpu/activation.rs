@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::gemm::f32_slice;
-use super::math::{avx2_dispatch, exp_nonpositive};
+use super::math::{exp_nonpositive, simd_dispatch};
 
 /// `erf(x)` by Abramowitz & Stegun 7.1.26 (absolute error 1.5e-7, < 5e-7 in f32 arithmetic),
 /// branch-free.
@@ -42,7 +42,7 @@ fn normal_cdf_pdf(x: f32) -> (f32, f32) {
     (cdf, FRAC_1_SQRT_2PI * exp_nonpositive(-0.5 * x * x))
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// One row: `out = hidden ⊙ x·Φ(x)` with `x` the gate, `h = [hidden | gate]`.
     fn geglu_row(out: &mut [f32], h: &[f32]) {
         let (hidden, gate) = h.split_at(out.len());
@@ -52,7 +52,7 @@ avx2_dispatch! {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// One row of the input gradient `[d hidden | d gate]`, with `gelu'(x) = Φ(x) + x·φ(x)`.
     fn geglu_grad_row(dh: &mut [f32], h: &[f32], dy: &[f32]) {
         let (hidden, gate) = h.split_at(dy.len());

@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{f32_slice, matmul, with_scratch, Mat, Threads};
-use super::math::{self, avx2_dispatch, exp_nonpositive};
+use super::math::{self, exp_nonpositive, simd_dispatch};
 
 /// `[B, N, H·d]` queries against `[B, M, H·d]` keys and values.
 #[derive(Debug, Clone, Copy)]
@@ -95,7 +95,7 @@ impl Geometry {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// Rows of raw scores `Q·Kᵀ` → `softmax(scale · scores)`, in place.
     fn softmax_rows(scores: &mut [f32], cols: usize, scale: f32) {
         for row in scores.chunks_exact_mut(cols) {
@@ -111,7 +111,7 @@ avx2_dispatch! {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// `dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale`, in place of `dP`.
     fn softmax_grad_rows(probs: &[f32], dp: &mut [f32], cols: usize, scale: f32) {
         for (p, g) in probs.chunks_exact(cols).zip(dp.chunks_exact_mut(cols)) {

@@ -8,12 +8,15 @@
 //! the `[O, C·kh·kw]` matrix, im2col rows are built from contiguous row copies in NCHW order, and
 //! the product (the `gemm` crate, which candle's matmul also uses) writes straight into the NCHW
 //! output. The input gradient is `Wᵀ·dy` scattered back by col2im, so no flipped kernel is
-//! stored. Bands of output rows bound the im2col scratch buffer (large VAE maps).
+//! stored. Bands of output rows bound the im2col scratch buffer (large VAE maps). 3×3 stride-1
+//! convolutions with padding 1 on maps large enough, forward and input gradient, go through
+//! [`winograd`] instead.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{cpu_f32, f32_slice, matmul, with_scratch, Mat, Threads};
+use super::winograd;
 use crate::engine::autograd::grad_if_tracked;
 
 /// Most f32 values an im2col band may hold (16 MiB); a band is at least one output row.
@@ -207,46 +210,27 @@ pub(crate) fn conv2d(
     bias: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
-    let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
+    let (plane, taps) = (g.out_plane(), g.taps());
     let mut y = vec![0.0f32; g.batch * g.c_out * plane];
     let weights = Mat::rows(kernel, taps);
+    let winograd_filters = winograd::applies(g).then(|| {
+        winograd::transform_filters(g.c_out, g.c_in, |o, c| {
+            std::array::from_fn(|t| kernel[(o * g.c_in + c) * 9 + t])
+        })
+    });
     for (xs, ys) in x
         .chunks_exact(g.c_in * g.in_plane())
         .zip(y.chunks_exact_mut(g.c_out * plane))
     {
-        if let Some(bias) = bias {
-            for (channel, b) in ys.chunks_exact_mut(plane).zip(bias) {
-                channel.fill(*b);
-            }
-        }
-        if g.pointwise() {
-            let dims = (g.c_out, plane, taps);
-            matmul(
-                ys,
-                plane,
-                bias.is_some(),
-                dims,
-                weights,
-                Mat::rows(xs, plane),
-                Threads::All,
-            );
+        if let Some(u) = &winograd_filters {
+            winograd::conv3x3(g, xs, u, bias, ys);
         } else {
-            for (oy, rows) in bands(g) {
-                with_scratch(taps * rows * wo, |col| {
-                    im2col(g, xs, oy, rows, col);
-                    let dims = (g.c_out, rows * wo, taps);
-                    let rhs = Mat::rows(col, rows * wo);
-                    matmul(
-                        &mut ys[oy * wo..],
-                        plane,
-                        bias.is_some(),
-                        dims,
-                        weights,
-                        rhs,
-                        Threads::All,
-                    );
-                });
+            if let Some(bias) = bias {
+                for (channel, b) in ys.chunks_exact_mut(plane).zip(bias) {
+                    channel.fill(*b);
+                }
             }
+            im2col_conv(g, xs, weights, bias.is_some(), ys);
         }
         if relu {
             // `v < 0` is false for NaN, which passes through as in PyTorch's ReLU.
@@ -258,11 +242,58 @@ pub(crate) fn conv2d(
     y
 }
 
+/// One sample's `ys (+)= conv(xs, weights)` by im2col and matrix products (`accumulate`: onto
+/// what `ys` holds, the bias).
+fn im2col_conv(g: &ConvGeometry, xs: &[f32], weights: Mat, accumulate: bool, ys: &mut [f32]) {
+    let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
+    if g.pointwise() {
+        let dims = (g.c_out, plane, taps);
+        let rhs = Mat::rows(xs, plane);
+        matmul(ys, plane, accumulate, dims, weights, rhs, Threads::All);
+        return;
+    }
+    for (oy, rows) in bands(g) {
+        with_scratch(taps * rows * wo, |col| {
+            im2col(g, xs, oy, rows, col);
+            let dims = (g.c_out, rows * wo, taps);
+            let rhs = Mat::rows(col, rows * wo);
+            matmul(
+                &mut ys[oy * wo..],
+                plane,
+                accumulate,
+                dims,
+                weights,
+                rhs,
+                Threads::All,
+            );
+        });
+    }
+}
+
 /// The gradient of [`conv2d`] with respect to `x`, given the output gradient `dy`
 /// `[B, O, Ho, Wo]`: `Wᵀ·dy` per band, scattered back by col2im.
 pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) -> Vec<f32> {
     let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
     let mut dx = vec![0.0f32; g.batch * g.c_in * g.in_plane()];
+    // With stride 1 and padding 1, `dx` is the convolution of `dy` by the kernel flipped in
+    // both directions with its channel axes swapped, which Winograd computes as a forward pass.
+    let flipped = ConvGeometry {
+        c_in: g.c_out,
+        c_out: g.c_in,
+        ..*g
+    };
+    if winograd::applies(g) && winograd::applies(&flipped) {
+        let u = winograd::transform_filters(g.c_in, g.c_out, |c, o| {
+            std::array::from_fn(|t| kernel[(o * g.c_in + c) * 9 + 8 - t])
+        });
+        for (dys, dxs) in dy
+            .chunks_exact(g.c_out * plane)
+            .zip(dx.chunks_exact_mut(g.c_in * g.in_plane()))
+        {
+            winograd::conv3x3(&flipped, dys, &u, None, dxs);
+        }
+        return dx;
+    }
     let weights_t = Mat::transposed(kernel, taps);
     for (dys, dxs) in dy
         .chunks_exact(g.c_out * plane)
@@ -476,7 +507,8 @@ mod tests {
 
     /// The op and both its gradients against candle's own convolution and its autograd, over the shapes the
     /// UNet and VAE use (3×3 same, 3×3 stride 2, 1×1), Inception's rectangular kernels and
-    /// paddings (1×7 with (0, 3), 7×1 with (3, 0), 1×3, 3×1), plus odd sizes and a narrow band.
+    /// paddings (1×7 with (0, 3), 7×1 with (3, 0), 1×3, 3×1), plus odd sizes and a narrow band;
+    /// the last two cases take the Winograd path (with odd sizes).
     /// candle pads both axes alike, so the reference pads explicitly and convolves unpadded.
     #[test]
     fn passes_match_candle_convolution() {
@@ -496,7 +528,19 @@ mod tests {
             ((1, 4, 5, 5), (3, 4, 1, 3), (0, 1), 1),
             ((1, 4, 5, 5), (3, 4, 3, 1), (1, 0), 1),
             ((1, 3, 9, 7), (2, 3, 3, 5), (1, 2), 2),
+            ((2, 16, 15, 13), (17, 16, 3, 3), (1, 1), 1),
+            ((1, 20, 16, 16), (16, 20, 3, 3), (1, 1), 1),
         ];
+        let winograd_cases = cases.iter().filter(|(input, kernel, padding, stride)| {
+            let g = ConvGeometry::new(*input, *kernel, *padding, *stride).unwrap();
+            let swapped = ConvGeometry {
+                c_in: g.c_out,
+                c_out: g.c_in,
+                ..g
+            };
+            winograd::applies(&g) && winograd::applies(&swapped)
+        });
+        assert_eq!(winograd_cases.count(), 2);
         for (input, kernel, padding, stride) in cases {
             let x = Var::from_tensor(&rng.normal_tensor(input, &dev).unwrap()).unwrap();
             let w = Var::from_tensor(&rng.normal_tensor(kernel, &dev).unwrap()).unwrap();
@@ -535,6 +579,22 @@ mod tests {
         let mut rng = Rng::new(4);
         let x = rng.normal_tensor((1, 16, 600, 520), &dev).unwrap();
         let w = rng.normal_tensor((2, 16, 3, 3), &dev).unwrap();
+        let reference = x.conv2d(&w, 1, 1, 1, 1).unwrap();
+        let ours = conv2d_op(&x, &w, None, (1, 1), 1, false).unwrap();
+        assert!(max_rel_diff(&ours, &reference) < 1e-5);
+    }
+
+    /// The same for the Winograd path, whose bands are of tile rows.
+    #[test]
+    fn banded_winograd_matches_candle() {
+        let g = ConvGeometry::new((1, 16, 600, 520), (16, 16, 3, 3), (1, 1), 1).unwrap();
+        let tile_rows = g.out_h().div_ceil(2);
+        let band = winograd::band_rows(&g);
+        assert!(winograd::applies(&g) && band < tile_rows && !tile_rows.is_multiple_of(band));
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(5);
+        let x = rng.normal_tensor((1, 16, 600, 520), &dev).unwrap();
+        let w = rng.normal_tensor((16, 16, 3, 3), &dev).unwrap();
         let reference = x.conv2d(&w, 1, 1, 1, 1).unwrap();
         let ours = conv2d_op(&x, &w, None, (1, 1), 1, false).unwrap();
         assert!(max_rel_diff(&ours, &reference) < 1e-5);

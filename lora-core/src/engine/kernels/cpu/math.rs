@@ -1,8 +1,14 @@
 //! Elementwise math for the CPU kernels, written so the compiler vectorises it: an exponential
 //! in plain f32 arithmetic, reductions over eight independent lanes (a single running sum is a
-//! dependency chain the compiler may not reorder), and [`avx2_dispatch!`], which compiles a
-//! kernel a second time for AVX2 + FMA and picks that copy at run time. The default build
-//! targets baseline x86-64 (SSE2) so one binary runs anywhere; PyTorch dispatches the same way.
+//! dependency chain the compiler may not reorder), and [`simd_dispatch!`], which compiles a
+//! kernel again for AVX-512 and for AVX2 + FMA and picks the widest copy the CPU runs, at run
+//! time. The default build targets baseline x86-64 (SSE2) so one binary runs anywhere; PyTorch
+//! dispatches the same way. On aarch64 the baseline copy is the NEON one (NEON is part of the
+//! architecture there).
+//!
+//! Building with `RUSTFLAGS="--cfg lora_avx2_only"` leaves out the AVX-512 copies, ours and the
+//! `gemm` crate's (see lora-core's Cargo.toml), so that the AVX2 path can be measured on an
+//! AVX-512 machine (`benches/run_all.sh --avx2`).
 
 /// `eˣ` for `x ≤ 0` (softmax after its max is subtracted), as `2ⁿ·p(r)` with `|r| ≤ ln2/2` and
 /// a degree-6 Taylor polynomial (relative error < 2e-7).
@@ -37,9 +43,10 @@ pub(crate) fn sigmoid(z: f32) -> f32 {
     }
 }
 
-const LANES: usize = 8;
+/// Independent accumulators of a reduction: one AVX-512 register, two AVX2 ones.
+const LANES: usize = 16;
 
-/// `Σ f(aᵢ, bᵢ)` over eight lanes.
+/// `Σ f(aᵢ, bᵢ)` over [`LANES`] lanes.
 #[inline(always)]
 pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [0.0f32; LANES];
@@ -58,7 +65,7 @@ pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 
     acc.iter().sum::<f32>() + tail
 }
 
-/// `Σ f(xᵢ)` over eight lanes.
+/// `Σ f(xᵢ)` over [`LANES`] lanes.
 #[inline(always)]
 pub(crate) fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     sum_zip(x, x, |v, _| f(v))
@@ -87,15 +94,38 @@ pub(crate) fn has_avx2_fma() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
-/// Defines `fn name(args) -> ret { body }` twice, once compiled for AVX2 + FMA, and calls that
-/// copy when the CPU has them. The body must not rely on closures being vectorised separately
-/// (they are inlined into whichever copy calls them).
-macro_rules! avx2_dispatch {
+/// Whether this CPU has the AVX-512 subsets the AVX-512 copies are built with (F, BW, DQ, VL:
+/// Skylake-SP, Ice Lake, Sapphire Rapids, Zen 4 and later).
+#[cfg(all(target_arch = "x86_64", not(lora_avx2_only)))]
+pub(crate) fn has_avx512() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512vl")
+        && has_avx2_fma()
+}
+
+/// Defines `fn name(args) -> ret { body }` three times on x86-64 (compiled for AVX-512, for
+/// AVX2 + FMA and for the baseline) and calls the widest copy the CPU runs. The body must not
+/// rely on closures being vectorised separately (they are inlined into whichever copy calls
+/// them).
+macro_rules! simd_dispatch {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn generic($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(all(target_arch = "x86_64", not(lora_avx2_only)))]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    generic($($arg),*)
+                }
+                if $crate::engine::kernels::cpu::math::has_avx512() {
+                    // SAFETY: the CPU was just checked for the features `avx512` is built with.
+                    return unsafe { avx512($($arg),*) };
+                }
+            }
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
@@ -111,7 +141,7 @@ macro_rules! avx2_dispatch {
         }
     };
 }
-pub(crate) use avx2_dispatch;
+pub(crate) use simd_dispatch;
 
 #[cfg(test)]
 mod tests {

@@ -1,4 +1,4 @@
-//! CPU f32 kernels: convolution, attention, group/layer norm and GEGLU as candle custom ops with
+//! CPU f32 kernels: convolution (im2col or Winograd), attention, group/layer norm and GEGLU as candle custom ops with
 //! their backward passes, over the strided `gemm` calls and vector helpers they share.
 
 pub(crate) mod activation;
@@ -7,3 +7,4 @@ pub(crate) mod conv;
 pub(crate) mod gemm;
 pub(crate) mod math;
 pub(crate) mod norm;
+pub(crate) mod winograd;

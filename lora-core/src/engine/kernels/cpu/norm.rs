@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::gemm::f32_slice;
-use super::math::{avx2_dispatch, sigmoid, sum_map, sum_zip};
+use super::math::{sigmoid, simd_dispatch, sum_map, sum_zip};
 
 /// The frozen parameters of one group norm.
 #[derive(Debug, Clone)]
@@ -25,7 +25,7 @@ pub(crate) struct GroupNormParams {
     pub silu: bool,
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// Mean and reciprocal standard deviation of one group (partial sums in f64 so that large
     /// groups, as in the VAE, keep their precision).
     fn statistics(x: &[f32], eps: f64) -> (f32, f32) {
@@ -41,7 +41,7 @@ avx2_dispatch! {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// `y = x·a + c`, then SiLU when `silu`.
     fn affine_row(y: &mut [f32], x: &[f32], affine: (f32, f32), silu: bool) {
         let (a, c) = affine;
@@ -52,7 +52,7 @@ avx2_dispatch! {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// `g = dL/dx̂` for one channel's row (through SiLU when `silu`, then the scale `w`);
     /// returns `(Σg, Σg·x̂)`.
     fn grad_row(
@@ -79,7 +79,7 @@ avx2_dispatch! {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// `dx = r · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`, in place of `g`.
     fn finish_grad(g: &mut [f32], x: &[f32], stats: (f32, f32), means: (f32, f32)) {
         let ((mean, rstd), (mean_g, mean_gx)) = (stats, means);
@@ -193,7 +193,7 @@ pub(crate) struct LayerNormParams {
     pub bias: Vec<f32>,
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     fn layer_norm_row(y: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f64) {
         let (mean, rstd) = statistics(x, eps);
         for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(weight).zip(bias) {
@@ -202,7 +202,7 @@ avx2_dispatch! {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     fn layer_norm_grad_row(dx: &mut [f32], x: &[f32], dy: &[f32], weight: &[f32], eps: f64) {
         let stats = statistics(x, eps);
         let (mean, rstd) = stats;

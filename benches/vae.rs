@@ -1,11 +1,17 @@
-//! VAE decode benchmarks: one case per invocation, one JSON line per case on stdout.
+//! VAE benchmarks: one case per invocation, one JSON line per case on stdout.
 //!
-//!     cargo bench --bench vae_decode -- <case> [--iters N]
+//!     cargo bench --bench vae -- <case> [--iters N]
 //!
 //! Cases (the SD 1.5 VAE architecture, `block_out_channels` [128, 256, 512, 512], with frozen
 //! random weights; CPU, f32, batch 1):
 //! - `decode-32`: latents 1×4×32×32 to a 256² image
-//! - `decode-64`: latents 1×4×64×64 to a 512² image
+//! - `decode-64`: latents 1×4×64×64 to a 512² image (lora-infer's last step at 512²)
+//! - `encode-256`, `encode-512`: an image to its latent mean (lora-train's caching pass over a
+//!   dataset, per image)
+//!
+//! `benches/vae_reference.py` measures the same cases with diffusers' `AutoencoderKL`;
+//! `BENCH=vae REFERENCE=benches/vae_reference.py benches/run_unet_step.sh python3 CASES…` runs
+//! both side by side.
 
 mod common;
 
@@ -37,11 +43,14 @@ const SD15_VAE_CONFIG: &str = r#"{
 fn main() -> Result<()> {
     // SAFETY: first thing in `main`, before any other thread exists.
     unsafe { lora_toolkit::core::process_setup::configure() };
-    let args = BenchArgs::from_env("usage: vae_decode <decode-32|decode-64> [--iters N]")?;
+    let args =
+        BenchArgs::from_env("usage: vae <decode-32|decode-64|encode-256|encode-512> [--iters N]")?;
     let case = args.case.clone();
-    let latent = match case.as_str() {
-        "decode-32" => 32,
-        "decode-64" => 64,
+    let (encode, size) = match case.as_str() {
+        "decode-32" => (false, 32),
+        "decode-64" => (false, 64),
+        "encode-256" => (true, 256),
+        "encode-512" => (true, 512),
         _ => bail!("unknown case `{case}`"),
     };
     let iters = args.iters()?;
@@ -51,16 +60,22 @@ fn main() -> Result<()> {
     // finite so no denormal or NaN slow paths are measured.
     let vb = RandomInit::frozen(0).var_builder(&device);
     let vae = Vae::from_var_builder(vb, config)?;
-    let latents = Rng::new(1).normal_tensor((1, 4, latent, latent), &device)?;
-    let decode = || -> Result<()> {
-        let image = vae.decode(&latents)?;
-        image.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    let channels = if encode { 3 } else { 4 };
+    let input = Rng::new(1).normal_tensor((1, channels, size, size), &device)?;
+    let run = || -> Result<()> {
+        let output = if encode {
+            vae.encode_mean(&input)?
+        } else {
+            vae.decode(&input)?
+        };
+        output.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     };
-    decode()?; // warm-up: first-touch allocations
-    let (mean, min) = time_runs(iters, decode)?;
+    run()?; // warm-up: first-touch allocations
+    let (mean, min) = time_runs(iters, run)?;
     let mut out = BTreeMap::new();
     out.insert("case", serde_json::json!(case));
+    out.insert("impl", serde_json::json!("lora-toolkit (candle)"));
     out.insert(
         "device",
         serde_json::json!(format!(
@@ -71,6 +86,15 @@ fn main() -> Result<()> {
     out.insert("iters", serde_json::json!(iters));
     out.insert("mean_s", serde_json::json!(mean));
     out.insert("min_s", serde_json::json!(min));
+    if let Some(kib) = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+    {
+        out.insert("peak_rss_mib", serde_json::json!(kib / 1024.0));
+    }
     println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }

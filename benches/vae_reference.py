@@ -1,0 +1,65 @@
+"""The vae benchmark cases measured with diffusers' AutoencoderKL (PyTorch), printing the same JSON.
+
+    python benches/vae_reference.py <decode-32|decode-64|encode-256|encode-512> [--iters N]
+
+The SD 1.5 VAE configuration with random weights, f32, batch 1, one warm-up run then the timed
+ones, as benches/vae.rs; encode returns the latent distribution's mean (what lora-train caches).
+"""
+
+import json
+import resource
+import sys
+import time
+
+import torch
+from diffusers import AutoencoderKL
+
+SD15_VAE = dict(
+    act_fn="silu",
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    in_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    out_channels=3,
+    sample_size=512,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+)
+
+
+def main():
+    args = sys.argv[1:]
+    case = args[0]
+    iters = int(args[args.index("--iters") + 1]) if "--iters" in args else 3
+    encode, size = {"decode-32": (False, 32), "decode-64": (False, 64),
+                    "encode-256": (True, 256), "encode-512": (True, 512)}[case]
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SD15_VAE).eval()
+    vae.requires_grad_(False)
+    x = torch.randn(1, 3 if encode else 4, size, size)
+
+    def run():
+        with torch.inference_mode():
+            out = vae.encode(x).latent_dist.mean if encode else vae.decode(x).sample
+            out.float().sum().item()
+
+    run()  # warm-up
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({
+        "case": case,
+        "impl": f"diffusers {__import__('diffusers').__version__} (torch {torch.__version__})",
+        "device": f"cpu, {torch.get_num_threads()} threads",
+        "iters": iters,
+        "mean_s": sum(times) / len(times),
+        "min_s": min(times),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+
+
+if __name__ == "__main__":
+    main()
