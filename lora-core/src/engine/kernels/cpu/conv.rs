@@ -201,8 +201,8 @@ fn bands(g: &ConvGeometry) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// `y = conv(x, kernel) + bias`: `x` `[B, C, H, W]`, `kernel` `[O, C, kh, kw]`, `bias` `[O]`,
-/// all contiguous; returns `[B, O, Ho, Wo]`, through a ReLU when `relu` (applied per sample while
-/// its output is still in cache).
+/// all contiguous; returns `[B, O, Ho, Wo]`, through a ReLU when `relu` (on the im2col path
+/// applied per sample while its output is still in cache).
 pub(crate) fn conv2d(
     g: &ConvGeometry,
     x: &[f32],
@@ -218,26 +218,30 @@ pub(crate) fn conv2d(
             std::array::from_fn(|t| kernel[(o * g.c_in + c) * 9 + t])
         })
     });
-    for (xs, ys) in x
-        .chunks_exact(g.c_in * g.in_plane())
-        .zip(y.chunks_exact_mut(g.c_out * plane))
-    {
-        if let Some(u) = &winograd_filters {
-            winograd::conv3x3(g, xs, u, bias, ys);
-        } else {
-            if let Some(bias) = bias {
-                for (channel, b) in ys.chunks_exact_mut(plane).zip(bias) {
-                    channel.fill(*b);
-                }
-            }
-            im2col_conv(g, xs, weights, bias.is_some(), ys);
-        }
+    let relu_in_place = |ys: &mut [f32]| {
         if relu {
             // `v < 0` is false for NaN, which passes through as in PyTorch's ReLU.
             for v in ys.iter_mut() {
                 *v = if *v < 0.0 { 0.0 } else { *v };
             }
         }
+    };
+    if let Some(u) = &winograd_filters {
+        winograd::conv3x3(g, x, u, bias, &mut y);
+        relu_in_place(&mut y);
+        return y;
+    }
+    for (xs, ys) in x
+        .chunks_exact(g.c_in * g.in_plane())
+        .zip(y.chunks_exact_mut(g.c_out * plane))
+    {
+        if let Some(bias) = bias {
+            for (channel, b) in ys.chunks_exact_mut(plane).zip(bias) {
+                channel.fill(*b);
+            }
+        }
+        im2col_conv(g, xs, weights, bias.is_some(), ys);
+        relu_in_place(ys);
     }
     y
 }
@@ -286,12 +290,7 @@ pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) ->
         let u = winograd::transform_filters(g.c_in, g.c_out, |c, o| {
             std::array::from_fn(|t| kernel[(o * g.c_in + c) * 9 + 8 - t])
         });
-        for (dys, dxs) in dy
-            .chunks_exact(g.c_out * plane)
-            .zip(dx.chunks_exact_mut(g.c_in * g.in_plane()))
-        {
-            winograd::conv3x3(&flipped, dys, &u, None, dxs);
-        }
+        winograd::conv3x3(&flipped, dy, &u, None, &mut dx);
         return dx;
     }
     let weights_t = Mat::transposed(kernel, taps);

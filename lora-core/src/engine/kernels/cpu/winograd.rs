@@ -79,17 +79,23 @@ pub(crate) fn transform_filters(
     u
 }
 
-/// The convolution of one sample `x` `[C, H, W]` into `y` `[O, H, W]`, with the filters
-/// transformed by [`transform_filters`]: `y = conv(x) + bias` (`y` is overwritten).
+/// The convolution of `x` `[B, C, H, W]` into `y` `[B, O, H, W]`, with the filters transformed
+/// by [`transform_filters`]: `y = conv(x) + bias` (`y` is overwritten). The tiles of every
+/// sample go through the same 16 products, so each transformed filter is packed once per band.
 pub(crate) fn conv3x3(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
     let (tiles_w, tiles_h) = (g.w.div_ceil(2), g.h.div_ceil(2));
     let band_rows = band_rows(g);
     for ty0 in (0..tiles_h).step_by(band_rows) {
-        let rows = band_rows.min(tiles_h - ty0);
-        let tiles = rows * tiles_w;
+        let band = Band {
+            ty0,
+            rows: band_rows.min(tiles_h - ty0),
+            tiles_w,
+            batch: g.batch,
+        };
+        let tiles = band.tiles();
         with_scratch(POSITIONS * (g.c_in + g.c_out) * tiles, |scratch| {
             let (v, m) = scratch.split_at_mut(POSITIONS * g.c_in * tiles);
-            transform_inputs(g, x, ty0, rows, v);
+            transform_inputs(g, x, &band, v);
             for position in 0..POSITIONS {
                 let lhs = Mat::rows(&u[position * g.c_in..], POSITIONS * g.c_in);
                 let rhs = Mat::rows(&v[position * tiles..], POSITIONS * tiles);
@@ -97,37 +103,56 @@ pub(crate) fn conv3x3(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32
                 let dst = &mut m[position * tiles..];
                 matmul(dst, POSITIONS * tiles, false, dims, lhs, rhs, Threads::All);
             }
-            transform_outputs(g, m, ty0, rows, bias, y);
+            transform_outputs(g, m, &band, bias, y);
         });
+    }
+}
+
+/// Tile rows `[ty0, ty0 + rows)` of every sample; tile `(b, r, tx)` is column
+/// `(b·rows + r)·tiles_w + tx` of the transformed matrices.
+struct Band {
+    ty0: usize,
+    rows: usize,
+    tiles_w: usize,
+    batch: usize,
+}
+
+impl Band {
+    fn tiles(&self) -> usize {
+        self.batch * self.rows * self.tiles_w
+    }
+
+    /// The first column of sample `b`'s tile row `r`.
+    fn column(&self, b: usize, r: usize) -> usize {
+        (b * self.rows + r) * self.tiles_w
     }
 }
 
 /// Tile rows per band: the transformed inputs and products of a band stay under
 /// [`MAX_BAND_VALUES`] (large VAE maps), at least one row.
 pub(crate) fn band_rows(g: &ConvGeometry) -> usize {
-    let per_row = POSITIONS * (g.c_in + g.c_out) * g.w.div_ceil(2);
+    let per_row = POSITIONS * (g.c_in + g.c_out) * g.w.div_ceil(2) * g.batch;
     (MAX_BAND_VALUES / per_row.max(1)).clamp(1, g.h.div_ceil(2))
 }
 
-/// `V = Bᵀ·d·B` of the 4×4 input tiles of tile rows `[ty0, ty0 + rows)`, into `v` laid out
-/// `[C][16][tiles]` (position ξ's `C × tiles` matrix is rows `16·tiles` apart). Tile `(ty, tx)`
+/// `V = Bᵀ·d·B` of the 4×4 input tiles of a band, into `v` laid out `[C][16][tiles]` (position ξ's `C × tiles` matrix is rows `16·tiles` apart). Tile `(ty, tx)`
 /// reads input rows `2ty − 1 … 2ty + 2` and columns `2tx − 1 … 2tx + 2`, zero outside.
 ///
 /// Each padded input row is split into its even and odd columns first, so that every step is
 /// a contiguous loop over the tiles of a row, which the compiler vectorises.
-fn transform_inputs(g: &ConvGeometry, x: &[f32], ty0: usize, rows: usize, v: &mut [f32]) {
-    let (h, w) = (g.h, g.w);
-    let tiles_w = w.div_ceil(2);
-    let tiles = rows * tiles_w;
+fn transform_inputs(g: &ConvGeometry, x: &[f32], band: &Band, v: &mut [f32]) {
+    let (h, w, tiles_w) = (g.h, g.w, band.tiles_w);
+    let tiles = band.tiles();
     let n = tiles_w + 1; // even (or odd) columns of a padded row of 2·tiles_w + 2
     v.par_chunks_mut(POSITIONS * tiles)
-        .zip(x.par_chunks(h * w))
-        .for_each(|(out, plane)| {
+        .enumerate()
+        .for_each(|(c, out)| {
             // Rows 0–3: the even columns of the tile row's four input rows; rows 4–7: the odd.
             let mut split = vec![0.0f32; 8 * n];
             let mut t = vec![0.0f32; 8 * n];
-            for r in 0..rows {
-                let ty = ty0 + r;
+            for (b, r) in (0..band.batch).flat_map(|b| (0..band.rows).map(move |r| (b, r))) {
+                let plane = &x[(b * g.c_in + c) * h * w..][..h * w];
+                let ty = band.ty0 + r;
                 for i in 0..4 {
                     let (even, odd) = split.split_at_mut(4 * n);
                     let (even, odd) = (&mut even[i * n..][..n], &mut odd[i * n..][..n]);
@@ -168,7 +193,7 @@ fn transform_inputs(g: &ConvGeometry, x: &[f32], ty0: usize, rows: usize, v: &mu
                 // ·B over the columns 2tx … 2tx + 3 = even[tx], odd[tx], even[tx+1], odd[tx+1].
                 for i in 0..4 {
                     let (e, o) = (&t[i * n..][..n], &t[(4 + i) * n..][..n]);
-                    let at = |j: usize| (4 * i + j) * tiles + r * tiles_w;
+                    let at = |j: usize| (4 * i + j) * tiles + band.column(b, r);
                     for (tx, v) in out[at(0)..][..tiles_w].iter_mut().enumerate() {
                         *v = e[tx] - e[tx + 1];
                     }
@@ -186,29 +211,27 @@ fn transform_inputs(g: &ConvGeometry, x: &[f32], ty0: usize, rows: usize, v: &mu
         });
 }
 
-/// `Aᵀ·M·A` of the products `m` (`[O][16][tiles]`) of tile rows `[ty0, ty0 + rows)`: the 2×2
-/// output blocks, plus the bias, written into `y` `[O, H, W]` (blocks past an odd edge cut).
+/// `Aᵀ·M·A` of the products `m` (`[O][16][tiles]`) of a band: the 2×2 output blocks, plus the bias, written into `y` `[O, H, W]` (blocks past an odd edge cut).
 fn transform_outputs(
     g: &ConvGeometry,
     m: &[f32],
-    ty0: usize,
-    rows: usize,
+    band: &Band,
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    let (h, w) = (g.h, g.w);
-    let tiles_w = w.div_ceil(2);
-    let tiles = rows * tiles_w;
+    let (h, w, tiles_w) = (g.h, g.w, band.tiles_w);
+    let tiles = band.tiles();
     y.par_chunks_mut(h * w)
-        .zip(m.par_chunks(POSITIONS * tiles))
         .enumerate()
-        .for_each(|(o, (plane, products))| {
+        .for_each(|(plane_index, plane)| {
+            let (sample, o) = (plane_index / g.c_out, plane_index % g.c_out);
+            let products = &m[o * POSITIONS * tiles..][..POSITIONS * tiles];
             let b = bias.map_or(0.0, |b| b[o]);
             // Aᵀ·M over the rows (m0 + m1 + m2, m1 − m2 − m3) for the four columns of each tile.
             let mut s = vec![0.0f32; 8 * tiles_w];
-            for r in 0..rows {
-                let at =
-                    |i: usize, j: usize| &products[(4 * i + j) * tiles + r * tiles_w..][..tiles_w];
+            for r in 0..band.rows {
+                let first = band.column(sample, r);
+                let at = |i: usize, j: usize| &products[(4 * i + j) * tiles + first..][..tiles_w];
                 for j in 0..4 {
                     let (m0, m1, m2, m3) = (at(0, j), at(1, j), at(2, j), at(3, j));
                     let (s0, s1) = s.split_at_mut(4 * tiles_w);
@@ -223,7 +246,7 @@ fn transform_outputs(
                 }
                 // ·A over the columns: outputs 2tx (c0 + c1 + c2) and 2tx + 1 (c1 − c2 − c3).
                 for i in 0..2 {
-                    let oy = 2 * (ty0 + r) + i;
+                    let oy = 2 * (band.ty0 + r) + i;
                     if oy >= h {
                         break;
                     }
