@@ -10,22 +10,14 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
-SD15_VAE = dict(
-    act_fn="silu",
-    block_out_channels=[128, 256, 512, 512],
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    in_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    out_channels=3,
-    sample_size=512,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-)
+# The SD 1.5 VAE's configuration, kept once for the reference scripts.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "reference"))
+from check_full_size import VAE as SD15_VAE  # noqa: E402
 
 
 def main():
