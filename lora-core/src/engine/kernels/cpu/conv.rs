@@ -9,8 +9,9 @@
 //! the product (the `gemm` crate, which candle's matmul also uses) writes straight into the NCHW
 //! output. The input gradient is `Wᵀ·dy` scattered back by col2im, so no flipped kernel is
 //! stored. Bands of output rows bound the im2col scratch buffer (large VAE maps). 3×3 stride-1
-//! convolutions with padding 1 on maps large enough, forward and input gradient, go through
-//! [`winograd`] instead.
+//! convolutions with padding 1, at least 16 channels on each side and maps large enough go
+//! through [`winograd`] instead, forward and input gradient (there the flipped kernel is
+//! transformed on each call).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -275,7 +276,8 @@ fn im2col_conv(g: &ConvGeometry, xs: &[f32], weights: Mat, accumulate: bool, ys:
 }
 
 /// The gradient of [`conv2d`] with respect to `x`, given the output gradient `dy`
-/// `[B, O, Ho, Wo]`: `Wᵀ·dy` per band, scattered back by col2im.
+/// `[B, O, Ho, Wo]`: by Winograd where it applies, else `Wᵀ·dy` per band, scattered back by
+/// col2im.
 pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) -> Vec<f32> {
     let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
     let mut dx = vec![0.0f32; g.batch * g.c_in * g.in_plane()];
@@ -448,6 +450,13 @@ fn run(
     bias: Option<Vec<f32>>,
 ) -> Result<Tensor> {
     let geometry = ConvGeometry::new(x.dims4()?, kernel.dims4()?, padding, stride)?;
+    if let Some(bias) = bias.as_ref().filter(|b| b.len() != geometry.c_out) {
+        return Err(candle_core::Error::Msg(format!(
+            "conv2d: bias of {} values for a kernel of {} output channels",
+            bias.len(),
+            geometry.c_out
+        )));
+    }
     let op = ConvPass {
         geometry,
         pass,
@@ -507,7 +516,7 @@ mod tests {
     /// The op and both its gradients against candle's own convolution and its autograd, over the shapes the
     /// UNet and VAE use (3×3 same, 3×3 stride 2, 1×1), Inception's rectangular kernels and
     /// paddings (1×7 with (0, 3), 7×1 with (3, 0), 1×3, 3×1), plus odd sizes and a narrow band;
-    /// the last two cases take the Winograd path (with odd sizes).
+    /// the last two cases take the Winograd path (the first with odd sizes).
     /// candle pads both axes alike, so the reference pads explicitly and convolves unpadded.
     #[test]
     fn passes_match_candle_convolution() {
@@ -603,5 +612,11 @@ mod tests {
     fn mismatched_shapes_are_errors() {
         let err = ConvGeometry::new((1, 3, 8, 8), (4, 5, 3, 3), (1, 1), 1).unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 16, 16, 16), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((16, 16, 3, 3), candle_core::DType::F32, &dev).unwrap();
+        let short_bias = Tensor::zeros(15, candle_core::DType::F32, &dev).unwrap();
+        let err = conv2d_op(&x, &w, Some(&short_bias), (1, 1), 1, false).unwrap_err();
+        assert!(err.to_string().contains("bias of 15 values"), "{err}");
     }
 }

@@ -106,7 +106,7 @@ pub(crate) fn has_avx512() -> bool {
 }
 
 /// Defines `fn name(args) -> ret { body }` three times on x86-64 (compiled for AVX-512, for
-/// AVX2 + FMA and for the baseline) and calls the widest copy the CPU runs. The body must not
+/// AVX2 + FMA and for the baseline; twice with `lora_avx2_only`) and calls the widest copy the CPU runs. The body must not
 /// rely on closures being vectorised separately (they are inlined into whichever copy calls
 /// them).
 macro_rules! simd_dispatch {
