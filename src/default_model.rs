@@ -33,13 +33,16 @@ use lora_core::io::{write_atomic, write_safetensors_atomic};
 use lora_core::models::config::{ClipTextConfig, SchedulerConfig, UNetConfig};
 use lora_core::models::text_encoder::TextEncoder;
 use lora_core::models::tokenizer::{ClipTokenizer, TokenizedPrompt};
+use lora_core::source::ModelFolder;
 use lora_core::{Rng, UNet2DConditionModel};
+use lora_infer::Pipeline;
 use lora_train::config::LrScheduler;
 use lora_train::objective::denoising_loss;
 use lora_train::optimizer::{clip_grad_norm, Optimizer, OptimizerSettings};
 use lora_train::schedule::{learning_rate, NoiseSchedule};
 use serde::Serialize;
 
+use crate::following::Following;
 use crate::shapes::{self, Scene, BACKGROUNDS, COLOURS};
 
 /// Where the committed default model lives.
@@ -53,29 +56,34 @@ const SNAPSHOT_EVERY: usize = 250;
 /// Picture side in pixels (the UNet's `sample_size`).
 pub const RESOLUTION: usize = 32;
 
-const UNET_CONFIG: &str = r#"{
-  "_class_name": "UNet2DConditionModel",
-  "_diffusers_version": "0.42.1",
-  "act_fn": "silu",
-  "attention_head_dim": 4,
-  "block_out_channels": [16, 32, 64],
-  "center_input_sample": false,
-  "cross_attention_dim": 32,
-  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-  "downsample_padding": 1,
-  "flip_sin_to_cos": true,
-  "freq_shift": 0,
-  "in_channels": 3,
-  "layers_per_block": 1,
-  "mid_block_scale_factor": 1,
-  "norm_eps": 1e-05,
-  "norm_num_groups": 8,
-  "out_channels": 3,
-  "sample_size": 32,
-  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-  "use_linear_projection": false
+/// The UNet's `config.json` for the widths and depth of `recipe`: SD 1.x's layout (a plain
+/// first block, cross-attention in the lower two) at picture scale, in pixel space (3 channels).
+fn unet_config(recipe: &Recipe) -> String {
+    let config = serde_json::json!({
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.42.1",
+        "act_fn": "silu",
+        // diffusers' SD 1.x name for the number of heads.
+        "attention_head_dim": 4,
+        "block_out_channels": recipe.block_out_channels,
+        "center_input_sample": false,
+        "cross_attention_dim": 32,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "in_channels": 3,
+        "layers_per_block": recipe.layers_per_block,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 8,
+        "out_channels": 3,
+        "sample_size": RESOLUTION,
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "use_linear_projection": false
+    });
+    serde_json::to_string_pretty(&config).expect("a JSON value always serialises") + "\n"
 }
-"#;
 
 const TEXT_ENCODER_CONFIG: &str = r#"{
   "architectures": ["CLIPTextModel"],
@@ -130,6 +138,9 @@ pub struct Recipe {
     /// Share of samples trained with the empty caption, so classifier-free guidance has an
     /// unconditional prediction to push away from.
     pub caption_dropout: f64,
+    /// The UNet's channels per resolution level (three levels, each a multiple of 8).
+    pub block_out_channels: [usize; 3],
+    pub layers_per_block: usize,
 }
 
 impl Default for Recipe {
@@ -141,6 +152,8 @@ impl Default for Recipe {
             lr: 1e-3,
             warmup_steps: 100,
             caption_dropout: 0.1,
+            block_out_channels: [16, 32, 64],
+            layers_per_block: 1,
         }
     }
 }
@@ -188,14 +201,47 @@ pub struct RecipeSummary {
     /// Mean loss over the last 100 steps.
     pub final_loss: f64,
     pub seconds: f64,
+    /// How well the finished model follows its captions ([`crate::following`]) at each of
+    /// [`FOLLOWING_GUIDANCE`], over `following_seeds` pictures of every caption (none when 0).
+    pub following: BTreeMap<String, Following>,
 }
 
-/// Makes the default model in `output` (which must not exist): writes the configs and the random
-/// text encoder, trains the UNet per `recipe`, then writes its weights and `recipe.json`. The
+/// Guidance scales at which [`build`] measures the finished model.
+pub const FOLLOWING_GUIDANCE: [f64; 4] = [2.0, 4.0, 5.0, 7.5];
+/// Sampling steps of that measure.
+pub const FOLLOWING_STEPS: usize = 25;
+
+/// How the model in `dir` follows the shapes captions at each of [`FOLLOWING_GUIDANCE`], over
+/// `seeds` pictures of every caption from seeds `seed…` (nothing when `seeds` is 0).
+pub fn measure_following(
+    dir: &Path,
+    device: &Device,
+    seeds: usize,
+    seed: u64,
+) -> Result<BTreeMap<String, Following>> {
+    let mut following = BTreeMap::new();
+    if seeds == 0 {
+        return Ok(following);
+    }
+    let model = ModelFolder::open(dir)?;
+    let pipeline = Pipeline::load(&model, &[], device, DType::F32, false)?;
+    for guidance in FOLLOWING_GUIDANCE {
+        let measured =
+            crate::following::measure(&pipeline, guidance, FOLLOWING_STEPS, seeds, seed)?;
+        following.insert(guidance.to_string(), measured);
+    }
+    Ok(following)
+}
+
+/// Makes the default model in `output` (which must not exist) on `device`: writes the configs
+/// and the random text encoder, trains the UNet per `recipe`, measures how it follows its
+/// captions (`following_seeds` pictures per caption), then writes its weights and `recipe.json`. The
 /// folder is assembled under a temporary name and renamed into place when complete.
 pub fn build(
     output: &Path,
     recipe: &Recipe,
+    device: &Device,
+    following_seeds: usize,
     on_step: &mut dyn FnMut(&RecipeStep),
 ) -> Result<RecipeSummary> {
     ensure!(
@@ -207,6 +253,17 @@ pub fn build(
         recipe.steps > recipe.warmup_steps && recipe.batch_size > 0,
         "the recipe needs more steps than warm-up steps and a positive batch size"
     );
+    ensure!(
+        recipe
+            .block_out_channels
+            .iter()
+            .all(|&c| c > 0 && c % 8 == 0)
+            && recipe.layers_per_block > 0,
+        "the UNet needs channels that are positive multiples of 8 (its group norm has 8 groups) \
+         and at least one layer per block, not {:?} × {}",
+        recipe.block_out_channels,
+        recipe.layers_per_block
+    );
     let partial = output.with_extension("partial");
     if partial.exists() {
         std::fs::remove_dir_all(&partial)
@@ -217,7 +274,8 @@ pub fn build(
             .with_context(|| format!("cannot create {}", partial.join(dir).display()))?;
     }
     write_text(&partial.join("model_index.json"), MODEL_INDEX)?;
-    write_text(&partial.join("unet/config.json"), UNET_CONFIG)?;
+    let unet_config_json = unet_config(recipe);
+    write_text(&partial.join("unet/config.json"), &unet_config_json)?;
     write_text(
         &partial.join("text_encoder/config.json"),
         TEXT_ENCODER_CONFIG,
@@ -227,13 +285,12 @@ pub fn build(
         SCHEDULER_CONFIG,
     )?;
 
-    let device = Device::Cpu;
     // The text encoder: random, frozen, saved as f16 and used from the saved file so training
     // sees exactly the embeddings users will get.
     let te_config = ClipTextConfig::parse(TEXT_ENCODER_CONFIG)?;
     // `from_var_builder` asks for every tensor by its full `text_model.…` name.
     let te_init = RandomInit::trainable(recipe.seed.wrapping_add(1));
-    TextEncoder::from_var_builder(te_init.var_builder(&device), &te_config)?;
+    TextEncoder::from_var_builder(te_init.var_builder(device), &te_config)?;
     let te_vars = te_init.vars();
     // A random CLIP mixes tokens so evenly that captions differing in one word get embeddings
     // with cosine ≈ 0.9 at that word; unit-variance token embeddings (50× CLIP's 0.02) keep each
@@ -250,21 +307,21 @@ pub fn build(
         &partial.join("text_encoder"),
         &te_config,
         DType::F32,
-        &device,
+        device,
         BTreeMap::new(),
     )?;
     let captions = shapes::all_captions();
-    let embeddings = encode_prompts(&tokenizer, &text_encoder, &captions, &device)?;
-    let empty = encode_prompts(&tokenizer, &text_encoder, &[String::new()], &device)?;
+    let embeddings = encode_prompts(&tokenizer, &text_encoder, &captions, device)?;
+    let empty = encode_prompts(&tokenizer, &text_encoder, &[String::new()], device)?;
     let caption_index: BTreeMap<String, usize> = captions
         .iter()
         .enumerate()
         .map(|(i, c)| (c.clone(), i))
         .collect();
 
-    let unet_config = UNetConfig::from_json(UNET_CONFIG)?;
+    let unet_config = UNetConfig::from_json(&unet_config_json)?;
     let unet_init = RandomInit::trainable(recipe.seed);
-    let unet = UNet2DConditionModel::load(&unet_config, &unet_init.var_builder(&device))?;
+    let unet = UNet2DConditionModel::load(&unet_config, &unet_init.var_builder(device))?;
     let params = unet_init.vars();
     let unet_parameters = params.iter().map(|(_, v)| v.elem_count()).sum();
     let mut optimizer = Optimizer::new(params, &OptimizerSettings::default())?;
@@ -279,7 +336,11 @@ pub fn build(
         let mut contexts = Vec::with_capacity(recipe.batch_size);
         for _ in 0..recipe.batch_size {
             let scene = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS);
-            pixels.push(shapes::image_tensor(&scene.render(RESOLUTION), &device)?);
+            // Drawn on the CPU and moved to the device once per batch.
+            pixels.push(shapes::image_tensor(
+                &scene.render(RESOLUTION),
+                &Device::Cpu,
+            )?);
             let context = if rng.uniform() < recipe.caption_dropout {
                 empty.get(0)?
             } else {
@@ -287,7 +348,7 @@ pub fn build(
             };
             contexts.push(context);
         }
-        let x = Tensor::stack(&pixels, 0)?;
+        let x = Tensor::stack(&pixels, 0)?.to_device(device)?;
         let context = Tensor::stack(&contexts, 0)?;
         let loss = denoising_loss(&unet, &schedule, None, 0.0, &x, &context, &mut rng)?;
         let value = f64::from(loss.to_scalar::<f32>()?);
@@ -339,12 +400,15 @@ pub fn build(
         &partial.join("unet/diffusion_pytorch_model.safetensors"),
         optimizer.params(),
     )?;
+    let seconds = start.elapsed().as_secs_f64();
+    let following = measure_following(&partial, device, following_seeds, recipe.seed)?;
     let summary = RecipeSummary {
         recipe: recipe.clone(),
         unet_parameters,
         first_loss: first_loss.unwrap_or(f64::NAN),
         final_loss: recent.iter().sum::<f64>() / recent.len().max(1) as f64,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
+        following,
     };
     write_text(
         &partial.join("recipe.json"),

@@ -10,5 +10,6 @@ pub use lora_merge as merge;
 pub use lora_train as train;
 
 pub mod default_model;
+pub mod following;
 pub mod quickstart;
 pub mod shapes;

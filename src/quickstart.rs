@@ -21,15 +21,19 @@ use lora_train::{Preparation, StepReport, TrainArgs, TrainSummary, Trainer};
 use serde::Serialize;
 
 use crate::default_model::{default_model_dir, RESOLUTION};
+use crate::following::Following;
 use crate::shapes::{self, Scene, BACKGROUNDS, COLOURS, CONCEPT};
 use lora_infer::plot;
 
-/// Prompts of the before/after grid: the concept in new combinations, then prompts without it
-/// (which the adapter should leave nearly alone).
-pub const CONCEPT_PROMPTS: [&str; 3] = [
+/// Prompts of the before/after grid: the concept in every shape on both backgrounds, then prompts
+/// without it (which the adapter should leave nearly alone).
+pub const CONCEPT_PROMPTS: [&str; 6] = [
     "a sks circle on a white background",
-    "a sks square on a black background",
+    "a sks square on a white background",
     "a sks triangle on a white background",
+    "a sks circle on a black background",
+    "a sks square on a black background",
+    "a sks triangle on a black background",
 ];
 pub const UNRELATED_PROMPTS: [&str; 2] = [
     "a green square on a white background",
@@ -60,6 +64,8 @@ pub struct Options {
     pub guidance: f64,
     /// Pictures per prompt and variant (seeds `seed`, `seed + 1`, …).
     pub images_per_prompt: usize,
+    /// Pictures per caption for [`Report::default_model_following`].
+    pub following_seeds: usize,
 }
 
 impl Default for Options {
@@ -77,6 +83,7 @@ impl Default for Options {
             sample_steps: 25,
             guidance: 2.0,
             images_per_prompt: 2,
+            following_seeds: 2,
         }
     }
 }
@@ -91,6 +98,8 @@ pub enum Event<'a> {
         done: usize,
         total: usize,
     },
+    /// Measuring how the base model follows its captions.
+    Following,
 }
 
 /// How one prompt's pictures changed with the adapter.
@@ -117,6 +126,11 @@ pub struct Report {
     /// The loss on the training images at fixed timesteps and noise (lora-train's validation
     /// loss, `--validation-data` = the training data), before the first step and at intervals.
     pub fixed_noise_loss: Vec<FixedNoiseLoss>,
+    /// How the base model follows the captions it was trained on ([`crate::following`]): every
+    /// caption of the grammar, [`Options::following_seeds`] pictures each, at the quick start's
+    /// guidance and sampling steps.
+    pub default_model_following: Following,
+    pub guidance: f64,
     pub train_seconds: f64,
     pub total_seconds: f64,
 }
@@ -292,6 +306,15 @@ pub fn run(options: &Options, on_event: &mut dyn FnMut(Event)) -> Result<Report>
         total: 2 * prompts.len(),
     });
 
+    on_event(Event::Following);
+    let default_model_following = crate::following::measure(
+        &base,
+        options.guidance,
+        options.sample_steps,
+        options.following_seeds,
+        options.seed,
+    )?;
+
     let grid = options.output.join("before-after.png");
     let text =
         BTreeMap::from([
@@ -309,9 +332,14 @@ pub fn run(options: &Options, on_event: &mut dyn FnMut(Event)) -> Result<Report>
                 "lora-toolkit quickstart".to_string(),
             ),
         ]);
+    let row_labels: Vec<String> = prompts.iter().map(|(p, _)| p.to_string()).collect();
+    let legend = format!(
+        "each row: one prompt, {n} seeds without the adapter (left), the same seeds with it (right)",
+        n = options.images_per_prompt
+    );
     write_png(
         &grid,
-        &plot::picture_grid(&rows, &["BASE", "BASE + LORA"], 4),
+        &plot::picture_grid(&rows, &row_labels, &["BASE", "BASE + LORA"], &legend, 4),
         &text,
     )?;
     let loss_curve = options.output.join("loss-curve.png");
@@ -336,6 +364,8 @@ pub fn run(options: &Options, on_event: &mut dyn FnMut(Event)) -> Result<Report>
                 loss,
             })
             .collect(),
+        default_model_following,
+        guidance: options.guidance,
         train_seconds,
         total_seconds: start.elapsed().as_secs_f64(),
     };

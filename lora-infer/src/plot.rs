@@ -168,9 +168,32 @@ impl Canvas {
     }
 }
 
-/// A grid of equally sized pictures: `rows[r][c]`, each shown `zoom`× enlarged, under one header
-/// per group of columns (e.g. "BASE" over the first half, "BASE + LORA" over the second).
-pub fn picture_grid(rows: &[Vec<Image8>], headers: &[&str], zoom: usize) -> Image8 {
+/// `text` broken at spaces into lines of at most `width` characters (a longer word is cut).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split_whitespace() {
+        let word: String = word.chars().take(width.max(1)).collect();
+        match lines.last_mut() {
+            Some(line) if line.chars().count() + 1 + word.chars().count() <= width => {
+                line.push(' ');
+                line.push_str(&word);
+            }
+            _ => lines.push(word),
+        }
+    }
+    lines
+}
+
+/// A grid of equally sized pictures: `rows[r][c]`, each shown `zoom`× enlarged, with the row's
+/// label beside it (wrapped at spaces), one header per group of columns (e.g. "BASE" over the
+/// first half, "BASE + LORA" over the second) and a one-line `legend` under the grid.
+pub fn picture_grid(
+    rows: &[Vec<Image8>],
+    row_labels: &[String],
+    headers: &[&str],
+    legend: &str,
+    zoom: usize,
+) -> Image8 {
     let cols = rows.first().map_or(0, Vec::len);
     let (cell_w, cell_h) = rows
         .first()
@@ -178,12 +201,23 @@ pub fn picture_grid(rows: &[Vec<Image8>], headers: &[&str], zoom: usize) -> Imag
         .map_or((0, 0), |i| (i.width * zoom, i.height * zoom));
     let gap = 4;
     let header_h = 28;
+    let legend_h = 24;
+    let (label_scale, line_h) = (2i64, 14i64);
+    let label_chars = 20;
+    let label_w = if row_labels.is_empty() {
+        0
+    } else {
+        label_chars * 4 * label_scale as usize + 2 * gap
+    };
     // A wider gap between header groups.
     let group = cols / headers.len().max(1);
     let group_gap = 16;
-    let x_of = |c: usize| (gap + c * (cell_w + gap) + (c / group.max(1)) * group_gap) as i64;
-    let width = x_of(cols) as usize + gap;
-    let height = header_h + rows.len() * (cell_h + gap) + gap;
+    let x_of =
+        |c: usize| (label_w + gap + c * (cell_w + gap) + (c / group.max(1)) * group_gap) as i64;
+    let grid_right = x_of(cols) as usize + gap;
+    let width = grid_right.max(Canvas::text_width(legend, 2).max(0) as usize + 2 * gap);
+    let grid_bottom = header_h + rows.len() * (cell_h + gap) + gap;
+    let height = grid_bottom + if legend.is_empty() { 0 } else { legend_h };
     let mut canvas = Canvas::new(width, height, WHITE);
     for (g, header) in headers.iter().enumerate() {
         let left = x_of(g * group);
@@ -192,11 +226,19 @@ pub fn picture_grid(rows: &[Vec<Image8>], headers: &[&str], zoom: usize) -> Imag
         canvas.text(x, 6, header, 3, INK);
     }
     for (r, row) in rows.iter().enumerate() {
+        let y = (header_h + r * (cell_h + gap)) as i64;
+        if let Some(label) = row_labels.get(r) {
+            let lines = wrap(label, label_chars);
+            let top = y + (cell_h as i64 - lines.len() as i64 * line_h) / 2;
+            for (k, line) in lines.iter().enumerate() {
+                canvas.text(gap as i64, top + k as i64 * line_h, line, label_scale, INK);
+            }
+        }
         for (c, image) in row.iter().enumerate() {
-            let y = (header_h + r * (cell_h + gap)) as i64;
             canvas.blit(x_of(c), y, image, zoom);
         }
     }
+    canvas.text(gap as i64, grid_bottom as i64 + 4, legend, 2, INK);
     canvas.into_image()
 }
 
@@ -476,7 +518,7 @@ mod tests {
     }
 
     #[test]
-    fn grid_places_every_picture() {
+    fn grid_places_every_picture_and_writes_its_labels() {
         let red = Image8 {
             width: 2,
             height: 2,
@@ -484,12 +526,36 @@ mod tests {
             pixels: [255, 0, 0].repeat(4),
         };
         let rows = vec![vec![red.clone(), red.clone()], vec![red.clone(), red]];
-        let image = picture_grid(&rows, &["BASE", "LORA"], 10);
-        let reds = image
+        let ink = |image: &Image8| image.pixels.chunks_exact(3).filter(|p| *p == INK).count();
+        let bare = picture_grid(&rows, &[], &["BASE", "LORA"], "", 10);
+        let reds = bare
             .pixels
             .chunks_exact(3)
             .filter(|p| *p == [255, 0, 0])
             .count();
         assert_eq!(reds, 4 * 20 * 20);
+        let labels = [
+            "a sks circle on a white background".to_owned(),
+            "x".to_owned(),
+        ];
+        let labelled = picture_grid(&rows, &labels, &["BASE", "LORA"], "LEFT: BASE", 10);
+        assert!(labelled.width > bare.width && labelled.height > bare.height);
+        // Row labels and the legend add ink: 4 scaled font pixels each at least per character.
+        let letters = labels.concat().replace(' ', "").len() + "LEFT:BASE".len();
+        assert!(
+            ink(&labelled) >= ink(&bare) + 4 * letters,
+            "{}",
+            ink(&labelled)
+        );
+    }
+
+    #[test]
+    fn labels_wrap_at_spaces() {
+        assert_eq!(
+            wrap("a sks circle on a white background", 20),
+            ["a sks circle on a", "white background"]
+        );
+        assert_eq!(wrap("abcdefghij", 4), ["abcd"]);
+        assert!(wrap("", 5).is_empty());
     }
 }

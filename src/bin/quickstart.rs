@@ -74,6 +74,10 @@ fn main() -> Result<()> {
             }
             bar.set_position(done as u64);
         }
+        Event::Following => {
+            bar.set_prefix("checking");
+            bar.set_message("how the base model follows its captions");
+        }
     });
     bar.finish_and_clear();
     let report = report?;
@@ -84,6 +88,15 @@ fn main() -> Result<()> {
         report.last_loss.unwrap_or(f64::NAN),
         report.total_seconds
     );
+    let f = &report.default_model_following;
+    println!(
+        "base model follows its captions (guidance {}, {} pictures): colour {:.0} %, background {:.0} %, shape {:.0} %",
+        report.guidance,
+        f.pictures,
+        100.0 * f.colour,
+        100.0 * f.background,
+        100.0 * f.shape
+    );
     println!("magenta score (concept colour), base -> with adapter (mean pixel change):");
     for p in &report.prompts {
         println!(
@@ -92,7 +105,14 @@ fn main() -> Result<()> {
         );
     }
     println!("adapter:       {}", report.adapter.display());
-    println!("before/after:  {}", report.grid.display());
+    println!(
+        "before/after:  {}  <- look here: the `sks` rows turn magenta on the right, the others stay",
+        report.grid.display()
+    );
     println!("loss curve:    {}", report.loss_curve.display());
+    println!(
+        "all figures:   {}",
+        report.adapter.with_file_name("report.json").display()
+    );
     Ok(())
 }

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Trains candidate default models on a GPU machine with the CUDA `make-default-model` that
+# scripts/build_cuda_default_model.sh made elsewhere (only the NVIDIA driver and CUDA 13's
+# libraries needed there):
+#   scripts/default_model_on_gpu.sh BINARY.xz RESULTS_DIR
+# Each candidate (CANDIDATES: space-separated NAME:CHANNELS:LAYERS_PER_BLOCK) first times a
+# step (10 and 40 steps, the difference over 30), then trains for as many steps as fit in
+# BUDGET_S seconds (default 300) at BATCH pictures per step; candidates train side by side (a
+# model this small leaves most of the GPU idle) and each measures how it follows its captions
+# when done. Writes RESULTS_DIR/NAME.tar (the UNet's config.json and weights, recipe.json and
+# the run's log; the text encoder is the recipe's seeded one, which any run writes again).
+set -uo pipefail
+binary_xz=${1:?usage: scripts/default_model_on_gpu.sh BINARY.xz RESULTS_DIR}
+results=${2:?usage: scripts/default_model_on_gpu.sh BINARY.xz RESULTS_DIR}
+budget=${BUDGET_S:-300}
+candidates=${CANDIDATES:-"w16:16,32,64:1 w24:24,48,96:1 w32:32,64,128:1"}
+batch=${BATCH:-128}
+lr=${LR:-1e-3}
+warmup=${WARMUP:-200}
+python=${PYTHON:-python3}
+work=$(mktemp -d)
+binary=$work/make-default-model
+# Python's lzma where the image has no xz.
+"$python" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+  "$binary_xz" "$binary"
+chmod +x "$binary"
+libs=$(find /usr/local /opt /usr/lib -xdev \( -name 'libcublasLt.so.13' -o -name 'libcublas.so.13' \
+  -o -name 'libcudart.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' \) 2>/dev/null |
+  xargs -r -n1 dirname | sort -u | tr '\n' ':')
+export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
+mkdir -p "$results"
+
+seconds_for() { # NAME CHANNELS LAYERS STEPS
+  local start end
+  start=$(date +%s.%N)
+  "$binary" --device cuda --output "$work/time-$1-$4" --channels "$2" --layers-per-block "$3" \
+    --steps "$4" --warmup-steps 5 --batch-size "$batch" --following-seeds 0 \
+    >"$work/time-$1-$4.log" 2>&1 || { tail -n 5 "$work/time-$1-$4.log" >&2; return 1; }
+  end=$(date +%s.%N)
+  "$python" -c "print($end - $start)"
+}
+
+pids=()
+for candidate in $candidates; do
+  IFS=: read -r name channels layers <<<"$candidate"
+  short=$(seconds_for "$name" "$channels" "$layers" 10) || { echo "$name: the 10-step run failed"; continue; }
+  long=$(seconds_for "$name" "$channels" "$layers" 40) || { echo "$name: the 40-step run failed"; continue; }
+  per_step=$("$python" -c "print(max(($long - $short) / 30, 1e-3))")
+  # Side by side, each candidate runs slower than alone: budget 70 % of the alone rate.
+  steps=$("$python" -c "print(max(int($budget * 0.7 / $per_step) // 100 * 100, 300))")
+  echo "$name: channels $channels, $layers layer(s) per block: ${per_step}s per step alone, training $steps steps"
+  "$binary" --device cuda --output "$work/$name" --channels "$channels" --layers-per-block "$layers" \
+    --steps "$steps" --warmup-steps "$warmup" --batch-size "$batch" --lr "$lr" \
+    >"$work/$name.log" 2>&1 &
+  pids+=("$!:$name")
+  # Should the call be cut short, the newest snapshot (every 250 steps) is already in RESULTS_DIR.
+  (while sleep 30; do
+    tar -C "$work" -cf "$results/$name.tar.partial" "$name.log" "$name.partial/unet" 2>/dev/null &&
+      mv "$results/$name.tar.partial" "$results/$name.tar"
+  done) &
+done
+for entry in "${pids[@]}"; do
+  pid=${entry%%:*}
+  name=${entry#*:}
+  wait "$pid"
+  echo "$name: exit $?"
+  tail -n 40 "$work/$name.log"
+done
+# The copiers stop before the finished models are packed.
+kill $(jobs -p) 2>/dev/null
+wait 2>/dev/null
+for entry in "${pids[@]}"; do
+  name=${entry#*:}
+  tar -C "$work" -cf "$results/$name.tar" "$name.log" "$name/unet" "$name/recipe.json" ||
+    echo "$name: no finished model"
+done
+ls -l "$results"

@@ -1,0 +1,411 @@
+//! How well a model follows the shapes captions: each generated picture is read back into the
+//! scene it shows (background, shape colour, shape kind) and compared with its caption. The
+//! reading is deliberately simple, so that it measures the picture and not a second model:
+//! - the background is the colour of the outermost ring of pixels (no shape ever touches it),
+//!   accepted when it lies near one of the known backgrounds;
+//! - every other pixel is given the nearest of the background and the shape colours; the shape
+//!   colour is the majority among those that are not background;
+//! - the shape is the largest connected region of such pixels, told apart by how much of its
+//!   bounding box it fills: a square (axis-aligned) all of it, a circle π/4, a triangle (apex up)
+//!   one half. A ring or a smear fills the wrong share, or has the wrong aspect;
+//! - edges are crisp when pixels halfway between the background and the shape colour (more than
+//!   a quarter of the way from each) only line the shape's outline, one deep, as drawn edges do;
+//!   a soft blob has a wide band of them, whatever its outline. This is reported on its own
+//!   (`crisp`), so a blurred circle still counts as a circle.
+
+use anyhow::Result;
+use lora_infer::output::Image8;
+use lora_infer::{GenerateOptions, Pipeline};
+use serde::Serialize;
+
+use crate::shapes::{Colour, ShapeKind, BACKGROUNDS, COLOURS, CONCEPT};
+
+/// A ring colour farther than this (Euclidean, 0–255 RGB) from every known background is no
+/// background at all (a muddy or mottled frame).
+const BACKGROUND_TOLERANCE: f32 = 60.0;
+
+/// Regions smaller than this many pixels are not a shape (the smallest drawn shape, a triangle
+/// of radius 0.22 at 32², covers about 64).
+const MIN_SHAPE_PIXELS: usize = 16;
+
+/// What a picture shows, as far as [`read_scene`] can tell.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SceneReading {
+    pub background: Option<Colour>,
+    pub colour: Option<Colour>,
+    pub shape: Option<ShapeKind>,
+    /// A shape was found and its edges are sharp.
+    pub crisp: bool,
+}
+
+fn distance2(a: &[u8], b: [u8; 3]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, y)| (f32::from(x) - f32::from(y)).powi(2))
+        .sum()
+}
+
+/// Reads `image` back into a scene; see the module documentation. Shape colours are the known
+/// ones and the concept's.
+pub fn read_scene(image: &Image8) -> SceneReading {
+    let (w, h) = (image.width, image.height);
+    let pixel = |x: usize, y: usize| &image.pixels[(y * w + x) * image.channels..][..3];
+    let mut ring = [0f32; 3];
+    let mut ring_count = 0usize;
+    for y in 0..h {
+        for x in 0..w {
+            if x == 0 || y == 0 || x + 1 == w || y + 1 == h {
+                for (sum, &v) in ring.iter_mut().zip(pixel(x, y)) {
+                    *sum += f32::from(v);
+                }
+                ring_count += 1;
+            }
+        }
+    }
+    if ring_count == 0 || image.channels < 3 {
+        return SceneReading {
+            background: None,
+            colour: None,
+            shape: None,
+            crisp: false,
+        };
+    }
+    let ring = ring.map(|s| (s / ring_count as f32).round() as u8);
+    let nearest_background = BACKGROUNDS
+        .iter()
+        .min_by(|a, b| distance2(&ring, a.rgb).total_cmp(&distance2(&ring, b.rgb)))
+        .copied()
+        .expect("there are backgrounds");
+    let background = (distance2(&ring, nearest_background.rgb)
+        <= BACKGROUND_TOLERANCE * BACKGROUND_TOLERANCE)
+        .then_some(nearest_background);
+
+    // Each pixel's label: None for background, else the index of its nearest shape colour.
+    let colours: Vec<Colour> = COLOURS.iter().copied().chain([CONCEPT]).collect();
+    let labels: Vec<Option<usize>> = (0..w * h)
+        .map(|i| {
+            let p = pixel(i % w, i / w);
+            let (best, d) = colours
+                .iter()
+                .enumerate()
+                .map(|(k, c)| (k, distance2(p, c.rgb)))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .expect("there are colours");
+            (d < distance2(p, nearest_background.rgb)).then_some(best)
+        })
+        .collect();
+    let mut votes = vec![0usize; colours.len()];
+    for label in labels.iter().flatten() {
+        votes[*label] += 1;
+    }
+    let foreground: usize = votes.iter().sum();
+    let colour = (foreground >= MIN_SHAPE_PIXELS)
+        .then(|| {
+            let best = (0..votes.len()).max_by_key(|&k| votes[k])?;
+            Some(colours[best])
+        })
+        .flatten();
+    let mixed = |fg: Colour| {
+        let bg = nearest_background.rgb.map(f32::from);
+        let axis: [f32; 3] = std::array::from_fn(|c| f32::from(fg.rgb[c]) - bg[c]);
+        let length2: f32 = axis.iter().map(|a| a * a).sum();
+        (0..w * h)
+            .filter(|&i| {
+                let p = pixel(i % w, i / w);
+                let t: f32 = (0..3)
+                    .map(|c| (f32::from(p[c]) - bg[c]) * axis[c])
+                    .sum::<f32>()
+                    / length2.max(1.0);
+                (0.25..=0.75).contains(&t)
+            })
+            .count()
+    };
+    let (shape, crisp) = match (colour, largest_region(&labels, w, h)) {
+        (Some(fg), Some(region)) => {
+            let (shape, outline) = classify(&region, w);
+            (shape, mixed(fg) as f64 <= outline)
+        }
+        _ => (None, false),
+    };
+    SceneReading {
+        background,
+        colour,
+        shape,
+        crisp,
+    }
+}
+
+/// The pixel indices of the largest 4-connected region of non-background pixels.
+fn largest_region(labels: &[Option<usize>], w: usize, h: usize) -> Option<Vec<usize>> {
+    let mut seen = vec![false; labels.len()];
+    let mut best: Option<Vec<usize>> = None;
+    for start in 0..labels.len() {
+        if seen[start] || labels[start].is_none() {
+            continue;
+        }
+        seen[start] = true;
+        let mut region = vec![start];
+        let mut next = 0;
+        while next < region.len() {
+            let i = region[next];
+            next += 1;
+            let (x, y) = (i % w, i / w);
+            let neighbours = [
+                (x > 0).then(|| i - 1),
+                (x + 1 < w).then(|| i + 1),
+                (y > 0).then(|| i - w),
+                (y + 1 < h).then(|| i + w),
+            ];
+            for j in neighbours.into_iter().flatten() {
+                if !seen[j] && labels[j].is_some() {
+                    seen[j] = true;
+                    region.push(j);
+                }
+            }
+        }
+        if best.as_ref().is_none_or(|b| region.len() > b.len()) {
+            best = Some(region);
+        }
+    }
+    best.filter(|region| region.len() >= MIN_SHAPE_PIXELS)
+}
+
+/// The shape a region is, from the share of its bounding box it fills and the box's aspect, and
+/// how many edge pixels a drawn shape of that box has at most (its box's outline).
+fn classify(region: &[usize], w: usize) -> (Option<ShapeKind>, f64) {
+    let xs = region.iter().map(|i| i % w);
+    let ys = region.iter().map(|i| i / w);
+    let (Some(x0), Some(x1), Some(y0), Some(y1)) =
+        (xs.clone().min(), xs.max(), ys.clone().min(), ys.max())
+    else {
+        return (None, 0.0);
+    };
+    let (bw, bh) = ((x1 - x0 + 1) as f64, (y1 - y0 + 1) as f64);
+    let fill = region.len() as f64 / (bw * bh);
+    let aspect = bw / bh;
+    let outline = 2.0 * (bw + bh) + 4.0;
+    // Drawn shapes: square 1.6r × 1.6r (fill 1), circle 2r × 2r (π/4 ≈ 0.785), triangle
+    // 1.73r wide × 1.5r high (aspect 1.15, fill 0.5). Pixel edges move these: over 3000 drawn
+    // scenes at 32², circles filled 0.73–0.88 of their box, triangles 0.50–0.61 (aspect
+    // 1.0–1.33), squares all of it (aspect 0.92–1.09); the bounds split the gaps.
+    let shape = if (0.8..=1.25).contains(&aspect) && fill >= 0.94 {
+        Some(ShapeKind::Square)
+    } else if (0.8..=1.25).contains(&aspect) && (0.665..0.94).contains(&fill) {
+        Some(ShapeKind::Circle)
+    } else if (0.9..=1.5).contains(&aspect) && (0.4..0.665).contains(&fill) {
+        Some(ShapeKind::Triangle)
+    } else {
+        None
+    };
+    (shape, outline)
+}
+
+/// The share of pictures whose reading matches their caption, per attribute.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Following {
+    pub colour: f64,
+    pub background: f64,
+    pub shape: f64,
+    /// Pictures showing a shape with sharp edges (of any kind).
+    pub crisp: f64,
+    /// Pictures read.
+    pub pictures: usize,
+}
+
+/// A caption of the shapes grammar and what it asks for.
+#[derive(Debug, Clone)]
+pub struct Asked {
+    pub caption: String,
+    pub shape: ShapeKind,
+    pub colour: Colour,
+    pub background: Colour,
+}
+
+/// Every caption the default model was trained on (each shape × colour × background).
+pub fn caption_grammar() -> Vec<Asked> {
+    let mut asked = Vec::new();
+    for background in BACKGROUNDS {
+        for colour in COLOURS {
+            for shape in ShapeKind::ALL {
+                let caption = format!(
+                    "a {} {} on a {} background",
+                    colour.name,
+                    shape.name(),
+                    background.name
+                );
+                asked.push(Asked {
+                    caption,
+                    shape,
+                    colour,
+                    background,
+                });
+            }
+        }
+    }
+    asked
+}
+
+/// Scores `pictures`, each with what its caption asked for.
+pub fn score<'a>(pictures: impl IntoIterator<Item = (&'a Image8, &'a Asked)>) -> Following {
+    let (mut colour, mut background, mut shape, mut crisp, mut n) = (0, 0, 0, 0, 0usize);
+    for (image, asked) in pictures {
+        let reading = read_scene(image);
+        colour += usize::from(reading.colour == Some(asked.colour));
+        background += usize::from(reading.background == Some(asked.background));
+        shape += usize::from(reading.shape == Some(asked.shape));
+        crisp += usize::from(reading.crisp);
+        n += 1;
+    }
+    let share = |k: usize| {
+        if n == 0 {
+            f64::NAN
+        } else {
+            k as f64 / n as f64
+        }
+    };
+    Following {
+        colour: share(colour),
+        background: share(background),
+        shape: share(shape),
+        crisp: share(crisp),
+        pictures: n,
+    }
+}
+
+/// Generates `seeds` pictures of every caption of the grammar with `pipeline` and scores them.
+pub fn measure(
+    pipeline: &Pipeline,
+    guidance: f64,
+    steps: usize,
+    seeds: usize,
+    seed: u64,
+) -> Result<Following> {
+    let grammar = caption_grammar();
+    let mut pictures = Vec::new();
+    for asked in &grammar {
+        let generated = pipeline.generate(&GenerateOptions {
+            prompt: asked.caption.clone(),
+            steps,
+            guidance,
+            num_images: seeds,
+            batch_size: seeds,
+            seed,
+            ..GenerateOptions::default()
+        })?;
+        for image in lora_infer::output::to_images8(&generated.images)? {
+            pictures.push((image, asked));
+        }
+    }
+    Ok(score(pictures.iter().map(|(image, asked)| (image, *asked))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shapes::Scene;
+    use lora_core::Rng;
+
+    #[test]
+    fn drawn_scenes_read_back_as_their_captions() {
+        let mut rng = Rng::new(11);
+        let mut checked = 0;
+        for _ in 0..1000 {
+            let scene = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS);
+            let reading = read_scene(&scene.render(32));
+            assert_eq!(reading.background, Some(scene.background), "{scene:?}");
+            assert_eq!(reading.colour, Some(scene.colour), "{scene:?}");
+            assert_eq!(reading.shape, Some(scene.shape), "{scene:?}");
+            assert!(reading.crisp, "{scene:?}");
+            checked += 1;
+        }
+        let concept = Scene::random(&mut rng, &[CONCEPT], &BACKGROUNDS);
+        assert_eq!(read_scene(&concept.render(32)).colour, Some(CONCEPT));
+        assert_eq!(checked, 1000);
+    }
+
+    fn image(side: usize, f: impl Fn(usize, usize) -> [u8; 3]) -> Image8 {
+        let mut pixels = Vec::new();
+        for y in 0..side {
+            for x in 0..side {
+                pixels.extend(f(x, y));
+            }
+        }
+        Image8 {
+            width: side,
+            height: side,
+            channels: 3,
+            pixels,
+        }
+    }
+
+    #[test]
+    fn blobs_rings_and_mud_are_not_read_as_scenes() {
+        let c = 15.5f32;
+        // A soft blob: a red disc fading into the white background (no clear edge).
+        let blob = image(32, |x, y| {
+            let d = ((x as f32 - c).powi(2) + (y as f32 - c).powi(2)).sqrt();
+            let t = (1.0 - d / 12.0).clamp(0.0, 1.0);
+            let v = |fg: u8, bg: u8| (t * f32::from(fg) + (1.0 - t) * f32::from(bg)) as u8;
+            [v(220, 255), v(30, 255), v(30, 255)]
+        });
+        let reading = read_scene(&blob);
+        assert_eq!(reading.colour, Some(COLOURS[0]), "{reading:?}");
+        assert!(!reading.crisp, "{reading:?}");
+        // A ring: the outline of a circle.
+        let ring = image(32, |x, y| {
+            let d = ((x as f32 - c).powi(2) + (y as f32 - c).powi(2)).sqrt();
+            if (8.0..10.0).contains(&d) {
+                [30, 70, 220]
+            } else {
+                [0, 0, 0]
+            }
+        });
+        assert_eq!(read_scene(&ring).shape, None);
+        // A muddy frame is no background.
+        let mud = image(32, |_, _| [120, 110, 60]);
+        let reading = read_scene(&mud);
+        assert_eq!(reading.background, None);
+        // Uniform white: a background and nothing on it.
+        let empty = read_scene(&image(32, |_, _| [255, 255, 255]));
+        assert_eq!(
+            (empty.background, empty.colour, empty.shape, empty.crisp),
+            (Some(BACKGROUNDS[0]), None, None, false)
+        );
+    }
+
+    #[test]
+    fn scores_are_shares_and_an_empty_set_is_nan() {
+        let grammar = caption_grammar();
+        assert_eq!(grammar.len(), 24);
+        let drawn: Vec<(Image8, &Asked)> = grammar
+            .iter()
+            .map(|asked| {
+                let scene = Scene {
+                    shape: asked.shape,
+                    colour: asked.colour,
+                    background: asked.background,
+                    cx: 0.5,
+                    cy: 0.5,
+                    size: 0.3,
+                };
+                assert_eq!(scene.caption(), asked.caption);
+                (scene.render(32), asked)
+            })
+            .collect();
+        let all = score(drawn.iter().map(|(i, a)| (i, *a)));
+        assert_eq!(
+            (all.colour, all.background, all.shape, all.crisp),
+            (1.0, 1.0, 1.0, 1.0)
+        );
+        assert_eq!(all.pictures, 24);
+        // Every caption asked of the wrong picture: the shape is wrong for two thirds.
+        let shifted = score(
+            drawn
+                .iter()
+                .zip(grammar.iter().cycle().skip(1))
+                .map(|((i, _), a)| (i, a)),
+        );
+        assert!(shifted.shape < 0.5, "{shifted:?}");
+        assert!(score(std::iter::empty()).colour.is_nan());
+    }
+}
