@@ -322,7 +322,7 @@ fn finite_max(values: impl Iterator<Item = f64>) -> f64 {
 /// The training loss per step: raw values as light points, an exponential moving average as a
 /// line, with the y-axis from 0 to the largest loss and a few labelled grid lines; and the
 /// fixed-noise (validation) loss at its steps, `(step, loss)` with step 0 before the first
-/// update, as marked points joined by a line, with a legend.
+/// update, as marked points joined by a line; a title and a legend naming each.
 pub fn loss_curve(losses: &[f64], fixed_noise: &[(f64, f64)]) -> Image8 {
     let mut canvas = Canvas::new(Axes::SIZE.0, Axes::SIZE.1, WHITE);
     let last = losses.len().max(2) - 1;
@@ -334,7 +334,7 @@ pub fn loss_curve(losses: &[f64], fixed_noise: &[(f64, f64)]) -> Image8 {
     );
     // Step s of the log is drawn at x = s - 1 (the first update's loss at 0); a fixed-noise
     // loss after step s is drawn there too, its step-0 baseline at the left edge.
-    let axes = Axes::draw(&mut canvas, max, (0.0, last as f64), "STEP", "");
+    let axes = Axes::draw(&mut canvas, max, (0.0, last as f64), "STEP", "LOSS (MSE)");
     for (i, &v) in losses.iter().enumerate() {
         let (x, y) = axes.point(i as f64, v);
         canvas.fill(x.round() as i64 - 1, y.round() as i64 - 1, 3, 3, RAW_LOSS);
@@ -356,16 +356,17 @@ pub fn loss_curve(losses: &[f64], fixed_noise: &[(f64, f64)]) -> Image8 {
             .map(|&(step, v)| ((step - 1.0).max(0.0), v))
             .collect();
         marked_series(&mut canvas, &axes, &at_steps, FIXED_NOISE_LOSS);
-        let right = Axes::SIZE.0 as i64 - 20;
-        let legend = ["TRAINING LOSS (SMOOTHED)", "FIXED-NOISE LOSS"];
-        for (row, (label, colour)) in legend
-            .iter()
-            .zip([SMOOTH_LOSS, FIXED_NOISE_LOSS])
-            .enumerate()
-        {
-            let x = right - Canvas::text_width(label, 2);
-            canvas.text(x, 12 + 14 * row as i64, label, 2, colour);
-        }
+    }
+    let legend = [
+        ("EACH STEP", RAW_LOSS),
+        ("MOVING AVERAGE", SMOOTH_LOSS),
+        ("FIXED-NOISE LOSS", FIXED_NOISE_LOSS),
+    ];
+    let shown = if fixed_noise.is_empty() { 2 } else { 3 };
+    let right = Axes::SIZE.0 as i64 - 20;
+    for (row, (label, colour)) in legend.iter().take(shown).enumerate() {
+        let x = right - Canvas::text_width(label, 2);
+        canvas.text(x, 12 + 14 * row as i64, label, 2, *colour);
     }
     canvas.into_image()
 }
