@@ -3,11 +3,11 @@
 # scripts/build_cuda_default_model.sh made elsewhere (only the NVIDIA driver and CUDA 13's
 # libraries needed there):
 #   scripts/default_model_on_gpu.sh BINARY.xz RESULTS_DIR
-# Each candidate (CANDIDATES: space-separated NAME:CHANNELS:LAYERS_PER_BLOCK) first times a
-# step (10 and 40 steps, the difference over 30), then trains for as many steps as fit in
-# BUDGET_S seconds (default 300) at BATCH pictures per step; candidates train side by side (a
-# model this small leaves most of the GPU idle) and each measures how it follows its captions
-# when done. Writes RESULTS_DIR/NAME.tar (the UNet's config.json and weights, recipe.json and
+# Each candidate (CANDIDATES: space-separated NAME:CHANNELS:LAYERS_PER_BLOCK) is first timed
+# alone (20 and 120 steps, the difference over 100); then all train side by side (a model this
+# small leaves most of the GPU idle), each for as many steps as fit in BUDGET_S seconds (default
+# 300, at most 50 000 steps) at BATCH pictures per step, and measure how they follow their
+# captions when done. Writes RESULTS_DIR/NAME.tar (the UNet's config.json and weights, recipe.json and
 # the run's log; the text encoder is the recipe's seeded one, which any run writes again).
 set -uo pipefail
 binary_xz=${1:?usage: scripts/default_model_on_gpu.sh BINARY.xz RESULTS_DIR}
@@ -27,7 +27,7 @@ chmod +x "$binary"
 libs=$(find /usr/local /opt /usr/lib -xdev \( -name 'libcublasLt.so.13' -o -name 'libcublas.so.13' \
   -o -name 'libcudart.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' \) 2>/dev/null |
   xargs -r -n1 dirname | sort -u | tr '\n' ':')
-export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=${libs%:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 mkdir -p "$results"
 
@@ -41,15 +41,25 @@ seconds_for() { # NAME CHANNELS LAYERS STEPS
   "$python" -c "print($end - $start)"
 }
 
-pids=()
+planned=()
 for candidate in $candidates; do
   IFS=: read -r name channels layers <<<"$candidate"
-  short=$(seconds_for "$name" "$channels" "$layers" 10) || { echo "$name: the 10-step run failed"; continue; }
-  long=$(seconds_for "$name" "$channels" "$layers" 40) || { echo "$name: the 40-step run failed"; continue; }
-  per_step=$("$python" -c "print(max(($long - $short) / 30, 1e-3))")
+  short=$(seconds_for "$name" "$channels" "$layers" 20) || { echo "$name: the 20-step run failed"; continue; }
+  long=$(seconds_for "$name" "$channels" "$layers" 120) || { echo "$name: the 120-step run failed"; continue; }
+  per_step=$("$python" -c "print(($long - $short) / 100)")
+  if ! "$python" -c "import sys; sys.exit(0 if $per_step > 0 else 1)"; then
+    echo "$name: no usable step time (20 steps: ${short}s, 120 steps: ${long}s)"
+    continue
+  fi
   # Side by side, each candidate runs slower than alone: budget 70 % of the alone rate.
-  steps=$("$python" -c "print(max(int($budget * 0.7 / $per_step) // 100 * 100, 300))")
+  steps=$("$python" -c "print(min(max(int($budget * 0.7 / $per_step) // 100 * 100, 300), 50000))")
   echo "$name: channels $channels, $layers layer(s) per block: ${per_step}s per step alone, training $steps steps"
+  planned+=("$name:$channels:$layers:$steps")
+done
+
+pids=()
+for plan in "${planned[@]}"; do
+  IFS=: read -r name channels layers steps <<<"$plan"
   "$binary" --device cuda --output "$work/$name" --channels "$channels" --layers-per-block "$layers" \
     --steps "$steps" --warmup-steps "$warmup" --batch-size "$batch" --lr "$lr" \
     >"$work/$name.log" 2>&1 &

@@ -400,20 +400,21 @@ pub fn build(
         &partial.join("unet/diffusion_pytorch_model.safetensors"),
         optimizer.params(),
     )?;
-    let seconds = start.elapsed().as_secs_f64();
-    let following = measure_following(&partial, device, following_seeds, recipe.seed)?;
-    let summary = RecipeSummary {
+    let mut summary = RecipeSummary {
         recipe: recipe.clone(),
         unet_parameters,
         first_loss: first_loss.unwrap_or(f64::NAN),
         final_loss: recent.iter().sum::<f64>() / recent.len().max(1) as f64,
-        seconds,
-        following,
+        seconds: start.elapsed().as_secs_f64(),
+        following: BTreeMap::new(),
     };
-    write_text(
-        &partial.join("recipe.json"),
-        &(serde_json::to_string_pretty(&summary)? + "\n"),
-    )?;
+    let write_summary = |dir: &Path, summary: &RecipeSummary| {
+        write_text(
+            &dir.join("recipe.json"),
+            &(serde_json::to_string_pretty(summary)? + "\n"),
+        )
+    };
+    write_summary(&partial, &summary)?;
     std::fs::rename(&partial, output).with_context(|| {
         format!(
             "cannot move {} into place as {}",
@@ -421,5 +422,10 @@ pub fn build(
             output.display()
         )
     })?;
+    // Measured on the finished folder, so a measurement cut short leaves the model in place.
+    summary.following = measure_following(output, device, following_seeds, recipe.seed)?;
+    if following_seeds > 0 {
+        write_summary(output, &summary)?;
+    }
     Ok(summary)
 }

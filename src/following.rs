@@ -1,15 +1,19 @@
 //! How well a model follows the shapes captions: each generated picture is read back into the
 //! scene it shows (background, shape colour, shape kind) and compared with its caption. The
 //! reading is deliberately simple, so that it measures the picture and not a second model:
-//! - the background is the colour of the outermost ring of pixels (no shape ever touches it),
+//! - the background is the (median) colour of the outermost ring of pixels (no drawn shape
+//!   touches it),
 //!   accepted when it lies near one of the known backgrounds;
-//! - every other pixel is given the nearest of the background and the shape colours; the shape
-//!   colour is the majority among those that are not background;
+//! - every other pixel at least halfway from the background to a shape colour (along the line
+//!   between them, as edge blends lie) takes that colour; the shape colour is the majority among
+//!   pixels three quarters of the way or more;
 //! - the shape is the largest connected region of such pixels, told apart by how much of its
 //!   bounding box it fills: a square (axis-aligned) all of it, a circle π/4, a triangle (apex up)
-//!   one half. A ring or a smear fills the wrong share, or has the wrong aspect;
+//!   one half (and rows widen downwards). A ring or an outline has holes; a smear fills the wrong
+//!   share, or has the wrong aspect;
 //! - edges are crisp when pixels halfway between the background and the shape colour (more than
-//!   a quarter of the way from each) only line the shape's outline, one deep, as drawn edges do;
+//!   a quarter of the way from each) are no more than the shape's bounding box's outline, about
+//!   one deep around the shape, as drawn edges are;
 //!   a soft blob has a wide band of them, whatever its outline. This is reported on its own
 //!   (`crisp`), so a blurred circle still counts as a circle.
 
@@ -34,7 +38,7 @@ pub struct SceneReading {
     pub background: Option<Colour>,
     pub colour: Option<Colour>,
     pub shape: Option<ShapeKind>,
-    /// A shape was found and its edges are sharp.
+    /// A shape was recognised and its edges are sharp.
     pub crisp: bool,
 }
 
@@ -45,32 +49,48 @@ fn distance2(a: &[u8], b: [u8; 3]) -> f32 {
         .sum()
 }
 
+/// Where `p` lies on the line from `bg` to `colour`: how far along it (0 at the background, 1 at
+/// the colour) and its squared distance from the line. An edge pixel blends the two, so it lies
+/// on the line; plain nearest-colour would read a half-strength yellow on black as green.
+fn along(p: &[u8], bg: [u8; 3], colour: [u8; 3]) -> (f32, f32) {
+    let d: [f32; 3] = std::array::from_fn(|c| f32::from(p[c]) - f32::from(bg[c]));
+    let axis: [f32; 3] = std::array::from_fn(|c| f32::from(colour[c]) - f32::from(bg[c]));
+    let length2 = axis.iter().map(|a| a * a).sum::<f32>().max(1.0);
+    let t = (0..3).map(|c| d[c] * axis[c]).sum::<f32>() / length2;
+    let off2 = (0..3).map(|c| (d[c] - t * axis[c]).powi(2)).sum();
+    (t, off2)
+}
+
 /// Reads `image` back into a scene; see the module documentation. Shape colours are the known
 /// ones and the concept's.
 pub fn read_scene(image: &Image8) -> SceneReading {
+    let nothing = SceneReading {
+        background: None,
+        colour: None,
+        shape: None,
+        crisp: false,
+    };
     let (w, h) = (image.width, image.height);
+    if w == 0 || h == 0 || image.channels < 3 {
+        return nothing;
+    }
     let pixel = |x: usize, y: usize| &image.pixels[(y * w + x) * image.channels..][..3];
-    let mut ring = [0f32; 3];
-    let mut ring_count = 0usize;
+    // The ring's colour, channel by channel the median: a shape that strays onto the edge moves
+    // a mean, not a median.
+    let mut ring: [Vec<u8>; 3] = Default::default();
     for y in 0..h {
         for x in 0..w {
             if x == 0 || y == 0 || x + 1 == w || y + 1 == h {
-                for (sum, &v) in ring.iter_mut().zip(pixel(x, y)) {
-                    *sum += f32::from(v);
+                for (values, &v) in ring.iter_mut().zip(pixel(x, y)) {
+                    values.push(v);
                 }
-                ring_count += 1;
             }
         }
     }
-    if ring_count == 0 || image.channels < 3 {
-        return SceneReading {
-            background: None,
-            colour: None,
-            shape: None,
-            crisp: false,
-        };
-    }
-    let ring = ring.map(|s| (s / ring_count as f32).round() as u8);
+    let ring: [u8; 3] = std::array::from_fn(|c| {
+        ring[c].sort_unstable();
+        ring[c][ring[c].len() / 2]
+    });
     let nearest_background = BACKGROUNDS
         .iter()
         .min_by(|a, b| distance2(&ring, a.rgb).total_cmp(&distance2(&ring, b.rgb)))
@@ -79,51 +99,54 @@ pub fn read_scene(image: &Image8) -> SceneReading {
     let background = (distance2(&ring, nearest_background.rgb)
         <= BACKGROUND_TOLERANCE * BACKGROUND_TOLERANCE)
         .then_some(nearest_background);
+    let bg = nearest_background.rgb;
 
-    // Each pixel's label: None for background, else the index of its nearest shape colour.
+    // Each pixel's label: the shape colour whose line from the background it lies nearest to,
+    // among those it is at least halfway along (`None`: background); only pixels at least three
+    // quarters of the way vote for the shape's colour.
     let colours: Vec<Colour> = COLOURS.iter().copied().chain([CONCEPT]).collect();
+    let mut votes = vec![0usize; colours.len()];
     let labels: Vec<Option<usize>> = (0..w * h)
         .map(|i| {
             let p = pixel(i % w, i / w);
-            let (best, d) = colours
+            let (best, t, _) = colours
                 .iter()
                 .enumerate()
-                .map(|(k, c)| (k, distance2(p, c.rgb)))
-                .min_by(|a, b| a.1.total_cmp(&b.1))
-                .expect("there are colours");
-            (d < distance2(p, nearest_background.rgb)).then_some(best)
+                .map(|(k, c)| {
+                    let (t, off2) = along(p, bg, c.rgb);
+                    (k, t, off2)
+                })
+                .filter(|&(_, t, _)| t >= 0.5)
+                .min_by(|a, b| a.2.total_cmp(&b.2))?;
+            if t >= 0.75 {
+                votes[best] += 1;
+            }
+            Some(best)
         })
         .collect();
-    let mut votes = vec![0usize; colours.len()];
-    for label in labels.iter().flatten() {
-        votes[*label] += 1;
-    }
-    let foreground: usize = votes.iter().sum();
-    let colour = (foreground >= MIN_SHAPE_PIXELS)
+    let voters: usize = votes.iter().sum();
+    let colour = (voters >= MIN_SHAPE_PIXELS)
         .then(|| {
-            let best = (0..votes.len()).max_by_key(|&k| votes[k])?;
-            Some(colours[best])
+            (0..votes.len())
+                .max_by_key(|&k| votes[k])
+                .map(|k| colours[k])
         })
         .flatten();
+    // Halfway pixels on the line to the shape's colour (a quarter to three quarters along it,
+    // and within a quarter of its length of it).
     let mixed = |fg: Colour| {
-        let bg = nearest_background.rgb.map(f32::from);
-        let axis: [f32; 3] = std::array::from_fn(|c| f32::from(fg.rgb[c]) - bg[c]);
-        let length2: f32 = axis.iter().map(|a| a * a).sum();
+        let length2 = distance2(&fg.rgb, bg);
         (0..w * h)
             .filter(|&i| {
-                let p = pixel(i % w, i / w);
-                let t: f32 = (0..3)
-                    .map(|c| (f32::from(p[c]) - bg[c]) * axis[c])
-                    .sum::<f32>()
-                    / length2.max(1.0);
-                (0.25..=0.75).contains(&t)
+                let (t, off2) = along(pixel(i % w, i / w), bg, fg.rgb);
+                (0.25..=0.75).contains(&t) && off2 <= 0.0625 * length2
             })
             .count()
     };
     let (shape, crisp) = match (colour, largest_region(&labels, w, h)) {
         (Some(fg), Some(region)) => {
             let (shape, outline) = classify(&region, w);
-            (shape, mixed(fg) as f64 <= outline)
+            (shape, shape.is_some() && mixed(fg) as f64 <= outline)
         }
         _ => (None, false),
     };
@@ -170,8 +193,10 @@ fn largest_region(labels: &[Option<usize>], w: usize, h: usize) -> Option<Vec<us
     best.filter(|region| region.len() >= MIN_SHAPE_PIXELS)
 }
 
-/// The shape a region is, from the share of its bounding box it fills and the box's aspect, and
-/// how many edge pixels a drawn shape of that box has at most (its box's outline).
+/// The shape a region is, from the share of its bounding box it fills, the box's aspect and, for
+/// a triangle, rows widening downwards (apex up, as drawn); none for a region with holes (a ring,
+/// an outline). Also how many edge pixels a drawn shape of that box has at most: the box's
+/// outline, a little more than a circle's or a triangle's own.
 fn classify(region: &[usize], w: usize) -> (Option<ShapeKind>, f64) {
     let xs = region.iter().map(|i| i % w);
     let ys = region.iter().map(|i| i / w);
@@ -180,10 +205,22 @@ fn classify(region: &[usize], w: usize) -> (Option<ShapeKind>, f64) {
     else {
         return (None, 0.0);
     };
-    let (bw, bh) = ((x1 - x0 + 1) as f64, (y1 - y0 + 1) as f64);
-    let fill = region.len() as f64 / (bw * bh);
-    let aspect = bw / bh;
-    let outline = 2.0 * (bw + bh) + 4.0;
+    let (bw, bh) = (x1 - x0 + 1, y1 - y0 + 1);
+    let mut inside = vec![false; bw * bh];
+    let mut widths = vec![0usize; bh];
+    for &i in region {
+        inside[(i / w - y0) * bw + (i % w - x0)] = true;
+        widths[i / w - y0] += 1;
+    }
+    let outline = 2.0 * (bw + bh) as f64 + 4.0;
+    if holes(&inside, bw, bh) > 2 {
+        return (None, outline);
+    }
+    let fill = region.len() as f64 / (bw * bh) as f64;
+    let aspect = bw as f64 / bh as f64;
+    let third = (bh / 3).max(1);
+    let mean = |rows: &[usize]| rows.iter().sum::<usize>() as f64 / rows.len().max(1) as f64;
+    let widening = mean(&widths[..third]) < 0.7 * mean(&widths[bh - third..]);
     // Drawn shapes: square 1.6r × 1.6r (fill 1), circle 2r × 2r (π/4 ≈ 0.785), triangle
     // 1.73r wide × 1.5r high (aspect 1.15, fill 0.5). Pixel edges move these: over 3000 drawn
     // scenes at 32², circles filled 0.73–0.88 of their box, triangles 0.50–0.61 (aspect
@@ -192,12 +229,45 @@ fn classify(region: &[usize], w: usize) -> (Option<ShapeKind>, f64) {
         Some(ShapeKind::Square)
     } else if (0.8..=1.25).contains(&aspect) && (0.665..0.94).contains(&fill) {
         Some(ShapeKind::Circle)
-    } else if (0.9..=1.5).contains(&aspect) && (0.4..0.665).contains(&fill) {
+    } else if (0.9..=1.5).contains(&aspect) && (0.4..0.665).contains(&fill) && widening {
         Some(ShapeKind::Triangle)
     } else {
         None
     };
     (shape, outline)
+}
+
+/// Pixels of a `bw × bh` box outside the region (`inside` false) that cannot reach the box's
+/// border through other such pixels: holes in the region.
+fn holes(inside: &[bool], bw: usize, bh: usize) -> usize {
+    let mut reached = vec![false; inside.len()];
+    let mut queue: Vec<usize> = (0..bw * bh)
+        .filter(|&i| {
+            let (x, y) = (i % bw, i / bw);
+            !inside[i] && (x == 0 || y == 0 || x + 1 == bw || y + 1 == bh)
+        })
+        .collect();
+    for &i in &queue {
+        reached[i] = true;
+    }
+    while let Some(i) = queue.pop() {
+        let (x, y) = (i % bw, i / bw);
+        let neighbours = [
+            (x > 0).then(|| i - 1),
+            (x + 1 < bw).then(|| i + 1),
+            (y > 0).then(|| i - bw),
+            (y + 1 < bh).then(|| i + bw),
+        ];
+        for j in neighbours.into_iter().flatten() {
+            if !inside[j] && !reached[j] {
+                reached[j] = true;
+                queue.push(j);
+            }
+        }
+    }
+    (0..inside.len())
+        .filter(|&i| !inside[i] && !reached[i])
+        .count()
 }
 
 /// The share of pictures whose reading matches their caption, per attribute.
@@ -282,7 +352,7 @@ pub fn measure(
 ) -> Result<Following> {
     let grammar = caption_grammar();
     let mut pictures = Vec::new();
-    for asked in &grammar {
+    for asked in grammar.iter().filter(|_| seeds > 0) {
         let generated = pipeline.generate(&GenerateOptions {
             prompt: asked.caption.clone(),
             steps,
@@ -361,6 +431,33 @@ mod tests {
             }
         });
         assert_eq!(read_scene(&ring).shape, None);
+        // Upside down, a triangle is no triangle; an outline of a square is no square.
+        let flipped = Scene {
+            shape: ShapeKind::Triangle,
+            colour: COLOURS[1],
+            background: BACKGROUNDS[0],
+            cx: 0.5,
+            cy: 0.5,
+            size: 0.3,
+        }
+        .render(32);
+        let mut upside_down = flipped.clone();
+        for y in 0..32 {
+            let (src, dst) = (&flipped.pixels[(31 - y) * 96..][..96], y * 96);
+            upside_down.pixels[dst..dst + 96].copy_from_slice(src);
+        }
+        assert_eq!(read_scene(&flipped).shape, Some(ShapeKind::Triangle));
+        assert_eq!(read_scene(&upside_down).shape, None);
+        let outline = image(32, |x, y| {
+            let edge = (8..=23).contains(&x) && (8..=23).contains(&y);
+            let inner = (10..=21).contains(&x) && (10..=21).contains(&y);
+            if edge && !inner {
+                [220, 30, 30]
+            } else {
+                [255, 255, 255]
+            }
+        });
+        assert_eq!(read_scene(&outline).shape, None);
         // A muddy frame is no background.
         let mud = image(32, |_, _| [120, 110, 60]);
         let reading = read_scene(&mud);

@@ -216,7 +216,14 @@ pub fn picture_grid(
         |c: usize| (label_w + gap + c * (cell_w + gap) + (c / group.max(1)) * group_gap) as i64;
     let grid_right = x_of(cols) as usize + gap;
     let width = grid_right.max(Canvas::text_width(legend, 2).max(0) as usize + 2 * gap);
-    let grid_bottom = header_h + rows.len() * (cell_h + gap) + gap;
+    // Rows are as tall as a picture, or as the longest label's lines where those are taller.
+    let label_lines = row_labels
+        .iter()
+        .map(|label| wrap(label, label_chars).len())
+        .max()
+        .unwrap_or(0);
+    let row_h = cell_h.max(label_lines * line_h as usize);
+    let grid_bottom = header_h + rows.len() * (row_h + gap) + gap;
     let height = grid_bottom + if legend.is_empty() { 0 } else { legend_h };
     let mut canvas = Canvas::new(width, height, WHITE);
     for (g, header) in headers.iter().enumerate() {
@@ -226,10 +233,10 @@ pub fn picture_grid(
         canvas.text(x, 6, header, 3, INK);
     }
     for (r, row) in rows.iter().enumerate() {
-        let y = (header_h + r * (cell_h + gap)) as i64;
+        let y = (header_h + r * (row_h + gap)) as i64;
         if let Some(label) = row_labels.get(r) {
             let lines = wrap(label, label_chars);
-            let top = y + (cell_h as i64 - lines.len() as i64 * line_h) / 2;
+            let top = y + (row_h as i64 - lines.len() as i64 * line_h) / 2;
             for (k, line) in lines.iter().enumerate() {
                 canvas.text(gap as i64, top + k as i64 * line_h, line, label_scale, INK);
             }

@@ -67,7 +67,11 @@ fn main() -> Result<()> {
     }
     let device = args.device.open()?;
     if let Some(dir) = &args.measure {
-        let following = measure_following(dir, &device, args.following_seeds.max(1), args.seed)?;
+        anyhow::ensure!(
+            args.following_seeds > 0,
+            "--measure needs --following-seeds of at least 1"
+        );
+        let following = measure_following(dir, &device, args.following_seeds, args.seed)?;
         println!("{}", serde_json::to_string_pretty(&following)?);
         return Ok(());
     }
