@@ -158,6 +158,17 @@ pub fn read_scene(image: &Image8) -> SceneReading {
     }
 }
 
+/// The 4-connected neighbours of pixel `i` in a `w × h` picture, `None` past an edge.
+fn neighbours(i: usize, w: usize, h: usize) -> [Option<usize>; 4] {
+    let (x, y) = (i % w, i / w);
+    [
+        (x > 0).then(|| i - 1),
+        (x + 1 < w).then(|| i + 1),
+        (y > 0).then(|| i - w),
+        (y + 1 < h).then(|| i + w),
+    ]
+}
+
 /// The pixel indices of the largest 4-connected region of non-background pixels.
 fn largest_region(labels: &[Option<usize>], w: usize, h: usize) -> Option<Vec<usize>> {
     let mut seen = vec![false; labels.len()];
@@ -172,14 +183,7 @@ fn largest_region(labels: &[Option<usize>], w: usize, h: usize) -> Option<Vec<us
         while next < region.len() {
             let i = region[next];
             next += 1;
-            let (x, y) = (i % w, i / w);
-            let neighbours = [
-                (x > 0).then(|| i - 1),
-                (x + 1 < w).then(|| i + 1),
-                (y > 0).then(|| i - w),
-                (y + 1 < h).then(|| i + w),
-            ];
-            for j in neighbours.into_iter().flatten() {
+            for j in neighbours(i, w, h).into_iter().flatten() {
                 if !seen[j] && labels[j].is_some() {
                     seen[j] = true;
                     region.push(j);
@@ -251,14 +255,7 @@ fn holes(inside: &[bool], bw: usize, bh: usize) -> usize {
         reached[i] = true;
     }
     while let Some(i) = queue.pop() {
-        let (x, y) = (i % bw, i / bw);
-        let neighbours = [
-            (x > 0).then(|| i - 1),
-            (x + 1 < bw).then(|| i + 1),
-            (y > 0).then(|| i - bw),
-            (y + 1 < bh).then(|| i + bw),
-        ];
-        for j in neighbours.into_iter().flatten() {
+        for j in neighbours(i, bw, bh).into_iter().flatten() {
             if !inside[j] && !reached[j] {
                 reached[j] = true;
                 queue.push(j);
