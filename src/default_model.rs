@@ -234,9 +234,10 @@ pub fn measure_following(
 }
 
 /// Makes the default model in `output` (which must not exist) on `device`: writes the configs
-/// and the random text encoder, trains the UNet per `recipe`, measures how it follows its
-/// captions (`following_seeds` pictures per caption), then writes its weights and `recipe.json`. The
-/// folder is assembled under a temporary name and renamed into place when complete.
+/// and the random text encoder, trains the UNet per `recipe`, writes its weights and
+/// `recipe.json`; the folder is assembled under a temporary name and renamed into place when
+/// complete. Then measures how the finished model follows its captions (`following_seeds`
+/// pictures per caption) and adds that to `recipe.json`.
 pub fn build(
     output: &Path,
     recipe: &Recipe,

@@ -2,8 +2,7 @@
 //! scene it shows (background, shape colour, shape kind) and compared with its caption. The
 //! reading is deliberately simple, so that it measures the picture and not a second model:
 //! - the background is the (median) colour of the outermost ring of pixels (no drawn shape
-//!   touches it),
-//!   accepted when it lies near one of the known backgrounds;
+//!   touches it), accepted when it lies near one of the known backgrounds;
 //! - every other pixel at least halfway from the background to a shape colour (along the line
 //!   between them, as edge blends lie) takes that colour; the shape colour is the majority among
 //!   pixels three quarters of the way or more;
@@ -13,16 +12,16 @@
 //!   share, or has the wrong aspect;
 //! - edges are crisp when pixels halfway between the background and the shape colour (more than
 //!   a quarter of the way from each) are no more than the shape's bounding box's outline, about
-//!   one deep around the shape, as drawn edges are;
-//!   a soft blob has a wide band of them, whatever its outline. This is reported on its own
-//!   (`crisp`), so a blurred circle still counts as a circle.
+//!   one deep around the shape, as drawn edges are; a soft blob has a wide band of them, whatever
+//!   its outline. This is reported on its own (`crisp`), so a blurred circle still counts as a
+//!   circle.
 
 use anyhow::Result;
 use lora_infer::output::Image8;
 use lora_infer::{GenerateOptions, Pipeline};
 use serde::Serialize;
 
-use crate::shapes::{Colour, ShapeKind, BACKGROUNDS, COLOURS, CONCEPT};
+use crate::shapes::{caption_grammar, Colour, Scene, ShapeKind, BACKGROUNDS, COLOURS, CONCEPT};
 
 /// A ring colour farther than this (Euclidean, 0–255 RGB) from every known background is no
 /// background at all (a muddy or mottled frame).
@@ -279,41 +278,8 @@ pub struct Following {
     pub pictures: usize,
 }
 
-/// A caption of the shapes grammar and what it asks for.
-#[derive(Debug, Clone)]
-pub struct Asked {
-    pub caption: String,
-    pub shape: ShapeKind,
-    pub colour: Colour,
-    pub background: Colour,
-}
-
-/// Every caption the default model was trained on (each shape × colour × background).
-pub fn caption_grammar() -> Vec<Asked> {
-    let mut asked = Vec::new();
-    for background in BACKGROUNDS {
-        for colour in COLOURS {
-            for shape in ShapeKind::ALL {
-                let caption = format!(
-                    "a {} {} on a {} background",
-                    colour.name,
-                    shape.name(),
-                    background.name
-                );
-                asked.push(Asked {
-                    caption,
-                    shape,
-                    colour,
-                    background,
-                });
-            }
-        }
-    }
-    asked
-}
-
-/// Scores `pictures`, each with what its caption asked for.
-pub fn score<'a>(pictures: impl IntoIterator<Item = (&'a Image8, &'a Asked)>) -> Following {
+/// Scores `pictures`, each with the scene its caption asked for.
+pub fn score<'a>(pictures: impl IntoIterator<Item = (&'a Image8, &'a Scene)>) -> Following {
     let (mut colour, mut background, mut shape, mut crisp, mut n) = (0, 0, 0, 0, 0usize);
     for (image, asked) in pictures {
         let reading = read_scene(image);
@@ -351,7 +317,7 @@ pub fn measure(
     let mut pictures = Vec::new();
     for asked in grammar.iter().filter(|_| seeds > 0) {
         let generated = pipeline.generate(&GenerateOptions {
-            prompt: asked.caption.clone(),
+            prompt: asked.caption(),
             steps,
             guidance,
             num_images: seeds,
@@ -369,7 +335,6 @@ pub fn measure(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shapes::Scene;
     use lora_core::Rng;
 
     #[test]
@@ -471,20 +436,9 @@ mod tests {
     fn scores_are_shares_and_an_empty_set_is_nan() {
         let grammar = caption_grammar();
         assert_eq!(grammar.len(), 24);
-        let drawn: Vec<(Image8, &Asked)> = grammar
+        let drawn: Vec<(Image8, &Scene)> = grammar
             .iter()
-            .map(|asked| {
-                let scene = Scene {
-                    shape: asked.shape,
-                    colour: asked.colour,
-                    background: asked.background,
-                    cx: 0.5,
-                    cy: 0.5,
-                    size: 0.3,
-                };
-                assert_eq!(scene.caption(), asked.caption);
-                (scene.render(32), asked)
-            })
+            .map(|asked| (asked.render(32), asked))
             .collect();
         let all = score(drawn.iter().map(|(i, a)| (i, *a)));
         assert_eq!(

@@ -173,25 +173,30 @@ impl Scene {
     }
 }
 
-/// Every caption the default model was trained on, in a fixed order.
-pub fn all_captions() -> Vec<String> {
-    let mut captions = Vec::new();
+/// One centred scene per caption the default model was trained on (every shape × colour ×
+/// background), in a fixed order: what each caption asks for.
+pub fn caption_grammar() -> Vec<Scene> {
+    let mut scenes = Vec::new();
     for background in BACKGROUNDS {
         for colour in COLOURS {
             for shape in ShapeKind::ALL {
-                let scene = Scene {
+                scenes.push(Scene {
                     shape,
                     colour,
                     background,
                     cx: 0.5,
                     cy: 0.5,
                     size: 0.3,
-                };
-                captions.push(scene.caption());
+                });
             }
         }
     }
-    captions
+    scenes
+}
+
+/// Every caption the default model was trained on, in [`caption_grammar`]'s order.
+pub fn all_captions() -> Vec<String> {
+    caption_grammar().iter().map(Scene::caption).collect()
 }
 
 /// `[3, H, W]` f32 in [-1, 1], the UNet's pixel-space input.
