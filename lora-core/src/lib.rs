@@ -26,5 +26,5 @@ pub use formats::adapter_file::{
 };
 pub use formats::keys::Component;
 pub use formats::kohya::BaseModelVersion;
-pub use models::unet::UNet2DConditionModel;
+pub use models::unet::{AddedConditioning, UNet2DConditionModel};
 pub use rng::Rng;

@@ -1,4 +1,4 @@
-//! `unet/config.json` of a diffusers `UNet2DConditionModel` (SD1.x / SD2.x).
+//! `unet/config.json` of a diffusers `UNet2DConditionModel` (SD1.x / SD2.x / SDXL).
 
 use std::path::Path;
 
@@ -105,8 +105,16 @@ struct RawUNetConfig {
     attention_head_dim: PerBlock,
     #[serde(default)]
     use_linear_projection: bool,
+    /// `null` in SDXL's config: false.
     #[serde(default)]
-    upcast_attention: bool,
+    upcast_attention: Option<bool>,
+    /// `"text_time"` for SDXL (pooled text embedding + micro-conditioning ids); `null` otherwise.
+    #[serde(default)]
+    addition_embed_type: Option<String>,
+    #[serde(default)]
+    addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    projection_class_embeddings_input_dim: Option<usize>,
     // Keys below must hold their SD1.x/SD2.x value; anything else changes the architecture in a
     // way this implementation does not (yet) build, so it is rejected by `check_fixed`.
     #[serde(flatten)]
@@ -125,8 +133,6 @@ const FIXED_KEYS: &[(&str, &[&str])] = &[
     ("encoder_hid_dim_type", &[]),
     ("num_attention_heads", &[]),
     ("class_embed_type", &[]),
-    ("addition_embed_type", &[]),
-    ("addition_time_embed_dim", &[]),
     ("num_class_embeds", &[]),
     ("resnet_time_scale_shift", &["\"default\""]),
     ("resnet_skip_time_act", &["false"]),
@@ -138,7 +144,6 @@ const FIXED_KEYS: &[(&str, &[&str])] = &[
     ("time_cond_proj_dim", &[]),
     ("conv_in_kernel", &["3"]),
     ("conv_out_kernel", &["3"]),
-    ("projection_class_embeddings_input_dim", &[]),
     ("attention_type", &["\"default\""]),
     ("class_embeddings_concat", &["false"]),
     ("mid_block_only_cross_attention", &["false"]),
@@ -172,6 +177,20 @@ pub struct UNetConfig {
     pub attention_heads: Vec<usize>,
     pub use_linear_projection: bool,
     pub upcast_attention: bool,
+    /// SDXL's added conditioning; `None` for SD1.x/SD2.x.
+    pub text_time: Option<TextTimeConfig>,
+}
+
+/// SDXL's `addition_embed_type: "text_time"`: the pooled text embedding and the
+/// micro-conditioning ids (each turned into `time_embed_dim` sinusoidal features) are
+/// concatenated, `input_dim` wide in all, and embedded into the timestep embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeConfig {
+    /// `addition_time_embed_dim`: sinusoidal features per id (256 in SDXL).
+    pub time_embed_dim: usize,
+    /// `projection_class_embeddings_input_dim`: pooled width + ids × `time_embed_dim`
+    /// (1280 + 6 × 256 = 2816 in SDXL base).
+    pub input_dim: usize,
 }
 
 impl UNetConfig {
@@ -225,6 +244,35 @@ impl UNetConfig {
         let transformer_layers = raw
             .transformer_layers_per_block
             .resolve("transformer_layers_per_block", n)?;
+        let text_time = match raw.addition_embed_type.as_deref() {
+            None => {
+                ensure!(
+                    raw.addition_time_embed_dim.is_none()
+                        && raw.projection_class_embeddings_input_dim.is_none(),
+                    "`addition_time_embed_dim` and `projection_class_embeddings_input_dim` need `addition_embed_type` \"text_time\""
+                );
+                None
+            }
+            Some("text_time") => {
+                let (Some(time_embed_dim), Some(input_dim)) = (
+                    raw.addition_time_embed_dim,
+                    raw.projection_class_embeddings_input_dim,
+                ) else {
+                    bail!("`addition_embed_type` \"text_time\" needs `addition_time_embed_dim` and `projection_class_embeddings_input_dim`");
+                };
+                ensure!(
+                    time_embed_dim > 0 && input_dim > time_embed_dim,
+                    "`projection_class_embeddings_input_dim` {input_dim} must exceed `addition_time_embed_dim` {time_embed_dim} (> 0)"
+                );
+                Some(TextTimeConfig {
+                    time_embed_dim,
+                    input_dim,
+                })
+            }
+            Some(other) => bail!(
+                "unsupported UNet config value `addition_embed_type` = \"{other}\": this UNet supports only null (SD1.x/SD2.x) or \"text_time\" (SDXL)"
+            ),
+        };
         Ok(Self {
             sample_size: raw.sample_size,
             in_channels: raw.in_channels,
@@ -244,7 +292,8 @@ impl UNetConfig {
             transformer_layers_per_block: transformer_layers,
             attention_heads: heads,
             use_linear_projection: raw.use_linear_projection,
-            upcast_attention: raw.upcast_attention,
+            upcast_attention: raw.upcast_attention.unwrap_or(false),
+            text_time,
         })
     }
 
@@ -269,7 +318,7 @@ fn check_fixed(fixed: &serde_json::Map<String, Value>) -> Result<()> {
             } else {
                 allowed.join(" or ")
             };
-            bail!("unsupported UNet config value `{key}` = {text}: this UNet supports only {expected} (SD1.x/SD2.x)");
+            bail!("unsupported UNet config value `{key}` = {text}: this UNet supports only {expected} (SD1.x/SD2.x/SDXL)");
         }
     }
     Ok(())

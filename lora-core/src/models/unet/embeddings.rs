@@ -31,3 +31,21 @@ pub(super) fn timestep_features(
         Ok(emb)
     }
 }
+
+/// SDXL's added conditioning input (diffusers `add_time_proj` + concatenation): the pooled text
+/// embedding `[B, P]` followed by `time_dim` sinusoidal features of each micro-conditioning id
+/// `[B, N]`, giving `[B, P + N·time_dim]`, in the text embedding's dtype.
+pub(super) fn text_time_features(
+    text_embeds: &Tensor,
+    time_ids: &Tensor,
+    time_dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let (b, n) = time_ids.dims2()?;
+    let ids = time_ids.flatten_all()?;
+    let features = timestep_features(&ids, time_dim, flip_sin_to_cos, freq_shift)?
+        .reshape((b, n * time_dim))?
+        .to_dtype(text_embeds.dtype())?;
+    Ok(Tensor::cat(&[text_embeds, &features], 1)?)
+}

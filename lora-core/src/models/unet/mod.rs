@@ -1,7 +1,8 @@
-//! `UNet2DConditionModel` of Stable Diffusion 1.x/2.x in the diffusers layout, written for
-//! training: every operation has a backward pass in candle, timesteps are a tensor (one per
+//! `UNet2DConditionModel` of Stable Diffusion 1.x/2.x and SDXL in the diffusers layout, written
+//! for training: every operation has a backward pass in candle, timesteps are a tensor (one per
 //! sample), and the Linear / 1×1-conv layers of the transformer models are [`LoraLinear`]s that
-//! adapters attach to without merging.
+//! adapters attach to without merging. SDXL adds a second embedding to the timestep's: the
+//! pooled text embedding and the micro-conditioning ids ([`AddedConditioning`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ mod tests;
 mod transformer;
 
 use blocks::{MidBlock, UNetBlock};
-use embeddings::timestep_features;
+use embeddings::{text_time_features, timestep_features};
 use resnet::ResnetBlock2D;
 use transformer::{Transformer2DModel, Visitor};
 
@@ -30,6 +31,16 @@ use crate::engine::{
     LinearLayer,
 };
 use crate::models::config::{DownBlockType, UNetConfig, UpBlockType};
+
+/// The UNet's inputs after [`UNet2DConditionModel::prepare_inputs`]: tensors, or the values a
+/// [`LayerRunner`] keeps for them.
+struct Inputs<V> {
+    x: V,
+    t_feat: V,
+    /// SDXL's [`text_time_features`].
+    added_feat: Option<V>,
+    context: V,
+}
 
 /// A `VarBuilder` backend handing out a broadcast zero of any requested shape (no storage
 /// beyond one element), for building a UNet only to enumerate its layers.
@@ -56,14 +67,47 @@ impl candle_nn::var_builder::SimpleBackend for ShapesOnly {
     }
 }
 
-/// The SD1.x/SD2.x denoising UNet. See the module docs.
+/// SDXL's extra UNet inputs (`added_cond_kwargs` in diffusers).
+#[derive(Debug, Clone)]
+pub struct AddedConditioning {
+    /// `[B, P]`: the second text encoder's pooled, projected output.
+    pub text_embeds: Tensor,
+    /// `[B, N]`: the micro-conditioning ids, for SDXL base `[original height, original width,
+    /// crop top, crop left, target height, target width]`.
+    pub time_ids: Tensor,
+}
+
+/// The time embedding's two linear layers, `linear_1` → SiLU → `linear_2` (diffusers
+/// `TimestepEmbedding`), used for the timestep and for SDXL's added conditioning.
+#[derive(Debug, Clone)]
+struct TimeEmbedding {
+    linear_1: LinearLayer,
+    linear_2: LinearLayer,
+}
+
+impl TimeEmbedding {
+    fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: LinearLayer::load(&vb.pp("linear_1"), in_dim, out_dim, true)?,
+            linear_2: LinearLayer::load(&vb.pp("linear_2"), out_dim, out_dim, true)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.linear_1.forward(xs)?.silu()?;
+        Ok(self.linear_2.forward(&h)?)
+    }
+}
+
+/// The SD1.x/SD2.x/SDXL denoising UNet. See the module docs.
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     config: UNetConfig,
     dtype: DType,
     conv_in: Conv2dLayer,
-    time_linear_1: LinearLayer,
-    time_linear_2: LinearLayer,
+    time_embedding: TimeEmbedding,
+    /// SDXL's `add_embedding`, over [`text_time_features`].
+    add_embedding: Option<TimeEmbedding>,
     down_blocks: Vec<UNetBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UNetBlock>,
@@ -220,18 +264,11 @@ impl UNet2DConditionModel {
             config: cfg.clone(),
             dtype: vb.dtype(),
             conv_in: Conv2dLayer::load(&vb.pp("conv_in"), cfg.in_channels, ch0, 3, 1, 1)?,
-            time_linear_1: LinearLayer::load(
-                &vb.pp("time_embedding.linear_1"),
-                ch0,
-                temb_dim,
-                true,
-            )?,
-            time_linear_2: LinearLayer::load(
-                &vb.pp("time_embedding.linear_2"),
-                temb_dim,
-                temb_dim,
-                true,
-            )?,
+            time_embedding: TimeEmbedding::load(&vb.pp("time_embedding"), ch0, temb_dim)?,
+            add_embedding: cfg
+                .text_time
+                .map(|tt| TimeEmbedding::load(&vb.pp("add_embedding"), tt.input_dim, temb_dim))
+                .transpose()?,
             down_blocks,
             mid_block,
             up_blocks,
@@ -371,15 +408,28 @@ impl UNet2DConditionModel {
     }
 
     /// Predicts noise (or v) for `sample` `[B, C, H, W]` at `timesteps` (`[B]` or a scalar,
-    /// any numeric dtype) given `encoder_hidden_states` `[B, S, cross_attention_dim]`.
+    /// any numeric dtype) given `encoder_hidden_states` `[B, S, cross_attention_dim]`; for a
+    /// UNet without added conditioning (SD1.x/SD2.x).
     pub fn forward(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
-        let (x, t_feat, context) = self.prepare_inputs(sample, timesteps, encoder_hidden_states)?;
-        self.forward_layers(&mut Direct, x, t_feat, context)
+        self.forward_conditioned(sample, timesteps, encoder_hidden_states, None)
+    }
+
+    /// [`Self::forward`] with SDXL's added conditioning, which an SDXL UNet requires and any
+    /// other refuses.
+    pub fn forward_conditioned(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
+    ) -> Result<Tensor> {
+        let inputs = self.prepare_inputs(sample, timesteps, encoder_hidden_states, added)?;
+        self.forward_layers(&mut Direct, inputs)
     }
 
     /// [`Self::forward`] with gradient checkpointing: keeps only the values between layers
@@ -394,22 +444,40 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<(Tensor, CheckpointedForward<'_>)> {
-        let (x, t_feat, context) = self.prepare_inputs(sample, timesteps, encoder_hidden_states)?;
+        self.forward_checkpointed_conditioned(sample, timesteps, encoder_hidden_states, None)
+    }
+
+    /// [`Self::forward_checkpointed`] with SDXL's added conditioning
+    /// ([`Self::forward_conditioned`]).
+    pub fn forward_checkpointed_conditioned(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
+    ) -> Result<(Tensor, CheckpointedForward<'_>)> {
+        let inputs = self.prepare_inputs(sample, timesteps, encoder_hidden_states, added)?;
         let mut pass = CheckpointedForward::new();
-        let (x, t_feat, context) = (pass.input(&x), pass.input(&t_feat), pass.input(&context));
-        let output = self.forward_layers(&mut pass, x, t_feat, context)?;
+        let inputs = Inputs {
+            x: pass.input(&inputs.x),
+            t_feat: pass.input(&inputs.t_feat),
+            added_feat: inputs.added_feat.map(|a| pass.input(&a)),
+            context: pass.input(&inputs.context),
+        };
+        let output = self.forward_layers(&mut pass, inputs)?;
         let prediction = pass.finish(output)?;
         Ok((prediction, pass))
     }
 
-    /// Checks the inputs and returns the sample and context in the model's dtype and the
-    /// sinusoidal timestep features (f32).
+    /// Checks the inputs and returns the sample and context in the model's dtype, the
+    /// sinusoidal timestep features (f32) and, for SDXL, the added conditioning's input.
     fn prepare_inputs(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        added: Option<&AddedConditioning>,
+    ) -> Result<Inputs<Tensor>> {
         let cfg = &self.config;
         let (b, c, _, _) = sample.dims4().context("UNet sample must be [B, C, H, W]")?;
         ensure!(
@@ -447,25 +515,80 @@ impl UNet2DConditionModel {
             cfg.flip_sin_to_cos,
             cfg.freq_shift,
         )?;
-        Ok((x, t_feat, context))
+        let added_feat = match (cfg.text_time, added) {
+            (None, None) => None,
+            (Some(_), None) => bail!(
+                "this UNet (SDXL: `addition_embed_type` \"text_time\") needs the pooled text embedding and the micro-conditioning ids"
+            ),
+            (None, Some(_)) => bail!(
+                "added conditioning (pooled text embedding, time ids) given to a UNet without `addition_embed_type`"
+            ),
+            (Some(tt), Some(added)) => {
+                let (tb, _) = added
+                    .text_embeds
+                    .dims2()
+                    .context("SDXL pooled text embedding must be [B, P]")?;
+                let (ib, _) = added
+                    .time_ids
+                    .dims2()
+                    .context("SDXL time ids must be [B, N]")?;
+                ensure!(
+                    tb == b && ib == b,
+                    "SDXL added conditioning has {tb} pooled embeddings and {ib} time-id rows for a batch of {b}"
+                );
+                let feat = text_time_features(
+                    &added.text_embeds.to_dtype(self.dtype)?,
+                    &added.time_ids,
+                    tt.time_embed_dim,
+                    cfg.flip_sin_to_cos,
+                    cfg.freq_shift,
+                )?;
+                ensure!(
+                    feat.dim(1)? == tt.input_dim,
+                    "SDXL added conditioning: pooled width {} + {} time ids × {} = {}, the UNet's projection_class_embeddings_input_dim is {}",
+                    added.text_embeds.dim(1)?,
+                    added.time_ids.dim(1)?,
+                    tt.time_embed_dim,
+                    feat.dim(1)?,
+                    tt.input_dim
+                );
+                Some(feat)
+            }
+        };
+        Ok(Inputs {
+            x,
+            t_feat,
+            added_feat,
+            context,
+        })
     }
 
     /// The forward pass, written once as a sequence of layers over `runner`.
     fn forward_layers<'a, R: LayerRunner<'a>>(
         &'a self,
         runner: &mut R,
-        x: R::Value,
-        t_feat: R::Value,
-        context: R::Value,
+        inputs: Inputs<R::Value>,
     ) -> Result<R::Value> {
+        let Inputs {
+            x,
+            t_feat,
+            added_feat,
+            context,
+        } = inputs;
         let dtype = self.dtype;
-        let temb_act = runner.layer(&[&t_feat], move |xs| {
-            let h = self
-                .time_linear_1
-                .forward(&xs[0].to_dtype(dtype)?)?
-                .silu()?;
-            Ok(self.time_linear_2.forward(&h)?.silu()?)
-        })?;
+        // The resnets take SiLU of the embedding; SDXL's added embedding is summed in first.
+        let temb_act = match (&self.add_embedding, &added_feat) {
+            (Some(add), Some(added_feat)) => runner.layer(&[&t_feat, added_feat], move |xs| {
+                let temb = self.time_embedding.forward(&xs[0].to_dtype(dtype)?)?;
+                Ok((temb + add.forward(&xs[1])?)?.silu()?)
+            })?,
+            _ => runner.layer(&[&t_feat], move |xs| {
+                Ok(self
+                    .time_embedding
+                    .forward(&xs[0].to_dtype(dtype)?)?
+                    .silu()?)
+            })?,
+        };
         let resnet = |runner: &mut R, r: &'a ResnetBlock2D, x: &R::Value, temb: &R::Value| {
             runner.layer(&[x, temb], move |xs| r.forward(&xs[0], &xs[1]))
         };
