@@ -14,7 +14,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{fixtures, get, max_abs, max_abs_diff, rel_err};
 use lora_toolkit::core::formats::adapter_file::{AdapterFile, ModelModules};
 use lora_toolkit::core::io::weights::component_weights;
-use lora_toolkit::core::models::config::UNetConfig;
+use lora_toolkit::core::models::config::{ClipTextConfig, UNetConfig};
+use lora_toolkit::core::models::sdxl_prompt::SdxlTextEncoders;
+use lora_toolkit::core::models::text_encoder::TextEncoder;
+use lora_toolkit::core::models::tokenizer::ClipTokenizer;
 use lora_toolkit::core::{AdapterModule, AddedConditioning, LoraModule, UNet2DConditionModel};
 
 fn sdxl() -> PathBuf {
@@ -203,6 +206,56 @@ fn lora_and_pooled_embedding_gradients_match_pytorch() -> Result<()> {
             worst.0,
             worst.1
         );
+    }
+    Ok(())
+}
+
+#[test]
+fn prompt_encoding_matches_diffusers_encode_prompt() -> Result<()> {
+    let exp = expected()?;
+    let dir = sdxl();
+    let load = |encoder: &str, tokenizer: &str| -> Result<(TextEncoder, ClipTokenizer)> {
+        let config = ClipTextConfig::from_file(&dir.join(encoder).join("config.json"))?;
+        let model = TextEncoder::load(
+            &dir.join(encoder),
+            &config,
+            DType::F32,
+            &Device::Cpu,
+            Default::default(),
+        )?;
+        Ok((
+            model,
+            ClipTokenizer::load(Some(&dir.join(tokenizer)), &config)?,
+        ))
+    };
+    let (te, tok) = load("text_encoder", "tokenizer")?;
+    let (te2, tok2) = load("text_encoder_2", "tokenizer_2")?;
+    let encoders = SdxlTextEncoders::new(te, te2, tok, tok2)?;
+    assert_eq!(encoders.context_width(), 40);
+
+    let prompts = ["a red circle on a white background", "a photo of sks dog"];
+    let (ids, ids_2, truncated) = encoders.tokenize(&prompts, &Device::Cpu)?;
+    assert!(!truncated);
+    // The second tokenizer pads with "!" (id 0), the first with the end token.
+    for (ours, key) in [(&ids, "te_input_ids"), (&ids_2, "te2_input_ids")] {
+        let reference = get(&exp, key).to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        assert_eq!(ours.to_vec2::<u32>()?, reference, "{key}");
+    }
+    let embeddings = encoders.encode_ids(&ids, &ids_2)?;
+    let negative = encoders.encode(&["blurry", "a dark photo"], &Device::Cpu)?;
+    for (ours, key) in [
+        (&embeddings.context, "prompt_embeds"),
+        (&embeddings.pooled, "pooled_prompt_embeds"),
+        (&negative.context, "negative_prompt_embeds"),
+        (&negative.pooled, "negative_pooled_prompt_embeds"),
+    ] {
+        let reference = get(&exp, key);
+        let err = max_abs_diff(ours, reference);
+        println!(
+            "SDXL {key}: max |ours - diffusers| = {err:.3e} (max {:.3})",
+            max_abs(reference)
+        );
+        assert!(err <= 1e-5, "{key} differs from diffusers by {err}");
     }
     Ok(())
 }

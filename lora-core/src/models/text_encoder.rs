@@ -1,5 +1,7 @@
-//! The CLIP text encoder (transformers' `CLIPTextModel`): prompt ids → the per-token hidden
-//! states the UNet cross-attends to (`last_hidden_state`, after the final layer norm).
+//! The CLIP text encoder (transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`):
+//! prompt ids → the per-token hidden states the UNet cross-attends to (`last_hidden_state`, after
+//! the final layer norm; SDXL reads the penultimate layer's, before it), and the pooled output
+//! (the end token's final state, projected where the file has `text_projection`).
 //!
 //! Our own module rather than candle-transformers': its `models::clip::text_model` always uses
 //! quick-GELU for text (SD 2.x needs exact GELU) and fixes the layer-norm epsilon, and
@@ -19,7 +21,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::adapters::{attach_checked, AdapterModules, ModuleInfo, ModuleKind};
-use crate::engine::LayerNormLayer;
+use crate::engine::{LayerNormLayer, LinearLayer};
 use crate::io::weights;
 use crate::models::clip::encoder::{AttentionMask, ClipEncoder};
 use crate::models::config::ClipTextConfig;
@@ -28,6 +30,43 @@ use crate::models::config::ClipTextConfig;
 const PREFIX: &str = "text_model.";
 /// A tensor every layout has, used to tell the two apart.
 const PROBE: &str = "embeddings.token_embedding.weight";
+/// `CLIPTextModelWithProjection`'s projection of the pooled output, beside `text_model.`.
+const PROJECTION: &str = "text_projection";
+/// transformers' `CLIPTextConfig` default, for a config without `eos_token_id`.
+const DEFAULT_EOS_TOKEN_ID: u32 = 49407;
+/// The `eos_token_id` configs written before transformers corrected it carry (see
+/// [`TextPooling::HighestId`]).
+const LEGACY_EOS_TOKEN_ID: u32 = 2;
+
+/// Which of a prompt's hidden states is its pooled output, as transformers' `CLIPTextModel`
+/// chooses by the text config's `eos_token_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextPooling {
+    /// `eos_token_id == 2`, the stale value of older configs: the position of the highest id
+    /// (the first, if repeated), which is the end token in CLIP's own vocabulary.
+    HighestId,
+    /// The first position holding this end-token id.
+    FirstEndToken(u32),
+}
+
+impl TextPooling {
+    fn of(config: &ClipTextConfig) -> Self {
+        match config.eos_token_id {
+            Some(LEGACY_EOS_TOKEN_ID) => Self::HighestId,
+            Some(id) => Self::FirstEndToken(id),
+            None => Self::FirstEndToken(DEFAULT_EOS_TOKEN_ID),
+        }
+    }
+}
+
+/// One pass of the encoder as SDXL reads it (transformers' `output_hidden_states=True`).
+#[derive(Debug, Clone)]
+pub struct TextEncoderStates {
+    /// `hidden_states[-2]`: the penultimate layer's output, without the final layer norm.
+    pub penultimate: Tensor,
+    /// `last_hidden_state`: the last layer's output after the final layer norm.
+    pub last: Tensor,
+}
 
 #[derive(Debug, Clone)]
 pub struct TextEncoder {
@@ -36,6 +75,9 @@ pub struct TextEncoder {
     position_embedding: Tensor,
     encoder: ClipEncoder,
     final_layer_norm: LayerNormLayer,
+    /// `CLIPTextModelWithProjection`'s bias-free `[projection_dim, hidden]` projection.
+    text_projection: Option<LinearLayer>,
+    pooling: TextPooling,
     config: ClipTextConfig,
     /// What [`lora_modules`] lists for this config.
     lora_modules: Vec<ModuleInfo>,
@@ -82,22 +124,45 @@ impl TextEncoder {
             })
             .collect::<Result<BTreeMap<_, _>>>()?;
         let vb = weights::var_builder(std::slice::from_ref(&path), dtype, device, deltas)?;
+        let projection = Self::projection(&vb, config)?;
         let vb = if prefixed {
             vb.pp(PREFIX.trim_end_matches('.'))
         } else {
             vb
         };
-        Self::new(vb, config)
+        Self::new(vb, projection, config)
             .with_context(|| format!("loading the text encoder from {}", path.display()))
     }
 
     /// Builds the encoder from a `VarBuilder` whose names carry the `text_model.` level (how
     /// a single-file checkpoint's text encoder is presented), with any deltas already in it.
+    /// A `text_projection` beside it is not read: in a whole `CLIPModel` it is the model's.
     pub fn from_var_builder(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
-        Self::new(vb.pp(PREFIX.trim_end_matches('.')), config)
+        Self::new(vb.pp(PREFIX.trim_end_matches('.')), None, config)
     }
 
-    fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
+    /// `text_projection.weight` where the file has it (`CLIPTextModelWithProjection`), sized by
+    /// the config's `projection_dim`.
+    fn projection(vb: &VarBuilder, config: &ClipTextConfig) -> Result<Option<LinearLayer>> {
+        if !vb.contains_tensor(&format!("{PROJECTION}.weight")) {
+            return Ok(None);
+        }
+        let dim = config.projection_dim.with_context(|| {
+            format!("the weights have `{PROJECTION}.weight` but the config has no `projection_dim`")
+        })?;
+        Ok(Some(LinearLayer::load(
+            &vb.pp(PROJECTION),
+            config.hidden_size,
+            dim,
+            false,
+        )?))
+    }
+
+    fn new(
+        vb: VarBuilder,
+        text_projection: Option<LinearLayer>,
+        config: &ClipTextConfig,
+    ) -> Result<Self> {
         let (hidden, eps) = (config.hidden_size, config.layer_norm_eps);
         let embeddings = vb.pp("embeddings");
         let token_embedding =
@@ -113,6 +178,8 @@ impl TextEncoder {
             position_embedding,
             encoder,
             final_layer_norm,
+            text_projection,
+            pooling: TextPooling::of(config),
             config: config.clone(),
             lora_modules: lora_modules(config),
         })
@@ -122,6 +189,25 @@ impl TextEncoder {
     /// `[batch, seq, hidden]` last hidden state. No padding mask, as SD pipelines call it: padding
     /// positions still attend causally to everything before them.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let xs = self.embed(ids)?;
+        let xs = self.encoder.forward(&xs, AttentionMask::Causal)?;
+        Ok(self.final_layer_norm.forward(&xs)?)
+    }
+
+    /// [`Self::forward`] keeping the penultimate layer's output too (what SDXL conditions on).
+    pub fn forward_states(&self, ids: &Tensor) -> Result<TextEncoderStates> {
+        let xs = self.embed(ids)?;
+        let (penultimate, last) = self
+            .encoder
+            .forward_with_penultimate(&xs, AttentionMask::Causal)?;
+        Ok(TextEncoderStates {
+            penultimate,
+            last: self.final_layer_norm.forward(&last)?,
+        })
+    }
+
+    /// Token plus position embeddings of `[batch, seq]` ids.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (_, seq) = ids
             .dims2()
             .context("text encoder input ids: expected [batch, seq]")?;
@@ -131,12 +217,45 @@ impl TextEncoder {
             self.config.max_position_embeddings
         );
         let positions = self.position_embedding.narrow(0, 0, seq)?;
-        let xs = self
+        Ok(self
             .token_embedding
             .forward(ids)?
-            .broadcast_add(&positions)?;
-        let xs = self.encoder.forward(&xs, AttentionMask::Causal)?;
-        Ok(self.final_layer_norm.forward(&xs)?)
+            .broadcast_add(&positions)?)
+    }
+
+    /// transformers' `pooler_output` (`[batch, hidden]`: each row's end-token state in
+    /// `last_hidden_state`, see [`TextPooling`]), then `text_projection` where the model has it
+    /// (`CLIPTextModelWithProjection`'s `text_embeds`, SDXL's pooled embedding).
+    pub fn pooled_output(&self, ids: &Tensor, last_hidden_state: &Tensor) -> Result<Tensor> {
+        let (batch, seq, width) = last_hidden_state.dims3()?;
+        let positions =
+            pooled_positions(&ids.to_dtype(DType::U32)?.to_vec2::<u32>()?, self.pooling)?;
+        let rows: Vec<u32> = positions
+            .iter()
+            .enumerate()
+            .map(|(row, &position)| (row * seq + position) as u32)
+            .collect();
+        let rows = Tensor::new(rows, last_hidden_state.device())?;
+        let pooled = last_hidden_state
+            .reshape((batch * seq, width))?
+            .index_select(&rows, 0)?;
+        match &self.text_projection {
+            Some(projection) => Ok(projection.forward(&pooled)?),
+            None => Ok(pooled),
+        }
+    }
+
+    /// Where [`Self::pooled_output`] reads each row.
+    pub fn pooling(&self) -> TextPooling {
+        self.pooling
+    }
+
+    /// The width of [`Self::pooled_output`].
+    pub fn pooled_width(&self) -> usize {
+        match (&self.text_projection, self.config.projection_dim) {
+            (Some(_), Some(dim)) => dim,
+            _ => self.config.hidden_size,
+        }
     }
 
     pub fn config(&self) -> &ClipTextConfig {
@@ -186,6 +305,30 @@ impl TextEncoder {
         ensure!(found, "no adapter named `{name}` is attached");
         Ok(())
     }
+}
+
+/// For each row of ids, the position whose hidden state is the pooled output.
+fn pooled_positions(ids: &[Vec<u32>], pooling: TextPooling) -> Result<Vec<usize>> {
+    ids.iter()
+        .enumerate()
+        .map(|(row, ids)| match pooling {
+            TextPooling::HighestId => {
+                let highest = ids.iter().max().context("empty input ids")?;
+                Ok(ids
+                    .iter()
+                    .position(|id| id == highest)
+                    .expect("the max is in the row"))
+            }
+            // transformers silently pools at position 0 when the end token is missing.
+            TextPooling::FirstEndToken(end) => {
+                ids.iter().position(|&id| id == end).with_context(|| {
+                    format!(
+                        "input ids row {row} has no end token (id {end}), where the text is pooled"
+                    )
+                })
+            }
+        })
+        .collect()
 }
 
 /// The modules kohya's `lora_te_` keys and peft's text-encoder adapters name: the four attention
@@ -415,6 +558,24 @@ mod tests {
         .unwrap();
         assert!(
             format!("{err:#}").contains("is not a CLIP text encoder"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn pools_where_transformers_does() {
+        let ids = vec![vec![9, 5, 7, 9, 2, 2], vec![9, 2, 4, 2, 1, 1]];
+        assert_eq!(
+            pooled_positions(&ids, TextPooling::HighestId).unwrap(),
+            [0, 0]
+        );
+        assert_eq!(
+            pooled_positions(&ids, TextPooling::FirstEndToken(2)).unwrap(),
+            [4, 1]
+        );
+        let err = pooled_positions(&ids, TextPooling::FirstEndToken(7)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("row 1 has no end token (id 7)"),
             "{err:#}"
         );
     }

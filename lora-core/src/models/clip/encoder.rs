@@ -84,6 +84,22 @@ impl ClipEncoder {
         Ok(xs)
     }
 
+    /// [`Self::forward`] returning the penultimate layer's output too (`hidden_states[-2]`;
+    /// the input itself for a one-layer encoder).
+    pub fn forward_with_penultimate(
+        &self,
+        xs: &Tensor,
+        mask: AttentionMask,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut penultimate = xs.clone();
+        let mut xs = xs.clone();
+        for layer in &self.layers {
+            penultimate = xs;
+            xs = layer.forward(&penultimate, mask)?;
+        }
+        Ok((penultimate, xs))
+    }
+
     /// Calls `f` with the path (below `prefix`, the encoder level) and layer of every projection
     /// an adapter can attach to.
     pub fn visit(&mut self, prefix: &str, f: &mut LayerVisitor) -> Result<()> {
