@@ -196,10 +196,7 @@ fn write_inputs(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     save_adapter(
         &adapter_path,
         &adapter,
-        &ModelModules {
-            unet: &modules,
-            text_encoder: None,
-        },
+        &ModelModules::unet_only(&modules),
         &options,
     )?;
     Ok((base, adapter_path))

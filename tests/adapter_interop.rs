@@ -65,6 +65,7 @@ fn adapter_files_checked_by_diffusers() -> Result<()> {
         let modules = ModelModules {
             unet: unet.lora_modules(),
             text_encoder: Some(&te_modules),
+            text_encoder_2: None,
         };
         let source = AdapterFile::read(&dir.join("adapter_kohya.safetensors"), &Device::Cpu)?
             .resolve(&modules)?;
@@ -135,10 +136,7 @@ fn dora_files_read_and_write_as_lycoris_and_diffusers_do() -> Result<()> {
         let folder = ModelFolder::open(&dir)?;
         let config = folder.unet_config()?;
         let unet_modules = UNet2DConditionModel::adapter_modules_of(&config)?;
-        let modules = ModelModules {
-            unet: &unet_modules,
-            text_encoder: None,
-        };
+        let modules = ModelModules::unet_only(&unet_modules);
         let read = |name: &str| AdapterFile::read(&dir.join(name), &Device::Cpu);
         let kohya = read("adapter_dora_kohya.safetensors")?.resolve(&modules)?;
         let peft = read("adapter_dora_peft.safetensors")?.resolve(&modules)?;

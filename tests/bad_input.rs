@@ -114,10 +114,7 @@ fn adapter_for_another_architecture_lists_keys_and_shapes() -> Result<()> {
         &fixtures().join("sd2-tiny/adapter_attn2_peft.safetensors"),
         &Device::Cpu,
     )?;
-    let modules = ModelModules {
-        unet: unet.lora_modules(),
-        text_encoder: None,
-    };
+    let modules = ModelModules::unet_only(unet.lora_modules());
     let msg = err_text(sd2_adapter.resolve(&modules));
     // sd2-tiny has two resnets per block: its extra attention modules exist nowhere in sd1-tiny,
     // and its attn2 to_k/to_v take a 32-wide context where sd1-tiny's take 24.

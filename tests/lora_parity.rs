@@ -24,10 +24,7 @@ fn load_unet(cfg: &str) -> Result<UNet2DConditionModel> {
 /// resolves its UNet part against `unet`.
 fn read_adapter(cfg: &str, file: &str, unet: &UNet2DConditionModel) -> Result<Adapter> {
     let path = fixtures().join(cfg).join(file);
-    let modules = ModelModules {
-        unet: unet.lora_modules(),
-        text_encoder: None,
-    };
+    let modules = ModelModules::unet_only(unet.lora_modules());
     AdapterFile::read(&path, &Device::Cpu)?
         .resolve(&modules)
         .with_context(|| format!("resolving {file}"))
@@ -245,10 +242,8 @@ fn lycoris_adapters_write_back_as_lycoris_saved_them() -> Result<()> {
         for algo in ["loha", "lokr", "lokr_full"] {
             let adapter = lycoris_fixture_adapter(cfg, algo, &unet)?;
             let path = out.path().join(format!("{cfg}-{algo}.safetensors"));
-            let modules = ModelModules {
-                unet: &unet.adapter_modules(),
-                text_encoder: None,
-            };
+            let adaptable = unet.adapter_modules();
+            let modules = ModelModules::unet_only(&adaptable);
             let options = SaveOptions {
                 format: AdapterFormat::Kohya,
                 base_model: BaseModelVersion::SdV1,
@@ -499,10 +494,8 @@ fn check_adapter_gradients(
             GradReference::Lycoris(algo) => lycoris_fixture_adapter(cfg, algo, &unet)?,
             GradReference::Dora => {
                 let path = fixtures().join(cfg).join("adapter_dora_peft.safetensors");
-                let modules = ModelModules {
-                    unet: &unet.adapter_modules(),
-                    text_encoder: None,
-                };
+                let adaptable = unet.adapter_modules();
+                let modules = ModelModules::unet_only(&adaptable);
                 AdapterFile::read(&path, &Device::Cpu)?.resolve(&modules)?
             }
             _ => read_adapter(cfg, "adapter_grad_peft.safetensors", &unet)?,

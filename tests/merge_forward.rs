@@ -89,10 +89,8 @@ fn merged_and_unmerged(
         UNet2DConditionModel::from_files(&config, &weights(&merged), DType::F32, &Device::Cpu)?;
     let mut adapted =
         UNet2DConditionModel::from_files(&config, &weights(&base), DType::F32, &Device::Cpu)?;
-    let adapter = AdapterFile::read(&adapter_path, &Device::Cpu)?.resolve(&ModelModules {
-        unet: &adapted.adapter_modules(),
-        text_encoder: None,
-    })?;
+    let adapter = AdapterFile::read(&adapter_path, &Device::Cpu)?
+        .resolve(&ModelModules::unet_only(&adapted.adapter_modules()))?;
     adapted.attach_adapter(file, &adapter.unet, weight)?;
     Ok((merged_unet, adapted))
 }

@@ -142,7 +142,7 @@ fn svd_of_two_weighted_adapters_equals_their_fused_sum() -> Result<()> {
                 .expect("two adapters are UNet-only");
             let path = name.strip_suffix(".weight").unwrap();
             let reference = (w - &base[name])?;
-            let ours = deltas[&kohya_name(Component::Unet, path)]
+            let ours = deltas[&kohya_name(Component::Unet, path, false)]
                 .to_dtype(DType::F32)?
                 .reshape(reference.dims())?;
             worst = worst.max(max_abs_diff(&ours, &reference));

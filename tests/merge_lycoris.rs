@@ -177,10 +177,7 @@ fn loha_and_lokr_attached_unmerged_equal_the_merge() -> Result<()> {
         merged(adapter, weight, &out)?;
         let mut attached = load_unet(&base)?;
         let file = AdapterFile::read(&merge_dir().join(adapter), &Device::Cpu)?;
-        let resolved = file.resolve(&ModelModules {
-            unet: &attached.adapter_modules(),
-            text_encoder: None,
-        })?;
+        let resolved = file.resolve(&ModelModules::unet_only(&attached.adapter_modules()))?;
         attached.attach_adapter(adapter, &resolved.unet, weight)?;
         let (ours, reference) = (run(&attached)?, run(&load_unet(&out)?)?);
         let err = max_abs_diff(&ours, &reference);
@@ -285,10 +282,7 @@ fn a_module_set_without_convs_rejects_3x3_locon_modules_pointing_to_lora_merge()
             .join(CFG)
             .join("unet/diffusion_pytorch_model.safetensors")],
     )?;
-    let model = lora_toolkit::core::ModelModules {
-        unet: &unet,
-        text_encoder: None,
-    };
+    let model = lora_toolkit::core::ModelModules::unet_only(&unet);
     let file = lora_toolkit::core::AdapterFile::read(
         &merge_dir().join("adapter_locon.safetensors"),
         &Device::Cpu,
@@ -313,10 +307,7 @@ fn a_locon_file_attached_unmerged_equals_diffusers_fused_weights() -> Result<()>
     let scale = 0.8;
     let modules = UNet2DConditionModel::adapter_modules_of(&config)?;
     let adapter = AdapterFile::read(&merge_dir().join("adapter_locon.safetensors"), &Device::Cpu)?
-        .resolve(&ModelModules {
-            unet: &modules,
-            text_encoder: None,
-        })?;
+        .resolve(&ModelModules::unet_only(&modules))?;
     assert!(adapter.unet.len() >= 6, "{:?}", adapter.unet.keys());
     let mut attached = folder.load_unet(&config, candle_core::DType::F32, &Device::Cpu)?;
     attached.attach_adapter("locon", &adapter.unet, scale)?;
@@ -390,10 +381,7 @@ fn conv_in_adapters_point_to_lora_merge_at_run_time() -> Result<()> {
     candle_core::safetensors::save(&tensors, &path)?;
     let modules = UNet2DConditionModel::adapter_modules_of(&config)?;
     let err = AdapterFile::read(&path, &Device::Cpu)?
-        .resolve(&ModelModules {
-            unet: &modules,
-            text_encoder: None,
-        })
+        .resolve(&ModelModules::unet_only(&modules))
         .unwrap_err();
     let msg = format!("{err:#}");
     assert!(

@@ -2,7 +2,7 @@
 //! `tests/reference/make_sdxl_fixtures.py` (`tests/fixtures/sdxl-tiny/`): the UNet with its added
 //! conditioning (pooled text embedding and micro-conditioning ids) on non-square latents, the
 //! gradients of a LoRA on every transformer Linear and of the pooled embedding, and the prompt
-//! encoding of both text encoders.
+//! encoding of both text encoders, and the whole generation pipeline.
 
 mod common;
 
@@ -12,13 +12,20 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use common::{fixtures, get, max_abs, max_abs_diff, rel_err};
-use lora_toolkit::core::formats::adapter_file::{AdapterFile, ModelModules};
+use lora_toolkit::core::formats::adapter_file::{
+    save_adapter, AdapterFile, AdapterFormat, ModelModules, SaveOptions,
+};
+use lora_toolkit::core::formats::kohya::BaseModelVersion;
 use lora_toolkit::core::io::weights::component_weights;
-use lora_toolkit::core::models::config::{ClipTextConfig, UNetConfig};
+use lora_toolkit::core::models::config::{ClipTextConfig, PredictionType, UNetConfig};
 use lora_toolkit::core::models::sdxl_prompt::SdxlTextEncoders;
-use lora_toolkit::core::models::text_encoder::TextEncoder;
+use lora_toolkit::core::models::text_encoder::{self, TextEncoder};
 use lora_toolkit::core::models::tokenizer::ClipTokenizer;
+use lora_toolkit::core::options::AdapterSpec;
+use lora_toolkit::core::source::ModelFolder;
 use lora_toolkit::core::{AdapterModule, AddedConditioning, LoraModule, UNet2DConditionModel};
+use lora_toolkit::infer::{GenerateOptions, Pipeline, SchedulerKind};
+use lora_toolkit::merge::MergeOptions;
 
 fn sdxl() -> PathBuf {
     fixtures().join("sdxl-tiny")
@@ -105,10 +112,7 @@ fn lora_and_pooled_embedding_gradients_match_pytorch() -> Result<()> {
     let exp = expected()?;
     for checkpointed in [false, true] {
         let mut unet = load_unet()?;
-        let modules = ModelModules {
-            unet: unet.lora_modules(),
-            text_encoder: None,
-        };
+        let modules = ModelModules::unet_only(unet.lora_modules());
         let adapter =
             AdapterFile::read(&sdxl().join("adapter_grad_peft.safetensors"), &Device::Cpu)?
                 .resolve(&modules)?;
@@ -256,6 +260,190 @@ fn prompt_encoding_matches_diffusers_encode_prompt() -> Result<()> {
             max_abs(reference)
         );
         assert!(err <= 1e-5, "{key} differs from diffusers by {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn pipeline_matches_stable_diffusion_xl_pipeline() -> Result<()> {
+    let exp = expected()?;
+    let folder = ModelFolder::open(&sdxl())?;
+    assert!(folder.is_sdxl() && folder.zeros_for_empty_negative());
+    let pipeline = Pipeline::load(&folder, &[], &Device::Cpu, DType::F32, false)?;
+    for (case, negative) in [("pipeline", ""), ("pipeline_negative", "blurry")] {
+        let options = GenerateOptions {
+            prompt: "a red circle on a white background".into(),
+            negative_prompt: negative.into(),
+            steps: 3,
+            guidance: 5.0,
+            scheduler: SchedulerKind::Euler,
+            height: Some(16),
+            width: Some(24),
+            num_images: 2,
+            batch_size: 2,
+            init_latents: Some(get(&exp, "pipeline_init_latents").clone()),
+            ..GenerateOptions::default()
+        };
+        let generated = pipeline.generate(&options)?;
+        let latents_err = max_abs_diff(&generated.latents, get(&exp, &format!("{case}_latents")));
+        // diffusers' output_type "pt" is the decoded image mapped to [0, 1] and clamped.
+        let images = ((generated.images + 1.0)? / 2.0)?.clamp(0.0, 1.0)?;
+        let images_err = max_abs_diff(&images, get(&exp, &format!("{case}_images")));
+        println!("SDXL {case}: final latents max error {latents_err:.3e}, images {images_err:.3e}");
+        assert!(
+            latents_err <= 1e-3,
+            "{case}: latents differ by {latents_err}"
+        );
+        assert!(images_err <= 1e-3, "{case}: images differ by {images_err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn peft_unet_adapter_matches_load_lora_weights_and_merging_sdxl_is_refused() -> Result<()> {
+    let exp = expected()?;
+    let folder = ModelFolder::open(&sdxl())?;
+    let adapter = sdxl().join("adapter_grad_peft.safetensors");
+    let options = GenerateOptions {
+        prompt: "a red circle on a white background".into(),
+        steps: 3,
+        guidance: 5.0,
+        scheduler: SchedulerKind::Euler,
+        height: Some(16),
+        width: Some(24),
+        num_images: 2,
+        batch_size: 2,
+        init_latents: Some(get(&exp, "pipeline_init_latents").clone()),
+        ..GenerateOptions::default()
+    };
+    let reference = get(&exp, "pipeline_lora_latents");
+    for fuse in [false, true] {
+        let spec = AdapterSpec::new(adapter.clone(), 0.8);
+        let pipeline = Pipeline::load(&folder, &[spec], &Device::Cpu, DType::F32, fuse)?;
+        let err = max_abs_diff(&pipeline.generate(&options)?.latents, reference);
+        println!(
+            "SDXL with the PEFT adapter at 0.8 (fused: {fuse}): final latents max error {err:.3e}"
+        );
+        assert!(
+            err <= 1e-3,
+            "fused: {fuse}: latents differ from diffusers by {err}"
+        );
+    }
+
+    let out = tempfile::tempdir()?;
+    let output = out.path().join("merged");
+    let err = lora_toolkit::merge::merge(&MergeOptions {
+        base: sdxl(),
+        adapters: vec![AdapterSpec::new(adapter, 1.0)],
+        output: output.clone(),
+        dtype: None,
+        allow_unmatched: false,
+        allow_nonfinite: false,
+    })
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("an SDXL folder"), "{err:#}");
+    assert!(
+        !output.exists(),
+        "a refused merge wrote {}",
+        output.display()
+    );
+    Ok(())
+}
+
+#[test]
+fn kohya_sdxl_adapter_matches_diffusers_loader() -> Result<()> {
+    let exp = expected()?;
+    let folder = ModelFolder::open(&sdxl())?;
+    let adapter = sdxl().join("adapter_kohya.safetensors");
+    let options = GenerateOptions {
+        prompt: "a red circle on a white background".into(),
+        steps: 3,
+        guidance: 5.0,
+        scheduler: SchedulerKind::Euler,
+        height: Some(16),
+        width: Some(24),
+        num_images: 2,
+        batch_size: 2,
+        init_latents: Some(get(&exp, "pipeline_init_latents").clone()),
+        ..GenerateOptions::default()
+    };
+    let reference = get(&exp, "pipeline_kohya_latents");
+    for fuse in [false, true] {
+        let spec = AdapterSpec::new(adapter.clone(), 1.0);
+        let pipeline = Pipeline::load(&folder, &[spec], &Device::Cpu, DType::F32, fuse)?;
+        let err = max_abs_diff(&pipeline.generate(&options)?.latents, reference);
+        println!("SDXL with the kohya adapter (fused: {fuse}): final latents max error {err:.3e}");
+        assert!(
+            err <= 1e-3,
+            "fused: {fuse}: latents differ from diffusers by {err}"
+        );
+    }
+
+    // Every module of the file resolves: UNet modules by their LDM names, both text encoders.
+    let unet_config = UNetConfig::from_file(&sdxl().join("unet/config.json"))?;
+    let unet_modules = UNet2DConditionModel::adapter_modules_of(&unet_config)?;
+    let te = text_encoder::lora_modules(&folder.text_encoder_config()?);
+    let te2 = text_encoder::lora_modules(&folder.text_encoder_2_config()?);
+    let model = ModelModules {
+        unet: &unet_modules,
+        text_encoder: Some(&te),
+        text_encoder_2: Some(&te2),
+    };
+    let file = AdapterFile::read(&adapter, &Device::Cpu)?;
+    let resolved = file.resolve(&model)?;
+    let counts = (
+        resolved.unet.len(),
+        resolved.text_encoder.len(),
+        resolved.text_encoder_2.len(),
+    );
+    assert_eq!(counts, (192, 18, 18), "modules resolved (UNet, te1, te2)");
+    let inspection = lora_toolkit::merge::inspect(&adapter)?;
+    assert_eq!(
+        (
+            inspection.unet_modules,
+            inspection.text_encoder_modules,
+            inspection.text_encoder_2_modules
+        ),
+        counts,
+        "lora-merge inspect counts"
+    );
+
+    // Written back for an SDXL model, the file numbers both encoders and reads back the same.
+    let out = tempfile::tempdir()?;
+    let written = out.path().join("again.safetensors");
+    let options = SaveOptions {
+        format: AdapterFormat::Kohya,
+        base_model: BaseModelVersion::SdxlBase,
+        prediction: PredictionType::Epsilon,
+        title: None,
+        extra_metadata: Default::default(),
+        lokr_factor: None,
+    };
+    save_adapter(&written, &resolved, &model, &options)?;
+    let again = AdapterFile::read(&written, &Device::Cpu)?;
+    let keys: Vec<String> = again
+        .raw_modules()
+        .iter()
+        .map(|m| m.down_key.clone())
+        .collect();
+    assert!(
+        keys.iter().any(|k| k.starts_with("lora_te1_"))
+            && keys.iter().any(|k| k.starts_with("lora_te2_"))
+    );
+    assert!(
+        !keys.iter().any(|k| k.starts_with("lora_te_")),
+        "SDXL files number the first encoder"
+    );
+    let reread = again.resolve(&model)?;
+    for (ours, theirs) in [
+        (&resolved.unet, &reread.unet),
+        (&resolved.text_encoder, &reread.text_encoder),
+        (&resolved.text_encoder_2, &reread.text_encoder_2),
+    ] {
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            theirs.keys().collect::<Vec<_>>()
+        );
     }
     Ok(())
 }

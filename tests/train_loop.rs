@@ -1250,6 +1250,7 @@ fn the_text_encoder_trains_with_its_own_learning_rate() -> Result<()> {
     let adapter = file.resolve(&lora_core::ModelModules {
         unet: &unet_modules,
         text_encoder: Some(&te_modules),
+        text_encoder_2: None,
     })?;
     assert_eq!(adapter.text_encoder.len(), 12);
 
@@ -1668,10 +1669,7 @@ fn conv_adapters_train_and_load_both_ways() -> Result<()> {
     let folder = ModelFolder::open(&common::fixtures().join("sd1-tiny"))?;
     let unet_config = folder.unet_config()?;
     let modules = UNet2DConditionModel::adapter_modules_of(&unet_config)?;
-    let adapter = file.resolve(&ModelModules {
-        unet: &modules,
-        text_encoder: None,
-    })?;
+    let adapter = file.resolve(&ModelModules::unet_only(&modules))?;
     let mut attached = folder.load_unet(&unet_config, candle_core::DType::F32, &Device::Cpu)?;
     attached.attach_adapter("trained", &adapter.unet, 0.8)?;
     let deltas = lora_core::Adapter::weight_deltas(&adapter.unet, 0.8)?;
@@ -1793,6 +1791,7 @@ fn dora_trains_a_magnitude_per_output_channel() -> Result<()> {
     let adapter = file.resolve(&lora_core::ModelModules {
         unet: unet.lora_modules(),
         text_encoder: Some(&te_modules),
+        text_encoder_2: None,
     })?;
     assert!(!adapter.text_encoder.is_empty());
     let all = adapter.unet.values().chain(adapter.text_encoder.values());

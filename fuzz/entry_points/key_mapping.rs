@@ -22,7 +22,8 @@ pub fn run(data: &[u8]) {
     for (name, shape) in &lines {
         let _ = (parse_kohya_key(name), parse_diffusers_key(name));
         for component in Component::ALL {
-            let _ = kohya_name(component, name);
+            let _ = kohya_name(component, name, false);
+            let _ = kohya_name(component, name, true);
             let _ = module_from_weight(component, name, shape);
             let _ = locon_module_from_weight(component, name, shape);
         }
@@ -55,12 +56,12 @@ fn kohya_lookups(lines: &[(&str, Vec<usize>)]) {
             out_features: 1,
         })
         .collect();
-    let Ok(names) = KohyaNames::new(&modules, &modules) else {
+    let Ok(names) = KohyaNames::new(&modules, &modules, &modules) else {
         return;
     };
     for (name, _) in lines {
         for component in Component::ALL {
-            let _ = names.lookup(&kohya_name(component, name));
+            let _ = names.lookup(&kohya_name(component, name, true));
         }
         let _ = names.lookup(name);
     }

@@ -480,6 +480,7 @@ fn files_to_download(listed: &[&str]) -> Vec<String> {
         ("unet", DIFFUSERS_WEIGHTS_STEM),
         ("vae", DIFFUSERS_WEIGHTS_STEM),
         ("text_encoder", TEXT_ENCODER_WEIGHTS_STEM),
+        ("text_encoder_2", TEXT_ENCODER_WEIGHTS_STEM),
     ] {
         files.push(format!("{dir}/config.json"));
         let full = format!("{dir}/{stem}.safetensors");
@@ -490,8 +491,10 @@ fn files_to_download(listed: &[&str]) -> Vec<String> {
             half
         });
     }
-    files.extend(TOKENIZER_FILES.iter().map(|f| format!("tokenizer/{f}")));
-    // Only what exists: an optional part (vae/, tokenizer/) may be absent, and a missing required
+    for dir in ["tokenizer", "tokenizer_2"] {
+        files.extend(TOKENIZER_FILES.iter().map(|f| format!("{dir}/{f}")));
+    }
+    // Only what exists: an optional part (vae/, tokenizer/, SDXL's second encoder) may be absent, and a missing required
     // file is reported by `ModelFolder::open` with its name.
     files.retain(|f| has(f));
     files
@@ -509,6 +512,9 @@ pub struct ComponentClass {
 pub struct ModelIndex {
     pub pipeline_class: Option<String>,
     pub components: BTreeMap<String, ComponentClass>,
+    /// SDXL pipelines' flag: an empty negative prompt is all-zero embeddings, not the encoding
+    /// of "".
+    pub force_zeros_for_empty_prompt: Option<bool>,
 }
 
 impl ModelIndex {
@@ -534,6 +540,13 @@ impl ModelIndex {
         for (key, entry) in object {
             if key == "_class_name" {
                 index.pipeline_class = entry.as_str().map(str::to_owned);
+                continue;
+            }
+            if key == "force_zeros_for_empty_prompt" {
+                let flag = entry.as_bool().with_context(|| {
+                    format!("model_index.json: `{key}` = {entry}: expected true or false")
+                })?;
+                index.force_zeros_for_empty_prompt = Some(flag);
                 continue;
             }
             // Components are `[library, class]` pairs; other keys (flags, versions) are not.
@@ -604,8 +617,11 @@ pub struct ModelFolder {
     index: Option<ModelIndex>,
     unet_weights: PathBuf,
     text_encoder_weights: PathBuf,
+    /// SDXL's second text encoder (`text_encoder_2/`).
+    text_encoder_2_weights: Option<PathBuf>,
     vae_weights: Option<PathBuf>,
     has_tokenizer: bool,
+    has_tokenizer_2: bool,
     /// `--prediction-type`, replacing the scheduler config's.
     prediction_override: Option<PredictionType>,
     /// What was found and chosen, for the user (see [`ModelFolder::describe`]).
@@ -643,6 +659,16 @@ impl ModelFolder {
         let text_encoder_weights =
             weights::component_weights(&root.join("text_encoder"), TEXT_ENCODER_WEIGHTS_STEM)?;
         require("scheduler/scheduler_config.json")?;
+        let text_encoder_2_weights =
+            if root.join("text_encoder_2").is_dir() || listed("text_encoder_2") {
+                require("text_encoder_2/config.json")?;
+                Some(weights::component_weights(
+                    &root.join("text_encoder_2"),
+                    TEXT_ENCODER_WEIGHTS_STEM,
+                )?)
+            } else {
+                None
+            };
 
         let vae_dir = root.join("vae");
         let vae_weights = if vae_dir.is_dir() || listed("vae") {
@@ -655,11 +681,21 @@ impl ModelFolder {
             None
         };
         let has_tokenizer = root.join("tokenizer").is_dir();
-        ensure!(
-            has_tokenizer || !listed("tokenizer"),
-            "model folder {} is missing tokenizer/, which {MODEL_INDEX} lists",
-            root.display()
-        );
+        let has_tokenizer_2 = root.join("tokenizer_2").is_dir();
+        for (has, name) in [
+            (has_tokenizer, "tokenizer"),
+            (has_tokenizer_2, "tokenizer_2"),
+        ] {
+            ensure!(
+                has || !listed(name),
+                "model folder {} is missing {name}/, which {MODEL_INDEX} lists",
+                root.display()
+            );
+        }
+        let summary = match text_encoder_2_weights {
+            Some(_) => "SDXL diffusers folder (two text encoders)",
+            None => "diffusers folder",
+        };
         Ok(Self {
             root: root.to_path_buf(),
             configs: Configs::Folder(root.to_path_buf()),
@@ -667,10 +703,12 @@ impl ModelFolder {
             index,
             unet_weights,
             text_encoder_weights,
+            text_encoder_2_weights,
             vae_weights,
             has_tokenizer,
+            has_tokenizer_2,
             prediction_override: None,
-            summary: "diffusers folder".to_owned(),
+            summary: summary.to_owned(),
         })
     }
 
@@ -738,8 +776,10 @@ impl ModelFolder {
             index,
             unet_weights: file.to_path_buf(),
             text_encoder_weights: file.to_path_buf(),
+            text_encoder_2_weights: None,
             vae_weights: has_vae.then(|| file.to_path_buf()),
             has_tokenizer,
+            has_tokenizer_2: false,
             prediction_override: None,
             summary,
         };
@@ -819,6 +859,62 @@ impl ModelFolder {
         let vb = file.var_builder(ModelPart::TextEncoder, dtype, device, deltas)?;
         TextEncoder::from_var_builder(vb, config)
             .with_context(|| format!("loading the text encoder of {}", self.root.display()))
+    }
+
+    /// Whether the model is SDXL: it has a second text encoder.
+    pub fn is_sdxl(&self) -> bool {
+        self.text_encoder_2_weights.is_some()
+    }
+
+    /// SDXL's second text encoder's config.
+    pub fn text_encoder_2_config(&self) -> Result<ClipTextConfig> {
+        ensure!(
+            self.is_sdxl(),
+            "{} has no second text encoder (text_encoder_2/): it is not an SDXL model",
+            self.root.display()
+        );
+        ClipTextConfig::from_file(&self.root.join("text_encoder_2/config.json"))
+    }
+
+    /// SDXL's second text encoder, with its projection, `deltas` (keyed `text_model.…`) folded in.
+    pub fn load_text_encoder_2(
+        &self,
+        config: &ClipTextConfig,
+        dtype: DType,
+        device: &Device,
+        deltas: BTreeMap<String, Tensor>,
+    ) -> Result<TextEncoder> {
+        ensure!(
+            self.is_sdxl(),
+            "{} has no second text encoder (text_encoder_2/): it is not an SDXL model",
+            self.root.display()
+        );
+        TextEncoder::load(
+            &self.root.join("text_encoder_2"),
+            config,
+            dtype,
+            device,
+            deltas,
+        )
+    }
+
+    /// SDXL's second tokenizer (`tokenizer_2/`: OpenCLIP's, padding with `!`).
+    pub fn tokenizer_2(&self) -> Result<ClipTokenizer> {
+        let config = self.text_encoder_2_config()?;
+        let dir = self.has_tokenizer_2.then(|| self.root.join("tokenizer_2"));
+        ClipTokenizer::load(dir.as_deref(), &config)
+            .with_context(|| format!("loading the second tokenizer of {}", self.root.display()))
+    }
+
+    /// Whether an empty negative prompt is all-zero embeddings (`force_zeros_for_empty_prompt`,
+    /// true unless `model_index.json` says otherwise, as `StableDiffusionXLPipeline` defaults).
+    pub fn zeros_for_empty_negative(&self) -> bool {
+        self.is_sdxl()
+            && self
+                .index
+                .as_ref()
+                .and_then(|i| i.force_zeros_for_empty_prompt)
+                .unwrap_or(true)
     }
 
     /// The VAE in `dtype`, `None` for pixel-space models.
@@ -1250,6 +1346,9 @@ mod tests {
             "scheduler/scheduler_config.json",
             "tokenizer/vocab.json",
             "tokenizer/merges.txt",
+            "text_encoder_2/config.json",
+            "text_encoder_2/model.fp16.safetensors",
+            "tokenizer_2/special_tokens_map.json",
             "README.md",
         ];
         let files = files_to_download(&listed);
@@ -1262,8 +1361,11 @@ mod tests {
                 "unet/diffusion_pytorch_model.fp16.safetensors",
                 "text_encoder/config.json",
                 "text_encoder/model.safetensors",
+                "text_encoder_2/config.json",
+                "text_encoder_2/model.fp16.safetensors",
                 "tokenizer/vocab.json",
                 "tokenizer/merges.txt",
+                "tokenizer_2/special_tokens_map.json",
             ]
         );
     }

@@ -53,13 +53,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
         adapters: &adapters,
         prompts: &prompts,
         generate: GenerateOptions {
-            steps: args.generation.steps,
-            guidance: args.generation.guidance,
-            scheduler: args.generation.scheduler,
-            width: args.generation.width,
-            height: args.generation.height,
             seed: args.seed,
-            ..GenerateOptions::default()
+            ..args.generation.options_for(&model)
         },
         seeds: args.seeds,
         dtype: args.precision.dtype(),

@@ -1,7 +1,9 @@
-//! lora-infer: text-to-image generation with a Stable Diffusion 1.x/2.x base model and LoRA
-//! adapters, step for step as diffusers' `StableDiffusionPipeline`.
+//! lora-infer: text-to-image generation with a Stable Diffusion 1.x/2.x or SDXL base model and
+//! LoRA adapters, step for step as diffusers' `StableDiffusionPipeline` /
+//! `StableDiffusionXLPipeline`.
 //!
 //! - [`pipeline`]: [`Pipeline::load`] (model folder + adapters), [`Pipeline::generate`].
+//! - [`prompt_encoder`]: the prompt and negative prompt to the UNet's conditioning.
 //! - [`scheduler`]: DDIM, Euler, Euler ancestral, DPM-Solver++(2M), DDPM.
 //! - [`output`]: PNGs with generation metadata, contact sheets, latents files.
 //!
@@ -10,10 +12,12 @@
 pub mod output;
 pub mod pipeline;
 pub mod plot;
+pub mod prompt_encoder;
 pub mod sampling_args;
 pub mod scheduler;
 
 pub use lora_core;
 pub use pipeline::{GenerateOptions, Generated, InitImage, Pipeline, PipelineParts, Progress};
+pub use prompt_encoder::PromptEncoder;
 pub use sampling_args::SamplingArgs;
 pub use scheduler::{Scheduler, SchedulerKind};

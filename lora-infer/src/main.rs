@@ -91,17 +91,13 @@ fn main() -> Result<()> {
     let options = GenerateOptions {
         prompt: cli.prompt.clone(),
         negative_prompt: cli.negative_prompt.clone(),
-        steps: cli.sampling.steps,
-        guidance: cli.sampling.guidance,
-        scheduler: cli.sampling.scheduler,
-        width: cli.sampling.width,
-        height: cli.sampling.height,
         num_images,
         batch_size: cli.batch_size.min(num_images),
         seed,
         init_latents,
         init_image: init_image.map(InitImage::Pixels),
         strength: cli.strength,
+        ..cli.sampling.options_for(&model)
     };
     // Size errors before the (slow) model load.
     let factor = model.vae_config()?.map_or(1, |c| c.vae_scale_factor());
@@ -177,8 +173,8 @@ fn main() -> Result<()> {
         ("prompt".to_owned(), cli.prompt.clone()),
         ("negative_prompt".to_owned(), cli.negative_prompt.clone()),
         ("steps".to_owned(), cli.sampling.steps.to_string()),
-        ("guidance".to_owned(), cli.sampling.guidance.to_string()),
-        ("scheduler".to_owned(), cli.sampling.scheduler.to_string()),
+        ("guidance".to_owned(), options.guidance.to_string()),
+        ("scheduler".to_owned(), options.scheduler.to_string()),
         ("size".to_owned(), format!("{width}x{height}")),
         ("model".to_owned(), cli.base.clone()),
         ("adapters".to_owned(), adapters.clone()),
@@ -203,7 +199,7 @@ fn main() -> Result<()> {
             "parameters".to_owned(),
             format!(
                 "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {seed}, Size: {width}x{height}, Adapters: {adapters}",
-                cli.prompt, cli.negative_prompt, cli.sampling.steps, cli.sampling.scheduler, cli.sampling.guidance
+                cli.prompt, cli.negative_prompt, cli.sampling.steps, options.scheduler, options.guidance
             ),
         );
         output::write_png(path, image, &text)?;

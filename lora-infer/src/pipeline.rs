@@ -1,7 +1,9 @@
 //! Text-to-image generation: the `StableDiffusionPipeline` loop of diffusers (classifier-free
 //! guidance, a scheduler from [`crate::scheduler`]) over lora-core's UNet, text encoder and VAE,
 //! with LoRA adapters applied to the UNet (unmerged at their scale, or fused into the weights)
-//! and folded into the text encoder. img2img ([`InitImage`], `strength`) follows
+//! and folded into the text encoder. For SDXL, `StableDiffusionXLPipeline`'s: two text encoders
+//! ([`PromptEncoder`]), the pooled embedding and the size micro-conditioning (original size =
+//! target size = the image's, no crop) added to the UNet's inputs. img2img ([`InitImage`], `strength`) follows
 //! `StableDiffusionImg2ImgPipeline`: the image's latents noised to the first step kept.
 //!
 //! A model without `vae/` denoises pixels: its final "latents" are the image in [-1, 1].
@@ -12,10 +14,14 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lora_core::models::config::SchedulerConfig;
 use lora_core::models::text_encoder::{self, TextEncoder};
-use lora_core::models::tokenizer::{ClipTokenizer, TokenizedPrompt};
 use lora_core::models::vae::Vae;
 use lora_core::source::ModelFolder;
-use lora_core::{Adapter, AdapterFile, AdapterModules, ModelModules, Rng, UNet2DConditionModel};
+use lora_core::{
+    Adapter, AdapterFile, AdapterModules, AddedConditioning, ModelModules, Rng,
+    UNet2DConditionModel,
+};
+
+use crate::prompt_encoder::{EncodedPrompts, PromptEncoder};
 
 use crate::scheduler::{Scheduler, SchedulerKind};
 use lora_core::options::{AdapterSpec, DeviceSpec, Precision};
@@ -23,8 +29,7 @@ use lora_core::options::{AdapterSpec, DeviceSpec, Precision};
 /// The loaded models, ready to generate.
 pub struct Pipeline {
     unet: UNet2DConditionModel,
-    text_encoder: TextEncoder,
-    tokenizer: ClipTokenizer,
+    text: PromptEncoder,
     vae: Option<Vae>,
     scheduler_config: SchedulerConfig,
     device: Device,
@@ -35,8 +40,7 @@ pub struct Pipeline {
 /// with its UNet and attached, still-training adapter).
 pub struct PipelineParts {
     pub unet: UNet2DConditionModel,
-    pub text_encoder: TextEncoder,
-    pub tokenizer: ClipTokenizer,
+    pub text: PromptEncoder,
     /// `None` for pixel-space models.
     pub vae: Option<Vae>,
     pub scheduler_config: SchedulerConfig,
@@ -156,9 +160,15 @@ impl Pipeline {
         let unet_modules = UNet2DConditionModel::adapter_modules_of(&unet_config)?;
 
         let te_modules = text_encoder::lora_modules(&te_config);
+        let te2_config = model
+            .is_sdxl()
+            .then(|| model.text_encoder_2_config())
+            .transpose()?;
+        let te2_modules = te2_config.as_ref().map(text_encoder::lora_modules);
         let modules = ModelModules {
             unet: &unet_modules,
             text_encoder: Some(&te_modules),
+            text_encoder_2: te2_modules.as_deref(),
         };
         let mut adapter_warnings = Vec::new();
         let resolved: Vec<(&AdapterSpec, Adapter)> = adapters
@@ -202,15 +212,34 @@ impl Pipeline {
             }
         }
 
-        let te_parts = resolved.iter().map(|(s, a)| (&a.text_encoder, s.scale));
-        let (te_folded, te_unmerged) = split_for_folding(te_parts);
-        let mut text_encoder =
-            model.load_text_encoder(&te_config, dtype, device, summed_deltas(te_folded)?)?;
-        for (i, ((spec, _), modules)) in resolved.iter().zip(&te_unmerged).enumerate() {
-            if !modules.is_empty() {
-                text_encoder.attach_adapter(&name(i, spec), modules, spec.scale)?;
+        // Text encoders: plain modules folded in at load, DoRA ones attached.
+        let with_adapters = |part: fn(&Adapter) -> &AdapterModules,
+                             load: &dyn Fn(BTreeMap<String, Tensor>) -> Result<TextEncoder>|
+         -> Result<TextEncoder> {
+            let parts = resolved.iter().map(|(s, a)| (part(a), s.scale));
+            let (folded, unmerged) = split_for_folding(parts);
+            let mut encoder = load(summed_deltas(folded)?)?;
+            for (i, ((spec, _), modules)) in resolved.iter().zip(&unmerged).enumerate() {
+                if !modules.is_empty() {
+                    encoder.attach_adapter(&name(i, spec), modules, spec.scale)?;
+                }
             }
-        }
+            Ok(encoder)
+        };
+        let text_encoder = with_adapters(|a| &a.text_encoder, &|deltas| {
+            model.load_text_encoder(&te_config, dtype, device, deltas)
+        })?;
+        let text = if let Some(config_2) = &te2_config {
+            let text_encoder_2 = with_adapters(|a| &a.text_encoder_2, &|deltas| {
+                model.load_text_encoder_2(config_2, dtype, device, deltas)
+            })?;
+            PromptEncoder::sdxl(model, text_encoder, tokenizer, text_encoder_2)?
+        } else {
+            PromptEncoder::Clip {
+                text_encoder,
+                tokenizer,
+            }
+        };
         let vae = match model.vae_config()? {
             Some(config) => {
                 // diffusers runs VAEs marked force_upcast (SD's) in f32 when the model is f16.
@@ -225,8 +254,7 @@ impl Pipeline {
         };
         let mut pipeline = Self::from_parts(PipelineParts {
             unet,
-            text_encoder,
-            tokenizer,
+            text,
             vae,
             scheduler_config: model.scheduler_config()?,
             device: device.clone(),
@@ -242,11 +270,15 @@ impl Pipeline {
 
     pub fn from_parts(parts: PipelineParts) -> Result<Self> {
         let unet_config = parts.unet.config();
-        let te_width = parts.text_encoder.config().hidden_size;
+        let te_width = parts.text.context_width();
         ensure!(
             te_width == unet_config.cross_attention_dim,
             "the text encoder's hidden size {te_width} differs from the UNet's cross_attention_dim {}",
             unet_config.cross_attention_dim
+        );
+        ensure!(
+            parts.text.has_pooled() == unet_config.text_time.is_some(),
+            "an SDXL UNet needs SDXL's two text encoders, and only it takes them"
         );
         if let Some(vae) = &parts.vae {
             let latent = vae.config().latent_channels;
@@ -259,8 +291,7 @@ impl Pipeline {
         }
         Ok(Self {
             unet: parts.unet,
-            text_encoder: parts.text_encoder,
-            tokenizer: parts.tokenizer,
+            text: parts.text,
             vae: parts.vae,
             scheduler_config: parts.scheduler_config,
             device: parts.device,
@@ -336,13 +367,13 @@ impl Pipeline {
     /// Warnings about the prompts of `options` (the part of a prompt beyond the text encoder's
     /// length is dropped, as diffusers drops it).
     pub fn prompt_warnings(&self, options: &GenerateOptions) -> Vec<String> {
-        let limit = self.tokenizer.max_length() - 2;
+        let limit = self.text.max_prompt_tokens();
         [
             ("prompt", &options.prompt),
             ("negative prompt", &options.negative_prompt),
         ]
         .into_iter()
-        .filter(|(_, text)| self.tokenizer.encode(text).truncated)
+        .filter(|(_, text)| self.text.truncates(text))
         .map(|(what, _)| {
             format!("the {what} is longer than the text encoder's {limit} tokens; the rest was truncated (ignored)")
         })
@@ -390,7 +421,9 @@ impl Pipeline {
             None => None,
         };
         let guided = o.guidance > 1.0;
-        let context = self.encode_prompts(&o.prompt, &o.negative_prompt, guided)?;
+        let prompts = self
+            .text
+            .encode(&o.prompt, &o.negative_prompt, guided, &self.device)?;
         let seeds: Vec<u64> = (0..o.num_images as u64)
             .map(|i| o.seed.wrapping_add(i))
             .collect();
@@ -421,7 +454,8 @@ impl Pipeline {
                 scheduler.as_mut(),
                 first_step,
                 start,
-                &context,
+                &prompts,
+                (height, width),
                 guided.then_some(o.guidance),
                 &mut rngs,
                 &mut |step| {
@@ -530,17 +564,6 @@ impl Pipeline {
         Ok(Tensor::cat(&per_image, 0)?)
     }
 
-    /// `[uncond; cond]` (or just `cond` without guidance) text embeddings, `[1 or 2, seq, dim]`.
-    fn encode_prompts(&self, prompt: &str, negative: &str, guided: bool) -> Result<Tensor> {
-        let mut prompts = Vec::with_capacity(2);
-        if guided {
-            prompts.push(self.tokenizer.encode(negative));
-        }
-        prompts.push(self.tokenizer.encode(prompt));
-        let ids = TokenizedPrompt::batch_tensor(&prompts, &self.device)?;
-        self.text_encoder.forward(&ids)
-    }
-
     /// One standard-normal latent per image, each from its own generator.
     fn per_image_noise(&self, rngs: &mut [Rng], shape: (usize, usize, usize)) -> Result<Tensor> {
         let (c, h, w) = shape;
@@ -553,26 +576,49 @@ impl Pipeline {
 
     /// The sampling loop for one batch, from `latents` (already at the noise level of step
     /// `first_step`) to final latents (f32).
-    /// `guidance`: the classifier-free guidance scale, `None` without guidance (then `context`
-    /// holds only the prompt).
+    /// `guidance`: the classifier-free guidance scale, `None` without guidance (then `prompts`
+    /// hold only the prompt). `size`: the image's (height, width) in pixels, SDXL's
+    /// micro-conditioning.
     #[allow(clippy::too_many_arguments)] // one private call site; a struct would only rename them
     fn denoise(
         &self,
         scheduler: &mut dyn Scheduler,
         first_step: usize,
         mut latents: Tensor,
-        context: &Tensor,
+        prompts: &EncodedPrompts,
+        size: (usize, usize),
         guidance: Option<f64>,
         rngs: &mut [Rng],
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Tensor> {
         let batch = latents.dim(0)?;
-        let (_, seq, dim) = context.dims3()?;
         // [uncond × batch; cond × batch], the order diffusers concatenates them in.
-        let context = context
-            .unsqueeze(1)?
-            .broadcast_as((context.dim(0)?, batch, seq, dim))?
-            .reshape(((), seq, dim))?;
+        let per_image = |t: &Tensor| -> Result<Tensor> {
+            let mut dims = t.dims().to_vec();
+            let rows = dims.remove(0);
+            let mut expanded = vec![rows, batch];
+            expanded.extend_from_slice(&dims);
+            let mut flat = vec![rows * batch];
+            flat.extend_from_slice(&dims);
+            Ok(t.unsqueeze(1)?.broadcast_as(expanded)?.reshape(flat)?)
+        };
+        let context = per_image(&prompts.context)?;
+        let added = match &prompts.pooled {
+            Some(pooled) => {
+                let text_embeds = per_image(pooled)?;
+                let (h, w) = (size.0 as f32, size.1 as f32);
+                let rows = text_embeds.dim(0)?;
+                let time_ids = Tensor::new(&[h, w, 0.0, 0.0, h, w], &self.device)?
+                    .unsqueeze(0)?
+                    .broadcast_as((rows, 6))?
+                    .contiguous()?;
+                Some(AddedConditioning {
+                    text_embeds,
+                    time_ids,
+                })
+            }
+            None => None,
+        };
         let timesteps = scheduler.timesteps().to_vec();
         for (step, &t) in timesteps.iter().enumerate().skip(first_step) {
             let input = if guidance.is_some() {
@@ -584,7 +630,7 @@ impl Pipeline {
             let t = Tensor::new(t as f32, &self.device)?;
             let output = self
                 .unet
-                .forward(&input, &t, &context)?
+                .forward_conditioned(&input, &t, &context, added.as_ref())?
                 .to_dtype(DType::F32)?;
             let output = match guidance {
                 Some(scale) => {

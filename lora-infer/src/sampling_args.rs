@@ -2,23 +2,53 @@
 //! compare`), as one clap argument group so each flag is spelled and documented once.
 
 use clap::Args;
+use lora_core::source::ModelFolder;
 
-use crate::SchedulerKind;
+use crate::{GenerateOptions, SchedulerKind};
+
+/// SDXL's pipeline default guidance (diffusers' `StableDiffusionXLPipeline`).
+const SDXL_GUIDANCE: f64 = 5.0;
+/// `StableDiffusionPipeline`'s.
+const SD_GUIDANCE: f64 = 7.5;
 
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
     /// Denoising steps.
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
-    /// Classifier-free guidance scale (≤ 1 turns guidance off).
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
-    /// ddim, euler, euler-a, dpm++2m or ddpm, over the model's noise schedule.
-    #[arg(long, default_value = "ddim")]
-    pub scheduler: SchedulerKind,
+    /// Classifier-free guidance scale (≤ 1 turns guidance off) [default: 5 for SDXL, 7.5
+    /// otherwise, as diffusers' pipelines].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// ddim, euler, euler-a, dpm++2m or ddpm, over the model's noise schedule [default: euler
+    /// for SDXL, as its pipeline ships, ddim otherwise].
+    #[arg(long)]
+    pub scheduler: Option<SchedulerKind>,
     /// Image width in pixels (default: the model's sample size × the VAE factor).
     #[arg(long)]
     pub width: Option<usize>,
     #[arg(long)]
     pub height: Option<usize>,
+}
+
+impl SamplingArgs {
+    /// The generation options these flags give for `model`, defaults filled in for its kind;
+    /// the rest of the options at their defaults.
+    pub fn options_for(&self, model: &ModelFolder) -> GenerateOptions {
+        let sdxl = model.is_sdxl();
+        GenerateOptions {
+            steps: self.steps,
+            guidance: self
+                .guidance
+                .unwrap_or(if sdxl { SDXL_GUIDANCE } else { SD_GUIDANCE }),
+            scheduler: self.scheduler.unwrap_or(if sdxl {
+                SchedulerKind::Euler
+            } else {
+                SchedulerKind::Ddim
+            }),
+            width: self.width,
+            height: self.height,
+            ..GenerateOptions::default()
+        }
+    }
 }

@@ -262,6 +262,14 @@ impl BaseModel {
 }
 
 fn diffusers_files(dir: &Path) -> Result<Vec<WeightFile>> {
+    // Merging would drop SDXL's second text encoder (or merge nothing into it): refused until
+    // lora-merge reads it.
+    ensure!(
+        !dir.join("text_encoder_2").is_dir(),
+        "{}: an SDXL folder (text_encoder_2/); lora-merge does not merge into SDXL models yet — \
+         generate with the adapter unmerged instead (lora-infer --lora)",
+        dir.display()
+    );
     let mut files = Vec::new();
     for part in ModelPart::ALL {
         let sub = dir.join(part.folder());

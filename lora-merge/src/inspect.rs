@@ -21,6 +21,8 @@ pub struct Inspection {
     pub base_model: Option<String>,
     pub unet_modules: usize,
     pub text_encoder_modules: usize,
+    /// SDXL's second text encoder (`lora_te2_`, `text_encoder_2.`).
+    pub text_encoder_2_modules: usize,
     /// Rank → number of modules.
     pub ranks: BTreeMap<usize, usize>,
     /// Alpha (as printed) → number of modules.
@@ -85,6 +87,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         base_model: base_model(&metadata),
         unet_modules: 0,
         text_encoder_modules: 0,
+        text_encoder_2_modules: 0,
         ranks: BTreeMap::new(),
         alphas: BTreeMap::new(),
         targets: BTreeSet::new(),
@@ -94,6 +97,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         match component {
             Component::Unet => inspection.unet_modules += 1,
             Component::TextEncoder => inspection.text_encoder_modules += 1,
+            Component::TextEncoder2 => inspection.text_encoder_2_modules += 1,
         }
         *inspection.ranks.entry(rank).or_default() += 1;
         *inspection.alphas.entry(alpha).or_default() += 1;
@@ -146,7 +150,11 @@ impl Inspection {
             "path": self.path,
             "format": self.format,
             "base_model": self.base_model,
-            "modules": {"unet": self.unet_modules, "text_encoder": self.text_encoder_modules},
+            "modules": {
+                "unet": self.unet_modules,
+                "text_encoder": self.text_encoder_modules,
+                "text_encoder_2": self.text_encoder_2_modules,
+            },
             "ranks": self.ranks,
             "alphas": self.alphas,
             "targets": self.targets,
@@ -174,10 +182,14 @@ impl Inspection {
             "base model: {}",
             shortened(self.base_model.as_deref().unwrap_or("not recorded"), 80)
         );
+        let second = match self.text_encoder_2_modules {
+            0 => String::new(),
+            n => format!(", {n} second text encoder"),
+        };
         let _ = writeln!(
             text,
-            "modules:    {} ({} UNet, {} text encoder)",
-            self.unet_modules + self.text_encoder_modules,
+            "modules:    {} ({} UNet, {} text encoder{second})",
+            self.unet_modules + self.text_encoder_modules + self.text_encoder_2_modules,
             self.unet_modules,
             self.text_encoder_modules
         );

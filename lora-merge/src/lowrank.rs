@@ -181,7 +181,7 @@ pub fn extract(
             }
             let svd = Svd::of(to_matrix(&diff)?)?;
             let k = rank.min(svd.singular.len());
-            let name = kohya_name(*component, &info.path);
+            let name = kohya_name(*component, &info.path, false);
             let kernel = (info.kind == ModuleKind::Conv1x1).then_some((1, 1));
             let full_rank = info.in_features.min(info.out_features);
             Ok(Some(refactored(name, kernel, &svd, k, full_rank)))
@@ -191,7 +191,7 @@ pub fn extract(
         .iter()
         .zip(&results)
         .filter(|(_, r)| r.is_none())
-        .map(|((c, _, info), _)| kohya_name(*c, &info.path))
+        .map(|((c, _, info), _)| kohya_name(*c, &info.path, false))
         .collect();
     let results: Vec<_> = results.into_iter().flatten().collect();
     ensure!(
@@ -296,12 +296,19 @@ struct InputModule {
 fn read_modules(path: &Path) -> Result<Vec<InputModule>> {
     let file = AdapterFile::read(path, &Device::Cpu)?;
     let four_d = four_d_keys(path)?;
+    // An SDXL adapter (it has second-text-encoder modules) keeps `lora_te1_` for the first.
+    let sdxl = file
+        .raw_modules()
+        .iter()
+        .any(|raw| raw.component == Component::TextEncoder2);
     file.raw_modules()
         .iter()
         .map(|raw| {
             let name = match file.format() {
-                AdapterFormat::Kohya => format!("{}{}", raw.component.kohya_prefix(), raw.name),
-                AdapterFormat::Peft => kohya_name(raw.component, &raw.name),
+                AdapterFormat::Kohya => {
+                    format!("{}{}", raw.component.kohya_prefix_for(sdxl), raw.name)
+                }
+                AdapterFormat::Peft => kohya_name(raw.component, &raw.name, sdxl),
             };
             // A DoRA module's magnitude belongs to its base weight and its own ΔW: no rank
             // change or sum of ΔWs keeps it meaningful.

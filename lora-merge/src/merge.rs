@@ -150,6 +150,7 @@ pub fn merge_converting(
     let model = ModelModules {
         unet: &unet,
         text_encoder: Some(&te),
+        text_encoder_2: None,
     };
     let mut report = MergeReport::default();
     let mut contributions = Contributions::new();

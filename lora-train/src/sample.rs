@@ -26,7 +26,7 @@ use lora_eval::frechet::{frechet_distance, GaussianStats};
 use lora_eval::stats::FeatureSet;
 use lora_infer::output::{to_images8, write_png, Image8};
 use lora_infer::plot::labelled_grid;
-use lora_infer::{GenerateOptions, Pipeline, PipelineParts};
+use lora_infer::{GenerateOptions, Pipeline, PipelineParts, PromptEncoder};
 use serde::Serialize;
 
 use crate::config::SampleConfig;
@@ -148,8 +148,10 @@ impl Sampler {
         let vae = model.load_vae(DType::F32, device)?;
         let pipeline = Pipeline::from_parts(PipelineParts {
             unet,
-            text_encoder,
-            tokenizer: model.tokenizer()?,
+            text: PromptEncoder::Clip {
+                text_encoder,
+                tokenizer: model.tokenizer()?,
+            },
             vae,
             scheduler_config: model.scheduler_config()?,
             device: device.clone(),

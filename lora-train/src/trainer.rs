@@ -203,6 +203,12 @@ impl Trainer {
         }
         .open(|copy| on_prepare(Preparation::PickleCopy(copy)))?;
         on_prepare(Preparation::Base(&model));
+        ensure!(
+            !model.is_sdxl(),
+            "{}: an SDXL model; lora-train does not train SDXL adapters yet (lora-infer generates \
+             with SDXL and its PEFT/diffusers UNet adapters)",
+            model.root().display()
+        );
         let unet_config = model.unet_config()?;
         if config.resolution_from_model {
             if let Some(side) = model.native_resolution()? {
@@ -902,6 +908,7 @@ impl Trainer {
             &ModelModules {
                 unet: &self.unet.adapter_modules(),
                 text_encoder: self.text_encoder.as_ref().map(TextEncoder::lora_modules),
+                text_encoder_2: None,
             },
             &SaveOptions {
                 format: c.format,

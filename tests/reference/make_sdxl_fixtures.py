@@ -15,7 +15,12 @@ Recorded in tests/fixtures/sdxl-tiny/expected.safetensors (all values from diffu
 - grad_*: gradients of a PEFT LoRA on every transformer Linear of the UNet and of the pooled text
   embedding, for a squared-error loss;
 - prompt_embeds / pooled_prompt_embeds (and their negatives, empty and non-empty) from
-  `StableDiffusionXLPipeline.encode_prompt`, with both tokenizers' ids.
+  `StableDiffusionXLPipeline.encode_prompt`, with both tokenizers' ids;
+- pipeline_*: the whole StableDiffusionXLPipeline (Euler, CFG) from given latents, with no negative
+  prompt (zeros) and with one: final latents and images; with the PEFT adapter loaded by
+  `load_lora_weights`; and with a kohya SDXL adapter (adapter_kohya.safetensors: LDM UNet names,
+  lora_te1_ / lora_te2_ text-encoder modules, written here) that diffusers' loader injects
+  completely, with the prompt embeddings it gives.
 
 Usage: python tests/reference/make_sdxl_fixtures.py [--out tests/fixtures]
 """
@@ -50,6 +55,7 @@ from transformers import (  # noqa: E402
 
 from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
 from peft import LoraConfig  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
 
 from make_fixtures import (  # noqa: E402
     EXPECTED_SKS_IDS,
@@ -70,6 +76,11 @@ NEGATIVES = ["blurry", "a dark photo"]
 TE1 = dict(hidden=16, layers=3, act="quick_gelu")
 TE2 = dict(hidden=24, layers=3, act="gelu", projection=20)
 TIME_DIM = 8
+# The pipeline case: (height, width) in pixels, Euler steps, guidance scale.
+PIPELINE_SIZE = (16, 24)
+PIPELINE_STEPS = 3
+PIPELINE_GUIDANCE = 5.0
+LORA_SCALE = 0.8
 
 
 def text_config(t, pad_token_id):
@@ -164,6 +175,68 @@ def transformer_linears(unet):
              for cname, cmod in tmod.named_modules() if isinstance(cmod, torch.nn.Linear)]
     assert any(".transformer_blocks.1." in n for n in names) and any(n.endswith("proj_in") for n in names)
     return names
+
+
+def sdxl_ldm_path(path: str) -> str:
+    """The single-file (SGM) name of an SDXL UNet transformer module, as kohya names SDXL LoRAs:
+    two resnets per block, so each down block takes three input_blocks rows (the first is conv_in)
+    and each up block three output_blocks rows."""
+    parts = path.split(".")
+    if parts[0] == "down_blocks" and parts[2] == "attentions":
+        row = 3 * int(parts[1]) + int(parts[3]) + 1
+        return ".".join(["input_blocks", str(row), "1", *parts[4:]])
+    if parts[0] == "up_blocks" and parts[2] == "attentions":
+        row = 3 * int(parts[1]) + int(parts[3])
+        return ".".join(["output_blocks", str(row), "1", *parts[4:]])
+    if parts[0] == "mid_block" and parts[1] == "attentions":
+        return ".".join(["middle_block", "1", *parts[3:]])
+    raise ValueError(path)
+
+
+KOHYA_RANK = 4
+KOHYA_ALPHA = {"lora_unet": 2.0, "lora_te1": 4.0, "lora_te2": 3.0}
+
+
+def te_lora_modules(te):
+    return [n for n, m in te.named_modules() if isinstance(m, torch.nn.Linear)
+            and any(n.endswith(s) for s in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"))]
+
+
+def kohya_sdxl_adapter(unet_modules_of, te, te2, unet_modules):
+    """Random LoRA tensors for every UNet transformer Linear (LDM names) and every attention/MLP
+    Linear of both text encoders, as a kohya SDXL file has them."""
+    named = {"lora_unet": dict(unet_modules_of.named_modules()), "lora_te1": dict(te.named_modules()),
+             "lora_te2": dict(te2.named_modules())}
+    targets = [("lora_unet", p, sdxl_ldm_path(p)) for p in unet_modules]
+    for prefix, model in (("lora_te1", te), ("lora_te2", te2)):
+        targets += [(prefix, p, p if p.startswith("text_model.") else f"text_model.{p}") for p in te_lora_modules(model)]
+    tensors = {}
+    for prefix, path, spelled in targets:
+        m = named[prefix][path]
+        name = f"{prefix}_{spelled.replace('.', '_')}"
+        tensors[f"{name}.lora_down.weight"] = torch.randn(KOHYA_RANK, m.in_features) / m.in_features ** 0.5
+        tensors[f"{name}.lora_up.weight"] = 0.3 * torch.randn(m.out_features, KOHYA_RANK) / KOHYA_RANK ** 0.5
+        tensors[f"{name}.alpha"] = torch.tensor(KOHYA_ALPHA[prefix])
+    return tensors
+
+
+def check_kohya_loaded(pipe, kohya):
+    """Every module of the file was injected by diffusers with its weights and alpha / rank."""
+    expected = {prefix: sum(1 for k in kohya if k.startswith(prefix) and k.endswith(".alpha"))
+                for prefix in KOHYA_ALPHA}
+    for prefix, model in (("lora_unet", pipe.unet), ("lora_te1", pipe.text_encoder), ("lora_te2", pipe.text_encoder_2)):
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer) and "kohya" in m.lora_A]
+        assert len(layers) == expected[prefix], (prefix, len(layers), expected[prefix])
+        downs = {tuple(t.shape): None for k, t in kohya.items() if k.startswith(prefix) and "lora_down" in k}
+        for m in layers:
+            assert tuple(m.lora_A["kohya"].weight.shape) in downs
+            assert abs(m.scaling["kohya"] - KOHYA_ALPHA[prefix] / KOHYA_RANK) < 1e-12, (prefix, m.scaling)
+    # The weights themselves: diffusers holds each down matrix of the file somewhere.
+    held = [m.lora_A["kohya"].weight for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+            for m in model.modules() if isinstance(m, LoraLayer) and "kohya" in m.lora_A]
+    for k, t in kohya.items():
+        if "lora_down" in k:
+            assert any(h.shape == t.shape and torch.equal(h, t) for h in held), k
 
 
 def unet_forward(unet, sample, timestep, ehs, text_embeds, time_ids):
@@ -277,6 +350,53 @@ def generate(out_root: Path):
                negative_pooled_prompt_embeds=nppe2)
     log(f"  prompt_embeds {tuple(pe.shape)}, pooled {tuple(ppe.shape)}")
 
+    # -- the whole pipeline: Euler, guidance 5, two images, from given latents --------
+    init_latents = torch.randn(2, 4, PIPELINE_SIZE[0] // 2, PIPELINE_SIZE[1] // 2)
+    exp["pipeline_init_latents"] = init_latents
+    for case, negative in (("pipeline", None), ("pipeline_negative", NEGATIVES[0])):
+        common = dict(prompt=PROMPTS[0], negative_prompt=negative, height=PIPELINE_SIZE[0],
+                      width=PIPELINE_SIZE[1], num_inference_steps=PIPELINE_STEPS, guidance_scale=PIPELINE_GUIDANCE,
+                      num_images_per_prompt=2)
+        with torch.no_grad():
+            latents = pipe(**common, latents=init_latents.clone(), output_type="latent").images
+            images = pipe(**common, latents=init_latents.clone(), output_type="pt").images
+        assert torch.isfinite(latents).all() and torch.isfinite(images).all()
+        exp[f"{case}_latents"] = latents
+        exp[f"{case}_images"] = images
+        log(f"  {case}: latents std {latents.std():.3f}, images in [{images.min():.3f}, {images.max():.3f}]")
+    assert (exp["pipeline_latents"] - exp["pipeline_negative_latents"]).abs().max() > 1e-3
+
+    # -- the PEFT UNet adapter through diffusers' SDXL loader, at scale 0.8 ---------------
+    pipe.load_lora_weights(str(folder), weight_name="adapter_grad_peft.safetensors", adapter_name="grad")
+    pipe.set_adapters(["grad"], adapter_weights=[LORA_SCALE])
+    check_injected(pipe.unet, "grad", modules)
+    common = dict(prompt=PROMPTS[0], height=PIPELINE_SIZE[0], width=PIPELINE_SIZE[1],
+                  num_inference_steps=PIPELINE_STEPS, guidance_scale=PIPELINE_GUIDANCE, num_images_per_prompt=2)
+    with torch.no_grad():
+        exp["pipeline_lora_latents"] = pipe(**common, latents=init_latents.clone(), output_type="latent").images
+    effect = (exp["pipeline_lora_latents"] - exp["pipeline_latents"]).abs().max()
+    assert effect > 1e-2, effect
+    log(f"  pipeline_lora: the adapter moves the latents by {effect:.3f}")
+    pipe.unload_lora_weights()
+
+    # -- a kohya SDXL adapter (LDM UNet names, lora_te1_ / lora_te2_) through diffusers' loader -----
+    kohya = kohya_sdxl_adapter(unet, pipe.text_encoder, pipe.text_encoder_2, modules)
+    kohya_path = folder / "adapter_kohya.safetensors"
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(kohya_path),
+              metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"})
+    pipe.load_lora_weights(str(folder), weight_name=kohya_path.name, adapter_name="kohya")
+    check_kohya_loaded(pipe, kohya)
+    with torch.no_grad():
+        exp["pipeline_kohya_latents"] = pipe(**common, latents=init_latents.clone(), output_type="latent").images
+        kohya_pe, _, kohya_ppe, _ = pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=True)
+    exp["kohya_prompt_embeds"], exp["kohya_pooled_prompt_embeds"] = kohya_pe, kohya_ppe
+    effect = (exp["pipeline_kohya_latents"] - exp["pipeline_latents"]).abs().max()
+    te_effect = (kohya_pe - exp["prompt_embeds"]).abs().max()
+    assert effect > 1e-2 and te_effect > 1e-2, (effect, te_effect)
+    log(f"  pipeline_kohya: moves the latents by {effect:.3f}, the prompt embeddings by {te_effect:.3f}")
+    pipe.unload_lora_weights()
+
     out = {k: (v if k.endswith("input_ids") else v.float()).detach().contiguous() for k, v in exp.items()}
     save_file(out, str(folder / "expected.safetensors"), metadata={"format": "pt"})
     meta = {
@@ -285,6 +405,14 @@ def generate(out_root: Path):
         "versions": versions(),
         "prompts": PROMPTS,
         "negative_prompts": NEGATIVES,
+        "pipeline": {"prompt": PROMPTS[0], "negative_prompt": [None, NEGATIVES[0]], "height": PIPELINE_SIZE[0],
+                     "width": PIPELINE_SIZE[1], "steps": PIPELINE_STEPS, "guidance": PIPELINE_GUIDANCE,
+                     "num_images_per_prompt": 2, "scheduler": "EulerDiscreteScheduler (the folder's)",
+                     "outputs": "pipeline*_latents: output_type='latent'; pipeline*_images: output_type='pt' (in [0, 1])",
+                     "lora": f"pipeline_lora_latents: adapter_grad_peft.safetensors through load_lora_weights at {LORA_SCALE}, "
+                             "no negative prompt",
+                     "kohya": "pipeline_kohya_latents, kohya_(pooled_)prompt_embeds: adapter_kohya.safetensors at 1.0 "
+                              f"(rank {KOHYA_RANK}, alphas {KOHYA_ALPHA})"},
         "adapters": {"grad": {"preset": "attn-mlp", "r": 4, "lora_alpha": 8,
                               "loss": "((unet_out - grad_target)**2).mean()",
                               "also": "grad_text_embeds: d loss / d text_embeds"}},

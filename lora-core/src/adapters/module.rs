@@ -230,12 +230,14 @@ impl AdapterModule {
 /// Modules by path, of one component.
 pub type AdapterModules = BTreeMap<String, AdapterModule>;
 
-/// A whole adapter: its modules for the UNet and the text encoder. Module keys are paths as in
-/// [`ModuleInfo::path`].
+/// A whole adapter: its modules for the UNet and the text encoder(s). Module keys are paths as
+/// in [`ModuleInfo::path`].
 #[derive(Debug, Clone, Default)]
 pub struct Adapter {
     pub unet: AdapterModules,
     pub text_encoder: AdapterModules,
+    /// SDXL's second text encoder (`lora_te2_`, `text_encoder_2.`).
+    pub text_encoder_2: AdapterModules,
 }
 
 /// Trainable adapter variables, in a stable order (by module path, down before up).
@@ -275,7 +277,7 @@ impl Adapter {
         Ok(TrainableAdapter {
             adapter: Adapter {
                 unet,
-                text_encoder: BTreeMap::new(),
+                ..Adapter::default()
             },
             vars,
         })

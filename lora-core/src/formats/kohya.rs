@@ -17,6 +17,8 @@ use crate::models::config::{ClipActivation, ClipTextConfig, PredictionType};
 pub enum BaseModelVersion {
     SdV1,
     SdV2,
+    /// SDXL base 1.0 (kohya: `sdxl_base_v1-0`).
+    SdxlBase,
 }
 
 impl BaseModelVersion {
@@ -233,16 +235,16 @@ pub fn model_metadata(
 ) -> BTreeMap<String, String> {
     let v2 = base == BaseModelVersion::SdV2;
     let v_pred = prediction == PredictionType::VPrediction;
-    let base_version = match (v2, v_pred) {
-        (false, false) => "sd_v1",
-        (true, false) => "sd_v2",
-        (false, true) => "sd_v1_v",
-        (true, true) => "sd_v2_v",
-    };
-    let (architecture, resolution) = match (v2, v_pred) {
-        (false, _) => ("stable-diffusion-v1/lora", "512x512"),
-        (true, false) => ("stable-diffusion-v2-512/lora", "512x512"),
-        (true, true) => ("stable-diffusion-v2-768-v/lora", "768x768"),
+    let (base_version, architecture, resolution) = match (base, v_pred) {
+        (BaseModelVersion::SdV1, false) => ("sd_v1", "stable-diffusion-v1/lora", "512x512"),
+        (BaseModelVersion::SdV1, true) => ("sd_v1_v", "stable-diffusion-v1/lora", "512x512"),
+        (BaseModelVersion::SdV2, false) => ("sd_v2", "stable-diffusion-v2-512/lora", "512x512"),
+        (BaseModelVersion::SdV2, true) => ("sd_v2_v", "stable-diffusion-v2-768-v/lora", "768x768"),
+        (BaseModelVersion::SdxlBase, _) => (
+            "sdxl_base_v1-0",
+            "stable-diffusion-xl-v1-base/lora",
+            "1024x1024",
+        ),
     };
     let fields = [
         ("ss_base_model_version", base_version.to_string()),

@@ -210,11 +210,11 @@ pub(crate) fn peft_metadata(entries: &[OutputModule]) -> BTreeMap<String, String
         // the model), whereas the full name would match nothing in the latter.
         let path = |e: &OutputModule| {
             let full = component.canonical_path(&e.info.path);
-            match component {
-                Component::TextEncoder => full
+            match component.is_text_encoder() {
+                true => full
                     .strip_prefix("text_model.")
                     .map_or(full.clone(), str::to_string),
-                Component::Unet => full,
+                false => full,
             }
         };
         let rank_pattern: serde_json::Map<String, Value> = modules

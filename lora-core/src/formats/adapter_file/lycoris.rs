@@ -36,11 +36,9 @@ pub(super) fn read_modules(
     let mut unsupported = Vec::new();
     let mut unknown = Vec::new();
     for (key, tensor) in tensors {
-        let component = Component::ALL
-            .into_iter()
-            .find(|c| key.starts_with(c.kohya_prefix()));
-        let split = key.split_once('.');
-        let (Some(component), Some((name, suffix))) = (component, split) else {
+        let split = Component::split_kohya_key(key)
+            .and_then(|(component, rest)| Some((component, rest.split_once('.')?)));
+        let Some((component, (name, suffix))) = split else {
             unknown.push(key.clone());
             continue;
         };
@@ -58,7 +56,7 @@ pub(super) fn read_modules(
             unknown.push(key.clone());
             continue;
         }
-        let name = name[component.kohya_prefix().len()..].to_string();
+        let name = name.to_string();
         groups
             .entry((component, name))
             .or_default()

@@ -19,12 +19,12 @@ use std::str::FromStr;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::keys::{kohya_name, Component, KohyaNames};
+use super::keys::{Component, KohyaNamer, KohyaNames};
 use super::kohya::{self, BaseModelVersion, KohyaModule};
 use super::peft::{self, peft_configs};
 use super::OutputModule;
 use crate::adapters::lycoris::LycorisModule;
-use crate::adapters::{Adapter, AdapterModule, LoraModule, ModuleInfo, ModuleKind};
+use crate::adapters::{Adapter, AdapterModule, AdapterModules, LoraModule, ModuleInfo, ModuleKind};
 use crate::io::{read_safetensors, write_safetensors_atomic, SafetensorsContents};
 use crate::models::config::PredictionType;
 
@@ -122,18 +122,59 @@ pub struct ModelModules<'a> {
     /// [`AdapterFile::has_text_encoder`] to warn) and an error when writing. `Some` makes every
     /// text-encoder module of a file resolve or fail.
     pub text_encoder: Option<&'a [ModuleInfo]>,
+    /// SDXL's second text encoder, as `text_encoder`; `None` for other models too.
+    pub text_encoder_2: Option<&'a [ModuleInfo]>,
 }
 
 impl<'a> ModelModules<'a> {
+    /// A model's UNet modules alone: text-encoder modules of a file are skipped.
+    pub fn unet_only(unet: &'a [ModuleInfo]) -> Self {
+        Self {
+            unet,
+            text_encoder: None,
+            text_encoder_2: None,
+        }
+    }
+
+    /// The modules of `component`, `None` for a text encoder the caller does not apply.
+    pub fn of(&self, component: Component) -> Option<&'a [ModuleInfo]> {
+        match component {
+            Component::Unet => Some(self.unet),
+            Component::TextEncoder => self.text_encoder,
+            Component::TextEncoder2 => self.text_encoder_2,
+        }
+    }
+
+    /// Whether the model is SDXL's (it has a second text encoder): kohya files then name the
+    /// first one `lora_te1_`.
+    pub fn is_sdxl(&self) -> bool {
+        self.text_encoder_2.is_some()
+    }
+
     /// The module at `path` (text-encoder paths compared with the `text_model.` level).
     pub fn find(&self, component: Component, path: &str) -> Option<&'a ModuleInfo> {
         let canonical = component.canonical_path(path);
-        let list = match component {
-            Component::Unet => self.unet,
-            Component::TextEncoder => self.text_encoder.unwrap_or_default(),
-        };
-        list.iter()
+        self.of(component)
+            .unwrap_or_default()
+            .iter()
             .find(|m| component.canonical_path(&m.path) == canonical)
+    }
+}
+
+/// The modules of `component` in `adapter`.
+pub fn component_modules(adapter: &Adapter, component: Component) -> &AdapterModules {
+    match component {
+        Component::Unet => &adapter.unet,
+        Component::TextEncoder => &adapter.text_encoder,
+        Component::TextEncoder2 => &adapter.text_encoder_2,
+    }
+}
+
+fn component_modules_mut(adapter: &mut Adapter, component: Component) -> &mut AdapterModules {
+    match component {
+        Component::Unet => &mut adapter.unet,
+        Component::TextEncoder => &mut adapter.text_encoder,
+        Component::TextEncoder2 => &mut adapter.text_encoder_2,
     }
 }
 
@@ -271,10 +312,11 @@ impl AdapterFile {
         )
     }
 
+    /// Whether the file has modules for a text encoder (either of SDXL's).
     pub fn has_text_encoder(&self) -> bool {
         let lora = self.modules.iter().map(|m| m.component);
         lora.chain(self.lycoris.keys().map(|(c, _)| *c))
-            .any(|c| c == Component::TextEncoder)
+            .any(Component::is_text_encoder)
     }
 
     /// Maps every module of the file onto `model`'s modules and checks its shapes. Fails listing
@@ -316,7 +358,9 @@ impl AdapterFile {
             );
         }
         ensure!(
-            !adapter.unet.is_empty() || !adapter.text_encoder.is_empty(),
+            Component::ALL
+                .iter()
+                .any(|&c| !component_modules(&adapter, c).is_empty()),
             "{}: no module applies (the file holds only text-encoder modules and no text encoder was given)",
             self.path.display()
         );
@@ -326,9 +370,11 @@ impl AdapterFile {
     /// The modules of the file that fit `model`, and a message for each that does not.
     fn match_modules(&self, model: &ModelModules) -> Result<(Adapter, Vec<Problem>)> {
         let kohya_names = match self.format {
-            AdapterFormat::Kohya => {
-                KohyaNames::new(model.unet, model.text_encoder.unwrap_or_default())?
-            }
+            AdapterFormat::Kohya => KohyaNames::new(
+                model.unet,
+                model.text_encoder.unwrap_or_default(),
+                model.text_encoder_2.unwrap_or_default(),
+            )?,
             AdapterFormat::Peft => KohyaNames::default(),
         };
         let mut adapter = Adapter::default();
@@ -338,7 +384,7 @@ impl AdapterFile {
             text,
         };
         for raw in &self.modules {
-            if raw.component == Component::TextEncoder && model.text_encoder.is_none() {
+            if model.of(raw.component).is_none() {
                 continue;
             }
             let Some(info) = self.target_of(raw, model, &kohya_names) else {
@@ -354,10 +400,7 @@ impl AdapterFile {
                 problems.push(misfit(format!("`{}`: {e}", raw.down_key)));
                 continue;
             }
-            let target = match raw.component {
-                Component::Unet => &mut adapter.unet,
-                Component::TextEncoder => &mut adapter.text_encoder,
-            };
+            let target = component_modules_mut(&mut adapter, raw.component);
             if target.insert(info.path.clone(), lora.into()).is_some() {
                 problems.push(misfit(format!(
                     "`{}`: module {} is given more than once",
@@ -366,7 +409,7 @@ impl AdapterFile {
             }
         }
         for ((component, name), module) in &self.lycoris {
-            if *component == Component::TextEncoder && model.text_encoder.is_none() {
+            if model.of(*component).is_none() {
                 continue;
             }
             let full = format!("{}{name}", component.kohya_prefix());
@@ -382,10 +425,7 @@ impl AdapterFile {
                 problems.push(misfit(format!("`{full}`: {e}")));
                 continue;
             }
-            let target = match component {
-                Component::Unet => &mut adapter.unet,
-                Component::TextEncoder => &mut adapter.text_encoder,
-            };
+            let target = component_modules_mut(&mut adapter, *component);
             let module = AdapterModule::Lycoris(module.clone());
             if target.insert(info.path.clone(), module).is_some() {
                 problems.push(misfit(format!(
@@ -536,8 +576,9 @@ pub fn save_adapter(
         AdapterFormat::Kohya => {
             let mut lora = Vec::new();
             let mut lycoris = Vec::new();
+            let namer = KohyaNamer::new(model.unet, model.is_sdxl());
             for e in &entries {
-                let name = kohya_name(e.component, &e.info.path);
+                let name = namer.name(e.component, &e.info.path);
                 match e.module {
                     AdapterModule::Lora(m) => lora.push(KohyaModule {
                         name,
@@ -594,13 +635,10 @@ fn match_entries<'a>(
     adapter: &'a Adapter,
     model: &'a ModelModules,
 ) -> Result<Vec<OutputModule<'a>>> {
-    let all = [
-        (Component::Unet, &adapter.unet),
-        (Component::TextEncoder, &adapter.text_encoder),
-    ];
     let mut entries = Vec::new();
     let mut problems = Vec::new();
-    for (component, modules) in all {
+    for component in Component::ALL {
+        let modules = component_modules(adapter, component);
         for (path, lora) in modules {
             let Some(info) = model.find(component, path) else {
                 problems.push(format!(

@@ -64,13 +64,11 @@ impl Model {
         ModelModules {
             unet: &self.unet,
             text_encoder: Some(&self.te),
+            text_encoder_2: None,
         }
     }
     fn unet_only(&self) -> ModelModules<'_> {
-        ModelModules {
-            unet: &self.unet,
-            text_encoder: None,
-        }
+        ModelModules::unet_only(&self.unet)
     }
 }
 
@@ -585,6 +583,7 @@ fn models_without_the_text_model_level_still_resolve() -> Result<()> {
     let resolved = AdapterFile::read(&path, &Device::Cpu)?.resolve(&ModelModules {
         unet: &model.unet,
         text_encoder: Some(&te5),
+        text_encoder_2: None,
     })?;
     assert!(resolved
         .text_encoder
@@ -613,6 +612,7 @@ fn text_encoder_modules_are_skipped_only_when_no_text_encoder_is_given() -> Resu
         .resolve(&ModelModules {
             unet: &model.unet,
             text_encoder: Some(fewer_te),
+            text_encoder_2: None,
         })
         .unwrap_err();
     let msg = err.to_string();
@@ -894,10 +894,7 @@ fn conv_3x3_adapters_resolve_only_against_conv_modules() -> Result<()> {
     // The runtime UNet enumerates no 3×3 conv: a clear error, even when unmatched modules
     // would only be warned about.
     let unet = unet_modules();
-    let runtime = ModelModules {
-        unet: &unet,
-        text_encoder: None,
-    };
+    let runtime = ModelModules::unet_only(&unet);
     for msg in [
         format!("{:#}", file.resolve(&runtime).unwrap_err()),
         format!(
@@ -918,10 +915,7 @@ fn conv_3x3_adapters_resolve_only_against_conv_modules() -> Result<()> {
         in_features: 72,
         out_features: 4,
     });
-    let model = ModelModules {
-        unet: &wide,
-        text_encoder: None,
-    };
+    let model = ModelModules::unet_only(&wide);
     let adapter = file.resolve(&model)?;
     assert_eq!(adapter.unet[conv].delta_weight()?.dims(), [4, 72]);
     // Saved again, the kernel shapes come back.
@@ -939,10 +933,7 @@ fn conv_3x3_adapters_resolve_only_against_conv_modules() -> Result<()> {
     // A 3×3 adapter on a module the model has as Linear is a misfit naming both.
     let mut linear = unet_modules();
     linear.push(info(conv, ModuleKind::Linear, 72, 4));
-    let model = ModelModules {
-        unet: &linear,
-        text_encoder: None,
-    };
+    let model = ModelModules::unet_only(&linear);
     let msg = format!("{:#}", file.resolve(&model).unwrap_err());
     assert!(msg.contains("is for a 3×3 conv"), "{msg}");
     Ok(())
@@ -996,6 +987,7 @@ fn reference_fixtures_resolve_against_the_fixture_model() -> Result<()> {
     let model = ModelModules {
         unet: &unet,
         text_encoder: Some(&te),
+        text_encoder_2: None,
     };
     assert_eq!((unet.len(), te.len()), (84, 12));
 

@@ -8,9 +8,12 @@
 //! Two adapter layouts are understood:
 //! - kohya/A1111: `lora_unet_` / `lora_te_` + the path with `.` replaced by `_`. Flattening loses
 //!   information (real names contain `_`), so flattened names are only ever *matched* against the
-//!   flattened names of enumerated modules ([`KohyaNames`]), never split apart.
-//! - diffusers/PEFT: `unet.` / `text_encoder.` + the path, in several historical spellings that
-//!   [`parse_diffusers_key`] maps back to the path.
+//!   flattened names of enumerated modules ([`KohyaNames`]), never split apart. SDXL files name
+//!   the two text encoders `lora_te1_` / `lora_te2_` and the UNet by its LDM (single-file) paths
+//!   (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q`), which [`KohyaNames`] indexes
+//!   beside the diffusers spelling.
+//! - diffusers/PEFT: `unet.` / `text_encoder.` / `text_encoder_2.` + the path, in several
+//!   historical spellings that [`parse_diffusers_key`] maps back to the path.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -24,18 +27,45 @@ use crate::adapters::{ModuleInfo, ModuleKind};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Component {
     Unet,
+    /// The (first) text encoder: SD's only one, SDXL's CLIP ViT-L.
     TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG).
+    TextEncoder2,
 }
 
-impl Component {
-    pub const ALL: [Component; 2] = [Self::Unet, Self::TextEncoder];
+/// The prefix SDXL kohya files give the first text encoder; read as [`Component::TextEncoder`].
+const KOHYA_SDXL_TE1_PREFIX: &str = "lora_te1_";
 
-    /// Prefix of kohya key names, separator included (`lora_unet_`).
+impl Component {
+    pub const ALL: [Component; 3] = [Self::Unet, Self::TextEncoder, Self::TextEncoder2];
+
+    /// Prefix of kohya key names, separator included (`lora_unet_`), as SD 1.x/2.x files have it
+    /// (see [`Self::kohya_prefix_for`]).
     pub fn kohya_prefix(self) -> &'static str {
         match self {
             Self::Unet => "lora_unet_",
             Self::TextEncoder => "lora_te_",
+            Self::TextEncoder2 => "lora_te2_",
         }
+    }
+
+    /// The kohya prefix written for a model with (`sdxl`) or without a second text encoder:
+    /// SDXL files number the first one (`lora_te1_`).
+    pub fn kohya_prefix_for(self, sdxl: bool) -> &'static str {
+        match self {
+            Self::TextEncoder if sdxl => KOHYA_SDXL_TE1_PREFIX,
+            _ => self.kohya_prefix(),
+        }
+    }
+
+    /// The component and the rest of a kohya key (`lora_te1_` read as the first text encoder).
+    pub fn split_kohya_key(key: &str) -> Option<(Self, &str)> {
+        if let Some(rest) = key.strip_prefix(KOHYA_SDXL_TE1_PREFIX) {
+            return Some((Self::TextEncoder, rest));
+        }
+        Self::ALL
+            .into_iter()
+            .find_map(|c| Some((c, key.strip_prefix(c.kohya_prefix())?)))
     }
 
     /// Prefix of diffusers/PEFT keys and of `lora_adapter_metadata` entries, separator included
@@ -44,15 +74,22 @@ impl Component {
         match self {
             Self::Unet => "unet.",
             Self::TextEncoder => "text_encoder.",
+            Self::TextEncoder2 => "text_encoder_2.",
         }
+    }
+
+    /// Whether this is a text encoder (either of SDXL's).
+    pub fn is_text_encoder(self) -> bool {
+        self != Self::Unet
     }
 
     /// The path as adapters name it: text-encoder paths gain the `text_model.` level if the
     /// model (transformers ≥ 5) or the file left it out; UNet paths are unchanged.
     pub fn canonical_path(self, path: &str) -> String {
-        match self {
-            Self::TextEncoder if !path.starts_with(TEXT_MODEL) => format!("{TEXT_MODEL}{path}"),
-            _ => path.to_string(),
+        if self.is_text_encoder() && !path.starts_with(TEXT_MODEL) {
+            format!("{TEXT_MODEL}{path}")
+        } else {
+            path.to_string()
         }
     }
 }
@@ -62,6 +99,7 @@ impl fmt::Display for Component {
         f.write_str(match self {
             Self::Unet => "UNet",
             Self::TextEncoder => "text encoder",
+            Self::TextEncoder2 => "second text encoder",
         })
     }
 }
@@ -103,13 +141,46 @@ pub fn kohya_flatten(path: &str) -> String {
     path.replace('.', "_")
 }
 
-/// The full kohya module name (`lora_unet_…`, `lora_te_text_model_…`) of a module path.
-pub fn kohya_name(component: Component, path: &str) -> String {
+/// The full kohya module name (`lora_unet_…`, `lora_te_text_model_…`; `lora_te1_…` for
+/// `sdxl`) of a module path, UNet modules in their diffusers spelling (see [`KohyaNamer`] for
+/// SDXL files' UNet names).
+pub fn kohya_name(component: Component, path: &str, sdxl: bool) -> String {
     format!(
         "{}{}",
-        component.kohya_prefix(),
+        component.kohya_prefix_for(sdxl),
         kohya_flatten(&component.canonical_path(path))
     )
+}
+
+/// Names modules as kohya's sd-scripts writes them: for SDXL the UNet by its LDM paths
+/// (`lora_unet_input_blocks_4_1_…`, what sd-scripts' SDXL UNet is built with, so what its own
+/// loader matches) and the text encoders `lora_te1_` / `lora_te2_`; for SD 1.x/2.x as
+/// [`kohya_name`].
+pub struct KohyaNamer {
+    /// `Some` for SDXL.
+    ldm: Option<LdmUnetPaths>,
+}
+
+impl KohyaNamer {
+    /// `unet`: the model's UNet modules, whose numbering the LDM paths follow.
+    pub fn new(unet: &[ModuleInfo], sdxl: bool) -> Self {
+        Self {
+            ldm: sdxl.then(|| LdmUnetPaths::of(unet)).flatten(),
+        }
+    }
+
+    pub fn name(&self, component: Component, path: &str) -> String {
+        let sdxl = self.ldm.is_some();
+        match (component, &self.ldm) {
+            (Component::Unet, Some(ldm)) => match ldm.path(path) {
+                Some(ldm_path) => {
+                    format!("{}{}", component.kohya_prefix(), kohya_flatten(&ldm_path))
+                }
+                None => kohya_name(component, path, sdxl),
+            },
+            _ => kohya_name(component, path, sdxl),
+        }
+    }
 }
 
 /// Prefixes that mark a file as kohya-layout; diffusers' loader uses the same test.
@@ -117,19 +188,11 @@ pub const KOHYA_PREFIXES: [&str; 4] = ["lora_unet_", "lora_te_", "lora_te1_", "l
 
 /// Parses a key of a kohya-layout file (`<lora_name>.<suffix>`).
 pub fn parse_kohya_key(key: &str) -> ParsedKey {
-    if key.starts_with("lora_te1_") || key.starts_with("lora_te2_") {
-        return ParsedKey::Unsupported {
-            what: "SDXL (two text encoders, lora_te1_/lora_te2_)",
-        };
-    }
-    let Some(component) = Component::ALL
-        .into_iter()
-        .find(|c| key.starts_with(c.kohya_prefix()))
-    else {
+    let Some((component, rest)) = Component::split_kohya_key(key) else {
         return ParsedKey::Unknown;
     };
     // Flattened names contain no `.`, so the first one starts the suffix.
-    let Some((name, suffix)) = key[component.kohya_prefix().len()..].split_once('.') else {
+    let Some((name, suffix)) = rest.split_once('.') else {
         return ParsedKey::Unknown;
     };
     let role = match suffix {
@@ -286,13 +349,13 @@ fn old_processor_path(component: Component, spelled: &str) -> Option<String> {
     let (parent, last) = spelled.rsplit_once('.')?;
     let projection = last.strip_suffix("_lora")?;
     let parent = parent.strip_suffix(".processor").unwrap_or(parent);
-    let child = match (component, projection) {
-        (Component::Unet, "to_q" | "to_k" | "to_v") => projection,
-        (Component::Unet, "to_out") => "to_out.0",
-        (Component::TextEncoder, "to_q") => "q_proj",
-        (Component::TextEncoder, "to_k") => "k_proj",
-        (Component::TextEncoder, "to_v") => "v_proj",
-        (Component::TextEncoder, "to_out") => "out_proj",
+    let child = match (component.is_text_encoder(), projection) {
+        (false, "to_q" | "to_k" | "to_v") => projection,
+        (false, "to_out") => "to_out.0",
+        (true, "to_q") => "q_proj",
+        (true, "to_k") => "k_proj",
+        (true, "to_v") => "v_proj",
+        (true, "to_out") => "out_proj",
         _ => return None,
     };
     Some(format!("{parent}.{child}"))
@@ -308,26 +371,43 @@ pub struct KohyaNames {
 }
 
 impl KohyaNames {
-    /// Fails if two modules flatten to the same name: matching would then be ambiguous.
-    pub fn new(unet: &[ModuleInfo], text_encoder: &[ModuleInfo]) -> Result<Self> {
+    /// Indexes the modules of each component: UNet modules under their diffusers spelling and,
+    /// where [`ldm_unet_path`] gives one, their LDM spelling (SDXL kohya files); text-encoder
+    /// modules with and without the `text_model.` level. Fails if two modules flatten to the same
+    /// name: matching would then be ambiguous.
+    pub fn new(
+        unet: &[ModuleInfo],
+        text_encoder: &[ModuleInfo],
+        text_encoder_2: &[ModuleInfo],
+    ) -> Result<Self> {
         let mut names = Self::default();
+        let unet_prefix = Component::Unet.kohya_prefix();
+        let ldm = LdmUnetPaths::of(unet);
         for info in unet {
             names.insert(
-                kohya_name(Component::Unet, &info.path),
+                format!("{unet_prefix}{}", kohya_flatten(&info.path)),
                 Component::Unet,
                 &info.path,
             )?;
+            if let Some(ldm_path) = ldm.as_ref().and_then(|l| l.path(&info.path)) {
+                names.insert(
+                    format!("{unet_prefix}{}", kohya_flatten(&ldm_path)),
+                    Component::Unet,
+                    &info.path,
+                )?;
+            }
         }
-        for info in text_encoder {
-            let canonical = Component::TextEncoder.canonical_path(&info.path);
-            let without_level = &canonical[TEXT_MODEL.len()..];
-            for spelled in [canonical.as_str(), without_level] {
-                let name = format!(
-                    "{}{}",
-                    Component::TextEncoder.kohya_prefix(),
-                    kohya_flatten(spelled)
-                );
-                names.insert(name, Component::TextEncoder, &info.path)?;
+        for (component, modules) in [
+            (Component::TextEncoder, text_encoder),
+            (Component::TextEncoder2, text_encoder_2),
+        ] {
+            for info in modules {
+                let canonical = component.canonical_path(&info.path);
+                let without_level = &canonical[TEXT_MODEL.len()..];
+                for spelled in [canonical.as_str(), without_level] {
+                    let name = format!("{}{}", component.kohya_prefix(), kohya_flatten(spelled));
+                    names.insert(name, component, &info.path)?;
+                }
             }
         }
         Ok(names)
@@ -350,6 +430,114 @@ impl KohyaNames {
     }
 }
 
+/// The LDM (single-file, `input_blocks`/`middle_block`/`output_blocks`) paths of a UNet's
+/// modules, as SDXL kohya files name them. The numbering follows from the UNet's layers per
+/// block and which up blocks have attentions, both read off the module list.
+struct LdmUnetPaths {
+    /// Resnets per down block (up blocks have one more).
+    layers: usize,
+    /// Up blocks with attentions: their upsampler is the row's third child, not its second.
+    up_with_attention: Vec<usize>,
+}
+
+impl LdmUnetPaths {
+    /// `None` when the list has no down-block attentions or resnets to count layers from.
+    fn of(unet: &[ModuleInfo]) -> Option<Self> {
+        let index_after = |path: &str, head: &str| -> Option<usize> {
+            let rest = path.split_once(head)?.1;
+            rest.split('.').next()?.parse().ok()
+        };
+        let layers = unet
+            .iter()
+            .filter(|m| m.path.starts_with("down_blocks."))
+            .filter_map(|m| {
+                index_after(&m.path, ".attentions.").or(index_after(&m.path, ".resnets."))
+            })
+            .max()?
+            .checked_add(1)?;
+        let mut up_with_attention: Vec<usize> = unet
+            .iter()
+            .filter(|m| m.path.contains(".attentions."))
+            .filter_map(|m| index_after(&m.path, "up_blocks."))
+            .collect();
+        up_with_attention.sort_unstable();
+        up_with_attention.dedup();
+        Some(Self {
+            layers,
+            up_with_attention,
+        })
+    }
+
+    /// The LDM path of diffusers module path `path`, if it is in a block LDM numbers (`None`
+    /// too for indices whose row would overflow).
+    fn path(&self, path: &str) -> Option<String> {
+        let parts: Vec<&str> = path.splitn(5, '.').collect();
+        let rows = self.layers.checked_add(1)?;
+        let index = |s: &str| s.parse::<usize>().ok();
+        // `rows · block + offset`, the row of a block's child.
+        let row = |block: usize, offset: usize| rows.checked_mul(block)?.checked_add(offset);
+        let (row, child, rest) = match parts.as_slice() {
+            ["down_blocks", b, kind, j, rest] => {
+                let (b, j) = (index(b)?, index(j)?);
+                let row_of_layer = row(b, j.checked_add(1)?);
+                match *kind {
+                    "resnets" => (format!("input_blocks.{}", row_of_layer?), "0", *rest),
+                    "attentions" => (format!("input_blocks.{}", row_of_layer?), "1", *rest),
+                    // The stride-2 conv is the row's `op`.
+                    "downsamplers" if j == 0 && *rest == "conv" => {
+                        return Some(format!("input_blocks.{}.0.op", row(b.checked_add(1)?, 0)?));
+                    }
+                    _ => return None,
+                }
+            }
+            ["up_blocks", b, kind, j, rest] => {
+                let (b, j) = (index(b)?, index(j)?);
+                match *kind {
+                    "resnets" => (format!("output_blocks.{}", row(b, j)?), "0", *rest),
+                    "attentions" => (format!("output_blocks.{}", row(b, j)?), "1", *rest),
+                    "upsamplers" if j == 0 => {
+                        let child = if self.up_with_attention.contains(&b) {
+                            "2"
+                        } else {
+                            "1"
+                        };
+                        (
+                            format!("output_blocks.{}", row(b, self.layers)?),
+                            child,
+                            *rest,
+                        )
+                    }
+                    _ => return None,
+                }
+            }
+            ["mid_block", kind, j, rest @ ..] => {
+                let child = match (*kind, index(j)?) {
+                    ("resnets", 0) => "0",
+                    ("attentions", 0) => "1",
+                    ("resnets", 1) => "2",
+                    _ => return None,
+                };
+                let rest = rest.join(".");
+                return Some(format!("middle_block.{child}.{}", ldm_child(&rest)));
+            }
+            _ => return None,
+        };
+        Some(format!("{row}.{child}.{}", ldm_child(rest)))
+    }
+}
+
+/// The LDM name of a module inside a resnet, upsampler or transformer model: resnets rename
+/// their layers, the others keep theirs.
+fn ldm_child(rest: &str) -> &str {
+    match rest {
+        "conv1" => "in_layers.2",
+        "conv2" => "out_layers.3",
+        "time_emb_proj" => "emb_layers.1",
+        "conv_shortcut" => "skip_connection",
+        _ => rest,
+    }
+}
+
 /// The adaptable module a weight tensor belongs to, judged from its name and shape alone: the
 /// modules kohya targets by default (its "attn-mlp" preset).
 /// - UNet: every Linear (2-D weight) and 1×1 conv (`[out, in, 1, 1]`) inside the transformer
@@ -359,7 +547,7 @@ pub fn module_from_weight(component: Component, name: &str, shape: &[usize]) -> 
     let path = name.strip_suffix(".weight")?;
     let selected = match component {
         Component::Unet => path.contains(".attentions."),
-        Component::TextEncoder => {
+        Component::TextEncoder | Component::TextEncoder2 => {
             const CHILDREN: [&str; 6] = [
                 "self_attn.q_proj",
                 "self_attn.k_proj",

@@ -95,20 +95,133 @@ fn locon_modules_add_resnet_and_sampler_convs_only_for_the_merge_set() {
 #[test]
 fn kohya_names_flatten_paths_with_prefix() {
     assert_eq!(
-        kohya_name(Component::Unet, TO_Q),
+        kohya_name(Component::Unet, TO_Q, false),
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"
     );
     assert_eq!(
-        kohya_name(Component::TextEncoder, "encoder.layers.0.self_attn.q_proj"),
+        kohya_name(
+            Component::TextEncoder,
+            "encoder.layers.0.self_attn.q_proj",
+            false
+        ),
         "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     );
+    // SDXL numbers its text encoders.
+    assert_eq!(
+        kohya_name(Component::TextEncoder, "encoder.layers.0.mlp.fc1", true),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    );
+    assert_eq!(
+        kohya_name(Component::TextEncoder2, "encoder.layers.0.mlp.fc1", true),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    );
+}
+
+#[test]
+fn sdxl_kohya_keys_name_both_text_encoders() {
+    for (key, component) in [
+        (
+            "lora_te1_text_model_x.lora_down.weight",
+            Component::TextEncoder,
+        ),
+        (
+            "lora_te_text_model_x.lora_down.weight",
+            Component::TextEncoder,
+        ),
+        (
+            "lora_te2_text_model_x.lora_down.weight",
+            Component::TextEncoder2,
+        ),
+    ] {
+        assert_eq!(
+            parse_kohya_key(key),
+            ParsedKey::Lora {
+                component,
+                module: "text_model_x".into(),
+                role: Role::Down
+            },
+            "{key}"
+        );
+    }
+    assert_eq!(
+        parse_diffusers_key("text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight"),
+        ParsedKey::Lora {
+            component: Component::TextEncoder2,
+            module: "text_model.encoder.layers.0.mlp.fc1".into(),
+            role: Role::Down
+        }
+    );
+}
+
+/// SDXL's UNet (two layers per block, a plain first block) as kohya names it in LDM terms,
+/// checked against the numbering of SDXL single files (`input_blocks.4.1` is `down_blocks.1`'s
+/// first transformer model, `output_blocks.2.1` the first up block's upsampler).
+#[test]
+fn sdxl_unet_modules_are_found_by_their_ldm_names() -> Result<()> {
+    let paths = [
+        (
+            "down_blocks.0.resnets.1.conv1",
+            "input_blocks_2_0_in_layers_2",
+        ),
+        ("down_blocks.0.downsamplers.0.conv", "input_blocks_3_0_op"),
+        (
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q",
+            "input_blocks_4_1_transformer_blocks_0_attn2_to_q",
+        ),
+        (
+            "down_blocks.2.attentions.1.proj_in",
+            "input_blocks_8_1_proj_in",
+        ),
+        (
+            "down_blocks.1.resnets.0.conv_shortcut",
+            "input_blocks_4_0_skip_connection",
+        ),
+        (
+            "mid_block.attentions.0.transformer_blocks.9.ff.net.2",
+            "middle_block_1_transformer_blocks_9_ff_net_2",
+        ),
+        (
+            "mid_block.resnets.1.time_emb_proj",
+            "middle_block_2_emb_layers_1",
+        ),
+        (
+            "up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_out.0",
+            "output_blocks_2_1_transformer_blocks_0_attn1_to_out_0",
+        ),
+        ("up_blocks.0.upsamplers.0.conv", "output_blocks_2_2_conv"),
+        ("up_blocks.1.upsamplers.0.conv", "output_blocks_5_2_conv"),
+        (
+            "up_blocks.2.resnets.2.conv2",
+            "output_blocks_8_0_out_layers_3",
+        ),
+    ];
+    let mut unet: Vec<ModuleInfo> = paths.iter().map(|(p, _)| linear(p)).collect();
+    // The layers per block are read off the down blocks' attentions, which up blocks have
+    // attentions off theirs.
+    unet.push(linear("down_blocks.1.attentions.1.proj_out"));
+    unet.push(linear("up_blocks.1.attentions.0.proj_in"));
+    // Up block 2 (SDXL's last) has no attention: its upsampler would be child 1, but it has none.
+    let names = KohyaNames::new(&unet, &[], &[])?;
+    for (path, ldm) in paths {
+        assert_eq!(
+            names.lookup(&format!("lora_unet_{ldm}")),
+            Some((Component::Unet, path)),
+            "{ldm}"
+        );
+        // The diffusers spelling still resolves.
+        assert_eq!(
+            names.lookup(&kohya_name(Component::Unet, path, true)),
+            Some((Component::Unet, path))
+        );
+    }
+    Ok(())
 }
 
 #[test]
 fn kohya_lookup_matches_enumerated_modules_only() -> Result<()> {
     let unet = [linear(TO_Q), linear("mid_block.attentions.0.proj_in")];
     let te = [linear("text_model.encoder.layers.0.mlp.fc1")];
-    let names = KohyaNames::new(&unet, &te)?;
+    let names = KohyaNames::new(&unet, &te, &[])?;
     assert_eq!(
         names.lookup("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"),
         Some((Component::Unet, TO_Q))
@@ -139,13 +252,13 @@ fn kohya_lookup_matches_enumerated_modules_only() -> Result<()> {
 
 #[test]
 fn kohya_index_rejects_names_that_collide_after_flattening() {
-    let err = KohyaNames::new(&[linear("a.b_c"), linear("a_b.c")], &[]).unwrap_err();
+    let err = KohyaNames::new(&[linear("a.b_c"), linear("a_b.c")], &[], &[]).unwrap_err();
     assert!(err.to_string().contains("lora_unet_a_b_c"), "{err}");
 }
 
 #[test]
 fn transformers_5_text_encoder_paths_are_indexed_canonically() -> Result<()> {
-    let names = KohyaNames::new(&[], &[linear("encoder.layers.3.self_attn.v_proj")])?;
+    let names = KohyaNames::new(&[], &[linear("encoder.layers.3.self_attn.v_proj")], &[])?;
     assert_eq!(
         names.lookup("lora_te_text_model_encoder_layers_3_self_attn_v_proj"),
         Some((Component::TextEncoder, "encoder.layers.3.self_attn.v_proj"))
@@ -203,7 +316,6 @@ fn non_lora_algorithms_are_named() {
         ("lora_unet_x.oft_blocks", "OFT"),
         ("lora_unet_x.diff_b", "diff"),
         ("lora_unet_x.a1.weight", "GLoRA"),
-        ("lora_te1_text_model_x.lora_down.weight", "SDXL"),
     ];
     for (key, algorithm) in cases {
         match parse_kohya_key(key) {
