@@ -57,7 +57,7 @@ fn main() -> Result<()> {
     let mut run = || -> Result<()> {
         let mut done = 0;
         for image in dataset.images() {
-            let pixels = image_to_tensor(
+            let (pixels, _) = image_to_tensor(
                 &image?,
                 (resolution, resolution),
                 Crop::Center,

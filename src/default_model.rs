@@ -351,7 +351,7 @@ pub fn build(
         }
         let x = Tensor::stack(&pixels, 0)?.to_device(device)?;
         let context = Tensor::stack(&contexts, 0)?;
-        let loss = denoising_loss(&unet, &schedule, None, 0.0, &x, &context, &mut rng)?;
+        let loss = denoising_loss(&unet, &schedule, None, 0.0, &x, &context, None, &mut rng)?;
         let value = f64::from(loss.to_scalar::<f32>()?);
         ensure!(
             value.is_finite(),

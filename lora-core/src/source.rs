@@ -39,6 +39,8 @@ use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::Vae;
 
 const MODEL_INDEX: &str = "model_index.json";
+/// What SDXL's second tokenizer (OpenCLIP's) pads with.
+const SDXL_SECOND_PAD_TOKEN: &str = "!";
 /// Weights file stem of the diffusers components (unet/, vae/).
 const DIFFUSERS_WEIGHTS_STEM: &str = "diffusion_pytorch_model";
 const TEXT_ENCODER_WEIGHTS_STEM: &str = "model";
@@ -898,11 +900,15 @@ impl ModelFolder {
         )
     }
 
-    /// SDXL's second tokenizer (`tokenizer_2/`: OpenCLIP's, padding with `!`).
+    /// SDXL's second tokenizer (`tokenizer_2/`: OpenCLIP's, padding with `!`; without the
+    /// folder the embedded vocabulary padding with `!`, not the config's stale `pad_token_id`).
     pub fn tokenizer_2(&self) -> Result<ClipTokenizer> {
         let config = self.text_encoder_2_config()?;
-        let dir = self.has_tokenizer_2.then(|| self.root.join("tokenizer_2"));
-        ClipTokenizer::load(dir.as_deref(), &config)
+        let tokenizer = match self.has_tokenizer_2 {
+            true => ClipTokenizer::load(Some(&self.root.join("tokenizer_2")), &config),
+            false => ClipTokenizer::embedded(&config, SDXL_SECOND_PAD_TOKEN),
+        };
+        tokenizer
             .with_context(|| format!("loading the second tokenizer of {}", self.root.display()))
     }
 

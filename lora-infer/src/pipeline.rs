@@ -87,6 +87,21 @@ pub enum InitImage {
     Latents(Tensor),
 }
 
+impl GenerateOptions {
+    /// The defaults of diffusers' pipeline for the model: Euler and guidance 5 for SDXL (as
+    /// `StableDiffusionXLPipeline` ships), DDIM and 7.5 otherwise ([`Default`]).
+    pub fn for_model(sdxl: bool) -> Self {
+        match sdxl {
+            true => Self {
+                guidance: 5.0,
+                scheduler: SchedulerKind::Euler,
+                ..Self::default()
+            },
+            false => Self::default(),
+        }
+    }
+}
+
 impl Default for GenerateOptions {
     fn default() -> Self {
         Self {
@@ -273,7 +288,7 @@ impl Pipeline {
         let te_width = parts.text.context_width();
         ensure!(
             te_width == unet_config.cross_attention_dim,
-            "the text encoder's hidden size {te_width} differs from the UNet's cross_attention_dim {}",
+            "the text encoders' hidden width {te_width} differs from the UNet's cross_attention_dim {}",
             unet_config.cross_attention_dim
         );
         ensure!(
@@ -301,6 +316,11 @@ impl Pipeline {
 
     pub fn unet(&self) -> &UNet2DConditionModel {
         &self.unet
+    }
+
+    /// Whether the model is SDXL (two text encoders, added conditioning).
+    pub fn is_sdxl(&self) -> bool {
+        self.text.has_pooled()
     }
 
     /// For attaching or detaching adapters between generations.

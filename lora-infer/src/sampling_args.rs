@@ -6,11 +6,6 @@ use lora_core::source::ModelFolder;
 
 use crate::{GenerateOptions, SchedulerKind};
 
-/// SDXL's pipeline default guidance (diffusers' `StableDiffusionXLPipeline`).
-const SDXL_GUIDANCE: f64 = 5.0;
-/// `StableDiffusionPipeline`'s.
-const SD_GUIDANCE: f64 = 7.5;
-
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
     /// Denoising steps.
@@ -35,20 +30,14 @@ impl SamplingArgs {
     /// The generation options these flags give for `model`, defaults filled in for its kind;
     /// the rest of the options at their defaults.
     pub fn options_for(&self, model: &ModelFolder) -> GenerateOptions {
-        let sdxl = model.is_sdxl();
+        let defaults = GenerateOptions::for_model(model.is_sdxl());
         GenerateOptions {
             steps: self.steps,
-            guidance: self
-                .guidance
-                .unwrap_or(if sdxl { SDXL_GUIDANCE } else { SD_GUIDANCE }),
-            scheduler: self.scheduler.unwrap_or(if sdxl {
-                SchedulerKind::Euler
-            } else {
-                SchedulerKind::Ddim
-            }),
+            guidance: self.guidance.unwrap_or(defaults.guidance),
+            scheduler: self.scheduler.unwrap_or(defaults.scheduler),
             width: self.width,
             height: self.height,
-            ..GenerateOptions::default()
+            ..defaults
         }
     }
 }

@@ -296,11 +296,8 @@ struct InputModule {
 fn read_modules(path: &Path) -> Result<Vec<InputModule>> {
     let file = AdapterFile::read(path, &Device::Cpu)?;
     let four_d = four_d_keys(path)?;
-    // An SDXL adapter (it has second-text-encoder modules) keeps `lora_te1_` for the first.
-    let sdxl = file
-        .raw_modules()
-        .iter()
-        .any(|raw| raw.component == Component::TextEncoder2);
+    // An SDXL adapter keeps `lora_te1_` for the first text encoder.
+    let sdxl = file.is_sdxl();
     file.raw_modules()
         .iter()
         .map(|raw| {

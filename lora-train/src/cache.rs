@@ -9,6 +9,10 @@
 //! encoder runs once. Random crops change the pixels every time, so with `--random-crop` the
 //! decoded images are kept instead and the VAE runs per sample.
 //!
+//! For SDXL each caption is encoded by both text encoders (the context and the pooled
+//! embedding), and each sample carries its size and crop micro-conditioning ([`SdxlSample`]),
+//! as diffusers' and kohya's SDXL scripts give them.
+//!
 //! The cache lives in memory; both encoders are tiny next to the UNet's training cost.
 
 use std::collections::BTreeMap;
@@ -18,14 +22,15 @@ use std::path::PathBuf;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::DynamicImage;
+use lora_core::models::sdxl_prompt::SdxlTextEncoders;
 use lora_core::models::text_encoder::TextEncoder;
-use lora_core::models::tokenizer::TokenizedPrompt;
+use lora_core::models::tokenizer::{ClipTokenizer, TokenizedPrompt};
 use lora_core::models::vae::Vae;
 use lora_core::source::ModelFolder;
-use lora_core::Rng;
+use lora_core::{AddedConditioning, Rng};
 
 use crate::config::Crop;
-use crate::dataset::{image_to_tensor, Dataset};
+use crate::dataset::{image_to_tensor, CropWindow, Dataset};
 use crate::masks::{mask_weights, read_mask};
 
 /// How an image becomes the UNet's input space.
@@ -48,6 +53,28 @@ enum Encoded {
     Pixels(Tensor),
 }
 
+/// SDXL's per-sample conditioning beyond the context.
+#[derive(Debug, Clone)]
+pub struct SdxlSample {
+    /// `[P]` f32: the caption's pooled embedding (the second text encoder's).
+    pub pooled: Tensor,
+    /// `[original height, original width, crop top, crop left, target height, target width]`
+    /// in pixels: the image's size before resizing, where the (unmirrored-equivalent) window
+    /// was cut from the resized image, and the size trained at.
+    pub time_ids: [f32; 6],
+}
+
+/// One sample's UNet inputs before noising.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// `[C, h, w]` f32.
+    pub latents: Tensor,
+    /// What [`conditioning`] takes: the caption's `[seq, hidden]` embedding or `[seq]` token ids.
+    pub caption: Tensor,
+    /// `Some` for SDXL.
+    pub sdxl: Option<SdxlSample>,
+}
+
 pub struct EncodedDataset {
     space: Space,
     /// Per item, the encoding of the image as is `[0]` and mirrored `[1]` (only with `--flip`).
@@ -62,6 +89,14 @@ pub struct EncodedDataset {
     caption_of_item: Vec<usize>,
     /// The empty caption's, when caption dropout can pick it.
     empty_caption: Option<Tensor>,
+    /// SDXL: per unique caption its `[P]` pooled embedding, and the empty caption's; empty
+    /// otherwise.
+    pooled: Vec<Tensor>,
+    empty_pooled: Option<Tensor>,
+    /// Per item, the image's `(width, height)` before resizing.
+    original_sizes: Vec<(usize, usize)>,
+    /// Per item, where its centre crop is cut (empty with random crops, drawn per sample).
+    windows: Vec<CropWindow>,
     /// `--masks`: per item, the loss weights `[1, h, w]` at the UNet's input size, as is `[0]`
     /// and mirrored `[1]` (only with `--flip`). Empty without masks.
     masks: Vec<[Option<Tensor>; 2]>,
@@ -116,7 +151,7 @@ impl EncodedDataset {
             }
             Space::Pixel => (options.unet_in_channels, 1),
         };
-        let (captions, caption_of_item, empty_caption) = encode_captions(
+        let captions = encode_captions(
             model,
             dataset,
             options.caption_dropout,
@@ -157,6 +192,7 @@ impl EncodedDataset {
 
         let mut encoded = Vec::new();
         let mut images = Vec::new();
+        let mut windows = Vec::new();
         let total = dataset.items.len();
         // Centre crops draw no randomness; the generator is only a required argument.
         let mut unused = Rng::new(0);
@@ -170,7 +206,7 @@ impl EncodedDataset {
                         if flip && !options.flip {
                             continue;
                         }
-                        let pixels = image_to_tensor(
+                        let (pixels, window) = image_to_tensor(
                             &image,
                             options.sizes[i],
                             Crop::Center,
@@ -179,6 +215,9 @@ impl EncodedDataset {
                             &mut unused,
                             device,
                         )?;
+                        if !flip {
+                            windows.push(window);
+                        }
                         *slot = Some(
                             encode_pixels(&space, pixels)
                                 .with_context(|| format!("cannot encode {}", item.image))?,
@@ -197,9 +236,13 @@ impl EncodedDataset {
             space,
             encoded,
             images,
-            captions,
-            caption_of_item,
-            empty_caption,
+            captions: captions.embeddings,
+            caption_of_item: captions.caption_of_item,
+            empty_caption: captions.empty,
+            pooled: captions.pooled,
+            empty_pooled: captions.empty_pooled,
+            original_sizes: dataset.items.iter().map(|item| item.size).collect(),
+            windows,
             masks,
             crop: options.crop,
             sizes: options.sizes.clone(),
@@ -208,16 +251,35 @@ impl EncodedDataset {
         })
     }
 
-    /// The UNet input for `item` (`[C, h, w]` f32), drawing the VAE sample (and, for random
-    /// crops, the window) from `rng`.
-    pub fn latents(&self, item: usize, flip: bool, rng: &mut Rng) -> Result<Tensor> {
+    /// `item` as a training sample, mirrored when `flip`, with the empty caption when
+    /// `dropped`; the VAE sample (and, for random crops, the window) drawn from `rng`.
+    pub fn sample(&self, item: usize, flip: bool, dropped: bool, rng: &mut Rng) -> Result<Sample> {
+        let (latents, window) = self.latents(item, flip, rng)?;
+        let caption = self.caption(item, dropped)?.clone();
+        let sdxl = self.pooled(item, dropped)?.map(|pooled| SdxlSample {
+            pooled: pooled.clone(),
+            time_ids: sdxl_time_ids(self.original_sizes[item], self.sizes[item], window, flip),
+        });
+        Ok(Sample {
+            latents,
+            caption,
+            sdxl,
+        })
+    }
+
+    /// The UNet input for `item` (`[C, h, w]` f32) and where it was cut, drawing the VAE sample
+    /// (and, for random crops, the window) from `rng`.
+    fn latents(&self, item: usize, flip: bool, rng: &mut Rng) -> Result<(Tensor, CropWindow)> {
         let encoded;
-        let e = match self.crop {
-            Crop::Center => self.encoded[item][usize::from(flip)]
-                .as_ref()
-                .context("flipped latents requested without --flip")?,
+        let (e, window) = match self.crop {
+            Crop::Center => (
+                self.encoded[item][usize::from(flip)]
+                    .as_ref()
+                    .context("flipped latents requested without --flip")?,
+                self.windows[item],
+            ),
             Crop::Random => {
-                let pixels = image_to_tensor(
+                let (pixels, window) = image_to_tensor(
                     &self.images[item],
                     self.sizes[item],
                     Crop::Random,
@@ -227,24 +289,25 @@ impl EncodedDataset {
                     &self.device,
                 )?;
                 encoded = encode_pixels(&self.space, pixels)?;
-                &encoded
+                (&encoded, window)
             }
         };
-        match (e, &self.space) {
-            (Encoded::Pixels(p), _) => Ok(p.clone()),
+        let latents = match (e, &self.space) {
+            (Encoded::Pixels(p), _) => p.clone(),
             (Encoded::Distribution { mean, std }, Space::Latent { scaling_factor, .. }) => {
                 let noise = rng.normal_tensor(mean.shape(), &self.device)?;
-                Ok(((mean + (std * noise)?)? * *scaling_factor)?)
+                ((mean + (std * noise)?)? * *scaling_factor)?
             }
             (Encoded::Distribution { .. }, Space::Pixel) => {
                 unreachable!("pixel-space models store pixels")
             }
-        }
+        };
+        Ok((latents, window))
     }
 
     /// `item`'s caption (the empty caption when `dropped`) as [`conditioning`] takes it: its text
     /// embedding, or its token ids when the text encoder trains.
-    pub fn caption(&self, item: usize, dropped: bool) -> Result<&Tensor> {
+    fn caption(&self, item: usize, dropped: bool) -> Result<&Tensor> {
         if dropped {
             return self
                 .empty_caption
@@ -252,6 +315,22 @@ impl EncodedDataset {
                 .context("caption dropout without the empty caption encoded");
         }
         Ok(&self.captions[self.caption_of_item[item]])
+    }
+
+    /// SDXL: `item`'s pooled caption embedding (the empty caption's when `dropped`; kohya and
+    /// diffusers drop a caption to its encoding, not to zeros); `None` for other models.
+    fn pooled(&self, item: usize, dropped: bool) -> Result<Option<&Tensor>> {
+        if self.pooled.is_empty() {
+            return Ok(None);
+        }
+        if dropped {
+            return self
+                .empty_pooled
+                .as_ref()
+                .map(Some)
+                .context("caption dropout without the empty caption encoded");
+        }
+        Ok(Some(&self.pooled[self.caption_of_item[item]]))
     }
 
     /// `--masks`: the loss weights of `item` (`[1, h, w]`), mirrored with the image; `None`
@@ -277,6 +356,24 @@ impl EncodedDataset {
     }
 }
 
+/// SDXL's micro-conditioning ids of an image of `original` = `(width, height)` pixels trained at
+/// `target` from `window`: `[original h, original w, crop top, crop left, target h, target w]`,
+/// the crop's corner in the image as trained on, so mirrored when `flip` (diffusers' SDXL script
+/// mirrors before cropping; here the window is mirrored after, the same pixels).
+pub fn sdxl_time_ids(
+    original: (usize, usize),
+    target: (usize, usize),
+    window: CropWindow,
+    flip: bool,
+) -> [f32; 6] {
+    let ((original_w, original_h), (target_w, target_h)) = (original, target);
+    let left = match flip {
+        true => window.resized.0 - target_w - window.left,
+        false => window.left,
+    };
+    [original_h, original_w, window.top, left, target_h, target_w].map(|v| v as f32)
+}
+
 fn encode_pixels(space: &Space, pixels: Tensor) -> Result<Encoded> {
     Ok(match space {
         Space::Pixel => Encoded::Pixels(pixels),
@@ -293,24 +390,54 @@ fn encode_pixels(space: &Space, pixels: Tensor) -> Result<Encoded> {
     })
 }
 
-/// The UNet's conditioning `[B, seq, hidden]` for a batch of captions as
-/// [`EncodedDataset::caption`] gives them: the cached embeddings stacked, or the token ids
-/// stacked and run through `text_encoder` (the one that trains, which must then be given).
-pub fn conditioning(captions: &[Tensor], text_encoder: Option<&TextEncoder>) -> Result<Tensor> {
-    let stacked = Tensor::stack(captions, 0)?;
-    match (stacked.rank(), text_encoder) {
-        (3, _) => Ok(stacked),
-        (2, Some(encoder)) => encoder.forward(&stacked),
+/// The UNet's conditioning for a batch of samples: the context `[B, seq, hidden]` (the cached
+/// embeddings stacked, or the token ids stacked and run through `text_encoder`, the one that
+/// trains, which must then be given) and, for SDXL samples, the added conditioning.
+pub fn conditioning(
+    samples: &[Sample],
+    text_encoder: Option<&TextEncoder>,
+) -> Result<(Tensor, Option<AddedConditioning>)> {
+    let captions: Vec<&Tensor> = samples.iter().map(|s| &s.caption).collect();
+    let stacked = Tensor::stack(&captions, 0)?;
+    let context = match (stacked.rank(), text_encoder) {
+        (3, _) => stacked,
+        (2, Some(encoder)) => encoder.forward(&stacked)?,
         (rank, _) => anyhow::bail!(
             "captions of rank {rank}: expected embeddings, or token ids with the text encoder"
         ),
+    };
+    let sdxl: Vec<&SdxlSample> = samples.iter().filter_map(|s| s.sdxl.as_ref()).collect();
+    if sdxl.is_empty() {
+        return Ok((context, None));
     }
+    ensure!(
+        sdxl.len() == samples.len(),
+        "a batch mixes SDXL samples with others"
+    );
+    let pooled: Vec<&Tensor> = sdxl.iter().map(|s| &s.pooled).collect();
+    let ids: Vec<f32> = sdxl.iter().flat_map(|s| s.time_ids).collect();
+    let added = AddedConditioning {
+        text_embeds: Tensor::stack(&pooled, 0)?,
+        time_ids: Tensor::from_vec(ids, (sdxl.len(), 6), context.device())?,
+    };
+    Ok((context, Some(added)))
 }
 
-type EncodedCaptions = (Vec<Tensor>, Vec<usize>, Option<Tensor>);
+/// Each distinct caption's encoding, once.
+struct EncodedCaptions {
+    /// Per distinct caption: the `[seq, hidden]` embedding, or `[seq]` token ids.
+    embeddings: Vec<Tensor>,
+    caption_of_item: Vec<usize>,
+    /// The empty caption's, when dropout is on.
+    empty: Option<Tensor>,
+    /// SDXL: per distinct caption the `[P]` pooled embedding, and the empty caption's.
+    pooled: Vec<Tensor>,
+    empty_pooled: Option<Tensor>,
+}
 
-/// Encodes each distinct caption once (and the empty caption when dropout is on): embeds it, or
-/// only tokenizes it when `tokens_only`.
+/// Encodes each distinct caption once (and the empty caption when dropout is on): embeds it
+/// (for SDXL with both encoders, keeping the pooled embedding too), or only tokenizes it when
+/// `tokens_only`.
 fn encode_captions(
     model: &ModelFolder,
     dataset: &Dataset,
@@ -321,36 +448,120 @@ fn encode_captions(
     let tokenizer = model.tokenizer()?;
     let text_config = model.text_encoder_config()?;
     // f32: it runs once per caption, and the embeddings feed an f32 loss path anyway.
-    let encoder = match tokens_only {
-        true => None,
-        false => {
-            Some(model.load_text_encoder(&text_config, DType::F32, device, BTreeMap::new())?)
+    let load = || model.load_text_encoder(&text_config, DType::F32, device, BTreeMap::new());
+    #[allow(clippy::large_enum_variant)] // one, alive while the captions are encoded
+    enum Encoder {
+        Tokens(ClipTokenizer),
+        Clip(ClipTokenizer, TextEncoder),
+        Sdxl(SdxlTextEncoders),
+    }
+    let encoder = match (tokens_only, model.is_sdxl()) {
+        (true, false) => Encoder::Tokens(tokenizer),
+        (true, true) => anyhow::bail!(
+            "training SDXL's text encoders is not supported yet: train the UNet only (without --train-text-encoder)"
+        ),
+        (false, false) => Encoder::Clip(tokenizer, load()?),
+        (false, true) => {
+            let config_2 = model.text_encoder_2_config()?;
+            Encoder::Sdxl(SdxlTextEncoders::new(
+                load()?,
+                model.load_text_encoder_2(&config_2, DType::F32, device, BTreeMap::new())?,
+                tokenizer,
+                model.tokenizer_2()?,
+            )?)
         }
     };
-    let embed = |caption: &str| -> Result<Tensor> {
-        let ids = TokenizedPrompt::batch_tensor(&[tokenizer.encode(caption)], device)?;
+    let embed = |caption: &str| -> Result<(Tensor, Option<Tensor>)> {
+        let single = |tokenizer: &ClipTokenizer| {
+            TokenizedPrompt::batch_tensor(&[tokenizer.encode(caption)], device)
+        };
         Ok(match &encoder {
-            Some(encoder) => encoder.forward(&ids)?.squeeze(0)?.to_dtype(DType::F32)?,
-            None => ids.squeeze(0)?,
+            Encoder::Tokens(tokenizer) => (single(tokenizer)?.squeeze(0)?, None),
+            Encoder::Clip(tokenizer, encoder) => {
+                let embedding = encoder.forward(&single(tokenizer)?)?;
+                (embedding.squeeze(0)?.to_dtype(DType::F32)?, None)
+            }
+            Encoder::Sdxl(encoders) => {
+                let embeddings = encoders.encode(&[caption], device)?;
+                (
+                    embeddings.context.squeeze(0)?.to_dtype(DType::F32)?,
+                    Some(embeddings.pooled.squeeze(0)?.to_dtype(DType::F32)?),
+                )
+            }
         })
     };
     let mut index: BTreeMap<&str, usize> = BTreeMap::new();
     let mut embeddings = Vec::new();
+    let mut pooled = Vec::new();
     let mut caption_of_item = Vec::with_capacity(dataset.items.len());
     for item in &dataset.items {
         let i = match index.get(item.caption.as_str()) {
             Some(&i) => i,
             None => {
-                embeddings.push(
-                    embed(&item.caption)
-                        .with_context(|| format!("cannot embed caption `{}`", item.caption))?,
-                );
+                let (embedding, pooled_embedding) = embed(&item.caption)
+                    .with_context(|| format!("cannot embed caption `{}`", item.caption))?;
+                embeddings.push(embedding);
+                pooled.extend(pooled_embedding);
                 index.insert(&item.caption, embeddings.len() - 1);
                 embeddings.len() - 1
             }
         };
         caption_of_item.push(i);
     }
-    let empty = with_empty.then(|| embed("")).transpose()?;
-    Ok((embeddings, caption_of_item, empty))
+    let (empty, empty_pooled) = match with_empty {
+        true => {
+            let (embedding, pooled) = embed("")?;
+            (Some(embedding), pooled)
+        }
+        false => (None, None),
+    };
+    Ok(EncodedCaptions {
+        embeddings,
+        caption_of_item,
+        empty,
+        pooled,
+        empty_pooled,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::cover_and_crop;
+    use image::RgbImage;
+
+    /// diffusers' train_text_to_image_lora_sdxl.py, for a 300×200 image at 128²: resize the
+    /// short side to 128 (192×128), mirror or not, then crop; `crop_top_left` is
+    /// `(round((128 − 128)/2), round((192 − 128)/2))` = (0, 32) centred, and for a random crop
+    /// the corner drawn in the (mirrored) image.
+    #[test]
+    fn time_ids_follow_the_diffusers_sdxl_script() {
+        let image = DynamicImage::ImageRgb8(RgbImage::new(300, 200));
+        let (_, centre) = cover_and_crop(&image, (128, 128), Crop::Center, &mut Rng::new(0));
+        assert_eq!(
+            centre,
+            CropWindow {
+                resized: (192, 128),
+                left: 32,
+                top: 0
+            }
+        );
+        for flip in [false, true] {
+            assert_eq!(
+                sdxl_time_ids((300, 200), (128, 128), centre, flip),
+                [200.0, 300.0, 0.0, 32.0, 128.0, 128.0]
+            );
+        }
+        // A window 10 pixels from the left edge is 54 from it once the image is mirrored.
+        let random = CropWindow {
+            resized: (192, 128),
+            left: 10,
+            top: 0,
+        };
+        assert_eq!(
+            sdxl_time_ids((300, 200), (128, 128), random, false)[3],
+            10.0
+        );
+        assert_eq!(sdxl_time_ids((300, 200), (128, 128), random, true)[3], 54.0);
+    }
 }

@@ -230,7 +230,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
     /// Square training resolution in pixels [default: the model's, its UNet's sample size times
-    /// the VAE's factor as in diffusers: 768 for SD 2.x-v, 512 for SD 1.x and SD 2.x-base]
+    /// the VAE's factor as in diffusers: 1024 for SDXL, 768 for SD 2.x-v, 512 for SD 1.x and
+    /// SD 2.x-base]
     #[arg(long)]
     pub resolution: Option<usize>,
     /// Crop the centre of each image (the default)

@@ -213,7 +213,7 @@ fn write_copy(
             true => bucket_size(w, h, options.resolution, BUCKET_STEP),
             false => (options.resolution, options.resolution),
         };
-        let prepared = cover_and_crop(&image, size, Crop::Center, &mut unused);
+        let (prepared, _) = cover_and_crop(&image, size, Crop::Center, &mut unused);
         let file_name = format!("{IMAGES}/{:05}.png", report.kept);
         let path = dir.join(&file_name);
         prepared

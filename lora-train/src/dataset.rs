@@ -610,16 +610,25 @@ pub fn bucket_size(width: usize, height: usize, resolution: usize, step: usize) 
     best
 }
 
+/// Where a sample's pixels come from: the image resized to `resized` = `(width, height)`, cut at
+/// `(left, top)` (SDXL's crop micro-conditioning is this corner).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CropWindow {
+    pub resized: (usize, usize),
+    pub left: usize,
+    pub top: usize,
+}
+
 /// Resizes so the image covers `size` = `(width, height)` and cuts that window, in the centre or
-/// where `rng` draws it: the pixels a sample of that size trains on. The resize is Pillow's
-/// `LANCZOS`, pixel for pixel (`lora_core::resample`), on 8-bit RGB (RGBA where the image has
-/// alpha).
+/// where `rng` draws it: the pixels a sample of that size trains on, and where they were cut.
+/// The resize is Pillow's `LANCZOS`, pixel for pixel (`lora_core::resample`), on 8-bit RGB (RGBA
+/// where the image has alpha).
 pub fn cover_and_crop(
     image: &DynamicImage,
     size: (usize, usize),
     crop: Crop,
     rng: &mut Rng,
-) -> DynamicImage {
+) -> (DynamicImage, CropWindow) {
     let (tw, th) = size;
     let (w, h) = (image.width() as usize, image.height() as usize);
     let scale = (tw as f64 / w as f64).max(th as f64 / h as f64);
@@ -660,11 +669,20 @@ pub fn cover_and_crop(
             rng.below((nh - th + 1) as u64) as usize,
         ),
     };
-    resized.crop_imm(x0 as u32, y0 as u32, tw as u32, th as u32)
+    let window = CropWindow {
+        resized: (nw, nh),
+        left: x0,
+        top: y0,
+    };
+    (
+        resized.crop_imm(x0 as u32, y0 as u32, tw as u32, th as u32),
+        window,
+    )
 }
 
 /// [`cover_and_crop`], optionally mirrored, as `[channels, height, width]` f32 in [-1, 1]: RGB
-/// for 3 channels, RGBA (opaque where the image has no alpha) for 4.
+/// for 3 channels, RGBA (opaque where the image has no alpha) for 4; and where it was cut (before
+/// mirroring).
 pub fn image_to_tensor(
     image: &DynamicImage,
     size: (usize, usize),
@@ -673,17 +691,17 @@ pub fn image_to_tensor(
     channels: usize,
     rng: &mut Rng,
     device: &Device,
-) -> Result<Tensor> {
+) -> Result<(Tensor, CropWindow)> {
     ensure!(
         channels == 3 || channels == 4,
         "images become 3 (RGB) or 4 (RGBA) channels; the model wants {channels}"
     );
     let (tw, th) = size;
-    let mut window = cover_and_crop(image, size, crop, rng);
+    let (mut pixels, window) = cover_and_crop(image, size, crop, rng);
     if flip {
-        window = window.fliph();
+        pixels = pixels.fliph();
     }
-    let rgba = window.to_rgba8();
+    let rgba = pixels.to_rgba8();
     let plane = tw * th;
     let mut values = vec![0f32; channels * plane];
     for (i, pixel) in rgba.pixels().enumerate() {
@@ -691,7 +709,10 @@ pub fn image_to_tensor(
             values[c * plane + i] = pixel.0[c] as f32 / 127.5 - 1.0;
         }
     }
-    Ok(Tensor::from_vec(values, (channels, th, tw), device)?)
+    Ok((
+        Tensor::from_vec(values, (channels, th, tw), device)?,
+        window,
+    ))
 }
 
 #[cfg(test)]
@@ -749,13 +770,15 @@ mod tests {
         }
         let img = DynamicImage::ImageRgb8(img);
         let mut rng = Rng::new(0);
-        let t =
-            image_to_tensor(&img, (2, 2), Crop::Center, false, 3, &mut rng, &Device::Cpu).unwrap();
+        let t = image_to_tensor(&img, (2, 2), Crop::Center, false, 3, &mut rng, &Device::Cpu)
+            .unwrap()
+            .0;
         assert_eq!(t.dims(), &[3, 2, 2]);
         let row = t.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(row, vec![-1.0, 1.0]);
-        let t =
-            image_to_tensor(&img, (2, 2), Crop::Center, true, 4, &mut rng, &Device::Cpu).unwrap();
+        let t = image_to_tensor(&img, (2, 2), Crop::Center, true, 4, &mut rng, &Device::Cpu)
+            .unwrap()
+            .0;
         let row = t.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(row, vec![1.0, -1.0]);
         let alpha = t

@@ -97,7 +97,7 @@ pub fn mask_weights(
         "a {w}×{h} training size is not a multiple of the model's {factor}-pixel latent"
     );
     // Centre crops draw nothing from the generator.
-    let mut cut = cover_and_crop(mask, size, Crop::Center, &mut Rng::new(0));
+    let (mut cut, _) = cover_and_crop(mask, size, Crop::Center, &mut Rng::new(0));
     if flip {
         cut = cut.fliph();
     }

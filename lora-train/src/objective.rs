@@ -4,13 +4,15 @@
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use lora_core::models::config::PredictionType;
-use lora_core::{Rng, UNet2DConditionModel};
+use lora_core::{AddedConditioning, Rng, UNet2DConditionModel};
 
 use crate::schedule::NoiseSchedule;
 
 /// The training objective for one batch: draw a timestep per sample and noise (plus the noise
-/// offset) from `rng`, noise the latents, predict with the UNet and return the (min-SNR
-/// weighted) MSE against the ε, v or x₀ target, averaged in f32.
+/// offset) from `rng`, noise the latents, predict with the UNet (given SDXL's `added`
+/// conditioning for an SDXL UNet) and return the (min-SNR weighted) MSE against the ε, v or x₀
+/// target, averaged in f32.
+#[allow(clippy::too_many_arguments)] // the objective's inputs; a struct would only rename them
 pub fn denoising_loss(
     unet: &UNet2DConditionModel,
     schedule: &NoiseSchedule,
@@ -18,10 +20,11 @@ pub fn denoising_loss(
     noise_offset: f64,
     latents: &Tensor,
     context: &Tensor,
+    added: Option<&AddedConditioning>,
     rng: &mut Rng,
 ) -> Result<Tensor> {
     let batch = DenoisingBatch::draw(schedule, min_snr_gamma, noise_offset, latents, rng)?;
-    batch.loss(&unet.forward(&batch.noisy, &batch.timesteps, context)?)
+    batch.loss(&unet.forward_conditioned(&batch.noisy, &batch.timesteps, context, added)?)
 }
 
 /// One batch of the training objective: the noised latents at their drawn timesteps (the UNet's

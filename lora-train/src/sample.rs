@@ -146,12 +146,21 @@ impl Sampler {
             )?,
         };
         let vae = model.load_vae(DType::F32, device)?;
-        let pipeline = Pipeline::from_parts(PipelineParts {
-            unet,
-            text: PromptEncoder::Clip {
+        let text = match model.is_sdxl() {
+            true => {
+                let config_2 = model.text_encoder_2_config()?;
+                let text_encoder_2 =
+                    model.load_text_encoder_2(&config_2, DType::F32, device, BTreeMap::new())?;
+                PromptEncoder::sdxl(model, text_encoder, model.tokenizer()?, text_encoder_2)?
+            }
+            false => PromptEncoder::Clip {
                 text_encoder,
                 tokenizer: model.tokenizer()?,
             },
+        };
+        let pipeline = Pipeline::from_parts(PipelineParts {
+            unet,
+            text,
             vae,
             scheduler_config: model.scheduler_config()?,
             device: device.clone(),
@@ -203,7 +212,7 @@ impl Sampler {
         let mut samples = Vec::with_capacity(self.config.prompts.len());
         let mut pictures = Vec::with_capacity(self.config.prompts.len());
         for (i, prompt) in self.config.prompts.iter().enumerate() {
-            let defaults = GenerateOptions::default();
+            let defaults = GenerateOptions::for_model(self.pipeline.is_sdxl());
             let options = GenerateOptions {
                 prompt: prompt.text.clone(),
                 negative_prompt: prompt.negative.clone(),

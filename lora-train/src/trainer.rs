@@ -204,12 +204,18 @@ impl Trainer {
         .open(|copy| on_prepare(Preparation::PickleCopy(copy)))?;
         on_prepare(Preparation::Base(&model));
         ensure!(
-            !model.is_sdxl(),
-            "{}: an SDXL model; lora-train does not train SDXL adapters yet (lora-infer generates \
-             with SDXL and its PEFT/diffusers UNet adapters)",
+            !(model.is_sdxl() && config.train_text_encoder),
+            "{}: --train-text-encoder with an SDXL base is not supported yet; train the UNet \
+             alone (drop --train-text-encoder)",
             model.root().display()
         );
         let unet_config = model.unet_config()?;
+        ensure!(
+            unet_config.text_time.is_none() || model.is_sdxl(),
+            "{}: the UNet takes SDXL's added conditioning but the model has no second text \
+             encoder (text_encoder_2/)",
+            model.root().display()
+        );
         if config.resolution_from_model {
             if let Some(side) = model.native_resolution()? {
                 config.resolution = side;
@@ -220,7 +226,10 @@ impl Trainer {
             .load_unet(&unet_config, config.precision.dtype(), &device)
             .with_context(|| format!("cannot load the UNet of {}", model.root().display()))?;
         let schedule = NoiseSchedule::new(&model.scheduler_config()?);
-        let base_model = BaseModelVersion::of_text_encoder(&model.text_encoder_config()?);
+        let base_model = match model.is_sdxl() {
+            true => BaseModelVersion::SdxlBase,
+            false => BaseModelVersion::of_text_encoder(&model.text_encoder_config()?),
+        };
 
         let lora_config = LoraConfig {
             rank: config.rank,
@@ -621,30 +630,28 @@ impl Trainer {
     /// Loss and gradients (already divided by `accum`) of micro-batch `index`.
     fn micro_batch(&mut self, index: usize, accum: usize) -> Result<(f64, Vec<Tensor>)> {
         let items = self.micro_batch_items(index);
-        let mut latents = Vec::with_capacity(items.len());
-        let mut contexts = Vec::with_capacity(items.len());
+        let mut samples = Vec::with_capacity(items.len());
         let mut masks = Vec::new();
         for item in items {
             let (flip, dropped) = draw_augmentation(&self.config, &mut self.rng);
-            latents.push(self.data.latents(item, flip, &mut self.rng)?);
-            contexts.push(self.data.caption(item, dropped)?.clone());
+            samples.push(self.data.sample(item, flip, dropped, &mut self.rng)?);
             masks.extend(self.data.mask(item, flip)?.cloned());
         }
-        let instances = latents.len();
+        let instances = samples.len();
         if let Some(class) = self.class_images.as_mut() {
             // One class sample beside each training sample, drawn after them.
             for j in 0..instances {
                 let item = class.item(index * self.config.batch_size + j, self.config.seed);
                 let (flip, dropped) = draw_augmentation(&self.config, &mut self.rng);
-                latents.push(class.data.latents(item, flip, &mut self.rng)?);
-                contexts.push(class.data.caption(item, dropped)?.clone());
+                samples.push(class.data.sample(item, flip, dropped, &mut self.rng)?);
                 if let Some(first) = masks.first() {
                     masks.push(first.ones_like()?); // class images are unmasked
                 }
             }
         }
+        let latents: Vec<&Tensor> = samples.iter().map(|s| &s.latents).collect();
         let latents = Tensor::stack(&latents, 0)?;
-        let context = conditioning(&contexts, self.text_encoder.as_ref())?;
+        let (context, added) = conditioning(&samples, self.text_encoder.as_ref())?;
         let mut batch = DenoisingBatch::draw(
             &self.schedule,
             self.config.min_snr_gamma,
@@ -671,14 +678,20 @@ impl Trainer {
             batch = batch.with_sample_weights(&weights)?;
         }
         let (prediction, checkpointed) = if self.config.gradient_checkpointing {
-            let (prediction, pass) =
-                self.unet
-                    .forward_checkpointed(&batch.noisy, &batch.timesteps, &context)?;
+            let (prediction, pass) = self.unet.forward_checkpointed_conditioned(
+                &batch.noisy,
+                &batch.timesteps,
+                &context,
+                added.as_ref(),
+            )?;
             (prediction, Some(pass))
         } else {
-            let prediction = self
-                .unet
-                .forward(&batch.noisy, &batch.timesteps, &context)?;
+            let prediction = self.unet.forward_conditioned(
+                &batch.noisy,
+                &batch.timesteps,
+                &context,
+                added.as_ref(),
+            )?;
             (prediction, None)
         };
         let loss = batch.loss(&prediction)?;
@@ -729,11 +742,9 @@ impl Trainer {
         let mut total = 0.0;
         for item in 0..self.dataset.items.len() {
             for _ in 0..draws {
-                let latents = self.data.latents(item, false, &mut rng)?.unsqueeze(0)?;
-                let context = conditioning(
-                    &[self.data.caption(item, false)?.clone()],
-                    self.text_encoder.as_ref(),
-                )?;
+                let sample = self.data.sample(item, false, false, &mut rng)?;
+                let latents = sample.latents.unsqueeze(0)?;
+                let (context, added) = conditioning(&[sample], self.text_encoder.as_ref())?;
                 let loss = denoising_loss(
                     &self.unet,
                     &self.schedule,
@@ -741,6 +752,7 @@ impl Trainer {
                     0.0,
                     &latents,
                     &context,
+                    added.as_ref(),
                     &mut rng,
                 )?;
                 total += f64::from(loss.to_scalar::<f32>()?);
@@ -908,7 +920,8 @@ impl Trainer {
             &ModelModules {
                 unet: &self.unet.adapter_modules(),
                 text_encoder: self.text_encoder.as_ref().map(TextEncoder::lora_modules),
-                text_encoder_2: None,
+                // No second encoder trains, but an SDXL file names its modules as SDXL's.
+                text_encoder_2: (self.base_model == BaseModelVersion::SdxlBase).then_some(&[]),
             },
             &SaveOptions {
                 format: c.format,

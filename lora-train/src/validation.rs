@@ -10,6 +10,7 @@
 //! the run. `--validation-split F` holds out a fraction of the dataset, chosen by `--seed`.
 
 use anyhow::{ensure, Result};
+use candle_core::Tensor;
 use lora_core::models::text_encoder::TextEncoder;
 use lora_core::{Rng, UNet2DConditionModel};
 
@@ -62,14 +63,17 @@ impl Validation {
         // One batch per image: the image at each timestep, each with its own noise.
         for item in 0..self.items {
             let mut rng = Rng::new(derive_seed(0, NOISE_STREAM + item as u64));
-            let latents = self.data.latents(item, false, &mut rng)?.unsqueeze(0)?;
-            let (_, c, h, w) = latents.dims4()?;
-            let latents = latents.repeat((k, 1, 1, 1))?;
-            let context = conditioning(&[self.data.caption(item, false)?.clone()], text_encoder)?;
-            let context = context.repeat((k, 1, 1))?;
+            let sample = self.data.sample(item, false, false, &mut rng)?;
+            let (_, c, h, w) = sample.latents.unsqueeze(0)?.dims4()?;
+            // The same sample at every timestep.
+            let repeated = vec![sample; k];
+            let latents: Vec<&Tensor> = repeated.iter().map(|s| &s.latents).collect();
+            let latents = Tensor::stack(&latents, 0)?;
+            let (context, added) = conditioning(&repeated, text_encoder)?;
             let noise = rng.normal_tensor((k, c, h, w), latents.device())?;
             let batch = DenoisingBatch::with_noise(schedule, None, &latents, &timesteps, noise)?;
-            let prediction = unet.forward(&batch.noisy, &batch.timesteps, &context)?;
+            let prediction =
+                unet.forward_conditioned(&batch.noisy, &batch.timesteps, &context, added.as_ref())?;
             let loss = f64::from(batch.loss(&prediction)?.to_scalar::<f32>()?);
             ensure!(
                 loss.is_finite(),

@@ -47,7 +47,7 @@ fn expected() -> Expected {
 /// no crop, no flip), back from [-1, 1] to 0..=255.
 fn training_rgb(image: &DynamicImage) -> Vec<u8> {
     let (w, h) = (image.width() as usize, image.height() as usize);
-    let tensor = lora_train::dataset::image_to_tensor(
+    let (tensor, _) = lora_train::dataset::image_to_tensor(
         image,
         (w, h),
         Crop::Center,

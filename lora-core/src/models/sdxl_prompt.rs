@@ -49,7 +49,7 @@ impl SdxlTextEncoders {
         tokenizer_2: ClipTokenizer,
     ) -> Result<Self> {
         ensure!(
-            text_encoder_2.pooled_width() == text_encoder_2.config().projection_dim.unwrap_or(0),
+            text_encoder_2.has_projection(),
             "SDXL's second text encoder must be a CLIPTextModelWithProjection: its weights have no `text_projection.weight`"
         );
         Ok(Self {

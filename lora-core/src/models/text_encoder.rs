@@ -250,6 +250,11 @@ impl TextEncoder {
         self.pooling
     }
 
+    /// Whether the weights had `text_projection.weight` (a `CLIPTextModelWithProjection`).
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
+    }
+
     /// The width of [`Self::pooled_output`].
     pub fn pooled_width(&self) -> usize {
         match (&self.text_projection, self.config.projection_dim) {

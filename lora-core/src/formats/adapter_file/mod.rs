@@ -312,6 +312,23 @@ impl AdapterFile {
         )
     }
 
+    /// Whether the file is an SDXL adapter: it has second-text-encoder modules, or its header
+    /// says so (kohya's `ss_base_model_version` `sdxl_…`, modelspec's architecture).
+    pub fn is_sdxl(&self) -> bool {
+        let lora = self.modules.iter().map(|m| m.component);
+        let second = lora
+            .chain(self.lycoris.keys().map(|(c, _)| *c))
+            .any(|c| c == Component::TextEncoder2);
+        let said = |key: &str, marker: &str| {
+            self.metadata
+                .get(key)
+                .is_some_and(|value| value.starts_with(marker))
+        };
+        second
+            || said("ss_base_model_version", "sdxl")
+            || said("modelspec.architecture", "stable-diffusion-xl")
+    }
+
     /// Whether the file has modules for a text encoder (either of SDXL's).
     pub fn has_text_encoder(&self) -> bool {
         let lora = self.modules.iter().map(|m| m.component);
@@ -384,7 +401,8 @@ impl AdapterFile {
             text,
         };
         for raw in &self.modules {
-            if model.of(raw.component).is_none() {
+            if let Some(problem) = absent_component(model, raw.component, &raw.down_key) {
+                problems.extend(problem);
                 continue;
             }
             let Some(info) = self.target_of(raw, model, &kohya_names) else {
@@ -409,10 +427,11 @@ impl AdapterFile {
             }
         }
         for ((component, name), module) in &self.lycoris {
-            if model.of(*component).is_none() {
+            let full = format!("{}{name}", component.kohya_prefix());
+            if let Some(problem) = absent_component(model, *component, &full) {
+                problems.extend(problem);
                 continue;
             }
-            let full = format!("{}{name}", component.kohya_prefix());
             let found = kohya_names.lookup(&full);
             let Some(info) = found.and_then(|(c, path)| model.find(c, path)) else {
                 problems.push(Problem {
@@ -452,6 +471,29 @@ impl AdapterFile {
             AdapterFormat::Peft => model.find(raw.component, &raw.name),
         }
     }
+}
+
+/// `None` when `model` has `component`; otherwise whether the module is skipped (`Some(None)`:
+/// the caller applies no text encoder at all) or a problem (`Some(Some(_))`: a second-encoder
+/// module, SDXL's, for a model with one text encoder).
+fn absent_component(
+    model: &ModelModules,
+    component: Component,
+    key: &str,
+) -> Option<Option<Problem>> {
+    if model.of(component).is_some() {
+        return None;
+    }
+    if component == Component::TextEncoder2 && model.text_encoder.is_some() {
+        return Some(Some(Problem {
+            unmatched: true,
+            text: format!(
+                "`{key}`: a module of SDXL's second text encoder; this model has one text encoder \
+                 (an SDXL adapter on another model?)"
+            ),
+        }));
+    }
+    Some(None)
 }
 
 /// The problem of a module whose name matches nothing. Adapters that lora-merge can fold but the
@@ -576,7 +618,7 @@ pub fn save_adapter(
         AdapterFormat::Kohya => {
             let mut lora = Vec::new();
             let mut lycoris = Vec::new();
-            let namer = KohyaNamer::new(model.unet, model.is_sdxl());
+            let namer = KohyaNamer::new(model.unet, model.is_sdxl())?;
             for e in &entries {
                 let name = namer.name(e.component, &e.info.path);
                 match e.module {

@@ -15,11 +15,11 @@
 //! - diffusers/PEFT: `unet.` / `text_encoder.` / `text_encoder_2.` + the path, in several
 //!   historical spellings that [`parse_diffusers_key`] maps back to the path.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
 use crate::adapters::{ModuleInfo, ModuleKind};
 
@@ -157,28 +157,33 @@ pub fn kohya_name(component: Component, path: &str, sdxl: bool) -> String {
 /// loader matches) and the text encoders `lora_te1_` / `lora_te2_`; for SD 1.x/2.x as
 /// [`kohya_name`].
 pub struct KohyaNamer {
-    /// `Some` for SDXL.
+    sdxl: bool,
+    /// SDXL's UNet numbering; `None` otherwise.
     ldm: Option<LdmUnetPaths>,
 }
 
 impl KohyaNamer {
-    /// `unet`: the model's UNet modules, whose numbering the LDM paths follow.
-    pub fn new(unet: &[ModuleInfo], sdxl: bool) -> Self {
-        Self {
-            ldm: sdxl.then(|| LdmUnetPaths::of(unet)).flatten(),
-        }
+    /// `unet`: the model's UNet modules, whose numbering the LDM paths follow. Fails for an SDXL
+    /// UNet whose numbering cannot be read off them.
+    pub fn new(unet: &[ModuleInfo], sdxl: bool) -> Result<Self> {
+        let ldm = match sdxl && !unet.is_empty() {
+            true => Some(LdmUnetPaths::of(unet).context(
+                "the SDXL UNet's single-file numbering (kohya's module names) cannot be read off \
+                 its modules: no down-block layers, or blocks with different layer counts",
+            )?),
+            false => None,
+        };
+        Ok(Self { sdxl, ldm })
     }
 
     pub fn name(&self, component: Component, path: &str) -> String {
-        let sdxl = self.ldm.is_some();
-        match (component, &self.ldm) {
-            (Component::Unet, Some(ldm)) => match ldm.path(path) {
-                Some(ldm_path) => {
-                    format!("{}{}", component.kohya_prefix(), kohya_flatten(&ldm_path))
-                }
-                None => kohya_name(component, path, sdxl),
-            },
-            _ => kohya_name(component, path, sdxl),
+        let ldm_path = match (component, &self.ldm) {
+            (Component::Unet, Some(ldm)) => ldm.path(path),
+            _ => None,
+        };
+        match ldm_path {
+            Some(ldm_path) => format!("{}{}", component.kohya_prefix(), kohya_flatten(&ldm_path)),
+            None => kohya_name(component, path, self.sdxl),
         }
     }
 }
@@ -441,20 +446,31 @@ struct LdmUnetPaths {
 }
 
 impl LdmUnetPaths {
-    /// `None` when the list has no down-block attentions or resnets to count layers from.
+    /// `None` when the list has no down-block attentions or resnets to count layers from, or
+    /// when its down blocks differ in layers (LDM numbering assumes one count).
     fn of(unet: &[ModuleInfo]) -> Option<Self> {
         let index_after = |path: &str, head: &str| -> Option<usize> {
             let rest = path.split_once(head)?.1;
             rest.split('.').next()?.parse().ok()
         };
-        let layers = unet
-            .iter()
-            .filter(|m| m.path.starts_with("down_blocks."))
-            .filter_map(|m| {
-                index_after(&m.path, ".attentions.").or(index_after(&m.path, ".resnets."))
-            })
-            .max()?
-            .checked_add(1)?;
+        // The highest layer index seen in each down block.
+        let mut highest: BTreeMap<usize, usize> = BTreeMap::new();
+        for m in unet.iter().filter(|m| m.path.starts_with("down_blocks.")) {
+            let (Some(block), Some(layer)) = (
+                index_after(&m.path, "down_blocks."),
+                index_after(&m.path, ".attentions.").or(index_after(&m.path, ".resnets.")),
+            ) else {
+                continue;
+            };
+            let top = highest.entry(block).or_default();
+            *top = (*top).max(layer);
+        }
+        let mut counts = highest.values();
+        let first = *counts.next()?;
+        if counts.any(|&c| c != first) {
+            return None;
+        }
+        let layers = first.checked_add(1)?;
         let mut up_with_attention: Vec<usize> = unet
             .iter()
             .filter(|m| m.path.contains(".attentions."))
@@ -496,7 +512,7 @@ impl LdmUnetPaths {
                     "resnets" => (format!("output_blocks.{}", row(b, j)?), "0", *rest),
                     "attentions" => (format!("output_blocks.{}", row(b, j)?), "1", *rest),
                     "upsamplers" if j == 0 => {
-                        let child = if self.up_with_attention.contains(&b) {
+                        let child = if self.up_with_attention.binary_search(&b).is_ok() {
                             "2"
                         } else {
                             "1"
