@@ -22,10 +22,11 @@ use lora_toolkit::core::models::sdxl_prompt::SdxlTextEncoders;
 use lora_toolkit::core::models::text_encoder::{self, TextEncoder};
 use lora_toolkit::core::models::tokenizer::ClipTokenizer;
 use lora_toolkit::core::options::AdapterSpec;
+use lora_toolkit::core::options::Precision;
 use lora_toolkit::core::source::ModelFolder;
 use lora_toolkit::core::{AdapterModule, AddedConditioning, LoraModule, UNet2DConditionModel};
 use lora_toolkit::infer::{GenerateOptions, Pipeline, SchedulerKind};
-use lora_toolkit::merge::MergeOptions;
+use lora_toolkit::merge::{Conversion, MergeOptions, OutputLayout};
 use lora_toolkit::train::{checkpoint_paths, TrainArgs, Trainer};
 
 fn sdxl() -> PathBuf {
@@ -301,7 +302,7 @@ fn pipeline_matches_stable_diffusion_xl_pipeline() -> Result<()> {
 }
 
 #[test]
-fn peft_unet_adapter_matches_load_lora_weights_and_merging_sdxl_is_refused() -> Result<()> {
+fn peft_unet_adapter_matches_load_lora_weights() -> Result<()> {
     let exp = expected()?;
     let folder = ModelFolder::open(&sdxl())?;
     let adapter = sdxl().join("adapter_grad_peft.safetensors");
@@ -331,23 +332,6 @@ fn peft_unet_adapter_matches_load_lora_weights_and_merging_sdxl_is_refused() -> 
         );
     }
 
-    let out = tempfile::tempdir()?;
-    let output = out.path().join("merged");
-    let err = lora_toolkit::merge::merge(&MergeOptions {
-        base: sdxl(),
-        adapters: vec![AdapterSpec::new(adapter, 1.0)],
-        output: output.clone(),
-        dtype: None,
-        allow_unmatched: false,
-        allow_nonfinite: false,
-    })
-    .unwrap_err();
-    assert!(format!("{err:#}").contains("an SDXL folder"), "{err:#}");
-    assert!(
-        !output.exists(),
-        "a refused merge wrote {}",
-        output.display()
-    );
     Ok(())
 }
 
@@ -649,5 +633,76 @@ fn sdxl_parts_are_checked_not_assumed() -> Result<()> {
     std::fs::write(copy.path().join("model_index.json"), index.to_string())?;
     let without = ModelFolder::open(copy.path())?;
     assert_eq!(without.tokenizer_2()?.pad_id(), 0, "the id of `!`");
+    Ok(())
+}
+
+#[test]
+fn lora_merge_folds_a_kohya_sdxl_adapter_into_all_three_models() -> Result<()> {
+    let exp = expected()?;
+    let adapter = sdxl().join("adapter_kohya.safetensors");
+    let out = tempfile::tempdir()?;
+    let merged = out.path().join("merged");
+    let options = MergeOptions {
+        base: sdxl(),
+        adapters: vec![AdapterSpec::new(adapter.clone(), 1.0)],
+        output: merged.clone(),
+        // f32: the merged weights are compared with diffusers' unmerged run, not rounded to f16.
+        dtype: Some(Precision::F32),
+        allow_unmatched: false,
+        allow_nonfinite: false,
+    };
+    let report = lora_toolkit::merge::merge(&options)?;
+    assert_eq!(report.merged_modules[0].1, 192 + 18 + 18);
+    for part in [
+        "text_encoder_2/model.safetensors",
+        "tokenizer_2/special_tokens_map.json",
+    ] {
+        assert!(
+            merged.join(part).is_file(),
+            "the merged folder lacks {part}"
+        );
+    }
+    let folder = ModelFolder::open(&merged)?;
+    let options_gen = GenerateOptions {
+        prompt: "a red circle on a white background".into(),
+        steps: 3,
+        guidance: 5.0,
+        scheduler: SchedulerKind::Euler,
+        height: Some(16),
+        width: Some(24),
+        num_images: 2,
+        batch_size: 2,
+        init_latents: Some(get(&exp, "pipeline_init_latents").clone()),
+        ..GenerateOptions::default()
+    };
+    let latents = Pipeline::load(&folder, &[], &Device::Cpu, DType::F32, false)?
+        .generate(&options_gen)?
+        .latents;
+    let err = max_abs_diff(&latents, get(&exp, "pipeline_kohya_latents"));
+    println!("SDXL merged with the kohya adapter: final latents max error {err:.3e}");
+    assert!(
+        err <= 1e-3,
+        "the merged model differs from diffusers' unmerged run by {err}"
+    );
+
+    // No SDXL single file is written (and nothing is left behind).
+    let single = out.path().join("merged.safetensors");
+    let err = lora_toolkit::merge::merge_converting(
+        &MergeOptions {
+            output: single.clone(),
+            ..options
+        },
+        Some(&Conversion {
+            to: OutputLayout::SingleFile,
+            config_from: None,
+            no_ema: false,
+        }),
+    )
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("SDXL single files are not written"),
+        "{err:#}"
+    );
+    assert!(!single.exists());
     Ok(())
 }

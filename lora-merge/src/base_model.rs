@@ -1,7 +1,7 @@
 //! A base model opened for merging: a diffusers folder (`unet/`, `text_encoder/`, `vae/`) or a
 //! single-file LDM checkpoint, memory-mapped, with every tensor's meaning in diffusers terms.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -10,7 +10,7 @@ use lora_core::formats::checkpoint_kind::{ema_key, has_ema, refuse_other_models}
 use lora_core::formats::keys::{locon_module_from_weight, module_from_weight, Component};
 use lora_core::formats::ldm::{DiffusersTensor, LdmLayout, LdmTensor, ModelPart};
 use lora_core::io::weights::{component_weights, header_metadata, release_mapped};
-use lora_core::ModuleInfo;
+use lora_core::{ModelModules, ModuleInfo};
 use safetensors::{Dtype, SafeTensors};
 
 /// How the checkpoint is stored.
@@ -97,6 +97,27 @@ struct Location {
     stacked_index: Option<usize>,
 }
 
+/// A model's adaptable modules per component (text encoders present only where the model has
+/// them).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ComponentModules(pub BTreeMap<Component, Vec<ModuleInfo>>);
+
+impl ComponentModules {
+    pub fn of(&self, component: Component) -> &[ModuleInfo] {
+        self.0.get(&component).map_or(&[], Vec::as_slice)
+    }
+
+    /// As adapters are resolved against them: both text encoders where the model has them
+    /// (kohya's SDXL names then).
+    pub fn model(&self) -> ModelModules<'_> {
+        ModelModules {
+            unet: self.of(Component::Unet),
+            text_encoder: Some(self.of(Component::TextEncoder)),
+            text_encoder_2: self.0.get(&Component::TextEncoder2).map(Vec::as_slice),
+        }
+    }
+}
+
 pub struct BaseModel {
     pub root: PathBuf,
     pub layout: Layout,
@@ -169,38 +190,43 @@ impl BaseModel {
         e.copy.is_none() || e.copy == self.chosen_copy
     }
 
-    /// The adaptable modules (UNet, text encoder) with their diffusers paths, sorted: kohya's
+    /// The adaptable modules (UNet, text encoders) with their diffusers paths, sorted: kohya's
     /// attn-mlp set (what `extract` targets and the runtime UNet adapts).
-    pub fn modules(&self) -> (Vec<ModuleInfo>, Vec<ModuleInfo>) {
+    pub fn modules(&self) -> ComponentModules {
         self.modules_with(module_from_weight)
+    }
+
+    /// Whether the model is SDXL's (it has a second text encoder).
+    pub fn is_sdxl(&self) -> bool {
+        self.files
+            .iter()
+            .any(|f| f.part == Some(ModelPart::TextEncoder2))
     }
 
     /// The modules an adapter may be merged into: [`modules`](Self::modules) plus the resnet,
     /// downsampler and upsampler layers that kohya `conv_dim` / LyCORIS LoCon adapters target
     /// (3×3 convs included).
-    pub fn merge_modules(&self) -> (Vec<ModuleInfo>, Vec<ModuleInfo>) {
+    pub fn merge_modules(&self) -> ComponentModules {
         self.modules_with(locon_module_from_weight)
     }
 
     fn modules_with(
         &self,
         select: fn(Component, &str, &[usize]) -> Option<ModuleInfo>,
-    ) -> (Vec<ModuleInfo>, Vec<ModuleInfo>) {
-        let mut unet = Vec::new();
-        let mut te = Vec::new();
+    ) -> ComponentModules {
+        let mut modules = ComponentModules::default();
         for (part, name, shape) in self.diffusers_tensors() {
-            let (component, list) = match part {
-                ModelPart::Unet => (Component::Unet, &mut unet),
-                ModelPart::TextEncoder => (Component::TextEncoder, &mut te),
-                ModelPart::Vae => continue,
+            let Some(component) = part.component() else {
+                continue;
             };
             if let Some(info) = select(component, &name, &shape) {
-                list.push(info);
+                modules.0.entry(component).or_default().push(info);
             }
         }
-        unet.sort_by(|a, b| a.path.cmp(&b.path));
-        te.sort_by(|a, b| a.path.cmp(&b.path));
-        (unet, te)
+        for list in modules.0.values_mut() {
+            list.sort_by(|a, b| a.path.cmp(&b.path));
+        }
+        modules
     }
 
     /// Every diffusers tensor with its diffusers shape (stacked q/k/v split into thirds).
@@ -262,22 +288,15 @@ impl BaseModel {
 }
 
 fn diffusers_files(dir: &Path) -> Result<Vec<WeightFile>> {
-    // Merging would drop SDXL's second text encoder (or merge nothing into it): refused until
-    // lora-merge reads it.
-    ensure!(
-        !dir.join("text_encoder_2").is_dir(),
-        "{}: an SDXL folder (text_encoder_2/); lora-merge does not merge into SDXL models yet — \
-         generate with the adapter unmerged instead (lora-infer --lora)",
-        dir.display()
-    );
     let mut files = Vec::new();
     for part in ModelPart::ALL {
         let sub = dir.join(part.folder());
         let stem = match part {
-            ModelPart::TextEncoder => "model",
+            ModelPart::TextEncoder | ModelPart::TextEncoder2 => "model",
             _ => "diffusion_pytorch_model",
         };
-        if part == ModelPart::Vae && !sub.is_dir() {
+        // Optional: the VAE (pixel-space models have none), the second text encoder (SDXL's).
+        if matches!(part, ModelPart::Vae | ModelPart::TextEncoder2) && !sub.is_dir() {
             continue;
         }
         ensure!(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::Device;
-use lora_core::formats::keys::{kohya_name, Component};
+use lora_core::formats::keys::{kohya_name, Component, KohyaNamer};
 use lora_core::formats::kohya::{kohya_tensors, network_metadata, KohyaModule};
 use lora_core::formats::ldm::ModelPart;
 use lora_core::io::write_safetensors_atomic;
@@ -151,21 +151,24 @@ pub fn extract(
     check_output("--output", output, &[("--base", base), ("--tuned", tuned)])?;
     let base = BaseModel::open(base)?;
     let tuned = BaseModel::open(tuned)?;
-    let (unet, te) = base.modules();
-    let (tuned_unet, tuned_te) = tuned.modules();
+    let adaptable = base.modules();
     ensure!(
-        unet == tuned_unet && te == tuned_te,
+        adaptable == tuned.modules(),
         "{} and {} are different models (their adaptable modules or shapes differ)",
         base.root.display(),
         tuned.root.display()
     );
-    let modules: Vec<(Component, ModelPart, lora_core::ModuleInfo)> = unet
+    // kohya's names for the model: SDXL's numbering where it is SDXL.
+    let namer = KohyaNamer::new(adaptable.of(Component::Unet), base.is_sdxl())?;
+    let modules: Vec<(Component, ModelPart, lora_core::ModuleInfo)> = ModelPart::ALL
         .into_iter()
-        .map(|m| (Component::Unet, ModelPart::Unet, m))
-        .chain(
-            te.into_iter()
-                .map(|m| (Component::TextEncoder, ModelPart::TextEncoder, m)),
-        )
+        .filter_map(|part| Some((part.component()?, part)))
+        .flat_map(|(component, part)| {
+            adaptable
+                .of(component)
+                .iter()
+                .map(move |m| (component, part, m.clone()))
+        })
         .collect();
     let results: Vec<Option<(OutputModule, ModuleSummary)>> = modules
         .par_iter()
@@ -181,7 +184,7 @@ pub fn extract(
             }
             let svd = Svd::of(to_matrix(&diff)?)?;
             let k = rank.min(svd.singular.len());
-            let name = kohya_name(*component, &info.path, false);
+            let name = namer.name(*component, &info.path);
             let kernel = (info.kind == ModuleKind::Conv1x1).then_some((1, 1));
             let full_rank = info.in_features.min(info.out_features);
             Ok(Some(refactored(name, kernel, &svd, k, full_rank)))
@@ -191,7 +194,7 @@ pub fn extract(
         .iter()
         .zip(&results)
         .filter(|(_, r)| r.is_none())
-        .map(|((c, _, info), _)| kohya_name(*c, &info.path, false))
+        .map(|((c, _, info), _)| namer.name(*c, &info.path))
         .collect();
     let results: Vec<_> = results.into_iter().flatten().collect();
     ensure!(

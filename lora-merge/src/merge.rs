@@ -12,7 +12,7 @@ use lora_core::formats::keys::Component;
 use lora_core::formats::ldm::{LdmLayout, LdmTarget, LdmTensor, ModelPart, TextEncoderLayout};
 use lora_core::io::write_folder_atomic;
 use lora_core::options::{check_output, AdapterSpec, Precision};
-use lora_core::{AdapterFile, AdapterModule, ModelModules};
+use lora_core::{AdapterFile, AdapterModule};
 use safetensors::Dtype;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -146,12 +146,15 @@ pub fn merge_converting(
             dir.display()
         );
     }
-    let (unet, te) = base.merge_modules();
-    let model = ModelModules {
-        unet: &unet,
-        text_encoder: Some(&te),
-        text_encoder_2: None,
-    };
+    let modules = base.merge_modules();
+    let model = modules.model();
+    if base.is_sdxl() && to == OutputLayout::SingleFile {
+        bail!(
+            "{}: an SDXL folder; SDXL single files are not written yet (merge into a diffusers \
+             folder: leave out --to, or --to diffusers)",
+            options.base.display()
+        );
+    }
     let mut report = MergeReport::default();
     let mut contributions = Contributions::new();
     let mut records = Vec::new();
@@ -173,6 +176,7 @@ pub fn merge_converting(
         let parts = [
             (Component::Unet, adapter.unet),
             (Component::TextEncoder, adapter.text_encoder),
+            (Component::TextEncoder2, adapter.text_encoder_2),
         ];
         let mut count = 0;
         for (component, modules) in parts {
@@ -445,7 +449,7 @@ impl Merger<'_> {
                     })
                     .collect();
                 let file = match part {
-                    ModelPart::TextEncoder => "model.safetensors",
+                    ModelPart::TextEncoder | ModelPart::TextEncoder2 => "model.safetensors",
                     _ => "diffusion_pytorch_model.safetensors",
                 };
                 let sub = dir.join(part.folder());
@@ -530,11 +534,7 @@ impl Merger<'_> {
     /// q/k/v), or an empty list when nothing changes it.
     fn deltas_for(&self, i: usize) -> Vec<Option<&Vec<(AdapterModule, f64)>>> {
         let lookup = |part: ModelPart, name: &str| {
-            let component = match part {
-                ModelPart::Unet => Component::Unet,
-                ModelPart::TextEncoder => Component::TextEncoder,
-                ModelPart::Vae => return None,
-            };
+            let component = part.component()?;
             let path = part.canonical_name(name.strip_suffix(".weight")?);
             self.contributions.get(&(component, path))
         };
@@ -669,7 +669,15 @@ fn copy_folder_files(from: &Path, to: &Path, weight_files: &[PathBuf]) -> Result
     if index.is_file() {
         std::fs::copy(&index, to.join("model_index.json"))?;
     }
-    for sub in ["unet", "text_encoder", "vae", "tokenizer", "scheduler"] {
+    for sub in [
+        "unet",
+        "text_encoder",
+        "text_encoder_2",
+        "vae",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+    ] {
         let dir = from.join(sub);
         if !dir.is_dir() {
             continue;

@@ -43,26 +43,39 @@ pub enum ModelPart {
     Unet,
     Vae,
     TextEncoder,
+    /// SDXL's second text encoder; diffusers folders only (SDXL single files are not read).
+    TextEncoder2,
 }
 
 impl ModelPart {
-    pub const ALL: [ModelPart; 3] = [Self::Unet, Self::Vae, Self::TextEncoder];
+    pub const ALL: [ModelPart; 4] = [Self::Unet, Self::Vae, Self::TextEncoder, Self::TextEncoder2];
 
-    /// The diffusers sub-folder (`unet`, `vae`, `text_encoder`).
+    /// The diffusers sub-folder (`unet`, `vae`, `text_encoder`, `text_encoder_2`).
     pub fn folder(self) -> &'static str {
         match self {
             Self::Unet => "unet",
             Self::Vae => "vae",
             Self::TextEncoder => "text_encoder",
+            Self::TextEncoder2 => "text_encoder_2",
+        }
+    }
+
+    /// The adapter component this model is, `None` for the VAE (adapters do not touch it).
+    pub fn component(self) -> Option<Component> {
+        match self {
+            Self::Unet => Some(Component::Unet),
+            Self::Vae => None,
+            Self::TextEncoder => Some(Component::TextEncoder),
+            Self::TextEncoder2 => Some(Component::TextEncoder2),
         }
     }
 
     /// `name` as this model's tensors are compared: text-encoder names with the `text_model.`
     /// level, which files of either transformers generation may lack; others as they are.
     pub fn canonical_name(self, name: &str) -> String {
-        match self {
-            Self::TextEncoder => Component::TextEncoder.canonical_path(name),
-            _ => name.to_string(),
+        match self.component() {
+            Some(component) => component.canonical_path(name),
+            None => name.to_string(),
         }
     }
 }
@@ -246,6 +259,11 @@ impl LdmLayout {
             (ModelPart::Vae, _) => Section::Vae,
             (ModelPart::TextEncoder, TextEncoderLayout::Clip) => Section::Clip,
             (ModelPart::TextEncoder, TextEncoderLayout::OpenClip) => Section::OpenClip,
+            (ModelPart::TextEncoder2, _) => bail!(
+                "{} tensor `{}`: SDXL single files are not written (or read) here",
+                t.part,
+                t.name
+            ),
         };
         let name = t.part.canonical_name(&t.name);
         let rules = self.rules(section, index_bound(&name), up_blocks_with_attention);
