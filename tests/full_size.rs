@@ -1,5 +1,6 @@
 //! Real-size SD 1.5 and SD 2.1 (768, v-prediction) checkpoints with random weights, as folders and
-//! as single files with no configs beside them: recognised, and reproducing diffusers' outputs.
+//! as single files with no configs beside them, and an SDXL base folder: recognised, and
+//! reproducing diffusers' outputs.
 //! The weights are GBs, so these run outside CI (`#[ignore]`), on the folder
 //! `tests/reference/check_full_size.py` fills (its docstring has the commands):
 //!
@@ -17,7 +18,9 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use common::{get, max_abs, max_abs_diff};
 use lora_core::models::config::PredictionType;
+use lora_core::models::sdxl_prompt::SdxlTextEncoders;
 use lora_core::source::{BaseChoices, ModelFolder, ModelSource};
+use lora_core::AddedConditioning;
 use lora_infer::{GenerateOptions, Pipeline, SchedulerKind};
 
 /// Relative tolerances (max |ours − diffusers| / max |diffusers|): the issue's bounds.
@@ -136,4 +139,83 @@ fn sd21_single_file_and_folder_reproduce_diffusers() -> Result<()> {
     );
     check_outputs(&file, "sd21")?;
     check_outputs(&open(dir.join("sd21"))?, "sd21")
+}
+
+/// Full-size SDXL base 1.0 (random weights, `tests/reference/check_full_size_sdxl.py`): both
+/// text encoders' prompt encoding, the UNet with its added conditioning, the VAE, and 2 Euler
+/// steps with guidance 5, against diffusers in f32.
+#[test]
+#[ignore = "needs GBs of weights made by tests/reference/check_full_size_sdxl.py"]
+fn sdxl_folder_reproduces_diffusers() -> Result<()> {
+    let dir = out_dir()?;
+    let model = open(dir.join("sdxl"))?;
+    assert!(model.is_sdxl());
+    let exp = candle_core::safetensors::load(dir.join("sdxl-expected.safetensors"), &Device::Cpu)?;
+    let dev = Device::Cpu;
+    let prompt = "a photograph of an astronaut riding a horse";
+    {
+        let started = std::time::Instant::now();
+        let (te_config, te2_config) =
+            (model.text_encoder_config()?, model.text_encoder_2_config()?);
+        let encoders = SdxlTextEncoders::new(
+            model.load_text_encoder(&te_config, DType::F32, &dev, Default::default())?,
+            model.load_text_encoder_2(&te2_config, DType::F32, &dev, Default::default())?,
+            model.tokenizer()?,
+            model.tokenizer_2()?,
+        )?;
+        let embeddings = encoders.encode(&[prompt], &dev)?;
+        let context_err = rel(&embeddings.context, get(&exp, "prompt_embeds"));
+        let pooled_err = rel(&embeddings.pooled, get(&exp, "pooled_prompt_embeds"));
+        drop(encoders);
+        let unet = model.load_unet(&model.unet_config()?, DType::F32, &dev)?;
+        println!(
+            "sdxl: loaded in {:.1} s, peak RSS {:.0} MiB",
+            started.elapsed().as_secs_f64(),
+            peak_rss_mib()
+        );
+        let added = AddedConditioning {
+            text_embeds: get(&exp, "pooled_prompt_embeds").clone(),
+            time_ids: get(&exp, "unet_time_ids").clone(),
+        };
+        let unet_out = unet.forward_conditioned(
+            get(&exp, "unet_latents"),
+            &Tensor::new(&[500f32], &dev)?,
+            get(&exp, "prompt_embeds"),
+            Some(&added),
+        )?;
+        let unet_err = rel(&unet_out, get(&exp, "unet_out"));
+        drop(unet);
+        let vae = model.load_vae(DType::F32, &dev)?.context("a VAE")?;
+        let decoded = vae.decode(&(get(&exp, "vae_latents") / vae.scaling_factor())?)?;
+        let vae_err = rel(&decoded, get(&exp, "vae_decoded"));
+        println!(
+            "sdxl: prompt embeddings {context_err:.2e}, pooled {pooled_err:.2e}, UNet \
+             {unet_err:.2e}, VAE decode {vae_err:.2e}"
+        );
+        for (what, err) in [
+            ("prompt embeddings", context_err),
+            ("pooled embedding", pooled_err),
+            ("UNet", unet_err),
+            ("VAE", vae_err),
+        ] {
+            assert!(err <= FORWARD_TOLERANCE, "sdxl {what}: {err}");
+        }
+    }
+    let pipeline = Pipeline::load(&model, &[], &dev, DType::F32, false)?;
+    let options = GenerateOptions {
+        prompt: prompt.into(),
+        steps: 2,
+        guidance: 5.0,
+        scheduler: SchedulerKind::Euler,
+        width: Some(256),
+        height: Some(256),
+        num_images: 1,
+        init_latents: Some(get(&exp, "euler_init").clone()),
+        ..GenerateOptions::default()
+    };
+    let latents = pipeline.generate(&options)?.latents;
+    let euler_err = rel(&latents, get(&exp, "euler_final"));
+    println!("sdxl: 2 Euler steps with CFG {euler_err:.2e}");
+    assert!(euler_err <= LATENTS_TOLERANCE, "sdxl Euler: {euler_err}");
+    Ok(())
 }
