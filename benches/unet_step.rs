@@ -8,6 +8,8 @@
 //! - `train-sd15-32`, `train-sd15-64`: forward + backward + AdamW, batch 1, latents 32×32 / 64×64
 //! - `infer-sd15-32`, `infer-sd15-64`: classifier-free-guidance step (batch 2), latents 32×32 /
 //!   64×64, no gradients
+//! - `train-sdxl-32`, `infer-sdxl-32`: the same on the SDXL base UNet architecture (random weights,
+//!   `benches/sdxl_unet_config.json`), with its pooled embedding and size ids, latents 32×32
 //! - `train-tiny`, `infer-tiny`: the same on the sd1-tiny fixture model (a quick check)
 //!
 //! `--device`, `--dtype` (of the frozen base; LoRA stays f32) and `--batch` override a case's
@@ -37,7 +39,9 @@ use lora_toolkit::core::adapters::AdapterAlgorithm;
 use lora_toolkit::core::io::weights::{component_weights, RandomInit};
 use lora_toolkit::core::models::config::UNetConfig;
 use lora_toolkit::core::options::{DeviceSpec, Precision};
-use lora_toolkit::core::{Adapter, LoraConfig, LoraTargets, Rng, UNet2DConditionModel};
+use lora_toolkit::core::{
+    Adapter, AddedConditioning, LoraConfig, LoraTargets, Rng, UNet2DConditionModel,
+};
 
 struct Case {
     unet: UNet2DConditionModel,
@@ -60,6 +64,15 @@ fn load_case(name: &str, device: &Device, dtype: DType) -> Result<Case> {
                 "train-sd15-64" => (unet, 64, 1, true),
                 "infer-sd15-32" => (unet, 32, 2, false),
                 _ => (unet, 64, 2, false),
+            }
+        }
+        "train-sdxl-32" | "infer-sdxl-32" => {
+            let config = UNetConfig::from_file(&root.join("benches/sdxl_unet_config.json"))?;
+            let vb = RandomInit::frozen(0).var_builder(device).set_dtype(dtype);
+            let unet = UNet2DConditionModel::load(&config, &vb)?;
+            match name {
+                "train-sdxl-32" => (unet, 32, 1, true),
+                _ => (unet, 32, 2, false),
             }
         }
         "train-tiny" | "infer-tiny" => {
@@ -228,6 +241,19 @@ fn main() -> Result<()> {
         .to_dtype(dtype)?;
     let timesteps = Tensor::from_vec(vec![500f32; b], b, &device)?;
     let target = rng.normal_tensor((b, cfg.out_channels, s, s), &device)?;
+    // SDXL: a pooled embedding (the input width less the six size ids' features) and the ids of
+    // a 256² image.
+    let added = match cfg.text_time {
+        Some(tt) => Some(AddedConditioning {
+            text_embeds: rng
+                .normal_tensor((b, tt.input_dim - 6 * tt.time_embed_dim), &device)?
+                .to_dtype(dtype)?,
+            time_ids: Tensor::new(&[256f32, 256.0, 0.0, 0.0, 256.0, 256.0], &device)?
+                .unsqueeze(0)?
+                .repeat((b, 1))?,
+        }),
+        None => None,
+    };
 
     let lora = LoraConfig {
         rank: 4,
@@ -268,12 +294,18 @@ fn main() -> Result<()> {
         let t0 = Instant::now();
         if case.train {
             let (out, checkpointed) = if checkpointing {
-                let (prediction, pass) = case
-                    .unet
-                    .forward_checkpointed(&sample, &timesteps, &context)?;
+                let (prediction, pass) = case.unet.forward_checkpointed_conditioned(
+                    &sample,
+                    &timesteps,
+                    &context,
+                    added.as_ref(),
+                )?;
                 (prediction, Some(pass))
             } else {
-                (case.unet.forward(&sample, &timesteps, &context)?, None)
+                let prediction =
+                    case.unet
+                        .forward_conditioned(&sample, &timesteps, &context, added.as_ref())?;
+                (prediction, None)
             };
             // A GPU queues its work: wait for it, so each time is the work's, not its launch's.
             device.synchronize()?;
@@ -291,7 +323,9 @@ fn main() -> Result<()> {
             device.synchronize()?;
         } else {
             // Reading a value back also waits for an asynchronous device to finish.
-            let out = case.unet.forward(&sample, &timesteps, &context)?;
+            let out =
+                case.unet
+                    .forward_conditioned(&sample, &timesteps, &context, added.as_ref())?;
             out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         }
         Ok(())

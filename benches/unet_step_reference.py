@@ -60,6 +60,10 @@ def load_case(name):
             "infer-sd15-32": (32, 2, False),
             "infer-sd15-64": (64, 2, False),
         }[name]
+    elif name in ("train-sdxl-32", "infer-sdxl-32"):
+        config = json.loads((ROOT / "benches/sdxl_unet_config.json").read_text())
+        unet = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+        latent, batch, train = 32, (1 if name == "train-sdxl-32" else 2), name == "train-sdxl-32"
     elif name in ("train-tiny", "infer-tiny"):
         unet = UNet2DConditionModel.from_pretrained(str(ROOT / "tests/fixtures/sd1-tiny/unet"))
         latent, batch, train = 16, (1 if name == "train-tiny" else 2), name == "train-tiny"
@@ -116,6 +120,12 @@ def main():
     sample = torch.randn(b, c.in_channels, s, s, device=device, dtype=dtype)
     context = torch.randn(b, 77, c.cross_attention_dim, device=device, dtype=dtype)
     timesteps = torch.full((b,), 500.0, device=device)
+    # SDXL: a pooled embedding and the size ids of a 256² image (ours draws the same shapes).
+    added = None
+    if c.addition_embed_type == "text_time":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(b, pooled, device=device, dtype=dtype),
+                 "time_ids": torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]] * b, device=device)}
     target = torch.randn(b, c.out_channels, s, s, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -132,7 +142,7 @@ def main():
             sync()
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                out = unet(sample, timesteps, context).sample
+                out = unet(sample, timesteps, context, added_cond_kwargs=added).sample
             sync()
             forward_times.append(time.perf_counter() - t0)
             if device.type == "cuda":
@@ -145,7 +155,7 @@ def main():
         else:
             unet.eval()
             with torch.no_grad():
-                unet(sample, timesteps, context).sample.sum().item()
+                unet(sample, timesteps, context, added_cond_kwargs=added).sample.sum().item()
 
     step()
     forward_times.clear()
@@ -163,7 +173,7 @@ def main():
     if train and "--saved-tensors" in args:
         def forward():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return unet(sample, timesteps, context).sample
+                return unet(sample, timesteps, context, added_cond_kwargs=added).sample
         saved = saved_tensors_mib(forward, unet.parameters())
     print(json.dumps({
         "case": case,

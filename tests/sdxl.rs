@@ -46,6 +46,23 @@ fn load_unet() -> Result<UNet2DConditionModel> {
     UNet2DConditionModel::from_files(&config, &[weights], DType::F32, &Device::Cpu)
 }
 
+/// The pipeline case the fixture script ran: its prompt, 3 Euler steps with guidance 5, two
+/// images at 24×16 from its initial latents.
+fn pipeline_options(exp: &HashMap<String, Tensor>) -> GenerateOptions {
+    GenerateOptions {
+        prompt: "a red circle on a white background".into(),
+        steps: 3,
+        guidance: 5.0,
+        scheduler: SchedulerKind::Euler,
+        height: Some(16),
+        width: Some(24),
+        num_images: 2,
+        batch_size: 2,
+        init_latents: Some(get(exp, "pipeline_init_latents").clone()),
+        ..GenerateOptions::default()
+    }
+}
+
 fn added(exp: &HashMap<String, Tensor>) -> AddedConditioning {
     AddedConditioning {
         text_embeds: get(exp, "text_embeds").clone(),
@@ -274,17 +291,8 @@ fn pipeline_matches_stable_diffusion_xl_pipeline() -> Result<()> {
     let pipeline = Pipeline::load(&folder, &[], &Device::Cpu, DType::F32, false)?;
     for (case, negative) in [("pipeline", ""), ("pipeline_negative", "blurry")] {
         let options = GenerateOptions {
-            prompt: "a red circle on a white background".into(),
             negative_prompt: negative.into(),
-            steps: 3,
-            guidance: 5.0,
-            scheduler: SchedulerKind::Euler,
-            height: Some(16),
-            width: Some(24),
-            num_images: 2,
-            batch_size: 2,
-            init_latents: Some(get(&exp, "pipeline_init_latents").clone()),
-            ..GenerateOptions::default()
+            ..pipeline_options(&exp)
         };
         let generated = pipeline.generate(&options)?;
         let latents_err = max_abs_diff(&generated.latents, get(&exp, &format!("{case}_latents")));
@@ -306,18 +314,7 @@ fn peft_unet_adapter_matches_load_lora_weights() -> Result<()> {
     let exp = expected()?;
     let folder = ModelFolder::open(&sdxl())?;
     let adapter = sdxl().join("adapter_grad_peft.safetensors");
-    let options = GenerateOptions {
-        prompt: "a red circle on a white background".into(),
-        steps: 3,
-        guidance: 5.0,
-        scheduler: SchedulerKind::Euler,
-        height: Some(16),
-        width: Some(24),
-        num_images: 2,
-        batch_size: 2,
-        init_latents: Some(get(&exp, "pipeline_init_latents").clone()),
-        ..GenerateOptions::default()
-    };
+    let options = pipeline_options(&exp);
     let reference = get(&exp, "pipeline_lora_latents");
     for fuse in [false, true] {
         let spec = AdapterSpec::new(adapter.clone(), 0.8);
@@ -340,18 +337,7 @@ fn kohya_sdxl_adapter_matches_diffusers_loader() -> Result<()> {
     let exp = expected()?;
     let folder = ModelFolder::open(&sdxl())?;
     let adapter = sdxl().join("adapter_kohya.safetensors");
-    let options = GenerateOptions {
-        prompt: "a red circle on a white background".into(),
-        steps: 3,
-        guidance: 5.0,
-        scheduler: SchedulerKind::Euler,
-        height: Some(16),
-        width: Some(24),
-        num_images: 2,
-        batch_size: 2,
-        init_latents: Some(get(&exp, "pipeline_init_latents").clone()),
-        ..GenerateOptions::default()
-    };
+    let options = pipeline_options(&exp);
     let reference = get(&exp, "pipeline_kohya_latents");
     for fuse in [false, true] {
         let spec = AdapterSpec::new(adapter.clone(), 1.0);
@@ -485,16 +471,8 @@ fn lora_train_trains_an_sdxl_unet_adapter_that_generation_applies() -> Result<()
     let exp = expected()?;
     let folder = ModelFolder::open(&sdxl())?;
     let options = GenerateOptions {
-        prompt: "a red circle".into(),
         steps: 2,
-        guidance: 5.0,
-        scheduler: SchedulerKind::Euler,
-        height: Some(16),
-        width: Some(24),
-        num_images: 2,
-        batch_size: 2,
-        init_latents: Some(get(&exp, "pipeline_init_latents").clone()),
-        ..GenerateOptions::default()
+        ..pipeline_options(&exp)
     };
     let base = Pipeline::load(&folder, &[], &Device::Cpu, DType::F32, false)?.generate(&options)?;
     let with = Pipeline::load(
@@ -663,18 +641,7 @@ fn lora_merge_folds_a_kohya_sdxl_adapter_into_all_three_models() -> Result<()> {
         );
     }
     let folder = ModelFolder::open(&merged)?;
-    let options_gen = GenerateOptions {
-        prompt: "a red circle on a white background".into(),
-        steps: 3,
-        guidance: 5.0,
-        scheduler: SchedulerKind::Euler,
-        height: Some(16),
-        width: Some(24),
-        num_images: 2,
-        batch_size: 2,
-        init_latents: Some(get(&exp, "pipeline_init_latents").clone()),
-        ..GenerateOptions::default()
-    };
+    let options_gen = pipeline_options(&exp);
     let latents = Pipeline::load(&folder, &[], &Device::Cpu, DType::F32, false)?
         .generate(&options_gen)?
         .latents;

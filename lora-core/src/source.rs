@@ -868,13 +868,18 @@ impl ModelFolder {
         self.text_encoder_2_weights.is_some()
     }
 
-    /// SDXL's second text encoder's config.
-    pub fn text_encoder_2_config(&self) -> Result<ClipTextConfig> {
+    fn require_sdxl(&self) -> Result<()> {
         ensure!(
             self.is_sdxl(),
             "{} has no second text encoder (text_encoder_2/): it is not an SDXL model",
             self.root.display()
         );
+        Ok(())
+    }
+
+    /// SDXL's second text encoder's config.
+    pub fn text_encoder_2_config(&self) -> Result<ClipTextConfig> {
+        self.require_sdxl()?;
         ClipTextConfig::from_file(&self.root.join("text_encoder_2/config.json"))
     }
 
@@ -886,11 +891,7 @@ impl ModelFolder {
         device: &Device,
         deltas: BTreeMap<String, Tensor>,
     ) -> Result<TextEncoder> {
-        ensure!(
-            self.is_sdxl(),
-            "{} has no second text encoder (text_encoder_2/): it is not an SDXL model",
-            self.root.display()
-        );
+        self.require_sdxl()?;
         TextEncoder::load(
             &self.root.join("text_encoder_2"),
             config,

@@ -141,7 +141,7 @@ fn main() -> Result<()> {
         cli.fuse,
         cli.allow_nonfinite,
     )?;
-    for warning in pipeline.adapter_warnings() {
+    for warning in pipeline.load_warnings() {
         eprintln!("warning: {warning}");
     }
     let (width, height) = pipeline.image_size(&options)?;

@@ -33,7 +33,7 @@ pub struct Pipeline {
     vae: Option<Vae>,
     scheduler_config: SchedulerConfig,
     device: Device,
-    adapter_warnings: Vec<String>,
+    load_warnings: Vec<String>,
 }
 
 /// The parts of a [`Pipeline`], for callers that already hold them (e.g. a training loop sampling
@@ -157,7 +157,7 @@ impl Pipeline {
     }
 
     /// [`load`](Self::load), letting adapters with NaN or infinity through when
-    /// `allow_nonfinite`, each listed by [`adapter_warnings`](Self::adapter_warnings).
+    /// `allow_nonfinite`, each listed by [`load_warnings`](Self::load_warnings).
     pub fn load_with(
         model: &ModelFolder,
         adapters: &[AdapterSpec],
@@ -185,12 +185,12 @@ impl Pipeline {
             text_encoder: Some(&te_modules),
             text_encoder_2: te2_modules.as_deref(),
         };
-        let mut adapter_warnings = Vec::new();
+        let mut load_warnings = Vec::new();
         let resolved: Vec<(&AdapterSpec, Adapter)> = adapters
             .iter()
             .map(|spec| {
                 let file = AdapterFile::read_with(&spec.path, device, allow_nonfinite)?;
-                adapter_warnings.extend_from_slice(file.warnings());
+                load_warnings.extend_from_slice(file.warnings());
                 let adapter = file.resolve(&modules).with_context(|| {
                     format!(
                         "adapter {} does not fit the model {} (trained for another base model?)",
@@ -259,6 +259,13 @@ impl Pipeline {
             Some(config) => {
                 // diffusers runs VAEs marked force_upcast (SD's) in f32 when the model is f16.
                 let vae_dtype = if config.force_upcast && dtype == DType::F16 {
+                    if model.is_sdxl() {
+                        load_warnings.push(
+                            "decoding with the VAE in f32: SDXL's original VAE overflows to NaN \
+                             in f16 (its config says force_upcast)"
+                                .to_owned(),
+                        );
+                    }
                     DType::F32
                 } else {
                     dtype
@@ -274,13 +281,14 @@ impl Pipeline {
             scheduler_config: model.scheduler_config()?,
             device: device.clone(),
         })?;
-        pipeline.adapter_warnings = adapter_warnings;
+        pipeline.load_warnings = load_warnings;
         Ok(pipeline)
     }
 
-    /// What `--allow-nonfinite` let through when the adapters were read.
-    pub fn adapter_warnings(&self) -> &[String] {
-        &self.adapter_warnings
+    /// What loading let through or changed that the user should hear: adapters' NaN or
+    /// infinity (`--allow-nonfinite`), SDXL's VAE decoding in f32 under f16.
+    pub fn load_warnings(&self) -> &[String] {
+        &self.load_warnings
     }
 
     pub fn from_parts(parts: PipelineParts) -> Result<Self> {
@@ -310,7 +318,7 @@ impl Pipeline {
             vae: parts.vae,
             scheduler_config: parts.scheduler_config,
             device: parts.device,
-            adapter_warnings: Vec::new(),
+            load_warnings: Vec::new(),
         })
     }
 
