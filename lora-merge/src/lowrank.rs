@@ -367,7 +367,7 @@ fn write_output(path: &Path, modules: &[OutputModule], operation: &str) -> Resul
         .collect::<Result<_>>()?;
     let text_encoder = modules
         .iter()
-        .filter(|m| m.name.starts_with("lora_te_"))
+        .filter(|m| Component::split_kohya_key(&m.name).is_some_and(|(c, _)| c.is_text_encoder()))
         .count();
     let mut metadata = network_metadata(&modules);
     metadata.extend([

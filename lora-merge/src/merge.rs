@@ -660,9 +660,10 @@ fn candle_dtype(dtype: Dtype) -> Result<DType> {
     })
 }
 
-/// Copies a diffusers folder's non-weight files (model_index.json, configs, tokenizer,
-/// scheduler) into `to`. Weight files are skipped: the merge writes the ones it read, and stale
-/// variants (`*.fp16.safetensors`, `*.bin`) would hold unmerged weights.
+/// Copies a diffusers folder's config files (model_index.json, configs, tokenizer, scheduler:
+/// `.json` and `.txt`) into `to`. Nothing else: the merge writes the weights it read, and other
+/// weight files (`*.fp16.safetensors`, `*.bin`, Flax, ONNX, OpenVINO) would hold unmerged
+/// weights.
 fn copy_folder_files(from: &Path, to: &Path, weight_files: &[PathBuf]) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
     let index = from.join("model_index.json");
@@ -685,10 +686,12 @@ fn copy_folder_files(from: &Path, to: &Path, weight_files: &[PathBuf]) -> Result
         std::fs::create_dir_all(to.join(sub))?;
         for item in std::fs::read_dir(&dir)? {
             let path = item?.path();
-            let is_weights = ["safetensors", "bin", "ckpt"]
+            // Configs and tokenizer files only: a Hub clone also holds weights in other formats
+            // (Flax, ONNX, OpenVINO), which would be unmerged copies.
+            let is_config = ["json", "txt"]
                 .iter()
                 .any(|ext| path.extension().is_some_and(|e| e == *ext));
-            if path.is_file() && !is_weights && !weight_files.contains(&path) {
+            if path.is_file() && is_config && !weight_files.contains(&path) {
                 let target = to
                     .join(sub)
                     .join(path.file_name().expect("a file has a name"));
@@ -704,6 +707,32 @@ fn copy_folder_files(from: &Path, to: &Path, weight_files: &[PathBuf]) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_config_and_tokenizer_files_are_copied() -> Result<()> {
+        let from = tempfile::tempdir()?;
+        let to = tempfile::tempdir()?;
+        let files = [
+            ("model_index.json", true),
+            ("unet/config.json", true),
+            ("unet/diffusion_pytorch_model.fp16.safetensors", false),
+            ("unet/flax_model.msgpack", false),
+            ("text_encoder_2/model.onnx", false),
+            ("text_encoder_2/config.json", true),
+            ("tokenizer_2/merges.txt", true),
+            ("tokenizer_2/vocab.json", true),
+        ];
+        for (name, _) in files {
+            let path = from.path().join(name);
+            std::fs::create_dir_all(path.parent().expect("a parent"))?;
+            std::fs::write(&path, name)?;
+        }
+        copy_folder_files(from.path(), to.path(), &[])?;
+        for (name, copied) in files {
+            assert_eq!(to.path().join(name).is_file(), copied, "{name}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn non_finite_values_are_found_in_every_float_dtype() {

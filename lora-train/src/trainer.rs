@@ -16,6 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, Var};
 use lora_core::adapters::TrainableAdapter;
 use lora_core::adapters::{AdapterAlgorithm, AdapterModules, ModuleInfo, ModuleKind, UNetBlocks};
+use lora_core::formats::keys::KohyaNamer;
 use lora_core::formats::kohya::{python_bool, python_float};
 use lora_core::io::folder_of;
 use lora_core::io::weights::mmap_safetensors;
@@ -211,10 +212,16 @@ impl Trainer {
         );
         let unet_config = model.unet_config()?;
         ensure!(
-            unet_config.text_time.is_none() || model.is_sdxl(),
-            "{}: the UNet takes SDXL's added conditioning but the model has no second text \
-             encoder (text_encoder_2/)",
-            model.root().display()
+            unet_config.text_time.is_some() == model.is_sdxl(),
+            "{}: the UNet {} SDXL's added conditioning but the model {} a second text encoder \
+             (text_encoder_2/)",
+            model.root().display(),
+            if model.is_sdxl() {
+                "does not take"
+            } else {
+                "takes"
+            },
+            if model.is_sdxl() { "has" } else { "has no" },
         );
         if config.resolution_from_model {
             if let Some(side) = model.native_resolution()? {
@@ -225,6 +232,8 @@ impl Trainer {
         let mut unet = model
             .load_unet(&unet_config, config.precision.dtype(), &device)
             .with_context(|| format!("cannot load the UNet of {}", model.root().display()))?;
+        // The file's kohya names must be writable before the run, not only at its first save.
+        KohyaNamer::new(&unet.adapter_modules(), model.is_sdxl())?;
         let schedule = NoiseSchedule::new(&model.scheduler_config()?);
         let base_model = match model.is_sdxl() {
             true => BaseModelVersion::SdxlBase,

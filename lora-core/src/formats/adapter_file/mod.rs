@@ -312,8 +312,9 @@ impl AdapterFile {
         )
     }
 
-    /// Whether the file is an SDXL adapter: it has second-text-encoder modules, or its header
-    /// says so (kohya's `ss_base_model_version` `sdxl_…`, modelspec's architecture).
+    /// Whether the file is an SDXL adapter: it has second-text-encoder modules or `lora_te1_`
+    /// names, or its header says so (kohya's `ss_base_model_version` `sdxl_…`, modelspec's
+    /// architecture).
     pub fn is_sdxl(&self) -> bool {
         let lora = self.modules.iter().map(|m| m.component);
         let second = lora
@@ -324,7 +325,13 @@ impl AdapterFile {
                 .get(key)
                 .is_some_and(|value| value.starts_with(marker))
         };
+        // A kohya file numbers its first text encoder only for SDXL.
+        let numbered = self
+            .modules
+            .iter()
+            .any(|m| m.down_key.starts_with("lora_te1_"));
         second
+            || numbered
             || said("ss_base_model_version", "sdxl")
             || said("modelspec.architecture", "stable-diffusion-xl")
     }
