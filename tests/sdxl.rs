@@ -311,44 +311,40 @@ fn pipeline_matches_stable_diffusion_xl_pipeline() -> Result<()> {
 
 #[test]
 fn peft_unet_adapter_matches_load_lora_weights() -> Result<()> {
+    generation_matches(
+        &sdxl().join("adapter_grad_peft.safetensors"),
+        0.8,
+        "pipeline_lora_latents",
+    )
+}
+
+/// The fixture's pipeline case with `adapter` at `scale`, unmerged and fused, against diffusers'
+/// final latents `reference` (with the adapter loaded by `load_lora_weights`).
+fn generation_matches(adapter: &std::path::Path, scale: f64, reference: &str) -> Result<()> {
     let exp = expected()?;
     let folder = ModelFolder::open(&sdxl())?;
-    let adapter = sdxl().join("adapter_grad_peft.safetensors");
     let options = pipeline_options(&exp);
-    let reference = get(&exp, "pipeline_lora_latents");
     for fuse in [false, true] {
-        let spec = AdapterSpec::new(adapter.clone(), 0.8);
+        let spec = AdapterSpec::new(adapter.to_path_buf(), scale);
         let pipeline = Pipeline::load(&folder, &[spec], &Device::Cpu, DType::F32, fuse)?;
-        let err = max_abs_diff(&pipeline.generate(&options)?.latents, reference);
+        let err = max_abs_diff(&pipeline.generate(&options)?.latents, get(&exp, reference));
         println!(
-            "SDXL with the PEFT adapter at 0.8 (fused: {fuse}): final latents max error {err:.3e}"
+            "SDXL with {} at {scale} (fused: {fuse}): final latents max error {err:.3e}",
+            adapter.display()
         );
         assert!(
             err <= 1e-3,
             "fused: {fuse}: latents differ from diffusers by {err}"
         );
     }
-
     Ok(())
 }
 
 #[test]
 fn kohya_sdxl_adapter_matches_diffusers_loader() -> Result<()> {
-    let exp = expected()?;
     let folder = ModelFolder::open(&sdxl())?;
     let adapter = sdxl().join("adapter_kohya.safetensors");
-    let options = pipeline_options(&exp);
-    let reference = get(&exp, "pipeline_kohya_latents");
-    for fuse in [false, true] {
-        let spec = AdapterSpec::new(adapter.clone(), 1.0);
-        let pipeline = Pipeline::load(&folder, &[spec], &Device::Cpu, DType::F32, fuse)?;
-        let err = max_abs_diff(&pipeline.generate(&options)?.latents, reference);
-        println!("SDXL with the kohya adapter (fused: {fuse}): final latents max error {err:.3e}");
-        assert!(
-            err <= 1e-3,
-            "fused: {fuse}: latents differ from diffusers by {err}"
-        );
-    }
+    generation_matches(&adapter, 1.0, "pipeline_kohya_latents")?;
 
     // Every module of the file resolves: UNet modules by their LDM names, both text encoders.
     let unet_config = UNetConfig::from_file(&sdxl().join("unet/config.json"))?;

@@ -33,6 +33,9 @@ const EMA_MIN_TENSORS: usize = 100;
 /// Key prefix of the EMA copy; its names are the UNet's with `model.` cut and the dots removed.
 pub const EMA_PREFIX: &str = "model_ema.";
 
+/// Where SDXL-family single files keep their text encoders.
+const SDXL_PREFIX: &str = "conditioner.embedders.";
+
 /// Key prefixes of models that are not SD 1.x/2.x, and what to call them.
 const OTHER_MODELS: &[(&str, &str)] = &[
     ("conditioner.embedders.1.model.", "an SDXL base checkpoint"),
@@ -74,9 +77,17 @@ fn input_channels_kind(channels: usize) -> &'static str {
 pub fn refuse_other_models<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Result<()> {
     for (prefix, what) in OTHER_MODELS {
         if keys.clone().any(|k| k.starts_with(prefix)) {
+            // SDXL runs from its diffusers folder; its single files are not read yet.
+            let alternative = match prefix.starts_with(SDXL_PREFIX) {
+                true => {
+                    "; SDXL is supported from its diffusers folder (e.g. \
+                     stabilityai/stable-diffusion-xl-base-1.0), not yet from a single file"
+                }
+                false => "",
+            };
             bail!(
                 "this is {what} (it has `{prefix}…` tensors); only SD 1.x and SD 2.x \
-                 text-to-image checkpoints are supported"
+                 single-file checkpoints are supported{alternative}"
             );
         }
     }
@@ -274,6 +285,10 @@ mod tests {
         );
         let err = identify_architecture(&xl).unwrap_err();
         assert!(err.to_string().contains("SDXL base"), "{err}");
+        assert!(
+            err.to_string().contains("from its diffusers folder"),
+            "{err}"
+        );
     }
 
     #[test]
