@@ -496,8 +496,8 @@ fn files_to_download(listed: &[&str]) -> Vec<String> {
     for dir in ["tokenizer", "tokenizer_2"] {
         files.extend(TOKENIZER_FILES.iter().map(|f| format!("{dir}/{f}")));
     }
-    // Only what exists: an optional part (vae/, tokenizer/, SDXL's second encoder) may be absent, and a missing required
-    // file is reported by `ModelFolder::open` with its name.
+    // Only what exists: an optional part (vae/, tokenizer/, SDXL's second encoder) may be
+    // absent, and a missing required file is reported by `ModelFolder::open` with its name.
     files.retain(|f| has(f));
     files
 }

@@ -3,8 +3,9 @@
 //! with LoRA adapters applied to the UNet (unmerged at their scale, or fused into the weights)
 //! and folded into the text encoder. For SDXL, `StableDiffusionXLPipeline`'s: two text encoders
 //! ([`PromptEncoder`]), the pooled embedding and the size micro-conditioning (original size =
-//! target size = the image's, no crop) added to the UNet's inputs. img2img ([`InitImage`], `strength`) follows
-//! `StableDiffusionImg2ImgPipeline`: the image's latents noised to the first step kept.
+//! target size = the image's, no crop) added to the UNet's inputs. img2img ([`InitImage`],
+//! `strength`) follows `StableDiffusionImg2ImgPipeline`: the image's latents noised to the first
+//! step kept.
 //!
 //! A model without `vae/` denoises pixels: its final "latents" are the image in [-1, 1].
 

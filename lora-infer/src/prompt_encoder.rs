@@ -118,21 +118,22 @@ impl PromptEncoder {
                 encoders,
                 zeros_for_empty_negative,
             } => {
-                let cond = encoders.encode(&[prompt], device)?;
-                if !guided {
-                    return Ok(EncodedPrompts {
-                        context: cond.context,
-                        pooled: Some(cond.pooled),
-                    });
-                }
-                let uncond = if negative.is_empty() && *zeros_for_empty_negative {
-                    SdxlPromptEmbeddings::zeros_like(&cond)?
+                let embeddings = if !guided {
+                    encoders.encode(&[prompt], device)?
+                } else if negative.is_empty() && *zeros_for_empty_negative {
+                    let cond = encoders.encode(&[prompt], device)?;
+                    let zeros = cond.zeros_like()?;
+                    SdxlPromptEmbeddings {
+                        context: Tensor::cat(&[&zeros.context, &cond.context], 0)?,
+                        pooled: Tensor::cat(&[&zeros.pooled, &cond.pooled], 0)?,
+                    }
                 } else {
-                    encoders.encode(&[negative], device)?
+                    // One pass for both rows, as the CLIP branch does.
+                    encoders.encode(&[negative, prompt], device)?
                 };
                 Ok(EncodedPrompts {
-                    context: Tensor::cat(&[&uncond.context, &cond.context], 0)?,
-                    pooled: Some(Tensor::cat(&[&uncond.pooled, &cond.pooled], 0)?),
+                    context: embeddings.context,
+                    pooled: Some(embeddings.pooled),
                 })
             }
         }

@@ -10,9 +10,8 @@
 //! the run. `--validation-split F` holds out a fraction of the dataset, chosen by `--seed`.
 
 use anyhow::{ensure, Result};
-use candle_core::Tensor;
 use lora_core::models::text_encoder::TextEncoder;
-use lora_core::{Rng, UNet2DConditionModel};
+use lora_core::{AddedConditioning, Rng, UNet2DConditionModel};
 
 use crate::cache::{conditioning, EncodedDataset};
 use crate::dataset::Dataset;
@@ -64,12 +63,20 @@ impl Validation {
         for item in 0..self.items {
             let mut rng = Rng::new(derive_seed(0, NOISE_STREAM + item as u64));
             let sample = self.data.sample(item, false, false, &mut rng)?;
-            let (_, c, h, w) = sample.latents.unsqueeze(0)?.dims4()?;
-            // The same sample at every timestep.
-            let repeated = vec![sample; k];
-            let latents: Vec<&Tensor> = repeated.iter().map(|s| &s.latents).collect();
-            let latents = Tensor::stack(&latents, 0)?;
-            let (context, added) = conditioning(&repeated, text_encoder)?;
+            let latents = sample.latents.unsqueeze(0)?;
+            let (_, c, h, w) = latents.dims4()?;
+            // The same sample at every timestep; its caption encoded once.
+            let latents = latents.repeat((k, 1, 1, 1))?;
+            let (context, added) = conditioning(std::slice::from_ref(&sample), text_encoder)?;
+            let context = context.repeat((k, 1, 1))?;
+            let added = added
+                .map(|a| -> Result<AddedConditioning> {
+                    Ok(AddedConditioning {
+                        text_embeds: a.text_embeds.repeat((k, 1))?,
+                        time_ids: a.time_ids.repeat((k, 1))?,
+                    })
+                })
+                .transpose()?;
             let noise = rng.normal_tensor((k, c, h, w), latents.device())?;
             let batch = DenoisingBatch::with_noise(schedule, None, &latents, &timesteps, noise)?;
             let prediction =

@@ -21,11 +21,11 @@ pub struct SdxlPromptEmbeddings {
 }
 
 impl SdxlPromptEmbeddings {
-    /// `force_zeros_for_empty_prompt`: zeros shaped like `like`, for the empty negative prompt.
-    pub fn zeros_like(like: &Self) -> Result<Self> {
+    /// `force_zeros_for_empty_prompt`: zeros shaped like these, for the empty negative prompt.
+    pub fn zeros_like(&self) -> Result<Self> {
         Ok(Self {
-            context: like.context.zeros_like()?,
-            pooled: like.pooled.zeros_like()?,
+            context: self.context.zeros_like()?,
+            pooled: self.pooled.zeros_like()?,
         })
     }
 }

@@ -189,9 +189,7 @@ impl TextEncoder {
     /// `[batch, seq, hidden]` last hidden state. No padding mask, as SD pipelines call it: padding
     /// positions still attend causally to everything before them.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let xs = self.embed(ids)?;
-        let xs = self.encoder.forward(&xs, AttentionMask::Causal)?;
-        Ok(self.final_layer_norm.forward(&xs)?)
+        Ok(self.forward_states(ids)?.last)
     }
 
     /// [`Self::forward`] keeping the penultimate layer's output too (what SDXL conditions on).
@@ -253,14 +251,6 @@ impl TextEncoder {
     /// Whether the weights had `text_projection.weight` (a `CLIPTextModelWithProjection`).
     pub fn has_projection(&self) -> bool {
         self.text_projection.is_some()
-    }
-
-    /// The width of [`Self::pooled_output`].
-    pub fn pooled_width(&self) -> usize {
-        match (&self.text_projection, self.config.projection_dim) {
-            (Some(_), Some(dim)) => dim,
-            _ => self.config.hidden_size,
-        }
     }
 
     pub fn config(&self) -> &ClipTextConfig {

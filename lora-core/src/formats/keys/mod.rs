@@ -377,7 +377,7 @@ pub struct KohyaNames {
 
 impl KohyaNames {
     /// Indexes the modules of each component: UNet modules under their diffusers spelling and,
-    /// where [`ldm_unet_path`] gives one, their LDM spelling (SDXL kohya files); text-encoder
+    /// where [`LdmUnetPaths`] gives one, their LDM spelling (SDXL kohya files); text-encoder
     /// modules with and without the `text_model.` level. Fails if two modules flatten to the same
     /// name: matching would then be ambiguous.
     pub fn new(
@@ -390,7 +390,7 @@ impl KohyaNames {
         let ldm = LdmUnetPaths::of(unet);
         for info in unet {
             names.insert(
-                format!("{unet_prefix}{}", kohya_flatten(&info.path)),
+                kohya_name(Component::Unet, &info.path, false),
                 Component::Unet,
                 &info.path,
             )?;

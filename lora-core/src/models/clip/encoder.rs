@@ -77,11 +77,7 @@ impl ClipEncoder {
 
     /// `[batch, seq, hidden]` → the same shape.
     pub fn forward(&self, xs: &Tensor, mask: AttentionMask) -> Result<Tensor> {
-        let mut xs = xs.clone();
-        for layer in &self.layers {
-            xs = layer.forward(&xs, mask)?;
-        }
-        Ok(xs)
+        Ok(self.forward_with_penultimate(xs, mask)?.1)
     }
 
     /// [`Self::forward`] returning the penultimate layer's output too (`hidden_states[-2]`;
