@@ -1,9 +1,10 @@
 //! Recognising single-file checkpoints from their tensors, on the headers (names and shapes, no
-//! data) of real-size SD 1.5 and SD 2.1 files: `tests/fixtures/checkpoint_headers/*.json`, written
-//! by `tests/reference/check_full_size.py` from files that diffusers' own `from_single_file`
-//! loaded tensor for tensor and whose model type diffusers' `infer_diffusers_model_type` gave as
-//! `v1` and `v2`. Variants of them stand for the files we refuse (inpainting, SDXL, SD 3) and the
-//! extras real files carry (an EMA copy, kohya's 1×1-conv projections in SD 2).
+//! data) of real-size SD 1.5, SD 2.1 and SDXL base files: `tests/fixtures/checkpoint_headers/*.json`,
+//! written by `tests/reference/check_full_size.py` and `check_full_size_sdxl.py` from files that
+//! diffusers' own `from_single_file` loaded tensor for tensor and whose model type diffusers'
+//! `infer_diffusers_model_type` gave as `v1`, `v2` and `xl_base`. Variants of them stand for the
+//! files we refuse (inpainting, the SDXL refiner, SD 3) and the extras real files carry (an EMA
+//! copy, kohya's 1×1-conv projections in SD 2).
 
 use std::collections::BTreeMap;
 
@@ -11,6 +12,7 @@ use anyhow::Result;
 use lora_core::formats::checkpoint_kind::{
     ema_key, has_ema, identify_architecture, identify_prediction, PredictionHints,
 };
+use lora_core::formats::ldm::{LdmLayout, LdmTensor, ModelPart, TextEncoderLayout};
 use lora_core::models::config::{Architecture, BuiltinConfigs, PredictionType};
 
 mod common;
@@ -29,50 +31,73 @@ fn shape<'a>(shapes: &'a Shapes, key: &str) -> &'a [usize] {
 }
 
 /// The built-in configs of the recognised model agree with the file's shapes: context width,
-/// text encoder width and depth, first UNet block, VAE latent channels.
+/// text encoders' widths and depths, first UNet block, VAE latent channels.
 fn check_builtin_fits(shapes: &Shapes, configs: BuiltinConfigs) -> Result<()> {
     let unet = configs.unet()?;
-    let text = configs.text_encoder()?;
     let vae = configs.vae()?;
     let conv_in = shape(shapes, "model.diffusion_model.input_blocks.0.0.weight");
     assert_eq!(conv_in[..2], [unet.block_out_channels[0], unet.in_channels]);
+    // The first attention: SDXL's first down block has none.
+    let row = match configs.architecture {
+        Architecture::Sdxl => 4,
+        _ => 1,
+    };
     let to_k = shape(
         shapes,
-        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+        &format!(
+            "model.diffusion_model.input_blocks.{row}.1.transformer_blocks.0.attn2.to_k.weight"
+        ),
     );
     assert_eq!(to_k[1], unet.cross_attention_dim);
-    let (embedding, layer_prefix) = match configs.architecture {
-        Architecture::Sd1 => (
+    // (config, token embedding, layer prefix) per text encoder.
+    let encoders = match configs.architecture {
+        Architecture::Sd1 => vec![(
+            configs.text_encoder()?,
             "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
             "cond_stage_model.transformer.text_model.encoder.layers.",
-        ),
-        Architecture::Sd2 => (
+        )],
+        Architecture::Sd2 => vec![(
+            configs.text_encoder()?,
             "cond_stage_model.model.token_embedding.weight",
             "cond_stage_model.model.transformer.resblocks.",
-        ),
+        )],
+        Architecture::Sdxl => vec![
+            (
+                configs.text_encoder()?,
+                "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+                "conditioner.embedders.0.transformer.text_model.encoder.layers.",
+            ),
+            (
+                configs.text_encoder_2()?,
+                "conditioner.embedders.1.model.token_embedding.weight",
+                "conditioner.embedders.1.model.transformer.resblocks.",
+            ),
+        ],
     };
-    assert_eq!(
-        shape(shapes, embedding),
-        [text.vocab_size, text.hidden_size]
-    );
-    let layers = shapes
-        .keys()
-        .filter_map(|k| {
-            k.strip_prefix(layer_prefix)?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map_or(0, |n| n + 1);
-    // SD 2 uses OpenCLIP's penultimate layer: diffusers' text encoder has 23 layers, a real file
-    // 24 (the last unused), ours converted from a diffusers folder 23.
-    let extra = usize::from(configs.architecture == Architecture::Sd2);
-    assert!(
-        (text.num_hidden_layers..=text.num_hidden_layers + extra).contains(&layers),
-        "{layers} text encoder layers"
-    );
+    for (text, embedding, layer_prefix) in encoders {
+        assert_eq!(
+            shape(shapes, embedding),
+            [text.vocab_size, text.hidden_size]
+        );
+        let layers = shapes
+            .keys()
+            .filter_map(|k| {
+                k.strip_prefix(layer_prefix)?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |n| n + 1);
+        // SD 2 uses OpenCLIP's penultimate layer: diffusers' text encoder has 23 layers, a real
+        // file 24 (the last unused), ours converted from a diffusers folder 23.
+        let extra = usize::from(configs.architecture == Architecture::Sd2);
+        assert!(
+            (text.num_hidden_layers..=text.num_hidden_layers + extra).contains(&layers),
+            "{layers} text encoder layers"
+        );
+    }
     let quant = shape(shapes, "first_stage_model.quant_conv.weight");
     assert_eq!(quant[0], 2 * vae.latent_channels);
     Ok(())
@@ -83,6 +108,7 @@ fn real_size_headers_are_recognised_with_their_defaults() -> Result<()> {
     for (name, architecture, prediction, side) in [
         ("sd15", Architecture::Sd1, PredictionType::Epsilon, 512),
         ("sd21", Architecture::Sd2, PredictionType::VPrediction, 768),
+        ("sdxl", Architecture::Sdxl, PredictionType::Epsilon, 1024),
     ] {
         let shapes = header(name)?;
         assert!(shapes.len() > 1000, "{name}: {} tensors", shapes.len());
@@ -98,6 +124,37 @@ fn real_size_headers_are_recognised_with_their_defaults() -> Result<()> {
         check_builtin_fits(&shapes, configs)?;
         assert!(!has_ema(shapes.keys()));
     }
+    Ok(())
+}
+
+/// Every tensor of the SDXL header has its diffusers name, as many per model as diffusers read
+/// from the file (`check_full_size_sdxl.py verify`: 1680, 248, 196 and 517), the second encoder's
+/// stacked q/k/v counted as three.
+#[test]
+fn sdxl_header_maps_onto_the_diffusers_models() -> Result<()> {
+    let shapes = header("sdxl")?;
+    let layout = LdmLayout::detect(shapes.keys().map(String::as_str))?;
+    assert_eq!(layout.text_encoder, TextEncoderLayout::Sdxl);
+    let mut counts: BTreeMap<ModelPart, usize> = BTreeMap::new();
+    for key in shapes.keys() {
+        let parts = match layout.diffusers_name(key)? {
+            LdmTensor::Renamed(t) | LdmTensor::Transposed(t) => vec![t.part],
+            LdmTensor::StackedQkv(thirds) => thirds.map(|t| t.part).to_vec(),
+            LdmTensor::Other => panic!("`{key}` is part of no model"),
+        };
+        for part in parts {
+            *counts.entry(part).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        counts,
+        BTreeMap::from([
+            (ModelPart::Unet, 1680),
+            (ModelPart::Vae, 248),
+            (ModelPart::TextEncoder, 196),
+            (ModelPart::TextEncoder2, 517),
+        ])
+    );
     Ok(())
 }
 
@@ -128,8 +185,8 @@ fn files_of_other_models_are_refused_by_name() -> Result<()> {
     }
     for (key, what) in [
         (
-            "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
-            "SDXL base",
+            "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias",
+            "SDXL refiner",
         ),
         (
             "model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",

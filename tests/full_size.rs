@@ -1,6 +1,6 @@
-//! Real-size SD 1.5 and SD 2.1 (768, v-prediction) checkpoints with random weights, as folders and
-//! as single files with no configs beside them, and an SDXL base folder: recognised, and
-//! reproducing diffusers' outputs.
+//! Real-size SD 1.5, SD 2.1 (768, v-prediction) and SDXL base checkpoints with random weights, as
+//! folders and as single files with no configs beside them: recognised, and reproducing
+//! diffusers' outputs.
 //! The weights are GBs, so these run outside CI (`#[ignore]`), on the folder
 //! `tests/reference/check_full_size.py` fills (its docstring has the commands):
 //!
@@ -141,14 +141,24 @@ fn sd21_single_file_and_folder_reproduce_diffusers() -> Result<()> {
     check_outputs(&open(dir.join("sd21"))?, "sd21")
 }
 
-/// Full-size SDXL base 1.0 (random weights, `tests/reference/check_full_size_sdxl.py`): both
-/// text encoders' prompt encoding, the UNet with its added conditioning, the VAE, and 2 Euler
-/// steps with guidance 5, against diffusers in f32.
+/// Full-size SDXL base 1.0 (random weights, `tests/reference/check_full_size_sdxl.py`), as its
+/// diffusers folder and as the single file lora-merge wrote from it, which diffusers'
+/// `from_single_file` read back tensor for tensor; the single file is opened with no configs (the
+/// built-in SDXL ones).
 #[test]
 #[ignore = "needs GBs of weights made by tests/reference/check_full_size_sdxl.py"]
-fn sdxl_folder_reproduces_diffusers() -> Result<()> {
+fn sdxl_single_file_and_folder_reproduce_diffusers() -> Result<()> {
     let dir = out_dir()?;
-    let model = open(dir.join("sdxl"))?;
+    let file = open(dir.join("sdxl.safetensors"))?;
+    assert!(file.is_single_file());
+    check_sdxl(&file)?;
+    check_sdxl(&open(dir.join("sdxl"))?)
+}
+
+/// Both text encoders' prompt encoding, the UNet with its added conditioning, the VAE, and 2
+/// Euler steps with guidance 5, against diffusers in f32.
+fn check_sdxl(model: &ModelFolder) -> Result<()> {
+    let dir = out_dir()?;
     assert!(model.is_sdxl());
     let exp = candle_core::safetensors::load(dir.join("sdxl-expected.safetensors"), &Device::Cpu)?;
     let dev = Device::Cpu;
@@ -201,7 +211,7 @@ fn sdxl_folder_reproduces_diffusers() -> Result<()> {
             assert!(err <= FORWARD_TOLERANCE, "sdxl {what}: {err}");
         }
     }
-    let pipeline = Pipeline::load(&model, &[], &dev, DType::F32, false)?;
+    let pipeline = Pipeline::load(model, &[], &dev, DType::F32, false)?;
     let options = GenerateOptions {
         prompt: prompt.into(),
         steps: 2,

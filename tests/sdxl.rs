@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -23,7 +23,7 @@ use lora_toolkit::core::models::text_encoder::{self, TextEncoder};
 use lora_toolkit::core::models::tokenizer::ClipTokenizer;
 use lora_toolkit::core::options::AdapterSpec;
 use lora_toolkit::core::options::Precision;
-use lora_toolkit::core::source::ModelFolder;
+use lora_toolkit::core::source::{BaseChoices, ModelFolder, ModelSource};
 use lora_toolkit::core::{AdapterModule, AddedConditioning, LoraModule, UNet2DConditionModel};
 use lora_toolkit::infer::{GenerateOptions, Pipeline, SchedulerKind};
 use lora_toolkit::merge::{Conversion, MergeOptions, OutputLayout};
@@ -650,24 +650,191 @@ fn lora_merge_folds_a_kohya_sdxl_adapter_into_all_three_models() -> Result<()> {
         "the merged model differs from diffusers' unmerged run by {err}"
     );
 
-    // No SDXL single file is written (and nothing is left behind).
-    let single = out.path().join("merged.safetensors");
-    let err = lora_toolkit::merge::merge_converting(
-        &MergeOptions {
-            output: single.clone(),
-            ..options
-        },
-        Some(&Conversion {
-            to: OutputLayout::SingleFile,
-            config_from: None,
-            no_ema: false,
-        }),
-    )
-    .unwrap_err();
+    // The same adapter merged into the single file: OpenCLIP's stacked q/k/v get their three
+    // deltas, and the merged file generates what diffusers does with the adapter.
+    let merged_file = out.path().join("merged.safetensors");
+    let report = lora_toolkit::merge::merge(&MergeOptions {
+        base: ldm_file(),
+        output: merged_file.clone(),
+        ..options
+    })?;
+    assert_eq!(report.merged_modules[0].1, 192 + 18 + 18);
+    let model = single_file_with_configs(&merged_file)?;
+    let from_file = Pipeline::load(&model, &[], &Device::Cpu, DType::F32, false)?
+        .generate(&options_gen)?
+        .latents;
+    let err = max_abs_diff(&from_file, get(&exp, "pipeline_kohya_latents"));
+    println!("SDXL single file merged with the kohya adapter: final latents max error {err:.3e}");
     assert!(
-        format!("{err:#}").contains("SDXL single files are not written"),
-        "{err:#}"
+        err <= 1e-3,
+        "the merged single file differs from diffusers' unmerged run by {err}"
     );
-    assert!(!single.exists());
+    Ok(())
+}
+
+// The single-file (Stability SGM layout) checkpoint of the fixture, `model_ldm.safetensors`:
+// written by `tests/reference/make_sdxl_single_file.py` with the script's own key map and read
+// back by diffusers' `from_single_file` tensor for tensor (the text projection transposed, q/k/v
+// stacked). It holds the folder's fp16 values, so what it gives must equal the folder's exactly.
+
+fn ldm_file() -> PathBuf {
+    sdxl().join("model_ldm.safetensors")
+}
+
+/// `file` as `--base`, with `--base-config` the fixture folder (a tiny model has no built-in
+/// configs).
+fn single_file_with_configs(file: &std::path::Path) -> Result<ModelFolder> {
+    ModelSource::parse(file.to_str().context("a UTF-8 path")?)?
+        .with_configs_from(Some(sdxl()))?
+        .open(&BaseChoices::default())
+}
+
+#[test]
+fn the_single_file_generates_what_the_folder_and_diffusers_do() -> Result<()> {
+    let exp = expected()?;
+    let file = single_file_with_configs(&ldm_file())?;
+    assert!(file.is_single_file() && file.is_sdxl() && file.zeros_for_empty_negative());
+    let folder = ModelFolder::open(&sdxl())?;
+    for (case, negative) in [("pipeline", ""), ("pipeline_negative", "blurry")] {
+        let options = GenerateOptions {
+            negative_prompt: negative.into(),
+            ..pipeline_options(&exp)
+        };
+        let generate = |model: &ModelFolder| -> Result<Tensor> {
+            Ok(Pipeline::load(model, &[], &Device::Cpu, DType::F32, false)?
+                .generate(&options)?
+                .latents)
+        };
+        let from_file = generate(&file)?;
+        let same = max_abs_diff(&from_file, &generate(&folder)?);
+        assert_eq!(same, 0.0, "{case}: the single file differs from the folder");
+        let err = max_abs_diff(&from_file, get(&exp, &format!("{case}_latents")));
+        println!("SDXL single file, {case}: final latents max error {err:.3e}");
+        assert!(err <= 1e-3, "{case}: latents differ by {err}");
+    }
+    Ok(())
+}
+
+/// The tensors of a safetensors file (text-encoder names without the `text_model.` level, which
+/// transformers 5 leaves out of CLIPTextModel files).
+fn tensors_of(path: &std::path::Path) -> Result<BTreeMap<String, Tensor>> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok(tensors
+        .into_iter()
+        .map(|(k, t)| (k.strip_prefix("text_model.").unwrap_or(&k).to_owned(), t))
+        .collect())
+}
+
+/// Every tensor of `ours` equals `reference`'s bit for bit, and their key sets are equal but
+/// for `extra` (keys either may have without the other).
+fn assert_same_tensors(
+    ours: &BTreeMap<String, Tensor>,
+    reference: &BTreeMap<String, Tensor>,
+    extra: &[&str],
+    what: &str,
+) {
+    let missing: Vec<&String> = reference
+        .keys()
+        .filter(|k| !ours.contains_key(*k) && !extra.contains(&k.as_str()))
+        .collect();
+    let unexpected: Vec<&String> = ours
+        .keys()
+        .filter(|k| !reference.contains_key(*k) && !extra.contains(&k.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty() && unexpected.is_empty(),
+        "{what}: missing {missing:?}, unexpected {unexpected:?}"
+    );
+    assert!(!ours.is_empty(), "{what}: no tensors");
+    for (key, t) in ours.iter().filter(|(k, _)| reference.contains_key(*k)) {
+        let want = &reference[key];
+        assert_eq!(t.dtype(), want.dtype(), "{what}: `{key}`");
+        let diff = max_abs_diff(
+            &t.to_dtype(DType::F32).unwrap(),
+            &want.to_dtype(DType::F32).unwrap(),
+        );
+        assert_eq!(diff, 0.0, "{what}: `{key}` differs by {diff}");
+    }
+}
+
+#[test]
+fn lora_merge_converts_sdxl_folders_and_single_files_both_ways() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let convert = |base: PathBuf, output: PathBuf, to, config_from| {
+        let options = MergeOptions {
+            base,
+            adapters: vec![],
+            output,
+            dtype: None,
+            allow_unmatched: false,
+            allow_nonfinite: false,
+        };
+        let conversion = Conversion {
+            to,
+            config_from,
+            no_ema: false,
+        };
+        lora_toolkit::merge::merge_converting(&options, Some(&conversion))
+    };
+    // Folder → single file: the reference file's tensors, but for the two the folder does not
+    // hold (CLIP's position ids, OpenCLIP's logit scale).
+    let single = out.path().join("sdxl.safetensors");
+    convert(sdxl(), single.clone(), OutputLayout::SingleFile, None)?;
+    assert_same_tensors(
+        &tensors_of(&single)?,
+        &tensors_of(&ldm_file())?,
+        &[
+            "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+            "conditioner.embedders.1.model.logit_scale",
+        ],
+        "folder → single file",
+    );
+    // Single file → folder: each component file holds the fixture folder's tensors (and CLIP's
+    // position ids, which the file has and transformers ignores).
+    let folder = out.path().join("sdxl");
+    convert(
+        ldm_file(),
+        folder.clone(),
+        OutputLayout::Diffusers,
+        Some(sdxl()),
+    )?;
+    for file in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "text_encoder_2/model.safetensors",
+    ] {
+        assert_same_tensors(
+            &tensors_of(&folder.join(file))?,
+            &tensors_of(&sdxl().join(file))?,
+            &["embeddings.position_ids"],
+            file,
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn training_on_the_single_file_equals_training_on_the_folder() -> Result<()> {
+    let run = |base: PathBuf, base_config: Option<PathBuf>| -> Result<BTreeMap<String, Tensor>> {
+        let out = tempfile::tempdir()?;
+        let args = TrainArgs {
+            base: Some(base.display().to_string()),
+            base_config,
+            steps: Some(2),
+            ..sdxl_train_args(out.path())
+        };
+        lora_train::train(args.resolve()?, &mut |_| {}, &mut |_| {})?;
+        tensors_of(&out.path().join("adapter.safetensors"))
+    };
+    let from_file = run(ldm_file(), Some(sdxl()))?;
+    let from_folder = run(sdxl(), None)?;
+    assert_same_tensors(
+        &from_file,
+        &from_folder,
+        &[],
+        "adapter trained on the single file",
+    );
     Ok(())
 }

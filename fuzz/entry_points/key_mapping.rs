@@ -78,10 +78,10 @@ fn ldm_layouts(data: &[u8], lines: &[(&str, Vec<usize>)]) -> Vec<LdmLayout> {
         layouts.push(LdmLayout {
             layers_per_block: usize::from(a % 4) + 1,
             vae_up_blocks: usize::from(b % 8),
-            text_encoder: if a & 0x80 == 0 {
-                TextEncoderLayout::Clip
-            } else {
-                TextEncoderLayout::OpenClip
+            text_encoder: match a >> 6 {
+                0 | 1 => TextEncoderLayout::Clip,
+                2 => TextEncoderLayout::OpenClip,
+                _ => TextEncoderLayout::Sdxl,
             },
         });
     }
@@ -102,6 +102,7 @@ fn ldm_round_trips(layout: &LdmLayout, lines: &[(&str, Vec<usize>)]) {
             (Ok(LdmTensor::StackedQkv(parts)), LdmTarget::Stacked { index, .. }) => {
                 parts.get(*index).cloned()
             }
+            (Ok(LdmTensor::Transposed(back)), LdmTarget::Transposed { .. }) => Some(back),
             _ => None,
         };
         let canonical = |t: &DiffusersTensor| (t.part, t.part.canonical_name(&t.name));
@@ -113,7 +114,7 @@ fn ldm_round_trips(layout: &LdmLayout, lines: &[(&str, Vec<usize>)]) {
     };
     for (name, _) in lines {
         match layout.diffusers_name(name) {
-            Ok(LdmTensor::Renamed(t)) => write(&t),
+            Ok(LdmTensor::Renamed(t)) | Ok(LdmTensor::Transposed(t)) => write(&t),
             Ok(LdmTensor::StackedQkv(parts)) => parts.iter().for_each(write),
             Ok(LdmTensor::Other) | Err(_) => {}
         }

@@ -1,7 +1,7 @@
 //! Where a model's files are: a local diffusers folder, or a Hugging Face Hub id resolved to one
 //! (the Hub cache's snapshot folder has the same layout), or a single-file (LDM) checkpoint whose
-//! weights are read through [`crate::formats::single_file`], identified as SD 1.x or 2.x from its
-//! tensors and served with the built-in configs of that model
+//! weights are read through [`crate::formats::single_file`], identified as SD 1.x, 2.x or SDXL from
+//! its tensors and served with the built-in configs of that model
 //! ([`crate::models::config::BuiltinConfigs`]), or with the config files of a folder like the one
 //! below (`--base-config`). Load components through [`ModelFolder::load_unet`] & co., which work
 //! for all of them. [`clip_model_folder`] resolves a CLIP model (CLIP score's) the same way: a
@@ -106,7 +106,7 @@ pub enum ModelSource {
     Local(PathBuf),
     /// A Hugging Face Hub repository id, `owner/name`.
     Hub(String),
-    /// A single-file (LDM layout) SD1.x/SD2.x `.safetensors` checkpoint, with the folder its
+    /// A single-file (LDM layout) SD1.x/SD2.x/SDXL `.safetensors` checkpoint, with the folder its
     /// configs come from (a diffusers folder, or one holding only the config files).
     SingleFile {
         file: PathBuf,
@@ -726,24 +726,25 @@ impl ModelFolder {
         } = *source;
         let single = SingleFile::open(file, !choices.no_ema)?;
         let has_vae = single.has(ModelPart::Vae);
+        let sdxl = single.has(ModelPart::TextEncoder2);
         let weights_note = if single.uses_ema() {
             ", EMA weights (--no-ema for the others)"
         } else {
             ""
         };
-        let (configs, index, has_tokenizer, summary) = match configs_from {
+        let (configs, index, has_tokenizer, has_tokenizer_2, summary) = match configs_from {
             Some(dir) => {
-                require_config_files(dir, file, has_vae)?;
+                require_config_files(dir, file, has_vae, sdxl)?;
                 let index = ModelIndex::in_folder(dir)?;
                 let summary = format!(
                     "single-file checkpoint with the configs of {}{weights_note}",
                     dir.display()
                 );
-                let has_tokenizer = dir.join("tokenizer").is_dir();
                 (
                     Configs::Folder(dir.to_path_buf()),
                     index,
-                    has_tokenizer,
+                    dir.join("tokenizer").is_dir(),
+                    dir.join("tokenizer_2").is_dir(),
                     summary,
                 )
             }
@@ -768,7 +769,7 @@ impl ModelFolder {
                      from {why}){weights_note}",
                     builtin.describe(),
                 );
-                (Configs::Builtin(builtin), None, false, summary)
+                (Configs::Builtin(builtin), None, false, false, summary)
             }
         };
         let folder = Self {
@@ -778,10 +779,10 @@ impl ModelFolder {
             index,
             unet_weights: file.to_path_buf(),
             text_encoder_weights: file.to_path_buf(),
-            text_encoder_2_weights: None,
+            text_encoder_2_weights: sdxl.then(|| file.to_path_buf()),
             vae_weights: has_vae.then(|| file.to_path_buf()),
             has_tokenizer,
-            has_tokenizer_2: false,
+            has_tokenizer_2,
             prediction_override: None,
             summary,
         };
@@ -859,7 +860,7 @@ impl ModelFolder {
             return TextEncoder::load(&dir, config, dtype, device, deltas);
         };
         let vb = file.var_builder(ModelPart::TextEncoder, dtype, device, deltas)?;
-        TextEncoder::from_var_builder(vb, config)
+        TextEncoder::from_model_var_builder(vb, config)
             .with_context(|| format!("loading the text encoder of {}", self.root.display()))
     }
 
@@ -880,7 +881,12 @@ impl ModelFolder {
     /// SDXL's second text encoder's config.
     pub fn text_encoder_2_config(&self) -> Result<ClipTextConfig> {
         self.require_sdxl()?;
-        ClipTextConfig::from_file(&self.root.join("text_encoder_2/config.json"))
+        match &self.configs {
+            Configs::Folder(dir) => {
+                ClipTextConfig::from_file(&dir.join("text_encoder_2/config.json"))
+            }
+            Configs::Builtin(builtin) => builtin.text_encoder_2(),
+        }
     }
 
     /// SDXL's second text encoder, with its projection, `deltas` (keyed `text_model.…`) folded in.
@@ -892,22 +898,26 @@ impl ModelFolder {
         deltas: BTreeMap<String, Tensor>,
     ) -> Result<TextEncoder> {
         self.require_sdxl()?;
-        TextEncoder::load(
-            &self.root.join("text_encoder_2"),
-            config,
-            dtype,
-            device,
-            deltas,
-        )
+        let Some(file) = &self.single_file else {
+            let dir = self.root.join("text_encoder_2");
+            return TextEncoder::load(&dir, config, dtype, device, deltas);
+        };
+        let vb = file.var_builder(ModelPart::TextEncoder2, dtype, device, deltas)?;
+        TextEncoder::from_model_var_builder(vb, config)
+            .with_context(|| format!("loading the second text encoder of {}", self.root.display()))
     }
 
     /// SDXL's second tokenizer (`tokenizer_2/`: OpenCLIP's, padding with `!`; without the
     /// folder the embedded vocabulary padding with `!`, not the config's stale `pad_token_id`).
     pub fn tokenizer_2(&self) -> Result<ClipTokenizer> {
         let config = self.text_encoder_2_config()?;
-        let tokenizer = match self.has_tokenizer_2 {
-            true => ClipTokenizer::load(Some(&self.root.join("tokenizer_2")), &config),
-            false => ClipTokenizer::embedded(&config, SDXL_SECOND_PAD_TOKEN),
+        let dir = self
+            .has_tokenizer_2
+            .then(|| self.config_file("tokenizer_2"))
+            .flatten();
+        let tokenizer = match dir {
+            Some(dir) => ClipTokenizer::load(Some(&dir), &config),
+            None => ClipTokenizer::embedded(&config, SDXL_SECOND_PAD_TOKEN),
         };
         tokenizer
             .with_context(|| format!("loading the second tokenizer of {}", self.root.display()))
@@ -1045,8 +1055,9 @@ impl ModelFolder {
     }
 }
 
-/// Checks that config folder `dir` (for single file `file`) has the config files a model needs.
-fn require_config_files(dir: &Path, file: &Path, has_vae: bool) -> Result<()> {
+/// Checks that config folder `dir` (for single file `file`) has the config files a model needs
+/// (`sdxl`: the second text encoder's too).
+fn require_config_files(dir: &Path, file: &Path, has_vae: bool, sdxl: bool) -> Result<()> {
     let mut required = vec![
         "unet/config.json",
         "text_encoder/config.json",
@@ -1054,6 +1065,9 @@ fn require_config_files(dir: &Path, file: &Path, has_vae: bool) -> Result<()> {
     ];
     if has_vae {
         required.push("vae/config.json");
+    }
+    if sdxl {
+        required.push("text_encoder_2/config.json");
     }
     for relative in required {
         ensure!(

@@ -8,7 +8,9 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lora_core::formats::checkpoint_kind::{ema_key, has_ema, refuse_other_models};
 use lora_core::formats::keys::{locon_module_from_weight, module_from_weight, Component};
-use lora_core::formats::ldm::{DiffusersTensor, LdmLayout, LdmTensor, ModelPart};
+use lora_core::formats::ldm::{
+    DiffusersTensor, LdmLayout, LdmTensor, ModelPart, TextEncoderLayout,
+};
 use lora_core::io::weights::{component_weights, header_metadata, release_mapped};
 use lora_core::{ModelModules, ModuleInfo};
 use safetensors::{Dtype, SafeTensors};
@@ -90,11 +92,21 @@ pub enum UNetCopy {
     Ema,
 }
 
-/// Where a diffusers weight lives: the entry, and for OpenCLIP's stacked q/k/v which third.
+/// Where a diffusers weight lives: the entry, and how the weight is stored in it.
 #[derive(Debug, Clone, Copy)]
 struct Location {
     entry: usize,
-    stacked_index: Option<usize>,
+    form: StoredForm,
+}
+
+/// How a diffusers weight is stored in its entry.
+#[derive(Debug, Clone, Copy)]
+enum StoredForm {
+    Whole,
+    /// This third (q, k, v) of OpenCLIP's stacked rows.
+    Third(usize),
+    /// Transposed (SDXL OpenCLIP's `text_projection`).
+    Transposed,
 }
 
 /// A model's adaptable modules per component (text encoders present only where the model has
@@ -139,7 +151,7 @@ impl BaseModel {
     }
 
     /// Opens a diffusers folder or a single-file checkpoint; anything else is an error saying
-    /// which layouts are understood. A single file of a model other than SD 1.x/2.x is refused
+    /// which layouts are understood. A single file of a model other than SD 1.x/2.x/SDXL is refused
     /// naming it. With `use_ema` a single file's EMA copy of the UNet (when it has one) is the
     /// model; otherwise its plain weights.
     pub fn open_with(path: &Path, use_ema: bool) -> Result<Self> {
@@ -198,9 +210,13 @@ impl BaseModel {
 
     /// Whether the model is SDXL's (it has a second text encoder).
     pub fn is_sdxl(&self) -> bool {
-        self.files
-            .iter()
-            .any(|f| f.part == Some(ModelPart::TextEncoder2))
+        match self.layout {
+            Layout::Diffusers => self
+                .files
+                .iter()
+                .any(|f| f.part == Some(ModelPart::TextEncoder2)),
+            Layout::SingleFile(ldm) => ldm.text_encoder == TextEncoderLayout::Sdxl,
+        }
     }
 
     /// The modules an adapter may be merged into: [`modules`](Self::modules) plus the resnet,
@@ -242,6 +258,10 @@ impl BaseModel {
                         out.push((t.part, t.name.clone(), shape.clone()));
                     }
                 }
+                LdmTensor::Transposed(t) => {
+                    let shape = e.shape.iter().rev().copied().collect();
+                    out.push((t.part, t.name.clone(), shape));
+                }
                 LdmTensor::Other => {}
             }
         }
@@ -270,19 +290,21 @@ impl BaseModel {
     }
 
     /// The diffusers weight `name` of `part` in f32, in its stored shape (a third of the rows for
-    /// stacked q/k/v). Text-encoder names are compared with the `text_model.` level.
+    /// stacked q/k/v; diffusers' for a transposed one). Text-encoder names are compared with the
+    /// `text_model.` level.
     pub fn load_f32(&self, part: ModelPart, name: &str) -> Result<Tensor> {
         let location = self
             .by_name
             .get(&(part, part.canonical_name(name)))
             .with_context(|| format!("{}: no {part} tensor `{name}`", self.root.display()))?;
         let t = self.load_entry(location.entry)?.to_dtype(DType::F32)?;
-        Ok(match location.stacked_index {
-            None => t,
-            Some(k) => {
+        Ok(match location.form {
+            StoredForm::Whole => t,
+            StoredForm::Third(k) => {
                 let rows = t.dim(0)? / 3;
                 t.narrow(0, k * rows, rows)?
             }
+            StoredForm::Transposed => t.t()?.contiguous()?,
         })
     }
 }
@@ -394,23 +416,18 @@ fn index_entries(base: &BaseModel) -> HashMap<(ModelPart, String), Location> {
         if !base.read_as_model(e) {
             continue;
         }
+        let mut insert = |t: &DiffusersTensor, form| {
+            let location = Location { entry: i, form };
+            index.insert((t.part, t.part.canonical_name(&t.name)), location);
+        };
         match &e.meaning {
-            LdmTensor::Renamed(t) => {
-                let location = Location {
-                    entry: i,
-                    stacked_index: None,
-                };
-                index.insert((t.part, t.part.canonical_name(&t.name)), location);
-            }
+            LdmTensor::Renamed(t) => insert(t, StoredForm::Whole),
             LdmTensor::StackedQkv(parts) => {
                 for (k, t) in parts.iter().enumerate() {
-                    let location = Location {
-                        entry: i,
-                        stacked_index: Some(k),
-                    };
-                    index.insert((t.part, t.part.canonical_name(&t.name)), location);
+                    insert(t, StoredForm::Third(k));
                 }
             }
+            LdmTensor::Transposed(t) => insert(t, StoredForm::Transposed),
             LdmTensor::Other => {}
         }
     }

@@ -148,13 +148,6 @@ pub fn merge_converting(
     }
     let modules = base.merge_modules();
     let model = modules.model();
-    if base.is_sdxl() && to == OutputLayout::SingleFile {
-        bail!(
-            "{}: an SDXL folder; SDXL single files are not written yet (merge into a diffusers \
-             folder: leave out --to, or --to diffusers)",
-            options.base.display()
-        );
-    }
     let mut report = MergeReport::default();
     let mut contributions = Contributions::new();
     let mut records = Vec::new();
@@ -282,9 +275,9 @@ impl Merger<'_> {
         write_folder_atomic(output, |dir| self.fill_folder(dir, provenance))
     }
 
-    /// A diffusers folder as one single file with LDM keys: every tensor renamed (SD2's
-    /// q/k/v stacked into OpenCLIP's `in_proj_*`, the VAE's attention projections as 1×1
-    /// convs), merged and cast as for a same-layout merge.
+    /// A diffusers folder as one single file with LDM keys: every tensor renamed (OpenCLIP's
+    /// q/k/v stacked into `in_proj_*` and SDXL's `text_projection` transposed, the VAE's
+    /// attention projections as 1×1 convs), merged and cast as for a same-layout merge.
     fn write_ldm_from_folder(
         &self,
         output: &Path,
@@ -293,24 +286,32 @@ impl Merger<'_> {
         let layout = self.folder_ldm_layout()?;
         let up_attn: Vec<usize> =
             self.folder_indices(ModelPart::Unet, "up_blocks.", ".attentions.");
-        // LDM key → (stored-order sources: (entry, third), to_conv)
-        let mut targets: BTreeMap<String, (Vec<(usize, usize)>, bool)> = BTreeMap::new();
+        // LDM key → (stored-order sources: (entry, third), how the shape changes)
+        let mut targets: BTreeMap<String, (Vec<(usize, usize)>, Reshape)> = BTreeMap::new();
         for (i, e) in self.base.entries.iter().enumerate() {
             let LdmTensor::Renamed(t) = &e.meaning else {
                 continue;
             };
             match layout.ldm_key(t, &up_attn)? {
                 LdmTarget::Key { key, to_conv } => {
-                    targets.insert(key, (vec![(i, 0)], to_conv));
+                    let reshape = if to_conv {
+                        Reshape::ToConv
+                    } else {
+                        Reshape::Keep
+                    };
+                    targets.insert(key, (vec![(i, 0)], reshape));
                 }
                 LdmTarget::Stacked { key, index } => {
                     targets.entry(key).or_default().0.push((i, index));
+                }
+                LdmTarget::Transposed { key } => {
+                    targets.insert(key, (vec![(i, 0)], Reshape::Transpose));
                 }
             }
         }
         let mut plan = Vec::with_capacity(targets.len());
         let mut sources = Vec::with_capacity(targets.len());
-        for (key, (mut parts, to_conv)) in targets {
+        for (key, (mut parts, reshape)) in targets {
             parts.sort_by_key(|&(_, third)| third);
             let first = &self.base.entries[parts[0].0];
             let mut shape = first.shape.clone();
@@ -326,32 +327,48 @@ impl Merger<'_> {
                 );
                 shape[0] *= 3;
             }
-            if to_conv && shape.len() == 2 {
-                shape.extend([1, 1]);
+            match reshape {
+                Reshape::ToConv if shape.len() == 2 => shape.extend([1, 1]),
+                Reshape::Transpose => {
+                    ensure!(shape.len() == 2, "`{key}`: a transposed tensor must be 2-D");
+                    shape.reverse();
+                }
+                _ => {}
             }
             plan.push(PlannedTensor {
                 name: key,
                 dtype: self.output_dtype(first.dtype),
                 shape,
             });
-            sources.push(parts.into_iter().map(|p| p.0).collect::<Vec<usize>>());
+            sources.push((
+                parts.into_iter().map(|p| p.0).collect::<Vec<usize>>(),
+                reshape,
+            ));
         }
         let mut metadata = self.base.files[0].metadata()?;
         metadata.extend(provenance);
         write_streaming(output, &plan, &metadata, |k| {
+            let (entries, reshape) = &sources[k];
             let mut bytes = Vec::new();
-            for &i in &sources[k] {
+            for &i in entries {
                 bytes.extend(self.produce(i, plan[k].dtype)?);
             }
-            Ok(bytes)
+            Ok(match reshape {
+                Reshape::Transpose => {
+                    let source = &self.base.entries[entries[0]].shape;
+                    transposed(&bytes, source, plan[k].dtype)
+                }
+                _ => bytes,
+            })
         })?;
         Ok((0..self.base.entries.len())
             .filter(|&i| !self.deltas_for(i).is_empty())
             .count())
     }
 
-    /// The single-file layout of a diffusers folder: blocks counted from the weights, OpenCLIP
-    /// (SD2) when the text encoder uses exact GELU (`hidden_act: gelu`), else CLIP (SD1).
+    /// The single-file layout of a diffusers folder: blocks counted from the weights; SDXL's two
+    /// encoders when it has a second, OpenCLIP (SD2) when the text encoder uses exact GELU
+    /// (`hidden_act: gelu`), else CLIP (SD1).
     fn folder_ldm_layout(&self) -> Result<LdmLayout> {
         let resnets = self.folder_indices(ModelPart::Unet, "down_blocks.0.resnets.", "");
         ensure!(
@@ -366,6 +383,7 @@ impl Merger<'_> {
         )
         .with_context(|| format!("{} is not JSON", config.display()))?;
         let text_encoder = match text.get("hidden_act").and_then(|v| v.as_str()) {
+            _ if self.base.is_sdxl() => TextEncoderLayout::Sdxl,
             Some("gelu") => TextEncoderLayout::OpenClip,
             _ => TextEncoderLayout::Clip,
         };
@@ -399,8 +417,9 @@ impl Merger<'_> {
     }
 
     /// A single file as a diffusers folder: the config files of `config_from`, and one weights
-    /// file per model part with the diffusers names (OpenCLIP's stacked q/k/v split, the VAE's
-    /// 1×1-conv attention projections as Linear weights). Keys of no model part are dropped.
+    /// file per model part with the diffusers names (OpenCLIP's stacked q/k/v split and SDXL's
+    /// `text_projection` transposed, the VAE's 1×1-conv attention projections as Linear weights).
+    /// Keys of no model part are dropped.
     fn write_folder_from_ldm(
         &self,
         output: &Path,
@@ -412,8 +431,8 @@ impl Merger<'_> {
             let mut metadata = self.base.files[0].metadata()?;
             metadata.extend(provenance);
             for part in ModelPart::ALL {
-                // (diffusers name, entry, third of a stacked tensor, shape)
-                let mut tensors: Vec<(String, usize, Option<usize>, Vec<usize>)> = Vec::new();
+                // (diffusers name, entry, which part of the stored tensor, shape)
+                let mut tensors: Vec<(String, usize, Portion, Vec<usize>)> = Vec::new();
                 for (i, e) in self.base.entries.iter().enumerate() {
                     if !self.base.read_as_model(e) {
                         continue;
@@ -424,14 +443,18 @@ impl Merger<'_> {
                             if part == ModelPart::Vae && is_vae_attention_weight(&t.name) {
                                 shape.truncate(2);
                             }
-                            tensors.push((t.name.clone(), i, None, shape));
+                            tensors.push((t.name.clone(), i, Portion::Whole, shape));
                         }
                         LdmTensor::StackedQkv(parts) => {
                             for (k, t) in parts.iter().enumerate().filter(|(_, t)| t.part == part) {
                                 let mut shape = e.shape.clone();
                                 shape[0] /= 3;
-                                tensors.push((t.name.clone(), i, Some(k), shape));
+                                tensors.push((t.name.clone(), i, Portion::Third(k), shape));
                             }
+                        }
+                        LdmTensor::Transposed(t) if t.part == part => {
+                            let shape = e.shape.iter().rev().copied().collect();
+                            tensors.push((t.name.clone(), i, Portion::Transposed, shape));
                         }
                         _ => {}
                     }
@@ -456,13 +479,16 @@ impl Merger<'_> {
                 std::fs::create_dir_all(&sub)
                     .with_context(|| format!("cannot create {}", sub.display()))?;
                 write_streaming(&sub.join(file), &plan, &metadata, |k| {
-                    let (_, i, third, _) = &tensors[k];
+                    let (_, i, portion, _) = &tensors[k];
                     let bytes = self.produce(*i, plan[k].dtype)?;
-                    Ok(match third {
-                        None => bytes,
-                        Some(t) => {
+                    Ok(match portion {
+                        Portion::Whole => bytes,
+                        Portion::Third(t) => {
                             let n = bytes.len() / 3;
                             bytes[t * n..(t + 1) * n].to_vec()
+                        }
+                        Portion::Transposed => {
+                            transposed(&bytes, &self.base.entries[*i].shape, plan[k].dtype)
                         }
                     })
                 })?;
@@ -472,6 +498,41 @@ impl Merger<'_> {
                 .count())
         })
     }
+}
+
+/// How a folder tensor's shape changes on its way into a single file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Reshape {
+    #[default]
+    Keep,
+    /// A Linear weight stored as a 1×1 conv.
+    ToConv,
+    Transpose,
+}
+
+/// Which part of a single file's tensor a diffusers weight is.
+#[derive(Debug, Clone, Copy)]
+enum Portion {
+    Whole,
+    /// This third (q, k, v) of OpenCLIP's stacked rows.
+    Third(usize),
+    /// Its transpose.
+    Transposed,
+}
+
+/// The little-endian `bytes` of a `[rows, cols]` matrix (`shape`) of `dtype`, transposed.
+fn transposed(bytes: &[u8], shape: &[usize], dtype: Dtype) -> Vec<u8> {
+    let (rows, cols) = (shape[0], shape[1]);
+    let size = dtype.bitsize() / 8;
+    let mut out = vec![0u8; bytes.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            let from = (r * cols + c) * size;
+            let to = (c * rows + r) * size;
+            out[to..to + size].copy_from_slice(&bytes[from..from + size]);
+        }
+    }
+    out
 }
 
 /// The VAE mid-block attention projections: Linear `[out, in]` in diffusers.
@@ -541,7 +602,8 @@ impl Merger<'_> {
         let found: Vec<Option<&Vec<(AdapterModule, f64)>>> = match &self.base.entries[i].meaning {
             LdmTensor::Renamed(t) => vec![lookup(t.part, &t.name)],
             LdmTensor::StackedQkv(parts) => parts.iter().map(|t| lookup(t.part, &t.name)).collect(),
-            LdmTensor::Other => vec![],
+            // No adapter module is a text projection (the encoders' module lists leave it out).
+            LdmTensor::Transposed(_) | LdmTensor::Other => vec![],
         };
         if found.iter().all(Option::is_none) {
             Vec::new()

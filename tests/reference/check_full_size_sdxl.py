@@ -1,8 +1,11 @@
 """Full-size SDXL base 1.0 with random weights: the check CI cannot run (the weights are GBs).
-Outside CI; the Rust side is `tests/full_size.rs` (`sdxl_folder_matches_diffusers`, ignored).
+Outside CI; the Rust side is `tests/full_size.rs` (`sdxl_single_file_and_folder_reproduce_diffusers`,
+ignored).
 
     python3 tests/reference/check_full_size_sdxl.py make OUT     # OUT/sdxl: a diffusers folder, fp16
     python3 tests/reference/check_full_size_sdxl.py record OUT   # OUT/sdxl-expected.safetensors
+    lora-merge --base OUT/sdxl --to single-file --output OUT/sdxl.safetensors   # ours
+    python3 tests/reference/check_full_size_sdxl.py verify OUT tests/fixtures/checkpoint_headers
     LORA_FULL_SIZE_DIR=OUT cargo test --release --test full_size sdxl -- --ignored --nocapture
 
 `make` builds the pipeline from the config values of stabilityai/stable-diffusion-xl-base-1.0
@@ -10,7 +13,11 @@ Outside CI; the Rust side is `tests/full_size.rs` (`sdxl_folder_matches_diffuser
 scheduler/scheduler_config.json; the values SD 1.5's have too come from check_full_size.py) with seeded random weights. `record` runs diffusers in f32 on
 it: both text encoders' prompt encoding (`encode_prompt`), the UNet at 32×32 latents with the
 pooled embedding and micro-conditioning, a VAE decode of a 16×16 latent, and 2 Euler steps with
-guidance 5 at 256×256, from fixed latents.
+guidance 5 at 256×256, from fixed latents. `verify` loads our single file with diffusers' own
+`from_single_file`, given a folder holding only the config files (so no weight can come from
+anywhere but the file), compares every tensor with the folder's, records which model type diffusers
+infers from the file, and writes the file's header (tensor names and shapes) as the fixture CI's
+detection tests read (`sdxl.json`).
 """
 
 import json
@@ -20,10 +27,13 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from safetensors.torch import save_file
+from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+from safetensors.torch import load_file, save_file
+import tempfile
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from check_full_size import SCHEDULER as SCHEDULER_COMMON
+from check_full_size import header_shapes
 from check_full_size import TEXT_COMMON, randomize
 from check_full_size import VAE as VAE_COMMON
 
@@ -132,11 +142,46 @@ def record(out):
     print(f"recorded diffusers' outputs: unet_out max {unet_out.abs().max():.3f}, final latents std {final.std():.3f}")
 
 
+def verify(out, fixtures):
+    folder, single = out / "sdxl", out / "sdxl.safetensors"
+    shapes = header_shapes(single)
+    # diffusers' model-type inference reads shapes only; meta tensors carry them.
+    inferred = infer_diffusers_model_type({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    assert inferred == "xl_base", inferred
+    fixtures.mkdir(parents=True, exist_ok=True)
+    (fixtures / "sdxl.json").write_text(json.dumps(shapes, sort_keys=True))
+    with tempfile.TemporaryDirectory() as configs:
+        # The folder's config and tokenizer files only.
+        for path in folder.rglob("*"):
+            if path.is_file() and path.suffix in (".json", ".txt"):
+                target = Path(configs) / path.relative_to(folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target)
+        pipe = StableDiffusionXLPipeline.from_single_file(
+            str(single), config=configs, local_files_only=True, torch_dtype=torch.float16
+        )
+    counts = {}
+    for part in ["unet", "vae", "text_encoder", "text_encoder_2"]:
+        stem = "model" if part.startswith("text_encoder") else "diffusion_pytorch_model"
+        reference = load_file(folder / part / f"{stem}.safetensors")
+        loaded = getattr(pipe, part).state_dict()
+        strip = lambda k: k.removeprefix("text_model.")
+        reference = {strip(k): v for k, v in reference.items()}
+        loaded = {strip(k): v for k, v in loaded.items() if not k.endswith("position_ids")}
+        assert set(reference) == set(loaded), (part, sorted(set(reference) ^ set(loaded))[:5])
+        for key, value in reference.items():
+            assert torch.equal(loaded[key].reshape(value.shape), value), (part, key)
+        counts[part] = len(reference)
+    print(f"sdxl: diffusers infers `{inferred}`; every tensor it reads from the file = the folder's {counts}")
+
+
 if __name__ == "__main__":
     stage, out = sys.argv[1], Path(sys.argv[2])
     if stage == "make":
         make(out)
     elif stage == "record":
         record(out)
+    elif stage == "verify":
+        verify(out, Path(sys.argv[3]))
     else:
-        sys.exit(f"unknown stage {stage}: expected make or record")
+        sys.exit(f"unknown stage {stage}: expected make, record or verify")

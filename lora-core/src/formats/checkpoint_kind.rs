@@ -1,15 +1,16 @@
 //! Which model a single-file checkpoint holds, read from its tensor names and shapes, and what its
 //! UNet predicts, read from what the file (or the A1111 `.yaml` beside it) says.
 //!
-//! Architecture: the cross-attention context width (768 for SD 1.x's CLIP, 1024 for SD 2.x's
-//! OpenCLIP) must agree with the text encoder stored; files of models we do not build (SDXL, SD 3,
-//! Flux, inpainting and other UNets with extra input channels, ControlNets, unCLIP, the x4
-//! upscaler) are refused naming what they are, before any tensor is read.
+//! Architecture: SDXL base by its two text encoders (`conditioner.embedders.0/1`); otherwise the
+//! cross-attention context width (768 for SD 1.x's CLIP, 1024 for SD 2.x's OpenCLIP) must agree
+//! with the text encoder stored. Files of models we do not build (the SDXL refiner, SD 3, Flux,
+//! Playground v2.5, inpainting and other UNets with extra input channels, ControlNets, unCLIP,
+//! the x4 upscaler) are refused naming what they are, before any tensor is read.
 //!
 //! Prediction type, first found wins: a `v_pred` tensor (ComfyUI's and kohya's marker); the
 //! `modelspec.prediction_type` metadata (Stability's model spec, which kohya writes); an A1111
 //! `NAME.yaml` beside `NAME.safetensors` (`parameterization: "v"`, LDM's default is ε); a
-//! `global_step` of 875000 (SD 2.x-base's, diffusers' rule); otherwise ε for SD 1.x and
+//! `global_step` of 875000 (SD 2.x-base's, diffusers' rule); otherwise ε for SD 1.x and SDXL and
 //! v-prediction for SD 2.x (the 768² model, which diffusers assumes too).
 
 use std::collections::BTreeMap;
@@ -17,12 +18,22 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Result};
 
-use crate::formats::ldm::{CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX};
+use crate::formats::ldm::{
+    CLIP_PREFIX, OPEN_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, UNET_PREFIX,
+};
 use crate::models::config::{Architecture, PredictionType};
 
 /// A tensor whose last dimension is the cross-attention context width.
 const CONTEXT_KEY: &str =
     "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight";
+/// The same in SDXL, whose first down block has no attention.
+const SDXL_CONTEXT_KEY: &str =
+    "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight";
+/// SDXL base's context width: CLIP ViT-L's 768 and OpenCLIP ViT-bigG's 1280 side by side.
+const SDXL_CONTEXT_WIDTH: usize = 2048;
+/// SDXL's added conditioning (`add_embedding.linear_1`): `[1280, 2816]`, the pooled embedding
+/// (1280) and six size ids of 256 features each.
+const SDXL_ADDED_KEY: &str = "model.diffusion_model.label_emb.0.0.weight";
 /// The UNet's first convolution: `[320, input channels, 3, 3]`.
 const CONV_IN_KEY: &str = "model.diffusion_model.input_blocks.0.0.weight";
 /// SD 2.x-base's training step count, by which diffusers tells a single-file SD 2 base model.
@@ -36,9 +47,9 @@ pub const EMA_PREFIX: &str = "model_ema.";
 /// Where SDXL-family single files keep their text encoders.
 const SDXL_PREFIX: &str = "conditioner.embedders.";
 
-/// Key prefixes of models that are not SD 1.x/2.x, and what to call them.
+/// Key prefixes of models that are not SD 1.x/2.x or SDXL base, and what to call them. The
+/// `conditioner.embedders.` ones do not apply to a file with both SDXL base text encoders.
 const OTHER_MODELS: &[(&str, &str)] = &[
-    ("conditioner.embedders.1.model.", "an SDXL base checkpoint"),
     (
         "conditioner.embedders.0.model.",
         "an SDXL refiner checkpoint",
@@ -72,22 +83,24 @@ fn input_channels_kind(channels: usize) -> &'static str {
     }
 }
 
-/// An error naming the model, for the checkpoint of a model other than SD 1.x/2.x with tensors
-/// named `keys` (SDXL, SD 3, Flux…).
+/// Whether `keys` hold SDXL base's two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG).
+pub fn has_sdxl_text_encoders<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> bool {
+    let has = |prefix: &str| keys.clone().any(|k| k.starts_with(prefix));
+    has(SDXL_CLIP_PREFIX) && has(SDXL_OPEN_CLIP_PREFIX)
+}
+
+/// An error naming the model, for the checkpoint of a model other than SD 1.x/2.x or SDXL base
+/// with tensors named `keys` (the SDXL refiner, SD 3, Flux…).
 pub fn refuse_other_models<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Result<()> {
+    let sdxl_base = has_sdxl_text_encoders(keys.clone());
     for (prefix, what) in OTHER_MODELS {
+        if sdxl_base && prefix.starts_with(SDXL_PREFIX) {
+            continue;
+        }
         if keys.clone().any(|k| k.starts_with(prefix)) {
-            // SDXL runs from its diffusers folder; its single files are not read yet.
-            let alternative = match prefix.starts_with(SDXL_PREFIX) {
-                true => {
-                    "; SDXL is supported from its diffusers folder (e.g. \
-                     stabilityai/stable-diffusion-xl-base-1.0), not yet from a single file"
-                }
-                false => "",
-            };
             bail!(
-                "this is {what} (it has `{prefix}…` tensors); only SD 1.x and SD 2.x \
-                 single-file checkpoints are supported{alternative}"
+                "this is {what} (it has `{prefix}…` tensors); only SD 1.x, SD 2.x and SDXL base \
+                 single-file checkpoints are supported"
             );
         }
     }
@@ -119,6 +132,9 @@ pub fn identify_architecture(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Ar
          320: a different architecture; pass --base-config with a diffusers folder of its configs",
         conv_in[0]
     );
+    if has_sdxl_text_encoders(shapes.keys().map(String::as_str)) {
+        return identify_sdxl(shapes);
+    }
     let context = shapes
         .get(CONTEXT_KEY)
         .and_then(|s| s.last())
@@ -139,6 +155,25 @@ pub fn identify_architecture(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Ar
          encoder (`{encoder_prefix}…`)"
     );
     Ok(architecture)
+}
+
+/// SDXL base, once its two text encoders are found: the UNet must take their 2048-wide context
+/// and have the added size/text conditioning.
+fn identify_sdxl(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Architecture> {
+    let context = shapes.get(SDXL_CONTEXT_KEY).and_then(|s| s.last()).copied();
+    ensure!(
+        context == Some(SDXL_CONTEXT_WIDTH),
+        "the file has SDXL's two text encoders but its UNet's context width (last dimension of \
+         `{SDXL_CONTEXT_KEY}`) is {}, SDXL base's is {SDXL_CONTEXT_WIDTH}; pass --base-config \
+         with a diffusers folder of its configs",
+        context.map_or("missing".to_owned(), |c| c.to_string())
+    );
+    ensure!(
+        shapes.contains_key(SDXL_ADDED_KEY),
+        "the file has SDXL's two text encoders but no `{SDXL_ADDED_KEY}` (SDXL's added \
+         size/text conditioning)"
+    );
+    Ok(Architecture::Sdxl)
 }
 
 /// Whether the file holds an EMA copy of the UNet beside its plain weights.
@@ -205,6 +240,7 @@ pub fn identify_prediction(
     }
     Ok(match architecture {
         Architecture::Sd1 => (PredictionType::Epsilon, "the SD 1.x default".into()),
+        Architecture::Sdxl => (PredictionType::Epsilon, "the SDXL default".into()),
         Architecture::Sd2 => (
             PredictionType::VPrediction,
             "the SD 2.x default, the 768×768 model as in diffusers; --prediction-type epsilon \
@@ -278,17 +314,48 @@ mod tests {
         let clip = "cond_stage_model.transformer.text_model.final_layer_norm.weight";
         let err = identify_architecture(&sd(768, 9, clip)).unwrap_err();
         assert!(err.to_string().contains("inpainting"), "{err}");
-        let mut xl = sd(2048, 4, clip);
-        xl.insert(
+        let refiner = shapes(&[("conditioner.embedders.0.model.ln_final.weight", &[1280])]);
+        let err = identify_architecture(&refiner).unwrap_err();
+        assert!(err.to_string().contains("SDXL refiner"), "{err}");
+        // One SDXL text encoder alone is no model we build.
+        let mut half = sd(768, 4, clip);
+        half.insert(
             "conditioner.embedders.1.model.ln_final.weight".into(),
             vec![1],
         );
-        let err = identify_architecture(&xl).unwrap_err();
-        assert!(err.to_string().contains("SDXL base"), "{err}");
-        assert!(
-            err.to_string().contains("from its diffusers folder"),
-            "{err}"
+        let err = identify_architecture(&half).unwrap_err();
+        assert!(err.to_string().contains("SDXL-family"), "{err}");
+    }
+
+    #[test]
+    fn sdxl_base_by_its_two_encoders_context_and_added_conditioning() {
+        let mut xl = shapes(&[
+            (CONV_IN_KEY, &[320, 4, 3, 3]),
+            (SDXL_CONTEXT_KEY, &[640, 2048]),
+            (SDXL_ADDED_KEY, &[1280, 2816]),
+            (
+                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                &[768],
+            ),
+            ("conditioner.embedders.1.model.ln_final.weight", &[1280]),
+        ]);
+        assert_eq!(identify_architecture(&xl).unwrap(), Architecture::Sdxl);
+        let hints = PredictionHints::default();
+        assert_eq!(
+            identify_prediction(Architecture::Sdxl, &hints).unwrap().0,
+            PredictionType::Epsilon
         );
+        // Playground v2.5 has SDXL's encoders and is still refused.
+        let mut playground = xl.clone();
+        playground.insert("edm_mean".into(), vec![1, 4, 1, 1]);
+        let err = identify_architecture(&playground).unwrap_err();
+        assert!(err.to_string().contains("Playground"), "{err}");
+        xl.remove(SDXL_ADDED_KEY);
+        let err = identify_architecture(&xl).unwrap_err();
+        assert!(err.to_string().contains("label_emb"), "{err}");
+        xl.insert(SDXL_CONTEXT_KEY.into(), vec![640, 1280]);
+        let err = identify_architecture(&xl).unwrap_err();
+        assert!(err.to_string().contains("is 1280"), "{err}");
     }
 
     #[test]

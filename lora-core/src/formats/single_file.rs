@@ -1,8 +1,8 @@
 //! Reading a single-file (LDM layout) Stable Diffusion checkpoint as if it were a diffusers
 //! folder's weights: a `VarBuilder` per model part that asks for diffusers names and gets the
 //! checkpoint's tensors, renamed through [`crate::formats::ldm`], q/k/v cut out of OpenCLIP's
-//! stacked `in_proj_*`, and 1×1-conv/Linear shapes reconciled (same data, `[o, i, 1, 1]` vs `[o,
-//! i]`).
+//! stacked `in_proj_*`, SDXL OpenCLIP's `text_projection` transposed, and 1×1-conv/Linear shapes
+//! reconciled (same data, `[o, i, 1, 1]` vs `[o, i]`).
 //!
 //! The file holds no configs: [`crate::source::ModelFolder::open_single_file`] takes the built-in
 //! ones of the architecture [`SingleFile::identify`] finds, or a folder of config files.
@@ -31,6 +31,8 @@ enum Source {
         key: String,
         index: usize,
     },
+    /// The transpose of a stored matrix.
+    Transposed(String),
 }
 
 /// An opened single-file checkpoint: its tensors indexed by (model part, diffusers name).
@@ -55,8 +57,8 @@ impl std::fmt::Debug for SingleFile {
 impl SingleFile {
     /// Maps `path` and indexes every tensor of its UNet, VAE and text encoder, the UNet's from
     /// the file's EMA copy when it has one and `use_ema`. A file without an LDM UNet and text
-    /// encoder (an adapter, a diffusers component file…) or of a model we do not build (SDXL,
-    /// SD 3…) is an error naming it.
+    /// encoder (an adapter, a diffusers component file…) or of a model we do not build (the SDXL
+    /// refiner, SD 3…) is an error naming it.
     pub fn open(path: &Path, use_ema: bool) -> Result<Self> {
         let files = weights::mmap_safetensors(&[path.to_path_buf()])?;
         let keys: Vec<String> = files.tensors().into_iter().map(|(k, _)| k).collect();
@@ -99,6 +101,9 @@ impl SingleFile {
                         };
                         index.insert((t.part, t.name), source);
                     }
+                }
+                LdmTensor::Transposed(t) => {
+                    index.insert((t.part, t.name), Source::Transposed(key.clone()));
                 }
                 LdmTensor::Other => {}
             }
@@ -165,7 +170,7 @@ impl SingleFile {
         &self.path
     }
 
-    /// SD2's OpenCLIP or SD1's CLIP.
+    /// SD1's CLIP, SD2's OpenCLIP, or SDXL's two encoders.
     pub fn text_encoder_layout(&self) -> TextEncoderLayout {
         self.layout.text_encoder
     }
@@ -206,7 +211,8 @@ impl SingleFile {
         ))
     }
 
-    /// The stored tensor behind `name` of `part`, q/k/v cut out, in the file's dtype.
+    /// The stored tensor behind `name` of `part`, q/k/v cut out or transposed, in the file's
+    /// dtype.
     fn raw(&self, part: ModelPart, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
         let msg = |e: String| {
             candle_core::Error::Msg(format!(
@@ -219,7 +225,7 @@ impl SingleFile {
             .get(&(part, name.to_owned()))
             .ok_or_else(|| msg("not in the single-file checkpoint".into()))?;
         let key = match source {
-            Source::Key(key) | Source::Stacked { key, .. } => key,
+            Source::Key(key) | Source::Stacked { key, .. } | Source::Transposed(key) => key,
         };
         let loaded = self.files.load(key, dev);
         // A stacked q/k/v tensor is read three times; its pages are re-read from the file.
@@ -229,6 +235,7 @@ impl SingleFile {
         }
         match source {
             Source::Key(_) => loaded,
+            Source::Transposed(_) => loaded?.t()?.contiguous(),
             Source::Stacked { index, .. } => {
                 let stacked = loaded?;
                 let rows = stacked.dim(0)?;

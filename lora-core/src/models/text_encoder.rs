@@ -141,6 +141,14 @@ impl TextEncoder {
         Self::new(vb.pp(PREFIX.trim_end_matches('.')), None, config)
     }
 
+    /// Builds the encoder from a `VarBuilder` over a whole text-encoder model, as
+    /// [`from_var_builder`](Self::from_var_builder) names it, with its `text_projection.weight`
+    /// beside `text_model` when it has one (a single file's SDXL second encoder).
+    pub fn from_model_var_builder(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
+        let projection = Self::projection(&vb, config)?;
+        Self::new(vb.pp(PREFIX.trim_end_matches('.')), projection, config)
+    }
+
     /// `text_projection.weight` where the file has it (`CLIPTextModelWithProjection`), sized by
     /// the config's `projection_dim`.
     fn projection(vb: &VarBuilder, config: &ClipTextConfig) -> Result<Option<LinearLayer>> {

@@ -84,9 +84,13 @@ impl Component {
     }
 
     /// The path as adapters name it: text-encoder paths gain the `text_model.` level if the
-    /// model (transformers ≥ 5) or the file left it out; UNet paths are unchanged.
+    /// model (transformers ≥ 5) or the file left it out; UNet paths are unchanged, and so is
+    /// `text_projection`, which sits beside `text_model` in every transformers generation.
     pub fn canonical_path(self, path: &str) -> String {
-        if self.is_text_encoder() && !path.starts_with(TEXT_MODEL) {
+        if self.is_text_encoder()
+            && !path.starts_with(TEXT_MODEL)
+            && !path.starts_with(TEXT_PROJECTION)
+        {
             format!("{TEXT_MODEL}{path}")
         } else {
             path.to_string()
@@ -105,6 +109,8 @@ impl fmt::Display for Component {
 }
 
 const TEXT_MODEL: &str = "text_model.";
+/// `CLIPTextModelWithProjection`'s projection, outside `text_model`.
+const TEXT_PROJECTION: &str = "text_projection.";
 
 /// Which tensor of a LoRA module a key holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,10 +4,13 @@
 //! - `model.diffusion_model.` — the UNet (`input_blocks`/`middle_block`/`output_blocks`),
 //! - `first_stage_model.` — the VAE (`encoder.down.N.block.M`, `mid.attn_1` as 1×1 convs),
 //! - `cond_stage_model.transformer.` — SD1's CLIP text encoder, transformers names as is, or
-//!   `cond_stage_model.model.` — SD2's OpenCLIP text encoder, q/k/v stacked in `in_proj_weight`.
+//!   `cond_stage_model.model.` — SD2's OpenCLIP text encoder, q/k/v stacked in `in_proj_weight`;
+//!   SDXL has both encoders (Stability's SGM layout): CLIP under
+//!   `conditioner.embedders.0.transformer.` and OpenCLIP under `conditioner.embedders.1.model.`,
+//!   whose `text_projection` is the transposed weight of diffusers' `text_projection` Linear.
 //!
 //! [`LdmLayout::diffusers_name`] maps each key to the diffusers tensor(s) it holds; keys outside
-//! the three models (EMA copies, `text_projection`, `logit_scale`, schedule buffers) map to
+//! the models (EMA copies, SD2's unused `text_projection`, `logit_scale`, schedule buffers) map to
 //! [`LdmTensor::Other`] and are meant to be carried over untouched. The UNet's block numbering
 //! depends on its layers per block, which [`LdmLayout::detect`] reads off the keys.
 //! [`LdmLayout::ldm_key`] goes the other way.
@@ -36,6 +39,10 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 /// Key prefix of SD2's OpenCLIP text encoder.
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// Key prefix of SDXL's first text encoder, CLIP ViT-L (transformers names follow).
+pub const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// Key prefix of SDXL's second text encoder, OpenCLIP ViT-bigG.
+pub const SDXL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
 /// One model of a Stable Diffusion checkpoint, named as its diffusers sub-folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -43,7 +50,7 @@ pub enum ModelPart {
     Unet,
     Vae,
     TextEncoder,
-    /// SDXL's second text encoder; diffusers folders only (SDXL single files are not read).
+    /// SDXL's second text encoder.
     TextEncoder2,
 }
 
@@ -110,6 +117,9 @@ pub enum LdmTensor {
     Renamed(DiffusersTensor),
     /// OpenCLIP's `in_proj_weight`/`in_proj_bias`: q, k and v stacked along dim 0, in that order.
     StackedQkv([DiffusersTensor; 3]),
+    /// SDXL OpenCLIP's `text_projection` `[width, projection]` (applied as `x @ P`): the
+    /// transpose of diffusers' Linear weight `[projection, width]`.
+    Transposed(DiffusersTensor),
     /// Not part of the UNet, VAE or text encoder as diffusers builds them.
     Other,
 }
@@ -121,6 +131,9 @@ pub enum TextEncoderLayout {
     Clip,
     /// SD2: OpenCLIP under [`OPEN_CLIP_PREFIX`].
     OpenClip,
+    /// SDXL: CLIP under [`SDXL_CLIP_PREFIX`] and OpenCLIP (the second encoder) under
+    /// [`SDXL_OPEN_CLIP_PREFIX`].
+    Sdxl,
 }
 
 /// The layout facts of one single-file checkpoint needed to map its keys.
@@ -146,9 +159,22 @@ impl LdmLayout {
             is_ldm_checkpoint(keys.clone()),
             "no `{UNET_PREFIX}…` keys: not a single-file (LDM) Stable Diffusion checkpoint"
         );
-        let text_encoder = if keys.clone().any(|k| k.starts_with(OPEN_CLIP_PREFIX)) {
+        let has = |prefix: &str| keys.clone().any(|k| k.starts_with(prefix));
+        let text_encoder = if has(SDXL_CLIP_PREFIX) || has(SDXL_OPEN_CLIP_PREFIX) {
+            for (prefix, which) in [
+                (SDXL_CLIP_PREFIX, "first"),
+                (SDXL_OPEN_CLIP_PREFIX, "second"),
+            ] {
+                ensure!(
+                    has(prefix),
+                    "an SDXL single-file checkpoint without its {which} text encoder (no \
+                     `{prefix}…` keys)"
+                );
+            }
+            TextEncoderLayout::Sdxl
+        } else if has(OPEN_CLIP_PREFIX) {
             TextEncoderLayout::OpenClip
-        } else if keys.clone().any(|k| k.starts_with(CLIP_PREFIX)) {
+        } else if has(CLIP_PREFIX) {
             TextEncoderLayout::Clip
         } else {
             bail!("no text encoder (`{CLIP_PREFIX}…` or `{OPEN_CLIP_PREFIX}…` keys) in the single-file checkpoint")
@@ -197,9 +223,9 @@ impl LdmLayout {
         let rest = &key[section.prefix().len()..];
         let rules = self.rules(section, index_bound(rest), &[]);
         let Some((rule, tail)) = rules.longest_match(rest, Side::Ldm) else {
-            // OpenCLIP's text_projection, logit_scale, attn_mask: parts CLIPTextModel has no
-            // use for. The other models have no such extras.
-            if section == Section::OpenClip {
+            // OpenCLIP's logit_scale, attn_mask (and SD2's text_projection): parts the
+            // diffusers text encoders have no use for. The other models have no such extras.
+            if matches!(section, Section::OpenClip | Section::SdxlOpenClip) {
                 return Ok(LdmTensor::Other);
             }
             bail!("single-file key `{key}` follows no known LDM pattern");
@@ -208,6 +234,7 @@ impl LdmLayout {
             |r: &Rule| DiffusersTensor::new(section.part(), format!("{}{tail}", r.diffusers));
         Ok(match rule.kind {
             Kind::Plain | Kind::ConvWeight => LdmTensor::Renamed(renamed(rule)),
+            Kind::Transposed => LdmTensor::Transposed(renamed(rule)),
             Kind::Stacked(_) => {
                 // The q, k and v rules share this LDM prefix and are listed in that order.
                 let thirds: Vec<DiffusersTensor> = rules
@@ -235,12 +262,14 @@ pub enum LdmTarget {
     Key { key: String, to_conv: bool },
     /// The `index`-th third (q, k, v) of OpenCLIP's stacked `key`.
     Stacked { key: String, index: usize },
+    /// Stored transposed under `key` (SDXL OpenCLIP's `text_projection`).
+    Transposed { key: String },
 }
 
 impl LdmTarget {
     pub fn key(&self) -> &str {
         match self {
-            Self::Key { key, .. } | Self::Stacked { key, .. } => key,
+            Self::Key { key, .. } | Self::Stacked { key, .. } | Self::Transposed { key } => key,
         }
     }
 }
@@ -259,8 +288,10 @@ impl LdmLayout {
             (ModelPart::Vae, _) => Section::Vae,
             (ModelPart::TextEncoder, TextEncoderLayout::Clip) => Section::Clip,
             (ModelPart::TextEncoder, TextEncoderLayout::OpenClip) => Section::OpenClip,
+            (ModelPart::TextEncoder, TextEncoderLayout::Sdxl) => Section::SdxlClip,
+            (ModelPart::TextEncoder2, TextEncoderLayout::Sdxl) => Section::SdxlOpenClip,
             (ModelPart::TextEncoder2, _) => bail!(
-                "{} tensor `{}`: SDXL single files are not written (or read) here",
+                "{} tensor `{}`: only SDXL single files have a second text encoder",
                 t.part,
                 t.name
             ),
@@ -299,13 +330,14 @@ impl LdmLayout {
                 key,
             },
             Kind::Stacked(index) => LdmTarget::Stacked { key, index },
+            Kind::Transposed => LdmTarget::Transposed { key },
         })
     }
 }
 
 // The rules: pairs of name prefixes, listed once per model and read in both directions.
 
-/// The models of a single file, each under its key prefix. The text encoder has two: which one
+/// The models of a single file, each under its key prefix. The text encoders have four: which
 /// a file uses is read off its keys ([`TextEncoderLayout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Section {
@@ -313,10 +345,19 @@ enum Section {
     Vae,
     Clip,
     OpenClip,
+    SdxlClip,
+    SdxlOpenClip,
 }
 
 impl Section {
-    const ALL: [Section; 4] = [Self::Unet, Self::Vae, Self::Clip, Self::OpenClip];
+    const ALL: [Section; 6] = [
+        Self::Unet,
+        Self::Vae,
+        Self::Clip,
+        Self::OpenClip,
+        Self::SdxlClip,
+        Self::SdxlOpenClip,
+    ];
 
     fn prefix(self) -> &'static str {
         match self {
@@ -324,6 +365,8 @@ impl Section {
             Self::Vae => VAE_PREFIX,
             Self::Clip => CLIP_PREFIX,
             Self::OpenClip => OPEN_CLIP_PREFIX,
+            Self::SdxlClip => SDXL_CLIP_PREFIX,
+            Self::SdxlOpenClip => SDXL_OPEN_CLIP_PREFIX,
         }
     }
 
@@ -331,7 +374,8 @@ impl Section {
         match self {
             Self::Unet => ModelPart::Unet,
             Self::Vae => ModelPart::Vae,
-            Self::Clip | Self::OpenClip => ModelPart::TextEncoder,
+            Self::Clip | Self::OpenClip | Self::SdxlClip => ModelPart::TextEncoder,
+            Self::SdxlOpenClip => ModelPart::TextEncoder2,
         }
     }
 }
@@ -355,6 +399,8 @@ enum Kind {
     /// The `index`-th third (q, k, v) of OpenCLIP's stacked `in_proj_*`: three rules share
     /// the LDM prefix.
     Stacked(usize),
+    /// SDXL OpenCLIP's `text_projection`, stored transposed.
+    Transposed,
 }
 
 /// Which side of the rules a name is on.
@@ -464,7 +510,7 @@ impl LdmLayout {
         let key = (*self, section, bound, up_attn.to_vec());
         CACHE.with_borrow_mut(|cache| {
             // Bounded: MAX_INDEX + 1 bounds per section and layout.
-            if cache.len() > 4 * (MAX_INDEX + 1) {
+            if cache.len() > Section::ALL.len() * (MAX_INDEX + 1) {
                 cache.clear();
             }
             cache
@@ -479,13 +525,21 @@ impl LdmLayout {
         match section {
             Section::Unet => self.unet_rules(&mut rules, bound, up_attn),
             Section::Vae => self.vae_rules(&mut rules, bound),
-            Section::Clip => {
-                // SD1 keeps transformers' names; older files leave out the `text_model.` level.
+            Section::Clip | Section::SdxlClip => {
+                // CLIP keeps transformers' names; older files leave out the `text_model.` level.
                 // Writing takes the first pair.
                 rules.pair("text_model.", "text_model.");
                 rules.pair("", "text_model.");
             }
             Section::OpenClip => open_clip_rules(&mut rules, bound),
+            Section::SdxlOpenClip => {
+                open_clip_rules(&mut rules, bound);
+                rules.add(
+                    "text_projection",
+                    "text_projection.weight",
+                    Kind::Transposed,
+                );
+            }
         }
         rules.0
     }
@@ -585,7 +639,7 @@ impl LdmLayout {
     }
 }
 
-/// SD2's OpenCLIP in transformers' CLIPTextModel names (with the `text_model.` level).
+/// OpenCLIP in transformers' CLIPTextModel names (with the `text_model.` level).
 fn open_clip_rules(rules: &mut Rules, bound: usize) {
     rules.table("", "", &OPEN_CLIP_TOP);
     for n in 0..=bound {
@@ -604,10 +658,12 @@ fn open_clip_rules(rules: &mut Rules, bound: usize) {
 
 // Prefix tables, each (LDM, diffusers).
 
-/// UNet top-level layers.
-const UNET_TOP: [(&str, &str); 5] = [
+/// UNet top-level layers (`label_emb.0` is SDXL's added size/text conditioning).
+const UNET_TOP: [(&str, &str); 7] = [
     ("time_embed.0.", "time_embedding.linear_1."),
     ("time_embed.2.", "time_embedding.linear_2."),
+    ("label_emb.0.0.", "add_embedding.linear_1."),
+    ("label_emb.0.2.", "add_embedding.linear_2."),
     ("input_blocks.0.0.", "conv_in."),
     ("out.0.", "conv_norm_out."),
     ("out.2.", "conv_out."),

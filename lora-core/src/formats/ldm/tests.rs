@@ -210,8 +210,10 @@ fn ldm_keys_stack_qkv_and_reshape_vae_projections() {
         .key(),
         "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
     );
-    let err = target(ModelPart::Unet, "add_embedding.linear_1.weight").unwrap_err();
+    let err = target(ModelPart::Unet, "class_embedding.linear_1.weight").unwrap_err();
     assert!(err.contains("has no single-file"), "{err}");
+    let err = target(ModelPart::TextEncoder2, "text_projection.weight").unwrap_err();
+    assert!(err.contains("only SDXL single files"), "{err}");
     // `block.0.nin_shortcut.` reads back as `conv_shortcut`, not as this name.
     let err = target(
         ModelPart::Vae,
@@ -266,4 +268,102 @@ fn huge_indices_are_refused_quickly() {
             .contains("no Stable Diffusion model has more than"),
         "{err}"
     );
+}
+
+/// SDXL's SGM layout: both encoders under `conditioner.embedders.`, the second one's projection
+/// transposed, the added conditioning under `label_emb`; key names as the fixture script and
+/// diffusers' `from_single_file` have them.
+#[test]
+fn sdxl_keys_map_both_ways() {
+    let keys = [
+        "model.diffusion_model.input_blocks.3.0.op.weight",
+        "model.diffusion_model.input_blocks.6.0.op.weight",
+        "model.diffusion_model.output_blocks.8.0.in_layers.0.weight",
+        "first_stage_model.decoder.up.3.block.0.conv1.weight",
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+        "conditioner.embedders.1.model.ln_final.weight",
+    ];
+    let sdxl = LdmLayout::detect(keys.iter().copied()).unwrap();
+    assert_eq!(
+        sdxl,
+        LdmLayout {
+            layers_per_block: 2,
+            vae_up_blocks: 4,
+            text_encoder: TextEncoderLayout::Sdxl
+        }
+    );
+    let err = LdmLayout::detect(keys[..5].iter().copied()).unwrap_err();
+    assert!(err.to_string().contains("second text encoder"), "{err}");
+
+    let up_attn = [0, 1];
+    let te2 = ModelPart::TextEncoder2;
+    for (key, part, name) in [
+        (
+            "model.diffusion_model.label_emb.0.2.bias",
+            ModelPart::Unet,
+            "add_embedding.linear_2.bias",
+        ),
+        (
+            "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight",
+            ModelPart::Unet,
+            "down_blocks.2.attentions.0.transformer_blocks.9.attn2.to_k.weight",
+        ),
+        (
+            "model.diffusion_model.output_blocks.5.2.conv.bias",
+            ModelPart::Unet,
+            "up_blocks.1.upsamplers.0.conv.bias",
+        ),
+        (
+            "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+            ModelPart::TextEncoder,
+            "text_model.encoder.layers.0.self_attn.q_proj.weight",
+        ),
+        (
+            "conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_proj.bias",
+            te2,
+            "text_model.encoder.layers.31.mlp.fc2.bias",
+        ),
+        (
+            "conditioner.embedders.1.model.positional_embedding",
+            te2,
+            "text_model.embeddings.position_embedding.weight",
+        ),
+    ] {
+        let t = DiffusersTensor::new(part, name);
+        assert_eq!(
+            sdxl.diffusers_name(key).unwrap(),
+            LdmTensor::Renamed(t.clone()),
+            "{key}"
+        );
+        assert_eq!(sdxl.ldm_key(&t, &up_attn).unwrap().key(), key, "{t:?}");
+    }
+    let projection = "conditioner.embedders.1.model.text_projection";
+    let t = DiffusersTensor::new(te2, "text_projection.weight");
+    assert_eq!(
+        sdxl.diffusers_name(projection).unwrap(),
+        LdmTensor::Transposed(t.clone())
+    );
+    assert_eq!(
+        sdxl.ldm_key(&t, &up_attn).unwrap(),
+        LdmTarget::Transposed {
+            key: projection.into()
+        }
+    );
+    let LdmTensor::StackedQkv(parts) = sdxl
+        .diffusers_name("conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight")
+        .unwrap()
+    else {
+        panic!("stacked q/k/v")
+    };
+    assert_eq!(parts[2].part, te2);
+    assert_eq!(
+        parts[2].name,
+        "text_model.encoder.layers.3.self_attn.v_proj.weight"
+    );
+    for other in [
+        "conditioner.embedders.1.model.logit_scale",
+        "conditioner.embedders.1.model.attn_mask",
+    ] {
+        assert_eq!(sdxl.diffusers_name(other).unwrap(), LdmTensor::Other);
+    }
 }

@@ -1,9 +1,12 @@
 //! The configuration files of the Stable Diffusion models people have as single files, embedded so
 //! that a single-file checkpoint needs no folder of configs: SD 1.x (CLIP ViT-L, 512²), SD 2.x-base
-//! (OpenCLIP ViT-H, 512², ε) and SD 2.x (768², v-prediction). The values are those of the diffusers
-//! folders `stable-diffusion-v1-5/stable-diffusion-v1-5`, `stabilityai/stable-diffusion-2-1-base`
-//! and `stabilityai/stable-diffusion-2-1` (`builtin/*.json`); the two SD 2 folders differ only in
-//! the sample size, attention upcasting and the prediction type, which [`BuiltinConfigs`] sets.
+//! (OpenCLIP ViT-H, 512², ε), SD 2.x (768², v-prediction) and SDXL base (CLIP ViT-L and OpenCLIP
+//! ViT-bigG, 1024²). The values are those of the diffusers folders
+//! `stable-diffusion-v1-5/stable-diffusion-v1-5`, `stabilityai/stable-diffusion-2-1-base`,
+//! `stabilityai/stable-diffusion-2-1` and `stabilityai/stable-diffusion-xl-base-1.0`
+//! (`builtin/*.json`); the two SD 2 folders differ only in the sample size, attention upcasting and
+//! the prediction type, which [`BuiltinConfigs`] sets. SDXL's first text encoder is SD 1.x's, and
+//! its VAE has SD's architecture with its own scaling factor and fp16 upcast flag.
 
 use std::fmt;
 
@@ -20,6 +23,9 @@ pub enum Architecture {
     /// SD 2.x: OpenCLIP ViT-H/14 text encoder (1024-wide context, penultimate layer), linear
     /// projections.
     Sd2,
+    /// SDXL base: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (2048-wide context), added size/text
+    /// conditioning.
+    Sdxl,
 }
 
 impl fmt::Display for Architecture {
@@ -27,6 +33,7 @@ impl fmt::Display for Architecture {
         f.write_str(match self {
             Self::Sd1 => "SD 1.x",
             Self::Sd2 => "SD 2.x",
+            Self::Sdxl => "SDXL",
         })
     }
 }
@@ -39,13 +46,13 @@ pub struct BuiltinConfigs {
 }
 
 impl BuiltinConfigs {
-    /// The image side the model was trained at: SD 2.x with v-prediction is the 768² model,
-    /// everything else 512².
+    /// The image side the model was trained at: SDXL's is 1024², SD 2.x with v-prediction is the
+    /// 768² model, everything else 512².
     pub fn resolution(&self) -> usize {
-        if self.is_sd2_768() {
-            768
-        } else {
-            512
+        match self.architecture {
+            Architecture::Sdxl => 1024,
+            _ if self.is_sd2_768() => 768,
+            _ => 512,
         }
     }
 
@@ -58,8 +65,9 @@ impl BuiltinConfigs {
         let text = match self.architecture {
             Architecture::Sd1 => include_str!("builtin/sd1_unet.json"),
             Architecture::Sd2 => include_str!("builtin/sd2_unet.json"),
+            Architecture::Sdxl => include_str!("builtin/sdxl_unet.json"),
         };
-        if self.architecture == Architecture::Sd1 || self.is_sd2_768() {
+        if self.architecture != Architecture::Sd2 || self.is_sd2_768() {
             return text.to_owned();
         }
         // stable-diffusion-2-1-base: 64×64 latents, attention not upcast.
@@ -75,18 +83,27 @@ impl BuiltinConfigs {
     /// `text_encoder/config.json`.
     pub fn text_encoder_json(&self) -> String {
         match self.architecture {
-            Architecture::Sd1 => include_str!("builtin/sd1_text_encoder.json"),
+            Architecture::Sd1 | Architecture::Sdxl => include_str!("builtin/sd1_text_encoder.json"),
             Architecture::Sd2 => include_str!("builtin/sd2_text_encoder.json"),
         }
         .to_owned()
     }
 
-    /// `vae/config.json` (the same VAE for every model; only its nominal sample size differs).
+    /// `text_encoder_2/config.json`, SDXL's only.
+    pub fn text_encoder_2_json(&self) -> Option<String> {
+        (self.architecture == Architecture::Sdxl)
+            .then(|| include_str!("builtin/sdxl_text_encoder_2.json").to_owned())
+    }
+
+    /// `vae/config.json` (the same VAE architecture for every model; its nominal sample size
+    /// differs, and SDXL's has its own latent scale and must not decode in fp16).
     pub fn vae_json(&self) -> String {
-        patched(
-            include_str!("builtin/vae.json"),
-            &[("sample_size", Value::from(self.resolution()))],
-        )
+        let mut changes = vec![("sample_size", Value::from(self.resolution()))];
+        if self.architecture == Architecture::Sdxl {
+            changes.push(("scaling_factor", Value::from(SDXL_SCALING_FACTOR)));
+            changes.push(("force_upcast", Value::Bool(true)));
+        }
+        patched(include_str!("builtin/vae.json"), &changes)
     }
 
     /// `scheduler/scheduler_config.json`, with the prediction type set.
@@ -94,6 +111,7 @@ impl BuiltinConfigs {
         let text = match self.architecture {
             Architecture::Sd1 => include_str!("builtin/sd1_scheduler.json"),
             Architecture::Sd2 => include_str!("builtin/sd2_scheduler.json"),
+            Architecture::Sdxl => include_str!("builtin/sdxl_scheduler.json"),
         };
         patched(
             text,
@@ -101,11 +119,11 @@ impl BuiltinConfigs {
         )
     }
 
-    /// The token prompts are padded with: SD 1.x pads with `<|endoftext|>`, SD 2.x with `!`
-    /// (OpenCLIP's tokenizer pads with id 0).
+    /// The token prompts are padded with: SD 1.x (and SDXL's first tokenizer) pads with
+    /// `<|endoftext|>`, SD 2.x with `!` (OpenCLIP's tokenizer pads with id 0).
     pub fn pad_token(&self) -> &'static str {
         match self.architecture {
-            Architecture::Sd1 => "<|endoftext|>",
+            Architecture::Sd1 | Architecture::Sdxl => "<|endoftext|>",
             Architecture::Sd2 => "!",
         }
     }
@@ -116,6 +134,14 @@ impl BuiltinConfigs {
 
     pub fn text_encoder(&self) -> Result<ClipTextConfig> {
         ClipTextConfig::parse(&self.text_encoder_json()).context("built-in text encoder config")
+    }
+
+    /// SDXL's second text encoder's config; an error for other architectures.
+    pub fn text_encoder_2(&self) -> Result<ClipTextConfig> {
+        let json = self
+            .text_encoder_2_json()
+            .with_context(|| format!("{} has no second text encoder", self.architecture))?;
+        ClipTextConfig::parse(&json).context("built-in second text encoder config")
     }
 
     pub fn vae(&self) -> Result<VaeConfig> {
@@ -133,6 +159,9 @@ impl BuiltinConfigs {
     }
 }
 
+/// SDXL's VAE latent scale (its `vae/config.json`).
+const SDXL_SCALING_FACTOR: f64 = 0.13025;
+
 /// `json` (an object) with `changes` set, pretty-printed.
 fn patched(json: &str, changes: &[(&str, Value)]) -> String {
     let mut object: serde_json::Map<String, Value> =
@@ -149,7 +178,7 @@ mod tests {
 
     fn all() -> Vec<BuiltinConfigs> {
         let mut all = Vec::new();
-        for architecture in [Architecture::Sd1, Architecture::Sd2] {
+        for architecture in [Architecture::Sd1, Architecture::Sd2, Architecture::Sdxl] {
             for prediction in [PredictionType::Epsilon, PredictionType::VPrediction] {
                 all.push(BuiltinConfigs {
                     architecture,
@@ -167,11 +196,39 @@ mod tests {
             let text = configs.text_encoder().unwrap();
             let vae = configs.vae().unwrap();
             let scheduler = configs.scheduler().unwrap();
-            assert_eq!(unet.cross_attention_dim, text.hidden_size, "{configs:?}");
+            let context = match configs.text_encoder_2_json() {
+                Some(_) => text.hidden_size + configs.text_encoder_2().unwrap().hidden_size,
+                None => text.hidden_size,
+            };
+            assert_eq!(unet.cross_attention_dim, context, "{configs:?}");
             assert_eq!(scheduler.prediction_type, configs.prediction);
             let side = unet.sample_size.unwrap() * vae.vae_scale_factor();
             assert_eq!(side, configs.resolution(), "{configs:?}");
         }
+    }
+
+    #[test]
+    fn sdxl_configs_are_sdxl_base() {
+        let sdxl = BuiltinConfigs {
+            architecture: Architecture::Sdxl,
+            prediction: PredictionType::Epsilon,
+        };
+        let text_time = sdxl.unet().unwrap().text_time.unwrap();
+        let pooled = sdxl.text_encoder_2().unwrap().projection_dim.unwrap();
+        assert_eq!(text_time.input_dim, pooled + 6 * text_time.time_embed_dim);
+        let vae = sdxl.vae().unwrap();
+        assert_eq!((vae.scaling_factor, vae.force_upcast), (0.13025, true));
+        assert_eq!(
+            sdxl.scheduler().unwrap().class_name.as_deref(),
+            Some("EulerDiscreteScheduler")
+        );
+        assert_eq!(sdxl.describe(), "SDXL, 1024×1024, epsilon");
+        let sd1 = BuiltinConfigs {
+            architecture: Architecture::Sd1,
+            ..sdxl
+        };
+        assert!(sd1.text_encoder_2().is_err() && sd1.unet().unwrap().text_time.is_none());
+        assert_eq!(sd1.vae().unwrap().scaling_factor, 0.18215);
     }
 
     #[test]
