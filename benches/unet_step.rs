@@ -35,7 +35,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
-use lora_toolkit::core::adapters::AdapterAlgorithm;
+use lora_toolkit::core::adapters::{AdapterAlgorithm, Component};
 use lora_toolkit::core::io::weights::{component_weights, RandomInit};
 use lora_toolkit::core::models::config::UNetConfig;
 use lora_toolkit::core::options::{DeviceSpec, Precision};
@@ -264,7 +264,7 @@ fn main() -> Result<()> {
     };
     let mut trainable = Adapter::init_unet(&lora, case.unet.lora_modules(), &device, 0)?;
     if dora {
-        trainable.add_dora(&case.unet.adaptable_weights()?)?;
+        trainable.add_dora(Component::Unet, &case.unet.adaptable_weights()?)?;
     }
     let mut modules = trainable.adapter.unet.clone();
     if !case.train {

@@ -370,6 +370,7 @@ pub fn build(
             })
             .collect::<Result<Vec<_>>>()?;
         let (_, grads) = clip_grad_norm(grads, 1.0)?;
+        let grads: Vec<Option<Tensor>> = grads.into_iter().map(Some).collect();
         let lr = learning_rate(
             LrScheduler::Cosine,
             recipe.lr,

@@ -116,10 +116,7 @@ fn real_size_headers_are_recognised_with_their_defaults() -> Result<()> {
         let (found, reason) = identify_prediction(architecture, &PredictionHints::default())?;
         println!("{name}: {architecture}, {found} ({reason})");
         assert_eq!(found, prediction, "{name}");
-        let configs = BuiltinConfigs {
-            architecture,
-            prediction,
-        };
+        let configs = BuiltinConfigs::new(architecture, prediction);
         assert_eq!(configs.resolution(), side);
         check_builtin_fits(&shapes, configs)?;
         assert!(!has_ema(shapes.keys()));
@@ -155,6 +152,58 @@ fn sdxl_header_maps_onto_the_diffusers_models() -> Result<()> {
             (ModelPart::TextEncoder2, 517),
         ])
     );
+    Ok(())
+}
+
+/// What Stability's and the fine-tuners' SDXL files carry beyond ours (CLIP's position ids,
+/// OpenCLIP's logit scale, a sigma table, the v-pred and zero-SNR markers) leaves them SDXL base;
+/// SDXL's inpainting UNet, Playground v2.5 and a distilled UNet are refused by name.
+#[test]
+fn sdxl_variants_are_told_apart() -> Result<()> {
+    let sdxl = header("sdxl")?;
+    let mut real = sdxl.clone();
+    for (key, shape) in [
+        (
+            "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+            vec![1, 77],
+        ),
+        ("conditioner.embedders.1.model.logit_scale", vec![]),
+        ("denoiser.sigmas", vec![1000]),
+        ("v_pred", vec![]),
+        ("ztsnr", vec![]),
+    ] {
+        real.insert(key.into(), shape);
+    }
+    assert_eq!(identify_architecture(&real)?, Architecture::Sdxl);
+    let layout = LdmLayout::detect(real.keys().map(String::as_str))?;
+    assert_eq!(
+        layout.diffusers_name("conditioner.embedders.1.model.logit_scale")?,
+        LdmTensor::Other
+    );
+    let hints = PredictionHints {
+        v_pred_key: real.contains_key("v_pred"),
+        ..Default::default()
+    };
+    assert_eq!(
+        identify_prediction(Architecture::Sdxl, &hints)?.0,
+        PredictionType::VPrediction
+    );
+
+    let conv_in = "model.diffusion_model.input_blocks.0.0.weight";
+    let mut inpainting = sdxl.clone();
+    inpainting.insert(conv_in.into(), vec![320, 9, 3, 3]);
+    let mut playground = sdxl.clone();
+    playground.insert("edm_mean".into(), vec![1, 4, 1, 1]);
+    let mut distilled = sdxl.clone();
+    distilled.retain(|k, _| !k.contains("input_blocks.7.1.transformer_blocks.9."));
+    for (shapes, what) in [
+        (inpainting, "inpainting"),
+        (playground, "Playground"),
+        (distilled, "distilled"),
+    ] {
+        let err = identify_architecture(&shapes).unwrap_err().to_string();
+        assert!(err.contains(what), "{err}");
+    }
     Ok(())
 }
 

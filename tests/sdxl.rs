@@ -24,7 +24,9 @@ use lora_toolkit::core::models::tokenizer::ClipTokenizer;
 use lora_toolkit::core::options::AdapterSpec;
 use lora_toolkit::core::options::Precision;
 use lora_toolkit::core::source::{BaseChoices, ModelFolder, ModelSource};
-use lora_toolkit::core::{AdapterModule, AddedConditioning, LoraModule, UNet2DConditionModel};
+use lora_toolkit::core::{
+    AdapterModule, AddedConditioning, Component, LoraModule, UNet2DConditionModel,
+};
 use lora_toolkit::infer::{GenerateOptions, Pipeline, SchedulerKind};
 use lora_toolkit::merge::{Conversion, MergeOptions, OutputLayout};
 use lora_toolkit::train::{checkpoint_paths, TrainArgs, Trainer};
@@ -221,6 +223,159 @@ fn lora_and_pooled_embedding_gradients_match_pytorch() -> Result<()> {
         println!(
             "SDXL {label}: {} LoRA tensors and the pooled embedding; worst relative gradient error {:.2e} ({})",
             vars.len(),
+            worst.0,
+            worst.1
+        );
+        assert!(
+            worst.0 < 1e-3,
+            "{label}: gradient error {} at {}",
+            worst.0,
+            worst.1
+        );
+    }
+    Ok(())
+}
+
+/// `--train-text-encoder` on SDXL: a LoRA on every module of both text encoders
+/// (`grad_text_encoders.safetensors`, `make_sdxl_te_grad_fixtures.py`), through both encoders'
+/// penultimate states and the second's pooled output into the UNet's loss, plain and
+/// checkpointed. The first encoder's last layer gets no gradient, as in PyTorch: SDXL reads the
+/// layer before it.
+#[test]
+fn both_text_encoders_lora_gradients_match_pytorch() -> Result<()> {
+    let exp = expected()?;
+    let path = sdxl().join("grad_text_encoders.safetensors");
+    let fx = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let metadata = lora_toolkit::core::io::weights::header_metadata(&path)?;
+    let no_grad: Vec<&str> = metadata["no_grad"].split(',').collect();
+    assert_eq!(
+        no_grad.len(),
+        12,
+        "the first encoder's last layer: 6 modules, A and B"
+    );
+    let folder = ModelFolder::open(&sdxl())?;
+    let ids = |key: &str| get(&fx, key).to_dtype(DType::U32);
+    for checkpointed in [false, true] {
+        let label = if checkpointed {
+            "checkpointed"
+        } else {
+            "plain"
+        };
+        let mut vars = Vec::new();
+        let mut encoders = Vec::new();
+        for (tag, component) in [
+            ("te1", Component::TextEncoder),
+            ("te2", Component::TextEncoder2),
+        ] {
+            let mut encoder = match component {
+                Component::TextEncoder => folder.load_text_encoder(
+                    &folder.text_encoder_config()?,
+                    DType::F32,
+                    &Device::Cpu,
+                    BTreeMap::new(),
+                )?,
+                _ => folder.load_text_encoder_2(
+                    &folder.text_encoder_2_config()?,
+                    DType::F32,
+                    &Device::Cpu,
+                    BTreeMap::new(),
+                )?,
+            };
+            let mut modules = BTreeMap::new();
+            for info in encoder.lora_modules().to_vec() {
+                let mut var = |which: &str| -> Result<Tensor> {
+                    let name = format!("{tag}.{}.{which}.weight", info.path);
+                    let v = Var::from_tensor(get(&fx, &name))?;
+                    vars.push((name, v.clone()));
+                    Ok(v.as_tensor().clone())
+                };
+                let module = LoraModule {
+                    down: var("lora_A")?,
+                    up: var("lora_B")?,
+                    alpha: 8.0,
+                    magnitude: None,
+                };
+                modules.insert(info.path.clone(), AdapterModule::Lora(module));
+            }
+            encoder.attach_adapter("grad", &modules, 1.0)?;
+            encoders.push(encoder);
+        }
+        let second = encoders.pop().context("two encoders")?;
+        let first = encoders.pop().context("two encoders")?;
+        let text =
+            SdxlTextEncoders::new(first, second, folder.tokenizer()?, folder.tokenizer_2()?)?;
+        let embeddings = text.encode_ids(&ids("te_input_ids")?, &ids("te2_input_ids")?)?;
+        for (what, ours, key) in [
+            ("context", &embeddings.context, "context"),
+            ("pooled", &embeddings.pooled, "pooled"),
+        ] {
+            let err = rel_err(ours, get(&fx, key));
+            assert!(
+                err < 1e-4,
+                "{label}: {what} with the adapters differs by {err}"
+            );
+        }
+        let unet = load_unet()?;
+        let added = AddedConditioning {
+            text_embeds: embeddings.pooled.clone(),
+            time_ids: get(&exp, "time_ids").clone(),
+        };
+        let (sample, timestep) = (get(&exp, "sample"), get(&exp, "timestep"));
+        let params: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        let (out, pass) = match checkpointed {
+            true => {
+                let (out, pass) = unet.forward_checkpointed_conditioned(
+                    sample,
+                    timestep,
+                    &embeddings.context,
+                    Some(&added),
+                )?;
+                (out, Some(pass))
+            }
+            false => (
+                unet.forward_conditioned(sample, timestep, &embeddings.context, Some(&added))?,
+                None,
+            ),
+        };
+        let err = rel_err(&out, get(&fx, "unet_out"));
+        assert!(err < 1e-4, "{label}: UNet output differs by {err}");
+        let loss = (out - get(&exp, "grad_target"))?.sqr()?.mean_all()?;
+        let grads = match pass {
+            None => loss.backward()?,
+            Some(pass) => pass.backward(&loss, &params)?,
+        };
+        assert_eq!(
+            vars.len(),
+            72,
+            "3 layers × 6 modules × A, B in each encoder"
+        );
+        let mut worst = (0f32, String::new());
+        for (name, var) in &vars {
+            let ours = grads.get(var.as_tensor());
+            if no_grad.contains(&name.as_str()) {
+                let none = ours.map_or(Ok(true), |g| -> Result<bool> {
+                    Ok(g.abs()?.max_all()?.to_scalar::<f32>()? == 0.0)
+                })?;
+                assert!(
+                    none,
+                    "{label}: {name} got a gradient; PyTorch gives it none"
+                );
+                continue;
+            }
+            let ours = ours.with_context(|| format!("{label}: {name} got no gradient"))?;
+            let reference = get(&fx, &format!("grad.{name}"));
+            assert!(
+                max_abs(reference) > 0.0,
+                "reference gradient {name} is zero"
+            );
+            let err = rel_err(ours, reference);
+            if err > worst.0 {
+                worst = (err, name.clone());
+            }
+        }
+        println!(
+            "SDXL text encoders, {label}: {} LoRA gradients, worst relative error {:.2e} ({})",
+            vars.len() - no_grad.len(),
             worst.0,
             worst.1
         );
@@ -488,52 +643,138 @@ fn lora_train_trains_an_sdxl_unet_adapter_that_generation_applies() -> Result<()
     Ok(())
 }
 
-#[test]
-fn sdxl_training_resumes_bit_exactly_and_refuses_text_encoder_training() -> Result<()> {
-    let recipe = |out: &std::path::Path, resume: Option<PathBuf>| TrainArgs {
-        steps: Some(4),
-        save_every: Some(2),
-        resume,
-        ..sdxl_train_args(out)
+/// Trains `recipe` for 4 steps straight, then again resumed from the straight run's step-2
+/// checkpoint, and checks the two final adapters are bit-identical. Returns the straight run's
+/// folder.
+fn trains_and_resumes_exactly(
+    recipe: impl Fn(&std::path::Path, Option<PathBuf>) -> TrainArgs,
+) -> Result<tempfile::TempDir> {
+    let run = |out: &std::path::Path, resume: Option<PathBuf>| -> Result<()> {
+        let args = TrainArgs {
+            steps: Some(4),
+            save_every: Some(2),
+            ..recipe(out, resume)
+        };
+        lora_train::train(args.resolve()?, &mut |_| {}, &mut |_| {})?;
+        Ok(())
     };
     let straight = tempfile::tempdir()?;
-    lora_train::train(
-        recipe(straight.path(), None).resolve()?,
-        &mut |_| {},
-        &mut |_| {},
-    )?;
+    run(straight.path(), None)?;
     let out = straight.path().join("adapter.safetensors");
-    let (checkpoint, _) = checkpoint_paths(&out, 2);
     let resumed = tempfile::tempdir()?;
-    lora_train::train(
-        recipe(resumed.path(), Some(checkpoint)).resolve()?,
-        &mut |_| {},
-        &mut |_| {},
-    )?;
-    let read = |p: &std::path::Path| candle_core::safetensors::load(p, &Device::Cpu);
-    let (a, b) = (
-        read(&out)?,
-        read(&resumed.path().join("adapter.safetensors"))?,
+    run(resumed.path(), Some(checkpoint_paths(&out, 2).0))?;
+    assert_same_tensors(
+        &tensors_of(&resumed.path().join("adapter.safetensors"))?,
+        &tensors_of(&out)?,
+        &[],
+        "resumed from step 2",
     );
-    assert!(!a.is_empty(), "the adapter holds no tensors");
-    assert_eq!(a.len(), b.len());
-    for (key, t) in &a {
-        let diff = max_abs_diff(t, &b[key]);
-        assert_eq!(diff, 0.0, "{key} differs after resuming by {diff}");
-    }
+    Ok(straight)
+}
 
+#[test]
+fn sdxl_training_resumes_bit_exactly() -> Result<()> {
+    trains_and_resumes_exactly(|out, resume| TrainArgs {
+        resume,
+        ..sdxl_train_args(out)
+    })?;
+    Ok(())
+}
+
+/// `--train-text-encoder` on SDXL trains both encoders as kohya's `sdxl_train_network.py` does:
+/// every module of each, written as `lora_te1_` / `lora_te2_`, the first encoder's last layer
+/// left as it starts (SDXL does not read it: no gradient, no weight decay); the moving average
+/// keeps each encoder's own values; a resumed run equals a straight one.
+#[test]
+fn sdxl_trains_both_text_encoders() -> Result<()> {
+    let straight = trains_and_resumes_exactly(|out, resume| TrainArgs {
+        train_text_encoder: Some(true),
+        text_encoder_lr: Some(vec![5e-2]),
+        ema_decay: Some(0.5),
+        resume,
+        ..sdxl_train_args(out)
+    })?;
+    let path = straight.path().join("adapter.safetensors");
+    let tensors = tensors_of(&path)?;
+    let file = AdapterFile::read(&path, &Device::Cpu)?;
+    let count = |prefix: &str| {
+        file.raw_modules()
+            .iter()
+            .filter(|m| m.down_key.starts_with(prefix))
+            .count()
+    };
+    assert_eq!((count("lora_te1_"), count("lora_te2_")), (18, 18));
+    assert_eq!(
+        count("lora_te_"),
+        0,
+        "SDXL names its first encoder lora_te1_"
+    );
+    for (key, t) in &tensors {
+        let Some(module) = key.strip_suffix(".lora_up.weight") else {
+            continue;
+        };
+        let moved = max_abs(t) > 0.0;
+        let last_of_first = module.starts_with("lora_te1_text_model_encoder_layers_2_");
+        assert_eq!(moved, !last_of_first, "{module}: up moved = {moved}");
+    }
+    // That layer's other tensors stay as they start too: an optimizer passes over a parameter
+    // without a gradient (weight decay included), while every other module moves on.
+    let at_step_2 = tensors_of(&checkpoint_paths(&path, 2).1)?;
+    for (key, t) in &tensors {
+        let same = max_abs_diff(t, &at_step_2[key]) == 0.0;
+        let last_of_first = key.starts_with("lora_te1_text_model_encoder_layers_2_");
+        let down = key.ends_with(".lora_down.weight");
+        if last_of_first || down {
+            assert_eq!(same, last_of_first, "{key}: unchanged from step 2 = {same}");
+        }
+    }
+    // The moving average: each encoder's values in its own modules (their widths differ).
+    let ema = tensors_of(&straight.path().join("adapter-ema.safetensors"))?;
+    assert_eq!(ema.len(), tensors.len());
+    for (key, t) in &tensors {
+        assert_eq!(ema[key].dims(), t.dims(), "{key}");
+    }
+    Ok(())
+}
+
+/// `--text-encoder-lr A B` gives each SDXL encoder its own rate, as kohya's list does: with
+/// B = 0 the second encoder's adapter stays as it starts (up = 0) while the first's moves, and
+/// the metadata records the list.
+#[test]
+fn each_sdxl_text_encoder_takes_its_own_learning_rate() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let args = TrainArgs {
+        steps: Some(2),
         train_text_encoder: Some(true),
+        text_encoder_lr: Some(vec![5e-2, 0.0]),
         ..sdxl_train_args(dir.path())
     };
-    let err = match Trainer::new(args.resolve()?, &mut |_| {}) {
-        Ok(_) => panic!("--train-text-encoder with SDXL was accepted"),
-        Err(e) => format!("{e:#}"),
+    lora_train::train(args.resolve()?, &mut |_| {}, &mut |_| {})?;
+    let path = dir.path().join("adapter.safetensors");
+    let tensors = tensors_of(&path)?;
+    let ups_moved = |prefix: &str| -> Vec<bool> {
+        tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && k.ends_with(".lora_up.weight"))
+            .filter(|(k, _)| !k.starts_with("lora_te1_text_model_encoder_layers_2_"))
+            .map(|(_, t)| max_abs(t) > 0.0)
+            .collect()
     };
+    let (first, second) = (ups_moved("lora_te1_"), ups_moved("lora_te2_"));
     assert!(
-        err.contains("--train-text-encoder with an SDXL base"),
-        "{err}"
+        !first.is_empty() && !second.is_empty(),
+        "no text-encoder modules"
+    );
+    assert!(first.iter().all(|&m| m), "a first-encoder up did not move");
+    assert!(
+        second.iter().all(|&m| !m),
+        "a second-encoder up moved at lr 0"
+    );
+    let file = AdapterFile::read(&path, &Device::Cpu)?;
+    let metadata = file.metadata();
+    assert_eq!(
+        metadata.get("ss_text_encoder_lr").map(String::as_str),
+        Some("[0.05, 0.0]")
     );
     Ok(())
 }
@@ -588,18 +829,7 @@ fn sdxl_parts_are_checked_not_assumed() -> Result<()> {
     // Without tokenizer_2/ the second tokenizer pads with "!", as SDXL's does, not with the
     // config's stale pad_token_id.
     let copy = tempfile::tempdir()?;
-    for entry in std::fs::read_dir(sdxl())? {
-        let path = entry?.path();
-        let name = path.file_name().context("a name")?;
-        if path.is_dir() && name != "tokenizer_2" {
-            let target = copy.path().join(name);
-            std::fs::create_dir_all(&target)?;
-            for file in std::fs::read_dir(&path)? {
-                let file = file?.path();
-                std::fs::copy(&file, target.join(file.file_name().context("a name")?))?;
-            }
-        }
-    }
+    copy_model_folder(copy.path(), &["tokenizer_2"])?;
     let mut index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(sdxl().join("model_index.json"))?)?;
     index
@@ -676,6 +906,26 @@ fn lora_merge_folds_a_kohya_sdxl_adapter_into_all_three_models() -> Result<()> {
 // written by `tests/reference/make_sdxl_single_file.py` with the script's own key map and read
 // back by diffusers' `from_single_file` tensor for tensor (the text projection transposed, q/k/v
 // stacked). It holds the folder's fp16 values, so what it gives must equal the folder's exactly.
+
+/// The fixture's diffusers folder (`model_index.json` and the model's sub-folders, less `skip`)
+/// copied into `to`.
+fn copy_model_folder(to: &std::path::Path, skip: &[&str]) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    std::fs::copy(sdxl().join("model_index.json"), to.join("model_index.json"))?;
+    for entry in std::fs::read_dir(sdxl())? {
+        let path = entry?.path();
+        let name = path.file_name().context("a name")?;
+        if path.is_dir() && !skip.iter().any(|s| name == *s) {
+            let target = to.join(name);
+            std::fs::create_dir_all(&target)?;
+            for file in std::fs::read_dir(&path)? {
+                let file = file?.path();
+                std::fs::copy(&file, target.join(file.file_name().context("a name")?))?;
+            }
+        }
+    }
+    Ok(())
+}
 
 fn ldm_file() -> PathBuf {
     sdxl().join("model_ldm.safetensors")
@@ -778,9 +1028,22 @@ fn lora_merge_converts_sdxl_folders_and_single_files_both_ways() -> Result<()> {
         lora_toolkit::merge::merge_converting(&options, Some(&conversion))
     };
     // Folder → single file: the reference file's tensors, but for the two the folder does not
-    // hold (CLIP's position ids, OpenCLIP's logit scale).
+    // hold (CLIP's position ids, OpenCLIP's logit scale). The folder's second encoder here also
+    // has the `position_ids` buffer older transformers saved, which OpenCLIP files do not hold.
+    let folder_with_ids = out.path().join("with-position-ids");
+    copy_model_folder(&folder_with_ids, &[])?;
+    let te2 = folder_with_ids.join("text_encoder_2/model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&te2, &Device::Cpu)?;
+    let ids = Tensor::arange(0i64, 77, &Device::Cpu)?.unsqueeze(0)?;
+    tensors.insert("text_model.embeddings.position_ids".into(), ids);
+    candle_core::safetensors::save(&tensors, &te2)?;
     let single = out.path().join("sdxl.safetensors");
-    convert(sdxl(), single.clone(), OutputLayout::SingleFile, None)?;
+    convert(
+        folder_with_ids,
+        single.clone(),
+        OutputLayout::SingleFile,
+        None,
+    )?;
     assert_same_tensors(
         &tensors_of(&single)?,
         &tensors_of(&ldm_file())?,

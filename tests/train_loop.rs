@@ -1216,7 +1216,7 @@ fn the_text_encoder_trains_with_its_own_learning_rate() -> Result<()> {
     };
     let with_te = |te_lr: Option<f64>, checkpointing: bool| TrainArgs {
         train_text_encoder: Some(true),
-        text_encoder_lr: te_lr,
+        text_encoder_lr: te_lr.map(|lr| vec![lr]),
         gradient_checkpointing: Some(checkpointing),
         ..Default::default()
     };
@@ -1297,7 +1297,7 @@ fn the_text_encoder_trains_with_its_own_learning_rate() -> Result<()> {
     // Resume: bit-exact, text encoder state included.
     let recipe = |out: &Path, resume: Option<PathBuf>| TrainArgs {
         train_text_encoder: Some(true),
-        text_encoder_lr: Some(5e-3),
+        text_encoder_lr: Some(vec![5e-3]),
         save_every: Some(2),
         caption_dropout: Some(0.3),
         resume,
@@ -1322,6 +1322,18 @@ fn the_text_encoder_trains_with_its_own_learning_rate() -> Result<()> {
         .err()
         .expect("a UNet-only run must not resume a text-encoder run");
     assert!(format!("{err:#}").contains("train-text-encoder"), "{err:#}");
+    // Two learning rates are for SDXL's two encoders; this model has one.
+    let two_rates = TrainArgs {
+        text_encoder_lr: Some(vec![5e-3, 1e-3]),
+        ..recipe(elsewhere.path(), None)
+    };
+    let err = Trainer::new(two_rates.resolve()?, &mut quiet())
+        .err()
+        .expect("two text-encoder learning rates on SD 1.5 must be refused");
+    assert!(
+        format!("{err:#}").contains("two --text-encoder-lr values are for SDXL"),
+        "{err:#}"
+    );
     Ok(())
 }
 
@@ -1330,7 +1342,7 @@ fn text_encoder_options_are_checked() {
     assert_refused([
         (
             TrainArgs {
-                text_encoder_lr: Some(1e-4),
+                text_encoder_lr: Some(vec![1e-4]),
                 ..Default::default()
             },
             "--text-encoder-lr given without --train-text-encoder",
@@ -1338,7 +1350,7 @@ fn text_encoder_options_are_checked() {
         (
             TrainArgs {
                 train_text_encoder: Some(true),
-                text_encoder_lr: Some(-1.0),
+                text_encoder_lr: Some(vec![-1.0]),
                 ..Default::default()
             },
             "--text-encoder-lr = -1: expected a number ≥ 0",
@@ -1346,7 +1358,15 @@ fn text_encoder_options_are_checked() {
         (
             TrainArgs {
                 train_text_encoder: Some(true),
-                text_encoder_lr: Some(0.5),
+                text_encoder_lr: Some(vec![1e-4, 2e-4, 3e-4]),
+                ..Default::default()
+            },
+            "--text-encoder-lr takes one value, or two for SDXL's two text encoders, not 3",
+        ),
+        (
+            TrainArgs {
+                train_text_encoder: Some(true),
+                text_encoder_lr: Some(vec![0.5]),
                 optimizer: Some(lora_train::optimizer::OptimizerKind::Prodigy),
                 ..Default::default()
             },
@@ -1727,7 +1747,7 @@ fn every_feature_together_trains_and_resumes_exactly() -> Result<()> {
         batch_size: Some(2),
         grad_accum: Some(2),
         train_text_encoder: Some(true),
-        text_encoder_lr: Some(5e-3),
+        text_encoder_lr: Some(vec![5e-3]),
         conv_rank: Some(2),
         dora: Some(true),
         class_data: Some(reg.clone()),

@@ -39,6 +39,9 @@ use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::Vae;
 
 const MODEL_INDEX: &str = "model_index.json";
+/// The marker tensor of a single file trained with zero terminal SNR (ComfyUI's and the v-pred
+/// SDXL fine-tunes').
+const ZERO_TERMINAL_SNR_KEY: &str = "ztsnr";
 /// What SDXL's second tokenizer (OpenCLIP's) pads with.
 const SDXL_SECOND_PAD_TOKEN: &str = "!";
 /// Weights file stem of the diffusers components (unet/, vae/).
@@ -569,14 +572,14 @@ impl ModelIndex {
 
 /// `--base-config`'s help, the same in every binary.
 pub const BASE_CONFIG_HELP: &str = "For a single-file --base: a diffusers folder whose config \
-    files (unet/, text_encoder/, scheduler/, vae/ config.json; tokenizer/ if any) describe it, \
-    replacing the built-in configs of the SD 1.x/2.x model the file is recognised as; its \
-    weights are not read";
+    files (unet/, text_encoder/, scheduler/, vae/ config.json, SDXL's text_encoder_2/ too; \
+    tokenizer/ and tokenizer_2/ if any) describe it, replacing the built-in configs of the SD \
+    1.x/2.x/SDXL model the file is recognised as; its weights are not read";
 /// `--prediction-type`'s help.
 pub const PREDICTION_TYPE_HELP: &str = "What the base UNet predicts, epsilon or v_prediction \
     (or sample), replacing what the model says: a folder's scheduler config, or for a single \
     file its v_pred marker, modelspec metadata or A1111 .yaml beside it, else epsilon for SD 1.x \
-    and v_prediction (768×768) for SD 2.x. The choice is printed";
+    and SDXL and v_prediction (768×768) for SD 2.x. The choice is printed";
 /// `--no-ema`'s help.
 pub const NO_EMA_HELP: &str = "For a single file that holds both EMA (`model_ema.…`) and plain \
     UNet weights: use the plain ones [default: the EMA weights]";
@@ -761,8 +764,8 @@ impl ModelFolder {
                     }
                 };
                 let builtin = BuiltinConfigs {
-                    architecture,
-                    prediction,
+                    zero_terminal_snr: single.has_key(ZERO_TERMINAL_SNR_KEY),
+                    ..BuiltinConfigs::new(architecture, prediction)
                 };
                 let summary = format!(
                     "single-file {architecture} checkpoint, built-in configs for {} ({prediction} \

@@ -170,7 +170,8 @@ impl BaseModel {
             let layout = LdmLayout::detect(names.iter().map(String::as_str)).with_context(|| {
                 format!(
                     "{}: unknown checkpoint layout (expected a diffusers folder or a single-file \
-                     checkpoint with model.diffusion_model./first_stage_model./cond_stage_model. keys)",
+                     checkpoint with model.diffusion_model./first_stage_model./cond_stage_model. (SDXL: \
+                     conditioner.embedders.) keys)",
                     path.display()
                 )
             })?;

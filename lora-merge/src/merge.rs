@@ -145,6 +145,21 @@ pub fn merge_converting(
             "--config-from {}: not a diffusers folder (no unet/config.json)",
             dir.display()
         );
+        let configs_sdxl = dir.join("text_encoder_2/config.json").is_file();
+        ensure!(
+            configs_sdxl == base.is_sdxl(),
+            "--config-from {}: {} but {} {}: the configs must be the model's",
+            dir.display(),
+            match configs_sdxl {
+                true => "an SDXL folder (text_encoder_2/)",
+                false => "a folder without SDXL's text_encoder_2/",
+            },
+            options.base.display(),
+            match base.is_sdxl() {
+                true => "is an SDXL checkpoint",
+                false => "has one text encoder",
+            }
+        );
     }
     let modules = base.merge_modules();
     let model = modules.model();
@@ -292,6 +307,9 @@ impl Merger<'_> {
             let LdmTensor::Renamed(t) = &e.meaning else {
                 continue;
             };
+            if !layout.stores(t) {
+                continue;
+            }
             match layout.ldm_key(t, &up_attn)? {
                 LdmTarget::Key { key, to_conv } => {
                     let reshape = if to_conv {
@@ -453,6 +471,12 @@ impl Merger<'_> {
                             }
                         }
                         LdmTensor::Transposed(t) if t.part == part => {
+                            ensure!(
+                                e.shape.len() == 2,
+                                "`{}` is {:?}: a transposed tensor must be 2-D",
+                                e.key,
+                                e.shape
+                            );
                             let shape = e.shape.iter().rev().copied().collect();
                             tensors.push((t.name.clone(), i, Portion::Transposed, shape));
                         }

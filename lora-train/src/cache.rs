@@ -1,8 +1,8 @@
 //! What the frozen encoders make of the dataset, computed once before the first step: each
 //! caption's text embedding and (with centre crops) each image's latent distribution. Epochs
-//! after the first — in fact every step — then skip the text encoder and the VAE. A text encoder
-//! that trains (`--train-text-encoder`) cannot be cached: its captions are kept as token ids and
-//! encoded every step ([`conditioning`]).
+//! after the first — in fact every step — then skip the text encoder and the VAE. Text encoders
+//! that train (`--train-text-encoder`) cannot be cached: their captions are kept as token ids and
+//! encoded every step ([`conditioning`] with [`TrainedText`]).
 //!
 //! The VAE's output is kept as its distribution (mean and standard deviation), not as one
 //! sample, so every step still draws a fresh latent from it (as diffusers' scripts do) while the
@@ -10,8 +10,9 @@
 //! decoded images are kept instead and the VAE runs per sample.
 //!
 //! For SDXL each caption is encoded by both text encoders (the context and the pooled
-//! embedding), and each sample carries its size and crop micro-conditioning ([`SdxlSample`]),
-//! as diffusers' and kohya's SDXL scripts give them.
+//! embedding; or tokenized by both tokenizers when they train), and each sample carries its size
+//! and crop micro-conditioning ([`sdxl_time_ids`]), as diffusers' and kohya's SDXL scripts give
+//! them.
 //!
 //! The cache lives in memory; both encoders are tiny next to the UNet's training cost.
 
@@ -19,7 +20,7 @@ use std::collections::BTreeMap;
 
 use std::path::PathBuf;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::DynamicImage;
 use lora_core::models::sdxl_prompt::SdxlTextEncoders;
@@ -53,15 +54,18 @@ enum Encoded {
     Pixels(Tensor),
 }
 
-/// SDXL's per-sample conditioning beyond the context.
+/// A caption as [`conditioning`] takes it.
 #[derive(Debug, Clone)]
-pub struct SdxlSample {
-    /// `[P]` f32: the caption's pooled embedding (the second text encoder's).
-    pub pooled: Tensor,
-    /// `[original height, original width, crop top, crop left, target height, target width]`
-    /// in pixels: the image's size before resizing, where the (unmirrored-equivalent) window
-    /// was cut from the resized image, and the size trained at.
-    pub time_ids: [f32; 6],
+pub enum Caption {
+    /// Encoded once by frozen encoders: the `[seq, hidden]` f32 context and, for SDXL, the `[P]`
+    /// pooled embedding (the second text encoder's).
+    Embedded {
+        context: Tensor,
+        pooled: Option<Tensor>,
+    },
+    /// For the text encoders that train: the `[seq]` token ids and, for SDXL, the second
+    /// tokenizer's.
+    Tokens { ids: Tensor, ids_2: Option<Tensor> },
 }
 
 /// One sample's UNet inputs before noising.
@@ -69,10 +73,35 @@ pub struct SdxlSample {
 pub struct Sample {
     /// `[C, h, w]` f32.
     pub latents: Tensor,
-    /// What [`conditioning`] takes: the caption's `[seq, hidden]` embedding or `[seq]` token ids.
-    pub caption: Tensor,
-    /// `Some` for SDXL.
-    pub sdxl: Option<SdxlSample>,
+    pub caption: Caption,
+    /// SDXL's micro-conditioning ([`sdxl_time_ids`]); `None` for other models.
+    pub time_ids: Option<[f32; 6]>,
+}
+
+/// The text encoders that train (`--train-text-encoder`), their adapters attached: captions go
+/// through them every step.
+#[allow(clippy::large_enum_variant)] // one per run
+pub enum TrainedText {
+    Clip(TextEncoder),
+    Sdxl(SdxlTextEncoders),
+}
+
+impl TrainedText {
+    /// The (first) text encoder.
+    pub fn first(&self) -> &TextEncoder {
+        match self {
+            Self::Clip(encoder) => encoder,
+            Self::Sdxl(encoders) => &encoders.text_encoder,
+        }
+    }
+
+    /// SDXL's second text encoder.
+    pub fn second(&self) -> Option<&TextEncoder> {
+        match self {
+            Self::Clip(_) => None,
+            Self::Sdxl(encoders) => Some(&encoders.text_encoder_2),
+        }
+    }
 }
 
 pub struct EncodedDataset {
@@ -82,17 +111,14 @@ pub struct EncodedDataset {
     encoded: Vec<[Option<Encoded>; 2]>,
     /// Decoded images, kept only for random crops.
     images: Vec<DynamicImage>,
-    /// Per unique caption, what [`conditioning`] takes: the `[seq, hidden]` f32 text embedding,
-    /// or the `[seq]` token ids when the text encoder trains.
-    captions: Vec<Tensor>,
+    /// Per unique caption, what [`conditioning`] takes.
+    captions: Vec<Caption>,
     /// Index into `captions` for each item.
     caption_of_item: Vec<usize>,
     /// The empty caption's, when caption dropout can pick it.
-    empty_caption: Option<Tensor>,
-    /// SDXL: per unique caption its `[P]` pooled embedding, and the empty caption's; empty
-    /// otherwise.
-    pooled: Vec<Tensor>,
-    empty_pooled: Option<Tensor>,
+    empty_caption: Option<Caption>,
+    /// Samples carry SDXL's micro-conditioning.
+    sdxl: bool,
     /// Per item, the image's `(width, height)` before resizing.
     original_sizes: Vec<(usize, usize)>,
     /// Per item, where its centre crop is cut (empty with random crops, drawn per sample).
@@ -236,11 +262,10 @@ impl EncodedDataset {
             space,
             encoded,
             images,
-            captions: captions.embeddings,
+            captions: captions.captions,
             caption_of_item: captions.caption_of_item,
             empty_caption: captions.empty,
-            pooled: captions.pooled,
-            empty_pooled: captions.empty_pooled,
+            sdxl: model.is_sdxl(),
             original_sizes: dataset.items.iter().map(|item| item.size).collect(),
             windows,
             masks,
@@ -256,14 +281,13 @@ impl EncodedDataset {
     pub fn sample(&self, item: usize, flip: bool, dropped: bool, rng: &mut Rng) -> Result<Sample> {
         let (latents, window) = self.latents(item, flip, rng)?;
         let caption = self.caption(item, dropped)?.clone();
-        let sdxl = self.pooled(item, dropped)?.map(|pooled| SdxlSample {
-            pooled: pooled.clone(),
-            time_ids: sdxl_time_ids(self.original_sizes[item], self.sizes[item], window, flip),
-        });
+        let time_ids = self
+            .sdxl
+            .then(|| sdxl_time_ids(self.original_sizes[item], self.sizes[item], window, flip));
         Ok(Sample {
             latents,
             caption,
-            sdxl,
+            time_ids,
         })
     }
 
@@ -305,9 +329,9 @@ impl EncodedDataset {
         Ok((latents, window))
     }
 
-    /// `item`'s caption (the empty caption when `dropped`) as [`conditioning`] takes it: its text
-    /// embedding, or its token ids when the text encoder trains.
-    fn caption(&self, item: usize, dropped: bool) -> Result<&Tensor> {
+    /// `item`'s caption (the empty caption when `dropped`: kohya and diffusers drop a caption to
+    /// its encoding, not to zeros) as [`conditioning`] takes it.
+    fn caption(&self, item: usize, dropped: bool) -> Result<&Caption> {
         if dropped {
             return self
                 .empty_caption
@@ -315,22 +339,6 @@ impl EncodedDataset {
                 .context("caption dropout without the empty caption encoded");
         }
         Ok(&self.captions[self.caption_of_item[item]])
-    }
-
-    /// SDXL: `item`'s pooled caption embedding (the empty caption's when `dropped`; kohya and
-    /// diffusers drop a caption to its encoding, not to zeros); `None` for other models.
-    fn pooled(&self, item: usize, dropped: bool) -> Result<Option<&Tensor>> {
-        if self.pooled.is_empty() {
-            return Ok(None);
-        }
-        if dropped {
-            return self
-                .empty_pooled
-                .as_ref()
-                .map(Some)
-                .context("caption dropout without the empty caption encoded");
-        }
-        Ok(Some(&self.pooled[self.caption_of_item[item]]))
     }
 
     /// `--masks`: the loss weights of `item` (`[1, h, w]`), mirrored with the image; `None`
@@ -391,53 +399,92 @@ fn encode_pixels(space: &Space, pixels: Tensor) -> Result<Encoded> {
 }
 
 /// The UNet's conditioning for a batch of samples: the context `[B, seq, hidden]` (the cached
-/// embeddings stacked, or the token ids stacked and run through `text_encoder`, the one that
-/// trains, which must then be given) and, for SDXL samples, the added conditioning.
+/// embeddings stacked, or the token ids stacked and run through `text`, the encoders that train,
+/// which must then be given) and, for SDXL samples, the added conditioning (pooled embedding and
+/// micro-conditioning ids).
 pub fn conditioning(
     samples: &[Sample],
-    text_encoder: Option<&TextEncoder>,
+    text: Option<&TrainedText>,
 ) -> Result<(Tensor, Option<AddedConditioning>)> {
-    let captions: Vec<&Tensor> = samples.iter().map(|s| &s.caption).collect();
-    let stacked = Tensor::stack(&captions, 0)?;
-    let context = match (stacked.rank(), text_encoder) {
-        (3, _) => stacked,
-        (2, Some(encoder)) => encoder.forward(&stacked)?,
-        (rank, _) => anyhow::bail!(
-            "captions of rank {rank}: expected embeddings, or token ids with the text encoder"
-        ),
+    ensure!(!samples.is_empty(), "an empty batch");
+    let stack = |tensors: Vec<&Tensor>| Tensor::stack(&tensors, 0);
+    // Every sample's `Some` values stacked; `None` when none has one.
+    let stack_some = |tensors: Vec<Option<&Tensor>>| -> Result<Option<Tensor>> {
+        let present: Vec<&Tensor> = tensors.iter().flatten().copied().collect();
+        ensure!(
+            present.is_empty() || present.len() == tensors.len(),
+            "a batch mixes SDXL captions with others"
+        );
+        Ok((!present.is_empty()).then(|| stack(present)).transpose()?)
     };
-    let sdxl: Vec<&SdxlSample> = samples.iter().filter_map(|s| s.sdxl.as_ref()).collect();
-    if sdxl.is_empty() {
-        return Ok((context, None));
+    let (context, pooled) = match &samples[0].caption {
+        Caption::Embedded { .. } => {
+            let (mut contexts, mut pooled) = (Vec::new(), Vec::new());
+            for sample in samples {
+                let Caption::Embedded { context, pooled: p } = &sample.caption else {
+                    bail!("a batch mixes embedded captions with token ids");
+                };
+                contexts.push(context);
+                pooled.push(p.as_ref());
+            }
+            (stack(contexts)?, stack_some(pooled)?)
+        }
+        Caption::Tokens { .. } => {
+            let (mut ids, mut ids_2) = (Vec::new(), Vec::new());
+            for sample in samples {
+                let Caption::Tokens { ids: i, ids_2: i2 } = &sample.caption else {
+                    bail!("a batch mixes token ids with embedded captions");
+                };
+                ids.push(i);
+                ids_2.push(i2.as_ref());
+            }
+            let (ids, ids_2) = (stack(ids)?, stack_some(ids_2)?);
+            match (text, ids_2) {
+                (Some(TrainedText::Clip(encoder)), None) => (encoder.forward(&ids)?, None),
+                (Some(TrainedText::Sdxl(encoders)), Some(ids_2)) => {
+                    let embeddings = encoders.encode_ids(&ids, &ids_2)?;
+                    (embeddings.context, Some(embeddings.pooled))
+                }
+                _ => bail!(
+                    "captions as token ids need the text encoders that train, one per tokenizer"
+                ),
+            }
+        }
+    };
+    let time_ids: Vec<f32> = samples.iter().flat_map(|s| s.time_ids).flatten().collect();
+    match pooled {
+        None => {
+            ensure!(
+                time_ids.is_empty(),
+                "SDXL size ids without a pooled embedding"
+            );
+            Ok((context, None))
+        }
+        Some(pooled) => {
+            ensure!(
+                time_ids.len() == 6 * samples.len(),
+                "an SDXL batch with samples lacking their size ids"
+            );
+            let added = AddedConditioning {
+                text_embeds: pooled,
+                time_ids: Tensor::from_vec(time_ids, (samples.len(), 6), context.device())?,
+            };
+            Ok((context, Some(added)))
+        }
     }
-    ensure!(
-        sdxl.len() == samples.len(),
-        "a batch mixes SDXL samples with others"
-    );
-    let pooled: Vec<&Tensor> = sdxl.iter().map(|s| &s.pooled).collect();
-    let ids: Vec<f32> = sdxl.iter().flat_map(|s| s.time_ids).collect();
-    let added = AddedConditioning {
-        text_embeds: Tensor::stack(&pooled, 0)?,
-        time_ids: Tensor::from_vec(ids, (sdxl.len(), 6), context.device())?,
-    };
-    Ok((context, Some(added)))
 }
 
 /// Each distinct caption's encoding, once.
 struct EncodedCaptions {
-    /// Per distinct caption: the `[seq, hidden]` embedding, or `[seq]` token ids.
-    embeddings: Vec<Tensor>,
+    captions: Vec<Caption>,
     caption_of_item: Vec<usize>,
     /// The empty caption's, when dropout is on.
-    empty: Option<Tensor>,
-    /// SDXL: per distinct caption the `[P]` pooled embedding, and the empty caption's.
-    pooled: Vec<Tensor>,
-    empty_pooled: Option<Tensor>,
+    empty: Option<Caption>,
 }
 
 /// Encodes each distinct caption once (and the empty caption when dropout is on): embeds it
-/// (for SDXL with both encoders, keeping the pooled embedding too), or only tokenizes it when
-/// `tokens_only`.
+/// (for SDXL with both encoders, keeping the pooled embedding too), or only tokenizes it (by both
+/// tokenizers for SDXL) when `tokens_only`.
 fn encode_captions(
     model: &ModelFolder,
     dataset: &Dataset,
@@ -451,15 +498,13 @@ fn encode_captions(
     let load = || model.load_text_encoder(&text_config, DType::F32, device, BTreeMap::new());
     #[allow(clippy::large_enum_variant)] // one, alive while the captions are encoded
     enum Encoder {
-        Tokens(ClipTokenizer),
+        Tokens(ClipTokenizer, Option<ClipTokenizer>),
         Clip(ClipTokenizer, TextEncoder),
         Sdxl(SdxlTextEncoders),
     }
     let encoder = match (tokens_only, model.is_sdxl()) {
-        (true, false) => Encoder::Tokens(tokenizer),
-        (true, true) => anyhow::bail!(
-            "training SDXL's text encoders is not supported yet: train the UNet only (without --train-text-encoder)"
-        ),
+        (true, false) => Encoder::Tokens(tokenizer, None),
+        (true, true) => Encoder::Tokens(tokenizer, Some(model.tokenizer_2()?)),
         (false, false) => Encoder::Clip(tokenizer, load()?),
         (false, true) => {
             let config_2 = model.text_encoder_2_config()?;
@@ -471,56 +516,53 @@ fn encode_captions(
             )?)
         }
     };
-    let embed = |caption: &str| -> Result<(Tensor, Option<Tensor>)> {
-        let single = |tokenizer: &ClipTokenizer| {
-            TokenizedPrompt::batch_tensor(&[tokenizer.encode(caption)], device)
+    let embed = |caption: &str| -> Result<Caption> {
+        let single = |tokenizer: &ClipTokenizer| -> Result<Tensor> {
+            let ids = TokenizedPrompt::batch_tensor(&[tokenizer.encode(caption)], device)?;
+            Ok(ids.squeeze(0)?)
         };
         Ok(match &encoder {
-            Encoder::Tokens(tokenizer) => (single(tokenizer)?.squeeze(0)?, None),
-            Encoder::Clip(tokenizer, encoder) => {
-                let embedding = encoder.forward(&single(tokenizer)?)?;
-                (embedding.squeeze(0)?.to_dtype(DType::F32)?, None)
-            }
+            Encoder::Tokens(tokenizer, tokenizer_2) => Caption::Tokens {
+                ids: single(tokenizer)?,
+                ids_2: tokenizer_2.as_ref().map(single).transpose()?,
+            },
+            Encoder::Clip(tokenizer, encoder) => Caption::Embedded {
+                context: encoder
+                    .forward(&single(tokenizer)?.unsqueeze(0)?)?
+                    .squeeze(0)?
+                    .to_dtype(DType::F32)?,
+                pooled: None,
+            },
             Encoder::Sdxl(encoders) => {
                 let embeddings = encoders.encode(&[caption], device)?;
-                (
-                    embeddings.context.squeeze(0)?.to_dtype(DType::F32)?,
-                    Some(embeddings.pooled.squeeze(0)?.to_dtype(DType::F32)?),
-                )
+                Caption::Embedded {
+                    context: embeddings.context.squeeze(0)?.to_dtype(DType::F32)?,
+                    pooled: Some(embeddings.pooled.squeeze(0)?.to_dtype(DType::F32)?),
+                }
             }
         })
     };
     let mut index: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut embeddings = Vec::new();
-    let mut pooled = Vec::new();
+    let mut captions = Vec::new();
     let mut caption_of_item = Vec::with_capacity(dataset.items.len());
     for item in &dataset.items {
         let i = match index.get(item.caption.as_str()) {
             Some(&i) => i,
             None => {
-                let (embedding, pooled_embedding) = embed(&item.caption)
+                let caption = embed(&item.caption)
                     .with_context(|| format!("cannot embed caption `{}`", item.caption))?;
-                embeddings.push(embedding);
-                pooled.extend(pooled_embedding);
-                index.insert(&item.caption, embeddings.len() - 1);
-                embeddings.len() - 1
+                captions.push(caption);
+                index.insert(&item.caption, captions.len() - 1);
+                captions.len() - 1
             }
         };
         caption_of_item.push(i);
     }
-    let (empty, empty_pooled) = match with_empty {
-        true => {
-            let (embedding, pooled) = embed("")?;
-            (Some(embedding), pooled)
-        }
-        false => (None, None),
-    };
+    let empty = with_empty.then(|| embed("")).transpose()?;
     Ok(EncodedCaptions {
-        embeddings,
+        captions,
         caption_of_item,
         empty,
-        pooled,
-        empty_pooled,
     })
 }
 

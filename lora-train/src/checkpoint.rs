@@ -231,7 +231,10 @@ pub(crate) fn check_recipe(now: &Value, saved: &Value) -> Result<()> {
         .map(|k| {
             format!(
                 "{}: checkpoint {}, now {}",
-                k.replace('_', "-"),
+                match k.as_str() {
+                    "text_encoder_2_lr" => "text-encoder-lr (second value)".to_string(),
+                    k => k.replace('_', "-"),
+                },
                 shown(saved.get(k.as_str())),
                 shown(now.get(k.as_str()))
             )

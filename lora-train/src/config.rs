@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lora_core::adapters::blocks::parse_block_values;
 use lora_core::adapters::AdapterAlgorithm;
+use lora_core::adapters::Component;
 use lora_core::models::config::PredictionType;
 use lora_core::options::{DeviceSpec, Precision};
 use lora_core::source::{BASE_CONFIG_HELP, NO_EMA_HELP, PREDICTION_TYPE_HELP};
@@ -148,15 +149,17 @@ pub struct TrainArgs {
     #[arg(long, value_name = "BLOCK=RANK", num_args = 1..)]
     #[serde(default, deserialize_with = "one_or_many")]
     pub block_rank: Option<Vec<String>>,
-    /// Also train a LoRA on the text encoder: every attention projection and MLP layer (kohya
-    /// trains it unless --network_train_unet_only); its captions are then encoded every step
-    /// instead of once
+    /// Also train a LoRA on the text encoder (both of SDXL's): every attention projection and
+    /// MLP layer (kohya trains it unless --network_train_unet_only); captions are then encoded
+    /// every step instead of once
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub train_text_encoder: Option<bool>,
-    /// Peak learning rate of the text encoder's adapter (kohya: --text_encoder_lr)
-    /// [default: --lr]
-    #[arg(long, value_name = "LR")]
-    pub text_encoder_lr: Option<f64>,
+    /// Peak learning rate of the text encoders' adapters; SDXL takes one per encoder (first,
+    /// second), and 0 leaves that encoder's adapter as it starts, a no-op (kohya:
+    /// --text_encoder_lr) [default: --lr]
+    #[arg(long, value_name = "LR", num_args = 1..=2)]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub text_encoder_lr: Option<Vec<f64>>,
     /// Optimizer steps to train (each of batch-size × grad-accum samples) [default: 1000]
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<usize>,
@@ -466,6 +469,10 @@ pub struct TrainConfig {
     /// `None`: `lr`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text_encoder_lr: Option<f64>,
+    /// SDXL's second text encoder's, when two values were given (left out of the recipe
+    /// otherwise, as checkpoints before it have no key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder_2_lr: Option<f64>,
     pub length: TrainLength,
     pub batch_size: usize,
     pub grad_accum: usize,
@@ -551,9 +558,14 @@ pub enum TrainLength {
 }
 
 impl TrainConfig {
-    /// The text encoder adapter's peak learning rate (`--text-encoder-lr`, else `--lr`).
-    pub fn text_encoder_lr(&self) -> f64 {
-        self.text_encoder_lr.unwrap_or(self.lr)
+    /// The peak learning rate of text encoder `component`'s adapter (`--text-encoder-lr`, its
+    /// second value for SDXL's second encoder, else `--lr`).
+    pub fn text_encoder_lr(&self, component: Component) -> f64 {
+        let first = self.text_encoder_lr.unwrap_or(self.lr);
+        match component {
+            Component::TextEncoder2 => self.text_encoder_2_lr.unwrap_or(first),
+            _ => first,
+        }
     }
 
     /// The optimizer and its settings.
@@ -567,12 +579,14 @@ impl TrainConfig {
 }
 
 /// A TOML value given as one string (`"in4=0.5,mid=2"`) or as a list of strings.
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+fn one_or_many<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Vec<T>>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
+    enum OneOrMany<T> {
+        One(T),
+        Many(Vec<T>),
     }
     Ok(Some(match OneOrMany::deserialize(d)? {
         OneOrMany::One(s) => vec![s],
@@ -850,11 +864,19 @@ impl TrainArgs {
             BTreeMap::new()
         });
         let train_text_encoder = self.train_text_encoder.unwrap_or(false);
-        if let Some(te_lr) = self.text_encoder_lr {
-            check(
-                train_text_encoder,
-                "--text-encoder-lr given without --train-text-encoder".into(),
-            );
+        let te_lrs = self.text_encoder_lr.clone().unwrap_or_default();
+        check(
+            te_lrs.is_empty() || train_text_encoder,
+            "--text-encoder-lr given without --train-text-encoder".into(),
+        );
+        check(
+            te_lrs.len() <= 2,
+            format!(
+                "--text-encoder-lr takes one value, or two for SDXL's two text encoders, not {}",
+                te_lrs.len()
+            ),
+        );
+        for &te_lr in &te_lrs {
             check(
                 te_lr.is_finite() && te_lr >= 0.0,
                 format!("--text-encoder-lr = {te_lr}: expected a number ≥ 0"),
@@ -1097,8 +1119,10 @@ impl TrainArgs {
             block_lr,
             block_rank,
             train_text_encoder,
-            // Equal to --lr is the default: one recipe, whichever way it was said.
-            text_encoder_lr: self.text_encoder_lr.filter(|&te_lr| te_lr != lr),
+            // Equal to --lr is the default: one recipe, whichever way it was said. A second
+            // value is kept as given, so that a model with one encoder refuses it.
+            text_encoder_lr: te_lrs.first().copied().filter(|&te_lr| te_lr != lr),
+            text_encoder_2_lr: te_lrs.get(1).copied(),
             length,
             batch_size,
             grad_accum,

@@ -90,9 +90,12 @@ fn main() -> Result<()> {
     eprintln!(
         "adapter: {} UNet modules{}, {values} trained values; optimizer state {:.1} MiB",
         adapter.unet.len(),
-        match adapter.text_encoder.len() {
-            0 => String::new(),
-            n => format!(" and {n} text-encoder modules (captions encoded every step)"),
+        match (adapter.text_encoder.len(), adapter.text_encoder_2.len()) {
+            (0, _) => String::new(),
+            (n, 0) => format!(" and {n} text-encoder modules (captions encoded every step)"),
+            (n, m) => format!(
+                " and {n} + {m} modules in the two text encoders (captions encoded every step)"
+            ),
         },
         trainer.optimizer_state_bytes() as f64 / (1 << 20) as f64
     );

@@ -121,36 +121,43 @@ pub struct SampleScores {
 }
 
 impl Sampler {
-    /// A pipeline around `unet` (a clone of the training UNet, adapter attached) and
-    /// `text_encoder` (a clone of the one that trains, if it does; else the model's, loaded in
-    /// f32) with the VAE loaded in f32; with `--eval-inception`, the Inception features of
+    /// A pipeline around `unet` (a clone of the training UNet, adapter attached) and the text
+    /// encoders (clones of those that train, the first and SDXL's second, if they do; else the
+    /// model's, loaded in f32) with the VAE loaded in f32; with `--eval-inception`, the Inception features of
     /// `training_images`; with `--eval-clip`, the CLIP model.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: &ModelFolder,
         unet: UNet2DConditionModel,
-        text_encoder: Option<TextEncoder>,
+        trained: Option<(TextEncoder, Option<TextEncoder>)>,
         config: SampleConfig,
         resolution: usize,
         seed: u64,
         dataset: &Dataset,
         device: &Device,
     ) -> Result<Self> {
-        let text_encoder = match text_encoder {
-            Some(trained) => trained,
-            None => model.load_text_encoder(
-                &model.text_encoder_config()?,
-                DType::F32,
-                device,
-                BTreeMap::new(),
-            )?,
+        let (text_encoder, trained_2) = match trained {
+            Some((first, second)) => (first, second),
+            None => (
+                model.load_text_encoder(
+                    &model.text_encoder_config()?,
+                    DType::F32,
+                    device,
+                    BTreeMap::new(),
+                )?,
+                None,
+            ),
         };
         let vae = model.load_vae(DType::F32, device)?;
         let text = match model.is_sdxl() {
             true => {
-                let config_2 = model.text_encoder_2_config()?;
-                let text_encoder_2 =
-                    model.load_text_encoder_2(&config_2, DType::F32, device, BTreeMap::new())?;
+                let text_encoder_2 = match trained_2 {
+                    Some(trained) => trained,
+                    None => {
+                        let config_2 = model.text_encoder_2_config()?;
+                        model.load_text_encoder_2(&config_2, DType::F32, device, BTreeMap::new())?
+                    }
+                };
                 PromptEncoder::sdxl(model, text_encoder, model.tokenizer()?, text_encoder_2)?
             }
             false => PromptEncoder::Clip {

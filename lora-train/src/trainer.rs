@@ -13,14 +13,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Tensor, Var};
-use lora_core::adapters::TrainableAdapter;
+use candle_core::{Device, Tensor, Var};
 use lora_core::adapters::{AdapterAlgorithm, AdapterModules, ModuleInfo, ModuleKind, UNetBlocks};
+use lora_core::adapters::{Component, TrainableAdapter};
 use lora_core::formats::keys::KohyaNamer;
 use lora_core::formats::kohya::{python_bool, python_float};
 use lora_core::io::folder_of;
 use lora_core::io::weights::mmap_safetensors;
 use lora_core::models::config::UNetConfig;
+use lora_core::models::sdxl_prompt::SdxlTextEncoders;
 use lora_core::models::text_encoder::TextEncoder;
 use lora_core::options::{check_output, prepare_output};
 use lora_core::source::{BaseChoices, BaseSpec, ModelFolder};
@@ -29,7 +30,7 @@ use lora_core::{
     UNet2DConditionModel,
 };
 
-use crate::cache::{conditioning, EncodeOptions, EncodedDataset};
+use crate::cache::{conditioning, EncodeOptions, EncodedDataset, TrainedText};
 use crate::checkpoint::{check_recipe, recipe, Checkpoint};
 use crate::config::{Crop, TrainConfig, TrainLength};
 use crate::dataset::{bucket_size, Dataset};
@@ -45,7 +46,8 @@ use crate::validation::{self, Validation, ValidationRow};
 /// Name under which the trained adapter is attached to the UNet (and the text encoder).
 const ADAPTER_NAME: &str = "train";
 /// Generator stream of the text encoder adapter's initial values (the UNet's come from `seed`
-/// itself, the run's draws from stream 1, epoch orders from 2 + epoch).
+/// itself, the run's draws from stream 1, epoch orders from 2 + epoch); SDXL's second encoder
+/// draws from the next one.
 const TEXT_ENCODER_INIT_STREAM: u64 = 1 << 42;
 /// Generator stream of the conv adapters' initial values (`--conv-rank`).
 const CONV_INIT_STREAM: u64 = 1 << 44;
@@ -98,8 +100,8 @@ pub enum Preparation<'a> {
 pub struct Trainer {
     config: TrainConfig,
     unet: UNet2DConditionModel,
-    /// `--train-text-encoder`: the text encoder with its adapter attached.
-    text_encoder: Option<TextEncoder>,
+    /// `--train-text-encoder`: the text encoder(s) with their adapters attached.
+    text: Option<TrainedText>,
     adapter: Adapter,
     optimizer: Optimizer,
     /// `--ema-decay`: the moving average of the adapter's parameters.
@@ -205,9 +207,9 @@ impl Trainer {
         .open(|copy| on_prepare(Preparation::PickleCopy(copy)))?;
         on_prepare(Preparation::Base(&model));
         ensure!(
-            !(model.is_sdxl() && config.train_text_encoder),
-            "{}: --train-text-encoder with an SDXL base is not supported yet; train the UNet \
-             alone (drop --train-text-encoder)",
+            config.text_encoder_2_lr.is_none() || model.is_sdxl(),
+            "{}: two --text-encoder-lr values are for SDXL's two text encoders; this model has \
+             one",
             model.root().display()
         );
         let unet_config = model.unet_config()?;
@@ -301,42 +303,31 @@ impl Trainer {
             )?;
         }
         if config.dora {
-            trainable.add_dora(&unet.adaptable_weights()?)?;
+            trainable.add_dora(Component::Unet, &unet.adaptable_weights()?)?;
         }
         unet.attach_adapter(ADAPTER_NAME, &trainable.adapter.unet, 1.0)?;
-        let text_encoder = match config.train_text_encoder {
-            true => {
-                let text_config = model.text_encoder_config()?;
-                let mut encoder = model
-                    .load_text_encoder(
-                        &text_config,
-                        config.precision.dtype(),
-                        &device,
-                        BTreeMap::new(),
-                    )
-                    .with_context(|| {
-                        format!("cannot load the text encoder of {}", model.root().display())
-                    })?;
-                trainable.add_text_encoder(
-                    &lora_config,
-                    encoder.lora_modules(),
-                    &device,
-                    derive_seed(config.seed, TEXT_ENCODER_INIT_STREAM),
-                )?;
-                if config.dora {
-                    trainable.add_dora(&encoder.adaptable_weights()?)?;
-                }
-                encoder.attach_adapter(ADAPTER_NAME, &trainable.adapter.text_encoder, 1.0)?;
-                Some(encoder)
-            }
+        let text = match config.train_text_encoder {
+            true => Some(trained_text(
+                &model,
+                &config,
+                &lora_config,
+                &mut trainable,
+                &device,
+            )?),
             false => None,
         };
         let TrainableAdapter { adapter, vars } = trainable;
+        let text_encoder_of = |name: &str| {
+            adapter
+                .locate_var(name)
+                .map(|(component, ..)| component)
+                .filter(|component| component.is_text_encoder())
+        };
         let lr_scales: Vec<f64> = vars
             .iter()
-            .map(|(name, _)| match is_text_encoder_param(&adapter, name) {
-                true => config.text_encoder_lr() / config.lr,
-                false => block_setting(name)
+            .map(|(name, _)| match text_encoder_of(name) {
+                Some(component) => config.text_encoder_lr(component) / config.lr,
+                None => block_setting(name)
                     .and_then(|b| config.block_lr.get(&b).copied())
                     .unwrap_or(1.0),
             })
@@ -512,14 +503,8 @@ impl Trainer {
                     m.detach_adapter(name)?;
                     m.attach_adapter(name, modules, 1.0)
                 })?,
-                text_encoder
-                    .as_ref()
-                    .map(|encoder| {
-                        untracked_copy(encoder, &adapter.text_encoder, |m, name, modules| {
-                            m.detach_adapter(name)?;
-                            m.attach_adapter(name, modules, 1.0)
-                        })
-                    })
+                text.as_ref()
+                    .map(|text| untracked_encoders(text, &adapter))
                     .transpose()?,
                 sample.clone(),
                 config.resolution,
@@ -532,7 +517,7 @@ impl Trainer {
         Ok(Self {
             config,
             unet,
-            text_encoder,
+            text,
             adapter,
             optimizer,
             ema,
@@ -599,7 +584,7 @@ impl Trainer {
             self.total_steps,
         );
         let accum = self.config.grad_accum;
-        let mut summed: Option<Vec<Tensor>> = None;
+        let mut summed: Option<Vec<Option<Tensor>>> = None;
         let mut loss_sum = 0.0;
         for micro in 0..accum {
             let (loss, grads) = self.micro_batch(self.step * accum + micro, accum)?;
@@ -607,14 +592,27 @@ impl Trainer {
             summed = Some(match summed {
                 None => grads,
                 Some(acc) => acc
-                    .iter()
-                    .zip(&grads)
-                    .map(|(a, g)| Ok((a + g)?))
+                    .into_iter()
+                    .zip(grads)
+                    .map(|pair| match pair {
+                        (Some(a), Some(g)) => Ok(Some((a + g)?)),
+                        (a, g) => Ok(a.or(g)),
+                    })
                     .collect::<Result<_>>()?,
             });
         }
         let grads = summed.expect("grad_accum is at least 1");
-        let (grad_norm, grads) = clip_grad_norm(grads, self.config.max_grad_norm)?;
+        // Clipping over the gradients there are; the parameters without one stay without.
+        let reached: Vec<bool> = grads.iter().map(Option::is_some).collect();
+        let (grad_norm, clipped) = clip_grad_norm(
+            grads.into_iter().flatten().collect(),
+            self.config.max_grad_norm,
+        )?;
+        let mut clipped = clipped.into_iter();
+        let grads: Vec<Option<Tensor>> = reached
+            .iter()
+            .map(|&r| if r { clipped.next() } else { None })
+            .collect();
         if !grad_norm.is_finite() {
             bail!(
                 "the gradient norm became {grad_norm} at step {}: {}",
@@ -636,8 +634,9 @@ impl Trainer {
         })
     }
 
-    /// Loss and gradients (already divided by `accum`) of micro-batch `index`.
-    fn micro_batch(&mut self, index: usize, accum: usize) -> Result<(f64, Vec<Tensor>)> {
+    /// Loss and gradients (already divided by `accum`) of micro-batch `index`; `None` for a
+    /// parameter the loss does not reach.
+    fn micro_batch(&mut self, index: usize, accum: usize) -> Result<(f64, Vec<Option<Tensor>>)> {
         let items = self.micro_batch_items(index);
         let mut samples = Vec::with_capacity(items.len());
         let mut masks = Vec::new();
@@ -660,7 +659,7 @@ impl Trainer {
         }
         let latents: Vec<&Tensor> = samples.iter().map(|s| &s.latents).collect();
         let latents = Tensor::stack(&latents, 0)?;
-        let (context, added) = conditioning(&samples, self.text_encoder.as_ref())?;
+        let (context, added) = conditioning(&samples, self.text.as_ref())?;
         let mut batch = DenoisingBatch::draw(
             &self.schedule,
             self.config.min_snr_gamma,
@@ -722,11 +721,8 @@ impl Trainer {
             .optimizer
             .params()
             .iter()
-            .map(|(_, var)| match grads.get(var.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => Ok(var.zeros_like()?),
-            })
-            .collect::<Result<_>>()?;
+            .map(|(_, var)| grads.get(var.as_tensor()).cloned())
+            .collect();
         Ok((value, grads))
     }
 
@@ -753,7 +749,7 @@ impl Trainer {
             for _ in 0..draws {
                 let sample = self.data.sample(item, false, false, &mut rng)?;
                 let latents = sample.latents.unsqueeze(0)?;
-                let (context, added) = conditioning(&[sample], self.text_encoder.as_ref())?;
+                let (context, added) = conditioning(&[sample], self.text.as_ref())?;
                 let loss = denoising_loss(
                     &self.unet,
                     &self.schedule,
@@ -860,7 +856,17 @@ impl Trainer {
         put("ss_learning_rate", python_float(c.lr));
         put("ss_unet_lr", python_float(c.lr));
         if c.train_text_encoder {
-            put("ss_text_encoder_lr", python_float(c.text_encoder_lr()));
+            let (first, second) = (
+                c.text_encoder_lr(Component::TextEncoder),
+                c.text_encoder_lr(Component::TextEncoder2),
+            );
+            // One rate as a number (kohya's metadata before its argument became a list), two as
+            // kohya's list.
+            let value = match c.text_encoder_2_lr {
+                Some(_) => format!("[{}, {}]", python_float(first), python_float(second)),
+                None => python_float(first),
+            };
+            put("ss_text_encoder_lr", value);
         }
         put("ss_resolution", format!("({0}, {0})", c.resolution));
         put("ss_num_train_images", samples.to_string());
@@ -928,9 +934,12 @@ impl Trainer {
             adapter,
             &ModelModules {
                 unet: &self.unet.adapter_modules(),
-                text_encoder: self.text_encoder.as_ref().map(TextEncoder::lora_modules),
-                // No second encoder trains, but an SDXL file names its modules as SDXL's.
-                text_encoder_2: (self.base_model == BaseModelVersion::SdxlBase).then_some(&[]),
+                text_encoder: self.text.as_ref().map(|t| t.first().lora_modules()),
+                // An SDXL file names its modules as SDXL's, whether its encoders train or not.
+                text_encoder_2: match self.text.as_ref().and_then(TrainedText::second) {
+                    Some(encoder) => Some(encoder.lora_modules()),
+                    None => (self.base_model == BaseModelVersion::SdxlBase).then_some(&[]),
+                },
             },
             &SaveOptions {
                 format: c.format,
@@ -949,7 +958,7 @@ impl Trainer {
             return Ok(None);
         };
         let val_loss = validation
-            .loss(&self.unet, self.text_encoder.as_ref(), &self.schedule)
+            .loss(&self.unet, self.text.as_ref(), &self.schedule)
             .with_context(|| format!("validation at step {}", self.step))?;
         Ok(Some(ValidationRow {
             step: self.step,
@@ -966,15 +975,9 @@ impl Trainer {
             .context("this run keeps no moving average (--ema-decay)")?;
         let mut averaged = self.adapter.clone();
         for ((name, _), tensor) in self.optimizer.params().iter().zip(ema.tensors()) {
-            let (module, which) = name
-                .rsplit_once('.')
-                .with_context(|| format!("adapter parameter `{name}` has no module path"))?;
-            let module = averaged
-                .module_mut(module)
-                .with_context(|| format!("adapter parameter `{name}` has no module"))?;
-            let slot = module
-                .tensor_mut(which)
-                .with_context(|| format!("adapter parameter `{name}`: unknown kind `{which}`"))?;
+            let slot = averaged
+                .var_tensor_mut(name)
+                .with_context(|| format!("adapter parameter `{name}` is no module's"))?;
             *slot = tensor.clone();
         }
         self.write_adapter(path, &averaged, self.config.ema_decay)
@@ -1242,11 +1245,79 @@ fn untracked_copy<M: Clone>(
     Ok(copy)
 }
 
-/// Whether the adapter parameter `name` (`<module path>.lora_down|lora_up|magnitude`) is the
-/// text encoder's.
-fn is_text_encoder_param(adapter: &Adapter, name: &str) -> bool {
-    name.rsplit_once('.')
-        .is_some_and(|(module, _)| adapter.text_encoder.contains_key(module))
+/// `--train-text-encoder`: the model's text encoder(s), SDXL's two, loaded with a fresh adapter
+/// each (added to `trainable`) attached. All of an encoder's modules train, as kohya's
+/// `lora_te_`/`lora_te1_`/`lora_te2_` sets (SDXL's first encoder's last layer included: its
+/// output is not read, so it gets no gradient and the optimizer leaves it as it starts, as in
+/// kohya).
+fn trained_text(
+    model: &ModelFolder,
+    config: &TrainConfig,
+    lora_config: &LoraConfig,
+    trainable: &mut TrainableAdapter,
+    device: &Device,
+) -> Result<TrainedText> {
+    let dtype = config.precision.dtype();
+    let mut encoders = Vec::new();
+    let components: &[Component] = match model.is_sdxl() {
+        true => &[Component::TextEncoder, Component::TextEncoder2],
+        false => &[Component::TextEncoder],
+    };
+    for (stream, &component) in (TEXT_ENCODER_INIT_STREAM..).zip(components) {
+        let mut encoder = match component {
+            Component::TextEncoder2 => {
+                let text_config = model.text_encoder_2_config()?;
+                model.load_text_encoder_2(&text_config, dtype, device, BTreeMap::new())
+            }
+            _ => {
+                let text_config = model.text_encoder_config()?;
+                model.load_text_encoder(&text_config, dtype, device, BTreeMap::new())
+            }
+        }
+        .with_context(|| format!("cannot load the {component} of {}", model.root().display()))?;
+        trainable.add_text_encoder(
+            component,
+            lora_config,
+            encoder.lora_modules(),
+            device,
+            derive_seed(config.seed, stream),
+        )?;
+        if config.dora {
+            trainable.add_dora(component, &encoder.adaptable_weights()?)?;
+        }
+        encoder.attach_adapter(ADAPTER_NAME, trainable.adapter.modules(component), 1.0)?;
+        encoders.push(encoder);
+    }
+    let first = encoders.remove(0);
+    Ok(match encoders.pop() {
+        None => TrainedText::Clip(first),
+        Some(second) => TrainedText::Sdxl(SdxlTextEncoders::new(
+            first,
+            second,
+            model.tokenizer()?,
+            model.tokenizer_2()?,
+        )?),
+    })
+}
+
+/// Untracked copies ([`untracked_copy`]) of the encoders that train, for sampling: the first
+/// and, for SDXL, the second.
+fn untracked_encoders(
+    text: &TrainedText,
+    adapter: &Adapter,
+) -> Result<(TextEncoder, Option<TextEncoder>)> {
+    let copy = |encoder: &TextEncoder, component| {
+        untracked_copy(encoder, adapter.modules(component), |m, name, modules| {
+            m.detach_adapter(name)?;
+            m.attach_adapter(name, modules, 1.0)
+        })
+    };
+    Ok((
+        copy(text.first(), Component::TextEncoder)?,
+        text.second()
+            .map(|encoder| copy(encoder, Component::TextEncoder2))
+            .transpose()?,
+    ))
 }
 
 /// Independent seeds for the separate random streams of a run.

@@ -10,10 +10,9 @@
 //! the run. `--validation-split F` holds out a fraction of the dataset, chosen by `--seed`.
 
 use anyhow::{ensure, Result};
-use lora_core::models::text_encoder::TextEncoder;
 use lora_core::{AddedConditioning, Rng, UNet2DConditionModel};
 
-use crate::cache::{conditioning, EncodedDataset};
+use crate::cache::{conditioning, EncodedDataset, TrainedText};
 use crate::dataset::Dataset;
 use crate::objective::DenoisingBatch;
 use crate::schedule::NoiseSchedule;
@@ -44,12 +43,12 @@ impl Validation {
         step.is_multiple_of(self.every)
     }
 
-    /// The mean validation loss of `unet` (and of the `text_encoder` that trains, if any) as it
-    /// is now.
+    /// The mean validation loss of `unet` (and of the text encoders that train, if any) as they
+    /// are now.
     pub fn loss(
         &self,
         unet: &UNet2DConditionModel,
-        text_encoder: Option<&TextEncoder>,
+        text: Option<&TrainedText>,
         schedule: &NoiseSchedule,
     ) -> Result<f64> {
         let total = schedule.num_timesteps();
@@ -67,7 +66,7 @@ impl Validation {
             let (_, c, h, w) = latents.dims4()?;
             // The same sample at every timestep; its caption encoded once.
             let latents = latents.repeat((k, 1, 1, 1))?;
-            let (context, added) = conditioning(std::slice::from_ref(&sample), text_encoder)?;
+            let (context, added) = conditioning(std::slice::from_ref(&sample), text)?;
             let context = context.repeat((k, 1, 1))?;
             let added = added
                 .map(|a| -> Result<AddedConditioning> {

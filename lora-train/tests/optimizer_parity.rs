@@ -83,11 +83,13 @@ impl Trajectories {
     }
 
     /// The gradients of step `t` (1-based), in f32.
-    fn grads(&self, t: usize) -> Result<Vec<Tensor>> {
+    fn grads(&self, t: usize) -> Result<Vec<Option<Tensor>>> {
         (0..self.count)
             .map(|i| {
-                Ok(get(&self.tensors, &format!("grad.p{i}.step{t}"))?
-                    .to_dtype(candle_core::DType::F32)?)
+                Ok(Some(
+                    get(&self.tensors, &format!("grad.p{i}.step{t}"))?
+                        .to_dtype(candle_core::DType::F32)?,
+                ))
             })
             .collect()
     }
@@ -244,9 +246,9 @@ fn adamw8bit_state_is_a_quarter_of_adamw_s_at_useful_ranks() -> Result<()> {
         };
         let (full, eight) = (bytes("adamw")?, bytes("adamw8bit")?);
         // One step's time, printed for the record (not a bound: the machine varies).
-        let grads: Vec<Tensor> = params
+        let grads: Vec<Option<Tensor>> = params
             .iter()
-            .map(|(_, p)| Ok(p.as_tensor().ones_like()?))
+            .map(|(_, p)| Ok(Some(p.as_tensor().ones_like()?)))
             .collect::<Result<_>>()?;
         for kind in ["adamw", "adamw8bit"] {
             let settings = OptimizerSettings {

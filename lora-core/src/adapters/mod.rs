@@ -13,5 +13,6 @@ pub use config::{AdapterAlgorithm, LoraConfig, LoraInit, LoraTargets};
 pub use conv::{AdaptableLayer, AdaptableVisitor, LoraConv};
 pub use linear::{attach_checked, check_adapter_fits, LayerVisitor, LoraLinear};
 pub use module::{
-    Adapter, AdapterModule, AdapterModules, LoraModule, ModuleInfo, ModuleKind, TrainableAdapter,
+    Adapter, AdapterModule, AdapterModules, Component, LoraModule, ModuleInfo, ModuleKind,
+    TrainableAdapter,
 };

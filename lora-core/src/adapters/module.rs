@@ -13,6 +13,7 @@
 //! at `λ = 1` it is `W'`, the weight peft and LyCORIS compute.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -230,6 +231,48 @@ impl AdapterModule {
 /// Modules by path, of one component.
 pub type AdapterModules = BTreeMap<String, AdapterModule>;
 
+/// The model part an adapter module belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    Unet,
+    /// The (first) text encoder: SD's only one, SDXL's CLIP ViT-L.
+    TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG).
+    TextEncoder2,
+}
+
+impl Component {
+    pub const ALL: [Component; 3] = [Self::Unet, Self::TextEncoder, Self::TextEncoder2];
+
+    /// Whether this is a text encoder (either of SDXL's).
+    pub fn is_text_encoder(self) -> bool {
+        self != Self::Unet
+    }
+
+    /// The name of a trainable variable of this component's module `path` (`lora_down`,
+    /// `lora_up`, `magnitude` or a LyCORIS factor: `which`). The second text encoder's paths are
+    /// the first's, so its names carry a prefix; the others are `<path>.<which>`.
+    pub fn var_name(self, path: &str, which: &str) -> String {
+        match self {
+            Self::TextEncoder2 => format!("{TEXT_ENCODER_2_VARS}{path}.{which}"),
+            _ => format!("{path}.{which}"),
+        }
+    }
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Unet => "UNet",
+            Self::TextEncoder => "text encoder",
+            Self::TextEncoder2 => "second text encoder",
+        })
+    }
+}
+
+/// Prefix of the second text encoder's variable names ([`Component::var_name`]).
+const TEXT_ENCODER_2_VARS: &str = "text_encoder_2.";
+
 /// A whole adapter: its modules for the UNet and the text encoder(s). Module keys are paths as
 /// in [`ModuleInfo::path`].
 #[derive(Debug, Clone, Default)]
@@ -268,7 +311,7 @@ impl Adapter {
         seed: u64,
     ) -> Result<TrainableAdapter> {
         let targeted = modules.iter().filter(|m| config.targets.matches(&m.path));
-        let (unet, vars) = fresh_modules(config, targeted, rank_of, device, seed)?;
+        let (unet, vars) = fresh_modules(config, Component::Unet, targeted, rank_of, device, seed)?;
         ensure!(
             !unet.is_empty(),
             "LoRA targets `{}` match no module of this model",
@@ -283,13 +326,46 @@ impl Adapter {
         })
     }
 
-    /// The module at `path` of either component (UNet and text-encoder paths never coincide:
-    /// the latter start with `text_model.`).
-    pub fn module_mut(&mut self, path: &str) -> Option<&mut AdapterModule> {
-        match self.unet.get_mut(path) {
-            Some(m) => Some(m),
-            None => self.text_encoder.get_mut(path),
+    /// The modules of `component`.
+    pub fn modules(&self, component: Component) -> &AdapterModules {
+        match component {
+            Component::Unet => &self.unet,
+            Component::TextEncoder => &self.text_encoder,
+            Component::TextEncoder2 => &self.text_encoder_2,
         }
+    }
+
+    pub fn modules_mut(&mut self, component: Component) -> &mut AdapterModules {
+        match component {
+            Component::Unet => &mut self.unet,
+            Component::TextEncoder => &mut self.text_encoder,
+            Component::TextEncoder2 => &mut self.text_encoder_2,
+        }
+    }
+
+    /// The component, module path and tensor kind of the variable named `name`
+    /// ([`Component::var_name`]); `None` when no module of this adapter has it. UNet and
+    /// first-encoder paths never coincide: the latter start with `text_model.`.
+    pub fn locate_var<'n>(&self, name: &'n str) -> Option<(Component, &'n str, &'n str)> {
+        let (component, rest) = match name.strip_prefix(TEXT_ENCODER_2_VARS) {
+            Some(rest) => (Some(Component::TextEncoder2), rest),
+            None => (None, name),
+        };
+        let (path, which) = rest.rsplit_once('.')?;
+        let component = component.or_else(|| {
+            [Component::Unet, Component::TextEncoder]
+                .into_iter()
+                .find(|&c| self.modules(c).contains_key(path))
+        })?;
+        self.modules(component)
+            .contains_key(path)
+            .then_some((component, path, which))
+    }
+
+    /// The tensor behind the variable named `name`, to replace it (a moving average's value).
+    pub fn var_tensor_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        let (component, path, which) = self.locate_var(name)?;
+        self.modules_mut(component).get_mut(path)?.tensor_mut(which)
     }
 
     /// Weight deltas `multiplier · ΔW` keyed by the full weight name (`<path>.weight`), for
@@ -313,26 +389,29 @@ impl Adapter {
 }
 
 impl TrainableAdapter {
-    /// Adds a fresh adapter on every module of the text encoder's `modules` (kohya's `lora_te_`
-    /// set: all of them, whatever `config.targets` says of the UNet), with the rank, alpha and
-    /// init of `config`, drawn from `seed`; `up` starts at zero.
+    /// Adds a fresh adapter on every module of text encoder `component`'s `modules` (kohya's
+    /// `lora_te_` set: all of them, whatever `config.targets` says of the UNet), with the rank,
+    /// alpha and init of `config`, drawn from `seed`; `up` starts at zero.
     pub fn add_text_encoder(
         &mut self,
+        component: Component,
         config: &LoraConfig,
         modules: &[ModuleInfo],
         device: &Device,
         seed: u64,
     ) -> Result<()> {
         ensure!(
-            self.adapter.text_encoder.is_empty(),
-            "the adapter already has text-encoder modules"
+            component.is_text_encoder(),
+            "{component} is not a text encoder"
         );
-        let (text_encoder, vars) = fresh_modules(config, modules, &|_| config.rank, device, seed)?;
         ensure!(
-            !text_encoder.is_empty(),
-            "the text encoder has no adaptable module"
+            self.adapter.modules(component).is_empty(),
+            "the adapter already has {component} modules"
         );
-        self.adapter.text_encoder = text_encoder;
+        let (fresh, vars) =
+            fresh_modules(config, component, modules, &|_| config.rank, device, seed)?;
+        ensure!(!fresh.is_empty(), "the {component} has no adaptable module");
+        *self.adapter.modules_mut(component) = fresh;
         self.add_vars(vars);
         Ok(())
     }
@@ -348,7 +427,7 @@ impl TrainableAdapter {
         device: &Device,
         seed: u64,
     ) -> Result<()> {
-        let (unet, vars) = fresh_modules(config, modules, rank_of, device, seed)?;
+        let (unet, vars) = fresh_modules(config, Component::Unet, modules, rank_of, device, seed)?;
         for (path, module) in unet {
             ensure!(
                 self.adapter.unet.insert(path.clone(), module).is_none(),
@@ -359,14 +438,17 @@ impl TrainableAdapter {
         Ok(())
     }
 
-    /// Makes every module that is not DoRA yet DoRA: a trainable magnitude
+    /// Makes every module of `component` that is not DoRA yet DoRA: a trainable magnitude
     /// (`<path>.magnitude`) per output channel, starting at `‖W‖` of the module's frozen weight
     /// (`weights[path]`, `[out, …]`), so a fresh adapter is still a no-op (peft's
     /// initialisation).
-    pub fn add_dora(&mut self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
+    pub fn add_dora(
+        &mut self,
+        component: Component,
+        weights: &BTreeMap<String, Tensor>,
+    ) -> Result<()> {
         let mut vars = Vec::new();
-        let modules = self.adapter.unet.iter_mut();
-        for (path, module) in modules.chain(self.adapter.text_encoder.iter_mut()) {
+        for (path, module) in self.adapter.modules_mut(component).iter_mut() {
             let AdapterModule::Lora(module) = module else {
                 bail!(
                     "`{path}`: DoRA applies to LoRA modules only (not {})",
@@ -387,7 +469,7 @@ impl TrainableAdapter {
                 .to_device(module.down.device())?;
             let magnitude = Var::from_tensor(&norm)?;
             module.magnitude = Some(magnitude.as_tensor().clone());
-            vars.push((format!("{path}.magnitude"), magnitude));
+            vars.push((component.var_name(path, "magnitude"), magnitude));
         }
         self.add_vars(vars);
         Ok(())
@@ -402,11 +484,12 @@ impl TrainableAdapter {
 /// Modules by path, and their variables.
 type FreshModules = (AdapterModules, Vec<(String, Var)>);
 
-/// A fresh module for each of `modules` (of rank `rank_of(module)`; LoRA, or the LyCORIS
-/// algorithm of `config`) and their variables (named `<path>.lora_down` / `<path>.lora_up`, or
-/// `<path>.<LyCORIS factor name>`, sorted by name), drawn in order from `seed`.
+/// A fresh module for each of `component`'s `modules` (of rank `rank_of(module)`; LoRA, or the
+/// LyCORIS algorithm of `config`) and their variables (`lora_down` / `lora_up`, or the LyCORIS
+/// factors, named by [`Component::var_name`], sorted by name), drawn in order from `seed`.
 fn fresh_modules<'a>(
     config: &LoraConfig,
+    component: Component,
     modules: impl IntoIterator<Item = &'a ModuleInfo>,
     rank_of: &dyn Fn(&ModuleInfo) -> usize,
     device: &Device,
@@ -425,7 +508,7 @@ fn fresh_modules<'a>(
             vars.extend(
                 factors
                     .into_iter()
-                    .map(|(name, var)| (format!("{}.{name}", info.path), var)),
+                    .map(|(name, var)| (component.var_name(&info.path, name), var)),
             );
             continue;
         }
@@ -452,8 +535,8 @@ fn fresh_modules<'a>(
             magnitude: None,
         };
         weights.insert(info.path.clone(), module.into());
-        vars.push((format!("{}.lora_down", info.path), down));
-        vars.push((format!("{}.lora_up", info.path), up));
+        vars.push((component.var_name(&info.path, "lora_down"), down));
+        vars.push((component.var_name(&info.path, "lora_up"), up));
     }
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((weights, vars))

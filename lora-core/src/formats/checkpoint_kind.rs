@@ -34,6 +34,10 @@ const SDXL_CONTEXT_WIDTH: usize = 2048;
 /// SDXL's added conditioning (`add_embedding.linear_1`): `[1280, 2816]`, the pooled embedding
 /// (1280) and six size ids of 256 features each.
 const SDXL_ADDED_KEY: &str = "model.diffusion_model.label_emb.0.0.weight";
+/// The last of the ten transformer layers of SDXL base's third down block: distilled SDXL UNets
+/// (SSD-1B, Vega) have fewer, and another config.
+const SDXL_DEPTH_KEY: &str =
+    "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight";
 /// The UNet's first convolution: `[320, input channels, 3, 3]`.
 const CONV_IN_KEY: &str = "model.diffusion_model.input_blocks.0.0.weight";
 /// SD 2.x-base's training step count, by which diffusers tells a single-file SD 2 base model.
@@ -118,7 +122,7 @@ pub fn identify_architecture(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Ar
     let conv_in = shapes
         .get(CONV_IN_KEY)
         .filter(|s| s.len() == 4)
-        .ok_or_else(|| anyhow::anyhow!("no 4-D `{CONV_IN_KEY}`: not an SD 1.x/2.x UNet"))?;
+        .ok_or_else(|| anyhow::anyhow!("no 4-D `{CONV_IN_KEY}`: not an SD 1.x/2.x/SDXL UNet"))?;
     ensure!(
         conv_in[1] == 4,
         "the UNet takes {} input channels (`{CONV_IN_KEY}` is {conv_in:?}): {}; only \
@@ -172,6 +176,12 @@ fn identify_sdxl(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Architecture> 
         shapes.contains_key(SDXL_ADDED_KEY),
         "the file has SDXL's two text encoders but no `{SDXL_ADDED_KEY}` (SDXL's added \
          size/text conditioning)"
+    );
+    ensure!(
+        shapes.contains_key(SDXL_DEPTH_KEY),
+        "an SDXL UNet without SDXL base's ten transformer layers in its third block (no \
+         `{SDXL_DEPTH_KEY}`): a distilled or other SDXL variant; pass --base-config with a \
+         diffusers folder of its configs"
     );
     Ok(Architecture::Sdxl)
 }
@@ -250,10 +260,21 @@ pub fn identify_prediction(
     })
 }
 
-/// The `parameterization:` of an LDM config (`v` or `eps`, LDM's default when absent). A line
+/// The `parameterization:` of an LDM config (`v` or `eps`, LDM's default when absent), or for an
+/// SGM (SDXL) config its denoiser scaling (`…denoiser_scaling.VScaling` or `EpsScaling`). A line
 /// scan rather than a YAML parser: the key appears once, under `model.params`, in every LDM
 /// config.
 fn yaml_parameterization(text: &str) -> Result<PredictionType> {
+    let code = || {
+        text.lines()
+            .map(|line| line.split('#').next().unwrap_or_default())
+    };
+    if code().any(|line| line.contains("denoiser_scaling.VScaling")) {
+        return Ok(PredictionType::VPrediction);
+    }
+    if code().any(|line| line.contains("denoiser_scaling.EpsScaling")) {
+        return Ok(PredictionType::Epsilon);
+    }
     let value = text.lines().find_map(|line| {
         let line = line.split('#').next().unwrap_or_default().trim();
         let value = line.strip_prefix("parameterization:")?;
@@ -333,6 +354,7 @@ mod tests {
             (CONV_IN_KEY, &[320, 4, 3, 3]),
             (SDXL_CONTEXT_KEY, &[640, 2048]),
             (SDXL_ADDED_KEY, &[1280, 2816]),
+            (SDXL_DEPTH_KEY, &[1280, 2048]),
             (
                 "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
                 &[768],
@@ -350,6 +372,10 @@ mod tests {
         playground.insert("edm_mean".into(), vec![1, 4, 1, 1]);
         let err = identify_architecture(&playground).unwrap_err();
         assert!(err.to_string().contains("Playground"), "{err}");
+        let mut distilled = xl.clone();
+        distilled.remove(SDXL_DEPTH_KEY);
+        let err = identify_architecture(&distilled).unwrap_err();
+        assert!(err.to_string().contains("distilled"), "{err}");
         xl.remove(SDXL_ADDED_KEY);
         let err = identify_architecture(&xl).unwrap_err();
         assert!(err.to_string().contains("label_emb"), "{err}");
@@ -425,6 +451,25 @@ mod tests {
             },
             v,
         );
+        // SGM (SDXL) configs say it by their denoiser scaling.
+        let sgm = |scaling: &str| {
+            format!(
+                "model:\n  params:\n    denoiser_config:\n      params:\n        \
+                 scaling_config:\n          target: \
+                 sgm.modules.diffusionmodules.denoiser_scaling.{scaling}\n"
+            )
+        };
+        for (scaling, expected) in [("VScaling", v), ("EpsScaling", eps)] {
+            let text = sgm(scaling);
+            check(
+                Architecture::Sdxl,
+                PredictionHints {
+                    yaml: Some((path, &text)),
+                    ..Default::default()
+                },
+                expected,
+            );
+        }
         let bad = PredictionHints {
             yaml: Some((path, "parameterization: x0")),
             ..Default::default()

@@ -67,7 +67,8 @@ impl SingleFile {
         let layout = LdmLayout::detect(keys.iter().map(String::as_str)).with_context(|| {
             format!(
                 "{} is not a single-file Stable Diffusion checkpoint (expected LDM keys \
-                 `model.diffusion_model.…`, `cond_stage_model.…`, `first_stage_model.…`)",
+                 `model.diffusion_model.…`, `cond_stage_model.…` or `conditioner.embedders.…`, \
+                 `first_stage_model.…`)",
                 path.display()
             )
         })?;
@@ -117,6 +118,11 @@ impl SingleFile {
         })
     }
 
+    /// Whether the file has a tensor named `key` (a marker such as `v_pred`).
+    pub fn has_key(&self, key: &str) -> bool {
+        self.files.get(key).is_ok()
+    }
+
     /// Whether the UNet's tensors come from the file's EMA copy.
     pub fn uses_ema(&self) -> bool {
         self.uses_ema
@@ -146,7 +152,7 @@ impl SingleFile {
     ) -> Result<(PredictionType, String)> {
         let metadata = weights::header_metadata(&self.path)?;
         let hints = PredictionHints {
-            v_pred_key: self.files.get("v_pred").is_ok(),
+            v_pred_key: self.has_key("v_pred"),
             metadata: Some(&metadata),
             yaml,
             global_step: self.global_step(),

@@ -428,8 +428,11 @@ impl Optimizer {
         Ok(())
     }
 
-    /// One update with learning rate `lr` from `grads` (one per parameter, in order).
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update with learning rate `lr` from `grads` (one per parameter, in order). A
+    /// parameter the loss does not reach (`None`: SDXL's unread last layer of its first text
+    /// encoder) is passed over as PyTorch's optimizers pass over a `grad` of `None`: no weight
+    /// decay, its state untouched, and no part in Prodigy's estimate.
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         ensure!(
             grads.len() == self.params.len(),
             "{} gradients for {} parameters",
@@ -437,10 +440,21 @@ impl Optimizer {
             self.params.len()
         );
         self.steps += 1;
-        let lrs: Vec<f64> = self.lr_scales.iter().map(|s| s * lr).collect();
-        self.algorithm
-            .step(&self.params, grads, &mut self.state, &lrs, self.steps)
-            .with_context(|| format!("{} update {}", self.kind, self.steps))
+        let reached: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
+        let params: Vec<(String, Var)> = reached.iter().map(|&i| self.params[i].clone()).collect();
+        let present: Vec<Tensor> = grads.iter().flatten().cloned().collect();
+        let lrs: Vec<f64> = reached.iter().map(|&i| self.lr_scales[i] * lr).collect();
+        let mut state: Vec<Vec<Tensor>> = reached
+            .iter()
+            .map(|&i| std::mem::take(&mut self.state[i]))
+            .collect();
+        let result = self
+            .algorithm
+            .step(&params, &present, &mut state, &lrs, self.steps);
+        for (&i, slots) in reached.iter().zip(state) {
+            self.state[i] = slots;
+        }
+        result.with_context(|| format!("{} update {}", self.kind, self.steps))
     }
 }
 
@@ -489,7 +503,7 @@ mod tests {
         let settings = OptimizerSettings::default();
         let mut opt = Optimizer::new(vec![("p".into(), p.clone())], &settings).unwrap();
         let g = Tensor::new(&[0.5f32, -3.0], &Device::Cpu).unwrap();
-        opt.step(&[g], 0.1).unwrap();
+        opt.step(&[Some(g)], 0.1).unwrap();
         let got = p.as_tensor().to_vec1::<f32>().unwrap();
         let want = [
             1.0 * (1.0 - 0.1 * 0.01) - 0.1,
@@ -499,6 +513,24 @@ mod tests {
             assert!((a - b).abs() < 1e-6, "{got:?} vs {want:?}");
         }
         assert_eq!(opt.steps(), 1);
+    }
+
+    /// Settings of `kind` with weight decay 0.1, and fresh parameters "a" and "b" from `start`.
+    fn decayed_pair(
+        kind: OptimizerKind,
+        start: &[Tensor; 2],
+    ) -> (OptimizerSettings, Vec<Var>, Vec<(String, Var)>) {
+        let settings = OptimizerSettings {
+            kind,
+            weight_decay: 0.1,
+            args: BTreeMap::new(),
+        };
+        let vars: Vec<Var> = start.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let named = vec![
+            ("a".to_string(), vars[0].clone()),
+            ("b".into(), vars[1].clone()),
+        ];
+        (settings, vars, named)
     }
 
     /// A learning-rate scale is a parameter group of its own rate: two parameters updated
@@ -518,16 +550,7 @@ mod tests {
             Tensor::new(&[[0.5f32, 0.1], [-0.3, 0.7]], &dev).unwrap(),
         ];
         for kind in [OptimizerKind::AdamW, OptimizerKind::Lion] {
-            let settings = OptimizerSettings {
-                kind,
-                weight_decay: 0.1,
-                args: BTreeMap::new(),
-            };
-            let vars: Vec<Var> = start.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
-            let named = vec![
-                ("a".to_string(), vars[0].clone()),
-                ("b".into(), vars[1].clone()),
-            ];
+            let (settings, vars, named) = decayed_pair(kind, &start);
             let mut together = Optimizer::new(named, &settings).unwrap();
             together.set_lr_scales(vec![1.0, 0.25]).unwrap();
             let alone: Vec<Var> = start.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
@@ -536,7 +559,7 @@ mod tests {
                 .map(|v| Optimizer::new(vec![("p".into(), v.clone())], &settings).unwrap())
                 .collect();
             for t in 1..=3 {
-                let g = grads(t as f32);
+                let g = grads(t as f32).map(Some);
                 together.step(&g, 0.01).unwrap();
                 separate[0].step(&g[..1], 0.01).unwrap();
                 separate[1].step(&g[1..], 0.0025).unwrap();
@@ -568,6 +591,54 @@ mod tests {
             Optimizer::new(vec![("a".into(), p.clone()), ("b".into(), p)], &settings).unwrap();
         let err = prodigy.set_lr_scales(vec![1.0, 0.5]).unwrap_err();
         assert!(err.to_string().contains("one learning rate"), "{err}");
+    }
+
+    /// A parameter without a gradient is passed over, as PyTorch passes over `grad = None`: it
+    /// keeps its value despite weight decay and its state stays fresh, and the other parameters
+    /// end exactly where an optimizer over them alone takes them (Prodigy's estimate included).
+    #[test]
+    fn a_parameter_without_a_gradient_is_left_alone() {
+        let dev = Device::Cpu;
+        let start = [
+            Tensor::new(&[1.0f32, -2.0, 0.5], &dev).unwrap(),
+            Tensor::new(&[[0.5f32, 0.1], [-0.3, 0.7]], &dev).unwrap(),
+        ];
+        for kind in [
+            OptimizerKind::AdamW,
+            OptimizerKind::AdamW8bit,
+            OptimizerKind::Lion,
+            OptimizerKind::Prodigy,
+        ] {
+            let (settings, vars, named) = decayed_pair(kind, &start);
+            let mut both = Optimizer::new(named, &settings).unwrap();
+            let alone = Var::from_tensor(&start[0]).unwrap();
+            let mut only_a = Optimizer::new(vec![("a".into(), alone.clone())], &settings).unwrap();
+            for t in 1..=3 {
+                let g = Tensor::new(&[0.5f32 * t as f32, -3.0, 1.0], &dev).unwrap();
+                both.step(&[Some(g.clone()), None], 0.01).unwrap();
+                only_a.step(&[Some(g)], 0.01).unwrap();
+            }
+            let a = vars[0].as_tensor().to_vec1::<f32>().unwrap();
+            let a_alone = alone.as_tensor().to_vec1::<f32>().unwrap();
+            assert_eq!(a, a_alone, "{kind}");
+            assert_ne!(
+                a,
+                start[0].to_vec1::<f32>().unwrap(),
+                "{kind}: a did not move"
+            );
+            let b = vars[1].as_tensor().to_vec2::<f32>().unwrap();
+            assert_eq!(b, start[1].to_vec2::<f32>().unwrap(), "{kind}: b moved");
+            let (state, fresh) = (both.state(), both.algorithm.init_slots(&start[1]).unwrap());
+            assert_eq!(state.slots[1].len(), fresh.len());
+            let values = |t: &Tensor| {
+                let flat = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+                (t.dtype(), t.dims().to_vec(), flat.to_vec1::<f32>().unwrap())
+            };
+            for (slot, init) in state.slots[1].iter().zip(&fresh) {
+                assert_eq!(values(slot), values(init), "{kind}: b's state changed");
+            }
+            assert_eq!(state.scalars, only_a.state().scalars, "{kind}");
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::kohya::{self, BaseModelVersion, KohyaModule};
 use super::peft::{self, peft_configs};
 use super::OutputModule;
 use crate::adapters::lycoris::LycorisModule;
-use crate::adapters::{Adapter, AdapterModule, AdapterModules, LoraModule, ModuleInfo, ModuleKind};
+use crate::adapters::{Adapter, AdapterModule, LoraModule, ModuleInfo, ModuleKind};
 use crate::io::{read_safetensors, write_safetensors_atomic, SafetensorsContents};
 use crate::models::config::PredictionType;
 
@@ -158,23 +158,6 @@ impl<'a> ModelModules<'a> {
             .unwrap_or_default()
             .iter()
             .find(|m| component.canonical_path(&m.path) == canonical)
-    }
-}
-
-/// The modules of `component` in `adapter`.
-pub fn component_modules(adapter: &Adapter, component: Component) -> &AdapterModules {
-    match component {
-        Component::Unet => &adapter.unet,
-        Component::TextEncoder => &adapter.text_encoder,
-        Component::TextEncoder2 => &adapter.text_encoder_2,
-    }
-}
-
-fn component_modules_mut(adapter: &mut Adapter, component: Component) -> &mut AdapterModules {
-    match component {
-        Component::Unet => &mut adapter.unet,
-        Component::TextEncoder => &mut adapter.text_encoder,
-        Component::TextEncoder2 => &mut adapter.text_encoder_2,
     }
 }
 
@@ -384,7 +367,7 @@ impl AdapterFile {
         ensure!(
             Component::ALL
                 .iter()
-                .any(|&c| !component_modules(&adapter, c).is_empty()),
+                .any(|&c| !adapter.modules(c).is_empty()),
             "{}: no module applies (the file holds only text-encoder modules and no text encoder was given)",
             self.path.display()
         );
@@ -425,7 +408,7 @@ impl AdapterFile {
                 problems.push(misfit(format!("`{}`: {e}", raw.down_key)));
                 continue;
             }
-            let target = component_modules_mut(&mut adapter, raw.component);
+            let target = adapter.modules_mut(raw.component);
             if target.insert(info.path.clone(), lora.into()).is_some() {
                 problems.push(misfit(format!(
                     "`{}`: module {} is given more than once",
@@ -451,7 +434,7 @@ impl AdapterFile {
                 problems.push(misfit(format!("`{full}`: {e}")));
                 continue;
             }
-            let target = component_modules_mut(&mut adapter, *component);
+            let target = adapter.modules_mut(*component);
             let module = AdapterModule::Lycoris(module.clone());
             if target.insert(info.path.clone(), module).is_some() {
                 problems.push(misfit(format!(
@@ -687,7 +670,7 @@ fn match_entries<'a>(
     let mut entries = Vec::new();
     let mut problems = Vec::new();
     for component in Component::ALL {
-        let modules = component_modules(adapter, component);
+        let modules = adapter.modules(component);
         for (path, lora) in modules {
             let Some(info) = model.find(component, path) else {
                 problems.push(format!(

@@ -16,29 +16,18 @@
 //!   historical spellings that [`parse_diffusers_key`] maps back to the path.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::path::PathBuf;
 
 use anyhow::{ensure, Context, Result};
 
+pub use crate::adapters::Component;
 use crate::adapters::{ModuleInfo, ModuleKind};
-
-/// The model part an adapter module belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Component {
-    Unet,
-    /// The (first) text encoder: SD's only one, SDXL's CLIP ViT-L.
-    TextEncoder,
-    /// SDXL's second text encoder (OpenCLIP ViT-bigG).
-    TextEncoder2,
-}
 
 /// The prefix SDXL kohya files give the first text encoder; read as [`Component::TextEncoder`].
 const KOHYA_SDXL_TE1_PREFIX: &str = "lora_te1_";
 
+/// How adapter files name each component.
 impl Component {
-    pub const ALL: [Component; 3] = [Self::Unet, Self::TextEncoder, Self::TextEncoder2];
-
     /// Prefix of kohya key names, separator included (`lora_unet_`), as SD 1.x/2.x files have it
     /// (see [`Self::kohya_prefix_for`]).
     pub fn kohya_prefix(self) -> &'static str {
@@ -78,18 +67,13 @@ impl Component {
         }
     }
 
-    /// Whether this is a text encoder (either of SDXL's).
-    pub fn is_text_encoder(self) -> bool {
-        self != Self::Unet
-    }
-
     /// The path as adapters name it: text-encoder paths gain the `text_model.` level if the
     /// model (transformers ≥ 5) or the file left it out; UNet paths are unchanged, and so is
     /// `text_projection`, which sits beside `text_model` in every transformers generation.
     pub fn canonical_path(self, path: &str) -> String {
         if self.is_text_encoder()
             && !path.starts_with(TEXT_MODEL)
-            && !path.starts_with(TEXT_PROJECTION)
+            && path.split('.').next() != Some(TEXT_PROJECTION)
         {
             format!("{TEXT_MODEL}{path}")
         } else {
@@ -98,19 +82,9 @@ impl Component {
     }
 }
 
-impl fmt::Display for Component {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Unet => "UNet",
-            Self::TextEncoder => "text encoder",
-            Self::TextEncoder2 => "second text encoder",
-        })
-    }
-}
-
 const TEXT_MODEL: &str = "text_model.";
 /// `CLIPTextModelWithProjection`'s projection, outside `text_model`.
-const TEXT_PROJECTION: &str = "text_projection.";
+const TEXT_PROJECTION: &str = "text_projection";
 
 /// Which tensor of a LoRA module a key holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

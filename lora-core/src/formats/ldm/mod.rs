@@ -177,7 +177,10 @@ impl LdmLayout {
         } else if has(CLIP_PREFIX) {
             TextEncoderLayout::Clip
         } else {
-            bail!("no text encoder (`{CLIP_PREFIX}…` or `{OPEN_CLIP_PREFIX}…` keys) in the single-file checkpoint")
+            bail!(
+                "no text encoder (`{CLIP_PREFIX}…`, `{OPEN_CLIP_PREFIX}…` or \
+                 `{SDXL_CLIP_PREFIX}…` keys) in the single-file checkpoint"
+            )
         };
         let unet_keys = keys.clone().filter_map(|k| k.strip_prefix(UNET_PREFIX));
         let downsamplers = indices(unet_keys.clone(), "input_blocks.", |rest| {
@@ -222,7 +225,11 @@ impl LdmLayout {
         };
         let rest = &key[section.prefix().len()..];
         let rules = self.rules(section, index_bound(rest), &[]);
-        let Some((rule, tail)) = rules.longest_match(rest, Side::Ldm) else {
+        // A transposed tensor is named exactly (`text_projection`), not as a prefix.
+        let matched = rules
+            .longest_match(rest, Side::Ldm)
+            .filter(|(rule, tail)| rule.kind != Kind::Transposed || tail.is_empty());
+        let Some((rule, tail)) = matched else {
             // OpenCLIP's logit_scale, attn_mask (and SD2's text_projection): parts the
             // diffusers text encoders have no use for. The other models have no such extras.
             if matches!(section, Section::OpenClip | Section::SdxlOpenClip) {
@@ -252,6 +259,24 @@ impl LdmLayout {
         })
     }
 }
+
+impl LdmLayout {
+    /// Whether diffusers tensor `t` has a place in a single file of this layout: not
+    /// transformers' `position_ids` buffer of an OpenCLIP encoder (which older transformers saved
+    /// in `text_encoder_2/` and SD2's `text_encoder/`; OpenCLIP files hold none, and loaders
+    /// recompute it).
+    pub fn stores(&self, t: &DiffusersTensor) -> bool {
+        let open_clip = matches!(
+            (t.part, self.text_encoder),
+            (ModelPart::TextEncoder, TextEncoderLayout::OpenClip)
+                | (ModelPart::TextEncoder2, TextEncoderLayout::Sdxl)
+        );
+        !(open_clip && t.part.canonical_name(&t.name) == OPEN_CLIP_POSITION_IDS)
+    }
+}
+
+/// transformers' position ids buffer, which OpenCLIP files do not store.
+const OPEN_CLIP_POSITION_IDS: &str = "text_model.embeddings.position_ids";
 
 /// Where a diffusers tensor goes in a single-file checkpoint (the reverse of
 /// [`LdmLayout::diffusers_name`]).

@@ -38,14 +38,28 @@ impl fmt::Display for Architecture {
     }
 }
 
-/// The configs of one built-in model: an architecture and what its UNet predicts.
+/// The configs of one built-in model: an architecture, what its UNet predicts, and whether it was
+/// trained with zero terminal SNR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuiltinConfigs {
     pub architecture: Architecture,
     pub prediction: PredictionType,
+    /// The schedule's betas rescaled to zero SNR at the last step (a file's `ztsnr` marker, as
+    /// v-prediction SDXL fine-tunes carry it), sampled with trailing timesteps as diffusers
+    /// recommends for such models.
+    pub zero_terminal_snr: bool,
 }
 
 impl BuiltinConfigs {
+    /// The configs of `architecture` predicting `prediction`, with the standard schedule.
+    pub fn new(architecture: Architecture, prediction: PredictionType) -> Self {
+        Self {
+            architecture,
+            prediction,
+            zero_terminal_snr: false,
+        }
+    }
+
     /// The image side the model was trained at: SDXL's is 1024², SD 2.x with v-prediction is the
     /// 768² model, everything else 512².
     pub fn resolution(&self) -> usize {
@@ -113,10 +127,12 @@ impl BuiltinConfigs {
             Architecture::Sd2 => include_str!("builtin/sd2_scheduler.json"),
             Architecture::Sdxl => include_str!("builtin/sdxl_scheduler.json"),
         };
-        patched(
-            text,
-            &[("prediction_type", Value::from(self.prediction.name()))],
-        )
+        let mut changes = vec![("prediction_type", Value::from(self.prediction.name()))];
+        if self.zero_terminal_snr {
+            changes.push(("rescale_betas_zero_snr", Value::Bool(true)));
+            changes.push(("timestep_spacing", Value::from("trailing")));
+        }
+        patched(text, &changes)
     }
 
     /// The token prompts are padded with: SD 1.x (and SDXL's first tokenizer) pads with
@@ -155,7 +171,14 @@ impl BuiltinConfigs {
     /// What this is, for messages: `SD 2.x, 768×768, v_prediction`.
     pub fn describe(&self) -> String {
         let side = self.resolution();
-        format!("{}, {side}×{side}, {}", self.architecture, self.prediction)
+        let snr = match self.zero_terminal_snr {
+            true => ", zero terminal SNR",
+            false => "",
+        };
+        format!(
+            "{}, {side}×{side}, {}{snr}",
+            self.architecture, self.prediction
+        )
     }
 }
 
@@ -180,10 +203,7 @@ mod tests {
         let mut all = Vec::new();
         for architecture in [Architecture::Sd1, Architecture::Sd2, Architecture::Sdxl] {
             for prediction in [PredictionType::Epsilon, PredictionType::VPrediction] {
-                all.push(BuiltinConfigs {
-                    architecture,
-                    prediction,
-                });
+                all.push(BuiltinConfigs::new(architecture, prediction));
             }
         }
         all
@@ -209,10 +229,7 @@ mod tests {
 
     #[test]
     fn sdxl_configs_are_sdxl_base() {
-        let sdxl = BuiltinConfigs {
-            architecture: Architecture::Sdxl,
-            prediction: PredictionType::Epsilon,
-        };
+        let sdxl = BuiltinConfigs::new(Architecture::Sdxl, PredictionType::Epsilon);
         let text_time = sdxl.unet().unwrap().text_time.unwrap();
         let pooled = sdxl.text_encoder_2().unwrap().projection_dim.unwrap();
         assert_eq!(text_time.input_dim, pooled + 6 * text_time.time_embed_dim);
@@ -229,14 +246,23 @@ mod tests {
         };
         assert!(sd1.text_encoder_2().is_err() && sd1.unet().unwrap().text_time.is_none());
         assert_eq!(sd1.vae().unwrap().scaling_factor, 0.18215);
+        // A `ztsnr` file: zero terminal SNR, trailing timesteps.
+        let ztsnr = BuiltinConfigs {
+            prediction: PredictionType::VPrediction,
+            zero_terminal_snr: true,
+            ..sdxl
+        };
+        let scheduler = ztsnr.scheduler().unwrap();
+        assert!(scheduler.rescale_betas_zero_snr);
+        assert_eq!(
+            ztsnr.describe(),
+            "SDXL, 1024×1024, v_prediction, zero terminal SNR"
+        );
     }
 
     #[test]
     fn sd2_sizes_follow_the_prediction_type() {
-        let sd2 = |prediction| BuiltinConfigs {
-            architecture: Architecture::Sd2,
-            prediction,
-        };
+        let sd2 = |prediction| BuiltinConfigs::new(Architecture::Sd2, prediction);
         assert_eq!(sd2(PredictionType::VPrediction).resolution(), 768);
         assert_eq!(sd2(PredictionType::Epsilon).resolution(), 512);
         assert!(

@@ -6,7 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Var;
 
 use super::*;
-use crate::adapters::{Adapter, LoraConfig, LoraTargets};
+use crate::adapters::{Adapter, Component, LoraConfig, LoraTargets};
 use crate::io::weights::RandomInit;
 use crate::test_support::max_rel_diff;
 use crate::Rng;
@@ -183,7 +183,7 @@ fn fresh_dora_adapter_is_a_no_op() -> Result<()> {
     };
     let modules = unet.adapter_modules();
     let mut trainable = Adapter::init_unet(&lora, &modules, &Device::Cpu, 0)?;
-    trainable.add_dora(&unet.adaptable_weights()?)?;
+    trainable.add_dora(Component::Unet, &unet.adaptable_weights()?)?;
     assert!(trainable
         .adapter
         .unet
