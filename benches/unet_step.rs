@@ -9,7 +9,8 @@
 //! - `infer-sd15-32`, `infer-sd15-64`: classifier-free-guidance step (batch 2), latents 32×32 /
 //!   64×64, no gradients
 //! - `train-sdxl-32`, `infer-sdxl-32`: the same on the SDXL base UNet architecture (random weights,
-//!   `benches/sdxl_unet_config.json`), with its pooled embedding and size ids, latents 32×32
+//!   `benches/sdxl_unet_config.json`), with its pooled embedding and size ids, latents 32×32;
+//!   `train-sdxl-128`, `infer-sdxl-128` at SDXL's own 1024² (latents 128×128)
 //! - `train-tiny`, `infer-tiny`: the same on the sd1-tiny fixture model (a quick check)
 //!
 //! `--device`, `--dtype` (of the frozen base; LoRA stays f32) and `--batch` override a case's
@@ -66,13 +67,15 @@ fn load_case(name: &str, device: &Device, dtype: DType) -> Result<Case> {
                 _ => (unet, 64, 2, false),
             }
         }
-        "train-sdxl-32" | "infer-sdxl-32" => {
+        "train-sdxl-32" | "infer-sdxl-32" | "train-sdxl-128" | "infer-sdxl-128" => {
             let config = UNetConfig::from_file(&root.join("benches/sdxl_unet_config.json"))?;
             let vb = RandomInit::frozen(0).var_builder(device).set_dtype(dtype);
             let unet = UNet2DConditionModel::load(&config, &vb)?;
             match name {
                 "train-sdxl-32" => (unet, 32, 1, true),
-                _ => (unet, 32, 2, false),
+                "infer-sdxl-32" => (unet, 32, 2, false),
+                "train-sdxl-128" => (unet, 128, 1, true),
+                _ => (unet, 128, 2, false),
             }
         }
         "train-tiny" | "infer-tiny" => {

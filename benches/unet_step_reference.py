@@ -60,10 +60,12 @@ def load_case(name):
             "infer-sd15-32": (32, 2, False),
             "infer-sd15-64": (64, 2, False),
         }[name]
-    elif name in ("train-sdxl-32", "infer-sdxl-32"):
+    elif name in ("train-sdxl-32", "infer-sdxl-32", "train-sdxl-128", "infer-sdxl-128"):
         config = json.loads((ROOT / "benches/sdxl_unet_config.json").read_text())
         unet = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
-        latent, batch, train = 32, (1 if name == "train-sdxl-32" else 2), name == "train-sdxl-32"
+        latent = 128 if name.endswith("-128") else 32
+        train = name.startswith("train-")
+        batch = 1 if train else 2
     elif name in ("train-tiny", "infer-tiny"):
         unet = UNet2DConditionModel.from_pretrained(str(ROOT / "tests/fixtures/sd1-tiny/unet"))
         latent, batch, train = 16, (1 if name == "train-tiny" else 2), name == "train-tiny"
