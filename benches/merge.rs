@@ -8,15 +8,18 @@
 //! With `--keep DIR` the inputs (DIR/base, DIR/adapter.safetensors) stay for
 //! `benches/merge_reference.py DIR`, which does the same merge with plain PyTorch + safetensors.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use common::peak_rss_mib;
 use lora_merge::lora_core::formats::adapter_file::{save_adapter, AdapterFormat, SaveOptions};
 use lora_merge::lora_core::formats::keys::{modules_from_weights, Component};
 use lora_merge::lora_core::formats::kohya::BaseModelVersion;
@@ -215,21 +218,6 @@ fn dir_size(path: &Path) -> Result<u64> {
     Ok(total)
 }
 
-/// Peak resident set size of this process (Linux `VmHWM`), in MiB.
-fn peak_rss_mib() -> Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .context("no VmHWM in /proc/self/status")?;
-    let kib: f64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("malformed VmHWM")?
-        .parse()?;
-    Ok(kib / 1024.0)
-}
-
 /// The child: merge and report; nothing else runs in this process.
 fn child(base: &str, adapter: &str, output: &str) -> Result<()> {
     let start = Instant::now();
@@ -247,7 +235,7 @@ fn child(base: &str, adapter: &str, output: &str) -> Result<()> {
     let seconds = start.elapsed().as_secs_f64();
     println!(
         "{}",
-        serde_json::json!({"seconds": seconds, "peak_rss_mib": peak_rss_mib()?, "tensors_changed": report.tensors_changed})
+        serde_json::json!({"seconds": seconds, "peak_rss_mib": peak_rss_mib(), "tensors_changed": report.tensors_changed})
     );
     Ok(())
 }

@@ -12,13 +12,4 @@ cargo bench --bench merge --no-run >/dev/null 2>&1
 ours() { cargo bench -q --bench merge -- --keep "$work" | tee -a "$log"; }
 theirs() { "$python" benches/merge_reference.py "$work" | tee -a "$log"; }
 ours; theirs; theirs; ours
-"$python" - "$log" <<'PY'
-import json, statistics, sys
-runs = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
-ours = [r for r in runs if r["impl"] == "lora-merge"]
-theirs = [r for r in runs if r["impl"] != "lora-merge"]
-mo, mt = (statistics.mean(r["seconds"] for r in side) for side in (ours, theirs))
-print(f"lora-merge SD 1.5 fp16, rank-32 attn-mlp: ours {mo:.2f}s / reference {mt:.2f}s = "
-      f"{mo / mt:.2f}x time; peak RSS {max(r['peak_rss_mib'] for r in ours):.0f} / "
-      f"{max(r['peak_rss_mib'] for r in theirs):.0f} MiB")
-PY
+python3 benches/abba_summary.py "lora-merge SD 1.5 fp16, rank-32 attn-mlp" "$log"

@@ -26,7 +26,7 @@
 
 mod common;
 
-use common::{time_runs, BenchArgs};
+use common::{peak_rss_mib, time_runs, BenchArgs};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -141,13 +141,6 @@ fn take_heap_peak() -> usize {
 
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / 1048576.0
-}
-
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 /// Device memory in use right now (MiB) on a CUDA device: after a synchronisation the stream-ordered

@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{time_runs, BenchArgs};
+use common::{peak_rss_mib, time_runs, BenchArgs};
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
@@ -86,14 +86,8 @@ fn main() -> Result<()> {
     out.insert("iters", serde_json::json!(iters));
     out.insert("mean_s", serde_json::json!(mean));
     out.insert("min_s", serde_json::json!(min));
-    if let Some(kib) = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_owned();
-            line.split_whitespace().nth(1)?.parse::<f64>().ok()
-        })
-    {
-        out.insert("peak_rss_mib", serde_json::json!(kib / 1024.0));
+    if let Some(mib) = peak_rss_mib() {
+        out.insert("peak_rss_mib", serde_json::json!(mib));
     }
     println!("{}", serde_json::to_string(&out)?);
     Ok(())

@@ -57,3 +57,11 @@ pub fn time_runs(iters: usize, mut run: impl FnMut() -> Result<()>) -> Result<(f
     let min = times.iter().copied().fold(f64::INFINITY, f64::min);
     Ok((mean, min))
 }
+
+/// Peak resident set size of this process (Linux `VmHWM`), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

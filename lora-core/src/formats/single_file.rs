@@ -218,8 +218,14 @@ impl SingleFile {
     }
 
     /// The stored tensor behind `name` of `part`, q/k/v cut out or transposed, in the file's
-    /// dtype.
-    fn raw(&self, part: ModelPart, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+    /// dtype or already in `dtype` (see [`weights::read_tensor`]).
+    fn raw(
+        &self,
+        part: ModelPart,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let msg = |e: String| {
             candle_core::Error::Msg(format!(
                 "{} ({part}): tensor `{name}`: {e}",
@@ -233,7 +239,7 @@ impl SingleFile {
         let key = match source {
             Source::Key(key) | Source::Stacked { key, .. } | Source::Transposed(key) => key,
         };
-        let loaded = self.files.load(key, dev);
+        let loaded = weights::read_tensor(&self.files, key, dtype, dev);
         // A stacked q/k/v tensor is read three times; its pages are re-read from the file.
         if let Ok(view) = self.files.get(key) {
             // SAFETY: the view's bytes lie in the read-only mapping of the checkpoint.
@@ -265,7 +271,7 @@ struct PartBackend {
 
 impl PartBackend {
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let raw = self.file.raw(self.part, name, dev)?;
+        let raw = self.file.raw(self.part, name, dtype, dev)?;
         let origin = format!("{} ({})", self.file.path.display(), self.part);
         weights::with_delta(raw, self.deltas.get(name), name, dtype, &origin)
     }
