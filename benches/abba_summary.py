@@ -17,5 +17,13 @@ theirs = [r for r in runs if not r["impl"].startswith("lora")]
 if not ours or not theirs:
     sys.exit(f"{label}: {len(ours)} runs of ours, {len(theirs)} of the reference")
 mo, mt = (statistics.mean(r["seconds"] for r in side) for side in (ours, theirs))
+
+
+def peak(side):
+    """The largest peak RSS of a side's runs, or n/a where none was measured (no /proc)."""
+    values = [r["peak_rss_mib"] for r in side if r.get("peak_rss_mib") is not None]
+    return f"{max(values):.0f}" if values else "n/a"
+
+
 print(f"{label}: ours {mo:.2f}s / reference {mt:.2f}s = {mo / mt:.2f}x time; peak RSS "
-      f"{max(r['peak_rss_mib'] for r in ours):.0f} / {max(r['peak_rss_mib'] for r in theirs):.0f} MiB")
+      f"{peak(ours)} / {peak(theirs)} MiB")

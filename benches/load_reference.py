@@ -8,6 +8,7 @@ torch_dtype=torch.float32)`, safetensors memory-mapped) and prints one JSON line
 wall time and the process's peak RSS.
 """
 
+import importlib.util
 import json
 import resource
 import sys
@@ -30,6 +31,8 @@ def main():
         "threads": torch.get_num_threads(),
         "seconds": seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # Without accelerate, diffusers builds a randomly initialised model before loading.
+        "accelerate": importlib.util.find_spec("accelerate") is not None,
     }))
 
 

@@ -10,8 +10,8 @@ unet=$work/base/unet
 [ -f "$unet/config.json" ] || cargo bench -q --bench merge -- --keep "$work" >/dev/null
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo bench --bench load --no-run >/dev/null 2>&1
+cargo bench --bench load --no-run >/dev/null
 ours() { cargo bench -q --bench load -- "$unet" | tee -a "$log"; }
-theirs() { "$python" benches/load_reference.py "$unet" 2>/dev/null | tee -a "$log"; }
+theirs() { "$python" benches/load_reference.py "$unet" | tee -a "$log"; }
 ours; theirs; theirs; ours
 python3 benches/abba_summary.py "load SD 1.5 UNet fp16 to f32" "$log"

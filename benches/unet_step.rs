@@ -237,8 +237,8 @@ fn main() -> Result<()> {
         .to_dtype(dtype)?;
     let timesteps = Tensor::from_vec(vec![500f32; b], b, &device)?;
     let target = rng.normal_tensor((b, cfg.out_channels, s, s), &device)?;
-    // SDXL: a pooled embedding (the input width less the six size ids' features) and the ids of
-    // a 256² image.
+    // SDXL: a pooled embedding (the input width less the six size ids' features) and fixed size
+    // ids (a 256² image's whatever the latents: the values do not change the cost).
     let added = match cfg.text_time {
         Some(tt) => Some(AddedConditioning {
             text_embeds: rng

@@ -122,7 +122,8 @@ def main():
     sample = torch.randn(b, c.in_channels, s, s, device=device, dtype=dtype)
     context = torch.randn(b, 77, c.cross_attention_dim, device=device, dtype=dtype)
     timesteps = torch.full((b,), 500.0, device=device)
-    # SDXL: a pooled embedding and the size ids of a 256² image (ours draws the same shapes).
+    # SDXL: a pooled embedding and fixed size ids (those of a 256² image whatever the latents: the
+    # values do not change the cost; ours uses the same).
     added = None
     if c.addition_embed_type == "text_time":
         pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim

@@ -236,28 +236,27 @@ impl SingleFile {
             .index
             .get(&(part, name.to_owned()))
             .ok_or_else(|| msg("not in the single-file checkpoint".into()))?;
-        let key = match source {
-            Source::Key(key) | Source::Stacked { key, .. } | Source::Transposed(key) => key,
+        let (key, rows) = match source {
+            Source::Key(key) | Source::Transposed(key) => (key, None),
+            // q, k or v: a third of the stacked rows.
+            Source::Stacked { key, index } => (
+                key,
+                Some(weights::RowPart {
+                    index: *index,
+                    parts: 3,
+                }),
+            ),
         };
-        let loaded = weights::read_tensor(&self.files, key, dtype, dev);
+        let loaded = weights::read_tensor(&self.files, key, rows, dtype, dev)
+            .map_err(|e| msg(e.to_string()));
         // A stacked q/k/v tensor is read three times; its pages are re-read from the file.
         if let Ok(view) = self.files.get(key) {
             // SAFETY: the view's bytes lie in the read-only mapping of the checkpoint.
             unsafe { weights::release_mapped(view.data()) };
         }
         match source {
-            Source::Key(_) => loaded,
             Source::Transposed(_) => loaded?.t()?.contiguous(),
-            Source::Stacked { index, .. } => {
-                let stacked = loaded?;
-                let rows = stacked.dim(0)?;
-                if rows % 3 != 0 {
-                    return Err(msg(format!(
-                        "stacked q/k/v `{key}` has {rows} rows, not a multiple of 3"
-                    )));
-                }
-                stacked.narrow(0, index * rows / 3, rows / 3)
-            }
+            Source::Key(_) | Source::Stacked { .. } => loaded,
         }
     }
 }

@@ -77,45 +77,79 @@ pub unsafe fn release_mapped(data: &[u8]) {
     let _ = data;
 }
 
-/// Tensor `name` of `files` on `device`: widened to f32 when `dtype` is f32 and it is stored in
-/// half precision on the CPU, otherwise as stored. candle reads a half-precision tensor into a
-/// copy and widens that element by element on one thread, which made most of a model's load time;
-/// here the mapped bytes are widened in parallel chunks with the CPU's conversion instructions.
+/// One of `parts` equal slices along dim 0 of a tensor (a stacked q/k/v's q, k or v).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowPart {
+    pub index: usize,
+    pub parts: usize,
+}
+
+/// Tensor `name` of `files` (or only its `rows` part) on `device`: widened to f32 when `dtype` is
+/// f32 and it is stored in half precision on the CPU, otherwise as stored. candle reads a
+/// half-precision tensor into a copy and widens that element by element on one thread, which made
+/// most of a model's load time; here the mapped bytes are widened in parallel chunks with the
+/// CPU's conversion instructions.
 pub(crate) fn read_tensor(
     files: &MmapedSafetensors,
     name: &str,
+    rows: Option<RowPart>,
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
     let view = files.get(name)?;
-    let aligned = (view.data().as_ptr() as usize).is_multiple_of(2);
-    if device.is_cpu() && dtype == DType::F32 && aligned && cfg!(target_endian = "little") {
-        match view.dtype() {
-            safetensors::Dtype::F16 => return widen::<half::f16>(view.data(), view.shape()),
-            safetensors::Dtype::BF16 => return widen::<half::bf16>(view.data(), view.shape()),
-            _ => {}
+    let mut shape = view.shape().to_vec();
+    let mut bytes = view.data();
+    if let Some(RowPart { index, parts }) = rows {
+        let total = shape.first().copied().unwrap_or(0);
+        if parts == 0 || index >= parts || !total.is_multiple_of(parts) {
+            return Err(candle_core::Error::Msg(format!(
+                "`{name}` has {total} rows, which do not split into {parts} equal parts"
+            )));
+        }
+        shape[0] = total / parts;
+        let len = bytes.len() / parts;
+        bytes = &bytes[index * len..(index + 1) * len];
+    }
+    if device.is_cpu() && dtype == DType::F32 && cfg!(target_endian = "little") {
+        let widened = match view.dtype() {
+            safetensors::Dtype::F16 => widen::<half::f16>(bytes, &shape),
+            safetensors::Dtype::BF16 => widen::<half::bf16>(bytes, &shape),
+            _ => None,
+        };
+        if let Some(tensor) = widened {
+            return tensor;
         }
     }
-    files.load(name, device)
+    let whole = files.load(name, device)?;
+    match rows {
+        None => Ok(whole),
+        // A narrowed tensor shares the whole one's storage: copied, so only the part stays.
+        Some(RowPart { index, .. }) => whole
+            .narrow(0, index * shape[0], shape[0])?
+            .force_contiguous(),
+    }
 }
 
-/// Little-endian 2-byte floats `bytes` (2-aligned) as an f32 CPU tensor of `shape`.
-fn widen<H>(bytes: &[u8], shape: &[usize]) -> candle_core::Result<Tensor>
+/// Little-endian 2-byte floats `bytes` as an f32 CPU tensor of `shape`; `None` when the bytes
+/// are not 2-aligned (candle's reader copes with those).
+fn widen<H>(bytes: &[u8], shape: &[usize]) -> Option<candle_core::Result<Tensor>>
 where
     [H]: half::slice::HalfFloatSliceExt,
     H: Sync,
 {
     use half::slice::HalfFloatSliceExt;
     const CHUNK: usize = 1 << 16;
-    // SAFETY: `H` is a 2-byte plain bit pattern (`repr(transparent)` over u16, every value valid),
-    // the caller checked the alignment and the byte order, and the view outlives the slice.
-    let halves: &[H] =
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<H>(), bytes.len() / 2) };
+    // SAFETY: `H` is a 2-byte plain bit pattern (`repr(transparent)` over u16): every value is
+    // valid, so reinterpreting the aligned middle of the bytes is sound.
+    let (head, halves, tail) = unsafe { bytes.align_to::<H>() };
+    if !head.is_empty() || !tail.is_empty() {
+        return None;
+    }
     let mut out = vec![0f32; halves.len()];
     out.par_chunks_mut(CHUNK)
         .zip(halves.par_chunks(CHUNK))
         .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
-    Tensor::from_vec(out, shape, &Device::Cpu)
+    Some(Tensor::from_vec(out, shape, &Device::Cpu))
 }
 
 /// A `VarBuilder` backend over memory-mapped safetensors that adds an f32 delta to the named
@@ -128,7 +162,7 @@ struct PatchedSafetensors {
 
 impl PatchedSafetensors {
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let raw = read_tensor(&self.files, name, dtype, dev).map_err(|e| {
+        let raw = read_tensor(&self.files, name, None, dtype, dev).map_err(|e| {
             candle_core::Error::Msg(format!(
                 "{}: missing or unreadable tensor `{name}`: {e}",
                 self.origin
@@ -417,7 +451,7 @@ mod read_tensor_tests {
         for (name, half) in &stored {
             // The widening path, not candle's fallback: safetensors aligns tensor data.
             assert_eq!(files.get(name)?.data().as_ptr() as usize % 2, 0);
-            let ours = read_tensor(&files, name, DType::F32, &Device::Cpu)?;
+            let ours = read_tensor(&files, name, None, DType::F32, &Device::Cpu)?;
             assert_eq!(ours.dtype(), DType::F32);
             assert_eq!(ours.dims(), half.dims());
             let bits = |t: &Tensor| -> Result<Vec<u32>> {
@@ -428,9 +462,36 @@ mod read_tensor_tests {
             assert!(!want.is_empty());
             assert_eq!(bits(&ours)?, want, "`{name}`");
             // Any other dtype is left as stored.
-            let kept = read_tensor(&files, name, DType::F16, &Device::Cpu)?;
+            let kept = read_tensor(&files, name, None, DType::F16, &Device::Cpu)?;
             assert_eq!(kept.dtype(), half.dtype());
         }
+        Ok(())
+    }
+
+    /// A third of a stacked tensor's rows, widened or as stored, equals that slice of the whole;
+    /// rows that do not split evenly are an error naming the tensor.
+    #[test]
+    fn a_row_part_is_that_slice_of_the_tensor() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let whole = Tensor::arange(0f32, 36.0, &Device::Cpu)?.reshape((9, 4))?;
+        let stored = [("qkv", whole.to_dtype(DType::F16)?)];
+        let path = dir.path().join("w.safetensors");
+        candle_core::safetensors::save(&stored.iter().cloned().collect(), &path)?;
+        let files = mmap_safetensors(&[path])?;
+        for dtype in [DType::F32, DType::F16] {
+            for index in 0..3 {
+                let part = RowPart { index, parts: 3 };
+                let got = read_tensor(&files, "qkv", Some(part), dtype, &Device::Cpu)?;
+                assert_eq!(got.dtype(), dtype);
+                let got = got.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let want = whole.narrow(0, 3 * index, 3)?.to_vec2::<f32>()?;
+                assert_eq!(got.len(), 3);
+                assert_eq!(got, want, "{dtype:?} part {index}");
+            }
+        }
+        let uneven = RowPart { index: 0, parts: 2 };
+        let err = read_tensor(&files, "qkv", Some(uneven), DType::F32, &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("`qkv` has 9 rows"), "{err}");
         Ok(())
     }
 }

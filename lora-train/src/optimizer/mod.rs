@@ -431,7 +431,9 @@ impl Optimizer {
     /// One update with learning rate `lr` from `grads` (one per parameter, in order). A
     /// parameter the loss does not reach (`None`: SDXL's unread last layer of its first text
     /// encoder) is passed over as PyTorch's optimizers pass over a `grad` of `None`: no weight
-    /// decay, its state untouched, and no part in Prodigy's estimate.
+    /// decay, its state untouched, and no part in Prodigy's estimate. Bias corrections count
+    /// the optimizer's steps, not each parameter's (PyTorch's); the two differ only for a
+    /// parameter that some steps reach and others do not, which no model here has.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         ensure!(
             grads.len() == self.params.len(),
