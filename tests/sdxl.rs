@@ -128,6 +128,35 @@ fn unet_with_added_conditioning_matches_diffusers() -> Result<()> {
     Ok(())
 }
 
+/// The largest relative gradient error of a comparison, and which tensor had it.
+#[derive(Default)]
+struct WorstError {
+    err: f32,
+    at: String,
+}
+
+impl WorstError {
+    fn see(&mut self, err: f32, at: &str) {
+        if err > self.err {
+            (self.err, self.at) = (err, at.to_string());
+        }
+    }
+
+    /// Prints `what` with the worst error and asserts it is under 1e-3.
+    fn check(&self, label: &str, what: &str) {
+        println!(
+            "{what}; worst relative gradient error {:.2e} ({})",
+            self.err, self.at
+        );
+        assert!(
+            self.err < 1e-3,
+            "{label}: gradient error {} at {}",
+            self.err,
+            self.at
+        );
+    }
+}
+
 #[test]
 fn lora_and_pooled_embedding_gradients_match_pytorch() -> Result<()> {
     let exp = expected()?;
@@ -202,7 +231,7 @@ fn lora_and_pooled_embedding_gradients_match_pytorch() -> Result<()> {
             reference_count,
             "every reference gradient is compared"
         );
-        let mut worst = (0f32, String::new());
+        let mut worst = WorstError::default();
         for (key, var) in vars
             .iter()
             .chain([&("grad_text_embeds".to_string(), pooled.clone())])
@@ -215,22 +244,14 @@ fn lora_and_pooled_embedding_gradients_match_pytorch() -> Result<()> {
                 max_abs(&reference) > 0.0,
                 "reference gradient {key} is zero"
             );
-            let err = rel_err(grad, &reference);
-            if err > worst.0 {
-                worst = (err, key.clone());
-            }
+            worst.see(rel_err(grad, &reference), key);
         }
-        println!(
-            "SDXL {label}: {} LoRA tensors and the pooled embedding; worst relative gradient error {:.2e} ({})",
-            vars.len(),
-            worst.0,
-            worst.1
-        );
-        assert!(
-            worst.0 < 1e-3,
-            "{label}: gradient error {} at {}",
-            worst.0,
-            worst.1
+        worst.check(
+            label,
+            &format!(
+                "SDXL {label}: {} LoRA tensors and the pooled embedding",
+                vars.len()
+            ),
         );
     }
     Ok(())
@@ -349,7 +370,7 @@ fn both_text_encoders_lora_gradients_match_pytorch() -> Result<()> {
             72,
             "3 layers × 6 modules × A, B in each encoder"
         );
-        let mut worst = (0f32, String::new());
+        let mut worst = WorstError::default();
         for (name, var) in &vars {
             let ours = grads.get(var.as_tensor());
             if no_grad.contains(&name.as_str()) {
@@ -368,22 +389,14 @@ fn both_text_encoders_lora_gradients_match_pytorch() -> Result<()> {
                 max_abs(reference) > 0.0,
                 "reference gradient {name} is zero"
             );
-            let err = rel_err(ours, reference);
-            if err > worst.0 {
-                worst = (err, name.clone());
-            }
+            worst.see(rel_err(ours, reference), name);
         }
-        println!(
-            "SDXL text encoders, {label}: {} LoRA gradients, worst relative error {:.2e} ({})",
-            vars.len() - no_grad.len(),
-            worst.0,
-            worst.1
-        );
-        assert!(
-            worst.0 < 1e-3,
-            "{label}: gradient error {} at {}",
-            worst.0,
-            worst.1
+        worst.check(
+            label,
+            &format!(
+                "SDXL text encoders, {label}: {} LoRA gradients",
+                vars.len() - no_grad.len()
+            ),
         );
     }
     Ok(())
