@@ -76,7 +76,7 @@ impl Default for Options {
             seed: 0,
             concept_images: 24,
             regularisation_images: 12,
-            train_steps: 150,
+            train_steps: 300,
             batch_size: 4,
             lr: 1e-2,
             rank: 4,

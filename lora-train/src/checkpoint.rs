@@ -4,9 +4,10 @@
 //! optimizer's state tensors (`param.<name>`, `<slot>.<name>`, all f32: AdamW's `adam_m` and
 //! `adam_v`, Lion's `lion_m`, Prodigy's `prodigy_*`), and in the header the step, the optimizer's
 //! update count and scalar state (`lora_train.optimizer.<name>`, Prodigy's step-size estimate),
-//! the random generator's state, the recipe (the options that shape the trajectory, the optimizer
-//! among them) and a fingerprint of the dataset. Data order is a pure function of
-//! the seed and the sample index, so nothing else is needed for a bit-exact continuation on CPU.
+//! the recipe (the options that shape the trajectory, the optimizer among them) and a fingerprint
+//! of the dataset. Data order and every random draw are pure functions of the seed and the
+//! sample's position in the run, so nothing else is needed for a bit-exact continuation on CPU,
+//! on any number of processes (the recipe's `batch_size` is the step's, across all of them).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,10 +21,10 @@ use crate::config::{LrScheduler, TrainConfig};
 use crate::optimizer::OptimizerState;
 
 const FORMAT_KEY: &str = "lora_train.checkpoint";
-const FORMAT_VERSION: &str = "1";
+/// Version 2: no generator state (version 1's one stream of draws cannot continue exactly).
+const FORMAT_VERSION: &str = "2";
 const STEP_KEY: &str = "lora_train.step";
 const OPTIMIZER_STEPS_KEY: &str = "lora_train.optimizer_steps";
-const RNG_KEY: &str = "lora_train.rng_state";
 const RECIPE_KEY: &str = "lora_train.recipe";
 const DATASET_KEY: &str = "lora_train.dataset";
 /// The tensor name prefix of the moving average (`--ema-decay`).
@@ -34,7 +35,6 @@ const OPTIMIZER_SCALAR_PREFIX: &str = "lora_train.optimizer.";
 /// The state of a run after `step` optimizer steps.
 pub struct Checkpoint {
     pub step: usize,
-    pub rng_state: u64,
     /// Options that must match to continue (JSON object), see `Trainer`.
     pub recipe: Value,
     /// Dataset fingerprint (sample count and a hash of files, captions and repeats).
@@ -73,7 +73,6 @@ impl Checkpoint {
                 OPTIMIZER_STEPS_KEY.to_string(),
                 self.optimizer.steps.to_string(),
             ),
-            (RNG_KEY.to_string(), self.rng_state.to_string()),
             (RECIPE_KEY.to_string(), self.recipe.to_string()),
             (DATASET_KEY.to_string(), self.dataset.clone()),
         ]);
@@ -109,7 +108,9 @@ impl Checkpoint {
             };
             ensure!(
                 meta(FORMAT_KEY)? == FORMAT_VERSION,
-                "checkpoint format `{}` is not the supported version {FORMAT_VERSION}",
+                "checkpoint format `{}` is not the supported version {FORMAT_VERSION} (an earlier \
+                 lora-train drew its random numbers otherwise, so it cannot be continued exactly: \
+                 start afresh)",
                 meta(FORMAT_KEY)?
             );
             let number = |key: &str| -> Result<u64> {
@@ -119,7 +120,6 @@ impl Checkpoint {
             };
             let step = number(STEP_KEY)? as usize;
             let optimizer_steps = number(OPTIMIZER_STEPS_KEY)?;
-            let rng_state = number(RNG_KEY)?;
             let recipe = serde_json::from_str(meta(RECIPE_KEY)?)
                 .with_context(|| format!("header `{RECIPE_KEY}` is not JSON"))?;
             accept_recipe(&recipe)?;
@@ -167,7 +167,6 @@ impl Checkpoint {
             );
             Ok(Self {
                 step,
-                rng_state,
                 recipe,
                 dataset,
                 params,
@@ -204,12 +203,19 @@ const FREE_ON_RESUME: [&str; 15] = [
 
 /// The options that shape the trajectory, as JSON; a resume must match them. The run's length
 /// may change (train longer), except under a decaying LR schedule, whose curve depends on it.
-pub(crate) fn recipe(config: &TrainConfig, total_steps: usize) -> Result<Value> {
+/// `batch_size` is `global_batch`, the micro-batch across all processes, so a run continues on
+/// any number of processes that keeps it.
+pub(crate) fn recipe(
+    config: &TrainConfig,
+    total_steps: usize,
+    global_batch: usize,
+) -> Result<Value> {
     let mut value = serde_json::to_value(config)?;
     if let Value::Object(map) = &mut value {
         for key in FREE_ON_RESUME {
             map.remove(key);
         }
+        map.insert("batch_size".into(), global_batch.into());
         if config.lr_scheduler != LrScheduler::Constant {
             map.insert("total_steps".into(), total_steps.into());
         }
@@ -233,6 +239,7 @@ pub(crate) fn check_recipe(now: &Value, saved: &Value) -> Result<()> {
                 "{}: checkpoint {}, now {}",
                 match k.as_str() {
                     "text_encoder_2_lr" => "text-encoder-lr (second value)".to_string(),
+                    "batch_size" => "batch-size (per step, times the processes)".to_string(),
                     k => k.replace('_', "-"),
                 },
                 shown(saved.get(k.as_str())),

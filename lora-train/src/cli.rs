@@ -1,8 +1,10 @@
-//! The command line of `lora-train`: training (`--config FILE` and the training options) or a
-//! `data` subcommand (`lora-train data check|caption|prepare …`). The training options are the
+//! The command line of `lora-train`: training (`--config FILE` and the training options), a
+//! `data` subcommand (`lora-train data check|caption|prepare …`) or `launch` (data-parallel
+//! training on this machine). The training options are the
 //! library's [`TrainArgs`], the one schema of both the flags and the TOML file (keys spelled as
 //! the flags), so the two never disagree.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
@@ -31,7 +33,30 @@ pub struct Cli {
 pub enum Command {
     /// Work on a training dataset
     #[command(subcommand)]
-    Data(DataCommand),
+    Data(Box<DataCommand>),
+    Launch(LaunchArgs),
+}
+
+/// Train on N processes of this machine at once (data-parallel, through MPI)
+///
+/// Starts `mpirun -np N lora-train TRAINING-OPTIONS…`: each process takes --batch-size samples of
+/// every step and the gradients are averaged, so N processes at --batch-size B train what one
+/// process at --batch-size N×B does. Each gets an equal share of the cores (RAYON_NUM_THREADS
+/// threads each, if set). Only process 0 writes the adapter, checkpoints, samples and metrics.
+/// Needs Open MPI and a lora-train built with `--features mpi`. For several machines, run
+/// `mpirun` yourself (docs/DISTRIBUTED.md).
+#[derive(Args)]
+pub struct LaunchArgs {
+    /// The number of processes
+    #[arg(long, value_name = "N")]
+    pub nproc: usize,
+    /// The training options, as `lora-train` takes them
+    #[arg(
+        value_name = "TRAINING-OPTIONS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub args: Vec<OsString>,
 }
 
 #[derive(Subcommand)]
@@ -194,10 +219,30 @@ mod tests {
             "--json",
         ])
         .unwrap();
-        let Some(Command::Data(DataCommand::Check(args))) = check.command else {
+        let Some(Command::Data(data)) = check.command else {
+            panic!("expected data check");
+        };
+        let DataCommand::Check(args) = *data else {
             panic!("expected data check");
         };
         assert_eq!((args.resolution, args.json), (256, true));
         assert!(Cli::try_parse_from(["lora-train", "--data", "x", "data", "check", "y"]).is_err());
+        // `launch` takes everything after --nproc as training options, flags included.
+        let launch = Cli::try_parse_from([
+            "lora-train",
+            "launch",
+            "--nproc",
+            "2",
+            "--data",
+            "x",
+            "--batch-size",
+            "1",
+        ])
+        .unwrap();
+        let Some(Command::Launch(launch)) = launch.command else {
+            panic!("expected launch");
+        };
+        assert_eq!(launch.nproc, 2);
+        assert_eq!(launch.args, ["--data", "x", "--batch-size", "1"]);
     }
 }

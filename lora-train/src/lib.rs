@@ -36,6 +36,7 @@ pub mod config;
 pub mod data_check;
 pub mod data_prepare;
 pub mod dataset;
+pub mod distributed;
 pub mod ema;
 pub mod masks;
 pub mod metrics;
@@ -47,6 +48,7 @@ pub mod trainer;
 pub mod validation;
 
 pub use config::{TrainArgs, TrainConfig};
+pub use distributed::ProcessGroup;
 pub use lora_core;
 pub use metrics::{StepReport, TrainSummary};
 pub use trainer::{checkpoint_paths, latest_checkpoint, train, Preparation, Stopped, Trainer};

@@ -6,32 +6,102 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{Cli, Command};
+use cli::{Cli, Command, LaunchArgs};
 use indicatif::{ProgressBar, ProgressStyle};
-use lora_train::{Preparation, Stopped, TrainArgs, Trainer};
+use lora_train::distributed::launch_command;
+use lora_train::{Preparation, ProcessGroup, Stopped, TrainArgs, Trainer};
 
 mod cli;
 mod data_commands;
 
 fn main() -> Result<()> {
-    // SAFETY: first thing in `main`, before any other thread exists.
+    // Whether the user chose the thread count, read before `configure` sets it.
+    let user_threads = std::env::var_os("RAYON_NUM_THREADS").is_some();
+    // SAFETY: first thing in `main` after reading the environment, before any other thread.
     unsafe { lora_core::process_setup::configure() };
     let cli = Cli::parse();
-    if let Some(Command::Data(command)) = cli.command {
-        std::process::exit(data_commands::run(command));
+    match cli.command {
+        Some(Command::Data(command)) => std::process::exit(data_commands::run(*command)),
+        Some(Command::Launch(launch)) => std::process::exit(run_launch(launch, user_threads)?),
+        None => {}
     }
+    let group = Arc::new(ProcessGroup::from_launcher()?);
+    group.abort_all_on_panic();
+    let result = train(cli, Arc::clone(&group));
+    let code = match result {
+        Ok(()) => 0,
+        Err(e) if e.is::<Stopped>() => {
+            if group.is_main() {
+                eprintln!("{e}");
+            }
+            // The shell's convention for a run ended by a signal (128 + SIGINT).
+            130
+        }
+        Err(e) if group.size() == 1 => return Err(e),
+        Err(e) => {
+            // The others may be waiting for this process: stop them all, saying which failed.
+            eprintln!(
+                "Error (process {} of {}): {e:?}",
+                group.rank(),
+                group.size()
+            );
+            group.abort(1)
+        }
+    };
+    // The last reference: under MPI its drop is MPI_Finalize, which waits for every process, so
+    // none exits while process 0 still writes its files.
+    drop(group);
+    match code {
+        0 => Ok(()),
+        code => std::process::exit(code),
+    }
+}
+
+/// `lora-train launch`: runs `mpirun` and returns its exit status. The processes get an equal
+/// share of the cores, unless the user set `RAYON_NUM_THREADS` (then each gets that many).
+fn run_launch(launch: LaunchArgs, user_threads: bool) -> Result<i32> {
+    let program = std::env::current_exe().context("cannot find this program's path")?;
+    // The user's RAYON_NUM_THREADS, or (set by `configure`) the physical cores.
+    let cores = candle_core::utils::get_num_threads();
+    let threads = match user_threads {
+        true => cores,
+        false => (cores / launch.nproc.max(1)).max(1),
+    };
+    let mut command = launch_command(launch.nproc, threads, program, &launch.args)?;
+    // A SIGINT or SIGTERM is for the training processes (`pkill -TERM lora-train` reaches them
+    // and this one): they stop after a step with a checkpoint, and this process waits for mpirun.
+    ctrlc::set_handler(|| {}).context("cannot install the SIGINT/SIGTERM handler")?;
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {:?}", command.get_program()))?;
+    // A rank killed by a signal has no code: the shell's 128 + signal is not known here.
+    Ok(status.code().unwrap_or(1))
+}
+
+fn train(cli: Cli, group: Arc<ProcessGroup>) -> Result<()> {
+    // Only the main process of a data-parallel run reports; the others work silently.
+    let main = group.is_main();
     let args = match &cli.config {
         Some(path) => TrainArgs::from_toml_file(path)?.overlay(cli.args),
         None => cli.args,
     };
     let device_note = args.device.unwrap_or_default().auto_note();
     let config = args.resolve()?;
-    if let Some(note) = device_note {
+    if let Some(note) = device_note.filter(|_| main) {
         eprintln!("{note}");
+    }
+    if main && group.size() > 1 {
+        eprintln!(
+            "data-parallel: {} processes × --batch-size {} = {} samples per micro-batch",
+            group.size(),
+            config.batch_size,
+            group.size() * config.batch_size
+        );
     }
 
     let encoding = ProgressBar::hidden();
-    let mut trainer = Trainer::new(config, &mut |event| match event {
+    let mut trainer = Trainer::in_group(config, group, &mut |event| match event {
+        _ if !main => {}
         Preparation::Dataset(d) => {
             for w in &d.warnings {
                 eprintln!("warning: {w}");
@@ -85,6 +155,18 @@ fn main() -> Result<()> {
             );
         }
     })?;
+    // SIGINT / SIGTERM: finish the step in progress, write a checkpoint, say how to resume. In a
+    // data-parallel run a stop asked of any process stops all at the same step (the request
+    // travels with the gradients).
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("cannot install the SIGINT/SIGTERM handler")?;
+    trainer.stop_on(stop);
+    if !main {
+        trainer.run(&mut |_| {})?;
+        return Ok(());
+    }
     let adapter = trainer.adapter();
     let values: usize = trainer.params().iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!(
@@ -100,13 +182,6 @@ fn main() -> Result<()> {
         trainer.optimizer_state_bytes() as f64 / (1 << 20) as f64
     );
 
-    // SIGINT / SIGTERM: finish the step in progress, write a checkpoint, say how to resume.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .context("cannot install the SIGINT/SIGTERM handler")?;
-    trainer.stop_on(stop);
-
     let bar = ProgressBar::new(trainer.total_steps() as u64);
     bar.set_position(trainer.current_step() as u64);
     bar.set_style(
@@ -121,14 +196,7 @@ fn main() -> Result<()> {
         bar.set_position(report.step as u64);
     });
     bar.finish_and_clear();
-    let summary = match result {
-        Err(e) if e.is::<Stopped>() => {
-            eprintln!("{e}");
-            // The shell's convention for a run ended by a signal (128 + SIGINT).
-            std::process::exit(130);
-        }
-        other => other?,
-    };
+    let summary = result?;
     eprintln!(
         "trained {} steps (to step {}): mean step {:.3} s, {:.2} images/s, loss {} → {}{}",
         summary.steps_run,

@@ -25,6 +25,10 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// Wall time of the step.
     pub seconds: f64,
+    /// Of that, the wall time of summing the gradients across processes, waiting for the
+    /// slowest included (data-parallel runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reduce_seconds: Option<f64>,
 }
 
 pub struct MetricsLog {
@@ -126,6 +130,7 @@ mod tests {
             lr: 1e-4,
             grad_norm: 1.0,
             seconds: 0.1,
+            reduce_seconds: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The training objective: noise the latents at a drawn timestep per sample and score the UNet's
 //! prediction of ε, v or x₀ by its (min-SNR weighted) mean squared error.
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 use lora_core::models::config::PredictionType;
 use lora_core::{AddedConditioning, Rng, UNet2DConditionModel};
@@ -58,6 +58,38 @@ impl DenoisingBatch {
             let offset = rng.normal_tensor((b, c, 1, 1), device)?;
             noise = noise.broadcast_add(&(offset * noise_offset)?)?;
         }
+        Self::with_noise(schedule, min_snr_gamma, latents, &timesteps, noise)
+    }
+
+    /// As [`Self::draw`], each sample from its own generator (`draws[i]` for sample `i`): its
+    /// timestep, then its noise, then its noise offset.
+    pub fn draw_each(
+        schedule: &NoiseSchedule,
+        min_snr_gamma: Option<f64>,
+        noise_offset: f64,
+        latents: &Tensor,
+        draws: &mut [Rng],
+    ) -> Result<Self> {
+        let device = latents.device();
+        let (b, c, h, w) = latents.dims4()?;
+        ensure!(
+            draws.len() == b,
+            "{} generators for a batch of {b}",
+            draws.len()
+        );
+        let num_t = schedule.num_timesteps() as u64;
+        let mut timesteps = Vec::with_capacity(b);
+        let mut noise = Vec::with_capacity(b);
+        for rng in draws {
+            timesteps.push(rng.below(num_t) as usize);
+            let mut n = rng.normal_tensor((c, h, w), device)?;
+            if noise_offset > 0.0 {
+                let offset = rng.normal_tensor((c, 1, 1), device)?;
+                n = n.broadcast_add(&(offset * noise_offset)?)?;
+            }
+            noise.push(n);
+        }
+        let noise = Tensor::stack(&noise, 0)?;
         Self::with_noise(schedule, min_snr_gamma, latents, &timesteps, noise)
     }
 

@@ -2,9 +2,11 @@
 //!
 //! Randomness: the adapter's initial values come from `seed`; the order of samples in epoch `e`
 //! from a generator seeded by (`seed`, `e`), so it is a pure function of the sample index; every
-//! other draw (flip, caption dropout, random crop, VAE sample, timestep, noise, noise offset)
-//! comes, in that fixed order, from one generator whose state is checkpointed. Together with the
-//! parameters and optimizer state that is the whole state of a run, which makes resuming exact.
+//! other draw of a sample (flip, caption dropout, random crop, VAE sample, timestep, noise, noise
+//! offset, in that order) comes from a generator of its own, seeded by (`seed`, the sample's
+//! position in the run), and a class image's (`--class-data`) likewise. So the parameters and the
+//! optimizer state are the whole state of a run, which makes resuming exact, and a sample is
+//! drawn the same whichever process of a data-parallel run ([`crate::distributed`]) takes it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,7 @@ use crate::cache::{conditioning, EncodeOptions, EncodedDataset, TrainedText};
 use crate::checkpoint::{check_recipe, recipe, Checkpoint};
 use crate::config::{Crop, TrainConfig, TrainLength};
 use crate::dataset::{bucket_size, Dataset};
+use crate::distributed::{ProcessGroup, StepContribution};
 use crate::ema::{ema_output_path, Ema};
 use crate::masks::find_masks;
 use crate::metrics::{peak_rss_bytes, MetricsLog, StepReport, TrainSummary};
@@ -53,6 +56,11 @@ const TEXT_ENCODER_INIT_STREAM: u64 = 1 << 42;
 const CONV_INIT_STREAM: u64 = 1 << 44;
 /// Generator streams of the class images' order, one per pass over them (`--class-data`).
 const CLASS_ORDER_STREAM: u64 = 1 << 43;
+/// Generator streams of each sample's draws, one per position in the run (step × accumulation ×
+/// batch across all processes).
+const SAMPLE_STREAM: u64 = 1 << 45;
+/// The same for the class image paired with each sample.
+const CLASS_SAMPLE_STREAM: u64 = 1 << 46;
 
 /// `--class-data`: the class images each batch pairs with its training samples (prior
 /// preservation), in their own order: pass `p` over them shuffled by (`seed`, p).
@@ -110,7 +118,10 @@ pub struct Trainer {
     dataset: Dataset,
     data: EncodedDataset,
     base_model: BaseModelVersion,
-    rng: Rng,
+    /// The processes training this adapter together (one without a launcher).
+    group: Arc<ProcessGroup>,
+    /// Whether some process asked to stop during the last step (summed with its gradients).
+    stop_requested: bool,
     /// Optimizer steps done.
     step: usize,
     total_steps: usize,
@@ -158,18 +169,44 @@ impl std::error::Error for Stopped {}
 impl Trainer {
     /// Checks the dataset and the output location, loads the model, builds the adapter (or
     /// restores it from `config.resume`) and encodes the dataset. Nothing is written here.
-    pub fn new(mut config: TrainConfig, on_prepare: &mut dyn FnMut(Preparation)) -> Result<Self> {
+    pub fn new(config: TrainConfig, on_prepare: &mut dyn FnMut(Preparation)) -> Result<Self> {
+        Self::in_group(config, Arc::new(ProcessGroup::alone()), on_prepare)
+    }
+
+    /// [`Self::new`] for one process of a data-parallel run: `config.batch_size` is this
+    /// process's share of each step's batch. Every process of `group` must call it; an error on
+    /// one should end in [`ProcessGroup::abort`], as the others may be waiting for it.
+    pub fn in_group(
+        mut config: TrainConfig,
+        group: Arc<ProcessGroup>,
+        on_prepare: &mut dyn FnMut(Preparation),
+    ) -> Result<Self> {
         let continuing = config.resume.is_some();
         if config.resume.as_deref() == Some(Path::new(RESUME_LATEST)) {
             // Nothing to resume is a fresh start: the same command serves every restart of a
             // preempted run, the first one included.
             config.resume = latest_checkpoint(&config.output)?;
         }
-        remove_stale_temporaries(&config.output);
-        // A resumed run rewrites the metrics log atomically too, wherever --metrics puts it.
-        remove_stale_temporaries(&config.metrics);
-        check_output_location(&config, continuing)?;
+        // The outputs are process 0's: it alone checks, clears and writes them.
+        if group.is_main() {
+            remove_stale_temporaries(&config.output);
+            // A resumed run rewrites the metrics log atomically too, wherever --metrics puts it.
+            remove_stale_temporaries(&config.metrics);
+            check_output_location(&config, continuing)?;
+        }
         let device = config.device.open()?;
+        ensure!(
+            group.size() == 1 || device.is_cpu(),
+            "data-parallel training on {} needs the NCCL collective, which lora-train does not \
+             have yet; MPI runs train on the CPU (--device cpu)",
+            config.device
+        );
+        let global_batch = config.batch_size * group.size();
+        // Process 0 reads the dataset and opens the base model first (a Hub download, a pickle's
+        // safetensors copy), the others after it, from the cache it filled.
+        if !group.is_main() {
+            group.barrier();
+        }
         let dataset = Dataset::scan(&config.data, &config.dataset)?;
         let (dataset, held_out) = match (config.validation_split, &config.validation_data) {
             (Some(fraction), _) => {
@@ -205,6 +242,9 @@ impl Trainer {
             },
         }
         .open(|copy| on_prepare(Preparation::PickleCopy(copy)))?;
+        if group.is_main() {
+            group.barrier();
+        }
         on_prepare(Preparation::Base(&model));
         ensure!(
             config.text_encoder_2_lr.is_none() || model.is_sdxl(),
@@ -358,14 +398,14 @@ impl Trainer {
         let sizes = sizes_of(&dataset);
         // The same every epoch (bucket sizes and counts do not depend on the order).
         let bucket_batches_per_epoch =
-            bucket_batches(&dataset, &sizes, config.batch_size, 0, config.seed).len();
+            bucket_batches(&dataset, &sizes, global_batch, 0, config.seed).len();
         let total_steps = match config.length {
             TrainLength::Steps(n) => n,
             TrainLength::Epochs(e) if config.buckets => {
                 (e * bucket_batches_per_epoch).div_ceil(config.grad_accum)
             }
             TrainLength::Epochs(e) => {
-                let per_step = config.batch_size * config.grad_accum;
+                let per_step = global_batch * config.grad_accum;
                 (e * dataset.samples_per_epoch()).div_ceil(per_step)
             }
         };
@@ -374,7 +414,6 @@ impl Trainer {
             "--warmup-steps = {} must be fewer than the {total_steps} training steps",
             config.warmup_steps
         );
-        let mut rng = Rng::new(derive_seed(config.seed, 1));
         let mut step = 0;
         let mut last_checkpoint = None;
         let dataset_fingerprint = match &class_dataset {
@@ -387,7 +426,7 @@ impl Trainer {
         };
         if let Some(path) = &config.resume {
             let names: Vec<String> = optimizer.params().iter().map(|(n, _)| n.clone()).collect();
-            let expected = recipe(&config, total_steps)?;
+            let expected = recipe(&config, total_steps, global_batch)?;
             let ckpt = Checkpoint::load(
                 path,
                 &names,
@@ -416,7 +455,6 @@ impl Trainer {
             if let (Some(ema), Some(average)) = (ema.as_mut(), ckpt.ema) {
                 ema.restore(average)?;
             }
-            rng = Rng::new(ckpt.rng_state);
             step = ckpt.step;
             last_checkpoint = Some(path.clone());
             on_prepare(Preparation::Resumed { step, path });
@@ -470,7 +508,8 @@ impl Trainer {
             None => None,
         };
         let validation = match held_out {
-            Some(held_out) => {
+            // Process 0 alone validates.
+            Some(held_out) if group.is_main() => {
                 let sizes = sizes_of(&held_out);
                 let encoded = EncodedDataset::build(
                     &model,
@@ -490,14 +529,14 @@ impl Trainer {
                 let every = config.validate_every.unwrap_or((total_steps / 10).max(1));
                 Some(Validation::new(encoded, held_out.items.len(), every)?)
             }
-            None => None,
+            _ => None,
         };
         ensure!(
             step <= total_steps,
             "the checkpoint is at step {step}, beyond the {total_steps} steps asked for"
         );
         let sampler = match &config.sample {
-            Some(sample) => Some(Sampler::new(
+            Some(sample) if group.is_main() => Some(Sampler::new(
                 &model,
                 untracked_copy(&unet, &adapter.unet, |m, name, modules| {
                     m.detach_adapter(name)?;
@@ -512,8 +551,29 @@ impl Trainer {
                 &dataset,
                 &device,
             )?),
-            None => None,
+            _ => None,
         };
+        // Every rank starts from the same adapter, options, data and length: a rank that read
+        // another dataset or seed would train something else and the sums would mix them, and
+        // one that stopped earlier would leave the others waiting.
+        if group.size() > 1 {
+            let digest = run_digest(
+                optimizer.params(),
+                &[
+                    &recipe(&config, total_steps, global_batch)?.to_string(),
+                    &dataset_fingerprint,
+                    &step.to_string(),
+                    &total_steps.to_string(),
+                ],
+            )?;
+            ensure!(
+                group.same_everywhere(digest)?,
+                "process {} of {}: the adapter, options or dataset differ between the processes \
+                 of this run (each must see the same files and the same command)",
+                group.rank(),
+                group.size()
+            );
+        }
         Ok(Self {
             config,
             unet,
@@ -525,7 +585,8 @@ impl Trainer {
             dataset,
             data,
             base_model,
-            rng,
+            group,
+            stop_requested: false,
             step,
             total_steps,
             epoch_order: (usize::MAX, Vec::new()),
@@ -542,6 +603,16 @@ impl Trainer {
 
     pub fn config(&self) -> &TrainConfig {
         &self.config
+    }
+
+    /// The processes training this adapter together.
+    pub fn group(&self) -> &ProcessGroup {
+        &self.group
+    }
+
+    /// Samples per micro-batch across all processes.
+    fn global_batch(&self) -> usize {
+        self.config.batch_size * self.group.size()
     }
 
     pub fn dataset(&self) -> &Dataset {
@@ -572,8 +643,9 @@ impl Trainer {
         self.optimizer.params()
     }
 
-    /// One optimizer step: `grad_accum` micro-batches of `batch_size` samples, gradient
-    /// clipping, one AdamW update. A non-finite loss or gradient stops before any update.
+    /// One optimizer step: `grad_accum` micro-batches of `batch_size` samples (on each process of
+    /// a data-parallel run, their gradients then summed over the processes), gradient clipping,
+    /// one optimizer update. A non-finite loss or gradient stops before any update.
     pub fn step(&mut self) -> Result<StepReport> {
         let start = Instant::now();
         let lr = learning_rate(
@@ -601,7 +673,21 @@ impl Trainer {
                     .collect::<Result<_>>()?,
             });
         }
-        let grads = summed.expect("grad_accum is at least 1");
+        let reduce_start = Instant::now();
+        let StepContribution {
+            grads,
+            loss: loss_sum,
+            stop,
+        } = self.group.sum_step(
+            StepContribution {
+                grads: summed.expect("grad_accum is at least 1"),
+                loss: loss_sum,
+                stop: self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)),
+            },
+            self.optimizer.params(),
+        )?;
+        self.stop_requested = stop;
+        let reduce_seconds = (self.group.size() > 1).then(|| reduce_start.elapsed().as_secs_f64());
         // Clipping over the gradients there are; the parameters without one stay without.
         let reached: Vec<bool> = grads.iter().map(Option::is_some).collect();
         let (grad_norm, clipped) = clip_grad_norm(
@@ -631,41 +717,58 @@ impl Trainer {
             lr,
             grad_norm,
             seconds: start.elapsed().as_secs_f64(),
+            reduce_seconds,
         })
     }
 
-    /// Loss and gradients (already divided by `accum`) of micro-batch `index`; `None` for a
-    /// parameter the loss does not reach.
+    /// This process's share of micro-batch `index`: its part of the loss (the batch's mean loss
+    /// times its share of the samples) and of the gradients (divided by `accum` too); `None` for
+    /// a parameter the loss does not reach.
     fn micro_batch(&mut self, index: usize, accum: usize) -> Result<(f64, Vec<Option<Tensor>>)> {
-        let items = self.micro_batch_items(index);
-        let mut samples = Vec::with_capacity(items.len());
+        let batch_items = self.micro_batch_items(index);
+        let mine = self.group.shard(batch_items.len(), self.config.batch_size);
+        if mine.is_empty() {
+            // A bucket's last batch left this process nothing: it adds zeros to the sum.
+            return Ok((0.0, vec![None; self.optimizer.params().len()]));
+        }
+        let share = mine.len() as f64 / batch_items.len() as f64;
+        // Where this micro-batch's samples start among the run's.
+        let first = index * self.config.batch_size * self.group.size();
+        let mut samples = Vec::with_capacity(mine.len());
         let mut masks = Vec::new();
-        for item in items {
-            let (flip, dropped) = draw_augmentation(&self.config, &mut self.rng);
-            samples.push(self.data.sample(item, flip, dropped, &mut self.rng)?);
+        let mut draws = Vec::with_capacity(mine.len());
+        for position in mine.clone() {
+            let item = batch_items[position];
+            let mut rng = sample_rng(self.config.seed, SAMPLE_STREAM, first + position);
+            let (flip, dropped) = draw_augmentation(&self.config, &mut rng);
+            samples.push(self.data.sample(item, flip, dropped, &mut rng)?);
             masks.extend(self.data.mask(item, flip)?.cloned());
+            draws.push(rng);
         }
         let instances = samples.len();
         if let Some(class) = self.class_images.as_mut() {
-            // One class sample beside each training sample, drawn after them.
-            for j in 0..instances {
-                let item = class.item(index * self.config.batch_size + j, self.config.seed);
-                let (flip, dropped) = draw_augmentation(&self.config, &mut self.rng);
-                samples.push(class.data.sample(item, flip, dropped, &mut self.rng)?);
+            // One class sample beside each training sample, after them in the batch.
+            for position in mine {
+                let index = first + position;
+                let item = class.item(index, self.config.seed);
+                let mut rng = sample_rng(self.config.seed, CLASS_SAMPLE_STREAM, index);
+                let (flip, dropped) = draw_augmentation(&self.config, &mut rng);
+                samples.push(class.data.sample(item, flip, dropped, &mut rng)?);
                 if let Some(first) = masks.first() {
                     masks.push(first.ones_like()?); // class images are unmasked
                 }
+                draws.push(rng);
             }
         }
         let latents: Vec<&Tensor> = samples.iter().map(|s| &s.latents).collect();
         let latents = Tensor::stack(&latents, 0)?;
         let (context, added) = conditioning(&samples, self.text.as_ref())?;
-        let mut batch = DenoisingBatch::draw(
+        let mut batch = DenoisingBatch::draw_each(
             &self.schedule,
             self.config.min_snr_gamma,
             self.config.noise_offset,
             &latents,
-            &mut self.rng,
+            &mut draws,
         )?;
         if !masks.is_empty() {
             batch = batch.with_position_weights(Tensor::stack(&masks, 0)?);
@@ -703,8 +806,8 @@ impl Trainer {
             (prediction, None)
         };
         let loss = batch.loss(&prediction)?;
-        let value = self.finite_loss(&loss)?;
-        let loss = (loss / accum as f64)?;
+        let value = self.finite_loss(&loss)? * share;
+        let loss = (loss * (share / accum as f64))?;
         let grads = match checkpointed {
             Some(pass) => {
                 let params: Vec<Var> = self
@@ -766,11 +869,12 @@ impl Trainer {
         Ok(total / (self.dataset.items.len() * draws) as f64)
     }
 
-    /// The dataset items of micro-batch `index`. Without buckets, samples form one stream over
-    /// the epochs (a batch may straddle two); with buckets, each epoch is cut into batches of
-    /// one bucket each, so the last batch of a bucket may be smaller.
+    /// The dataset items of micro-batch `index`, across all processes of the run. Without
+    /// buckets, samples form one stream over the epochs (a batch may straddle two); with buckets,
+    /// each epoch is cut into batches of one bucket each, so the last batch of a bucket may be
+    /// smaller.
     pub fn micro_batch_items(&mut self, index: usize) -> Vec<usize> {
-        let b = self.config.batch_size;
+        let b = self.config.batch_size * self.group.size();
         if !self.config.buckets {
             return (0..b).map(|j| self.sample_item(index * b + j)).collect();
         }
@@ -824,8 +928,7 @@ impl Trainer {
             .collect();
         Checkpoint {
             step: self.step,
-            rng_state: self.rng.state(),
-            recipe: recipe(&self.config, self.total_steps)?,
+            recipe: recipe(&self.config, self.total_steps, self.global_batch())?,
             dataset: self.dataset_fingerprint.clone(),
             params,
             optimizer: self.optimizer.state(),
@@ -846,7 +949,7 @@ impl Trainer {
     fn write_adapter(&self, path: &Path, adapter: &Adapter, ema_decay: Option<f64>) -> Result<()> {
         let c = &self.config;
         let samples = self.dataset.samples_per_epoch();
-        let epochs = (self.step * c.batch_size * c.grad_accum).div_ceil(samples);
+        let epochs = (self.step * self.global_batch() * c.grad_accum).div_ceil(samples);
         let mut extra = std::collections::BTreeMap::new();
         let mut put = |k: &str, v: String| {
             extra.insert(k.to_string(), v);
@@ -871,6 +974,11 @@ impl Trainer {
         put("ss_resolution", format!("({0}, {0})", c.resolution));
         put("ss_num_train_images", samples.to_string());
         put("ss_batch_size_per_device", c.batch_size.to_string());
+        // kohya's: per device × processes × accumulation.
+        put(
+            "ss_total_batch_size",
+            (self.global_batch() * c.grad_accum).to_string(),
+        );
         put("ss_gradient_accumulation_steps", c.grad_accum.to_string());
         put("ss_lr_scheduler", c.lr_scheduler.name().to_string());
         put("ss_lr_warmup_steps", c.warmup_steps.to_string());
@@ -989,12 +1097,46 @@ impl Trainer {
         self.stop = Some(flag);
     }
 
+    /// What the main process writes after a step: the validation loss, a checkpoint (with an
+    /// adapter beside it) and samples, when due.
+    fn write_step_outputs(
+        &mut self,
+        log: &mut MetricsLog,
+        val_losses: &mut Vec<f64>,
+    ) -> Result<()> {
+        if self.validation.as_ref().is_some_and(|v| v.due(self.step)) {
+            if let Some(row) = self.validate()? {
+                log.write_row(&row)?;
+                val_losses.push(row.val_loss);
+            }
+        }
+        if let Some(every) = self.config.save_every {
+            if self.step.is_multiple_of(every) {
+                let (ckpt, adapter) = checkpoint_paths(&self.config.output, self.step);
+                self.save_adapter(&adapter)?;
+                self.save_checkpoint(&ckpt)?;
+                if let Some(keep) = self.config.keep_checkpoints {
+                    remove_older_checkpoints(&self.config.output, keep)?;
+                }
+            }
+        }
+        if let Some(sampler) = self.sampler.as_ref().filter(|s| s.due(self.step)) {
+            if let Some(scores) = sampler.write(&self.config.output, self.step)? {
+                log.write_row(&scores)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Trains to the last step: metrics per step, checkpoints (with an adapter beside each) every
-    /// `save_every` steps, the adapter at the end. `on_step` sees every step's report.
+    /// `save_every` steps, the adapter at the end. `on_step` sees every step's report. In a
+    /// data-parallel run only the main process writes files, validates and samples.
     pub fn run(&mut self, on_step: &mut dyn FnMut(&StepReport)) -> Result<TrainSummary> {
-        let mut log = match self.config.resume {
-            Some(_) => MetricsLog::resume(&self.config.metrics, self.step)?,
-            None => MetricsLog::create(&self.config.metrics)?,
+        let main = self.group.is_main();
+        let mut log = match (main, &self.config.resume) {
+            (false, _) => None,
+            (true, Some(_)) => Some(MetricsLog::resume(&self.config.metrics, self.step)?),
+            (true, None) => Some(MetricsLog::create(&self.config.metrics)?),
         };
         let first_step = self.step;
         let mut first_loss = None;
@@ -1002,7 +1144,7 @@ impl Trainer {
         let mut seconds = 0.0;
         let mut val_losses = Vec::new();
         // The baseline before the first step (a resumed run's log already has it).
-        if self.step == 0 {
+        if let Some(log) = log.as_mut().filter(|_| self.step == 0) {
             if let Some(row) = self.validate()? {
                 log.write_row(&row)?;
                 val_losses.push(row.val_loss);
@@ -1013,34 +1155,24 @@ impl Trainer {
             seconds += report.seconds;
             first_loss.get_or_insert(report.loss);
             last_loss = Some(report.loss);
-            log.write(&report)?;
+            if let Some(log) = log.as_mut() {
+                log.write(&report)?;
+            }
             on_step(&report);
-            if self.validation.as_ref().is_some_and(|v| v.due(self.step)) {
-                if let Some(row) = self.validate()? {
-                    log.write_row(&row)?;
-                    val_losses.push(row.val_loss);
-                }
+            if let Some(log) = log.as_mut() {
+                self.write_step_outputs(log, &mut val_losses)?;
             }
-            if let Some(every) = self.config.save_every {
-                if self.step.is_multiple_of(every) {
-                    let (ckpt, adapter) = checkpoint_paths(&self.config.output, self.step);
-                    self.save_adapter(&adapter)?;
-                    self.save_checkpoint(&ckpt)?;
-                    if let Some(keep) = self.config.keep_checkpoints {
-                        remove_older_checkpoints(&self.config.output, keep)?;
-                    }
-                }
-            }
-            if let Some(sampler) = self.sampler.as_ref().filter(|s| s.due(self.step)) {
-                if let Some(scores) = sampler.write(&self.config.output, self.step)? {
-                    log.write_row(&scores)?;
-                }
-            }
-            let stop_requested = self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+            // Alone, a request that came while the step's files were written counts too.
+            let stop_requested = match self.group.size() {
+                1 => self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)),
+                _ => self.stop_requested,
+            };
             if stop_requested && self.step < self.total_steps {
                 let (checkpoint, adapter) = checkpoint_paths(&self.config.output, self.step);
-                self.save_adapter(&adapter)?;
-                self.save_checkpoint(&checkpoint)?;
+                if main {
+                    self.save_adapter(&adapter)?;
+                    self.save_checkpoint(&checkpoint)?;
+                }
                 return Err(Stopped {
                     step: self.step,
                     checkpoint,
@@ -1048,12 +1180,14 @@ impl Trainer {
                 .into());
             }
         }
-        self.save_adapter(&self.config.output)?;
-        if self.ema.is_some() {
-            self.save_ema_adapter(&ema_output_path(&self.config.output))?;
+        if main {
+            self.save_adapter(&self.config.output)?;
+            if self.ema.is_some() {
+                self.save_ema_adapter(&ema_output_path(&self.config.output))?;
+            }
         }
         let steps_run = self.step - first_step;
-        let samples = (steps_run * self.config.batch_size * self.config.grad_accum) as f64;
+        let samples = (steps_run * self.global_batch() * self.config.grad_accum) as f64;
         Ok(TrainSummary {
             steps_run,
             final_step: self.step,
@@ -1220,6 +1354,48 @@ fn bucket_batches(
     batches
 }
 
+/// The generator of the run's sample `index` in `stream` ([`SAMPLE_STREAM`] or
+/// [`CLASS_SAMPLE_STREAM`]): all of that sample's draws.
+fn sample_rng(seed: u64, stream: u64, index: usize) -> Rng {
+    Rng::new(derive_seed(seed, stream + index as u64))
+}
+
+/// The digest of a run's start that every process must share: the parameters' values and the
+/// given texts (recipe, dataset fingerprint, step), FNV-1a over their bytes.
+fn run_digest(params: &[(String, Var)], texts: &[&str]) -> Result<u64> {
+    let mut hash = Fnv1a::new();
+    for (name, var) in params {
+        hash.feed(name.as_bytes());
+        let values = var
+            .as_tensor()
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        hash.feed(&bytes);
+    }
+    for text in texts {
+        hash.feed(text.as_bytes());
+    }
+    Ok(hash.0)
+}
+
+/// The FNV-1a hash of a sequence of byte strings, each followed by a 0xff separator.
+struct Fnv1a(u64);
+
+impl Fnv1a {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes.iter().chain([0xffu8].iter()) {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
 /// A sample's random choices, drawn in this order: whether it is mirrored (`--flip`) and whether
 /// its caption is dropped (`--caption-dropout`).
 fn draw_augmentation(config: &TrainConfig, rng: &mut Rng) -> (bool, bool) {
@@ -1328,19 +1504,17 @@ pub(crate) fn derive_seed(seed: u64, stream: u64) -> u64 {
 
 /// Sample count and FNV-1a hash of every item's file name, caption and repeats.
 fn fingerprint(dataset: &Dataset) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for &b in bytes.iter().chain([0xffu8].iter()) {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut hash = Fnv1a::new();
     for item in &dataset.items {
-        feed(item.image.name().as_bytes());
-        feed(item.caption.as_bytes());
-        feed(&item.repeats.to_le_bytes());
+        hash.feed(item.image.name().as_bytes());
+        hash.feed(item.caption.as_bytes());
+        hash.feed(&item.repeats.to_le_bytes());
     }
-    format!("{} samples, fnv1a {hash:016x}", dataset.samples_per_epoch())
+    format!(
+        "{} samples, fnv1a {:016x}",
+        dataset.samples_per_epoch(),
+        hash.0
+    )
 }
 
 /// The outputs are checked before any work: never an input, in a folder that exists (created
