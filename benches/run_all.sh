@@ -2,12 +2,12 @@
 # Every case of issue 19, ours beside the PyTorch tool doing the same work in the same run, and
 # one table at the end (paste it into benches/RESULTS.md with the machine line above it).
 #   benches/run_all.sh [--avx2] [PYTHON] [SECTION...]
-# SECTION: unet, vae, infer, load, merge, data, fid (default: all). PYTHON: an interpreter with
+# SECTION: unet, vae, infer, train, load, merge, data, fid (default: all). PYTHON: an interpreter with
 # torch, diffusers, peft and pytorch-fid (tests/reference/requirements.txt; default python3).
 # --avx2 measures the AVX2 path on an AVX-512 machine: ours built with
 # RUSTFLAGS="--cfg lora_avx2_only" (our kernels' and gemm's AVX-512 copies left out) into
 # target/avx2, PyTorch capped with ATEN_CPU_CAPABILITY=avx2 (and oneDNN/MKL likewise).
-# The infer section needs random-weight SD 1.5 and SD 2.1 folders: FULL_SIZE_DIR (default
+# The infer and train sections need random-weight SD 1.5 and SD 2.1 folders: FULL_SIZE_DIR (default
 # target/full-size) is made with tests/reference/check_full_size.py when they are missing (4.5 GB).
 # Takes about two hours on a 2-core machine; run it on an otherwise idle one.
 set -euo pipefail
@@ -21,7 +21,7 @@ else
   build="default build (run-time dispatch to the widest vector unit)"
 fi
 python=${1:-python3}; shift || true
-sections=("$@"); [ ${#sections[@]} -gt 0 ] || sections=(unet vae infer load merge data fid)
+sections=("$@"); [ ${#sections[@]} -gt 0 ] || sections=(unet vae infer train load merge data fid)
 full_size=${FULL_SIZE_DIR:-target/full-size}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -46,6 +46,11 @@ for section in "${sections[@]}"; do
         "$python" tests/reference/check_full_size.py make "$full_size"
       side_by_side benches/run_infer_command.sh "$full_size/sd15" 512 20 "$python"
       side_by_side benches/run_infer_command.sh "$full_size/sd21" 768 20 "$python" ;;
+    train)
+      [ -d "$full_size/sd15" ] ||
+        "$python" tests/reference/check_full_size.py make "$full_size"
+      side_by_side benches/run_train_command.sh "$full_size/sd15" 256 20 "$python"
+      side_by_side benches/run_train_command.sh "$full_size/sd15" 512 10 "$python" ;;
     load)
       side_by_side benches/run_load.sh "$python" ;;
     merge)
@@ -55,7 +60,7 @@ for section in "${sections[@]}"; do
     fid)
       side_by_side benches/run_fid_features.sh 64 32 ;;
     *)
-      echo "unknown section $section: expected unet, vae, infer, load, merge, data or fid" >&2
+      echo "unknown section $section: expected unet, vae, infer, train, load, merge, data or fid" >&2
       exit 2 ;;
   esac
 done
