@@ -16,7 +16,7 @@ ours() {
   /usr/bin/time -f '%e %M' -o "$out/time" "${CARGO_TARGET_DIR:-target}/release/lora-infer" --base "$folder" \
     --prompt "a photograph of an astronaut riding a horse" --steps "$steps" --guidance 7.5 \
     --width "$size" --height "$size" --seed 0 --output "$out/ours.png" --overwrite >/dev/null
-  report ours
+  report lora-toolkit
 }
 theirs() {
   /usr/bin/time -f '%e %M' -o "$out/time" "$python" benches/infer_reference.py "$folder" \
@@ -25,17 +25,8 @@ theirs() {
 }
 report() {
   read -r wall rss_kib <"$out/time"
-  echo "{\"side\": \"$1\", \"folder\": \"$folder\", \"size\": $size, \"steps\": $steps, \"wall_s\": $wall, \"peak_rss_mib\": $((rss_kib / 1024))}" |
+  echo "{\"impl\": \"$1\", \"folder\": \"$folder\", \"size\": $size, \"steps\": $steps, \"seconds\": $wall, \"peak_rss_mib\": $((rss_kib / 1024))}" |
     tee -a "$out/runs"
 }
 ours; theirs; theirs; ours
-"$python" - "$out/runs" <<'PY'
-import json, statistics, sys
-runs = [json.loads(line) for line in open(sys.argv[1])]
-side = lambda s: [r for r in runs if r["side"] == s]
-o, t = side("ours"), side("reference")
-mo, mt = statistics.mean(r["wall_s"] for r in o), statistics.mean(r["wall_s"] for r in t)
-print(f"lora-infer {o[0]['size']}² {o[0]['steps']} steps: ours {mo:.1f}s / reference {mt:.1f}s = "
-      f"{mo / mt:.2f}x time; peak RSS {max(r['peak_rss_mib'] for r in o)} / "
-      f"{max(r['peak_rss_mib'] for r in t)} MiB")
-PY
+python3 benches/abba_summary.py "lora-infer ${size}² $steps steps" "$out/runs"

@@ -30,7 +30,7 @@ ours() {
   /usr/bin/time -f '%e %M' -o "$out/time" "${CARGO_TARGET_DIR:-target}/release/lora-train" \
     --base "$folder" --data "$out/data" --output "$out/ours.safetensors" --resolution "$size" \
     --steps "$steps" --seed 0 --overwrite >/dev/null 2>&1
-  report ours
+  report lora-toolkit
 }
 theirs() {
   /usr/bin/time -f '%e %M' -o "$out/time" "$python" benches/train_reference.py "$folder" \
@@ -39,17 +39,8 @@ theirs() {
 }
 report() {
   read -r wall rss_kib <"$out/time"
-  echo "{\"side\": \"$1\", \"folder\": \"$folder\", \"size\": $size, \"steps\": $steps, \"images\": $images, \"wall_s\": $wall, \"peak_rss_mib\": $((rss_kib / 1024))}" |
+  echo "{\"impl\": \"$1\", \"folder\": \"$folder\", \"size\": $size, \"steps\": $steps, \"images\": $images, \"seconds\": $wall, \"peak_rss_mib\": $((rss_kib / 1024))}" |
     tee -a "$out/runs"
 }
 ours; theirs; theirs; ours
-"$python" - "$out/runs" <<'PY'
-import json, statistics, sys
-runs = [json.loads(line) for line in open(sys.argv[1])]
-side = lambda s: [r for r in runs if r["side"] == s]
-o, t = side("ours"), side("reference")
-mo, mt = statistics.mean(r["wall_s"] for r in o), statistics.mean(r["wall_s"] for r in t)
-print(f"lora-train {o[0]['size']}² {o[0]['images']} images {o[0]['steps']} steps: ours {mo:.1f}s / "
-      f"reference {mt:.1f}s = {mo / mt:.2f}x time; peak RSS {max(r['peak_rss_mib'] for r in o)} / "
-      f"{max(r['peak_rss_mib'] for r in t)} MiB")
-PY
+python3 benches/abba_summary.py "lora-train ${size}² $images images $steps steps" "$out/runs"
