@@ -196,7 +196,7 @@ impl ProcessGroup {
 
     /// Sums `values` element by element over the ranks, in place.
     #[cfg_attr(not(feature = "mpi"), allow(unused_variables))] // alone, the sum is `values`
-    pub fn sum_in_place(&self, values: &mut [f32]) {
+    fn sum_in_place(&self, values: &mut [f32]) {
         match &self.collective {
             Collective::Alone => {}
             #[cfg(feature = "mpi")]

@@ -605,11 +605,6 @@ impl Trainer {
         &self.config
     }
 
-    /// The processes training this adapter together.
-    pub fn group(&self) -> &ProcessGroup {
-        &self.group
-    }
-
     /// Samples per micro-batch across all processes.
     fn global_batch(&self) -> usize {
         self.config.batch_size * self.group.size()
