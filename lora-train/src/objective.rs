@@ -2,7 +2,7 @@
 //! prediction of ε, v or x₀ by its (min-SNR weighted) mean squared error.
 
 use anyhow::{ensure, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use lora_core::models::config::PredictionType;
 use lora_core::{AddedConditioning, Rng, UNet2DConditionModel};
 
@@ -50,14 +50,10 @@ impl DenoisingBatch {
         rng: &mut Rng,
     ) -> Result<Self> {
         let device = latents.device();
-        let (b, c, _, _) = latents.dims4()?;
+        let b = latents.dims4()?.0;
         let num_t = schedule.num_timesteps() as u64;
         let timesteps: Vec<usize> = (0..b).map(|_| rng.below(num_t) as usize).collect();
-        let mut noise = rng.normal_tensor(latents.shape(), device)?;
-        if noise_offset > 0.0 {
-            let offset = rng.normal_tensor((b, c, 1, 1), device)?;
-            noise = noise.broadcast_add(&(offset * noise_offset)?)?;
-        }
+        let noise = offset_noise(rng, latents.dims(), noise_offset, device)?;
         Self::with_noise(schedule, min_snr_gamma, latents, &timesteps, noise)
     }
 
@@ -71,7 +67,7 @@ impl DenoisingBatch {
         draws: &mut [Rng],
     ) -> Result<Self> {
         let device = latents.device();
-        let (b, c, h, w) = latents.dims4()?;
+        let b = latents.dims4()?.0;
         ensure!(
             draws.len() == b,
             "{} generators for a batch of {b}",
@@ -82,12 +78,12 @@ impl DenoisingBatch {
         let mut noise = Vec::with_capacity(b);
         for rng in draws {
             timesteps.push(rng.below(num_t) as usize);
-            let mut n = rng.normal_tensor((c, h, w), device)?;
-            if noise_offset > 0.0 {
-                let offset = rng.normal_tensor((c, 1, 1), device)?;
-                n = n.broadcast_add(&(offset * noise_offset)?)?;
-            }
-            noise.push(n);
+            noise.push(offset_noise(
+                rng,
+                &latents.dims()[1..],
+                noise_offset,
+                device,
+            )?);
         }
         let noise = Tensor::stack(&noise, 0)?;
         Self::with_noise(schedule, min_snr_gamma, latents, &timesteps, noise)
@@ -149,10 +145,28 @@ impl DenoisingBatch {
     }
 }
 
+/// Standard-normal noise of `shape` (`[.., C, H, W]`), then, with `--noise-offset`, a normal
+/// value per channel (per sample and channel) times `noise_offset` added to it, drawn after it.
+fn offset_noise(
+    rng: &mut Rng,
+    shape: &[usize],
+    noise_offset: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    let noise = rng.normal_tensor(shape, device)?;
+    if noise_offset <= 0.0 {
+        return Ok(noise);
+    }
+    let mut per_channel = shape.to_vec();
+    let n = per_channel.len();
+    per_channel[n - 2..].fill(1);
+    let offset = rng.normal_tensor(per_channel, device)?;
+    Ok(noise.broadcast_add(&(offset * noise_offset)?)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
     use lora_core::models::config::SchedulerConfig;
 
     /// Prior preservation's weights [2, 2, 2w, 2w] over a batch of two training and two class

@@ -26,6 +26,7 @@ use lora_core::models::config::UNetConfig;
 use lora_core::models::sdxl_prompt::SdxlTextEncoders;
 use lora_core::models::text_encoder::TextEncoder;
 use lora_core::options::{check_output, prepare_output};
+use lora_core::rng::Fnv1a;
 use lora_core::source::{BaseChoices, BaseSpec, ModelFolder};
 use lora_core::{
     save_adapter, Adapter, BaseModelVersion, LoraConfig, ModelModules, Rng, SaveOptions,
@@ -728,7 +729,7 @@ impl Trainer {
         }
         let share = mine.len() as f64 / batch_items.len() as f64;
         // Where this micro-batch's samples start among the run's.
-        let first = index * self.config.batch_size * self.group.size();
+        let first = index * self.global_batch();
         let mut samples = Vec::with_capacity(mine.len());
         let mut masks = Vec::new();
         let mut draws = Vec::with_capacity(mine.len());
@@ -744,9 +745,9 @@ impl Trainer {
         if let Some(class) = self.class_images.as_mut() {
             // One class sample beside each training sample, after them in the batch.
             for position in mine {
-                let index = first + position;
-                let item = class.item(index, self.config.seed);
-                let mut rng = sample_rng(self.config.seed, CLASS_SAMPLE_STREAM, index);
+                let sample = first + position;
+                let item = class.item(sample, self.config.seed);
+                let mut rng = sample_rng(self.config.seed, CLASS_SAMPLE_STREAM, sample);
                 let (flip, dropped) = draw_augmentation(&self.config, &mut rng);
                 samples.push(class.data.sample(item, flip, dropped, &mut rng)?);
                 if let Some(first) = masks.first() {
@@ -869,7 +870,7 @@ impl Trainer {
     /// each epoch is cut into batches of one bucket each, so the last batch of a bucket may be
     /// smaller.
     pub fn micro_batch_items(&mut self, index: usize) -> Vec<usize> {
-        let b = self.config.batch_size * self.group.size();
+        let b = self.global_batch();
         if !self.config.buckets {
             return (0..b).map(|j| self.sample_item(index * b + j)).collect();
         }
@@ -1360,35 +1361,26 @@ fn sample_rng(seed: u64, stream: u64, index: usize) -> Rng {
 fn run_digest(params: &[(String, Var)], texts: &[&str]) -> Result<u64> {
     let mut hash = Fnv1a::new();
     for (name, var) in params {
-        hash.feed(name.as_bytes());
+        feed_piece(&mut hash, name.as_bytes());
         let values = var
             .as_tensor()
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        hash.feed(&bytes);
+        feed_piece(&mut hash, &bytes);
     }
     for text in texts {
-        hash.feed(text.as_bytes());
+        feed_piece(&mut hash, text.as_bytes());
     }
-    Ok(hash.0)
+    Ok(hash.finish())
 }
 
-/// The FNV-1a hash of a sequence of byte strings, each followed by a 0xff separator.
-struct Fnv1a(u64);
-
-impl Fnv1a {
-    fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes.iter().chain([0xffu8].iter()) {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
+/// Feeds `bytes` and then a 0xff separator (a byte no UTF-8 text has), so that pieces fed one
+/// after the other cannot run into each other.
+fn feed_piece(hash: &mut Fnv1a, bytes: &[u8]) {
+    hash.update(bytes);
+    hash.update(&[0xff]);
 }
 
 /// A sample's random choices, drawn in this order: whether it is mirrored (`--flip`) and whether
@@ -1501,14 +1493,14 @@ pub(crate) fn derive_seed(seed: u64, stream: u64) -> u64 {
 fn fingerprint(dataset: &Dataset) -> String {
     let mut hash = Fnv1a::new();
     for item in &dataset.items {
-        hash.feed(item.image.name().as_bytes());
-        hash.feed(item.caption.as_bytes());
-        hash.feed(&item.repeats.to_le_bytes());
+        feed_piece(&mut hash, item.image.name().as_bytes());
+        feed_piece(&mut hash, item.caption.as_bytes());
+        feed_piece(&mut hash, &item.repeats.to_le_bytes());
     }
     format!(
         "{} samples, fnv1a {:016x}",
         dataset.samples_per_epoch(),
-        hash.0
+        hash.finish()
     )
 }
 

@@ -48,42 +48,38 @@ fn stderr(output: &Output) -> String {
 fn launches_this_build_cannot_serve_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("adapter.safetensors");
-    let lora_train = env!("CARGO_BIN_EXE_lora-train");
-    let mut cases: Vec<(Command, &str)> = Vec::new();
-    let mut torchrun = Command::new(lora_train);
-    torchrun
-        .args(fixture_args(&out))
-        .env("WORLD_SIZE", "2")
-        .env("RANK", "0");
-    cases.push((torchrun, "NCCL"));
-    let mut no_count = Command::new(lora_train);
-    no_count
-        .args(fixture_args(&out))
-        .env("OMPI_COMM_WORLD_SIZE", "two");
-    cases.push((
-        no_count,
-        "OMPI_COMM_WORLD_SIZE=\"two\" is not a process count",
-    ));
+    // `lora-train [launch --nproc 2] FIXTURE-ARGS` with `env` added.
+    let command = |launch: bool, env: &[(&str, &str)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lora-train"));
+        if launch {
+            command.args(["launch", "--nproc", "2"]);
+        }
+        command.args(fixture_args(&out)).envs(env.iter().copied());
+        command
+    };
+    let mut cases = vec![
+        (
+            command(false, &[("WORLD_SIZE", "2"), ("RANK", "0")]),
+            "NCCL",
+        ),
+        (
+            command(false, &[("OMPI_COMM_WORLD_SIZE", "two")]),
+            "OMPI_COMM_WORLD_SIZE=\"two\" is not a process count",
+        ),
+    ];
     if cfg!(feature = "mpi") {
         // No mpirun on PATH.
-        let mut launch = Command::new(lora_train);
-        launch
-            .args(["launch", "--nproc", "2"])
-            .args(fixture_args(&out))
-            .env("PATH", dir.path());
-        cases.push((launch, "`mpirun` is not on PATH"));
+        let path = dir.path().to_str().unwrap();
+        cases.push((command(true, &[("PATH", path)]), "`mpirun` is not on PATH"));
     } else {
-        let mut under_mpirun = Command::new(lora_train);
-        under_mpirun
-            .args(fixture_args(&out))
-            .env("OMPI_COMM_WORLD_SIZE", "2")
-            .env("OMPI_COMM_WORLD_RANK", "0");
-        cases.push((under_mpirun, "built without MPI"));
-        let mut launch = Command::new(lora_train);
-        launch
-            .args(["launch", "--nproc", "2"])
-            .args(fixture_args(&out));
-        cases.push((launch, "built without it"));
+        cases.push((
+            command(
+                false,
+                &[("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_RANK", "0")],
+            ),
+            "built without MPI",
+        ));
+        cases.push((command(true, &[]), "built without it"));
     }
     for (mut command, expected) in cases {
         let output = run(&mut command);
@@ -194,15 +190,28 @@ mod with_mpi {
         worst
     }
 
-    fn losses(metrics: &Path) -> Vec<f64> {
-        std::fs::read_to_string(metrics)
-            .unwrap()
-            .lines()
-            .map(|line| {
-                let row: serde_json::Value = serde_json::from_str(line).unwrap();
-                row["loss"].as_f64().unwrap()
-            })
-            .collect()
+    /// The two runs writing adapters `a` and `b` logged `steps` losses each, equal to 1e-5.
+    fn assert_same_losses(a: &Path, b: &Path, steps: usize) {
+        let losses = |out: &Path| -> Vec<f64> {
+            let metrics = out.with_file_name("a.safetensors.metrics.jsonl");
+            std::fs::read_to_string(metrics)
+                .unwrap()
+                .lines()
+                .map(|line| {
+                    let row: serde_json::Value = serde_json::from_str(line).unwrap();
+                    row["loss"].as_f64().unwrap()
+                })
+                .collect()
+        };
+        let (la, lb) = (losses(a), losses(b));
+        assert_eq!(la.len(), steps);
+        assert_eq!(lb.len(), steps);
+        for (x, y) in la.iter().zip(&lb) {
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs(),
+                "logged losses {la:?} vs {lb:?}"
+            );
+        }
     }
 
     /// Two processes at batch 1 take the samples one process at batch 2 takes, with the same
@@ -232,16 +241,7 @@ mod with_mpi {
             "a run on half the samples differs by only {apart}"
         );
 
-        let metrics = |out: &Path| out.with_file_name("a.safetensors.metrics.jsonl");
-        let (l2, l1) = (losses(&metrics(&two)), losses(&metrics(&one)));
-        assert_eq!(l2.len(), 10);
-        assert_eq!(l1.len(), 10);
-        for (a, b) in l2.iter().zip(&l1) {
-            assert!(
-                (a - b).abs() <= 1e-5 * b.abs(),
-                "logged losses {l2:?} vs {l1:?}"
-            );
-        }
+        assert_same_losses(&two, &one, 10);
         // Process 0 wrote each file once; nothing else is there.
         let mut written: Vec<String> = std::fs::read_dir(two.parent().unwrap())
             .unwrap()
@@ -310,16 +310,7 @@ mod with_mpi {
         let same = largest_difference(&two, &one);
         eprintln!("2 × batch 2 vs 1 × batch 4, accumulation 2, buckets: {same:e}");
         assert!(same <= 1e-6, "two processes differ from one by {same}");
-        let metrics = |out: &Path| losses(&out.with_file_name("a.safetensors.metrics.jsonl"));
-        let (l2, l1) = (metrics(&two), metrics(&one));
-        assert_eq!(l2.len(), 6);
-        assert_eq!(l1.len(), 6);
-        for (a, b) in l2.iter().zip(&l1) {
-            assert!(
-                (a - b).abs() <= 1e-5 * b.abs(),
-                "logged losses {l2:?} vs {l1:?}"
-            );
-        }
+        assert_same_losses(&two, &one, 6);
     }
 
     /// Two processes given different seeds (mpirun's `A : B` form starts each with its own
@@ -370,16 +361,7 @@ mod with_mpi {
         common::wait_while_running(&mut child, "two logged steps", || {
             std::fs::read_to_string(&metrics).is_ok_and(|m| m.lines().count() >= 2)
         });
-        let victim = descendants(child.id())
-            .into_iter()
-            .find(|(_, env)| env.lines().any(|l| l == "OMPI_COMM_WORLD_RANK=1"))
-            .expect("process 1")
-            .0;
-        let sent = Command::new("kill")
-            .args(["-TERM", &victim.to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
+        signal_process_1(&descendants(child.id()), "-TERM");
         let output = child.wait_with_output().unwrap();
         let message = stderr(&output);
         assert_eq!(output.status.code(), Some(130), "{message}");
@@ -442,6 +424,25 @@ mod with_mpi {
             .collect()
     }
 
+    /// Sends `signal` (`kill`'s spelling) to MPI process 1 among `processes` (pid, environment).
+    fn signal_process_1(processes: &[(u32, String)], signal: &str) {
+        let victim = processes
+            .iter()
+            .find(|(_, env)| env.lines().any(|l| l == "OMPI_COMM_WORLD_RANK=1"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no process 1 among {:?}",
+                    processes.iter().map(|r| r.0).collect::<Vec<_>>()
+                )
+            })
+            .0;
+        let sent = Command::new("kill")
+            .args([signal, &victim.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
     /// SIGKILL to process 1 in the middle of a run: every process stops within a minute with an
     /// error that names it, every file in the output folder reads whole (writes are atomic),
     /// and `--resume latest` continues from the last checkpoint.
@@ -490,21 +491,7 @@ mod with_mpi {
                 );
             }
         }
-        let victim = ranks
-            .iter()
-            .find(|(_, env)| env.lines().any(|l| l == "OMPI_COMM_WORLD_RANK=1"))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no process 1 among {:?}",
-                    ranks.iter().map(|r| r.0).collect::<Vec<_>>()
-                )
-            })
-            .0;
-        let killed = Command::new("kill")
-            .args(["-KILL", &victim.to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
+        signal_process_1(&ranks, "-KILL");
         let start = Instant::now();
         while child.try_wait().unwrap().is_none() {
             assert!(
