@@ -34,6 +34,9 @@ struct Args {
     channels: Vec<usize>,
     #[arg(long, default_value_t = Recipe::default().layers_per_block)]
     layers_per_block: usize,
+    /// Decay of the weight average saved as the model (0: save the last step's weights)
+    #[arg(long, default_value_t = Recipe::default().ema_decay)]
+    ema_decay: f64,
     /// Pictures per caption for the prompt-following measure written to recipe.json (0: none)
     #[arg(long, default_value_t = 4)]
     following_seeds: usize,
@@ -60,6 +63,7 @@ fn main() -> Result<()> {
         warmup_steps: args.warmup_steps,
         block_out_channels: [c0, c1, c2],
         layers_per_block: args.layers_per_block,
+        ema_decay: args.ema_decay,
         ..Recipe::default()
     };
     if let Some(note) = args.device.auto_note() {

@@ -17,7 +17,7 @@ use super::autograd::{
 use super::kernels::cpu;
 #[cfg(feature = "cuda")]
 use super::kernels::cuda;
-use super::tensor_ops::{add_bias, contiguous, shared_matmul};
+use super::tensor_ops::{add_bias, broadcast_add, contiguous, shared_matmul};
 
 pub(crate) struct ConvInputGrad {
     weight: Tensor,
@@ -306,9 +306,10 @@ fn conv2d_node(
         // One op computing in place of candle's graph, with the input gradient (and the kernel
         // gradient for a trained kernel) as its backward.
         return match bias {
-            Some(b) if b.track_op() => activated(
-                cpu::conv::conv2d_op(x, weight, None, padding, stride, false)?.broadcast_add(b)?,
-            ),
+            Some(b) if b.track_op() => activated(broadcast_add(
+                &cpu::conv::conv2d_op(x, weight, None, padding, stride, false)?,
+                b,
+            )?),
             _ => cpu::conv::conv2d_op(x, weight, bias, padding, stride, relu),
         };
     }

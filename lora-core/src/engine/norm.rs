@@ -310,11 +310,8 @@ impl Module for LayerNormLayer {
             // Trained affine parameters need their gradients: composed from recorded ops.
             let cd = compute_dtype(dtype);
             let (w, b) = (self.weight.to_dtype(cd)?, self.bias.to_dtype(cd)?);
-            return standardized(&x.to_dtype(cd)?, self.eps)?
-                .0
-                .broadcast_mul(&w)?
-                .broadcast_add(&b)?
-                .to_dtype(dtype);
+            let x_hat = standardized(&x.to_dtype(cd)?, self.eps)?.0;
+            return broadcast_add(&broadcast_mul(&x_hat, &w)?, &b)?.to_dtype(dtype);
         }
         if cpu::gemm::cpu_f32(&[x]) {
             return cpu::norm::forward(x, &self.cpu_params()?);

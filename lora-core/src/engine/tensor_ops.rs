@@ -1,7 +1,9 @@
 //! Tensor helpers every layer shares: broadcasts on merged axes, products with a matrix shared
 //! across a batch, copies, layout changes between images and tokens, and the compute dtype.
 
-use candle_core::{DType, Tensor};
+use candle_core::{CustomOp2, DType, Tensor};
+
+use super::autograd::{forward_from_computed_output, grad_if_tracked, ComputedOutput};
 
 #[cfg(feature = "cuda")]
 use super::kernels::cuda;
@@ -45,17 +47,17 @@ pub(crate) fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// `y + b` for `b` broadcast against `y`. See [`broadcast_op`].
 pub fn broadcast_add(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    broadcast_op(y, b, Tensor::broadcast_add)
+    broadcast_op(y, b, BroadcastKind::Add)
 }
 
 /// `y − b` for `b` broadcast against `y`. See [`broadcast_op`].
 pub fn broadcast_sub(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    broadcast_op(y, b, Tensor::broadcast_sub)
+    broadcast_op(y, b, BroadcastKind::Sub)
 }
 
 /// `y ⊙ b` for `b` broadcast against `y`. See [`broadcast_op`].
 pub fn broadcast_mul(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    broadcast_op(y, b, Tensor::broadcast_mul)
+    broadcast_op(y, b, BroadcastKind::Mul)
 }
 
 /// `op(y, b)` for `b` broadcast against `y`, computed on views of both in which neighbouring
@@ -63,12 +65,15 @@ pub fn broadcast_mul(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 /// `[B, C, H, W] + [1, C, 1, 1]` runs as `[B, C, H·W] + [1, C, 1]`, a bias `[B, N, O] + [O]` as
 /// `[B·N, O] + [1, O]`. candle's CUDA kernels compute each element's broadcast index with a
 /// division per axis, which makes a bias addition cost more than the product it follows; fewer
-/// axes, fewer divisions. Same values and gradients as `op(y, b)`.
-fn broadcast_op(
-    y: &Tensor,
-    b: &Tensor,
-    op: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
-) -> candle_core::Result<Tensor> {
+/// axes, fewer divisions. Where a gradient flows to `b` (a trained bias or norm weight), the op
+/// is one [`BroadcastNode`], whose backward sums `b`'s gradient by contiguous row sums and a
+/// product with a ones vector. Same values and gradients as `op(y, b)`.
+fn broadcast_op(y: &Tensor, b: &Tensor, kind: BroadcastKind) -> candle_core::Result<Tensor> {
+    let op = |y: &Tensor, b: &Tensor| match kind {
+        BroadcastKind::Add => y.broadcast_add(b),
+        BroadcastKind::Sub => y.broadcast_sub(b),
+        BroadcastKind::Mul => y.broadcast_mul(b),
+    };
     let (y_dims, b_dims) = (y.dims(), b.dims());
     if b_dims.len() > y_dims.len() {
         return op(y, b);
@@ -90,15 +95,107 @@ fn broadcast_op(
             _ => merged.push((n, broadcast)),
         }
     }
-    if merged.len() == y_dims.len() {
-        return op(y, b);
-    }
     let y_view: Vec<usize> = merged.iter().map(|&(n, _)| n).collect();
     let b_view: Vec<usize> = merged
         .iter()
         .map(|&(n, broadcast)| if broadcast { 1 } else { n })
         .collect();
+    let summed_for_b = merged.iter().any(|&(_, broadcast)| broadcast);
+    if b.track_op() && summed_for_b {
+        let (y_merged, b_merged) = (y.reshape(y_view)?, b.reshape(b_view)?);
+        let output = op(&y_merged.detach(), &b_merged.detach())?.contiguous()?;
+        return y_merged
+            .apply_op2(
+                &b_merged,
+                BroadcastNode {
+                    output: ComputedOutput::new(output),
+                    kind,
+                    merged,
+                },
+            )?
+            .reshape(y_dims);
+    }
+    if merged.len() == y_dims.len() {
+        return op(y, b);
+    }
     op(&y.reshape(y_view)?, &b.reshape(b_view)?)?.reshape(y_dims)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BroadcastKind {
+    Add,
+    Sub,
+    Mul,
+}
+
+/// `y + b`, `y − b` or `y ⊙ b` on merged views (see [`broadcast_op`]) with a backward whose gradient for
+/// `b` avoids candle's: candle sums a broadcast operand's gradient over all its broadcast axes in
+/// one reduction that divides every element's index per axis, a third of a full fine-tune's step
+/// for a small UNet (its conv biases and norm weights); here the trailing broadcast axis is summed
+/// as contiguous rows and a leading one by a product with a ones vector.
+struct BroadcastNode {
+    output: ComputedOutput,
+    kind: BroadcastKind,
+    /// The merged axes: extent, and whether `b` is broadcast along it.
+    merged: Vec<(usize, bool)>,
+}
+
+impl CustomOp2 for BroadcastNode {
+    fn name(&self) -> &'static str {
+        "broadcast-with-summed-gradient"
+    }
+
+    forward_from_computed_output!(y, b);
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dy, db) = match self.kind {
+            BroadcastKind::Add => (
+                grad_if_tracked(y, || Ok(grad_out.clone()))?,
+                Some(sum_over_broadcast(grad_out, &self.merged)?),
+            ),
+            BroadcastKind::Sub => (
+                grad_if_tracked(y, || Ok(grad_out.clone()))?,
+                Some(sum_over_broadcast(grad_out, &self.merged)?.neg()?),
+            ),
+            BroadcastKind::Mul => (
+                grad_if_tracked(y, || grad_out.broadcast_mul(b))?,
+                Some(sum_over_broadcast(&(grad_out * y)?, &self.merged)?),
+            ),
+        };
+        Ok((dy, db))
+    }
+}
+
+/// `g` (on the merged axes) summed over the axes where `b` is broadcast, shaped like `b`'s view.
+fn sum_over_broadcast(g: &Tensor, merged: &[(usize, bool)]) -> candle_core::Result<Tensor> {
+    let mut g = g.contiguous()?;
+    let mut dims: Vec<usize> = merged.iter().map(|&(n, _)| n).collect();
+    for (axis, &(n, broadcast)) in merged.iter().enumerate().rev() {
+        if !broadcast {
+            continue;
+        }
+        let outer: usize = dims[..axis].iter().product();
+        let inner: usize = dims[axis + 1..].iter().product();
+        g = if inner == 1 {
+            // The broadcast axis is innermost: contiguous row sums.
+            g.reshape((outer, n))?.sum_keepdim(1)?
+        } else if outer == 1 {
+            // The outermost axis: `1ᵀ·G` as one matrix product.
+            let ones = Tensor::ones((1, n), g.dtype(), g.device())?;
+            ones.matmul(&g.reshape((n, inner))?)?
+        } else {
+            g.reshape((outer, n, inner))?.sum_keepdim(1)?
+        };
+        dims[axis] = 1;
+        g = g.reshape(dims.as_slice())?;
+    }
+    Ok(g)
 }
 
 /// `[B, N, C]` tokens of an `h × w` image as `[B, C, h, w]`.

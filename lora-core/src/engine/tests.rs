@@ -342,39 +342,66 @@ fn group_norm_node_gradient_matches_composed_group_norm() {
 }
 
 /// Broadcasting on merged axes gives candle's values and gradients, for the layouts the
-/// UNet uses and for ones it cannot merge.
+/// UNet uses and for ones it cannot merge, with a gradient flowing to both operands, to the
+/// broadcast one only (a trained bias after a frozen layer) and to the other only.
 #[test]
 fn merged_broadcasts_match_candle() {
     let mut rng = Rng::new(9);
     let dev = Device::Cpu;
-    let cases: [(&[usize], &[usize]); 7] = [
+    let cases: [(&[usize], &[usize]); 9] = [
         (&[2, 3, 4, 5], &[1, 3, 1, 1]),
         (&[2, 3, 4, 5], &[2, 3, 1, 1]),
         (&[2, 7, 5], &[5]),
         (&[2, 1, 4], &[1, 1, 4]),
         (&[3, 4], &[3, 1]),
         (&[2, 3, 4, 5], &[2, 1, 4, 1]),
+        (&[2, 3, 4, 5], &[1, 3, 1, 5]),
+        (&[6, 4], &[1, 1]),
         (&[2, 3], &[2, 3]),
     ];
     for (y_dims, b_dims) in cases {
         let y = Var::from_tensor(&rng.normal_tensor(y_dims, &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&rng.normal_tensor(b_dims, &dev).unwrap()).unwrap();
         type Op = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
-        let pairs: [(Op, Op); 2] = [
+        let pairs: [(Op, Op); 3] = [
             (broadcast_add, Tensor::broadcast_add),
+            (broadcast_sub, Tensor::broadcast_sub),
             (broadcast_mul, Tensor::broadcast_mul),
         ];
-        for (ours, candle) in pairs {
-            let (a, c) = (ours(&y, &b).unwrap(), candle(&y, &b).unwrap());
-            assert_eq!(a.dims(), c.dims());
-            assert!(max_diff(&a, &c) < 1e-6, "{y_dims:?} with {b_dims:?}");
-            let (ga, gc) = (
-                a.sqr().unwrap().sum_all().unwrap().backward().unwrap(),
-                c.sqr().unwrap().sum_all().unwrap().backward().unwrap(),
-            );
-            for v in [&y, &b] {
-                let diff = max_diff(ga.get(v).unwrap(), gc.get(v).unwrap());
-                assert!(diff < 1e-5, "{y_dims:?} with {b_dims:?}: gradient {diff}");
+        let (y_const, b_const) = (y.as_tensor().detach(), b.as_tensor().detach());
+        let tracked: [(&Tensor, &Tensor, Vec<&Var>); 3] = [
+            (y.as_tensor(), b.as_tensor(), vec![&y, &b]),
+            (&y_const, b.as_tensor(), vec![&b]),
+            (y.as_tensor(), &b_const, vec![&y]),
+        ];
+        for (i, (ours, candle)) in pairs.into_iter().enumerate() {
+            for (y_in, b_in, vars) in &tracked {
+                let (a, c) = (ours(y_in, b_in).unwrap(), candle(y_in, b_in).unwrap());
+                assert_eq!(a.dims(), c.dims());
+                assert!(
+                    max_diff(&a, &c) < 1e-6,
+                    "op {i}: {y_dims:?} with {b_dims:?}"
+                );
+                let (ga, gc) = (
+                    a.sqr().unwrap().sum_all().unwrap().backward().unwrap(),
+                    c.sqr().unwrap().sum_all().unwrap().backward().unwrap(),
+                );
+                for v in vars {
+                    let diff = max_diff(ga.get(v).unwrap(), gc.get(v).unwrap());
+                    assert!(
+                        diff < 1e-5,
+                        "op {i}: {y_dims:?} with {b_dims:?}: gradient {diff}"
+                    );
+                }
+                // No gradient for the operand that is not tracked.
+                for v in [&y, &b] {
+                    if !vars.iter().any(|t| std::ptr::eq(*t, v)) {
+                        assert!(
+                            ga.get(v).is_none(),
+                            "op {i}: untracked operand got a gradient"
+                        );
+                    }
+                }
             }
         }
     }
