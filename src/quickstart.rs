@@ -75,13 +75,13 @@ impl Default for Options {
             output: PathBuf::from("target/quickstart"),
             seed: 0,
             concept_images: 24,
-            regularisation_images: 12,
+            regularisation_images: 24,
             train_steps: 300,
             batch_size: 4,
             lr: 1e-2,
             rank: 4,
             sample_steps: 25,
-            guidance: 2.0,
+            guidance: 1.0,
             images_per_prompt: 2,
             following_seeds: 2,
         }
@@ -178,7 +178,8 @@ fn prepare_output(dir: &Path) -> Result<()> {
 }
 
 /// The concept dataset: `concept` shapes in the concept colour and `regularisation` shapes in
-/// the known colours, on the usual backgrounds.
+/// the known colours, on the usual backgrounds, every shape × background (× colour) in turn
+/// ([`Scene::balanced`]).
 pub fn dataset_scenes(
     concept: usize,
     regularisation: usize,
@@ -186,10 +187,10 @@ pub fn dataset_scenes(
 ) -> (Vec<Scene>, Vec<Scene>) {
     let mut rng = Rng::new(seed);
     let concept = (0..concept)
-        .map(|_| Scene::random(&mut rng, &[CONCEPT], &BACKGROUNDS))
+        .map(|i| Scene::balanced(&mut rng, i, &[CONCEPT], &BACKGROUNDS))
         .collect();
     let known = (0..regularisation)
-        .map(|_| Scene::random(&mut rng, &COLOURS, &BACKGROUNDS))
+        .map(|i| Scene::balanced(&mut rng, i, &COLOURS, &BACKGROUNDS))
         .collect();
     (concept, known)
 }

@@ -40,16 +40,15 @@ fn adapter_learns_the_concept_and_merging_it_changes_nothing() {
         fixed.iter().all(|p| p.1.is_finite()) && fixed[5].1 < fixed[0].1,
         "the fixed-noise loss did not fall: {fixed:?}"
     );
-    // Every caption of the grammar, two seeds each, read back from the base model's pictures.
-    // The committed model follows colour and background words only partly (colour 0.46,
-    // background 0.88, shape 0.17 at the quick start's guidance 2 with the 15 steps used here;
-    // 0.48, 0.71, 0.17 with the quick start's 25): the floors sit well under that, to catch a
-    // model or a sampler that stops following at all.
+    // Every caption of the grammar, two seeds each, read back from the base model's pictures
+    // (the quick start's guidance 1, the 15 steps used here): the committed model drew the asked
+    // colour and background in all 48 and crisp edges in 46 (shape 0.44: its shapes are not yet
+    // reliably the asked kind, so shape has no floor). The floors leave a few pictures' margin.
     let following = report.default_model_following;
     eprintln!("{following:?}");
     assert_eq!(following.pictures, 48, "{following:?}");
     assert!(
-        following.colour >= 0.25 && following.background >= 0.4,
+        following.colour >= 0.9 && following.background >= 0.9 && following.crisp >= 0.75,
         "the default model no longer follows its captions: {following:?}"
     );
     let mean = |concept: bool, f: &dyn Fn(&quickstart::PromptResult) -> f64| {
@@ -64,28 +63,31 @@ fn adapter_learns_the_concept_and_merging_it_changes_nothing() {
     let summary = format!("{:#?}", report.prompts);
     eprintln!("{summary}");
     // The concept prompts turn measurably magenta (the base draws none: its scores are the
-    // faint colour fringes of anti-aliased edges).
+    // faint colour fringes of anti-aliased edges). Measured here: 0.0013 -> 0.024.
     let (base, adapted) = (
         mean(true, &|p| p.base_concept_score),
         mean(true, &|p| p.adapter_concept_score),
     );
     assert!(
-        adapted > 3.0 * base && adapted > base + 0.008,
+        adapted > 5.0 * base && adapted > base + 0.012,
         "concept prompts: magenta score {base:.4} -> {adapted:.4}\n{summary}"
     );
-    // Prompts without `sks` gain less than half of that (a faint tint at most).
+    // Prompts without `sks` do not turn magenta: at most 0.005 above their base score (issue
+    // 25's bound; measured: both went down).
     for p in report.prompts.iter().filter(|p| !p.mentions_concept) {
         assert!(
-            p.adapter_concept_score - p.base_concept_score < 0.5 * (adapted - base),
+            p.adapter_concept_score <= p.base_concept_score + 0.005,
             "`{}` turned magenta\n{summary}",
             p.prompt
         );
     }
-    // And they change much less.
+    // And they change less. The base draws crisp shapes, so an adapter that moves a shape by a
+    // pixel or two changes many pixels without changing what is drawn; measured 14.5/255 without
+    // `sks` against 27.7/255 with it.
     let concept_change = mean(true, &|p| p.mean_pixel_change);
     let unrelated_change = mean(false, &|p| p.mean_pixel_change);
     assert!(
-        unrelated_change < 0.5 * concept_change,
+        unrelated_change < 0.75 * concept_change,
         "prompts without `sks` changed {unrelated_change:.1}/255, with it {concept_change:.1}/255\n{summary}"
     );
 
