@@ -20,9 +20,9 @@
 //!   same budget learns to denoise but not to follow the caption (benches/RESULTS.md). The
 //!   predicted picture is clamped to [-1, 1] while
 //!   sampling (`clip_sample`), as pixel-space DDPM does.
-//! - **The weights' moving average is the model** (decay 0.999, diffusers' `EMAModel` warm-up),
-//!   as in DDPM and SD: the raw weights of the last step carry that step's noise, which shows in
-//!   pictures as colour casts and smeared shapes.
+//! - **The weights' moving average is the model** (decay 0.999, lora-train's `Ema`, which warms
+//!   up as diffusers' `EMAModel` does), as in DDPM and SD: it smooths out the noise of the last
+//!   steps' updates, which the raw weights carry.
 //! - **Sampled without guidance.** The finished model follows colour and background words at
 //!   guidance 1; classifier-free guidance, which extrapolates from the unconditional prediction
 //!   (trained on 10 % of the samples), makes its pictures worse at every scale measured
@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use lora_core::io::weights::RandomInit;
 use lora_core::io::{write_atomic, write_safetensors_atomic};
 use lora_core::models::config::{ClipTextConfig, SchedulerConfig, UNetConfig};
@@ -46,6 +46,7 @@ use lora_core::source::ModelFolder;
 use lora_core::{Rng, UNet2DConditionModel};
 use lora_infer::Pipeline;
 use lora_train::config::LrScheduler;
+use lora_train::ema::Ema;
 use lora_train::objective::denoising_loss;
 use lora_train::optimizer::{clip_grad_norm, Optimizer, OptimizerSettings};
 use lora_train::schedule::{learning_rate, NoiseSchedule};
@@ -151,8 +152,7 @@ pub struct Recipe {
     pub block_out_channels: [usize; 3],
     pub layers_per_block: usize,
     /// Decay of the exponential moving average of the UNet weights that is saved instead of the
-    /// last step's weights (0: save the last step's). Diffusion models sample far better from
-    /// the average, which smooths out the last steps' noise, than from the raw weights.
+    /// last step's weights (exactly 0: save the last step's; otherwise strictly between 0 and 1).
     pub ema_decay: f64,
 }
 
@@ -190,42 +190,6 @@ fn save_f16<'a>(
         .map(|(name, tensor)| Ok((name.clone(), tensor.to_dtype(DType::F16)?)))
         .collect::<Result<Vec<_>>>()?;
     write_safetensors_atomic(path, &tensors, BTreeMap::new())
-}
-
-/// The exponential moving average of trained weights, with diffusers' `EMAModel` warm-up: the
-/// decay at update `n` is `min(decay, (1 + n) / (10 + n))`, so the first updates follow the
-/// weights closely instead of keeping the random start for thousands of steps.
-struct WeightAverage {
-    decay: f64,
-    updates: usize,
-    average: Vec<(String, Tensor)>,
-}
-
-impl WeightAverage {
-    fn new(decay: f64, params: &[(String, Var)]) -> Result<Self> {
-        let average = params
-            .iter()
-            .map(|(name, var)| Ok((name.clone(), var.as_tensor().detach().copy()?)))
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            decay,
-            updates: 0,
-            average,
-        })
-    }
-
-    fn update(&mut self, params: &[(String, Var)]) -> Result<()> {
-        let n = self.updates as f64;
-        let decay = self.decay.min((1.0 + n) / (10.0 + n));
-        self.updates += 1;
-        for ((_, average), (_, var)) in self.average.iter_mut().zip(params) {
-            // Detached: on the live weights, the average would record a graph through every
-            // step and keep each step's weights alive with it.
-            let weights = var.as_tensor().detach();
-            *average = (average.affine(decay, 0.0)? + weights.affine(1.0 - decay, 0.0)?)?;
-        }
-        Ok(())
-    }
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
@@ -308,11 +272,6 @@ pub fn build(
         "the recipe needs more steps than warm-up steps and a positive batch size"
     );
     ensure!(
-        (0.0..1.0).contains(&recipe.ema_decay),
-        "the weight average's decay must lie in [0, 1), not {}",
-        recipe.ema_decay
-    );
-    ensure!(
         recipe
             .block_out_channels
             .iter()
@@ -386,21 +345,25 @@ pub fn build(
     let unet = UNet2DConditionModel::load(&unet_config, &unet_init.var_builder(device))?;
     let params = unet_init.vars();
     let unet_parameters = params.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut average = (recipe.ema_decay > 0.0)
-        .then(|| WeightAverage::new(recipe.ema_decay, &params))
+    let mut average = (recipe.ema_decay != 0.0)
+        .then(|| Ema::new(recipe.ema_decay, &params))
         .transpose()?;
     let mut optimizer = Optimizer::new(params, &OptimizerSettings::default())?;
-    let unet_weights =
-        |optimizer: &Optimizer, average: &Option<WeightAverage>| -> Vec<(String, Tensor)> {
-            match average {
-                Some(average) => average.average.clone(),
-                None => optimizer
-                    .params()
-                    .iter()
-                    .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
-                    .collect(),
-            }
-        };
+    // The weights to save: the average where the recipe keeps one, else the last step's.
+    let unet_weights = |optimizer: &Optimizer, average: &Option<Ema>| -> Vec<(String, Tensor)> {
+        let names = optimizer.params().iter().map(|(name, _)| name.clone());
+        match average {
+            Some(average) => names.zip(average.tensors().iter().cloned()).collect(),
+            None => names
+                .zip(
+                    optimizer
+                        .params()
+                        .iter()
+                        .map(|(_, var)| var.as_tensor().clone()),
+                )
+                .collect(),
+        }
+    };
     let schedule = NoiseSchedule::new(&SchedulerConfig::parse(SCHEDULER_CONFIG)?);
 
     let mut rng = Rng::new(recipe.seed.wrapping_add(2));
@@ -455,7 +418,7 @@ pub fn build(
         );
         optimizer.step(&grads, lr)?;
         if let Some(average) = &mut average {
-            average.update(optimizer.params())?;
+            average.update(optimizer.params(), step as u64 + 1)?;
         }
         if (step + 1) % SNAPSHOT_EVERY == 0 {
             // The unfinished folder is a loadable model, to look at a long run before it ends.

@@ -22,7 +22,9 @@ impl Ema {
         check_decay(decay)?;
         let shadow = params
             .iter()
-            .map(|(_, p)| Ok(p.as_tensor().copy()?))
+            // Detached, here and in `update`: an average computed from the live (tracked) weights
+            // would record a graph through every step and keep each step's tensors alive.
+            .map(|(_, p)| Ok(p.as_tensor().detach().copy()?))
             .collect::<Result<_>>()?;
         Ok(Self { decay, shadow })
     }
@@ -40,7 +42,7 @@ impl Ema {
     pub fn update(&mut self, params: &[(String, Var)], step: u64) -> Result<()> {
         let one_minus_decay = 1.0 - self.decay_at(step);
         for (shadow, (_, p)) in self.shadow.iter_mut().zip(params) {
-            let moved = ((&*shadow - p.as_tensor())? * one_minus_decay)?;
+            let moved = ((&*shadow - p.as_tensor().detach())? * one_minus_decay)?;
             *shadow = (&*shadow - moved)?;
         }
         Ok(())
@@ -106,5 +108,30 @@ mod tests {
             ema_output_path(Path::new("out/my-lora.safetensors")),
             Path::new("out/my-lora-ema.safetensors")
         );
+    }
+
+    /// The average of trained (tracked) weights records no graph: a recorded one would keep
+    /// every step's tensors alive until the run ends.
+    #[test]
+    fn the_average_holds_no_graph() {
+        let device = candle_core::Device::Cpu;
+        let var = Var::new(&[1.0f32, 2.0], &device).unwrap();
+        let params = vec![("w".to_string(), var.clone())];
+        let mut ema = Ema::new(0.9, &params).unwrap();
+        for step in 1..=3 {
+            var.set(&Tensor::new(&[step as f32, 0.0], &device).unwrap())
+                .unwrap();
+            ema.update(&params, step).unwrap();
+        }
+        let shadow = &ema.tensors()[0];
+        assert!(!shadow.track_op(), "the average is part of a graph");
+        // Step 1 starts at the weights (decay 0); steps 2 and 3 decay by 2/11 and 3/12.
+        let mut expected = 1.0f64;
+        for (step, w) in [(2.0f64, 2.0f64), (3.0, 3.0)] {
+            let d = ((step - 1.0 + 1.0) / (step - 1.0 + 10.0)).min(0.9);
+            expected = d * expected + (1.0 - d) * w;
+        }
+        let got = f64::from(shadow.to_vec1::<f32>().unwrap()[0]);
+        assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
     }
 }
