@@ -349,20 +349,18 @@ pub fn build(
         .then(|| Ema::new(recipe.ema_decay, &params))
         .transpose()?;
     let mut optimizer = Optimizer::new(params, &OptimizerSettings::default())?;
-    // The weights to save: the average where the recipe keeps one, else the last step's.
-    let unet_weights = |optimizer: &Optimizer, average: &Option<Ema>| -> Vec<(String, Tensor)> {
-        let names = optimizer.params().iter().map(|(name, _)| name.clone());
-        match average {
-            Some(average) => names.zip(average.tensors().iter().cloned()).collect(),
-            None => names
-                .zip(
-                    optimizer
-                        .params()
-                        .iter()
-                        .map(|(_, var)| var.as_tensor().clone()),
-                )
-                .collect(),
-        }
+    // Writes the UNet weights into the folder: the average where the recipe keeps one, else the
+    // last step's.
+    let unet_path = partial.join("unet/diffusion_pytorch_model.safetensors");
+    let save_unet = |optimizer: &Optimizer, average: &Option<Ema>| {
+        let params = optimizer.params().iter().enumerate();
+        save_f16(
+            &unet_path,
+            params.map(|(i, (name, var))| match average {
+                Some(average) => (name, &average.tensors()[i]),
+                None => (name, var.as_tensor()),
+            }),
+        )
     };
     let schedule = NoiseSchedule::new(&SchedulerConfig::parse(SCHEDULER_CONFIG)?);
 
@@ -422,11 +420,7 @@ pub fn build(
         }
         if (step + 1) % SNAPSHOT_EVERY == 0 {
             // The unfinished folder is a loadable model, to look at a long run before it ends.
-            let weights = unet_weights(&optimizer, &average);
-            save_f16(
-                &partial.join("unet/diffusion_pytorch_model.safetensors"),
-                weights.iter().map(|(n, t)| (n, t)),
-            )?;
+            save_unet(&optimizer, &average)?;
         }
         first_loss.get_or_insert(value);
         recent.push(value);
@@ -440,11 +434,7 @@ pub fn build(
             lr,
         });
     }
-    let weights = unet_weights(&optimizer, &average);
-    save_f16(
-        &partial.join("unet/diffusion_pytorch_model.safetensors"),
-        weights.iter().map(|(n, t)| (n, t)),
-    )?;
+    save_unet(&optimizer, &average)?;
     let mut summary = RecipeSummary {
         recipe: recipe.clone(),
         unet_parameters,

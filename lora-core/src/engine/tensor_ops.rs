@@ -121,18 +121,18 @@ fn broadcast_op(y: &Tensor, b: &Tensor, kind: BroadcastKind) -> candle_core::Res
     op(&y.reshape(y_view)?, &b.reshape(b_view)?)?.reshape(y_dims)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum BroadcastKind {
     Add,
     Sub,
     Mul,
 }
 
-/// `y + b`, `y − b` or `y ⊙ b` on merged views (see [`broadcast_op`]) with a backward whose gradient for
-/// `b` avoids candle's: candle sums a broadcast operand's gradient over all its broadcast axes in
-/// one reduction that divides every element's index per axis, a third of a full fine-tune's step
-/// for a small UNet (its conv biases and norm weights); here the trailing broadcast axis is summed
-/// as contiguous rows and a leading one by a product with a ones vector.
+/// `y + b`, `y − b` or `y ⊙ b` on merged views (see [`broadcast_op`]) with a backward whose
+/// gradient for `b` avoids candle's: candle sums a broadcast operand's gradient over all its
+/// broadcast axes in one reduction that divides every element's index per axis, a third of a full
+/// fine-tune's step for a small UNet (its conv biases and norm weights); here the trailing
+/// broadcast axis is summed as contiguous rows and a leading one by a product with a ones vector.
 struct BroadcastNode {
     output: ComputedOutput,
     kind: BroadcastKind,
@@ -154,21 +154,16 @@ impl CustomOp2 for BroadcastNode {
         _: &Tensor,
         grad_out: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dy, db) = match self.kind {
-            BroadcastKind::Add => (
-                grad_if_tracked(y, || Ok(grad_out.clone()))?,
-                Some(sum_over_broadcast(grad_out, &self.merged)?),
-            ),
-            BroadcastKind::Sub => (
-                grad_if_tracked(y, || Ok(grad_out.clone()))?,
-                Some(sum_over_broadcast(grad_out, &self.merged)?.neg()?),
-            ),
-            BroadcastKind::Mul => (
-                grad_if_tracked(y, || grad_out.broadcast_mul(b))?,
-                Some(sum_over_broadcast(&(grad_out * y)?, &self.merged)?),
-            ),
+        let dy = grad_if_tracked(y, || match self.kind {
+            BroadcastKind::Mul => grad_out.broadcast_mul(b),
+            BroadcastKind::Add | BroadcastKind::Sub => Ok(grad_out.clone()),
+        })?;
+        let db = match self.kind {
+            BroadcastKind::Add => sum_over_broadcast(grad_out, &self.merged)?,
+            BroadcastKind::Sub => sum_over_broadcast(grad_out, &self.merged)?.neg()?,
+            BroadcastKind::Mul => sum_over_broadcast(&(grad_out * y)?, &self.merged)?,
         };
-        Ok((dy, db))
+        Ok((dy, Some(db)))
     }
 }
 
