@@ -27,8 +27,8 @@
 //!   guidance 1; classifier-free guidance, which extrapolates from the unconditional prediction
 //!   (trained on 10 % of the samples), makes its pictures worse at every scale measured
 //!   ([`FOLLOWING_GUIDANCE`]; numbers in `recipe.json`), so the quick start samples at 1.
-//! - The recipe as committed ran on one thread (`RAYON_NUM_THREADS=1`), an hour on the 2-core
-//!   VM; other thread counts may sum in another order and end a few ulps away.
+//! - The committed weights were made on one thread (`RAYON_NUM_THREADS=1`): other thread counts
+//!   may sum in another order and end a few ulps away.
 //! - Weights are stored in f16 (half the bytes); every tool loads them into f32.
 
 use std::collections::BTreeMap;

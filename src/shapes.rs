@@ -103,8 +103,7 @@ impl Scene {
     /// The `index`-th scene of a balanced set: kind, background and colour cycle through every
     /// combination (the kind fastest), so any run of `3 × backgrounds × colours` scenes shows each
     /// once; size and position are random. A small dataset drawn at random can miss a combination
-    /// entirely (24 random concept pictures once had no square on white), and what a dataset
-    /// never shows an adapter does not learn.
+    /// entirely, and what a dataset never shows an adapter does not learn.
     pub fn balanced(
         rng: &mut Rng,
         index: usize,

@@ -130,8 +130,8 @@ enum BroadcastKind {
 
 /// `y + b`, `y − b` or `y ⊙ b` on merged views (see [`broadcast_op`]) with a backward whose
 /// gradient for `b` avoids candle's: candle sums a broadcast operand's gradient over all its
-/// broadcast axes in one reduction that divides every element's index per axis, a third of a full
-/// fine-tune's step for a small UNet (its conv biases and norm weights); here the trailing
+/// broadcast axes in one reduction that divides every element's index per axis, which dominates
+/// a full fine-tune of a small UNet (its conv biases and norm weights); here the trailing
 /// broadcast axis is summed as contiguous rows and a leading one by a product with a ones vector.
 struct BroadcastNode {
     output: ComputedOutput,
