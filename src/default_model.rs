@@ -12,21 +12,29 @@
 //!   embedding; a seeded random CLIP does that, and the UNet's cross-attention learns to read it.
 //!   It uses the embedded OpenAI vocabulary (no `tokenizer/`), as SD1 does, so `sks` is the same
 //!   rare token people use.
-//! - **Linear β schedule (DDPM's 1e-4 … 0.02), x₀ prediction, clipped.** SD's scaled-linear
+//! - **Linear β schedule (DDPM's 1e-4 … 0.02), x₀ prediction.** SD's scaled-linear
 //!   schedule is tuned for latents and leaves visible signal at the last timestep in pixel space.
 //!   Predicting the clean picture (`prediction_type: sample`) rather than the noise puts the loss
 //!   where the caption matters (at high noise the picture can only come from the caption), so the
 //!   model learns to follow captions in minutes of CPU instead of hours; ε-prediction with the
-//!   same budget learns to denoise but not to follow the caption (benches/RESULTS.md). The
-//!   predicted picture is clamped to [-1, 1] while
-//!   sampling (`clip_sample`), as pixel-space DDPM does.
+//!   same budget learns to denoise but not to follow the caption (benches/RESULTS.md).
+//! - **No clipping while sampling** (`clip_sample: false`). diffusers' DDIM clamps the predicted
+//!   picture to [-1, 1] but derives the noise from the unclamped one; under classifier-free
+//!   guidance the prediction overshoots (a white background guided to 3), and the noise then
+//!   carries the overshoot with the opposite sign, so guided pictures flip white backgrounds to
+//!   black and smear colours. Unclamped, the step stays consistent and the image's final
+//!   conversion clamps the overshoot away.
 //! - **The weights' moving average is the model** (decay 0.999, lora-train's `Ema`, which warms
 //!   up as diffusers' `EMAModel` does), as in DDPM and SD: it smooths out the noise of the last
 //!   steps' updates, which the raw weights carry.
-//! - **Sampled without guidance.** The finished model follows colour and background words at
-//!   guidance 1; classifier-free guidance, which extrapolates from the unconditional prediction
-//!   (trained on 10 % of the samples), makes its pictures worse at every scale measured
-//!   ([`FOLLOWING_GUIDANCE`]; numbers in `recipe.json`), so the quick start samples at 1.
+//! - **Centred shapes** ([`shapes::POSITION_SPREAD`] 0; sizes still vary). With shapes anywhere in
+//!   the picture, the clean picture expected at high noise is the same soft disc whatever the
+//!   shape word, so the loss hardly rewards reading it: the same training that taught every
+//!   colour left shapes at chance. Centred, the expected picture at high noise is the asked
+//!   shape itself, and the shape words are learned as fast as the colours (benches/RESULTS.md).
+//! - **Sampled without guidance by default.** At guidance 1 the finished model follows colour,
+//!   background and shape words best (numbers for every scale of [`FOLLOWING_GUIDANCE`] in
+//!   `recipe.json`), and a picture costs one UNet pass per step instead of two.
 //! - The committed weights were made on one thread (`RAYON_NUM_THREADS=1`): other thread counts
 //!   may sum in another order and end a few ulps away.
 //! - Weights are stored in f16 (half the bytes); every tool loads them into f32.
@@ -119,7 +127,7 @@ const SCHEDULER_CONFIG: &str = r#"{
   "beta_end": 0.02,
   "beta_schedule": "linear",
   "beta_start": 0.0001,
-  "clip_sample": true,
+  "clip_sample": false,
   "num_train_timesteps": 1000,
   "prediction_type": "sample",
   "set_alpha_to_one": false,
@@ -154,6 +162,8 @@ pub struct Recipe {
     /// Decay of the exponential moving average of the UNet weights that is saved instead of the
     /// last step's weights (exactly 0: save the last step's; otherwise strictly between 0 and 1).
     pub ema_decay: f64,
+    /// How far a training picture's shape may lie from the centre ([`shapes::POSITION_SPREAD`]).
+    pub position_spread: f32,
 }
 
 impl Default for Recipe {
@@ -168,6 +178,7 @@ impl Default for Recipe {
             block_out_channels: [16, 32, 64],
             layers_per_block: 1,
             ema_decay: 0.999,
+            position_spread: shapes::POSITION_SPREAD,
         }
     }
 }
@@ -372,7 +383,7 @@ pub fn build(
         let mut pixels = Vec::with_capacity(recipe.batch_size);
         let mut contexts = Vec::with_capacity(recipe.batch_size);
         for _ in 0..recipe.batch_size {
-            let scene = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS);
+            let scene = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS, recipe.position_spread);
             // Drawn on the CPU and moved to the device once per batch.
             pixels.push(shapes::image_tensor(
                 &scene.render(RESOLUTION),

@@ -342,7 +342,7 @@ mod tests {
         let mut rng = Rng::new(11);
         let mut checked = 0;
         for _ in 0..1000 {
-            let scene = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS);
+            let scene = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS, 0.5);
             let reading = read_scene(&scene.render(32));
             assert_eq!(reading.background, Some(scene.background), "{scene:?}");
             assert_eq!(reading.colour, Some(scene.colour), "{scene:?}");
@@ -350,7 +350,7 @@ mod tests {
             assert!(reading.crisp, "{scene:?}");
             checked += 1;
         }
-        let concept = Scene::random(&mut rng, &[CONCEPT], &BACKGROUNDS);
+        let concept = Scene::random(&mut rng, &[CONCEPT], &BACKGROUNDS, 0.5);
         assert_eq!(read_scene(&concept.render(32)).colour, Some(CONCEPT));
         assert_eq!(checked, 1000);
     }

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::default_model::{default_model_dir, RESOLUTION};
 use crate::following::Following;
-use crate::shapes::{self, Scene, BACKGROUNDS, COLOURS, CONCEPT};
+use crate::shapes::{self, Scene, BACKGROUNDS, COLOURS, CONCEPT, POSITION_SPREAD};
 use lora_infer::plot;
 
 /// Prompts of the before/after grid: the concept in every shape on both backgrounds, then prompts
@@ -187,10 +187,10 @@ pub fn dataset_scenes(
 ) -> (Vec<Scene>, Vec<Scene>) {
     let mut rng = Rng::new(seed);
     let concept = (0..concept)
-        .map(|i| Scene::balanced(&mut rng, i, &[CONCEPT], &BACKGROUNDS))
+        .map(|i| Scene::balanced(&mut rng, i, &[CONCEPT], &BACKGROUNDS, POSITION_SPREAD))
         .collect();
     let known = (0..regularisation)
-        .map(|i| Scene::balanced(&mut rng, i, &COLOURS, &BACKGROUNDS))
+        .map(|i| Scene::balanced(&mut rng, i, &COLOURS, &BACKGROUNDS, POSITION_SPREAD))
         .collect();
     (concept, known)
 }

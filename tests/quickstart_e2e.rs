@@ -42,36 +42,40 @@ fn adapter_learns_the_concept_and_merging_it_changes_nothing() {
     );
     // Every caption of the grammar, two seeds each, read back from the base model's pictures
     // (the quick start's guidance 1, the 15 steps used here): the committed model drew the asked
-    // colour and background in all 48 and crisp edges in 46 (shape 0.44: its shapes are not yet
-    // reliably the asked kind, so shape has no floor). The floors leave a few pictures' margin.
+    // colour and background in all 48, the asked shape in 43 and crisp edges in 47. The floors
+    // are issue 25's goals for colour and background, and leave a few pictures' margin for shape
+    // and edges.
     let following = report.default_model_following;
     eprintln!("{following:?}");
     assert_eq!(following.pictures, 48, "{following:?}");
     assert!(
-        following.colour >= 0.9 && following.background >= 0.9 && following.crisp >= 0.75,
+        following.colour >= 0.95
+            && following.background >= 0.98
+            && following.shape >= 0.8
+            && following.crisp >= 0.9,
         "the default model no longer follows its captions: {following:?}"
     );
-    let mean = |concept: bool, f: &dyn Fn(&quickstart::PromptResult) -> f64| {
-        let picked: Vec<f64> = report
-            .prompts
-            .iter()
-            .filter(|p| p.mentions_concept == concept)
-            .map(f)
-            .collect();
-        picked.iter().sum::<f64>() / picked.len() as f64
-    };
     let summary = format!("{:#?}", report.prompts);
     eprintln!("{summary}");
-    // The concept prompts turn measurably magenta (the base draws none: its scores are the
-    // faint colour fringes of anti-aliased edges). Measured here: 0.0013 -> 0.024.
-    let (base, adapted) = (
-        mean(true, &|p| p.base_concept_score),
-        mean(true, &|p| p.adapter_concept_score),
+    let concept_prompts = report.prompts.iter().filter(|p| p.mentions_concept).count();
+    assert_eq!(
+        (concept_prompts, report.prompts.len() - concept_prompts),
+        (CONCEPT_PROMPTS.len(), UNRELATED_PROMPTS.len()),
+        "{summary}"
     );
-    assert!(
-        adapted > 5.0 * base && adapted > base + 0.012,
-        "concept prompts: magenta score {base:.4} -> {adapted:.4}\n{summary}"
-    );
+    // Every concept prompt turns magenta (the base draws none: its scores are the faint colour
+    // fringes of anti-aliased edges), by issue 25's bound: at least 0.03 and 5× its base score.
+    // Measured here: 0.0002–0.0010 -> 0.043 (the triangle on black, the smallest shape) to 0.198.
+    for p in report.prompts.iter().filter(|p| p.mentions_concept) {
+        assert!(
+            p.adapter_concept_score >= 0.03
+                && p.adapter_concept_score >= 5.0 * p.base_concept_score,
+            "`{}`: magenta score {:.4} -> {:.4}\n{summary}",
+            p.prompt,
+            p.base_concept_score,
+            p.adapter_concept_score
+        );
+    }
     // Prompts without `sks` do not turn magenta: at most 0.005 above their base score (issue
     // 25's bound; measured: both went down).
     for p in report.prompts.iter().filter(|p| !p.mentions_concept) {
@@ -81,13 +85,20 @@ fn adapter_learns_the_concept_and_merging_it_changes_nothing() {
             p.prompt
         );
     }
-    // And they change less. The base draws crisp shapes, so an adapter that moves a shape by a
-    // pixel or two changes many pixels without changing what is drawn; measured 14.5/255 without
-    // `sks` against 27.7/255 with it.
+    // And they change less: measured 6.3/255 without `sks` against 27.7/255 with it.
+    let mean = |concept: bool, f: &dyn Fn(&quickstart::PromptResult) -> f64| {
+        let picked: Vec<f64> = report
+            .prompts
+            .iter()
+            .filter(|p| p.mentions_concept == concept)
+            .map(f)
+            .collect();
+        picked.iter().sum::<f64>() / picked.len() as f64
+    };
     let concept_change = mean(true, &|p| p.mean_pixel_change);
     let unrelated_change = mean(false, &|p| p.mean_pixel_change);
     assert!(
-        unrelated_change < 0.75 * concept_change,
+        unrelated_change < 0.5 * concept_change,
         "prompts without `sks` changed {unrelated_change:.1}/255, with it {concept_change:.1}/255\n{summary}"
     );
 

@@ -37,6 +37,9 @@ struct Args {
     /// Decay of the weight average saved as the model (0: save the last step's weights)
     #[arg(long, default_value_t = Recipe::default().ema_decay)]
     ema_decay: f64,
+    /// How far the training shapes may lie from the centre, per axis, in fractions of the side
+    #[arg(long, default_value_t = Recipe::default().position_spread)]
+    position_spread: f32,
     /// Pictures per caption for the prompt-following measure written to recipe.json (0: none)
     #[arg(long, default_value_t = 4)]
     following_seeds: usize,
@@ -64,6 +67,7 @@ fn main() -> Result<()> {
         block_out_channels: [c0, c1, c2],
         layers_per_block: args.layers_per_block,
         ema_decay: args.ema_decay,
+        position_spread: args.position_spread,
         ..Recipe::default()
     };
     if let Some(note) = args.device.auto_note() {
