@@ -42,6 +42,7 @@ fn assert_same_gradients(
     [plain, checkpointed]: &[GradStore; 2],
     params: &[(String, Var)],
     tol: f32,
+    what: &str,
 ) {
     let mut compared = 0;
     for (name, var) in params {
@@ -53,7 +54,7 @@ fn assert_same_gradients(
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no gradient with checkpointing"));
         let err = max_rel_diff(got, expected);
-        assert!(err <= tol, "{name}: gradients differ by {err:.2e}");
+        assert!(err <= tol, "{what}, {name}: gradients differ by {err:.2e}");
         compared += 1;
     }
     assert!(compared > 0, "no parameter got a gradient");
@@ -62,11 +63,19 @@ fn assert_same_gradients(
 /// LoRA on every adaptable layer, on an f32 base (the CPU kernels) and an f16 base (the path
 /// CUDA takes): checkpointing changes where activations live, not the gradients. In f16 the
 /// gradients between layers are sums of f16 terms taken in another order, a few ulps
-/// (≤ 6e-3 here) apart; `lora_parity` holds both passes to PyTorch's.
+/// (≤ 6e-3 here) apart; `lora_parity` holds both passes to PyTorch's. On aarch64 CPUs with FP16
+/// arithmetic, gemm's f16 kernels also multiply and add in f16 (x86 converts to f32), so the
+/// order costs more (1.2e-2 under qemu's `max` CPU; within 1e-2 on its Cortex-A72, which has no
+/// FP16 arithmetic).
 #[test]
 fn checkpointed_lora_gradients_equal_the_plain_backward_pass() -> Result<()> {
     let cfg = tiny_config()?;
-    for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 1e-2)] {
+    let f16_tol = if cfg!(target_arch = "aarch64") {
+        2.5e-2
+    } else {
+        1e-2
+    };
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, f16_tol)] {
         let vb = RandomInit::frozen(3)
             .var_builder(&Device::Cpu)
             .set_dtype(dtype);
@@ -88,7 +97,7 @@ fn checkpointed_lora_gradients_equal_the_plain_backward_pass() -> Result<()> {
         unet.attach_adapter("test", &trainable.adapter.unet, 1.0)?;
         let vars: Vec<Var> = trainable.vars.iter().map(|(_, v)| v.clone()).collect();
         let grads = both_gradients(&unet, &vars)?;
-        assert_same_gradients(&grads, &trainable.vars, tol);
+        assert_same_gradients(&grads, &trainable.vars, tol, &format!("{dtype:?} base"));
     }
     Ok(())
 }
@@ -116,7 +125,7 @@ fn checkpointed_pass_continues_into_a_tracked_context() -> Result<()> {
     let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
     let checkpointed = pass.backward(&loss(&prediction)?, &vars)?;
     assert!(plain.get(scale.as_tensor()).is_some());
-    assert_same_gradients(&[plain, checkpointed], &params, 1e-5);
+    assert_same_gradients(&[plain, checkpointed], &params, 1e-5, "tracked context");
     Ok(())
 }
 
@@ -163,7 +172,7 @@ fn checkpointed_full_fine_tune_gradients_equal_the_plain_backward_pass() -> Resu
         let var = &params.iter().find(|(n, _)| n == name).unwrap().1;
         assert!(grads[1].get(var.as_tensor()).is_some(), "{name}");
     }
-    assert_same_gradients(&grads, &params, 1e-5);
+    assert_same_gradients(&grads, &params, 1e-5, "full fine-tune");
     Ok(())
 }
 
