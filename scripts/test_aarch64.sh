@@ -12,10 +12,12 @@ SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
 if ! dpkg -s gcc-aarch64-linux-gnu qemu-user libc6:arm64 libssl-dev:arm64 >/dev/null 2>&1; then
   $SUDO dpkg --add-architecture arm64
   $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q \
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
     gcc-aarch64-linux-gnu qemu-user libc6:arm64 libssl-dev:arm64
 fi
-rustup target list --installed | grep -qx aarch64-unknown-linux-gnu \
+# `grep` without -q reads all of rustup's output: with -q it could exit first, and under
+# pipefail rustup's broken pipe would fail the test.
+rustup target list --installed | grep -x aarch64-unknown-linux-gnu >/dev/null \
   || rustup target add aarch64-unknown-linux-gnu
 
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
@@ -27,6 +29,7 @@ export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /"
 export PKG_CONFIG_ALLOW_CROSS=1
 export OPENSSL_LIB_DIR=/usr/lib/aarch64-linux-gnu OPENSSL_INCLUDE_DIR=/usr/include
+# Relative to the repository root.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}/aarch64
 
 cargo test -p lora-core --lib --target aarch64-unknown-linux-gnu -- "$@"

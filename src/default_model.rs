@@ -293,6 +293,12 @@ pub fn build(
         recipe.block_out_channels,
         recipe.layers_per_block
     );
+    ensure!(
+        recipe.position_spread >= 0.0,
+        "the position spread is a distance from the centre (0: centred; 0.5 or more: anywhere), \
+         not {}",
+        recipe.position_spread
+    );
     let partial = output.with_extension("partial");
     if partial.exists() {
         std::fs::remove_dir_all(&partial)

@@ -108,7 +108,8 @@ impl Scene {
 
     /// The `index`-th scene of a balanced set: kind, background and colour cycle through every
     /// combination (the kind fastest), so any run of `3 × backgrounds × colours` scenes shows each
-    /// once; size and position are random. A small dataset drawn at random can miss a combination
+    /// once; size is random, position within `spread` of the centre. A small dataset drawn at
+    /// random can miss a combination
     /// entirely, and what a dataset never shows an adapter does not learn.
     pub fn balanced(
         rng: &mut Rng,
@@ -133,6 +134,7 @@ impl Scene {
         background: Colour,
         spread: f32,
     ) -> Self {
+        debug_assert!(spread >= 0.0, "a spread is a distance, not {spread}");
         let size = 0.22 + 0.14 * rng.uniform() as f32;
         let margin = size + 0.04;
         let (low, high) = ((0.5 - spread).max(margin), (0.5 + spread).min(1.0 - margin));
@@ -342,6 +344,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn shapes_lie_within_their_spread_and_inside_the_picture() {
+        let mut rng = Rng::new(5);
+        for spread in [0.0, 0.06, 0.2, 0.5] {
+            let (mut lowest, mut highest) = (1.0f32, 0.0f32);
+            for _ in 0..200 {
+                let scene = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS, spread);
+                for c in [scene.cx, scene.cy] {
+                    assert!((c - 0.5).abs() <= spread + 1e-6, "{spread}: {scene:?}");
+                    assert!(c - scene.size > 0.0 && c + scene.size < 1.0, "{scene:?}");
+                    (lowest, highest) = (lowest.min(c), highest.max(c));
+                }
+            }
+            // The centres spread over the range allowed: within 0.05 of both ends (the smallest
+            // shape, radius 0.22, reaches the border's 0.04 margin at 0.26 from it).
+            let reach = spread.min(0.5 - 0.22 - 0.04);
+            assert!(
+                lowest <= 0.5 - reach + 0.05 && highest >= 0.5 + reach - 0.05,
+                "{spread}: centres only in {lowest}..{highest}"
+            );
+        }
+        let centred = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS, 0.0);
+        assert_eq!((centred.cx, centred.cy), (0.5, 0.5));
     }
 
     #[test]
