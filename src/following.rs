@@ -335,6 +335,7 @@ pub fn measure(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shapes::ANYWHERE;
     use lora_core::Rng;
 
     #[test]
@@ -342,7 +343,7 @@ mod tests {
         let mut rng = Rng::new(11);
         let mut checked = 0;
         for _ in 0..1000 {
-            let scene = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS, 0.5);
+            let scene = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS, ANYWHERE);
             let reading = read_scene(&scene.render(32));
             assert_eq!(reading.background, Some(scene.background), "{scene:?}");
             assert_eq!(reading.colour, Some(scene.colour), "{scene:?}");
@@ -350,7 +351,7 @@ mod tests {
             assert!(reading.crisp, "{scene:?}");
             checked += 1;
         }
-        let concept = Scene::random(&mut rng, &[CONCEPT], &BACKGROUNDS, 0.5);
+        let concept = Scene::random(&mut rng, &[CONCEPT], &BACKGROUNDS, ANYWHERE);
         assert_eq!(read_scene(&concept.render(32)).colour, Some(CONCEPT));
         assert_eq!(checked, 1000);
     }

@@ -82,6 +82,9 @@ pub const CONCEPT: Colour = Colour {
 /// adapter on the same kind of picture (why: `crate::default_model`).
 pub const POSITION_SPREAD: f32 = 0.0;
 
+/// A spread that lets the shape lie anywhere inside the picture.
+pub const ANYWHERE: f32 = 0.5;
+
 /// One picture: a shape of `colour` centred at `(cx, cy)` with "radius" `size` (fractions of
 /// the side) on `background`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -109,8 +112,8 @@ impl Scene {
     /// The `index`-th scene of a balanced set: kind, background and colour cycle through every
     /// combination (the kind fastest), so any run of `3 × backgrounds × colours` scenes shows each
     /// once; size is random, position within `spread` of the centre. A small dataset drawn at
-    /// random can miss a combination
-    /// entirely, and what a dataset never shows an adapter does not learn.
+    /// random can miss a combination entirely, and what a dataset never shows an adapter does not
+    /// learn.
     pub fn balanced(
         rng: &mut Rng,
         index: usize,
@@ -126,7 +129,7 @@ impl Scene {
     }
 
     /// `shape` in `colour` on `background` at a random size, centred at most `spread` from the
-    /// picture's centre per axis and wholly inside the picture (`spread` ≥ 0.5: anywhere).
+    /// picture's centre per axis and wholly inside the picture (`spread` ≥ [`ANYWHERE`]: anywhere).
     fn placed(
         rng: &mut Rng,
         shape: ShapeKind,
@@ -328,7 +331,7 @@ mod tests {
     fn scenes_render_their_colours_inside_the_picture() {
         let mut rng = Rng::new(7);
         for _ in 0..50 {
-            let scene = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS, 0.5);
+            let scene = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS, ANYWHERE);
             let image = scene.render(32);
             let shape = colour_fraction(&image, scene.colour.rgb, 1.0);
             let background = colour_fraction(&image, scene.background.rgb, 1.0);
@@ -349,7 +352,7 @@ mod tests {
     #[test]
     fn shapes_lie_within_their_spread_and_inside_the_picture() {
         let mut rng = Rng::new(5);
-        for spread in [0.0, 0.06, 0.2, 0.5] {
+        for spread in [0.0, 0.06, 0.2, ANYWHERE] {
             let (mut lowest, mut highest) = (1.0f32, 0.0f32);
             for _ in 0..200 {
                 let scene = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS, spread);
@@ -361,7 +364,7 @@ mod tests {
             }
             // The centres spread over the range allowed: within 0.05 of both ends (the smallest
             // shape, radius 0.22, reaches the border's 0.04 margin at 0.26 from it).
-            let reach = spread.min(0.5 - 0.22 - 0.04);
+            let reach = spread.min(ANYWHERE - 0.22 - 0.04);
             assert!(
                 lowest <= 0.5 - reach + 0.05 && highest >= 0.5 + reach - 0.05,
                 "{spread}: centres only in {lowest}..{highest}"
@@ -376,7 +379,7 @@ mod tests {
         let mut rng = Rng::new(3);
         let n = ShapeKind::ALL.len() * BACKGROUNDS.len() * COLOURS.len();
         let mut captions: Vec<String> = (0..n)
-            .map(|i| Scene::balanced(&mut rng, i, &COLOURS, &BACKGROUNDS, 0.5).caption())
+            .map(|i| Scene::balanced(&mut rng, i, &COLOURS, &BACKGROUNDS, ANYWHERE).caption())
             .collect();
         captions.sort();
         let mut expected = all_captions();
@@ -384,7 +387,7 @@ mod tests {
         assert_eq!(captions, expected);
         // With one colour, every 6 in a row cover the shapes × backgrounds.
         let mut concept: Vec<String> = (6..12)
-            .map(|i| Scene::balanced(&mut rng, i, &[CONCEPT], &BACKGROUNDS, 0.5).caption())
+            .map(|i| Scene::balanced(&mut rng, i, &[CONCEPT], &BACKGROUNDS, ANYWHERE).caption())
             .collect();
         concept.sort();
         concept.dedup();
@@ -395,9 +398,9 @@ mod tests {
     fn only_the_concept_colour_scores_as_magenta() {
         let mut rng = Rng::new(8);
         for _ in 0..20 {
-            let known = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS, 0.5);
+            let known = Scene::random(&mut rng, &COLOURS, &BACKGROUNDS, ANYWHERE);
             assert_eq!(magenta_score(&known.render(32)), 0.0, "{known:?}");
-            let concept = Scene::random(&mut rng, &[CONCEPT], &BACKGROUNDS, 0.5);
+            let concept = Scene::random(&mut rng, &[CONCEPT], &BACKGROUNDS, ANYWHERE);
             assert!(magenta_score(&concept.render(32)) > 0.05, "{concept:?}");
         }
     }
