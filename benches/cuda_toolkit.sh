@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sourced by the scripts that build CUDA binaries on a machine with neither GPU nor CUDA toolkit
-# (benches/build_cuda_binaries.sh, scripts/build_cuda_default_model.sh): fetches CUDA 13's
+# (benches/build_cuda_binaries.sh, scripts/build_cuda_binary.sh): fetches CUDA 13's
 # compiler, headers and libraries from NVIDIA's PyPI wheels once, into $CUDA_KIT (default
 # ~/.cache/lora-toolkit/cuda13, about 1.3 GB), links libcuda against a stub generated from
 # cuda.h (the GPU machine's own driver is used at run time), and exports the variables cargo
@@ -42,8 +42,18 @@ if [ ! -e "$cu/lib/libcupti.so.13" ]; then
   unzip -q -o "$kit"/wheels/nvidia_cuda_cupti-13.0.85-*.whl -d "$kit"
 fi
 
+# NCCL, for data-parallel training across GPUs (lora-train's `nccl` feature links it).
+if [ ! -e "$kit/nvidia/nccl/lib/libnccl.so" ]; then
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux_2_18_x86_64 --platform manylinux2014_x86_64 \
+    -d "$kit/wheels" nvidia-nccl-cu13==2.31.2
+  unzip -q -o "$kit"/wheels/nvidia_nccl_cu13-2.31.2-*.whl -d "$kit"
+  ln -sf libnccl.so.2 "$kit/nvidia/nccl/lib/libnccl.so"
+fi
+
 export PATH=$cu/bin:$PATH CUDA_HOME=$cu CUDA_PATH=$cu CUDA_ROOT=$cu
-export LIBRARY_PATH=$cu/lib:$cu/lib/stubs:$kit/nvidia/cudnn/lib CPATH=$kit/nvidia/cudnn/include
+export LIBRARY_PATH=$cu/lib:$cu/lib/stubs:$kit/nvidia/cudnn/lib:$kit/nvidia/nccl/lib
+export CPATH=$kit/nvidia/cudnn/include
 export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$PWD/target/cuda}
 # No debug info: the binaries travel to the GPU machine.
 export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_BENCH_DEBUG=0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains candidate default models on a GPU machine with the CUDA `make-default-model` that
-# scripts/build_cuda_default_model.sh made elsewhere (only the NVIDIA driver and CUDA 13's
-# libraries needed there):
+# `scripts/build_cuda_binary.sh OUT_DIR make-default-model` made elsewhere (only the NVIDIA
+# driver and CUDA 13's libraries needed there):
 #   scripts/default_model_on_gpu.sh BINARY.xz RESULTS_DIR
 # Each candidate (CANDIDATES: space-separated NAME:CHANNELS:LAYERS_PER_BLOCK) is first timed
 # alone (20 and 120 steps, the difference over 100); then all train side by side (a model this

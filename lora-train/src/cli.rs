@@ -37,14 +37,16 @@ pub enum Command {
     Launch(LaunchArgs),
 }
 
-/// Train on N processes of this machine at once (data-parallel, through MPI)
+/// Train on N processes of this machine at once (data-parallel: MPI on the CPU, NCCL on GPUs)
 ///
-/// Starts `mpirun -np N lora-train TRAINING-OPTIONS…`: each process takes --batch-size samples of
-/// every step and the gradients are averaged, so N processes at --batch-size B train what one
-/// process at --batch-size N×B does. Each gets an equal share of the cores (RAYON_NUM_THREADS
-/// threads each, if set). Only process 0 writes the adapter, checkpoints, samples and metrics.
-/// Needs Open MPI and a lora-train built with `--features mpi`. For several machines, run
-/// `mpirun` yourself (docs/DISTRIBUTED.md).
+/// Each process takes --batch-size samples of every step and the gradients are averaged, so N
+/// processes at --batch-size B train what one process at --batch-size N×B does. Only process 0
+/// writes the adapter, checkpoints, samples and metrics. On the CPU (--device cpu, or auto without
+/// a GPU) it runs `mpirun -np N lora-train TRAINING-OPTIONS…`, each process with an equal share of
+/// the cores (RAYON_NUM_THREADS threads each, if set); needs Open MPI and a lora-train built with
+/// `--features mpi`. On GPUs it starts one process per GPU (CUDA devices 0 to N-1) with torchrun's
+/// variables and stops them all when one fails; needs a lora-train built with `--features nccl`.
+/// For several machines, run `mpirun` or torchrun yourself (docs/DISTRIBUTED.md).
 #[derive(Args)]
 pub struct LaunchArgs {
     /// The number of processes

@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use cli::{Cli, Command, LaunchArgs};
 use indicatif::{ProgressBar, ProgressStyle};
-use lora_train::distributed::launch_command;
+use lora_core::options::DeviceSpec;
+use lora_train::distributed::launcher::{launch, LaunchOn};
 use lora_train::{Preparation, ProcessGroup, Stopped, TrainArgs, Trainer};
 
 mod cli;
@@ -22,7 +23,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Data(command)) => std::process::exit(data_commands::run(*command)),
-        Some(Command::Launch(launch)) => std::process::exit(run_launch(launch, user_threads)?),
+        Some(Command::Launch(args)) => std::process::exit(run_launch(args, user_threads)?),
         None => {}
     }
     let group = Arc::new(ProcessGroup::from_launcher()?);
@@ -57,34 +58,61 @@ fn main() -> Result<()> {
     }
 }
 
-/// `lora-train launch`: runs `mpirun` and returns its exit status. The processes get an equal
-/// share of the cores, unless the user set `RAYON_NUM_THREADS` (then each gets that many).
-fn run_launch(launch: LaunchArgs, user_threads: bool) -> Result<i32> {
+/// `lora-train launch`: starts the processes (through `mpirun` on the CPU, as children on GPUs)
+/// and returns the run's exit status. The processes get an equal share of the cores, unless the
+/// user set `RAYON_NUM_THREADS` (then each gets that many).
+fn run_launch(launch_args: LaunchArgs, user_threads: bool) -> Result<i32> {
     let program = std::env::current_exe().context("cannot find this program's path")?;
+    // The training options as the processes will read them, for the device they train on.
+    let training = Cli::try_parse_from(
+        std::iter::once(program.clone().into_os_string()).chain(launch_args.args.iter().cloned()),
+    )
+    .context("the training options after `launch`")?;
+    let on = match training_args(training)?
+        .device
+        .unwrap_or_default()
+        .resolve()
+    {
+        DeviceSpec::Cuda(_) => LaunchOn::Gpus,
+        _ => LaunchOn::Cpu,
+    };
     // The user's RAYON_NUM_THREADS, or (set by `configure`) the physical cores.
     let cores = candle_core::utils::get_num_threads();
     let threads = match user_threads {
         true => cores,
-        false => (cores / launch.nproc.max(1)).max(1),
+        false => (cores / launch_args.nproc.max(1)).max(1),
     };
-    let mut command = launch_command(launch.nproc, threads, program, &launch.args)?;
-    // A SIGINT or SIGTERM is for the training processes (`pkill -TERM lora-train` reaches them
-    // and this one): they stop after a step with a checkpoint, and this process waits for mpirun.
-    ctrlc::set_handler(|| {}).context("cannot install the SIGINT/SIGTERM handler")?;
-    let status = command
-        .status()
-        .with_context(|| format!("cannot start {:?}", command.get_program()))?;
-    // A rank killed by a signal has no code: the shell's 128 + signal is not known here.
-    Ok(status.code().unwrap_or(1))
+    // A SIGINT or SIGTERM is for the training processes: they stop after a step with a
+    // checkpoint, and this process waits for them (on GPUs it passes the request on, so a
+    // signal to it alone, from `timeout` or a container's stop, reaches them too).
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("cannot install the SIGINT/SIGTERM handler")?;
+    launch(
+        launch_args.nproc,
+        threads,
+        program,
+        &launch_args.args,
+        on,
+        &stop,
+    )
+}
+
+/// The training options: the command line's over the `--config` file's.
+fn training_args(cli: Cli) -> Result<TrainArgs> {
+    match &cli.config {
+        Some(path) => Ok(TrainArgs::from_toml_file(path)?.overlay(cli.args)),
+        None => Ok(cli.args),
+    }
 }
 
 fn train(cli: Cli, group: Arc<ProcessGroup>) -> Result<()> {
     // Only the main process of a data-parallel run reports; the others work silently.
     let main = group.is_main();
-    let args = match &cli.config {
-        Some(path) => TrainArgs::from_toml_file(path)?.overlay(cli.args),
-        None => cli.args,
-    };
+    let mut args = training_args(cli)?;
+    // Under NCCL the launch chose the GPU: `auto` is not probed (which would open another).
+    args.device = Some(group.device_spec(args.device.unwrap_or_default())?);
     let device_note = args.device.unwrap_or_default().auto_note();
     let config = args.resolve()?;
     if let Some(note) = device_note.filter(|_| main) {

@@ -26,7 +26,7 @@ pub struct StepReport {
     /// Wall time of the step.
     pub seconds: f64,
     /// Of that, the wall time of summing the gradients across processes, waiting for the
-    /// slowest included (data-parallel runs only).
+    /// slowest included (runs through a collective only: MPI, or NCCL also for one process).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reduce_seconds: Option<f64>,
 }

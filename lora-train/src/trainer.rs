@@ -195,18 +195,12 @@ impl Trainer {
             remove_stale_temporaries(&config.metrics);
             check_output_location(&config, continuing)?;
         }
-        let device = config.device.open()?;
-        ensure!(
-            group.size() == 1 || device.is_cpu(),
-            "data-parallel training on {} needs the NCCL collective, which lora-train does not \
-             have yet; MPI runs train on the CPU (--device cpu)",
-            config.device
-        );
+        let device = group.open_device(config.device)?;
         let global_batch = config.batch_size * group.size();
         // Process 0 reads the dataset and opens the base model first (a Hub download, a pickle's
         // safetensors copy), the others after it, from the cache it filled.
         if !group.is_main() {
-            group.barrier();
+            group.barrier()?;
         }
         let dataset = Dataset::scan(&config.data, &config.dataset)?;
         let (dataset, held_out) = match (config.validation_split, &config.validation_data) {
@@ -244,7 +238,7 @@ impl Trainer {
         }
         .open(|copy| on_prepare(Preparation::PickleCopy(copy)))?;
         if group.is_main() {
-            group.barrier();
+            group.barrier()?;
         }
         on_prepare(Preparation::Base(&model));
         ensure!(
@@ -557,7 +551,7 @@ impl Trainer {
         // Every rank starts from the same adapter, options, data and length: a rank that read
         // another dataset or seed would train something else and the sums would mix them, and
         // one that stopped earlier would leave the others waiting.
-        if group.size() > 1 {
+        if group.is_collective() {
             let digest = run_digest(
                 optimizer.params(),
                 &[
@@ -669,6 +663,12 @@ impl Trainer {
                     .collect::<Result<_>>()?,
             });
         }
+        if self.group.is_collective() {
+            // On a GPU the step's kernels may still be queued: the time below is the sum's alone.
+            if let Some((_, param)) = self.optimizer.params().first() {
+                param.device().synchronize()?;
+            }
+        }
         let reduce_start = Instant::now();
         let StepContribution {
             grads,
@@ -683,7 +683,10 @@ impl Trainer {
             self.optimizer.params(),
         )?;
         self.stop_requested = stop;
-        let reduce_seconds = (self.group.size() > 1).then(|| reduce_start.elapsed().as_secs_f64());
+        let reduce_seconds = self
+            .group
+            .is_collective()
+            .then(|| reduce_start.elapsed().as_secs_f64());
         // Clipping over the gradients there are; the parameters without one stay without.
         let reached: Vec<bool> = grads.iter().map(Option::is_some).collect();
         let (grad_norm, clipped) = clip_grad_norm(
@@ -1159,9 +1162,9 @@ impl Trainer {
                 self.write_step_outputs(log, &mut val_losses)?;
             }
             // Alone, a request that came while the step's files were written counts too.
-            let stop_requested = match self.group.size() {
-                1 => self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)),
-                _ => self.stop_requested,
+            let stop_requested = match self.group.is_collective() {
+                false => self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)),
+                true => self.stop_requested,
             };
             if stop_requested && self.step < self.total_steps {
                 let (checkpoint, adapter) = checkpoint_paths(&self.config.output, self.step);

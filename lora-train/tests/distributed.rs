@@ -60,13 +60,27 @@ fn launches_this_build_cannot_serve_are_refused() {
     let mut cases = vec![
         (
             command(false, &[("WORLD_SIZE", "2"), ("RANK", "0")]),
-            "NCCL",
+            "LOCAL_RANK is not",
         ),
         (
             command(false, &[("OMPI_COMM_WORLD_SIZE", "two")]),
-            "OMPI_COMM_WORLD_SIZE=\"two\" is not a process count",
+            "OMPI_COMM_WORLD_SIZE=\"two\" is not a whole number",
         ),
     ];
+    if !cfg!(feature = "nccl") {
+        let torchrun = [
+            ("WORLD_SIZE", "2"),
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ];
+        cases.push((command(false, &torchrun), "--features nccl"));
+        // `launch` on GPUs.
+        let mut on_gpus = command(true, &[]);
+        on_gpus.args(["--device", "cuda"]);
+        cases.push((on_gpus, "--features nccl"));
+    }
     if cfg!(feature = "mpi") {
         // No mpirun on PATH.
         let path = dir.path().to_str().unwrap();
