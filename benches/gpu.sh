@@ -95,6 +95,7 @@ runs=(
 results=()
 for run in "${runs[@]}"; do
   read -r case dtype batch flags <<<"$run"
+  # shellcheck disable=SC2206 # flags holds several words, meant to split
   args=("$case" --device cuda --dtype "$dtype" --batch "$batch" --iters 10 $flags)
   theirs=$(measure "$python" benches/unet_step_reference.py "${args[@]}")
   echo "$theirs"
@@ -146,6 +147,7 @@ if [ "${TRACE:-0}" != 0 ]; then
   }
   for run in "${runs[@]}"; do
     read -r case dtype batch flags <<<"$run"
+    # shellcheck disable=SC2206 # as above
     args=("$case" --device cuda --dtype "$dtype" --batch "$batch" --iters 2 $flags)
     if [ "$TRACE" != ours ]; then
       traced "reference, $run (warm-up + 2 steps)" "$python" benches/unet_step_reference.py "${args[@]}"

@@ -17,21 +17,12 @@ if [ "$(cd "$built_in" 2>/dev/null && pwd -P)" != "$(pwd -P)" ]; then
   ln -sfn "$PWD" "$built_in"
 fi
 run=$(mktemp -d)
+# shellcheck source=scripts/gpu_machine.sh
+source scripts/gpu_machine.sh
 for packed in "$bins"/*.xz; do
-  unpacked=$run/$(basename "$packed" .xz)
-  # Python's lzma where the image has no xz.
-  if command -v xz >/dev/null; then
-    xz -dc "$packed" >"$unpacked"
-  else
-    "$python" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$packed" "$unpacked"
-  fi
-  chmod +x "$unpacked"
+  unpack_binary "$python" "$packed" "$run/$(basename "$packed" .xz)"
 done
-# CUDA 13's libraries: the system toolkit's or those of PyTorch's wheels.
-libs=$(find /usr/local /opt /usr/lib -xdev \( -name 'libcublasLt.so.13' -o -name 'libcublas.so.13' \
-  -o -name 'libcudart.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' \
-  -o -name 'libcudnn.so.9' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
-export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:-}
+use_cuda_libraries libcudnn.so.9
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 for binary in "$run"/*; do
   if ldd "$binary" | grep 'not found'; then echo "$binary: libraries missing"; fi

@@ -20,14 +20,11 @@ warmup=${WARMUP:-200}
 python=${PYTHON:-python3}
 work=$(mktemp -d)
 binary=$work/make-default-model
-# Python's lzma where the image has no xz.
-"$python" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-  "$binary_xz" "$binary"
-chmod +x "$binary"
-libs=$(find /usr/local /opt /usr/lib -xdev \( -name 'libcublasLt.so.13' -o -name 'libcublas.so.13' \
-  -o -name 'libcudart.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' \) 2>/dev/null |
-  xargs -r -n1 dirname | sort -u | tr '\n' ':')
-export LD_LIBRARY_PATH=${libs%:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# shellcheck source=scripts/gpu_machine.sh
+source "$(dirname "$0")/gpu_machine.sh"
+unpack_binary "$python" "$binary_xz" "$binary" || { echo "cannot unpack $binary_xz"; exit 1; }
+# shellcheck disable=SC2119 # no further libraries, not the script's arguments
+use_cuda_libraries
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 mkdir -p "$results"
 
@@ -78,7 +75,7 @@ for entry in "${pids[@]}"; do
   tail -n 40 "$work/$name.log"
 done
 # The copiers stop before the finished models are packed.
-kill $(jobs -p) 2>/dev/null
+jobs -p | xargs -r kill 2>/dev/null
 wait 2>/dev/null
 for entry in "${pids[@]}"; do
   name=${entry#*:}

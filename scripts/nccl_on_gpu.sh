@@ -24,14 +24,10 @@ python=${PYTHON:-python3}
 mkdir -p "$results"
 work=$(mktemp -d)
 binary=$work/lora-train
-# Python's lzma where the image has no xz.
-"$python" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-  "$binary_xz" "$binary"
-chmod +x "$binary"
-libs=$(find /usr/local /opt /usr/lib -xdev \( -name 'libcublasLt.so.13' -o -name 'libcublas.so.13' \
-  -o -name 'libcudart.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' \
-  -o -name 'libnccl.so.2' \) -print0 2>/dev/null | xargs -0 -r -n1 dirname | sort -u | tr '\n' ':')
-export LD_LIBRARY_PATH=${libs%:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# shellcheck source=scripts/gpu_machine.sh
+source scripts/gpu_machine.sh
+unpack_binary "$python" "$binary_xz" "$binary" || { echo "FAIL: cannot unpack $binary_xz"; exit 1; }
+use_cuda_libraries libnccl.so.2
 if ldd "$binary" | grep 'not found'; then echo "FAIL: libraries missing"; exit 1; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$results/gpus.csv"
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
