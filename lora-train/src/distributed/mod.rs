@@ -227,15 +227,9 @@ impl ProcessGroup {
         match &self.collective {
             Collective::Alone => {}
             #[cfg(feature = "mpi")]
-            Collective::Mpi(_) => mpi_world::MpiWorld::abort_all_on_panic(),
+            Collective::Mpi(_) => end_process_on_panic(mpi_world::MpiWorld::abort_on_panic),
             #[cfg(feature = "nccl")]
-            Collective::Nccl(_) => {
-                let report = std::panic::take_hook();
-                std::panic::set_hook(Box::new(move |info| {
-                    report(info);
-                    std::process::exit(101)
-                }));
-            }
+            Collective::Nccl(_) => end_process_on_panic(|| std::process::exit(101)),
         }
     }
 
@@ -349,6 +343,17 @@ impl ProcessGroup {
         }
         std::process::exit(code)
     }
+}
+
+/// Replaces the panic hook with one that reports as before, then calls `end` (which does not
+/// return), so that a panic on any thread ends this process.
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+fn end_process_on_panic(end: fn() -> !) {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        end()
+    }));
 }
 
 #[cfg(test)]

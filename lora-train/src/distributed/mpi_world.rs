@@ -56,12 +56,8 @@ impl MpiWorld {
         self.universe.world().abort(code)
     }
 
-    /// Makes a panic on any thread of this process end the whole run (after the usual message).
-    pub fn abort_all_on_panic() {
-        let report = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            report(info);
-            mpi::topology::SimpleCommunicator::world().abort(101)
-        }));
+    /// `abort` with a panic's code, for the panic hook (which cannot hold the world).
+    pub fn abort_on_panic() -> ! {
+        mpi::topology::SimpleCommunicator::world().abort(101)
     }
 }
