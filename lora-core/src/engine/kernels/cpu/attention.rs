@@ -74,8 +74,20 @@ impl Geometry {
 
     /// The transpose of [`Self::head`]: a `d × rows` view.
     fn head_t<'a>(&self, x: &'a [f32], rows: usize, b: usize, h: usize) -> Mat<'a> {
+        self.head_t_rows(x, rows, b, h, 0)
+    }
+
+    /// [`Self::head_t`] from row `first` on.
+    fn head_t_rows<'a>(
+        &self,
+        x: &'a [f32],
+        rows: usize,
+        b: usize,
+        h: usize,
+        first: usize,
+    ) -> Mat<'a> {
         Mat::transposed(
-            &x[b * rows * self.width() + h * self.head_dim..],
+            &x[(b * rows + first) * self.width() + h * self.head_dim..],
             self.width(),
         )
     }
@@ -89,6 +101,22 @@ impl Geometry {
             let sample = &mut out[b * rows * width..][..rows * width];
             for (dst, src) in sample.chunks_exact_mut(width).zip(block.chunks_exact(d)) {
                 dst[h * d..][..d].copy_from_slice(src);
+            }
+        }
+        out
+    }
+
+    /// [`Self::merge_heads`] of per-head `d × rows` blocks (each head's transpose).
+    fn merge_heads_transposed(&self, blocks: &[Vec<f32>], rows: usize) -> Vec<f32> {
+        let (d, width) = (self.head_dim, self.width());
+        let mut out = vec![0.0f32; self.batch * rows * width];
+        for (t, block) in blocks.iter().enumerate() {
+            let (b, h) = (t / self.heads, t % self.heads);
+            let sample = &mut out[b * rows * width..][..rows * width];
+            for (j, column) in block.chunks_exact(rows).enumerate() {
+                for (dst, &value) in sample[h * d + j..].iter_mut().step_by(width).zip(column) {
+                    *dst = value;
+                }
             }
         }
         out
@@ -178,44 +206,55 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
 /// The gradients `(dQ, dK, dV)` of [`forward`] given the output gradient `dO`, packed one after
 /// the other: with `P = softmax(S)`, `S = Q·Kᵀ/√d`,
 /// `dV = Pᵀ·dO`, `dS = P ⊙ (dO·Vᵀ − rowsum(P ⊙ dO·Vᵀ)) / √d`, `dQ = dS·K`, `dK = dSᵀ·Q`,
-/// one block of query rows at a time (dK and dV accumulate over the blocks).
+/// one block of query rows at a time (dK and dV accumulate over the blocks). dK and dV are
+/// computed transposed (`dVᵀ = dOᵀ·P`, `dKᵀ = Qᵀ·dS`): that way the `rows × M` block is a
+/// row-major operand the gemm crate reads as it is, where `Pᵀ·dO` has it repack the block
+/// element by element.
 fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> Vec<f32> {
     let (n, m, d) = (g.queries, g.keys, g.head_dim);
     let scale = 1.0 / (d as f32).sqrt();
     type HeadGrads = (Vec<f32>, (Vec<f32>, Vec<f32>));
-    let (dq, dkv): (Vec<_>, Vec<_>) = (0..g.batch * g.heads)
+    let (dq, dkv_t): (Vec<_>, Vec<_>) = (0..g.batch * g.heads)
         .into_par_iter()
         .map(|t| {
             let head = (t / g.heads, t % g.heads);
             let (b, h) = head;
             let (kh, vt) = (g.head(k, m, b, h), g.head_t(v, m, b, h));
             let mut dq = vec![0.0f32; n * d];
-            let (mut dk, mut dv) = (vec![0.0f32; m * d], vec![0.0f32; m * d]);
+            let (mut dk_t, mut dv_t) = (vec![0.0f32; d * m], vec![0.0f32; d * m]);
             for (i, (first, rows)) in query_blocks(g).enumerate() {
-                let accumulate = i > 0;
+                let (accumulate, transposed) = (i > 0, (d, m, rows));
                 with_scratch(2 * rows * m, |scratch| {
                     let (probs, dp) = scratch.split_at_mut(rows * m);
                     probabilities(g, (q, k), head, first, probs);
                     let dout = g.head_rows(grad_out, n, b, h, first);
-                    let pt = Mat::transposed(probs, m);
-                    matmul(&mut dv, d, accumulate, (m, d, rows), pt, dout, Threads::One);
+                    let dout_t = g.head_t_rows(grad_out, n, b, h, first);
+                    let p = Mat::rows(probs, m);
+                    matmul(
+                        &mut dv_t,
+                        m,
+                        accumulate,
+                        transposed,
+                        dout_t,
+                        p,
+                        Threads::One,
+                    );
                     matmul(dp, m, false, (rows, m, d), dout, vt, Threads::One);
                     softmax_grad_rows(probs, dp, m, scale);
                     let ds = Mat::rows(dp, m);
                     let dq_rows = &mut dq[first * d..];
                     matmul(dq_rows, d, false, (rows, d, m), ds, kh, Threads::One);
-                    let qh = g.head_rows(q, n, b, h, first);
-                    let dst = Mat::transposed(dp, m);
-                    matmul(&mut dk, d, accumulate, (m, d, rows), dst, qh, Threads::One);
+                    let q_t = g.head_t_rows(q, n, b, h, first);
+                    matmul(&mut dk_t, m, accumulate, transposed, q_t, ds, Threads::One);
                 });
             }
-            (dq, (dk, dv)) as HeadGrads
+            (dq, (dk_t, dv_t)) as HeadGrads
         })
         .unzip();
-    let (dk, dv): (Vec<_>, Vec<_>) = dkv.into_iter().unzip();
+    let (dk_t, dv_t): (Vec<_>, Vec<_>) = dkv_t.into_iter().unzip();
     let mut packed = g.merge_heads(&dq, n);
-    packed.extend(g.merge_heads(&dk, m));
-    packed.extend(g.merge_heads(&dv, m));
+    packed.extend(g.merge_heads_transposed(&dk_t, m));
+    packed.extend(g.merge_heads_transposed(&dv_t, m));
     packed
 }
 
