@@ -32,7 +32,11 @@ use lora_core::{AddedConditioning, Rng};
 
 use crate::config::Crop;
 use crate::dataset::{image_to_tensor, CropWindow, Dataset};
+use crate::distributed::ProcessGroup;
 use crate::masks::{mask_weights, read_mask};
+
+mod shard;
+use shard::Shard;
 
 /// How an image becomes the UNet's input space.
 enum Space {
@@ -149,11 +153,14 @@ pub struct EncodeOptions {
 
 impl EncodedDataset {
     /// Runs the text encoder over every distinct caption and (for centre crops) the VAE over
-    /// every image. `on_item` is called after each image, for progress display.
+    /// every image, the images split over `group`'s ranks (every rank of it must call this with
+    /// the same dataset). `on_item(done, total)` is called after each of this rank's images,
+    /// for progress display.
     pub fn build(
         model: &ModelFolder,
         dataset: &Dataset,
         options: &EncodeOptions,
+        group: &ProcessGroup,
         device: &Device,
         on_item: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
@@ -216,19 +223,24 @@ impl EncodedDataset {
             None => Vec::new(),
         };
 
-        let mut encoded = Vec::new();
-        let mut images = Vec::new();
-        let mut windows = Vec::new();
+        // With centre crops the encoding is split over the ranks (`shard`), then shared.
+        let shard = match options.crop {
+            Crop::Center => Shard::of(group),
+            Crop::Random => Shard::WHOLE,
+        };
         let total = dataset.items.len();
+        let mut encoded: Vec<[Option<Encoded>; 2]> = (0..total).map(|_| [None, None]).collect();
+        let mut windows = vec![None; total];
+        let mut images = Vec::new();
+        let mine = shard.count(total);
         // Centre crops draw no randomness; the generator is only a required argument.
         let mut unused = Rng::new(0);
-        for (i, (item, image)) in dataset.items.iter().zip(dataset.images()).enumerate() {
+        for (done, (i, image)) in dataset.images_of(|i| shard.owns(i)).enumerate() {
             let image = image?;
             match options.crop {
                 Crop::Random => images.push(image),
                 Crop::Center => {
-                    let mut both = [None, None];
-                    for (slot, flip) in both.iter_mut().zip([false, true]) {
+                    for (slot, flip) in encoded[i].iter_mut().zip([false, true]) {
                         if flip && !options.flip {
                             continue;
                         }
@@ -242,18 +254,30 @@ impl EncodedDataset {
                             device,
                         )?;
                         if !flip {
-                            windows.push(window);
+                            windows[i] = Some(window);
                         }
-                        *slot = Some(
-                            encode_pixels(&space, pixels)
-                                .with_context(|| format!("cannot encode {}", item.image))?,
-                        );
+                        *slot = Some(encode_pixels(&space, pixels).with_context(|| {
+                            format!("cannot encode {}", dataset.items[i].image)
+                        })?);
                     }
-                    encoded.push(both);
                 }
             }
-            on_item(i + 1, total);
+            on_item(done + 1, mine);
         }
+        let (encoded, windows) = match options.crop {
+            Crop::Random => (Vec::new(), Vec::new()),
+            Crop::Center => {
+                if group.is_collective() {
+                    let latent = matches!(space, Space::Latent { .. });
+                    shard::share(group, shard, latent, &mut encoded, &mut windows, device)
+                        .context("sharing the cached latents between the ranks")?;
+                }
+                let windows = windows
+                    .into_iter()
+                    .map(|w| w.context("an item without its crop window"));
+                (encoded, windows.collect::<Result<Vec<_>>>()?)
+            }
+        };
         let mut space = space;
         if let (Crop::Center, Space::Latent { vae, .. }) = (options.crop, &mut space) {
             *vae = None; // every latent is cached: free the VAE

@@ -407,23 +407,38 @@ impl Dataset {
     /// Every item's image, decoded, in item order; a parquet file's rows are read in one pass,
     /// a few at a time.
     pub fn images(&self) -> impl Iterator<Item = Result<DynamicImage>> + '_ {
+        self.images_of(|_| true).map(|(_, image)| image)
+    }
+
+    /// [`Self::images`] of the items `wanted` picks (by index), with their indices; the others
+    /// are not decoded (their files are not opened; a parquet file's rows in between are read
+    /// past).
+    pub fn images_of<'a>(
+        &'a self,
+        wanted: impl Fn(usize) -> bool + 'a,
+    ) -> impl Iterator<Item = (usize, Result<DynamicImage>)> + 'a {
         let mut rows: Option<parquet::RowImages> = None;
-        self.items.iter().map(move |item| {
-            let image = match &item.image {
-                ImageLocation::File(path) => load_image(path),
-                ImageLocation::ParquetRow {
-                    file, row, column, ..
-                } => {
-                    let reader = match rows.take() {
-                        Some(reader) if reader.reaches(file, column, *row) => reader,
-                        _ => parquet::RowImages::open(file, column, *row)?,
-                    };
-                    let reader = rows.insert(reader);
-                    reader.image(*row)
-                }
-            };
-            image.with_context(|| format!("cannot load {}", item.image))
-        })
+        let items = self.items.iter().enumerate();
+        items
+            .filter(move |(i, _)| wanted(*i))
+            .map(move |(i, item)| {
+                let image = match &item.image {
+                    ImageLocation::File(path) => load_image(path),
+                    ImageLocation::ParquetRow {
+                        file, row, column, ..
+                    } => (|| {
+                        let reader = match rows.take() {
+                            Some(reader) if reader.reaches(file, column, *row) => reader,
+                            _ => parquet::RowImages::open(file, column, *row)?,
+                        };
+                        rows.insert(reader).image(*row)
+                    })(),
+                };
+                (
+                    i,
+                    image.with_context(|| format!("cannot load {}", item.image)),
+                )
+            })
     }
 
     /// Item index of each sample of an epoch, in folder order (shuffled per epoch by the loop).
@@ -789,5 +804,26 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert!(alpha.iter().all(|&a| a == 1.0));
+    }
+
+    #[test]
+    fn images_of_reads_only_the_wanted_items() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, shade) in [("a.png", 10u8), ("b.png", 20), ("c.png", 30)] {
+            image::RgbImage::from_pixel(2, 2, image::Rgb([shade; 3]))
+                .save(dir.path().join(name))
+                .unwrap();
+            std::fs::write(dir.path().join(name).with_extension("txt"), "a square").unwrap();
+        }
+        let dataset = Dataset::scan(dir.path(), &ScanOptions::default()).unwrap();
+        // Damaged after the scan: reading it now fails.
+        std::fs::write(dir.path().join("b.png"), b"not a png").unwrap();
+        let picked: Vec<(usize, u8)> = dataset
+            .images_of(|i| i != 1)
+            .map(|(i, image)| (i, image.unwrap().to_rgb8().get_pixel(0, 0).0[0]))
+            .collect();
+        assert_eq!(picked, vec![(0, 10), (2, 30)]);
+        let all: Vec<bool> = dataset.images().map(|image| image.is_ok()).collect();
+        assert_eq!(all, vec![true, false, true]);
     }
 }

@@ -455,6 +455,28 @@ impl Trainer {
             on_prepare(Preparation::Resumed { step, path });
         }
 
+        // Every rank starts from the same adapter, options, data and length: a rank that read
+        // another dataset or seed would train something else and the sums would mix them, and
+        // one that stopped earlier would leave the others waiting. Checked before the caching
+        // pass, whose sharing is the first collective call after this one.
+        if group.is_collective() {
+            let digest = run_digest(
+                optimizer.params(),
+                &[
+                    &recipe(&config, total_steps, global_batch)?.to_string(),
+                    &dataset_fingerprint,
+                    &step.to_string(),
+                    &total_steps.to_string(),
+                ],
+            )?;
+            ensure!(
+                group.same_everywhere(digest)?,
+                "process {} of {}: the adapter, options or dataset differ between the processes \
+                 of this run (each must see the same files and the same command)",
+                group.rank(),
+                group.size()
+            );
+        }
         let data = EncodedDataset::build(
             &model,
             &dataset,
@@ -471,6 +493,7 @@ impl Trainer {
                     .map(|dir| find_masks(dir, &dataset))
                     .transpose()?,
             },
+            &group,
             &device,
             &mut |done, total| on_prepare(Preparation::Encoding { done, total }),
         )?;
@@ -489,6 +512,7 @@ impl Trainer {
                         unet_in_channels: unet_config.in_channels,
                         masks: None,
                     },
+                    &group,
                     &device,
                     &mut |done, total| on_prepare(Preparation::Encoding { done, total }),
                 )
@@ -518,6 +542,8 @@ impl Trainer {
                         unet_in_channels: unet_config.in_channels,
                         masks: None,
                     },
+                    // Only this process encodes them.
+                    &ProcessGroup::alone(),
                     &device,
                     &mut |done, total| on_prepare(Preparation::Encoding { done, total }),
                 )?;
@@ -548,27 +574,6 @@ impl Trainer {
             )?),
             _ => None,
         };
-        // Every rank starts from the same adapter, options, data and length: a rank that read
-        // another dataset or seed would train something else and the sums would mix them, and
-        // one that stopped earlier would leave the others waiting.
-        if group.is_collective() {
-            let digest = run_digest(
-                optimizer.params(),
-                &[
-                    &recipe(&config, total_steps, global_batch)?.to_string(),
-                    &dataset_fingerprint,
-                    &step.to_string(),
-                    &total_steps.to_string(),
-                ],
-            )?;
-            ensure!(
-                group.same_everywhere(digest)?,
-                "process {} of {}: the adapter, options or dataset differ between the processes \
-                 of this run (each must see the same files and the same command)",
-                group.rank(),
-                group.size()
-            );
-        }
         Ok(Self {
             config,
             unet,

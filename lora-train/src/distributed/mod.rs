@@ -246,8 +246,8 @@ impl ProcessGroup {
     }
 
     /// The element-wise sum over the ranks of `flat` (one-dimensional f32, on this rank's
-    /// training device).
-    fn sum(&self, flat: Tensor) -> Result<Tensor> {
+    /// training device). Every rank must call it, with as many values.
+    pub fn sum(&self, flat: Tensor) -> Result<Tensor> {
         match &self.collective {
             Collective::Alone => Ok(flat),
             #[cfg(feature = "mpi")]
