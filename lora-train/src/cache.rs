@@ -14,7 +14,9 @@
 //! and crop micro-conditioning ([`sdxl_time_ids`]), as diffusers' and kohya's SDXL scripts give
 //! them.
 //!
-//! The cache lives in memory; both encoders are tiny next to the UNet's training cost.
+//! The cache lives in memory; both encoders are tiny next to the UNet's training cost. In a
+//! data-parallel run each process encodes its share of the images and captions and the rest
+//! arrive through the processes' sum (`cache/shard.rs`).
 
 use std::collections::BTreeMap;
 
@@ -189,6 +191,7 @@ impl EncodedDataset {
             dataset,
             options.caption_dropout,
             options.caption_tokens,
+            group,
             device,
         )?;
         let masks = match &options.masks {
@@ -269,8 +272,8 @@ impl EncodedDataset {
             Crop::Center => {
                 if group.is_collective() {
                     let latent = matches!(space, Space::Latent { .. });
-                    shard::share(group, shard, latent, &mut encoded, &mut windows, device)
-                        .context("sharing the cached latents between the ranks")?;
+                    share_encodings(group, shard, latent, &mut encoded, &mut windows, device)
+                        .context("sharing the cached latents between the processes")?;
                 }
                 let windows = windows
                     .into_iter()
@@ -498,6 +501,96 @@ pub fn conditioning(
     }
 }
 
+/// [`shard::share`] of the images' encodings and crop windows: per item the posterior's mean and
+/// deviation (`latent`), or the pixels, as is and mirrored, then the window as four numbers.
+fn share_encodings(
+    group: &ProcessGroup,
+    shard: Shard,
+    latent: bool,
+    encoded: &mut [[Option<Encoded>; 2]],
+    windows: &mut [Option<CropWindow>],
+    device: &Device,
+) -> Result<()> {
+    let mut items = Vec::with_capacity(encoded.len());
+    for (both, window) in encoded.iter().zip(windows.iter()) {
+        let mut slots = Vec::with_capacity(5);
+        for e in both {
+            let (a, b) = match e {
+                Some(Encoded::Distribution { mean, std }) => (Some(mean), Some(std)),
+                Some(Encoded::Pixels(pixels)) => (Some(pixels), None),
+                None => (None, None),
+            };
+            slots.extend([a.cloned(), b.cloned()]);
+        }
+        let window = window.map(|w| {
+            let numbers = [w.resized.0, w.resized.1, w.left, w.top].map(|v| v as f32);
+            Tensor::new(&numbers, device)
+        });
+        slots.push(window.transpose()?);
+        items.push(slots);
+    }
+    shard::share(group, shard, &mut items, device)?;
+    for (i, ((slots, both), window)) in items
+        .into_iter()
+        .zip(encoded.iter_mut())
+        .zip(windows.iter_mut())
+        .enumerate()
+    {
+        let mut slots = slots.into_iter();
+        for e in both.iter_mut() {
+            let (a, b) = (slots.next().flatten(), slots.next().flatten());
+            *e = match (a, b) {
+                (Some(mean), Some(std)) if latent => Some(Encoded::Distribution { mean, std }),
+                (Some(pixels), None) if !latent => Some(Encoded::Pixels(pixels)),
+                (None, None) => None,
+                _ => bail!("item {i}: an encoding of the wrong kind"),
+            };
+        }
+        let numbers = slots
+            .next()
+            .flatten()
+            .with_context(|| format!("item {i}: no process encoded it"))?;
+        let [resized_w, resized_h, left, top] = numbers
+            .to_vec1::<f32>()?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("item {i}: a crop window of the wrong length"))?;
+        *window = Some(CropWindow {
+            resized: (resized_w as usize, resized_h as usize),
+            left: left as usize,
+            top: top as usize,
+        });
+    }
+    Ok(())
+}
+
+/// [`shard::share`] of the captions' embeddings: per distinct caption the context and (SDXL)
+/// the pooled embedding.
+fn share_embeddings(
+    group: &ProcessGroup,
+    shard: Shard,
+    captions: &mut [Option<Caption>],
+    device: &Device,
+) -> Result<()> {
+    let mut items = Vec::with_capacity(captions.len());
+    for caption in captions.iter() {
+        items.push(match caption {
+            Some(Caption::Embedded { context, pooled }) => {
+                vec![Some(context.clone()), pooled.clone()]
+            }
+            Some(Caption::Tokens { .. }) => bail!("token ids are not shared"),
+            None => vec![None, None],
+        });
+    }
+    shard::share(group, shard, &mut items, device)?;
+    for (i, (slots, caption)) in items.into_iter().zip(captions.iter_mut()).enumerate() {
+        let mut slots = slots.into_iter();
+        let (context, pooled) = (slots.next().flatten(), slots.next().flatten());
+        let context = context.with_context(|| format!("caption {i}: no process embedded it"))?;
+        *caption = Some(Caption::Embedded { context, pooled });
+    }
+    Ok(())
+}
+
 /// Each distinct caption's encoding, once.
 struct EncodedCaptions {
     captions: Vec<Caption>,
@@ -514,6 +607,7 @@ fn encode_captions(
     dataset: &Dataset,
     with_empty: bool,
     tokens_only: bool,
+    group: &ProcessGroup,
     device: &Device,
 ) -> Result<EncodedCaptions> {
     let tokenizer = model.tokenizer()?;
@@ -567,21 +661,38 @@ fn encode_captions(
         })
     };
     let mut index: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut captions = Vec::new();
-    let mut caption_of_item = Vec::with_capacity(dataset.items.len());
-    for item in &dataset.items {
-        let i = match index.get(item.caption.as_str()) {
-            Some(&i) => i,
-            None => {
-                let caption = embed(&item.caption)
-                    .with_context(|| format!("cannot embed caption `{}`", item.caption))?;
-                captions.push(caption);
-                index.insert(&item.caption, captions.len() - 1);
-                captions.len() - 1
-            }
-        };
-        caption_of_item.push(i);
+    let mut distinct: Vec<&str> = Vec::new();
+    let caption_of_item = dataset
+        .items
+        .iter()
+        .map(|item| {
+            *index.entry(&item.caption).or_insert_with(|| {
+                distinct.push(&item.caption);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    // Embeddings are split over the ranks and shared; tokenizing is cheap and done by all.
+    let shard = match tokens_only {
+        true => Shard::WHOLE,
+        false => Shard::of(group),
+    };
+    let mut captions = distinct
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let embedded = shard.owns(i).then(|| embed(text)).transpose();
+            embedded.with_context(|| format!("cannot embed caption `{text}`"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if !tokens_only && group.is_collective() {
+        share_embeddings(group, shard, &mut captions, device)
+            .context("sharing the caption embeddings between the processes")?;
     }
+    let captions = captions
+        .into_iter()
+        .map(|caption| caption.context("a caption no process embedded"))
+        .collect::<Result<Vec<_>>>()?;
     let empty = with_empty.then(|| embed("")).transpose()?;
     Ok(EncodedCaptions {
         captions,

@@ -1,15 +1,13 @@
-//! The caching pass split over the ranks of a data-parallel run. Each rank decodes and encodes
-//! every `size`-th image from its rank on; the encodings then reach every rank through the
+//! The caching pass split over the ranks of a data-parallel run. Each rank encodes every
+//! `size`-th image and caption from its rank on; the results then reach every rank through the
 //! group's sum: each rank contributes its own values where it encoded and zeros elsewhere, and
 //! `x + 0 = x` exactly (a −0 arrives as +0, which compares equal), so every rank ends with the
-//! encodings one process would have made (each image is encoded alone, so which rank encodes it
-//! changes nothing).
+//! encodings one process would have made (each image and caption is encoded alone, so which rank
+//! encodes it changes nothing).
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::Encoded;
-use crate::dataset::CropWindow;
 use crate::distributed::ProcessGroup;
 
 /// Which items this rank encodes.
@@ -40,156 +38,120 @@ impl Shard {
     }
 }
 
-/// Per item: the crop window (resized width and height, left, top), then per orientation
-/// whether it was encoded and its `[C, h, w]` shape.
-const FACTS_PER_ITEM: usize = 4 + 2 * 4;
+/// Most dimensions a shared tensor may have.
+const MAX_DIMS: usize = 4;
 
-/// Most values summed at once (64 MiB of f32), which bounds the exchange's buffers.
+/// Per slot: whether it was computed, its number of dimensions and the dimensions.
+const FACTS_PER_SLOT: usize = 2 + MAX_DIMS;
+
+/// Most values summed at once (64 MiB of f32), which bounds the exchange's buffers (a larger
+/// item goes alone).
 const CHUNK_VALUES: usize = 1 << 24;
 
-/// An orientation's tensors in the order they travel: the posterior's mean and standard
-/// deviation, or the pixels.
-fn parts(encoded: &Encoded) -> Vec<&Tensor> {
-    match encoded {
-        Encoded::Distribution { mean, std } => vec![mean, std],
-        Encoded::Pixels(pixels) => vec![pixels],
-    }
-}
-
-/// Gives every rank the encodings and crop windows of the items other ranks encoded (this
-/// rank's `shard`; `latent`: encodings are posteriors, else pixels). Every rank of `group`
-/// must call it with the same items.
+/// Gives every rank the f32 tensors the other ranks computed: `items[i][j]` is item `i`'s `j`-th
+/// tensor, computed (`Some`) on the rank whose `shard` owns item `i` and `None` on the others;
+/// a slot the owner left `None` stays `None` everywhere. Every rank of `group` must call it
+/// with as many items and slots per item.
 pub(super) fn share(
     group: &ProcessGroup,
     shard: Shard,
-    latent: bool,
-    encoded: &mut [[Option<Encoded>; 2]],
-    windows: &mut [Option<CropWindow>],
+    items: &mut [Vec<Option<Tensor>>],
     device: &Device,
 ) -> Result<()> {
-    // First the facts every rank needs to lay out the values: small integers, exact in f32.
-    let mut facts = vec![0f32; encoded.len() * FACTS_PER_ITEM];
-    for (item, ((both, window), facts)) in encoded
+    let slots = items.first().map_or(0, Vec::len);
+    ensure!(
+        items.iter().all(|item| item.len() == slots),
+        "items with different numbers of tensors to share"
+    );
+    // First the shapes, which lay the values out: small integers, exact in f32.
+    let mut facts = vec![0f32; items.len() * slots * FACTS_PER_SLOT];
+    for (i, (item, facts)) in items
         .iter()
-        .zip(windows.iter())
-        .zip(facts.chunks_exact_mut(FACTS_PER_ITEM))
+        .zip(facts.chunks_exact_mut(slots * FACTS_PER_SLOT))
         .enumerate()
     {
-        if !shard.owns(item) {
+        if !shard.owns(i) {
             continue;
         }
-        let window = window.context("an encoded item without its crop window")?;
-        facts[..4].copy_from_slice(&[
-            window.resized.0 as f32,
-            window.resized.1 as f32,
-            window.left as f32,
-            window.top as f32,
-        ]);
-        for (slot, facts) in both.iter().zip(facts[4..].chunks_exact_mut(4)) {
-            if let Some(e) = slot {
-                let (c, h, w) = parts(e)[0].dims3()?;
-                facts.copy_from_slice(&[1.0, c as f32, h as f32, w as f32]);
+        for (tensor, facts) in item.iter().zip(facts.chunks_exact_mut(FACTS_PER_SLOT)) {
+            let Some(tensor) = tensor else { continue };
+            let dims = tensor.dims();
+            ensure!(
+                dims.len() <= MAX_DIMS,
+                "item {i}: a tensor of shape {dims:?} to share"
+            );
+            facts[0] = 1.0;
+            facts[1] = dims.len() as f32;
+            for (fact, &dim) in facts[2..].iter_mut().zip(dims) {
+                *fact = dim as f32;
             }
         }
     }
-    let facts = group
-        .sum(Tensor::from_vec(
-            facts,
-            encoded.len() * FACTS_PER_ITEM,
-            device,
-        )?)?
-        .to_vec1::<f32>()?;
-    let tensors_per_slot = if latent { 2 } else { 1 };
-    let mut shapes = Vec::with_capacity(encoded.len());
-    for (item, (facts, window)) in facts
-        .chunks_exact(FACTS_PER_ITEM)
-        .zip(windows.iter_mut())
-        .enumerate()
-    {
-        let [resized_w, resized_h, left, top] = [0, 1, 2, 3].map(|i| facts[i] as usize);
-        *window = Some(CropWindow {
-            resized: (resized_w, resized_h),
-            left,
-            top,
-        });
-        ensure!(
-            facts[4] == 1.0,
-            "item {item}: encoded by {} ranks",
-            facts[4]
-        );
-        let mut slots = [None, None];
-        for (slot, facts) in slots.iter_mut().zip(facts[4..].chunks_exact(4)) {
+    let facts = match facts.len() {
+        0 => return Ok(()),
+        len => group
+            .sum(Tensor::from_vec(facts, len, device)?)?
+            .to_vec1::<f32>()?,
+    };
+    let mut shapes: Vec<Vec<Option<Vec<usize>>>> = Vec::with_capacity(items.len());
+    for (i, facts) in facts.chunks_exact(slots * FACTS_PER_SLOT).enumerate() {
+        let mut item = Vec::with_capacity(slots);
+        for facts in facts.chunks_exact(FACTS_PER_SLOT) {
             ensure!(
                 facts[0] == 0.0 || facts[0] == 1.0,
-                "item {item}: encoded by {} ranks",
+                "item {i}: computed by {} ranks",
                 facts[0]
             );
-            if facts[0] == 1.0 {
-                *slot = Some((facts[1] as usize, facts[2] as usize, facts[3] as usize));
-            }
+            let rank = facts[1] as usize;
+            item.push(
+                (facts[0] == 1.0).then(|| facts[2..2 + rank].iter().map(|&d| d as usize).collect()),
+            );
         }
-        shapes.push(slots);
+        shapes.push(item);
     }
 
     // Then the values, a chunk of items at a time.
-    let item_values = |slots: &[Option<(usize, usize, usize)>; 2]| -> usize {
-        slots
-            .iter()
+    let values_of = |item: &[Option<Vec<usize>>]| -> usize {
+        item.iter()
             .flatten()
-            .map(|(c, h, w)| c * h * w)
-            .sum::<usize>()
-            * tensors_per_slot
+            .map(|dims| dims.iter().product::<usize>())
+            .sum()
     };
     let mut first = 0;
-    while first < encoded.len() {
+    while first < items.len() {
         let mut end = first + 1;
-        let mut values = item_values(&shapes[first]);
-        while end < encoded.len() && values + item_values(&shapes[end]) <= CHUNK_VALUES {
-            values += item_values(&shapes[end]);
+        let mut values = values_of(&shapes[first]);
+        while end < items.len() && values + values_of(&shapes[end]) <= CHUNK_VALUES {
+            values += values_of(&shapes[end]);
             end += 1;
         }
         let mut buffer = Vec::new();
-        for (item, slots) in shapes.iter().enumerate().take(end).skip(first) {
-            for (slot, shape) in encoded[item].iter().zip(slots) {
-                let Some((c, h, w)) = *shape else { continue };
-                match (shard.owns(item), slot) {
-                    (true, Some(e)) => buffer.extend(parts(e).into_iter().map(|t| t.flatten_all())),
-                    (true, None) => bail!("item {item}: another rank encoded this rank's image"),
-                    (false, _) => buffer.push(Tensor::zeros(
-                        tensors_per_slot * c * h * w,
-                        DType::F32,
-                        device,
-                    )),
-                }
+        for i in first..end {
+            for (tensor, dims) in items[i].iter().zip(&shapes[i]) {
+                let Some(dims) = dims else { continue };
+                buffer.push(match (shard.owns(i), tensor) {
+                    (true, Some(t)) => t.to_dtype(DType::F32)?.flatten_all()?,
+                    (true, None) => bail!("item {i}: another rank computed this rank's tensor"),
+                    (false, _) => {
+                        Tensor::zeros(dims.iter().product::<usize>(), DType::F32, device)?
+                    }
+                });
             }
         }
-        let buffer = buffer
-            .into_iter()
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let summed = group.sum(Tensor::cat(&buffer, 0)?)?;
-        let mut offset = 0;
-        for (item, slots) in shapes.iter().enumerate().take(end).skip(first) {
-            for (slot, shape) in encoded[item].iter_mut().zip(slots) {
-                let Some((c, h, w)) = *shape else { continue };
-                let n = c * h * w;
-                if !shard.owns(item) {
-                    // Copied out, so that no part keeps the whole chunk alive.
-                    let part = |at: usize| {
-                        summed
-                            .narrow(0, at, n)?
-                            .force_contiguous()?
-                            .reshape((c, h, w))
-                    };
-                    *slot = Some(if latent {
-                        Encoded::Distribution {
-                            mean: part(offset)?,
-                            std: part(offset + n)?,
-                        }
-                    } else {
-                        Encoded::Pixels(part(offset)?)
-                    });
+        if !buffer.is_empty() {
+            let summed = group.sum(Tensor::cat(&buffer, 0)?)?;
+            let mut offset = 0;
+            for i in first..end {
+                for (tensor, dims) in items[i].iter_mut().zip(&shapes[i]) {
+                    let Some(dims) = dims else { continue };
+                    let n = dims.iter().product::<usize>();
+                    if !shard.owns(i) {
+                        // Copied out, so that no part keeps the whole chunk alive.
+                        let part = summed.narrow(0, offset, n)?.force_contiguous()?;
+                        *tensor = Some(part.reshape(dims.as_slice())?);
+                    }
+                    offset += n;
                 }
-                offset += tensors_per_slot * n;
             }
         }
         first = end;
@@ -212,5 +174,21 @@ mod tests {
             assert_eq!(counts, items);
         }
         assert!((0..5).all(|i| Shard::WHOLE.owns(i)));
+    }
+
+    /// Alone, sharing changes nothing and keeps every tensor as it was.
+    #[test]
+    fn alone_every_tensor_stays() {
+        let device = Device::Cpu;
+        let a = Tensor::arange(0f32, 6.0, &device)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let mut items = vec![vec![Some(a.clone()), None]];
+        share(&ProcessGroup::alone(), Shard::WHOLE, &mut items, &device).unwrap();
+        let got = items[0][0].as_ref().unwrap();
+        assert_eq!(got.dims(), &[2, 3]);
+        assert_eq!(got.to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+        assert!(items[0][1].is_none());
     }
 }
