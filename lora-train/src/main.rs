@@ -128,6 +128,12 @@ fn train(cli: Cli, group: Arc<ProcessGroup>) -> Result<()> {
     }
 
     let encoding = ProgressBar::hidden();
+    // In a data-parallel run each process encodes its share of the images (the bar shows
+    // process 0's).
+    let encoding_template = match group.size() {
+        1 => "encoding {pos}/{len} images {bar:30}",
+        _ => "encoding {pos}/{len} images (this process's share) {bar:30}",
+    };
     let mut trainer = Trainer::in_group(config, group, &mut |event| match event {
         _ if !main => {}
         Preparation::Dataset(d) => {
@@ -163,8 +169,7 @@ fn train(cli: Cli, group: Arc<ProcessGroup>) -> Result<()> {
                 encoding.set_draw_target(indicatif::ProgressDrawTarget::stderr());
                 encoding.set_length(total as u64);
                 encoding.set_style(
-                    ProgressStyle::with_template("encoding {pos}/{len} images {bar:30}")
-                        .expect("valid template"),
+                    ProgressStyle::with_template(encoding_template).expect("valid template"),
                 );
             }
             encoding.set_position(done as u64);

@@ -92,6 +92,7 @@ pub enum Preparation<'a> {
     Dataset(&'a Dataset),
     /// `--class-data`'s images, read.
     ClassImages(&'a Dataset),
+    /// `done` of the `total` images this process encodes (in a data-parallel run, its share).
     Encoding {
         done: usize,
         total: usize,
