@@ -173,8 +173,37 @@ impl AxisFilter {
 /// each channel on its own (no premultiplied alpha).
 pub fn resize_interleaved<const C: usize>(
     pixels: &[u8],
+    size: (usize, usize),
+    new_size: (usize, usize),
+    filter: Filter,
+    arithmetic: Arithmetic,
+) -> Vec<u8> {
+    let whole = Window {
+        left: 0,
+        top: 0,
+        width: new_size.0,
+        height: new_size.1,
+    };
+    resize_interleaved_window::<C>(pixels, size, new_size, whole, filter, arithmetic)
+}
+
+/// A rectangle of an image: `width`×`height` pixels from column `left` and row `top` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub left: usize,
+    pub top: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+/// `window` of [`resize_interleaved`]'s result: the same values, computed for the window alone
+/// (the width pass only over the input rows the window's output rows read, and each pass only
+/// for the window's columns and rows), which is what a resize-then-crop needs.
+pub fn resize_interleaved_window<const C: usize>(
+    pixels: &[u8],
     (width, height): (usize, usize),
     (new_width, new_height): (usize, usize),
+    window: Window,
     filter: Filter,
     arithmetic: Arithmetic,
 ) -> Vec<u8> {
@@ -184,35 +213,60 @@ pub fn resize_interleaved<const C: usize>(
         "pixels of a {width}×{height} image"
     );
     assert!(new_width > 0 && new_height > 0, "an empty output size");
-    let widened;
-    let (pixels, width) = if new_width != width {
-        widened = resize_width::<C>(pixels, (width, height), new_width, filter, arithmetic);
-        (widened.as_slice(), new_width)
-    } else {
-        (pixels, width)
+    let columns = window.left..window.left + window.width;
+    let rows = window.top..window.top + window.height;
+    assert!(
+        columns.end <= new_width && rows.end <= new_height,
+        "{window:?} outside a {new_width}×{new_height} image"
+    );
+    let vertical =
+        (new_height != height).then(|| AxisFilter::new(height, new_height, filter, arithmetic));
+    // The input rows the window's output rows read.
+    let read = match &vertical {
+        Some(axis) => {
+            let taps = &axis.taps[rows.clone()];
+            let start = taps.iter().map(|(first, _)| *first).min().unwrap_or(0);
+            let end = taps
+                .iter()
+                .map(|(first, w)| first + w.len())
+                .max()
+                .unwrap_or(0);
+            start..end.max(start)
+        }
+        None => rows.clone(),
     };
-    if new_height != height {
-        resize_height(pixels, width * C, height, new_height, filter, arithmetic)
+    let band = &pixels[read.start * width * C..read.end * width * C];
+    let narrowed = if new_width != width {
+        let axis = AxisFilter::new(width, new_width, filter, arithmetic);
+        resize_width::<C>(band, width, &axis, columns)
     } else {
-        pixels.to_vec()
+        band.chunks_exact(width * C)
+            .flat_map(|row| &row[columns.start * C..columns.end * C])
+            .copied()
+            .collect()
+    };
+    match &vertical {
+        Some(axis) => resize_height(&narrowed, window.width * C, axis, rows, read.start),
+        None => narrowed,
     }
 }
 
+/// The width pass of every row of `pixels` (rows of `width` pixels) for output columns
+/// `columns` of `axis`.
 fn resize_width<const C: usize>(
     pixels: &[u8],
-    (width, height): (usize, usize),
-    new_width: usize,
-    filter: Filter,
-    arithmetic: Arithmetic,
+    width: usize,
+    axis: &AxisFilter,
+    columns: std::ops::Range<usize>,
 ) -> Vec<u8> {
-    let axis = AxisFilter::new(width, new_width, filter, arithmetic);
     let half = 1i32 << (axis.precision - 1);
-    let mut out = vec![0u8; new_width * height * C];
+    let taps = &axis.taps[columns];
+    let mut out = vec![0u8; pixels.len() / (width * C) * taps.len() * C];
     for (src, dst) in pixels
         .chunks_exact(width * C)
-        .zip(out.chunks_exact_mut(new_width * C))
+        .zip(out.chunks_exact_mut(taps.len() * C))
     {
-        for ((first, weights), px) in axis.taps.iter().zip(dst.chunks_exact_mut(C)) {
+        for ((first, weights), px) in taps.iter().zip(dst.chunks_exact_mut(C)) {
             let mut acc = [half; C];
             let window = &src[first * C..(first + weights.len()) * C];
             for (w, input) in weights.iter().zip(window.chunks_exact(C)) {
@@ -228,23 +282,24 @@ fn resize_width<const C: usize>(
     out
 }
 
-/// The height pass over rows of `row_len` bytes: a whole output row accumulated at once.
+/// The height pass over rows of `row_len` bytes for output rows `rows` of `axis`, where
+/// `pixels` starts at input row `first_row`: a whole output row accumulated at once.
 fn resize_height(
     pixels: &[u8],
     row_len: usize,
-    height: usize,
-    new_height: usize,
-    filter: Filter,
-    arithmetic: Arithmetic,
+    axis: &AxisFilter,
+    rows: std::ops::Range<usize>,
+    first_row: usize,
 ) -> Vec<u8> {
-    let axis = AxisFilter::new(height, new_height, filter, arithmetic);
     let half = 1i32 << (axis.precision - 1);
-    let mut out = vec![0u8; row_len * new_height];
+    let taps = &axis.taps[rows];
+    let mut out = vec![0u8; row_len * taps.len()];
     let mut acc = vec![0i32; row_len];
-    for ((first, weights), dst) in axis.taps.iter().zip(out.chunks_exact_mut(row_len)) {
+    for ((first, weights), dst) in taps.iter().zip(out.chunks_exact_mut(row_len)) {
         acc.fill(half);
         for (j, &w) in weights.iter().enumerate() {
-            let row = &pixels[(first + j) * row_len..(first + j + 1) * row_len];
+            let at = first + j - first_row;
+            let row = &pixels[at * row_len..(at + 1) * row_len];
             for (a, &p) in acc.iter_mut().zip(row) {
                 *a += i32::from(p) * w;
             }
@@ -258,20 +313,32 @@ fn resize_height(
 
 fn resize_buffer<P: Pixel<Subpixel = u8>, const C: usize>(
     image: &ImageBuffer<P, Vec<u8>>,
-    width: u32,
-    height: u32,
+    new_size: (u32, u32),
+    window: Window,
     filter: Filter,
     arithmetic: Arithmetic,
 ) -> ImageBuffer<P, Vec<u8>> {
     let (w, h) = image.dimensions();
-    let pixels = resize_interleaved::<C>(
+    let pixels = resize_interleaved_window::<C>(
         image.as_raw(),
         (w as usize, h as usize),
-        (width as usize, height as usize),
+        (new_size.0 as usize, new_size.1 as usize),
+        window,
         filter,
         arithmetic,
     );
-    ImageBuffer::from_raw(width, height, pixels).expect("sized for the image")
+    ImageBuffer::from_raw(window.width as u32, window.height as u32, pixels)
+        .expect("sized for the window")
+}
+
+/// The whole of an image at `width`×`height`.
+fn whole(width: u32, height: u32) -> Window {
+    Window {
+        left: 0,
+        top: 0,
+        width: width as usize,
+        height: height as usize,
+    }
 }
 
 /// An RGB image resized to `width`×`height`.
@@ -282,7 +349,19 @@ pub fn resize_rgb(
     filter: Filter,
     arithmetic: Arithmetic,
 ) -> RgbImage {
-    resize_buffer::<Rgb<u8>, 3>(image, width, height, filter, arithmetic)
+    let window = whole(width, height);
+    resize_buffer::<Rgb<u8>, 3>(image, (width, height), window, filter, arithmetic)
+}
+
+/// `window` of an RGB image resized to `new_size` (see [`resize_interleaved_window`]).
+pub fn resize_rgb_window(
+    image: &RgbImage,
+    new_size: (u32, u32),
+    window: Window,
+    filter: Filter,
+    arithmetic: Arithmetic,
+) -> RgbImage {
+    resize_buffer::<Rgb<u8>, 3>(image, new_size, window, filter, arithmetic)
 }
 
 /// An RGBA image resized to `width`×`height`, alpha filtered like the colours (Pillow
@@ -294,7 +373,20 @@ pub fn resize_rgba(
     filter: Filter,
     arithmetic: Arithmetic,
 ) -> RgbaImage {
-    resize_buffer::<Rgba<u8>, 4>(image, width, height, filter, arithmetic)
+    let window = whole(width, height);
+    resize_buffer::<Rgba<u8>, 4>(image, (width, height), window, filter, arithmetic)
+}
+
+/// `window` of an RGBA image resized to `new_size` (see [`resize_rgba`] and
+/// [`resize_interleaved_window`]).
+pub fn resize_rgba_window(
+    image: &RgbaImage,
+    new_size: (u32, u32),
+    window: Window,
+    filter: Filter,
+    arithmetic: Arithmetic,
+) -> RgbaImage {
+    resize_buffer::<Rgba<u8>, 4>(image, new_size, window, filter, arithmetic)
 }
 
 #[cfg(test)]
@@ -340,5 +432,52 @@ mod tests {
             Arithmetic::Pillow,
         );
         assert_eq!(same, noise);
+    }
+
+    /// A window of the resize is the same pixels as the whole resize cut there (the whole
+    /// resize is Pillow's: tests/resample_parity.rs), for both passes, either alone, and none.
+    #[test]
+    fn a_window_is_the_whole_resize_cut() {
+        let (width, height) = (23, 17);
+        let noise: Vec<u8> = (0..width * height * 3)
+            .map(|i| (i * 37 % 251) as u8)
+            .collect();
+        for (new_width, new_height) in [(11, 9), (40, 31), (23, 9), (11, 17), (23, 17)] {
+            let full = resize_interleaved::<3>(
+                &noise,
+                (width, height),
+                (new_width, new_height),
+                Filter::Lanczos3,
+                Arithmetic::Pillow,
+            );
+            let mut checked = 0;
+            for (left, top) in [(0, 0), (1, 2), (new_width / 3, new_height / 2)] {
+                let window = Window {
+                    left,
+                    top,
+                    width: new_width - left - new_width / 4,
+                    height: new_height - top - new_height / 5,
+                };
+                let got = resize_interleaved_window::<3>(
+                    &noise,
+                    (width, height),
+                    (new_width, new_height),
+                    window,
+                    Filter::Lanczos3,
+                    Arithmetic::Pillow,
+                );
+                let cut: Vec<u8> = full
+                    .chunks_exact(new_width * 3)
+                    .skip(top)
+                    .take(window.height)
+                    .flat_map(|row| &row[left * 3..(left + window.width) * 3])
+                    .copied()
+                    .collect();
+                assert!(!cut.is_empty());
+                assert_eq!(got, cut, "{new_width}×{new_height}, {window:?}");
+                checked += 1;
+            }
+            assert_eq!(checked, 3);
+        }
     }
 }

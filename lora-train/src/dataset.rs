@@ -651,32 +651,6 @@ pub fn cover_and_crop(
         ((w as f64 * scale).round() as usize).max(tw),
         ((h as f64 * scale).round() as usize).max(th),
     );
-    let resized = if (nw, nh) == (w, h) {
-        image.clone()
-    } else if image.color().has_alpha() {
-        // An 8-bit image is resized where it is; only other modes are converted first.
-        let rgba = image
-            .as_rgba8()
-            .map_or_else(|| Cow::Owned(image.to_rgba8()), Cow::Borrowed);
-        DynamicImage::ImageRgba8(resample::resize_rgba(
-            &rgba,
-            nw as u32,
-            nh as u32,
-            Filter::Lanczos3,
-            Arithmetic::Pillow,
-        ))
-    } else {
-        let rgb = image
-            .as_rgb8()
-            .map_or_else(|| Cow::Owned(image.to_rgb8()), Cow::Borrowed);
-        DynamicImage::ImageRgb8(resample::resize_rgb(
-            &rgb,
-            nw as u32,
-            nh as u32,
-            Filter::Lanczos3,
-            Arithmetic::Pillow,
-        ))
-    };
     let (x0, y0) = match crop {
         Crop::Center => ((nw - tw) / 2, (nh - th) / 2),
         Crop::Random => (
@@ -689,10 +663,42 @@ pub fn cover_and_crop(
         left: x0,
         top: y0,
     };
-    (
-        resized.crop_imm(x0 as u32, y0 as u32, tw as u32, th as u32),
-        window,
-    )
+    // Only the window of the resized image is computed: the same pixels as resizing the whole
+    // image and cutting the window out.
+    let cut = resample::Window {
+        left: x0,
+        top: y0,
+        width: tw,
+        height: th,
+    };
+    let new_size = (nw as u32, nh as u32);
+    let pixels = if (nw, nh) == (w, h) {
+        image.crop_imm(x0 as u32, y0 as u32, tw as u32, th as u32)
+    } else if image.color().has_alpha() {
+        // An 8-bit image is resized where it is; only other modes are converted first.
+        let rgba = image
+            .as_rgba8()
+            .map_or_else(|| Cow::Owned(image.to_rgba8()), Cow::Borrowed);
+        DynamicImage::ImageRgba8(resample::resize_rgba_window(
+            &rgba,
+            new_size,
+            cut,
+            Filter::Lanczos3,
+            Arithmetic::Pillow,
+        ))
+    } else {
+        let rgb = image
+            .as_rgb8()
+            .map_or_else(|| Cow::Owned(image.to_rgb8()), Cow::Borrowed);
+        DynamicImage::ImageRgb8(resample::resize_rgb_window(
+            &rgb,
+            new_size,
+            cut,
+            Filter::Lanczos3,
+            Arithmetic::Pillow,
+        ))
+    };
+    (pixels, window)
 }
 
 /// [`cover_and_crop`], optionally mirrored, as `[channels, height, width]` f32 in [-1, 1]: RGB
