@@ -718,16 +718,38 @@ pub fn image_to_tensor(
         "images become 3 (RGB) or 4 (RGBA) channels; the model wants {channels}"
     );
     let (tw, th) = size;
-    let (mut pixels, window) = cover_and_crop(image, size, crop, rng);
-    if flip {
-        pixels = pixels.fliph();
-    }
-    let rgba = pixels.to_rgba8();
+    let (pixels, window) = cover_and_crop(image, size, crop, rng);
+    // 8-bit RGB and RGBA are read where they are; other modes are converted first.
+    let converted;
+    let (interleaved, stride): (&[u8], usize) = match &pixels {
+        DynamicImage::ImageRgb8(rgb) => (rgb.as_raw(), 3),
+        DynamicImage::ImageRgba8(rgba) => (rgba.as_raw(), 4),
+        other => {
+            converted = other.to_rgba8();
+            (converted.as_raw(), 4)
+        }
+    };
     let plane = tw * th;
     let mut values = vec![0f32; channels * plane];
-    for (i, pixel) in rgba.pixels().enumerate() {
-        for c in 0..channels {
-            values[c * plane + i] = pixel.0[c] as f32 / 127.5 - 1.0;
+    for (c, out) in values.chunks_exact_mut(plane).enumerate() {
+        if c >= stride {
+            out.fill(1.0); // opaque alpha for an image without one
+            continue;
+        }
+        for (src, dst) in interleaved
+            .chunks_exact(tw * stride)
+            .zip(out.chunks_exact_mut(tw))
+        {
+            let row = src.chunks_exact(stride).map(|pixel| pixel[c]);
+            let scale = |v: u8| f32::from(v) / 127.5 - 1.0;
+            if flip {
+                dst.iter_mut()
+                    .rev()
+                    .zip(row)
+                    .for_each(|(d, v)| *d = scale(v));
+            } else {
+                dst.iter_mut().zip(row).for_each(|(d, v)| *d = scale(v));
+            }
         }
     }
     Ok((
@@ -810,6 +832,45 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert!(alpha.iter().all(|&a| a == 1.0));
+    }
+
+    /// RGBA and grayscale sources: the alpha channel read (or dropped for 3 channels), a gray
+    /// level repeated in R, G and B, mirrored the same way.
+    #[test]
+    fn image_tensor_reads_alpha_and_gray_sources() {
+        let mut rgba = image::RgbaImage::new(2, 1);
+        rgba.put_pixel(0, 0, image::Rgba([255, 0, 0, 0]));
+        rgba.put_pixel(1, 0, image::Rgba([0, 0, 255, 255]));
+        let rgba = DynamicImage::ImageRgba8(rgba);
+        let mut rng = Rng::new(0);
+        let mut planes = |image: &DynamicImage, flip: bool, channels: usize| {
+            image_to_tensor(
+                image,
+                (2, 1),
+                Crop::Center,
+                flip,
+                channels,
+                &mut rng,
+                &Device::Cpu,
+            )
+            .unwrap()
+            .0
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+        };
+        assert_eq!(
+            planes(&rgba, false, 4),
+            [1.0, -1.0, -1.0, -1.0, -1.0, 1.0, -1.0, 1.0]
+        );
+        assert_eq!(planes(&rgba, true, 3), [-1.0, 1.0, -1.0, -1.0, 1.0, -1.0]);
+        let gray =
+            DynamicImage::ImageLuma8(image::GrayImage::from_raw(2, 1, vec![0, 255]).unwrap());
+        assert_eq!(
+            planes(&gray, true, 4),
+            [1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 1.0]
+        );
     }
 
     #[test]
