@@ -52,44 +52,25 @@ impl Geometry {
         self.heads * self.head_dim
     }
 
-    /// Head `h` of sample `b` of a `[B, rows, H·d]` tensor: a `rows × d` view.
-    fn head<'a>(&self, x: &'a [f32], rows: usize, b: usize, h: usize) -> Mat<'a> {
-        self.head_rows(x, rows, b, h, 0)
-    }
-
-    /// [`Self::head`] from row `first` on.
-    fn head_rows<'a>(
-        &self,
-        x: &'a [f32],
-        rows: usize,
-        b: usize,
-        h: usize,
-        first: usize,
-    ) -> Mat<'a> {
-        Mat::rows(
-            &x[(b * rows + first) * self.width() + h * self.head_dim..],
-            self.width(),
-        )
+    /// Head `(b, h)` of a `[B, rows, H·d]` tensor from row `first` on: a `rows × d` view.
+    fn head<'a>(&self, x: &'a [f32], rows: usize, head: (usize, usize), first: usize) -> Mat<'a> {
+        Mat::rows(self.head_from(x, rows, head, first), self.width())
     }
 
     /// The transpose of [`Self::head`]: a `d × rows` view.
-    fn head_t<'a>(&self, x: &'a [f32], rows: usize, b: usize, h: usize) -> Mat<'a> {
-        self.head_t_rows(x, rows, b, h, 0)
+    fn head_t<'a>(&self, x: &'a [f32], rows: usize, head: (usize, usize), first: usize) -> Mat<'a> {
+        Mat::transposed(self.head_from(x, rows, head, first), self.width())
     }
 
-    /// [`Self::head_t`] from row `first` on.
-    fn head_t_rows<'a>(
+    /// The values of `x` (`[B, rows, H·d]`) from head `h` of sample `b`'s row `first` on.
+    fn head_from<'a>(
         &self,
         x: &'a [f32],
         rows: usize,
-        b: usize,
-        h: usize,
+        (b, h): (usize, usize),
         first: usize,
-    ) -> Mat<'a> {
-        Mat::transposed(
-            &x[(b * rows + first) * self.width() + h * self.head_dim..],
-            self.width(),
-        )
+    ) -> &'a [f32] {
+        &x[(b * rows + first) * self.width() + h * self.head_dim..]
     }
 
     /// Writes per-head `rows × d` blocks (in `(b, h)` order) into a `[B, rows, H·d]` tensor.
@@ -174,8 +155,8 @@ fn probabilities(
 ) {
     let (m, d) = (g.keys, g.head_dim);
     let rows = probs.len() / m;
-    let qh = g.head_rows(q, g.queries, b, h, first);
-    let kt = g.head_t(k, m, b, h);
+    let qh = g.head(q, g.queries, (b, h), first);
+    let kt = g.head_t(k, m, (b, h), 0);
     matmul(probs, m, false, (rows, m, d), qh, kt, Threads::One);
     softmax_rows(probs, m, 1.0 / (d as f32).sqrt());
 }
@@ -187,7 +168,7 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         .into_par_iter()
         .map(|t| {
             let head = (t / g.heads, t % g.heads);
-            let vh = g.head(v, m, head.0, head.1);
+            let vh = g.head(v, m, head, 0);
             let mut out = vec![0.0f32; n * d];
             for (first, rows) in query_blocks(g) {
                 with_scratch(rows * m, |probs| {
@@ -218,8 +199,7 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
         .into_par_iter()
         .map(|t| {
             let head = (t / g.heads, t % g.heads);
-            let (b, h) = head;
-            let (kh, vt) = (g.head(k, m, b, h), g.head_t(v, m, b, h));
+            let (kh, vt) = (g.head(k, m, head, 0), g.head_t(v, m, head, 0));
             let mut dq = vec![0.0f32; n * d];
             let (mut dk_t, mut dv_t) = (vec![0.0f32; d * m], vec![0.0f32; d * m]);
             for (i, (first, rows)) in query_blocks(g).enumerate() {
@@ -227,8 +207,8 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
                 with_scratch(2 * rows * m, |scratch| {
                     let (probs, dp) = scratch.split_at_mut(rows * m);
                     probabilities(g, (q, k), head, first, probs);
-                    let dout = g.head_rows(grad_out, n, b, h, first);
-                    let dout_t = g.head_t_rows(grad_out, n, b, h, first);
+                    let dout = g.head(grad_out, n, head, first);
+                    let dout_t = g.head_t(grad_out, n, head, first);
                     let p = Mat::rows(probs, m);
                     matmul(
                         &mut dv_t,
@@ -244,7 +224,7 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
                     let ds = Mat::rows(dp, m);
                     let dq_rows = &mut dq[first * d..];
                     matmul(dq_rows, d, false, (rows, d, m), ds, kh, Threads::One);
-                    let q_t = g.head_t_rows(q, n, b, h, first);
+                    let q_t = g.head_t(q, n, head, first);
                     matmul(&mut dk_t, m, accumulate, transposed, q_t, ds, Threads::One);
                 });
             }
