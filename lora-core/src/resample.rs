@@ -216,6 +216,10 @@ pub fn resize_interleaved_window<const C: usize>(
     let columns = window.left..window.left + window.width;
     let rows = window.top..window.top + window.height;
     assert!(
+        window.width > 0 && window.height > 0,
+        "an empty window {window:?}"
+    );
+    assert!(
         columns.end <= new_width && rows.end <= new_height,
         "{window:?} outside a {new_width}×{new_height} image"
     );

@@ -155,8 +155,9 @@ pub struct EncodeOptions {
 
 impl EncodedDataset {
     /// Runs the text encoder over every distinct caption and (for centre crops) the VAE over
-    /// every image, the images split over `group`'s ranks (every rank of it must call this with
-    /// the same dataset). `on_item(done, total)` is called after each of this rank's images,
+    /// every image, both split over `group`'s ranks and shared (every rank of it must call this
+    /// with the same dataset; captions are only tokenized, by every rank, when the text encoder
+    /// trains). `on_item(done, total)` is called after each of this rank's images,
     /// for progress display.
     pub fn build(
         model: &ModelFolder,

@@ -1,5 +1,6 @@
 //! The caching pass split over the ranks of a data-parallel run. Each rank encodes every
-//! `size`-th image and caption from its rank on; the results then reach every rank through the
+//! `size`-th image (with centre crops) and distinct caption (unless the text encoder trains)
+//! from its rank on; the results then reach every rank through the
 //! group's sum: each rank contributes its own values where it encoded and zeros elsewhere, and
 //! `x + 0 = x` exactly (a −0 arrives as +0, which compares equal), so every rank ends with the
 //! encodings one process would have made (each image and caption is encoded alone, so which rank
@@ -63,6 +64,10 @@ pub(super) fn share(
         items.iter().all(|item| item.len() == slots),
         "items with different numbers of tensors to share"
     );
+    // Every rank has as many items and slots, so all of them return here together.
+    if slots == 0 {
+        return Ok(());
+    }
     // First the shapes, which lay the values out: small integers, exact in f32.
     let mut facts = vec![0f32; items.len() * slots * FACTS_PER_SLOT];
     for (i, (item, facts)) in items
@@ -87,12 +92,10 @@ pub(super) fn share(
             }
         }
     }
-    let facts = match facts.len() {
-        0 => return Ok(()),
-        len => group
-            .sum(Tensor::from_vec(facts, len, device)?)?
-            .to_vec1::<f32>()?,
-    };
+    let len = facts.len();
+    let facts = group
+        .sum(Tensor::from_vec(facts, len, device)?)?
+        .to_vec1::<f32>()?;
     let mut shapes: Vec<Vec<Option<Vec<usize>>>> = Vec::with_capacity(items.len());
     for (i, facts) in facts.chunks_exact(slots * FACTS_PER_SLOT).enumerate() {
         let mut item = Vec::with_capacity(slots);
@@ -174,6 +177,20 @@ mod tests {
             assert_eq!(counts, items);
         }
         assert!((0..5).all(|i| Shard::WHOLE.owns(i)));
+    }
+
+    /// Nothing to share is no call at all (every rank sees the same empty list).
+    #[test]
+    fn nothing_to_share_is_fine() {
+        let device = Device::Cpu;
+        share(&ProcessGroup::alone(), Shard::WHOLE, &mut [], &device).unwrap();
+        share(
+            &ProcessGroup::alone(),
+            Shard::WHOLE,
+            &mut [vec![], vec![]],
+            &device,
+        )
+        .unwrap();
     }
 
     /// Alone, sharing changes nothing and keeps every tensor as it was.
