@@ -178,12 +178,7 @@ pub fn resize_interleaved<const C: usize>(
     filter: Filter,
     arithmetic: Arithmetic,
 ) -> Vec<u8> {
-    let whole = Window {
-        left: 0,
-        top: 0,
-        width: new_size.0,
-        height: new_size.1,
-    };
+    let whole = Window::whole(new_size.0, new_size.1);
     resize_interleaved_window::<C>(pixels, size, new_size, whole, filter, arithmetic)
 }
 
@@ -194,6 +189,18 @@ pub struct Window {
     pub top: usize,
     pub width: usize,
     pub height: usize,
+}
+
+impl Window {
+    /// All of a `width`×`height` image.
+    pub fn whole(width: usize, height: usize) -> Self {
+        Self {
+            left: 0,
+            top: 0,
+            width,
+            height,
+        }
+    }
 }
 
 /// `window` of [`resize_interleaved`]'s result: the same values, computed for the window alone
@@ -335,16 +342,6 @@ fn resize_buffer<P: Pixel<Subpixel = u8>, const C: usize>(
         .expect("sized for the window")
 }
 
-/// The whole of an image at `width`×`height`.
-fn whole(width: u32, height: u32) -> Window {
-    Window {
-        left: 0,
-        top: 0,
-        width: width as usize,
-        height: height as usize,
-    }
-}
-
 /// An RGB image resized to `width`×`height`.
 pub fn resize_rgb(
     image: &RgbImage,
@@ -353,7 +350,7 @@ pub fn resize_rgb(
     filter: Filter,
     arithmetic: Arithmetic,
 ) -> RgbImage {
-    let window = whole(width, height);
+    let window = Window::whole(width as usize, height as usize);
     resize_buffer::<Rgb<u8>, 3>(image, (width, height), window, filter, arithmetic)
 }
 
@@ -377,7 +374,7 @@ pub fn resize_rgba(
     filter: Filter,
     arithmetic: Arithmetic,
 ) -> RgbaImage {
-    let window = whole(width, height);
+    let window = Window::whole(width as usize, height as usize);
     resize_buffer::<Rgba<u8>, 4>(image, (width, height), window, filter, arithmetic)
 }
 
