@@ -214,10 +214,11 @@ pub(crate) fn conv2d(
     let (plane, taps) = (g.out_plane(), g.taps());
     let mut y = vec![0.0f32; g.batch * g.c_out * plane];
     let weights = Mat::rows(kernel, taps);
-    let winograd_filters = winograd::applies(g).then(|| {
-        winograd::transform_filters(g.c_out, g.c_in, |o, c| {
+    let winograd = winograd::variant(g).map(|variant| {
+        let u = variant.transform_filters(g.c_out, g.c_in, |o, c| {
             std::array::from_fn(|t| kernel[(o * g.c_in + c) * 9 + t])
-        })
+        });
+        (variant, u)
     });
     let relu_in_place = |ys: &mut [f32]| {
         if relu {
@@ -227,8 +228,8 @@ pub(crate) fn conv2d(
             }
         }
     };
-    if let Some(u) = &winograd_filters {
-        winograd::conv3x3(g, x, u, bias, &mut y);
+    if let Some((variant, u)) = &winograd {
+        variant.conv3x3(g, x, u, bias, &mut y);
         relu_in_place(&mut y);
         return y;
     }
@@ -288,11 +289,11 @@ pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) ->
         c_out: g.c_in,
         ..*g
     };
-    if winograd::applies(g) && winograd::applies(&flipped) {
-        let u = winograd::transform_filters(g.c_in, g.c_out, |c, o| {
+    if let Some(variant) = winograd::variant(g).filter(|_| winograd::variant(&flipped).is_some()) {
+        let u = variant.transform_filters(g.c_in, g.c_out, |c, o| {
             std::array::from_fn(|t| kernel[(o * g.c_in + c) * 9 + 8 - t])
         });
-        winograd::conv3x3(&flipped, dy, &u, None, &mut dx);
+        variant.conv3x3(&flipped, dy, &u, None, &mut dx);
         return dx;
     }
     let weights_t = Mat::transposed(kernel, taps);
@@ -536,19 +537,23 @@ mod tests {
             ((1, 4, 5, 5), (3, 4, 1, 3), (0, 1), 1),
             ((1, 4, 5, 5), (3, 4, 3, 1), (1, 0), 1),
             ((1, 3, 9, 7), (2, 3, 3, 5), (1, 2), 2),
-            ((2, 16, 15, 13), (17, 16, 3, 3), (1, 1), 1),
+            ((1, 16, 17, 19), (17, 16, 3, 3), (1, 1), 1),
             ((1, 20, 16, 16), (16, 20, 3, 3), (1, 1), 1),
+            ((2, 16, 27, 37), (17, 16, 3, 3), (1, 1), 1),
+            ((1, 20, 40, 40), (16, 20, 3, 3), (1, 1), 1),
+            ((1, 320, 24, 24), (32, 320, 3, 3), (1, 1), 1),
         ];
-        let winograd_cases = cases.iter().filter(|(input, kernel, padding, stride)| {
+        let winograd_sides = cases.iter().filter_map(|(input, kernel, padding, stride)| {
             let g = ConvGeometry::new(*input, *kernel, *padding, *stride).unwrap();
             let swapped = ConvGeometry {
                 c_in: g.c_out,
                 c_out: g.c_in,
                 ..g
             };
-            winograd::applies(&g) && winograd::applies(&swapped)
+            winograd::variant(&swapped)?;
+            Some(winograd::variant(&g)?.m)
         });
-        assert_eq!(winograd_cases.count(), 2);
+        assert_eq!(winograd_sides.collect::<Vec<_>>(), [2, 2, 4, 4, 4]);
         for (input, kernel, padding, stride) in cases {
             let x = Var::from_tensor(&rng.normal_tensor(input, &dev).unwrap()).unwrap();
             let w = Var::from_tensor(&rng.normal_tensor(kernel, &dev).unwrap()).unwrap();
@@ -565,7 +570,8 @@ mod tests {
             let ours = conv2d_op(&x, &w, Some(&b), padding, stride, false).unwrap();
             assert_eq!(ours.dims(), reference.dims());
             let what = format!("{input:?} * {kernel:?} pad {padding:?} stride {stride}");
-            assert!(max_rel_diff(&ours, &reference) < 1e-5, "forward {what}");
+            let diff = max_rel_diff(&ours, &reference);
+            assert!(diff < 1e-5, "forward {what}: {diff}");
 
             let upstream = rng.normal_tensor(reference.dims(), &dev).unwrap();
             let loss = |y: &Tensor| (y * &upstream).unwrap().sum_all().unwrap();
@@ -596,9 +602,10 @@ mod tests {
     #[test]
     fn banded_winograd_matches_candle() {
         let g = ConvGeometry::new((1, 16, 600, 520), (16, 16, 3, 3), (1, 1), 1).unwrap();
-        let tile_rows = g.out_h().div_ceil(2);
-        let band = winograd::band_rows(&g);
-        assert!(winograd::applies(&g) && band < tile_rows && !tile_rows.is_multiple_of(band));
+        let variant = winograd::variant(&g).unwrap();
+        let tile_rows = g.out_h().div_ceil(variant.m);
+        let band = variant.band_rows(&g);
+        assert!(band < tile_rows && !tile_rows.is_multiple_of(band));
         let dev = Device::Cpu;
         let mut rng = Rng::new(5);
         let x = rng.normal_tensor((1, 16, 600, 520), &dev).unwrap();

@@ -1,27 +1,41 @@
-//! 3×3 stride-1 convolutions with padding 1 by Winograd's minimal filtering F(2×2, 3×3).
+//! 3×3 stride-1 convolutions with padding 1 by Winograd's minimal filtering F(m×m, 3×3), with
+//! m = 2 or 4.
 //!
 //! Why: those convolutions are most of a Stable Diffusion step's arithmetic (55 % of an SD 1.5
-//! UNet step at 64² latents, all of the VAE's heavy layers), and the im2col product spends 36
-//! multiplications per input channel on each 2×2 block of outputs where Winograd spends 16: each
-//! 4×4 input tile `d` and each filter `g` are transformed (`V = Bᵀ·d·B`, `U = G·g·Gᵀ`), the 16
-//! positions of the transformed tiles are 16 independent matrix products over the channels
-//! (`M_ξ = U_ξ · V_ξ`), and `Aᵀ·M·A` gives the 2×2 outputs. The transforms' coefficients are
-//! 0, ±1 and ±½, so the results differ from the direct sum by rounding only. The transformed
-//! filters are recomputed on every call (16/9 of the kernel's size: keeping them would cost more
-//! memory than the weights), which is why small maps, where that cost is not repaid, keep the
-//! im2col path.
+//! UNet step at 64² latents, all of the VAE's heavy layers), and the im2col product spends 9
+//! multiplications per input channel on each output, where F(2×2, 3×3) spends 16 on a 2×2 block
+//! (4 per output) and F(4×4, 3×3) 36 on a 4×4 block (2.25 per output): each (m+2)×(m+2) input
+//! tile `d` and each filter `g` are transformed (`V = Bᵀ·d·B`, `U = G·g·Gᵀ`), the (m+2)²
+//! positions of the transformed tiles are independent matrix products over the channels
+//! (`M_ξ = U_ξ · V_ξ`), and `Aᵀ·M·A` gives the m×m outputs.
+//!
+//! F(2×2)'s coefficients are 0, ±1 and ±½, so its results differ from the direct sum by
+//! rounding only. F(4×4)'s (interpolation points 0, ±1, ±2 and ∞) reach 8 and include sixths,
+//! and cost precision: on a 320-channel layer with a 16² map, against a float64 direct sum, the
+//! relative rms error of the f32 direct sum is 3.3e-7, F(2×2)'s 5.5e-7, F(4×4)'s 3.6e-6 — still
+//! far below what f16 weights or training noise move, and the trade cuDNN and oneDNN make too.
+//!
+//! The transformed filters are recomputed on every call ((m+2)²/9 of the kernel's size: keeping
+//! them would cost more memory than the weights), which is why small maps, where that cost is
+//! not repaid, take F(2×2) or keep the im2col path.
 
 use rayon::prelude::*;
 
 use super::conv::ConvGeometry;
 use super::gemm::{matmul, with_scratch, Mat, Threads};
 
-/// Values per transformed tile (4×4).
-const POSITIONS: usize = 16;
-
-/// Fewest tiles (over the batch) for the Winograd path. An estimate: the filter transform moves
-/// 16/9 of the kernel through memory, about the time the product saves on 50–60 tiles.
-const MIN_TILES: usize = 64;
+/// The cost model that chooses between im2col, F(2×2) and F(4×4), per pair of input and output
+/// channels, in multiply-adds of the im2col product: im2col spends 9 per output pixel; a variant
+/// spends [`FILTER_VALUE_COST`] per transformed filter value (written, then packed by the
+/// product: memory-bound) and [`TILE_PRODUCT_COST`] per position and tile (the product plus the
+/// tile transforms). Fitted to the convolutions of an SD 1.5 UNet training step at 64² latents,
+/// timed inside the step on a 2-core AMD EPYC (Zen 4) with the AVX2 kernels (an im2col
+/// multiply-add 8.6 ps, a transformed filter value about 0.45 ns), and checked on AVX-512. So
+/// F(2×2) pays from about 240 output pixels over the batch (the UNet's 16² level), F(4×4) from
+/// about 410 (its 64² and 32² levels, the VAE), and the 8² layers keep im2col.
+const FILTER_VALUE_COST: f64 = 50.0;
+/// See [`FILTER_VALUE_COST`].
+const TILE_PRODUCT_COST: f64 = 1.4;
 
 /// Fewest channels on either side: the first and last layers (3 or 4 channels) gain nothing.
 const MIN_CHANNELS: usize = 16;
@@ -29,82 +43,310 @@ const MIN_CHANNELS: usize = 16;
 /// Most f32 values the transformed inputs and products of one band may hold (32 MiB).
 const MAX_BAND_VALUES: usize = 1 << 23;
 
-/// Whether the Winograd path computes this convolution.
-pub(crate) fn applies(g: &ConvGeometry) -> bool {
-    g.kh == 3
+/// One of Winograd's algorithms F(m×m, 3×3): the outputs per tile side and the three transforms.
+pub(crate) struct Variant {
+    /// Outputs per tile side; a tile reads m + 2 input rows and columns.
+    pub(crate) m: usize,
+    /// `Bᵀ`: m + 2 rows of m + 2.
+    bt: &'static [&'static [f32]],
+    /// `G`: m + 2 rows of 3.
+    g: &'static [[f32; 3]],
+    /// `Aᵀ`: m rows of m + 2.
+    at: &'static [&'static [f32]],
+}
+
+/// F(2×2, 3×3), interpolation points 0, ±1 and ∞ (Lavin and Gray, "Fast Algorithms for
+/// Convolutional Neural Networks", 2016).
+static F2: Variant = Variant {
+    m: 2,
+    bt: &[
+        &[1.0, 0.0, -1.0, 0.0],
+        &[0.0, 1.0, 1.0, 0.0],
+        &[0.0, -1.0, 1.0, 0.0],
+        &[0.0, 1.0, 0.0, -1.0],
+    ],
+    g: &[
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ],
+    at: &[&[1.0, 1.0, 1.0, 0.0], &[0.0, 1.0, -1.0, -1.0]],
+};
+
+/// F(4×4, 3×3), interpolation points 0, ±1, ±2 and ∞ (the same paper).
+static F4: Variant = Variant {
+    m: 4,
+    bt: &[
+        &[4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+        &[0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+        &[0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+        &[0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+        &[0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+        &[0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+    ],
+    g: &[
+        [0.25, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ],
+    at: &[
+        &[1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+        &[0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
+        &[0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
+        &[0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
+    ],
+};
+
+/// The variant that computes this convolution, if any: the cheapest of im2col, F(2×2) and
+/// F(4×4) by the cost model of [`FILTER_VALUE_COST`].
+pub(crate) fn variant(g: &ConvGeometry) -> Option<&'static Variant> {
+    let shape = g.kh == 3
         && g.kw == 3
         && g.stride == 1
         && g.padding == (1, 1)
         && g.c_in >= MIN_CHANNELS
-        && g.c_out >= MIN_CHANNELS
-        && g.batch * g.h.div_ceil(2) * g.w.div_ceil(2) >= MIN_TILES
+        && g.c_out >= MIN_CHANNELS;
+    let im2col = 9.0 * (g.batch * g.h * g.w) as f64;
+    let cost = |v: &Variant| {
+        v.positions() as f64 * (FILTER_VALUE_COST + TILE_PRODUCT_COST * v.tiles(g) as f64)
+    };
+    [&F2, &F4]
+        .into_iter()
+        .filter(|v| shape && cost(v) < im2col)
+        .min_by(|a, b| cost(a).total_cmp(&cost(b)))
 }
 
-/// `U = G·g·Gᵀ` of every filter, laid out `[O][16][C]` (position ξ's `O × C` matrix is rows
-/// `16·C` apart), where `tap(o, c)` returns filter `(o, c)`'s nine taps in row order.
-pub(crate) fn transform_filters(
-    c_out: usize,
-    c_in: usize,
-    tap: impl Fn(usize, usize) -> [f32; 9] + Sync,
-) -> Vec<f32> {
-    let mut u = vec![0.0f32; c_out * POSITIONS * c_in];
-    u.par_chunks_mut(POSITIONS * c_in)
-        .enumerate()
-        .for_each(|(o, out)| {
-            for c in 0..c_in {
-                let g = tap(o, c);
-                // G·g: rows g0, (g0+g1+g2)/2, (g0−g1+g2)/2, g2 of the 3×3 filter.
-                let mut rows = [[0.0f32; 3]; 4];
-                for j in 0..3 {
-                    let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
-                    rows[0][j] = g0;
-                    rows[1][j] = 0.5 * (g0 + g1 + g2);
-                    rows[2][j] = 0.5 * (g0 - g1 + g2);
-                    rows[3][j] = g2;
-                }
-                // (G·g)·Gᵀ: the same combinations of the columns.
-                for (i, r) in rows.iter().enumerate() {
-                    let cols = [
-                        r[0],
-                        0.5 * (r[0] + r[1] + r[2]),
-                        0.5 * (r[0] - r[1] + r[2]),
-                        r[2],
-                    ];
-                    for (j, v) in cols.into_iter().enumerate() {
-                        out[(4 * i + j) * c_in + c] = v;
+/// `dst = Σᵢ coefficients[i] · source(i)` over the nonzero coefficients, so that a zero never
+/// meets an infinity and F(2×2)'s sums stay exact (a product by ±1 or ½ is exact).
+fn combine<'a>(dst: &mut [f32], coefficients: &[f32], source: impl Fn(usize) -> &'a [f32]) {
+    let len = dst.len();
+    let mut terms = coefficients.iter().enumerate().filter(|(_, c)| **c != 0.0);
+    let (first, &c) = terms
+        .next()
+        .expect("every row of a Winograd transform has a nonzero coefficient");
+    for (d, s) in dst.iter_mut().zip(&source(first)[..len]) {
+        *d = c * s;
+    }
+    for (i, &c) in terms {
+        for (d, s) in dst.iter_mut().zip(&source(i)[..len]) {
+            *d += c * s;
+        }
+    }
+}
+
+impl Variant {
+    /// Values per side of an input tile.
+    fn side(&self) -> usize {
+        self.m + 2
+    }
+
+    /// Values per transformed tile.
+    fn positions(&self) -> usize {
+        self.side() * self.side()
+    }
+
+    /// Tiles over the batch.
+    fn tiles(&self, g: &ConvGeometry) -> usize {
+        g.batch * g.h.div_ceil(self.m) * g.w.div_ceil(self.m)
+    }
+
+    /// `U = G·g·Gᵀ` of every filter, laid out `[O][(m+2)²][C]` (position ξ's `O × C` matrix is
+    /// rows `(m+2)²·C` apart), where `tap(o, c)` returns filter `(o, c)`'s nine taps in row order.
+    ///
+    /// For each output channel the taps are first gathered tap-major (`[9][C]`), so that both
+    /// halves of the transform are contiguous loops over the input channels.
+    pub(crate) fn transform_filters(
+        &self,
+        c_out: usize,
+        c_in: usize,
+        tap: impl Fn(usize, usize) -> [f32; 9] + Sync,
+    ) -> Vec<f32> {
+        let (side, positions) = (self.side(), self.positions());
+        let mut u = vec![0.0f32; c_out * positions * c_in];
+        u.par_chunks_mut(positions * c_in)
+            .enumerate()
+            .for_each(|(o, out)| {
+                let mut taps = vec![0.0f32; 9 * c_in];
+                for c in 0..c_in {
+                    for (t, value) in tap(o, c).into_iter().enumerate() {
+                        taps[t * c_in + c] = value;
                     }
                 }
-            }
-        });
-    u
-}
+                // G·g: m + 2 rows of the filters' three columns, `[row][column][C]`.
+                let mut rows = vec![0.0f32; side * 3 * c_in];
+                for (row, coefficients) in rows.chunks_exact_mut(3 * c_in).zip(self.g) {
+                    for (j, column) in row.chunks_exact_mut(c_in).enumerate() {
+                        combine(column, coefficients, |i| &taps[(3 * i + j) * c_in..]);
+                    }
+                }
+                // (G·g)·Gᵀ: the same combinations of each row's columns.
+                for (i, row) in rows.chunks_exact(3 * c_in).enumerate() {
+                    for (j, coefficients) in self.g.iter().enumerate() {
+                        let at = (side * i + j) * c_in;
+                        combine(&mut out[at..][..c_in], coefficients, |k| &row[k * c_in..]);
+                    }
+                }
+            });
+        u
+    }
 
-/// The convolution of `x` `[B, C, H, W]` into `y` `[B, O, H, W]`, with the filters transformed
-/// by [`transform_filters`]: `y = conv(x) + bias` (`y` is overwritten). The tiles of every
-/// sample go through the same 16 products, so each transformed filter is packed once per band.
-pub(crate) fn conv3x3(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
-    let (tiles_w, tiles_h) = (g.w.div_ceil(2), g.h.div_ceil(2));
-    let band_rows = band_rows(g);
-    for ty0 in (0..tiles_h).step_by(band_rows) {
-        let band = Band {
-            ty0,
-            rows: band_rows.min(tiles_h - ty0),
-            tiles_w,
-            batch: g.batch,
-        };
+    /// The convolution of `x` `[B, C, H, W]` into `y` `[B, O, H, W]`, with the filters transformed
+    /// by [`Variant::transform_filters`]: `y = conv(x) + bias` (`y` is overwritten). The tiles of
+    /// every sample go through the same products, so each transformed filter is packed once per
+    /// band.
+    pub(crate) fn conv3x3(
+        &self,
+        g: &ConvGeometry,
+        x: &[f32],
+        u: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) {
+        let positions = self.positions();
+        let (tiles_w, tiles_h) = (g.w.div_ceil(self.m), g.h.div_ceil(self.m));
+        let band_rows = self.band_rows(g);
+        for ty0 in (0..tiles_h).step_by(band_rows) {
+            let band = Band {
+                ty0,
+                rows: band_rows.min(tiles_h - ty0),
+                tiles_w,
+                batch: g.batch,
+            };
+            let tiles = band.tiles();
+            with_scratch(positions * (g.c_in + g.c_out) * tiles, |scratch| {
+                let (v, m) = scratch.split_at_mut(positions * g.c_in * tiles);
+                self.transform_inputs(g, x, &band, v);
+                for position in 0..positions {
+                    let lhs = Mat::rows(&u[position * g.c_in..], positions * g.c_in);
+                    let rhs = Mat::rows(&v[position * tiles..], positions * tiles);
+                    let dims = (g.c_out, tiles, g.c_in);
+                    let dst = &mut m[position * tiles..];
+                    matmul(dst, positions * tiles, false, dims, lhs, rhs, Threads::All);
+                }
+                self.transform_outputs(g, m, &band, bias, y);
+            });
+        }
+    }
+
+    /// Tile rows per band: the transformed inputs and products of a band stay under
+    /// [`MAX_BAND_VALUES`] (large VAE maps), at least one row.
+    pub(crate) fn band_rows(&self, g: &ConvGeometry) -> usize {
+        let per_row = self.positions() * (g.c_in + g.c_out) * g.w.div_ceil(self.m) * g.batch;
+        (MAX_BAND_VALUES / per_row.max(1)).clamp(1, g.h.div_ceil(self.m))
+    }
+
+    /// `V = Bᵀ·d·B` of the input tiles of a band, into `v` laid out `[C][(m+2)²][tiles]`
+    /// (position ξ's `C × tiles` matrix is rows `(m+2)²·tiles` apart). Tile `(ty, tx)` reads input
+    /// rows `m·ty − 1 … m·ty + m` and columns `m·tx − 1 … m·tx + m`, zero outside.
+    ///
+    /// Each padded input row is split into its columns modulo m first (padded column `m·k + p`
+    /// at `[p][k]`), so that every step is a contiguous loop over the tiles of a row, which the
+    /// compiler vectorises.
+    fn transform_inputs(&self, g: &ConvGeometry, x: &[f32], band: &Band, v: &mut [f32]) {
+        let (m, side, positions) = (self.m, self.side(), self.positions());
+        let (h, w, tiles_w) = (g.h, g.w, band.tiles_w);
         let tiles = band.tiles();
-        with_scratch(POSITIONS * (g.c_in + g.c_out) * tiles, |scratch| {
-            let (v, m) = scratch.split_at_mut(POSITIONS * g.c_in * tiles);
-            transform_inputs(g, x, &band, v);
-            for position in 0..POSITIONS {
-                let lhs = Mat::rows(&u[position * g.c_in..], POSITIONS * g.c_in);
-                let rhs = Mat::rows(&v[position * tiles..], POSITIONS * tiles);
-                let dims = (g.c_out, tiles, g.c_in);
-                let dst = &mut m[position * tiles..];
-                matmul(dst, POSITIONS * tiles, false, dims, lhs, rhs, Threads::All);
-            }
-            transform_outputs(g, m, &band, bias, y);
-        });
+        let n = tiles_w + 1; // padded columns per phase: a tile row spans m·tiles_w + 2 of them
+        v.par_chunks_mut(positions * tiles)
+            .enumerate()
+            .for_each(|(c, out)| {
+                // The tile row's m + 2 padded input rows, split; then Bᵀ of them, split alike.
+                let mut split = vec![0.0f32; side * m * n];
+                let mut mixed = vec![0.0f32; side * m * n];
+                for (b, r) in (0..band.batch).flat_map(|b| (0..band.rows).map(move |r| (b, r))) {
+                    let plane = &x[(b * g.c_in + c) * h * w..][..h * w];
+                    let ty = band.ty0 + r;
+                    for (i, phases) in split.chunks_exact_mut(m * n).enumerate() {
+                        // Padded row m·ty + i is input row m·ty + i − 1.
+                        let Some(iy) = (m * ty + i).checked_sub(1).filter(|&iy| iy < h) else {
+                            phases.fill(0.0);
+                            continue;
+                        };
+                        let row = &plane[iy * w..][..w];
+                        for (p, phase) in phases.chunks_exact_mut(n).enumerate() {
+                            // Padded column m·k + p is input column m·k + p − 1; column 0 is
+                            // the left padding.
+                            let skip = usize::from(p == 0);
+                            phase[..skip].fill(0.0);
+                            let inputs = row.get(m * skip + p - 1..).unwrap_or(&[]);
+                            let filled = skip
+                                + phase[skip..]
+                                    .iter_mut()
+                                    .zip(inputs.iter().step_by(m))
+                                    .map(|(value, input)| *value = *input)
+                                    .count();
+                            phase[filled..].fill(0.0);
+                        }
+                    }
+                    // Bᵀ·d over the rows, all phases of a row at once.
+                    for (a, mixed_row) in mixed.chunks_exact_mut(m * n).enumerate() {
+                        combine(mixed_row, self.bt[a], |i| &split[i * m * n..][..m * n]);
+                    }
+                    // ·B over the columns: column m·tx + j is phase j mod m at tile tx + j / m.
+                    for (a, mixed_row) in mixed.chunks_exact(m * n).enumerate() {
+                        for (j, coefficients) in self.bt.iter().enumerate() {
+                            let at = (side * a + j) * tiles + band.column(b, r);
+                            combine(&mut out[at..][..tiles_w], coefficients, |k| {
+                                &mixed_row[(k % m) * n + k / m..]
+                            });
+                        }
+                    }
+                }
+            });
+    }
+
+    /// `Aᵀ·M·A` of the products `m` (`[O][(m+2)²][tiles]`) of a band: the m×m output blocks,
+    /// plus the bias, written into `y` `[O, H, W]` (blocks past the bottom or right edge cut).
+    fn transform_outputs(
+        &self,
+        g: &ConvGeometry,
+        products: &[f32],
+        band: &Band,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) {
+        let (m, side, positions) = (self.m, self.side(), self.positions());
+        let (h, w, tiles_w) = (g.h, g.w, band.tiles_w);
+        let tiles = band.tiles();
+        y.par_chunks_mut(h * w)
+            .enumerate()
+            .for_each(|(plane_index, plane)| {
+                let (sample, o) = (plane_index / g.c_out, plane_index % g.c_out);
+                let products = &products[o * positions * tiles..][..positions * tiles];
+                let b = bias.map_or(0.0, |b| b[o]);
+                // Aᵀ·M over the rows: m rows of m + 2 columns, each column a run of tiles.
+                let mut rows = vec![0.0f32; m * side * tiles_w];
+                let mut outputs = vec![0.0f32; tiles_w];
+                for r in 0..band.rows {
+                    let first = band.column(sample, r);
+                    for (i, row) in rows.chunks_exact_mut(side * tiles_w).enumerate() {
+                        for (j, column) in row.chunks_exact_mut(tiles_w).enumerate() {
+                            combine(column, self.at[i], |k| {
+                                &products[(side * k + j) * tiles + first..]
+                            });
+                        }
+                    }
+                    // ·A over the columns: output column m·tx + j of each tile.
+                    for (i, row) in rows.chunks_exact(side * tiles_w).enumerate() {
+                        let oy = m * (band.ty0 + r) + i;
+                        if oy >= h {
+                            break;
+                        }
+                        let y_row = &mut plane[oy * w..][..w];
+                        for (j, coefficients) in self.at.iter().enumerate() {
+                            combine(&mut outputs, coefficients, |k| &row[k * tiles_w..]);
+                            let columns = y_row.iter_mut().skip(j).step_by(m);
+                            for (value, output) in columns.zip(&outputs) {
+                                *value = output + b;
+                            }
+                        }
+                    }
+                }
+            });
     }
 }
 
@@ -126,148 +368,4 @@ impl Band {
     fn column(&self, b: usize, r: usize) -> usize {
         (b * self.rows + r) * self.tiles_w
     }
-}
-
-/// Tile rows per band: the transformed inputs and products of a band stay under
-/// [`MAX_BAND_VALUES`] (large VAE maps), at least one row.
-pub(crate) fn band_rows(g: &ConvGeometry) -> usize {
-    let per_row = POSITIONS * (g.c_in + g.c_out) * g.w.div_ceil(2) * g.batch;
-    (MAX_BAND_VALUES / per_row.max(1)).clamp(1, g.h.div_ceil(2))
-}
-
-/// `V = Bᵀ·d·B` of the 4×4 input tiles of a band, into `v` laid out `[C][16][tiles]` (position ξ's `C × tiles` matrix is rows `16·tiles` apart). Tile `(ty, tx)`
-/// reads input rows `2ty − 1 … 2ty + 2` and columns `2tx − 1 … 2tx + 2`, zero outside.
-///
-/// Each padded input row is split into its even and odd columns first, so that every step is
-/// a contiguous loop over the tiles of a row, which the compiler vectorises.
-fn transform_inputs(g: &ConvGeometry, x: &[f32], band: &Band, v: &mut [f32]) {
-    let (h, w, tiles_w) = (g.h, g.w, band.tiles_w);
-    let tiles = band.tiles();
-    let n = tiles_w + 1; // even (or odd) columns of a padded row of 2·tiles_w + 2
-    v.par_chunks_mut(POSITIONS * tiles)
-        .enumerate()
-        .for_each(|(c, out)| {
-            // Rows 0–3: the even columns of the tile row's four input rows; rows 4–7: the odd.
-            let mut split = vec![0.0f32; 8 * n];
-            let mut t = vec![0.0f32; 8 * n];
-            for (b, r) in (0..band.batch).flat_map(|b| (0..band.rows).map(move |r| (b, r))) {
-                let plane = &x[(b * g.c_in + c) * h * w..][..h * w];
-                let ty = band.ty0 + r;
-                for i in 0..4 {
-                    let (even, odd) = split.split_at_mut(4 * n);
-                    let (even, odd) = (&mut even[i * n..][..n], &mut odd[i * n..][..n]);
-                    // Padded row 2ty + i is input row 2ty + i − 1.
-                    match (2 * ty + i).checked_sub(1).filter(|&iy| iy < h) {
-                        None => {
-                            even.fill(0.0);
-                            odd.fill(0.0);
-                        }
-                        Some(iy) => {
-                            let row = &plane[iy * w..][..w];
-                            // Padded column 2k is input column 2k − 1; 2k + 1 is input 2k.
-                            even[0] = 0.0;
-                            for (k, e) in even.iter_mut().enumerate().skip(1) {
-                                *e = row.get(2 * k - 1).copied().unwrap_or(0.0);
-                            }
-                            for (k, o) in odd.iter_mut().enumerate() {
-                                *o = row.get(2 * k).copied().unwrap_or(0.0);
-                            }
-                        }
-                    }
-                }
-                // Bᵀ·d over the rows: d0 − d2, d1 + d2, d2 − d1, d1 − d3, for both halves.
-                for half in 0..2 {
-                    let d = &split[half * 4 * n..][..4 * n];
-                    let (d0, d1, d2, d3) = (&d[..n], &d[n..2 * n], &d[2 * n..3 * n], &d[3 * n..]);
-                    let t = &mut t[half * 4 * n..][..4 * n];
-                    let (t0, rest) = t.split_at_mut(n);
-                    let (t1, rest) = rest.split_at_mut(n);
-                    let (t2, t3) = rest.split_at_mut(n);
-                    for k in 0..n {
-                        t0[k] = d0[k] - d2[k];
-                        t1[k] = d1[k] + d2[k];
-                        t2[k] = d2[k] - d1[k];
-                        t3[k] = d1[k] - d3[k];
-                    }
-                }
-                // ·B over the columns 2tx … 2tx + 3 = even[tx], odd[tx], even[tx+1], odd[tx+1].
-                for i in 0..4 {
-                    let (e, o) = (&t[i * n..][..n], &t[(4 + i) * n..][..n]);
-                    let at = |j: usize| (4 * i + j) * tiles + band.column(b, r);
-                    for (tx, v) in out[at(0)..][..tiles_w].iter_mut().enumerate() {
-                        *v = e[tx] - e[tx + 1];
-                    }
-                    for (tx, v) in out[at(1)..][..tiles_w].iter_mut().enumerate() {
-                        *v = o[tx] + e[tx + 1];
-                    }
-                    for (tx, v) in out[at(2)..][..tiles_w].iter_mut().enumerate() {
-                        *v = e[tx + 1] - o[tx];
-                    }
-                    for (tx, v) in out[at(3)..][..tiles_w].iter_mut().enumerate() {
-                        *v = o[tx] - o[tx + 1];
-                    }
-                }
-            }
-        });
-}
-
-/// `Aᵀ·M·A` of the products `m` (`[O][16][tiles]`) of a band: the 2×2 output blocks, plus the bias, written into `y` `[O, H, W]` (blocks past an odd edge cut).
-fn transform_outputs(
-    g: &ConvGeometry,
-    m: &[f32],
-    band: &Band,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-) {
-    let (h, w, tiles_w) = (g.h, g.w, band.tiles_w);
-    let tiles = band.tiles();
-    y.par_chunks_mut(h * w)
-        .enumerate()
-        .for_each(|(plane_index, plane)| {
-            let (sample, o) = (plane_index / g.c_out, plane_index % g.c_out);
-            let products = &m[o * POSITIONS * tiles..][..POSITIONS * tiles];
-            let b = bias.map_or(0.0, |b| b[o]);
-            // Aᵀ·M over the rows (m0 + m1 + m2, m1 − m2 − m3) for the four columns of each tile.
-            let mut s = vec![0.0f32; 8 * tiles_w];
-            for r in 0..band.rows {
-                let first = band.column(sample, r);
-                let at = |i: usize, j: usize| &products[(4 * i + j) * tiles + first..][..tiles_w];
-                for j in 0..4 {
-                    let (m0, m1, m2, m3) = (at(0, j), at(1, j), at(2, j), at(3, j));
-                    let (s0, s1) = s.split_at_mut(4 * tiles_w);
-                    let (s0, s1) = (
-                        &mut s0[j * tiles_w..][..tiles_w],
-                        &mut s1[j * tiles_w..][..tiles_w],
-                    );
-                    for tx in 0..tiles_w {
-                        s0[tx] = m0[tx] + m1[tx] + m2[tx];
-                        s1[tx] = m1[tx] - m2[tx] - m3[tx];
-                    }
-                }
-                // ·A over the columns: outputs 2tx (c0 + c1 + c2) and 2tx + 1 (c1 − c2 − c3).
-                for i in 0..2 {
-                    let oy = 2 * (band.ty0 + r) + i;
-                    if oy >= h {
-                        break;
-                    }
-                    let c = &s[4 * i * tiles_w..][..4 * tiles_w];
-                    let (c0, c1, c2, c3) = (
-                        &c[..tiles_w],
-                        &c[tiles_w..2 * tiles_w],
-                        &c[2 * tiles_w..3 * tiles_w],
-                        &c[3 * tiles_w..],
-                    );
-                    let row = &mut plane[oy * w..][..w];
-                    let (pairs, last) = row.split_at_mut(w / 2 * 2);
-                    for (tx, pair) in pairs.chunks_exact_mut(2).enumerate() {
-                        pair[0] = c0[tx] + c1[tx] + c2[tx] + b;
-                        pair[1] = c1[tx] - c2[tx] - c3[tx] + b;
-                    }
-                    if let Some(v) = last.first_mut() {
-                        let tx = tiles_w - 1;
-                        *v = c0[tx] + c1[tx] + c2[tx] + b;
-                    }
-                }
-            }
-        });
 }
