@@ -521,7 +521,7 @@ mod tests {
     /// the last seven cases take the Winograd path: F(2×2) three times (odd sizes, a batch),
     /// then F(4×4) four times (odd sizes with a batch, a UNet's channel count, one tile per
     /// row). F(4×4) rounds more (its transforms reach 8 and include sixths): at 320 input
-    /// channels its largest error is 1.4e-5 of the output's scale, so its cases are held to
+    /// channels its largest error is 1.2e-5 of the output's scale, so its cases are held to
     /// [`F4_TOLERANCE`].
     /// candle pads both axes alike, so the reference pads explicitly and convolves unpadded.
     #[test]
@@ -547,8 +547,8 @@ mod tests {
             ((2, 16, 13, 13), (16, 16, 3, 3), (1, 1), 1),
             ((2, 16, 27, 37), (17, 16, 3, 3), (1, 1), 1),
             ((1, 20, 40, 40), (16, 20, 3, 3), (1, 1), 1),
-            ((1, 320, 24, 24), (128, 320, 3, 3), (1, 1), 1),
-            ((32, 16, 4, 4), (16, 16, 3, 3), (1, 1), 1),
+            ((1, 320, 32, 32), (128, 320, 3, 3), (1, 1), 1),
+            ((64, 16, 4, 4), (16, 16, 3, 3), (1, 1), 1),
         ];
         let winograd_side = |(input, kernel, padding, stride)| {
             let g = ConvGeometry::new(input, kernel, padding, stride).unwrap();

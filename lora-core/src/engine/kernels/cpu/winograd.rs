@@ -31,11 +31,17 @@ use super::gemm::{matmul, with_scratch, Mat, Threads};
 /// tile transforms). Fitted to the convolutions of an SD 1.5 UNet training step at 64² latents,
 /// timed inside the step on a 2-core AMD EPYC (Zen 4) with the AVX2 kernels (an im2col
 /// multiply-add 8.6 ps, a transformed filter value about 0.45 ns), and checked on AVX-512. So
-/// F(2×2) pays from about 240 output pixels over the batch (the UNet's 16² level), F(4×4) from
-/// about 410 (its 64² and 32² levels, the VAE), and the 8² layers keep im2col.
+/// F(2×2) pays from about 240 output pixels over the batch and F(4×4) from about 410; with
+/// [`MIN_TILES`], F(4×4) takes 1024 and more (an SD 1.5 UNet's 64² and 32² levels, the VAE),
+/// F(2×2) 256 and more (the 16² level), and the 8² layers at batch 1 and 2 keep im2col.
 const FILTER_VALUE_COST: f64 = 50.0;
 /// See [`FILTER_VALUE_COST`].
 const TILE_PRODUCT_COST: f64 = 1.4;
+
+/// Fewest tiles (over the batch) for a variant: with fewer, each position's product is too narrow
+/// to repay packing its transformed filters (measured: 1280 channels at 16², batch 2, F(4×4)'s 32
+/// tiles take 78–88 ms where F(2×2)'s 128 take 51–63 ms), which the cost model does not see.
+const MIN_TILES: usize = 64;
 
 /// Fewest channels on either side: the first and last layers (3 or 4 channels) gain nothing.
 const MIN_CHANNELS: usize = 16;
@@ -116,7 +122,7 @@ pub(crate) fn variant(g: &ConvGeometry) -> Option<&'static Variant> {
     };
     [&F2, &F4]
         .into_iter()
-        .filter(|v| shape && cost(v) < im2col)
+        .filter(|v| shape && v.tiles(g) >= MIN_TILES && cost(v) < im2col)
         .min_by(|a, b| cost(a).total_cmp(&cost(b)))
 }
 
