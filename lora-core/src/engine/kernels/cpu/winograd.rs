@@ -40,7 +40,8 @@ const TILE_PRODUCT_COST: f64 = 1.4;
 
 /// Fewest tiles (over the batch) for a variant: with fewer, each position's product is too narrow
 /// to repay packing its transformed filters (measured: 1280 channels at 16², batch 2, F(4×4)'s 32
-/// tiles take 78–88 ms where F(2×2)'s 128 take 51–63 ms), which the cost model does not see.
+/// tiles take 77–88 ms where F(2×2)'s 128 take 51–63 ms, AVX-512 and AVX2), which the cost
+/// model does not see.
 const MIN_TILES: usize = 64;
 
 /// Fewest channels on either side: the first and last layers (3 or 4 channels) gain nothing.
