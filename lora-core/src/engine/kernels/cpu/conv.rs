@@ -286,7 +286,7 @@ pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) ->
         c_out: g.c_in,
         ..*g
     };
-    if let Some(variant) = winograd::variant(g).filter(|_| winograd::variant(&flipped).is_some()) {
+    if let Some(variant) = winograd::variant(&flipped) {
         let u = variant.transform_filters(g.c_in, g.c_out, |c, o| {
             std::array::from_fn(|t| kernel[(o * g.c_in + c) * 9 + 8 - t])
         });
@@ -552,13 +552,7 @@ mod tests {
         ];
         let winograd_side = |(input, kernel, padding, stride)| {
             let g = ConvGeometry::new(input, kernel, padding, stride).unwrap();
-            let swapped = ConvGeometry {
-                c_in: g.c_out,
-                c_out: g.c_in,
-                ..g
-            };
-            winograd::variant(&swapped)?;
-            Some(winograd::variant(&g)?.m)
+            winograd::variant(&g).map(|variant| variant.m)
         };
         let sides: Vec<usize> = cases.into_iter().filter_map(winograd_side).collect();
         assert_eq!(sides, [2, 2, 2, 4, 4, 4, 4]);

@@ -28,9 +28,9 @@ use super::gemm::{matmul, with_scratch, Mat, Threads};
 /// channels, in multiply-adds of the im2col product: im2col spends 9 per output pixel; a variant
 /// spends [`FILTER_VALUE_COST`] per transformed filter value (written, then packed by the
 /// product: memory-bound) and [`TILE_PRODUCT_COST`] per position and tile (the product plus the
-/// tile transforms). Fitted to the convolutions of an SD 1.5 UNet training step at 64² latents,
-/// timed inside the step on a 2-core AMD EPYC (Zen 4) with the AVX2 kernels (an im2col
-/// multiply-add 8.6 ps, a transformed filter value about 0.45 ns), and checked on AVX-512. So
+/// tile transforms). Fitted to the convolutions timed inside an SD 1.5 UNet training step at 64²
+/// latents, not alone: alone, the transformed filters cost more than in the step, and the fit
+/// then keeps im2col where Winograd is faster (benches/RESULTS.md, "Winograd F(4×4, 3×3)"). So
 /// F(2×2) pays from about 240 output pixels over the batch and F(4×4) from about 410; with
 /// [`MIN_TILES`], F(4×4) takes 1024 and more (an SD 1.5 UNet's 64² and 32² levels, the VAE),
 /// F(2×2) 256 and more (the 16² level), and the 8² layers at batch 1 and 2 keep im2col.
@@ -39,9 +39,8 @@ const FILTER_VALUE_COST: f64 = 50.0;
 const TILE_PRODUCT_COST: f64 = 1.4;
 
 /// Fewest tiles (over the batch) for a variant: with fewer, each position's product is too narrow
-/// to repay packing its transformed filters (measured: 1280 channels at 16², batch 2, F(4×4)'s 32
-/// tiles take 77–88 ms where F(2×2)'s 128 take 51–63 ms, AVX-512 and AVX2), which the cost
-/// model does not see.
+/// to repay packing its transformed filters, which the cost model does not see (1280 channels at
+/// 16² and batch 2 are faster by F(2×2)'s 128 tiles than by F(4×4)'s 32: benches/RESULTS.md).
 const MIN_TILES: usize = 64;
 
 /// Fewest channels on either side: the first and last layers (3 or 4 channels) gain nothing.
@@ -109,7 +108,9 @@ static F4: Variant = Variant {
 };
 
 /// The variant that computes this convolution, if any: the cheapest of im2col, F(2×2) and
-/// F(4×4) by the cost model of [`FILTER_VALUE_COST`].
+/// F(4×4) by the cost model of [`FILTER_VALUE_COST`]. The choice does not depend on which side
+/// has which channel count, so a convolution's input gradient (the channels swapped) takes the
+/// same path as its forward pass.
 pub(crate) fn variant(g: &ConvGeometry) -> Option<&'static Variant> {
     let shape = g.kh == 3
         && g.kw == 3
@@ -123,8 +124,11 @@ pub(crate) fn variant(g: &ConvGeometry) -> Option<&'static Variant> {
     };
     [&F2, &F4]
         .into_iter()
-        .filter(|v| shape && v.tiles(g) >= MIN_TILES && cost(v) < im2col)
-        .min_by(|a, b| cost(a).total_cmp(&cost(b)))
+        .filter(|v| shape && v.tiles(g) >= MIN_TILES)
+        .map(|v| (cost(v), v))
+        .filter(|(cost, _)| *cost < im2col)
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, v)| v)
 }
 
 /// `dst = Σᵢ coefficients[i] · source(i)` over the nonzero coefficients, so that a zero never
