@@ -105,28 +105,28 @@ impl Geometry {
 }
 
 simd_dispatch! {
-    /// Rows of raw scores `Q·Kᵀ` → `softmax(scale · scores)`, in place.
-    fn softmax_rows(scores: &mut [f32], cols: usize, scale: f32) {
-        for row in scores.chunks_exact_mut(cols) {
+    /// Rows of raw scores `Q·Kᵀ` → their unnormalised softmax `exp(scale · (scores − max))`, in
+    /// place, and each row's `1 / Σ exp` into `inv_sums`. The normalisation is left to the
+    /// callers, who apply it to the `rows × d` side of the next product instead of the
+    /// `rows × M` block: a pass less over a block that does not fit the core's cache.
+    fn exp_rows(scores: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
+        for (row, inv) in scores.chunks_exact_mut(cols).zip(inv_sums) {
             let max = math::max(row);
-            for v in row.iter_mut() {
-                *v = exp_nonpositive((*v - max) * scale);
-            }
-            let inv = 1.0 / math::sum_map(row, |v| v);
-            for v in row.iter_mut() {
-                *v *= inv;
-            }
+            *inv = 1.0 / math::map_in_place_sum(row, |v| exp_nonpositive((v - max) * scale));
         }
     }
 }
 
 simd_dispatch! {
-    /// `dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale`, in place of `dP`.
-    fn softmax_grad_rows(probs: &[f32], dp: &mut [f32], cols: usize, scale: f32) {
-        for (p, g) in probs.chunks_exact(cols).zip(dp.chunks_exact_mut(cols)) {
-            let dot = math::sum_zip(p, g, |a, b| a * b);
-            for (g, &p) in g.iter_mut().zip(p) {
-                *g = p * (*g - dot) * scale;
+    /// `dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale`, in place of `dP`, from the unnormalised
+    /// `E = P / inv_sum` of [`exp_rows`].
+    fn softmax_grad_rows(exps: &[f32], inv_sums: &[f32], dp: &mut [f32], cols: usize, scale: f32) {
+        let rows = exps.chunks_exact(cols).zip(dp.chunks_exact_mut(cols));
+        for ((e, g), &inv) in rows.zip(inv_sums) {
+            let dot = math::sum_zip(e, g, |a, b| a * b) * inv;
+            let factor = inv * scale;
+            for (g, &e) in g.iter_mut().zip(e) {
+                *g = e * (*g - dot) * factor;
             }
         }
     }
@@ -144,21 +144,22 @@ fn query_blocks(g: &Geometry) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(step).map(move |r| (r, step.min(n - r)))
 }
 
-/// The attention probabilities of query rows `[first, first + rows)` of head `(b, h)` against
-/// all keys, into `probs` `[rows, M]`.
-fn probabilities(
+/// The unnormalised attention probabilities of query rows `[first, first + rows)` of head
+/// `(b, h)` against all keys, into `exps` `[rows, M]`, and their rows' `1 / Σ` into `inv_sums`
+/// (see [`exp_rows`]).
+fn exponentials(
     g: &Geometry,
     (q, k): (&[f32], &[f32]),
     (b, h): (usize, usize),
     first: usize,
-    probs: &mut [f32],
+    (exps, inv_sums): (&mut [f32], &mut [f32]),
 ) {
     let (m, d) = (g.keys, g.head_dim);
-    let rows = probs.len() / m;
+    let rows = inv_sums.len();
     let qh = g.head(q, g.queries, (b, h), first);
     let kt = g.head_t(k, m, (b, h), 0);
-    matmul(probs, m, false, (rows, m, d), qh, kt, Threads::One);
-    softmax_rows(probs, m, 1.0 / (d as f32).sqrt());
+    matmul(exps, m, false, (rows, m, d), qh, kt, Threads::One);
+    exp_rows(exps, m, 1.0 / (d as f32).sqrt(), inv_sums);
 }
 
 /// `softmax(Q·Kᵀ/√d)·V` per head: `[B, N, H·d]`.
@@ -171,11 +172,22 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
             let vh = g.head(v, m, head, 0);
             let mut out = vec![0.0f32; n * d];
             for (first, rows) in query_blocks(g) {
-                with_scratch(rows * m, |probs| {
-                    probabilities(g, (q, k), head, first, probs);
-                    let p = Mat::rows(probs, m);
-                    let dst = &mut out[first * d..];
-                    matmul(dst, d, false, (rows, d, m), p, vh, Threads::One);
+                with_scratch(rows * m + rows, |scratch| {
+                    let (exps, inv_sums) = scratch.split_at_mut(rows * m);
+                    exponentials(g, (q, k), head, first, (exps, inv_sums));
+                    let dst = &mut out[first * d..][..rows * d];
+                    matmul(
+                        dst,
+                        d,
+                        false,
+                        (rows, d, m),
+                        Mat::rows(exps, m),
+                        vh,
+                        Threads::One,
+                    );
+                    for (row, &inv) in dst.chunks_exact_mut(d).zip(inv_sums.iter()) {
+                        row.iter_mut().for_each(|x| *x *= inv);
+                    }
                 });
             }
             out
@@ -190,7 +202,8 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
 /// one block of query rows at a time (dK and dV accumulate over the blocks). dK and dV are
 /// computed transposed (`dVᵀ = dOᵀ·P`, `dKᵀ = Qᵀ·dS`): that way the `rows × M` block is a
 /// row-major operand the gemm crate reads as it is, where `Pᵀ·dO` has it repack the block
-/// element by element.
+/// element by element. The block holds `E`, `P` before its rows are normalised ([`exp_rows`]):
+/// the normalisation goes into `dO`'s rows for `dV` and into [`softmax_grad_rows`] for `dS`.
 fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> Vec<f32> {
     let (n, m, d) = (g.queries, g.keys, g.head_dim);
     let scale = 1.0 / (d as f32).sqrt();
@@ -204,23 +217,34 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
             let (mut dk_t, mut dv_t) = (vec![0.0f32; d * m], vec![0.0f32; d * m]);
             for (i, (first, rows)) in query_blocks(g).enumerate() {
                 let (accumulate, transposed) = (i > 0, (d, m, rows));
-                with_scratch(2 * rows * m, |scratch| {
-                    let (probs, dp) = scratch.split_at_mut(rows * m);
-                    probabilities(g, (q, k), head, first, probs);
-                    let dout = g.head(grad_out, n, head, first);
-                    let dout_t = g.head_t(grad_out, n, head, first);
-                    let p = Mat::rows(probs, m);
+                with_scratch(2 * rows * m + rows * (d + 1), |scratch| {
+                    let (exps, rest) = scratch.split_at_mut(rows * m);
+                    let (dp, rest) = rest.split_at_mut(rows * m);
+                    let (inv_sums, dout_p) = rest.split_at_mut(rows);
+                    exponentials(g, (q, k), head, first, (exps, inv_sums));
+                    // `dVᵀ = dOᵀ·P = (dO scaled by the rows' 1/Σ)ᵀ·E`.
+                    let dout_rows =
+                        (first..first + rows).map(|r| &g.head_from(grad_out, n, head, r)[..d]);
+                    for ((dst, src), &inv) in
+                        dout_p.chunks_exact_mut(d).zip(dout_rows).zip(&*inv_sums)
+                    {
+                        for (x, &y) in dst.iter_mut().zip(src) {
+                            *x = y * inv;
+                        }
+                    }
+                    let (e, dout_p_t) = (Mat::rows(exps, m), Mat::transposed(dout_p, d));
                     matmul(
                         &mut dv_t,
                         m,
                         accumulate,
                         transposed,
-                        dout_t,
-                        p,
+                        dout_p_t,
+                        e,
                         Threads::One,
                     );
+                    let dout = g.head(grad_out, n, head, first);
                     matmul(dp, m, false, (rows, m, d), dout, vt, Threads::One);
-                    softmax_grad_rows(probs, dp, m, scale);
+                    softmax_grad_rows(exps, inv_sums, dp, m, scale);
                     let ds = Mat::rows(dp, m);
                     let dq_rows = &mut dq[first * d..];
                     matmul(dq_rows, d, false, (rows, d, m), ds, kh, Threads::One);

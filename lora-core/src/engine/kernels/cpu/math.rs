@@ -71,6 +71,26 @@ pub(crate) fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     sum_zip(x, x, |v, _| f(v))
 }
 
+/// Replaces every `xᵢ` by `f(xᵢ)` and returns their sum over [`LANES`] lanes: one pass where a
+/// map and then [`sum_map`] would read the values twice.
+#[inline(always)]
+pub(crate) fn map_in_place_sum(x: &mut [f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            c[i] = f(c[i]);
+            acc[i] += c[i];
+        }
+    }
+    let mut tail = 0.0f32;
+    for v in chunks.into_remainder() {
+        *v = f(*v);
+        tail += *v;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// The largest value (−∞ for none).
 #[inline(always)]
 pub(crate) fn max(x: &[f32]) -> f32 {
@@ -172,6 +192,12 @@ mod tests {
         assert_eq!(sum_map(&x, |v| v * v), x.iter().map(|v| v * v).sum::<f32>());
         let dot: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
         assert!((sum_zip(&x, &y, |a, b| a * b) - dot).abs() < 1e-4);
+        let mut squares = x.clone();
+        assert_eq!(
+            map_in_place_sum(&mut squares, |v| v * v),
+            sum_map(&x, |v| v * v)
+        );
+        assert!(squares.iter().zip(&x).all(|(s, v)| *s == v * v));
         assert_eq!(max(&x), 5.0);
         assert_eq!(max(&[]), f32::NEG_INFINITY);
     }
