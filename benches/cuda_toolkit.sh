@@ -2,9 +2,10 @@
 # Sourced by the scripts that build CUDA binaries on a machine with neither GPU nor CUDA toolkit
 # (benches/build_cuda_binaries.sh, scripts/build_cuda_binary.sh): fetches CUDA 13's
 # compiler, headers and libraries from NVIDIA's PyPI wheels once, into $CUDA_KIT (default
-# ~/.cache/lora-toolkit/cuda13, about 1.3 GB), links libcuda against a stub generated from
-# cuda.h (the GPU machine's own driver is used at run time), and exports the variables cargo
-# and candle's build scripts need. Builds go to $CUDA_TARGET_DIR (default target/cuda).
+# ~/.cache/lora-toolkit/cuda13, about 2.4 GB unpacked; the 1.4 GB of wheels are deleted once
+# unpacked), links libcuda against a stub generated from cuda.h (the GPU machine's own driver is
+# used at run time), and exports the variables cargo and candle's build scripts need. Builds go
+# to $CUDA_TARGET_DIR (default target/cuda).
 kit=${CUDA_KIT:-$HOME/.cache/lora-toolkit/cuda13}
 cu=$kit/nvidia/cu13
 # The compute capability the kernels are built for: 90 is the H100/H200.
@@ -20,6 +21,7 @@ if [ ! -x "$cu/bin/nvcc" ]; then
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
     nvidia-cublas==13.10.0.20 nvidia-curand==10.4.5.25 nvidia-cudnn-cu13==9.28.1.4
   for wheel in "$kit"/wheels/*.whl; do unzip -q -o "$wheel" -d "$kit"; done
+  rm -rf "$kit/wheels"
   # The linker looks for the unversioned names.
   for lib in "$cu"/lib/*.so.* "$kit"/nvidia/cudnn/lib/*.so.*; do
     ln -sf "$(basename "$lib")" "${lib%%.so.*}.so"
@@ -40,6 +42,7 @@ if [ ! -e "$cu/lib/libcupti.so.13" ]; then
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
     -d "$kit/wheels" nvidia-cuda-cupti==13.0.85
   unzip -q -o "$kit"/wheels/nvidia_cuda_cupti-13.0.85-*.whl -d "$kit"
+  rm -rf "$kit/wheels"
 fi
 
 # NCCL, for data-parallel training across GPUs (lora-train's `nccl` feature links it).
@@ -48,6 +51,7 @@ if [ ! -e "$kit/nvidia/nccl/lib/libnccl.so" ]; then
     --platform manylinux_2_18_x86_64 --platform manylinux2014_x86_64 \
     -d "$kit/wheels" nvidia-nccl-cu13==2.31.2
   unzip -q -o "$kit"/wheels/nvidia_nccl_cu13-2.31.2-*.whl -d "$kit"
+  rm -rf "$kit/wheels"
   ln -sf libnccl.so.2 "$kit/nvidia/nccl/lib/libnccl.so"
 fi
 
