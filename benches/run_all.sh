@@ -2,8 +2,9 @@
 # Every case of issue 19, ours beside the PyTorch tool doing the same work in the same run, and
 # one table at the end (paste it into benches/RESULTS.md with the machine line above it).
 #   benches/run_all.sh [--avx2] [PYTHON] [SECTION...]
-# SECTION: unet, vae, infer, train, load, merge, data, fid (default: all). PYTHON: an interpreter with
-# torch, diffusers, peft and pytorch-fid (tests/reference/requirements.txt; default python3).
+# SECTION: unet, attention, vae, infer, train, load, merge, data, fid (default: all). PYTHON: an
+# interpreter with torch, diffusers, peft and pytorch-fid (tests/reference/requirements.txt;
+# default python3).
 # --avx2 measures the AVX2 path on an AVX-512 machine: ours built with
 # RUSTFLAGS="--cfg lora_avx2_only" (our kernels' and gemm's AVX-512 copies left out) into
 # target/avx2, PyTorch capped with ATEN_CPU_CAPABILITY=avx2 (and oneDNN/MKL likewise).
@@ -21,7 +22,7 @@ else
   build="default build (run-time dispatch to the widest vector unit)"
 fi
 python=${1:-python3}; shift || true
-sections=("$@"); [ ${#sections[@]} -gt 0 ] || sections=(unet vae infer train load merge data fid)
+sections=("$@"); [ ${#sections[@]} -gt 0 ] || sections=(unet attention vae infer train load merge data fid)
 full_size=${FULL_SIZE_DIR:-target/full-size}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -38,6 +39,10 @@ for section in "${sections[@]}"; do
         "train-sd15-64 --iters 2" "train-sd15-64 --targets attn --iters 2" \
         "train-sd15-64 --batch 4 --iters 1" "train-sd15-64 --targets attn --batch 4 --iters 1" \
         "infer-sd15-32" "infer-sd15-64 --iters 2" ;;
+    attention)
+      BENCH=attention REFERENCE=benches/attention_reference.py side_by_side \
+        benches/run_unet_step.sh "$python" "self-4096" "cross-4096 --iters 10" \
+        "self-1024 --iters 10" "cross-1024 --iters 10" "self-256 --iters 10" ;;
     vae)
       BENCH=vae REFERENCE=benches/vae_reference.py side_by_side benches/run_unet_step.sh \
         "$python" "encode-256" "encode-512 --iters 2" "decode-64 --iters 2" ;;
@@ -60,7 +65,7 @@ for section in "${sections[@]}"; do
     fid)
       side_by_side benches/run_fid_features.sh 64 32 ;;
     *)
-      echo "unknown section $section: expected unet, vae, infer, train, load, merge, data or fid" >&2
+      echo "unknown section $section: expected unet, attention, vae, infer, train, load, merge, data or fid" >&2
       exit 2 ;;
   esac
 done

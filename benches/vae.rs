@@ -15,8 +15,7 @@
 
 mod common;
 
-use common::{peak_rss_mib, time_runs, BenchArgs};
-use std::collections::BTreeMap;
+use common::{print_cpu_report, time_runs, BenchArgs};
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -73,22 +72,5 @@ fn main() -> Result<()> {
     };
     run()?; // warm-up: first-touch allocations
     let (mean, min) = time_runs(iters, run)?;
-    let mut out = BTreeMap::new();
-    out.insert("case", serde_json::json!(case));
-    out.insert("impl", serde_json::json!("lora-toolkit (candle)"));
-    out.insert(
-        "device",
-        serde_json::json!(format!(
-            "cpu, {} threads",
-            candle_core::utils::get_num_threads()
-        )),
-    );
-    out.insert("iters", serde_json::json!(iters));
-    out.insert("mean_s", serde_json::json!(mean));
-    out.insert("min_s", serde_json::json!(min));
-    if let Some(mib) = peak_rss_mib() {
-        out.insert("peak_rss_mib", serde_json::json!(mib));
-    }
-    println!("{}", serde_json::to_string(&out)?);
-    Ok(())
+    print_cpu_report(&case, iters, (mean, min), &[])
 }

@@ -6,10 +6,7 @@ The SD 1.5 VAE configuration with random weights, f32, batch 1, one warm-up run 
 ones, as benches/vae.rs; encode returns the latent distribution's mean (what lora-train caches).
 """
 
-import json
-import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,6 +15,7 @@ from diffusers import AutoencoderKL
 # The SD 1.5 VAE's configuration, kept once for the reference scripts.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "reference"))
 from check_full_size import VAE as SD15_VAE  # noqa: E402
+from reference_timing import print_report, time_runs  # noqa: E402
 
 
 def main():
@@ -36,21 +34,9 @@ def main():
             out = vae.encode(x).latent_dist.mean if encode else vae.decode(x).sample
             out.float().sum().item()
 
-    run()  # warm-up
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({
-        "case": case,
-        "impl": f"diffusers {__import__('diffusers').__version__} (torch {torch.__version__})",
-        "device": f"cpu, {torch.get_num_threads()} threads",
-        "iters": iters,
-        "mean_s": sum(times) / len(times),
-        "min_s": min(times),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }))
+    times = time_runs(run, iters)
+    print_report(case, f"diffusers {__import__('diffusers').__version__} (torch {torch.__version__})",
+                 times)
 
 
 if __name__ == "__main__":

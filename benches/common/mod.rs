@@ -2,6 +2,7 @@
 //! cargo's own `--bench` dropped) and how a case is timed.
 #![allow(dead_code)] // each benchmark uses a different subset
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -64,4 +65,32 @@ pub fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// Prints a CPU case's JSON line: `case`, `impl`, `device`, `iters`, `mean_s`, `min_s`,
+/// `peak_rss_mib` and the case's `extra` fields.
+pub fn print_cpu_report(
+    case: &str,
+    iters: usize,
+    (mean, min): (f64, f64),
+    extra: &[(&'static str, serde_json::Value)],
+) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let mut out = BTreeMap::from([
+        ("case", serde_json::json!(case)),
+        ("impl", serde_json::json!("lora-toolkit (candle)")),
+        (
+            "device",
+            serde_json::json!(format!("cpu, {threads} threads")),
+        ),
+        ("iters", serde_json::json!(iters)),
+        ("mean_s", serde_json::json!(mean)),
+        ("min_s", serde_json::json!(min)),
+    ]);
+    if let Some(mib) = peak_rss_mib() {
+        out.insert("peak_rss_mib", serde_json::json!(mib));
+    }
+    out.extend(extra.iter().cloned());
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
 }
