@@ -4,7 +4,8 @@ the same JSON.
     python benches/attention_reference.py <self-4096|cross-4096|self-1024|cross-1024|self-256> [--iters N]
 
 Batch 1, 8 heads, f32, one warm-up run then the timed ones, as benches/attention.rs: a run is
-the forward pass and the backward pass to queries, keys and values for an output gradient.
+the forward pass and the backward pass to queries, keys and values for an output gradient of
+ones.
 """
 
 import sys
@@ -28,14 +29,13 @@ def main():
     q = torch.randn(1, HEADS, queries, head_dim, requires_grad=True)
     k = torch.randn(1, HEADS, keys, head_dim, requires_grad=True)
     v = torch.randn(1, HEADS, keys, head_dim, requires_grad=True)
-    grad_out = torch.randn(1, HEADS, queries, head_dim)
     forward_s = []
 
     def run():
         t0 = time.perf_counter()
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         forward_s.append(time.perf_counter() - t0)
-        out.backward(grad_out)
+        out.backward(torch.ones_like(out))
         assert all(x.grad is not None for x in (q, k, v))
         q.grad = k.grad = v.grad = None
 

@@ -13,8 +13,8 @@
 #   kernel_trace.so     benches/kernel_trace.c, with the libcupti.so.13 it needs
 #   checkout            the path these were built in (they read configs and fixtures there)
 # then `benches/gpu_prebuilt.sh OUT_DIR` runs them on the GPU machine.
-# Needs pip, gcc and xz. Downloads about 1.3 GB of wheels once, into $CUDA_KIT (default
-# ~/.cache/lora-toolkit/cuda13). Builds into $CUDA_TARGET_DIR (default target/cuda): the first
+# Needs pip, gcc and xz. Downloads about 1.5 GB of wheels once and unpacks them into $CUDA_KIT
+# (default ~/.cache/lora-toolkit/cuda13, 2.4 GB). Builds into $CUDA_TARGET_DIR (default target/cuda): the first
 # build takes about 25 minutes on 2 cores, most of it candle's CUDA kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,7 +2,7 @@
 # Sourced by the scripts that build CUDA binaries on a machine with neither GPU nor CUDA toolkit
 # (benches/build_cuda_binaries.sh, scripts/build_cuda_binary.sh): fetches CUDA 13's
 # compiler, headers and libraries from NVIDIA's PyPI wheels once, into $CUDA_KIT (default
-# ~/.cache/lora-toolkit/cuda13, about 2.4 GB unpacked; the 1.4 GB of wheels are deleted once
+# ~/.cache/lora-toolkit/cuda13, about 2.4 GB unpacked; the 1.5 GB of wheels are deleted once
 # unpacked), links libcuda against a stub generated from cuda.h (the GPU machine's own driver is
 # used at run time), and exports the variables cargo and candle's build scripts need. Builds go
 # to $CUDA_TARGET_DIR (default target/cuda).

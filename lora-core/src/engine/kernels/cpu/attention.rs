@@ -108,7 +108,7 @@ simd_dispatch! {
     /// Rows of raw scores `Q·Kᵀ` → their unnormalised softmax `exp(scale · (scores − max))`, in
     /// place, and each row's `1 / Σ exp` into `inv_sums`. The normalisation is left to the
     /// callers, who apply it to the `rows × d` side of the next product instead of the
-    /// `rows × M` block: a pass less over a block that does not fit the core's cache.
+    /// `rows × M` block: a pass less over a block larger than a core's L2 cache.
     fn exp_rows(scores: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
         for (row, inv) in scores.chunks_exact_mut(cols).zip(inv_sums) {
             let max = math::max(row);
