@@ -10,10 +10,10 @@
 //!
 //! A run is the forward pass and the backward pass to queries, keys and values for an output
 //! gradient of ones (candle's seed for a backward pass; the values do not change the work);
-//! `forward_mean_s` reports the forward pass alone. `benches/attention_reference.py` measures the same with
-//! PyTorch's `scaled_dot_product_attention`;
-//! `BENCH=attention REFERENCE=benches/attention_reference.py benches/run_unet_step.sh python3 CASES…`
-//! runs both side by side.
+//! `forward_mean_s` reports the forward pass alone. `benches/attention_reference.py` measures
+//! the same with PyTorch's `scaled_dot_product_attention`; `BENCH=attention
+//! REFERENCE=benches/attention_reference.py benches/run_unet_step.sh python3 CASES…` runs both
+//! side by side.
 
 mod common;
 
