@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{f32_slice, matmul, with_scratch, Mat, Threads};
+use super::gemm::{f32_slice, matmul, with_scratch, Mat, Threads, LINE_VALUES};
 use super::math::{self, exp_nonpositive, simd_dispatch};
 
 /// `[B, N, H·d]` queries against `[B, M, H·d]` keys and values.
@@ -50,6 +50,13 @@ impl Geometry {
 
     fn width(&self) -> usize {
         self.heads * self.head_dim
+    }
+
+    /// The row stride of a block of scores: the keys rounded up to a cache line, so that each
+    /// row starts on one in [`with_scratch`]'s buffer (why: see there). The columns past the
+    /// keys are never read.
+    fn score_stride(&self) -> usize {
+        self.keys.next_multiple_of(LINE_VALUES)
     }
 
     /// Head `(b, h)` of a `[B, rows, H·d]` tensor from row `first` on: a `rows × d` view.
@@ -108,9 +115,11 @@ simd_dispatch! {
     /// Rows of raw scores `Q·Kᵀ` → their unnormalised softmax `exp(scale · (scores − max))`, in
     /// place, and each row's `1 / Σ exp` into `inv_sums`. The normalisation is left to the
     /// callers, who apply it to the `rows × d` side of the next product instead of the
-    /// `rows × M` block: a pass less over a block larger than a core's L2 cache.
-    fn exp_rows(scores: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
-        for (row, inv) in scores.chunks_exact_mut(cols).zip(inv_sums) {
+    /// `rows × M` block: a pass less over a block larger than a core's L2 cache. Rows are
+    /// `stride` apart, the first `cols` of each are scores.
+    fn exp_rows(scores: &mut [f32], cols: usize, stride: usize, scale: f32, inv_sums: &mut [f32]) {
+        for (row, inv) in scores.chunks_exact_mut(stride).zip(inv_sums) {
+            let row = &mut row[..cols];
             let max = math::max(row);
             *inv = 1.0 / math::map_in_place_sum(row, |v| exp_nonpositive((v - max) * scale));
         }
@@ -119,10 +128,18 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// `dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale`, in place of `dP`, from the unnormalised
-    /// `E = P / inv_sum` of [`exp_rows`].
-    fn softmax_grad_rows(exps: &[f32], inv_sums: &[f32], dp: &mut [f32], cols: usize, scale: f32) {
-        let rows = exps.chunks_exact(cols).zip(dp.chunks_exact_mut(cols));
+    /// `E = P / inv_sum` of [`exp_rows`], rows laid out as there.
+    fn softmax_grad_rows(
+        exps: &[f32],
+        inv_sums: &[f32],
+        dp: &mut [f32],
+        cols: usize,
+        stride: usize,
+        scale: f32,
+    ) {
+        let rows = exps.chunks_exact(stride).zip(dp.chunks_exact_mut(stride));
         for ((e, g), &inv) in rows.zip(inv_sums) {
+            let (e, g) = (&e[..cols], &mut g[..cols]);
             let dot = math::sum_zip(e, g, |a, b| a * b) * inv;
             let factor = inv * scale;
             for (g, &e) in g.iter_mut().zip(e) {
@@ -145,8 +162,8 @@ fn query_blocks(g: &Geometry) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// The unnormalised attention probabilities of query rows `[first, first + rows)` of head
-/// `(b, h)` against all keys, into `exps` `[rows, M]`, and their rows' `1 / Σ` into `inv_sums`
-/// (see [`exp_rows`]).
+/// `(b, h)` against all keys, into `exps` (`rows` rows of [`Geometry::score_stride`]), and their
+/// rows' `1 / Σ` into `inv_sums` (see [`exp_rows`]).
 fn exponentials(
     g: &Geometry,
     (q, k): (&[f32], &[f32]),
@@ -154,17 +171,17 @@ fn exponentials(
     first: usize,
     (exps, inv_sums): (&mut [f32], &mut [f32]),
 ) {
-    let (m, d) = (g.keys, g.head_dim);
+    let (m, d, stride) = (g.keys, g.head_dim, g.score_stride());
     let rows = inv_sums.len();
     let qh = g.head(q, g.queries, (b, h), first);
     let kt = g.head_t(k, m, (b, h), 0);
-    matmul(exps, m, false, (rows, m, d), qh, kt, Threads::One);
-    exp_rows(exps, m, 1.0 / (d as f32).sqrt(), inv_sums);
+    matmul(exps, stride, false, (rows, m, d), qh, kt, Threads::One);
+    exp_rows(exps, m, stride, 1.0 / (d as f32).sqrt(), inv_sums);
 }
 
 /// `softmax(Q·Kᵀ/√d)·V` per head: `[B, N, H·d]`.
 fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
-    let (n, m, d) = (g.queries, g.keys, g.head_dim);
+    let (n, m, d, stride) = (g.queries, g.keys, g.head_dim, g.score_stride());
     let blocks: Vec<Vec<f32>> = (0..g.batch * g.heads)
         .into_par_iter()
         .map(|t| {
@@ -172,8 +189,8 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
             let vh = g.head(v, m, head, 0);
             let mut out = vec![0.0f32; n * d];
             for (first, rows) in query_blocks(g) {
-                with_scratch(rows * m + rows, |scratch| {
-                    let (exps, inv_sums) = scratch.split_at_mut(rows * m);
+                with_scratch(rows * stride + rows, |scratch| {
+                    let (exps, inv_sums) = scratch.split_at_mut(rows * stride);
                     exponentials(g, (q, k), head, first, (exps, inv_sums));
                     let dst = &mut out[first * d..][..rows * d];
                     matmul(
@@ -181,7 +198,7 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
                         d,
                         false,
                         (rows, d, m),
-                        Mat::rows(exps, m),
+                        Mat::rows(exps, stride),
                         vh,
                         Threads::One,
                     );
@@ -205,7 +222,7 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
 /// element by element. The block holds `E`, `P` before its rows are normalised ([`exp_rows`]):
 /// the normalisation goes into `dO`'s rows for `dV` and into [`softmax_grad_rows`] for `dS`.
 fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> Vec<f32> {
-    let (n, m, d) = (g.queries, g.keys, g.head_dim);
+    let (n, m, d, stride) = (g.queries, g.keys, g.head_dim, g.score_stride());
     let scale = 1.0 / (d as f32).sqrt();
     type HeadGrads = (Vec<f32>, (Vec<f32>, Vec<f32>));
     let (dq, dkv_t): (Vec<_>, Vec<_>) = (0..g.batch * g.heads)
@@ -217,9 +234,9 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
             let (mut dk_t, mut dv_t) = (vec![0.0f32; d * m], vec![0.0f32; d * m]);
             for (i, (first, rows)) in query_blocks(g).enumerate() {
                 let (accumulate, transposed) = (i > 0, (d, m, rows));
-                with_scratch(2 * rows * m + rows * (d + 1), |scratch| {
-                    let (exps, rest) = scratch.split_at_mut(rows * m);
-                    let (dp, rest) = rest.split_at_mut(rows * m);
+                with_scratch(2 * rows * stride + rows * (d + 1), |scratch| {
+                    let (exps, rest) = scratch.split_at_mut(rows * stride);
+                    let (dp, rest) = rest.split_at_mut(rows * stride);
                     let (inv_sums, dout_p) = rest.split_at_mut(rows);
                     exponentials(g, (q, k), head, first, (exps, inv_sums));
                     // `dVᵀ = dOᵀ·P = (dO scaled by the rows' 1/Σ)ᵀ·E`.
@@ -232,7 +249,7 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
                             *x = y * inv;
                         }
                     }
-                    let (e, dout_p_t) = (Mat::rows(exps, m), Mat::transposed(dout_p, d));
+                    let (e, dout_p_t) = (Mat::rows(exps, stride), Mat::transposed(dout_p, d));
                     matmul(
                         &mut dv_t,
                         m,
@@ -243,9 +260,9 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
                         Threads::One,
                     );
                     let dout = g.head(grad_out, n, head, first);
-                    matmul(dp, m, false, (rows, m, d), dout, vt, Threads::One);
-                    softmax_grad_rows(exps, inv_sums, dp, m, scale);
-                    let ds = Mat::rows(dp, m);
+                    matmul(dp, stride, false, (rows, m, d), dout, vt, Threads::One);
+                    softmax_grad_rows(exps, inv_sums, dp, m, stride, scale);
+                    let ds = Mat::rows(dp, stride);
                     let dq_rows = &mut dq[first * d..];
                     matmul(dq_rows, d, false, (rows, d, m), ds, kh, Threads::One);
                     let q_t = g.head_t(q, n, head, first);
