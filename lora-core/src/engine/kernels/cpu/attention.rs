@@ -31,12 +31,14 @@ impl Geometry {
             && k == v
             && q[0] == k[0]
             && q[2] == k[2]
+            && k[1] > 0
+            && q[2] > 0
             && heads > 0
             && q[2].is_multiple_of(heads);
         if !fits {
             return Err(candle_core::Error::Msg(format!(
                 "attention: queries {q:?}, keys {k:?} and values {v:?} do not fit {heads} heads \
-                 (expected [B, N, H·d] and two [B, M, H·d])"
+                 (expected [B, N, H·d] and two [B, M, H·d], with M > 0 keys and d > 0)"
             )));
         }
         Ok(Self {
@@ -448,5 +450,49 @@ mod tests {
         let q = Tensor::zeros((1, 4, 6), candle_core::DType::F32, &dev).unwrap();
         let err = attention(&q, &q, &q, 4).unwrap_err();
         assert!(err.to_string().contains("do not fit 4 heads"), "{err}");
+    }
+
+    /// No keys, or heads of size 0, are errors rather than a panic in the kernels.
+    #[test]
+    fn empty_keys_and_heads_are_errors() {
+        let dev = Device::Cpu;
+        let zeros = |shape: (usize, usize, usize)| {
+            Tensor::zeros(shape, candle_core::DType::F32, &dev).unwrap()
+        };
+        let (q, no_keys) = (zeros((1, 4, 6)), zeros((1, 0, 6)));
+        let err = attention(&q, &no_keys, &no_keys, 2).unwrap_err();
+        assert!(err.to_string().contains("M > 0 keys"), "{err}");
+        let (q, k) = (zeros((1, 4, 0)), zeros((1, 3, 0)));
+        assert!(attention(&q, &k, &k, 2).is_err());
+    }
+
+    /// A NaN in one query reaches that query's output row (and not the others), as it does in
+    /// PyTorch, instead of being weighted ~0 and hidden.
+    #[test]
+    fn a_nan_query_makes_its_output_row_nan() {
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(3);
+        let (b, n, m, heads, d) = (1, 5, 7, 2, 4);
+        let mut q = rng
+            .normal_tensor((b, n, heads * d), &dev)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        q[0][2][1] = f32::NAN;
+        let q = Tensor::new(q, &dev).unwrap();
+        let k = rng.normal_tensor((b, m, heads * d), &dev).unwrap();
+        let v = rng.normal_tensor((b, m, heads * d), &dev).unwrap();
+        let out = attention(&q, &k, &v, heads)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        for (row, values) in out[0].iter().enumerate() {
+            // Query row 2's NaN sits in head 0 (feature 1 < d): that head's outputs are NaN.
+            let nan = values.iter().map(|x| x.is_nan()).collect::<Vec<_>>();
+            let expected = (0..heads * d)
+                .map(|c| row == 2 && c < d)
+                .collect::<Vec<_>>();
+            assert_eq!(nan, expected, "row {row}: {values:?}");
+        }
     }
 }

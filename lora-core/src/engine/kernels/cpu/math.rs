@@ -17,7 +17,10 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75; // ln 2 split so that n·LN2_HI is exact
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
-    let x = x.max(-87.0);
+                                     // Clamped so that 2ⁿ below stays a normal number. A comparison, not `f32::max`: NaN passes
+                                     // through (max would turn it into −87, a weight of ~0 that hides it) and it compiles to one
+                                     // instruction where max needs three.
+    let x = if x < -87.0 { -87.0 } else { x };
     let t = x * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -91,7 +94,8 @@ pub(crate) fn map_in_place_sum(x: &mut [f32], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The largest value (−∞ for none).
+/// The largest value (−∞ for none). NaN is skipped: the softmax that uses this carries a NaN
+/// score into its row through [`exp_nonpositive`].
 #[inline(always)]
 pub(crate) fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
@@ -175,6 +179,7 @@ mod tests {
             .fold(0.0f32, f32::max);
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert!(exp_nonpositive(-1000.0) < 1e-37);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 
     #[test]
@@ -183,6 +188,7 @@ mod tests {
             let expected = 1.0 / (1.0 + (-z as f64).exp());
             assert!((sigmoid(z) as f64 - expected).abs() < 1e-7, "{z}");
         }
+        assert!(sigmoid(f32::NAN).is_nan());
     }
 
     #[test]
