@@ -2,13 +2,17 @@
 """The merge of benches/merge.rs done with plain PyTorch + safetensors, for comparison.
 
     cargo bench --bench merge -- --keep DIR      # writes DIR/base and DIR/adapter.safetensors
-    python benches/merge_reference.py DIR
+    python benches/merge_reference.py DIR [--sync]
 
 Reads the fp16 base folder memory-mapped (safe_open), adds alpha/rank · up @ down (computed in
 fp32) to every adapted UNet weight, and writes the merged folder with `save_file`, the way a
 typical script does (all output tensors held in memory until the save). Prints one JSON line
-with the merge's wall time and this process's peak RSS.
+with the merge's wall time and this process's peak RSS. With `--sync` it also makes the output
+durable before the clock stops (`os.fsync` of each file and folder), as lora-merge does: a
+typical script does not, so its time can end before the disk has the bytes.
 """
+
+import os
 
 import json
 import resource
@@ -34,7 +38,16 @@ def kohya_deltas(adapter: dict) -> dict:
     return out
 
 
-def merge(base: Path, adapter_path: Path, output: Path) -> int:
+def fsync_path(path: Path):
+    """Waits until `path` (a file or a folder's entries) is on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def merge(base: Path, adapter_path: Path, output: Path, sync: bool) -> int:
     deltas = kohya_deltas(load_file(adapter_path))
     output.mkdir(parents=True)
     changed = 0
@@ -53,6 +66,12 @@ def merge(base: Path, adapter_path: Path, output: Path) -> int:
         (output / sub).mkdir()
         save_file(merged, str(output / sub / file))
         del merged
+        if sync:
+            fsync_path(output / sub / file)
+            fsync_path(output / sub)
+    if sync:
+        fsync_path(output)
+        fsync_path(output.parent)
     assert changed == len(deltas), (changed, len(deltas))
     return changed
 
@@ -66,18 +85,18 @@ def rss_mib() -> float:
 
 
 def main():
-    root = Path(sys.argv[1])
+    root, sync = Path(sys.argv[1]), "--sync" in sys.argv[2:]
     output = root / "merged_reference"
     if output.exists():
         shutil.rmtree(output)
     baseline_mib = rss_mib()
     start = time.perf_counter()
-    changed = merge(root / "base", root / "adapter.safetensors", output)
+    changed = merge(root / "base", root / "adapter.safetensors", output, sync)
     seconds = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
         "bench": "merge-sd15-fp16-rank32-attn-mlp",
-        "impl": f"pytorch {torch.__version__} + safetensors",
+        "impl": f"pytorch {torch.__version__} + safetensors" + (" + fsync" if sync else ""),
         "threads": torch.get_num_threads(),
         "seconds": seconds,
         "peak_rss_mib": peak_mib,

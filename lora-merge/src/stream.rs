@@ -54,6 +54,10 @@ fn header_bytes(plan: &[PlannedTensor], metadata: &BTreeMap<String, String>) -> 
     Ok(bytes)
 }
 
+/// Bytes written between two requests to start writing them to disk
+/// ([`lora_core::io::start_writeback`]).
+const WRITEBACK_BYTES: u64 = 16 << 20;
+
 /// Writes the safetensors file `path` (atomically: temp file + rename) holding `plan`'s tensors,
 /// whose bytes `produce(i)` returns for `plan[i]`. `plan` must be sorted by name.
 pub fn write_streaming(
@@ -81,6 +85,8 @@ pub fn write_streaming(
         std::thread::scope(|scope| {
             let (send, receive) = std::sync::mpsc::sync_channel::<(usize, Result<Vec<u8>>)>(batch);
             let writer = scope.spawn(move || -> Result<()> {
+                // Bytes handed to `out` so far, and those already sent on their way to disk.
+                let (mut written, mut started) = ((8 + header.len()) as u64, 0u64);
                 for (i, bytes) in receive {
                     let bytes = bytes?;
                     ensure!(
@@ -91,6 +97,12 @@ pub fn write_streaming(
                         plan[i].byte_len()
                     );
                     out.write_all(&bytes)?;
+                    written += bytes.len() as u64;
+                    if written - started >= WRITEBACK_BYTES {
+                        out.flush()?;
+                        lora_core::io::start_writeback(out.get_ref(), started, written - started);
+                        started = written;
+                    }
                 }
                 out.flush()?;
                 Ok(())
@@ -145,6 +157,34 @@ mod tests {
         assert_eq!((b.dtype(), b.shape()), (Dtype::F16, &[3][..]));
         assert_eq!(b.data(), &[2u8; 6]);
         assert_eq!(file.tensor("a")?.data(), &[1u8; 24]);
+        Ok(())
+    }
+
+    /// Tensors past [`WRITEBACK_BYTES`] in all, so writeback starts between them: every byte
+    /// still lands where the header says.
+    #[test]
+    fn large_outputs_read_back_whole() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("t.safetensors");
+        let values = (WRITEBACK_BYTES / 4 * 3 / 5) as usize; // 0.6 × the interval per tensor
+        let plan: Vec<PlannedTensor> = (0..4)
+            .map(|i| PlannedTensor {
+                name: format!("t{i}"),
+                dtype: Dtype::F32,
+                shape: vec![values],
+            })
+            .collect();
+        let fill = |i: usize| (0..plan[i].byte_len()).map(move |b| (b * 7 + i) as u8);
+        write_streaming(&path, &plan, &BTreeMap::new(), |i| Ok(fill(i).collect()))?;
+        let bytes = std::fs::read(&path)?;
+        let file = safetensors::SafeTensors::deserialize(&bytes)?;
+        for (i, t) in plan.iter().enumerate() {
+            assert!(
+                file.tensor(&t.name)?.data().iter().copied().eq(fill(i)),
+                "{}",
+                t.name
+            );
+        }
         Ok(())
     }
 

@@ -9,7 +9,7 @@ pub mod pickle;
 pub mod weights;
 
 pub use files::{
-    folder_of, free_space, not_safetensors, probe_writable, read_safetensors, write_atomic,
-    write_folder_atomic, write_safetensors_atomic, SafetensorsContents,
+    folder_of, free_space, not_safetensors, probe_writable, read_safetensors, start_writeback,
+    write_atomic, write_folder_atomic, write_safetensors_atomic, SafetensorsContents,
 };
 pub use panic_guard::contain_panics;
