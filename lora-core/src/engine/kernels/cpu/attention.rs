@@ -159,7 +159,9 @@ const SCORE_BLOCK_VALUES: usize = 1 << 20;
 /// The query blocks of one head: `(first row, rows)`.
 fn query_blocks(g: &Geometry) -> impl Iterator<Item = (usize, usize)> {
     let n = g.queries;
-    let step = (SCORE_BLOCK_VALUES / g.keys.max(1)).max(64).min(n.max(1));
+    let step = (SCORE_BLOCK_VALUES / g.score_stride().max(1))
+        .max(64)
+        .min(n.max(1));
     (0..n).step_by(step).map(move |r| (r, step.min(n - r)))
 }
 

@@ -17,9 +17,9 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75; // ln 2 split so that n·LN2_HI is exact
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
-                                     // Clamped so that 2ⁿ below stays a normal number. A comparison, not `f32::max`: NaN passes
-                                     // through (max would turn it into −87, a weight of ~0 that hides it) and it compiles to one
-                                     // instruction where max needs three.
+
+    // Clamped so that 2ⁿ below stays a normal number. A comparison, not `f32::max`: NaN passes
+    // through, where max would turn it into −87, a weight of ~0 that hides it.
     let x = if x < -87.0 { -87.0 } else { x };
     let t = x * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
