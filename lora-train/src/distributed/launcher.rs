@@ -352,6 +352,20 @@ mod tests {
     fn shell(script: &str) -> Command {
         let mut command = Command::new("sh");
         command.args(["-c", script]);
+        // The tests send SIGINT and expect its default action; a test run started as a
+        // background job without job control inherits SIGINT ignored, and a shell cannot undo
+        // that itself (`trap` leaves signals ignored on entry alone).
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec only `signal`, which is async-signal-safe, runs.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::signal(libc::SIGINT, libc::SIG_DFL);
+                    Ok(())
+                })
+            };
+        }
         command
     }
 
