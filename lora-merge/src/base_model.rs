@@ -72,6 +72,42 @@ impl WeightFile {
     }
 }
 
+/// A tensor's bytes on their way to an output: borrowed from a base file's mapping (an
+/// unchanged tensor, written without a copy) or computed. Dropping mapped bytes releases their
+/// pages, so once written they stop counting towards peak memory, as a copy's would.
+pub enum TensorBytes<'a> {
+    Mapped {
+        file: &'a WeightFile,
+        data: &'a [u8],
+    },
+    Computed(Vec<u8>),
+}
+
+impl std::ops::Deref for TensorBytes<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            TensorBytes::Mapped { data, .. } => data,
+            TensorBytes::Computed(bytes) => bytes,
+        }
+    }
+}
+
+impl AsRef<[u8]> for TensorBytes<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl Drop for TensorBytes<'_> {
+    fn drop(&mut self) {
+        if let TensorBytes::Mapped { file, data } = self {
+            file.release(data);
+        }
+    }
+}
+
 /// One stored tensor and what it is in diffusers terms.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -280,14 +316,12 @@ impl BaseModel {
         Ok(tensor)
     }
 
-    /// The raw bytes of entry `i`.
-    pub fn entry_bytes(&self, i: usize) -> Result<Vec<u8>> {
+    /// The raw bytes of entry `i`, borrowed from the file's mapping.
+    pub fn entry_bytes(&self, i: usize) -> Result<TensorBytes<'_>> {
         let e = &self.entries[i];
         let file = &self.files[e.file];
-        let view = file.tensors()?.tensor(&e.key)?;
-        let bytes = view.data().to_vec();
-        file.release(view.data());
-        Ok(bytes)
+        let data = file.tensors()?.tensor(&e.key)?.data();
+        Ok(TensorBytes::Mapped { file, data })
     }
 
     /// The diffusers weight `name` of `part` in f32, in its stored shape (a third of the rows for

@@ -17,7 +17,7 @@ use safetensors::Dtype;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::base_model::{BaseModel, Layout};
+use crate::base_model::{BaseModel, Layout, TensorBytes};
 use crate::stream::{write_streaming, PlannedTensor};
 
 /// The safetensors dtype a `--dtype` precision is written as.
@@ -369,7 +369,7 @@ impl Merger<'_> {
             let (entries, reshape) = &sources[k];
             let mut bytes = Vec::new();
             for &i in entries {
-                bytes.extend(self.produce(i, plan[k].dtype)?);
+                bytes.extend_from_slice(&self.produce(i, plan[k].dtype)?);
             }
             Ok(match reshape {
                 Reshape::Transpose => {
@@ -509,11 +509,13 @@ impl Merger<'_> {
                         Portion::Whole => bytes,
                         Portion::Third(t) => {
                             let n = bytes.len() / 3;
-                            bytes[t * n..(t + 1) * n].to_vec()
+                            TensorBytes::Computed(bytes[t * n..(t + 1) * n].to_vec())
                         }
-                        Portion::Transposed => {
-                            transposed(&bytes, &self.base.entries[*i].shape, plan[k].dtype)
-                        }
+                        Portion::Transposed => TensorBytes::Computed(transposed(
+                            &bytes,
+                            &self.base.entries[*i].shape,
+                            plan[k].dtype,
+                        )),
                     })
                 })?;
             }
@@ -642,7 +644,7 @@ impl Merger<'_> {
     /// A non-finite value is never written unless `allow_nonfinite`: one in the base is refused
     /// naming the tensor. A merged value that overflows a half-precision output (finite in f32)
     /// is always reported with the dtype that would hold it.
-    fn produce(&self, i: usize, dtype: Dtype) -> Result<Vec<u8>> {
+    fn produce(&self, i: usize, dtype: Dtype) -> Result<TensorBytes<'_>> {
         let e = &self.base.entries[i];
         let deltas = self.deltas_for(i);
         if deltas.is_empty() && dtype == e.dtype {
@@ -672,7 +674,7 @@ impl Merger<'_> {
                 e.key
             );
             if self.allow_nonfinite {
-                return Ok(bytes);
+                return Ok(TensorBytes::Computed(bytes));
             }
             bail!(
                 "`{}`: the merged weight is not finite (NaN or infinity) at flat index {at}; the \
@@ -680,7 +682,7 @@ impl Merger<'_> {
                 e.key
             );
         }
-        Ok(bytes)
+        Ok(TensorBytes::Computed(bytes))
     }
 
     /// Σ of each module's change at its weight for entry `i` (`base`, the stored weight in

@@ -59,12 +59,13 @@ fn header_bytes(plan: &[PlannedTensor], metadata: &BTreeMap<String, String>) -> 
 const WRITEBACK_BYTES: u64 = 16 << 20;
 
 /// Writes the safetensors file `path` (atomically: temp file + rename) holding `plan`'s tensors,
-/// whose bytes `produce(i)` returns for `plan[i]`. `plan` must be sorted by name.
-pub fn write_streaming(
+/// whose bytes `produce(i)` returns for `plan[i]` (dropped once written). `plan` must be sorted
+/// by name.
+pub fn write_streaming<Bytes: AsRef<[u8]> + Send>(
     path: &Path,
     plan: &[PlannedTensor],
     metadata: &BTreeMap<String, String>,
-    produce: impl Fn(usize) -> Result<Vec<u8>> + Sync,
+    produce: impl Fn(usize) -> Result<Bytes> + Sync,
 ) -> Result<()> {
     ensure!(
         plan.windows(2).all(|w| w[0].name < w[1].name),
@@ -83,12 +84,13 @@ pub fn write_streaming(
         let batch = rayon::current_num_threads().max(1);
         let indices: Vec<usize> = (0..plan.len()).collect();
         std::thread::scope(|scope| {
-            let (send, receive) = std::sync::mpsc::sync_channel::<(usize, Result<Vec<u8>>)>(batch);
+            let (send, receive) = std::sync::mpsc::sync_channel::<(usize, Result<Bytes>)>(batch);
             let writer = scope.spawn(move || -> Result<()> {
                 // Bytes handed to `out` so far, and those already sent on their way to disk.
                 let (mut written, mut started) = ((8 + header.len()) as u64, 0u64);
                 for (i, bytes) in receive {
                     let bytes = bytes?;
+                    let bytes = bytes.as_ref();
                     ensure!(
                         bytes.len() == plan[i].byte_len(),
                         "internal: tensor `{}` produced {} bytes, planned {}",
@@ -96,7 +98,7 @@ pub fn write_streaming(
                         bytes.len(),
                         plan[i].byte_len()
                     );
-                    out.write_all(&bytes)?;
+                    out.write_all(bytes)?;
                     written += bytes.len() as u64;
                     if written - started >= WRITEBACK_BYTES {
                         out.flush()?;
@@ -108,8 +110,7 @@ pub fn write_streaming(
                 Ok(())
             });
             'produce: for chunk in indices.chunks(batch) {
-                let produced: Vec<Result<Vec<u8>>> =
-                    chunk.par_iter().map(|&i| produce(i)).collect();
+                let produced: Vec<Result<Bytes>> = chunk.par_iter().map(|&i| produce(i)).collect();
                 for item in chunk.iter().copied().zip(produced) {
                     // A closed channel means the writer stopped on an error, which it returns.
                     if send.send(item).is_err() {
@@ -175,7 +176,9 @@ mod tests {
             })
             .collect();
         let fill = |i: usize| (0..plan[i].byte_len()).map(move |b| (b * 7 + i) as u8);
-        write_streaming(&path, &plan, &BTreeMap::new(), |i| Ok(fill(i).collect()))?;
+        write_streaming(&path, &plan, &BTreeMap::new(), |i| {
+            Ok(fill(i).collect::<Vec<u8>>())
+        })?;
         let bytes = std::fs::read(&path)?;
         let file = safetensors::SafeTensors::deserialize(&bytes)?;
         for (i, t) in plan.iter().enumerate() {
@@ -197,7 +200,7 @@ mod tests {
             dtype: Dtype::F32,
             shape: vec![4],
         }];
-        let err = write_streaming(&path, &plan, &BTreeMap::new(), |_| {
+        let err = write_streaming(&path, &plan, &BTreeMap::new(), |_| -> Result<Vec<u8>> {
             anyhow::bail!("disk on fire")
         })
         .unwrap_err();
