@@ -355,26 +355,24 @@ mod tests {
         // The tests send SIGINT and expect its default action; a test run started as a
         // background job without job control inherits SIGINT ignored, and a shell cannot undo
         // that itself (`trap` leaves signals ignored on entry alone).
-        #[cfg(unix)]
-        {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: between fork and exec only `signal`, which is async-signal-safe, runs.
-            unsafe {
-                command.pre_exec(|| {
-                    libc::signal(libc::SIGINT, libc::SIG_DFL);
-                    Ok(())
-                })
-            };
-        }
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec only `signal`, which is async-signal-safe, runs.
+        unsafe {
+            command.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            })
+        };
         command
     }
 
     #[test]
     fn a_failed_process_stops_the_ones_waiting_for_it() {
         let start = Instant::now();
-        // Process 1 fails at once; process 0 would wait "for ever" (as in a collective).
+        // Process 1 fails at once; process 0 would wait "for ever" (as in a collective). Its
+        // shell execs `sleep`, so killing it leaves no orphan holding the test's output open.
         let code =
-            run_local_processes(vec![shell("sleep 600"), shell("exit 3")], &NO_STOP).unwrap();
+            run_local_processes(vec![shell("exec sleep 600"), shell("exit 3")], &NO_STOP).unwrap();
         assert_eq!(code, 3);
         let took = start.elapsed();
         assert!(
@@ -409,7 +407,10 @@ mod tests {
             128 + 9
         );
         let start = Instant::now();
-        let code = run_local_processes(vec![shell("sleep 600"), shell("kill -INT $$")], &NO_STOP);
+        let code = run_local_processes(
+            vec![shell("exec sleep 600"), shell("kill -INT $$")],
+            &NO_STOP,
+        );
         assert_eq!(code.unwrap(), 128 + 2);
         assert!(start.elapsed() >= GRACE);
     }

@@ -123,10 +123,17 @@ impl Heads {
     ) -> Result<Self> {
         let (b, n, width) = q.dims3()?;
         let keys = k.dim(1)?;
-        if width % heads != 0 || k.dims() != v.dims() || k.dims3()?.0 != b || k.dim(2)? != width {
+        let fits = heads > 0
+            && width > 0
+            && keys > 0
+            && width.is_multiple_of(heads)
+            && k.dims() == v.dims()
+            && k.dims3()?.0 == b
+            && k.dim(2)? == width;
+        if !fits {
             return Err(candle_core::Error::Msg(format!(
                 "attention: queries {:?}, keys {:?} and values {:?} do not fit {heads} heads \
-                 (expected [B, N, H·d] and two [B, M, H·d])",
+                 (expected [B, N, H·d] and two [B, M, H·d], with M > 0 keys and d > 0)",
                 q.dims(),
                 k.dims(),
                 v.dims()
@@ -485,5 +492,20 @@ mod tests {
         let q = Tensor::zeros((1, 4, 6), DType::F64, &Device::Cpu).unwrap();
         let err = attention(&q, &q, &q, 4, false, false).unwrap_err();
         assert!(err.to_string().contains("do not fit 4 heads"), "{err}");
+    }
+
+    /// No keys, no heads or heads of size 0 are errors (as in the CPU kernel), not a panic or
+    /// an output of zeros.
+    #[test]
+    fn empty_keys_and_heads_are_errors() {
+        let zeros = |shape: (usize, usize, usize)| Tensor::zeros(shape, DType::F64, &Device::Cpu);
+        let (q, no_keys) = (zeros((1, 4, 6)).unwrap(), zeros((1, 0, 6)).unwrap());
+        for causal in [false, true] {
+            let err = attention(&q, &no_keys, &no_keys, 2, false, causal).unwrap_err();
+            assert!(err.to_string().contains("M > 0 keys"), "{err}");
+            assert!(attention(&q, &q, &q, 0, false, causal).is_err());
+            let (q, k) = (zeros((1, 4, 0)).unwrap(), zeros((1, 3, 0)).unwrap());
+            assert!(attention(&q, &k, &k, 2, false, causal).is_err());
+        }
     }
 }

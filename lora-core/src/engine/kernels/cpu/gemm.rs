@@ -132,9 +132,9 @@ pub(crate) const LINE_VALUES: usize = 16;
 
 /// Runs `f` on this thread's work buffer of `len` values (contents unspecified), which starts on
 /// a cache line. Why: for products with few rows (`m` of 40, such as attention's `dVᵀ = dOᵀ·P`)
-/// the gemm crate reads the right-hand matrix in place, and its rate halves when that matrix's
-/// rows are not 32-byte aligned (65 → 36 GFLOP/s, benches/RESULTS.md); a `Vec`'s allocation is
-/// only 16-byte aligned.
+/// the gemm crate reads the right-hand matrix in place, markedly slower when that matrix's rows
+/// are not 32-byte aligned (measured in benches/RESULTS.md); a `Vec`'s allocation is only
+/// 16-byte aligned.
 pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|cell| {
         let mut buf = cell.borrow_mut();
