@@ -25,10 +25,10 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
 
 /// Asks the kernel to start writing `len` bytes of `file` from `offset` to disk now, without
 /// waiting for the disk to have them (Linux; elsewhere nothing; the call itself may block while
-/// the device's queue is full). Why: the bytes of a large output otherwise reach
-/// the disk in [`write_atomic`]'s final sync, which then waits for all of them at once (a large
-/// part of a merge, measured in benches/RESULTS.md); started while later tensors are produced,
-/// the disk's work overlaps with them. Best effort: that final sync is what makes the file durable, so an
+/// the device's queue is full). Why: the bytes of a large output otherwise reach the disk in
+/// [`write_atomic`]'s final sync, which then waits for all of them at once (a large part of a
+/// merge, measured in benches/RESULTS.md); started while later tensors are produced, the disk's
+/// work overlaps with them. Best effort: that final sync is what makes the file durable, so an
 /// error here changes nothing and is ignored.
 pub fn start_writeback(file: &File, offset: u64, len: u64) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
