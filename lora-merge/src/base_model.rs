@@ -55,8 +55,8 @@ impl WeightFile {
     }
 
     /// Drops the pages of `data` (a slice of this file's mapping) from the process's resident
-    /// set once a tensor has been copied out: a merge reads every tensor once, and without this
-    /// peak RSS grows to the checkpoint's size.
+    /// set once a tensor has been copied out or written: a merge reads every tensor once, and
+    /// without this peak RSS grows to the checkpoint's size.
     fn release(&self, data: &[u8]) {
         assert!(
             data.is_empty() || self.mmap.as_ptr_range().contains(&data.as_ptr()),
@@ -73,9 +73,12 @@ impl WeightFile {
 }
 
 /// A tensor's bytes on their way to an output: borrowed from a base file's mapping (an
-/// unchanged tensor, written without a copy) or computed. Dropping mapped bytes releases their
-/// pages, so once written they stop counting towards peak memory, as a copy's would.
-pub enum TensorBytes<'a> {
+/// unchanged tensor, written without a copy; only [`BaseModel::entry_bytes`] makes these) or
+/// computed. Dropping mapped bytes releases their pages, so once written they stop counting
+/// towards peak memory.
+pub struct TensorBytes<'a>(Source<'a>);
+
+enum Source<'a> {
     Mapped {
         file: &'a WeightFile,
         data: &'a [u8],
@@ -83,13 +86,19 @@ pub enum TensorBytes<'a> {
     Computed(Vec<u8>),
 }
 
+impl TensorBytes<'_> {
+    pub fn computed(bytes: Vec<u8>) -> Self {
+        Self(Source::Computed(bytes))
+    }
+}
+
 impl std::ops::Deref for TensorBytes<'_> {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        match self {
-            TensorBytes::Mapped { data, .. } => data,
-            TensorBytes::Computed(bytes) => bytes,
+        match &self.0 {
+            Source::Mapped { data, .. } => data,
+            Source::Computed(bytes) => bytes,
         }
     }
 }
@@ -102,7 +111,7 @@ impl AsRef<[u8]> for TensorBytes<'_> {
 
 impl Drop for TensorBytes<'_> {
     fn drop(&mut self) {
-        if let TensorBytes::Mapped { file, data } = self {
+        if let Source::Mapped { file, data } = self.0 {
             file.release(data);
         }
     }
@@ -321,7 +330,7 @@ impl BaseModel {
         let e = &self.entries[i];
         let file = &self.files[e.file];
         let data = file.tensors()?.tensor(&e.key)?.data();
-        Ok(TensorBytes::Mapped { file, data })
+        Ok(TensorBytes(Source::Mapped { file, data }))
     }
 
     /// The diffusers weight `name` of `part` in f32, in its stored shape (a third of the rows for

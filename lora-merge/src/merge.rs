@@ -367,17 +367,20 @@ impl Merger<'_> {
         metadata.extend(provenance);
         write_streaming(output, &plan, &metadata, |k| {
             let (entries, reshape) = &sources[k];
+            if let ([i], Reshape::Keep | Reshape::ToConv) = (&entries[..], reshape) {
+                return self.produce(*i, plan[k].dtype);
+            }
             let mut bytes = Vec::new();
             for &i in entries {
                 bytes.extend_from_slice(&self.produce(i, plan[k].dtype)?);
             }
-            Ok(match reshape {
+            Ok(TensorBytes::computed(match reshape {
                 Reshape::Transpose => {
                     let source = &self.base.entries[entries[0]].shape;
                     transposed(&bytes, source, plan[k].dtype)
                 }
                 _ => bytes,
-            })
+            }))
         })?;
         Ok((0..self.base.entries.len())
             .filter(|&i| !self.deltas_for(i).is_empty())
@@ -509,9 +512,9 @@ impl Merger<'_> {
                         Portion::Whole => bytes,
                         Portion::Third(t) => {
                             let n = bytes.len() / 3;
-                            TensorBytes::Computed(bytes[t * n..(t + 1) * n].to_vec())
+                            TensorBytes::computed(bytes[t * n..(t + 1) * n].to_vec())
                         }
-                        Portion::Transposed => TensorBytes::Computed(transposed(
+                        Portion::Transposed => TensorBytes::computed(transposed(
                             &bytes,
                             &self.base.entries[*i].shape,
                             plan[k].dtype,
@@ -674,7 +677,7 @@ impl Merger<'_> {
                 e.key
             );
             if self.allow_nonfinite {
-                return Ok(TensorBytes::Computed(bytes));
+                return Ok(TensorBytes::computed(bytes));
             }
             bail!(
                 "`{}`: the merged weight is not finite (NaN or infinity) at flat index {at}; the \
@@ -682,7 +685,7 @@ impl Merger<'_> {
                 e.key
             );
         }
-        Ok(TensorBytes::Computed(bytes))
+        Ok(TensorBytes::computed(bytes))
     }
 
     /// Σ of each module's change at its weight for entry `i` (`base`, the stored weight in

@@ -503,9 +503,11 @@ mod tests {
         for causal in [false, true] {
             let err = attention(&q, &no_keys, &no_keys, 2, false, causal).unwrap_err();
             assert!(err.to_string().contains("M > 0 keys"), "{err}");
-            assert!(attention(&q, &q, &q, 0, false, causal).is_err());
+            let err = attention(&q, &q, &q, 0, false, causal).unwrap_err();
+            assert!(err.to_string().contains("do not fit 0 heads"), "{err}");
             let (q, k) = (zeros((1, 4, 0)).unwrap(), zeros((1, 3, 0)).unwrap());
-            assert!(attention(&q, &k, &k, 2, false, causal).is_err());
+            let err = attention(&q, &k, &k, 2, false, causal).unwrap_err();
+            assert!(err.to_string().contains("d > 0"), "{err}");
         }
     }
 }
