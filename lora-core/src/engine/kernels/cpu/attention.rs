@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{f32_slice, matmul, with_scratch, Mat, Threads, LINE_VALUES};
-use super::math::{self, exp_nonpositive, simd_dispatch};
+use super::math::{self, simd_dispatch};
 
 /// `[B, N, H·d]` queries against `[B, M, H·d]` keys and values.
 #[derive(Debug, Clone, Copy)]
@@ -119,11 +119,17 @@ simd_dispatch! {
     /// callers, who apply it to the `rows × d` side of the next product instead of the
     /// `rows × M` block: a pass less over a block larger than a core's L2 cache. Rows are
     /// `stride` apart, the first `cols` of each are scores.
-    fn exp_rows(scores: &mut [f32], cols: usize, stride: usize, scale: f32, inv_sums: &mut [f32]) {
+    fn exp_rows<const FMA: bool>(
+        scores: &mut [f32],
+        cols: usize,
+        stride: usize,
+        scale: f32,
+        inv_sums: &mut [f32],
+    ) {
         for (row, inv) in scores.chunks_exact_mut(stride).zip(inv_sums) {
             let row = &mut row[..cols];
             let max = math::max(row);
-            *inv = 1.0 / math::map_in_place_sum(row, |v| exp_nonpositive((v - max) * scale));
+            *inv = 1.0 / math::exp_shifted_in_place_sum::<FMA>(row, max, scale);
         }
     }
 }

@@ -10,28 +10,115 @@
 //! `gemm` crate's (see lora-core's Cargo.toml), so that the AVX2 path can be measured on an
 //! AVX-512 machine (`benches/run_all.sh --avx2`).
 
-/// `eˣ` for `x ≤ 0` (softmax after its max is subtracted), as `2ⁿ·p(r)` with `|r| ≤ ln2/2` and
-/// a degree-6 Taylor polynomial (relative error < 2e-7).
+/// `a·b + c`, as one fused instruction when `FMA` (the caller's copy runs on a CPU with fused
+/// multiply-add: see [`simd_dispatch!`]), else as a product and a sum: `f32::mul_add` on a CPU
+/// without it is a call into libm per value.
 #[inline(always)]
-pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `eˣ` in place for `N` values `x ≤ 0` (softmax after its max is subtracted), as `2ⁿ·p(r)` with
+/// `|r| ≤ ln2/2` and a degree-5 minimax polynomial (relative error 7.5e-8 before rounding, below
+/// 3e-7 in f32 arithmetic: tested below).
+///
+/// Each step runs over all `N` values before the next one starts. Why: one value's exponential
+/// is a chain of about twenty dependent operations, and written value by value the compiler
+/// emits one vector's whole chain, then the next one's, which the CPU's out-of-order window does
+/// not overlap well; step by step, the `N / 8` (AVX2) independent vectors of each step sit side by
+/// side (measured in benches/RESULTS.md, 2026-12-06 07:45).
+#[inline(always)]
+fn exp_nonpositive_in_place<const FMA: bool, const N: usize>(x: &mut [f32; N]) {
     const LN2_HI: f32 = 0.693_145_75; // ln 2 split so that n·LN2_HI is exact
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
-
+                                     // Minimax for the relative error of eʳ on [−ln2/2, ln2/2] (Remez exchange, 40 digits).
+    const P: [f32; 6] = [
+        1.000_000_1,
+        0.999_999_7,
+        0.499_988_95,
+        0.166_675_75,
+        0.041_915_383,
+        0.008_297_655,
+    ];
     // Clamped so that 2ⁿ below stays a normal number. A comparison, not `f32::max`: NaN passes
     // through, where max would turn it into −87, a weight of ~0 that hides it.
-    let x = if x < -87.0 { -87.0 } else { x };
-    let t = x * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // 2ⁿ from the integer n held in t's low mantissa bits: integer ops that vectorise, where
-    // `n as i32` (saturating, NaN-checked) compiles to a scalar conversion per value.
-    let biased = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
-    p * f32::from_bits(biased << 23)
+    for v in x.iter_mut() {
+        *v = if *v < -87.0 { -87.0 } else { *v };
+    }
+    // Loops rather than `array::map`, whose closure is not always inlined into the caller's
+    // copy: compiled on its own, without FMA, `mul_add` becomes a libm call per value.
+    let mut t = [0.0f32; N];
+    for (t, &v) in t.iter_mut().zip(x.iter()) {
+        *t = mul_add::<FMA>(v, std::f32::consts::LOG2_E, ROUND);
+    }
+    let mut r = [0.0f32; N];
+    for ((r, &v), &t) in r.iter_mut().zip(x.iter()).zip(&t) {
+        let n = t - ROUND;
+        *r = mul_add::<FMA>(-n, LN2_LO, mul_add::<FMA>(-n, LN2_HI, v));
+    }
+    let mut p = [P[5]; N];
+    for &c in P[..5].iter().rev() {
+        for (p, &r) in p.iter_mut().zip(&r) {
+            *p = mul_add::<FMA>(*p, r, c);
+        }
+    }
+    for ((v, &p), &t) in x.iter_mut().zip(&p).zip(&t) {
+        // 2ⁿ from the integer n held in t's low mantissa bits: integer ops that vectorise, where
+        // `n as i32` (saturating, NaN-checked) compiles to a scalar conversion per value.
+        let biased = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+        *v = p * f32::from_bits(biased << 23);
+    }
+}
+
+/// `eˣ` for one `x ≤ 0`: [`exp_nonpositive_in_place`] unfused, for kernels that vectorise over
+/// their own loop.
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    let mut v = [x];
+    exp_nonpositive_in_place::<false, 1>(&mut v);
+    v[0]
+}
+
+/// Values per block of [`exp_shifted_in_place_sum`]: eight AVX2 vectors side by side.
+const EXP_BLOCK: usize = 64;
+
+/// Replaces every `xᵢ` by `exp((xᵢ − max)·scale)` (`max` at least every `xᵢ`: a softmax row's
+/// unnormalised probabilities) and returns their sum.
+#[inline(always)]
+pub(crate) fn exp_shifted_in_place_sum<const FMA: bool>(
+    x: &mut [f32],
+    max: f32,
+    scale: f32,
+) -> f32 {
+    #[inline(always)]
+    fn exp_block<const FMA: bool>(block: &mut [f32; EXP_BLOCK], max: f32, scale: f32) {
+        for v in block.iter_mut() {
+            *v = (*v - max) * scale;
+        }
+        exp_nonpositive_in_place::<FMA, EXP_BLOCK>(block);
+    }
+    let mut acc = [0.0f32; EXP_BLOCK];
+    let mut blocks = x.chunks_exact_mut(EXP_BLOCK);
+    for block in &mut blocks {
+        let block: &mut [f32; EXP_BLOCK] = block.try_into().expect("a block of EXP_BLOCK values");
+        exp_block::<FMA>(block, max, scale);
+        for (a, &v) in acc.iter_mut().zip(block.iter()) {
+            *a += v;
+        }
+    }
+    let rest = blocks.into_remainder();
+    if !rest.is_empty() {
+        let mut padded = [max; EXP_BLOCK];
+        padded[..rest.len()].copy_from_slice(rest);
+        exp_block::<FMA>(&mut padded, max, scale);
+        rest.copy_from_slice(&padded[..rest.len()]);
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
 /// `1 / (1 + e⁻ᶻ)` without overflow for any `z`.
@@ -74,26 +161,6 @@ pub(crate) fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     sum_zip(x, x, |v, _| f(v))
 }
 
-/// Replaces every `xᵢ` by `f(xᵢ)` and returns their sum over [`LANES`] lanes: one pass where a
-/// map and then [`sum_map`] would read the values twice.
-#[inline(always)]
-pub(crate) fn map_in_place_sum(x: &mut [f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut chunks = x.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for i in 0..LANES {
-            c[i] = f(c[i]);
-            acc[i] += c[i];
-        }
-    }
-    let mut tail = 0.0f32;
-    for v in chunks.into_remainder() {
-        *v = f(*v);
-        tail += *v;
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// The largest value (−∞ for none). NaN is skipped: the softmax that uses this carries a NaN
 /// score into its row through [`exp_nonpositive`].
 #[inline(always)]
@@ -129,21 +196,31 @@ pub(crate) fn has_avx512() -> bool {
         && has_avx2_fma()
 }
 
+/// Whether the baseline copy of a [`simd_dispatch!`] kernel runs on a CPU with fused
+/// multiply-add: aarch64 has it in its base architecture, x86-64 only from AVX2's generation on.
+pub(crate) const BASELINE_FMA: bool = cfg!(target_arch = "aarch64");
+
 /// Defines `fn name(args) -> ret { body }` three times on x86-64 (compiled for AVX-512, for
-/// AVX2 + FMA and for the baseline; twice with `lora_avx2_only`) and calls the widest copy the CPU runs. The body must not
-/// rely on closures being vectorised separately (they are inlined into whichever copy calls
-/// them).
+/// AVX2 + FMA and for the baseline; twice with `lora_avx2_only`) and calls the widest copy the
+/// CPU runs. The body must not rely on closures being vectorised separately (they are inlined
+/// into whichever copy calls them). Declared `fn name<const FMA: bool>(…)`, the body learns
+/// whether its copy has fused multiply-add (for [`mul_add`]).
 macro_rules! simd_dispatch {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $crate::engine::kernels::cpu::math::simd_dispatch! {
+            $(#[$meta])* $vis fn $name<const _FMA: bool>($($arg: $ty),*) $(-> $ret)? $body
+        }
+    };
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<const $fma:ident: bool>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            fn generic<const $fma: bool>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(all(target_arch = "x86_64", not(lora_avx2_only)))]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    generic($($arg),*)
+                    generic::<true>($($arg),*)
                 }
                 if $crate::engine::kernels::cpu::math::has_avx512() {
                     // SAFETY: the CPU was just checked for the features `avx512` is built with.
@@ -154,14 +231,14 @@ macro_rules! simd_dispatch {
             {
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    generic($($arg),*)
+                    generic::<true>($($arg),*)
                 }
                 if $crate::engine::kernels::cpu::math::has_avx2_fma() {
                     // SAFETY: the CPU was just checked for the features `avx2` is built with.
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            generic($($arg),*)
+            generic::<{ $crate::engine::kernels::cpu::math::BASELINE_FMA }>($($arg),*)
         }
     };
 }
@@ -171,15 +248,60 @@ pub(crate) use simd_dispatch;
 mod tests {
     use super::*;
 
+    /// Both forms (fused and unfused multiply-add) against libm's `expf` over softmax's range.
     #[test]
     fn fast_exp_matches_libm() {
-        let worst = (0..=100_000)
+        let xs: Vec<f32> = (0..=100_000)
             .map(|i| -87.0 * i as f32 / 100_000.0)
-            .map(|x| ((exp_nonpositive(x) - x.exp()) / x.exp()).abs())
-            .fold(0.0f32, f32::max);
-        assert!(worst < 5e-7, "worst relative error {worst}");
+            .collect();
+        let rel = |got: f32, x: f32| ((got - x.exp()) / x.exp()).abs();
+        let unfused = xs.iter().map(|&x| rel(exp_nonpositive(x), x));
+        let fused = xs.chunks(EXP_BLOCK).flat_map(|chunk| {
+            let mut block = [0.0f32; EXP_BLOCK];
+            block[..chunk.len()].copy_from_slice(chunk);
+            exp_nonpositive_in_place::<true, EXP_BLOCK>(&mut block);
+            chunk
+                .iter()
+                .zip(block)
+                .map(|(&x, e)| rel(e, x))
+                .collect::<Vec<_>>()
+        });
+        for (form, errors) in [
+            ("unfused", unfused.collect::<Vec<_>>()),
+            ("fused", fused.collect()),
+        ] {
+            assert_eq!(errors.len(), xs.len(), "{form}");
+            let worst = errors
+                .iter()
+                .fold(0.0f32, |m, &e| if e > m || e.is_nan() { e } else { m });
+            eprintln!("{form}: worst relative error {worst}");
+            assert!(worst < 3e-7, "{form}: worst relative error {worst}");
+        }
         assert!(exp_nonpositive(-1000.0) < 1e-37);
         assert!(exp_nonpositive(f32::NAN).is_nan());
+    }
+
+    /// The unnormalised softmax of a row: values and sum against libm, with a tail shorter than a
+    /// block.
+    #[test]
+    fn shifted_exponentials_and_their_sum() {
+        for len in [1, 63, 64, 65, 200] {
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 37) % 19) as f32 * 0.7 - 9.0)
+                .collect();
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut got = x.clone();
+            let sum = exp_shifted_in_place_sum::<false>(&mut got, max, 0.3);
+            let expected: Vec<f64> = x.iter().map(|&v| ((v - max) as f64 * 0.3).exp()).collect();
+            for (g, e) in got.iter().zip(&expected) {
+                assert!(((*g as f64 - e) / e).abs() < 5e-7, "{len}: {g} against {e}");
+            }
+            let total: f64 = expected.iter().sum();
+            assert!(
+                ((sum as f64 - total) / total).abs() < 1e-6,
+                "{len}: {sum} against {total}"
+            );
+        }
     }
 
     #[test]
@@ -198,12 +320,6 @@ mod tests {
         assert_eq!(sum_map(&x, |v| v * v), x.iter().map(|v| v * v).sum::<f32>());
         let dot: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
         assert!((sum_zip(&x, &y, |a, b| a * b) - dot).abs() < 1e-4);
-        let mut squares = x.clone();
-        assert_eq!(
-            map_in_place_sum(&mut squares, |v| v * v),
-            sum_map(&x, |v| v * v)
-        );
-        assert!(squares.iter().zip(&x).all(|(s, v)| *s == v * v));
         assert_eq!(max(&x), 5.0);
         assert_eq!(max(&[]), f32::NEG_INFINITY);
     }
