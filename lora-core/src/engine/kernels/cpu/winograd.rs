@@ -23,6 +23,7 @@ use rayon::prelude::*;
 
 use super::conv::ConvGeometry;
 use super::gemm::{matmul, with_scratch, Mat, Threads};
+use super::math::{self, simd_dispatch};
 
 /// The cost model that chooses between im2col, F(2×2) and F(4×4), per pair of input and output
 /// channels, in multiply-adds of the im2col product: im2col spends 9 per output pixel; a variant
@@ -131,20 +132,39 @@ pub(crate) fn variant(g: &ConvGeometry) -> Option<&'static Variant> {
         .map(|(_, v)| v)
 }
 
+/// The most coefficients in a row of a transform matrix: F(4×4)'s side of 6.
+const MAX_TERMS: usize = 6;
+
 /// `dst = Σᵢ coefficients[i] · source(i)` over the nonzero coefficients, so that a zero never
-/// meets an infinity and F(2×2)'s sums stay exact (a product by ±1 or ½ is exact).
+/// meets an infinity and F(2×2)'s sums stay exact (a product by ±1 or ½ is exact, fused or not).
 fn combine<'a>(dst: &mut [f32], coefficients: &[f32], source: impl Fn(usize) -> &'a [f32]) {
     let len = dst.len();
-    let mut terms = coefficients.iter().enumerate().filter(|(_, c)| **c != 0.0);
-    let (first, &c) = terms
-        .next()
-        .expect("every row of a Winograd transform has a nonzero coefficient");
-    for (d, s) in dst.iter_mut().zip(&source(first)[..len]) {
-        *d = c * s;
+    let mut terms = [(0.0f32, &[][..]); MAX_TERMS];
+    let mut count = 0;
+    for (i, &c) in coefficients.iter().enumerate().filter(|(_, c)| **c != 0.0) {
+        let term = terms
+            .get_mut(count)
+            .expect("a transform row has at most MAX_TERMS coefficients");
+        *term = (c, &source(i)[..len]);
+        count += 1;
     }
-    for (i, &c) in terms {
-        for (d, s) in dst.iter_mut().zip(&source(i)[..len]) {
-            *d += c * s;
+    combine_terms(dst, &terms[..count]);
+}
+
+simd_dispatch! {
+    /// `dst = Σ c·s` over `terms` (each `s` as long as `dst`): compiled for the CPU's vector
+    /// width and fused multiply-add, where the transforms' callers are plain baseline code.
+    fn combine_terms<const FMA: bool>(dst: &mut [f32], terms: &[(f32, &[f32])]) {
+        let ((c, first), rest) = terms
+            .split_first()
+            .expect("every row of a Winograd transform has a nonzero coefficient");
+        for (d, s) in dst.iter_mut().zip(*first) {
+            *d = c * s;
+        }
+        for &(c, source) in rest {
+            for (d, &s) in dst.iter_mut().zip(source) {
+                *d = math::mul_add::<FMA>(c, s, *d);
+            }
         }
     }
 }
