@@ -196,7 +196,12 @@ impl Heads {
             .into_iter()
             .map(|(start, rows)| self.probabilities(start, rows)?.matmul(&self.v))
             .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&out, 2)?.to_dtype(self.dtype)
+        // No query rows, no blocks: an empty output of q's shape.
+        let out = match out.is_empty() {
+            true => self.q.zeros_like()?,
+            false => Tensor::cat(&out, 2)?,
+        };
+        out.to_dtype(self.dtype)
     }
 
     /// The gradients of q, k and v (`[B, H, ·, d]`, in the operands' dtype) for the output
@@ -228,11 +233,16 @@ impl Heads {
             dq.push(ds.matmul(&k_scaled)?);
             dk = accumulate(dk, ds.t()?.matmul(&self.q.narrow(2, start, rows)?)?)?;
         }
-        let missing = || candle_core::Error::Msg("attention: no query rows".into());
+        // No query rows: nothing reaches k and v, and dq is as empty as q.
+        let dq = match dq.is_empty() {
+            true => self.q.zeros_like()?,
+            false => Tensor::cat(&dq, 2)?,
+        };
+        let or_zeros = |sum: Option<Tensor>| sum.map_or_else(|| self.k.zeros_like(), Ok);
         Ok((
-            Tensor::cat(&dq, 2)?.to_dtype(self.dtype)?,
-            dk.ok_or_else(missing)?.to_dtype(self.dtype)?,
-            dv.ok_or_else(missing)?.to_dtype(self.dtype)?,
+            dq.to_dtype(self.dtype)?,
+            or_zeros(dk)?.to_dtype(self.dtype)?,
+            or_zeros(dv)?.to_dtype(self.dtype)?,
         ))
     }
 }
@@ -508,6 +518,34 @@ mod tests {
             let (q, k) = (zeros((1, 4, 0)).unwrap(), zeros((1, 3, 0)).unwrap());
             let err = attention(&q, &k, &k, 2, false, causal).unwrap_err();
             assert!(err.to_string().contains("d > 0"), "{err}");
+        }
+    }
+
+    /// No query rows: an empty output and zero gradients for the keys and values, as the CPU
+    /// kernel gives, rather than an error from concatenating no blocks.
+    #[test]
+    fn no_queries_give_an_empty_output_and_zero_gradients() {
+        let dev = Device::Cpu;
+        let var = |rows: usize| {
+            let values: Vec<f64> = (0..rows * 6).map(|i| i as f64 * 0.1 - 0.4).collect();
+            Var::from_tensor(&Tensor::from_vec(values, (1, rows, 6), &dev).unwrap()).unwrap()
+        };
+        let (q, k, v) = (var(0), var(3), var(3));
+        for causal in [false, true] {
+            let out = attention(&q, &k, &v, 2, false, causal).unwrap();
+            assert_eq!(out.dims(), &[1, 0, 6]);
+            let grads = out.sum_all().unwrap().backward().unwrap();
+            assert_eq!(grads.get(&q).unwrap().dims(), &[1, 0, 6]);
+            for x in [&k, &v] {
+                let grad = grads
+                    .get(x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                assert_eq!(grad, vec![0.0; 18], "causal {causal}");
+            }
         }
     }
 }
