@@ -1,8 +1,8 @@
 //! Elementwise math for the CPU kernels, written so the compiler vectorises it: an exponential
-//! in plain f32 arithmetic, reductions over eight independent lanes (a single running sum is a
-//! dependency chain the compiler may not reorder), and [`simd_dispatch!`], which compiles a
-//! kernel again for AVX-512 and for AVX2 + FMA and picks the widest copy the CPU runs, at run
-//! time. The default build targets baseline x86-64 (SSE2) so one binary runs anywhere; PyTorch
+//! in plain f32 arithmetic (step by step over blocks of values for softmax rows), reductions over
+//! independent lanes (a single running sum is a dependency chain the compiler may not reorder),
+//! and [`simd_dispatch!`], which compiles a kernel again for AVX-512 and for AVX2 + FMA and picks
+//! the widest copy the CPU runs, at run time. The default build targets baseline x86-64 (SSE2) so one binary runs anywhere; PyTorch
 //! dispatches the same way. On aarch64 the baseline copy is the NEON one (NEON is part of the
 //! architecture there).
 //!
@@ -36,7 +36,8 @@ fn exp_nonpositive_in_place<const FMA: bool, const N: usize>(x: &mut [f32; N]) {
     const LN2_HI: f32 = 0.693_145_75; // ln 2 split so that n·LN2_HI is exact
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
-                                     // Minimax for the relative error of eʳ on [−ln2/2, ln2/2] (Remez exchange, 40 digits).
+
+    // Minimax for the relative error of eʳ on [−ln2/2, ln2/2] (Remez exchange, 40 digits).
     const P: [f32; 6] = [
         1.000_000_1,
         0.999_999_7,
@@ -162,7 +163,7 @@ pub(crate) fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 /// The largest value (−∞ for none). NaN is skipped: the softmax that uses this carries a NaN
-/// score into its row through [`exp_nonpositive`].
+/// score into its row through [`exp_shifted_in_place_sum`].
 #[inline(always)]
 pub(crate) fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
@@ -202,8 +203,10 @@ pub(crate) const BASELINE_FMA: bool = cfg!(target_arch = "aarch64");
 
 /// Defines `fn name(args) -> ret { body }` three times on x86-64 (compiled for AVX-512, for
 /// AVX2 + FMA and for the baseline; twice with `lora_avx2_only`) and calls the widest copy the
-/// CPU runs. The body must not rely on closures being vectorised separately (they are inlined
-/// into whichever copy calls them). Declared `fn name<const FMA: bool>(…)`, the body learns
+/// CPU runs. Only what is inlined into a copy is compiled for its features: the body's own loops,
+/// `#[inline(always)]` helpers and the closures passed to them; a closure handed to a standard
+/// adapter such as `array::map` may stay a function of its own, compiled for the baseline (and
+/// [`mul_add`] there would call libm). Declared `fn name<const FMA: bool>(…)`, the body learns
 /// whether its copy has fused multiply-add (for [`mul_add`]).
 macro_rules! simd_dispatch {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
@@ -274,7 +277,6 @@ mod tests {
             let worst = errors
                 .iter()
                 .fold(0.0f32, |m, &e| if e > m || e.is_nan() { e } else { m });
-            eprintln!("{form}: worst relative error {worst}");
             assert!(worst < 3e-7, "{form}: worst relative error {worst}");
         }
         assert!(exp_nonpositive(-1000.0) < 1e-37);
@@ -285,22 +287,40 @@ mod tests {
     /// block.
     #[test]
     fn shifted_exponentials_and_their_sum() {
-        for len in [1, 63, 64, 65, 200] {
-            let x: Vec<f32> = (0..len)
-                .map(|i| ((i * 37) % 19) as f32 * 0.7 - 9.0)
-                .collect();
-            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut got = x.clone();
-            let sum = exp_shifted_in_place_sum::<false>(&mut got, max, 0.3);
-            let expected: Vec<f64> = x.iter().map(|&v| ((v - max) as f64 * 0.3).exp()).collect();
-            for (g, e) in got.iter().zip(&expected) {
-                assert!(((*g as f64 - e) / e).abs() < 5e-7, "{len}: {g} against {e}");
+        type Shifted = fn(&mut [f32], f32, f32) -> f32;
+        let forms: [(&str, Shifted); 2] = [
+            ("unfused", exp_shifted_in_place_sum::<false>),
+            ("fused", exp_shifted_in_place_sum::<true>),
+        ];
+        for (form, shifted) in forms {
+            for len in [1, 63, 64, 65, 200] {
+                let x: Vec<f32> = (0..len)
+                    .map(|i| ((i * 37) % 19) as f32 * 0.7 - 9.0)
+                    .collect();
+                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut got = x.clone();
+                let sum = shifted(&mut got, max, 0.3);
+                let expected: Vec<f64> =
+                    x.iter().map(|&v| ((v - max) as f64 * 0.3).exp()).collect();
+                assert_eq!(got.len(), expected.len());
+                for (g, e) in got.iter().zip(&expected) {
+                    let rel = ((*g as f64 - e) / e).abs();
+                    assert!(rel < 5e-7, "{form} {len}: {g} against {e}");
+                }
+                let total: f64 = expected.iter().sum();
+                let rel = ((sum as f64 - total) / total).abs();
+                assert!(rel < 1e-6, "{form} {len}: {sum} against {total}");
             }
-            let total: f64 = expected.iter().sum();
-            assert!(
-                ((sum as f64 - total) / total).abs() < 1e-6,
-                "{len}: {sum} against {total}"
-            );
+            // A NaN in a full block and one in the tail: it stays NaN, and so does the sum,
+            // while the other values stay finite.
+            for at in [10, 130] {
+                let mut x: Vec<f32> = (0..140).map(|i| -(i as f32) * 0.05).collect();
+                x[at] = f32::NAN;
+                let sum = shifted(&mut x, 0.0, 1.0);
+                assert!(sum.is_nan(), "{form}: NaN at {at} gave the sum {sum}");
+                let finite = x.iter().filter(|v| v.is_finite()).count();
+                assert!(x[at].is_nan() && finite == 139, "{form}: NaN at {at}");
+            }
         }
     }
 
