@@ -1,10 +1,10 @@
-//! Elementwise math for the CPU kernels, written so the compiler vectorises it: an exponential
-//! in plain f32 arithmetic (step by step over blocks of values for softmax rows), reductions over
-//! independent lanes (a single running sum is a dependency chain the compiler may not reorder),
-//! and [`simd_dispatch!`], which compiles a kernel again for AVX-512 and for AVX2 + FMA and picks
-//! the widest copy the CPU runs, at run time. The default build targets baseline x86-64 (SSE2) so one binary runs anywhere; PyTorch
-//! dispatches the same way. On aarch64 the baseline copy is the NEON one (NEON is part of the
-//! architecture there).
+//! Elementwise math for the CPU kernels, written so the compiler vectorises it: an exponential in
+//! plain f32 arithmetic (step by step over blocks of values for softmax rows), reductions over
+//! independent lanes (a single running sum is a dependency chain the compiler may not reorder), and
+//! [`simd_dispatch!`], which compiles a kernel again for AVX-512 and for AVX2 + FMA and picks the
+//! widest copy the CPU runs, at run time. The default build targets baseline x86-64 (SSE2) so one
+//! binary runs anywhere; PyTorch dispatches the same way. On aarch64 the baseline copy is the NEON
+//! one (NEON is part of the architecture there).
 //!
 //! Building with `RUSTFLAGS="--cfg lora_avx2_only"` leaves out the AVX-512 copies, ours and the
 //! `gemm` crate's (see lora-core's Cargo.toml), so that the AVX2 path can be measured on an
@@ -203,10 +203,10 @@ pub(crate) const BASELINE_FMA: bool = cfg!(target_arch = "aarch64");
 
 /// Defines `fn name(args) -> ret { body }` three times on x86-64 (compiled for AVX-512, for
 /// AVX2 + FMA and for the baseline; twice with `lora_avx2_only`) and calls the widest copy the
-/// CPU runs. Only what is inlined into a copy is compiled for its features: the body's own loops,
-/// `#[inline(always)]` helpers and the closures passed to them; a closure handed to a standard
-/// adapter such as `array::map` may stay a function of its own, compiled for the baseline (and
-/// [`mul_add`] there would call libm). Declared `fn name<const FMA: bool>(…)`, the body learns
+/// CPU runs. Only what is inlined into a copy is compiled for its features: the body's own loops
+/// and `#[inline(always)]` helpers always are; closures usually are, but nothing guarantees it,
+/// and one left a function of its own is compiled for the baseline (the exponential's
+/// `array::map` closure was, and [`mul_add`] there called libm per value). Hot code uses loops. Declared `fn name<const FMA: bool>(…)`, the body learns
 /// whether its copy has fused multiply-add (for [`mul_add`]).
 macro_rules! simd_dispatch {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
