@@ -203,11 +203,14 @@ pub(crate) const BASELINE_FMA: bool = cfg!(target_arch = "aarch64");
 
 /// Defines `fn name(args) -> ret { body }` three times on x86-64 (compiled for AVX-512, for
 /// AVX2 + FMA and for the baseline; twice with `lora_avx2_only`) and calls the widest copy the
-/// CPU runs. Only what is inlined into a copy is compiled for its features: the body's own loops
-/// and `#[inline(always)]` helpers always are; closures usually are, but nothing guarantees it,
-/// and one left a function of its own is compiled for the baseline (the exponential's
-/// `array::map` closure was, and [`mul_add`] there called libm per value). Hot code uses loops. Declared `fn name<const FMA: bool>(…)`, the body learns
-/// whether its copy has fused multiply-add (for [`mul_add`]).
+/// CPU runs. When declared as `fn name<const FMA: bool>(…)`, the body learns whether its copy
+/// has fused multiply-add (for [`mul_add`]).
+///
+/// Only what is inlined into a copy is compiled for its features: the body's own loops and
+/// `#[inline(always)]` helpers always are; a closure usually is, but nothing guarantees it, and
+/// one left as a function of its own is compiled without the copy's features yet keeps its
+/// `FMA`, so [`mul_add`] there becomes a libm call per value. So hot code uses loops rather than
+/// closures (`array::map` and the like).
 macro_rules! simd_dispatch {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $crate::engine::kernels::cpu::math::simd_dispatch! {
