@@ -11,6 +11,7 @@
 use candle_core::{CustomOp3, DType, Result, Tensor, D};
 
 use crate::engine::autograd::{forward_from_computed_output, ComputedOutput};
+use crate::engine::kernels::cpu::attention::Geometry;
 use crate::engine::tensor_ops::{compute_dtype, contiguous};
 
 /// Bytes of scores one block of query rows may take (all heads and samples together). A block's
@@ -121,28 +122,13 @@ impl Heads {
         causal: bool,
         score_bytes: usize,
     ) -> Result<Self> {
-        let (b, n, width) = q.dims3()?;
-        let keys = k.dim(1)?;
-        let fits = heads > 0
-            && width > 0
-            && keys > 0
-            && width.is_multiple_of(heads)
-            && k.dims() == v.dims()
-            && k.dims3()?.0 == b
-            && k.dim(2)? == width;
-        if !fits {
-            return Err(candle_core::Error::Msg(format!(
-                "attention: queries {:?}, keys {:?} and values {:?} do not fit {heads} heads \
-                 (expected [B, N, H·d] and two [B, M, H·d], with M > 0 keys and d > 0)",
-                q.dims(),
-                k.dims(),
-                v.dims()
-            )));
-        }
+        let shape = Geometry::new(q.dims(), k.dims(), v.dims(), heads)?;
+        let (b, n, keys) = (shape.batch, shape.queries, shape.keys);
         let sd = score_dtype(q.dtype(), upcast);
-        // The most negative finite value rather than −∞, as transformers masks: every masked probability
-        // is still exactly 0 (each row keeps its own key, whose score is finite), and the CUDA
-        // softmax kernels' running maximum starts at −∞, from which −∞ − (−∞) would be NaN.
+        // The most negative finite value rather than −∞, as transformers masks: every masked
+        // probability is still exactly 0 (each row keeps its own key, whose score is finite), and
+        // the CUDA softmax kernels' running maximum starts at −∞, from which −∞ − (−∞) would be
+        // NaN.
         let causal_mask = match causal {
             true => {
                 let masked = most_negative(sd);
@@ -153,7 +139,7 @@ impl Heads {
             }
             false => None,
         };
-        let scale = 1.0 / ((width / heads) as f64).sqrt();
+        let scale = 1.0 / (shape.head_dim as f64).sqrt();
         let row_bytes = b * heads * keys * sd.size_in_bytes();
         Ok(Self {
             q: (split_heads(q, heads)?.to_dtype(sd)? * scale)?,
@@ -504,8 +490,8 @@ mod tests {
         assert!(err.to_string().contains("do not fit 4 heads"), "{err}");
     }
 
-    /// No keys, no heads or heads of size 0 are errors (as in the CPU kernel), not a panic or
-    /// an output of zeros.
+    /// No keys, no heads or heads of size 0 are errors (the CPU kernel's shape check, which this
+    /// path makes too), not a panic or an output of zeros.
     #[test]
     fn empty_keys_and_heads_are_errors() {
         let zeros = |shape: (usize, usize, usize)| Tensor::zeros(shape, DType::F64, &Device::Cpu);

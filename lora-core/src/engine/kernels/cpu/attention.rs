@@ -14,18 +14,21 @@ use rayon::prelude::*;
 use super::gemm::{f32_slice, matmul, with_scratch, Mat, Threads, LINE_VALUES};
 use super::math::{self, simd_dispatch};
 
-/// `[B, N, H·d]` queries against `[B, M, H·d]` keys and values.
+/// `[B, N, H·d]` queries against `[B, M, H·d]` keys and values: the shape contract of every
+/// attention path (the blocked one checks its operands here too).
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    batch: usize,
-    queries: usize,
-    keys: usize,
+pub(crate) struct Geometry {
+    pub(crate) batch: usize,
+    pub(crate) queries: usize,
+    pub(crate) keys: usize,
     heads: usize,
-    head_dim: usize,
+    pub(crate) head_dim: usize,
 }
 
 impl Geometry {
-    fn new(q: &[usize], k: &[usize], v: &[usize], heads: usize) -> Result<Self> {
+    /// The geometry of operands of dims `q`, `k` and `v` split into `heads` heads; an error
+    /// naming the dims where they do not fit.
+    pub(crate) fn new(q: &[usize], k: &[usize], v: &[usize], heads: usize) -> Result<Self> {
         let fits = q.len() == 3
             && k.len() == 3
             && k == v
