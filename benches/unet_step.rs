@@ -110,15 +110,34 @@ struct CountingAllocator;
 static HEAP_LIVE: AtomicUsize = AtomicUsize::new(0);
 static HEAP_PEAK: AtomicUsize = AtomicUsize::new(0);
 
+fn count_allocation(ptr: *mut u8, bytes: usize) -> *mut u8 {
+    if !ptr.is_null() {
+        let live = HEAP_LIVE.fetch_add(bytes, Relaxed) + bytes;
+        HEAP_PEAK.fetch_max(live, Relaxed);
+    }
+    ptr
+}
+
 // SAFETY: every call is passed to the system allocator unchanged; the counters only observe.
+// `alloc_zeroed` and `realloc` are forwarded too: the trait's defaults would allocate, then zero
+// or copy on the calling thread, where the binaries' system allocator gets fresh zero pages
+// (calloc) or grows in place (realloc), so the defaults would time work the commands never do.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            let live = HEAP_LIVE.fetch_add(layout.size(), Relaxed) + layout.size();
-            HEAP_PEAK.fetch_max(live, Relaxed);
+        count_allocation(unsafe { System.alloc(layout) }, layout.size())
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count_allocation(unsafe { System.alloc_zeroed(layout) }, layout.size())
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let moved = unsafe { System.realloc(ptr, layout, new_size) };
+        if !moved.is_null() {
+            HEAP_LIVE.fetch_sub(layout.size(), Relaxed);
+            count_allocation(moved, new_size);
         }
-        ptr
+        moved
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {

@@ -4,6 +4,8 @@
 use candle_core::{CustomOp2, DType, Tensor};
 
 use super::autograd::{forward_from_computed_output, grad_if_tracked, ComputedOutput};
+use super::kernels::cpu::gemm::cpu_f32;
+use super::kernels::cpu::transpose::batched_transpose;
 
 #[cfg(feature = "cuda")]
 use super::kernels::cuda;
@@ -196,12 +198,18 @@ fn sum_over_broadcast(g: &Tensor, merged: &[(usize, bool)]) -> candle_core::Resu
 /// `[B, N, C]` tokens of an `h × w` image as `[B, C, h, w]`.
 pub fn tokens_to_image(t: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
     let (b, _, c) = t.dims3()?;
+    if cpu_f32(&[t]) {
+        return batched_transpose(t)?.reshape((b, c, h, w));
+    }
     contiguous(&t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?)
 }
 
 /// `[B, C, h, w]` as `[B, h·w, C]` tokens.
 pub fn image_to_tokens(x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
+    if cpu_f32(&[x]) {
+        return batched_transpose(&x.reshape((b, c, h * w))?);
+    }
     contiguous(&x.permute((0, 2, 3, 1))?)?.reshape((b, h * w, c))
 }
 

@@ -651,3 +651,67 @@ fn fused_nodes_match_composed_ops_and_their_gradients() {
         }
     }
 }
+
+/// The CPU kernels' image ↔ tokens transposes against candle's permuted copy: values bit for bit
+/// and the gradient of a weighted sum, on shapes off the tile grid and above the size where the
+/// pool shares the tiles.
+#[test]
+fn image_tokens_transposes_match_candles_permute_with_gradients() {
+    let mut rng = Rng::new(11);
+    for (b, c, h, w) in [(2, 37, 5, 7), (1, 1, 1, 1), (2, 70, 33, 31)] {
+        let x = Var::from_tensor(&normal(&[b, c, h, w], DType::F32, &mut rng)).unwrap();
+        let tokens = image_to_tokens(x.as_tensor()).unwrap();
+        let expected = x
+            .as_tensor()
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((b, h * w, c))
+            .unwrap();
+        assert_eq!(tokens.dims(), expected.dims());
+        assert_eq!(
+            max_diff(&tokens, &expected),
+            0.0,
+            "{b}×{c}×{h}×{w} to tokens"
+        );
+        let image = tokens_to_image(&tokens, h, w).unwrap();
+        assert_eq!(max_diff(&image, x.as_tensor()), 0.0, "{b}×{c}×{h}×{w} back");
+
+        // The gradient of Σ r ⊙ y through one transpose is `r` permuted back; through both, `r`.
+        let r = normal(&[b, h * w, c], DType::F32, &mut rng);
+        let grads = (tokens * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let expected_grad = r
+            .reshape((b, h, w, c))
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let grad = grads.get(x.as_tensor()).expect("x gets a gradient");
+        assert_eq!(
+            max_diff(grad, &expected_grad),
+            0.0,
+            "{b}×{c}×{h}×{w} gradient"
+        );
+        let round_trip = tokens_to_image(&image_to_tokens(x.as_tensor()).unwrap(), h, w).unwrap();
+        let r_image = normal(&[b, c, h, w], DType::F32, &mut rng);
+        let grads = (round_trip * &r_image)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grad = grads.get(x.as_tensor()).expect("x gets a gradient");
+        assert_eq!(
+            max_diff(grad, &r_image),
+            0.0,
+            "{b}×{c}×{h}×{w} round trip gradient"
+        );
+    }
+}

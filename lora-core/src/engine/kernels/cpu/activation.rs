@@ -8,6 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::buffers::zeroed;
 use super::gemm::f32_slice;
 use super::math::{exp_nonpositive, simd_dispatch};
 
@@ -98,7 +99,7 @@ impl CustomOp1 for Forward {
     fn cpu_fwd(&self, h: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let w = width(layout.dims())?;
         let h = f32_slice(h, layout, "geglu: input")?;
-        let mut out = vec![0.0f32; h.len() / 2];
+        let mut out = zeroed(h.len() / 2);
         out.par_chunks_mut(w / 2)
             .zip(h.par_chunks(w))
             .with_min_len(MIN_ROWS_PER_TASK)
@@ -135,7 +136,7 @@ impl CustomOp2 for InputGrad {
             f32_slice(h, h_l, "geglu: input")?,
             f32_slice(dy, dy_l, "geglu: gradient")?,
         );
-        let mut dh = vec![0.0f32; h.len()];
+        let mut dh = zeroed(h.len());
         dh.par_chunks_mut(w)
             .zip(h.par_chunks(w).zip(dy.par_chunks(w / 2)))
             .with_min_len(MIN_ROWS_PER_TASK)

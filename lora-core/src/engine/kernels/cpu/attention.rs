@@ -11,6 +11,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::buffers::zeroed;
 use super::gemm::{f32_slice, matmul, with_scratch, Mat, Threads, LINE_VALUES};
 use super::math::{self, simd_dispatch};
 
@@ -88,7 +89,7 @@ impl Geometry {
     /// Writes per-head `rows × d` blocks (in `(b, h)` order) into a `[B, rows, H·d]` tensor.
     fn merge_heads(&self, blocks: &[Vec<f32>], rows: usize) -> Vec<f32> {
         let (d, width) = (self.head_dim, self.width());
-        let mut out = vec![0.0f32; self.batch * rows * width];
+        let mut out = zeroed(self.batch * rows * width);
         for (t, block) in blocks.iter().enumerate() {
             let (b, h) = (t / self.heads, t % self.heads);
             let sample = &mut out[b * rows * width..][..rows * width];
@@ -102,7 +103,7 @@ impl Geometry {
     /// [`Self::merge_heads`] of per-head `d × rows` blocks (each head's transpose).
     fn merge_heads_transposed(&self, blocks: &[Vec<f32>], rows: usize) -> Vec<f32> {
         let (d, width) = (self.head_dim, self.width());
-        let mut out = vec![0.0f32; self.batch * rows * width];
+        let mut out = zeroed(self.batch * rows * width);
         for (t, block) in blocks.iter().enumerate() {
             let (b, h) = (t / self.heads, t % self.heads);
             let sample = &mut out[b * rows * width..][..rows * width];

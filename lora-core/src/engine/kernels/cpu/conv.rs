@@ -16,6 +16,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::buffers::zeroed;
 use super::gemm::{cpu_f32, f32_slice, matmul, with_scratch, Mat, Threads};
 use super::winograd;
 use crate::engine::autograd::grad_if_tracked;
@@ -212,7 +213,7 @@ pub(crate) fn conv2d(
     relu: bool,
 ) -> Vec<f32> {
     let (plane, taps) = (g.out_plane(), g.taps());
-    let mut y = vec![0.0f32; g.batch * g.c_out * plane];
+    let mut y = zeroed(g.batch * g.c_out * plane);
     let weights = Mat::rows(kernel, taps);
     let relu_in_place = |ys: &mut [f32]| {
         if relu {
@@ -278,7 +279,7 @@ fn im2col_conv(g: &ConvGeometry, xs: &[f32], weights: Mat, accumulate: bool, ys:
 /// col2im.
 pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) -> Vec<f32> {
     let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
-    let mut dx = vec![0.0f32; g.batch * g.c_in * g.in_plane()];
+    let mut dx = zeroed(g.batch * g.c_in * g.in_plane());
     // With stride 1 and padding 1, `dx` is the convolution of `dy` by the kernel flipped in
     // both directions with its channel axes swapped, which Winograd computes as a forward pass.
     let flipped = ConvGeometry {

@@ -8,6 +8,13 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::buffers::zeroed;
+
+/// The linear layer's bias is copied into its output rows in tasks of at least this many values,
+/// so a small layer's copy stays on the calling thread.
+const BIAS_VALUES_PER_TASK: usize = 1 << 16;
 
 /// Whether the CPU kernels apply: every tensor is on the CPU, in f32.
 pub(crate) fn cpu_f32(tensors: &[&Tensor]) -> bool {
@@ -197,9 +204,10 @@ impl CustomOp2 for Linear {
         let x = f32_slice(x, x_l, "linear: input")?;
         let w = f32_slice(w, w_l, "linear: weight")?;
         let rows = x.len() / inputs.max(1);
-        let mut y = vec![0.0f32; rows * outputs];
+        let mut y = zeroed(rows * outputs);
         if let Some(bias) = &self.bias {
-            y.chunks_exact_mut(outputs)
+            y.par_chunks_mut(outputs)
+                .with_min_len(BIAS_VALUES_PER_TASK.div_ceil(outputs.max(1)))
                 .for_each(|row| row.copy_from_slice(bias));
         }
         let dims = (rows, outputs, inputs);
@@ -226,7 +234,57 @@ impl CustomOp2 for Linear {
         _: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad_out.broadcast_matmul(w)?), None))
+        let dx = grad_out
+            .contiguous()?
+            .apply_op2_no_bwd(w, &LinearInputGrad)?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// [`Linear`]'s input gradient `dy·W`, `[…, out] → […, in]`, by our product into a buffer the
+/// pool zeroes (candle's matmul zeroes its output on the calling thread).
+struct LinearInputGrad;
+
+impl CustomOp2 for LinearInputGrad {
+    fn name(&self) -> &'static str {
+        "cpu-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dy: &CpuStorage,
+        dy_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (&features, &[outputs, inputs]) = (dy_l.dims().last().unwrap_or(&0), w_l.dims()) else {
+            return Err(candle_core::Error::Msg(
+                "linear input gradient: weight must be [out, in]".into(),
+            ));
+        };
+        if features != outputs {
+            return Err(candle_core::Error::Msg(format!(
+                "linear input gradient: gradient {:?} does not fit weight {:?}",
+                dy_l.dims(),
+                w_l.dims()
+            )));
+        }
+        let dy = f32_slice(dy, dy_l, "linear input gradient: gradient")?;
+        let w = f32_slice(w, w_l, "linear input gradient: weight")?;
+        let rows = dy.len() / outputs.max(1);
+        let mut dx = zeroed(rows * inputs);
+        matmul(
+            &mut dx,
+            inputs,
+            false,
+            (rows, inputs, outputs),
+            Mat::rows(dy, outputs),
+            Mat::rows(w, inputs),
+            Threads::All,
+        );
+        let mut shape = dy_l.dims().to_vec();
+        *shape.last_mut().expect("checked non-empty") = inputs;
+        Ok((CpuStorage::F32(dx), shape.into()))
     }
 }
 

@@ -11,6 +11,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::buffers::zeroed;
 use super::gemm::f32_slice;
 use super::math::{sigmoid, simd_dispatch, sum_map, sum_zip};
 
@@ -116,7 +117,7 @@ impl GroupNormParams {
     }
 
     fn forward_groups(&self, x: &[f32], cpg: usize, plane: usize) -> Vec<f32> {
-        let mut y = vec![0.0f32; x.len()];
+        let mut y = zeroed(x.len());
         y.par_chunks_mut(cpg * plane)
             .zip(x.par_chunks(cpg * plane))
             .enumerate()
@@ -137,7 +138,7 @@ impl GroupNormParams {
     /// With `x̂ = (x − μ)·r` and `g = dL/dx̂` (through SiLU when fused, then the scale `w`):
     /// `dx = r · (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))` over the group.
     fn input_grad_groups(&self, x: &[f32], dy: &[f32], cpg: usize, plane: usize) -> Vec<f32> {
-        let mut dx = vec![0.0f32; x.len()];
+        let mut dx = zeroed(x.len());
         let n = (cpg * plane) as f64;
         dx.par_chunks_mut(cpg * plane)
             .zip(x.par_chunks(cpg * plane).zip(dy.par_chunks(cpg * plane)))
@@ -236,7 +237,7 @@ impl Normalization for LayerNormParams {
 
     fn forward(&self, x: &[f32], dims: &[usize]) -> Result<Vec<f32>> {
         let d = self.check(dims)?;
-        let mut y = vec![0.0f32; x.len()];
+        let mut y = zeroed(x.len());
         y.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .with_min_len(MIN_ROWS_PER_TASK)
@@ -246,7 +247,7 @@ impl Normalization for LayerNormParams {
 
     fn input_grad(&self, x: &[f32], dy: &[f32], dims: &[usize]) -> Result<Vec<f32>> {
         let d = self.check(dims)?;
-        let mut dx = vec![0.0f32; x.len()];
+        let mut dx = zeroed(x.len());
         dx.par_chunks_mut(d)
             .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
             .with_min_len(MIN_ROWS_PER_TASK)

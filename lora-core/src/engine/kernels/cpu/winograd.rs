@@ -21,6 +21,7 @@
 
 use rayon::prelude::*;
 
+use super::buffers::zeroed;
 use super::conv::ConvGeometry;
 use super::gemm::{matmul, with_scratch, Mat, Threads};
 use super::math::{self, simd_dispatch};
@@ -197,7 +198,7 @@ impl Variant {
         tap: impl Fn(usize, usize) -> [f32; 9] + Sync,
     ) -> Vec<f32> {
         let (side, positions) = (self.side(), self.positions());
-        let mut u = vec![0.0f32; c_out * positions * c_in];
+        let mut u = zeroed(c_out * positions * c_in);
         u.par_chunks_mut(positions * c_in)
             .enumerate()
             .for_each(|(o, out)| {
