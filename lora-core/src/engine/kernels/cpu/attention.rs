@@ -86,34 +86,53 @@ impl Geometry {
         &x[(b * rows + first) * self.width() + h * self.head_dim..]
     }
 
-    /// Writes per-head `rows × d` blocks (in `(b, h)` order) into a `[B, rows, H·d]` tensor.
-    fn merge_heads(&self, blocks: &[Vec<f32>], rows: usize) -> Vec<f32> {
+    /// Writes per-head blocks (in `(b, h)` order) into `out`, a `[B, rows, H·d]` tensor: each
+    /// block `rows × d`, or its transpose `d × rows` when `transposed`. A large merge is shared
+    /// by the pool, a band of rows of one sample per task.
+    fn merge_heads_into(
+        &self,
+        blocks: &[Vec<f32>],
+        rows: usize,
+        transposed: bool,
+        out: &mut [f32],
+    ) {
         let (d, width) = (self.head_dim, self.width());
-        let mut out = zeroed(self.batch * rows * width);
-        for (t, block) in blocks.iter().enumerate() {
-            let (b, h) = (t / self.heads, t % self.heads);
-            let sample = &mut out[b * rows * width..][..rows * width];
-            for (dst, src) in sample.chunks_exact_mut(width).zip(block.chunks_exact(d)) {
-                dst[h * d..][..d].copy_from_slice(src);
-            }
-        }
-        out
-    }
-
-    /// [`Self::merge_heads`] of per-head `d × rows` blocks (each head's transpose).
-    fn merge_heads_transposed(&self, blocks: &[Vec<f32>], rows: usize) -> Vec<f32> {
-        let (d, width) = (self.head_dim, self.width());
-        let mut out = zeroed(self.batch * rows * width);
-        for (t, block) in blocks.iter().enumerate() {
-            let (b, h) = (t / self.heads, t % self.heads);
-            let sample = &mut out[b * rows * width..][..rows * width];
-            for (j, column) in block.chunks_exact(rows).enumerate() {
-                for (dst, &value) in sample[h * d + j..].iter_mut().step_by(width).zip(column) {
-                    *dst = value;
+        // Rows `first..` of sample `b`, as many as `dst` holds.
+        let band = |b: usize, first: usize, dst: &mut [f32]| {
+            let count = dst.len() / width;
+            for (h, block) in blocks[b * self.heads..][..self.heads].iter().enumerate() {
+                if transposed {
+                    for (j, column) in block.chunks_exact(rows).enumerate() {
+                        let values = &column[first..first + count];
+                        for (dst_row, &value) in dst.chunks_exact_mut(width).zip(values) {
+                            dst_row[h * d + j] = value;
+                        }
+                    }
+                } else {
+                    let sources = block[first * d..].chunks_exact(d);
+                    for (dst_row, src) in dst.chunks_exact_mut(width).zip(sources) {
+                        dst_row[h * d..][..d].copy_from_slice(src);
+                    }
                 }
             }
+        };
+        let sample = rows * width;
+        if sample == 0 {
+            return;
         }
-        out
+        if out.len() < PARALLEL_MERGE_FROM {
+            for (b, dst) in out.chunks_exact_mut(sample).enumerate() {
+                band(b, 0, dst);
+            }
+            return;
+        }
+        out.par_chunks_exact_mut(sample)
+            .enumerate()
+            .for_each(|(b, dst)| {
+                dst.par_chunks_mut(MERGE_ROWS_PER_TASK * width)
+                    .enumerate()
+                    .for_each(|(i, dst)| band(b, i * MERGE_ROWS_PER_TASK, dst));
+            });
     }
 }
 
@@ -193,6 +212,13 @@ fn exponentials(
     exp_rows(exps, m, stride, 1.0 / (d as f32).sqrt(), inv_sums);
 }
 
+/// Rows of a merged tensor per task when the pool shares a merge of heads.
+const MERGE_ROWS_PER_TASK: usize = 32;
+
+/// Below this many values a merge of heads stays on the calling thread: waking the pool would
+/// cost more than the copy.
+const PARALLEL_MERGE_FROM: usize = 1 << 16;
+
 /// `softmax(Q·Kᵀ/√d)·V` per head: `[B, N, H·d]`.
 fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
     let (n, m, d, stride) = (g.queries, g.keys, g.head_dim, g.score_stride());
@@ -224,7 +250,9 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
             out
         })
         .collect();
-    g.merge_heads(&blocks, n)
+    let mut out = zeroed(g.batch * n * g.width());
+    g.merge_heads_into(&blocks, n, false, &mut out);
+    out
 }
 
 /// The gradients `(dQ, dK, dV)` of [`forward`] given the output gradient `dO`, packed one after
@@ -287,9 +315,13 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
         })
         .unzip();
     let (dk_t, dv_t): (Vec<_>, Vec<_>) = dkv_t.into_iter().unzip();
-    let mut packed = g.merge_heads(&dq, n);
-    packed.extend(g.merge_heads_transposed(&dk_t, m));
-    packed.extend(g.merge_heads_transposed(&dv_t, m));
+    let (q_len, kv_len) = (g.batch * n * g.width(), g.batch * m * g.width());
+    let mut packed = zeroed(q_len + 2 * kv_len);
+    let (packed_q, packed_kv) = packed.split_at_mut(q_len);
+    let (packed_k, packed_v) = packed_kv.split_at_mut(kv_len);
+    g.merge_heads_into(&dq, n, false, packed_q);
+    g.merge_heads_into(&dk_t, m, true, packed_k);
+    g.merge_heads_into(&dv_t, m, true, packed_v);
     packed
 }
 
@@ -411,12 +443,14 @@ mod tests {
         let dev = Device::Cpu;
         let mut rng = Rng::new(5);
         // (batch, queries, keys, heads, head_dim)
-        // The last case has two blocks of query rows (see `query_blocks`).
+        // The case with 20 000 keys has two blocks of query rows (see `query_blocks`).
         let cases = [
             (2, 7, 5, 3, 4),
             (1, 16, 16, 2, 8),
             (2, 9, 77, 1, 6),
             (1, 80, 20_000, 2, 4),
+            // An output the pool merges, its rows off the merge's bands.
+            (1, 4100, 3, 2, 8),
         ];
         for (b, n, m, heads, d) in cases {
             let var = |rng: &mut Rng, rows| {
