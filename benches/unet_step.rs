@@ -120,8 +120,8 @@ fn count_allocation(ptr: *mut u8, bytes: usize) -> *mut u8 {
 
 // SAFETY: every call is passed to the system allocator unchanged; the counters only observe.
 // `alloc_zeroed` and `realloc` are forwarded too: the trait's defaults would allocate, then zero
-// or copy on the calling thread, where the binaries' system allocator gets fresh zero pages
-// (calloc) or grows in place (realloc), so the defaults would time work the commands never do.
+// or copy, where the binaries' system allocator skips clearing memory fresh from the kernel
+// (calloc) and may grow a block in place (realloc).
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count_allocation(unsafe { System.alloc(layout) }, layout.size())
@@ -134,8 +134,10 @@ unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let moved = unsafe { System.realloc(ptr, layout, new_size) };
         if !moved.is_null() {
-            HEAP_LIVE.fetch_sub(layout.size(), Relaxed);
+            // Counted as a copy (the old and the new block live together for a moment), then
+            // the old block freed: a peak never undercounts a moved block.
             count_allocation(moved, new_size);
+            HEAP_LIVE.fetch_sub(layout.size(), Relaxed);
         }
         moved
     }

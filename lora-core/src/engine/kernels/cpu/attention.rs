@@ -4,7 +4,7 @@
 //! score matmul, scaling, softmax, merges), and candle's backward allocates a zeroed gradient
 //! and adds into it for every node — several passes over the `[B, H, N, M]` score tensor each
 //! (32 MiB per self-attention layer at SD1.5's 32² latents). Here heads are strided views of the
-//! `[B, N, H·d]` projections (no split or merge copies), the scores of one block of query rows
+//! `[B, N, H·d]` projections (no split copies, one merge into the output), the scores of one block of query rows
 //! at a time live in a per-thread buffer that stays in cache, and the backward recomputes them
 //! instead of keeping them alive between the passes (as flash attention does).
 
@@ -451,6 +451,8 @@ mod tests {
             (1, 80, 20_000, 2, 4),
             // An output the pool merges, its rows off the merge's bands.
             (1, 4100, 3, 2, 8),
+            // Key and value gradients the pool merges (transposed), over two samples.
+            (2, 3, 4100, 2, 8),
         ];
         for (b, n, m, heads, d) in cases {
             let var = |rng: &mut Rng, rows| {

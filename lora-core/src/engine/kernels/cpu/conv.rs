@@ -327,7 +327,7 @@ pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) ->
 /// The gradient of [`conv2d`] with respect to its kernel: `Σ_b dy·im2col(x)ᵀ`, `[O, C·kh·kw]`.
 pub(crate) fn conv2d_kernel_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
-    let mut dw = vec![0.0f32; g.c_out * taps];
+    let mut dw = zeroed(g.c_out * taps);
     for (xs, dys) in x
         .chunks_exact(g.c_in * g.in_plane())
         .zip(dy.chunks_exact(g.c_out * plane))

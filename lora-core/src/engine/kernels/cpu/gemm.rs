@@ -189,9 +189,11 @@ impl CustomOp2 for Linear {
         w: &CpuStorage,
         w_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (&features, &[outputs, inputs]) = (x_l.dims().last().unwrap_or(&0), w_l.dims()) else {
+        let (Some((&features, leading)), &[outputs, inputs]) =
+            (x_l.dims().split_last(), w_l.dims())
+        else {
             return Err(candle_core::Error::Msg(
-                "linear: weight must be [out, in]".into(),
+                "linear: input must have a feature axis, weight must be [out, in]".into(),
             ));
         };
         if features != inputs || self.bias.as_ref().is_some_and(|b| b.len() != outputs) {
@@ -203,9 +205,9 @@ impl CustomOp2 for Linear {
         }
         let x = f32_slice(x, x_l, "linear: input")?;
         let w = f32_slice(w, w_l, "linear: weight")?;
-        let rows = x.len() / inputs.max(1);
+        let rows = leading.iter().product::<usize>();
         let mut y = zeroed(rows * outputs);
-        if let Some(bias) = &self.bias {
+        if let Some(bias) = self.bias.as_ref().filter(|_| outputs > 0) {
             y.par_chunks_mut(outputs)
                 .with_min_len(BIAS_VALUES_PER_TASK.div_ceil(outputs.max(1)))
                 .for_each(|row| row.copy_from_slice(bias));
@@ -223,7 +225,7 @@ impl CustomOp2 for Linear {
             Threads::All,
         );
         let mut shape = x_l.dims().to_vec();
-        *shape.last_mut().expect("checked non-empty") = outputs;
+        *shape.last_mut().expect("split above") = outputs;
         Ok((CpuStorage::F32(y), shape.into()))
     }
 
@@ -257,9 +259,12 @@ impl CustomOp2 for LinearInputGrad {
         w: &CpuStorage,
         w_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (&features, &[outputs, inputs]) = (dy_l.dims().last().unwrap_or(&0), w_l.dims()) else {
+        let (Some((&features, leading)), &[outputs, inputs]) =
+            (dy_l.dims().split_last(), w_l.dims())
+        else {
             return Err(candle_core::Error::Msg(
-                "linear input gradient: weight must be [out, in]".into(),
+                "linear input gradient: gradient must have a feature axis, weight must be [out, in]"
+                    .into(),
             ));
         };
         if features != outputs {
@@ -271,7 +276,7 @@ impl CustomOp2 for LinearInputGrad {
         }
         let dy = f32_slice(dy, dy_l, "linear input gradient: gradient")?;
         let w = f32_slice(w, w_l, "linear input gradient: weight")?;
-        let rows = dy.len() / outputs.max(1);
+        let rows = leading.iter().product::<usize>();
         let mut dx = zeroed(rows * inputs);
         matmul(
             &mut dx,
@@ -283,7 +288,7 @@ impl CustomOp2 for LinearInputGrad {
             Threads::All,
         );
         let mut shape = dy_l.dims().to_vec();
-        *shape.last_mut().expect("checked non-empty") = inputs;
+        *shape.last_mut().expect("split above") = inputs;
         Ok((CpuStorage::F32(dx), shape.into()))
     }
 }
