@@ -1,7 +1,7 @@
 //! The kernels' output buffers, zeroed by the pool when large. A zeroed `Vec` is filled on the
 //! calling thread (calloc clears a reused heap block with `memset`), and the kernels are
 //! called from outside the worker pool, so a large buffer kept the other cores idle: the Winograd
-//! filter transforms' buffers alone took ~3 % of a 32² training step's samples that way
+//! filter transforms' buffers alone took ~2.5 % of a 32² training step's samples that way
 //! (benches/RESULTS.md, 2026-12-06 20:33 section).
 
 use rayon::prelude::*;
