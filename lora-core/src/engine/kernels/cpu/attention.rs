@@ -4,14 +4,15 @@
 //! score matmul, scaling, softmax, merges), and candle's backward allocates a zeroed gradient
 //! and adds into it for every node — several passes over the `[B, H, N, M]` score tensor each
 //! (32 MiB per self-attention layer at SD1.5's 32² latents). Here heads are strided views of the
-//! `[B, N, H·d]` projections (no split copies, one merge into the output), the scores of one block of query rows
-//! at a time live in a per-thread buffer that stays in cache, and the backward recomputes them
+//! `[B, N, H·d]` projections (no split copies, one merge into the output), the scores of one
+//! block of query rows at a time live in a per-thread buffer that stays in cache, and the
+//! backward recomputes them
 //! instead of keeping them alive between the passes (as flash attention does).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::buffers::zeroed;
+use super::buffers::{for_each_band, zeroed};
 use super::gemm::{f32_slice, matmul, with_scratch, Mat, Threads, LINE_VALUES};
 use super::math::{self, simd_dispatch};
 
@@ -87,8 +88,8 @@ impl Geometry {
     }
 
     /// Writes per-head blocks (in `(b, h)` order) into `out`, a `[B, rows, H·d]` tensor: each
-    /// block `rows × d`, or its transpose `d × rows` when `transposed`. A large merge is shared
-    /// by the pool, a band of rows of one sample per task.
+    /// block `rows × d`, or its transpose `d × rows` when `transposed`, a band of rows of one
+    /// sample at a time ([`for_each_band`]).
     fn merge_heads_into(
         &self,
         blocks: &[Vec<f32>],
@@ -116,23 +117,12 @@ impl Geometry {
                 }
             }
         };
-        let sample = rows * width;
-        if sample == 0 {
-            return;
-        }
-        if out.len() < PARALLEL_MERGE_FROM {
-            for (b, dst) in out.chunks_exact_mut(sample).enumerate() {
-                band(b, 0, dst);
-            }
-            return;
-        }
-        out.par_chunks_exact_mut(sample)
-            .enumerate()
-            .for_each(|(b, dst)| {
-                dst.par_chunks_mut(MERGE_ROWS_PER_TASK * width)
-                    .enumerate()
-                    .for_each(|(i, dst)| band(b, i * MERGE_ROWS_PER_TASK, dst));
-            });
+        for_each_band(
+            out,
+            rows * width,
+            MERGE_ROWS_PER_TASK * width,
+            |b, i, dst| band(b, i * MERGE_ROWS_PER_TASK, dst),
+        );
     }
 }
 
@@ -214,10 +204,6 @@ fn exponentials(
 
 /// Rows of a merged tensor per task when the pool shares a merge of heads.
 const MERGE_ROWS_PER_TASK: usize = 32;
-
-/// Below this many values a merge of heads stays on the calling thread: waking the pool would
-/// cost more than the copy.
-const PARALLEL_MERGE_FROM: usize = 1 << 16;
 
 /// `softmax(Q·Kᵀ/√d)·V` per head: `[B, N, H·d]`.
 fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {

@@ -1,8 +1,9 @@
-//! The kernels' output buffers, zeroed by the pool when large. A zeroed `Vec` is filled on the
-//! calling thread (calloc clears a reused heap block with `memset`), and the kernels are
-//! called from outside the worker pool, so a large buffer kept the other cores idle: the Winograd
-//! filter transforms' buffers alone took ~2.5 % of a 32² training step's samples that way
-//! (benches/RESULTS.md, 2026-12-06 20:33 section).
+//! The kernels' output buffers, zeroed by the pool when large, and filled by the pool a band at
+//! a time ([`for_each_band`]). A zeroed `Vec` is filled on the calling thread (calloc clears a
+//! reused heap block with `memset`), and the kernels are called from outside the worker pool, so
+//! a large buffer kept the other cores idle: the Winograd filter transforms' buffers alone took
+//! ~2.5 % of a 32² training step's samples that way (benches/RESULTS.md, 2026-12-06 20:33
+//! section).
 
 use rayon::prelude::*;
 
@@ -18,6 +19,41 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
     let mut buffer = Vec::with_capacity(len);
     buffer.par_extend(rayon::iter::repeat_n(0.0f32, len));
     buffer
+}
+
+/// Below this many values [`for_each_band`] stays on the calling thread: waking the pool would
+/// cost more than a copy of this size.
+const PARALLEL_BANDS_FROM: usize = 1 << 16;
+
+/// Calls `fill(sample, band, values)` for every band of `band_len` values (a sample's last one
+/// may be shorter) of every sample of `sample_len` values of `out`, on the pool from
+/// [`PARALLEL_BANDS_FROM`] values on. Layout changes (a transpose, a merge of heads) fill their
+/// output this way, a band of output rows per task.
+pub(crate) fn for_each_band(
+    out: &mut [f32],
+    sample_len: usize,
+    band_len: usize,
+    fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    if sample_len == 0 || band_len == 0 {
+        return;
+    }
+    if out.len() < PARALLEL_BANDS_FROM {
+        for (sample, values) in out.chunks_exact_mut(sample_len).enumerate() {
+            for (band, values) in values.chunks_mut(band_len).enumerate() {
+                fill(sample, band, values);
+            }
+        }
+        return;
+    }
+    out.par_chunks_exact_mut(sample_len)
+        .enumerate()
+        .for_each(|(sample, values)| {
+            values
+                .par_chunks_mut(band_len)
+                .enumerate()
+                .for_each(|(band, values)| fill(sample, band, values));
+        });
 }
 
 #[cfg(test)]
@@ -40,5 +76,28 @@ mod tests {
                 "len {len}"
             );
         }
+    }
+
+    /// Each value written once with its sample, band and place in the band, on both sides of the
+    /// threshold and with a short last band per sample.
+    #[test]
+    fn for_each_band_visits_every_value_once_with_its_sample_and_band() {
+        for (samples, sample_len, band_len) in [(3, 10, 4), (2, PARALLEL_BANDS_FROM / 2 + 3, 96)] {
+            let mut out = vec![-1.0f32; samples * sample_len];
+            for_each_band(&mut out, sample_len, band_len, |sample, band, values| {
+                assert!(values.len() <= band_len && !values.is_empty());
+                for (i, v) in values.iter_mut().enumerate() {
+                    assert_eq!(*v, -1.0, "written twice");
+                    *v = (sample * sample_len + band * band_len + i) as f32;
+                }
+            });
+            let wrong = out
+                .iter()
+                .enumerate()
+                .filter(|&(at, &v)| v != at as f32)
+                .count();
+            assert_eq!(wrong, 0, "{samples} × {sample_len} in bands of {band_len}");
+        }
+        for_each_band(&mut [], 0, 4, |_, _, _| panic!("no sample, no call"));
     }
 }

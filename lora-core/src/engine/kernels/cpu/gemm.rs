@@ -209,7 +209,7 @@ impl CustomOp2 for Linear {
         let mut y = zeroed(rows * outputs);
         if let Some(bias) = self.bias.as_ref().filter(|_| outputs > 0) {
             y.par_chunks_mut(outputs)
-                .with_min_len(BIAS_VALUES_PER_TASK.div_ceil(outputs.max(1)))
+                .with_min_len(BIAS_VALUES_PER_TASK.div_ceil(outputs))
                 .for_each(|row| row.copy_from_slice(bias));
         }
         let dims = (rows, outputs, inputs);

@@ -4,17 +4,12 @@
 //! thread (~1.5 % of a 64² training step there); here square tiles keep both sides' cache lines
 //! in use, and the pool shares the tiles.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
-
-use super::buffers::zeroed;
+use super::buffers::{for_each_band, zeroed};
 use super::gemm::f32_slice;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// The tile's side: 32 source rows of 32 values (two cache lines each) go to 32 destination rows.
 const TILE: usize = 32;
-
-/// Below this many values the transpose stays on the calling thread (waking the pool costs more).
-const PARALLEL_FROM: usize = 1 << 16;
 
 /// `x` `[B, R, C]` (f32, on the CPU) as a contiguous `[B, C, R]`.
 pub(crate) fn batched_transpose(x: &Tensor) -> Result<Tensor> {
@@ -33,26 +28,10 @@ impl CustomOp1 for BatchedTranspose {
         let x = f32_slice(x, layout, "transpose: input")?;
         let mut y = zeroed(x.len());
         let matrix = rows * columns;
-        let shape = Shape::from((batch, columns, rows));
-        if matrix == 0 {
-            return Ok((CpuStorage::F32(y), shape));
-        }
-        if x.len() < PARALLEL_FROM {
-            for (y, x) in y.chunks_exact_mut(matrix).zip(x.chunks_exact(matrix)) {
-                for (band, y) in y.chunks_mut(TILE * rows).enumerate() {
-                    transpose_band(x, y, band * TILE, rows, columns);
-                }
-            }
-        } else {
-            y.par_chunks_mut(matrix)
-                .zip(x.par_chunks(matrix))
-                .for_each(|(y, x)| {
-                    y.par_chunks_mut(TILE * rows)
-                        .enumerate()
-                        .for_each(|(band, y)| transpose_band(x, y, band * TILE, rows, columns));
-                });
-        }
-        Ok((CpuStorage::F32(y), shape))
+        for_each_band(&mut y, matrix, TILE * rows, |b, band, y| {
+            transpose_band(&x[b * matrix..][..matrix], y, band * TILE, rows, columns);
+        });
+        Ok((CpuStorage::F32(y), Shape::from((batch, columns, rows))))
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
@@ -60,8 +39,8 @@ impl CustomOp1 for BatchedTranspose {
     }
 }
 
-/// Destination rows `first..` (as many as `y` holds, `rows` values each, `rows > 0`) of one matrix's
-/// transpose: `y[c − first][r] = x[r][c]`, a tile of source rows at a time.
+/// Destination rows `first..` (as many as `y` holds, `rows` values each, `rows > 0`) of one
+/// matrix's transpose: `y[c − first][r] = x[r][c]`, a tile of source rows at a time.
 fn transpose_band(x: &[f32], y: &mut [f32], first: usize, rows: usize, columns: usize) {
     for r0 in (0..rows).step_by(TILE) {
         let r_end = (r0 + TILE).min(rows);
