@@ -1,5 +1,6 @@
 //! 2-D convolution on the CPU for f32 tensors: the forward pass, the input gradient and the
-//! kernel gradient, each as an im2col of whole rows plus one matrix product per sample.
+//! kernel gradient, each as an im2col of whole rows plus one matrix product per sample, or one
+//! for the whole batch where the kernel outweighs the batch's columns (small maps).
 //!
 //! Why our own: candle's CPU conv2d re-flattens the kernel into a new layout on every call (a
 //! strided copy of up to 59 MB per SD1.5 layer), transposes the input to NHWC, and gathers
@@ -16,7 +17,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::buffers::zeroed;
+use super::buffers::{for_each_band, zeroed};
 use super::gemm::{cpu_f32, f32_slice, matmul, with_scratch, Mat, Threads};
 use super::winograd;
 use crate::engine::autograd::grad_if_tracked;
@@ -94,6 +95,20 @@ impl ConvGeometry {
         self.out_h() * self.out_w()
     }
 
+    /// Whether the whole batch goes through one product, `[O, C·kh·kw]·[C·kh·kw, B·Ho·Wo]`,
+    /// instead of one per sample: when the weights are at least as many values as the batch's
+    /// im2col columns hold per row, so packing them once per sample (the product copies its
+    /// operands into its own layout) would cost more than dealing the product's columns out to
+    /// the samples. That is a UNet's 4² and 8² levels at a batch of 4, where the per-sample
+    /// products repacked a 59 MB kernel four times. The columns and the product must fit one
+    /// band.
+    fn whole_batch(&self) -> bool {
+        let columns = self.batch * self.out_plane();
+        self.batch > 1
+            && self.taps() >= columns
+            && (self.taps() + self.c_out) * columns <= MAX_BAND_VALUES
+    }
+
     /// Output rows per im2col band.
     fn band_rows(&self) -> usize {
         (MAX_BAND_VALUES / (self.taps() * self.out_w()).max(1)).clamp(1, self.out_h())
@@ -123,34 +138,38 @@ impl ConvGeometry {
     }
 }
 
-/// im2col of output rows `[oy0, oy0 + rows)` of one sample `x` `[C, H, W]` into `col`
-/// `[C·kh·kw, rows·Wo]`, zeros where the kernel reads the padding.
-fn im2col(g: &ConvGeometry, x: &[f32], oy0: usize, rows: usize, col: &mut [f32]) {
-    let wo = g.out_w();
+/// im2col of output rows `[oy0, oy0 + rows)` of the `samples` consecutive samples in `x`
+/// `[S, C, H, W]` into `col` `[C·kh·kw, S·rows·Wo]` (sample `s` in the columns from
+/// `s·rows·Wo`), zeros where the kernel reads the padding.
+fn im2col(g: &ConvGeometry, x: &[f32], samples: usize, oy0: usize, rows: usize, col: &mut [f32]) {
+    let (wo, in_plane) = (g.out_w(), g.in_plane());
     let band = rows * wo;
-    col.par_chunks_mut(g.kh * g.kw * band)
-        .zip(x.par_chunks(g.in_plane()))
-        .for_each(|(taps, plane)| {
+    col.par_chunks_mut(g.kh * g.kw * samples * band)
+        .enumerate()
+        .for_each(|(c, taps)| {
             for ky in 0..g.kh {
                 for kx in 0..g.kw {
-                    let tap = &mut taps[(ky * g.kw + kx) * band..][..band];
                     let (lo, hi) = g.stride1_span(kx);
-                    for (r, out) in tap.chunks_exact_mut(wo).enumerate() {
-                        let Some(iy) = g.input_row(oy0 + r, ky) else {
-                            out.fill(0.0);
-                            continue;
-                        };
-                        let row = &plane[iy * g.w..][..g.w];
-                        if g.stride == 1 {
-                            out[..lo].fill(0.0);
-                            out[hi..].fill(0.0);
-                            if lo < hi {
-                                let ix = lo + kx - g.padding.1;
-                                out[lo..hi].copy_from_slice(&row[ix..ix + hi - lo]);
-                            }
-                        } else {
-                            for (ox, o) in out.iter_mut().enumerate() {
-                                *o = g.input_col(ox, kx).map_or(0.0, |ix| row[ix]);
+                    let tap_row = &mut taps[(ky * g.kw + kx) * samples * band..];
+                    for (s, tap) in tap_row.chunks_exact_mut(band).take(samples).enumerate() {
+                        let plane = &x[(s * g.c_in + c) * in_plane..][..in_plane];
+                        for (r, out) in tap.chunks_exact_mut(wo).enumerate() {
+                            let Some(iy) = g.input_row(oy0 + r, ky) else {
+                                out.fill(0.0);
+                                continue;
+                            };
+                            let row = &plane[iy * g.w..][..g.w];
+                            if g.stride == 1 {
+                                out[..lo].fill(0.0);
+                                out[hi..].fill(0.0);
+                                if lo < hi {
+                                    let ix = lo + kx - g.padding.1;
+                                    out[lo..hi].copy_from_slice(&row[ix..ix + hi - lo]);
+                                }
+                            } else {
+                                for (ox, o) in out.iter_mut().enumerate() {
+                                    *o = g.input_col(ox, kx).map_or(0.0, |ix| row[ix]);
+                                }
                             }
                         }
                     }
@@ -160,16 +179,25 @@ fn im2col(g: &ConvGeometry, x: &[f32], oy0: usize, rows: usize, col: &mut [f32])
 }
 
 /// The adjoint of [`im2col`]: adds each `col` value back onto the input position it was read
-/// from, in `dx` `[C, H, W]`.
-fn col2im_add(g: &ConvGeometry, col: &[f32], oy0: usize, rows: usize, dx: &mut [f32]) {
+/// from, in `dx` `[S, C, H, W]`.
+fn col2im_add(
+    g: &ConvGeometry,
+    col: &[f32],
+    samples: usize,
+    oy0: usize,
+    rows: usize,
+    dx: &mut [f32],
+) {
     let wo = g.out_w();
     let band = rows * wo;
     dx.par_chunks_mut(g.in_plane())
-        .zip(col.par_chunks(g.kh * g.kw * band))
-        .for_each(|(plane, taps)| {
+        .enumerate()
+        .for_each(|(plane_index, plane)| {
+            let (s, c) = (plane_index / g.c_in, plane_index % g.c_in);
             for ky in 0..g.kh {
                 for kx in 0..g.kw {
-                    let tap = &taps[(ky * g.kw + kx) * band..][..band];
+                    let tap_index = (c * g.kh + ky) * g.kw + kx;
+                    let tap = &col[(tap_index * samples + s) * band..][..band];
                     let (lo, hi) = g.stride1_span(kx);
                     for (r, grad) in tap.chunks_exact(wo).enumerate() {
                         let Some(iy) = g.input_row(oy0 + r, ky) else {
@@ -231,6 +259,11 @@ pub(crate) fn conv2d(
         relu_in_place(&mut y);
         return y;
     }
+    if g.whole_batch() {
+        whole_batch_conv(g, x, weights, bias, &mut y);
+        relu_in_place(&mut y);
+        return y;
+    }
     for (xs, ys) in x
         .chunks_exact(g.c_in * g.in_plane())
         .zip(y.chunks_exact_mut(g.c_out * plane))
@@ -258,7 +291,7 @@ fn im2col_conv(g: &ConvGeometry, xs: &[f32], weights: Mat, accumulate: bool, ys:
     }
     for (oy, rows) in bands(g) {
         with_scratch(taps * rows * wo, |col| {
-            im2col(g, xs, oy, rows, col);
+            im2col(g, xs, 1, oy, rows, col);
             let dims = (g.c_out, rows * wo, taps);
             let rhs = Mat::rows(col, rows * wo);
             matmul(
@@ -295,6 +328,10 @@ pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) ->
         return dx;
     }
     let weights_t = Mat::transposed(kernel, taps);
+    if g.whole_batch() {
+        whole_batch_input_grad(g, dy, weights_t, &mut dx);
+        return dx;
+    }
     for (dys, dxs) in dy
         .chunks_exact(g.c_out * plane)
         .zip(dx.chunks_exact_mut(g.c_in * g.in_plane()))
@@ -317,7 +354,7 @@ pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) ->
                 let dims = (taps, rows * wo, g.c_out);
                 let rhs = Mat::rows(&dys[oy * wo..], plane);
                 matmul(col, rows * wo, false, dims, weights_t, rhs, Threads::All);
-                col2im_add(g, col, oy, rows, dxs);
+                col2im_add(g, col, 1, oy, rows, dxs);
             });
         }
     }
@@ -328,6 +365,10 @@ pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) ->
 pub(crate) fn conv2d_kernel_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
     let mut dw = zeroed(g.c_out * taps);
+    if g.whole_batch() {
+        whole_batch_kernel_grad(g, x, dy, &mut dw);
+        return dw;
+    }
     for (xs, dys) in x
         .chunks_exact(g.c_in * g.in_plane())
         .zip(dy.chunks_exact(g.c_out * plane))
@@ -341,13 +382,114 @@ pub(crate) fn conv2d_kernel_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec
                 continue;
             }
             with_scratch(taps * rows * wo, |col| {
-                im2col(g, xs, oy, rows, col);
+                im2col(g, xs, 1, oy, rows, col);
                 let rhs = Mat::transposed(col, rows * wo);
                 matmul(&mut dw, taps, true, dims, lhs, rhs, Threads::All);
             });
         }
     }
     dw
+}
+
+/// Rows of `[R, plane]` per task when [`samples_to_columns`] or [`columns_to_samples`] move
+/// them.
+const ROWS_PER_BAND: usize = 64;
+
+/// `columns` `[R, B·plane]` from `samples` `[B, R, plane]`: each row holds the batch's planes
+/// side by side, the layout of a whole-batch product's operand.
+fn samples_to_columns(samples: &[f32], batch: usize, plane: usize, columns: &mut [f32]) {
+    let rows = samples.len() / (batch * plane);
+    for_each_band(
+        columns,
+        columns.len(),
+        ROWS_PER_BAND * plane,
+        |_, band, out| {
+            for (i, out) in out.chunks_exact_mut(plane).enumerate() {
+                let (r, b) = (
+                    (band * ROWS_PER_BAND + i) / batch,
+                    (band * ROWS_PER_BAND + i) % batch,
+                );
+                out.copy_from_slice(&samples[(b * rows + r) * plane..][..plane]);
+            }
+        },
+    );
+}
+
+/// The inverse of [`samples_to_columns`], adding `bias[r]` to row `r` when given.
+fn columns_to_samples(
+    columns: &[f32],
+    batch: usize,
+    plane: usize,
+    bias: Option<&[f32]>,
+    samples: &mut [f32],
+) {
+    let rows = samples.len() / (batch * plane);
+    for_each_band(
+        samples,
+        rows * plane,
+        ROWS_PER_BAND * plane,
+        |b, band, out| {
+            for (i, out) in out.chunks_exact_mut(plane).enumerate() {
+                let r = band * ROWS_PER_BAND + i;
+                out.copy_from_slice(&columns[(r * batch + b) * plane..][..plane]);
+                if let Some(bias) = bias {
+                    out.iter_mut().for_each(|v| *v += bias[r]);
+                }
+            }
+        },
+    );
+}
+
+/// [`conv2d`] as one product over the whole batch (see [`ConvGeometry::whole_batch`]), into
+/// `y`, bias added.
+fn whole_batch_conv(
+    g: &ConvGeometry,
+    x: &[f32],
+    weights: Mat,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let (taps, plane) = (g.taps(), g.out_plane());
+    let columns = g.batch * plane;
+    with_scratch((taps + g.c_out) * columns, |buf| {
+        let (col, product) = buf.split_at_mut(taps * columns);
+        im2col(g, x, g.batch, 0, g.out_h(), col);
+        let dims = (g.c_out, columns, taps);
+        let rhs = Mat::rows(col, columns);
+        matmul(product, columns, false, dims, weights, rhs, Threads::All);
+        columns_to_samples(product, g.batch, plane, bias, y);
+    });
+}
+
+/// [`conv2d_input_grad`] as one product over the whole batch, `Wᵀ·dy`, into the zeroed `dx`.
+fn whole_batch_input_grad(g: &ConvGeometry, dy: &[f32], weights_t: Mat, dx: &mut [f32]) {
+    let (taps, plane) = (g.taps(), g.out_plane());
+    let columns = g.batch * plane;
+    with_scratch((taps + g.c_out) * columns, |buf| {
+        let (col, dy_columns) = buf.split_at_mut(taps * columns);
+        samples_to_columns(dy, g.batch, plane, dy_columns);
+        let dims = (taps, columns, g.c_out);
+        let rhs = Mat::rows(dy_columns, columns);
+        matmul(col, columns, false, dims, weights_t, rhs, Threads::All);
+        col2im_add(g, col, g.batch, 0, g.out_h(), dx);
+    });
+}
+
+/// [`conv2d_kernel_grad`] as one product over the whole batch, `dy·im2col(x)ᵀ`, into `dw`.
+fn whole_batch_kernel_grad(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let (taps, plane) = (g.taps(), g.out_plane());
+    let columns = g.batch * plane;
+    with_scratch((taps + g.c_out) * columns, |buf| {
+        let (col, dy_columns) = buf.split_at_mut(taps * columns);
+        samples_to_columns(dy, g.batch, plane, dy_columns);
+        im2col(g, x, g.batch, 0, g.out_h(), col);
+        let dims = (g.c_out, taps, columns);
+        let (lhs, rhs) = (
+            Mat::rows(dy_columns, columns),
+            Mat::transposed(col, columns),
+        );
+        matmul(dw, taps, false, dims, lhs, rhs, Threads::All);
+    });
 }
 
 /// Whether the CPU f32 path applies to a convolution of `x` by `kernel`.
@@ -521,7 +663,8 @@ mod tests {
     /// paddings (1×7 with (0, 3), 7×1 with (3, 0), 1×3, 3×1), plus odd sizes and a narrow band;
     /// the last seven cases take the Winograd path: F(2×2) three times (odd sizes, a batch),
     /// then F(4×4) four times (odd sizes with a batch, a UNet's channel count, one tile per
-    /// row). F(4×4) rounds more (its transforms reach 8 and include sixths): at 320 input
+    /// row); the last four take the whole-batch product (3×3, 1×1, stride 2, a UNet's 4² level
+    /// in small). F(4×4) rounds more (its transforms reach 8 and include sixths): at 320 input
     /// channels its largest error is 1.2e-5 of the output's scale, so its cases are held to
     /// [`F4_TOLERANCE`].
     /// candle pads both axes alike, so the reference pads explicitly and convolves unpadded.
@@ -550,6 +693,10 @@ mod tests {
             ((1, 20, 40, 40), (16, 20, 3, 3), (1, 1), 1),
             ((1, 320, 32, 32), (128, 320, 3, 3), (1, 1), 1),
             ((64, 16, 4, 4), (16, 16, 3, 3), (1, 1), 1),
+            ((3, 32, 3, 3), (8, 32, 3, 3), (1, 1), 1),
+            ((4, 40, 2, 3), (6, 40, 1, 1), (0, 0), 1),
+            ((2, 24, 5, 5), (5, 24, 3, 3), (1, 1), 2),
+            ((4, 64, 4, 4), (48, 64, 3, 3), (1, 1), 1),
         ];
         let winograd_side = |(input, kernel, padding, stride)| {
             let g = ConvGeometry::new(input, kernel, padding, stride).unwrap();
@@ -557,6 +704,12 @@ mod tests {
         };
         let sides: Vec<usize> = cases.into_iter().filter_map(winograd_side).collect();
         assert_eq!(sides, [2, 2, 2, 4, 4, 4, 4]);
+        let whole_batch = |(input, kernel, padding, stride)| {
+            ConvGeometry::new(input, kernel, padding, stride)
+                .unwrap()
+                .whole_batch()
+        };
+        assert_eq!(cases.into_iter().filter(|&c| whole_batch(c)).count(), 4);
         for case in cases {
             let (input, kernel, padding, stride) = case;
             let tolerance = match winograd_side(case) {
