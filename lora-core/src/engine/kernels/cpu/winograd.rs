@@ -34,16 +34,18 @@ use super::math::{self, simd_dispatch};
 /// latents, not alone: alone, the transformed filters cost more than in the step, and the fit
 /// then keeps im2col where Winograd is faster (benches/RESULTS.md, "Winograd F(4×4, 3×3)"). So
 /// F(2×2) pays from about 240 output pixels over the batch and F(4×4) from about 410; with
-/// [`MIN_TILES`], F(4×4) takes 1024 and more (an SD 1.5 UNet's 64² and 32² levels, the VAE),
-/// F(2×2) 256 and more (the 16² level), and the 8² layers at batch 1 and 2 keep im2col.
+/// [`MIN_TILES`], at batch 1 F(4×4) takes an SD 1.5 UNet's 64² level and the VAE, F(2×2) the 32²
+/// level, and the 16² level and below keep im2col; a batch of 2 or 4 moves each level one step
+/// toward F(4×4).
 const FILTER_VALUE_COST: f64 = 50.0;
 /// See [`FILTER_VALUE_COST`].
 const TILE_PRODUCT_COST: f64 = 1.4;
 
 /// Fewest tiles (over the batch) for a variant: with fewer, each position's product is too narrow
-/// to repay packing its transformed filters, which the cost model does not see (1280 channels at
-/// 16² and batch 2 are faster by F(2×2)'s 128 tiles than by F(4×4)'s 32: benches/RESULTS.md).
-const MIN_TILES: usize = 64;
+/// to repay packing its transformed filters, which the cost model does not see. 1280 channels at
+/// 16² and batch 2 are faster by F(2×2)'s 128 tiles than by F(4×4)'s 32, and 64 tiles lost to the
+/// alternatives in whole training steps at batch 1 and 4 (benches/RESULTS.md, 2026-12-07).
+const MIN_TILES: usize = 128;
 
 /// Fewest channels on either side: the first and last layers (3 or 4 channels) gain nothing.
 const MIN_CHANNELS: usize = 16;
