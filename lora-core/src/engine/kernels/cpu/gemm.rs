@@ -171,6 +171,46 @@ pub(crate) fn f32_slice<'a>(
     Ok(&values[start..end])
 }
 
+/// Which side of a frozen linear layer's weight `[out, in]` an operand's last axis meets.
+#[derive(Clone, Copy)]
+enum Side {
+    /// The forward pass's input `[…, in]`, giving `[…, out]`.
+    Inputs,
+    /// The input gradient's `dy` `[…, out]`, giving `[…, in]`.
+    Outputs,
+}
+
+/// The rows (the product of the leading axes), the weight's `(out, in)` and the result's shape
+/// of a frozen linear layer's product of `a` with the weight `w`, or an error naming `op`.
+fn frozen_linear_dims(
+    op: &str,
+    a: &Layout,
+    w: &Layout,
+    side: Side,
+) -> Result<(usize, (usize, usize), Shape)> {
+    let (Some((&features, leading)), &[outputs, inputs]) = (a.dims().split_last(), w.dims()) else {
+        return Err(candle_core::Error::Msg(format!(
+            "{op}: operand {:?} must have a feature axis, weight {:?} must be [out, in]",
+            a.dims(),
+            w.dims()
+        )));
+    };
+    let (expected, produced) = match side {
+        Side::Inputs => (inputs, outputs),
+        Side::Outputs => (outputs, inputs),
+    };
+    if features != expected {
+        return Err(candle_core::Error::Msg(format!(
+            "{op}: operand {:?} does not fit weight {:?}",
+            a.dims(),
+            w.dims()
+        )));
+    }
+    let mut shape = a.dims().to_vec();
+    *shape.last_mut().expect("split above") = produced;
+    Ok((leading.iter().product(), (outputs, inputs), shape.into()))
+}
+
 /// `x·Wᵀ + b` for a frozen `W` `[out, in]` (and frozen `b`) as one op whose backward is the
 /// input gradient `dy·W` only: the output is computed in the graph, not re-attached as a copy.
 struct Linear {
@@ -189,23 +229,17 @@ impl CustomOp2 for Linear {
         w: &CpuStorage,
         w_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((&features, leading)), &[outputs, inputs]) =
-            (x_l.dims().split_last(), w_l.dims())
-        else {
-            return Err(candle_core::Error::Msg(
-                "linear: input must have a feature axis, weight must be [out, in]".into(),
-            ));
-        };
-        if features != inputs || self.bias.as_ref().is_some_and(|b| b.len() != outputs) {
+        let (rows, (outputs, inputs), shape) =
+            frozen_linear_dims("linear", x_l, w_l, Side::Inputs)?;
+        if self.bias.as_ref().is_some_and(|b| b.len() != outputs) {
             return Err(candle_core::Error::Msg(format!(
-                "linear: input {:?} does not fit weight {:?}",
-                x_l.dims(),
+                "linear: bias of {} values for a weight {:?}",
+                self.bias.as_ref().map_or(0, Vec::len),
                 w_l.dims()
             )));
         }
         let x = f32_slice(x, x_l, "linear: input")?;
         let w = f32_slice(w, w_l, "linear: weight")?;
-        let rows = leading.iter().product::<usize>();
         let mut y = zeroed(rows * outputs);
         if let Some(bias) = self.bias.as_ref().filter(|_| outputs > 0) {
             y.par_chunks_mut(outputs)
@@ -224,9 +258,7 @@ impl CustomOp2 for Linear {
             wt,
             Threads::All,
         );
-        let mut shape = x_l.dims().to_vec();
-        *shape.last_mut().expect("split above") = outputs;
-        Ok((CpuStorage::F32(y), shape.into()))
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(
@@ -259,24 +291,10 @@ impl CustomOp2 for LinearInputGrad {
         w: &CpuStorage,
         w_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((&features, leading)), &[outputs, inputs]) =
-            (dy_l.dims().split_last(), w_l.dims())
-        else {
-            return Err(candle_core::Error::Msg(
-                "linear input gradient: gradient must have a feature axis, weight must be [out, in]"
-                    .into(),
-            ));
-        };
-        if features != outputs {
-            return Err(candle_core::Error::Msg(format!(
-                "linear input gradient: gradient {:?} does not fit weight {:?}",
-                dy_l.dims(),
-                w_l.dims()
-            )));
-        }
+        let (rows, (outputs, inputs), shape) =
+            frozen_linear_dims("linear input gradient", dy_l, w_l, Side::Outputs)?;
         let dy = f32_slice(dy, dy_l, "linear input gradient: gradient")?;
         let w = f32_slice(w, w_l, "linear input gradient: weight")?;
-        let rows = leading.iter().product::<usize>();
         let mut dx = zeroed(rows * inputs);
         matmul(
             &mut dx,
@@ -287,9 +305,7 @@ impl CustomOp2 for LinearInputGrad {
             Mat::rows(w, inputs),
             Threads::All,
         );
-        let mut shape = dy_l.dims().to_vec();
-        *shape.last_mut().expect("split above") = inputs;
-        Ok((CpuStorage::F32(dx), shape.into()))
+        Ok((CpuStorage::F32(dx), shape))
     }
 }
 
@@ -310,6 +326,39 @@ pub(crate) fn linear_op(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
+
+    /// Operands that do not fit the weight are errors naming the op and both shapes.
+    #[test]
+    fn mismatched_linear_operands_are_errors() {
+        let dev = Device::Cpu;
+        let w = Tensor::zeros((3, 5), DType::F32, &dev).unwrap();
+        let x = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+        let err = linear_op(&x, &w, None).unwrap_err().to_string();
+        assert!(
+            err.contains("linear: operand [2, 4] does not fit weight [3, 5]"),
+            "{err}"
+        );
+        let bias = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        let x = Tensor::zeros((2, 5), DType::F32, &dev).unwrap();
+        let err = linear_op(&x, &w, Some(&bias)).unwrap_err().to_string();
+        assert!(
+            err.contains("bias of 4 values for a weight [3, 5]"),
+            "{err}"
+        );
+        let dy = Tensor::zeros((2, 5), DType::F32, &dev).unwrap();
+        let err = dy
+            .apply_op2_no_bwd(&w, &LinearInputGrad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("linear input gradient: operand [2, 5] does not fit"),
+            "{err}"
+        );
+        let scalar = Tensor::new(1.0f32, &dev).unwrap();
+        let err = linear_op(&scalar, &w, None).unwrap_err().to_string();
+        assert!(err.contains("must have a feature axis"), "{err}");
+    }
 
     #[test]
     fn scratch_starts_on_a_cache_line_whatever_its_length() {
