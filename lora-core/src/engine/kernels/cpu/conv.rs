@@ -22,7 +22,8 @@ use super::gemm::{cpu_f32, f32_slice, matmul, with_scratch, Mat, Threads};
 use super::winograd;
 use crate::engine::autograd::grad_if_tracked;
 
-/// Most f32 values an im2col band may hold (16 MiB); a band is at least one output row.
+/// Most f32 values an im2col band may hold (16 MiB), and the whole-batch product's columns and
+/// result together; a band is at least one output row.
 const MAX_BAND_VALUES: usize = 1 << 22;
 
 /// The shape of one convolution: input `[B, C, H, W]`, kernel `[O, C, kh, kw]`, zero padding
@@ -96,12 +97,12 @@ impl ConvGeometry {
     }
 
     /// Whether the whole batch goes through one product, `[O, C·kh·kw]·[C·kh·kw, B·Ho·Wo]`,
-    /// instead of one per sample: when the weights are at least as many values as the batch's
-    /// im2col columns hold per row, so packing them once per sample (the product copies its
-    /// operands into its own layout) would cost more than dealing the product's columns out to
-    /// the samples. That is a UNet's 4² and 8² levels at a batch of 4, where the per-sample
-    /// products repacked a 59 MB kernel four times. The columns and the product must fit one
-    /// band.
+    /// instead of one per sample: when a kernel row (`C·kh·kw` values) is at least as long as
+    /// the batch's `B·Ho·Wo` columns, repacking the kernel for each sample (the product copies
+    /// its operands into its own layout) would cost more than dealing the product's columns out
+    /// to the samples. At a batch of 2 or 4 that is a UNet's 4² level and the 8² level's
+    /// 1280-input layers; the columns and the product together must fit [`MAX_BAND_VALUES`],
+    /// which the 8² level's 2560- and 1920-input layers at batch 4 do not.
     fn whole_batch(&self) -> bool {
         let columns = self.batch * self.out_plane();
         self.batch > 1
@@ -231,8 +232,9 @@ fn bands(g: &ConvGeometry) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// `y = conv(x, kernel) + bias`: `x` `[B, C, H, W]`, `kernel` `[O, C, kh, kw]`, `bias` `[O]`,
-/// all contiguous; returns `[B, O, Ho, Wo]`, through a ReLU when `relu` (on the im2col path
-/// applied per sample while its output is still in cache).
+/// all contiguous; returns `[B, O, Ho, Wo]`, through a ReLU when `relu` (on the im2col paths
+/// applied per sample, or while the whole-batch product's columns are dealt out, so while the
+/// output is still in cache).
 pub(crate) fn conv2d(
     g: &ConvGeometry,
     x: &[f32],
@@ -260,8 +262,7 @@ pub(crate) fn conv2d(
         return y;
     }
     if g.whole_batch() {
-        whole_batch_conv(g, x, weights, bias, &mut y);
-        relu_in_place(&mut y);
+        whole_batch_conv(g, x, weights, bias, relu, &mut y);
         return y;
     }
     for (xs, ys) in x
@@ -308,8 +309,8 @@ fn im2col_conv(g: &ConvGeometry, xs: &[f32], weights: Mat, accumulate: bool, ys:
 }
 
 /// The gradient of [`conv2d`] with respect to `x`, given the output gradient `dy`
-/// `[B, O, Ho, Wo]`: by Winograd where it applies, else `Wᵀ·dy` per band, scattered back by
-/// col2im.
+/// `[B, O, Ho, Wo]`: by Winograd where it applies, else `Wᵀ·dy` per band (or for the whole
+/// batch, see [`ConvGeometry::whole_batch`]), scattered back by col2im.
 pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) -> Vec<f32> {
     let (plane, taps, wo) = (g.out_plane(), g.taps(), g.out_w());
     let mut dx = zeroed(g.batch * g.c_in * g.in_plane());
@@ -391,9 +392,8 @@ pub(crate) fn conv2d_kernel_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Vec
     dw
 }
 
-/// Rows of `[R, plane]` per task when [`samples_to_columns`] or [`columns_to_samples`] move
-/// them.
-const ROWS_PER_BAND: usize = 64;
+/// Planes per pool task when [`samples_to_columns`] or [`columns_to_samples`] move them.
+const PLANES_PER_TASK: usize = 64;
 
 /// `columns` `[R, B·plane]` from `samples` `[B, R, plane]`: each row holds the batch's planes
 /// side by side, the layout of a whole-batch product's operand.
@@ -402,12 +402,12 @@ fn samples_to_columns(samples: &[f32], batch: usize, plane: usize, columns: &mut
     for_each_band(
         columns,
         columns.len(),
-        ROWS_PER_BAND * plane,
+        PLANES_PER_TASK * plane,
         |_, band, out| {
             for (i, out) in out.chunks_exact_mut(plane).enumerate() {
                 let (r, b) = (
-                    (band * ROWS_PER_BAND + i) / batch,
-                    (band * ROWS_PER_BAND + i) % batch,
+                    (band * PLANES_PER_TASK + i) / batch,
+                    (band * PLANES_PER_TASK + i) % batch,
                 );
                 out.copy_from_slice(&samples[(b * rows + r) * plane..][..plane]);
             }
@@ -415,25 +415,31 @@ fn samples_to_columns(samples: &[f32], batch: usize, plane: usize, columns: &mut
     );
 }
 
-/// The inverse of [`samples_to_columns`], adding `bias[r]` to row `r` when given.
+/// The inverse of [`samples_to_columns`], adding `bias[r]` to row `r` when given, then through a
+/// ReLU when `relu`.
 fn columns_to_samples(
     columns: &[f32],
-    batch: usize,
-    plane: usize,
+    (batch, plane): (usize, usize),
     bias: Option<&[f32]>,
+    relu: bool,
     samples: &mut [f32],
 ) {
     let rows = samples.len() / (batch * plane);
     for_each_band(
         samples,
         rows * plane,
-        ROWS_PER_BAND * plane,
+        PLANES_PER_TASK * plane,
         |b, band, out| {
             for (i, out) in out.chunks_exact_mut(plane).enumerate() {
-                let r = band * ROWS_PER_BAND + i;
+                let r = band * PLANES_PER_TASK + i;
                 out.copy_from_slice(&columns[(r * batch + b) * plane..][..plane]);
                 if let Some(bias) = bias {
                     out.iter_mut().for_each(|v| *v += bias[r]);
+                }
+                if relu {
+                    // As in `conv2d`: NaN passes through.
+                    out.iter_mut()
+                        .for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
                 }
             }
         },
@@ -441,12 +447,13 @@ fn columns_to_samples(
 }
 
 /// [`conv2d`] as one product over the whole batch (see [`ConvGeometry::whole_batch`]), into
-/// `y`, bias added.
+/// `y`, bias added, through a ReLU when `relu`.
 fn whole_batch_conv(
     g: &ConvGeometry,
     x: &[f32],
     weights: Mat,
     bias: Option<&[f32]>,
+    relu: bool,
     y: &mut [f32],
 ) {
     let (taps, plane) = (g.taps(), g.out_plane());
@@ -457,7 +464,7 @@ fn whole_batch_conv(
         let dims = (g.c_out, columns, taps);
         let rhs = Mat::rows(col, columns);
         matmul(product, columns, false, dims, weights, rhs, Threads::All);
-        columns_to_samples(product, g.batch, plane, bias, y);
+        columns_to_samples(product, (g.batch, plane), bias, relu, y);
     });
 }
 
@@ -663,8 +670,9 @@ mod tests {
     /// paddings (1×7 with (0, 3), 7×1 with (3, 0), 1×3, 3×1), plus odd sizes and a narrow band;
     /// the last seven cases take the Winograd path: F(2×2) three times (odd sizes, a batch),
     /// then F(4×4) four times (odd sizes with a batch, a UNet's channel count, one tile per
-    /// row); the last four take the whole-batch product (3×3, 1×1, stride 2, a UNet's 4² level
-    /// in small). F(4×4) rounds more (its transforms reach 8 and include sixths): at 320 input
+    /// row); the last seven take the whole-batch product (3×3, 1×1, stride 2, a UNet's 4² level
+    /// in small, a rectangular kernel padded along one axis, 70 output channels (a short last
+    /// task when the columns are dealt out) and one large enough for the pool). F(4×4) rounds more (its transforms reach 8 and include sixths): at 320 input
     /// channels its largest error is 1.2e-5 of the output's scale, so its cases are held to
     /// [`F4_TOLERANCE`].
     /// candle pads both axes alike, so the reference pads explicitly and convolves unpadded.
@@ -697,6 +705,9 @@ mod tests {
             ((4, 40, 2, 3), (6, 40, 1, 1), (0, 0), 1),
             ((2, 24, 5, 5), (5, 24, 3, 3), (1, 1), 2),
             ((4, 64, 4, 4), (48, 64, 3, 3), (1, 1), 1),
+            ((2, 24, 5, 5), (6, 24, 1, 7), (0, 3), 1),
+            ((2, 16, 3, 3), (70, 16, 3, 3), (1, 1), 1),
+            ((2, 128, 8, 8), (600, 128, 3, 3), (1, 1), 1),
         ];
         let winograd_side = |(input, kernel, padding, stride)| {
             let g = ConvGeometry::new(input, kernel, padding, stride).unwrap();
@@ -709,7 +720,8 @@ mod tests {
                 .unwrap()
                 .whole_batch()
         };
-        assert_eq!(cases.into_iter().filter(|&c| whole_batch(c)).count(), 4);
+        let whole_batch_cases: Vec<bool> = cases.into_iter().map(whole_batch).collect();
+        assert_eq!(whole_batch_cases, [&[false; 19][..], &[true; 7]].concat());
         for case in cases {
             let (input, kernel, padding, stride) = case;
             let tolerance = match winograd_side(case) {
@@ -733,6 +745,9 @@ mod tests {
             let what = format!("{input:?} * {kernel:?} pad {padding:?} stride {stride}");
             let diff = max_rel_diff(&ours, &reference);
             assert!(diff < tolerance, "forward {what}: {diff}");
+            let ours_relu = conv2d_op(&x, &w, Some(&b), padding, stride, true).unwrap();
+            let diff = max_rel_diff(&ours_relu, &reference.relu().unwrap());
+            assert!(diff < tolerance, "forward + ReLU {what}: {diff}");
 
             let upstream = rng.normal_tensor(reference.dims(), &dev).unwrap();
             let loss = |y: &Tensor| (y * &upstream).unwrap().sum_all().unwrap();

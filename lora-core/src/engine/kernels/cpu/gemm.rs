@@ -231,10 +231,10 @@ impl CustomOp2 for Linear {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, (outputs, inputs), shape) =
             frozen_linear_dims("linear", x_l, w_l, Side::Inputs)?;
-        if self.bias.as_ref().is_some_and(|b| b.len() != outputs) {
+        if let Some(bias) = self.bias.as_ref().filter(|b| b.len() != outputs) {
             return Err(candle_core::Error::Msg(format!(
                 "linear: bias of {} values for a weight {:?}",
-                self.bias.as_ref().map_or(0, Vec::len),
+                bias.len(),
                 w_l.dims()
             )));
         }
@@ -328,7 +328,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Operands that do not fit the weight are errors naming the op and both shapes.
+    /// Operands that do not fit the weight are errors naming the op and the shapes.
     #[test]
     fn mismatched_linear_operands_are_errors() {
         let dev = Device::Cpu;

@@ -32,19 +32,21 @@ use super::math::{self, simd_dispatch};
 /// product: memory-bound) and [`TILE_PRODUCT_COST`] per position and tile (the product plus the
 /// tile transforms). Fitted to the convolutions timed inside an SD 1.5 UNet training step at 64²
 /// latents, not alone: alone, the transformed filters cost more than in the step, and the fit
-/// then keeps im2col where Winograd is faster (benches/RESULTS.md, "Winograd F(4×4, 3×3)"). So
-/// F(2×2) pays from about 240 output pixels over the batch and F(4×4) from about 410; with
-/// [`MIN_TILES`], at batch 1 F(4×4) takes an SD 1.5 UNet's 64² level and the VAE, F(2×2) the 32²
-/// level, and the 16² level and below keep im2col; a batch of 2 or 4 moves each level one step
-/// toward F(4×4).
+/// then keeps im2col where Winograd is faster (benches/RESULTS.md, "Winograd F(4×4, 3×3)").
+/// [`MIN_TILES`] binds before the model does: on maps wider than 7 both ways a variant with that
+/// many tiles is always cheaper than im2col, and F(4×4) than F(2×2), so the rule there is F(4×4)
+/// from 128 tiles (2048 output pixels over the batch), else F(2×2) from 128 (512 pixels), else
+/// im2col; the model decides only thinner maps. At batch 1 that is F(4×4) for an SD 1.5 UNet's
+/// 64² level and the VAE, F(2×2) for the 32² level, and im2col for 16² and below; at a batch of
+/// 2 or 4 the 32² level takes F(4×4) and the 16² level F(2×2).
 const FILTER_VALUE_COST: f64 = 50.0;
 /// See [`FILTER_VALUE_COST`].
 const TILE_PRODUCT_COST: f64 = 1.4;
 
-/// Fewest tiles (over the batch) for a variant: with fewer, each position's product is too narrow
-/// to repay packing its transformed filters, which the cost model does not see. 1280 channels at
-/// 16² and batch 2 are faster by F(2×2)'s 128 tiles than by F(4×4)'s 32, and 64 tiles lost to the
-/// alternatives in whole training steps at batch 1 and 4 (benches/RESULTS.md, 2026-12-07).
+/// Fewest tiles (over the batch) for a variant: with fewer, each of its 16 or 36 products has
+/// too few columns to repay packing a whole bank of transformed filters, which the cost model
+/// does not see; F(2×2) with 4× the tiles, or im2col, is then faster (benches/RESULTS.md,
+/// 2026-12-07 and "Winograd F(4×4, 3×3)").
 const MIN_TILES: usize = 128;
 
 /// Fewest channels on either side: the first and last layers (3 or 4 channels) gain nothing.
