@@ -245,20 +245,14 @@ pub(crate) fn conv2d(
     let (plane, taps) = (g.out_plane(), g.taps());
     let mut y = zeroed(g.batch * g.c_out * plane);
     let weights = Mat::rows(kernel, taps);
-    let relu_in_place = |ys: &mut [f32]| {
-        if relu {
-            // `v < 0` is false for NaN, which passes through as in PyTorch's ReLU.
-            for v in ys.iter_mut() {
-                *v = if *v < 0.0 { 0.0 } else { *v };
-            }
-        }
-    };
     if let Some(variant) = winograd::variant(g) {
         let u = variant.transform_filters(g.c_out, g.c_in, |o, c| {
             std::array::from_fn(|t| kernel[(o * g.c_in + c) * 9 + t])
         });
         variant.conv3x3(g, x, &u, bias, &mut y);
-        relu_in_place(&mut y);
+        if relu {
+            relu_in_place(&mut y);
+        }
         return y;
     }
     if g.whole_batch() {
@@ -275,9 +269,18 @@ pub(crate) fn conv2d(
             }
         }
         im2col_conv(g, xs, weights, bias.is_some(), ys);
-        relu_in_place(ys);
+        if relu {
+            relu_in_place(ys);
+        }
     }
     y
+}
+
+/// `max(v, 0)` in place; `v < 0` is false for NaN, which passes through as in PyTorch's ReLU.
+fn relu_in_place(values: &mut [f32]) {
+    for v in values.iter_mut() {
+        *v = if *v < 0.0 { 0.0 } else { *v };
+    }
 }
 
 /// One sample's `ys (+)= conv(xs, weights)` by im2col and matrix products (`accumulate`: onto
@@ -405,10 +408,8 @@ fn samples_to_columns(samples: &[f32], batch: usize, plane: usize, columns: &mut
         PLANES_PER_TASK * plane,
         |_, band, out| {
             for (i, out) in out.chunks_exact_mut(plane).enumerate() {
-                let (r, b) = (
-                    (band * PLANES_PER_TASK + i) / batch,
-                    (band * PLANES_PER_TASK + i) % batch,
-                );
+                let chunk = band * PLANES_PER_TASK + i;
+                let (r, b) = (chunk / batch, chunk % batch);
                 out.copy_from_slice(&samples[(b * rows + r) * plane..][..plane]);
             }
         },
@@ -437,9 +438,7 @@ fn columns_to_samples(
                     out.iter_mut().for_each(|v| *v += bias[r]);
                 }
                 if relu {
-                    // As in `conv2d`: NaN passes through.
-                    out.iter_mut()
-                        .for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
+                    relu_in_place(out);
                 }
             }
         },
@@ -672,7 +671,8 @@ mod tests {
     /// then F(4×4) four times (odd sizes with a batch, a UNet's channel count, one tile per
     /// row); the last seven take the whole-batch product (3×3, 1×1, stride 2, a UNet's 4² level
     /// in small, a rectangular kernel padded along one axis, 70 output channels (a short last
-    /// task when the columns are dealt out) and one large enough for the pool). F(4×4) rounds more (its transforms reach 8 and include sixths): at 320 input
+    /// task when the columns are dealt out) and one large enough for the pool). F(4×4) rounds
+    /// more (its transforms reach 8 and include sixths): at 320 input
     /// channels its largest error is 1.2e-5 of the output's scale, so its cases are held to
     /// [`F4_TOLERANCE`].
     /// candle pads both axes alike, so the reference pads explicitly and convolves unpadded.
