@@ -279,9 +279,11 @@ impl Variant {
     /// (position ξ's `C × tiles` matrix is rows `(m+2)²·tiles` apart). Tile `(ty, tx)` reads input
     /// rows `m·ty − 1 … m·ty + m` and columns `m·tx − 1 … m·tx + m`, zero outside.
     ///
-    /// Each padded input row is split into its columns modulo m first (padded column `m·k + p`
-    /// at `[p][k]`), so that every step is a contiguous loop over the tiles of a row, which the
-    /// compiler vectorises.
+    /// Per channel, the tiles' values are first gathered value-major (`d[i][k]`, a run over every
+    /// tile of the band: each padded input row split into its columns modulo m, then runs copied
+    /// out of the split), so that both halves of the transform are loops over all the band's
+    /// tiles: a tile row alone is 8 or 16 tiles on the UNet's small maps, too short a loop for
+    /// the vector unit.
     fn transform_inputs(&self, g: &ConvGeometry, x: &[f32], band: &Band, v: &mut [f32]) {
         let (m, side, positions) = (self.m, self.side(), self.positions());
         let (h, w, tiles_w) = (g.h, g.w, band.tiles_w);
@@ -290,46 +292,37 @@ impl Variant {
         v.par_chunks_mut(positions * tiles)
             .enumerate()
             .for_each(|(c, out)| {
-                // The tile row's m + 2 padded input rows, split; then Bᵀ of them, split alike.
-                let mut split = vec![0.0f32; side * m * n];
-                let mut mixed = vec![0.0f32; side * m * n];
+                // `d[i][k]` (row i, column k of every tile; zero where a tile reads padding),
+                // then `(Bᵀ·d)[a][k]`.
+                let mut d = vec![0.0f32; positions * tiles];
+                let mut mixed = vec![0.0f32; positions * tiles];
+                let mut phases = vec![0.0f32; m * n];
                 for (b, r) in (0..band.batch).flat_map(|b| (0..band.rows).map(move |r| (b, r))) {
                     let plane = &x[(b * g.c_in + c) * h * w..][..h * w];
-                    let ty = band.ty0 + r;
-                    for (i, phases) in split.chunks_exact_mut(m * n).enumerate() {
+                    let (ty, first) = (band.ty0 + r, band.column(b, r));
+                    for i in 0..side {
                         // Padded row m·ty + i is input row m·ty + i − 1.
                         let Some(iy) = (m * ty + i).checked_sub(1).filter(|&iy| iy < h) else {
-                            phases.fill(0.0);
                             continue;
                         };
-                        let row = &plane[iy * w..][..w];
-                        for (p, phase) in phases.chunks_exact_mut(n).enumerate() {
-                            // Padded column m·k + p is input column m·k + p − 1; column 0 is
-                            // the left padding.
-                            let skip = usize::from(p == 0);
-                            phase[..skip].fill(0.0);
-                            let inputs = row.get(m * skip + p - 1..).unwrap_or(&[]);
-                            let filled = skip
-                                + phase[skip..]
-                                    .iter_mut()
-                                    .zip(inputs.iter().step_by(m))
-                                    .map(|(value, input)| *value = *input)
-                                    .count();
-                            phase[filled..].fill(0.0);
+                        split_columns(&plane[iy * w..][..w], m, &mut phases);
+                        // Padded column m·tx + k is phase k mod m at tile tx + k / m.
+                        for k in 0..side {
+                            let run = &phases[(k % m) * n + k / m..][..tiles_w];
+                            d[(side * i + k) * tiles + first..][..tiles_w].copy_from_slice(run);
                         }
                     }
-                    // Bᵀ·d over the rows, all phases of a row at once.
-                    for (a, mixed_row) in mixed.chunks_exact_mut(m * n).enumerate() {
-                        combine(mixed_row, self.bt[a], |i| &split[i * m * n..][..m * n]);
+                }
+                // Bᵀ·d over the rows, then ·B over the columns into `out`.
+                for (a, mixed_row) in mixed.chunks_exact_mut(side * tiles).enumerate() {
+                    for (k, column) in mixed_row.chunks_exact_mut(tiles).enumerate() {
+                        combine(column, self.bt[a], |i| &d[(side * i + k) * tiles..]);
                     }
-                    // ·B over the columns: column m·tx + j is phase j mod m at tile tx + j / m.
-                    for (a, mixed_row) in mixed.chunks_exact(m * n).enumerate() {
-                        for (j, coefficients) in self.bt.iter().enumerate() {
-                            let at = (side * a + j) * tiles + band.column(b, r);
-                            combine(&mut out[at..][..tiles_w], coefficients, |k| {
-                                &mixed_row[(k % m) * n + k / m..]
-                            });
-                        }
+                }
+                for (a, mixed_row) in mixed.chunks_exact(side * tiles).enumerate() {
+                    for (j, coefficients) in self.bt.iter().enumerate() {
+                        let dst = &mut out[(side * a + j) * tiles..][..tiles];
+                        combine(dst, coefficients, |k| &mixed_row[k * tiles..]);
                     }
                 }
             });
@@ -337,6 +330,8 @@ impl Variant {
 
     /// `Aᵀ·M·A` of the products `m` (`[O][(m+2)²][tiles]`) of a band: the m×m output blocks,
     /// plus the bias, written into `y` `[O, H, W]` (blocks past the bottom or right edge cut).
+    /// Both halves run over all of a sample's tiles in the band at once (see
+    /// [`Variant::transform_inputs`]).
     fn transform_outputs(
         &self,
         g: &ConvGeometry,
@@ -348,41 +343,69 @@ impl Variant {
         let (m, side, positions) = (self.m, self.side(), self.positions());
         let (h, w, tiles_w) = (g.h, g.w, band.tiles_w);
         let tiles = band.tiles();
+        let run = band.rows * tiles_w; // a sample's tiles in the band, contiguous
         y.par_chunks_mut(h * w)
             .enumerate()
             .for_each(|(plane_index, plane)| {
                 let (sample, o) = (plane_index / g.c_out, plane_index % g.c_out);
+                let first = band.column(sample, 0);
                 let products = &products[o * positions * tiles..][..positions * tiles];
                 let b = bias.map_or(0.0, |b| b[o]);
-                // Aᵀ·M over the rows: m rows of m + 2 columns, each column a run of tiles.
-                let mut rows = vec![0.0f32; m * side * tiles_w];
-                let mut outputs = vec![0.0f32; tiles_w];
-                for r in 0..band.rows {
-                    let first = band.column(sample, r);
-                    for (i, row) in rows.chunks_exact_mut(side * tiles_w).enumerate() {
-                        for (j, column) in row.chunks_exact_mut(tiles_w).enumerate() {
-                            combine(column, self.at[i], |k| {
-                                &products[(side * k + j) * tiles + first..]
-                            });
-                        }
+                // Aᵀ·M over the rows (`[i][j]`, m × (m + 2) runs), then ·A over the columns
+                // (`[i][j]`, m × m runs).
+                let mut rows = vec![0.0f32; m * side * run];
+                let mut outputs = vec![0.0f32; m * m * run];
+                for (i, row) in rows.chunks_exact_mut(side * run).enumerate() {
+                    for (j, column) in row.chunks_exact_mut(run).enumerate() {
+                        combine(column, self.at[i], |k| {
+                            &products[(side * k + j) * tiles + first..]
+                        });
                     }
-                    // ·A over the columns: output column m·tx + j of each tile.
-                    for (i, row) in rows.chunks_exact(side * tiles_w).enumerate() {
+                }
+                for (i, row) in rows.chunks_exact(side * run).enumerate() {
+                    let block_rows = outputs[i * m * run..][..m * run].chunks_exact_mut(run);
+                    for (column, coefficients) in block_rows.zip(self.at) {
+                        combine(column, coefficients, |k| &row[k * run..]);
+                    }
+                }
+                // Output (m·ty + i, m·tx + j) is tile (ty, tx)'s value `[i][j]`.
+                for r in 0..band.rows {
+                    for i in 0..m {
                         let oy = m * (band.ty0 + r) + i;
                         if oy >= h {
                             break;
                         }
                         let y_row = &mut plane[oy * w..][..w];
-                        for (j, coefficients) in self.at.iter().enumerate() {
-                            combine(&mut outputs, coefficients, |k| &row[k * tiles_w..]);
+                        for j in 0..m {
+                            let values = &outputs[(i * m + j) * run + r * tiles_w..][..tiles_w];
                             let columns = y_row.iter_mut().skip(j).step_by(m);
-                            for (value, output) in columns.zip(&outputs) {
+                            for (value, output) in columns.zip(values) {
                                 *value = output + b;
                             }
                         }
                     }
                 }
             });
+    }
+}
+
+/// Splits a row of `w` inputs, padded by a zero on each side, into its columns modulo m:
+/// padded column `m·k + p` (input column `m·k + p − 1`) at `phases[p·n + k]`, `n = phases.len() / m`;
+/// every place past the row is zero.
+fn split_columns(row: &[f32], m: usize, phases: &mut [f32]) {
+    let n = phases.len() / m;
+    for (p, phase) in phases.chunks_exact_mut(n).enumerate() {
+        // Column 0 is the left padding.
+        let skip = usize::from(p == 0);
+        phase[..skip].fill(0.0);
+        let inputs = row.get(m * skip + p - 1..).unwrap_or(&[]);
+        let filled = skip
+            + phase[skip..]
+                .iter_mut()
+                .zip(inputs.iter().step_by(m))
+                .map(|(value, input)| *value = *input)
+                .count();
+        phase[filled..].fill(0.0);
     }
 }
 
