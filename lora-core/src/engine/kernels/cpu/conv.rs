@@ -792,6 +792,34 @@ mod tests {
         assert!(variant.m == 4 && max_rel_diff(&ours, &reference) < F4_TOLERANCE);
     }
 
+    /// F(4×4) over several bands of a batch, cut at the bottom and the right edge (301 × 261
+    /// outputs make 75.25 × 65.25 tiles): each sample's tiles of a band are one run of the
+    /// transformed matrices' columns, and the last band is shorter. (F(2×2) takes maps too small
+    /// for a second band, but for thousands of channels.)
+    #[test]
+    fn banded_winograd_over_a_batch_matches_candle() {
+        let (input, kernel) = ((2, 16, 301, 261), (16, 16, 3, 3));
+        let g = ConvGeometry::new(input, kernel, (1, 1), 1).unwrap();
+        let variant = winograd::variant(&g).unwrap();
+        let tile_rows = g.out_h().div_ceil(variant.m);
+        let band = variant.band_rows(&g);
+        assert!(band < tile_rows && !tile_rows.is_multiple_of(band));
+        assert!(!g.h.is_multiple_of(variant.m) && !g.w.is_multiple_of(variant.m));
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(8);
+        let x = rng.normal_tensor(input, &dev).unwrap();
+        let w = rng.normal_tensor(kernel, &dev).unwrap();
+        let b = rng.normal_tensor(kernel.0, &dev).unwrap();
+        let reference = x
+            .conv2d(&w, 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, kernel.0, 1, 1)).unwrap())
+            .unwrap();
+        let ours = conv2d_op(&x, &w, Some(&b), (1, 1), 1, false).unwrap();
+        let diff = max_rel_diff(&ours, &reference);
+        assert!(variant.m == 4 && diff < F4_TOLERANCE, "{diff}");
+    }
+
     /// F(4×4) over several bands with many channels on both sides, against the im2col path on
     /// the same data.
     #[test]

@@ -328,9 +328,9 @@ impl Variant {
             });
     }
 
-    /// `Aᵀ·M·A` of the products `m` (`[O][(m+2)²][tiles]`) of a band: the m×m output blocks,
-    /// plus the bias, written into `y` `[O, H, W]` (blocks past the bottom or right edge cut).
-    /// Both halves run over all of a sample's tiles in the band at once (see
+    /// `Aᵀ·M·A` of the `products` (`[O][(m+2)²][tiles]`) of a band: the m×m output blocks, plus
+    /// the bias, written into `y` `[B, O, H, W]` (blocks past the bottom or right edge cut). Both
+    /// halves run over all of a sample's tiles in the band at once (see
     /// [`Variant::transform_inputs`]).
     fn transform_outputs(
         &self,
@@ -390,8 +390,8 @@ impl Variant {
 }
 
 /// Splits a row of `w` inputs, padded by a zero on each side, into its columns modulo m:
-/// padded column `m·k + p` (input column `m·k + p − 1`) at `phases[p·n + k]`, `n = phases.len() / m`;
-/// every place past the row is zero.
+/// padded column `m·k + p` (input column `m·k + p − 1`) at `phases[p·n + k]`, with
+/// `n = phases.len() / m`; every place past the row is zero.
 fn split_columns(row: &[f32], m: usize, phases: &mut [f32]) {
     let n = phases.len() / m;
     for (p, phase) in phases.chunks_exact_mut(n).enumerate() {
