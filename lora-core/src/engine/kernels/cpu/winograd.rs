@@ -156,6 +156,20 @@ fn combine<'a>(dst: &mut [f32], coefficients: &[f32], source: impl Fn(usize) -> 
     combine_terms(dst, &terms[..count]);
 }
 
+/// `dst`'s runs of `run` values, one per row of `matrix`: run r is [`combine`] of row r's
+/// coefficients with the sources `source(i)`. Both halves of each separable transform are this
+/// (`X·Y` over runs of channels or tiles).
+fn combine_rows<'a, R: AsRef<[f32]>>(
+    dst: &mut [f32],
+    matrix: &[R],
+    run: usize,
+    source: impl Fn(usize) -> &'a [f32],
+) {
+    for (row, coefficients) in dst.chunks_exact_mut(run).zip(matrix) {
+        combine(row, coefficients.as_ref(), &source);
+    }
+}
+
 simd_dispatch! {
     /// `dst = Σ c·s` over `terms` (each `s` as long as `dst`): compiled for the CPU's vector
     /// width and fused multiply-add, where the transforms' callers are plain baseline code.
@@ -214,17 +228,11 @@ impl Variant {
                 }
                 // G·g: m + 2 rows of the filters' three columns, `[row][column][C]`.
                 let mut rows = vec![0.0f32; side * 3 * c_in];
-                for (row, coefficients) in rows.chunks_exact_mut(3 * c_in).zip(self.g) {
-                    for (j, column) in row.chunks_exact_mut(c_in).enumerate() {
-                        combine(column, coefficients, |i| &taps[(3 * i + j) * c_in..]);
-                    }
-                }
+                combine_rows(&mut rows, self.g, 3 * c_in, |i| &taps[3 * i * c_in..]);
                 // (G·g)·Gᵀ: the same combinations of each row's columns.
-                for (i, row) in rows.chunks_exact(3 * c_in).enumerate() {
-                    for (j, coefficients) in self.g.iter().enumerate() {
-                        let at = (side * i + j) * c_in;
-                        combine(&mut out[at..][..c_in], coefficients, |k| &row[k * c_in..]);
-                    }
+                let out_rows = out.chunks_exact_mut(side * c_in);
+                for (out_row, row) in out_rows.zip(rows.chunks_exact(3 * c_in)) {
+                    combine_rows(out_row, self.g, c_in, |k| &row[k * c_in..]);
                 }
             });
         u
@@ -289,14 +297,17 @@ impl Variant {
         let (h, w, tiles_w) = (g.h, g.w, band.tiles_w);
         let tiles = band.tiles();
         let n = tiles_w + 1; // padded columns per phase: a tile row spans m·tiles_w + 2 of them
+                             // Per rayon job (reused over its channels): `d[i][k]` (row i, column k of every tile),
+                             // `(Bᵀ·d)[a][k]` and a split row.
+                             // `d` is zero where a tile reads padding: the same places for every channel of the band,
+                             // so it is zeroed once per job and those places are never written.
+        let buffers = || {
+            let values = vec![0.0f32; positions * tiles];
+            (values.clone(), values, vec![0.0f32; m * n])
+        };
         v.par_chunks_mut(positions * tiles)
             .enumerate()
-            .for_each(|(c, out)| {
-                // `d[i][k]` (row i, column k of every tile; zero where a tile reads padding),
-                // then `(Bᵀ·d)[a][k]`.
-                let mut d = vec![0.0f32; positions * tiles];
-                let mut mixed = vec![0.0f32; positions * tiles];
-                let mut phases = vec![0.0f32; m * n];
+            .for_each_init(buffers, |(d, mixed, phases), (c, out)| {
                 for (b, r) in (0..band.batch).flat_map(|b| (0..band.rows).map(move |r| (b, r))) {
                     let plane = &x[(b * g.c_in + c) * h * w..][..h * w];
                     let (ty, first) = (band.ty0 + r, band.column(b, r));
@@ -305,7 +316,7 @@ impl Variant {
                         let Some(iy) = (m * ty + i).checked_sub(1).filter(|&iy| iy < h) else {
                             continue;
                         };
-                        split_columns(&plane[iy * w..][..w], m, &mut phases);
+                        split_columns(&plane[iy * w..][..w], m, phases);
                         // Padded column m·tx + k is phase k mod m at tile tx + k / m.
                         for k in 0..side {
                             let run = &phases[(k % m) * n + k / m..][..tiles_w];
@@ -314,16 +325,10 @@ impl Variant {
                     }
                 }
                 // Bᵀ·d over the rows, then ·B over the columns into `out`.
-                for (a, mixed_row) in mixed.chunks_exact_mut(side * tiles).enumerate() {
-                    for (k, column) in mixed_row.chunks_exact_mut(tiles).enumerate() {
-                        combine(column, self.bt[a], |i| &d[(side * i + k) * tiles..]);
-                    }
-                }
-                for (a, mixed_row) in mixed.chunks_exact(side * tiles).enumerate() {
-                    for (j, coefficients) in self.bt.iter().enumerate() {
-                        let dst = &mut out[(side * a + j) * tiles..][..tiles];
-                        combine(dst, coefficients, |k| &mixed_row[k * tiles..]);
-                    }
+                combine_rows(mixed, self.bt, side * tiles, |i| &d[side * i * tiles..]);
+                let out_rows = out.chunks_exact_mut(side * tiles);
+                for (out_row, mixed_row) in out_rows.zip(mixed.chunks_exact(side * tiles)) {
+                    combine_rows(out_row, self.bt, tiles, |k| &mixed_row[k * tiles..]);
                 }
             });
     }
@@ -344,17 +349,16 @@ impl Variant {
         let (h, w, tiles_w) = (g.h, g.w, band.tiles_w);
         let tiles = band.tiles();
         let run = band.rows * tiles_w; // a sample's tiles in the band, contiguous
-        y.par_chunks_mut(h * w)
-            .enumerate()
-            .for_each(|(plane_index, plane)| {
+                                       // Per rayon job: Aᵀ·M over the rows (`[i][j]`, m × (m + 2) runs), then ·A over the columns
+                                       // (`[i][j]`, m × m runs); both are overwritten for every plane.
+        let buffers = || (vec![0.0f32; m * side * run], vec![0.0f32; m * m * run]);
+        y.par_chunks_mut(h * w).enumerate().for_each_init(
+            buffers,
+            |(rows, outputs), (plane_index, plane)| {
                 let (sample, o) = (plane_index / g.c_out, plane_index % g.c_out);
                 let first = band.column(sample, 0);
                 let products = &products[o * positions * tiles..][..positions * tiles];
                 let b = bias.map_or(0.0, |b| b[o]);
-                // Aᵀ·M over the rows (`[i][j]`, m × (m + 2) runs), then ·A over the columns
-                // (`[i][j]`, m × m runs).
-                let mut rows = vec![0.0f32; m * side * run];
-                let mut outputs = vec![0.0f32; m * m * run];
                 for (i, row) in rows.chunks_exact_mut(side * run).enumerate() {
                     for (j, column) in row.chunks_exact_mut(run).enumerate() {
                         combine(column, self.at[i], |k| {
@@ -362,11 +366,9 @@ impl Variant {
                         });
                     }
                 }
-                for (i, row) in rows.chunks_exact(side * run).enumerate() {
-                    let block_rows = outputs[i * m * run..][..m * run].chunks_exact_mut(run);
-                    for (column, coefficients) in block_rows.zip(self.at) {
-                        combine(column, coefficients, |k| &row[k * run..]);
-                    }
+                let out_rows = outputs.chunks_exact_mut(m * run);
+                for (out_row, row) in out_rows.zip(rows.chunks_exact(side * run)) {
+                    combine_rows(out_row, self.at, run, |k| &row[k * run..]);
                 }
                 // Output (m·ty + i, m·tx + j) is tile (ty, tx)'s value `[i][j]`.
                 for r in 0..band.rows {
@@ -385,7 +387,8 @@ impl Variant {
                         }
                     }
                 }
-            });
+            },
+        );
     }
 }
 
