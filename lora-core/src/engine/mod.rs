@@ -17,6 +17,7 @@ pub mod fused;
 pub(crate) mod kernels;
 pub mod linear;
 pub mod norm;
+pub mod pool;
 pub mod recompute;
 pub mod tensor_ops;
 #[cfg(test)]

@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use sha2::{Digest, Sha256};
 
+use crate::engine::pool::{avg_pool_3x3_inside, max_pool_3x3};
 use crate::engine::Conv2dLayer;
 use crate::io::weights;
 
@@ -84,12 +85,12 @@ impl ConvBn {
         Ok(self.conv.forward_relu(x)?)
     }
 
-    /// This 1×1 layer applied to [`avg_pool_3x3_valid`]`(x)`, computed as the pool of the
+    /// This 1×1 layer applied to [`avg_pool_3x3_inside`]`(x)`, computed as the pool of the
     /// convolution (ReLU after): both are linear in `x` and the pool's weights at a position sum
     /// to 1, so the folded bias passes through unchanged. Pooling the layer's 32–192 output
     /// channels instead of its 192–1280 input channels is 4–7× less pooling.
     fn forward_after_avg_pool(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(avg_pool_3x3_valid(&self.conv.forward(x)?)?.relu()?)
+        Ok(avg_pool_3x3_inside(&self.conv.forward(x)?)?.relu()?)
     }
 }
 
@@ -98,47 +99,6 @@ fn chain(layers: &[ConvBn], x: &Tensor) -> Result<Tensor> {
     layers
         .iter()
         .try_fold(x.clone(), |h, layer| layer.forward(&h))
-}
-
-/// 3×3 average pool, stride 1, padding 1, averaging only the positions inside the input
-/// (`count_include_pad=False`): the sum over the zero-padded input divided by how many real
-/// positions each window holds (4 in a corner, 6 on an edge, 9 inside).
-fn avg_pool_3x3_valid(x: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    // candle's pool divides by 9: multiply back by 9 / count.
-    let mean9 = x
-        .pad_with_zeros(2, 1, 1)?
-        .pad_with_zeros(3, 1, 1)?
-        .avg_pool2d_with_stride(3, 1)?;
-    // Window rows (columns) inside the input: 3, less one at each edge.
-    let inside = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|i| (3 - usize::from(i == 0) - usize::from(i + 1 == n)) as f32)
-            .collect()
-    };
-    let (rows, cols) = (inside(h), inside(w));
-    let factor: Vec<f32> = rows
-        .iter()
-        .flat_map(|r| cols.iter().map(move |c| 9.0 / (r * c)))
-        .collect();
-    let factor = Tensor::from_vec(factor, (1, 1, h, w), x.device())?;
-    Ok(mean9.broadcast_mul(&factor)?)
-}
-
-/// 3×3 max pool, stride 1, padding 1: padded with −∞, which never wins a window.
-fn max_pool_3x3_same(x: &Tensor) -> Result<Tensor> {
-    let pad = |x: &Tensor, axis: usize| -> Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        dims[axis] = 1;
-        let edge = Tensor::full(f32::NEG_INFINITY, dims, x.device())?;
-        Ok(Tensor::cat(&[&edge, x, &edge], axis)?)
-    };
-    Ok(pad(&pad(x, 2)?, 3)?.max_pool2d_with_stride(3, 1)?)
-}
-
-/// 3×3 max pool, stride 2, no padding (the stem and the grid reductions B and D).
-fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
-    Ok(x.max_pool2d_with_stride(3, 2)?)
 }
 
 /// `Mixed_5b`–`Mixed_5d`: pytorch-fid's `FIDInceptionA`.
@@ -199,7 +159,7 @@ impl InceptionB {
         let branches = [
             self.branch3x3.forward(x)?,
             chain(&self.branch3x3dbl, x)?,
-            max_pool_3x3_s2(x)?,
+            max_pool_3x3(x, 2, 0)?,
         ];
         Ok(Tensor::cat(&branches, 1)?)
     }
@@ -274,7 +234,7 @@ impl InceptionD {
         let branches = [
             chain(&self.branch3x3, x)?,
             chain(&self.branch7x7x3, x)?,
-            max_pool_3x3_s2(x)?,
+            max_pool_3x3(x, 2, 0)?,
         ];
         Ok(Tensor::cat(&branches, 1)?)
     }
@@ -333,7 +293,7 @@ impl InceptionE {
         let [dbl_a, dbl_b] = both(&self.branch3x3dbl_3, &dbl)?;
         let pooled = match self.pool {
             PoolKind::Average => self.branch_pool.forward_after_avg_pool(x)?,
-            PoolKind::Max => self.branch_pool.forward(&max_pool_3x3_same(x)?)?,
+            PoolKind::Max => self.branch_pool.forward(&max_pool_3x3(x, 1, 1)?)?,
         };
         let branches = [self.branch1x1.forward(x)?, b3a, b3b, dbl_a, dbl_b, pooled];
         Ok(Tensor::cat(&branches, 1)?)
@@ -433,9 +393,9 @@ impl FidInception {
         let x = x.to_dtype(DType::F32)?;
         let [c1a, c2a, c2b, c3b, c4a] = &self.stem;
         let x = c2b.forward(&c2a.forward(&c1a.forward(&x)?)?)?;
-        let x = max_pool_3x3_s2(&x)?;
+        let x = max_pool_3x3(&x, 2, 0)?;
         let x = c4a.forward(&c3b.forward(&x)?)?;
-        let mut x = max_pool_3x3_s2(&x)?;
+        let mut x = max_pool_3x3(&x, 2, 0)?;
         for block in &self.mixed_5 {
             x = block.forward(&x)?;
         }

@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use super::buffers::{for_each_band, zeroed};
 use super::gemm::{cpu_f32, f32_slice, matmul, with_scratch, Mat, Threads};
+use super::math;
 use super::winograd;
 use crate::engine::autograd::grad_if_tracked;
 
@@ -115,12 +116,13 @@ impl ConvGeometry {
         (MAX_BAND_VALUES / (self.taps() * self.out_w()).max(1)).clamp(1, self.out_h())
     }
 
-    /// The output columns `[lo, hi)` of kernel column `kx` that read inside the input row, for
-    /// stride 1 (`ix = ox + kx − pw`).
-    fn stride1_span(&self, kx: usize) -> (usize, usize) {
-        let (wo, pw) = (self.out_w(), self.padding.1);
-        let lo = pw.saturating_sub(kx).min(wo);
-        let hi = (self.w + pw).saturating_sub(kx).clamp(lo, wo);
+    /// The output columns `[lo, hi)` of kernel column `kx` that read inside the input row
+    /// (`ix = ox·stride + kx − pw`); output column `lo` reads input column
+    /// `lo·stride + kx − pw`, and each next one `stride` further.
+    fn span(&self, kx: usize) -> (usize, usize) {
+        let (wo, pw, s) = (self.out_w(), self.padding.1, self.stride);
+        let lo = pw.saturating_sub(kx).div_ceil(s).min(wo);
+        let hi = (self.w + pw).saturating_sub(kx).div_ceil(s).clamp(lo, wo);
         (lo, hi)
     }
 
@@ -129,13 +131,6 @@ impl ConvGeometry {
         (oy * self.stride + ky)
             .checked_sub(self.padding.0)
             .filter(|&iy| iy < self.h)
-    }
-
-    /// The input column that output column `ox` reads through kernel column `kx`.
-    fn input_col(&self, ox: usize, kx: usize) -> Option<usize> {
-        (ox * self.stride + kx)
-            .checked_sub(self.padding.1)
-            .filter(|&ix| ix < self.w)
     }
 }
 
@@ -150,7 +145,8 @@ fn im2col(g: &ConvGeometry, x: &[f32], samples: usize, oy0: usize, rows: usize, 
         .for_each(|(c, taps)| {
             for ky in 0..g.kh {
                 for kx in 0..g.kw {
-                    let (lo, hi) = g.stride1_span(kx);
+                    let (lo, hi) = g.span(kx);
+                    let ix = (lo * g.stride + kx).saturating_sub(g.padding.1);
                     let tap_row = &mut taps[(ky * g.kw + kx) * samples * band..];
                     for (s, tap) in tap_row.chunks_exact_mut(band).take(samples).enumerate() {
                         let plane = &x[(s * g.c_in + c) * in_plane..][..in_plane];
@@ -160,16 +156,15 @@ fn im2col(g: &ConvGeometry, x: &[f32], samples: usize, oy0: usize, rows: usize, 
                                 continue;
                             };
                             let row = &plane[iy * g.w..][..g.w];
-                            if g.stride == 1 {
-                                out[..lo].fill(0.0);
-                                out[hi..].fill(0.0);
-                                if lo < hi {
-                                    let ix = lo + kx - g.padding.1;
-                                    out[lo..hi].copy_from_slice(&row[ix..ix + hi - lo]);
-                                }
-                            } else {
-                                for (ox, o) in out.iter_mut().enumerate() {
-                                    *o = g.input_col(ox, kx).map_or(0.0, |ix| row[ix]);
+                            out[..lo].fill(0.0);
+                            out[hi..].fill(0.0);
+                            // With lo = hi every column reads padding, and ix may lie past the row.
+                            if lo < hi && g.stride == 1 {
+                                out[lo..hi].copy_from_slice(&row[ix..][..hi - lo]);
+                            } else if lo < hi {
+                                let inputs = row[ix..].iter().step_by(g.stride);
+                                for (o, v) in out[lo..hi].iter_mut().zip(inputs) {
+                                    *o = *v;
                                 }
                             }
                         }
@@ -199,25 +194,16 @@ fn col2im_add(
                 for kx in 0..g.kw {
                     let tap_index = (c * g.kh + ky) * g.kw + kx;
                     let tap = &col[(tap_index * samples + s) * band..][..band];
-                    let (lo, hi) = g.stride1_span(kx);
+                    let (lo, hi) = g.span(kx);
+                    let ix = (lo * g.stride + kx).saturating_sub(g.padding.1);
                     for (r, grad) in tap.chunks_exact(wo).enumerate() {
-                        let Some(iy) = g.input_row(oy0 + r, ky) else {
+                        let Some(iy) = g.input_row(oy0 + r, ky).filter(|_| lo < hi) else {
                             continue;
                         };
                         let row = &mut plane[iy * g.w..][..g.w];
-                        if g.stride == 1 {
-                            if lo < hi {
-                                let ix = lo + kx - g.padding.1;
-                                for (d, v) in row[ix..ix + hi - lo].iter_mut().zip(&grad[lo..hi]) {
-                                    *d += v;
-                                }
-                            }
-                        } else {
-                            for (ox, v) in grad.iter().enumerate() {
-                                if let Some(ix) = g.input_col(ox, kx) {
-                                    row[ix] += v;
-                                }
-                            }
+                        let inputs = row[ix..].iter_mut().step_by(g.stride);
+                        for (d, v) in inputs.zip(&grad[lo..hi]) {
+                            *d += v;
                         }
                     }
                 }
@@ -232,9 +218,9 @@ fn bands(g: &ConvGeometry) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// `y = conv(x, kernel) + bias`: `x` `[B, C, H, W]`, `kernel` `[O, C, kh, kw]`, `bias` `[O]`,
-/// all contiguous; returns `[B, O, Ho, Wo]`, through a ReLU when `relu` (on the im2col paths
-/// applied per sample, or while the whole-batch product's columns are dealt out, so while the
-/// output is still in cache).
+/// all contiguous; returns `[B, O, Ho, Wo]`, through a ReLU when `relu` (applied per sample on
+/// the im2col path, while the whole-batch product's columns are dealt out, or while Winograd's
+/// output transform writes the outputs: so while the output is still in cache).
 pub(crate) fn conv2d(
     g: &ConvGeometry,
     x: &[f32],
@@ -249,37 +235,36 @@ pub(crate) fn conv2d(
         let u = variant.transform_filters(g.c_out, g.c_in, |o, c| {
             std::array::from_fn(|t| kernel[(o * g.c_in + c) * 9 + t])
         });
-        variant.conv3x3(g, x, &u, bias, &mut y);
-        if relu {
-            relu_in_place(&mut y);
-        }
+        variant.conv3x3(g, x, &u, bias, relu, &mut y);
         return y;
     }
     if g.whole_batch() {
         whole_batch_conv(g, x, weights, bias, relu, &mut y);
         return y;
     }
+    // The bias fill and the ReLU go through the pool a plane per task (`for_each_band`): on
+    // the calling thread they kept the other cores waiting.
+    if let Some(bias) = bias {
+        for_each_band(&mut y, plane, plane, |p, _, channel| {
+            channel.fill(bias[p % g.c_out]);
+        });
+    }
     for (xs, ys) in x
         .chunks_exact(g.c_in * g.in_plane())
         .zip(y.chunks_exact_mut(g.c_out * plane))
     {
-        if let Some(bias) = bias {
-            for (channel, b) in ys.chunks_exact_mut(plane).zip(bias) {
-                channel.fill(*b);
-            }
-        }
         im2col_conv(g, xs, weights, bias.is_some(), ys);
         if relu {
-            relu_in_place(ys);
+            for_each_band(ys, plane, plane, |_, _, channel| relu_in_place(channel));
         }
     }
     y
 }
 
-/// `max(v, 0)` in place; `v < 0` is false for NaN, which passes through as in PyTorch's ReLU.
+/// [`math::relu`] in place.
 fn relu_in_place(values: &mut [f32]) {
     for v in values.iter_mut() {
-        *v = if *v < 0.0 { 0.0 } else { *v };
+        *v = math::relu(*v);
     }
 }
 
@@ -328,7 +313,7 @@ pub(crate) fn conv2d_input_grad(g: &ConvGeometry, dy: &[f32], kernel: &[f32]) ->
         let u = variant.transform_filters(g.c_in, g.c_out, |c, o| {
             std::array::from_fn(|t| kernel[(o * g.c_in + c) * 9 + 8 - t])
         });
-        variant.conv3x3(&flipped, dy, &u, None, &mut dx);
+        variant.conv3x3(&flipped, dy, &u, None, false, &mut dx);
         return dx;
     }
     let weights_t = Mat::transposed(kernel, taps);

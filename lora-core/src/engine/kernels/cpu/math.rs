@@ -22,6 +22,16 @@ pub(crate) fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// `max(v, 0)`; `v < 0` is false for NaN, which passes through as in PyTorch's ReLU.
+#[inline(always)]
+pub(crate) fn relu(v: f32) -> f32 {
+    if v < 0.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
 /// `eˣ` in place for `N` values `x ≤ 0` (softmax after its max is subtracted), as `2ⁿ·p(r)` with
 /// `|r| ≤ ln2/2` and a degree-5 minimax polynomial (relative error 7.5e-8 before rounding, below
 /// 3e-7 in f32 arithmetic: tested below).

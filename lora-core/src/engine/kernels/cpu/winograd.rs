@@ -239,15 +239,16 @@ impl Variant {
     }
 
     /// The convolution of `x` `[B, C, H, W]` into `y` `[B, O, H, W]`, with the filters transformed
-    /// by [`Variant::transform_filters`]: `y = conv(x) + bias` (`y` is overwritten). The tiles of
-    /// every sample go through the same products, so each transformed filter is packed once per
-    /// band.
+    /// by [`Variant::transform_filters`]: `y = conv(x) + bias`, through a ReLU when `relu` (`y` is
+    /// overwritten). The tiles of every sample go through the same products, so each transformed
+    /// filter is packed once per band.
     pub(crate) fn conv3x3(
         &self,
         g: &ConvGeometry,
         x: &[f32],
         u: &[f32],
         bias: Option<&[f32]>,
+        relu: bool,
         y: &mut [f32],
     ) {
         let positions = self.positions();
@@ -271,7 +272,7 @@ impl Variant {
                     let dst = &mut m[position * tiles..];
                     matmul(dst, positions * tiles, false, dims, lhs, rhs, Threads::All);
                 }
-                self.transform_outputs(g, m, &band, bias, y);
+                self.transform_outputs(g, m, &band, (bias, relu), y);
             });
         }
     }
@@ -334,15 +335,15 @@ impl Variant {
     }
 
     /// `Aᵀ·M·A` of the `products` (`[O][(m+2)²][tiles]`) of a band: the m×m output blocks, plus
-    /// the bias, written into `y` `[B, O, H, W]` (blocks past the bottom or right edge cut). Both
-    /// halves run over all of a sample's tiles in the band at once (see
-    /// [`Variant::transform_inputs`]).
+    /// the bias and through a ReLU when `relu`, written into `y` `[B, O, H, W]` (blocks past the
+    /// bottom or right edge cut). Both halves run over all of a sample's tiles in the band at once
+    /// (see [`Variant::transform_inputs`]).
     fn transform_outputs(
         &self,
         g: &ConvGeometry,
         products: &[f32],
         band: &Band,
-        bias: Option<&[f32]>,
+        (bias, relu): (Option<&[f32]>, bool),
         y: &mut [f32],
     ) {
         let (m, side, positions) = (self.m, self.side(), self.positions());
@@ -382,7 +383,8 @@ impl Variant {
                             let values = &outputs[(i * m + j) * run + r * tiles_w..][..tiles_w];
                             let columns = y_row.iter_mut().skip(j).step_by(m);
                             for (value, output) in columns.zip(values) {
-                                *value = output + b;
+                                let v = output + b;
+                                *value = if relu { math::relu(v) } else { v };
                             }
                         }
                     }
