@@ -2,13 +2,19 @@
 //! nothing differentiates, one kernel op pools a plane per task on the worker pool; otherwise
 //! candle's ops compute them, with their backward.
 
-use candle_core::Tensor;
+use candle_core::{bail, Tensor};
 
 use super::kernels::cpu::gemm::cpu_f32;
 use super::kernels::cpu::pool::{Pool3x3, Reduction};
 
-/// 3×3 max pool with `stride` and `padding` (≤ 2) on every side; padding never wins a window.
+/// 3×3 max pool with `stride` (≥ 1) and `padding` (≤ 1, as PyTorch allows) on every side;
+/// padding never wins a window. A NaN wins its windows on the kernel's path, as in PyTorch; candle's
+/// pool (a differentiated input, another device or dtype) lets it win only as a window's first
+/// value.
 pub fn max_pool_3x3(x: &Tensor, stride: usize, padding: usize) -> candle_core::Result<Tensor> {
+    if stride == 0 || padding > 1 {
+        bail!("3×3 max pool: stride {stride} and padding {padding} (expected a stride ≥ 1 and padding ≤ 1)");
+    }
     if let Some(y) = kernel(x, Reduction::Max, stride, padding)? {
         return Ok(y);
     }
@@ -78,7 +84,7 @@ mod tests {
 
     /// The kernel (a plain tensor) against candle's ops (the same values as a `Var`, which takes
     /// the candle path), both reductions, strides 1 and 2, paddings 0 and 1, odd and even sides,
-    /// and a size that the pool shares out (over `for_each_band`'s threshold).
+    /// and a size that the worker pool shares out (over `for_each_band`'s threshold).
     #[test]
     fn kernel_matches_candles_pools() {
         let mut rng = Rng::new(11);
@@ -119,16 +125,44 @@ mod tests {
         assert_eq!((y[0], y[1], y[5]), (corner, top_edge, inner));
     }
 
-    /// A NaN wins its windows, as in PyTorch's `max_pool2d`, and only those.
+    /// A NaN wins its windows, as in PyTorch's `max_pool2d`, and only those: first in its
+    /// window (stride 2), in the middle of its windows' rows and columns, and beside the
+    /// padding (stride 1, padding 1).
     #[test]
     fn max_propagates_nan_to_its_windows() {
-        let mut values = vec![1.0f32; 25];
-        values[0] = f32::NAN;
-        let x = Tensor::from_vec(values, (1, 1, 5, 5), &Device::Cpu).unwrap();
-        let y = max_pool_3x3(&x, 2, 0).unwrap().flatten_all().unwrap();
-        let y = y.to_vec1::<f32>().unwrap();
-        assert!(y[0].is_nan(), "{y:?}");
-        assert_eq!(&y[1..], &[1.0; 3]);
+        let nan_at = |at: &[usize], stride, padding| {
+            let mut values = vec![1.0f32; 25];
+            for &i in at {
+                values[i] = f32::NAN;
+            }
+            let x = Tensor::from_vec(values, (1, 1, 5, 5), &Device::Cpu).unwrap();
+            let y = max_pool_3x3(&x, stride, padding).unwrap();
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let nans = |y: &[f32]| -> Vec<usize> { (0..y.len()).filter(|&i| y[i].is_nan()).collect() };
+        let y = nan_at(&[0], 2, 0);
+        assert_eq!((nans(&y), y[1..].to_vec()), (vec![0], vec![1.0; 3]));
+        // (2, 2): every window whose rows and columns both reach 1..=3.
+        let y = nan_at(&[12], 1, 1);
+        let inner: Vec<usize> = (1..4)
+            .flat_map(|r| (1..4).map(move |c| r * 5 + c))
+            .collect();
+        assert_eq!(nans(&y), inner);
+        assert!(y.iter().all(|v| v.is_nan() || *v == 1.0), "{y:?}");
+        // (0, 0): the windows of outputs (0..=1, 0..=1), the padding on their left and top.
+        assert_eq!(nans(&nan_at(&[0], 1, 1)), [0, 1, 5, 6]);
+    }
+
+    #[test]
+    fn unsupported_stride_and_padding_are_errors() {
+        let x = Tensor::zeros((1, 1, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        for (stride, padding) in [(0, 0), (1, 2)] {
+            let error = max_pool_3x3(&x, stride, padding).unwrap_err().to_string();
+            assert!(
+                error.contains("expected a stride ≥ 1 and padding ≤ 1"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

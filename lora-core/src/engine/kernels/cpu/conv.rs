@@ -27,6 +27,12 @@ use crate::engine::autograd::grad_if_tracked;
 /// result together; a band is at least one output row.
 const MAX_BAND_VALUES: usize = 1 << 22;
 
+/// Output positions per sample from which the forward pass runs a product per sample (see
+/// [`ConvGeometry::sample_group`]): grouping samples below it took an FID Inception pass from
+/// 5.50 to 4.6 s on a 2-core Xeon and moved no SD 1.5 UNet step (benches/RESULTS.md,
+/// 2026-12-07 06:49); at 35² (1225) it gained nothing.
+const GROUP_BELOW_POSITIONS: usize = 1024;
+
 /// The shape of one convolution: input `[B, C, H, W]`, kernel `[O, C, kh, kw]`, zero padding
 /// `(ph, pw)` on both sides of the rows and columns, equal strides, no dilation or groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +117,25 @@ impl ConvGeometry {
             && (self.taps() + self.c_out) * columns <= MAX_BAND_VALUES
     }
 
+    /// Samples per product for the forward pass where [`Self::whole_batch`] does not apply but
+    /// a sample has fewer than [`GROUP_BELOW_POSITIONS`] output positions: a product per sample
+    /// then packs the whole kernel for a few hundred columns, so the samples go through one
+    /// product in groups instead (im2col of the group, then its columns dealt out), as many per
+    /// group as [`MAX_BAND_VALUES`] allows, the groups evened out. `None` where a group would
+    /// hold one sample. That is the FID Inception network's 17² and 8² levels at its batch of 32.
+    fn sample_group(&self) -> Option<usize> {
+        let plane = self.out_plane();
+        if self.batch < 2 || plane >= GROUP_BELOW_POSITIONS {
+            return None;
+        }
+        let most = MAX_BAND_VALUES / ((self.taps() + self.c_out) * plane).max(1);
+        if most < 2 {
+            return None;
+        }
+        let groups = self.batch.div_ceil(most);
+        Some(self.batch.div_ceil(groups))
+    }
+
     /// Output rows per im2col band.
     fn band_rows(&self) -> usize {
         (MAX_BAND_VALUES / (self.taps() * self.out_w()).max(1)).clamp(1, self.out_h())
@@ -159,12 +184,14 @@ fn im2col(g: &ConvGeometry, x: &[f32], samples: usize, oy0: usize, rows: usize, 
                             out[..lo].fill(0.0);
                             out[hi..].fill(0.0);
                             // With lo = hi every column reads padding, and ix may lie past the row.
-                            if lo < hi && g.stride == 1 {
-                                out[lo..hi].copy_from_slice(&row[ix..][..hi - lo]);
-                            } else if lo < hi {
-                                let inputs = row[ix..].iter().step_by(g.stride);
-                                for (o, v) in out[lo..hi].iter_mut().zip(inputs) {
-                                    *o = *v;
+                            if lo < hi {
+                                if g.stride == 1 {
+                                    out[lo..hi].copy_from_slice(&row[ix..][..hi - lo]);
+                                } else {
+                                    let inputs = row[ix..].iter().step_by(g.stride);
+                                    for (o, v) in out[lo..hi].iter_mut().zip(inputs) {
+                                        *o = *v;
+                                    }
                                 }
                             }
                         }
@@ -195,9 +222,12 @@ fn col2im_add(
                     let tap_index = (c * g.kh + ky) * g.kw + kx;
                     let tap = &col[(tap_index * samples + s) * band..][..band];
                     let (lo, hi) = g.span(kx);
-                    let ix = (lo * g.stride + kx).saturating_sub(g.padding.1);
+                    if lo == hi {
+                        continue; // every column reads padding
+                    }
+                    let ix = lo * g.stride + kx - g.padding.1;
                     for (r, grad) in tap.chunks_exact(wo).enumerate() {
-                        let Some(iy) = g.input_row(oy0 + r, ky).filter(|_| lo < hi) else {
+                        let Some(iy) = g.input_row(oy0 + r, ky) else {
                             continue;
                         };
                         let row = &mut plane[iy * g.w..][..g.w];
@@ -242,17 +272,26 @@ pub(crate) fn conv2d(
         whole_batch_conv(g, x, weights, bias, relu, &mut y);
         return y;
     }
-    // The bias fill and the ReLU go through the pool a plane per task (`for_each_band`): on
-    // the calling thread they kept the other cores waiting.
-    if let Some(bias) = bias {
-        for_each_band(&mut y, plane, plane, |p, _, channel| {
-            channel.fill(bias[p % g.c_out]);
-        });
+    if let Some(group) = g.sample_group() {
+        let (x_len, y_len) = (g.c_in * g.in_plane(), g.c_out * plane);
+        for (xs, ys) in x.chunks(group * x_len).zip(y.chunks_mut(group * y_len)) {
+            let part = ConvGeometry {
+                batch: xs.len() / x_len,
+                ..*g
+            };
+            whole_batch_conv(&part, xs, weights, bias, relu, ys);
+        }
+        return y;
     }
+    // The bias fill and the ReLU run a plane per task on the worker pool (`for_each_band`), so
+    // that the other cores do not wait on the calling thread.
     for (xs, ys) in x
         .chunks_exact(g.c_in * g.in_plane())
         .zip(y.chunks_exact_mut(g.c_out * plane))
     {
+        if let Some(bias) = bias {
+            for_each_band(ys, plane, plane, |o, _, channel| channel.fill(bias[o]));
+        }
         im2col_conv(g, xs, weights, bias.is_some(), ys);
         if relu {
             for_each_band(ys, plane, plane, |_, _, channel| relu_in_place(channel));
@@ -430,8 +469,9 @@ fn columns_to_samples(
     );
 }
 
-/// [`conv2d`] as one product over the whole batch (see [`ConvGeometry::whole_batch`]), into
-/// `y`, bias added, through a ReLU when `relu`.
+/// [`conv2d`] as one product over the whole batch (see [`ConvGeometry::whole_batch`]; also a
+/// group of samples, see [`ConvGeometry::sample_group`]), into `y`, bias added, through a ReLU
+/// when `relu`.
 fn whole_batch_conv(
     g: &ConvGeometry,
     x: &[f32],
@@ -649,18 +689,21 @@ mod tests {
     /// `passes_match_candle_convolution`); F(2×2) and im2col are held to 1e-5.
     const F4_TOLERANCE: f32 = 3e-5;
 
-    /// The op and both its gradients against candle's own convolution and its autograd, over the shapes the
-    /// UNet and VAE use (3×3 same, 3×3 stride 2, 1×1), Inception's rectangular kernels and
-    /// paddings (1×7 with (0, 3), 7×1 with (3, 0), 1×3, 3×1), plus odd sizes and a narrow band;
-    /// the last seven cases take the Winograd path: F(2×2) three times (odd sizes, a batch),
-    /// then F(4×4) four times (odd sizes with a batch, a UNet's channel count, one tile per
-    /// row); the last seven take the whole-batch product (3×3, 1×1, stride 2, a UNet's 4² level
-    /// in small, a rectangular kernel padded along one axis, 70 output channels (a short last
-    /// task when the columns are dealt out) and one large enough for the pool). F(4×4) rounds
-    /// more (its transforms reach 8 and include sixths): at 320 input
-    /// channels its largest error is 1.2e-5 of the output's scale, so its cases are held to
-    /// [`F4_TOLERANCE`].
-    /// candle pads both axes alike, so the reference pads explicitly and convolves unpadded.
+    /// The op and both its gradients against candle's own convolution and its autograd, over the
+    /// shapes the UNet and VAE use (3×3 same, 3×3 stride 2, 1×1), Inception's rectangular kernels
+    /// and paddings (1×7 with (0, 3), 7×1 with (3, 0), 1×3, 3×1), stride 2 without padding, with
+    /// a 1×1 kernel and with a 7×7 one padded by 3, plus odd sizes and a narrow band. The batch-2
+    /// forward passes on small maps go through [`ConvGeometry::sample_group`]'s grouped product,
+    /// one case in two groups (2 + 1 samples). The seven cases before the last seven take the
+    /// Winograd path: F(2×2) three times (odd sizes, a batch), then F(4×4) four times (odd sizes
+    /// with a batch, a UNet's channel count, one tile per row); the last seven take the
+    /// whole-batch product (3×3, 1×1, stride 2, a UNet's 4² level in small, a rectangular kernel
+    /// padded along one axis, 70 output channels (a short last task when the columns are dealt
+    /// out) and one large enough for the worker pool). F(4×4) rounds more (its transforms reach 8
+    /// and include sixths): at 320 input channels its largest error is 1.2e-5 of the output's
+    /// scale, so its cases are held to [`F4_TOLERANCE`]. candle pads both axes alike, so the
+    /// reference pads explicitly and convolves unpadded; the strided cases' padded sides leave no
+    /// remainder after the stride, as candle's own backward needs.
     #[test]
     fn passes_match_candle_convolution() {
         let dev = Device::Cpu;
@@ -679,6 +722,10 @@ mod tests {
             ((1, 4, 5, 5), (3, 4, 1, 3), (0, 1), 1),
             ((1, 4, 5, 5), (3, 4, 3, 1), (1, 0), 1),
             ((1, 3, 9, 7), (2, 3, 3, 5), (1, 2), 2),
+            ((1, 3, 9, 9), (4, 3, 3, 3), (0, 0), 2),
+            ((1, 4, 7, 9), (3, 4, 1, 1), (0, 0), 2),
+            ((1, 3, 11, 11), (2, 3, 7, 7), (3, 3), 2),
+            ((3, 160, 61, 61), (32, 160, 3, 3), (1, 1), 2),
             ((1, 16, 33, 35), (17, 16, 3, 3), (1, 1), 1),
             ((1, 20, 32, 32), (16, 20, 3, 3), (1, 1), 1),
             ((2, 16, 17, 17), (16, 16, 3, 3), (1, 1), 1),
@@ -706,7 +753,9 @@ mod tests {
                 .whole_batch()
         };
         let whole_batch_cases: Vec<bool> = cases.into_iter().map(whole_batch).collect();
-        assert_eq!(whole_batch_cases, [&[false; 19][..], &[true; 7]].concat());
+        assert_eq!(whole_batch_cases, [&[false; 23][..], &[true; 7]].concat());
+        let two_groups = ConvGeometry::new(cases[15].0, cases[15].1, cases[15].2, cases[15].3);
+        assert_eq!(two_groups.unwrap().sample_group(), Some(2));
         for case in cases {
             let (input, kernel, padding, stride) = case;
             let tolerance = match winograd_side(case) {

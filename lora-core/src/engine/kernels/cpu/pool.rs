@@ -1,7 +1,8 @@
-//! 3×3 max and average pools, forward only, over the worker pool a plane per task: candle's CPU
-//! pools run on the calling thread while the other cores wait (~6 % of an FID Inception pass's
-//! samples on a 2-core machine). Windows are cut at the input's edges instead of padded, which
-//! is what padding with −∞ does for a max, and what `count_include_pad=False` asks of an average.
+//! 3×3 max and average pools, forward only, a plane per task on the worker pool (candle's CPU
+//! pools run on the calling thread). A window's rows are cut at the input's edges and its
+//! columns padded with the reduction's identity (−∞ for the max, 0 for the sum, which is then
+//! divided by the positions inside the input): what padding with −∞ does for a max, and what
+//! `count_include_pad=False` asks of an average.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 
@@ -9,7 +10,7 @@ use super::buffers::{for_each_band, zeroed};
 use super::gemm::f32_slice;
 
 /// What a window is reduced to.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) enum Reduction {
     /// The largest value; NaN wins, as in PyTorch's `max_pool2d`.
     Max,
@@ -17,8 +18,9 @@ pub(crate) enum Reduction {
     MeanInside,
 }
 
-/// A 3×3 pool with `stride` and `padding` on every side (`padding` ≤ 2, so that every window
-/// holds at least one input position), output size rounded down as PyTorch's `ceil_mode=False`.
+/// A 3×3 pool with `stride` (≥ 1) and `padding` on every side (≤ 1, as PyTorch allows: every
+/// window then holds an input position), output size rounded down as PyTorch's
+/// `ceil_mode=False`.
 pub(crate) struct Pool3x3 {
     pub(crate) reduction: Reduction,
     pub(crate) stride: usize,
@@ -51,8 +53,9 @@ impl Pool3x3 {
     /// input rows into `line` (`w + 2·padding` values, the padding on both ends holding the
     /// reduction's identity: a loop over whole rows), then every window of three in `line`, so
     /// that neither loop branches on the edges.
-    fn pool_plane(&self, x: &[f32], h: usize, y: &mut [f32], wo: usize, line: &mut [f32]) {
-        let p = self.padding;
+    /// `columns[ox]`: the input columns inside window `ox` (for the mean).
+    fn pool_plane(&self, x: &[f32], h: usize, y: &mut [f32], columns: &[f32], line: &mut [f32]) {
+        let (p, wo) = (self.padding, columns.len());
         let w = line.len() - 2 * p;
         let identity = match self.reduction {
             Reduction::Max => f32::NEG_INFINITY,
@@ -60,13 +63,6 @@ impl Pool3x3 {
         };
         line[..p].fill(identity);
         line[p + w..].fill(identity);
-        // Positions inside each column window, for the mean.
-        let columns: Vec<f32> = (0..wo)
-            .map(|ox| {
-                let (c0, c1) = self.window(ox, w);
-                (c1 - c0) as f32
-            })
-            .collect();
         for (oy, y_row) in y.chunks_exact_mut(wo).enumerate() {
             let (r0, r1) = self.window(oy, h);
             let body = &mut line[p..p + w];
@@ -83,7 +79,7 @@ impl Pool3x3 {
                 .zip(line[1..].iter().step_by(s))
                 .zip(line[2..].iter().step_by(s));
             let rows = (r1 - r0) as f32;
-            for ((out, ((&a, &b), &c)), count) in y_row.iter_mut().zip(windows).zip(&columns) {
+            for ((out, ((&a, &b), &c)), count) in y_row.iter_mut().zip(windows).zip(columns) {
                 *out = match self.reduction {
                     Reduction::Max => max_nan(max_nan(a, b), c),
                     Reduction::MeanInside => (a + b + c) / (rows * count),
@@ -116,9 +112,9 @@ impl CustomOp1 for Pool3x3 {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        if self.padding > 2 || self.stride == 0 {
+        if self.padding > 1 || self.stride == 0 {
             candle_core::bail!(
-                "3×3 pool: stride {} and padding {} (expected a stride ≥ 1 and padding ≤ 2)",
+                "3×3 pool: stride {} and padding {} (expected a stride ≥ 1 and padding ≤ 1)",
                 self.stride,
                 self.padding
             );
@@ -127,10 +123,16 @@ impl CustomOp1 for Pool3x3 {
         let (ho, wo) = (self.out_len(h)?, self.out_len(w)?);
         let x = f32_slice(x, layout, "3×3 pool: input")?;
         let mut y = zeroed(batch * channels * ho * wo);
+        let columns: Vec<f32> = (0..wo)
+            .map(|ox| {
+                let (c0, c1) = self.window(ox, w);
+                (c1 - c0) as f32
+            })
+            .collect();
         let plane = ho * wo;
         for_each_band(&mut y, plane, plane, |p, _, y| {
             let mut line = vec![0.0f32; w + 2 * self.padding];
-            self.pool_plane(&x[p * h * w..][..h * w], h, y, wo, &mut line);
+            self.pool_plane(&x[p * h * w..][..h * w], h, y, &columns, &mut line);
         });
         Ok((CpuStorage::F32(y), Shape::from((batch, channels, ho, wo))))
     }

@@ -297,11 +297,12 @@ impl Variant {
         let (m, side, positions) = (self.m, self.side(), self.positions());
         let (h, w, tiles_w) = (g.h, g.w, band.tiles_w);
         let tiles = band.tiles();
-        let n = tiles_w + 1; // padded columns per phase: a tile row spans m·tiles_w + 2 of them
-                             // Per rayon job (reused over its channels): `d[i][k]` (row i, column k of every tile),
-                             // `(Bᵀ·d)[a][k]` and a split row.
-                             // `d` is zero where a tile reads padding: the same places for every channel of the band,
-                             // so it is zeroed once per job and those places are never written.
+        // Padded columns per phase: a tile row spans m·tiles_w + 2 of them.
+        let n = tiles_w + 1;
+        // Per rayon job (reused over its channels): `d[i][k]` (row i, column k of every tile),
+        // `(Bᵀ·d)[a][k]` and a split row. `d` is zero where a tile reads padding: the same places
+        // for every channel of the band, so it is zeroed once per job and those places are never
+        // written.
         let buffers = || {
             let values = vec![0.0f32; positions * tiles];
             (values.clone(), values, vec![0.0f32; m * n])
@@ -349,9 +350,10 @@ impl Variant {
         let (m, side, positions) = (self.m, self.side(), self.positions());
         let (h, w, tiles_w) = (g.h, g.w, band.tiles_w);
         let tiles = band.tiles();
-        let run = band.rows * tiles_w; // a sample's tiles in the band, contiguous
-                                       // Per rayon job: Aᵀ·M over the rows (`[i][j]`, m × (m + 2) runs), then ·A over the columns
-                                       // (`[i][j]`, m × m runs); both are overwritten for every plane.
+        // A sample's tiles in the band, contiguous.
+        let run = band.rows * tiles_w;
+        // Per rayon job: Aᵀ·M over the rows (`[i][j]`, m × (m + 2) runs), then ·A over the
+        // columns (`[i][j]`, m × m runs); both are overwritten for every plane.
         let buffers = || (vec![0.0f32; m * side * run], vec![0.0f32; m * m * run]);
         y.par_chunks_mut(h * w).enumerate().for_each_init(
             buffers,
