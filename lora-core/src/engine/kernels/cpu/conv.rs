@@ -151,6 +151,16 @@ impl ConvGeometry {
         (lo, hi)
     }
 
+    /// At stride 1, the rows `[r0, r1)` of the band of `rows` output rows from `oy0` that read
+    /// inside the input through kernel row `ky` (`iy = oy0 + r + ky − ph`).
+    fn stride1_row_span(&self, oy0: usize, rows: usize, ky: usize) -> (usize, usize) {
+        let r0 = self.padding.0.saturating_sub(oy0 + ky).min(rows);
+        let r1 = (self.h + self.padding.0)
+            .saturating_sub(oy0 + ky)
+            .clamp(r0, rows);
+        (r0, r1)
+    }
+
     /// The input row that output row `oy` reads through kernel row `ky`, if inside the input.
     fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
         (oy * self.stride + ky)
@@ -165,6 +175,9 @@ impl ConvGeometry {
 fn im2col(g: &ConvGeometry, x: &[f32], samples: usize, oy0: usize, rows: usize, col: &mut [f32]) {
     let (wo, in_plane) = (g.out_w(), g.in_plane());
     let band = rows * wo;
+    // A kernel one column wide, unpadded along the rows' axis, at stride 1 (1×1, 3×1, 7×1):
+    // output rows are whole input rows, so a band of them is one contiguous copy.
+    let whole_rows = g.kw == 1 && g.padding.1 == 0 && g.stride == 1;
     col.par_chunks_mut(g.kh * g.kw * samples * band)
         .enumerate()
         .for_each(|(c, taps)| {
@@ -175,6 +188,18 @@ fn im2col(g: &ConvGeometry, x: &[f32], samples: usize, oy0: usize, rows: usize, 
                     let tap_row = &mut taps[(ky * g.kw + kx) * samples * band..];
                     for (s, tap) in tap_row.chunks_exact_mut(band).take(samples).enumerate() {
                         let plane = &x[(s * g.c_in + c) * in_plane..][..in_plane];
+                        if whole_rows {
+                            // Output rows [r0, r1) read input rows from iy0 on, contiguous.
+                            let (r0, r1) = g.stride1_row_span(oy0, rows, ky);
+                            tap[..r0 * wo].fill(0.0);
+                            tap[r1 * wo..].fill(0.0);
+                            if r0 < r1 {
+                                let iy0 = oy0 + r0 + ky - g.padding.0;
+                                let inputs = &plane[iy0 * g.w..][..(r1 - r0) * wo];
+                                tap[r0 * wo..r1 * wo].copy_from_slice(inputs);
+                            }
+                            continue;
+                        }
                         for (r, out) in tap.chunks_exact_mut(wo).enumerate() {
                             let Some(iy) = g.input_row(oy0 + r, ky) else {
                                 out.fill(0.0);
@@ -797,15 +822,20 @@ mod tests {
     /// Maps too large for one im2col buffer are done in bands of output rows.
     #[test]
     fn banded_im2col_matches_single_band() {
-        let g = ConvGeometry::new((1, 16, 600, 520), (2, 16, 3, 3), (1, 1), 1).unwrap();
-        assert!(g.band_rows() < g.out_h() && !g.out_h().is_multiple_of(g.band_rows()));
         let dev = Device::Cpu;
         let mut rng = Rng::new(4);
-        let x = rng.normal_tensor((1, 16, 600, 520), &dev).unwrap();
-        let w = rng.normal_tensor((2, 16, 3, 3), &dev).unwrap();
-        let reference = x.conv2d(&w, 1, 1, 1, 1).unwrap();
-        let ours = conv2d_op(&x, &w, None, (1, 1), 1, false).unwrap();
-        assert!(max_rel_diff(&ours, &reference) < 1e-5);
+        // 3×3, and 7×1 padded along the rows only (whole input rows copied per band).
+        for (kernel, padding) in [((2, 16, 3, 3), (1, 1)), ((2, 16, 7, 1), (3, 0))] {
+            let g = ConvGeometry::new((1, 16, 600, 520), kernel, padding, 1).unwrap();
+            assert!(g.band_rows() < g.out_h() && !g.out_h().is_multiple_of(g.band_rows()));
+            let x = rng.normal_tensor((1, 16, 600, 520), &dev).unwrap();
+            let w = rng.normal_tensor(kernel, &dev).unwrap();
+            let padded = x.pad_with_zeros(2, padding.0, padding.0).unwrap();
+            let padded = padded.pad_with_zeros(3, padding.1, padding.1).unwrap();
+            let reference = padded.conv2d(&w, 0, 1, 1, 1).unwrap();
+            let ours = conv2d_op(&x, &w, None, padding, 1, false).unwrap();
+            assert!(max_rel_diff(&ours, &reference) < 1e-5, "{kernel:?}");
+        }
     }
 
     /// The same for the Winograd path, whose bands are of tile rows (the last one cut: 602 rows
