@@ -8,12 +8,15 @@ use super::kernels::cpu::gemm::cpu_f32;
 use super::kernels::cpu::pool::{Pool3x3, Reduction};
 
 /// 3×3 max pool with `stride` (≥ 1) and `padding` (≤ 1, as PyTorch allows) on every side;
-/// padding never wins a window. A NaN wins its windows on the kernel's path, as in PyTorch; candle's
-/// pool (a differentiated input, another device or dtype) lets it win only as a window's first
-/// value.
+/// padding never wins a window. A NaN wins its windows on the kernel's path, as in PyTorch;
+/// candle's CPU pool (a differentiated input, or another dtype) lets it win only as a window's
+/// first value, and its CUDA pool drops it unless the whole window is NaN.
 pub fn max_pool_3x3(x: &Tensor, stride: usize, padding: usize) -> candle_core::Result<Tensor> {
     if stride == 0 || padding > 1 {
-        bail!("3×3 max pool: stride {stride} and padding {padding} (expected a stride ≥ 1 and padding ≤ 1)");
+        bail!(
+            "3×3 max pool: stride {stride} and padding {padding} \
+             (expected a stride ≥ 1 and padding ≤ 1)"
+        );
     }
     if let Some(y) = kernel(x, Reduction::Max, stride, padding)? {
         return Ok(y);

@@ -1,6 +1,7 @@
 //! 2-D convolution on the CPU for f32 tensors: the forward pass, the input gradient and the
 //! kernel gradient, each as an im2col of whole rows plus one matrix product per sample, or one
-//! for the whole batch where the kernel outweighs the batch's columns (small maps).
+//! for the whole batch where the kernel outweighs the batch's columns (small maps); a forward
+//! pass on maps under 1024 positions also runs one product per group of samples.
 //!
 //! Why our own: candle's CPU conv2d re-flattens the kernel into a new layout on every call (a
 //! strided copy of up to 59 MB per SD1.5 layer), transposes the input to NHWC, and gathers
@@ -120,9 +121,10 @@ impl ConvGeometry {
     /// Samples per product for the forward pass where [`Self::whole_batch`] does not apply but
     /// a sample has fewer than [`GROUP_BELOW_POSITIONS`] output positions: a product per sample
     /// then packs the whole kernel for a few hundred columns, so the samples go through one
-    /// product in groups instead (im2col of the group, then its columns dealt out), as many per
-    /// group as [`MAX_BAND_VALUES`] allows, the groups evened out. `None` where a group would
-    /// hold one sample. That is the FID Inception network's 17² and 8² levels at its batch of 32.
+    /// product in groups instead (im2col of the group, then its columns dealt out): as few
+    /// groups as [`MAX_BAND_VALUES`] allows, ⌈B / groups⌉ samples each, the last taking the rest.
+    /// `None` where a group would hold one sample. For example the FID Inception network's 17²
+    /// and 8² levels at its batch of 32, or an SD 1.5 UNet's 8² up-block layers at batch 4.
     fn sample_group(&self) -> Option<usize> {
         let plane = self.out_plane();
         if self.batch < 2 || plane >= GROUP_BELOW_POSITIONS {
@@ -175,9 +177,10 @@ impl ConvGeometry {
 fn im2col(g: &ConvGeometry, x: &[f32], samples: usize, oy0: usize, rows: usize, col: &mut [f32]) {
     let (wo, in_plane) = (g.out_w(), g.in_plane());
     let band = rows * wo;
-    // A kernel one column wide, unpadded along the rows' axis, at stride 1 (1×1, 3×1, 7×1):
-    // output rows are whole input rows, so a band of them is one contiguous copy.
+    // A kernel one column wide without column padding (pw = 0, so Wo = W), at stride 1 (1×1,
+    // 3×1, 7×1): output rows are whole input rows, so a band of them is one contiguous copy.
     let whole_rows = g.kw == 1 && g.padding.1 == 0 && g.stride == 1;
+    debug_assert!(!whole_rows || wo == g.w);
     col.par_chunks_mut(g.kh * g.kw * samples * band)
         .enumerate()
         .for_each(|(c, taps)| {
@@ -719,16 +722,18 @@ mod tests {
     /// and paddings (1×7 with (0, 3), 7×1 with (3, 0), 1×3, 3×1), stride 2 without padding, with
     /// a 1×1 kernel and with a 7×7 one padded by 3, plus odd sizes and a narrow band. The batch-2
     /// forward passes on small maps go through [`ConvGeometry::sample_group`]'s grouped product,
-    /// one case in two groups (2 + 1 samples). The seven cases before the last seven take the
-    /// Winograd path: F(2×2) three times (odd sizes, a batch), then F(4×4) four times (odd sizes
-    /// with a batch, a UNet's channel count, one tile per row); the last seven take the
-    /// whole-batch product (3×3, 1×1, stride 2, a UNet's 4² level in small, a rectangular kernel
-    /// padded along one axis, 70 output channels (a short last task when the columns are dealt
-    /// out) and one large enough for the worker pool). F(4×4) rounds more (its transforms reach 8
-    /// and include sixths): at 320 input channels its largest error is 1.2e-5 of the output's
-    /// scale, so its cases are held to [`F4_TOLERANCE`]. candle pads both axes alike, so the
-    /// reference pads explicitly and convolves unpadded; the strided cases' padded sides leave no
-    /// remainder after the stride, as candle's own backward needs.
+    /// one case in two groups (2 + 1 samples); two batch-2 cases of over 1024 output positions
+    /// take a product per sample (a 1×1 kernel, and stride 2); a 7×1 kernel over a 2-row map
+    /// reads only padding through kernel rows 0, 1, 5 and 6. The seven cases before the last
+    /// seven take the Winograd path: F(2×2) three times (odd sizes, a batch), then F(4×4) four
+    /// times (odd sizes with a batch, a UNet's channel count, one tile per row); the last seven
+    /// take the whole-batch product (3×3, 1×1, stride 2, a UNet's 4² level in small, a
+    /// rectangular kernel padded along one axis, 70 output channels (a short last task when the
+    /// columns are dealt out) and one large enough for the worker pool). F(4×4) rounds more (its
+    /// transforms reach 8 and include sixths): at 320 input channels its largest error is 1.2e-5
+    /// of the output's scale, so its cases are held to [`F4_TOLERANCE`]. candle pads both axes
+    /// alike, so the reference pads explicitly and convolves unpadded; the strided cases' padded
+    /// sides leave no remainder after the stride, as candle's own backward needs.
     #[test]
     fn passes_match_candle_convolution() {
         let dev = Device::Cpu;
@@ -751,6 +756,9 @@ mod tests {
             ((1, 4, 7, 9), (3, 4, 1, 1), (0, 0), 2),
             ((1, 3, 11, 11), (2, 3, 7, 7), (3, 3), 2),
             ((3, 160, 61, 61), (32, 160, 3, 3), (1, 1), 2),
+            ((2, 6, 32, 33), (7, 6, 1, 1), (0, 0), 1),
+            ((2, 3, 65, 65), (4, 3, 3, 3), (1, 1), 2),
+            ((2, 3, 2, 11), (4, 3, 7, 1), (3, 0), 1),
             ((1, 16, 33, 35), (17, 16, 3, 3), (1, 1), 1),
             ((1, 20, 32, 32), (16, 20, 3, 3), (1, 1), 1),
             ((2, 16, 17, 17), (16, 16, 3, 3), (1, 1), 1),
@@ -778,9 +786,14 @@ mod tests {
                 .whole_batch()
         };
         let whole_batch_cases: Vec<bool> = cases.into_iter().map(whole_batch).collect();
-        assert_eq!(whole_batch_cases, [&[false; 23][..], &[true; 7]].concat());
-        let two_groups = ConvGeometry::new(cases[15].0, cases[15].1, cases[15].2, cases[15].3);
-        assert_eq!(two_groups.unwrap().sample_group(), Some(2));
+        assert_eq!(whole_batch_cases, [&[false; 26][..], &[true; 7]].concat());
+        let group = |(input, kernel, padding, stride)| {
+            ConvGeometry::new(input, kernel, padding, stride)
+                .unwrap()
+                .sample_group()
+        };
+        let groups: Vec<Option<usize>> = cases[15..19].iter().copied().map(group).collect();
+        assert_eq!(groups, [Some(2), None, None, Some(2)]);
         for case in cases {
             let (input, kernel, padding, stride) = case;
             let tolerance = match winograd_side(case) {
