@@ -8,6 +8,9 @@
 //! - `self-1024`, `cross-1024`: the second level, heads of 80
 //! - `self-256`: the third level, heads of 160
 //!
+//! and `self-9216`: an SD 2.1 UNet's first level at 96² latents (768² images), 9216 queries and
+//! keys, 5 heads of 64.
+//!
 //! A run is the forward pass and the backward pass to queries, keys and values for an output
 //! gradient of ones (candle's seed for a backward pass; the values do not change the work);
 //! `forward_mean_s` reports the forward pass alone. `benches/attention_reference.py` measures
@@ -25,21 +28,20 @@ use candle_core::{Device, Var};
 use lora_toolkit::core::engine::attention;
 use lora_toolkit::core::Rng;
 
-const HEADS: usize = 8;
-
 fn main() -> Result<()> {
     // SAFETY: first thing in `main`, before any other thread exists.
     unsafe { lora_toolkit::core::process_setup::configure() };
     let args = BenchArgs::from_env(
-        "usage: attention <self-4096|cross-4096|self-1024|cross-1024|self-256> [--iters N]",
+        "usage: attention <self-4096|cross-4096|self-1024|cross-1024|self-256|self-9216> [--iters N]",
     )?;
     let case = args.case.clone();
-    let (queries, keys, head_dim) = match case.as_str() {
-        "self-4096" => (4096, 4096, 40),
-        "cross-4096" => (4096, 77, 40),
-        "self-1024" => (1024, 1024, 80),
-        "cross-1024" => (1024, 77, 80),
-        "self-256" => (256, 256, 160),
+    let (queries, keys, heads, head_dim) = match case.as_str() {
+        "self-4096" => (4096, 4096, 8, 40),
+        "cross-4096" => (4096, 77, 8, 40),
+        "self-1024" => (1024, 1024, 8, 80),
+        "cross-1024" => (1024, 77, 8, 80),
+        "self-256" => (256, 256, 8, 160),
+        "self-9216" => (9216, 9216, 5, 64),
         _ => bail!("unknown case `{case}`"),
     };
     let iters = args.iters()?;
@@ -47,14 +49,14 @@ fn main() -> Result<()> {
     let mut rng = Rng::new(0);
     let mut var = |rows| -> Result<Var> {
         Ok(Var::from_tensor(
-            &rng.normal_tensor((1, rows, HEADS * head_dim), &device)?,
+            &rng.normal_tensor((1, rows, heads * head_dim), &device)?,
         )?)
     };
     let (q, k, v) = (var(queries)?, var(keys)?, var(keys)?);
     let mut forward_s = Vec::new();
     let mut run = || -> Result<()> {
         let t0 = Instant::now();
-        let out = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), HEADS, false)?;
+        let out = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, false)?;
         forward_s.push(t0.elapsed().as_secs_f64());
         let grads = out.backward()?;
         for x in [&q, &k, &v] {

@@ -1,11 +1,11 @@
 """The attention benchmark cases measured with PyTorch's scaled_dot_product_attention, printing
 the same JSON.
 
-    python benches/attention_reference.py <self-4096|cross-4096|self-1024|cross-1024|self-256> [--iters N]
+    python benches/attention_reference.py <self-4096|cross-4096|self-1024|cross-1024|self-256|self-9216> [--iters N]
 
-Batch 1, 8 heads, f32, one warm-up run then the timed ones, as benches/attention.rs: a run is
-the forward pass and the backward pass to queries, keys and values for an output gradient of
-ones.
+Batch 1, 8 heads (5 for self-9216), f32, one warm-up run then the timed ones, as
+benches/attention.rs: a run is the forward pass and the backward pass to queries, keys and
+values for an output gradient of ones.
 """
 
 import sys
@@ -14,21 +14,21 @@ import time
 import torch
 from reference_timing import print_report, time_runs
 
-HEADS = 8
-CASES = {"self-4096": (4096, 4096, 40), "cross-4096": (4096, 77, 40),
-         "self-1024": (1024, 1024, 80), "cross-1024": (1024, 77, 80),
-         "self-256": (256, 256, 160)}
+# case: (queries, keys, heads, head_dim)
+CASES = {"self-4096": (4096, 4096, 8, 40), "cross-4096": (4096, 77, 8, 40),
+         "self-1024": (1024, 1024, 8, 80), "cross-1024": (1024, 77, 8, 80),
+         "self-256": (256, 256, 8, 160), "self-9216": (9216, 9216, 5, 64)}
 
 
 def main():
     args = sys.argv[1:]
     case = args[0]
     iters = int(args[args.index("--iters") + 1]) if "--iters" in args else 3
-    queries, keys, head_dim = CASES[case]
+    queries, keys, heads, head_dim = CASES[case]
     torch.manual_seed(0)
-    q = torch.randn(1, HEADS, queries, head_dim, requires_grad=True)
-    k = torch.randn(1, HEADS, keys, head_dim, requires_grad=True)
-    v = torch.randn(1, HEADS, keys, head_dim, requires_grad=True)
+    q = torch.randn(1, heads, queries, head_dim, requires_grad=True)
+    k = torch.randn(1, heads, keys, head_dim, requires_grad=True)
+    v = torch.randn(1, heads, keys, head_dim, requires_grad=True)
     forward_s = []
 
     def run():

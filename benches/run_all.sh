@@ -42,7 +42,8 @@ for section in "${sections[@]}"; do
     attention)
       BENCH=attention REFERENCE=benches/attention_reference.py side_by_side \
         benches/run_unet_step.sh "$python" "self-4096" "cross-4096 --iters 10" \
-        "self-1024 --iters 10" "cross-1024 --iters 10" "self-256 --iters 10" ;;
+        "self-1024 --iters 10" "cross-1024 --iters 10" "self-256 --iters 10" \
+        "self-9216 --iters 2" ;;
     vae)
       BENCH=vae REFERENCE=benches/vae_reference.py side_by_side benches/run_unet_step.sh \
         "$python" "encode-256" "encode-512 --iters 2" "decode-64 --iters 2" ;;

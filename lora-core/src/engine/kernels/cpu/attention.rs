@@ -4,10 +4,11 @@
 //! score matmul, scaling, softmax, merges), and candle's backward allocates a zeroed gradient
 //! and adds into it for every node — several passes over the `[B, H, N, M]` score tensor each
 //! (32 MiB per self-attention layer at SD1.5's 32² latents). Here heads are strided views of the
-//! `[B, N, H·d]` projections (no split copies, one merge into the output), the scores of one
-//! block of query rows at a time live in a per-thread buffer that stays in cache, and the
-//! backward recomputes them
-//! instead of keeping them alive between the passes (as flash attention does).
+//! `[B, N, H·d]` projections (no split copies, one merge into the output; keys and values are
+//! transposed once per head where a product reads them transposed), the scores of one block of
+//! query rows at a time live in a per-thread buffer that stays in cache (in the forward pass, a
+//! tile of keys at a time), and the backward recomputes them instead of keeping them alive
+//! between the passes (as flash attention does).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -76,6 +77,17 @@ impl Geometry {
         Mat::transposed(self.head_from(x, rows, head, first), self.width())
     }
 
+    /// Head `(b, h)` of a `[B, rows, H·d]` tensor, transposed into `out` (`d × rows`, rows
+    /// contiguous).
+    fn head_transposed_into(&self, x: &[f32], rows: usize, head: (usize, usize), out: &mut [f32]) {
+        let sources = self.head_from(x, rows, head, 0).chunks(self.width());
+        for (r, src) in sources.take(rows).enumerate() {
+            for (j, &value) in src[..self.head_dim].iter().enumerate() {
+                out[j * rows + r] = value;
+            }
+        }
+    }
+
     /// The values of `x` (`[B, rows, H·d]`) from head `h` of sample `b`'s row `first` on.
     fn head_from<'a>(
         &self,
@@ -90,13 +102,7 @@ impl Geometry {
     /// Writes per-head blocks (in `(b, h)` order) into `out`, a `[B, rows, H·d]` tensor: each
     /// block `rows × d`, or its transpose `d × rows` when `transposed`, a band of rows of one
     /// sample at a time ([`for_each_band`]).
-    fn merge_heads_into(
-        &self,
-        blocks: &[Vec<f32>],
-        rows: usize,
-        transposed: bool,
-        out: &mut [f32],
-    ) {
+    fn merge_heads_into(&self, blocks: &[&[f32]], rows: usize, transposed: bool, out: &mut [f32]) {
         let (d, width) = (self.head_dim, self.width());
         // Rows `first..` of sample `b`, as many as `dst` holds.
         let band = |b: usize, first: usize, dst: &mut [f32]| {
@@ -170,9 +176,9 @@ simd_dispatch! {
     }
 }
 
-/// Score values kept per thread (4 MiB): a block of query rows against all keys, instead of the
-/// whole `N × M` matrix (64 MiB per head at 64² latents), which leaves the cache; much smaller
-/// blocks make the products too thin (benches/RESULTS.md has the sweep).
+/// Score values the backward pass keeps per thread (4 MiB): a block of query rows against all
+/// keys, instead of the whole `N × M` matrix (64 MiB per head at 64² latents), which leaves the
+/// cache; much smaller blocks make the products too thin (benches/RESULTS.md has the sweep).
 const SCORE_BLOCK_VALUES: usize = 1 << 20;
 
 /// The query blocks of one head: `(first row, rows)`.
@@ -184,20 +190,19 @@ fn query_blocks(g: &Geometry) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(step).map(move |r| (r, step.min(n - r)))
 }
 
-/// The unnormalised attention probabilities of query rows `[first, first + rows)` of head
-/// `(b, h)` against all keys, into `exps` (`rows` rows of [`Geometry::score_stride`]), and their
-/// rows' `1 / Σ` into `inv_sums` (see [`exp_rows`]).
+/// The unnormalised attention probabilities of query rows `[first, first + rows)` of `head`
+/// against all keys (`kt`: the head's keys transposed, `d × M`), into `exps` (`rows` rows of
+/// [`Geometry::score_stride`]), and their rows' `1 / Σ` into `inv_sums` (see [`exp_rows`]).
 fn exponentials(
     g: &Geometry,
-    (q, k): (&[f32], &[f32]),
-    (b, h): (usize, usize),
+    (q, kt): (&[f32], Mat),
+    head: (usize, usize),
     first: usize,
     (exps, inv_sums): (&mut [f32], &mut [f32]),
 ) {
     let (m, d, stride) = (g.keys, g.head_dim, g.score_stride());
     let rows = inv_sums.len();
-    let qh = g.head(q, g.queries, (b, h), first);
-    let kt = g.head_t(k, m, (b, h), 0);
+    let qh = g.head(q, g.queries, head, first);
     matmul(exps, stride, false, (rows, m, d), qh, kt, Threads::One);
     exp_rows(exps, m, stride, 1.0 / (d as f32).sqrt(), inv_sums);
 }
@@ -205,40 +210,121 @@ fn exponentials(
 /// Rows of a merged tensor per task when the pool shares a merge of heads.
 const MERGE_ROWS_PER_TASK: usize = 32;
 
-/// `softmax(Q·Kᵀ/√d)·V` per head: `[B, N, H·d]`.
+/// Keys per tile of the forward pass. The forward pass runs flash attention's loop: a block of
+/// query rows meets the keys a tile at a time, its softmax kept up to date across the tiles
+/// ([`online_softmax_rows`]), so that the scores stay in L2 between the two products and the
+/// exponentials. Against a block of rows meeting all keys at once (what the backward pass does),
+/// the forward pass over 9216 keys took 28 % less, over 4096 keys 7 % less, on the Intel kind
+/// with 2 MiB of L2 per core; tiles of 512 and 4096 keys were slower (benches/RESULTS.md,
+/// 2026-12-07 09:40).
+const KEY_TILE: usize = 1024;
+/// Score values per tile of the forward pass (1 MiB): the tile's rows of queries.
+const SCORE_TILE_VALUES: usize = 1 << 18;
+
+/// `softmax(Q·Kᵀ/√d)·V` per head: `[B, N, H·d]`. Tasks are (head, block of query rows) pairs,
+/// so that a few heads (SD 2.1's five) still fill every core.
 fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
-    let (n, m, d, stride) = (g.queries, g.keys, g.head_dim, g.score_stride());
-    let blocks: Vec<Vec<f32>> = (0..g.batch * g.heads)
-        .into_par_iter()
-        .map(|t| {
+    let (n, m, d) = (g.queries, g.keys, g.head_dim);
+    if n == 0 {
+        return Vec::new();
+    }
+    let tile_keys = KEY_TILE.min(m);
+    let stride = tile_keys.next_multiple_of(LINE_VALUES);
+    let block_rows = (SCORE_TILE_VALUES / stride).clamp(1, n);
+    let scale = 1.0 / (d as f32).sqrt();
+    // Each head's keys transposed once (`d × M`): the products read a tile of them as a
+    // column-major operand, which the gemm crate packs by copying runs; the strided `[M, H·d]`
+    // rows would be gathered value by value for every block of queries.
+    let mut keys_t = vec![0.0f32; g.batch * g.heads * m * d];
+    keys_t
+        .par_chunks_mut(m * d)
+        .enumerate()
+        .for_each(|(t, k_t)| g.head_transposed_into(k, m, (t / g.heads, t % g.heads), k_t));
+    let mut heads_out = vec![0.0f32; g.batch * g.heads * n * d];
+    heads_out
+        .par_chunks_mut(n * d)
+        .zip(keys_t.par_chunks(m * d))
+        .enumerate()
+        .for_each(|(t, (head_out, k_t))| {
             let head = (t / g.heads, t % g.heads);
-            let vh = g.head(v, m, head, 0);
-            let mut out = vec![0.0f32; n * d];
-            for (first, rows) in query_blocks(g) {
-                with_scratch(rows * stride + rows, |scratch| {
-                    let (exps, inv_sums) = scratch.split_at_mut(rows * stride);
-                    exponentials(g, (q, k), head, first, (exps, inv_sums));
-                    let dst = &mut out[first * d..][..rows * d];
-                    matmul(
-                        dst,
-                        d,
-                        false,
-                        (rows, d, m),
-                        Mat::rows(exps, stride),
-                        vh,
-                        Threads::One,
-                    );
-                    for (row, &inv) in dst.chunks_exact_mut(d).zip(inv_sums.iter()) {
+            let blocks = head_out.par_chunks_mut(block_rows * d).enumerate();
+            blocks.for_each(|(i, dst)| {
+                let rows = dst.len() / d;
+                let qh = g.head(q, n, head, i * block_rows);
+                with_scratch(rows * stride + 2 * rows, |scratch| {
+                    let (exps, rest) = scratch.split_at_mut(rows * stride);
+                    let (maxes, sums) = rest.split_at_mut(rows);
+                    for first_key in (0..m).step_by(tile_keys) {
+                        let keys = tile_keys.min(m - first_key);
+                        let kt = Mat::rows(&k_t[first_key..], m);
+                        matmul(exps, stride, false, (rows, keys, d), qh, kt, Threads::One);
+                        let tile = RowsTile {
+                            keys,
+                            stride,
+                            first: first_key == 0,
+                        };
+                        online_softmax_rows(exps, tile, scale, maxes, sums, dst);
+                        let vh = g.head(v, m, head, first_key);
+                        let e = Mat::rows(exps, stride);
+                        matmul(dst, d, first_key > 0, (rows, d, keys), e, vh, Threads::One);
+                    }
+                    for (row, &sum) in dst.chunks_exact_mut(d).zip(&*sums) {
+                        let inv = 1.0 / sum;
                         row.iter_mut().for_each(|x| *x *= inv);
                     }
                 });
-            }
-            out
-        })
-        .collect();
+            });
+        });
+    let blocks: Vec<&[f32]> = heads_out.chunks_exact(n * d).collect();
     let mut out = zeroed(g.batch * n * g.width());
     g.merge_heads_into(&blocks, n, false, &mut out);
     out
+}
+
+/// Where a tile of scores lies in its block: `keys` scores per row, rows `stride` apart, and
+/// whether it is the first tile of the keys.
+#[derive(Clone, Copy)]
+struct RowsTile {
+    keys: usize,
+    stride: usize,
+    first: bool,
+}
+
+simd_dispatch! {
+    /// One tile of raw scores `Q·Kᵀ` → `exp(scale · (scores − max))` in place, where `max` is
+    /// each row's running maximum over the tiles so far (`maxes`, updated); `sums` keeps each
+    /// row's `Σ exp` against that maximum, and the rows of `dst` (the output so far, `P·V` of
+    /// the earlier tiles) are rescaled to it when it grows. Before the first tile `maxes` and
+    /// `sums` hold anything: the first tile sets them. A row whose scores so far are all −∞
+    /// keeps a shift of 0, so that −∞ − −∞ never makes a NaN; a NaN score makes its row's sum,
+    /// and so its output, NaN.
+    fn online_softmax_rows<const FMA: bool>(
+        exps: &mut [f32],
+        tile: RowsTile,
+        scale: f32,
+        maxes: &mut [f32],
+        sums: &mut [f32],
+        dst: &mut [f32],
+    ) {
+        let d = dst.len() / maxes.len();
+        let rows = exps.chunks_exact_mut(tile.stride).zip(maxes.iter_mut());
+        for (((row, max), sum), out_row) in rows.zip(sums.iter_mut()).zip(dst.chunks_exact_mut(d)) {
+            let row = &mut row[..tile.keys];
+            let tile_max = math::max(row);
+            let old = if tile.first { f32::NEG_INFINITY } else { *max };
+            let new = if tile_max > old { tile_max } else { old };
+            let shift = if new == f32::NEG_INFINITY { 0.0 } else { new };
+            let tile_sum = math::exp_shifted_in_place_sum::<FMA>(row, shift, scale);
+            if tile.first {
+                *sum = tile_sum;
+            } else {
+                let correction = math::exp_nonpositive((old - shift) * scale);
+                *sum = *sum * correction + tile_sum;
+                out_row.iter_mut().for_each(|x| *x *= correction);
+            }
+            *max = new;
+        }
+    }
 }
 
 /// The gradients `(dQ, dK, dV)` of [`forward`] given the output gradient `dO`, packed one after
@@ -257,7 +343,13 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
         .into_par_iter()
         .map(|t| {
             let head = (t / g.heads, t % g.heads);
-            let (kh, vt) = (g.head(k, m, head, 0), g.head_t(v, m, head, 0));
+            let kh = g.head(k, m, head, 0);
+            // Keys and values transposed once per head, for the products that read them
+            // transposed (see `forward`).
+            let (mut k_t, mut v_t) = (vec![0.0f32; d * m], vec![0.0f32; d * m]);
+            g.head_transposed_into(k, m, head, &mut k_t);
+            g.head_transposed_into(v, m, head, &mut v_t);
+            let (kt, vt) = (Mat::rows(&k_t, m), Mat::rows(&v_t, m));
             let mut dq = vec![0.0f32; n * d];
             let (mut dk_t, mut dv_t) = (vec![0.0f32; d * m], vec![0.0f32; d * m]);
             for (i, (first, rows)) in query_blocks(g).enumerate() {
@@ -266,7 +358,7 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
                     let (exps, rest) = scratch.split_at_mut(rows * stride);
                     let (dp, rest) = rest.split_at_mut(rows * stride);
                     let (inv_sums, dout_p) = rest.split_at_mut(rows);
-                    exponentials(g, (q, k), head, first, (exps, inv_sums));
+                    exponentials(g, (q, kt), head, first, (exps, inv_sums));
                     // `dVᵀ = dOᵀ·P = (dO scaled by the rows' 1/Σ)ᵀ·E`.
                     let dout_rows =
                         (first..first + rows).map(|r| &g.head_from(grad_out, n, head, r)[..d]);
@@ -305,9 +397,12 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
     let mut packed = zeroed(q_len + 2 * kv_len);
     let (packed_q, packed_kv) = packed.split_at_mut(q_len);
     let (packed_k, packed_v) = packed_kv.split_at_mut(kv_len);
-    g.merge_heads_into(&dq, n, false, packed_q);
-    g.merge_heads_into(&dk_t, m, true, packed_k);
-    g.merge_heads_into(&dv_t, m, true, packed_v);
+    fn slices(blocks: &[Vec<f32>]) -> Vec<&[f32]> {
+        blocks.iter().map(Vec::as_slice).collect()
+    }
+    g.merge_heads_into(&slices(&dq), n, false, packed_q);
+    g.merge_heads_into(&slices(&dk_t), m, true, packed_k);
+    g.merge_heads_into(&slices(&dv_t), m, true, packed_v);
     packed
 }
 
@@ -429,8 +524,11 @@ mod tests {
         let dev = Device::Cpu;
         let mut rng = Rng::new(5);
         // (batch, queries, keys, heads, head_dim)
-        // The case with 20 000 keys has two blocks of query rows (see `query_blocks`).
+        // The case with 20 000 keys has two blocks of query rows in the backward pass (see
+        // `query_blocks`) and 20 tiles of keys in the forward pass (`KEY_TILE`); 600 queries
+        // against 1500 keys make three blocks of rows, the last one short, and a short last tile.
         let cases = [
+            (1, 600, 1500, 1, 4),
             (2, 7, 5, 3, 4),
             (1, 16, 16, 2, 8),
             (2, 9, 77, 1, 6),
@@ -501,32 +599,63 @@ mod tests {
     }
 
     /// A NaN in one query reaches that query's output row (and not the others), as it does in
-    /// PyTorch, instead of being weighted ~0 and hidden.
+    /// PyTorch, instead of being weighted ~0 and hidden: over one tile of keys and over several.
     #[test]
     fn a_nan_query_makes_its_output_row_nan() {
         let dev = Device::Cpu;
         let mut rng = Rng::new(3);
-        let (b, n, m, heads, d) = (1, 5, 7, 2, 4);
-        let mut q = rng
-            .normal_tensor((b, n, heads * d), &dev)
-            .unwrap()
-            .to_vec3::<f32>()
-            .unwrap();
-        q[0][2][1] = f32::NAN;
-        let q = Tensor::new(q, &dev).unwrap();
-        let k = rng.normal_tensor((b, m, heads * d), &dev).unwrap();
-        let v = rng.normal_tensor((b, m, heads * d), &dev).unwrap();
-        let out = attention(&q, &k, &v, heads)
-            .unwrap()
-            .to_vec3::<f32>()
-            .unwrap();
-        for (row, values) in out[0].iter().enumerate() {
-            // Query row 2's NaN sits in head 0 (feature 1 < d): that head's outputs are NaN.
-            let nan = values.iter().map(|x| x.is_nan()).collect::<Vec<_>>();
-            let expected = (0..heads * d)
-                .map(|c| row == 2 && c < d)
-                .collect::<Vec<_>>();
-            assert_eq!(nan, expected, "row {row}: {values:?}");
+        for m in [7, 2 * KEY_TILE + 5] {
+            let (b, n, heads, d) = (1, 5, 2, 4);
+            let mut q = rng
+                .normal_tensor((b, n, heads * d), &dev)
+                .unwrap()
+                .to_vec3::<f32>()
+                .unwrap();
+            q[0][2][1] = f32::NAN;
+            let q = Tensor::new(q, &dev).unwrap();
+            let k = rng.normal_tensor((b, m, heads * d), &dev).unwrap();
+            let v = rng.normal_tensor((b, m, heads * d), &dev).unwrap();
+            let out = attention(&q, &k, &v, heads)
+                .unwrap()
+                .to_vec3::<f32>()
+                .unwrap();
+            for (row, values) in out[0].iter().enumerate() {
+                // Query row 2's NaN sits in head 0 (feature 1 < d): that head's outputs are NaN.
+                let nan = values.iter().map(|x| x.is_nan()).collect::<Vec<_>>();
+                let expected = (0..heads * d)
+                    .map(|c| row == 2 && c < d)
+                    .collect::<Vec<_>>();
+                assert_eq!(nan, expected, "{m} keys, row {row}: {values:?}");
+            }
+        }
+    }
+
+    /// A first tile of keys whose scores are all −∞ (products past f32's range) does not poison
+    /// the rows: the later tile's finite scores decide them, as in a softmax over the whole row.
+    #[test]
+    fn a_tile_of_minus_infinite_scores_is_weighted_zero() {
+        let dev = Device::Cpu;
+        let (n, m, d) = (3, KEY_TILE + 4, 2);
+        let q = Tensor::full(1e20f32, (1, n, d), &dev).unwrap();
+        // The first tile's keys make scores of −∞, the last four finite ones, one per key.
+        let keys: Vec<f32> = (0..m)
+            .flat_map(|j| {
+                let value = if j < KEY_TILE {
+                    -1e20
+                } else {
+                    (j - KEY_TILE) as f32
+                };
+                [value; 2]
+            })
+            .collect();
+        let k = Tensor::from_vec(keys, (1, m, d), &dev).unwrap();
+        let values: Vec<f32> = (0..m * d).map(|i| i as f32).collect();
+        let v = Tensor::from_vec(values, (1, m, d), &dev).unwrap();
+        let out = attention(&q, &k, &v, 1).unwrap().to_vec3::<f32>().unwrap();
+        // The largest score, 1e20 · 3 · 2, outweighs the others by e^(1e20): the last key's values.
+        let last = ((m - 1) * d) as f32;
+        for row in &out[0] {
+            assert_eq!(row, &vec![last, last + 1.0], "{row:?}");
         }
     }
 }
