@@ -147,27 +147,52 @@ impl ConvGeometry {
     /// (`ix = ox·stride + kx − pw`); output column `lo` reads input column
     /// `lo·stride + kx − pw`, and each next one `stride` further.
     fn span(&self, kx: usize) -> (usize, usize) {
-        let (wo, pw, s) = (self.out_w(), self.padding.1, self.stride);
-        let lo = pw.saturating_sub(kx).div_ceil(s).min(wo);
-        let hi = (self.w + pw).saturating_sub(kx).div_ceil(s).clamp(lo, wo);
+        let axis = Axis {
+            len: self.w,
+            padding: self.padding.1,
+            stride: self.stride,
+        };
+        axis.inside(kx, 0, self.out_w())
+    }
+
+    /// The rows `[r0, r1)` of the band of `rows` output rows from `oy0` that read inside the
+    /// input through kernel row `ky` (`iy = (oy0 + r)·stride + ky − ph`).
+    fn row_span(&self, oy0: usize, rows: usize, ky: usize) -> (usize, usize) {
+        let axis = Axis {
+            len: self.h,
+            padding: self.padding.0,
+            stride: self.stride,
+        };
+        axis.inside(ky, oy0, rows)
+    }
+
+    /// The input row that output row `oy` reads through kernel row `ky` (inside the input: see
+    /// [`Self::row_span`]).
+    fn input_row(&self, oy: usize, ky: usize) -> usize {
+        oy * self.stride + ky - self.padding.0
+    }
+}
+
+/// One axis of a convolution's input: its length, the padding on either end, the stride.
+struct Axis {
+    len: usize,
+    padding: usize,
+    stride: usize,
+}
+
+impl Axis {
+    /// Of the `count` outputs from output `first` on, those `[lo, hi)` (counted from `first`)
+    /// whose input position through kernel offset `k`, `(first + o)·stride + k − padding`, lies
+    /// inside `[0, len)`.
+    fn inside(&self, k: usize, first: usize, count: usize) -> (usize, usize) {
+        let bound = |edge: usize| {
+            edge.saturating_sub(k)
+                .div_ceil(self.stride)
+                .saturating_sub(first)
+        };
+        let lo = bound(self.padding).min(count);
+        let hi = bound(self.len + self.padding).clamp(lo, count);
         (lo, hi)
-    }
-
-    /// At stride 1, the rows `[r0, r1)` of the band of `rows` output rows from `oy0` that read
-    /// inside the input through kernel row `ky` (`iy = oy0 + r + ky − ph`).
-    fn stride1_row_span(&self, oy0: usize, rows: usize, ky: usize) -> (usize, usize) {
-        let r0 = self.padding.0.saturating_sub(oy0 + ky).min(rows);
-        let r1 = (self.h + self.padding.0)
-            .saturating_sub(oy0 + ky)
-            .clamp(r0, rows);
-        (r0, r1)
-    }
-
-    /// The input row that output row `oy` reads through kernel row `ky`, if inside the input.
-    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
-        (oy * self.stride + ky)
-            .checked_sub(self.padding.0)
-            .filter(|&iy| iy < self.h)
     }
 }
 
@@ -189,26 +214,23 @@ fn im2col(g: &ConvGeometry, x: &[f32], samples: usize, oy0: usize, rows: usize, 
                     let (lo, hi) = g.span(kx);
                     let ix = (lo * g.stride + kx).saturating_sub(g.padding.1);
                     let tap_row = &mut taps[(ky * g.kw + kx) * samples * band..];
+                    let (r0, r1) = g.row_span(oy0, rows, ky);
                     for (s, tap) in tap_row.chunks_exact_mut(band).take(samples).enumerate() {
                         let plane = &x[(s * g.c_in + c) * in_plane..][..in_plane];
-                        if whole_rows {
-                            // Output rows [r0, r1) read input rows from iy0 on, contiguous.
-                            let (r0, r1) = g.stride1_row_span(oy0, rows, ky);
-                            tap[..r0 * wo].fill(0.0);
-                            tap[r1 * wo..].fill(0.0);
-                            if r0 < r1 {
-                                let iy0 = oy0 + r0 + ky - g.padding.0;
-                                let inputs = &plane[iy0 * g.w..][..(r1 - r0) * wo];
-                                tap[r0 * wo..r1 * wo].copy_from_slice(inputs);
-                            }
+                        tap[..r0 * wo].fill(0.0);
+                        tap[r1 * wo..].fill(0.0);
+                        if r0 == r1 {
                             continue;
                         }
-                        for (r, out) in tap.chunks_exact_mut(wo).enumerate() {
-                            let Some(iy) = g.input_row(oy0 + r, ky) else {
-                                out.fill(0.0);
-                                continue;
-                            };
-                            let row = &plane[iy * g.w..][..g.w];
+                        if whole_rows {
+                            // Output rows [r0, r1) read input rows from iy0 on, contiguous.
+                            let iy0 = g.input_row(oy0 + r0, ky);
+                            let inputs = &plane[iy0 * g.w..][..(r1 - r0) * wo];
+                            tap[r0 * wo..r1 * wo].copy_from_slice(inputs);
+                            continue;
+                        }
+                        for (r, out) in tap[..r1 * wo].chunks_exact_mut(wo).enumerate().skip(r0) {
+                            let row = &plane[g.input_row(oy0 + r, ky) * g.w..][..g.w];
                             out[..lo].fill(0.0);
                             out[hi..].fill(0.0);
                             // With lo = hi every column reads padding, and ix may lie past the row.
@@ -254,11 +276,9 @@ fn col2im_add(
                         continue; // every column reads padding
                     }
                     let ix = lo * g.stride + kx - g.padding.1;
-                    for (r, grad) in tap.chunks_exact(wo).enumerate() {
-                        let Some(iy) = g.input_row(oy0 + r, ky) else {
-                            continue;
-                        };
-                        let row = &mut plane[iy * g.w..][..g.w];
+                    let (r0, r1) = g.row_span(oy0, rows, ky);
+                    for (r, grad) in tap[..r1 * wo].chunks_exact(wo).enumerate().skip(r0) {
+                        let row = &mut plane[g.input_row(oy0 + r, ky) * g.w..][..g.w];
                         let inputs = row[ix..].iter_mut().step_by(g.stride);
                         for (d, v) in inputs.zip(&grad[lo..hi]) {
                             *d += v;

@@ -80,15 +80,16 @@ impl Pool3x3 {
                 .zip(line[2..].iter().step_by(s));
             let rows = (r1 - r0) as f32;
             for ((out, ((&a, &b), &c)), count) in y_row.iter_mut().zip(windows).zip(columns) {
+                let reduced = self.combine(self.combine(a, b), c);
                 *out = match self.reduction {
-                    Reduction::Max => max_nan(max_nan(a, b), c),
-                    Reduction::MeanInside => (a + b + c) / (rows * count),
+                    Reduction::Max => reduced,
+                    Reduction::MeanInside => reduced / (rows * count),
                 };
             }
         }
     }
 
-    /// One step of the reduction down a column.
+    /// One step of the reduction: down a column, and across a window's three columns.
     fn combine(&self, a: f32, b: f32) -> f32 {
         match self.reduction {
             Reduction::Max => max_nan(a, b),
