@@ -268,8 +268,14 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
                         let e = Mat::rows(exps, stride);
                         matmul(dst, d, first_key > 0, (rows, d, keys), e, vh, Threads::One);
                     }
-                    for (row, &sum) in dst.chunks_exact_mut(d).zip(&*sums) {
-                        let inv = 1.0 / sum;
+                    for ((row, &sum), &max) in dst.chunks_exact_mut(d).zip(&*sums).zip(&*maxes) {
+                        // A row of −∞ scores has no softmax: NaN, as in PyTorch (the
+                        // exponential clamps −∞ to a tiny weight that would hide it).
+                        let inv = if max == f32::NEG_INFINITY {
+                            f32::NAN
+                        } else {
+                            1.0 / sum
+                        };
                         row.iter_mut().for_each(|x| *x *= inv);
                     }
                 });
@@ -296,8 +302,8 @@ simd_dispatch! {
     /// row's `Σ exp` against that maximum, and the rows of `dst` (the output so far, `P·V` of
     /// the earlier tiles) are rescaled to it when it grows. Before the first tile `maxes` and
     /// `sums` hold anything: the first tile sets them. A row whose scores so far are all −∞
-    /// keeps a shift of 0, so that −∞ − −∞ never makes a NaN; a NaN score makes its row's sum,
-    /// and so its output, NaN.
+    /// keeps a shift of 0, so that −∞ − −∞ never makes a NaN (the caller makes a row that stays
+    /// −∞ NaN); a NaN score makes its row's sum, and so its output, NaN.
     fn online_softmax_rows<const FMA: bool>(
         exps: &mut [f32],
         tile: RowsTile,
@@ -318,9 +324,14 @@ simd_dispatch! {
             if tile.first {
                 *sum = tile_sum;
             } else {
-                let correction = math::exp_nonpositive((old - shift) * scale);
-                *sum = *sum * correction + tile_sum;
-                out_row.iter_mut().for_each(|x| *x *= correction);
+                // Only a larger maximum rescales: `exp(0)` in f32 is one ulp above 1, which
+                // would tilt every later tile's weights.
+                if new > old {
+                    let correction = math::exp_nonpositive((old - shift) * scale);
+                    *sum *= correction;
+                    out_row.iter_mut().for_each(|x| *x *= correction);
+                }
+                *sum += tile_sum;
             }
             *max = new;
         }
@@ -525,8 +536,9 @@ mod tests {
         let mut rng = Rng::new(5);
         // (batch, queries, keys, heads, head_dim)
         // The case with 20 000 keys has two blocks of query rows in the backward pass (see
-        // `query_blocks`) and 20 tiles of keys in the forward pass (`KEY_TILE`); 600 queries
-        // against 1500 keys make three blocks of rows, the last one short, and a short last tile.
+        // `query_blocks`) and 20 tiles of keys in the forward pass (`KEY_TILE`); in the forward
+        // pass 600 queries against 1500 keys make three blocks of rows, the last one short, and a
+        // short last tile.
         let cases = [
             (1, 600, 1500, 1, 4),
             (2, 7, 5, 3, 4),
@@ -627,6 +639,28 @@ mod tests {
                     .collect::<Vec<_>>();
                 assert_eq!(nan, expected, "{m} keys, row {row}: {values:?}");
             }
+        }
+    }
+
+    /// A row whose scores are −∞ over every tile has no softmax: its output is NaN (as from
+    /// PyTorch's softmax), not the mean of the last tile's values.
+    #[test]
+    fn a_row_of_minus_infinite_scores_is_nan() {
+        let dev = Device::Cpu;
+        for m in [5, 2 * KEY_TILE + 3] {
+            // Query row 0 meets every key at −∞ (products past f32's range); row 1 is finite.
+            let q = Tensor::new(&[[[1e20f32, 1e20], [1.0, 0.5]]], &dev).unwrap();
+            let k = Tensor::full(-1e20f32, (1, m, 2), &dev).unwrap();
+            let v = Tensor::ones((1, m, 2), candle_core::DType::F32, &dev).unwrap();
+            let out = attention(&q, &k, &v, 1).unwrap().to_vec3::<f32>().unwrap();
+            assert!(
+                out[0][0].iter().all(|x| x.is_nan()),
+                "{m} keys: {:?}",
+                out[0][0]
+            );
+            // Equal scores: the mean of values of one.
+            let finite = out[0][1].iter().all(|&x| (x - 1.0).abs() < 1e-5);
+            assert!(finite, "{m} keys: {:?}", out[0][1]);
         }
     }
 

@@ -853,6 +853,47 @@ mod tests {
     }
 
     /// Maps too large for one im2col buffer are done in bands of output rows.
+    /// `Axis::inside` against a direct check of every output's input position, over strides,
+    /// paddings, kernel offsets and bands that start past the first output.
+    #[test]
+    fn axis_inside_holds_exactly_the_outputs_reading_the_input() {
+        let mut checked = 0;
+        for len in 1..7 {
+            for padding in 0..3 {
+                for stride in 1..4 {
+                    let axis = Axis {
+                        len,
+                        padding,
+                        stride,
+                    };
+                    for (k, first, count) in (0..4).flat_map(|k| {
+                        (0..5).flat_map(move |first| (0..6).map(move |count| (k, first, count)))
+                    }) {
+                        let reads_inside = |o: usize| {
+                            let position = ((first + o) * stride + k) as isize - padding as isize;
+                            (0..len as isize).contains(&position)
+                        };
+                        let (lo, hi) = axis.inside(k, first, count);
+                        assert!(
+                            lo <= hi && hi <= count,
+                            "{len} {padding} {stride} {k} {first}"
+                        );
+                        for o in 0..count {
+                            assert_eq!(
+                                (lo..hi).contains(&o),
+                                reads_inside(o),
+                                "len {len} padding {padding} stride {stride} k {k} first {first} \
+                                 output {o}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 0);
+    }
+
     #[test]
     fn banded_im2col_matches_single_band() {
         let dev = Device::Cpu;

@@ -364,4 +364,18 @@ mod tests {
         assert_eq!(max(&x), 5.0);
         assert_eq!(max(&[]), f32::NEG_INFINITY);
     }
+
+    /// `max` over several blocks of lanes and a tail skips NaN, wherever the largest value sits.
+    #[test]
+    fn max_over_blocks_of_lanes_skips_nan() {
+        for len in [63, 64, 200, 257] {
+            for top in [0, len / 2, len - 1] {
+                let mut x: Vec<f32> = (0..len).map(|i| -((i * 13 % 29) as f32)).collect();
+                x[top] = 3.5;
+                x[(top + 1) % len] = f32::NAN;
+                assert_eq!(max(&x), 3.5, "{len} values, largest at {top}");
+            }
+        }
+        assert_eq!(max(&[f32::NAN; 100]), f32::NEG_INFINITY);
+    }
 }
