@@ -229,9 +229,12 @@ mod with_mpi {
     }
 
     /// Two processes at batch 1 take the samples one process at batch 2 takes, with the same
-    /// draws, and average their gradients: the adapters agree within 1e-6 per value after 10
-    /// steps (float sums in another order are all that differs), while one process at batch 1,
-    /// which sees half the samples, ends far from both. The checkpoint the two wrote at step 5
+    /// draws, and average their gradients: the adapters agree within 1e-5 per value after 10
+    /// steps, a tenth of one step's largest move at `--lr 1e-4` (float sums in another order are
+    /// all that differs, and AdamW's normalised steps amplify them where a gradient is near
+    /// zero: the gap was 3.4e-7 before attention's forward pass changed its rounding, 1.5e-6
+    /// after, with that pass giving each sample the same bits at batch 1 and 2), while one
+    /// process at batch 1, which sees half the samples, ends far from both (~8e-4). The checkpoint the two wrote at step 5
     /// continues on one process at batch 2 to the same adapter. Only process 0 writes.
     #[test]
     fn two_processes_at_batch_one_train_what_one_at_batch_two_does() {
@@ -249,7 +252,7 @@ mod with_mpi {
         let same = largest_difference(&two, &one);
         let apart = largest_difference(&two, &half);
         eprintln!("2 × batch 1 vs 1 × batch 2: {same:e}; vs 1 × batch 1: {apart:e}");
-        assert!(same <= 1e-6, "two processes differ from one by {same}");
+        assert!(same <= 1e-5, "two processes differ from one by {same}");
         assert!(
             apart > 1e-4,
             "a run on half the samples differs by only {apart}"
@@ -323,7 +326,7 @@ mod with_mpi {
         succeed(alone(&with(&one, 4)));
         let same = largest_difference(&two, &one);
         eprintln!("2 × batch 2 vs 1 × batch 4, accumulation 2, buckets: {same:e}");
-        assert!(same <= 1e-6, "two processes differ from one by {same}");
+        assert!(same <= 1e-5, "two processes differ from one by {same}");
         assert_same_losses(&two, &one, 6);
     }
 

@@ -588,6 +588,48 @@ mod tests {
         }
     }
 
+    /// A sample's output and gradients are the same bits alone as beside another sample: what
+    /// lets data-parallel training match one process at the whole batch (lora-train's
+    /// distributed test) up to the other layers' sums.
+    #[test]
+    fn each_sample_gets_the_same_bits_at_any_batch() {
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(1);
+        // (queries, keys, heads, head_dim): one tile of keys; two blocks of rows and two tiles.
+        for (n, m, heads, d) in [(64, 77, 2, 8), (300, 2 * KEY_TILE + 9, 2, 4)] {
+            let var = |rng: &mut Rng, rows| {
+                Var::from_tensor(&rng.normal_tensor((2, rows, heads * d), &dev).unwrap()).unwrap()
+            };
+            let (q, k, v) = (var(&mut rng, n), var(&mut rng, m), var(&mut rng, m));
+            let upstream = rng.normal_tensor((2, n, heads * d), &dev).unwrap();
+            let second = |t: &Tensor| t.narrow(0, 1, 1).unwrap();
+            let run = |q: &Tensor, k: &Tensor, v: &Tensor, upstream: &Tensor| {
+                let out = attention(q, k, v, heads).unwrap();
+                let grads = (&out * upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let grad = |x: &Tensor| grads.get(x).unwrap().clone();
+                [out, grad(q), grad(k), grad(v)]
+            };
+            let both = run(&q, &k, &v, &upstream);
+            let alone_var = |x: &Var| Var::from_tensor(&second(x)).unwrap();
+            let (q1, k1, v1) = (alone_var(&q), alone_var(&k), alone_var(&v));
+            let alone = run(&q1, &k1, &v1, &second(&upstream));
+            for (name, (b, a)) in ["output", "dq", "dk", "dv"]
+                .iter()
+                .zip(both.iter().zip(&alone))
+            {
+                let b = second(b).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(!a.is_empty());
+                assert_eq!(b, a, "{name}, {n} queries, {m} keys");
+            }
+        }
+    }
+
     #[test]
     fn mismatched_heads_are_errors() {
         let dev = Device::Cpu;
