@@ -102,12 +102,19 @@ impl Geometry {
     /// Writes per-head blocks (in `(b, h)` order) into `out`, a `[B, rows, H·d]` tensor: each
     /// block `rows × d`, or its transpose `d × rows` when `transposed`, a band of rows of one
     /// sample at a time ([`for_each_band`]).
-    fn merge_heads_into(&self, blocks: &[&[f32]], rows: usize, transposed: bool, out: &mut [f32]) {
+    fn merge_heads_into<B: AsRef<[f32]> + Sync>(
+        &self,
+        blocks: &[B],
+        rows: usize,
+        transposed: bool,
+        out: &mut [f32],
+    ) {
         let (d, width) = (self.head_dim, self.width());
         // Rows `first..` of sample `b`, as many as `dst` holds.
         let band = |b: usize, first: usize, dst: &mut [f32]| {
             let count = dst.len() / width;
             for (h, block) in blocks[b * self.heads..][..self.heads].iter().enumerate() {
+                let block = block.as_ref();
                 if transposed {
                     for (j, column) in block.chunks_exact(rows).enumerate() {
                         let values = &column[first..first + count];
@@ -181,13 +188,11 @@ simd_dispatch! {
 /// cache; much smaller blocks make the products too thin (benches/RESULTS.md has the sweep).
 const SCORE_BLOCK_VALUES: usize = 1 << 20;
 
-/// The query blocks of one head: `(first row, rows)`.
-fn query_blocks(g: &Geometry) -> impl Iterator<Item = (usize, usize)> {
-    let n = g.queries;
-    let step = (SCORE_BLOCK_VALUES / g.score_stride().max(1))
+/// The query rows per block of the backward pass: as many as fit [`SCORE_BLOCK_VALUES`].
+fn query_block_rows(g: &Geometry) -> usize {
+    (SCORE_BLOCK_VALUES / g.score_stride().max(1))
         .max(64)
-        .min(n.max(1));
-    (0..n).step_by(step).map(move |r| (r, step.min(n - r)))
+        .min(g.queries.max(1))
 }
 
 /// The unnormalised attention probabilities of query rows `[first, first + rows)` of `head`
@@ -341,80 +346,127 @@ simd_dispatch! {
 /// The gradients `(dQ, dK, dV)` of [`forward`] given the output gradient `dO`, packed one after
 /// the other: with `P = softmax(S)`, `S = Q·Kᵀ/√d`,
 /// `dV = Pᵀ·dO`, `dS = P ⊙ (dO·Vᵀ − rowsum(P ⊙ dO·Vᵀ)) / √d`, `dQ = dS·K`, `dK = dSᵀ·Q`,
-/// one block of query rows at a time (dK and dV accumulate over the blocks). dK and dV are
-/// computed transposed (`dVᵀ = dOᵀ·P`, `dKᵀ = Qᵀ·dS`): that way the `rows × M` block is a
-/// row-major operand the gemm crate reads as it is, where `Pᵀ·dO` has it repack the block
-/// element by element. The block holds `E`, `P` before its rows are normalised ([`exp_rows`]):
-/// the normalisation goes into `dO`'s rows for `dV` and into [`softmax_grad_rows`] for `dS`.
+/// one block of query rows at a time ([`block_gradients`]). Tasks are (head, part of its
+/// blocks) pairs ([`HEAD_PARTS`]): each part sums its blocks' dK and dV, and a head's parts are
+/// added afterwards, in order.
 fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> Vec<f32> {
-    let (n, m, d, stride) = (g.queries, g.keys, g.head_dim, g.score_stride());
-    let scale = 1.0 / (d as f32).sqrt();
-    type HeadGrads = (Vec<f32>, (Vec<f32>, Vec<f32>));
-    let (dq, dkv_t): (Vec<_>, Vec<_>) = (0..g.batch * g.heads)
-        .into_par_iter()
-        .map(|t| {
+    let (n, m, d) = (g.queries, g.keys, g.head_dim);
+    let (q_len, kv_len) = (g.batch * n * g.width(), g.batch * m * g.width());
+    let mut packed = zeroed(q_len + 2 * kv_len);
+    if n == 0 {
+        // No queries: nothing flows back to the keys and values.
+        return packed;
+    }
+    let block_rows = query_block_rows(g);
+    let part_rows = block_rows * n.div_ceil(block_rows).div_ceil(HEAD_PARTS);
+    let mut dq = zeroed(g.batch * g.heads * n * d);
+    let dkv_t: Vec<KeyGrads> = dq
+        .par_chunks_mut(n * d)
+        .enumerate()
+        .map(|(t, dq)| {
             let head = (t / g.heads, t % g.heads);
-            let kh = g.head(k, m, head, 0);
             // Keys and values transposed once per head, for the products that read them
             // transposed (see `forward`).
             let (mut k_t, mut v_t) = (vec![0.0f32; d * m], vec![0.0f32; d * m]);
             g.head_transposed_into(k, m, head, &mut k_t);
             g.head_transposed_into(v, m, head, &mut v_t);
-            let (kt, vt) = (Mat::rows(&k_t, m), Mat::rows(&v_t, m));
-            let mut dq = vec![0.0f32; n * d];
-            let (mut dk_t, mut dv_t) = (vec![0.0f32; d * m], vec![0.0f32; d * m]);
-            for (i, (first, rows)) in query_blocks(g).enumerate() {
-                let (accumulate, transposed) = (i > 0, (d, m, rows));
-                with_scratch(2 * rows * stride + rows * (d + 1), |scratch| {
-                    let (exps, rest) = scratch.split_at_mut(rows * stride);
-                    let (dp, rest) = rest.split_at_mut(rows * stride);
-                    let (inv_sums, dout_p) = rest.split_at_mut(rows);
-                    exponentials(g, (q, kt), head, first, (exps, inv_sums));
-                    // `dVᵀ = dOᵀ·P = (dO scaled by the rows' 1/Σ)ᵀ·E`.
-                    let dout_rows =
-                        (first..first + rows).map(|r| &g.head_from(grad_out, n, head, r)[..d]);
-                    for ((dst, src), &inv) in
-                        dout_p.chunks_exact_mut(d).zip(dout_rows).zip(&*inv_sums)
-                    {
-                        for (x, &y) in dst.iter_mut().zip(src) {
-                            *x = y * inv;
-                        }
+            let operands = Operands {
+                q,
+                kh: g.head(k, m, head, 0),
+                kt: Mat::rows(&k_t, m),
+                vt: Mat::rows(&v_t, m),
+                grad_out,
+            };
+            let parts: Vec<KeyGrads> = dq
+                .par_chunks_mut(part_rows * d)
+                .enumerate()
+                .map(|(part, dq_part)| {
+                    let mut sums = (vec![0.0; d * m], vec![0.0; d * m]);
+                    let blocks = dq_part.chunks_mut(block_rows * d).enumerate();
+                    for (i, dq_rows) in blocks {
+                        let rows = (part * part_rows + i * block_rows, dq_rows.len() / d);
+                        block_gradients(g, &operands, head, rows, dq_rows, &mut sums, i > 0);
                     }
-                    let (e, dout_p_t) = (Mat::rows(exps, stride), Mat::transposed(dout_p, d));
-                    matmul(
-                        &mut dv_t,
-                        m,
-                        accumulate,
-                        transposed,
-                        dout_p_t,
-                        e,
-                        Threads::One,
-                    );
-                    let dout = g.head(grad_out, n, head, first);
-                    matmul(dp, stride, false, (rows, m, d), dout, vt, Threads::One);
-                    softmax_grad_rows(exps, inv_sums, dp, m, stride, scale);
-                    let ds = Mat::rows(dp, stride);
-                    let dq_rows = &mut dq[first * d..];
-                    matmul(dq_rows, d, false, (rows, d, m), ds, kh, Threads::One);
-                    let q_t = g.head_t(q, n, head, first);
-                    matmul(&mut dk_t, m, accumulate, transposed, q_t, ds, Threads::One);
-                });
-            }
-            (dq, (dk_t, dv_t)) as HeadGrads
+                    sums
+                })
+                .collect();
+            let mut parts = parts.into_iter();
+            let first = parts.next().expect("a head with queries has a part");
+            parts.fold(first, |(mut dk, mut dv), (dk_part, dv_part)| {
+                dk.iter_mut().zip(&dk_part).for_each(|(x, y)| *x += y);
+                dv.iter_mut().zip(&dv_part).for_each(|(x, y)| *x += y);
+                (dk, dv)
+            })
         })
-        .unzip();
+        .collect();
     let (dk_t, dv_t): (Vec<_>, Vec<_>) = dkv_t.into_iter().unzip();
-    let (q_len, kv_len) = (g.batch * n * g.width(), g.batch * m * g.width());
-    let mut packed = zeroed(q_len + 2 * kv_len);
     let (packed_q, packed_kv) = packed.split_at_mut(q_len);
     let (packed_k, packed_v) = packed_kv.split_at_mut(kv_len);
-    fn slices(blocks: &[Vec<f32>]) -> Vec<&[f32]> {
-        blocks.iter().map(Vec::as_slice).collect()
-    }
-    g.merge_heads_into(&slices(&dq), n, false, packed_q);
-    g.merge_heads_into(&slices(&dk_t), m, true, packed_k);
-    g.merge_heads_into(&slices(&dv_t), m, true, packed_v);
+    g.merge_heads_into(&dq.chunks(n * d).collect::<Vec<_>>(), n, false, packed_q);
+    g.merge_heads_into(&dk_t, m, true, packed_k);
+    g.merge_heads_into(&dv_t, m, true, packed_v);
     packed
+}
+
+/// The parts each head's blocks of query rows are split into for the backward pass (fewer where
+/// it has fewer blocks), so that a few heads (SD 2.1's five) still fill every core evenly. The
+/// parts are fixed, not the pool's choice, so that the sums, and so the gradients' bits, are the
+/// same at any batch and on any number of threads.
+const HEAD_PARTS: usize = 2;
+
+/// One head's `(dKᵀ, dVᵀ)`, or a part's share of them: `d × M` each.
+type KeyGrads = (Vec<f32>, Vec<f32>);
+
+/// What every block of one head's backward pass reads: the queries, the head's keys (as they
+/// are and transposed), its values transposed, and the output gradient.
+struct Operands<'a> {
+    q: &'a [f32],
+    kh: Mat<'a>,
+    kt: Mat<'a>,
+    vt: Mat<'a>,
+    grad_out: &'a [f32],
+}
+
+/// The backward pass of query rows `(first, rows)` of `head`: their dQ into `dq_rows`, and their
+/// share of `(dKᵀ, dVᵀ)` added into `key_grads` (written over unless `accumulate`). dK and dV are
+/// computed transposed (`dVᵀ = dOᵀ·P`, `dKᵀ = Qᵀ·dS`): that way the `rows × M` block is a
+/// row-major operand the gemm crate reads as it is, where `Pᵀ·dO` has it repack the block
+/// element by element. The block holds `E`, `P` before its rows are normalised ([`exp_rows`]):
+/// the normalisation goes into `dO`'s rows for `dV` and into [`softmax_grad_rows`] for `dS`.
+fn block_gradients(
+    g: &Geometry,
+    ops: &Operands,
+    head: (usize, usize),
+    (first, rows): (usize, usize),
+    dq_rows: &mut [f32],
+    (dk_t, dv_t): &mut KeyGrads,
+    accumulate: bool,
+) {
+    let (n, m, d, stride) = (g.queries, g.keys, g.head_dim, g.score_stride());
+    let scale = 1.0 / (d as f32).sqrt();
+    let transposed = (d, m, rows);
+    with_scratch(2 * rows * stride + rows * (d + 1), |scratch| {
+        let (exps, rest) = scratch.split_at_mut(rows * stride);
+        let (dp, rest) = rest.split_at_mut(rows * stride);
+        let (inv_sums, dout_p) = rest.split_at_mut(rows);
+        exponentials(g, (ops.q, ops.kt), head, first, (exps, inv_sums));
+        // `dVᵀ = dOᵀ·P = (dO scaled by the rows' 1/Σ)ᵀ·E`.
+        let dout_rows = (first..first + rows).map(|r| &g.head_from(ops.grad_out, n, head, r)[..d]);
+        for ((dst, src), &inv) in dout_p.chunks_exact_mut(d).zip(dout_rows).zip(&*inv_sums) {
+            for (x, &y) in dst.iter_mut().zip(src) {
+                *x = y * inv;
+            }
+        }
+        let (e, dout_p_t) = (Mat::rows(exps, stride), Mat::transposed(dout_p, d));
+        matmul(dv_t, m, accumulate, transposed, dout_p_t, e, Threads::One);
+        let dout = g.head(ops.grad_out, n, head, first);
+        matmul(dp, stride, false, (rows, m, d), dout, ops.vt, Threads::One);
+        softmax_grad_rows(exps, inv_sums, dp, m, stride, scale);
+        let ds = Mat::rows(dp, stride);
+        matmul(dq_rows, d, false, (rows, d, m), ds, ops.kh, Threads::One);
+        let q_t = g.head_t(ops.q, n, head, first);
+        matmul(dk_t, m, accumulate, transposed, q_t, ds, Threads::One);
+    });
 }
 
 /// `(q, k, v) → softmax(q·kᵀ/√d)·v`, with its backward.
@@ -535,16 +587,18 @@ mod tests {
         let dev = Device::Cpu;
         let mut rng = Rng::new(5);
         // (batch, queries, keys, heads, head_dim)
-        // The case with 20 000 keys has two blocks of query rows in the backward pass (see
-        // `query_blocks`) and 20 tiles of keys in the forward pass (`KEY_TILE`); in the forward
-        // pass 600 queries against 1500 keys make three blocks of rows, the last one short, and a
-        // short last tile.
+        // The cases with 20 000 keys have blocks of 64 query rows in the backward pass (see
+        // `query_block_rows`), two and three, in two parts (`HEAD_PARTS`: one block each, and
+        // two blocks and one), and 20 tiles of keys in the forward pass (`KEY_TILE`); in the
+        // forward pass 600 queries against 1500 keys make three blocks of rows, the last one
+        // short, and a short last tile.
         let cases = [
             (1, 600, 1500, 1, 4),
             (2, 7, 5, 3, 4),
             (1, 16, 16, 2, 8),
             (2, 9, 77, 1, 6),
             (1, 80, 20_000, 2, 4),
+            (1, 150, 20_000, 1, 4),
             // An output the pool merges, its rows off the merge's bands.
             (1, 4100, 3, 2, 8),
             // Key and value gradients the pool merges (transposed), over two samples.
@@ -595,8 +649,14 @@ mod tests {
     fn each_sample_gets_the_same_bits_at_any_batch() {
         let dev = Device::Cpu;
         let mut rng = Rng::new(1);
-        // (queries, keys, heads, head_dim): one tile of keys; two blocks of rows and two tiles.
-        for (n, m, heads, d) in [(64, 77, 2, 8), (300, 2 * KEY_TILE + 9, 2, 4)] {
+        // (queries, keys, heads, head_dim): one tile of keys; two blocks of rows and two tiles
+        // in the forward pass; two parts of the backward pass's blocks (`HEAD_PARTS`).
+        let cases = [
+            (64, 77, 2, 8),
+            (300, 2 * KEY_TILE + 9, 2, 4),
+            (150, 9000, 2, 4),
+        ];
+        for (n, m, heads, d) in cases {
             let var = |rng: &mut Rng, rows| {
                 Var::from_tensor(&rng.normal_tensor((2, rows, heads * d), &dev).unwrap()).unwrap()
             };

@@ -147,23 +147,31 @@ impl ConvGeometry {
     /// (`ix = ox·stride + kx − pw`); output column `lo` reads input column
     /// `lo·stride + kx − pw`, and each next one `stride` further.
     fn span(&self, kx: usize) -> (usize, usize) {
-        let axis = Axis {
-            len: self.w,
-            padding: self.padding.1,
-            stride: self.stride,
-        };
-        axis.inside(kx, 0, self.out_w())
+        self.column_axis().inside(kx, 0, self.out_w())
     }
 
     /// The rows `[r0, r1)` of the band of `rows` output rows from `oy0` that read inside the
     /// input through kernel row `ky` (`iy = (oy0 + r)·stride + ky − ph`).
     fn row_span(&self, oy0: usize, rows: usize, ky: usize) -> (usize, usize) {
-        let axis = Axis {
+        self.row_axis().inside(ky, oy0, rows)
+    }
+
+    /// The input's rows as an [`Axis`].
+    fn row_axis(&self) -> Axis {
+        Axis {
             len: self.h,
             padding: self.padding.0,
             stride: self.stride,
-        };
-        axis.inside(ky, oy0, rows)
+        }
+    }
+
+    /// The input's columns as an [`Axis`].
+    fn column_axis(&self) -> Axis {
+        Axis {
+            len: self.w,
+            padding: self.padding.1,
+            stride: self.stride,
+        }
     }
 
     /// The input row that output row `oy` reads through kernel row `ky` (inside the input: see
