@@ -8,9 +8,8 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
-use rayon::prelude::*;
 
-use super::buffers::zeroed;
+use super::buffers::{from_chunks, zeroed};
 
 /// The linear layer's bias is copied into its output rows in tasks of at least this many values,
 /// so a small layer's copy stays on the calling thread.
@@ -240,12 +239,17 @@ impl CustomOp2 for Linear {
         }
         let x = f32_slice(x, x_l, "linear: input")?;
         let w = f32_slice(w, w_l, "linear: weight")?;
-        let mut y = zeroed(rows * outputs);
-        if let Some(bias) = self.bias.as_ref().filter(|_| outputs > 0) {
-            y.par_chunks_mut(outputs)
-                .with_min_len(BIAS_VALUES_PER_TASK.div_ceil(outputs))
-                .for_each(|row| row.copy_from_slice(bias));
-        }
+        let mut y = match self.bias.as_ref().filter(|_| outputs > 0) {
+            Some(bias) => {
+                let chunk_rows = BIAS_VALUES_PER_TASK.div_ceil(outputs);
+                from_chunks(rows * outputs, chunk_rows * outputs, |_, chunk| {
+                    for row in chunk.chunks_exact_mut(outputs) {
+                        row.copy_from_slice(bias);
+                    }
+                })
+            }
+            None => zeroed(rows * outputs),
+        };
         let dims = (rows, outputs, inputs);
         let wt = Mat::transposed(w, inputs);
         let accumulate = self.bias.is_some();

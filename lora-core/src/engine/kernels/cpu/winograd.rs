@@ -21,7 +21,7 @@
 
 use rayon::prelude::*;
 
-use super::buffers::zeroed;
+use super::buffers::from_chunks;
 use super::conv::ConvGeometry;
 use super::gemm::{matmul, with_scratch, Mat, Threads};
 use super::math::{self, simd_dispatch};
@@ -216,26 +216,22 @@ impl Variant {
         tap: impl Fn(usize, usize) -> [f32; 9] + Sync,
     ) -> Vec<f32> {
         let (side, positions) = (self.side(), self.positions());
-        let mut u = zeroed(c_out * positions * c_in);
-        u.par_chunks_mut(positions * c_in)
-            .enumerate()
-            .for_each(|(o, out)| {
-                let mut taps = vec![0.0f32; 9 * c_in];
-                for c in 0..c_in {
-                    for (t, value) in tap(o, c).into_iter().enumerate() {
-                        taps[t * c_in + c] = value;
-                    }
+        from_chunks(c_out * positions * c_in, positions * c_in, |o, out| {
+            let mut taps = vec![0.0f32; 9 * c_in];
+            for c in 0..c_in {
+                for (t, value) in tap(o, c).into_iter().enumerate() {
+                    taps[t * c_in + c] = value;
                 }
-                // G·g: m + 2 rows of the filters' three columns, `[row][column][C]`.
-                let mut rows = vec![0.0f32; side * 3 * c_in];
-                combine_rows(&mut rows, self.g, 3 * c_in, |i| &taps[3 * i * c_in..]);
-                // (G·g)·Gᵀ: the same combinations of each row's columns.
-                let out_rows = out.chunks_exact_mut(side * c_in);
-                for (out_row, row) in out_rows.zip(rows.chunks_exact(3 * c_in)) {
-                    combine_rows(out_row, self.g, c_in, |k| &row[k * c_in..]);
-                }
-            });
-        u
+            }
+            // G·g: m + 2 rows of the filters' three columns, `[row][column][C]`.
+            let mut rows = vec![0.0f32; side * 3 * c_in];
+            combine_rows(&mut rows, self.g, 3 * c_in, |i| &taps[3 * i * c_in..]);
+            // (G·g)·Gᵀ: the same combinations of each row's columns.
+            let out_rows = out.chunks_exact_mut(side * c_in);
+            for (out_row, row) in out_rows.zip(rows.chunks_exact(3 * c_in)) {
+                combine_rows(out_row, self.g, c_in, |k| &row[k * c_in..]);
+            }
+        })
     }
 
     /// The convolution of `x` `[B, C, H, W]` into `y` `[B, O, H, W]`, with the filters transformed
