@@ -188,7 +188,8 @@ simd_dispatch! {
 /// cache; much smaller blocks make the products too thin (benches/RESULTS.md has the sweep).
 const SCORE_BLOCK_VALUES: usize = 1 << 20;
 
-/// The query rows per block of the backward pass: as many as fit [`SCORE_BLOCK_VALUES`].
+/// The query rows per block of the backward pass: as many as fit [`SCORE_BLOCK_VALUES`], at least
+/// 64 (fewer make the products too thin) and at most all of them.
 fn query_block_rows(g: &Geometry) -> usize {
     (SCORE_BLOCK_VALUES / g.score_stride().max(1))
         .max(64)

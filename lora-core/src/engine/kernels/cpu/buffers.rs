@@ -1,5 +1,6 @@
-//! The kernels' output buffers, zeroed by the pool when large, and filled by the pool a band at
-//! a time ([`for_each_band`]). A zeroed `Vec` is filled on the calling thread (calloc clears a
+//! The kernels' output buffers: zeroed by the pool when large ([`zeroed`]), written whole a chunk
+//! at a time without being cleared first ([`from_chunks`]), and filled by the pool a band at a
+//! time ([`for_each_band`]). A zeroed `Vec` is filled on the calling thread (calloc clears a
 //! reused heap block with `memset`), and the kernels are called from outside the worker pool, so
 //! a large buffer kept the other cores idle: the Winograd filter transforms' buffers alone took
 //! ~2.5 % of a 32² training step's samples that way (benches/RESULTS.md, 2026-12-06 20:33
@@ -37,10 +38,13 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
 
 /// `len` values written by the pool a chunk of `chunk_len` values at a time (the last one may be
 /// shorter): `fill(i, chunk)` writes every value of chunk `i` into this thread's work buffer,
-/// from which the chunk is copied into place. `fill` runs inside [`with_scratch`], so it must use
-/// neither that nor the pool (whose other tasks might). Unlike a [`zeroed`] buffer that a
-/// kernel then writes over, the output is not cleared first: a pass over memory saved where the
-/// buffer is larger than the caches (Winograd's transformed filters, a linear layer's output).
+/// from which the chunk is copied into place (a `chunk_len` of 0 counts as 1). `fill` runs inside
+/// [`with_scratch`], so it must use neither that nor the pool (whose other tasks might), and
+/// `from_chunks` itself must not be called inside [`with_scratch`]. Unlike a [`zeroed`] buffer
+/// that a kernel then writes over, the output is not cleared first: a pass over memory saved
+/// where the buffer is larger than the caches (Winograd's transformed filters, a linear layer's
+/// output). In debug builds the work buffer holds NaN before `fill`, so that a value `fill`
+/// leaves out shows in tests.
 pub(crate) fn from_chunks(
     len: usize,
     chunk_len: usize,
@@ -52,6 +56,9 @@ pub(crate) fn from_chunks(
         .enumerate()
         .for_each(|(i, chunk)| {
             with_scratch(chunk.len(), |values| {
+                if cfg!(debug_assertions) {
+                    values.fill(f32::NAN);
+                }
                 fill(i, values);
                 // SAFETY: both are `chunk.len()` f32 values, and a thread's buffer cannot overlap
                 // the new one.
@@ -65,7 +72,8 @@ pub(crate) fn from_chunks(
             })
         });
     // SAFETY: the loop above wrote each of the first `len` values, within the capacity: every
-    // chunk was copied whole from a buffer of its length.
+    // chunk was copied whole from a buffer of its length, which holds initialised values whatever
+    // `fill` did.
     unsafe { buffer.set_len(len) };
     buffer
 }
@@ -109,6 +117,12 @@ pub(crate) fn for_each_band(
 mod tests {
     use super::*;
 
+    /// How many values are not their own index (NaN never is).
+    fn misplaced(values: &[f32]) -> usize {
+        let placed = |(at, &v): (usize, &f32)| v == at as f32;
+        values.iter().enumerate().filter(|&x| !placed(x)).count()
+    }
+
     #[test]
     fn zeroed_has_the_length_and_only_zeros_on_both_sides_of_the_threshold() {
         for len in [
@@ -145,11 +159,7 @@ mod tests {
                 }
             });
             assert_eq!(buffer.len(), len);
-            let wrong = buffer
-                .iter()
-                .enumerate()
-                .filter(|&(at, &v)| v != at as f32)
-                .count();
+            let wrong = misplaced(&buffer);
             assert_eq!(wrong, 0, "{len} values in chunks of {chunk_len}");
         }
     }
@@ -167,11 +177,7 @@ mod tests {
                     *v = (sample * sample_len + band * band_len + i) as f32;
                 }
             });
-            let wrong = out
-                .iter()
-                .enumerate()
-                .filter(|&(at, &v)| v != at as f32)
-                .count();
+            let wrong = misplaced(&out);
             assert_eq!(wrong, 0, "{samples} × {sample_len} in bands of {band_len}");
         }
         for_each_band(&mut [], 0, 4, |_, _, _| panic!("no sample, no call"));
