@@ -230,12 +230,12 @@ mod with_mpi {
 
     /// Two processes at batch 1 take the samples one process at batch 2 takes, with the same
     /// draws, and average their gradients: the adapters agree within 1e-5 per value after 10
-    /// steps, a tenth of one step's largest move at `--lr 1e-4` (float sums in another order are
-    /// all that differs, and AdamW's normalised steps amplify them where a gradient is near
-    /// zero: the gap was 3.4e-7 before attention's forward pass changed its rounding, 1.5e-6
-    /// after, with that pass giving each sample the same bits at batch 1 and 2), while one
-    /// process at batch 1, which sees half the samples, ends far from both (~8e-4). The checkpoint the two wrote at step 5
-    /// continues on one process at batch 2 to the same adapter. Only process 0 writes.
+    /// steps, a tenth of one step's largest move at `--lr 1e-4` (float sums over the batch in
+    /// another order are all that differs, attention gives each sample the same bits at batch 1
+    /// and 2, and AdamW's normalised steps amplify the rounding where a gradient is near zero),
+    /// while one process at batch 1, which sees half the samples, ends far from both (~8e-4).
+    /// The checkpoint the two wrote at step 5 continues on one process at batch 2 to the same
+    /// adapter. Only process 0 writes.
     #[test]
     fn two_processes_at_batch_one_train_what_one_at_batch_two_does() {
         let dir = tempfile::tempdir().unwrap();
