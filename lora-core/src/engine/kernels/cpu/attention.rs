@@ -8,7 +8,10 @@
 //! transposed once per head where a product reads them transposed), the scores of one block of
 //! query rows at a time live in a per-thread buffer that stays in cache (in the forward pass, a
 //! tile of keys at a time), and the backward recomputes them instead of keeping them alive
-//! between the passes (as flash attention does).
+//! between the passes (as flash attention does): from each query row's log-sum-exp, which the
+//! forward pass keeps, so that the backward pass needs no row maxima or sums of its own.
+
+use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -58,13 +61,6 @@ impl Geometry {
 
     fn width(&self) -> usize {
         self.heads * self.head_dim
-    }
-
-    /// The row stride of a block of scores: the keys rounded up to a cache line, so that each
-    /// row starts on one in [`with_scratch`]'s buffer (why: see there). The columns past the
-    /// keys are never read.
-    fn score_stride(&self) -> usize {
-        self.keys.next_multiple_of(LINE_VALUES)
     }
 
     /// Head `(b, h)` of a `[B, rows, H·d]` tensor from row `first` on: a `rows × d` view.
@@ -140,103 +136,97 @@ impl Geometry {
 }
 
 simd_dispatch! {
-    /// Rows of raw scores `Q·Kᵀ` → their unnormalised softmax `exp(scale · (scores − max))`, in
-    /// place, and each row's `1 / Σ exp` into `inv_sums`. The normalisation is left to the
-    /// callers, who apply it to the `rows × d` side of the next product instead of the
-    /// `rows × M` block: a pass less over a block larger than a core's L2 cache. Rows are
-    /// `stride` apart, the first `cols` of each are scores.
-    fn exp_rows<const FMA: bool>(
+    /// Rows of raw scores `Q·Kᵀ` → their softmax `exp(scale · (scores − lse))`, in place, from
+    /// each row's log-sum-exp (see [`forward`]). Rows are `stride` apart, the first `cols` of
+    /// each are scores. The recomputed scores may round a little differently from the forward
+    /// pass's, so a row's largest may exceed its `lse` by an ulp or so: the exponential is exact
+    /// there too.
+    fn probabilities_in_place<const FMA: bool>(
         scores: &mut [f32],
         cols: usize,
         stride: usize,
         scale: f32,
-        inv_sums: &mut [f32],
+        log_sum_exps: &[f32],
     ) {
-        for (row, inv) in scores.chunks_exact_mut(stride).zip(inv_sums) {
-            let row = &mut row[..cols];
-            let max = math::max(row);
-            *inv = 1.0 / math::exp_shifted_in_place_sum::<FMA>(row, max, scale);
+        for (row, &lse) in scores.chunks_exact_mut(stride).zip(log_sum_exps) {
+            // The sum is 1 up to rounding: not needed.
+            math::exp_shifted_in_place_sum::<FMA>(&mut row[..cols], lse, scale);
         }
     }
 }
 
 simd_dispatch! {
-    /// `dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale`, in place of `dP`, from the unnormalised
-    /// `E = P / inv_sum` of [`exp_rows`], rows laid out as there.
+    /// `dS = P ⊙ (dP − δ) · scale`, in place of `dP`, rows laid out as in
+    /// [`probabilities_in_place`]. `δ = rowsum(P ⊙ dP)` is each row's `dO·O` (`dP = dO·Vᵀ` and
+    /// `O = P·V`), which [`block_gradients`] takes from the forward pass's output: `d` values
+    /// a row instead of a pass over all of the row's keys.
     fn softmax_grad_rows(
-        exps: &[f32],
-        inv_sums: &[f32],
+        probs: &[f32],
+        deltas: &[f32],
         dp: &mut [f32],
         cols: usize,
         stride: usize,
         scale: f32,
     ) {
-        let rows = exps.chunks_exact(stride).zip(dp.chunks_exact_mut(stride));
-        for ((e, g), &inv) in rows.zip(inv_sums) {
-            let (e, g) = (&e[..cols], &mut g[..cols]);
-            let dot = math::sum_zip(e, g, |a, b| a * b) * inv;
-            let factor = inv * scale;
-            for (g, &e) in g.iter_mut().zip(e) {
-                *g = e * (*g - dot) * factor;
+        let rows = probs.chunks_exact(stride).zip(dp.chunks_exact_mut(stride));
+        for ((p, g), &delta) in rows.zip(deltas) {
+            for (g, &p) in g[..cols].iter_mut().zip(&p[..cols]) {
+                *g = p * (*g - delta) * scale;
             }
         }
     }
 }
 
-/// Score values the backward pass keeps per thread (4 MiB): a block of query rows against all
-/// keys, instead of the whole `N × M` matrix (64 MiB per head at 64² latents), which leaves the
-/// cache; much smaller blocks make the products too thin (benches/RESULTS.md has the sweep).
-const SCORE_BLOCK_VALUES: usize = 1 << 20;
-
-/// The query rows per block of the backward pass: as many as fit [`SCORE_BLOCK_VALUES`], at least
-/// 64 (fewer make the products too thin) and at most all of them.
-fn query_block_rows(g: &Geometry) -> usize {
-    (SCORE_BLOCK_VALUES / g.score_stride().max(1))
-        .max(64)
-        .min(g.queries.max(1))
-}
-
-/// The unnormalised attention probabilities of query rows `[first, first + rows)` of `head`
-/// against all keys (`kt`: the head's keys transposed, `d × M`), into `exps` (`rows` rows of
-/// [`Geometry::score_stride`]), and their rows' `1 / Σ` into `inv_sums` (see [`exp_rows`]).
-fn exponentials(
-    g: &Geometry,
-    (q, kt): (&[f32], Mat),
-    head: (usize, usize),
-    first: usize,
-    (exps, inv_sums): (&mut [f32], &mut [f32]),
-) {
-    let (m, d, stride) = (g.keys, g.head_dim, g.score_stride());
-    let rows = inv_sums.len();
-    let qh = g.head(q, g.queries, head, first);
-    matmul(exps, stride, false, (rows, m, d), qh, kt, Threads::One);
-    exp_rows(exps, m, stride, 1.0 / (d as f32).sqrt(), inv_sums);
-}
-
 /// Rows of a merged tensor per task when the pool shares a merge of heads.
 const MERGE_ROWS_PER_TASK: usize = 32;
 
-/// Keys per tile of the forward pass. The forward pass runs flash attention's loop: a block of
-/// query rows meets the keys a tile at a time, its softmax kept up to date across the tiles
-/// ([`online_softmax_rows`]), so that the scores stay in L2 between the two products and the
-/// exponentials. Against a block of rows meeting all keys at once (what the backward pass does),
-/// the forward pass over 9216 keys took 28 % less, over 4096 keys 7 % less, on the Intel kind
-/// with 2 MiB of L2 per core; tiles of 512 and 4096 keys were slower (benches/RESULTS.md,
-/// 2026-12-07 09:40).
+/// Keys per tile of scores. Both passes run flash attention's loop: a block of query rows meets
+/// the keys a tile at a time, so that the tile's scores stay in L2 between the products and the
+/// exponentials (the forward pass keeps its softmax up to date across the tiles,
+/// [`online_softmax_rows`]; the backward pass has the rows' log-sum-exps). Against a block of
+/// rows meeting all keys at once, the forward pass over 9216 keys took 28 % less, over 4096 keys
+/// 7 % less, on the Intel kind with 2 MiB of L2 per core; tiles of 512 and 4096 keys were slower
+/// (benches/RESULTS.md, 2026-12-07 09:40). The backward pass over 4096 keys took ~10 % less in
+/// tiles than in blocks of 256 rows against all keys (2026-12-07 16:13).
 const KEY_TILE: usize = 1024;
-/// Score values per tile of the forward pass (1 MiB): the tile's rows of queries.
+/// Score values per tile (1 MiB): the tile's rows of queries.
 const SCORE_TILE_VALUES: usize = 1 << 18;
 
-/// `softmax(Q·Kᵀ/√d)·V` per head: `[B, N, H·d]`. Tasks are (head, block of query rows) pairs,
-/// so that a few heads (SD 2.1's five) still fill every core.
-fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+/// How both passes cut a head's scores: blocks of `rows` query rows against tiles of `keys`
+/// keys (the last ones may be shorter), a tile's rows `stride` apart in a thread's work buffer:
+/// the keys rounded up to a cache line, so that each row starts on one in [`with_scratch`]'s
+/// buffer (why: see there). The columns past the keys are never read.
+#[derive(Clone, Copy)]
+struct ScoreTiles {
+    keys: usize,
+    stride: usize,
+    rows: usize,
+}
+
+impl ScoreTiles {
+    fn new(g: &Geometry) -> Self {
+        let keys = KEY_TILE.min(g.keys);
+        let stride = keys.next_multiple_of(LINE_VALUES);
+        let rows = (SCORE_TILE_VALUES / stride).clamp(1, g.queries.max(1));
+        Self { keys, stride, rows }
+    }
+}
+
+/// `softmax(Q·Kᵀ/√d)·V` per head: `[B, N, H·d]`, and each query row's log-sum-exp for the
+/// backward pass: `[B, H, N]` values `lse` such that `exp((S − lse)/√d)` is the row's softmax
+/// (its maximum score plus `ln Σ exp` scaled back to scores; NaN for a row whose scores are all
+/// −∞, as its output is). Tasks are (head, block of query rows) pairs, so that a few heads (SD
+/// 2.1's five) still fill every core.
+fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let (n, m, d) = (g.queries, g.keys, g.head_dim);
     if n == 0 {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
-    let tile_keys = KEY_TILE.min(m);
-    let stride = tile_keys.next_multiple_of(LINE_VALUES);
-    let block_rows = (SCORE_TILE_VALUES / stride).clamp(1, n);
+    let ScoreTiles {
+        keys: tile_keys,
+        stride,
+        rows: block_rows,
+    } = ScoreTiles::new(g);
     let scale = 1.0 / (d as f32).sqrt();
     // Each head's keys transposed once (`d × M`): the products read a tile of them as a
     // column-major operand, which the gemm crate packs by copying runs; the strided `[M, H·d]`
@@ -247,14 +237,19 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         .enumerate()
         .for_each(|(t, k_t)| g.head_transposed_into(k, m, (t / g.heads, t % g.heads), k_t));
     let mut heads_out = vec![0.0f32; g.batch * g.heads * n * d];
+    let mut log_sum_exps = vec![0.0f32; g.batch * g.heads * n];
     heads_out
         .par_chunks_mut(n * d)
+        .zip(log_sum_exps.par_chunks_mut(n))
         .zip(keys_t.par_chunks(m * d))
         .enumerate()
-        .for_each(|(t, (head_out, k_t))| {
+        .for_each(|(t, ((head_out, head_lse), k_t))| {
             let head = (t / g.heads, t % g.heads);
-            let blocks = head_out.par_chunks_mut(block_rows * d).enumerate();
-            blocks.for_each(|(i, dst)| {
+            let blocks = head_out
+                .par_chunks_mut(block_rows * d)
+                .zip(head_lse.par_chunks_mut(block_rows))
+                .enumerate();
+            blocks.for_each(|(i, (dst, lse))| {
                 let rows = dst.len() / d;
                 let qh = g.head(q, n, head, i * block_rows);
                 with_scratch(rows * stride + 2 * rows, |scratch| {
@@ -274,15 +269,17 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
                         let e = Mat::rows(exps, stride);
                         matmul(dst, d, first_key > 0, (rows, d, keys), e, vh, Threads::One);
                     }
-                    for ((row, &sum), &max) in dst.chunks_exact_mut(d).zip(&*sums).zip(&*maxes) {
+                    let rows = dst.chunks_exact_mut(d).zip(lse).zip(&*sums).zip(&*maxes);
+                    for (((row, lse), &sum), &max) in rows {
                         // A row of −∞ scores has no softmax: NaN, as in PyTorch (the
                         // exponential clamps −∞ to a tiny weight that would hide it).
-                        let inv = if max == f32::NEG_INFINITY {
-                            f32::NAN
+                        let (inv, log_sum_exp) = if max == f32::NEG_INFINITY {
+                            (f32::NAN, f32::NAN)
                         } else {
-                            1.0 / sum
+                            (1.0 / sum, max + sum.ln() / scale)
                         };
                         row.iter_mut().for_each(|x| *x *= inv);
+                        *lse = log_sum_exp;
                     }
                 });
             });
@@ -290,7 +287,7 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
     let blocks: Vec<&[f32]> = heads_out.chunks_exact(n * d).collect();
     let mut out = zeroed(g.batch * n * g.width());
     g.merge_heads_into(&blocks, n, false, &mut out);
-    out
+    (out, log_sum_exps)
 }
 
 /// Where a tile of scores lies in its block: `keys` scores per row, rows `stride` apart, and
@@ -344,13 +341,22 @@ simd_dispatch! {
     }
 }
 
+/// What the backward pass takes from the forward pass besides its operands: the output
+/// gradient `dO`, the output `O` and the query rows' log-sum-exps (see [`forward`]).
+#[derive(Clone, Copy)]
+struct Upstream<'a> {
+    grad_out: &'a [f32],
+    out: &'a [f32],
+    log_sum_exps: &'a [f32],
+}
+
 /// The gradients `(dQ, dK, dV)` of [`forward`] given the output gradient `dO`, packed one after
-/// the other: with `P = softmax(S)`, `S = Q·Kᵀ/√d`,
-/// `dV = Pᵀ·dO`, `dS = P ⊙ (dO·Vᵀ − rowsum(P ⊙ dO·Vᵀ)) / √d`, `dQ = dS·K`, `dK = dSᵀ·Q`,
+/// the other: with `P = softmax(S)`, `S = Q·Kᵀ/√d`, `dV = Pᵀ·dO`,
+/// `dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)) / √d`, `dQ = dS·K`, `dK = dSᵀ·Q`,
 /// one block of query rows at a time ([`block_gradients`]). Tasks are (head, part of its
 /// blocks) pairs ([`HEAD_PARTS`]): each part sums its blocks' dK and dV, and a head's parts are
 /// added afterwards, in order.
-fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> Vec<f32> {
+fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], upstream: Upstream) -> Vec<f32> {
     let (n, m, d) = (g.queries, g.keys, g.head_dim);
     let (q_len, kv_len) = (g.batch * n * g.width(), g.batch * m * g.width());
     let mut packed = zeroed(q_len + 2 * kv_len);
@@ -358,7 +364,8 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
         // No queries: nothing flows back to the keys and values.
         return packed;
     }
-    let block_rows = query_block_rows(g);
+    let tiles = ScoreTiles::new(g);
+    let block_rows = tiles.rows;
     let part_rows = block_rows * n.div_ceil(block_rows).div_ceil(HEAD_PARTS);
     let mut dq = zeroed(g.batch * g.heads * n * d);
     let dkv_t: Vec<KeyGrads> = dq
@@ -373,10 +380,10 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
             g.head_transposed_into(v, m, head, &mut v_t);
             let operands = Operands {
                 q,
-                kh: g.head(k, m, head, 0),
-                kt: Mat::rows(&k_t, m),
-                vt: Mat::rows(&v_t, m),
-                grad_out,
+                k,
+                k_t: &k_t,
+                v_t: &v_t,
+                upstream,
             };
             let parts: Vec<KeyGrads> = dq
                 .par_chunks_mut(part_rows * d)
@@ -386,7 +393,8 @@ fn backward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], grad_out: &[f32]) -> 
                     let blocks = dq_part.chunks_mut(block_rows * d).enumerate();
                     for (i, dq_rows) in blocks {
                         let rows = (part * part_rows + i * block_rows, dq_rows.len() / d);
-                        block_gradients(g, &operands, head, rows, dq_rows, &mut sums, i > 0);
+                        let block = (head, rows, tiles);
+                        block_gradients(g, &operands, block, dq_rows, &mut sums, i > 0);
                     }
                     sums
                 })
@@ -418,67 +426,88 @@ const HEAD_PARTS: usize = 2;
 /// One head's `(dKᵀ, dVᵀ)`, or a part's share of them: `d × M` each.
 type KeyGrads = (Vec<f32>, Vec<f32>);
 
-/// What every block of one head's backward pass reads: the queries, the head's keys (as they
-/// are and transposed), its values transposed, and the output gradient.
+/// What every block of one head's backward pass reads: the queries, the keys, the head's keys
+/// and values transposed (`d × M`), and what the forward pass left ([`Upstream`]).
 struct Operands<'a> {
     q: &'a [f32],
-    kh: Mat<'a>,
-    kt: Mat<'a>,
-    vt: Mat<'a>,
-    grad_out: &'a [f32],
+    k: &'a [f32],
+    k_t: &'a [f32],
+    v_t: &'a [f32],
+    upstream: Upstream<'a>,
 }
 
-/// The backward pass of query rows `(first, rows)` of `head`: their dQ into `dq_rows`, and their
-/// share of `(dKᵀ, dVᵀ)` added into `key_grads` (written over unless `accumulate`). dK and dV are
-/// computed transposed (`dVᵀ = dOᵀ·P`, `dKᵀ = Qᵀ·dS`): that way the `rows × M` block is a
-/// row-major operand the gemm crate reads as it is, where `Pᵀ·dO` has it repack the block
-/// element by element. The block holds `E`, `P` before its rows are normalised ([`exp_rows`]):
-/// the normalisation goes into `dO`'s rows for `dV` and into [`softmax_grad_rows`] for `dS`.
+/// The backward pass of query rows `(first, rows)` of `head`, a tile of keys at a time: their dQ
+/// into `dq_rows`, and their share of `(dKᵀ, dVᵀ)` added into `key_grads` (written over unless
+/// `accumulate`). dK and dV are computed transposed (`dVᵀ = dOᵀ·P`, `dKᵀ = Qᵀ·dS`): that way
+/// the `rows × keys` tile is a row-major operand the gemm crate reads as it is, where `Pᵀ·dO`
+/// has it repack the tile element by element.
 fn block_gradients(
     g: &Geometry,
     ops: &Operands,
-    head: (usize, usize),
-    (first, rows): (usize, usize),
+    (head, (first, rows), tiles): ((usize, usize), (usize, usize), ScoreTiles),
     dq_rows: &mut [f32],
     (dk_t, dv_t): &mut KeyGrads,
     accumulate: bool,
 ) {
-    let (n, m, d, stride) = (g.queries, g.keys, g.head_dim, g.score_stride());
+    let (n, m, d, stride) = (g.queries, g.keys, g.head_dim, tiles.stride);
     let scale = 1.0 / (d as f32).sqrt();
-    let transposed = (d, m, rows);
-    with_scratch(2 * rows * stride + rows * (d + 1), |scratch| {
-        let (exps, rest) = scratch.split_at_mut(rows * stride);
-        let (dp, rest) = rest.split_at_mut(rows * stride);
-        let (inv_sums, dout_p) = rest.split_at_mut(rows);
-        exponentials(g, (ops.q, ops.kt), head, first, (exps, inv_sums));
-        // `dVᵀ = dOᵀ·P = (dO scaled by the rows' 1/Σ)ᵀ·E`.
-        let dout_rows = (first..first + rows).map(|r| &g.head_from(ops.grad_out, n, head, r)[..d]);
-        for ((dst, src), &inv) in dout_p.chunks_exact_mut(d).zip(dout_rows).zip(&*inv_sums) {
-            for (x, &y) in dst.iter_mut().zip(src) {
-                *x = y * inv;
-            }
+    let up = ops.upstream;
+    let log_sum_exps = &up.log_sum_exps[(head.0 * g.heads + head.1) * n + first..][..rows];
+    let (qh, q_t) = (
+        g.head(ops.q, n, head, first),
+        g.head_t(ops.q, n, head, first),
+    );
+    let dout = g.head(up.grad_out, n, head, first);
+    let dout_t = g.head_t(up.grad_out, n, head, first);
+    with_scratch(2 * rows * stride + rows, |scratch| {
+        let (probs, rest) = scratch.split_at_mut(rows * stride);
+        let (dp, deltas) = rest.split_at_mut(rows * stride);
+        for (r, delta) in deltas.iter_mut().enumerate() {
+            let grad_out = &g.head_from(up.grad_out, n, head, first + r)[..d];
+            let out = &g.head_from(up.out, n, head, first + r)[..d];
+            *delta = math::sum_zip(grad_out, out, |a, b| a * b);
         }
-        let (e, dout_p_t) = (Mat::rows(exps, stride), Mat::transposed(dout_p, d));
-        matmul(dv_t, m, accumulate, transposed, dout_p_t, e, Threads::One);
-        let dout = g.head(ops.grad_out, n, head, first);
-        matmul(dp, stride, false, (rows, m, d), dout, ops.vt, Threads::One);
-        softmax_grad_rows(exps, inv_sums, dp, m, stride, scale);
-        let ds = Mat::rows(dp, stride);
-        matmul(dq_rows, d, false, (rows, d, m), ds, ops.kh, Threads::One);
-        let q_t = g.head_t(ops.q, n, head, first);
-        matmul(dk_t, m, accumulate, transposed, q_t, ds, Threads::One);
+        for first_key in (0..m).step_by(tiles.keys) {
+            let keys = tiles.keys.min(m - first_key);
+            let kt = Mat::rows(&ops.k_t[first_key..], m);
+            matmul(probs, stride, false, (rows, keys, d), qh, kt, Threads::One);
+            probabilities_in_place(probs, keys, stride, scale, log_sum_exps);
+            let transposed = (d, keys, rows);
+            let (p, dv_t) = (Mat::rows(probs, stride), &mut dv_t[first_key..]);
+            matmul(dv_t, m, accumulate, transposed, dout_t, p, Threads::One);
+            let vt = Mat::rows(&ops.v_t[first_key..], m);
+            matmul(dp, stride, false, (rows, keys, d), dout, vt, Threads::One);
+            softmax_grad_rows(probs, deltas, dp, keys, stride, scale);
+            let (ds, kh) = (Mat::rows(dp, stride), g.head(ops.k, m, head, first_key));
+            matmul(
+                dq_rows,
+                d,
+                first_key > 0,
+                (rows, d, keys),
+                ds,
+                kh,
+                Threads::One,
+            );
+            let dk_t = &mut dk_t[first_key..];
+            matmul(dk_t, m, accumulate, transposed, q_t, ds, Threads::One);
+        }
     });
 }
 
-/// `(q, k, v) → softmax(q·kᵀ/√d)·v`, with its backward.
+/// `(q, k, v) → softmax(q·kᵀ/√d)·v`, with its backward. One op per call of [`attention`]: it
+/// keeps its forward pass's log-sum-exps for its backward pass.
 struct Attention {
     heads: usize,
+    log_sum_exps: OnceLock<Vec<f32>>,
 }
 
-/// `(q, k, v) → [dQ | dK | dV]` for a given output gradient (no backward of its own).
-struct AttentionGrad {
+/// `(q, k, v) → [dQ | dK | dV]` for a given output gradient, the forward pass's output and its
+/// log-sum-exps (no backward of its own).
+struct AttentionGrad<'a> {
     heads: usize,
     grad_out: Vec<f32>,
+    out: Vec<f32>,
+    log_sum_exps: &'a [f32],
 }
 
 type Operand<'a> = (&'a CpuStorage, &'a Layout);
@@ -514,7 +543,10 @@ impl CustomOp3 for Attention {
         v_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, [q, k, v]) = operands(self.heads, (q, q_l), (k, k_l), (v, v_l))?;
-        let out = forward(&g, q, k, v);
+        let (out, log_sum_exps) = forward(&g, q, k, v);
+        // Set once: `attention` makes a new op for every call, so a second forward pass of this
+        // op could only be of the same operands.
+        let _ = self.log_sum_exps.set(log_sum_exps);
         Ok((CpuStorage::F32(out), q_l.shape().clone()))
     }
 
@@ -523,12 +555,17 @@ impl CustomOp3 for Attention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _: &Tensor,
+        out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let log_sum_exps = self.log_sum_exps.get().ok_or_else(|| {
+            candle_core::Error::Msg("attention: backward pass before the forward pass".into())
+        })?;
         let op = AttentionGrad {
             heads: self.heads,
             grad_out: grad_out.flatten_all()?.to_vec1::<f32>()?,
+            out: out.flatten_all()?.to_vec1::<f32>()?,
+            log_sum_exps,
         };
         let packed = q.apply_op3_no_bwd(k, v, &op)?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
@@ -541,7 +578,7 @@ impl CustomOp3 for Attention {
     }
 }
 
-impl CustomOp3 for AttentionGrad {
+impl CustomOp3 for AttentionGrad<'_> {
     fn name(&self) -> &'static str {
         "cpu-attention-grad"
     }
@@ -556,12 +593,27 @@ impl CustomOp3 for AttentionGrad {
         v_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, [q, k, v]) = operands(self.heads, (q, q_l), (k, k_l), (v, v_l))?;
-        if self.grad_out.len() != q.len() {
-            return Err(candle_core::Error::Msg(
-                "attention: output gradient does not match the queries".into(),
-            ));
+        let rows = g.batch * g.heads * g.queries;
+        if self.grad_out.len() != q.len()
+            || self.out.len() != q.len()
+            || self.log_sum_exps.len() != rows
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "attention: output gradient ({}), output ({}) and log-sum-exps ({}) do not match \
+                 the queries (expected {}, {} and {rows})",
+                self.grad_out.len(),
+                self.out.len(),
+                self.log_sum_exps.len(),
+                q.len(),
+                q.len(),
+            )));
         }
-        let packed = backward(&g, q, k, v, &self.grad_out);
+        let upstream = Upstream {
+            grad_out: &self.grad_out,
+            out: &self.out,
+            log_sum_exps: self.log_sum_exps,
+        };
+        let packed = backward(&g, q, k, v, upstream);
         let len = packed.len();
         Ok((CpuStorage::F32(packed), Shape::from(len)))
     }
@@ -570,8 +622,12 @@ impl CustomOp3 for AttentionGrad {
 /// `softmax(q·kᵀ/√d)·v` over `heads` heads of `[B, N, H·d]` queries and `[B, M, H·d]` keys and
 /// values, with a backward to all three.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let op = Attention {
+        heads,
+        log_sum_exps: OnceLock::new(),
+    };
     q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { heads })
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 #[cfg(test)]
@@ -588,11 +644,10 @@ mod tests {
         let dev = Device::Cpu;
         let mut rng = Rng::new(5);
         // (batch, queries, keys, heads, head_dim)
-        // The cases with 20 000 keys have blocks of 64 query rows in the backward pass (see
-        // `query_block_rows`), two and three, in two parts (`HEAD_PARTS`: one block each, and
-        // two blocks and one), and 20 tiles of keys in the forward pass (`KEY_TILE`); in the
-        // forward pass 600 queries against 1500 keys make three blocks of rows, the last one
-        // short, and a short last tile.
+        // Both passes cut the scores into blocks of 256 query rows against tiles of 1024 keys
+        // here (`ScoreTiles`): 600 queries against 1500 keys make three blocks, the last one
+        // short, in two parts of the backward pass (`HEAD_PARTS`: two blocks and one), and two
+        // tiles, the last one short; the cases with 20 000 keys have 20 tiles.
         let cases = [
             (1, 600, 1500, 1, 4),
             (2, 7, 5, 3, 4),
@@ -650,8 +705,8 @@ mod tests {
     fn each_sample_gets_the_same_bits_at_any_batch() {
         let dev = Device::Cpu;
         let mut rng = Rng::new(1);
-        // (queries, keys, heads, head_dim): one tile of keys; two blocks of rows and two tiles
-        // in the forward pass; two parts of the backward pass's blocks (`HEAD_PARTS`).
+        // (queries, keys, heads, head_dim): one tile of keys; two blocks of rows, so two parts
+        // of the backward pass (`HEAD_PARTS`), against three tiles; one block against nine.
         let cases = [
             (64, 77, 2, 8),
             (300, 2 * KEY_TILE + 9, 2, 4),

@@ -98,8 +98,9 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
 /// Values per block of [`exp_shifted_in_place_sum`]: eight AVX2 vectors side by side.
 const EXP_BLOCK: usize = 64;
 
-/// Replaces every `xᵢ` by `exp((xᵢ − max)·scale)` (`max` at least every `xᵢ`: a softmax row's
-/// unnormalised probabilities) and returns their sum.
+/// Replaces every `xᵢ` by `exp((xᵢ − max)·scale)` and returns their sum: a softmax row's
+/// unnormalised probabilities when `max` is the row's maximum, its probabilities when `max` is
+/// its log-sum-exp over `scale`. `max` is at least every `xᵢ`, or below one by rounding only.
 #[inline(always)]
 pub(crate) fn exp_shifted_in_place_sum<const FMA: bool>(
     x: &mut [f32],
