@@ -6,10 +6,10 @@
 //! (32 MiB per self-attention layer at SD1.5's 32² latents). Here heads are strided views of the
 //! `[B, N, H·d]` projections (no split copies, one merge into the output; keys and values are
 //! transposed once per head where a product reads them transposed), the scores of one block of
-//! query rows at a time live in a per-thread buffer that stays in cache (in the forward pass, a
-//! tile of keys at a time), and the backward recomputes them instead of keeping them alive
-//! between the passes (as flash attention does): from each query row's log-sum-exp, which the
-//! forward pass keeps, so that the backward pass needs no row maxima or sums of its own.
+//! query rows against one tile of keys at a time live in a per-thread buffer that stays in
+//! cache, and the backward recomputes them instead of keeping them alive between the passes (as
+//! flash attention does): from each query row's log-sum-exp, which the forward pass keeps, so
+//! that the backward pass needs no row maxima or sums of its own.
 
 use std::sync::OnceLock;
 
@@ -139,8 +139,8 @@ simd_dispatch! {
     /// Rows of raw scores `Q·Kᵀ` → their softmax `exp(scale · (scores − lse))`, in place, from
     /// each row's log-sum-exp (see [`forward`]). Rows are `stride` apart, the first `cols` of
     /// each are scores. The recomputed scores may round a little differently from the forward
-    /// pass's, so a row's largest may exceed its `lse` by an ulp or so: the exponential is exact
-    /// there too.
+    /// pass's, so a row's largest may exceed its `lse` by an ulp or so: the exponential is as
+    /// accurate there.
     fn probabilities_in_place<const FMA: bool>(
         scores: &mut [f32],
         cols: usize,
@@ -186,7 +186,7 @@ const MERGE_ROWS_PER_TASK: usize = 32;
 /// [`online_softmax_rows`]; the backward pass has the rows' log-sum-exps). Against a block of
 /// rows meeting all keys at once, the forward pass over 9216 keys took 28 % less, over 4096 keys
 /// 7 % less, on the Intel kind with 2 MiB of L2 per core; tiles of 512 and 4096 keys were slower
-/// (benches/RESULTS.md, 2026-12-07 09:40). The backward pass over 4096 keys took ~10 % less in
+/// (benches/RESULTS.md, 2026-12-07 09:40). The backward pass over 4096 keys took ~15 % less in
 /// tiles than in blocks of 256 rows against all keys (2026-12-07 16:13).
 const KEY_TILE: usize = 1024;
 /// Score values per tile (1 MiB): the tile's rows of queries.
@@ -213,7 +213,7 @@ impl ScoreTiles {
 }
 
 /// `softmax(Q·Kᵀ/√d)·V` per head: `[B, N, H·d]`, and each query row's log-sum-exp for the
-/// backward pass: `[B, H, N]` values `lse` such that `exp((S − lse)/√d)` is the row's softmax
+/// backward pass: `[B, H, N]` values `lse` such that `exp((Q·Kᵀ − lse)/√d)` is the row's softmax
 /// (its maximum score plus `ln Σ exp` scaled back to scores; NaN for a row whose scores are all
 /// −∞, as its output is). Tasks are (head, block of query rows) pairs, so that a few heads (SD
 /// 2.1's five) still fill every core.
@@ -544,9 +544,10 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let (g, [q, k, v]) = operands(self.heads, (q, q_l), (k, k_l), (v, v_l))?;
         let (out, log_sum_exps) = forward(&g, q, k, v);
-        // Set once: `attention` makes a new op for every call, so a second forward pass of this
-        // op could only be of the same operands.
-        let _ = self.log_sum_exps.set(log_sum_exps);
+        // Set once: `attention` makes a new op for every call, and candle runs an op's forward
+        // pass once.
+        let first = self.log_sum_exps.set(log_sum_exps).is_ok();
+        debug_assert!(first, "attention: a second forward pass of one op");
         Ok((CpuStorage::F32(out), q_l.shape().clone()))
     }
 
@@ -644,10 +645,10 @@ mod tests {
         let dev = Device::Cpu;
         let mut rng = Rng::new(5);
         // (batch, queries, keys, heads, head_dim)
-        // Both passes cut the scores into blocks of 256 query rows against tiles of 1024 keys
-        // here (`ScoreTiles`): 600 queries against 1500 keys make three blocks, the last one
-        // short, in two parts of the backward pass (`HEAD_PARTS`: two blocks and one), and two
-        // tiles, the last one short; the cases with 20 000 keys have 20 tiles.
+        // Both passes cut the scores into blocks of at most 256 query rows against tiles of at
+        // most 1024 keys here (`ScoreTiles`): 600 queries against 1500 keys make three blocks,
+        // the last one short, in two parts of the backward pass (`HEAD_PARTS`: two blocks and
+        // one), and two tiles, the last one short; the cases with 20 000 keys have 20 tiles.
         let cases = [
             (1, 600, 1500, 1, 4),
             (2, 7, 5, 3, 4),

@@ -27,13 +27,9 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
     if len < PARALLEL_FROM {
         return vec![0.0; len];
     }
-    let mut buffer = Vec::with_capacity(len);
-    buffer.spare_capacity_mut()[..len]
-        .par_chunks_mut(ZEROED_PER_TASK)
-        .for_each(|chunk| chunk.fill(MaybeUninit::new(0.0)));
-    // SAFETY: the loop above wrote each of the first `len` values, within the capacity.
-    unsafe { buffer.set_len(len) };
-    buffer
+    let clear = |_, chunk: &mut [MaybeUninit<f32>]| chunk.fill(MaybeUninit::new(0.0));
+    // SAFETY: `clear` writes every value of its chunk.
+    unsafe { written_by_pool(len, ZEROED_PER_TASK, clear) }
 }
 
 /// `len` values written by the pool a chunk of `chunk_len` values at a time (the last one may be
@@ -50,30 +46,47 @@ pub(crate) fn from_chunks(
     chunk_len: usize,
     fill: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
+    let copy_filled = |i, chunk: &mut [MaybeUninit<f32>]| {
+        with_scratch(chunk.len(), |values| {
+            if cfg!(debug_assertions) {
+                values.fill(f32::NAN);
+            }
+            fill(i, values);
+            // SAFETY: both are `chunk.len()` f32 values, and a thread's buffer cannot overlap
+            // the new one.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    values.as_ptr(),
+                    chunk.as_mut_ptr().cast(),
+                    chunk.len(),
+                )
+            };
+        })
+    };
+    // SAFETY: `copy_filled` writes every value of its chunk, from a work buffer of the chunk's
+    // length that holds initialised values whatever `fill` did.
+    unsafe { written_by_pool(len, chunk_len.max(1), copy_filled) }
+}
+
+/// A new buffer of `len` values, written by the pool a chunk of `chunk_len > 0` values at a time
+/// (the last one may be shorter) straight into the `Vec`'s spare capacity: `write(i, chunk)`
+/// gets chunk `i`.
+///
+/// # Safety
+///
+/// `write` must initialise every value of every chunk it is given.
+unsafe fn written_by_pool(
+    len: usize,
+    chunk_len: usize,
+    write: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
     let mut buffer = Vec::with_capacity(len);
     buffer.spare_capacity_mut()[..len]
-        .par_chunks_mut(chunk_len.max(1))
+        .par_chunks_mut(chunk_len)
         .enumerate()
-        .for_each(|(i, chunk)| {
-            with_scratch(chunk.len(), |values| {
-                if cfg!(debug_assertions) {
-                    values.fill(f32::NAN);
-                }
-                fill(i, values);
-                // SAFETY: both are `chunk.len()` f32 values, and a thread's buffer cannot overlap
-                // the new one.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        values.as_ptr(),
-                        chunk.as_mut_ptr().cast(),
-                        chunk.len(),
-                    )
-                };
-            })
-        });
-    // SAFETY: the loop above wrote each of the first `len` values, within the capacity: every
-    // chunk was copied whole from a buffer of its length, which holds initialised values whatever
-    // `fill` did.
+        .for_each(|(i, chunk)| write(i, chunk));
+    // SAFETY: the chunks cover the first `len` values, within the capacity, and the caller's
+    // `write` initialised each of them.
     unsafe { buffer.set_len(len) };
     buffer
 }
