@@ -186,7 +186,7 @@ const MERGE_ROWS_PER_TASK: usize = 32;
 /// [`online_softmax_rows`]; the backward pass has the rows' log-sum-exps). Against a block of
 /// rows meeting all keys at once, the forward pass over 9216 keys took 28 % less, over 4096 keys
 /// 7 % less, on the Intel kind with 2 MiB of L2 per core; tiles of 512 and 4096 keys were slower
-/// (benches/RESULTS.md, 2026-12-07 09:40). The backward pass over 4096 keys took ~15 % less in
+/// (benches/RESULTS.md, 2026-12-07 09:40). The backward pass over 4096 keys took ~12 % less in
 /// tiles than in blocks of 256 rows against all keys (2026-12-07 16:13).
 const KEY_TILE: usize = 1024;
 /// Score values per tile (1 MiB): the tile's rows of queries.
