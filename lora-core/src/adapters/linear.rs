@@ -474,6 +474,25 @@ impl LoraLinear {
         }
     }
 
+    /// `x + proj_out(geglu(proj_in(norm(x))))` for `self` as `proj_in`: a transformer block's
+    /// GEGLU feed-forward and its residual; one node where both layers are frozen, otherwise
+    /// one per layer.
+    pub fn forward_geglu_feed_forward_residual(
+        &self,
+        proj_out: &LoraLinear,
+        norm: &LayerNormLayer,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        if let (Some((w_in, b_in)), Some((w_out, b_out))) =
+            (self.unadapted()?, proj_out.unadapted()?)
+        {
+            let (input, output) = ((&w_in, b_in), (&w_out, b_out));
+            return Ok(fused::geglu_feed_forward_residual(norm, x, input, output)?);
+        }
+        let h = self.forward_layer_normed(norm, x)?;
+        proj_out.forward_geglu_residual(&h, x)
+    }
+
     /// The tokens `[B, H·W, out]` of this projection of the group-normed image `x`
     /// `[B, C, H, W]` (a transformer's input projection: a Linear on tokens or a 1×1 conv on the
     /// image, the same map); one node with the norm where the layer is frozen.

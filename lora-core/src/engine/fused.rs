@@ -1,8 +1,10 @@
 //! Frozen layers fused with their neighbours into one graph node. candle keeps every node's
 //! output until the backward pass ends; a frozen layer's input gradient reads nothing of its
-//! neighbours' outputs, so a norm with the projection after it, each half of a resnet, and a
-//! frozen output layer with the residual sum after it are each one node here, which keeps only
-//! what the backward pass reads.
+//! neighbours' outputs, so a norm with the projection after it, each half of a resnet, a frozen
+//! output layer with the residual sum after it, and a transformer's whole feed-forward with its
+//! residual are each one node here, which keeps only what the backward pass reads.
+
+use std::sync::OnceLock;
 
 use candle_core::{Module, Tensor};
 
@@ -85,6 +87,56 @@ pub fn geglu_linear_residual(
     let trained = any_trained([Some(weight), bias]);
     with_residual(h, residual, trained, forward, || GegluLinearInputGrad {
         weight: weight.clone(),
+    })
+}
+
+/// The input gradient of [`geglu_feed_forward_residual`]: the residual's, plus the norm's for
+/// GEGLU's for `dy·W_out`, times `W_in`.
+struct GegluFeedForwardInputGrad {
+    norm: LayerNormLayer,
+    w_in: Tensor,
+    w_out: Tensor,
+    /// `h = norm(x)·W_inᵀ + b_in`, kept from the forward pass: GEGLU's gradient reads it.
+    hidden: Option<Tensor>,
+}
+
+impl InputGradient for GegluFeedForwardInputGrad {
+    const NAME: &'static str = "geglu-feed-forward-residual";
+    fn input_grad(&self, x: &Tensor, grad_out: &Tensor) -> candle_core::Result<Tensor> {
+        let hidden = self.hidden.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("feed-forward: the forward pass kept no hidden state".into())
+        })?;
+        let dh = geglu_input_grad(hidden, &shared_matmul(grad_out, &self.w_out)?)?;
+        self.norm.input_grad(x, &shared_matmul(&dh, &self.w_in)?)? + grad_out
+    }
+}
+
+/// `x + geglu(norm(x)·W_inᵀ + b_in)·W_outᵀ + b_out` for frozen `W_in` `[2·inner, C]`, `W_out`
+/// `[C, inner]` and biases, as one node over `x`: a transformer block's GEGLU feed-forward with
+/// no adapter on either layer, and its residual. The node keeps `h = norm(x)·W_inᵀ + b_in`, as
+/// the two nodes of [`layer_norm_linear`] and [`geglu_linear_residual`] did, but `h` (8·C values
+/// a token) is neither copied into the graph nor given a gradient there: candle's backward pass
+/// would zero a buffer for that gradient and add to it.
+pub fn geglu_feed_forward_residual(
+    norm: &LayerNormLayer,
+    x: &Tensor,
+    (w_in, b_in): (&Tensor, Option<&Tensor>),
+    (w_out, b_out): (&Tensor, Option<&Tensor>),
+) -> candle_core::Result<Tensor> {
+    let hidden = OnceLock::new();
+    let forward = |x: &Tensor| {
+        let h = frozen_linear(&norm.forward(x)?, w_in, b_in)?;
+        let y = (frozen_linear(&geglu(&h)?, w_out, b_out)? + x)?;
+        // Called once where the node is made; a plain call (inference) drops it on return.
+        let _ = hidden.set(h);
+        Ok(y)
+    };
+    let trained = norm.trained() || any_trained([Some(w_in), b_in, Some(w_out), b_out]);
+    with_input_grad(x, trained, forward, || GegluFeedForwardInputGrad {
+        norm: norm.clone(),
+        w_in: w_in.clone(),
+        w_out: w_out.clone(),
+        hidden: hidden.get().cloned(),
     })
 }
 

@@ -557,8 +557,16 @@ fn fused_nodes_match_composed_ops_and_their_gradients() {
         };
         let composed_silu_conv =
             |x: &Tensor| composed_conv(&group_norm.composed(x, true).unwrap(), &conv3);
+        let composed_layer_norm = |x: &Tensor| {
+            let (x_hat, _) = standardized(x, 1e-5).unwrap();
+            x_hat
+                .broadcast_mul(&layer_norm.weight)
+                .unwrap()
+                .broadcast_add(&layer_norm.bias)
+                .unwrap()
+        };
         type Fused<'a> = Box<dyn Fn(&Tensor, &Tensor) -> Tensor + 'a>;
-        let cases: [(&str, Tensor, Tensor, Fused, Fused); 8] = [
+        let cases: [(&str, Tensor, Tensor, Fused, Fused); 9] = [
             (
                 "group norm + silu + conv + shift",
                 (normal(&[b, c, h, w]) * 2.0).unwrap(),
@@ -620,19 +628,26 @@ fn fused_nodes_match_composed_ops_and_their_gradients() {
                 }),
             ),
             (
+                "layer norm + geglu feed-forward + residual",
+                (normal(&[b, n, c]) * 2.0).unwrap(),
+                normal(&[1]),
+                Box::new(|x, _| {
+                    let (input, output) = ((&w_in, Some(&b_in)), (&w_ff, Some(&b_ff)));
+                    geglu_feed_forward_residual(&layer_norm, x, input, output).unwrap()
+                }),
+                Box::new(|x, _| {
+                    let normed = composed_layer_norm(x);
+                    let (hidden, gate) = geglu_halves(&linear(&normed, &w_in, &b_in)).unwrap();
+                    let a = (hidden * gate.gelu_erf().unwrap()).unwrap();
+                    (linear(&a, &w_ff, &b_ff) + x).unwrap()
+                }),
+            ),
+            (
                 "layer norm + linear",
                 (normal(&[b, n, c]) * 2.0).unwrap(),
                 normal(&[1]),
                 Box::new(|x, _| layer_norm_linear(&layer_norm, x, &w_in, Some(&b_in)).unwrap()),
-                Box::new(|x, _| {
-                    let (x_hat, _) = standardized(x, 1e-5).unwrap();
-                    let normed = x_hat
-                        .broadcast_mul(&layer_norm.weight)
-                        .unwrap()
-                        .broadcast_add(&layer_norm.bias)
-                        .unwrap();
-                    linear(&normed, &w_in, &b_in)
-                }),
+                Box::new(|x, _| linear(&composed_layer_norm(x), &w_in, &b_in)),
             ),
         ];
         for (name, x, r, fused, composed) in &cases {

@@ -91,8 +91,8 @@ impl FeedForward {
 
     /// `x + ff(norm(x))`.
     fn forward_residual(&self, norm: &LayerNormLayer, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward_layer_normed(norm, x)?;
-        self.proj_out.forward_geglu_residual(&h, x)
+        self.proj_in
+            .forward_geglu_feed_forward_residual(&self.proj_out, norm, x)
     }
 
     fn visit(&mut self, prefix: &str, f: &mut Visitor) -> Result<()> {
