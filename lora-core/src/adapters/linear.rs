@@ -458,7 +458,7 @@ impl LoraLinear {
     }
 
     /// `self.forward(norm(x))`; one node with the norm where the layer is frozen.
-    pub fn forward_layer_normed(&self, norm: &LayerNormLayer, x: &Tensor) -> Result<Tensor> {
+    fn forward_layer_normed(&self, norm: &LayerNormLayer, x: &Tensor) -> Result<Tensor> {
         match self.unadapted()? {
             Some((w, b)) => Ok(fused::layer_norm_linear(norm, x, &w, b)?),
             None => self.forward(&norm.forward(x)?),
@@ -467,7 +467,7 @@ impl LoraLinear {
 
     /// `residual + self.forward(geglu(h))`, the output half of a GEGLU feed-forward; one node
     /// where the layer is frozen.
-    pub fn forward_geglu_residual(&self, h: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    fn forward_geglu_residual(&self, h: &Tensor, residual: &Tensor) -> Result<Tensor> {
         match self.unadapted()? {
             Some((w, b)) => Ok(fused::geglu_linear_residual(h, &w, b, residual)?),
             None => Ok((self.forward(&geglu(h)?)? + residual)?),

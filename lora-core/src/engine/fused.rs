@@ -90,8 +90,8 @@ pub fn geglu_linear_residual(
     })
 }
 
-/// The input gradient of [`geglu_feed_forward_residual`]: the residual's, plus the norm's for
-/// GEGLU's for `dy·W_out`, times `W_in`.
+/// The input gradient of [`geglu_feed_forward_residual`]: `dy` (the residual's), plus the norm's
+/// input gradient for `GEGLU'(h; dy·W_out)·W_in`.
 struct GegluFeedForwardInputGrad {
     norm: LayerNormLayer,
     w_in: Tensor,
@@ -127,7 +127,8 @@ pub fn geglu_feed_forward_residual(
     let forward = |x: &Tensor| {
         let h = frozen_linear(&norm.forward(x)?, w_in, b_in)?;
         let y = (frozen_linear(&geglu(&h)?, w_out, b_out)? + x)?;
-        // Called once where the node is made; a plain call (inference) drops it on return.
+        // Called once where the node is made; a plain call (inference, or trained parameters)
+        // drops it on return.
         let _ = hidden.set(h);
         Ok(y)
     };
