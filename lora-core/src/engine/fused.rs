@@ -4,7 +4,7 @@
 //! output layer with the residual sum after it, and a transformer's whole feed-forward with its
 //! residual are each one node here, which keeps only what the backward pass reads.
 
-use std::sync::OnceLock;
+use std::cell::OnceCell;
 
 use candle_core::{Module, Tensor};
 
@@ -90,12 +90,11 @@ pub fn geglu_linear_residual(
     })
 }
 
-/// The input gradient of [`geglu_feed_forward_residual`]: `dy` (the residual's), plus the norm's
-/// input gradient for `GEGLU'(h; dy·W_out)·W_in`.
+/// The input gradient of [`geglu_feed_forward_residual`]: `dy` (the residual's), plus the two
+/// halves' input gradients in turn, the second half's at the hidden projection `h`.
 struct GegluFeedForwardInputGrad {
-    norm: LayerNormLayer,
-    w_in: Tensor,
-    w_out: Tensor,
+    first: LayerNormLinearInputGrad,
+    second: GegluLinearInputGrad,
     /// `h = norm(x)·W_inᵀ + b_in`, kept from the forward pass: GEGLU's gradient reads it.
     hidden: Option<Tensor>,
 }
@@ -106,8 +105,8 @@ impl InputGradient for GegluFeedForwardInputGrad {
         let hidden = self.hidden.as_ref().ok_or_else(|| {
             candle_core::Error::Msg("feed-forward: the forward pass kept no hidden state".into())
         })?;
-        let dh = geglu_input_grad(hidden, &shared_matmul(grad_out, &self.w_out)?)?;
-        self.norm.input_grad(x, &shared_matmul(&dh, &self.w_in)?)? + grad_out
+        let dh = self.second.input_grad(hidden, grad_out)?;
+        self.first.input_grad(x, &dh)? + grad_out
     }
 }
 
@@ -123,7 +122,7 @@ pub fn geglu_feed_forward_residual(
     (w_in, b_in): (&Tensor, Option<&Tensor>),
     (w_out, b_out): (&Tensor, Option<&Tensor>),
 ) -> candle_core::Result<Tensor> {
-    let hidden = OnceLock::new();
+    let hidden = OnceCell::new();
     let forward = |x: &Tensor| {
         let h = frozen_linear(&norm.forward(x)?, w_in, b_in)?;
         let y = (frozen_linear(&geglu(&h)?, w_out, b_out)? + x)?;
@@ -134,9 +133,13 @@ pub fn geglu_feed_forward_residual(
     };
     let trained = norm.trained() || any_trained([Some(w_in), b_in, Some(w_out), b_out]);
     with_input_grad(x, trained, forward, || GegluFeedForwardInputGrad {
-        norm: norm.clone(),
-        w_in: w_in.clone(),
-        w_out: w_out.clone(),
+        first: LayerNormLinearInputGrad {
+            norm: norm.clone(),
+            weight: w_in.clone(),
+        },
+        second: GegluLinearInputGrad {
+            weight: w_out.clone(),
+        },
         hidden: hidden.get().cloned(),
     })
 }
