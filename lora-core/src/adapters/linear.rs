@@ -13,6 +13,7 @@ use super::module::{
     dora_channel_factor, AdapterModule, AdapterModules, LoraModule, ModuleInfo, ModuleKind,
 };
 use crate::engine::autograd::{forward_from_computed_output, grad_if_tracked, ComputedOutput};
+use crate::engine::linear::{frozen_linear_input_grad_plus_low_rank, frozen_linear_plus_low_rank};
 use crate::engine::tensor_ops::{contiguous, image_to_tokens, shared_matmul, tokens_to_image};
 use crate::engine::{
     frozen_conv2d, frozen_linear, fused, geglu, AdjointKernel, GroupNormLayer, LayerNormLayer,
@@ -165,6 +166,13 @@ pub(super) fn adapter_dtype(x: &Tensor) -> DType {
     }
 }
 
+/// `t` as a matrix `[rows, features]` in `dtype`: its leading axes merged into rows.
+fn rows(t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    let t = contiguous(&t.to_dtype(dtype)?)?;
+    let cols = t.dim(D::Minus1)?;
+    t.reshape((t.elem_count() / cols.max(1), cols))
+}
+
 /// `(x, down, up) → x·Wᵀ + b + factor·(x·downᵀ)·upᵀ` for a frozen `W`, computed off the graph.
 /// With `g` the output gradient and `t = x·downᵀ` (recomputed), `gu = g·up`:
 /// `dx = g·W + factor·gu·down`, `d_down = factor·guᵀ·x`, `d_up = factor·gᵀ·t`, with the products
@@ -192,21 +200,18 @@ impl LoraGrads {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
         let dtype = adapter_dtype(x);
-        let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
-            let t = contiguous(&t.to_dtype(dtype)?)?;
-            let cols = t.dim(D::Minus1)?;
-            t.reshape((t.elem_count() / cols.max(1), cols))
-        };
-        let (x2, g2) = (rows(&x.detach())?, rows(grad)?);
+        let (x2, g2) = (rows(&x.detach(), dtype)?, rows(grad, dtype)?);
         let (down_c, up_c) = (down.detach().to_dtype(dtype)?, up.detach().to_dtype(dtype)?);
         let t = x2.matmul(&down_c.t()?)?;
         let gu = g2.matmul(&up_c)?;
         let d_up = (g2.t()?.matmul(&t)? * self.factor)?;
         let d_down = (gu.t()?.matmul(&x2)? * self.factor)?;
         let dx = grad_if_tracked(x, || {
-            let dx_base = shared_matmul(&grad.to_dtype(self.weight.dtype())?, &self.weight)?;
-            let dx_lora = (gu.matmul(&down_c)? * self.factor)?.reshape(x.shape())?;
-            (&dx_base + dx_lora.to_dtype(dx_base.dtype())?)?.to_dtype(x.dtype())
+            let gu_scaled = (gu * self.factor)?;
+            let terms = [(&gu_scaled, &down_c)];
+            frozen_linear_input_grad_plus_low_rank(grad, &self.weight, &terms)?
+                .reshape(x.shape())?
+                .to_dtype(x.dtype())
         })?;
         Ok((
             dx,
@@ -585,33 +590,30 @@ impl LoraLinear {
     /// The layer's output with `adapters`, composed from candle's ops (recorded where its inputs
     /// are tracked).
     fn forward_values(&self, x: &Tensor, adapters: &[AttachedLora]) -> Result<Tensor> {
-        let base = match self.kind {
-            ModuleKind::Linear => frozen_linear(x, &self.weight, self.bias.as_ref())?,
+        let plain_lora = adapters.iter().all(|a| a.magnitude.is_none());
+        let mut out = match self.kind {
+            ModuleKind::Linear if plain_lora => self.linear_plus_low_rank(x, adapters)?,
+            ModuleKind::Linear => {
+                let base = frozen_linear(x, &self.weight, self.bias.as_ref())?;
+                self.with_adapter_delta(x, base, adapters)?
+            }
             ModuleKind::Conv1x1 => {
                 let bias = self
                     .bias
                     .as_ref()
                     .map(|b| b.reshape((1, (), 1, 1)))
                     .transpose()?;
-                frozen_conv2d(
+                let base = frozen_conv2d(
                     x,
                     &self.weight,
                     bias.as_ref(),
                     (0, 0),
                     1,
                     Some(&self.adjoint),
-                )?
+                )?;
+                self.with_adapter_delta(x, base, adapters)?
             }
             ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
-        };
-        let mut out = match adapters.is_empty() {
-            true => base.clone(),
-            false => {
-                (&base
-                    + self
-                        .adapter_delta(x, &base, adapters)?
-                        .to_dtype(base.dtype())?)?
-            }
         };
         let dtype = adapter_dtype(x);
         for a in &self.adapters.lycoris {
@@ -624,9 +626,44 @@ impl LoraLinear {
                     x.conv2d(&delta.reshape((o, i, 1, 1))?, 0, 1, 1, 1)?
                 }
             };
-            out = (out + change.to_dtype(base.dtype())?)?;
+            out = (change.to_dtype(out.dtype())? + out)?;
         }
         Ok(out)
+    }
+
+    /// A Linear's output with plain LoRAs (no DoRA): each adapter's scaled rank-r projection
+    /// `factor·x·downᵀ`, whose up-projections the engine sums into the layer's output (no
+    /// full-width delta of their own, and no sum reading it back).
+    fn linear_plus_low_rank(&self, x: &Tensor, adapters: &[AttachedLora]) -> Result<Tensor> {
+        if adapters.is_empty() {
+            return Ok(frozen_linear(x, &self.weight, self.bias.as_ref())?);
+        }
+        let dtype = adapter_dtype(x);
+        let x_rows = rows(x, dtype)?;
+        let terms = adapters
+            .iter()
+            .map(|a| {
+                let (down, up) = (a.down.to_dtype(dtype)?, a.up.to_dtype(dtype)?);
+                Ok(((x_rows.matmul(&down.t()?)? * a.factor())?, up))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let terms: Vec<_> = terms.iter().map(|(t, up)| (t, up)).collect();
+        let bias = self.bias.as_ref();
+        Ok(frozen_linear_plus_low_rank(x, &self.weight, bias, &terms)?)
+    }
+
+    /// `base + Σᵢ` of each adapter's change of the output (see [`Self::adapter_delta`]).
+    fn with_adapter_delta(
+        &self,
+        x: &Tensor,
+        base: Tensor,
+        adapters: &[AttachedLora],
+    ) -> Result<Tensor> {
+        if adapters.is_empty() {
+            return Ok(base);
+        }
+        let delta = self.adapter_delta(x, &base, adapters)?;
+        Ok((&base + delta.to_dtype(base.dtype())?)?)
     }
 
     /// `Σᵢ` of each adapter's change of the output (`factorᵢ · upᵢ(downᵢ(x))`, and DoRA's, see

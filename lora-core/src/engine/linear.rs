@@ -36,6 +36,78 @@ pub fn frozen_linear(
     })
 }
 
+/// `x·Wᵀ + b + Σ tᵢ·Uᵢᵀ` outside the graph, for a frozen `W` `[out, in]`, each `tᵢ` `[rows, r]`
+/// (rows: the product of `x`'s leading axes) and `Uᵢ` `[out, r]`: a layer's output with its
+/// LoRAs' up-projections of their scaled rank-r projections. On the CPU in f32 the terms are
+/// summed into the layer's output buffer; elsewhere they are summed in their own dtype and added
+/// to the layer's output once.
+pub(crate) fn frozen_linear_plus_low_rank(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    terms: &[(&Tensor, &Tensor)],
+) -> candle_core::Result<Tensor> {
+    if kernel_applies(x, weight, bias, terms) {
+        let side = cpu::gemm::Side::Inputs;
+        return cpu::gemm::linear_with_low_rank(side, x, weight, bias, terms);
+    }
+    let base = frozen_linear(x, weight, bias)?;
+    let products = terms.iter().map(|&(t, up)| t.matmul(&up.t()?));
+    add_sum_of(base, products)
+}
+
+/// `dy·W + Σ gᵢ·Dᵢ` outside the graph, for a frozen `W` `[out, in]`, each `gᵢ` `[rows, r]` and
+/// `Dᵢ` `[r, in]`: the input gradient of [`frozen_linear_plus_low_rank`]'s layer, `gᵢ` the
+/// output gradient through each scaled up-projection. Summed as it does.
+pub(crate) fn frozen_linear_input_grad_plus_low_rank(
+    dy: &Tensor,
+    weight: &Tensor,
+    terms: &[(&Tensor, &Tensor)],
+) -> candle_core::Result<Tensor> {
+    if kernel_applies(dy, weight, None, terms) {
+        let side = cpu::gemm::Side::Outputs;
+        return cpu::gemm::linear_with_low_rank(side, dy, weight, None, terms);
+    }
+    let base = shared_matmul(&dy.to_dtype(weight.dtype())?, weight)?;
+    let products = terms.iter().map(|&(g, down)| g.matmul(down));
+    add_sum_of(base, products)
+}
+
+/// Whether the CPU kernel applies: CPU f32 operands, none of which a gradient can flow to. The
+/// kernel records nothing, so where a gradient can flow (an adapter trained outside the one-node
+/// path, a LyCORIS module beside it) the sum is composed from candle's ops.
+fn kernel_applies(
+    a: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    terms: &[(&Tensor, &Tensor)],
+) -> bool {
+    let term_tensors = terms.iter().flat_map(|&(t, m)| [t, m]);
+    let tensors = [Some(a), Some(weight), bias].into_iter().flatten();
+    !tensors.chain(term_tensors).any(Tensor::track_op)
+        && cpu::gemm::linear_with_low_rank_applies(a, weight, terms)
+}
+
+/// `base + Σ products` (each `[rows, n]`, summed in their own dtype, then cast to `base`'s and
+/// shaped like it).
+fn add_sum_of(
+    base: Tensor,
+    products: impl Iterator<Item = candle_core::Result<Tensor>>,
+) -> candle_core::Result<Tensor> {
+    let mut sum: Option<Tensor> = None;
+    for p in products {
+        let p = p?;
+        sum = Some(match sum {
+            Some(s) => (s + p)?,
+            None => p,
+        });
+    }
+    match sum {
+        Some(s) => base.clone() + s.to_dtype(base.dtype())?.reshape(base.shape())?,
+        None => Ok(base),
+    }
+}
+
 /// A frozen dense layer `y = x·Wᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct LinearLayer {

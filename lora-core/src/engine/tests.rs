@@ -120,6 +120,83 @@ fn frozen_linear_gives_input_gradient_only() {
     }
 }
 
+/// A frozen linear layer with low-rank terms summed into its output, and its input gradient
+/// with terms through the down-projections, equal the products composed from candle's ops: in
+/// f32 (our kernels: the first product written into a new buffer, the terms accumulated) and
+/// f64 (composed), with and without a bias, with no, one and two terms, on sizes past the
+/// kernels' per-task bias copies; a term that does not fit is an error naming the shapes.
+#[test]
+fn frozen_linear_low_rank_terms_match_composed_products() {
+    let matmul = |a: &Tensor, b: &Tensor| a.broadcast_matmul(b).unwrap();
+    for dtype in PATHS {
+        for (leading, outputs, inputs) in [([2, 5], 6, 7), ([3, 400], 96, 40)] {
+            let rows = leading[0] * leading[1];
+            let mut rng = Rng::new(7);
+            let w = normal(&[outputs, inputs], dtype, &mut rng);
+            let b = normal(&[outputs], dtype, &mut rng);
+            let x = normal(&[leading[0], leading[1], inputs], dtype, &mut rng);
+            let dy = normal(&[leading[0], leading[1], outputs], dtype, &mut rng);
+            let ups: Vec<_> = [(rows, 4), (rows, 2)]
+                .map(|(r, k)| {
+                    (
+                        normal(&[r, k], dtype, &mut rng),
+                        normal(&[outputs, k], dtype, &mut rng),
+                    )
+                })
+                .into();
+            let downs: Vec<_> = [(rows, 4), (rows, 2)]
+                .map(|(r, k)| {
+                    (
+                        normal(&[r, k], dtype, &mut rng),
+                        normal(&[k, inputs], dtype, &mut rng),
+                    )
+                })
+                .into();
+            for terms in 0..=2 {
+                for bias in [None, Some(&b)] {
+                    let up_terms: Vec<_> = ups[..terms].iter().map(|(t, u)| (t, u)).collect();
+                    let ours = frozen_linear_plus_low_rank(&x, &w, bias, &up_terms).unwrap();
+                    let mut expected = matmul(&x, &w.t().unwrap());
+                    if let Some(b) = bias {
+                        expected = expected.broadcast_add(b).unwrap();
+                    }
+                    for (t, u) in &ups[..terms] {
+                        let term = t.matmul(&u.t().unwrap()).unwrap();
+                        expected = (expected + term.reshape(ours.shape()).unwrap()).unwrap();
+                    }
+                    let case = format!("{dtype:?} {rows}×{outputs} {terms} terms {bias:?}");
+                    assert_eq!(ours.dims(), expected.dims(), "{case}");
+                    assert!(max_rel_diff(&ours, &expected) < 1e-5, "{case}");
+                }
+                let down_terms: Vec<_> = downs[..terms].iter().map(|(g, d)| (g, d)).collect();
+                let ours = frozen_linear_input_grad_plus_low_rank(&dy, &w, &down_terms).unwrap();
+                let mut expected = matmul(&dy, &w);
+                for (g, d) in &downs[..terms] {
+                    let term = g.matmul(d).unwrap();
+                    expected = (expected + term.reshape(ours.shape()).unwrap()).unwrap();
+                }
+                let case = format!("input gradient {dtype:?} {rows}×{inputs} {terms} terms");
+                assert_eq!(ours.dims(), expected.dims(), "{case}");
+                assert!(max_rel_diff(&ours, &expected) < 1e-5, "{case}");
+            }
+        }
+    }
+    let mut rng = Rng::new(8);
+    let w = normal(&[6, 7], DType::F32, &mut rng);
+    let x = normal(&[5, 7], DType::F32, &mut rng);
+    let (t, up) = (
+        normal(&[4, 3], DType::F32, &mut rng),
+        normal(&[6, 3], DType::F32, &mut rng),
+    );
+    let err = frozen_linear_plus_low_rank(&x, &w, None, &[(&t, &up)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("term [4, 3] · [6, 3] does not fit 5 rows of 6 values"),
+        "{err}"
+    );
+}
+
 /// candle's convolution with a `(rows, columns)` padding, applied explicitly (candle pads both
 /// axes alike).
 fn padded_conv(x: &Tensor, w: &Tensor, (ph, pw): (usize, usize), stride: usize) -> Tensor {

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
 
 use super::buffers::{from_chunks, zeroed};
@@ -95,19 +95,48 @@ pub(crate) fn matmul(
         }
         return;
     }
+    let product = Product { lhs, rhs, inner: k };
+    // SAFETY: the bounds of all three matrices were checked above, `dst` is borrowed mutably
+    // and so cannot alias `lhs` or `rhs`.
+    unsafe {
+        gemm_unchecked(
+            (dst.as_mut_ptr(), dst_row_stride),
+            accumulate,
+            (m, n),
+            product,
+            threads,
+        )
+    }
+}
+
+/// [`matmul`] into `dst` without its checks. Without `accumulate` gemm never reads `dst` (in
+/// gemm-common 0.19 its `alpha` becomes zero, and every kernel then stores without loading), so
+/// `dst` may point at memory not yet written.
+///
+/// # Safety
+///
+/// `dst` must be valid for writes (and for reads if `accumulate`) at every element of the
+/// `m × n` matrix with rows `dst_row_stride` apart, which must not overlap the product's
+/// operands; they must cover their `m × inner` and `inner × n` matrices.
+unsafe fn gemm_unchecked(
+    (dst, dst_row_stride): (*mut f32, usize),
+    accumulate: bool,
+    (m, n): (usize, usize),
+    Product { lhs, rhs, inner: k }: Product,
+    threads: Threads,
+) {
     let count = thread_count();
     let parallelism = match threads {
         Threads::All if count > 1 => Parallelism::Rayon(count),
         _ => Parallelism::None,
     };
-    // SAFETY: the bounds of all three matrices were checked above, `dst` is borrowed mutably
-    // and so cannot alias `lhs` or `rhs`.
+    // SAFETY: the caller's.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_row_stride as isize,
             accumulate,
@@ -125,6 +154,70 @@ pub(crate) fn matmul(
             parallelism,
         )
     }
+}
+
+/// A term `lhs·rhs` of [`sum_of_products`], `inner` the length of the sums.
+#[derive(Clone, Copy)]
+pub(crate) struct Product<'a> {
+    pub lhs: Mat<'a>,
+    pub rhs: Mat<'a>,
+    pub inner: usize,
+}
+
+/// `Σ lhsᵢ·rhsᵢ` over `products`, `[rows × cols]`, plus `bias` (`cols` values) on every row,
+/// in a new buffer on the pool. Without a bias the first product writes the buffer before
+/// anything reads it, so it is never cleared: one pass over memory fewer than zeroing it and
+/// then accumulating (the frozen linear layers' outputs and input gradients), and none at all
+/// on the calling thread. Each further product (an adapter's low-rank term) accumulates in
+/// place rather than into a tensor of its own that a sum would read back.
+pub(crate) fn sum_of_products(
+    (rows, cols): (usize, usize),
+    bias: Option<&[f32]>,
+    products: &[Product],
+) -> Vec<f32> {
+    let len = rows * cols;
+    let (mut y, rest) = match (bias.filter(|_| cols > 0), products) {
+        (Some(bias), _) => {
+            assert_eq!(bias.len(), cols, "bias length");
+            let chunk_rows = BIAS_VALUES_PER_TASK.div_ceil(cols);
+            let y = from_chunks(len, chunk_rows * cols, |_, chunk| {
+                for row in chunk.chunks_exact_mut(cols) {
+                    row.copy_from_slice(bias);
+                }
+            });
+            (y, products)
+        }
+        (None, [first, rest @ ..]) => {
+            assert!(
+                first.lhs.covers(rows, first.inner) && first.rhs.covers(first.inner, cols),
+                "matrix product out of bounds"
+            );
+            let mut y = Vec::with_capacity(len);
+            // SAFETY: the capacity holds the `rows × cols` result, rows `cols` apart, and a new
+            // buffer overlaps nothing; the operands' bounds were checked above. Without
+            // `accumulate` gemm writes every element of the result and reads none, so all `len`
+            // values are initialised before `set_len`.
+            unsafe {
+                let dst = y.spare_capacity_mut().as_mut_ptr().cast();
+                gemm_unchecked((dst, cols), false, (rows, cols), *first, Threads::All);
+                y.set_len(len);
+            }
+            (y, rest)
+        }
+        (None, []) => (zeroed(len), products),
+    };
+    for p in rest {
+        matmul(
+            &mut y,
+            cols,
+            true,
+            (rows, cols, p.inner),
+            p.lhs,
+            p.rhs,
+            Threads::All,
+        );
+    }
+    y
 }
 
 thread_local! {
@@ -170,9 +263,29 @@ pub(crate) fn f32_slice<'a>(
     Ok(&values[start..end])
 }
 
+/// Runs `f` on the values of `tensors`, each contiguous f32 on the CPU, read in place (no copy);
+/// `what` names the op in errors.
+pub(crate) fn with_f32_values<R>(
+    tensors: &[&Tensor],
+    what: &str,
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let values = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            Storage::Cpu(storage) => f32_slice(storage, layout, what),
+            _ => Err(candle_core::Error::Msg(format!(
+                "{what}: operands must be on the CPU"
+            ))),
+        })
+        .collect::<Result<Vec<&[f32]>>>()?;
+    f(&values)
+}
+
 /// Which side of a frozen linear layer's weight `[out, in]` an operand's last axis meets.
 #[derive(Clone, Copy)]
-enum Side {
+pub(crate) enum Side {
     /// The forward pass's input `[…, in]`, giving `[…, out]`.
     Inputs,
     /// The input gradient's `dy` `[…, out]`, giving `[…, in]`.
@@ -239,29 +352,12 @@ impl CustomOp2 for Linear {
         }
         let x = f32_slice(x, x_l, "linear: input")?;
         let w = f32_slice(w, w_l, "linear: weight")?;
-        let mut y = match self.bias.as_ref().filter(|_| outputs > 0) {
-            Some(bias) => {
-                let chunk_rows = BIAS_VALUES_PER_TASK.div_ceil(outputs);
-                from_chunks(rows * outputs, chunk_rows * outputs, |_, chunk| {
-                    for row in chunk.chunks_exact_mut(outputs) {
-                        row.copy_from_slice(bias);
-                    }
-                })
-            }
-            None => zeroed(rows * outputs),
+        let product = Product {
+            lhs: Mat::rows(x, inputs),
+            rhs: Mat::transposed(w, inputs),
+            inner: inputs,
         };
-        let dims = (rows, outputs, inputs);
-        let wt = Mat::transposed(w, inputs);
-        let accumulate = self.bias.is_some();
-        matmul(
-            &mut y,
-            outputs,
-            accumulate,
-            dims,
-            Mat::rows(x, inputs),
-            wt,
-            Threads::All,
-        );
+        let y = sum_of_products((rows, outputs), self.bias.as_deref(), &[product]);
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -279,8 +375,9 @@ impl CustomOp2 for Linear {
     }
 }
 
-/// [`Linear`]'s input gradient `dy·W`, `[…, out] → […, in]`, by our product into a buffer the
-/// pool zeroes (candle's matmul zeroes its output on the calling thread).
+/// [`Linear`]'s input gradient `dy·W`, `[…, out] → […, in]`, by our product into a new buffer
+/// that it writes without clearing first (candle's matmul zeroes its output on the calling
+/// thread).
 struct LinearInputGrad;
 
 impl CustomOp2 for LinearInputGrad {
@@ -299,16 +396,12 @@ impl CustomOp2 for LinearInputGrad {
             frozen_linear_dims("linear input gradient", dy_l, w_l, Side::Outputs)?;
         let dy = f32_slice(dy, dy_l, "linear input gradient: gradient")?;
         let w = f32_slice(w, w_l, "linear input gradient: weight")?;
-        let mut dx = zeroed(rows * inputs);
-        matmul(
-            &mut dx,
-            inputs,
-            false,
-            (rows, inputs, outputs),
-            Mat::rows(dy, outputs),
-            Mat::rows(w, inputs),
-            Threads::All,
-        );
+        let product = Product {
+            lhs: Mat::rows(dy, outputs),
+            rhs: Mat::rows(w, inputs),
+            inner: outputs,
+        };
+        let dx = sum_of_products((rows, inputs), None, &[product]);
         Ok((CpuStorage::F32(dx), shape))
     }
 }
@@ -325,6 +418,96 @@ pub(crate) fn linear_op(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
         .transpose()?;
     x.contiguous()?
         .apply_op2(&weight.contiguous()?, Linear { bias })
+}
+
+/// Whether [`linear_with_low_rank`] applies.
+pub(crate) fn linear_with_low_rank_applies(
+    a: &Tensor,
+    weight: &Tensor,
+    terms: &[(&Tensor, &Tensor)],
+) -> bool {
+    let term_tensors = terms.iter().flat_map(|&(t, m)| [t, m]);
+    let tensors: Vec<&Tensor> = [a, weight].into_iter().chain(term_tensors).collect();
+    cpu_f32(&tensors) && a.rank() >= 1 && weight.rank() == 2
+}
+
+/// A frozen linear layer's product with low-rank terms added, computed outside the graph (it
+/// records nothing): on the [`Side::Inputs`] side `x·Wᵀ + b + Σ tᵢ·Uᵢᵀ` for `x` `[…, in]`, each
+/// `tᵢ` `[rows, r]` and `Uᵢ` `[out, r]` (a LoRA's up-projection of its scaled rank-r
+/// projection); on the [`Side::Outputs`] side `dy·W + Σ gᵢ·Dᵢ` for `dy` `[…, out]` and `Dᵢ`
+/// `[r, in]` (the input gradient, through each down-projection). The terms accumulate into the
+/// layer's output buffer (see [`sum_of_products`]).
+pub(crate) fn linear_with_low_rank(
+    side: Side,
+    a: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    terms: &[(&Tensor, &Tensor)],
+) -> Result<Tensor> {
+    let op = match side {
+        Side::Inputs => "linear with low-rank terms",
+        Side::Outputs => "linear input gradient with low-rank terms",
+    };
+    let error = |what: String| candle_core::Error::Msg(format!("{op}: {what}"));
+    let (a, weight) = (a.contiguous()?, weight.contiguous()?);
+    let (rows, (outputs, inputs), shape) =
+        frozen_linear_dims(op, a.layout(), weight.layout(), side)?;
+    let (inner, cols) = match side {
+        Side::Inputs => (inputs, outputs),
+        Side::Outputs => (outputs, inputs),
+    };
+    let bias = bias
+        .map(|b| b.flatten_all()?.to_vec1::<f32>())
+        .transpose()?;
+    if let Some(b) = bias.as_ref().filter(|b| b.len() != cols) {
+        return Err(error(format!(
+            "bias of {} values for {cols} outputs",
+            b.len()
+        )));
+    }
+    let device = a.device().clone();
+    let (mut tensors, mut ranks) = (vec![a, weight], Vec::with_capacity(terms.len()));
+    for &(t, m) in terms {
+        let (t_rows, rank) = t.dims2()?;
+        let expected = match side {
+            Side::Inputs => (cols, rank),
+            Side::Outputs => (rank, cols),
+        };
+        if t_rows != rows || m.dims2()? != expected {
+            return Err(error(format!(
+                "term {:?} · {:?} does not fit {rows} rows of {cols} values",
+                t.dims(),
+                m.dims()
+            )));
+        }
+        tensors.extend([t.contiguous()?, m.contiguous()?]);
+        ranks.push(rank);
+    }
+    let y = with_f32_values(&tensors.iter().collect::<Vec<_>>(), op, |values| {
+        let [a, weight, term_values @ ..] = values else {
+            unreachable!("the operand and the weight come first");
+        };
+        let mut products = vec![Product {
+            lhs: Mat::rows(a, inner),
+            rhs: match side {
+                Side::Inputs => Mat::transposed(weight, inner),
+                Side::Outputs => Mat::rows(weight, cols),
+            },
+            inner,
+        }];
+        for (&rank, pair) in ranks.iter().zip(term_values.chunks_exact(2)) {
+            products.push(Product {
+                lhs: Mat::rows(pair[0], rank),
+                rhs: match side {
+                    Side::Inputs => Mat::transposed(pair[1], rank),
+                    Side::Outputs => Mat::rows(pair[1], cols),
+                },
+                inner: rank,
+            });
+        }
+        Ok(sum_of_products((rows, cols), bias.as_deref(), &products))
+    })?;
+    Tensor::from_vec(y, shape, &device)
 }
 
 #[cfg(test)]
