@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::buffers::{for_each_band, zeroed};
-use super::gemm::{f32_slice, matmul, with_scratch, Mat, Threads, LINE_VALUES};
+use super::gemm::{f32_slice, matmul, with_f32_values, with_scratch, Mat, Threads, LINE_VALUES};
 use super::math::{self, simd_dispatch};
 
 /// `[B, N, H·d]` queries against `[B, M, H·d]` keys and values: the shape contract of every
@@ -505,8 +505,8 @@ struct Attention {
 /// log-sum-exps (no backward of its own).
 struct AttentionGrad<'a> {
     heads: usize,
-    grad_out: Vec<f32>,
-    out: Vec<f32>,
+    grad_out: &'a [f32],
+    out: &'a [f32],
     log_sum_exps: &'a [f32],
 }
 
@@ -562,13 +562,19 @@ impl CustomOp3 for Attention {
         let log_sum_exps = self.log_sum_exps.get().ok_or_else(|| {
             candle_core::Error::Msg("attention: backward pass before the forward pass".into())
         })?;
-        let op = AttentionGrad {
-            heads: self.heads,
-            grad_out: grad_out.flatten_all()?.to_vec1::<f32>()?,
-            out: out.flatten_all()?.to_vec1::<f32>()?,
-            log_sum_exps,
-        };
-        let packed = q.apply_op3_no_bwd(k, v, &op)?;
+        // Read in place: copies of the output and its gradient would run on this thread alone
+        // while the pool waits.
+        let (grad_out, out) = (grad_out.contiguous()?, out.contiguous()?);
+        let what = "attention backward";
+        let packed = with_f32_values(&[&grad_out, &out], what, |values| {
+            let op = AttentionGrad {
+                heads: self.heads,
+                grad_out: values[0],
+                out: values[1],
+                log_sum_exps,
+            };
+            q.apply_op3_no_bwd(k, v, &op)
+        })?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
         let dq = packed.narrow(0, 0, nq)?.reshape(q.shape())?;
         let dk = packed.narrow(0, nq, nk)?.reshape(k.shape())?;
@@ -610,8 +616,8 @@ impl CustomOp3 for AttentionGrad<'_> {
             )));
         }
         let upstream = Upstream {
-            grad_out: &self.grad_out,
-            out: &self.out,
+            grad_out: self.grad_out,
+            out: self.out,
             log_sum_exps: self.log_sum_exps,
         };
         let packed = backward(&g, q, k, v, upstream);
