@@ -587,8 +587,8 @@ impl LoraLinear {
         Ok((&node + plain.broadcast_mul(&c_minus_1)?)?)
     }
 
-    /// The layer's output with `adapters`, composed from candle's ops (recorded where its inputs
-    /// are tracked).
+    /// The layer's output with `adapters`, recorded where its inputs are tracked (plain LoRAs on
+    /// a Linear through the engine's low-rank sum, which composes candle's ops then).
     fn forward_values(&self, x: &Tensor, adapters: &[AttachedLora]) -> Result<Tensor> {
         let plain_lora = adapters.iter().all(|a| a.magnitude.is_none());
         let mut out = match self.kind {

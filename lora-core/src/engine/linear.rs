@@ -36,11 +36,12 @@ pub fn frozen_linear(
     })
 }
 
-/// `x·Wᵀ + b + Σ tᵢ·Uᵢᵀ` outside the graph, for a frozen `W` `[out, in]`, each `tᵢ` `[rows, r]`
-/// (rows: the product of `x`'s leading axes) and `Uᵢ` `[out, r]`: a layer's output with its
-/// LoRAs' up-projections of their scaled rank-r projections. On the CPU in f32 the terms are
-/// summed into the layer's output buffer; elsewhere they are summed in their own dtype and added
-/// to the layer's output once.
+/// `x·Wᵀ + b + Σ tᵢ·Uᵢᵀ` for a frozen `W` `[out, in]`, each `tᵢ` `[rows, r]` (rows: the product
+/// of `x`'s leading axes) and `Uᵢ` `[out, r]`: a layer's output with its LoRAs' up-projections of
+/// their scaled rank-r projections. On the CPU in f32, where no gradient can flow to any operand,
+/// one kernel sums the terms into the layer's output buffer; otherwise candle's ops compose the
+/// same sum (recorded where an operand is tracked), the terms summed in their own dtype and
+/// added to the layer's output once.
 pub(crate) fn frozen_linear_plus_low_rank(
     x: &Tensor,
     weight: &Tensor,
@@ -56,9 +57,9 @@ pub(crate) fn frozen_linear_plus_low_rank(
     add_sum_of(base, products)
 }
 
-/// `dy·W + Σ gᵢ·Dᵢ` outside the graph, for a frozen `W` `[out, in]`, each `gᵢ` `[rows, r]` and
-/// `Dᵢ` `[r, in]`: the input gradient of [`frozen_linear_plus_low_rank`]'s layer, `gᵢ` the
-/// output gradient through each scaled up-projection. Summed as it does.
+/// `dy·W + Σ gᵢ·Dᵢ` for a frozen `W` `[out, in]`, each `gᵢ` `[rows, r]` and `Dᵢ` `[r, in]`: the
+/// input gradient of [`frozen_linear_plus_low_rank`]'s layer, `gᵢ` the output gradient through
+/// each scaled up-projection; computed the same two ways.
 pub(crate) fn frozen_linear_input_grad_plus_low_rank(
     dy: &Tensor,
     weight: &Tensor,
@@ -74,8 +75,8 @@ pub(crate) fn frozen_linear_input_grad_plus_low_rank(
 }
 
 /// Whether the CPU kernel applies: CPU f32 operands, none of which a gradient can flow to. The
-/// kernel records nothing, so where a gradient can flow (an adapter trained outside the one-node
-/// path, a LyCORIS module beside it) the sum is composed from candle's ops.
+/// kernel records nothing, so where a gradient can flow (several adapters trained at once, or
+/// one beside a LyCORIS module) the sum is composed from candle's ops.
 fn kernel_applies(
     a: &Tensor,
     weight: &Tensor,
@@ -85,7 +86,7 @@ fn kernel_applies(
     let term_tensors = terms.iter().flat_map(|&(t, m)| [t, m]);
     let tensors = [Some(a), Some(weight), bias].into_iter().flatten();
     !tensors.chain(term_tensors).any(Tensor::track_op)
-        && cpu::gemm::linear_with_low_rank_applies(a, weight, terms)
+        && cpu::gemm::linear_with_low_rank_applies(a, weight, bias, terms)
 }
 
 /// `base + Σ products` (each `[rows, n]`, summed in their own dtype, then cast to `base`'s and
@@ -103,7 +104,10 @@ fn add_sum_of(
         });
     }
     match sum {
-        Some(s) => base.clone() + s.to_dtype(base.dtype())?.reshape(base.shape())?,
+        Some(s) => {
+            let s = s.to_dtype(base.dtype())?.reshape(base.shape())?;
+            base + s
+        }
         None => Ok(base),
     }
 }

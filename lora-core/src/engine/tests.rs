@@ -197,6 +197,45 @@ fn frozen_linear_low_rank_terms_match_composed_products() {
     );
 }
 
+/// Where a gradient can flow to an operand (a trained input or up-projection), the low-rank sum
+/// is recorded and gives the same gradients as candle's composed products.
+#[test]
+fn frozen_linear_low_rank_terms_keep_gradients_of_tracked_operands() {
+    let mut rng = Rng::new(9);
+    let w = normal(&[6, 7], DType::F32, &mut rng);
+    let b = normal(&[6], DType::F32, &mut rng);
+    let x = Var::from_tensor(&normal(&[2, 5, 7], DType::F32, &mut rng)).unwrap();
+    let t = normal(&[10, 3], DType::F32, &mut rng);
+    let up = Var::from_tensor(&normal(&[6, 3], DType::F32, &mut rng)).unwrap();
+    let upstream = normal(&[2, 5, 6], DType::F32, &mut rng);
+    let grads = |y: Tensor| {
+        let g = (y * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        [x.as_tensor(), up.as_tensor()].map(|v| g.get(v).expect("a gradient").clone())
+    };
+    let ours = frozen_linear_plus_low_rank(&x, &w, Some(&b), &[(&t, &up)]).unwrap();
+    assert!(ours.track_op());
+    let term = t
+        .matmul(&up.t().unwrap())
+        .unwrap()
+        .reshape((2, 5, 6))
+        .unwrap();
+    let composed = (x
+        .broadcast_matmul(&w.t().unwrap())
+        .unwrap()
+        .broadcast_add(&b)
+        .unwrap()
+        + term)
+        .unwrap();
+    for (ours, expected) in grads(ours).iter().zip(grads(composed).iter()) {
+        assert!(max_rel_diff(ours, expected) < 1e-5);
+    }
+}
+
 /// candle's convolution with a `(rows, columns)` padding, applied explicitly (candle pads both
 /// axes alike).
 fn padded_conv(x: &Tensor, w: &Tensor, (ph, pw): (usize, usize), stride: usize) -> Tensor {

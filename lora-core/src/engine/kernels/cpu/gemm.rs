@@ -166,7 +166,7 @@ pub(crate) struct Product<'a> {
 
 /// `Σ lhsᵢ·rhsᵢ` over `products`, `[rows × cols]`, plus `bias` (`cols` values) on every row,
 /// in a new buffer on the pool. Without a bias the first product writes the buffer before
-/// anything reads it, so it is never cleared: one pass over memory fewer than zeroing it and
+/// anything reads it (past one row or column), so it is never cleared: one pass over memory fewer than zeroing it and
 /// then accumulating (the frozen linear layers' outputs and input gradients), and none at all
 /// on the calling thread. Each further product (an adapter's low-rank term) accumulates in
 /// place rather than into a tensor of its own that a sum would read back.
@@ -187,7 +187,9 @@ pub(crate) fn sum_of_products(
             });
             (y, products)
         }
-        (None, [first, rest @ ..]) => {
+        // gemm's matrix-vector paths (one row or one column) view the destination as a slice,
+        // which must hold values: such outputs are small, and zeroed.
+        (None, [first, rest @ ..]) if rows > 1 && cols > 1 => {
             assert!(
                 first.lhs.covers(rows, first.inner) && first.rhs.covers(first.inner, cols),
                 "matrix product out of bounds"
@@ -204,7 +206,7 @@ pub(crate) fn sum_of_products(
             }
             (y, rest)
         }
-        (None, []) => (zeroed(len), products),
+        (None, _) => (zeroed(len), products),
     };
     for p in rest {
         matmul(
@@ -263,8 +265,10 @@ pub(crate) fn f32_slice<'a>(
     Ok(&values[start..end])
 }
 
-/// Runs `f` on the values of `tensors`, each contiguous f32 on the CPU, read in place (no copy);
-/// `what` names the op in errors.
+/// Runs `f` on the values of `tensors`, each contiguous f32 on the CPU, read in place (no copy)
+/// under their storages' read locks; `what` names the op in errors. `f` must not write to any of
+/// them (that would wait for the locks forever), and none may be written from another thread
+/// meanwhile (a tensor given twice takes its lock twice, which a waiting writer could block).
 pub(crate) fn with_f32_values<R>(
     tensors: &[&Tensor],
     what: &str,
@@ -424,11 +428,13 @@ pub(crate) fn linear_op(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
 pub(crate) fn linear_with_low_rank_applies(
     a: &Tensor,
     weight: &Tensor,
+    bias: Option<&Tensor>,
     terms: &[(&Tensor, &Tensor)],
 ) -> bool {
-    let term_tensors = terms.iter().flat_map(|&(t, m)| [t, m]);
-    let tensors: Vec<&Tensor> = [a, weight].into_iter().chain(term_tensors).collect();
-    cpu_f32(&tensors) && a.rank() >= 1 && weight.rank() == 2
+    let others = bias
+        .into_iter()
+        .chain(terms.iter().flat_map(|&(t, m)| [t, m]));
+    linear_applies(a, weight) && cpu_f32(&others.collect::<Vec<_>>())
 }
 
 /// A frozen linear layer's product with low-rank terms added, computed outside the graph (it
@@ -545,6 +551,44 @@ mod tests {
         let scalar = Tensor::new(1.0f32, &dev).unwrap();
         let err = linear_op(&scalar, &w, None).unwrap_err().to_string();
         assert!(err.contains("must have a feature axis"), "{err}");
+    }
+
+    /// Without `accumulate` gemm never reads its destination (what `sum_of_products` relies on
+    /// to skip clearing a new buffer): a destination full of NaN ends up holding exactly the
+    /// product, for every path gemm takes (inner length 0, ≤ 2, small outputs, matrix-vector
+    /// shapes, and a large product split over the pool and over the inner length).
+    #[test]
+    fn products_never_read_the_destination_they_overwrite() {
+        let cases = [
+            (3, 4, 0),
+            (5, 6, 2),
+            (7, 9, 11),
+            (1, 40, 33),
+            (40, 1, 33),
+            (300, 200, 700),
+        ];
+        for (m, n, k) in cases {
+            let lhs: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+            let rhs: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+            let mut dst = vec![f32::NAN; m * n];
+            let (a, b) = (Mat::rows(&lhs, k), Mat::rows(&rhs, n));
+            // SAFETY: `dst` holds `m × n` values, rows `n` apart; `lhs` and `rhs` cover theirs.
+            unsafe {
+                let product = Product {
+                    lhs: a,
+                    rhs: b,
+                    inner: k,
+                };
+                gemm_unchecked((dst.as_mut_ptr(), n), false, (m, n), product, Threads::All);
+            }
+            let mut wrong = 0;
+            for (i, j) in (0..m).flat_map(|i| (0..n).map(move |j| (i, j))) {
+                let exact: f32 = (0..k).map(|l| lhs[i * k + l] * rhs[l * n + j]).sum();
+                // Small integers: every partial sum is exact in f32 whatever the order.
+                wrong += usize::from(dst[i * n + j] != exact);
+            }
+            assert_eq!(wrong, 0, "{m}×{n}, inner {k}");
+        }
     }
 
     #[test]
