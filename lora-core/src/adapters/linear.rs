@@ -14,7 +14,9 @@ use super::module::{
 };
 use crate::engine::autograd::{forward_from_computed_output, grad_if_tracked, ComputedOutput};
 use crate::engine::linear::{frozen_linear_input_grad_plus_low_rank, frozen_linear_plus_low_rank};
-use crate::engine::tensor_ops::{contiguous, image_to_tokens, shared_matmul, tokens_to_image};
+use crate::engine::tensor_ops::{
+    contiguous, image_to_tokens, shared_matmul, sum_of, tokens_to_image,
+};
 use crate::engine::{
     frozen_conv2d, frozen_linear, fused, geglu, AdjointKernel, GroupNormLayer, LayerNormLayer,
 };
@@ -635,9 +637,6 @@ impl LoraLinear {
     /// `factor·x·downᵀ`, whose up-projections the engine sums into the layer's output (no
     /// full-width delta of their own, and no sum reading it back).
     fn linear_plus_low_rank(&self, x: &Tensor, adapters: &[AttachedLora]) -> Result<Tensor> {
-        if adapters.is_empty() {
-            return Ok(frozen_linear(x, &self.weight, self.bias.as_ref())?);
-        }
         let dtype = adapter_dtype(x);
         let x_rows = rows(x, dtype)?;
         let terms = adapters
@@ -659,21 +658,21 @@ impl LoraLinear {
         base: Tensor,
         adapters: &[AttachedLora],
     ) -> Result<Tensor> {
-        if adapters.is_empty() {
-            return Ok(base);
-        }
-        let delta = self.adapter_delta(x, &base, adapters)?;
-        Ok((&base + delta.to_dtype(base.dtype())?)?)
+        Ok(match self.adapter_delta(x, &base, adapters)? {
+            Some(delta) => (&base + delta.to_dtype(base.dtype())?)?,
+            None => base,
+        })
     }
 
     /// `Σᵢ` of each adapter's change of the output (`factorᵢ · upᵢ(downᵢ(x))`, and DoRA's, see
-    /// [`AttachedLora::contribution`]) over `adapters`; `base` is the frozen layer's output.
+    /// [`AttachedLora::contribution`]) over `adapters` (`None` for none); `base` is the frozen
+    /// layer's output.
     fn adapter_delta(
         &self,
         x: &Tensor,
         base: &Tensor,
         adapters: &[AttachedLora],
-    ) -> Result<Tensor> {
+    ) -> Result<Option<Tensor>> {
         // The factor scales the rank-r projection, and the delta is added in the base's dtype.
         let dtype = adapter_dtype(x);
         let x = x.to_dtype(dtype)?;
@@ -688,8 +687,7 @@ impl LoraLinear {
                 None => base.clone(),
             })
         };
-        let mut delta: Option<Tensor> = None;
-        for a in adapters {
+        sum_of(adapters.iter().map(|a| {
             let (down, up) = (a.down.to_dtype(dtype)?, a.up.to_dtype(dtype)?);
             let low_rank = match self.kind {
                 ModuleKind::Linear => {
@@ -708,12 +706,7 @@ impl LoraLinear {
                 }
                 ModuleKind::Conv { .. } => bail!("k×k conv layers are never built (see `new`)"),
             };
-            let d = a.contribution(&self.weight, low_rank, plain, &channel_shape)?;
-            delta = Some(match delta {
-                Some(acc) => (acc + d)?,
-                None => d,
-            });
-        }
-        Ok(delta.expect("adapters is non-empty"))
+            a.contribution(&self.weight, low_rank, plain, &channel_shape)
+        }))
     }
 }

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::autograd::{any_trained, with_input_grad, InputGradient};
 use super::kernels::cpu;
-use super::tensor_ops::{add_bias, shared_matmul};
+use super::tensor_ops::{add_bias, shared_matmul, sum_of};
 
 /// The frozen linear layer's input gradient, `dy·W`.
 pub(crate) struct LinearInputGrad {
@@ -95,15 +95,7 @@ fn add_sum_of(
     base: Tensor,
     products: impl Iterator<Item = candle_core::Result<Tensor>>,
 ) -> candle_core::Result<Tensor> {
-    let mut sum: Option<Tensor> = None;
-    for p in products {
-        let p = p?;
-        sum = Some(match sum {
-            Some(s) => (s + p)?,
-            None => p,
-        });
-    }
-    match sum {
+    match sum_of(products)? {
         Some(s) => {
             let s = s.to_dtype(base.dtype())?.reshape(base.shape())?;
             base + s

@@ -213,6 +213,19 @@ pub fn image_to_tokens(x: &Tensor) -> candle_core::Result<Tensor> {
     contiguous(&x.permute((0, 2, 3, 1))?)?.reshape((b, h * w, c))
 }
 
+/// `Σ terms` (each the same shape), or `None` for no terms.
+pub(crate) fn sum_of<E: From<candle_core::Error>>(
+    terms: impl IntoIterator<Item = Result<Tensor, E>>,
+) -> Result<Option<Tensor>, E> {
+    terms.into_iter().try_fold(None, |sum, term| {
+        let term = term?;
+        Ok(Some(match sum {
+            Some(s) => (s + term)?,
+            None => term,
+        }))
+    })
+}
+
 /// The dtype normalisations, upcast attention and attention's sums are computed in:
 /// half-precision inputs are upcast so the statistics do not lose precision; f32/f64 stay as
 /// they are.

@@ -166,9 +166,9 @@ pub(crate) struct Product<'a> {
 
 /// `Σ lhsᵢ·rhsᵢ` over `products`, `[rows × cols]`, plus `bias` (`cols` values) on every row,
 /// in a new buffer on the pool. Without a bias the first product writes the buffer before
-/// anything reads it (past one row or column), so it is never cleared: one pass over memory fewer than zeroing it and
-/// then accumulating (the frozen linear layers' outputs and input gradients), and none at all
-/// on the calling thread. Each further product (an adapter's low-rank term) accumulates in
+/// anything reads it (past one row or column), so it is never cleared: one pass over memory
+/// fewer than zeroing it and then accumulating (the frozen linear layers' outputs and input
+/// gradients), and none at all on the calling thread. Each further product (an adapter's low-rank term) accumulates in
 /// place rather than into a tensor of its own that a sum would read back.
 pub(crate) fn sum_of_products(
     (rows, cols): (usize, usize),
@@ -296,6 +296,37 @@ pub(crate) enum Side {
     Outputs,
 }
 
+impl Side {
+    /// The inner length and the result's columns of a product with a weight `(out, in)`.
+    fn inner_and_cols(self, (outputs, inputs): (usize, usize)) -> (usize, usize) {
+        match self {
+            Side::Inputs => (inputs, outputs),
+            Side::Outputs => (outputs, inputs),
+        }
+    }
+
+    /// `lhs` `[rows, inner]` times `matrix` as this side meets it: a weight or up-projection
+    /// `[cols, inner]` transposed on the input side, a weight or down-projection `[inner, cols]`
+    /// as stored on the output side.
+    fn product<'a>(
+        self,
+        lhs: &'a [f32],
+        matrix: &'a [f32],
+        inner: usize,
+        cols: usize,
+    ) -> Product<'a> {
+        let rhs = match self {
+            Side::Inputs => Mat::transposed(matrix, inner),
+            Side::Outputs => Mat::rows(matrix, cols),
+        };
+        Product {
+            lhs: Mat::rows(lhs, inner),
+            rhs,
+            inner,
+        }
+    }
+}
+
 /// The rows (the product of the leading axes), the weight's `(out, in)` and the result's shape
 /// of a frozen linear layer's product of `a` with the weight `w`, or an error naming `op`.
 fn frozen_linear_dims(
@@ -311,10 +342,7 @@ fn frozen_linear_dims(
             w.dims()
         )));
     };
-    let (expected, produced) = match side {
-        Side::Inputs => (inputs, outputs),
-        Side::Outputs => (outputs, inputs),
-    };
+    let (expected, produced) = side.inner_and_cols((outputs, inputs));
     if features != expected {
         return Err(candle_core::Error::Msg(format!(
             "{op}: operand {:?} does not fit weight {:?}",
@@ -325,6 +353,39 @@ fn frozen_linear_dims(
     let mut shape = a.dims().to_vec();
     *shape.last_mut().expect("split above") = produced;
     Ok((leading.iter().product(), (outputs, inputs), shape.into()))
+}
+
+/// A low-rank term's values: `t` `[rows, rank]` and its projection (see [`Side::product`]).
+type TermValues<'a> = (&'a [f32], &'a [f32], usize);
+
+/// A frozen linear layer's product on `side` of `a` (`rows` rows) with the weight `w`
+/// `[out, in]`, plus `bias` on every row and each low-rank term, in a new buffer (see
+/// [`sum_of_products`]); an error naming `op` when the bias does not fit.
+fn frozen_linear_sum(
+    op: &str,
+    side: Side,
+    (rows, weight_dims): (usize, (usize, usize)),
+    (a, w): (&[f32], &[f32]),
+    bias: Option<&[f32]>,
+    terms: &[TermValues],
+) -> Result<Vec<f32>> {
+    let (inner, cols) = side.inner_and_cols(weight_dims);
+    if let Some(bias) = bias.filter(|b| b.len() != cols) {
+        let (outputs, inputs) = weight_dims;
+        return Err(candle_core::Error::Msg(format!(
+            "{op}: bias of {} values for a weight {:?}",
+            bias.len(),
+            [outputs, inputs]
+        )));
+    }
+    let products: Vec<Product> = std::iter::once(side.product(a, w, inner, cols))
+        .chain(
+            terms
+                .iter()
+                .map(|&(t, m, rank)| side.product(t, m, rank, cols)),
+        )
+        .collect();
+    Ok(sum_of_products((rows, cols), bias, &products))
 }
 
 /// `x·Wᵀ + b` for a frozen `W` `[out, in]` (and frozen `b`) as one op whose backward is the
@@ -345,23 +406,11 @@ impl CustomOp2 for Linear {
         w: &CpuStorage,
         w_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, (outputs, inputs), shape) =
-            frozen_linear_dims("linear", x_l, w_l, Side::Inputs)?;
-        if let Some(bias) = self.bias.as_ref().filter(|b| b.len() != outputs) {
-            return Err(candle_core::Error::Msg(format!(
-                "linear: bias of {} values for a weight {:?}",
-                bias.len(),
-                w_l.dims()
-            )));
-        }
+        let (rows, weight_dims, shape) = frozen_linear_dims("linear", x_l, w_l, Side::Inputs)?;
         let x = f32_slice(x, x_l, "linear: input")?;
         let w = f32_slice(w, w_l, "linear: weight")?;
-        let product = Product {
-            lhs: Mat::rows(x, inputs),
-            rhs: Mat::transposed(w, inputs),
-            inner: inputs,
-        };
-        let y = sum_of_products((rows, outputs), self.bias.as_deref(), &[product]);
+        let (side, bias) = (Side::Inputs, self.bias.as_deref());
+        let y = frozen_linear_sum("linear", side, (rows, weight_dims), (x, w), bias, &[])?;
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -396,16 +445,11 @@ impl CustomOp2 for LinearInputGrad {
         w: &CpuStorage,
         w_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, (outputs, inputs), shape) =
-            frozen_linear_dims("linear input gradient", dy_l, w_l, Side::Outputs)?;
+        let op = "linear input gradient";
+        let (rows, weight_dims, shape) = frozen_linear_dims(op, dy_l, w_l, Side::Outputs)?;
         let dy = f32_slice(dy, dy_l, "linear input gradient: gradient")?;
         let w = f32_slice(w, w_l, "linear input gradient: weight")?;
-        let product = Product {
-            lhs: Mat::rows(dy, outputs),
-            rhs: Mat::rows(w, inputs),
-            inner: outputs,
-        };
-        let dx = sum_of_products((rows, inputs), None, &[product]);
+        let dx = frozen_linear_sum(op, Side::Outputs, (rows, weight_dims), (dy, w), None, &[])?;
         Ok((CpuStorage::F32(dx), shape))
     }
 }
@@ -454,23 +498,12 @@ pub(crate) fn linear_with_low_rank(
         Side::Inputs => "linear with low-rank terms",
         Side::Outputs => "linear input gradient with low-rank terms",
     };
-    let error = |what: String| candle_core::Error::Msg(format!("{op}: {what}"));
     let (a, weight) = (a.contiguous()?, weight.contiguous()?);
-    let (rows, (outputs, inputs), shape) =
-        frozen_linear_dims(op, a.layout(), weight.layout(), side)?;
-    let (inner, cols) = match side {
-        Side::Inputs => (inputs, outputs),
-        Side::Outputs => (outputs, inputs),
-    };
+    let (rows, weight_dims, shape) = frozen_linear_dims(op, a.layout(), weight.layout(), side)?;
+    let (_, cols) = side.inner_and_cols(weight_dims);
     let bias = bias
         .map(|b| b.flatten_all()?.to_vec1::<f32>())
         .transpose()?;
-    if let Some(b) = bias.as_ref().filter(|b| b.len() != cols) {
-        return Err(error(format!(
-            "bias of {} values for {cols} outputs",
-            b.len()
-        )));
-    }
     let device = a.device().clone();
     let (mut tensors, mut ranks) = (vec![a, weight], Vec::with_capacity(terms.len()));
     for &(t, m) in terms {
@@ -480,8 +513,8 @@ pub(crate) fn linear_with_low_rank(
             Side::Outputs => (rank, cols),
         };
         if t_rows != rows || m.dims2()? != expected {
-            return Err(error(format!(
-                "term {:?} · {:?} does not fit {rows} rows of {cols} values",
+            return Err(candle_core::Error::Msg(format!(
+                "{op}: term {:?} · {:?} does not fit {rows} rows of {cols} values",
                 t.dims(),
                 m.dims()
             )));
@@ -493,25 +526,11 @@ pub(crate) fn linear_with_low_rank(
         let [a, weight, term_values @ ..] = values else {
             unreachable!("the operand and the weight come first");
         };
-        let mut products = vec![Product {
-            lhs: Mat::rows(a, inner),
-            rhs: match side {
-                Side::Inputs => Mat::transposed(weight, inner),
-                Side::Outputs => Mat::rows(weight, cols),
-            },
-            inner,
-        }];
-        for (&rank, pair) in ranks.iter().zip(term_values.chunks_exact(2)) {
-            products.push(Product {
-                lhs: Mat::rows(pair[0], rank),
-                rhs: match side {
-                    Side::Inputs => Mat::transposed(pair[1], rank),
-                    Side::Outputs => Mat::rows(pair[1], cols),
-                },
-                inner: rank,
-            });
-        }
-        Ok(sum_of_products((rows, cols), bias.as_deref(), &products))
+        let terms: Vec<TermValues> = (ranks.iter().zip(term_values.chunks_exact(2)))
+            .map(|(&rank, pair)| (pair[0], pair[1], rank))
+            .collect();
+        let dims = (rows, weight_dims);
+        frozen_linear_sum(op, side, dims, (a, weight), bias.as_deref(), &terms)
     })?;
     Tensor::from_vec(y, shape, &device)
 }
