@@ -168,8 +168,9 @@ pub(crate) struct Product<'a> {
 /// in a new buffer on the pool. Without a bias the first product writes the buffer before
 /// anything reads it (past one row or column), so it is never cleared: one pass over memory
 /// fewer than zeroing it and then accumulating (the frozen linear layers' outputs and input
-/// gradients), and none at all on the calling thread. Each further product (an adapter's low-rank term) accumulates in
-/// place rather than into a tensor of its own that a sum would read back.
+/// gradients), and none at all on the calling thread. Each further product (an adapter's
+/// low-rank term) accumulates in place rather than into a tensor of its own that a sum would
+/// read back.
 pub(crate) fn sum_of_products(
     (rows, cols): (usize, usize),
     bias: Option<&[f32]>,
