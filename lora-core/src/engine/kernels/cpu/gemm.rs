@@ -306,9 +306,18 @@ impl Side {
         }
     }
 
-    /// `lhs` `[rows, inner]` times `matrix` as this side meets it: a weight or up-projection
-    /// `[cols, inner]` transposed on the input side, a weight or down-projection `[inner, cols]`
-    /// as stored on the output side.
+    /// The shape of a matrix that meets `inner` values on this side to give `cols`: a weight or
+    /// up-projection `[cols, inner]` on the input side, a weight or down-projection
+    /// `[inner, cols]` on the output side.
+    fn matrix_dims(self, inner: usize, cols: usize) -> (usize, usize) {
+        match self {
+            Side::Inputs => (cols, inner),
+            Side::Outputs => (inner, cols),
+        }
+    }
+
+    /// `lhs` `[rows, inner]` times `matrix` (shaped as [`Self::matrix_dims`] says): transposed
+    /// on the input side, as stored on the output side.
     fn product<'a>(
         self,
         lhs: &'a [f32],
@@ -509,11 +518,7 @@ pub(crate) fn linear_with_low_rank(
     let (mut tensors, mut ranks) = (vec![a, weight], Vec::with_capacity(terms.len()));
     for &(t, m) in terms {
         let (t_rows, rank) = t.dims2()?;
-        let expected = match side {
-            Side::Inputs => (cols, rank),
-            Side::Outputs => (rank, cols),
-        };
-        if t_rows != rows || m.dims2()? != expected {
+        if t_rows != rows || m.dims2()? != side.matrix_dims(rank, cols) {
             return Err(candle_core::Error::Msg(format!(
                 "{op}: term {:?} · {:?} does not fit {rows} rows of {cols} values",
                 t.dims(),
